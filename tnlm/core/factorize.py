@@ -1,0 +1,122 @@
+"""Factorizing a matrix dimension into the local dimensions of MPO sites.
+
+The paper's layout puts small factors at the ends of the chain and large ones
+in the middle, so that the central tensor carries most parameters::
+
+    factorize(768, 5)  -> (3, 4, 4, 4, 4)
+    factorize(3072, 5) -> (4, 4, 8, 6, 4)
+    factorize(4096, 5) -> (4, 4, 8, 8, 4)
+
+A dimension without a balanced factorization (a large prime factor, such as
+BERT's vocabulary 30522 = 2 * 3 * 5087) is rejected; :func:`padded_dim` gives
+the smallest dimension above it that factorizes well (30522 -> 30720).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+__all__ = ["factorize", "padded_dim", "prime_factors", "arrange_central"]
+
+
+def prime_factors(n: int) -> list[int]:
+    """Prime factors of ``n`` with multiplicity, ascending."""
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        out.append(n)
+    return out
+
+
+def arrange_central(factors: list[int]) -> tuple[int, ...]:
+    """Order factors with the largest in the middle, alternating right then left.
+
+    ``[4, 4, 4, 6, 8] -> (4, 4, 8, 6, 4)``: the middle site gets the largest
+    factor, its right neighbour the next, its left neighbour the next, ...
+    """
+    n = len(factors)
+    out = [0] * n
+    center = (n - 1) // 2 if n % 2 else n // 2 - 1
+    positions = [center]
+    for step in range(1, n):
+        for pos in (center + step, center - step):
+            if 0 <= pos < n and len(positions) < n:
+                positions.append(pos)
+    for pos, f in zip(positions, sorted(factors, reverse=True)):
+        out[pos] = f
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _balanced(dim: int, n_sites: int) -> tuple[int, ...] | None:
+    """The multiset of ``n_sites`` factors (each >= 2) of ``dim`` with the least Σ log²f."""
+    best: tuple[float, tuple[int, ...]] | None = None
+
+    def search(rest: int, k: int, lo: int, acc: tuple[int, ...]) -> None:
+        nonlocal best
+        if k == 1:
+            if rest >= lo:
+                cand = acc + (rest,)
+                score = sum(math.log(f) ** 2 for f in cand)
+                if best is None or score < best[0] - 1e-12:
+                    best = (score, cand)
+            return
+        f = lo
+        while f ** k <= rest:
+            if rest % f == 0:
+                search(rest // f, k - 1, f, acc + (f,))
+            f += 1
+
+    search(dim, n_sites, 2, ())
+    return None if best is None else best[1]
+
+
+def _max_factor(dim: int, n_sites: int) -> int:
+    return max(8, 4 * math.ceil(dim ** (1.0 / n_sites)))
+
+
+def factorize(dim: int, n_sites: int, *, name: str = "dim") -> tuple[int, ...]:
+    """Balanced factorization of ``dim`` into ``n_sites`` factors, large ones in the middle.
+
+    Among all factorizations into ``n_sites`` factors >= 2, the one minimising
+    Σ_k log²(f_k) (the most even) is chosen and ordered by :func:`arrange_central`.
+
+    Raises:
+        ValueError: if ``dim`` has fewer than ``n_sites`` prime factors, or its
+            balanced factorization needs a factor larger than
+            ``max(8, 4 * ceil(dim ** (1 / n_sites)))`` (e.g. a large prime factor).
+            The message names ``name`` and suggests :func:`padded_dim`.
+    """
+    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+        raise ValueError(f"n_sites must be a positive int, got {n_sites!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"{name} must be a positive int, got {dim!r}")
+    if n_sites == 1:
+        return (dim,)
+    factors = _balanced(dim, n_sites)
+    if factors is None or max(factors) > _max_factor(dim, n_sites):
+        primes = "*".join(map(str, prime_factors(dim)))
+        raise ValueError(
+            f"{name}={dim} (= {primes}) has no balanced factorization into {n_sites} sites; "
+            f"pass an explicit shape, or zero-pad it (pad=True) to {padded_dim(dim, n_sites)}"
+        )
+    return arrange_central(list(factors))
+
+
+def padded_dim(dim: int, n_sites: int) -> int:
+    """Smallest ``d >= dim`` that :func:`factorize` accepts and whose primes are all <= 5.
+
+    ``padded_dim(30522, 5) == 30720`` (= 2^11 * 3 * 5), the paper's padded vocabulary.
+    """
+    d = max(dim, 2 ** n_sites)
+    while True:
+        if max(prime_factors(d)) <= 5:
+            factors = _balanced(d, n_sites)
+            if factors is not None and max(factors) <= _max_factor(d, n_sites):
+                return d
+        d += 1

@@ -1,0 +1,101 @@
+"""Contraction plans: an einsum over a tensor network, path planned once by opt_einsum.
+
+A :class:`ContractionPlan` is built from an equation and the operand shapes,
+carries its cost (FLOPs, largest intermediate) and is executed many times.
+Plans are cached by (equation, shapes, optimizer): building one is a path
+search, executing it is a fixed sequence of pairwise contractions.
+
+FLOPs follow opt_einsum's count: a multiply-add is two operations, so a dense
+``(B, I) @ (I, J)`` costs ``2·B·I·J``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import opt_einsum as oe
+import tensornetwork as tn
+
+from tnlm.core import backend as B
+
+__all__ = ["ContractionPlan", "get_plan", "network_equation"]
+
+
+class ContractionPlan:
+    """A planned contraction ``equation`` over operands of fixed ``shapes``.
+
+    Attributes:
+        equation: the einsum equation, e.g. ``"ab,bc->ac"``.
+        shapes: operand shapes the path was planned for.
+        path: opt_einsum's pairwise contraction order.
+        flops: planned FLOP count (multiply and add counted separately).
+        naive_flops: FLOPs of contracting everything in one einsum, no path.
+        largest_intermediate: number of elements of the largest intermediate tensor.
+    """
+
+    def __init__(self, equation: str, shapes: Sequence[tuple[int, ...]],
+                 optimize: str = "auto-hq") -> None:
+        self.equation = equation
+        self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        self.optimize = optimize
+        path, info = oe.contract_path(equation, *self.shapes, shapes=True, optimize=optimize)
+        self.path = path
+        self.info = info
+        self.flops = int(info.opt_cost)
+        self.naive_flops = int(info.naive_cost)
+        self.largest_intermediate = int(info.largest_intermediate)
+        self._expr = oe.contract_expression(equation, *self.shapes, optimize=path)
+        # (positions popped from the operand list, pairwise einsum) for the torch executor
+        self.steps = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)
+
+    def __call__(self, *operands: Any) -> Any:
+        """Contract ``operands`` (numpy arrays or torch tensors) along the planned path."""
+        if len(operands) != len(self.shapes):
+            raise ValueError(f"plan expects {len(self.shapes)} operands, got {len(operands)}")
+        if B.is_torch(operands[0]):
+            import torch
+
+            ops = list(operands)
+            for positions, eq in self.steps:
+                ops.append(torch.einsum(eq, *[ops.pop(p) for p in positions]))
+            return ops[0]
+        return self._expr(*operands)
+
+    def __repr__(self) -> str:
+        return (f"ContractionPlan({self.equation!r}, flops={self.flops:,}, "
+                f"largest_intermediate={self.largest_intermediate:,}, steps={len(self.steps)})")
+
+
+@lru_cache(maxsize=1024)
+def _cached(equation: str, shapes: tuple, optimize: str) -> ContractionPlan:
+    return ContractionPlan(equation, shapes, optimize)
+
+
+def get_plan(equation: str, shapes: Sequence[Sequence[int]], optimize: str = "auto-hq"
+             ) -> ContractionPlan:
+    """The cached :class:`ContractionPlan` for ``equation`` over ``shapes``."""
+    return _cached(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize)
+
+
+def network_equation(nodes: Sequence[tn.Node], output_edges: Sequence[tn.Edge],
+                     extra_terms: Sequence[Sequence[tn.Edge | str]] = ()) -> str:
+    """The einsum equation of a tensornetwork graph: one symbol per edge.
+
+    Args:
+        nodes: the network's nodes; each contributes its edges in axis order.
+        output_edges: dangling edges kept in the result, in order (others of size 1
+            are summed away).
+        extra_terms: further operands, each a list of edges of the network or of
+            free labels (strings) shared between extra terms and the output.
+    """
+    symbols: dict[Any, str] = {}
+
+    def sym(e: tn.Edge | str) -> str:
+        key = e if isinstance(e, str) else id(e)
+        return symbols.setdefault(key, oe.get_symbol(len(symbols)))
+
+    terms = ["".join(sym(e) for e in node.edges) for node in nodes]
+    terms += ["".join(sym(e) for e in term) for term in extra_terms]
+    return ",".join(terms) + "->" + "".join(sym(e) for e in output_edges)

@@ -1,0 +1,119 @@
+"""Truncation policies: how many singular values a bond keeps.
+
+Three criteria, each given for all bonds (a number) or per bond (a sequence of
+``n_sites - 1`` values, bond k between sites k and k+1):
+
+``max_bond``
+    keep at most this many singular values (int >= 1).
+``cutoff``
+    drop singular values with ``s < cutoff * ||W||_F``. The reference is the
+    Frobenius norm of the *whole matrix* being truncated (every bond spectrum
+    has Σ s² = ||W||_F², so the criterion means the same on every bond). This
+    differs from tensornetwork's ``relative=True``, which is relative to s_max.
+``max_error``
+    a number bounds the relative Frobenius error of the whole matrix,
+    ``||W - W'||_F / ||W||_F <= max_error``: the squared budget is spent bond by
+    bond, each bond allowed an equal share of what the earlier bonds left; a
+    sequence bounds the discarded weight of each bond separately,
+    ``sqrt(Σ_discarded s²) / ||W||_F <= max_error[k]``.
+
+Every bond keeps at least one singular value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TruncationPolicy"]
+
+
+def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or (
+        not isinstance(value, Sequence) and not np.isscalar(value)
+        and not isinstance(value, np.ndarray)
+    ):
+        raise TypeError(f"{name} must be a number or a sequence of {n_bonds} numbers, "
+                        f"got {type(value).__name__}")
+    values = list(np.ravel(value)) if not np.isscalar(value) else [value] * n_bonds
+    if len(values) != n_bonds:
+        raise ValueError(f"{name} must have one entry per bond ({n_bonds}), got {len(values)}")
+    out = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name} entries must be numbers, got {v!r}")
+        if kind is int:
+            if not float(v).is_integer():
+                raise TypeError(f"{name} must be an int or a sequence of ints, got {v!r}")
+            v = int(v)
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        else:
+            v = float(v)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+        out.append(v)
+    return out
+
+
+@dataclass(frozen=True)
+class TruncationPolicy:
+    """Resolved per-bond truncation criteria; see the module docstring."""
+
+    n_bonds: int
+    max_bond: tuple | None = None
+    cutoff: tuple | None = None
+    max_error: float | tuple | None = None
+
+    @classmethod
+    def build(cls, n_bonds: int, max_bond=None, cutoff=None, max_error=None) -> TruncationPolicy:
+        mb = _per_bond(max_bond, n_bonds, "max_bond", int)
+        co = _per_bond(cutoff, n_bonds, "cutoff", float)
+        if max_error is None or np.isscalar(max_error):
+            me = None if max_error is None else _per_bond(max_error, 1, "max_error", float)[0]
+        else:
+            me = tuple(_per_bond(max_error, n_bonds, "max_error", float))
+        return cls(n_bonds, None if mb is None else tuple(mb), None if co is None else tuple(co), me)
+
+    @property
+    def is_exact(self) -> bool:
+        """True if no criterion is set (nothing can be discarded)."""
+        if self.max_bond is not None and any(v is not None for v in self.max_bond):
+            return False
+        if self.cutoff is not None and any(self.cutoff):
+            return False
+        errors = self.max_error if isinstance(self.max_error, tuple) else (self.max_error,)
+        return not any(errors)
+
+    def rank(self, bond: int, s: np.ndarray, norm: float, spent_sq: float) -> int:
+        """Number of singular values to keep at ``bond``.
+
+        Args:
+            bond: bond index (0-based).
+            s: the bond's singular values, descending (numpy, float64).
+            norm: ||W||_F of the matrix being truncated (the reference of all criteria).
+            spent_sq: squared absolute error already discarded at earlier bonds.
+        """
+        k = len(s)
+        if self.max_bond is not None and self.max_bond[bond] is not None:
+            k = min(k, self.max_bond[bond])
+        if self.cutoff is not None and self.cutoff[bond]:
+            k = min(k, int(np.count_nonzero(s >= self.cutoff[bond] * norm)))
+        if self.max_error is not None:
+            if isinstance(self.max_error, tuple):
+                budget_sq = (self.max_error[bond] or 0.0) ** 2 * norm**2
+            else:
+                remaining = self.n_bonds - bond
+                budget_sq = max((self.max_error * norm) ** 2 - spent_sq, 0.0) / remaining
+            # tail[r] = Σ_{i>=r} s_i²: discarded weight if r values are kept
+            tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+            k = min(k, int(np.argmax(tail <= budget_sq * (1 + 1e-12))))
+        return max(k, 1)

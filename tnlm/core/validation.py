@@ -1,0 +1,85 @@
+"""Input checks with errors that name the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tnlm.core import backend as B
+
+__all__ = ["check_matrix", "check_shape", "check_site_index", "check_positive_int"]
+
+_FLOATS = ("float32", "float64")
+
+
+def check_matrix(w: Any, name: str = "W") -> Any:
+    """Validate a dense matrix; return it as a float32/float64 numpy array or torch tensor.
+
+    Integer input is converted to float64. Raises ``TypeError`` for complex,
+    boolean, half-precision or non-numeric input and ``ValueError`` for a
+    non-2-D, empty or non-finite matrix.
+    """
+    if B.is_torch(w):
+        dtype = str(w.dtype).removeprefix("torch.")
+        if w.is_complex():
+            raise TypeError(f"{name} has complex dtype {dtype}; only real matrices are supported")
+        if dtype == "bool":
+            raise TypeError(f"{name} has dtype bool; expected a real floating-point matrix")
+        if not w.is_floating_point():
+            w = w.double()
+        elif dtype not in _FLOATS:
+            raise TypeError(f"{name} has dtype {dtype}; MPO decomposition needs float32 or "
+                            f"float64 (cast it with .float())")
+    else:
+        if not isinstance(w, np.ndarray):
+            try:
+                w = np.asarray(w)
+            except (ValueError, TypeError) as err:
+                raise TypeError(f"{name} must be a numpy array or torch tensor, got "
+                                f"{type(w).__name__}") from err
+        if np.iscomplexobj(w):
+            raise TypeError(f"{name} has complex dtype {w.dtype}; only real matrices are supported")
+        if w.dtype == bool or w.dtype.kind not in "iuf":
+            raise TypeError(f"{name} has dtype {w.dtype}; expected a real floating-point matrix")
+        if w.dtype.kind in "iu":
+            w = w.astype(np.float64)
+        elif w.dtype.name not in _FLOATS:
+            raise TypeError(f"{name} has dtype {w.dtype}; MPO decomposition needs float32 or "
+                            f"float64 (cast it with .astype(np.float32))")
+    if w.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix (I, J), got shape {tuple(w.shape)}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(w.shape)}")
+    finite = bool(w.isfinite().all()) if B.is_torch(w) else bool(np.isfinite(w).all())
+    if not finite:
+        raise ValueError(f"{name} contains NaN or Inf")
+    return w
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1, or a ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_shape(shape: Any, name: str) -> tuple[int, ...]:
+    """A site shape: a non-empty sequence of ints >= 1."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least one site, got ()")
+    return tuple(check_positive_int(d, f"{name}[{k}]") for k, d in enumerate(shape))
+
+
+def check_site_index(index: Any, n: int, name: str) -> int:
+    """An index in ``range(n)`` (negative indices count from the end)."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {index!r}")
+    if not -n <= index < n:
+        raise ValueError(f"{name} must be in [0, {n}), got {index}")
+    return int(index) % n
