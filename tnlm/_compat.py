@@ -48,17 +48,26 @@ def apply_tensornetwork_patches() -> bool:
     shim = _TorchLinalgShim(torch)
     cls = pytorch_backend.PyTorchBackend
 
-    def svd(self: Any, tensor: Any, pivot_axis: int = -1, max_singular_values: Any = None,
-            max_truncation_error: Any = None, relative: Any = False) -> Any:
-        return decompositions.svd(shim, tensor, pivot_axis, max_singular_values,
-                                  max_truncation_error, relative=relative)
+    def svd(
+        self: Any,
+        tensor: Any,
+        pivot_axis: int = -1,
+        max_singular_values: Any = None,
+        max_truncation_error: Any = None,
+        relative: Any = False,
+    ) -> Any:
+        return decompositions.svd(
+            shim, tensor, pivot_axis, max_singular_values, max_truncation_error, relative=relative
+        )
 
-    def qr(self: Any, tensor: Any, pivot_axis: int = -1,
-           non_negative_diagonal: bool = False) -> Any:
+    def qr(
+        self: Any, tensor: Any, pivot_axis: int = -1, non_negative_diagonal: bool = False
+    ) -> Any:
         return decompositions.qr(shim, tensor, pivot_axis, non_negative_diagonal)
 
-    def rq(self: Any, tensor: Any, pivot_axis: int = -1,
-           non_negative_diagonal: bool = False) -> Any:
+    def rq(
+        self: Any, tensor: Any, pivot_axis: int = -1, non_negative_diagonal: bool = False
+    ) -> Any:
         return decompositions.rq(shim, tensor, pivot_axis, non_negative_diagonal)
 
     def eigh(self: Any, matrix: Any) -> Any:

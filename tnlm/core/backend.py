@@ -90,7 +90,8 @@ def convert(x: Tensor, backend: str, like: Tensor | None = None) -> Tensor:
     if backend == "numpy":
         out = to_numpy(x)
         if like is not None:
-            out = out.astype(to_numpy(like[..., :0]).dtype if is_torch(like) else like.dtype,
-                             copy=False)
+            out = out.astype(
+                to_numpy(like[..., :0]).dtype if is_torch(like) else like.dtype, copy=False
+            )
         return out
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -67,7 +67,7 @@ def _balanced(dim: int, n_sites: int) -> tuple[int, ...] | None:
                     best = (score, cand)
             return
         f = lo
-        while f ** k <= rest:
+        while f**k <= rest:
             if rest % f == 0:
                 search(rest // f, k - 1, f, acc + (f,))
             f += 1
@@ -113,7 +113,7 @@ def padded_dim(dim: int, n_sites: int) -> int:
 
     ``padded_dim(30522, 5) == 30720`` (= 2^11 * 3 * 5), the paper's padded vocabulary.
     """
-    d = max(dim, 2 ** n_sites)
+    d = max(dim, 2**n_sites)
     while True:
         if max(prime_factors(d)) <= 5:
             factors = _balanced(d, n_sites)

@@ -68,42 +68,62 @@ class MPO:
             respect to the matrix this MPO was decomposed or truncated from.
     """
 
-    def __init__(self, cores: Sequence[Tensor], *, in_dim: int | None = None,
-                 out_dim: int | None = None, center: int | None = None,
-                 gauge: str | None = None, truncation_error: float = 0.0,
-                 discarded: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        cores: Sequence[Tensor],
+        *,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+        center: int | None = None,
+        gauge: str | None = None,
+        truncation_error: float = 0.0,
+        discarded: Sequence[float] | None = None,
+    ) -> None:
         cores = list(cores)
         if not cores:
             raise ValueError("cores must hold at least one tensor")
         backend = B.backend_of(cores[0])
         for k, c in enumerate(cores):
             if B.backend_of(c) != backend:
-                raise TypeError(f"cores[{k}] is on backend {B.backend_of(c)}, cores[0] on {backend}")
+                raise TypeError(
+                    f"cores[{k}] is on backend {B.backend_of(c)}, cores[0] on {backend}"
+                )
             if len(c.shape) != 4:
-                raise ValueError(f"cores[{k}] must be 4-D (d_left, i, j, d_right), got shape "
-                                 f"{tuple(c.shape)}")
+                raise ValueError(
+                    f"cores[{k}] must be 4-D (d_left, i, j, d_right), got shape {tuple(c.shape)}"
+                )
             if c.dtype != cores[0].dtype:
                 raise TypeError(f"cores[{k}] has dtype {c.dtype}, cores[0] has {cores[0].dtype}")
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
-            raise ValueError("boundary bonds must have dimension 1: cores[0].shape[0] and "
-                             f"cores[-1].shape[3] are {cores[0].shape[0]}, {cores[-1].shape[3]}")
+            raise ValueError(
+                "boundary bonds must have dimension 1: cores[0].shape[0] and "
+                f"cores[-1].shape[3] are {cores[0].shape[0]}, {cores[-1].shape[3]}"
+            )
         for k in range(len(cores) - 1):
             if cores[k].shape[3] != cores[k + 1].shape[0]:
-                raise ValueError(f"bond {k}: cores[{k}].shape[3]={cores[k].shape[3]} != "
-                                 f"cores[{k + 1}].shape[0]={cores[k + 1].shape[0]}")
+                raise ValueError(
+                    f"bond {k}: cores[{k}].shape[3]={cores[k].shape[3]} != "
+                    f"cores[{k + 1}].shape[0]={cores[k + 1].shape[0]}"
+                )
         self._backend = backend
-        self._nodes = [tn.Node(c, name=f"T{k}", axis_names=list(AXES), backend=backend)
-                       for k, c in enumerate(cores)]
+        self._nodes = [
+            tn.Node(c, name=f"T{k}", axis_names=list(AXES), backend=backend)
+            for k, c in enumerate(cores)
+        ]
         for k in range(len(cores) - 1):
             tn.connect(self._nodes[k]["right"], self._nodes[k + 1]["left"], name=f"bond{k}")
         self.in_shape: tuple[int, ...] = tuple(int(c.shape[1]) for c in cores)
         self.out_shape: tuple[int, ...] = tuple(int(c.shape[2]) for c in cores)
         self.in_dim = prod(self.in_shape) if in_dim is None else int(in_dim)
         self.out_dim = prod(self.out_shape) if out_dim is None else int(out_dim)
-        if not 0 < self.in_dim <= prod(self.in_shape) or not 0 < self.out_dim <= prod(self.out_shape):
-            raise ValueError(f"in_dim/out_dim ({self.in_dim}, {self.out_dim}) must be positive and "
-                             f"at most the site products ({prod(self.in_shape)}, "
-                             f"{prod(self.out_shape)})")
+        if not 0 < self.in_dim <= prod(self.in_shape) or not 0 < self.out_dim <= prod(
+            self.out_shape
+        ):
+            raise ValueError(
+                f"in_dim/out_dim ({self.in_dim}, {self.out_dim}) must be positive and "
+                f"at most the site products ({prod(self.in_shape)}, "
+                f"{prod(self.out_shape)})"
+            )
         self.center = center
         self.gauge = gauge
         self.truncation_error = float(truncation_error)
@@ -112,13 +132,20 @@ class MPO:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_matrix(cls, W: Any, in_shape: Sequence[int] | None = None,
-                    out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
-                    max_bond: int | Sequence[int] | None = None,
-                    cutoff: float | Sequence[float] | None = 0.0,
-                    max_error: float | Sequence[float] | None = None,
-                    pad: bool = False, backend: str | None = None,
-                    method: str = "auto") -> MPO:
+    def from_matrix(
+        cls,
+        W: Any,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+        n_sites: int = 5,
+        *,
+        max_bond: int | Sequence[int] | None = None,
+        cutoff: float | Sequence[float] | None = 0.0,
+        max_error: float | Sequence[float] | None = None,
+        pad: bool = False,
+        backend: str | None = None,
+        method: str = "auto",
+    ) -> MPO:
         """Decompose W (I, J) by successive SVDs (TT-SVD) into an MPO.
 
         Args:
@@ -155,8 +182,9 @@ class MPO:
         in_shape = cls._resolve_shape(in_shape, I, n_sites, pad, "in_shape", "I")
         out_shape = cls._resolve_shape(out_shape, J, n_sites, pad, "out_shape", "J")
         if len(in_shape) != len(out_shape):
-            raise ValueError(f"in_shape {in_shape} and out_shape {out_shape} must have the same "
-                             "number of sites")
+            raise ValueError(
+                f"in_shape {in_shape} and out_shape {out_shape} must have the same number of sites"
+            )
         if prod(in_shape) != I or prod(out_shape) != J:
             W = cls._pad(W, prod(in_shape), prod(out_shape))
         policy = TruncationPolicy.build(len(in_shape) - 1, max_bond, cutoff, max_error)
@@ -165,15 +193,23 @@ class MPO:
             method = "qr" if policy.is_exact else "svd"
         result = sweeps.tt_svd(W, in_shape, out_shape, policy, norm, method)
         err = (sum(result.discarded_sq) ** 0.5 / norm) if norm > 0 else 0.0
-        mpo = cls(result.cores, in_dim=I, out_dim=J, center=len(in_shape) - 1, gauge="canonical",
-                  truncation_error=err, discarded=[d**0.5 for d in result.discarded_sq])
+        mpo = cls(
+            result.cores,
+            in_dim=I,
+            out_dim=J,
+            center=len(in_shape) - 1,
+            gauge="canonical",
+            truncation_error=err,
+            discarded=[d**0.5 for d in result.discarded_sq],
+        )
         if policy.is_exact and method == "svd":
             mpo._spectra = result.spectra
         return mpo
 
     @staticmethod
-    def _resolve_shape(shape, dim: int, n_sites: int, pad: bool, name: str, dim_name: str
-                       ) -> tuple[int, ...]:
+    def _resolve_shape(
+        shape, dim: int, n_sites: int, pad: bool, name: str, dim_name: str
+    ) -> tuple[int, ...]:
         if shape is None:
             try:
                 return factorize(dim, n_sites, name=dim_name)
@@ -199,8 +235,9 @@ class MPO:
         return np.pad(W, ((0, I - W.shape[0]), (0, J - W.shape[1])))
 
     def _replace(self, cores: Sequence[Tensor], **kw: Any) -> MPO:
-        args = dict(in_dim=self.in_dim, out_dim=self.out_dim, center=None, gauge=None,
-                    truncation_error=0.0)
+        args = dict(
+            in_dim=self.in_dim, out_dim=self.out_dim, center=None, gauge=None, truncation_error=0.0
+        )
         args.update(kw)
         return MPO(cores, **args)
 
@@ -288,8 +325,11 @@ class MPO:
     def apply_plan(self, batch: int = 1) -> ContractionPlan:
         """The planned contraction ``x[b, i_1..i_n] · MPO -> y[b, j_1..j_n]`` for ``batch`` rows."""
         nodes = self._nodes
-        eq = network_equation(nodes, ["batch"] + [n["out"] for n in nodes],
-                              extra_terms=[["batch"] + [n["in"] for n in nodes]])
+        eq = network_equation(
+            nodes,
+            ["batch"] + [n["out"] for n in nodes],
+            extra_terms=[["batch"] + [n["in"] for n in nodes]],
+        )
         shapes = [tuple(c.shape) for c in self.cores] + [(batch, *self.in_shape)]
         return get_plan(eq, shapes)
 
@@ -324,8 +364,9 @@ class MPO:
         right-isometries. The matrix is unchanged (to rounding)."""
         center = check_site_index(center, self.n_sites, "center")
         cores = sweeps.canonicalize(self.cores, center)
-        out = self._replace(cores, center=center, gauge="canonical",
-                            truncation_error=self.truncation_error)
+        out = self._replace(
+            cores, center=center, gauge="canonical", truncation_error=self.truncation_error
+        )
         out._spectra = self._spectra
         return out
 
@@ -349,15 +390,19 @@ class MPO:
         cores, spectra, cut_sq = sweeps.symmetric_gauge(self.cores, rtol)
         norm = float(np.linalg.norm(spectra[0])) if spectra else self.norm()
         err = (cut_sq**0.5 / norm) if norm > 0 else 0.0
-        out = self._replace(cores, gauge="symmetric",
-                            truncation_error=(self.truncation_error**2 + err**2) ** 0.5)
+        out = self._replace(
+            cores, gauge="symmetric", truncation_error=(self.truncation_error**2 + err**2) ** 0.5
+        )
         out._spectra = spectra
         return out
 
     # ------------------------------------------------------------------ truncation
-    def truncate(self, max_bond: int | Sequence[int] | None = None,
-                 cutoff: float | Sequence[float] | None = None,
-                 max_error: float | Sequence[float] | None = None) -> MPO:
+    def truncate(
+        self,
+        max_bond: int | Sequence[int] | None = None,
+        cutoff: float | Sequence[float] | None = None,
+        max_error: float | Sequence[float] | None = None,
+    ) -> MPO:
         """A truncated copy; ``truncation_error`` is ||W - W'||_F / ||W||_F with W this MPO.
 
         The chain is right-canonicalized and swept left to right; every bond is cut
@@ -371,9 +416,13 @@ class MPO:
         norm = self.norm()
         result = sweeps.truncate(self.cores, policy, norm)
         err = (sum(result.discarded_sq) ** 0.5 / norm) if norm > 0 else 0.0
-        return self._replace(result.cores, center=self.n_sites - 1, gauge="canonical",
-                             truncation_error=err,
-                             discarded=[d**0.5 for d in result.discarded_sq])
+        return self._replace(
+            result.cores,
+            center=self.n_sites - 1,
+            gauge="canonical",
+            truncation_error=err,
+            discarded=[d**0.5 for d in result.discarded_sq],
+        )
 
     # ------------------------------------------------------------------ entanglement
     def bond_spectra(self) -> list[np.ndarray]:
@@ -390,8 +439,9 @@ class MPO:
             raise ValueError("a single-site MPO has no bonds")
         return self.bond_spectra()[bond]
 
-    def entanglement_entropy(self, bond: int | None = None, alpha: float = 1.0
-                             ) -> float | np.ndarray:
+    def entanglement_entropy(
+        self, bond: int | None = None, alpha: float = 1.0
+    ) -> float | np.ndarray:
         """Entropy of bond ``bond`` with p = s²/Σs² (natural log): von Neumann for
         alpha=1, Rényi otherwise; ``bond=None`` gives all n-1 bonds as an array."""
         if bond is None:
@@ -402,29 +452,40 @@ class MPO:
     def to_backend(self, backend: str) -> MPO:
         """The same MPO with cores on ``backend`` (``"numpy"`` or ``"pytorch"``)."""
         B.get_backend(backend)
-        out = self._replace([B.convert(c, backend) for c in self.cores], center=self.center,
-                            gauge=self.gauge, truncation_error=self.truncation_error,
-                            discarded=self.discarded)
+        out = self._replace(
+            [B.convert(c, backend) for c in self.cores],
+            center=self.center,
+            gauge=self.gauge,
+            truncation_error=self.truncation_error,
+            discarded=self.discarded,
+        )
         out._spectra = self._spectra
         return out
 
     def astype(self, dtype: Any) -> MPO:
         """The same MPO with cores cast to ``dtype`` (numpy dtype or torch dtype)."""
         cores = [c.to(dtype) if B.is_torch(c) else c.astype(dtype) for c in self.cores]
-        out = self._replace(cores, center=self.center, gauge=self.gauge,
-                            truncation_error=self.truncation_error, discarded=self.discarded)
+        out = self._replace(
+            cores,
+            center=self.center,
+            gauge=self.gauge,
+            truncation_error=self.truncation_error,
+            discarded=self.discarded,
+        )
         out._spectra = self._spectra
         return out
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
-        return (f"MPO(shape={self.shape}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
-                f"bond_dims={self.bond_dims}, params={self.num_params:,}, "
-                f"compression={self.compression_ratio:.2f}x, backend={self.backend}, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, gauge={self.gauge}"
-                + (f", center={self.center}" if self.center is not None else "")
-                + (f", truncation_error={self.truncation_error:.3g}" if self.truncation_error else "")
-                + ")")
+        return (
+            f"MPO(shape={self.shape}, in_shape={self.in_shape}, out_shape={self.out_shape}, "
+            f"bond_dims={self.bond_dims}, params={self.num_params:,}, "
+            f"compression={self.compression_ratio:.2f}x, backend={self.backend}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}, gauge={self.gauge}"
+            + (f", center={self.center}" if self.center is not None else "")
+            + (f", truncation_error={self.truncation_error:.3g}" if self.truncation_error else "")
+            + ")"
+        )
 
     def summary(self) -> str:
         """A plain-text table of sites: legs, core shape, parameters, role, and bond entropies."""
@@ -433,12 +494,22 @@ class MPO:
         for k, c in enumerate(self.cores):
             role = "central" if k == self.central_index else "auxiliary"
             ent = f"{entropies[k]:.3f}" if k < len(entropies) else "-"
-            rows.append((str(k), f"{self.in_shape[k]} x {self.out_shape[k]}",
-                         "x".join(map(str, c.shape)), f"{self.site_params[k]:,}", role, ent))
+            rows.append(
+                (
+                    str(k),
+                    f"{self.in_shape[k]} x {self.out_shape[k]}",
+                    "x".join(map(str, c.shape)),
+                    f"{self.site_params[k]:,}",
+                    role,
+                    ent,
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"W {self.in_dim} x {self.out_dim}: {self.dense_params:,} dense, "
-                     f"{self.num_params:,} in the MPO ({self.compression_ratio:.2f}x), "
-                     f"central tensor holds {self.site_params[self.central_index] / self.num_params:.1%}")
+        lines.append(
+            f"W {self.in_dim} x {self.out_dim}: {self.dense_params:,} dense, "
+            f"{self.num_params:,} in the MPO ({self.compression_ratio:.2f}x), "
+            f"central tensor holds {self.site_params[self.central_index] / self.num_params:.1%}"
+        )
         return "\n".join(lines)

@@ -35,8 +35,9 @@ class ContractionPlan:
         largest_intermediate: number of elements of the largest intermediate tensor.
     """
 
-    def __init__(self, equation: str, shapes: Sequence[tuple[int, ...]],
-                 optimize: str = "auto-hq") -> None:
+    def __init__(
+        self, equation: str, shapes: Sequence[tuple[int, ...]], optimize: str = "auto-hq"
+    ) -> None:
         self.equation = equation
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.optimize = optimize
@@ -64,8 +65,10 @@ class ContractionPlan:
         return self._expr(*operands)
 
     def __repr__(self) -> str:
-        return (f"ContractionPlan({self.equation!r}, flops={self.flops:,}, "
-                f"largest_intermediate={self.largest_intermediate:,}, steps={len(self.steps)})")
+        return (
+            f"ContractionPlan({self.equation!r}, flops={self.flops:,}, "
+            f"largest_intermediate={self.largest_intermediate:,}, steps={len(self.steps)})"
+        )
 
 
 @lru_cache(maxsize=1024)
@@ -73,14 +76,18 @@ def _cached(equation: str, shapes: tuple, optimize: str) -> ContractionPlan:
     return ContractionPlan(equation, shapes, optimize)
 
 
-def get_plan(equation: str, shapes: Sequence[Sequence[int]], optimize: str = "auto-hq"
-             ) -> ContractionPlan:
+def get_plan(
+    equation: str, shapes: Sequence[Sequence[int]], optimize: str = "auto-hq"
+) -> ContractionPlan:
     """The cached :class:`ContractionPlan` for ``equation`` over ``shapes``."""
     return _cached(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize)
 
 
-def network_equation(nodes: Sequence[tn.Node], output_edges: Sequence[tn.Edge],
-                     extra_terms: Sequence[Sequence[tn.Edge | str]] = ()) -> str:
+def network_equation(
+    nodes: Sequence[tn.Node],
+    output_edges: Sequence[tn.Edge],
+    extra_terms: Sequence[Sequence[tn.Edge | str]] = (),
+) -> str:
     """The einsum equation of a tensornetwork graph: one symbol per edge.
 
     Args:

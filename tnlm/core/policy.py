@@ -35,11 +35,14 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or (
-        not isinstance(value, Sequence) and not np.isscalar(value)
+        not isinstance(value, Sequence)
+        and not np.isscalar(value)
         and not isinstance(value, np.ndarray)
     ):
-        raise TypeError(f"{name} must be a number or a sequence of {n_bonds} numbers, "
-                        f"got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a number or a sequence of {n_bonds} numbers, "
+            f"got {type(value).__name__}"
+        )
     values = list(np.ravel(value)) if not np.isscalar(value) else [value] * n_bonds
     if len(values) != n_bonds:
         raise ValueError(f"{name} must have one entry per bond ({n_bonds}), got {len(values)}")
@@ -81,7 +84,9 @@ class TruncationPolicy:
             me = None if max_error is None else _per_bond(max_error, 1, "max_error", float)[0]
         else:
             me = tuple(_per_bond(max_error, n_bonds, "max_error", float))
-        return cls(n_bonds, None if mb is None else tuple(mb), None if co is None else tuple(co), me)
+        return cls(
+            n_bonds, None if mb is None else tuple(mb), None if co is None else tuple(co), me
+        )
 
     @property
     def is_exact(self) -> bool:

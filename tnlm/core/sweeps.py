@@ -77,7 +77,7 @@ def left_orthogonalize(cores: list[Tensor], upto: int) -> list[Tensor]:
 
 
 def right_orthogonalize(cores: list[Tensor], downto: int) -> list[Tensor]:
-    """RQ sweep making sites ``downto+1 .. n-1`` right-isometries; the weight moves to ``downto``."""
+    """RQ sweep making sites ``downto+1 .. n-1`` right-isometries; weight moves to ``downto``."""
     cores = list(cores)
     for k in range(len(cores) - 1, downto, -1):
         _, i, j, d1 = cores[k].shape
@@ -97,7 +97,7 @@ def canonicalize(cores: list[Tensor], center: int) -> list[Tensor]:
 
 
 def is_canonical(cores: list[Tensor], center: int, tol: float) -> bool:
-    """True if sites < center are left-isometries and sites > center right-isometries (to ``tol``)."""
+    """True if sites < center are left- and sites > center right-isometries (to ``tol``)."""
     for k, core in enumerate(cores):
         if k == center:
             continue
@@ -127,7 +127,9 @@ def bond_spectra(cores: list[Tensor]) -> tuple[list[np.ndarray], list[Tensor]]:
     return spectra, cores
 
 
-def symmetric_gauge(cores: list[Tensor], rtol: float) -> tuple[list[Tensor], list[np.ndarray], float]:
+def symmetric_gauge(
+    cores: list[Tensor], rtol: float
+) -> tuple[list[Tensor], list[np.ndarray], float]:
     """The paper's symmetric gauge: bond k's √Λ_k is split onto both of its sites.
 
     ``T'_k = diag(√Λ_{k-1}) · B_k · diag(1/√Λ_k)`` from the right-canonical B_k, so
@@ -176,8 +178,14 @@ class SweepResult:
     discarded_sq: list[float]
 
 
-def tt_svd(tensor: Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-           policy: TruncationPolicy, norm: float, method: str = "svd") -> SweepResult:
+def tt_svd(
+    tensor: Tensor,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    policy: TruncationPolicy,
+    norm: float,
+    method: str = "svd",
+) -> SweepResult:
     """Successive SVDs (or QRs) of a dense matrix into cores T_k[d_{k-1}, i_k, j_k, d_k].
 
     Args:
@@ -190,8 +198,10 @@ def tt_svd(tensor: Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
     if method not in ("svd", "qr"):
         raise ValueError(f"method must be 'svd' or 'qr', got {method!r}")
     if method == "qr" and not policy.is_exact:
-        raise ValueError("method='qr' gives exact decompositions only; use method='svd' "
-                         "with max_bond, cutoff or max_error")
+        raise ValueError(
+            "method='qr' gives exact decompositions only; use method='svd' "
+            "with max_bond, cutoff or max_error"
+        )
     n = len(in_shape)
     # W[i_1..i_n, j_1..j_n] -> W[i_1, j_1, i_2, j_2, ...]
     perm = [ax for k in range(n) for ax in (k, n + k)]

@@ -30,15 +30,18 @@ def check_matrix(w: Any, name: str = "W") -> Any:
         if not w.is_floating_point():
             w = w.double()
         elif dtype not in _FLOATS:
-            raise TypeError(f"{name} has dtype {dtype}; MPO decomposition needs float32 or "
-                            f"float64 (cast it with .float())")
+            raise TypeError(
+                f"{name} has dtype {dtype}; MPO decomposition needs float32 or "
+                f"float64 (cast it with .float())"
+            )
     else:
         if not isinstance(w, np.ndarray):
             try:
                 w = np.asarray(w)
             except (ValueError, TypeError) as err:
-                raise TypeError(f"{name} must be a numpy array or torch tensor, got "
-                                f"{type(w).__name__}") from err
+                raise TypeError(
+                    f"{name} must be a numpy array or torch tensor, got {type(w).__name__}"
+                ) from err
         if np.iscomplexobj(w):
             raise TypeError(f"{name} has complex dtype {w.dtype}; only real matrices are supported")
         if w.dtype == bool or w.dtype.kind not in "iuf":
@@ -46,8 +49,10 @@ def check_matrix(w: Any, name: str = "W") -> Any:
         if w.dtype.kind in "iu":
             w = w.astype(np.float64)
         elif w.dtype.name not in _FLOATS:
-            raise TypeError(f"{name} has dtype {w.dtype}; MPO decomposition needs float32 or "
-                            f"float64 (cast it with .astype(np.float32))")
+            raise TypeError(
+                f"{name} has dtype {w.dtype}; MPO decomposition needs float32 or "
+                f"float64 (cast it with .astype(np.float32))"
+            )
     if w.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix (I, J), got shape {tuple(w.shape)}")
     if w.shape[0] == 0 or w.shape[1] == 0:
