@@ -40,7 +40,7 @@ from tnlm.core.validation import (
 
 Tensor = B.Tensor
 
-__all__ = ["MPO"]
+__all__ = ["MPO", "central_site"]
 
 AXES = ("left", "in", "out", "right")
 
@@ -48,6 +48,19 @@ AXES = ("left", "in", "out", "right")
 def _eps(dtype: Any) -> float:
     name = str(dtype).removeprefix("torch.")
     return float(np.finfo(np.float32 if name == "float32" else np.float64).eps)
+
+
+def central_site(site_params: Sequence[int]) -> int:
+    """The central tensor of a chain with these per-site parameter counts.
+
+    The middle site for odd n; for even n, the one of the two middle sites with
+    more parameters (the left one on a tie).
+    """
+    n = len(site_params)
+    if n % 2:
+        return n // 2
+    left, right = n // 2 - 1, n // 2
+    return right if site_params[right] > site_params[left] else left
 
 
 class MPO:
@@ -188,7 +201,8 @@ class MPO:
         if prod(in_shape) != I or prod(out_shape) != J:
             W = cls._pad(W, prod(in_shape), prod(out_shape))
         policy = TruncationPolicy.build(len(in_shape) - 1, max_bond, cutoff, max_error)
-        norm = float(np.linalg.norm(B.to_numpy(W).astype(np.float64)))
+        # ||W||_F: the reference of cutoff/max_error; an exact sweep never reads it
+        norm = 1.0 if policy.is_exact else float(np.linalg.norm(B.to_numpy(W).astype(np.float64)))
         if method == "auto":
             method = "qr" if policy.is_exact else "svd"
         result = sweeps.tt_svd(W, in_shape, out_shape, policy, norm, method)
@@ -303,11 +317,7 @@ class MPO:
     def central_index(self) -> int:
         """The central tensor: the middle site for odd n; for even n, the one of the two
         middle sites with more parameters (the left one on a tie)."""
-        n = self.n_sites
-        if n % 2:
-            return n // 2
-        left, right = n // 2 - 1, n // 2
-        return right if self.site_params[right] > self.site_params[left] else left
+        return central_site(self.site_params)
 
     @property
     def auxiliary_indices(self) -> tuple[int, ...]:

@@ -48,21 +48,32 @@ class ContractionPlan:
         self.naive_flops = int(info.naive_cost)
         self.largest_intermediate = int(info.largest_intermediate)
         self._expr = oe.contract_expression(equation, *self.shapes, optimize=path)
-        # (positions popped from the operand list, pairwise einsum) for the torch executor
-        self.steps = tuple((tuple(c[0]), c[2]) for c in info.contraction_list)
+        # the path as pairwise einsums over slots of a growing operand list: slot s < n is
+        # operand s, slot n + t is the result of step t (no list mutation: torch.compile-friendly)
+        live = list(range(len(self.shapes)))
+        steps = []
+        for t, c in enumerate(info.contraction_list):
+            slots = tuple(live.pop(p) for p in c[0])
+            live.append(len(self.shapes) + t)
+            steps.append((slots, c[2]))
+        self.steps = tuple(steps)
 
     def __call__(self, *operands: Any) -> Any:
         """Contract ``operands`` (numpy arrays or torch tensors) along the planned path."""
         if len(operands) != len(self.shapes):
             raise ValueError(f"plan expects {len(self.shapes)} operands, got {len(operands)}")
         if B.is_torch(operands[0]):
-            import torch
-
-            ops = list(operands)
-            for positions, eq in self.steps:
-                ops.append(torch.einsum(eq, *[ops.pop(p) for p in positions]))
-            return ops[0]
+            return self.run_torch(*operands)
         return self._expr(*operands)
+
+    def run_torch(self, *operands: Any) -> Any:
+        """Execute the path on torch tensors with one ``torch.einsum`` per pairwise step."""
+        import torch
+
+        ops = list(operands)
+        for slots, eq in self.steps:
+            ops.append(torch.einsum(eq, *[ops[s] for s in slots]))
+        return ops[-1]
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,302 @@
+"""The torch bridge: one invariant mixin that every MPO layer type passes, plus specifics.
+
+Tolerances: untruncated fp32 layers match the dense layer to 1e-5 absolute on
+O(1) outputs (the decomposition runs in float64; the contraction in float32).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tnlm import MPO
+from tnlm.bridge import (
+    MPOEmbedding,
+    MPOLinear,
+    freeze_central,
+    parameter_groups,
+    parameter_report,
+    train_auxiliary_only,
+)
+
+ATOL = 1e-5
+
+
+class LayerInvariants:
+    """Shared checks; subclasses define ``make(gauge)`` -> (dense, mpo_layer, input) and
+    ``merge(layer)`` -> plain torch module."""
+
+    modes = ("contract", "dense", "auto")
+
+    def make(self, gauge="central"):
+        raise NotImplementedError
+
+    def merge(self, layer):
+        raise NotImplementedError
+
+    def test_output_equals_dense_layer(self):
+        dense, layer, x = self.make()
+        for mode in self.modes:
+            layer.mode = mode
+            torch.testing.assert_close(layer(x), dense(x), atol=ATOL, rtol=0)
+
+    def test_modes_agree_and_auto_picks_one(self):
+        _, layer, x = self.make()
+        outs = {}
+        for mode in ("contract", "dense"):
+            layer.mode = mode
+            outs[mode] = layer(x)
+            assert layer.last_mode == mode
+        torch.testing.assert_close(outs["contract"], outs["dense"], atol=ATOL, rtol=0)
+        layer.mode = "auto"
+        layer(x)
+        assert layer.last_mode in ("contract", "dense")
+
+    def test_merge_is_exact(self):
+        dense, layer, x = self.make()
+        merged = self.merge(layer)
+        assert type(merged) is type(dense)
+        torch.testing.assert_close(merged(x), layer(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(merged.weight, dense.weight, atol=ATOL, rtol=0)
+
+    def test_state_dict_round_trip_bit_exact(self, tmp_path):
+        _, layer, x = self.make()
+        keys = set(layer.state_dict())
+        assert {f"cores.{k}" for k in range(layer.n_sites)} <= keys
+        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "l.st")
+        _, fresh, _ = self.make(gauge="left")  # different values, same shapes? rebuild below
+        fresh = type(layer)(*self.ctor_args(layer))
+        fresh.load_state_dict(load_file(tmp_path / "l.st"))
+        assert torch.equal(fresh(x), layer(x))
+
+    def test_to_mpo_round_trip(self):
+        dense, layer, _ = self.make()
+        mpo = layer.to_mpo()
+        assert isinstance(mpo, MPO) and mpo.bond_dims == layer.bond_dims
+        W = mpo.to_matrix()
+        ref = dense.weight.detach().T if isinstance(dense, nn.Linear) else dense.weight.detach()
+        torch.testing.assert_close(W, ref, atol=ATOL, rtol=0)
+        assert mpo.entanglement_entropy().shape == (layer.n_sites - 1,)
+
+    def test_output_does_not_depend_on_gauge(self):
+        outs = []
+        for gauge in ("central", "symmetric", "left"):
+            _, layer, x = self.make(gauge)
+            outs.append(layer(x))
+        for y in outs[1:]:
+            torch.testing.assert_close(y, outs[0], atol=ATOL, rtol=0)
+
+    def test_central_gauge_makes_auxiliaries_isometries(self):
+        _, layer, _ = self.make("central")
+        assert layer.to_mpo().is_canonical(layer.central_index, tol=1e-5)
+
+    def test_freeze_central_really_freezes(self):
+        _, layer, x = self.make()
+        layer.train_auxiliary_only()
+        c = layer.central_index
+        assert not layer.cores[c].requires_grad
+        assert all(layer.cores[k].requires_grad for k in layer.auxiliary_indices)
+        before = [p.detach().clone() for p in layer.cores]
+        opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+        for mode in ("contract", "dense"):
+            layer.mode = mode
+            opt.zero_grad()
+            (layer(x) ** 2).sum().backward()
+            opt.step()
+        assert torch.equal(layer.cores[c], before[c])
+        assert layer.cores[c].grad is None
+        for k in layer.auxiliary_indices:
+            assert not torch.equal(layer.cores[k], before[k])
+
+    def test_no_grad(self):
+        _, layer, x = self.make()
+        with torch.no_grad():
+            for mode in ("contract", "dense"):
+                layer.mode = mode
+                assert not layer(x).requires_grad
+
+    def test_autocast_bfloat16(self):
+        dense, layer, x = self.make()
+        for mode in ("contract", "dense"):
+            layer.mode = mode
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert y.dtype == torch.bfloat16
+            ref = dense(x)
+            assert (y.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+    def test_torch_compile(self):
+        dense, layer, x = self.make()
+        for mode in ("contract", "dense"):
+            layer.mode = mode
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compiled = torch.compile(layer)
+                y = compiled(x)
+            torch.testing.assert_close(y, dense(x), atol=ATOL, rtol=0)
+            y.float().sum().backward()
+            assert all(p.grad is not None for p in layer.cores)
+            layer.zero_grad()
+
+
+class TestMPOLinear(LayerInvariants):
+    def make(self, gauge="central"):
+        torch.manual_seed(0)
+        dense = nn.Linear(24, 36)
+        layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), gauge=gauge)
+        return dense, layer, torch.randn(2, 5, 24)
+
+    def merge(self, layer):
+        return layer.to_linear()
+
+    @staticmethod
+    def ctor_args(layer):
+        return ([torch.zeros_like(c) for c in layer.cores], torch.zeros(layer.out_dim),
+                layer.in_dim, layer.out_dim)
+
+
+class TestMPOLinearPadded(TestMPOLinear):
+    def make(self, gauge="central"):
+        torch.manual_seed(1)
+        dense = nn.Linear(22, 35, bias=False)
+        layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), gauge=gauge, pad=True)
+        return dense, layer, torch.randn(7, 22)
+
+    @staticmethod
+    def ctor_args(layer):
+        return ([torch.zeros_like(c) for c in layer.cores], None, layer.in_dim, layer.out_dim)
+
+
+class TestMPOEmbedding(LayerInvariants):
+    def make(self, gauge="central"):
+        torch.manual_seed(2)
+        dense = nn.Embedding(100, 24, padding_idx=0)
+        layer = MPOEmbedding.from_embedding(dense, (2, 8, 7), (2, 4, 3), gauge=gauge)
+        x = torch.tensor([[0, 5, 99, 5], [17, 42, 63, 1]])
+        return dense, layer, x
+
+    def merge(self, layer):
+        return layer.to_embedding()
+
+    @staticmethod
+    def ctor_args(layer):
+        return ([torch.zeros_like(c) for c in layer.cores], layer.in_dim, layer.out_dim)
+
+    def test_autocast_bfloat16(self):
+        dense, layer, x = self.make()
+        for mode in ("contract", "dense"):
+            layer.mode = mode
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert (y.float() - dense(x)).abs().max() <= 0.05 * dense.weight.abs().max()
+
+
+# ---------------------------------------------------------------- specifics
+def test_linear_matches_with_truncation_error_reported():
+    torch.manual_seed(3)
+    dense = nn.Linear(64, 64)
+    layer = MPOLinear.from_linear(dense, (4, 4, 4), (4, 4, 4), max_bond=4)
+    W = layer.dense_matrix().detach().double()
+    ref = dense.weight.detach().double().T
+    measured = float((W - ref).norm() / ref.norm())
+    assert layer.truncation_error == pytest.approx(measured, rel=1e-4)
+    assert layer.bond_dims == (4, 4)
+
+
+def test_gradients_equal_dense_from_mpo_reference():
+    """Grads of the auxiliary cores through MPOLinear equal those of an independent
+    dense-from-cores computation (a plain einsum of all cores, then F.linear)."""
+    torch.manual_seed(4)
+    dense = nn.Linear(24, 36).double()
+    x = torch.randn(6, 24, dtype=torch.float64)
+    target = torch.randn(6, 36, dtype=torch.float64)
+    for mode in ("contract", "dense"):
+        layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), mode=mode).train_auxiliary_only()
+        ((layer(x) - target) ** 2).mean().backward()
+        cores = [c.detach().clone().requires_grad_(True) for c in layer.cores]
+        W = torch.einsum("aijb,bklc,cmnd->ikmjln", *cores).reshape(24, 36)
+        ((x @ W + layer.bias.detach() - target) ** 2).mean().backward()
+        for k in layer.auxiliary_indices:
+            torch.testing.assert_close(layer.cores[k].grad, cores[k].grad, atol=1e-12, rtol=1e-10)
+        assert layer.cores[layer.central_index].grad is None
+
+
+def test_model_level_helpers_and_report():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0] = MPOLinear.from_linear(model[0], (4, 4), (4, 4))
+    with pytest.raises(ValueError, match="no MPO modules"):
+        freeze_central(nn.Sequential(nn.Linear(2, 2)))
+    train_auxiliary_only(model)
+    rep = parameter_report(model)
+    layer = model[0]
+    assert rep.central == layer.num_central_params
+    assert rep.auxiliary == layer.num_auxiliary_params
+    assert rep.total == sum(p.numel() for p in model.parameters())
+    assert rep.trainable == rep.total - rep.central
+    assert str(rep).startswith(f"trainable params: {rep.trainable:,} || all params: {rep.total:,}")
+    groups = parameter_groups(model, lr=1e-3, mpo_lr=1e-2, weight_decay=0.01)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["mpo_cores"]["lr"] == 1e-2 and by_name["other"]["lr"] == 1e-3
+    n_cores = sum(p.numel() for p in by_name["mpo_cores"]["params"])
+    assert n_cores == layer.num_auxiliary_params
+
+
+def test_choose_mode_follows_flops():
+    torch.manual_seed(6)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64), (8, 8, 1), (1, 8, 8), max_bond=2)
+    mode, contract, dense = layer.choose_mode(4096)
+    assert contract < dense and mode == "contract"
+    full = MPOLinear.from_linear(nn.Linear(64, 64), (4, 4, 4), (4, 4, 4))
+    mode, contract, dense = full.choose_mode(4096)
+    assert (mode == "contract") == (contract < dense)
+
+
+def test_set_cores_changes_shapes_and_keeps_flags():
+    torch.manual_seed(7)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64), (4, 4, 4), (4, 4, 4)).train_auxiliary_only()
+    small = layer.to_mpo().truncate(max_bond=3)
+    layer.set_cores([torch.as_tensor(c) for c in small.cores])
+    assert layer.bond_dims == (3, 3)
+    assert not layer.cores[layer.central_index].requires_grad
+    with pytest.raises(ValueError, match="site shapes"):
+        layer.set_cores([torch.ones(1, 2, 4, 1), torch.ones(1, 8, 4, 1), torch.ones(1, 4, 4, 1)])
+
+
+def test_bad_inputs():
+    torch.manual_seed(8)
+    dense = nn.Linear(24, 36)
+    layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3))
+    with pytest.raises(ValueError, match="last dimension in_features=24"):
+        layer(torch.randn(3, 25))
+    with pytest.raises(ValueError, match=r"in_shape=\(5, 5\) has product 25, but I=24"):
+        MPOLinear.from_linear(dense, (5, 5), (6, 6))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), mode="fast")
+    with pytest.raises(ValueError, match="gauge must be one of"):
+        MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), gauge="vidal")
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        MPOLinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match=r"bias must have shape \(36,\)"):
+        MPOLinear([torch.as_tensor(c) for c in layer.to_mpo().cores], torch.zeros(5))
+    emb = MPOEmbedding.from_embedding(nn.Embedding(100, 24), (2, 8, 7), (2, 4, 3))
+    with pytest.raises(IndexError, match=r"token ids must be in \[0, 100\)"):
+        emb(torch.tensor([3, 100]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        emb(torch.tensor([1.0]))
+
+
+def test_minilm_layer_exact(minilm_weights):
+    W = torch.from_numpy(minilm_weights["encoder.layer.0.intermediate.dense.weight"].copy())
+    b = torch.from_numpy(minilm_weights["encoder.layer.0.intermediate.dense.bias"].copy())
+    dense = nn.Linear(384, 1536)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+        dense.bias.copy_(b)
+    layer = MPOLinear.from_linear(dense)
+    x = torch.randn(4, 384)
+    torch.testing.assert_close(layer(x), dense(x), atol=1e-4, rtol=1e-4)
+    assert np.isfinite(layer.to_mpo().entanglement_entropy()).all()

@@ -1,0 +1,102 @@
+"""Lightweight fine-tuning helpers: freeze central tensors, count parameters, build optimizers.
+
+The paper's strategy (LFA): the central tensor of every MPO module is frozen;
+its auxiliary tensors train, together with every parameter that was not
+decomposed (biases, LayerNorm, task head, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from tnlm.bridge.layer import MPOModule
+
+__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "ParamReport",
+           "parameter_report", "parameter_groups"]
+
+
+def mpo_modules(model: nn.Module) -> Iterator[tuple[str, MPOModule]]:
+    """``(name, module)`` for every MPO module inside ``model`` (``model`` itself included)."""
+    for name, module in model.named_modules():
+        if isinstance(module, MPOModule):
+            yield name, module
+
+
+def freeze_central(model: nn.Module) -> nn.Module:
+    """Freeze the central tensor of every MPO module; nothing else changes."""
+    found = False
+    for _, module in mpo_modules(model):
+        module.freeze_central()
+        found = True
+    if not found:
+        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
+    return model
+
+
+def train_auxiliary_only(model: nn.Module) -> nn.Module:
+    """The paper's lightweight fine-tuning: every parameter trains except central tensors."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return freeze_central(model)
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """Parameter counts of a model (shared parameters counted once)."""
+
+    trainable: int
+    total: int
+    central: int
+    auxiliary: int
+    other: int
+
+    @property
+    def ratio(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {100 * self.ratio:.4f}")
+
+
+def parameter_report(model: nn.Module) -> ParamReport:
+    """Trainable/total counts, and how many sit in central, auxiliary and other tensors."""
+    central_ids, aux_ids = set(), set()
+    for _, m in mpo_modules(model):
+        central_ids.update(id(p) for p in m.central_parameters())
+        aux_ids.update(id(p) for p in m.auxiliary_parameters())
+    seen, trainable, total, central, aux = set(), 0, 0, 0, 0
+    for p in model.parameters():  # nn.Module.parameters() already skips shared duplicates
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        central += n if id(p) in central_ids else 0
+        aux += n if id(p) in aux_ids else 0
+    return ParamReport(trainable, total, central, aux, total - central - aux)
+
+
+def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
+                     weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups: MPO cores with their own learning rate ``mpo_lr``.
+
+    Only trainable parameters are included; call again after any change of core
+    shapes (e.g. dimension squeezing) and rebuild the optimizer.
+    """
+    core_ids = {id(p) for _, m in mpo_modules(model) for p in m.cores}
+    cores, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (cores if id(p) in core_ids else rest).append(p)
+    groups = []
+    if cores:
+        groups.append({"params": cores, "lr": lr if mpo_lr is None else mpo_lr,
+                       "weight_decay": 0.0, "name": "mpo_cores"})
+    if rest:
+        groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "other"})
+    return groups

@@ -1,0 +1,381 @@
+"""torch modules whose parameters are MPO cores: :class:`MPOLinear`, :class:`MPOEmbedding`.
+
+The cores are an ``nn.ParameterList`` named ``cores`` (state_dict keys
+``cores.0 .. cores.{n-1}``), each ``T_k[d_{k-1}, i_k, j_k, d_k]`` in the
+convention of :mod:`tnlm.core.mpo` (``y = x @ W``; a Linear's W is ``weight.T``).
+
+The paper's lightweight fine-tuning freezes the central tensor and trains the
+auxiliary ones: :meth:`MPOModule.freeze_central`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnlm.bridge import cost
+from tnlm.core.mpo import MPO, central_site
+
+__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "GAUGES", "export_gauge"]
+
+GAUGES = ("central", "symmetric", "left")
+
+
+def export_gauge(mpo: MPO, gauge: str) -> MPO:
+    """Bring ``mpo`` to the gauge its torch module starts from.
+
+    ``"central"``: orthogonality center on the central tensor (the auxiliary
+    tensors are isometries, the central one holds the norm); ``"symmetric"``:
+    the paper's gauge, each bond's √Λ on both neighbours; ``"left"``: as given.
+    """
+    if gauge == "central":
+        return mpo.canonicalize(mpo.central_index)
+    if gauge == "symmetric":
+        return mpo.symmetric_gauge()
+    if gauge == "left":
+        return mpo
+    raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in cost.MODES:
+        raise ValueError(f"mode must be one of {cost.MODES}, got {mode!r}")
+    return mode
+
+
+class MPOModule(nn.Module):
+    """Common part of the MPO layers: cores as parameters, shapes, freezing, merging.
+
+    Args:
+        cores: n tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` (d_0 = d_n = 1).
+        in_dim, out_dim: the logical matrix shape (I, J) (<= the site products when padded).
+        mode: ``"auto"``, ``"contract"`` or ``"dense"`` (see :mod:`tnlm.bridge.cost`).
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], in_dim: int | None = None,
+                 out_dim: int | None = None, mode: str = "auto") -> None:
+        super().__init__()
+        cores = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in cores]
+        MPO([c.detach() for c in cores])  # validates shapes, bonds and dtypes
+        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores])
+        self.in_shape = tuple(int(c.shape[1]) for c in cores)
+        self.out_shape = tuple(int(c.shape[2]) for c in cores)
+        self.in_dim = prod(self.in_shape) if in_dim is None else int(in_dim)
+        self.out_dim = prod(self.out_shape) if out_dim is None else int(out_dim)
+        fits = 0 < self.in_dim <= prod(self.in_shape) and 0 < self.out_dim <= prod(self.out_shape)
+        if not fits:
+            raise ValueError(f"in_dim, out_dim = {self.in_dim}, {self.out_dim} must be positive "
+                             f"and fit the site shapes {self.in_shape} x {self.out_shape}")
+        self.mode = _check_mode(mode)
+        self.last_mode: str | None = None
+        self.truncation_error = 0.0
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n_sites(self) -> int:
+        return len(self.cores)
+
+    @property
+    def core_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(int(d) for d in c.shape) for c in self.cores)
+
+    @property
+    def bond_dims(self) -> tuple[int, ...]:
+        return tuple(s[3] for s in self.core_shapes[:-1])
+
+    @property
+    def central_index(self) -> int:
+        """The central tensor (middle site; see :func:`tnlm.core.mpo.central_site`)."""
+        return central_site([prod(s) for s in self.core_shapes])
+
+    @property
+    def auxiliary_indices(self) -> tuple[int, ...]:
+        return tuple(k for k in range(self.n_sites) if k != self.central_index)
+
+    def central_parameters(self) -> list[nn.Parameter]:
+        return [self.cores[self.central_index]]
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return [self.cores[k] for k in self.auxiliary_indices]
+
+    @property
+    def num_central_params(self) -> int:
+        return sum(p.numel() for p in self.central_parameters())
+
+    @property
+    def num_auxiliary_params(self) -> int:
+        return sum(p.numel() for p in self.auxiliary_parameters())
+
+    # ------------------------------------------------------------------ fine-tuning
+    def freeze_central(self) -> MPOModule:
+        """Freeze the central tensor (``requires_grad=False``); other parameters unchanged."""
+        for p in self.central_parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train_auxiliary_only(self) -> MPOModule:
+        """The paper's lightweight fine-tuning: central tensor frozen, auxiliary tensors
+        (and the bias, if any) trainable."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self.freeze_central()
+
+    def unfreeze(self) -> MPOModule:
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self
+
+    # ------------------------------------------------------------------ contraction
+    def _compute_dtype(self, x: torch.Tensor | None = None) -> torch.dtype:
+        device = self.cores[0].device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.cores[0].dtype
+
+    def _cores_as(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [c if c.dtype == dtype else c.to(dtype) for c in self.cores]
+
+    def dense_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W of shape (in_dim, out_dim), contracted along the planned path (differentiable)."""
+        cores = self._cores_as(dtype or self.cores[0].dtype)
+        W = cost.dense_plan(self.core_shapes).run_torch(*cores)
+        W = W.reshape(prod(self.in_shape), prod(self.out_shape))
+        return W[: self.in_dim, : self.out_dim]
+
+    def choose_mode(self, rows: int) -> tuple[str, int, int]:
+        """``(mode, contract_flops, dense_flops)`` that ``mode="auto"`` uses for ``rows`` rows."""
+        return cost.choose_mode(self.core_shapes, rows, self.in_shape, self.in_dim, self.out_dim)
+
+    def to_mpo(self) -> MPO:
+        """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached."""
+        return MPO([c.detach().clone() for c in self.cores], in_dim=self.in_dim,
+                   out_dim=self.out_dim)
+
+    @torch.no_grad()
+    def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
+        """Replace the cores (shapes may change, e.g. after truncation); keeps requires_grad
+        of each site's parameter. Optimizers holding the old parameters must be rebuilt."""
+        flags = [p.requires_grad for p in self.cores]
+        MPO([c.detach() for c in cores])
+        if len(cores) != len(flags):
+            raise ValueError(f"cores must have {len(flags)} sites, got {len(cores)}")
+        if tuple(int(c.shape[1]) for c in cores) != self.in_shape or \
+                tuple(int(c.shape[2]) for c in cores) != self.out_shape:
+            raise ValueError("cores must keep the site shapes in_shape/out_shape")
+        device, dtype = self.cores[0].device, self.cores[0].dtype
+        self.cores = nn.ParameterList(
+            [nn.Parameter(c.detach().to(device=device, dtype=dtype).clone(), requires_grad=f)
+             for c, f in zip(cores, flags)])
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
+                f"out_shape={self.out_shape}, bond_dims={self.bond_dims}, "
+                f"central={self.central_index}, mode={self.mode}")
+
+
+class MPOLinear(MPOModule):
+    """A drop-in for ``nn.Linear`` whose weight is an MPO: ``y = x @ W + b``, W (in, out).
+
+    Build with :meth:`from_linear` or :meth:`from_mpo`. Untruncated, its output
+    equals the original layer's to float32 rounding.
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
+                 in_features: int | None = None, out_features: int | None = None,
+                 mode: str = "auto") -> None:
+        super().__init__(cores, in_features, out_features, mode)
+        if bias is not None:
+            bias = torch.as_tensor(bias)
+            if bias.shape != (self.out_dim,):
+                raise ValueError(f"bias must have shape ({self.out_dim},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone().to(self.cores[0].dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.in_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.out_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight in ``nn.Linear`` layout (out_features, in_features), computed."""
+        return self.dense_matrix().T
+
+    @classmethod
+    def from_mpo(cls, mpo: MPO, bias: Any = None, mode: str = "auto",
+                 dtype: torch.dtype | None = None) -> MPOLinear:
+        """A layer computing ``x @ W(mpo) + bias``; cores taken as they are (no re-gauging)."""
+        cores = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c
+                 for c in mpo.cores]
+        if dtype is not None:
+            cores = [c.to(dtype) for c in cores]
+        layer = cls(cores, bias, mpo.in_dim, mpo.out_dim, mode)
+        layer.truncation_error = mpo.truncation_error
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_shape: Sequence[int] | None = None,
+                    out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
+                    max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
+                    gauge: str = "central", mode: str = "auto", pad: bool = False
+                    ) -> MPOLinear:
+        """Decompose ``linear.weight.T`` (in, out) into an MPO layer.
+
+        The decomposition runs in float64 and the cores are cast back to the
+        layer's dtype. ``in_shape`` factors ``in_features``, ``out_shape`` factors
+        ``out_features``; truncation policies as in :meth:`tnlm.MPO.from_matrix`;
+        ``gauge`` as in :func:`export_gauge`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        W = linear.weight.detach().to(torch.float64).T
+        mpo = MPO.from_matrix(W, in_shape, out_shape, n_sites, max_bond=max_bond,
+                              cutoff=cutoff, max_error=max_error, pad=pad)
+        mpo = export_gauge(mpo, gauge)
+        layer = cls.from_mpo(mpo, linear.bias, mode, dtype=linear.weight.dtype)
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"input must have last dimension in_features={self.in_dim}, "
+                             f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        rows = int(prod(lead))
+        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1))[0]
+        self.last_mode = mode
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if mode == "dense":
+            return F.linear(x, self.dense_matrix(dtype).T, bias)
+        xb = x.reshape(rows, self.in_dim)
+        if self.in_dim != prod(self.in_shape):
+            xb = F.pad(xb, (0, prod(self.in_shape) - self.in_dim))
+        xb = xb.reshape(rows, *self.in_shape)
+        plan = cost.apply_plan(self.core_shapes, rows, self.in_shape)
+        y = plan.run_torch(*self._cores_as(dtype), xb).reshape(rows, prod(self.out_shape))
+        y = y[:, : self.out_dim].reshape(*lead, self.out_dim)
+        return y if bias is None else y + bias
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Merge back into a plain ``nn.Linear`` (exact up to rounding of the contraction)."""
+        p = self.cores[0]
+        lin = nn.Linear(self.in_dim, self.out_dim, bias=self.bias is not None,
+                        device=p.device, dtype=p.dtype)
+        lin.weight.copy_(self.dense_matrix().T)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+
+class MPOEmbedding(MPOModule):
+    """A drop-in for ``nn.Embedding`` whose table E (num_embeddings, embedding_dim) is an MPO.
+
+    Lookups gather each token's row from the cores without densifying the table
+    when that is cheaper (``mode="contract"``; :meth:`choose_mode` compares the
+    planned FLOPs). ``padding_idx`` is kept for compatibility, but its row is a
+    contraction of shared cores and is not held at zero during training.
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], num_embeddings: int | None = None,
+                 embedding_dim: int | None = None, padding_idx: int | None = None,
+                 mode: str = "auto") -> None:
+        super().__init__(cores, num_embeddings, embedding_dim, mode)
+        self.padding_idx = padding_idx
+        strides = np.cumprod((1,) + self.in_shape[::-1][:-1])[::-1]
+        self.register_buffer("_strides", torch.as_tensor(strides.copy()), persistent=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.in_dim
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.out_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table (num_embeddings, embedding_dim), computed."""
+        return self.dense_matrix()
+
+    @classmethod
+    def from_mpo(cls, mpo: MPO, padding_idx: int | None = None, mode: str = "auto",
+                 dtype: torch.dtype | None = None) -> MPOEmbedding:
+        cores = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c
+                 for c in mpo.cores]
+        if dtype is not None:
+            cores = [c.to(dtype) for c in cores]
+        layer = cls(cores, mpo.in_dim, mpo.out_dim, padding_idx, mode)
+        layer.truncation_error = mpo.truncation_error
+        return layer
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, in_shape: Sequence[int] | None = None,
+                       out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
+                       max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
+                       gauge: str = "central", mode: str = "auto", pad: bool = True
+                       ) -> MPOEmbedding:
+        """Decompose ``embedding.weight`` (vocab, dim); the vocabulary is zero-padded to a
+        factorizable size by default (``pad=True``, e.g. 30522 -> 30720)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        E = embedding.weight.detach().to(torch.float64)
+        mpo = MPO.from_matrix(E, in_shape, out_shape, n_sites, max_bond=max_bond,
+                              cutoff=cutoff, max_error=max_error, pad=pad)
+        mpo = export_gauge(mpo, gauge)
+        layer = cls.from_mpo(mpo, embedding.padding_idx, mode, dtype=embedding.weight.dtype)
+        return layer.to(embedding.weight.device)
+
+    #: The gather path runs many small batched matmuls: measured ~10x fewer FLOP/s than
+    #: the dense rebuild's large GEMMs on MiniLM's table (benchmarks/bench_layers.py).
+    GATHER_EFFICIENCY = 8.0
+
+    def choose_mode(self, rows: int) -> tuple[str, int, int]:
+        """``(mode, gather_flops, dense_flops)`` for ``rows`` distinct token ids: per-token
+        chain contractions vs rebuilding E. The gather FLOPs are weighted by
+        :attr:`GATHER_EFFICIENCY` before comparing."""
+        gather = cost.gather_plan(self.core_shapes, rows).flops
+        dense = cost.dense_plan(self.core_shapes).flops
+        mode = "contract" if gather * self.GATHER_EFFICIENCY < dense else "dense"
+        return mode, gather, dense
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"input must hold integer token ids, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.in_dim):
+            raise IndexError(f"token ids must be in [0, {self.in_dim}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        uniq, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
+        rows = int(uniq.numel())
+        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1))[0]
+        self.last_mode = mode
+        dtype = self._compute_dtype()
+        if mode == "dense":
+            return F.embedding(ids, self.dense_matrix(dtype), self.padding_idx)
+        # each distinct id's row: its mixed-radix digits select one in-slice per core
+        digits = (uniq[:, None] // self._strides) % torch.as_tensor(self.in_shape,
+                                                                     device=uniq.device)
+        slices = [c.index_select(1, digits[:, k]).permute(1, 0, 2, 3)
+                  for k, c in enumerate(self._cores_as(dtype))]
+        y = cost.gather_plan(self.core_shapes, rows).run_torch(*slices).reshape(rows, -1)
+        return y[inverse, : self.out_dim].reshape(*ids.shape, self.out_dim)
+
+    @torch.no_grad()
+    def to_embedding(self) -> nn.Embedding:
+        """Merge back into a plain ``nn.Embedding``."""
+        p = self.cores[0]
+        emb = nn.Embedding(self.in_dim, self.out_dim, padding_idx=self.padding_idx,
+                           device=p.device, dtype=p.dtype)
+        emb.weight.copy_(self.dense_matrix())
+        return emb
