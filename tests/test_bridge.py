@@ -252,7 +252,7 @@ def test_choose_mode_follows_flops():
     assert contract < dense and mode == "contract"
     full = MPOLinear.from_linear(nn.Linear(64, 64), (4, 4, 4), (4, 4, 4))
     mode, contract, dense = full.choose_mode(4096)
-    assert (mode == "contract") == (contract < dense)
+    assert mode == ("contract" if 1.5 * contract < dense else "dense")
 
 
 def test_set_cores_changes_shapes_and_keeps_flags():

@@ -9,7 +9,10 @@ Two ways to compute ``y = x @ W`` from the cores:
     rebuild W[I, J] along its planned path, then one GEMM (``F.linear``).
 
 ``mode="auto"`` picks the one with fewer planned FLOPs for the actual number
-of rows b (ties go to ``"dense"``, whose single GEMM runs closest to peak).
+of rows b, the contract path's FLOPs weighted by :data:`CONTRACT_EFFICIENCY`:
+its chain of smaller einsums (with their permutes) ran ~1.5x slower per FLOP
+than the dense path's one GEMM on MiniLM shapes (``benchmarks/bench_layers.py``).
+Ties go to ``"dense"``.
 Equations depend only on the number of sites; plans are cached per
 (core shapes, b) by :func:`tnlm.core.plan.get_plan`.
 """
@@ -26,6 +29,9 @@ __all__ = ["MODES", "dense_equation", "apply_equation", "gather_equation", "choo
            "dense_plan", "apply_plan", "gather_plan"]
 
 MODES = ("auto", "contract", "dense")
+
+#: time-per-FLOP of the contract path relative to the dense path (measured, see above)
+CONTRACT_EFFICIENCY = 1.5
 
 
 @lru_cache(maxsize=64)
@@ -82,8 +88,10 @@ def choose_mode(core_shapes: tuple[tuple[int, ...], ...], rows: int,
                 in_shape: tuple[int, ...], in_dim: int, out_dim: int) -> tuple[str, int, int]:
     """``(mode, contract_flops, dense_flops)`` for ``rows`` input rows.
 
-    Dense FLOPs are the rebuild of W plus ``2 * rows * I * J`` for the GEMM.
+    Dense FLOPs are the rebuild of W plus ``2 * rows * I * J`` for the GEMM; the
+    contract path wins when ``CONTRACT_EFFICIENCY * contract_flops < dense_flops``.
     """
     contract = apply_plan(core_shapes, rows, in_shape).flops
     dense = dense_plan(core_shapes).flops + 2 * rows * in_dim * out_dim
-    return ("contract" if contract < dense else "dense"), contract, dense
+    mode = "contract" if CONTRACT_EFFICIENCY * contract < dense else "dense"
+    return mode, contract, dense

