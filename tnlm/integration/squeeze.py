@@ -1,0 +1,245 @@
+"""Dimension squeezing: the paper's greedy bond truncation across stacked MPO layers.
+
+Algorithm (MPOP, Algorithm 2), as implemented here::
+
+    p  <- evaluate(model)                       # loss of the fine-tuned full-rank model
+    repeat until max_iters, or target_params reached:
+        for every MPO module m and candidate bond k of m (default: the two bonds of
+        the central tensor), with current dimension d and cached spectrum s:
+            added(m, k) = Σ_{r = d-step}^{d-1} s_r² / ||W_m||²     (no new SVD)
+        cut the (m, k) with the least added error: truncate m's MPO in canonical form
+            to d-step at bond k, re-gauge, replace the cores
+        finetune(model)                           # auxiliary tensors, central frozen;
+                                                  # a fresh optimizer (shapes changed)
+        p~ <- evaluate(model)
+        if |p - p~| > delta: restore the model before this cut and stop
+
+Each module's estimated relative error is ``sqrt(Σ_k Σ_discarded s² / ||W||²)``,
+an upper bound of the true relative reconstruction error (the bound of TT-SVD).
+The cached spectra are those of the model when squeezing starts, sliced as bonds
+are cut (the paper's estimate); ``refresh_spectra=True`` recomputes a module's
+spectra from its current cores after each of its cuts instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tnlm.bridge import MPOModule, mpo_modules
+from tnlm.bridge.layer import export_gauge
+from tnlm.integration.model import MPOModel
+
+__all__ = ["DimensionSqueezer", "SqueezeStep", "SqueezeResult"]
+
+
+@dataclass
+class SqueezeStep:
+    """One iteration of the squeezing loop (also logged)."""
+
+    iteration: int
+    module: str
+    bond: int
+    old_dim: int
+    new_dim: int
+    added_error: float        # relative squared weight discarded by this cut (estimate)
+    module_error: float       # the module's estimated relative error after the cut
+    loss: float
+    loss_change: float        # |p - p~| against the starting loss
+    params: int               # parameters in all MPO modules after the cut
+    accepted: bool
+
+    def __str__(self) -> str:
+        return (f"[squeeze {self.iteration:3d}] {self.module} bond {self.bond}: "
+                f"{self.old_dim} -> {self.new_dim}  added {self.added_error:.2e}  "
+                f"module err {self.module_error:.3f}  loss {self.loss:.4f} "
+                f"(|dp| {self.loss_change:.4f})  params {self.params:,}  "
+                f"{'ok' if self.accepted else 'REJECTED'}")
+
+
+@dataclass
+class SqueezeResult:
+    history: list[SqueezeStep] = field(default_factory=list)
+    start_loss: float = float("nan")
+    final_loss: float = float("nan")
+    start_params: int = 0
+    final_params: int = 0
+    reason: str = ""
+
+    def table(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.history]
+
+
+class DimensionSqueezer:
+    """Greedy bond squeezing over all MPO modules of ``model``.
+
+    Args:
+        model: a model containing MPO modules (e.g. an ``MPOModel``), modified in place.
+        evaluate: ``evaluate(model) -> loss`` on held-out data.
+        finetune: ``finetune(model) -> None``: brief training after each cut; it must
+            build its optimizer from the current parameters (core shapes change).
+            ``None`` skips recovery.
+        delta: stop when ``|p - p~|`` exceeds it (p: the starting loss).
+        step: bond dimensions cut per iteration.
+        max_iters: iteration limit.
+        target_params: stop once the MPO modules hold at most this many parameters.
+        bonds: ``"central"`` (the central tensor's two bonds) or ``"all"``.
+        gauge: the gauge the cut module's cores are put back in (see ``export_gauge``).
+        min_dim: never cut a bond below this.
+        refresh_spectra: recompute a module's spectra after cutting it (an SVD sweep).
+        log: called with each :class:`SqueezeStep` (default: print a line).
+    """
+
+    def __init__(self, model: nn.Module, evaluate: Callable[[nn.Module], float],
+                 finetune: Callable[[nn.Module], None] | None = None, *, delta: float,
+                 step: int = 1, max_iters: int = 100, target_params: int | None = None,
+                 bonds: str = "central", gauge: str = "central", min_dim: int = 1,
+                 refresh_spectra: bool = False,
+                 log: Callable[[SqueezeStep], None] | None = print) -> None:
+        if not delta > 0:
+            raise ValueError(f"delta must be > 0, got {delta}")
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be an int >= 1, got {step!r}")
+        if bonds not in ("central", "all"):
+            raise ValueError(f"bonds must be 'central' or 'all', got {bonds!r}")
+        self.model = model
+        root = model.base_model if isinstance(model, MPOModel) else model
+        self.modules: dict[str, MPOModule] = dict(mpo_modules(root))
+        if not self.modules:
+            raise ValueError("model contains no MPO modules to squeeze")
+        self.evaluate, self.finetune = evaluate, finetune
+        self.delta, self.step, self.max_iters = float(delta), step, max_iters
+        self.target_params, self.bonds, self.gauge = target_params, bonds, gauge
+        self.min_dim, self.refresh_spectra, self.log = min_dim, refresh_spectra, log
+        self._spectra: dict[str, list[np.ndarray]] = {}
+        self._norm_sq: dict[str, float] = {}
+        self._err_sq: dict[str, float] = {}
+        for name, m in self.modules.items():
+            self._load_spectra(name, m)
+            self._err_sq[name] = float(m.truncation_error) ** 2
+
+    # ------------------------------------------------------------------ estimates
+    def _load_spectra(self, name: str, m: MPOModule) -> None:
+        spectra = m.to_mpo().bond_spectra()
+        self._spectra[name] = spectra
+        self._norm_sq[name] = float(np.sum(spectra[0] ** 2)) or 1.0
+
+    def _candidate_bonds(self, m: MPOModule) -> list[int]:
+        if self.bonds == "all":
+            return list(range(m.n_sites - 1))
+        c = m.central_index
+        return [b for b in (c - 1, c) if 0 <= b < m.n_sites - 1]
+
+    def candidates(self) -> list[tuple[float, str, int, int]]:
+        """``(added_error, module, bond, new_dim)`` for every possible next cut, best first."""
+        out = []
+        for name, m in self.modules.items():
+            for b in self._candidate_bonds(m):
+                d = m.bond_dims[b]
+                new = d - self.step
+                if new < self.min_dim:
+                    continue
+                s = self._spectra[name][b]
+                added = float(np.sum(s[new:d] ** 2)) / self._norm_sq[name]
+                out.append((added, name, b, new))
+        out.sort(key=lambda c: (c[0], c[1], c[2]))
+        return out
+
+    def schedule(self, n: int = 10) -> list[tuple[str, int, int, float]]:
+        """The next ``n`` cuts the greedy would make by estimate alone (a dry run):
+        ``(module, bond, new_dim, added_error)``."""
+        dims = {k: list(m.bond_dims) for k, m in self.modules.items()}
+        plan = []
+        for _ in range(n):
+            best = None
+            for name, m in self.modules.items():
+                for b in self._candidate_bonds(m):
+                    d = dims[name][b]
+                    if d - self.step < self.min_dim:
+                        continue
+                    s = self._spectra[name][b]
+                    added = float(np.sum(s[d - self.step: d] ** 2)) / self._norm_sq[name]
+                    if best is None or added < best[0]:
+                        best = (added, name, b, d - self.step)
+            if best is None:
+                break
+            plan.append((best[1], best[2], best[3], best[0]))
+            dims[best[1]][best[2]] = best[3]
+        return plan
+
+    def mpo_params(self) -> int:
+        return sum(sum(c.numel() for c in m.cores) for m in self.modules.values())
+
+    # ------------------------------------------------------------------ the loop
+    def _cut(self, name: str, bond: int, new_dim: int) -> None:
+        m = self.modules[name]
+        dims = list(m.bond_dims)
+        dims[bond] = new_dim
+        mpo = m.to_mpo().to_backend("pytorch").truncate(max_bond=dims)
+        mpo = export_gauge(mpo, self.gauge)
+        m.set_cores(list(mpo.cores))
+
+    @torch.no_grad()
+    def _snapshot(self) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+        shapes = {k: tuple(c.detach().clone() for c in m.cores) for k, m in self.modules.items()}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return shapes, state
+
+    @torch.no_grad()
+    def _restore(self, snap) -> None:
+        cores, state = snap
+        for k, m in self.modules.items():
+            if m.core_shapes != tuple(tuple(c.shape) for c in cores[k]):
+                m.set_cores(list(cores[k]))
+        self.model.load_state_dict(state)
+
+    def run(self) -> SqueezeResult:
+        """Squeeze until a stopping rule fires; the model ends in its last accepted state."""
+        res = SqueezeResult(start_params=self.mpo_params())
+        p = float(self.evaluate(self.model))
+        res.start_loss = res.final_loss = p
+        for it in range(1, self.max_iters + 1):
+            if self.target_params is not None and self.mpo_params() <= self.target_params:
+                res.reason = f"target of {self.target_params:,} parameters reached"
+                break
+            cands = self.candidates()
+            if not cands:
+                res.reason = "no bond left to cut"
+                break
+            added, name, bond, new_dim = cands[0]
+            old_dim = self.modules[name].bond_dims[bond]
+            snap = self._snapshot()
+            saved = (copy.deepcopy(self._spectra[name]), self._err_sq[name])
+            self._cut(name, bond, new_dim)
+            self._err_sq[name] += added
+            if self.refresh_spectra:
+                self._load_spectra(name, self.modules[name])
+            else:
+                self._spectra[name][bond] = self._spectra[name][bond][:new_dim]
+            if self.finetune is not None:
+                self.finetune(self.model)
+            loss = float(self.evaluate(self.model))
+            change = abs(p - loss)
+            ok = change <= self.delta
+            step = SqueezeStep(it, name, bond, old_dim, new_dim, added,
+                               float(np.sqrt(self._err_sq[name])), loss, change,
+                               self.mpo_params(), ok)
+            res.history.append(step)
+            if self.log is not None:
+                self.log(step)
+            if not ok:
+                self._restore(snap)
+                self._spectra[name], self._err_sq[name] = saved
+                res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
+                break
+            res.final_loss = loss
+        else:
+            res.reason = f"iteration limit {self.max_iters}"
+        res.final_params = self.mpo_params()
+        return res
