@@ -351,3 +351,21 @@ def test_bad_arguments(rng):
         MPO([np.ones((1, 2, 2, 3)), np.ones((2, 2, 2, 1))])
     with pytest.raises(ValueError, match="boundary bonds"):
         MPO([np.ones((2, 2, 2, 1))])
+
+
+# ---------------------------------------------------------------- budgets
+def test_budget_helpers_match_real_decompositions(rng):
+    from tnlm.core import bond_bounds, max_bond_for_params, mpo_params
+
+    ins, outs = (2, 4, 4, 4, 3), (4, 4, 6, 4, 4)
+    W = rng.standard_normal((384, 1536))
+    exact = MPO.from_matrix(W, ins, outs)
+    assert list(exact.bond_dims) == bond_bounds(ins, outs)
+    assert exact.num_params == mpo_params(ins, outs)
+    for chi in (1, 7, 50, 10_000):
+        assert MPO.from_matrix(W, ins, outs, max_bond=chi).num_params == mpo_params(ins, outs, chi)
+    budget = 147456
+    chi = max_bond_for_params(ins, outs, budget)
+    assert mpo_params(ins, outs, chi) <= budget < mpo_params(ins, outs, chi + 1)
+    with pytest.raises(ValueError, match="budget 10 is below"):
+        max_bond_for_params(ins, outs, 10)

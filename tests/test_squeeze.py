@@ -134,3 +134,13 @@ def test_bad_arguments():
         DimensionSqueezer(model, loss_of, delta=1, bonds="middle")
     with pytest.raises(ValueError, match="no MPO modules"):
         DimensionSqueezer(torch.nn.Linear(2, 2), loss_of, delta=1)
+
+
+def test_several_cuts_per_iteration():
+    model = tiny_bert()
+    sq = DimensionSqueezer(model, loss_of, None, delta=math.inf, max_iters=2, cuts_per_iter=3,
+                           log=None)
+    plan = sq.schedule(3)
+    res = sq.run()
+    assert len(res.history) == 6 and {s.iteration for s in res.history} == {1, 2}
+    assert {(s.module, s.bond) for s in res.history[:3]} == {(p[0], p[1]) for p in plan}

@@ -93,6 +93,8 @@ class DimensionSqueezer:
         gauge: the gauge the cut module's cores are put back in (see ``export_gauge``).
         min_dim: never cut a bond below this.
         refresh_spectra: recompute a module's spectra after cutting it (an SVD sweep).
+        cuts_per_iter: cuts made (best first, by estimate) before each recovery and
+            evaluation; 1 is the paper's loop, more trades fidelity for fewer evaluations.
         log: called with each :class:`SqueezeStep` (default: print a line).
     """
 
@@ -100,7 +102,7 @@ class DimensionSqueezer:
                  finetune: Callable[[nn.Module], None] | None = None, *, delta: float,
                  step: int = 1, max_iters: int = 100, target_params: int | None = None,
                  bonds: str = "central", gauge: str = "central", min_dim: int = 1,
-                 refresh_spectra: bool = False,
+                 refresh_spectra: bool = False, cuts_per_iter: int = 1,
                  log: Callable[[SqueezeStep], None] | None = print) -> None:
         if not delta > 0:
             raise ValueError(f"delta must be > 0, got {delta}")
@@ -117,6 +119,9 @@ class DimensionSqueezer:
         self.delta, self.step, self.max_iters = float(delta), step, max_iters
         self.target_params, self.bonds, self.gauge = target_params, bonds, gauge
         self.min_dim, self.refresh_spectra, self.log = min_dim, refresh_spectra, log
+        if not isinstance(cuts_per_iter, int) or cuts_per_iter < 1:
+            raise ValueError(f"cuts_per_iter must be an int >= 1, got {cuts_per_iter!r}")
+        self.cuts_per_iter = cuts_per_iter
         self._spectra: dict[str, list[np.ndarray]] = {}
         self._norm_sq: dict[str, float] = {}
         self._err_sq: dict[str, float] = {}
@@ -212,30 +217,36 @@ class DimensionSqueezer:
             if not cands:
                 res.reason = "no bond left to cut"
                 break
-            added, name, bond, new_dim = cands[0]
-            old_dim = self.modules[name].bond_dims[bond]
+            chosen = cands[: self.cuts_per_iter]
             snap = self._snapshot()
-            saved = (copy.deepcopy(self._spectra[name]), self._err_sq[name])
-            self._cut(name, bond, new_dim)
-            self._err_sq[name] += added
-            if self.refresh_spectra:
-                self._load_spectra(name, self.modules[name])
-            else:
-                self._spectra[name][bond] = self._spectra[name][bond][:new_dim]
+            saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name])
+                     for _, name, _, _ in chosen}
+            cuts = []
+            for added, name, bond, new_dim in chosen:
+                old_dim = self.modules[name].bond_dims[bond]
+                self._cut(name, bond, new_dim)
+                self._err_sq[name] += added
+                if self.refresh_spectra:
+                    self._load_spectra(name, self.modules[name])
+                else:
+                    self._spectra[name][bond] = self._spectra[name][bond][:new_dim]
+                cuts.append((name, bond, old_dim, new_dim, added))
             if self.finetune is not None:
                 self.finetune(self.model)
             loss = float(self.evaluate(self.model))
             change = abs(p - loss)
             ok = change <= self.delta
-            step = SqueezeStep(it, name, bond, old_dim, new_dim, added,
-                               float(np.sqrt(self._err_sq[name])), loss, change,
-                               self.mpo_params(), ok)
-            res.history.append(step)
-            if self.log is not None:
-                self.log(step)
+            params = self.mpo_params()
+            for name, bond, old_dim, new_dim, added in cuts:
+                step = SqueezeStep(it, name, bond, old_dim, new_dim, added,
+                                   float(np.sqrt(self._err_sq[name])), loss, change, params, ok)
+                res.history.append(step)
+                if self.log is not None:
+                    self.log(step)
             if not ok:
                 self._restore(snap)
-                self._spectra[name], self._err_sq[name] = saved
+                for name, (spectra, err_sq) in saved.items():
+                    self._spectra[name], self._err_sq[name] = spectra, err_sq
                 res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
                 break
             res.final_loss = loss
