@@ -59,9 +59,95 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the 36 encoder linear layers of a BERT-style model (MiniLM, BERT)
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense"]
+SENTENCES = ["A man is playing a guitar.", "The weather is lovely today.",
+             "Stocks fell sharply on Monday.", "I did not like this film at all.",
+             "Matrix product operators factorize weight matrices."]
+
+
+def _budget_overrides(model, targets: list[str], fraction: float, n_sites: int) -> dict:
+    """Per-module max_bond giving at most ``fraction`` of each module's dense parameters."""
+    from torch import nn
+
+    from tnlm.core import factorize, max_bond_for_params
+    from tnlm.integration import MPOConfig
+
+    probe = MPOConfig(target_modules=targets)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and probe.is_target(name):
+            I, J = m.in_features, m.out_features
+            chi = max_bond_for_params(factorize(I, n_sites), factorize(J, n_sites),
+                                      int(fraction * I * J))
+            out[name] = {"max_bond": chi}
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress a model's encoder linear layers, report, check pooled embeddings, save."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tnlm.integration import (
+        MPOConfig,
+        default_model_path,
+        format_report,
+        get_mpo_model,
+        mean_pooled,
+        report_totals,
+    )
+
+    path = Path(args.model_dir) if args.model_dir else default_model_path()
+    if not (path / "config.json").is_file():
+        raise UserError(f"MODEL_DIR {path} is not a transformers model folder (no config.json)")
+    if args.budget is not None and not 0 < args.budget <= 2:
+        raise UserError(f"--budget must be a fraction in (0, 2], got {args.budget}")
+    model = AutoModel.from_pretrained(str(path)).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ref = mean_pooled(model, tok, SENTENCES)
+    targets = args.targets.split(",") if args.targets else BERT_TARGETS
+    overrides = (_budget_overrides(model, targets, args.budget, args.n_sites)
+                 if args.budget is not None else {})
+    max_error = args.max_error if (args.max_bond is None and args.budget is None) else None
+    config = MPOConfig(target_modules=targets, n_sites=args.n_sites, max_bond=args.max_bond,
+                       max_error=max_error, overrides=overrides)
+    mpo_model = get_mpo_model(model, config, progress=not args.quiet).eval()
+    rows = mpo_model.compression_report()
+    print(format_report(rows))
+    with torch.no_grad():
+        cos = (mean_pooled(mpo_model, tok, SENTENCES) * ref).sum(-1)
+    print(f"pooled-embedding cosine similarity to the original on {len(SENTENCES)} sentences: "
+          f"min {float(cos.min()):.4f}, mean {float(cos.mean()):.4f}")
+    totals = report_totals(rows)
+    if totals["ratio"] > 1:
+        print("note: at this error bound the MPOs hold more parameters than the dense layers; "
+              "pre-trained weights have nearly flat bond spectra, so compression needs "
+              "fine-tuning and dimension squeezing (docs/results.md)")
+    if args.out:
+        out = mpo_model.save_pretrained(args.out)
+        print(f"saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tnlm", description="MPO compression of language models")
     sub = ap.add_subparsers(dest="command")
+    p = sub.add_parser("compress", help="compress a model's linear layers into MPOs and save it")
+    p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
+    pol = p.add_mutually_exclusive_group()
+    pol.add_argument("--max-error", type=float, default=0.1,
+                     help="relative Frobenius error bound per matrix (default 0.1)")
+    pol.add_argument("--max-bond", type=int, default=None, help="bond dimension cap")
+    pol.add_argument("--budget", type=float, default=None,
+                     help="fraction of each layer's dense parameters to keep, e.g. 0.5")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module patterns (default: BERT encoder linears)")
+    p.add_argument("--n-sites", type=int, default=5)
+    p.add_argument("--out", default="out/minilm-mpo", help="output folder ('' to skip saving)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
     p = sub.add_parser("decompose", help="exact MPO of every weight matrix, with a report")
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--n-sites", type=int, default=5)
@@ -72,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+        argv = ["compress", *argv]  # the main job: compress the default model
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["decompose", *(argv or [])])
     try:
         return args.func(args)
     except (UserError, FileNotFoundError, ValueError) as err:

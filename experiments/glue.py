@@ -1,0 +1,207 @@
+"""One arm of the GLUE fine-tuning comparison on the offline MiniLM.
+
+Usage:
+    python experiments/glue.py --arm mpo_lfa --task sst2 --train-size 10000 --steps 313 \
+        --out results/sst2/mpo_lfa.json
+
+Arms (same data, seed, steps, batch size and schedule for each):
+  dense        full fine-tuning of the dense model
+  mpo_full     MPO of the 36 encoder linear layers, untruncated, every tensor trained
+  mpo_lfa      the same, lightweight fine-tuning: central tensors frozen (gauge: center on
+               the central tensor)
+  mpo_lfa_sym  as mpo_lfa, cores in the paper's symmetric gauge
+  lora         LoRA via peft on the same 36 layers, rank chosen for a similar trained count
+  mpo_dir      MPO truncated directly to ~50% of the encoder linear parameters, then LFA
+  mpop         start from mpo_lfa's fine-tuned model, dimension squeezing to the same size
+               as mpo_dir (recovery fine-tuning between cuts)
+In the MPO arms the word embedding table (11.7M parameters) is frozen, as it is in LoRA;
+every other parameter that is not in an MPO layer trains (biases, LayerNorm, position and
+token-type embeddings, pooler, classifier). Results: one JSON per arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tnlm import parameter_report
+from tnlm.core import factorize, max_bond_for_params
+from tnlm.integration import MPOConfig, MPOModel, default_model_path, get_mpo_model
+from tnlm.integration.data import Batches, load_task
+from tnlm.integration.squeeze import DimensionSqueezer
+from tnlm.integration.training import evaluate, make_optimizer, train_steps
+
+ARMS = ("dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop")
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+           "output.dense"]
+HIDDEN, FFN = 384, 1536
+
+
+def base_model(num_labels: int, seed: int):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    path = str(default_model_path())
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def half_size_overrides() -> dict:
+    """Uniform max_bond per shape giving <= 50% of the dense parameters (balanced 5 sites)."""
+    sq = max_bond_for_params(factorize(HIDDEN, 5), factorize(HIDDEN, 5), HIDDEN * HIDDEN // 2)
+    up = max_bond_for_params(factorize(HIDDEN, 5), factorize(FFN, 5), HIDDEN * FFN // 2)
+    down = max_bond_for_params(factorize(FFN, 5), factorize(HIDDEN, 5), HIDDEN * FFN // 2)
+    # later patterns win: "output.dense" also matches "attention.output.dense"
+    return {"output.dense": {"max_bond": down}, "intermediate.dense": {"max_bond": up},
+            "query": {"max_bond": sq}, "key": {"max_bond": sq}, "value": {"max_bond": sq},
+            "attention.output.dense": {"max_bond": sq}}
+
+
+def freeze_word_embeddings(model) -> None:
+    for name, p in model.named_parameters():
+        if "word_embeddings" in name:
+            p.requires_grad_(False)
+
+
+def mpo_layer_counts(model) -> tuple[int, int]:
+    """(trained, total) parameters inside the MPO layers' cores."""
+    trained = total = 0
+    for _, m in model.mpo_modules():
+        for c in m.cores:
+            total += c.numel()
+            trained += c.numel() if c.requires_grad else 0
+    return trained, total
+
+
+def build(arm: str, args, num_labels: int):
+    model, tok = base_model(num_labels, args.seed)
+    info: dict = {}
+    if arm == "dense":
+        info["adapted_trained"] = info["adapted_total"] = sum(
+            m.weight.numel() for n, m in model.named_modules()
+            if n.startswith("bert.encoder") and isinstance(m, torch.nn.Linear))
+        return model, tok, info
+    if arm == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                         target_modules=TARGETS, task_type="SEQ_CLS")
+        model = get_peft_model(model, cfg)
+        info["adapted_trained"] = sum(p.numel() for n, p in model.named_parameters()
+                                      if "lora_" in n)
+        info["adapted_total"] = info["adapted_trained"]
+        return model, tok, info
+    if arm == "mpop":
+        src = Path(args.models) / "mpo_lfa"
+        model = MPOModel.from_pretrained(model, src, train="auxiliary")
+    else:
+        overrides = half_size_overrides() if arm == "mpo_dir" else {}
+        cfg = MPOConfig(target_modules=TARGETS, overrides=overrides,
+                        train="all" if arm == "mpo_full" else "auxiliary",
+                        gauge="symmetric" if arm == "mpo_lfa_sym" else "central",
+                        modules_to_save=["classifier"])
+        model = get_mpo_model(model, cfg, progress=False)
+    freeze_word_embeddings(model)
+    return model, tok, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arm", choices=ARMS, required=True)
+    ap.add_argument("--task", choices=("sst2", "cola"), default="sst2")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--train-size", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=313)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--mpo-lr", type=float, default=None, help="MPO cores (default: --lr)")
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-size", type=int, default=None, help="dev subset (default: all)")
+    ap.add_argument("--squeeze-delta", type=float, default=0.1)
+    ap.add_argument("--squeeze-step", type=int, default=8)
+    ap.add_argument("--squeeze-cuts", type=int, default=12, help="cuts per squeezing iteration")
+    ap.add_argument("--squeeze-recover", type=int, default=10, help="recovery steps per iteration")
+    ap.add_argument("--models", default="results/models", help="where fine-tuned models are kept")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    try:
+        train_x, train_y = load_task(args.task, "train", args.data_dir)
+        dev_x, dev_y = load_task(args.task, "dev", args.data_dir, limit=args.eval_size)
+    except FileNotFoundError as err:
+        sys.exit(f"glue.py: {err}")
+    order = np.random.default_rng(args.seed).permutation(len(train_x))
+    tr, val = order[: args.train_size], order[args.train_size: args.train_size + 512]
+    num_labels = int(max(train_y)) + 1
+
+    model, tok, info = build(args.arm, args, num_labels)
+    mk = lambda idx, shuffle: Batches(tok, [train_x[i] for i in idx], train_y[idx],  # noqa: E731
+                                      args.batch_size, args.max_length, shuffle, args.seed)
+    train = mk(tr, True).forever()
+    val_batches = mk(val, False)
+    dev = Batches(tok, dev_x, dev_y, 64, args.max_length)
+    lr = args.lora_lr if args.arm == "lora" else args.lr
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    squeeze_info = {}
+    if args.arm == "mpop":
+        start = evaluate(model, dev)
+        squeeze_info["dev_before"] = start
+
+        def recover(m):
+            train_steps(m, train, make_optimizer(m, lr, args.mpo_lr), args.squeeze_recover,
+                        progress=False)
+
+        target = sum(m.in_dim * m.out_dim for _, m in model.mpo_modules()) // 2
+        sq = DimensionSqueezer(model, lambda m: evaluate(m, val_batches)["loss"], recover,
+                               delta=args.squeeze_delta, step=args.squeeze_step,
+                               cuts_per_iter=args.squeeze_cuts, max_iters=200,
+                               target_params=target, log=None)
+        res = sq.run()
+        squeeze_info.update(reason=res.reason, start_loss=res.start_loss,
+                            final_loss=res.final_loss, start_params=res.start_params,
+                            final_params=res.final_params, cuts=len(res.history),
+                            iterations=len({s.iteration for s in res.history}),
+                            recovery_steps=args.squeeze_recover * len(
+                                {s.iteration for s in res.history}),
+                            history=res.table())
+        stats = {"loss": res.final_loss, "sec_per_step": float("nan")}
+    else:
+        opt = make_optimizer(model, lr, args.mpo_lr)
+        stats = train_steps(model, train, opt, args.steps, warmup=args.steps // 10,
+                            progress=progress, desc=args.arm)
+    train_time = time.perf_counter() - t0
+    result = evaluate(model, dev)
+    rep = parameter_report(model)
+    if hasattr(model, "mpo_modules"):
+        info["adapted_trained"], info["adapted_total"] = mpo_layer_counts(model)
+    if args.arm == "mpo_lfa":
+        model.save_pretrained(Path(args.models) / "mpo_lfa")
+    out = dict(arm=args.arm, task=args.task, steps=args.steps, train_size=args.train_size,
+               batch_size=args.batch_size, lr=lr, mpo_lr=args.mpo_lr, seed=args.seed,
+               dev=result, train_loss=stats["loss"], sec_per_step=stats["sec_per_step"],
+               train_seconds=train_time, trained_params=rep.trainable, total_params=rep.total,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               **info, squeeze=squeeze_info)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "squeeze"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Run every arm of experiments/glue.py (one process each, one after another) and write
+the results table and plot.
+
+Usage:
+    python experiments/run_all.py --task sst2 [--arms dense,mpo_lfa,...] [--steps 313]
+    python experiments/run_all.py --task sst2 --report-only    # tables from existing JSONs
+
+Writes results/<task>/<arm>.json, docs/figures/results_<task>.png and the section
+``<!-- results:<task> -->`` of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ["dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop"]
+LABELS = {"dense": "full fine-tuning (dense)", "mpo_full": "MPO_full (all tensors)",
+          "mpo_lfa": "MPO_full + LFA (central gauge)",
+          "mpo_lfa_sym": "MPO_full + LFA (symmetric gauge)", "lora": "LoRA (peft)",
+          "mpo_dir": "MPO_dir (50%) + LFA", "mpop": "MPOP (squeezed to 50%)"}
+
+
+def table(results: list[dict], task: str) -> str:
+    metric = "mcc" if task == "cola" else "accuracy"
+    name = "Matthews corr." if task == "cola" else "dev accuracy"
+    lines = [f"| arm | {name} | trained params | trained in adapted layers | adapted layers total "
+             "| total params | s/step | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {LABELS.get(r['arm'], r['arm'])} | {100 * r['dev'][metric]:.2f} | "
+            f"{r['trained_params'] / 1e6:.2f}M | {r['adapted_trained'] / 1e6:.2f}M | "
+            f"{r['adapted_total'] / 1e6:.2f}M | {r['total_params'] / 1e6:.2f}M | "
+            f"{r['sec_per_step']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    metric = "mcc" if task == "cola" else "accuracy"
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for r in results:
+        ax.scatter(r["adapted_trained"] / 1e6, 100 * r["dev"][metric], s=40)
+        ax.annotate(r["arm"], (r["adapted_trained"] / 1e6, 100 * r["dev"][metric]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trained parameters in the adapted (MPO / LoRA / dense) layers [M]")
+    ax.set_ylabel(("Matthews corr." if task == "cola" else "dev accuracy") + " [%]")
+    ax.set_title(f"{task.upper()}: MiniLM fine-tuning arms")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def write_docs(task: str, results: list[dict], cmd: str) -> None:
+    doc = ROOT / "docs" / "results.md"
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    start, end = f"<!-- results:{task} -->", f"<!-- /results:{task} -->"
+    r0 = results[0]
+    body = (f"{start}\n\nCommand: `{cmd}`\n\nSetup: {r0['train_size']} training examples "
+            f"(fixed seed {r0['seed']}), {r0['steps']} steps of batch {r0['batch_size']}, "
+            f"AdamW with linear warm-up/decay, lr {r0['lr']} (LoRA: its own lr, see JSON), "
+            f"dev set in full.\n\n{table(results, task)}\n\n"
+            f"![{task}](figures/results_{task}.png)\n\n{end}")
+    if start in text:
+        a, b = text.index(start), text.index(end) + len(end)
+        text = text[:a] + body + text[b:]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--report-only", action="store_true")
+    args, extra = ap.parse_known_args()
+    arms = args.arms.split(",")
+    out_dir = ROOT / "results" / args.task
+    for arm in arms if not args.report_only else []:
+        t0 = time.time()
+        cmd = [sys.executable, str(ROOT / "experiments" / "glue.py"), "--arm", arm, "--task",
+               args.task, "--out", str(out_dir / f"{arm}.json"), "--no-progress",
+               "--models", str(ROOT / "results" / "models" / args.task), *extra]
+        print(f"== {arm}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        print(f"== {arm} done in {time.time() - t0:.0f} s", flush=True)
+    results = [json.loads((out_dir / f"{a}.json").read_text()) for a in ARMS
+               if (out_dir / f"{a}.json").exists()]
+    if not results:
+        sys.exit("no results to report")
+    print(table(results, args.task))
+    plot(results, args.task, ROOT / "docs" / "figures" / f"results_{args.task}.png")
+    cmd = "python experiments/run_all.py --task " + args.task + (" " + " ".join(extra) if extra
+                                                                  else "")
+    write_docs(args.task, results, cmd)
+
+
+if __name__ == "__main__":
+    main()
