@@ -1,0 +1,308 @@
+"""Entanglement profiles of weight matrices, and MPO-vs-SVD error curves.
+
+All quantities refer to the *exact* (untruncated) MPO of a matrix W of shape
+(I, J) in the tnlm convention ``y = x @ W`` (decompose ``linear.weight.T``):
+
+* bond k joins sites k and k+1; its spectrum ``s_k`` (float64, descending) is the
+  singular values of W unfolded as (sites 0..k) x (sites k+1..n-1), so
+  ``Σ s_k² = ||W||_F²`` for every k;
+* the entropy of bond k is von Neumann with natural log, ``-Σ p ln p`` with
+  ``p = s_k² / Σ s_k²`` (scale free); its maximum is ``ln len(s_k)``;
+* relative errors and discarded weights are divided by ``||W||_F``.
+
+A profile is a plain dict (see :func:`mpo_profile` for its keys), so it can be
+stored with json/pickle after converting the spectra arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from math import log
+from typing import Any
+
+import numpy as np
+
+from tnlm.analysis.names import MODULE_TYPES, default_classifier
+from tnlm.core import MPO
+from tnlm.core.backend import to_numpy
+from tnlm.core.validation import check_matrix, check_positive_int
+
+__all__ = [
+    "central_bond",
+    "discarded_weight_curve",
+    "error_vs_params",
+    "matrix_profile",
+    "model_profile",
+    "mpo_profile",
+    "random_reference",
+    "reference_for",
+]
+
+Profile = dict[str, Any]
+
+
+def _as_float64(W: Any, name: str = "W") -> np.ndarray:
+    return to_numpy(check_matrix(W, name)).astype(np.float64)
+
+
+def central_bond(mpo: MPO) -> int:
+    """The bond used as "the central bond": of the (one or two) bonds touching the
+    central tensor (``mpo.central_index``), the one with the larger bond dimension,
+    the left one (``central_index - 1``) on a tie.
+
+    With the paper's site shapes (large factors in the middle, the larger ones right
+    of it) this is the most entangled cut of the chain, e.g. bond 2 of a 5-site
+    768 x 768 MPO with bond dims (9, 144, 256, 16).
+
+    Raises:
+        ValueError: for a single-site MPO (no bonds).
+    """
+    if mpo.n_sites < 2:
+        raise ValueError("mpo has a single site and no bonds")
+    c = mpo.central_index
+    candidates = [k for k in (c - 1, c) if 0 <= k < mpo.n_sites - 1]
+    dims = mpo.bond_dims
+    return max(candidates, key=lambda k: (dims[k], -k))
+
+
+def mpo_profile(mpo: MPO, name: str | None = None) -> Profile:
+    """The profile of the matrix an MPO represents (spectra computed in any gauge).
+
+    Keys (n = number of sites, bonds 0..n-2):
+
+    ``name``, ``shape`` (I, J), ``in_shape``, ``out_shape``, ``n_sites``, ``padded``;
+    ``bond_dims`` (the MPO's bond dimensions); ``spectra`` (n-1 float64 arrays,
+    descending); ``entropies`` (n-1 floats, von Neumann, natural log);
+    ``max_entropies`` (``ln len(s_k)``, the entropy of a flat spectrum of that
+    length); ``norm`` (||W||_F); ``central_index``; ``central_bond``
+    (:func:`central_bond`) and ``central_entropy`` (its entropy); ``num_params``
+    (entries of the MPO); ``dense_params`` (I·J); ``central_fraction``
+    (parameters of the central tensor / ``num_params``).
+    """
+    spectra = mpo.bond_spectra() if mpo.n_sites > 1 else []
+    entropies = [float(e) for e in mpo.entanglement_entropy()] if spectra else []
+    norm = float(np.linalg.norm(spectra[0])) if spectra else mpo.norm()
+    cb = central_bond(mpo) if spectra else None
+    return {
+        "name": name,
+        "shape": mpo.shape,
+        "in_shape": mpo.in_shape,
+        "out_shape": mpo.out_shape,
+        "n_sites": mpo.n_sites,
+        "padded": mpo.padded,
+        "bond_dims": mpo.bond_dims,
+        "spectra": spectra,
+        "entropies": entropies,
+        "max_entropies": [log(len(s)) if len(s) else 0.0 for s in spectra],
+        "norm": norm,
+        "central_index": mpo.central_index,
+        "central_bond": cb,
+        "central_entropy": entropies[cb] if cb is not None else 0.0,
+        "num_params": mpo.num_params,
+        "dense_params": mpo.dense_params,
+        "central_fraction": mpo.site_params[mpo.central_index] / mpo.num_params,
+    }
+
+
+def matrix_profile(
+    W: Any,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
+    n_sites: int = 5,
+    name: str | None = None,
+    *,
+    pad: bool = False,
+) -> Profile:
+    """Profile of W (I, J): the exact MPO's bond dims, spectra and entropies.
+
+    W (numpy or torch, any float dtype) is decomposed in float64 by successive
+    SVDs; shapes default to ``factorize(I, n_sites)`` / ``factorize(J, n_sites)``
+    (``pad=True`` zero-pads dimensions that do not factorize, e.g. a 30522 vocab;
+    the profile is then that of the padded matrix). See :func:`mpo_profile` for
+    the keys. The spectra of W and of W.T coincide when the site shapes are
+    swapped with it (as the defaults are), so the orientation does not matter.
+    """
+    mpo = MPO.from_matrix(_as_float64(W), in_shape, out_shape, n_sites, pad=pad, method="svd")
+    return mpo_profile(mpo, name)
+
+
+def random_reference(
+    shape: Sequence[int],
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    *,
+    norm: float = 1.0,
+    n_sites: int = 5,
+    pad: bool = False,
+) -> Profile:
+    """The profile of a Gaussian random matrix of ``shape`` (I, J) scaled to ``||G||_F = norm``.
+
+    The physicist's reference: a random matrix is close to maximally entangled at
+    every bond, so a trained weight whose entropies fall below this curve has
+    structure an MPO can exploit. Use ``norm`` = the weight's Frobenius norm so
+    that the spectra are comparable too (entropies do not depend on it).
+    """
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (I, J), got {tuple(shape)}")
+    I, J = (check_positive_int(d, f"shape[{k}]") for k, d in enumerate(shape))
+    if not np.isfinite(norm) or norm <= 0:
+        raise ValueError(f"norm must be finite and > 0, got {norm}")
+    G = np.random.default_rng(seed).standard_normal((I, J))
+    G *= norm / np.linalg.norm(G)
+    return matrix_profile(G, in_shape, out_shape, n_sites, name="random reference", pad=pad)
+
+
+def reference_for(profile: Profile, seed: int = 0) -> Profile:
+    """:func:`random_reference` with the shape, site shapes and norm of ``profile``."""
+    return random_reference(
+        profile["shape"],
+        profile["in_shape"],
+        profile["out_shape"],
+        seed,
+        norm=profile["norm"] or 1.0,
+        pad=profile["padded"],
+    )
+
+
+def discarded_weight_curve(mpo: MPO, bond: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Relative discarded weight at one bond as a function of the kept bond dimension.
+
+    Returns ``(chi, eps)``, both of length D = ``len(mpo.singular_values(bond))``:
+    ``chi = 1..D`` and ``eps[chi-1] = sqrt(Σ_{i >= chi} s_i²) / ||W||_F``, where s is
+    the bond's spectrum and W the matrix this MPO represents. ``eps`` is
+    non-increasing and ``eps[-1] == 0``. It is the exact relative error of cutting
+    that bond alone to chi (Eckart-Young for that unfolding) and a lower bound for
+    any MPO with bond dimension chi there.
+
+    Args:
+        bond: bond index (0..n-2); default :func:`central_bond`.
+    """
+    if bond is None:
+        bond = central_bond(mpo)
+    s = mpo.singular_values(bond)
+    w = s**2
+    total = float(w.sum())
+    tail = np.cumsum(w[::-1])[::-1]  # tail[r] = Σ_{i >= r} s_i²
+    eps = np.sqrt(np.append(tail[1:], 0.0) / total) if total > 0 else np.zeros(len(s))
+    return np.arange(1, len(s) + 1), eps
+
+
+def _check_max_bonds(max_bonds: Sequence[int]) -> list[int]:
+    if isinstance(max_bonds, (str, bytes)) or not isinstance(max_bonds, (Sequence, np.ndarray)):
+        raise TypeError(f"max_bonds must be a sequence of ints, got {type(max_bonds).__name__}")
+    if len(max_bonds) == 0:
+        raise ValueError("max_bonds must hold at least one bond dimension")
+    return [check_positive_int(m, f"max_bonds[{k}]") for k, m in enumerate(max_bonds)]
+
+
+def error_vs_params(
+    W: Any,
+    in_shape: Sequence[int] | None,
+    out_shape: Sequence[int] | None,
+    max_bonds: Sequence[int],
+    *,
+    n_sites: int = 5,
+) -> list[dict[str, Any]]:
+    """MPO truncation vs the best low-rank SVD at (at most) the same parameter count.
+
+    For each ``max_bond`` the exact MPO of W is truncated to that bond dimension on
+    every bond. Row keys: ``max_bond``; ``bond_dims`` and ``params`` of the
+    truncated MPO; ``mpo_error`` = measured ``||W - W_mpo||_F / ||W||_F`` (dense);
+    ``svd_rank`` r = ``min(params // (I + J), min(I, J))``; ``svd_params`` =
+    r·(I + J) (U_r and S_r V_r^T stored); ``svd_error`` =
+    ``sqrt(Σ_{i >= r} σ_i²) / ||W||_F``, the Eckart-Young optimum (1.0 for r = 0).
+    """
+    W = _as_float64(W)
+    max_bonds = _check_max_bonds(max_bonds)
+    I, J = W.shape
+    norm = float(np.linalg.norm(W))
+    sigma = np.linalg.svd(W, compute_uv=False)
+    tail = np.append(np.cumsum((sigma**2)[::-1])[::-1], 0.0)
+    exact = MPO.from_matrix(W, in_shape, out_shape, n_sites, method="svd")
+    rows = []
+    for mb in max_bonds:
+        mpo = exact.truncate(max_bond=mb)
+        diff = float(np.linalg.norm(W - mpo.to_matrix()))
+        r = min(mpo.num_params // (I + J), min(I, J))
+        rows.append(
+            {
+                "max_bond": mb,
+                "bond_dims": mpo.bond_dims,
+                "params": mpo.num_params,
+                "mpo_error": diff / norm if norm > 0 else 0.0,
+                "svd_rank": r,
+                "svd_params": r * (I + J),
+                "svd_error": float(np.sqrt(tail[r])) / norm if norm > 0 else 0.0,
+            }
+        )
+    return rows
+
+
+def model_profile(
+    named_weights: Mapping[str, Any],
+    classify: Callable[[str], tuple[int | None, str]] = default_classifier,
+    *,
+    n_sites: int = 5,
+    pad: bool = True,
+) -> dict[str, Any]:
+    """Profiles of many weight matrices, grouped by layer and module type.
+
+    Args:
+        named_weights: name -> matrix, e.g. ``{"encoder.layer.0.attention.self.query": W}``
+            or a whole state dict: entries that are not 2-D are skipped, a trailing
+            ``.weight`` is ignored by the classifier. Orientation does not matter
+            (see :func:`matrix_profile`).
+        classify: name -> ``(layer or None, module_type)``; default
+            :func:`~tnlm.analysis.names.default_classifier`.
+        n_sites, pad: passed to :func:`matrix_profile` (padding on by default so
+            vocabularies such as 30522 can be profiled).
+
+    Returns:
+        A dict with ``rows`` (one :func:`mpo_profile` dict per matrix, plus
+        ``layer`` and ``type``), ``skipped`` (``(name, reason)`` for matrices that
+        could not be decomposed), ``layers`` (row labels of the grids: None first if
+        any matrix lies outside the layer stack, then the layer indices ascending),
+        ``types`` (the module types present, in :data:`MODULE_TYPES` order, then
+        unknown ones), ``entropy`` (array ``(len(layers), len(types))``: mean
+        central-bond entropy of the matrices in that cell, NaN where empty) and
+        ``normalized_entropy`` (the same for ``central_entropy / ln len(s)`` at the
+        central bond, in [0, 1]).
+    """
+    if not isinstance(named_weights, Mapping):
+        raise TypeError(f"named_weights must be a mapping, got {type(named_weights).__name__}")
+    if not named_weights:
+        raise ValueError("named_weights is empty")
+    rows, skipped = [], []
+    for name, W in named_weights.items():
+        if getattr(W, "ndim", None) != 2:
+            continue
+        layer, mtype = classify(name)
+        try:
+            row = matrix_profile(W, n_sites=n_sites, name=name, pad=pad)
+        except ValueError as err:
+            skipped.append((name, str(err)))
+            continue
+        row.update(layer=layer, type=mtype)
+        rows.append(row)
+    if not rows:
+        raise ValueError("named_weights holds no 2-D matrix that could be profiled")
+    ints = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    layers = ([None] if any(r["layer"] is None for r in rows) else []) + ints
+    present = {r["type"] for r in rows}
+    types = [t for t in MODULE_TYPES if t in present] + sorted(present - set(MODULE_TYPES))
+    grids = {}
+    for key in ("entropy", "normalized_entropy"):
+        sums = np.zeros((len(layers), len(types)))
+        counts = np.zeros_like(sums)
+        for r in rows:
+            cb = r["central_bond"]
+            value = r["central_entropy"]
+            if key == "normalized_entropy":
+                top = r["max_entropies"][cb] if cb is not None else 0.0
+                value = value / top if top > 0 else 0.0
+            i, j = layers.index(r["layer"]), types.index(r["type"])
+            sums[i, j] += value
+            counts[i, j] += 1
+        grids[key] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return {"rows": rows, "skipped": skipped, "layers": layers, "types": types, **grids}
