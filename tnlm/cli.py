@@ -131,6 +131,96 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_for_profile(model_dir: str | None) -> dict[str, np.ndarray]:
+    """2-D weights in the ``y = x @ W`` convention (Linear weights transposed)."""
+    mats = _load_matrices(model_dir)
+    return {n: (W if "embeddings" in n else W.T) for n, W in mats.items()
+            if not n.endswith(("position_embeddings", "token_type_embeddings"))}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Per-matrix table: shape, site shapes, bond dims, central-bond entropy vs random."""
+    from tqdm.auto import tqdm
+
+    from tnlm.analysis import matrix_profile, reference_for
+
+    mats = _weights_for_profile(args.model_dir)
+    if not args.embeddings:
+        mats = {n: W for n, W in mats.items() if "embeddings" not in n}
+    print(f"{'module':44s} {'I x J':>12s} {'bond_dims':>20s} {'S_central':>9s} "
+          f"{'S_random':>8s} {'ln D':>6s} {'central %':>9s}")
+    for name, W in tqdm(mats.items(), desc="profile", leave=False, disable=args.quiet):
+        prof = matrix_profile(W, n_sites=args.n_sites, name=name, pad=True)
+        ref = reference_for(prof) if args.reference else None
+        s_ref = f"{ref['central_entropy']:8.3f}" if ref else f"{'-':>8s}"
+        d = max(prof["bond_dims"])
+        print(f"{name:44s} {str(tuple(W.shape)):>12s} {str(tuple(prof['bond_dims'])):>20s} "
+              f"{prof['central_entropy']:9.3f} {s_ref} {np.log(d):6.3f} "
+              f"{100 * prof['central_fraction']:8.1f}%")
+    return 0
+
+
+def _saved_mpos(directory: Path) -> dict:
+    """MPOs of a folder written by ``MPOModel.save_pretrained`` (read without the base model)."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from tnlm import MPO
+    from tnlm.integration.model import CONFIG_NAME
+
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    tensors = load_file(str(directory / meta["weights"]))
+    out = {}
+    for name, spec in meta["modules"].items():
+        cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
+                 for k in range(len(spec["core_shapes"]))]
+        out[name] = MPO(cores, in_dim=spec["in_dim"], out_dim=spec["out_dim"])
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Plots to files: entropy heat map (layer x module type), spectra, entropy profiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tnlm.analysis import (
+        model_profile,
+        model_profile_from_rows,
+        mpo_profile,
+        plot_entropy_heatmap,
+        plot_entropy_profile,
+        plot_spectra,
+        reference_for,
+    )
+    from tnlm.integration.model import CONFIG_NAME
+
+    src = Path(args.directory) if args.directory else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if src is not None and (src / CONFIG_NAME).is_file():
+        mpos = _saved_mpos(src)
+        profile = model_profile_from_rows([mpo_profile(m, name=n) for n, m in mpos.items()])
+        rows = profile["rows"]
+    else:
+        profile = model_profile(_weights_for_profile(args.directory), n_sites=args.n_sites)
+        rows = profile["rows"]
+    if not rows:
+        raise UserError("no matrices to report on")
+    written = []
+    fig = plot_entropy_heatmap(profile)
+    fig.savefig(out / "entropy_heatmap.png", dpi=120)
+    written.append("entropy_heatmap.png")
+    for r in rows[: args.modules]:
+        stem = r["name"].replace(".", "_")
+        plot_spectra(r).savefig(out / f"spectra_{stem}.png", dpi=120)
+        plot_entropy_profile(r, reference=reference_for(r)).savefig(
+            out / f"entropy_{stem}.png", dpi=120)
+        written += [f"spectra_{stem}.png", f"entropy_{stem}.png"]
+    print(f"wrote {len(written)} figures to {out}: " + ", ".join(written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tnlm", description="MPO compression of language models")
     sub = ap.add_subparsers(dest="command")
@@ -148,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/minilm-mpo", help="output folder ('' to skip saving)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("inspect", help="table of weight matrices, bond dims and entropies")
+    p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
+    p.add_argument("--n-sites", type=int, default=5)
+    p.add_argument("--embeddings", action="store_true", help="include embedding tables")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the random-matrix reference column")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("report", help="plots of a model (or a saved MPO model) to files")
+    p.add_argument("directory", nargs="?", default=None,
+                   help="a saved MPO model, or a model folder (default: the embedded MiniLM)")
+    p.add_argument("--out", default="out/report", help="folder for the figures")
+    p.add_argument("--modules", type=int, default=2, help="per-module figures for this many")
+    p.add_argument("--n-sites", type=int, default=5)
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("decompose", help="exact MPO of every weight matrix, with a report")
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--n-sites", type=int, default=5)
@@ -165,6 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except (UserError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"tnlm: error: {err}", file=sys.stderr)
         return 2

@@ -287,6 +287,22 @@ def model_profile(
         rows.append(row)
     if not rows:
         raise ValueError("named_weights holds no 2-D matrix that could be profiled")
+    return {**model_profile_from_rows(rows, classify), "skipped": skipped}
+
+
+def model_profile_from_rows(
+    rows: Sequence[Profile],
+    classify: Callable[[str], tuple[int | None, str]] = default_classifier,
+) -> dict[str, Any]:
+    """The layer x type grids of :func:`model_profile` from ready profiles (e.g. of the
+    MPOs of a saved model, :func:`mpo_profile`); rows without ``layer``/``type`` are
+    classified by name. Returns the same keys as :func:`model_profile`."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows is empty")
+    for r in rows:
+        if "layer" not in r or "type" not in r:
+            r["layer"], r["type"] = classify(r["name"] or "")
     ints = sorted({r["layer"] for r in rows if r["layer"] is not None})
     layers = ([None] if any(r["layer"] is None for r in rows) else []) + ints
     present = {r["type"] for r in rows}
@@ -305,4 +321,4 @@ def model_profile(
             sums[i, j] += value
             counts[i, j] += 1
         grids[key] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return {"rows": rows, "skipped": skipped, "layers": layers, "types": types, **grids}
+    return {"rows": rows, "skipped": [], "layers": layers, "types": types, **grids}
