@@ -79,6 +79,8 @@ class MPO:
         gauge: ``"canonical"``, ``"symmetric"`` or ``None`` (unknown).
         truncation_error: relative Frobenius error ||W - W'||_F / ||W||_F with
             respect to the matrix this MPO was decomposed or truncated from.
+        discarded: per bond, the absolute weight sqrt(Σ s²) that the decomposition or
+            truncation cut there (not relative; divide by ||W||_F for that).
     """
 
     def __init__(

@@ -90,8 +90,9 @@ def right_orthogonalize(cores: list[Tensor], downto: int) -> list[Tensor]:
 def canonicalize(cores: list[Tensor], center: int) -> list[Tensor]:
     """Mixed-canonical form with orthogonality center ``center`` (the matrix is unchanged).
 
-    Bond dimensions may shrink to the rank bound min(d_{k-1}·i·j, i·j·d_k...) of a
-    reduced QR; the represented matrix stays the same to rounding.
+    A reduced QR of site k's (d_{k-1}·i_k·j_k, d_k) unfolding gives a bond of
+    min(d_{k-1}·i_k·j_k, d_k), so an over-sized bond can shrink; the represented
+    matrix stays the same to rounding.
     """
     return right_orthogonalize(left_orthogonalize(cores, center), center)
 
