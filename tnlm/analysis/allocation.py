@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tnlm.core import MPO
+from tnlm.core.table import format_table
 
 __all__ = ["Allocation", "allocate_bonds", "params_for_bonds"]
 
@@ -163,14 +164,7 @@ class Allocation:
                     f"{self.errors[n]:.4f}",
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(
-                v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))
-            )
-            for r in rows
-        ]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = format_table(rows, left=2)
         lines.append(
             f"total {self.total_params:,} of budget {self.budget:,} params "
             f"({self.total_params / self.total_dense:.1%} of {self.total_dense:,} dense); "

@@ -43,6 +43,13 @@ def export_gauge(mpo: MPO, gauge: str) -> MPO:
     raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
 
 
+def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """The cores of ``mpo`` as torch tensors (optionally cast to ``dtype``)."""
+    cores = [c if isinstance(c, torch.Tensor) else torch.as_tensor(np.asarray(c))
+             for c in mpo.cores]
+    return cores if dtype is None else [c.to(dtype) for c in cores]
+
+
 def _check_mode(mode: str) -> str:
     if mode not in cost.MODES:
         raise ValueError(f"mode must be one of {cost.MODES}, got {mode!r}")
@@ -215,11 +222,7 @@ class MPOLinear(MPOModule):
     def from_mpo(cls, mpo: MPO, bias: Any = None, mode: str = "auto",
                  dtype: torch.dtype | None = None) -> MPOLinear:
         """A layer computing ``x @ W(mpo) + bias``; cores taken as they are (no re-gauging)."""
-        cores = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c
-                 for c in mpo.cores]
-        if dtype is not None:
-            cores = [c.to(dtype) for c in cores]
-        layer = cls(cores, bias, mpo.in_dim, mpo.out_dim, mode)
+        layer = cls(_torch_cores(mpo, dtype), bias, mpo.in_dim, mpo.out_dim, mode)
         layer.truncation_error = mpo.truncation_error
         return layer
 
@@ -312,11 +315,7 @@ class MPOEmbedding(MPOModule):
     @classmethod
     def from_mpo(cls, mpo: MPO, padding_idx: int | None = None, mode: str = "auto",
                  dtype: torch.dtype | None = None) -> MPOEmbedding:
-        cores = [torch.as_tensor(np.asarray(c)) if not isinstance(c, torch.Tensor) else c
-                 for c in mpo.cores]
-        if dtype is not None:
-            cores = [c.to(dtype) for c in cores]
-        layer = cls(cores, mpo.in_dim, mpo.out_dim, padding_idx, mode)
+        layer = cls(_torch_cores(mpo, dtype), mpo.in_dim, mpo.out_dim, padding_idx, mode)
         layer.truncation_error = mpo.truncation_error
         return layer
 

@@ -31,6 +31,7 @@ from tnlm.core.entropy import spectrum_entropy
 from tnlm.core.factorize import factorize, padded_dim
 from tnlm.core.plan import ContractionPlan, get_plan, network_equation
 from tnlm.core.policy import TruncationPolicy
+from tnlm.core.table import format_table
 from tnlm.core.validation import (
     check_matrix,
     check_positive_int,
@@ -516,9 +517,7 @@ class MPO:
                     ent,
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = format_table(rows)
         lines.append(
             f"W {self.in_dim} x {self.out_dim}: {self.dense_params:,} dense, "
             f"{self.num_params:,} in the MPO ({self.compression_ratio:.2f}x), "

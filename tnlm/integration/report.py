@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tnlm.core.table import format_table
+
 __all__ = ["format_report", "report_totals"]
 
 
@@ -28,10 +30,7 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
                       ",".join(map(str, r["bond_dims"])), f"{r['params_after']:,}",
                       f"{r['params_before']:,}", f"{r['truncation_error']:.3f}",
                       f"{max(r['entropy'], default=0.0):.2f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in
-                       enumerate(zip(row, widths))) for row in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = format_table(table, left=1)
     t = report_totals(rows)
     lines.append(f"{t['modules']} MPO modules: {t['params_after']:,} parameters for "
                  f"{t['params_before']:,} dense ({t['ratio']:.1%}); central tensors hold "
