@@ -300,3 +300,50 @@ def test_minilm_layer_exact(minilm_weights):
     x = torch.randn(4, 384)
     torch.testing.assert_close(layer(x), dense(x), atol=1e-4, rtol=1e-4)
     assert np.isfinite(layer.to_mpo().entanglement_entropy()).all()
+
+
+def test_empty_inputs():
+    torch.manual_seed(9)
+    layer = MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3))
+    emb = MPOEmbedding.from_embedding(nn.Embedding(100, 24), (2, 8, 7), (2, 4, 3))
+    for mode in ("contract", "dense"):
+        layer.mode = emb.mode = mode
+        assert layer(torch.randn(0, 24)).shape == (0, 36)
+        assert emb(torch.empty(0, 3, dtype=torch.long)).shape == (0, 3, 24)
+
+
+def test_embedding_padding_gradient_is_mode_independent():
+    torch.manual_seed(10)
+    emb = MPOEmbedding.from_embedding(nn.Embedding(100, 24, padding_idx=0), (2, 8, 7), (2, 4, 3))
+    ids = torch.tensor([[0, 5, 0, 42]])
+    grads = {}
+    for mode in ("contract", "dense"):
+        emb.mode = mode
+        emb.zero_grad()
+        (emb(ids) ** 2).sum().backward()
+        grads[mode] = [c.grad.clone() for c in emb.cores]
+    for a, b in zip(grads["contract"], grads["dense"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert emb(ids).dtype == torch.float32  # lookups ignore autocast, like nn.Embedding
+
+
+def test_central_flag_follows_the_central_tensor_after_set_cores():
+    torch.manual_seed(11)
+    layer = MPOLinear.from_linear(nn.Linear(16, 16), (2, 2, 2, 2), (2, 2, 2, 2))
+    layer.train_auxiliary_only()
+    c0 = layer.central_index
+    small = layer.to_mpo().truncate(max_bond=[3, 16, 4] if c0 == 1 else [4, 16, 3])
+    layer.set_cores([torch.as_tensor(c) for c in small.cores])
+    c1 = layer.central_index
+    assert not layer.cores[c1].requires_grad
+    assert all(layer.cores[k].requires_grad for k in layer.auxiliary_indices)
+    assert all(c.is_contiguous() for c in layer.cores)
+
+
+def test_half_precision_layers_can_be_analysed():
+    torch.manual_seed(12)
+    layer = MPOLinear.from_linear(nn.Linear(24, 36).to(torch.bfloat16), (2, 3, 4), (3, 4, 3))
+    assert layer.cores[0].dtype == torch.bfloat16
+    mpo = layer.to_mpo()
+    assert mpo.dtype == torch.float32 and mpo.entanglement_entropy().shape == (2,)

@@ -41,6 +41,12 @@ def test_bad_dim(bad):
         factorize(bad, 3)
 
 
+def test_numpy_ints_accepted():
+    import numpy as np
+
+    assert factorize(np.int64(768), np.int64(5)) == (3, 4, 4, 4, 4)
+
+
 def test_bad_n_sites():
     with pytest.raises(ValueError, match="n_sites"):
         factorize(64, 0)

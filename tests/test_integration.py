@@ -19,7 +19,7 @@ from transformers import (
 
 from tnlm import MPOEmbedding, MPOLinear, parameter_report
 from tnlm.integration import MPOConfig, MPOModel, get_mpo_model
-from tnlm.integration.model import CONFIG_NAME, WEIGHTS_NAME
+from tnlm.integration.model import CONFIG_NAME
 
 torch.manual_seed(0)
 IDS = torch.tensor([[5, 17, 42, 9, 63, 2], [7, 7, 90, 31, 1, 0]])
@@ -110,7 +110,7 @@ def test_save_load_round_trip_bit_exact(arch, tmp_path):
 def test_tampered_and_truncated_files_are_refused(tmp_path):
     mpo_model, _ = make("bert", max_bond=3)
     mpo_model.save_pretrained(tmp_path)
-    w = tmp_path / WEIGHTS_NAME
+    w = tmp_path / json.loads((tmp_path / CONFIG_NAME).read_text())["weights"]
     data = bytearray(w.read_bytes())
     data[-5] ^= 0xFF
     w.write_bytes(bytes(data))
@@ -124,6 +124,33 @@ def test_tampered_and_truncated_files_are_refused(tmp_path):
         MPOModel.from_pretrained(bert()[0], tmp_path)
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         MPOModel.from_pretrained(bert()[0], tmp_path / "nowhere")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    import numpy as np
+
+    mpo_model, _ = make("bert", max_bond=3)
+    mpo_model.save_pretrained(tmp_path)
+    mpo_model.mpo_config.max_bond = np.int64(3)  # not JSON serializable
+    with pytest.raises(TypeError):
+        mpo_model.save_pretrained(tmp_path)
+    loaded = MPOModel.from_pretrained(bert()[0].eval(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(run(loaded), run(mpo_model))
+    mpo_model.mpo_config.max_bond = 3
+    mpo_model.save_pretrained(tmp_path)  # a second save replaces, and cleans up, the first
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_tied_weights_are_refused():
+    from transformers import BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    model = BertForMaskedLM(cfg)
+    with pytest.raises(ValueError, match="shares its weight with.*tied"):
+        get_mpo_model(model, MPOConfig(target_modules=["word_embeddings"], n_sites=3))
 
 
 def test_loading_into_wrong_architecture_fails(tmp_path):

@@ -369,3 +369,21 @@ def test_budget_helpers_match_real_decompositions(rng):
     assert mpo_params(ins, outs, chi) <= budget < mpo_params(ins, outs, chi + 1)
     with pytest.raises(ValueError, match="budget 10 is below"):
         max_bond_for_params(ins, outs, 10)
+
+
+def test_symmetric_gauge_error_reference_and_zero_matrix(rng):
+    W = rng.standard_normal((16, 16))
+    mpo = MPO.from_matrix(W, (4, 4), (4, 4))
+    sym = mpo.symmetric_gauge(rtol=0.5)
+    assert sym.truncation_error == pytest.approx(rel_err(sym.to_matrix(), W), rel=1e-9)
+    zero = MPO.from_matrix(np.zeros((8, 8)), (2, 2, 2), (2, 2, 2)).symmetric_gauge()
+    assert all(np.isfinite(c).all() for c in zero.cores)
+    assert np.array_equal(zero.to_matrix(), np.zeros((8, 8)))
+
+
+def test_padded_truncation_error_is_an_upper_bound(rng):
+    W = rng.standard_normal((30, 26))
+    t = MPO.from_matrix(W, (2, 4, 4), (2, 4, 4), pad=True).truncate(max_bond=3)
+    assert rel_err(t.to_matrix(), W) <= t.truncation_error * (1 + 1e-9)
+    with pytest.raises(ValueError, match="max_bond must be >= 1"):
+        MPO.from_matrix(W[:4, :4], (4,), (4,)).truncate(max_bond=-3)

@@ -69,18 +69,23 @@ SENTENCES = ["A man is playing a guitar.", "The weather is lovely today.",
 
 def _budget_overrides(model, targets: list[str], fraction: float, n_sites: int) -> dict:
     """Per-module max_bond giving at most ``fraction`` of each module's dense parameters."""
-    from torch import nn
-
-    from tnlm.core import factorize, max_bond_for_params
+    from tnlm.core import factorize, max_bond_for_params, padded_dim
     from tnlm.integration import MPOConfig
+    from tnlm.integration.model import _kind, _weight_xw
+
+    def shape(dim: int) -> tuple[int, ...]:
+        try:
+            return factorize(dim, n_sites)
+        except ValueError:
+            return factorize(padded_dim(dim, n_sites), n_sites)
 
     probe = MPOConfig(target_modules=targets)
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and probe.is_target(name):
-            I, J = m.in_features, m.out_features
-            chi = max_bond_for_params(factorize(I, n_sites), factorize(J, n_sites),
-                                      int(fraction * I * J))
+        kind = _kind(m)
+        if kind is not None and probe.is_target(name):
+            I, J = _weight_xw(m, kind).shape
+            chi = max_bond_for_params(shape(I), shape(J), int(fraction * I * J))
             out[name] = {"max_bond": chi}
     return out
 

@@ -70,7 +70,8 @@ class MPOModule(nn.Module):
         super().__init__()
         cores = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in cores]
         MPO([c.detach() for c in cores])  # validates shapes, bonds and dtypes
-        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores])
+        self.cores = nn.ParameterList(
+            [nn.Parameter(c.detach().clone().contiguous()) for c in cores])
         self.in_shape = tuple(int(c.shape[1]) for c in cores)
         self.out_shape = tuple(int(c.shape[2]) for c in cores)
         self.in_dim = prod(self.in_shape) if in_dim is None else int(in_dim)
@@ -160,9 +161,12 @@ class MPOModule(nn.Module):
         return cost.choose_mode(self.core_shapes, rows, self.in_shape, self.in_dim, self.out_dim)
 
     def to_mpo(self) -> MPO:
-        """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached."""
-        return MPO([c.detach().clone() for c in self.cores], in_dim=self.in_dim,
-                   out_dim=self.out_dim)
+        """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached
+        (half-precision cores are upcast to float32, which the factorizations need)."""
+        cores = [c.detach().clone() for c in self.cores]
+        if cores[0].dtype in (torch.float16, torch.bfloat16):
+            cores = [c.float() for c in cores]
+        return MPO(cores, in_dim=self.in_dim, out_dim=self.out_dim)
 
     @torch.no_grad()
     def set_cores(self, cores: Sequence[torch.Tensor]) -> None:
@@ -175,10 +179,17 @@ class MPOModule(nn.Module):
         if tuple(int(c.shape[1]) for c in cores) != self.in_shape or \
                 tuple(int(c.shape[2]) for c in cores) != self.out_shape:
             raise ValueError("cores must keep the site shapes in_shape/out_shape")
+        old_central = self.central_index
         device, dtype = self.cores[0].device, self.cores[0].dtype
         self.cores = nn.ParameterList(
-            [nn.Parameter(c.detach().to(device=device, dtype=dtype).clone(), requires_grad=f)
-             for c, f in zip(cores, flags)])
+            [nn.Parameter(c.detach().to(device=device, dtype=dtype).clone().contiguous(),
+                          requires_grad=f) for c, f in zip(cores, flags)])
+        new_central = self.central_index
+        if new_central != old_central:  # the role moved (even n): the flags move with it
+            a, b = self.cores[old_central], self.cores[new_central]
+            a_flag, b_flag = a.requires_grad, b.requires_grad
+            a.requires_grad_(b_flag)
+            b.requires_grad_(a_flag)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
@@ -261,6 +272,9 @@ class MPOLinear(MPOModule):
         bias = None if self.bias is None else self.bias.to(dtype)
         if mode == "dense":
             return F.linear(x, self.dense_matrix(dtype).T, bias)
+        if rows == 0:
+            y = x.new_zeros(*lead, self.out_dim)
+            return y if bias is None else y + bias
         xb = x.reshape(rows, self.in_dim)
         if self.in_dim != prod(self.in_shape):
             xb = F.pad(xb, (0, prod(self.in_shape) - self.in_dim))
@@ -287,8 +301,10 @@ class MPOEmbedding(MPOModule):
 
     Lookups gather each token's row from the cores without densifying the table
     when that is cheaper (``mode="contract"``; :meth:`choose_mode` compares the
-    planned FLOPs). ``padding_idx`` is kept for compatibility, but its row is a
-    contraction of shared cores and is not held at zero during training.
+    planned FLOPs). As with ``nn.Embedding``, tokens equal to ``padding_idx`` send
+    no gradient (in both modes); but that row is a contraction of shared cores, so
+    training other rows can still change it. Lookups ignore autocast (fp32 out
+    for fp32 cores), as ``nn.Embedding`` does.
     """
 
     def __init__(self, cores: Sequence[torch.Tensor], num_embeddings: int | None = None,
@@ -350,6 +366,10 @@ class MPOEmbedding(MPOModule):
         return mode, gather, dense
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.cores[0].device.type, enabled=False):
+            return self._lookup(ids)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"input must hold integer token ids, got dtype {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.in_dim):
@@ -359,16 +379,24 @@ class MPOEmbedding(MPOModule):
         rows = int(uniq.numel())
         mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1))[0]
         self.last_mode = mode
-        dtype = self._compute_dtype()
+        dtype = self.cores[0].dtype  # like nn.Embedding, lookups ignore autocast
         if mode == "dense":
             return F.embedding(ids, self.dense_matrix(dtype), self.padding_idx)
+        if rows == 0:
+            return self.cores[0].new_zeros(*ids.shape, self.out_dim)
         # each distinct id's row: its mixed-radix digits select one in-slice per core
         digits = (uniq[:, None] // self._strides) % torch.as_tensor(self.in_shape,
                                                                      device=uniq.device)
         slices = [c.index_select(1, digits[:, k]).permute(1, 0, 2, 3)
                   for k, c in enumerate(self._cores_as(dtype))]
-        y = cost.gather_plan(self.core_shapes, rows).run_torch(*slices).reshape(rows, -1)
-        return y[inverse, : self.out_dim].reshape(*ids.shape, self.out_dim)
+        y = cost.gather_plan(self.core_shapes, rows).run_torch(*slices)
+        y = y.reshape(rows, prod(self.out_shape))[inverse, : self.out_dim]
+        y = y.reshape(*ids.shape, self.out_dim)
+        if self.padding_idx is not None:
+            # as F.embedding does for the dense path: padding tokens send no gradient
+            pad = (ids == self.padding_idx).unsqueeze(-1)
+            y = torch.where(pad, y.detach(), y)
+        return y
 
     @torch.no_grad()
     def to_embedding(self) -> nn.Embedding:

@@ -15,6 +15,7 @@ the smallest dimension above it that factorizes well (30522 -> 30720).
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 
 __all__ = ["factorize", "padded_dim", "prime_factors", "arrange_central"]
@@ -92,10 +93,11 @@ def factorize(dim: int, n_sites: int, *, name: str = "dim") -> tuple[int, ...]:
             ``max(8, 4 * ceil(dim ** (1 / n_sites)))`` (e.g. a large prime factor).
             The message names ``name`` and suggests :func:`padded_dim`.
     """
-    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
+    if isinstance(n_sites, bool) or not isinstance(n_sites, numbers.Integral) or n_sites < 1:
         raise ValueError(f"n_sites must be a positive int, got {n_sites!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ValueError(f"{name} must be a positive int, got {dim!r}")
+    dim, n_sites = int(dim), int(n_sites)
     if n_sites == 1:
         return (dim,)
     factors = _balanced(dim, n_sites)

@@ -401,7 +401,8 @@ class MPO:
         if rtol is None:
             rtol = 100 * _eps(self.dtype)
         cores, spectra, cut_sq = sweeps.symmetric_gauge(self.cores, rtol)
-        norm = float(np.linalg.norm(spectra[0])) if spectra else self.norm()
+        # ||W||_F before the guard's cut: what is kept plus what was cut (orthogonal parts)
+        norm = (float(np.sum(spectra[0] ** 2)) + cut_sq) ** 0.5 if spectra else self.norm()
         err = (cut_sq**0.5 / norm) if norm > 0 else 0.0
         out = self._replace(
             cores, gauge="symmetric", truncation_error=(self.truncation_error**2 + err**2) ** 0.5
@@ -420,12 +421,15 @@ class MPO:
 
         The chain is right-canonicalized and swept left to right; every bond is cut
         in canonical form, so the reported error equals the measured one (to
-        rounding). Policies as in :mod:`tnlm.core.policy` (``cutoff`` is relative
-        to ||W||_F; a number ``max_error`` bounds the whole matrix's relative error).
+        rounding). For a zero-padded MPO the error is that of the padded matrix, an
+        upper bound of the error on the logical (I, J) block (truncation may put
+        some weight into the padding, which :meth:`to_matrix` slices off).
+        Policies as in :mod:`tnlm.core.policy` (``cutoff`` is relative to ||W||_F;
+        a number ``max_error`` bounds the whole matrix's relative error).
         """
+        policy = TruncationPolicy.build(max(self.n_sites - 1, 0), max_bond, cutoff, max_error)
         if self.n_sites == 1:
             return self._replace(self.cores, truncation_error=0.0)
-        policy = TruncationPolicy.build(self.n_sites - 1, max_bond, cutoff, max_error)
         norm = self.norm()
         result = sweeps.truncate(self.cores, policy, norm)
         err = (sum(result.discarded_sq) ** 0.5 / norm) if norm > 0 else 0.0

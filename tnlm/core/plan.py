@@ -49,7 +49,8 @@ class ContractionPlan:
         self.largest_intermediate = int(info.largest_intermediate)
         self._expr = oe.contract_expression(equation, *self.shapes, optimize=path)
         # the path as pairwise einsums over slots of a growing operand list: slot s < n is
-        # operand s, slot n + t is the result of step t (no list mutation: torch.compile-friendly)
+        # operand s, slot n + t is the result of step t (plain python ints and no list
+        # mutation, so that torch.compile can trace it)
         live = list(range(len(self.shapes)))
         steps = []
         for t, c in enumerate(info.contraction_list):

@@ -43,8 +43,10 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
             f"{name} must be a number or a sequence of {n_bonds} numbers, "
             f"got {type(value).__name__}"
         )
-    values = list(np.ravel(value)) if not np.isscalar(value) else [value] * n_bonds
-    if len(values) != n_bonds:
+    scalar = np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0)
+    values = [value.item() if isinstance(value, np.ndarray) else value] if scalar else list(
+        np.ravel(value))
+    if not scalar and len(values) != n_bonds:
         raise ValueError(f"{name} must have one entry per bond ({n_bonds}), got {len(values)}")
     out = []
     for v in values:
@@ -64,7 +66,7 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         out.append(v)
-    return out
+    return out * n_bonds if scalar else out
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ class TruncationPolicy:
     def build(cls, n_bonds: int, max_bond=None, cutoff=None, max_error=None) -> TruncationPolicy:
         mb = _per_bond(max_bond, n_bonds, "max_bond", int)
         co = _per_bond(cutoff, n_bonds, "cutoff", float)
-        if max_error is None or np.isscalar(max_error):
+        if max_error is None or np.isscalar(max_error) or (
+                isinstance(max_error, np.ndarray) and max_error.ndim == 0):
             me = None if max_error is None else _per_bond(max_error, 1, "max_error", float)[0]
         else:
             me = tuple(_per_bond(max_error, n_bonds, "max_error", float))

@@ -150,13 +150,15 @@ def symmetric_gauge(
         _, i, j, d1 = cores[k].shape
         u, s, vh = B.svd(_right_matrix(cores[k]))
         s64 = _to_np64(s)
-        keep = max(1, int(np.count_nonzero(s64 >= rtol * s64[0])))
+        # keep s > rtol * s_max and s > 0 (at least one value, so a zero matrix stays valid)
+        keep = max(1, int(np.count_nonzero((s64 > rtol * s64[0]) & (s64 > 0))))
         discarded_sq += float(np.sum(s64[keep:] ** 2))
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
         cores[k] = vh.reshape(keep, i, j, d1)
         cores[k - 1] = _absorb_left(cores[k - 1], u * s[None, :])
         spectra[k - 1] = s64[:keep]
-        sqrt_s[k - 1] = s**0.5
+        # a zero singular value (zero matrix) gets weight 1 on both sides: 0 * 1 / 1 = 0
+        sqrt_s[k - 1] = (s + (s == 0)) ** 0.5
     for k in range(n - 1):
         # bond k joins site k (gets 1/√Λ on its right) and site k+1 (gets √Λ on its left)
         cores[k] = cores[k] / sqrt_s[k][None, None, None, :]

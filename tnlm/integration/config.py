@@ -74,6 +74,12 @@ class MPOConfig:
             self.target_modules = list(t)
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if self.gauge not in ("central", "symmetric", "left"):
+            raise ValueError(f"gauge must be 'central', 'symmetric' or 'left', got {self.gauge!r}")
+        if self.mode not in ("auto", "contract", "dense"):
+            raise ValueError(f"mode must be 'auto', 'contract' or 'dense', got {self.mode!r}")
+        if isinstance(self.n_sites, bool) or not isinstance(self.n_sites, int) or self.n_sites < 1:
+            raise ValueError(f"n_sites must be an int >= 1, got {self.n_sites!r}")
         for pattern, opts in self.overrides.items():
             bad = set(opts) - set(_POLICY_KEYS)
             if bad:

@@ -39,10 +39,9 @@ from tnlm.bridge.layer import export_gauge
 from tnlm.core import MPO
 from tnlm.integration.config import MPOConfig
 
-__all__ = ["MPOModel", "get_mpo_model", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["MPOModel", "get_mpo_model", "CONFIG_NAME", "FORMAT_VERSION"]
 
 CONFIG_NAME = "mpo_config.json"
-WEIGHTS_NAME = "mpo_model.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -98,6 +97,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        Path(tmp).chmod(0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -207,7 +207,7 @@ class MPOModel(nn.Module):
         conv = _conv1d_type()
         for name, m in list(self.mpo_modules()):
             kind = self.mpo_kinds.get(name, "linear")
-            if kind == "embedding":
+            if isinstance(m, MPOEmbedding):
                 new = m.to_embedding()
             elif kind == "conv1d":
                 new = conv(m.out_dim, m.in_dim).to(device=m.cores[0].device, dtype=m.cores[0].dtype)
@@ -238,20 +238,37 @@ class MPOModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Save the whole model state (safetensors, no pickle) and ``mpo_config.json``.
 
-        Both files are written to temporary files and renamed into place; the
-        config records the weights' SHA-256 so that a tampered or truncated file is
-        refused on loading.
+        Nothing already in ``directory`` is lost if saving fails: the weights go to a
+        new file named after their SHA-256 (``mpo_model-<sha12>.safetensors``), written
+        to a temporary file and renamed; then ``mpo_config.json``, which names that
+        file and records its full SHA-256, replaces the old config in one rename;
+        only then are weight files the config no longer names removed. A tampered or
+        truncated weights file is refused on loading.
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        weights = d / WEIGHTS_NAME
-        _atomic_write(weights, lambda tmp: save_model(self.base_model, str(tmp)))
         meta = dict(format_version=FORMAT_VERSION, config=self.mpo_config.to_dict(),
-                    modules=self._structure(), weights=WEIGHTS_NAME,
-                    sha256=_sha256(weights),
+                    modules=self._structure(),
                     base_model_class=type(self.base_model).__name__)
+        json.dumps(meta)  # fail before touching the folder if anything is not serializable
+        fd, tmp_name = tempfile.mkstemp(dir=d, prefix=".weights.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            save_model(self.base_model, str(tmp))
+            digest = _sha256(tmp)
+            weights = d / f"mpo_model-{digest[:12]}.safetensors"
+            tmp.chmod(0o644)
+            os.replace(tmp, weights)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        meta.update(weights=weights.name, sha256=digest)
         _atomic_write(d / CONFIG_NAME,
-                      lambda tmp: tmp.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+                      lambda t: t.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+        for old in d.glob("mpo_model*.safetensors"):
+            if old.name != weights.name:
+                old.unlink()
         return d
 
     @classmethod
@@ -335,7 +352,19 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         if not any(config.pattern_matches(p, n) for n in all_names):
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
+    owners: dict[int, set[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(prefix=mname, recurse=False,
+                                                    remove_duplicate=False):
+            owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
     paths = _all_paths(model)
+    for name in targets:
+        weight = supported[name].weight
+        others = owners.get(id(weight), set()) - set(paths[id(supported[name])])
+        if others:
+            raise ValueError(f"module {name!r} shares its weight with {sorted(others)} (tied "
+                             "weights); an MPO would silently untie them: untie them first or "
+                             "leave the module out of target_modules")
     kinds = {}
     for name in tqdm(targets, desc="MPO decomposition", disable=not progress, leave=False):
         old = supported[name]

@@ -14,11 +14,12 @@ Algorithm (MPOP, Algorithm 2), as implemented here::
         p~ <- evaluate(model)
         if |p - p~| > delta: restore the model before this cut and stop
 
-Each module's estimated relative error is ``sqrt(Σ_k Σ_discarded s² / ||W||²)``,
-an upper bound of the true relative reconstruction error (the bound of TT-SVD).
-The cached spectra are those of the model when squeezing starts, sliced as bonds
-are cut (the paper's estimate); ``refresh_spectra=True`` recomputes a module's
-spectra from its current cores after each of its cuts instead.
+Each module's estimated relative error is ``sqrt(Σ_k Σ_discarded s² / ||W||²)``
+(the TT-SVD bound). It is an estimate: the cached spectra are those of the model
+when squeezing starts, sliced as bonds are cut (the paper's estimate), while
+recovery fine-tuning changes the cores in between; ``refresh_spectra=True``
+recomputes a module's spectra from its current cores after each of its cuts.
+A cut module's ``truncation_error`` is set to this estimate.
 """
 
 from __future__ import annotations
@@ -219,13 +220,14 @@ class DimensionSqueezer:
                 break
             chosen = cands[: self.cuts_per_iter]
             snap = self._snapshot()
-            saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name])
-                     for _, name, _, _ in chosen}
+            saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name],
+                            self.modules[name].truncation_error) for _, name, _, _ in chosen}
             cuts = []
             for added, name, bond, new_dim in chosen:
                 old_dim = self.modules[name].bond_dims[bond]
                 self._cut(name, bond, new_dim)
                 self._err_sq[name] += added
+                self.modules[name].truncation_error = float(np.sqrt(self._err_sq[name]))
                 if self.refresh_spectra:
                     self._load_spectra(name, self.modules[name])
                 else:
@@ -245,8 +247,9 @@ class DimensionSqueezer:
                     self.log(step)
             if not ok:
                 self._restore(snap)
-                for name, (spectra, err_sq) in saved.items():
+                for name, (spectra, err_sq, err) in saved.items():
                     self._spectra[name], self._err_sq[name] = spectra, err_sq
+                    self.modules[name].truncation_error = err
                 res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
                 break
             res.final_loss = loss

@@ -80,8 +80,10 @@ def evaluate(model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
         k = len(batch["labels"])
         losses.append(float(out.loss) * k)
         n += k
-        preds.append(out.logits.argmax(-1).numpy())
-        golds.append(batch["labels"].numpy())
+        preds.append(out.logits.argmax(-1).cpu().numpy())
+        golds.append(batch["labels"].cpu().numpy())
+    if n == 0:
+        raise ValueError("batches is empty: nothing to evaluate")
     pred, gold = np.concatenate(preds), np.concatenate(golds)
     return {"loss": sum(losses) / n, "accuracy": float((pred == gold).mean()),
             "mcc": matthews(pred, gold)}
