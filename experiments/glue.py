@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--squeeze-recover", type=int, default=10, help="recovery steps per iteration")
     ap.add_argument("--models", default="results/models", help="where fine-tuned models are kept")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="", help="label suffix for a variant run (e.g. an lr)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
@@ -190,9 +191,10 @@ def main() -> None:
     rep = parameter_report(model)
     if hasattr(model, "mpo_modules"):
         info["adapted_trained"], info["adapted_total"] = mpo_layer_counts(model)
-    if args.arm == "mpo_lfa":
+    if args.arm == "mpo_lfa" and not args.tag:  # the starting point of the mpop arm
         model.save_pretrained(Path(args.models) / "mpo_lfa")
-    out = dict(arm=args.arm, task=args.task, steps=args.steps, train_size=args.train_size,
+    out = dict(arm=args.arm, tag=args.tag, task=args.task, steps=args.steps,
+               train_size=args.train_size,
                batch_size=args.batch_size, lr=lr, mpo_lr=args.mpo_lr, seed=args.seed,
                dev=result, train_loss=stats["loss"], sec_per_step=stats["sec_per_step"],
                train_seconds=train_time, trained_params=rep.trainable, total_params=rep.total,

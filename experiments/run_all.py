@@ -34,7 +34,8 @@ def table(results: list[dict], task: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
-            f"| {LABELS.get(r['arm'], r['arm'])} | {100 * r['dev'][metric]:.2f} | "
+            f"| {LABELS.get(r['arm'], r['arm'])}{' ' + r['tag'] if r.get('tag') else ''} | "
+            f"{100 * r['dev'][metric]:.2f} | "
             f"{r['trained_params'] / 1e6:.2f}M | {r['adapted_trained'] / 1e6:.2f}M | "
             f"{r['adapted_total'] / 1e6:.2f}M | {r['total_params'] / 1e6:.2f}M | "
             f"{r['sec_per_step']:.2f} | {r['peak_rss_mb']:.0f} |")
@@ -52,7 +53,8 @@ def plot(results: list[dict], task: str, path: Path) -> None:
     ax = fig.subplots()
     for r in results:
         ax.scatter(r["adapted_trained"] / 1e6, 100 * r["dev"][metric], s=40)
-        ax.annotate(r["arm"], (r["adapted_trained"] / 1e6, 100 * r["dev"][metric]),
+        label = r["arm"] + (f" {r['tag']}" if r.get("tag") else "")
+        ax.annotate(label, (r["adapted_trained"] / 1e6, 100 * r["dev"][metric]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trained parameters in the adapted (MPO / LoRA / dense) layers [M]")
@@ -100,6 +102,8 @@ def main() -> None:
         print(f"== {arm} done in {time.time() - t0:.0f} s", flush=True)
     results = [json.loads((out_dir / f"{a}.json").read_text()) for a in ARMS
                if (out_dir / f"{a}.json").exists()]
+    results += [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))
+                if p.stem not in ARMS]  # variant runs (glue.py --tag ...)
     if not results:
         sys.exit("no results to report")
     print(table(results, args.task))
