@@ -67,20 +67,36 @@ def plot(results: list[dict], task: str, path: Path) -> None:
 
 
 def write_docs(task: str, results: list[dict], cmd: str) -> None:
-    doc = ROOT / "docs" / "results.md"
-    text = doc.read_text() if doc.exists() else "# Results\n"
-    start, end = f"<!-- results:{task} -->", f"<!-- /results:{task} -->"
     r0 = results[0]
-    body = (f"{start}\n\nCommand: `{cmd}`\n\nSetup: {r0['train_size']} training examples "
+    body = (f"Command: `{cmd}`\n\nSetup: {r0['train_size']} training examples "
             f"(fixed seed {r0['seed']}), {r0['steps']} steps of batch {r0['batch_size']}, "
             f"AdamW with linear warm-up/decay, lr {r0['lr']} (LoRA: its own lr, see JSON), "
-            f"dev set in full.\n\n{table(results, task)}\n\n"
-            f"![{task}](figures/results_{task}.png)\n\n{end}")
+            f"dev set in full. s/step and peak RSS here were measured while other work shared "
+            f"the machine; see the timing table for clean figures.\n\n"
+            f"{table(results, task)}\n\n![{task}](figures/results_{task}.png)")
+    write_section(f"results:{task}", body)
+
+
+def timing_table(results: list[dict]) -> str:
+    lines = ["| arm | s/step | relative to dense | peak RSS (MB) |", "|---|---|---|---|"]
+    base = next((r["sec_per_step"] for r in results if r["arm"] == "dense"), None)
+    for r in results:
+        rel = f"{r['sec_per_step'] / base:.2f}" if base else "-"
+        lines.append(f"| {LABELS.get(r['arm'], r['arm'])} | {r['sec_per_step']:.3f} | {rel} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_section(key: str, body: str) -> None:
+    doc = ROOT / "docs" / "results.md"
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    block = f"{start}\n\n{body}\n\n{end}"
     if start in text:
         a, b = text.index(start), text.index(end) + len(end)
-        text = text[:a] + body + text[b:]
+        text = text[:a] + block + text[b:]
     else:
-        text = text.rstrip() + "\n\n" + body + "\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
 
 
@@ -89,9 +105,16 @@ def main() -> None:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--timing", action="store_true",
+                    help="short runs (20 steps) of every arm but mpop, one at a time on an idle "
+                         "machine, for the time-per-step and memory table")
     args, extra = ap.parse_known_args()
     arms = args.arms.split(",")
     out_dir = ROOT / "results" / args.task
+    if args.timing:
+        arms = [a for a in arms if a != "mpop"]
+        extra = ["--steps", "20", "--train-size", "640", "--eval-size", "32", *extra]
+        out_dir = ROOT / "results" / f"{args.task}-timing"
     for arm in arms if not args.report_only else []:
         t0 = time.time()
         cmd = [sys.executable, str(ROOT / "experiments" / "glue.py"), "--arm", arm, "--task",
@@ -100,6 +123,16 @@ def main() -> None:
         print(f"== {arm}: {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True)
         print(f"== {arm} done in {time.time() - t0:.0f} s", flush=True)
+    if args.timing:
+        results = [json.loads((out_dir / f"{a}.json").read_text()) for a in arms
+                   if (out_dir / f"{a}.json").exists()]
+        body = (f"Command: `python experiments/run_all.py --task {args.task} --timing`: 20 steps "
+                "per arm (batch 32, max length 64), each arm alone in its own process on the "
+                "otherwise idle 2-core machine; the first steps (warm-up, plan building) "
+                f"included.\n\n{timing_table(results)}")
+        print(timing_table(results))
+        write_section(f"timing:{args.task}", body)
+        return
     results = [json.loads((out_dir / f"{a}.json").read_text()) for a in ARMS
                if (out_dir / f"{a}.json").exists()]
     results += [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))
