@@ -23,7 +23,7 @@ ARMS = ["dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop"
 LABELS = {"dense": "full fine-tuning (dense)", "mpo_full": "MPO_full (all tensors)",
           "mpo_lfa": "MPO_full + LFA (central gauge)",
           "mpo_lfa_sym": "MPO_full + LFA (symmetric gauge)", "lora": "LoRA (peft)",
-          "mpo_dir": "MPO_dir (50%) + LFA", "mpop": "MPOP (squeezed to 50%)"}
+          "mpo_dir": "MPO_dir (50%) + LFA", "mpop": "MPOP (dimension squeezing)"}
 
 
 def table(results: list[dict], task: str) -> str:

@@ -241,7 +241,7 @@ class MPOLinear(MPOModule):
     def from_linear(cls, linear: nn.Linear, in_shape: Sequence[int] | None = None,
                     out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
                     max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
-                    gauge: str = "central", mode: str = "auto", pad: bool = False
+                    gauge: str = "symmetric", mode: str = "auto", pad: bool = False
                     ) -> MPOLinear:
         """Decompose ``linear.weight.T`` (in, out) into an MPO layer.
 
@@ -339,7 +339,7 @@ class MPOEmbedding(MPOModule):
     def from_embedding(cls, embedding: nn.Embedding, in_shape: Sequence[int] | None = None,
                        out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
                        max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
-                       gauge: str = "central", mode: str = "auto", pad: bool = True
+                       gauge: str = "symmetric", mode: str = "auto", pad: bool = True
                        ) -> MPOEmbedding:
         """Decompose ``embedding.weight`` (vocab, dim); the vocabulary is zero-padded to a
         factorizable size by default (``pad=True``, e.g. 30522 -> 30720)."""

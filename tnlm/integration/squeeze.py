@@ -102,7 +102,7 @@ class DimensionSqueezer:
     def __init__(self, model: nn.Module, evaluate: Callable[[nn.Module], float],
                  finetune: Callable[[nn.Module], None] | None = None, *, delta: float,
                  step: int = 1, max_iters: int = 100, target_params: int | None = None,
-                 bonds: str = "central", gauge: str = "central", min_dim: int = 1,
+                 bonds: str = "central", gauge: str = "symmetric", min_dim: int = 1,
                  refresh_spectra: bool = False, cuts_per_iter: int = 1,
                  log: Callable[[SqueezeStep], None] | None = print) -> None:
         if not delta > 0:
