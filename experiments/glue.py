@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--squeeze-step", type=int, default=8)
     ap.add_argument("--squeeze-cuts", type=int, default=12, help="cuts per squeezing iteration")
     ap.add_argument("--squeeze-recover", type=int, default=10, help="recovery steps per iteration")
+    ap.add_argument("--post-steps", type=int, default=0,
+                    help="mpop: lightweight fine-tuning steps after squeezing (fresh optimizer)")
     ap.add_argument("--models", default="results/models", help="where fine-tuned models are kept")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="", help="label suffix for a variant run (e.g. an lr)")
@@ -182,6 +184,12 @@ def main() -> None:
                                 {s.iteration for s in res.history}),
                             history=res.table())
         stats = {"loss": res.final_loss, "sec_per_step": float("nan")}
+        if args.post_steps:
+            squeeze_info["dev_after_squeeze"] = evaluate(model, dev)
+            stats = train_steps(model, train, make_optimizer(model, lr, args.mpo_lr),
+                                args.post_steps, warmup=args.post_steps // 10,
+                                progress=progress, desc="post-squeeze")
+            squeeze_info["post_steps"] = args.post_steps
     else:
         opt = make_optimizer(model, lr, args.mpo_lr)
         stats = train_steps(model, train, opt, args.steps, warmup=args.steps // 10,
