@@ -118,14 +118,17 @@ class LayerInvariants:
                 layer.mode = mode
                 assert not layer(x).requires_grad
 
+    #: output dtype under bf16 autocast (nn.Linear: bf16; nn.Embedding ignores autocast)
+    autocast_dtype = torch.bfloat16
+
     def test_autocast_bfloat16(self):
         dense, layer, x = self.make()
+        ref = dense(x)
         for mode in ("contract", "dense"):
             layer.mode = mode
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = layer(x)
-            assert y.dtype == torch.bfloat16
-            ref = dense(x)
+            assert y.dtype == self.autocast_dtype
             assert (y.float() - ref).abs().max() <= 0.05 * ref.abs().max()
 
     def test_torch_compile(self):
@@ -185,13 +188,7 @@ class TestMPOEmbedding(LayerInvariants):
     def ctor_args(layer):
         return ([torch.zeros_like(c) for c in layer.cores], layer.in_dim, layer.out_dim)
 
-    def test_autocast_bfloat16(self):
-        dense, layer, x = self.make()
-        for mode in ("contract", "dense"):
-            layer.mode = mode
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = layer(x)
-            assert (y.float() - dense(x)).abs().max() <= 0.05 * dense.weight.abs().max()
+    autocast_dtype = torch.float32
 
 
 # ---------------------------------------------------------------- specifics
