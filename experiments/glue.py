@@ -149,7 +149,9 @@ def main() -> None:
     except FileNotFoundError as err:
         sys.exit(f"glue.py: {err}")
     order = np.random.default_rng(args.seed).permutation(len(train_x))
-    tr, val = order[: args.train_size], order[args.train_size: args.train_size + 512]
+    # 512 held-out training sentences for squeezing's loss, never trained on
+    n_train = min(args.train_size, len(train_x) - 512)
+    tr, val = order[:n_train], order[n_train: n_train + 512]
     num_labels = int(max(train_y)) + 1
 
     model, tok, info = build(args.arm, args, num_labels)
@@ -202,7 +204,7 @@ def main() -> None:
     if args.arm == "mpo_lfa" and not args.tag:  # the starting point of the mpop arm
         model.save_pretrained(Path(args.models) / "mpo_lfa")
     out = dict(arm=args.arm, tag=args.tag, task=args.task, steps=args.steps,
-               train_size=args.train_size,
+               train_size=int(n_train),
                batch_size=args.batch_size, lr=lr, mpo_lr=args.mpo_lr, seed=args.seed,
                dev=result, train_loss=stats["loss"], sec_per_step=stats["sec_per_step"],
                train_seconds=train_time, trained_params=rep.trainable, total_params=rep.total,

@@ -71,6 +71,11 @@ class Batches:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if len(self.sentences) == 0:
+            raise ValueError("sentences is empty: no batches to make")
+        if len(self.sentences) != len(self.labels):
+            raise ValueError(f"sentences ({len(self.sentences)}) and labels "
+                             f"({len(self.labels)}) differ in length")
         self._epoch = 0
         enc = self.tokenizer(self.sentences, truncation=True, max_length=self.max_length)
         self._enc = {k: v for k, v in enc.items()}
