@@ -28,7 +28,7 @@ LABELS = {"dense": "full fine-tuning (dense)", "mpo_full": "MPO_full (all tensor
 
 def table(results: list[dict], task: str) -> str:
     metric = "mcc" if task == "cola" else "accuracy"
-    name = "Matthews corr." if task == "cola" else "dev accuracy"
+    name = "Matthews corr. ×100" if task == "cola" else "dev accuracy"
     lines = [f"| arm | {name} | trained params | trained in adapted layers | adapted layers total "
              "| total params | s/step | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
