@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from math import prod
 
 import torch
 from torch import nn
 
 from tnlm import MPOEmbedding, MPOLinear
+from tnlm.core import max_bond_for_params
 
 torch.manual_seed(0)
 
@@ -48,28 +48,6 @@ def fwd_bwd(layer, x):
     layer(x).sum().backward()
 
 
-def bond_for_fraction(linear, in_shape, out_shape, fraction):
-    """Largest uniform max_bond whose MPO has <= fraction of the dense parameters."""
-    dense = linear.weight.numel()
-    lo, hi, best = 1, 2048, 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        n = n_params(in_shape, out_shape, mid)
-        if n <= fraction * dense:
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    return best
-
-
-def n_params(in_shape, out_shape, max_bond):
-    """Parameters of the MPO with every bond capped at max_bond (and at its rank bound)."""
-    n = len(in_shape)
-    site = [in_shape[k] * out_shape[k] for k in range(n)]
-    bonds = [1] + [min(prod(site[: k + 1]), prod(site[k + 1:]), max_bond) for k in range(n - 1)] + [1]
-    return sum(bonds[k] * site[k] * bonds[k + 1] for k in range(n))
-
-
 def io_split(I, J):
     a = 4 if I <= 384 else 8
     b = 4 if J <= 384 else 8
@@ -87,7 +65,7 @@ def bench_linear(I, J, rows, repeats):
         ins, outs = shapes if shapes[0] else (factorize(I, 5), factorize(J, 5))
         configs.append((fam, "exact", ins, outs, None))
         for frac in (0.5, 0.25, 0.1):
-            configs.append((fam, f"{int(frac*100)}%", ins, outs, bond_for_fraction(lin, ins, outs, frac)))
+            configs.append((fam, f"{int(frac*100)}%", ins, outs, max_bond_for_params(ins, outs, int(frac * lin.weight.numel()))))
     rows_out = []
     for fam, label, ins, outs, mb in configs:
         layer = MPOLinear.from_linear(lin, ins, outs, max_bond=mb)

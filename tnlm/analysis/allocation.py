@@ -33,17 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tnlm.core import MPO
+from tnlm.core.budget import params_for_bonds
 from tnlm.core.table import format_table
 
 __all__ = ["Allocation", "allocate_bonds", "params_for_bonds"]
-
-
-def params_for_bonds(
-    bond_dims: list[int], in_shape: tuple[int, ...], out_shape: tuple[int, ...]
-) -> int:
-    """Entries of an MPO with these bond dims (n-1) and site shapes (n each)."""
-    d = [1, *bond_dims, 1]
-    return sum(d[k] * i * j * d[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))
 
 
 def _clamp(chi: list[int], ij: list[int]) -> list[int]:

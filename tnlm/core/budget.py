@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from math import prod
 
-__all__ = ["bond_bounds", "mpo_params", "max_bond_for_params"]
+__all__ = ["bond_bounds", "params_for_bonds", "mpo_params", "max_bond_for_params"]
 
 
 def bond_bounds(in_shape: Sequence[int], out_shape: Sequence[int],
@@ -25,11 +25,17 @@ def bond_bounds(in_shape: Sequence[int], out_shape: Sequence[int],
     return [int(min(prod(site[: k + 1]), prod(site[k + 1:]), cap)) for k in range(n - 1)]
 
 
+def params_for_bonds(bond_dims: Sequence[int], in_shape: Sequence[int],
+                     out_shape: Sequence[int]) -> int:
+    """Entries of an MPO with these n-1 bond dims and site shapes (n each)."""
+    d = [1, *bond_dims, 1]
+    return sum(d[k] * i * j * d[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))
+
+
 def mpo_params(in_shape: Sequence[int], out_shape: Sequence[int],
                max_bond: int | None = None) -> int:
     """Number of core entries of that MPO: Σ_k d_{k-1} i_k j_k d_k."""
-    bonds = [1, *bond_bounds(in_shape, out_shape, max_bond), 1]
-    return sum(bonds[k] * in_shape[k] * out_shape[k] * bonds[k + 1] for k in range(len(in_shape)))
+    return params_for_bonds(bond_bounds(in_shape, out_shape, max_bond), in_shape, out_shape)
 
 
 def max_bond_for_params(in_shape: Sequence[int], out_shape: Sequence[int], budget: int) -> int:
