@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tnlm.bridge import make_optimizer
 from tnlm.integration import MPOConfig, get_mpo_model
-from tnlm.integration.training import make_optimizer
 
 
 def build(minilm: bool):

@@ -31,17 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tnlm import parameter_report
-from tnlm.core import factorize, max_bond_for_params
-from tnlm.integration import MPOConfig, MPOModel, default_model_path, get_mpo_model
-from tnlm.integration.data import Batches, load_task
-from tnlm.integration.squeeze import DimensionSqueezer
-from tnlm.integration.training import evaluate, make_optimizer, train_steps
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.data import Batches, load_task  # noqa: E402
+from experiments.training import evaluate, train_steps  # noqa: E402
+from tnlm import make_optimizer, parameter_report  # noqa: E402
+from tnlm.compress import DimensionSqueezer  # noqa: E402
+from tnlm.compress.allocate import uniform_overrides  # noqa: E402
+from tnlm.integration import MPOConfig, MPOModel, default_model_path, get_mpo_model  # noqa: E402
 
 ARMS = ("dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop")
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
-HIDDEN, FFN = 384, 1536
 
 
 def base_model(num_labels: int, seed: int):
@@ -53,17 +54,6 @@ def base_model(num_labels: int, seed: int):
     path = str(default_model_path())
     model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def half_size_overrides() -> dict:
-    """Uniform max_bond per shape giving <= 50% of the dense parameters (balanced 5 sites)."""
-    sq = max_bond_for_params(factorize(HIDDEN, 5), factorize(HIDDEN, 5), HIDDEN * HIDDEN // 2)
-    up = max_bond_for_params(factorize(HIDDEN, 5), factorize(FFN, 5), HIDDEN * FFN // 2)
-    down = max_bond_for_params(factorize(FFN, 5), factorize(HIDDEN, 5), HIDDEN * FFN // 2)
-    # later patterns win: "output.dense" also matches "attention.output.dense"
-    return {"output.dense": {"max_bond": down}, "intermediate.dense": {"max_bond": up},
-            "query": {"max_bond": sq}, "key": {"max_bond": sq}, "value": {"max_bond": sq},
-            "attention.output.dense": {"max_bond": sq}}
 
 
 def freeze_word_embeddings(model) -> None:
@@ -104,7 +94,8 @@ def build(arm: str, args, num_labels: int):
         src = Path(args.models) / "mpo_lfa"
         model = MPOModel.from_pretrained(model, src, train="auxiliary")
     else:
-        overrides = half_size_overrides() if arm == "mpo_dir" else {}
+        overrides = (uniform_overrides(model, MPOConfig(target_modules=TARGETS), 0.5)
+                     if arm == "mpo_dir" else {})
         cfg = MPOConfig(target_modules=TARGETS, overrides=overrides,
                         train="all" if arm == "mpo_full" else "auxiliary",
                         gauge="symmetric" if arm == "mpo_lfa_sym" else "central",

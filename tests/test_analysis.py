@@ -1,4 +1,4 @@
-"""The analysis layer: profiles, error curves, bond allocation, drawings and plots."""
+"""The analysis layer: profiles, error curves, drawings and plots."""
 
 import matplotlib
 
@@ -12,16 +12,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from tnlm import MPO  # noqa: E402
 from tnlm.analysis import (  # noqa: E402
-    allocate_bonds,
     ascii_diagram,
-    central_bond,
     default_classifier,
     discarded_weight_curve,
     error_vs_params,
     matrix_profile,
     model_profile,
     mpo_profile,
-    params_for_bonds,
     plot_entropy_heatmap,
     plot_entropy_profile,
     plot_error_vs_params,
@@ -71,7 +68,7 @@ def test_matrix_profile_matches_mpo(rng):
     for k, s in enumerate(prof["spectra"]):
         np.testing.assert_allclose(s, unfolding_spectrum(W, k)[: len(s)], rtol=1e-9)
     np.testing.assert_allclose(prof["max_entropies"], np.log([16, 12]))
-    assert prof["central_bond"] == central_bond(mpo) == 0  # 16 > 12, left of T1
+    assert prof["central_bond"] == mpo.central_bond == 0  # 16 > 12, left of T1
     assert prof["central_entropy"] == prof["entropies"][0]
     # orientation does not matter with default shapes
     np.testing.assert_allclose(
@@ -194,69 +191,6 @@ def test_minilm_profile(minilm_weights):
         assert np.all(ent > 0) and np.all(ent <= top + 1e-9)
         assert row["central_fraction"] > 0.5
         assert row["norm"] == pytest.approx(np.linalg.norm(minilm_weights[row["name"]]), rel=1e-5)
-
-
-# ---------------------------------------------------------------- allocation
-@pytest.fixture
-def module_mpos(rng):
-    mats = {"random": rng.standard_normal((64, 48)), "structured": structured(rng, 1e-2)}
-    return mats, {k: MPO.from_matrix(W, IN, OUT) for k, W in mats.items()}
-
-
-def test_allocation_meets_budget_and_bounds_error(module_mpos):
-    mats, mpos = module_mpos
-    total_dense = 2 * 64 * 48
-    alloc = allocate_bonds(mpos, 0.3)
-    assert alloc.budget == int(0.3 * total_dense)
-    assert alloc.total_params <= alloc.budget
-    out = alloc.apply(mpos)
-    for name, W in mats.items():
-        assert out[name].bond_dims == tuple(alloc.max_bond[name])
-        assert out[name].num_params == alloc.params[name]
-        assert alloc.params[name] == params_for_bonds(alloc.max_bond[name], IN, OUT)
-        measured = rel_err(out[name].to_matrix(), W)
-        assert alloc.errors[name] >= measured - 1e-10
-    # the structured matrix is cheap to compress: the random one gets the parameters
-    assert alloc.params["random"] > alloc.params["structured"]
-    assert alloc.errors["structured"] < 0.05
-    bigger = allocate_bonds(mpos, 0.6)
-    assert bigger.total_params > alloc.total_params
-    assert bigger.total_sq_error < alloc.total_sq_error
-    measured_sq = sum(rel_err(bigger.apply(mpos)[n].to_matrix(), mats[n]) ** 2 for n in mats)
-    assert measured_sq < sum(rel_err(out[n].to_matrix(), mats[n]) ** 2 for n in mats)
-    report = alloc.report()
-    assert "random" in report and "structured" in report and f"{alloc.budget:,}" in report
-
-
-def test_allocation_absolute_budget_and_full(module_mpos):
-    _, mpos = module_mpos
-    alloc = allocate_bonds(mpos, 1500, step=2)
-    assert alloc.total_params <= 1500 and alloc.budget == 1500
-    full = allocate_bonds(mpos, 1.0)  # exact MPOs (3472 params) exceed dense 3072: cuts needed
-    assert alloc.total_params < full.total_params <= 2 * 3072
-    assert full.errors["random"] < alloc.errors["random"]
-    # already small MPOs fit: nothing is cut, the estimate is 0
-    small = {k: m.truncate(max_bond=2) for k, m in mpos.items()}
-    none_cut = allocate_bonds(small, 0.5)
-    assert none_cut.max_bond == {k: [2, 2] for k in small}
-    assert none_cut.total_params == 2 * params_for_bonds([2, 2], IN, OUT)
-    assert max(none_cut.errors.values()) < 1e-7
-
-
-@pytest.mark.parametrize("budget", [0, -5, 0.0, 1.5, float("nan"), 10**9, 50])
-def test_allocation_bad_budget(module_mpos, budget):
-    with pytest.raises(ValueError, match="budget"):
-        allocate_bonds(module_mpos[1], budget)
-
-
-def test_allocation_bad_mpos(module_mpos):
-    with pytest.raises(ValueError, match="mpos"):
-        allocate_bonds({}, 0.5)
-    with pytest.raises(TypeError, match="mpos"):
-        allocate_bonds({"a": np.eye(4)}, 0.5)
-    alloc = allocate_bonds(module_mpos[1], 0.5)
-    with pytest.raises(ValueError, match="mpos"):
-        alloc.apply({"random": module_mpos[1]["random"]})
 
 
 # ---------------------------------------------------------------- drawings

@@ -52,7 +52,7 @@ def test_budget_policy(model_dir, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["compress", "/nonexistent"], "is not a transformers model folder"),
     (["compress", "--budget", "7"], "--budget must be a fraction"),
-    (["inspect", "/nonexistent"], "holds no model.safetensors"),
+    (["inspect", "/nonexistent"], "is not a transformers model folder"),
 ])
 def test_user_errors_are_one_line(argv, message):
     proc = subprocess.run([sys.executable, "-m", "tnlm", *argv], capture_output=True, text=True,

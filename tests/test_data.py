@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tnlm.integration.data import Batches, load_task
-from tnlm.integration.training import matthews
+from experiments.data import Batches, load_task
+from experiments.training import matthews
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -58,6 +58,6 @@ def test_bad_n_sites():
 def test_factorize_product_and_order(n, factors):
     dim = prod(factors)
     shape = factorize(dim, n)
-    assert prod(shape) == dim and len(shape) == n and min(shape) >= 2 or n == 1
+    assert prod(shape) == dim and len(shape) == n and min(shape) >= 2
     c = (n - 1) // 2
     assert shape[c] == max(shape)

@@ -19,7 +19,7 @@ from transformers import (
 
 from tnlm import MPOEmbedding, MPOLinear, parameter_report
 from tnlm.integration import MPOConfig, MPOModel, get_mpo_model
-from tnlm.integration.model import CONFIG_NAME
+from tnlm.integration.io import CONFIG_NAME
 
 torch.manual_seed(0)
 IDS = torch.tensor([[5, 17, 42, 9, 63, 2], [7, 7, 90, 31, 1, 0]])

@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tnlm import MPO
-from tnlm.core.entropy import spectrum_entropy
+from tnlm.core.plan import (
+    apply_equation,
+    apply_plan,
+    dense_equation,
+    dense_plan,
+    gather_equation,
+    gather_plan,
+)
+from tnlm.core.spectra import central_bond, spectrum_entropy, tail_sums
 
 from .conftest import rel_err
 
@@ -115,6 +123,31 @@ def test_apply_and_plans(rng):
     assert dense.largest_intermediate >= 64 * 96
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64\)"):
         mpo.apply(rng.standard_normal((3, 63)))
+
+
+def test_chain_plans_from_core_shapes(rng):
+    """The shape-only chain plans (used by the torch modules) compute W, x @ W and rows of W,
+    at the FLOPs of the graph plans of the MPO."""
+    in_shape, out_shape = (4, 4, 4), (4, 6, 4)
+    W = rng.standard_normal((64, 96))
+    mpo = MPO.from_matrix(W, in_shape, out_shape)
+    shapes = tuple(tuple(c.shape) for c in mpo.cores)
+    assert dense_equation(3) == "aehb,bfic,cgjd->efghij"
+    assert apply_equation(3) == "aehb,bfic,cgjd,kefg->khij"
+    assert gather_equation(3) == "kahb,kbic,kcjd->khij"
+    plan = dense_plan(shapes)
+    assert plan is dense_plan(shapes) and plan.flops == mpo.dense_plan().flops
+    np.testing.assert_allclose(plan(*mpo.cores).reshape(64, 96), W, atol=1e-12)
+    x = rng.standard_normal((5, 64))
+    plan = apply_plan(shapes, 5, in_shape)
+    assert plan.flops == mpo.apply_plan(5).flops
+    np.testing.assert_allclose(plan(*mpo.cores, x.reshape(5, *in_shape)).reshape(5, 96), x @ W,
+                               atol=1e-12)
+    rows = np.array([0, 17, 63, 17])
+    idx = np.stack(np.unravel_index(rows, in_shape))  # (sites, rows): each row's input index
+    slices = [np.moveaxis(c[:, idx[k]], 1, 0) for k, c in enumerate(mpo.cores)]
+    got = gather_plan(shapes, len(rows))(*slices).reshape(len(rows), 96)
+    np.testing.assert_allclose(got, W[rows], atol=1e-12)
 
 
 def test_plan_torch_executor_matches_numpy(rng):
@@ -250,6 +283,49 @@ def test_entropy_values():
         spectrum_entropy(s, alpha=0)
 
 
+def test_tail_sums():
+    s = np.array([3.0, 2.0, 1.0], dtype=np.float32)
+    tail = tail_sums(s)
+    assert tail.dtype == np.float64 and tail.tolist() == [14.0, 5.0, 1.0, 0.0]
+    assert tail_sums(np.array([])).tolist() == [0.0]
+    s = np.random.default_rng(0).random(50)
+    np.testing.assert_allclose(tail_sums(s), [np.sum(s[r:] ** 2) for r in range(51)], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bond_dims, central_index, expected",
+    [
+        ((9, 144, 256, 16), 2, 2),  # 768 x 768 on five sites: the larger right bond
+        ((16, 12), 1, 0),  # the larger left bond
+        ((16, 16), 1, 0),  # tie: the left one
+        ((4, 8, 8), 1, 1),  # site 1 touches bonds 0 (4) and 1 (8)
+        ((5, 3), 0, 0),  # an end site touches one bond
+        ((5, 3), 2, 1),
+    ],
+)
+def test_central_bond(bond_dims, central_index, expected):
+    assert central_bond(bond_dims, central_index) == expected
+
+
+def test_central_bond_needs_a_bond():
+    with pytest.raises(ValueError, match="no bonds"):
+        central_bond((), 0)
+    single = MPO.from_matrix(np.eye(4), (4,), (4,))
+    with pytest.raises(ValueError, match="no bonds"):
+        _ = single.central_bond
+
+
+def test_mpo_central_bond_and_entropy(rng):
+    mpo = MPO.from_matrix(rng.standard_normal((64, 48)), (4, 4, 4), (4, 4, 3))
+    assert mpo.bond_dims == (16, 12) and mpo.central_index == 1
+    assert mpo.central_bond == 0
+    assert mpo.central_entropy() == mpo.entanglement_entropy(0)
+    assert mpo.central_entropy(alpha=2) == mpo.entanglement_entropy(0, alpha=2)
+    assert mpo.central_entropy(alpha=2) < mpo.central_entropy()
+    mpo = MPO.from_matrix(rng.standard_normal((48, 64)), (3, 4, 4), (4, 4, 4))
+    assert mpo.bond_dims == (12, 16) and mpo.central_bond == 1
+
+
 def test_entanglement_entropy_api(rng):
     A = [rng.standard_normal((4, 4)) for _ in range(3)]
     mpo = MPO.from_matrix(np.kron(A[0], np.kron(A[1], A[2])), (4, 4, 4), (4, 4, 4))
@@ -351,24 +427,6 @@ def test_bad_arguments(rng):
         MPO([np.ones((1, 2, 2, 3)), np.ones((2, 2, 2, 1))])
     with pytest.raises(ValueError, match="boundary bonds"):
         MPO([np.ones((2, 2, 2, 1))])
-
-
-# ---------------------------------------------------------------- budgets
-def test_budget_helpers_match_real_decompositions(rng):
-    from tnlm.core import bond_bounds, max_bond_for_params, mpo_params
-
-    ins, outs = (2, 4, 4, 4, 3), (4, 4, 6, 4, 4)
-    W = rng.standard_normal((384, 1536))
-    exact = MPO.from_matrix(W, ins, outs)
-    assert list(exact.bond_dims) == bond_bounds(ins, outs)
-    assert exact.num_params == mpo_params(ins, outs)
-    for chi in (1, 7, 50, 10_000):
-        assert MPO.from_matrix(W, ins, outs, max_bond=chi).num_params == mpo_params(ins, outs, chi)
-    budget = 147456
-    chi = max_bond_for_params(ins, outs, budget)
-    assert mpo_params(ins, outs, chi) <= budget < mpo_params(ins, outs, chi + 1)
-    with pytest.raises(ValueError, match="budget 10 is below"):
-        max_bond_for_params(ins, outs, 10)
 
 
 def test_symmetric_gauge_error_reference_and_zero_matrix(rng):

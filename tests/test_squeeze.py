@@ -12,9 +12,10 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from experiments.training import train_steps
+from tnlm import make_optimizer
+from tnlm.compress import DimensionSqueezer
 from tnlm.integration import MPOConfig, get_mpo_model
-from tnlm.integration.squeeze import DimensionSqueezer
-from tnlm.integration.training import make_optimizer, train_steps
 
 IDS = torch.randint(0, 96, (8, 10), generator=torch.Generator().manual_seed(0))
 LABELS = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])

@@ -2,8 +2,15 @@
 
 Layers, from the bottom: ``tnlm.core`` (the MPO tensor network), ``tnlm.bridge``
 (torch modules whose parameters are MPO cores), ``tnlm.integration``
-(transformers models), ``tnlm.analysis`` and ``tnlm.cli``.
+(transformers models and checkpoints), ``tnlm.compress`` (squeezing and
+compression), ``tnlm.analysis`` and ``tnlm.cli``.
+
+The transformers-level names (``MPOConfig``, ``get_mpo_model``, ``MPOModel``,
+``DimensionSqueezer``) are importable from here; they load on first use.
 """
+
+from importlib import import_module
+from typing import Any
 
 from tnlm.bridge import (
     MPOEmbedding,
@@ -11,24 +18,47 @@ from tnlm.bridge import (
     MPOModule,
     ParamReport,
     freeze_central,
+    make_optimizer,
     parameter_groups,
     parameter_report,
     train_auxiliary_only,
 )
 from tnlm.core import MPO, ContractionPlan, TruncationPolicy, factorize, padded_dim
+from tnlm.core.spec import DecompositionSpec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+#: names loaded lazily from the upper layers (they import transformers)
+_LAZY = {
+    "MPOConfig": "tnlm.integration",
+    "MPOModel": "tnlm.integration",
+    "get_mpo_model": "tnlm.integration",
+    "DimensionSqueezer": "tnlm.compress",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tnlm' has no attribute {name!r}")
+
 
 __all__ = [
     "MPO",
     "ContractionPlan",
+    "DecompositionSpec",
+    "DimensionSqueezer",
+    "MPOConfig",
     "MPOEmbedding",
     "MPOLinear",
+    "MPOModel",
     "MPOModule",
     "ParamReport",
     "TruncationPolicy",
     "factorize",
     "freeze_central",
+    "get_mpo_model",
+    "make_optimizer",
     "padded_dim",
     "parameter_groups",
     "parameter_report",

@@ -20,18 +20,30 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported in one line."""
 
 
-def _load_matrices(model_dir: str | None) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
+def _model_path(model_dir: str | None) -> Path:
     from tnlm.integration import default_model_path
 
     path = Path(model_dir) if model_dir else default_model_path()
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
+    if not (path / "config.json").is_file():
+        raise UserError(f"MODEL_DIR {path} is not a transformers model folder (no config.json)")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
         raise UserError(f"MODEL_DIR {path} holds no model.safetensors")
-    weights = load_file(str(file))
-    return {k.removesuffix(".weight"): v for k, v in weights.items()
-            if k.endswith(".weight") and v.ndim == 2}
+    return path
+
+
+def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:
+    """W (in, out) of every module an MPO can replace, in the ``y = x @ W`` convention."""
+    from transformers import AutoModel
+
+    from tnlm.bridge import kind_of, weight_xw
+
+    model = AutoModel.from_pretrained(str(_model_path(model_dir)))
+    out = {}
+    for name, m in model.named_modules():
+        kind = kind_of(m)
+        if name and kind is not None and (embeddings or kind != "embedding"):
+            out[name] = weight_xw(m).double().numpy()
+    return out
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
@@ -41,19 +53,16 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     from tnlm import MPO
 
     mats = _load_matrices(args.model_dir)
-    names = [n for n in mats if n.endswith(("query", "key", "value", "dense"))
-             or n.endswith("word_embeddings")]
-    if not names:
+    mats = {n: W for n, W in mats.items()
+            if not n.endswith(("position_embeddings", "token_type_embeddings"))}
+    if not mats:
         raise UserError("no linear or embedding weights found in the model")
     print(f"{'module':44s} {'I x J':>12s} {'in_shape':>18s} {'out_shape':>16s} "
           f"{'bond_dims':>22s} {'rel.err':>8s} {'S_central':>9s}")
-    for name in tqdm(names, desc="decompose", leave=False, disable=args.quiet):
-        W = mats[name]
-        # the y = x @ W convention: nn.Linear stores weight (out, in); embeddings (vocab, dim)
-        W = W if name.endswith("embeddings") else W.T
-        mpo = MPO.from_matrix(W.astype(np.float64), n_sites=args.n_sites, pad=True)
+    for name, W in tqdm(mats.items(), desc="decompose", leave=False, disable=args.quiet):
+        mpo = MPO.from_matrix(W, n_sites=args.n_sites, pad=True)
         err = np.linalg.norm(mpo.to_matrix() - W) / np.linalg.norm(W)
-        s = mpo.entanglement_entropy(max(mpo.central_index - 1, 0))
+        s = mpo.central_entropy()
         print(f"{name:44s} {str(W.shape):>12s} {str(mpo.in_shape):>18s} "
               f"{str(mpo.out_shape):>16s} {str(mpo.bond_dims):>22s} {err:8.1e} {s:9.3f}")
     return 0
@@ -67,54 +76,29 @@ SENTENCES = ["A man is playing a guitar.", "The weather is lovely today.",
              "Matrix product operators factorize weight matrices."]
 
 
-def _budget_overrides(model, targets: list[str], fraction: float, n_sites: int) -> dict:
-    """Per-module max_bond giving at most ``fraction`` of each module's dense parameters."""
-    from tnlm.core import factorize, max_bond_for_params, padded_dim
-    from tnlm.integration import MPOConfig
-    from tnlm.integration.model import _kind, _weight_xw
-
-    def shape(dim: int) -> tuple[int, ...]:
-        try:
-            return factorize(dim, n_sites)
-        except ValueError:
-            return factorize(padded_dim(dim, n_sites), n_sites)
-
-    probe = MPOConfig(target_modules=targets)
-    out = {}
-    for name, m in model.named_modules():
-        kind = _kind(m)
-        if kind is not None and probe.is_target(name):
-            I, J = _weight_xw(m, kind).shape
-            chi = max_bond_for_params(shape(I), shape(J), int(fraction * I * J))
-            out[name] = {"max_bond": chi}
-    return out
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model's encoder linear layers, report, check pooled embeddings, save."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from tnlm.compress.allocate import uniform_overrides
     from tnlm.integration import (
         MPOConfig,
-        default_model_path,
         format_report,
         get_mpo_model,
         mean_pooled,
         report_totals,
     )
 
-    path = Path(args.model_dir) if args.model_dir else default_model_path()
-    if not (path / "config.json").is_file():
-        raise UserError(f"MODEL_DIR {path} is not a transformers model folder (no config.json)")
-    if args.budget is not None and not 0 < args.budget <= 2:
-        raise UserError(f"--budget must be a fraction in (0, 2], got {args.budget}")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    path = _model_path(args.model_dir)
     model = AutoModel.from_pretrained(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     ref = mean_pooled(model, tok, SENTENCES)
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
-    overrides = (_budget_overrides(model, targets, args.budget, args.n_sites)
-                 if args.budget is not None else {})
+    overrides = ({} if args.budget is None else uniform_overrides(
+        model, MPOConfig(target_modules=targets, n_sites=args.n_sites), args.budget))
     max_error = args.max_error if (args.max_bond is None and args.budget is None) else None
     config = MPOConfig(target_modules=targets, n_sites=args.n_sites, max_bond=args.max_bond,
                        max_error=max_error, overrides=overrides)
@@ -136,10 +120,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights_for_profile(model_dir: str | None) -> dict[str, np.ndarray]:
-    """2-D weights in the ``y = x @ W`` convention (Linear weights transposed)."""
-    mats = _load_matrices(model_dir)
-    return {n: (W if "embeddings" in n else W.T) for n, W in mats.items()
+def _weights_for_profile(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:
+    """2-D weights (``y = x @ W``) without the position and token-type tables."""
+    return {n: W for n, W in _load_matrices(model_dir, embeddings).items()
             if not n.endswith(("position_embeddings", "token_type_embeddings"))}
 
 
@@ -149,9 +132,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from tnlm.analysis import matrix_profile, reference_for
 
-    mats = _weights_for_profile(args.model_dir)
-    if not args.embeddings:
-        mats = {n: W for n, W in mats.items() if "embeddings" not in n}
+    mats = _weights_for_profile(args.model_dir, args.embeddings)
     print(f"{'module':44s} {'I x J':>12s} {'bond_dims':>20s} {'S_central':>9s} "
           f"{'S_random':>8s} {'ln D':>6s} {'central %':>9s}")
     for name, W in tqdm(mats.items(), desc="profile", leave=False, disable=args.quiet):
@@ -166,16 +147,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _saved_mpos(directory: Path) -> dict:
-    """MPOs of a folder written by ``MPOModel.save_pretrained`` (read without the base model)."""
-    import json
-
-    from safetensors.numpy import load_file
-
+    """MPOs of a checkpoint written by ``MPOModel.save_pretrained`` (hash verified; read
+    without the base model)."""
     from tnlm import MPO
-    from tnlm.integration.model import CONFIG_NAME
+    from tnlm.integration import load_tensors
 
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    tensors = load_file(str(directory / meta["weights"]))
+    meta, tensors = load_tensors(directory)
     out = {}
     for name, spec in meta["modules"].items():
         cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
@@ -198,7 +175,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot_spectra,
         reference_for,
     )
-    from tnlm.integration.model import CONFIG_NAME
+    from tnlm.integration.io import CONFIG_NAME
 
     src = Path(args.directory) if args.directory else None
     out = Path(args.out)

@@ -1,9 +1,9 @@
-"""Analysis of MPO decompositions: entanglement profiles, plots, drawings, bond allocation.
+"""Analysis of MPO decompositions: entanglement profiles, plots and drawings.
 
-Depends only on :mod:`tnlm.core`, numpy, and (lazily) matplotlib / graphviz.
+Depends only on :mod:`tnlm.core`, numpy, and (lazily) matplotlib / graphviz. The bond
+allocation under a parameter budget is a budget policy: :func:`tnlm.core.allocate_bonds`.
 """
 
-from tnlm.analysis.allocation import Allocation, allocate_bonds, params_for_bonds
 from tnlm.analysis.draw import ascii_diagram, render, to_dot
 from tnlm.analysis.names import MODULE_TYPES, default_classifier
 from tnlm.analysis.plots import (
@@ -13,7 +13,6 @@ from tnlm.analysis.plots import (
     plot_spectra,
 )
 from tnlm.analysis.profile import (
-    central_bond,
     discarded_weight_curve,
     error_vs_params,
     matrix_profile,
@@ -26,10 +25,7 @@ from tnlm.analysis.profile import (
 
 __all__ = [
     "MODULE_TYPES",
-    "Allocation",
-    "allocate_bonds",
     "ascii_diagram",
-    "central_bond",
     "default_classifier",
     "discarded_weight_curve",
     "error_vs_params",
@@ -37,7 +33,6 @@ __all__ = [
     "model_profile",
     "model_profile_from_rows",
     "mpo_profile",
-    "params_for_bonds",
     "plot_entropy_heatmap",
     "plot_entropy_profile",
     "plot_error_vs_params",

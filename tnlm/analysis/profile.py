@@ -25,10 +25,10 @@ import numpy as np
 from tnlm.analysis.names import MODULE_TYPES, default_classifier
 from tnlm.core import MPO
 from tnlm.core.backend import to_numpy
+from tnlm.core.spectra import tail_sums
 from tnlm.core.validation import check_matrix, check_positive_int
 
 __all__ = [
-    "central_bond",
     "discarded_weight_curve",
     "error_vs_params",
     "matrix_profile",
@@ -45,26 +45,6 @@ def _as_float64(W: Any, name: str = "W") -> np.ndarray:
     return to_numpy(check_matrix(W, name)).astype(np.float64)
 
 
-def central_bond(mpo: MPO) -> int:
-    """The bond used as "the central bond": of the (one or two) bonds touching the
-    central tensor (``mpo.central_index``), the one with the larger bond dimension,
-    the left one (``central_index - 1``) on a tie.
-
-    With the paper's site shapes (large factors in the middle, the larger ones right
-    of it) this is the most entangled cut of the chain, e.g. bond 2 of a 5-site
-    768 x 768 MPO with bond dims (9, 144, 256, 16).
-
-    Raises:
-        ValueError: for a single-site MPO (no bonds).
-    """
-    if mpo.n_sites < 2:
-        raise ValueError("mpo has a single site and no bonds")
-    c = mpo.central_index
-    candidates = [k for k in (c - 1, c) if 0 <= k < mpo.n_sites - 1]
-    dims = mpo.bond_dims
-    return max(candidates, key=lambda k: (dims[k], -k))
-
-
 def mpo_profile(mpo: MPO, name: str | None = None) -> Profile:
     """The profile of the matrix an MPO represents (spectra computed in any gauge).
 
@@ -75,14 +55,15 @@ def mpo_profile(mpo: MPO, name: str | None = None) -> Profile:
     descending); ``entropies`` (n-1 floats, von Neumann, natural log);
     ``max_entropies`` (``ln len(s_k)``, the entropy of a flat spectrum of that
     length); ``norm`` (||W||_F); ``central_index``; ``central_bond``
-    (:func:`central_bond`) and ``central_entropy`` (its entropy); ``num_params``
+    (:attr:`MPO.central_bond <tnlm.core.mpo.MPO.central_bond>`) and
+    ``central_entropy`` (its entropy); ``num_params``
     (entries of the MPO); ``dense_params`` (I·J); ``central_fraction``
     (parameters of the central tensor / ``num_params``).
     """
     spectra = mpo.bond_spectra() if mpo.n_sites > 1 else []
     entropies = [float(e) for e in mpo.entanglement_entropy()] if spectra else []
     norm = float(np.linalg.norm(spectra[0])) if spectra else mpo.norm()
-    cb = central_bond(mpo) if spectra else None
+    cb = mpo.central_bond if spectra else None
     return {
         "name": name,
         "shape": mpo.shape,
@@ -176,15 +157,15 @@ def discarded_weight_curve(mpo: MPO, bond: int | None = None) -> tuple[np.ndarra
     any MPO with bond dimension chi there.
 
     Args:
-        bond: bond index (0..n-2); default :func:`central_bond`.
+        bond: bond index (0..n-2); default :attr:`MPO.central_bond
+            <tnlm.core.mpo.MPO.central_bond>`.
     """
     if bond is None:
-        bond = central_bond(mpo)
+        bond = mpo.central_bond
     s = mpo.singular_values(bond)
-    w = s**2
-    total = float(w.sum())
-    tail = np.cumsum(w[::-1])[::-1]  # tail[r] = Σ_{i >= r} s_i²
-    eps = np.sqrt(np.append(tail[1:], 0.0) / total) if total > 0 else np.zeros(len(s))
+    total = float((s**2).sum())
+    tail = tail_sums(s)  # tail[r] = Σ_{i >= r} s_i²
+    eps = np.sqrt(tail[1:] / total) if total > 0 else np.zeros(len(s))
     return np.arange(1, len(s) + 1), eps
 
 
@@ -218,7 +199,7 @@ def error_vs_params(
     I, J = W.shape
     norm = float(np.linalg.norm(W))
     sigma = np.linalg.svd(W, compute_uv=False)
-    tail = np.append(np.cumsum((sigma**2)[::-1])[::-1], 0.0)
+    tail = tail_sums(sigma)
     exact = MPO.from_matrix(W, in_shape, out_shape, n_sites, method="svd")
     rows = []
     for mb in max_bonds:

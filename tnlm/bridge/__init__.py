@@ -3,23 +3,28 @@
 from tnlm.bridge.finetune import (
     ParamReport,
     freeze_central,
+    make_optimizer,
     mpo_modules,
     parameter_groups,
     parameter_report,
     train_auxiliary_only,
 )
-from tnlm.bridge.layer import GAUGES, MPOEmbedding, MPOLinear, MPOModule, export_gauge
+from tnlm.bridge.kinds import KINDS, dense_module, kind_of, weight_xw
+from tnlm.bridge.layer import MPOEmbedding, MPOLinear, MPOModule
 
 __all__ = [
-    "GAUGES",
+    "KINDS",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
     "ParamReport",
-    "export_gauge",
+    "dense_module",
     "freeze_central",
+    "kind_of",
+    "make_optimizer",
     "mpo_modules",
     "parameter_groups",
     "parameter_report",
     "train_auxiliary_only",
+    "weight_xw",
 ]

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tnlm.bridge.layer import MPOModule
 
-__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "ParamReport",
+__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "ParamReport", "make_optimizer",
            "parameter_report", "parameter_groups"]
 
 
@@ -100,3 +101,16 @@ def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "other"})
     return groups
+
+
+def make_optimizer(model: nn.Module, lr: float, mpo_lr: float | None = None,
+                   weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; MPO cores get ``mpo_lr`` (default ``lr``).
+
+    Raises:
+        ValueError: if nothing in ``model`` requires a gradient.
+    """
+    groups = parameter_groups(model, lr, mpo_lr, weight_decay)
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=lr)

@@ -19,28 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnlm.bridge import cost
+from tnlm.bridge import cost, kinds
 from tnlm.core.mpo import MPO, central_site
+from tnlm.core.plan import apply_plan, dense_plan, gather_plan
+from tnlm.core.spec import DecompositionSpec, apply_gauge
 
-__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "GAUGES", "export_gauge"]
-
-GAUGES = ("central", "symmetric", "left")
-
-
-def export_gauge(mpo: MPO, gauge: str) -> MPO:
-    """Bring ``mpo`` to the gauge its torch module starts from.
-
-    ``"central"``: orthogonality center on the central tensor (the auxiliary
-    tensors are isometries, the central one holds the norm); ``"symmetric"``:
-    the paper's gauge, each bond's √Λ on both neighbours; ``"left"``: as given.
-    """
-    if gauge == "central":
-        return mpo.canonicalize(mpo.central_index)
-    if gauge == "symmetric":
-        return mpo.symmetric_gauge()
-    if gauge == "left":
-        return mpo
-    raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
+__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding"]
 
 
 def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -83,6 +67,86 @@ class MPOModule(nn.Module):
         self.mode = _check_mode(mode)
         self.last_mode: str | None = None
         self.truncation_error = 0.0
+
+    #: the module kind this layer replaces (see :mod:`tnlm.bridge.kinds`); merging
+    #: returns a plain module of that kind
+    kind = "linear"
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def from_module(module: nn.Module, spec: DecompositionSpec | None = None,
+                    mode: str = "auto") -> MPOModule:
+        """The MPO layer replacing ``module`` (``nn.Linear``, transformers' ``Conv1D`` or
+        ``nn.Embedding``), decomposed by ``spec`` (default: :class:`DecompositionSpec()`).
+
+        The decomposition runs in float64; the cores are cast to the module's dtype
+        and ``truncation_error`` is the relative error of the cores actually stored.
+        """
+        kind = kinds.kind_of(module)
+        if kind is None:
+            raise TypeError("module must be an nn.Linear, transformers Conv1D or nn.Embedding, "
+                            f"got {type(module).__name__}")
+        spec = DecompositionSpec() if spec is None else spec
+        if not isinstance(spec, DecompositionSpec):
+            raise TypeError(f"spec must be a DecompositionSpec, got {type(spec).__name__}")
+        W = kinds.weight_xw(module)
+        mpo = spec.decompose(W.to(torch.float64))
+        dtype, device = module.weight.dtype, module.weight.device
+        if kind == "embedding":
+            extras = kinds.extras_of(module)
+            unsupported = {k: v for k, v in extras.items()
+                           if k != "padding_idx" and v not in (None, False, 2.0)}
+            if unsupported:
+                raise ValueError(f"nn.Embedding options {unsupported} are not supported by "
+                                 "MPOEmbedding; build the embedding without them")
+            layer = MPOEmbedding.from_mpo(mpo, extras["padding_idx"], mode, dtype=dtype)
+        else:
+            layer = MPOLinear.from_mpo(mpo, module.bias, mode, dtype=dtype, kind=kind)
+        layer.truncation_error = layer.measured_error(W)
+        return layer.to(device)
+
+    @torch.no_grad()
+    def measured_error(self, W: torch.Tensor) -> float:
+        """||W - W(cores)||_F / ||W||_F of the stored cores against W (in, out), in float64."""
+        W = W.detach().to(torch.float64)
+        cores = [c.detach().to(torch.float64) for c in self.cores]
+        approx = dense_plan(self.core_shapes).run_torch(*cores)
+        approx = approx.reshape(prod(self.in_shape), prod(self.out_shape))
+        approx = approx[: self.in_dim, : self.out_dim].to(W.device)
+        norm = float(torch.linalg.norm(W))
+        return float(torch.linalg.norm(W - approx)) / norm if norm > 0 else 0.0
+
+    # ------------------------------------------------------------------ description
+    def structure(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild an empty shell of this layer
+        (:meth:`from_structure`): kind, dims, core shapes, bias, options."""
+        return dict(kind=self.kind, in_dim=self.in_dim, out_dim=self.out_dim,
+                    core_shapes=[list(s) for s in self.core_shapes],
+                    bias=getattr(self, "bias", None) is not None,
+                    padding_idx=getattr(self, "padding_idx", None), mode=self.mode,
+                    truncation_error=float(self.truncation_error))
+
+    @staticmethod
+    def from_structure(spec: dict[str, Any], dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> MPOModule:
+        """An MPO layer of the shape ``spec`` (from :meth:`structure`) with zero cores,
+        ready for ``load_state_dict``."""
+        kind = kinds.get_kind(spec["kind"]).name
+        cores = [torch.zeros(s, dtype=dtype) for s in spec["core_shapes"]]
+        if kind == "embedding":
+            layer = MPOEmbedding(cores, spec["in_dim"], spec["out_dim"], spec.get("padding_idx"),
+                                 spec.get("mode", "auto"))
+        else:
+            bias = torch.zeros(spec["out_dim"], dtype=dtype) if spec["bias"] else None
+            layer = MPOLinear(cores, bias, spec["in_dim"], spec["out_dim"],
+                              spec.get("mode", "auto"), kind=kind)
+        layer.truncation_error = float(spec.get("truncation_error", 0.0))
+        return layer.to(device) if device is not None else layer
+
+    def merge(self) -> nn.Module:
+        """A plain module of :attr:`kind` with the dense weight (exact up to the rounding
+        of the contraction)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ structure
     @property
@@ -152,7 +216,7 @@ class MPOModule(nn.Module):
     def dense_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W of shape (in_dim, out_dim), contracted along the planned path (differentiable)."""
         cores = self._cores_as(dtype or self.cores[0].dtype)
-        W = cost.dense_plan(self.core_shapes).run_torch(*cores)
+        W = dense_plan(self.core_shapes).run_torch(*cores)
         W = W.reshape(prod(self.in_shape), prod(self.out_shape))
         return W[: self.in_dim, : self.out_dim]
 
@@ -191,6 +255,21 @@ class MPOModule(nn.Module):
             a.requires_grad_(b_flag)
             b.requires_grad_(a_flag)
 
+    @torch.no_grad()
+    def retruncate(self, max_bond: Any = None, cutoff: Any = None, max_error: Any = None, *,
+                   gauge: str = "symmetric") -> float:
+        """Truncate the current cores in canonical form and put them back in ``gauge``.
+
+        Policies as in :meth:`MPO.truncate` (relative to the current W). Returns the
+        relative error of this cut, ``||W - W'||_F / ||W||_F`` (exact);
+        ``truncation_error`` is not changed (the caller knows the reference).
+        Optimizers holding the old parameters must be rebuilt.
+        """
+        mpo = self.to_mpo().to_backend("pytorch").truncate(max_bond, cutoff, max_error)
+        mpo = apply_gauge(mpo, gauge)
+        self.set_cores(list(mpo.cores))
+        return float(mpo.truncation_error)
+
     def extra_repr(self) -> str:
         return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
                 f"out_shape={self.out_shape}, bond_dims={self.bond_dims}, "
@@ -206,8 +285,11 @@ class MPOLinear(MPOModule):
 
     def __init__(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
                  in_features: int | None = None, out_features: int | None = None,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", kind: str = "linear") -> None:
         super().__init__(cores, in_features, out_features, mode)
+        if kind not in ("linear", "conv1d"):
+            raise ValueError(f"kind must be 'linear' or 'conv1d', got {kind!r}")
+        self.kind = kind
         if bias is not None:
             bias = torch.as_tensor(bias)
             if bias.shape != (self.out_dim,):
@@ -231,9 +313,10 @@ class MPOLinear(MPOModule):
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: Any = None, mode: str = "auto",
-                 dtype: torch.dtype | None = None) -> MPOLinear:
-        """A layer computing ``x @ W(mpo) + bias``; cores taken as they are (no re-gauging)."""
-        layer = cls(_torch_cores(mpo, dtype), bias, mpo.in_dim, mpo.out_dim, mode)
+                 dtype: torch.dtype | None = None, kind: str = "linear") -> MPOLinear:
+        """A layer computing ``x @ W(mpo) + bias``; cores taken as they are (no re-gauging).
+        ``kind`` is what :meth:`merge` returns: ``"linear"`` or ``"conv1d"``."""
+        layer = cls(_torch_cores(mpo, dtype), bias, mpo.in_dim, mpo.out_dim, mode, kind)
         layer.truncation_error = mpo.truncation_error
         return layer
 
@@ -243,21 +326,15 @@ class MPOLinear(MPOModule):
                     max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
                     gauge: str = "symmetric", mode: str = "auto", pad: bool = False
                     ) -> MPOLinear:
-        """Decompose ``linear.weight.T`` (in, out) into an MPO layer.
-
-        The decomposition runs in float64 and the cores are cast back to the
-        layer's dtype. ``in_shape`` factors ``in_features``, ``out_shape`` factors
-        ``out_features``; truncation policies as in :meth:`tnlm.MPO.from_matrix`;
-        ``gauge`` as in :func:`export_gauge`.
-        """
+        """Decompose ``linear.weight.T`` (in, out) into an MPO layer: shorthand for
+        :meth:`MPOModule.from_module` with a :class:`~tnlm.core.spec.DecompositionSpec`
+        of these arguments (shapes factor in/out features; policies as in
+        :meth:`tnlm.MPO.from_matrix`; ``gauge`` as in :func:`~tnlm.core.spec.apply_gauge`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        W = linear.weight.detach().to(torch.float64).T
-        mpo = MPO.from_matrix(W, in_shape, out_shape, n_sites, max_bond=max_bond,
-                              cutoff=cutoff, max_error=max_error, pad=pad)
-        mpo = export_gauge(mpo, gauge)
-        layer = cls.from_mpo(mpo, linear.bias, mode, dtype=linear.weight.dtype)
-        return layer.to(linear.weight.device)
+        spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
+                                 pad, gauge)
+        return MPOModule.from_module(linear, spec, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
@@ -279,21 +356,20 @@ class MPOLinear(MPOModule):
         if self.in_dim != prod(self.in_shape):
             xb = F.pad(xb, (0, prod(self.in_shape) - self.in_dim))
         xb = xb.reshape(rows, *self.in_shape)
-        plan = cost.apply_plan(self.core_shapes, rows, self.in_shape)
+        plan = apply_plan(self.core_shapes, rows, self.in_shape)
         y = plan.run_torch(*self._cores_as(dtype), xb).reshape(rows, prod(self.out_shape))
         y = y[:, : self.out_dim].reshape(*lead, self.out_dim)
         return y if bias is None else y + bias
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """Merge back into a plain ``nn.Linear`` (exact up to rounding of the contraction)."""
-        p = self.cores[0]
-        lin = nn.Linear(self.in_dim, self.out_dim, bias=self.bias is not None,
-                        device=p.device, dtype=p.dtype)
-        lin.weight.copy_(self.dense_matrix().T)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+        """Merge back into a plain ``nn.Linear`` (whatever :attr:`kind`; see :meth:`merge`)."""
+        return kinds.dense_module("linear", self.dense_matrix(), self.bias)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Merge back into the kind this layer replaced (``nn.Linear`` or ``Conv1D``)."""
+        return kinds.dense_module(self.kind, self.dense_matrix(), self.bias)
 
 
 class MPOEmbedding(MPOModule):
@@ -311,6 +387,7 @@ class MPOEmbedding(MPOModule):
                  embedding_dim: int | None = None, padding_idx: int | None = None,
                  mode: str = "auto") -> None:
         super().__init__(cores, num_embeddings, embedding_dim, mode)
+        self.kind = "embedding"
         self.padding_idx = padding_idx
         strides = np.cumprod((1,) + self.in_shape[::-1][:-1])[::-1]
         self.register_buffer("_strides", torch.as_tensor(strides.copy()), persistent=False)
@@ -342,15 +419,13 @@ class MPOEmbedding(MPOModule):
                        gauge: str = "symmetric", mode: str = "auto", pad: bool = True
                        ) -> MPOEmbedding:
         """Decompose ``embedding.weight`` (vocab, dim); the vocabulary is zero-padded to a
-        factorizable size by default (``pad=True``, e.g. 30522 -> 30720)."""
+        factorizable size by default (``pad=True``, e.g. 30522 -> 30720). Shorthand for
+        :meth:`MPOModule.from_module`."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        E = embedding.weight.detach().to(torch.float64)
-        mpo = MPO.from_matrix(E, in_shape, out_shape, n_sites, max_bond=max_bond,
-                              cutoff=cutoff, max_error=max_error, pad=pad)
-        mpo = export_gauge(mpo, gauge)
-        layer = cls.from_mpo(mpo, embedding.padding_idx, mode, dtype=embedding.weight.dtype)
-        return layer.to(embedding.weight.device)
+        spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
+                                 pad, gauge)
+        return MPOModule.from_module(embedding, spec, mode)
 
     #: The gather path runs many small batched matmuls: measured ~10x fewer FLOP/s than
     #: the dense rebuild's large GEMMs on MiniLM's table (benchmarks/bench_layers.py).
@@ -360,8 +435,8 @@ class MPOEmbedding(MPOModule):
         """``(mode, gather_flops, dense_flops)`` for ``rows`` distinct token ids: per-token
         chain contractions vs rebuilding E. The gather FLOPs are weighted by
         :attr:`GATHER_EFFICIENCY` before comparing."""
-        gather = cost.gather_plan(self.core_shapes, rows).flops
-        dense = cost.dense_plan(self.core_shapes).flops
+        gather = gather_plan(self.core_shapes, rows).flops
+        dense = dense_plan(self.core_shapes).flops
         mode = "contract" if gather * self.GATHER_EFFICIENCY < dense else "dense"
         return mode, gather, dense
 
@@ -389,7 +464,7 @@ class MPOEmbedding(MPOModule):
                                                                      device=uniq.device)
         slices = [c.index_select(1, digits[:, k]).permute(1, 0, 2, 3)
                   for k, c in enumerate(self._cores_as(dtype))]
-        y = cost.gather_plan(self.core_shapes, rows).run_torch(*slices)
+        y = gather_plan(self.core_shapes, rows).run_torch(*slices)
         y = y.reshape(rows, prod(self.out_shape))[inverse, : self.out_dim]
         y = y.reshape(*ids.shape, self.out_dim)
         if self.padding_idx is not None:
@@ -401,8 +476,7 @@ class MPOEmbedding(MPOModule):
     @torch.no_grad()
     def to_embedding(self) -> nn.Embedding:
         """Merge back into a plain ``nn.Embedding``."""
-        p = self.cores[0]
-        emb = nn.Embedding(self.in_dim, self.out_dim, padding_idx=self.padding_idx,
-                           device=p.device, dtype=p.dtype)
-        emb.weight.copy_(self.dense_matrix())
-        return emb
+        return kinds.dense_module("embedding", self.dense_matrix(), None,
+                                  {"padding_idx": self.padding_idx})
+
+    merge = to_embedding

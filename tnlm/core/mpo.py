@@ -27,10 +27,10 @@ import tensornetwork as tn
 
 from tnlm.core import backend as B
 from tnlm.core import sweeps
-from tnlm.core.entropy import spectrum_entropy
 from tnlm.core.factorize import factorize, padded_dim
 from tnlm.core.plan import ContractionPlan, get_plan, network_equation
 from tnlm.core.policy import TruncationPolicy
+from tnlm.core.spectra import central_bond, spectrum_entropy
 from tnlm.core.table import format_table
 from tnlm.core.validation import (
     check_matrix,
@@ -323,6 +323,13 @@ class MPO:
         return central_site(self.site_params)
 
     @property
+    def central_bond(self) -> int:
+        """The bond used as "the central bond": of the bonds touching the central tensor,
+        the one with the larger bond dimension, the left one on a tie
+        (:func:`tnlm.core.spectra.central_bond`). ``ValueError`` for a single site."""
+        return central_bond(self.bond_dims, self.central_index)
+
+    @property
     def auxiliary_indices(self) -> tuple[int, ...]:
         """All sites except the central one."""
         return tuple(k for k in range(self.n_sites) if k != self.central_index)
@@ -464,6 +471,10 @@ class MPO:
         if bond is None:
             return np.array([spectrum_entropy(s, alpha) for s in self.bond_spectra()])
         return spectrum_entropy(self.singular_values(bond), alpha)
+
+    def central_entropy(self, alpha: float = 1.0) -> float:
+        """Entropy of :attr:`central_bond` (see :meth:`entanglement_entropy`)."""
+        return self.entanglement_entropy(self.central_bond, alpha)
 
     # ------------------------------------------------------------------ conversion
     def to_backend(self, backend: str) -> MPO:

@@ -7,6 +7,14 @@ search, executing it is a fixed sequence of pairwise contractions.
 
 FLOPs follow opt_einsum's count: a multiply-add is two operations, so a dense
 ``(B, I) @ (I, J)`` costs ``2·B·I·J``.
+
+Every einsum equation of tnlm is built here: :func:`network_equation` from a
+tensornetwork graph (what :class:`~tnlm.core.mpo.MPO` plans with), and the
+equations of a chain of n cores ``T_k[d_{k-1}, i_k, j_k, d_k]`` given only their
+shapes (what the torch modules plan with): :func:`dense_equation` (cores -> W),
+:func:`apply_equation` (x, cores -> y) and :func:`gather_equation` (selected rows
+of W), with the cached plans :func:`dense_plan`, :func:`apply_plan` and
+:func:`gather_plan`. The chain equations depend only on the number of sites.
 """
 
 from __future__ import annotations
@@ -20,7 +28,20 @@ import tensornetwork as tn
 
 from tnlm.core import backend as B
 
-__all__ = ["ContractionPlan", "get_plan", "network_equation"]
+__all__ = [
+    "ContractionPlan",
+    "get_plan",
+    "network_equation",
+    "dense_equation",
+    "apply_equation",
+    "gather_equation",
+    "dense_plan",
+    "apply_plan",
+    "gather_plan",
+]
+
+#: core shapes of a chain, one ``(d_{k-1}, i_k, j_k, d_k)`` per site
+CoreShapes = tuple[tuple[int, ...], ...]
 
 
 class ContractionPlan:
@@ -118,3 +139,57 @@ def network_equation(
     terms = ["".join(sym(e) for e in node.edges) for node in nodes]
     terms += ["".join(sym(e) for e in term) for term in extra_terms]
     return ",".join(terms) + "->" + "".join(sym(e) for e in output_edges)
+
+
+# ---------------------------------------------------------------- chains of n cores
+@lru_cache(maxsize=64)
+def _symbols(n: int) -> tuple[list[str], list[str], list[str], str]:
+    """Bond, in and out symbols for n sites, and the batch symbol."""
+    s = [oe.get_symbol(k) for k in range(4 * n + 2)]
+    bonds, ins, outs = s[: n + 1], s[n + 1: 2 * n + 1], s[2 * n + 1: 3 * n + 1]
+    return bonds, ins, outs, s[3 * n + 1]
+
+
+@lru_cache(maxsize=64)
+def dense_equation(n: int) -> str:
+    """``T_0,...,T_{n-1} -> W[i_1..i_n, j_1..j_n]``."""
+    bonds, ins, outs, _ = _symbols(n)
+    terms = [bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)]
+    return ",".join(terms) + "->" + "".join(ins) + "".join(outs)
+
+
+@lru_cache(maxsize=64)
+def apply_equation(n: int) -> str:
+    """``T_0,...,T_{n-1}, x[b, i_1..i_n] -> y[b, j_1..j_n]``."""
+    bonds, ins, outs, b = _symbols(n)
+    terms = [bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)]
+    return ",".join(terms) + "," + b + "".join(ins) + "->" + b + "".join(outs)
+
+
+@lru_cache(maxsize=64)
+def gather_equation(n: int) -> str:
+    """Rows of W selected per token: ``S_k[b, d_{k-1}, j_k, d_k] -> y[b, j_1..j_n]``.
+
+    The batch symbol is shared by every operand (a hyperedge), so each token's
+    row is a chain contraction of its selected core slices.
+    """
+    bonds, _, outs, b = _symbols(n)
+    terms = [b + bonds[k] + outs[k] + bonds[k + 1] for k in range(n)]
+    return ",".join(terms) + "->" + b + "".join(outs)
+
+
+def dense_plan(core_shapes: CoreShapes) -> ContractionPlan:
+    """The cached plan of :func:`dense_equation` over cores of these shapes."""
+    return get_plan(dense_equation(len(core_shapes)), core_shapes)
+
+
+def apply_plan(core_shapes: CoreShapes, rows: int, in_shape: tuple[int, ...]) -> ContractionPlan:
+    """The cached plan of :func:`apply_equation` for ``x`` of shape ``(rows, *in_shape)``."""
+    return get_plan(apply_equation(len(core_shapes)), (*core_shapes, (rows, *in_shape)))
+
+
+def gather_plan(core_shapes: CoreShapes, rows: int) -> ContractionPlan:
+    """The cached plan of :func:`gather_equation` for ``rows`` selected rows: operand k
+    is core k sliced at each row's input index, shape ``(rows, d_{k-1}, j_k, d_k)``."""
+    shapes = tuple((rows, s[0], s[2], s[3]) for s in core_shapes)
+    return get_plan(gather_equation(len(core_shapes)), shapes)

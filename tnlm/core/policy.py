@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tnlm.core.spectra import tail_sums
+
 __all__ = ["TruncationPolicy"]
 
 
@@ -121,7 +123,6 @@ class TruncationPolicy:
             else:
                 remaining = self.n_bonds - bond
                 budget_sq = max((self.max_error * norm) ** 2 - spent_sq, 0.0) / remaining
-            # tail[r] = Σ_{i>=r} s_i²: discarded weight if r values are kept
-            tail = np.concatenate([np.cumsum((s**2)[::-1])[::-1], [0.0]])
+            tail = tail_sums(s)  # tail[r]: discarded weight if r values are kept
             k = min(k, int(np.argmax(tail <= budget_sq * (1 + 1e-12))))
         return max(k, 1)

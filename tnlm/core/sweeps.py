@@ -23,6 +23,7 @@ import numpy as np
 
 from tnlm.core import backend as B
 from tnlm.core.policy import TruncationPolicy
+from tnlm.core.spectra import tail_sums
 
 Tensor = B.Tensor
 
@@ -152,7 +153,7 @@ def symmetric_gauge(
         s64 = _to_np64(s)
         # keep s > rtol * s_max and s > 0 (at least one value, so a zero matrix stays valid)
         keep = max(1, int(np.count_nonzero((s64 > rtol * s64[0]) & (s64 > 0))))
-        discarded_sq += float(np.sum(s64[keep:] ** 2))
+        discarded_sq += float(tail_sums(s64)[keep])
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
         cores[k] = vh.reshape(keep, i, j, d1)
         cores[k - 1] = _absorb_left(cores[k - 1], u * s[None, :])
@@ -226,7 +227,7 @@ def tt_svd(
         u, s, vh = B.svd(rest.reshape(d0 * ij, -1))
         s64 = _to_np64(s)
         r = policy.rank(k, s64, norm, spent)
-        cut = float(np.sum(s64[r:] ** 2))
+        cut = float(tail_sums(s64)[r])
         spent += cut
         cores.append(u[:, :r].reshape(d0, in_shape[k], out_shape[k], r))
         rest = s[:r, None] * vh[:r]
@@ -250,7 +251,7 @@ def truncate(cores: list[Tensor], policy: TruncationPolicy, norm: float) -> Swee
         u, s, vh = B.svd(_left_matrix(cores[k]))
         s64 = _to_np64(s)
         r = policy.rank(k, s64, norm, spent)
-        cut = float(np.sum(s64[r:] ** 2))
+        cut = float(tail_sums(s64)[r])
         spent += cut
         cores[k] = u[:, :r].reshape(d0, i, j, r)
         cores[k + 1] = _absorb_right(s[:r, None] * vh[:r], cores[k + 1])

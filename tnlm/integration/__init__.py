@@ -1,4 +1,4 @@
-"""transformers integration: MPO replacement of model layers, saving, squeezing."""
+"""transformers integration: MPO replacement of model layers, merging, checkpoints."""
 
 from tnlm.integration.config import MPOConfig
 from tnlm.integration.default_model import (
@@ -7,6 +7,7 @@ from tnlm.integration.default_model import (
     load_default_weights,
     mean_pooled,
 )
+from tnlm.integration.io import load_tensors
 from tnlm.integration.model import MPOModel, get_mpo_model
 from tnlm.integration.report import format_report, report_totals
 
@@ -18,6 +19,7 @@ __all__ = [
     "get_mpo_model",
     "load_default_model",
     "load_default_weights",
+    "load_tensors",
     "mean_pooled",
     "report_totals",
 ]

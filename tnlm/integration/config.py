@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tnlm.core.spec import GAUGES, DecompositionSpec
+
 __all__ = ["MPOConfig", "TRAIN_MODES"]
 
 TRAIN_MODES = ("auxiliary", "all")
@@ -75,8 +77,8 @@ class MPOConfig:
             self.target_modules = list(t)
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
-        if self.gauge not in ("central", "symmetric", "left"):
-            raise ValueError(f"gauge must be 'central', 'symmetric' or 'left', got {self.gauge!r}")
+        if self.gauge not in GAUGES:
+            raise ValueError(f"gauge must be one of {GAUGES}, got {self.gauge!r}")
         if self.mode not in ("auto", "contract", "dense"):
             raise ValueError(f"mode must be 'auto', 'contract' or 'dense', got {self.mode!r}")
         if isinstance(self.n_sites, bool) or not isinstance(self.n_sites, int) or self.n_sites < 1:
@@ -112,6 +114,13 @@ class MPOConfig:
                     isinstance(self.target_modules, str) and re.fullmatch(pattern, name)):
                 opts.update(extra)
         return opts
+
+    def spec_for(self, name: str, in_dim: int, out_dim: int) -> tuple[DecompositionSpec, str]:
+        """The :class:`~tnlm.core.spec.DecompositionSpec` and forward mode of module
+        ``name`` of shape (in_dim, out_dim)."""
+        opts = self.options_for(name, in_dim, out_dim)
+        mode = opts.pop("mode")
+        return DecompositionSpec(**opts), mode
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

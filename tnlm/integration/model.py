@@ -14,122 +14,44 @@ A PEFT user should feel at home::
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import (
-    MPOEmbedding,
-    MPOLinear,
     MPOModule,
+    kind_of,
     parameter_report,
     train_auxiliary_only,
+    weight_xw,
 )
-from tnlm.bridge.layer import export_gauge
-from tnlm.core import MPO
+from tnlm.integration import io
 from tnlm.integration.config import MPOConfig
 
-__all__ = ["MPOModel", "get_mpo_model", "CONFIG_NAME", "FORMAT_VERSION"]
-
-CONFIG_NAME = "mpo_config.json"
-FORMAT_VERSION = 1
+__all__ = ["MPOModel", "get_mpo_model", "module_paths", "set_module"]
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
-
-
-def _kind(module: nn.Module) -> str | None:
-    conv = _conv1d_type()
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if conv is not None and isinstance(module, conv):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
-
-
-def _weight_xw(module: nn.Module, kind: str) -> torch.Tensor:
-    """W in the ``y = x @ W`` convention."""
-    w = module.weight.detach()
-    return w.T if kind == "linear" else w  # Conv1D stores (in, out); Embedding (vocab, dim)
-
-
-def _all_paths(root: nn.Module) -> dict[int, list[str]]:
+def module_paths(root: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every dotted path under which ``root`` holds it (shared modules
+    have several)."""
     paths: dict[int, list[str]] = {}
     for name, module in root.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
     return paths
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted path ``name`` of ``root``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        Path(tmp).chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _decompose(module: nn.Module, kind: str, opts: dict[str, Any]) -> MPOModule:
-    W = _weight_xw(module, kind).to(torch.float64)
-    gauge, mode = opts["gauge"], opts["mode"]
-    mpo = MPO.from_matrix(W, opts["in_shape"], opts["out_shape"], opts["n_sites"],
-                          max_bond=opts["max_bond"], cutoff=opts["cutoff"],
-                          max_error=opts["max_error"], pad=opts["pad"])
-    mpo = export_gauge(mpo, gauge)
-    dtype, device = module.weight.dtype, module.weight.device
-    if kind == "embedding":
-        layer = MPOEmbedding.from_mpo(mpo, module.padding_idx, mode, dtype=dtype)
-    else:
-        layer = MPOLinear.from_mpo(mpo, module.bias, mode, dtype=dtype)
-    return layer.to(device)
-
-
-def _empty_module(spec: dict[str, Any], like: nn.Module) -> MPOModule:
-    dtype = like.weight.dtype
-    cores = [torch.zeros(s, dtype=dtype) for s in spec["core_shapes"]]
-    if spec["kind"] == "embedding":
-        layer = MPOEmbedding(cores, spec["in_dim"], spec["out_dim"], spec.get("padding_idx"),
-                             spec.get("mode", "auto"))
-    else:
-        bias = torch.zeros(spec["out_dim"], dtype=dtype) if spec["bias"] else None
-        layer = MPOLinear(cores, bias, spec["in_dim"], spec["out_dim"], spec.get("mode", "auto"))
-    layer.truncation_error = float(spec.get("truncation_error", 0.0))
-    return layer.to(like.weight.device)
 
 
 class MPOModel(nn.Module):
@@ -140,12 +62,10 @@ class MPOModel(nn.Module):
     sees the right input columns.
     """
 
-    def __init__(self, model: nn.Module, config: MPOConfig,
-                 kinds: dict[str, str] | None = None) -> None:
+    def __init__(self, model: nn.Module, config: MPOConfig) -> None:
         super().__init__()
         self.base_model = model
         self.mpo_config = config
-        self.mpo_kinds: dict[str, str] = dict(kinds or {})
         self.forward = model.forward  # keeps the base signature for Trainer
 
     def __getattr__(self, name: str) -> Any:
@@ -188,7 +108,7 @@ class MPOModel(nn.Module):
         for name, m in self.mpo_modules():
             mpo = m.to_mpo()
             rows.append(dict(
-                name=name, kind=self.mpo_kinds.get(name, "linear"), shape=[m.in_dim, m.out_dim],
+                name=name, kind=m.kind, shape=[m.in_dim, m.out_dim],
                 in_shape=list(m.in_shape), out_shape=list(m.out_shape),
                 bond_dims=list(m.bond_dims), params_before=m.in_dim * m.out_dim,
                 params_after=sum(c.numel() for c in m.cores),
@@ -201,121 +121,52 @@ class MPOModel(nn.Module):
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
-        """Replace every MPO module by its dense equivalent; return the plain base model."""
+        """Replace every MPO module by a plain module of the kind it replaced
+        (``nn.Linear``, ``Conv1D``, ``nn.Embedding``); return the plain base model."""
         base = self.base_model
-        paths = _all_paths(base)
-        conv = _conv1d_type()
-        for name, m in list(self.mpo_modules()):
-            kind = self.mpo_kinds.get(name, "linear")
-            if isinstance(m, MPOEmbedding):
-                new = m.to_embedding()
-            elif kind == "conv1d":
-                new = conv(m.out_dim, m.in_dim).to(device=m.cores[0].device, dtype=m.cores[0].dtype)
-                new.weight.copy_(m.dense_matrix())
-                if m.bias is not None:
-                    new.bias.copy_(m.bias)
-                else:
-                    new.bias = None
-            else:
-                new = m.to_linear()
+        paths = module_paths(base)
+        for _, m in list(self.mpo_modules()):
+            new = m.merge()
             for path in paths[id(m)]:
-                _set_module(base, path, new)
+                set_module(base, path, new)
         return base
 
     # ------------------------------------------------------------------ persistence
-    def _structure(self) -> dict[str, Any]:
-        out = {}
-        for name, m in self.mpo_modules():
-            out[name] = dict(
-                kind=self.mpo_kinds.get(name, "linear"), in_dim=m.in_dim, out_dim=m.out_dim,
-                core_shapes=[list(s) for s in m.core_shapes],
-                bias=getattr(m, "bias", None) is not None,
-                padding_idx=getattr(m, "padding_idx", None), mode=m.mode,
-                truncation_error=float(m.truncation_error),
-            )
-        return out
-
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Save the whole model state (safetensors, no pickle) and ``mpo_config.json``.
-
-        Nothing already in ``directory`` is lost if saving fails: the weights go to a
-        new file named after their SHA-256 (``mpo_model-<sha12>.safetensors``), written
-        to a temporary file and renamed; then ``mpo_config.json``, which names that
-        file and records its full SHA-256, replaces the old config in one rename;
-        only then are weight files the config no longer names removed. A tampered or
-        truncated weights file is refused on loading.
-        """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = dict(format_version=FORMAT_VERSION, config=self.mpo_config.to_dict(),
-                    modules=self._structure(),
+        """Save the whole model state (safetensors, no pickle) and ``mpo_config.json``
+        atomically; see :mod:`tnlm.integration.io` for what is guaranteed."""
+        meta = dict(config=self.mpo_config.to_dict(),
+                    modules={n: m.structure() for n, m in self.mpo_modules()},
                     base_model_class=type(self.base_model).__name__)
-        json.dumps(meta)  # fail before touching the folder if anything is not serializable
-        fd, tmp_name = tempfile.mkstemp(dir=d, prefix=".weights.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            save_model(self.base_model, str(tmp))
-            digest = _sha256(tmp)
-            weights = d / f"mpo_model-{digest[:12]}.safetensors"
-            tmp.chmod(0o644)
-            os.replace(tmp, weights)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        meta.update(weights=weights.name, sha256=digest)
-        _atomic_write(d / CONFIG_NAME,
-                      lambda t: t.write_text(json.dumps(meta, indent=1, sort_keys=True)))
-        for old in d.glob("mpo_model*.safetensors"):
-            if old.name != weights.name:
-                old.unlink()
-        return d
+        return io.write_checkpoint(directory, meta, self.base_model)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike,
                         train: str | None = None) -> MPOModel:
         """Rebuild the MPO structure on ``base_model`` (a fresh instance of the same
         architecture) and load the saved state, bit-exact. No decomposition is run."""
-        d = Path(directory)
-        cfg_path = d / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {d}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: unsupported format_version "
-                             f"{meta.get('format_version')!r} (expected {FORMAT_VERSION})")
-        weights = d / meta["weights"]
-        if not weights.is_file():
-            raise FileNotFoundError(f"weights file {weights} is missing")
-        digest = _sha256(weights)
-        if digest != meta["sha256"]:
-            raise ValueError(f"{weights} does not match the SHA-256 recorded in {CONFIG_NAME} "
-                             "(the file is truncated, corrupted or was modified); refusing to load")
+        meta = io.read_meta(directory)
+        weights = io.verified_weights(directory, meta)
         config = MPOConfig.from_dict(meta["config"])
-        paths = _all_paths(base_model)
-        kinds = {}
+        paths = module_paths(base_model)
         for name, spec in meta["modules"].items():
             try:
                 old = base_model.get_submodule(name)
             except AttributeError as err:
                 raise ValueError(f"saved module {name!r} does not exist in the base model "
                                  f"{type(base_model).__name__}") from err
-            if _kind(old) != spec["kind"]:
+            if kind_of(old) != spec["kind"]:
                 raise ValueError(f"saved module {name!r} is a {spec['kind']} but the base model "
                                  f"has {type(old).__name__}")
-            new = _empty_module(spec, old)
+            new = MPOModule.from_structure(spec, old.weight.dtype, old.weight.device)
             for path in paths[id(old)]:
-                _set_module(base_model, path, new)
-            kinds[name] = spec["kind"]
+                set_module(base_model, path, new)
         try:
             load_model(base_model, str(weights), strict=True)
         except (SafetensorError, RuntimeError) as err:
             raise ValueError(f"cannot load {weights} into {type(base_model).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
-        model = cls(base_model, config, kinds)
+        model = cls(base_model, config)
         return model.setup_training(train)
 
 
@@ -333,7 +184,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         raise ValueError("model is already an MPOModel")
     supported: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if name and _kind(module) is not None:
+        if name and kind_of(module) is not None:
             supported[name] = module
     targets = [n for n in supported if config.is_target(n)]
     patterns = config.target_modules if isinstance(config.target_modules, list) else [
@@ -357,7 +208,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         for pname, param in module.named_parameters(prefix=mname, recurse=False,
                                                     remove_duplicate=False):
             owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
-    paths = _all_paths(model)
+    paths = module_paths(model)
     for name in targets:
         weight = supported[name].weight
         others = owners.get(id(weight), set()) - set(paths[id(supported[name])])
@@ -365,20 +216,17 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             raise ValueError(f"module {name!r} shares its weight with {sorted(others)} (tied "
                              "weights); an MPO would silently untie them: untie them first or "
                              "leave the module out of target_modules")
-    kinds = {}
     for name in tqdm(targets, desc="MPO decomposition", disable=not progress, leave=False):
         old = supported[name]
-        kind = _kind(old)
-        W = _weight_xw(old, kind)
-        opts = config.options_for(name, W.shape[0], W.shape[1])
+        I, J = weight_xw(old).shape
+        spec, mode = config.spec_for(name, I, J)
         try:
-            new = _decompose(old, kind, opts)
+            new = MPOModule.from_module(old, spec, mode)
         except ValueError as err:
-            raise ValueError(f"module {name!r} ({W.shape[0]}x{W.shape[1]}): {err}") from err
+            raise ValueError(f"module {name!r} ({I}x{J}): {err}") from err
         for path in paths[id(old)]:
-            _set_module(model, path, new)
-            kinds[path] = kind
-    wrapped = MPOModel(model, config, kinds)
+            set_module(model, path, new)
+    wrapped = MPOModel(model, config)
     wrapped.setup_training()
     for name, module in model.named_modules():
         if any(config.pattern_matches(p, name) for p in config.modules_to_save):

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from tnlm.bridge import MPOModule, mpo_modules
-from tnlm.bridge.layer import export_gauge
-from tnlm.integration.model import MPOModel
+from tnlm.core.spectra import tail_sums
+from tnlm.integration import MPOModel
 
 __all__ = ["DimensionSqueezer", "SqueezeStep", "SqueezeResult"]
 
@@ -91,7 +91,8 @@ class DimensionSqueezer:
         max_iters: iteration limit.
         target_params: stop once the MPO modules hold at most this many parameters.
         bonds: ``"central"`` (the central tensor's two bonds) or ``"all"``.
-        gauge: the gauge the cut module's cores are put back in (see ``export_gauge``).
+        gauge: the gauge the cut module's cores are put back in
+            (:func:`tnlm.core.spec.apply_gauge`).
         min_dim: never cut a bond below this.
         refresh_spectra: recompute a module's spectra after cutting it (an SVD sweep).
         cuts_per_iter: cuts made (best first, by estimate) before each recovery and
@@ -142,20 +143,25 @@ class DimensionSqueezer:
         c = m.central_index
         return [b for b in (c - 1, c) if 0 <= b < m.n_sites - 1]
 
-    def candidates(self) -> list[tuple[float, str, int, int]]:
-        """``(added_error, module, bond, new_dim)`` for every possible next cut, best first."""
+    def _added(self, name: str, bond: int, dim: int) -> float:
+        """Relative squared weight discarded by cutting ``bond`` of ``name`` from ``dim``
+        to ``dim - step`` (from the cached spectrum)."""
+        tail = tail_sums(self._spectra[name][bond][:dim])
+        return float(tail[dim - self.step]) / self._norm_sq[name]
+
+    def _moves(self, dims: dict[str, list[int]]) -> list[tuple[float, str, int, int]]:
         out = []
         for name, m in self.modules.items():
             for b in self._candidate_bonds(m):
-                d = m.bond_dims[b]
-                new = d - self.step
-                if new < self.min_dim:
-                    continue
-                s = self._spectra[name][b]
-                added = float(np.sum(s[new:d] ** 2)) / self._norm_sq[name]
-                out.append((added, name, b, new))
+                d = dims[name][b]
+                if d - self.step >= self.min_dim:
+                    out.append((self._added(name, b, d), name, b, d - self.step))
         out.sort(key=lambda c: (c[0], c[1], c[2]))
         return out
+
+    def candidates(self) -> list[tuple[float, str, int, int]]:
+        """``(added_error, module, bond, new_dim)`` for every possible next cut, best first."""
+        return self._moves({k: list(m.bond_dims) for k, m in self.modules.items()})
 
     def schedule(self, n: int = 10) -> list[tuple[str, int, int, float]]:
         """The next ``n`` cuts the greedy would make by estimate alone (a dry run):
@@ -163,20 +169,12 @@ class DimensionSqueezer:
         dims = {k: list(m.bond_dims) for k, m in self.modules.items()}
         plan = []
         for _ in range(n):
-            best = None
-            for name, m in self.modules.items():
-                for b in self._candidate_bonds(m):
-                    d = dims[name][b]
-                    if d - self.step < self.min_dim:
-                        continue
-                    s = self._spectra[name][b]
-                    added = float(np.sum(s[d - self.step: d] ** 2)) / self._norm_sq[name]
-                    if best is None or added < best[0]:
-                        best = (added, name, b, d - self.step)
-            if best is None:
+            moves = self._moves(dims)
+            if not moves:
                 break
-            plan.append((best[1], best[2], best[3], best[0]))
-            dims[best[1]][best[2]] = best[3]
+            added, name, b, new = moves[0]
+            plan.append((name, b, new, added))
+            dims[name][b] = new
         return plan
 
     def mpo_params(self) -> int:
@@ -187,9 +185,7 @@ class DimensionSqueezer:
         m = self.modules[name]
         dims = list(m.bond_dims)
         dims[bond] = new_dim
-        mpo = m.to_mpo().to_backend("pytorch").truncate(max_bond=dims)
-        mpo = export_gauge(mpo, self.gauge)
-        m.set_cores(list(mpo.cores))
+        m.retruncate(max_bond=dims, gauge=self.gauge)
 
     @torch.no_grad()
     def _snapshot(self) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:

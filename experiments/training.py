@@ -1,5 +1,5 @@
-"""A small training loop and evaluation for sequence classification (used by squeezing,
-the experiments and the notebooks). ``transformers.Trainer`` works too."""
+"""A small training loop and evaluation for sequence classification, for the experiments
+and the notebooks (``make_optimizer`` lives in :mod:`tnlm.bridge.finetune`)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import parameter_groups
+from tnlm.bridge import make_optimizer
 
 __all__ = ["make_optimizer", "train_steps", "evaluate", "matthews"]
-
-
-def make_optimizer(model: nn.Module, lr: float, mpo_lr: float | None = None,
-                   weight_decay: float = 0.01) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; MPO cores get ``mpo_lr`` (default ``lr``)."""
-    groups = parameter_groups(model, lr, mpo_lr, weight_decay)
-    if not groups:
-        raise ValueError("model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 def train_steps(model: nn.Module, batches: Iterator[dict], optimizer: torch.optim.Optimizer,

@@ -1,0 +1,142 @@
+"""Parameter budgets (tnlm.core.budget): counts without decomposing, uniform caps for a
+budget, and the global bond allocation across many MPOs."""
+
+import numpy as np
+import pytest
+
+from tnlm import MPO
+from tnlm.core import (
+    allocate_bonds,
+    bond_bounds,
+    max_bond_for_params,
+    mpo_params,
+    params_for_bonds,
+    uniform_max_bond,
+)
+
+from .conftest import rel_err
+from .test_analysis import IN, OUT, structured
+
+
+# ---------------------------------------------------------------- counts and caps
+def test_budget_helpers_match_real_decompositions(rng):
+    ins, outs = (2, 4, 4, 4, 3), (4, 4, 6, 4, 4)
+    W = rng.standard_normal((384, 1536))
+    exact = MPO.from_matrix(W, ins, outs)
+    assert list(exact.bond_dims) == bond_bounds(ins, outs)
+    assert exact.num_params == mpo_params(ins, outs)
+    assert params_for_bonds(exact.bond_dims, ins, outs) == exact.num_params
+    for chi in (1, 7, 50, 10_000):
+        assert MPO.from_matrix(W, ins, outs, max_bond=chi).num_params == mpo_params(ins, outs, chi)
+    budget = 147456
+    chi = max_bond_for_params(ins, outs, budget)
+    assert mpo_params(ins, outs, chi) <= budget < mpo_params(ins, outs, chi + 1)
+    with pytest.raises(ValueError, match="budget 10 is below"):
+        max_bond_for_params(ins, outs, 10)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.5, 1.0])
+def test_uniform_max_bond_is_the_largest_cap_within_the_fraction(fraction):
+    ins, outs = (2, 4, 4, 4, 3), (4, 4, 6, 4, 4)  # 384 x 1536
+    dense = 384 * 1536
+    chi = uniform_max_bond(ins, outs, fraction)
+    assert mpo_params(ins, outs, chi) <= fraction * dense < mpo_params(ins, outs, chi + 1)
+    assert chi == max_bond_for_params(ins, outs, int(fraction * dense))
+
+
+def test_uniform_max_bond_half_size_of_minilm_shapes():
+    # what experiments/glue.py used for the 50% arms: budget I*J // 2
+    from tnlm.core import factorize
+
+    for I, J in ((384, 384), (384, 1536), (1536, 384)):
+        ins, outs = factorize(I, 5), factorize(J, 5)
+        assert uniform_max_bond(ins, outs, 0.5) == max_bond_for_params(ins, outs, I * J // 2)
+
+
+def test_uniform_max_bond_padded_shapes_use_the_logical_size():
+    ins, outs = (2, 4, 4), (2, 4, 4)  # 32 x 32 sites for a 30 x 26 matrix
+    logical = uniform_max_bond(ins, outs, 0.5, dense_params=30 * 26)
+    assert mpo_params(ins, outs, logical) <= 0.5 * 30 * 26 < mpo_params(ins, outs, logical + 1)
+    assert logical < uniform_max_bond(ins, outs, 0.5)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), float("inf")])
+def test_uniform_max_bond_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        uniform_max_bond((4, 4), (4, 4), fraction)
+
+
+def test_uniform_max_bond_bad_input():
+    with pytest.raises(TypeError, match="fraction"):
+        uniform_max_bond((4, 4), (4, 4), "0.5")
+    with pytest.raises(TypeError, match="fraction"):
+        uniform_max_bond((4, 4), (4, 4), True)
+    with pytest.raises(ValueError, match="fraction=0.01 .*below the smallest MPO"):
+        uniform_max_bond((4, 4), (4, 4), 0.01)  # 2.56 params, the smallest MPO has 32
+    with pytest.raises(ValueError, match="dense_params"):
+        uniform_max_bond((4, 4), (4, 4), 0.5, dense_params=0)
+    with pytest.raises(TypeError, match="dense_params"):
+        uniform_max_bond((4, 4), (4, 4), 0.5, dense_params=256.0)
+
+
+# ---------------------------------------------------------------- allocation
+@pytest.fixture
+def module_mpos(rng):
+    mats = {"random": rng.standard_normal((64, 48)), "structured": structured(rng, 1e-2)}
+    return mats, {k: MPO.from_matrix(W, IN, OUT) for k, W in mats.items()}
+
+
+def test_allocation_meets_budget_and_bounds_error(module_mpos):
+    mats, mpos = module_mpos
+    total_dense = 2 * 64 * 48
+    alloc = allocate_bonds(mpos, 0.3)
+    assert alloc.budget == int(0.3 * total_dense)
+    assert alloc.total_params <= alloc.budget
+    out = alloc.apply(mpos)
+    for name, W in mats.items():
+        assert out[name].bond_dims == tuple(alloc.max_bond[name])
+        assert out[name].num_params == alloc.params[name]
+        assert alloc.params[name] == params_for_bonds(alloc.max_bond[name], IN, OUT)
+        measured = rel_err(out[name].to_matrix(), W)
+        assert alloc.errors[name] >= measured - 1e-10
+    # the structured matrix is cheap to compress: the random one gets the parameters
+    assert alloc.params["random"] > alloc.params["structured"]
+    assert alloc.errors["structured"] < 0.05
+    bigger = allocate_bonds(mpos, 0.6)
+    assert bigger.total_params > alloc.total_params
+    assert bigger.total_sq_error < alloc.total_sq_error
+    measured_sq = sum(rel_err(bigger.apply(mpos)[n].to_matrix(), mats[n]) ** 2 for n in mats)
+    assert measured_sq < sum(rel_err(out[n].to_matrix(), mats[n]) ** 2 for n in mats)
+    report = alloc.report()
+    assert "random" in report and "structured" in report and f"{alloc.budget:,}" in report
+
+
+def test_allocation_absolute_budget_and_full(module_mpos):
+    _, mpos = module_mpos
+    alloc = allocate_bonds(mpos, 1500, step=2)
+    assert alloc.total_params <= 1500 and alloc.budget == 1500
+    full = allocate_bonds(mpos, 1.0)  # exact MPOs (3472 params) exceed dense 3072: cuts needed
+    assert alloc.total_params < full.total_params <= 2 * 3072
+    assert full.errors["random"] < alloc.errors["random"]
+    # already small MPOs fit: nothing is cut, the estimate is 0
+    small = {k: m.truncate(max_bond=2) for k, m in mpos.items()}
+    none_cut = allocate_bonds(small, 0.5)
+    assert none_cut.max_bond == {k: [2, 2] for k in small}
+    assert none_cut.total_params == 2 * params_for_bonds([2, 2], IN, OUT)
+    assert max(none_cut.errors.values()) < 1e-7
+
+
+@pytest.mark.parametrize("budget", [0, -5, 0.0, 1.5, float("nan"), 10**9, 50])
+def test_allocation_bad_budget(module_mpos, budget):
+    with pytest.raises(ValueError, match="budget"):
+        allocate_bonds(module_mpos[1], budget)
+
+
+def test_allocation_bad_mpos(module_mpos):
+    with pytest.raises(ValueError, match="mpos"):
+        allocate_bonds({}, 0.5)
+    with pytest.raises(TypeError, match="mpos"):
+        allocate_bonds({"a": np.eye(4)}, 0.5)
+    alloc = allocate_bonds(module_mpos[1], 0.5)
+    with pytest.raises(ValueError, match="mpos"):
+        alloc.apply({"random": module_mpos[1]["random"]})

@@ -1,0 +1,125 @@
+"""The module kinds an MPO can replace, and which way each stores its weight.
+
+tnlm's convention is ``y = x @ W`` with W of shape (in, out). Each kind knows
+how to read W from a module of its type and how to build a plain module of its
+type back from W, so that merging returns what was decomposed:
+
+=============  ==============================  ==================  ===============
+kind           module type                     stored weight       W (in, out)
+=============  ==============================  ==================  ===============
+``linear``     ``torch.nn.Linear``             (out, in)           ``weight.T``
+``conv1d``     ``transformers...Conv1D``       (in, out)           ``weight``
+``embedding``  ``torch.nn.Embedding``          (vocab, dim)        ``weight``
+=============  ==============================  ==================  ===============
+
+This is the only module that knows these orientations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Kind", "KINDS", "kind_of", "get_kind", "weight_xw", "dense_module"]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One supported module kind.
+
+    Attributes:
+        name: ``"linear"``, ``"conv1d"`` or ``"embedding"``.
+        module_type: returns the torch class (or ``None`` when unavailable).
+        transposed: True when the stored weight is W.T (``nn.Linear``).
+        build: ``build(in_dim, out_dim, bias, extras, device, dtype)`` -> an empty module.
+    """
+
+    name: str
+    module_type: Callable[[], type | None]
+    transposed: bool
+    build: Callable[..., nn.Module]
+
+    def matches(self, module: nn.Module) -> bool:
+        t = self.module_type()
+        return t is not None and isinstance(module, t)
+
+
+def _build_linear(in_dim, out_dim, bias, extras, device, dtype) -> nn.Module:
+    return nn.Linear(in_dim, out_dim, bias=bias, device=device, dtype=dtype)
+
+
+def _build_conv1d(in_dim, out_dim, bias, extras, device, dtype) -> nn.Module:
+    m = _conv1d_type()(out_dim, in_dim).to(device=device, dtype=dtype)
+    if not bias:
+        m.bias = None
+    return m
+
+
+def _build_embedding(in_dim, out_dim, bias, extras, device, dtype) -> nn.Module:
+    return nn.Embedding(in_dim, out_dim, device=device, dtype=dtype, **extras)
+
+
+KINDS: dict[str, Kind] = {
+    "linear": Kind("linear", lambda: nn.Linear, True, _build_linear),
+    "conv1d": Kind("conv1d", _conv1d_type, False, _build_conv1d),
+    "embedding": Kind("embedding", lambda: nn.Embedding, False, _build_embedding),
+}
+
+#: nn.Embedding options kept through decomposition and merging
+EMBEDDING_EXTRAS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The kind name of ``module``, or ``None`` if no MPO can replace it."""
+    for kind in KINDS.values():
+        if kind.matches(module):
+            return kind.name
+    return None
+
+
+def get_kind(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {name!r}") from None
+
+
+def weight_xw(module: nn.Module) -> torch.Tensor:
+    """W (in, out) of ``module`` in the ``y = x @ W`` convention (a detached view)."""
+    name = kind_of(module)
+    if name is None:
+        raise TypeError(f"module must be one of {tuple(KINDS)}, got {type(module).__name__}")
+    w = module.weight.detach()
+    return w.T if KINDS[name].transposed else w
+
+
+def extras_of(module: nn.Module) -> dict[str, Any]:
+    """Options of ``module`` besides its weight and bias that a merge must restore."""
+    if kind_of(module) == "embedding":
+        return {k: getattr(module, k) for k in EMBEDDING_EXTRAS}
+    return {}
+
+
+@torch.no_grad()
+def dense_module(kind: str, W: torch.Tensor, bias: torch.Tensor | None,
+                 extras: dict[str, Any] | None = None) -> nn.Module:
+    """A plain module of ``kind`` computing ``x @ W (+ bias)`` (W in, out)."""
+    k = get_kind(kind)
+    in_dim, out_dim = int(W.shape[0]), int(W.shape[1])
+    m = k.build(in_dim, out_dim, bias is not None, dict(extras or {}), W.device, W.dtype)
+    m.weight.copy_(W.T if k.transposed else W)
+    if bias is not None:
+        m.bias.copy_(bias)
+    return m
