@@ -1,5 +1,6 @@
 """The tnlm command: compress / inspect / report on a small saved model; one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -24,13 +25,32 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_compress_inspect_report(model_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    words = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red"]
+    gen = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (6,), generator=gen))
+             for _ in range(120)]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_compress_inspect_report(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "mpo"
-    assert main(["compress", str(model_dir), "--n-sites", "3", "--max-bond", "4", "--out",
-                 str(out), "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "12 MPO modules" in text and "cosine similarity" in text
-    assert (out / "mpo_config.json").is_file()
+    assert main(["compress", str(model_dir), "--budget", "0.5", "--heal-steps", "3",
+                 "--calibration", "32", "--text", str(text_file), "--out", str(out),
+                 "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 < summary["ratio"] <= 0.5 and summary["params_before"] == 8 * 32 * 32 + 4 * 32 * 64
+    assert len(summary["ranks"]) == 12 and -1 <= summary["cosine_min"] <= summary["cosine_mean"] <= 1
+    assert all(0 <= e < 1 for e in summary["calibration_errors"].values())
+    assert (out / "mpo_config.json").is_file() and (out / "healing" / "heal_state.json").is_file()
+    # the saved compressed model reloads onto a fresh base, bit-exact
+    from tnlm.integration import MPOModel
+    loaded = MPOModel.from_pretrained(BertModel.from_pretrained(model_dir), out).eval()
+    ids = torch.randint(5, 64, (2, 7))
+    assert loaded(input_ids=ids).last_hidden_state.shape == (2, 7, 32)
     assert main(["inspect", str(model_dir), "--n-sites", "3", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "encoder.layer.1.output.dense" in text and "S_random" in text
@@ -40,13 +60,14 @@ def test_compress_inspect_report(model_dir, tmp_path, capsys):
     assert len(list(figs.glob("*.png"))) == 3
 
 
-def test_budget_policy(model_dir, capsys):
-    assert main(["compress", str(model_dir), "--n-sites", "3", "--budget", "0.5", "--out", "",
-                 "--quiet"]) == 0
-    line = [ln for ln in capsys.readouterr().out.splitlines() if "MPO modules" in ln][0]
-    words = line.replace(",", "").split()
-    after, before = int(words[3]), int(words[6])  # "N MPO modules: A parameters for B dense"
-    assert 0 < after <= 0.5 * before
+def test_budget_is_model_wide_and_smaller_budget_keeps_less(model_dir, text_file, capsys):
+    kept = []
+    for budget in ("0.5", "0.25"):
+        assert main(["compress", str(model_dir), "--budget", budget, "--heal-steps", "0",
+                     "--calibration", "32", "--text", str(text_file), "--out", "", "--json",
+                     "--quiet"]) == 0
+        kept.append(json.loads(capsys.readouterr().out)["ratio"])
+    assert 0 < kept[1] <= 0.25 < kept[0] <= 0.5
 
 
 @pytest.mark.parametrize("argv, message", [

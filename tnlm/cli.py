@@ -71,52 +71,125 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 #: the 36 encoder linear layers of a BERT-style model (MiniLM, BERT)
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
-SENTENCES = ["A man is playing a guitar.", "The weather is lovely today.",
-             "Stocks fell sharply on Monday.", "I did not like this film at all.",
-             "Matrix product operators factorize weight matrices."]
+#: SICK relatedness pairs, if the shared data folder sits beside the working directory
+DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
+
+
+def _check_out(out: str | None) -> Path | None:
+    """The output folder, checked writable before any work."""
+    if not out:
+        return None
+    d = Path(out)
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"--out {d}: {probe} is a file, not a folder")
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"--out {d}: {probe} is not writable")
+    return d
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _sick_spearman(model, tok, path: Path) -> float:
+    """Spearman correlation of embedding cosines with SICK relatedness (pairs in ``path``)."""
+    import csv
+
+    from tnlm.integration import mean_pooled
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or "relatedness_score" not in rows[0]:
+        raise UserError(f"--sick {path} is not a SICK file (no relatedness_score column)")
+    a = mean_pooled(model, tok, [r["sentence_A"] for r in rows])
+    b = mean_pooled(model, tok, [r["sentence_B"] for r in rows])
+    cos = (a * b).sum(-1).numpy()
+    return _spearman(cos, np.array([float(r["relatedness_score"]) for r in rows]))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """Compress a model's encoder linear layers, report, check pooled embeddings, save."""
+    """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save."""
+    import json
+
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.allocate import uniform_overrides
-    from tnlm.integration import (
-        MPOConfig,
-        format_report,
-        get_mpo_model,
-        mean_pooled,
-        report_totals,
-    )
+    from tnlm.compress.distill import HealConfig
+    from tnlm.compress.pipeline import CompressionConfig, compress_model, embedding_cosine
+    from tnlm.compress.text import docstring_sentences, read_sentences, split_sentences
+    from tnlm.integration import format_report, report_totals
 
-    if args.budget is not None and not 0 < args.budget <= 1:
+    if not 0 < args.budget <= 1:
         raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    if args.heal_steps < 0:
+        raise UserError(f"--heal-steps must be >= 0, got {args.heal_steps}")
+    out = _check_out(args.out)
     path = _model_path(args.model_dir)
+    sick = Path(args.sick) if args.sick else None
+    if sick is None and DEFAULT_SICK.is_file():
+        sick = DEFAULT_SICK
+    if sick is not None and not sick.is_file():
+        raise UserError(f"--sick {sick} does not exist")
+    torch.manual_seed(args.seed)
+    say = (lambda *a: None) if args.quiet else print
+    if args.text:
+        text = read_sentences(args.text, column=args.text_column)
+        source = args.text
+    else:
+        text = docstring_sentences(seed=args.seed)
+        source = "docstrings of the installed Python source"
+    n_eval = min(256, len(text) // 4)
+    n_cal = min(args.calibration, len(text) - n_eval)
+    if n_cal < 1:
+        raise UserError(f"--text {source} has too few sentences ({len(text)})")
+    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
+    say(f"text: {len(text):,} sentences from {source}; {n_cal} for calibration, "
+        f"{len(rest) + n_cal:,} for healing, {n_eval} held out")
     model = AutoModel.from_pretrained(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
-    ref = mean_pooled(model, tok, SENTENCES)
+    teacher = AutoModel.from_pretrained(str(path)).eval()
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
-    overrides = ({} if args.budget is None else uniform_overrides(
-        model, MPOConfig(target_modules=targets, n_sites=args.n_sites), args.budget))
-    max_error = args.max_error if (args.max_bond is None and args.budget is None) else None
-    config = MPOConfig(target_modules=targets, n_sites=args.n_sites, max_bond=args.max_bond,
-                       max_error=max_error, overrides=overrides)
-    mpo_model = get_mpo_model(model, config, progress=not args.quiet).eval()
-    rows = mpo_model.compression_report()
-    print(format_report(rows))
-    with torch.no_grad():
-        cos = (mean_pooled(mpo_model, tok, SENTENCES) * ref).sum(-1)
-    print(f"pooled-embedding cosine similarity to the original on {len(SENTENCES)} sentences: "
-          f"min {float(cos.min()):.4f}, mean {float(cos.mean()):.4f}")
-    totals = report_totals(rows)
-    if totals["ratio"] > 1:
-        print("note: at this error bound the MPOs hold more parameters than the dense layers; "
-              "pre-trained weights have nearly flat bond spectra, so compression needs "
-              "fine-tuning and dimension squeezing (docs/results.md)")
-    if args.out:
-        out = mpo_model.save_pretrained(args.out)
-        print(f"saved to {out}")
+    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
+                      checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
+    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation, heal=heal)
+    res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
+                         progress=not args.quiet)
+    rows = res.model.compression_report()
+    if not args.json:
+        say(format_report(rows))
+    cos = embedding_cosine(res.model, teacher, tok, held_out)
+    summary = dict(
+        budget=args.budget, params_before=res.params_before, params_after=res.params_after,
+        ratio=res.ratio, heal_steps=args.heal_steps, seconds=res.seconds,
+        cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
+        ranks=res.ranks, calibration_errors=res.errors)
+    if sick is not None:
+        summary["sick_spearman_original"] = _sick_spearman(teacher, tok, sick)
+        summary["sick_spearman"] = _sick_spearman(res.model, tok, sick)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        t = report_totals(rows)
+        print(f"kept {t['params_after']:,} of {t['params_before']:,} parameters of the "
+              f"targeted layers ({t['ratio']:.1%}); healing {args.heal_steps} steps")
+        print(f"embedding cosine to the original on {len(held_out)} held-out sentences: "
+              f"mean {summary['cosine_mean']:.4f}, min {summary['cosine_min']:.4f}")
+        if sick is not None:
+            print(f"SICK relatedness Spearman ({sick}): original "
+                  f"{summary['sick_spearman_original']:.4f}, compressed "
+                  f"{summary['sick_spearman']:.4f}")
+        else:
+            print("SICK relatedness: skipped (pass --sick PATH to measure it)")
+    if out is not None:
+        res.model.save_pretrained(out)
+        say(f"saved to {out}")
     return 0
 
 
@@ -206,18 +279,29 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tnlm", description="MPO compression of language models")
     sub = ap.add_subparsers(dest="command")
-    p = sub.add_parser("compress", help="compress a model's linear layers into MPOs and save it")
+    p = sub.add_parser("compress", help="compress a model's linear layers to a budget and heal it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
-    pol = p.add_mutually_exclusive_group()
-    pol.add_argument("--max-error", type=float, default=0.1,
-                     help="relative Frobenius error bound per matrix (default 0.1)")
-    pol.add_argument("--max-bond", type=int, default=None, help="bond dimension cap")
-    pol.add_argument("--budget", type=float, default=None,
-                     help="fraction of each layer's dense parameters to keep, e.g. 0.5")
+    p.add_argument("--budget", type=float, default=0.5,
+                   help="fraction of the targeted layers' parameters to keep, model-wide")
+    p.add_argument("--heal-steps", type=int, default=300,
+                   help="distillation steps after truncation (0: none)")
+    p.add_argument("--lr", type=float, default=3e-4, help="healing learning rate")
+    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform")
+    p.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    p.add_argument("--text", default=None,
+                   help="unlabeled text, one sentence per line (default: docstrings of the "
+                        "installed Python source)")
+    p.add_argument("--text-column", type=int, default=None,
+                   help="take this tab-separated column of --text")
+    p.add_argument("--sick", default=None,
+                   help="SICK relatedness file to measure Spearman (default: "
+                        f"{DEFAULT_SICK} if present)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module patterns (default: BERT encoder linears)")
-    p.add_argument("--n-sites", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/minilm-mpo", help="output folder ('' to skip saving)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
     p = sub.add_parser("inspect", help="table of weight matrices, bond dims and entropies")

@@ -1,0 +1,142 @@
+"""Calibration: the input statistics of target layers, recorded with forward hooks.
+
+For a layer ``y = x @ W`` the output error of a replacement W' on calibration
+inputs X (rows = non-padding tokens) is ``||X (W - W')||_F``; it depends on X only
+through the Gram matrix ``G = Xᵀ X`` (in, in). When the replacement sees inputs
+``X_s`` of an already-compressed model while the original saw ``X_t``, the error
+``||X_s W' - X_t W||_F`` also needs the cross Gram ``C = X_sᵀ X_t``.
+:func:`collect_input_stats` records both, in float64, over the tokens whose
+attention mask is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import kind_of, weight_xw
+
+__all__ = ["InputStats", "collect_input_stats"]
+
+
+@dataclass
+class InputStats:
+    """Input statistics of one layer over ``n_tokens`` calibration tokens.
+
+    Attributes:
+        gram: ``Σ x xᵀ`` (in, in), float64, inputs as the layer sees them.
+        n_tokens: number of tokens summed.
+        cross: ``Σ x_s x_tᵀ`` (in, in) between these inputs and a reference model's
+            inputs to the same layer, or ``None`` (the inputs are the reference's).
+        ref_gram: ``Σ x_t x_tᵀ`` of the reference's inputs (set with ``cross``).
+    """
+
+    gram: torch.Tensor
+    n_tokens: int
+    cross: torch.Tensor | None = None
+    ref_gram: torch.Tensor | None = None
+
+
+def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        if keep.numel() != x.shape[0]:
+            raise ValueError(f"attention_mask has {keep.numel()} entries but the layer saw "
+                             f"{x.shape[0]} rows")
+        x = x[keep]
+    return x.to(torch.float64)
+
+
+def _zeros(w: int) -> torch.Tensor:
+    return torch.zeros(w, w, dtype=torch.float64)
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names: Sequence[str],
+                        *, reference: nn.Module | None = None, progress: bool = False
+                        ) -> dict[str, InputStats]:
+    """Run ``model`` on ``batches`` and record each named layer's input Gram matrix.
+
+    Args:
+        model: a model whose modules ``module_names`` (``nn.Linear``, ``Conv1D`` or MPO
+            layers) are to be calibrated; run in eval mode, restored afterwards.
+        batches: dicts of model inputs (e.g. tokenizer output); tokens where
+            ``batch["attention_mask"]`` is 0 are left out.
+        module_names: dotted names in ``model.named_modules()``.
+        reference: optionally a second model with the same module names (e.g. the
+            original dense model while ``model`` is partly compressed): it runs on the
+            same batches and :attr:`InputStats.cross` records ``X_modelᵀ X_reference``.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: no module names, an unknown name, or no calibration tokens.
+    """
+    if not module_names:
+        raise ValueError("module_names must name at least one layer")
+    mods = dict(model.named_modules())
+    ref_mods = dict(reference.named_modules()) if reference is not None else {}
+    for n in module_names:
+        if n not in mods:
+            raise ValueError(f"module_names: {n!r} is not a module of {type(model).__name__}")
+        if reference is not None and n not in ref_mods:
+            raise ValueError(f"module_names: {n!r} is not a module of the reference model")
+    stats: dict[str, InputStats] = {}
+    state: dict[str, object] = {}
+    ref_inputs: dict[str, torch.Tensor] = {}
+
+    def width(m: nn.Module) -> int:
+        if kind_of(m) is not None:
+            return int(weight_xw(m).shape[0])
+        return int(m.in_dim)  # an MPO layer
+
+    for n in module_names:
+        w = width(mods[n])
+        stats[n] = InputStats(_zeros(w), 0, *((None, None) if reference is None
+                                               else (_zeros(w), _zeros(w))))
+
+    def ref_hook(name):
+        def fn(mod, inp, out):
+            ref_inputs[name] = _masked_rows(inp[0], state.get("mask"))
+        return fn
+
+    def hook(name):
+        def fn(mod, inp, out):
+            x = _masked_rows(inp[0], state.get("mask"))
+            s = stats[name]
+            if x.shape[1] != s.gram.shape[0]:
+                raise ValueError(f"layer {name!r} received inputs of width {x.shape[1]}, "
+                                 f"expected {s.gram.shape[0]}")
+            s.gram += x.T @ x
+            s.n_tokens += int(x.shape[0])
+            if s.cross is not None:
+                xt = ref_inputs.pop(name)
+                s.cross += x.T @ xt
+                s.ref_gram += xt.T @ xt
+        return fn
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in module_names]
+    handles += [ref_mods[n].register_forward_hook(ref_hook(n)) for n in module_names
+                if reference is not None]
+    models = [model] + ([reference] if reference is not None else [])
+    was_training = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            state["mask"] = batch.get("attention_mask")
+            if reference is not None:
+                reference(**batch)
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in zip(models, was_training):
+            m.train(t)
+    if not any(s.n_tokens for s in stats.values()):
+        raise ValueError("batches held no calibration tokens (empty input or all-zero masks)")
+    return stats

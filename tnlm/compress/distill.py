@@ -1,0 +1,274 @@
+"""Healing by distillation: the truncated model learns to reproduce the original, no labels.
+
+Teacher: the original dense model (frozen). Student: the compressed model. On
+unlabeled sentences the loss is::
+
+    loss = w_hidden · mean_l ||h_l^s - h_l^t||² / ||h_l^t||²      (masked, every layer output)
+         + w_cos   · mean_b (1 - cos(pool^s_b, pool^t_b))          (mean-pooled embeddings)
+
+What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
+``"auxiliary"`` the same without the central tensors. AdamW, linear warm-up then
+cosine decay, gradient clipping. Under ``torch.distributed`` each rank takes its
+own share of every batch and gradients are averaged (all-reduce), so every rank
+ends with the same weights. Checkpoints (safetensors + JSON, no pickle) let a run
+resume exactly; a non-finite loss stops the run with the last good state restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import mpo_modules
+
+__all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture"]
+
+
+@dataclass
+class HealConfig:
+    """Hyper-parameters of :func:`heal` (defaults: measured on MiniLM, docs/results.md)."""
+
+    steps: int = 300
+    lr: float = 3e-4
+    warmup: int = 20
+    batch_size: int = 32
+    max_length: int = 64
+    w_hidden: float = 1.0
+    w_cos: float = 1.0
+    train: str = "cores"
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("lr", "w_hidden", "w_cos", "max_grad_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.train not in ("cores", "auxiliary"):
+            raise ValueError(f"train must be 'cores' or 'auxiliary', got {self.train!r}")
+
+
+@dataclass
+class HealResult:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    trained_params: int = 0
+    resumed_from: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        done = self.steps - self.resumed_from
+        return self.seconds / done if done else 0.0
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens: (batch, seq, dim), (batch, seq) -> (batch, dim)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model) if hasattr(model, "mpo_config") else model
+
+
+def check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:
+    """Raise ``ValueError`` unless both models have the same hidden size and depth."""
+    s, t = getattr(_base(student), "config", None), getattr(_base(teacher), "config", None)
+    if s is None or t is None:
+        raise ValueError("teacher and student must be transformers models (with a .config)")
+    for key in ("hidden_size", "num_hidden_layers", "model_type"):
+        if getattr(s, key, None) != getattr(t, key, None):
+            raise ValueError(f"teacher's {key} is {getattr(t, key, None)!r} but the student's is "
+                             f"{getattr(s, key, None)!r}: distillation needs the same architecture")
+
+
+def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]:
+    chosen: dict[int, tuple[str, nn.Parameter]] = {}
+    for _, m in mpo_modules(student):
+        cores = m.auxiliary_parameters() if train == "auxiliary" else list(m.cores)
+        for p in cores:
+            chosen[id(p)] = ("", p)
+        if getattr(m, "bias", None) is not None:
+            chosen[id(m.bias)] = ("", m.bias)
+    for module in student.modules():
+        if isinstance(module, nn.LayerNorm):
+            for p in module.parameters():
+                chosen[id(p)] = ("", p)
+    names = {id(p): n for n, p in student.named_parameters()}
+    return [(names[i], p) for i, (_, p) in chosen.items() if i in names]
+
+
+def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        t = teacher(**batch, output_hidden_states=True)
+    s = student(**batch, output_hidden_states=True)
+    m = mask.unsqueeze(-1).to(s.hidden_states[-1].dtype)
+    hid = sum(((hs - ht) ** 2 * m).sum() / (ht ** 2 * m).sum().clamp_min(1e-12)
+              for hs, ht in zip(s.hidden_states[1:], t.hidden_states[1:]))
+    hid = hid / max(len(s.hidden_states) - 1, 1)
+    cos = 1 - F.cosine_similarity(mean_pool(s.hidden_states[-1], mask),
+                                  mean_pool(t.hidden_states[-1], mask), dim=-1).mean()
+    return cfg.w_hidden * hid + cfg.w_cos * cos
+
+
+def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
+                     losses: list[float]) -> None:
+    from safetensors.torch import save_file
+
+    from tnlm.integration.io import atomic_write
+
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params}
+    for i, (_, p) in enumerate(params):
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"opt.{i}.{k}"] = st[k].contiguous()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+    atomic_write(d / "heal_state.safetensors", lambda t: save_file(tensors, str(t)))
+    atomic_write(d / "heal_state.json",
+                 lambda t: t.write_text(json.dumps({"step": step, "losses": losses})))
+
+
+@torch.no_grad()
+def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((d / "heal_state.json").read_text())
+    tensors = load_file(str(d / "heal_state.safetensors"))
+    for i, (n, p) in enumerate(params):
+        key = f"param.{n}"
+        if key not in tensors or tensors[key].shape != p.shape:
+            raise ValueError(f"checkpoint in {d} does not match this student ({n})")
+        p.copy_(tensors[key])
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
+                            "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
+                            "step": tensors[f"opt.{i}.step"].reshape(()).float()}
+    return int(meta["step"]), list(meta["losses"])
+
+
+def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequence[str],
+         config: HealConfig | None = None, *, progress: bool = True) -> HealResult:
+    """Distil ``teacher`` into ``student`` on ``sentences`` (see the module docstring).
+
+    Args:
+        student: the compressed model (an ``MPOModel`` or a model with MPO layers),
+            trained in place; left in eval mode.
+        teacher: the original model, same architecture; never modified.
+        tokenizer: a transformers tokenizer for both.
+        sentences: unlabeled text; each step draws ``batch_size`` of them (seeded).
+        config: :class:`HealConfig`.
+
+    Raises:
+        ValueError: empty ``sentences``, different architectures, nothing to train.
+        FloatingPointError: the loss became non-finite; the student is restored to the
+            last finite step (and the checkpoint on disk, if any, is that state).
+    """
+    cfg = config or HealConfig()
+    sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
+    if not sentences:
+        raise ValueError("sentences must hold at least one non-empty string")
+    check_same_architecture(student, teacher)
+    params = _trainable(student, cfg.train)
+    if not params:
+        raise ValueError("student has no MPO cores or LayerNorms to train")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=0.0)
+    steps = cfg.steps
+
+    def schedule(t: int) -> float:
+        warm = min(1.0, (t + 1) / max(1, cfg.warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    res = HealResult(trained_params=sum(p.numel() for _, p in params))
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    start = 0
+    if ckpt is not None and (ckpt / "heal_state.json").is_file():
+        start, res.losses = _load_checkpoint(ckpt, params, opt)
+        for _ in range(start):
+            sched.step()
+        res.resumed_from = start
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist \
+        else (0, 1)
+    rng = random.Random(cfg.seed)
+    draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
+             for _ in range(steps)]
+    good = {n: p.detach().clone() for n, p in params}
+    bar = tqdm(range(start, steps), desc="healing", disable=not progress or rank != 0,
+               initial=start, total=steps)
+    t0 = time.perf_counter()
+    student.train()
+    try:
+        for step in bar:
+            idx = draws[step][rank::world] or draws[step][:1]
+            batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                              max_length=cfg.max_length, return_tensors="pt")
+            batch = {k: v for k, v in batch.items()
+                     if k in ("input_ids", "attention_mask", "token_type_ids")}
+            loss = _loss(student, teacher, batch, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if dist:
+                for _, p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+                flag = torch.tensor([float(loss.detach())])
+                torch.distributed.all_reduce(flag)
+                value = float(flag) / world
+            else:
+                value = float(loss.detach())
+            if not math.isfinite(value):
+                with torch.no_grad():
+                    for n, p in params:
+                        p.copy_(good[n])
+                raise FloatingPointError(
+                    f"healing diverged at step {step + 1} (loss {value}); the student was "
+                    f"restored to step {step}" + (f" and {ckpt} holds the last checkpoint"
+                                                  if ckpt else "") + "; lower lr")
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            res.losses.append(value)
+            with torch.no_grad():
+                for n, p in params:
+                    good[n].copy_(p)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if ckpt is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0
+                                                   or step + 1 == steps):
+                _save_checkpoint(ckpt, step + 1, params, opt, res.losses)
+    finally:
+        res.seconds = time.perf_counter() - t0
+        student.eval()
+    res.steps = steps
+    return res

@@ -1,0 +1,240 @@
+"""Compress a transformers model to a parameter budget: calibrate, truncate, heal.
+
+:func:`compress_model` is the main job behind ``tnlm compress``::
+
+    teacher = copy of the original (frozen)
+    for each group of target layers, in forward order (one transformer block at a time):
+        record inputs of the partly compressed model and of the teacher (calibration)
+        replace each layer by its data-aware MPO (tnlm.compress.data_aware) at the
+        rank its share of the budget allows
+    heal the student by distillation from the teacher (tnlm.compress.distill)
+
+``budget`` is the fraction of the targeted layers' parameters kept, model-wide.
+The default allocation gives every layer the same fraction (the largest rank
+within it); ``allocation="greedy"`` spends the budget where the calibration
+output error drops most per parameter (measured worse end to end on MiniLM,
+docs/results.md, but offered). The model is changed only if everything
+succeeds; on any error the original layers are put back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import MPOLinear, kind_of, weight_xw
+from tnlm.compress.calibration import collect_input_stats
+from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.distill import HealConfig, HealResult, heal
+from tnlm.core.spec import apply_gauge
+from tnlm.integration import MPOConfig, MPOModel
+from tnlm.integration.model import module_paths, set_module
+
+__all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
+           "layer_groups"]
+
+
+@dataclass
+class CompressionConfig:
+    """What :func:`compress_model` does.
+
+    Attributes:
+        target_modules: PEFT-style patterns of the layers to compress (Linear/Conv1D).
+        budget: model-wide fraction of the targeted parameters to keep, in (0, 1].
+        allocation: ``"uniform"`` (same fraction per layer) or ``"greedy"``.
+        sequential: calibrate each block on the partly compressed model's inputs
+            and fit to the teacher's outputs (error feedback); else one pass.
+        calibration_batches: batches of calibration text (set by the caller's data).
+        gauge: gauge of the resulting cores (:data:`tnlm.core.spec.GAUGES`).
+        heal: distillation settings; ``None`` or ``steps=0`` skips healing.
+    """
+
+    target_modules: list[str] | str
+    budget: float = 0.5
+    allocation: str = "uniform"
+    sequential: bool = True
+    gauge: str = "symmetric"
+    ridge: float = 1e-6
+    heal: HealConfig | None = field(default_factory=HealConfig)
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
+        if self.allocation not in ("uniform", "greedy"):
+            raise ValueError(f"allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
+        MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
+
+
+@dataclass
+class CompressionResult:
+    model: MPOModel
+    ranks: dict[str, int]
+    errors: dict[str, float]           # relative calibration output error per layer
+    params_before: int
+    params_after: int
+    heal: HealResult | None
+    seconds: dict[str, float]
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 0.0
+
+    def table(self) -> list[dict[str, Any]]:
+        return [dict(name=n, rank=r, error=self.errors[n]) for n, r in self.ranks.items()]
+
+
+def rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
+    """The largest rank r >= 1 with ``r (in + out) <= fraction · in · out``."""
+    return max(1, int(fraction * in_dim * out_dim // (in_dim + out_dim)))
+
+
+def layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Target names grouped by their first numeric path component (the block index),
+    in block order; names without one form a last group."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        m = re.search(r"\.(\d+)\.", f".{n}.")
+        groups.setdefault(int(m.group(1)) if m else math.inf, []).append(n)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _greedy_ranks(layers: dict[str, WhitenedLayer], fraction: float) -> dict[str, int]:
+    """Ranks maximising the drop of Σ relative squared output error per parameter."""
+    cost = {n: sum(wl.shape) for n, wl in layers.items()}
+    budget = fraction * sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
+    ranks = {n: 1 for n in layers}
+    spent = sum(cost.values())
+    total = {n: float(wl.tails[0]) or 1.0 for n, wl in layers.items()}
+    while True:
+        best, gain = None, -1.0
+        for n, wl in layers.items():
+            r = ranks[n]
+            if r < len(wl.spectrum) and spent + cost[n] <= budget:
+                g = float(wl.spectrum[r] ** 2) / total[n] / cost[n]
+                if g > gain:
+                    best, gain = n, g
+        if best is None:
+            return ranks
+        ranks[best] += 1
+        spent += cost[best]
+
+
+def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
+                   config: CompressionConfig, *, heal_text: Sequence[str] = (),
+                   batch_size: int = 32, max_length: int = 64, progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> CompressionResult:
+    """Compress ``model``'s target layers in place into data-aware MPOs, then heal.
+
+    Args:
+        model: a transformers model (not an ``MPOModel``).
+        tokenizer: its tokenizer.
+        calibration: sentences for the input statistics (a few hundred suffice).
+        config: :class:`CompressionConfig`.
+        heal_text: sentences for distillation (default: ``calibration``).
+
+    Returns:
+        A :class:`CompressionResult` whose ``model`` wraps the compressed ``model``.
+
+    Raises:
+        ValueError: no calibration text, a pattern matching no layer, a model that is
+            already an ``MPOModel``; the model is unchanged.
+    """
+    if isinstance(model, MPOModel):
+        raise ValueError("model is already an MPOModel; compress the original model")
+    calibration = [s for s in calibration if isinstance(s, str) and s.strip()]
+    if not calibration:
+        raise ValueError("calibration must hold at least one non-empty sentence")
+    say = log or (lambda s: None)
+    mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
+    names = [n for n, m in model.named_modules()
+             if n and kind_of(m) in ("linear", "conv1d") and mpo_cfg.is_target(n)]
+    if not names:
+        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
+                         f"Conv1D of {type(model).__name__}")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    teacher = copy.deepcopy(model).eval()
+    batches = [
+        dict(tokenizer(calibration[i:i + batch_size], padding=True, truncation=True,
+                       max_length=max_length, return_tensors="pt"))
+        for i in range(0, len(calibration), batch_size)]
+    paths = module_paths(model)
+    originals = {n: model.get_submodule(n) for n in names}
+    swapped: list[tuple[str, nn.Module]] = []
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    fraction = float(config.budget)
+    groups = layer_groups(names) if config.sequential else [names]
+    try:
+        if config.allocation == "greedy":  # ranks need every layer's spectrum up front
+            stats = collect_input_stats(model, batches, names)
+            layers = {n: WhitenedLayer(weight_xw(originals[n]), stats[n], config.ridge)
+                      for n in names}
+            ranks = _greedy_ranks(layers, fraction)
+        for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
+                          leave=False):
+            ref = teacher if config.sequential else None
+            stats = collect_input_stats(model, batches, group, reference=ref)
+            for n in group:
+                old = originals[n]
+                W = weight_xw(old)
+                I, J = W.shape
+                rank = ranks.setdefault(n, rank_for_fraction(I, J, fraction))
+                mpo = WhitenedLayer(W, stats[n], config.ridge).mpo(rank)
+                errors[n] = float(mpo.truncation_error)
+                mpo = apply_gauge(mpo, config.gauge)
+                new = MPOLinear.from_mpo(mpo, old.bias, "auto", dtype=old.weight.dtype,
+                                         kind=kind_of(old)).to(old.weight.device)
+                new.truncation_error = errors[n]
+                for path in paths[id(old)]:
+                    set_module(model, path, new)
+                swapped.append((n, old))
+            say(f"block of {len(group)} layers: output errors "
+                + ", ".join(f"{errors[n]:.3f}" for n in group))
+        times["truncation"] = time.perf_counter() - t0
+        wrapped = MPOModel(model, mpo_cfg)
+        result = None
+        if config.heal is not None and config.heal.steps > 0:
+            t1 = time.perf_counter()
+            result = heal(wrapped, teacher, tokenizer, list(heal_text) or calibration,
+                          config.heal, progress=progress)
+            times["healing"] = time.perf_counter() - t1
+    except BaseException:
+        for n, old in reversed(swapped):
+            for path in paths[id(old)]:
+                set_module(model, path, old)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped.setup_training()
+    before = sum(weight_xw(originals[n]).numel() for n in names)
+    after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())
+    return CompressionResult(wrapped, ranks, errors, before, after, result, times)
+
+
+@torch.no_grad()
+def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
+                     sentences: Sequence[str], batch_size: int = 64,
+                     max_length: int = 128) -> torch.Tensor:
+    """Per-sentence cosine between the mean-pooled embeddings of two models."""
+    from tnlm.compress.distill import mean_pool
+
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                      max_length=max_length, return_tensors="pt")
+        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        s = mean_pool(student(**b).last_hidden_state, b["attention_mask"])
+        t = mean_pool(teacher(**b).last_hidden_state, b["attention_mask"])
+        out.append(torch.nn.functional.cosine_similarity(s, t, dim=-1))
+    return torch.cat(out)

@@ -1,0 +1,103 @@
+"""Unlabeled text for calibration and healing, with nothing downloaded or shipped.
+
+:func:`docstring_sentences` splits plain-English sentences out of the docstrings
+of the Python source installed on the machine (the standard library and
+transformers; parsed with ``ast``, nothing is imported or executed). A user's
+own text (one sentence per line) is read by :func:`read_sentences`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import pathlib
+import random
+import re
+import sysconfig
+from collections.abc import Sequence
+
+__all__ = ["docstring_sentences", "read_sentences", "split_sentences"]
+
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_WORD = re.compile(r"^[A-Za-z][a-z]*(?:'[a-z]+)?[,;:]?$")
+
+
+def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: int = 4000,
+                        min_words: int = 5, max_words: int = 40, seed: int = 0) -> list[str]:
+    """Plain-English sentences split out of the docstrings of installed Python source (parsed
+    with ast, nothing is imported): stdlib + transformers by default. A sentence is kept if it
+    has min..max words, starts with a capital letter, ends with '.', and (apart from its final
+    period) every token is a plain word, optionally followed by , ; or :  -- this drops code,
+    identifiers, paths and reST markup. Deduplicated, shuffled."""
+    if roots is None:
+        roots = [pathlib.Path(sysconfig.get_paths()["stdlib"])]
+        spec = importlib.util.find_spec("transformers")
+        if spec and spec.origin:
+            roots.append(pathlib.Path(spec.origin).parent)
+    files = []
+    for root in roots:
+        files += sorted(p for p in root.rglob("*.py")
+                        if "test" not in p.parts and "tests" not in p.parts
+                        and "site-packages" not in p.relative_to(root).parts)
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    seen, out = set(), []
+    for path in files[:max_files]:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, _DOC_NODES):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            for para in re.split(r"\n\s*\n", doc):
+                text = " ".join(para.split())
+                for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+                    words = sent.split()
+                    if not (min_words <= len(words) <= max_words):
+                        continue
+                    if not sent[0].isupper() or not sent.endswith("."):
+                        continue
+                    body = words[:-1] + [words[-1][:-1]]
+                    if all(_WORD.match(w) for w in body) and sent not in seen:
+                        seen.add(sent)
+                        out.append(sent)
+    rng.shuffle(out)
+    return out
+
+
+def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[str]:
+    """Non-empty lines of a text file; with ``column``, that tab-separated column (a header
+    row is kept only if it looks like text). Raises ``FileNotFoundError``/``ValueError``."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {p} does not exist")
+    out = []
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        cell = line.split("\t")[column] if column is not None and "\t" in line else line
+        if cell.strip():
+            out.append(cell.strip())
+    if not out:
+        raise ValueError(f"text file {p} holds no sentences")
+    return out
+
+
+def split_sentences(sentences: Sequence[str], sizes: Sequence[int],
+                    seed: int = 0) -> list[list[str]]:
+    """Disjoint random parts of ``sentences`` (deduplicated) of the given sizes; the last
+    size may be -1 for "the rest". Raises ``ValueError`` if there are too few."""
+    uniq = list(dict.fromkeys(sentences))
+    random.Random(seed).shuffle(uniq)
+    want = sum(s for s in sizes if s > 0)
+    if want > len(uniq):
+        raise ValueError(f"need {want} distinct sentences, got {len(uniq)}")
+    parts, pos = [], 0
+    for s in sizes:
+        end = len(uniq) if s < 0 else pos + s
+        parts.append(uniq[pos:end])
+        pos = end
+    return parts
