@@ -210,7 +210,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                           config.heal, progress=progress)
             times["healing"] = time.perf_counter() - t1
     except BaseException:
-        for n, old in reversed(swapped):
+        for _, old in reversed(swapped):
             for path in paths[id(old)]:
                 set_module(model, path, old)
         raise
