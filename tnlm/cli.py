@@ -138,7 +138,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if sick is not None and not sick.is_file():
         raise UserError(f"--sick {sick} does not exist")
     torch.manual_seed(args.seed)
-    say = (lambda *a: None) if args.quiet else print
+    def say(*parts: object) -> None:
+        if not args.quiet:  # with --json, stdout carries the JSON only
+            print(*parts, file=sys.stderr if args.json else sys.stdout)
+
     if args.text:
         text = read_sentences(args.text, column=args.text_column)
         source = args.text
