@@ -1,6 +1,7 @@
 """Aggregate results/compress/*.json into the compression table and plot of docs/results.md.
 
-Usage: python experiments/compress_table.py [--results results/compress] [--plot docs/figures/compression.png]
+Usage:
+    python experiments/compress_table.py --plot docs/figures/compression.png
 Prints a markdown table (method x budget, mean ± std over seeds) to stdout.
 """
 
@@ -42,7 +43,7 @@ def main() -> None:
     print("| method | text | kept | heal steps | seeds | cosine before heal | cosine (mean) "
           "| cosine (min) | SICK Spearman (orig.) | SICK Spearman | s/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (method, budget, text, steps), rs in sorted(groups.items(),
+    for (method, _, text, steps), rs in sorted(groups.items(),
                                                     key=lambda kv: (-kv[0][1], kv[0][0])):
         print(f"| {LABELS.get(method, method)} | {text} | {np.mean([r['ratio'] for r in rs]):.1%} "
               f"| {steps} | {len(rs)} | {fmt([r['cosine_before_heal'] for r in rs])} "

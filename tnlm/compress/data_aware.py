@@ -41,7 +41,8 @@ __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
 
 def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Lower-triangular L with ``L Lᵀ = G + λ I``, float64; ``λ = ridge · tr(G)/n``,
-    raised ×10 until the Cholesky factorization succeeds (rank-deficient calibration)."""
+    raised ×10 (from 1e-12 when ``ridge`` is 0) until the Cholesky factorization succeeds
+    (rank-deficient calibration)."""
     G = gram.to(torch.float64)
     n = G.shape[0]
     if G.shape != (n, n):
@@ -49,14 +50,17 @@ def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     scale = float(torch.trace(G)) / n
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("gram must be a finite, nonzero positive semi-definite matrix")
-    lam = ridge
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    lam = float(ridge)
     eye = torch.eye(n, dtype=G.dtype)
     for _ in range(12):
         L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
         if int(info) == 0:
             return L
-        lam *= 10
-    raise ValueError("gram is not positive semi-definite (Cholesky failed with ridge 1e6·tr/n)")
+        lam = lam * 10 if lam > 0 else 1e-12  # ridge 0: escalate from a tiny one
+    raise ValueError(f"gram is not positive semi-definite (Cholesky failed with ridge "
+                     f"{lam / 10:.0e}·tr/n)")
 
 
 def output_error(W: torch.Tensor, W_approx: torch.Tensor, stats: InputStats) -> float:

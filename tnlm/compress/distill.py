@@ -234,7 +234,13 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                               max_length=cfg.max_length, return_tensors="pt")
             batch = {k: v for k, v in batch.items()
                      if k in ("input_ids", "attention_mask", "token_type_ids")}
-            loss = _loss(student, teacher, batch, cfg)
+            # dropout masks from (seed, step, rank), not the process's RNG: resuming
+            # from a checkpoint replays exactly the steps an uninterrupted run takes
+            dev = params[0][1].device
+            with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [],
+                                       device_type=dev.type if dev.type != "cpu" else None):
+                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+                loss = _loss(student, teacher, batch, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if dist:

@@ -179,6 +179,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     errors: dict[str, float] = {}
     fraction = float(config.budget)
     groups = layer_groups(names) if config.sequential else [names]
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
     try:
         if config.allocation == "greedy":  # ranks need every layer's spectrum up front
             stats = collect_input_stats(model, batches, names)
@@ -221,6 +223,14 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         for _, old in reversed(swapped):
             for path in paths[id(old)]:
                 set_module(model, path, old)
+        # healing trains the LayerNorms in place and changes flags and modes: the
+        # teacher is an untouched copy of the model as it came in
+        with torch.no_grad():
+            model.load_state_dict(teacher.state_dict())
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
         raise
     for p in model.parameters():
         p.requires_grad_(False)

@@ -14,6 +14,11 @@ Algorithm (MPOP, Algorithm 2), as implemented here::
         p~ <- evaluate(model)
         if |p - p~| > delta: restore the model before this cut and stop
 
+If a cut, ``finetune``, ``evaluate`` or ``log`` raises, the model is restored to
+its state before that iteration's cuts (cores, values, ``requires_grad`` flags,
+error estimates) and the exception propagates: the model is always in its last
+accepted state.
+
 Each module's estimated relative error is ``sqrt(Σ_k Σ_discarded s² / ||W||²)``
 (the TT-SVD bound). It is an estimate: the cached spectra are those of the model
 when squeezing starts, sliced as bonds are cut (the paper's estimate), while
@@ -188,18 +193,28 @@ class DimensionSqueezer:
         m.retruncate(max_bond=dims, gauge=self.gauge)
 
     @torch.no_grad()
-    def _snapshot(self) -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
-        shapes = {k: tuple(c.detach().clone() for c in m.cores) for k, m in self.modules.items()}
+    def _snapshot(self) -> tuple:
+        """Everything a failed iteration may change: cores (shapes), values,
+        ``requires_grad`` flags and train/eval modes."""
+        cores = {k: tuple(c.detach().clone() for c in m.cores) for k, m in self.modules.items()}
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return shapes, state
+        flags = {k: p.requires_grad for k, p in self.model.named_parameters()}
+        modes = {k: m.training for k, m in self.model.named_modules()}
+        return cores, state, flags, modes
 
     @torch.no_grad()
     def _restore(self, snap) -> None:
-        cores, state = snap
+        cores, state, flags, modes = snap
         for k, m in self.modules.items():
             if m.core_shapes != tuple(tuple(c.shape) for c in cores[k]):
                 m.set_cores(list(cores[k]))
         self.model.load_state_dict(state)
+        for k, p in self.model.named_parameters():
+            if k in flags:
+                p.requires_grad_(flags[k])
+        for k, m in self.model.named_modules():
+            if k in modes:
+                m.training = modes[k]
 
     def run(self) -> SqueezeResult:
         """Squeeze until a stopping rule fires; the model ends in its last accepted state."""
@@ -218,34 +233,45 @@ class DimensionSqueezer:
             snap = self._snapshot()
             saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name],
                             self.modules[name].truncation_error) for _, name, _, _ in chosen}
-            cuts = []
-            for added, name, bond, new_dim in chosen:
-                old_dim = self.modules[name].bond_dims[bond]
-                self._cut(name, bond, new_dim)
-                self._err_sq[name] += added
-                self.modules[name].truncation_error = float(np.sqrt(self._err_sq[name]))
-                if self.refresh_spectra:
-                    self._load_spectra(name, self.modules[name])
-                else:
-                    self._spectra[name][bond] = self._spectra[name][bond][:new_dim]
-                cuts.append((name, bond, old_dim, new_dim, added))
-            if self.finetune is not None:
-                self.finetune(self.model)
-            loss = float(self.evaluate(self.model))
-            change = abs(p - loss)
-            ok = change <= self.delta
-            params = self.mpo_params()
-            for name, bond, old_dim, new_dim, added in cuts:
-                step = SqueezeStep(it, name, bond, old_dim, new_dim, added,
-                                   float(np.sqrt(self._err_sq[name])), loss, change, params, ok)
-                res.history.append(step)
-                if self.log is not None:
-                    self.log(step)
-            if not ok:
+
+            def undo(snap=snap, saved=saved) -> None:
                 self._restore(snap)
                 for name, (spectra, err_sq, err) in saved.items():
                     self._spectra[name], self._err_sq[name] = spectra, err_sq
                     self.modules[name].truncation_error = err
+
+            try:
+                cuts = []
+                for added, name, bond, new_dim in chosen:
+                    old_dim = self.modules[name].bond_dims[bond]
+                    self._cut(name, bond, new_dim)
+                    self._err_sq[name] += added
+                    self.modules[name].truncation_error = float(np.sqrt(self._err_sq[name]))
+                    if self.refresh_spectra:
+                        self._load_spectra(name, self.modules[name])
+                    else:
+                        self._spectra[name][bond] = self._spectra[name][bond][:new_dim]
+                    cuts.append((name, bond, old_dim, new_dim, added))
+                if self.finetune is not None:
+                    self.finetune(self.model)
+                loss = float(self.evaluate(self.model))
+                change = abs(p - loss)
+                ok = change <= self.delta
+                params = self.mpo_params()
+                for name, bond, old_dim, new_dim, added in cuts:
+                    step = SqueezeStep(it, name, bond, old_dim, new_dim, added,
+                                       float(np.sqrt(self._err_sq[name])), loss, change, params,
+                                       ok)
+                    res.history.append(step)
+                    if self.log is not None:
+                        self.log(step)
+            except BaseException:
+                # a cut, the recovery, the evaluation or the log failed: the model goes
+                # back to the last accepted state and the exception propagates
+                undo()
+                raise
+            if not ok:
+                undo()
                 res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
                 break
             res.final_loss = loss

@@ -77,8 +77,12 @@ def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[s
     if not p.is_file():
         raise FileNotFoundError(f"text file {p} does not exist")
     out = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        cell = line.split("\t")[column] if column is not None and "\t" in line else line
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
+        cells = line.split("\t") if column is not None and "\t" in line else [line]
+        if len(cells) > 1 and not -len(cells) <= column < len(cells):
+            raise ValueError(f"column {column} is out of range: line {i + 1} of {p} has "
+                             f"{len(cells)} tab-separated columns")
+        cell = cells[column] if len(cells) > 1 else line
         if cell.strip():
             out.append(cell.strip())
     if not out:

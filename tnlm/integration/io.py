@@ -27,11 +27,16 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "atomic_write", "sha256", "write_checkpoint",
-           "read_meta", "verified_weights", "load_tensors"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MODULE_KINDS", "atomic_write", "sha256",
+           "write_checkpoint", "read_meta", "verified_weights", "load_tensors", "read_header",
+           "check_module_entry", "module_tensor_shapes"]
 
 CONFIG_NAME = "mpo_config.json"
 FORMAT_VERSION = 1
+#: the module kinds a checkpoint may record (:mod:`tnlm.bridge.kinds`)
+MODULE_KINDS = ("linear", "conv1d", "embedding")
+_MODES = ("auto", "contract", "dense")
+_MAX_SITES = 64
 
 
 def sha256(path: Path) -> str:
@@ -118,6 +123,99 @@ def verified_weights(directory: str | os.PathLike, meta: dict[str, Any]) -> Path
         raise ValueError(f"{weights} does not match the SHA-256 recorded in {CONFIG_NAME} "
                          "(the file is truncated, corrupted or was modified); refusing to load")
     return weights
+
+
+def read_header(weights: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors file, from its header (no tensor is read).
+
+    Raises:
+        ValueError: the file is not a valid safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()
+            return {k: tuple(int(d) for d in f.get_slice(k).get_shape()) for k in names}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                         ) from err
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_module_entry(name: str, entry: Any) -> dict[str, Any]:
+    """Check one ``modules`` entry of a checkpoint config (a layer structure, as
+    ``MPOModule.structure`` writes it) for internal consistency: kind, positive dims,
+    core shapes ``[d_{k-1}, i_k, j_k, d_k]`` with ``d_0 = d_n = 1`` and equal
+    neighbouring bonds, ``in_dim``/``out_dim`` within the site products, bias flag,
+    padding index and mode. Returns the entry with defaults filled in.
+
+    Raises:
+        ValueError: naming the module and the entry that is wrong.
+    """
+    where = f"{CONFIG_NAME}: modules[{name!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+    for key in ("kind", "in_dim", "out_dim", "core_shapes"):
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r} entry")
+    kind = entry["kind"]
+    if kind not in MODULE_KINDS:
+        raise ValueError(f"{where}: kind must be one of {MODULE_KINDS}, got {kind!r}")
+    for key in ("in_dim", "out_dim"):
+        if not _is_int(entry[key]) or entry[key] < 1:
+            raise ValueError(f"{where}: {key} must be an int >= 1, got {entry[key]!r}")
+    shapes = entry["core_shapes"]
+    if not isinstance(shapes, list) or not 1 <= len(shapes) <= _MAX_SITES:
+        raise ValueError(f"{where}: core_shapes must be a list of 1 to {_MAX_SITES} shapes")
+    for k, s in enumerate(shapes):
+        if not isinstance(s, list) or len(s) != 4 or not all(_is_int(d) and d >= 1 for d in s):
+            raise ValueError(f"{where}: core_shapes[{k}] must be 4 ints >= 1 "
+                             f"(left, in, out, right), got {s!r}")
+    if shapes[0][0] != 1 or shapes[-1][3] != 1:
+        raise ValueError(f"{where}: the outer bonds of core_shapes must be 1, got "
+                         f"{shapes[0][0]} and {shapes[-1][3]}")
+    for k in range(len(shapes) - 1):
+        if shapes[k][3] != shapes[k + 1][0]:
+            raise ValueError(f"{where}: core_shapes[{k}] ends with bond {shapes[k][3]} but "
+                             f"core_shapes[{k + 1}] starts with {shapes[k + 1][0]}")
+    in_prod = out_prod = 1
+    for s in shapes:
+        in_prod, out_prod = in_prod * s[1], out_prod * s[2]
+    if entry["in_dim"] > in_prod or entry["out_dim"] > out_prod:
+        raise ValueError(f"{where}: in_dim, out_dim = {entry['in_dim']}, {entry['out_dim']} "
+                         f"exceed the site products {in_prod}, {out_prod} of core_shapes")
+    out = dict(entry)
+    out.setdefault("bias", False)
+    out.setdefault("padding_idx", None)
+    out.setdefault("mode", "auto")
+    out.setdefault("truncation_error", 0.0)
+    if not isinstance(out["bias"], bool) or (kind == "embedding" and out["bias"]):
+        raise ValueError(f"{where}: bias must be true or false (false for an embedding), "
+                         f"got {out['bias']!r}")
+    pad = out["padding_idx"]
+    if pad is not None and (not _is_int(pad) or not -entry["in_dim"] <= pad < entry["in_dim"]):
+        raise ValueError(f"{where}: padding_idx must be null or an index below in_dim, "
+                         f"got {pad!r}")
+    if out["mode"] not in _MODES:
+        raise ValueError(f"{where}: mode must be one of {_MODES}, got {out['mode']!r}")
+    err = out["truncation_error"]
+    if isinstance(err, bool) or not isinstance(err, (int, float)) or not 0 <= err < float("inf"):
+        raise ValueError(f"{where}: truncation_error must be a finite number >= 0, got {err!r}")
+    return out
+
+
+def module_tensor_shapes(entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """State-dict names (relative to the module) and shapes of the layer an entry
+    describes: ``cores.0 .. cores.{n-1}`` and, with a bias, ``bias``."""
+    shapes = {f"cores.{k}": tuple(s) for k, s in enumerate(entry["core_shapes"])}
+    if entry.get("bias"):
+        shapes["bias"] = (entry["out_dim"],)
+    return shapes
 
 
 def load_tensors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

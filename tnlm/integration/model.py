@@ -9,6 +9,12 @@ A PEFT user should feel at home::
     model.save_pretrained("out/")              # safetensors + mpo_config.json, atomic
     model = MPOModel.from_pretrained(base_model, "out/")
     plain = model.merge_and_unload()           # back to nn.Linear / Conv1D / nn.Embedding
+
+Model surgery is transactional: :func:`get_mpo_model` and
+:meth:`MPOModel.from_pretrained` build and check every new layer before the first
+one is put in place, and undo every replacement (module objects, parameter values,
+``requires_grad`` flags) if anything fails after that. When they raise, the model
+is exactly as it was.
 """
 
 from __future__ import annotations
@@ -20,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,7 +38,7 @@ from tnlm.bridge import (
     weight_xw,
 )
 from tnlm.integration import io
-from tnlm.integration.config import MPOConfig
+from tnlm.integration.config import TRAIN_MODES, MPOConfig
 
 __all__ = ["MPOModel", "get_mpo_model", "module_paths", "set_module"]
 
@@ -52,6 +57,30 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+class _Swap:
+    """Module replacements in ``root`` that are undone together (in reverse order)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.done: list[tuple[nn.Module, str, nn.Module]] = []
+        self.flags = [(p, p.requires_grad) for p in root.parameters()]
+
+    def put(self, path: str, new: nn.Module) -> None:
+        parent_name, _, child = path.rpartition(".")
+        parent = self.root.get_submodule(parent_name) if parent_name else self.root
+        old = getattr(parent, child)
+        set_module(self.root, path, new)
+        self.done.append((parent, child, old))
+
+    def undo(self) -> None:
+        """Put every replaced module back and restore the ``requires_grad`` flags."""
+        for parent, child, old in reversed(self.done):
+            setattr(parent, child, old)
+        self.done.clear()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
 
 
 class MPOModel(nn.Module):
@@ -144,30 +173,140 @@ class MPOModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike,
                         train: str | None = None) -> MPOModel:
         """Rebuild the MPO structure on ``base_model`` (a fresh instance of the same
-        architecture) and load the saved state, bit-exact. No decomposition is run."""
+        architecture) and load the saved state, bit-exact. No decomposition is run.
+
+        Everything is checked before ``base_model`` is touched: the weights' SHA-256,
+        the config, that every saved module exists in ``base_model`` with the saved
+        kind, dimensions and bias, that the core shapes are consistent, and that the
+        tensor names and shapes in the weights file are exactly those of the model
+        after the replacement. The saved tensors are then loaded into new layers, and
+        only then are the layers swapped in and the other tensors copied; if anything
+        fails on the way, ``base_model`` is restored (same modules, same values).
+
+        Raises:
+            FileNotFoundError: no checkpoint (config or weights) in ``directory``.
+            ValueError: a corrupt or modified checkpoint, or one of another
+                architecture; the message names what does not match.
+        """
+        if isinstance(base_model, MPOModel):
+            raise ValueError("base_model is already an MPOModel; pass a plain model of the "
+                             "saved architecture")
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
+        if train is not None and train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES} or None, got {train!r}")
         meta = io.read_meta(directory)
         weights = io.verified_weights(directory, meta)
-        config = MPOConfig.from_dict(meta["config"])
-        paths = module_paths(base_model)
-        for name, spec in meta["modules"].items():
-            try:
-                old = base_model.get_submodule(name)
-            except AttributeError as err:
-                raise ValueError(f"saved module {name!r} does not exist in the base model "
-                                 f"{type(base_model).__name__}") from err
-            if kind_of(old) != spec["kind"]:
-                raise ValueError(f"saved module {name!r} is a {spec['kind']} but the base model "
-                                 f"has {type(old).__name__}")
-            new = MPOModule.from_structure(spec, old.weight.dtype, old.weight.device)
-            for path in paths[id(old)]:
-                set_module(base_model, path, new)
+        where = Path(directory) / io.CONFIG_NAME
+        if not isinstance(meta["config"], dict):
+            raise ValueError(f"{where}: 'config' must be an object")
         try:
-            load_model(base_model, str(weights), strict=True)
+            config = MPOConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: invalid config: {err}") from err
+        if not isinstance(meta["modules"], dict):
+            raise ValueError(f"{where}: 'modules' must be an object")
+        base_name = type(base_model).__name__
+        paths = module_paths(base_model)
+        entries: dict[str, dict[str, Any]] = {}
+        olds: dict[str, nn.Module] = {}
+        owner: dict[int, str] = {}
+        for name, raw in meta["modules"].items():
+            entry = io.check_module_entry(name, raw)
+            try:
+                old = base_model.get_submodule(name) if name else None
+            except AttributeError:
+                old = None
+            if old is None:
+                raise ValueError(f"saved module {name!r} does not exist in the base model "
+                                 f"{base_name}")
+            kind = kind_of(old)
+            if kind != entry["kind"]:
+                raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
+                                 f"has {type(old).__name__}")
+            I, J = weight_xw(old).shape
+            if (entry["in_dim"], entry["out_dim"]) != (I, J):
+                raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
+                                 f"(in x out) but the base model's is {I}x{J}")
+            has_bias = getattr(old, "bias", None) is not None
+            if kind != "embedding" and entry["bias"] != has_bias:
+                raise ValueError(f"saved module {name!r} has bias={entry['bias']} but the base "
+                                 f"model's has bias={has_bias}")
+            if id(old) in owner:
+                raise ValueError(f"saved modules {owner[id(old)]!r} and {name!r} are the same "
+                                 f"module of {base_name}")
+            owner[id(old)] = name
+            entries[name], olds[name] = entry, old
+        # the state dict the model will have after the replacement: name -> (shape, group);
+        # names in one group are one tensor (tied or shared), saved under one of them
+        replaced = [path for name in olds for path in paths[id(olds[name])]]
+        expected: dict[str, tuple[tuple[int, ...], Any]] = {}
+        targets: dict[str, torch.Tensor] = {}
+        for key, t in base_model.state_dict(keep_vars=True).items():
+            if not any(key.startswith(path + ".") for path in replaced):
+                expected[key] = (tuple(t.shape), id(t))
+                targets[key] = t
+        for name, entry in entries.items():
+            for local, shape in io.module_tensor_shapes(entry).items():
+                for path in paths[id(olds[name])]:
+                    expected[f"{path}.{local}"] = (shape, (name, local))
+        header = io.read_header(weights)
+        unexpected = sorted(set(header) - set(expected))
+        if unexpected:
+            raise ValueError(f"{weights} holds tensors that {base_name} with the saved MPO "
+                             f"modules does not have: {unexpected[:5]}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+        for key, shape in header.items():
+            if shape != expected[key][0]:
+                raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
+                                 f"{base_name} with the saved MPO modules needs "
+                                 f"{list(expected[key][0])}")
+        saved_as: dict[Any, str] = {}
+        for key in header:
+            saved_as.setdefault(expected[key][1], key)
+        missing = sorted(k for k, (_, group) in expected.items() if group not in saved_as)
+        if missing:
+            raise ValueError(f"{weights} lacks tensors of {base_name}: {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+        # load into new layers and read the other tensors; base_model is still untouched
+        shells: dict[str, MPOModule] = {}
+        rest: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for name, entry in entries.items():
+                    old = olds[name]
+                    shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
+                    state = {local: f.get_tensor(saved_as[(name, local)])
+                             for local in io.module_tensor_shapes(entry)}
+                    shell.load_state_dict(state, strict=True)
+                    shells[name] = shell
+                for key in targets:
+                    if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
+                        rest[key] = f.get_tensor(key)
         except (SafetensorError, RuntimeError) as err:
-            raise ValueError(f"cannot load {weights} into {type(base_model).__name__}: "
+            raise ValueError(f"cannot load {weights} into {base_name}: "
                              f"{str(err).splitlines()[0]}") from err
-        model = cls(base_model, config)
-        return model.setup_training(train)
+        # swap in and copy; on any failure, put everything back
+        swap = _Swap(base_model)
+        backup: dict[str, torch.Tensor] = {}
+        try:
+            for name, shell in shells.items():
+                for path in paths[id(olds[name])]:
+                    swap.put(path, shell)
+            with torch.no_grad():
+                for key, value in rest.items():
+                    target = targets[key]
+                    backup[key] = target.detach().clone()
+                    target.copy_(value)
+            model = cls(base_model, config)
+            model.setup_training(train)
+        except BaseException:
+            with torch.no_grad():
+                for key, value in backup.items():
+                    targets[key].copy_(value)
+            swap.undo()
+            raise
+        return model
 
 
 def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) -> MPOModel:
@@ -216,20 +355,36 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             raise ValueError(f"module {name!r} shares its weight with {sorted(others)} (tied "
                              "weights); an MPO would silently untie them: untie them first or "
                              "leave the module out of target_modules")
-    for name in tqdm(targets, desc="MPO decomposition", disable=not progress, leave=False):
-        old = supported[name]
-        I, J = weight_xw(old).shape
-        spec, mode = config.spec_for(name, I, J)
+    # every spec and site shape first (cheap), then every decomposition (costly);
+    # the model is not touched until all layers are built
+    specs = {}
+    for name in targets:
+        I, J = weight_xw(supported[name]).shape
         try:
-            new = MPOModule.from_module(old, spec, mode)
+            spec, mode = config.spec_for(name, I, J)
+            spec.site_shapes(I, J)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"module {name!r} ({I}x{J}): {err}") from err
+        specs[name] = (spec, mode, I, J)
+    built: dict[str, MPOModule] = {}
+    for name in tqdm(targets, desc="MPO decomposition", disable=not progress, leave=False):
+        spec, mode, I, J = specs[name]
+        try:
+            built[name] = MPOModule.from_module(supported[name], spec, mode)
         except ValueError as err:
             raise ValueError(f"module {name!r} ({I}x{J}): {err}") from err
-        for path in paths[id(old)]:
-            set_module(model, path, new)
-    wrapped = MPOModel(model, config)
-    wrapped.setup_training()
-    for name, module in model.named_modules():
-        if any(config.pattern_matches(p, name) for p in config.modules_to_save):
-            for p in module.parameters():
-                p.requires_grad_(True)
+    swap = _Swap(model)
+    try:
+        for name, new in built.items():
+            for path in paths[id(supported[name])]:
+                swap.put(path, new)
+        wrapped = MPOModel(model, config)
+        wrapped.setup_training()
+        for name, module in model.named_modules():
+            if any(config.pattern_matches(p, name) for p in config.modules_to_save):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+    except BaseException:
+        swap.undo()
+        raise
     return wrapped
