@@ -20,6 +20,7 @@ is exactly as it was.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,10 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
 
 
 class _Swap:
@@ -251,23 +256,20 @@ class MPOModel(nn.Module):
                 for path in paths[id(olds[name])]:
                     expected[f"{path}.{local}"] = (shape, (name, local))
         header = io.read_header(weights)
-        unexpected = sorted(set(header) - set(expected))
-        if unexpected:
-            raise ValueError(f"{weights} holds tensors that {base_name} with the saved MPO "
-                             f"modules does not have: {unexpected[:5]}"
-                             f"{' ...' if len(unexpected) > 5 else ''}")
         for key, shape in header.items():
-            if shape != expected[key][0]:
+            if key in expected and shape != expected[key][0]:
                 raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
                                  f"{base_name} with the saved MPO modules needs "
                                  f"{list(expected[key][0])}")
         saved_as: dict[Any, str] = {}
         for key in header:
-            saved_as.setdefault(expected[key][1], key)
+            if key in expected:
+                saved_as.setdefault(expected[key][1], key)
+        unexpected = sorted(set(header) - set(expected))
         missing = sorted(k for k, (_, group) in expected.items() if group not in saved_as)
-        if missing:
-            raise ValueError(f"{weights} lacks tensors of {base_name}: {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}")
+        if unexpected or missing:
+            raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
+                             f"missing {_some(missing)}, unexpected {_some(unexpected)}")
         # load into new layers and read the other tensors; base_model is still untouched
         shells: dict[str, MPOModule] = {}
         rest: dict[str, torch.Tensor] = {}
@@ -285,7 +287,7 @@ class MPOModel(nn.Module):
                         rest[key] = f.get_tensor(key)
         except (SafetensorError, RuntimeError) as err:
             raise ValueError(f"cannot load {weights} into {base_name}: "
-                             f"{str(err).splitlines()[0]}") from err
+                             f"{' '.join(str(err).split())[:400]}") from err
         # swap in and copy; on any failure, put everything back
         swap = _Swap(base_model)
         backup: dict[str, torch.Tensor] = {}
@@ -307,6 +309,19 @@ class MPOModel(nn.Module):
             swap.undo()
             raise
         return model
+
+
+def _check_site_shapes(spec: Any, I: int, J: int) -> None:
+    """The site shapes ``spec`` gives a matrix (I, J) fit it (as decomposing will require)."""
+    ins, outs = spec.site_shapes(I, J)
+    if len(ins) != len(outs):
+        raise ValueError(f"in_shape {ins} and out_shape {outs} must have the same number of "
+                         "sites")
+    for label, shape, dim in (("in_shape", ins, I), ("out_shape", outs, J)):
+        p = math.prod(shape)
+        if p < dim or (p > dim and not spec.pad):
+            hint = "; pass pad=True to zero-pad" if p > dim else ""
+            raise ValueError(f"{label}={shape} has product {p}, but the dimension is {dim}{hint}")
 
 
 def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) -> MPOModel:
@@ -362,7 +377,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         I, J = weight_xw(supported[name]).shape
         try:
             spec, mode = config.spec_for(name, I, J)
-            spec.site_shapes(I, J)
+            _check_site_shapes(spec, I, J)
         except (TypeError, ValueError) as err:
             raise type(err)(f"module {name!r} ({I}x{J}): {err}") from err
         specs[name] = (spec, mode, I, J)

@@ -1,0 +1,394 @@
+"""Fault suite: failures injected into model surgery, loading, squeezing and saving,
+bad checkpoints and bad arguments. Every case either raises a clear error or
+recovers, and no model, checkpoint or file is lost (see docs/reliability.md).
+
+Models are random-init BERTs (hidden 32, 2 layers) so that each case runs in well
+under a second; injected failures raise :class:`Injected` on the k-th call of a
+patched function, for several k.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from tnlm.bridge import MPOModule
+from tnlm.compress import DimensionSqueezer
+from tnlm.integration import MPOConfig, MPOModel, get_mpo_model
+from tnlm.integration import model as model_mod
+from tnlm.integration.io import CONFIG_NAME
+
+IDS = torch.tensor([[5, 17, 42, 9, 63, 2], [7, 7, 90, 31, 1, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+LABELS = torch.tensor([0, 1])
+TARGETS = ["query", "value", "intermediate.dense"]  # 6 modules in 2 layers
+
+
+class Injected(Exception):
+    """The failure the tests inject."""
+
+
+def fail_on(k, fn, exc=Injected):
+    """``fn`` that raises ``exc`` on its k-th call (counting from 1)."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise exc(f"injected failure on call {k}")
+        return fn(*args, **kwargs)
+
+    wrapper.calls = calls
+    return wrapper
+
+
+def counting(fn):
+    return fail_on(0, fn)
+
+
+def tiny_bert(layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=layers,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                     num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def config(**kw):
+    return MPOConfig(target_modules=TARGETS, n_sites=3, **kw)
+
+
+def outputs(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).logits
+
+
+def fingerprint(model):
+    """Module objects, state, requires_grad flags, train flags and outputs of ``model``."""
+    return dict(
+        modules={n: id(m) for n, m in model.named_modules(remove_duplicate=False)},
+        params={n: id(p) for n, p in model.named_parameters(remove_duplicate=False)},
+        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        flags={n: p.requires_grad for n, p in model.named_parameters()},
+        training={n: m.training for n, m in model.named_modules()},
+        out=outputs(model),
+    )
+
+
+def assert_unchanged(model, before):
+    after = fingerprint(model)
+    assert after["modules"] == before["modules"], "module objects changed"
+    assert after["params"] == before["params"], "parameter objects changed"
+    assert after["state"].keys() == before["state"].keys()
+    changed = [k for k in before["state"] if not torch.equal(after["state"][k], before["state"][k])]
+    assert not changed, f"values changed: {changed[:5]}"
+    assert after["flags"] == before["flags"], "requires_grad flags changed"
+    assert after["training"] == before["training"], "train/eval modes changed"
+    assert torch.equal(after["out"], before["out"]), "outputs changed"
+
+
+# ---------------------------------------------------------------------------------------
+# 1. transactional model surgery: get_mpo_model
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_wrap_decomposition_failure_leaves_model_unchanged(k, monkeypatch):
+    model = tiny_bert()
+    before = fingerprint(model)
+    patched = fail_on(k, MPOModule.from_module)
+    monkeypatch.setattr(MPOModule, "from_module", staticmethod(patched))
+    with pytest.raises(Injected):
+        get_mpo_model(model, config(max_bond=2), progress=False)
+    assert patched.calls["n"] == k
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_wrap_swap_failure_leaves_model_unchanged(k, monkeypatch):
+    model = tiny_bert()
+    before = fingerprint(model)
+    monkeypatch.setattr(model_mod, "set_module", fail_on(k, model_mod.set_module))
+    with pytest.raises(Injected):
+        get_mpo_model(model, config(max_bond=2), progress=False)
+    assert_unchanged(model, before)
+
+
+def test_wrap_interrupt_and_training_setup_failure_leave_model_unchanged(monkeypatch):
+    model = tiny_bert()
+    before = fingerprint(model)
+    with monkeypatch.context() as m:
+        m.setattr(model_mod, "set_module", fail_on(4, model_mod.set_module, KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            get_mpo_model(model, config(), progress=False)
+    assert_unchanged(model, before)
+    with monkeypatch.context() as m:
+        m.setattr(MPOModel, "setup_training", fail_on(1, MPOModel.setup_training))
+        with pytest.raises(Injected):
+            get_mpo_model(model, config(modules_to_save=["classifier"]), progress=False)
+    assert_unchanged(model, before)
+    # and the untouched model still converts
+    wrapped = get_mpo_model(model, config(), progress=False)
+    assert len(list(wrapped.mpo_modules())) == 6
+
+
+def test_wrap_bad_spec_of_last_module_fails_before_any_decomposition(monkeypatch):
+    model = tiny_bert()
+    before = fingerprint(model)
+    patched = counting(MPOModule.from_module)
+    monkeypatch.setattr(MPOModule, "from_module", staticmethod(patched))
+    bad = config(overrides={"intermediate.dense": {"out_shape": (2, 2, 2)}})
+    with pytest.raises(ValueError, match=r"module 'bert.encoder.layer.0.intermediate.dense' \(32x64\): "
+                                         r"out_shape=\(2, 2, 2\) has product 8"):
+        get_mpo_model(model, bad, progress=False)
+    assert patched.calls["n"] == 0
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. transactional model surgery: MPOModel.from_pretrained
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved 2-layer checkpoint and the outputs of the saved model."""
+    d = tmp_path_factory.mktemp("ckpt")
+    model = get_mpo_model(tiny_bert(), config(max_bond=3), progress=False).eval()
+    model.save_pretrained(d)
+    return d, outputs(model)
+
+
+def copy_checkpoint(src, dst, edit=None):
+    """A copy of checkpoint ``src`` in ``dst``, its config changed by ``edit(meta)``."""
+    dst.mkdir(exist_ok=True)
+    meta = json.loads((src / CONFIG_NAME).read_text())
+    (dst / meta["weights"]).write_bytes((src / meta["weights"]).read_bytes())
+    if edit is not None:
+        edit(meta)
+    (dst / CONFIG_NAME).write_text(json.dumps(meta))
+    return dst
+
+
+def test_load_round_trip_after_checks(saved):
+    d, ref = saved
+    loaded = MPOModel.from_pretrained(tiny_bert(seed=1), d).eval()
+    assert torch.equal(outputs(loaded), ref)
+
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+
+
+def _set(path, value):
+    def edit(meta):
+        node = meta
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+def _drop_module(meta):
+    del meta["modules"][Q0]
+
+
+def _add_module(meta):
+    meta["modules"]["bert.encoder.layer.0.attention.self.key"] = dict(meta["modules"][Q0])
+
+
+def _foreign_weights(tmp_path):
+    """Weights of a max_bond=2 model under the max_bond=3 structure, hash updated."""
+    other = get_mpo_model(tiny_bert(), config(max_bond=2), progress=False)
+    other.save_pretrained(tmp_path / "other")
+    om = json.loads((tmp_path / "other" / CONFIG_NAME).read_text())
+
+    def edit(meta):
+        meta["weights"], meta["sha256"] = om["weights"], om["sha256"]
+    return edit, tmp_path / "other" / om["weights"]
+
+
+BAD_CHECKPOINTS = {
+    "in_dim edited": (_set(["modules", Q0, "in_dim"], 30), r"is 30x32 \(in x out\) but the base"),
+    "out_dim edited": (_set(["modules", Q0, "out_dim"], 31), r"is 32x31 .* base model's is 32x32"),
+    "bond edited": (_set(["modules", Q0, "core_shapes", 0, 3], 2), "ends with bond 2"),
+    "outer bond edited": (_set(["modules", Q0, "core_shapes", 0, 0], 2), "outer bonds"),
+    "kind edited": (_set(["modules", Q0, "kind"], "conv1d"), "is a conv1d but .* has Linear"),
+    "embedding with bias": (_set(["modules", Q0, "kind"], "embedding"), "false for an embedding"),
+    "unknown kind": (_set(["modules", Q0, "kind"], "lstm"), "kind must be one of"),
+    "bias edited": (_set(["modules", Q0, "bias"], False), "bias=False"),
+    "mode edited": (_set(["modules", Q0, "mode"], "fast"), "mode must be one of"),
+    "negative dim": (_set(["modules", Q0, "in_dim"], -1), "in_dim must be an int >= 1"),
+    "shapes not a list": (_set(["modules", Q0, "core_shapes"], "x"), "core_shapes must be"),
+    "module dropped": (_drop_module, r"missing \['.*query.weight'\], unexpected \['.*query.cores.0'"),
+    "module added": (_add_module, r"missing \['.*key.cores.0', .*unexpected \['.*key.weight'\]"),
+    "unknown module": (_set(["modules", "bert.encoder.layer.5.output.dense"],
+                            {"kind": "linear", "in_dim": 64, "out_dim": 32,
+                             "core_shapes": [[1, 64, 32, 1]], "bias": True}),
+                       "does not exist in the base model"),
+    "config n_sites": (_set(["config", "n_sites"], 0), "invalid config.*n_sites"),
+    "config field": (_set(["config", "lora_r"], 8), "invalid config.*unknown MPOConfig fields"),
+    "config not object": (_set(["config"], []), "'config' must be an object"),
+    "modules not object": (_set(["modules"], []), "'modules' must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_refused_and_base_untouched(case, saved, tmp_path):
+    edit, match = BAD_CHECKPOINTS[case]
+    d = copy_checkpoint(saved[0], tmp_path / "bad", edit)
+    base = tiny_bert(seed=1)
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=match):
+        MPOModel.from_pretrained(base, d)
+    assert_unchanged(base, before)
+
+
+def test_foreign_weights_with_fixed_hash_are_refused(saved, tmp_path):
+    edit, weights = _foreign_weights(tmp_path)
+    d = copy_checkpoint(saved[0], tmp_path / "bad", edit)
+    (d / weights.name).write_bytes(weights.read_bytes())
+    base = tiny_bert(seed=1)
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match=r"has shape \[.*\], but .* needs"):
+        MPOModel.from_pretrained(base, d)
+    assert_unchanged(base, before)
+
+
+def test_deeper_checkpoint_into_shallower_model_leaves_it_untouched(tmp_path):
+    deep = get_mpo_model(tiny_bert(layers=3), config(max_bond=3), progress=False)
+    deep.save_pretrained(tmp_path)
+    base = tiny_bert(layers=2, seed=1)
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="layer.2.* does not exist in the base model"):
+        MPOModel.from_pretrained(base, tmp_path)
+    assert_unchanged(base, before)
+    with pytest.raises(ValueError, match="already an MPOModel"):
+        MPOModel.from_pretrained(deep, tmp_path)
+    with pytest.raises(ValueError, match="train must be one of"):
+        MPOModel.from_pretrained(base, tmp_path, train="central")
+
+
+def _clean_copy_count(directory):
+    """Number of Tensor.copy_ calls in a successful load (to inject at each of them)."""
+    base = tiny_bert(seed=1)
+    orig = torch.Tensor.copy_
+    counter = counting(orig)
+    torch.Tensor.copy_ = counter
+    try:
+        MPOModel.from_pretrained(base, directory)
+    finally:
+        torch.Tensor.copy_ = orig
+    return counter.calls["n"]
+
+
+def test_load_failure_injected_at_every_step_leaves_base_untouched(saved, monkeypatch):
+    d, ref = saved
+    n_copies = _clean_copy_count(d)
+    assert n_copies > 10
+    injections = [
+        *[(MPOModule, "from_structure", k, True) for k in (1, 3, 6)],
+        *[(model_mod, "set_module", k, False) for k in (1, 2, 4, 6)],
+        *[(torch.Tensor, "copy_", k, False)
+          for k in (1, 7, 13, n_copies // 2, n_copies - 1, n_copies)],
+        (MPOModel, "setup_training", 1, False),
+    ]
+    base = tiny_bert(seed=1)
+    before = fingerprint(base)
+    for owner, attr, k, static in injections:
+        orig = getattr(owner, attr)
+        patched = fail_on(k, orig)
+        with monkeypatch.context() as m:
+            m.setattr(owner, attr, staticmethod(patched) if static else patched)
+            # load_state_dict of a new layer reports a failed copy as a RuntimeError
+            with pytest.raises((Injected, ValueError), match="injected failure"):
+                MPOModel.from_pretrained(base, d)
+        assert patched.calls["n"] >= k, (attr, k)
+        assert_unchanged(base, before)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "copy_", fail_on(n_copies // 2, torch.Tensor.copy_,
+                                                 KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            MPOModel.from_pretrained(base, d)
+    assert_unchanged(base, before)
+    # the untouched base still loads, bit-exact
+    assert torch.equal(outputs(MPOModel.from_pretrained(base, d).eval()), ref)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. transactional model surgery: DimensionSqueezer
+# ---------------------------------------------------------------------------------------
+
+def squeezable():
+    return get_mpo_model(tiny_bert(), config(), progress=False)
+
+
+def loss_of(model):
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=IDS, attention_mask=MASK, labels=LABELS).loss)
+
+
+def nudge(model):
+    """A deterministic 'recovery fine-tuning': moves every trainable parameter."""
+    model.train()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1e-3)
+
+
+def squeeze_state(model, sq):
+    return dict(shapes={n: m.core_shapes for n, m in model.mpo_modules()},
+                errors={n: m.truncation_error for n, m in model.mpo_modules()},
+                candidates=sq.candidates())
+
+
+def reference_after(iters, **kw):
+    """Model fingerprint and squeezer state after ``iters`` clean iterations."""
+    model = squeezable()
+    sq = DimensionSqueezer(model, loss_of, kw.get("finetune"), delta=math.inf,
+                           max_iters=iters, cuts_per_iter=kw.get("cuts", 1), log=None)
+    if iters:
+        sq.run()
+    model.eval()
+    return fingerprint(model), squeeze_state(model, sq)
+
+
+@pytest.mark.parametrize(("where", "k", "cuts"), [
+    ("evaluate", 2, 1), ("evaluate", 3, 1), ("evaluate", 4, 2),
+    ("finetune", 1, 1), ("finetune", 3, 1), ("finetune", 2, 2),
+    ("cut", 2, 2), ("cut", 5, 2), ("log", 3, 1),
+])
+def test_squeeze_failure_restores_last_accepted_state(where, k, cuts, monkeypatch):
+    model = squeezable()
+    evaluate, finetune, log = loss_of, nudge, (lambda step: None)
+    if where == "evaluate":
+        evaluate = fail_on(k, loss_of)
+        done = k - 2              # call 1 is the starting loss; call k ends iteration k-1
+    elif where == "finetune":
+        finetune = fail_on(k, nudge)
+        done = k - 1
+    elif where == "log":
+        log = fail_on(k, log)     # one log line per cut
+        done = (k - 1) // cuts
+    else:
+        monkeypatch.setattr(MPOModule, "retruncate", fail_on(k, MPOModule.retruncate))
+        done = (k - 1) // cuts
+    sq = DimensionSqueezer(model, evaluate, finetune, delta=math.inf, max_iters=10,
+                           cuts_per_iter=cuts, log=log)
+    with pytest.raises(Injected):
+        sq.run()
+    monkeypatch.undo()
+    model.eval()
+    ref_fp, ref_sq = reference_after(done, finetune=nudge, cuts=cuts)
+    got_sq = squeeze_state(model, sq)
+    assert got_sq == ref_sq
+    ref_fp["modules"] = ref_fp["params"] = None  # another model: compare values only
+    got = fingerprint(model)
+    got["modules"] = got["params"] = None
+    assert got.keys() == ref_fp.keys()
+    assert all(torch.equal(got["state"][key], ref_fp["state"][key]) for key in ref_fp["state"])
+    assert got["flags"] == ref_fp["flags"] and torch.equal(got["out"], ref_fp["out"])
+    # and squeezing goes on from there
+    res = DimensionSqueezer(model, loss_of, nudge, delta=math.inf, max_iters=1, log=None).run()
+    assert len(res.history) == 1 and res.history[0].accepted
