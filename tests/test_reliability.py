@@ -392,3 +392,131 @@ def test_squeeze_failure_restores_last_accepted_state(where, k, cuts, monkeypatc
     # and squeezing goes on from there
     res = DimensionSqueezer(model, loss_of, nudge, delta=math.inf, max_iters=1, log=None).run()
     assert len(res.history) == 1 and res.history[0].accepted
+
+
+# ---------------------------------------------------------------------------------------
+# 2. overrides and arguments: validated before any work
+# ---------------------------------------------------------------------------------------
+
+AO = "bert.encoder.layer.0.attention.output.dense"
+OD = "bert.encoder.layer.0.output.dense"
+
+
+@pytest.mark.parametrize("order", ["short first", "long first"])
+def test_most_specific_override_wins_whatever_the_order(order):
+    pairs = [("dense", {"max_bond": 3}), ("attention.output.dense", {"max_bond": 2})]
+    if order == "long first":
+        pairs.reverse()
+    cfg = MPOConfig(target_modules=["dense"], n_sites=3, overrides=dict(pairs))
+    assert cfg.options_for(AO, 32, 32)["max_bond"] == 2
+    assert cfg.options_for(OD, 64, 32)["max_bond"] == 3
+    assert cfg.overrides_for(AO) == ["dense", "attention.output.dense"]
+    wrapped = dict(get_mpo_model(tiny_bert(), cfg, progress=False).mpo_modules())
+    assert max(wrapped[AO].bond_dims) == 2 and max(wrapped[OD].bond_dims) == 3
+
+
+def test_equally_specific_conflicting_overrides_raise():
+    cfg = MPOConfig(target_modules=r".*dense", n_sites=3,
+                    overrides={r".*output\.dense": {"max_bond": 2}, r"bert\..*\.dense": {"max_bond": 3}})
+    model = tiny_bert()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="equally specific and disagree on \\['max_bond'\\]"):
+        get_mpo_model(model, cfg, progress=False)
+    assert_unchanged(model, before)
+
+
+def test_override_matching_no_target_raises_with_suggestion(monkeypatch):
+    model = tiny_bert()
+    before = fingerprint(model)
+    patched = counting(MPOModule.from_module)
+    monkeypatch.setattr(MPOModule, "from_module", staticmethod(patched))
+    with pytest.raises(ValueError, match=r"overrides pattern 'intermediate.dens' matches none "
+                                         r"of the 6 target.*did you mean \['intermediate.dense'"):
+        get_mpo_model(model, config(overrides={"intermediate.dens": {"max_bond": 2}}),
+                      progress=False)
+    # a module that exists but is not a target is also a mistake
+    with pytest.raises(ValueError, match="overrides pattern 'key' matches none"):
+        get_mpo_model(model, config(overrides={"key": {"max_bond": 2}}), progress=False)
+    assert patched.calls["n"] == 0
+    assert_unchanged(model, before)
+
+
+def test_unknown_override_key_suggests_the_right_one():
+    with pytest.raises(ValueError, match="unknown keys \\['max_bnd'\\].*did you mean 'max_bond'"):
+        MPOConfig(target_modules=["query"], overrides={"query": {"max_bnd": 2}})
+    with pytest.raises(TypeError, match=r"overrides\['query'\] must be a dict"):
+        MPOConfig(target_modules=["query"], overrides={"query": 2})
+
+
+def test_modules_to_save_string_is_one_pattern():
+    cfg = config(modules_to_save="classifier")
+    assert cfg.modules_to_save == ["classifier"]
+    wrapped = get_mpo_model(tiny_bert(), cfg, progress=False)
+    assert all(p.requires_grad for p in wrapped.base_model.classifier.parameters())
+    with pytest.raises(ValueError, match="modules_to_save must be"):
+        config(modules_to_save=["classifier", 3])
+
+
+BAD_ARGUMENTS = {
+    "n_sites 10**9": (dict(n_sites=10**9), ValueError, "n_sites must be at most 64"),
+    "n_sites 1000": (dict(n_sites=1000), ValueError, "n_sites must be at most 64"),
+    "n_sites 65": (dict(n_sites=65), ValueError, "n_sites must be at most 64"),
+    "n_sites 0": (dict(n_sites=0), ValueError, "n_sites must be >= 1"),
+    "n_sites float": (dict(n_sites=3.0), TypeError, "n_sites must be an int"),
+    "cutoff 1": (dict(cutoff=1.0), ValueError, "cutoff must be .* < 1, got 1.0"),
+    "cutoff 1.5": (dict(cutoff=1.5), ValueError, "cutoff must be .* < 1"),
+    "cutoff -0.1": (dict(cutoff=-0.1), ValueError, "cutoff must be finite and >= 0"),
+    "cutoff per bond": (dict(cutoff=[0.1, 2.0]), ValueError, "cutoff must be .* got 2.0"),
+    "max_error 1.01": (dict(max_error=1.01), ValueError, "max_error must be .* <= 1"),
+    "max_error nan": (dict(max_error=float("nan")), ValueError, "max_error must be finite"),
+    "max_bond 0": (dict(max_bond=0), ValueError, "max_bond must be >= 1"),
+    "max_bond str": (dict(max_bond="8"), TypeError, "max_bond must be a number"),
+    "override cutoff": (dict(overrides={"query": {"cutoff": 3}}), ValueError,
+                        r"overrides\['query'\]: cutoff must be"),
+    "override n_sites": (dict(overrides={"query": {"n_sites": 1000}}), ValueError,
+                         r"overrides\['query'\]: n_sites must be at most 64"),
+    "override gauge": (dict(overrides={"query": {"gauge": "right"}}), ValueError,
+                       r"overrides\['query'\]: gauge must be one of"),
+    "in_shapes 65 sites": (dict(in_shapes={32: (1,) * 65}), ValueError,
+                           r"in_shapes\[32\] must have at most 64 sites"),
+    "pad not bool": (dict(pad="yes"), TypeError, "pad must be a bool"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_config_ranges_checked_before_any_work(case):
+    kw, exc, match = BAD_ARGUMENTS[case]
+    args = dict(target_modules=["query"]) | kw
+    with pytest.raises(exc, match=match):
+        MPOConfig(**args)
+
+
+def test_core_entry_points_check_sites_and_ranges():
+    import numpy as np
+
+    from tnlm import MPO, factorize, padded_dim
+    from tnlm.core.policy import TruncationPolicy
+
+    W = np.random.default_rng(0).standard_normal((32, 32))
+    for n in (10**9, 1000, 65):  # 10**9 used to hang, 1000 to raise RecursionError
+        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+            MPO.from_matrix(W, n_sites=n)
+        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+            factorize(32, n)
+        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+            padded_dim(32, n)
+    # too many sites for a small dimension: padding would be mostly zeros (2**40 rows)
+    with pytest.raises(ValueError, match="n_sites=40 is too many for dim=32"):
+        MPO.from_matrix(W, n_sites=40, pad=True)
+    with pytest.raises(ValueError, match="no balanced factorization into 40 sites.*fewer sites"):
+        factorize(32, 40)
+    with pytest.raises(ValueError, match="in_shape must have at most 64 sites"):
+        MPO.from_matrix(W, (1,) * 65, (1,) * 65)
+    mpo = MPO.from_matrix(W, (4, 8), (8, 4))
+    with pytest.raises(ValueError, match="cutoff must be .* < 1"):
+        mpo.truncate(cutoff=1.0)
+    with pytest.raises(ValueError, match="max_error must be .* <= 1"):
+        mpo.truncate(max_error=1.5)
+    assert mpo.truncate(max_error=1.0).bond_dims == (1,)  # the extreme allowed value
+    with pytest.raises(ValueError, match="cutoff"):
+        TruncationPolicy.check(cutoff=[0.5, 1.0])

@@ -18,7 +18,10 @@ import math
 import numbers
 from functools import lru_cache
 
-__all__ = ["factorize", "padded_dim", "prime_factors", "arrange_central"]
+from tnlm.core.validation import MAX_SITES
+
+__all__ = ["MAX_PAD_FACTOR", "factorize", "padded_dim", "max_padded_sites", "prime_factors",
+           "arrange_central"]
 
 
 def prime_factors(n: int) -> list[int]:
@@ -93,28 +96,61 @@ def factorize(dim: int, n_sites: int, *, name: str = "dim") -> tuple[int, ...]:
             ``max(8, 4 * ceil(dim ** (1 / n_sites)))`` (e.g. a large prime factor).
             The message names ``name`` and suggests :func:`padded_dim`.
     """
-    if isinstance(n_sites, bool) or not isinstance(n_sites, numbers.Integral) or n_sites < 1:
-        raise ValueError(f"n_sites must be a positive int, got {n_sites!r}")
+    n_sites = _check_n_sites(n_sites)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ValueError(f"{name} must be a positive int, got {dim!r}")
-    dim, n_sites = int(dim), int(n_sites)
+    dim = int(dim)
     if n_sites == 1:
         return (dim,)
     factors = _balanced(dim, n_sites)
     if factors is None or max(factors) > _max_factor(dim, n_sites):
         primes = "*".join(map(str, prime_factors(dim)))
+        try:
+            hint = f"or zero-pad it (pad=True) to {padded_dim(dim, n_sites, name=name)}"
+        except ValueError:
+            hint = f"or use fewer sites (at most {max_padded_sites(dim)} with pad=True)"
         raise ValueError(
             f"{name}={dim} (= {primes}) has no balanced factorization into {n_sites} sites; "
-            f"pass an explicit shape, or zero-pad it (pad=True) to {padded_dim(dim, n_sites)}"
+            f"pass an explicit shape, {hint}"
         )
     return arrange_central(list(factors))
 
 
-def padded_dim(dim: int, n_sites: int) -> int:
+def _check_n_sites(n_sites: object) -> int:
+    if isinstance(n_sites, bool) or not isinstance(n_sites, numbers.Integral) or n_sites < 1:
+        raise ValueError(f"n_sites must be a positive int, got {n_sites!r}")
+    if n_sites > MAX_SITES:
+        raise ValueError(f"n_sites must be at most {MAX_SITES}, got {n_sites}")
+    return int(n_sites)
+
+
+#: padding may multiply a dimension by at most this factor (more sites than a small
+#: dimension has factors would otherwise pad it to 2**n_sites: mostly zeros, or no memory)
+MAX_PAD_FACTOR = 16
+
+
+def max_padded_sites(dim: int) -> int:
+    """The most sites :func:`padded_dim` accepts for ``dim``."""
+    return max(1, min(MAX_SITES, int(math.floor(math.log2(MAX_PAD_FACTOR * dim)))))
+
+
+def padded_dim(dim: int, n_sites: int, *, name: str = "dim") -> int:
     """Smallest ``d >= dim`` that :func:`factorize` accepts and whose primes are all <= 5.
 
     ``padded_dim(30522, 5) == 30720`` (= 2^11 * 3 * 5), the paper's padded vocabulary.
+
+    Raises:
+        ValueError: ``n_sites`` outside ``1..MAX_SITES`` (64), or so many sites that
+            ``d`` would exceed ``MAX_PAD_FACTOR * dim`` (every site needs a factor >= 2).
     """
+    n_sites = _check_n_sites(n_sites)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"{name} must be a positive int, got {dim!r}")
+    dim = int(dim)
+    if 2**n_sites > MAX_PAD_FACTOR * dim:
+        raise ValueError(f"n_sites={n_sites} is too many for {name}={dim}: padding would need "
+                         f"at least 2**{n_sites} = {2**n_sites} rows, more than "
+                         f"{MAX_PAD_FACTOR}x {dim}; use at most {max_padded_sites(dim)} sites")
     d = max(dim, 2**n_sites)
     while True:
         if max(prime_factors(d)) <= 5:

@@ -6,18 +6,20 @@ Three criteria, each given for all bonds (a number) or per bond (a sequence of
 ``max_bond``
     keep at most this many singular values (int >= 1).
 ``cutoff``
-    drop singular values with ``s < cutoff * ||W||_F``. The reference is the
+    drop singular values with ``s < cutoff * ||W||_F``, ``0 <= cutoff < 1``. The reference is the
     Frobenius norm of the *whole matrix* being truncated (every bond spectrum
     has Σ s² = ||W||_F², so the criterion means the same on every bond). This
     differs from tensornetwork's ``relative=True``, which is relative to s_max.
 ``max_error``
-    a number bounds the relative Frobenius error of the whole matrix,
+    ``0 <= max_error <= 1``; a number bounds the relative Frobenius error of the whole matrix,
     ``||W - W'||_F / ||W||_F <= max_error``: the squared budget is spent bond by
     bond, each bond allowed an equal share of what the earlier bonds left; a
     sequence bounds the discarded weight of each bond separately,
     ``sqrt(Σ_discarded s²) / ||W||_F <= max_error[k]``.
 
-Every bond keeps at least one singular value.
+Every bond keeps at least one singular value. Values out of range raise a
+``ValueError`` naming the argument (e.g. ``cutoff=1.5``: every s_k <= ||W||_F, so a
+cutoff >= 1 would discard everything).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import numpy as np
 
 from tnlm.core.spectra import tail_sums
 
-__all__ = ["TruncationPolicy"]
+__all__ = ["TruncationPolicy", "POLICY_RANGES"]
+
+#: the allowed range of each float criterion: (low, high, high included)
+POLICY_RANGES = {"cutoff": (0.0, 1.0, False), "max_error": (0.0, 1.0, True)}
 
 
 def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
@@ -64,9 +69,15 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         else:
-            v = float(v)
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+            try:
+                v = float(v)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{name} entries must be numbers, got {v!r}") from err
+            lo, hi, closed = POLICY_RANGES.get(name, (0.0, math.inf, False))
+            if not math.isfinite(v) or v < lo or v > hi or (v == hi and not closed):
+                bound = f"{'<=' if closed else '<'} {hi:g}" if math.isfinite(hi) else ""
+                raise ValueError(f"{name} must be finite and >= {lo:g}"
+                                 f"{' and ' + bound if bound else ''}, got {v}")
         out.append(v)
     return out * n_bonds if scalar else out
 
@@ -79,6 +90,19 @@ class TruncationPolicy:
     max_bond: tuple | None = None
     cutoff: tuple | None = None
     max_error: float | tuple | None = None
+
+    @staticmethod
+    def check(max_bond=None, cutoff=None, max_error=None) -> None:
+        """Check the types and ranges of the criteria without knowing the number of bonds
+        (a sequence is checked entry by entry); raise ``TypeError``/``ValueError``."""
+        for name, value, kind in (("max_bond", max_bond, int), ("cutoff", cutoff, float),
+                                  ("max_error", max_error, float)):
+            if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+                n = int(np.size(value))
+                if n:
+                    _per_bond(value, n, name, kind)
+            else:
+                _per_bond(value, 1, name, kind)
 
     @classmethod
     def build(cls, n_bonds: int, max_bond=None, cutoff=None, max_error=None) -> TruncationPolicy:

@@ -9,7 +9,12 @@ import numpy as np
 
 from tnlm.core import backend as B
 
-__all__ = ["check_matrix", "check_shape", "check_site_index", "check_positive_int"]
+__all__ = ["MAX_SITES", "check_matrix", "check_shape", "check_site_index", "check_positive_int",
+           "check_n_sites"]
+
+#: the most sites an MPO may have: every site factor is >= 2 for a balanced
+#: factorization, so more sites than this would need a dimension above 2**64
+MAX_SITES = 64
 
 _FLOATS = ("float32", "float64")
 
@@ -72,12 +77,23 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_n_sites(value: Any, name: str = "n_sites") -> int:
+    """``value`` as an int in ``1..MAX_SITES``, or a ``TypeError``/``ValueError`` naming
+    ``name``."""
+    n = check_positive_int(value, name)
+    if n > MAX_SITES:
+        raise ValueError(f"{name} must be at most {MAX_SITES}, got {n}")
+    return n
+
+
 def check_shape(shape: Any, name: str) -> tuple[int, ...]:
-    """A site shape: a non-empty sequence of ints >= 1."""
+    """A site shape: a sequence of 1 to :data:`MAX_SITES` ints >= 1."""
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one site, got ()")
+    if len(shape) > MAX_SITES:
+        raise ValueError(f"{name} must have at most {MAX_SITES} sites, got {len(shape)}")
     return tuple(check_positive_int(d, f"{name}[{k}]") for k, d in enumerate(shape))
 
 

@@ -6,15 +6,26 @@ that must match the whole name. Every pattern must match at least one
 supported module (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``),
 otherwise :func:`~tnlm.integration.model.get_mpo_model` raises: a misspelled
 target is never silently ignored.
+
+Overrides use the same matching (suffix patterns; regular expressions when
+``target_modules`` is a regex) and every override pattern must match at least one
+target. When several override patterns match one module, **the most specific
+wins**: they are applied from the shortest pattern to the longest, so
+``"attention.output.dense"`` wins over ``"dense"`` whatever the order of the dict.
+Two matching patterns of the same length that set one option to different values
+are an error (neither is more specific).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spec import GAUGES, DecompositionSpec
+from tnlm.core.validation import check_n_sites, check_shape
 
 __all__ = ["MPOConfig", "TRAIN_MODES"]
 
@@ -29,7 +40,7 @@ class MPOConfig:
 
     Attributes:
         target_modules: module name patterns to decompose (see the module docstring).
-        n_sites: number of sites when no shape is given.
+        n_sites: number of sites when no shape is given, 1 to 64.
         in_shapes / out_shapes: site shapes by dimension, e.g. ``{384: (2, 4, 4, 4, 3)}``;
             a dimension not listed is factorized by :func:`tnlm.factorize`.
         max_bond / cutoff / max_error: truncation policies for every target
@@ -37,9 +48,11 @@ class MPOConfig:
         overrides: per-pattern settings that win over the above, e.g.
             ``{"intermediate.dense": {"max_bond": 32}}``; keys among ``max_bond``,
             ``cutoff``, ``max_error``, ``in_shape``, ``out_shape``, ``n_sites``,
-            ``gauge``, ``mode``, ``pad``.
+            ``gauge``, ``mode``, ``pad``. The longest (most specific) matching pattern
+            wins; each pattern must match a target.
         modules_to_save: patterns of modules that are not decomposed but must train and
-            be saved (e.g. a task head ``"classifier"``); each must match a module.
+            be saved (e.g. a task head ``"classifier"``; a single string is one
+            pattern); each must match a module.
         train: ``"auxiliary"`` (the paper's lightweight fine-tuning: everything trains
             except the central tensors) or ``"all"``.
         gauge: the gauge the cores start from: ``"symmetric"`` (the paper's; the default,
@@ -81,16 +94,72 @@ class MPOConfig:
             raise ValueError(f"gauge must be one of {GAUGES}, got {self.gauge!r}")
         if self.mode not in ("auto", "contract", "dense"):
             raise ValueError(f"mode must be 'auto', 'contract' or 'dense', got {self.mode!r}")
-        if isinstance(self.n_sites, bool) or not isinstance(self.n_sites, int) or self.n_sites < 1:
-            raise ValueError(f"n_sites must be an int >= 1, got {self.n_sites!r}")
+        self.n_sites = check_n_sites(self.n_sites)
+        TruncationPolicy.check(self.max_bond, self.cutoff, self.max_error)
+        if not isinstance(self.pad, bool):
+            raise TypeError(f"pad must be a bool, got {self.pad!r}")
+        if not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides must be a dict of pattern -> options, got "
+                            f"{type(self.overrides).__name__}")
         for pattern, opts in self.overrides.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"overrides keys must be non-empty name patterns, got "
+                                 f"{pattern!r}")
+            if not isinstance(opts, dict):
+                raise TypeError(f"overrides[{pattern!r}] must be a dict of options, got "
+                                f"{type(opts).__name__}")
             bad = set(opts) - set(_POLICY_KEYS)
             if bad:
+                hints = {b: difflib.get_close_matches(b, _POLICY_KEYS, n=1) for b in bad}
+                hint = "; ".join(f"{b!r}: did you mean {h[0]!r}?" for b, h in
+                                 sorted(hints.items()) if h)
                 raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(bad)}; "
-                                 f"allowed: {_POLICY_KEYS}")
-        self.in_shapes = {int(k): tuple(v) for k, v in self.in_shapes.items()}
-        self.out_shapes = {int(k): tuple(v) for k, v in self.out_shapes.items()}
+                                 f"allowed: {_POLICY_KEYS}{'; ' + hint if hint else ''}")
+            self._check_options(f"overrides[{pattern!r}]", opts)
+        self.in_shapes = self._shapes("in_shapes", self.in_shapes)
+        self.out_shapes = self._shapes("out_shapes", self.out_shapes)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        elif not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in self.modules_to_save):
+            raise ValueError("modules_to_save must be a module name pattern or a list of them, "
+                             f"got {self.modules_to_save!r}")
         self.modules_to_save = list(self.modules_to_save)
+
+    @staticmethod
+    def _shapes(name: str, shapes: Any) -> dict[int, tuple[int, ...]]:
+        if not isinstance(shapes, dict):
+            raise TypeError(f"{name} must be a dict of dimension -> site shape, got "
+                            f"{type(shapes).__name__}")
+        out = {}
+        for k, v in shapes.items():
+            try:
+                dim = int(k)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name} keys must be dimensions (ints), got {k!r}") from err
+            out[dim] = check_shape(v, f"{name}[{dim}]")
+        return out
+
+    @staticmethod
+    def _check_options(where: str, opts: dict[str, Any]) -> None:
+        """Types and ranges of one override's options (before any work)."""
+        try:
+            if "n_sites" in opts:
+                check_n_sites(opts["n_sites"])
+            for key in ("in_shape", "out_shape"):
+                if opts.get(key) is not None:
+                    check_shape(opts[key], key)
+            TruncationPolicy.check(opts.get("max_bond"), opts.get("cutoff"),
+                                   opts.get("max_error"))
+            if "gauge" in opts and opts["gauge"] not in GAUGES:
+                raise ValueError(f"gauge must be one of {GAUGES}, got {opts['gauge']!r}")
+            if "mode" in opts and opts["mode"] not in ("auto", "contract", "dense"):
+                raise ValueError(f"mode must be 'auto', 'contract' or 'dense', got "
+                                 f"{opts['mode']!r}")
+            if "pad" in opts and not isinstance(opts["pad"], bool):
+                raise TypeError(f"pad must be a bool, got {opts['pad']!r}")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from err
 
     # ------------------------------------------------------------------ matching
     @staticmethod
@@ -102,17 +171,47 @@ class MPOConfig:
             return re.fullmatch(self.target_modules, name) is not None
         return any(self.pattern_matches(p, name) for p in self.target_modules)
 
+    def override_matches(self, pattern: str, name: str) -> bool:
+        """Whether override ``pattern`` applies to module ``name`` (a suffix pattern, or a
+        regex matching the whole name when ``target_modules`` is a regex)."""
+        if self.pattern_matches(pattern, name):
+            return True
+        if isinstance(self.target_modules, str):
+            try:
+                return re.fullmatch(pattern, name) is not None
+            except re.error:
+                return False
+        return False
+
+    def overrides_for(self, name: str) -> list[str]:
+        """The override patterns that apply to ``name``, least specific first (the order
+        they are applied in: the longest pattern wins)."""
+        return sorted((p for p in self.overrides if self.override_matches(p, name)),
+                      key=lambda p: (len(p), p))
+
     def options_for(self, name: str, in_dim: int, out_dim: int) -> dict[str, Any]:
-        """Decomposition keyword arguments for module ``name`` of shape (in_dim, out_dim)."""
+        """Decomposition keyword arguments for module ``name`` of shape (in_dim, out_dim).
+
+        Matching overrides are applied from the least to the most specific (longest)
+        pattern; two matching patterns of equal length that set one option to different
+        values raise ``ValueError``.
+        """
         opts: dict[str, Any] = dict(
             n_sites=self.n_sites, in_shape=self.in_shapes.get(in_dim),
             out_shape=self.out_shapes.get(out_dim), max_bond=self.max_bond,
             cutoff=self.cutoff, max_error=self.max_error, gauge=self.gauge, mode=self.mode,
             pad=self.pad)
-        for pattern, extra in self.overrides.items():
-            if self.pattern_matches(pattern, name) or (
-                    isinstance(self.target_modules, str) and re.fullmatch(pattern, name)):
-                opts.update(extra)
+        matching = self.overrides_for(name)
+        for a, b in zip(matching, matching[1:]):
+            if len(a) == len(b):
+                clash = sorted(k for k in set(self.overrides[a]) & set(self.overrides[b])
+                               if self.overrides[a][k] != self.overrides[b][k])
+                if clash:
+                    raise ValueError(f"overrides {a!r} and {b!r} both match module {name!r}, "
+                                     f"are equally specific and disagree on {clash}; make "
+                                     "one pattern more specific")
+        for pattern in matching:
+            opts.update(self.overrides[pattern])
         return opts
 
     def spec_for(self, name: str, in_dim: int, out_dim: int) -> tuple[DecompositionSpec, str]:

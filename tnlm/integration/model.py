@@ -327,10 +327,15 @@ def _check_site_shapes(spec: Any, I: int, J: int) -> None:
 def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) -> MPOModel:
     """Replace the target layers of ``model`` (in place) by MPO modules; wrap it.
 
+    Every check (patterns, tied weights, site shapes and options of every target)
+    runs before the first decomposition, and every layer is built before the first
+    one is put in place; if anything fails, ``model`` is left exactly as it was.
+
     Raises:
         ValueError: if a target pattern matches no ``nn.Linear`` / ``Conv1D`` /
-            ``nn.Embedding`` (the message lists close names), or a ``modules_to_save``
-            pattern matches nothing.
+            ``nn.Embedding`` or an override pattern matches no target (the messages
+            list close names), a ``modules_to_save`` pattern matches nothing, or the
+            options of a target do not fit it (the message names the module).
     """
     if not isinstance(config, MPOConfig):
         raise TypeError(f"config must be an MPOConfig, got {type(config).__name__}")
@@ -352,6 +357,15 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             hint = f"; did you mean {close}?" if close else f"; supported leaf names: {leaves[:12]}"
             raise ValueError(f"target_modules pattern {p!r} matches no nn.Linear, Conv1D or "
                              f"nn.Embedding module of {type(model).__name__}{hint}")
+    for p in config.overrides:
+        if not any(config.override_matches(p, n) for n in targets):
+            suffixes = sorted({".".join(n.split(".")[k:]) for n in targets
+                               for k in range(len(n.split(".")))})
+            close = difflib.get_close_matches(p, suffixes, n=3)
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
+            hint = f"; did you mean {close}?" if close else f"; target leaf names: {leaves[:12]}"
+            raise ValueError(f"overrides pattern {p!r} matches none of the {len(targets)} "
+                             f"target modules of {type(model).__name__}{hint}")
     all_names = [n for n, _ in model.named_modules() if n]
     for p in config.modules_to_save:
         if not any(config.pattern_matches(p, n) for n in all_names):
