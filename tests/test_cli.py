@@ -16,12 +16,12 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(d)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
     vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "a", "of", "and"]
     (d / "vocab.txt").write_text("\n".join(vocab[:64]))
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    BertTokenizerFast(vocab=str(d / "vocab.txt")).save_pretrained(d)  # vocab_file= is ignored
     return d
 
 
