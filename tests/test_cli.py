@@ -81,3 +81,18 @@ def test_user_errors_are_one_line(argv, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_typo_version_and_json(model_dir, capsys):
+    assert main(["inpsect"]) == 2
+    assert "did you mean 'inspect'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("tnlm ")
+    assert main(["inspect", str(model_dir), "--n-sites", "3", "--json", "--no-reference",
+                 "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 12 + 1  # 12 linears and the word embedding table
+    for r in rows:
+        # the entropy is measured at the central bond and bounded by ln of its dimension
+        assert 0 <= r["central_entropy"] <= r["max_central_entropy"] + 1e-9

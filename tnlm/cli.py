@@ -7,6 +7,7 @@ mistakes print one line on stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 #: the 36 encoder linear layers of a BERT-style model (MiniLM, BERT)
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
+COMMANDS = ("compress", "inspect", "report", "decompose")
+
 #: SICK relatedness pairs, if the shared data folder sits beside the working directory
 DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
 
@@ -215,16 +218,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tnlm.analysis import matrix_profile, reference_for
 
     mats = _weights_for_profile(args.model_dir, args.embeddings)
-    print(f"{'module':44s} {'I x J':>12s} {'bond_dims':>20s} {'S_central':>9s} "
-          f"{'S_random':>8s} {'ln D':>6s} {'central %':>9s}")
+    rows = []
+    if not args.json:
+        print(f"{'module':44s} {'I x J':>12s} {'bond_dims':>20s} {'S_central':>9s} "
+              f"{'S_random':>8s} {'ln d_c':>6s} {'central %':>9s}")
     for name, W in tqdm(mats.items(), desc="profile", leave=False, disable=args.quiet):
         prof = matrix_profile(W, n_sites=args.n_sites, name=name, pad=True)
         ref = reference_for(prof) if args.reference else None
-        s_ref = f"{ref['central_entropy']:8.3f}" if ref else f"{'-':>8s}"
-        d = max(prof["bond_dims"])
-        print(f"{name:44s} {str(tuple(W.shape)):>12s} {str(tuple(prof['bond_dims'])):>20s} "
-              f"{prof['central_entropy']:9.3f} {s_ref} {np.log(d):6.3f} "
-              f"{100 * prof['central_fraction']:8.1f}%")
+        d = prof["bond_dims"][prof["central_bond"]]  # the bond S_central is measured at
+        row = dict(name=name, shape=list(W.shape), bond_dims=list(prof["bond_dims"]),
+                   central_bond=prof["central_bond"], central_entropy=prof["central_entropy"],
+                   random_central_entropy=ref["central_entropy"] if ref else None,
+                   max_central_entropy=float(np.log(d)),
+                   central_fraction=prof["central_fraction"])
+        rows.append(row)
+        if not args.json:
+            s_ref = f"{ref['central_entropy']:8.3f}" if ref else f"{'-':>8s}"
+            print(f"{name:44s} {str(tuple(W.shape)):>12s} {str(tuple(prof['bond_dims'])):>20s} "
+                  f"{prof['central_entropy']:9.3f} {s_ref} {np.log(d):6.3f} "
+                  f"{100 * prof['central_fraction']:8.1f}%")
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=1))
     return 0
 
 
@@ -286,10 +302,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tnlm import __version__
+
     ap = argparse.ArgumentParser(prog="tnlm", description="MPO compression of language models")
-    sub = ap.add_subparsers(dest="command")
+    ap.add_argument("--version", action="version", version=f"tnlm {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("compress", help="compress a model's linear layers to a budget and heal it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=fmt)
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--budget", type=float, default=0.5,
                    help="fraction of the targeted layers' parameters to keep, model-wide")
@@ -314,22 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
-    p = sub.add_parser("inspect", help="table of weight matrices, bond dims and entropies")
+    p = sub.add_parser("inspect", help="table of weight matrices, bond dims and entropies",
+                       formatter_class=fmt)
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--n-sites", type=int, default=5)
     p.add_argument("--embeddings", action="store_true", help="include embedding tables")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the random-matrix reference column")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("report", help="plots of a model (or a saved MPO model) to files")
+    p = sub.add_parser("report", help="plots of a model (or a saved MPO model) to files",
+                       formatter_class=fmt)
     p.add_argument("directory", nargs="?", default=None,
                    help="a saved MPO model, or a model folder (default: the embedded MiniLM)")
     p.add_argument("--out", default="out/report", help="folder for the figures")
     p.add_argument("--modules", type=int, default=2, help="per-module figures for this many")
     p.add_argument("--n-sites", type=int, default=5)
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("decompose", help="exact MPO of every weight matrix, with a report")
+    p = sub.add_parser("decompose", help="exact MPO of every weight matrix, with a report",
+                       formatter_class=fmt)
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--n-sites", type=int, default=5)
     p.add_argument("--quiet", action="store_true")
@@ -340,9 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
-    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["compress", *argv]  # the main job: compress the default model
+    elif argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        if Path(argv[0]).exists():
+            argv = ["compress", *argv]  # ``tnlm MODEL_DIR ...`` compresses that model
+        else:
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            print(f"tnlm: error: {argv[0]!r} is neither a command {COMMANDS} nor an existing "
+                  f"model folder{hint}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args)
