@@ -4,6 +4,7 @@ Tolerances: untruncated fp32 layers match the dense layer to 1e-5 absolute on
 O(1) outputs (the decomposition runs in float64; the contraction in float32).
 """
 
+import copy
 import warnings
 
 import numpy as np
@@ -16,11 +17,14 @@ from tnlm import MPO
 from tnlm.bridge import (
     MPOEmbedding,
     MPOLinear,
+    cost,
     freeze_central,
     parameter_groups,
     parameter_report,
     train_auxiliary_only,
 )
+from tnlm.bridge.layer import set_dense_cache
+from tnlm.core import plan as plan_module
 
 ATOL = 1e-5
 
@@ -145,6 +149,80 @@ class LayerInvariants:
             layer.zero_grad()
 
 
+    # ------------------------------------------------------------ speed machinery
+    @pytest.mark.parametrize("mode", ["contract", "dense"])
+    def test_no_graph_break(self, mode):
+        _, layer, x = self.make()
+        layer.mode = mode
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+        torch._dynamo.reset()
+
+    def test_dense_cache_reused_until_a_core_changes(self):
+        _, layer, x = self.make()
+        layer.mode = "dense"
+        with torch.no_grad():
+            layer.cache_dense = False
+            ref = layer(x)
+            assert not layer._dense_cache
+            layer.cache_dense = True
+            y1 = layer(x)
+            (W1,) = [w for _, w in layer._dense_cache.values()]
+            y2 = layer(x)
+            (W2,) = [w for _, w in layer._dense_cache.values()]
+            assert W2 is W1  # not rebuilt
+            assert torch.equal(y1, ref) and torch.equal(y2, ref)
+            layer.cores[layer.central_index].mul_(2.0)  # in place: bumps _version
+            y3 = layer(x)
+            layer.cache_dense = False
+            assert torch.equal(y3, layer(x)) and not torch.allclose(y3, ref)
+        layer.cache_dense = True
+        # an optimizer step (in place, under no_grad) is seen as well
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        (layer(x).float() ** 2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            y4 = layer(x)
+            layer.cache_dense = False
+            assert torch.equal(y4, layer(x)) and not torch.allclose(y4, y3)
+
+    def test_dense_cache_invalidated_by_set_cores_retruncate_and_to(self):
+        _, layer, x = self.make()
+        layer.mode = "dense"
+        with torch.no_grad():
+            layer(x)
+            assert layer._dense_cache
+            assert not copy.deepcopy(layer)._dense_cache
+            layer.retruncate(max_bond=2)
+            assert not layer._dense_cache
+            y = layer(x)
+            layer.set_cores([c * 2 for c in layer.cores])
+            assert not layer._dense_cache
+            y2 = layer(x)
+            layer.cache_dense = False
+            assert torch.equal(y2, layer(x)) and not torch.allclose(y, y2)
+            layer.cache_dense = True
+            layer.double()
+            assert not layer._dense_cache
+            assert layer(x).dtype == torch.float64
+
+    def test_dense_cache_only_without_graph_through_the_cores(self):
+        _, layer, x = self.make()
+        layer.mode = "dense"
+        layer(x).float().sum().backward()  # trainable cores, grad mode: rebuilt, never cached
+        assert not layer._dense_cache
+        assert all(c.grad is not None for c in layer.cores)
+        for c in layer.cores:
+            c.requires_grad_(False)
+        with torch.inference_mode():
+            ref = layer(x)
+        assert layer._dense_cache  # built under inference_mode, usable outside it
+        y = layer(x)  # grad mode, all cores frozen: cached W
+        torch.testing.assert_close(y, ref, atol=0, rtol=0)
+
+
 class TestMPOLinear(LayerInvariants):
     def make(self, gauge="central"):
         torch.manual_seed(0)
@@ -251,6 +329,92 @@ def test_choose_mode_follows_flops():
     full = MPOLinear.from_linear(nn.Linear(64, 64), (4, 4, 4), (4, 4, 4))
     mode, contract, dense = full.choose_mode(4096)
     assert mode == "dense" and contract > dense / 1.5
+
+
+def _low_rank(I, J, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(I, r, generator=g), torch.randn(r, J, generator=g)
+    return MPOLinear([A.reshape(1, I, 1, r), B.reshape(r, 1, J, 1)], torch.randn(J)), A, B
+
+
+def test_low_rank_layout_contracts_when_it_saves_flops():
+    """A 2-site (1, I, 1, r), (r, 1, J, 1) layer runs x @ A @ B (two GEMMs, 2 r (I + J) FLOPs
+    per row) exactly when r (I + J) < I J; with a cacheable W the dense path costs its GEMM."""
+    I, J = 16, 24
+    for r in (2, 5, 9, 10, 16):  # (r = 1 drops the bond: an outer product)
+        layer, A, B = _low_rank(I, J, r)
+        path = layer._cost.contract_path(7)
+        assert path.const_flops == 0 and path.row_flops == 2 * r * (I + J)
+        assert all(blas == "GEMM" for _, _, blas in path.step_cost)
+        expect = "contract" if r * (I + J) < I * J else "dense"
+        for rows in (1, 3, 64, 5000):
+            assert layer.choose_mode(rows, rebuild=False)[0] == expect
+        x = torch.randn(2, 3, I)
+        with torch.no_grad():
+            y = layer(x)
+        assert layer.last_mode == expect
+        torch.testing.assert_close(y, x @ A @ B + layer.bias, atol=1e-4, rtol=1e-5)
+        # training (no cache): the rebuild counts on the dense side, contract wins more often
+        assert layer.choose_mode(64)[0] == "contract" or r * (I + J) >= I * J
+
+
+def test_forward_runs_no_path_search(monkeypatch):
+    """Plans are resolved when the cores are set; no batch length triggers a search."""
+    layer, _, _ = _low_rank(16, 24, 3)
+    full = MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3))
+    emb = MPOEmbedding.from_embedding(nn.Embedding(100, 24), (2, 8, 7), (2, 4, 3))
+    calls = []
+    real = plan_module.oe.contract_path
+    monkeypatch.setattr(plan_module.oe, "contract_path",
+                        lambda *a, **k: calls.append(k.get("optimize")) or real(*a, **k))
+    for rows in (1, 3, 17, 100, 257):
+        for m in ("auto", "contract", "dense"):
+            layer.mode = full.mode = emb.mode = m
+            layer(torch.randn(rows, 16))
+            full(torch.randn(rows, 24))
+            emb(torch.randint(0, 100, (rows,)))
+    assert calls == []
+    # the shape-level API: one search per power-of-two bucket of rows
+    shapes = full.core_shapes
+    plans = [plan_module.apply_plan(shapes, rows, full.in_shape) for rows in (33, 40, 64)]
+    assert len({p.path for p in plans}) == 1
+    assert [o for o in calls if isinstance(o, str)] in ([], ["auto-hq"])
+    assert [p.flops for p in plans] == [p.shapes[-1][0] * plans[-1].flops // 64 for p in plans] \
+        or len(set(p.flops for p in plans)) == 3
+
+
+def test_chain_plan_flops_are_linear_in_rows():
+    full = MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3))
+    plans = full._plans
+    for path in plans.apply:
+        for rows in (1, 5, 300):
+            shapes = (*plans.core_views, (rows, *plans.x_view))
+            again = plan_module.get_plan(path.plan.equation, shapes, path.plan.path)
+            assert again.flops == path.flops(rows)
+    assert plans.gather.flops * 9 == plan_module.gather_plan(full.core_shapes, 9).flops
+    mode, contract, dense = cost.choose_mode(full.core_shapes, 4096, full.in_shape, 24, 36)
+    assert (mode, contract, dense) == full.choose_mode(4096, rebuild=True)
+
+
+def test_embedding_eval_lookup_is_a_cached_table_lookup():
+    torch.manual_seed(13)
+    dense = nn.Embedding(100, 24, padding_idx=0)
+    emb = MPOEmbedding.from_embedding(dense, (2, 8, 7), (2, 4, 3))
+    ids = torch.tensor([[0, 5, 99, 5], [17, 42, 63, 1]])
+    with torch.no_grad():
+        y = emb(ids)
+        (table,) = [w for _, w in emb._dense_cache.values()]
+        torch.testing.assert_close(y, dense(ids), atol=ATOL, rtol=0)
+        assert emb.last_mode == "dense"
+        assert torch.equal(emb(ids.int()), y)
+        assert [w for _, w in emb._dense_cache.values()][0] is table
+        with pytest.raises(IndexError, match=r"token ids must be in \[0, 100\)"):
+            emb(torch.tensor([3, 100]))
+        emb.mode = "contract"  # an explicit gather is respected
+        torch.testing.assert_close(emb(ids), y, atol=ATOL, rtol=0)
+        assert emb.last_mode == "contract"
+    model = nn.Sequential(emb)
+    assert set_dense_cache(model, False) == 1 and not emb._dense_cache and not emb.cache_dense
 
 
 def test_set_cores_changes_shapes_and_keeps_flags():

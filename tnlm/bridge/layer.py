@@ -6,6 +6,25 @@ convention of :mod:`tnlm.core.mpo` (``y = x @ W``; a Linear's W is ``weight.T``)
 
 The paper's lightweight fine-tuning freezes the central tensor and trains the
 auxiliary ones: :meth:`MPOModule.freeze_central`.
+
+Speed (see ``docs/benchmarks.md``):
+
+* **dense cache** (``cache_dense=True``, the default): the dense path keeps the W it
+  rebuilt (one ``in_dim x out_dim`` tensor per layer and compute dtype: the memory of
+  the dense layer it replaces) and reuses it while no core changed. A core changes when
+  its ``_version`` counter (bumped by every in-place update: optimizer steps,
+  ``load_state_dict``, ``copy_``) or its storage (``data_ptr``) changes; ``set_cores``,
+  ``retruncate`` and ``.to()`` clear the cache, and :meth:`MPOModule.invalidate_cache`
+  does so explicitly (needed only after writing through ``.data``, which bypasses the
+  version counter). W is reused only where autograd does not need the graph through
+  the cores: under ``torch.no_grad()`` / ``torch.inference_mode()``, or when every core
+  is frozen. Not under ``torch.compile`` (the traced graph rebuilds W).
+* **plans resolved when the cores are set** (:class:`~tnlm.core.plan.ChainPlans`,
+  :class:`~tnlm.bridge.cost.ForwardCost`): a forward pass chooses its mode and path by
+  arithmetic on the row count; no path search per batch length, no cache lookup, no
+  graph break under ``torch.compile``.
+* **low-rank layouts** ``(1, I, 1, r), (r, 1, J, 1)`` run as ``(x @ A) @ B`` whenever
+  ``r (I + J) < I J`` (size-1 legs are dropped from the einsum equations).
 """
 
 from __future__ import annotations
@@ -21,10 +40,13 @@ from torch import nn
 
 from tnlm.bridge import cost, kinds
 from tnlm.core.mpo import MPO, central_site
-from tnlm.core.plan import apply_plan, dense_plan, gather_plan
+from tnlm.core.plan import ChainPlans, chain_plans, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 
-__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding"]
+__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "set_dense_cache"]
+
+_compiling = torch.compiler.is_compiling
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -47,10 +69,13 @@ class MPOModule(nn.Module):
         cores: n tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` (d_0 = d_n = 1).
         in_dim, out_dim: the logical matrix shape (I, J) (<= the site products when padded).
         mode: ``"auto"``, ``"contract"`` or ``"dense"`` (see :mod:`tnlm.bridge.cost`).
+        cache_dense: reuse the W built by the dense path while no core changed (see the
+            module docstring; memory: one ``in_dim x out_dim`` tensor per compute dtype).
     """
 
     def __init__(self, cores: Sequence[torch.Tensor], in_dim: int | None = None,
-                 out_dim: int | None = None, mode: str = "auto") -> None:
+                 out_dim: int | None = None, mode: str = "auto",
+                 cache_dense: bool = True) -> None:
         super().__init__()
         cores = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in cores]
         MPO([c.detach() for c in cores])  # validates shapes, bonds and dtypes
@@ -65,8 +90,11 @@ class MPOModule(nn.Module):
             raise ValueError(f"in_dim, out_dim = {self.in_dim}, {self.out_dim} must be positive "
                              f"and fit the site shapes {self.in_shape} x {self.out_shape}")
         self.mode = _check_mode(mode)
+        self.cache_dense = bool(cache_dense)
         self.last_mode: str | None = None
         self.truncation_error = 0.0
+        self._dense_cache: dict[torch.dtype, tuple[tuple, torch.Tensor]] = {}
+        self._resolve()
 
     #: the module kind this layer replaces (see :mod:`tnlm.bridge.kinds`); merging
     #: returns a plain module of that kind
@@ -203,6 +231,60 @@ class MPOModule(nn.Module):
             p.requires_grad_(True)
         return self
 
+    # ------------------------------------------------------------------ plans and cache
+    def _resolve(self) -> None:
+        """Resolve the plans and the mode costs for the current core shapes (when the cores
+        are set; a forward pass only checks the shapes) and drop the dense cache."""
+        shapes = self.core_shapes
+        self._plans: ChainPlans = chain_plans(shapes)
+        self._cost: cost.ForwardCost = cost.forward_cost(shapes, self.in_dim, self.out_dim)
+        self._dense_cache.clear()
+
+    def _params(self) -> tuple[nn.Parameter, ...]:
+        """The cores, checked against the resolved plans (re-resolved if a core was
+        replaced by one of another shape)."""
+        ps = tuple(self._modules["cores"]._parameters.values())
+        if tuple([p.shape for p in ps]) != self._plans.core_shapes:
+            self._resolve()
+        return ps
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached dense W (needed only after writing cores through ``.data``,
+        which bypasses the version counters)."""
+        self._dense_cache.clear()
+
+    def _may_cache(self, cores: Sequence[nn.Parameter]) -> bool:
+        """Whether this call may reuse a cached W: caching on, not traced, and autograd
+        needs no graph through the cores (grad mode off, or every core frozen)."""
+        if not self.cache_dense or _compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not any(c.requires_grad for c in cores)
+
+    def _build_dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dense_matrix(dtype)
+
+    def _cached_dense(self, dtype: torch.dtype, cores: Sequence[nn.Parameter]) -> torch.Tensor:
+        """:meth:`dense_matrix` in ``dtype``, rebuilt only when a core changed (detached)."""
+        key = tuple((c._version, c.data_ptr()) for c in cores)
+        hit = self._dense_cache.get(dtype)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, reusable anywhere
+            W = self._build_dense(dtype)
+        self._dense_cache[dtype] = (key, W)
+        return W
+
+    def _apply(self, *args: Any, **kwargs: Any) -> Any:
+        self._dense_cache.clear()  # .to(), .half(), .cuda(), ...: new storages and dtypes
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # pickling and deepcopy leave the cache behind
+        state["_dense_cache"] = {}
+        return state
+
     # ------------------------------------------------------------------ contraction
     def _compute_dtype(self, x: torch.Tensor | None = None) -> torch.dtype:
         device = self.cores[0].device.type
@@ -214,15 +296,25 @@ class MPOModule(nn.Module):
         return [c if c.dtype == dtype else c.to(dtype) for c in self.cores]
 
     def dense_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W of shape (in_dim, out_dim), contracted along the planned path (differentiable)."""
+        """W of shape (in_dim, out_dim), contracted along the planned path (differentiable;
+        never cached)."""
+        self._params()
+        plans = self._plans
         cores = self._cores_as(dtype or self.cores[0].dtype)
-        W = dense_plan(self.core_shapes).run_torch(*cores)
+        W = plans.dense.run_torch(*[c.reshape(v) for c, v in zip(cores, plans.core_views)])
         W = W.reshape(prod(self.in_shape), prod(self.out_shape))
         return W[: self.in_dim, : self.out_dim]
 
-    def choose_mode(self, rows: int) -> tuple[str, int, int]:
-        """``(mode, contract_flops, dense_flops)`` that ``mode="auto"`` uses for ``rows`` rows."""
-        return cost.choose_mode(self.core_shapes, rows, self.in_shape, self.in_dim, self.out_dim)
+    def choose_mode(self, rows: int, rebuild: bool | None = None) -> tuple[str, int, int]:
+        """``(mode, contract_flops, dense_flops)`` that ``mode="auto"`` uses for ``rows`` rows.
+
+        ``rebuild``: whether the dense path pays the rebuild of W; default: as a forward
+        pass would now (not when it may reuse a cached W, see :meth:`_may_cache`).
+        """
+        cores = self._params()
+        if rebuild is None:
+            rebuild = not self._may_cache(cores)
+        return self._cost.flops(int(rows), rebuild)
 
     def to_mpo(self) -> MPO:
         """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached
@@ -248,6 +340,7 @@ class MPOModule(nn.Module):
         self.cores = nn.ParameterList(
             [nn.Parameter(c.detach().to(device=device, dtype=dtype).clone().contiguous(),
                           requires_grad=f) for c, f in zip(cores, flags)])
+        self._resolve()
         new_central = self.central_index
         if new_central != old_central:  # the role moved (even n): the flags move with it
             a, b = self.cores[old_central], self.cores[new_central]
@@ -273,7 +366,8 @@ class MPOModule(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
                 f"out_shape={self.out_shape}, bond_dims={self.bond_dims}, "
-                f"central={self.central_index}, mode={self.mode}")
+                f"central={self.central_index}, mode={self.mode}"
+                + ("" if self.cache_dense else ", cache_dense=False"))
 
 
 class MPOLinear(MPOModule):
@@ -285,8 +379,8 @@ class MPOLinear(MPOModule):
 
     def __init__(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
                  in_features: int | None = None, out_features: int | None = None,
-                 mode: str = "auto", kind: str = "linear") -> None:
-        super().__init__(cores, in_features, out_features, mode)
+                 mode: str = "auto", kind: str = "linear", cache_dense: bool = True) -> None:
+        super().__init__(cores, in_features, out_features, mode, cache_dense)
         if kind not in ("linear", "conv1d"):
             raise ValueError(f"kind must be 'linear' or 'conv1d', got {kind!r}")
         self.kind = kind
@@ -340,25 +434,43 @@ class MPOLinear(MPOModule):
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"input must have last dimension in_features={self.in_dim}, "
                              f"got shape {tuple(x.shape)}")
+        cores = self._params()
         lead = x.shape[:-1]
-        rows = int(prod(lead))
-        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1))[0]
-        self.last_mode = mode
-        dtype = self._compute_dtype(x)
-        x = x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        rows = prod(lead)
+        cached = self._may_cache(cores)
+        mode, path = self.mode, None
+        if mode == "auto":
+            mode, path = self._cost.choose(max(rows, 1), rebuild=not cached)
+        elif mode == "contract":
+            path = self._cost.contract_path(max(rows, 1))
+        if self.last_mode != mode:
+            self.last_mode = mode
+        dtype = cores[0].dtype
+        device = cores[0].device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
         if mode == "dense":
-            return F.linear(x, self.dense_matrix(dtype).T, bias)
+            W = self._cached_dense(dtype, cores) if cached else self.dense_matrix(dtype)
+            return F.linear(x, W.T, bias)
         if rows == 0:
             y = x.new_zeros(*lead, self.out_dim)
             return y if bias is None else y + bias
+        plans = self._plans
         xb = x.reshape(rows, self.in_dim)
-        if self.in_dim != prod(self.in_shape):
-            xb = F.pad(xb, (0, prod(self.in_shape) - self.in_dim))
-        xb = xb.reshape(rows, *self.in_shape)
-        plan = apply_plan(self.core_shapes, rows, self.in_shape)
-        y = plan.run_torch(*self._cores_as(dtype), xb).reshape(rows, prod(self.out_shape))
-        y = y[:, : self.out_dim].reshape(*lead, self.out_dim)
+        if self.in_dim != plans.in_size:
+            xb = F.pad(xb, (0, plans.in_size - self.in_dim))
+        ops = [(c if c.dtype == dtype else c.to(dtype)).reshape(v)
+               for c, v in zip(cores, plans.core_views)]
+        ops.append(xb.reshape(rows, *plans.x_view))
+        y = path.plan.run_torch(*ops)
+        if self.out_dim != plans.out_size:
+            y = y.reshape(rows, plans.out_size)[:, : self.out_dim]
+        y = y.reshape(*lead, self.out_dim)
         return y if bias is None else y + bias
 
     @torch.no_grad()
@@ -381,16 +493,23 @@ class MPOEmbedding(MPOModule):
     no gradient (in both modes); but that row is a contraction of shared cores, so
     training other rows can still change it. Lookups ignore autocast (fp32 out
     for fp32 cores), as ``nn.Embedding`` does.
+
+    In eval (no grad, or frozen cores) with ``cache_dense`` (default) and ``mode`` auto
+    or dense, a lookup is ``F.embedding`` on the cached table: as fast as
+    ``nn.Embedding``, at the memory of its table. Under ``torch.compile`` the ids are
+    not range-checked (``F.embedding`` checks them in eager) and the gather path
+    contracts every id (no de-duplication, whose output size depends on the data).
     """
 
     def __init__(self, cores: Sequence[torch.Tensor], num_embeddings: int | None = None,
                  embedding_dim: int | None = None, padding_idx: int | None = None,
-                 mode: str = "auto") -> None:
-        super().__init__(cores, num_embeddings, embedding_dim, mode)
+                 mode: str = "auto", cache_dense: bool = True) -> None:
+        super().__init__(cores, num_embeddings, embedding_dim, mode, cache_dense)
         self.kind = "embedding"
         self.padding_idx = padding_idx
         strides = np.cumprod((1,) + self.in_shape[::-1][:-1])[::-1]
         self.register_buffer("_strides", torch.as_tensor(strides.copy()), persistent=False)
+        self.register_buffer("_radix", torch.as_tensor(self.in_shape), persistent=False)
 
     @property
     def num_embeddings(self) -> int:
@@ -431,41 +550,77 @@ class MPOEmbedding(MPOModule):
     #: the dense rebuild's large GEMMs on MiniLM's table (benchmarks/bench_layers.py).
     GATHER_EFFICIENCY = 8.0
 
-    def choose_mode(self, rows: int) -> tuple[str, int, int]:
+    def choose_mode(self, rows: int, rebuild: bool | None = None) -> tuple[str, int, int]:
         """``(mode, gather_flops, dense_flops)`` for ``rows`` distinct token ids: per-token
         chain contractions vs rebuilding E. The gather FLOPs are weighted by
-        :attr:`GATHER_EFFICIENCY` before comparing."""
-        gather = gather_plan(self.core_shapes, rows).flops
-        dense = dense_plan(self.core_shapes).flops
+        :attr:`GATHER_EFFICIENCY` before comparing. ``rebuild``: whether the dense path
+        pays the rebuild (default: as a forward pass would now; a cached table costs 0)."""
+        cores = self._params()
+        if rebuild is None:
+            rebuild = not self._may_cache(cores)
+        gather = self._plans.gather_row_flops * int(rows)
+        dense = self._cost.rebuild_flops if rebuild else 0
         mode = "contract" if gather * self.GATHER_EFFICIENCY < dense else "dense"
         return mode, gather, dense
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _build_dense(self, dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(self.cores[0].device.type, enabled=False):
-            return self._lookup(ids)
+            return self.dense_matrix(dtype)
 
-    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in _INT_DTYPES:
             raise TypeError(f"input must hold integer token ids, got dtype {ids.dtype}")
+        cores = self._params()
+        if self.mode != "contract" and self._may_cache(cores):
+            # eval: a plain lookup in the cached table
+            if self.last_mode != "dense":
+                self.last_mode = "dense"
+            table = self._cached_dense(cores[0].dtype, cores)
+            if ids.dtype not in (torch.int64, torch.int32):
+                ids = ids.long()
+            try:
+                return F.embedding(ids, table, self.padding_idx)
+            except IndexError:
+                self._check_range(ids)
+                raise
+        with torch.autocast(cores[0].device.type, enabled=False):
+            return self._lookup(ids, cores)
+
+    def _check_range(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.in_dim):
             raise IndexError(f"token ids must be in [0, {self.in_dim}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        uniq, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
-        rows = int(uniq.numel())
-        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1))[0]
-        self.last_mode = mode
-        dtype = self.cores[0].dtype  # like nn.Embedding, lookups ignore autocast
+
+    def _lookup(self, ids: torch.Tensor, cores: Sequence[nn.Parameter]) -> torch.Tensor:
+        compiling = _compiling()
+        if not compiling:
+            self._check_range(ids)
+        flat = ids.reshape(-1).long()
+        if compiling:  # no data-dependent shapes in a traced graph: every id is contracted
+            uniq, inverse, rows = flat, None, flat.shape[0]
+        else:
+            uniq, inverse = torch.unique(flat, return_inverse=True)
+            rows = int(uniq.numel())
+        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1), True)[0]
+        if self.last_mode != mode:
+            self.last_mode = mode
+        dtype = cores[0].dtype  # like nn.Embedding, lookups ignore autocast
         if mode == "dense":
+            if ids.dtype not in (torch.int64, torch.int32):
+                ids = ids.long()
             return F.embedding(ids, self.dense_matrix(dtype), self.padding_idx)
         if rows == 0:
-            return self.cores[0].new_zeros(*ids.shape, self.out_dim)
+            return cores[0].new_zeros(*ids.shape, self.out_dim)
         # each distinct id's row: its mixed-radix digits select one in-slice per core
-        digits = (uniq[:, None] // self._strides) % torch.as_tensor(self.in_shape,
-                                                                     device=uniq.device)
-        slices = [c.index_select(1, digits[:, k]).permute(1, 0, 2, 3)
-                  for k, c in enumerate(self._cores_as(dtype))]
-        y = gather_plan(self.core_shapes, rows).run_torch(*slices)
-        y = y.reshape(rows, prod(self.out_shape))[inverse, : self.out_dim]
+        # (an embedding lookup in the core's (i, d j d') unfolding: index_select's backward
+        # corrupted the heap under torch.compile/inductor 2.13 in a batched einsum chain)
+        digits = (uniq[:, None] // self._strides) % self._radix
+        slices = [F.embedding(digits[:, k], c.transpose(0, 1).reshape(c.shape[1], -1))
+                  .reshape(rows, c.shape[0], c.shape[2], c.shape[3])
+                  for k, c in enumerate(cores)]
+        y = self._plans.gather.run_torch(*slices)
+        y = y.reshape(rows, self._plans.out_size)
+        y = (y if inverse is None else y[inverse])[:, : self.out_dim]
         y = y.reshape(*ids.shape, self.out_dim)
         if self.padding_idx is not None:
             # as F.embedding does for the dense path: padding tokens send no gradient
@@ -480,3 +635,16 @@ class MPOEmbedding(MPOModule):
                                   {"padding_idx": self.padding_idx})
 
     merge = to_embedding
+
+
+def set_dense_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn the dense-W cache of every MPO layer in ``model`` on or off (off also frees
+    the cached tensors); returns the number of layers changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MPOModule):
+            m.cache_dense = bool(enabled)
+            if not enabled:
+                m.invalidate_cache()
+            n += 1
+    return n

@@ -15,12 +15,18 @@ shapes (what the torch modules plan with): :func:`dense_equation` (cores -> W),
 :func:`apply_equation` (x, cores -> y) and :func:`gather_equation` (selected rows
 of W), with the cached plans :func:`dense_plan`, :func:`apply_plan` and
 :func:`gather_plan`. The chain equations depend only on the number of sites.
+
+:class:`ChainPlans` (:func:`chain_plans`) is what the torch modules hold: every plan of
+one chain resolved once for its core shapes, size-1 legs dropped, the paths of
+``x · cores`` independent of the row count (a few candidates whose FLOPs are linear in
+the rows), so that a forward pass runs no search and no cache lookup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from math import prod
 from typing import Any
 
 import opt_einsum as oe
@@ -38,6 +44,10 @@ __all__ = [
     "dense_plan",
     "apply_plan",
     "gather_plan",
+    "ChainPath",
+    "ChainPlans",
+    "chain_plans",
+    "ROW_HINTS",
 ]
 
 #: core shapes of a chain, one ``(d_{k-1}, i_k, j_k, d_k)`` per site
@@ -47,23 +57,33 @@ CoreShapes = tuple[tuple[int, ...], ...]
 class ContractionPlan:
     """A planned contraction ``equation`` over operands of fixed ``shapes``.
 
+    ``optimize`` is an opt_einsum optimizer name (the path is searched) or an explicit
+    path (a sequence of index tuples, as in :attr:`path`; nothing is searched). The
+    steps of a path do not depend on the operand sizes, so a plan may be executed on
+    operands whose sizes differ from ``shapes`` (e.g. another row count).
+
     Attributes:
         equation: the einsum equation, e.g. ``"ab,bc->ac"``.
         shapes: operand shapes the path was planned for.
-        path: opt_einsum's pairwise contraction order.
+        path: opt_einsum's pairwise contraction order (a tuple of index tuples).
         flops: planned FLOP count (multiply and add counted separately).
         naive_flops: FLOPs of contracting everything in one einsum, no path.
         largest_intermediate: number of elements of the largest intermediate tensor.
+        step_flops: FLOPs of each pairwise step (they sum to ``flops``).
+        step_blas: opt_einsum's BLAS class of each step (``"GEMM"`` when it is one matrix
+            product of reshaped operands, else ``"TDOT"``, ``"GEMV/EINSUM"``, ... or False).
     """
 
     def __init__(
-        self, equation: str, shapes: Sequence[tuple[int, ...]], optimize: str = "auto-hq"
+        self, equation: str, shapes: Sequence[tuple[int, ...]],
+        optimize: str | Sequence[Sequence[int]] = "auto-hq",
     ) -> None:
         self.equation = equation
         self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         self.optimize = optimize
-        path, info = oe.contract_path(equation, *self.shapes, shapes=True, optimize=optimize)
-        self.path = path
+        opt = optimize if isinstance(optimize, str) else [tuple(p) for p in optimize]
+        path, info = oe.contract_path(equation, *self.shapes, shapes=True, optimize=opt)
+        self.path = tuple(tuple(int(i) for i in p) for p in path)
         self.info = info
         self.flops = int(info.opt_cost)
         self.naive_flops = int(info.naive_cost)
@@ -79,6 +99,10 @@ class ContractionPlan:
             live.append(len(self.shapes) + t)
             steps.append((slots, c[2]))
         self.steps = tuple(steps)
+        sizes = index_sizes(equation, self.shapes)
+        self.step_flops = tuple(step_flops(c[2], bool(c[1]), sizes)
+                                for c in info.contraction_list)
+        self.step_blas = tuple(c[4] for c in info.contraction_list)
 
     def __call__(self, *operands: Any) -> Any:
         """Contract ``operands`` (numpy arrays or torch tensors) along the planned path."""
@@ -104,15 +128,31 @@ class ContractionPlan:
         )
 
 
+def index_sizes(equation: str, shapes: Sequence[tuple[int, ...]]) -> dict[str, int]:
+    """The size of every index symbol of ``equation`` over operands of ``shapes``."""
+    terms = equation.split("->")[0].split(",")
+    return {ch: int(d) for term, shape in zip(terms, shapes) for ch, d in zip(term, shape)}
+
+
+def step_flops(step_equation: str, inner: bool, sizes: dict[str, int]) -> int:
+    """opt_einsum's FLOP count of one einsum step (``inner``: it sums an index away)."""
+    inputs = step_equation.split("->")[0].split(",")
+    return int(oe.helpers.flop_count(set("".join(inputs)), inner, len(inputs), sizes))
+
+
 @lru_cache(maxsize=1024)
-def _cached(equation: str, shapes: tuple, optimize: str) -> ContractionPlan:
+def _cached(equation: str, shapes: tuple, optimize: str | tuple) -> ContractionPlan:
     return ContractionPlan(equation, shapes, optimize)
 
 
 def get_plan(
-    equation: str, shapes: Sequence[Sequence[int]], optimize: str = "auto-hq"
+    equation: str, shapes: Sequence[Sequence[int]],
+    optimize: str | Sequence[Sequence[int]] = "auto-hq",
 ) -> ContractionPlan:
-    """The cached :class:`ContractionPlan` for ``equation`` over ``shapes``."""
+    """The cached :class:`ContractionPlan` for ``equation`` over ``shapes`` (``optimize``:
+    an optimizer name, or an explicit path, which is not searched)."""
+    if not isinstance(optimize, str):
+        optimize = tuple(tuple(int(i) for i in p) for p in optimize)
     return _cached(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize)
 
 
@@ -183,13 +223,140 @@ def dense_plan(core_shapes: CoreShapes) -> ContractionPlan:
     return get_plan(dense_equation(len(core_shapes)), core_shapes)
 
 
+def row_bucket(rows: int) -> int:
+    """The power of two >= ``rows`` (>= 1): row counts sharing a path search."""
+    return 1 << max(int(rows) - 1, 0).bit_length()
+
+
 def apply_plan(core_shapes: CoreShapes, rows: int, in_shape: tuple[int, ...]) -> ContractionPlan:
-    """The cached plan of :func:`apply_equation` for ``x`` of shape ``(rows, *in_shape)``."""
-    return get_plan(apply_equation(len(core_shapes)), (*core_shapes, (rows, *in_shape)))
+    """The plan of :func:`apply_equation` for ``x`` of shape ``(rows, *in_shape)``.
+
+    The path is searched once per :func:`row_bucket` of ``rows`` (a power of two) and
+    reused for every row count of the bucket; ``flops`` are those of ``rows`` rows.
+    """
+    eq = apply_equation(len(core_shapes))
+    path = get_plan(eq, (*core_shapes, (row_bucket(rows), *in_shape))).path
+    return get_plan(eq, (*core_shapes, (int(rows), *in_shape)), path)
 
 
 def gather_plan(core_shapes: CoreShapes, rows: int) -> ContractionPlan:
-    """The cached plan of :func:`gather_equation` for ``rows`` selected rows: operand k
-    is core k sliced at each row's input index, shape ``(rows, d_{k-1}, j_k, d_k)``."""
-    shapes = tuple((rows, s[0], s[2], s[3]) for s in core_shapes)
-    return get_plan(gather_equation(len(core_shapes)), shapes)
+    """The plan of :func:`gather_equation` for ``rows`` selected rows: operand k
+    is core k sliced at each row's input index, shape ``(rows, d_{k-1}, j_k, d_k)``.
+
+    Every operand carries the row index, so the best path does not depend on ``rows``:
+    it is searched once (for one row) and reused; ``flops`` are those of ``rows`` rows.
+    """
+    eq = gather_equation(len(core_shapes))
+    path = get_plan(eq, tuple((1, s[0], s[2], s[3]) for s in core_shapes)).path
+    return get_plan(eq, tuple((int(rows), s[0], s[2], s[3]) for s in core_shapes), path)
+
+
+# ---------------------------------------------------------------- per-chain plans for modules
+#: row counts the candidate paths of ``x · cores`` are searched for (:class:`ChainPlans`)
+ROW_HINTS = (1, 16, 256, 4096, 65536)
+
+
+class ChainPath:
+    """One path of ``x · cores`` with its FLOPs as a function of the row count.
+
+    The FLOPs of a fixed path are exactly linear in the rows: a step whose operands
+    carry the row index costs ``rows`` times its per-row FLOPs, the others (cores
+    merged with cores) a constant.
+
+    Attributes:
+        plan: the :class:`ContractionPlan` (planned for some row count; run it for any).
+        step_cost: per step ``(constant_flops, per_row_flops, blas)``.
+        const_flops, row_flops: the sums over steps: ``flops(rows) = const + row · rows``.
+    """
+
+    def __init__(self, plan: ContractionPlan, batch: str) -> None:
+        self.plan = plan
+        sizes = index_sizes(plan.equation, plan.shapes)
+        rows = sizes[batch]
+        costs = []
+        for (_, eq), flops, blas in zip(plan.steps, plan.step_flops, plan.step_blas):
+            per_row = batch in eq.split("->")[0]
+            costs.append((0, flops // rows, blas) if per_row else (flops, 0, blas))
+        self.step_cost = tuple(costs)
+        self.const_flops = sum(c[0] for c in costs)
+        self.row_flops = sum(c[1] for c in costs)
+
+    def flops(self, rows: int) -> int:
+        return self.const_flops + self.row_flops * int(rows)
+
+    def __repr__(self) -> str:
+        return (f"ChainPath(path={self.plan.path}, flops(rows)={self.const_flops:,} + "
+                f"{self.row_flops:,}*rows)")
+
+
+def _squeezed(terms: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> list[str]:
+    return ["".join(ch for ch, d in zip(t, s) if d != 1) for t, s in zip(terms, shapes)]
+
+
+class ChainPlans:
+    """Every plan of one chain of cores ``T_k[d_{k-1}, i_k, j_k, d_k]``, resolved once.
+
+    What a torch module holds so that its forward pass runs no path search and no
+    cache lookup (and torch.compile traces nothing but tensor operations). Legs of
+    size 1 (the boundary bonds, unit site dimensions as in the low-rank layout
+    ``(1, I, 1, r), (r, 1, J, 1)``, unit bonds) are dropped from the dense and apply
+    equations: operands are reshaped to :attr:`core_views` / :attr:`x_view` (views), so a
+    low-rank layer runs as ``(x @ A) @ B``, two plain matrix products.
+
+    Attributes:
+        core_shapes, in_shape, out_shape: the chain; in_size, out_size: the products of
+            in_shape and out_shape (W's padded shape).
+        core_views: each core's shape without its size-1 legs.
+        x_view: the input legs of size > 1 (``x`` is reshaped to ``(rows, *x_view)``).
+        dense: plan of the cores (``core_views``) -> W over the output legs of size > 1
+            (reshape to ``(prod(in_shape), prod(out_shape))``).
+        apply: candidate :class:`ChainPath` s of ``x, cores -> y`` (distinct paths of the
+            searches for :data:`ROW_HINTS` rows); :meth:`apply_path` picks one for any rows.
+        gather: plan of :func:`gather_equation` (unsqueezed slices), planned for one row and
+            valid for any row count; ``gather_row_flops`` its FLOPs per row.
+    """
+
+    def __init__(self, core_shapes: CoreShapes, optimize: str = "auto-hq") -> None:
+        shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
+        if not shapes or any(len(s) != 4 for s in shapes):
+            raise ValueError(f"core_shapes must be 4-d shapes (d, i, j, d'), got {core_shapes}")
+        n = len(shapes)
+        self.core_shapes = shapes
+        self.in_shape = tuple(s[1] for s in shapes)
+        self.out_shape = tuple(s[2] for s in shapes)
+        self.in_size, self.out_size = prod(self.in_shape), prod(self.out_shape)
+        self.core_views = tuple(tuple(d for d in s if d != 1) for s in shapes)
+        self.x_view = tuple(i for i in self.in_shape if i != 1)
+        bonds, ins, outs, b = _symbols(n)
+        terms = _squeezed([bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)], shapes)
+        in_legs = "".join(_squeezed([ins[k] for k in range(n)], [(i,) for i in self.in_shape]))
+        out_legs = "".join(_squeezed([outs[k] for k in range(n)], [(j,) for j in self.out_shape]))
+        self.dense = get_plan(",".join(terms) + "->" + in_legs + out_legs, self.core_views,
+                              optimize)
+        apply_eq = ",".join(terms) + "," + b + in_legs + "->" + b + out_legs
+        paths: dict[tuple, ChainPath] = {}
+        for rows in ROW_HINTS:
+            plan = get_plan(apply_eq, (*self.core_views, (rows, *self.x_view)), optimize)
+            paths.setdefault(plan.path, ChainPath(plan, b))
+        self.apply = tuple(paths.values())
+        self.gather = gather_plan(shapes, 1)
+        self.gather_row_flops = self.gather.flops
+
+    def apply_path(self, rows: int) -> ChainPath:
+        """The candidate path with the fewest FLOPs for ``rows`` rows."""
+        return min(self.apply, key=lambda p: p.flops(rows))
+
+    def __repr__(self) -> str:
+        return (f"ChainPlans({self.core_shapes}, dense_flops={self.dense.flops:,}, "
+                f"apply={list(self.apply)})")
+
+
+@lru_cache(maxsize=256)
+def _chain_plans(core_shapes: CoreShapes) -> ChainPlans:
+    return ChainPlans(core_shapes)
+
+
+def chain_plans(core_shapes: Sequence[Sequence[int]]) -> ChainPlans:
+    """The cached :class:`ChainPlans` of cores of these shapes (call it when the cores are
+    set, not in a forward pass)."""
+    return _chain_plans(tuple(tuple(int(d) for d in s) for s in core_shapes))
