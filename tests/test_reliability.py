@@ -520,3 +520,262 @@ def test_core_entry_points_check_sites_and_ranges():
     assert mpo.truncate(max_error=1.0).bond_dims == (1,)  # the extreme allowed value
     with pytest.raises(ValueError, match="cutoff"):
         TruncationPolicy.check(cutoff=[0.5, 1.0])
+
+
+# ---------------------------------------------------------------------------------------
+# 3. saving owns its files: concurrent writers, kill -9 at every step and at random times
+# ---------------------------------------------------------------------------------------
+
+# Run in fresh interpreters (no transformers import: ~2 s each). The writers save a
+# small MPO model; each prints JSON results on its last line. Killed saves run in a
+# forked grandchild (single-threaded) that kills itself with SIGKILL at a chosen
+# point, or is killed by the child after a delay.
+CHILD = r'''
+import json, os, signal, sys, tempfile, time
+import torch
+torch.set_num_threads(1)
+from torch import nn
+import safetensors.torch
+from tnlm.integration import MPOConfig, get_mpo_model
+from tnlm.integration import io
+
+
+def build(seed):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    return get_mpo_model(base, MPOConfig(target_modules=["0", "2"], n_sites=3), progress=False)
+
+
+def digest(model):
+    with tempfile.TemporaryDirectory() as t:
+        safetensors.torch.save_model(model.base_model, t + "/w")
+        return io.sha256(t + "/w")
+
+
+def nudge(model, i):
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3 * (i + 1))
+
+
+def arm(owner, attr, k, when):
+    orig = getattr(owner, attr)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = orig(*args, **kwargs)
+        if calls[0] == k and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    setattr(owner, attr, wrapper)
+
+
+OWNERS = {"io": io, "os": os, "safetensors": safetensors.torch, "Path": io.Path}
+mode, root = sys.argv[1], sys.argv[2]
+if mode == "writer":                        # writer ROOT SEED N GO
+    seed, n, go = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    model = build(seed)
+    open(go + f".ready{seed}", "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    for i in range(n):
+        nudge(model, i)
+        model.save_pretrained(root)
+    print(json.dumps({"last": digest(model)}))
+elif mode == "points":                      # points ROOT JSON-LIST-OF-POINTS
+    points = json.loads(sys.argv[3])
+    a, b = build(1), build(2)
+    out = {"a": digest(a), "b": digest(b), "status": []}
+    for j, (owner, attr, k, when) in enumerate(points):
+        d = os.path.join(root, str(j))
+        a.save_pretrained(d)
+        pid = os.fork()
+        if pid == 0:
+            arm(OWNERS[owner], attr, k, when)
+            b.save_pretrained(d)
+            os._exit(0)
+        out["status"].append(os.waitpid(pid, 0)[1])
+    print(json.dumps(out))
+elif mode == "timed":                       # timed ROOT JSON-LIST-OF-DELAYS
+    delays = json.loads(sys.argv[3])
+    a, b = build(1), build(2)
+    out = {"status": []}
+    for j, delay in enumerate(delays):
+        d = os.path.join(root, str(j))
+        a.save_pretrained(d)
+        pid = os.fork()
+        if pid == 0:
+            for i in range(10**6):
+                nudge(b, i)
+                b.save_pretrained(d)
+            os._exit(0)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        out["status"].append(os.waitpid(pid, 0)[1])
+    print(json.dumps(out))
+'''
+
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def spawn(*args):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | SINGLE_THREAD)
+
+
+def result(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plain_base():
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 64))
+
+
+BEST = b"the user's own weights, not named by any config"
+
+
+def check_folder(d):
+    """The folder holds a complete checkpoint that loads; return its SHA-256."""
+    from tnlm.integration import io
+
+    meta = io.read_meta(d)
+    io.verified_weights(d, meta)
+    MPOModel.from_pretrained(plain_base(), d)
+    return meta["sha256"]
+
+
+def check_clean_after_next_save(d):
+    """A following save leaves exactly: the config, its weights, the lock file and the
+    user's file (no temporary file, journal or orphaned weights)."""
+    from tnlm.integration import io
+
+    model = get_mpo_model(plain_base(), MPOConfig(target_modules=["0", "2"], n_sites=3),
+                          progress=False)
+    model.save_pretrained(d)
+    meta = io.read_meta(d)
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted([CONFIG_NAME, meta["weights"], io.LOCK_NAME,
+                            "mpo_model-best.safetensors"]), names
+    assert (d / "mpo_model-best.safetensors").read_bytes() == BEST
+    check_folder(d)
+
+
+def test_two_concurrent_writers_leave_one_checkpoint(tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir()
+    (d / "mpo_model-best.safetensors").write_bytes(BEST)
+    go = tmp_path / "go"
+    procs = [spawn("writer", d, seed, 5, go) for seed in (1, 2)]
+    import time
+
+    while not all((tmp_path / f"go.ready{seed}").exists() for seed in (1, 2)):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
+        time.sleep(0.02)
+    go.touch()  # both start saving at once
+    lasts = {result(p)["last"] for p in procs}
+    weights = sorted(p.name for p in d.glob("mpo_model-*.safetensors"))
+    assert len(weights) == 2 and "mpo_model-best.safetensors" in weights, weights
+    assert not list(d.glob(".*.tmp")) and not list(d.glob(".*pending"))
+    # the last save of the writer that finished last is the checkpoint, intact
+    assert check_folder(d) in lasts
+    assert (d / "mpo_model-best.safetensors").read_bytes() == BEST
+    check_clean_after_next_save(d)
+
+
+# (owner, attribute, k-th call, kill before/after it): every step of a save, in order
+KILL_POINTS = [
+    ("safetensors", "save_model", 1, "before"),   # empty temporary weights
+    ("safetensors", "save_model", 1, "after"),    # full temporary weights, not flushed
+    ("io", "_fsync", 1, "after"),                 # weights flushed
+    ("io", "sha256", 1, "after"),                 # hashed
+    ("os", "replace", 1, "before"),               # journal written, not renamed
+    ("os", "replace", 1, "after"),                # journal in place
+    ("os", "replace", 2, "before"),               # weights not yet renamed
+    ("os", "replace", 2, "after"),                # new weights in place, old config
+    ("io", "_fsync", 3, "after"),                 # new config flushed, not renamed
+    ("os", "replace", 3, "before"),
+    ("os", "replace", 3, "after"),                # new config in place
+    ("io", "_fsync_dir", 1, "after"),
+    ("Path", "unlink", 1, "before"),              # previous weights not yet removed
+    ("Path", "unlink", 1, "after"),               # journal not yet removed
+    ("Path", "unlink", 2, "after"),               # done (journal removed)
+]
+# the new config is in place from ("os", "replace", 3, "after") on
+NEW_FROM = KILL_POINTS.index(("os", "replace", 3, "after"))
+
+
+def test_kill_at_every_step_of_a_save_leaves_a_loadable_checkpoint(tmp_path):
+    for j in range(len(KILL_POINTS)):
+        (tmp_path / str(j)).mkdir()
+        (tmp_path / str(j) / "mpo_model-best.safetensors").write_bytes(BEST)
+    out = result(spawn("points", tmp_path, json.dumps(KILL_POINTS)))
+    import signal
+
+    for j, point in enumerate(KILL_POINTS):
+        d = tmp_path / str(j)
+        assert out["status"][j] == signal.SIGKILL, (point, out["status"][j])  # it was killed
+        assert check_folder(d) == (out["b"] if j >= NEW_FROM else out["a"]), point
+        assert (d / "mpo_model-best.safetensors").read_bytes() == BEST
+        check_clean_after_next_save(d)
+
+
+def test_kill_at_random_times_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    delays = [0.0, 0.003, 0.01, 0.03, 0.06, 0.1, 0.2]
+    for j in range(len(delays)):
+        (tmp_path / str(j)).mkdir()
+        (tmp_path / str(j) / "mpo_model-best.safetensors").write_bytes(BEST)
+    out = result(spawn("timed", tmp_path, json.dumps(delays)))
+    import signal
+
+    assert out["status"] == [signal.SIGKILL] * len(delays)
+    for j in range(len(delays)):
+        d = tmp_path / str(j)
+        check_folder(d)
+        check_clean_after_next_save(d)
+
+
+def test_a_failed_config_write_removes_the_new_weights(tmp_path, monkeypatch):
+    from tnlm.integration import io
+
+    model = get_mpo_model(plain_base(), MPOConfig(target_modules=["0", "2"], n_sites=3),
+                          progress=False)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "mpo_model-best.safetensors").write_bytes(BEST)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(io, "atomic_write", fail_on(2, io.atomic_write))  # 1: journal
+    with pytest.raises(Injected):
+        model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    check_folder(tmp_path)
+
+
+def test_stale_temporary_files_are_removed_but_fresh_ones_are_not(tmp_path):
+    import os
+
+    from tnlm.integration import io
+
+    stale = [tmp_path / ".weights.abc.tmp", tmp_path / ".mpo_config.json.x1.tmp"]
+    for p in stale:
+        p.write_bytes(b"x" * 100)
+        os.utime(p, (1, 1))
+    other = tmp_path / "notes.tmp"  # not ours
+    other.write_text("keep")
+    with io.locked(tmp_path) as t:
+        fresh = tmp_path / ".weights.new.tmp"
+        fresh.write_bytes(b"y")
+        os.utime(fresh, (t + 1, t + 1))
+        assert sorted(io.remove_stale_temps(tmp_path, t)) == sorted(stale)
+    assert fresh.exists() and other.exists()

@@ -10,8 +10,26 @@ Writing never loses the previous checkpoint: the weights go to a temporary file
 (flushed to disk) renamed to a name derived from their SHA-256, then the config
 naming them replaces the old config in one rename, and only then is the weights
 file named by the *previous* config removed (nothing else in the folder is
-touched). Reading verifies the SHA-256 and refuses a weights name that leaves the
-folder (``..``, absolute paths, links).
+touched: a user's ``mpo_model-best.safetensors`` stays). Before the weights get
+their final name, a journal ``.mpo_checkpoint.pending`` records the two weights
+files this write owns (the new and the previous one); it is removed at the end.
+A writer killed on the way leaves the journal, and the next writer removes
+whichever of those two files the current config does not name: a crash leaves
+no orphaned weights behind, and no write removes a file it does not own.
+Reading verifies the SHA-256 and refuses a weights name that leaves the folder
+(``..``, absolute paths, links).
+
+Concurrent writers to one folder (e.g. two ranks of a DDP job) are serialized by
+an exclusive ``fcntl.flock`` on ``<dir>/.mpo_checkpoint.lock``, held for the whole
+write; readers (:meth:`~tnlm.integration.model.MPOModel.from_pretrained`,
+:func:`load_tensors`) take a shared lock on it when it exists, so a reader never
+sees the weights of a config removed under it. The lock file is left in place
+(removing it would race with a writer that has just opened it). Once it holds the
+lock, a writer removes the temporary files (``.weights.*.tmp``,
+``.mpo_config.json.*.tmp``, ``.mpo_checkpoint.pending.*.tmp``) older than its lock
+acquisition: they were left by a writer that crashed (no other writer can be
+active while it holds the lock). Locks are advisory and need a POSIX local file
+system; where ``fcntl`` is missing, writing works unlocked.
 """
 
 from __future__ import annotations
@@ -21,21 +39,33 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MODULE_KINDS", "atomic_write", "sha256",
            "write_checkpoint", "read_meta", "verified_weights", "load_tensors", "read_header",
-           "check_module_entry", "module_tensor_shapes"]
+           "check_module_entry", "module_tensor_shapes", "LOCK_NAME", "JOURNAL_NAME", "locked",
+           "reading", "remove_stale_temps", "recover"]
 
 CONFIG_NAME = "mpo_config.json"
 FORMAT_VERSION = 1
 #: the module kinds a checkpoint may record (:mod:`tnlm.bridge.kinds`)
 MODULE_KINDS = ("linear", "conv1d", "embedding")
 _MODES = ("auto", "contract", "dense")
+LOCK_NAME = ".mpo_checkpoint.lock"
+JOURNAL_NAME = ".mpo_checkpoint.pending"
+#: temporary files of a writer: the weights, and the config and journal written by
+#: atomic_write
+_TEMP_PATTERNS = (".weights.*.tmp", f".{CONFIG_NAME}.*.tmp", f".{JOURNAL_NAME}.*.tmp")
 _MAX_SITES = 64
 
 
@@ -54,6 +84,61 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Flush a folder's entries (the renames in it) to disk, where the OS allows."""
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(directory: str | os.PathLike) -> Iterator[float]:
+    """Hold the exclusive writer lock of a checkpoint folder (created if needed);
+    yields the time it was acquired."""
+    path = Path(directory) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield time.time()
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def reading(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared lock on a checkpoint folder while reading it (no writer can
+    replace the checkpoint meanwhile); nothing is created, so read-only folders work."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (no locking writer ever wrote here) or not readable
+        yield
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: str | os.PathLike, before: float) -> list[Path]:
+    """Remove the writers' temporary files in ``directory`` last modified before
+    ``before`` (call it holding :func:`locked`); return what was removed."""
+    removed = []
+    for pattern in _TEMP_PATTERNS:
+        for path in Path(directory).glob(pattern):
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink() and path.stat().st_mtime < before:
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -222,8 +307,9 @@ def load_tensors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     """``(meta, tensors)`` of a checkpoint, hash verified; tensors as numpy arrays."""
     from safetensors.numpy import load_file
 
-    meta = read_meta(directory)
-    return meta, load_file(str(verified_weights(directory, meta)))
+    with reading(directory):
+        meta = read_meta(directory)
+        return meta, load_file(str(verified_weights(directory, meta)))
 
 
 def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any],
@@ -233,13 +319,54 @@ def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any],
     from safetensors.torch import save_model
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, format_version=FORMAT_VERSION)
     json.dumps(meta)  # fail before touching the folder if anything is not serializable
+    d.mkdir(parents=True, exist_ok=True)
+    with locked(d) as acquired:
+        remove_stale_temps(d, acquired)
+        _write_locked(d, meta, model, save_model)
+    return d
+
+
+def _current_weights(d: Path) -> Any:
     try:
-        previous = read_meta(d).get("weights")
+        return read_meta(d).get("weights")
     except (FileNotFoundError, ValueError):
-        previous = None
+        return None
+
+
+def _remove_owned(d: Path, name: Any, keep: Any) -> None:
+    """Remove the weights file ``name`` (one this module wrote) unless it is ``keep``;
+    names leaving the folder are left alone."""
+    if isinstance(name, str) and name != keep:
+        with contextlib.suppress(ValueError, OSError):
+            _weights_path(d, name).unlink(missing_ok=True)
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Finish the write a crashed writer left (call it holding :func:`locked`): of the
+    two weights files its journal lists, remove the one the current config does not
+    name; then remove the journal."""
+    d = Path(directory)
+    journal = d / JOURNAL_NAME
+    if not journal.is_file():
+        return
+    try:
+        owned = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        owned = {}
+    if isinstance(owned, dict):
+        current = _current_weights(d)
+        if current is not None:  # with no readable config, keep everything
+            for key in ("new", "previous"):
+                _remove_owned(d, owned.get(key), current)
+    journal.unlink(missing_ok=True)
+
+
+def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
+                  save_model: Callable[..., None]) -> None:
+    recover(d)
+    previous = _current_weights(d)
     fd, tmp_name = tempfile.mkstemp(dir=d, prefix=".weights.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
@@ -249,15 +376,21 @@ def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any],
         digest = sha256(tmp)
         weights = d / f"mpo_model-{digest[:12]}.safetensors"
         tmp.chmod(0o644)
+        journal = json.dumps({"new": weights.name, "previous": previous})
+        atomic_write(d / JOURNAL_NAME, lambda t: t.write_text(journal))
         os.replace(tmp, weights)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     meta.update(weights=weights.name, sha256=digest)
-    atomic_write(d / CONFIG_NAME,
-                 lambda t: t.write_text(json.dumps(meta, indent=1, sort_keys=True)))
-    if isinstance(previous, str) and previous != weights.name:
-        # a previous config that named a path outside the folder: leave that path alone
-        with contextlib.suppress(ValueError):
-            _weights_path(d, previous).unlink(missing_ok=True)
-    return d
+    try:
+        atomic_write(d / CONFIG_NAME,
+                     lambda t: t.write_text(json.dumps(meta, indent=1, sort_keys=True)))
+    except BaseException:  # the config still names the previous weights: drop the new ones
+        _remove_owned(d, weights.name, previous)
+        (d / JOURNAL_NAME).unlink(missing_ok=True)
+        raise
+    _fsync_dir(d)
+    # a previous config that named a path outside the folder: that path is left alone
+    _remove_owned(d, previous, weights.name)
+    (d / JOURNAL_NAME).unlink(missing_ok=True)

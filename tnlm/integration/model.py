@@ -200,94 +200,9 @@ class MPOModel(nn.Module):
             raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
         if train is not None and train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES} or None, got {train!r}")
-        meta = io.read_meta(directory)
-        weights = io.verified_weights(directory, meta)
-        where = Path(directory) / io.CONFIG_NAME
-        if not isinstance(meta["config"], dict):
-            raise ValueError(f"{where}: 'config' must be an object")
-        try:
-            config = MPOConfig.from_dict(meta["config"])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: invalid config: {err}") from err
-        if not isinstance(meta["modules"], dict):
-            raise ValueError(f"{where}: 'modules' must be an object")
-        base_name = type(base_model).__name__
-        paths = module_paths(base_model)
-        entries: dict[str, dict[str, Any]] = {}
-        olds: dict[str, nn.Module] = {}
-        owner: dict[int, str] = {}
-        for name, raw in meta["modules"].items():
-            entry = io.check_module_entry(name, raw)
-            try:
-                old = base_model.get_submodule(name) if name else None
-            except AttributeError:
-                old = None
-            if old is None:
-                raise ValueError(f"saved module {name!r} does not exist in the base model "
-                                 f"{base_name}")
-            kind = kind_of(old)
-            if kind != entry["kind"]:
-                raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
-                                 f"has {type(old).__name__}")
-            I, J = weight_xw(old).shape
-            if (entry["in_dim"], entry["out_dim"]) != (I, J):
-                raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
-                                 f"(in x out) but the base model's is {I}x{J}")
-            has_bias = getattr(old, "bias", None) is not None
-            if kind != "embedding" and entry["bias"] != has_bias:
-                raise ValueError(f"saved module {name!r} has bias={entry['bias']} but the base "
-                                 f"model's has bias={has_bias}")
-            if id(old) in owner:
-                raise ValueError(f"saved modules {owner[id(old)]!r} and {name!r} are the same "
-                                 f"module of {base_name}")
-            owner[id(old)] = name
-            entries[name], olds[name] = entry, old
-        # the state dict the model will have after the replacement: name -> (shape, group);
-        # names in one group are one tensor (tied or shared), saved under one of them
-        replaced = [path for name in olds for path in paths[id(olds[name])]]
-        expected: dict[str, tuple[tuple[int, ...], Any]] = {}
-        targets: dict[str, torch.Tensor] = {}
-        for key, t in base_model.state_dict(keep_vars=True).items():
-            if not any(key.startswith(path + ".") for path in replaced):
-                expected[key] = (tuple(t.shape), id(t))
-                targets[key] = t
-        for name, entry in entries.items():
-            for local, shape in io.module_tensor_shapes(entry).items():
-                for path in paths[id(olds[name])]:
-                    expected[f"{path}.{local}"] = (shape, (name, local))
-        header = io.read_header(weights)
-        for key, shape in header.items():
-            if key in expected and shape != expected[key][0]:
-                raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
-                                 f"{base_name} with the saved MPO modules needs "
-                                 f"{list(expected[key][0])}")
-        saved_as: dict[Any, str] = {}
-        for key in header:
-            if key in expected:
-                saved_as.setdefault(expected[key][1], key)
-        unexpected = sorted(set(header) - set(expected))
-        missing = sorted(k for k, (_, group) in expected.items() if group not in saved_as)
-        if unexpected or missing:
-            raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
-                             f"missing {_some(missing)}, unexpected {_some(unexpected)}")
-        # load into new layers and read the other tensors; base_model is still untouched
-        shells: dict[str, MPOModule] = {}
-        rest: dict[str, torch.Tensor] = {}
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                for name, entry in entries.items():
-                    old = olds[name]
-                    shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
-                    state = {local: f.get_tensor(saved_as[(name, local)])
-                             for local in io.module_tensor_shapes(entry)}
-                    shell.load_state_dict(state, strict=True)
-                    shells[name] = shell
-                for key in targets:
-                    if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
-                        rest[key] = f.get_tensor(key)
-        except (SafetensorError, RuntimeError) as err:
-            raise ValueError(f"cannot load {weights} into {base_name}: "
-                             f"{' '.join(str(err).split())[:400]}") from err
+        with io.reading(directory):
+            config, paths, olds, shells, targets, rest = _read_for_load(base_model,
+                                                                        directory)
         # swap in and copy; on any failure, put everything back
         swap = _Swap(base_model)
         backup: dict[str, torch.Tensor] = {}
@@ -309,6 +224,100 @@ class MPOModel(nn.Module):
             swap.undo()
             raise
         return model
+
+
+def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> tuple:
+    """Everything ``from_pretrained`` needs, read and checked without touching
+    ``base_model``: ``(config, paths, olds, shells, targets, rest)``."""
+    meta = io.read_meta(directory)
+    weights = io.verified_weights(directory, meta)
+    where = Path(directory) / io.CONFIG_NAME
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{where}: 'config' must be an object")
+    try:
+        config = MPOConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid config: {err}") from err
+    if not isinstance(meta["modules"], dict):
+        raise ValueError(f"{where}: 'modules' must be an object")
+    base_name = type(base_model).__name__
+    paths = module_paths(base_model)
+    entries: dict[str, dict[str, Any]] = {}
+    olds: dict[str, nn.Module] = {}
+    owner: dict[int, str] = {}
+    for name, raw in meta["modules"].items():
+        entry = io.check_module_entry(name, raw)
+        try:
+            old = base_model.get_submodule(name) if name else None
+        except AttributeError:
+            old = None
+        if old is None:
+            raise ValueError(f"saved module {name!r} does not exist in the base model "
+                             f"{base_name}")
+        kind = kind_of(old)
+        if kind != entry["kind"]:
+            raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
+                             f"has {type(old).__name__}")
+        I, J = weight_xw(old).shape
+        if (entry["in_dim"], entry["out_dim"]) != (I, J):
+            raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
+                             f"(in x out) but the base model's is {I}x{J}")
+        has_bias = getattr(old, "bias", None) is not None
+        if kind != "embedding" and entry["bias"] != has_bias:
+            raise ValueError(f"saved module {name!r} has bias={entry['bias']} but the base "
+                             f"model's has bias={has_bias}")
+        if id(old) in owner:
+            raise ValueError(f"saved modules {owner[id(old)]!r} and {name!r} are the same "
+                             f"module of {base_name}")
+        owner[id(old)] = name
+        entries[name], olds[name] = entry, old
+    # the state dict the model will have after the replacement: name -> (shape, group);
+    # names in one group are one tensor (tied or shared), saved under one of them
+    replaced = [path for name in olds for path in paths[id(olds[name])]]
+    expected: dict[str, tuple[tuple[int, ...], Any]] = {}
+    targets: dict[str, torch.Tensor] = {}
+    for key, t in base_model.state_dict(keep_vars=True).items():
+        if not any(key.startswith(path + ".") for path in replaced):
+            expected[key] = (tuple(t.shape), id(t))
+            targets[key] = t
+    for name, entry in entries.items():
+        for local, shape in io.module_tensor_shapes(entry).items():
+            for path in paths[id(olds[name])]:
+                expected[f"{path}.{local}"] = (shape, (name, local))
+    header = io.read_header(weights)
+    for key, shape in header.items():
+        if key in expected and shape != expected[key][0]:
+            raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
+                             f"{base_name} with the saved MPO modules needs "
+                             f"{list(expected[key][0])}")
+    saved_as: dict[Any, str] = {}
+    for key in header:
+        if key in expected:
+            saved_as.setdefault(expected[key][1], key)
+    unexpected = sorted(set(header) - set(expected))
+    missing = sorted(k for k, (_, group) in expected.items() if group not in saved_as)
+    if unexpected or missing:
+        raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
+                         f"missing {_some(missing)}, unexpected {_some(unexpected)}")
+    # load into new layers and read the other tensors; base_model is still untouched
+    shells: dict[str, MPOModule] = {}
+    rest: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name, entry in entries.items():
+                old = olds[name]
+                shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
+                state = {local: f.get_tensor(saved_as[(name, local)])
+                         for local in io.module_tensor_shapes(entry)}
+                shell.load_state_dict(state, strict=True)
+                shells[name] = shell
+            for key in targets:
+                if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
+                    rest[key] = f.get_tensor(key)
+    except (SafetensorError, RuntimeError) as err:
+        raise ValueError(f"cannot load {weights} into {base_name}: "
+                         f"{' '.join(str(err).split())[:400]}") from err
+    return config, paths, olds, shells, targets, rest
 
 
 def _check_site_shapes(spec: Any, I: int, J: int) -> None:
