@@ -21,8 +21,10 @@ TASKS = {"sst2": True, "cola": False}  # task -> file has a header row
 
 
 def default_data_dir() -> Path:
-    """``$TNLM_DATA`` or ``../shared/data`` relative to the working directory."""
-    return Path(os.environ.get("TNLM_DATA", "../shared/data"))
+    """``$TNLM_DATA``, else ``shared/data`` beside the repository (``<repo>/../shared/data``),
+    whatever the working directory."""
+    env = os.environ.get("TNLM_DATA")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def load_task(task: str, split: str, data_dir: str | os.PathLike | None = None,

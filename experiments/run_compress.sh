@@ -10,10 +10,12 @@ run() {  # method budget seed [text]
   local out="results/compress/$1_$2_s$3$([ "$text" = sst2cola ] || echo "_$text").json"
   [ -f "$out" ] && return 0
   python experiments/compress_minilm.py --method "$1" --budget "$2" --seed "$3" --text "$text" \
-    --heal-steps "$STEPS" --out "$out" --no-progress
+    --heal-steps "$STEPS" --out "$out" --no-progress --threads "${THREADS:-1}"
 }
 for b in 0.5 0.25; do run data_aware $b 0; done
-for b in 0.5 0.25; do run lowrank $b 0; run mpo_plain $b 0; done
-for s in 1 2; do for b in 0.5 0.25; do run data_aware $b $s; done; done
+run lowrank 0.5 0; run mpo_plain 0.5 0
+for s in 1 2; do run data_aware 0.5 $s; done
+run lowrank 0.25 0; run mpo_plain 0.25 0
+for s in 1 2; do run data_aware 0.25 $s; done
 run greedy 0.5 0
 run data_aware 0.5 0 docstrings

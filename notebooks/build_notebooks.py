@@ -1,4 +1,4 @@
-"""Regenerate the notebooks (outputs cleared): python notebooks/build_notebooks.py"""
+"""Regenerate and execute the notebooks (outputs stored): python notebooks/build_notebooks.py"""
 from pathlib import Path
 
 import nbformat as nbf
@@ -8,7 +8,13 @@ NB = Path(__file__).resolve().parent
 
 
 def save(cells, path):
+    """Write the notebook executed (from the repository root), outputs and figures included,
+    so that it reads well without running it."""
+    from nbclient import NotebookClient
+
     nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(NB.parent)}}).execute()
     nbf.write(nb, path)
 
 save([
@@ -29,7 +35,7 @@ save([
 md("# 3. Compressing and fine-tuning MiniLM\n\nMPO-ify the embedded MiniLM (untruncated: the paper's MPO_full), fine-tune the auxiliary tensors on a small SST-2 slice (central tensors frozen), merge back, save. Sizes are tiny so that the notebook runs in the test suite; `experiments/glue.py` is the real experiment."),
 code("from pathlib import Path\nimport torch\nfrom transformers import BertForSequenceClassification, AutoTokenizer\nfrom transformers.utils import logging\nfrom tnlm.integration import MPOConfig, get_mpo_model, default_model_path, format_report\nfrom tnlm import make_optimizer\nfrom experiments.data import load_task, Batches  # the experiments' GLUE helpers (repository root)\nfrom experiments.training import train_steps, evaluate\n\nlogging.set_verbosity_error()\ntorch.manual_seed(0)\npath = str(default_model_path())\nmodel = BertForSequenceClassification.from_pretrained(path, num_labels=2)\ntok = AutoTokenizer.from_pretrained(path)"),
 code("targets = ['query', 'key', 'value', 'attention.output.dense', 'intermediate.dense', 'output.dense']\nmpo_model = get_mpo_model(model, MPOConfig(target_modules=targets, modules_to_save=['classifier']))\nrows = mpo_model.compression_report()\nprint(format_report(rows[:6]))\nmpo_model.print_trainable_parameters()"),
-code("data_dir = Path('../shared/data')\nif (data_dir / 'sst2').is_dir():\n    x, y = load_task('sst2', 'train', data_dir, limit=128)\n    dx, dy = load_task('sst2', 'dev', data_dir, limit=64)\nelse:  # no data here: a toy set so that the notebook still runs\n    x, y = ['good movie', 'bad movie'] * 64, torch.tensor([1, 0] * 64).numpy()\n    dx, dy = x[:32], y[:32]\ntrain = Batches(tok, x, y, batch_size=16, max_length=32, shuffle=True).forever()\ndev = Batches(tok, dx, dy, batch_size=32, max_length=32)\nprint('before:', evaluate(mpo_model, dev))"),
+code("from experiments.data import default_data_dir\ndata_dir = default_data_dir()  # $TNLM_DATA or shared/data beside the repository\nif (data_dir / 'sst2').is_dir():\n    x, y = load_task('sst2', 'train', data_dir, limit=128)\n    dx, dy = load_task('sst2', 'dev', data_dir, limit=64)\nelse:  # no data on this machine: say so, and use a toy set so that the notebook still runs\n    print(f'no SST-2 under {data_dir}: using a toy set (set TNLM_DATA to the data folder)')\n    x, y = ['good movie', 'bad movie'] * 64, torch.tensor([1, 0] * 64).numpy()\n    dx, dy = x[:32], y[:32]\ntrain = Batches(tok, x, y, batch_size=16, max_length=32, shuffle=True).forever()\ndev = Batches(tok, dx, dy, batch_size=32, max_length=32)\nprint('before:', evaluate(mpo_model, dev))"),
 code("opt = make_optimizer(mpo_model, lr=2e-4)\ncentral = {n: m.cores[m.central_index].detach().clone() for n, m in mpo_model.mpo_modules()}\nstats = train_steps(mpo_model, train, opt, steps=4, progress=False)\nprint(stats)\nprint('after:', evaluate(mpo_model, dev))\nassert all(torch.equal(central[n], m.cores[m.central_index]) for n, m in mpo_model.mpo_modules())"),
 md("## Save, reload, merge"),
 code("import tempfile\nfrom tnlm.integration import MPOModel\nbatch = next(iter(dev))\nwith torch.no_grad():\n    ref = mpo_model.eval()(**batch).logits\nwith tempfile.TemporaryDirectory() as d:\n    mpo_model.save_pretrained(d)\n    fresh = BertForSequenceClassification.from_pretrained(path, num_labels=2)\n    loaded = MPOModel.from_pretrained(fresh, d).eval()\nwith torch.no_grad():\n    print('reload bit-exact:', torch.equal(loaded(**batch).logits, ref))\n    plain = loaded.merge_and_unload().eval()\n    print('merge max diff:', float((plain(**batch).logits - ref).abs().max()))"),
@@ -37,7 +43,7 @@ code("import tempfile\nfrom tnlm.integration import MPOModel\nbatch = next(iter(
 
 save([
 md("# 2. Entanglement of a pre-trained model\n\nThe bond entropies of MiniLM's weight matrices, layer by layer and module by module, against random Gaussian matrices of the same shapes and norms (the reference a physicist asks for). Convention: each `nn.Linear` is the MPO of `weight.T`."),
-code("import numpy as np\nfrom tnlm.integration import load_default_weights\nfrom tnlm.analysis import model_profile, reference_for, matrix_profile, plot_entropy_heatmap, plot_entropy_profile, plot_spectra, error_vs_params, plot_error_vs_params\n\nweights = load_default_weights()\nmats = {k.removesuffix('.weight'): (v.T if v.shape[0] != 30522 else v) for k, v in weights.items()\n        if k.endswith('.weight') and v.ndim == 2 and k.startswith('encoder.')}\nprofile = model_profile(mats)\nprint(profile['layers'], profile['types'])\nprint(np.round(profile['entropy'], 3))"),
+code("%matplotlib inline\nimport numpy as np\nfrom tnlm.integration import load_default_weights\nfrom tnlm.analysis import model_profile, reference_for, matrix_profile, plot_entropy_heatmap, plot_entropy_profile, plot_spectra, error_vs_params, plot_error_vs_params\n\nweights = load_default_weights()\nmats = {k.removesuffix('.weight'): (v.T if v.shape[0] != 30522 else v) for k, v in weights.items()\n        if k.endswith('.weight') and v.ndim == 2 and k.startswith('encoder.')}\nprofile = model_profile(mats)\nprint(profile['layers'], profile['types'])\nprint(np.round(profile['entropy'], 3))"),
 code("fig = plot_entropy_heatmap(profile)\nfig"),
 md("Central-bond entropy of each matrix against a random matrix of the same shape and norm, and its maximum ln D:"),
 code("rows = []\nfor r in profile['rows'][:3]:\n    ref = reference_for(r)\n    rows.append((r['name'], round(r['central_entropy'], 3), round(ref['central_entropy'], 3), round(float(np.log(max(r['bond_dims']))), 3)))\nfor row in rows:\n    print(row)"),
