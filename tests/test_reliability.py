@@ -779,3 +779,93 @@ def test_stale_temporary_files_are_removed_but_fresh_ones_are_not(tmp_path):
         os.utime(fresh, (t + 1, t + 1))
         assert sorted(io.remove_stale_temps(tmp_path, t)) == sorted(stale)
     assert fresh.exists() and other.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. property tests: exactness, error accounting, gauge invariance (hypothesis)
+# ---------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def matrices(draw, max_sites=4, max_factor=4):
+    """(W float64, in_shape, out_shape) with random site shapes (factors 1..max_factor)."""
+    import numpy as np
+
+    n = draw(st.integers(1, max_sites))
+    ins = tuple(draw(st.lists(st.integers(1, max_factor), min_size=n, max_size=n)))
+    outs = tuple(draw(st.lists(st.integers(1, max_factor), min_size=n, max_size=n)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((math.prod(ins), math.prod(outs))) * scale
+    if draw(st.booleans()):  # a low-rank matrix: bonds with zero singular values
+        r = draw(st.integers(1, 3))
+        W = (rng.standard_normal((W.shape[0], r)) @ rng.standard_normal((r, W.shape[1]))) * scale
+    return W, ins, outs
+
+
+def _rel(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a))
+
+
+@PROPERTY
+@given(matrices(), st.sampled_from(["svd", "qr", "auto"]))
+def test_property_from_matrix_is_exact(case, method):
+    from tnlm import MPO
+
+    W, ins, outs = case
+    mpo = MPO.from_matrix(W, ins, outs, method=method)
+    assert mpo.in_shape == ins and mpo.out_shape == outs
+    assert _rel(mpo.to_matrix(), W) <= 1e-10
+    assert mpo.truncation_error == 0.0
+
+
+@PROPERTY
+@given(matrices(), st.data())
+def test_property_reported_truncation_error_is_the_measured_one(case, data):
+    from tnlm import MPO
+
+    W, ins, outs = case
+    n_bonds = len(ins) - 1
+    max_bond = data.draw(st.sampled_from([None, 1, 2, 3]))
+    max_error = data.draw(st.sampled_from([None, 0.05, 0.3, 1.0]))
+    exact = MPO.from_matrix(W, ins, outs)
+    for mpo in (MPO.from_matrix(W, ins, outs, max_bond=max_bond, max_error=max_error),
+                exact.truncate(max_bond=max_bond, max_error=max_error)):
+        measured = _rel(mpo.to_matrix(), W)
+        assert abs(mpo.truncation_error - measured) <= 1e-10 + 1e-8 * measured
+        if max_error is not None and max_bond is None:  # a binding max_bond may exceed it
+            assert mpo.truncation_error <= max_error + 1e-12
+        if max_bond is not None:
+            assert all(b <= max_bond for b in mpo.bond_dims) or n_bonds == 0
+
+
+@PROPERTY
+@given(matrices(), st.data())
+def test_property_gauges_leave_the_matrix_unchanged(case, data):
+    from tnlm import MPO
+    from tnlm.core.spec import GAUGES, apply_gauge
+
+    W, ins, outs = case
+    mpo = MPO.from_matrix(W, ins, outs)
+    if data.draw(st.booleans()):
+        mpo = mpo.truncate(max_bond=data.draw(st.integers(1, 3)))
+    ref = mpo.to_matrix()
+    for gauge in GAUGES:
+        g = apply_gauge(mpo, gauge)
+        # (the symmetric gauge may drop bonds whose singular values are zero)
+        assert all(a <= b for a, b in zip(g.bond_dims, mpo.bond_dims))
+        assert _rel(g.to_matrix(), ref) <= 1e-10, gauge
+    center = data.draw(st.integers(0, len(ins) - 1))
+    c = mpo.canonicalize(center)
+    assert _rel(c.to_matrix(), ref) <= 1e-10 and c.is_canonical(center)
