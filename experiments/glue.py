@@ -14,6 +14,10 @@ Arms (same data, seed, steps, batch size and schedule for each):
   mpo_dir      MPO truncated directly to ~50% of the encoder linear parameters, then LFA
   mpop         start from mpo_lfa's fine-tuned model, dimension squeezing to the same size
                as mpo_dir (recovery fine-tuning between cuts)
+  compress     task-specific compression: start from the dense arm's fine-tuned model
+               (the teacher), data-aware MPOs at --budget calibrated on training sentences,
+               label-free healing (--heal-steps), then --steps of fine-tuning with knowledge
+               distillation from the teacher's logits (every MPO core trains)
 In the MPO arms the word embedding table (11.7M parameters) is frozen, as it is in LoRA;
 every other parameter that is not in an MPO layer trains (biases, LayerNorm, position and
 token-type embeddings, pooler, classifier). Results: one JSON per arm.
@@ -38,9 +42,11 @@ from experiments.training import evaluate, train_steps  # noqa: E402
 from tnlm import make_optimizer, parameter_report  # noqa: E402
 from tnlm.compress import DimensionSqueezer  # noqa: E402
 from tnlm.compress.allocate import uniform_overrides  # noqa: E402
+from tnlm.compress.distill import HealConfig  # noqa: E402
+from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.integration import MPOConfig, MPOModel, default_model_path, get_mpo_model  # noqa: E402
 
-ARMS = ("dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop")
+ARMS = ("dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop", "compress")
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
 
@@ -90,6 +96,17 @@ def build(arm: str, args, num_labels: int):
                                       if "lora_" in n)
         info["adapted_total"] = info["adapted_trained"]
         return model, tok, info
+    if arm == "compress":
+        from transformers import BertForSequenceClassification
+
+        src = Path(args.models) / "dense"
+        if not (src / "config.json").is_file():
+            sys.exit(f"glue.py: the compress arm needs the dense arm's model in {src}: "
+                     "run --arm dense first")
+        teacher = BertForSequenceClassification.from_pretrained(str(src)).eval()
+        model = BertForSequenceClassification.from_pretrained(str(src))
+        info["teacher"] = teacher
+        return model, tok, info
     if arm == "mpop":
         src = Path(args.models) / "mpo_lfa"
         model = MPOModel.from_pretrained(model, src, train="auxiliary")
@@ -126,6 +143,8 @@ def main() -> None:
     ap.add_argument("--squeeze-recover", type=int, default=10, help="recovery steps per iteration")
     ap.add_argument("--post-steps", type=int, default=0,
                     help="mpop: lightweight fine-tuning steps after squeezing (fresh optimizer)")
+    ap.add_argument("--budget", type=float, default=0.5, help="compress: fraction kept")
+    ap.add_argument("--heal-steps", type=int, default=300, help="compress: label-free healing")
     ap.add_argument("--models", default="results/models", help="where fine-tuned models are kept")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="", help="label suffix for a variant run (e.g. an lr)")
@@ -183,6 +202,25 @@ def main() -> None:
                                 args.post_steps, warmup=args.post_steps // 10,
                                 progress=progress, desc="post-squeeze")
             squeeze_info["post_steps"] = args.post_steps
+    elif args.arm == "compress":
+        teacher = info.pop("teacher")
+        squeeze_info["teacher_dev"] = evaluate(teacher, dev)
+        calib = [train_x[i] for i in val]  # held-out training sentences, labels unused
+        heal_text = [train_x[i] for i in tr]
+        cfg = CompressionConfig(TARGETS, budget=args.budget,
+                                heal=HealConfig(steps=args.heal_steps, seed=args.seed))
+        res = compress_model(model, tok, calib, cfg, heal_text=heal_text, progress=progress)
+        model = res.model
+        squeeze_info.update(ratio=res.ratio, params_after=res.params_after,
+                            dev_after_truncation_and_healing=evaluate(model, dev),
+                            seconds=res.seconds)
+        for _, m in model.mpo_modules():
+            m.unfreeze()
+        for n, p in model.named_parameters():
+            p.requires_grad_("word_embeddings" not in n)
+        stats = train_steps(model, train, make_optimizer(model, lr, args.mpo_lr), args.steps,
+                            warmup=args.steps // 10, progress=progress, desc="compress+kd",
+                            teacher=teacher)
     else:
         opt = make_optimizer(model, lr, args.mpo_lr)
         stats = train_steps(model, train, opt, args.steps, warmup=args.steps // 10,
@@ -194,6 +232,8 @@ def main() -> None:
         info["adapted_trained"], info["adapted_total"] = mpo_layer_counts(model)
     if args.arm == "mpo_lfa" and not args.tag:  # the starting point of the mpop arm
         model.save_pretrained(Path(args.models) / "mpo_lfa")
+    if args.arm == "dense" and not args.tag:  # the teacher of the compress arm
+        model.save_pretrained(Path(args.models) / "dense")
     out = dict(arm=args.arm, tag=args.tag, task=args.task, steps=args.steps,
                train_size=int(n_train),
                batch_size=args.batch_size, lr=lr, mpo_lr=args.mpo_lr, seed=args.seed,

