@@ -781,6 +781,25 @@ def test_stale_temporary_files_are_removed_but_fresh_ones_are_not(tmp_path):
     assert fresh.exists() and other.exists()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("scale", [1e300, 1e160, 1e-300])
+def test_norm_overflow_or_underflow_is_an_error_not_a_silent_cut(scale):
+    import numpy as np
+
+    from tnlm import MPO
+
+    W = np.random.default_rng(0).standard_normal((16, 16)) * scale
+    for kw in (dict(max_error=0.1), dict(max_bond=2), dict(cutoff=0.01)):
+        with pytest.raises(ValueError, match=r"\|\|W\|\|_F = .* (overflows|underflows)"):
+            MPO.from_matrix(W, (4, 4), (4, 4), **kw)
+    exact = MPO.from_matrix(W, (4, 4), (4, 4))  # nothing to truncate: still exact
+    assert exact.truncation_error == 0.0
+    with pytest.raises(ValueError, match="rescale W first"):
+        exact.truncate(max_bond=2)
+    small = MPO.from_matrix(W / np.abs(W).max(), (4, 4), (4, 4), max_bond=2)
+    assert _rel(small.to_matrix(), W / np.abs(W).max()) == pytest.approx(small.truncation_error)
+
+
 # ---------------------------------------------------------------------------------------
 # 4. property tests: exactness, error accounting, gauge invariance (hypothesis)
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from tnlm.core.spectra import tail_sums
 
 __all__ = ["TruncationPolicy", "POLICY_RANGES"]
 
+_TINY = float(np.finfo(np.float64).tiny)
+
 #: the allowed range of each float criterion: (low, high, high included)
 POLICY_RANGES = {"cutoff": (0.0, 1.0, False), "max_error": (0.0, 1.0, True)}
 
@@ -136,6 +138,13 @@ class TruncationPolicy:
             norm: ||W||_F of the matrix being truncated (the reference of all criteria).
             spent_sq: squared absolute error already discarded at earlier bonds.
         """
+        sq = norm * norm
+        if not math.isfinite(sq) or sq < _TINY and (norm > 0 or (len(s) and s[0] > 0)):
+            # every criterion and the reported error are sums of squares: they would be
+            # inf/NaN or 0, and bonds would be cut with a wrong reported error
+            raise ValueError(f"cannot truncate a matrix with ||W||_F = {norm:.3g} in float64 "
+                             f"(its square {'overflows' if sq else 'underflows'}); rescale W "
+                             "first, e.g. W / W.abs().max()")
         k = len(s)
         if self.max_bond is not None and self.max_bond[bond] is not None:
             k = min(k, self.max_bond[bond])
