@@ -34,39 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnlm.compress.allocate import uniform_overrides  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
-from tnlm.compress.pipeline import (  # noqa: E402
-    CompressionConfig,
-    compress_model,
-    embedding_cosine,
-)
+from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
+from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
 from tnlm.compress.text import docstring_sentences, read_sentences, split_sentences  # noqa: E402
-from tnlm.integration import (  # noqa: E402
-    MPOConfig,
-    default_model_path,
-    get_mpo_model,
-    mean_pooled,
-)
+from tnlm.integration import MPOConfig, default_model_path, get_mpo_model  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
 METHODS = ("data_aware", "greedy", "lowrank", "mpo_plain")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra = np.argsort(np.argsort(a)).astype(np.float64)
-    rb = np.argsort(np.argsort(b)).astype(np.float64)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def sick_spearman(model, tok, path: Path) -> float:
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    a = mean_pooled(model, tok, [r["sentence_A"] for r in rows])
-    b = mean_pooled(model, tok, [r["sentence_B"] for r in rows])
-    return spearman((a * b).sum(-1).numpy(), np.array([float(r["relatedness_score"])
-                                                      for r in rows]))
 
 
 def training_text(data_dir: Path, source: str, seed: int) -> list[str]:

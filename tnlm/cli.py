@@ -95,28 +95,6 @@ def _check_out(out: str | None) -> Path | None:
     return d
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra = np.argsort(np.argsort(a)).astype(np.float64)
-    rb = np.argsort(np.argsort(b)).astype(np.float64)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _sick_spearman(model, tok, path: Path) -> float:
-    """Spearman correlation of embedding cosines with SICK relatedness (pairs in ``path``)."""
-    import csv
-
-    from tnlm.integration import mean_pooled
-
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows or "relatedness_score" not in rows[0]:
-        raise UserError(f"--sick {path} is not a SICK file (no relatedness_score column)")
-    a = mean_pooled(model, tok, [r["sentence_A"] for r in rows])
-    b = mean_pooled(model, tok, [r["sentence_B"] for r in rows])
-    cos = (a * b).sum(-1).numpy()
-    return _spearman(cos, np.array([float(r["relatedness_score"]) for r in rows]))
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save."""
     import json
@@ -125,7 +103,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from tnlm.compress.distill import HealConfig
-    from tnlm.compress.pipeline import CompressionConfig, compress_model, embedding_cosine
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+    from tnlm.compress.quality import embedding_cosine, sick_spearman
     from tnlm.compress.text import (
         docstring_sentences,
         generated_sentences,
@@ -183,8 +162,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
         ranks=res.ranks, calibration_errors=res.errors)
     if sick is not None:
-        summary["sick_spearman_original"] = _sick_spearman(teacher, tok, sick)
-        summary["sick_spearman"] = _sick_spearman(res.model, tok, sick)
+        summary["sick_spearman_original"] = sick_spearman(teacher, tok, sick)
+        summary["sick_spearman"] = sick_spearman(res.model, tok, sick)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:

@@ -35,12 +35,13 @@ from tnlm.bridge import MPOLinear, kind_of, weight_xw
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
+from tnlm.compress.quality import embedding_cosine  # noqa: F401  (re-exported)
 from tnlm.core.spec import apply_gauge
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
-           "layer_groups"]
+           "layer_groups", "embedding_cosine"]
 
 
 @dataclass
@@ -238,21 +239,3 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     before = sum(weight_xw(originals[n]).numel() for n in names)
     after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())
     return CompressionResult(wrapped, ranks, errors, before, after, result, times)
-
-
-@torch.no_grad()
-def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
-                     sentences: Sequence[str], batch_size: int = 64,
-                     max_length: int = 128) -> torch.Tensor:
-    """Per-sentence cosine between the mean-pooled embeddings of two models."""
-    from tnlm.compress.distill import mean_pool
-
-    out = []
-    for i in range(0, len(sentences), batch_size):
-        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt")
-        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        s = mean_pool(student(**b).last_hidden_state, b["attention_mask"])
-        t = mean_pool(teacher(**b).last_hidden_state, b["attention_mask"])
-        out.append(torch.nn.functional.cosine_similarity(s, t, dim=-1))
-    return torch.cat(out)

@@ -1,0 +1,75 @@
+"""Does a compressed model still work? Embedding agreement and sentence-similarity quality.
+
+* :func:`embedding_cosine`: per sentence, the cosine between the mean-pooled embeddings
+  of two models (a compressed one and its original);
+* :func:`sick_spearman`: Spearman correlation between the cosine of the two sentences'
+  embeddings and the gold relatedness of SICK-style pairs (the usual sentence-embedding
+  metric; the file is the user's, read from a path).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tnlm.compress.distill import mean_pool
+
+__all__ = ["embedding_cosine", "embed", "spearman", "sick_spearman"]
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
+          max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states, (len(sentences), hidden), not normalised."""
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                      max_length=max_length, return_tensors="pt")
+        b = {k: v for k, v in b.items() if k in _INPUTS}
+        out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
+    return torch.cat(out)
+
+
+def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
+                     sentences: Sequence[str], batch_size: int = 64,
+                     max_length: int = 128) -> torch.Tensor:
+    """Per-sentence cosine between the mean-pooled embeddings of two models."""
+    if not sentences:
+        raise ValueError("sentences must not be empty")
+    s = embed(student, tokenizer, sentences, batch_size, max_length)
+    t = embed(teacher, tokenizer, sentences, batch_size, max_length)
+    return torch.nn.functional.cosine_similarity(s, t, dim=-1)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (ties broken by order; the scores here are continuous)."""
+    ra = np.argsort(np.argsort(np.asarray(a))).astype(np.float64)
+    rb = np.argsort(np.argsort(np.asarray(b))).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def sick_spearman(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> float:
+    """Spearman correlation of embedding cosines with the relatedness of the pairs in
+    ``path`` (tab-separated, header with ``sentence_A``, ``sentence_B``,
+    ``relatedness_score``).
+
+    Raises:
+        ValueError: the file lacks those columns or holds no pairs.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or not {"sentence_A", "sentence_B", "relatedness_score"} <= set(rows[0]):
+        raise ValueError(f"{path} is not a SICK file (needs sentence_A, sentence_B and "
+                         "relatedness_score columns)")
+    a = embed(model, tokenizer, [r["sentence_A"] for r in rows])
+    b = embed(model, tokenizer, [r["sentence_B"] for r in rows])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).numpy()
+    return spearman(cos, [float(r["relatedness_score"]) for r in rows])
