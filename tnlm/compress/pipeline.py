@@ -35,13 +35,12 @@ from tnlm.bridge import MPOLinear, kind_of, weight_xw
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
-from tnlm.compress.quality import embedding_cosine  # noqa: F401  (re-exported)
 from tnlm.core.spec import apply_gauge
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
-           "layer_groups", "embedding_cosine"]
+           "layer_groups"]
 
 
 @dataclass
