@@ -358,6 +358,21 @@ def test_low_rank_layout_contracts_when_it_saves_flops():
         assert layer.choose_mode(64)[0] == "contract" or r * (I + J) >= I * J
 
 
+def test_low_rank_layer_padded_empty_and_compiled():
+    layer, A, B = _low_rank(16, 24, 3)
+    padded = MPOLinear([c.detach() for c in layer.cores], layer.bias[:20], 14, 20)
+    x = torch.randn(5, 14)
+    for mode in ("contract", "dense"):
+        padded.mode = mode
+        torch.testing.assert_close(padded(x), x @ A[:14] @ B[:, :20] + layer.bias[:20],
+                                   atol=1e-4, rtol=1e-5)
+        assert padded(torch.randn(0, 14)).shape == (0, 20)
+    padded.mode = "contract"
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(padded)(x).graph_break_count == 0
+    torch._dynamo.reset()
+
+
 def test_forward_runs_no_path_search(monkeypatch):
     """Plans are resolved when the cores are set; no batch length triggers a search."""
     layer, _, _ = _low_rank(16, 24, 3)

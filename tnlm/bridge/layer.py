@@ -457,10 +457,16 @@ class MPOLinear(MPOModule):
         if mode == "dense":
             W = self._cached_dense(dtype, cores) if cached else self.dense_matrix(dtype)
             return F.linear(x, W.T, bias)
+        plans = self._plans
+        if plans.low_rank:  # (x @ A) @ B + b: two GEMMs, no einsum, any leading dims
+            A = cores[0] if cores[0].dtype == dtype else cores[0].to(dtype)
+            B = cores[1] if cores[1].dtype == dtype else cores[1].to(dtype)
+            A = A.reshape(plans.in_size, -1)[: self.in_dim]
+            B = B.reshape(-1, plans.out_size)[:, : self.out_dim]
+            return F.linear(torch.matmul(x, A), B.T, bias)
         if rows == 0:
             y = x.new_zeros(*lead, self.out_dim)
             return y if bias is None else y + bias
-        plans = self._plans
         xb = x.reshape(rows, self.in_dim)
         if self.in_dim != plans.in_size:
             xb = F.pad(xb, (0, plans.in_size - self.in_dim))

@@ -308,6 +308,9 @@ class ChainPlans:
             in_shape and out_shape (W's padded shape).
         core_views: each core's shape without its size-1 legs.
         x_view: the input legs of size > 1 (``x`` is reshaped to ``(rows, *x_view)``).
+        low_rank: the chain is ``(1, I, 1, r), (r, 1, J, 1)``: ``W = A @ B`` with
+            ``A = T_0.reshape(I, r)``, ``B = T_1.reshape(r, J)`` (its apply path is
+            ``(x @ A) @ B``, which a module may run as two matrix products directly).
         dense: plan of the cores (``core_views``) -> W over the output legs of size > 1
             (reshape to ``(prod(in_shape), prod(out_shape))``).
         apply: candidate :class:`ChainPath` s of ``x, cores -> y`` (distinct paths of the
@@ -325,6 +328,8 @@ class ChainPlans:
         self.in_shape = tuple(s[1] for s in shapes)
         self.out_shape = tuple(s[2] for s in shapes)
         self.in_size, self.out_size = prod(self.in_shape), prod(self.out_shape)
+        self.low_rank = n == 2 and shapes[0][0] == shapes[0][2] == shapes[1][1] == \
+            shapes[1][3] == 1
         self.core_views = tuple(tuple(d for d in s if d != 1) for s in shapes)
         self.x_view = tuple(i for i in self.in_shape if i != 1)
         bonds, ins, outs, b = _symbols(n)
