@@ -1,13 +1,20 @@
 """Lightweight fine-tuning helpers: freeze central tensors, count parameters, build optimizers.
 
-The paper's strategy (LFA): the central tensor of every MPO module is frozen;
-its auxiliary tensors train, together with every parameter that was not
-decomposed (biases, LayerNorm, task head, ...).
+Two settings:
+
+* :func:`train_lightweight`: only the auxiliary tensors of the MPO modules train (and
+  the modules passed as ``extra``, e.g. a new task head); everything else is frozen.
+  This is what a task needs to store, as a PEFT adapter.
+* :func:`train_auxiliary_only`: the paper's strategy (LFA): the central tensor of every
+  MPO module is frozen; its auxiliary tensors train, together with every parameter that
+  was not decomposed (biases, LayerNorm, embeddings, task head, ...).
+
+:func:`parameter_report` counts as ``peft`` does (every parameter of the model once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +22,8 @@ from torch import nn
 
 from tnlm.bridge.layer import MPOModule
 
-__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "ParamReport", "make_optimizer",
-           "parameter_report", "parameter_groups"]
+__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "train_lightweight",
+           "ParamReport", "make_optimizer", "parameter_report", "parameter_groups"]
 
 
 def mpo_modules(model: nn.Module) -> Iterator[tuple[str, MPOModule]]:
@@ -44,9 +51,34 @@ def train_auxiliary_only(model: nn.Module) -> nn.Module:
     return freeze_central(model)
 
 
+def train_lightweight(model: nn.Module, extra: Iterable[nn.Module] = ()) -> nn.Module:
+    """Only the auxiliary tensors of every MPO module train, plus every parameter of the
+    modules in ``extra`` except the central tensors of MPO modules inside them; every
+    other parameter (central tensors, MPO biases, embeddings, LayerNorms, ...) is frozen.
+
+    Raises:
+        ValueError: if ``model`` contains no MPO modules.
+    """
+    found = list(mpo_modules(model))
+    if not found:
+        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, m in found:
+        for p in m.auxiliary_parameters():
+            p.requires_grad_(True)
+    for module in extra:
+        for p in module.parameters():
+            p.requires_grad_(True)
+        for _, m in mpo_modules(module):
+            m.freeze_central()
+    return model
+
+
 @dataclass(frozen=True)
 class ParamReport:
-    """Parameter counts of a model (shared parameters counted once)."""
+    """Parameter counts of a model (shared parameters counted once, as ``peft`` counts);
+    ``str()`` is ``peft``'s ``print_trainable_parameters`` line."""
 
     trainable: int
     total: int
@@ -59,7 +91,7 @@ class ParamReport:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
                 f"trainable%: {100 * self.ratio:.4f}")
 
 

@@ -29,7 +29,7 @@ from tnlm.core.validation import check_n_sites, check_shape
 
 __all__ = ["MPOConfig", "TRAIN_MODES"]
 
-TRAIN_MODES = ("auxiliary", "all")
+TRAIN_MODES = ("lightweight", "auxiliary", "all")
 _POLICY_KEYS = ("max_bond", "cutoff", "max_error", "in_shape", "out_shape", "n_sites", "gauge",
                 "mode", "pad")
 
@@ -50,11 +50,17 @@ class MPOConfig:
             ``cutoff``, ``max_error``, ``in_shape``, ``out_shape``, ``n_sites``,
             ``gauge``, ``mode``, ``pad``. The longest (most specific) matching pattern
             wins; each pattern must match a target.
-        modules_to_save: patterns of modules that are not decomposed but must train and
-            be saved (e.g. a task head ``"classifier"``; a single string is one
-            pattern); each must match a module.
-        train: ``"auxiliary"`` (the paper's lightweight fine-tuning: everything trains
-            except the central tensors) or ``"all"``.
+        modules_to_save: patterns of modules that must train and be saved in a task
+            checkpoint whatever ``train`` says (e.g. a new task head ``"classifier"``; a
+            single string is one pattern); each must match a module. Every parameter
+            of such a module trains, except the central tensors of MPO layers inside it
+            (unless ``train="all"``).
+        train: what trains (see :meth:`~tnlm.integration.model.MPOModel.setup_training`):
+            ``"lightweight"`` (the default, what a PEFT user expects: only the auxiliary
+            tensors of the MPO layers and ``modules_to_save``; a task checkpoint then
+            holds only those), ``"auxiliary"`` (the paper's setting: every parameter
+            except the central tensors, i.e. also embeddings, LayerNorms, biases and
+            heads) or ``"all"``.
         gauge: the gauge the cores start from: ``"symmetric"`` (the paper's; the default,
             chosen by the SST-2 experiment in docs/results.md), ``"central"``
             (orthogonality center on the central tensor) or ``"left"``.
@@ -71,7 +77,7 @@ class MPOConfig:
     max_error: float | list[float] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
-    train: str = "auxiliary"
+    train: str = "lightweight"
     gauge: str = "symmetric"
     mode: str = "auto"
     pad: bool = True

@@ -19,6 +19,7 @@ is exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -38,6 +39,7 @@ from tnlm.bridge import (
     train_auxiliary_only,
     weight_xw,
 )
+from tnlm.bridge.finetune import train_lightweight
 from tnlm.integration import io
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 
@@ -99,7 +101,7 @@ class MPOModel(nn.Module):
     def __init__(self, model: nn.Module, config: MPOConfig) -> None:
         super().__init__()
         self.base_model = model
-        self.mpo_config = config
+        self.mpo_config = copy.deepcopy(config)  # setup_training records its mode in it
         self.forward = model.forward  # keeps the base signature for Trainer
 
     def __getattr__(self, name: str) -> Any:
@@ -117,19 +119,44 @@ class MPOModel(nn.Module):
             if isinstance(module, MPOModule):
                 yield name, module
 
+    def modules_to_save(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of every module matching a ``modules_to_save`` pattern of
+        the config (names relative to the base model)."""
+        patterns = self.mpo_config.modules_to_save
+        return [(n, m) for n, m in self.base_model.named_modules()
+                if n and any(MPOConfig.pattern_matches(p, n) for p in patterns)]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as ``peft.PeftModel`` computes them:
+        every parameter of the model counted once (shared ones too), MPO cores included."""
+        rep = parameter_report(self)
+        return rep.trainable, rep.total
+
     def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: X || all params: Y || trainable%: Z``, PEFT's line
+        with PEFT's counting (:meth:`get_nb_trainable_parameters`)."""
         print(parameter_report(self))
 
     def setup_training(self, train: str | None = None) -> MPOModel:
-        """Apply the training mode: ``"auxiliary"`` freezes the central tensors only."""
-        train = train or self.mpo_config.train
-        if train == "auxiliary":
+        """Set ``requires_grad`` of every parameter for a training mode (default: the
+        config's ``train``; a mode given here becomes the config's):
+
+        * ``"lightweight"``: only the auxiliary tensors of the MPO layers train, plus the
+          ``modules_to_save`` (all their parameters but MPO central tensors);
+        * ``"auxiliary"``: the paper's setting: everything but the central tensors;
+        * ``"all"``: everything.
+        """
+        if train is not None and train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+        mode = self.mpo_config.train if train is None else train
+        if mode == "lightweight":
+            train_lightweight(self.base_model, [m for _, m in self.modules_to_save()])
+        elif mode == "auxiliary":
             train_auxiliary_only(self.base_model)
-        elif train == "all":
+        else:
             for p in self.base_model.parameters():
                 p.requires_grad_(True)
-        else:
-            raise ValueError(f"train must be 'auxiliary' or 'all', got {train!r}")
+        self.mpo_config.train = mode
         return self
 
     def compression_report(self) -> list[dict[str, Any]]:
@@ -418,10 +445,6 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
                 swap.put(path, new)
         wrapped = MPOModel(model, config)
         wrapped.setup_training()
-        for name, module in model.named_modules():
-            if any(config.pattern_matches(p, name) for p in config.modules_to_save):
-                for p in module.parameters():
-                    p.requires_grad_(True)
     except BaseException:
         swap.undo()
         raise
