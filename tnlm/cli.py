@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,8 +89,6 @@ def _check_out(out: str | None) -> Path | None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"--out {d}: {probe} is a file, not a folder")
-    import os
-
     if not os.access(probe, os.W_OK):
         raise UserError(f"--out {d}: {probe} is not writable")
     return d
@@ -357,6 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as err:
+    except (UserError, OSError, ValueError, KeyError, TypeError) as err:
         print(f"tnlm: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tnlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user; the traceback on request
+        if os.environ.get("TNLM_DEBUG"):
+            raise
+        print(f"tnlm: error: {type(err).__name__}: {err} (TNLM_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1

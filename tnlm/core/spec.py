@@ -29,7 +29,7 @@ from typing import Any
 from tnlm.core.factorize import factorize, padded_dim
 from tnlm.core.mpo import MPO
 from tnlm.core.policy import TruncationPolicy
-from tnlm.core.validation import check_positive_int, check_shape
+from tnlm.core.validation import check_n_sites, check_shape
 
 __all__ = ["GAUGES", "DecompositionSpec", "apply_gauge"]
 
@@ -75,7 +75,7 @@ class DecompositionSpec:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check_shape(value, name))
-        check_positive_int(self.n_sites, "n_sites")
+        check_n_sites(self.n_sites, "n_sites")
         if self.gauge not in GAUGES:
             raise ValueError(f"gauge must be one of {GAUGES}, got {self.gauge!r}")
         for name in ("max_bond", "cutoff", "max_error"):
