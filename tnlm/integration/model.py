@@ -2,12 +2,15 @@
 
 A PEFT user should feel at home::
 
-    config = MPOConfig(target_modules=["query", "key", "value", "dense"], max_bond=64)
+    config = MPOConfig(target_modules=["query", "key", "value", "dense"],
+                       modules_to_save=["classifier"])
     model = get_mpo_model(model, config)      # replaces the layers in place
-    model.print_trainable_parameters()
+    model.print_trainable_parameters()        # auxiliary tensors + classifier train
     model(**batch)                             # the base model's forward
-    model.save_pretrained("out/")              # safetensors + mpo_config.json, atomic
-    model = MPOModel.from_pretrained(base_model, "out/")
+    Trainer(model=model, ...).train()          # label names found as for a PeftModel
+    model.save_pretrained("out/")              # a task checkpoint: what trained, and the
+                                               # SHA-256 of what the base model rebuilds
+    model = MPOModel.from_pretrained(base_model, "out/")   # rebuilds, verifies, loads
     plain = model.merge_and_unload()           # back to nn.Linear / Conv1D / nn.Embedding
 
 Model surgery is transactional: :func:`get_mpo_model` and
@@ -19,8 +22,10 @@ is exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -93,16 +98,44 @@ class _Swap:
 class MPOModel(nn.Module):
     """A model whose target layers are MPO modules; forwards to the base model.
 
-    Attribute access falls through to the base model (``config``, ``generate``, ...),
-    and ``forward`` has the base model's signature, so ``transformers.Trainer``
-    sees the right input columns.
+    Attribute access falls through to the base model (``config``, ``generate``,
+    ``gradient_checkpointing_enable``, ...). ``forward(*args, **kwargs)`` calls the base
+    model (its hooks fire). Each instance belongs to a subclass made for its base
+    model's class, ``MPO<BaseClass>`` (e.g. ``MPOBertForSequenceClassification``),
+    whose ``forward`` shows the base class's signature: ``transformers.Trainer`` reads
+    label names, ``return_loss`` and input columns from the class, as it does for
+    ``peft.PeftModel``. The state dict carries the model's description (config and
+    layer structures) as extra state (:data:`tnlm.integration.io.STATE_META_KEY`), so
+    that a state dict saved by someone else (Trainer's ``model.safetensors``) is a
+    checkpoint :meth:`from_pretrained` reads.
     """
 
     def __init__(self, model: nn.Module, config: MPOConfig) -> None:
         super().__init__()
         self.base_model = model
         self.mpo_config = copy.deepcopy(config)  # setup_training records its mode in it
-        self.forward = model.forward  # keeps the base signature for Trainer
+        # state key -> SHA-256 of every tensor of the base model as the base model
+        # rebuilds it (decomposed by get_mpo_model or a lightweight load); None when
+        # unknown (lightweight saving then impossible)
+        self._references: dict[str, str] | None = None
+        self.__class__ = _class_for(type(model))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward (called as ``base_model(...)``: its hooks fire)."""
+        return self.base_model(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        # the class is made at run time: pickle a recipe for it (copy.deepcopy too)
+        return _new_instance, (type(self.base_model),), self.__getstate__()
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The model's description (config, layer structures) as a uint8 tensor."""
+        return io.meta_to_tensor(self._meta())
+
+    def set_extra_state(self, state: Any) -> None:
+        """Loading a state dict: check the description is an MPO model's; the tensors
+        carry the values (a structure that differs fails on their shapes)."""
+        io.meta_from_tensor(state, "state dict")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -193,32 +226,155 @@ class MPOModel(nn.Module):
         return base
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Save the whole model state (safetensors, no pickle) and ``mpo_config.json``
-        atomically; see :mod:`tnlm.integration.io` for what is guaranteed."""
-        meta = dict(config=self.mpo_config.to_dict(),
+    def _meta(self) -> dict[str, Any]:
+        return dict(config=self.mpo_config.to_dict(),
                     modules={n: m.structure() for n, m in self.mpo_modules()},
                     base_model_class=type(self.base_model).__name__)
-        return io.write_checkpoint(directory, meta, self.base_model)
+
+    def _lightweight_plan(self) -> tuple[dict[str, str] | None, str]:
+        """``(omitted, "")``: the SHA-256 of every tensor a lightweight checkpoint would
+        leave to the base model (frozen and equal to what the base model rebuilds), or
+        ``(None, reason)`` when a lightweight checkpoint is impossible: a central tensor
+        trains or differs from the decomposition of the base model."""
+        refs = self._references
+        if refs is None:
+            return None, ("the model was not wrapped here by get_mpo_model (nor loaded from a "
+                          "lightweight checkpoint): nothing records what the base model rebuilds")
+        state = self.base_model.state_dict(keep_vars=True)
+        if state.keys() != refs.keys():
+            return None, "the model's tensors changed names since it was wrapped"
+        digests: dict[int, str] = {}
+        omitted = {}
+        for key, t in state.items():
+            if t.requires_grad:
+                continue
+            if id(t) not in digests:
+                digests[id(t)] = io.tensor_sha256(t)
+            if digests[id(t)] == refs[key]:
+                omitted[key] = refs[key]
+        for name, m in self.mpo_modules():
+            k = m.central_index
+            if m.cores[k].requires_grad:
+                return None, (f"the central tensor of {name!r} trains (train="
+                              f"{self.mpo_config.train!r})")
+            if f"{name}.cores.{k}" not in omitted:
+                return None, (f"the central tensor of {name!r} is not the decomposition of the "
+                              "base model any more (trained, truncated, squeezed or compressed)")
+        return omitted, ""
+
+    def save_pretrained(self, directory: str | os.PathLike, lightweight: bool | None = None,
+                        *, state_dict: dict[str, torch.Tensor] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True,
+                        **kwargs: Any) -> Path:
+        """Save a checkpoint (safetensors, no pickle, and ``mpo_config.json``), atomically;
+        see :mod:`tnlm.integration.io` for what is guaranteed.
+
+        Args:
+            lightweight: ``True``: a task checkpoint, as a PEFT adapter: only what the task
+                changed (the trainable tensors: auxiliary cores, ``modules_to_save``,
+                anything else that trains, and any frozen tensor changed since wrapping)
+                plus, in the config, the recipe for the rest (the MPO config, the structure
+                of every layer, the SHA-256 of every tensor left to the base model: central
+                cores, frozen biases, embeddings, ...). :meth:`from_pretrained` rebuilds
+                those by decomposing the base model again and refuses a base model that
+                does not give them bit for bit. Possible when every central tensor is
+                frozen and still the decomposition of the base model (raises
+                ``ValueError`` saying why not otherwise). ``False``: every tensor of the
+                model (MPO cores, never the dense weights they replaced): needs only the
+                architecture to load. ``None`` (default): lightweight when possible and
+                the base model has a ``name_or_path`` (it was loaded from a checkpoint
+                one can load again; a randomly initialised base cannot be rebuilt
+                elsewhere), else everything.
+            state_dict: save these tensors (the model's state dict, keys with or without
+                the ``base_model.`` prefix) instead of the model's, as a full checkpoint.
+            safe_serialization: must be ``True`` (checkpoints are safetensors only).
+            is_main_process: ``False`` writes nothing (other ranks of a distributed job).
+        """
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected arguments {sorted(kwargs)}")
+        if lightweight is not None and not isinstance(lightweight, bool):
+            raise TypeError(f"lightweight must be True, False or None, got {lightweight!r}")
+        if safe_serialization is not True:
+            raise ValueError("safe_serialization must be True: tnlm checkpoints are safetensors "
+                             "only (loading never unpickles)")
+        if not is_main_process:
+            return Path(directory)
+        meta = self._meta()
+        if state_dict is not None:
+            if lightweight:
+                raise ValueError("a given state_dict is saved as a full checkpoint; "
+                                 "lightweight=True cannot be used with it")
+            return io.write_tensors(directory, meta, self._own_keys(state_dict))
+        name = _name_or_path(self.base_model)
+        omitted, reason = (None, "") if lightweight is False or (
+            lightweight is None and not name) else self._lightweight_plan()
+        if lightweight and omitted is None:
+            raise ValueError(f"cannot save a lightweight checkpoint: {reason}; save with "
+                             "lightweight=False (every tensor)")
+        if omitted is None:
+            return io.write_checkpoint(directory, meta, self.base_model)
+        kept: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, t in self.base_model.state_dict(keep_vars=True).items():
+            if key not in omitted and id(t) not in seen:
+                seen.add(id(t))
+                kept[key] = t
+        meta["lightweight"] = dict(rebuilt=omitted, base_model_name_or_path=name)
+        return io.write_tensors(directory, meta, kept)
+
+    def _own_keys(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A given state dict as the base model's tensors (one key per shared tensor)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        own = self.base_model.state_dict()
+        prefix = "base_model."
+        out: dict[str, torch.Tensor] = {}
+        seen: set[tuple] = set()
+        for key, t in state_dict.items():
+            if key == io.STATE_META_KEY:
+                continue
+            key = key[len(prefix):] if key.startswith(prefix) and key not in own else key
+            if key not in own:
+                raise ValueError(f"state_dict key {key!r} is not a tensor of the model")
+            tag = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if tag not in seen:
+                seen.add(tag)
+                out[key] = t
+        return out
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike,
                         train: str | None = None) -> MPOModel:
-        """Rebuild the MPO structure on ``base_model`` (a fresh instance of the same
-        architecture) and load the saved state, bit-exact. No decomposition is run.
+        """Rebuild the MPO model on ``base_model`` and load a checkpoint, bit-exact.
+
+        Three kinds of folder are read:
+
+        * a full checkpoint (``save_pretrained(lightweight=False)``): ``base_model`` is a
+          fresh instance of the architecture; no decomposition is run;
+        * a lightweight task checkpoint: ``base_model`` must be the base model the task
+          was trained on. Its target layers are decomposed again with the saved config
+          (the code of :func:`get_mpo_model`, float64), every tensor the checkpoint leaves
+          to the base (central cores, frozen biases, embeddings, ...) is checked against
+          its recorded SHA-256, then the saved tensors are loaded. Several task
+          checkpoints share one base model;
+        * a folder where ``transformers.Trainer`` saved the model (``model.safetensors``,
+          a state dict carrying the model's description): as a full checkpoint, without
+          a hash to verify (Trainer records none).
 
         Everything is checked before ``base_model`` is touched: the weights' SHA-256,
         the config, that every saved module exists in ``base_model`` with the saved
         kind, dimensions and bias, that the core shapes are consistent, and that the
         tensor names and shapes in the weights file are exactly those of the model
-        after the replacement. The saved tensors are then loaded into new layers, and
-        only then are the layers swapped in and the other tensors copied; if anything
-        fails on the way, ``base_model`` is restored (same modules, same values).
+        after the replacement (less, for a task checkpoint, the rebuilt ones). The
+        saved tensors are then loaded into new layers, and only then are the layers
+        swapped in and the other tensors copied; if anything fails on the way,
+        ``base_model`` is restored (same modules, same values).
 
         Raises:
             FileNotFoundError: no checkpoint (config or weights) in ``directory``.
-            ValueError: a corrupt or modified checkpoint, or one of another
-                architecture; the message names what does not match.
+            ValueError: a corrupt or modified checkpoint, one of another architecture,
+                or a task checkpoint on another base model; the message names what does
+                not match.
         """
         if isinstance(base_model, MPOModel):
             raise ValueError("base_model is already an MPOModel; pass a plain model of the "
@@ -228,22 +384,25 @@ class MPOModel(nn.Module):
         if train is not None and train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES} or None, got {train!r}")
         with io.reading(directory):
-            config, paths, olds, shells, targets, rest = _read_for_load(base_model,
-                                                                        directory)
+            plan = _read_for_load(base_model, directory)
+        if plan.rebuilt is not None:  # outside the lock: decomposing takes a while
+            _rebuild(plan)
         # swap in and copy; on any failure, put everything back
         swap = _Swap(base_model)
         backup: dict[str, torch.Tensor] = {}
+        targets = plan.targets
         try:
-            for name, shell in shells.items():
-                for path in paths[id(olds[name])]:
+            for name, shell in plan.shells.items():
+                for path in plan.paths[id(plan.olds[name])]:
                     swap.put(path, shell)
             with torch.no_grad():
-                for key, value in rest.items():
+                for key, value in plan.rest.items():
                     target = targets[key]
                     backup[key] = target.detach().clone()
                     target.copy_(value)
-            model = cls(base_model, config)
+            model = cls(base_model, plan.config)
             model.setup_training(train)
+            model._references = plan.references
         except BaseException:
             with torch.no_grad():
                 for key, value in backup.items():
@@ -253,12 +412,27 @@ class MPOModel(nn.Module):
         return model
 
 
-def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> tuple:
+class _LoadPlan:
+    """What ``from_pretrained`` read and checked, before ``base_model`` is touched."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> _LoadPlan:
     """Everything ``from_pretrained`` needs, read and checked without touching
-    ``base_model``: ``(config, paths, olds, shells, targets, rest)``."""
-    meta = io.read_meta(directory)
-    weights = io.verified_weights(directory, meta)
-    where = Path(directory) / io.CONFIG_NAME
+    ``base_model``. For a full checkpoint the new layers (``shells``) are loaded;
+    for a lightweight one the saved tensors are read (``saved``) and :func:`_rebuild`
+    does the rest."""
+    d = Path(directory)
+    prefix = ""
+    if (d / io.CONFIG_NAME).is_file() or not (d / io.STATE_DICT_NAME).is_file():
+        meta = io.read_meta(directory)
+        weights = io.verified_weights(directory, meta)
+        where = d / io.CONFIG_NAME
+    else:  # a state dict saved by someone else (transformers.Trainer)
+        meta, weights = io.read_state_dict_checkpoint(directory)
+        prefix, where = meta["prefix"], weights
     if not isinstance(meta["config"], dict):
         raise ValueError(f"{where}: 'config' must be an object")
     try:
@@ -267,6 +441,14 @@ def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> tuple
         raise ValueError(f"{where}: invalid config: {err}") from err
     if not isinstance(meta["modules"], dict):
         raise ValueError(f"{where}: 'modules' must be an object")
+    light = meta.get("lightweight") if not prefix else None
+    rebuilt = None
+    if light is not None:
+        rebuilt = light.get("rebuilt") if isinstance(light, dict) else None
+        if not isinstance(rebuilt, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in rebuilt.items()):
+            raise ValueError(f"{where}: 'lightweight' must be an object with 'rebuilt': "
+                             "{tensor name: SHA-256}")
     base_name = type(base_model).__name__
     paths = module_paths(base_model)
     entries: dict[str, dict[str, Any]] = {}
@@ -311,7 +493,13 @@ def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> tuple
         for local, shape in io.module_tensor_shapes(entry).items():
             for path in paths[id(olds[name])]:
                 expected[f"{path}.{local}"] = (shape, (name, local))
-    header = io.read_header(weights)
+    header: dict[str, tuple[int, ...]] = {}
+    stored: dict[str, str] = {}  # name in the model -> name in the file
+    for key, shape in io.read_header(weights).items():
+        if prefix and key == io.STATE_META_KEY:
+            continue
+        own = key[len(prefix):] if key.startswith(prefix) else key
+        header[own], stored[own] = shape, key
     for key, shape in header.items():
         if key in expected and shape != expected[key][0]:
             raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
@@ -321,30 +509,150 @@ def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> tuple
     for key in header:
         if key in expected:
             saved_as.setdefault(expected[key][1], key)
+    unknown = sorted(set(rebuilt or ()) - set(expected))
+    if unknown:
+        raise ValueError(f"{where}: the tensors to rebuild {_some(unknown)} are not tensors of "
+                         f"{base_name} with the saved MPO modules")
+    left = {expected[k][1] for k in rebuilt or ()}
     unexpected = sorted(set(header) - set(expected))
-    missing = sorted(k for k, (_, group) in expected.items() if group not in saved_as)
+    missing = sorted(k for k, (_, group) in expected.items()
+                     if group not in saved_as and group not in left)
     if unexpected or missing:
         raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
                          f"missing {_some(missing)}, unexpected {_some(unexpected)}")
     # load into new layers and read the other tensors; base_model is still untouched
     shells: dict[str, MPOModule] = {}
+    saved: dict[Any, torch.Tensor] = {}
     rest: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
             for name, entry in entries.items():
+                if rebuilt is not None:
+                    for local in io.module_tensor_shapes(entry):
+                        if (name, local) in saved_as:
+                            saved[(name, local)] = f.get_tensor(stored[saved_as[(name, local)]])
+                    continue
                 old = olds[name]
                 shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
-                state = {local: f.get_tensor(saved_as[(name, local)])
+                state = {local: f.get_tensor(stored[saved_as[(name, local)]])
                          for local in io.module_tensor_shapes(entry)}
                 shell.load_state_dict(state, strict=True)
                 shells[name] = shell
             for key in targets:
                 if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
-                    rest[key] = f.get_tensor(key)
+                    rest[key] = f.get_tensor(stored[key])
     except (SafetensorError, RuntimeError) as err:
         raise ValueError(f"cannot load {weights} into {base_name}: "
                          f"{' '.join(str(err).split())[:400]}") from err
-    return config, paths, olds, shells, targets, rest
+    return _LoadPlan(config=config, paths=paths, olds=olds, entries=entries, shells=shells,
+                     targets=targets, rest=rest, saved=saved, rebuilt=rebuilt,
+                     base_name=base_name, where=where, references=None,
+                     name_or_path=light.get("base_model_name_or_path") if light else None)
+
+
+def _rebuild(plan: _LoadPlan) -> None:
+    """A lightweight checkpoint: decompose the base model's layers with the saved config
+    (as :func:`get_mpo_model` does), check every tensor the checkpoint leaves to the base
+    model against its recorded SHA-256, then load the saved tensors into the new layers.
+    Fills ``plan.shells`` and ``plan.references``; ``base_model`` is not touched."""
+    references: dict[str, str] = {}
+    centrals: set[str] = set()
+    for name, entry in plan.entries.items():
+        old = plan.olds[name]
+        I, J = weight_xw(old).shape
+        try:
+            spec, mode = plan.config.spec_for(name, I, J)
+            layer = MPOModule.from_module(old, spec, mode)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{plan.where}: cannot decompose module {name!r} of the base model "
+                             f"with the saved config: {err}") from err
+        shapes = [list(s) for s in layer.core_shapes]
+        if shapes != entry["core_shapes"]:
+            raise ValueError(
+                f"module {name!r} of the base model decomposes to cores {shapes}, but the task "
+                f"checkpoint {plan.where.parent} was saved with {entry['core_shapes']}: "
+                f"{_other_base(plan)}")
+        layer.mode = entry["mode"]
+        local_digests = {k: io.tensor_sha256(t) for k, t in layer.state_dict().items()}
+        for path in plan.paths[id(old)]:
+            centrals.add(f"{path}.cores.{layer.central_index}")
+            for local, digest in local_digests.items():
+                references[f"{path}.{local}"] = digest
+        plan.shells[name] = layer
+    digests: dict[int, str] = {}
+    for key, t in plan.targets.items():
+        if id(t) not in digests:
+            digests[id(t)] = io.tensor_sha256(t)
+        references[key] = digests[id(t)]
+    wrong = [k for k, want in plan.rebuilt.items() if references[k] != want]
+    if wrong:
+        core = [k for k in wrong if k in centrals]
+        raise ValueError(
+            f"the task checkpoint {plan.where.parent} leaves {len(plan.rebuilt)} tensors to the "
+            f"base model, and {len(wrong)} of them differ from what it recorded "
+            f"({len(core)} rebuilt central cores; e.g. {_some(sorted(core) or sorted(wrong), 3)})"
+            f": {_other_base(plan)}")
+    for name, layer in plan.shells.items():
+        state = {local: plan.saved[(name, local)]
+                 for local in io.module_tensor_shapes(plan.entries[name])
+                 if (name, local) in plan.saved}
+        try:
+            layer.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"cannot load the saved tensors of {name!r}: "
+                             f"{' '.join(str(err).split())[:400]}") from err
+    plan.references = references
+
+
+def _other_base(plan: _LoadPlan) -> str:
+    saved_on = f" ({plan.name_or_path!r})" if plan.name_or_path else ""
+    return (f"the base model {plan.base_name} is not the one the task was saved on{saved_on}; "
+            "load it onto that base model (same weights, same dtype)")
+
+
+def _name_or_path(model: nn.Module) -> str:
+    """Where a transformers model was loaded from ("" for a randomly initialised one)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", "")
+    return name if isinstance(name, str) else ""
+
+
+def _tensor_digests(model: nn.Module) -> dict[str, str]:
+    """State key -> SHA-256 of every tensor of ``model`` (shared tensors hashed once)."""
+    digests: dict[int, str] = {}
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in digests:
+            digests[id(t)] = io.tensor_sha256(t)
+        out[key] = digests[id(t)]
+    return out
+
+
+#: the MPOModel subclass of each base model class (see MPOModel)
+_CLASSES: dict[type, type] = {}
+
+
+def _class_for(base_cls: type) -> type:
+    """``MPO<BaseClass>``: an :class:`MPOModel` whose ``forward`` shows the signature of
+    ``base_cls.forward`` (made once per base class)."""
+    cls = _CLASSES.get(base_cls)
+    if cls is None:
+        def forward(self: MPOModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__doc__ = MPOModel.forward.__doc__
+        # no introspectable signature: keep *args, **kwargs
+        with contextlib.suppress(TypeError, ValueError):
+            forward.__signature__ = inspect.signature(base_cls.forward)
+        name = f"MPO{base_cls.__name__}"
+        cls = type(name, (MPOModel,), {"forward": forward, "__module__": __name__,
+                                       "__qualname__": name, "__doc__": MPOModel.__doc__})
+        _CLASSES[base_cls] = cls
+    return cls
+
+
+def _new_instance(base_cls: type) -> MPOModel:
+    """An empty instance of the MPOModel class for ``base_cls`` (unpickling)."""
+    return nn.Module.__new__(_class_for(base_cls))
 
 
 def _check_site_shapes(spec: Any, I: int, J: int) -> None:
@@ -445,6 +753,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
                 swap.put(path, new)
         wrapped = MPOModel(model, config)
         wrapped.setup_training()
+        wrapped._references = _tensor_digests(model)
     except BaseException:
         swap.undo()
         raise
