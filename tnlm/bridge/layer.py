@@ -256,11 +256,11 @@ class MPOModule(nn.Module):
     def _may_cache(self, cores: Sequence[nn.Parameter]) -> bool:
         """Whether this call may reuse a cached W: caching on, not traced, and autograd
         needs no graph through the cores (grad mode off, or every core frozen)."""
-        if not self.cache_dense or _compiling():
+        if not self.cache_dense:
             return False
-        if not torch.is_grad_enabled():
-            return True
-        return not any(c.requires_grad for c in cores)
+        if torch.is_grad_enabled() and any(c.requires_grad for c in cores):
+            return False
+        return not _compiling()
 
     def _build_dense(self, dtype: torch.dtype) -> torch.Tensor:
         return self.dense_matrix(dtype)
