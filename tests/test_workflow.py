@@ -355,3 +355,49 @@ def test_forward_signature_hooks_and_pickling():
     copy = pickle.loads(pickle.dumps(model))
     assert type(copy) is type(model) and torch.equal(logits(copy), ref)
     assert isinstance(copy, MPOModel)
+
+
+# ---------------------------------------------------------------------------------------
+# 4. peft interop
+# ---------------------------------------------------------------------------------------
+
+def test_lora_on_mpo_layers_merges_exactly_and_unmerges_to_the_mpo_layer():
+    peft = pytest.importorskip("peft")
+    from tnlm import MPOLinear
+    from tnlm.integration.model import lora_config_for_mpo
+
+    model = wrap(seed=6).eval()
+    plain = logits(model)
+    cfg = lora_config_for_mpo(peft.LoraConfig(target_modules=["query", "value"], r=2,
+                                              init_lora_weights=False))
+    peft_model = peft.get_peft_model(model, cfg).eval()
+    query = model.base_model.bert.encoder.layer[0].attention.self.query
+    mpo = query.base_layer
+    assert isinstance(mpo, MPOLinear)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    with_lora = logits(peft_model)
+    assert (with_lora - plain).abs().max() > 1e-3  # the adapter matters
+    query.merge()
+    assert isinstance(query.base_layer, torch.nn.Linear)
+    torch.testing.assert_close(logits(peft_model), with_lora, atol=1e-5, rtol=0)
+    query.unmerge()
+    assert query.base_layer is mpo and torch.equal(logits(peft_model), with_lora)
+    merged = peft_model.merge_and_unload()
+    assert merged is model
+    assert type(model.base_model.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    torch.testing.assert_close(logits(model), with_lora, atol=1e-5, rtol=0)
+
+
+def test_mpo_under_lora_and_mpo_config_in_peft_are_refused():
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_bert(seed=7), peft.LoraConfig(target_modules=["query"], r=2))
+    with pytest.raises(ValueError, match="inside the peft adapter layer .*merge the adapters "
+                                         "first"):
+        get_mpo_model(lora, MPOConfig(target_modules=["base_layer"], n_sites=3), progress=False)
+    with pytest.raises(AttributeError, match="not a peft method config"):
+        peft.get_peft_model(tiny_bert(seed=7), config())
+    with pytest.raises(NotImplementedError, match="no separate adapter delta"):
+        wrap(seed=7).disable_adapter()

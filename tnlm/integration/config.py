@@ -167,6 +167,20 @@ class MPOConfig:
         except (TypeError, ValueError) as err:
             raise type(err)(f"{where}: {err}") from err
 
+    #: attributes peft reads from its method configs (get_peft_model starts with these)
+    _PEFT_ATTRIBUTES = ("base_model_name_or_path", "peft_type", "task_type", "revision",
+                        "is_prompt_learning", "inference_mode")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in MPOConfig._PEFT_ATTRIBUTES:
+            raise AttributeError(
+                f"MPOConfig is not a peft method config (no {name!r}): peft registers methods "
+                "only through its own PeftType enum, so peft.get_peft_model cannot build an MPO "
+                "model; use tnlm.get_mpo_model(model, config), which returns a PEFT-like "
+                "MPOModel (LoRA can then go on top with tnlm.integration.model."
+                "lora_config_for_mpo)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ------------------------------------------------------------------ matching
     @staticmethod
     def pattern_matches(pattern: str, name: str) -> bool:

@@ -28,6 +28,8 @@ import difflib
 import inspect
 import math
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,8 @@ from tnlm.bridge.finetune import train_lightweight
 from tnlm.integration import io
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 
-__all__ = ["MPOModel", "get_mpo_model", "module_paths", "set_module"]
+__all__ = ["MPOModel", "get_mpo_model", "lora_config_for_mpo", "module_paths", "mpo_lora_class",
+           "set_module"]
 
 
 def module_paths(root: nn.Module) -> dict[int, list[str]]:
@@ -191,6 +194,17 @@ class MPOModel(nn.Module):
                 p.requires_grad_(True)
         self.mpo_config.train = mode
         return self
+
+    def disable_adapter(self) -> Any:
+        """Not available: an MPO model has no separate delta to switch off (PEFT's
+        ``disable_adapter`` runs the base model by skipping the adapter's additive
+        branch). The task lives in the auxiliary tensors, which replaced the layers'
+        weights; the base model's outputs need the base model (a lightweight task
+        checkpoint is applied on top of a fresh copy of it)."""
+        raise NotImplementedError(
+            "MPOModel.disable_adapter: MPO layers have no separate adapter delta to switch off "
+            "(the trained auxiliary tensors are the layers' weights); run the base model itself, "
+            "or load the task checkpoint onto a copy of it with MPOModel.from_pretrained")
 
     def compression_report(self) -> list[dict[str, Any]]:
         """Per MPO module: shapes, bonds, parameters before/after, truncation error, entropies.
@@ -655,6 +669,108 @@ def _new_instance(base_cls: type) -> MPOModel:
     return nn.Module.__new__(_class_for(base_cls))
 
 
+# ------------------------------------------------------------------ peft interop
+def _peft_tuner_layer() -> type | None:
+    """peft's ``BaseTunerLayer`` if peft is imported (no peft layer can exist otherwise)."""
+    if "peft" not in sys.modules:
+        return None
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - a peft without it
+        return None
+    return BaseTunerLayer
+
+
+_LORA_CLASS: list[type] = []
+
+
+def mpo_lora_class() -> type:
+    """``MPOLoraLinear``: peft's LoRA ``Linear`` over an :class:`~tnlm.bridge.MPOLinear`,
+    with an exact merge (needs peft).
+
+    peft merges LoRA by adding ``B @ A`` to ``base_layer.weight``; an MPO layer's weight
+    is computed from its cores, so that write is lost (peft's own ``Linear`` registered
+    for ``MPOLinear`` merges to the model *without* LoRA). This class merges into a
+    dense layer of the kind the MPO layer replaced (``W(cores) + scaling * B @ A``:
+    ``merge_and_unload`` then puts that dense layer in place) and ``unmerge`` puts the
+    untouched MPO layer back. LoRA variants (DoRA, ...) are refused when merging.
+    Register it with :func:`lora_config_for_mpo`.
+    """
+    if _LORA_CLASS:
+        return _LORA_CLASS[0]
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    class MPOLoraLinear(LoraLinear):
+        __doc__ = mpo_lora_class.__doc__
+
+        def _delta(self, adapter: str) -> torch.Tensor:
+            """``scaling * B @ A`` in nn.Linear layout (out, in), computed in float32."""
+            A = self.lora_A[adapter].weight.float()
+            B = self.lora_B[adapter].weight.float()
+            return (B @ A) * self.scaling[adapter]
+
+        @torch.no_grad()
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+            if not names:
+                return
+            variants = [n for n in names if n in self.lora_variant]
+            if variants:
+                raise NotImplementedError(f"adapters {variants} use a LoRA variant (DoRA, ...), "
+                                          "which tnlm does not merge into MPO layers")
+            base = self.base_layer
+            if isinstance(base, MPOModule):
+                self.__dict__["_mpo_layer"] = base  # kept out of the module tree
+                base = base.merge()
+            weight = base.weight.detach().float().clone()
+            bias = None if base.bias is None else base.bias.detach().float().clone()
+            for name in names:
+                delta = self._delta(name)
+                weight += delta if isinstance(base, nn.Linear) else delta.T  # Conv1D: (in, out)
+                if self.lora_bias[name]:
+                    if bias is None:
+                        raise RuntimeError("cannot merge LoRA with lora_bias=True: the base layer "
+                                           "has no bias")
+                    bias += self.lora_B[name].bias.float() * self.scaling[name]
+            if safe_merge and not (torch.isfinite(weight).all() and (
+                    bias is None or torch.isfinite(bias).all())):
+                raise ValueError(f"NaNs detected in the merged weights of adapters {names}")
+            base.weight.data = weight.to(base.weight.dtype)
+            if bias is not None:
+                base.bias.data = bias.to(base.bias.dtype)
+            self.base_layer = base
+            self.merged_adapters.extend(names)
+
+        def unmerge(self) -> None:
+            if not self.merged:
+                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+                return
+            self.merged_adapters.clear()
+            mpo = self.__dict__.pop("_mpo_layer", None)
+            if mpo is not None:
+                self.base_layer = mpo  # the MPO layer as it was: unmerging is exact
+
+    MPOLoraLinear.__module__ = __name__
+    _LORA_CLASS.append(MPOLoraLinear)
+    return MPOLoraLinear
+
+
+def lora_config_for_mpo(config: Any) -> Any:
+    """Let a ``peft.LoraConfig`` target :class:`~tnlm.bridge.MPOLinear` layers, through
+    peft's documented custom-module route (``LoraConfig._register_custom_module``), with
+    the exact merge of :func:`mpo_lora_class`; returns ``config``::
+
+        peft_model = get_peft_model(mpo_model, lora_config_for_mpo(LoraConfig(...)))
+    """
+    from tnlm.bridge import MPOLinear
+
+    if not hasattr(config, "_register_custom_module"):
+        raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
+    config._register_custom_module({MPOLinear: mpo_lora_class()})
+    return config
+
+
 def _check_site_shapes(spec: Any, I: int, J: int) -> None:
     """The site shapes ``spec`` gives a matrix (I, J) fit it (as decomposing will require)."""
     ins, outs = spec.site_shapes(I, J)
@@ -715,6 +831,18 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         if not any(config.pattern_matches(p, n) for n in all_names):
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
+    tuner = _peft_tuner_layer()
+    if tuner is not None:
+        adapters = [n for n, m in model.named_modules() if n and isinstance(m, tuner)]
+        for name in targets:
+            inside = [a for a in adapters if name.startswith(a + ".")]
+            if inside:
+                raise ValueError(
+                    f"module {name!r} is inside the peft adapter layer {inside[0]!r}: peft merges "
+                    "an adapter by writing its base layer's weight, which an MPO layer computes "
+                    "from its cores, so merging would silently drop the adapter; merge the "
+                    "adapters first (merge_and_unload) and decompose the merged model, or "
+                    "decompose first and add LoRA on top with lora_config_for_mpo(LoraConfig(...))")
     owners: dict[int, set[str]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(prefix=mname, recurse=False,
