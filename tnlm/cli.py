@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-steps", type=int, default=300,
                    help="distillation steps after truncation (0: none)")
     p.add_argument("--lr", type=float, default=3e-4, help="healing learning rate")
-    p.add_argument("--allocation", choices=("uniform", "greedy"), default="uniform")
+    p.add_argument("--allocation", choices=("uniform", "greedy", "sensitivity"),
+                   default="sensitivity", help="how the budget is spread over the layers")
     p.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     p.add_argument("--text", default=None,
                    help="unlabeled in-domain text, one sentence per line (default: generated "

@@ -1,16 +1,34 @@
-"""Budgets for a whole model: from a fraction of the targeted parameters to bond caps."""
+"""Budgets for a whole model: from a model-wide fraction of the targeted parameters to
+per-layer bond caps or ranks.
+
+* :func:`uniform_overrides`: the same fraction for every layer (balanced MPOs);
+* :func:`sensitivity_ranks`: ranks of data-aware layers chosen from end-to-end drops of the
+  pooled embeddings measured on a probe set (:func:`measure_sensitivity`), where each
+  module type and each block was truncated alone. Measured on MiniLM at 50 %: held-out
+  cosine 0.829 zero-shot vs 0.778 for uniform ranks (docs/results.md).
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, weight_xw
+from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.quality import embed
 from tnlm.core.budget import uniform_max_bond
 from tnlm.integration import MPOConfig
+from tnlm.integration.model import module_paths, set_module
 
-__all__ = ["uniform_overrides"]
+__all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
+           "module_type", "block_index", "FRACTION_GRID"]
 
 
 def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> dict[str, Any]:
@@ -29,3 +47,135 @@ def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> d
             ins, outs = spec.site_shapes(I, J)
             out[name] = {"max_bond": uniform_max_bond(ins, outs, fraction, dense_params=I * J)}
     return out
+
+
+# ------------------------------------------------------------------ sensitivity allocation
+#: per-layer fractions the sensitivity allocation chooses from (or dense)
+FRACTION_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
+                 0.75, 0.8, 0.9)
+
+
+def module_type(name: str) -> str:
+    """The layer's role with block indices starred: ``encoder.layer.*.attention.self.query``."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
+
+
+def block_index(name: str) -> int | None:
+    """The first numeric path component (the block), or ``None``."""
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class Sensitivity:
+    """End-to-end drops ``1 - mean cosine`` of the pooled embeddings on a probe set when
+    only some layers are truncated.
+
+    Attributes:
+        type_drops: module type -> {fraction kept: drop} (only that type truncated).
+        block_drops: block -> drop (only that block truncated, at ``block_fraction``).
+        block_fraction: the fraction used for the block drops.
+    """
+
+    type_drops: dict[str, dict[float, float]] = field(default_factory=dict)
+    block_drops: dict[int, float] = field(default_factory=dict)
+    block_fraction: float = 0.25
+
+    def drop(self, name: str, fraction: float, power: float = 0.5) -> float:
+        """Estimated drop of truncating layer ``name`` alone to ``fraction``: its type's
+        curve (linear between measured fractions, 0 when dense) shared among the blocks,
+        weighted by the block's relative sensitivity to the power ``power``."""
+        curve = self.type_drops[module_type(name)]
+        fs = sorted(curve) + [1.0]
+        d = float(np.interp(fraction, fs, [curve[f] for f in sorted(curve)] + [0.0]))
+        if not self.block_drops:
+            return d
+        mean = float(np.mean(list(self.block_drops.values()))) or 1.0
+        b = block_index(name)
+        w = (self.block_drops.get(b, mean) / mean) ** power if b is not None else 1.0
+        return d * w / len(self.block_drops)
+
+
+def _swap(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    paths = module_paths(model)
+    old = {n: model.get_submodule(n) for n in new}
+    for n, m in new.items():
+        for path in paths[id(old[n])]:
+            set_module(model, path, m)
+    return old
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
+                        layers: dict[str, WhitenedLayer],
+                        fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75),
+                        block_fraction: float = 0.25, gauge: str = "symmetric",
+                        progress: bool = False) -> Sensitivity:
+    """Truncate one module type (every block) or one block (every type) at a time and
+    measure the pooled-embedding cosine to the untouched model on ``probe`` sentences.
+    The model is restored after every measurement (and on any error)."""
+    if not probe:
+        raise ValueError("probe must hold at least one sentence")
+    ref = embed(model, tokenizer, probe)
+    sens = Sensitivity(block_fraction=block_fraction)
+    by_type: dict[str, list[str]] = {}
+    by_block: dict[int, list[str]] = {}
+    for n in layers:
+        by_type.setdefault(module_type(n), []).append(n)
+        b = block_index(n)
+        if b is not None:
+            by_block.setdefault(b, []).append(n)
+    jobs = [("type", t, f, names) for t, names in by_type.items() for f in fractions]
+    if len(by_block) > 1:
+        jobs += [("block", b, block_fraction, names) for b, names in sorted(by_block.items())]
+    for kind, key, f, names in tqdm(jobs, desc="sensitivity", disable=not progress, leave=False):
+        new = {}
+        for n in names:
+            I, J = layers[n].shape
+            like = model.get_submodule(n)
+            new[n] = layers[n].layer(max(1, int(f * I * J // (I + J))), like, gauge)
+        old = _swap(model, new)
+        try:
+            cos = torch.nn.functional.cosine_similarity(embed(model, tokenizer, probe), ref, -1)
+        finally:
+            _swap(model, old)
+        drop = 1.0 - float(cos.mean())
+        if kind == "type":
+            sens.type_drops.setdefault(key, {})[f] = drop
+        else:
+            sens.block_drops[key] = drop
+    return sens
+
+
+def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fraction: float,
+                      power: float = 0.5, allow_dense: bool = True) -> dict[str, int | None]:
+    """Per layer a rank (or ``None``: stays dense) minimising the summed estimated drops
+    (:meth:`Sensitivity.drop`) with at most ``fraction`` of the layers' parameters: a
+    Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    total = sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
+    options: dict[str, list[tuple[int | None, int, float]]] = {}
+    for n, wl in layers.items():
+        I, J = wl.shape
+        opts = []
+        for f in FRACTION_GRID:
+            r = max(1, int(f * I * J // (I + J)))
+            opts.append((r, r * (I + J), sens.drop(n, f, power)))
+        if allow_dense:
+            opts.append((None, I * J, 0.0))
+        options[n] = opts
+
+    def pick(lam: float) -> tuple[dict[str, tuple], int]:
+        chosen = {n: min(o, key=lambda x: x[2] + lam * x[1]) for n, o in options.items()}
+        return chosen, sum(c[1] for c in chosen.values())
+
+    lo, hi = 0.0, 1e-9
+    while pick(hi)[1] > fraction * total:
+        hi *= 2
+        if hi > 1e6:
+            raise ValueError(f"fraction {fraction} is below the smallest allocation")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pick(mid)[1] > fraction * total else (lo, mid)
+    return {n: c[0] for n, c in pick(hi)[0].items()}

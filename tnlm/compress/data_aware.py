@@ -31,9 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from tnlm.bridge import MPOLinear, kind_of
 from tnlm.compress.calibration import InputStats
 from tnlm.core import MPO
+from tnlm.core.spec import apply_gauge
 from tnlm.core.spectra import tail_sums
 
 __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
@@ -156,3 +159,12 @@ class WhitenedLayer:
         W_approx = out.to_matrix()
         out.truncation_error = output_error(self.W, W_approx, self.stats)
         return out
+
+    def layer(self, rank: int, like: nn.Module, gauge: str = "symmetric") -> MPOLinear:
+        """The 2-site data-aware MPO layer of ``rank`` replacing ``like`` (its bias, dtype,
+        device and kind kept); ``truncation_error`` = calibration output error."""
+        mpo = self.mpo(rank)
+        layer = MPOLinear.from_mpo(apply_gauge(mpo, gauge), like.bias, "auto",
+                                   dtype=like.weight.dtype, kind=kind_of(like))
+        layer.truncation_error = float(mpo.truncation_error)
+        return layer.to(like.weight.device)

@@ -31,16 +31,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import MPOLinear, kind_of, weight_xw
+from tnlm.bridge import kind_of, weight_xw
+from tnlm.compress.allocate import measure_sensitivity, sensitivity_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
-from tnlm.core.spec import apply_gauge
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
            "layer_groups"]
+
+
+ALLOCATIONS = ("uniform", "greedy", "sensitivity")
 
 
 @dataclass
@@ -50,7 +53,10 @@ class CompressionConfig:
     Attributes:
         target_modules: PEFT-style patterns of the layers to compress (Linear/Conv1D).
         budget: model-wide fraction of the targeted parameters to keep, in (0, 1].
-        allocation: ``"uniform"`` (same fraction per layer) or ``"greedy"``.
+        allocation: ``"uniform"`` (same fraction per layer), ``"greedy"`` (calibration
+            errors) or ``"sensitivity"`` (end-to-end drops on ``probe_size`` calibration
+            sentences; layers may stay dense; see :mod:`tnlm.compress.allocate`).
+        probe_size: sentences of the sensitivity probe.
         sequential: calibrate each block on the partly compressed model's inputs
             and fit to the teacher's outputs (error feedback); default: one pass on the
             original model (measured better on MiniLM: held-out cosine 0.781 vs 0.748 at
@@ -64,6 +70,7 @@ class CompressionConfig:
     target_modules: list[str] | str
     budget: float = 0.5
     allocation: str = "uniform"
+    probe_size: int = 128
     sequential: bool = False
     whiten: bool = True
     gauge: str = "symmetric"
@@ -74,8 +81,8 @@ class CompressionConfig:
         b = self.budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
             raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
-        if self.allocation not in ("uniform", "greedy"):
-            raise ValueError(f"allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
 
 
@@ -175,18 +182,24 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     paths = module_paths(model)
     originals = {n: model.get_submodule(n) for n in names}
     swapped: list[tuple[str, nn.Module]] = []
-    ranks: dict[str, int] = {}
+    ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
     fraction = float(config.budget)
     groups = layer_groups(names) if config.sequential else [names]
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
-        if config.allocation == "greedy":  # ranks need every layer's spectrum up front
+        if config.allocation != "uniform":  # ranks need every layer's spectrum up front
             stats = collect_input_stats(model, batches, names)
             layers = {n: WhitenedLayer(weight_xw(originals[n]), stats[n], config.ridge)
                       for n in names}
-            ranks = _greedy_ranks(layers, fraction)
+            if config.allocation == "greedy":
+                ranks = _greedy_ranks(layers, fraction)
+            else:
+                sens = measure_sensitivity(model, tokenizer, calibration[:config.probe_size],
+                                           layers, gauge=config.gauge, progress=progress)
+                ranks = sensitivity_ranks(layers, sens, fraction)
+                times["sensitivity"] = time.perf_counter() - t0
         for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
                           leave=False):
             ref = teacher if config.sequential else None
@@ -200,12 +213,11 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                 W = weight_xw(old)
                 I, J = W.shape
                 rank = ranks.setdefault(n, rank_for_fraction(I, J, fraction))
-                mpo = WhitenedLayer(W, stats[n], config.ridge).mpo(rank)
-                errors[n] = float(mpo.truncation_error)
-                mpo = apply_gauge(mpo, config.gauge)
-                new = MPOLinear.from_mpo(mpo, old.bias, "auto", dtype=old.weight.dtype,
-                                         kind=kind_of(old)).to(old.weight.device)
-                new.truncation_error = errors[n]
+                if rank is None:  # the allocation keeps this layer dense
+                    errors[n] = 0.0
+                    continue
+                new = WhitenedLayer(W, stats[n], config.ridge).layer(rank, old, config.gauge)
+                errors[n] = float(new.truncation_error)
                 for path in paths[id(old)]:
                     set_module(model, path, new)
                 swapped.append((n, old))
@@ -237,4 +249,5 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     wrapped.setup_training()
     before = sum(weight_xw(originals[n]).numel() for n in names)
     after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())
+    after += sum(weight_xw(originals[n]).numel() for n, r in ranks.items() if r is None)
     return CompressionResult(wrapped, ranks, errors, before, after, result, times)
