@@ -7,6 +7,8 @@ Usage:
 Methods (the 36 encoder linear layers; ``budget`` = fraction of their parameters kept):
   data_aware   tnlm's default: whitened 2-site MPOs (every input leg on site 0), uniform
                fraction per layer (tnlm.compress.pipeline)
+  sensitivity  the same, ranks allocated from end-to-end embedding drops measured on a probe
+               set (tnlm compress's default); layers may stay dense
   greedy       the same, ranks allocated greedily on the calibration output errors
   lowrank      plain low-rank SVD of each weight (2-site MPO of W, no calibration)
   mpo_plain    the paper's balanced 5-site MPO, uniform bond cap, truncated on the weights
@@ -41,7 +43,7 @@ from tnlm.integration import MPOConfig, default_model_path, get_mpo_model  # noq
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
-METHODS = ("data_aware", "greedy", "lowrank", "mpo_plain")
+METHODS = ("data_aware", "sensitivity", "greedy", "lowrank", "mpo_plain")
 
 
 def training_text(data_dir: Path, source: str, seed: int) -> list[str]:
@@ -94,7 +96,8 @@ def main() -> None:
         after = sum(sum(c.numel() for c in m.cores) for _, m in student.mpo_modules())
     else:
         cfg = CompressionConfig(TARGETS, budget=args.budget,
-                                allocation="greedy" if args.method == "greedy" else "uniform",
+                                allocation=args.method if args.method in ("greedy", "sensitivity")
+                                else "uniform",
                                 whiten=args.method != "lowrank", heal=None)
         res = compress_model(model, tok, calibration, cfg, progress=progress)
         student, before, after = res.model, res.params_before, res.params_after

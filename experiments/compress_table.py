@@ -16,6 +16,7 @@ import numpy as np
 
 LABELS = {
     "data_aware": "data-aware MPO (whitened, 2 sites)",
+    "sensitivity": "data-aware MPO, sensitivity allocation",
     "greedy": "data-aware MPO, greedy ranks",
     "lowrank": "low-rank SVD (plain)",
     "mpo_plain": "balanced 5-site MPO (plain)",
