@@ -660,3 +660,31 @@ def test_docstring_sentences_are_plain_sentences():
         assert not set(s) & set("`()[]{}=_/\\*<>#|\"0123456789"), s
         assert s == " ".join(words)
     assert docstring_sentences(max_files=50) == sents  # deterministic for a seed
+
+
+def test_reconstruct_blocks_lowers_block_errors_and_touches_only_blocks(tok, sentences):
+    from tnlm.compress.reconstruct import find_blocks, reconstruct_blocks
+
+    model = bert(seed=11)
+    teacher = copy.deepcopy(model).eval()
+    compress_model(model, tok, sentences[:24], CompressionConfig(TARGETS, budget=0.1, heal=None),
+                   progress=False)
+    emb_before = {k: v.clone() for k, v in model.state_dict().items() if "embeddings" in k}
+    errs = reconstruct_blocks(model, teacher, tok, sentences[24:], 30, lr=3e-3)
+    assert len(errs) == len(find_blocks(model)) == 2
+    assert all(after < before for before, after in errs)  # every block fits its target better
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in emb_before.items())
+    with pytest.raises(ValueError, match="sentences"):
+        reconstruct_blocks(model, teacher, tok, [], 1)
+
+
+def test_compress_model_with_reconstruction_and_sensitivity(tok, sentences):
+    model = bert(seed=12)
+    cfg = CompressionConfig(TARGETS, budget=0.5, allocation="sensitivity", probe_size=8,
+                            reconstruct_steps=5, heal=None)
+    res = compress_model(model, tok, sentences[:24], cfg, heal_text=sentences[24:],
+                         progress=False)
+    assert res.ratio <= 0.5 and len(res.block_errors) == 2
+    dense = [n for n, r in res.ranks.items() if r is None]
+    for n in dense:  # a layer the allocation keeps dense is the original nn.Linear
+        assert isinstance(model.get_submodule(n), torch.nn.Linear)

@@ -148,7 +148,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
-    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation, heal=heal)
+    if args.reconstruct_steps < 0:
+        raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
+    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation, heal=heal,
+                            reconstruct_steps=args.reconstruct_steps)
     res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
                          progress=not args.quiet)
     rows = res.model.compression_report()
@@ -158,6 +161,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     summary = dict(
         budget=args.budget, params_before=res.params_before, params_after=res.params_after,
         ratio=res.ratio, heal_steps=args.heal_steps, seconds=res.seconds,
+        reconstruct_steps=args.reconstruct_steps, block_errors=res.block_errors,
         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
         ranks=res.ranks, calibration_errors=res.errors)
     if sick is not None:
@@ -294,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-steps", type=int, default=300,
                    help="distillation steps after truncation (0: none)")
     p.add_argument("--lr", type=float, default=3e-4, help="healing learning rate")
+    p.add_argument("--reconstruct-steps", type=int, default=100,
+                   help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=("uniform", "greedy", "sensitivity"),
                    default="sensitivity", help="how the budget is spread over the layers")
     p.add_argument("--calibration", type=int, default=512, help="calibration sentences")

@@ -1,0 +1,184 @@
+"""Block-by-block reconstruction of a compressed model against its original (no labels).
+
+For block i = 0 .. L-1 of the layer stack::
+
+    inputs   X_s: the student's own hidden states, through the already reconstructed
+                  blocks 0 .. i-1 (so later blocks learn to correct earlier errors)
+    targets  Y_t: the teacher's block i applied to the teacher's hidden states
+    fit      block i's MPO cores, biases and LayerNorms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
+             (masked by the attention mask), AdamW with warm-up and cosine decay
+
+A step costs one block's forward and backward instead of the whole model's, so the
+blocks reach a given error for about half the compute of end-to-end distillation
+(measured on MiniLM, docs/results.md); :func:`tnlm.compress.distill.heal` then
+finishes end to end. The block stack is found as the longest ``nn.ModuleList`` of
+identical blocks (``encoder.layer`` in BERT, ``h`` in GPT-2, ``layers`` in Llama).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import mpo_modules
+
+__all__ = ["find_blocks", "reconstruct_blocks"]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the forward is not needed."""
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of repeated blocks (the longest ``ModuleList`` of one type).
+
+    Raises:
+        ValueError: no such list.
+    """
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and \
+                len({type(b) for b in m}) == 1 and (best is None or len(m) > len(best)):
+            best = m
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of repeated blocks")
+    return best
+
+
+def _params(block: nn.Module) -> list[nn.Parameter]:
+    ps: dict[int, nn.Parameter] = {}
+    for _, m in mpo_modules(block):
+        for p in m.cores:
+            ps[id(p)] = p
+        if getattr(m, "bias", None) is not None:
+            ps[id(m.bias)] = m.bias
+    for mod in block.modules():
+        if isinstance(mod, nn.LayerNorm):
+            for p in mod.parameters():
+                ps[id(p)] = p
+    return list(ps.values())
+
+
+def _run(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rel_err(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(t.dtype)
+    return ((y - t) ** 2 * m).sum() / (t ** 2 * m).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[tuple]:
+    """Per batch: (hidden input of the first block, its other args and kwargs, mask)."""
+    cur: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        cur["x"] = args[0] if args else kwargs["hidden_states"]
+        cur["args"] = tuple(args[1:])
+        cur["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(pre, with_kwargs=True)
+    out = []
+    try:
+        for b in batches:
+            with contextlib.suppress(_Stop):
+                model(**b)
+            out.append((cur["x"].detach(), cur["args"], cur["kw"], b["attention_mask"]))
+    finally:
+        handle.remove()
+    return out
+
+
+def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
+                       sentences: Sequence[str], steps_per_block: int, *, lr: float = 1e-3,
+                       batch_size: int = 32, max_length: int = 64, warmup: int = 10,
+                       seed: int = 0, progress: bool = False) -> list[tuple[float, float]]:
+    """Reconstruct ``student``'s blocks in order (see the module docstring), in place.
+
+    Args:
+        student: the compressed model (same architecture as ``teacher``); its MPO cores,
+            biases and LayerNorms of each block train in turn, nothing else changes.
+        teacher: the original model (not modified).
+        sentences: unlabeled text; all of it is cached as block inputs (keep it to a
+            few thousand sentences).
+        steps_per_block: optimizer steps per block (0: measure only).
+
+    Returns:
+        Per block ``(error before, error after)``: the mean masked relative error of the
+        block's output against the teacher's on the cached batches.
+    """
+    if not sentences:
+        raise ValueError("sentences must hold at least one sentence")
+    if steps_per_block < 0:
+        raise ValueError(f"steps_per_block must be >= 0, got {steps_per_block}")
+    s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
+    if len(s_blocks) != len(t_blocks):
+        raise ValueError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}")
+    modes = [(m, m.training) for m in student.modules()]
+    flags = [(p, p.requires_grad) for p in student.parameters()]
+    student.eval()
+    teacher.eval()
+    batches = []
+    for i in range(0, len(sentences), batch_size):
+        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                      max_length=max_length, return_tensors="pt")
+        batches.append({k: v for k, v in b.items()
+                        if k in ("input_ids", "attention_mask", "token_type_ids")})
+    data = _capture(teacher, t_blocks[0], batches)
+    xs = [d[0] for d in data]
+    xt = [d[0] for d in data]
+    rng = random.Random(seed)
+    report = []
+    try:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for i in tqdm(range(len(s_blocks)), desc="block reconstruction", disable=not progress,
+                      leave=False):
+            sb, tb = s_blocks[i], t_blocks[i]
+            with torch.no_grad():
+                yt = [_run(tb, x, d[1], d[2]) for x, d in zip(xt, data)]
+                before = sum(float(_rel_err(_run(sb, x, d[1], d[2]), y, d[3]))
+                             for x, y, d in zip(xs, yt, data)) / len(data)
+            params = _params(sb)
+            if steps_per_block and params:
+                for p in params:
+                    p.requires_grad_(True)
+                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+                n = steps_per_block
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda t, n=n: min(1.0, (t + 1) / max(1, warmup))
+                    * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
+                for _ in range(n):
+                    j = rng.randrange(len(data))
+                    loss = _rel_err(_run(sb, xs[j], data[j][1], data[j][2]), yt[j], data[j][3])
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"block {i} reconstruction diverged; lower lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    sched.step()
+                for p in params:
+                    p.requires_grad_(False)
+            with torch.no_grad():
+                xs = [_run(sb, x, d[1], d[2]) for x, d in zip(xs, data)]
+                after = sum(float(_rel_err(y, t, d[3])) for y, t, d in zip(xs, yt, data)) \
+                    / len(data)
+            xt = yt
+            report.append((before, after))
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, mode in modes:
+            m.training = mode
+    return report
