@@ -10,7 +10,7 @@ from tnlm.bridge.finetune import (
     train_auxiliary_only,
 )
 from tnlm.bridge.kinds import KINDS, dense_module, kind_of, weight_xw
-from tnlm.bridge.layer import MPOEmbedding, MPOLinear, MPOModule
+from tnlm.bridge.layer import MPOEmbedding, MPOLinear, MPOModule, set_dense_cache
 
 __all__ = [
     "KINDS",
@@ -25,6 +25,7 @@ __all__ = [
     "mpo_modules",
     "parameter_groups",
     "parameter_report",
+    "set_dense_cache",
     "train_auxiliary_only",
     "weight_xw",
 ]
