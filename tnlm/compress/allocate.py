@@ -28,7 +28,7 @@ from tnlm.integration import MPOConfig
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
-           "module_type", "block_index", "FRACTION_GRID"]
+           "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID"]
 
 
 def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> dict[str, Any]:
@@ -53,6 +53,11 @@ def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> d
 #: per-layer fractions the sensitivity allocation chooses from (or dense)
 FRACTION_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7,
                  0.75, 0.8, 0.9)
+
+
+def rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
+    """The largest rank r >= 1 of a 2-site layer with ``r (in + out) <= fraction · in · out``."""
+    return max(1, int(fraction * in_dim * out_dim // (in_dim + out_dim)))
 
 
 def module_type(name: str) -> str:
@@ -133,7 +138,7 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
         for n in names:
             I, J = layers[n].shape
             like = model.get_submodule(n)
-            new[n] = layers[n].layer(max(1, int(f * I * J // (I + J))), like, gauge)
+            new[n] = layers[n].layer(rank_for_fraction(I, J, f), like, gauge)
         old = _swap(model, new)
         try:
             cos = torch.nn.functional.cosine_similarity(embed(model, tokenizer, probe), ref, -1)
@@ -160,7 +165,7 @@ def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fract
         I, J = wl.shape
         opts = []
         for f in FRACTION_GRID:
-            r = max(1, int(f * I * J // (I + J)))
+            r = rank_for_fraction(I, J, f)
             opts.append((r, r * (I + J), sens.drop(n, f, power)))
         if allow_dense:
             opts.append((None, I * J, 0.0))

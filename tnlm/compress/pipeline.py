@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, weight_xw
-from tnlm.compress.allocate import measure_sensitivity, sensitivity_ranks
+from tnlm.compress.allocate import (
+    block_index,
+    measure_sensitivity,
+    rank_for_fraction,
+    sensitivity_ranks,
+)
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
@@ -114,18 +118,13 @@ class CompressionResult:
         return [dict(name=n, rank=r, error=self.errors[n]) for n, r in self.ranks.items()]
 
 
-def rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
-    """The largest rank r >= 1 with ``r (in + out) <= fraction · in · out``."""
-    return max(1, int(fraction * in_dim * out_dim // (in_dim + out_dim)))
-
-
 def layer_groups(names: Sequence[str]) -> list[list[str]]:
-    """Target names grouped by their first numeric path component (the block index),
-    in block order; names without one form a last group."""
-    groups: dict[int, list[str]] = {}
+    """Target names grouped by their block (:func:`tnlm.compress.allocate.block_index`), in
+    block order; names without one form a last group."""
+    groups: dict[float, list[str]] = {}
     for n in names:
-        m = re.search(r"\.(\d+)\.", f".{n}.")
-        groups.setdefault(int(m.group(1)) if m else math.inf, []).append(n)
+        b = block_index(n)
+        groups.setdefault(math.inf if b is None else b, []).append(n)
     return [groups[k] for k in sorted(groups)]
 
 
