@@ -18,24 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from tnlm.compress.distill import mean_pool
+from tnlm.integration import mean_pooled
 
 __all__ = ["embedding_cosine", "embed", "spearman", "sick_spearman"]
 
-_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@torch.no_grad()
 def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
           max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled last hidden states, (len(sentences), hidden), not normalised."""
-    out = []
-    for i in range(0, len(sentences), batch_size):
-        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt")
-        b = {k: v for k, v in b.items() if k in _INPUTS}
-        out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"]))
-    return torch.cat(out)
+    """Sentence embeddings (len(sentences), hidden) as the model computes them
+    (:func:`tnlm.integration.mean_pooled`: masked mean, L2-normalised), in batches."""
+    return torch.cat([mean_pooled(model, tokenizer, list(sentences[i:i + batch_size]),
+                                  max_length)
+                      for i in range(0, len(sentences), batch_size)])
 
 
 def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
