@@ -190,7 +190,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     Raises:
         ValueError: empty ``sentences``, different architectures, nothing to train.
         FloatingPointError: the loss became non-finite; the student is restored to the
-            last finite step (and the checkpoint on disk, if any, is that state).
+            last finite step; the checkpoint on disk, if any, is the last one written
+            (every ``checkpoint_every`` steps), which may be older.
     """
     cfg = config or HealConfig()
     sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
