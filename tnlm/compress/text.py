@@ -72,7 +72,11 @@ def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: 
 
 def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[str]:
     """Non-empty lines of a text file; with ``column``, that tab-separated column (a
-    header row is returned like any other line: drop it yourself). Raises ``FileNotFoundError``/``ValueError``."""
+    header row is returned like any other line: drop it yourself).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file, no sentences, a missing column.
+    """
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"text file {p} does not exist")
