@@ -105,8 +105,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.compress.quality import embedding_cosine, sick_spearman
     from tnlm.compress.text import (
-        docstring_sentences,
-        generated_sentences,
+        DEFAULT_TEXT_SOURCE,
+        default_text,
         read_sentences,
         split_sentences,
     )
@@ -132,9 +132,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         text = read_sentences(args.text, column=args.text_column)
         source = args.text
     else:
-        text = generated_sentences(4000, seed=args.seed)
-        text += docstring_sentences(max_files=1500, seed=args.seed)[:4000]
-        source = "generated sentences and docstrings of the installed Python source"
+        text, source = default_text(seed=args.seed), DEFAULT_TEXT_SOURCE
     n_eval = min(256, len(text) // 4)
     n_cal = min(args.calibration, len(text) - n_eval)
     if n_cal < 1:

@@ -5,6 +5,10 @@ unlabeled sentences the loss is::
 
     loss = w_hidden · mean_l ||h_l^s - h_l^t||² / ||h_l^t||²      (masked, every layer output)
          + w_cos   · mean_b (1 - cos(pool^s_b, pool^t_b))          (mean-pooled embeddings)
+         + w_rel   · mean_bc (C^s_bc - C^t_bc)²                     (similarity structure)
+
+where C_bc = cos(pool_b, pool_c) over the sentences of a batch: the relational term
+keeps which sentences are close to which, what similarity search and SICK measure.
 
 What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
 ``"auxiliary"`` the same without the central tensors. AdamW, linear warm-up then
@@ -50,6 +54,7 @@ class HealConfig:
     max_length: int = 64
     w_hidden: float = 1.0
     w_cos: float = 1.0
+    w_rel: float = 0.0
     train: str = "cores"
     seed: int = 0
     max_grad_norm: float = 1.0
@@ -62,7 +67,7 @@ class HealConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "w_hidden", "w_cos", "max_grad_norm"):
+        for name in ("lr", "w_hidden", "w_cos", "w_rel", "max_grad_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -132,9 +137,13 @@ def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
     hid = sum(((hs - ht) ** 2 * m).sum() / (ht ** 2 * m).sum().clamp_min(1e-12)
               for hs, ht in zip(s.hidden_states[1:], t.hidden_states[1:]))
     hid = hid / max(len(s.hidden_states) - 1, 1)
-    cos = 1 - F.cosine_similarity(mean_pool(s.hidden_states[-1], mask),
-                                  mean_pool(t.hidden_states[-1], mask), dim=-1).mean()
-    return cfg.w_hidden * hid + cfg.w_cos * cos
+    ps, pt = mean_pool(s.hidden_states[-1], mask), mean_pool(t.hidden_states[-1], mask)
+    cos = 1 - F.cosine_similarity(ps, pt, dim=-1).mean()
+    loss = cfg.w_hidden * hid + cfg.w_cos * cos
+    if cfg.w_rel:
+        es, et = F.normalize(ps, dim=-1), F.normalize(pt, dim=-1)
+        loss = loss + cfg.w_rel * ((es @ es.T - et @ et.T) ** 2).mean()
+    return loss
 
 
 def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,

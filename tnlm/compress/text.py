@@ -17,7 +17,10 @@ import re
 import sysconfig
 from collections.abc import Sequence
 
-__all__ = ["docstring_sentences", "generated_sentences", "read_sentences", "split_sentences"]
+__all__ = ["default_text", "docstring_sentences", "generated_sentences", "read_sentences",
+           "split_sentences"]
+
+DEFAULT_TEXT_SOURCE = "generated sentences and docstrings of the installed Python source"
 
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _WORD = re.compile(r"^[A-Za-z][a-z]*(?:'[a-z]+)?[,;:]?$")
@@ -169,3 +172,11 @@ def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
                 s = s[:-1] + f", {rng.choice(_REASONS)}."
         out[s] = None
     return list(out)
+
+
+def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000) -> list[str]:
+    """The main job's text when the user passes none (:data:`DEFAULT_TEXT_SOURCE`):
+    ``n_generated`` :func:`generated_sentences` then up to ``n_docstrings``
+    :func:`docstring_sentences`; nothing is downloaded."""
+    text = generated_sentences(n_generated, seed=seed)
+    return text + docstring_sentences(max_files=1500, seed=seed)[:n_docstrings]

@@ -1,0 +1,90 @@
+"""The main job (``tnlm compress``) with its knobs exposed, for screening its defaults.
+
+Same text split, calibration, allocation, reconstruction, healing and metrics as
+``tnlm compress`` on the embedded MiniLM (tnlm/cli.py), plus healing-loss weights, the
+healing text, the reconstruction size. One JSON per run with wall time per phase.
+
+Usage:
+    python experiments/main_job_screen.py --heal-steps 300 --w-rel 10 \
+        --out results/main_job/rel10.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tnlm.cli import BERT_TARGETS  # noqa: E402
+from tnlm.compress.distill import HealConfig  # noqa: E402
+from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
+from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
+from tnlm.compress.text import default_text, read_sentences, split_sentences  # noqa: E402
+from tnlm.integration import default_model_path  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--allocation", default="sensitivity")
+    ap.add_argument("--heal-steps", type=int, default=300)
+    ap.add_argument("--reconstruct-steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--w-hidden", type=float, default=1.0)
+    ap.add_argument("--w-cos", type=float, default=1.0)
+    ap.add_argument("--w-rel", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--train", default="cores")
+    ap.add_argument("--text", default="default", help="'default' or a file, one sentence a line")
+    ap.add_argument("--text-column", type=int, default=None)
+    ap.add_argument("--calibration", type=int, default=512)
+    ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    if args.text == "default":
+        text = default_text(seed=args.seed)
+    else:
+        text = read_sentences(args.text, column=args.text_column)
+    n_eval = min(256, len(text) // 4)
+    held_out, calibration, rest = split_sentences(text, [n_eval, args.calibration, -1],
+                                                  seed=args.seed)
+    path = str(default_model_path())
+    model = AutoModel.from_pretrained(path).eval()
+    teacher = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, w_hidden=args.w_hidden,
+                      w_cos=args.w_cos, w_rel=args.w_rel, batch_size=args.batch_size,
+                      train=args.train)
+    cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=args.allocation,
+                            heal=heal, reconstruct_steps=args.reconstruct_steps)
+    res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
+                         progress=False)
+    wall = time.perf_counter() - t0
+    cos = embedding_cosine(res.model, teacher, tok, held_out)
+    out = dict(vars(args), ratio=res.ratio, seconds=res.seconds, wall_seconds=wall,
+               cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+               sick_spearman_original=sick_spearman(teacher, tok, args.sick),
+               sick_spearman=sick_spearman(res.model, tok, args.sick),
+               final_loss=res.heal.losses[-1] if res.heal and res.heal.losses else None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("cosine_mean", "sick_spearman", "wall_seconds",
+                                          "ratio")}))
+
+
+if __name__ == "__main__":
+    main()
