@@ -888,3 +888,98 @@ def test_property_gauges_leave_the_matrix_unchanged(case, data):
     center = data.draw(st.integers(0, len(ins) - 1))
     c = mpo.canonicalize(center)
     assert _rel(c.to_matrix(), ref) <= 1e-10 and c.is_canonical(center)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. dtype rules of MPO layers: those of nn.Linear / nn.Embedding, no silent casts
+# ---------------------------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from tnlm.bridge import MPOEmbedding  # noqa: E402
+from tnlm.bridge.layer import MPODtypeError  # noqa: E402
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INPUT_DTYPES = FLOAT_DTYPES + (torch.int64, torch.bool, torch.complex64)
+
+
+def _pair(kind, dtype):
+    """(dense module, its MPO layer) of ``kind`` ("linear" or "conv1d") in ``dtype``."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(20)
+    dense = nn.Linear(12, 8) if kind == "linear" else Conv1D(8, 12)
+    from tnlm.core.spec import DecompositionSpec
+
+    layer = MPOModule.from_module(dense.float(), DecompositionSpec((2, 2, 3), (2, 2, 2))).to(dtype)
+    return dense.to(dtype), layer
+
+
+def _run(module, x, autocast):
+    """``module(x)``'s dtype (outside or under cpu autocast to ``autocast``), or the
+    exception type it raised."""
+    try:
+        if autocast is None:
+            return module(x).dtype
+        with torch.autocast("cpu", dtype=autocast):
+            return module(x).dtype
+    except RuntimeError:
+        return RuntimeError
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("param_dtype", FLOAT_DTYPES)
+def test_mpo_linear_follows_the_dense_layers_dtype_rules(kind, param_dtype):
+    dense, layer = _pair(kind, param_dtype)
+    for x_dtype in INPUT_DTYPES:
+        x = (torch.randn(3, 12) * 3).to(x_dtype)
+        for autocast in (None, torch.bfloat16, torch.float16):
+            for mode in ("contract", "dense"):
+                layer.mode = mode
+                want, got = _run(dense, x, autocast), _run(layer, x, autocast)
+                assert got == want, (x_dtype, autocast, mode)
+    if param_dtype != torch.float64:  # (float64 layers refuse float32 input there)
+        x = torch.randn(3, 12)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the values too, not only the dtype
+            y, ref = layer(x), dense(x)
+        assert (y.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+def test_dtype_mismatch_message_names_the_layer_both_dtypes_and_the_fix():
+    _, layer = _pair("linear", torch.float32)
+    for x in (torch.randn(2, 12, dtype=torch.float64), torch.ones(2, 12, dtype=torch.int64),
+              torch.randn(2, 12, dtype=torch.complex64), torch.ones(2, 12, dtype=torch.bool)):
+        with pytest.raises(MPODtypeError) as err:
+            layer(x)
+        msg = str(err.value)
+        assert "MPOLinear" in msg and str(x.dtype) in msg and "torch.float32" in msg
+        assert ".to(torch.float32) on the input" in msg and f".to({x.dtype}) on the module" in msg
+        assert isinstance(err.value, RuntimeError)  # what nn.Linear raises
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(MPODtypeError,
+                                                                    match="autocast"):
+        layer(torch.randn(2, 12, dtype=torch.float64))
+    # after the fix the message suggests, the results are nn.Linear's
+    dense, _ = _pair("linear", torch.float64)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer.to(torch.float64)(x), dense(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["contract", "dense"])
+def test_mpo_embedding_takes_the_indices_nn_embedding_takes(mode):
+    torch.manual_seed(21)
+    dense = nn.Embedding(24, 6)
+    emb = MPOEmbedding.from_embedding(dense, (2, 3, 4), (1, 2, 3), mode=mode)
+    ids = torch.tensor([[0, 5, 23], [7, 7, 1]])
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.float32,
+                  torch.float64, torch.bool):
+        x = ids.to(dtype)
+        for grad in (True, False):  # the gather path and the cached-table path
+            with torch.set_grad_enabled(grad):
+                try:
+                    want = dense(x)
+                except RuntimeError:
+                    with pytest.raises(MPODtypeError, match=f"integer token ids.*{dtype}"):
+                        emb(x)
+                    continue
+                torch.testing.assert_close(emb(x), want, atol=1e-5, rtol=0)

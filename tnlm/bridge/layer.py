@@ -43,10 +43,50 @@ from tnlm.core.mpo import MPO, central_site
 from tnlm.core.plan import ChainPlans, chain_plans, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 
-__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "set_dense_cache"]
+__all__ = ["MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding", "set_dense_cache"]
 
 _compiling = torch.compiler.is_compiling
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+#: index dtypes ``nn.Embedding`` accepts (Long, Int)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+class MPODtypeError(RuntimeError, TypeError):
+    """An input dtype an MPO layer does not accept (where ``nn.Linear`` / ``nn.Embedding``
+    raise ``RuntimeError``); also a ``TypeError``, as the input's type is wrong."""
+
+
+def _autocast_eligible(dtype: torch.dtype) -> bool:
+    """Whether autocast casts a tensor of ``dtype`` to its lower precision (floating
+    point but not float64: torch's rule for the ops it autocasts, ``linear`` among them)."""
+    return dtype.is_floating_point and dtype != torch.float64
+
+
+def _linear_dtype(layer: nn.Module, x_dtype: torch.dtype, param_dtype: torch.dtype,
+                  device_type: str) -> torch.dtype:
+    """The dtype a linear map computes in, by ``nn.Linear``'s rules, or :class:`MPODtypeError`.
+
+    Outside autocast the input must have the parameters' dtype (no silent cast). Under
+    ``torch.autocast`` on ``device_type`` the input and the parameters are each cast to
+    the autocast dtype when eligible (floating point, not float64) and must then agree,
+    as ``nn.Linear`` does (float64 inputs or parameters are not cast, so a float64 layer
+    with a float32 input raises there too).
+    """
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        low = torch.get_autocast_dtype(device_type)
+        x_dt = low if _autocast_eligible(x_dtype) else x_dtype
+        p_dt = low if _autocast_eligible(param_dtype) else param_dtype
+    else:
+        x_dt, p_dt = x_dtype, param_dtype
+    if x_dt == p_dt:
+        return p_dt
+    what = f"{type(layer).__name__} (kind {getattr(layer, 'kind', '?')!r})"
+    context = (f" under torch.autocast({device_type!r}, dtype={low}) (which casts neither "
+               "float64 nor non-floating tensors)") if autocast else ""
+    raise MPODtypeError(
+        f"{what}: input dtype {x_dtype} does not match the parameter dtype {param_dtype}"
+        f"{context}; like nn.Linear, an MPO layer does not cast its input: call "
+        f".to({param_dtype}) on the input, or .to({x_dtype}) on the module")
 
 
 def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -431,6 +471,16 @@ class MPOLinear(MPOModule):
         return MPOModule.from_module(linear, spec, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W + b`` for ``x`` of shape ``(..., in_features)``, with ``nn.Linear``'s
+        dtype rules: outside autocast ``x`` must have the parameters' dtype; under
+        ``torch.autocast`` the output has the dtype ``nn.Linear``'s would have.
+
+        Raises:
+            MPODtypeError: (a ``RuntimeError``, as ``nn.Linear``'s, and a ``TypeError``)
+                the input's dtype does not fit the parameters' (float64, integer, bool or
+                complex input to float32 cores, ...); the message names both dtypes.
+            ValueError: the last dimension is not ``in_features``.
+        """
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"input must have last dimension in_features={self.in_dim}, "
                              f"got shape {tuple(x.shape)}")
@@ -445,11 +495,8 @@ class MPOLinear(MPOModule):
             path = self._cost.contract_path(max(rows, 1))
         if self.last_mode != mode:
             self.last_mode = mode
-        dtype = cores[0].dtype
-        device = cores[0].device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-        if x.dtype != dtype:
+        dtype = _linear_dtype(self, x.dtype, cores[0].dtype, cores[0].device.type)
+        if x.dtype != dtype:  # autocast: the input's cast, as nn.Linear's
             x = x.to(dtype)
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
@@ -574,16 +621,26 @@ class MPOEmbedding(MPOModule):
             return self.dense_matrix(dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"input must hold integer token ids, got dtype {ids.dtype}")
+        """The rows of the table for integer token ids ``ids`` (any shape): output
+        ``(*ids.shape, embedding_dim)`` in the cores' dtype (autocast is ignored).
+
+        Raises:
+            MPODtypeError: ``ids`` is not int64 or int32 (``nn.Embedding`` accepts only
+                those and raises ``RuntimeError`` otherwise; so does this, the error
+                being also a ``TypeError``).
+            IndexError: an id out of ``[0, num_embeddings)``.
+        """
+        if ids.dtype not in _INDEX_DTYPES:
+            raise MPODtypeError(
+                f"MPOEmbedding: input must hold integer token ids of dtype torch.int64 or "
+                f"torch.int32, as for nn.Embedding, got dtype {ids.dtype}; call .long() on "
+                "the input")
         cores = self._params()
         if self.mode != "contract" and self._may_cache(cores):
             # eval: a plain lookup in the cached table
             if self.last_mode != "dense":
                 self.last_mode = "dense"
             table = self._cached_dense(cores[0].dtype, cores)
-            if ids.dtype not in (torch.int64, torch.int32):
-                ids = ids.long()
             try:
                 return F.embedding(ids, table, self.padding_idx)
             except IndexError:
@@ -612,8 +669,6 @@ class MPOEmbedding(MPOModule):
             self.last_mode = mode
         dtype = cores[0].dtype  # like nn.Embedding, lookups ignore autocast
         if mode == "dense":
-            if ids.dtype not in (torch.int64, torch.int32):
-                ids = ids.long()
             return F.embedding(ids, self.dense_matrix(dtype), self.padding_idx)
         if rows == 0:
             return cores[0].new_zeros(*ids.shape, self.out_dim)
