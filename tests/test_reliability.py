@@ -896,7 +896,7 @@ def test_property_gauges_leave_the_matrix_unchanged(case, data):
 
 from torch import nn  # noqa: E402
 
-from tnlm.bridge import MPOEmbedding  # noqa: E402
+from tnlm.bridge import MPOEmbedding, MPOLinear  # noqa: E402
 from tnlm.bridge.layer import MPODtypeError  # noqa: E402
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -983,3 +983,82 @@ def test_mpo_embedding_takes_the_indices_nn_embedding_takes(mode):
                         emb(x)
                     continue
                 torch.testing.assert_close(emb(x), want, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. half precision: truncation_error is that of the stored cores; max_error is kept
+# ---------------------------------------------------------------------------------------
+
+def _half_modules(dtype):
+    """name -> (a module in ``dtype``, its weight (in, out) as float64, site shapes)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(22)
+    return {
+        "linear": (nn.Linear(24, 36).to(dtype), ((2, 3, 4), (3, 4, 3))),
+        "conv1d": (Conv1D(36, 24).to(dtype), ((2, 3, 4), (3, 4, 3))),
+        "embedding": (nn.Embedding(100, 24).to(dtype), ((2, 8, 7), (2, 4, 3))),
+    }
+
+
+def _stored_error(module, layer):
+    """||W - W(stored cores)||_F / ||W||_F, computed here independently (einsum, float64)."""
+    from tnlm.bridge import weight_xw
+
+    W = weight_xw(module).detach().double()
+    cores = [c.detach().double() for c in layer.cores]
+    full = torch.einsum("aijb,bklc,cmnd->ikmjln", *cores).reshape(
+        math.prod(layer.in_shape), math.prod(layer.out_shape))[: W.shape[0], : W.shape[1]]
+    return float((W - full).norm() / W.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_half_precision_truncation_error_is_that_of_the_stored_cores(kind, dtype):
+    from tnlm.core.spec import DecompositionSpec
+
+    module, (ins, outs) = _half_modules(dtype)[kind]
+    for max_bond in (None, 3):
+        spec = DecompositionSpec(ins, outs, max_bond=max_bond, pad=True)
+        layer = MPOModule.from_module(module, spec)
+        assert layer.cores[0].dtype == dtype
+        measured = _stored_error(module, layer)
+        assert layer.truncation_error == pytest.approx(measured, rel=1e-9, abs=1e-15)
+        exact64 = spec.decompose(_stored_weight(module)).truncation_error
+        assert layer.truncation_error != exact64  # not the float64 decomposition's number
+        if max_bond is None:
+            assert exact64 < 1e-12 and layer.truncation_error > 1e-4  # exact, not once rounded
+
+
+def _stored_weight(module):
+    from tnlm.bridge import weight_xw
+
+    return weight_xw(module).detach().double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_max_error_broken_by_the_half_precision_cast_raises(dtype):
+    linear = _half_modules(dtype)["linear"][0]
+    emb = _half_modules(dtype)["embedding"][0]
+    with pytest.raises(ValueError, match=rf"max_error=1e-05 is not met by the stored {dtype} "
+                                         r"cores.*pass max_error >= .*module\.float\(\)"):
+        MPOLinear.from_linear(linear, (2, 3, 4), (3, 4, 3), max_error=1e-5)
+    with pytest.raises(ValueError, match="is not met by the stored"):
+        MPOEmbedding.from_embedding(emb, (2, 8, 7), (2, 4, 3), max_error=1e-5)
+    # the way out the message gives works: a looser bound, or a float32 copy
+    loose = MPOLinear.from_linear(linear, (2, 3, 4), (3, 4, 3), max_error=0.9)
+    assert loose.truncation_error <= 0.9
+    exact = MPOLinear.from_linear(linear, (2, 3, 4), (3, 4, 3))  # no bound: nothing to break
+    try:
+        MPOLinear.from_linear(linear, (2, 3, 4), (3, 4, 3), max_error=exact.truncation_error / 2)
+    except ValueError as err:
+        suggested = float(str(err).split("pass max_error >= ")[1].split(",")[0])
+        ok = MPOLinear.from_linear(linear, (2, 3, 4), (3, 4, 3), max_error=suggested)
+        assert ok.truncation_error <= suggested
+    else:
+        raise AssertionError("a bound below the rounding error was accepted")
+    f32 = MPOLinear.from_linear(linear.float(), (2, 3, 4), (3, 4, 3), max_error=1e-5)
+    assert f32.truncation_error <= 1e-5
+    # float32 modules keep their bounds as before (rounding ~1e-7 is within them)
+    layer = MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3), max_error=0.3)
+    assert 0 < layer.truncation_error <= 0.3

@@ -29,6 +29,7 @@ Speed (see ``docs/benchmarks.md``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from math import prod
 from typing import Any
@@ -96,6 +97,28 @@ def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
     return cores if dtype is None else [c.to(dtype) for c in cores]
 
 
+def _check_cast_error(layer: MPOModule, spec: DecompositionSpec, decomposed_error: float,
+                      dtype: torch.dtype) -> None:
+    """``ValueError`` if a number ``spec.max_error`` holds for the float64 decomposition
+    (error ``decomposed_error``) but not for the stored cores (``layer.truncation_error``,
+    measured after the cast to ``dtype``): the cast broke the bound."""
+    bound = spec.max_error
+    if bound is None or isinstance(bound, (tuple, list)):
+        return
+    bound = float(bound)
+    stored = float(layer.truncation_error)
+    slack = 1e-12  # float64 rounding of the measurement itself
+    if stored <= bound + slack or decomposed_error > bound + slack:
+        return
+    step = 10.0 ** (math.floor(math.log10(stored)) - 1)
+    enough = math.ceil(stored / step) * step  # stored, rounded up to two digits
+    raise ValueError(
+        f"max_error={bound:g} is not met by the stored {dtype} cores: their relative error is "
+        f"{stored:.3g} (the float64 decomposition's is {decomposed_error:.3g}; rounding the cores "
+        f"to {dtype} added the rest); pass max_error >= {enough:.2g}, or decompose a float32 "
+        "copy of the module (module.float()) and keep the layer in float32")
+
+
 def _check_mode(mode: str) -> str:
     if mode not in cost.MODES:
         raise ValueError(f"mode must be one of {cost.MODES}, got {mode!r}")
@@ -148,7 +171,23 @@ class MPOModule(nn.Module):
         ``nn.Embedding``), decomposed by ``spec`` (default: :class:`DecompositionSpec()`).
 
         The decomposition runs in float64; the cores are cast to the module's dtype
-        and ``truncation_error`` is the relative error of the cores actually stored.
+        and ``truncation_error`` is the relative Frobenius error of the cores actually
+        stored (after that cast, contracted in float64) against the module's weight:
+        for a float16 / bfloat16 module it includes the rounding of the cores (about
+        1e-3 even for an untruncated decomposition), not only what truncation dropped.
+
+        A number ``spec.max_error`` is a promise about the stored cores: when the float64
+        decomposition meets it but the cores rounded to the module's dtype do not, this
+        raises ``ValueError`` (it does not warn and return a layer breaking the bound).
+        A per-bond ``max_error`` sequence bounds each bond's discarded weight, which
+        rounding does not change; it is not checked.
+
+        Raises:
+            TypeError: ``module`` is not a supported kind, or ``spec`` not a spec.
+            ValueError: unsupported ``nn.Embedding`` options, a spec that does not fit
+                the weight, or ``max_error`` broken by the cast to the module's dtype
+                (the message gives the error reached and the way out: a larger
+                ``max_error``, or decomposing a float32 copy of the module).
         """
         kind = kinds.kind_of(module)
         if kind is None:
@@ -171,6 +210,7 @@ class MPOModule(nn.Module):
         else:
             layer = MPOLinear.from_mpo(mpo, module.bias, mode, dtype=dtype, kind=kind)
         layer.truncation_error = layer.measured_error(W)
+        _check_cast_error(layer, spec, mpo.truncation_error, dtype)
         return layer.to(device)
 
     @torch.no_grad()
@@ -449,7 +489,11 @@ class MPOLinear(MPOModule):
     def from_mpo(cls, mpo: MPO, bias: Any = None, mode: str = "auto",
                  dtype: torch.dtype | None = None, kind: str = "linear") -> MPOLinear:
         """A layer computing ``x @ W(mpo) + bias``; cores taken as they are (no re-gauging).
-        ``kind`` is what :meth:`merge` returns: ``"linear"`` or ``"conv1d"``."""
+        ``kind`` is what :meth:`merge` returns: ``"linear"`` or ``"conv1d"``.
+
+        ``truncation_error`` is ``mpo.truncation_error`` (this does not know the matrix the
+        MPO came from, so a cast to ``dtype`` is not counted; :meth:`MPOModule.from_module`
+        measures the stored cores, and :meth:`MPOModule.measured_error` does so for any W)."""
         layer = cls(_torch_cores(mpo, dtype), bias, mpo.in_dim, mpo.out_dim, mode, kind)
         layer.truncation_error = mpo.truncation_error
         return layer
@@ -463,7 +507,11 @@ class MPOLinear(MPOModule):
         """Decompose ``linear.weight.T`` (in, out) into an MPO layer: shorthand for
         :meth:`MPOModule.from_module` with a :class:`~tnlm.core.spec.DecompositionSpec`
         of these arguments (shapes factor in/out features; policies as in
-        :meth:`tnlm.MPO.from_matrix`; ``gauge`` as in :func:`~tnlm.core.spec.apply_gauge`)."""
+        :meth:`tnlm.MPO.from_matrix`; ``gauge`` as in :func:`~tnlm.core.spec.apply_gauge`).
+
+        For a float16 / bfloat16 ``linear``, ``truncation_error`` includes the rounding of
+        the stored cores, and a ``max_error`` the rounded cores break raises ``ValueError``
+        (see :meth:`MPOModule.from_module`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
@@ -580,6 +628,9 @@ class MPOEmbedding(MPOModule):
     @classmethod
     def from_mpo(cls, mpo: MPO, padding_idx: int | None = None, mode: str = "auto",
                  dtype: torch.dtype | None = None) -> MPOEmbedding:
+        """A table ``W(mpo)``; cores taken as they are. ``truncation_error`` is
+        ``mpo.truncation_error`` (a cast to ``dtype`` is not counted; see
+        :meth:`MPOLinear.from_mpo`)."""
         layer = cls(_torch_cores(mpo, dtype), mpo.in_dim, mpo.out_dim, padding_idx, mode)
         layer.truncation_error = mpo.truncation_error
         return layer
@@ -592,7 +643,8 @@ class MPOEmbedding(MPOModule):
                        ) -> MPOEmbedding:
         """Decompose ``embedding.weight`` (vocab, dim); the vocabulary is zero-padded to a
         factorizable size by default (``pad=True``, e.g. 30522 -> 30720). Shorthand for
-        :meth:`MPOModule.from_module`."""
+        :meth:`MPOModule.from_module` (half precision: ``truncation_error`` includes the
+        rounding of the stored cores; a ``max_error`` they break raises ``ValueError``)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
