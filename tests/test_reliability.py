@@ -1062,3 +1062,86 @@ def test_max_error_broken_by_the_half_precision_cast_raises(dtype):
     # float32 modules keep their bounds as before (rounding ~1e-7 is within them)
     layer = MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3), max_error=0.3)
     assert 0 < layer.truncation_error <= 0.3
+
+
+# ---------------------------------------------------------------------------------------
+# 7. `tnlm report` names the matrices it leaves out (NaN / inf), never silently
+# ---------------------------------------------------------------------------------------
+
+def _poison(module, value, at=(0, 0)):
+    with torch.no_grad():
+        module.weight[at] = value
+
+
+def _report(directory, out, capsys):
+    from tnlm.cli import main
+
+    code = main(["report", str(directory), "--out", str(out), "--modules", "1"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_names_each_matrix_left_out_for_nan_or_inf(tmp_path, capsys):
+    from transformers import BertModel
+
+    torch.manual_seed(23)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32)
+    model = BertModel(cfg)
+    _poison(model.encoder.layer[0].attention.self.query, float("nan"))
+    _poison(model.encoder.layer[1].intermediate.dense, float("inf"), (3, 5))
+    _poison(model.encoder.layer[1].intermediate.dense, float("-inf"), (4, 5))
+    _poison(model.encoder.layer[1].intermediate.dense, float("nan"), (5, 5))
+    model.save_pretrained(tmp_path / "model")
+    code, out, err = _report(tmp_path / "model", tmp_path / "figs", capsys)
+    assert code == 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("tnlm report: skipped")]
+    assert lines == [
+        "tnlm report: skipped encoder.layer.0.attention.self.query: contains 1 NaN of 1024 "
+        "entries",
+        "tnlm report: skipped encoder.layer.1.intermediate.dense: contains 1 NaN and 2 inf of "
+        "2048 entries",
+    ]
+    assert "2 matrices left out" in out
+    assert (tmp_path / "figs" / "entropy_heatmap.png").is_file()
+
+
+def test_report_of_a_saved_mpo_model_names_poisoned_layers(tmp_path, capsys):
+    model = get_mpo_model(tiny_bert(), config(), progress=False)
+    clean = tmp_path / "clean"
+    model.save_pretrained(clean, lightweight=False)
+    assert _report(clean, tmp_path / "f0", capsys)[2] == ""  # nothing left out: nothing said
+    mods = dict(model.mpo_modules())
+    with torch.no_grad():
+        mods["bert.encoder.layer.1.attention.self.value"].cores[0][0, 0, 0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "one", lightweight=False)
+    code, out, err = _report(tmp_path / "one", tmp_path / "f1", capsys)
+    assert code == 0 and "1 matrices left out" in out
+    assert err.splitlines() == ["tnlm report: skipped bert.encoder.layer.1.attention.self.value: "
+                                "its MPO cores hold 1 NaN of " + str(sum(
+                                    c.numel() for c in mods["bert.encoder.layer.1.attention."
+                                                            "self.value"].cores)) + " entries"]
+    with torch.no_grad():  # nothing left to report on: a one-line error naming them
+        for m in mods.values():
+            m.cores[-1].fill_(float("inf"))
+    model.save_pretrained(tmp_path / "all", lightweight=False)
+    code, out, err = _report(tmp_path / "all", tmp_path / "f2", capsys)
+    assert code == 2
+    errors = [ln for ln in err.splitlines() if ln.startswith("tnlm: error:")]
+    assert len(errors) == 1 and "no MPO could be profiled" in errors[0]
+    assert "bert.encoder.layer.0.attention.self.query: its MPO cores hold" in errors[0]
+
+
+def test_model_profile_lists_nonfinite_matrices_and_names_them_when_all_are():
+    import numpy as np
+
+    from tnlm.analysis import model_profile
+
+    rng = np.random.default_rng(0)
+    good, bad = rng.standard_normal((16, 8)), rng.standard_normal((16, 8))
+    bad[2, 3] = np.inf
+    prof = model_profile({"a.query": good, "a.key": bad, "a.bias": np.ones(3)}, n_sites=2)
+    assert [r["name"] for r in prof["rows"]] == ["a.query"]
+    assert prof["skipped"] == [("a.key", "contains 1 inf of 128 entries")]
+    with pytest.raises(ValueError, match=r"could be profiled; skipped a\.key: contains 1 inf"):
+        model_profile({"a.key": bad}, n_sites=2)

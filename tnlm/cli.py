@@ -240,14 +240,18 @@ def _saved_mpos(directory: Path) -> dict:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Plots to files: entropy heat map (layer x module type), spectra, entropy profiles."""
+    """Plots to files: entropy heat map (layer x module type), spectra, entropy profiles.
+
+    Matrices that cannot be profiled (NaN or inf entries, ...) are left out of every
+    figure, each named on stderr with the reason (``tnlm report: skipped NAME: REASON``);
+    when none can be profiled the command fails, naming them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from tnlm.analysis import (
         model_profile,
-        model_profile_from_rows,
-        mpo_profile,
+        model_profile_from_mpos,
         plot_entropy_heatmap,
         plot_entropy_profile,
         plot_spectra,
@@ -259,12 +263,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if src is not None and (src / CONFIG_NAME).is_file():
-        mpos = _saved_mpos(src)
-        profile = model_profile_from_rows([mpo_profile(m, name=n) for n, m in mpos.items()])
-        rows = profile["rows"]
+        profile = model_profile_from_mpos(_saved_mpos(src))
     else:
         profile = model_profile(_weights_for_profile(args.directory), n_sites=args.n_sites)
-        rows = profile["rows"]
+    rows = profile["rows"]
+    skipped = profile.get("skipped", [])
+    for name, reason in skipped:
+        print(f"tnlm report: skipped {name}: {reason}", file=sys.stderr)
     if not rows:
         raise UserError("no matrices to report on")
     written = []
@@ -277,7 +282,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot_entropy_profile(r, reference=reference_for(r)).savefig(
             out / f"entropy_{stem}.png", dpi=120)
         written += [f"spectra_{stem}.png", f"entropy_{stem}.png"]
-    print(f"wrote {len(written)} figures to {out}: " + ", ".join(written))
+    left_out = f" ({len(skipped)} matrices left out, named on stderr)" if skipped else ""
+    print(f"wrote {len(written)} figures to {out}{left_out}: " + ", ".join(written))
     return 0
 
 

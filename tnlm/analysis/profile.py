@@ -33,7 +33,9 @@ __all__ = [
     "error_vs_params",
     "matrix_profile",
     "model_profile",
+    "model_profile_from_mpos",
     "mpo_profile",
+    "nonfinite_reason",
     "random_reference",
     "reference_for",
 ]
@@ -43,6 +45,33 @@ Profile = dict[str, Any]
 
 def _as_float64(W: Any, name: str = "W") -> np.ndarray:
     return to_numpy(check_matrix(W, name)).astype(np.float64)
+
+
+def nonfinite_reason(*arrays: Any) -> str | None:
+    """What is not finite in ``arrays`` (numpy arrays or torch tensors, e.g. a weight or
+    the cores of an MPO), which cannot be profiled then: ``"3 NaN and 1 inf of 256
+    entries"``; ``None`` when every entry is finite (or not a number: other checks
+    report those)."""
+    nan = inf = total = 0
+    for a in arrays:
+        x = to_numpy(a)
+        if not np.issubdtype(x.dtype, np.number):
+            continue
+        if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # numpy float16
+            x = x.astype(np.float32)
+        total += x.size
+        nan += int(np.isnan(x).sum())
+        inf += int(np.isinf(x).sum())
+    if not nan and not inf:
+        return None
+    parts = [f"{nan} NaN" if nan else "", f"{inf} inf" if inf else ""]
+    return f"{' and '.join(p for p in parts if p)} of {total} entries"
+
+
+def _skipped_summary(skipped: Sequence[tuple[str, str]], n: int = 5) -> str:
+    """``"a: reason; b: reason and 3 more"`` (one line)."""
+    head = "; ".join(f"{name}: {why}" for name, why in skipped[:n])
+    return head + (f" and {len(skipped) - n} more" if len(skipped) > n else "")
 
 
 def mpo_profile(mpo: MPO, name: str | None = None) -> Profile:
@@ -241,8 +270,9 @@ def model_profile(
 
     Returns:
         A dict with ``rows`` (one :func:`mpo_profile` dict per matrix, plus
-        ``layer`` and ``type``), ``skipped`` (``(name, reason)`` for matrices that
-        could not be decomposed), ``layers`` (row labels of the grids: None first if
+        ``layer`` and ``type``), ``skipped`` (``(name, reason)`` for 2-D matrices that
+        could not be decomposed: NaN or inf entries (:func:`nonfinite_reason`), ...;
+        the caller decides how to tell the user), ``layers`` (row labels of the grids: None first if
         any matrix lies outside the layer stack, then the layer indices ascending),
         ``types`` (the module types present, in :data:`MODULE_TYPES` order, then
         unknown ones), ``entropy`` (array ``(len(layers), len(types))``: mean
@@ -259,6 +289,10 @@ def model_profile(
         if getattr(W, "ndim", None) != 2:
             continue
         layer, mtype = classify(name)
+        reason = nonfinite_reason(W)
+        if reason is not None:
+            skipped.append((name, f"contains {reason}"))
+            continue
         try:
             row = matrix_profile(W, n_sites=n_sites, name=name, pad=pad)
         except ValueError as err:
@@ -267,7 +301,40 @@ def model_profile(
         row.update(layer=layer, type=mtype)
         rows.append(row)
     if not rows:
-        raise ValueError("named_weights holds no 2-D matrix that could be profiled")
+        why = f"; skipped {_skipped_summary(skipped)}" if skipped else ""
+        raise ValueError(f"named_weights holds no 2-D matrix that could be profiled{why}")
+    return {**model_profile_from_rows(rows, classify), "skipped": skipped}
+
+
+def model_profile_from_mpos(
+    named_mpos: Mapping[str, MPO],
+    classify: Callable[[str], tuple[int | None, str]] = default_classifier,
+) -> dict[str, Any]:
+    """:func:`model_profile` of ready MPOs (e.g. those of a saved model): one
+    :func:`mpo_profile` row per MPO, skipping (into ``skipped``, ``(name, reason)``) the
+    MPOs whose cores hold NaN or inf or whose bond spectra cannot be computed.
+
+    Raises:
+        ValueError: ``named_mpos`` is empty, or every MPO was skipped (the message
+            names them and why).
+    """
+    if not isinstance(named_mpos, Mapping):
+        raise TypeError(f"named_mpos must be a mapping, got {type(named_mpos).__name__}")
+    if not named_mpos:
+        raise ValueError("named_mpos is empty")
+    rows, skipped = [], []
+    for name, mpo in named_mpos.items():
+        reason = nonfinite_reason(*mpo.cores)
+        if reason is not None:
+            skipped.append((name, f"its MPO cores hold {reason}"))
+            continue
+        try:
+            rows.append(mpo_profile(mpo, name=name))
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:
+            # (torch's LinAlgError is a RuntimeError)
+            skipped.append((name, f"{type(err).__name__}: {err}"))
+    if not rows:
+        raise ValueError(f"no MPO could be profiled; skipped {_skipped_summary(skipped)}")
     return {**model_profile_from_rows(rows, classify), "skipped": skipped}
 
 
