@@ -1,4 +1,9 @@
-"""The torch bridge: one invariant mixin that every MPO layer type passes, plus specifics.
+"""The torch bridge: layer mechanics every MPO layer type passes (modes, gauges, state dicts,
+freezing, autocast, torch.compile, the dense cache), plus specifics.
+
+The invariants shared with the other kinds (exactness against the dense module, merge,
+save/reload, merge_and_unload, truncation error, gradients) are in ``tests/common.py``
+(``LayerInvariants``), run for every kind by ``tests/test_invariants.py``.
 
 Tolerances: untruncated fp32 layers match the dense layer to 1e-5 absolute on
 O(1) outputs (the decomposition runs in float64; the contraction in float32).
@@ -29,23 +34,13 @@ from tnlm.core import plan as plan_module
 ATOL = 1e-5
 
 
-class LayerInvariants:
-    """Shared checks; subclasses define ``make(gauge)`` -> (dense, mpo_layer, input) and
-    ``merge(layer)`` -> plain torch module."""
+class LayerMechanics:
+    """Shared checks; subclasses define ``make(gauge)`` -> (dense, mpo_layer, input)."""
 
     modes = ("contract", "dense", "auto")
 
     def make(self, gauge="central"):
         raise NotImplementedError
-
-    def merge(self, layer):
-        raise NotImplementedError
-
-    def test_output_equals_dense_layer(self):
-        dense, layer, x = self.make()
-        for mode in self.modes:
-            layer.mode = mode
-            torch.testing.assert_close(layer(x), dense(x), atol=ATOL, rtol=0)
 
     def test_modes_agree_and_auto_picks_one(self):
         _, layer, x = self.make()
@@ -58,13 +53,6 @@ class LayerInvariants:
         layer.mode = "auto"
         layer(x)
         assert layer.last_mode in ("contract", "dense")
-
-    def test_merge_is_exact(self):
-        dense, layer, x = self.make()
-        merged = self.merge(layer)
-        assert type(merged) is type(dense)
-        torch.testing.assert_close(merged(x), layer(x), atol=ATOL, rtol=0)
-        torch.testing.assert_close(merged.weight, dense.weight, atol=ATOL, rtol=0)
 
     def test_state_dict_round_trip_bit_exact(self, tmp_path):
         _, layer, x = self.make()
@@ -223,15 +211,12 @@ class LayerInvariants:
         torch.testing.assert_close(y, ref, atol=0, rtol=0)
 
 
-class TestMPOLinear(LayerInvariants):
+class TestMPOLinear(LayerMechanics):
     def make(self, gauge="central"):
         torch.manual_seed(0)
         dense = nn.Linear(24, 36)
         layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), gauge=gauge)
         return dense, layer, torch.randn(2, 5, 24)
-
-    def merge(self, layer):
-        return layer.to_linear()
 
     @staticmethod
     def ctor_args(layer):
@@ -251,16 +236,13 @@ class TestMPOLinearPadded(TestMPOLinear):
         return ([torch.zeros_like(c) for c in layer.cores], None, layer.in_dim, layer.out_dim)
 
 
-class TestMPOEmbedding(LayerInvariants):
+class TestMPOEmbedding(LayerMechanics):
     def make(self, gauge="central"):
         torch.manual_seed(2)
         dense = nn.Embedding(100, 24, padding_idx=0)
         layer = MPOEmbedding.from_embedding(dense, (2, 8, 7), (2, 4, 3), gauge=gauge)
         x = torch.tensor([[0, 5, 99, 5], [17, 42, 63, 1]])
         return dense, layer, x
-
-    def merge(self, layer):
-        return layer.to_embedding()
 
     @staticmethod
     def ctor_args(layer):
@@ -270,35 +252,6 @@ class TestMPOEmbedding(LayerInvariants):
 
 
 # ---------------------------------------------------------------- specifics
-def test_linear_matches_with_truncation_error_reported():
-    torch.manual_seed(3)
-    dense = nn.Linear(64, 64)
-    layer = MPOLinear.from_linear(dense, (4, 4, 4), (4, 4, 4), max_bond=4)
-    W = layer.dense_matrix().detach().double()
-    ref = dense.weight.detach().double().T
-    measured = float((W - ref).norm() / ref.norm())
-    assert layer.truncation_error == pytest.approx(measured, rel=1e-4)
-    assert layer.bond_dims == (4, 4)
-
-
-def test_gradients_equal_dense_from_mpo_reference():
-    """Grads of the auxiliary cores through MPOLinear equal those of an independent
-    dense-from-cores computation (a plain einsum of all cores, then F.linear)."""
-    torch.manual_seed(4)
-    dense = nn.Linear(24, 36).double()
-    x = torch.randn(6, 24, dtype=torch.float64)
-    target = torch.randn(6, 36, dtype=torch.float64)
-    for mode in ("contract", "dense"):
-        layer = MPOLinear.from_linear(dense, (2, 3, 4), (3, 4, 3), mode=mode).train_auxiliary_only()
-        ((layer(x) - target) ** 2).mean().backward()
-        cores = [c.detach().clone().requires_grad_(True) for c in layer.cores]
-        W = torch.einsum("aijb,bklc,cmnd->ikmjln", *cores).reshape(24, 36)
-        ((x @ W + layer.bias.detach() - target) ** 2).mean().backward()
-        for k in layer.auxiliary_indices:
-            torch.testing.assert_close(layer.cores[k].grad, cores[k].grad, atol=1e-12, rtol=1e-10)
-        assert layer.cores[layer.central_index].grad is None
-
-
 def test_model_level_helpers_and_report():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
