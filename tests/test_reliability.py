@@ -1145,3 +1145,67 @@ def test_model_profile_lists_nonfinite_matrices_and_names_them_when_all_are():
     assert prof["skipped"] == [("a.key", "contains 1 inf of 128 entries")]
     with pytest.raises(ValueError, match=r"could be profiled; skipped a\.key: contains 1 inf"):
         model_profile({"a.key": bad}, n_sites=2)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. writes to an MPO layer's computed .weight are refused, never silently lost
+# ---------------------------------------------------------------------------------------
+
+from tnlm.bridge.layer import ReadOnlyWeightError  # noqa: E402
+
+
+def _mpo_layers():
+    torch.manual_seed(24)
+    return [MPOLinear.from_linear(nn.Linear(24, 36), (2, 3, 4), (3, 4, 3)),
+            MPOEmbedding.from_embedding(nn.Embedding(100, 24), (2, 8, 7), (2, 4, 3))]
+
+
+WEIGHT_WRITES = {
+    "assign a Parameter": lambda m: setattr(m, "weight", nn.Parameter(torch.zeros_like(m.weight))),
+    "assign a tensor": lambda m: setattr(m, "weight", torch.zeros_like(m.weight)),
+    "weight.data =": lambda m: setattr(m.weight, "data", torch.zeros_like(m.weight)),
+    "weight.data.copy_": lambda m: m.weight.data.copy_(torch.zeros_like(m.weight)),
+    "weight.copy_": lambda m: m.weight.copy_(torch.zeros_like(m.weight)),
+    "weight[:] = 0": lambda m: m.weight.__setitem__(slice(None), 0.0),
+    "weight += 1": lambda m: m.weight.__iadd__(1.0),
+    "weight.detach().zero_()": lambda m: m.weight.detach().zero_(),
+    "weight[0].fill_": lambda m: m.weight[0].fill_(1.0),
+    "weight.T.mul_": lambda m: m.weight.T.mul_(2.0),
+    "nn.init.normal_": lambda m: nn.init.normal_(m.weight),
+    "out=weight": lambda m: torch.add(torch.zeros_like(m.weight), 1.0, out=m.weight),
+}
+
+
+@pytest.mark.parametrize("write", list(WEIGHT_WRITES))
+def test_writes_to_the_computed_weight_raise_and_change_nothing(write):
+    for layer in _mpo_layers():
+        before = [c.detach().clone() for c in layer.cores]
+        W = layer.weight.detach().clone()
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), pytest.raises(ReadOnlyWeightError) as err:
+                WEIGHT_WRITES[write](layer)
+            msg = str(err.value)
+            assert "computed from the MPO cores" in msg and "layer.merge()" in msg
+            assert "from_linear" in msg and isinstance(err.value, RuntimeError)
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.cores))
+        assert torch.equal(layer.weight, W)
+
+
+def test_the_computed_weight_still_reads_and_differentiates_like_a_tensor():
+    layer, emb = _mpo_layers()
+    x = torch.randn(3, 24)
+    w = layer.weight
+    torch.testing.assert_close(torch.nn.functional.linear(x, w, layer.bias), layer(x))
+    assert type(w * 2) is torch.Tensor and type(w.clone()) is torch.Tensor  # new storage: plain
+    plain = torch.zeros(36, 24)
+    plain.copy_(w)  # writing *from* it into another tensor is fine
+    plain[:] = w
+    plain += w
+    torch.testing.assert_close(plain, 2 * w.detach())
+    w.sum().backward()  # autograd reaches the cores
+    assert all(c.grad is not None for c in layer.cores)
+    merged = layer.merge()  # the documented way to a weight one can edit
+    with torch.no_grad():
+        merged.weight.zero_()
+    assert not torch.equal(layer.weight, merged.weight)
+    assert emb.weight.shape == (100, 24) and emb.weight.dtype == torch.float32

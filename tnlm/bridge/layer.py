@@ -44,7 +44,8 @@ from tnlm.core.mpo import MPO, central_site
 from tnlm.core.plan import ChainPlans, chain_plans, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 
-__all__ = ["MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding", "set_dense_cache"]
+__all__ = ["ComputedWeight", "MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding",
+           "ReadOnlyWeightError", "set_dense_cache"]
 
 _compiling = torch.compiler.is_compiling
 #: index dtypes ``nn.Embedding`` accepts (Long, Int)
@@ -54,6 +55,86 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 class MPODtypeError(RuntimeError, TypeError):
     """An input dtype an MPO layer does not accept (where ``nn.Linear`` / ``nn.Embedding``
     raise ``RuntimeError``); also a ``TypeError``, as the input's type is wrong."""
+
+
+class ReadOnlyWeightError(RuntimeError, AttributeError):
+    """A write to the ``weight`` an MPO layer computes from its cores (it would be lost).
+
+    A ``RuntimeError`` (as torch's errors for forbidden in-place writes) and an
+    ``AttributeError`` (as Python's for assigning a read-only property)."""
+
+
+_WEIGHT_WRITE_HINT = (
+    "is computed from the MPO cores on every access, so writing to it would be silently lost: "
+    "for a dense weight to edit, use layer.merge() (a plain nn.Linear / Conv1D / nn.Embedding "
+    "with the same weight) and, to get an MPO back, re-create it from that module "
+    "(MPOLinear.from_linear, MPOEmbedding.from_embedding, MPOModule.from_module); to change "
+    "the MPO itself, write its cores (layer.cores, layer.set_cores)")
+
+#: in-place dunder methods of torch.Tensor (``w += 1``, ``w[:] = 0``, ...)
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+                            "and", "or", "xor", "lshift", "rshift")) | {"__setitem__"}
+#: methods ending in "_" that do not write the values
+_HARMLESS = frozenset({"requires_grad_", "retain_grad_", "share_memory_"})
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (meta, fake, ...)
+        return None
+
+
+class ComputedWeight(torch.Tensor):
+    """The ``weight`` of an MPO layer: a tensor computed from the cores, read-only.
+
+    In-place operations (``copy_``, ``w[:] = ...``, ``w += ...``, ``nn.init.*_``,
+    ``out=w``) and ``w.data = ...`` raise :class:`ReadOnlyWeightError`, on it and on the
+    tensors sharing its storage (``w.data``, ``w.detach()``, views such as ``w.T`` or
+    ``w[0]``), which are read-only too. Anything else works as on a plain tensor (and
+    returns plain tensors): reading, ``F.linear(x, w)``, autograd through the cores.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        owner = getattr(getattr(func, "__self__", None), "__name__", "")
+        out = kwargs.get("out")
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        inplace = name in _INPLACE_DUNDERS or (
+            name.endswith("_") and not name.startswith("_") and name not in _HARMLESS)
+        # the tensor written in place: self of a method, or the first argument of a
+        # function such as nn.init.normal_(tensor=...)
+        target = args[0] if args else next(iter(kwargs.values()), None)
+        writes = ((inplace and isinstance(target, ComputedWeight))
+                  or (name == "__set__" and owner == "data")
+                  or any(isinstance(o, ComputedWeight) for o in outs))
+        if writes:
+            what = f"{owner}.{name}" if name == "__set__" else name
+            raise ReadOnlyWeightError(f"cannot write into an MPO layer's .weight ({what}): it "
+                                      + _WEIGHT_WRITE_HINT)
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **kwargs)
+        ptrs = {_storage_ptr(a) for a in args if isinstance(a, ComputedWeight)} - {None}
+        if not ptrs:
+            return result
+        return _wrap_aliases(result, ptrs)
+
+
+def _wrap_aliases(result: Any, ptrs: set[int]) -> Any:
+    """``result`` with every tensor sharing a storage in ``ptrs`` made a
+    :class:`ComputedWeight` (read-only), the others plain."""
+    if isinstance(result, torch.Tensor):
+        if _storage_ptr(result) in ptrs:
+            return result if isinstance(result, ComputedWeight) else result.as_subclass(
+                ComputedWeight)
+        return result
+    if isinstance(result, (tuple, list)):
+        return type(result)(_wrap_aliases(r, ptrs) for r in result)
+    return result
 
 
 def _autocast_eligible(dtype: torch.dtype) -> bool:
@@ -162,6 +243,18 @@ class MPOModule(nn.Module):
     #: the module kind this layer replaces (see :mod:`tnlm.bridge.kinds`); merging
     #: returns a plain module of that kind
     kind = "linear"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As ``nn.Module``'s, but ``layer.weight = ...`` raises
+        :class:`ReadOnlyWeightError` (the weight is computed from the cores)."""
+        if name == "weight":
+            raise ReadOnlyWeightError(f"cannot assign {type(self).__name__}.weight: it "
+                                      + _WEIGHT_WRITE_HINT)
+        super().__setattr__(name, value)
+
+    def _computed_weight(self, W: torch.Tensor) -> ComputedWeight:
+        """``W`` as the read-only :class:`ComputedWeight` (autograd through the cores kept)."""
+        return W.as_subclass(ComputedWeight)
 
     # ------------------------------------------------------------------ building
     @staticmethod
@@ -482,8 +575,11 @@ class MPOLinear(MPOModule):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight in ``nn.Linear`` layout (out_features, in_features), computed."""
-        return self.dense_matrix().T
+        """The dense weight in ``nn.Linear`` layout (out_features, in_features), computed
+        from the cores at each access (differentiable). Read-only: assigning it or
+        writing into it in place raises :class:`ReadOnlyWeightError` (see
+        :class:`ComputedWeight`); use :meth:`merge` for a dense module to edit."""
+        return self._computed_weight(self.dense_matrix().T)
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: Any = None, mode: str = "auto",
@@ -622,8 +718,9 @@ class MPOEmbedding(MPOModule):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense table (num_embeddings, embedding_dim), computed."""
-        return self.dense_matrix()
+        """The dense table (num_embeddings, embedding_dim), computed from the cores at each
+        access. Read-only as :attr:`MPOLinear.weight`."""
+        return self._computed_weight(self.dense_matrix())
 
     @classmethod
     def from_mpo(cls, mpo: MPO, padding_idx: int | None = None, mode: str = "auto",
