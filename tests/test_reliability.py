@@ -1209,3 +1209,48 @@ def test_the_computed_weight_still_reads_and_differentiates_like_a_tensor():
         merged.weight.zero_()
     assert not torch.equal(layer.weight, merged.weight)
     assert emb.weight.shape == (100, 24) and emb.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# 9. resize_token_embeddings with an MPO embedding: checked first, undone on failure
+# ---------------------------------------------------------------------------------------
+
+def _with_mpo_embedding(**kw):
+    cfg = MPOConfig(target_modules=TARGETS + ["word_embeddings"], n_sites=3, **kw)
+    return get_mpo_model(tiny_bert(), cfg, progress=False)
+
+
+def test_resize_that_cannot_fit_the_config_fails_before_any_change():
+    model = _with_mpo_embedding(overrides={"word_embeddings": {"in_shape": [4, 4, 6],
+                                                               "pad": False}})
+    before = fingerprint(model.base_model)
+    with pytest.raises(ValueError, match=r"cannot resize 'bert\.embeddings\.word_embeddings' "
+                                         r"to 100 tokens: in_shape=\(4, 4, 6\) has product 96"):
+        model.resize_token_embeddings(100)
+    assert_unchanged(model.base_model, before)
+    assert model.config.vocab_size == 96
+
+
+@pytest.mark.parametrize("step", ["decompose", "after resizing"])
+def test_resize_failure_after_the_merge_puts_everything_back(step, monkeypatch):
+    model = _with_mpo_embedding()
+    before = fingerprint(model.base_model)
+    if step == "decompose":  # the re-decomposition of the resized table fails
+        monkeypatch.setattr(model_mod.MPOModule, "from_module",
+                            fail_on(1, model_mod.MPOModule.from_module))
+    else:  # the check that follows the base model's resize fails
+        original = type(model.base_model).get_output_embeddings
+
+        def get_output_embeddings(self):
+            if self.config.vocab_size == 100:  # resized already
+                raise Injected("injected failure after resizing")
+            return original(self)
+
+        monkeypatch.setattr(type(model.base_model), "get_output_embeddings",
+                            get_output_embeddings)
+    with pytest.raises(Injected):
+        model.resize_token_embeddings(100)
+    monkeypatch.undo()
+    assert_unchanged(model.base_model, before)
+    assert model.config.vocab_size == 96 and "vocab_size" not in model.base_model.__dict__
+    assert model.resize_token_embeddings(100).num_embeddings == 100  # and it works afterwards

@@ -401,3 +401,65 @@ def test_mpo_under_lora_and_mpo_config_in_peft_are_refused():
         peft.get_peft_model(tiny_bert(seed=7), config())
     with pytest.raises(NotImplementedError, match="no separate adapter delta"):
         wrap(seed=7).disable_adapter()
+
+
+# ---------------------------------------------------------------------------------------
+# 5. vocabulary resizing with an MPO input embedding
+# ---------------------------------------------------------------------------------------
+
+def wrap_with_embeddings(model, **kw):
+    kw.setdefault("modules_to_save", ["classifier"])
+    cfg = MPOConfig(target_modules=TARGETS + ["word_embeddings"], n_sites=3, **kw)
+    return get_mpo_model(model, cfg, progress=False)
+
+
+def test_resize_token_embeddings_keeps_an_mpo_embedding_and_old_tokens(tmp_path):
+    from tnlm import MPOEmbedding
+
+    model = wrap_with_embeddings(tiny_bert(seed=8, dropout=0.0), train="auxiliary").eval()
+    old = model.get_input_embeddings()
+    assert isinstance(old, MPOEmbedding) and old.num_embeddings == 1000
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if "word_emb" not in n}
+    ref = logits(model)
+    table = old.weight.detach().clone()
+    new = model.resize_token_embeddings(1010)
+    assert isinstance(new, MPOEmbedding) and new is model.get_input_embeddings()
+    assert new.num_embeddings == 1010 and new.embedding_dim == 32
+    assert model.config.vocab_size == 1010 and new.mode == old.mode
+    assert not new.cores[new.central_index].requires_grad  # train="auxiliary": roles kept
+    assert all(new.cores[k].requires_grad for k in new.auxiliary_indices)
+    assert {n: p.requires_grad for n, p in model.named_parameters() if "word_emb" not in n} == flags
+    torch.testing.assert_close(new.weight[:1000].detach(), table, atol=1e-5, rtol=0)
+    assert new.truncation_error < 1e-6  # exact config: the resized table, decomposed exactly
+    torch.testing.assert_close(logits(model), ref, atol=1e-4, rtol=0)
+    with torch.no_grad():  # the new tokens are usable
+        out = model(input_ids=torch.tensor([[1005, 1009, 3]])).logits
+    assert out.shape == (1, 2) and torch.isfinite(out).all()
+    assert model.resize_token_embeddings(pad_to_multiple_of=64).num_embeddings == 1024
+    assert model.resize_token_embeddings() is model.get_input_embeddings()
+    # the resized model saves in full and loads onto a base of the new vocabulary size
+    with pytest.raises(ValueError, match="compressed or resized"):
+        model.save_pretrained(tmp_path / "light", lightweight=True)
+    model.save_pretrained(tmp_path / "full", lightweight=False)
+    loaded = MPOModel.from_pretrained(BertForSequenceClassification(model.config).eval(),
+                                      tmp_path / "full")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_resize_token_embeddings_resizes_an_untied_lm_head():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(9)
+    cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = wrap_with_embeddings(BertForMaskedLM(cfg).eval(), modules_to_save=[]).eval()
+    with torch.no_grad():
+        ref = model(input_ids=IDS % 96).logits
+    model.resize_token_embeddings(120, mean_resizing=False)
+    with torch.no_grad():
+        out = model(input_ids=IDS % 96).logits
+    assert out.shape == (*IDS.shape, 120) and model.get_output_embeddings().out_features == 120
+    torch.testing.assert_close(out[..., :96], ref, atol=1e-4, rtol=0)
+    model.resize_token_embeddings(50)  # shrinking too
+    assert model.get_input_embeddings().num_embeddings == 50 == model.config.vocab_size

@@ -226,6 +226,97 @@ class MPOModel(nn.Module):
             ))
         return rows
 
+    # ------------------------------------------------------------------ vocabulary
+    def resize_token_embeddings(self, new_num_tokens: int | None = None,
+                                pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Module:
+        """transformers' ``resize_token_embeddings`` for a model whose input embedding is
+        an :class:`~tnlm.bridge.MPOEmbedding`; returns the new input embedding.
+
+        The MPO embedding is merged to a dense ``nn.Embedding``, the base model resizes
+        that (new rows, ``config.vocab_size``, the output embedding if any, as
+        transformers does), and the resized table is decomposed again with the same
+        config (:meth:`MPOConfig.spec_for` for the new size; the layer keeps its forward
+        mode, dense cache setting and the ``requires_grad`` flags of its central and
+        auxiliary tensors). ``truncation_error`` of the new layer is relative to the
+        resized dense table. Optimizers holding the old parameters must be rebuilt.
+        A lightweight checkpoint is no longer possible afterwards (the base model does
+        not rebuild the resized embedding); save with ``lightweight=False``, and load
+        that onto a base model of the new vocabulary size.
+
+        When the input embedding is not an MPO layer, this is the base model's method.
+        The new size is checked against the config before anything changes; if a
+        later step fails, the old embedding, output embedding and vocabulary size are
+        put back.
+
+        Raises:
+            ValueError: the config's site shapes do not fit the new size, or the
+                resized output embedding would be tied to the (temporary dense) input
+                embedding (``tie_word_embeddings``: an MPO embedding cannot be tied).
+        """
+        base = self.base_model
+        emb = base.get_input_embeddings()
+        if not isinstance(emb, MPOModule):
+            return base.resize_token_embeddings(new_num_tokens, pad_to_multiple_of,
+                                                mean_resizing)
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return emb
+        size = emb.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError("pad_to_multiple_of must be a positive int, got "
+                                 f"{pad_to_multiple_of!r}")
+            size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
+        if size < 1:
+            raise ValueError(f"new_num_tokens must be >= 1, got {new_num_tokens}")
+        if size == emb.num_embeddings:
+            return emb
+        paths = module_paths(base)[id(emb)]
+        name, dim = paths[0], emb.embedding_dim
+        try:
+            spec, _ = self.mpo_config.spec_for(name, size, dim)
+            _check_site_shapes(spec, size, dim)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"cannot resize {name!r} to {size} tokens: {err}") from err
+        central = emb.cores[emb.central_index].requires_grad
+        auxiliary = [emb.cores[k].requires_grad for k in emb.auxiliary_indices]
+        old_out = base.get_output_embeddings()
+        text_config = base.config.get_text_config()
+        old_vocab = text_config.vocab_size
+        had_vocab_attr = "vocab_size" in base.__dict__
+        old_vocab_attr = base.__dict__.get("vocab_size")
+        dense = emb.merge()
+        dense.weight.requires_grad_(central or any(auxiliary))
+        try:
+            for path in paths:
+                set_module(base, path, dense)
+            resized = base.resize_token_embeddings(size, None, mean_resizing)
+            out = base.get_output_embeddings()
+            if out is not None and getattr(out, "weight", None) is resized.weight:
+                raise ValueError(
+                    f"resizing tied the output embedding to {name!r} (tie_word_embeddings); an "
+                    "MPO embedding cannot share its weight: set config.tie_word_embeddings = "
+                    "False, or merge the model (merge_and_unload) before resizing")
+            layer = MPOModule.from_module(resized, spec, emb.mode)
+            layer.cache_dense = emb.cache_dense
+            layer.cores[layer.central_index].requires_grad_(central)
+            for k, flag in zip(layer.auxiliary_indices, auxiliary):
+                layer.cores[k].requires_grad_(flag)
+            for path in module_paths(base)[id(resized)]:
+                set_module(base, path, layer)
+        except BaseException:
+            for path in paths:
+                set_module(base, path, emb)
+            if old_out is not None:
+                base.set_output_embeddings(old_out)
+            text_config.vocab_size = old_vocab
+            if had_vocab_attr:
+                base.__dict__["vocab_size"] = old_vocab_attr
+            else:
+                base.__dict__.pop("vocab_size", None)
+            raise
+        return layer
+
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -273,7 +364,8 @@ class MPOModel(nn.Module):
                               f"{self.mpo_config.train!r})")
             if f"{name}.cores.{k}" not in omitted:
                 return None, (f"the central tensor of {name!r} is not the decomposition of the "
-                              "base model any more (trained, truncated, squeezed or compressed)")
+                              "base model any more (trained, truncated, squeezed, compressed or "
+                              "resized)")
         return omitted, ""
 
     def save_pretrained(self, directory: str | os.PathLike, lightweight: bool | None = None,
