@@ -463,3 +463,70 @@ def test_resize_token_embeddings_resizes_an_untied_lm_head():
     torch.testing.assert_close(out[..., :96], ref, atol=1e-4, rtol=0)
     model.resize_token_embeddings(50)  # shrinking too
     assert model.get_input_embeddings().num_embeddings == 50 == model.config.vocab_size
+
+
+# ---------------------------------------------------------------------------------------
+# 6. adapter lifecycle: unload / merge_and_unload, inference loading
+# ---------------------------------------------------------------------------------------
+
+def _no_mpo_left(module):
+    from tnlm.bridge import MPOModule
+
+    return not any(isinstance(m, MPOModule) for m in module.modules())
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_unload_gives_the_dense_base_with_the_same_outputs_and_flags(how):
+    model = get_mpo_model(tiny_bert(seed=10, dropout=0.0), config(), progress=False)
+    model = train_steps(model, LABELS)
+    ref = logits(model)
+    mpo = dict(model.mpo_modules())
+    trains = {n: any(c.requires_grad for c in m.cores) for n, m in mpo.items()}
+    base = model.base_model
+    plain = getattr(model, how)()
+    assert plain is base and _no_mpo_left(plain)
+    for name in mpo:
+        dense = plain.get_submodule(name)
+        assert type(dense) is torch.nn.Linear and not dense.training
+        assert dense.weight.requires_grad == trains[name]
+        assert dense.bias.requires_grad == mpo[name].bias.requires_grad
+    with torch.no_grad():
+        out = plain(input_ids=IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_safe_merge_refuses_non_finite_weights_and_merges_nothing():
+    model = wrap(seed=11)
+    name, layer = next(iter(model.mpo_modules()))
+    with torch.no_grad():
+        layer.cores[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"NaN or inf in the merged weights of \['{name}'\]"):
+        model.merge_and_unload(safe_merge=True)
+    assert len(list(model.mpo_modules())) == 12  # nothing replaced
+    with pytest.raises(ValueError, match="no named adapters"):
+        model.merge_and_unload(adapter_names=["default"])
+
+
+def test_from_pretrained_for_inference_freezes_everything_and_evaluates(base_dir, tmp_path):
+    model = train_steps(wrap_loaded(base_dir), LABELS)
+    model.save_pretrained(tmp_path)
+    ref = logits(model)
+    base = load_base(base_dir).train()
+    with pytest.raises(ValueError, match="is_trainable=False loads for inference"):
+        MPOModel.from_pretrained(base, tmp_path, train="all", is_trainable=False)
+    assert base.training and all(p.requires_grad for p in base.parameters())  # untouched
+    frozen = MPOModel.from_pretrained(base, tmp_path, is_trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert not any(m.training for m in frozen.modules())
+    assert torch.equal(logits(frozen), ref)
+    trainable = MPOModel.from_pretrained(load_base(base_dir), tmp_path)  # the default
+    assert any(p.requires_grad for p in trainable.parameters())
+    assert torch.equal(logits(trainable), ref)
+    # frozen for inference, it still saves the same task checkpoint
+    frozen.save_pretrained(tmp_path / "again")
+    again = MPOModel.from_pretrained(load_base(base_dir), tmp_path / "again")
+    assert torch.equal(logits(again), ref)
+
+
+def wrap_loaded(base_dir):
+    return get_mpo_model(load_base(base_dir), config(), progress=False)

@@ -11,7 +11,10 @@ A PEFT user should feel at home::
     model.save_pretrained("out/")              # a task checkpoint: what trained, and the
                                                # SHA-256 of what the base model rebuilds
     model = MPOModel.from_pretrained(base_model, "out/")   # rebuilds, verifies, loads
+    model = MPOModel.from_pretrained(base_model, "out/", is_trainable=False)  # inference
     plain = model.merge_and_unload()           # back to nn.Linear / Conv1D / nn.Embedding
+                                               # (= unload(): the cores are the weights)
+    model.resize_token_embeddings(n)           # with an MPO input embedding too
 
 Model surgery is transactional: :func:`get_mpo_model` and
 :meth:`MPOModel.from_pretrained` build and check every new layer before the first
@@ -319,16 +322,63 @@ class MPOModel(nn.Module):
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
         """Replace every MPO module by a plain module of the kind it replaced
-        (``nn.Linear``, ``Conv1D``, ``nn.Embedding``); return the plain base model."""
+        (``nn.Linear``, ``Conv1D``, ``nn.Embedding``) whose weight is contracted from the
+        cores; return the plain base model (outputs unchanged up to rounding).
+
+        Each dense module keeps its MPO module's train/eval mode; its weight trains if
+        any core of the MPO module did, its bias as before (as PEFT's merge keeps the
+        base layers' flags).
+
+        Args:
+            progressbar: show a progress bar (PEFT's argument).
+            safe_merge: check every merged weight for NaN / inf before the first
+                replacement; raise ``ValueError`` naming the modules (the model is then
+                unchanged) instead of merging them.
+            adapter_names: PEFT's argument; an MPO model has no named adapters, so only
+                ``None`` is accepted.
+        """
+        if adapter_names is not None:
+            raise ValueError("adapter_names: an MPO model has no named adapters (the MPO cores "
+                             "are the layers' weights); pass None")
         base = self.base_model
         paths = module_paths(base)
-        for _, m in list(self.mpo_modules()):
+        merged: list[tuple[MPOModule, nn.Module]] = []
+        for _, m in tqdm(list(self.mpo_modules()), desc="merge", disable=not progressbar,
+                         leave=False):
             new = m.merge()
+            new.train(m.training)
+            new.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                new.bias.requires_grad_(bias.requires_grad)
+            merged.append((m, new))
+        if safe_merge:
+            bad = [paths[id(m)][0] for m, new in merged
+                   if not all(bool(torch.isfinite(t).all()) for t in new.parameters())]
+            if bad:
+                raise ValueError(f"NaN or inf in the merged weights of {_some(bad)}; nothing was "
+                                 "merged")
+        for m, new in merged:
             for path in paths[id(m)]:
                 set_module(base, path, new)
         return base
+
+    def unload(self) -> nn.Module:
+        """The base model with every MPO module replaced by a plain module rebuilt from
+        its cores: the same as :meth:`merge_and_unload` (without its options).
+
+        What ``unload`` means here: PEFT's ``unload`` returns the base model *without*
+        merging the adapters, i.e. the original weights, which a LoRA layer keeps beside
+        its adapter. An MPO layer keeps no original weight: its cores *are* the weight
+        (decomposed, possibly truncated, then trained), so there is nothing else to
+        return. The dense layers compute what the MPO layers computed, not what the
+        model computed before :func:`get_mpo_model`; to get the original model, load it
+        again (a lightweight task checkpoint never altered it on disk).
+        """
+        return self.merge_and_unload()
 
     # ------------------------------------------------------------------ persistence
     def _meta(self) -> dict[str, Any]:
@@ -450,8 +500,17 @@ class MPOModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike,
-                        train: str | None = None) -> MPOModel:
+                        train: str | None = None, *, is_trainable: bool = True) -> MPOModel:
         """Rebuild the MPO model on ``base_model`` and load a checkpoint, bit-exact.
+
+        ``is_trainable=False`` loads for inference, as PEFT's ``is_trainable=False``:
+        every parameter of the model has ``requires_grad=False`` and the model is in
+        eval mode (MPO layers then reuse their dense weight, see
+        :mod:`tnlm.bridge.layer`); ``train`` must then be ``None``. The default,
+        ``True``, differs from PEFT's (``False``): the parameters are set up for
+        training by ``train`` (default: the saved config's mode, see
+        :meth:`setup_training`) and the train/eval mode of ``base_model`` is left as
+        it was.
 
         Three kinds of folder are read:
 
@@ -489,6 +548,11 @@ class MPOModel(nn.Module):
             raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
         if train is not None and train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES} or None, got {train!r}")
+        if not isinstance(is_trainable, bool):
+            raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
+        if not is_trainable and train is not None:
+            raise ValueError(f"train={train!r} asks for training but is_trainable=False loads "
+                             "for inference; pass one of them")
         with io.reading(directory):
             plan = _read_for_load(base_model, directory)
         if plan.rebuilt is not None:  # outside the lock: decomposing takes a while
@@ -509,6 +573,10 @@ class MPOModel(nn.Module):
             model = cls(base_model, plan.config)
             model.setup_training(train)
             model._references = plan.references
+            if not is_trainable:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                model.eval()
         except BaseException:
             with torch.no_grad():
                 for key, value in backup.items():
