@@ -5,7 +5,6 @@ One subclass per kind of :data:`tnlm.bridge.kinds.KINDS` (plus a padded, bias-fr
 ``test_every_kind_is_covered`` fails when a kind is added without a subclass here.
 """
 
-import pytest
 import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
@@ -30,14 +29,6 @@ def tiny_gpt2(seed):
     return GPT2Model(cfg).eval()
 
 
-#: library bug: for a zero-padded layer, MPOModule.retruncate returns the relative error of the
-#: padded site-product matrix (the MPO's own truncation_error), not of the layer's W
-#: (in_dim, out_dim) that its docstring promises: the cut puts weight into the padding
-#: region, which the layer never uses, so the returned error is wrong (e.g. 0.7464 for a
-#: measured 0.7442 on the first cut of the padded embedding below)
-PADDED_RETRUNCATE = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="retruncate reports the padded matrix's error, not the layer W's")
 
 
 def x_rows(dtype, in_dim):
@@ -64,7 +55,6 @@ class TestLinearPaddedNoBias(TestLinear):
         torch.manual_seed(1)
         return nn.Linear(22, 35, bias=False).to(dtype), x_rows(dtype, 22)
 
-    @PADDED_RETRUNCATE
     @DTYPES
     def test_retruncate_reports_the_error_of_its_cut(self, dtype):
         super().test_retruncate_reports_the_error_of_its_cut(dtype)
@@ -98,7 +88,6 @@ class TestEmbedding(LayerInvariants):
         ids = torch.tensor([[0, 5, 99, 5], [17, 42, 63, 1]])  # the padding id, the last id
         return nn.Embedding(100, 24, padding_idx=0).to(dtype), ids
 
-    @PADDED_RETRUNCATE
     @DTYPES
     def test_retruncate_reports_the_error_of_its_cut(self, dtype):
         super().test_retruncate_reports_the_error_of_its_cut(dtype)

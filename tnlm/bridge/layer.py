@@ -527,14 +527,23 @@ class MPOModule(nn.Module):
         """Truncate the current cores in canonical form and put them back in ``gauge``.
 
         Policies as in :meth:`MPO.truncate` (relative to the current W). Returns the
-        relative error of this cut, ``||W - W'||_F / ||W||_F`` (exact);
-        ``truncation_error`` is not changed (the caller knows the reference).
-        Optimizers holding the old parameters must be rebuilt.
+        relative error of this cut, ``||W - W'||_F / ||W||_F`` (exact) for the layer's
+        W (in_dim, out_dim): for a zero-padded layer, measured on W itself, not on the
+        padded matrix the policies see; ``truncation_error`` is not changed (the caller
+        knows the reference). Optimizers holding the old parameters must be rebuilt.
         """
+        padded = math.prod(self.in_shape) != self.in_dim or \
+            math.prod(self.out_shape) != self.out_dim
+        before = self.dense_matrix().detach().double() if padded else None
         mpo = self.to_mpo().to_backend("pytorch").truncate(max_bond, cutoff, max_error)
         mpo = apply_gauge(mpo, gauge)
         self.set_cores(list(mpo.cores))
-        return float(mpo.truncation_error)
+        if before is None:
+            return float(mpo.truncation_error)
+        with torch.no_grad():
+            after = self.dense_matrix().detach().double()
+        norm = float(torch.linalg.norm(before))
+        return float(torch.linalg.norm(before - after)) / norm if norm else 0.0
 
     def extra_repr(self) -> str:
         return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
