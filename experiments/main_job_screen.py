@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--text-column", type=int, default=None)
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--dev-text", default="../shared/data/sst2/dev.tsv",
+                    help="natural held-out text (first column, 500 sentences) for a second cosine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -75,15 +77,18 @@ def main() -> None:
                          progress=False)
     wall = time.perf_counter() - t0
     cos = embedding_cosine(res.model, teacher, tok, held_out)
-    out = dict(vars(args), ratio=res.ratio, seconds=res.seconds, wall_seconds=wall,
+    dev = read_sentences(args.dev_text, column=0)[1:501]
+    cos_dev = embedding_cosine(res.model, teacher, tok, dev)
+    out = dict(vars(args), cosine_dev_mean=float(cos_dev.mean()), ratio=res.ratio,
+               seconds=res.seconds, wall_seconds=wall,
                cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                sick_spearman_original=sick_spearman(teacher, tok, args.sick),
                sick_spearman=sick_spearman(res.model, tok, args.sick),
                final_loss=res.heal.losses[-1] if res.heal and res.heal.losses else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("cosine_mean", "sick_spearman", "wall_seconds",
-                                          "ratio")}))
+    print(json.dumps({k: out[k] for k in ("cosine_mean", "cosine_dev_mean", "sick_spearman",
+                                          "wall_seconds", "ratio")}))
 
 
 if __name__ == "__main__":

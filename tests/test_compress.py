@@ -688,3 +688,15 @@ def test_compress_model_with_reconstruction_and_sensitivity(tok, sentences):
     dense = [n for n, r in res.ranks.items() if r is None]
     for n in dense:  # a layer the allocation keeps dense is the original nn.Linear
         assert isinstance(model.get_submodule(n), torch.nn.Linear)
+
+
+def test_generated_sentences_are_distinct_deterministic_and_varied():
+    from tnlm.compress.text import generated_sentences
+
+    a = generated_sentences(2000, seed=3)
+    assert len(a) == len(set(a)) == 2000
+    assert a == generated_sentences(2000, seed=3) and a != generated_sentences(2000, seed=4)
+    assert all(s.strip() == s and len(s.split()) >= 2 for s in a)
+    words = {w.lower().strip(".,!?") for s in a for w in s.split()}
+    assert len(words) > 400  # a lexicon, not a handful of templates
+    assert any(s.endswith("?") for s in a) and any(s[0].islower() for s in a)

@@ -17,6 +17,8 @@ import re
 import sysconfig
 from collections.abc import Sequence
 
+from tnlm.compress.grammar import generate
+
 __all__ = ["default_text", "docstring_sentences", "generated_sentences", "read_sentences",
            "split_sentences"]
 
@@ -114,65 +116,11 @@ def split_sentences(sentences: Sequence[str], sizes: Sequence[int],
     return parts
 
 
-# ---------------------------------------------------------------------------- generated text
-_PEOPLE = ["a man", "a woman", "the boy", "the girl", "a child", "an old man", "a young woman",
-           "two men", "three kids", "a group of people", "the teacher", "my friend", "the doctor",
-           "a dog", "the cat", "a chef", "the players", "a musician", "the driver", "our neighbour"]
-_ACTS = ["is playing a guitar", "is riding a bike", "is cutting an onion", "is reading a book",
-         "is walking along the beach", "is cooking dinner", "is running in the park",
-         "is talking on the phone", "is swimming in a lake", "is climbing a rock",
-         "is playing football", "is painting a picture", "is sleeping on the sofa",
-         "is singing a song", "is eating a sandwich", "is jumping over a fence",
-         "is writing a letter", "is dancing on the stage", "is washing the car",
-         "is slicing a tomato", "is sitting on a bench", "is looking at the mountains"]
-_WHERE = ["in the kitchen", "near the river", "at the station", "on a sunny day", "in the rain",
-          "outside the house", "in a crowded street", "at night", "in front of a building",
-          "under a tree", "on the grass", "in the snow"]
-_THINGS = ["the movie", "this film", "the story", "the acting", "the music", "the plot",
-           "the ending", "the dialogue", "the book", "the food", "the service", "the hotel",
-           "the game", "the concert", "the show", "the new phone"]
-_OPINIONS = ["is wonderful", "is painfully slow", "is funny and warm", "feels dull and empty",
-             "is a real pleasure", "is clumsy", "never finds its rhythm", "is beautifully made",
-             "is too long", "is smart and moving", "falls flat", "is worth every minute",
-             "is forgettable", "surprised me", "is a mess", "is charming"]
-_REASONS = ["because the characters are so vivid", "although the middle drags",
-            "but the jokes do not land", "and the cast is excellent", "even if it is predictable",
-            "since nothing really happens", "and I would see it again",
-            "though the script is weak"]
-_FACTS = ["The meeting was moved to Thursday afternoon.", "Prices rose sharply last year.",
-          "The train leaves every twenty minutes.", "Water boils at a lower temperature up high.",
-          "The museum is closed on Mondays.", "She finished the report before lunch.",
-          "The road was blocked after the storm.", "Most birds fly south in the winter.",
-          "He forgot his keys at the office.", "The team won the final by two goals."]
-
-
 def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
-    """``n`` distinct everyday English sentences from a small grammar (scene descriptions,
-    opinions, plain facts), written for this project: no licence attached to any corpus.
-    Deterministic for a seed."""
-    rng = random.Random(seed)
-    out: dict[str, None] = {}
-    limit = n * 20
-    while len(out) < n and limit:
-        limit -= 1
-        k = rng.random()
-        if k < 0.45:
-            s = f"{rng.choice(_PEOPLE)} {rng.choice(_ACTS)}"
-            if rng.random() < 0.6:
-                s += f" {rng.choice(_WHERE)}"
-            s = s[0].upper() + s[1:] + "."
-        elif k < 0.85:
-            s = f"{rng.choice(_THINGS)} {rng.choice(_OPINIONS)}"
-            if rng.random() < 0.5:
-                s += f" {rng.choice(_REASONS)}"
-            s = s[0].upper() + s[1:] + rng.choice([".", ".", "!"])
-        else:
-            s = rng.choice(_FACTS)
-            if rng.random() < 0.5:
-                s = s[:-1] + f", {rng.choice(_REASONS)}."
-        out[s] = None
-    return list(out)
-
+    """``n`` distinct everyday English sentences from tnlm's own grammar
+    (:func:`tnlm.compress.grammar.generate`: scenes, opinions and reviews, facts,
+    questions; no corpus, no licence). Deterministic for a seed."""
+    return generate(n, seed=seed)
 
 def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000) -> list[str]:
     """The main job's text when the user passes none (:data:`DEFAULT_TEXT_SOURCE`):
