@@ -145,6 +145,12 @@ def main() -> None:
                     help="mpop: lightweight fine-tuning steps after squeezing (fresh optimizer)")
     ap.add_argument("--budget", type=float, default=0.5, help="compress: fraction kept")
     ap.add_argument("--heal-steps", type=int, default=300, help="compress: label-free healing")
+    ap.add_argument("--plain", action="store_true",
+                    help="compress: direct truncation baseline (plain SVD of the weights, no "
+                         "calibration); with --heal-steps 0 --kd-weight 0, the paper's "
+                         "'direct truncation then fine-tuning'")
+    ap.add_argument("--kd-weight", type=float, default=0.5,
+                    help="compress: weight of the logit distillation (0: cross-entropy only)")
     ap.add_argument("--models", default="results/models", help="where fine-tuned models are kept")
     ap.add_argument("--out", required=True)
     ap.add_argument("--tag", default="", help="label suffix for a variant run (e.g. an lr)")
@@ -207,11 +213,13 @@ def main() -> None:
         squeeze_info["teacher_dev"] = evaluate(teacher, dev)
         calib = [train_x[i] for i in val]  # held-out training sentences, labels unused
         heal_text = [train_x[i] for i in tr]
-        cfg = CompressionConfig(TARGETS, budget=args.budget,
+        cfg = CompressionConfig(TARGETS, budget=args.budget, whiten=not args.plain,
                                 heal=HealConfig(steps=args.heal_steps, seed=args.seed))
         res = compress_model(model, tok, calib, cfg, heal_text=heal_text, progress=progress)
         model = res.model
-        squeeze_info.update(ratio=res.ratio, params_after=res.params_after,
+        squeeze_info.update(plain=args.plain, kd_weight=args.kd_weight,
+                            heal_steps=args.heal_steps, budget=args.budget,
+                            ratio=res.ratio, params_after=res.params_after,
                             dev_after_truncation_and_healing=evaluate(model, dev),
                             seconds=res.seconds)
         for _, m in model.mpo_modules():
@@ -220,7 +228,8 @@ def main() -> None:
             p.requires_grad_("word_embeddings" not in n)
         stats = train_steps(model, train, make_optimizer(model, lr, args.mpo_lr), args.steps,
                             warmup=args.steps // 10, progress=progress, desc="compress+kd",
-                            teacher=teacher)
+                            teacher=teacher if args.kd_weight > 0 else None,
+                            kd_weight=args.kd_weight)
     else:
         opt = make_optimizer(model, lr, args.mpo_lr)
         stats = train_steps(model, train, opt, args.steps, warmup=args.steps // 10,
