@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--w-hidden", type=float, default=1.0)
     ap.add_argument("--w-cos", type=float, default=1.0)
     ap.add_argument("--w-rel", type=float, default=0.0)
+    ap.add_argument("--neighbours", action="store_true",
+                    help="half of each healing batch: nearest neighbours of the other half")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train", default="cores")
     ap.add_argument("--text", default="default", help="'default' or a file, one sentence a line")
@@ -69,7 +71,8 @@ def main() -> None:
     teacher = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, w_hidden=args.w_hidden,
-                      w_cos=args.w_cos, w_rel=args.w_rel, batch_size=args.batch_size,
+                      w_cos=args.w_cos, w_rel=args.w_rel, neighbours=args.neighbours,
+                      batch_size=args.batch_size,
                       train=args.train)
     cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=args.allocation,
                             heal=heal, reconstruct_steps=args.reconstruct_steps)

@@ -700,3 +700,35 @@ def test_generated_sentences_are_distinct_deterministic_and_varied():
     words = {w.lower().strip(".,!?") for s in a for w in s.split()}
     assert len(words) > 400  # a lexicon, not a handful of templates
     assert any(s.endswith("?") for s in a) and any(s[0].islower() for s in a)
+
+
+def test_nearest_neighbours_is_the_most_similar_other_sentence(tok, sentences, damaged):
+    teacher = damaged[0]
+    near = distill.nearest_neighbours(teacher, tok, sentences, chunk=7)
+    assert len(near) == len(sentences) and all(j != i for i, j in enumerate(near))
+    with torch.no_grad():
+        b = batch_of(tok, sentences)
+        e = torch.nn.functional.normalize(
+            distill.mean_pool(teacher(**b).last_hidden_state, b["attention_mask"]), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2)
+    assert near == sim.argmax(1).tolist()
+
+
+def test_heal_with_neighbour_pairs_and_relational_loss(tok, sentences, damaged, monkeypatch):
+    teacher, student = copy.deepcopy(damaged[0]), copy.deepcopy(damaged[1])
+    seen = []
+    real = distill._loss
+    monkeypatch.setattr(distill, "_loss", lambda s, t, batch, cfg: (
+        seen.append(batch["input_ids"].shape[0]), real(s, t, batch, cfg))[1])
+    near = distill.nearest_neighbours(teacher, tok, sentences)
+    calls = []
+    monkeypatch.setattr(distill, "nearest_neighbours", lambda *a, **k: calls.append(1) or near)
+    cfg = HealConfig(steps=5, lr=1e-2, warmup=1, batch_size=8, w_rel=10.0, neighbours=True)
+    res = heal(student, teacher, tok, sentences, cfg, progress=False)
+    assert calls == [1] and seen == [8] * 5 and all(math.isfinite(v) for v in res.losses)
+    b = batch_of(tok, sentences[:8])
+    with torch.no_grad():
+        plain = float(real(student, teacher, b, HealConfig()))
+        rel = float(real(student, teacher, b, HealConfig(w_rel=10.0)))
+    assert rel > plain  # the relational term adds a positive amount for a damaged student

@@ -9,6 +9,9 @@ unlabeled sentences the loss is::
 
 where C_bc = cos(pool_b, pool_c) over the sentences of a batch: the relational term
 keeps which sentences are close to which, what similarity search and SICK measure.
+With ``neighbours=True`` half of each batch are anchors drawn at random and half their
+nearest neighbours in the teacher's embedding space (found once, before training), so
+the relational term also sees close pairs, whose fine differences random pairs miss.
 
 What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
 ``"auxiliary"`` the same without the central tensors. AdamW, linear warm-up then
@@ -36,7 +39,8 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import mpo_modules
 
-__all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture"]
+__all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
+           "nearest_neighbours"]
 
 
 @dataclass
@@ -55,6 +59,7 @@ class HealConfig:
     w_hidden: float = 1.0
     w_cos: float = 1.0
     w_rel: float = 0.0
+    neighbours: bool = False
     train: str = "cores"
     seed: int = 0
     max_grad_norm: float = 1.0
@@ -71,6 +76,8 @@ class HealConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.neighbours, bool):
+            raise ValueError(f"neighbours must be a bool, got {self.neighbours!r}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
         if self.train not in ("cores", "auxiliary"):
@@ -144,6 +151,32 @@ def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
         es, et = F.normalize(ps, dim=-1), F.normalize(pt, dim=-1)
         loss = loss + cfg.w_rel * ((es @ es.T - et @ et.T) ** 2).mean()
     return loss
+
+
+@torch.no_grad()
+def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str],
+                       max_length: int = 64, batch_size: int = 64,
+                       chunk: int = 2048) -> list[int]:
+    """For each sentence, the index of its most similar *other* sentence by the cosine of
+    ``model``'s mean-pooled embeddings ((n,) list; n >= 2)."""
+    was = model.training
+    model.eval()
+    embs = []
+    for i in range(0, len(sentences), batch_size):
+        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                      max_length=max_length, return_tensors="pt")
+        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        h = model(**b).last_hidden_state
+        embs.append(F.normalize(mean_pool(h, b["attention_mask"]).float(), dim=-1))
+    model.train(was)
+    e = torch.cat(embs)
+    out: list[int] = []
+    for i in range(0, len(e), chunk):
+        sim = e[i:i + chunk] @ e.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + i] = -math.inf
+        out += sim.argmax(1).tolist()
+    return out
 
 
 def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
@@ -237,8 +270,17 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist \
         else (0, 1)
     rng = random.Random(cfg.seed)
-    draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
-             for _ in range(steps)]
+    if cfg.neighbours and len(sentences) > 1:
+        near = nearest_neighbours(teacher, tokenizer, sentences, cfg.max_length)
+        # [a0, n0, a1, n1, ...]: a rank takes whole pairs (see below)
+        draws = [[j for _ in range(max(1, cfg.batch_size // 2))
+                  for i in [rng.randrange(len(sentences))] for j in (i, near[i])]
+                 for _ in range(steps)]
+        group = 2
+    else:
+        draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
+                 for _ in range(steps)]
+        group = 1
     good = {n: p.detach().clone() for n, p in params}
     bar = tqdm(range(start, steps), desc="healing", disable=not progress or rank != 0,
                initial=start, total=steps)
@@ -249,7 +291,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     student.train(cfg.dropout)
     try:
         for step in bar:
-            idx = draws[step][rank::world] or draws[step][:1]
+            idx = [d for k, d in enumerate(draws[step]) if (k // group) % world == rank] \
+                or draws[step][:group]
             batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
                               max_length=cfg.max_length, return_tensors="pt")
             batch = {k: v for k, v in batch.items()
