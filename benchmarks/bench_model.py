@@ -3,8 +3,10 @@
 Usage:  python benchmarks/bench_model.py [--threads 1] [--repeats 7] [--train-repeats 5]
                                          [--no-cache-arm] [--markdown table.md]
                                          [--plot docs/figures/bench_model.png]
+        python benchmarks/bench_model.py --threads 1 --training-only [--train-repeats 7]
 (results in docs/benchmarks.md were run with ``--threads 1 --no-cache-arm``; about 15
-minutes, most of it the batch-64 forwards and the training steps)
+minutes, most of it the batch-64 forwards and the training steps; ``--training-only``
+times the training steps alone, a few minutes)
 
 Models (all-MiniLM-L6-v2, the 36 encoder linears as targets):
   * dense: the transformers model as loaded
@@ -15,7 +17,9 @@ Models (all-MiniLM-L6-v2, the 36 encoder linears as targets):
 Inference: eval mode, ``torch.no_grad()``, batches of 1, 8 and 64 sentences x 64 tokens.
 Training: one step (forward, loss, backward, AdamW step) on 32 sentences x 64 tokens for
 the dense model (all parameters), LFA (untruncated MPO, ``setup_training("auxiliary")``:
-central tensors frozen) and LoRA (peft, r=8, the same targets).
+central tensors frozen) and LoRA (peft, r=8, the same targets); with ``--chain-arm``
+also LFA with ``MPOModule.block_train = False`` (autograd through the chain's einsums,
+the implementation before the three-block training path).
 
 Every figure is a ratio of medians against the dense model, with the arms interleaved
 in each repeat (the machine's load drifts between repeats, not within one).
@@ -169,7 +173,12 @@ def bench_inference(models, tok, batches, repeats) -> dict[int, dict[str, float]
     return out
 
 
-def bench_training(dense_model, mpo_model, tok, batch, repeats, lr=1e-4) -> dict[str, float]:
+LFA = "LFA (MPO, central frozen)"
+LFA_CHAIN = "LFA, chain autograd"
+
+
+def bench_training(dense_model, mpo_model, tok, batch, repeats, lr=1e-4,
+                   chain_arm: bool = False) -> dict[str, float]:
     from peft import LoraConfig, get_peft_model
 
     inputs = batch_of(tok, batch)
@@ -180,7 +189,12 @@ def bench_training(dense_model, mpo_model, tok, batch, repeats, lr=1e-4) -> dict
     arms_models["dense"] = d
     lfa = copy.deepcopy(mpo_model).train()
     lfa.setup_training("auxiliary")
-    arms_models["LFA (MPO, central frozen)"] = lfa
+    arms_models[LFA] = lfa
+    if chain_arm:
+        chain = copy.deepcopy(lfa)
+        for _, m in chain.mpo_modules():
+            m.block_train = False
+        arms_models[LFA_CHAIN] = chain
     lora = get_peft_model(copy.deepcopy(dense_model),
                           LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                      lora_dropout=0.0)).train()
@@ -206,22 +220,30 @@ def bench_training(dense_model, mpo_model, tok, batch, repeats, lr=1e-4) -> dict
     print(f"training step, batch {batch} x {TOKENS}: dense {t['dense'] * 1e3:.0f} ms   "
           + "   ".join(f"{k} {v:.2f}x (trainable {trainable[k] / 1e6:.2f} M)"
                        for k, v in res.items() if not k.startswith("_")), flush=True)
+    lora = "LoRA r=8"
+    print(f"    LFA / LoRA {t[LFA] / t[lora]:.2f}"
+          + (f"   LFA / LFA chain autograd {t[LFA] / t[LFA_CHAIN]:.2f}" if chain_arm else ""),
+          flush=True)
+    res["_lfa_over_lora"] = t[LFA] / t[lora]
     res["_trainable"] = trainable
     return res
 
 
 def markdown(inf, train, sizes, args) -> str:
-    names = [n for n in next(iter(inf.values())) if not n.startswith("_")]
-    head = "| batch (sentences x 64 tokens) | dense (ms) | " + " | ".join(
-        f"{n} ({sizes[n]:.2f})" if n != "dense" else n for n in names[1:]) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
-    for b, row in inf.items():
-        lines.append(f"| {b} | {row['_dense_ms']:.0f} | "
-                     + " | ".join(f"{row[n]:.2f}" for n in names[1:]) + " |")
-    out = "\n".join(lines)
+    out = ""
+    if inf:
+        names = [n for n in next(iter(inf.values())) if not n.startswith("_")]
+        head = "| batch (sentences x 64 tokens) | dense (ms) | " + " | ".join(
+            f"{n} ({sizes[n]:.2f})" if n != "dense" else n for n in names[1:]) + " |"
+        lines = [head, "|" + "---|" * (len(names) + 1)]
+        for b, row in inf.items():
+            lines.append(f"| {b} | {row['_dense_ms']:.0f} | "
+                         + " | ".join(f"{row[n]:.2f}" for n in names[1:]) + " |")
+        out = "\n".join(lines)
     if train:
         tn = [n for n in train if not n.startswith("_")]
-        out += ("\n\n| training step (32 x 64 tokens) | " + " | ".join(tn) + " |\n|"
+        out += ("\n\n" if out else "") + ("| training step (32 x 64 tokens) | "
+                                            + " | ".join(tn) + " |\n|"
                 + "---|" * (len(tn) + 1) + "\n| time / dense | "
                 + " | ".join(f"{train[n]:.2f}" for n in tn) + " |\n| trainable params | "
                 + " | ".join(f"{train['_trainable'][n] / 1e6:.2f} M" for n in tn) + " |")
@@ -258,7 +280,7 @@ def plot(inf, train, path: Path) -> None:
     if train:
         ax = axes[0, 1]
         tn = [n for n in train if not n.startswith("_")]
-        ax.bar(range(len(tn)), [train[n] for n in tn], color=["gray", "C4", "C5"][: len(tn)])
+        ax.bar(range(len(tn)), [train[n] for n in tn], color=["gray", "C4", "C5", "C6"][: len(tn)])
         for i, n in enumerate(tn):
             ax.text(i, train[n] + 0.01, f"{train[n]:.2f}", ha="center", va="bottom", fontsize=8)
         ax.axhline(1.0, color="k", lw=1)
@@ -280,6 +302,11 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25])
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--training-only", action="store_true",
+                    help="time the training steps only (no inference, no compressed models)")
+    ap.add_argument("--chain-arm", action="store_true",
+                    help="also time LFA with autograd through the chain's einsums "
+                         "(MPOModule.block_train = False)")
     ap.add_argument("--no-cache-arm", action="store_true",
                     help="also time the untruncated MPO model with cache_dense=False")
     ap.add_argument("--threads", type=int, default=None)
@@ -290,18 +317,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    if args.training_only:
+        args.budgets, args.no_cache_arm, args.skip_training = [], False, False
     models, tok, sizes = build_models(args)
-    inf = bench_inference(models, tok, args.batches, args.repeats)
+    inf = {} if args.training_only else bench_inference(models, tok, args.batches, args.repeats)
     train = None
     if not args.skip_training:
         train = bench_training(models["dense"], models["MPO untruncated"], tok,
-                               args.train_batch, args.train_repeats)
+                               args.train_batch, args.train_repeats, chain_arm=args.chain_arm)
     table = markdown(inf, train, sizes, args)
     print()
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
-    if args.plot:
+    if args.plot and inf:
         plot(inf, train, args.plot)
     assert all(isinstance(m, MPOModule) for _, m in models["MPO untruncated"].mpo_modules())
 

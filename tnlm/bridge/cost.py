@@ -21,15 +21,25 @@ chains ran ~1.5x slower per FLOP than the dense path's one GEMM on MiniLM shapes
 Everything is resolved when the cores are set (:class:`ForwardCost`, from the layer's
 :class:`~tnlm.core.plan.ChainPlans`): choosing at call time is arithmetic on the row
 count, no path search and no cache lookup.
+
+Training on the dense path (:class:`TrainCost`, from the layer's
+:class:`~tnlm.core.plan.BlockPlan`): W is rebuilt from the blocks ``L · C · R`` around the
+central site, in the order (``C·R`` first or ``L·C`` first) that, with the backward pass it
+implies, costs the fewest FLOPs for the blocks that need a gradient; the blocks' gradients
+come either from the weight gradient ``G = x^T dy`` (one ``2 rows I J`` GEMM, then
+projections costing ``2 I J`` times a bond) or from contracting ``x`` and ``dy`` with the
+other blocks directly (planned per row count), whichever is cheaper for the call.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
-from tnlm.core.plan import ChainPath, ChainPlans, chain_plans
+from tnlm.core.plan import BlockPlan, ChainPath, ChainPlans, block_plan, chain_plans
 
-__all__ = ["MODES", "CONTRACT_EFFICIENCY", "ForwardCost", "forward_cost", "choose_mode"]
+__all__ = ["MODES", "CONTRACT_EFFICIENCY", "ForwardCost", "forward_cost", "choose_mode",
+           "TrainStrategy", "TrainCost", "train_cost"]
 
 MODES = ("auto", "contract", "dense")
 
@@ -114,3 +124,108 @@ def choose_mode(core_shapes: tuple[tuple[int, ...], ...], rows: int,
     if tuple(in_shape) != tuple(int(s[1]) for s in core_shapes):
         raise ValueError(f"in_shape {tuple(in_shape)} does not match the cores' input legs")
     return forward_cost(core_shapes, in_dim, out_dim).flops(int(rows), rebuild)
+
+
+# ---------------------------------------------------------------- training on the dense path
+class TrainStrategy(NamedTuple):
+    """How one training call of the dense path runs (see :class:`TrainCost`).
+
+    ``order``: ``"cr"`` (W = L · (C·R); C·R kept for the backward) or ``"lc"`` (W = (L·C) · R).
+    ``route``: ``"gemm"`` (form G = x^T dy, project it onto the blocks) or ``"env"``
+    (contract x and dy with the other blocks along ``paths``), ``"none"`` when no block
+    needs a gradient. ``via``: for the gemm route, how the block on the far side of the
+    kept product gets its gradient: ``"h"`` / ``"k"`` (through ``L^T G`` / ``G R^T``, also
+    giving C's) or ``"lc"`` / ``"cr"`` (forming the other product). ``paths``: for the env
+    route, one ``(block, key, path)`` per block needing a gradient: the block (``"l"``,
+    ``"c"``, ``"r"``), the key of its equation in :attr:`BlockPlan.ENV` and the chosen
+    :class:`~tnlm.core.plan.ChainPath`. ``flops``: the planned FLOPs of the call (forward
+    GEMM, forming L and R, rebuild, input gradient, block gradients).
+    """
+
+    order: str
+    route: str
+    via: str
+    paths: tuple
+    flops: int
+
+
+class TrainCost:
+    """The cheapest :class:`TrainStrategy` of one layer's dense path for any call, by
+    arithmetic on planned FLOPs (memoized per row count and gradient pattern).
+
+    Args:
+        blocks: the layer's :class:`~tnlm.core.plan.BlockPlan`.
+    """
+
+    def __init__(self, blocks: BlockPlan) -> None:
+        self.blocks = blocks
+        self._memo: dict[tuple, TrainStrategy] = {}
+
+    def candidates(self, rows: int, need_x: bool, need_l: bool, need_c: bool, need_r: bool,
+                   cached: str | None = None) -> list[TrainStrategy]:
+        """Every strategy for this call with its FLOPs. ``need_*``: which of x, L, C, R need
+        a gradient; ``cached``: ``"cr"`` / ``"lc"`` when that product of frozen blocks is
+        cached (its FLOPs are not paid by the order that keeps it)."""
+        f, env = self.blocks.flops, self.blocks.env
+        rows = int(rows)
+        gemm = f["gemm_row"] * rows
+        common = gemm + (gemm if need_x else 0) + f["blocks"]
+        out = []
+        for order in ("cr", "lc"):
+            # the product of the order (C·R or L·C) is kept for the backward; a cached one
+            # (of frozen blocks) is not paid
+            fwd = (0 if cached == order else f[order]) + f["w_" + order]
+            if not (need_l or need_c or need_r):
+                out.append(TrainStrategy(order, "none", "", (), common + fwd))
+                continue
+            # gemm route; "near" gets its gradient from the kept product, "far" through
+            # L^T G (order cr) / G R^T (order lc), or by forming the other product
+            near, far = (need_l, need_r) if order == "cr" else (need_r, need_l)
+            other = "lc" if order == "cr" else "cr"
+            b = gemm + (f["w_" + order] if near else 0)
+            via = ""
+            if need_c:  # H = L^T G (or K = G R^T), then dC and the far block from it
+                b += f["w_" + order] + f[order] * (1 + far)
+                via = "h" if order == "cr" else "k"
+            elif far:
+                through = f["w_" + order] + f[order]
+                forming = f[other] + f["w_" + other]
+                via = ("h" if order == "cr" else "k") if through <= forming else other
+                b += min(through, forming)
+            out.append(TrainStrategy(order, "gemm", via, (), common + fwd + b))
+            # env route: each needed gradient as one planned einsum of x, dy and the blocks
+            keys = []
+            if need_l:
+                keys.append(("l", "l_cr" if order == "cr" else "l"))
+            if need_c:
+                keys.append(("c", "c"))
+            if need_r:
+                keys.append(("r", "r_lc" if order == "lc" else "r"))
+            paths = tuple((blk, key, env[key].path(rows)) for blk, key in keys)
+            e = sum(p.flops(rows) for _, _, p in paths)
+            out.append(TrainStrategy(order, "env", "", paths, common + fwd + e))
+        return out
+
+    def choose(self, rows: int, need_x: bool, need_l: bool, need_c: bool, need_r: bool,
+               cached: str | None = None) -> TrainStrategy:
+        """The strategy with the fewest FLOPs (ties: the first of cr/lc, gemm before env)."""
+        key = (int(rows), need_x, need_l, need_c, need_r, cached)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = min(self.candidates(*key), key=lambda s: s.flops)
+            if len(self._memo) > 512:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+
+@lru_cache(maxsize=256)
+def _train_cost(core_shapes: tuple[tuple[int, ...], ...], centre: int) -> TrainCost:
+    return TrainCost(block_plan(core_shapes, centre))
+
+
+def train_cost(core_shapes: tuple[tuple[int, ...], ...], centre: int) -> TrainCost:
+    """The cached :class:`TrainCost` of cores of these shapes cut around ``centre`` (call
+    it when the cores are set)."""
+    shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
+    return _train_cost(shapes, int(centre))

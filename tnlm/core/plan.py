@@ -20,6 +20,12 @@ of W), with the cached plans :func:`dense_plan`, :func:`apply_plan` and
 one chain resolved once for its core shapes, size-1 legs dropped, the paths of
 ``x · cores`` independent of the row count (a few candidates whose FLOPs are linear in
 the rows), so that a forward pass runs no search and no cache lookup.
+
+:class:`BlockPlan` (:func:`block_plan`) is what a module trains with on its dense path: the
+chain cut around one site into three blocks ``L · C · R`` (W is a 3-site chain of them), the
+FLOPs of every product of the blocks, of ``W``, of projecting the weight gradient onto the
+blocks, and the planned alternative of contracting ``x`` and ``dy`` with the blocks directly
+(:class:`RowPaths`), from which :mod:`tnlm.bridge.cost` picks the cheapest order per call.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ __all__ = [
     "ChainPlans",
     "chain_plans",
     "ROW_HINTS",
+    "RowPaths",
+    "BlockPlan",
+    "block_plan",
 ]
 
 #: core shapes of a chain, one ``(d_{k-1}, i_k, j_k, d_k)`` per site
@@ -365,3 +374,125 @@ def chain_plans(core_shapes: Sequence[Sequence[int]]) -> ChainPlans:
     """The cached :class:`ChainPlans` of cores of these shapes (call it when the cores are
     set, not in a forward pass)."""
     return _chain_plans(tuple(tuple(int(d) for d in s) for s in core_shapes))
+
+
+# ---------------------------------------------------------------- three-block training plans
+class RowPaths:
+    """Candidate paths of one einsum whose operands carry a row index ``batch``: the paths
+    opt_einsum finds for :data:`ROW_HINTS` rows, each with FLOPs linear in the rows
+    (:class:`ChainPath`); :meth:`path` picks one for any row count by arithmetic.
+
+    Args:
+        equation: the einsum equation.
+        shapes: a function ``rows -> operand shapes``.
+        batch: the row symbol of ``equation``.
+    """
+
+    def __init__(self, equation: str, shapes: Any, batch: str,
+                 optimize: str = "auto-hq") -> None:
+        self.equation = equation
+        paths: dict[tuple, ChainPath] = {}
+        for rows in ROW_HINTS:
+            plan = get_plan(equation, shapes(rows), optimize)
+            paths.setdefault(plan.path, ChainPath(plan, batch))
+        self.paths = tuple(paths.values())
+
+    def path(self, rows: int) -> ChainPath:
+        """The candidate with the fewest FLOPs for ``rows`` rows."""
+        return min(self.paths, key=lambda p: p.flops(rows))
+
+    def flops(self, rows: int) -> int:
+        return self.path(rows).flops(rows)
+
+
+def _block_equation(shapes: CoreShapes, side: str) -> tuple[str, tuple[tuple[int, ...], ...]]:
+    """Equation (and squeezed operand views) contracting a run of cores into one block:
+    ``left`` -> ``L[i.., j.., d]`` (the bond to the right), ``right`` -> ``R[d, i.., j..]``."""
+    n = len(shapes)
+    bonds, ins, outs, _ = _symbols(n)
+    terms = _squeezed([bonds[k] + ins[k] + outs[k] + bonds[k + 1] for k in range(n)], shapes)
+    views = tuple(tuple(d for d in s if d != 1) for s in shapes)
+    legs = "".join(ins[k] for k in range(n) if shapes[k][1] != 1) + \
+        "".join(outs[k] for k in range(n) if shapes[k][2] != 1)
+    if side == "left":
+        out = legs + (bonds[n] if shapes[-1][3] != 1 else "")
+    else:
+        out = (bonds[0] if shapes[0][0] != 1 else "") + legs
+    return ",".join(terms) + "->" + out, views
+
+
+class BlockPlan:
+    """A chain of cores cut around site ``centre`` into three blocks, for training.
+
+    ``L[ai, aj, d] = T_0 ··· T_{c-1}`` (shape ``(Ai, Aj, D2)``; ``(1, 1, 1)`` when ``c = 0``),
+    ``C = T_c`` (``(D2, Mi, Mj, D3)``) and ``R[e, pi, pj] = T_{c+1} ··· T_{n-1}``
+    (``(D3, Pi, Pj)``), so that ``W[(ai mi pi), (aj mj pj)] = sum_{d,e} L C R`` (padded
+    shape ``(in_size, out_size)``). With ``G = x^T dy`` (the weight gradient, ``2 rows I J``
+    FLOPs) the blocks' gradients are projections of G: ``dL = G · CR``, ``dR = G · LC``,
+    ``dC = L^T · G · R^T``; or, without forming G, contractions of ``x`` and ``dy`` with the
+    other blocks (:attr:`env`, planned per row count).
+
+    Attributes:
+        centre: c; dims: ``(Ai, Aj, Mi, Mj, Pi, Pj, D2, D3)``.
+        left, right: the plans contracting the cores left / right of c into L / R (None
+            for no core or a single core, which is a reshape), with ``left_views`` /
+            ``right_views`` the squeezed core views they take.
+        flops: FLOPs of the block products: ``"cr"`` (C·R), ``"lc"`` (L·C), ``"w_cr"``
+            (W = L·CR; also dL = G·CR and H = L^T·G), ``"w_lc"`` (W = LC·R; also dR = G·LC
+            and K = G·R^T), ``"gemm_row"`` (``2 I J``: the forward GEMM, the input gradient and
+            G per row), ``"blocks"`` (forming L and R).
+        env: :class:`RowPaths` of the gradients without G: ``"l_cr"`` (x, dy, CR -> dL),
+            ``"l"`` (x, dy, C, R -> dL), ``"r_lc"`` (x, dy, LC -> dR), ``"r"`` (x, dy, L, C
+            -> dR), ``"c"`` (x, dy, L, R -> dC).
+    """
+
+    ENV = {"l_cr": "naxp,nbzq,dxzpq->abd", "l": "naxp,nbzq,dxze,epq->abd",
+           "r_lc": "naxp,nbzq,abxze->epq", "r": "naxp,nbzq,abd,dxze->epq",
+           "c": "naxp,nbzq,abd,epq->dxze"}
+
+    def __init__(self, core_shapes: CoreShapes, centre: int, optimize: str = "auto-hq") -> None:
+        shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
+        n, c = len(shapes), int(centre)
+        if not 0 <= c < n:
+            raise ValueError(f"centre {centre} out of range for {n} sites")
+        self.core_shapes, self.centre = shapes, c
+        Ai, Aj = prod(s[1] for s in shapes[:c]), prod(s[2] for s in shapes[:c])
+        Pi, Pj = prod(s[1] for s in shapes[c + 1:]), prod(s[2] for s in shapes[c + 1:])
+        D2, Mi, Mj, D3 = shapes[c]
+        self.dims = (Ai, Aj, Mi, Mj, Pi, Pj, D2, D3)
+        self.in_size, self.out_size = Ai * Mi * Pi, Aj * Mj * Pj
+        self.left = self.right = None
+        self.left_views = self.right_views = ()
+        blocks = 0
+        if c > 1:
+            eq, self.left_views = _block_equation(shapes[:c], "left")
+            self.left = get_plan(eq, self.left_views, optimize)
+            blocks += self.left.flops
+        if n - c - 1 > 1:
+            eq, self.right_views = _block_equation(shapes[c + 1:], "right")
+            self.right = get_plan(eq, self.right_views, optimize)
+            blocks += self.right.flops
+        u = 2 * self.in_size * self.out_size
+        self.flops = {"cr": 2 * D2 * Mi * Mj * D3 * Pi * Pj, "lc": 2 * Ai * Aj * D2 * Mi * Mj * D3,
+                      "w_cr": u * D2, "w_lc": u * D3, "gemm_row": u, "blocks": blocks}
+        x, dy = (Ai, Mi, Pi), (Aj, Mj, Pj)
+        ops = {"l_cr": [(D2, Mi, Mj, Pi, Pj)], "l": [(D2, Mi, Mj, D3), (D3, Pi, Pj)],
+               "r_lc": [(Ai, Aj, Mi, Mj, D3)], "r": [(Ai, Aj, D2), (D2, Mi, Mj, D3)],
+               "c": [(Ai, Aj, D2), (D3, Pi, Pj)]}
+        self.env = {k: RowPaths(self.ENV[k], lambda rows, o=o: ((rows, *x), (rows, *dy), *o),
+                                "n", optimize) for k, o in ops.items()}
+
+    def __repr__(self) -> str:
+        return (f"BlockPlan({self.core_shapes}, centre={self.centre}, dims={self.dims}, "
+                f"flops={self.flops})")
+
+
+@lru_cache(maxsize=256)
+def _block_plan(core_shapes: CoreShapes, centre: int) -> BlockPlan:
+    return BlockPlan(core_shapes, centre)
+
+
+def block_plan(core_shapes: Sequence[Sequence[int]], centre: int) -> BlockPlan:
+    """The cached :class:`BlockPlan` of cores of these shapes cut around ``centre`` (call it
+    when the cores are set, not in a forward pass)."""
+    return _block_plan(tuple(tuple(int(d) for d in s) for s in core_shapes), int(centre))
