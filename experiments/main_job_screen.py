@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--w-rel", type=float, default=0.0)
     ap.add_argument("--neighbours", action="store_true",
                     help="half of each healing batch: nearest neighbours of the other half")
+    ap.add_argument("--plain", action="store_true",
+                    help="baseline: plain low-rank SVD of the weights (no whitening)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--train", default="cores")
     ap.add_argument("--text", default="default", help="'default' or a file, one sentence a line")
@@ -75,7 +77,8 @@ def main() -> None:
                       batch_size=args.batch_size,
                       train=args.train)
     cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=args.allocation,
-                            heal=heal, reconstruct_steps=args.reconstruct_steps)
+                            heal=heal, reconstruct_steps=args.reconstruct_steps,
+                            whiten=not args.plain)
     res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
                          progress=False)
     wall = time.perf_counter() - t0
