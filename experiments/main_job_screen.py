@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--allocation", default="sensitivity")
-    ap.add_argument("--heal-steps", type=int, default=300)
+    ap.add_argument("--heal-steps", type=int, default=1000)
     ap.add_argument("--reconstruct-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--w-hidden", type=float, default=1.0)
