@@ -19,7 +19,7 @@ Training: one step (forward, loss, backward, AdamW step) on 32 sentences x 64 to
 the dense model (all parameters), LFA (untruncated MPO, ``setup_training("auxiliary")``:
 central tensors frozen) and LoRA (peft, r=8, the same targets); with ``--chain-arm``
 also LFA with ``MPOModule.block_train = False`` (autograd through the chain's einsums,
-the implementation before the three-block training path).
+the chain-autograd reference).
 
 Every figure is a ratio of medians against the dense model, with the arms interleaved
 in each repeat (the machine's load drifts between repeats, not within one).

@@ -65,6 +65,7 @@ def main() -> None:
         text = default_text(seed=args.seed)
     else:
         text = read_sentences(args.text, column=args.text_column)
+    dev = read_sentences(args.dev_text, column=0)[1:501]  # read before the long work
     n_eval = min(256, len(text) // 4)
     held_out, calibration, rest = split_sentences(text, [n_eval, args.calibration, -1],
                                                   seed=args.seed)
@@ -83,7 +84,6 @@ def main() -> None:
                          progress=False)
     wall = time.perf_counter() - t0
     cos = embedding_cosine(res.model, teacher, tok, held_out)
-    dev = read_sentences(args.dev_text, column=0)[1:501]
     cos_dev = embedding_cosine(res.model, teacher, tok, dev)
     out = dict(vars(args), cosine_dev_mean=float(cos_dev.mean()), ratio=res.ratio,
                seconds=res.seconds, wall_seconds=wall,

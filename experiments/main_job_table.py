@@ -19,8 +19,8 @@ COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
 
 def _text(d: dict) -> str:
     t = d.get("text", "default")
-    if d.get("grammar", "").startswith("round 2"):
-        return "round-2 default"
+    if d.get("grammar", "").startswith("pre-grammar"):
+        return "pre-grammar default"
     if t == "default":
         return "default"
     return Path(t).parent.name + "/" + Path(t).name if "/" in t else t

@@ -724,11 +724,36 @@ def test_heal_with_neighbour_pairs_and_relational_loss(tok, sentences, damaged, 
     near = distill.nearest_neighbours(teacher, tok, sentences)
     calls = []
     monkeypatch.setattr(distill, "nearest_neighbours", lambda *a, **k: calls.append(1) or near)
+    rows = []
+    monkeypatch.setattr(distill, "rank_share", lambda draw, *a: rows.append(list(draw)) or
+                        list(draw))
     cfg = HealConfig(steps=5, lr=1e-2, warmup=1, batch_size=8, w_rel=10.0, neighbours=True)
     res = heal(student, teacher, tok, sentences, cfg, progress=False)
     assert calls == [1] and seen == [8] * 5 and all(math.isfinite(v) for v in res.losses)
+    assert len(rows) == 5 and all(len(r) == 8 and r[1::2] == [near[i] for i in r[::2]]
+                                  for r in rows)  # every anchor is followed by its neighbour
     b = batch_of(tok, sentences[:8])
     with torch.no_grad():
         plain = float(real(student, teacher, b, HealConfig()))
         rel = float(real(student, teacher, b, HealConfig(w_rel=10.0)))
     assert rel > plain  # the relational term adds a positive amount for a damaged student
+
+
+def test_rank_share_keeps_pairs_together_and_covers_the_draw():
+    draw = list(range(10))
+    parts = [distill.rank_share(draw, r, 2, group=2) for r in range(2)]
+    assert parts == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7]]
+    assert distill.rank_share(draw, 0, 1, group=2) == draw
+    assert distill.rank_share(draw, 1, 3) == [1, 4, 7]
+    assert distill.rank_share([5, 6], 3, 4, group=2) == [5, 6]  # an idle rank takes a pair
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        HealConfig(batch_size=7, neighbours=True)
+
+
+def test_nearest_neighbours_works_on_a_model_with_a_head(tok, sentences):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    clf = BertForSequenceClassification(bert().config).eval()
+    assert distill.nearest_neighbours(clf, tok, sentences) == \
+        distill.nearest_neighbours(clf.bert, tok, sentences)

@@ -1254,3 +1254,47 @@ def test_resize_failure_after_the_merge_puts_everything_back(step, monkeypatch):
     assert_unchanged(model.base_model, before)
     assert model.config.vocab_size == 96 and "vocab_size" not in model.base_model.__dict__
     assert model.resize_token_embeddings(100).num_embeddings == 100  # and it works afterwards
+
+
+def test_float32_layers_take_a_tight_max_error_and_report_the_stored_error():
+    import copy
+
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 36)
+    layer = MPOLinear.from_linear(lin, n_sites=2, max_error=1e-9)  # float32 rounding: no error
+    W = lin.weight.detach().double()
+    exact = copy.deepcopy(layer).double().weight.detach()  # the stored cores, contracted in f64
+    measured = float(torch.linalg.norm(exact - W) / torch.linalg.norm(W))
+    assert layer.truncation_error == pytest.approx(measured, rel=1e-6, abs=1e-12)
+
+
+def test_copies_of_the_computed_weight_are_plain_tensors(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(8, 6), n_sites=2)
+    w = layer.weight.detach()
+    torch.save({"w": w}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt")  # weights_only=True: plain tensors only
+    assert type(loaded["w"]) is torch.Tensor and torch.equal(loaded["w"], w)
+    c = copy.deepcopy(w)
+    assert type(c) is torch.Tensor
+    c += 1  # a copy owns its storage and is writable
+    assert torch.equal(layer.weight.detach(), w)
+    p = nn.Parameter(w.clone())
+    p.grad = torch.ones_like(p)
+    torch.optim.SGD([p], lr=0.1).step()  # the message's advice works
+    with pytest.raises(Exception, match=r"detach\(\)\.clone\(\)"):
+        q = nn.Parameter(w)  # shares the computed weight's storage: read-only
+        q.grad = torch.ones_like(q)
+        torch.optim.SGD([q], lr=0.1).step()
+
+
+def test_nonfinite_reason_reads_bfloat16():
+    from tnlm.analysis.profile import nonfinite_reason
+
+    t = torch.ones(4, 4, dtype=torch.bfloat16)
+    t[0, 0] = float("nan")
+    t[1, 1] = float("inf")
+    assert nonfinite_reason(t) == "1 NaN and 1 inf of 16 entries"
+    assert nonfinite_reason(torch.ones(3, dtype=torch.bfloat16)) is None

@@ -13,10 +13,12 @@ from importlib import import_module
 from typing import Any
 
 from tnlm.bridge import (
+    MPODtypeError,
     MPOEmbedding,
     MPOLinear,
     MPOModule,
     ParamReport,
+    ReadOnlyWeightError,
     freeze_central,
     make_optimizer,
     parameter_groups,
@@ -49,11 +51,13 @@ __all__ = [
     "DecompositionSpec",
     "DimensionSqueezer",
     "MPOConfig",
+    "MPODtypeError",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModel",
     "MPOModule",
     "ParamReport",
+    "ReadOnlyWeightError",
     "TruncationPolicy",
     "factorize",
     "freeze_central",

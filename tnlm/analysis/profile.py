@@ -54,6 +54,8 @@ def nonfinite_reason(*arrays: Any) -> str | None:
     report those)."""
     nan = inf = total = 0
     for a in arrays:
+        if hasattr(a, "dtype") and str(a.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            a = a.float()
         x = to_numpy(a)
         if not np.issubdtype(x.dtype, np.number):
             continue

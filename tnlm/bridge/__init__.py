@@ -10,14 +10,25 @@ from tnlm.bridge.finetune import (
     train_auxiliary_only,
 )
 from tnlm.bridge.kinds import KINDS, dense_module, kind_of, weight_xw
-from tnlm.bridge.layer import MPOEmbedding, MPOLinear, MPOModule, set_dense_cache
+from tnlm.bridge.layer import (
+    ComputedWeight,
+    MPODtypeError,
+    MPOEmbedding,
+    MPOLinear,
+    MPOModule,
+    ReadOnlyWeightError,
+    set_dense_cache,
+)
 
 __all__ = [
     "KINDS",
+    "ComputedWeight",
+    "MPODtypeError",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
     "ParamReport",
+    "ReadOnlyWeightError",
     "dense_module",
     "freeze_central",
     "kind_of",

@@ -81,7 +81,8 @@ _WEIGHT_WRITE_HINT = (
     "for a dense weight to edit, use layer.merge() (a plain nn.Linear / Conv1D / nn.Embedding "
     "with the same weight) and, to get an MPO back, re-create it from that module "
     "(MPOLinear.from_linear, MPOEmbedding.from_embedding, MPOModule.from_module); to change "
-    "the MPO itself, write its cores (layer.cores, layer.set_cores)")
+    "the MPO itself, write its cores (layer.cores, layer.set_cores); for an independent, "
+    "writable copy of the values (e.g. nn.Parameter(...)), take layer.weight.detach().clone()")
 
 #: in-place dunder methods of torch.Tensor (``w += 1``, ``w[:] = 0``, ...)
 _INPLACE_DUNDERS = frozenset(
@@ -134,6 +135,21 @@ class ComputedWeight(torch.Tensor):
         if not ptrs:
             return result
         return _wrap_aliases(result, ptrs)
+
+    def _plain(self) -> torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # saved (torch.save, pickle) as a plain tensor: loads with weights_only=True
+        return self._plain().detach().clone().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
+        # a copy owns its storage, so it is a plain, writable tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            out = self._plain().clone()
+        memo[id(self)] = out
+        return out
 
 
 def _wrap_aliases(result: Any, ptrs: set[int]) -> Any:
@@ -192,11 +208,13 @@ def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
 
 def _check_cast_error(layer: MPOModule, spec: DecompositionSpec, decomposed_error: float,
                       dtype: torch.dtype) -> None:
-    """``ValueError`` if a number ``spec.max_error`` holds for the float64 decomposition
-    (error ``decomposed_error``) but not for the stored cores (``layer.truncation_error``,
-    measured after the cast to ``dtype``): the cast broke the bound."""
+    """For float16/bfloat16 cores: ``ValueError`` if a number ``spec.max_error`` holds for
+    the float64 decomposition (error ``decomposed_error``) but not for the stored cores
+    (``layer.truncation_error``, measured after the cast to ``dtype``): the cast broke the
+    bound. Float32/float64 cores report their measured error and are not checked."""
     bound = spec.max_error
-    if bound is None or isinstance(bound, (tuple, list)):
+    if dtype not in (torch.float16, torch.bfloat16) or bound is None or \
+            isinstance(bound, (tuple, list)):
         return
     bound = float(bound)
     stored = float(layer.truncation_error)

@@ -12,6 +12,8 @@ keeps which sentences are close to which, what similarity search and SICK measur
 With ``neighbours=True`` half of each batch are anchors drawn at random and half their
 nearest neighbours in the teacher's embedding space (found once, before training), so
 the relational term also sees close pairs, whose fine differences random pairs miss.
+Under ``torch.distributed`` each rank computes the relational term over its own share
+of the batch (whole pairs), so it compares fewer pairs than one process would.
 
 What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
 ``"auxiliary"`` the same without the central tensors. AdamW, linear warm-up then
@@ -81,6 +83,9 @@ class HealConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if not isinstance(self.neighbours, bool):
             raise ValueError(f"neighbours must be a bool, got {self.neighbours!r}")
+        if self.neighbours and self.batch_size % 2:
+            raise ValueError(f"batch_size must be even with neighbours=True (pairs), got "
+                             f"{self.batch_size}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
         if self.train not in ("cores", "auxiliary"):
@@ -156,6 +161,14 @@ def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
     return loss
 
 
+def rank_share(draw: Sequence[int], rank: int, world: int, group: int = 1) -> list[int]:
+    """The part of one step's ``draw`` that ``rank`` of ``world`` trains on: whole groups
+    of ``group`` consecutive entries (a sentence and its neighbour stay together), dealt
+    round-robin; a rank left with nothing takes the first group."""
+    return [d for k, d in enumerate(draw) if (k // group) % world == rank] or list(
+        draw[:group])
+
+
 @torch.no_grad()
 def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str],
                        max_length: int = 64, batch_size: int = 64,
@@ -165,13 +178,16 @@ def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str
     was = model.training
     model.eval()
     embs = []
-    for i in range(0, len(sentences), batch_size):
-        b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt")
-        b = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        h = model(**b).last_hidden_state
-        embs.append(F.normalize(mean_pool(h, b["attention_mask"]).float(), dim=-1))
-    model.train(was)
+    try:
+        for i in range(0, len(sentences), batch_size):
+            b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
+            b = {k: v for k, v in b.items()
+                 if k in ("input_ids", "attention_mask", "token_type_ids")}
+            h = model(**b, output_hidden_states=True).hidden_states[-1]  # heads have no
+            embs.append(F.normalize(mean_pool(h, b["attention_mask"]).float(), dim=-1))
+    finally:  # last_hidden_state; every transformers model has hidden_states
+        model.train(was)
     e = torch.cat(embs)
     out: list[int] = []
     for i in range(0, len(e), chunk):
@@ -294,8 +310,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     student.train(cfg.dropout)
     try:
         for step in bar:
-            idx = [d for k, d in enumerate(draws[step]) if (k // group) % world == rank] \
-                or draws[step][:group]
+            idx = rank_share(draws[step], rank, world, group)
             batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
                               max_length=cfg.max_length, return_tensors="pt")
             batch = {k: v for k, v in batch.items()

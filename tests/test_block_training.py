@@ -1,8 +1,8 @@
 """The training path of MPOLinear's dense mode (``_BlockLinear``, ``TrainCost``): exactness
 and planning, no timing (speed is measured by ``benchmarks/bench_model.py``).
 
-The reference is ``block_train = False``: autograd through the chain's einsums, the
-implementation before the three-block path. In float64, outputs and every gradient (input,
+The reference is ``block_train = False``: autograd through the chain's einsums (the
+chain-autograd reference). In float64, outputs and every gradient (input,
 cores, bias) agree to 1e-10 relative to the reference's scale, for every trainable pattern,
 every strategy (order, gradient route), padded layers and chains of 1 to 5 sites; frozen
 cores get no gradient.
