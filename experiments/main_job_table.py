@@ -2,8 +2,9 @@
 
 Usage: python experiments/main_job_table.py [--dir results/main_job]
 
-Prints one row per run (screens) and, for runs named ``final_<budget>_s<seed>.json``,
-a summary row per budget with mean ± std over seeds.
+Prints a summary row per method and budget with mean ± std over seeds for runs named
+``final_<budget>_s<seed>.json`` (the main job's defaults) and ``plain_<budget>_s<seed>.json``
+(the plain low-rank baseline: same reconstruction and healing), then one row per run.
 """
 
 from __future__ import annotations
@@ -33,10 +34,32 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="results/main_job")
+    ap.add_argument("--plot", default=None, help="also draw the summary rows to this PNG")
     args = ap.parse_args()
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name, d in runs.items():
+        m = re.fullmatch(r"(final|plain)_([0-9.]+)_s\d+", name)
+        if m:
+            groups.setdefault((m.group(1), m.group(2)), []).append(d)
+    print("| method | kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman "
+          "(orig. 0.7994) | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for (method, _), ds in sorted(groups.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
+        cells = []
+        for col in COLS + ("wall_seconds",):
+            xs = [d[col] for d in ds if d.get(col) is not None]
+            digits = 0 if col == "wall_seconds" else (4 if col == "sick_spearman" else 3)
+            sd = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
+            cells.append(f"{statistics.mean(xs):.{digits}f}{sd}" if xs else "")
+        label = ("main job defaults (data-aware, sensitivity allocation)" if method == "final"
+                 else "plain low-rank SVD, uniform (same reconstruction and healing)")
+        print(f"| {label} | {ds[0]['ratio']:.1%} | {len(ds)} | " + " | ".join(cells) + " |")
+    if args.plot:
+        plot(groups, args.plot)
+    print()
     print("| run | text | kept | heal steps | options | held-out cosine | SST-2 dev cosine "
-          "| SICK (orig. 0.799) | wall s |")
+          "| SICK (orig. 0.7994) | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, d in runs.items():
         opts = []
@@ -51,24 +74,43 @@ def main() -> None:
         print(f"| {name} | {_text(d)} | {d['ratio']:.1%} | {d['heal_steps']} | "
               f"{', '.join(opts)} | {_fmt(d['cosine_mean'])} | {_fmt(d.get('cosine_dev_mean'))} "
               f"| {_fmt(d['sick_spearman'], 4)} | {d['wall_seconds']:.0f} |")
-    finals: dict[str, list[dict]] = {}
-    for name, d in runs.items():
-        m = re.fullmatch(r"final_([0-9.]+)_s\d+", name)
-        if m:
-            finals.setdefault(m.group(1), []).append(d)
-    if not finals:
-        return
-    print()
-    print("| kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman | wall s |")
-    print("|---|---|---|---|---|---|")
-    for _budget, ds in sorted(finals.items(), key=lambda kv: -float(kv[0])):
-        cells = []
-        for col in COLS + ("wall_seconds",):
-            xs = [d[col] for d in ds if d.get(col) is not None]
-            digits = 0 if col == "wall_seconds" else (4 if col == "sick_spearman" else 3)
-            sd = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
-            cells.append(f"{statistics.mean(xs):.{digits}f}{sd}" if xs else "")
-        print(f"| {ds[0]['ratio']:.1%} | {len(ds)} | " + " | ".join(cells) + " |")
+
+
+def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
+    """Metric vs kept fraction per method (mean over seeds, error bars = std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method, style in (("final", "o-"), ("plain", "s--")):
+        pts = sorted((float(k[1]), ds) for k, ds in groups.items() if k[0] == method)
+        if not pts:
+            continue
+        label = "data-aware (main job)" if method == "final" else "plain low-rank"
+        x = [ds[0]["ratio"] for _, ds in pts]
+        for ax, cols in ((axes[0], ("cosine_mean", "cosine_dev_mean")),
+                         (axes[1], ("sick_spearman",))):
+            for col in cols:
+                ys = [[d[col] for d in ds] for _, ds in pts]
+                ax.errorbar(x, [statistics.mean(y) for y in ys],
+                            yerr=[statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
+                            fmt=style, capsize=3,
+                            label=f"{label}: " + {"cosine_mean": "held-out",
+                                                  "cosine_dev_mean": "SST-2 dev",
+                                                  "sick_spearman": "SICK"}[col])
+    axes[0].set(xlabel="kept fraction of the encoder-linear parameters",
+                ylabel="embedding cosine to the original")
+    axes[1].axhline(0.7994, color="gray", lw=0.8, ls=":", label="original")
+    axes[1].set(xlabel="kept fraction of the encoder-linear parameters",
+                ylabel="SICK Spearman")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
