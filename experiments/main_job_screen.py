@@ -21,37 +21,44 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnlm.cli import BERT_TARGETS  # noqa: E402
+from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
-from tnlm.compress.text import default_text, read_sentences, split_sentences  # noqa: E402
+from tnlm.compress.text import (  # noqa: E402
+    compression_sizes,
+    default_text,
+    read_sentences,
+    split_sentences,
+)
 from tnlm.integration import default_model_path  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--allocation", default="sensitivity")
-    ap.add_argument("--heal-steps", type=int, default=1000)
-    ap.add_argument("--reconstruct-steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--w-hidden", type=float, default=1.0)
-    ap.add_argument("--w-cos", type=float, default=1.0)
-    ap.add_argument("--w-rel", type=float, default=0.0)
+    cli = build_parser().parse_args(["compress"])  # the main job's defaults
+    hc = HealConfig()
+    ap.add_argument("--budget", type=float, default=cli.budget)
+    ap.add_argument("--allocation", default=cli.allocation)
+    ap.add_argument("--heal-steps", type=int, default=cli.heal_steps)
+    ap.add_argument("--reconstruct-steps", type=int, default=cli.reconstruct_steps)
+    ap.add_argument("--lr", type=float, default=cli.lr)
+    ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
+    ap.add_argument("--w-cos", type=float, default=hc.w_cos)
+    ap.add_argument("--w-rel", type=float, default=hc.w_rel)
     ap.add_argument("--neighbours", action="store_true",
                     help="half of each healing batch: nearest neighbours of the other half")
     ap.add_argument("--plain", action="store_true",
                     help="baseline: plain low-rank SVD of the weights (no whitening)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--train", default="cores")
+    ap.add_argument("--batch-size", type=int, default=hc.batch_size)
+    ap.add_argument("--train", default=hc.train)
     ap.add_argument("--text", default="default", help="'default' or a file, one sentence a line")
     ap.add_argument("--text-column", type=int, default=None)
-    ap.add_argument("--calibration", type=int, default=512)
+    ap.add_argument("--calibration", type=int, default=cli.calibration)
     ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
     ap.add_argument("--dev-text", default="../shared/data/sst2/dev.tsv",
                     help="natural held-out text (first column, 500 sentences) for a second cosine")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=cli.seed)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -66,9 +73,8 @@ def main() -> None:
     else:
         text = read_sentences(args.text, column=args.text_column)
     dev = read_sentences(args.dev_text, column=0)[1:501]  # read before the long work
-    n_eval = min(256, len(text) // 4)
-    held_out, calibration, rest = split_sentences(text, [n_eval, args.calibration, -1],
-                                                  seed=args.seed)
+    n_eval, n_cal = compression_sizes(len(text), args.calibration)
+    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
     path = str(default_model_path())
     model = AutoModel.from_pretrained(path).eval()
     teacher = AutoModel.from_pretrained(path).eval()

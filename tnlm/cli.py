@@ -106,6 +106,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from tnlm.compress.quality import embedding_cosine, sick_spearman
     from tnlm.compress.text import (
         DEFAULT_TEXT_SOURCE,
+        compression_sizes,
         default_text,
         read_sentences,
         split_sentences,
@@ -133,8 +134,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         source = args.text
     else:
         text, source = default_text(seed=args.seed), DEFAULT_TEXT_SOURCE
-    n_eval = min(256, len(text) // 4)
-    n_cal = min(args.calibration, len(text) - n_eval)
+    n_eval, n_cal = compression_sizes(len(text), args.calibration)
     if n_cal < 1:
         raise UserError(f"--text {source} has too few sentences ({len(text)})")
     held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)

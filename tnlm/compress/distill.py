@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import mpo_modules
+from tnlm.compress.quality import embed
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "nearest_neighbours"]
@@ -174,21 +175,14 @@ def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str
                        max_length: int = 64, batch_size: int = 64,
                        chunk: int = 2048) -> list[int]:
     """For each sentence, the index of its most similar *other* sentence by the cosine of
-    ``model``'s mean-pooled embeddings ((n,) list; n >= 2)."""
+    ``model``'s mean-pooled embeddings (:func:`tnlm.compress.quality.embed`, in eval
+    mode; (n,) list; n >= 2)."""
     was = model.training
     model.eval()
-    embs = []
     try:
-        for i in range(0, len(sentences), batch_size):
-            b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
-            b = {k: v for k, v in b.items()
-                 if k in ("input_ids", "attention_mask", "token_type_ids")}
-            h = model(**b, output_hidden_states=True).hidden_states[-1]  # heads have no
-            embs.append(F.normalize(mean_pool(h, b["attention_mask"]).float(), dim=-1))
-    finally:  # last_hidden_state; every transformers model has hidden_states
+        e = embed(model, tokenizer, sentences, batch_size, max_length).float()
+    finally:
         model.train(was)
-    e = torch.cat(embs)
     out: list[int] = []
     for i in range(0, len(e), chunk):
         sim = e[i:i + chunk] @ e.T
@@ -292,7 +286,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     if cfg.neighbours and len(sentences) > 1:
         near = nearest_neighbours(teacher, tokenizer, sentences, cfg.max_length)
         # [a0, n0, a1, n1, ...]: a rank takes whole pairs (see below)
-        draws = [[j for _ in range(max(1, cfg.batch_size // 2))
+        draws = [[j for _ in range(cfg.batch_size // 2)  # an even batch_size (checked)
                   for i in [rng.randrange(len(sentences))] for j in (i, near[i])]
                  for _ in range(steps)]
         group = 2

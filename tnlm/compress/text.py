@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from tnlm.compress.grammar import generate
 
-__all__ = ["default_text", "docstring_sentences", "generated_sentences", "read_sentences",
-           "split_sentences"]
+__all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_sentences",
+           "generated_sentences", "read_sentences", "split_sentences"]
 
 DEFAULT_TEXT_SOURCE = "generated sentences and docstrings of the installed Python source"
 
@@ -122,9 +122,19 @@ def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
     questions; no corpus, no licence). Deterministic for a seed."""
     return generate(n, seed=seed)
 
+
 def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000) -> list[str]:
     """The main job's text when the user passes none (:data:`DEFAULT_TEXT_SOURCE`):
     ``n_generated`` :func:`generated_sentences` then up to ``n_docstrings``
     :func:`docstring_sentences`; nothing is downloaded."""
     text = generated_sentences(n_generated, seed=seed)
     return text + docstring_sentences(max_files=1500, seed=seed)[:n_docstrings]
+
+
+def compression_sizes(n_sentences: int, n_calibration: int) -> tuple[int, int]:
+    """How the main job splits ``n_sentences`` of text: ``(held_out, calibration)`` counts,
+    ``min(256, n // 4)`` held out for the cosine and at most ``n_calibration`` for
+    calibration; the rest heals (with the calibration sentences). A calibration count
+    below 1 means the text is too short."""
+    n_eval = min(256, n_sentences // 4)
+    return n_eval, min(n_calibration, n_sentences - n_eval)

@@ -51,13 +51,18 @@ def load_default_model():
 
 def mean_pooled(model, tokenizer, sentences: list[str], max_length: int = 128):
     """Sentence embeddings as all-MiniLM-L6-v2 computes them: masked mean of the last
-    hidden states, L2-normalised. Returns a (len(sentences), hidden) tensor."""
+    hidden states, L2-normalised. Returns a (len(sentences), hidden) tensor. Models with
+    a task head (no ``last_hidden_state`` in their output) are read through
+    ``hidden_states[-1]``."""
     import torch
 
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
+        out = model(**batch, output_hidden_states=True)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out.hidden_states[-1]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
