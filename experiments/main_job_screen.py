@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
-from tnlm.compress.distill import HealConfig  # noqa: E402
+from tnlm.compress.distill import HealConfig, fast_bf16  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
@@ -80,6 +80,7 @@ def main() -> None:
     teacher = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, w_hidden=args.w_hidden,
+                      teacher_bf16=fast_bf16() if cli.teacher_bf16 is None else cli.teacher_bf16,
                       w_cos=args.w_cos, w_rel=args.w_rel, neighbours=args.neighbours,
                       batch_size=args.batch_size,
                       train=args.train)

@@ -609,11 +609,54 @@ def test_heal_bad_input(tok, sentences, damaged):
     (dict(batch_size=0), "batch_size"), (dict(checkpoint_every=0), "checkpoint_every"),
     (dict(lr=float("nan")), "lr"), (dict(lr=-1e-3), "lr"), (dict(max_grad_norm=float("inf")),
                                                                "max_grad_norm"),
-    (dict(train="x"), "train"),
+    (dict(train="x"), "train"), (dict(bucket=-1), "bucket"), (dict(bucket=2.0), "bucket"),
+    (dict(teacher_bf16=1), "teacher_bf16"),
 ])
 def test_heal_config_rejects_bad_values(kw, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
         HealConfig(**kw)
+
+
+def test_length_bucketed_draws_pad_less_and_draw_every_sentence_alike():
+    rng = random.Random(0)
+    lengths = [rng.randrange(4, 64) for _ in range(2000)]
+    draws = distill.length_bucketed_draws(lengths, 32, 3000, 4, random.Random(1))
+    assert len(draws) == 3000 and all(len(b) == 32 for b in draws)
+    assert draws == distill.length_bucketed_draws(lengths, 32, 3000, 4, random.Random(1))
+
+    def fill(batches):  # real tokens / padded tokens
+        return sum(sum(lengths[i] for i in b) for b in batches) / sum(
+            32 * max(lengths[i] for i in b) for b in batches)
+
+    uniform = [[rng.randrange(2000) for _ in range(32)] for _ in range(3000)]
+    assert fill(uniform) < 0.6 < 0.9 < fill(draws)
+    counts = torch.bincount(torch.tensor([i for b in draws for i in b]), minlength=2000)
+    assert int((counts == 0).sum()) < 20  # 48 draws per sentence on average
+    assert abs(float(counts.float().mean()) - 48) < 1e-9 and float(counts.float().std()) < 10
+    with pytest.raises(ValueError, match="lengths"):
+        distill.length_bucketed_draws([], 32, 1, 4, random.Random(0))
+
+
+def test_heal_train_all_trains_dense_linears_and_bf16_teacher_stays_close(tok, sentences,
+                                                                          damaged):
+    teacher = damaged[0]
+    student = compress_model(copy.deepcopy(teacher), tok, sentences,
+                             CompressionConfig(PARTIAL, budget=0.3, heal=None),
+                             progress=False).model
+    dense = student.base_model.encoder.layer[0].attention.self.key  # left dense
+    before = dense.weight.detach().clone()
+    res = heal(student, teacher, tok, sentences,
+               HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, train="all"),
+               progress=False)
+    res_cores = heal(copy.deepcopy(student), teacher, tok, sentences,
+                     HealConfig(steps=1, batch_size=8), progress=False)
+    assert res.trained_params > res_cores.trained_params
+    assert not torch.equal(dense.weight, before)
+    batch = batch_of(tok, sentences[:16])
+    with torch.no_grad():
+        exact = float(distill._loss(student, teacher, batch, HealConfig()))
+        half = float(distill._loss(student, teacher, batch, HealConfig(teacher_bf16=True)))
+    assert math.isfinite(half) and abs(half - exact) < 0.05 * exact + 1e-3
 
 
 # --------------------------------------------------------------------------- text

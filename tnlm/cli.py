@@ -101,7 +101,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.distill import HealConfig
+    from tnlm.compress.distill import HealConfig, fast_bf16
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.compress.quality import embedding_cosine, sick_spearman
     from tnlm.compress.text import (
@@ -144,7 +144,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(str(path))
     teacher = AutoModel.from_pretrained(str(path)).eval()
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
-    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
+    bf16 = fast_bf16() if args.teacher_bf16 is None else args.teacher_bf16
+    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, teacher_bf16=bf16,
                       checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-steps", type=int, default=1000,
                    help="distillation steps after truncation (0: none)")
     p.add_argument("--lr", type=float, default=3e-4, help="healing learning rate")
+    p.add_argument("--teacher-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the teacher in bfloat16 during healing (default: when the CPU "
+                        "has bf16 instructions; pooled outputs within 1e-4 cosine)")
     p.add_argument("--reconstruct-steps", type=int, default=100,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=("uniform", "greedy", "sensitivity"),

@@ -1,0 +1,136 @@
+"""Screen healing variants on one truncated model (the main job's, before healing).
+
+The main job's steps up to healing (text split, calibration, sensitivity allocation,
+data-aware truncation, block reconstruction; exactly as ``tnlm compress``) run once per
+(budget, seed) and the result is kept as a full tnlm checkpoint in ``--cache``; each
+variant then heals a fresh copy of it and is measured as ``main_job_screen.py`` measures
+the main job (held-out cosine, SST-2 dev cosine, SICK), plus the cosine on 256 of the
+sentences it trained on (the fit/generalisation gap).
+
+Variants: the healing text (``--extra N`` fresh generated sentences beside the main job's
+text; ``--vocab P``: a share P of the extra sentences has words swapped for random words
+of the tokenizer's vocabulary), what trains (``--train``), steps, batch size, lr.
+
+Usage:
+    python experiments/heal_screen.py --heal-steps 300 --extra 30000 \
+        --out results/heal_screen/extra30k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
+from tnlm.compress.distill import HealConfig, heal  # noqa: E402
+from tnlm.compress.grammar import generate  # noqa: E402
+from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
+from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
+from tnlm.compress.text import compression_sizes, default_text, split_sentences  # noqa: E402
+from tnlm.integration import MPOModel, default_model_path  # noqa: E402
+
+
+def vocab_words(tok) -> list[str]:
+    """Whole lower-case words of the tokenizer's vocabulary (no pieces, no marks)."""
+    return [w for w in tok.get_vocab() if w.isalpha() and w.isascii() and w.islower()
+            and len(w) > 1]
+
+
+def swap_words(sentences: list[str], words: list[str], share: float, p_word: float,
+               seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for s in sentences:
+        if rng.random() < share:
+            s = " ".join(rng.choice(words) if w.isalpha() and w.islower() and rng.random() < p_word
+                         else w for w in s.split())
+        out.append(s)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli = build_parser().parse_args(["compress"])
+    hc = HealConfig()
+    ap.add_argument("--budget", type=float, default=cli.budget)
+    ap.add_argument("--seed", type=int, default=cli.seed)
+    ap.add_argument("--heal-steps", type=int, default=cli.heal_steps)
+    ap.add_argument("--lr", type=float, default=cli.lr)
+    ap.add_argument("--batch-size", type=int, default=hc.batch_size)
+    ap.add_argument("--train", default=hc.train)
+    ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
+    ap.add_argument("--bucket", type=int, default=hc.bucket)
+    ap.add_argument("--teacher-bf16", action="store_true")
+    ap.add_argument("--extra", type=int, default=0, help="fresh generated sentences added")
+    ap.add_argument("--no-base-text", action="store_true",
+                    help="heal on the extra sentences only (plus calibration)")
+    ap.add_argument("--vocab", type=float, default=0.0,
+                    help="share of the extra sentences with words swapped for vocabulary words")
+    ap.add_argument("--p-word", type=float, default=0.3)
+    ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--dev-text", default="../shared/data/sst2/dev.tsv")
+    ap.add_argument("--cache", default="/work/runs/cache")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from transformers import AutoModel, AutoTokenizer
+
+    from tnlm.compress.text import read_sentences
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    text = default_text(seed=args.seed)
+    dev = read_sentences(args.dev_text, column=0)[1:501]
+    n_eval, n_cal = compression_sizes(len(text), cli.calibration)
+    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
+    path = str(default_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModel.from_pretrained(path).eval()
+    cache = Path(args.cache) / f"b{args.budget}_s{args.seed}"
+    if not (cache / "mpo_config.json").is_file():
+        model = AutoModel.from_pretrained(path).eval()
+        cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=cli.allocation,
+                                heal=None, reconstruct_steps=cli.reconstruct_steps)
+        res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
+                             progress=False)
+        res.model.save_pretrained(cache, lightweight=False)
+    student = MPOModel.from_pretrained(AutoModel.from_pretrained(path), cache)
+    prep = time.perf_counter() - t0
+    heal_text = calibration + ([] if args.no_base_text else rest)
+    if args.extra:
+        seen = set(held_out) | set(heal_text)
+        extra = [s for s in generate(args.extra + 2000, seed=10_000 + args.seed)
+                 if s not in seen][:args.extra]
+        if args.vocab:
+            extra = swap_words(extra, vocab_words(tok), args.vocab, args.p_word, args.seed)
+        heal_text = heal_text + extra
+    hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
+                      batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
+                      bucket=args.bucket, teacher_bf16=args.teacher_bf16)
+    t1 = time.perf_counter()
+    hr = heal(student, teacher, tok, heal_text, hcfg, progress=False)
+    heal_s = time.perf_counter() - t1
+    train_probe = random.Random(args.seed).sample(rest, 256)
+    out = dict(vars(args), n_heal_text=len(heal_text), prep_seconds=prep, heal_seconds=heal_s,
+               trained_params=hr.trained_params,
+               cosine_mean=float(embedding_cosine(student, teacher, tok, held_out).mean()),
+               cosine_train=float(embedding_cosine(student, teacher, tok, train_probe).mean()),
+               cosine_dev_mean=float(embedding_cosine(student, teacher, tok, dev).mean()),
+               sick_spearman_original=sick_spearman(teacher, tok, args.sick),
+               sick_spearman=sick_spearman(student, tok, args.sick),
+               final_loss=hr.losses[-1] if hr.losses else None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("cosine_mean", "cosine_train", "cosine_dev_mean",
+                                          "sick_spearman", "heal_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
