@@ -1,0 +1,67 @@
+"""Seconds per healing step on the main job's text, in one run: uniform draws vs
+length-bucketed draws, float32 vs bfloat16 teacher (ratios against the first arm).
+
+The student is the embedded MiniLM truncated to ``--budget`` (data-aware, uniform ranks,
+no reconstruction); each arm heals a fresh copy for ``--steps`` steps (after one warm-up
+step) on the same sentences. The arms are run in turn, twice, and the faster pass is kept
+(the machine is shared).
+
+Usage:
+    python benchmarks/bench_heal.py [--steps 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModel, AutoTokenizer
+
+    from tnlm.cli import BERT_TARGETS
+    from tnlm.compress.distill import HealConfig, fast_bf16, heal
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+    from tnlm.compress.text import default_text
+    from tnlm.integration import default_model_path
+
+    path = str(default_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModel.from_pretrained(path).eval()
+    text = default_text(seed=0)
+    lengths = [len(x) for x in tok(text, truncation=True, max_length=64)["input_ids"]]
+    model = AutoModel.from_pretrained(path).eval()
+    student = compress_model(model, tok, text[:128], CompressionConfig(
+        BERT_TARGETS, budget=args.budget, heal=None), progress=False).model
+    arms = [("uniform draws, float32 teacher", dict(bucket=0)),
+            ("bucketed draws, float32 teacher", dict(bucket=8)),
+            ("uniform draws, bfloat16 teacher", dict(bucket=0, teacher_bf16=True)),
+            ("bucketed draws, bfloat16 teacher", dict(bucket=8, teacher_bf16=True))]
+    best = {name: float("inf") for name, _ in arms}
+    for _ in range(2):
+        for name, kw in arms:
+            s = copy.deepcopy(student)
+            heal(s, teacher, tok, text, HealConfig(steps=1, **kw), progress=False)  # warm-up
+            t0 = time.perf_counter()
+            heal(s, teacher, tok, text, HealConfig(steps=args.steps, **kw), progress=False)
+            best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+    print(f"text: {len(text)} sentences, mean {sum(lengths) / len(lengths):.1f} tokens; "
+          f"bf16 instructions: {fast_bf16()}; threads {torch.get_num_threads()}")
+    base = best[arms[0][0]]
+    print("| arm | s/step | ratio |\n|---|---|---|")
+    for name, _ in arms:
+        print(f"| {name} | {best[name]:.3f} | {best[name] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
