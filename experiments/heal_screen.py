@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -29,12 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
 from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
-from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
-from tnlm.compress.text import compression_sizes, default_text, split_sentences  # noqa: E402
+from tnlm.compress.quality import embedding_cosine  # noqa: E402
+from tnlm.compress.text import default_text  # noqa: E402
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
 
 
@@ -82,14 +82,11 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.text import read_sentences
-
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     text = default_text(seed=args.seed)
-    dev = read_sentences(args.dev_text, column=0)[1:501]
-    n_eval, n_cal = compression_sizes(len(text), cli.calibration)
-    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
+    held_out, calibration, rest, dev = main_job_split(text, cli.calibration, args.seed,
+                                                      args.dev_text)
     path = str(default_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
@@ -120,16 +117,11 @@ def main() -> None:
     train_probe = random.Random(args.seed).sample(rest, 256)
     out = dict(vars(args), n_heal_text=len(heal_text), prep_seconds=prep, heal_seconds=heal_s,
                trained_params=hr.trained_params,
-               cosine_mean=float(embedding_cosine(student, teacher, tok, held_out).mean()),
+               **measure(student, teacher, tok, held_out, dev, args.sick),
                cosine_train=float(embedding_cosine(student, teacher, tok, train_probe).mean()),
-               cosine_dev_mean=float(embedding_cosine(student, teacher, tok, dev).mean()),
-               sick_spearman_original=sick_spearman(teacher, tok, args.sick),
-               sick_spearman=sick_spearman(student, tok, args.sick),
                final_loss=hr.losses[-1] if hr.losses else None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("cosine_mean", "cosine_train", "cosine_dev_mean",
-                                          "sick_spearman", "heal_seconds")}))
+    write_result(out, args.out, ("cosine_mean", "cosine_train", "cosine_dev_mean",
+                                 "sick_spearman", "heal_seconds"))
 
 
 if __name__ == "__main__":

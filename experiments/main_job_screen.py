@@ -12,7 +12,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,15 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
-from tnlm.compress.distill import HealConfig, fast_bf16  # noqa: E402
+from tnlm.compress.distill import HealConfig  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
-from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
-    compression_sizes,
     default_text,
     read_sentences,
-    split_sentences,
 )
 from tnlm.integration import default_model_path  # noqa: E402
 
@@ -72,15 +69,14 @@ def main() -> None:
         text = default_text(seed=args.seed)
     else:
         text = read_sentences(args.text, column=args.text_column)
-    dev = read_sentences(args.dev_text, column=0)[1:501]  # read before the long work
-    n_eval, n_cal = compression_sizes(len(text), args.calibration)
-    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
+    held_out, calibration, rest, dev = main_job_split(text, args.calibration, args.seed,
+                                                      args.dev_text)
     path = str(default_model_path())
     model = AutoModel.from_pretrained(path).eval()
     teacher = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, w_hidden=args.w_hidden,
-                      teacher_bf16=fast_bf16() if cli.teacher_bf16 is None else cli.teacher_bf16,
+                      teacher_bf16=cli.teacher_bf16,
                       w_cos=args.w_cos, w_rel=args.w_rel, neighbours=args.neighbours,
                       batch_size=args.batch_size,
                       train=args.train)
@@ -90,18 +86,11 @@ def main() -> None:
     res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
                          progress=False)
     wall = time.perf_counter() - t0
-    cos = embedding_cosine(res.model, teacher, tok, held_out)
-    cos_dev = embedding_cosine(res.model, teacher, tok, dev)
-    out = dict(vars(args), cosine_dev_mean=float(cos_dev.mean()), ratio=res.ratio,
-               seconds=res.seconds, wall_seconds=wall,
-               cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
-               sick_spearman_original=sick_spearman(teacher, tok, args.sick),
-               sick_spearman=sick_spearman(res.model, tok, args.sick),
+    out = dict(vars(args), ratio=res.ratio, seconds=res.seconds, wall_seconds=wall,
+               **measure(res.model, teacher, tok, held_out, dev, args.sick),
                final_loss=res.heal.losses[-1] if res.heal and res.heal.losses else None)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: out[k] for k in ("cosine_mean", "cosine_dev_mean", "sick_spearman",
-                                          "wall_seconds", "ratio")}))
+    write_result(out, args.out, ("cosine_mean", "cosine_dev_mean", "sick_spearman",
+                                 "wall_seconds", "ratio"))
 
 
 if __name__ == "__main__":

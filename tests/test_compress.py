@@ -657,6 +657,7 @@ def test_heal_train_all_trains_dense_linears_and_bf16_teacher_stays_close(tok, s
         exact = float(distill._loss(student, teacher, batch, HealConfig()))
         half = float(distill._loss(student, teacher, batch, HealConfig(teacher_bf16=True)))
     assert math.isfinite(half) and abs(half - exact) < 0.05 * exact + 1e-3
+    assert HealConfig(teacher_bf16=None).teacher_bf16 is distill.fast_bf16()  # auto
 
 
 # --------------------------------------------------------------------------- text

@@ -101,7 +101,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.distill import HealConfig, fast_bf16
+    from tnlm.compress.distill import HealConfig
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.compress.quality import embedding_cosine, sick_spearman
     from tnlm.compress.text import (
@@ -144,8 +144,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(str(path))
     teacher = AutoModel.from_pretrained(str(path)).eval()
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
-    bf16 = fast_bf16() if args.teacher_bf16 is None else args.teacher_bf16
-    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, teacher_bf16=bf16,
+    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
+                      teacher_bf16=args.teacher_bf16,
                       checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")

@@ -60,6 +60,7 @@ TRAIN_CHOICES = ("cores", "auxiliary", "all")
 class HealConfig:
     """Hyper-parameters of :func:`heal` (defaults: measured on MiniLM, docs/results.md).
 
+    ``teacher_bf16``: ``None`` decides by :func:`fast_bf16` when the config is made.
     ``dropout``: run the student with its dropout layers active (off by default: the
     teacher runs without dropout, so dropout only adds noise to the fit).
     ``w_rel`` / ``neighbours``: the relational term and neighbour pairs (module
@@ -83,7 +84,7 @@ class HealConfig:
     checkpoint_every: int = 100
     dropout: bool = False
     bucket: int = 8
-    teacher_bf16: bool = False
+    teacher_bf16: bool | None = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
@@ -102,8 +103,11 @@ class HealConfig:
         if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"bucket must be an int >= 0 (0 or 1: uniform draws), got "
                              f"{self.bucket!r}")
+        if self.teacher_bf16 is None:  # auto: where the CPU has bf16 instructions
+            self.teacher_bf16 = fast_bf16()
         if not isinstance(self.teacher_bf16, bool):
-            raise ValueError(f"teacher_bf16 must be a bool, got {self.teacher_bf16!r}")
+            raise ValueError(f"teacher_bf16 must be a bool or None (auto), got "
+                             f"{self.teacher_bf16!r}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
         if self.train not in TRAIN_CHOICES:
