@@ -771,6 +771,12 @@ def test_stale_temporary_files_are_removed_but_fresh_ones_are_not(tmp_path):
     for p in stale:
         p.write_bytes(b"x" * 100)
         os.utime(p, (1, 1))
+    # the weights writer's directory, with what a killed safetensors writer leaves in it
+    stale_dir = tmp_path / ".weights.dir.tmp"
+    stale_dir.mkdir()
+    (stale_dir / ".tmpQwErTy").write_bytes(b"z" * 100)
+    os.utime(stale_dir, (1, 1))
+    stale.append(stale_dir)
     other = tmp_path / "notes.tmp"  # not ours
     other.write_text("keep")
     with io.locked(tmp_path) as t:
@@ -778,7 +784,7 @@ def test_stale_temporary_files_are_removed_but_fresh_ones_are_not(tmp_path):
         fresh.write_bytes(b"y")
         os.utime(fresh, (t + 1, t + 1))
         assert sorted(io.remove_stale_temps(tmp_path, t)) == sorted(stale)
-    assert fresh.exists() and other.exists()
+    assert fresh.exists() and other.exists() and not stale_dir.exists()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -25,7 +25,8 @@ write; readers (:meth:`~tnlm.integration.model.MPOModel.from_pretrained`,
 :func:`load_tensors`) take a shared lock on it when it exists, so a reader never
 sees the weights of a config removed under it. The lock file is left in place
 (removing it would race with a writer that has just opened it). Once it holds the
-lock, a writer removes the temporary files (``.weights.*.tmp``,
+lock, a writer removes the temporary files (``.weights.*.tmp``, a directory holding
+the weights being written and any temporary file of the safetensors writer,
 ``.mpo_config.json.*.tmp``, ``.mpo_checkpoint.pending.*.tmp``) older than its lock
 acquisition: they were left by a writer that crashed (no other writer can be
 active while it holds the lock). Locks are advisory and need a POSIX local file
@@ -38,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -129,14 +131,20 @@ def reading(directory: str | os.PathLike) -> Iterator[None]:
 
 
 def remove_stale_temps(directory: str | os.PathLike, before: float) -> list[Path]:
-    """Remove the writers' temporary files in ``directory`` last modified before
-    ``before`` (call it holding :func:`locked`); return what was removed."""
+    """Remove the writers' temporary files (and the weights writer's temporary
+    directories) in ``directory`` last modified before ``before`` (call it holding
+    :func:`locked`); return what was removed."""
     removed = []
     for pattern in _TEMP_PATTERNS:
         for path in Path(directory).glob(pattern):
             with contextlib.suppress(OSError):
-                if path.is_file() and not path.is_symlink() and path.stat().st_mtime < before:
+                if path.is_symlink() or path.stat().st_mtime >= before:
+                    continue
+                if path.is_file():
                     path.unlink()
+                    removed.append(path)
+                elif path.is_dir():
+                    shutil.rmtree(path)
                     removed.append(path)
     return removed
 
@@ -367,9 +375,11 @@ def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
                   save_model: Callable[..., None]) -> None:
     recover(d)
     previous = _current_weights(d)
-    fd, tmp_name = tempfile.mkstemp(dir=d, prefix=".weights.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # a directory of its own: a writer that makes its own temporary file beside its target
+    # (safetensors >= 0.5 writes ".tmpXXXXXX" then renames it) leaves nothing unknown in
+    # the folder when killed; a later writer removes the whole directory as stale
+    tmp_dir = Path(tempfile.mkdtemp(dir=d, prefix=".weights.", suffix=".tmp"))
+    tmp = tmp_dir / "weights.safetensors"
     try:
         save_model(model, str(tmp))
         _fsync(tmp)
@@ -379,9 +389,8 @@ def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
         journal = json.dumps({"new": weights.name, "previous": previous})
         atomic_write(d / JOURNAL_NAME, lambda t: t.write_text(journal))
         os.replace(tmp, weights)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     meta.update(weights=weights.name, sha256=digest)
     try:
         atomic_write(d / CONFIG_NAME,
