@@ -46,7 +46,9 @@ def main() -> None:
     arms = [("uniform draws, float32 teacher", dict(bucket=0)),
             ("bucketed draws, float32 teacher", dict(bucket=8)),
             ("uniform draws, bfloat16 teacher", dict(bucket=0, teacher_bf16=True)),
-            ("bucketed draws, bfloat16 teacher", dict(bucket=8, teacher_bf16=True))]
+            ("bucketed draws, bfloat16 teacher", dict(bucket=8, teacher_bf16=True)),
+            ("bucketed draws, bfloat16 teacher and student",
+             dict(bucket=8, teacher_bf16=True, student_bf16=True))]
     best = {name: float("inf") for name, _ in arms}
     for _ in range(2):
         for name, kw in arms:

@@ -19,8 +19,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from tnlm.compress.distill import HealConfig, heal  # noqa: E402
 from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.compress.quality import embedding_cosine  # noqa: E402
-from tnlm.compress.text import default_text  # noqa: E402
+from tnlm.compress.text import default_text, docstring_sentences  # noqa: E402
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
 
 
@@ -65,17 +67,23 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=cli.heal_steps)
     ap.add_argument("--lr", type=float, default=cli.lr)
     ap.add_argument("--batch-size", type=int, default=hc.batch_size)
-    ap.add_argument("--train", default=hc.train)
+    ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--bucket", type=int, default=hc.bucket)
     ap.add_argument("--teacher-bf16", action="store_true")
+    ap.add_argument("--student-bf16", action="store_true")
     ap.add_argument("--extra", type=int, default=0, help="fresh generated sentences added")
+    ap.add_argument("--extra-doc", type=int, default=0,
+                    help="more docstring sentences added (stdlib, transformers, torch, numpy)")
     ap.add_argument("--no-base-text", action="store_true",
                     help="heal on the extra sentences only (plus calibration)")
     ap.add_argument("--vocab", type=float, default=0.0,
                     help="share of the extra sentences with words swapped for vocabulary words")
     ap.add_argument("--p-word", type=float, default=0.3)
     ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--sick-train", default="../shared/data/sick/train.tsv",
+                    help="also SICK on this file ('' to skip)")
+    ap.add_argument("--save", default="", help="save the healed student here")
     ap.add_argument("--dev-text", default="../shared/data/sst2/dev.tsv")
     ap.add_argument("--cache", default="/work/runs/cache")
     ap.add_argument("--out", required=True)
@@ -108,20 +116,32 @@ def main() -> None:
         if args.vocab:
             extra = swap_words(extra, vocab_words(tok), args.vocab, args.p_word, args.seed)
         heal_text = heal_text + extra
+    if args.extra_doc:
+        seen = set(held_out) | set(heal_text)
+        roots = [Path(sysconfig.get_paths()["stdlib"])] + [
+            Path(importlib.util.find_spec(m).origin).parent
+            for m in ("transformers", "torch", "numpy")]
+        doc = [s for s in docstring_sentences(roots=roots, max_files=100_000, seed=args.seed)
+               if s not in seen][:args.extra_doc]
+        heal_text = heal_text + doc
     hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
-                      bucket=args.bucket, teacher_bf16=args.teacher_bf16)
+                      bucket=args.bucket, teacher_bf16=args.teacher_bf16,
+                      student_bf16=args.student_bf16)
     t1 = time.perf_counter()
     hr = heal(student, teacher, tok, heal_text, hcfg, progress=False)
     heal_s = time.perf_counter() - t1
     train_probe = random.Random(args.seed).sample(rest, 256)
     out = dict(vars(args), n_heal_text=len(heal_text), prep_seconds=prep, heal_seconds=heal_s,
                trained_params=hr.trained_params,
-               **measure(student, teacher, tok, held_out, dev, args.sick),
+               **measure(student, teacher, tok, held_out, dev, args.sick, args.sick_train),
                cosine_train=float(embedding_cosine(student, teacher, tok, train_probe).mean()),
                final_loss=hr.losses[-1] if hr.losses else None)
+    if args.save:
+        student.save_pretrained(args.save, lightweight=False)
     write_result(out, args.out, ("cosine_mean", "cosine_train", "cosine_dev_mean",
-                                 "sick_spearman", "heal_seconds"))
+                                 "sick_spearman", "heal_seconds")
+                 + (("sick_train_spearman",) if args.sick_train else ()))
 
 
 if __name__ == "__main__":

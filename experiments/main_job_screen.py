@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true",
                     help="baseline: plain low-rank SVD of the weights (no whitening)")
     ap.add_argument("--batch-size", type=int, default=hc.batch_size)
-    ap.add_argument("--train", default=hc.train)
+    ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--text", default="default", help="'default' or a file, one sentence a line")
     ap.add_argument("--text-column", type=int, default=None)
     ap.add_argument("--calibration", type=int, default=cli.calibration)

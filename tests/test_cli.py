@@ -96,3 +96,15 @@ def test_typo_version_and_json(model_dir, capsys):
     for r in rows:
         # the entropy is measured at the central bond and bounded by ln of its dimension
         assert 0 <= r["central_entropy"] <= r["max_central_entropy"] + 1e-9
+
+
+def test_heal_train_choices_are_the_healing_ones():
+    from tnlm.cli import HEAL_TRAIN_CHOICES, build_parser
+    from tnlm.compress.distill import TRAIN_CHOICES
+
+    assert HEAL_TRAIN_CHOICES == TRAIN_CHOICES
+    args = build_parser().parse_args(["compress", "--heal-train", "cores"])
+    assert args.heal_train == "cores"
+    assert build_parser().parse_args(["compress"]).heal_train == "all"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--heal-train", "core"])

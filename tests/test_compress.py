@@ -610,7 +610,7 @@ def test_heal_bad_input(tok, sentences, damaged):
     (dict(lr=float("nan")), "lr"), (dict(lr=-1e-3), "lr"), (dict(max_grad_norm=float("inf")),
                                                                "max_grad_norm"),
     (dict(train="x"), "train"), (dict(bucket=-1), "bucket"), (dict(bucket=2.0), "bucket"),
-    (dict(teacher_bf16=1), "teacher_bf16"),
+    (dict(teacher_bf16=1), "teacher_bf16"), (dict(student_bf16="yes"), "student_bf16"),
 ])
 def test_heal_config_rejects_bad_values(kw, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
@@ -656,7 +656,10 @@ def test_heal_train_all_trains_dense_linears_and_bf16_teacher_stays_close(tok, s
     with torch.no_grad():
         exact = float(distill._loss(student, teacher, batch, HealConfig()))
         half = float(distill._loss(student, teacher, batch, HealConfig(teacher_bf16=True)))
+        both = float(distill._loss(student, teacher, batch,
+                                   HealConfig(teacher_bf16=True, student_bf16=True)))
     assert math.isfinite(half) and abs(half - exact) < 0.05 * exact + 1e-3
+    assert math.isfinite(both) and abs(both - exact) < 0.05 * exact + 1e-3
     assert HealConfig(teacher_bf16=None).teacher_bf16 is distill.fast_bf16()  # auto
 
 

@@ -74,6 +74,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
 COMMANDS = ("compress", "inspect", "report", "decompose")
+HEAL_TRAIN_CHOICES = ("cores", "auxiliary", "all")  # = distill.TRAIN_CHOICES (tested)
 
 #: SICK relatedness pairs, if the shared data folder sits beside the working directory
 DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
@@ -145,7 +146,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     teacher = AutoModel.from_pretrained(str(path)).eval()
     targets = args.targets.split(",") if args.targets else BERT_TARGETS
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
-                      teacher_bf16=args.teacher_bf16,
+                      teacher_bf16=args.teacher_bf16, train=args.heal_train,
                       checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
@@ -302,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the targeted layers' parameters to keep, model-wide")
     p.add_argument("--heal-steps", type=int, default=2000,
                    help="distillation steps after truncation (0: none)")
-    p.add_argument("--lr", type=float, default=3e-4, help="healing learning rate")
+    p.add_argument("--lr", type=float, default=5e-4, help="healing learning rate")
+    p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default="all",
+                   help="what healing trains: every MPO core ('cores'), the auxiliary cores "
+                        "only, or also the linears the allocation kept dense ('all'); "
+                        "LayerNorms and biases always")
     p.add_argument("--teacher-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="run the teacher in bfloat16 during healing (default: when the CPU "
                         "has bf16 instructions; pooled outputs within 1e-4 cosine)")

@@ -61,6 +61,9 @@ class HealConfig:
     """Hyper-parameters of :func:`heal` (defaults: measured on MiniLM, docs/results.md).
 
     ``teacher_bf16``: ``None`` decides by :func:`fast_bf16` when the config is made.
+    ``student_bf16``: the student's forward (and so its backward) under bfloat16 autocast
+    too, the weights and the loss staying float32; off by default (on MiniLM at 50 % it
+    saved only about 10 % of a step: ``benchmarks/bench_heal.py``).
     ``dropout``: run the student with its dropout layers active (off by default: the
     teacher runs without dropout, so dropout only adds noise to the fit).
     ``w_rel`` / ``neighbours``: the relational term and neighbour pairs (module
@@ -85,6 +88,7 @@ class HealConfig:
     dropout: bool = False
     bucket: int = 8
     teacher_bf16: bool | None = False
+    student_bf16: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
@@ -108,6 +112,8 @@ class HealConfig:
         if not isinstance(self.teacher_bf16, bool):
             raise ValueError(f"teacher_bf16 must be a bool or None (auto), got "
                              f"{self.teacher_bf16!r}")
+        if not isinstance(self.student_bf16, bool):
+            raise ValueError(f"student_bf16 must be a bool, got {self.student_bf16!r}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
         if self.train not in TRAIN_CHOICES:
@@ -171,12 +177,15 @@ def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
                                          enabled=cfg.teacher_bf16 and mask.device.type == "cpu"):
         t = teacher(**batch, output_hidden_states=True)
     th = tuple(h.float() for h in t.hidden_states)
-    s = student(**batch, output_hidden_states=True)
-    m = mask.unsqueeze(-1).to(s.hidden_states[-1].dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16,
+                        enabled=cfg.student_bf16 and mask.device.type == "cpu"):
+        s = student(**batch, output_hidden_states=True)
+    sh = tuple(h.float() for h in s.hidden_states)
+    m = mask.unsqueeze(-1).to(sh[-1].dtype)
     hid = sum(((hs - ht) ** 2 * m).sum() / (ht ** 2 * m).sum().clamp_min(1e-12)
-              for hs, ht in zip(s.hidden_states[1:], th[1:]))
-    hid = hid / max(len(s.hidden_states) - 1, 1)
-    ps, pt = mean_pool(s.hidden_states[-1], mask), mean_pool(th[-1], mask)
+              for hs, ht in zip(sh[1:], th[1:]))
+    hid = hid / max(len(sh) - 1, 1)
+    ps, pt = mean_pool(sh[-1], mask), mean_pool(th[-1], mask)
     cos = 1 - F.cosine_similarity(ps, pt, dim=-1).mean()
     loss = cfg.w_hidden * hid + cfg.w_cos * cos
     if cfg.w_rel:
