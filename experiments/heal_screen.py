@@ -36,26 +36,13 @@ from tnlm.compress.distill import HealConfig, heal  # noqa: E402
 from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.compress.quality import embedding_cosine  # noqa: E402
-from tnlm.compress.text import default_text, docstring_sentences  # noqa: E402
+from tnlm.compress.text import (  # noqa: E402
+    default_text,
+    docstring_sentences,
+    swap_words,
+    vocabulary_words,
+)
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
-
-
-def vocab_words(tok) -> list[str]:
-    """Whole lower-case words of the tokenizer's vocabulary (no pieces, no marks)."""
-    return [w for w in tok.get_vocab() if w.isalpha() and w.isascii() and w.islower()
-            and len(w) > 1]
-
-
-def swap_words(sentences: list[str], words: list[str], share: float, p_word: float,
-               seed: int) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for s in sentences:
-        if rng.random() < share:
-            s = " ".join(rng.choice(words) if w.isalpha() and w.islower() and rng.random() < p_word
-                         else w for w in s.split())
-        out.append(s)
-    return out
 
 
 def main() -> None:
@@ -72,6 +59,9 @@ def main() -> None:
     ap.add_argument("--bucket", type=int, default=hc.bucket)
     ap.add_argument("--teacher-bf16", action="store_true")
     ap.add_argument("--student-bf16", action="store_true")
+    ap.add_argument("--twins", type=int, default=hc.twins)
+    ap.add_argument("--twin-words", type=float, default=hc.twin_words)
+    ap.add_argument("--w-twin", type=float, default=hc.w_twin)
     ap.add_argument("--extra", type=int, default=0, help="fresh generated sentences added")
     ap.add_argument("--extra-doc", type=int, default=0,
                     help="more docstring sentences added (stdlib, transformers, torch, numpy)")
@@ -114,7 +104,9 @@ def main() -> None:
         extra = [s for s in generate(args.extra + 2000, seed=10_000 + args.seed)
                  if s not in seen][:args.extra]
         if args.vocab:
-            extra = swap_words(extra, vocab_words(tok), args.vocab, args.p_word, args.seed)
+            words, rng = vocabulary_words(tok), random.Random(args.seed)
+            extra = [swap_words(s, words, args.p_word, rng) if rng.random() < args.vocab else s
+                     for s in extra]
         heal_text = heal_text + extra
     if args.extra_doc:
         seen = set(held_out) | set(heal_text)
@@ -127,7 +119,8 @@ def main() -> None:
     hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
                       bucket=args.bucket, teacher_bf16=args.teacher_bf16,
-                      student_bf16=args.student_bf16)
+                      student_bf16=args.student_bf16, twins=args.twins,
+                      twin_words=args.twin_words, w_twin=args.w_twin)
     t1 = time.perf_counter()
     hr = heal(student, teacher, tok, heal_text, hcfg, progress=False)
     heal_s = time.perf_counter() - t1

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--text-column", type=int, default=None)
     ap.add_argument("--calibration", type=int, default=cli.calibration)
     ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--sick-train", default="../shared/data/sick/train.tsv",
+                    help="also SICK on this file ('' to skip)")
     ap.add_argument("--dev-text", default="../shared/data/sst2/dev.tsv",
                     help="natural held-out text (first column, 500 sentences) for a second cosine")
     ap.add_argument("--seed", type=int, default=cli.seed)
@@ -87,7 +89,7 @@ def main() -> None:
                          progress=False)
     wall = time.perf_counter() - t0
     out = dict(vars(args), ratio=res.ratio, seconds=res.seconds, wall_seconds=wall,
-               **measure(res.model, teacher, tok, held_out, dev, args.sick),
+               **measure(res.model, teacher, tok, held_out, dev, args.sick, args.sick_train),
                final_loss=res.heal.losses[-1] if res.heal and res.heal.losses else None)
     write_result(out, args.out, ("cosine_mean", "cosine_dev_mean", "sick_spearman",
                                  "wall_seconds", "ratio"))

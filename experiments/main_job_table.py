@@ -3,8 +3,10 @@
 Usage: python experiments/main_job_table.py [--dir results/main_job]
 
 Prints a summary row per method and budget with mean ± std over seeds for runs named
-``final_<budget>_s<seed>.json`` (the main job's defaults) and ``plain_<budget>_s<seed>.json``
-(the plain low-rank baseline: same reconstruction and healing), then one row per run.
+``default_<budget>_s<seed>.json`` (the main job's defaults), ``final_<budget>_s<seed>.json``
+(the former defaults: 1000 healing steps of the MPO cores at lr 3e-4) and
+``plain_<budget>_s<seed>.json`` (the plain low-rank baseline: same reconstruction and
+healing as ``final``), then one row per run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import statistics
 from pathlib import Path
 
 COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
+LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2000 steps)",
+          "final": "former defaults (1000 healing steps of the MPO cores, lr 3e-4)",
+          "plain": "plain low-rank SVD, uniform (former healing)"}
+STYLES = {"default": "o-", "final": "^:", "plain": "s--"}
 
 
 def _text(d: dict) -> str:
@@ -39,22 +45,22 @@ def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))}
     groups: dict[tuple[str, str], list[dict]] = {}
     for name, d in runs.items():
-        m = re.fullmatch(r"(final|plain)_([0-9.]+)_s\d+", name)
+        m = re.fullmatch(r"(default|final|plain)_([0-9.]+)_s\d+", name)
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(d)
     print("| method | kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman "
           "(orig. 0.7994) | wall s |")
     print("|---|---|---|---|---|---|---|")
-    for (method, _), ds in sorted(groups.items(), key=lambda kv: (kv[0][0], -float(kv[0][1]))):
+    for (method, _), ds in sorted(groups.items(),
+                                  key=lambda kv: (list(LABELS).index(kv[0][0]), -float(kv[0][1]))):
         cells = []
         for col in COLS + ("wall_seconds",):
             xs = [d[col] for d in ds if d.get(col) is not None]
             digits = 0 if col == "wall_seconds" else (4 if col == "sick_spearman" else 3)
             sd = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
             cells.append(f"{statistics.mean(xs):.{digits}f}{sd}" if xs else "")
-        label = ("main job defaults (data-aware, sensitivity allocation)" if method == "final"
-                 else "plain low-rank SVD, uniform (same reconstruction and healing)")
-        print(f"| {label} | {ds[0]['ratio']:.1%} | {len(ds)} | " + " | ".join(cells) + " |")
+        print(f"| {LABELS[method]} | {ds[0]['ratio']:.1%} | {len(ds)} | "
+              + " | ".join(cells) + " |")
     if args.plot:
         plot(groups, args.plot)
     print()
@@ -67,6 +73,8 @@ def main() -> None:
                              ("allocation", "sensitivity")):
             if d.get(key, default) != default:
                 opts.append(f"{key}={d[key]}")
+        if d.get("train", "cores") != "cores":
+            opts.append(f"train={d['train']}")
         if d.get("neighbours"):
             opts.append("neighbour pairs")
         if d.get("plain"):
@@ -84,11 +92,12 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, style in (("final", "o-"), ("plain", "s--")):
+    for method, style in STYLES.items():
         pts = sorted((float(k[1]), ds) for k, ds in groups.items() if k[0] == method)
         if not pts:
             continue
-        label = "data-aware (main job)" if method == "final" else "plain low-rank"
+        label = {"default": "main job", "final": "former main job",
+                 "plain": "plain low-rank"}[method]
         x = [ds[0]["ratio"] for _, ds in pts]
         for ax, cols in ((axes[0], ("cosine_mean", "cosine_dev_mean")),
                          (axes[1], ("sick_spearman",))):

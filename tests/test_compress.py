@@ -23,7 +23,13 @@ from tnlm.compress.pipeline import (
     layer_groups,
     rank_for_fraction,
 )
-from tnlm.compress.text import docstring_sentences, read_sentences, split_sentences
+from tnlm.compress.text import (
+    docstring_sentences,
+    read_sentences,
+    split_sentences,
+    swap_words,
+    vocabulary_words,
+)
 from tnlm.integration import MPOConfig, MPOModel
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
@@ -569,9 +575,9 @@ def _spy_loss(monkeypatch, nan_at=None):
     """Record the student's state before every step; optionally a NaN loss at step nan_at."""
     real, states = distill._loss, []
 
-    def spy(student, teacher, batch, cfg):
+    def spy(student, teacher, batch, cfg, twins=0):
         states.append({k: v.detach().clone() for k, v in student.state_dict().items()})
-        loss = real(student, teacher, batch, cfg)
+        loss = real(student, teacher, batch, cfg, twins)
         return loss * float("nan") if len(states) == nan_at else loss
 
     monkeypatch.setattr(distill, "_loss", spy)
@@ -766,8 +772,8 @@ def test_heal_with_neighbour_pairs_and_relational_loss(tok, sentences, damaged, 
     teacher, student = copy.deepcopy(damaged[0]), copy.deepcopy(damaged[1])
     seen = []
     real = distill._loss
-    monkeypatch.setattr(distill, "_loss", lambda s, t, batch, cfg: (
-        seen.append(batch["input_ids"].shape[0]), real(s, t, batch, cfg))[1])
+    monkeypatch.setattr(distill, "_loss", lambda s, t, batch, cfg, twins=0: (
+        seen.append(batch["input_ids"].shape[0]), real(s, t, batch, cfg, twins))[1])
     near = distill.nearest_neighbours(teacher, tok, sentences)
     calls = []
     monkeypatch.setattr(distill, "nearest_neighbours", lambda *a, **k: calls.append(1) or near)
@@ -784,6 +790,54 @@ def test_heal_with_neighbour_pairs_and_relational_loss(tok, sentences, damaged, 
         plain = float(real(student, teacher, b, HealConfig()))
         rel = float(real(student, teacher, b, HealConfig(w_rel=10.0)))
     assert rel > plain  # the relational term adds a positive amount for a damaged student
+
+
+def test_swap_words_replaces_a_share_of_the_lower_case_words(tok):
+    words = vocabulary_words(tok)
+    assert words == sorted(words) and all(w.isalpha() and w.islower() for w in words)
+    s = "The cat sat on the mat near the old red door ."
+    a = swap_words(s, ["zz"], 0.3, random.Random(0))
+    assert a == swap_words(s, ["zz"], 0.3, random.Random(0))  # deterministic for a seed
+    assert len(a.split()) == len(s.split()) and a.split()[0] == "The" and a.endswith(" .")
+    assert sum(x != y for x, y in zip(a.split(), s.split())) == 3  # 30 % of 10, rounded
+    assert swap_words("Hello World .", ["zz"], 0.5, random.Random(0)) == "Hello World ."
+    assert swap_words("a b", ["zz"], 0.01, random.Random(0)).count("zz") == 1  # at least one
+
+
+def test_heal_with_word_swapped_twins(tok, sentences, damaged, monkeypatch):
+    teacher, student = copy.deepcopy(damaged[0]), copy.deepcopy(damaged[1])
+    seen, real = [], distill._loss
+    tok_call = tok.__class__.__call__
+
+    def spy(s, t, batch, cfg, twins=0):
+        seen.append((batch["input_ids"].shape[0], twins))
+        return real(s, t, batch, cfg, twins)
+
+    texts = []
+    monkeypatch.setattr(distill, "_loss", spy)
+    monkeypatch.setattr(tok.__class__, "__call__",
+                        lambda self, x, **kw: texts.append(list(x)) or tok_call(self, x, **kw))
+    cfg = HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, twins=3)
+    res = heal(student, teacher, tok, sentences, cfg, progress=False)
+    monkeypatch.undo()
+    assert seen == [(8, 3)] * 3 and all(math.isfinite(v) for v in res.losses)
+    batches = [t for t in texts if len(t) == 8]
+    assert len(batches) == 3
+    for b in batches:
+        assert all(b[2 * k] in sentences for k in range(3))
+        assert all(b[2 * k + 1] != b[2 * k] for k in range(3))  # a twin differs by words
+        assert all(len(b[2 * k + 1].split()) == len(b[2 * k].split()) for k in range(3))
+    batch = batch_of(tok, [t for k in range(3) for t in batches[0][2 * k:2 * k + 2]])
+    with torch.no_grad():
+        plain = float(real(student, teacher, batch, cfg))
+        twin = float(real(student, teacher, batch, cfg, 3))
+    assert twin >= plain and twin - plain < cfg.w_twin * 4  # a squared cosine gap, >= 0
+    with pytest.raises(ValueError, match="^twins must"):
+        HealConfig(batch_size=8, twins=5)
+    with pytest.raises(ValueError, match="twins and neighbours"):
+        HealConfig(twins=2, neighbours=True)
+    with pytest.raises(ValueError, match="^twin_words must"):
+        HealConfig(twins=2, twin_words=0)
 
 
 def test_rank_share_keeps_pairs_together_and_covers_the_draw():

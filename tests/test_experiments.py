@@ -48,3 +48,18 @@ def test_glue_compress_arm_runs(tmp_path):
     r = json.loads((tmp_path / "compress.json").read_text())
     assert r["squeeze"]["ratio"] <= 0.25 and 0.0 <= r["dev"]["accuracy"] <= 1.0
     assert "accuracy" in r["squeeze"]["teacher_dev"]
+
+
+def test_heal_table_groups_seeds_into_one_row(tmp_path):
+    base = dict(budget=0.5, heal_steps=2000, train="all", lr=5e-4, cosine_train=0.98,
+                cosine_dev_mean=0.87, sick_spearman=0.786, heal_seconds=300.0)
+    files = []
+    for name, cos in (("run", 0.970), ("run_s1", 0.968), ("run_s2", 0.972), ("other", 0.9)):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(dict(base, cosine_mean=cos)))
+        files.append(str(f))
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "heal_table.py"), *files],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [r for r in out.splitlines() if r.startswith("| run |") or r.startswith("| other")]
+    assert rows[1].startswith("| run | 0.5 | 2000 | all | 0.0005 | 3 | 0.970 ± 0.002 |")
+    assert rows[2].startswith("| other | 0.5 | 2000 | all | 0.0005 | 1 | 0.900 |")

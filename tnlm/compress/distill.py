@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import mpo_modules
 from tnlm.compress.quality import embed
+from tnlm.compress.text import swap_words, vocabulary_words
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16",
@@ -89,13 +90,16 @@ class HealConfig:
     bucket: int = 8
     teacher_bf16: bool | None = False
     student_bf16: bool = False
+    twins: int = 0
+    twin_words: float = 0.15
+    w_twin: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "w_hidden", "w_cos", "w_rel", "max_grad_norm"):
+        for name in ("lr", "w_hidden", "w_cos", "w_rel", "w_twin", "max_grad_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -104,6 +108,13 @@ class HealConfig:
         if self.neighbours and self.batch_size % 2:
             raise ValueError(f"batch_size must be even with neighbours=True (pairs), got "
                              f"{self.batch_size}")
+        if isinstance(self.twins, bool) or not isinstance(self.twins, int) or not (
+                0 <= 2 * self.twins <= self.batch_size):
+            raise ValueError(f"twins must be an int in [0, batch_size / 2], got {self.twins!r}")
+        if self.twins and self.neighbours:
+            raise ValueError("twins and neighbours both pair up batch entries: use one")
+        if not isinstance(self.twin_words, (int, float)) or not 0 < self.twin_words <= 1:
+            raise ValueError(f"twin_words must be a share in (0, 1], got {self.twin_words!r}")
         if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"bucket must be an int >= 0 (0 or 1: uniform draws), got "
                              f"{self.bucket!r}")
@@ -171,7 +182,7 @@ def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]
     return [(names[i], p) for i, (_, p) in chosen.items() if i in names]
 
 
-def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
+def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Tensor:
     mask = batch["attention_mask"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
                                          enabled=cfg.teacher_bf16 and mask.device.type == "cpu"):
@@ -191,6 +202,11 @@ def _loss(student, teacher, batch, cfg: HealConfig) -> torch.Tensor:
     if cfg.w_rel:
         es, et = F.normalize(ps, dim=-1), F.normalize(pt, dim=-1)
         loss = loss + cfg.w_rel * ((es @ es.T - et @ et.T) ** 2).mean()
+    if twins and cfg.w_twin:  # entries 2k, 2k+1 (k < twins): a sentence and its twin
+        a, b = slice(0, 2 * twins, 2), slice(1, 2 * twins, 2)
+        gap = (F.cosine_similarity(ps[a], ps[b], dim=-1)
+               - F.cosine_similarity(pt[a], pt[b], dim=-1))
+        loss = loss + cfg.w_twin * (gap ** 2).mean()
     return loss
 
 
@@ -359,13 +375,17 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                  for _ in range(steps)]
         group = 2
     elif cfg.bucket > 1:
+        group = 2 if cfg.twins else 1
         draws = length_bucketed_draws(_token_lengths(tokenizer, sentences, cfg.max_length),
                                       cfg.batch_size, steps, cfg.bucket, rng)
-        group = 1
     else:
         draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
                  for _ in range(steps)]
-        group = 1
+        group = 2 if cfg.twins else 1
+    words = vocabulary_words(tokenizer) if cfg.twins else []
+    if cfg.twins and not words:
+        raise ValueError("twins need whole lower-case words in the tokenizer's vocabulary "
+                         "to swap in; this tokenizer has none")
     good = {n: p.detach().clone() for n, p in params}
     bar = tqdm(range(start, steps), desc="healing", disable=not progress or rank != 0,
                initial=start, total=steps)
@@ -376,8 +396,19 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     student.train(cfg.dropout)
     try:
         for step in bar:
-            idx = rank_share(draws[step], rank, world, group)
-            batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+            if words:  # [a0, twin(a0), a1, twin(a1), ..., the rest]: whole pairs per rank
+                swap = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + 7)
+                drawn = [sentences[i] for i in draws[step]]
+                entries = [t for a in drawn[:cfg.twins]
+                           for t in (a, swap_words(a, words, cfg.twin_words, swap))
+                           ] + drawn[cfg.twins:len(drawn) - cfg.twins]
+                idx = rank_share(range(len(entries)), rank, world, group)
+                texts = [entries[i] for i in idx]
+                twins = sum(1 for i in idx if i < 2 * cfg.twins) // 2
+            else:
+                idx = rank_share(draws[step], rank, world, group)
+                texts, twins = [sentences[i] for i in idx], 0
+            batch = tokenizer(texts, padding=True, truncation=True,
                               max_length=cfg.max_length, return_tensors="pt")
             batch = {k: v for k, v in batch.items()
                      if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -387,7 +418,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [],
                                        device_type=dev.type if dev.type != "cpu" else None):
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
-                loss = _loss(student, teacher, batch, cfg)
+                loss = _loss(student, teacher, batch, cfg, twins)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if dist:
