@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=hc.batch_size)
     ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
+    ap.add_argument("--w-cos", type=float, default=hc.w_cos)
     ap.add_argument("--bucket", type=int, default=hc.bucket)
     ap.add_argument("--teacher-bf16", action="store_true")
     ap.add_argument("--student-bf16", action="store_true")
@@ -118,6 +119,7 @@ def main() -> None:
         heal_text = heal_text + doc
     hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
+                      w_cos=args.w_cos,
                       bucket=args.bucket, teacher_bf16=args.teacher_bf16,
                       student_bf16=args.student_bf16, twins=args.twins,
                       twin_words=args.twin_words, w_twin=args.w_twin)

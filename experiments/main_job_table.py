@@ -5,8 +5,9 @@ Usage: python experiments/main_job_table.py [--dir results/main_job]
 Prints a summary row per method and budget with mean ± std over seeds for runs named
 ``default_<budget>_s<seed>.json`` (the main job's defaults), ``final_<budget>_s<seed>.json``
 (the former defaults: 1000 healing steps of the MPO cores at lr 3e-4) and
-``plain_<budget>_s<seed>.json`` (the plain low-rank baseline: same reconstruction and
-healing as ``final``), then one row per run.
+``plain2000_<budget>_s<seed>.json`` / ``plain_<budget>_s<seed>.json`` (the plain low-rank
+baseline with the reconstruction and healing of ``default`` / ``final``), then one row
+per run.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
 LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2000 steps)",
           "final": "former defaults (1000 healing steps of the MPO cores, lr 3e-4)",
+          "plain2000": "plain low-rank SVD, uniform (the same reconstruction and healing)",
           "plain": "plain low-rank SVD, uniform (former healing)"}
-STYLES = {"default": "o-", "final": "^:", "plain": "s--"}
+STYLES = {"default": "o-", "final": "^:", "plain2000": "s-", "plain": "s--"}
 
 
 def _text(d: dict) -> str:
@@ -45,7 +47,7 @@ def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))}
     groups: dict[tuple[str, str], list[dict]] = {}
     for name, d in runs.items():
-        m = re.fullmatch(r"(default|final|plain)_([0-9.]+)_s\d+", name)
+        m = re.fullmatch(r"(default|final|plain2000|plain)_([0-9.]+)_s\d+", name)
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(d)
     print("| method | kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman "
@@ -97,7 +99,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
         if not pts:
             continue
         label = {"default": "main job", "final": "former main job",
-                 "plain": "plain low-rank"}[method]
+                 "plain2000": "plain low-rank", "plain": "plain low-rank, former healing"}[method]
         x = [ds[0]["ratio"] for _, ds in pts]
         for ax, cols in ((axes[0], ("cosine_mean", "cosine_dev_mean")),
                          (axes[1], ("sick_spearman",))):
