@@ -19,10 +19,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E4
 from tnlm.compress.quality import embedding_cosine  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
     default_text,
+    docstring_roots,
     docstring_sentences,
     swap_words,
     vocabulary_words,
@@ -111,9 +110,7 @@ def main() -> None:
         heal_text = heal_text + extra
     if args.extra_doc:
         seen = set(held_out) | set(heal_text)
-        roots = [Path(sysconfig.get_paths()["stdlib"])] + [
-            Path(importlib.util.find_spec(m).origin).parent
-            for m in ("transformers", "torch", "numpy")]
+        roots = docstring_roots(("transformers", "torch", "numpy"))
         doc = [s for s in docstring_sentences(roots=roots, max_files=100_000, seed=args.seed)
                if s not in seen][:args.extra_doc]
         heal_text = heal_text + doc

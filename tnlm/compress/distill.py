@@ -375,6 +375,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist \
         else (0, 1)
     rng = random.Random(cfg.seed)
+    group = 2 if cfg.twins else 1  # a rank takes whole pairs (twins, neighbours)
     if cfg.neighbours and len(sentences) > 1:
         near = nearest_neighbours(teacher, tokenizer, sentences, cfg.max_length)
         # [a0, n0, a1, n1, ...]: a rank takes whole pairs (see below)
@@ -383,13 +384,11 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                  for _ in range(steps)]
         group = 2
     elif cfg.bucket > 1:
-        group = 2 if cfg.twins else 1
         draws = length_bucketed_draws(_token_lengths(tokenizer, sentences, cfg.max_length),
                                       cfg.batch_size, steps, cfg.bucket, rng)
     else:
         draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
                  for _ in range(steps)]
-        group = 2 if cfg.twins else 1
     words = vocabulary_words(tokenizer) if cfg.twins else []
     if cfg.twins and not words:
         raise ValueError("twins need whole lower-case words in the tokenizer's vocabulary "

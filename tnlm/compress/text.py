@@ -20,14 +20,25 @@ from typing import Any
 
 from tnlm.compress.grammar import generate
 
-__all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_sentences",
-           "generated_sentences", "read_sentences", "split_sentences", "swap_words",
-           "vocabulary_words"]
+__all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
+           "docstring_sentences", "generated_sentences", "read_sentences", "split_sentences",
+           "swap_words", "vocabulary_words"]
 
 DEFAULT_TEXT_SOURCE = "generated sentences and docstrings of the installed Python source"
 
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _WORD = re.compile(r"^[A-Za-z][a-z]*(?:'[a-z]+)?[,;:]?$")
+
+
+def docstring_roots(packages: Sequence[str] = ("transformers",)) -> list[pathlib.Path]:
+    """The standard library's folder and the folders of the installed ``packages`` (those
+    that are not installed are skipped): where :func:`docstring_sentences` looks."""
+    roots = [pathlib.Path(sysconfig.get_paths()["stdlib"])]
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec and spec.origin:
+            roots.append(pathlib.Path(spec.origin).parent)
+    return roots
 
 
 def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: int = 4000,
@@ -38,10 +49,7 @@ def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: 
     period) every token is a plain word, optionally followed by , ; or :  -- this drops code,
     identifiers, paths and reST markup. Deduplicated, shuffled."""
     if roots is None:
-        roots = [pathlib.Path(sysconfig.get_paths()["stdlib"])]
-        spec = importlib.util.find_spec("transformers")
-        if spec and spec.origin:
-            roots.append(pathlib.Path(spec.origin).parent)
+        roots = docstring_roots()
     files = []
     for root in roots:
         files += sorted(p for p in root.rglob("*.py")
