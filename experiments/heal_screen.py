@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--w-cos", type=float, default=hc.w_cos)
+    ap.add_argument("--w-attn", type=float, default=hc.w_attn)
+    ap.add_argument("--attn-relations", default=",".join(hc.attn_relations),
+                    help="comma-separated: qk (attention), vv (value relation)")
     ap.add_argument("--bucket", type=int, default=hc.bucket)
     ap.add_argument("--teacher-bf16", action="store_true")
     ap.add_argument("--student-bf16", action="store_true")
@@ -70,6 +73,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=float, default=0.0,
                     help="share of the extra sentences with words swapped for vocabulary words")
     ap.add_argument("--p-word", type=float, default=0.3)
+    ap.add_argument("--extra-tsv", default="",
+                    help="more unlabeled sentences: PATH:COLS (e.g. sick/train.tsv:1,2), header "
+                         "skipped, labels ignored; sentences of the --sick file are left out")
+    ap.add_argument("--extra-tsv-n", type=int, default=0, help="at most this many (0: all)")
     ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
     ap.add_argument("--sick-train", default="../shared/data/sick/train.tsv",
                     help="also SICK on this file ('' to skip)")
@@ -114,9 +121,23 @@ def main() -> None:
         doc = [s for s in docstring_sentences(roots=roots, max_files=100_000, seed=args.seed)
                if s not in seen][:args.extra_doc]
         heal_text = heal_text + doc
+    if args.extra_tsv:
+        path, cols = args.extra_tsv.rsplit(":", 1)
+        rows = [line.split("\t") for line in Path(path).read_text("utf-8").splitlines()][1:]
+        avoid = set(held_out) | set(heal_text)
+        if args.sick:
+            sick_rows = [line.split("\t")
+                         for line in Path(args.sick).read_text("utf-8").splitlines()][1:]
+            avoid |= {r[k] for r in sick_rows for k in (1, 2)}
+        found = list(dict.fromkeys(r[int(c)] for r in rows for c in cols.split(",")
+                                   if len(r) > int(c) and r[int(c)].strip()))
+        found = [x for x in found if x not in avoid]
+        random.Random(args.seed).shuffle(found)
+        heal_text = heal_text + found[:args.extra_tsv_n or None]
     hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
-                      w_cos=args.w_cos,
+                      w_cos=args.w_cos, w_attn=args.w_attn,
+                      attn_relations=tuple(args.attn_relations.split(",")),
                       bucket=args.bucket, teacher_bf16=args.teacher_bf16,
                       student_bf16=args.student_bf16, twins=args.twins,
                       twin_words=args.twin_words, w_twin=args.w_twin)

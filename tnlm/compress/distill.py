@@ -7,6 +7,13 @@ unlabeled sentences the loss is::
          + w_cos   · mean_b (1 - cos(pool^s_b, pool^t_b))          (mean-pooled embeddings)
          + w_rel   · mean_bc (C^s_bc - C^t_bc)²                     (similarity structure)
          + w_twin  · mean_k (cos^s(a_k, a'_k) - cos^t(a_k, a'_k))²   (twins, if any)
+         + w_attn  · mean_{l,x} KL(A^t_{l,x} || A^s_{l,x})           (attention relations)
+
+where, for x in ``attn_relations`` (``"qk"``, ``"vv"``), A_{l,qk} = softmax(Q_h K_hᵀ/√d_h)
+is block l's attention distribution per head and A_{l,vv} = softmax(V_h V_hᵀ/√d_h) its
+value relation (as in MiniLM's own distillation), read from the outputs of the
+self-attention's ``query``/``key``/``value`` modules by forward hooks; the KL is summed
+over keys (padding masked) and averaged over heads and real query tokens.
 
 where C_bc = cos(pool_b, pool_c) over the sentences of a batch: the relational term
 keeps which sentences are close to which, what similarity search and SICK measure.
@@ -55,11 +62,12 @@ from tnlm.compress.quality import embed
 from tnlm.compress.text import swap_words, vocabulary_words
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
-           "length_bucketed_draws", "fast_bf16",
+           "length_bucketed_draws", "fast_bf16", "attention_projections", "relation_kl",
            "nearest_neighbours"]
 
 
 TRAIN_CHOICES = ("cores", "auxiliary", "all")
+ATTN_RELATIONS = ("qk", "vv")
 
 
 @dataclass
@@ -101,13 +109,15 @@ class HealConfig:
     twins: int = 0
     twin_words: float = 0.15
     w_twin: float = 10.0
+    w_attn: float = 0.0
+    attn_relations: tuple[str, ...] = ("qk",)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "w_hidden", "w_cos", "w_rel", "w_twin", "max_grad_norm"):
+        for name in ("lr", "w_hidden", "w_cos", "w_rel", "w_twin", "w_attn", "max_grad_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -135,6 +145,12 @@ class HealConfig:
             raise ValueError(f"student_bf16 must be a bool, got {self.student_bf16!r}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
+        rel = self.attn_relations
+        if isinstance(rel, str) or not isinstance(rel, (tuple, list)) or not rel or any(
+                r not in ATTN_RELATIONS for r in rel):
+            raise ValueError(f"attn_relations must be a non-empty tuple of {ATTN_RELATIONS}, "
+                             f"got {rel!r}")
+        self.attn_relations = tuple(dict.fromkeys(rel))
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
 
@@ -190,15 +206,87 @@ def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]
     return [(names[i], p) for i, (_, p) in chosen.items() if i in names]
 
 
+def attention_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+    """Per self-attention block of ``model`` (in order): its ``(query, key, value)``
+    modules (BERT-style attention; dense or MPO layers alike); [] if it has none."""
+    out = []
+    for _, m in _base(model).named_modules():
+        qkv = tuple(getattr(m, a, None) for a in ("query", "key", "value"))
+        if all(isinstance(x, nn.Module) for x in qkv):
+            out.append(qkv)
+    return out
+
+
+class _Recorder:
+    """Forward hooks keeping the outputs of the query/key/value modules of one forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = attention_projections(model)
+        if not self.blocks:
+            raise ValueError("w_attn > 0 needs BERT-style self-attention modules with query, "
+                             "key and value submodules; this model has none")
+        self.out: dict[int, torch.Tensor] = {}
+        self.handles = [mod.register_forward_hook(self._hook(id(mod)))
+                        for qkv in self.blocks for mod in qkv]
+
+    def _hook(self, key: int):
+        def hook(_m, _inp, output):
+            self.out[key] = output
+        return hook
+
+    def qkv(self) -> list[tuple[torch.Tensor, ...]]:
+        return [tuple(self.out[id(m)].float() for m in qkv) for qkv in self.blocks]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def relation_kl(a_s: torch.Tensor, b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
+                heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the relations softmax(A_h B_hᵀ/√d_h) per head.
+
+    ``a_*``, ``b_*``: (batch, seq, dim) with dim = heads · d_h; ``mask``: (batch, seq), 1 for
+    real tokens. Keys that are padding get probability 0; the KL (summed over keys) is
+    averaged over heads and real query tokens. Returns a scalar.
+    """
+    bsz, n, dim = a_s.shape
+    if dim % heads:
+        raise ValueError(f"width {dim} is not a multiple of heads={heads}")
+    dh = dim // heads
+    keep = mask.bool()
+
+    def logp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a.view(bsz, n, heads, dh).transpose(1, 2)
+        b = b.view(bsz, n, heads, dh).transpose(1, 2)
+        scores = (a @ b.transpose(-1, -2)) / math.sqrt(dh)
+        return torch.log_softmax(scores.masked_fill(~keep[:, None, None, :], -1e4), dim=-1)
+
+    lt, ls = logp(a_t, b_t), logp(a_s, b_s)
+    kl = (lt.exp() * (lt - ls)).sum(-1)  # (batch, heads, seq)
+    rows = keep[:, None, :].expand_as(kl)
+    return kl[rows].mean()
+
+
 def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Tensor:
     mask = batch["attention_mask"]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                         enabled=cfg.teacher_bf16 and mask.device.type == "cpu"):
-        t = teacher(**batch, output_hidden_states=True)
+    recs: list[_Recorder] = []
+    try:
+        if cfg.w_attn:
+            recs.append(_Recorder(teacher))
+            recs.append(_Recorder(student))
+        with torch.no_grad(), torch.autocast(
+                "cpu", dtype=torch.bfloat16,
+                enabled=cfg.teacher_bf16 and mask.device.type == "cpu"):
+            t = teacher(**batch, output_hidden_states=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16,
+                            enabled=cfg.student_bf16 and mask.device.type == "cpu"):
+            s = student(**batch, output_hidden_states=True)
+        tqkv, sqkv = (recs[0].qkv(), recs[1].qkv()) if recs else ([], [])
+    finally:
+        for r in recs:
+            r.remove()
     th = tuple(h.float() for h in t.hidden_states)
-    with torch.autocast("cpu", dtype=torch.bfloat16,
-                        enabled=cfg.student_bf16 and mask.device.type == "cpu"):
-        s = student(**batch, output_hidden_states=True)
     sh = tuple(h.float() for h in s.hidden_states)
     m = mask.unsqueeze(-1).to(sh[-1].dtype)
     hid = sum(((hs - ht) ** 2 * m).sum() / (ht ** 2 * m).sum().clamp_min(1e-12)
@@ -215,6 +303,12 @@ def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Ten
         gap = (F.cosine_similarity(ps[a], ps[b], dim=-1)
                - F.cosine_similarity(pt[a], pt[b], dim=-1))
         loss = loss + cfg.w_twin * (gap ** 2).mean()
+    if recs:
+        heads = _base(student).config.num_attention_heads
+        pick = {"qk": (0, 1), "vv": (2, 2)}
+        terms = [relation_kl(sq[i], sq[j], tq[i], tq[j], heads, mask)
+                 for sq, tq in zip(sqkv, tqkv) for i, j in (pick[r] for r in cfg.attn_relations)]
+        loss = loss + cfg.w_attn * torch.stack(terms).mean()
     return loss
 
 
