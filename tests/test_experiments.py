@@ -56,10 +56,13 @@ def test_heal_table_groups_seeds_into_one_row(tmp_path):
     files = []
     for name, cos in (("run", 0.970), ("run_s1", 0.968), ("run_s2", 0.972), ("other", 0.9)):
         f = tmp_path / f"{name}.json"
-        f.write_text(json.dumps(dict(base, cosine_mean=cos)))
+        extra = dict(w_attn=1.0, attn_relations="qk") if name == "other" else dict(w_attn=0.0)
+        f.write_text(json.dumps(dict(base, cosine_mean=cos, **extra)))
         files.append(str(f))
+    (tmp_path / "pairs.json").write_text(json.dumps({"spearman": 0.98}))  # not a screen
+    files.append(str(tmp_path / "pairs.json"))
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "heal_table.py"), *files],
                          capture_output=True, text=True, check=True).stdout
     rows = [r for r in out.splitlines() if r.startswith("| run |") or r.startswith("| other")]
-    assert rows[1].startswith("| run | 0.5 | 2000 | all | 0.0005 | 3 | 0.970 ± 0.002 |")
-    assert rows[2].startswith("| other | 0.5 | 2000 | all | 0.0005 | 1 | 0.900 |")
+    assert rows[1].startswith("| run | 0.5 | 2000 | all | 0.0005 |  | 3 | 0.970 ± 0.002 |")
+    assert rows[2].startswith("| other | 0.5 | 2000 | all | 0.0005 | w_attn=1.0 | 1 | 0.900 |")
