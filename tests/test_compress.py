@@ -753,6 +753,24 @@ def test_generated_sentences_are_distinct_deterministic_and_varied():
     words = {w.lower().strip(".,!?") for s in a for w in s.split()}
     assert len(words) > 400  # a lexicon, not a handful of templates
     assert any(s.endswith("?") for s in a) and any(s[0].islower() for s in a)
+    assert any(" is being " in s for s in a)  # the captions' passive voice is in the mix
+
+
+def test_captions_use_every_construction_and_agree_in_number():
+    from tnlm.compress.captions import caption
+
+    rng = random.Random(0)
+    caps = [caption(rng) for _ in range(3000)]
+    assert caps[:50] == [caption(r) for r in [random.Random(0)] for _ in range(50)]
+    assert all(c[0].isupper() and c.endswith(".") and "  " not in c for c in caps)
+    for marker in (" is being ", "There is no ", "Nobody is ", "There are ", " and ",
+                   " are not ", " wearing "):
+        assert any(marker in c for c in caps), marker
+    assert not any(c.startswith("There is the") or c.startswith("There are the")
+                   for c in caps)  # an existential takes an indefinite subject
+    assert not any(c.startswith(("Two", "Three", "Four")) and " is " in c.split(" and ")[0]
+                   for c in caps)  # a plural subject takes "are"
+    assert len(set(caps)) > 2900  # compositional: few repeats
 
 
 def test_nearest_neighbours_is_the_most_similar_other_sentence(tok, sentences, damaged):
@@ -858,3 +876,82 @@ def test_nearest_neighbours_works_on_a_model_with_a_head(tok, sentences):
     clf = BertForSequenceClassification(bert().config).eval()
     assert distill.nearest_neighbours(clf, tok, sentences) == \
         distill.nearest_neighbours(clf.bert, tok, sentences)
+
+
+def _attention_kl_from_the_models(student, teacher, batch):
+    """The qk term from the attention probabilities the models report (eager attention)."""
+    probs = []
+    for m in (teacher, student):
+        base = getattr(m, "base_model", m)
+        old = base.config._attn_implementation
+        base.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                probs.append(m(**batch, output_attentions=True).attentions)
+        finally:
+            base.set_attn_implementation(old)
+    keep = batch["attention_mask"].bool()
+    kls = []
+    for pt, ps in zip(*probs):
+        kl = (pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(-1)
+        kls.append(kl[keep[:, None, :].expand_as(kl)].mean())
+    return float(torch.stack(kls).mean())
+
+
+def test_attention_relation_term_is_the_kl_of_the_models_attention(tok, sentences, damaged):
+    teacher, student = damaged
+    assert len(distill.attention_projections(teacher)) == 2
+    assert len(distill.attention_projections(student)) == 2  # MPO layers found alike
+    batch = batch_of(tok, sentences[:6])  # unequal lengths: padding is masked
+    cfg0 = HealConfig(teacher_bf16=False)
+    cfg = HealConfig(teacher_bf16=False, w_attn=1.0)
+    with torch.no_grad():
+        term = float(distill._loss(student, teacher, batch, cfg)
+                     - distill._loss(student, teacher, batch, cfg0))
+        same = float(distill._loss(teacher, teacher, batch, cfg))
+    assert term > 1e-3
+    assert term == pytest.approx(_attention_kl_from_the_models(student, teacher, batch),
+                                 rel=1e-4, abs=1e-6)
+    assert same == pytest.approx(0.0, abs=1e-6)
+    # hooks are gone after the loss: a later forward records nothing
+    assert all(not m._forward_hooks for qkv in distill.attention_projections(student)
+               for m in qkv)
+
+
+def test_relation_kl_ignores_padding_and_checks_the_width():
+    torch.manual_seed(0)
+    a_s, b_s, a_t, b_t = (torch.randn(1, 5, 8) for _ in range(4))
+    one = distill.relation_kl(a_s, b_s, a_t, b_t, 2, torch.ones(1, 5))
+    pad = [torch.cat([x, torch.randn(1, 3, 8)], 1) for x in (a_s, b_s, a_t, b_t)]
+    mask = torch.tensor([[1.0] * 5 + [0.0] * 3])
+    assert float(distill.relation_kl(*pad, 2, mask)) == pytest.approx(float(one), rel=1e-5)
+    assert float(distill.relation_kl(a_t, b_t, a_t, b_t, 2, torch.ones(1, 5))) == 0.0
+    with pytest.raises(ValueError, match="heads=3"):
+        distill.relation_kl(a_s, b_s, a_t, b_t, 3, torch.ones(1, 5))
+
+
+def test_heal_with_attention_relations_lowers_them(tok, sentences, damaged):
+    teacher = damaged[0]
+    student = compress_model(copy.deepcopy(teacher), tok, sentences,
+                             CompressionConfig(TARGETS, budget=0.3, heal=None),
+                             progress=False).model
+    cfg = HealConfig(steps=20, lr=1e-2, warmup=1, batch_size=16, w_hidden=0.0, w_cos=0.0,
+                     w_attn=1.0, attn_relations=("qk", "vv"), teacher_bf16=False)
+    batch = batch_of(tok, sentences[:16])
+    only = HealConfig(w_hidden=0.0, w_cos=0.0, w_attn=1.0, attn_relations=("qk", "vv"),
+                      teacher_bf16=False)
+    with torch.no_grad():
+        before = float(distill._loss(student.eval(), teacher, batch, only))
+    res = heal(student, teacher, tok, sentences, cfg, progress=False)
+    with torch.no_grad():
+        after = float(distill._loss(student, teacher, batch, only))
+    assert all(math.isfinite(v) for v in res.losses) and after < 0.8 * before, (before, after)
+    for bad in ((), ("qq",), "qk"):
+        with pytest.raises(ValueError, match="^attn_relations must"):
+            HealConfig(attn_relations=bad)
+    with pytest.raises(ValueError, match="^w_attn must"):
+        HealConfig(w_attn=-1.0)
+    with pytest.raises(ValueError, match="query, key and value"):
+        distill._loss(torch.nn.Identity(), teacher, batch, cfg)
+    assert all(not m._forward_hooks for qkv in distill.attention_projections(teacher)
+               for m in qkv)  # the teacher's hooks were removed too

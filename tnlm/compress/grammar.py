@@ -2,6 +2,7 @@
 
 The main job needs unlabeled text on a machine with no data and no network. This module
 generates it: scene descriptions ("Two children are playing with a ball in the park."),
+scene captions from a larger compositional lexicon (:mod:`tnlm.compress.captions`),
 opinions and reviews, including the lower-case, space-tokenised fragments of review
 corpora ("a warm , funny and often moving film ."), plain facts and news, questions,
 negations, instructions, and short dialogue lines, over a lexicon of a few hundred
@@ -13,6 +14,8 @@ Deterministic for a seed. ``generate(n, seed)`` returns ``n`` distinct sentences
 from __future__ import annotations
 
 import random
+
+from tnlm.compress.captions import caption
 
 __all__ = ["generate"]
 
@@ -240,16 +243,20 @@ def _fact(rng: random.Random) -> str:
 def generate(n: int = 4000, seed: int = 0) -> list[str]:
     """``n`` distinct sentences (fewer only if the grammar runs out), shuffled by ``seed``.
 
-    Mix: 45 % scene descriptions, 35 % opinions and reviews, 12 % facts and news,
-    8 % questions, instructions and reported speech."""
+    Mix: 25 % scene descriptions, 25 % scene captions
+    (:func:`tnlm.compress.captions.caption`: a larger, compositional lexicon and more
+    constructions), 30 % opinions and reviews, 12 % facts and news, 8 % questions,
+    instructions and reported speech."""
     rng = random.Random(seed)
     out: dict[str, None] = {}
     limit = n * 30
     while len(out) < n and limit:
         limit -= 1
         k = rng.random()
-        if k < 0.45:
+        if k < 0.25:
             s = _scene(rng)
+        elif k < 0.5:
+            s = caption(rng)
         elif k < 0.8:
             s = _opinion(rng)
         elif k < 0.92:
