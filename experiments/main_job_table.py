@@ -3,7 +3,8 @@
 Usage: python experiments/main_job_table.py [--dir results/main_job]
 
 Prints a summary row per method and budget with mean ± std over seeds for runs named
-``default_<budget>_s<seed>.json`` (the main job's defaults), ``final_<budget>_s<seed>.json``
+``default_<budget>_s<seed>.json`` (the main job's defaults), ``nocaptions_<budget>_s<seed>.json``
+(the same before the default text had scene captions), ``final_<budget>_s<seed>.json``
 (the former defaults: 1000 healing steps of the MPO cores at lr 3e-4) and
 ``plain2000_<budget>_s<seed>.json`` / ``plain_<budget>_s<seed>.json`` (the plain low-rank
 baseline with the reconstruction and healing of ``default`` / ``final``), then one row
@@ -20,16 +21,17 @@ from pathlib import Path
 
 COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
 LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2000 steps)",
+          "nocaptions": "the same, default text without the scene captions",
           "final": "former defaults (1000 healing steps of the MPO cores, lr 3e-4)",
           "plain2000": "plain low-rank SVD, uniform (the same reconstruction and healing)",
           "plain": "plain low-rank SVD, uniform (former healing)"}
-STYLES = {"default": "o-", "final": "^:", "plain2000": "s-", "plain": "s--"}
+STYLES = {"default": "o-", "nocaptions": "o--", "final": "^:", "plain2000": "s-", "plain": "s--"}
 
 
 def _text(d: dict) -> str:
     t = d.get("text", "default")
-    if d.get("grammar", "").startswith("pre-grammar"):
-        return "pre-grammar default"
+    if d.get("grammar", "").startswith(("pre-grammar", "pre-caption")):
+        return d["grammar"]
     if t == "default":
         return "default"
     return Path(t).parent.name + "/" + Path(t).name if "/" in t else t
@@ -47,7 +49,7 @@ def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))}
     groups: dict[tuple[str, str], list[dict]] = {}
     for name, d in runs.items():
-        m = re.fullmatch(r"(default|final|plain2000|plain)_([0-9.]+)_s\d+", name)
+        m = re.fullmatch(r"(default|nocaptions|final|plain2000|plain)_([0-9.]+)_s\d+", name)
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(d)
     print("| method | kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman "
@@ -98,7 +100,8 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
         pts = sorted((float(k[1]), ds) for k, ds in groups.items() if k[0] == method)
         if not pts:
             continue
-        label = {"default": "main job", "final": "former main job",
+        label = {"default": "main job", "nocaptions": "main job, text without captions",
+                 "final": "former main job",
                  "plain2000": "plain low-rank", "plain": "plain low-rank, former healing"}[method]
         x = [ds[0]["ratio"] for _, ds in pts]
         for ax, cols in ((axes[0], ("cosine_mean", "cosine_dev_mean")),

@@ -44,8 +44,15 @@ def measure(student: nn.Module, teacher: nn.Module, tok: Any, held_out: Sequence
     return out
 
 
+#: which default text a result was measured with ("captions": the grammar with scene
+#: captions; results without the field predate them)
+TEXT_VERSION = "captions"
+
+
 def write_result(out: dict[str, Any], path: str, keys: Sequence[str]) -> None:
-    """Write ``out`` as JSON to ``path`` and print ``keys`` of it on one line."""
+    """Write ``out`` (with ``text_version``) as JSON to ``path`` and print ``keys`` of it
+    on one line."""
+    out = dict(out, text_version=TEXT_VERSION)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in keys}))
