@@ -6,9 +6,9 @@ Prints a summary row per method and budget with mean ± std over seeds for runs 
 ``default_<budget>_s<seed>.json`` (the main job's defaults), ``nocaptions_<budget>_s<seed>.json``
 (the same before the default text had scene captions), ``final_<budget>_s<seed>.json``
 (the former defaults: 1000 healing steps of the MPO cores at lr 3e-4) and
-``plain2000_<budget>_s<seed>.json`` / ``plain_<budget>_s<seed>.json`` (the plain low-rank
-baseline with the reconstruction and healing of ``default`` / ``final``), then one row
-per run.
+``plain2500_<budget>_s<seed>.json`` / ``plain2000_...`` / ``plain_...`` (the plain low-rank
+baseline with the reconstruction and healing of ``default`` / ``nocaptions`` / ``final``),
+then one row per run.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import statistics
 from pathlib import Path
 
 COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
-LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2000 steps)",
-          "nocaptions": "the same, default text without the scene captions",
+LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2500 steps)",
+          "nocaptions": "former defaults: 2000 steps, default text without scene captions",
           "final": "former defaults (1000 healing steps of the MPO cores, lr 3e-4)",
-          "plain2000": "plain low-rank SVD, uniform (the same reconstruction and healing)",
+          "plain2500": "plain low-rank SVD, uniform (the same reconstruction and healing)",
+          "plain2000": "plain low-rank SVD, uniform (healing of nocaptions)",
           "plain": "plain low-rank SVD, uniform (former healing)"}
-STYLES = {"default": "o-", "nocaptions": "o--", "final": "^:", "plain2000": "s-", "plain": "s--"}
+STYLES = {"default": "o-", "nocaptions": "o--", "final": "^:", "plain2500": "s-",
+          "plain2000": "s:", "plain": "s--"}
 
 
 def _text(d: dict) -> str:
@@ -49,7 +51,7 @@ def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.dir).glob("*.json"))}
     groups: dict[tuple[str, str], list[dict]] = {}
     for name, d in runs.items():
-        m = re.fullmatch(r"(default|nocaptions|final|plain2000|plain)_([0-9.]+)_s\d+", name)
+        m = re.fullmatch(rf"({'|'.join(LABELS)})_([0-9.]+)_s\d+", name)
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(d)
     print("| method | kept | seeds | held-out cosine | SST-2 dev cosine | SICK Spearman "
@@ -102,7 +104,9 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
             continue
         label = {"default": "main job", "nocaptions": "main job, text without captions",
                  "final": "former main job",
-                 "plain2000": "plain low-rank", "plain": "plain low-rank, former healing"}[method]
+                 "plain2500": "plain low-rank",
+                 "plain2000": "plain low-rank, healing of nocaptions",
+                 "plain": "plain low-rank, former healing"}[method]
         x = [ds[0]["ratio"] for _, ds in pts]
         for ax, cols in ((axes[0], ("cosine_mean", "cosine_dev_mean")),
                          (axes[1], ("sick_spearman",))):

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--budget", type=float, default=0.5,
                    help="fraction of the targeted layers' parameters to keep, model-wide")
-    p.add_argument("--heal-steps", type=int, default=2000,
+    p.add_argument("--heal-steps", type=int, default=2500,
                    help="distillation steps after truncation (0: none)")
     p.add_argument("--lr", type=float, default=5e-4, help="healing learning rate")
     p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default="all",
