@@ -955,3 +955,34 @@ def test_heal_with_attention_relations_lowers_them(tok, sentences, damaged):
         distill._loss(torch.nn.Identity(), teacher, batch, cfg)
     assert all(not m._forward_hooks for qkv in distill.attention_projections(teacher)
                for m in qkv)  # the teacher's hooks were removed too
+
+
+def test_attention_relations_cover_every_call_of_a_shared_albert_layer():
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, intermediate_size=64,
+                       max_position_embeddings=64, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    teacher = AlbertModel(cfg).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.encoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    blocks = distill.attention_projections(teacher)
+    assert len(blocks) == 1  # one shared layer ...
+    rec = distill._Recorder(teacher)
+    ids = torch.randint(5, 60, (2, 7))
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    rec.remove()
+    assert len(rec.qkv()) == 3  # ... called by each of the 3 layers
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        term = float(distill._loss(student, teacher, batch, HealConfig(w_attn=1.0,
+                                                                       teacher_bf16=False))
+                     - distill._loss(student, teacher, batch, HealConfig(teacher_bf16=False)))
+    assert term == pytest.approx(_attention_kl_from_the_models(student, teacher, batch),
+                                 rel=1e-4, abs=1e-6)

@@ -222,24 +222,29 @@ def attention_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module, 
 
 
 class _Recorder:
-    """Forward hooks keeping the outputs of the query/key/value modules of one forward."""
+    """Forward hooks keeping the outputs of the query/key/value modules of one forward,
+    every call in order (a module shared across layers, ALBERT-style, is called once per
+    layer)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.blocks = attention_projections(model)
         if not self.blocks:
             raise ValueError("w_attn > 0 needs BERT-style self-attention modules with query, "
                              "key and value submodules; this model has none")
-        self.out: dict[int, torch.Tensor] = {}
+        self.out: dict[int, list[torch.Tensor]] = {}
         self.handles = [mod.register_forward_hook(self._hook(id(mod)))
                         for qkv in self.blocks for mod in qkv]
 
     def _hook(self, key: int):
         def hook(_m, _inp, output):
-            self.out[key] = output
+            self.out.setdefault(key, []).append(output)
         return hook
 
-    def qkv(self) -> list[tuple[torch.Tensor, ...]]:
-        return [tuple(self.out[id(m)].float() for m in qkv) for qkv in self.blocks]
+    def qkv(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(query, key, value) outputs, float32, per block and call: [(B, L, D) x 3, ...]."""
+        return [(a.float(), b.float(), c.float()) for q, k, v in self.blocks
+                for a, b, c in zip(self.out.get(id(q), []), self.out.get(id(k), []),
+                                   self.out.get(id(v), []))]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -308,6 +313,10 @@ def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Ten
                - F.cosine_similarity(pt[a], pt[b], dim=-1))
         loss = loss + cfg.w_twin * (gap ** 2).mean()
     if recs:
+        if not sqkv or len(sqkv) != len(tqkv):
+            raise ValueError(f"attention relations: the teacher's query/key/value modules ran "
+                             f"{len(tqkv)} times, the student's {len(sqkv)}; they must run "
+                             f"alike and at least once")
         heads = _base(student).config.num_attention_heads
         pick = {"qk": (0, 1), "vv": (2, 2)}
         terms = [relation_kl(sq[i], sq[j], tq[i], tq[j], heads, mask)
