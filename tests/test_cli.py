@@ -70,7 +70,20 @@ def test_budget_is_model_wide_and_smaller_budget_keeps_less(model_dir, text_file
     assert 0 < kept[1] <= 0.25 < kept[0] <= 0.5
 
 
+def test_with_default_text_adds_the_default_text(model_dir, text_file, capsys):
+    from tnlm.compress.text import default_text
+
+    assert main(["compress", str(model_dir), "--budget", "0.5", "--heal-steps", "0",
+                 "--calibration", "32", "--text", str(text_file), "--with-default-text",
+                 "--out", "", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    mine = set(text_file.read_text().splitlines())
+    assert summary["text_sentences"] == len(set(default_text(seed=0)) | mine)
+    assert summary["held_out"] == 256  # min(256, n // 4) of the union
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["compress", "--with-default-text"], "--with-default-text adds the default text"),
     (["compress", "/nonexistent"], "is not a transformers model folder"),
     (["compress", "--budget", "7"], "--budget must be a fraction"),
     (["inspect", "/nonexistent"], "is not a transformers model folder"),

@@ -130,9 +130,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if not args.quiet:  # with --json, stdout carries the JSON only
             print(*parts, file=sys.stderr if args.json else sys.stdout)
 
+    if args.with_default_text and not args.text:
+        raise UserError("--with-default-text adds the default text to --text FILE: pass --text")
     if args.text:
         text = read_sentences(args.text, column=args.text_column)
         source = args.text
+        if args.with_default_text:
+            text = list(dict.fromkeys(text + default_text(seed=args.seed)))
+            source = f"{args.text} and {DEFAULT_TEXT_SOURCE}"
     else:
         text, source = default_text(seed=args.seed), DEFAULT_TEXT_SOURCE
     n_eval, n_cal = compression_sizes(len(text), args.calibration)
@@ -163,6 +168,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ratio=res.ratio, heal_steps=args.heal_steps, seconds=res.seconds,
         reconstruct_steps=args.reconstruct_steps, block_errors=res.block_errors,
         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
+        text_sentences=len(text),
         ranks=res.ranks, calibration_errors=res.errors)
     if sick is not None:
         summary["sick_spearman_original"] = sick_spearman(teacher, tok, sick)
@@ -322,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "text compresses better, docs/results.md)")
     p.add_argument("--text-column", type=int, default=None,
                    help="take this tab-separated column of --text")
+    p.add_argument("--with-default-text", action="store_true",
+                   help="heal on --text and the default text together: in-domain text keeps "
+                        "the domain's similarities, the default text the rest "
+                        "(docs/results.md)")
     p.add_argument("--sick", default=None,
                    help="SICK relatedness file to measure Spearman (default: "
                         f"{DEFAULT_SICK} if present)")
