@@ -1,8 +1,9 @@
 """Markdown table of healing screens (results/heal_screen/, experiments/heal_screen.py).
 
 Runs whose names differ only by a ``_s<seed>`` suffix form one row (mean ± std over
-seeds; a name without the suffix is seed 0). Files that are not screen results (no
-``cosine_mean``) are skipped with a note on stderr.
+seeds; a name without the suffix is seed 0). The default-text column: ``captions`` for
+results with the scene captions in the default text, ``pre-caption`` before them. Files
+that are not screen results (no ``cosine_mean``) are skipped with a note on stderr.
 
 Usage:
     python experiments/heal_table.py results/heal_screen/trainall_lr5e-4_2000*.json
@@ -53,15 +54,17 @@ def main() -> None:
             continue
         name = re.sub(r"_s\d+$", "", Path(f).stem)
         groups.setdefault(name, []).append(d)
-    print("| run | budget | steps | train | lr | options | seeds | held-out cosine | "
+    print("| run | default text | budget | steps | train | lr | options | seeds | "
+          "held-out cosine | "
           "cosine on training sentences | SST-2 dev cosine | SICK trial (orig. 0.7994) | "
           "SICK train pairs (orig. 0.7783) | heal s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, ds in groups.items():
         d = ds[0]
         cells = [cell([x[c] for x in ds if x.get(c) is not None], k) for c, k in COLS]
-        print(f"| {name} | {d['budget']} | {d['heal_steps']} | {d['train']} | {d['lr']:g} | "
-              f"{options(d)} | {len(ds)} | " + " | ".join(cells) + " |")
+        text = d.get("text_version", "pre-caption")
+        print(f"| {name} | {text} | {d['budget']} | {d['heal_steps']} | {d['train']} | "
+              f"{d['lr']:g} | {options(d)} | {len(ds)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

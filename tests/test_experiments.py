@@ -64,5 +64,7 @@ def test_heal_table_groups_seeds_into_one_row(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / "heal_table.py"), *files],
                          capture_output=True, text=True, check=True).stdout
     rows = [r for r in out.splitlines() if r.startswith("| run |") or r.startswith("| other")]
-    assert rows[1].startswith("| run | 0.5 | 2000 | all | 0.0005 |  | 3 | 0.970 ± 0.002 |")
-    assert rows[2].startswith("| other | 0.5 | 2000 | all | 0.0005 | w_attn=1.0 | 1 | 0.900 |")
+    assert rows[1].startswith(
+        "| run | pre-caption | 0.5 | 2000 | all | 0.0005 |  | 3 | 0.970 ± 0.002 |")
+    assert rows[2].startswith(
+        "| other | pre-caption | 0.5 | 2000 | all | 0.0005 | w_attn=1.0 | 1 | 0.900 |")
