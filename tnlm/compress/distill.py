@@ -9,12 +9,6 @@ unlabeled sentences the loss is::
          + w_twin  · mean_k (cos^s(a_k, a'_k) - cos^t(a_k, a'_k))²   (twins, if any)
          + w_attn  · mean_{l,x} KL(A^t_{l,x} || A^s_{l,x})           (attention relations)
 
-where, for x in ``attn_relations`` (``"qk"``, ``"vv"``), A_{l,qk} = softmax(Q_h K_hᵀ/√d_h)
-is block l's attention distribution per head and A_{l,vv} = softmax(V_h V_hᵀ/√d_h) its
-value relation (as in MiniLM's own distillation), read from the outputs of the
-self-attention's ``query``/``key``/``value`` modules by forward hooks; the KL is summed
-over keys (padding masked) and averaged over heads and real query tokens.
-
 where C_bc = cos(pool_b, pool_c) over the sentences of a batch: the relational term
 keeps which sentences are close to which, what similarity search and SICK measure.
 With ``neighbours=True`` half of each batch are anchors drawn at random and half their
@@ -26,6 +20,11 @@ vocabulary (:func:`tnlm.compress.text.swap_words`), and the twin term asks the s
 to rate each pair as similar as the teacher does.
 Under ``torch.distributed`` each rank computes the relational term over its own share
 of the batch (whole pairs), so it compares fewer pairs than one process would.
+For x in ``attn_relations`` (``"qk"``, ``"vv"``), A_{l,qk} = softmax(Q_h K_hᵀ/√d_h) is
+block l's attention distribution per head and A_{l,vv} = softmax(V_h V_hᵀ/√d_h) its value
+relation (as in MiniLM's own distillation), read from the outputs of the self-attention's
+``query``/``key``/``value`` modules by forward hooks; the KL is summed over keys (padding
+masked) and averaged over heads and real query tokens.
 
 What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
 ``"auxiliary"`` the same without the central tensors; ``"all"`` adds every other
