@@ -97,7 +97,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.6))
     for method, style in STYLES.items():
         pts = sorted((float(k[1]), ds) for k, ds in groups.items() if k[0] == method)
         if not pts:
@@ -124,7 +124,7 @@ def plot(groups: dict[tuple[str, str], list[dict]], path: str) -> None:
     axes[1].set(xlabel="kept fraction of the encoder-linear parameters",
                 ylabel="SICK Spearman")
     for ax in axes:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
