@@ -92,7 +92,7 @@ def _a(word: str) -> str:
 
 def _who(rng: random.Random, plural: bool, animals: bool = False,
          definite: bool = True) -> tuple[str, str]:
-    """(noun phrase, bare noun): e.g. ('a tall man in a red shirt', 'man')."""
+    """(noun phrase, singular noun): e.g. ('two tall men in a red shirt', 'man')."""
     sing, plur = rng.choice(_ANIMALS if animals else _PEOPLE)
     noun = plur if plural else sing
     head = noun
@@ -105,7 +105,7 @@ def _who(rng: random.Random, plural: bool, animals: bool = False,
     if not animals and rng.random() < 0.25:
         wear = f"{rng.choice(_COLOURS)} {rng.choice(_CLOTHES)}"
         phrase += rng.choice([f" in {_a(wear)}", f" wearing {_a(wear)}"])
-    return phrase, noun
+    return phrase, sing
 
 
 def _doing(rng: random.Random, animals: bool) -> tuple[str, str, str | None]:
@@ -133,7 +133,7 @@ def caption(rng: random.Random) -> str:
     elif k < 0.28:  # negation
         form = rng.random()
         if form < 0.4:
-            s = f"there is no {noun if not plural else _singular(noun)} {act}{where}"
+            s = f"there is no {noun} {act}{where}"
         elif form < 0.7 and not animals:
             s = f"nobody is {act}{where}"
         else:
@@ -148,9 +148,3 @@ def caption(rng: random.Random) -> str:
         s = f"{who} {be} {act}{where}"
     return s[0].upper() + s[1:] + "."
 
-
-def _singular(plural_noun: str) -> str:
-    for sing, plur in _PEOPLE + _ANIMALS:
-        if plur == plural_noun:
-            return sing
-    return plural_noun

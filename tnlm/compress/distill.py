@@ -66,7 +66,8 @@ __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architec
 
 
 TRAIN_CHOICES = ("cores", "auxiliary", "all")
-ATTN_RELATIONS = ("qk", "vv")
+#: relation name -> the (query, key, value) outputs it pairs: softmax(A Bᵀ/√d_h) per head
+ATTN_RELATIONS = {"qk": (0, 1), "vv": (2, 2)}
 
 
 @dataclass
@@ -150,9 +151,9 @@ class HealConfig:
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
         rel = self.attn_relations
         if isinstance(rel, str) or not isinstance(rel, (tuple, list)) or not rel or any(
-                r not in ATTN_RELATIONS for r in rel):
-            raise ValueError(f"attn_relations must be a non-empty tuple of {ATTN_RELATIONS}, "
-                             f"got {rel!r}")
+                not isinstance(r, str) or r not in ATTN_RELATIONS for r in rel):
+            raise ValueError(f"attn_relations must be a non-empty tuple of "
+                             f"{tuple(ATTN_RELATIONS)}, got {rel!r}")
         self.attn_relations = tuple(dict.fromkeys(rel))
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
@@ -317,9 +318,9 @@ def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Ten
                              f"{len(tqkv)} times, the student's {len(sqkv)}; they must run "
                              f"alike and at least once")
         heads = _base(student).config.num_attention_heads
-        pick = {"qk": (0, 1), "vv": (2, 2)}
         terms = [relation_kl(sq[i], sq[j], tq[i], tq[j], heads, mask)
-                 for sq, tq in zip(sqkv, tqkv) for i, j in (pick[r] for r in cfg.attn_relations)]
+                 for sq, tq in zip(sqkv, tqkv)
+                 for i, j in (ATTN_RELATIONS[r] for r in cfg.attn_relations)]
         loss = loss + cfg.w_attn * torch.stack(terms).mean()
     return loss
 
