@@ -33,7 +33,7 @@ from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
 from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
-from tnlm.compress.quality import embedding_cosine  # noqa: E402
+from tnlm.compress.quality import embedding_cosine, read_sick  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
     default_text,
     docstring_roots,
@@ -126,9 +126,7 @@ def main() -> None:
         rows = [line.split("\t") for line in Path(path).read_text("utf-8").splitlines()][1:]
         avoid = set(held_out) | set(heal_text)
         if args.sick:
-            sick_rows = [line.split("\t")
-                         for line in Path(args.sick).read_text("utf-8").splitlines()][1:]
-            avoid |= {r[k] for r in sick_rows for k in (1, 2)}
+            avoid |= {r[k] for r in read_sick(args.sick) for k in ("sentence_A", "sentence_B")}
         found = list(dict.fromkeys(r[int(c)] for r in rows for c in cols.split(",")
                                    if len(r) > int(c) and r[int(c)].strip()))
         found = [x for x in found if x not in avoid]

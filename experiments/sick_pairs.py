@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnlm.compress.quality import embed, spearman  # noqa: E402
+from tnlm.compress.quality import embed, read_sick, spearman  # noqa: E402
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
 
 
@@ -39,8 +38,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
     student = MPOModel.from_pretrained(AutoModel.from_pretrained(path), args.model_dir).eval()
-    with open(args.sick, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = read_sick(args.sick)
     a_text, b_text = [r["sentence_A"] for r in rows], [r["sentence_B"] for r in rows]
     gold = np.array([float(r["relatedness_score"]) for r in rows])
     label = np.array([r.get("entailment_judgment", "") for r in rows])

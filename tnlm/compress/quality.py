@@ -20,7 +20,7 @@ from torch import nn
 
 from tnlm.integration import mean_pooled
 
-__all__ = ["embedding_cosine", "embed", "spearman", "sick_spearman"]
+__all__ = ["embedding_cosine", "embed", "spearman", "read_sick", "sick_spearman"]
 
 def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
           max_length: int = 128) -> torch.Tensor:
@@ -49,10 +49,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def sick_spearman(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> float:
-    """Spearman correlation of embedding cosines with the relatedness of the pairs in
-    ``path`` (tab-separated, header with ``sentence_A``, ``sentence_B``,
-    ``relatedness_score``).
+def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a SICK file (tab-separated, header with ``sentence_A``, ``sentence_B``,
+    ``relatedness_score``; other columns kept), one dict per pair.
 
     Raises:
         ValueError: the file lacks those columns or holds no pairs.
@@ -62,6 +61,17 @@ def sick_spearman(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> 
     if not rows or not {"sentence_A", "sentence_B", "relatedness_score"} <= set(rows[0]):
         raise ValueError(f"{path} is not a SICK file (needs sentence_A, sentence_B and "
                          "relatedness_score columns)")
+    return rows
+
+
+def sick_spearman(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> float:
+    """Spearman correlation of embedding cosines with the relatedness of the pairs in
+    ``path`` (:func:`read_sick`).
+
+    Raises:
+        ValueError: the file lacks those columns or holds no pairs.
+    """
+    rows = read_sick(path)
     a = embed(model, tokenizer, [r["sentence_A"] for r in rows])
     b = embed(model, tokenizer, [r["sentence_B"] for r in rows])
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).numpy()
