@@ -17,7 +17,12 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.heal_table import cell  # noqa: E402  (mean ± std over seeds)
 
 COLS = ("cosine_mean", "cosine_dev_mean", "sick_spearman")
 LABELS = {"default": "main job defaults (data-aware, sensitivity allocation, 2500 steps)",
@@ -61,10 +66,8 @@ def main() -> None:
                                   key=lambda kv: (list(LABELS).index(kv[0][0]), -float(kv[0][1]))):
         cells = []
         for col in COLS + ("wall_seconds",):
-            xs = [d[col] for d in ds if d.get(col) is not None]
             digits = 0 if col == "wall_seconds" else (4 if col == "sick_spearman" else 3)
-            sd = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
-            cells.append(f"{statistics.mean(xs):.{digits}f}{sd}" if xs else "")
+            cells.append(cell([d[col] for d in ds if d.get(col) is not None], digits))
         print(f"| {LABELS[method]} | {ds[0]['ratio']:.1%} | {len(ds)} | "
               + " | ".join(cells) + " |")
     if args.plot:
