@@ -42,10 +42,10 @@ from tnlm.core.spectra import tail_sums
 __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
 
 
-def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Lower-triangular L with ``L Lᵀ = G + λ I``, float64; ``λ = ridge · tr(G)/n``,
-    raised ×10 (from 1e-12 when ``ridge`` is 0) until the Cholesky factorization succeeds
-    (rank-deficient calibration)."""
+def _shifted_cholesky(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """``(L, σ)`` with ``L Lᵀ = G + σ I`` (float64), ``σ = λ · tr(G)/n``; λ starts at
+    ``ridge`` and is raised ×10 (from 1e-12 when ``ridge`` is 0) until the Cholesky
+    factorization succeeds."""
     G = gram.to(torch.float64)
     n = G.shape[0]
     if G.shape != (n, n):
@@ -60,25 +60,79 @@ def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     for _ in range(12):
         L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
         if int(info) == 0:
-            return L
+            return L, lam * scale
         lam = lam * 10 if lam > 0 else 1e-12  # ridge 0: escalate from a tiny one
     raise ValueError(f"gram is not positive semi-definite (Cholesky failed with ridge "
                      f"{lam / 10:.0e}·tr/n)")
 
 
-def output_error(W: torch.Tensor, W_approx: torch.Tensor, stats: InputStats) -> float:
-    """``||X_s W' - X_t W||_F / ||X_t W||_F`` on the calibration set (exact, from Grams).
+def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Lower-triangular L with ``L Lᵀ = G + λ I``, float64; ``λ = ridge · tr(G)/n``,
+    raised ×10 (from 1e-12 when ``ridge`` is 0) until the Cholesky factorization succeeds
+    (rank-deficient calibration)."""
+    return _shifted_cholesky(gram, ridge)[0]
 
-    With ``stats.cross`` unset, ``X_s = X_t`` and this is ``||X (W - W')|| / ||X W||``.
+
+class _OutputMetric:
+    """``||X_s W' - X_t W||_F²`` from the calibration Grams, computed on the difference.
+
+    Expanding the square into ``tr(W'ᵀGW') - 2 tr(W'ᵀCW) + tr(WᵀG_tW)`` subtracts numbers
+    of size ``||X W||²`` to get one of size ``||X (W - W')||²``: its rounding floor is
+    ``eps · ||X W||²``, a relative error near ``sqrt(eps) ≈ 1e-8`` for an exact W'.
+    Instead, with ``K Kᵀ = G + σ I`` (Cholesky, σ >= 0 a small shift when G is
+    singular), ``||X D||² = ||Kᵀ D||² - σ ||D||²`` for ``D = W - W'``: both terms are
+    O(||D||²), so an exact W' gives an error at rounding level of D itself.
+
+    With cross statistics (``X_s ≠ X_t``) the same is done with the Gram of the stacked
+    inputs ``[X_s, X_t]``, ``[[G, C], [Cᵀ, G_t]]``, and ``D = [W'; -W]``. Then D is
+    not small, and the factorization's backward error (``~ n · eps · ||G||``) bounds
+    the absolute error of err² by ``~ n · eps · ||G|| · ||D||²``: an inherent floor of
+    Gram-based errors when ``X_s ≈ X_t``. When the cross statistics equal the Gram
+    exactly (identical inputs), the first form is used.
     """
-    W = W.to(torch.float64)
-    Wa = W_approx.to(torch.float64)
-    G = stats.gram
-    C = G if stats.cross is None else stats.cross
-    G_ref = G if stats.cross is None else stats.ref_gram
-    ref = float(torch.sum(W * (G_ref @ W)))
-    err_sq = float(torch.sum(Wa * (G @ Wa))) - 2 * float(torch.sum(Wa * (C @ W))) + ref
-    return math.sqrt(max(err_sq, 0.0) / ref) if ref > 0 else 0.0
+
+    def __init__(self, stats: InputStats, factor: tuple[torch.Tensor, float] | None = None
+                 ) -> None:
+        G = stats.gram.to(torch.float64)
+        cross = stats.cross
+        if cross is not None and torch.equal(cross.to(torch.float64), G) and (
+                stats.ref_gram is not None and torch.equal(stats.ref_gram.to(torch.float64), G)):
+            cross = None  # X_s = X_t: the plain output error
+        self.stacked = cross is not None
+        if self.stacked:
+            if stats.ref_gram is None:
+                raise ValueError("stats.cross is set but stats.ref_gram is not")
+            C = cross.to(torch.float64)
+            self.ref_gram = stats.ref_gram.to(torch.float64)
+            G = torch.cat([torch.cat([G, C], 1), torch.cat([C.T, self.ref_gram], 1)], 0)
+            factor = None
+        else:
+            self.ref_gram = G
+        self.K, self.shift = factor if factor is not None else _shifted_cholesky(G, 0.0)
+
+    def _sq(self, D: torch.Tensor) -> float:
+        """``Dᵀ G D`` summed over columns, as ``||Kᵀ D||² - σ ||D||²`` (clamped at 0)."""
+        return max(float(torch.sum((self.K.T @ D) ** 2)) - self.shift * float(torch.sum(D * D)),
+                   0.0)
+
+    def relative(self, W: torch.Tensor, W_approx: torch.Tensor) -> float:
+        W = W.to(torch.float64)
+        Wa = W_approx.to(torch.float64)
+        ref = float(torch.sum(W * (self.ref_gram @ W)))
+        if not ref > 0:
+            return 0.0
+        D = torch.cat([Wa, -W], 0) if self.stacked else W - Wa
+        return math.sqrt(self._sq(D) / ref)
+
+
+def output_error(W: torch.Tensor, W_approx: torch.Tensor, stats: InputStats) -> float:
+    """``||X_s W' - X_t W||_F / ||X_t W||_F`` on the calibration set, from the Grams.
+
+    With ``stats.cross`` unset, ``X_s = X_t`` and this is ``||X (W - W')|| / ||X W||``,
+    computed from ``D = W - W'`` directly (no cancellation: an exact ``W'`` reports an
+    error at rounding level, ~1e-15 in float64). See :class:`_OutputMetric`.
+    """
+    return _OutputMetric(stats).relative(W, W_approx)
 
 
 def io_layout(out_shape: Sequence[int], in_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -107,7 +161,8 @@ class WhitenedLayer:
         if self.stats.gram.shape != (I, I):
             raise ValueError(f"calibration gram has shape {tuple(self.stats.gram.shape)}, "
                              f"expected ({I}, {I}) for a weight of shape ({I}, {J})")
-        self.L = whitening_factor(self.stats.gram, self.ridge)
+        self.L, self._shift = _shifted_cholesky(self.stats.gram, self.ridge)
+        self._metric: _OutputMetric | None = None
         if self.stats.cross is None:
             self.M = self.L.T @ self.W
         else:
@@ -124,6 +179,14 @@ class WhitenedLayer:
         ``sqrt(Σ_{i>=rank} s_i² / Σ s_i²)``."""
         total = float(self.tails[0])
         return math.sqrt(float(self.tails[min(rank, len(self.spectrum))]) / total) if total else 0.0
+
+    def output_error(self, W_approx: torch.Tensor) -> float:
+        """:func:`output_error` of ``W_approx`` against this layer's W (the Gram factored
+        once per layer; without cross statistics the whitening factor is reused)."""
+        if self._metric is None:
+            self._metric = _OutputMetric(self.stats, None if self.stats.cross is not None
+                                         else (self.L, self._shift))
+        return self._metric.relative(self.W, W_approx)
 
     def mpo(self, rank: int, out_shape: Sequence[int] | None = None,
             max_bond: int | Sequence[int] | None = None) -> MPO:
@@ -157,7 +220,7 @@ class WhitenedLayer:
         cores[0] = t0.reshape(1, I, 1, -1)
         out = MPO(cores)
         W_approx = out.to_matrix()
-        out.truncation_error = output_error(self.W, W_approx, self.stats)
+        out.truncation_error = self.output_error(W_approx)
         return out
 
     def layer(self, rank: int, like: nn.Module, gauge: str = "symmetric") -> MPOLinear:
