@@ -1,0 +1,361 @@
+"""Does a compressed causal language model still work? Perplexity and greedy answers.
+
+* :func:`perplexity`: sliding-window perplexity of a causal LM on a text stream, scored
+  as the Hugging Face perplexity guide and lm-eval score WikiText (every token but the
+  first predicted exactly once, with up to ``max_length - 1`` tokens of context);
+* :func:`greedy_answers`: greedy (deterministic) answers of a chat model to questions,
+  through the tokenizer's chat template, batched with left padding;
+* :func:`answer_agreement`: the fraction of identical answers of two models;
+* :func:`simple_questions`: 50 short everyday questions shipped with tnlm
+  (``tnlm/data/questions.txt``);
+* :func:`natural_eval_text`: held-out natural English from the labelled data folder
+  beside the working directory (SST-2 dev, CoLA dev, SICK trial), when it is there.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnlm.compress.quality import read_sick
+
+__all__ = ["PerplexityResult", "answer_agreement", "greedy_answers", "natural_eval_text",
+           "perplexity", "simple_questions", "window_spans"]
+
+#: the labelled data folder, relative to the working directory
+DEFAULT_SHARED_DIR = Path("../shared/data")
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """The outcome of :func:`perplexity`.
+
+    Attributes:
+        ppl: ``exp(nll / n_tokens)``.
+        nll: the total negative log-likelihood (natural log, summed over scored tokens).
+        n_tokens: the number of scored tokens (the stream's length minus one when
+            ``stride < max_length``).
+        n_windows: the number of windows the stream was cut into.
+    """
+
+    ppl: float
+    nll: float
+    n_tokens: int
+    n_windows: int
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean negative log-likelihood per scored token (nats): ``log(ppl)``."""
+        return self.nll / self.n_tokens
+
+
+def window_spans(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the sliding-window perplexity over a stream of ``n`` tokens.
+
+    Window ``i`` covers tokens ``[begin, end)`` with ``begin = i * stride`` and
+    ``end = min(begin + max_length, n)``; it scores the tokens ``[first, end)`` with
+    ``first = max(previous end, begin + 1)`` (0 for the first window's previous end): the
+    tokens no earlier window scored, except the window's own first token, which nothing
+    in the window precedes. The last window is the first to reach ``n`` (a last window
+    that would score nothing, one token after non-overlapping chunks, is left out). With
+    ``stride < max_length`` every token ``1 .. n-1`` is scored exactly once; with
+    ``stride == max_length`` the windows are non-overlapping chunks and the first token of
+    each chunk is not scored (as in the HF perplexity guide).
+
+    Returns:
+        ``[(begin, end, first), ...]`` in stream order.
+
+    Raises:
+        ValueError: ``n < 2``, ``max_length < 2`` or ``stride`` not in ``[1, max_length]``.
+    """
+    if n < 2:
+        raise ValueError(f"the token stream must hold at least 2 tokens, got {n}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    spans = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        first = max(prev_end, begin + 1)
+        if first < end:  # a last chunk of one token scores nothing
+            spans.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return spans
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _encode_stream(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    if ids and isinstance(ids[0], list):  # a tokenizer that always batches
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
+               max_length: int = 256, stride: int = 128, batch_size: int = 8,
+               progress: bool = False) -> PerplexityResult:
+    """Sliding-window perplexity of a causal LM on one token stream.
+
+    The text (documents joined with ``"\\n\\n"``) is tokenized once, as the tokenizer
+    encodes a single string by default (its special tokens included, e.g. a BOS), into a
+    stream of ``n`` tokens. Windows of ``max_length`` tokens start every ``stride`` tokens
+    (:func:`window_spans`); in each window the model predicts token ``t`` from the
+    window's tokens before it, and only the tokens not scored by an earlier window count
+    (the overlap's labels are -100 in the HF guide's words), and a window's first token is
+    never predicted. With ``stride < max_length`` every token but the stream's first is
+    scored once (``n_tokens = n - 1``); with ``stride == max_length`` this is
+    non-overlapping chunking (the first token of each chunk is not scored). Over the
+    scored tokens ``S``::
+
+        nll = -sum_{t in S} log p(x_t | x_{begin(t)} .. x_{t-1})
+        ppl = exp(nll / n_tokens),   n_tokens = |S|
+
+    where ``begin(t)`` is the start of the window that scores ``t``. Windows of full length
+    go through the model ``batch_size`` at a time (shape ``(batch, max_length)``); the
+    last window, if shorter, runs alone. No padding is ever used, so batching does not
+    change the result. Runs under ``torch.no_grad()`` in eval mode; the training flag is
+    restored.
+
+    Args:
+        model: a causal LM whose ``forward(input_ids=...)`` returns an object with
+            ``.logits`` of shape ``(batch, length, vocab)``.
+        tokenizer: a callable returning ``{"input_ids": [...]}`` for one string.
+        text: one string or documents joined with ``"\\n\\n"``.
+        max_length: tokens per window (the context is at most ``max_length - 1``).
+        stride: how far each window moves (``1 <= stride <= max_length``).
+        batch_size: full windows per forward pass.
+        progress: show a tqdm bar over forward passes.
+
+    Raises:
+        ValueError: an empty text, a stream shorter than 2 tokens, bad window arguments.
+    """
+    if not isinstance(text, str):
+        text = "\n\n".join(text)
+    if not text:
+        raise ValueError("text must not be empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ids = _encode_stream(tokenizer, text)
+    spans = window_spans(len(ids), max_length, stride)
+    stream = torch.tensor(ids, dtype=torch.long)
+    full = [s for s in spans if s[1] - s[0] == max_length]
+    short = [s for s in spans if s[1] - s[0] != max_length]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s in short]
+    extra = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    device = _device(model)
+    if progress:
+        from tqdm.auto import tqdm
+        groups = tqdm(groups, desc="perplexity", unit="batch")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    scored = 0
+    try:
+        with torch.no_grad():
+            for group in groups:
+                batch = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
+                logits = model(input_ids=batch, **extra).logits
+                for row, (b, e, first) in enumerate(group):
+                    # logits at position p predict token p + 1 (stream positions b + p)
+                    pred = logits[row, first - b - 1:e - b - 1].float()
+                    target = batch[row, first - b:e - b]
+                    nll = F.cross_entropy(pred, target, reduction="sum")
+                    total += float(nll.double())
+                    scored += e - first
+    finally:
+        model.train(was_training)
+    return PerplexityResult(ppl=math.exp(total / scored), nll=total, n_tokens=scored,
+                            n_windows=len(spans))
+
+
+def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """The token ids of one question as a prompt: the chat template with the generation
+    prompt (its own special tokens, none added), or else the question, a newline and the
+    tokenizer's default special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(question + "\n")["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    out: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in out:
+                out.append(int(v))
+    return out
+
+
+def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *,
+                   max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+    """Greedy answers of a causal LM to questions, one string per question.
+
+    Each question becomes a prompt through the tokenizer's chat template
+    (``apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)``)
+    or, for a tokenizer without one, the raw question followed by ``"\\n"``. Prompts of
+    similar length are batched (``batch_size`` at a time, left-padded with the pad token,
+    or the EOS token when there is none, with an attention mask of zeros over the
+    padding) and decoded by ``model.generate(do_sample=False, use_cache=True,
+    max_new_tokens=...)``, stopping at the model's or the tokenizer's EOS. Each answer is
+    the decoding of the new tokens with special tokens skipped, stripped of surrounding
+    whitespace. The tokenizer is not modified. Runs in eval mode; the training flag is
+    restored.
+
+    With left padding and the mask, a batched answer equals the one-by-one answer up to
+    float rounding in the attention over different shapes (exactly equal on a trained
+    model in practice; see the tests).
+
+    Raises:
+        ValueError: ``max_new_tokens`` or ``batch_size`` below 1, or a tokenizer with
+            neither a pad nor an EOS token.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
+    prompts = [_prompt_ids(tokenizer, q) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    eos = _eos_ids(model, tokenizer)
+    device = _device(model)
+    answers: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), int(pad), dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    n = len(prompts[i])
+                    ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                    mask[row, width - n:] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     do_sample=False, num_beams=1, use_cache=True,
+                                     max_new_tokens=max_new_tokens, pad_token_id=int(pad),
+                                     eos_token_id=eos or None)
+                for row, i in enumerate(idx):
+                    new = out[row, width:].tolist()
+                    answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def _normalize(answer: str) -> str:
+    return " ".join(answer.split()).casefold()
+
+
+def answer_agreement(a: Sequence[str], b: Sequence[str], *, normalize: bool = True) -> float:
+    """The fraction of positions ``i`` where ``a[i] == b[i]``; with ``normalize``, compared
+    after collapsing runs of whitespace to one space, stripping and case folding.
+
+    Raises:
+        ValueError: the sequences differ in length or are empty.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
+    if not a:
+        raise ValueError("a and b must not be empty")
+    if normalize:
+        same = sum(_normalize(x) == _normalize(y) for x, y in zip(a, b))
+    else:
+        same = sum(x == y for x, y in zip(a, b))
+    return same / len(a)
+
+
+def simple_questions() -> list[str]:
+    """The 50 short everyday questions shipped with tnlm (``tnlm/data/questions.txt``, one
+    per line): geography, arithmetic, science, language, everyday life; for comparing the
+    greedy answers of a compressed chat model with its original's."""
+    path = importlib.resources.files("tnlm").joinpath("data", "questions.txt")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _tsv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def natural_eval_text(shared_dir: str | os.PathLike | None = None) -> list[str] | None:
+    """Held-out natural English for :func:`perplexity`, from the labelled data folder.
+
+    ``shared_dir`` (default ``../shared/data``, relative to the working directory) holds
+    ``sst2/dev.tsv`` (header, ``sentence<TAB>label``), ``cola/dev.tsv`` (no header,
+    ``sentence<TAB>label``) and ``sick/trial.tsv`` (SICK pairs). Up to three documents are
+    returned, in this order, one per file present, each its sentences in file order joined
+    with ``"\\n"``:
+
+    1. SST-2 dev: every sentence (872);
+    2. CoLA dev: the sentences labelled acceptable (label 1) only;
+    3. SICK trial: every distinct sentence, ``sentence_A`` then ``sentence_B`` of each pair,
+       in order of first appearance.
+
+    Labels are not used otherwise. None of these is a training split.
+
+    Returns:
+        The documents, or None when the folder does not exist or holds none of the files.
+    """
+    root = Path(DEFAULT_SHARED_DIR if shared_dir is None else shared_dir)
+    if not root.is_dir():
+        return None
+    docs: list[str] = []
+    sst2 = root / "sst2" / "dev.tsv"
+    if sst2.is_file():
+        rows = _tsv_rows(sst2)[1:]
+        docs.append("\n".join(r[0].strip() for r in rows if r and r[0].strip()))
+    cola = root / "cola" / "dev.tsv"
+    if cola.is_file():
+        rows = _tsv_rows(cola)
+        docs.append("\n".join(r[0].strip() for r in rows
+                              if len(r) >= 2 and r[1].strip() == "1" and r[0].strip()))
+    sick = root / "sick" / "trial.tsv"
+    if sick.is_file():
+        seen: dict[str, None] = {}
+        for r in read_sick(sick):
+            for s in (r["sentence_A"].strip(), r["sentence_B"].strip()):
+                if s:
+                    seen.setdefault(s, None)
+        docs.append("\n".join(seen))
+    docs = [d for d in docs if d]
+    return docs or None
