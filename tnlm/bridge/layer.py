@@ -11,14 +11,16 @@ Speed (see ``docs/benchmarks.md``):
 
 * **dense cache** (``cache_dense=True``, the default): the dense path keeps the W it
   rebuilt (one ``in_dim x out_dim`` tensor per layer and compute dtype: the memory of
-  the dense layer it replaces) and reuses it while no core changed. A core changes when
-  its ``_version`` counter (bumped by every in-place update: optimizer steps,
-  ``load_state_dict``, ``copy_``) or its storage (``data_ptr``) changes; ``set_cores``,
-  ``retruncate`` and ``.to()`` clear the cache, and :meth:`MPOModule.invalidate_cache`
-  does so explicitly (needed only after writing through ``.data``, which bypasses the
-  version counter). W is reused only where autograd does not need the graph through
-  the cores: under ``torch.no_grad()`` / ``torch.inference_mode()``, or when every core
-  is frozen. Not under ``torch.compile`` (the traced graph rebuilds W).
+  the dense layer it replaces) together with a copy of the cores it was built from
+  (as large as the cores), and reuses W while every core is bitwise equal to that copy.
+  The check compares values, not version counters or storages, which some writes leave
+  alone (fused optimizer steps such as ``AdamW(fused=True)``, transformers' default;
+  writes through ``.data``): it reads each core once, a small fraction of the cost of
+  rebuilding W. ``set_cores``, ``retruncate`` and ``.to()`` clear the cache,
+  as :meth:`MPOModule.invalidate_cache` does. W is reused only where autograd does not
+  need the graph through the cores: under ``torch.no_grad()`` /
+  ``torch.inference_mode()``, or when every core is frozen. Not under ``torch.compile``
+  (the traced graph rebuilds W).
 * **plans resolved when the cores are set** (:class:`~tnlm.core.plan.ChainPlans`,
   :class:`~tnlm.bridge.cost.ForwardCost`): a forward pass chooses its mode and path by
   arithmetic on the row count; no path search per batch length, no cache lookup, no
@@ -90,6 +92,34 @@ _INPLACE_DUNDERS = frozenset(
                             "and", "or", "xor", "lshift", "rshift")) | {"__setitem__"}
 #: methods ending in "_" that do not write the values
 _HARMLESS = frozenset({"requires_grad_", "retain_grad_", "share_memory_"})
+
+
+#: integer dtypes by element size, to compare floating-point tensors bit for bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _snapshot(cores: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Detached copies of ``cores`` (what a cached product was built from)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(c.detach().clone() for c in cores)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (so NaNs match and ``-0.0 != 0.0``)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    bits = _BITS.get(a.element_size())
+    if bits is None or a.is_complex():
+        return torch.equal(a, b)
+    a, b = a.detach().view(bits), b.detach().view(bits)
+    if a.device.type == "cpu":  # numpy's comparison reads memory several times faster
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
+
+
+def _unchanged(snapshot: Sequence[torch.Tensor], cores: Sequence[torch.Tensor]) -> bool:
+    """Whether every core still equals its copy in ``snapshot`` (O(core parameters))."""
+    return len(snapshot) == len(cores) and all(_same_bits(c, s) for c, s in zip(cores, snapshot))
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -267,8 +297,10 @@ class MPOModule(nn.Module):
         self.cache_dense = bool(cache_dense)
         self.last_mode: str | None = None
         self.truncation_error = 0.0
+        #: compute dtype -> (copies of the cores W was built from, W)
         self._dense_cache: dict[torch.dtype, tuple[tuple, torch.Tensor]] = {}
-        #: products of frozen blocks kept by the training path, ``(dtype, "cr" | "lc")``
+        #: products of frozen blocks kept by the training path, ``(dtype, "cr" | "lc")`` ->
+        #: (copies of the cores used, product)
         self._block_cache: dict[tuple, tuple[tuple, torch.Tensor]] = {}
         self._resolve()
 
@@ -463,8 +495,8 @@ class MPOModule(nn.Module):
         return ps
 
     def invalidate_cache(self) -> None:
-        """Drop the cached dense W (needed only after writing cores through ``.data``,
-        which bypasses the version counters), and the cached products of frozen blocks."""
+        """Drop the cached dense W and the cached products of frozen blocks (frees their
+        memory; never needed for correctness: a cache hit checks the cores' values)."""
         self._dense_cache.clear()
         self._block_cache.clear()
 
@@ -481,14 +513,15 @@ class MPOModule(nn.Module):
         return self.dense_matrix(dtype)
 
     def _cached_dense(self, dtype: torch.dtype, cores: Sequence[nn.Parameter]) -> torch.Tensor:
-        """:meth:`dense_matrix` in ``dtype``, rebuilt only when a core changed (detached)."""
-        key = tuple((c._version, c.data_ptr()) for c in cores)
+        """:meth:`dense_matrix` in ``dtype``, rebuilt unless every core is bitwise what the
+        cached W was built from (detached)."""
         hit = self._dense_cache.get(dtype)
-        if hit is not None and hit[0] == key:
+        if hit is not None and _unchanged(hit[0], cores):
             return hit[1]
+        self._dense_cache.pop(dtype, None)
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, reusable anywhere
             W = self._build_dense(dtype)
-        self._dense_cache[dtype] = (key, W)
+        self._dense_cache[dtype] = (_snapshot(cores), W)
         return W
 
     def _apply(self, *args: Any, **kwargs: Any) -> Any:
@@ -760,16 +793,16 @@ class MPOLinear(MPOModule):
     def _frozen_product(self, which: str, dtype: torch.dtype, cores: Sequence[nn.Parameter],
                         L: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """``L·C`` (``which="lc"``) or ``C·R`` of frozen cores, rebuilt only when one of them
-        changed (keyed as the dense cache: version counters and storages)."""
+        changed (checked as the dense cache: against copies of the cores used)."""
         c = self._blocks.centre
         used = cores[: c + 1] if which == "lc" else cores[c:]
-        key = tuple((t._version, t.data_ptr()) for t in used)
         hit = self._block_cache.get((dtype, which))
-        if hit is not None and hit[0] == key:
+        if hit is not None and _unchanged(hit[0], used):
             return hit[1]
+        self._block_cache.pop((dtype, which), None)
         with torch.no_grad():
             product = _block_product(self._blocks, which, L.detach(), C.detach(), R.detach())
-        self._block_cache[(dtype, which)] = (key, product)
+        self._block_cache[(dtype, which)] = (_snapshot(used), product)
         return product
 
     @torch.no_grad()
