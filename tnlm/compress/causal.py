@@ -1,0 +1,251 @@
+"""Causal LMs: data-free calibration text and healing on next-token distributions.
+
+Text. :func:`self_generated_text` lets the dense model write its own calibration and
+healing text (data-free, as LLM-QAT does): each sequence starts from a few words of the
+generated sentences that ship with tnlm (:func:`tnlm.compress.text.generated_sentences`)
+and continues by sampling (temperature, top-p) with the KV cache. The evaluation text is
+never used for either. :func:`token_sequences` cuts a token stream into equal-length
+sequences (no padding), the form :func:`tnlm.compress.layerwise.compress_layerwise` and
+healing take.
+
+Healing. The student learns the dense teacher's next-token distributions::
+
+    loss = mean over tokens t of KL(p_teacher(· | x_<t) || p_student(· | x_<t))
+
+(temperature 1). AdamW, linear warm-up, cosine decay, gradient clipping. What trains
+(``train``): ``"cores"`` every MPO core and bias and the norms; ``"all"`` adds the other
+linears of the blocks (never the embeddings or the LM head). A loss that becomes
+non-finite or exceeds ``blowup`` x its starting value (mean of the first ``warmup``
+steps) stops the run and restores the parameters of the step with the lowest running
+loss; the result says so (``stopped``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import kind_of, mpo_modules
+
+__all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
+           "heal_causal", "next_token_kl"]
+
+
+@torch.no_grad()
+def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tokens: int = 128,
+                        temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
+                        seed: int = 0, progress: bool = False) -> list[str]:
+    """``n`` texts written by ``model`` itself, each continuing the first 2-4 words of one of
+    tnlm's generated sentences (sampling with the KV cache; see the module docstring)."""
+    from tnlm.compress.text import generated_sentences
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    rng = random.Random(seed)
+    starts = []
+    for s in generated_sentences(max(n, 64), seed=seed)[:n]:
+        words = s.split()
+        starts.append(" ".join(words[:rng.randint(2, 4)]))
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    try:
+        for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
+                      leave=False):
+            batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            ids = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            prompt_len = batch["input_ids"].shape[1]
+            for s, row in zip(starts[i:i + batch_size], ids):
+                out.append(s + tokenizer.decode(row[prompt_len:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        tokenizer.pad_token = pad
+        model.train(was)
+    return out
+
+
+def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
+                    max_sequences: int | None = None) -> torch.Tensor:
+    """The texts as one token stream (joined by ``"\\n\\n"``) cut into ``(n, length)``
+    sequences (long); the remainder is dropped.
+
+    Raises:
+        ValueError: fewer than ``length`` tokens in all.
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt",
+                    add_special_tokens=False)["input_ids"][0]
+    n = ids.numel() // length
+    if n == 0:
+        raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one sequence of "
+                         f"length {length}")
+    if max_sequences is not None:
+        n = min(n, int(max_sequences))
+    return ids[:n * length].reshape(n, length).long()
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``mean_t KL(p_t || p_s)`` over every position of logits (b, T, vocab), float32."""
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+TRAIN = ("cores", "all")
+
+
+@dataclass
+class CausalHealConfig:
+    """Settings of :func:`heal_causal` (see the module docstring)."""
+
+    steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 4
+    warmup: int = 10
+    train: str = "all"
+    blowup: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.train not in TRAIN:
+            raise ValueError(f"train must be one of {TRAIN}, got {self.train!r}")
+        if not (isinstance(self.blowup, (int, float)) and self.blowup > 1):
+            raise ValueError(f"blowup must be a number > 1, got {self.blowup!r}")
+
+
+@dataclass
+class CausalHealResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str | None = None   # why the run stopped early (parameters restored), or None
+    best_step: int | None = None
+
+
+def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
+    from tnlm.integration.architectures import blocks_of
+
+    ps: dict[int, nn.Parameter] = {}
+    blocks = blocks_of(student)
+    for _, m in mpo_modules(blocks):
+        for p in m.cores:
+            ps[id(p)] = p
+        if getattr(m, "bias", None) is not None:
+            ps[id(m.bias)] = m.bias
+    for mod in blocks.modules():
+        if list(mod.children()):
+            continue
+        norm = "norm" in type(mod).__name__.lower()
+        if norm or (train == "all" and kind_of(mod) in ("linear", "conv1d")):
+            for p in mod.parameters(recurse=False):
+                ps[id(p)] = p
+    return list(ps.values())
+
+
+def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
+                config: CausalHealConfig, *, progress: bool = True) -> CausalHealResult:
+    """Distil ``teacher``'s next-token distributions into ``student`` (in place) on
+    ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored."""
+    if not torch.is_tensor(sequences) or sequences.dim() != 2 or sequences.shape[0] == 0:
+        raise ValueError("sequences must be a non-empty (n, T) tensor of token ids")
+    result = CausalHealResult()
+    if config.steps == 0:
+        return result
+    params = _trainable(student, config.train)
+    if not params:
+        raise ValueError("the student has nothing to train (no MPO layer, norm or linear in "
+                         "its blocks)")
+    flags = [(p, p.requires_grad) for p in student.parameters()]
+    modes = [(m, m.training) for m in student.modules()]
+    t_modes = [(m, m.training) for m in teacher.modules()]
+    rng = random.Random(config.seed)
+    n = config.steps
+    t0 = time.perf_counter()
+    best = [p.detach().clone() for p in params]
+    best_loss, run = math.inf, None
+    start = None
+    try:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        student.train()
+        for m in student.modules():  # no dropout: the targets are deterministic
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        teacher.eval()
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
+            * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
+        order: list[int] = []
+        for step in tqdm(range(n), desc="healing (next-token KL)", disable=not progress,
+                         leave=False):
+            if len(order) < config.batch_size:
+                perm = list(range(sequences.shape[0]))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[:config.batch_size], order[config.batch_size:]
+            ids = sequences[idx]
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            loss = next_token_kl(student(input_ids=ids, use_cache=False).logits, t_logits)
+            value = float(loss)
+            result.losses.append(value)
+            run = value if run is None else 0.9 * run + 0.1 * value
+            if step < max(1, config.warmup):
+                start = (value if start is None else start) if step == 0 else \
+                    (start * step + value) / (step + 1)
+            if not math.isfinite(value) or (start is not None and step >= config.warmup
+                                            and run > config.blowup * max(start, 1e-8)):
+                why = "is not finite" if not math.isfinite(value) else \
+                    f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
+                result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
+                                  f"{result.best_step or 0} were restored (lower lr, "
+                                  f"now {config.lr:g})")
+                break
+            if run < best_loss:
+                best_loss, result.best_step = run, step
+                for b, p in zip(best, params):
+                    b.copy_(p.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+        if result.stopped:
+            with torch.no_grad():
+                for b, p in zip(best, params):
+                    p.copy_(b)
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        for m, mode in modes:
+            m.training = mode
+        for m, mode in t_modes:
+            m.training = mode
+    result.seconds = time.perf_counter() - t0
+    return result

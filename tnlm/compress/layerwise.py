@@ -1,0 +1,370 @@
+"""Layer-by-layer compression: one block of the model in memory twice, never the whole model.
+
+The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline work::
+
+    X_s = X_t = the hidden states entering block 0 on the calibration sequences
+    for block i = 0 .. L-1:
+        T_i  = a dense copy of block i (the teacher's block; one block, not the model)
+        Y_t  = T_i(X_t)                                   the teacher's outputs
+        statistics of block i's target linears on the student's inputs X_s
+            (method "tnlm": with the cross Gram against the teacher's inputs, so each
+             truncation also corrects the error the earlier blocks left; "whitened":
+             the dense model's own inputs X_t; "plain": none, the weight's own SVD)
+        replace each target by its whitened truncation at the allocated rank
+            (tnlm.compress.data_aware: exactly low rank in the 2-site layout)
+        "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
+        X_s = B_i(X_s);  X_t = Y_t;  drop T_i
+
+Peak memory is the model, one block's copy and two sets of calibration hidden states
+(``2 · n_sequences · seq_len · hidden`` floats), whatever the number of blocks. The
+calibration sequences have no padding (a token stream cut into equal lengths), so the
+causal mask, rotary position embeddings and grouped-query attention are whatever the
+model passes its blocks; the hook that captures block 0's inputs records those arguments
+and every block is called with them (``use_cache=False``: no KV cache is threaded
+through, which would grow across calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.bridge import kind_of, mpo_modules, weight_xw
+from tnlm.compress.allocate import rank_for_fraction
+from tnlm.compress.calibration import InputStats, collect_input_stats
+from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.integration.architectures import blocks_of
+from tnlm.integration.config import MPOConfig
+
+__all__ = ["METHODS", "LayerwiseConfig", "LayerwiseResult", "compress_layerwise",
+           "capture_block_inputs", "fit_block"]
+
+#: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
+#: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
+METHODS = ("tnlm", "whitened", "plain")
+
+
+@dataclass
+class LayerwiseConfig:
+    """What :func:`compress_layerwise` does.
+
+    Attributes:
+        target_modules: MPOConfig suffix patterns of the linears to compress.
+        budget: fraction of the targeted linears' parameters kept, in (0, 1]; each layer
+            gets the largest rank r with ``r (I + J) <= budget · I J``; budget 1 keeps every
+            layer dense (error 0), as does a rank reaching ``min(I, J)``.
+        method: one of :data:`METHODS`.
+        fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
+        fit_lr: peak learning rate of block fitting (AdamW, warm-up, cosine decay).
+        batch_size: calibration sequences per block forward.
+        ridge: relative Cholesky regularisation of the Grams.
+        gauge: gauge of the resulting cores.
+    """
+
+    target_modules: list[str]
+    budget: float = 0.6
+    method: str = "tnlm"
+    fit_steps: int = 64
+    fit_lr: float = 1e-3
+    batch_size: int = 8
+    ridge: float = 1e-6
+    gauge: str = "symmetric"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("fit_steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "fit_steps"
+                                                                       else 1):
+                raise ValueError(f"{name} must be an int >= "
+                                 f"{0 if name == 'fit_steps' else 1}, got {v!r}")
+        MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
+
+
+@dataclass
+class LayerwiseResult:
+    ranks: dict[str, int | None]        # None: kept dense
+    errors: dict[str, float]            # relative calibration output error per layer
+    block_errors: list[tuple[float, float]]  # per block: output error before/after fitting
+    params_before: int
+    params_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Kept fraction of the targeted parameters (dense-kept layers count whole)."""
+        return self.params_after / self.params_before if self.params_before else 0.0
+
+
+class _Stop(Exception):
+    pass
+
+
+class _BlockCall(nn.Module):
+    """``block(x, *args, **kw)`` as a module taking ``x`` and ``extra`` (for hooks)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.training = block.training  # a new module is in training mode; the block decides
+
+    def forward(self, x: torch.Tensor, extra: tuple) -> torch.Tensor:
+        out = self.block(x, *extra[0], **extra[1])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: int,
+                         blocks: nn.ModuleList | None = None) -> list[tuple]:
+    """Per batch of ``sequences`` (long, n x T, no padding): ``(x, (args, kwargs))``, the
+    hidden states (b, T, hidden) entering the first block and the other arguments the
+    model passed it. The rest of the forward is not run."""
+    blocks = blocks_of(model) if blocks is None else blocks
+    cur: dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        cur["x"] = args[0] if args else kwargs["hidden_states"]
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
+                                                            "past_key_value", "layer_past")}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        cur["extra"] = (tuple(args[1:]), kw)
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        for i in range(0, sequences.shape[0], batch_size):
+            ids = sequences[i:i + batch_size]
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            out.append((cur["x"].detach(), cur["extra"]))
+    finally:
+        handle.remove()
+        model.train(was)
+    return out
+
+
+def _rel_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
+
+
+def _block_params(block: nn.Module) -> list[nn.Parameter]:
+    """What block fitting trains: MPO cores and biases, norm weights (not dense linears)."""
+    ps: dict[int, nn.Parameter] = {}
+    for _, m in mpo_modules(block):
+        for p in m.cores:
+            ps[id(p)] = p
+        if getattr(m, "bias", None) is not None:
+            ps[id(m.bias)] = m.bias
+    for mod in block.modules():
+        if mod is not block and kind_of(mod) is None and not list(mod.children()) \
+                and "norm" in type(mod).__name__.lower():
+            for p in mod.parameters(recurse=False):
+                ps[id(p)] = p
+    return list(ps.values())
+
+
+def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor], steps: int,
+              *, lr: float = 1e-3, warmup: int = 8, seed: int = 0) -> None:
+    """Train ``block``'s cores, biases and norms (in place) on
+    ``mean ||block(x) - y||² / ||y||²`` over random batches of ``inputs`` (as
+    :func:`capture_block_inputs` gives them) against ``targets``; other parameters and
+    every ``requires_grad`` flag are left as they were."""
+    params = _block_params(block)
+    if not steps or not params:
+        return
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+    call = _BlockCall(block)
+    rng = random.Random(seed)
+    try:
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: min(1.0, (t + 1) / max(1, warmup))
+            * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+        start = [p.detach().clone() for p in params]
+        for _ in range(steps):
+            j = rng.randrange(len(inputs))
+            x, extra = inputs[j]
+            loss = _rel_err(call(x, extra), targets[j])
+            if not torch.isfinite(loss):
+                with torch.no_grad():
+                    for p, s in zip(params, start):
+                        p.copy_(s)
+                raise FloatingPointError(f"block fitting diverged (loss {float(loss)}); "
+                                         f"the block was restored; lower fit_lr ({lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _rss_mb() -> float | None:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:  # pragma: no cover - not on every platform
+        return None
+
+
+def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig, *,
+                       progress: bool = True, log: Callable[[str], None] | None = None
+                       ) -> LayerwiseResult:
+    """Compress ``model``'s target linears in place, one block at a time (module docstring).
+
+    Args:
+        model: a transformers model with an entry in
+            :mod:`tnlm.integration.architectures` (a causal LM or an encoder).
+        sequences: calibration token ids (n, T), long, no padding.
+        config: :class:`LayerwiseConfig`.
+
+    Returns:
+        A :class:`LayerwiseResult`; the targets of ``model`` are now ``MPOLinear`` layers.
+
+    Raises:
+        ValueError: bad sequences, or patterns that match no linear of any block; the
+            model is unchanged.
+    """
+    from tnlm.integration.model import set_module
+
+    if not torch.is_tensor(sequences) or sequences.dim() != 2 or sequences.numel() == 0 \
+            or sequences.dtype not in (torch.int64, torch.int32):
+        raise ValueError("sequences must be a non-empty (n, T) tensor of token ids, got "
+                         + (f"shape {tuple(sequences.shape)} {sequences.dtype}"
+                            if torch.is_tensor(sequences) else type(sequences).__name__))
+    say = log or (lambda s: None)
+    cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
+    blocks = blocks_of(model)
+    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in ("linear", "conv1d")
+                  and cfg.is_target(n)] for b in blocks]
+    if not any(per_block):
+        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
+                         f"Conv1D in the blocks of {type(model).__name__}")
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    times: dict[str, float] = {}
+    ranks: dict[str, int | None] = {}
+    errors: dict[str, float] = {}
+    block_errors: list[tuple[float, float]] = []
+    before = after = 0
+    t0 = time.perf_counter()
+    data = capture_block_inputs(model, sequences, config.batch_size, blocks)
+    xs = [d[0] for d in data]
+    xt = list(xs)
+    times["capture"] = time.perf_counter() - t0
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    was = model.training
+    model.eval()
+    t_trunc = t_fit = 0.0
+    try:
+        for i in tqdm(range(len(blocks)), desc="layer-by-layer", disable=not progress,
+                      leave=False):
+            block = blocks[i]
+            t1 = time.perf_counter()
+            teacher = copy.deepcopy(block).eval()
+            call_s, call_t = _BlockCall(block), _BlockCall(teacher)
+            names = per_block[i]
+            with torch.no_grad():
+                yt = [call_t(x, d[1]) for x, d in zip(xt, data)]
+            if names and config.method != "plain":
+                # the _BlockCall wrapper names the block "block"
+                mods = [f"block.{n}" for n in names]
+                if config.method == "tnlm":
+                    stats = collect_input_stats(
+                        call_s, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)], mods,
+                        reference=_PairedInputs(call_t, xt, data))
+                else:
+                    stats = collect_input_stats(
+                        call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods)
+                stats = {n: stats[f"block.{n}"] for n in names}
+            for n in names:
+                old = block.get_submodule(n)
+                W = weight_xw(old)
+                I, J = (int(d) for d in W.shape)
+                before += I * J
+                rank = rank_for_fraction(I, J, float(config.budget))
+                if config.budget >= 1 or rank >= min(I, J):
+                    ranks[f"{prefix}.{i}.{n}"] = None  # budget 1: nothing is truncated
+                    errors[f"{prefix}.{i}.{n}"] = 0.0
+                    after += I * J
+                    continue
+                st = stats[n] if config.method != "plain" else InputStats(
+                    torch.eye(I, dtype=torch.float64), 1)
+                new = WhitenedLayer(W, st, config.ridge).layer(rank, old, config.gauge)
+                set_module(block, n, new)
+                swapped.append((block, n, old))
+                ranks[f"{prefix}.{i}.{n}"] = rank
+                errors[f"{prefix}.{i}.{n}"] = float(new.truncation_error)
+                after += sum(c.numel() for c in new.cores)
+            t_trunc += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                err0 = sum(float(_rel_err(call_s(x, d[1]), y))
+                           for x, d, y in zip(xs, data, yt)) / len(data)
+            if config.method == "tnlm" and any(ranks[f"{prefix}.{i}.{n}"] for n in names) \
+                    and config.fit_steps:
+                fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt, config.fit_steps,
+                          lr=config.fit_lr, seed=config.seed + i)
+            with torch.no_grad():
+                xs = [call_s(x, d[1]) for x, d in zip(xs, data)]
+                err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(xs, yt)) / len(data)
+            t_fit += time.perf_counter() - t1
+            xt = yt
+            block_errors.append((err0, err1))
+            del teacher, call_t
+            say(f"block {i}: output error {err0:.4f} -> {err1:.4f}")
+    except BaseException:
+        for block, n, old in reversed(swapped):
+            set_module(block, n, old)
+        raise
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was)
+    times["truncation"] = t_trunc
+    times["fitting"] = t_fit
+    return LayerwiseResult(ranks, errors, block_errors, before, after, times, _rss_mb())
+
+
+class _PairedInputs(nn.Module):
+    """The reference for :func:`collect_input_stats`: called with the same batch dicts as
+    the student, it runs the teacher's block on the teacher's own inputs of that batch."""
+
+    def __init__(self, call_t: _BlockCall, xt: list[torch.Tensor], data: list[tuple]) -> None:
+        super().__init__()
+        self.block = call_t.block  # module names as in the student's _BlockCall
+        self.training = call_t.training
+        self.xt = xt
+        self.data = data
+        self._k = 0
+
+    def forward(self, x: torch.Tensor, extra: tuple) -> torch.Tensor:
+        k = self._k
+        self._k = (k + 1) % len(self.xt)
+        return _BlockCall.forward(self, self.xt[k], self.data[k][1])

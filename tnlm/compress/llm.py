@@ -1,0 +1,126 @@
+"""The causal-LM job: compress a decoder to a budget layer by layer, heal it, measure it.
+
+:func:`compress_causal_lm` is what ``tnlm compress MODEL`` runs on a decoder, and what
+Python users and the experiments call (its defaults live in :class:`CausalLMRecipe`)::
+
+    text      = the dense model's own samples (data-free; tnlm.compress.causal)
+                or the user's text
+    sequences = that text cut into equal-length token sequences
+    student   = the model, compressed in place block by block on the first
+                ``n_calibration`` sequences (tnlm.compress.layerwise)
+    healing   = next-token KL to the dense model on all sequences (tnlm.compress.causal)
+
+The dense teacher is a copy of the model made before compression (the only second copy:
+peak memory is about twice the model plus one batch of activations and logits).
+Every stage's seconds and the process's peak resident memory are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from tnlm.compress.causal import (
+    CausalHealConfig,
+    CausalHealResult,
+    heal_causal,
+    self_generated_text,
+    token_sequences,
+)
+from tnlm.compress.layerwise import LayerwiseConfig, LayerwiseResult, _rss_mb, compress_layerwise
+from tnlm.integration.architectures import architecture_of
+
+__all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm"]
+
+
+@dataclass
+class CausalLMRecipe:
+    """Defaults of the causal-LM job.
+
+    Attributes:
+        budget: fraction of the targeted linears' parameters kept.
+        method: :data:`tnlm.compress.layerwise.METHODS` (``"whitened"`` and ``"plain"`` are
+            the baselines).
+        target_modules: patterns; default: the architecture's (``architectures.py``).
+        n_texts: self-generated texts when no text is given; ``gen_tokens`` tokens each.
+        seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
+            of the text only heals).
+        fit_steps, fit_lr: block fitting (method ``"tnlm"``).
+        heal: healing settings (``steps=0``: none).
+    """
+
+    budget: float = 0.6
+    method: str = "tnlm"
+    target_modules: list[str] | None = None
+    n_texts: int = 256
+    gen_tokens: int = 128
+    seq_len: int = 128
+    n_calibration: int = 64
+    fit_steps: int = 64
+    fit_lr: float = 1e-3
+    heal: CausalHealConfig = field(default_factory=CausalHealConfig)
+    seed: int = 0
+
+
+@dataclass
+class CausalLMResult:
+    model: nn.Module
+    layerwise: LayerwiseResult
+    heal: CausalHealResult | None
+    n_sequences: int
+    seconds: dict[str, float]
+    peak_rss_mb: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.layerwise.ratio
+
+
+def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe | None = None,
+                       *, text: Sequence[str] | None = None, progress: bool = True,
+                       log: Callable[[str], None] | None = None) -> CausalLMResult:
+    """Compress a causal LM in place (module docstring); returns a :class:`CausalLMResult`.
+
+    Raises:
+        ValueError: a model that is not a causal LM tnlm knows, or text too short for one
+            sequence; nothing has been changed then.
+    """
+    recipe = recipe or CausalLMRecipe()
+    say = log or (lambda s: None)
+    arch = architecture_of(model)
+    if not arch.causal:
+        raise ValueError(f"compress_causal_lm needs a causal LM; {type(model).__name__} "
+                         f"({arch.name}) is an encoder")
+    targets = list(recipe.target_modules or arch.targets)
+    lw_cfg = LayerwiseConfig(targets, budget=recipe.budget, method=recipe.method,
+                             fit_steps=recipe.fit_steps, fit_lr=recipe.fit_lr,
+                             seed=recipe.seed)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if text is None:
+        text = self_generated_text(model, tokenizer, recipe.n_texts,
+                                   max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
+                                   progress=progress)
+        seconds["text"] = time.perf_counter() - t0
+    sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
+    say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens")
+    teacher = copy.deepcopy(model).eval() if recipe.heal.steps else None
+    t1 = time.perf_counter()
+    lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
+                            log=say)
+    seconds["compression"] = time.perf_counter() - t1
+    healed = None
+    if teacher is not None:
+        t1 = time.perf_counter()
+        healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress)
+        seconds["healing"] = time.perf_counter() - t1
+        if healed.stopped:
+            say(f"healing stopped early: {healed.stopped}")
+        del teacher
+    seconds["total"] = time.perf_counter() - t0
+    return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, _rss_mb())

@@ -1,0 +1,124 @@
+"""Model architectures tnlm knows: where the block stack is, which linears to compress.
+
+One entry per family of transformers ``model_type``; everything that depends on an
+architecture's module names reads it here (default targets, the block stack, whether the
+model is a causal LM)::
+
+    family   model types                     blocks (below base_model)  targets per block
+    -------  ------------------------------  -------------------------  ----------------------
+    bert     bert, roberta, xlm-roberta, ..  encoder.layer              query key value
+                                                                        attention.output.dense
+                                                                        intermediate.dense
+                                                                        output.dense
+    llama    llama, mistral, qwen2, ...      layers                     q/k/v/o_proj
+                                                                        gate/up/down_proj
+    gpt2     gpt2                            h                          attn.c_attn attn.c_proj
+                                                                        mlp.c_fc mlp.c_proj
+    opt      opt                             decoder.layers             q/k/v_proj out_proj
+                                                                        fc1 fc2
+
+Target patterns are :class:`tnlm.integration.MPOConfig` suffix patterns (``"q_proj"``
+matches ``model.layers.3.self_attn.q_proj``). The LM head and the embeddings are never
+default targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_of", "default_targets", "blocks_of",
+           "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture family.
+
+    Attributes:
+        name: the family's name (``"bert"``, ``"llama"``, ...).
+        model_types: the transformers ``config.model_type`` values it covers.
+        blocks: dotted path of the ``nn.ModuleList`` of blocks below ``model.base_model``.
+        targets: suffix patterns of the linears compressed by default, in forward order
+            within a block.
+        causal: a decoder (causal LM): measured by perplexity, healed on next-token
+            distributions.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    targets: tuple[str, ...]
+    causal: bool
+
+
+_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+                 "encoder.layer",
+                 ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                  "output.dense"), causal=False),
+    Architecture("distilbert", ("distilbert",), "transformer.layer",
+                 ("q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"), causal=False),
+    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
+                           "olmo", "olmo2", "granite"),
+                 "layers", _LLAMA_TARGETS, causal=True),
+    Architecture("gpt2", ("gpt2",), "h",
+                 ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), causal=True),
+    Architecture("opt", ("opt",), "decoder.layers",
+                 ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), causal=True),
+)}
+
+
+def supported_model_types() -> list[str]:
+    """Every ``model_type`` with an entry, sorted."""
+    return sorted(t for a in ARCHITECTURES.values() for t in a.model_types)
+
+
+def _model_type(model_or_config: Any) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(config, "model_type", None)
+    if not isinstance(mt, str) or not mt:
+        raise ValueError(f"model must be a transformers model or config with a model_type, "
+                         f"got {type(model_or_config).__name__}")
+    return mt
+
+
+def architecture_of(model_or_config: Any) -> Architecture:
+    """The entry for a transformers model (or its config).
+
+    Raises:
+        ValueError: the ``model_type`` has no entry (the message lists those that do).
+    """
+    mt = _model_type(model_or_config)
+    for arch in ARCHITECTURES.values():
+        if mt in arch.model_types:
+            return arch
+    raise ValueError(f"model_type {mt!r} has no architecture entry in tnlm; supported: "
+                     f"{', '.join(supported_model_types())} (or pass target_modules and "
+                     f"use a model whose blocks tnlm can find)")
+
+
+def default_targets(model_or_config: Any) -> list[str]:
+    """The default target patterns of a model's architecture (:func:`architecture_of`)."""
+    return list(architecture_of(model_or_config).targets)
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The block stack of a transformers model (with or without its task head).
+
+    Raises:
+        ValueError: unknown architecture, or the path does not lead to a ``ModuleList``.
+    """
+    arch = architecture_of(model)
+    base = getattr(model, "base_model", model)
+    node: Any = base
+    for part in arch.blocks.split("."):
+        node = getattr(node, part, None)
+    if not isinstance(node, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no block stack at "
+                         f"base_model.{arch.blocks} (architecture {arch.name!r})")
+    return node

