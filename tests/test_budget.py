@@ -140,3 +140,44 @@ def test_allocation_bad_mpos(module_mpos):
     alloc = allocate_bonds(module_mpos[1], 0.5)
     with pytest.raises(ValueError, match="mpos"):
         alloc.apply({"random": module_mpos[1]["random"]})
+
+
+# ---------------------------------------------------------------- compression budgets
+def test_uniform_ranks_meet_every_budget_down_to_the_smallest_model():
+    from tnlm.compress.allocate import smallest_fraction, uniform_ranks
+
+    shapes = {"q": (32, 32), "k": (32, 32), "up": (32, 64), "down": (64, 32), "thin": (2, 512)}
+    total = sum(i * j for i, j in shapes.values())
+    floor = smallest_fraction(shapes, "uniform")
+    assert floor == sum(i + j for i, j in shapes.values()) / total
+    for fraction in np.linspace(floor, 0.999, 60):
+        ranks = uniform_ranks(shapes, float(fraction))
+        kept = sum(ranks[n] * (i + j) for n, (i, j) in shapes.items())
+        assert min(ranks.values()) >= 1 and kept <= fraction * total + 1e-9, fraction
+    assert uniform_ranks(shapes, 1.0) == dict.fromkeys(shapes)  # nothing truncated
+    with pytest.raises(ValueError, match="below the smallest model"):
+        uniform_ranks(shapes, floor * 0.99)
+
+
+def test_sensitivity_at_budget_one_keeps_every_layer_dense():
+    from tnlm.compress.allocate import (
+        FRACTION_GRID,
+        Sensitivity,
+        rank_for_fraction,
+        sensitivity_ranks,
+        smallest_fraction,
+    )
+
+    class Layer:  # what sensitivity_ranks reads of a WhitenedLayer
+        def __init__(self, i, j):
+            self.shape = (i, j)
+
+    layers = {"encoder.layer.0.q": Layer(32, 32), "encoder.layer.0.up": Layer(32, 64)}
+    # a drop measured as 0 (or below, by noise) once made budget 1 truncate to rank 1
+    sens = Sensitivity(type_drops={"encoder.layer.*.q": {0.1: -1e-7, 0.5: 0.0},
+                                   "encoder.layer.*.up": {0.1: 0.0, 0.5: 0.0}})
+    assert sensitivity_ranks(layers, sens, 1.0) == dict.fromkeys(layers)
+    shapes = {n: wl.shape for n, wl in layers.items()}
+    low = min(FRACTION_GRID)
+    assert smallest_fraction(shapes, "sensitivity") == sum(
+        rank_for_fraction(i, j, low) * (i + j) for i, j in shapes.values()) / (32 * 32 + 32 * 64)

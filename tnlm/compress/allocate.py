@@ -28,7 +28,8 @@ from tnlm.integration import MPOConfig
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
-           "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID"]
+           "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID", "uniform_ranks",
+           "smallest_fraction"]
 
 
 def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> dict[str, Any]:
@@ -58,6 +59,45 @@ FRACTION_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.
 def rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
     """The largest rank r >= 1 of a 2-site layer with ``r (in + out) <= fraction · in · out``."""
     return max(1, int(fraction * in_dim * out_dim // (in_dim + out_dim)))
+
+
+def smallest_fraction(shapes: dict[str, tuple[int, int]], allocation: str) -> float:
+    """The smallest model-wide fraction an allocation can meet for layers of these shapes
+    (``name -> (in, out)``): every layer at rank 1 (``"uniform"``, ``"greedy"``), or at the
+    rank of the smallest fraction of :data:`FRACTION_GRID` (``"sensitivity"``). A budget
+    below it cannot be met."""
+    total = sum(i * j for i, j in shapes.values())
+    lowest = min(FRACTION_GRID) if allocation == "sensitivity" else 0.0
+    kept = sum(rank_for_fraction(i, j, lowest) * (i + j) for i, j in shapes.values())
+    return kept / total if total else 0.0
+
+
+def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float) -> dict[str, int | None]:
+    """Per layer (``name -> (in, out)``) the rank keeping ``fraction`` of its parameters
+    (:func:`rank_for_fraction`), so that the model-wide total is at most ``fraction``.
+
+    At ``fraction >= 1`` every layer stays dense (``None``): no MPO can be smaller than the
+    dense matrix without truncating it. A layer too small for its share still needs rank 1,
+    which costs more than the share; the other layers then give up the difference, the one
+    keeping the largest fraction first.
+
+    Raises:
+        ValueError: ``fraction`` below :func:`smallest_fraction` (every layer at rank 1).
+    """
+    if fraction >= 1:
+        return {n: None for n in shapes}
+    ranks = {n: rank_for_fraction(i, j, fraction) for n, (i, j) in shapes.items()}
+    limit = fraction * sum(i * j for i, j in shapes.values())
+    spent = sum(ranks[n] * (i + j) for n, (i, j) in shapes.items())
+    while spent > limit:
+        over = [n for n, r in ranks.items() if r > 1]
+        if not over:
+            raise ValueError(f"fraction {fraction} is below the smallest model, every layer "
+                             f"at rank 1: {smallest_fraction(shapes, 'uniform'):.6g}")
+        n = max(over, key=lambda m: ranks[m] * sum(shapes[m]) / (shapes[m][0] * shapes[m][1]))
+        ranks[n] -= 1
+        spent -= sum(shapes[n])
+    return ranks
 
 
 def module_type(name: str) -> str:
@@ -156,9 +196,12 @@ def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fract
                       power: float = 0.5, allow_dense: bool = True) -> dict[str, int | None]:
     """Per layer a rank (or ``None``: stays dense) minimising the summed estimated drops
     (:meth:`Sensitivity.drop`) with at most ``fraction`` of the layers' parameters: a
-    Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier."""
+    Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier. At ``fraction``
+    1 (with ``allow_dense``) every layer stays dense: nothing is truncated."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if fraction >= 1 and allow_dense:
+        return {n: None for n in layers}
     total = sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
     options: dict[str, list[tuple[int | None, int, float]]] = {}
     for n, wl in layers.items():

@@ -9,7 +9,10 @@
         rank its share of the budget allows
     heal the student by distillation from the teacher (tnlm.compress.distill)
 
-``budget`` is the fraction of the targeted layers' parameters kept, model-wide.
+``budget`` is the fraction of the targeted layers' parameters kept, model-wide; it
+is met or refused: a budget below the smallest model the allocation can make
+raises before any work (:func:`check_budget`), and a budget of 1 keeps every layer
+dense (nothing is truncated, nothing healed).
 The default allocation gives every layer the same fraction (the largest rank
 within it); ``allocation="greedy"`` spends the budget where the calibration
 output error drops most per parameter (measured worse end to end on MiniLM,
@@ -36,6 +39,8 @@ from tnlm.compress.allocate import (
     measure_sensitivity,
     rank_for_fraction,
     sensitivity_ranks,
+    smallest_fraction,
+    uniform_ranks,
 )
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
@@ -45,7 +50,7 @@ from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
-           "layer_groups"]
+           "layer_groups", "target_shapes", "check_budget", "run_context"]
 
 
 ALLOCATIONS = ("uniform", "greedy", "sensitivity")
@@ -149,6 +154,47 @@ def _greedy_ranks(layers: dict[str, WhitenedLayer], fraction: float) -> dict[str
         spent += cost[best]
 
 
+def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tuple[int, int]]:
+    """``name -> (in, out)`` of the layers ``config`` compresses in ``model``.
+
+    Raises:
+        ValueError: the patterns match no nn.Linear or Conv1D.
+    """
+    mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
+    out = {n: tuple(int(d) for d in weight_xw(m).shape) for n, m in model.named_modules()
+           if n and kind_of(m) in ("linear", "conv1d") and mpo_cfg.is_target(n)}
+    if not out:
+        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
+                         f"Conv1D of {type(model).__name__}")
+    return out
+
+
+def run_context(config: CompressionConfig) -> dict[str, Any]:
+    """What decides the student healing starts from, besides the healing settings, the text
+    and the teacher: recorded in the healing checkpoint
+    (:func:`tnlm.compress.distill.heal_settings`), so that resuming with another budget,
+    allocation, ... is refused."""
+    targets = config.target_modules
+    return dict(budget=float(config.budget), allocation=config.allocation,
+                target_modules=targets if isinstance(targets, str) else list(targets),
+                probe_size=config.probe_size, reconstruct_steps=config.reconstruct_steps,
+                reconstruct_size=config.reconstruct_size, sequential=config.sequential,
+                whiten=config.whiten, gauge=config.gauge, ridge=config.ridge)
+
+
+def check_budget(model: nn.Module, config: CompressionConfig, name: str = "budget") -> float:
+    """The smallest budget ``config.allocation`` can meet on ``model``'s targets
+    (:func:`tnlm.compress.allocate.smallest_fraction`); raises ``ValueError`` naming
+    ``name``, the requested and the smallest fraction if ``config.budget`` is below it."""
+    floor = smallest_fraction(target_shapes(model, config), config.allocation)
+    if config.budget < 1 and config.budget < floor:
+        raise ValueError(f"{name} {config.budget:g} cannot be met: the smallest model the "
+                         f"{config.allocation!r} allocation can make keeps {floor:.6g} of the "
+                         f"targeted parameters ({floor:.2%}); pass {name} >= "
+                         f"{math.ceil(floor * 1e6) / 1e6:g}")
+    return floor
+
+
 def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                    config: CompressionConfig, *, heal_text: Sequence[str] = (),
                    batch_size: int = 32, max_length: int = 64, progress: bool = True,
@@ -167,7 +213,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
 
     Raises:
         ValueError: no calibration text, a pattern matching no layer, a model that is
-            already an ``MPOModel``; the model is unchanged.
+            already an ``MPOModel``, a budget below the smallest model the allocation can
+            make (:func:`check_budget`); the model is unchanged.
+        FloatingPointError: healing diverged (:func:`tnlm.compress.distill.heal`); the
+            model is put back as it came in.
     """
     if isinstance(model, MPOModel):
         raise ValueError("model is already an MPOModel; compress the original model")
@@ -176,11 +225,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         raise ValueError("calibration must hold at least one non-empty sentence")
     say = log or (lambda s: None)
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
-    names = [n for n, m in model.named_modules()
-             if n and kind_of(m) in ("linear", "conv1d") and mpo_cfg.is_target(n)]
-    if not names:
-        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
-                         f"Conv1D of {type(model).__name__}")
+    shapes = target_shapes(model, config)
+    names = list(shapes)
+    check_budget(model, config)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model).eval()
@@ -198,7 +245,11 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     try:
-        if config.allocation != "uniform":  # ranks need every layer's spectrum up front
+        if fraction >= 1:  # nothing is truncated: no MPO is smaller than its dense matrix
+            ranks = {n: None for n in names}
+        elif config.allocation == "uniform":
+            ranks = uniform_ranks(shapes, fraction)
+        else:  # ranks need every layer's spectrum up front
             stats = collect_input_stats(model, batches, names)
             layers = {n: WhitenedLayer(weight_xw(originals[n]), stats[n], config.ridge)
                       for n in names}
@@ -212,6 +263,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
                           leave=False):
             ref = teacher if config.sequential else None
+            if all(ranks[n] is None for n in group):
+                for n in group:
+                    errors[n] = 0.0
+                continue
             if config.whiten:
                 stats = collect_input_stats(model, batches, group, reference=ref)
             else:  # identity metric: plain SVD of the weight, no calibration pass
@@ -235,7 +290,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         times["truncation"] = time.perf_counter() - t0
         text = list(heal_text) or calibration
         block_errors = None
-        if config.reconstruct_steps > 0:
+        if not swapped:
+            say("every layer stays dense: nothing to reconstruct or heal")
+        if config.reconstruct_steps > 0 and swapped:
             t1 = time.perf_counter()
             block_errors = reconstruct_blocks(model, teacher, tokenizer,
                                               text[:config.reconstruct_size],
@@ -245,9 +302,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
             times["reconstruction"] = time.perf_counter() - t1
         wrapped = MPOModel(model, mpo_cfg)
         result = None
-        if config.heal is not None and config.heal.steps > 0:
+        if config.heal is not None and config.heal.steps > 0 and swapped:
             t1 = time.perf_counter()
-            result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress)
+            result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress,
+                          context=run_context(config))
             times["healing"] = time.perf_counter() - t1
     except BaseException:
         for _, old in reversed(swapped):
@@ -264,7 +322,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         raise
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped.setup_training()
+    if swapped:  # the training modes need MPO layers; with none everything stays frozen
+        wrapped.setup_training()
     before = sum(weight_xw(originals[n]).numel() for n in names)
     after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())
     after += sum(weight_xw(originals[n]).numel() for n, r in ranks.items() if r is None)
