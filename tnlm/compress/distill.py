@@ -37,11 +37,21 @@ autocast on CPU (about 3x faster on CPUs with bf16 instructions; pooled outputs 
 cosine decay, gradient clipping. Under ``torch.distributed`` each rank takes its
 own share of every batch and gradients are averaged (all-reduce), so every rank
 ends with the same weights. Checkpoints (safetensors + JSON, no pickle) let a run
-resume exactly; a non-finite loss stops the run with the last good state restored.
+resume exactly; they record the settings they were made with (:func:`heal_settings`:
+the hyper-parameters, a hash of the text and of the teacher, the caller's context such
+as the budget) and a run with other settings refuses to resume from them.
+
+A loss that blows up stops the run with :class:`FloatingPointError`: a non-finite loss
+leaves the student as it was after the last finite step; a running mean of the last
+:data:`BLOWUP_WINDOW` losses above ``max_loss_ratio`` times the first loss (at least
+:data:`LOSS_FLOOR`) restores the best student seen (the lowest batch loss). The message
+names the step the student was left at or restored to and the checkpoint on disk, if
+this run has one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -62,12 +72,22 @@ from tnlm.compress.text import swap_words, vocabulary_words
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "attention_projections", "relation_kl",
-           "nearest_neighbours"]
+           "nearest_neighbours", "heal_settings", "read_heal_state", "check_resumable",
+           "STATE_FILE", "BLOWUP_WINDOW"]
 
 
 TRAIN_CHOICES = ("cores", "auxiliary", "all")
 #: relation name -> the (query, key, value) outputs it pairs: softmax(A Bᵀ/√d_h) per head
 ATTN_RELATIONS = {"qk": (0, 1), "vv": (2, 2)}
+#: the healing checkpoint's JSON (step, losses, settings) and tensors, in ``checkpoint_dir``
+STATE_FILE, STATE_TENSORS = "heal_state.json", "heal_state.safetensors"
+#: losses averaged for the blow-up test (``HealConfig.max_loss_ratio``)
+BLOWUP_WINDOW = 10
+#: the first loss counts as at least this much in the blow-up test: a student that starts
+#: very close to its teacher (a tiny random BERT at loss 6e-5) may spike 100x in the first
+#: steps of a run that then recovers; a blow-up reaches losses of order 1 (MiniLM at 50 %
+#: starts at 0.26; lr 10 makes it non-finite within 6 steps)
+LOSS_FLOOR = 1e-2
 
 
 @dataclass
@@ -90,6 +110,9 @@ class HealConfig:
     default: on MiniLM at 50 %, 2000 steps, ``w_attn=1`` moved SICK from 0.7915 to 0.7931
     and the held-out cosine from 0.9696 to 0.9699 (within the seed spread) for 13 % more
     time per step (results/heal_screen/captions_attn1_2000.json).
+    ``max_loss_ratio``: stop (``FloatingPointError``, the best student restored) when the
+    mean of the last :data:`BLOWUP_WINDOW` losses exceeds this multiple of the first loss
+    (counted as at least :data:`LOSS_FLOOR`); 0: never.
     """
 
     steps: int = 300
@@ -115,6 +138,7 @@ class HealConfig:
     w_twin: float = 10.0
     w_attn: float = 0.0
     attn_relations: tuple[str, ...] = ("qk",)
+    max_loss_ratio: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
@@ -125,6 +149,10 @@ class HealConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        r = self.max_loss_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
+                r == 0 or (math.isfinite(r) and r > 1)):
+            raise ValueError(f"max_loss_ratio must be 0 (off) or a finite number > 1, got {r!r}")
         if not isinstance(self.neighbours, bool):
             raise ValueError(f"neighbours must be a bool, got {self.neighbours!r}")
         if self.neighbours and self.batch_size % 2:
@@ -391,8 +419,102 @@ def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str
     return out
 
 
+#: HealConfig fields that do not change what healing computes
+_NOT_SETTINGS = ("checkpoint_dir", "checkpoint_every")
+
+
+def _digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def heal_settings(config: HealConfig, sentences: Sequence[str], teacher: nn.Module,
+                  context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a healing run's result depends on, as JSON values: the :class:`HealConfig`
+    fields (not where or how often it checkpoints), the number of sentences and a hash of
+    them (as :func:`heal` keeps them: non-empty strings), a hash of the teacher's state and
+    the caller's ``context`` (e.g. the budget that made the student). Stored in every
+    checkpoint; :func:`heal` resumes only from a checkpoint with the same settings."""
+    kept = [s for s in sentences if isinstance(s, str) and s.strip()]
+    cfg = {f: getattr(config, f) for f in config.__dataclass_fields__ if f not in _NOT_SETTINGS}
+    out = dict(cfg, sentences=len(kept),
+               text_sha256=hashlib.sha256(json.dumps(kept).encode()).hexdigest(),
+               teacher_sha256=_digest(teacher), context=context or {})
+    return json.loads(json.dumps(out))  # tuples as lists, as read back
+
+
+def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str, Any]:
+    """The parsed :data:`STATE_FILE` of a healing checkpoint folder, checked: a JSON object
+    with ``step`` an int in [0, ``steps``] and ``losses`` a list of ``step`` numbers.
+
+    Raises:
+        FileNotFoundError: no state file; ValueError: anything else wrong, naming the file.
+    """
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no healing state: {path} does not exist")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"healing state {path} is corrupt (not JSON: {err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"healing state {path} is corrupt (not a JSON object)")
+    step, losses = meta.get("step"), meta.get("losses")
+    top = steps if steps is not None else math.inf
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= top:
+        raise ValueError(f"healing state {path} is corrupt: step {step!r} is not an int in "
+                         f"[0, {top}] (the run's healing steps)")
+    if not isinstance(losses, list) or len(losses) != step or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in losses):
+        raise ValueError(f"healing state {path} is corrupt: losses must be a list of {step} "
+                         f"numbers")
+    if not (Path(directory) / STATE_TENSORS).is_file():
+        raise ValueError(f"healing state {path} has no {STATE_TENSORS} beside it")
+    return meta
+
+
+def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
+    """The step the healing state in ``directory`` resumes from, after checking that it was
+    made with ``settings`` (:func:`heal_settings`).
+
+    Raises:
+        FileNotFoundError: no state; ValueError: a corrupt state or other settings, naming
+        the file and every setting that differs.
+    """
+    meta = read_heal_state(directory, settings.get("steps"))
+    path = Path(directory) / STATE_FILE
+    saved = meta.get("settings")
+    if not isinstance(saved, dict):
+        raise ValueError(f"healing state {path} records no settings (an older tnlm wrote "
+                         f"it): it cannot be checked, so it is not resumed; remove it")
+    keys = sorted(set(saved) | set(settings))
+    diff = [k for k in keys if saved.get(k) != settings.get(k)]
+    if diff:
+        def show(v: Any) -> str:
+            return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
+        parts = []
+        for k in diff:
+            a, b = saved.get(k), settings.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                parts += [f"{k}.{j}: {show(a.get(j))} there, {show(b.get(j))} now"
+                          for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
+            else:
+                parts.append(f"{k}: {show(a)} there, {show(b)} now")
+        raise ValueError(f"healing state {path} was made with other settings ("
+                         + "; ".join(parts) + ")")
+    return int(meta["step"])
+
+
 def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
-                     losses: list[float]) -> None:
+                     losses: list[float], settings: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     from tnlm.integration.io import atomic_write
@@ -406,21 +528,27 @@ def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
                 tensors[f"opt.{i}.{k}"] = st[k].contiguous()
         if "step" in st:
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
-    atomic_write(d / "heal_state.safetensors", lambda t: save_file(tensors, str(t)))
-    atomic_write(d / "heal_state.json",
-                 lambda t: t.write_text(json.dumps({"step": step, "losses": losses})))
+    atomic_write(d / STATE_TENSORS, lambda t: save_file(tensors, str(t)))
+    atomic_write(d / STATE_FILE, lambda t: t.write_text(
+        json.dumps({"step": step, "losses": losses, "settings": settings})))
 
 
 @torch.no_grad()
-def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer,
+                     settings: dict[str, Any]) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
-    meta = json.loads((d / "heal_state.json").read_text())
-    tensors = load_file(str(d / "heal_state.safetensors"))
+    check_resumable(d, settings)
+    meta = read_heal_state(d, settings["steps"])
+    try:
+        tensors = load_file(str(d / STATE_TENSORS))
+    except Exception as err:  # safetensors' own error types
+        raise ValueError(f"healing state {d / STATE_TENSORS} is corrupt ({err})") from None
     for i, (n, p) in enumerate(params):
         key = f"param.{n}"
         if key not in tensors or tensors[key].shape != p.shape:
-            raise ValueError(f"checkpoint in {d} does not match this student ({n})")
+            raise ValueError(f"healing state {d / STATE_TENSORS} does not match this student "
+                             f"({n})")
         p.copy_(tensors[key])
         if f"opt.{i}.exp_avg" in tensors:
             opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
@@ -430,7 +558,8 @@ def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer) -> tuple[int, 
 
 
 def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequence[str],
-         config: HealConfig | None = None, *, progress: bool = True) -> HealResult:
+         config: HealConfig | None = None, *, progress: bool = True,
+         context: dict[str, Any] | None = None) -> HealResult:
     """Distil ``teacher`` into ``student`` on ``sentences`` (see the module docstring).
 
     Args:
@@ -439,13 +568,20 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
         teacher: the original model, same architecture; never modified.
         tokenizer: a transformers tokenizer for both.
         sentences: unlabeled text; each step draws ``batch_size`` of them (seeded).
-        config: :class:`HealConfig`.
+        config: :class:`HealConfig`. With ``checkpoint_dir``, a state there made with the
+            same settings (:func:`heal_settings`) is resumed; one made with other settings
+            raises (remove it to start afresh).
+        context: JSON values recorded with the settings (what made the student: budget,
+            allocation, ...), so that a checkpoint of another student is not resumed.
 
     Raises:
-        ValueError: empty ``sentences``, different architectures, nothing to train.
-        FloatingPointError: the loss became non-finite; the student is restored to the
-            last finite step; the checkpoint on disk, if any, is the last one written
-            (every ``checkpoint_every`` steps), which may be older.
+        ValueError: empty ``sentences``, different architectures, nothing to train, a
+            corrupt checkpoint or one made with other settings (naming the file).
+        FloatingPointError: the loss blew up (module docstring): a non-finite loss
+            leaves the student as after the last finite step, a running mean above
+            ``max_loss_ratio`` x the first loss restores the best student seen; the
+            message names that step and this run's checkpoint on disk, if any (written
+            every ``checkpoint_every`` steps, so it may be older).
     """
     cfg = config or HealConfig()
     sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
@@ -472,9 +608,10 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     res = HealResult(trained_params=sum(p.numel() for _, p in params))
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    settings = heal_settings(cfg, sentences, teacher, context) if ckpt is not None else {}
     start = 0
-    if ckpt is not None and (ckpt / "heal_state.json").is_file():
-        start, res.losses = _load_checkpoint(ckpt, params, opt)
+    if ckpt is not None and (ckpt / STATE_FILE).exists():
+        start, res.losses = _load_checkpoint(ckpt, params, opt, settings)
         for _ in range(start):
             sched.step()
         res.resumed_from = start
@@ -500,7 +637,15 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     if cfg.twins and not words:
         raise ValueError("twins need whole lower-case words in the tokenizer's vocabulary "
                          "to swap in; this tokenizer has none")
-    good = {n: p.detach().clone() for n, p in params}
+    best = {n: p.detach().clone() for n, p in params}  # the student of the lowest loss
+    best_step, best_loss, saved = start, math.inf, 0
+
+    def on_disk() -> str:
+        if saved:
+            return f"{ckpt / STATE_FILE} holds this run's checkpoint of step {saved}"
+        if start:
+            return f"{ckpt / STATE_FILE} still holds the checkpoint of step {start} it resumed"
+        return "no checkpoint was written"
     bar = tqdm(range(start, steps), desc="healing", disable=not progress or rank != 0,
                initial=start, total=steps)
     t0 = time.perf_counter()
@@ -546,25 +691,37 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                 value = float(flag) / world
             else:
                 value = float(loss.detach())
-            if not math.isfinite(value):
+            if not math.isfinite(value):  # nothing was updated yet at this step
+                raise FloatingPointError(
+                    f"healing diverged at step {step + 1} of {steps} (loss {value}); the "
+                    f"student was restored to step {step}, its last finite state; "
+                    f"{on_disk()}; lower lr (now {cfg.lr:g})")
+            if value < best_loss:  # the student this loss was measured on: before the update
+                best_loss, best_step = value, step
                 with torch.no_grad():
                     for n, p in params:
-                        p.copy_(good[n])
+                        best[n].copy_(p)
+            res.losses.append(value)
+            recent = res.losses[-BLOWUP_WINDOW:]
+            mean, first = sum(recent) / len(recent), max(res.losses[0], LOSS_FLOOR)
+            if cfg.max_loss_ratio and mean > cfg.max_loss_ratio * first:
+                with torch.no_grad():
+                    for n, p in params:
+                        p.copy_(best[n])
                 raise FloatingPointError(
-                    f"healing diverged at step {step + 1} (loss {value}); the student was "
-                    f"restored to step {step}" + (f" and {ckpt} holds the last checkpoint"
-                                                  if ckpt else "") + "; lower lr")
+                    f"healing diverged at step {step + 1} of {steps}: the mean loss of the "
+                    f"last {len(recent)} steps, {mean:.3g}, is above {cfg.max_loss_ratio:g} x "
+                    f"the first loss {res.losses[0]:.3g}; the student was restored to its "
+                    f"best state, after step {best_step} (loss {best_loss:.3g}); {on_disk()}; "
+                    f"lower lr (now {cfg.lr:g})")
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
             opt.step()
             sched.step()
-            res.losses.append(value)
-            with torch.no_grad():
-                for n, p in params:
-                    good[n].copy_(p)
             bar.set_postfix(loss=f"{value:.4f}")
             if ckpt is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0
                                                    or step + 1 == steps):
-                _save_checkpoint(ckpt, step + 1, params, opt, res.losses)
+                _save_checkpoint(ckpt, step + 1, params, opt, res.losses, settings)
+                saved = step + 1
     finally:
         res.seconds = time.perf_counter() - t0
         student.eval()
