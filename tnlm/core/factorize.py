@@ -21,7 +21,7 @@ from functools import lru_cache
 from tnlm.core.validation import MAX_SITES
 
 __all__ = ["MAX_PAD_FACTOR", "factorize", "padded_dim", "max_padded_sites", "prime_factors",
-           "arrange_central"]
+           "arrange_central", "check_padding"]
 
 
 def prime_factors(n: int) -> list[int]:
@@ -127,6 +127,20 @@ def _check_n_sites(n_sites: object) -> int:
 #: padding may multiply a dimension by at most this factor (more sites than a small
 #: dimension has factors would otherwise pad it to 2**n_sites: mostly zeros, or no memory)
 MAX_PAD_FACTOR = 16
+
+
+def check_padding(shape: tuple[int, ...], dim: int, *, name: str = "in_shape",
+                  dim_name: str = "I") -> None:
+    """An explicit site shape may zero-pad ``dim`` by at most :data:`MAX_PAD_FACTOR`, as
+    :func:`padded_dim` does: raise ``ValueError`` naming ``name``, its product and the
+    limit otherwise (a shape of large factors on a small dimension would pad it to a
+    matrix of mostly zeros, or one no memory holds)."""
+    p = math.prod(shape)
+    if p > MAX_PAD_FACTOR * dim:
+        raise ValueError(f"{name}={tuple(shape)} has product {p}, more than {MAX_PAD_FACTOR}x "
+                         f"{dim_name}={dim}: zero-padding may multiply a dimension by at most "
+                         f"{MAX_PAD_FACTOR}; pass factors whose product is between {dim} and "
+                         f"{MAX_PAD_FACTOR * dim}")
 
 
 def max_padded_sites(dim: int) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from tnlm.core.factorize import factorize, padded_dim
+from tnlm.core.factorize import check_padding, factorize, padded_dim
 from tnlm.core.mpo import MPO
 from tnlm.core.policy import TruncationPolicy
 from tnlm.core.validation import check_n_sites, check_shape
@@ -107,6 +107,9 @@ class DecompositionSpec:
 
         def resolve(shape: tuple[int, ...] | None, dim: int, name: str) -> tuple[int, ...]:
             if shape is not None:
+                if self.pad:  # the limit padded_dim applies to factorized shapes
+                    check_padding(shape, dim, name="in_shape" if name == "I" else "out_shape",
+                                  dim_name=name)
                 return shape
             try:
                 return factorize(dim, n, name=name)
@@ -121,7 +124,15 @@ class DecompositionSpec:
         """The MPO of W (numpy array or torch tensor, (I, J)) in :attr:`gauge`.
 
         ``truncation_error`` of the result is ||W - W'||_F / ||W||_F (exact).
+
+        Raises:
+            ValueError: among others, explicit shapes that would pad a dimension more than
+                :data:`~tnlm.core.factorize.MAX_PAD_FACTOR` times (checked before any
+                allocation).
         """
+        shape = getattr(W, "shape", None)
+        if self.pad and shape is not None and len(shape) == 2:
+            self.site_shapes(int(shape[0]), int(shape[1]))
         mpo = MPO.from_matrix(W, self.in_shape, self.out_shape, self.n_sites,
                               max_bond=_seq(self.max_bond), cutoff=_seq(self.cutoff),
                               max_error=_seq(self.max_error), pad=self.pad)
