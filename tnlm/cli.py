@@ -80,92 +80,223 @@ HEAL_TRAIN_CHOICES = ("cores", "auxiliary", "all")  # = distill.TRAIN_CHOICES (t
 DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
 
 
-def _check_out(out: str | None) -> Path | None:
-    """The output folder, checked writable before any work."""
+def _make_out(out: str | None) -> tuple[Path | None, list[Path]]:
+    """The output folder, created (with its parents) and a probe file written and removed
+    there, before any work (``os.access`` says yes to root even where writing fails);
+    returns it and the folders this created, innermost last."""
     if not out:
-        return None
+        return None, []
     d = Path(out)
-    probe = d
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"--out {d}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--out {d}: {probe} is not writable")
-    return d
+    missing = []
+    p = d
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--out {d}: {p} is a file, not a folder")
+    created: list[Path] = []
+    try:
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+        probe = d / f".tnlm-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        _remove_empty(created)
+        raise UserError(f"--out {d} cannot be written: {err.strerror or err}") from None
+    return d, created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders (innermost last) that are still empty; keep the others."""
+    for f in reversed(folders):
+        try:
+            f.rmdir()
+        except OSError:
+            return
+
+
+def _drop_heal_state(folder: Path) -> None:
+    """Remove a healing checkpoint (its two files, then the folder if it is empty)."""
+    from tnlm.compress.distill import STATE_FILE, STATE_TENSORS
+
+    for name in (STATE_FILE, STATE_TENSORS):
+        (folder / name).unlink(missing_ok=True)
+    _remove_empty([folder])
+
+
+def _note(message: str) -> None:
+    """A notice the user must see (on stderr, even with --quiet or --json)."""
+    print(f"tnlm: {message}", file=sys.stderr)
+
+
+def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The sentences of --text (or the default text), distinct, checked, and their source."""
+    from tnlm.compress.text import DEFAULT_TEXT_SOURCE, default_text, read_sentences
+
+    if args.with_default_text and not args.text:
+        raise UserError("--with-default-text adds the default text to --text FILE: pass --text")
+    if not args.text:
+        return list(dict.fromkeys(default_text(seed=args.seed))), DEFAULT_TEXT_SOURCE
+    try:
+        text = read_sentences(args.text, column=args.text_column)
+    except (OSError, ValueError) as err:
+        flag = "--text-column" if str(err).startswith("column ") else "--text"
+        raise UserError(f"{flag}: {err}") from None
+    source = args.text
+    if args.with_default_text:
+        text = text + default_text(seed=args.seed)
+        source = f"{args.text} and {DEFAULT_TEXT_SOURCE}"
+    return list(dict.fromkeys(text)), source
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save."""
-    import json
+    """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save.
 
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    Every input is checked before the model is loaded: the numbers, --text (UTF-8, enough
+    sentences, the column), --sick (a SICK file), --out (created and written to, and
+    removed again if the run then fails before writing anything there); the budget and
+    --resume are checked on the loaded model, before any compression.
 
-    from tnlm.compress.distill import HealConfig
-    from tnlm.compress.pipeline import CompressionConfig, compress_model
-    from tnlm.compress.quality import embedding_cosine, sick_spearman
-    from tnlm.compress.text import (
-        DEFAULT_TEXT_SOURCE,
-        compression_sizes,
-        default_text,
-        read_sentences,
-        split_sentences,
+    A healing state left in ``--out/healing`` by an interrupted run is continued only
+    with --resume, which refuses a state made with other settings (text, lr, seed,
+    budget, steps, ...); without --resume it is discarded, with a notice. A model already
+    in --out is replaced, with a notice, once this run succeeds (it stays until then).
+    After success the healing state is removed. Healing that blows up exits with status 1
+    and one line naming what was kept on disk; nothing is saved as a model.
+    """
+    import math
+
+    from tnlm.compress.distill import STATE_FILE
+    from tnlm.compress.pipeline import (
+        CompressionConfig,
     )
-    from tnlm.integration import format_report, report_totals
+    from tnlm.compress.quality import read_sick
+    from tnlm.compress.text import compression_sizes, split_sentences
 
     if not 0 < args.budget <= 1:
         raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
     if args.heal_steps < 0:
         raise UserError(f"--heal-steps must be >= 0, got {args.heal_steps}")
-    out = _check_out(args.out)
+    if args.reconstruct_steps < 0:
+        raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
+    if args.calibration < 1:
+        raise UserError(f"--calibration must be >= 1 (calibration sentences), got "
+                        f"{args.calibration}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.resume and not (args.out and args.heal_steps):
+        raise UserError("--resume continues the healing saved in --out DIR: it needs --out "
+                        "and --heal-steps > 0")
     path = _model_path(args.model_dir)
+    text, source = _read_text(args)
+    n_eval, n_cal = compression_sizes(len(text), args.calibration)
+    if n_eval < 1 or n_cal < 1:
+        raise UserError(f"--text {source} has {len(text)} distinct sentences: at least 4 are "
+                        f"needed (a quarter is held out to measure the result)")
+    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
     sick = Path(args.sick) if args.sick else None
-    if sick is None and DEFAULT_SICK.is_file():
+    if args.sick is None and DEFAULT_SICK.is_file():
         sick = DEFAULT_SICK
-    if sick is not None and not sick.is_file():
-        raise UserError(f"--sick {sick} does not exist")
-    torch.manual_seed(args.seed)
+    if sick is not None:
+        if not sick.is_file():
+            raise UserError(f"--sick {sick} " + ("is a directory, not a file" if sick.is_dir()
+                                                 else "does not exist"))
+        try:
+            read_sick(sick)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--sick: {err}") from None
+    targets = args.targets.split(",") if args.targets else BERT_TARGETS
+    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation,
+                            reconstruct_steps=args.reconstruct_steps, heal=None)
+    out, created = _make_out(args.out)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:  # transformers' "Loading weights" bars too
+        hf_logging.disable_progress_bar()
+    try:
+        return _compress(args, path, text, source, held_out, calibration, rest, sick, cfg,
+                         out)
+    except BaseException as err:
+        if out is not None:
+            if (out / "healing" / STATE_FILE).is_file():
+                if not isinstance(err, (UserError, HealingDiverged)):
+                    _note(f"the healing state in {out / 'healing'} is kept: the same command "
+                          "with --resume continues it")
+            elif (out / "healing").is_dir():
+                _remove_empty([out / "healing"])
+            _remove_empty(created)
+        raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, out) -> int:
+    """``tnlm compress`` after its inputs were checked (:func:`cmd_compress`)."""
+    import json
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tnlm.compress.distill import STATE_FILE, HealConfig, check_resumable, heal_settings
+    from tnlm.compress.pipeline import check_budget, compress_model, run_context
+    from tnlm.compress.quality import embedding_cosine, sick_spearman
+    from tnlm.integration import format_report
+    from tnlm.integration.io import CONFIG_NAME
+
     def say(*parts: object) -> None:
         if not args.quiet:  # with --json, stdout carries the JSON only
             print(*parts, file=sys.stderr if args.json else sys.stdout)
 
-    if args.with_default_text and not args.text:
-        raise UserError("--with-default-text adds the default text to --text FILE: pass --text")
-    if args.text:
-        text = read_sentences(args.text, column=args.text_column)
-        source = args.text
-        if args.with_default_text:
-            text = list(dict.fromkeys(text + default_text(seed=args.seed)))
-            source = f"{args.text} and {DEFAULT_TEXT_SOURCE}"
-    else:
-        text, source = default_text(seed=args.seed), DEFAULT_TEXT_SOURCE
-    n_eval, n_cal = compression_sizes(len(text), args.calibration)
-    if n_cal < 1:
-        raise UserError(f"--text {source} has too few sentences ({len(text)})")
-    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
-    say(f"text: {len(text):,} sentences from {source}; {n_cal} for calibration, "
-        f"{len(rest) + n_cal:,} for healing, {n_eval} held out")
+    torch.manual_seed(args.seed)
+    healing = out / "healing" if out and args.heal_steps else None
+    cfg.heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
+                          teacher_bf16=args.teacher_bf16, train=args.heal_train,
+                          checkpoint_dir=str(healing) if healing else None)
+    say(f"text: {len(text):,} sentences from {source}; {len(calibration)} for calibration, "
+        f"{len(rest) + len(calibration):,} for healing, {len(held_out)} held out")
     model = AutoModel.from_pretrained(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
+    check_budget(model, cfg, name="--budget")
+    heal_text = calibration + rest
+    if healing is not None and args.resume:
+        settings = heal_settings(cfg.heal, heal_text, model, run_context(cfg))
+        try:
+            step = check_resumable(healing, settings)
+        except FileNotFoundError:
+            raise UserError(f"--resume: {healing} holds no healing state to resume") from None
+        except ValueError as err:
+            fix = ("pass the settings of that run" if "other settings" in str(err) else
+                   "it cannot be resumed")
+            raise UserError(f"--resume: {err}; {fix}, or drop --resume to start afresh") \
+                from None
+        _note(f"resuming the healing in {healing} at step {step} of {args.heal_steps}")
+    elif out is not None and (out / "healing" / STATE_FILE).exists():
+        _note(f"discarding the healing state of an earlier run in {out / 'healing'} "
+              "(pass --resume to continue it)")
+        _drop_heal_state(out / "healing")
+    if out is not None and (out / CONFIG_NAME).is_file():
+        _note(f"--out {out} holds a model of an earlier run: this run replaces it when it "
+              "succeeds")
     teacher = AutoModel.from_pretrained(str(path)).eval()
-    targets = args.targets.split(",") if args.targets else BERT_TARGETS
-    heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
-                      teacher_bf16=args.teacher_bf16, train=args.heal_train,
-                      checkpoint_dir=str(out / "healing") if out and args.heal_steps else None)
-    if args.reconstruct_steps < 0:
-        raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
-    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation, heal=heal,
-                            reconstruct_steps=args.reconstruct_steps)
-    res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
-                         progress=not args.quiet)
+    try:
+        res = compress_model(model, tok, calibration, cfg, heal_text=heal_text,
+                             progress=not args.quiet)
+    except FloatingPointError as err:
+        raise HealingDiverged(f"{err}; the compressed model was discarded: nothing was saved "
+                              f"as a model" + (f" in {out}" if out else "")) from None
     rows = res.model.compression_report()
     if not args.json:
         say(format_report(rows))
     cos = embedding_cosine(res.model, teacher, tok, held_out)
+    dense = sum(r is None for r in res.ranks.values())
     summary = dict(
         budget=args.budget, params_before=res.params_before, params_after=res.params_after,
-        ratio=res.ratio, heal_steps=args.heal_steps, seconds=res.seconds,
+        ratio=res.ratio, dense_layers=dense, heal_steps=args.heal_steps,
+        healed=res.heal is not None, seconds=res.seconds,
         reconstruct_steps=args.reconstruct_steps, block_errors=res.block_errors,
         cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
         text_sentences=len(text),
@@ -176,9 +307,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        t = report_totals(rows)
-        print(f"kept {t['params_after']:,} of {t['params_before']:,} parameters of the "
-              f"targeted layers ({t['ratio']:.1%}); healing {args.heal_steps} steps")
+        healed = (f"healing {args.heal_steps} steps" if res.heal is not None else
+                  "no healing" + (" (nothing was truncated)" if args.heal_steps else ""))
+        print(f"kept {res.params_after:,} of {res.params_before:,} parameters of the "
+              f"targeted layers ({res.ratio:.1%}; {len(res.ranks) - dense} MPO layers, "
+              f"{dense} kept dense); {healed}")
         print(f"embedding cosine to the original on {len(held_out)} held-out sentences: "
               f"mean {summary['cosine_mean']:.4f}, min {summary['cosine_min']:.4f}")
         if sick is not None:
@@ -189,8 +322,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print("SICK relatedness: skipped (pass --sick PATH to measure it)")
     if out is not None:
         res.model.save_pretrained(out)
+        if healing is not None:
+            _drop_heal_state(healing)  # the model is saved: nothing left to resume
         say(f"saved to {out}")
     return 0
+
+
+class HealingDiverged(Exception):
+    """Healing blew up: reported in one line, exit status 1."""
 
 
 def _weights_for_profile(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:
@@ -267,6 +406,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
     from tnlm.integration.io import CONFIG_NAME
 
+    if args.modules < 1:
+        raise UserError(f"--modules must be >= 1 (modules with their own figures), got "
+                        f"{args.modules}")
     src = Path(args.directory) if args.directory else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
     p.add_argument("--budget", type=float, default=0.5,
-                   help="fraction of the targeted layers' parameters to keep, model-wide")
+                   help="fraction of the targeted layers' parameters to keep, model-wide; 1 "
+                        "keeps every layer dense; a budget below the smallest model the "
+                        "allocation can make is refused")
     p.add_argument("--heal-steps", type=int, default=2500,
                    help="distillation steps after truncation (0: none)")
     p.add_argument("--lr", type=float, default=5e-4, help="healing learning rate")
@@ -327,18 +471,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentences and docstrings of the installed Python source; in-domain "
                         "text compresses better, docs/results.md)")
     p.add_argument("--text-column", type=int, default=None,
-                   help="take this tab-separated column of --text")
+                   help="take this tab-separated column of --text (from 0; every non-empty "
+                        "line must have it)")
     p.add_argument("--with-default-text", action="store_true",
                    help="heal on --text and the default text together: in-domain text keeps "
                         "the domain's similarities, the default text the rest "
                         "(docs/results.md)")
     p.add_argument("--sick", default=None,
                    help="SICK relatedness file to measure Spearman (default: "
-                        f"{DEFAULT_SICK} if present)")
+                        f"{DEFAULT_SICK} if present; '' to skip)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module patterns (default: BERT encoder linears)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/minilm-mpo", help="output folder ('' to skip saving)")
+    p.add_argument("--out", default="out/minilm-mpo",
+                   help="output folder ('' to skip saving); a model already there is replaced "
+                        "when the run succeeds")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the healing an interrupted run left in --out DIR/healing "
+                        "(refused if it was made with other settings); without it, a "
+                        "leftover healing state is discarded")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
@@ -389,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, OSError, ValueError, KeyError, TypeError) as err:
         print(f"tnlm: error: {err}", file=sys.stderr)
         return 2
+    except HealingDiverged as err:
+        print(f"tnlm: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tnlm: interrupted", file=sys.stderr)
         return 130

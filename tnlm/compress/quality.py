@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -54,13 +55,29 @@ def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
     ``relatedness_score``; other columns kept), one dict per pair.
 
     Raises:
-        ValueError: the file lacks those columns or holds no pairs.
+        ValueError: the file is not UTF-8 text, lacks those columns, holds no pairs, or a
+            row lacks a sentence or a numeric score (the message names the file and line).
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a SICK file (not UTF-8 text: byte offset "
+                         f"{err.start})") from None
+    except csv.Error as err:
+        raise ValueError(f"{path} is not a SICK file ({err})") from None
     if not rows or not {"sentence_A", "sentence_B", "relatedness_score"} <= set(rows[0]):
         raise ValueError(f"{path} is not a SICK file (needs sentence_A, sentence_B and "
                          "relatedness_score columns)")
+    for i, r in enumerate(rows):
+        try:
+            ok = bool(r["sentence_A"]) and bool(r["sentence_B"]) and math.isfinite(
+                float(r["relatedness_score"]))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path} is not a SICK file: line {i + 2} lacks a sentence_A, a "
+                             f"sentence_B or a numeric relatedness_score")
     return rows
 
 

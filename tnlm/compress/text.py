@@ -85,23 +85,50 @@ def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: 
     return out
 
 
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
 def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[str]:
-    """Non-empty lines of a text file; with ``column``, that tab-separated column (a
-    header row is returned like any other line: drop it yourself).
+    """Non-empty lines of a UTF-8 text file (a byte-order mark is dropped); with
+    ``column``, that tab-separated column of every non-empty line (a header row is
+    returned like any other line: drop it yourself).
 
     Raises:
-        FileNotFoundError, ValueError: a missing file, no sentences, a missing column.
+        FileNotFoundError: a missing file or a folder.
+        ValueError: a file that is not UTF-8 text (a NUL byte or an invalid
+            byte: the message gives its byte offset and line), no sentences, a line
+            without ``column``.
     """
     p = pathlib.Path(path)
+    if p.is_dir():  # no such file (FileNotFoundError, as before), but say why
+        raise FileNotFoundError(f"text file {p} is a directory, not a file")
     if not p.is_file():
         raise FileNotFoundError(f"text file {p} does not exist")
+    data = p.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"text file {p} holds a NUL byte at byte offset {nul} (line "
+                         f"{_line_of(data, nul)}): a binary file, not text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        at = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        raise ValueError(f"text file {p} is not UTF-8: byte 0x{data[at]:02x} at byte offset "
+                         f"{at} (line {_line_of(data, at)}) is invalid; convert it "
+                         f"to UTF-8 (for Latin-1: iconv -f latin1 -t utf-8)") from None
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
-        cells = line.split("\t") if column is not None and "\t" in line else [line]
-        if len(cells) > 1 and not -len(cells) <= column < len(cells):
-            raise ValueError(f"column {column} is out of range: line {i + 1} of {p} has "
-                             f"{len(cells)} tab-separated columns")
-        cell = cells[column] if len(cells) > 1 else line
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        cell = line
+        if column is not None:
+            cells = line.split("\t")
+            if not -len(cells) <= column < len(cells):
+                raise ValueError(f"column {column} is out of range: line {i + 1} of {p} has "
+                                 f"{len(cells)} tab-separated column{'s' * (len(cells) > 1)} "
+                                 f"(columns count from 0)")
+            cell = cells[column]
         if cell.strip():
             out.append(cell.strip())
     if not out:
