@@ -280,3 +280,97 @@ def test_nonlinear_module_patterns_are_rejected():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     with pytest.raises(ValueError, match="'1' matches no"):
         get_mpo_model(model, MPOConfig(target_modules=["1"], n_sites=3))
+
+
+# ------------------------------------------------------------------ task heads (issue 20)
+def test_task_heads_by_architecture():
+    from transformers import (
+        BertForMaskedLM,
+        BertForQuestionAnswering,
+        BertModel,
+        DistilBertForSequenceClassification,
+        GPT2ForSequenceClassification,
+    )
+
+    from tnlm.integration.model import task_heads
+
+    bert_cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, intermediate_size=64)
+    gpt_cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    distil_cfg = DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+    assert task_heads(BertForSequenceClassification(bert_cfg)) == ["classifier"]
+    assert task_heads(BertForQuestionAnswering(bert_cfg)) == ["qa_outputs"]
+    assert task_heads(DistilBertForSequenceClassification(distil_cfg)) == ["pre_classifier",
+                                                                          "classifier"]
+    assert task_heads(GPT2ForSequenceClassification(gpt_cfg)) == ["score"]
+    # pre-trained heads and bare encoders have none
+    assert task_heads(BertForMaskedLM(bert_cfg)) == []
+    assert task_heads(GPT2LMHeadModel(gpt_cfg)) == []
+    assert task_heads(BertModel(bert_cfg)) == []
+    assert task_heads(nn.Sequential(nn.Linear(2, 2))) == []
+
+
+def _bert_with_head(head_seed):
+    """The same encoder (seed 0) under a task head initialised from ``head_seed``: what
+    ``from_pretrained(base, num_labels=2)`` gives on every load."""
+    torch.manual_seed(0)
+    model, targets = bert()
+    torch.manual_seed(head_seed)
+    model.classifier.reset_parameters()
+    return model.eval(), targets
+
+
+def _trained_task(modules_to_save="default"):
+    model, targets = _bert_with_head(1)
+    kw = {} if modules_to_save == "default" else {"modules_to_save": modules_to_save}
+    mpo_model = get_mpo_model(model, MPOConfig(target_modules=targets, n_sites=3, **kw),
+                              progress=False)
+    opt = torch.optim.AdamW([p for p in mpo_model.parameters() if p.requires_grad], lr=1e-2)
+    mpo_model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1])).loss.backward()
+    opt.step()
+    return mpo_model.eval()
+
+
+def test_default_config_trains_the_new_task_head_and_its_checkpoint_reloads(tmp_path, capsys):
+    mpo_model = _trained_task()
+    assert MPOConfig(["query"]).modules_to_save is None  # the default: the task head
+    head = mpo_model.base_model.classifier
+    assert all(p.requires_grad for p in head.parameters())
+    assert not mpo_model.base_model.bert.embeddings.word_embeddings.weight.requires_grad
+    mpo_model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    assert out.startswith("trainable params: ")
+    assert out.rstrip().endswith("(includes the newly initialised task head: classifier)")
+    trainable, _ = mpo_model.get_nb_trainable_parameters()
+    aux = sum(m.num_auxiliary_params for _, m in mpo_model.mpo_modules())
+    assert trainable == aux + sum(p.numel() for p in head.parameters())
+    # a lightweight task checkpoint holds the head; it loads onto the base model as one
+    # gets it again (same encoder, a newly initialised head) and gives the same logits
+    mpo_model.save_pretrained(tmp_path, lightweight=True)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert not any(k.startswith("classifier.") for k in meta["lightweight"]["rebuilt"])
+    base, _ = _bert_with_head(2)
+    assert not torch.equal(base.classifier.weight, head.weight)
+    loaded = MPOModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(run(loaded), run(mpo_model))
+    assert all(p.requires_grad for p in loaded.base_model.classifier.parameters())
+
+
+def test_task_head_opt_out_is_explicit_and_reported(tmp_path, capsys):
+    mpo_model = _trained_task(modules_to_save=[])
+    assert not any(p.requires_grad for p in mpo_model.base_model.classifier.parameters())
+    mpo_model.print_trainable_parameters()
+    assert "the task head classifier does not train" in capsys.readouterr().out
+    mpo_model.save_pretrained(tmp_path, lightweight=True)
+    # the frozen random head was left to the base model: a new head cannot match it, and
+    # the error says so instead of blaming the base model
+    with pytest.raises(ValueError, match=r"task head \['classifier'\].*initialises that head"):
+        MPOModel.from_pretrained(_bert_with_head(2)[0], tmp_path)
+    same_head = MPOModel.from_pretrained(_bert_with_head(1)[0], tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(run(same_head), run(mpo_model))
+    # an explicit list replaces the default choice; the config round-trips
+    cfg = MPOConfig(["query"], modules_to_save="classifier")
+    assert cfg.modules_to_save == ["classifier"]
+    assert MPOConfig.from_dict(MPOConfig(["query"]).to_dict()).modules_to_save is None

@@ -51,16 +51,23 @@ class MPOConfig:
             ``gauge``, ``mode``, ``pad``. The longest (most specific) matching pattern
             wins; each pattern must match a target.
         modules_to_save: patterns of modules that must train and be saved in a task
-            checkpoint whatever ``train`` says (e.g. a new task head ``"classifier"``; a
-            single string is one pattern); each must match a module. Every parameter
-            of such a module trains, except the central tensors of MPO layers inside it
-            (unless ``train="all"``).
+            checkpoint whatever ``train`` says (a single string is one pattern); each must
+            match a module. Every parameter of such a module trains, except the central
+            tensors of MPO layers inside it (unless ``train="all"``). ``None`` (the
+            default): the task head of a task architecture, as PEFT does for its task
+            types (:func:`~tnlm.integration.model.task_heads`: e.g. ``classifier`` of
+            ``BertForSequenceClassification``, ``score`` of
+            ``GPT2ForSequenceClassification``, ``qa_outputs`` of ``*ForQuestionAnswering``);
+            the head is newly initialised when such a model is loaded from a base
+            checkpoint, so it must train and be saved. A list replaces that choice
+            (``["classifier", "pooler"]``); ``[]`` opts out (only the auxiliary tensors
+            train in ``"lightweight"``).
         train: what trains (see :meth:`~tnlm.integration.model.MPOModel.setup_training`):
             ``"lightweight"`` (the default, what a PEFT user expects: only the auxiliary
-            tensors of the MPO layers and ``modules_to_save``; a task checkpoint then
-            holds only those), ``"auxiliary"`` (the paper's setting: every parameter
-            except the central tensors, i.e. also embeddings, LayerNorms, biases and
-            heads) or ``"all"``.
+            tensors of the MPO layers and ``modules_to_save``, by default the task head;
+            a task checkpoint then holds only those), ``"auxiliary"`` (the paper's
+            setting: every parameter except the central tensors, i.e. also embeddings,
+            LayerNorms, biases and heads) or ``"all"``.
         gauge: the gauge the cores start from: ``"symmetric"`` (the paper's; the default,
             chosen by the SST-2 experiment in docs/results.md), ``"central"``
             (orthogonality center on the central tensor) or ``"left"``.
@@ -76,7 +83,7 @@ class MPOConfig:
     cutoff: float | list[float] | None = None
     max_error: float | list[float] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
+    modules_to_save: list[str] | None = None
     train: str = "lightweight"
     gauge: str = "symmetric"
     mode: str = "auto"
@@ -126,11 +133,13 @@ class MPOConfig:
         self.out_shapes = self._shapes("out_shapes", self.out_shapes)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        elif not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(p, str) and p for p in self.modules_to_save):
-            raise ValueError("modules_to_save must be a module name pattern or a list of them, "
-                             f"got {self.modules_to_save!r}")
-        self.modules_to_save = list(self.modules_to_save)
+        elif self.modules_to_save is not None and (
+                not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                    isinstance(p, str) and p for p in self.modules_to_save)):
+            raise ValueError("modules_to_save must be a module name pattern, a list of them or "
+                             f"None (the task head), got {self.modules_to_save!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
 
     @staticmethod
     def _shapes(name: str, shapes: Any) -> dict[int, tuple[int, ...]]:

@@ -2,10 +2,10 @@
 
 A PEFT user should feel at home::
 
-    config = MPOConfig(target_modules=["query", "key", "value", "dense"],
-                       modules_to_save=["classifier"])
+    config = MPOConfig(target_modules=["query", "key", "value", "dense"])
     model = get_mpo_model(model, config)      # replaces the layers in place
-    model.print_trainable_parameters()        # auxiliary tensors + classifier train
+    model.print_trainable_parameters()        # auxiliary tensors + the task head
+                                              # (classifier, see task_heads) train
     model(**batch)                             # the base model's forward
     Trainer(model=model, ...).train()          # label names found as for a PeftModel
     model.save_pretrained("out/")              # a task checkpoint: what trained, and the
@@ -31,6 +31,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ from tnlm.integration import io
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 
 __all__ = ["MPOModel", "get_mpo_model", "lora_config_for_mpo", "module_paths", "mpo_lora_class",
-           "set_module"]
+           "set_module", "task_heads"]
 
 
 def module_paths(root: nn.Module) -> dict[int, list[str]]:
@@ -71,6 +72,36 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+#: transformers' task architectures whose head a base checkpoint does not have:
+#: ``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForImageClassification``,
+#: ``*ForAudioClassification``, ``*ForQuestionAnswering``, ``*ForMultipleChoice``
+_TASK_CLASS = re.compile(r".*For\w*(Classification|QuestionAnswering|MultipleChoice)")
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """Names of the task head modules of a transformers task architecture (``[]`` for
+    any other model).
+
+    The rule is by architecture: for a class named ``*For...Classification``,
+    ``*ForQuestionAnswering`` or ``*ForMultipleChoice`` that holds its base model under
+    ``model.base_model_prefix`` (e.g. ``bert``), the heads are the other direct
+    children with parameters: ``classifier`` (BERT), ``pre_classifier`` and
+    ``classifier`` (DistilBERT), ``score`` (GPT-2), ``qa_outputs`` (question answering).
+    Loading such a model from a base checkpoint initialises them anew (transformers
+    reports them as missing keys), whoever loaded it; they are what PEFT's task types
+    add to ``modules_to_save``. An ``*ForMaskedLM`` / ``*ForCausalLM`` head is
+    pre-trained and is not one.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    if not (isinstance(prefix, str) and prefix and _TASK_CLASS.fullmatch(type(model).__name__)):
+        return []
+    children = dict(model.named_children())
+    if prefix not in children:
+        return []
+    return [n for n, m in children.items()
+            if n != prefix and any(True for _ in m.parameters())]
 
 
 def _some(names: list[str], n: int = 5) -> str:
@@ -160,8 +191,11 @@ class MPOModel(nn.Module):
 
     def modules_to_save(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of every module matching a ``modules_to_save`` pattern of
-        the config (names relative to the base model)."""
+        the config, or of the task heads (:func:`task_heads`) when it is ``None`` (names
+        relative to the base model)."""
         patterns = self.mpo_config.modules_to_save
+        if patterns is None:
+            return [(n, self.base_model.get_submodule(n)) for n in task_heads(self.base_model)]
         return [(n, m) for n, m in self.base_model.named_modules()
                 if n and any(MPOConfig.pattern_matches(p, n) for p in patterns)]
 
@@ -173,15 +207,33 @@ class MPOModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         """Print ``trainable params: X || all params: Y || trainable%: Z``, PEFT's line
-        with PEFT's counting (:meth:`get_nb_trainable_parameters`)."""
-        print(parameter_report(self))
+        with PEFT's counting (:meth:`get_nb_trainable_parameters`), followed by
+        ``(includes the newly initialised task head: classifier)`` when the config's
+        ``modules_to_save`` is ``None`` and the task head trains, or by a note naming a
+        task head that does not train (a ``modules_to_save`` list without it)."""
+        print(f"{parameter_report(self)}{self._head_note()}")
+
+    def _head_note(self) -> str:
+        heads = task_heads(self.base_model)
+        trains = [h for h in heads if any(
+            p.requires_grad for p in self.base_model.get_submodule(h).parameters())]
+        frozen = [h for h in heads if h not in trains]
+        lightweight = self.mpo_config.train == "lightweight" and any(
+            p.requires_grad for p in self.parameters())
+        if frozen and lightweight:
+            return (f" (the task head {', '.join(frozen)} does not train: modules_to_save="
+                    f"{self.mpo_config.modules_to_save!r} leaves it out)")
+        if trains and self.mpo_config.modules_to_save is None:
+            return f" (includes the newly initialised task head: {', '.join(trains)})"
+        return ""
 
     def setup_training(self, train: str | None = None) -> MPOModel:
         """Set ``requires_grad`` of every parameter for a training mode (default: the
         config's ``train``; a mode given here becomes the config's):
 
         * ``"lightweight"``: only the auxiliary tensors of the MPO layers train, plus the
-          ``modules_to_save`` (all their parameters but MPO central tensors);
+          ``modules_to_save`` (all their parameters but MPO central tensors; by default
+          the task head, see :func:`task_heads`);
         * ``"auxiliary"``: the paper's setting: everything but the central tensors;
         * ``"all"``: everything.
         """
@@ -721,6 +773,7 @@ def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> _Load
     return _LoadPlan(config=config, paths=paths, olds=olds, entries=entries, shells=shells,
                      targets=targets, rest=rest, saved=saved, rebuilt=rebuilt,
                      base_name=base_name, where=where, references=None,
+                     heads=task_heads(base_model),
                      name_or_path=light.get("base_model_name_or_path") if light else None)
 
 
@@ -759,6 +812,17 @@ def _rebuild(plan: _LoadPlan) -> None:
             digests[id(t)] = io.tensor_sha256(t)
         references[key] = digests[id(t)]
     wrong = [k for k, want in plan.rebuilt.items() if references[k] != want]
+    in_heads = [k for k in wrong if any(k.startswith(h + ".") for h in plan.heads)]
+    if wrong and len(in_heads) == len(wrong):
+        heads = sorted({k.split(".", 1)[0] for k in in_heads})
+        raise ValueError(
+            f"the task checkpoint {plan.where.parent} leaves the task head {heads} to the base "
+            f"model, frozen, and the base model's differs ({_some(sorted(in_heads), 3)}): "
+            f"{plan.base_name} initialises that head anew when it is loaded from a base "
+            "checkpoint, so a task must train and save it. The checkpoint was saved with "
+            "modules_to_save leaving the head out; save the task again with the head trained "
+            "(modules_to_save=None, the default, or a list naming it), or load it onto the very "
+            "model object (same head weights) it was trained from")
     if wrong:
         core = [k for k in wrong if k in centrals]
         raise ValueError(
@@ -987,7 +1051,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             raise ValueError(f"overrides pattern {p!r} matches none of the {len(targets)} "
                              f"target modules of {type(model).__name__}{hint}")
     all_names = [n for n, _ in model.named_modules() if n]
-    for p in config.modules_to_save:
+    for p in config.modules_to_save or ():
         if not any(config.pattern_matches(p, n) for n in all_names):
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
