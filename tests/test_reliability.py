@@ -1304,3 +1304,55 @@ def test_nonfinite_reason_reads_bfloat16():
     t[1, 1] = float("inf")
     assert nonfinite_reason(t) == "1 NaN and 1 inf of 16 entries"
     assert nonfinite_reason(torch.ones(3, dtype=torch.bfloat16)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# saving removes only the weights files the writer generates (issue 20, item 4)
+# ---------------------------------------------------------------------------------------
+
+from tnlm.integration.io import JOURNAL_NAME  # noqa: E402
+
+
+def _edit_json(path, **entries):
+    meta = json.loads(path.read_text())
+    meta.update(entries)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("where", ["config", "journal"])
+def test_a_config_or_journal_naming_a_user_file_does_not_delete_it(where, tmp_path):
+    d = tmp_path / "ckpt"
+    model = get_mpo_model(tiny_bert(), config(max_bond=3), progress=False).eval()
+    model.save_pretrained(d, lightweight=False)
+    first = json.loads((d / CONFIG_NAME).read_text())["weights"]
+    (d / "notes.txt").write_text("my notes")
+    (tmp_path / "outside.txt").write_text("not the checkpoint's")
+    if where == "config":  # the writer removes the weights the previous config names
+        _edit_json(d / CONFIG_NAME, weights="notes.txt")
+    else:  # a crashed writer's journal: the files it owned that the config does not name
+        (d / JOURNAL_NAME).write_text(json.dumps({"new": "notes.txt",
+                                                  "previous": "../outside.txt"}))
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(1.0)  # new weights, a new file name
+    with pytest.warns(UserWarning, match="not a name this writer generates") as caught:
+        model.save_pretrained(d, lightweight=False)
+    named = {str(w.message).split(" names ")[1].split(" ")[0] for w in caught}
+    assert named == ({"'notes.txt'"} if where == "config" else {"'notes.txt'",
+                                                                 "'../outside.txt'"})
+    assert (d / "notes.txt").read_text() == "my notes"
+    assert (tmp_path / "outside.txt").read_text() == "not the checkpoint's"
+    meta = json.loads((d / CONFIG_NAME).read_text())
+    assert meta["weights"] != first and not (d / JOURNAL_NAME).exists()
+    if where == "journal":  # the config named the first weights: replaced as usual
+        assert not (d / first).exists()
+    loaded = MPOModel.from_pretrained(tiny_bert(seed=1), d).eval()
+    assert torch.equal(outputs(loaded), outputs(model))
+    # a config naming a path outside the folder is left alone as well
+    _edit_json(d / CONFIG_NAME, weights="../outside.txt")
+    with torch.no_grad():
+        model.base_model.classifier.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="outside.txt"):
+        model.save_pretrained(d, lightweight=False)
+    assert (tmp_path / "outside.txt").exists() and (d / "notes.txt").exists()
+    assert torch.equal(outputs(MPOModel.from_pretrained(tiny_bert(seed=1), d).eval()),
+                       outputs(model))

@@ -10,7 +10,10 @@ Writing never loses the previous checkpoint: the weights go to a temporary file
 (flushed to disk) renamed to a name derived from their SHA-256, then the config
 naming them replaces the old config in one rename, and only then is the weights
 file named by the *previous* config removed (nothing else in the folder is
-touched: a user's ``mpo_model-best.safetensors`` stays). Before the weights get
+touched: a user's ``mpo_model-best.safetensors`` stays). Only a name this writer
+generates (``mpo_model-<12 hex digits>.safetensors``, or ``mpo_model.safetensors`` of
+the first checkpoints) is ever removed: a config or journal edited to name any other
+file (``notes.txt``, ``../outside.txt``) gets a warning and the file stays. Before the weights get
 their final name, a journal ``.mpo_checkpoint.pending`` records the two weights
 files this write owns (the new and the previous one); it is removed at the end.
 A writer killed on the way leaves the journal, and the next writer removes
@@ -39,9 +42,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,9 @@ JOURNAL_NAME = ".mpo_checkpoint.pending"
 #: atomic_write
 _TEMP_PATTERNS = (".weights.*.tmp", f".{CONFIG_NAME}.*.tmp", f".{JOURNAL_NAME}.*.tmp")
 _MAX_SITES = 64
+#: the weights file names this writer produces (the first checkpoints used the plain
+#: name): the only files it removes
+_WEIGHTS_NAME = re.compile(r"mpo_model(-[0-9a-f]{12})?\.safetensors")
 
 
 def sha256(path: Path) -> str:
@@ -344,11 +352,19 @@ def _current_weights(d: Path) -> Any:
 
 
 def _remove_owned(d: Path, name: Any, keep: Any) -> None:
-    """Remove the weights file ``name`` (one this module wrote) unless it is ``keep``;
-    names leaving the folder are left alone."""
-    if isinstance(name, str) and name != keep:
-        with contextlib.suppress(ValueError, OSError):
-            _weights_path(d, name).unlink(missing_ok=True)
+    """Remove the weights file ``name`` (one this module wrote) unless it is ``keep``.
+    Only a name of the form this writer generates (:data:`_WEIGHTS_NAME`) is removed;
+    any other (a config or journal edited to name a user's file or a path leaving the
+    folder) is left alone with a warning."""
+    if name is None or name == keep:
+        return
+    if not (isinstance(name, str) and _WEIGHTS_NAME.fullmatch(name)):
+        warnings.warn(f"{d}: the checkpoint's config or journal names {name!r} as a weights "
+                      "file to replace, which is not a name this writer generates; the file "
+                      "is left in place", stacklevel=3)
+        return
+    with contextlib.suppress(ValueError, OSError):
+        _weights_path(d, name).unlink(missing_ok=True)
 
 
 def recover(directory: str | os.PathLike) -> None:
