@@ -393,3 +393,30 @@ def test_explicit_shapes_keep_the_padding_limit():
     spec = DecompositionSpec(in_shape=(8, 8, 8), out_shape=(2, 4, 4), pad=True)
     W = np.random.default_rng(0).standard_normal((32, 32))
     assert math.isclose(float(np.abs(spec.decompose(W).to_matrix() - W).max()), 0, abs_tol=1e-9)
+
+
+# ------------------------------------------------------------------ the table in the docs
+def test_reliability_table_counts():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "reliability.md").read_text()
+    section = doc.split("## The command line: `tnlm compress`")[1].split("\n## ")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith(
+        ("| case ", "|---"))]
+    assert len(rows) >= 30
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(
+        p.read_text() for p in (root / "tests").glob("test_*.py")), re.M))
+    bad = {"silent wrong", "data lost", "hangs", "late error"}
+    counts = dict.fromkeys(bad, 0)
+    for row in rows:
+        case, now, outcome, tests = (c.strip() for c in row.strip("|").split(" | "))
+        assert outcome in {"clear error", "correct result", "notice", "stopped",
+                           "recovered"} | bad, row
+        counts[outcome] = counts.get(outcome, 0) + 1
+        names = [n.split("[")[0] for n in re.findall(r"`(test_[^`]+)`", tests)]
+        assert names and set(names) <= defined, row
+    m = re.search(r"silent wrong: (\d+) · data lost: (\d+) · hangs: (\d+) · late errors: "
+                  r"(\d+)", section)
+    assert m and [int(g) for g in m.groups()] == [counts[k] for k in (
+        "silent wrong", "data lost", "hangs", "late error")] == [0, 0, 0, 0]
