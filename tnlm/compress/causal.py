@@ -122,6 +122,7 @@ class CausalHealConfig:
     warmup: int = 10
     train: str = "all"
     blowup: float = 10.0
+    teacher_bf16: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -210,8 +211,9 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 order += perm
             idx, order = order[:config.batch_size], order[config.batch_size:]
             ids = sequences[idx]
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                 enabled=config.teacher_bf16):
+                t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
             loss = next_token_kl(student(input_ids=ids, use_cache=False).logits, t_logits)
             value = float(loss)
             result.losses.append(value)

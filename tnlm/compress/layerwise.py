@@ -47,7 +47,7 @@ from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "LayerwiseConfig", "LayerwiseResult", "compress_layerwise",
-           "capture_block_inputs", "fit_block"]
+           "capture_block_inputs", "fit_block", "peak_rss_mb"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -225,7 +225,8 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
             p.requires_grad_(f)
 
 
-def _rss_mb() -> float | None:
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (None where unknown)."""
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -349,7 +350,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         model.train(was)
     times["truncation"] = t_trunc
     times["fitting"] = t_fit
-    return LayerwiseResult(ranks, errors, block_errors, before, after, times, _rss_mb())
+    return LayerwiseResult(ranks, errors, block_errors, before, after, times, peak_rss_mb())
 
 
 class _PairedInputs(nn.Module):

@@ -32,7 +32,12 @@ from tnlm.compress.causal import (
     self_generated_text,
     token_sequences,
 )
-from tnlm.compress.layerwise import LayerwiseConfig, LayerwiseResult, _rss_mb, compress_layerwise
+from tnlm.compress.layerwise import (
+    LayerwiseConfig,
+    LayerwiseResult,
+    compress_layerwise,
+    peak_rss_mb,
+)
 from tnlm.integration.architectures import architecture_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm"]
@@ -57,11 +62,11 @@ class CausalLMRecipe:
     budget: float = 0.6
     method: str = "tnlm"
     target_modules: list[str] | None = None
-    n_texts: int = 256
+    n_texts: int = 128
     gen_tokens: int = 128
     seq_len: int = 128
     n_calibration: int = 64
-    fit_steps: int = 64
+    fit_steps: int = 32
     fit_lr: float = 1e-3
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
@@ -123,4 +128,4 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             say(f"healing stopped early: {healed.stopped}")
         del teacher
     seconds["total"] = time.perf_counter() - t0
-    return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, _rss_mb())
+    return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peak_rss_mb())

