@@ -178,13 +178,18 @@ def test_resume_only_when_asked_and_only_with_the_same_settings(model_dir, text_
     (json.dumps({"step": 10**9, "losses": []}), "step 1000000000 is not an int in [0, 3]"),
     (json.dumps({"step": 2, "losses": [0.1]}), "losses must be a list of 2 numbers"),
     (json.dumps([1, 2]), "is corrupt (not a JSON object)"),
+    ("tensors", "heal_state.safetensors is corrupt"),
 ])
 def test_a_bad_healing_state_is_named(model_dir, text_file, tmp_path, monkeypatch, capsys,  # noqa: F811
                                       content, message):
     out = tmp_path / "out"
     interrupted_run(model_dir, text_file, out, monkeypatch, capsys)
     state = out / "healing" / "heal_state.json"
-    state.write_text(content)
+    if content == "tensors":  # a truncated tensor file beside a good state
+        state = out / "healing" / "heal_state.safetensors"
+        state.write_bytes(state.read_bytes()[:40])
+    else:
+        state.write_text(content)
     assert main(compress(model_dir, text_file, "--allocation", "uniform", "--heal-steps", "3",
                          "--out", str(out), "--resume")) == 2
     err = capsys.readouterr().err

@@ -453,7 +453,8 @@ def heal_settings(config: HealConfig, sentences: Sequence[str], teacher: nn.Modu
 
 def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str, Any]:
     """The parsed :data:`STATE_FILE` of a healing checkpoint folder, checked: a JSON object
-    with ``step`` an int in [0, ``steps``] and ``losses`` a list of ``step`` numbers.
+    with ``step`` an int in [0, ``steps``] and ``losses`` a list of ``step`` numbers, beside
+    a :data:`STATE_TENSORS` file whose header reads.
 
     Raises:
         FileNotFoundError: no state file; ValueError: anything else wrong, naming the file.
@@ -476,8 +477,16 @@ def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in losses):
         raise ValueError(f"healing state {path} is corrupt: losses must be a list of {step} "
                          f"numbers")
-    if not (Path(directory) / STATE_TENSORS).is_file():
+    tensors = Path(directory) / STATE_TENSORS
+    if not tensors.is_file():
         raise ValueError(f"healing state {path} has no {STATE_TENSORS} beside it")
+    from safetensors import safe_open
+
+    try:  # the header only: cheap, and a resume is refused before any work
+        with safe_open(str(tensors), "pt") as f:
+            f.keys()
+    except Exception as err:  # safetensors' own error types
+        raise ValueError(f"healing state {tensors} is corrupt ({err})") from None
     return meta
 
 
