@@ -1,0 +1,371 @@
+"""tnlm.export: matmul-chain stand-ins for the MPO layers, the ONNX graph that keeps the
+factors (ONNX Runtime against torch), int8 weights, self-contained folders with
+sentence-transformers files, the dense transformers folder, and ``tnlm export``.
+
+Everything runs on random-init models of width 32 (a 2-layer BERT compressed by the
+data-aware pipeline into 2-site layers, a 2-layer Llama); ONNX and sentence-transformers
+tests skip when those packages are absent.
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
+from tnlm.compress.pipeline import CompressionConfig, compress_model
+from tnlm.export import (
+    FactorizedEmbedding,
+    FactorizedLinear,
+    export_hf,
+    factorized_copy,
+    factorized_params,
+    load_compressed,
+    save_self_contained,
+)
+from tnlm.export.cli import ExportError, add_export_parser, cmd_export
+from tnlm.integration import MPOConfig, MPOModel, get_mpo_model, mean_pooled
+
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+           "output.dense"]
+WORDS = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red", "on", "mat"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
+    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "of", "and"]
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return BertTokenizerFast(vocab=str(path))
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    r = random.Random(0)
+    return [" ".join(r.choice(WORDS) for _ in range(r.randint(2, 12))) + "." for _ in range(40)]
+
+
+@pytest.fixture(scope="module")
+def compressed(tok, sentences):
+    """A BERT whose 12 encoder linears are data-aware 2-site layers at 50 %."""
+    res = compress_model(bert(), tok, sentences, CompressionConfig(TARGETS, budget=0.5,
+                                                                   heal=None), progress=False)
+    return res.model.eval()
+
+
+# ---------------------------------------------------------------- matmul chains
+@pytest.mark.parametrize("I,J,kw", [
+    (32, 64, dict(n_sites=2)), (30, 50, dict(n_sites=3, pad=True)),
+    (96, 160, dict(n_sites=5, max_bond=6)), (24, 40, dict(n_sites=4))])
+def test_factorized_linear_equals_the_mpo_layer(I, J, kw):
+    torch.manual_seed(I)
+    layer = MPOLinear.from_linear(torch.nn.Linear(I, J), **kw)
+    f = FactorizedLinear(layer)
+    x = torch.randn(3, 5, I)
+    with torch.no_grad():
+        assert torch.allclose(f(x), layer(x), atol=1e-5)
+        assert f(x[0, 0]).shape == (J,)
+    assert [tuple(m.shape) for m in f.mats] == [(s[0] * s[1], s[2] * s[3])
+                                                for s in layer.core_shapes]
+    assert factorized_params(f) == sum(c.numel() for c in layer.cores) + J
+
+
+def test_low_rank_layer_is_two_matmuls(compressed):
+    layer = compressed.base_model.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, MPOLinear) and layer.n_sites == 2
+    f = FactorizedLinear(layer)
+    r = layer.bond_dims[0]
+    assert [tuple(m.shape) for m in f.mats] == [(32, r), (r, 64)]
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.allclose(f(x), x @ f.mats[0] @ f.mats[1] + layer.bias, atol=1e-6)
+
+
+def test_factorized_embedding_gathers_rows():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 24)
+    layer = MPOEmbedding.from_embedding(emb, n_sites=3, max_bond=5)
+    f = FactorizedEmbedding(layer)
+    ids = torch.randint(0, 100, (4, 7))
+    with torch.no_grad():
+        assert torch.allclose(f(ids), layer(ids), atol=1e-5)
+    assert f(ids).shape == (4, 7, 24)
+
+
+def test_factorized_copy_leaves_the_model_alone(compressed, tok, sentences):
+    copy, n = factorized_copy(compressed)
+    assert n == 12
+    assert not any(isinstance(m, MPOModule) for m in copy.modules())
+    assert sum(isinstance(m, MPOModule) for m in compressed.modules()) == 12
+    a = mean_pooled(copy, tok, sentences)
+    b = mean_pooled(compressed, tok, sentences)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------- ONNX
+@pytest.fixture(scope="module")
+def exported(compressed, tok, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "compressed.onnx"
+    return export_onnx(compressed, tok, path, pooling="mean")
+
+
+def test_onnx_runtime_matches_torch(exported, compressed, tok, sentences):
+    from tnlm.export import OnnxEncoder
+
+    assert exported.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert exported.outputs == ["last_hidden_state", "sentence_embedding"]
+    enc = OnnxEncoder(exported.path, tok, threads=1)
+    for batch_sents in (sentences[:1], sentences[:7], sentences[5:30]):  # dynamic axes
+        batch = tok(batch_sents, padding=True, return_tensors="pt")
+        out = enc.run(batch)
+        with torch.no_grad():
+            ref = compressed(**batch).last_hidden_state.numpy()
+        assert out["last_hidden_state"].shape == ref.shape
+        assert np.abs(out["last_hidden_state"] - ref).max() <= 1e-4
+    emb = enc.encode(sentences, batch_size=16)
+    assert np.abs(emb - mean_pooled(compressed, tok, sentences).numpy()).max() <= 1e-4
+
+
+def test_onnx_graph_holds_the_factors_not_w(exported, compressed):
+    import onnx
+
+    from tnlm.export import onnx_weights
+
+    w = onnx_weights(exported.path)
+    assert exported.mpo_layers == 12
+    # the file stores at most the compressed model's numbers (the unused pooler and
+    # duplicate zero biases are left out): far fewer than the dense linears would take
+    dense_linears = sum(m.in_dim * m.out_dim for _, m in compressed.mpo_modules())
+    assert w["total"] <= factorized_params(compressed)
+    assert w["total"] < factorized_params(bert()) - dense_linears // 3
+    graph = onnx.load(str(exported.path))
+    factors = {n for n in w["shapes"] if ".mats." in n}
+    matmuls = [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in factors]
+    assert len(factors) == len(matmuls) == 24  # x @ A @ B: two MatMuls per 2-site layer
+    for name, m in compressed.mpo_modules():
+        r = m.bond_dims[0]
+        assert w["shapes"][f"model.{name}.mats.0"] == (m.in_dim, r)
+        assert w["shapes"][f"model.{name}.mats.1"] == (r, m.out_dim)
+        assert (m.in_dim, m.out_dim) not in {s for n, s in w["shapes"].items() if name in n}
+
+
+def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
+    from tnlm.export import OnnxEncoder, quantize_int8
+
+    size = quantize_int8(exported.path, tmp_path / "int8.onnx")
+    assert 0 < size == (tmp_path / "int8.onnx").stat().st_size
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    a = OnnxEncoder(exported.path, tok).encode(sentences)
+    b = OnnxEncoder(tmp_path / "int8.onnx", tok).encode(sentences)
+    assert float((a * b).sum(1).min()) > 0.99
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
+
+
+def test_export_onnx_refuses_unknown_pooling(compressed, tok, tmp_path):
+    pytest.importorskip("onnxscript")
+    from tnlm.export import export_onnx
+
+    with pytest.raises(ValueError, match="pooling"):
+        export_onnx(compressed, tok, tmp_path / "x.onnx", pooling="cls")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------- folders
+@pytest.fixture(scope="module")
+def folder(compressed, tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("self_contained") / "model"
+    save_self_contained(compressed, tok, d)
+    return d
+
+
+def test_self_contained_folder_rebuilds_the_model(folder, compressed, tok, sentences):
+    for f in ("config.json", "mpo_config.json", "tokenizer.json", "modules.json",
+              "sentence_bert_config.json", "1_Pooling/config.json", "README.md"):
+        assert (folder / f).is_file(), f
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and pooling["word_embedding_dimension"] == 32
+    assert not (folder / "model.safetensors").exists()
+    model = load_compressed(folder)
+    assert isinstance(model, MPOModel) and not model.training
+    assert sum(isinstance(m, MPOLinear) for m in model.modules()) == 12
+    assert torch.equal(mean_pooled(model, tok, sentences), mean_pooled(compressed, tok, sentences))
+    with pytest.raises(OSError):  # no dense weights: transformers alone refuses the folder
+        AutoModel.from_pretrained(str(folder))
+
+
+def test_sentence_transformer_encodes_like_tnlm(folder, compressed, tok, sentences):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    from tnlm.export import sentence_transformer
+
+    ref = mean_pooled(compressed, tok, sentences)
+    st = sentence_transformer(folder)
+    got = st.encode(sentences, convert_to_tensor=True)
+    assert (got - ref).abs().max().item() <= 1e-5
+    trusted = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    assert (trusted.encode(sentences, convert_to_tensor=True) - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(str(folder), device="cpu")
+
+
+def test_sentence_transformer_save_round_trip(folder, compressed, tok, sentences, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from tnlm.export import sentence_transformer
+
+    sentence_transformer(folder).save(str(tmp_path / "again"))
+    again = sentence_transformer(tmp_path / "again")
+    ref = mean_pooled(compressed, tok, sentences)
+    assert (again.encode(sentences, convert_to_tensor=True) - ref).abs().max().item() <= 1e-5
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_causal_lm_generates_the_same_after_reload(tmp_path):
+    model = get_mpo_model(llama(), MPOConfig(target_modules=["q_proj", "v_proj", "up_proj"],
+                                             max_bond=4, n_sites=3), progress=False).eval()
+    save_self_contained(model, None, tmp_path / "lm", sentence_transformers=False)
+    assert not (tmp_path / "lm" / "modules.json").exists()
+    loaded = load_compressed(tmp_path / "lm")
+    assert type(loaded.base_model) is LlamaForCausalLM
+    prompt = torch.tensor([[1, 17, 23, 42, 5]])
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(prompt, **kw)
+        got = loaded.generate(prompt, **kw)
+    assert got.shape == (1, 13) and torch.equal(got, want)
+
+
+def test_save_self_contained_needs_an_mpo_model(tok, tmp_path):
+    with pytest.raises(TypeError, match="MPOModel"):
+        save_self_contained(bert(), tok, tmp_path / "x")
+
+
+def test_hf_folder_loads_without_tnlm(compressed, tok, sentences, tmp_path, capsys):
+    res = export_hf(compressed, tmp_path / "hf", tok)
+    line = capsys.readouterr().out
+    assert "as big as the uncompressed model" in line and f"{res['params']:,}" in line
+    assert "as big as the uncompressed dense model" in (tmp_path / "hf" / "README.md").read_text()
+    assert res["params"] > res["mpo_params"]
+    assert sum(isinstance(m, MPOModule) for m in compressed.modules()) == 12  # unchanged
+    dense = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert not any(isinstance(m, MPOModule) for m in dense.modules())
+    a, b = mean_pooled(dense, tok, sentences), mean_pooled(compressed, tok, sentences)
+    assert (a - b).abs().max().item() <= 1e-5
+    code = ("import sys; sys.modules['tnlm'] = None\n"
+            "from transformers import AutoModel\n"
+            f"m = AutoModel.from_pretrained({str(tmp_path / 'hf')!r})\n"
+            "print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True).stdout
+    assert out.split()[-2:] == ["BertModel", str(sum(p.numel() for p in dense.parameters()))]
+
+
+# ---------------------------------------------------------------- tnlm export
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="tnlm")
+    add_export_parser(ap.add_subparsers(dest="command"))
+    return ap.parse_args(["export", *argv])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(compressed, tok, tmp_path_factory):
+    """What ``tnlm compress --out`` writes (MPO weights only) and the base model folder."""
+    root = tmp_path_factory.mktemp("cli")
+    compressed.save_pretrained(root / "ckpt", lightweight=False)
+    base = bert()
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "ckpt", root / "base"
+
+
+def test_cli_st_from_a_compress_checkpoint(checkpoint, compressed, tok, sentences, tmp_path,
+                                           capsys):
+    ckpt, base = checkpoint
+    args = parse([str(ckpt), "--format", "st", "--base", str(base), "--out",
+                  str(tmp_path / "st")])
+    assert args.func is cmd_export and cmd_export(args) == 0
+    assert "self-contained" in capsys.readouterr().out
+    model = load_compressed(tmp_path / "st")
+    assert torch.equal(mean_pooled(model, tok, sentences), mean_pooled(compressed, tok, sentences))
+
+
+def test_cli_onnx_int8(checkpoint, compressed, tok, sentences, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.export import OnnxEncoder
+
+    ckpt, base = checkpoint
+    out = tmp_path / "m.int8.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--int8", "--base", str(base),
+                             "--out", str(out)])) == 0
+    assert "int8" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]  # no leftovers
+    enc = OnnxEncoder(out, tok)
+    assert enc.output_names == ["last_hidden_state", "sentence_embedding"]
+    cos = (enc.encode(sentences) * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
+    assert float(cos.min()) > 0.99
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["{tmp}", "--format", "onnx", "--out", "{tmp}/m.onnx"], r"^DIR: .* is not a tnlm checkpoint"),
+    (["{ckpt}", "--format", "hf", "--int8", "--out", "{tmp}/hf"], r"^--int8 applies to --format "
+                                                                   "onnx only"),
+    (["{ckpt}", "--format", "onnx", "--out", "{tmp}/m.bin"], r"^--out must be a file name "
+                                                              "ending in .onnx"),
+    (["{ckpt}", "--format", "st", "--base", "{tmp}", "--out", "{tmp}/st"],
+     r"^--base .* is not a transformers model folder"),
+    (["{ckpt}", "--format", "st", "--out", "{ckpt}"], r"^--out must differ from DIR"),
+])
+def test_cli_errors_name_the_argument(checkpoint, tmp_path, argv, match):
+    ckpt, _ = checkpoint
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    with pytest.raises(ExportError, match=match) as err:
+        cmd_export(parse(argv))
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)  # tnlm's main prints ValueErrors in one line
+    assert not (tmp_path / "st").exists() and not (tmp_path / "hf").exists()

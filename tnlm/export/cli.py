@@ -1,0 +1,175 @@
+"""``tnlm export DIR --format {onnx,hf,st} [--int8] --out PATH``: ship a compressed model.
+
+:func:`add_export_parser` adds the sub-command to ``tnlm``'s sub-parsers (it sets
+``func=cmd_export``); :func:`cmd_export` runs it. Mistakes raise :class:`ExportError`
+(a ``ValueError``) with one line naming the argument and what was expected, before
+anything is loaded or written.
+
+Formats:
+
+* ``onnx``: one ``.onnx`` file keeping the MPO layers factorized (with ``--int8``: the
+  file holds int8 weights, ONNX Runtime dynamic quantization);
+* ``hf``: a transformers folder with merged dense weights (loads without tnlm; as big
+  as the dense model);
+* ``st``: a self-contained folder (MPO weights, config, tokenizer, sentence-transformers
+  files) that :func:`tnlm.export.load_compressed` and
+  :func:`tnlm.export.sentence_transformer` read.
+
+DIR is a tnlm checkpoint (``tnlm compress --out``, ``MPOModel.save_pretrained`` or a
+folder of format ``st``). Its architecture and tokenizer come from DIR when it holds
+``config.json``, else from ``--base`` (default: the embedded MiniLM, the model
+``tnlm compress`` compresses by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_export_parser", "cmd_export", "ExportError", "FORMATS"]
+
+FORMATS = ("onnx", "hf", "st")
+
+
+class ExportError(ValueError):
+    """A wrong argument of ``tnlm export``: one line naming it and what was expected."""
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``export`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns
+    its parser, whose ``func`` default is :func:`cmd_export`."""
+    p = subparsers.add_parser(
+        "export", help="write a compressed model as ONNX, a transformers folder or a "
+                       "self-contained sentence-transformers folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("directory", metavar="DIR",
+                   help="a tnlm checkpoint (tnlm compress --out, MPOModel.save_pretrained)")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="onnx: one .onnx file keeping the MPO factors; hf: transformers folder "
+                        "with merged dense weights (no tnlm needed, dense size); st: "
+                        "self-contained folder with sentence-transformers files")
+    p.add_argument("--out", required=True, help="the .onnx file (onnx) or the folder (hf, st)")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx only: int8 weights (ONNX Runtime dynamic quantization)")
+    p.add_argument("--base", default=None,
+                   help="transformers model folder giving the architecture and tokenizer when "
+                        "DIR has no config.json (default: the embedded MiniLM)")
+    p.add_argument("--opset", type=int, default=17, help="onnx only: the ONNX opset")
+    p.add_argument("--no-pooling", action="store_true",
+                   help="onnx only: no sentence_embedding output (the mean-pooled, normalised "
+                        "embedding is added for models without a language-model head)")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    """``(dir, out, base)`` after checking every argument, or :class:`ExportError`."""
+    from tnlm.export.folder import check_checkpoint
+
+    d = Path(args.directory)
+    try:
+        check_checkpoint(d)
+    except ValueError as err:
+        raise ExportError(f"DIR: {err}") from None
+    if args.format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.int8 and args.format != "onnx":
+        raise ExportError(f"--int8 applies to --format onnx only (int8 ONNX weights), not "
+                          f"--format {args.format}")
+    out = Path(args.out)
+    if args.format == "onnx":
+        if out.suffix != ".onnx":
+            raise ExportError(f"--out must be a file name ending in .onnx for --format onnx, "
+                              f"got {out}")
+        if out.is_dir():
+            raise ExportError(f"--out {out} is a folder; expected a .onnx file name")
+        if not 7 <= args.opset <= 23:
+            raise ExportError(f"--opset must be an ONNX opset between 7 and 23, got {args.opset}")
+    elif out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; expected a folder for --format "
+                          f"{args.format}")
+    if out.resolve() == d.resolve():
+        raise ExportError(f"--out must differ from DIR ({d})")
+    base = Path(args.base) if args.base else None
+    if base is not None and not (base / "config.json").is_file():
+        raise ExportError(f"--base {base} is not a transformers model folder (no config.json)")
+    if base is None and not (d / "config.json").is_file():
+        from tnlm.integration import default_model_path
+
+        try:
+            default_model_path()
+        except FileNotFoundError as err:
+            raise ExportError(f"DIR {d} has no config.json and --base is not given: {err}") \
+                from None
+    return d, out, base
+
+
+def _tokenizer(d: Path, base: Path | None) -> Any:
+    """The tokenizer saved in DIR, else the one of ``base`` (default: the embedded MiniLM)."""
+    from transformers import AutoTokenizer
+
+    if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return AutoTokenizer.from_pretrained(str(d))
+    if base is None:
+        from tnlm.integration import default_model_path
+
+        base = default_model_path()
+    return AutoTokenizer.from_pretrained(str(base))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``tnlm export``; prints what was written (one line, with its size)."""
+    from tnlm.export.folder import load_compressed, save_self_contained
+    from tnlm.export.hf import export_hf
+
+    d, out, base = _check_args(args)
+    model = load_compressed(d, base=base)
+    tok = _tokenizer(d, base)
+    if args.format == "hf":
+        export_hf(model, out, tok)
+        return 0
+    if args.format == "st":
+        save_self_contained(model, tok, out)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"{out}: self-contained compressed folder, {size / 1e6:.1f} MB; load with "
+              f"tnlm.export.sentence_transformer({str(out)!r}) or "
+              f"tnlm.export.load_compressed({str(out)!r})")
+        return 0
+    from tnlm.export.onnx_graph import export_onnx
+    from tnlm.export.quantize import quantize_int8
+
+    pooling = None if args.no_pooling or model.get_output_embeddings() is not None else "mean"
+    if not args.int8:
+        res = export_onnx(model, tok, out, opset=args.opset, pooling=pooling)
+        print(f"{out}: ONNX graph, {res['bytes'] / 1e6:.1f} MB, {res['mpo_layers']} MPO layers "
+              f"kept factorized, outputs {', '.join(res['outputs'])}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        res = export_onnx(model, tok, fp32, opset=args.opset, pooling=pooling)
+        size = quantize_int8(fp32, out)
+    print(f"{out}: ONNX graph with int8 weights, {size / 1e6:.1f} MB (float32: "
+          f"{res['bytes'] / 1e6:.1f} MB), {res['mpo_layers']} MPO layers kept factorized, "
+          f"outputs {', '.join(res['outputs'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - for python -m
+    """``python -m tnlm.export.cli DIR --format ...`` until ``tnlm export`` is wired in."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="tnlm")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"tnlm export: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Export-friendly stand-ins for the MPO layers: plain chains of matrix products.
+
+:class:`~tnlm.bridge.MPOLinear` chooses its forward path at run time (planned einsums,
+a cached dense W, an autograd function for training): fine in eager PyTorch, but an
+exported graph should hold the cores and nothing else. :class:`FactorizedLinear`
+computes the same ``x @ W + b`` as one ``MatMul`` per core (with reshapes and, where
+a leg of size > 1 has to move, one transpose), so an ONNX graph keeps the factorized
+weights: a 2-site low-rank layer ``(1, I, 1, r), (r, 1, J, 1)`` becomes ``(x @ A) @ B``
+with ``A`` (I, r) and ``B`` (r, J), never the merged W (I, J).
+:class:`FactorizedEmbedding` gathers each token's slice of every core and contracts
+the chain per token. :func:`factorized_copy` swaps them in on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
+from tnlm.integration import MPOModel
+
+__all__ = ["FactorizedLinear", "FactorizedEmbedding", "factorized_copy", "factorized_params",
+           "plain_model"]
+
+
+def _site_matrices(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Core ``T[d, i, j, e]`` as the matrix ``(d * i, j * e)`` of one sweep step."""
+    return [c.detach().reshape(c.shape[0] * c.shape[1], c.shape[2] * c.shape[3]).clone()
+            for c in cores]
+
+
+class FactorizedLinear(nn.Module):
+    """``y = x @ W + b`` with ``W`` the MPO of ``layer``, as one matrix product per core.
+
+    The sweep keeps ``Y[rows, i_k, M]`` (``M`` = the remaining input legs, the output legs
+    done so far and the bond ``d_{k-1}``), moves ``i_k`` to the end (a transpose only
+    when ``i_k > 1`` and ``M > 1``), and multiplies by the core as a ``(d_{k-1} i_k,
+    j_k d_k)`` matrix. Zero-padded layers pad ``x`` and slice ``y``. The parameters are
+    ``mats.{k}`` (one per core, same numbers as the cores) and ``bias``.
+
+    Args:
+        layer: an :class:`~tnlm.bridge.MPOLinear` (read, not modified).
+    """
+
+    def __init__(self, layer: MPOLinear) -> None:
+        super().__init__()
+        cores = list(layer.cores)
+        self.in_dim, self.out_dim = int(layer.in_dim), int(layer.out_dim)
+        self.in_shape = tuple(int(c.shape[1]) for c in cores)
+        self.out_shape = tuple(int(c.shape[2]) for c in cores)
+        self.bonds = tuple(int(c.shape[0]) for c in cores)
+        self.mats = nn.ParameterList([nn.Parameter(m, requires_grad=False)
+                                      for m in _site_matrices(cores)])
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W + b`` for ``x`` of shape ``(..., in_dim)``."""
+        lead = x.shape[:-1]
+        in_size = prod(self.in_shape)
+        y = x.reshape(-1, self.in_dim)
+        if in_size != self.in_dim:
+            y = F.pad(y, (0, in_size - self.in_dim))
+        n = len(self.mats)
+        done_out = 1
+        for k, mat in enumerate(self.mats):
+            i_k, d = self.in_shape[k], self.bonds[k]
+            rest = prod(self.in_shape[k + 1:])
+            m = rest * done_out * d  # what follows i_k in the state's layout
+            if i_k > 1 and m > 1:
+                y = y.reshape(-1, i_k, m).transpose(1, 2)
+            y = y.reshape(-1, d * i_k) @ mat  # (rows * rest * done_out, j_k * d_k)
+            done_out *= self.out_shape[k]
+            if k + 1 < n:
+                y = y.reshape(-1, rest * done_out * self.bonds[k + 1])
+        y = y.reshape(-1, prod(self.out_shape))
+        if y.shape[-1] != self.out_dim:
+            y = y[:, : self.out_dim]
+        y = y.reshape(*lead, self.out_dim)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{tuple(m.shape)}" for m in self.mats)
+        return f"in={self.in_dim}, out={self.out_dim}, matrices=[{shapes}]"
+
+
+class FactorizedEmbedding(nn.Module):
+    """The rows of an :class:`~tnlm.bridge.MPOEmbedding`'s table for token ids, from the
+    cores: each id's mixed-radix digits select one slice per core (``Gather``), and the
+    slices are multiplied along the chain (batched ``MatMul``); the table is never built.
+
+    Args:
+        layer: an :class:`~tnlm.bridge.MPOEmbedding` (read, not modified).
+    """
+
+    def __init__(self, layer: MPOEmbedding) -> None:
+        super().__init__()
+        cores = [c.detach() for c in layer.cores]
+        self.num_embeddings, self.embedding_dim = int(layer.in_dim), int(layer.out_dim)
+        self.in_shape = tuple(int(c.shape[1]) for c in cores)
+        self.out_shape = tuple(int(c.shape[2]) for c in cores)
+        # slices[k][i_k] = T_k[:, i_k, :, :] as (d, j_k * e)
+        self.slices = nn.ParameterList([
+            nn.Parameter(c.permute(1, 0, 2, 3).reshape(c.shape[1], c.shape[0],
+                                                       c.shape[2] * c.shape[3]).clone(),
+                         requires_grad=False) for c in cores])
+        strides = [prod(self.in_shape[k + 1:]) for k in range(len(cores))]
+        self.strides = tuple(strides)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(*ids.shape, embedding_dim)`` rows of the table."""
+        flat = ids.reshape(-1)
+        out = None
+        for k, sl in enumerate(self.slices):
+            digit = torch.remainder(torch.div(flat, self.strides[k], rounding_mode="floor"),
+                                    self.in_shape[k])
+            g = sl[digit]  # (N, d, j_k * e)
+            e = sl.shape[2] // self.out_shape[k]
+            if out is None:
+                out = g.reshape(-1, self.out_shape[k], e)  # d_0 = 1
+            else:
+                rows = out.shape[1]
+                out = torch.bmm(out, g).reshape(-1, rows * self.out_shape[k], e)
+        y = out.reshape(-1, prod(self.out_shape))[:, : self.embedding_dim]
+        return y.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, in_shape={self.in_shape}, "
+                f"out_shape={self.out_shape}")
+
+
+def _swap(root: nn.Module) -> int:
+    """Replace every MPO module under ``root`` in place; returns how many."""
+    count = 0
+    for name, module in list(root.named_modules()):
+        if not isinstance(module, MPOModule) or not name:
+            continue
+        if isinstance(module, MPOLinear):
+            new: nn.Module = FactorizedLinear(module)
+        elif isinstance(module, MPOEmbedding):
+            new = FactorizedEmbedding(module)
+        else:  # pragma: no cover - every MPO kind is one of the two
+            raise TypeError(f"{name}: no export form for {type(module).__name__}")
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, new)
+        count += 1
+    return count
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``model`` (an :class:`~tnlm.integration.MPOModel`'s
+    ``base_model``), or ``model`` itself."""
+    return model.base_model if isinstance(model, MPOModel) else model
+
+
+def factorized_copy(model: nn.Module) -> tuple[nn.Module, int]:
+    """``(copy, n)``: a deep copy of the transformers model in ``model`` (an
+    :class:`~tnlm.integration.MPOModel` or a model holding MPO layers) in eval mode,
+    with each of its ``n`` MPO layers replaced by :class:`FactorizedLinear` /
+    :class:`FactorizedEmbedding`. ``model`` is left as it was. A dense model is
+    copied unchanged (``n = 0``)."""
+    copied = copy.deepcopy(plain_model(model)).eval()
+    n = _swap(copied)
+    for p in copied.parameters():
+        p.requires_grad_(False)
+    return copied, n
+
+
+def factorized_params(model: nn.Module) -> int:
+    """Numbers held by the model's parameters, each shared tensor counted once (what an
+    exported graph stores as weights)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

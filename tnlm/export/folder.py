@@ -1,0 +1,198 @@
+"""A compressed model in one folder: MPO weights, architecture, tokenizer, and the
+sentence-transformers files; :func:`load_compressed` rebuilds it from that folder alone.
+
+Layout written by :func:`save_self_contained`::
+
+    mpo_config.json, mpo_model-<sha12>.safetensors   the MPO checkpoint (every tensor)
+    config.json                                      the architecture (transformers)
+    tokenizer.json, tokenizer_config.json, ...       the tokenizer, if given
+    README.md                                        how to load it
+    modules.json, sentence_bert_config.json,         sentence-transformers: module 0 is
+    config_sentence_transformers.json,               tnlm's MPOTransformer (this folder),
+    1_Pooling/config.json, 2_Normalize/              then mean pooling and normalisation
+
+There is no ``model.safetensors``: ``AutoModel.from_pretrained(folder)`` fails instead of
+silently loading random weights; :func:`tnlm.export.export_hf` writes a dense folder that
+needs no tnlm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tnlm.integration import MPOModel
+from tnlm.integration.io import CONFIG_NAME, read_meta
+
+__all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
+           "check_checkpoint"]
+
+#: the sentence-transformers module type of the compressed transformer (modules.json)
+ST_MODULE = "tnlm.export.sentence.MPOTransformer"
+
+_README = """# {name}
+
+A model compressed with tnlm (Matrix Product Operators): the layers listed in
+`mpo_config.json` hold MPO cores (`mpo_model-*.safetensors`), not dense weights.
+{params}
+
+Load it with tnlm installed:
+
+```python
+from tnlm.export import load_compressed, sentence_transformer
+model = load_compressed("{folder}")              # an MPOModel (transformers API)
+st = sentence_transformer("{folder}")            # a SentenceTransformer: st.encode([...])
+# or: SentenceTransformer("{folder}", trust_remote_code=True)  (imports tnlm's module)
+```
+"""
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a tnlm MPO checkpoint (``mpo_config.json``)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's parsed ``mpo_config.json``, or ``ValueError`` in one line naming
+    the folder and what is missing."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise ValueError(f"{d} is not a folder")
+    if not is_checkpoint(d):
+        raise ValueError(f"{d} is not a tnlm checkpoint (no {CONFIG_NAME}; expected a folder "
+                         "written by tnlm compress or MPOModel.save_pretrained)")
+    try:
+        return read_meta(d)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{d} is not a readable tnlm checkpoint: {err}") from None
+
+
+def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLike, *,
+                        sentence_transformers: bool = True,
+                        max_seq_length: int = 128) -> Path:
+    """Write ``model`` to ``folder`` so that :func:`load_compressed` rebuilds it from the
+    folder alone (no base model needed).
+
+    Args:
+        model: the compressed :class:`~tnlm.integration.MPOModel`.
+        tokenizer: its tokenizer (saved beside it), or ``None``.
+        folder: the folder (created; files of an earlier export are replaced).
+        sentence_transformers: also write the sentence-transformers files (mean pooling
+            and normalisation of the last hidden states, as
+            :func:`tnlm.integration.mean_pooled`), so that
+            :func:`tnlm.export.sentence_transformer` loads it.
+        max_seq_length: the sentence-transformers truncation length (128: the length
+            :func:`tnlm.integration.mean_pooled` truncates to; all-MiniLM-L6-v2's own
+            folder says 256).
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
+    """
+    if not isinstance(model, MPOModel):
+        raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
+                        f"load_compressed), got {type(model).__name__}")
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from
+    base = model.base_model
+    base.config.save_pretrained(d)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(d)
+    if sentence_transformers:
+        _write_st_files(d, base, max_seq_length)
+    params = sum(p.numel() for p in model.parameters())
+    (d / "README.md").write_text(_README.format(
+        name=d.name, folder=d, params=f"Parameters: {params:,} (MPO cores and the layers kept "
+                                      f"dense)."))
+    return d
+
+
+def _write_st_files(d: Path, base: nn.Module, max_seq_length: int) -> None:
+    """modules.json and the configs of the sentence-transformers modules."""
+    from tnlm import __version__
+
+    hidden = int(base.config.get_text_config().hidden_size)
+    modules = [dict(idx=0, name="0", path="", type=ST_MODULE),
+               dict(idx=1, name="1", path="1_Pooling",
+                    type="sentence_transformers.models.Pooling"),
+               dict(idx=2, name="2", path="2_Normalize",
+                    type="sentence_transformers.models.Normalize")]
+    _write_json(d / "modules.json", modules)
+    _write_json(d / "sentence_bert_config.json",
+                dict(max_seq_length=int(max_seq_length), do_lower_case=False))
+    _write_json(d / "config_sentence_transformers.json",
+                dict(__version__=dict(tnlm=__version__), prompts={}, default_prompt_name=None,
+                     similarity_fn_name="cosine"))
+    (d / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(d / "1_Pooling" / "config.json",
+                dict(word_embedding_dimension=hidden, pooling_mode_cls_token=False,
+                     pooling_mode_mean_tokens=True, pooling_mode_max_tokens=False,
+                     pooling_mode_mean_sqrt_len_tokens=False))
+    (d / "2_Normalize").mkdir(exist_ok=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _base_class(meta: dict[str, Any], config: Any) -> type:
+    """The transformers class the checkpoint was saved from (``base_model_class``), or the
+    ``AutoModel`` class of ``config``."""
+    import transformers
+
+    name = meta.get("base_model_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
+def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = None
+                    ) -> MPOModel:
+    """The compressed model saved in ``folder``, for inference (eval mode, frozen).
+
+    The architecture comes from ``folder/config.json`` (or, for a checkpoint written by
+    ``tnlm compress``, from ``base``: a transformers model folder, default the embedded
+    MiniLM), instantiated with random weights, then every tensor is loaded from the
+    checkpoint by :meth:`MPOModel.from_pretrained` (hash-checked). A lightweight task
+    checkpoint (which leaves tensors to its base model) loads on ``base`` or on the base
+    model it names, with that model's weights.
+
+    Raises:
+        ValueError: ``folder`` is not a tnlm checkpoint, or no architecture is found.
+    """
+    from transformers import AutoConfig
+
+    d = Path(folder)
+    meta = check_checkpoint(d)
+    light = meta.get("lightweight")
+    arch = d if (d / "config.json").is_file() else None
+    if arch is None or base is not None:
+        arch = Path(base) if base is not None else _default_base()
+    if not (arch / "config.json").is_file():
+        raise ValueError(f"{arch} holds no config.json: cannot tell the architecture of {d}")
+    config = AutoConfig.from_pretrained(str(arch))
+    cls = _base_class(meta, config)
+    if light:
+        source = Path(base) if base is not None else Path(str(
+            light.get("base_model_name_or_path") or ""))
+        if not (source / "config.json").is_file():
+            raise ValueError(f"{d} is a lightweight task checkpoint: it needs its base model "
+                             f"({light.get('base_model_name_or_path')!r}); pass base=FOLDER")
+        model = cls.from_pretrained(str(source))
+    else:
+        model = cls._from_config(config)
+    return MPOModel.from_pretrained(model.eval(), d, is_trainable=False)
+
+
+def _default_base() -> Path:
+    from tnlm.integration import default_model_path
+
+    return default_model_path()

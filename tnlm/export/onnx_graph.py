@@ -1,0 +1,293 @@
+"""ONNX export of a (compressed) transformers model that keeps the factorized layers.
+
+:func:`export_onnx` swaps every MPO layer of a deep copy for its matmul chain
+(:mod:`tnlm.export.factorized`) and exports it with ``torch.onnx.export(...,
+dynamo=True)``, the ``torch.export``-based exporter (it needs ``onnxscript``; the
+legacy TorchScript exporter, ``dynamo=False``, traces the attention mask's shape
+arithmetic as constants in torch 2.13, and its graph is wrong at another sequence
+length). Batch and sequence axes are dynamic. Outputs: ``last_hidden_state`` (or
+``logits`` for a model with a language-model head) and, with ``pooling="mean"``,
+``sentence_embedding``: the masked mean of the last hidden states, L2-normalised, as
+:func:`tnlm.integration.mean_pooled` computes it.
+
+:class:`OnnxEncoder` runs an exported file with ONNX Runtime; :func:`onnx_weights`
+counts the numbers the file stores (to check that the cores, not W, were exported).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnlm.export.factorized import factorized_copy, factorized_params
+
+__all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "EXPORTER",
+           "SUPPORTED_INPUTS"]
+
+#: the exporter used: ``torch.onnx.export(..., dynamo=True)``
+EXPORTER = "torch.onnx.export(dynamo=True)"
+#: the model inputs an exported graph may take, in this order
+SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: above this many weight bytes the graph's weights go to an external data file
+#: (protobuf's 2 GB limit)
+_EXTERNAL_BYTES = 1_800_000_000
+
+
+class _Graph(nn.Module):
+    """What is exported: the model called with named inputs, returning a tuple of tensors."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[str], output: str,
+                 pooling: str | None) -> None:
+        super().__init__()
+        self.model = model
+        self.inputs = tuple(inputs)
+        self.output = output
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if "token_type_ids" in self.inputs:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.model(**kwargs, use_cache=False) if self.output == "logits" else \
+            self.model(**kwargs)
+        hidden = getattr(out, self.output)
+        if self.pooling is None:
+            return (hidden,)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return hidden, F.normalize(pooled, dim=-1)
+
+
+def _model_inputs(model: nn.Module) -> list[str]:
+    """The inputs of :data:`SUPPORTED_INPUTS` that ``model.forward`` accepts."""
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in SUPPORTED_INPUTS if n in params]
+    if "input_ids" not in names or "attention_mask" not in names:
+        raise ValueError(f"model: {type(model).__name__}.forward must take input_ids and "
+                         "attention_mask to be exported")
+    return names
+
+
+def _output_name(model: nn.Module) -> str:
+    """``"logits"`` for a model with a language-model head, else ``"last_hidden_state"``."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return "logits" if head is not None else "last_hidden_state"
+
+
+class ExportResult(dict):
+    """What :func:`export_onnx` wrote: ``path``, ``inputs``, ``outputs``, ``opset``,
+    ``mpo_layers`` (layers exported as matmul chains), ``weights`` (numbers stored in
+    the file), ``model_params`` (numbers of the exported model's parameters) and
+    ``bytes`` (file size, external data included)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress lines and warnings (they go to stdout/stderr)."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 17,
+                pooling: str | None = None, sample: Sequence[str] | None = None,
+                verbose: bool = False) -> ExportResult:
+    """Export ``model`` to the ONNX file ``path``, keeping its MPO layers factorized.
+
+    Args:
+        model: an :class:`~tnlm.integration.MPOModel`, a transformers model holding MPO
+            layers, or a dense transformers model (exported as it is); left unchanged
+            (a deep copy is exported).
+        tokenizer: its tokenizer; it makes the example batch the graph is traced on.
+        path: the ``.onnx`` file to write (its folder is created).
+        opset: ONNX opset version (default 17).
+        pooling: ``None`` (outputs: ``last_hidden_state``, or ``logits`` for a model with
+            a language-model head) or ``"mean"`` (also ``sentence_embedding``, the
+            normalised masked mean, as :func:`tnlm.integration.mean_pooled`).
+        sample: two example sentences to trace on (any will do: the axes are dynamic).
+        verbose: show the exporter's progress lines.
+
+    Returns:
+        :class:`ExportResult` with the inputs and outputs (names), the number of MPO
+        layers exported as matmul chains, and the weights stored in the file.
+
+    Raises:
+        ValueError: an unknown ``pooling``, or a model without ``input_ids`` /
+            ``attention_mask`` inputs.
+        ImportError: ``onnx`` or ``onnxscript`` is missing (``pip install tnlm[export]``).
+    """
+    if pooling not in (None, "mean"):
+        raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"export_onnx needs onnx and onnxscript ({err}); "
+                          "pip install 'tnlm[export]'") from err
+    plain, n_mpo = factorized_copy(model)
+    plain = plain.float()
+    inputs = _model_inputs(plain)
+    output = _output_name(plain)
+    graph = _Graph(plain, inputs, output, pooling).eval()
+    sample = list(sample) if sample is not None else [
+        "a short example sentence to trace the graph", "and a second, longer one, so that "
+        "the batch needs padding"]
+    if tokenizer.pad_token is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer = _with_pad(tokenizer)
+    batch = tokenizer(sample, padding=True, return_tensors="pt")
+    args = tuple(batch[n] if n in batch else torch.zeros_like(batch["input_ids"])
+                 for n in inputs)
+    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    shapes = {n: {0: batch_dim, 1: seq_dim} for n in inputs}
+    if len(inputs) < 3:
+        shapes["token_type_ids"] = None
+        args = args + (None,)
+    outputs = [output] + (["sentence_embedding"] if pooling else [])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = factorized_params(plain) * 4 > _EXTERNAL_BYTES
+    quiet = contextlib.nullcontext() if verbose else _quiet()
+    with quiet, torch.no_grad():
+        torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
+                          input_names=list(inputs), output_names=outputs,
+                          dynamic_shapes=shapes, external_data=external)
+    size = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
+    return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=opset,
+                        mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
+                        model_params=factorized_params(plain), bytes=size)
+
+
+def _with_pad(tokenizer: Any) -> Any:
+    """A copy of a tokenizer without a pad token that pads with its EOS token
+    (decoder-only tokenizers, e.g. Llama's)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def _external_files(path: Path) -> list[Path]:
+    """External data files an ONNX file names (none for a self-contained file)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                names.add(entry.value)
+    return [path.parent / n for n in sorted(names)]
+
+
+def onnx_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """The weights an ONNX file stores: ``{"total": numbers, "bytes": bytes,
+    "largest": [(name, shape), ...] (the 5 largest), "shapes": {name: shape}}``,
+    counting initializers and the tensors of ``Constant`` nodes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes: dict[str, tuple[int, ...]] = {}
+    nbytes = 0
+    for t in model.graph.initializer:
+        shapes[t.name] = tuple(int(d) for d in t.dims)
+        nbytes += int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type)
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            continue
+        for a in node.attribute:
+            if a.name == "value":
+                arr = numpy_helper.to_array(a.t)
+                shapes[node.output[0]] = tuple(arr.shape)
+                nbytes += arr.nbytes
+    total = int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values()))
+    largest = sorted(shapes.items(), key=lambda kv: -int(np.prod(kv[1], dtype=np.int64)))[:5]
+    return dict(total=total, bytes=nbytes, largest=largest, shapes=shapes)
+
+
+def _itemsize(data_type: int) -> int:
+    from onnx import helper
+
+    return int(np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
+
+
+class OnnxEncoder:
+    """An exported file run by ONNX Runtime, fed by a tokenizer.
+
+    Args:
+        path: the ``.onnx`` file.
+        tokenizer: the model's tokenizer.
+        threads: intra-op threads of the session (``None``: ONNX Runtime's default).
+        max_length: truncation length of :meth:`encode` (128, as
+            :func:`tnlm.integration.mean_pooled`).
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, threads: int | None = None,
+                 max_length: int = 128) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def feed(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The session's inputs from a tokenizer batch (int64 numpy arrays)."""
+        feed = {}
+        for name in self.input_names:
+            value = batch.get(name)
+            if value is None:
+                value = np.zeros_like(np.asarray(batch["input_ids"]))
+            feed[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value,
+                                    dtype=np.int64)
+        return feed
+
+    def run(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Every output of the graph for a tokenizer batch, by name."""
+        return dict(zip(self.output_names, self.session.run(None, self.feed(batch))))
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Normalised mean-pooled sentence embeddings ``(len(sentences), hidden)``: the
+        graph's ``sentence_embedding`` when it has one, else pooled here from the first
+        output."""
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            batch = self.tokenizer(list(sentences[i:i + batch_size]), padding=True,
+                                   truncation=True, max_length=self.max_length,
+                                   return_tensors="np")
+            res = self.run(batch)
+            if "sentence_embedding" in res:
+                out.append(res["sentence_embedding"])
+                continue
+            hidden = res[self.output_names[0]]
+            mask = np.asarray(batch["attention_mask"])[..., None].astype(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            out.append(pooled / np.clip(np.linalg.norm(pooled, axis=-1, keepdims=True),
+                                        1e-12, None))
+        return np.concatenate(out, axis=0)
