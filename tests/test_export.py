@@ -148,6 +148,9 @@ def test_onnx_runtime_matches_torch(exported, compressed, tok, sentences):
 
     assert exported.inputs == ["input_ids", "attention_mask", "token_type_ids"]
     assert exported.outputs == ["last_hidden_state", "sentence_embedding"]
+    from tnlm.export.onnx_graph import file_opset
+
+    assert exported.opset == file_opset(exported.path) == 18
     enc = OnnxEncoder(exported.path, tok, threads=1)
     for batch_sents in (sentences[:1], sentences[:7], sentences[5:30]):  # dynamic axes
         batch = tok(batch_sents, padding=True, return_tensors="pt")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ from torch import nn
 
 from tnlm.export.factorized import factorized_copy, factorized_params
 
-__all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "EXPORTER",
+__all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "SUPPORTED_INPUTS"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
@@ -101,15 +102,24 @@ class ExportResult(dict):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress lines and warnings (they go to stdout/stderr)."""
+    """Silence the exporter's progress lines, warnings and log records (stdout, stderr,
+    the ``torch.onnx`` and ``onnxscript`` loggers)."""
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
-            contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        yield
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 17,
+def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 18,
                 pooling: str | None = None, sample: Sequence[str] | None = None,
                 verbose: bool = False) -> ExportResult:
     """Export ``model`` to the ONNX file ``path``, keeping its MPO layers factorized.
@@ -120,7 +130,10 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
             (a deep copy is exported).
         tokenizer: its tokenizer; it makes the example batch the graph is traced on.
         path: the ``.onnx`` file to write (its folder is created).
-        opset: ONNX opset version (default 17).
+        opset: ONNX opset version (default 18: torch 2.13's exporter writes 18 natively;
+            a lower one is converted down by onnxscript, which may fail, e.g. for
+            MiniLM at 17, and then leaves the file at 18 with a warning; the result's
+            ``opset`` is the file's).
         pooling: ``None`` (outputs: ``last_hidden_state``, or ``logits`` for a model with
             a language-model head) or ``"mean"`` (also ``sentence_embedding``, the
             normalised masked mean, as :func:`tnlm.integration.mean_pooled`).
@@ -172,7 +185,11 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
                           input_names=list(inputs), output_names=outputs,
                           dynamic_shapes=shapes, external_data=external)
     size = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
-    return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=opset,
+    written = file_opset(path)
+    if written != opset:
+        warnings.warn(f"export_onnx: opset {opset} was asked for, but the exporter could not "
+                      f"convert the graph to it; {path} is opset {written}", stacklevel=2)
+    return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size)
 
@@ -198,6 +215,14 @@ def _external_files(path: Path) -> list[Path]:
             if entry.key == "location":
                 names.add(entry.value)
     return [path.parent / n for n in sorted(names)]
+
+
+def file_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset version an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def onnx_weights(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""ONNX Runtime: the compressed MiniLM's factorized graph against the dense graph, same run.
+
+Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repeats 7]
+            [--budgets 0.5 0.25] [--calibration 512] [--sentences 300]
+            [--plot docs/figures/onnx_latency.png] [--workdir DIR]
+            [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
+
+Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embedding):
+  * dense: the transformers model as loaded, ``export_onnx``;
+  * compressed 50 % / 25 %: ``compress_model(..., CompressionConfig(targets, budget=b,
+    heal=None))`` on ``--calibration`` sentences of tnlm's generated English (data-aware
+    2-site layers ``x @ A @ B`` over the 36 encoder linears; not healed: latency and size
+    do not depend on healing, the cosine does), exported keeping the factors;
+  * each of them with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
+    of every MatMul weight and Gather table).
+
+Latency: one ONNX Runtime session per graph (``--threads`` intra-op threads), batches of
+1, 8 and 64 sentences x 64 tokens; in each repeat every graph runs every batch once
+(interleaved: the machine's load drifts between repeats, not within one); medians over
+the repeats, and ratios against the dense float32 graph of the same run.
+
+Size: bytes of each .onnx file. Quality: cosine of each graph's sentence embedding with
+the dense float32 PyTorch model's, on ``--sentences`` sentences of SST-2 dev
+(``../shared/data/sst2/dev.tsv``, natural English; skipped when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tnlm.compress.pipeline import CompressionConfig, compress_model
+from tnlm.compress.text import generated_sentences
+from tnlm.export import OnnxEncoder, export_onnx, load_compressed, onnx_weights, quantize_int8
+from tnlm.integration import load_default_model, mean_pooled
+
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+           "output.dense"]
+BATCHES = (1, 8, 64)
+TOKENS = 64
+SST2 = Path("../shared/data/sst2/dev.tsv")
+
+
+def natural_sentences(n: int) -> list[str] | None:
+    """The first ``n`` sentences of SST-2 dev, or None when the file is absent."""
+    if not SST2.is_file():
+        return None
+    rows = SST2.read_text(encoding="utf-8").splitlines()[1:]
+    return [r.split("\t")[0].strip() for r in rows if r.strip()][:n]
+
+
+def feeds(enc: OnnxEncoder, tok, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
+    """Per batch size, inputs of ``TOKENS`` real tokens (random vocabulary ids between
+    [CLS] and [SEP], no padding)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for b in BATCHES:
+        ids = rng.integers(1000, tok.vocab_size, size=(b, TOKENS), dtype=np.int64)
+        ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
+        out[b] = enc.feed(dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                               token_type_ids=np.zeros_like(ids)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--calibration", type=int, default=512)
+    ap.add_argument("--sentences", type=int, default=300)
+    ap.add_argument("--plot", default=None, help="write the latency figure here")
+    ap.add_argument("--workdir", default=None, help="keep the .onnx files here")
+    ap.add_argument("--checkpoint", default=None,
+                    help="also a compressed MiniLM saved by tnlm compress --out (e.g. healed)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    dense, tok = load_default_model()
+    dense.eval()
+    models = {"dense": dense}
+    calibration = generated_sentences(args.calibration, seed=1)
+    for budget in args.budgets:
+        t = time.perf_counter()
+        res = compress_model(copy.deepcopy(dense), tok, calibration,
+                             CompressionConfig(TARGETS, budget=budget, heal=None),
+                             progress=False)
+        name = f"{round(budget * 100)} %"
+        models[name] = res.model.eval()
+        print(f"compressed {name}: {res.params_after:,} of {res.params_before:,} encoder-linear "
+              f"parameters ({res.ratio:.3f}), ranks {sorted(set(res.ranks.values()))}, "
+              f"{time.perf_counter() - t:.0f} s")
+
+    if args.checkpoint:
+        models["checkpoint"] = load_compressed(args.checkpoint)
+        print(f"loaded {args.checkpoint}")
+
+    files: dict[str, Path] = {}
+    for name, model in models.items():
+        stem = name if name in ("dense", "checkpoint") else f"mpo{name.split()[0]}"
+        t = time.perf_counter()
+        res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean")
+        files[name] = res.path
+        files[f"{name} int8"] = work / f"{stem}.int8.onnx"
+        quantize_int8(res.path, files[f"{name} int8"])
+        print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
+              f"factorized layers, {time.perf_counter() - t:.0f} s")
+
+    encoders = {n: OnnxEncoder(p, tok, threads=args.threads) for n, p in files.items()}
+    sizes = {n: p.stat().st_size for n, p in files.items()}
+
+    sents = natural_sentences(args.sentences)
+    cosines: dict[str, float] = {}
+    if sents is not None:
+        ref = mean_pooled(dense, tok, sents).numpy()
+        for n, enc in encoders.items():
+            cosines[n] = float((enc.encode(sents) * ref).sum(1).mean())
+        torch_cos = {n: float((mean_pooled(m, tok, sents).numpy() * ref).sum(1).mean())
+                     for n, m in models.items() if n != "dense"}
+        print("torch cosines (float32 compressed vs dense): "
+              + ", ".join(f"{n} {c:.4f}" for n, c in torch_cos.items()))
+    else:
+        print(f"{SST2} absent: no natural-text cosine")
+
+    inputs = {n: feeds(enc, tok) for n, enc in encoders.items()}
+    for n, enc in encoders.items():  # warm-up
+        for b in BATCHES:
+            enc.session.run(None, inputs[n][b])
+    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in encoders for b in BATCHES}
+    for _ in range(args.repeats):
+        for b in BATCHES:
+            for n, enc in encoders.items():
+                t = time.perf_counter()
+                enc.session.run(None, inputs[n][b])
+                times[n, b].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"\nONNX Runtime {args.threads} thread(s), {TOKENS} tokens, median of "
+          f"{args.repeats} interleaved repeats; ratios against dense float32\n")
+    head = "| graph | MB | size vs dense | " + " | ".join(
+        f"batch {b} ms | ratio" for b in BATCHES) + " | cosine to dense (SST-2) |"
+    print(head)
+    print("|" + "---|" * (3 + 2 * len(BATCHES) + 1))
+    for n in encoders:
+        cells = [n, f"{sizes[n] / 1e6:.1f}", f"{sizes[n] / sizes['dense']:.3f}"]
+        for b in BATCHES:
+            cells += [f"{med[n, b] * 1e3:.1f}", f"{med[n, b] / med['dense', b]:.3f}"]
+        cells.append(f"{cosines[n]:.4f}" if n in cosines else "-")
+        print("| " + " | ".join(cells) + " |")
+    for n in files:
+        if n != "dense":
+            w = onnx_weights(files[n])
+            print(f"{n}: {w['total']:,} stored numbers, largest {w['largest'][:2]}")
+
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [n for n in encoders if n != "dense"]
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        width = 0.8 / len(names)
+        for k, n in enumerate(names):
+            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(BATCHES))]
+            ax.bar(xs, [med[n, b] / med["dense", b] for b in BATCHES], width, label=n)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(BATCHES)), [f"batch {b} x {TOKENS}" for b in BATCHES])
+        ax.set_ylabel("latency / dense float32")
+        ax.set_title(f"all-MiniLM-L6-v2, ONNX Runtime, {args.threads} thread(s)")
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
