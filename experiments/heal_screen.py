@@ -32,7 +32,12 @@ from experiments.screening import main_job_split, measure, write_result  # noqa:
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
 from tnlm.compress.grammar import generate  # noqa: E402
-from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
+from tnlm.compress.pipeline import (  # noqa: E402  # noqa: E402
+    MAIN_JOB_HEAL_STEPS,
+    MAIN_JOB_LR,
+    CompressionConfig,
+    compress_model,
+)
 from tnlm.compress.quality import embedding_cosine, read_sick  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
     default_text,
@@ -50,8 +55,8 @@ def main() -> None:
     hc = HealConfig()
     ap.add_argument("--budget", type=float, default=cli.budget)
     ap.add_argument("--seed", type=int, default=cli.seed)
-    ap.add_argument("--heal-steps", type=int, default=cli.heal_steps)
-    ap.add_argument("--lr", type=float, default=cli.lr)
+    ap.add_argument("--heal-steps", type=int, default=MAIN_JOB_HEAL_STEPS)
+    ap.add_argument("--lr", type=float, default=MAIN_JOB_LR)
     ap.add_argument("--batch-size", type=int, default=hc.batch_size)
     ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)

@@ -23,7 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig  # noqa: E402
-from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
+from tnlm.compress.pipeline import (  # noqa: E402  # noqa: E402
+    MAIN_JOB_HEAL_STEPS,
+    MAIN_JOB_LR,
+    CompressionConfig,
+    compress_model,
+)
 from tnlm.compress.text import (  # noqa: E402
     default_text,
     read_sentences,
@@ -37,9 +42,9 @@ def main() -> None:
     hc = HealConfig()
     ap.add_argument("--budget", type=float, default=cli.budget)
     ap.add_argument("--allocation", default=cli.allocation)
-    ap.add_argument("--heal-steps", type=int, default=cli.heal_steps)
+    ap.add_argument("--heal-steps", type=int, default=MAIN_JOB_HEAL_STEPS)
     ap.add_argument("--reconstruct-steps", type=int, default=cli.reconstruct_steps)
-    ap.add_argument("--lr", type=float, default=cli.lr)
+    ap.add_argument("--lr", type=float, default=MAIN_JOB_LR)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--w-cos", type=float, default=hc.w_cos)
     ap.add_argument("--w-rel", type=float, default=hc.w_rel)

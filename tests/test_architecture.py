@@ -27,6 +27,7 @@ RANK = {
     "integration": 3,
     "compress": 4,
     "analysis": 5,
+    "export": 5,
     "cli": 6,
     "__main__": 7,
 }

@@ -85,7 +85,7 @@ def test_with_default_text_adds_the_default_text(model_dir, text_file, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["compress", "--with-default-text"], "--with-default-text adds the default text"),
-    (["compress", "/nonexistent"], "is not a transformers model folder"),
+    (["compress", "/nonexistent"], "model path /nonexistent does not exist"),
     (["compress", "--budget", "7"], "--budget must be a fraction"),
     (["compress", "--calibration", "0"], "--calibration must be >= 1"),
     (["report", "--modules", "-1"], "--modules must be >= 1"),

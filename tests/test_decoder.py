@@ -202,3 +202,71 @@ def test_check_model_source_refuses_bad_input_before_work(tmp_path):
         check_model_source(d)
     _llama().save_pretrained(tmp_path / "ok")
     assert check_model_source(tmp_path / "ok").model_type == "llama"
+
+
+# ------------------------------------------------------------------ tnlm compress on an LLM
+
+def _llm_folder(tmp_path):
+    from tests.common import make_causal_lm, make_word_tokenizer
+
+    folder = tmp_path / "llm"
+    make_causal_lm("llama").save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    words = ["the", "cat", "sat", "on", "the", "mat", ".", "the", "dog", "is", "blue", "and", "the", "sky", "is", "a", "day", "of", "the", "week"]
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=g))
+             for _ in range(40)]
+    text.write_text("\n".join(lines) + "\n")
+    return folder, text
+
+
+def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tnlm.cli import main
+    from tnlm.export import load_compressed
+    from tnlm.integration import MPOModel
+
+    folder, text = _llm_folder(tmp_path)
+    out = tmp_path / "out"
+    rc = main(["compress", str(folder), "--budget", "0.5", "--heal-steps", "4", "--text",
+               str(text), "--out", str(out), "--json", "--quiet"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "llama" and summary["method"] == "tnlm"
+    assert 0.4 < summary["ratio"] <= 0.5
+    assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
+    assert summary["ratio"] == pytest.approx(summary["params_after"] / summary["params_before"])
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    reloaded = MPOModel.from_pretrained(base, out)
+    alone = load_compressed(out)  # from the folder alone: config, tokenizer, all tensors
+    n_mpo = sum(isinstance(m, MPOLinear) for m in reloaded.modules())
+    assert n_mpo == 2 * 7  # 2 blocks x 7 linears
+    prompt = torch.tensor([[2, 6, 7]])
+    with torch.no_grad():
+        g = reloaded.generate(prompt, max_new_tokens=5, do_sample=False)
+        assert torch.equal(alone.generate(prompt, max_new_tokens=5, do_sample=False), g)
+        assert torch.equal(alone(prompt).logits, reloaded(prompt).logits)
+    assert g.shape == (1, 8)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_cli_refuses_bad_llm_input_before_work(tmp_path, capsys):
+    from tnlm.cli import main
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"nope")
+    assert main(["compress", str(bad)]) == 2
+    assert "not GGUF" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    assert main(["compress", str(folder), "--sick", "x.tsv"]) == 2
+    assert "--sick applies to encoders" in capsys.readouterr().err
+    assert main(["compress", str(folder), "--budget", "2"]) == 2
+    assert "--budget" in capsys.readouterr().err
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' is not supported" in err and "llama" in err

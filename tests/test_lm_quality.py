@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.common import QUESTIONS, TEXT
+from tests.common import make_causal_lm as make_model
+from tests.common import make_word_tokenizer as make_tokenizer
 from tnlm.compress.lm_quality import (
     PerplexityResult,
     answer_agreement,
@@ -18,52 +21,6 @@ from tnlm.compress.lm_quality import (
     simple_questions,
     window_spans,
 )
-
-VOCAB = 128
-SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-WORDS = ["the", "a", "is", "of", "what", "how", "many", "capital", "france", "paris", "day",
-         "days", "week", "sky", "blue", "color", "on", "clear", "in", "?", ".", ",", "and",
-         "to", "it", "was", "cat", "dog", "sat", "mat"]
-TEXT = ("the cat sat on the mat . the dog sat on the cat . what is the capital of france ? "
-        "paris is the capital . how many days in a week ? the sky is blue on a clear day .")
-CHAT = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-QUESTIONS = ["what is the capital of france ?", "how many days ?",
-             "what color is the sky on a clear day ?", "the cat ?",
-             "how many days in a week and what is the capital of france ?"]
-
-
-def make_tokenizer(chat_template: bool = True):
-    """A 128-token word-level tokenizer built offline (ids beyond the words are fillers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    names = SPECIALS + WORDS
-    names += [f"w{i}" for i in range(VOCAB - len(names))]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
-                                  bos_token="<s>", eos_token="</s>",
-                                  additional_special_tokens=["<|user|>", "<|assistant|>"])
-    if chat_template:
-        tok.chat_template = CHAT
-    return tok
-
-
-def make_model(kind: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
-    torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, bos_token_id=2, eos_token_id=3,
-                          pad_token_id=1)
-    else:
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=256,
-                         tie_word_embeddings=False,  # tied, it repeats its last token
-                         bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 @pytest.fixture(scope="module")

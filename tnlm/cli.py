@@ -73,7 +73,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 #: the 36 encoder linear layers of a BERT-style model (MiniLM, BERT)
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
-COMMANDS = ("compress", "inspect", "report", "decompose")
+COMMANDS = ("compress", "inspect", "report", "decompose", "export")
 HEAL_TRAIN_CHOICES = ("cores", "auxiliary", "all")  # = distill.TRAIN_CHOICES (tested)
 
 #: SICK relatedness pairs, if the shared data folder sits beside the working directory
@@ -169,12 +169,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import math
 
     from tnlm.compress.distill import STATE_FILE
-    from tnlm.compress.pipeline import (
-        CompressionConfig,
-    )
+    from tnlm.compress.pipeline import MAIN_JOB_HEAL_STEPS, MAIN_JOB_LR, CompressionConfig
     from tnlm.compress.quality import read_sick
     from tnlm.compress.text import compression_sizes, split_sentences
 
+    source_arch = _architecture(args.model_dir)
+    if source_arch is not None and source_arch[1].causal:
+        return _compress_causal(args, *source_arch)
+    if args.method is not None:
+        raise UserError("--method applies to causal LMs; for an encoder see --allocation")
+    args.heal_steps = MAIN_JOB_HEAL_STEPS if args.heal_steps is None else args.heal_steps
+    args.lr = MAIN_JOB_LR if args.lr is None else args.lr
     if not 0 < args.budget <= 1:
         raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
     if args.heal_steps < 0:
@@ -207,7 +212,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             read_sick(sick)
         except (OSError, ValueError) as err:
             raise UserError(f"--sick: {err}") from None
-    targets = args.targets.split(",") if args.targets else BERT_TARGETS
+    targets = args.targets.split(",") if args.targets else (
+        list(source_arch[1].targets) if source_arch is not None else BERT_TARGETS)
     cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation,
                             reconstruct_steps=args.reconstruct_steps, heal=None)
     out, created = _make_out(args.out)
@@ -321,10 +327,124 @@ def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, 
         else:
             print("SICK relatedness: skipped (pass --sick PATH to measure it)")
     if out is not None:
-        res.model.save_pretrained(out)
+        from tnlm.export import save_self_contained
+
+        # config, tokenizer and sentence-transformers files beside the MPO weights:
+        # tnlm.export.load_compressed(out) / sentence_transformer(out) need nothing else
+        save_self_contained(res.model, tok, out)
         if healing is not None:
             _drop_heal_state(healing)  # the model is saved: nothing left to resume
         say(f"saved to {out}")
+    return 0
+
+
+def _architecture(model_dir: str | None):
+    """``(source, architecture)`` of MODEL_DIR (a folder or a .gguf file), checked without
+    loading it; ``None`` for the embedded MiniLM."""
+    from tnlm.integration.architectures import architecture_of
+    from tnlm.integration.loading import check_model_source
+
+    if model_dir is None:
+        return None
+    try:
+        source = check_model_source(model_dir)
+    except ValueError as err:
+        raise UserError(f"MODEL_DIR: {err}") from None
+
+    class _Cfg:
+        model_type = source.model_type
+    return source, architecture_of(_Cfg())
+
+
+def _compress_causal(args: argparse.Namespace, source, arch) -> int:
+    """``tnlm compress`` on a causal LM (a folder or a .gguf file): layer-by-layer
+    compression, next-token-KL healing, held-out perplexity against the dense model's
+    (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded."""
+    import json
+    import math
+
+    import torch
+
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.lm_quality import natural_eval_text, perplexity
+    from tnlm.compress.text import read_sentences
+    from tnlm.integration import MPOConfig, MPOModel
+    from tnlm.integration.loading import load_pretrained
+
+    recipe = CausalLMRecipe()
+    heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
+    lr = recipe.heal.lr if args.lr is None else args.lr
+    if not 0 < args.budget <= 1:
+        raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    if heal_steps < 0:
+        raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+    for flag, given in (("--sick", args.sick), ("--resume", args.resume),
+                        ("--with-default-text", args.with_default_text)):
+        if given:
+            raise UserError(f"{flag} applies to encoders; {source} is a causal LM")
+    text = None
+    if args.text:
+        try:
+            text = read_sentences(args.text, column=args.text_column)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--text: {err}") from None
+        if len(text) < 4:
+            raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
+    targets = args.targets.split(",") if args.targets else list(arch.targets)
+    recipe = CausalLMRecipe(
+        budget=args.budget, method=args.method or recipe.method, target_modules=targets,
+        heal=CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed), seed=args.seed)
+    out, created = _make_out(args.out)
+
+    def say(*parts: object) -> None:
+        if not args.quiet:
+            print(*parts, file=sys.stderr if args.json else sys.stdout)
+
+    try:
+        torch.manual_seed(args.seed)
+        model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
+                                     else source.folder)
+        eval_text = natural_eval_text()
+        eval_source = "natural held-out text (../shared/data dev splits)"
+        if eval_text is None:
+            from tnlm.compress.causal import self_generated_text
+            eval_text = self_generated_text(model, tok, 32, seed=args.seed + 1000)
+            eval_source = "32 texts the dense model wrote with another seed (not healed on)"
+        dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
+        res = compress_causal_lm(model, tok, recipe, text=text, progress=not args.quiet,
+                                 log=say)
+        if res.heal is not None and res.heal.stopped:
+            raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
+                                  + (f" in {out}" if out else ""))
+        ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+        summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
+                       budget=args.budget, ratio=res.ratio,
+                       params_before=res.layerwise.params_before,
+                       params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                       perplexity_dense=dense.ppl, perplexity=ppl.ppl,
+                       perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
+                       eval_text=eval_source, seconds=res.seconds,
+                       peak_rss_mb=res.peak_rss_mb)
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
+                  f"parameters of the targeted layers ({res.ratio:.1%}); method "
+                  f"{recipe.method}; healing {heal_steps} steps")
+            print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
+                  f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
+        if out is not None:
+            from tnlm.export import save_self_contained
+
+            wrapped = MPOModel(model, MPOConfig(target_modules=targets))
+            save_self_contained(wrapped, tok, out, sentence_transformers=False)
+            say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")
+    except BaseException:
+        _remove_empty(created)
+        raise
     return 0
 
 
@@ -446,14 +566,22 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("compress", help="compress a model's linear layers to a budget and heal it",
                        formatter_class=fmt)
-    p.add_argument("model_dir", nargs="?", default=None, help="default: the embedded MiniLM")
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="a transformers model folder or a .gguf file (causal LMs: Llama, "
+                        "Mistral, Qwen2, GPT-2, OPT, ...); default: the embedded MiniLM")
     p.add_argument("--budget", type=float, default=0.5,
                    help="fraction of the targeted layers' parameters to keep, model-wide; 1 "
                         "keeps every layer dense; a budget below the smallest model the "
                         "allocation can make is refused")
-    p.add_argument("--heal-steps", type=int, default=2500,
-                   help="distillation steps after truncation (0: none)")
-    p.add_argument("--lr", type=float, default=5e-4, help="healing learning rate")
+    p.add_argument("--heal-steps", type=int, default=None,
+                   help="distillation steps after truncation (0: none); default 2500 for an "
+                        "encoder, 150 for a causal LM")
+    p.add_argument("--lr", type=float, default=None,
+                   help="healing learning rate; default 5e-4 for an encoder, 2e-4 for a "
+                        "causal LM")
+    p.add_argument("--method", choices=("tnlm", "whitened", "plain"), default=None,
+                   help="causal LMs: tnlm (error-feedback whitening + block fitting, the "
+                        "default), whitened (SVD-LLM-style low rank) or plain (SVD)")
     p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default="all",
                    help="what healing trains: every MPO core ('cores'), the auxiliary cores "
                         "only, or also the linears the allocation kept dense ('all'); "
@@ -517,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-sites", type=int, default=5)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_decompose)
+    from tnlm.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return ap
 
 

@@ -215,7 +215,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                                                  enabled=config.teacher_bf16):
                 t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
             loss = next_token_kl(student(input_ids=ids, use_cache=False).logits, t_logits)
-            value = float(loss)
+            value = float(loss.detach())
             result.losses.append(value)
             run = value if run is None else 0.9 * run + 0.1 * value
             if step < max(1, config.warmup):

@@ -13,6 +13,7 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         replace each target by its whitened truncation at the allocated rank
             (tnlm.compress.data_aware: exactly low rank in the 2-site layout)
         "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
+                (kept only if it lowers that error on the calibration sequences)
         X_s = B_i(X_s);  X_t = Y_t;  drop T_i
 
 Peak memory is the model, one block's copy and two sets of calibration hidden states
@@ -326,15 +327,22 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             t_trunc += time.perf_counter() - t1
             t1 = time.perf_counter()
             with torch.no_grad():
-                err0 = sum(float(_rel_err(call_s(x, d[1]), y))
-                           for x, d, y in zip(xs, data, yt)) / len(data)
+                ys = [call_s(x, d[1]) for x, d in zip(xs, data)]
+                err0 = err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(ys, yt)) / len(data)
             if config.method == "tnlm" and any(ranks[f"{prefix}.{i}.{n}"] for n in names) \
                     and config.fit_steps:
+                kept = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt, config.fit_steps,
                           lr=config.fit_lr, seed=config.seed + i)
-            with torch.no_grad():
-                xs = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(xs, yt)) / len(data)
+                with torch.no_grad():
+                    fitted = [call_s(x, d[1]) for x, d in zip(xs, data)]
+                    err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(fitted, yt)) / len(data)
+                    if err1 < err0:  # fitting never leaves a block worse than it found it
+                        ys = fitted
+                    else:
+                        block.load_state_dict(kept)
+                        err1 = err0
+            xs = ys
             t_fit += time.perf_counter() - t1
             xt = yt
             block_errors.append((err0, err1))

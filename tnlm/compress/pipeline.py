@@ -55,6 +55,11 @@ __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for
 
 ALLOCATIONS = ("uniform", "greedy", "sensitivity")
 
+#: the encoder main job's healing (``tnlm compress`` on an encoder; causal LMs:
+#: :class:`tnlm.compress.llm.CausalLMRecipe`)
+MAIN_JOB_HEAL_STEPS = 2500
+MAIN_JOB_LR = 5e-4
+
 
 @dataclass
 class CompressionConfig:
