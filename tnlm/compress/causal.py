@@ -68,7 +68,9 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
                       leave=False):
             batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            ids = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+            ids = model.generate(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"], do_sample=True,
+                                 temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
             prompt_len = batch["input_ids"].shape[1]
