@@ -7,9 +7,10 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         T_i  = a dense copy of block i (the teacher's block; one block, not the model)
         Y_t  = T_i(X_t)                                   the teacher's outputs
         statistics of block i's target linears on the student's inputs X_s
-            (method "tnlm": with the cross Gram against the teacher's inputs, so each
-             truncation also corrects the error the earlier blocks left; "whitened":
-             the dense model's own inputs X_t; "plain": none, the weight's own SVD)
+            (method "tnlm"; with ``cross``, also the cross Gram against the teacher's
+             inputs, so each truncation also corrects the error the earlier blocks left;
+             "whitened": the dense model's own inputs X_t; "plain": none, the weight's own
+             SVD)
         replace each target by its whitened truncation at the allocated rank
             (tnlm.compress.data_aware: exactly low rank in the 2-site layout)
         "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
@@ -70,6 +71,11 @@ class LayerwiseConfig:
         batch_size: calibration sequences per block forward.
         ridge: relative Cholesky regularisation of the Grams.
         gauge: gauge of the resulting cores.
+        cross: method ``tnlm`` only: truncate against the teacher's outputs through the
+            cross Gram ``X_sᵀ X_t`` (error feedback in the statistics); default: the
+            student's own inputs ``X_s`` only, the error left to block fitting (measured
+            better on SmolLM2: the cross-Gram regression on a few thousand tokens
+            overfits, docs/results.md).
     """
 
     target_modules: list[str]
@@ -80,6 +86,7 @@ class LayerwiseConfig:
     batch_size: int = 8
     ridge: float = 1e-6
     gauge: str = "symmetric"
+    cross: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -300,7 +307,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 if config.method == "tnlm":
                     stats = collect_input_stats(
                         call_s, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)], mods,
-                        reference=_PairedInputs(call_t, xt, data))
+                        reference=_PairedInputs(call_t, xt, data) if config.cross else None)
                 else:
                     stats = collect_input_stats(
                         call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods)

@@ -1,0 +1,93 @@
+"""Table (markdown) and plot of the SmolLM2 runs of experiments/llm_compress.py.
+
+    python experiments/llm_table.py results/llm/*.json --plot docs/figures/llm_ppl.png
+
+One row per (method, budget): perplexity ratio compressed/dense (mean ± std over seeds,
+the seed count), kept fraction, answer agreement with the dense model, compression and
+healing seconds, peak memory against the dense model's parameter bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def cell(values: list[float], fmt: str = "{:.3f}") -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
+    rows: dict[tuple[str, float, int], list[dict]] = defaultdict(list)
+    for p in paths:
+        d = json.loads(p.read_text())
+        if "ppl_ratio" not in d or d.get("method") is None:
+            continue
+        heal = int(d.get("args", {}).get("heal_steps", 0))
+        rows[(d["method"], float(d["budget"]), heal)].append(d)
+    return rows
+
+
+def table(rows) -> str:
+    out = ["| method | budget | heal steps | kept | seeds | perplexity (dense) | ratio | "
+           "answers = dense | compress + heal s | peak RSS / dense params |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, budget, heal), runs in sorted(rows.items(), key=lambda kv: (-kv[0][1],
+                                                                             kv[0][0])):
+        agree = [r["answer_agreement"] for r in runs if "answer_agreement" in r]
+        secs = [r.get("compress_seconds", 0.0) for r in runs]
+        mem = [r["peak_rss_mb"] / r["dense_param_mb"] for r in runs if "peak_rss_mb" in r]
+        out.append(
+            f"| {method} | {budget:.0%} | {heal} | {cell([r.get('kept', 1.0) for r in runs])} "
+            f"| {len(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
+            f"({runs[0]['dense_ppl']:.1f}) | {cell([r['ppl_ratio'] for r in runs], '{:.2f}')} "
+            f"| {cell(agree, '{:.2f}')} | {cell(secs, '{:.0f}')} | {cell(mem, '{:.1f}')} |")
+    return "\n".join(out)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for (method, _budget, heal), runs in rows.items():
+        kept = statistics.mean(r.get("kept", 1.0) for r in runs)
+        series[(method, heal)].append((kept, statistics.mean(r["ppl_ratio"] for r in runs)))
+    for (method, heal), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{method}, {heal} healing steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("kept fraction of the targeted linear parameters")
+    ax.set_ylabel("held-out perplexity / dense")
+    ax.set_title("SmolLM2-135M-Instruct")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rows = load(args.files)
+    print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
