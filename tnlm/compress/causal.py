@@ -34,8 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import kind_of, mpo_modules
-
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
            "heal_causal", "next_token_kl"]
 
@@ -149,23 +147,10 @@ class CausalHealResult:
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
+    from tnlm.compress.layerwise import block_parameters
     from tnlm.integration.architectures import blocks_of
 
-    ps: dict[int, nn.Parameter] = {}
-    blocks = blocks_of(student)
-    for _, m in mpo_modules(blocks):
-        for p in m.cores:
-            ps[id(p)] = p
-        if getattr(m, "bias", None) is not None:
-            ps[id(m.bias)] = m.bias
-    for mod in blocks.modules():
-        if list(mod.children()):
-            continue
-        norm = "norm" in type(mod).__name__.lower()
-        if norm or (train == "all" and kind_of(mod) in ("linear", "conv1d")):
-            for p in mod.parameters(recurse=False):
-                ps[id(p)] = p
-    return list(ps.values())
+    return block_parameters(blocks_of(student), linears=train == "all")
 
 
 def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,

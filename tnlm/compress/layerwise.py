@@ -49,7 +49,7 @@ from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "LayerwiseConfig", "LayerwiseResult", "compress_layerwise",
-           "capture_block_inputs", "fit_block", "peak_rss_mb"]
+           "capture_block_inputs", "fit_block", "block_parameters", "peak_rss_mb"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -175,17 +175,22 @@ def _rel_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
 
 
-def _block_params(block: nn.Module) -> list[nn.Parameter]:
-    """What block fitting trains: MPO cores and biases, norm weights (not dense linears)."""
+def block_parameters(root: nn.Module, *, linears: bool = False) -> list[nn.Parameter]:
+    """What fitting and healing train below ``root``: every MPO core and bias, the
+    normalisation layers (LayerNorm, RMSNorm: any leaf whose class name holds "norm"),
+    and with ``linears`` the dense Linear/Conv1D layers too; each parameter once."""
     ps: dict[int, nn.Parameter] = {}
-    for _, m in mpo_modules(block):
+    for _, m in mpo_modules(root):
         for p in m.cores:
             ps[id(p)] = p
         if getattr(m, "bias", None) is not None:
             ps[id(m.bias)] = m.bias
-    for mod in block.modules():
-        if mod is not block and kind_of(mod) is None and not list(mod.children()) \
-                and "norm" in type(mod).__name__.lower():
+    for mod in root.modules():
+        if list(mod.children()):
+            continue
+        kind = kind_of(mod)
+        if (kind is None and "norm" in type(mod).__name__.lower()) or \
+                (linears and kind in ("linear", "conv1d")):
             for p in mod.parameters(recurse=False):
                 ps[id(p)] = p
     return list(ps.values())
@@ -197,7 +202,7 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
     ``mean ||block(x) - y||² / ||y||²`` over random batches of ``inputs`` (as
     :func:`capture_block_inputs` gives them) against ``targets``; other parameters and
     every ``requires_grad`` flag are left as they were."""
-    params = _block_params(block)
+    params = block_parameters(block)
     if not steps or not params:
         return
     flags = [(p, p.requires_grad) for p in block.parameters()]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import mpo_modules
+from tnlm.compress.layerwise import block_parameters
 
 __all__ = ["find_blocks", "reconstruct_blocks"]
 
@@ -50,20 +50,6 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     if best is None:
         raise ValueError(f"{type(model).__name__} has no stack of repeated blocks")
     return best
-
-
-def _params(block: nn.Module) -> list[nn.Parameter]:
-    ps: dict[int, nn.Parameter] = {}
-    for _, m in mpo_modules(block):
-        for p in m.cores:
-            ps[id(p)] = p
-        if getattr(m, "bias", None) is not None:
-            ps[id(m.bias)] = m.bias
-    for mod in block.modules():
-        if isinstance(mod, nn.LayerNorm):
-            for p in mod.parameters():
-                ps[id(p)] = p
-    return list(ps.values())
 
 
 def _run(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -149,7 +135,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                 yt = [_run(tb, x, d[1], d[2]) for x, d in zip(xt, data)]
                 before = sum(float(_rel_err(_run(sb, x, d[1], d[2]), y, d[3]))
                              for x, y, d in zip(xs, yt, data)) / len(data)
-            params = _params(sb)
+            params = block_parameters(sb)
             if steps_per_block and params:
                 for p in params:
                     p.requires_grad_(True)
