@@ -270,3 +270,39 @@ def test_cli_refuses_bad_llm_input_before_work(tmp_path, capsys):
     assert main(["compress", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "'mamba' is not supported" in err and "llama" in err
+
+
+def test_layerwise_failure_restores_every_weight(monkeypatch):
+    """An error in block 2 (after blocks 0-1 were truncated and fitted) leaves the model
+    exactly as it came: dense layers back, norms unfitted."""
+    import tnlm.compress.layerwise as lw
+
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"n": 0}
+    real = lw.fit_block
+
+    def failing(block, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(block, *a, **k)
+
+    monkeypatch.setattr(lw, "fit_block", failing)
+    with pytest.raises(KeyboardInterrupt):
+        compress_layerwise(model, _seqs(), LayerwiseConfig(default_targets(model), budget=0.5,
+                                                           fit_steps=5), progress=False)
+    assert not any(isinstance(m, MPOLinear) for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_cli_refuses_encoder_only_options_for_a_causal_lm(tmp_path, capsys):
+    from tnlm.cli import main
+
+    folder, _ = _llm_folder(tmp_path)
+    for extra in (["--allocation", "greedy"], ["--heal-train", "cores"],
+                  ["--calibration", "7"]):
+        assert main(["compress", str(folder), *extra]) == 2
+        assert f"{extra[0]} applies to encoders" in capsys.readouterr().err

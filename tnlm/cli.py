@@ -173,7 +173,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from tnlm.compress.quality import read_sick
     from tnlm.compress.text import compression_sizes, split_sentences
 
-    source_arch = _architecture(args.model_dir)
+    source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
     if source_arch is not None and source_arch[1].causal:
         return _compress_causal(args, *source_arch)
     if args.method is not None:
@@ -338,7 +338,7 @@ def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, 
     return 0
 
 
-def _architecture(model_dir: str | None):
+def _architecture(model_dir: str | None, targets_given: bool = False):
     """``(source, architecture)`` of MODEL_DIR (a folder or a .gguf file), checked without
     loading it; ``None`` for the embedded MiniLM."""
     from tnlm.integration.architectures import architecture_of
@@ -349,7 +349,11 @@ def _architecture(model_dir: str | None):
     try:
         source = check_model_source(model_dir)
     except ValueError as err:
-        raise UserError(f"MODEL_DIR: {err}") from None
+        if targets_given and Path(model_dir).is_dir() and "is not supported" in str(err):
+            return None  # an encoder tnlm has no entry for: the user named its targets
+        raise UserError(f"MODEL_DIR: {err}" + ("; or name the layers to compress with "
+                                                "--targets" if "is not supported" in str(err)
+                                                else "")) from None
 
     class _Cfg:
         model_type = source.model_type
@@ -365,7 +369,7 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
 
     import torch
 
-    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.causal import CausalHealConfig, token_sequences
     from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
     from tnlm.compress.lm_quality import natural_eval_text, perplexity
     from tnlm.compress.text import read_sentences
@@ -381,9 +385,11 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
     if not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {lr}")
-    for flag, given in (("--sick", args.sick), ("--resume", args.resume),
-                        ("--with-default-text", args.with_default_text)):
-        if given:
+    defaults = build_parser().parse_args(["compress"])
+    for flag in ("--sick", "--resume", "--with-default-text", "--heal-train", "--teacher-bf16",
+                 "--reconstruct-steps", "--allocation", "--calibration"):
+        dest = flag[2:].replace("-", "_")
+        if getattr(args, dest) != getattr(defaults, dest):
             raise UserError(f"{flag} applies to encoders; {source} is a causal LM")
     text = None
     if args.text:
@@ -413,6 +419,11 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
             from tnlm.compress.causal import self_generated_text
             eval_text = self_generated_text(model, tok, 32, seed=args.seed + 1000)
             eval_source = "32 texts the dense model wrote with another seed (not healed on)"
+        if text is not None:  # enough tokens for one sequence, before any expensive step
+            try:
+                token_sequences(tok, text, recipe.seq_len)
+            except ValueError as err:
+                raise UserError(f"--text {args.text}: {err}") from None
         dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
         res = compress_causal_lm(model, tok, recipe, text=text, progress=not args.quiet,
                                  log=say)

@@ -61,6 +61,15 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     out: list[str] = []
+    with torch.random.fork_rng():  # sampling reseeds; the caller's random stream is kept
+        _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
+                  max_new_tokens, side, pad, was, progress)
+    return out
+
+
+def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
+              max_new_tokens, side, pad, was, progress) -> None:
+    n = len(starts)
     try:
         for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
                       leave=False):
@@ -78,7 +87,6 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         tokenizer.padding_side = side
         tokenizer.pad_token = pad
         model.train(was)
-    return out
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
@@ -116,7 +124,7 @@ TRAIN = ("cores", "all")
 class CausalHealConfig:
     """Settings of :func:`heal_causal` (see the module docstring)."""
 
-    steps: int = 200
+    steps: int = 150
     lr: float = 2e-4
     batch_size: int = 4
     warmup: int = 10
@@ -180,10 +188,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
-        student.train()
-        for m in student.modules():  # no dropout: the targets are deterministic
-            if isinstance(m, nn.Dropout):
-                m.eval()
+        student.eval()  # no dropout (also attention's functional one); gradients still flow
         teacher.eval()
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -292,6 +292,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     xt = list(xs)
     times["capture"] = time.perf_counter() - t0
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    # what fitting may change besides the swapped layers (norms): restored on failure
+    originals = [(p, p.detach().clone()) for p in block_parameters(blocks)]
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     was = model.training
     model.eval()
@@ -344,8 +346,12 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             if config.method == "tnlm" and any(ranks[f"{prefix}.{i}.{n}"] for n in names) \
                     and config.fit_steps:
                 kept = {k: v.detach().clone() for k, v in block.state_dict().items()}
-                fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt, config.fit_steps,
-                          lr=config.fit_lr, seed=config.seed + i)
+                try:
+                    fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt,
+                              config.fit_steps, lr=config.fit_lr, seed=config.seed + i)
+                except FloatingPointError as err:  # diverged: the block as truncated
+                    block.load_state_dict(kept)
+                    say(f"block {i}: fitting skipped ({err})")
                 with torch.no_grad():
                     fitted = [call_s(x, d[1]) for x, d in zip(xs, data)]
                     err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(fitted, yt)) / len(data)
@@ -363,6 +369,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     except BaseException:
         for block, n, old in reversed(swapped):
             set_module(block, n, old)
+        with torch.no_grad():
+            for p, v in originals:
+                p.copy_(v)
         raise
     finally:
         for p, f in flags:

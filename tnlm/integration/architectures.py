@@ -10,8 +10,13 @@ model is a causal LM)::
                                                                         attention.output.dense
                                                                         intermediate.dense
                                                                         output.dense
+    albert   albert (one shared layer)       encoder.albert_layer_groups query key value
+                                                                        attention.dense ffn
+                                                                        ffn_output
     llama    llama, mistral, qwen2, ...      layers                     q/k/v/o_proj
                                                                         gate/up/down_proj
+    phi3     phi3 (fused projections)        layers                     qkv_proj o_proj
+                                                                        gate_up_proj down_proj
     gpt2     gpt2                            h                          attn.c_attn attn.c_proj
                                                                         mlp.c_fc mlp.c_proj
     opt      opt                             decoder.layers             q/k/v_proj out_proj
@@ -63,9 +68,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                   "output.dense"), causal=False),
     Architecture("distilbert", ("distilbert",), "transformer.layer",
                  ("q_lin", "k_lin", "v_lin", "out_lin", "ffn.lin1", "ffn.lin2"), causal=False),
-    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
-                           "olmo", "olmo2", "granite"),
+    Architecture("albert", ("albert",), "encoder.albert_layer_groups",
+                 ("query", "key", "value", "attention.dense", "ffn", "ffn_output"),
+                 causal=False),
+    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo",
+                           "olmo2", "granite"),
                  "layers", _LLAMA_TARGETS, causal=True),
+    Architecture("phi3", ("phi3",), "layers",
+                 ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), causal=True),
     Architecture("gpt2", ("gpt2",), "h",
                  ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), causal=True),
     Architecture("opt", ("opt",), "decoder.layers",
