@@ -341,6 +341,11 @@ class LayerInvariants:
                 assert p.requires_grad and p.grad is not None
                 assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0
                 trainable.add(id(p))
+        # the task head a task model initialised anew trains too (modules_to_save=None)
+        for _, head in model.modules_to_save():
+            for p in head.parameters():
+                assert p.requires_grad and p.grad is not None
+                trainable.add(id(p))
         others = [p for p in model.parameters() if id(p) not in trainable]
         assert others and all(p.grad is None for p in others)
 
