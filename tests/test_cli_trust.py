@@ -196,15 +196,22 @@ def test_a_bad_healing_state_is_named(model_dir, text_file, tmp_path, monkeypatc
     assert str(state) in err and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_heal_names_a_corrupt_state_and_refuses_other_settings(tmp_path, model_dir):  # noqa: F811
+def _truncated(folder, budget):
+    """Tokenizer, dense teacher, 16 short sentences and the teacher truncated to ``budget``
+    (not healed): what the healing tests start from."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    teacher = BertModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    teacher = BertModel.from_pretrained(folder).eval()
     sents = ["the cat sat", "a dog ran", "the big red dog", "a cat is red"] * 4
     student = compress_model(copy.deepcopy(teacher), tok, sents,
-                             CompressionConfig(BERT_TARGETS, budget=0.5, heal=None),
+                             CompressionConfig(BERT_TARGETS, budget=budget, heal=None),
                              progress=False).model
+    return tok, teacher, sents, student
+
+
+def test_heal_names_a_corrupt_state_and_refuses_other_settings(tmp_path, model_dir):  # noqa: F811
+    tok, teacher, sents, student = _truncated(model_dir, 0.5)
     d = tmp_path / "h"
 
     def cfg(**kw):
@@ -224,14 +231,7 @@ def test_heal_names_a_corrupt_state_and_refuses_other_settings(tmp_path, model_d
 # ------------------------------------------------------------------ healing that blows up
 def test_a_blow_up_restores_the_best_student_and_names_the_checkpoint(
         model_dir, tmp_path, monkeypatch):  # noqa: F811
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    teacher = BertModel.from_pretrained(model_dir).eval()
-    sents = ["the cat sat", "a dog ran", "the big red dog", "a cat is red"] * 4
-    student = compress_model(copy.deepcopy(teacher), tok, sents,
-                             CompressionConfig(BERT_TARGETS, budget=0.25, heal=None),
-                             progress=False).model
+    tok, teacher, sents, student = _truncated(model_dir, 0.25)
     real, states, losses = distill._loss, [], []
 
     def blowing_up(student, teacher, batch, cfg, twins=0):  # x 1e6 from the 6th step on
@@ -263,14 +263,7 @@ def test_a_blow_up_restores_the_best_student_and_names_the_checkpoint(
 
 
 def test_a_non_finite_loss_names_no_checkpoint_that_does_not_exist(model_dir, tmp_path):  # noqa: F811
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    teacher = BertModel.from_pretrained(model_dir).eval()
-    sents = ["the cat sat", "a dog ran", "the big red dog", "a cat is red"] * 4
-    student = compress_model(copy.deepcopy(teacher), tok, sents,
-                             CompressionConfig(BERT_TARGETS, budget=0.25, heal=None),
-                             progress=False).model
+    tok, teacher, sents, student = _truncated(model_dir, 0.25)
     d = tmp_path / "ckpt"
     with pytest.raises(FloatingPointError, match="no checkpoint was written"):
         heal(student, teacher, tok, sents, HealConfig(steps=5, lr=1e30, warmup=1, batch_size=4,
