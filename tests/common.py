@@ -397,3 +397,18 @@ def make_causal_lm(kind: str, seed: int = 0):
                          tie_word_embeddings=False,  # tied, it repeats its last token
                          bos_token_id=2, eos_token_id=3, pad_token_id=1)
     return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+# ---------------------------------------------------------------- small shared pieces
+
+#: words of the tiny random sentences of the compression and export tests
+SHORT_WORDS = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red", "on", "mat"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two shared cores: intra-op threads only contend on these tiny matrices
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

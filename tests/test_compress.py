@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from tests.common import SHORT_WORDS as WORDS
+from tests.common import one_thread  # noqa: F401  (module-scoped autouse fixture)
 from tnlm.bridge import MPOLinear, MPOModule, weight_xw
 from tnlm.compress import distill
 from tnlm.compress.calibration import InputStats, collect_input_stats
@@ -35,16 +37,6 @@ from tnlm.integration import MPOConfig, MPOModel
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
 PARTIAL = ["query", "value", "intermediate.dense"]   # leaves key, attention.output, output, pooler
-WORDS = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red", "on", "mat"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two shared cores: intra-op threads only contend on these tiny matrices
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def bert(hidden=32, seed=0, **kw):

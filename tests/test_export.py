@@ -26,6 +26,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from tests.common import SHORT_WORDS as WORDS
+from tests.common import one_thread  # noqa: F401  (module-scoped autouse fixture)
 from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.export import (
@@ -42,15 +44,8 @@ from tnlm.integration import MPOConfig, MPOModel, get_mpo_model, mean_pooled
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
            "output.dense"]
-WORDS = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red", "on", "mat"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def bert(seed=0):
