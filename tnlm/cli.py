@@ -151,6 +151,18 @@ def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
     return list(dict.fromkeys(text)), source
 
 
+def _check_budget_and_healing(budget: float, heal_steps: int, lr: float) -> None:
+    """The checks both compress paths (encoder, causal LM) make of their shared numbers."""
+    import math
+
+    if not 0 < budget <= 1:
+        raise UserError(f"--budget must be a fraction in (0, 1], got {budget}")
+    if heal_steps < 0:
+        raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save.
 
@@ -166,7 +178,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     After success the healing state is removed. Healing that blows up exits with status 1
     and one line naming what was kept on disk; nothing is saved as a model.
     """
-    import math
 
     from tnlm.compress.distill import STATE_FILE
     from tnlm.compress.pipeline import MAIN_JOB_HEAL_STEPS, MAIN_JOB_LR, CompressionConfig
@@ -180,17 +191,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
     args.heal_steps = MAIN_JOB_HEAL_STEPS if args.heal_steps is None else args.heal_steps
     args.lr = MAIN_JOB_LR if args.lr is None else args.lr
-    if not 0 < args.budget <= 1:
-        raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
-    if args.heal_steps < 0:
-        raise UserError(f"--heal-steps must be >= 0, got {args.heal_steps}")
+    _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
     if args.calibration < 1:
         raise UserError(f"--calibration must be >= 1 (calibration sentences), got "
                         f"{args.calibration}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.resume and not (args.out and args.heal_steps):
         raise UserError("--resume continues the healing saved in --out DIR: it needs --out "
                         "and --heal-steps > 0")
@@ -365,7 +371,6 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     compression, next-token-KL healing, held-out perplexity against the dense model's
     (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded."""
     import json
-    import math
 
     import torch
 
@@ -379,12 +384,7 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     recipe = CausalLMRecipe()
     heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
     lr = recipe.heal.lr if args.lr is None else args.lr
-    if not 0 < args.budget <= 1:
-        raise UserError(f"--budget must be a fraction in (0, 1], got {args.budget}")
-    if heal_steps < 0:
-        raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+    _check_budget_and_healing(args.budget, heal_steps, lr)
     defaults = build_parser().parse_args(["compress"])
     for flag in ("--sick", "--resume", "--with-default-text", "--heal-train", "--teacher-bf16",
                  "--reconstruct-steps", "--allocation", "--calibration"):
