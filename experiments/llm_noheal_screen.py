@@ -1,11 +1,13 @@
 """Layer-by-layer methods on SmolLM2-135M without healing: held-out perplexity ratio.
 
-The dense model writes 64 texts (seed 0, cached in /tmp/selfgen64.json); 32 sequences of
-128 tokens calibrate; the held-out text is the first 300 SST-2 dev sentences (7,280
+The dense model writes 64 texts (seed 0, cached in results/llm/text/selfgen_s0_n64.json);
+32 sequences of 128 tokens calibrate; the held-out text is the first 300 SST-2 dev sentences (7,280
 tokens, non-overlapping 256-token windows). Each argument is METHOD:FIT_STEPS[:x] (x: the
-cross-Gram error feedback); one line per argument on stdout.
+cross-Gram error feedback), optionally followed by @ALLOCATION (default uniform); one
+line per argument on stdout.
 
     python experiments/llm_noheal_screen.py whitened:0 tnlm:0:x tnlm:16:x tnlm:16
+    python experiments/llm_noheal_screen.py tnlm:16@spectrum tnlm:16@residual
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: 
 def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     model, tok = load_pretrained(default_llm_path())
-    cache = Path("/tmp/selfgen64.json")
+    cache = Path(__file__).resolve().parents[1] / "results/llm/text/selfgen_s0_n64.json"
     if cache.is_file():
         texts = json.loads(cache.read_text())
     else:
@@ -40,16 +42,19 @@ def main(argv: list[str]) -> int:
     ev = ["\n".join(natural_eval_text()[0].split("\n")[:300])]
     dense = perplexity(model, tok, ev, max_length=256, stride=256)
     print("dense", dense.ppl, dense.n_tokens, flush=True)
-    for arg in argv:
+    for full in argv:
+        arg, _, alloc = full.partition("@")
         method, fit = arg.split(":")[0], int(arg.split(":")[1])
         cross = arg.endswith(":x")
         m = copy.deepcopy(model)
         t = time.time()
         r = compress_layerwise(m, seqs[:32], LayerwiseConfig(
-            default_targets(m), budget=0.6, method=method, fit_steps=fit, cross=cross),
+            default_targets(m), budget=0.6, method=method, fit_steps=fit, cross=cross,
+            allocation=alloc or "uniform"),
             progress=False)
         p = perplexity(m, tok, ev, max_length=256, stride=256)
-        print(method, fit, "cross" if cross else "", "ppl", p.ppl, "ratio", p.ppl / dense.ppl,
+        print(full, "kept", round(r.ratio, 4), "times", r.seconds, "ppl", p.ppl,
+              "ratio", p.ppl / dense.ppl,
               "secs", time.time() - t, [round(b, 3) for _, b in r.block_errors], flush=True)
         del m
     return 0

@@ -29,7 +29,7 @@ from tnlm.integration.model import module_paths, set_module
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
            "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID", "uniform_ranks",
-           "smallest_fraction"]
+           "smallest_fraction", "spectrum_ranks"]
 
 
 def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> dict[str, Any]:
@@ -70,6 +70,61 @@ def smallest_fraction(shapes: dict[str, tuple[int, int]], allocation: str) -> fl
     lowest = min(FRACTION_GRID) if allocation == "sensitivity" else 0.0
     kept = sum(rank_for_fraction(i, j, lowest) * (i + j) for i, j in shapes.values())
     return kept / total if total else 0.0
+
+
+def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: float,
+                   weights: dict[str, float] | None = None) -> dict[str, int | None]:
+    """Per layer a rank (or ``None``: stays dense) minimising the summed weighted relative
+    squared truncation errors ``Σ_l w_l · tail_l[r_l] / tail_l[0]`` with at most
+    ``fraction`` of the layers' parameters (a rank r costs ``r (in + out)``, dense
+    ``in · out``): a Lagrangian bisected on the multiplier.
+
+    Args:
+        spectra: ``name -> (in, out, tail)``, ``tail[r]`` = the squared singular values a
+            rank-r truncation discards (:func:`tnlm.core.spectra.tail_sums` of the layer's
+            whitened spectrum: the calibration output error, not the weight error).
+        fraction: model-wide fraction of the parameters kept, in (0, 1].
+        weights: per layer ``w_l`` (default 1: every layer's relative output error counts
+            the same).
+
+    Returns:
+        ``name -> rank`` (>= 1), ``None`` where keeping the layer dense is chosen.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if fraction >= 1:
+        return {n: None for n in spectra}
+    weights = weights or {}
+    total = sum(i * j for i, j, _ in spectra.values())
+    options = {}
+    for n, (i, j, tail) in spectra.items():
+        tail = np.asarray(tail, dtype=np.float64)
+        rmax = min(len(tail) - 1, (i * j) // (i + j))
+        r = np.arange(1, rmax + 1)
+        cost = np.append(tail[r] / (tail[0] or 1.0), 0.0) * float(weights.get(n, 1.0))
+        size = np.append(r * (i + j), i * j)
+        options[n] = (np.append(r, 0), cost, size)
+
+    def pick(lam: float) -> tuple[dict[str, int], int]:
+        chosen, spent = {}, 0
+        for n, (r, cost, size) in options.items():
+            k = int(np.argmin(cost + lam * size))
+            chosen[n] = int(r[k])
+            spent += int(size[k])
+        return chosen, spent
+
+    limit = fraction * total
+    lo, hi = 0.0, 1e-12
+    while pick(hi)[1] > limit:
+        hi *= 4
+        if hi > 1e12:
+            least = smallest_fraction({n: s[:2] for n, s in spectra.items()}, "uniform")
+            raise ValueError(f"fraction {fraction} is below the smallest model, every layer "
+                             f"at rank 1: {least:.6g}")
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pick(mid)[1] > limit else (lo, mid)
+    return {n: (r or None) for n, r in pick(hi)[0].items()}
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float) -> dict[str, int | None]:

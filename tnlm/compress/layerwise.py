@@ -42,18 +42,25 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, mpo_modules, weight_xw
-from tnlm.compress.allocate import rank_for_fraction
+from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
-__all__ = ["METHODS", "LayerwiseConfig", "LayerwiseResult", "compress_layerwise",
-           "capture_block_inputs", "fit_block", "block_parameters", "peak_rss_mb"]
+__all__ = ["METHODS", "ALLOCATIONS", "dense_spectra", "LayerwiseConfig", "LayerwiseResult",
+           "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
+           "peak_rss_mb"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
 METHODS = ("tnlm", "whitened", "plain")
+
+#: ``uniform``: every target keeps ``budget`` of its parameters; ``spectrum``: ranks from
+#: the dense model's whitened spectra minimising the summed relative output errors of the
+#: targets (:func:`tnlm.compress.allocate.spectrum_ranks`); ``residual``: the same with each
+#: target's error relative to its block's output (the residual stream) instead of its own
+ALLOCATIONS = ("uniform", "spectrum", "residual")
 
 
 @dataclass
@@ -71,6 +78,9 @@ class LayerwiseConfig:
         batch_size: calibration sequences per block forward.
         ridge: relative Cholesky regularisation of the Grams.
         gauge: gauge of the resulting cores.
+        allocation: one of :data:`ALLOCATIONS`: how ``budget`` is shared among the
+            targets (the non-uniform ones add a pass of the dense model over the
+            calibration sequences to measure the spectra first).
         cross: method ``tnlm`` only: truncate against the teacher's outputs through the
             cross Gram ``X_sᵀ X_t`` (error feedback in the statistics); default: the
             student's own inputs ``X_s`` only, the error left to block fitting (measured
@@ -88,6 +98,7 @@ class LayerwiseConfig:
     gauge: str = "symmetric"
     cross: bool = False
     seed: int = 0
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -95,6 +106,9 @@ class LayerwiseConfig:
             raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, "
+                             f"got {self.allocation!r}")
         for name in ("fit_steps", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "fit_steps"
@@ -247,6 +261,40 @@ def peak_rss_mb() -> float | None:
         return None
 
 
+@torch.no_grad()
+def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list[str]],
+                  prefix: str, ridge: float = 1e-6, progress: bool = False
+                  ) -> tuple[dict[str, tuple[int, int, Any]], dict[str, float]]:
+    """The dense blocks run in turn on the captured inputs ``data``; per target, its
+    whitened spectrum on its own dense inputs.
+
+    Returns:
+        ``(spectra, block_share)``: ``name -> (in, out, tail)`` with ``tail[r]`` the
+        squared singular values a rank-r truncation discards, and ``name -> tail[0] /
+        ||block output||²`` (the target's output energy relative to the residual stream
+        its block writes).
+    """
+    spectra: dict[str, tuple[int, int, Any]] = {}
+    share: dict[str, float] = {}
+    xs = [d[0] for d in data]
+    for i in tqdm(range(len(blocks)), desc="spectra", disable=not progress, leave=False):
+        call = _BlockCall(blocks[i])
+        names = per_block[i]
+        if names:
+            stats = collect_input_stats(call, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)],
+                                        [f"block.{n}" for n in names])
+        ys = [call(x, d[1]) for x, d in zip(xs, data)]
+        energy = sum(float((y.double() ** 2).sum()) for y in ys) or 1.0
+        for n in names:
+            W = weight_xw(blocks[i].get_submodule(n))
+            wl = WhitenedLayer(W, stats[f"block.{n}"], ridge)
+            key = f"{prefix}.{i}.{n}"
+            spectra[key] = (int(W.shape[0]), int(W.shape[1]), wl.tails)
+            share[key] = float(wl.tails[0]) / energy
+        xs = ys
+    return spectra, share
+
+
 def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig, *,
                        progress: bool = True, log: Callable[[str], None] | None = None
                        ) -> LayerwiseResult:
@@ -291,6 +339,19 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     xs = [d[0] for d in data]
     xt = list(xs)
     times["capture"] = time.perf_counter() - t0
+    allocated: dict[str, int | None] | None = None
+    if config.allocation != "uniform" and config.budget < 1:
+        t0 = time.perf_counter()
+        was = model.training
+        model.eval()
+        try:
+            spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
+                                           progress)
+        finally:
+            model.train(was)
+        allocated = spectrum_ranks(spectra, float(config.budget),
+                                   share if config.allocation == "residual" else None)
+        times["allocation"] = time.perf_counter() - t0
     flags = [(p, p.requires_grad) for p in model.parameters()]
     # what fitting may change besides the swapped layers (norms): restored on failure
     originals = [(p, p.detach().clone()) for p in block_parameters(blocks)]
@@ -324,8 +385,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 W = weight_xw(old)
                 I, J = (int(d) for d in W.shape)
                 before += I * J
-                rank = rank_for_fraction(I, J, float(config.budget))
-                if config.budget >= 1 or rank >= min(I, J):
+                rank = (rank_for_fraction(I, J, float(config.budget)) if allocated is None
+                        else allocated[f"{prefix}.{i}.{n}"])
+                if config.budget >= 1 or rank is None or rank >= min(I, J):
                     ranks[f"{prefix}.{i}.{n}"] = None  # budget 1: nothing is truncated
                     errors[f"{prefix}.{i}.{n}"] = 0.0
                     after += I * J
