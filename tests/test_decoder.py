@@ -306,3 +306,85 @@ def test_cli_refuses_encoder_only_options_for_a_causal_lm(tmp_path, capsys):
                   ["--calibration", "7"]):
         assert main(["compress", str(folder), *extra]) == 2
         assert f"{extra[0]} applies to encoders" in capsys.readouterr().err
+
+
+def _cost(spectra, ranks, weights=None):
+    weights = weights or {}
+    return sum(weights.get(n, 1.0) * (0.0 if r is None else t[r] / t[0])
+               for n, (_, _, t) in spectra.items() for r in [ranks[n]])
+
+
+def _size(spectra, ranks):
+    return sum(i * j if ranks[n] is None else ranks[n] * (i + j)
+               for n, (i, j, _) in spectra.items())
+
+
+def test_spectrum_ranks_meet_the_budget_and_beat_uniform_ranks():
+    """Decaying spectra of different shapes and decay rates: the allocation spends at most
+    the budget, at least all but one rank step of it, and its summed relative squared
+    error is below uniform ranks' (the same fraction of every layer) and below every
+    allocation of a brute-force search over a coarse grid of equal or smaller size."""
+    import itertools
+
+    from tnlm.compress.allocate import spectrum_ranks, uniform_ranks
+    from tnlm.core.spectra import tail_sums
+
+    rng = torch.Generator().manual_seed(0)
+    shapes = {"a": (24, 24), "b": (24, 64), "c": (64, 24), "d": (16, 40)}
+    spectra = {}
+    for k, (n, (i, j)) in enumerate(shapes.items()):
+        s = torch.rand(min(i, j), generator=rng).sort(descending=True).values
+        s = s * torch.exp(-torch.arange(min(i, j)) / (2.0 + 4 * k))
+        spectra[n] = (i, j, tail_sums(s.numpy()))
+    total = sum(i * j for i, j in shapes.values())
+    for fraction in (0.2, 0.4, 0.6):
+        ranks = spectrum_ranks(spectra, fraction)
+        spent = _size(spectra, ranks)
+        assert spent <= fraction * total
+        assert spent > fraction * total - max(i + j for i, j in shapes.values()) - 40
+        uni = uniform_ranks(shapes, fraction)
+        assert _cost(spectra, ranks) < _cost(spectra, uni)
+        grid = {n: [r for r in range(1, min(i, j) + 1, 3)] + [None]
+                for n, (i, j) in shapes.items()}
+        for combo in itertools.product(*grid.values()):
+            other = dict(zip(grid, combo))
+            if _size(spectra, other) <= spent:
+                assert _cost(spectra, ranks) <= _cost(spectra, other) + 1e-12
+    # weights move rank towards the weighted layer
+    heavy = spectrum_ranks(spectra, 0.4, {"a": 100.0})
+    assert (heavy["a"] or 24) > (spectrum_ranks(spectra, 0.4)["a"] or 24)
+    assert all(r is None for r in spectrum_ranks(spectra, 1.0).values())
+    with pytest.raises(ValueError, match="fraction must be in"):
+        spectrum_ranks(spectra, 0.0)
+    with pytest.raises(ValueError, match="below the smallest model"):
+        spectrum_ranks(spectra, 1e-4)
+
+
+@pytest.mark.parametrize("allocation", ["spectrum", "residual"])
+def test_layerwise_spectrum_allocation_keeps_the_budget(allocation):
+    """Non-uniform ranks from the dense spectra: the budget kept, ranks differ between
+    targets, and each layer's reported error is its whitened tail at the chosen rank
+    (method "whitened": the spectra the allocation saw)."""
+    from tnlm.compress.layerwise import capture_block_inputs, dense_spectra
+
+    model = _llama()
+    seqs = _seqs()
+    m = copy.deepcopy(model)
+    r = compress_layerwise(m, seqs, LayerwiseConfig(default_targets(m), budget=0.5,
+                                                    method="whitened", allocation=allocation),
+                           progress=False)
+    assert 0.45 <= r.ratio <= 0.5
+    assert len({v for v in r.ranks.values()}) > 3
+    assert "allocation" in r.seconds
+    blocks = blocks_of(model)
+    names = [[n for n, x in b.named_modules() if isinstance(x, torch.nn.Linear)
+              and n.split(".")[-1] in default_targets(model)] for b in blocks]
+    spectra, share = dense_spectra(blocks, capture_block_inputs(model, seqs, 8), names,
+                                   "model.layers")
+    assert set(spectra) == set(r.ranks) and all(v > 0 for v in share.values())
+    for n, rank in r.ranks.items():
+        t = spectra[n][2]
+        expect = 0.0 if rank is None else (t[rank] / t[0]) ** 0.5
+        assert r.errors[n] == pytest.approx(expect, rel=1e-3, abs=1e-6), n
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        LayerwiseConfig(["q_proj"], allocation="greedy")
