@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.causal import CausalHealConfig, self_generated_text  # noqa: E402
-from tnlm.compress.layerwise import METHODS  # noqa: E402
+from tnlm.compress.layerwise import ALLOCATIONS, METHODS  # noqa: E402
 from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm  # noqa: E402
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=64)
     p.add_argument("--fit-steps", type=int, default=32)
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
+        allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed),
         seed=args.seed)
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
                    heal_stopped=res.heal.stopped if res.heal else None,
                    seconds=dict(load=load_s, text=text_s, **res.seconds, eval=eval_s),
                    peak_rss_mb=_rss(), rss_after_load_mb=rss_loaded,
+                   stage_peak_rss_mb=res.peak_rss_mb,
                    compress_seconds=res.seconds.get("compression", 0)
                    + res.seconds.get("healing", 0))
     if not args.no_answers:

@@ -388,3 +388,20 @@ def test_layerwise_spectrum_allocation_keeps_the_budget(allocation):
         assert r.errors[n] == pytest.approx(expect, rel=1e-3, abs=1e-6), n
     with pytest.raises(ValueError, match="allocation must be one of"):
         LayerwiseConfig(["q_proj"], allocation="greedy")
+
+
+def test_peak_memory_resets_per_stage():
+    """A 400 MB buffer freed before the reset no longer counts in the peak after it."""
+    import sys
+
+    from tnlm.compress.layerwise import peak_rss_mb, reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-stage peaks need Linux /proc")
+    before = peak_rss_mb()
+    buf = torch.ones(100 * 2**20)  # 400 MiB, touched
+    high = peak_rss_mb()
+    assert high >= before and high > 300
+    del buf
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 300

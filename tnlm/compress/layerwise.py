@@ -50,7 +50,7 @@ from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "ALLOCATIONS", "dense_spectra", "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
-           "peak_rss_mb"]
+           "peak_rss_mb", "reset_peak_rss"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -253,12 +253,32 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process so far, in MiB (None where unknown)."""
+    """Peak resident memory of this process in MiB since it started or since the last
+    :func:`reset_peak_rss` (Linux ``VmHWM``; elsewhere the whole run's ``ru_maxrss``;
+    None where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except Exception:  # pragma: no cover - not on every platform
         return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak for :func:`peak_rss_mb` at the current resident memory (Linux
+    ``clear_refs``); False where the peak cannot be reset (it then covers the whole run)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ Python users and the experiments call (its defaults live in :class:`CausalLMReci
 
 The dense teacher is a copy of the model made before compression (the only second copy:
 peak memory is about twice the model plus one batch of activations and logits).
-Every stage's seconds and the process's peak resident memory are recorded.
+Every stage's seconds and peak resident memory (MiB, the whole process: the model
+included) are recorded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tnlm.compress.layerwise import (
     LayerwiseResult,
     compress_layerwise,
     peak_rss_mb,
+    reset_peak_rss,
 )
 from tnlm.integration.architectures import architecture_of
 
@@ -56,6 +58,8 @@ class CausalLMRecipe:
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
+        allocation: how the budget is shared among the targets
+            (:data:`tnlm.compress.layerwise.ALLOCATIONS`).
         heal: healing settings (``steps=0``: none).
     """
 
@@ -68,6 +72,7 @@ class CausalLMRecipe:
     n_calibration: int = 64
     fit_steps: int = 32
     fit_lr: float = 1e-3
+    allocation: str = "uniform"
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
 
@@ -79,7 +84,7 @@ class CausalLMResult:
     heal: CausalHealResult | None
     n_sequences: int
     seconds: dict[str, float]
-    peak_rss_mb: float | None
+    peak_rss_mb: dict[str, float | None]   # per stage: "text", "compression", "healing"
 
     @property
     def ratio(self) -> float:
@@ -104,28 +109,35 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     targets = list(recipe.target_modules or arch.targets)
     lw_cfg = LayerwiseConfig(targets, budget=recipe.budget, method=recipe.method,
                              fit_steps=recipe.fit_steps, fit_lr=recipe.fit_lr,
-                             seed=recipe.seed)
+                             allocation=recipe.allocation, seed=recipe.seed)
     seconds: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()
+    reset_peak_rss()
     if text is None:
         text = self_generated_text(model, tokenizer, recipe.n_texts,
                                    max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
                                    progress=progress)
         seconds["text"] = time.perf_counter() - t0
+        peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
     say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens")
     teacher = copy.deepcopy(model).eval() if recipe.heal.steps else None
     t1 = time.perf_counter()
+    reset_peak_rss()
     lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
                             log=say)
     seconds["compression"] = time.perf_counter() - t1
+    peaks["compression"] = peak_rss_mb()
     healed = None
     if teacher is not None:
         t1 = time.perf_counter()
+        reset_peak_rss()
         healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress)
         seconds["healing"] = time.perf_counter() - t1
+        peaks["healing"] = peak_rss_mb()
         if healed.stopped:
             say(f"healing stopped early: {healed.stopped}")
         del teacher
     seconds["total"] = time.perf_counter() - t0
-    return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peak_rss_mb())
+    return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks)
