@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
-from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import (  # noqa: E402  # noqa: E402
     MAIN_JOB_HEAL_STEPS,
     MAIN_JOB_LR,
@@ -47,6 +46,7 @@ from tnlm.compress.text import (  # noqa: E402
     vocabulary_words,
 )
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
+from tnlm.textgen import generate  # noqa: E402
 
 
 def main() -> None:

@@ -748,23 +748,6 @@ def test_generated_sentences_are_distinct_deterministic_and_varied():
     assert any(" is being " in s for s in a)  # the captions' passive voice is in the mix
 
 
-def test_captions_use_every_construction_and_agree_in_number():
-    from tnlm.compress.captions import caption
-
-    rng = random.Random(0)
-    caps = [caption(rng) for _ in range(3000)]
-    assert caps[:50] == [caption(r) for r in [random.Random(0)] for _ in range(50)]
-    assert all(c[0].isupper() and c.endswith(".") and "  " not in c for c in caps)
-    for marker in (" is being ", "There is no ", "Nobody is ", "There are ", " and ",
-                   " are not ", " wearing "):
-        assert any(marker in c for c in caps), marker
-    assert not any(c.startswith("There is the") or c.startswith("There are the")
-                   for c in caps)  # an existential takes an indefinite subject
-    assert not any(c.startswith(("Two", "Three", "Four")) and " is " in c.split(" and ")[0]
-                   for c in caps)  # a plural subject takes "are"
-    assert len(set(caps)) > 2900  # compositional: few repeats
-
-
 def test_nearest_neighbours_is_the_most_similar_other_sentence(tok, sentences, damaged):
     teacher = damaged[0]
     near = distill.nearest_neighbours(teacher, tok, sentences, chunk=7)

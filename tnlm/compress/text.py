@@ -18,7 +18,7 @@ import sysconfig
 from collections.abc import Sequence
 from typing import Any
 
-from tnlm.compress.grammar import generate
+from tnlm.textgen import generate
 
 __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
            "docstring_sentences", "generated_sentences", "read_sentences", "split_sentences",
@@ -155,7 +155,7 @@ def split_sentences(sentences: Sequence[str], sizes: Sequence[int],
 
 def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
     """``n`` distinct everyday English sentences from tnlm's own grammar
-    (:func:`tnlm.compress.grammar.generate`: scenes, opinions and reviews, facts,
+    (:func:`tnlm.textgen.generate`: scenes, opinions and reviews, facts,
     questions; no corpus, no licence). Deterministic for a seed."""
     return generate(n, seed=seed)
 
