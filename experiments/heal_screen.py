@@ -9,7 +9,8 @@ sentences it trained on (the fit/generalisation gap).
 
 Variants: the healing text (``--extra N`` fresh generated sentences beside the main job's
 text; ``--vocab P``: a share P of the extra sentences has words swapped for random words
-of the tokenizer's vocabulary), what trains (``--train``), steps, batch size, lr.
+of the tokenizer's vocabulary), what trains (``--train``), steps, batch size, lr, and one
+extra loss term of ``heal_terms.py`` (``--twins``, ``--w-attn``).
 
 Usage:
     python experiments/heal_screen.py --heal-steps 300 --extra 30000 \
@@ -28,10 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.heal_terms import (  # noqa: E402
+    AttentionTerm,
+    TwinTerm,
+    swap_words,
+    vocabulary_words,
+)
 from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
-from tnlm.compress.grammar import generate  # noqa: E402
 from tnlm.compress.pipeline import (  # noqa: E402  # noqa: E402
     MAIN_JOB_HEAL_STEPS,
     MAIN_JOB_LR,
@@ -43,10 +49,9 @@ from tnlm.compress.text import (  # noqa: E402
     default_text,
     docstring_roots,
     docstring_sentences,
-    swap_words,
-    vocabulary_words,
 )
 from tnlm.integration import MPOModel, default_model_path  # noqa: E402
+from tnlm.textgen import generate  # noqa: E402
 
 
 def main() -> None:
@@ -61,15 +66,17 @@ def main() -> None:
     ap.add_argument("--train", default=cli.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--w-cos", type=float, default=hc.w_cos)
-    ap.add_argument("--w-attn", type=float, default=hc.w_attn)
-    ap.add_argument("--attn-relations", default=",".join(hc.attn_relations),
+    ap.add_argument("--w-attn", type=float, default=0.0,
+                    help="> 0: the attention-relation term (experiments/heal_terms.py)")
+    ap.add_argument("--attn-relations", default="qk",
                     help="comma-separated: qk (attention), vv (value relation)")
     ap.add_argument("--bucket", type=int, default=hc.bucket)
     ap.add_argument("--teacher-bf16", action="store_true")
     ap.add_argument("--student-bf16", action="store_true")
-    ap.add_argument("--twins", type=int, default=hc.twins)
-    ap.add_argument("--twin-words", type=float, default=hc.twin_words)
-    ap.add_argument("--w-twin", type=float, default=hc.w_twin)
+    ap.add_argument("--twins", type=int, default=0,
+                    help="> 0: word-swapped twins per batch (experiments/heal_terms.py)")
+    ap.add_argument("--twin-words", type=float, default=0.15)
+    ap.add_argument("--w-twin", type=float, default=10.0)
     ap.add_argument("--extra", type=int, default=0, help="fresh generated sentences added")
     ap.add_argument("--extra-doc", type=int, default=0,
                     help="more docstring sentences added (stdlib, transformers, torch, numpy)")
@@ -90,6 +97,11 @@ def main() -> None:
     ap.add_argument("--cache", default="/work/runs/cache")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.twins and args.w_attn:
+        ap.error("--twins and --w-attn are two healing terms: screen one at a time")
+    term = (TwinTerm(args.twins, args.twin_words, args.w_twin) if args.twins else
+            AttentionTerm(args.w_attn, tuple(args.attn_relations.split(","))) if args.w_attn
+            else None)
     from transformers import AutoModel, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -139,11 +151,8 @@ def main() -> None:
         heal_text = heal_text + found[:args.extra_tsv_n or None]
     hcfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
                       batch_size=args.batch_size, train=args.train, w_hidden=args.w_hidden,
-                      w_cos=args.w_cos, w_attn=args.w_attn,
-                      attn_relations=tuple(args.attn_relations.split(",")),
-                      bucket=args.bucket, teacher_bf16=args.teacher_bf16,
-                      student_bf16=args.student_bf16, twins=args.twins,
-                      twin_words=args.twin_words, w_twin=args.w_twin)
+                      w_cos=args.w_cos, bucket=args.bucket, teacher_bf16=args.teacher_bf16,
+                      student_bf16=args.student_bf16, term=term)
     t1 = time.perf_counter()
     hr = heal(student, teacher, tok, heal_text, hcfg, progress=False)
     heal_s = time.perf_counter() - t1

@@ -1,8 +1,9 @@
 """Markdown table of healing screens (results/heal_screen/, experiments/heal_screen.py).
 
 Runs whose names differ only by a ``_s<seed>`` suffix form one row (mean ± std over
-seeds; a name without the suffix is seed 0). The default-text column: ``captions`` for
-results with the scene captions in the default text, ``pre-caption`` before them. Files
+seeds; a name without the suffix is seed 0). The default-text column: the recorded
+``text_version`` (:data:`tnlm.textgen.TEXT_VERSION`), ``captions`` for the text with scene
+captions (recorded so before the version was a hash), ``pre-caption`` before them. Files
 that are not screen results (no ``cosine_mean``) are skipped with a note on stderr.
 
 Usage:
@@ -25,6 +26,9 @@ COLS = (("cosine_mean", 3), ("cosine_train", 3), ("cosine_dev_mean", 3),
 #: options shown when they differ from these values
 OPTIONS = (("w_attn", 0.0), ("attn_relations", "qk"), ("extra", 0), ("extra_doc", 0),
            ("extra_tsv", ""), ("twins", 0), ("w_cos", 1.0), ("w_hidden", 1.0))
+#: text versions recorded as hashes that are the same text as an earlier name: results with
+#: either are comparable (tests/test_textgen.py pins the generated sentences)
+SAME_TEXT = {"textgen1-f89873f696fc": "captions"}
 
 
 def options(d: dict) -> str:
@@ -63,6 +67,7 @@ def main() -> None:
         d = ds[0]
         cells = [cell([x[c] for x in ds if x.get(c) is not None], k) for c, k in COLS]
         text = d.get("text_version", "pre-caption")
+        text = SAME_TEXT.get(text, text)
         print(f"| {name} | {text} | {d['budget']} | {d['heal_steps']} | {d['train']} | "
               f"{d['lr']:g} | {options(d)} | {len(ds)} | " + " | ".join(cells) + " |")
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments.heal_terms import RelationalTerm  # noqa: E402
 from experiments.screening import main_job_split, measure, write_result  # noqa: E402
 from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
 from tnlm.compress.distill import HealConfig  # noqa: E402
@@ -47,7 +48,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=MAIN_JOB_LR)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--w-cos", type=float, default=hc.w_cos)
-    ap.add_argument("--w-rel", type=float, default=hc.w_rel)
+    ap.add_argument("--w-rel", type=float, default=0.0,
+                    help="> 0: the relational term (experiments/heal_terms.py)")
     ap.add_argument("--neighbours", action="store_true",
                     help="half of each healing batch: nearest neighbours of the other half")
     ap.add_argument("--plain", action="store_true",
@@ -84,8 +86,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed, w_hidden=args.w_hidden,
                       teacher_bf16=cli.teacher_bf16,
-                      w_cos=args.w_cos, w_rel=args.w_rel, neighbours=args.neighbours,
-                      batch_size=args.batch_size,
+                      w_cos=args.w_cos, batch_size=args.batch_size,
+                      term=RelationalTerm(args.w_rel, args.neighbours)
+                      if args.w_rel or args.neighbours else None,
                       train=args.train)
     cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=args.allocation,
                             heal=heal, reconstruct_steps=args.reconstruct_steps,

@@ -15,6 +15,7 @@ from torch import nn
 
 from tnlm.compress.quality import embedding_cosine, sick_spearman
 from tnlm.compress.text import compression_sizes, read_sentences, split_sentences
+from tnlm.textgen import TEXT_VERSION
 
 
 def main_job_split(text: Sequence[str], calibration: int, seed: int,
@@ -44,14 +45,10 @@ def measure(student: nn.Module, teacher: nn.Module, tok: Any, held_out: Sequence
     return out
 
 
-#: which default text a result was measured with ("captions": the grammar with scene
-#: captions; results without the field predate them)
-TEXT_VERSION = "captions"
-
 
 def write_result(out: dict[str, Any], path: str, keys: Sequence[str]) -> None:
-    """Write ``out`` (with ``text_version``) as JSON to ``path`` and print ``keys`` of it
-    on one line."""
+    """Write ``out`` (with ``text_version``: :data:`tnlm.textgen.TEXT_VERSION`, the version of
+    the generated default text) as JSON to ``path`` and print ``keys`` of it on one line."""
     out = dict(out, text_version=TEXT_VERSION)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1))

@@ -1,4 +1,4 @@
-"""The training path of MPOLinear's dense mode (``_BlockLinear``, ``TrainCost``): exactness
+"""The training path of MPOLinear's dense mode (``tnlm.bridge.training``, ``TrainCost``): exactness
 and planning, no timing (speed is measured by ``benchmarks/bench_model.py``).
 
 The reference is ``block_train = False``: autograd through the chain's einsums (the

@@ -234,9 +234,9 @@ def test_a_blow_up_restores_the_best_student_and_names_the_checkpoint(
     tok, teacher, sents, student = _truncated(model_dir, 0.25)
     real, states, losses = distill._loss, [], []
 
-    def blowing_up(student, teacher, batch, cfg, twins=0):  # x 1e6 from the 6th step on
+    def blowing_up(student, teacher, batch, cfg, positions=()):  # x 1e6 from the 6th step on
         states.append({k: v.detach().clone() for k, v in student.state_dict().items()})
-        loss = real(student, teacher, batch, cfg, twins) * (1e6 if len(states) >= 6 else 1)
+        loss = real(student, teacher, batch, cfg, positions) * (1e6 if len(states) >= 6 else 1)
         losses.append(float(loss))
         return loss
 

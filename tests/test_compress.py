@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from experiments import heal_terms as ht
 from tests.common import SHORT_WORDS as WORDS
 from tests.common import one_thread  # noqa: F401  (module-scoped autouse fixture)
 from tnlm.bridge import MPOLinear, MPOModule, weight_xw
@@ -25,13 +26,7 @@ from tnlm.compress.pipeline import (
     layer_groups,
     rank_for_fraction,
 )
-from tnlm.compress.text import (
-    docstring_sentences,
-    read_sentences,
-    split_sentences,
-    swap_words,
-    vocabulary_words,
-)
+from tnlm.compress.text import docstring_sentences, read_sentences, split_sentences
 from tnlm.integration import MPOConfig, MPOModel
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
@@ -567,9 +562,9 @@ def _spy_loss(monkeypatch, nan_at=None):
     """Record the student's state before every step; optionally a NaN loss at step nan_at."""
     real, states = distill._loss, []
 
-    def spy(student, teacher, batch, cfg, twins=0):
+    def spy(student, teacher, batch, cfg, positions=()):
         states.append({k: v.detach().clone() for k, v in student.state_dict().items()})
-        loss = real(student, teacher, batch, cfg, twins)
+        loss = real(student, teacher, batch, cfg, positions)
         return loss * float("nan") if len(states) == nan_at else loss
 
     monkeypatch.setattr(distill, "_loss", spy)
@@ -609,6 +604,7 @@ def test_heal_bad_input(tok, sentences, damaged):
                                                                "max_grad_norm"),
     (dict(train="x"), "train"), (dict(bucket=-1), "bucket"), (dict(bucket=2.0), "bucket"),
     (dict(teacher_bf16=1), "teacher_bf16"), (dict(student_bf16="yes"), "student_bf16"),
+    (dict(term="twins"), "term"),
 ])
 def test_heal_config_rejects_bad_values(kw, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
@@ -748,26 +744,10 @@ def test_generated_sentences_are_distinct_deterministic_and_varied():
     assert any(" is being " in s for s in a)  # the captions' passive voice is in the mix
 
 
-def test_captions_use_every_construction_and_agree_in_number():
-    from tnlm.compress.captions import caption
-
-    rng = random.Random(0)
-    caps = [caption(rng) for _ in range(3000)]
-    assert caps[:50] == [caption(r) for r in [random.Random(0)] for _ in range(50)]
-    assert all(c[0].isupper() and c.endswith(".") and "  " not in c for c in caps)
-    for marker in (" is being ", "There is no ", "Nobody is ", "There are ", " and ",
-                   " are not ", " wearing "):
-        assert any(marker in c for c in caps), marker
-    assert not any(c.startswith("There is the") or c.startswith("There are the")
-                   for c in caps)  # an existential takes an indefinite subject
-    assert not any(c.startswith(("Two", "Three", "Four")) and " is " in c.split(" and ")[0]
-                   for c in caps)  # a plural subject takes "are"
-    assert len(set(caps)) > 2900  # compositional: few repeats
-
-
+# ------------------------------------------- healing terms of experiments/heal_terms.py
 def test_nearest_neighbours_is_the_most_similar_other_sentence(tok, sentences, damaged):
     teacher = damaged[0]
-    near = distill.nearest_neighbours(teacher, tok, sentences, chunk=7)
+    near = ht.nearest_neighbours(teacher, tok, sentences, chunk=7)
     assert len(near) == len(sentences) and all(j != i for i, j in enumerate(near))
     with torch.no_grad():
         b = batch_of(tok, sentences)
@@ -782,36 +762,47 @@ def test_heal_with_neighbour_pairs_and_relational_loss(tok, sentences, damaged, 
     teacher, student = copy.deepcopy(damaged[0]), copy.deepcopy(damaged[1])
     seen = []
     real = distill._loss
-    monkeypatch.setattr(distill, "_loss", lambda s, t, batch, cfg, twins=0: (
-        seen.append(batch["input_ids"].shape[0]), real(s, t, batch, cfg, twins))[1])
-    near = distill.nearest_neighbours(teacher, tok, sentences)
+    monkeypatch.setattr(distill, "_loss", lambda s, t, batch, cfg, positions=(): (
+        seen.append(batch["input_ids"].shape[0]), real(s, t, batch, cfg, positions))[1])
+    near = ht.nearest_neighbours(teacher, tok, sentences)
     calls = []
-    monkeypatch.setattr(distill, "nearest_neighbours", lambda *a, **k: calls.append(1) or near)
-    rows = []
-    monkeypatch.setattr(distill, "rank_share", lambda draw, *a: rows.append(list(draw)) or
-                        list(draw))
-    cfg = HealConfig(steps=5, lr=1e-2, warmup=1, batch_size=8, w_rel=10.0, neighbours=True)
+    monkeypatch.setattr(ht, "nearest_neighbours", lambda *a, **k: calls.append(1) or near)
+    groups = []
+    monkeypatch.setattr(distill, "rank_share", lambda draw, rank, world, group=1: (
+        groups.append(group), list(draw))[1])
+    term = ht.RelationalTerm(10.0, neighbours=True)
+    rows, prepare = [], term.prepare
+
+    def drawn(*a):
+        rows.extend(prepare(*a))
+        return rows
+
+    monkeypatch.setattr(term, "prepare", drawn)
+    cfg = HealConfig(steps=5, lr=1e-2, warmup=1, batch_size=8, term=term)
     res = heal(student, teacher, tok, sentences, cfg, progress=False)
     assert calls == [1] and seen == [8] * 5 and all(math.isfinite(v) for v in res.losses)
+    assert groups == [2] * 5  # a rank takes whole pairs
     assert len(rows) == 5 and all(len(r) == 8 and r[1::2] == [near[i] for i in r[::2]]
                                   for r in rows)  # every anchor is followed by its neighbour
     b = batch_of(tok, sentences[:8])
     with torch.no_grad():
         plain = float(real(student, teacher, b, HealConfig()))
-        rel = float(real(student, teacher, b, HealConfig(w_rel=10.0)))
+        rel = float(real(student, teacher, b, HealConfig(term=ht.RelationalTerm(10.0))))
     assert rel > plain  # the relational term adds a positive amount for a damaged student
+    with pytest.raises(ValueError, match="^w_rel must"):
+        ht.RelationalTerm(-1.0)
 
 
 def test_swap_words_replaces_a_share_of_the_lower_case_words(tok):
-    words = vocabulary_words(tok)
+    words = ht.vocabulary_words(tok)
     assert words == sorted(words) and all(w.isalpha() and w.islower() for w in words)
     s = "The cat sat on the mat near the old red door ."
-    a = swap_words(s, ["zz"], 0.3, random.Random(0))
-    assert a == swap_words(s, ["zz"], 0.3, random.Random(0))  # deterministic for a seed
+    a = ht.swap_words(s, ["zz"], 0.3, random.Random(0))
+    assert a == ht.swap_words(s, ["zz"], 0.3, random.Random(0))  # deterministic for a seed
     assert len(a.split()) == len(s.split()) and a.split()[0] == "The" and a.endswith(" .")
     assert sum(x != y for x, y in zip(a.split(), s.split())) == 3  # 30 % of 10, rounded
-    assert swap_words("Hello World .", ["zz"], 0.5, random.Random(0)) == "Hello World ."
-    assert swap_words("a b", ["zz"], 0.01, random.Random(0)).count("zz") == 1  # at least one
+    assert ht.swap_words("Hello World .", ["zz"], 0.5, random.Random(0)) == "Hello World ."
+    assert ht.swap_words("a b", ["zz"], 0.01, random.Random(0)).count("zz") == 1  # at least one
 
 
 def test_heal_with_word_swapped_twins(tok, sentences, damaged, monkeypatch):
@@ -819,15 +810,15 @@ def test_heal_with_word_swapped_twins(tok, sentences, damaged, monkeypatch):
     seen, real = [], distill._loss
     tok_call = tok.__class__.__call__
 
-    def spy(s, t, batch, cfg, twins=0):
-        seen.append((batch["input_ids"].shape[0], twins))
-        return real(s, t, batch, cfg, twins)
+    def spy(s, t, batch, cfg, positions=()):
+        seen.append((batch["input_ids"].shape[0], sum(p < 6 for p in positions) // 2))
+        return real(s, t, batch, cfg, positions)
 
     texts = []
     monkeypatch.setattr(distill, "_loss", spy)
     monkeypatch.setattr(tok.__class__, "__call__",
                         lambda self, x, **kw: texts.append(list(x)) or tok_call(self, x, **kw))
-    cfg = HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, twins=3)
+    cfg = HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, term=ht.TwinTerm(3))
     res = heal(student, teacher, tok, sentences, cfg, progress=False)
     monkeypatch.undo()
     assert seen == [(8, 3)] * 3 and all(math.isfinite(v) for v in res.losses)
@@ -839,15 +830,16 @@ def test_heal_with_word_swapped_twins(tok, sentences, damaged, monkeypatch):
         assert all(len(b[2 * k + 1].split()) == len(b[2 * k].split()) for k in range(3))
     batch = batch_of(tok, [t for k in range(3) for t in batches[0][2 * k:2 * k + 2]])
     with torch.no_grad():
-        plain = float(real(student, teacher, batch, cfg))
-        twin = float(real(student, teacher, batch, cfg, 3))
-    assert twin >= plain and twin - plain < cfg.w_twin * 4  # a squared cosine gap, >= 0
+        plain = float(real(student, teacher, batch, cfg))  # no positions: no pairs
+        twin = float(real(student, teacher, batch, cfg, range(6)))
+    assert twin >= plain and twin - plain < cfg.term.w_twin * 4  # a squared cosine gap, >= 0
     with pytest.raises(ValueError, match="^twins must"):
-        HealConfig(batch_size=8, twins=5)
-    with pytest.raises(ValueError, match="twins and neighbours"):
-        HealConfig(twins=2, neighbours=True)
+        heal(student, teacher, tok, sentences,
+             HealConfig(steps=1, batch_size=8, term=ht.TwinTerm(5)), progress=False)
+    with pytest.raises(ValueError, match="^twins must"):
+        ht.TwinTerm(0)
     with pytest.raises(ValueError, match="^twin_words must"):
-        HealConfig(twins=2, twin_words=0)
+        ht.TwinTerm(2, twin_words=0)
 
 
 def test_rank_share_keeps_pairs_together_and_covers_the_draw():
@@ -858,7 +850,8 @@ def test_rank_share_keeps_pairs_together_and_covers_the_draw():
     assert distill.rank_share(draw, 1, 3) == [1, 4, 7]
     assert distill.rank_share([5, 6], 3, 4, group=2) == [5, 6]  # an idle rank takes a pair
     with pytest.raises(ValueError, match="batch_size must be even"):
-        HealConfig(batch_size=7, neighbours=True)
+        ht.RelationalTerm(1.0, neighbours=True).prepare(
+            None, None, ["a", "b"], HealConfig(batch_size=7), random.Random(0))
 
 
 def test_nearest_neighbours_works_on_a_model_with_a_head(tok, sentences):
@@ -866,8 +859,8 @@ def test_nearest_neighbours_works_on_a_model_with_a_head(tok, sentences):
 
     torch.manual_seed(0)
     clf = BertForSequenceClassification(bert().config).eval()
-    assert distill.nearest_neighbours(clf, tok, sentences) == \
-        distill.nearest_neighbours(clf.bert, tok, sentences)
+    assert ht.nearest_neighbours(clf, tok, sentences) == \
+        ht.nearest_neighbours(clf.bert, tok, sentences)
 
 
 def _attention_kl_from_the_models(student, teacher, batch):
@@ -892,11 +885,11 @@ def _attention_kl_from_the_models(student, teacher, batch):
 
 def test_attention_relation_term_is_the_kl_of_the_models_attention(tok, sentences, damaged):
     teacher, student = damaged
-    assert len(distill.attention_projections(teacher)) == 2
-    assert len(distill.attention_projections(student)) == 2  # MPO layers found alike
+    assert len(ht.attention_projections(teacher)) == 2
+    assert len(ht.attention_projections(student)) == 2  # MPO layers found alike
     batch = batch_of(tok, sentences[:6])  # unequal lengths: padding is masked
     cfg0 = HealConfig(teacher_bf16=False)
-    cfg = HealConfig(teacher_bf16=False, w_attn=1.0)
+    cfg = HealConfig(teacher_bf16=False, term=ht.AttentionTerm(1.0))
     with torch.no_grad():
         term = float(distill._loss(student, teacher, batch, cfg)
                      - distill._loss(student, teacher, batch, cfg0))
@@ -906,20 +899,20 @@ def test_attention_relation_term_is_the_kl_of_the_models_attention(tok, sentence
                                  rel=1e-4, abs=1e-6)
     assert same == pytest.approx(0.0, abs=1e-6)
     # hooks are gone after the loss: a later forward records nothing
-    assert all(not m._forward_hooks for qkv in distill.attention_projections(student)
+    assert all(not m._forward_hooks for qkv in ht.attention_projections(student)
                for m in qkv)
 
 
 def test_relation_kl_ignores_padding_and_checks_the_width():
     torch.manual_seed(0)
     a_s, b_s, a_t, b_t = (torch.randn(1, 5, 8) for _ in range(4))
-    one = distill.relation_kl(a_s, b_s, a_t, b_t, 2, torch.ones(1, 5))
+    one = ht.relation_kl(a_s, b_s, a_t, b_t, 2, torch.ones(1, 5))
     pad = [torch.cat([x, torch.randn(1, 3, 8)], 1) for x in (a_s, b_s, a_t, b_t)]
     mask = torch.tensor([[1.0] * 5 + [0.0] * 3])
-    assert float(distill.relation_kl(*pad, 2, mask)) == pytest.approx(float(one), rel=1e-5)
-    assert float(distill.relation_kl(a_t, b_t, a_t, b_t, 2, torch.ones(1, 5))) == 0.0
+    assert float(ht.relation_kl(*pad, 2, mask)) == pytest.approx(float(one), rel=1e-5)
+    assert float(ht.relation_kl(a_t, b_t, a_t, b_t, 2, torch.ones(1, 5))) == 0.0
     with pytest.raises(ValueError, match="heads=3"):
-        distill.relation_kl(a_s, b_s, a_t, b_t, 3, torch.ones(1, 5))
+        ht.relation_kl(a_s, b_s, a_t, b_t, 3, torch.ones(1, 5))
 
 
 def test_heal_with_attention_relations_lowers_them(tok, sentences, damaged):
@@ -928,9 +921,9 @@ def test_heal_with_attention_relations_lowers_them(tok, sentences, damaged):
                              CompressionConfig(TARGETS, budget=0.3, heal=None),
                              progress=False).model
     cfg = HealConfig(steps=20, lr=1e-2, warmup=1, batch_size=16, w_hidden=0.0, w_cos=0.0,
-                     w_attn=1.0, attn_relations=("qk", "vv"), teacher_bf16=False)
+                     term=ht.AttentionTerm(1.0, ("qk", "vv")), teacher_bf16=False)
     batch = batch_of(tok, sentences[:16])
-    only = HealConfig(w_hidden=0.0, w_cos=0.0, w_attn=1.0, attn_relations=("qk", "vv"),
+    only = HealConfig(w_hidden=0.0, w_cos=0.0, term=ht.AttentionTerm(1.0, ("qk", "vv")),
                       teacher_bf16=False)
     with torch.no_grad():
         before = float(distill._loss(student.eval(), teacher, batch, only))
@@ -939,13 +932,13 @@ def test_heal_with_attention_relations_lowers_them(tok, sentences, damaged):
         after = float(distill._loss(student, teacher, batch, only))
     assert all(math.isfinite(v) for v in res.losses) and after < 0.8 * before, (before, after)
     for bad in ((), ("qq",), "qk"):
-        with pytest.raises(ValueError, match="^attn_relations must"):
-            HealConfig(attn_relations=bad)
+        with pytest.raises(ValueError, match="^relations must"):
+            ht.AttentionTerm(1.0, bad)
     with pytest.raises(ValueError, match="^w_attn must"):
-        HealConfig(w_attn=-1.0)
+        ht.AttentionTerm(-1.0)
     with pytest.raises(ValueError, match="query, key and value"):
         distill._loss(torch.nn.Identity(), teacher, batch, cfg)
-    assert all(not m._forward_hooks for qkv in distill.attention_projections(teacher)
+    assert all(not m._forward_hooks for qkv in ht.attention_projections(teacher)
                for m in qkv)  # the teacher's hooks were removed too
 
 
@@ -962,9 +955,9 @@ def test_attention_relations_cover_every_call_of_a_shared_albert_layer():
     with torch.no_grad():
         for p in student.encoder.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    blocks = distill.attention_projections(teacher)
+    blocks = ht.attention_projections(teacher)
     assert len(blocks) == 1  # one shared layer ...
-    rec = distill._Recorder(teacher)
+    rec = ht.Recorder(teacher)
     ids = torch.randint(5, 60, (2, 7))
     with torch.no_grad():
         teacher(input_ids=ids)
@@ -973,8 +966,18 @@ def test_attention_relations_cover_every_call_of_a_shared_albert_layer():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
              "token_type_ids": torch.zeros_like(ids)}
     with torch.no_grad():
-        term = float(distill._loss(student, teacher, batch, HealConfig(w_attn=1.0,
-                                                                       teacher_bf16=False))
+        term = float(distill._loss(student, teacher, batch,
+                                   HealConfig(term=ht.AttentionTerm(1.0), teacher_bf16=False))
                      - distill._loss(student, teacher, batch, HealConfig(teacher_bf16=False)))
     assert term == pytest.approx(_attention_kl_from_the_models(student, teacher, batch),
                                  rel=1e-4, abs=1e-6)
+
+
+def test_heal_settings_record_the_term():
+    teacher = bert(seed=3)
+    plain = distill.heal_settings(HealConfig(), ["a b ."], teacher)
+    twins = distill.heal_settings(HealConfig(term=ht.TwinTerm(2)), ["a b ."], teacher)
+    assert plain["term"] is None
+    assert twins["term"] == {"name": "TwinTerm", "twins": 2, "twin_words": 0.15, "w_twin": 10.0}
+    assert {k: v for k, v in twins.items() if k != "term"} == \
+        {k: v for k, v in plain.items() if k != "term"}

@@ -5,26 +5,13 @@ unlabeled sentences the loss is::
 
     loss = w_hidden · mean_l ||h_l^s - h_l^t||² / ||h_l^t||²      (masked, every layer output)
          + w_cos   · mean_b (1 - cos(pool^s_b, pool^t_b))          (mean-pooled embeddings)
-         + w_rel   · mean_bc (C^s_bc - C^t_bc)²                     (similarity structure)
-         + w_twin  · mean_k (cos^s(a_k, a'_k) - cos^t(a_k, a'_k))²   (twins, if any)
-         + w_attn  · mean_{l,x} KL(A^t_{l,x} || A^s_{l,x})           (attention relations)
+         + term                                                  (HealConfig.term, if any)
 
-where C_bc = cos(pool_b, pool_c) over the sentences of a batch: the relational term
-keeps which sentences are close to which, what similarity search and SICK measure.
-With ``neighbours=True`` half of each batch are anchors drawn at random and half their
-nearest neighbours in the teacher's embedding space (found once, before training), so
-the relational term also sees close pairs, whose fine differences random pairs miss.
-With ``twins=k``, k sentences of each batch come with a twin a'_k: the same sentence
-with a ``twin_words`` share of its words swapped for random words of the tokenizer's
-vocabulary (:func:`tnlm.compress.text.swap_words`), and the twin term asks the student
-to rate each pair as similar as the teacher does.
-Under ``torch.distributed`` each rank computes the relational term over its own share
-of the batch (whole pairs), so it compares fewer pairs than one process would.
-For x in ``attn_relations`` (``"qk"``, ``"vv"``), A_{l,qk} = softmax(Q_h K_hᵀ/√d_h) is
-block l's attention distribution per head and A_{l,vv} = softmax(V_h V_hᵀ/√d_h) its value
-relation (as in MiniLM's own distillation), read from the outputs of the self-attention's
-``query``/``key``/``value`` modules by forward hooks; the KL is summed over keys (padding
-masked) and averaged over heads and real query tokens.
+``HealConfig.term``, a :class:`HealTerm`, adds one more term and may shape the batches
+(its own draws, pairs of entries kept on one rank, hooks around the forward passes). The
+library ships none: the terms screened so far (a similarity-structure term with
+nearest-neighbour pairs, word-swapped twins, attention relations) measured no gain and
+live in ``experiments/heal_terms.py``.
 
 What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
 ``"auxiliary"`` the same without the central tensors; ``"all"`` adds every other
@@ -51,12 +38,14 @@ this run has one.
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +56,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import mpo_modules
-from tnlm.compress.quality import embed
-from tnlm.compress.text import swap_words, vocabulary_words
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
-           "length_bucketed_draws", "fast_bf16", "attention_projections", "relation_kl",
-           "nearest_neighbours", "heal_settings", "read_heal_state", "check_resumable",
+           "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
+           "heal_settings", "read_heal_state", "check_resumable",
            "STATE_FILE", "BLOWUP_WINDOW"]
 
 
 TRAIN_CHOICES = ("cores", "auxiliary", "all")
-#: relation name -> the (query, key, value) outputs it pairs: softmax(A Bᵀ/√d_h) per head
-ATTN_RELATIONS = {"qk": (0, 1), "vv": (2, 2)}
 #: the healing checkpoint's JSON (step, losses, settings) and tensors, in ``checkpoint_dir``
 STATE_FILE, STATE_TENSORS = "heal_state.json", "heal_state.safetensors"
 #: losses averaged for the blow-up test (``HealConfig.max_loss_ratio``)
@@ -91,6 +76,68 @@ LOSS_FLOOR = 1e-2
 
 
 @dataclass
+class HealBatch:
+    """What a :class:`HealTerm` sees of one step's batch on this rank (float32 outputs)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    #: the tokenized texts (input_ids, attention_mask, ...)
+    batch: dict[str, torch.Tensor]
+    #: the texts' positions in the step's entries (:meth:`HealTerm.entries`), in order
+    positions: list[int]
+    #: every layer's output (embeddings first), of the student and of the teacher
+    student_hidden: tuple[torch.Tensor, ...]
+    teacher_hidden: tuple[torch.Tensor, ...]
+    #: the mean-pooled last layer (:func:`mean_pool`), (batch, dim)
+    student_pooled: torch.Tensor
+    teacher_pooled: torch.Tensor
+
+
+class HealTerm(abc.ABC):
+    """One more term of the healing loss, with a say in how the batches are made.
+
+    :func:`heal` calls :meth:`prepare` once, then every step: the step's drawn sentences
+    become :meth:`entries`, a rank takes whole groups of :attr:`group` consecutive entries
+    (:func:`rank_share`), the teacher's and the student's forward passes run inside
+    :meth:`recording`, and :meth:`loss` is added to the loss. Only :meth:`loss` must be
+    written; the other methods default to doing nothing. Loss and batches must depend only
+    on the arguments (and the seeds in ``config``): a resumed run replays the same steps.
+    """
+
+    #: consecutive entries that stay together on one rank (2 for pairs)
+    group: int = 1
+
+    def settings(self) -> dict[str, Any]:
+        """JSON values recorded with the healing settings (:func:`heal_settings`): a
+        checkpoint made with other settings is not resumed. Default: the class name and
+        the instance's public attributes."""
+        return {"name": type(self).__name__,
+                **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+    def prepare(self, teacher: nn.Module, tokenizer: Any, sentences: Sequence[str],
+                config: HealConfig, rng: random.Random) -> list[list[int]] | None:
+        """Called once before training; may return every step's draw (``config.steps``
+        lists of indices into ``sentences``) in place of :func:`heal`'s own, drawn with
+        ``rng`` (seeded by ``config.seed``). Default: ``None``."""
+        return None
+
+    def entries(self, step: int, texts: list[str]) -> list[str]:
+        """The texts of step ``step`` (0-based) from the ones drawn for it, before the
+        ranks share them. Default: the drawn texts."""
+        return texts
+
+    @contextlib.contextmanager
+    def recording(self, student: nn.Module, teacher: nn.Module) -> Iterator[None]:
+        """A context around the teacher's and the student's forward passes (e.g. forward
+        hooks that keep what :meth:`loss` needs). Default: nothing."""
+        yield
+
+    @abc.abstractmethod
+    def loss(self, hb: HealBatch) -> torch.Tensor | float:
+        """The term (weight included) for this rank's share of the batch."""
+
+
+@dataclass
 class HealConfig:
     """Hyper-parameters of :func:`heal` (defaults: measured on MiniLM, docs/results.md).
 
@@ -100,16 +147,9 @@ class HealConfig:
     saved only about 10 % of a step: ``benchmarks/bench_heal.py``).
     ``dropout``: run the student with its dropout layers active (off by default: the
     teacher runs without dropout, so dropout only adds noise to the fit).
-    ``w_rel`` / ``neighbours``: the relational term and neighbour pairs (module
-    docstring); off by default: on MiniLM at 50 %, 300 steps, they moved SICK by +0.001
-    and the held-out cosine by -0.005 (results/main_job/, docs/results.md).
-    ``twins`` / ``twin_words`` / ``w_twin``: the twin term (module docstring); off by
-    default: on MiniLM at 50 %, 2000 steps, ``twins=8`` lowered the held-out cosine from
-    0.970 to 0.941 and SICK from 0.786 to 0.784 (results/heal_screen/twins8_2000.json).
-    ``w_attn`` / ``attn_relations``: the attention-relation term (module docstring); off by
-    default: on MiniLM at 50 %, 2000 steps, ``w_attn=1`` moved SICK from 0.7915 to 0.7931
-    and the held-out cosine from 0.9696 to 0.9699 (within the seed spread) for 13 % more
-    time per step (results/heal_screen/captions_attn1_2000.json).
+    ``term``: one more loss term (a :class:`HealTerm`, module docstring); ``None`` by
+    default (the terms screened measured no gain: ``experiments/heal_terms.py``). Its
+    :meth:`HealTerm.settings` are recorded with the healing settings.
     ``max_loss_ratio``: stop (``FloatingPointError``, the best student restored) when the
     mean of the last :data:`BLOWUP_WINDOW` losses exceeds this multiple of the first loss
     (counted as at least :data:`LOSS_FLOOR`); 0: never.
@@ -122,8 +162,6 @@ class HealConfig:
     max_length: int = 64
     w_hidden: float = 1.0
     w_cos: float = 1.0
-    w_rel: float = 0.0
-    neighbours: bool = False
     train: str = "cores"
     seed: int = 0
     max_grad_norm: float = 1.0
@@ -133,19 +171,15 @@ class HealConfig:
     bucket: int = 8
     teacher_bf16: bool | None = False
     student_bf16: bool = False
-    twins: int = 0
-    twin_words: float = 0.15
-    w_twin: float = 10.0
-    w_attn: float = 0.0
-    attn_relations: tuple[str, ...] = ("qk",)
     max_loss_ratio: float = 10.0
+    term: HealTerm | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "w_hidden", "w_cos", "w_rel", "w_twin", "w_attn", "max_grad_norm"):
+        for name in ("lr", "w_hidden", "w_cos", "max_grad_norm"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -153,18 +187,6 @@ class HealConfig:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
                 r == 0 or (math.isfinite(r) and r > 1)):
             raise ValueError(f"max_loss_ratio must be 0 (off) or a finite number > 1, got {r!r}")
-        if not isinstance(self.neighbours, bool):
-            raise ValueError(f"neighbours must be a bool, got {self.neighbours!r}")
-        if self.neighbours and self.batch_size % 2:
-            raise ValueError(f"batch_size must be even with neighbours=True (pairs), got "
-                             f"{self.batch_size}")
-        if isinstance(self.twins, bool) or not isinstance(self.twins, int) or not (
-                0 <= 2 * self.twins <= self.batch_size):
-            raise ValueError(f"twins must be an int in [0, batch_size / 2], got {self.twins!r}")
-        if self.twins and self.neighbours:
-            raise ValueError("twins and neighbours both pair up batch entries: use one")
-        if not isinstance(self.twin_words, (int, float)) or not 0 < self.twin_words <= 1:
-            raise ValueError(f"twin_words must be a share in (0, 1], got {self.twin_words!r}")
         if isinstance(self.bucket, bool) or not isinstance(self.bucket, int) or self.bucket < 0:
             raise ValueError(f"bucket must be an int >= 0 (0 or 1: uniform draws), got "
                              f"{self.bucket!r}")
@@ -177,12 +199,9 @@ class HealConfig:
             raise ValueError(f"student_bf16 must be a bool, got {self.student_bf16!r}")
         if not isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
-        rel = self.attn_relations
-        if isinstance(rel, str) or not isinstance(rel, (tuple, list)) or not rel or any(
-                not isinstance(r, str) or r not in ATTN_RELATIONS for r in rel):
-            raise ValueError(f"attn_relations must be a non-empty tuple of "
-                             f"{tuple(ATTN_RELATIONS)}, got {rel!r}")
-        self.attn_relations = tuple(dict.fromkeys(rel))
+        if self.term is not None and not isinstance(self.term, HealTerm):
+            raise ValueError(f"term must be a HealTerm or None, got "
+                             f"{type(self.term).__name__}")
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
 
@@ -238,80 +257,13 @@ def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]
     return [(names[i], p) for i, (_, p) in chosen.items() if i in names]
 
 
-def attention_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
-    """Per self-attention block of ``model`` (in order): its ``(query, key, value)``
-    modules (BERT-style attention; dense or MPO layers alike); [] if it has none."""
-    out = []
-    for _, m in _base(model).named_modules():
-        qkv = tuple(getattr(m, a, None) for a in ("query", "key", "value"))
-        if all(isinstance(x, nn.Module) for x in qkv):
-            out.append(qkv)
-    return out
-
-
-class _Recorder:
-    """Forward hooks keeping the outputs of the query/key/value modules of one forward,
-    every call in order (a module shared across layers, ALBERT-style, is called once per
-    layer)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.blocks = attention_projections(model)
-        if not self.blocks:
-            raise ValueError("w_attn > 0 needs BERT-style self-attention modules with query, "
-                             "key and value submodules; this model has none")
-        self.out: dict[int, list[torch.Tensor]] = {}
-        self.handles = [mod.register_forward_hook(self._hook(id(mod)))
-                        for qkv in self.blocks for mod in qkv]
-
-    def _hook(self, key: int):
-        def hook(_m, _inp, output):
-            self.out.setdefault(key, []).append(output)
-        return hook
-
-    def qkv(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(query, key, value) outputs, float32, per block and call: [(B, L, D) x 3, ...]."""
-        return [(a.float(), b.float(), c.float()) for q, k, v in self.blocks
-                for a, b, c in zip(self.out.get(id(q), []), self.out.get(id(k), []),
-                                   self.out.get(id(v), []))]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def relation_kl(a_s: torch.Tensor, b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
-                heads: int, mask: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the relations softmax(A_h B_hᵀ/√d_h) per head.
-
-    ``a_*``, ``b_*``: (batch, seq, dim) with dim = heads · d_h; ``mask``: (batch, seq), 1 for
-    real tokens. Keys that are padding get probability 0; the KL (summed over keys) is
-    averaged over heads and real query tokens. Returns a scalar.
-    """
-    bsz, n, dim = a_s.shape
-    if dim % heads:
-        raise ValueError(f"width {dim} is not a multiple of heads={heads}")
-    dh = dim // heads
-    keep = mask.bool()
-
-    def logp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = a.view(bsz, n, heads, dh).transpose(1, 2)
-        b = b.view(bsz, n, heads, dh).transpose(1, 2)
-        scores = (a @ b.transpose(-1, -2)) / math.sqrt(dh)
-        return torch.log_softmax(scores.masked_fill(~keep[:, None, None, :], -1e4), dim=-1)
-
-    lt, ls = logp(a_t, b_t), logp(a_s, b_s)
-    kl = (lt.exp() * (lt - ls)).sum(-1)  # (batch, heads, seq)
-    rows = keep[:, None, :].expand_as(kl)
-    return kl[rows].mean()
-
-
-def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Tensor:
+def _loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
+          cfg: HealConfig, positions: Sequence[int] = ()) -> torch.Tensor:
+    """The healing loss of one batch (module docstring); ``positions``: the batch's entries'
+    positions in the step's entries, for ``cfg.term``."""
     mask = batch["attention_mask"]
-    recs: list[_Recorder] = []
-    try:
-        if cfg.w_attn:
-            recs.append(_Recorder(teacher))
-            recs.append(_Recorder(student))
+    term = cfg.term
+    with term.recording(student, teacher) if term is not None else contextlib.nullcontext():
         with torch.no_grad(), torch.autocast(
                 "cpu", dtype=torch.bfloat16,
                 enabled=cfg.teacher_bf16 and mask.device.type == "cpu"):
@@ -319,10 +271,6 @@ def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Ten
         with torch.autocast("cpu", dtype=torch.bfloat16,
                             enabled=cfg.student_bf16 and mask.device.type == "cpu"):
             s = student(**batch, output_hidden_states=True)
-        tqkv, sqkv = (recs[0].qkv(), recs[1].qkv()) if recs else ([], [])
-    finally:
-        for r in recs:
-            r.remove()
     th = tuple(h.float() for h in t.hidden_states)
     sh = tuple(h.float() for h in s.hidden_states)
     m = mask.unsqueeze(-1).to(sh[-1].dtype)
@@ -332,24 +280,9 @@ def _loss(student, teacher, batch, cfg: HealConfig, twins: int = 0) -> torch.Ten
     ps, pt = mean_pool(sh[-1], mask), mean_pool(th[-1], mask)
     cos = 1 - F.cosine_similarity(ps, pt, dim=-1).mean()
     loss = cfg.w_hidden * hid + cfg.w_cos * cos
-    if cfg.w_rel:
-        es, et = F.normalize(ps, dim=-1), F.normalize(pt, dim=-1)
-        loss = loss + cfg.w_rel * ((es @ es.T - et @ et.T) ** 2).mean()
-    if twins and cfg.w_twin:  # entries 2k, 2k+1 (k < twins): a sentence and its twin
-        a, b = slice(0, 2 * twins, 2), slice(1, 2 * twins, 2)
-        gap = (F.cosine_similarity(ps[a], ps[b], dim=-1)
-               - F.cosine_similarity(pt[a], pt[b], dim=-1))
-        loss = loss + cfg.w_twin * (gap ** 2).mean()
-    if recs:
-        if not sqkv or len(sqkv) != len(tqkv):
-            raise ValueError(f"attention relations: the teacher's query/key/value modules ran "
-                             f"{len(tqkv)} times, the student's {len(sqkv)}; they must run "
-                             f"alike and at least once")
-        heads = _base(student).config.num_attention_heads
-        terms = [relation_kl(sq[i], sq[j], tq[i], tq[j], heads, mask)
-                 for sq, tq in zip(sqkv, tqkv)
-                 for i, j in (ATTN_RELATIONS[r] for r in cfg.attn_relations)]
-        loss = loss + cfg.w_attn * torch.stack(terms).mean()
+    if term is not None:
+        loss = loss + term.loss(HealBatch(student, teacher, batch, list(positions), sh, th,
+                                          ps, pt))
     return loss
 
 
@@ -391,32 +324,10 @@ def length_bucketed_draws(lengths: Sequence[int], batch_size: int, steps: int, b
 
 def rank_share(draw: Sequence[int], rank: int, world: int, group: int = 1) -> list[int]:
     """The part of one step's ``draw`` that ``rank`` of ``world`` trains on: whole groups
-    of ``group`` consecutive entries (a sentence and its neighbour stay together), dealt
+    of ``group`` consecutive entries (pairs stay together with ``group=2``), dealt
     round-robin; a rank left with nothing takes the first group."""
     return [d for k, d in enumerate(draw) if (k // group) % world == rank] or list(
         draw[:group])
-
-
-@torch.no_grad()
-def nearest_neighbours(model: nn.Module, tokenizer: Any, sentences: Sequence[str],
-                       max_length: int = 64, batch_size: int = 64,
-                       chunk: int = 2048) -> list[int]:
-    """For each sentence, the index of its most similar *other* sentence by the cosine of
-    ``model``'s mean-pooled embeddings (:func:`tnlm.compress.quality.embed`, in eval
-    mode; (n,) list; n >= 2)."""
-    was = model.training
-    model.eval()
-    try:
-        e = embed(model, tokenizer, sentences, batch_size, max_length).float()
-    finally:
-        model.train(was)
-    out: list[int] = []
-    for i in range(0, len(e), chunk):
-        sim = e[i:i + chunk] @ e.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + i] = -math.inf
-        out += sim.argmax(1).tolist()
-    return out
 
 
 #: HealConfig fields that do not change what healing computes
@@ -439,12 +350,14 @@ def _digest(module: nn.Module) -> str:
 def heal_settings(config: HealConfig, sentences: Sequence[str], teacher: nn.Module,
                   context: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a healing run's result depends on, as JSON values: the :class:`HealConfig`
-    fields (not where or how often it checkpoints), the number of sentences and a hash of
+    fields (not where or how often it checkpoints; the term's :meth:`HealTerm.settings`),
+    the number of sentences and a hash of
     them (as :func:`heal` keeps them: non-empty strings), a hash of the teacher's state and
     the caller's ``context`` (e.g. the budget that made the student). Stored in every
     checkpoint; :func:`heal` resumes only from a checkpoint with the same settings."""
     kept = [s for s in sentences if isinstance(s, str) and s.strip()]
     cfg = {f: getattr(config, f) for f in config.__dataclass_fields__ if f not in _NOT_SETTINGS}
+    cfg["term"] = config.term.settings() if config.term is not None else None
     out = dict(cfg, sentences=len(kept),
                text_sha256=hashlib.sha256(json.dumps(kept).encode()).hexdigest(),
                teacher_sha256=_digest(teacher), context=context or {})
@@ -628,24 +541,18 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist \
         else (0, 1)
     rng = random.Random(cfg.seed)
-    group = 2 if cfg.twins else 1  # a rank takes whole pairs (twins, neighbours)
-    if cfg.neighbours and len(sentences) > 1:
-        near = nearest_neighbours(teacher, tokenizer, sentences, cfg.max_length)
-        # [a0, n0, a1, n1, ...]: a rank takes whole pairs (see below)
-        draws = [[j for _ in range(cfg.batch_size // 2)  # an even batch_size (checked)
-                  for i in [rng.randrange(len(sentences))] for j in (i, near[i])]
-                 for _ in range(steps)]
-        group = 2
+    term = cfg.term
+    draws = term.prepare(teacher, tokenizer, sentences, cfg, rng) if term is not None else None
+    group = term.group if term is not None else 1  # a rank takes whole groups (pairs)
+    if draws is not None:
+        if len(draws) != steps:
+            raise ValueError(f"the term's draws cover {len(draws)} steps, not {steps}")
     elif cfg.bucket > 1:
         draws = length_bucketed_draws(_token_lengths(tokenizer, sentences, cfg.max_length),
                                       cfg.batch_size, steps, cfg.bucket, rng)
     else:
         draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
                  for _ in range(steps)]
-    words = vocabulary_words(tokenizer) if cfg.twins else []
-    if cfg.twins and not words:
-        raise ValueError("twins need whole lower-case words in the tokenizer's vocabulary "
-                         "to swap in; this tokenizer has none")
     best = {n: p.detach().clone() for n, p in params}  # the student of the lowest loss
     best_step, best_loss, saved = start, math.inf, 0
 
@@ -664,18 +571,11 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     student.train(cfg.dropout)
     try:
         for step in bar:
-            if words:  # [a0, twin(a0), a1, twin(a1), ..., the rest]: whole pairs per rank
-                swap = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + 7)
-                drawn = [sentences[i] for i in draws[step]]
-                entries = [t for a in drawn[:cfg.twins]
-                           for t in (a, swap_words(a, words, cfg.twin_words, swap))
-                           ] + drawn[cfg.twins:len(drawn) - cfg.twins]
-                idx = rank_share(range(len(entries)), rank, world, group)
-                texts = [entries[i] for i in idx]
-                twins = sum(1 for i in idx if i < 2 * cfg.twins) // 2
-            else:
-                idx = rank_share(draws[step], rank, world, group)
-                texts, twins = [sentences[i] for i in idx], 0
+            entries = [sentences[i] for i in draws[step]]
+            if term is not None:
+                entries = term.entries(step, entries)
+            positions = rank_share(range(len(entries)), rank, world, group)
+            texts = [entries[i] for i in positions]
             batch = tokenizer(texts, padding=True, truncation=True,
                               max_length=cfg.max_length, return_tensors="pt")
             batch = {k: v for k, v in batch.items()
@@ -686,7 +586,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [],
                                        device_type=dev.type if dev.type != "cpu" else None):
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
-                loss = _loss(student, teacher, batch, cfg, twins)
+                loss = _loss(student, teacher, batch, cfg, positions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if dist:

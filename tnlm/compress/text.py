@@ -16,13 +16,11 @@ import random
 import re
 import sysconfig
 from collections.abc import Sequence
-from typing import Any
 
-from tnlm.compress.grammar import generate
+from tnlm.textgen import generate
 
 __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
-           "docstring_sentences", "generated_sentences", "read_sentences", "split_sentences",
-           "swap_words", "vocabulary_words"]
+           "docstring_sentences", "generated_sentences", "read_sentences", "split_sentences"]
 
 DEFAULT_TEXT_SOURCE = "generated sentences and docstrings of the installed Python source"
 
@@ -155,7 +153,7 @@ def split_sentences(sentences: Sequence[str], sizes: Sequence[int],
 
 def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
     """``n`` distinct everyday English sentences from tnlm's own grammar
-    (:func:`tnlm.compress.grammar.generate`: scenes, opinions and reviews, facts,
+    (:func:`tnlm.textgen.generate`: scenes, opinions and reviews, facts,
     questions; no corpus, no licence). Deterministic for a seed."""
     return generate(n, seed=seed)
 
@@ -175,26 +173,3 @@ def compression_sizes(n_sentences: int, n_calibration: int) -> tuple[int, int]:
     below 1 means the text is too short."""
     n_eval = min(256, n_sentences // 4)
     return n_eval, min(n_calibration, n_sentences - n_eval)
-
-
-def vocabulary_words(tokenizer: Any) -> list[str]:
-    """The whole lower-case words of a tokenizer's vocabulary (ASCII letters, at least two;
-    no word pieces, marks or special tokens), sorted."""
-    return sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha()
-                  and w.islower() and len(w) > 1)
-
-
-def swap_words(sentence: str, words: Sequence[str], share: float, rng: random.Random) -> str:
-    """``sentence`` with a ``share`` of its lower-case words (at least one, if it has any)
-    replaced by other words drawn from ``words``; other tokens and the spacing of a
-    whitespace-split sentence are kept."""
-    tokens = sentence.split()
-    spots = [i for i, t in enumerate(tokens) if t.isalpha() and t.islower()]
-    if not spots or not words:
-        return sentence
-    for i in rng.sample(spots, max(1, round(share * len(spots)))):
-        w = rng.choice(words)
-        while w == tokens[i] and len(set(words)) > 1:  # a swap changes the word
-            w = rng.choice(words)
-        tokens[i] = w
-    return " ".join(tokens)
