@@ -25,7 +25,7 @@ from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.quality import embed
 from tnlm.core.budget import uniform_max_bond
 from tnlm.integration import MPOConfig
-from tnlm.integration.model import module_paths, set_module
+from tnlm.integration.surgery import temporary
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
            "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID", "uniform_ranks",
@@ -196,15 +196,6 @@ class Sensitivity:
         return d * w / len(self.block_drops)
 
 
-def _swap(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    paths = module_paths(model)
-    old = {n: model.get_submodule(n) for n in new}
-    for n, m in new.items():
-        for path in paths[id(old[n])]:
-            set_module(model, path, m)
-    return old
-
-
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
                         layers: dict[str, WhitenedLayer],
@@ -234,11 +225,8 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
             I, J = layers[n].shape
             like = model.get_submodule(n)
             new[n] = layers[n].layer(rank_for_fraction(I, J, f), like, gauge)
-        old = _swap(model, new)
-        try:
+        with temporary(model, new):
             cos = torch.nn.functional.cosine_similarity(embed(model, tokenizer, probe), ref, -1)
-        finally:
-            _swap(model, old)
         drop = 1.0 - float(cos.mean())
         if kind == "type":
             sens.type_drops.setdefault(key, {})[f] = drop
