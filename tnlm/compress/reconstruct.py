@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.compress.layerwise import block_parameters
+from tnlm.integration.surgery import temporary
 
 __all__ = ["find_blocks", "reconstruct_blocks"]
 
@@ -110,22 +111,21 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
     s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
     if len(s_blocks) != len(t_blocks):
         raise ValueError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}")
-    modes = [(m, m.training) for m in student.modules()]
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    student.eval()
-    teacher.eval()
     batches = []
     for i in range(0, len(sentences), batch_size):
         b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
                       max_length=max_length, return_tensors="pt")
         batches.append({k: v for k, v in b.items()
                         if k in ("input_ids", "attention_mask", "token_type_ids")})
-    data = _capture(teacher, t_blocks[0], batches)
-    xs = [d[0] for d in data]
-    xt = [d[0] for d in data]
     rng = random.Random(seed)
     report = []
-    try:
+    # the student's flags and modes are put back at the end; the fitted values stay
+    with temporary(student, modes=True):
+        student.eval()
+        teacher.eval()
+        data = _capture(teacher, t_blocks[0], batches)
+        xs = [d[0] for d in data]
+        xt = [d[0] for d in data]
         for p in student.parameters():
             p.requires_grad_(False)
         for i in tqdm(range(len(s_blocks)), desc="block reconstruction", disable=not progress,
@@ -162,9 +162,4 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                     / len(data)
             xt = yt
             report.append((before, after))
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, mode in modes:
-            m.training = mode
     return report
