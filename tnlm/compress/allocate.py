@@ -25,6 +25,7 @@ from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.quality import embed
 from tnlm.core.budget import uniform_max_bond
 from tnlm.integration import MPOConfig
+from tnlm.integration.architectures import block_indices
 from tnlm.integration.surgery import temporary
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
@@ -161,7 +162,9 @@ def module_type(name: str) -> str:
 
 
 def block_index(name: str) -> int | None:
-    """The first numeric path component (the block), or ``None``."""
+    """The first numeric path component (the block), or ``None``: the block of a module
+    known by name only. With the model at hand the block comes from its architecture
+    (:func:`tnlm.integration.architectures.block_indices`)."""
     m = re.search(r"\.(\d+)\.", f".{name}.")
     return int(m.group(1)) if m else None
 
@@ -175,11 +178,14 @@ class Sensitivity:
         type_drops: module type -> {fraction kept: drop} (only that type truncated).
         block_drops: block -> drop (only that block truncated, at ``block_fraction``).
         block_fraction: the fraction used for the block drops.
+        blocks: layer name -> its block, as measured (from the model's architecture); a
+            name not in it: :func:`block_index` of the name.
     """
 
     type_drops: dict[str, dict[float, float]] = field(default_factory=dict)
     block_drops: dict[int, float] = field(default_factory=dict)
     block_fraction: float = 0.25
+    blocks: dict[str, int | None] = field(default_factory=dict)
 
     def drop(self, name: str, fraction: float, power: float = 0.5) -> float:
         """Estimated drop of truncating layer ``name`` alone to ``fraction``: its type's
@@ -191,7 +197,7 @@ class Sensitivity:
         if not self.block_drops:
             return d
         mean = float(np.mean(list(self.block_drops.values()))) or 1.0
-        b = block_index(name)
+        b = self.blocks[name] if name in self.blocks else block_index(name)
         w = (self.block_drops.get(b, mean) / mean) ** power if b is not None else 1.0
         return d * w / len(self.block_drops)
 
@@ -208,12 +214,12 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
     if not probe:
         raise ValueError("probe must hold at least one sentence")
     ref = embed(model, tokenizer, probe)
-    sens = Sensitivity(block_fraction=block_fraction)
+    sens = Sensitivity(block_fraction=block_fraction, blocks=block_indices(model, layers))
     by_type: dict[str, list[str]] = {}
     by_block: dict[int, list[str]] = {}
     for n in layers:
         by_type.setdefault(module_type(n), []).append(n)
-        b = block_index(n)
+        b = sens.blocks[n]
         if b is not None:
             by_block.setdefault(b, []).append(n)
     jobs = [("type", t, f, names) for t, names in by_type.items() for f in fractions]
