@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tnlm.bridge import kind_of, weight_xw
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.quality import embed
-from tnlm.core.budget import uniform_max_bond
+from tnlm.core.budget import check_fraction, uniform_max_bond
 from tnlm.integration import MPOConfig
 from tnlm.integration.architectures import block_indices
 from tnlm.integration.surgery import temporary
@@ -40,7 +40,9 @@ def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> d
 
     Raises:
         ValueError: ``fraction`` outside (0, 1].
+        TypeError: ``fraction`` is not a number.
     """
+    check_fraction("fraction", fraction)
     out = {}
     for name, m in model.named_modules():
         if name and kind_of(m) is not None and config.is_target(name):
@@ -247,8 +249,7 @@ def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fract
     (:meth:`Sensitivity.drop`) with at most ``fraction`` of the layers' parameters: a
     Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier. At ``fraction``
     1 (with ``allow_dense``) every layer stays dense: nothing is truncated."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_fraction("fraction", fraction)
     if fraction >= 1 and allow_dense:
         return {n: None for n in layers}
     total = sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
