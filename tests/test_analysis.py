@@ -156,6 +156,18 @@ def test_default_classifier(name, expected):
     assert default_classifier(name) == expected
 
 
+def test_default_classifier_knows_every_block_stack_and_default_target():
+    """The name-based classifier (no model at hand) keeps up with the architectures
+    tnlm knows: the layer of every default target inside every block stack."""
+    from tnlm.integration.architectures import ARCHITECTURES
+
+    for arch in ARCHITECTURES.values():
+        for target in arch.targets:
+            name = f"model.{arch.blocks}.3.{target}.weight"
+            layer, kind = default_classifier(name)
+            assert layer == 3 and kind != "other", (arch.name, name, kind)
+
+
 def test_model_profile_grid(rng):
     weights = {
         "encoder.layer.0.attention.self.query.weight": structured(rng),

@@ -8,6 +8,7 @@ from tnlm import MPO
 from tnlm.core import (
     allocate_bonds,
     bond_bounds,
+    check_fraction,
     max_bond_for_params,
     mpo_params,
     params_for_bonds,
@@ -58,6 +59,31 @@ def test_uniform_max_bond_padded_shapes_use_the_logical_size():
     logical = uniform_max_bond(ins, outs, 0.5, dense_params=30 * 26)
     assert mpo_params(ins, outs, logical) <= 0.5 * 30 * 26 < mpo_params(ins, outs, logical + 1)
     assert logical < uniform_max_bond(ins, outs, 0.5)
+
+
+def test_check_fraction_is_the_one_check_of_a_budget_fraction():
+    assert check_fraction("budget", 1) == 1.0 and type(check_fraction("b", 1)) is float
+    assert check_fraction("budget", np.float32(0.25)) == 0.25
+    for bad in (0, -0.1, 1.5, float("nan"), float("inf"), np.float64(2.0)):
+        with pytest.raises(ValueError, match=r"^budget must be a fraction in \(0, 1\], got"):
+            check_fraction("budget", bad)
+    for bad in ("0.5", True, np.bool_(True), None, [0.5]):
+        with pytest.raises(TypeError, match=r"^fraction must be a number in \(0, 1\], got"):
+            check_fraction("fraction", bad)
+
+
+def test_every_budget_fraction_is_checked_by_it():
+    from tnlm.compress.allocate import sensitivity_ranks, uniform_overrides
+
+    msg = r"^fraction must be a fraction in \(0, 1\], got 1.5"
+    with pytest.raises(ValueError, match=msg):
+        uniform_max_bond((4, 4), (4, 4), 1.5)
+    with pytest.raises(ValueError, match=msg):
+        sensitivity_ranks({}, None, 1.5)
+    with pytest.raises(ValueError, match=msg):
+        uniform_overrides(None, None, 1.5)
+    with pytest.raises(ValueError, match=r"^budget must be a fraction .* pass an int"):
+        allocate_bonds({"a": MPO.from_matrix(np.eye(16), (4, 4), (4, 4))}, 1.5)
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5, float("nan"), float("inf")])

@@ -704,7 +704,8 @@ def test_docstring_sentences_are_plain_sentences():
 
 
 def test_reconstruct_blocks_lowers_block_errors_and_touches_only_blocks(tok, sentences):
-    from tnlm.compress.reconstruct import find_blocks, reconstruct_blocks
+    from tnlm.compress.reconstruct import reconstruct_blocks
+    from tnlm.integration.architectures import find_blocks
 
     model = bert(seed=11)
     teacher = copy.deepcopy(model).eval()

@@ -27,8 +27,10 @@ from tnlm.compress.causal import (
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.integration.architectures import (
     architecture_of,
+    block_indices,
     blocks_of,
     default_targets,
+    find_blocks,
     supported_model_types,
 )
 from tnlm.integration.loading import check_model_source
@@ -80,6 +82,35 @@ def test_architecture_entries_name_blocks_and_targets():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, vocab_size=50))
     assert not architecture_of(bert).causal and len(blocks_of(bert)) == 2
+
+
+def test_block_of_each_module_comes_from_the_architecture():
+    for make in MAKERS.values():
+        m = make()
+        assert find_blocks(m) is blocks_of(m)
+        prefix = next(n for n, b in m.named_modules() if b is blocks_of(m))
+        names = [f"{prefix}.2.{n}" for n, _ in blocks_of(m)[2].named_modules() if n]
+        assert set(block_indices(m, names).values()) == {2}
+        embeddings = next(n for n, e in m.named_modules() if e is m.get_input_embeddings())
+        assert block_indices(m, [embeddings, prefix, f"{prefix}.0"]) == {
+            embeddings: None, prefix: None, f"{prefix}.0": 0}
+
+
+def test_blocks_of_a_model_without_an_entry_are_its_repeated_modules():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+    model = torch.nn.Module()  # no config, no model_type
+    model.inp = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.ReLU()])  # mixed types
+    model.stack = torch.nn.ModuleList([Block() for _ in range(3)])
+    assert find_blocks(model) is model.stack
+    assert block_indices(model, ["stack.1.lin", "inp.0"]) == {"stack.1.lin": 1, "inp.0": None}
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no stack of repeated blocks"):
+        find_blocks(flat)
+    assert block_indices(flat, ["0"]) == {"0": None}
 
 
 def test_unknown_architecture_is_refused_naming_what_is_supported():

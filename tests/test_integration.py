@@ -292,7 +292,7 @@ def test_task_heads_by_architecture():
         GPT2ForSequenceClassification,
     )
 
-    from tnlm.integration.model import task_heads
+    from tnlm.integration.peft import task_heads
 
     bert_cfg = BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
                           num_attention_heads=4, intermediate_size=64)

@@ -16,8 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tnlm.bridge import MPOModule
 from tnlm.compress import DimensionSqueezer
-from tnlm.integration import MPOConfig, MPOModel, get_mpo_model
-from tnlm.integration import model as model_mod
+from tnlm.integration import MPOConfig, MPOModel, get_mpo_model, surgery
 from tnlm.integration.io import CONFIG_NAME
 
 IDS = torch.tensor([[5, 17, 42, 9, 63, 2], [7, 7, 90, 31, 1, 0]])
@@ -109,7 +108,7 @@ def test_wrap_decomposition_failure_leaves_model_unchanged(k, monkeypatch):
 def test_wrap_swap_failure_leaves_model_unchanged(k, monkeypatch):
     model = tiny_bert()
     before = fingerprint(model)
-    monkeypatch.setattr(model_mod, "set_module", fail_on(k, model_mod.set_module))
+    monkeypatch.setattr(surgery, "set_module", fail_on(k, surgery.set_module))
     with pytest.raises(Injected):
         get_mpo_model(model, config(max_bond=2), progress=False)
     assert_unchanged(model, before)
@@ -119,7 +118,7 @@ def test_wrap_interrupt_and_training_setup_failure_leave_model_unchanged(monkeyp
     model = tiny_bert()
     before = fingerprint(model)
     with monkeypatch.context() as m:
-        m.setattr(model_mod, "set_module", fail_on(4, model_mod.set_module, KeyboardInterrupt))
+        m.setattr(surgery, "set_module", fail_on(4, surgery.set_module, KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             get_mpo_model(model, config(), progress=False)
     assert_unchanged(model, before)
@@ -287,7 +286,7 @@ def test_load_failure_injected_at_every_step_leaves_base_untouched(saved, monkey
     assert n_copies > 10
     injections = [
         *[(MPOModule, "from_structure", k, True) for k in (1, 3, 6)],
-        *[(model_mod, "set_module", k, False) for k in (1, 2, 4, 6)],
+        *[(surgery, "set_module", k, False) for k in (1, 2, 4, 6)],
         *[(torch.Tensor, "copy_", k, False)
           for k in (1, 7, 13, n_copies // 2, n_copies - 1, n_copies)],
         (MPOModel, "setup_training", 1, False),
@@ -1242,8 +1241,8 @@ def test_resize_failure_after_the_merge_puts_everything_back(step, monkeypatch):
     model = _with_mpo_embedding()
     before = fingerprint(model.base_model)
     if step == "decompose":  # the re-decomposition of the resized table fails
-        monkeypatch.setattr(model_mod.MPOModule, "from_module",
-                            fail_on(1, model_mod.MPOModule.from_module))
+        monkeypatch.setattr(MPOModule, "from_module",
+                            fail_on(1, MPOModule.from_module))
     else:  # the check that follows the base model's resize fails
         original = type(model.base_model).get_output_embeddings
 

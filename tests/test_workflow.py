@@ -364,7 +364,7 @@ def test_forward_signature_hooks_and_pickling():
 def test_lora_on_mpo_layers_merges_exactly_and_unmerges_to_the_mpo_layer():
     peft = pytest.importorskip("peft")
     from tnlm import MPOLinear
-    from tnlm.integration.model import lora_config_for_mpo
+    from tnlm.integration import lora_config_for_mpo
 
     model = wrap(seed=6).eval()
     plain = logits(model)

@@ -14,6 +14,12 @@ Knows the parameter names of BERT (and MiniLM), ALBERT, DistilBERT and GPT-2
 
 A trailing ``.weight`` is ignored. ALBERT shares one layer across depth, so its
 "layer" is the layer-group index.
+
+Why by name: the names classified here are read from weight files (no model object),
+and ``tnlm.analysis`` imports only ``tnlm.core``. With a model at hand, the block of a
+module comes from its architecture (:func:`tnlm.integration.architectures.block_indices`);
+the container names below cover the block stacks of every architecture there (a test
+checks it), plus ``block``/``blocks`` of other models.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import re
 
 __all__ = ["MODULE_TYPES", "default_classifier"]
 
-#: Module types in display order. ``QKV`` is GPT-2's fused query/key/value projection.
+#: Module types in display order. ``QKV`` is a fused query/key/value projection (GPT-2's
+#: ``c_attn``, Phi-3's ``qkv_proj``).
 MODULE_TYPES: tuple[str, ...] = (
     *("embedding", "Q", "K", "V", "QKV", "O"),
     *("FFN-in", "FFN-out", "other"),
@@ -51,6 +58,7 @@ _BY_LAST = {
     "v_lin": "V",
     "v_proj": "V",
     "c_attn": "QKV",
+    "qkv_proj": "QKV",
     "out_lin": "O",
     "o_proj": "O",
     "out_proj": "O",
@@ -60,6 +68,7 @@ _BY_LAST = {
     "ffn": "FFN-in",
     "gate_proj": "FFN-in",
     "up_proj": "FFN-in",
+    "gate_up_proj": "FFN-in",
     "lin2": "FFN-out",
     "fc2": "FFN-out",
     "ffn_output": "FFN-out",

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from tnlm.bridge import kind_of, weight_xw
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.quality import embed
-from tnlm.core.budget import uniform_max_bond
+from tnlm.core.budget import check_fraction, uniform_max_bond
 from tnlm.integration import MPOConfig
-from tnlm.integration.model import module_paths, set_module
+from tnlm.integration.architectures import block_indices
+from tnlm.integration.surgery import temporary
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
            "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID", "uniform_ranks",
@@ -39,7 +40,9 @@ def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> d
 
     Raises:
         ValueError: ``fraction`` outside (0, 1].
+        TypeError: ``fraction`` is not a number.
     """
+    check_fraction("fraction", fraction)
     out = {}
     for name, m in model.named_modules():
         if name and kind_of(m) is not None and config.is_target(name):
@@ -161,7 +164,9 @@ def module_type(name: str) -> str:
 
 
 def block_index(name: str) -> int | None:
-    """The first numeric path component (the block), or ``None``."""
+    """The first numeric path component (the block), or ``None``: the block of a module
+    known by name only. With the model at hand the block comes from its architecture
+    (:func:`tnlm.integration.architectures.block_indices`)."""
     m = re.search(r"\.(\d+)\.", f".{name}.")
     return int(m.group(1)) if m else None
 
@@ -175,11 +180,14 @@ class Sensitivity:
         type_drops: module type -> {fraction kept: drop} (only that type truncated).
         block_drops: block -> drop (only that block truncated, at ``block_fraction``).
         block_fraction: the fraction used for the block drops.
+        blocks: layer name -> its block, as measured (from the model's architecture); a
+            name not in it: :func:`block_index` of the name.
     """
 
     type_drops: dict[str, dict[float, float]] = field(default_factory=dict)
     block_drops: dict[int, float] = field(default_factory=dict)
     block_fraction: float = 0.25
+    blocks: dict[str, int | None] = field(default_factory=dict)
 
     def drop(self, name: str, fraction: float, power: float = 0.5) -> float:
         """Estimated drop of truncating layer ``name`` alone to ``fraction``: its type's
@@ -191,18 +199,9 @@ class Sensitivity:
         if not self.block_drops:
             return d
         mean = float(np.mean(list(self.block_drops.values()))) or 1.0
-        b = block_index(name)
+        b = self.blocks[name] if name in self.blocks else block_index(name)
         w = (self.block_drops.get(b, mean) / mean) ** power if b is not None else 1.0
         return d * w / len(self.block_drops)
-
-
-def _swap(model: nn.Module, new: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    paths = module_paths(model)
-    old = {n: model.get_submodule(n) for n in new}
-    for n, m in new.items():
-        for path in paths[id(old[n])]:
-            set_module(model, path, m)
-    return old
 
 
 @torch.no_grad()
@@ -217,12 +216,12 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
     if not probe:
         raise ValueError("probe must hold at least one sentence")
     ref = embed(model, tokenizer, probe)
-    sens = Sensitivity(block_fraction=block_fraction)
+    sens = Sensitivity(block_fraction=block_fraction, blocks=block_indices(model, layers))
     by_type: dict[str, list[str]] = {}
     by_block: dict[int, list[str]] = {}
     for n in layers:
         by_type.setdefault(module_type(n), []).append(n)
-        b = block_index(n)
+        b = sens.blocks[n]
         if b is not None:
             by_block.setdefault(b, []).append(n)
     jobs = [("type", t, f, names) for t, names in by_type.items() for f in fractions]
@@ -234,11 +233,8 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
             I, J = layers[n].shape
             like = model.get_submodule(n)
             new[n] = layers[n].layer(rank_for_fraction(I, J, f), like, gauge)
-        old = _swap(model, new)
-        try:
+        with temporary(model, new):
             cos = torch.nn.functional.cosine_similarity(embed(model, tokenizer, probe), ref, -1)
-        finally:
-            _swap(model, old)
         drop = 1.0 - float(cos.mean())
         if kind == "type":
             sens.type_drops.setdefault(key, {})[f] = drop
@@ -253,8 +249,7 @@ def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fract
     (:meth:`Sensitivity.drop`) with at most ``fraction`` of the layers' parameters: a
     Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier. At ``fraction``
     1 (with ``allow_dense``) every layer stays dense: nothing is truncated."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_fraction("fraction", fraction)
     if fraction >= 1 and allow_dense:
         return {n: None for n in layers}
     total = sum(wl.shape[0] * wl.shape[1] for wl in layers.values())

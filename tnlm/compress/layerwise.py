@@ -333,7 +333,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         ValueError: bad sequences, or patterns that match no linear of any block; the
             model is unchanged.
     """
-    from tnlm.integration.model import set_module
+    from tnlm.integration.surgery import set_module
 
     if not torch.is_tensor(sequences) or sequences.dim() != 2 or sequences.numel() == 0 \
             or sequences.dtype not in (torch.int64, torch.int32):

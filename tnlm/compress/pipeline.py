@@ -47,7 +47,7 @@ from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.integration import MPOConfig, MPOModel
-from tnlm.integration.model import module_paths, set_module
+from tnlm.integration.surgery import module_paths, set_module
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
            "layer_groups", "target_shapes", "check_budget", "run_context"]

@@ -11,8 +11,10 @@ For block i = 0 .. L-1 of the layer stack::
 A step costs one block's forward and backward instead of the whole model's, so the
 blocks reach a given error for about half the compute of end-to-end distillation
 (measured on MiniLM, docs/results.md); :func:`tnlm.compress.distill.heal` then
-finishes end to end. The block stack is found as the longest ``nn.ModuleList`` of
-identical blocks (``encoder.layer`` in BERT, ``h`` in GPT-2, ``layers`` in Llama).
+finishes end to end. The block stack is the architecture's
+(:func:`tnlm.integration.architectures.find_blocks`: ``encoder.layer`` in BERT, ``h`` in
+GPT-2, ``layers`` in Llama); it must hold at least two blocks, each called once per
+forward (not ALBERT's one shared layer group).
 """
 
 from __future__ import annotations
@@ -28,28 +30,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.compress.layerwise import block_parameters
+from tnlm.integration.architectures import find_blocks
+from tnlm.integration.surgery import temporary
 
-__all__ = ["find_blocks", "reconstruct_blocks"]
+__all__ = ["reconstruct_blocks"]
 
 
 class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward is not needed."""
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of repeated blocks (the longest ``ModuleList`` of one type).
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's block stack (:func:`find_blocks`), at least two blocks.
 
     Raises:
-        ValueError: no such list.
+        ValueError: no such stack.
     """
-    best = None
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and \
-                len({type(b) for b in m}) == 1 and (best is None or len(m) > len(best)):
-            best = m
-    if best is None:
+    blocks = find_blocks(model)
+    if len(blocks) < 2:
         raise ValueError(f"{type(model).__name__} has no stack of repeated blocks")
-    return best
+    return blocks
 
 
 def _run(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -107,25 +107,24 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
         raise ValueError("sentences must hold at least one sentence")
     if steps_per_block < 0:
         raise ValueError(f"steps_per_block must be >= 0, got {steps_per_block}")
-    s_blocks, t_blocks = find_blocks(student), find_blocks(teacher)
+    s_blocks, t_blocks = _blocks(student), _blocks(teacher)
     if len(s_blocks) != len(t_blocks):
         raise ValueError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}")
-    modes = [(m, m.training) for m in student.modules()]
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    student.eval()
-    teacher.eval()
     batches = []
     for i in range(0, len(sentences), batch_size):
         b = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
                       max_length=max_length, return_tensors="pt")
         batches.append({k: v for k, v in b.items()
                         if k in ("input_ids", "attention_mask", "token_type_ids")})
-    data = _capture(teacher, t_blocks[0], batches)
-    xs = [d[0] for d in data]
-    xt = [d[0] for d in data]
     rng = random.Random(seed)
     report = []
-    try:
+    # the student's flags and modes are put back at the end; the fitted values stay
+    with temporary(student, modes=True):
+        student.eval()
+        teacher.eval()
+        data = _capture(teacher, t_blocks[0], batches)
+        xs = [d[0] for d in data]
+        xt = [d[0] for d in data]
         for p in student.parameters():
             p.requires_grad_(False)
         for i in tqdm(range(len(s_blocks)), desc="block reconstruction", disable=not progress,
@@ -162,9 +161,4 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                     / len(data)
             xt = yt
             report.append((before, after))
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, mode in modes:
-            m.training = mode
     return report

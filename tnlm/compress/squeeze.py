@@ -41,6 +41,7 @@ from torch import nn
 from tnlm.bridge import MPOModule, mpo_modules
 from tnlm.core.spectra import tail_sums
 from tnlm.integration import MPOModel
+from tnlm.integration.surgery import Swap
 
 __all__ = ["DimensionSqueezer", "SqueezeStep", "SqueezeResult"]
 
@@ -193,28 +194,25 @@ class DimensionSqueezer:
         m.retruncate(max_bond=dims, gauge=self.gauge)
 
     @torch.no_grad()
-    def _snapshot(self) -> tuple:
-        """Everything a failed iteration may change: cores (shapes), values,
-        ``requires_grad`` flags and train/eval modes."""
+    def _transaction(self, names: list[str]) -> Swap:
+        """A :class:`~tnlm.integration.surgery.Swap` of the model that undoes everything an
+        iteration cutting ``names`` may change: core shapes, values, ``requires_grad``
+        flags, train/eval modes, and the cached spectra and error estimates of ``names``."""
+        swap = Swap(self.model, modes=True, state=True)
         cores = {k: tuple(c.detach().clone() for c in m.cores) for k, m in self.modules.items()}
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        flags = {k: p.requires_grad for k, p in self.model.named_parameters()}
-        modes = {k: m.training for k, m in self.model.named_modules()}
-        return cores, state, flags, modes
+        saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name],
+                        self.modules[name].truncation_error) for name in names}
 
-    @torch.no_grad()
-    def _restore(self, snap) -> None:
-        cores, state, flags, modes = snap
-        for k, m in self.modules.items():
-            if m.core_shapes != tuple(tuple(c.shape) for c in cores[k]):
-                m.set_cores(list(cores[k]))
-        self.model.load_state_dict(state)
-        for k, p in self.model.named_parameters():
-            if k in flags:
-                p.requires_grad_(flags[k])
-        for k, m in self.model.named_modules():
-            if k in modes:
-                m.training = modes[k]
+        def undo() -> None:  # core shapes first: the state dict is loaded after it
+            for k, m in self.modules.items():
+                if m.core_shapes != tuple(tuple(c.shape) for c in cores[k]):
+                    m.set_cores(list(cores[k]))
+            for name, (spectra, err_sq, err) in saved.items():
+                self._spectra[name], self._err_sq[name] = spectra, err_sq
+                self.modules[name].truncation_error = err
+
+        swap.on_undo(undo)
+        return swap
 
     def run(self) -> SqueezeResult:
         """Squeeze until a stopping rule fires; the model ends in its last accepted state."""
@@ -230,17 +228,9 @@ class DimensionSqueezer:
                 res.reason = "no bond left to cut"
                 break
             chosen = cands[: self.cuts_per_iter]
-            snap = self._snapshot()
-            saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name],
-                            self.modules[name].truncation_error) for _, name, _, _ in chosen}
-
-            def undo(snap=snap, saved=saved) -> None:
-                self._restore(snap)
-                for name, (spectra, err_sq, err) in saved.items():
-                    self._spectra[name], self._err_sq[name] = spectra, err_sq
-                    self.modules[name].truncation_error = err
-
-            try:
+            # a cut, the recovery, the evaluation or the log fails: the model goes back
+            # to the last accepted state and the exception propagates
+            with self._transaction([name for _, name, _, _ in chosen]) as swap:
                 cuts = []
                 for added, name, bond, new_dim in chosen:
                     old_dim = self.modules[name].bond_dims[bond]
@@ -265,13 +255,8 @@ class DimensionSqueezer:
                     res.history.append(step)
                     if self.log is not None:
                         self.log(step)
-            except BaseException:
-                # a cut, the recovery, the evaluation or the log failed: the model goes
-                # back to the last accepted state and the exception propagates
-                undo()
-                raise
             if not ok:
-                undo()
+                swap.undo()
                 res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
                 break
             res.final_loss = loss

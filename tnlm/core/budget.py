@@ -50,11 +50,29 @@ __all__ = [
     "Allocation",
     "allocate_bonds",
     "bond_bounds",
+    "check_fraction",
     "max_bond_for_params",
     "mpo_params",
     "params_for_bonds",
     "uniform_max_bond",
 ]
+
+
+def check_fraction(name: str, value: object) -> float:
+    """``value`` as a float, checked to be a fraction in (0, 1] (a share of parameters kept):
+    the one check of every budget fraction; ``name`` is the argument named in the errors.
+
+    Raises:
+        TypeError: ``value`` is not a real number (``bool`` included).
+        ValueError: ``value`` is not finite or not in (0, 1].
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}")
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
 
 
 def bond_bounds(in_shape: Sequence[int], out_shape: Sequence[int],
@@ -114,13 +132,7 @@ def uniform_max_bond(in_shape: Sequence[int], out_shape: Sequence[int], fraction
         ValueError: ``fraction`` is not in (0, 1]; ``dense_params`` < 1; or the
             budget is below the smallest MPO of these shapes (``max_bond=1``).
     """
-    if isinstance(fraction, (bool, np.bool_)) or not isinstance(
-        fraction, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    if not math.isfinite(fraction) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1] (a share of the dense parameters), "
-                         f"got {fraction}")
+    check_fraction("fraction", fraction)
     if dense_params is None:
         dense_params = prod(in_shape) * prod(out_shape)
     elif isinstance(dense_params, (bool, np.bool_)) or not isinstance(
@@ -266,12 +278,11 @@ def _resolve_budget(budget: int | float, total_dense: int) -> int:
     ):
         raise TypeError(f"budget must be an int or a float, got {budget!r}")
     if isinstance(budget, (float, np.floating)):
-        if not math.isfinite(budget) or not 0 < budget <= 1:
-            raise ValueError(
-                f"budget as a float is a fraction of the dense parameters in (0, 1], got "
-                f"{budget}; pass an int for an absolute parameter count"
-            )
-        return int(budget * total_dense)
+        try:
+            return int(check_fraction("budget", budget) * total_dense)
+        except ValueError as err:
+            raise ValueError(f"{err} (as a float, a fraction of the dense parameters); pass "
+                             "an int for an absolute parameter count") from err
     if budget <= 0:
         raise ValueError(f"budget must be > 0, got {budget}")
     if budget > total_dense:

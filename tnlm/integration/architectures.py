@@ -2,7 +2,7 @@
 
 One entry per family of transformers ``model_type``; everything that depends on an
 architecture's module names reads it here (default targets, the block stack, whether the
-model is a causal LM)::
+model is a causal LM, which modules form a block)::
 
     family   model types                     blocks (below base_model)  targets per block
     -------  ------------------------------  -------------------------  ----------------------
@@ -29,13 +29,16 @@ default targets.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from tnlm.integration.surgery import module_paths
+
 __all__ = ["Architecture", "ARCHITECTURES", "architecture_of", "default_targets", "blocks_of",
-           "supported_model_types"]
+           "find_blocks", "block_indices", "supported_model_types"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,47 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(model).__name__}: no block stack at "
                          f"base_model.{arch.blocks} (architecture {arch.name!r})")
     return node
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The block stack of ``model``: :func:`blocks_of` when its ``model_type`` has an
+    entry, else the longest ``nn.ModuleList`` of at least two modules of one type (a
+    model tnlm has no entry for, whose targets the user named).
+
+    Raises:
+        ValueError: an entry whose path leads to no ``ModuleList``, or no entry and no
+            such list.
+    """
+    try:
+        arch = architecture_of(model)
+    except ValueError:
+        arch = None
+    if arch is not None:
+        return blocks_of(model)
+    best = None
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and \
+                len({type(b) for b in m}) == 1 and (best is None or len(m) > len(best)):
+            best = m
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of repeated blocks")
+    return best
+
+
+def block_indices(model: nn.Module, names: Iterable[str]) -> dict[str, int | None]:
+    """Per module name (dotted, relative to ``model``) the index of the block of
+    :func:`find_blocks` that holds it, ``None`` outside the stack (embeddings, heads) and
+    for every name when ``model`` has no block stack."""
+    names = list(names)
+    try:
+        blocks = find_blocks(model)
+    except ValueError:
+        return dict.fromkeys(names)
+    paths = module_paths(model)
+    index = {path: i for i, block in enumerate(blocks) for path in paths.get(id(block), ())}
+    out: dict[str, int | None] = {}
+    for name in names:
+        parts = name.split(".")
+        out[name] = next((index[p] for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1))
+                          if p in index), None)
+    return out

@@ -55,7 +55,7 @@ class MPOConfig:
             match a module. Every parameter of such a module trains, except the central
             tensors of MPO layers inside it (unless ``train="all"``). ``None`` (the
             default): the task head of a task architecture, as PEFT does for its task
-            types (:func:`~tnlm.integration.model.task_heads`: e.g. ``classifier`` of
+            types (:func:`~tnlm.integration.peft.task_heads`: e.g. ``classifier`` of
             ``BertForSequenceClassification``, ``score`` of
             ``GPT2ForSequenceClassification``, ``qa_outputs`` of ``*ForQuestionAnswering``);
             the head is newly initialised when such a model is loaded from a base
@@ -186,7 +186,7 @@ class MPOConfig:
                 f"MPOConfig is not a peft method config (no {name!r}): peft registers methods "
                 "only through its own PeftType enum, so peft.get_peft_model cannot build an MPO "
                 "model; use tnlm.get_mpo_model(model, config), which returns a PEFT-like "
-                "MPOModel (LoRA can then go on top with tnlm.integration.model."
+                "MPOModel (LoRA can then go on top with tnlm.integration."
                 "lora_config_for_mpo)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

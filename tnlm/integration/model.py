@@ -19,8 +19,10 @@ A PEFT user should feel at home::
 Model surgery is transactional: :func:`get_mpo_model` and
 :meth:`MPOModel.from_pretrained` build and check every new layer before the first
 one is put in place, and undo every replacement (module objects, parameter values,
-``requires_grad`` flags) if anything fails after that. When they raise, the model
-is exactly as it was.
+``requires_grad`` flags) if anything fails after that
+(:class:`tnlm.integration.surgery.Swap`). When they raise, the model is exactly as it
+was. Reading a checkpoint is :mod:`tnlm.integration.checkpoint`; PEFT interop (task
+heads, LoRA on MPO layers) is :mod:`tnlm.integration.peft`.
 """
 
 from __future__ import annotations
@@ -31,15 +33,11 @@ import difflib
 import inspect
 import math
 import os
-import re
-import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,84 +50,12 @@ from tnlm.bridge import (
 )
 from tnlm.bridge.finetune import train_lightweight
 from tnlm.integration import io
+from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
+from tnlm.integration.peft import check_outside_adapters, task_heads
+from tnlm.integration.surgery import Swap, module_paths
 
-__all__ = ["MPOModel", "get_mpo_model", "lora_config_for_mpo", "module_paths", "mpo_lora_class",
-           "set_module", "task_heads"]
-
-
-def module_paths(root: nn.Module) -> dict[int, list[str]]:
-    """id(module) -> every dotted path under which ``root`` holds it (shared modules
-    have several)."""
-    paths: dict[int, list[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(name)
-    return paths
-
-
-def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the dotted path ``name`` of ``root``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-#: transformers' task architectures whose head a base checkpoint does not have:
-#: ``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForImageClassification``,
-#: ``*ForAudioClassification``, ``*ForQuestionAnswering``, ``*ForMultipleChoice``
-_TASK_CLASS = re.compile(r".*For\w*(Classification|QuestionAnswering|MultipleChoice)")
-
-
-def task_heads(model: nn.Module) -> list[str]:
-    """Names of the task head modules of a transformers task architecture (``[]`` for
-    any other model).
-
-    The rule is by architecture: for a class named ``*For...Classification``,
-    ``*ForQuestionAnswering`` or ``*ForMultipleChoice`` that holds its base model under
-    ``model.base_model_prefix`` (e.g. ``bert``), the heads are the other direct
-    children with parameters: ``classifier`` (BERT), ``pre_classifier`` and
-    ``classifier`` (DistilBERT), ``score`` (GPT-2), ``qa_outputs`` (question answering).
-    Loading such a model from a base checkpoint initialises them anew (transformers
-    reports them as missing keys), whoever loaded it; they are what PEFT's task types
-    add to ``modules_to_save``. An ``*ForMaskedLM`` / ``*ForCausalLM`` head is
-    pre-trained and is not one.
-    """
-    prefix = getattr(model, "base_model_prefix", "")
-    if not (isinstance(prefix, str) and prefix and _TASK_CLASS.fullmatch(type(model).__name__)):
-        return []
-    children = dict(model.named_children())
-    if prefix not in children:
-        return []
-    return [n for n, m in children.items()
-            if n != prefix and any(True for _ in m.parameters())]
-
-
-def _some(names: list[str], n: int = 5) -> str:
-    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
-
-
-class _Swap:
-    """Module replacements in ``root`` that are undone together (in reverse order)."""
-
-    def __init__(self, root: nn.Module) -> None:
-        self.root = root
-        self.done: list[tuple[nn.Module, str, nn.Module]] = []
-        self.flags = [(p, p.requires_grad) for p in root.parameters()]
-
-    def put(self, path: str, new: nn.Module) -> None:
-        parent_name, _, child = path.rpartition(".")
-        parent = self.root.get_submodule(parent_name) if parent_name else self.root
-        old = getattr(parent, child)
-        set_module(self.root, path, new)
-        self.done.append((parent, child, old))
-
-    def undo(self) -> None:
-        """Put every replaced module back and restore the ``requires_grad`` flags."""
-        for parent, child, old in reversed(self.done):
-            setattr(parent, child, old)
-        self.done.clear()
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
+__all__ = ["MPOModel", "get_mpo_model"]
 
 
 class MPOModel(nn.Module):
@@ -326,8 +252,7 @@ class MPOModel(nn.Module):
             raise ValueError(f"new_num_tokens must be >= 1, got {new_num_tokens}")
         if size == emb.num_embeddings:
             return emb
-        paths = module_paths(base)[id(emb)]
-        name, dim = paths[0], emb.embedding_dim
+        name, dim = module_paths(base)[id(emb)][0], emb.embedding_dim
         try:
             spec, _ = self.mpo_config.spec_for(name, size, dim)
             _check_site_shapes(spec, size, dim)
@@ -342,9 +267,19 @@ class MPOModel(nn.Module):
         old_vocab_attr = base.__dict__.get("vocab_size")
         dense = emb.merge()
         dense.weight.requires_grad_(central or any(auxiliary))
-        try:
-            for path in paths:
-                set_module(base, path, dense)
+
+        def restore_vocabulary() -> None:
+            if old_out is not None:
+                base.set_output_embeddings(old_out)
+            text_config.vocab_size = old_vocab
+            if had_vocab_attr:
+                base.__dict__["vocab_size"] = old_vocab_attr
+            else:
+                base.__dict__.pop("vocab_size", None)
+
+        with Swap(base) as swap:  # on failure: the old embeddings and vocabulary size
+            swap.on_undo(restore_vocabulary)
+            swap.replace({name: dense})
             resized = base.resize_token_embeddings(size, None, mean_resizing)
             out = base.get_output_embeddings()
             if out is not None and getattr(out, "weight", None) is resized.weight:
@@ -358,18 +293,7 @@ class MPOModel(nn.Module):
             for k, flag in zip(layer.auxiliary_indices, auxiliary):
                 layer.cores[k].requires_grad_(flag)
             for path in module_paths(base)[id(resized)]:
-                set_module(base, path, layer)
-        except BaseException:
-            for path in paths:
-                set_module(base, path, emb)
-            if old_out is not None:
-                base.set_output_embeddings(old_out)
-            text_config.vocab_size = old_vocab
-            if had_vocab_attr:
-                base.__dict__["vocab_size"] = old_vocab_attr
-            else:
-                base.__dict__.pop("vocab_size", None)
-            raise
+                swap.put(path, layer)
         return layer
 
     # ------------------------------------------------------------------ merge
@@ -411,11 +335,12 @@ class MPOModel(nn.Module):
             bad = [paths[id(m)][0] for m, new in merged
                    if not all(bool(torch.isfinite(t).all()) for t in new.parameters())]
             if bad:
-                raise ValueError(f"NaN or inf in the merged weights of {_some(bad)}; nothing was "
-                                 "merged")
-        for m, new in merged:
-            for path in paths[id(m)]:
-                set_module(base, path, new)
+                raise ValueError(f"NaN or inf in the merged weights of {some_names(bad)}; nothing "
+                                 "was merged")
+        with Swap(base) as swap:  # all or nothing
+            for m, new in merged:
+                for path in paths[id(m)]:
+                    swap.put(path, new)
         return base
 
     def unload(self) -> nn.Module:
@@ -605,23 +530,14 @@ class MPOModel(nn.Module):
         if not is_trainable and train is not None:
             raise ValueError(f"train={train!r} asks for training but is_trainable=False loads "
                              "for inference; pass one of them")
-        with io.reading(directory):
-            plan = _read_for_load(base_model, directory)
-        if plan.rebuilt is not None:  # outside the lock: decomposing takes a while
-            _rebuild(plan)
+        plan = read_checkpoint(base_model, directory)
         # swap in and copy; on any failure, put everything back
-        swap = _Swap(base_model)
-        backup: dict[str, torch.Tensor] = {}
-        targets = plan.targets
-        try:
-            for name, shell in plan.shells.items():
-                for path in plan.paths[id(plan.olds[name])]:
-                    swap.put(path, shell)
+        with Swap(base_model) as swap:
+            swap.replace(plan.shells)
             with torch.no_grad():
                 for key, value in plan.rest.items():
-                    target = targets[key]
-                    backup[key] = target.detach().clone()
-                    target.copy_(value)
+                    swap.save_value(plan.targets[key])
+                    plan.targets[key].copy_(value)
             model = cls(base_model, plan.config)
             model.setup_training(train)
             model._references = plan.references
@@ -629,240 +545,13 @@ class MPOModel(nn.Module):
                 for p in model.parameters():
                     p.requires_grad_(False)
                 model.eval()
-        except BaseException:
-            with torch.no_grad():
-                for key, value in backup.items():
-                    targets[key].copy_(value)
-            swap.undo()
-            raise
         return model
-
-
-class _LoadPlan:
-    """What ``from_pretrained`` read and checked, before ``base_model`` is touched."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-
-
-def _read_for_load(base_model: nn.Module, directory: str | os.PathLike) -> _LoadPlan:
-    """Everything ``from_pretrained`` needs, read and checked without touching
-    ``base_model``. For a full checkpoint the new layers (``shells``) are loaded;
-    for a lightweight one the saved tensors are read (``saved``) and :func:`_rebuild`
-    does the rest."""
-    d = Path(directory)
-    prefix = ""
-    if (d / io.CONFIG_NAME).is_file() or not (d / io.STATE_DICT_NAME).is_file():
-        meta = io.read_meta(directory)
-        weights = io.verified_weights(directory, meta)
-        where = d / io.CONFIG_NAME
-    else:  # a state dict saved by someone else (transformers.Trainer)
-        meta, weights = io.read_state_dict_checkpoint(directory)
-        prefix, where = meta["prefix"], weights
-    if not isinstance(meta["config"], dict):
-        raise ValueError(f"{where}: 'config' must be an object")
-    try:
-        config = MPOConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: invalid config: {err}") from err
-    if not isinstance(meta["modules"], dict):
-        raise ValueError(f"{where}: 'modules' must be an object")
-    light = meta.get("lightweight") if not prefix else None
-    rebuilt = None
-    if light is not None:
-        rebuilt = light.get("rebuilt") if isinstance(light, dict) else None
-        if not isinstance(rebuilt, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in rebuilt.items()):
-            raise ValueError(f"{where}: 'lightweight' must be an object with 'rebuilt': "
-                             "{tensor name: SHA-256}")
-    base_name = type(base_model).__name__
-    paths = module_paths(base_model)
-    entries: dict[str, dict[str, Any]] = {}
-    olds: dict[str, nn.Module] = {}
-    owner: dict[int, str] = {}
-    for name, raw in meta["modules"].items():
-        entry = io.check_module_entry(name, raw)
-        try:
-            old = base_model.get_submodule(name) if name else None
-        except AttributeError:
-            old = None
-        if old is None:
-            raise ValueError(f"saved module {name!r} does not exist in the base model "
-                             f"{base_name}")
-        kind = kind_of(old)
-        if kind != entry["kind"]:
-            raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
-                             f"has {type(old).__name__}")
-        I, J = weight_xw(old).shape
-        if (entry["in_dim"], entry["out_dim"]) != (I, J):
-            raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
-                             f"(in x out) but the base model's is {I}x{J}")
-        has_bias = getattr(old, "bias", None) is not None
-        if kind != "embedding" and entry["bias"] != has_bias:
-            raise ValueError(f"saved module {name!r} has bias={entry['bias']} but the base "
-                             f"model's has bias={has_bias}")
-        if id(old) in owner:
-            raise ValueError(f"saved modules {owner[id(old)]!r} and {name!r} are the same "
-                             f"module of {base_name}")
-        owner[id(old)] = name
-        entries[name], olds[name] = entry, old
-    # the state dict the model will have after the replacement: name -> (shape, group);
-    # names in one group are one tensor (tied or shared), saved under one of them
-    replaced = [path for name in olds for path in paths[id(olds[name])]]
-    expected: dict[str, tuple[tuple[int, ...], Any]] = {}
-    targets: dict[str, torch.Tensor] = {}
-    for key, t in base_model.state_dict(keep_vars=True).items():
-        if not any(key.startswith(path + ".") for path in replaced):
-            expected[key] = (tuple(t.shape), id(t))
-            targets[key] = t
-    for name, entry in entries.items():
-        for local, shape in io.module_tensor_shapes(entry).items():
-            for path in paths[id(olds[name])]:
-                expected[f"{path}.{local}"] = (shape, (name, local))
-    header: dict[str, tuple[int, ...]] = {}
-    stored: dict[str, str] = {}  # name in the model -> name in the file
-    for key, shape in io.read_header(weights).items():
-        if prefix and key == io.STATE_META_KEY:
-            continue
-        own = key[len(prefix):] if key.startswith(prefix) else key
-        header[own], stored[own] = shape, key
-    for key, shape in header.items():
-        if key in expected and shape != expected[key][0]:
-            raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
-                             f"{base_name} with the saved MPO modules needs "
-                             f"{list(expected[key][0])}")
-    saved_as: dict[Any, str] = {}
-    for key in header:
-        if key in expected:
-            saved_as.setdefault(expected[key][1], key)
-    unknown = sorted(set(rebuilt or ()) - set(expected))
-    if unknown:
-        raise ValueError(f"{where}: the tensors to rebuild {_some(unknown)} are not tensors of "
-                         f"{base_name} with the saved MPO modules")
-    left = {expected[k][1] for k in rebuilt or ()}
-    unexpected = sorted(set(header) - set(expected))
-    missing = sorted(k for k, (_, group) in expected.items()
-                     if group not in saved_as and group not in left)
-    if unexpected or missing:
-        raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
-                         f"missing {_some(missing)}, unexpected {_some(unexpected)}")
-    # load into new layers and read the other tensors; base_model is still untouched
-    shells: dict[str, MPOModule] = {}
-    saved: dict[Any, torch.Tensor] = {}
-    rest: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for name, entry in entries.items():
-                if rebuilt is not None:
-                    for local in io.module_tensor_shapes(entry):
-                        if (name, local) in saved_as:
-                            saved[(name, local)] = f.get_tensor(stored[saved_as[(name, local)]])
-                    continue
-                old = olds[name]
-                shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
-                state = {local: f.get_tensor(stored[saved_as[(name, local)]])
-                         for local in io.module_tensor_shapes(entry)}
-                shell.load_state_dict(state, strict=True)
-                shells[name] = shell
-            for key in targets:
-                if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
-                    rest[key] = f.get_tensor(stored[key])
-    except (SafetensorError, RuntimeError) as err:
-        raise ValueError(f"cannot load {weights} into {base_name}: "
-                         f"{' '.join(str(err).split())[:400]}") from err
-    return _LoadPlan(config=config, paths=paths, olds=olds, entries=entries, shells=shells,
-                     targets=targets, rest=rest, saved=saved, rebuilt=rebuilt,
-                     base_name=base_name, where=where, references=None,
-                     heads=task_heads(base_model),
-                     name_or_path=light.get("base_model_name_or_path") if light else None)
-
-
-def _rebuild(plan: _LoadPlan) -> None:
-    """A lightweight checkpoint: decompose the base model's layers with the saved config
-    (as :func:`get_mpo_model` does), check every tensor the checkpoint leaves to the base
-    model against its recorded SHA-256, then load the saved tensors into the new layers.
-    Fills ``plan.shells`` and ``plan.references``; ``base_model`` is not touched."""
-    references: dict[str, str] = {}
-    centrals: set[str] = set()
-    for name, entry in plan.entries.items():
-        old = plan.olds[name]
-        I, J = weight_xw(old).shape
-        try:
-            spec, mode = plan.config.spec_for(name, I, J)
-            layer = MPOModule.from_module(old, spec, mode)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{plan.where}: cannot decompose module {name!r} of the base model "
-                             f"with the saved config: {err}") from err
-        shapes = [list(s) for s in layer.core_shapes]
-        if shapes != entry["core_shapes"]:
-            raise ValueError(
-                f"module {name!r} of the base model decomposes to cores {shapes}, but the task "
-                f"checkpoint {plan.where.parent} was saved with {entry['core_shapes']}: "
-                f"{_other_base(plan)}")
-        layer.mode = entry["mode"]
-        local_digests = {k: io.tensor_sha256(t) for k, t in layer.state_dict().items()}
-        for path in plan.paths[id(old)]:
-            centrals.add(f"{path}.cores.{layer.central_index}")
-            for local, digest in local_digests.items():
-                references[f"{path}.{local}"] = digest
-        plan.shells[name] = layer
-    digests: dict[int, str] = {}
-    for key, t in plan.targets.items():
-        if id(t) not in digests:
-            digests[id(t)] = io.tensor_sha256(t)
-        references[key] = digests[id(t)]
-    wrong = [k for k, want in plan.rebuilt.items() if references[k] != want]
-    in_heads = [k for k in wrong if any(k.startswith(h + ".") for h in plan.heads)]
-    if wrong and len(in_heads) == len(wrong):
-        heads = sorted({k.split(".", 1)[0] for k in in_heads})
-        raise ValueError(
-            f"the task checkpoint {plan.where.parent} leaves the task head {heads} to the base "
-            f"model, frozen, and the base model's differs ({_some(sorted(in_heads), 3)}): "
-            f"{plan.base_name} initialises that head anew when it is loaded from a base "
-            "checkpoint, so a task must train and save it. The checkpoint was saved with "
-            "modules_to_save leaving the head out; save the task again with the head trained "
-            "(modules_to_save=None, the default, or a list naming it), or load it onto the very "
-            "model object (same head weights) it was trained from")
-    if wrong:
-        core = [k for k in wrong if k in centrals]
-        raise ValueError(
-            f"the task checkpoint {plan.where.parent} leaves {len(plan.rebuilt)} tensors to the "
-            f"base model, and {len(wrong)} of them differ from what it recorded "
-            f"({len(core)} rebuilt central cores; e.g. {_some(sorted(core) or sorted(wrong), 3)})"
-            f": {_other_base(plan)}")
-    for name, layer in plan.shells.items():
-        state = {local: plan.saved[(name, local)]
-                 for local in io.module_tensor_shapes(plan.entries[name])
-                 if (name, local) in plan.saved}
-        try:
-            layer.load_state_dict(state, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"cannot load the saved tensors of {name!r}: "
-                             f"{' '.join(str(err).split())[:400]}") from err
-    plan.references = references
-
-
-def _other_base(plan: _LoadPlan) -> str:
-    saved_on = f" ({plan.name_or_path!r})" if plan.name_or_path else ""
-    return (f"the base model {plan.base_name} is not the one the task was saved on{saved_on}; "
-            "load it onto that base model (same weights, same dtype)")
 
 
 def _name_or_path(model: nn.Module) -> str:
     """Where a transformers model was loaded from ("" for a randomly initialised one)."""
     name = getattr(getattr(model, "config", None), "name_or_path", "")
     return name if isinstance(name, str) else ""
-
-
-def _tensor_digests(model: nn.Module) -> dict[str, str]:
-    """State key -> SHA-256 of every tensor of ``model`` (shared tensors hashed once)."""
-    digests: dict[int, str] = {}
-    out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in digests:
-            digests[id(t)] = io.tensor_sha256(t)
-        out[key] = digests[id(t)]
-    return out
 
 
 #: the MPOModel subclass of each base model class (see MPOModel)
@@ -891,108 +580,6 @@ def _class_for(base_cls: type) -> type:
 def _new_instance(base_cls: type) -> MPOModel:
     """An empty instance of the MPOModel class for ``base_cls`` (unpickling)."""
     return nn.Module.__new__(_class_for(base_cls))
-
-
-# ------------------------------------------------------------------ peft interop
-def _peft_tuner_layer() -> type | None:
-    """peft's ``BaseTunerLayer`` if peft is imported (no peft layer can exist otherwise)."""
-    if "peft" not in sys.modules:
-        return None
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - a peft without it
-        return None
-    return BaseTunerLayer
-
-
-_LORA_CLASS: list[type] = []
-
-
-def mpo_lora_class() -> type:
-    """``MPOLoraLinear``: peft's LoRA ``Linear`` over an :class:`~tnlm.bridge.MPOLinear`,
-    with an exact merge (needs peft).
-
-    peft merges LoRA by adding ``B @ A`` to ``base_layer.weight``; an MPO layer's weight
-    is computed from its cores, so that write is lost (peft's own ``Linear`` registered
-    for ``MPOLinear`` merges to the model *without* LoRA). This class merges into a
-    dense layer of the kind the MPO layer replaced (``W(cores) + scaling * B @ A``:
-    ``merge_and_unload`` then puts that dense layer in place) and ``unmerge`` puts the
-    untouched MPO layer back. LoRA variants (DoRA, ...) are refused when merging.
-    Register it with :func:`lora_config_for_mpo`.
-    """
-    if _LORA_CLASS:
-        return _LORA_CLASS[0]
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.tuners_utils import check_adapters_to_merge
-
-    class MPOLoraLinear(LoraLinear):
-        __doc__ = mpo_lora_class.__doc__
-
-        def _delta(self, adapter: str) -> torch.Tensor:
-            """``scaling * B @ A`` in nn.Linear layout (out, in), computed in float32."""
-            A = self.lora_A[adapter].weight.float()
-            B = self.lora_B[adapter].weight.float()
-            return (B @ A) * self.scaling[adapter]
-
-        @torch.no_grad()
-        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-            names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
-            if not names:
-                return
-            variants = [n for n in names if n in self.lora_variant]
-            if variants:
-                raise NotImplementedError(f"adapters {variants} use a LoRA variant (DoRA, ...), "
-                                          "which tnlm does not merge into MPO layers")
-            base = self.base_layer
-            if isinstance(base, MPOModule):
-                self.__dict__["_mpo_layer"] = base  # kept out of the module tree
-                base = base.merge()
-            weight = base.weight.detach().float().clone()
-            bias = None if base.bias is None else base.bias.detach().float().clone()
-            for name in names:
-                delta = self._delta(name)
-                weight += delta if isinstance(base, nn.Linear) else delta.T  # Conv1D: (in, out)
-                if self.lora_bias[name]:
-                    if bias is None:
-                        raise RuntimeError("cannot merge LoRA with lora_bias=True: the base layer "
-                                           "has no bias")
-                    bias += self.lora_B[name].bias.float() * self.scaling[name]
-            if safe_merge and not (torch.isfinite(weight).all() and (
-                    bias is None or torch.isfinite(bias).all())):
-                raise ValueError(f"NaNs detected in the merged weights of adapters {names}")
-            base.weight.data = weight.to(base.weight.dtype)
-            if bias is not None:
-                base.bias.data = bias.to(base.bias.dtype)
-            self.base_layer = base
-            self.merged_adapters.extend(names)
-
-        def unmerge(self) -> None:
-            if not self.merged:
-                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-                return
-            self.merged_adapters.clear()
-            mpo = self.__dict__.pop("_mpo_layer", None)
-            if mpo is not None:
-                self.base_layer = mpo  # the MPO layer as it was: unmerging is exact
-
-    MPOLoraLinear.__module__ = __name__
-    _LORA_CLASS.append(MPOLoraLinear)
-    return MPOLoraLinear
-
-
-def lora_config_for_mpo(config: Any) -> Any:
-    """Let a ``peft.LoraConfig`` target :class:`~tnlm.bridge.MPOLinear` layers, through
-    peft's documented custom-module route (``LoraConfig._register_custom_module``), with
-    the exact merge of :func:`mpo_lora_class`; returns ``config``::
-
-        peft_model = get_peft_model(mpo_model, lora_config_for_mpo(LoraConfig(...)))
-    """
-    from tnlm.bridge import MPOLinear
-
-    if not hasattr(config, "_register_custom_module"):
-        raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
-    config._register_custom_module({MPOLinear: mpo_lora_class()})
-    return config
 
 
 def _check_site_shapes(spec: Any, I: int, J: int) -> None:
@@ -1055,18 +642,7 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         if not any(config.pattern_matches(p, n) for n in all_names):
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
-    tuner = _peft_tuner_layer()
-    if tuner is not None:
-        adapters = [n for n, m in model.named_modules() if n and isinstance(m, tuner)]
-        for name in targets:
-            inside = [a for a in adapters if name.startswith(a + ".")]
-            if inside:
-                raise ValueError(
-                    f"module {name!r} is inside the peft adapter layer {inside[0]!r}: peft merges "
-                    "an adapter by writing its base layer's weight, which an MPO layer computes "
-                    "from its cores, so merging would silently drop the adapter; merge the "
-                    "adapters first (merge_and_unload) and decompose the merged model, or "
-                    "decompose first and add LoRA on top with lora_config_for_mpo(LoraConfig(...))")
+    check_outside_adapters(model, targets)
     owners: dict[int, set[str]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         for pname, param in module.named_parameters(prefix=mname, recurse=False,
@@ -1098,15 +674,9 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             built[name] = MPOModule.from_module(supported[name], spec, mode)
         except ValueError as err:
             raise ValueError(f"module {name!r} ({I}x{J}): {err}") from err
-    swap = _Swap(model)
-    try:
-        for name, new in built.items():
-            for path in paths[id(supported[name])]:
-                swap.put(path, new)
+    with Swap(model) as swap:  # on any failure the model is left as it was
+        swap.replace(built)
         wrapped = MPOModel(model, config)
         wrapped.setup_training()
-        wrapped._references = _tensor_digests(model)
-    except BaseException:
-        swap.undo()
-        raise
+        wrapped._references = tensor_digests(model)
     return wrapped

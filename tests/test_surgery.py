@@ -1,0 +1,157 @@
+"""tnlm.integration.surgery: modules put in place by path, and changes undone together."""
+
+import pytest
+import torch
+from torch import nn
+
+from tnlm.integration.surgery import Swap, module_paths, set_module, temporary
+
+
+class Boom(Exception):
+    """The failure the tests raise inside a swap."""
+
+
+def shared_model():
+    """``a.lin`` and ``b.lin`` are one module (as ALBERT's shared layer); ``head`` is not."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Module()
+    model.a, model.b = nn.Module(), nn.Module()
+    model.a.lin = model.b.lin = lin
+    model.head = nn.Linear(3, 2)
+    return model
+
+
+def snapshot(model):
+    return dict(
+        modules={n: id(m) for n, m in model.named_modules(remove_duplicate=False)},
+        state={k: v.clone() for k, v in model.state_dict().items()},
+        flags={n: p.requires_grad for n, p in model.named_parameters()},
+        modes={n: m.training for n, m in model.named_modules()},
+    )
+
+
+def assert_same(model, before):
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    assert after["flags"] == before["flags"]
+    assert after["modes"] == before["modes"]
+
+
+def test_module_paths_lists_every_path_of_a_shared_module():
+    model = shared_model()
+    assert module_paths(model)[id(model.a.lin)] == ["a.lin", "b.lin"]
+    assert module_paths(model)[id(model.head)] == ["head"]
+
+
+def test_set_module_puts_one_path_and_names_a_bad_one():
+    model = shared_model()
+    new = nn.Linear(3, 3)
+    set_module(model, "a.lin", new)
+    assert model.a.lin is new and model.b.lin is not new  # that path only
+    for bad in ("a.nope", "nope.lin", "head.weight", ""):
+        with pytest.raises(ValueError, match="^name "):
+            set_module(model, bad, new)
+    assert not hasattr(model.a, "nope")  # no attribute was added
+
+
+def test_replace_covers_every_path_of_a_shared_module_and_undo_restores_it():
+    model = shared_model()
+    before = snapshot(model)
+    old = model.a.lin
+    new = nn.Linear(3, 3)
+    swap = Swap(model)
+    assert swap.replace({"b.lin": new}) == {"b.lin": old}
+    assert model.a.lin is new and model.b.lin is new
+    swap.undo()
+    assert model.a.lin is old and model.b.lin is old
+    assert_same(model, before)
+
+
+def test_a_failure_inside_the_block_undoes_everything():
+    model = shared_model()
+    model.train()
+    model.head.bias.requires_grad_(False)
+    before = snapshot(model)
+    calls = []
+    with pytest.raises(Boom), Swap(model, modes=True) as swap:
+        swap.on_undo(lambda: calls.append("first"))
+        swap.replace({"a.lin": nn.Linear(3, 3)})
+        with torch.no_grad():
+            swap.save_value(model.head.weight)
+            model.head.weight.add_(1.0)
+        swap.on_undo(lambda: calls.append("last"))
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        raise Boom
+    assert calls == ["last", "first"]  # in reverse order
+    assert_same(model, before)
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_any_exception_undoes_and_propagates(exc):
+    model = shared_model()
+    before = snapshot(model)
+    with pytest.raises(exc), Swap(model) as swap:
+        swap.put("head", nn.Linear(3, 2))
+        raise exc
+    assert_same(model, before)
+
+
+def test_changes_stay_when_the_block_succeeds():
+    model = shared_model()
+    new = nn.Linear(3, 2)
+    with Swap(model) as swap:
+        assert swap.put("head", new) is not new
+        model.a.lin.weight.requires_grad_(False)
+    assert model.head is new and not model.a.lin.weight.requires_grad
+
+
+def test_state_restores_every_value():
+    model = shared_model()
+    before = snapshot(model)
+    with pytest.raises(Boom), Swap(model, state=True):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2.0)
+        raise Boom
+    assert_same(model, before)
+
+
+def test_temporary_is_always_undone():
+    model = shared_model()
+    model.train()
+    before = snapshot(model)
+    new = nn.Linear(3, 3)
+    with temporary(model, {"a.lin": new}, modes=True):
+        assert model.a.lin is new and model.b.lin is new
+        model.eval()
+    assert_same(model, before)
+    with pytest.raises(Boom), temporary(model, {"head": nn.Linear(3, 2)}):
+        raise Boom
+    assert_same(model, before)
+
+
+def test_bad_names_are_refused_before_any_change():
+    model = shared_model()
+    before = snapshot(model)
+    swap = Swap(model)
+    with pytest.raises(ValueError, match=r"^new: the name 'nope' is not a module of Module"):
+        swap.replace({"head": nn.Linear(3, 2), "nope": nn.Linear(3, 2)})
+    with pytest.raises(ValueError, match="^path 'a.nope' is not a module"):
+        swap.put("a.nope", nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="'a.lin' and 'b.lin' are one shared module"):
+        swap.replace({"a.lin": nn.Linear(3, 3), "b.lin": nn.Linear(3, 3)})
+    with pytest.raises(TypeError, match="new: 'head' must map to an nn.Module"):
+        swap.replace({"head": torch.zeros(2)})
+    with pytest.raises(TypeError, match="^new must be an nn.Module"):
+        swap.put("head", 3)
+    with pytest.raises(TypeError, match="^root must be an nn.Module"):
+        Swap(torch.zeros(2))
+    assert_same(model, before)
+    same = nn.Linear(3, 3)  # both names of a shared module given one module: fine
+    swap.replace({"a.lin": same, "b.lin": same})
+    assert model.a.lin is same and model.b.lin is same

@@ -1,0 +1,288 @@
+"""Reading a checkpoint onto a base model, for :meth:`MPOModel.from_pretrained
+<tnlm.integration.MPOModel.from_pretrained>`: everything read and checked before the
+base model is touched.
+
+:func:`read_checkpoint` takes a folder written by :mod:`tnlm.integration.io` (a full or a
+lightweight task checkpoint) or a state dict saved by ``transformers.Trainer``, checks
+it against ``base_model`` (every saved module exists with the saved kind, dimensions
+and bias; tensor names and shapes are exactly those of the model after the
+replacement) and returns a :class:`LoadPlan`: the new layers with their saved tensors
+loaded, and the other tensors to copy. For a lightweight checkpoint the layers are
+first rebuilt by decomposing ``base_model`` with the saved config, and every tensor the
+checkpoint leaves to the base model is checked against its recorded SHA-256.
+Putting the plan in place (and undoing that on failure) is the caller's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from tnlm.bridge import MPOModule, kind_of, weight_xw
+from tnlm.integration import io
+from tnlm.integration.config import MPOConfig
+from tnlm.integration.peft import task_heads
+from tnlm.integration.surgery import module_paths
+
+__all__ = ["LoadPlan", "read_checkpoint", "some_names", "tensor_digests"]
+
+
+def some_names(names: list[str], n: int = 5) -> str:
+    """The first ``n`` of ``names`` and how many more, for messages."""
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
+
+
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """State key -> SHA-256 of every tensor of ``model`` (shared tensors hashed once):
+    what a lightweight checkpoint records of the tensors it leaves to the base model."""
+    digests: dict[int, str] = {}
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in digests:
+            digests[id(t)] = io.tensor_sha256(t)
+        out[key] = digests[id(t)]
+    return out
+
+
+class LoadPlan:
+    """What :func:`read_checkpoint` read and checked, before ``base_model`` is touched.
+
+    Attributes:
+        config: the saved :class:`~tnlm.integration.MPOConfig`.
+        paths: :func:`~tnlm.integration.surgery.module_paths` of ``base_model``.
+        olds: saved module name -> the module of ``base_model`` it replaces.
+        shells: saved module name -> the new MPO layer, its saved tensors loaded.
+        targets: state key -> tensor of ``base_model`` kept by the replacement.
+        rest: state key -> saved value to copy into ``targets[key]``.
+        references: state key -> SHA-256 of every tensor as the base model rebuilds it
+            (a lightweight checkpoint), else ``None``.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def read_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
+    """Read and check the checkpoint in ``directory`` against ``base_model`` (module
+    docstring), under the folder's reader lock; a lightweight checkpoint's layers are
+    then rebuilt outside it (decomposing takes a while). ``base_model`` is not changed.
+
+    Raises:
+        FileNotFoundError: no checkpoint (config or weights) in ``directory``.
+        ValueError: a corrupt or modified checkpoint, one of another architecture, or a
+            task checkpoint on another base model; the message names what does not match.
+    """
+    with io.reading(directory):
+        plan = _read(base_model, directory)
+    if plan.rebuilt is not None:
+        _rebuild(plan)
+    return plan
+
+
+def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
+    """Everything :func:`read_checkpoint` returns, read and checked without touching
+    ``base_model``. For a full checkpoint the new layers (``shells``) are loaded;
+    for a lightweight one the saved tensors are read (``saved``) and :func:`_rebuild`
+    does the rest."""
+    d = Path(directory)
+    prefix = ""
+    if (d / io.CONFIG_NAME).is_file() or not (d / io.STATE_DICT_NAME).is_file():
+        meta = io.read_meta(directory)
+        weights = io.verified_weights(directory, meta)
+        where = d / io.CONFIG_NAME
+    else:  # a state dict saved by someone else (transformers.Trainer)
+        meta, weights = io.read_state_dict_checkpoint(directory)
+        prefix, where = meta["prefix"], weights
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"{where}: 'config' must be an object")
+    try:
+        config = MPOConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid config: {err}") from err
+    if not isinstance(meta["modules"], dict):
+        raise ValueError(f"{where}: 'modules' must be an object")
+    light = meta.get("lightweight") if not prefix else None
+    rebuilt = None
+    if light is not None:
+        rebuilt = light.get("rebuilt") if isinstance(light, dict) else None
+        if not isinstance(rebuilt, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in rebuilt.items()):
+            raise ValueError(f"{where}: 'lightweight' must be an object with 'rebuilt': "
+                             "{tensor name: SHA-256}")
+    base_name = type(base_model).__name__
+    paths = module_paths(base_model)
+    entries: dict[str, dict[str, Any]] = {}
+    olds: dict[str, nn.Module] = {}
+    owner: dict[int, str] = {}
+    for name, raw in meta["modules"].items():
+        entry = io.check_module_entry(name, raw)
+        try:
+            old = base_model.get_submodule(name) if name else None
+        except AttributeError:
+            old = None
+        if old is None:
+            raise ValueError(f"saved module {name!r} does not exist in the base model "
+                             f"{base_name}")
+        kind = kind_of(old)
+        if kind != entry["kind"]:
+            raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
+                             f"has {type(old).__name__}")
+        I, J = weight_xw(old).shape
+        if (entry["in_dim"], entry["out_dim"]) != (I, J):
+            raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
+                             f"(in x out) but the base model's is {I}x{J}")
+        has_bias = getattr(old, "bias", None) is not None
+        if kind != "embedding" and entry["bias"] != has_bias:
+            raise ValueError(f"saved module {name!r} has bias={entry['bias']} but the base "
+                             f"model's has bias={has_bias}")
+        if id(old) in owner:
+            raise ValueError(f"saved modules {owner[id(old)]!r} and {name!r} are the same "
+                             f"module of {base_name}")
+        owner[id(old)] = name
+        entries[name], olds[name] = entry, old
+    # the state dict the model will have after the replacement: name -> (shape, group);
+    # names in one group are one tensor (tied or shared), saved under one of them
+    replaced = [path for name in olds for path in paths[id(olds[name])]]
+    expected: dict[str, tuple[tuple[int, ...], Any]] = {}
+    targets: dict[str, torch.Tensor] = {}
+    for key, t in base_model.state_dict(keep_vars=True).items():
+        if not any(key.startswith(path + ".") for path in replaced):
+            expected[key] = (tuple(t.shape), id(t))
+            targets[key] = t
+    for name, entry in entries.items():
+        for local, shape in io.module_tensor_shapes(entry).items():
+            for path in paths[id(olds[name])]:
+                expected[f"{path}.{local}"] = (shape, (name, local))
+    header: dict[str, tuple[int, ...]] = {}
+    stored: dict[str, str] = {}  # name in the model -> name in the file
+    for key, shape in io.read_header(weights).items():
+        if prefix and key == io.STATE_META_KEY:
+            continue
+        own = key[len(prefix):] if key.startswith(prefix) else key
+        header[own], stored[own] = shape, key
+    for key, shape in header.items():
+        if key in expected and shape != expected[key][0]:
+            raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
+                             f"{base_name} with the saved MPO modules needs "
+                             f"{list(expected[key][0])}")
+    saved_as: dict[Any, str] = {}
+    for key in header:
+        if key in expected:
+            saved_as.setdefault(expected[key][1], key)
+    unknown = sorted(set(rebuilt or ()) - set(expected))
+    if unknown:
+        raise ValueError(f"{where}: the tensors to rebuild {some_names(unknown)} are not "
+                         f"tensors of {base_name} with the saved MPO modules")
+    left = {expected[k][1] for k in rebuilt or ()}
+    unexpected = sorted(set(header) - set(expected))
+    missing = sorted(k for k, (_, group) in expected.items()
+                     if group not in saved_as and group not in left)
+    if unexpected or missing:
+        raise ValueError(f"{weights} does not fit {base_name} with the saved MPO modules: "
+                         f"missing {some_names(missing)}, unexpected {some_names(unexpected)}")
+    # load into new layers and read the other tensors; base_model is still untouched
+    shells: dict[str, MPOModule] = {}
+    saved: dict[Any, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name, entry in entries.items():
+                if rebuilt is not None:
+                    for local in io.module_tensor_shapes(entry):
+                        if (name, local) in saved_as:
+                            saved[(name, local)] = f.get_tensor(stored[saved_as[(name, local)]])
+                    continue
+                old = olds[name]
+                shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
+                state = {local: f.get_tensor(stored[saved_as[(name, local)]])
+                         for local in io.module_tensor_shapes(entry)}
+                shell.load_state_dict(state, strict=True)
+                shells[name] = shell
+            for key in targets:
+                if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
+                    rest[key] = f.get_tensor(stored[key])
+    except (SafetensorError, RuntimeError) as err:
+        raise ValueError(f"cannot load {weights} into {base_name}: "
+                         f"{' '.join(str(err).split())[:400]}") from err
+    return LoadPlan(config=config, paths=paths, olds=olds, entries=entries, shells=shells,
+                     targets=targets, rest=rest, saved=saved, rebuilt=rebuilt,
+                     base_name=base_name, where=where, references=None,
+                     heads=task_heads(base_model),
+                     name_or_path=light.get("base_model_name_or_path") if light else None)
+
+
+def _rebuild(plan: LoadPlan) -> None:
+    """A lightweight checkpoint: decompose the base model's layers with the saved config
+    (as :func:`~tnlm.integration.get_mpo_model` does), check every tensor the checkpoint
+    leaves to the base model against its recorded SHA-256, then load the saved tensors
+    into the new layers. Fills ``plan.shells`` and ``plan.references``; ``base_model``
+    is not touched."""
+    references: dict[str, str] = {}
+    centrals: set[str] = set()
+    for name, entry in plan.entries.items():
+        old = plan.olds[name]
+        I, J = weight_xw(old).shape
+        try:
+            spec, mode = plan.config.spec_for(name, I, J)
+            layer = MPOModule.from_module(old, spec, mode)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{plan.where}: cannot decompose module {name!r} of the base model "
+                             f"with the saved config: {err}") from err
+        shapes = [list(s) for s in layer.core_shapes]
+        if shapes != entry["core_shapes"]:
+            raise ValueError(
+                f"module {name!r} of the base model decomposes to cores {shapes}, but the task "
+                f"checkpoint {plan.where.parent} was saved with {entry['core_shapes']}: "
+                f"{_other_base(plan)}")
+        layer.mode = entry["mode"]
+        local_digests = {k: io.tensor_sha256(t) for k, t in layer.state_dict().items()}
+        for path in plan.paths[id(old)]:
+            centrals.add(f"{path}.cores.{layer.central_index}")
+            for local, digest in local_digests.items():
+                references[f"{path}.{local}"] = digest
+        plan.shells[name] = layer
+    digests: dict[int, str] = {}
+    for key, t in plan.targets.items():
+        if id(t) not in digests:
+            digests[id(t)] = io.tensor_sha256(t)
+        references[key] = digests[id(t)]
+    wrong = [k for k, want in plan.rebuilt.items() if references[k] != want]
+    in_heads = [k for k in wrong if any(k.startswith(h + ".") for h in plan.heads)]
+    if wrong and len(in_heads) == len(wrong):
+        heads = sorted({k.split(".", 1)[0] for k in in_heads})
+        raise ValueError(
+            f"the task checkpoint {plan.where.parent} leaves the task head {heads} to the base "
+            f"model, frozen, and the base model's differs ({some_names(sorted(in_heads), 3)}): "
+            f"{plan.base_name} initialises that head anew when it is loaded from a base "
+            "checkpoint, so a task must train and save it. The checkpoint was saved with "
+            "modules_to_save leaving the head out; save the task again with the head trained "
+            "(modules_to_save=None, the default, or a list naming it), or load it onto the very "
+            "model object (same head weights) it was trained from")
+    if wrong:
+        core = [k for k in wrong if k in centrals]
+        raise ValueError(
+            f"the task checkpoint {plan.where.parent} leaves {len(plan.rebuilt)} tensors to the "
+            f"base model, and {len(wrong)} of them differ from what it recorded "
+            f"({len(core)} rebuilt central cores; e.g. "
+            f"{some_names(sorted(core) or sorted(wrong), 3)}): {_other_base(plan)}")
+    for name, layer in plan.shells.items():
+        state = {local: plan.saved[(name, local)]
+                 for local in io.module_tensor_shapes(plan.entries[name])
+                 if (name, local) in plan.saved}
+        try:
+            layer.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"cannot load the saved tensors of {name!r}: "
+                             f"{' '.join(str(err).split())[:400]}") from err
+    plan.references = references
+
+
+def _other_base(plan: LoadPlan) -> str:
+    saved_on = f" ({plan.name_or_path!r})" if plan.name_or_path else ""
+    return (f"the base model {plan.base_name} is not the one the task was saved on{saved_on}; "
+            "load it onto that base model (same weights, same dtype)")
