@@ -29,11 +29,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.cli import BERT_TARGETS
     from tnlm.compress.distill import HealConfig, fast_bf16, heal
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.compress.text import default_text
     from tnlm.integration import default_model_path
+    from tnlm.integration.architectures import default_targets
 
     path = str(default_model_path())
     tok = AutoTokenizer.from_pretrained(path)
@@ -42,7 +42,7 @@ def main() -> None:
     lengths = [len(x) for x in tok(text, truncation=True, max_length=64)["input_ids"]]
     model = AutoModel.from_pretrained(path).eval()
     student = compress_model(model, tok, text[:128], CompressionConfig(
-        BERT_TARGETS, budget=args.budget, heal=None), progress=False).model
+        default_targets(model), budget=args.budget, heal=None), progress=False).model
     arms = [("uniform draws, float32 teacher", dict(bucket=0)),
             ("bucketed draws, float32 teacher", dict(bucket=8)),
             ("uniform draws, bfloat16 teacher", dict(bucket=0, teacher_bf16=True)),

@@ -40,9 +40,8 @@ from torch import nn
 from tnlm.bridge import MPOModule
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.integration import MPOConfig, get_mpo_model, load_default_model
+from tnlm.integration.architectures import default_targets
 
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-           "output.dense"]
 TOKENS = 64
 
 SENTENCES = [
@@ -121,11 +120,12 @@ def interleaved(arms: dict[str, callable], repeats: int, min_sample: float = 0.2
 def build_models(args) -> tuple[dict[str, nn.Module], object, dict[str, float]]:
     dense, tok = load_default_model()
     dense.eval()
+    targets = default_targets(dense)  # the 36 encoder linears
     targets_params = sum(m.weight.numel() for n, m in dense.named_modules()
                          if isinstance(m, nn.Linear) and n.startswith("encoder."))
     models: dict[str, nn.Module] = {"dense": dense}
     sizes = {"dense": 1.0}
-    mpo = get_mpo_model(copy.deepcopy(dense), MPOConfig(target_modules=TARGETS), progress=False)
+    mpo = get_mpo_model(copy.deepcopy(dense), MPOConfig(target_modules=targets), progress=False)
     n_mpo = sum(1 for _ in mpo.mpo_modules())
     assert n_mpo == 36, f"expected the 36 encoder linears, got {n_mpo}"
     models["MPO untruncated"] = mpo.eval()
@@ -140,7 +140,7 @@ def build_models(args) -> tuple[dict[str, nn.Module], object, dict[str, float]]:
     for budget in args.budgets:
         t0 = time.perf_counter()
         res = compress_model(copy.deepcopy(dense), tok, SENTENCES,
-                             CompressionConfig(TARGETS, budget=budget, heal=None),
+                             CompressionConfig(targets, budget=budget, heal=None),
                              progress=False)
         name = f"compressed {int(round(budget * 100))} %"
         models[name] = res.model.eval()
@@ -196,7 +196,7 @@ def bench_training(dense_model, mpo_model, tok, batch, repeats, lr=1e-4,
             m.block_train = False
         arms_models[LFA_CHAIN] = chain
     lora = get_peft_model(copy.deepcopy(dense_model),
-                          LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                          LoraConfig(r=8, lora_alpha=16, target_modules=default_targets(dense_model),
                                      lora_dropout=0.0)).train()
     arms_models["LoRA r=8"] = lora
     trainable = {}

@@ -40,9 +40,8 @@ from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.compress.text import generated_sentences
 from tnlm.export import OnnxEncoder, export_onnx, load_compressed, onnx_weights, quantize_int8
 from tnlm.integration import load_default_model, mean_pooled
+from tnlm.integration.architectures import default_targets
 
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-           "output.dense"]
 BATCHES = (1, 8, 64)
 TOKENS = 64
 SST2 = Path("../shared/data/sst2/dev.tsv")
@@ -92,7 +91,8 @@ def main() -> None:
     for budget in args.budgets:
         t = time.perf_counter()
         res = compress_model(copy.deepcopy(dense), tok, calibration,
-                             CompressionConfig(TARGETS, budget=budget, heal=None),
+                             CompressionConfig(default_targets(dense), budget=budget,
+                                               heal=None),
                              progress=False)
         name = f"{round(budget * 100)} %"
         models[name] = res.model.eval()

@@ -40,9 +40,8 @@ from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E4
 from tnlm.compress.quality import embedding_cosine, sick_spearman  # noqa: E402
 from tnlm.compress.text import docstring_sentences, read_sentences, split_sentences  # noqa: E402
 from tnlm.integration import MPOConfig, default_model_path, get_mpo_model  # noqa: E402
+from tnlm.integration.architectures import default_targets  # noqa: E402
 
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-           "output.dense"]
 METHODS = ("data_aware", "sensitivity", "greedy", "lowrank", "mpo_plain")
 
 
@@ -81,6 +80,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
     model = AutoModel.from_pretrained(path).eval()
+    targets = default_targets(model)  # the 36 encoder linears
     text = training_text(data, args.text, args.seed)
     calibration, rest = split_sentences(text, [args.calibration, -1], seed=args.seed)
     dev = read_sentences(data / "sst2" / "dev.tsv", column=0)[1:1 + args.eval_size]
@@ -89,13 +89,13 @@ def main() -> None:
     heal_cfg = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed)
     progress = not args.no_progress
     if args.method == "mpo_plain":
-        overrides = uniform_overrides(model, MPOConfig(target_modules=TARGETS), args.budget)
-        student = get_mpo_model(model, MPOConfig(target_modules=TARGETS, overrides=overrides),
+        overrides = uniform_overrides(model, MPOConfig(target_modules=targets), args.budget)
+        student = get_mpo_model(model, MPOConfig(target_modules=targets, overrides=overrides),
                                 progress=False)
         before = sum(m.in_dim * m.out_dim for _, m in student.mpo_modules())
         after = sum(sum(c.numel() for c in m.cores) for _, m in student.mpo_modules())
     else:
-        cfg = CompressionConfig(TARGETS, budget=args.budget,
+        cfg = CompressionConfig(targets, budget=args.budget,
                                 allocation=args.method if args.method in ("greedy", "sensitivity")
                                 else "uniform",
                                 whiten=args.method != "lowrank", heal=None)

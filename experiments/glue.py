@@ -45,10 +45,9 @@ from tnlm.compress.allocate import uniform_overrides  # noqa: E402
 from tnlm.compress.distill import HealConfig  # noqa: E402
 from tnlm.compress.pipeline import CompressionConfig, compress_model  # noqa: E402
 from tnlm.integration import MPOConfig, MPOModel, default_model_path, get_mpo_model  # noqa: E402
+from tnlm.integration.architectures import default_targets  # noqa: E402
 
 ARMS = ("dense", "mpo_full", "mpo_lfa", "mpo_lfa_sym", "lora", "mpo_dir", "mpop", "compress")
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-           "output.dense"]
 
 
 def base_model(num_labels: int, seed: int):
@@ -80,6 +79,7 @@ def mpo_layer_counts(model) -> tuple[int, int]:
 
 def build(arm: str, args, num_labels: int):
     model, tok = base_model(num_labels, args.seed)
+    targets = default_targets(model)  # the 36 encoder linears
     info: dict = {}
     if arm == "dense":
         info["adapted_trained"] = info["adapted_total"] = sum(
@@ -90,7 +90,7 @@ def build(arm: str, args, num_labels: int):
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                         target_modules=TARGETS, task_type="SEQ_CLS")
+                         target_modules=targets, task_type="SEQ_CLS")
         model = get_peft_model(model, cfg)
         info["adapted_trained"] = sum(p.numel() for n, p in model.named_parameters()
                                       if "lora_" in n)
@@ -111,9 +111,9 @@ def build(arm: str, args, num_labels: int):
         src = Path(args.models) / "mpo_lfa"
         model = MPOModel.from_pretrained(model, src, train="auxiliary")
     else:
-        overrides = (uniform_overrides(model, MPOConfig(target_modules=TARGETS), 0.5)
+        overrides = (uniform_overrides(model, MPOConfig(target_modules=targets), 0.5)
                      if arm == "mpo_dir" else {})
-        cfg = MPOConfig(target_modules=TARGETS, overrides=overrides,
+        cfg = MPOConfig(target_modules=targets, overrides=overrides,
                         train="all" if arm == "mpo_full" else "auxiliary",
                         gauge="symmetric" if arm == "mpo_lfa_sym" else "central",
                         modules_to_save=["classifier"])
@@ -213,7 +213,8 @@ def main() -> None:
         squeeze_info["teacher_dev"] = evaluate(teacher, dev)
         calib = [train_x[i] for i in val]  # held-out training sentences, labels unused
         heal_text = [train_x[i] for i in tr]
-        cfg = CompressionConfig(TARGETS, budget=args.budget, whiten=not args.plain,
+        cfg = CompressionConfig(default_targets(model), budget=args.budget,
+                                whiten=not args.plain,
                                 heal=HealConfig(steps=args.heal_steps, seed=args.seed))
         res = compress_model(model, tok, calib, cfg, heal_text=heal_text, progress=progress)
         model = res.model

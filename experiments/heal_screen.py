@@ -1,7 +1,8 @@
 """Screen healing variants on one truncated model (the main job's, before healing).
 
 The main job's steps up to healing (text split, calibration, sensitivity allocation,
-data-aware truncation, block reconstruction; exactly as ``tnlm compress``) run once per
+data-aware truncation, block reconstruction: :func:`tnlm.compress.encoder.compress_encoder`
+with no healing steps, exactly as ``tnlm compress``) run once per
 (budget, seed) and the result is kept as a full tnlm checkpoint in ``--cache``; each
 variant then heals a fresh copy of it and is measured as ``main_job_screen.py`` measures
 the main job (held-out cosine, SST-2 dev cosine, SICK), plus the cosine on 256 of the
@@ -35,14 +36,14 @@ from experiments.heal_terms import (  # noqa: E402
     swap_words,
     vocabulary_words,
 )
-from experiments.screening import main_job_split, measure, write_result  # noqa: E402
-from tnlm.cli import BERT_TARGETS, build_parser  # noqa: E402
+from experiments.screening import dev_sentences, write_result  # noqa: E402
 from tnlm.compress.distill import HealConfig, heal  # noqa: E402
-from tnlm.compress.pipeline import (  # noqa: E402  # noqa: E402
-    MAIN_JOB_HEAL_STEPS,
-    MAIN_JOB_LR,
-    CompressionConfig,
-    compress_model,
+from tnlm.compress.encoder import (  # noqa: E402
+    DEFAULT_SICK,
+    EncoderRecipe,
+    compress_encoder,
+    measure,
+    split_text,
 )
 from tnlm.compress.quality import embedding_cosine, read_sick  # noqa: E402
 from tnlm.compress.text import (  # noqa: E402
@@ -56,14 +57,14 @@ from tnlm.textgen import generate  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli = build_parser().parse_args(["compress"])
+    job = EncoderRecipe  # the main job's defaults
     hc = HealConfig()
-    ap.add_argument("--budget", type=float, default=cli.budget)
-    ap.add_argument("--seed", type=int, default=cli.seed)
-    ap.add_argument("--heal-steps", type=int, default=MAIN_JOB_HEAL_STEPS)
-    ap.add_argument("--lr", type=float, default=MAIN_JOB_LR)
+    ap.add_argument("--budget", type=float, default=job.budget)
+    ap.add_argument("--seed", type=int, default=job.seed)
+    ap.add_argument("--heal-steps", type=int, default=job.heal_steps)
+    ap.add_argument("--lr", type=float, default=job.lr)
     ap.add_argument("--batch-size", type=int, default=hc.batch_size)
-    ap.add_argument("--train", default=cli.heal_train)
+    ap.add_argument("--train", default=job.heal_train)
     ap.add_argument("--w-hidden", type=float, default=hc.w_hidden)
     ap.add_argument("--w-cos", type=float, default=hc.w_cos)
     ap.add_argument("--w-attn", type=float, default=0.0,
@@ -89,7 +90,7 @@ def main() -> None:
                     help="more unlabeled sentences: PATH:COLS (e.g. sick/train.tsv:1,2), header "
                          "skipped, labels ignored; sentences of the --sick file are left out")
     ap.add_argument("--extra-tsv-n", type=int, default=0, help="at most this many (0: all)")
-    ap.add_argument("--sick", default="../shared/data/sick/trial.tsv")
+    ap.add_argument("--sick", default=str(DEFAULT_SICK))
     ap.add_argument("--sick-train", default="../shared/data/sick/train.tsv",
                     help="also SICK on this file ('' to skip)")
     ap.add_argument("--save", default="", help="save the healed student here")
@@ -107,18 +108,17 @@ def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     text = default_text(seed=args.seed)
-    held_out, calibration, rest, dev = main_job_split(text, cli.calibration, args.seed,
-                                                      args.dev_text)
+    split = split_text(text, job.calibration, seed=args.seed)
+    held_out, calibration, rest = split.held_out, split.calibration, split.rest
+    dev = dev_sentences(args.dev_text)
     path = str(default_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
     cache = Path(args.cache) / f"b{args.budget}_s{args.seed}"
-    if not (cache / "mpo_config.json").is_file():
+    if not (cache / "mpo_config.json").is_file():  # the main job up to healing
         model = AutoModel.from_pretrained(path).eval()
-        cfg = CompressionConfig(BERT_TARGETS, budget=args.budget, allocation=cli.allocation,
-                                heal=None, reconstruct_steps=cli.reconstruct_steps)
-        res = compress_model(model, tok, calibration, cfg, heal_text=calibration + rest,
-                             progress=False)
+        recipe = EncoderRecipe(budget=args.budget, heal_steps=0, seed=args.seed)
+        res = compress_encoder(model, tok, recipe, text=text, progress=False)
         res.model.save_pretrained(cache, lightweight=False)
     student = MPOModel.from_pretrained(AutoModel.from_pretrained(path), cache)
     prep = time.perf_counter() - t0
@@ -159,7 +159,8 @@ def main() -> None:
     train_probe = random.Random(args.seed).sample(rest, 256)
     out = dict(vars(args), n_heal_text=len(heal_text), prep_seconds=prep, heal_seconds=heal_s,
                trained_params=hr.trained_params,
-               **measure(student, teacher, tok, held_out, dev, args.sick, args.sick_train),
+               **measure(student, teacher, tok, held_out, sick=args.sick or None, dev=dev,
+                         sick_train=args.sick_train or None),
                cosine_train=float(embedding_cosine(student, teacher, tok, train_probe).mean()),
                final_loss=hr.losses[-1] if hr.losses else None)
     if args.save:

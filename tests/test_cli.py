@@ -124,3 +124,55 @@ def test_heal_train_choices_are_the_healing_ones():
     assert build_parser().parse_args(["compress"]).heal_train == "all"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--heal-train", "core"])
+
+
+def test_the_cli_defaults_are_the_encoder_recipes():
+    from tnlm.cli import build_parser
+    from tnlm.compress.encoder import EncoderRecipe
+
+    args = build_parser().parse_args(["compress"])
+    job = EncoderRecipe()
+    for flag, field in (("budget", "budget"), ("allocation", "allocation"),
+                        ("calibration", "calibration"), ("reconstruct_steps", "reconstruct_steps"),
+                        ("heal_train", "heal_train"), ("teacher_bf16", "teacher_bf16"),
+                        ("seed", "seed")):
+        assert getattr(args, flag) == getattr(job, field), flag
+    # None on the command line: the encoder's or the causal LM's, decided on the model
+    assert args.heal_steps is None and args.lr is None
+    assert (job.heal_steps, job.lr) == (2500, 5e-4)
+
+
+def test_compress_encoder_gives_what_the_cli_gives(model_dir, text_file, capsys):
+    from transformers import AutoTokenizer
+
+    from tnlm.compress.encoder import EncoderRecipe, compress_encoder
+    from tnlm.compress.text import read_sentences
+
+    assert main(["compress", str(model_dir), "--heal-steps", "3", "--reconstruct-steps", "2",
+                 "--calibration", "32", "--text", str(text_file), "--sick", "", "--out", "",
+                 "--json", "--quiet"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    model = BertModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    res = compress_encoder(model, tok, EncoderRecipe(heal_steps=3, reconstruct_steps=2,
+                                                     calibration=32),
+                           text=read_sentences(text_file), progress=False)
+    mine = json.loads(json.dumps(res.summary()))
+    assert cli.pop("seconds").keys() == mine.pop("seconds").keys()
+    assert mine == cli
+    assert res.split.n_sentences == cli["text_sentences"] and len(res.split.calibration) == 32
+
+
+def test_the_encoder_job_split_and_text(tmp_path):
+    from tnlm.compress.encoder import encoder_text, split_text
+
+    text = [f"sentence {i}" for i in range(40)] + ["sentence 0"]
+    split = split_text(text, calibration=8, seed=3)
+    assert (len(split.held_out), len(split.calibration), len(split.rest)) == (10, 8, 22)
+    assert split.n_sentences == 40 and split.heal_text == split.calibration + split.rest
+    assert not set(split.held_out) & set(split.heal_text)
+    assert split_text(text, calibration=8, seed=3) == split
+    with pytest.raises(ValueError, match="3 distinct sentences: at least 4"):
+        split_text(["a", "b", "c", "a"])
+    (tmp_path / "t.tsv").write_text("x\tone\ny\ttwo\nz\tone\n")
+    assert encoder_text(tmp_path / "t.tsv", column=1) == (["one", "two"], str(tmp_path / "t.tsv"))

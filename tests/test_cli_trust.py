@@ -13,10 +13,11 @@ import torch
 import transformers
 from transformers import BertModel
 
-from tnlm.cli import BERT_TARGETS, main
+from tnlm.cli import main
 from tnlm.compress import distill
 from tnlm.compress.distill import HealConfig, heal, read_heal_state
 from tnlm.compress.pipeline import CompressionConfig, compress_model
+from tnlm.integration.architectures import default_targets
 
 from .test_cli import model_dir, text_file  # noqa: F401  (fixtures)
 
@@ -91,7 +92,7 @@ def test_a_budget_below_the_smallest_model_is_refused_before_any_work(
     def boom(*a, **kw):
         raise AssertionError("compression started")
 
-    monkeypatch.setattr("tnlm.compress.pipeline.compress_model", boom)
+    monkeypatch.setattr("tnlm.compress.encoder.compress_model", boom)
     out = tmp_path / "new" / "out"
     assert main(compress(model_dir, text_file, "--budget", "1e-6", "--allocation", allocation,
                          "--out", str(out))) == 2
@@ -110,9 +111,9 @@ def test_compress_model_meets_or_refuses_a_budget(model_dir):  # noqa: F811
     model = BertModel.from_pretrained(model_dir).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="budget 1e-06 cannot be met.*0.0546875"):
-        compress_model(model, tok, sents, CompressionConfig(BERT_TARGETS, budget=1e-6,
+        compress_model(model, tok, sents, CompressionConfig(default_targets(model), budget=1e-6,
                                                             heal=None), progress=False)
-    res = compress_model(model, tok, sents, CompressionConfig(BERT_TARGETS, budget=1.0,
+    res = compress_model(model, tok, sents, CompressionConfig(default_targets(model), budget=1.0,
                                                               heal=HealConfig(steps=2)),
                          progress=False)
     assert res.ratio == 1.0 and res.heal is None and not list(res.model.mpo_modules())
@@ -127,7 +128,7 @@ def interrupted_run(model_dir, text_file, out, monkeypatch, capsys, *extra):  # 
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr("tnlm.compress.quality.embedding_cosine", interrupt)
+        m.setattr("tnlm.compress.encoder.embedding_cosine", interrupt)
         assert main(compress(model_dir, text_file, "--allocation", "uniform", "--heal-steps",
                              "3", "--out", str(out), *extra)) == 130
     assert "with --resume continues it" in capsys.readouterr().err
@@ -205,7 +206,8 @@ def _truncated(folder, budget):
     teacher = BertModel.from_pretrained(folder).eval()
     sents = ["the cat sat", "a dog ran", "the big red dog", "a cat is red"] * 4
     student = compress_model(copy.deepcopy(teacher), tok, sents,
-                             CompressionConfig(BERT_TARGETS, budget=budget, heal=None),
+                             CompressionConfig(default_targets(teacher), budget=budget,
+                                               heal=None),
                              progress=False).model
     return tok, teacher, sents, student
 

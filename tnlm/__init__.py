@@ -6,7 +6,8 @@ Layers, from the bottom: ``tnlm.core`` (the MPO tensor network), ``tnlm.bridge``
 compression), ``tnlm.analysis`` and ``tnlm.cli``.
 
 The transformers-level names (``MPOConfig``, ``get_mpo_model``, ``MPOModel``,
-``DimensionSqueezer``) are importable from here; they load on first use.
+``DimensionSqueezer``, and ``compress_encoder`` with its defaults ``EncoderRecipe``: what
+``tnlm compress`` does to an encoder) are importable from here; they load on first use.
 """
 
 from importlib import import_module
@@ -36,6 +37,8 @@ _LAZY = {
     "MPOModel": "tnlm.integration",
     "get_mpo_model": "tnlm.integration",
     "DimensionSqueezer": "tnlm.compress",
+    "EncoderRecipe": "tnlm.compress",
+    "compress_encoder": "tnlm.compress",
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "ContractionPlan",
     "DecompositionSpec",
     "DimensionSqueezer",
+    "EncoderRecipe",
     "MPOConfig",
     "MPODtypeError",
     "MPOEmbedding",
@@ -59,6 +63,7 @@ __all__ = [
     "ParamReport",
     "ReadOnlyWeightError",
     "TruncationPolicy",
+    "compress_encoder",
     "factorize",
     "freeze_central",
     "get_mpo_model",

@@ -70,14 +70,8 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the 36 encoder linear layers of a BERT-style model (MiniLM, BERT)
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense"]
 COMMANDS = ("compress", "inspect", "report", "decompose", "export")
 HEAL_TRAIN_CHOICES = ("cores", "auxiliary", "all")  # = distill.TRAIN_CHOICES (tested)
-
-#: SICK relatedness pairs, if the shared data folder sits beside the working directory
-DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
 
 
 def _make_out(out: str | None) -> tuple[Path | None, list[Path]]:
@@ -133,22 +127,16 @@ def _note(message: str) -> None:
 
 def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
     """The sentences of --text (or the default text), distinct, checked, and their source."""
-    from tnlm.compress.text import DEFAULT_TEXT_SOURCE, default_text, read_sentences
+    from tnlm.compress.encoder import encoder_text
 
     if args.with_default_text and not args.text:
         raise UserError("--with-default-text adds the default text to --text FILE: pass --text")
-    if not args.text:
-        return list(dict.fromkeys(default_text(seed=args.seed))), DEFAULT_TEXT_SOURCE
     try:
-        text = read_sentences(args.text, column=args.text_column)
+        return encoder_text(args.text or None, column=args.text_column,
+                            with_default_text=args.with_default_text, seed=args.seed)
     except (OSError, ValueError) as err:
         flag = "--text-column" if str(err).startswith("column ") else "--text"
         raise UserError(f"{flag}: {err}") from None
-    source = args.text
-    if args.with_default_text:
-        text = text + default_text(seed=args.seed)
-        source = f"{args.text} and {DEFAULT_TEXT_SOURCE}"
-    return list(dict.fromkeys(text)), source
 
 
 def _check_budget_and_healing(budget: float, heal_steps: int, lr: float) -> None:
@@ -166,6 +154,10 @@ def _check_budget_and_healing(budget: float, heal_steps: int, lr: float) -> None
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save.
 
+    On an encoder this is :func:`tnlm.compress.encoder.compress_encoder` (its defaults:
+    :class:`~tnlm.compress.encoder.EncoderRecipe`); on a causal LM
+    :func:`tnlm.compress.llm.compress_causal_lm`.
+
     Every input is checked before the model is loaded: the numbers, --text (UTF-8, enough
     sentences, the column), --sick (a SICK file), --out (created and written to, and
     removed again if the run then fails before writing anything there); the budget and
@@ -180,17 +172,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """
 
     from tnlm.compress.distill import STATE_FILE
-    from tnlm.compress.pipeline import MAIN_JOB_HEAL_STEPS, MAIN_JOB_LR, CompressionConfig
+    from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe, split_text
     from tnlm.compress.quality import read_sick
-    from tnlm.compress.text import compression_sizes, split_sentences
 
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
     if source_arch is not None and source_arch[1].causal:
         return _compress_causal(args, *source_arch)
     if args.method is not None:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
-    args.heal_steps = MAIN_JOB_HEAL_STEPS if args.heal_steps is None else args.heal_steps
-    args.lr = MAIN_JOB_LR if args.lr is None else args.lr
+    args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
+    args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
@@ -202,11 +193,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         "and --heal-steps > 0")
     path = _model_path(args.model_dir)
     text, source = _read_text(args)
-    n_eval, n_cal = compression_sizes(len(text), args.calibration)
-    if n_eval < 1 or n_cal < 1:
+    try:
+        split = split_text(text, args.calibration, seed=args.seed)
+    except ValueError:
         raise UserError(f"--text {source} has {len(text)} distinct sentences: at least 4 are "
-                        f"needed (a quarter is held out to measure the result)")
-    held_out, calibration, rest = split_sentences(text, [n_eval, n_cal, -1], seed=args.seed)
+                        f"needed (a quarter is held out to measure the result)") from None
     sick = Path(args.sick) if args.sick else None
     if args.sick is None and DEFAULT_SICK.is_file():
         sick = DEFAULT_SICK
@@ -218,10 +209,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
             read_sick(sick)
         except (OSError, ValueError) as err:
             raise UserError(f"--sick: {err}") from None
-    targets = args.targets.split(",") if args.targets else (
-        list(source_arch[1].targets) if source_arch is not None else BERT_TARGETS)
-    cfg = CompressionConfig(targets, budget=args.budget, allocation=args.allocation,
-                            reconstruct_steps=args.reconstruct_steps, heal=None)
+    # no --targets: the architecture's (tnlm.integration.architectures), found on the model
+    recipe = EncoderRecipe(
+        budget=args.budget, allocation=args.allocation,
+        target_modules=args.targets.split(",") if args.targets else None,
+        calibration=args.calibration, reconstruct_steps=args.reconstruct_steps,
+        heal_steps=args.heal_steps, lr=args.lr, heal_train=args.heal_train,
+        teacher_bf16=args.teacher_bf16, seed=args.seed)
     out, created = _make_out(args.out)
     from transformers.utils import logging as hf_logging
 
@@ -229,8 +223,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.quiet:  # transformers' "Loading weights" bars too
         hf_logging.disable_progress_bar()
     try:
-        return _compress(args, path, text, source, held_out, calibration, rest, sick, cfg,
-                         out)
+        return _compress(args, path, text, source, split, sick, recipe, out)
     except BaseException as err:
         if out is not None:
             if (out / "healing" / STATE_FILE).is_file():
@@ -246,16 +239,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
             hf_logging.enable_progress_bar()
 
 
-def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, out) -> int:
-    """``tnlm compress`` after its inputs were checked (:func:`cmd_compress`)."""
+def _compress(args, path, text, source, split, sick, recipe, out) -> int:
+    """``tnlm compress`` on an encoder after its inputs were checked (:func:`cmd_compress`):
+    load, check the budget and --resume, :func:`~tnlm.compress.encoder.compress_encoder`,
+    print, save."""
     import json
 
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.distill import STATE_FILE, HealConfig, check_resumable, heal_settings
-    from tnlm.compress.pipeline import check_budget, compress_model, run_context
-    from tnlm.compress.quality import embedding_cosine, sick_spearman
+    from tnlm.compress.distill import STATE_FILE, check_resumable, heal_settings
+    from tnlm.compress.encoder import compress_encoder
+    from tnlm.compress.pipeline import check_budget, run_context
     from tnlm.integration import format_report
     from tnlm.integration.io import CONFIG_NAME
 
@@ -263,19 +258,17 @@ def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, 
         if not args.quiet:  # with --json, stdout carries the JSON only
             print(*parts, file=sys.stderr if args.json else sys.stdout)
 
-    torch.manual_seed(args.seed)
-    healing = out / "healing" if out and args.heal_steps else None
-    cfg.heal = HealConfig(steps=args.heal_steps, lr=args.lr, seed=args.seed,
-                          teacher_bf16=args.teacher_bf16, train=args.heal_train,
-                          checkpoint_dir=str(healing) if healing else None)
-    say(f"text: {len(text):,} sentences from {source}; {len(calibration)} for calibration, "
-        f"{len(rest) + len(calibration):,} for healing, {len(held_out)} held out")
+    torch.manual_seed(args.seed)  # weights a checkpoint lacks are drawn alike in every run
+    healing = out / "healing" if out and recipe.heal_steps else None
+    heal = recipe.heal_config(checkpoint_dir=str(healing) if healing else None)
+    say(f"text: {len(text):,} sentences from {source}; {len(split.calibration)} for "
+        f"calibration, {len(split.heal_text):,} for healing, {len(split.held_out)} held out")
     model = AutoModel.from_pretrained(str(path)).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
+    cfg = recipe.compression_config(model, heal)
     check_budget(model, cfg, name="--budget")
-    heal_text = calibration + rest
     if healing is not None and args.resume:
-        settings = heal_settings(cfg.heal, heal_text, model, run_context(cfg))
+        settings = heal_settings(heal, split.heal_text, model, run_context(cfg))
         try:
             step = check_resumable(healing, settings)
         except FileNotFoundError:
@@ -285,7 +278,7 @@ def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, 
                    "it cannot be resumed")
             raise UserError(f"--resume: {err}; {fix}, or drop --resume to start afresh") \
                 from None
-        _note(f"resuming the healing in {healing} at step {step} of {args.heal_steps}")
+        _note(f"resuming the healing in {healing} at step {step} of {recipe.heal_steps}")
     elif out is not None and (out / "healing" / STATE_FILE).exists():
         _note(f"discarding the healing state of an earlier run in {out / 'healing'} "
               "(pass --resume to continue it)")
@@ -293,38 +286,25 @@ def _compress(args, path, text, source, held_out, calibration, rest, sick, cfg, 
     if out is not None and (out / CONFIG_NAME).is_file():
         _note(f"--out {out} holds a model of an earlier run: this run replaces it when it "
               "succeeds")
-    teacher = AutoModel.from_pretrained(str(path)).eval()
     try:
-        res = compress_model(model, tok, calibration, cfg, heal_text=heal_text,
-                             progress=not args.quiet)
+        res = compress_encoder(model, tok, recipe, text=text, heal=heal, sick=sick,
+                               progress=not args.quiet)
     except FloatingPointError as err:
         raise HealingDiverged(f"{err}; the compressed model was discarded: nothing was saved "
                               f"as a model" + (f" in {out}" if out else "")) from None
-    rows = res.model.compression_report()
     if not args.json:
-        say(format_report(rows))
-    cos = embedding_cosine(res.model, teacher, tok, held_out)
-    dense = sum(r is None for r in res.ranks.values())
-    summary = dict(
-        budget=args.budget, params_before=res.params_before, params_after=res.params_after,
-        ratio=res.ratio, dense_layers=dense, heal_steps=args.heal_steps,
-        healed=res.heal is not None, seconds=res.seconds,
-        reconstruct_steps=args.reconstruct_steps, block_errors=res.block_errors,
-        cosine_mean=float(cos.mean()), cosine_min=float(cos.min()), held_out=len(held_out),
-        text_sentences=len(text),
-        ranks=res.ranks, calibration_errors=res.errors)
-    if sick is not None:
-        summary["sick_spearman_original"] = sick_spearman(teacher, tok, sick)
-        summary["sick_spearman"] = sick_spearman(res.model, tok, sick)
+        say(format_report(res.model.compression_report()))
+    summary = res.summary()
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        healed = (f"healing {args.heal_steps} steps" if res.heal is not None else
-                  "no healing" + (" (nothing was truncated)" if args.heal_steps else ""))
-        print(f"kept {res.params_after:,} of {res.params_before:,} parameters of the "
-              f"targeted layers ({res.ratio:.1%}; {len(res.ranks) - dense} MPO layers, "
-              f"{dense} kept dense); {healed}")
-        print(f"embedding cosine to the original on {len(held_out)} held-out sentences: "
+        dense = summary["dense_layers"]
+        healed = (f"healing {recipe.heal_steps} steps" if res.compression.heal is not None else
+                  "no healing" + (" (nothing was truncated)" if recipe.heal_steps else ""))
+        print(f"kept {res.compression.params_after:,} of {res.compression.params_before:,} "
+              f"parameters of the targeted layers ({res.ratio:.1%}; "
+              f"{len(res.compression.ranks) - dense} MPO layers, {dense} kept dense); {healed}")
+        print(f"embedding cosine to the original on {len(split.held_out)} held-out sentences: "
               f"mean {summary['cosine_mean']:.4f}, min {summary['cosine_min']:.4f}")
         if sick is not None:
             print(f"SICK relatedness Spearman ({sick}): original "
@@ -568,8 +548,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short(x: float) -> str:
+    """``5e-4`` for 0.0005: a learning rate as the help text writes it."""
+    return np.format_float_scientific(x, trim="-", exp_digits=1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
+    from tnlm.compress.pipeline import ALLOCATIONS
+
+    enc = EncoderRecipe  # the encoder job's defaults (class attributes of the dataclass)
 
     ap = argparse.ArgumentParser(prog="tnlm", description="MPO compression of language models")
     ap.add_argument("--version", action="version", version=f"tnlm {__version__}")
@@ -580,31 +570,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", default=None,
                    help="a transformers model folder or a .gguf file (causal LMs: Llama, "
                         "Mistral, Qwen2, GPT-2, OPT, ...); default: the embedded MiniLM")
-    p.add_argument("--budget", type=float, default=0.5,
+    p.add_argument("--budget", type=float, default=enc.budget,
                    help="fraction of the targeted layers' parameters to keep, model-wide; 1 "
                         "keeps every layer dense; a budget below the smallest model the "
                         "allocation can make is refused")
     p.add_argument("--heal-steps", type=int, default=None,
-                   help="distillation steps after truncation (0: none); default 2500 for an "
-                        "encoder, 150 for a causal LM")
+                   help=f"distillation steps after truncation (0: none); default "
+                        f"{enc.heal_steps} for an encoder, {CausalHealConfig.steps} for a "
+                        f"causal LM")
     p.add_argument("--lr", type=float, default=None,
-                   help="healing learning rate; default 5e-4 for an encoder, 2e-4 for a "
-                        "causal LM")
+                   help=f"healing learning rate; default {_short(enc.lr)} for an encoder, "
+                        f"{_short(CausalHealConfig.lr)} for a causal LM")
     p.add_argument("--method", choices=("tnlm", "whitened", "plain"), default=None,
                    help="causal LMs: tnlm (error-feedback whitening + block fitting, the "
                         "default), whitened (SVD-LLM-style low rank) or plain (SVD)")
-    p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default="all",
+    p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default=enc.heal_train,
                    help="what healing trains: every MPO core ('cores'), the auxiliary cores "
                         "only, or also the linears the allocation kept dense ('all'); "
                         "LayerNorms and biases always")
-    p.add_argument("--teacher-bf16", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--teacher-bf16", action=argparse.BooleanOptionalAction,
+                   default=enc.teacher_bf16,
                    help="run the teacher in bfloat16 during healing (default: when the CPU "
                         "has bf16 instructions; pooled outputs within 1e-4 cosine)")
-    p.add_argument("--reconstruct-steps", type=int, default=100,
+    p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
-    p.add_argument("--allocation", choices=("uniform", "greedy", "sensitivity"),
-                   default="sensitivity", help="how the budget is spread over the layers")
-    p.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,
+                   help="how the budget is spread over the layers")
+    p.add_argument("--calibration", type=int, default=enc.calibration,
+                   help="calibration sentences")
     p.add_argument("--text", default=None,
                    help="unlabeled in-domain text, one sentence per line (default: generated "
                         "sentences and docstrings of the installed Python source; in-domain "
@@ -621,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_SICK} if present; '' to skip)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module patterns (default: BERT encoder linears)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=enc.seed)
     p.add_argument("--out", default="out/minilm-mpo",
                    help="output folder ('' to skip saving); a model already there is replaced "
                         "when the run succeeds")

@@ -1,6 +1,8 @@
 """Compress a transformers model to a parameter budget: calibrate, truncate, heal.
 
-:func:`compress_model` is the main job behind ``tnlm compress``::
+:func:`compress_model` is the mechanism behind ``tnlm compress`` on an encoder (the job
+itself, with its text split, measures and defaults, is
+:func:`tnlm.compress.encoder.compress_encoder`)::
 
     teacher = copy of the original (frozen)
     for each group of target layers, in forward order (one transformer block at a time):
@@ -13,8 +15,10 @@
 is met or refused: a budget below the smallest model the allocation can make
 raises before any work (:func:`check_budget`), and a budget of 1 keeps every layer
 dense (nothing is truncated, nothing healed).
-The default allocation gives every layer the same fraction (the largest rank
-within it); ``allocation="greedy"`` spends the budget where the calibration
+:class:`CompressionConfig`'s defaults are the mechanism's, cheaper than the job's
+(:class:`tnlm.compress.encoder.EncoderRecipe`: sensitivity allocation, reconstruction,
+2500 healing steps). Its default allocation gives every layer the same fraction (the
+largest rank within it); ``allocation="greedy"`` spends the budget where the calibration
 output error drops most per parameter (measured worse end to end on MiniLM,
 docs/results.md, but offered). The model is changed only if everything
 succeeds; on any error the original layers are put back.
@@ -55,15 +59,11 @@ __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for
 
 ALLOCATIONS = ("uniform", "greedy", "sensitivity")
 
-#: the encoder main job's healing (``tnlm compress`` on an encoder; causal LMs:
-#: :class:`tnlm.compress.llm.CausalLMRecipe`)
-MAIN_JOB_HEAL_STEPS = 2500
-MAIN_JOB_LR = 5e-4
-
 
 @dataclass
 class CompressionConfig:
-    """What :func:`compress_model` does.
+    """What :func:`compress_model` does. The defaults are the mechanism's; ``tnlm compress``
+    uses :meth:`tnlm.compress.encoder.EncoderRecipe.compression_config`.
 
     Attributes:
         target_modules: PEFT-style patterns of the layers to compress (Linear/Conv1D).
