@@ -385,7 +385,7 @@ def test_spectrum_ranks_meet_the_budget_and_beat_uniform_ranks():
     heavy = spectrum_ranks(spectra, 0.4, {"a": 100.0})
     assert (heavy["a"] or 24) > (spectrum_ranks(spectra, 0.4)["a"] or 24)
     assert all(r is None for r in spectrum_ranks(spectra, 1.0).values())
-    with pytest.raises(ValueError, match="fraction must be in"):
+    with pytest.raises(ValueError, match="fraction must be a fraction in"):
         spectrum_ranks(spectra, 0.0)
     with pytest.raises(ValueError, match="below the smallest model"):
         spectrum_ranks(spectra, 1e-4)

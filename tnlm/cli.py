@@ -143,8 +143,12 @@ def _check_budget_and_healing(budget: float, heal_steps: int, lr: float) -> None
     """The checks both compress paths (encoder, causal LM) make of their shared numbers."""
     import math
 
-    if not 0 < budget <= 1:
-        raise UserError(f"--budget must be a fraction in (0, 1], got {budget}")
+    from tnlm.core.budget import check_fraction
+
+    try:
+        check_fraction("--budget", budget)
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from None
     if heal_steps < 0:
         raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
     if not (math.isfinite(lr) and lr > 0):

@@ -93,8 +93,7 @@ def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: fl
     Returns:
         ``name -> rank`` (>= 1), ``None`` where keeping the layer dense is chosen.
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    fraction = check_fraction("fraction", fraction)
     if fraction >= 1:
         return {n: None for n in spectra}
     weights = weights or {}

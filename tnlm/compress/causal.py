@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tnlm.integration.surgery import temporary
+
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
            "heal_causal", "next_token_kl"]
 
@@ -174,16 +176,14 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     if not params:
         raise ValueError("the student has nothing to train (no MPO layer, norm or linear in "
                          "its blocks)")
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    modes = [(m, m.training) for m in student.modules()]
-    t_modes = [(m, m.training) for m in teacher.modules()]
     rng = random.Random(config.seed)
     n = config.steps
     t0 = time.perf_counter()
     best = [p.detach().clone() for p in params]
     best_loss, run = math.inf, None
     start = None
-    try:
+    # flags and modes of both models are given back as they were; values stay healed
+    with temporary(student, modes=True), temporary(teacher, modes=True):
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -234,12 +234,5 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             with torch.no_grad():
                 for b, p in zip(best, params):
                     p.copy_(b)
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        for m, mode in modes:
-            m.training = mode
-        for m, mode in t_modes:
-            m.training = mode
     result.seconds = time.perf_counter() - t0
     return result

@@ -45,6 +45,7 @@ from tnlm.bridge import kind_of, mpo_modules, weight_xw
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.core.budget import check_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
@@ -101,9 +102,7 @@ class LayerwiseConfig:
     allocation: str = "uniform"
 
     def __post_init__(self) -> None:
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
+        check_fraction("budget", self.budget)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
@@ -333,7 +332,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         ValueError: bad sequences, or patterns that match no linear of any block; the
             model is unchanged.
     """
-    from tnlm.integration.surgery import set_module
+    from tnlm.integration.surgery import Swap
 
     if not torch.is_tensor(sequences) or sequences.dim() != 2 or sequences.numel() == 0 \
             or sequences.dtype not in (torch.int64, torch.int32):
@@ -373,9 +372,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                                    share if config.allocation == "residual" else None)
         times["allocation"] = time.perf_counter() - t0
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    # what fitting may change besides the swapped layers (norms): restored on failure
-    originals = [(p, p.detach().clone()) for p in block_parameters(blocks)]
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swap = Swap(model)  # undone on failure: the swapped layers and what fitting changes
+    for p in block_parameters(blocks):  # besides them (norms)
+        swap.save_value(p)
     was = model.training
     model.eval()
     t_trunc = t_fit = 0.0
@@ -415,8 +414,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 st = stats[n] if config.method != "plain" else InputStats(
                     torch.eye(I, dtype=torch.float64), 1)
                 new = WhitenedLayer(W, st, config.ridge).layer(rank, old, config.gauge)
-                set_module(block, n, new)
-                swapped.append((block, n, old))
+                swap.put(f"{prefix}.{i}.{n}", new)
                 ranks[f"{prefix}.{i}.{n}"] = rank
                 errors[f"{prefix}.{i}.{n}"] = float(new.truncation_error)
                 after += sum(c.numel() for c in new.cores)
@@ -449,11 +447,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             del teacher, call_t
             say(f"block {i}: output error {err0:.4f} -> {err1:.4f}")
     except BaseException:
-        for block, n, old in reversed(swapped):
-            set_module(block, n, old)
-        with torch.no_grad():
-            for p, v in originals:
-                p.copy_(v)
+        swap.undo()
         raise
     finally:
         for p, f in flags:

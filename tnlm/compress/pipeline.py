@@ -50,8 +50,9 @@ from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.reconstruct import reconstruct_blocks
+from tnlm.core.budget import check_fraction
 from tnlm.integration import MPOConfig, MPOModel
-from tnlm.integration.surgery import module_paths, set_module
+from tnlm.integration.surgery import Swap
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
            "layer_groups", "target_shapes", "check_budget", "run_context"]
@@ -97,9 +98,7 @@ class CompressionConfig:
     heal: HealConfig | None = field(default_factory=HealConfig)
 
     def __post_init__(self) -> None:
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ValueError(f"budget must be a fraction in (0, 1], got {b!r}")
+        check_fraction("budget", self.budget)
         if isinstance(self.reconstruct_steps, bool) or not isinstance(
                 self.reconstruct_steps, int) or self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be an int >= 0, got "
@@ -240,15 +239,16 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         dict(tokenizer(calibration[i:i + batch_size], padding=True, truncation=True,
                        max_length=max_length, return_tensors="pt"))
         for i in range(0, len(calibration), batch_size)]
-    paths = module_paths(model)
     originals = {n: model.get_submodule(n) for n in names}
-    swapped: list[tuple[str, nn.Module]] = []
+    swapped: list[str] = []
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
     fraction = float(config.budget)
     groups = layer_groups(names) if config.sequential else [names]
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
+    swap = Swap(model, modes=True)
+    # healing trains the LayerNorms in place: undoing also copies back the teacher's
+    # values (an untouched copy of the model as it came in), after the modules are back
+    swap.on_undo(lambda: model.load_state_dict(teacher.state_dict()))
     try:
         if fraction >= 1:  # nothing is truncated: no MPO is smaller than its dense matrix
             ranks = {n: None for n in names}
@@ -287,9 +287,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                     continue
                 new = WhitenedLayer(W, stats[n], config.ridge).layer(rank, old, config.gauge)
                 errors[n] = float(new.truncation_error)
-                for path in paths[id(old)]:
-                    set_module(model, path, new)
-                swapped.append((n, old))
+                swap.replace({n: new})
+                swapped.append(n)
             say(f"block of {len(group)} layers: output errors "
                 + ", ".join(f"{errors[n]:.3f}" for n in group))
         times["truncation"] = time.perf_counter() - t0
@@ -313,17 +312,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                           context=run_context(config))
             times["healing"] = time.perf_counter() - t1
     except BaseException:
-        for _, old in reversed(swapped):
-            for path in paths[id(old)]:
-                set_module(model, path, old)
-        # healing trains the LayerNorms in place and changes flags and modes: the
-        # teacher is an untouched copy of the model as it came in
-        with torch.no_grad():
-            model.load_state_dict(teacher.state_dict())
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+        swap.undo()
         raise
     for p in model.parameters():
         p.requires_grad_(False)
