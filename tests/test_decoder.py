@@ -436,3 +436,25 @@ def test_peak_memory_resets_per_stage():
     del buf
     assert reset_peak_rss()
     assert peak_rss_mb() < high - 300
+
+
+def test_causal_job_with_a_bfloat16_teacher_keeps_a_float32_student():
+    """heal.teacher_bf16 stores the teacher copy in bfloat16; the student stays float32
+    and healing still lowers the KL."""
+    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+
+    model = _llama()
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [int(w[1:]) % V for w in text.split()]
+            return {"input_ids": torch.tensor([ids])}
+
+    recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=8, fit_steps=2,
+                            heal=CausalHealConfig(steps=12, lr=3e-3, teacher_bf16=True))
+    res = compress_causal_lm(model, Tok(), recipe, text=words, progress=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert res.heal is not None and res.heal.stopped is None
+    assert min(res.heal.losses[-4:]) < res.heal.losses[0]
+    assert set(res.peak_rss_mb) == {"compression", "healing"}

@@ -10,8 +10,9 @@ Python users and the experiments call (its defaults live in :class:`CausalLMReci
                 ``n_calibration`` sequences (tnlm.compress.layerwise)
     healing   = next-token KL to the dense model on all sequences (tnlm.compress.causal)
 
-The dense teacher is a copy of the model made before compression (the only second copy:
-peak memory is about twice the model plus one batch of activations and logits).
+The dense teacher is a copy of the model made before compression (the only second copy,
+in bfloat16 with ``heal.teacher_bf16``: peak memory is about twice the model plus one
+batch of activations and logits).
 Every stage's seconds and peak resident memory (MiB, the whole process: the model
 included) are recorded.
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from tnlm.compress.causal import (
@@ -125,7 +127,11 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
     say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens")
-    teacher = copy.deepcopy(model).eval() if recipe.heal.steps else None
+    teacher = None
+    if recipe.heal.steps:
+        teacher = copy.deepcopy(model).eval()
+        if recipe.heal.teacher_bf16:  # stored in bfloat16: half the memory, no casts a step
+            teacher.to(torch.bfloat16)
     t1 = time.perf_counter()
     reset_peak_rss()
     lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
