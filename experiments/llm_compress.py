@@ -43,6 +43,17 @@ def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_now() -> float | None:
+    """The process's resident memory now (MiB; Linux), not its peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _atomic_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
     model, tok = load_pretrained(path)
     load_s = time.perf_counter() - t0
     dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    rss_loaded = _rss()
+    rss_loaded = _rss_now() or _rss()
     eval_text = natural_eval_text()
     if eval_text is None:
         print("../shared/data is absent: no natural held-out text")

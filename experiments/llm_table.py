@@ -4,7 +4,8 @@
 
 One row per (method, budget): perplexity ratio compressed/dense (mean ± std over seeds,
 the seed count), kept fraction, answer agreement with the dense model, compression and
-healing seconds, peak memory against the dense model's parameter bytes.
+healing seconds, the job's peak resident memory (the largest stage peak: compression or
+healing) against the process's resident memory with the dense model loaded.
 """
 
 from __future__ import annotations
@@ -31,19 +32,22 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
         if "ppl_ratio" not in d or d.get("method") is None:
             continue
         heal = int(d.get("args", {}).get("heal_steps", 0))
-        rows[(d["method"], float(d["budget"]), heal)].append(d)
+        alloc = d.get("args", {}).get("allocation", "uniform")
+        method = d["method"] if alloc == "uniform" else f"{d['method']} ({alloc})"
+        rows[(method, float(d["budget"]), heal)].append(d)
     return rows
 
 
 def table(rows) -> str:
     out = ["| method | budget | heal steps | kept | seeds | perplexity (dense) | ratio | "
-           "answers = dense | compress + heal s | peak RSS / dense params |",
+           "answers = dense | compress + heal s | peak RSS / after load |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for (method, budget, heal), runs in sorted(rows.items(), key=lambda kv: (-kv[0][1],
                                                                              kv[0][0])):
         agree = [r["answer_agreement"] for r in runs if "answer_agreement" in r]
         secs = [r.get("compress_seconds", 0.0) for r in runs]
-        mem = [r["peak_rss_mb"] / r["dense_param_mb"] for r in runs if "peak_rss_mb" in r]
+        mem = [max(v for v in r["stage_peak_rss_mb"].values() if v) / r["rss_after_load_mb"]
+               for r in runs if r.get("stage_peak_rss_mb")]
         out.append(
             f"| {method} | {budget:.0%} | {heal} | {cell([r.get('kept', 1.0) for r in runs])} "
             f"| {len(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
