@@ -121,7 +121,7 @@ def test_heal_train_choices_are_the_healing_ones():
     assert HEAL_TRAIN_CHOICES == TRAIN_CHOICES
     args = build_parser().parse_args(["compress", "--heal-train", "cores"])
     assert args.heal_train == "cores"
-    assert build_parser().parse_args(["compress"]).heal_train == "all"
+    assert build_parser().parse_args(["compress"]).heal_train == "cores+linears"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--heal-train", "core"])
 

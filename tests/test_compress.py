@@ -496,7 +496,8 @@ def test_heal_auxiliary_leaves_central_cores_alone(tok, sentences, damaged):
     central = {n: m.cores[m.central_index].detach().clone() for n, m in mods}
     aux = {n: [c.detach().clone() for c in m.auxiliary_parameters()] for n, m in mods}
     res = heal(student, teacher, tok, sentences,
-               HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, train="auxiliary"),
+               HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8,
+                          train="cores-central"),
                progress=False)
     assert res.trained_params > 0
     for n, m in mods:
@@ -631,8 +632,8 @@ def test_length_bucketed_draws_pad_less_and_draw_every_sentence_alike():
         distill.length_bucketed_draws([], 32, 1, 4, random.Random(0))
 
 
-def test_heal_train_all_trains_dense_linears_and_bf16_teacher_stays_close(tok, sentences,
-                                                                          damaged):
+def test_heal_train_cores_linears_trains_dense_linears_and_bf16_teacher_stays_close(
+        tok, sentences, damaged):
     teacher = damaged[0]
     student = compress_model(copy.deepcopy(teacher), tok, sentences,
                              CompressionConfig(PARTIAL, budget=0.3, heal=None),
@@ -640,7 +641,8 @@ def test_heal_train_all_trains_dense_linears_and_bf16_teacher_stays_close(tok, s
     dense = student.base_model.encoder.layer[0].attention.self.key  # left dense
     before = dense.weight.detach().clone()
     res = heal(student, teacher, tok, sentences,
-               HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8, train="all"),
+               HealConfig(steps=3, lr=1e-2, warmup=1, batch_size=8,
+                          train="cores+linears"),
                progress=False)
     res_cores = heal(copy.deepcopy(student), teacher, tok, sentences,
                      HealConfig(steps=1, batch_size=8), progress=False)

@@ -38,12 +38,13 @@ def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, 
     from transformers import AutoModel
 
     from tnlm.bridge import kind_of, weight_xw
+    from tnlm.bridge.kinds import MATRIX_KINDS
 
     model = AutoModel.from_pretrained(str(_model_path(model_dir)))
     out = {}
     for name, m in model.named_modules():
         kind = kind_of(m)
-        if name and kind is not None and (embeddings or kind != "embedding"):
+        if name and kind is not None and (embeddings or kind in MATRIX_KINDS):
             out[name] = weight_xw(m).double().numpy()
     return out
 
@@ -71,7 +72,18 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 
 COMMANDS = ("compress", "inspect", "report", "decompose", "export")
-HEAL_TRAIN_CHOICES = ("cores", "auxiliary", "all")  # = distill.TRAIN_CHOICES (tested)
+HEAL_TRAIN_CHOICES = ("cores", "cores-central", "cores+linears")  # = distill.TRAIN_CHOICES
+#: healing's former names (= tnlm.bridge.finetune.HEALING_RENAMED, tested)
+HEAL_TRAIN_RENAMED = {"all": "cores+linears", "auxiliary": "cores-central"}
+
+
+def _heal_train(value: str) -> str:
+    """``--heal-train``'s value; a former name is refused naming its new spelling."""
+    if value in HEAL_TRAIN_RENAMED:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is now spelled {HEAL_TRAIN_RENAMED[value]!r} (what trains: "
+            "tnlm.bridge.finetune)")
+    return value
 
 
 def _make_out(out: str | None) -> tuple[Path | None, list[Path]]:
@@ -588,10 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("tnlm", "whitened", "plain"), default=None,
                    help="causal LMs: tnlm (error-feedback whitening + block fitting, the "
                         "default), whitened (SVD-LLM-style low rank) or plain (SVD)")
-    p.add_argument("--heal-train", choices=HEAL_TRAIN_CHOICES, default=enc.heal_train,
-                   help="what healing trains: every MPO core ('cores'), the auxiliary cores "
-                        "only, or also the linears the allocation kept dense ('all'); "
-                        "LayerNorms and biases always")
+    p.add_argument("--heal-train", type=_heal_train, choices=HEAL_TRAIN_CHOICES,
+                   default=enc.heal_train,
+                   help="what healing trains: every MPO core ('cores'), the cores but the "
+                        "central ones ('cores-central'), or also the linears the allocation "
+                        "kept dense ('cores+linears', the default; formerly 'all'); norms "
+                        "and MPO biases always")
     p.add_argument("--teacher-bf16", action=argparse.BooleanOptionalAction,
                    default=enc.teacher_bf16,
                    help="run the teacher in bfloat16 during healing (default: when the CPU "

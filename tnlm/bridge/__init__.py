@@ -1,15 +1,26 @@
 """torch bridge: MPO cores as torch module parameters, and lightweight fine-tuning."""
 
 from tnlm.bridge.finetune import (
+    TRAIN_SETS,
     ParamReport,
     freeze_central,
     make_optimizer,
     mpo_modules,
     parameter_groups,
     parameter_report,
+    select_parameters,
+    set_trainable,
     train_auxiliary_only,
 )
-from tnlm.bridge.kinds import KINDS, dense_module, kind_of, weight_xw
+from tnlm.bridge.kinds import (
+    ALL_KINDS,
+    KINDS,
+    MATRIX_KINDS,
+    dense_module,
+    describe_kinds,
+    kind_of,
+    weight_xw,
+)
 from tnlm.bridge.layer import (
     ComputedWeight,
     MPODtypeError,
@@ -21,7 +32,10 @@ from tnlm.bridge.layer import (
 )
 
 __all__ = [
+    "ALL_KINDS",
     "KINDS",
+    "MATRIX_KINDS",
+    "TRAIN_SETS",
     "ComputedWeight",
     "MPODtypeError",
     "MPOEmbedding",
@@ -30,13 +44,16 @@ __all__ = [
     "ParamReport",
     "ReadOnlyWeightError",
     "dense_module",
+    "describe_kinds",
     "freeze_central",
     "kind_of",
     "make_optimizer",
     "mpo_modules",
     "parameter_groups",
     "parameter_report",
+    "select_parameters",
     "set_dense_cache",
+    "set_trainable",
     "train_auxiliary_only",
     "weight_xw",
 ]

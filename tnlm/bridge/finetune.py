@@ -1,29 +1,95 @@
-"""Lightweight fine-tuning helpers: freeze central tensors, count parameters, build optimizers.
+"""What trains, and fine-tuning helpers: count parameters, build optimizers.
 
-Two settings:
+What trains: one vocabulary
+---------------------------
 
-* :func:`train_lightweight`: only the auxiliary tensors of the MPO modules train (and
-  the modules passed as ``extra``, e.g. a new task head); everything else is frozen.
-  This is what a task needs to store, as a PEFT adapter.
-* :func:`train_auxiliary_only`: the paper's strategy (LFA): the central tensor of every
-  MPO module is frozen; its auxiliary tensors train, together with every parameter that
-  was not decomposed (biases, LayerNorm, embeddings, task head, ...).
+Every setting of tnlm that says which parameters train (``MPOConfig.train`` and
+:meth:`~tnlm.integration.model.MPOModel.setup_training`, ``HealConfig.train``,
+``CausalHealConfig.train``, the CLI's ``--heal-train``, ``EncoderRecipe.heal_train``,
+block fitting) names one of the sets below, and a name means the same set wherever it is
+accepted. :func:`select_parameters` is the one place that computes them (below the module
+it is given: healing a causal LM gives it the blocks, so the final norm and the LM head
+stay out); :data:`TRAIN_SETS` lists them.
 
-:func:`parameter_report` counts as ``peft`` does (every parameter of the model once).
+=================  ========================================================  ==============
+name               what trains                                               accepted by
+=================  ========================================================  ==============
+``lightweight``    the auxiliary tensors of every MPO layer, plus every      model
+                   parameter of the modules to save (``modules_to_save``,
+                   by default the task head) except the central tensors of
+                   MPO layers inside them
+``auxiliary``      every parameter except the central tensors of the MPO     model
+                   layers (the paper's setting: embeddings, norms, biases
+                   and heads train too)
+``all``            every parameter                                           model
+``cores``          every MPO core (central and auxiliary) and MPO bias,      heal, causal,
+                   plus the norm layers                                      block fitting
+``cores-central``  ``cores`` without the central tensors (the auxiliary      heal
+                   tensors and biases of the MPO layers, plus the norms)
+``cores+linears``  ``cores`` plus every dense ``nn.Linear`` / ``Conv1D``     heal, causal
+                   (layers the allocation kept dense, a pooler, ...);
+                   never embedding tables
+=================  ========================================================  ==============
+
+model: ``MPOConfig.train`` and ``MPOModel.setup_training`` / ``from_pretrained``
+(:data:`tnlm.integration.config.TRAIN_MODES`); heal: ``HealConfig.train``,
+``EncoderRecipe.heal_train`` and the CLI's ``--heal-train``
+(:data:`tnlm.compress.distill.TRAIN_CHOICES`); causal: ``CausalHealConfig.train``
+(:data:`tnlm.compress.causal.TRAIN`); block fitting:
+:func:`tnlm.compress.layerwise.block_parameters` (``linears=True``: ``cores+linears``).
+
+A norm layer is a leaf module that no MPO can replace and whose class name holds
+``"norm"`` (:func:`is_norm`: ``LayerNorm``, ``RMSNorm``, ...). Defaults: ``MPOConfig``
+``lightweight``; ``HealConfig`` ``cores``; ``CausalHealConfig``, ``EncoderRecipe`` and
+``--heal-train`` ``cores+linears``.
+
+Healing used to call ``cores+linears`` ``"all"`` and ``cores-central`` ``"auxiliary"``;
+those words now name :class:`MPOConfig`'s sets, so a healing setting refuses them with a
+message naming the new spelling (:data:`HEALING_RENAMED`, :func:`check_train`), never
+reading them with another meaning.
+
+Helpers
+-------
+
+* :func:`set_trainable`: set ``requires_grad`` from a set's name;
+  :func:`train_lightweight` and :func:`train_auxiliary_only` are its
+  ``"lightweight"`` and ``"auxiliary"``;
+* :func:`parameter_report` counts as ``peft`` does (every parameter of the model once);
+* :func:`parameter_groups` / :func:`make_optimizer`: AdamW with MPO cores in their own group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tnlm.bridge.kinds import MATRIX_KINDS, kind_of
 from tnlm.bridge.layer import MPOModule
 
-__all__ = ["mpo_modules", "freeze_central", "train_auxiliary_only", "train_lightweight",
-           "ParamReport", "make_optimizer", "parameter_report", "parameter_groups"]
+__all__ = ["TRAIN_SETS", "HEALING_RENAMED", "select_parameters", "set_trainable", "check_train",
+           "is_norm", "mpo_modules", "freeze_central", "train_auxiliary_only",
+           "train_lightweight", "ParamReport", "make_optimizer", "parameter_report",
+           "parameter_groups"]
+
+#: every named set of parameters (the module docstring's table): name -> what it selects
+TRAIN_SETS: dict[str, str] = {
+    "lightweight": "the auxiliary tensors of every MPO layer, plus every parameter of the "
+                   "modules to save except the central tensors of MPO layers inside them",
+    "auxiliary": "every parameter except the central tensors of the MPO layers",
+    "all": "every parameter",
+    "cores": "every MPO core and MPO bias, plus the norm layers",
+    "cores-central": "'cores' without the central tensors",
+    "cores+linears": "'cores' plus every dense nn.Linear / Conv1D (never embeddings)",
+}
+
+#: healing's former names of sets that now have their own: refused by healing settings,
+#: with a message naming the new spelling (the old words now mean MPOConfig's sets)
+HEALING_RENAMED: dict[str, str] = {"all": "cores+linears", "auxiliary": "cores-central"}
+
+_CORE_SETS = ("cores", "cores-central", "cores+linears")
 
 
 def mpo_modules(model: nn.Module) -> Iterator[tuple[str, MPOModule]]:
@@ -31,6 +97,95 @@ def mpo_modules(model: nn.Module) -> Iterator[tuple[str, MPOModule]]:
     for name, module in model.named_modules():
         if isinstance(module, MPOModule):
             yield name, module
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer: a leaf that no MPO can replace whose
+    class name holds ``"norm"`` (``nn.LayerNorm``, Llama's ``RMSNorm``, ...)."""
+    return (not any(True for _ in module.children()) and kind_of(module) is None
+            and "norm" in type(module).__name__.lower())
+
+
+def check_train(train: str, accepted: Sequence[str],
+                renamed: Mapping[str, str] | None = None) -> str:
+    """``train`` if it is one of ``accepted`` (names of :data:`TRAIN_SETS`).
+
+    Raises:
+        ValueError: otherwise; for a name of ``renamed`` (e.g. :data:`HEALING_RENAMED`)
+            whose new spelling is accepted, the message names that spelling.
+    """
+    if isinstance(train, str) and train in accepted:
+        return train
+    new = (renamed or {}).get(train) if isinstance(train, str) else None
+    if new is not None and new in accepted:
+        raise ValueError(
+            f"train must be one of {tuple(accepted)}, got {train!r}: healing's former "
+            f"{train!r} is now spelled {new!r} ({TRAIN_SETS[new]}); {train!r} names another "
+            f"set ({TRAIN_SETS[train]}), which healing does not train")
+    raise ValueError(f"train must be one of {tuple(accepted)}, got {train!r}")
+
+
+def select_parameters(root: nn.Module, train: str, *,
+                      extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of set ``train`` below ``root`` (module docstring, :data:`TRAIN_SETS`),
+    as ``(name in root, parameter)``, each once.
+
+    Order: for the ``cores`` sets, the MPO layers' tensors (layer by layer, cores in site
+    order, then the bias) followed by the norms (and dense linears) in module order; for
+    the others, the order of ``root.parameters()`` (``lightweight``: the auxiliary tensors
+    first, then the modules to save). ``extra``: the modules to save of ``lightweight``
+    (ignored by the other sets); parameters outside ``root`` are not selected.
+
+    Raises:
+        ValueError: ``train`` is not a name of :data:`TRAIN_SETS`.
+    """
+    check_train(train, tuple(TRAIN_SETS))
+    chosen: dict[int, nn.Parameter] = {}
+
+    def take(params: Iterable[nn.Parameter]) -> None:
+        for p in params:
+            chosen.setdefault(id(p), p)
+
+    mpos = [m for _, m in mpo_modules(root)]
+    if train in _CORE_SETS:
+        for m in mpos:
+            take(m.auxiliary_parameters() if train == "cores-central" else m.cores)
+            if getattr(m, "bias", None) is not None:
+                take([m.bias])
+        for mod in root.modules():
+            if is_norm(mod) or (train == "cores+linears" and kind_of(mod) in MATRIX_KINDS
+                                and not any(True for _ in mod.children())):
+                take(mod.parameters(recurse=False))
+    elif train == "lightweight":
+        for m in mpos:
+            take(m.auxiliary_parameters())
+        for module in extra:
+            central = {id(p) for _, m in mpo_modules(module) for p in m.central_parameters()}
+            take(p for p in module.parameters() if id(p) not in central)
+    elif train == "auxiliary":
+        central = {id(p) for m in mpos for p in m.central_parameters()}
+        take(p for p in root.parameters() if id(p) not in central)
+    else:  # "all"
+        take(root.parameters())
+    names = {id(p): n for n, p in root.named_parameters()}
+    return [(names[i], p) for i, p in chosen.items() if i in names]
+
+
+def set_trainable(model: nn.Module, train: str, *,
+                  extra: Iterable[nn.Module] = ()) -> nn.Module:
+    """Set ``requires_grad``: the parameters of set ``train`` (:func:`select_parameters`)
+    train, every other parameter of ``model`` is frozen. Returns ``model``.
+
+    Raises:
+        ValueError: an unknown name, or ``"lightweight"`` / ``"auxiliary"`` (defined by
+            the MPO layers' tensors) on a model without MPO modules.
+    """
+    if train in ("lightweight", "auxiliary") and not any(True for _ in mpo_modules(model)):
+        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
+    chosen = {id(p) for _, p in select_parameters(model, train, extra=extra)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return model
 
 
 def freeze_central(model: nn.Module) -> nn.Module:
@@ -45,34 +200,25 @@ def freeze_central(model: nn.Module) -> nn.Module:
 
 
 def train_auxiliary_only(model: nn.Module) -> nn.Module:
-    """The paper's lightweight fine-tuning: every parameter trains except central tensors."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return freeze_central(model)
+    """The paper's lightweight fine-tuning: every parameter trains except central tensors
+    (the set ``"auxiliary"``, :func:`set_trainable`).
+
+    Raises:
+        ValueError: if ``model`` contains no MPO modules.
+    """
+    return set_trainable(model, "auxiliary")
 
 
 def train_lightweight(model: nn.Module, extra: Iterable[nn.Module] = ()) -> nn.Module:
     """Only the auxiliary tensors of every MPO module train, plus every parameter of the
     modules in ``extra`` except the central tensors of MPO modules inside them; every
-    other parameter (central tensors, MPO biases, embeddings, LayerNorms, ...) is frozen.
+    other parameter (central tensors, MPO biases, embeddings, LayerNorms, ...) is frozen
+    (the set ``"lightweight"``, :func:`set_trainable`).
 
     Raises:
         ValueError: if ``model`` contains no MPO modules.
     """
-    found = list(mpo_modules(model))
-    if not found:
-        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, m in found:
-        for p in m.auxiliary_parameters():
-            p.requires_grad_(True)
-    for module in extra:
-        for p in module.parameters():
-            p.requires_grad_(True)
-        for _, m in mpo_modules(module):
-            m.freeze_central()
-    return model
+    return set_trainable(model, "lightweight", extra=extra)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Kind", "KINDS", "kind_of", "get_kind", "weight_xw", "dense_module"]
+__all__ = ["Kind", "KINDS", "ALL_KINDS", "MATRIX_KINDS", "kind_of", "get_kind", "describe_kinds",
+           "weight_xw", "dense_module"]
 
 
 def _conv1d_type() -> type | None:
@@ -44,12 +45,14 @@ class Kind:
         module_type: returns the torch class (or ``None`` when unavailable).
         transposed: True when the stored weight is W.T (``nn.Linear``).
         build: ``build(in_dim, out_dim, bias, extras, device, dtype)`` -> an empty module.
+        label: how messages name the module type (``"nn.Linear"``, ``"Conv1D"``, ...).
     """
 
     name: str
     module_type: Callable[[], type | None]
     transposed: bool
     build: Callable[..., nn.Module]
+    label: str = ""
 
     def matches(self, module: nn.Module) -> bool:
         t = self.module_type()
@@ -72,10 +75,15 @@ def _build_embedding(in_dim, out_dim, bias, extras, device, dtype) -> nn.Module:
 
 
 KINDS: dict[str, Kind] = {
-    "linear": Kind("linear", lambda: nn.Linear, True, _build_linear),
-    "conv1d": Kind("conv1d", _conv1d_type, False, _build_conv1d),
-    "embedding": Kind("embedding", lambda: nn.Embedding, False, _build_embedding),
+    "linear": Kind("linear", lambda: nn.Linear, True, _build_linear, "nn.Linear"),
+    "conv1d": Kind("conv1d", _conv1d_type, False, _build_conv1d, "Conv1D"),
+    "embedding": Kind("embedding", lambda: nn.Embedding, False, _build_embedding, "nn.Embedding"),
 }
+
+#: every kind name, in the order of :data:`KINDS`
+ALL_KINDS: tuple[str, ...] = tuple(KINDS)
+#: the kinds whose weight is a linear map applied to activations (not a lookup table)
+MATRIX_KINDS: tuple[str, ...] = ("linear", "conv1d")
 
 #: nn.Embedding options kept through decomposition and merging
 EMBEDDING_EXTRAS = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
@@ -90,17 +98,25 @@ def kind_of(module: nn.Module) -> str | None:
 
 
 def get_kind(name: str) -> Kind:
+    """The :class:`Kind` called ``name``; ``ValueError`` for an unknown name."""
     try:
         return KINDS[name]
     except KeyError:
-        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {name!r}") from None
+        raise ValueError(f"kind must be one of {ALL_KINDS}, got {name!r}") from None
+
+
+def describe_kinds(kinds: tuple[str, ...] = ALL_KINDS) -> str:
+    """The module types of ``kinds`` for a message: ``"nn.Linear, Conv1D or nn.Embedding"``
+    (``MATRIX_KINDS``: ``"nn.Linear or Conv1D"``)."""
+    labels = [get_kind(k).label for k in kinds]
+    return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} or {labels[-1]}"
 
 
 def weight_xw(module: nn.Module) -> torch.Tensor:
     """W (in, out) of ``module`` in the ``y = x @ W`` convention (a detached view)."""
     name = kind_of(module)
     if name is None:
-        raise TypeError(f"module must be one of {tuple(KINDS)}, got {type(module).__name__}")
+        raise TypeError(f"module must be one of {ALL_KINDS}, got {type(module).__name__}")
     w = module.weight.detach()
     return w.T if KINDS[name].transposed else w
 

@@ -13,8 +13,11 @@ Healing. The student learns the dense teacher's next-token distributions::
     loss = mean over tokens t of KL(p_teacher(· | x_<t) || p_student(· | x_<t))
 
 (temperature 1). AdamW, linear warm-up, cosine decay, gradient clipping. What trains
-(``train``): ``"cores"`` every MPO core and bias and the norms; ``"all"`` adds the other
-linears of the blocks (never the embeddings or the LM head). A loss that becomes
+(``train``, one of :data:`TRAIN`, the sets of those names in :mod:`tnlm.bridge.finetune`,
+taken in the blocks: never the embeddings, the final norm or the LM head): ``"cores"``
+every MPO core and bias and the norms; ``"cores+linears"`` (the default) adds the dense
+linears of the blocks. ``"all"``, this set's former name, is refused with a message
+naming the new one (``"all"`` trains every parameter in ``MPOConfig``). A loss that becomes
 non-finite or exceeds ``blowup`` x its starting value (mean of the first ``warmup``
 steps) stops the run and restores the parameters of the step with the lowest running
 loss; the result says so (``stopped``).
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.integration.surgery import temporary
 
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
@@ -119,18 +123,20 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-TRAIN = ("cores", "all")
+#: what causal healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`
+TRAIN = ("cores", "cores+linears")
 
 
 @dataclass
 class CausalHealConfig:
-    """Settings of :func:`heal_causal` (see the module docstring)."""
+    """Settings of :func:`heal_causal` (see the module docstring); ``train`` is one of
+    :data:`TRAIN`."""
 
     steps: int = 150
     lr: float = 2e-4
     batch_size: int = 4
     warmup: int = 10
-    train: str = "all"
+    train: str = "cores+linears"
     blowup: float = 10.0
     teacher_bf16: bool = False
     seed: int = 0
@@ -142,8 +148,7 @@ class CausalHealConfig:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if self.train not in TRAIN:
-            raise ValueError(f"train must be one of {TRAIN}, got {self.train!r}")
+        check_train(self.train, TRAIN, HEALING_RENAMED)
         if not (isinstance(self.blowup, (int, float)) and self.blowup > 1):
             raise ValueError(f"blowup must be a number > 1, got {self.blowup!r}")
 
@@ -157,10 +162,9 @@ class CausalHealResult:
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
-    from tnlm.compress.layerwise import block_parameters
     from tnlm.integration.architectures import blocks_of
 
-    return block_parameters(blocks_of(student), linears=train == "all")
+    return [p for _, p in select_parameters(blocks_of(student), train)]
 
 
 def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,

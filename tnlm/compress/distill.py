@@ -13,9 +13,13 @@ library ships none: the terms screened so far (a similarity-structure term with
 nearest-neighbour pairs, word-swapped twins, attention relations) measured no gain and
 live in ``experiments/heal_terms.py``.
 
-What trains (``train``): ``"cores"`` every MPO core and bias, plus the LayerNorms;
-``"auxiliary"`` the same without the central tensors; ``"all"`` adds every other
-``nn.Linear`` (layers the allocation kept dense, a pooler), never the embedding tables.
+What trains (``train``, one of :data:`TRAIN_CHOICES`, the sets of those names in
+:mod:`tnlm.bridge.finetune`): ``"cores"`` every MPO core and bias, plus the norm layers;
+``"cores-central"`` the same without the central tensors; ``"cores+linears"`` adds every
+dense ``nn.Linear`` / ``Conv1D`` (layers the allocation kept dense, a pooler), never the
+embedding tables. These were called ``"auxiliary"`` and ``"all"`` before, words that name
+other sets in ``MPOConfig``; given here they are refused with a message naming the new
+spelling.
 Batches draw sentences of similar token length (``bucket``, see
 :func:`length_bucketed_draws`): on the main job's mixed text a uniform batch is padded to
 about 2.7x its real tokens. ``teacher_bf16`` runs the frozen teacher under bfloat16
@@ -55,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import mpo_modules
+from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
@@ -63,7 +67,8 @@ __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architec
            "STATE_FILE", "BLOWUP_WINDOW"]
 
 
-TRAIN_CHOICES = ("cores", "auxiliary", "all")
+#: what healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`
+TRAIN_CHOICES = ("cores", "cores-central", "cores+linears")
 #: the healing checkpoint's JSON (step, losses, settings) and tensors, in ``checkpoint_dir``
 STATE_FILE, STATE_TENSORS = "heal_state.json", "heal_state.safetensors"
 #: losses averaged for the blow-up test (``HealConfig.max_loss_ratio``)
@@ -202,8 +207,7 @@ class HealConfig:
         if self.term is not None and not isinstance(self.term, HealTerm):
             raise ValueError(f"term must be a HealTerm or None, got "
                              f"{type(self.term).__name__}")
-        if self.train not in TRAIN_CHOICES:
-            raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
+        check_train(self.train, TRAIN_CHOICES, HEALING_RENAMED)
 
 
 @dataclass
@@ -242,19 +246,7 @@ def check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:
 
 
 def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]:
-    chosen: dict[int, tuple[str, nn.Parameter]] = {}
-    for _, m in mpo_modules(student):
-        cores = m.auxiliary_parameters() if train == "auxiliary" else list(m.cores)
-        for p in cores:
-            chosen[id(p)] = ("", p)
-        if getattr(m, "bias", None) is not None:
-            chosen[id(m.bias)] = ("", m.bias)
-    for module in student.modules():
-        if isinstance(module, nn.LayerNorm) or (train == "all" and isinstance(module, nn.Linear)):
-            for p in module.parameters():
-                chosen[id(p)] = ("", p)
-    names = {id(p): n for n, p in student.named_parameters()}
-    return [(names[i], p) for i, (_, p) in chosen.items() if i in names]
+    return select_parameters(student, train)
 
 
 def _loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
@@ -407,6 +399,14 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
     """The step the healing state in ``directory`` resumes from, after checking that it was
     made with ``settings`` (:func:`heal_settings`).
 
+    A state recorded before healing's sets were renamed is read with their new names
+    (``train="all"`` as ``"cores+linears"``, ``"auxiliary"`` as ``"cores-central"``:
+    :data:`~tnlm.bridge.finetune.HEALING_RENAMED`; in a healing state those words can
+    only mean those sets), so it resumes under the new spelling and is refused under any
+    other, as for every setting. Where the set itself grew (norm layers other than
+    ``nn.LayerNorm``, ``Conv1D`` layers), the saved tensors do not cover it and the
+    resume is refused when they are loaded, naming the first missing parameter.
+
     Raises:
         FileNotFoundError: no state; ValueError: a corrupt state or other settings, naming
         the file and every setting that differs.
@@ -417,6 +417,8 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
     if not isinstance(saved, dict):
         raise ValueError(f"healing state {path} records no settings (an older tnlm wrote "
                          f"it): it cannot be checked, so it is not resumed; remove it")
+    if saved.get("train") in HEALING_RENAMED:  # written before the rename: the same set
+        saved = dict(saved, train=HEALING_RENAMED[saved["train"]])
     keys = sorted(set(saved) | set(settings))
     diff = [k for k in keys if saved.get(k) != settings.get(k)]
     if diff:
@@ -512,7 +514,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     check_same_architecture(student, teacher)
     params = _trainable(student, cfg.train)
     if not params:
-        raise ValueError("student has no MPO cores or LayerNorms to train")
+        raise ValueError("student has no MPO cores or norm layers to train")
     for p in student.parameters():
         p.requires_grad_(False)
     for _, p in params:

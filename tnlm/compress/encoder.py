@@ -65,7 +65,10 @@ class EncoderRecipe:
         reconstruct_steps: block-by-block reconstruction steps per block (0: none).
         heal_steps: distillation steps after truncation (0: no healing).
         lr: healing learning rate.
-        heal_train: what healing trains (:data:`tnlm.compress.distill.TRAIN_CHOICES`).
+        heal_train: what healing trains (:data:`tnlm.compress.distill.TRAIN_CHOICES`;
+            the sets of :mod:`tnlm.bridge.finetune`): ``"cores+linears"`` (the default,
+            formerly spelled ``"all"``, which is now refused here with a message naming
+            it) trains the MPO cores and biases, the norms and the linears kept dense.
         teacher_bf16: run the teacher under bfloat16 during healing; ``None``: when the CPU
             has bf16 instructions (:func:`tnlm.compress.distill.fast_bf16`).
         whiten: data-aware truncation; ``False``: plain SVD of the weights (the baseline).
@@ -83,7 +86,7 @@ class EncoderRecipe:
     reconstruct_steps: int = 100
     heal_steps: int = 2500
     lr: float = 5e-4
-    heal_train: str = "all"
+    heal_train: str = "cores+linears"
     teacher_bf16: bool | None = None
     whiten: bool = True
     seed: int = 0

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import kind_of, mpo_modules, weight_xw
+from tnlm.bridge import kind_of, select_parameters, weight_xw
+from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
@@ -189,24 +190,12 @@ def _rel_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def block_parameters(root: nn.Module, *, linears: bool = False) -> list[nn.Parameter]:
-    """What fitting and healing train below ``root``: every MPO core and bias, the
-    normalisation layers (LayerNorm, RMSNorm: any leaf whose class name holds "norm"),
-    and with ``linears`` the dense Linear/Conv1D layers too; each parameter once."""
-    ps: dict[int, nn.Parameter] = {}
-    for _, m in mpo_modules(root):
-        for p in m.cores:
-            ps[id(p)] = p
-        if getattr(m, "bias", None) is not None:
-            ps[id(m.bias)] = m.bias
-    for mod in root.modules():
-        if list(mod.children()):
-            continue
-        kind = kind_of(mod)
-        if (kind is None and "norm" in type(mod).__name__.lower()) or \
-                (linears and kind in ("linear", "conv1d")):
-            for p in mod.parameters(recurse=False):
-                ps[id(p)] = p
-    return list(ps.values())
+    """What fitting trains below ``root``: the set ``"cores"`` of
+    :mod:`tnlm.bridge.finetune` (every MPO core and bias, the norm layers: LayerNorm,
+    RMSNorm, any leaf whose class name holds "norm"), with ``linears`` the set
+    ``"cores+linears"`` (the dense Linear/Conv1D layers too); each parameter once
+    (:func:`~tnlm.bridge.finetune.select_parameters`)."""
+    return [p for _, p in select_parameters(root, "cores+linears" if linears else "cores")]
 
 
 def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor], steps: int,
@@ -342,11 +331,12 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     say = log or (lambda s: None)
     cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     blocks = blocks_of(model)
-    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in ("linear", "conv1d")
+    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in MATRIX_KINDS
                   and cfg.is_target(n)] for b in blocks]
     if not any(per_block):
-        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
-                         f"Conv1D in the blocks of {type(model).__name__}")
+        raise ValueError(f"target_modules {config.target_modules!r} match no "
+                         f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
+                         f"{type(model).__name__}")
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     times: dict[str, float] = {}
     ranks: dict[str, int | None] = {}

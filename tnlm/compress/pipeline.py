@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, weight_xw
+from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
 from tnlm.compress.allocate import (
     block_index,
     measure_sensitivity,
@@ -166,10 +167,10 @@ def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tupl
     """
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     out = {n: tuple(int(d) for d in weight_xw(m).shape) for n, m in model.named_modules()
-           if n and kind_of(m) in ("linear", "conv1d") and mpo_cfg.is_target(n)}
+           if n and kind_of(m) in MATRIX_KINDS and mpo_cfg.is_target(n)}
     if not out:
-        raise ValueError(f"target_modules {config.target_modules!r} match no nn.Linear or "
-                         f"Conv1D of {type(model).__name__}")
+        raise ValueError(f"target_modules {config.target_modules!r} match no "
+                         f"{describe_kinds(MATRIX_KINDS)} of {type(model).__name__}")
     return out
 
 

@@ -23,12 +23,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tnlm.bridge.finetune import check_train
 from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spec import GAUGES, DecompositionSpec
 from tnlm.core.validation import check_n_sites, check_shape
 
 __all__ = ["MPOConfig", "TRAIN_MODES"]
 
+#: the sets of :mod:`tnlm.bridge.finetune`'s table an MPO model trains (its names, its sets)
 TRAIN_MODES = ("lightweight", "auxiliary", "all")
 _POLICY_KEYS = ("max_bond", "cutoff", "max_error", "in_shape", "out_shape", "n_sites", "gauge",
                 "mode", "pad")
@@ -62,12 +64,15 @@ class MPOConfig:
             checkpoint, so it must train and be saved. A list replaces that choice
             (``["classifier", "pooler"]``); ``[]`` opts out (only the auxiliary tensors
             train in ``"lightweight"``).
-        train: what trains (see :meth:`~tnlm.integration.model.MPOModel.setup_training`):
-            ``"lightweight"`` (the default, what a PEFT user expects: only the auxiliary
-            tensors of the MPO layers and ``modules_to_save``, by default the task head;
-            a task checkpoint then holds only those), ``"auxiliary"`` (the paper's
-            setting: every parameter except the central tensors, i.e. also embeddings,
-            LayerNorms, biases and heads) or ``"all"``.
+        train: what trains, a name of :data:`TRAIN_MODES` (the sets of those names in
+            :mod:`tnlm.bridge.finetune`; see
+            :meth:`~tnlm.integration.model.MPOModel.setup_training`): ``"lightweight"``
+            (the default, what a PEFT user expects: only the auxiliary tensors of the MPO
+            layers and ``modules_to_save``, by default the task head; a task checkpoint
+            then holds only those), ``"auxiliary"`` (the paper's setting: every parameter
+            except the central tensors, i.e. also embeddings, LayerNorms, biases and
+            heads) or ``"all"`` (every parameter). Healing's sets (``"cores"``, ...) are
+            not accepted here.
         gauge: the gauge the cores start from: ``"symmetric"`` (the paper's; the default,
             chosen by the SST-2 experiment in docs/results.md), ``"central"``
             (orthogonality center on the central tensor) or ``"left"``.
@@ -101,8 +106,7 @@ class MPOConfig:
                              f"string, got {t!r}")
         else:
             self.target_modules = list(t)
-        if self.train not in TRAIN_MODES:
-            raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
+        check_train(self.train, TRAIN_MODES)
         if self.gauge not in GAUGES:
             raise ValueError(f"gauge must be one of {GAUGES}, got {self.gauge!r}")
         if self.mode not in ("auto", "contract", "dense"):

@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import (
     MPOModule,
+    describe_kinds,
     kind_of,
     parameter_report,
-    train_auxiliary_only,
+    set_trainable,
     weight_xw,
 )
-from tnlm.bridge.finetune import train_lightweight
+from tnlm.bridge.finetune import check_train
 from tnlm.integration import io
 from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
@@ -155,7 +156,9 @@ class MPOModel(nn.Module):
 
     def setup_training(self, train: str | None = None) -> MPOModel:
         """Set ``requires_grad`` of every parameter for a training mode (default: the
-        config's ``train``; a mode given here becomes the config's):
+        config's ``train``; a mode given here becomes the config's), one of
+        :data:`~tnlm.integration.config.TRAIN_MODES`, the sets of the same names in
+        :mod:`tnlm.bridge.finetune` (:func:`~tnlm.bridge.finetune.set_trainable`):
 
         * ``"lightweight"``: only the auxiliary tensors of the MPO layers train, plus the
           ``modules_to_save`` (all their parameters but MPO central tensors; by default
@@ -163,16 +166,11 @@ class MPOModel(nn.Module):
         * ``"auxiliary"``: the paper's setting: everything but the central tensors;
         * ``"all"``: everything.
         """
-        if train is not None and train not in TRAIN_MODES:
-            raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+        if train is not None:
+            check_train(train, TRAIN_MODES)
         mode = self.mpo_config.train if train is None else train
-        if mode == "lightweight":
-            train_lightweight(self.base_model, [m for _, m in self.modules_to_save()])
-        elif mode == "auxiliary":
-            train_auxiliary_only(self.base_model)
-        else:
-            for p in self.base_model.parameters():
-                p.requires_grad_(True)
+        extra = [m for _, m in self.modules_to_save()] if mode == "lightweight" else []
+        set_trainable(self.base_model, mode, extra=extra)
         self.mpo_config.train = mode
         return self
 
@@ -524,7 +522,7 @@ class MPOModel(nn.Module):
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model must be an nn.Module, got {type(base_model).__name__}")
         if train is not None and train not in TRAIN_MODES:
-            raise ValueError(f"train must be one of {TRAIN_MODES} or None, got {train!r}")
+            check_train(train, TRAIN_MODES)
         if not isinstance(is_trainable, bool):
             raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
         if not is_trainable and train is not None:
@@ -626,8 +624,8 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             leaves = sorted({n.rsplit(".", 1)[-1] for n in supported})
             close = difflib.get_close_matches(p.rsplit(".", 1)[-1], leaves, n=3)
             hint = f"; did you mean {close}?" if close else f"; supported leaf names: {leaves[:12]}"
-            raise ValueError(f"target_modules pattern {p!r} matches no nn.Linear, Conv1D or "
-                             f"nn.Embedding module of {type(model).__name__}{hint}")
+            raise ValueError(f"target_modules pattern {p!r} matches no {describe_kinds()} "
+                             f"module of {type(model).__name__}{hint}")
     for p in config.overrides:
         if not any(config.override_matches(p, n) for n in targets):
             suffixes = sorted({".".join(n.split(".")[k:]) for n in targets
