@@ -207,7 +207,7 @@ def test_fitting_keeps_ranks_identical(two_ranks):
     # fitting takes one batch per rank per step (one process: one batch per step), so
     # the trajectories differ; they end close, not equal
     diff = float((got[0]["logits"] - logits(model)).abs().max())
-    assert diff < 0.05 * float(logits(model).abs().max())
+    assert diff < 0.1 * float(logits(model).abs().max())  # measured: 4 %
 
 
 def test_failed_rank_stops_the_other_and_checkpoint_resumes(two_ranks, tmp_path):
