@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, weight_xw
+from tnlm.compress.distributed import all_reduce_stats
 
 __all__ = ["InputStats", "collect_input_stats"]
 
@@ -58,8 +59,8 @@ def _zeros(w: int) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names: Sequence[str],
-                        *, reference: nn.Module | None = None, progress: bool = False
-                        ) -> dict[str, InputStats]:
+                        *, reference: nn.Module | None = None, progress: bool = False,
+                        reduce: bool = False) -> dict[str, InputStats]:
     """Run ``model`` on ``batches`` and record each named layer's input Gram matrix.
 
     Args:
@@ -72,6 +73,11 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             original dense model while ``model`` is partly compressed): it runs on the
             same batches and :attr:`InputStats.cross` records ``X_modelᵀ X_reference``.
         progress: show a progress bar.
+        reduce: sum the statistics (float64) over the ranks of the initialized
+            ``torch.distributed`` process group, each rank having run its own share of
+            the batches (:func:`tnlm.compress.distributed.all_reduce_stats`); every rank
+            must call this with the same ``module_names``. Without a process group, or
+            with one rank, nothing changes.
 
     Raises:
         ValueError: no module names, an unknown name, or no calibration tokens.
@@ -137,6 +143,8 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             h.remove()
         for m, t in zip(models, was_training):
             m.train(t)
+    if reduce:
+        all_reduce_stats(stats)
     if not any(s.n_tokens for s in stats.values()):
         raise ValueError("batches held no calibration tokens (empty input or all-zero masks)")
     return stats

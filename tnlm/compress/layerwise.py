@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,13 +50,25 @@ from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.distributed import (
+    all_reduce_floats,
+    average_gradients,
+    barrier,
+    broadcast_module,
+    check_same,
+    digest,
+    is_distributed,
+    shard_batches,
+    world,
+)
 from tnlm.core.budget import check_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "ALLOCATIONS", "dense_spectra", "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
-           "peak_rss_mb", "reset_peak_rss"]
+           "peak_rss_mb", "reset_peak_rss", "write_checkpoint", "read_checkpoint_state",
+           "layerwise_fingerprint", "CHECKPOINT_STATE"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -88,6 +104,11 @@ class LayerwiseConfig:
             student's own inputs ``X_s`` only, the error left to block fitting (measured
             better on SmolLM2: the cross-Gram regression on a few thousand tokens
             overfits, docs/results.md).
+        seed: seeds block fitting's batch order (block i uses ``seed + i``).
+        checkpoint_dir: a directory for a resumable checkpoint after every block
+            (:func:`write_checkpoint`; ``compress_layerwise(..., resume=True)``
+            continues from it); None: no checkpoint. Not part of the settings a resume
+            must match.
     """
 
     target_modules: list[str]
@@ -101,6 +122,7 @@ class LayerwiseConfig:
     cross: bool = False
     seed: int = 0
     allocation: str = "uniform"
+    checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
@@ -199,12 +221,23 @@ def block_parameters(root: nn.Module, *, linears: bool = False) -> list[nn.Param
 
 
 def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor], steps: int,
-              *, lr: float = 1e-3, warmup: int = 8, seed: int = 0) -> None:
+              *, lr: float = 1e-3, warmup: int = 8, seed: int = 0, sync: bool = False
+              ) -> None:
     """Train ``block``'s cores, biases and norms (in place) on
     ``mean ||block(x) - y||² / ||y||²`` over random batches of ``inputs`` (as
     :func:`capture_block_inputs` gives them) against ``targets``; other parameters and
-    every ``requires_grad`` flag are left as they were."""
+    every ``requires_grad`` flag are left as they were.
+
+    With ``sync`` (under ``torch.distributed``) each rank holds its own shard of the
+    batches, all shards of the same length: every rank draws the same index from the same
+    seeded generator, takes that batch of its shard, and the gradients and loss are
+    averaged over the ranks before each step, so the ranks stay identical (one step sees
+    ``world_size`` batches). Unequal shard lengths raise ``ValueError`` on every rank."""
     params = block_parameters(block)
+    sync = sync and is_distributed()
+    if sync:
+        check_same(digest([len(inputs)]), "numbers of calibration batches for block fitting "
+                   "(it needs equal shards: a number of batches divisible by the world size)")
     if not steps or not params:
         return
     flags = [(p, p.requires_grad) for p in block.parameters()]
@@ -224,14 +257,19 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
             j = rng.randrange(len(inputs))
             x, extra = inputs[j]
             loss = _rel_err(call(x, extra), targets[j])
+            opt.zero_grad(set_to_none=True)
+            if sync:  # the loss averaged with the gradients: every rank decides alike
+                loss.backward()
+                loss = average_gradients(params, loss)
             if not torch.isfinite(loss):
+                opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for p, s in zip(params, start):
                         p.copy_(s)
                 raise FloatingPointError(f"block fitting diverged (loss {float(loss)}); "
                                          f"the block was restored; lower fit_lr ({lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if not sync:
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -271,10 +309,13 @@ def reset_peak_rss() -> bool:
 
 @torch.no_grad()
 def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list[str]],
-                  prefix: str, ridge: float = 1e-6, progress: bool = False
+                  prefix: str, ridge: float = 1e-6, progress: bool = False,
+                  reduce: bool = False
                   ) -> tuple[dict[str, tuple[int, int, Any]], dict[str, float]]:
     """The dense blocks run in turn on the captured inputs ``data``; per target, its
-    whitened spectrum on its own dense inputs.
+    whitened spectrum on its own dense inputs. With ``reduce``, ``data`` is this rank's
+    share and the Grams and output energies are summed over the ranks of the
+    ``torch.distributed`` process group (every rank gets the same spectra).
 
     Returns:
         ``(spectra, block_share)``: ``name -> (in, out, tail)`` with ``tail[r]`` the
@@ -290,9 +331,12 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         names = per_block[i]
         if names:
             stats = collect_input_stats(call, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)],
-                                        [f"block.{n}" for n in names])
+                                        [f"block.{n}" for n in names], reduce=reduce)
         ys = [call(x, d[1]) for x, d in zip(xs, data)]
-        energy = sum(float((y.double() ** 2).sum()) for y in ys) or 1.0
+        energy = sum(float((y.double() ** 2).sum()) for y in ys)
+        if reduce:
+            energy = all_reduce_floats([energy], "output energies")[0]
+        energy = energy or 1.0
         for n in names:
             W = weight_xw(blocks[i].get_submodule(n))
             wl = WhitenedLayer(W, stats[f"block.{n}"], ridge)
@@ -303,23 +347,180 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
     return spectra, share
 
 
+#: the checkpoint's file of record (written last, after the block and hidden-state files)
+CHECKPOINT_STATE = "state.json"
+_CHECKPOINT_FORMAT = "tnlm-layerwise-checkpoint"
+
+
+def _block_file(d: Path, i: int) -> Path:
+    return d / f"block_{i:05d}.safetensors"
+
+
+def _hidden_file(d: Path, i: int, rank: int) -> Path:
+    return d / f"hidden_{i:05d}_rank{rank}.safetensors"
+
+
+def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig,
+                          per_block: list[list[str]], world_size: int) -> dict[str, Any]:
+    """What a checkpoint of :func:`compress_layerwise` must agree on to be resumed: the
+    settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir``), a sha256 of
+    the calibration sequences, the model's class, configuration and targets, and the
+    number of ranks (each rank keeps its own hidden states)."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_dir"}
+    cfg = getattr(model, "config", None)
+    cfg_text = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
+    return {"settings": json.loads(json.dumps(settings)),
+            "sequences": f"{tuple(sequences.shape)} {digest([sequences])}",
+            "model": f"{type(model).__name__} {digest([cfg_text, per_block])}",
+            "world_size": int(world_size)}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{f}: {a.get(f)!r} in the checkpoint, {b.get(f)!r} now"
+                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif a != b:
+            out.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def _tensors(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with storage of its own (safetensors refuses shared)."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in items.items():
+        t = t.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def write_checkpoint(directory: str | os.PathLike, index: int, state: dict[str, Any],
+                     block: nn.Module, xs: list[torch.Tensor], xt: list[torch.Tensor]) -> None:
+    """Record that block ``index`` is finished (called by every rank, collectively).
+
+    Each rank writes its hidden states for the next block (``xs.k`` student, ``xt.k``
+    teacher, (b, T, hidden) per batch k) to ``hidden_<index>_rank<r>.safetensors``; after
+    all ranks have, rank 0 writes the block's state dict (MPO cores, biases, norms) to
+    ``block_<index>.safetensors`` and then ``state.json`` (``state`` plus ``last_block``),
+    the file of record: a crash at any point leaves the previous checkpoint whole. Every
+    file is written to a temporary file and renamed over its name; hidden states two
+    blocks old are removed."""
+    from safetensors.torch import save_file
+
+    from tnlm.integration.io import atomic_write
+
+    d = Path(directory)
+    rank, _ = world()
+    d.mkdir(parents=True, exist_ok=True)
+    hidden = _tensors({**{f"xs.{k}": x for k, x in enumerate(xs)},
+                       **{f"xt.{k}": x for k, x in enumerate(xt)}})
+    atomic_write(_hidden_file(d, index, rank), lambda p: save_file(hidden, str(p)))
+    barrier("the checkpoint's hidden states")
+    if rank == 0:
+        weights = _tensors(dict(block.state_dict()))
+        atomic_write(_block_file(d, index), lambda p: save_file(weights, str(p)))
+        text = json.dumps({**state, "format": _CHECKPOINT_FORMAT, "version": 1,
+                           "last_block": int(index)}, indent=1, sort_keys=True)
+        atomic_write(d / CHECKPOINT_STATE, lambda p: p.write_text(text))
+    _hidden_file(d, index - 2, rank).unlink(missing_ok=True)  # state.json is at index-1 or on
+
+
+def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``state.json`` of a :func:`compress_layerwise` checkpoint, or None if there is
+    none. Raises ``ValueError`` for a file that is not such a checkpoint."""
+    path = Path(directory) / CHECKPOINT_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable layer-by-layer checkpoint ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a layer-by-layer compression checkpoint")
+    return state
+
+
+def _restore(d: Path, state: dict[str, Any], blocks: nn.ModuleList, prefix: str,
+             swap: Any, data: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Put the finished blocks of checkpoint ``d`` into ``blocks`` (through ``swap``) and
+    return this rank's ``(xs, xt)`` for the next block."""
+    from safetensors.torch import load_file
+
+    from tnlm.bridge import MPOModule
+
+    last = int(state["last_block"])
+    structures = state["structures"]
+    for i in range(last + 1):
+        block = blocks[i]
+        for name, struct in structures.items():
+            head = f"{prefix}.{i}."
+            if not name.startswith(head):
+                continue
+            old = block.get_submodule(name[len(head):])
+            w = getattr(old, "weight", None)
+            swap.put(name, MPOModule.from_structure(
+                struct, dtype=w.dtype if w is not None else torch.float32,
+                device=w.device if w is not None else None))
+        block.load_state_dict(load_file(str(_block_file(d, i))), strict=True)
+    rank, _ = world()
+    path = _hidden_file(d, last, rank)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
+                         f"states after block {last})")
+    hidden = load_file(str(path))
+    n = len(data)
+    if any(f"{a}.{k}" not in hidden for a in ("xs", "xt") for k in range(n)) \
+            or len(hidden) != 2 * n:
+        raise ValueError(f"checkpoint {d}: {path.name} does not hold {n} batches of "
+                         f"hidden states")
+    dev = [dd[0].device for dd in data]
+    return ([hidden[f"xs.{k}"].to(dev[k]) for k in range(n)],
+            [hidden[f"xt.{k}"].to(dev[k]) for k in range(n)])
+
+
 def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig, *,
-                       progress: bool = True, log: Callable[[str], None] | None = None
+                       progress: bool = True, log: Callable[[str], None] | None = None,
+                       resume: bool = False, distributed: bool | None = None
                        ) -> LayerwiseResult:
     """Compress ``model``'s target linears in place, one block at a time (module docstring).
 
     Args:
         model: a transformers model with an entry in
             :mod:`tnlm.integration.architectures` (a causal LM or an encoder).
-        sequences: calibration token ids (n, T), long, no padding.
+        sequences: calibration token ids (n, T), long, no padding; under
+            ``torch.distributed``, the same full tensor on every rank.
         config: :class:`LayerwiseConfig`.
+        resume: continue from the checkpoint in ``config.checkpoint_dir`` (after its last
+            finished block; the result is the uninterrupted run's); without a checkpoint
+            there, start from the beginning.
+        distributed: share the work over the ranks of the initialized ``torch.distributed``
+            process group (default: whenever one with more than one rank is). Rank r
+            captures the calibration batches r, r + w, ... (batches of
+            ``config.batch_size`` sequences); Gram statistics, spectra and errors are
+            summed over the ranks (:mod:`tnlm.compress.distributed`), so every rank makes
+            the same truncations, and block fitting averages gradients each step (it needs
+            a number of batches divisible by the world size). Every rank must call this
+            with the same arguments and ends with the same compressed model.
 
     Returns:
-        A :class:`LayerwiseResult`; the targets of ``model`` are now ``MPOLinear`` layers.
+        A :class:`LayerwiseResult` (errors over all ranks' sequences); the targets of
+        ``model`` are now ``MPOLinear`` layers.
 
     Raises:
-        ValueError: bad sequences, or patterns that match no linear of any block; the
+        ValueError: bad sequences, patterns that match no linear of any block, a
+            distributed run with fewer batches than ranks (or, when fitting, a number of
+            batches not divisible by the world size), or a checkpoint to resume whose
+            settings, sequences, model or world size differ (named in the message); the
             model is unchanged.
+        tnlm.compress.distributed.RankFailure: another rank stopped or the process
+            group's timeout passed; the model is unchanged and the last checkpoint stays
+            resumable.
     """
     from tnlm.integration.surgery import Swap
 
@@ -337,30 +538,70 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         raise ValueError(f"target_modules {config.target_modules!r} match no "
                          f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
                          f"{type(model).__name__}")
+    dist = is_distributed() if distributed is None else bool(distributed) and is_distributed()
+    rank, size = world() if dist else (0, 1)
+    fitting = config.method == "tnlm" and config.fit_steps > 0
+    if dist:
+        check_same(digest([sequences]), "calibration sequences")
+        n_batches = -(-sequences.shape[0] // config.batch_size)
+        if n_batches < size or (fitting and n_batches % size):
+            raise ValueError(
+                f"{sequences.shape[0]} sequences make {n_batches} batches of "
+                f"{config.batch_size}, which {size} ranks cannot share: every rank needs a "
+                "batch" + (", and block fitting equal shares (a number of batches divisible "
+                           "by the world size)" if fitting else ""))
+        local = torch.cat([sequences[s] for s in shard_batches(
+            sequences.shape[0], config.batch_size, rank, size)])
+    else:
+        local = sequences
     prefix = next(n for n, m in model.named_modules() if m is blocks)
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    fingerprint = (layerwise_fingerprint(model, sequences, config, per_block, size)
+                   if ckpt is not None else None)
+    saved = None
+    if resume:
+        if ckpt is None:
+            raise ValueError("resume needs config.checkpoint_dir")
+        saved = read_checkpoint_state(ckpt)
+        if saved is not None:
+            diff = _differences(saved.get("fingerprint", {}), fingerprint)
+            if diff:
+                raise ValueError(f"cannot resume from {ckpt}: it was written for other "
+                                 "inputs; " + "; ".join(diff))
     times: dict[str, float] = {}
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
+    structures: dict[str, dict[str, Any]] = {}
     block_errors: list[tuple[float, float]] = []
     before = after = 0
     t0 = time.perf_counter()
-    data = capture_block_inputs(model, sequences, config.batch_size, blocks)
+    data = capture_block_inputs(model, local, config.batch_size, blocks)
     xs = [d[0] for d in data]
     xt = list(xs)
     times["capture"] = time.perf_counter() - t0
     allocated: dict[str, int | None] | None = None
-    if config.allocation != "uniform" and config.budget < 1:
+    if saved is not None:
+        allocated = saved["allocated"]
+    elif config.allocation != "uniform" and config.budget < 1:
         t0 = time.perf_counter()
         was = model.training
         model.eval()
         try:
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
-                                           progress)
+                                           progress, reduce=dist)
         finally:
             model.train(was)
         allocated = spectrum_ranks(spectra, float(config.budget),
                                    share if config.allocation == "residual" else None)
         times["allocation"] = time.perf_counter() - t0
+
+    def mean_error(parts: list[torch.Tensor]) -> float:
+        """Mean relative error over all ranks' batches."""
+        total, count = sum(float(e) for e in parts), float(len(parts))
+        if dist:
+            total, count = all_reduce_floats([total, count], "block errors")
+        return total / count
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     swap = Swap(model)  # undone on failure: the swapped layers and what fitting changes
     for p in block_parameters(blocks):  # besides them (norms)
@@ -368,8 +609,17 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     was = model.training
     model.eval()
     t_trunc = t_fit = 0.0
+    start = 0
     try:
-        for i in tqdm(range(len(blocks)), desc="layer-by-layer", disable=not progress,
+        if saved is not None:
+            xs, xt = _restore(ckpt, saved, blocks, prefix, swap, data)
+            ranks, errors = dict(saved["ranks"]), dict(saved["errors"])
+            structures = dict(saved["structures"])
+            block_errors = [tuple(e) for e in saved["block_errors"]]
+            before, after = int(saved["params_before"]), int(saved["params_after"])
+            start = int(saved["last_block"]) + 1
+            say(f"resumed from {ckpt} after block {start - 1}")
+        for i in tqdm(range(start, len(blocks)), desc="layer-by-layer", disable=not progress,
                       leave=False):
             block = blocks[i]
             t1 = time.perf_counter()
@@ -384,47 +634,52 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 if config.method == "tnlm":
                     stats = collect_input_stats(
                         call_s, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)], mods,
-                        reference=_PairedInputs(call_t, xt, data) if config.cross else None)
+                        reference=_PairedInputs(call_t, xt, data) if config.cross else None,
+                        reduce=dist)
                 else:
                     stats = collect_input_stats(
-                        call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods)
+                        call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods,
+                        reduce=dist)
                 stats = {n: stats[f"block.{n}"] for n in names}
             for n in names:
                 old = block.get_submodule(n)
                 W = weight_xw(old)
                 I, J = (int(d) for d in W.shape)
                 before += I * J
-                rank = (rank_for_fraction(I, J, float(config.budget)) if allocated is None
-                        else allocated[f"{prefix}.{i}.{n}"])
-                if config.budget >= 1 or rank is None or rank >= min(I, J):
+                rank_n = (rank_for_fraction(I, J, float(config.budget)) if allocated is None
+                          else allocated[f"{prefix}.{i}.{n}"])
+                if config.budget >= 1 or rank_n is None or rank_n >= min(I, J):
                     ranks[f"{prefix}.{i}.{n}"] = None  # budget 1: nothing is truncated
                     errors[f"{prefix}.{i}.{n}"] = 0.0
                     after += I * J
                     continue
                 st = stats[n] if config.method != "plain" else InputStats(
                     torch.eye(I, dtype=torch.float64), 1)
-                new = WhitenedLayer(W, st, config.ridge).layer(rank, old, config.gauge)
+                new = WhitenedLayer(W, st, config.ridge).layer(rank_n, old, config.gauge)
                 swap.put(f"{prefix}.{i}.{n}", new)
-                ranks[f"{prefix}.{i}.{n}"] = rank
+                ranks[f"{prefix}.{i}.{n}"] = rank_n
                 errors[f"{prefix}.{i}.{n}"] = float(new.truncation_error)
+                structures[f"{prefix}.{i}.{n}"] = new.structure()
                 after += sum(c.numel() for c in new.cores)
+            if dist:  # the same statistics gave every rank this block; rank 0's is kept
+                broadcast_module(block, 0, f"block {i}'s truncation")
             t_trunc += time.perf_counter() - t1
             t1 = time.perf_counter()
             with torch.no_grad():
                 ys = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                err0 = err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(ys, yt)) / len(data)
-            if config.method == "tnlm" and any(ranks[f"{prefix}.{i}.{n}"] for n in names) \
-                    and config.fit_steps:
+                err0 = err1 = mean_error([_rel_err(y_s, y) for y_s, y in zip(ys, yt)])
+            if fitting and any(ranks[f"{prefix}.{i}.{n}"] for n in names):
                 kept = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 try:
                     fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt,
-                              config.fit_steps, lr=config.fit_lr, seed=config.seed + i)
+                              config.fit_steps, lr=config.fit_lr, seed=config.seed + i,
+                              sync=dist)
                 except FloatingPointError as err:  # diverged: the block as truncated
                     block.load_state_dict(kept)
                     say(f"block {i}: fitting skipped ({err})")
                 with torch.no_grad():
                     fitted = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                    err1 = sum(float(_rel_err(y_s, y)) for y_s, y in zip(fitted, yt)) / len(data)
+                    err1 = mean_error([_rel_err(y_s, y) for y_s, y in zip(fitted, yt)])
                     if err1 < err0:  # fitting never leaves a block worse than it found it
                         ys = fitted
                     else:
@@ -435,6 +690,11 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             xt = yt
             block_errors.append((err0, err1))
             del teacher, call_t
+            if ckpt is not None:
+                write_checkpoint(ckpt, i, dict(
+                    fingerprint=fingerprint, allocated=allocated, ranks=ranks, errors=errors,
+                    structures=structures, block_errors=block_errors, params_before=before,
+                    params_after=after), block, xs, xt)
             say(f"block {i}: output error {err0:.4f} -> {err1:.4f}")
     except BaseException:
         swap.undo()

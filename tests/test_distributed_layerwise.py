@@ -1,0 +1,293 @@
+"""Layer-by-layer compression on torch.distributed (2 gloo ranks, torch.multiprocessing)
+against the single-process run, and its resumable per-block checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from tnlm.compress import layerwise as lw
+from tnlm.compress.calibration import collect_input_stats
+from tnlm.compress.distributed import shard_batches
+from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRAM_LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+BATCH = 2
+#: the runs compared across processes: name -> settings
+RUNS = {
+    "whitened": dict(method="whitened", fit_steps=0, budget=0.5),
+    "spectrum": dict(method="whitened", fit_steps=0, budget=0.5, allocation="residual"),
+    "tnlm": dict(method="tnlm", fit_steps=6, budget=0.5, cross=True, fit_lr=3e-3),
+}
+
+
+def tiny(layers: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def sequences(n: int = 8, T: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def config(name: str, **kw) -> LayerwiseConfig:
+    return LayerwiseConfig(TARGETS, batch_size=BATCH, **{**RUNS[name], **kw})
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=sequences(), use_cache=False).logits.double()
+
+
+def grams(batches: list[torch.Tensor], reduce: bool) -> dict[str, torch.Tensor]:
+    stats = collect_input_stats(tiny(), [dict(input_ids=b) for b in batches], GRAM_LAYERS,
+                                reduce=reduce)
+    return {n: s.gram for n, s in stats.items()}
+
+
+def save(path: Path, model: torch.nn.Module, result=None, **extra) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"w.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors["logits"] = logits(model)
+    tensors.update(extra)
+    save_file(tensors, str(path))
+    if result is not None:
+        path.with_suffix(".json").write_text(json.dumps(dict(
+            ranks=result.ranks, errors=result.errors, block_errors=result.block_errors)))
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---------------------------------------------------------------- the ranks' side
+def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))
+    out = Path(out)
+    try:
+        seqs = sequences()
+        if mode == "full":
+            mine = [seqs[s] for s in shard_batches(len(seqs), BATCH, rank, world)]
+            g = grams(mine, reduce=True)
+            from safetensors.torch import save_file
+            save_file({n: t for n, t in g.items()}, str(out / f"gram_rank{rank}.safetensors"))
+            for name in RUNS:
+                model = tiny()
+                r = compress_layerwise(model, seqs, config(name), progress=False)
+                save(out / f"{name}_rank{rank}.safetensors", model, r)
+        elif mode == "fail":  # rank 1 dies once block 0's checkpoint is written
+            real = lw.write_checkpoint
+
+            def dying(*a, **kw):
+                real(*a, **kw)
+                if rank == 1 and a[1] == 0:
+                    os._exit(3)
+            lw.write_checkpoint = dying
+            model = tiny()
+            try:
+                compress_layerwise(model, seqs, config("tnlm", checkpoint_dir=str(out / "ck")),
+                                   progress=False)
+                (out / f"fail_rank{rank}.txt").write_text("finished")
+            except Exception as err:
+                unchanged = all(type(m).__name__ == "Linear" for n, m in model.named_modules()
+                                if n.endswith("_proj"))
+                (out / f"fail_rank{rank}.txt").write_text(
+                    f"{type(err).__name__}: {err}\nunchanged={unchanged}")
+        elif mode == "resume":
+            model = tiny()
+            r = compress_layerwise(model, seqs, config("tnlm", checkpoint_dir=str(out / "ck")),
+                                   progress=False, resume=True)
+            save(out / f"resume_rank{rank}.safetensors", model, r)
+    finally:
+        if mode != "fail":
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, mode: str, timeout: float = 240) -> list[int | None]:
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out), mode), nprocs=2,
+                             join=False, start_method="spawn")
+    codes = []
+    for p in ctx.processes:
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+        codes.append(p.exitcode)
+    return codes
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    assert _launch(out, "full") == [0, 0]
+    return out
+
+
+def single(name: str) -> tuple[torch.nn.Module, lw.LayerwiseResult]:
+    model = tiny()
+    return model, compress_layerwise(model, sequences(), config(name), progress=False)
+
+
+# ---------------------------------------------------------------- tests
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo test runs on POSIX")
+
+
+def test_shards_are_round_robin_batches():
+    assert shard_batches(7, 2, 0, 2) == [slice(0, 2), slice(4, 6)]
+    assert shard_batches(7, 2, 1, 2) == [slice(2, 4), slice(6, 7)]
+
+
+def test_gram_statistics_all_reduced(two_ranks):
+    seqs = sequences()
+    ref = grams([seqs[i:i + BATCH] for i in range(0, len(seqs), BATCH)], reduce=False)
+    for r in (0, 1):
+        got = load(two_ranks / f"gram_rank{r}.safetensors")
+        for n in GRAM_LAYERS:
+            assert got[n].dtype == torch.float64
+            assert torch.allclose(got[n], ref[n], rtol=0, atol=1e-10 * float(ref[n].abs().max()))
+
+
+@pytest.mark.parametrize("name", ["whitened", "spectrum"])
+def test_truncation_matches_single_process(two_ranks, name):
+    model, r = single(name)
+    ref = {f"w.{k}": v for k, v in model.state_dict().items()}
+    ranks = [json.loads((two_ranks / f"{name}_rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["ranks"] == r.ranks
+    assert any(v is not None for v in r.ranks.values())
+    for a, b in zip(ranks[0]["block_errors"], r.block_errors):
+        assert a == pytest.approx(list(b), rel=1e-9, abs=1e-12)
+    assert ranks[0]["errors"] == pytest.approx(r.errors, rel=1e-6, abs=1e-9)
+    got = [load(two_ranks / f"{name}_rank{k}.safetensors") for k in (0, 1)]
+    for k, v in ref.items():
+        assert torch.equal(got[0][k], got[1][k]), k  # the ranks hold the same model
+        assert torch.allclose(got[0][k].double(), v.double(), rtol=0, atol=1e-6), k
+    assert torch.allclose(got[0]["logits"], logits(model), rtol=0, atol=1e-6)
+
+
+def test_fitting_keeps_ranks_identical(two_ranks):
+    got = [load(two_ranks / f"tnlm_rank{k}.safetensors") for k in (0, 1)]
+    for k in got[0]:
+        assert torch.equal(got[0][k], got[1][k]), k
+    res = [json.loads((two_ranks / f"tnlm_rank{k}.json").read_text()) for k in (0, 1)]
+    assert res[0] == res[1]
+    model, r = single("tnlm")
+    assert res[0]["ranks"] == r.ranks
+    # truncation (before fitting) sees the same statistics as one process
+    assert [e[0] for e in res[0]["block_errors"]][:1] == pytest.approx([r.block_errors[0][0]],
+                                                                       rel=1e-6)
+    assert all(e[1] <= e[0] for e in res[0]["block_errors"])
+    # fitting takes one batch per rank per step (one process: one batch per step), so
+    # the trajectories differ; they end close, not equal
+    diff = float((got[0]["logits"] - logits(model)).abs().max())
+    assert diff < 0.1 * float(logits(model).abs().max())  # measured: 4 %
+
+
+def test_failed_rank_stops_the_other_and_checkpoint_resumes(two_ranks, tmp_path):
+    codes = _launch(tmp_path, "fail", timeout=120)
+    assert codes[1] == 3
+    msg = (tmp_path / "fail_rank0.txt").read_text()
+    assert msg.startswith("RankFailure") and "another rank has stopped" in msg, msg
+    assert "unchanged=True" in msg
+    state = lw.read_checkpoint_state(tmp_path / "ck")
+    assert state["last_block"] == 0
+    assert _launch(tmp_path, "resume") == [0, 0]
+    ref = load(two_ranks / "tnlm_rank0.safetensors")
+    for k in (0, 1):
+        got = load(tmp_path / f"resume_rank{k}.safetensors")
+        assert torch.allclose(got["logits"], ref["logits"], rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "resume_rank0.json").read_text()) == \
+        json.loads((two_ranks / "tnlm_rank0.json").read_text())
+
+
+# ---------------------------------------------------------------- one process
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="tnlm", fit_steps=4, budget=0.5,
+                          allocation="spectrum", checkpoint_dir=str(tmp_path / "ck"))
+    whole = tiny(3)
+    r_whole = compress_layerwise(whole, sequences(), cfg, progress=False)
+    expected = logits(whole)
+
+    real = lw.write_checkpoint
+
+    def stop_after_block_1(*a, **kw):
+        real(*a, **kw)
+        if a[1] == 1:
+            raise _Stop
+    monkeypatch.setattr(lw, "write_checkpoint", stop_after_block_1)
+    ck = tmp_path / "ck2"
+    cfg2 = LayerwiseConfig(**{**cfg.__dict__, "checkpoint_dir": str(ck)})
+    model = tiny(3)
+    dense = logits(model)
+    with pytest.raises(_Stop):
+        compress_layerwise(model, sequences(), cfg2, progress=False)
+    assert torch.equal(logits(model), dense)  # rolled back
+    assert lw.read_checkpoint_state(ck)["last_block"] == 1
+    assert sorted(p.name for p in ck.glob("hidden_*")) == ["hidden_00000_rank0.safetensors",
+                                                           "hidden_00001_rank0.safetensors"]
+    monkeypatch.setattr(lw, "write_checkpoint", real)
+
+    fresh = tiny(3)
+    said = []
+    r = compress_layerwise(fresh, sequences(), cfg2, progress=False, resume=True,
+                           log=said.append)
+    assert said[0].startswith("resumed from") and "after block 1" in said[0]
+    assert torch.allclose(logits(fresh), expected, rtol=0, atol=1e-6)
+    assert r.ranks == r_whole.ranks and r.errors == r_whole.errors
+    assert [tuple(e) for e in r.block_errors] == [tuple(e) for e in r_whole.block_errors]
+    assert (r.params_before, r.params_after) == (r_whole.params_before, r_whole.params_after)
+
+    # resuming a finished checkpoint rebuilds the model without compressing again
+    again = tiny(3)
+    compress_layerwise(again, sequences(), cfg2, progress=False, resume=True)
+    assert torch.allclose(logits(again), expected, rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_other_settings_or_sequences(tmp_path):
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="whitened", fit_steps=0,
+                          budget=0.5, checkpoint_dir=str(tmp_path))
+    compress_layerwise(tiny(), sequences(), cfg, progress=False)
+    other = LayerwiseConfig(**{**cfg.__dict__, "budget": 0.4})
+    with pytest.raises(ValueError, match=r"settings\.budget: 0\.5 in the checkpoint, 0\.4 now"):
+        compress_layerwise(tiny(), sequences(), other, progress=False, resume=True)
+    with pytest.raises(ValueError, match="sequences: "):
+        compress_layerwise(tiny(), sequences(seed=2), cfg, progress=False, resume=True)
+    model = tiny()
+    dense = logits(model)
+    with pytest.raises(ValueError, match="model: "):
+        compress_layerwise(tiny(3), sequences(), cfg, progress=False, resume=True)
+    assert torch.equal(logits(model), dense)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        compress_layerwise(tiny(), sequences(), LayerwiseConfig(TARGETS), progress=False,
+                           resume=True)

@@ -1,0 +1,185 @@
+"""The collectives layer-by-layer compression needs under ``torch.distributed``.
+
+Every function here is a no-op (or the identity) when no process group is initialized or
+the world has one rank, so the single-process path runs the same code. Ranks take the
+calibration *batches* (``batch_size`` consecutive sequences, as one process would cut
+them) in a round-robin: rank ``r`` of ``w`` gets batches ``r, r + w, r + 2w, ...``
+(:func:`shard_batches`). Sums over batches (Gram statistics, errors) then add up to the
+single-process sums; only the order of the float additions differs.
+
+Statistics are reduced in float64 (:func:`all_reduce_stats`), one flat buffer per call.
+A collective that fails (another rank stopped, or the process group's timeout passed)
+raises :class:`RankFailure` naming the step that was waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["RankFailure", "world", "is_distributed", "shard_batches", "all_reduce_sum",
+           "all_reduce_floats", "all_reduce_stats", "average_gradients", "broadcast_module",
+           "barrier", "check_same", "digest"]
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: another rank stopped or the process group's timeout passed."""
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank is initialized."""
+    return world()[1] > 1
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[slice]:
+    """The sequence slices of the batches rank ``rank`` of ``world_size`` takes from ``n``
+    sequences cut into batches of ``batch_size`` (round-robin: batches
+    ``rank, rank + world_size, ...``)."""
+    starts = range(0, n, batch_size)
+    return [slice(s, min(s + batch_size, n)) for s in list(starts)[rank::world_size]]
+
+
+def _collective(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except RuntimeError as err:  # DistBackendError, gloo/nccl errors, timeouts
+        rank, size = world()
+        raise RankFailure(f"rank {rank} of {size}: the collective of {what} failed; another "
+                          f"rank has stopped or the process group's timeout passed "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                          ) from err
+
+
+def _device() -> torch.device:
+    """Where the backend wants its buffers (CUDA for nccl, else the CPU)."""
+    dist = torch.distributed
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, what: str = "a sum") -> torch.Tensor:
+    """``t`` summed over the ranks, in place, and returned (unchanged in one process)."""
+    if not is_distributed():
+        return t
+    dev = _device()
+    buf = t if t.device == dev else t.to(dev)
+    _collective(what, torch.distributed.all_reduce, buf)
+    if buf is not t:
+        t.copy_(buf.to(t.device))
+    return t
+
+
+def all_reduce_floats(values: Sequence[float], what: str = "errors") -> list[float]:
+    """Python floats summed over the ranks (float64)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return [float(v) for v in all_reduce_sum(t, what)]
+
+
+def all_reduce_stats(stats: Mapping[str, Any], what: str = "input statistics") -> Mapping[str, Any]:
+    """Sum :class:`tnlm.compress.calibration.InputStats` (``gram``, ``cross``,
+    ``ref_gram``: (in, in) float64; ``n_tokens``) over the ranks, in place, as one flat
+    float64 buffer in the order of the sorted names; returns ``stats``."""
+    if not is_distributed():
+        return stats
+    names = sorted(stats)
+    parts: list[torch.Tensor] = []
+    for n in names:
+        s = stats[n]
+        parts += [t.reshape(-1).to(torch.float64) for t in (s.gram, s.cross, s.ref_gram)
+                  if t is not None]
+    counts = torch.tensor([float(stats[n].n_tokens) for n in names], dtype=torch.float64)
+    flat = all_reduce_sum(torch.cat(parts + [counts]), what)
+    k = 0
+    for n in names:
+        s = stats[n]
+        for attr in ("gram", "cross", "ref_gram"):
+            t = getattr(s, attr)
+            if t is not None:
+                t.copy_(flat[k:k + t.numel()].reshape(t.shape))
+                k += t.numel()
+    for j, n in enumerate(names):
+        stats[n].n_tokens = int(round(float(flat[k + j])))
+    return stats
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], loss: torch.Tensor
+                      ) -> torch.Tensor:
+    """Average ``params``' gradients (missing ones count as zero) and ``loss`` over the
+    ranks, in one buffer; returns the averaged loss (a float64 scalar). Every rank ends
+    with the same gradients, so the same optimizer step keeps the ranks identical."""
+    if not is_distributed():
+        return loss.detach().to(torch.float64)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]
+                     + [loss.detach().reshape(1).to(torch.float64)])
+    all_reduce_sum(flat, "gradients in block fitting")
+    flat /= world()[1]
+    k = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[k:k + n].reshape(p.shape).to(p.dtype)
+        k += n
+    return flat[k]
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0, what: str = "a block") -> None:
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank."""
+    if not is_distributed():
+        return
+    dev = _device()
+    for t in list(module.parameters()) + list(module.buffers()):
+        buf = t.data if t.device == dev else t.data.to(dev)
+        _collective(what, torch.distributed.broadcast, buf, src)
+        if buf is not t.data:
+            t.data.copy_(buf.to(t.device))
+
+
+def barrier(what: str = "a barrier") -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if is_distributed():
+        # an all-reduce rather than dist.barrier(): it honours the group's timeout on gloo
+        all_reduce_sum(torch.zeros(1), what)
+
+
+def digest(items: Iterable[Any]) -> str:
+    """sha256 of tensors (their dtype, shape and bytes) and strings."""
+    h = hashlib.sha256()
+    for x in items:
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(str(x).encode())
+    return h.hexdigest()
+
+
+def check_same(value: str, what: str) -> None:
+    """Raise ``ValueError`` on every rank unless ``value`` (e.g. a :func:`digest`) is the
+    same on all ranks."""
+    if not is_distributed():
+        return
+    code = torch.tensor([int(value[:13], 16)], dtype=torch.float64)
+    lo, hi = code.clone(), code.clone()
+    dev = _device()
+    lo, hi = lo.to(dev), hi.to(dev)
+    _collective(what, torch.distributed.all_reduce, lo, op=torch.distributed.ReduceOp.MIN)
+    _collective(what, torch.distributed.all_reduce, hi, op=torch.distributed.ReduceOp.MAX)
+    if float(lo) != float(hi):
+        raise ValueError(f"the ranks were given different {what}; every rank must pass the "
+                         f"same (rank {world()[0]} has digest {value[:12]})")
