@@ -47,20 +47,10 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, select_parameters, weight_xw
 from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
+from tnlm.compress import distributed as dist_
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
-from tnlm.compress.distributed import (
-    all_reduce_floats,
-    average_gradients,
-    barrier,
-    broadcast_module,
-    check_same,
-    digest,
-    is_distributed,
-    shard_batches,
-    world,
-)
 from tnlm.core.budget import check_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
@@ -234,10 +224,11 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
     averaged over the ranks before each step, so the ranks stay identical (one step sees
     ``world_size`` batches). Unequal shard lengths raise ``ValueError`` on every rank."""
     params = block_parameters(block)
-    sync = sync and is_distributed()
+    sync = sync and dist_.is_distributed()
     if sync:
-        check_same(digest([len(inputs)]), "numbers of calibration batches for block fitting "
-                   "(it needs equal shards: a number of batches divisible by the world size)")
+        dist_.check_same(dist_.digest([len(inputs)]),
+                         "numbers of calibration batches for block fitting (it needs equal "
+                         "shards: a number of batches divisible by the world size)")
     if not steps or not params:
         return
     flags = [(p, p.requires_grad) for p in block.parameters()]
@@ -260,7 +251,7 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
             opt.zero_grad(set_to_none=True)
             if sync:  # the loss averaged with the gradients: every rank decides alike
                 loss.backward()
-                loss = average_gradients(params, loss)
+                loss = dist_.average_gradients(params, loss)
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
@@ -335,7 +326,7 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         ys = [call(x, d[1]) for x, d in zip(xs, data)]
         energy = sum(float((y.double() ** 2).sum()) for y in ys)
         if reduce:
-            energy = all_reduce_floats([energy], "output energies")[0]
+            energy = dist_.all_reduce_floats([energy], "output energies")[0]
         energy = energy or 1.0
         for n in names:
             W = weight_xw(blocks[i].get_submodule(n))
@@ -370,8 +361,8 @@ def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: Lay
     cfg = getattr(model, "config", None)
     cfg_text = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
     return {"settings": json.loads(json.dumps(settings)),
-            "sequences": f"{tuple(sequences.shape)} {digest([sequences])}",
-            "model": f"{type(model).__name__} {digest([cfg_text, per_block])}",
+            "sequences": f"{tuple(sequences.shape)} {dist_.digest([sequences])}",
+            "model": f"{type(model).__name__} {dist_.digest([cfg_text, per_block])}",
             "world_size": int(world_size)}
 
 
@@ -416,12 +407,12 @@ def write_checkpoint(directory: str | os.PathLike, index: int, state: dict[str, 
     from tnlm.integration.io import atomic_write
 
     d = Path(directory)
-    rank, _ = world()
+    rank, _ = dist_.world()
     d.mkdir(parents=True, exist_ok=True)
     hidden = _tensors({**{f"xs.{k}": x for k, x in enumerate(xs)},
                        **{f"xt.{k}": x for k, x in enumerate(xt)}})
     atomic_write(_hidden_file(d, index, rank), lambda p: save_file(hidden, str(p)))
-    barrier("the checkpoint's hidden states")
+    dist_.barrier("the checkpoint's hidden states")
     if rank == 0:
         weights = _tensors(dict(block.state_dict()))
         atomic_write(_block_file(d, index), lambda p: save_file(weights, str(p)))
@@ -468,7 +459,7 @@ def _restore(d: Path, state: dict[str, Any], blocks: nn.ModuleList, prefix: str,
                 struct, dtype=w.dtype if w is not None else torch.float32,
                 device=w.device if w is not None else None))
         block.load_state_dict(load_file(str(_block_file(d, i))), strict=True)
-    rank, _ = world()
+    rank, _ = dist_.world()
     path = _hidden_file(d, last, rank)
     if not path.is_file():
         raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
@@ -538,11 +529,11 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         raise ValueError(f"target_modules {config.target_modules!r} match no "
                          f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
                          f"{type(model).__name__}")
-    dist = is_distributed() if distributed is None else bool(distributed) and is_distributed()
-    rank, size = world() if dist else (0, 1)
+    dist = dist_.is_distributed() and (distributed is None or bool(distributed))
+    rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
     if dist:
-        check_same(digest([sequences]), "calibration sequences")
+        dist_.check_same(dist_.digest([sequences]), "calibration sequences")
         n_batches = -(-sequences.shape[0] // config.batch_size)
         if n_batches < size or (fitting and n_batches % size):
             raise ValueError(
@@ -550,7 +541,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 f"{config.batch_size}, which {size} ranks cannot share: every rank needs a "
                 "batch" + (", and block fitting equal shares (a number of batches divisible "
                            "by the world size)" if fitting else ""))
-        local = torch.cat([sequences[s] for s in shard_batches(
+        local = torch.cat([sequences[s] for s in dist_.shard_batches(
             sequences.shape[0], config.batch_size, rank, size)])
     else:
         local = sequences
@@ -599,7 +590,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         """Mean relative error over all ranks' batches."""
         total, count = sum(float(e) for e in parts), float(len(parts))
         if dist:
-            total, count = all_reduce_floats([total, count], "block errors")
+            total, count = dist_.all_reduce_floats([total, count], "block errors")
         return total / count
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -662,7 +653,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 structures[f"{prefix}.{i}.{n}"] = new.structure()
                 after += sum(c.numel() for c in new.cores)
             if dist:  # the same statistics gave every rank this block; rank 0's is kept
-                broadcast_module(block, 0, f"block {i}'s truncation")
+                dist_.broadcast_module(block, 0, f"block {i}'s truncation")
             t_trunc += time.perf_counter() - t1
             t1 = time.perf_counter()
             with torch.no_grad():

@@ -13,6 +13,7 @@ were written for tnlm: no corpus, no licence. Used by :mod:`tnlm.textgen.grammar
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 from tnlm.textgen.lexicon import load_words
 
@@ -21,21 +22,7 @@ __all__ = ["caption"]
 # the word lists (tnlm/textgen/words/captions.json): people and animals are (singular,
 # plural); objects by kind; an action is (progressive, past participle, object kind);
 # moves take paths, positions take spots; a number is (words, how many)
-_W = load_words("captions")
-_PEOPLE = _W["people"]
-_ANIMALS = _W["animals"]
-_PERSON_ADJ = _W["person_adj"]
-_ANIMAL_ADJ = _W["animal_adj"]
-_COLOURS = _W["colours"]
-_CLOTHES = _W["clothes"]
-_OBJ = _W["obj"]
-_ACTIONS = _W["actions"]
-_MOVES = _W["moves"]
-_PATHS = _W["paths"]
-_POSITIONS = _W["positions"]
-_SPOTS = _W["spots"]
-_PLACES = _W["places"]
-_NUMBERS = _W["numbers"]
+_W = SimpleNamespace(**load_words("captions"))
 
 
 def _a(word: str) -> str:
@@ -45,17 +32,17 @@ def _a(word: str) -> str:
 def _who(rng: random.Random, plural: bool, animals: bool = False,
          definite: bool = True) -> tuple[str, str]:
     """(noun phrase, singular noun): e.g. ('two tall men in a red shirt', 'man')."""
-    sing, plur = rng.choice(_ANIMALS if animals else _PEOPLE)
+    sing, plur = rng.choice(_W.animals if animals else _W.people)
     noun = plur if plural else sing
     head = noun
     if rng.random() < 0.45:
-        head = f"{rng.choice(_ANIMAL_ADJ if animals else _PERSON_ADJ)} {noun}"
+        head = f"{rng.choice(_W.animal_adj if animals else _W.person_adj)} {noun}"
     if plural:
-        phrase = f"{rng.choice(_NUMBERS)[0]} {head}"
+        phrase = f"{rng.choice(_W.numbers)[0]} {head}"
     else:
         phrase = _a(head) if not definite or rng.random() < 0.8 else f"the {head}"
     if not animals and rng.random() < 0.25:
-        wear = f"{rng.choice(_COLOURS)} {rng.choice(_CLOTHES)}"
+        wear = f"{rng.choice(_W.colours)} {rng.choice(_W.clothes)}"
         phrase += rng.choice([f" in {_a(wear)}", f" wearing {_a(wear)}"])
     return phrase, sing
 
@@ -64,10 +51,10 @@ def _doing(rng: random.Random, animals: bool) -> tuple[str, str, str | None]:
     """(progressive phrase, past participle, object) of one action."""
     if animals or rng.random() < 0.3:
         if rng.random() < 0.5:
-            return f"{rng.choice(_MOVES)} {rng.choice(_PATHS)}", "", None
-        return f"{rng.choice(_POSITIONS)} {rng.choice(_SPOTS)}", "", None
-    prog, pp, kind = rng.choice(_ACTIONS)
-    obj = rng.choice(_OBJ[kind])
+            return f"{rng.choice(_W.moves)} {rng.choice(_W.paths)}", "", None
+        return f"{rng.choice(_W.positions)} {rng.choice(_W.spots)}", "", None
+    prog, pp, kind = rng.choice(_W.actions)
+    obj = rng.choice(_W.obj[kind])
     return f"{prog} {obj}", pp, obj
 
 
@@ -79,7 +66,7 @@ def caption(rng: random.Random) -> str:
     who, noun = _who(rng, plural, animals, definite=not 0.28 <= k < 0.4)
     act, pp, obj = _doing(rng, animals)
     be = "are" if plural else "is"
-    where = f" {rng.choice(_PLACES)}" if obj and rng.random() < 0.4 else ""
+    where = f" {rng.choice(_W.places)}" if obj and rng.random() < 0.4 else ""
     if obj and k < 0.18:  # passive
         s = f"{obj} is being {pp} by {who}{where}"
     elif k < 0.28:  # negation

@@ -15,6 +15,7 @@ Deterministic for a seed. ``generate(n, seed)`` returns ``n`` distinct sentences
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 from tnlm.textgen.captions import caption
 from tnlm.textgen.lexicon import load_words
@@ -23,23 +24,7 @@ __all__ = ["generate"]
 
 # the word lists (tnlm/textgen/words/grammar.json); a verb is (progressive, past,
 # present 3rd person, base)
-_W = load_words("grammar")
-_SUBJ_SING = _W["subj_sing"]
-_SUBJ_PLUR = _W["subj_plur"]
-_VERBS = _W["verbs"]
-_WHERE = _W["where"]
-_ADV = _W["adv"]
-_THINGS = _W["things"]
-_ADJ_POS = _W["adj_pos"]
-_ADJ_NEG = _W["adj_neg"]
-_KINDS = _W["kinds"]
-_INTENS = _W["intens"]
-_OPINION_VERBS = _W["opinion_verbs"]
-_REASONS = _W["reasons"]
-_FACTS = _W["facts"]
-_QUESTIONS = _W["questions"]
-_COMMANDS = _W["commands"]
-_SAYINGS = _W["sayings"]
+_W = SimpleNamespace(**load_words("grammar"))
 
 
 def _cap(s: str) -> str:
@@ -48,10 +33,10 @@ def _cap(s: str) -> str:
 
 def _scene(rng: random.Random) -> str:
     if rng.random() < 0.06:
-        return f"There is no one {rng.choice(_VERBS)[0]} {rng.choice(_WHERE)}."
+        return f"There is no one {rng.choice(_W.verbs)[0]} {rng.choice(_W.where)}."
     plural = rng.random() < 0.3
-    subj = rng.choice(_SUBJ_PLUR if plural else _SUBJ_SING)
-    prog, past, pres, base = rng.choice(_VERBS)
+    subj = rng.choice(_W.subj_plur if plural else _W.subj_sing)
+    prog, past, pres, base = rng.choice(_W.verbs)
     k = rng.random()
     if k < 0.55:
         neg = rng.random() < 0.12
@@ -62,40 +47,40 @@ def _scene(rng: random.Random) -> str:
     else:
         s = f"{subj} {base if plural else pres}"
     if rng.random() < 0.65:
-        s += f" {rng.choice(_WHERE)}"
+        s += f" {rng.choice(_W.where)}"
     if rng.random() < 0.15:
-        s += f" {rng.choice(_ADV)}"
+        s += f" {rng.choice(_W.adv)}"
     if rng.random() < 0.12:
-        other = rng.choice(_SUBJ_SING + _SUBJ_PLUR)
-        s += f" while {other} {'watch' if other in _SUBJ_PLUR else 'watches'}"
+        other = rng.choice(_W.subj_sing + _W.subj_plur)
+        s += f" while {other} {'watch' if other in _W.subj_plur else 'watches'}"
     return _cap(s) + "."
 
 
 def _adjectives(rng: random.Random, positive: bool) -> str:
-    pool = _ADJ_POS if positive else _ADJ_NEG
+    pool = _W.adj_pos if positive else _W.adj_neg
     a = rng.sample(pool, rng.choice([1, 1, 2, 3]))
     if rng.random() < 0.4:
-        a[0] = f"{rng.choice(_INTENS)} {a[0]}"
+        a[0] = f"{rng.choice(_W.intens)} {a[0]}"
     if len(a) == 1:
         return a[0]
     return ", ".join(a[:-1]) + f" and {a[-1]}"
 
 
 def _opinion(rng: random.Random) -> str:
-    thing = rng.choice(_THINGS)
+    thing = rng.choice(_W.things)
     positive = rng.random() < 0.5
     k = rng.random()
     if k < 0.45:
         s = f"{thing} is {_adjectives(rng, positive)}"
     elif k < 0.7:
-        s = f"{thing} {rng.choice(_OPINION_VERBS)}"
+        s = f"{thing} {rng.choice(_W.opinion_verbs)}"
     elif k < 0.85:
         adj = _adjectives(rng, positive)
-        s = f"{'an' if adj[0] in 'aeiou' else 'a'} {adj} {rng.choice(_KINDS)}"
+        s = f"{'an' if adj[0] in 'aeiou' else 'a'} {adj} {rng.choice(_W.kinds)}"
     else:
-        s = f"{rng.choice(_SAYINGS)} {thing} is {_adjectives(rng, positive)}"
+        s = f"{rng.choice(_W.sayings)} {thing} is {_adjectives(rng, positive)}"
     if rng.random() < 0.35:
-        s += f" {rng.choice(_REASONS)}"
+        s += f" {rng.choice(_W.reasons)}"
     if rng.random() < 0.35:  # the lower-case, space-tokenised style of review corpora
         s = s.lower().replace(",", " ,").replace("'s", " 's")
         return s + rng.choice([" .", "", " !"])
@@ -103,12 +88,12 @@ def _opinion(rng: random.Random) -> str:
 
 
 def _fact(rng: random.Random) -> str:
-    s = rng.choice(_FACTS)
+    s = rng.choice(_W.facts)
     k = rng.random()
     if k < 0.2:
-        s = f"{rng.choice(_SAYINGS)} {s}"
+        s = f"{rng.choice(_W.sayings)} {s}"
     elif k < 0.35:
-        s += f", {rng.choice(_REASONS)}"
+        s += f", {rng.choice(_W.reasons)}"
     return _cap(s) + "."
 
 
@@ -134,8 +119,8 @@ def generate(n: int = 4000, seed: int = 0) -> list[str]:
         elif k < 0.92:
             s = _fact(rng)
         elif k < 0.96:
-            s = rng.choice(_QUESTIONS)
+            s = rng.choice(_W.questions)
         else:
-            s = rng.choice(_COMMANDS) + rng.choice([".", "!", ", please."])
+            s = rng.choice(_W.commands) + rng.choice([".", "!", ", please."])
         out[s] = None
     return list(out)
