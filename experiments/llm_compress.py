@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=64)
     p.add_argument("--fit-steps", type=int, default=32)
-    p.add_argument("--allocation", choices=ALLOCATIONS, default="uniform")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="default: the job's (residual for tnlm, uniform for the baselines)")
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)

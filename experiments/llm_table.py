@@ -32,7 +32,10 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
         if "ppl_ratio" not in d or d.get("method") is None:
             continue
         heal = int(d.get("args", {}).get("heal_steps", 0))
-        alloc = d.get("args", {}).get("allocation", "uniform")
+        args = d.get("args", {})
+        # runs before the allocation option were uniform; None is the job's default
+        alloc = args.get("allocation") or ("residual" if "allocation" in args
+                                           and d["method"] == "tnlm" else "uniform")
         method = d["method"] if alloc == "uniform" else f"{d['method']} ({alloc})"
         rows[(method, float(d["budget"]), heal)].append(d)
     return rows

@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SICK relatedness file to measure Spearman (default: "
                         f"{DEFAULT_SICK} if present; '' to skip)")
     p.add_argument("--targets", default=None,
-                   help="comma-separated module patterns (default: BERT encoder linears)")
+                   help="comma-separated module patterns (default: the architecture's targets)")
     p.add_argument("--seed", type=int, default=enc.seed)
     p.add_argument("--out", default="out/minilm-mpo",
                    help="output folder ('' to skip saving); a model already there is replaced "

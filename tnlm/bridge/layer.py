@@ -646,8 +646,8 @@ class MPOLinear(MPOModule):
                  in_features: int | None = None, out_features: int | None = None,
                  mode: str = "auto", kind: str = "linear", cache_dense: bool = True) -> None:
         super().__init__(cores, in_features, out_features, mode, cache_dense)
-        if kind not in ("linear", "conv1d"):
-            raise ValueError(f"kind must be 'linear' or 'conv1d', got {kind!r}")
+        if kind not in kinds.MATRIX_KINDS:
+            raise ValueError(f"kind must be one of {kinds.MATRIX_KINDS}, got {kind!r}")
         self.kind = kind
         if bias is not None:
             bias = torch.as_tensor(bias)

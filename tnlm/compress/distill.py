@@ -395,6 +395,12 @@ def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str
     return meta
 
 
+#: settings a healing state recorded before the screened loss terms moved to
+#: ``experiments/heal_terms.py``, at the values that switched them off
+_FORMER_TERMS = {"w_rel": 0.0, "neighbours": False, "twins": 0, "twin_words": 0.15,
+                 "w_twin": 10.0, "w_attn": 0.0, "attn_relations": ["qk"]}
+
+
 def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
     """The step the healing state in ``directory`` resumes from, after checking that it was
     made with ``settings`` (:func:`heal_settings`).
@@ -405,7 +411,9 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
     only mean those sets), so it resumes under the new spelling and is refused under any
     other, as for every setting. Where the set itself grew (norm layers other than
     ``nn.LayerNorm``, ``Conv1D`` layers), the saved tensors do not cover it and the
-    resume is refused when they are loaded, naming the first missing parameter.
+    resume is refused when they are loaded, naming the first missing parameter. A state
+    recorded before the screened loss terms left the library resumes as ``term=None`` when
+    every one of them was off; with one on it is refused (``term`` differs).
 
     Raises:
         FileNotFoundError: no state; ValueError: a corrupt state or other settings, naming
@@ -419,6 +427,10 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
                          f"it): it cannot be checked, so it is not resumed; remove it")
     if saved.get("train") in HEALING_RENAMED:  # written before the rename: the same set
         saved = dict(saved, train=HEALING_RENAMED[saved["train"]])
+    if "term" not in saved and all(saved.get(k, v) == v for k, v in _FORMER_TERMS.items()):
+        # written before the screened terms left the library, none of them on: no term
+        saved = {k: v for k, v in saved.items() if k not in _FORMER_TERMS}
+        saved["term"] = None
     keys = sorted(set(saved) | set(settings))
     diff = [k for k in keys if saved.get(k) != settings.get(k)]
     if diff:

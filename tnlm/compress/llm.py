@@ -61,10 +61,8 @@ class CausalLMRecipe:
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
         allocation: how the budget is shared among the targets
-            (:data:`tnlm.compress.layerwise.ALLOCATIONS`); default ``"residual"``: ranks
-            from the dense model's whitened spectra, each target's error relative to its
-            block's output (SmolLM2 at 60 % without healing: perplexity 6.74x the dense
-            model's vs 10.5x with uniform ranks, docs/results.md).
+            (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
+            method's own, :meth:`resolved_allocation`.
         heal: healing settings (``steps=0``: none).
     """
 
@@ -77,9 +75,20 @@ class CausalLMRecipe:
     n_calibration: int = 64
     fit_steps: int = 32
     fit_lr: float = 1e-3
-    allocation: str = "residual"
+    allocation: str | None = None
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
+
+
+    def resolved_allocation(self) -> str:
+        """The allocation used: ``allocation`` if given, else ``"residual"`` for method
+        ``"tnlm"`` (ranks from the dense model's whitened spectra, each target's error
+        relative to its block's output: SmolLM2 at 60 % without healing 6.74x the dense
+        perplexity vs 10.5x with uniform ranks, docs/results.md) and ``"uniform"`` for the
+        baselines, as they are published (SVD-LLM, plain truncated SVD)."""
+        if self.allocation is not None:
+            return self.allocation
+        return "residual" if self.method == "tnlm" else "uniform"
 
 
 @dataclass
@@ -89,7 +98,11 @@ class CausalLMResult:
     heal: CausalHealResult | None
     n_sequences: int
     seconds: dict[str, float]
-    peak_rss_mb: dict[str, float | None]   # per stage: "text", "compression", "healing"
+    #: per stage ("text", "compression", "healing"): the process's peak resident memory
+    #: in MiB during that stage. Measured by resetting Linux's high-water mark at each
+    #: stage's start (:func:`~tnlm.compress.layerwise.reset_peak_rss`), which also resets
+    #: what ``getrusage`` reports as the process's peak for the rest of the run.
+    peak_rss_mb: dict[str, float | None]
 
     @property
     def ratio(self) -> float:
@@ -114,7 +127,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     targets = list(recipe.target_modules or arch.targets)
     lw_cfg = LayerwiseConfig(targets, budget=recipe.budget, method=recipe.method,
                              fit_steps=recipe.fit_steps, fit_lr=recipe.fit_lr,
-                             allocation=recipe.allocation, seed=recipe.seed)
+                             allocation=recipe.resolved_allocation(), seed=recipe.seed)
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()

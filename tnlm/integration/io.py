@@ -68,7 +68,7 @@ __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MODULE_KINDS", "atomic_write", "sha
 CONFIG_NAME = "mpo_config.json"
 FORMAT_VERSION = 1
 #: the module kinds a checkpoint may record (:mod:`tnlm.bridge.kinds`)
-MODULE_KINDS = ALL_KINDS  # the kinds a checkpoint may record (tnlm.bridge.kinds)
+MODULE_KINDS = ALL_KINDS
 _MODES = ("auto", "contract", "dense")
 LOCK_NAME = ".mpo_checkpoint.lock"
 JOURNAL_NAME = ".mpo_checkpoint.pending"
