@@ -464,3 +464,44 @@ def test_causal_job_with_a_bfloat16_teacher_keeps_a_float32_student():
     assert res.heal is not None and res.heal.stopped is None
     assert min(res.heal.losses[-4:]) < res.heal.losses[0]
     assert set(res.peak_rss_mb) == {"compression", "healing"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
+    """The chunked, checkpointed KL (healing's default) gives the full-logits KL and the
+    same gradients; a model whose logits are not head(hidden) falls back to the full
+    logits (checked on the first batch)."""
+    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+
+    student = MAKERS[arch]()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = _seqs(n=3, T=12)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    params = [p for p in student.parameters() if p.requires_grad]
+    full = next_token_kl(student(input_ids=ids).logits, t_logits)
+    g_full = torch.autograd.grad(full, params, allow_unused=True)
+    chunked = _ChunkedKL(student, chunk=7)
+    loss = chunked(ids, t_logits)
+    assert chunked.ok
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    assert float(loss) == pytest.approx(float(full), rel=1e-5)
+    for a, b in zip(g, g_full):
+        if b is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+    class Scaled(type(student)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 3.0
+            return out
+
+    student.__class__ = Scaled
+    scaled = _ChunkedKL(student, chunk=7)
+    loss = scaled(ids, t_logits)
+    assert scaled.ok is False
+    assert float(loss) == pytest.approx(
+        float(next_token_kl(student(input_ids=ids).logits, t_logits)), rel=1e-6)

@@ -140,8 +140,12 @@ class CausalHealConfig:
     blowup: float = 10.0
     teacher_bf16: bool = False
     seed: int = 0
+    chunk: int | None = 1024
 
     def __post_init__(self) -> None:
+        if self.chunk is not None and (isinstance(self.chunk, bool)
+                                       or not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk!r}")
         for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -159,6 +163,53 @@ class CausalHealResult:
     seconds: float = 0.0
     stopped: str | None = None   # why the run stopped early (parameters restored), or None
     best_step: int | None = None
+
+
+def _kl_sum(h: torch.Tensor, t_logits: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    s = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+    t = F.log_softmax(t_logits.float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
+
+
+class _ChunkedKL:
+    """``next_token_kl`` of a causal LM whose logits are ``head(hidden)``, computed ``chunk``
+    positions at a time with the head and softmaxes recomputed in the backward pass
+    (activation checkpointing): the student's full (b, T, vocab) logits, their log-softmax
+    and gradient are never held at once. Used only after a check on the first batch that
+    ``head(base(ids))`` equals the model's own logits (models that scale or cap their
+    logits, e.g. Gemma-2, Granite, fall back to the full logits)."""
+
+    def __init__(self, student: nn.Module, chunk: int) -> None:
+        self.student, self.chunk = student, chunk
+        self.base = getattr(student, "base_model", None)
+        self.head = student.get_output_embeddings() if hasattr(
+            student, "get_output_embeddings") else None
+        self.ok: bool | None = None if isinstance(self.head, nn.Linear) and \
+            self.base is not None and self.base is not student else False
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base(input_ids=ids, use_cache=False).last_hidden_state
+
+    def __call__(self, ids: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if self.ok is None:  # first batch: does head(base(ids)) give the model's logits?
+            with torch.no_grad():
+                full = self.student(input_ids=ids, use_cache=False).logits
+                mine = self.head(self.hidden(ids))
+                self.ok = full.shape == mine.shape and torch.allclose(
+                    full.float(), mine.float(), rtol=1e-4, atol=1e-4)
+        if not self.ok:
+            return next_token_kl(self.student(input_ids=ids, use_cache=False).logits,
+                                 t_logits)
+        h = self.hidden(ids).flatten(0, -2)
+        t = t_logits.flatten(0, -2)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.chunk):
+            total = total + checkpoint(_kl_sum, h[i:i + self.chunk], t[i:i + self.chunk],
+                                       self.head.weight, self.head.bias, use_reentrant=False)
+        return total / h.shape[0]
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
@@ -194,10 +245,12 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             p.requires_grad_(True)
         student.eval()  # no dropout (also attention's functional one); gradients still flow
         teacher.eval()
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        # per-parameter updates: no temporaries the size of every trained parameter
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, foreach=False)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
+        kl = _ChunkedKL(student, config.chunk) if config.chunk else None
         order: list[int] = []
         for step in tqdm(range(n), desc="healing (next-token KL)", disable=not progress,
                          leave=False):
@@ -210,7 +263,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                  enabled=config.teacher_bf16):
                 t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
-            loss = next_token_kl(student(input_ids=ids, use_cache=False).logits, t_logits)
+            loss = kl(ids, t_logits) if kl is not None else next_token_kl(
+                student(input_ids=ids, use_cache=False).logits, t_logits)
             value = float(loss.detach())
             result.losses.append(value)
             run = value if run is None else 0.9 * run + 0.1 * value

@@ -1,0 +1,83 @@
+"""Peak resident memory of the causal-LM job's stages on SmolLM2-135M, per healing variant.
+
+Each variant runs in a fresh process: load the GGUF model, compress to 60 % (plain SVD,
+uniform ranks: the cheapest compression, the memory of healing does not depend on how the
+ranks were chosen), heal a few steps (batch 4 x 128 tokens), and report the process's
+peak RSS per stage against its RSS right after loading. Variants:
+
+* ``full``: full logits, AdamW's multi-tensor update, float32 teacher (the former healing)
+* ``chunked``: the KL over 1,024-position chunks with checkpointing, per-parameter AdamW
+  (healing's defaults)
+* ``chunked+bf16``: the same with the teacher stored in bfloat16
+
+    python benchmarks/bench_llm_memory.py [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"full": dict(chunk=None, foreach=True, bf16=False),
+            "chunked": dict(chunk=1024, foreach=False, bf16=False),
+            "chunked+bf16": dict(chunk=1024, foreach=False, bf16=True)}
+
+
+def child(variant: str, steps: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tnlm.compress import causal
+    from tnlm.compress.causal import CausalHealConfig, self_generated_text
+    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.integration.loading import default_llm_path, load_pretrained
+
+    v = VARIANTS[variant]
+    if v["foreach"]:  # the former optimizer: one multi-tensor update over every parameter
+        adamw = torch.optim.AdamW
+        causal.torch.optim.AdamW = lambda *a, **k: adamw(*a, **dict(k, foreach=True))
+    model, tok = load_pretrained(default_llm_path())
+    rss = [int(x.split()[1]) / 1024 for x in Path("/proc/self/status").read_text()
+           .splitlines() if x.startswith("VmRSS:")][0]
+    cache = ROOT / "results/llm/text/selfgen_s0_n64.json"
+    texts = json.loads(cache.read_text()) if cache.is_file() else \
+        self_generated_text(model, tok, 16, seed=0, progress=False)
+    recipe = CausalLMRecipe(budget=0.6, method="plain", n_calibration=8, fit_steps=0,
+                            heal=CausalHealConfig(steps=steps, chunk=v["chunk"],
+                                                  teacher_bf16=v["bf16"]))
+    res = compress_causal_lm(model, tok, recipe, text=texts, progress=False)
+    return dict(variant=variant, rss_after_load_mb=rss, peaks_mb=res.peak_rss_mb,
+                heal_seconds=res.seconds.get("healing"), losses=res.heal.losses)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--child", choices=tuple(VARIANTS), default=None)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.steps)))
+        return 0
+    rows = []
+    for name in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps",
+                              str(args.steps)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]["peaks_mb"]["healing"]
+    print("| variant | RSS after load MB | compression peak MB | healing peak MB | "
+          "healing / after load | healing / full's | s per step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["peaks_mb"]
+        print(f"| {r['variant']} | {r['rss_after_load_mb']:.0f} | {p['compression']:.0f} | "
+              f"{p['healing']:.0f} | {p['healing'] / r['rss_after_load_mb']:.2f}x | "
+              f"{p['healing'] / base:.2f}x | {r['heal_seconds'] / args.steps:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
