@@ -15,6 +15,7 @@ raises :class:`RankFailure` naming the step that was waiting.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 __all__ = ["RankFailure", "world", "is_distributed", "shard_batches", "all_reduce_sum",
            "all_reduce_floats", "all_reduce_stats", "average_gradients", "broadcast_module",
-           "barrier", "check_same", "digest"]
+           "broadcast_json", "barrier", "check_same", "digest"]
 
 
 class RankFailure(RuntimeError):
@@ -149,6 +150,24 @@ def broadcast_module(module: torch.nn.Module, src: int = 0, what: str = "a block
             t.data.copy_(buf.to(t.device))
 
 
+def broadcast_json(value: Any, src: int = 0, what: str = "a value") -> Any:
+    """Rank ``src``'s ``value`` (anything JSON holds) on every rank, as JSON text (no
+    pickle); ``value`` JSON round-tripped in one process, so every rank gets the same
+    types (e.g. tuples become lists)."""
+    if not is_distributed():
+        return json.loads(json.dumps(value))
+    dev = _device()
+    mine = json.dumps(value, sort_keys=True).encode() if world()[0] == src else b""
+    n = torch.tensor([len(mine)], dtype=torch.int64, device=dev)
+    _collective(what, torch.distributed.broadcast, n, src)
+    if mine:
+        buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(dev)
+    else:
+        buf = torch.zeros(int(n), dtype=torch.uint8, device=dev)
+    _collective(what, torch.distributed.broadcast, buf, src)
+    return json.loads(bytes(buf.cpu().numpy()).decode())
+
+
 def barrier(what: str = "a barrier") -> None:
     """Wait for every rank (a no-op in one process)."""
     if is_distributed():
@@ -163,7 +182,8 @@ def digest(items: Iterable[Any]) -> str:
         if torch.is_tensor(x):
             t = x.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # the tensor's own bytes, not a copy
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         else:
             h.update(str(x).encode())
     return h.hexdigest()
