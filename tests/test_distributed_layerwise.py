@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
                 model = tiny()
                 r = compress_layerwise(model, seqs, config(name), progress=False)
                 save(out / f"{name}_rank{rank}.safetensors", model, r)
+            # rank 0 alone (distributed=False) with a checkpoint, rank 1 alive but idle:
+            # the checkpoint must not wait for rank 1
+            alone = out / "alone.json"
+            if rank == 0:
+                try:
+                    r = compress_layerwise(tiny(), seqs, config("whitened", checkpoint_dir=str(
+                        out / "alone")), progress=False, distributed=False)
+                    alone.write_text(json.dumps(dict(ranks=r.ranks, files=sorted(
+                        p.name for p in (out / "alone").iterdir()))))
+                except Exception as err:
+                    alone.write_text(json.dumps(f"{type(err).__name__}: {err}"))
+            else:
+                for _ in range(600):
+                    if alone.exists():
+                        break
+                    time.sleep(0.1)
         elif mode == "fail":  # rank 1 dies once block 0's checkpoint is written
             real = lw.write_checkpoint
 
@@ -192,6 +209,14 @@ def test_truncation_matches_single_process(two_ranks, name):
     assert torch.allclose(got[0]["logits"], logits(model), rtol=0, atol=1e-6)
 
 
+def test_one_rank_alone_in_a_process_group_checkpoints_without_waiting(two_ranks):
+    got = json.loads((two_ranks / "alone.json").read_text())
+    assert isinstance(got, dict), got
+    assert got["ranks"] == single("whitened")[1].ranks
+    # after the last block no hidden states are kept
+    assert got["files"] == ["block_00000.safetensors", "block_00001.safetensors", "state.json"]
+
+
 def test_fitting_keeps_ranks_identical(two_ranks):
     got = [load(two_ranks / f"tnlm_rank{k}.safetensors") for k in (0, 1)]
     for k in got[0]:
@@ -263,6 +288,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, monk
     r = compress_layerwise(fresh, sequences(), cfg2, progress=False, resume=True,
                            log=said.append)
     assert said[0].startswith("resumed from") and "after block 1" in said[0]
+    assert list(ck.glob("hidden_*")) == []  # none kept after the last block
     assert torch.allclose(logits(fresh), expected, rtol=0, atol=1e-6)
     assert r.ranks == r_whole.ranks and r.errors == r_whole.errors
     assert [tuple(e) for e in r.block_errors] == [tuple(e) for e in r_whole.block_errors]
@@ -283,11 +309,98 @@ def test_resume_refuses_other_settings_or_sequences(tmp_path):
         compress_layerwise(tiny(), sequences(), other, progress=False, resume=True)
     with pytest.raises(ValueError, match="sequences: "):
         compress_layerwise(tiny(), sequences(seed=2), cfg, progress=False, resume=True)
-    model = tiny()
+    model = tiny(3)
     dense = logits(model)
-    with pytest.raises(ValueError, match="model: "):
-        compress_layerwise(tiny(3), sequences(), cfg, progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"model\.config\.num_hidden_layers: 2 in the "
+                       r"checkpoint, 3 now"):
+        compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
     assert torch.equal(logits(model), dense)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         compress_layerwise(tiny(), sequences(), LayerwiseConfig(TARGETS), progress=False,
                            resume=True)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_resume_refuses_other_weights_and_ignores_where_the_model_came_from(tmp_path):
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="whitened", fit_steps=0,
+                          budget=0.5, checkpoint_dir=str(tmp_path))
+    done = tiny()
+    compress_layerwise(done, sequences(), cfg, progress=False)
+    model = tiny()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    before = _state(model)
+    with pytest.raises(ValueError, match="the model's weights differ") as err:
+        compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
+    assert "model.config" not in str(err.value)
+    assert _same(model, before)
+    with pytest.raises(ValueError, match=r"model\.dtype: 'torch\.float32' in the checkpoint, "
+                       r"'torch\.float64' now"):
+        compress_layerwise(tiny().double(), sequences(), cfg, progress=False, resume=True)
+    # where the model was loaded from and by which transformers do not matter
+    model = tiny()
+    model.config._name_or_path = "/elsewhere"
+    model.config.transformers_version = "0.0.1"
+    compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
+    assert torch.equal(logits(model), logits(done))
+
+
+def test_resume_checks_the_checkpoint_before_touching_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = LayerwiseConfig(["q_proj", "down_proj"], batch_size=BATCH, method="whitened",
+                          fit_steps=0, budget=0.5, checkpoint_dir=str(tmp_path))
+    compress_layerwise(tiny(3), sequences(), cfg, progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["last_block"] = 0  # as if stopped after block 0 (its hidden states are gone)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    model = tiny(3)
+    before = _state(model)
+    with pytest.raises(ValueError, match="hidden_00000_rank0.safetensors is missing"):
+        compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
+    assert _same(model, before)
+
+    # hidden states of the wrong shape are refused before the model changes
+    save_file({f"{a}.{k}": torch.zeros(BATCH, 5, 32) for a in ("xs", "xt") for k in range(4)},
+              str(tmp_path / "hidden_00000_rank0.safetensors"))
+    with pytest.raises(ValueError, match="does not hold this rank's 4 batches"):
+        compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
+    assert _same(model, before)
+
+    # a block file that fails to load after another block was restored: everything the
+    # restore overwrote (non-target linears included) comes back
+    save_file({f"{a}.{k}": torch.zeros(BATCH, 12, 32) for a in ("xs", "xt") for k in range(4)},
+              str(tmp_path / "hidden_00000_rank0.safetensors"))
+    state["last_block"] = 1
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    save_file({k: v + 1 for k, v in load_file(str(tmp_path / "block_00000.safetensors")).items()},
+              str(tmp_path / "block_00000.safetensors"))
+    b1 = load_file(str(tmp_path / "block_00001.safetensors"))
+    b1.pop("mlp.up_proj.weight")
+    save_file(b1, str(tmp_path / "block_00001.safetensors"))
+    save_file({f"{a}.{k}": torch.zeros(BATCH, 12, 32) for a in ("xs", "xt") for k in range(4)},
+              str(tmp_path / "hidden_00001_rank0.safetensors"))
+    with pytest.raises(RuntimeError, match="up_proj"):
+        compress_layerwise(model, sequences(), cfg, progress=False, resume=True)
+    assert _same(model, before)
+    assert all(type(m).__name__ == "Linear" for n, m in model.named_modules()
+               if n.endswith("_proj"))
+
+
+def test_resume_refuses_another_checkpoint_version(tmp_path):
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="plain", fit_steps=0,
+                          budget=0.5, checkpoint_dir=str(tmp_path))
+    compress_layerwise(tiny(), sequences(), cfg, progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["version"] = 1
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="checkpoint version 1; this tnlm reads version 2"):
+        compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)

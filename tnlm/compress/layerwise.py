@@ -2,20 +2,30 @@
 
 The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline work::
 
-    X_s = X_t = the hidden states entering block 0 on the calibration sequences
-    for block i = 0 .. L-1:
+    under torch.distributed: rank r of w keeps only the calibration batches r, r + w, ...
+    X_s = X_t = the hidden states entering block 0 on the (this rank's) sequences
+    allocation "spectrum"/"residual" (budget < 1): one pass of the dense blocks over X_t,
+        each target's whitened spectrum (Grams summed over the ranks) -> a rank per target
+        minimising the summed errors within the budget (rank 0's choice sent to every rank);
+        "uniform": each target the largest rank r with r (I + J) <= budget · I J
+    resume: the finished blocks and this rank's X_s, X_t from the checkpoint
+    for block i = 0 .. L-1 (after the checkpoint's last block):
         T_i  = a dense copy of block i (the teacher's block; one block, not the model)
         Y_t  = T_i(X_t)                                   the teacher's outputs
         statistics of block i's target linears on the student's inputs X_s
             (method "tnlm"; with ``cross``, also the cross Gram against the teacher's
              inputs, so each truncation also corrects the error the earlier blocks left;
              "whitened": the dense model's own inputs X_t; "plain": none, the weight's own
-             SVD)
+             SVD), summed over the ranks
         replace each target by its whitened truncation at the allocated rank
-            (tnlm.compress.data_aware: exactly low rank in the 2-site layout)
+            (tnlm.compress.data_aware: exactly low rank in the 2-site layout);
+            rank 0's block is broadcast so the ranks hold the same one
         "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
-                (kept only if it lowers that error on the calibration sequences)
+                (gradients averaged over the ranks; kept only if it lowers that error on
+                all ranks' calibration sequences)
         X_s = B_i(X_s);  X_t = Y_t;  drop T_i
+        checkpoint_dir: each rank writes its X_s, X_t (not after the last block), rank 0
+            block i's weights and then state.json, the file of record
 
 Peak memory is the model, one block's copy and two sets of calibration hidden states
 (``2 · n_sequences · seq_len · hidden`` floats), whatever the number of blocks. The
@@ -77,9 +87,11 @@ class LayerwiseConfig:
 
     Attributes:
         target_modules: MPOConfig suffix patterns of the linears to compress.
-        budget: fraction of the targeted linears' parameters kept, in (0, 1]; each layer
-            gets the largest rank r with ``r (I + J) <= budget · I J``; budget 1 keeps every
-            layer dense (error 0), as does a rank reaching ``min(I, J)``.
+        budget: fraction of the targeted linears' parameters kept, in (0, 1]. With
+            ``allocation="uniform"`` each layer gets the largest rank r with
+            ``r (I + J) <= budget · I J``; the other allocations share the budget over the
+            targets unevenly (the total stays within it). Budget 1 keeps every layer dense
+            (error 0), as does a rank reaching ``min(I, J)``.
         method: one of :data:`METHODS`.
         fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
         fit_lr: peak learning rate of block fitting (AdamW, warm-up, cosine decay).
@@ -99,6 +111,12 @@ class LayerwiseConfig:
             (:func:`write_checkpoint`; ``compress_layerwise(..., resume=True)``
             continues from it); None: no checkpoint. Not part of the settings a resume
             must match.
+
+    Raises:
+        TypeError: ``budget`` is not a real number (a bool included).
+        ValueError: ``budget`` not in (0, 1], an unknown ``method`` or ``allocation``,
+            ``fit_steps``/``batch_size`` not an int (>= 0 / >= 1), or malformed
+            ``target_modules``.
     """
 
     target_modules: list[str]
@@ -341,6 +359,13 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
 #: the checkpoint's file of record (written last, after the block and hidden-state files)
 CHECKPOINT_STATE = "state.json"
 _CHECKPOINT_FORMAT = "tnlm-layerwise-checkpoint"
+#: 2: the model is fingerprinted by its architecture, parameter dtype and weights
+_CHECKPOINT_VERSION = 2
+#: configuration fields that say where or how a model was loaded, not what it computes
+_VOLATILE_CONFIG = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                              "architectures", "attn_implementation", "use_cache",
+                              "output_attentions", "output_hidden_states", "return_dict",
+                              "torchscript"})
 
 
 def _block_file(d: Path, i: int) -> Path:
@@ -351,30 +376,64 @@ def _hidden_file(d: Path, i: int, rank: int) -> Path:
     return d / f"hidden_{i:05d}_rank{rank}.safetensors"
 
 
+def _settings(config: LayerwiseConfig) -> dict[str, Any]:
+    """Every :class:`LayerwiseConfig` field but ``checkpoint_dir``, as JSON gives it back."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                  if k != "checkpoint_dir"}))
+
+
+def _architecture(cfg: Any) -> Any:
+    """A transformers configuration as a dict without the fields of :data:`_VOLATILE_CONFIG`
+    and the private ones (``_commit_hash``, ...), nested configurations alike."""
+    if isinstance(cfg, dict):
+        return {k: _architecture(v) for k, v in cfg.items()
+                if k not in _VOLATILE_CONFIG and not str(k).startswith("_")}
+    if hasattr(cfg, "to_dict"):
+        return _architecture(cfg.to_dict())
+    return cfg
+
+
 def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig,
                           per_block: list[list[str]], world_size: int) -> dict[str, Any]:
     """What a checkpoint of :func:`compress_layerwise` must agree on to be resumed: the
     settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir``), a sha256 of
-    the calibration sequences, the model's class, configuration and targets, and the
-    number of ranks (each rank keeps its own hidden states)."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "checkpoint_dir"}
+    the calibration sequences, the model (its class, its configuration's architecture
+    fields — not where it was loaded from, the transformers version or the configured
+    dtype —, the targets per block, its parameters' dtypes and a sha256 of its state
+    dict's tensors, one pass over them) and the number of ranks (each rank keeps its own
+    hidden states). Take it before the model is changed."""
     cfg = getattr(model, "config", None)
-    cfg_text = cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else ""
-    return {"settings": json.loads(json.dumps(settings)),
+    arch = json.loads(json.dumps(_architecture(cfg), sort_keys=True, default=str)) \
+        if cfg is not None else None
+    weights = [x for k, t in model.state_dict().items() for x in (k, t)]
+    return {"settings": _settings(config),
             "sequences": f"{tuple(sequences.shape)} {dist_.digest([sequences])}",
-            "model": f"{type(model).__name__} {dist_.digest([cfg_text, per_block])}",
+            "model": {"class": type(model).__name__, "config": arch,
+                      "targets": [list(b) for b in per_block],
+                      "dtype": ", ".join(sorted({str(p.dtype) for p in model.parameters()})),
+                      "weights": dist_.digest(weights)},
             "world_size": int(world_size)}
 
 
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def _short(v: Any, n: int = 120) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], where: str = "") -> list[str]:
+    """What differs between two fingerprints, by dotted field name."""
     out = []
     for k in sorted(set(saved) | set(now)):
         a, b = saved.get(k), now.get(k)
-        if k == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{f}: {a.get(f)!r} in the checkpoint, {b.get(f)!r} now"
-                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
-        elif a != b:
-            out.append(f"{k}: {a!r} in the checkpoint, {b!r} now")
+        key = f"{where}{k}"
+        if a == b:
+            continue
+        if key == "model.weights":
+            out.append("the model's weights differ")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, key + ".")
+        else:
+            out.append(f"{key}: {_short(a)} in the checkpoint, {_short(b)} now")
     return out
 
 
@@ -392,39 +451,58 @@ def _tensors(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(directory: str | os.PathLike, index: int, state: dict[str, Any],
-                     block: nn.Module, xs: list[torch.Tensor], xt: list[torch.Tensor]) -> None:
-    """Record that block ``index`` is finished (called by every rank, collectively).
+                     block: nn.Module, xs: list[torch.Tensor] | None,
+                     xt: list[torch.Tensor] | None, *, rank: int | None = None,
+                     distributed: bool | None = None) -> None:
+    """Record that block ``index`` is finished.
 
     Each rank writes its hidden states for the next block (``xs.k`` student, ``xt.k``
-    teacher, (b, T, hidden) per batch k) to ``hidden_<index>_rank<r>.safetensors``; after
-    all ranks have, rank 0 writes the block's state dict (MPO cores, biases, norms) to
-    ``block_<index>.safetensors`` and then ``state.json`` (``state`` plus ``last_block``),
-    the file of record: a crash at any point leaves the previous checkpoint whole. Every
-    file is written to a temporary file and renamed over its name; hidden states two
-    blocks old are removed."""
+    teacher, (b, T, hidden) per batch k) to ``hidden_<index>_rank<r>.safetensors``
+    (``xs`` None: none, after the last block); after all ranks have, rank 0 writes the
+    block's state dict (MPO cores, biases, norms) to ``block_<index>.safetensors`` and
+    then ``state.json`` (``state`` plus ``last_block``), the file of record: a crash at
+    any point leaves the previous checkpoint whole. Every file is written to a temporary
+    file and renamed over its name; hidden states two blocks old are removed (after the
+    last block, all of them).
+
+    ``rank`` and ``distributed`` are the ones :func:`compress_layerwise` runs with
+    (default: those of the initialized process group). With ``distributed`` every rank
+    calls this, collectively (a barrier); without, the caller is rank 0 alone and no
+    other rank is waited for."""
     from safetensors.torch import save_file
 
     from tnlm.integration.io import atomic_write
 
+    if distributed is None:
+        distributed = dist_.is_distributed()
+    if rank is None:
+        rank = dist_.world()[0] if distributed else 0
     d = Path(directory)
-    rank, _ = dist_.world()
     d.mkdir(parents=True, exist_ok=True)
-    hidden = _tensors({**{f"xs.{k}": x for k, x in enumerate(xs)},
-                       **{f"xt.{k}": x for k, x in enumerate(xt)}})
-    atomic_write(_hidden_file(d, index, rank), lambda p: save_file(hidden, str(p)))
-    dist_.barrier("the checkpoint's hidden states")
+    if xs is not None:
+        hidden = _tensors({**{f"xs.{k}": x for k, x in enumerate(xs)},
+                           **{f"xt.{k}": x for k, x in enumerate(xt or [])}})
+        atomic_write(_hidden_file(d, index, rank), lambda p: save_file(hidden, str(p)))
+    if distributed:
+        dist_.barrier("the checkpoint's hidden states")
     if rank == 0:
         weights = _tensors(dict(block.state_dict()))
         atomic_write(_block_file(d, index), lambda p: save_file(weights, str(p)))
-        text = json.dumps({**state, "format": _CHECKPOINT_FORMAT, "version": 1,
-                           "last_block": int(index)}, indent=1, sort_keys=True)
+        text = json.dumps({**state, "format": _CHECKPOINT_FORMAT,
+                           "version": _CHECKPOINT_VERSION, "last_block": int(index)},
+                          indent=1, sort_keys=True)
         atomic_write(d / CHECKPOINT_STATE, lambda p: p.write_text(text))
     _hidden_file(d, index - 2, rank).unlink(missing_ok=True)  # state.json is at index-1 or on
+    if xs is None:  # the last block: no resume reads hidden states any more
+        if distributed:
+            dist_.barrier("the checkpoint's state")
+        _hidden_file(d, index - 1, rank).unlink(missing_ok=True)
 
 
 def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The ``state.json`` of a :func:`compress_layerwise` checkpoint, or None if there is
-    none. Raises ``ValueError`` for a file that is not such a checkpoint."""
+    none. Raises ``ValueError`` for a file that is not such a checkpoint or one of another
+    version."""
     path = Path(directory) / CHECKPOINT_STATE
     if not path.is_file():
         return None
@@ -434,13 +512,56 @@ def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None
         raise ValueError(f"{path}: unreadable layer-by-layer checkpoint ({err})") from err
     if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a layer-by-layer compression checkpoint")
+    if state.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: layer-by-layer checkpoint version {state.get('version')!r}; "
+                         f"this tnlm reads version {_CHECKPOINT_VERSION} only (start again "
+                         "without resume, or resume with the tnlm that wrote it)")
+    if not isinstance(state.get("last_block"), int) or state["last_block"] < 0:
+        raise ValueError(f"{path}: no valid last_block ({state.get('last_block')!r})")
     return state
 
 
+def _load_hidden(d: Path, state: dict[str, Any], data: list[tuple], rank: int,
+                 n_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's ``(xs, xt)`` for the block after checkpoint ``d``'s last one (none after
+    the last block), checked against the captured inputs ``data``, and a check that the
+    finished blocks' files are there: everything a resume reads but the block files'
+    contents, before the model is touched. Raises ``ValueError`` naming what is wrong."""
+    from safetensors.torch import load_file
+
+    last = int(state["last_block"])
+    if last >= n_blocks:
+        raise ValueError(f"checkpoint {d}: block {last} is finished but the model has "
+                         f"{n_blocks} blocks")
+    missing = [_block_file(d, i).name for i in range(last + 1) if not _block_file(d, i).is_file()]
+    if missing:
+        raise ValueError(f"checkpoint {d}: {', '.join(missing)} missing")
+    if last == n_blocks - 1:
+        return [], []
+    path = _hidden_file(d, last, rank)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
+                         f"states after block {last})")
+    hidden = load_file(str(path))
+    n = len(data)
+    bad = (len(hidden) != 2 * n
+           or any(f"{a}.{k}" not in hidden or hidden[f"{a}.{k}"].shape != data[k][0].shape
+                  for a in ("xs", "xt") for k in range(n)))
+    if bad:
+        raise ValueError(f"checkpoint {d}: {path.name} does not hold this rank's {n} batches "
+                         f"of hidden states of shapes "
+                         f"{sorted({tuple(dd[0].shape) for dd in data})}")
+    dev = [dd[0].device for dd in data]
+    return ([hidden[f"xs.{k}"].to(dev[k]) for k in range(n)],
+            [hidden[f"xt.{k}"].to(dev[k]) for k in range(n)])
+
+
 def _restore(d: Path, state: dict[str, Any], blocks: nn.ModuleList, prefix: str,
-             swap: Any, data: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Put the finished blocks of checkpoint ``d`` into ``blocks`` (through ``swap``) and
-    return this rank's ``(xs, xt)`` for the next block."""
+             swap: Any) -> None:
+    """Put the finished blocks of checkpoint ``d`` into ``blocks`` through ``swap``: the
+    MPO layers by ``swap.put``, and every other tensor the blocks' state dicts load into
+    (norms, non-target linears, dense-kept targets) recorded first by ``swap.save_value``,
+    so undoing ``swap`` gives the model back as it was."""
     from safetensors.torch import load_file
 
     from tnlm.bridge import MPOModule
@@ -449,30 +570,19 @@ def _restore(d: Path, state: dict[str, Any], blocks: nn.ModuleList, prefix: str,
     structures = state["structures"]
     for i in range(last + 1):
         block = blocks[i]
-        for name, struct in structures.items():
-            head = f"{prefix}.{i}."
-            if not name.startswith(head):
-                continue
-            old = block.get_submodule(name[len(head):])
+        head = f"{prefix}.{i}."
+        replaced = {name[len(head):]: struct for name, struct in structures.items()
+                    if name.startswith(head)}
+        for k, t in block.state_dict(keep_vars=True).items():
+            if not any(k.startswith(r + ".") for r in replaced):
+                swap.save_value(t)
+        for name, struct in replaced.items():
+            old = block.get_submodule(name)
             w = getattr(old, "weight", None)
-            swap.put(name, MPOModule.from_structure(
+            swap.put(head + name, MPOModule.from_structure(
                 struct, dtype=w.dtype if w is not None else torch.float32,
                 device=w.device if w is not None else None))
         block.load_state_dict(load_file(str(_block_file(d, i))), strict=True)
-    rank, _ = dist_.world()
-    path = _hidden_file(d, last, rank)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
-                         f"states after block {last})")
-    hidden = load_file(str(path))
-    n = len(data)
-    if any(f"{a}.{k}" not in hidden for a in ("xs", "xt") for k in range(n)) \
-            or len(hidden) != 2 * n:
-        raise ValueError(f"checkpoint {d}: {path.name} does not hold {n} batches of "
-                         f"hidden states")
-    dev = [dd[0].device for dd in data]
-    return ([hidden[f"xs.{k}"].to(dev[k]) for k in range(n)],
-            [hidden[f"xt.{k}"].to(dev[k]) for k in range(n)])
 
 
 def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig, *,
@@ -497,18 +607,25 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             summed over the ranks (:mod:`tnlm.compress.distributed`), so every rank makes
             the same truncations, and block fitting averages gradients each step (it needs
             a number of batches divisible by the world size). Every rank must call this
-            with the same arguments and ends with the same compressed model.
+            with the same arguments and ends with the same compressed model (checked:
+            the sequences, the settings, with a checkpoint the model's fingerprint and
+            the checkpoint state each rank read). False inside a process group: this
+            process works alone as rank 0 (its checkpoint waits for no other rank).
 
     Returns:
         A :class:`LayerwiseResult` (errors over all ranks' sequences); the targets of
         ``model`` are now ``MPOLinear`` layers.
 
     Raises:
+        TypeError: ``config.budget`` of the wrong type (raised when the
+            :class:`LayerwiseConfig` is made; :func:`tnlm.core.budget.check_fraction`).
         ValueError: bad sequences, patterns that match no linear of any block, a
             distributed run with fewer batches than ranks (or, when fitting, a number of
-            batches not divisible by the world size), or a checkpoint to resume whose
-            settings, sequences, model or world size differ (named in the message); the
-            model is unchanged.
+            batches not divisible by the world size) or whose ranks were given different
+            settings, models or checkpoint states, or a checkpoint to resume of another
+            version, with missing or mis-shaped files, or whose settings, sequences, model
+            (architecture, targets, dtype, weights) or world size differ (named in the
+            message); the model is unchanged.
         tnlm.compress.distributed.RankFailure: another rank stopped or the process
             group's timeout passed; the model is unchanged and the last checkpoint stays
             resumable.
@@ -548,17 +665,34 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     fingerprint = (layerwise_fingerprint(model, sequences, config, per_block, size)
-                   if ckpt is not None else None)
-    saved = None
+                   if ckpt is not None else None)  # before anything changes the model
+    saved, problem = None, None
     if resume:
         if ckpt is None:
             raise ValueError("resume needs config.checkpoint_dir")
-        saved = read_checkpoint_state(ckpt)
-        if saved is not None:
-            diff = _differences(saved.get("fingerprint", {}), fingerprint)
-            if diff:
-                raise ValueError(f"cannot resume from {ckpt}: it was written for other "
-                                 "inputs; " + "; ".join(diff))
+        try:
+            saved = read_checkpoint_state(ckpt)
+        except ValueError as err:
+            problem = err
+    if dist:  # every rank goes on from the same settings, model and checkpoint state
+        agreed = dist_.digest([
+            json.dumps(fingerprint if fingerprint is not None else _settings(config),
+                       sort_keys=True),
+            "none" if saved is None else json.dumps(saved, sort_keys=True), str(problem)])
+        try:
+            dist_.check_same(agreed, "settings, models or checkpoint states (each rank "
+                             "reads state.json itself: the directory must be shared)")
+        except ValueError:
+            if problem is not None:
+                raise problem from None
+            raise
+    if problem is not None:
+        raise problem
+    if saved is not None:
+        diff = _differences(saved.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt}: it was written for other "
+                             "inputs; " + "; ".join(diff))
     times: dict[str, float] = {}
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
@@ -570,6 +704,20 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     xs = [d[0] for d in data]
     xt = list(xs)
     times["capture"] = time.perf_counter() - t0
+    restored: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    if saved is not None:  # read and checked on every rank before the model is touched
+        try:
+            restored, problem = _load_hidden(ckpt, saved, data, rank, len(blocks)), None
+        except ValueError as err:
+            problem = err
+        if dist:
+            bad = dist_.all_reduce_floats([float(problem is not None)],
+                                          "the checkpoint's hidden states")[0]
+            if bad and problem is None:
+                raise ValueError(f"cannot resume from {ckpt}: {int(bad)} other rank(s) "
+                                 "could not read their hidden states (their errors name them)")
+        if problem is not None:
+            raise problem
     allocated: dict[str, int | None] | None = None
     if saved is not None:
         allocated = saved["allocated"]
@@ -584,6 +732,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             model.train(was)
         allocated = spectrum_ranks(spectra, float(config.budget),
                                    share if config.allocation == "residual" else None)
+        if dist:  # the same spectra on every rank; rank 0's choice is everyone's
+            allocated = dist_.broadcast_json(allocated, 0, "the allocated ranks")
         times["allocation"] = time.perf_counter() - t0
 
     def mean_error(parts: list[torch.Tensor]) -> float:
@@ -602,8 +752,10 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     t_trunc = t_fit = 0.0
     start = 0
     try:
-        if saved is not None:
-            xs, xt = _restore(ckpt, saved, blocks, prefix, swap, data)
+        if saved is not None and restored is not None:  # the finished blocks, through swap
+            _restore(ckpt, saved, blocks, prefix, swap)
+            xs, xt = restored
+            del restored
             ranks, errors = dict(saved["ranks"]), dict(saved["errors"])
             structures = dict(saved["structures"])
             block_errors = [tuple(e) for e in saved["block_errors"]]
@@ -685,7 +837,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 write_checkpoint(ckpt, i, dict(
                     fingerprint=fingerprint, allocated=allocated, ranks=ranks, errors=errors,
                     structures=structures, block_errors=block_errors, params_before=before,
-                    params_after=after), block, xs, xt)
+                    params_after=after), block, xs if i + 1 < len(blocks) else None,
+                    xt if i + 1 < len(blocks) else None, rank=rank, distributed=dist)
             say(f"block {i}: output error {err0:.4f} -> {err1:.4f}")
     except BaseException:
         swap.undo()
