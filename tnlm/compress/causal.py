@@ -140,7 +140,7 @@ class CausalHealConfig:
     blowup: float = 10.0
     teacher_bf16: bool = False
     seed: int = 0
-    chunk: int | None = 1024
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (isinstance(self.chunk, bool)
@@ -245,8 +245,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             p.requires_grad_(True)
         student.eval()  # no dropout (also attention's functional one); gradients still flow
         teacher.eval()
-        # per-parameter updates: no temporaries the size of every trained parameter
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, foreach=False)
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
