@@ -5,7 +5,11 @@ uniform ranks: the cheapest compression, the memory of healing does not depend o
 ranks were chosen), heal a few steps (batch 4 x 128 tokens), and report the process's
 peak RSS per stage against its RSS right after loading. Variants:
 
-* ``full``: full logits, AdamW's multi-tensor update, float32 teacher (healing's defaults)
+* ``full``: every block's activations kept, full logits, AdamW's multi-tensor update,
+  float32 teacher (healing's defaults until block checkpointing)
+* ``blocks``: each block's activations recomputed in backward
+  (``CausalHealConfig.checkpoint_blocks``, healing's default)
+* ``blocks+chunked``: and the KL in checkpointed chunks, per-parameter AdamW
 * ``chunked``: the KL over 1,024-position chunks with checkpointing
   (``CausalHealConfig.chunk``), per-parameter AdamW
 * ``chunked+bf16``: the same with the teacher stored in bfloat16 (``teacher_bf16``)
@@ -26,9 +30,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"full": dict(chunk=None, foreach=None, bf16=False),
-            "chunked": dict(chunk=1024, foreach=False, bf16=False),
-            "chunked+bf16": dict(chunk=1024, foreach=False, bf16=True)}
+VARIANTS = {"full": dict(chunk=None, foreach=None, bf16=False, blocks=False),
+            "blocks": dict(chunk=None, foreach=None, bf16=False, blocks=True),
+            "blocks+chunked": dict(chunk=1024, foreach=False, bf16=False, blocks=True),
+            "chunked": dict(chunk=1024, foreach=False, bf16=False, blocks=False),
+            "chunked+bf16": dict(chunk=1024, foreach=False, bf16=True, blocks=False)}
 
 
 def child(variant: str, steps: int) -> dict:
@@ -52,7 +58,8 @@ def child(variant: str, steps: int) -> dict:
         self_generated_text(model, tok, 16, seed=0, progress=False)
     recipe = CausalLMRecipe(budget=0.6, method="plain", n_calibration=8, fit_steps=0,
                             heal=CausalHealConfig(steps=steps, chunk=v["chunk"],
-                                                  teacher_bf16=v["bf16"]))
+                                                  teacher_bf16=v["bf16"],
+                                                  checkpoint_blocks=v["blocks"]))
     res = compress_causal_lm(model, tok, recipe, text=texts, progress=False)
     return dict(variant=variant, rss_after_load_mb=rss, peaks_mb=res.peak_rss_mb,
                 heal_seconds=res.seconds.get("healing"), losses=res.heal.losses)
@@ -62,12 +69,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--child", choices=tuple(VARIANTS), default=None)
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                    help="the first is the baseline of the ratios")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return 0
     rows = []
-    for name in VARIANTS:
+    for name in args.variants:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--steps",
                               str(args.steps)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

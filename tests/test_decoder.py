@@ -505,3 +505,29 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     assert scaled.ok is False
     assert float(loss) == pytest.approx(
         float(next_token_kl(student(input_ids=ids).logits, t_logits)), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_healing_with_checkpointed_blocks_follows_the_same_trajectory(arch):
+    """Block checkpointing (healing's default) changes memory, not the result: the same
+    losses and parameters as healing that keeps every block's activations; each block's
+    own forward is back afterwards."""
+    teacher = MAKERS[arch]()
+    seqs = _seqs(16, 12)
+    runs = []
+    for on in (False, True):
+        student = copy.deepcopy(teacher)
+        compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.4,
+                                                          method="plain"), progress=False)
+        res = heal_causal(student, teacher, seqs,
+                          CausalHealConfig(steps=6, lr=3e-3, batch_size=4, warmup=2,
+                                           checkpoint_blocks=on), progress=False)
+        runs.append((res.losses, student.state_dict()))
+        assert all("forward" not in b.__dict__ for b in blocks_of(student))
+    (l0, s0), (l1, s1) = runs
+    assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6)
+    assert l1[-1] < l1[0]
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="checkpoint_blocks must be a bool"):
+        CausalHealConfig(checkpoint_blocks="yes")

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
-from tnlm.integration.surgery import temporary
+from tnlm.integration.surgery import checkpointed, temporary
 
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
            "heal_causal", "next_token_kl"]
@@ -130,7 +130,10 @@ TRAIN = ("cores", "cores+linears")
 @dataclass
 class CausalHealConfig:
     """Settings of :func:`heal_causal` (see the module docstring); ``train`` is one of
-    :data:`TRAIN`."""
+    :data:`TRAIN`. ``checkpoint_blocks`` (default on): each block's activations are
+    recomputed in the backward pass instead of kept (:func:`tnlm.integration.surgery.
+    checkpointed`): the same gradients, one block's activations at a time instead of
+    every block's, one more forward pass a step (measured in docs/results.md)."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -141,6 +144,7 @@ class CausalHealConfig:
     teacher_bf16: bool = False
     seed: int = 0
     chunk: int | None = None
+    checkpoint_blocks: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (isinstance(self.chunk, bool)
@@ -153,6 +157,8 @@ class CausalHealConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         check_train(self.train, TRAIN, HEALING_RENAMED)
+        if not isinstance(self.checkpoint_blocks, bool):
+            raise ValueError(f"checkpoint_blocks must be a bool, got {self.checkpoint_blocks!r}")
         if not (isinstance(self.blowup, (int, float)) and self.blowup > 1):
             raise ValueError(f"blowup must be a number > 1, got {self.blowup!r}")
 
@@ -238,7 +244,10 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     best_loss, run = math.inf, None
     start = None
     # flags and modes of both models are given back as they were; values stay healed
-    with temporary(student, modes=True), temporary(teacher, modes=True):
+    from tnlm.integration.architectures import blocks_of
+
+    blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
+    with temporary(student, modes=True), temporary(teacher, modes=True), checkpointed(blocks):
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params:

@@ -21,13 +21,13 @@ they are restored on the modules that are in place after undoing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Swap", "module_paths", "set_module", "temporary"]
+__all__ = ["Swap", "checkpointed", "module_paths", "set_module", "temporary"]
 
 
 def module_paths(root: nn.Module) -> dict[int, list[str]]:
@@ -179,3 +179,52 @@ def temporary(root: nn.Module, new: Mapping[str, nn.Module] | None = None, *,
         yield swap
     finally:
         swap.undo()
+
+
+@contextlib.contextmanager
+def checkpointed(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Activation checkpointing of each of ``modules`` for the duration of the block.
+
+    While gradients are being recorded, each module's forward runs through
+    ``torch.utils.checkpoint`` (non-reentrant, positional and keyword arguments passed
+    on): only its inputs are kept for the backward pass, which runs the forward again.
+    Peak memory of a stack of L blocks falls from L blocks' activations to one block's
+    (plus the L inputs), for one more forward pass of each block. Outputs and gradients
+    are those of the plain forward. Without gradients (``torch.no_grad``) the forward
+    is the plain one. Each module's own ``forward`` is put back at the end, also when
+    the block raises.
+
+    Raises:
+        TypeError: an element of ``modules`` is not an ``nn.Module``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    modules = list(modules)
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modules[{i}] must be an nn.Module, got {type(m).__name__}")
+    saved: list[tuple[nn.Module, Any]] = []
+
+    def wrap(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    try:
+        for m in modules:
+            if any(m is s for s, _ in saved):
+                continue
+            saved.append((m, m.__dict__.get("forward", _MISSING)))
+            m.forward = wrap(m.forward)
+        yield
+    finally:
+        for m, own in reversed(saved):
+            if own is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
+
+
+_MISSING = object()
