@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-texts", type=int, default=128)
+    p.add_argument("--gen-batch", type=int, default=64,
+                   help="texts sampled at once (a new text cache is written with it)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=64)
     p.add_argument("--fit-steps", type=int, default=32)
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
+    p.add_argument("--no-checkpoint-blocks", action="store_true",
+                   help="keep every block's activations in healing (the former default)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
     if text_file.is_file():
         texts = json.loads(text_file.read_text())
     else:
-        texts = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True)
+        texts = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
+                                    batch_size=args.gen_batch)
         _atomic_json(text_file, texts)
     text_s = time.perf_counter() - t1
     recipe = CausalLMRecipe(
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
         allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
-                              teacher_bf16=args.teacher_bf16, seed=args.seed),
+                              teacher_bf16=args.teacher_bf16, seed=args.seed,
+                              checkpoint_blocks=not args.no_checkpoint_blocks),
         seed=args.seed)
     res = None
     if args.method != "dense":
