@@ -21,6 +21,14 @@ naming the new one (``"all"`` trains every parameter in ``MPOConfig``). A loss t
 non-finite or exceeds ``blowup`` x its starting value (mean of the first ``warmup``
 steps) stops the run and restores the parameters of the step with the lowest running
 loss; the result says so (``stopped``).
+
+Under ``torch.distributed`` (a process group of more than one rank) every rank draws the
+same batch of ``batch_size`` sequences from the same seeded generator and takes its own
+share of it (rank ``r`` of ``w``: the sequences ``r, r + w, ...`` of the batch); the student
+runs inside torch's ``DistributedDataParallel``, which averages the gradients over the
+ranks in ``backward``. Each rank's loss is weighted by its share of the batch, so the
+averaged gradient and the loss (all-reduced before any decision: blow-up, best step) are
+the single-process ones of the whole batch, up to the order of float additions.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
+from tnlm.compress import distributed as dist_
 from tnlm.integration.surgery import checkpointed, temporary
 
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
@@ -206,6 +215,9 @@ class _ChunkedKL:
                 mine = self.head(self.hidden(ids))
                 self.ok = full.shape == mine.shape and torch.allclose(
                     full.float(), mine.float(), rtol=1e-4, atol=1e-4)
+            if dist_.is_distributed():  # every rank takes the same path
+                agree = dist_.all_reduce_floats([float(self.ok)], "the chunked KL's check")
+                self.ok = agree[0] == dist_.world()[1]
         if not self.ok:
             return next_token_kl(self.student(input_ids=ids, use_cache=False).logits,
                                  t_logits)
@@ -218,6 +230,22 @@ class _ChunkedKL:
         return total / h.shape[0]
 
 
+class _HealingLoss(nn.Module):
+    """The student's next-token KL to the teacher's logits of a batch, as the one module
+    ``DistributedDataParallel`` wraps (the chunked KL runs the student's base model and
+    head itself, so the student alone cannot be the wrapped module)."""
+
+    def __init__(self, student: nn.Module, kl: _ChunkedKL | None) -> None:
+        super().__init__()
+        self.student = student
+        self.kl = kl
+
+    def forward(self, ids: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        if self.kl is not None:
+            return self.kl(ids, t_logits)
+        return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_logits)
+
+
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     from tnlm.integration.architectures import blocks_of
 
@@ -227,9 +255,25 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
 def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 config: CausalHealConfig, *, progress: bool = True) -> CausalHealResult:
     """Distil ``teacher``'s next-token distributions into ``student`` (in place) on
-    ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored."""
+    ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored.
+
+    Under ``torch.distributed`` every rank calls this with the same models, sequences
+    and config; each step's batch is shared among the ranks and the student trained
+    through ``DistributedDataParallel`` (module docstring). The ranks end with the same
+    student and result.
+
+    Raises:
+        ValueError: empty or malformed ``sequences``, nothing to train, or (distributed)
+            ``config.batch_size`` below the world size or ranks given different sequences.
+        tnlm.compress.distributed.RankFailure: another rank stopped or the process
+            group's timeout passed.
+    """
     if not torch.is_tensor(sequences) or sequences.dim() != 2 or sequences.shape[0] == 0:
         raise ValueError("sequences must be a non-empty (n, T) tensor of token ids")
+    rank, size = dist_.world()
+    if size > 1 and config.batch_size < size:
+        raise ValueError(f"batch_size ({config.batch_size}) must be at least the world size "
+                         f"({size}): each rank takes its share of every step's batch")
     result = CausalHealResult()
     if config.steps == 0:
         return result
@@ -237,6 +281,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     if not params:
         raise ValueError("the student has nothing to train (no MPO layer, norm or linear in "
                          "its blocks)")
+    if size > 1:
+        dist_.check_same(dist_.digest([sequences]), "healing sequences")
     rng = random.Random(config.seed)
     n = config.steps
     t0 = time.perf_counter()
@@ -258,44 +304,55 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
-        kl = _ChunkedKL(student, config.chunk) if config.chunk else None
+        # DDP after the flags are set: it averages the gradients of what trains
+        loss_of = dist_.data_parallel(_HealingLoss(
+            student, _ChunkedKL(student, config.chunk) if config.chunk else None))
         order: list[int] = []
-        for step in tqdm(range(n), desc="healing (next-token KL)", disable=not progress,
-                         leave=False):
-            if len(order) < config.batch_size:
-                perm = list(range(sequences.shape[0]))
-                rng.shuffle(perm)
-                order += perm
-            idx, order = order[:config.batch_size], order[config.batch_size:]
-            ids = sequences[idx]
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                 enabled=config.teacher_bf16):
-                t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
-            loss = kl(ids, t_logits) if kl is not None else next_token_kl(
-                student(input_ids=ids, use_cache=False).logits, t_logits)
-            value = float(loss.detach())
-            result.losses.append(value)
-            run = value if run is None else 0.9 * run + 0.1 * value
-            if step < max(1, config.warmup):
-                start = (value if start is None else start) if step == 0 else \
-                    (start * step + value) / (step + 1)
-            if not math.isfinite(value) or (start is not None and step >= config.warmup
-                                            and run > config.blowup * max(start, 1e-8)):
-                why = "is not finite" if not math.isfinite(value) else \
-                    f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
-                result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
-                                  f"{result.best_step or 0} were restored (lower lr, "
-                                  f"now {config.lr:g})")
-                break
-            if run < best_loss:
-                best_loss, result.best_step = run, step
-                for b, p in zip(best, params):
-                    b.copy_(p.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+        try:
+            for step in tqdm(range(n), desc="healing (next-token KL)",
+                             disable=not progress or rank != 0, leave=False):
+                while len(order) < config.batch_size:  # fewer sequences than a batch too
+                    perm = list(range(sequences.shape[0]))
+                    rng.shuffle(perm)
+                    order += perm
+                idx, order = order[:config.batch_size], order[config.batch_size:]
+                mine = idx[rank::size]  # this rank's share of the step's batch
+                share = len(mine) / len(idx)
+                ids = sequences[mine]
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                     enabled=config.teacher_bf16):
+                    t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+                with dist_.rank_failures("healing's forward"):
+                    loss = loss_of(ids, t_logits)
+                # the whole batch's loss: the ranks' shares weighted by their sizes
+                value = dist_.all_reduce_floats([float(loss.detach()) * share],
+                                                "the healing loss")[0]
+                result.losses.append(value)
+                run = value if run is None else 0.9 * run + 0.1 * value
+                if step < max(1, config.warmup):
+                    start = (value if start is None else start) if step == 0 else \
+                        (start * step + value) / (step + 1)
+                if not math.isfinite(value) or (start is not None and step >= config.warmup
+                                                and run > config.blowup * max(start, 1e-8)):
+                    why = "is not finite" if not math.isfinite(value) else \
+                        f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
+                    result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
+                                      f"{result.best_step or 0} were restored (lower lr, "
+                                      f"now {config.lr:g})")
+                    break
+                if run < best_loss:
+                    best_loss, result.best_step = run, step
+                    for b, p in zip(best, params):
+                        b.copy_(p.detach())
+                opt.zero_grad(set_to_none=True)
+                # DDP averages over the ranks: weighted by size x shares = the batch's mean
+                with dist_.rank_failures("the gradients in healing"):
+                    (loss * (share * size) if size > 1 else loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+        finally:
+            del loss_of  # DDP's hooks on the parameters go with it
         if result.stopped:
             with torch.no_grad():
                 for b, p in zip(best, params):

@@ -8,22 +8,28 @@ them) in a round-robin: rank ``r`` of ``w`` gets batches ``r, r + w, r + 2w, ...
 single-process sums; only the order of the float additions differs.
 
 Statistics are reduced in float64 (:func:`all_reduce_stats`), one flat buffer per call.
-A collective that fails (another rank stopped, or the process group's timeout passed)
-raises :class:`RankFailure` naming the step that was waiting.
+Training that averages gradients over the ranks wraps its module in torch's
+``DistributedDataParallel`` (:func:`data_parallel`). A collective that fails (another rank
+stopped, or the process group's timeout passed) raises :class:`RankFailure` naming the
+step that was waiting (:func:`rank_failures` does the same for collectives torch runs
+inside a block of code, e.g. DDP's gradient all-reduce in ``backward``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["RankFailure", "world", "is_distributed", "shard_batches", "all_reduce_sum",
            "all_reduce_floats", "all_reduce_stats", "average_gradients", "broadcast_module",
-           "broadcast_json", "barrier", "check_same", "digest"]
+           "broadcast_json", "barrier", "check_same", "digest", "rank_failures",
+           "data_parallel"]
 
 
 class RankFailure(RuntimeError):
@@ -60,6 +66,62 @@ def _collective(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
                           f"rank has stopped or the process group's timeout passed "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                           ) from err
+
+
+#: words in the messages of the errors torch raises when a peer or the network fails
+_PEER_FAILURE = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket",
+                 "broken pipe", "process group")
+
+
+@contextlib.contextmanager
+def rank_failures(what: str) -> Iterator[None]:
+    """Inside the block, an error of a collective torch runs (a ``torch.distributed``
+    ``DistError``, or a ``RuntimeError`` whose message names the backend, a connection, a
+    peer or a timeout) becomes :class:`RankFailure` naming ``what``; other errors pass
+    unchanged. Nothing changes without a process group."""
+    try:
+        yield
+    except RankFailure:
+        raise
+    except RuntimeError as err:
+        dist = torch.distributed
+        text = str(err).lower()
+        peer = (isinstance(err, getattr(dist, "DistError", ())) or
+                any(w in text for w in _PEER_FAILURE))
+        if not (is_distributed() and peer):
+            raise
+        rank, size = world()
+        raise RankFailure(f"rank {rank} of {size}: the collective of {what} failed; another "
+                          f"rank has stopped or the process group's timeout passed "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                          ) from err
+
+
+def data_parallel(module: torch.nn.Module, *, find_unused_parameters: bool = False
+                  ) -> torch.nn.Module:
+    """``module`` wrapped in ``torch.nn.parallel.DistributedDataParallel`` over the default
+    process group (``module`` itself without one): ``backward`` through the wrapper's
+    outputs leaves every rank with the gradients averaged over the ranks (parameters with
+    ``requires_grad`` only: set the flags first). Rank 0's parameters and buffers are
+    copied to every rank once, here; buffers are not sent again each forward. CPU (gloo):
+    no device ids; CUDA: the module's device. ``find_unused_parameters``: a trainable
+    parameter a forward does not use gets a zero gradient instead of an error, for a
+    traversal of the autograd graph every step (off by default: every trainable parameter
+    must take part in every forward). Call the wrapper (not ``module``) for every forward
+    whose loss is back-propagated, with a ``backward`` before the next one."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next((p.device for p in module.parameters()), torch.device("cpu"))
+    # buffers are copied once, at the start, and not before every forward
+    buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+               inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    with rank_failures("the model's parameters (DistributedDataParallel's first copy)"):
+        return DistributedDataParallel(
+            module, device_ids=[dev.index] if dev.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters, **buffers)
 
 
 def _device() -> torch.device:
