@@ -1,11 +1,14 @@
-"""Causal healing on torch.distributed (2 gloo ranks, torch.multiprocessing): each rank
-takes half of every step's batch and DistributedDataParallel averages the gradients, so
-the run equals one process healing on the whole batch."""
+"""Healing on torch.distributed (2 gloo ranks, torch.multiprocessing) through
+DistributedDataParallel. Causal healing: each rank takes half of every step's batch, so
+the run equals one process healing on the whole batch. Encoder healing
+(:func:`tnlm.compress.distill.heal`): the ranks end identical, and ranks that share one
+sentence (batch 1: each takes it) equal one process on it."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -26,6 +29,13 @@ RUNS = {
                     checkpoint_blocks=False),
     "cores": dict(steps=4, lr=3e-3, batch_size=5, warmup=2, train="cores"),  # shares 3 + 2
 }
+#: encoder healing runs: name -> HealConfig settings
+ENCODER_RUNS = {
+    "shared": dict(steps=5, lr=1e-2, warmup=1, batch_size=1, bucket=1),
+    "split": dict(steps=5, lr=1e-2, warmup=1, batch_size=4, bucket=1),
+}
+ENCODER_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                   "output.dense"]
 #: two ranks against one process: float32 sums in another order. The losses (a KL of
 #: about 1e-3 from log-probabilities of about 4.6: cancellation) measured within 3.1e-5
 #: relative, the parameters within 2.1e-7
@@ -62,6 +72,46 @@ def heal(name: str) -> tuple[torch.nn.Module, list[float]]:
     return model, res.losses
 
 
+def encoder_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
+    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", "the", "is", "of", "and"]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return BertTokenizerFast(vocab=str(path))
+
+
+def encoder_sentences() -> list[str]:
+    import random
+
+    from tests.common import SHORT_WORDS
+
+    r = random.Random(0)
+    return [" ".join(r.choice(SHORT_WORDS) for _ in range(r.randint(2, 9))) + "."
+            for _ in range(16)]
+
+
+def heal_encoder(name: str, folder: Path) -> tuple[torch.nn.Module, list[float]]:
+    from transformers import BertConfig, BertModel
+
+    from tnlm.compress.distill import HealConfig, heal
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+
+    tok, sents = encoder_tokenizer(folder), encoder_sentences()
+    torch.manual_seed(0)
+    dense = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64,
+                                 max_position_embeddings=64, initializer_range=0.3,
+                                 hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)).eval()
+    model = compress_model(copy.deepcopy(dense), tok, sents,
+                           CompressionConfig(ENCODER_TARGETS, budget=0.2, heal=None),
+                           progress=False).model
+    res = heal(model, dense, tok, sents, HealConfig(**ENCODER_RUNS[name]), progress=False)
+    return model, res.losses
+
+
 # ---------------------------------------------------------------- the ranks' side
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     import torch.distributed as dist
@@ -85,6 +135,12 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
                 flags = sorted({p.requires_grad for p in model.parameters()})
                 (out_dir / f"{name}_rank{rank}.json").write_text(json.dumps(
                     dict(losses=losses, flags=flags)))
+            for name in ENCODER_RUNS:
+                model, losses = heal_encoder(name, out_dir)
+                save_file({k: v.detach().clone().contiguous()
+                           for k, v in model.state_dict().items()},
+                          str(out_dir / f"encoder_{name}_rank{rank}.safetensors"))
+                (out_dir / f"encoder_{name}_rank{rank}.json").write_text(json.dumps(losses))
             try:
                 heal_causal(student(teacher()), teacher(), sequences(),
                             CausalHealConfig(steps=2, batch_size=1), progress=False)
@@ -161,6 +217,23 @@ def test_two_ranks_heal_as_one_process_on_the_whole_batch(two_ranks, name):
         torch.testing.assert_close(got[0][k], v, rtol=0, atol=PARAM_ATOL)
         moved += not torch.equal(v, student(teacher()).state_dict()[k])
     assert moved > 0
+
+
+@pytest.mark.parametrize("name", list(ENCODER_RUNS))
+def test_encoder_healing_through_ddp_keeps_ranks_identical(two_ranks, tmp_path, name):
+    from safetensors.torch import load_file
+
+    got = [load_file(str(two_ranks / f"encoder_{name}_rank{k}.safetensors")) for k in (0, 1)]
+    losses = [json.loads((two_ranks / f"encoder_{name}_rank{k}.json").read_text())
+              for k in (0, 1)]
+    assert losses[0] == losses[1] and all(math.isfinite(v) for v in losses[0])
+    for k in got[0]:  # different sentences on the ranks ("split"): DDP kept them equal
+        assert torch.equal(got[0][k], got[1][k]), k
+    if name == "shared":  # both ranks train on the step's one sentence: one process's run
+        model, ref = heal_encoder(name, tmp_path)
+        assert losses[0] == pytest.approx(ref, rel=1e-5)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[0][k], v, rtol=0, atol=PARAM_ATOL)
 
 
 def test_batch_smaller_than_the_world_is_refused(two_ranks):

@@ -26,8 +26,9 @@ about 2.7x its real tokens. ``teacher_bf16`` runs the frozen teacher under bfloa
 autocast on CPU (about 3x faster on CPUs with bf16 instructions; pooled outputs within
 1e-4 cosine of float32). AdamW, linear warm-up then
 cosine decay, gradient clipping. Under ``torch.distributed`` each rank takes its
-own share of every batch and gradients are averaged (all-reduce), so every rank
-ends with the same weights. Checkpoints (safetensors + JSON, no pickle) let a run
+own share of every batch and the student runs inside torch's DistributedDataParallel,
+which averages the gradients over the ranks; the logged loss is the ranks' mean, so every
+rank takes the same decisions and ends with the same weights. Checkpoints (safetensors + JSON, no pickle) let a run
 resume exactly; they record the settings they were made with (:func:`heal_settings`:
 the hyper-parameters, a hash of the text and of the teacher, the caller's context such
 as the budget) and a run with other settings refuses to resume from them.
@@ -60,6 +61,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
+from tnlm.compress import distributed as dist_
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
@@ -276,6 +278,22 @@ def _loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor]
         loss = loss + term.loss(HealBatch(student, teacher, batch, list(positions), sh, th,
                                           ps, pt))
     return loss
+
+
+class _StudentLoss(nn.Module):
+    """:func:`_loss` of a batch as the module ``DistributedDataParallel`` wraps: the
+    student is its only submodule (the teacher is held outside the module tree, so it is
+    neither copied between the ranks nor trained)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: HealConfig) -> None:
+        super().__init__()
+        self.student = student
+        self._outside = (teacher, cfg)
+
+    def forward(self, batch: dict[str, torch.Tensor], positions: Sequence[int]
+                ) -> torch.Tensor:
+        teacher, cfg = self._outside
+        return _loss(self.student, teacher, batch, cfg, positions)
 
 
 def fast_bf16() -> bool:
@@ -551,9 +569,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
         for _ in range(start):
             sched.step()
         res.resumed_from = start
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist \
-        else (0, 1)
+    rank, world = dist_.world()
     rng = random.Random(cfg.seed)
     term = cfg.term
     draws = term.prepare(teacher, tokenizer, sentences, cfg, rng) if term is not None else None
@@ -583,6 +599,10 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     # adds noise to the fit (measured on MiniLM at 50 %: held-out cosine 0.8955 vs 0.8867
     # after 150 steps, and faster steps)
     student.train(cfg.dropout)
+    # under torch.distributed DDP averages the gradients over the ranks in backward (a
+    # trainable parameter the loss does not use, e.g. a pooler's, gets zeros)
+    loss_of = dist_.data_parallel(_StudentLoss(student, teacher, cfg),
+                                  find_unused_parameters=True)
     try:
         for step in bar:
             entries = [sentences[i] for i in draws[step]]
@@ -600,20 +620,13 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [],
                                        device_type=dev.type if dev.type != "cpu" else None):
                 torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
-                loss = _loss(student, teacher, batch, cfg, positions)
+                with dist_.rank_failures("healing's forward"):
+                    loss = loss_of(batch, positions)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if dist:
-                for _, p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-                flag = torch.tensor([float(loss.detach())])
-                torch.distributed.all_reduce(flag)
-                value = float(flag) / world
-            else:
-                value = float(loss.detach())
+            with dist_.rank_failures("the gradients in healing"):
+                loss.backward()
+            # the ranks' mean loss: every rank takes the same decisions below
+            value = dist_.all_reduce_floats([float(loss.detach())], "the healing loss")[0] / world
             if not math.isfinite(value):  # nothing was updated yet at this step
                 raise FloatingPointError(
                     f"healing diverged at step {step + 1} of {steps} (loss {value}); the "
@@ -646,6 +659,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                 _save_checkpoint(ckpt, step + 1, params, opt, res.losses, settings)
                 saved = step + 1
     finally:
+        del loss_of  # DDP's hooks on the parameters go with it
         res.seconds = time.perf_counter() - t0
         student.eval()
     res.steps = steps
