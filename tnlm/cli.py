@@ -194,6 +194,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
     if source_arch is not None and source_arch[1].causal:
         return _compress_causal(args, *source_arch)
+    if _launched()[1] > 1:
+        raise UserError("several processes (torchrun) compress causal LMs only; run an "
+                        "encoder's compression as one process")
     if args.method is not None:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
@@ -362,21 +365,38 @@ def _architecture(model_dir: str | None, targets_given: bool = False):
     return source, architecture_of(_Cfg())
 
 
+def _launched() -> tuple[int, int]:
+    """``(rank, world_size)`` torchrun (or another launcher) gave this process."""
+    from tnlm.compress.distributed import launched_world
+
+    try:
+        return launched_world()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     """``tnlm compress`` on a causal LM (a folder or a .gguf file): layer-by-layer
     compression, next-token-KL healing, held-out perplexity against the dense model's
-    (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded."""
-    import json
+    (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded.
 
-    import torch
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this: the process group is
+    initialized after the inputs are checked (gloo on CPU, nccl with CUDA; timeout
+    ``--dist-timeout``) and destroyed at the end; the ranks compress and heal together
+    (:func:`~tnlm.compress.llm.compress_causal_lm`); rank 0 alone measures perplexity,
+    prints and writes ``--out``."""
+    import math
+    from datetime import timedelta
 
-    from tnlm.compress.causal import CausalHealConfig, token_sequences
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
-    from tnlm.compress.lm_quality import natural_eval_text, perplexity
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.distributed import process_group_from_env
+    from tnlm.compress.llm import CausalLMRecipe
     from tnlm.compress.text import read_sentences
-    from tnlm.integration import MPOConfig, MPOModel
-    from tnlm.integration.loading import load_pretrained
 
+    rank, size = _launched()
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UserError(f"--dist-timeout must be a number of minutes > 0, got "
+                        f"{args.dist_timeout}")
     recipe = CausalLMRecipe()
     heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
     lr = recipe.heal.lr if args.lr is None else args.lr
@@ -396,62 +416,97 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
+    heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed)
+    if size > 1 and heal_steps and heal.batch_size < size:
+        raise UserError(f"{size} processes: healing shares each step's batch of "
+                        f"{heal.batch_size} sequences, so at most {heal.batch_size} "
+                        "processes can heal (--nproc_per_node)")
     recipe = CausalLMRecipe(
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
-        heal=CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed), seed=args.seed)
-    out, created = _make_out(args.out)
+        heal=heal, seed=args.seed)
+    out, created = _make_out(args.out) if rank == 0 else (None, [])
 
     def say(*parts: object) -> None:
-        if not args.quiet:
+        if not args.quiet and rank == 0:
             print(*parts, file=sys.stderr if args.json else sys.stdout)
 
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet or rank != 0:  # transformers' "Loading weights" bars too
+        hf_logging.disable_progress_bar()
     try:
-        torch.manual_seed(args.seed)
-        model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
-                                     else source.folder)
+        with process_group_from_env(timedelta(minutes=args.dist_timeout)) as (rank, size):
+            return _compress_causal_job(args, source, arch, recipe, text, out, say, rank,
+                                        size)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size) -> int:
+    """The work of :func:`_compress_causal` once the inputs are checked (and, under
+    torchrun, the process group is up); perplexity, printing and saving on rank 0 only."""
+    import json
+
+    import torch
+
+    from tnlm.compress.causal import token_sequences
+    from tnlm.compress.llm import compress_causal_lm
+    from tnlm.compress.lm_quality import natural_eval_text, perplexity
+    from tnlm.integration import MPOConfig, MPOModel
+    from tnlm.integration.loading import load_pretrained
+
+    targets, heal_steps = recipe.target_modules, recipe.heal.steps
+    torch.manual_seed(args.seed)
+    model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
+                                 else source.folder)
+    if text is not None:  # enough tokens for one sequence, before any expensive step
+        try:
+            token_sequences(tok, text, recipe.seq_len)
+        except ValueError as err:
+            raise UserError(f"--text {args.text}: {err}") from None
+    if rank == 0:
         eval_text = natural_eval_text()
         eval_source = "natural held-out text (../shared/data dev splits)"
         if eval_text is None:
             from tnlm.compress.causal import self_generated_text
             eval_text = self_generated_text(model, tok, 32, seed=args.seed + 1000)
             eval_source = "32 texts the dense model wrote with another seed (not healed on)"
-        if text is not None:  # enough tokens for one sequence, before any expensive step
-            try:
-                token_sequences(tok, text, recipe.seq_len)
-            except ValueError as err:
-                raise UserError(f"--text {args.text}: {err}") from None
         dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
-        res = compress_causal_lm(model, tok, recipe, text=text, progress=not args.quiet,
-                                 log=say)
-        if res.heal is not None and res.heal.stopped:
-            raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
-                                  + (f" in {out}" if out else ""))
-        ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
-        summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
-                       budget=args.budget, ratio=res.ratio,
-                       params_before=res.layerwise.params_before,
-                       params_after=res.layerwise.params_after, heal_steps=heal_steps,
-                       perplexity_dense=dense.ppl, perplexity=ppl.ppl,
-                       perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
-                       eval_text=eval_source, seconds=res.seconds,
-                       peak_rss_mb=res.peak_rss_mb)
-        if args.json:
-            print(json.dumps(summary, indent=1))
-        else:
-            print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
-                  f"parameters of the targeted layers ({res.ratio:.1%}); method "
-                  f"{recipe.method}; healing {heal_steps} steps")
-            print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
-                  f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
-        if out is not None:
-            from tnlm.export import save_self_contained
+    res = compress_causal_lm(model, tok, recipe, text=text,
+                             progress=not args.quiet and rank == 0, log=say)
+    if res.heal is not None and res.heal.stopped:
+        raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
+                              + (f" in {out}" if out else ""))
+    if rank != 0:
+        return 0
+    ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+    summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
+                   budget=args.budget, ratio=res.ratio,
+                   params_before=res.layerwise.params_before,
+                   params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                   perplexity_dense=dense.ppl, perplexity=ppl.ppl,
+                   perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
+                   eval_text=eval_source, seconds=res.seconds,
+                   peak_rss_mb=res.peak_rss_mb, processes=size)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
+              f"parameters of the targeted layers ({res.ratio:.1%}); method "
+              f"{recipe.method}; healing {heal_steps} steps")
+        print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
+              f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
+    if out is not None:
+        from tnlm.export import save_self_contained
 
-            wrapped = MPOModel(model, MPOConfig(target_modules=targets))
-            save_self_contained(wrapped, tok, out, sentence_transformers=False)
-            say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")
-    except BaseException:
-        _remove_empty(created)
-        raise
+        wrapped = MPOModel(model, MPOConfig(target_modules=targets))
+        save_self_contained(wrapped, tok, out, sentence_transformers=False)
+        say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")
     return 0
 
 
@@ -640,6 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the healing an interrupted run left in --out DIR/healing "
                         "(refused if it was made with other settings); without it, a "
                         "leftover healing state is discarded")
+    p.add_argument("--dist-timeout", type=float, default=30.0,
+                   help="causal LMs under torchrun: minutes a process waits for the others "
+                        "at a collective before it stops with an error (they wait while "
+                        "rank 0 writes the calibration text and measures perplexity)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
@@ -688,13 +747,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"model folder{hint}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
+    error = _error_prefix()
     try:
         return args.func(args)
     except (UserError, OSError, ValueError, KeyError, TypeError) as err:
-        print(f"tnlm: error: {err}", file=sys.stderr)
+        print(f"{error}{err}", file=sys.stderr)
         return 2
     except HealingDiverged as err:
-        print(f"tnlm: error: {err}", file=sys.stderr)
+        print(f"{error}{err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tnlm: interrupted", file=sys.stderr)
@@ -702,6 +762,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback on request
         if os.environ.get("TNLM_DEBUG"):
             raise
-        print(f"tnlm: error: {type(err).__name__}: {err} (TNLM_DEBUG=1 shows the traceback)",
+        from tnlm.compress.distributed import RankFailure
+
+        if isinstance(err, RankFailure):  # its message names the rank and the step
+            print(f"tnlm: error: {err}", file=sys.stderr)
+            return 1
+        print(f"{error}{type(err).__name__}: {err} (TNLM_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _error_prefix() -> str:
+    """``"tnlm: error: "``; in one of several processes (torchrun) it names the rank."""
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if size not in ("", "1", "0"):
+        return f"tnlm: error (rank {rank} of {size}): "
+    return "tnlm: error: "

@@ -21,7 +21,9 @@ import contextlib
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ import torch
 __all__ = ["RankFailure", "world", "is_distributed", "shard_batches", "all_reduce_sum",
            "all_reduce_floats", "all_reduce_stats", "average_gradients", "broadcast_module",
            "broadcast_json", "barrier", "check_same", "digest", "rank_failures",
-           "data_parallel"]
+           "data_parallel", "launched_world", "process_group_from_env"]
 
 
 class RankFailure(RuntimeError):
@@ -47,6 +49,55 @@ def world() -> tuple[int, int]:
 def is_distributed() -> bool:
     """True when a default process group with more than one rank is initialized."""
     return world()[1] > 1
+
+
+def launched_world() -> tuple[int, int]:
+    """``(rank, world_size)`` a launcher such as ``torchrun`` gave this process in the
+    environment (``RANK``, ``WORLD_SIZE``); ``(0, 1)`` when it was started alone.
+
+    Raises:
+        ValueError: ``RANK``/``WORLD_SIZE`` that are not integers with
+            ``0 <= RANK < WORLD_SIZE``.
+    """
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise ValueError(f"the environment's WORLD_SIZE {os.environ.get('WORLD_SIZE')!r} and "
+                         f"RANK {os.environ.get('RANK')!r} must be integers") from None
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"the environment's RANK {rank} and WORLD_SIZE {size} need "
+                         "0 <= RANK < WORLD_SIZE")
+    return rank, size
+
+
+@contextlib.contextmanager
+def process_group_from_env(timeout: timedelta | None = None) -> Iterator[tuple[int, int]]:
+    """The default process group of a job the environment describes (``torchrun`` sets
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), for the
+    duration of the block; yields ``(rank, world_size)``.
+
+    With ``WORLD_SIZE`` > 1 and no process group yet, one is initialized (``nccl`` where
+    CUDA is available, each process on the GPU ``LOCAL_RANK``; ``gloo`` on the CPU) with
+    ``timeout`` (default: torch's) and destroyed at the end of the block, also when it
+    raises. Started alone, or inside a process group someone else made, nothing is
+    initialized or destroyed. A failed rendezvous raises :class:`RankFailure`."""
+    rank, size = launched_world()
+    dist = torch.distributed
+    if size == 1 or (dist.is_available() and dist.is_initialized()):
+        yield world() if dist.is_available() and dist.is_initialized() else (rank, size)
+        return
+    if not dist.is_available():
+        raise RuntimeError("this torch has no torch.distributed: run one process")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kw = {"timeout": timeout} if timeout is not None else {}
+    _collective("the process group's rendezvous", dist.init_process_group, backend, **kw)
+    try:
+        yield world()
+    finally:
+        dist.destroy_process_group()
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[slice]:

@@ -13,6 +13,12 @@ Python users and the experiments call (its defaults live in :class:`CausalLMReci
 The dense teacher is a copy of the model made before compression (the only second copy,
 in bfloat16 with ``heal.teacher_bf16``: peak memory is about twice the model plus one
 batch of activations and logits).
+
+Under ``torch.distributed`` (every rank calls this with the same model and recipe) rank 0
+writes the self-generated text and sends it to the others; compression shares the
+calibration batches and the decompositions among the ranks and healing runs through
+``DistributedDataParallel`` (each rank its share of every step's batch); every rank ends
+with the same compressed model. Progress bars are rank 0's only.
 Every stage's seconds and peak resident memory (MiB, the whole process: the model
 included) are recorded.
 """
@@ -28,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnlm.compress import distributed as dist_
 from tnlm.compress.causal import (
     CausalHealConfig,
     CausalHealResult,
@@ -115,8 +122,11 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     """Compress a causal LM in place (module docstring); returns a :class:`CausalLMResult`.
 
     Raises:
-        ValueError: a model that is not a causal LM tnlm knows, or text too short for one
-            sequence; nothing has been changed then.
+        ValueError: a model that is not a causal LM tnlm knows, text too short for one
+            sequence, or (distributed) a healing batch smaller than the world size;
+            nothing has been changed then.
+        tnlm.compress.distributed.RankFailure: another rank stopped or the process
+            group's timeout passed.
     """
     recipe = recipe or CausalLMRecipe()
     say = log or (lambda s: None)
@@ -124,6 +134,11 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if not arch.causal:
         raise ValueError(f"compress_causal_lm needs a causal LM; {type(model).__name__} "
                          f"({arch.name}) is an encoder")
+    rank, size = dist_.world()
+    if size > 1 and recipe.heal.steps and recipe.heal.batch_size < size:
+        raise ValueError(f"recipe.heal.batch_size ({recipe.heal.batch_size}) must be at least "
+                         f"the world size ({size}): each rank heals on its share of a batch")
+    progress = progress and rank == 0
     targets = list(recipe.target_modules or arch.targets)
     lw_cfg = LayerwiseConfig(targets, budget=recipe.budget, method=recipe.method,
                              fit_steps=recipe.fit_steps, fit_lr=recipe.fit_lr,
@@ -133,9 +148,12 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     t0 = time.perf_counter()
     reset_peak_rss()
     if text is None:
-        text = self_generated_text(model, tokenizer, recipe.n_texts,
-                                   max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
-                                   progress=progress)
+        if rank == 0:
+            text = self_generated_text(model, tokenizer, recipe.n_texts,
+                                       max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
+                                       progress=progress)
+        if size > 1:  # rank 0's text on every rank (the others wait for it)
+            text = dist_.broadcast_json(text, 0, "the self-generated text")
         seconds["text"] = time.perf_counter() - t0
         peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)

@@ -1,0 +1,139 @@
+"""``torchrun --nproc_per_node 2 -m tnlm compress MODEL`` on a tiny random Llama: the ranks
+compress and heal together, rank 0 alone prints and saves; a rank that dies stops the
+other with RankFailure; an encoder is refused under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--budget", "0.5", "--heal-steps", "4", "--json", "--quiet"]
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo test runs on POSIX")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llm_folder(tmp: Path) -> Path:
+    from tests.common import make_causal_lm, make_word_tokenizer
+
+    folder = tmp / "llm"
+    if not folder.is_dir():
+        make_causal_lm("llama").save_pretrained(folder)
+        make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_torchrun_compresses_with_two_processes(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from tnlm.cli import main
+    from tnlm.export import load_compressed
+
+    folder = llm_folder(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "tnlm", "compress", str(folder),
+           *ARGS, "--out", str(out)]
+    # tmp_path as the working directory: no ../shared/data, the same evaluation text below
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one summary: rank 0's
+    assert summary["processes"] == 2 and summary["architecture"] == "llama"
+    assert 0.4 < summary["ratio"] <= 0.5
+    assert summary["perplexity"] > 0
+    assert "tnlm: error" not in proc.stderr
+    alone = load_compressed(out)
+    with torch.no_grad():
+        assert alone.generate(torch.tensor([[2, 6, 7]]), max_new_tokens=4,
+                              do_sample=False).shape == (1, 7)
+
+    # one process on the same model: rank 0's text was every rank's, the statistics
+    # were all-reduced, so the allocation and the kept parameters are the same
+    monkeypatch.chdir(tmp_path)
+    assert main(["compress", str(folder), *ARGS, "--out", ""]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["processes"] == 1
+    assert (one["params_before"], one["params_after"]) == (summary["params_before"],
+                                                           summary["params_after"])
+    assert one["perplexity_dense"] == pytest.approx(summary["perplexity_dense"], rel=1e-6)
+
+
+def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """A process as torchrun starts it (its environment), running the CLI in-process;
+    rank 1 dies when healing starts."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    import torch
+
+    torch.set_num_threads(1)
+    from tnlm.cli import main
+    from tnlm.compress import llm
+
+    real = llm.heal_causal
+
+    def dying(*a, **kw):
+        if rank == 1:
+            os._exit(3)
+        return real(*a, **kw)
+    llm.heal_causal = dying
+    err = Path(out) / f"stderr_rank{rank}.txt"
+    with open(err, "w") as f:
+        sys.stderr = f
+        code = main(["compress", folder, *ARGS, "--out", "", "--dist-timeout", "1"])
+        sys.stderr = sys.__stderr__
+    err.with_suffix(".code").write_text(str(code))
+
+
+def test_a_dead_rank_stops_the_job_with_a_clear_error(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    folder = llm_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(folder), str(tmp_path)),
+                             nprocs=2, join=False, start_method="spawn")
+    codes = []
+    for p in ctx.processes:
+        p.join(180)
+        if p.exitcode is None:
+            p.kill()
+        codes.append(p.exitcode)
+    assert codes == [0, 3]  # rank 0 returned from main (its status below), rank 1 died
+    assert (tmp_path / "stderr_rank0.code").read_text() == "1"
+    said = (tmp_path / "stderr_rank0.txt").read_text().strip().splitlines()[-1]
+    assert said.startswith("tnlm: error: rank 0 of 2: the collective of "), said
+    assert "another rank has stopped" in said
+
+
+def test_encoders_and_bad_settings_are_refused_under_torchrun(monkeypatch, capsys, tmp_path):
+    from tnlm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["compress", "--heal-steps", "0"]) == 2  # the embedded MiniLM
+    err = capsys.readouterr().err
+    assert err.startswith("tnlm: error (rank 1 of 2): several processes (torchrun) "
+                          "compress causal LMs only"), err
+    folder = llm_folder(tmp_path)
+    assert main(["compress", str(folder), "--dist-timeout", "0"]) == 2
+    assert "--dist-timeout must be a number of minutes > 0, got 0.0" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main(["compress", str(folder), "--out", ""]) == 2
+    assert "8 processes: healing shares each step's batch of 4 sequences, so at most 4 " \
+        "processes can heal" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "x")
+    assert main(["compress", str(folder)]) == 2
+    assert "RANK 'x' must be integers" in capsys.readouterr().err
