@@ -92,10 +92,36 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
             g = grams(mine, reduce=True)
             from safetensors.torch import save_file
             save_file({n: t for n, t in g.items()}, str(out / f"gram_rank{rank}.safetensors"))
+            computed: dict[str, list[int]] = {}  # per run: truncations this rank computed
+            real_layer = lw.WhitenedLayer.layer
+
+            def counting(self, *a, **kw):
+                computed[current].append(int(self.W.shape[0] * self.W.shape[1]))
+                return real_layer(self, *a, **kw)
+            lw.WhitenedLayer.layer = counting
             for name in RUNS:
+                current = name
+                computed[name] = []
                 model = tiny()
                 r = compress_layerwise(model, seqs, config(name), progress=False)
                 save(out / f"{name}_rank{rank}.safetensors", model, r)
+            (out / f"computed_rank{rank}.json").write_text(json.dumps(computed))
+
+            def failing(self, *a, **kw):  # rank 1's truncations fail
+                if rank == 1:
+                    raise ArithmeticError("no truncation here")
+                return real_layer(self, *a, **kw)
+            lw.WhitenedLayer.layer = failing
+            model = tiny()
+            try:
+                compress_layerwise(model, seqs, config("whitened"), progress=False)
+                said = "finished"
+            except Exception as err:
+                said = f"{type(err).__name__}: {err}"
+            unchanged = all(type(m).__name__ == "Linear" for n, m in model.named_modules()
+                            if n.endswith("_proj"))
+            (out / f"owner_failed_rank{rank}.txt").write_text(f"{said}\nunchanged={unchanged}")
+            lw.WhitenedLayer.layer = real_layer
             # rank 0 alone (distributed=False) with a checkpoint, rank 1 alive but idle:
             # the checkpoint must not wait for rank 1
             alone = out / "alone.json"
@@ -207,6 +233,42 @@ def test_truncation_matches_single_process(two_ranks, name):
         assert torch.equal(got[0][k], got[1][k]), k  # the ranks hold the same model
         assert torch.allclose(got[0][k].double(), v.double(), rtol=0, atol=1e-6), k
     assert torch.allclose(got[0]["logits"], logits(model), rtol=0, atol=1e-6)
+
+
+def test_owners_by_cost_is_greedy_largest_first():
+    from tnlm.compress.distributed import owners_by_cost
+
+    # SmolLM2's block: q, k, v, o, gate, up, down (I J min(I, J), in units of 576 x 192²)
+    costs = [9, 1, 1, 9, 24, 24, 24]
+    owners = owners_by_cost(costs, 2)
+    assert owners == [1, 1, 1, 1, 0, 1, 0]
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in (0, 1)]
+    assert loads == [48, 44]
+    assert owners_by_cost(costs, 1) == [0] * 7
+    assert owners_by_cost([], 3) == []
+    assert owners_by_cost([5, 5, 5], 3) == [0, 1, 2]  # ties: the earlier task, lower rank
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        owners_by_cost([1.0], 0)
+    with pytest.raises(ValueError, match="costs must be finite numbers >= 0"):
+        owners_by_cost([1.0, float("nan")], 2)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_truncations_are_shared_among_the_ranks(two_ranks, name):
+    """Each truncation is computed by one rank (the others receive it), both ranks work."""
+    got = [json.loads((two_ranks / f"computed_rank{k}.json").read_text())[name]
+           for k in (0, 1)]
+    r = single(name)[1]
+    assert len(got[0]) + len(got[1]) == sum(v is not None for v in r.ranks.values())
+    assert got[0] and got[1]
+
+
+def test_a_failed_truncation_stops_every_rank(two_ranks):
+    said = [(two_ranks / f"owner_failed_rank{k}.txt").read_text() for k in (0, 1)]
+    assert said[1].startswith("ArithmeticError: no truncation here"), said[1]
+    assert said[0].startswith("RuntimeError: rank 1 could not truncate block 0's "), said[0]
+    assert "ArithmeticError: no truncation here" in said[0]
+    assert all(s.endswith("unchanged=True") for s in said)
 
 
 def test_one_rank_alone_in_a_process_group_checkpoints_without_waiting(two_ranks):

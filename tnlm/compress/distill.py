@@ -28,10 +28,11 @@ autocast on CPU (about 3x faster on CPUs with bf16 instructions; pooled outputs 
 cosine decay, gradient clipping. Under ``torch.distributed`` each rank takes its
 own share of every batch and the student runs inside torch's DistributedDataParallel,
 which averages the gradients over the ranks; the logged loss is the ranks' mean, so every
-rank takes the same decisions and ends with the same weights. Checkpoints (safetensors + JSON, no pickle) let a run
-resume exactly; they record the settings they were made with (:func:`heal_settings`:
-the hyper-parameters, a hash of the text and of the teacher, the caller's context such
-as the budget) and a run with other settings refuses to resume from them.
+rank takes the same decisions and ends with the same weights. Checkpoints (safetensors +
+JSON, no pickle) let a run resume exactly; they record the settings they were made with
+(:func:`heal_settings`: the hyper-parameters, a hash of the text and of the teacher, the
+caller's context such as the budget) and a run with other settings refuses to resume
+from them.
 
 A loss that blows up stops the run with :class:`FloatingPointError`: a non-finite loss
 leaves the student as it was after the last finite step; a running mean of the last

@@ -5,7 +5,8 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
     under torch.distributed: rank r of w keeps only the calibration batches r, r + w, ...
     X_s = X_t = the hidden states entering block 0 on the (this rank's) sequences
     allocation "spectrum"/"residual" (budget < 1): one pass of the dense blocks over X_t,
-        each target's whitened spectrum (Grams summed over the ranks) -> a rank per target
+        each target's whitened spectrum (Grams summed over the ranks, each spectrum
+        computed by one rank and shared) -> a rank per target
         minimising the summed errors within the budget (rank 0's choice sent to every rank);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
     resume: the finished blocks and this rank's X_s, X_t from the checkpoint
@@ -19,7 +20,8 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
              SVD), summed over the ranks
         replace each target by its whitened truncation at the allocated rank
             (tnlm.compress.data_aware: exactly low rank in the 2-site layout);
-            rank 0's block is broadcast so the ranks hold the same one
+            distributed: each truncation computed by one rank (largest I J min(I, J)
+            first, to the least-loaded rank) and broadcast from it
         "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
                 (gradients averaged over the ranks; kept only if it lowers that error on
                 all ranks' calibration sequences)
@@ -324,7 +326,8 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
     """The dense blocks run in turn on the captured inputs ``data``; per target, its
     whitened spectrum on its own dense inputs. With ``reduce``, ``data`` is this rank's
     share and the Grams and output energies are summed over the ranks of the
-    ``torch.distributed`` process group (every rank gets the same spectra).
+    ``torch.distributed`` process group; each spectrum is computed by one rank (by cost)
+    and sent to the others, so every rank gets the same spectra.
 
     Returns:
         ``(spectra, block_share)``: ``name -> (in, out, tail)`` with ``tail[r]`` the
@@ -346,14 +349,37 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         if reduce:
             energy = dist_.all_reduce_floats([energy], "output energies")[0]
         energy = energy or 1.0
-        for n in names:
-            W = weight_xw(blocks[i].get_submodule(n))
-            wl = WhitenedLayer(W, stats[f"block.{n}"], ridge)
+        Ws = [weight_xw(blocks[i].get_submodule(n)) for n in names]
+        for n, W, tails in zip(names, Ws, _tails(Ws, [stats[f"block.{n}"] for n in names],
+                                                ridge, reduce, i)):
             key = f"{prefix}.{i}.{n}"
-            spectra[key] = (int(W.shape[0]), int(W.shape[1]), wl.tails)
-            share[key] = float(wl.tails[0]) / energy
+            spectra[key] = (int(W.shape[0]), int(W.shape[1]), tails)
+            share[key] = float(tails[0]) / energy
         xs = ys
     return spectra, share
+
+
+def _tails(Ws: list[torch.Tensor], stats: list[InputStats], ridge: float, reduce: bool,
+           block: int) -> list[Any]:
+    """:attr:`WhitenedLayer.tails` of each weight (in, out) with its statistics. With
+    ``reduce`` under ``torch.distributed`` each is computed by one rank
+    (:func:`~tnlm.compress.distributed.owners_by_cost`, cost ``I J min(I, J)``) and all are
+    gathered by one float64 sum over the ranks (the others add zeros: exact)."""
+    rank, size = dist_.world() if reduce else (0, 1)
+    if size == 1:
+        return [WhitenedLayer(W, st, ridge).tails for W, st in zip(Ws, stats)]
+    dims = [(int(W.shape[0]), int(W.shape[1])) for W in Ws]
+    owners = dist_.owners_by_cost([I * J * min(I, J) for I, J in dims], size)
+    lengths = [min(I, J) + 1 for I, J in dims]
+    flat = torch.zeros(sum(lengths), dtype=torch.float64)
+    at = 0
+    for W, st, owner, n in zip(Ws, stats, owners, lengths):
+        if owner == rank:
+            flat[at:at + n] = torch.as_tensor(WhitenedLayer(W, st, ridge).tails,
+                                              dtype=torch.float64)
+        at += n
+    dist_.all_reduce_sum(flat, f"block {block}'s spectra")
+    return [part.numpy() for part in torch.split(flat, lengths)]
 
 
 #: the checkpoint's file of record (written last, after the block and hidden-state files)
@@ -604,9 +630,11 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             process group (default: whenever one with more than one rank is). Rank r
             captures the calibration batches r, r + w, ... (batches of
             ``config.batch_size`` sequences); Gram statistics, spectra and errors are
-            summed over the ranks (:mod:`tnlm.compress.distributed`), so every rank makes
-            the same truncations, and block fitting averages gradients each step (it needs
-            a number of batches divisible by the world size). Every rank must call this
+            summed over the ranks (:mod:`tnlm.compress.distributed`); each block's
+            truncations (and each spectrum for the allocation) are shared among the ranks
+            by cost, each computed by one rank and broadcast from it, so every rank holds
+            the single-process truncations; block fitting averages gradients each step (it
+            needs a number of batches divisible by the world size). Every rank must call this
             with the same arguments and ends with the same compressed model (checked:
             the sequences, the settings, with a checkpoint the model's fingerprint and
             the checkpoint state each rank read). False inside a process group: this
@@ -784,6 +812,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                         call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods,
                         reduce=dist)
                 stats = {n: stats[f"block.{n}"] for n in names}
+            todo: list[_Truncation] = []
             for n in names:
                 old = block.get_submodule(n)
                 W = weight_xw(old)
@@ -798,14 +827,14 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                     continue
                 st = stats[n] if config.method != "plain" else InputStats(
                     torch.eye(I, dtype=torch.float64), 1)
-                new = WhitenedLayer(W, st, config.ridge).layer(rank_n, old, config.gauge)
-                swap.put(f"{prefix}.{i}.{n}", new)
-                ranks[f"{prefix}.{i}.{n}"] = rank_n
-                errors[f"{prefix}.{i}.{n}"] = float(new.truncation_error)
-                structures[f"{prefix}.{i}.{n}"] = new.structure()
+                todo.append(_Truncation(n, old, W, st, rank_n))
+            # distributed: each truncation by one rank (by cost), sent from it to the others
+            for job, new in zip(todo, _truncate(todo, config, rank, size if dist else 1, i)):
+                swap.put(f"{prefix}.{i}.{job.name}", new)
+                ranks[f"{prefix}.{i}.{job.name}"] = job.rank
+                errors[f"{prefix}.{i}.{job.name}"] = float(new.truncation_error)
+                structures[f"{prefix}.{i}.{job.name}"] = new.structure()
                 after += sum(c.numel() for c in new.cores)
-            if dist:  # the same statistics gave every rank this block; rank 0's is kept
-                dist_.broadcast_module(block, 0, f"block {i}'s truncation")
             t_trunc += time.perf_counter() - t1
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -850,6 +879,72 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     times["truncation"] = t_trunc
     times["fitting"] = t_fit
     return LayerwiseResult(ranks, errors, block_errors, before, after, times, peak_rss_mb())
+
+
+@dataclass
+class _Truncation:
+    """One target of a block to truncate: its name in the block, the layer, its weight
+    (in, out), its statistics and the rank to keep."""
+
+    name: str
+    old: nn.Module
+    W: torch.Tensor
+    stats: InputStats
+    rank: int
+
+    @property
+    def cost(self) -> float:
+        """The SVD's ``I J min(I, J)`` (measured proportional to a truncation's time)."""
+        I, J = (int(d) for d in self.W.shape)
+        return float(I * J * min(I, J))
+
+
+def _truncate(todo: list[_Truncation], config: LayerwiseConfig, rank: int, size: int,
+              block: int) -> list[nn.Module]:
+    """The whitened truncations of ``todo`` (MPO layers, in order). With ``size`` > 1
+    (every rank calls this with the same ``todo``) each is computed by one rank,
+    :func:`~tnlm.compress.distributed.owners_by_cost`, and sent from it: its structure as
+    JSON (or the error that stopped its owner, raised on every rank), then its tensors;
+    the others build the layer from the structure. Every rank ends with the owners'
+    layers, bit for bit."""
+    owners = dist_.owners_by_cost([t.cost for t in todo], size) if size > 1 else [0] * len(todo)
+    out: list[nn.Module | None] = [None] * len(todo)
+    failed: BaseException | None = None
+    for k, (job, owner) in enumerate(zip(todo, owners)):
+        if owner == rank and failed is None:
+            try:
+                out[k] = WhitenedLayer(job.W, job.stats, config.ridge).layer(
+                    job.rank, job.old, config.gauge)
+            except Exception as err:
+                if size == 1:
+                    raise
+                failed = err
+    if size == 1:
+        return out  # type: ignore[return-value]
+    from tnlm.bridge import MPOModule
+
+    for src in range(size):
+        mine = [k for k, o in enumerate(owners) if o == src]
+        if not mine:
+            continue
+        sent = None
+        if src == rank:
+            sent = ({"error": f"{type(failed).__name__}: {failed}"} if failed is not None
+                    else {"structures": [out[k].structure() for k in mine]})
+        sent = dist_.broadcast_json(sent, src, f"block {block}'s truncations on rank {src}")
+        if "error" in sent:
+            if src == rank and failed is not None:
+                raise failed
+            raise RuntimeError(f"rank {src} could not truncate block {block}'s "
+                               f"{', '.join(todo[k].name for k in mine)}: {sent['error']}")
+        for k, spec in zip(mine, sent["structures"]):
+            if out[k] is None:
+                w = getattr(todo[k].old, "weight", None)
+                out[k] = MPOModule.from_structure(
+                    spec, dtype=w.dtype if w is not None else torch.float32,
+                    device=w.device if w is not None else None)
+            dist_.broadcast_module(out[k], src, f"block {block}'s {todo[k].name}")
+    return out  # type: ignore[return-value]
 
 
 class _PairedInputs(nn.Module):
