@@ -2,8 +2,10 @@
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repeats 7]
             [--budgets 0.5 0.25] [--calibration 512] [--sentences 300]
+            [--embedding-block 64] [--per-channel]
             [--plot docs/figures/onnx_latency.png] [--workdir DIR]
             [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
+            [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
 
 Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embedding):
   * dense: the transformers model as loaded, ``export_onnx``;
@@ -11,8 +13,14 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     heal=None))`` on ``--calibration`` sentences of tnlm's generated English (data-aware
     2-site layers ``x @ A @ B`` over the 36 encoder linears; not healed: latency and size
     do not depend on healing, the cosine does), exported keeping the factors;
+  * checkpoint (``--checkpoint DIR``): a compressed MiniLM that ``tnlm compress --out DIR``
+    saved (healed by default), loaded with ``load_compressed``; ``--budgets`` with no
+    value leaves out the fresh ones;
   * each of them with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
-    of every MatMul weight and Gather table).
+    of every MatMul weight and Gather table; ``--per-channel``: one scale per column),
+    and with int8 weights and a 4-bit word-embedding table (``quantize_int8(...,
+    embedding_bits=4, block_size=--embedding-block)``: 4-bit codes with a float16 scale
+    and offset per row and block of columns, decoded per gathered token).
 
 Latency: one ONNX Runtime session per graph (``--threads`` intra-op threads), batches of
 1, 8 and 64 sentences x 64 tokens; in each repeat every graph runs every batch once
@@ -21,7 +29,10 @@ the repeats, and ratios against the dense float32 graph of the same run.
 
 Size: bytes of each .onnx file. Quality: cosine of each graph's sentence embedding with
 the dense float32 PyTorch model's, on ``--sentences`` sentences of SST-2 dev
-(``../shared/data/sst2/dev.tsv``, natural English; skipped when absent).
+(``--sst2``, default ``../shared/data/sst2/dev.tsv``, natural English; skipped when
+absent). The last lines compare each compressed graph with int8 weights and 4-bit
+embeddings against the issue's targets: <= 15 % of the dense float32 bytes, and a
+cosine at least the dense int8 graph's.
 """
 
 from __future__ import annotations
@@ -45,22 +56,28 @@ from tnlm.integration.architectures import default_targets
 BATCHES = (1, 8, 64)
 TOKENS = 64
 SST2 = Path("../shared/data/sst2/dev.tsv")
+#: --quick: a smoke run that shows the script works (numbers not meaningful)
+QUICK = dict(batches=(1, 8), sentences=16, calibration=32, repeats=1)
+#: suffixes of the quantized variants of each model
+INT8, EMB4 = " int8", " int8 + 4-bit emb"
+#: the issue's size target for the compressed model with int8 factors
+SIZE_TARGET = 0.15
 
 
-def natural_sentences(n: int) -> list[str] | None:
+def natural_sentences(n: int, path: Path = SST2) -> list[str] | None:
     """The first ``n`` sentences of SST-2 dev, or None when the file is absent."""
-    if not SST2.is_file():
+    if not path.is_file():
         return None
-    rows = SST2.read_text(encoding="utf-8").splitlines()[1:]
+    rows = path.read_text(encoding="utf-8").splitlines()[1:]
     return [r.split("\t")[0].strip() for r in rows if r.strip()][:n]
 
 
-def feeds(enc: OnnxEncoder, tok, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
+def feeds(enc: OnnxEncoder, tok, batches=BATCHES, seed: int = 0) -> dict[int, dict[str, np.ndarray]]:
     """Per batch size, inputs of ``TOKENS`` real tokens (random vocabulary ids between
     [CLS] and [SEP], no padding)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for b in BATCHES:
+    for b in batches:
         ids = rng.integers(1000, tok.vocab_size, size=(b, TOKENS), dtype=np.int64)
         ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
         out[b] = enc.feed(dict(input_ids=ids, attention_mask=np.ones_like(ids),
@@ -72,14 +89,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25],
+                    help="fresh (unhealed) compressions; none with --checkpoint: only it")
     ap.add_argument("--calibration", type=int, default=512)
     ap.add_argument("--sentences", type=int, default=300)
+    ap.add_argument("--sst2", default=str(SST2), help="SST-2 dev.tsv for the cosine column")
+    ap.add_argument("--embedding-block", type=int, default=64,
+                    help="columns per scale of the 4-bit word-embedding table")
+    ap.add_argument("--per-channel", action="store_true",
+                    help="int8 weights with one scale per output column")
     ap.add_argument("--plot", default=None, help="write the latency figure here")
     ap.add_argument("--workdir", default=None, help="keep the .onnx files here")
     ap.add_argument("--checkpoint", default=None,
                     help="also a compressed MiniLM saved by tnlm compress --out (e.g. healed)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 16 sentences, 32 calibration sentences, batches 1 and 8, "
+                         "one repeat (shows that the script works; numbers not meaningful)")
     args = ap.parse_args()
+    batches = BATCHES
+    if args.quick:
+        batches = QUICK["batches"]
+        args.sentences = min(args.sentences, QUICK["sentences"])
+        args.calibration = min(args.calibration, QUICK["calibration"])
+        args.repeats = QUICK["repeats"]
+    if not args.budgets and not args.checkpoint:
+        ap.error("--budgets with no value needs --checkpoint DIR (else nothing is compressed)")
     torch.set_num_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_onnx_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,7 +121,7 @@ def main() -> None:
     dense, tok = load_default_model()
     dense.eval()
     models = {"dense": dense}
-    calibration = generated_sentences(args.calibration, seed=1)
+    calibration = generated_sentences(args.calibration, seed=1) if args.budgets else []
     for budget in args.budgets:
         t = time.perf_counter()
         res = compress_model(copy.deepcopy(dense), tok, calibration,
@@ -101,8 +135,8 @@ def main() -> None:
               f"{time.perf_counter() - t:.0f} s")
 
     if args.checkpoint:
-        models["checkpoint"] = load_compressed(args.checkpoint)
-        print(f"loaded {args.checkpoint}")
+        models["checkpoint"] = load_compressed(args.checkpoint).eval()
+        print(f"loaded {args.checkpoint} as 'checkpoint'")
 
     files: dict[str, Path] = {}
     for name, model in models.items():
@@ -110,15 +144,18 @@ def main() -> None:
         t = time.perf_counter()
         res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean")
         files[name] = res.path
-        files[f"{name} int8"] = work / f"{stem}.int8.onnx"
-        quantize_int8(res.path, files[f"{name} int8"])
+        files[name + INT8] = work / f"{stem}.int8.onnx"
+        quantize_int8(res.path, files[name + INT8], per_channel=args.per_channel)
+        files[name + EMB4] = work / f"{stem}.int8.emb4.onnx"
+        quantize_int8(res.path, files[name + EMB4], per_channel=args.per_channel,
+                      embedding_bits=4, block_size=args.embedding_block)
         print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
               f"factorized layers, {time.perf_counter() - t:.0f} s")
 
     encoders = {n: OnnxEncoder(p, tok, threads=args.threads) for n, p in files.items()}
     sizes = {n: p.stat().st_size for n, p in files.items()}
 
-    sents = natural_sentences(args.sentences)
+    sents = natural_sentences(args.sentences, Path(args.sst2))
     cosines: dict[str, float] = {}
     if sents is not None:
         ref = mean_pooled(dense, tok, sents).numpy()
@@ -129,30 +166,32 @@ def main() -> None:
         print("torch cosines (float32 compressed vs dense): "
               + ", ".join(f"{n} {c:.4f}" for n, c in torch_cos.items()))
     else:
-        print(f"{SST2} absent: no natural-text cosine")
+        print(f"{args.sst2} absent: no natural-text cosine")
 
-    inputs = {n: feeds(enc, tok) for n, enc in encoders.items()}
+    inputs = {n: feeds(enc, tok, batches) for n, enc in encoders.items()}
     for n, enc in encoders.items():  # warm-up
-        for b in BATCHES:
+        for b in batches:
             enc.session.run(None, inputs[n][b])
-    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in encoders for b in BATCHES}
+    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in encoders for b in batches}
     for _ in range(args.repeats):
-        for b in BATCHES:
+        for b in batches:
             for n, enc in encoders.items():
                 t = time.perf_counter()
                 enc.session.run(None, inputs[n][b])
                 times[n, b].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
 
+    quant = "per-channel" if args.per_channel else "per-tensor"
     print(f"\nONNX Runtime {args.threads} thread(s), {TOKENS} tokens, median of "
-          f"{args.repeats} interleaved repeats; ratios against dense float32\n")
+          f"{args.repeats} interleaved repeats; ratios against dense float32; int8 {quant}, "
+          f"4-bit embeddings in blocks of {args.embedding_block}\n")
     head = "| graph | MB | size vs dense | " + " | ".join(
-        f"batch {b} ms | ratio" for b in BATCHES) + " | cosine to dense (SST-2) |"
+        f"batch {b} ms | ratio" for b in batches) + " | cosine to dense (SST-2) |"
     print(head)
-    print("|" + "---|" * (3 + 2 * len(BATCHES) + 1))
+    print("|" + "---|" * (3 + 2 * len(batches) + 1))
     for n in encoders:
         cells = [n, f"{sizes[n] / 1e6:.1f}", f"{sizes[n] / sizes['dense']:.3f}"]
-        for b in BATCHES:
+        for b in batches:
             cells += [f"{med[n, b] * 1e3:.1f}", f"{med[n, b] / med['dense', b]:.3f}"]
         cells.append(f"{cosines[n]:.4f}" if n in cosines else "-")
         print("| " + " | ".join(cells) + " |")
@@ -160,6 +199,19 @@ def main() -> None:
         if n != "dense":
             w = onnx_weights(files[n])
             print(f"{n}: {w['total']:,} stored numbers, largest {w['largest'][:2]}")
+    print()
+    for name in models:
+        if name == "dense":
+            continue
+        n = name + EMB4
+        size = sizes[n] / sizes["dense"]
+        line = (f"target check {n}: {size:.3f} of the dense float32 bytes "
+                f"({'<=' if size <= SIZE_TARGET else '>'} {SIZE_TARGET})")
+        if n in cosines:
+            ref8 = cosines["dense" + INT8]
+            line += (f"; SST-2 cosine {cosines[n]:.4f} vs dense int8 {ref8:.4f} "
+                     f"({'>=' if cosines[n] >= ref8 else '<'})")
+        print(line)
 
     if args.plot:
         import matplotlib
@@ -171,10 +223,10 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
         width = 0.8 / len(names)
         for k, n in enumerate(names):
-            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(BATCHES))]
-            ax.bar(xs, [med[n, b] / med["dense", b] for b in BATCHES], width, label=n)
+            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(batches))]
+            ax.bar(xs, [med[n, b] / med["dense", b] for b in batches], width, label=n)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(BATCHES)), [f"batch {b} x {TOKENS}" for b in BATCHES])
+        ax.set_xticks(range(len(batches)), [f"batch {b} x {TOKENS}" for b in batches])
         ax.set_ylabel("latency / dense float32")
         ax.set_title(f"all-MiniLM-L6-v2, ONNX Runtime, {args.threads} thread(s)")
         ax.legend(fontsize=8, ncol=2)

@@ -461,6 +461,23 @@ def test_layer_groups_follow_block_order():
     assert layer_groups([]) == []
 
 
+def test_layer_groups_from_the_model_blocks_not_the_names():
+    """With the model at hand a numbered module outside the block stack is not put in a
+    block by its number (the name alone would put ``extra.0`` in block 0)."""
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, vocab_size=50))
+    model.extra = torch.nn.ModuleList([torch.nn.Linear(16, 16)])
+    names = ["extra.0", "encoder.layer.1.attention.self.query",
+             "encoder.layer.0.output.dense"]
+    assert layer_groups(names) == [["extra.0", "encoder.layer.0.output.dense"],
+                                   ["encoder.layer.1.attention.self.query"]]
+    assert layer_groups(names, model) == [["encoder.layer.0.output.dense"],
+                                          ["encoder.layer.1.attention.self.query"],
+                                          ["extra.0"]]
+
+
 # --------------------------------------------------------------------------- healing
 @pytest.fixture(scope="module")
 def damaged(tok, sentences):

@@ -48,9 +48,9 @@ TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 
 
 
-def bert(seed=0):
+def bert(seed=0, vocab_size=64):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)
     return BertModel(cfg).eval()
 
@@ -86,6 +86,7 @@ def test_factorized_linear_equals_the_mpo_layer(I, J, kw):
     torch.manual_seed(I)
     layer = MPOLinear.from_linear(torch.nn.Linear(I, J), **kw)
     f = FactorizedLinear(layer)
+    assert not f.matrix_chain  # legs > 1 on several cores: the reshaping sweep
     x = torch.randn(3, 5, I)
     with torch.no_grad():
         assert torch.allclose(f(x), layer(x), atol=1e-5)
@@ -95,10 +96,23 @@ def test_factorized_linear_equals_the_mpo_layer(I, J, kw):
     assert factorized_params(f) == sum(c.numel() for c in layer.cores) + J
 
 
+def test_matrix_chain_layer_multiplies_without_reshapes():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(torch.nn.Linear(24, 40), in_shape=(24, 1, 1),
+                                  out_shape=(1, 1, 40), n_sites=3, max_bond=6)
+    f = FactorizedLinear(layer)
+    assert f.matrix_chain and [tuple(m.shape) for m in f.mats] == [(24, 6), (6, 6), (6, 40)]
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        assert torch.allclose(f(x), layer(x), atol=1e-5)
+        assert torch.allclose(f(x), x @ f.mats[0] @ f.mats[1] @ f.mats[2] + layer.bias, atol=1e-6)
+
+
 def test_low_rank_layer_is_two_matmuls(compressed):
     layer = compressed.base_model.encoder.layer[0].intermediate.dense
     assert isinstance(layer, MPOLinear) and layer.n_sites == 2
     f = FactorizedLinear(layer)
+    assert f.matrix_chain  # forward: x @ A @ B + b, no reshape
     r = layer.bond_dims[0]
     assert [tuple(m.shape) for m in f.mats] == [(32, r), (r, 64)]
     x = torch.randn(4, 32)
@@ -174,11 +188,36 @@ def test_onnx_graph_holds_the_factors_not_w(exported, compressed):
     factors = {n for n in w["shapes"] if ".mats." in n}
     matmuls = [n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in factors]
     assert len(factors) == len(matmuls) == 24  # x @ A @ B: two MatMuls per 2-site layer
+    made_by = {o: n for n in graph.graph.node for o in n.output}
+    for n in matmuls:  # B multiplies A's product directly: no Reshape between the factors
+        if n.input[1].endswith(".mats.1"):
+            assert made_by[n.input[0]].op_type == "MatMul"
+            assert made_by[n.input[0]].input[1] == n.input[1].replace(".mats.1", ".mats.0")
     for name, m in compressed.mpo_modules():
         r = m.bond_dims[0]
         assert w["shapes"][f"model.{name}.mats.0"] == (m.in_dim, r)
         assert w["shapes"][f"model.{name}.mats.1"] == (r, m.out_dim)
         assert (m.in_dim, m.out_dim) not in {s for n, s in w["shapes"].items() if name in n}
+
+
+def test_export_leaves_out_the_trace_metadata(exported, compressed, tok, sentences, tmp_path):
+    import onnx
+
+    from tnlm.export import OnnxEncoder, export_onnx
+    from tnlm.export.onnx_graph import strip_node_metadata
+
+    data = exported.path.read_bytes()
+    assert b"pkg.torch.onnx.stack_trace" not in data and b"modeling_bert.py" not in data
+    assert not any(n.metadata_props for n in onnx.load(str(exported.path)).graph.node)
+    traced = export_onnx(compressed, tok, tmp_path / "traced.onnx", pooling="mean",
+                         trace_metadata=True)
+    assert b"pkg.torch.onnx.stack_trace" in traced.path.read_bytes()
+    saved = strip_node_metadata(traced.path)
+    assert saved > 0 and traced.path.stat().st_size == traced.bytes - saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["traced.onnx"]
+    a = OnnxEncoder(exported.path, tok).encode(sentences)
+    b = OnnxEncoder(traced.path, tok).encode(sentences)
+    assert np.array_equal(a, b)
 
 
 def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
@@ -195,6 +234,181 @@ def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
     assert float((a * b).sum(1).min()) > 0.99
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
+
+
+# ---------------------------------------------------------------- 4-bit word embeddings
+@pytest.mark.parametrize("shape,block", [((50, 32), 16), ((50, 40), 16), ((7, 6), 2)])
+def test_table4_round_trip_error_is_half_a_step(shape, block):
+    from tnlm.export.table4 import dequantize_table_4bit, quantize_table_4bit, table4_bytes
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=shape).astype(np.float32)
+    table[3] = 0.25  # a constant row is exact
+    t = quantize_table_4bit(table, block)
+    blocks = -(-shape[1] // block)
+    assert t.packed.shape == (shape[0], blocks * block // 2) and t.packed.dtype == np.uint8
+    assert t.scale.shape == t.offset.shape == (shape[0], blocks)
+    assert t.scale.dtype == np.float16
+    assert t.nbytes == table4_bytes(*shape, block)
+    back = dequantize_table_4bit(t)
+    assert back.shape == shape and back.dtype == np.float32
+    assert np.array_equal(back[3], table[3])
+    step = np.repeat(t.scale.astype(np.float32), block, axis=1)[:, : shape[1]]
+    assert (np.abs(back - table) <= step / 2 * 1.01 + 1e-3 * np.abs(table)).all()
+
+
+def test_table4_bytes_of_minilm():
+    from tnlm.export.table4 import table4_bytes
+
+    # 30522 x 384 at 4 bits + float16 scale and offset per 64 columns: 6.59 MB
+    # (int8: 11.72 MB; float32: 46.9 MB)
+    assert table4_bytes(30522, 384, 64) == 30522 * (192 + 6 * 4) == 6_592_752
+
+
+@pytest.mark.parametrize("block,bad", [(3, "block_size"), (0, "block_size")])
+def test_table4_refuses_a_bad_block(block, bad):
+    from tnlm.export.table4 import quantize_table_4bit
+
+    with pytest.raises(ValueError, match=bad):
+        quantize_table_4bit(np.ones((4, 8), np.float32), block)
+    with pytest.raises(ValueError, match="2-D float"):
+        quantize_table_4bit(np.ones(8, np.float32), 4)
+
+
+def gather_graph(table, tied=False):
+    """An ONNX graph ``out = table[input_ids]`` (and ``tied``: ``x @ table``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["out"], name="lookup")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, None)]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    if tied:
+        nodes.append(helper.make_node("MatMul", ["x", "table"], ["logits"], name="head"))
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(table, "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("width,block", [(32, 16), (40, 16), (32, 32)])
+def test_gather_4bit_decodes_the_gathered_rows(width, block):
+    ort = pytest.importorskip("onnxruntime")
+    from tnlm.export.table4 import dequantize_table_4bit, embedding_gathers, gather_4bit
+
+    table = np.random.default_rng(1).normal(size=(300, width)).astype(np.float32)
+    model = gather_graph(table)
+    assert embedding_gathers(model) == ["lookup"]
+    tables = gather_4bit(model, ["lookup"], block)
+    assert "table" not in {t.name for t in model.graph.initializer}
+    want_table = dequantize_table_4bit(tables["table"])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for ids in (np.array([0, 299, 7, 7]), np.arange(300).reshape(3, 4, 25), np.array([[5]])):
+        got = sess.run(None, {"input_ids": ids})[0]
+        assert got.shape == (*ids.shape, width) and got.dtype == np.float32
+        assert np.abs(got - want_table[ids]).max() <= 1e-6
+
+
+def test_gather_4bit_refuses_a_tied_table():
+    from tnlm.export.table4 import gather_4bit
+
+    model = gather_graph(np.ones((10, 4), np.float32), tied=True)
+    with pytest.raises(ValueError, match="tied"):
+        gather_4bit(model, ["lookup"], 2)
+    with pytest.raises(ValueError, match="not a Gather"):
+        gather_4bit(model, ["head"], 2)
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tok, sentences, tmp_path_factory):
+    """A compressed BERT with a 4096 x 32 word-embedding table (the table is then most of
+    the int8 bytes, as in MiniLM) and its float32 ONNX file."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.export import export_onnx
+
+    res = compress_model(bert(vocab_size=4096), tok, sentences,
+                         CompressionConfig(TARGETS, budget=0.5, heal=None), progress=False)
+    path = tmp_path_factory.mktemp("big_vocab") / "model.onnx"
+    export_onnx(res.model.eval(), tok, path, pooling="mean")
+    return res.model.eval(), path
+
+
+def test_int8_with_4bit_embeddings_bytes_and_outputs(big_vocab, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from tnlm.export import quantize_int8
+    from tnlm.export.table4 import (
+        dequantize_table_4bit,
+        gather_4bit,
+        quantize_table_4bit,
+        table4_bytes,
+    )
+
+    _, path = big_vocab
+    name = "model.embeddings.word_embeddings.weight"
+    size8 = quantize_int8(path, tmp_path / "int8.onnx")
+    size4 = quantize_int8(path, tmp_path / "int8e4.onnx", embedding_bits=4, block_size=16)
+    assert size4 == (tmp_path / "int8e4.onnx").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "int8e4.onnx"]
+    graph = onnx.load(str(tmp_path / "int8e4.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert inits[f"{name}.q4"].shape == (4096, 16) and inits[f"{name}.q4"].dtype == np.uint8
+    assert inits[f"{name}.q4_scale"].shape == (4096, 2)
+    assert not any(a.shape == (4096, 32) for a in inits.values())  # no int8 / float table
+    # the file: int8 file - int8 table (4096 x 32 bytes) + 4-bit table, + < 4 kB of nodes
+    saved = 4096 * 32 - table4_bytes(4096, 32, 16)
+    assert saved == 32_768 and size8 - saved - 200 <= size4 <= size8 - saved + 4096
+
+    ids = np.random.default_rng(0).integers(0, 4096, size=(6, 20))
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = np.ones_like(ids)
+    mask[3:, 12:] = 0
+    feed = dict(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+
+    def run(p):
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feed)))
+
+    # the 4-bit lookup alone, on the float graph: equal to the float graph whose table
+    # is the decoded 4-bit table
+    model = onnx.load(str(path))
+    gather_4bit(model, ["node_embedding"], 16)
+    onnx.save(model, str(tmp_path / "f32e4.onnx"))
+    ref = onnx.load(str(path))
+    t = next(t for t in ref.graph.initializer if t.name == name)
+    table = numpy_helper.to_array(t)
+    t.CopyFrom(numpy_helper.from_array(dequantize_table_4bit(quantize_table_4bit(table, 16)),
+                                       name))
+    onnx.save(ref, str(tmp_path / "f32dec.onnx"))
+    a, b = run(tmp_path / "f32e4.onnx"), run(tmp_path / "f32dec.onnx")
+    assert np.abs(a["last_hidden_state"] - b["last_hidden_state"]).max() <= 1e-5
+    # against the float graph: the 4-bit table costs about as much as int8 activations
+    f32, q8, q4 = run(path), run(tmp_path / "int8.onnx"), run(tmp_path / "int8e4.onnx")
+    cos8 = (q8["sentence_embedding"] * f32["sentence_embedding"]).sum(1)
+    cos4 = (q4["sentence_embedding"] * f32["sentence_embedding"]).sum(1)
+    assert float(cos4.min()) > 0.99 and float(cos8.min()) > 0.99
+
+
+def test_quantize_int8_4bit_needs_a_word_embedding_gather(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tnlm.export import quantize_int8
+
+    model = gather_graph(np.ones((10, 4), np.float32))
+    model.graph.input[0].name = "ids"
+    model.graph.node[0].input[1] = "ids"
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    with pytest.raises(ValueError, match="input_ids"):
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "q.onnx", embedding_bits=4)
+    with pytest.raises(ValueError, match="embedding_bits"):
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "q.onnx", embedding_bits=2)
+    with pytest.raises(ValueError, match="block_size"):
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "q.onnx", embedding_bits=4, block_size=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
 
 
 def test_export_onnx_refuses_unknown_pooling(compressed, tok, tmp_path):
@@ -349,12 +563,37 @@ def test_cli_onnx_int8(checkpoint, compressed, tok, sentences, tmp_path, capsys)
     assert float(cos.min()) > 0.99
 
 
+def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from tnlm.export import OnnxEncoder
+
+    ckpt, base = checkpoint
+    out = tmp_path / "m.int8e4.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--int8", "--embedding-bits", "4",
+                             "--embedding-block", "16", "--base", str(base), "--out",
+                             str(out)])) == 0
+    assert "4-bit word embeddings (blocks of 16)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8e4.onnx"]
+    names = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert "model.embeddings.word_embeddings.weight.q4" in names
+    cos = (OnnxEncoder(out, tok).encode(sentences)
+           * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
+    assert float(cos.min()) > 0.99
+
+
 @pytest.mark.parametrize("argv,match", [
     (["{tmp}", "--format", "onnx", "--out", "{tmp}/m.onnx"], r"^DIR: .* is not a tnlm checkpoint"),
     (["{ckpt}", "--format", "hf", "--int8", "--out", "{tmp}/hf"], r"^--int8 applies to --format "
                                                                    "onnx only"),
     (["{ckpt}", "--format", "onnx", "--out", "{tmp}/m.bin"], r"^--out must be a file name "
                                                               "ending in .onnx"),
+    (["{ckpt}", "--format", "onnx", "--embedding-bits", "4", "--out", "{tmp}/m.onnx"],
+     r"^--embedding-bits 4 applies with --int8 only"),
+    (["{ckpt}", "--format", "onnx", "--int8", "--embedding-bits", "4", "--embedding-block", "7",
+      "--out", "{tmp}/m.onnx"], r"^--embedding-block must be an even number"),
     (["{ckpt}", "--format", "st", "--base", "{tmp}", "--out", "{tmp}/st"],
      r"^--base .* is not a transformers model folder"),
     (["{ckpt}", "--format", "st", "--out", "{ckpt}"], r"^--out must differ from DIR"),

@@ -53,6 +53,7 @@ from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.core.budget import check_fraction
 from tnlm.integration import MPOConfig, MPOModel
+from tnlm.integration.architectures import block_indices
 from tnlm.integration.surgery import Swap
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
@@ -128,12 +129,17 @@ class CompressionResult:
         return [dict(name=n, rank=r, error=self.errors[n]) for n, r in self.ranks.items()]
 
 
-def layer_groups(names: Sequence[str]) -> list[list[str]]:
-    """Target names grouped by their block (:func:`tnlm.compress.allocate.block_index`), in
-    block order; names without one form a last group."""
+def layer_groups(names: Sequence[str], model: nn.Module | None = None) -> list[list[str]]:
+    """Target names grouped by their block, in block order; names outside the blocks form a
+    last group. The block of a name is found in ``model``'s block stack
+    (:func:`tnlm.integration.architectures.block_indices`) when ``model`` is given, else
+    from the name (:func:`tnlm.compress.allocate.block_index`: its first numeric part)."""
+    names = list(names)
+    where = block_indices(model, names) if model is not None else {
+        n: block_index(n) for n in names}
     groups: dict[float, list[str]] = {}
     for n in names:
-        b = block_index(n)
+        b = where[n]
         groups.setdefault(math.inf if b is None else b, []).append(n)
     return [groups[k] for k in sorted(groups)]
 
@@ -245,7 +251,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
     fraction = float(config.budget)
-    groups = layer_groups(names) if config.sequential else [names]
+    groups = layer_groups(names, model) if config.sequential else [names]
     swap = Swap(model, modes=True)
     # healing trains the LayerNorms in place: undoing also copies back the teacher's
     # values (an untouched copy of the model as it came in), after the modules are back

@@ -2,11 +2,14 @@
 folders (with sentence-transformers files), dense transformers folders, int8 weights.
 
 * :func:`export_onnx` — ONNX graph holding the cores (a 2-site layer is ``x @ A @ B``);
-* :func:`quantize_int8` — ONNX Runtime dynamic quantization of such a graph;
+* :func:`quantize_int8` — ONNX Runtime dynamic quantization of such a graph
+  (``embedding_bits=4``: the word-embedding table with 4-bit codes,
+  :mod:`tnlm.export.table4`);
 * :func:`save_self_contained` / :func:`load_compressed` — a folder that rebuilds the
   compressed model alone; :func:`sentence_transformer` — its ``SentenceTransformer``;
 * :func:`export_hf` — merged dense weights, loadable without tnlm (dense size);
-* :mod:`tnlm.export.cli` — ``tnlm export DIR --format {onnx,hf,st} [--int8] --out PATH``.
+* :mod:`tnlm.export.cli` — ``tnlm export DIR --format {onnx,hf,st} [--int8
+  [--embedding-bits 4]] --out PATH``.
 
 Needs the ``export`` extra (onnx, onnxruntime, onnxscript, sentence-transformers) for
 the ONNX and sentence-transformers parts; the rest needs only tnlm.

@@ -1,4 +1,5 @@
-"""``tnlm export DIR --format {onnx,hf,st} [--int8] --out PATH``: ship a compressed model.
+"""``tnlm export DIR --format {onnx,hf,st} [--int8 [--embedding-bits 4]] --out PATH``: ship a
+compressed model.
 
 :func:`add_export_parser` adds the sub-command to ``tnlm``'s sub-parsers (it sets
 ``func=cmd_export``); :func:`cmd_export` runs it. Mistakes raise :class:`ExportError`
@@ -8,7 +9,9 @@ anything is loaded or written.
 Formats:
 
 * ``onnx``: one ``.onnx`` file keeping the MPO layers factorized (with ``--int8``: the
-  file holds int8 weights, ONNX Runtime dynamic quantization);
+  file holds int8 weights, ONNX Runtime dynamic quantization; adding ``--embedding-bits
+  4`` stores the word-embedding table with 4-bit codes, see
+  :func:`tnlm.export.quantize_int8`);
 * ``hf``: a transformers folder with merged dense weights (loads without tnlm; as big
   as the dense model);
 * ``st``: a self-contained folder (MPO weights, config, tokenizer, sentence-transformers
@@ -53,6 +56,12 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file (onnx) or the folder (hf, st)")
     p.add_argument("--int8", action="store_true",
                    help="onnx only: int8 weights (ONNX Runtime dynamic quantization)")
+    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
+                   help="with --int8: 4 stores the word-embedding table as 4-bit codes with a "
+                        "float16 scale and offset per row and block of --embedding-block "
+                        "columns")
+    p.add_argument("--embedding-block", type=int, default=64,
+                   help="with --embedding-bits 4: columns per scale (even)")
     p.add_argument("--base", default=None,
                    help="transformers model folder giving the architecture and tokenizer when "
                         "DIR has no config.json (default: the embedded MiniLM)")
@@ -78,6 +87,14 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     if args.int8 and args.format != "onnx":
         raise ExportError(f"--int8 applies to --format onnx only (int8 ONNX weights), not "
                           f"--format {args.format}")
+    if args.embedding_bits not in (8, 4):
+        raise ExportError(f"--embedding-bits must be 8 or 4, got {args.embedding_bits}")
+    if args.embedding_bits == 4 and not args.int8:
+        raise ExportError("--embedding-bits 4 applies with --int8 only (the rest of the graph "
+                          "int8, the word embeddings 4-bit)")
+    if args.embedding_block < 2 or args.embedding_block % 2:
+        raise ExportError(f"--embedding-block must be an even number of columns >= 2, got "
+                          f"{args.embedding_block}")
     out = Path(args.out)
     if args.format == "onnx":
         if out.suffix != ".onnx":
@@ -150,10 +167,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "model.onnx"
         res = export_onnx(model, tok, fp32, opset=args.opset, pooling=pooling)
-        size = quantize_int8(fp32, out)
-    print(f"{out}: ONNX graph with int8 weights, {size / 1e6:.1f} MB (float32: "
-          f"{res['bytes'] / 1e6:.1f} MB), {res['mpo_layers']} MPO layers kept factorized, "
-          f"outputs {', '.join(res['outputs'])}")
+        size = quantize_int8(fp32, out, embedding_bits=args.embedding_bits,
+                             block_size=args.embedding_block)
+    emb = "" if args.embedding_bits == 8 else \
+        f" and 4-bit word embeddings (blocks of {args.embedding_block})"
+    print(f"{out}: ONNX graph with int8 weights{emb}, {size / 1e6:.1f} MB (float32: "
+          f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), {res['mpo_layers']} "
+          f"MPO layers kept factorized, outputs {', '.join(res['outputs'])}")
     return 0
 
 

@@ -39,8 +39,12 @@ class FactorizedLinear(nn.Module):
     The sweep keeps ``Y[rows, i_k, M]`` (``M`` = the remaining input legs, the output legs
     done so far and the bond ``d_{k-1}``), moves ``i_k`` to the end (a transpose only
     when ``i_k > 1`` and ``M > 1``), and multiplies by the core as a ``(d_{k-1} i_k,
-    j_k d_k)`` matrix. Zero-padded layers pad ``x`` and slice ``y``. The parameters are
-    ``mats.{k}`` (one per core, same numbers as the cores) and ``bias``.
+    j_k d_k)`` matrix. Zero-padded layers pad ``x`` and slice ``y``. When only the first
+    core has an input leg > 1 and only the last an output leg > 1 (the 2-site low-rank
+    layout ``(1, I, 1, r), (r, 1, J, 1)`` is one), nothing moves and nothing is padded:
+    the forward is ``x @ M_0 @ ... @ M_{n-1} + b`` on ``x`` as it comes, with no reshape
+    (:attr:`matrix_chain`). The parameters are ``mats.{k}`` (one per core, same numbers
+    as the cores) and ``bias``.
 
     Args:
         layer: an :class:`~tnlm.bridge.MPOLinear` (read, not modified).
@@ -58,9 +62,20 @@ class FactorizedLinear(nn.Module):
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
+        # a chain of plain matrices (the 2-site low-rank layout among them): only the
+        # first core has an input leg > 1 and only the last an output leg > 1, no padding
+        self.matrix_chain = (prod(self.in_shape) == self.in_dim
+                             and prod(self.out_shape) == self.out_dim
+                             and all(i == 1 for i in self.in_shape[1:])
+                             and all(j == 1 for j in self.out_shape[:-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W + b`` for ``x`` of shape ``(..., in_dim)``."""
+        if self.matrix_chain:  # x @ M_0 @ ... @ M_{n-1}: no reshape in the graph
+            y = x
+            for mat in self.mats:
+                y = y @ mat
+            return y if self.bias is None else y + self.bias
         lead = x.shape[:-1]
         in_size = prod(self.in_shape)
         y = x.reshape(-1, self.in_dim)

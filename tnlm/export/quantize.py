@@ -1,40 +1,70 @@
-"""int8 weights for an exported graph: ONNX Runtime's dynamic quantization.
+"""int8 weights for an exported graph: ONNX Runtime's dynamic quantization, and
+optionally a 4-bit word-embedding table.
 
 :func:`quantize_int8` stores every ``MatMul`` weight and ``Gather`` table of the graph
 as int8 with a float scale (``QuantType.QInt8``; activations are quantized per batch
 at run time). On a graph from :func:`~tnlm.export.export_onnx` that keeps the MPO
 layers factorized, the factors themselves are quantized: a 2-site layer's ``A`` and
-``B`` each become an int8 ``MatMulInteger`` operand.
+``B`` each become an int8 ``MatMulInteger`` operand. With ``embedding_bits=4`` the
+word-embedding table (the ``Gather`` read at ``input_ids``) is stored with 4-bit
+codes and a float16 scale and offset per row and block of columns instead
+(:mod:`tnlm.export.table4`): for MiniLM that table is 30522 x 384, most of the bytes
+left once the encoder is compressed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
-__all__ = ["quantize_int8"]
+__all__ = ["quantize_int8", "EMBEDDING_BITS"]
+
+#: the word-embedding precisions :func:`quantize_int8` offers
+EMBEDDING_BITS = (8, 4)
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
-                  per_channel: bool = False) -> int:
+                  per_channel: bool = False, embedding_bits: int = 8,
+                  block_size: int = 64) -> int:
     """Write ``dst``: the ONNX file ``src`` with int8 weights (dynamic quantization of
-    ``MatMul`` and ``Gather``); returns the size of ``dst`` in bytes.
+    ``MatMul`` and ``Gather``); returns the size of ``dst`` in bytes. ``dst`` is written
+    to a temporary file in its folder, then renamed.
 
     Args:
         src: an ONNX file (e.g. from :func:`~tnlm.export.export_onnx`).
         dst: the quantized file to write (its folder is created).
         per_channel: one scale per output column instead of per tensor.
+        embedding_bits: 8 (the word embeddings as int8 like every other table) or 4:
+            the ``(vocab, width)`` word-embedding table stored as 4-bit codes, two per
+            byte, with a float16 scale and offset per row and block of ``block_size``
+            columns (``vocab * (width / 2 + 4 * width / block_size)`` bytes), decoded
+            per gathered token by standard ONNX operators
+            (:func:`tnlm.export.table4.gather_4bit`).
+        block_size: columns per scale with ``embedding_bits=4`` (even; smaller blocks
+            are more accurate and larger).
 
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
+        ValueError: ``embedding_bits`` not 8 or 4, a bad ``block_size``, or
+            ``embedding_bits=4`` on a graph without a float word-embedding ``Gather``
+            at ``input_ids`` (e.g. an MPO embedding) or whose table is tied to another
+            layer.
     """
+    if embedding_bits not in EMBEDDING_BITS:
+        raise ValueError(f"embedding_bits must be one of {EMBEDDING_BITS}, got {embedding_bits!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
+            or block_size % 2:
+        raise ValueError(f"block_size must be an even integer >= 2, got {block_size!r}")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as err:
         raise ImportError(f"quantize_int8 needs onnxruntime ({err}); "
                           "pip install 'tnlm[export]'") from err
+    import onnx
+
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
@@ -43,8 +73,30 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run shape pre-processing, on every call
     try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gather"],
-                         per_channel=per_channel, weight_type=QuantType.QInt8)
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+            source, exclude = src, []
+            if embedding_bits == 4:
+                from tnlm.export.table4 import embedding_gathers
+
+                model = onnx.load(str(src))
+                exclude = embedding_gathers(model)  # names unnamed nodes
+                if not exclude:
+                    raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 "
+                                     "table at the graph input 'input_ids' to store in 4 bits")
+                source = Path(tmp) / "named.onnx"
+                onnx.save(model, str(source))
+            staged = Path(tmp) / "int8.onnx"
+            quantize_dynamic(str(source), str(staged), op_types_to_quantize=["MatMul", "Gather"],
+                             per_channel=per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=exclude)
+            if exclude:
+                from tnlm.export.table4 import gather_4bit
+
+                model = onnx.load(str(staged))
+                gather_4bit(model, exclude, block_size)
+                onnx.checker.check_model(model)
+                onnx.save(model, str(staged))
+            os.replace(staged, dst)
     finally:
         root.setLevel(level)
     return dst.stat().st_size
