@@ -531,3 +531,30 @@ def test_healing_with_checkpointed_blocks_follows_the_same_trajectory(arch):
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="checkpoint_blocks must be a bool"):
         CausalHealConfig(checkpoint_blocks="yes")
+
+
+def test_compression_and_healing_keep_no_dense_caches():
+    """The dense W an evaluation caches in each MPO layer (the memory of the dense layer it
+    replaced) is freed after each block's error pass and before healing trains."""
+    from tnlm.bridge import MPOModule
+
+    teacher = _llama()
+    student = copy.deepcopy(teacher)
+    seqs = _seqs(8, 12)
+    compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.4,
+                                                      method="plain"), progress=False)
+    mpos = [m for m in student.modules() if isinstance(m, MPOModule)]
+    assert mpos and not any(m._dense_cache for m in mpos)
+    for m in mpos:  # the dense path (auto's choice at SmolLM2's shapes) caches W
+        m.mode = "dense"
+    with torch.no_grad():
+        student(seqs)
+    cached = [m for m in mpos if m._dense_cache]
+    assert cached
+    seen = []
+    hook = cached[0].register_forward_pre_hook(
+        lambda m, a: seen.append(bool(m._dense_cache)) if torch.is_grad_enabled() else None)
+    heal_causal(student, teacher, seqs, CausalHealConfig(steps=1, batch_size=4),
+                progress=False)
+    hook.remove()
+    assert seen and not any(seen)  # the forward and its recomputation in backward

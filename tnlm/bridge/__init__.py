@@ -28,6 +28,7 @@ from tnlm.bridge.layer import (
     MPOLinear,
     MPOModule,
     ReadOnlyWeightError,
+    invalidate_caches,
     set_dense_cache,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "parameter_report",
     "select_parameters",
     "set_dense_cache",
+    "invalidate_caches",
     "set_trainable",
     "train_auxiliary_only",
     "weight_xw",

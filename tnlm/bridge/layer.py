@@ -56,7 +56,7 @@ from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 
 __all__ = ["ComputedWeight", "MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding",
-           "ReadOnlyWeightError", "set_dense_cache"]
+           "ReadOnlyWeightError", "set_dense_cache", "invalidate_caches"]
 
 _compiling = torch.compiler.is_compiling
 #: whether a torch.func transform (grad, vmap, jacrev, ...) is running: the training path's
@@ -982,6 +982,19 @@ class MPOEmbedding(MPOModule):
                                   {"padding_idx": self.padding_idx})
 
     merge = to_embedding
+
+
+def invalidate_caches(model: nn.Module) -> int:
+    """Free the cached dense W (and cached products) of every MPO layer in ``model``
+    (:meth:`MPOModule.invalidate_cache`), leaving caching on; returns the number of
+    layers. Before training, the caches an evaluation left are the memory of the dense
+    layers the MPO layers replaced, and stale after the first step."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, MPOModule):
+            m.invalidate_cache()
+            n += 1
+    return n
 
 
 def set_dense_cache(model: nn.Module, enabled: bool) -> int:

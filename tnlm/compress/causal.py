@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.integration.surgery import checkpointed, temporary
@@ -293,6 +294,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     from tnlm.integration.architectures import blocks_of
 
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
+    invalidate_caches(student)  # an evaluation's dense W: stale after the first step
     with temporary(student, modes=True), temporary(teacher, modes=True), checkpointed(blocks):
         for p in student.parameters():
             p.requires_grad_(False)

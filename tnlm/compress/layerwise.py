@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.bridge import kind_of, select_parameters, weight_xw
+from tnlm.bridge import invalidate_caches, kind_of, select_parameters, weight_xw
 from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
 from tnlm.compress import distributed as dist_
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
@@ -862,6 +862,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             xt = yt
             block_errors.append((err0, err1))
             del teacher, call_t
+            # the dense W the error passes cached: as large as the dense block, unused
+            # until the model is evaluated (and then rebuilt), so not kept block after block
+            invalidate_caches(block)
             if ckpt is not None:
                 write_checkpoint(ckpt, i, dict(
                     fingerprint=fingerprint, allocated=allocated, ranks=ranks, errors=errors,
