@@ -2,10 +2,11 @@
 
     python experiments/llm_table.py results/llm/*.json --plot docs/figures/llm_ppl.png
 
-One row per (method, budget): perplexity ratio compressed/dense (mean ± std over seeds,
-the seed count), kept fraction, answer agreement with the dense model, compression and
-healing seconds, the job's peak resident memory (the largest stage peak: compression or
-healing) against the process's resident memory with the dense model loaded.
+One row per (method, budget, healing steps, self-generated texts): perplexity ratio
+compressed/dense (mean ± std over seeds, the seed count), kept fraction, answer
+agreement with the dense model, compression and healing seconds, the job's peak
+resident memory (the largest stage peak: compression or healing) against the process's
+resident memory with the dense model loaded.
 """
 
 from __future__ import annotations
@@ -37,22 +38,23 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
         alloc = args.get("allocation") or ("residual" if "allocation" in args
                                            and d["method"] == "tnlm" else "uniform")
         method = d["method"] if alloc == "uniform" else f"{d['method']} ({alloc})"
-        rows[(method, float(d["budget"]), heal)].append(d)
+        rows[(method, float(d["budget"]), heal, int(args.get("n_texts", 0)))].append(d)
     return rows
 
 
 def table(rows) -> str:
-    out = ["| method | budget | heal steps | kept | seeds | perplexity (dense) | ratio | "
+    out = ["| method | budget | heal steps | texts | kept | seeds | perplexity (dense) | ratio | "
            "answers = dense | compress + heal s | peak RSS / after load |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, budget, heal), runs in sorted(rows.items(), key=lambda kv: (-kv[0][1],
-                                                                             kv[0][0])):
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, budget, heal, texts), runs in sorted(
+            rows.items(), key=lambda kv: (-kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
         agree = [r["answer_agreement"] for r in runs if "answer_agreement" in r]
         secs = [r.get("compress_seconds", 0.0) for r in runs]
         mem = [max(v for v in r["stage_peak_rss_mb"].values() if v) / r["rss_after_load_mb"]
                for r in runs if r.get("stage_peak_rss_mb")]
         out.append(
-            f"| {method} | {budget:.0%} | {heal} | {cell([r.get('kept', 1.0) for r in runs])} "
+            f"| {method} | {budget:.0%} | {heal} | {texts} "
+            f"| {cell([r.get('kept', 1.0) for r in runs])} "
             f"| {len(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
             f"({runs[0]['dense_ppl']:.1f}) | {cell([r['ppl_ratio'] for r in runs], '{:.2f}')} "
             f"| {cell(agree, '{:.2f}')} | {cell(secs, '{:.0f}')} | {cell(mem, '{:.1f}')} |")
@@ -65,14 +67,15 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
-    for (method, _budget, heal), runs in rows.items():
+    series: dict[tuple[str, int, int], list[tuple[float, float]]] = defaultdict(list)
+    for (method, _budget, heal, texts), runs in rows.items():
         kept = statistics.mean(r.get("kept", 1.0) for r in runs)
-        series[(method, heal)].append((kept, statistics.mean(r["ppl_ratio"] for r in runs)))
-    for (method, heal), pts in sorted(series.items()):
+        series[(method, heal, texts)].append(
+            (kept, statistics.mean(r["ppl_ratio"] for r in runs)))
+    for (method, heal, texts), pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"{method}, {heal} healing steps")
+                label=f"{method}, {heal} healing steps, {texts} texts")
     ax.set_yscale("log")
     ax.set_xlabel("kept fraction of the targeted linear parameters")
     ax.set_ylabel("held-out perplexity / dense")
