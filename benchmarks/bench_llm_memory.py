@@ -9,7 +9,10 @@ peak RSS per stage against its RSS right after loading. Variants:
   float32 teacher (healing's defaults until block checkpointing)
 * ``blocks``: each block's activations recomputed in backward
   (``CausalHealConfig.checkpoint_blocks``, healing's default)
-* ``blocks+chunked``: and the KL in checkpointed chunks, per-parameter AdamW
+* ``blocks+chunked``: and the KL in checkpointed chunks of 1,024 positions (no chunking at
+  all for a batch of 4 x 128 = 512 positions), per-parameter AdamW
+* ``blocks+chunk128``: the same in chunks of 128 positions (4 chunks a batch)
+* ``blocks+chunk128+bf16``: and the teacher stored in bfloat16
 * ``chunked``: the KL over 1,024-position chunks with checkpointing
   (``CausalHealConfig.chunk``), per-parameter AdamW
 * ``chunked+bf16``: the same with the teacher stored in bfloat16 (``teacher_bf16``)
@@ -33,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"full": dict(chunk=None, foreach=None, bf16=False, blocks=False),
             "blocks": dict(chunk=None, foreach=None, bf16=False, blocks=True),
             "blocks+chunked": dict(chunk=1024, foreach=False, bf16=False, blocks=True),
+            "blocks+chunk128": dict(chunk=128, foreach=False, bf16=False, blocks=True),
+            "blocks+chunk128+bf16": dict(chunk=128, foreach=False, bf16=True, blocks=True),
             "chunked": dict(chunk=1024, foreach=False, bf16=False, blocks=False),
             "chunked+bf16": dict(chunk=1024, foreach=False, bf16=True, blocks=False)}
 
