@@ -64,6 +64,8 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     rng = random.Random(seed)
     starts = []
     for s in generated_sentences(max(n, 64), seed=seed)[:n]:

@@ -63,7 +63,9 @@ class CausalLMRecipe:
         method: :data:`tnlm.compress.layerwise.METHODS` (``"whitened"`` and ``"plain"`` are
             the baselines).
         target_modules: patterns; default: the architecture's (``architectures.py``).
-        n_texts: self-generated texts when no text is given; ``gen_tokens`` tokens each.
+        n_texts: self-generated texts when no text is given; ``gen_tokens`` tokens each,
+            ``gen_batch`` sampled at once (on these CPUs 64 at once write about 1.7x the
+            tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
@@ -77,6 +79,7 @@ class CausalLMRecipe:
     method: str = "tnlm"
     target_modules: list[str] | None = None
     n_texts: int = 128
+    gen_batch: int = 64
     gen_tokens: int = 128
     seq_len: int = 128
     n_calibration: int = 64
@@ -151,7 +154,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         if rank == 0:
             text = self_generated_text(model, tokenizer, recipe.n_texts,
                                        max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
-                                       progress=progress)
+                                       batch_size=recipe.gen_batch, progress=progress)
         if size > 1:  # rank 0's text on every rank (the others wait for it)
             text = dist_.broadcast_json(text, 0, "the self-generated text")
         seconds["text"] = time.perf_counter() - t0
