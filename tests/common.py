@@ -412,3 +412,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(worker, args: tuple, *, nprocs: int = 2, timeout: float = 240
+                 ) -> list[int | None]:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; their exit codes (a
+    process still running after ``timeout`` seconds is killed: ``None``)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False,
+                             start_method="spawn")
+    codes = []
+    for p in ctx.processes:
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+        codes.append(p.exitcode)
+    return codes

@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.common import free_port, launch_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--budget", "0.5", "--heal-steps", "4", "--json", "--quiet"]
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo test runs on POSIX")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def llm_folder(tmp: Path) -> Path:
@@ -45,7 +40,7 @@ def test_torchrun_compresses_with_two_processes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "tnlm", "compress", str(folder),
+           "--master_port", str(free_port()), "-m", "tnlm", "compress", str(folder),
            *ARGS, "--out", str(out)]
     # tmp_path as the working directory: no ../shared/data, the same evaluation text below
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
@@ -99,18 +94,9 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 
 def test_a_dead_rank_stops_the_job_with_a_clear_error(tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
-
     folder = llm_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(folder), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    codes = []
-    for p in ctx.processes:
-        p.join(180)
-        if p.exitcode is None:
-            p.kill()
-        codes.append(p.exitcode)
+    codes = launch_ranks(_worker, (2, free_port(), str(folder), str(tmp_path)), timeout=180)
     assert codes == [0, 3]  # rank 0 returned from main (its status below), rank 1 died
     assert (tmp_path / "stderr_rank0.code").read_text() == "1"
     said = (tmp_path / "stderr_rank0.txt").read_text().strip().splitlines()[-1]

@@ -10,13 +10,14 @@ import copy
 import json
 import math
 import os
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.common import free_port, launch_ranks
 
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
@@ -169,24 +170,8 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, mode: str, timeout: float = 300) -> list[int | None]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out), mode), nprocs=2,
-                             join=False, start_method="spawn")
-    codes = []
-    for p in ctx.processes:
-        p.join(timeout)
-        if p.exitcode is None:
-            p.kill()
-        codes.append(p.exitcode)
-    return codes
+    return launch_ranks(_worker, (2, free_port(), str(out), mode), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
