@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from tests.common import free_port, launch_ranks
-
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 

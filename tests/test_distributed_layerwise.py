@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.common import free_port, launch_ranks
-
 from tnlm.compress import layerwise as lw
 from tnlm.compress.calibration import collect_input_stats
 from tnlm.compress.distributed import shard_batches
