@@ -114,7 +114,9 @@ def main(argv=None) -> int:
         return 2
     ref = dense_reference(model, tok, args.text_cache.parent / "dense.json", eval_text,
                           args.eval_length)
-    text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}.json"
+    # the texts depend on how many are sampled at once; 16 was the only batch once
+    batch = "" if args.gen_batch == 16 else f"_b{args.gen_batch}"
+    text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}{batch}.json"
     t1 = time.perf_counter()
     if text_file.is_file():
         texts = json.loads(text_file.read_text())

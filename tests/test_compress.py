@@ -476,6 +476,8 @@ def test_layer_groups_from_the_model_blocks_not_the_names():
     assert layer_groups(names, model) == [["encoder.layer.0.output.dense"],
                                           ["encoder.layer.1.attention.self.query"],
                                           ["extra.0"]]
+    # a model with no block stack: grouped by the names, as without a model
+    assert layer_groups(names, torch.nn.Linear(2, 2)) == layer_groups(names)
 
 
 # --------------------------------------------------------------------------- healing

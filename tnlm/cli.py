@@ -436,7 +436,9 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     if args.quiet or rank != 0:  # transformers' "Loading weights" bars too
         hf_logging.disable_progress_bar()
     try:
-        with process_group_from_env(timedelta(minutes=args.dist_timeout)) as (rank, size):
+        # gloo: the CLI loads and compresses on the CPU, whatever GPUs the machine has
+        with process_group_from_env(timedelta(minutes=args.dist_timeout),
+                                    backend="gloo") as (rank, size):
             return _compress_causal_job(args, source, arch, recipe, text, out, say, rank,
                                         size)
     except BaseException:

@@ -311,50 +311,52 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         # DDP after the flags are set: it averages the gradients of what trains
         loss_of = dist_.data_parallel(_HealingLoss(
             student, _ChunkedKL(student, config.chunk) if config.chunk else None))
-        order: list[int] = []
-        for step in tqdm(range(n), desc="healing (next-token KL)",
-                         disable=not progress or rank != 0, leave=False):
-            while len(order) < config.batch_size:  # fewer sequences than a batch too
-                perm = list(range(sequences.shape[0]))
-                rng.shuffle(perm)
-                order += perm
-            idx, order = order[:config.batch_size], order[config.batch_size:]
-            mine = idx[rank::size]  # this rank's share of the step's batch
-            share = len(mine) / len(idx)
-            ids = sequences[mine]
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                 enabled=config.teacher_bf16):
-                t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
-            with dist_.rank_failures("healing's forward"):
-                loss = loss_of(ids, t_logits)
-            # the whole batch's loss: the ranks' shares weighted by their sizes
-            value = dist_.all_reduce_floats([float(loss.detach()) * share],
-                                            "the healing loss")[0]
-            result.losses.append(value)
-            run = value if run is None else 0.9 * run + 0.1 * value
-            if step < max(1, config.warmup):
-                start = (value if start is None else start) if step == 0 else \
-                    (start * step + value) / (step + 1)
-            if not math.isfinite(value) or (start is not None and step >= config.warmup
-                                            and run > config.blowup * max(start, 1e-8)):
-                why = "is not finite" if not math.isfinite(value) else \
-                    f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
-                result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
-                                  f"{result.best_step or 0} were restored (lower lr, "
-                                  f"now {config.lr:g})")
-                break
-            if run < best_loss:
-                best_loss, result.best_step = run, step
-                for b, p in zip(best, params):
-                    b.copy_(p.detach())
-            opt.zero_grad(set_to_none=True)
-            # DDP averages over the ranks: weighted by size x shares = the batch's mean
-            with dist_.rank_failures("the gradients in healing"):
-                (loss * (share * size) if size > 1 else loss).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-        del loss_of  # DDP's hooks on the parameters go with it
+        try:
+            order: list[int] = []
+            for step in tqdm(range(n), desc="healing (next-token KL)",
+                             disable=not progress or rank != 0, leave=False):
+                while len(order) < config.batch_size:  # fewer sequences than a batch too
+                    perm = list(range(sequences.shape[0]))
+                    rng.shuffle(perm)
+                    order += perm
+                idx, order = order[:config.batch_size], order[config.batch_size:]
+                mine = idx[rank::size]  # this rank's share of the step's batch
+                share = len(mine) / len(idx)
+                ids = sequences[mine]
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                     enabled=config.teacher_bf16):
+                    t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+                with dist_.rank_failures("healing's forward"):
+                    loss = loss_of(ids, t_logits)
+                # the whole batch's loss: the ranks' shares weighted by their sizes
+                value = dist_.all_reduce_floats([float(loss.detach()) * share],
+                                                "the healing loss")[0]
+                result.losses.append(value)
+                run = value if run is None else 0.9 * run + 0.1 * value
+                if step < max(1, config.warmup):
+                    start = (value if start is None else start) if step == 0 else \
+                        (start * step + value) / (step + 1)
+                if not math.isfinite(value) or (start is not None and step >= config.warmup
+                                                and run > config.blowup * max(start, 1e-8)):
+                    why = "is not finite" if not math.isfinite(value) else \
+                        f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
+                    result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
+                                      f"{result.best_step or 0} were restored (lower lr, "
+                                      f"now {config.lr:g})")
+                    break
+                if run < best_loss:
+                    best_loss, result.best_step = run, step
+                    for b, p in zip(best, params):
+                        b.copy_(p.detach())
+                opt.zero_grad(set_to_none=True)
+                # DDP averages over the ranks: weighted by size x shares = the batch's mean
+                with dist_.rank_failures("the gradients in healing"):
+                    (loss * (share * size) if size > 1 else loss).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+        finally:
+            del loss_of  # DDP's hooks on the parameters go with it, also on error
         if result.stopped:
             with torch.no_grad():
                 for b, p in zip(best, params):

@@ -601,7 +601,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     # after 150 steps, and faster steps)
     student.train(cfg.dropout)
     # under torch.distributed DDP averages the gradients over the ranks in backward (a
-    # trainable parameter the loss does not use, e.g. a pooler's, gets zeros)
+    # trainable parameter no rank's loss uses, e.g. a pooler's, keeps grad None: the
+    # optimizer skips it)
     loss_of = dist_.data_parallel(_StudentLoss(student, teacher, cfg),
                                   find_unused_parameters=True)
     try:

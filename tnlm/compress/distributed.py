@@ -72,13 +72,16 @@ def launched_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def process_group_from_env(timeout: timedelta | None = None) -> Iterator[tuple[int, int]]:
+def process_group_from_env(timeout: timedelta | None = None, backend: str | None = None
+                           ) -> Iterator[tuple[int, int]]:
     """The default process group of a job the environment describes (``torchrun`` sets
     ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), for the
     duration of the block; yields ``(rank, world_size)``.
 
-    With ``WORLD_SIZE`` > 1 and no process group yet, one is initialized (``nccl`` where
-    CUDA is available, each process on the GPU ``LOCAL_RANK``; ``gloo`` on the CPU) with
+    With ``WORLD_SIZE`` > 1 and no process group yet, one is initialized with ``backend``
+    (default: ``nccl`` where CUDA is available, each process on the GPU ``LOCAL_RANK``;
+    ``gloo`` on the CPU; pass ``"gloo"`` for models kept on the CPU, as ``tnlm
+    compress`` keeps them) with
     ``timeout`` (default: torch's) and destroyed at the end of the block, also when it
     raises. Started alone, or inside a process group someone else made, nothing is
     initialized or destroyed. A failed rendezvous raises :class:`RankFailure`."""
@@ -89,7 +92,8 @@ def process_group_from_env(timeout: timedelta | None = None) -> Iterator[tuple[i
         return
     if not dist.is_available():
         raise RuntimeError("this torch has no torch.distributed: run one process")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kw = {"timeout": timeout} if timeout is not None else {}

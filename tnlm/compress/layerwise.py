@@ -371,15 +371,26 @@ def _tails(Ws: list[torch.Tensor], stats: list[InputStats], ridge: float, reduce
     dims = [(int(W.shape[0]), int(W.shape[1])) for W in Ws]
     owners = dist_.owners_by_cost([I * J * min(I, J) for I, J in dims], size)
     lengths = [min(I, J) + 1 for I, J in dims]
-    flat = torch.zeros(sum(lengths), dtype=torch.float64)
-    at = 0
+    # one more slot per rank: 1 where that rank's share failed, so every rank raises
+    flat = torch.zeros(sum(lengths) + size, dtype=torch.float64)
+    at, failed = 0, None
     for W, st, owner, n in zip(Ws, stats, owners, lengths):
-        if owner == rank:
-            flat[at:at + n] = torch.as_tensor(WhitenedLayer(W, st, ridge).tails,
-                                              dtype=torch.float64)
+        if owner == rank and failed is None:
+            try:
+                flat[at:at + n] = torch.as_tensor(WhitenedLayer(W, st, ridge).tails,
+                                                  dtype=torch.float64)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the others know
+                failed = err
+                flat[sum(lengths) + rank] = 1.0
         at += n
     dist_.all_reduce_sum(flat, f"block {block}'s spectra")
-    return [part.numpy() for part in torch.split(flat, lengths)]
+    bad = [r for r in range(size) if flat[sum(lengths) + r] > 0]
+    if failed is not None:
+        raise failed
+    if bad:
+        raise RuntimeError(f"rank {bad[0]} could not compute block {block}'s spectra; "
+                           "see its error")
+    return [part.numpy() for part in torch.split(flat[:sum(lengths)], lengths)]
 
 
 #: the checkpoint's file of record (written last, after the block and hidden-state files)

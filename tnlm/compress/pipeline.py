@@ -132,11 +132,13 @@ class CompressionResult:
 def layer_groups(names: Sequence[str], model: nn.Module | None = None) -> list[list[str]]:
     """Target names grouped by their block, in block order; names outside the blocks form a
     last group. The block of a name is found in ``model``'s block stack
-    (:func:`tnlm.integration.architectures.block_indices`) when ``model`` is given, else
-    from the name (:func:`tnlm.compress.allocate.block_index`: its first numeric part)."""
+    (:func:`tnlm.integration.architectures.block_indices`) when ``model`` is given and
+    has one, else from the name (:func:`tnlm.compress.allocate.block_index`: its first
+    numeric part)."""
     names = list(names)
-    where = block_indices(model, names) if model is not None else {
-        n: block_index(n) for n in names}
+    where = block_indices(model, names) if model is not None else {}
+    if not any(b is not None for b in where.values()):  # no model, or no block stack
+        where = {n: block_index(n) for n in names}
     groups: dict[float, list[str]] = {}
     for n in names:
         b = where[n]

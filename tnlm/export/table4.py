@@ -153,7 +153,7 @@ def _axis(node: Any) -> int:
 
 
 def _opset(model: Any) -> int:
-    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def gather_4bit(model: Any, nodes: Sequence[str], block_size: int = 64) -> dict[str, Table4]:
