@@ -93,12 +93,23 @@ def encoder_sentences() -> list[str]:
 
 
 def heal_encoder(name: str, folder: Path) -> tuple[torch.nn.Module, list[float]]:
+    tok, sents = encoder_tokenizer(folder), encoder_sentences()
+    # one thread, as every rank runs: the compression's SVDs then sum in the same order
+    # (with two threads the reference ended 1e-3 away from the ranks in one parameter)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _heal_encoder(name, tok, sents)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _heal_encoder(name, tok, sents) -> tuple[torch.nn.Module, list[float]]:
     from transformers import BertConfig, BertModel
 
     from tnlm.compress.distill import HealConfig, heal
     from tnlm.compress.pipeline import CompressionConfig, compress_model
 
-    tok, sents = encoder_tokenizer(folder), encoder_sentences()
     torch.manual_seed(0)
     dense = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=64,
