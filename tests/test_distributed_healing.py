@@ -132,7 +132,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
+                            timeout=timedelta(seconds=60))
     out_dir = Path(out)
     try:
         if mode == "heal":
