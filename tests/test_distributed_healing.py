@@ -127,67 +127,84 @@ def _heal_encoder(name, tok, sents) -> tuple[torch.nn.Module, list[float]]:
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     import torch.distributed as dist
 
-    from tnlm.compress import causal
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     out_dir = Path(out)
     try:
-        if mode == "heal":
-            from safetensors.torch import save_file
+        _run(rank, mode, out_dir)
+    except Exception:
+        import traceback
 
-            for name in RUNS:
-                model, losses = heal(name)
-                save_file({k: v.detach().clone().contiguous()
-                           for k, v in model.state_dict().items()},
-                          str(out_dir / f"{name}_rank{rank}.safetensors"))
-                flags = sorted({p.requires_grad for p in model.parameters()})
-                (out_dir / f"{name}_rank{rank}.json").write_text(json.dumps(
-                    dict(losses=losses, flags=flags)))
-            for name in ENCODER_RUNS:
-                model, losses = heal_encoder(name, out_dir)
-                save_file({k: v.detach().clone().contiguous()
-                           for k, v in model.state_dict().items()},
-                          str(out_dir / f"encoder_{name}_rank{rank}.safetensors"))
-                (out_dir / f"encoder_{name}_rank{rank}.json").write_text(json.dumps(losses))
-            try:
-                heal_causal(student(teacher()), teacher(), sequences(),
-                            CausalHealConfig(steps=2, batch_size=1), progress=False)
-                said = "no error"
-            except ValueError as err:
-                said = str(err)
-            (out_dir / f"small_batch_rank{rank}.txt").write_text(said)
-        elif mode == "fail":  # rank 1 dies in the forward of step 3
-            calls = [0]
-            real = causal.next_token_kl
-
-            def dying(*a, **kw):
-                calls[0] += 1
-                if rank == 1 and calls[0] == 3:
-                    os._exit(3)
-                return real(*a, **kw)
-            causal.next_token_kl = dying
-            try:
-                heal("checkpointed")
-                said = "finished"
-            except Exception as err:
-                said = f"{type(err).__name__}: {err}"
-            (out_dir / f"fail_rank{rank}.txt").write_text(said)
+        (out_dir / f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
         if mode != "fail":
             dist.destroy_process_group()
+
+
+def _run(rank: int, mode: str, out_dir: Path) -> None:
+    from tnlm.compress import causal
+
+    if mode == "heal":
+        from safetensors.torch import save_file
+
+        for name in RUNS:
+            model, losses = heal(name)
+            save_file({k: v.detach().clone().contiguous()
+                       for k, v in model.state_dict().items()},
+                      str(out_dir / f"{name}_rank{rank}.safetensors"))
+            flags = sorted({p.requires_grad for p in model.parameters()})
+            (out_dir / f"{name}_rank{rank}.json").write_text(json.dumps(
+                dict(losses=losses, flags=flags)))
+        for name in ENCODER_RUNS:
+            model, losses = heal_encoder(name, out_dir)
+            save_file({k: v.detach().clone().contiguous()
+                       for k, v in model.state_dict().items()},
+                      str(out_dir / f"encoder_{name}_rank{rank}.safetensors"))
+            (out_dir / f"encoder_{name}_rank{rank}.json").write_text(json.dumps(losses))
+        try:
+            heal_causal(student(teacher()), teacher(), sequences(),
+                        CausalHealConfig(steps=2, batch_size=1), progress=False)
+            said = "no error"
+        except ValueError as err:
+            said = str(err)
+        (out_dir / f"small_batch_rank{rank}.txt").write_text(said)
+    elif mode == "fail":  # rank 1 dies in the forward of step 3
+        calls = [0]
+        real = causal.next_token_kl
+
+        def dying(*a, **kw):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                os._exit(3)
+            return real(*a, **kw)
+        causal.next_token_kl = dying
+        try:
+            heal("checkpointed")
+            said = "finished"
+        except Exception as err:
+            said = f"{type(err).__name__}: {err}"
+        (out_dir / f"fail_rank{rank}.txt").write_text(said)
 
 
 def _launch(out: Path, mode: str, timeout: float = 300) -> list[int | None]:
     return launch_ranks(_worker, (2, free_port(), str(out), mode), timeout=timeout)
 
 
+def _errors(out: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(out.glob("error_rank*.txt")))
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("heal")
-    assert _launch(out, "heal") == [0, 0]
+    codes = _launch(out, "heal")
+    if codes != [0, 0]:  # once more on a fresh port, the first failure kept for the message
+        first = _errors(out)
+        codes = _launch(out, "heal")
+        assert codes == [0, 0], f"{codes}\n{first}\n{_errors(out)}"
     return out
 
 
