@@ -438,3 +438,17 @@ def launch_ranks(worker, args: tuple, *, nprocs: int = 2, timeout: float = 240
             p.kill()
         codes.append(p.exitcode)
     return codes
+
+
+def join_gloo_group(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """In a spawned rank: one thread, and the gloo process group of ``world`` ranks on
+    127.0.0.1:``port`` whose collectives wait at most ``timeout_s`` seconds."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))

@@ -11,13 +11,12 @@ import json
 import math
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.common import free_port, launch_ranks
+from tests.common import free_port, join_gloo_group, launch_ranks
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 
@@ -127,10 +126,7 @@ def _heal_encoder(name, tok, sents) -> tuple[torch.nn.Module, list[float]]:
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    join_gloo_group(rank, world, port, timeout_s=60)
     out_dir = Path(out)
     try:
         _run(rank, mode, out_dir)

@@ -7,13 +7,12 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.common import free_port, launch_ranks
+from tests.common import free_port, join_gloo_group, launch_ranks
 from tnlm.compress import layerwise as lw
 from tnlm.compress.calibration import collect_input_stats
 from tnlm.compress.distributed import shard_batches
@@ -80,10 +79,7 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=20))
+    join_gloo_group(rank, world, port, timeout_s=20)
     out = Path(out)
     try:
         seqs = sequences()

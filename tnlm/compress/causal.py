@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
+from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
@@ -250,8 +251,6 @@ class _HealingLoss(nn.Module):
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
-    from tnlm.integration.architectures import blocks_of
-
     return [p for _, p in select_parameters(blocks_of(student), train)]
 
 
@@ -293,8 +292,6 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     best_loss, run = math.inf, None
     start = None
     # flags and modes of both models are given back as they were; values stay healed
-    from tnlm.integration.architectures import blocks_of
-
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
     invalidate_caches(student)  # an evaluation's dense W: stale after the first step
     with temporary(student, modes=True), temporary(teacher, modes=True), checkpointed(blocks):
