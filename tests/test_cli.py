@@ -45,6 +45,9 @@ def test_compress_inspect_report(model_dir, text_file, tmp_path, capsys):
     assert 0 < summary["ratio"] <= 0.5 and summary["params_before"] == 8 * 32 * 32 + 4 * 32 * 64
     assert len(summary["ranks"]) == 12 and -1 <= summary["cosine_min"] <= summary["cosine_mean"] <= 1
     assert all(0 <= e < 1 for e in summary["calibration_errors"].values())
+    # natural prose shipped with tnlm, never in the text: measured besides the held-out text
+    assert summary["natural_held_out"] == 256
+    assert -1 <= summary["cosine_natural_min"] <= summary["cosine_natural_mean"] <= 1
     # the healing checkpoint is removed once the model is saved: nothing is left to resume
     assert (out / "mpo_config.json").is_file() and not (out / "healing").exists()
     # the saved compressed model reloads onto a fresh base, bit-exact

@@ -68,3 +68,32 @@ def test_heal_table_groups_seeds_into_one_row(tmp_path):
         "| run | pre-caption | 0.5 | 2000 | all | 0.0005 |  | 3 | 0.970 ± 0.002 |")
     assert rows[2].startswith(
         "| other | pre-caption | 0.5 | 2000 | all | 0.0005 | w_attn=1.0 | 1 | 0.900 |")
+
+
+def test_layer_dropping_peer_keeps_evenly_spaced_layers_and_distils():
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from experiments.peers import distil_dropped, drop_layers, linear_params
+    from tnlm.compress.distill import HealConfig
+    from tnlm.integration import default_model_path
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=6,
+                                   num_attention_heads=2, intermediate_size=64)).eval()
+    student, targets = drop_layers(teacher, 3)
+    assert targets == [2, 4, 6] and student.config.num_hidden_layers == 3
+    assert teacher.config.num_hidden_layers == 6  # a copy
+    assert student.encoder.layer[2].output.dense.weight.data_ptr() != \
+        teacher.encoder.layer[5].output.dense.weight.data_ptr()
+    assert torch.equal(student.encoder.layer[2].output.dense.weight,
+                       teacher.encoder.layer[5].output.dense.weight)
+    assert linear_params(student) * 2 == linear_params(teacher)
+    assert drop_layers(teacher, 2)[1] == [3, 6]
+    with pytest.raises(ValueError, match="--layers must be in 1..6"):
+        drop_layers(teacher, 7)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    text = [f"the {w} sat on the mat number {i}." for i, w in enumerate(["cat", "dog"] * 20)]
+    cfg = HealConfig(steps=30, batch_size=8, warmup=2, seed=0)
+    losses = distil_dropped(student, teacher, tok, text, targets, cfg, lr=3e-3)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])

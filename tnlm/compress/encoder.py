@@ -3,15 +3,18 @@
 :func:`compress_encoder` is what ``tnlm compress`` runs on an encoder, and what Python
 users and the experiments call; every default of the job lives in :class:`EncoderRecipe`::
 
-    text     = the user's sentences, or the default mix (generated sentences and
-               docstrings, tnlm.compress.text.default_text), distinct
+    text     = the user's sentences, or the default mix (generated sentences,
+               docstrings and shipped natural prose, tnlm.compress.text.default_text),
+               distinct
     split    = min(256, n // 4) held out, ``calibration`` (512) to calibrate, the rest
                heals with them (split_text)
     student  = compress_model (tnlm.compress.pipeline): sensitivity allocation of the
                budget, data-aware truncation, 100 reconstruction steps per block, then
                2500 healing steps at lr 5e-4 that train everything but the embeddings
-    measures = the held-out embedding cosine to the original (mean, min) and, given a
-               SICK file, both models' relatedness Spearman (measure)
+    measures = the held-out embedding cosine to the original (mean, min), the same on
+               256 natural-prose sentences never in any text the job trains on
+               (tnlm.compress.text.lm_held_out) and, given a SICK file, both models'
+               relatedness Spearman (measure)
 
 :class:`~tnlm.compress.pipeline.CompressionConfig` keeps the mechanism's own cheaper
 defaults (uniform allocation, no reconstruction, :class:`~tnlm.compress.distill.HealConfig`'s
@@ -38,6 +41,7 @@ from tnlm.compress.text import (
     DEFAULT_TEXT_SOURCE,
     compression_sizes,
     default_text,
+    lm_held_out,
     read_sentences,
     split_sentences,
 )
@@ -182,14 +186,21 @@ def split_text(text: Sequence[str], calibration: int = EncoderRecipe.calibration
 
 def measure(student: nn.Module, teacher: nn.Module, tokenizer: Any, held_out: Sequence[str],
             *, sick: str | os.PathLike | None = None, dev: Sequence[str] | None = None,
-            sick_train: str | os.PathLike | None = None) -> dict[str, float]:
+            sick_train: str | os.PathLike | None = None,
+            natural: Sequence[str] | None = None) -> dict[str, float]:
     """The job's measures: the held-out embedding cosine of the student to the teacher
-    (``cosine_mean``, ``cosine_min``); with ``dev`` (other natural text), its mean cosine
-    (``cosine_dev_mean``); with ``sick``, both models' SICK relatedness Spearman
+    (``cosine_mean``, ``cosine_min``); with ``natural`` (natural prose never trained on;
+    the job passes :func:`tnlm.compress.text.lm_held_out`), its cosine
+    (``cosine_natural_mean``, ``cosine_natural_min``, ``natural_held_out``: how many); with ``dev`` (other natural text),
+    its mean cosine (``cosine_dev_mean``); with ``sick``, both models' SICK relatedness Spearman
     (``sick_spearman_original``, ``sick_spearman``); with ``sick_train``, the same on that
     file (``sick_train_spearman_original``, ``sick_train_spearman``)."""
     cos = embedding_cosine(student, teacher, tokenizer, held_out)
     out = dict(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+    if natural:
+        nat = embedding_cosine(student, teacher, tokenizer, natural)
+        out.update(cosine_natural_mean=float(nat.mean()), cosine_natural_min=float(nat.min()),
+                   natural_held_out=len(natural))
     if dev:
         out["cosine_dev_mean"] = float(embedding_cosine(student, teacher, tokenizer, dev).mean())
     if sick:
@@ -271,6 +282,8 @@ def compress_encoder(model: nn.Module, tokenizer: Any, recipe: EncoderRecipe | N
     teacher = copy.deepcopy(model).eval()
     res = compress_model(model, tokenizer, split.calibration, config,
                          heal_text=split.heal_text, progress=progress, log=log)
+    healed = set(split.heal_text)
+    natural = [s for s in lm_held_out() if s not in healed]
     measures = measure(res.model, teacher, tokenizer, split.held_out, sick=sick, dev=dev,
-                       sick_train=sick_train)
+                       sick_train=sick_train, natural=natural)
     return EncoderResult(res, config, split, measures, teacher)

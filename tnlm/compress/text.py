@@ -1,14 +1,24 @@
-"""Unlabeled text for calibration and healing, with nothing downloaded or shipped.
+"""Unlabeled text for calibration and healing, with nothing downloaded.
 
+:func:`generated_sentences` come from tnlm's own grammar (:mod:`tnlm.textgen`);
 :func:`docstring_sentences` splits plain-English sentences out of the docstrings
 of the Python source installed on the machine (the standard library and
-transformers; parsed with ``ast``, nothing is imported or executed). A user's
-own text (one sentence per line) is read by :func:`read_sentences`.
+transformers; parsed with ``ast``, nothing is imported or executed);
+:func:`lm_sentences` are natural prose shipped with tnlm
+(``tnlm/data/lm_sentences.txt.gz``: sentences written by SmolLM2-135M-Instruct,
+Apache-2.0, answering short prompts on everyday topics;
+``experiments/make_lm_sentences.py`` remakes the file). Its last
+:data:`LM_HELD_OUT` sentences (:func:`lm_held_out`) are never part of the default
+text: the main job measures natural-text quality on them. A user's own text (one
+sentence per line) is read by :func:`read_sentences`.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import gzip
+import importlib.resources
 import importlib.util
 import os
 import pathlib
@@ -20,9 +30,14 @@ from collections.abc import Sequence
 from tnlm.textgen import generate
 
 __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
-           "docstring_sentences", "generated_sentences", "read_sentences", "split_sentences"]
+           "docstring_sentences", "generated_sentences", "lm_held_out", "lm_sentences",
+           "read_sentences", "split_sentences", "LM_HELD_OUT"]
 
-DEFAULT_TEXT_SOURCE = "generated sentences and docstrings of the installed Python source"
+DEFAULT_TEXT_SOURCE = ("generated sentences, docstrings of the installed Python source and "
+                       "natural prose shipped with tnlm")
+
+#: how many of the shipped natural-prose sentences (the file's last) are held out
+LM_HELD_OUT = 256
 
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _WORD = re.compile(r"^[A-Za-z][a-z]*(?:'[a-z]+)?[,;:]?$")
@@ -158,12 +173,34 @@ def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
     return generate(n, seed=seed)
 
 
-def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _lm_file() -> tuple[str, ...]:
+    path = importlib.resources.files("tnlm").joinpath("data", "lm_sentences.txt.gz")
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        return tuple(line.strip() for line in f if line.strip())
+
+
+def lm_sentences() -> list[str]:
+    """The shipped natural-prose sentences (module docstring) without the
+    :data:`LM_HELD_OUT` held-out ones, in the file's order."""
+    return list(_lm_file()[:-LM_HELD_OUT])
+
+
+def lm_held_out() -> list[str]:
+    """The last :data:`LM_HELD_OUT` shipped natural-prose sentences: never in
+    :func:`default_text`; the main job's natural-text measure."""
+    return list(_lm_file()[-LM_HELD_OUT:])
+
+
+def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000,
+                 n_lm: int | None = None) -> list[str]:
     """The main job's text when the user passes none (:data:`DEFAULT_TEXT_SOURCE`):
-    ``n_generated`` :func:`generated_sentences` then up to ``n_docstrings``
-    :func:`docstring_sentences`; nothing is downloaded."""
+    ``n_generated`` :func:`generated_sentences`, up to ``n_docstrings``
+    :func:`docstring_sentences`, then ``n_lm`` (``None``: all) of the
+    :func:`lm_sentences` (0: the text of tnlm 0.2, without them); nothing is downloaded."""
     text = generated_sentences(n_generated, seed=seed)
-    return text + docstring_sentences(max_files=1500, seed=seed)[:n_docstrings]
+    text += docstring_sentences(max_files=1500, seed=seed)[:n_docstrings]
+    return text + lm_sentences()[:n_lm]
 
 
 def compression_sizes(n_sentences: int, n_calibration: int) -> tuple[int, int]:

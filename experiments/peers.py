@@ -1,0 +1,197 @@
+"""tnlm's main job against the peers a user would pick instead, measured on natural text.
+
+One run = one method at one size and seed, written as JSON. Every trained method sees the
+same text (the main job's split of its text for that seed: held-out sentences never
+trained on) and the same number of steps and batch size; the measures are on natural
+sentences never used for healing or calibration (SST-2 dev, CoLA dev, SICK trial), plus
+SICK relatedness:
+
+- ``tnlm``: the main job (``tnlm compress``: whitened truncation, sensitivity allocation,
+  block reconstruction, healing); ``--text lm`` adds nothing (it is the default),
+  ``--text grammar`` heals on the former default text (no LM sentences).
+- ``plain``: the same job with plain SVD of the weights (no whitening).
+- ``layerdrop``: sentence-transformers-style layer dropping -- keep ``--layers`` of the six
+  layers evenly spaced (the last one kept), then distil every parameter on the same text
+  and steps; student layer k is fitted to the teacher layer it stands in for (k-th of
+  ``--layers`` equal groups) and the pooled embedding's cosine.
+- ``int8``: the dense model with torch dynamic int8 quantization of every ``nn.Linear``
+  (no training).
+
+Usage:
+    python experiments/peers.py --method tnlm --budget 0.5 --seed 0 --out results/peers/x.json
+    python experiments/peers.py --method layerdrop --layers 3 --seed 0 --out ...
+    python experiments/peers_table.py results/peers/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.screening import write_result  # noqa: E402
+from tnlm.compress.distill import HealConfig, length_bucketed_draws, mean_pool  # noqa: E402
+from tnlm.compress.encoder import EncoderRecipe, compress_encoder, split_text  # noqa: E402
+from tnlm.compress.quality import embedding_cosine, read_sick, sick_spearman  # noqa: E402
+from tnlm.compress.text import default_text, read_sentences  # noqa: E402
+from tnlm.integration import default_model_path  # noqa: E402
+
+DATA = Path("../shared/data")
+
+
+def natural_sets(data: Path = DATA, n: int = 500) -> dict[str, list[str]]:
+    """Natural sentences never healed on: the first ``n`` of SST-2 dev and CoLA dev, and
+    the distinct sentences of the SICK trial pairs (first ``n``)."""
+    sst = read_sentences(data / "sst2/dev.tsv", column=0)[1:n + 1]  # header
+    cola = read_sentences(data / "cola/dev.tsv", column=0)[:n]  # no header
+    sick = []
+    for row in read_sick(data / "sick/trial.tsv"):
+        sick += [row["sentence_A"], row["sentence_B"]]
+    return {"sst2": sst, "cola": cola, "sick": list(dict.fromkeys(sick))[:n]}
+
+
+def measure_natural(student: nn.Module, teacher: nn.Module, tok, sets: dict[str, list[str]],
+                    data: Path = DATA) -> dict[str, float]:
+    out: dict[str, float] = {}
+    means = []
+    for name, sents in sets.items():
+        cos = embedding_cosine(student, teacher, tok, sents)
+        out[f"cos_{name}"] = float(cos.mean())
+        out[f"cos_{name}_min"] = float(cos.min())
+        means.append(float(cos.mean()))
+    out["cos_natural"] = sum(means) / len(means)
+    out["sick_spearman"] = sick_spearman(student, tok, data / "sick/trial.tsv")
+    out["sick_spearman_original"] = sick_spearman(teacher, tok, data / "sick/trial.tsv")
+    return out
+
+
+def linear_params(model: nn.Module) -> int:
+    """Parameters of the encoder layers' linears (what the budget counts)."""
+    return sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".layer." in f".{n}")
+
+
+def drop_layers(teacher: nn.Module, n_keep: int) -> tuple[nn.Module, list[int]]:
+    """A copy of ``teacher`` with ``n_keep`` of its layers, evenly spaced, the last kept;
+    returns the student and, for each kept layer, the teacher hidden state it stands in
+    for (index into ``hidden_states``)."""
+    n = teacher.config.num_hidden_layers
+    if not 1 <= n_keep <= n:
+        raise ValueError(f"--layers must be in 1..{n}, got {n_keep}")
+    targets = [round((k + 1) * n / n_keep) for k in range(n_keep)]  # group ends, 1-based
+    keep = [t - 1 for t in targets]
+    student = copy.deepcopy(teacher)
+    student.encoder.layer = nn.ModuleList(student.encoder.layer[i] for i in keep)
+    student.config.num_hidden_layers = n_keep
+    return student, targets
+
+
+def distil_dropped(student: nn.Module, teacher: nn.Module, tok, sentences: list[str],
+                   targets: list[int], cfg: HealConfig, lr: float) -> list[float]:
+    """Distil every parameter of the layer-dropped ``student`` (the main job's loss: relative
+    hidden-state error per kept layer against its teacher layer, plus 1 - pooled cosine)."""
+    rng = random.Random(cfg.seed)
+    lengths = [len(ids) for ids in tok(sentences, truncation=True,
+                                       max_length=cfg.max_length)["input_ids"]]
+    draws = length_bucketed_draws(lengths, cfg.batch_size, cfg.steps, cfg.bucket, rng)
+    params = [p for p in student.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / cfg.warmup) * max(0.0, 1 - t / cfg.steps))
+    teacher.eval()
+    student.train()
+    for m in student.modules():  # no dropout, as the main job's healing
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    losses = []
+    for draw in tqdm(draws, desc="layer-drop distillation"):
+        batch = tok([sentences[i] for i in draw], padding=True, truncation=True,
+                    max_length=cfg.max_length, return_tensors="pt")
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            th = teacher(**batch, output_hidden_states=True).hidden_states
+        sh = student(**batch, output_hidden_states=True).hidden_states
+        m = mask.unsqueeze(-1).float()
+        hid = sum(((sh[k + 1] - th[t]) ** 2 * m).sum() / (th[t] ** 2 * m).sum()
+                  for k, t in enumerate(targets)) / len(targets)
+        cos = 1 - F.cosine_similarity(mean_pool(sh[-1], mask), mean_pool(th[-1], mask)).mean()
+        loss = cfg.w_hidden * hid + cfg.w_cos * cos
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=("tnlm", "plain", "layerdrop", "int8"), required=True)
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--layers", type=int, default=3, help="layerdrop: layers kept")
+    ap.add_argument("--text", choices=("default", "grammar"), default="default",
+                    help="grammar: the former default text (generated sentences and "
+                         "docstrings, no LM sentences)")
+    ap.add_argument("--heal-steps", type=int, default=EncoderRecipe.heal_steps)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="default: the main job's for tnlm/plain, 1e-4 for layerdrop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from transformers import AutoModel, AutoTokenizer
+
+    t0 = time.perf_counter()
+    sets = natural_sets()
+    path = str(default_model_path())
+    model = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = copy.deepcopy(model).eval()
+    before = linear_params(model)
+    if args.text == "grammar":
+        text = default_text(seed=args.seed, n_lm=0)
+    else:
+        text = default_text(seed=args.seed)
+    split = split_text(text, EncoderRecipe.calibration, seed=args.seed)
+    extra: dict = {}
+    torch.manual_seed(args.seed)
+    if args.method in ("tnlm", "plain"):
+        recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
+                               lr=args.lr or EncoderRecipe.lr, whiten=args.method == "tnlm",
+                               seed=args.seed)
+        res = compress_encoder(model, tok, recipe, text=text, progress=False)
+        student = res.model
+        kept = res.ratio
+        extra = dict(cosine_held_out=res.measures["cosine_mean"])
+    elif args.method == "layerdrop":
+        student, targets = drop_layers(model, args.layers)
+        cfg = EncoderRecipe(heal_steps=args.heal_steps, seed=args.seed).heal_config()
+        losses = distil_dropped(student, teacher, tok, split.heal_text, targets, cfg,
+                                args.lr or 1e-4)
+        kept = linear_params(student) / before
+        extra = dict(final_loss=losses[-1], layer_targets=targets,
+                     cosine_held_out=float(embedding_cosine(student, teacher, tok,
+                                                            split.held_out).mean()))
+    else:
+        student = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        kept = 1.0
+    res = measure_natural(student, teacher, tok, sets)
+    out = dict(vars(args), kept=kept, wall_seconds=time.perf_counter() - t0,
+               text_sentences=len(text), **extra, **res)
+    write_result(out, args.out, ("method", "kept", "cos_natural", "cos_sst2", "cos_cola",
+                                 "cos_sick", "sick_spearman", "wall_seconds"))
+
+
+if __name__ == "__main__":
+    main()

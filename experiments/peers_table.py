@@ -1,0 +1,91 @@
+"""Aggregate results/peers/*.json (experiments/peers.py) into the table and plot of docs/results.md.
+
+Usage:
+    python experiments/peers_table.py results/peers/*.json --plot docs/figures/peers.png
+Prints a markdown table: one row per method, text and size, mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {
+    "tnlm": "tnlm (main job)",
+    "plain": "plain low-rank SVD, same job",
+    "layerdrop": "layer dropping + distillation",
+    "int8": "dense, int8 dynamic quantization",
+}
+COLUMNS = ("cos_natural", "cos_sst2", "cos_cola", "cos_sick", "sick_spearman")
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1):.{digits}f}"
+
+
+def label(r: dict) -> str:
+    name = LABELS[r["method"]]
+    if r["method"] == "layerdrop":
+        name += f" ({r['layers']} of 6 layers)"
+    if r["method"] in ("tnlm", "plain", "layerdrop"):
+        name += ", former text" if r.get("text") == "grammar" else ""
+    return name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for f in args.files:
+        r = json.loads(Path(f).read_text())
+        groups[(label(r), round(r["kept"], 3), r.get("heal_steps"))].append(r)
+    orig = next(iter(groups.values()))[0]["sick_spearman_original"]
+    print(f"| method | kept | seeds | natural cosine (mean of 3) | SST-2 dev | CoLA dev | "
+          f"SICK sentences | SICK Spearman (orig. {orig:.4f}) | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, kept, _), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        cells = [fmt([r[c] for r in rs], 4 if c == "sick_spearman" else 3) for c in COLUMNS]
+        seeds = "/".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        wall = fmt([r["wall_seconds"] for r in rs], 0)
+        print(f"| {name} | {kept:.1%} | {seeds} | " + " | ".join(cells) + f" | {wall} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        by_name: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        for (name, kept, _), rs in groups.items():
+            base = name.split(" (")[0] if "layer dropping" in name else name
+            by_name[base].append((kept, np.mean([r["cos_natural"] for r in rs]),
+                                  np.mean([r["sick_spearman"] for r in rs])))
+        for name, pts in sorted(by_name.items()):
+            pts.sort()
+            xs = [p[0] for p in pts]
+            axes[0].plot(xs, [p[1] for p in pts], "o-", label=name)
+            axes[1].plot(xs, [p[2] for p in pts], "o-", label=name)
+        axes[1].axhline(orig, color="grey", ls="--", lw=1, label="original")
+        axes[0].set(xlabel="fraction of encoder-linear parameters kept",
+                    ylabel="cosine to the original (natural text)")
+        axes[1].set(xlabel="fraction of encoder-linear parameters kept",
+                    ylabel="SICK relatedness Spearman")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
