@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.causal import CausalHealConfig, self_generated_text  # noqa: E402
+from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig, self_generated_text  # noqa: E402
 from tnlm.compress.layerwise import ALLOCATIONS, METHODS  # noqa: E402
 from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm  # noqa: E402
 from tnlm.compress.lm_quality import (  # noqa: E402
@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="healing's optimizer (adafactor: factored second moments, less "
+                        "memory; its steps are relative to each parameter's RMS)")
     p.add_argument("--eval-length", type=int, default=256)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--no-answers", action="store_true")
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
         allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
-                              checkpoint_blocks=not args.no_checkpoint_blocks),
+                              checkpoint_blocks=not args.no_checkpoint_blocks,
+                              optimizer=args.optimizer),
         seed=args.seed)
     res = None
     if args.method != "dense":
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
     ppl = perplexity(model, tok, eval_text, max_length=args.eval_length,
                      stride=args.eval_length)
     eval_s = time.perf_counter() - t1
-    out = dict(method=args.method, budget=args.budget, seed=args.seed, args={
+    out = dict(method=args.method, budget=args.budget, seed=args.seed,
+               heal_optimizer=recipe.heal.optimizer, args={
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
         eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb)

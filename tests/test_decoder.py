@@ -266,6 +266,7 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "llama" and summary["method"] == "tnlm"
+    assert summary["heal_optimizer"] == "adamw"
     assert 0.4 < summary["ratio"] <= 0.5
     assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
     assert summary["ratio"] == pytest.approx(summary["params_after"] / summary["params_before"])
@@ -343,6 +344,30 @@ def test_cli_refuses_encoder_only_options_for_a_causal_lm(tmp_path, capsys):
                   ["--calibration", "7"]):
         assert main(["compress", str(folder), *extra]) == 2
         assert f"{extra[0]} applies to encoders" in capsys.readouterr().err
+
+
+def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
+        tmp_path, capsys, monkeypatch):
+    from tnlm.cli import build_parser, main
+    from tnlm.compress import llm
+
+    assert build_parser().parse_args(["compress"]).heal_optimizer == "adamw"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--heal-optimizer", "sgd"])
+    assert main(["compress", "--heal-optimizer", "adafactor"]) == 2  # the embedded encoder
+    assert "--heal-optimizer applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    seen = []
+
+    def stop(model, tok, recipe, **kw):
+        seen.append(recipe.heal)
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    assert main(["compress", str(folder), "--heal-optimizer", "adafactor", "--text",
+                 str(text), "--out", "", "--quiet"]) == 2
+    assert "stopped before compression" in capsys.readouterr().err
+    assert [h.optimizer for h in seen] == ["adafactor"]
 
 
 def _cost(spectra, ranks, weights=None):
@@ -531,6 +556,98 @@ def test_healing_with_checkpointed_blocks_follows_the_same_trajectory(arch):
         torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="checkpoint_blocks must be a bool"):
         CausalHealConfig(checkpoint_blocks="yes")
+
+
+def test_healing_optimizer_must_be_adamw_or_adafactor():
+    for bad in ("sgd", "AdamW", None):
+        with pytest.raises(ValueError) as err:
+            CausalHealConfig(optimizer=bad)
+        assert str(err.value) == (f"optimizer must be one of 'adamw', 'adafactor', got "
+                                  f"{bad!r}")
+
+
+def test_default_healing_optimizer_is_adamw_on_the_same_trajectory(monkeypatch):
+    """The default optimizer is AdamW at the config's lr, weight decay 0: the losses and
+    parameters of healing as it was before the choice (AdamW built in heal_causal)."""
+    from tnlm.compress import causal
+
+    assert CausalHealConfig().optimizer == "adamw"
+    teacher = _llama()
+    seqs = _seqs(16, 12)
+    base = copy.deepcopy(teacher)
+    compress_layerwise(base, seqs, LayerwiseConfig(default_targets(base), budget=0.4,
+                                                   method="plain"), progress=False)
+    cfg = CausalHealConfig(steps=5, lr=3e-3, batch_size=4, warmup=2)
+    opt = causal.healing_optimizer(causal._trainable(base, cfg.train), cfg)
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["lr"] == cfg.lr and opt.defaults["weight_decay"] == 0.0
+    runs = []
+    for former in (False, True):
+        if former:
+            monkeypatch.setattr(causal, "healing_optimizer", lambda params, c:
+                                torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0))
+        student = copy.deepcopy(base)
+        res = heal_causal(student, teacher, seqs, cfg, progress=False)
+        runs.append((res.losses, student.state_dict()))
+    (l0, s0), (l1, s1) = runs
+    assert l0 == l1
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def _state_bytes(opt, matrices: bool) -> int:
+    """Bytes of an optimizer's state tensors for its parameters of >= 2 dimensions
+    (``matrices``) or of fewer."""
+    return sum(t.numel() * t.element_size() for p, state in opt.state.items()
+               if (p.dim() >= 2) == matrices for t in state.values() if torch.is_tensor(t))
+
+
+def test_adafactor_healing_lowers_the_kl_with_a_fraction_of_adamws_state():
+    """optimizer="adafactor": healing lowers the KL (at a higher lr than AdamW's: its
+    steps are relative to each parameter's RMS), every trained parameter moves (the MPO
+    cores through their views without size-1 dimensions), and its state after one step
+    holds under half of AdamW's bytes for the matrices: dense linears and MPO cores."""
+    from tnlm.compress import causal
+
+    teacher = _llama()
+    seqs = _seqs(16, 12)
+    student = copy.deepcopy(teacher)
+    compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.3,
+                                                      method="plain"), progress=False)
+    compressed = copy.deepcopy(student)
+
+    def kl():
+        with torch.no_grad():
+            return float(next_token_kl(student(seqs).logits, teacher(seqs).logits))
+
+    k0 = kl()
+    flags = [p.requires_grad for p in student.parameters()]
+    res = heal_causal(student, teacher, seqs,
+                      CausalHealConfig(steps=10, lr=3e-2, batch_size=8, warmup=2,
+                                       optimizer="adafactor"), progress=False)
+    assert res.stopped is None and len(res.losses) == 10
+    assert kl() < 0.8 * k0
+    assert [p.requires_grad for p in student.parameters()] == flags  # given back
+    for model in (teacher, compressed):  # dense linears; MPO cores (1, in, 1, r), (r, 1, out, 1)
+        bytes_ = {}
+        for name in ("adamw", "adafactor"):
+            m = copy.deepcopy(model)
+            params = causal._trainable(m, "cores+linears")
+            assert any(p.dim() >= 2 for p in params)
+            before = [p.detach().clone() for p in params]
+            opt = causal.healing_optimizer(params, CausalHealConfig(optimizer=name))
+            with torch.no_grad():
+                t_logits = teacher(seqs[:4]).logits
+            for p in m.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            next_token_kl(m(seqs[:4]).logits, t_logits).backward()
+            opt.step()
+            if model is compressed:
+                assert all(not torch.equal(b, p) for b, p in zip(before, params)), name
+            bytes_[name] = (_state_bytes(opt, True), _state_bytes(opt, False))
+        assert bytes_["adafactor"][0] < 0.5 * bytes_["adamw"][0], bytes_
+        assert bytes_["adafactor"][1] <= bytes_["adamw"][1], bytes_
 
 
 def test_compression_and_healing_keep_no_dense_caches():

@@ -27,6 +27,8 @@ RUNS = {
     "chunked": dict(steps=6, lr=3e-3, batch_size=4, warmup=2, chunk=7,
                     checkpoint_blocks=False),
     "cores": dict(steps=4, lr=3e-3, batch_size=5, warmup=2, train="cores"),  # shares 3 + 2
+    # healing_optimizer's Adafactor (stepping views of the MPO cores) under DDP too
+    "adafactor": dict(steps=6, lr=3e-2, batch_size=4, warmup=2, optimizer="adafactor"),
 }
 #: encoder healing runs: name -> HealConfig settings
 ENCODER_RUNS = {

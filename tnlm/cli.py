@@ -199,6 +199,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         "encoder's compression as one process")
     if args.method is not None:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
+    if args.heal_optimizer != "adamw":
+        raise UserError("--heal-optimizer applies to causal LMs; an encoder heals with AdamW")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
@@ -420,7 +422,8 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
-    heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed)
+    heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
+                            optimizer=args.heal_optimizer)
     if size > 1 and heal_steps and heal.batch_size < size:
         raise UserError(f"{size} processes: healing shares each step's batch of "
                         f"{heal.batch_size} sequences, so at most {heal.batch_size} "
@@ -495,6 +498,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    budget=args.budget, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                   heal_optimizer=recipe.heal.optimizer,
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source, seconds=res.seconds,
@@ -504,7 +508,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     else:
         print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
               f"parameters of the targeted layers ({res.ratio:.1%}); method "
-              f"{recipe.method}; healing {heal_steps} steps")
+              f"{recipe.method}; healing {heal_steps} steps ({recipe.heal.optimizer})")
         print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
               f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
     if out is not None:
@@ -632,7 +636,7 @@ def _short(x: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
-    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
     from tnlm.compress.pipeline import ALLOCATIONS
 
@@ -671,6 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=enc.teacher_bf16,
                    help="run the teacher in bfloat16 during healing (default: when the CPU "
                         "has bf16 instructions; pooled outputs within 1e-4 cosine)")
+    p.add_argument("--heal-optimizer", choices=OPTIMIZERS, default=CausalHealConfig.optimizer,
+                   help="causal LMs: healing's optimizer; adafactor keeps factored second "
+                        "moments instead of AdamW's two moment buffers (twice the trained "
+                        "parameters' bytes); its steps are relative to each parameter's RMS, "
+                        "so it usually wants a higher --lr")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,

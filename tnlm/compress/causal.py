@@ -12,7 +12,8 @@ Healing. The student learns the dense teacher's next-token distributions::
 
     loss = mean over tokens t of KL(p_teacher(· | x_<t) || p_student(· | x_<t))
 
-(temperature 1). AdamW, linear warm-up, cosine decay, gradient clipping. What trains
+(temperature 1). AdamW (or Adafactor, ``optimizer="adafactor"``: see
+:class:`CausalHealConfig`), linear warm-up, cosine decay, gradient clipping. What trains
 (``train``, one of :data:`TRAIN`, the sets of those names in :mod:`tnlm.bridge.finetune`,
 taken in the blocks: never the embeddings, the final norm or the LM head): ``"cores"``
 every MPO core and bias and the norms; ``"cores+linears"`` (the default) adds the dense
@@ -52,7 +53,7 @@ from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
 __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
-           "heal_causal", "next_token_kl"]
+           "heal_causal", "healing_optimizer", "next_token_kl", "OPTIMIZERS"]
 
 
 @torch.no_grad()
@@ -139,6 +140,9 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
 #: what causal healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`
 TRAIN = ("cores", "cores+linears")
 
+#: the optimizers causal healing may use (``CausalHealConfig.optimizer``)
+OPTIMIZERS = ("adamw", "adafactor")
+
 
 @dataclass
 class CausalHealConfig:
@@ -146,7 +150,20 @@ class CausalHealConfig:
     :data:`TRAIN`. ``checkpoint_blocks`` (default on): each block's activations are
     recomputed in the backward pass instead of kept (:func:`tnlm.integration.surgery.
     checkpointed`): the same gradients, one block's activations at a time instead of
-    every block's, one more forward pass a step (measured in docs/results.md)."""
+    every block's, one more forward pass a step (measured in docs/results.md).
+
+    ``optimizer`` (one of :data:`OPTIMIZERS`): ``"adamw"`` (the default) keeps two moment
+    buffers the size of every trained parameter (twice their bytes: about 0.5 GB for
+    SmolLM2-135M at a 60 % budget); ``"adafactor"`` (``torch.optim.Adafactor``, weight
+    decay 0, the same ``lr``, warm-up and cosine decay) keeps no first moment and, for
+    every matrix, its second moment factored into row and column means (rows + cols
+    numbers instead of rows x cols; an MPO core is factored without its size-1
+    dimensions, :func:`healing_optimizer`); vectors (norms, biases) keep a full second
+    moment.
+    Adafactor's step is relative: each parameter moves by ``lr`` x max(1e-3, its RMS)
+    along its normalized update, not by about ``lr`` as with AdamW, so it needs a higher
+    ``lr`` than AdamW for the same progress (10x on the tiny Llama of the tests, whose
+    weights' RMS is 0.05-0.1)."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -158,8 +175,12 @@ class CausalHealConfig:
     seed: int = 0
     chunk: int | None = None
     checkpoint_blocks: bool = True
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
+                             f"got {self.optimizer!r}")
         if self.chunk is not None and (isinstance(self.chunk, bool)
                                        or not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk!r}")
@@ -254,6 +275,43 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
     return [p for _, p in select_parameters(blocks_of(student), train)]
 
 
+def healing_optimizer(params: Sequence[nn.Parameter],
+                      config: CausalHealConfig) -> torch.optim.Optimizer:
+    """The optimizer :func:`heal_causal` steps (single process and under
+    ``DistributedDataParallel`` alike): ``config.optimizer`` over ``params`` at
+    ``config.lr``, weight decay 0 (see :class:`CausalHealConfig`).
+
+    Adafactor factors a tensor's second moment over its last two dimensions, and an MPO
+    core of a low-rank layer is a matrix stored with size-1 dimensions (``(1, in, 1, r)``,
+    ``(r, 1, out, 1)``): factored as stored, one of its two factors would be as large as
+    the core. So Adafactor steps views of the parameters without their size-1 dimensions
+    (the same storage: stepping a view steps the parameter), and a step pre-hook hands it
+    the parameters' gradients, viewed alike (and drops them after the step). Zero the
+    gradients on ``params``: the optimizer's ``zero_grad`` clears the views' only."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if config.optimizer != "adafactor":
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
+                         f"got {config.optimizer!r}")
+    pairs = [(p, p.detach().view([n for n in p.shape if n != 1] or [1]))
+             for p in params if p.dim() > 2 and 1 in p.shape]
+    viewed = {id(p): v for p, v in pairs}
+    opt = torch.optim.Adafactor([viewed.get(id(p), p) for p in params], lr=config.lr,
+                                weight_decay=0.0)
+
+    def grads_to_views(*_: Any) -> None:
+        for p, v in pairs:
+            v.grad = None if p.grad is None else p.grad.reshape(v.shape)
+
+    def drop_view_grads(*_: Any) -> None:  # the gradients stay the parameters' alone
+        for _p, v in pairs:
+            v.grad = None
+
+    opt.register_step_pre_hook(grads_to_views)
+    opt.register_step_post_hook(drop_view_grads)
+    return opt
+
+
 def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 config: CausalHealConfig, *, progress: bool = True) -> CausalHealResult:
     """Distil ``teacher``'s next-token distributions into ``student`` (in place) on
@@ -301,7 +359,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             p.requires_grad_(True)
         student.eval()  # no dropout (also attention's functional one); gradients still flow
         teacher.eval()
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        opt = healing_optimizer(params, config)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
@@ -345,7 +403,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                     best_loss, result.best_step = run, step
                     for b, p in zip(best, params):
                         b.copy_(p.detach())
-                opt.zero_grad(set_to_none=True)
+                for p in params:  # not opt.zero_grad: it may step views (healing_optimizer)
+                    p.grad = None
                 # DDP averages over the ranks: weighted by size x shares = the batch's mean
                 with dist_.rank_failures("the gradients in healing"):
                     (loss * (share * size) if size > 1 else loss).backward()

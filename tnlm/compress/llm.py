@@ -72,7 +72,9 @@ class CausalLMRecipe:
         allocation: how the budget is shared among the targets
             (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
             method's own, :meth:`resolved_allocation`.
-        heal: healing settings (``steps=0``: none).
+        heal: healing settings (``steps=0``: none; ``heal.optimizer``: ``"adamw"`` or
+            ``"adafactor"``, whose factored second moments take a fraction of AdamW's
+            two moment buffers, :class:`~tnlm.compress.causal.CausalHealConfig`).
     """
 
     budget: float = 0.6
