@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="healing's optimizer (adafactor: factored second moments, less "
-                        "memory; its steps are relative to each parameter's RMS)")
+                        "memory; the same lr)")
     p.add_argument("--eval-length", type=int, default=256)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--no-answers", action="store_true")

@@ -678,8 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-optimizer", choices=OPTIMIZERS, default=CausalHealConfig.optimizer,
                    help="causal LMs: healing's optimizer; adafactor keeps factored second "
                         "moments instead of AdamW's two moment buffers (twice the trained "
-                        "parameters' bytes); its steps are relative to each parameter's RMS, "
-                        "so it usually wants a higher --lr")
+                        "parameters' bytes), at the same --lr")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,

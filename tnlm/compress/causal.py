@@ -160,10 +160,11 @@ class CausalHealConfig:
     numbers instead of rows x cols; an MPO core is factored without its size-1
     dimensions, :func:`healing_optimizer`); vectors (norms, biases) keep a full second
     moment.
-    Adafactor's step is relative: each parameter moves by ``lr`` x max(1e-3, its RMS)
-    along its normalized update, not by about ``lr`` as with AdamW, so it needs a higher
-    ``lr`` than AdamW for the same progress (10x on the tiny Llama of the tests, whose
-    weights' RMS is 0.05-0.1)."""
+    Adafactor's step is made absolute, as AdamW's: torch scales each step by
+    max(eps2, the parameter's RMS), and tnlm sets eps2 = 1 (weights' RMS is far below 1),
+    so a parameter moves by about ``lr`` along its RMS-clipped normalized update and one
+    ``lr`` means the same for both optimizers (with torch's default eps2 = 1e-3 the step
+    shrinks with the weights' RMS: on the tiny Llama of the tests, 10x less progress)."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -279,7 +280,8 @@ def healing_optimizer(params: Sequence[nn.Parameter],
                       config: CausalHealConfig) -> torch.optim.Optimizer:
     """The optimizer :func:`heal_causal` steps (single process and under
     ``DistributedDataParallel`` alike): ``config.optimizer`` over ``params`` at
-    ``config.lr``, weight decay 0 (see :class:`CausalHealConfig`).
+    ``config.lr``, weight decay 0, Adafactor's steps absolute (see
+    :class:`CausalHealConfig`).
 
     Adafactor factors a tensor's second moment over its last two dimensions, and an MPO
     core of a low-rank layer is a matrix stored with size-1 dimensions (``(1, in, 1, r)``,
@@ -297,7 +299,7 @@ def healing_optimizer(params: Sequence[nn.Parameter],
              for p in params if p.dim() > 2 and 1 in p.shape]
     viewed = {id(p): v for p, v in pairs}
     opt = torch.optim.Adafactor([viewed.get(id(p), p) for p in params], lr=config.lr,
-                                weight_decay=0.0)
+                                eps=(None, 1.0), weight_decay=0.0)  # absolute steps
 
     def grads_to_views(*_: Any) -> None:
         for p, v in pairs:
