@@ -300,6 +300,10 @@ def test_cli_refuses_bad_llm_input_before_work(tmp_path, capsys):
     folder, text = _llm_folder(tmp_path)
     assert main(["compress", str(folder), "--sick", "x.tsv"]) == 2
     assert "--sick applies to encoders" in capsys.readouterr().err
+    assert main(["compress", str(folder), "--resume", "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert err == ("tnlm: error: --resume continues the layer-by-layer compression saved in "
+                   "--out DIR: it needs --out\n")
     assert main(["compress", str(folder), "--budget", "2"]) == 2
     assert "--budget" in capsys.readouterr().err
     cfg = json.loads((folder / "config.json").read_text())
@@ -675,3 +679,152 @@ def test_compression_and_healing_keep_no_dense_caches():
                 progress=False)
     hook.remove()
     assert seen and not any(seen)  # the forward and its recomputation in backward
+
+
+# ------------------------------------------------------- the per-block checkpoint of the CLI
+
+def _fit_recorder(monkeypatch, fail_at: list[int | None]):
+    """Block fitting, recording the blocks it runs on (its seed is the run's seed 0 plus
+    the block's index) and raising in block ``fail_at[0]``."""
+    import tnlm.compress.layerwise as lw
+
+    real, blocks = lw.fit_block, []
+
+    def fit(block, *a, seed=0, **kw):
+        blocks.append(seed)
+        if seed == fail_at[0]:
+            raise RuntimeError(f"stopped in block {seed}")
+        return real(block, *a, seed=seed, **kw)
+
+    monkeypatch.setattr(lw, "fit_block", fit)
+    return blocks
+
+
+def test_cli_resumes_a_causal_lm_after_its_last_finished_block(tmp_path, capsys, monkeypatch):
+    """--out DIR keeps the per-block checkpoint in DIR/layerwise: a run stopped in block 1
+    leaves block 0 there; --resume with other settings is refused naming them; --resume
+    fits block 1 only and saves the uninterrupted run's model (the same tensors, bit for
+    bit: block 0 and the hidden states are read back exactly and the rest is the same
+    computation); a run without --resume discards a leftover checkpoint; the checkpoint
+    is removed once the model is saved."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tnlm.cli import main
+    from tnlm.compress.layerwise import read_checkpoint_state
+
+    folder, text = _llm_folder(tmp_path)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    ckpt = out / "layerwise"
+    base = ["compress", str(folder), "--budget", "0.5", "--heal-steps", "1", "--text",
+            str(text), "--json", "--quiet"]
+    fail_at: list[int | None] = [1]
+    blocks = _fit_recorder(monkeypatch, fail_at)
+
+    assert main([*base, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "stopped in block 1" in err
+    assert f"the layer-by-layer checkpoint in {ckpt} is kept: the same command with " \
+        "--resume continues" in err
+    assert blocks == [0, 1]
+    assert read_checkpoint_state(ckpt)["last_block"] == 0
+    assert not (out / "config.json").exists()  # no model saved
+
+    # other settings: refused before any work, naming them; the checkpoint stays
+    assert main([*base, "--out", str(out), "--resume", "--budget", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"tnlm: error: --resume: cannot resume "
+                                                    f"from {ckpt}")
+    assert "settings.budget: 0.5 in the checkpoint, 0.4 now" in err
+    assert "pass the settings of that run, or drop --resume" in err
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(reversed(text.read_text().splitlines())) + "\n")
+    assert main([*base, "--out", str(out), "--resume", "--text", str(other)]) == 2
+    assert "sequences: " in capsys.readouterr().err
+    assert blocks == [0, 1] and read_checkpoint_state(ckpt)["last_block"] == 0
+    shutil.copytree(ckpt, fresh / "layerwise")  # a leftover for the run without --resume
+
+    fail_at[0] = None
+    blocks.clear()
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    cap = capsys.readouterr()
+    resumed = json.loads(cap.out)
+    assert f"resuming the layer-by-layer compression in {ckpt} after block 0 (1 of 2 " \
+        "blocks finished)" in cap.err
+    assert blocks == [1]  # block 0 was read from the checkpoint, not compressed again
+    assert not ckpt.exists() and (out / "config.json").is_file()
+
+    blocks.clear()
+    assert main([*base, "--out", str(fresh)]) == 0
+    cap = capsys.readouterr()
+    whole = json.loads(cap.out)
+    assert f"discarding the layer-by-layer checkpoint of an earlier run in " \
+        f"{fresh / 'layerwise'}" in cap.err
+    assert blocks == [0, 1] and not (fresh / "layerwise").exists()
+
+    for key in ("ratio", "params_before", "params_after", "perplexity"):
+        assert resumed[key] == whole[key], key
+    files = sorted(f.name for f in out.glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in fresh.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(out / name)), load_file(str(fresh / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # nothing left to resume: refused, the saved model untouched
+    assert main([*base, "--out", str(out), "--resume"]) == 2
+    assert f"--resume: {ckpt} holds no layer-by-layer checkpoint to resume" in \
+        capsys.readouterr().err
+    assert (out / "config.json").is_file()
+
+
+def test_causal_job_resumes_on_the_self_generated_text_it_kept(tmp_path, monkeypatch):
+    """Without text the job keeps the dense model's own text beside the checkpoint; a
+    resume calibrates on that text without writing it again (and refuses a text written
+    with other generation settings)."""
+    from tests.common import make_causal_lm, make_word_tokenizer
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, check_resume, compress_causal_lm
+
+    recipe = CausalLMRecipe(budget=0.5, n_texts=6, gen_batch=6, gen_tokens=12, seq_len=8,
+                            n_calibration=8, fit_steps=2, heal=CausalHealConfig(steps=0))
+    tok = make_word_tokenizer()
+    ckpt = tmp_path / "ck"
+    real, written = llm.self_generated_text, []
+
+    def generate(*a, **kw):
+        written.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(llm, "self_generated_text", generate)
+    fail_at: list[int | None] = [1]
+    blocks = _fit_recorder(monkeypatch, fail_at)
+    with pytest.raises(RuntimeError, match="stopped in block 1"):
+        compress_causal_lm(make_causal_lm("llama"), tok, recipe, progress=False,
+                           checkpoint_dir=ckpt)
+    assert written == [1] and (ckpt / llm.TEXT_FILE).is_file()
+    assert check_resume(make_causal_lm("llama"), tok, recipe, ckpt) == 0
+    only_text = tmp_path / "only_text"  # stopped before block 0 was finished
+    only_text.mkdir()
+    with pytest.raises(FileNotFoundError):
+        check_resume(make_causal_lm("llama"), tok, recipe, only_text)
+    (only_text / llm.TEXT_FILE).write_bytes((ckpt / llm.TEXT_FILE).read_bytes())
+    assert check_resume(make_causal_lm("llama"), tok, recipe, only_text) is None
+    with pytest.raises(ValueError, match="gen_tokens: 12 in the checkpoint, 10 now"):
+        compress_causal_lm(make_causal_lm("llama"), tok,
+                           CausalLMRecipe(**{**recipe.__dict__, "gen_tokens": 10}),
+                           progress=False, checkpoint_dir=ckpt, resume=True)
+
+    fail_at[0] = None
+    blocks.clear()
+    resumed = compress_causal_lm(make_causal_lm("llama"), tok, recipe, progress=False,
+                                 checkpoint_dir=ckpt, resume=True)
+    assert written == [1] and blocks == [1]
+    whole = compress_causal_lm(make_causal_lm("llama"), tok, recipe, progress=False)
+    assert written == [1, 1]
+    assert resumed.layerwise.ranks == whole.layerwise.ranks
+    a, b = resumed.model.state_dict(), whole.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    llm.remove_checkpoint(ckpt)
+    assert not ckpt.exists()

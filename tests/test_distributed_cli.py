@@ -123,3 +123,88 @@ def test_encoders_and_bad_settings_are_refused_under_torchrun(monkeypatch, capsy
     monkeypatch.setenv("RANK", "x")
     assert main(["compress", str(folder)]) == 2
     assert "RANK 'x' must be integers" in capsys.readouterr().err
+
+
+def _resume_worker(rank: int, world: int, ports: list[int], folder: str, text: str,
+                   out: str) -> None:
+    """Three runs of the CLI in a rank as torchrun starts it: one stopped in block 1 (on
+    every rank), the same command with --resume, and an uninterrupted one into another
+    folder; what each run fitted and returned is written to ``log_rank<r>.json``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    import torch
+
+    torch.set_num_threads(1)
+    from tnlm.cli import main
+    from tnlm.compress import layerwise as lw
+
+    real, fail_at, blocks = lw.fit_block, [1], []
+
+    def fit(block, *a, seed=0, **kw):  # seed: the run's seed 0 plus the block's index
+        blocks.append(seed)
+        if seed == fail_at[0]:
+            raise RuntimeError(f"stopped in block {seed}")
+        return real(block, *a, seed=seed, **kw)
+
+    lw.fit_block = fit
+    out_ = Path(out)
+    base = ["compress", folder, "--budget", "0.5", "--heal-steps", "1", "--text", text,
+            "--json", "--quiet", "--dist-timeout", "2"]
+    log: dict = {}
+    for name, port, extra in (("stopped", ports[0], ["--out", str(out_ / "a")]),
+                              ("resumed", ports[1], ["--out", str(out_ / "a"), "--resume"]),
+                              ("whole", ports[2], ["--out", str(out_ / "b")])):
+        os.environ["MASTER_PORT"] = str(port)
+        blocks.clear()
+        with open(out_ / f"{name}_rank{rank}.err", "w") as e, \
+                open(out_ / f"{name}_rank{rank}.out", "w") as o:
+            sys.stderr, sys.stdout = e, o
+            code = main([*base, *extra])
+            sys.stderr, sys.stdout = sys.__stderr__, sys.__stdout__
+        log[name] = {"code": code, "blocks": list(blocks)}
+        if name == "stopped":
+            fail_at[0] = None
+            log["files"] = sorted(p.name for p in (out_ / "a" / "layerwise").iterdir())
+    (out_ / f"log_rank{rank}.json").write_text(json.dumps(log))
+
+
+def test_torchrun_resumes_after_the_last_finished_block(tmp_path):
+    """Under torchrun --out DIR/layerwise gets each rank's hidden states and rank 0's
+    blocks and state; --resume on every rank fits the unfinished block only, and rank 0
+    saves the model of an uninterrupted two-process run (the same tensors, bit for bit)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = llm_folder(tmp_path)
+    text = tmp_path / "text.txt"
+    words = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky", "day"]
+    text.write_text("\n".join(" ".join(words[(i * 7 + j * 5) % len(words)] for j in range(40))
+                              for i in range(40)) + "\n")
+    codes = launch_ranks(_resume_worker, (2, [free_port() for _ in range(3)], str(folder),
+                                          str(text), str(tmp_path)), timeout=300)
+    assert codes == [0, 0], [(tmp_path / f"{n}_rank{r}.err").read_text()
+                             for r in (0, 1) for n in ("stopped", "resumed", "whole")
+                             if (tmp_path / f"{n}_rank{r}.err").exists()]
+    logs = [json.loads((tmp_path / f"log_rank{r}.json").read_text()) for r in (0, 1)]
+    ckpt = tmp_path / "a" / "layerwise"
+    for log in logs:
+        assert log["stopped"] == {"code": 1, "blocks": [0, 1]}
+        assert log["files"] == ["block_00000.safetensors", "hidden_00000_rank0.safetensors",
+                                "hidden_00000_rank1.safetensors", "state.json"]
+        assert log["resumed"] == {"code": 0, "blocks": [1]}  # block 0 read back
+        assert log["whole"] == {"code": 0, "blocks": [0, 1]}
+    assert f"the layer-by-layer checkpoint in {ckpt} is kept" in \
+        (tmp_path / "stopped_rank0.err").read_text()
+    assert f"resuming the layer-by-layer compression in {ckpt} after block 0" in \
+        (tmp_path / "resumed_rank0.err").read_text()
+    assert (tmp_path / "resumed_rank1.out").read_text() == ""  # rank 0 alone prints
+    assert not ckpt.exists()
+    resumed = json.loads((tmp_path / "resumed_rank0.out").read_text())
+    whole = json.loads((tmp_path / "whole_rank0.out").read_text())
+    assert resumed["processes"] == 2
+    assert resumed["params_after"] == whole["params_after"]
+    files = sorted(f.name for f in (tmp_path / "a").glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in (tmp_path / "b").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -185,6 +185,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     in --out is replaced, with a notice, once this run succeeds (it stays until then).
     After success the healing state is removed. Healing that blows up exits with status 1
     and one line naming what was kept on disk; nothing is saved as a model.
+
+    A causal LM keeps the per-block checkpoint of its layer-by-layer compression (and its
+    self-generated text) in ``--out/layerwise`` the same way: continued after the last
+    finished block only with --resume, refused if made with other settings (named),
+    discarded with a notice without --resume, removed once the model is saved.
     """
 
     from tnlm.compress.distill import STATE_FILE
@@ -390,13 +395,15 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     initialized after the inputs are checked (gloo on CPU, nccl with CUDA; timeout
     ``--dist-timeout``) and destroyed at the end; the ranks compress and heal together
     (:func:`~tnlm.compress.llm.compress_causal_lm`); rank 0 alone measures perplexity,
-    prints and writes ``--out``."""
+    prints and writes ``--out`` (each rank writes its own hidden states to the per-block
+    checkpoint ``--out/layerwise``, :func:`_compress_causal_job`)."""
     import math
     from datetime import timedelta
 
     from tnlm.compress.causal import CausalHealConfig
     from tnlm.compress.distributed import process_group_from_env
-    from tnlm.compress.llm import CausalLMRecipe
+    from tnlm.compress.layerwise import CHECKPOINT_STATE
+    from tnlm.compress.llm import TEXT_FILE, CausalLMRecipe, remove_checkpoint
     from tnlm.compress.text import read_sentences
 
     rank, size = _launched()
@@ -408,11 +415,14 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     lr = recipe.heal.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, heal_steps, lr)
     defaults = build_parser().parse_args(["compress"])
-    for flag in ("--sick", "--resume", "--with-default-text", "--heal-train", "--teacher-bf16",
+    for flag in ("--sick", "--with-default-text", "--heal-train", "--teacher-bf16",
                  "--reconstruct-steps", "--allocation", "--calibration"):
         dest = flag[2:].replace("-", "_")
         if getattr(args, dest) != getattr(defaults, dest):
             raise UserError(f"{flag} applies to encoders; {source} is a causal LM")
+    if args.resume and not args.out:
+        raise UserError("--resume continues the layer-by-layer compression saved in --out "
+                        "DIR: it needs --out")
     text = None
     if args.text:
         try:
@@ -448,7 +458,15 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
                                     backend="gloo") as (rank, size):
             return _compress_causal_job(args, source, arch, recipe, text, out, say, rank,
                                         size)
-    except BaseException:
+    except BaseException as err:
+        if out is not None:
+            ckpt = out / LAYERWISE_DIR
+            if (ckpt / CHECKPOINT_STATE).is_file() or (ckpt / TEXT_FILE).is_file():
+                if not isinstance(err, (UserError, ValueError)):
+                    _note(f"the layer-by-layer checkpoint in {ckpt} is kept: the same "
+                          "command with --resume continues after its last finished block")
+            else:  # nothing resumable: the pieces of an unfinished first block, if any
+                remove_checkpoint(ckpt)
         _remove_empty(created)
         raise
     finally:
@@ -456,20 +474,74 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
             hf_logging.enable_progress_bar()
 
 
+#: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
+LAYERWISE_DIR = "layerwise"
+
+
+def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank: int,
+                         size: int) -> None:
+    """``--resume`` checked (rank 0 reads the checkpoint, every rank gets its verdict) or,
+    without it, a checkpoint of an earlier run in ``ckpt`` discarded with a notice; on the
+    loaded model, before any work."""
+    from tnlm.compress import distributed as dist_
+    from tnlm.compress.layerwise import CHECKPOINT_STATE
+    from tnlm.compress.llm import TEXT_FILE, check_resume, remove_checkpoint
+
+    if ckpt is None:
+        return
+    if args.resume:
+        verdict: dict = {}
+        if rank == 0:
+            try:
+                verdict = {"last": check_resume(model, tok, recipe, ckpt, text=text,
+                                                world_size=size)}
+            except FileNotFoundError:
+                verdict = {"error": f"--resume: {ckpt} holds no layer-by-layer checkpoint "
+                                    "to resume"}
+            except ValueError as err:
+                fix = ("pass the settings of that run" if "other inputs" in str(err) else
+                       "it cannot be resumed")
+                verdict = {"error": f"--resume: {err}; {fix}, or drop --resume to start "
+                                    "afresh"}
+        if size > 1:  # the others wait for rank 0's verdict (each rank reads it again)
+            verdict = dist_.broadcast_json(verdict, 0, "the --resume check")
+        if "error" in verdict:
+            raise UserError(verdict["error"])
+        if rank == 0:
+            from tnlm.integration.architectures import blocks_of
+
+            last, n = verdict["last"], len(blocks_of(model))
+            _note(f"resuming the layer-by-layer compression in {ckpt} " +
+                  ("on its calibration text (no block was finished)" if last is None else
+                   f"after block {last} ({last + 1} of {n} blocks finished)"))
+        return
+    if rank == 0 and ckpt.is_dir():
+        if (ckpt / CHECKPOINT_STATE).exists() or (ckpt / TEXT_FILE).exists():
+            _note(f"discarding the layer-by-layer checkpoint of an earlier run in {ckpt} "
+                  "(pass --resume to continue it)")
+        remove_checkpoint(ckpt)  # also the pieces of an unfinished first block
+    if size > 1:  # no rank writes there before rank 0 has cleared it
+        dist_.barrier("the removal of an earlier checkpoint")
+
+
 def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size) -> int:
     """The work of :func:`_compress_causal` once the inputs are checked (and, under
-    torchrun, the process group is up); perplexity, printing and saving on rank 0 only."""
+    torchrun, the process group is up); perplexity, printing and saving on rank 0 only.
+
+    With ``--out DIR`` the per-block checkpoint is written to ``DIR/layerwise`` (every
+    rank: the folder must be one they share) and removed once the model is saved."""
     import json
 
     import torch
 
     from tnlm.compress.causal import token_sequences
-    from tnlm.compress.llm import compress_causal_lm
+    from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
     from tnlm.compress.lm_quality import natural_eval_text, perplexity
     from tnlm.integration import MPOConfig, MPOModel
     from tnlm.integration.loading import load_pretrained
 
     targets, heal_steps = recipe.target_modules, recipe.heal.steps
+    ckpt = Path(args.out) / LAYERWISE_DIR if args.out else None  # on every rank
     torch.manual_seed(args.seed)
     model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
                                  else source.folder)
@@ -478,6 +550,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
             token_sequences(tok, text, recipe.seq_len)
         except ValueError as err:
             raise UserError(f"--text {args.text}: {err}") from None
+    _causal_resume_state(args, model, tok, recipe, text, ckpt, rank, size)
     if rank == 0:
         eval_text = natural_eval_text()
         eval_source = "natural held-out text (../shared/data dev splits)"
@@ -487,7 +560,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
             eval_source = "32 texts the dense model wrote with another seed (not healed on)"
         dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
     res = compress_causal_lm(model, tok, recipe, text=text,
-                             progress=not args.quiet and rank == 0, log=say)
+                             progress=not args.quiet and rank == 0, log=say,
+                             checkpoint_dir=ckpt, resume=args.resume)
     if res.heal is not None and res.heal.stopped:
         raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
                               + (f" in {out}" if out else ""))
@@ -516,6 +590,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
 
         wrapped = MPOModel(model, MPOConfig(target_modules=targets))
         save_self_contained(wrapped, tok, out, sentence_transformers=False)
+        if ckpt is not None:
+            remove_checkpoint(ckpt)  # the model is saved: nothing left to resume
         say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")
     return 0
 
@@ -704,11 +780,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=enc.seed)
     p.add_argument("--out", default="out/minilm-mpo",
                    help="output folder ('' to skip saving); a model already there is replaced "
-                        "when the run succeeds")
+                        "when the run succeeds; while the run lasts it holds the encoder's "
+                        "healing state (DIR/healing) or a causal LM's per-block checkpoint "
+                        "(DIR/layerwise), removed once the model is saved")
     p.add_argument("--resume", action="store_true",
-                   help="continue the healing an interrupted run left in --out DIR/healing "
-                        "(refused if it was made with other settings); without it, a "
-                        "leftover healing state is discarded")
+                   help="continue what an interrupted run left in --out DIR: an encoder's "
+                        "healing (DIR/healing), a causal LM's layer-by-layer compression "
+                        "after its last finished block (DIR/layerwise; also under torchrun, "
+                        "with the same number of processes); refused if it was made with "
+                        "other settings; without it, a leftover state is discarded")
     p.add_argument("--dist-timeout", type=float, default=30.0,
                    help="causal LMs under torchrun: minutes a process waits for the others "
                         "at a collective before it stops with an error (they wait while "

@@ -70,7 +70,8 @@ from tnlm.integration.config import MPOConfig
 __all__ = ["METHODS", "ALLOCATIONS", "dense_spectra", "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "peak_rss_mb", "reset_peak_rss", "write_checkpoint", "read_checkpoint_state",
-           "layerwise_fingerprint", "CHECKPOINT_STATE"]
+           "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
+           "CHECKPOINT_STATE"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -558,14 +559,10 @@ def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None
     return state
 
 
-def _load_hidden(d: Path, state: dict[str, Any], data: list[tuple], rank: int,
-                 n_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's ``(xs, xt)`` for the block after checkpoint ``d``'s last one (none after
-    the last block), checked against the captured inputs ``data``, and a check that the
-    finished blocks' files are there: everything a resume reads but the block files'
-    contents, before the model is touched. Raises ``ValueError`` naming what is wrong."""
-    from safetensors.torch import load_file
-
+def _check_files(d: Path, state: dict[str, Any], n_blocks: int, ranks: list[int]) -> None:
+    """Raise ``ValueError`` unless checkpoint ``d`` (its ``state``) fits a model of
+    ``n_blocks`` blocks and holds the finished blocks' files and, before the last block,
+    the hidden states of each of ``ranks``."""
     last = int(state["last_block"])
     if last >= n_blocks:
         raise ValueError(f"checkpoint {d}: block {last} is finished but the model has "
@@ -574,11 +571,96 @@ def _load_hidden(d: Path, state: dict[str, Any], data: list[tuple], rank: int,
     if missing:
         raise ValueError(f"checkpoint {d}: {', '.join(missing)} missing")
     if last == n_blocks - 1:
+        return
+    for rank in ranks:
+        path = _hidden_file(d, last, rank)
+        if not path.is_file():
+            raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
+                             f"states after block {last})")
+
+
+def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every difference unless checkpoint ``d`` (its ``state``)
+    was written for ``fingerprint`` (:func:`layerwise_fingerprint`)."""
+    diff = _differences(state.get("fingerprint", {}), fingerprint)
+    if diff:
+        raise ValueError(f"cannot resume from {d}: it was written for other inputs; "
+                         + "; ".join(diff))
+
+
+def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
+                       config: LayerwiseConfig) -> list[list[str]]:
+    """Per block, the names (in the block) of its linears ``config.target_modules`` match;
+    ``ValueError`` if they match none in any block."""
+    cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
+    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in MATRIX_KINDS
+                  and cfg.is_target(n)] for b in blocks]
+    if not any(per_block):
+        raise ValueError(f"target_modules {config.target_modules!r} match no "
+                         f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
+                         f"{type(model).__name__}")
+    return per_block
+
+
+def check_checkpoint(directory: str | os.PathLike, model: nn.Module, sequences: torch.Tensor,
+                     config: LayerwiseConfig, world_size: int = 1) -> dict[str, Any]:
+    """The state (``state.json``) of the checkpoint in ``directory`` after checking that
+    ``compress_layerwise(model, sequences, config, resume=True)`` on ``world_size`` ranks
+    can continue from it, without changing anything: the checks that call makes before it
+    touches the model (format version; the fingerprint of the settings, the sequences, the
+    model and the world size, :func:`layerwise_fingerprint`; the finished blocks' files
+    and every rank's hidden states), but not the hidden states' shapes. Take it on the
+    unchanged model. One pass over the model's weights (their sha256).
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no checkpoint.
+        ValueError: a checkpoint of another format or version, for other inputs (every
+            difference named, as :func:`compress_layerwise` names them) or with files
+            missing.
+    """
+    d = Path(directory)
+    state = read_checkpoint_state(d)
+    if state is None:
+        raise FileNotFoundError(f"no layer-by-layer checkpoint in {d} (no {CHECKPOINT_STATE})")
+    blocks = blocks_of(model)
+    per_block = _targets_per_block(model, blocks, config)
+    _refuse_other_inputs(d, state, layerwise_fingerprint(model, sequences, config, per_block,
+                                                         world_size))
+    _check_files(d, state, len(blocks), list(range(world_size)))
+    return state
+
+
+def remove_checkpoint(directory: str | os.PathLike) -> None:
+    """Remove a :func:`write_checkpoint` checkpoint: its ``state.json`` first (so what is
+    left is never taken for a checkpoint), then its block and hidden-state files and the
+    temporary files of interrupted writes; then ``directory`` itself if that left it
+    empty (other files are kept)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    (d / CHECKPOINT_STATE).unlink(missing_ok=True)
+    for pattern in ("block_*.safetensors", "hidden_*_rank*.safetensors",
+                    f".{CHECKPOINT_STATE}.*.tmp", ".block_*.safetensors.*.tmp",
+                    ".hidden_*_rank*.safetensors.*.tmp"):
+        for f in d.glob(pattern):
+            f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        d.rmdir()
+
+
+def _load_hidden(d: Path, state: dict[str, Any], data: list[tuple], rank: int,
+                 n_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's ``(xs, xt)`` for the block after checkpoint ``d``'s last one (none after
+    the last block), checked against the captured inputs ``data``, and a check that the
+    finished blocks' files are there: everything a resume reads but the block files'
+    contents, before the model is touched. Raises ``ValueError`` naming what is wrong."""
+    from safetensors.torch import load_file
+
+    _check_files(d, state, n_blocks, [rank])
+    last = int(state["last_block"])
+    if last == n_blocks - 1:
         return [], []
     path = _hidden_file(d, last, rank)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {d}: {path.name} is missing (rank {rank}'s hidden "
-                         f"states after block {last})")
     hidden = load_file(str(path))
     n = len(data)
     bad = (len(hidden) != 2 * n
@@ -677,14 +759,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                          + (f"shape {tuple(sequences.shape)} {sequences.dtype}"
                             if torch.is_tensor(sequences) else type(sequences).__name__))
     say = log or (lambda s: None)
-    cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     blocks = blocks_of(model)
-    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in MATRIX_KINDS
-                  and cfg.is_target(n)] for b in blocks]
-    if not any(per_block):
-        raise ValueError(f"target_modules {config.target_modules!r} match no "
-                         f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
-                         f"{type(model).__name__}")
+    per_block = _targets_per_block(model, blocks, config)
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
@@ -728,10 +804,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     if problem is not None:
         raise problem
     if saved is not None:
-        diff = _differences(saved.get("fingerprint", {}), fingerprint)
-        if diff:
-            raise ValueError(f"cannot resume from {ckpt}: it was written for other "
-                             "inputs; " + "; ".join(diff))
+        _refuse_other_inputs(ckpt, saved, fingerprint)
     times: dict[str, float] = {}
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}

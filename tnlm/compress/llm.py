@@ -21,14 +21,24 @@ calibration batches and the decompositions among the ranks and healing runs thro
 with the same compressed model. Progress bars are rank 0's only.
 Every stage's seconds and peak resident memory (MiB, the whole process: the model
 included) are recorded.
+
+With ``checkpoint_dir`` the layer-by-layer compression writes its per-block checkpoint
+there (:func:`tnlm.compress.layerwise.write_checkpoint`) and the self-generated text is
+kept beside it (:data:`TEXT_FILE`, written by rank 0); ``resume=True`` continues after the
+last finished block on that same text (:func:`check_resume` checks a checkpoint first,
+:func:`remove_checkpoint` removes one). Healing has no checkpoint here: a resumed run
+heals from the start.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,13 +55,23 @@ from tnlm.compress.causal import (
 from tnlm.compress.layerwise import (
     LayerwiseConfig,
     LayerwiseResult,
+    check_checkpoint,
     compress_layerwise,
     peak_rss_mb,
+    read_checkpoint_state,
     reset_peak_rss,
 )
+from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.integration.architectures import architecture_of
 
-__all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm"]
+__all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
+           "read_saved_text", "remove_checkpoint", "TEXT_FILE"]
+
+#: the self-generated calibration text in a checkpoint folder (JSON: the texts, the
+#: generation settings and a sha256 of the weights of the model that wrote them)
+TEXT_FILE = "calibration_text.json"
+_TEXT_FORMAT = "tnlm-calibration-text"
+_TEXT_VERSION = 1
 
 
 @dataclass
@@ -102,6 +122,22 @@ class CausalLMRecipe:
             return self.allocation
         return "residual" if self.method == "tnlm" else "uniform"
 
+    def layerwise_config(self, model: nn.Module,
+                         checkpoint_dir: str | os.PathLike | None = None) -> LayerwiseConfig:
+        """The :class:`~tnlm.compress.layerwise.LayerwiseConfig` the job compresses
+        ``model`` with (targets: ``target_modules`` or the architecture's)."""
+        targets = list(self.target_modules or architecture_of(model).targets)
+        return LayerwiseConfig(targets, budget=self.budget, method=self.method,
+                               fit_steps=self.fit_steps, fit_lr=self.fit_lr,
+                               allocation=self.resolved_allocation(), seed=self.seed,
+                               checkpoint_dir=None if checkpoint_dir is None
+                               else str(checkpoint_dir))
+
+    def text_settings(self) -> dict[str, int]:
+        """What the self-generated text depends on besides the model."""
+        return {"n_texts": self.n_texts, "gen_tokens": self.gen_tokens,
+                "gen_batch": self.gen_batch, "seed": self.seed}
+
 
 @dataclass
 class CausalLMResult:
@@ -121,15 +157,124 @@ class CausalLMResult:
         return self.layerwise.ratio
 
 
+def _weights_digest(model: nn.Module) -> str:
+    return dist_.digest([x for k, t in model.state_dict().items() for x in (k, t)])
+
+
+def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
+                    model: nn.Module | None = None) -> list[str] | None:
+    """The self-generated text kept in ``directory`` (:data:`TEXT_FILE`), or None if there
+    is none. Raises ``ValueError`` for an unreadable file or one written with other
+    generation settings (named) or, given ``model``, by a model with other weights."""
+    path = Path(directory) / TEXT_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable calibration text ({err})") from err
+    if (not isinstance(saved, dict) or saved.get("format") != _TEXT_FORMAT
+            or saved.get("version") != _TEXT_VERSION or not isinstance(saved.get("texts"), list)
+            or not all(isinstance(t, str) for t in saved["texts"])):
+        raise ValueError(f"{path} is not a calibration text of this tnlm (format "
+                         f"{_TEXT_FORMAT!r} version {_TEXT_VERSION})")
+    now, then = recipe.text_settings(), saved.get("settings") or {}
+    diff = [f"{k}: {then.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
+            if then.get(k) != v]
+    if model is not None and saved.get("model") != _weights_digest(model):
+        diff.append("the model's weights differ")
+    if diff:
+        raise ValueError(f"cannot resume from {path}: the text was written for other "
+                         "inputs; " + "; ".join(diff))
+    return list(saved["texts"])
+
+
+def _save_text(directory: Path, recipe: CausalLMRecipe, model: nn.Module,
+               text: Sequence[str]) -> None:
+    from tnlm.integration.io import atomic_write
+
+    directory.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"format": _TEXT_FORMAT, "version": _TEXT_VERSION,
+                       "settings": recipe.text_settings(), "model": _weights_digest(model),
+                       "texts": list(text)}, indent=0)
+    atomic_write(directory / TEXT_FILE, lambda p: p.write_text(body, encoding="utf-8"))
+
+
+def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
+                 directory: str | os.PathLike, *, text: Sequence[str] | None = None,
+                 world_size: int = 1) -> int | None:
+    """The last block finished in the checkpoint in ``directory`` that
+    ``compress_causal_lm(model, tokenizer, recipe, text=text, checkpoint_dir=directory,
+    resume=True)`` on ``world_size`` ranks would continue after, checked on the unchanged
+    model before any work (:func:`tnlm.compress.layerwise.check_checkpoint` on the
+    calibration sequences, with ``text`` None those of the text kept there); None when
+    only the self-generated text is there (no block was finished: the run starts at
+    block 0 on that text).
+
+    Raises:
+        FileNotFoundError: nothing to resume in ``directory``.
+        ValueError: a checkpoint written for other settings, text, model or world size
+            (every difference named), of another format, with files missing, or without
+            the text it was calibrated on.
+    """
+    d = Path(directory)
+    saved_text = text is None
+    if text is None:
+        text = read_saved_text(d, recipe, model)
+        if text is None:
+            if read_checkpoint_state(d) is None:
+                raise FileNotFoundError(f"no layer-by-layer checkpoint in {d}")
+            raise ValueError(f"cannot resume from {d}: the self-generated text it was "
+                             f"calibrated on ({TEXT_FILE}) is missing")
+    sequences = token_sequences(tokenizer, list(text), recipe.seq_len)[:recipe.n_calibration]
+    try:
+        state = check_checkpoint(d, model, sequences, recipe.layerwise_config(model, d),
+                                 world_size)
+    except FileNotFoundError:
+        if saved_text:
+            return None
+        raise
+    return int(state["last_block"])
+
+
+def remove_checkpoint(directory: str | os.PathLike) -> None:
+    """Remove what ``compress_causal_lm(..., checkpoint_dir=directory)`` wrote there: the
+    text (first), then the layer-by-layer checkpoint
+    (:func:`tnlm.compress.layerwise.remove_checkpoint`) and the folder if it is empty."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    (d / TEXT_FILE).unlink(missing_ok=True)
+    for f in d.glob(f".{TEXT_FILE}.*.tmp"):
+        f.unlink(missing_ok=True)
+    _remove_layerwise(d)
+
+
 def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe | None = None,
                        *, text: Sequence[str] | None = None, progress: bool = True,
-                       log: Callable[[str], None] | None = None) -> CausalLMResult:
+                       log: Callable[[str], None] | None = None,
+                       checkpoint_dir: str | os.PathLike | None = None,
+                       resume: bool = False) -> CausalLMResult:
     """Compress a causal LM in place (module docstring); returns a :class:`CausalLMResult`.
+
+    Args:
+        checkpoint_dir: a folder for the layer-by-layer compression's per-block checkpoint
+            (``LayerwiseConfig.checkpoint_dir``: rank 0 writes the blocks and
+            ``state.json``, each rank its hidden states; under ``torch.distributed`` the
+            folder must be shared) and, when ``text`` is None, the self-generated text
+            (:data:`TEXT_FILE`, rank 0). Not removed at the end
+            (:func:`remove_checkpoint`).
+        resume: continue from the checkpoint in ``checkpoint_dir``
+            (``compress_layerwise(..., resume=True)``: the finished blocks are read, not
+            compressed again; the result is the uninterrupted run's), with ``text`` None
+            on the text kept there (written again if there is none). Healing starts from
+            the beginning.
 
     Raises:
         ValueError: a model that is not a causal LM tnlm knows, text too short for one
-            sequence, or (distributed) a healing batch smaller than the world size;
-            nothing has been changed then.
+            sequence, (distributed) a healing batch smaller than the world size,
+            ``resume`` without ``checkpoint_dir``, or a checkpoint or kept text that
+            cannot be resumed (:func:`check_resume`); nothing has been changed then.
         tnlm.compress.distributed.RankFailure: another rank stopped or the process
             group's timeout passed.
     """
@@ -139,26 +284,43 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if not arch.causal:
         raise ValueError(f"compress_causal_lm needs a causal LM; {type(model).__name__} "
                          f"({arch.name}) is an encoder")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs checkpoint_dir")
     rank, size = dist_.world()
     if size > 1 and recipe.heal.steps and recipe.heal.batch_size < size:
         raise ValueError(f"recipe.heal.batch_size ({recipe.heal.batch_size}) must be at least "
                          f"the world size ({size}): each rank heals on its share of a batch")
     progress = progress and rank == 0
-    targets = list(recipe.target_modules or arch.targets)
-    lw_cfg = LayerwiseConfig(targets, budget=recipe.budget, method=recipe.method,
-                             fit_steps=recipe.fit_steps, fit_lr=recipe.fit_lr,
-                             allocation=recipe.resolved_allocation(), seed=recipe.seed)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    lw_cfg = recipe.layerwise_config(model, ckpt)
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()
     reset_peak_rss()
     if text is None:
+        sent: dict[str, Any] = {}
         if rank == 0:
-            text = self_generated_text(model, tokenizer, recipe.n_texts,
-                                       max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
-                                       batch_size=recipe.gen_batch, progress=progress)
+            try:
+                text = read_saved_text(ckpt, recipe, model) if resume else None
+                if text is not None:
+                    say(f"calibration text: the {len(text)} texts kept in {ckpt / TEXT_FILE}")
+                else:
+                    text = self_generated_text(model, tokenizer, recipe.n_texts,
+                                               max_new_tokens=recipe.gen_tokens,
+                                               seed=recipe.seed, batch_size=recipe.gen_batch,
+                                               progress=progress)
+                    if ckpt is not None:  # a resume calibrates on the same text
+                        _save_text(ckpt, recipe, model, text)
+                sent = {"text": text}
+            except ValueError as err:  # every rank stops with it
+                if size == 1:
+                    raise
+                sent = {"error": str(err)}
         if size > 1:  # rank 0's text on every rank (the others wait for it)
-            text = dist_.broadcast_json(text, 0, "the self-generated text")
+            sent = dist_.broadcast_json(sent, 0, "the self-generated text")
+            if "error" in sent:
+                raise ValueError(f"rank 0: {sent['error']}")
+            text = sent["text"]
         seconds["text"] = time.perf_counter() - t0
         peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
@@ -171,7 +333,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     t1 = time.perf_counter()
     reset_peak_rss()
     lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
-                            log=say)
+                            log=say, resume=resume)
     seconds["compression"] = time.perf_counter() - t1
     peaks["compression"] = peak_rss_mb()
     healed = None
