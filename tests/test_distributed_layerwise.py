@@ -342,6 +342,24 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, monk
     assert torch.allclose(logits(again), expected, rtol=0, atol=1e-6)
 
 
+def test_a_fresh_run_drops_an_earlier_state_before_writing_over_its_files(tmp_path,
+                                                                         monkeypatch):
+    """Without resume, an earlier state.json in the folder is removed first: a run stopped
+    before its own first state cannot leave the old one pointing at the new run's files."""
+    ck = tmp_path / "ck"
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="plain", budget=0.5,
+                          checkpoint_dir=str(ck))
+    compress_layerwise(tiny(3), sequences(), cfg, progress=False)
+    assert lw.read_checkpoint_state(ck) is not None
+
+    def stop(*a, **kw):
+        raise _Stop
+    monkeypatch.setattr(lw, "write_checkpoint", stop)
+    with pytest.raises(_Stop):
+        compress_layerwise(tiny(3), sequences(), cfg, progress=False)
+    assert lw.read_checkpoint_state(ck) is None
+
+
 def test_resume_refuses_other_settings_or_sequences(tmp_path):
     cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="whitened", fit_steps=0,
                           budget=0.5, checkpoint_dir=str(tmp_path))

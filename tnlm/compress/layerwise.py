@@ -805,6 +805,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         raise problem
     if saved is not None:
         _refuse_other_inputs(ckpt, saved, fingerprint)
+    elif ckpt is not None and rank == 0:  # a fresh run: an earlier state.json in the folder
+        (ckpt / CHECKPOINT_STATE).unlink(missing_ok=True)  # must not point at this run's files
     times: dict[str, float] = {}
     ranks: dict[str, int | None] = {}
     errors: dict[str, float] = {}
