@@ -334,8 +334,8 @@ def _compress(args, path, text, source, split, sick, recipe, out) -> int:
               f"mean {summary['cosine_mean']:.4f}, min {summary['cosine_min']:.4f}")
         if "cosine_natural_mean" in summary:
             print(f"the same on {summary['natural_held_out']} natural-prose sentences "
-                  f"never healed on (shipped with tnlm): mean {summary['cosine_natural_mean']:.4f}, "
-                  f"min {summary['cosine_natural_min']:.4f}")
+                  f"never healed on (shipped with tnlm): mean "
+                  f"{summary['cosine_natural_mean']:.4f}, min {summary['cosine_natural_min']:.4f}")
         if sick is not None:
             print(f"SICK relatedness Spearman ({sick}): original "
                   f"{summary['sick_spearman_original']:.4f}, compressed "

@@ -191,10 +191,11 @@ def measure(student: nn.Module, teacher: nn.Module, tokenizer: Any, held_out: Se
     """The job's measures: the held-out embedding cosine of the student to the teacher
     (``cosine_mean``, ``cosine_min``); with ``natural`` (natural prose never trained on;
     the job passes :func:`tnlm.compress.text.lm_held_out`), its cosine
-    (``cosine_natural_mean``, ``cosine_natural_min``, ``natural_held_out``: how many); with ``dev`` (other natural text),
-    its mean cosine (``cosine_dev_mean``); with ``sick``, both models' SICK relatedness Spearman
-    (``sick_spearman_original``, ``sick_spearman``); with ``sick_train``, the same on that
-    file (``sick_train_spearman_original``, ``sick_train_spearman``)."""
+    (``cosine_natural_mean``, ``cosine_natural_min``, ``natural_held_out``: how many); with
+    ``dev`` (other natural text), its mean cosine (``cosine_dev_mean``); with ``sick``, both
+    models' SICK relatedness Spearman (``sick_spearman_original``, ``sick_spearman``); with
+    ``sick_train``, the same on that file (``sick_train_spearman_original``,
+    ``sick_train_spearman``)."""
     cos = embedding_cosine(student, teacher, tokenizer, held_out)
     out = dict(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
     if natural:
