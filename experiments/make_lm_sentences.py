@@ -7,10 +7,17 @@ answers are split into sentences; a sentence is kept if it has 5..40 words, star
 a capital letter, ends with . ! or ?, holds only printable ASCII and no markup
 (``#``, ``*``, ``|``, list numbering, URLs). Distinct sentences, in order of generation.
 The prompts and the seed are fixed here, so the file is reproducible on the same
-torch build.
+torch build (gzip without a time stamp).
+
+``--held-out`` writes the held-out file instead (``tnlm/data/lm_held_out.txt.gz``): the
+same kinds of prompt about :data:`HELD_OUT_TOPICS`, topics that no prompt of the main
+file names, so that no held-out sentence paraphrases a healing one; its first 256
+distinct sentences are kept.
 
 Usage:
     python experiments/make_lm_sentences.py --prompts 1600 --out tnlm/data/lm_sentences.txt.gz
+    python experiments/make_lm_sentences.py --held-out --prompts 128 --seed 1 \
+        --out tnlm/data/lm_held_out.txt.gz
 """
 
 from __future__ import annotations
@@ -61,6 +68,13 @@ walk; a marathon; a gym; yoga; a bad restaurant; a great holiday; a disappointin
 boring lecture; an exciting match; a funny story; a sad ending; a scary night
 """
 
+#: topics of the held-out file only (none of them is in TOPICS)
+HELD_OUT_TOPICS = """
+a bus strike; a garage sale; a thunderstorm at night; a science fair; a soup kitchen; an
+old photograph; a tailor; a bakery at dawn; a lost cat; a village fete; a ferry crossing;
+a power cut; a spelling contest; a bee keeper; a skating rink; a mountain cabin
+"""
+
 KINDS = [
     "Write a short description of {t}.",
     "Write a few sentences giving your opinion about {t}.",
@@ -75,13 +89,13 @@ KINDS = [
 _BAD = re.compile(r"[#*|<>_\[\]{}=~`\\]|https?:|www\.|^\d+[.)]|\.\.\.")
 
 
-def topics() -> list[str]:
-    return [t.strip() for t in " ".join(TOPICS.split()).split(";") if t.strip()]
+def topics(text: str = TOPICS) -> list[str]:
+    return [t.strip() for t in " ".join(text.split()).split(";") if t.strip()]
 
 
-def prompts(n: int, seed: int) -> list[str]:
+def prompts(n: int, seed: int, held_out: bool = False) -> list[str]:
     rng = random.Random(seed)
-    ts, out = topics(), []
+    ts, out = topics(HELD_OUT_TOPICS if held_out else TOPICS), []
     while len(out) < n:
         out.append(rng.choice(KINDS).format(t=rng.choice(ts)))
     return out
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=112)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", action="store_true",
+                   help="prompts about HELD_OUT_TOPICS; the first 256 sentences kept")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     path = default_llm_path()
@@ -119,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    asks = prompts(args.prompts, args.seed)
+    asks = prompts(args.prompts, args.seed, args.held_out)
+    if set(topics(HELD_OUT_TOPICS)) & set(topics()):
+        raise SystemExit("HELD_OUT_TOPICS and TOPICS overlap")
     chats = [tok.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
                                      add_generation_prompt=True) for a in asks]
     torch.manual_seed(args.seed)
@@ -136,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         for row in ids[:, batch["input_ids"].shape[1]:]:
             for s in sentences_of(tok.decode(row, skip_special_tokens=True)):
                 seen.setdefault(s)
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:  # progress survives a stop
-            f.write("\n".join(seen) + "\n")
+        keep = list(seen)[:256] if args.held_out else list(seen)
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                                      mtime=0) as f:
+            f.write(("\n".join(keep) + "\n").encode())  # progress survives a stop
         print(f"{i + args.batch} prompts, {len(seen)} sentences, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     os.replace(tmp, args.out)
-    print(f"wrote {len(seen)} sentences to {args.out}")
+    print(f"wrote {len(keep)} sentences to {args.out}")
     return 0
 
 

@@ -3,13 +3,14 @@
 One run = one method at one size and seed, written as JSON. Every trained method sees the
 same text (the main job's split of its text for that seed: held-out sentences never
 trained on) and the same number of steps and batch size; the measures are on natural
-sentences never used for healing or calibration (SST-2 dev, CoLA dev, SICK trial), plus
-SICK relatedness:
+sentences never used for healing or calibration (SST-2 dev, CoLA dev, SICK trial; their
+mean is ``cos_natural``), the shipped natural-prose sentences held out of every default
+text (``cos_lm``: what ``tnlm compress`` reports), plus SICK relatedness:
 
 - ``tnlm``: the main job (``tnlm compress``: whitened truncation, sensitivity allocation,
-  block reconstruction, healing); ``--text lm`` adds nothing (it is the default),
-  ``--text grammar`` heals on the former default text (no LM sentences).
-- ``plain``: the same job with plain SVD of the weights (no whitening).
+  block reconstruction, healing) on its default text; ``--text grammar`` on the former
+  default text (no shipped natural-prose sentences).
+- ``plain``: the same job with plain SVD of the weights (no whitening) and a uniform rank.
 - ``layerdrop``: sentence-transformers-style layer dropping -- keep ``--layers`` of the six
   layers evenly spaced (the last one kept), then distil every parameter on the same text
   and steps; student layer k is fitted to the teacher layer it stands in for (k-th of
@@ -43,7 +44,7 @@ from experiments.screening import write_result  # noqa: E402
 from tnlm.compress.distill import HealConfig, length_bucketed_draws, mean_pool  # noqa: E402
 from tnlm.compress.encoder import EncoderRecipe, compress_encoder, split_text  # noqa: E402
 from tnlm.compress.quality import embedding_cosine, read_sick, sick_spearman  # noqa: E402
-from tnlm.compress.text import default_text, read_sentences  # noqa: E402
+from tnlm.compress.text import default_text, lm_held_out, read_sentences  # noqa: E402
 from tnlm.integration import default_model_path  # noqa: E402
 
 DATA = Path("../shared/data")
@@ -70,6 +71,7 @@ def measure_natural(student: nn.Module, teacher: nn.Module, tok, sets: dict[str,
         out[f"cos_{name}_min"] = float(cos.min())
         means.append(float(cos.mean()))
     out["cos_natural"] = sum(means) / len(means)
+    out["cos_lm"] = float(embedding_cosine(student, teacher, tok, lm_held_out()).mean())
     out["sick_spearman"] = sick_spearman(student, tok, data / "sick/trial.tsv")
     out["sick_spearman_original"] = sick_spearman(teacher, tok, data / "sick/trial.tsv")
     return out
@@ -168,6 +170,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.method in ("tnlm", "plain"):
         recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
+                               allocation="sensitivity" if args.method == "tnlm" else "uniform",
                                lr=args.lr or EncoderRecipe.lr, whiten=args.method == "tnlm",
                                seed=args.seed)
         res = compress_encoder(model, tok, recipe, text=text, progress=False)

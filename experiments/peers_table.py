@@ -20,7 +20,7 @@ LABELS = {
     "layerdrop": "layer dropping + distillation",
     "int8": "dense, int8 dynamic quantization",
 }
-COLUMNS = ("cos_natural", "cos_sst2", "cos_cola", "cos_sick", "sick_spearman")
+COLUMNS = ("cos_natural", "cos_sst2", "cos_cola", "cos_sick", "cos_lm", "sick_spearman")
 
 
 def fmt(values: list[float], digits: int = 3) -> str:
@@ -38,6 +38,8 @@ def label(r: dict) -> str:
         name += f" ({r['layers']} of 6 layers)"
     if r["method"] in ("tnlm", "plain", "layerdrop"):
         name += ", former text" if r.get("text") == "grammar" else ""
+        if r.get("lr") is not None:
+            name += f", lr {r['lr']:g}"
     return name
 
 
@@ -52,8 +54,9 @@ def main() -> None:
         groups[(label(r), round(r["kept"], 3), r.get("heal_steps"))].append(r)
     orig = next(iter(groups.values()))[0]["sick_spearman_original"]
     print(f"| method | kept | seeds | natural cosine (mean of 3) | SST-2 dev | CoLA dev | "
-          f"SICK sentences | SICK Spearman (orig. {orig:.4f}) | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"SICK sentences | shipped held-out prose | SICK Spearman (orig. {orig:.4f}) | "
+          f"wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (name, kept, _), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         cells = [fmt([r[c] for r in rs], 4 if c == "sick_spearman" else 3) for c in COLUMNS]
         seeds = "/".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
@@ -68,7 +71,7 @@ def main() -> None:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         by_name: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for (name, kept, _), rs in groups.items():
-            base = name.split(" (")[0] if "layer dropping" in name else name
+            base = name.replace(f" ({rs[0].get('layers')} of 6 layers)", "")
             by_name[base].append((kept, np.mean([r["cos_natural"] for r in rs]),
                                   np.mean([r["sick_spearman"] for r in rs])))
         for name, pts in sorted(by_name.items()):

@@ -571,8 +571,8 @@ def test_healing_optimizer_must_be_adamw_or_adafactor():
 
 
 def test_default_healing_optimizer_is_adamw_on_the_same_trajectory(monkeypatch):
-    """The default optimizer is AdamW at the config's lr, weight decay 0: the losses and
-    parameters of healing as it was before the choice (AdamW built in heal_causal)."""
+    """The default optimizer is AdamW at the config's lr, weight decay 0: healing follows
+    the losses and parameters of a plain torch AdamW built with those settings."""
     from tnlm.compress import causal
 
     assert CausalHealConfig().optimizer == "adamw"
@@ -596,6 +596,28 @@ def test_default_healing_optimizer_is_adamw_on_the_same_trajectory(monkeypatch):
     (l0, s0), (l1, s1) = runs
     assert l0 == l1
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_adafactor_zero_grad_clears_the_parameters_gradients():
+    """healing_optimizer's Adafactor steps views of the MPO cores; its zero_grad still
+    clears the parameters' own gradients (a standard training loop does not accumulate)."""
+    from tnlm.compress import causal
+
+    model = _llama()
+    seqs = _seqs(4, 12)
+    compress_layerwise(model, seqs, LayerwiseConfig(default_targets(model), budget=0.4,
+                                                    method="plain"), progress=False)
+    params = causal._trainable(model, "cores+linears")
+    assert any(p.dim() > 2 and 1 in p.shape for p in params)  # viewed cores
+    opt = causal.healing_optimizer(params, CausalHealConfig(optimizer="adafactor"))
+    model(seqs).logits.sum().backward()
+    opt.step()
+    assert any(p.grad is not None for p in params)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    model(seqs).logits.sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is None or not p.grad.any() for p in params)
 
 
 def _state_bytes(opt, matrices: bool) -> int:

@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from tnlm.compress.text import (
     LM_HELD_OUT,
     default_text,
@@ -14,7 +16,7 @@ from tnlm.compress.text import (
 def test_the_shipped_sentences_are_plain_distinct_sentences():
     text = lm_sentences() + lm_held_out()
     assert len(lm_held_out()) == LM_HELD_OUT
-    assert len(text) >= 3000
+    assert len(lm_sentences()) >= 4000
     assert len(set(text)) == len(text)
     for s in text:
         words = s.split()
@@ -36,3 +38,6 @@ def test_default_text_parts():
     assert not set(without) & set(lm_sentences())
     some = default_text(seed=0, n_lm=10)
     assert some == without + lm_sentences()[:10]
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="n_lm must be None"):
+            default_text(n_lm=bad)

@@ -147,6 +147,8 @@ def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
         return encoder_text(args.text or None, column=args.text_column,
                             with_default_text=args.with_default_text, seed=args.seed)
     except (OSError, ValueError) as err:
+        if not args.text:  # the default text's own files (a broken install), not --text
+            raise UserError(f"the default text: {err}") from None
         flag = "--text-column" if str(err).startswith("column ") else "--text"
         raise UserError(f"{flag}: {err}") from None
 
@@ -503,6 +505,9 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
                        "it cannot be resumed")
                 verdict = {"error": f"--resume: {err}; {fix}, or drop --resume to start "
                                     "afresh"}
+            except Exception as err:  # noqa: BLE001 -- the others must not wait for it
+                verdict = {"error": f"--resume: reading {ckpt} failed: "
+                                    f"{type(err).__name__}: {err}"}
         if size > 1:  # the others wait for rank 0's verdict (each rank reads it again)
             verdict = dist_.broadcast_json(verdict, 0, "the --resume check")
         if "error" in verdict:
@@ -515,13 +520,20 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
                   ("on its calibration text (no block was finished)" if last is None else
                    f"after block {last} ({last + 1} of {n} blocks finished)"))
         return
+    failed = ""
     if rank == 0 and ckpt.is_dir():
         if (ckpt / CHECKPOINT_STATE).exists() or (ckpt / TEXT_FILE).exists():
             _note(f"discarding the layer-by-layer checkpoint of an earlier run in {ckpt} "
                   "(pass --resume to continue it)")
-        remove_checkpoint(ckpt)  # also the pieces of an unfinished first block
-    if size > 1:  # no rank writes there before rank 0 has cleared it
-        dist_.barrier("the removal of an earlier checkpoint")
+        try:
+            remove_checkpoint(ckpt)  # also the pieces of an unfinished first block
+        except OSError as err:
+            failed = f"cannot remove the earlier checkpoint in {ckpt}: {err}"
+    if size > 1:  # no rank writes there before rank 0 has cleared it (or failed to)
+        failed = dist_.broadcast_json({"error": failed}, 0, "the removal of an earlier "
+                                      "checkpoint")["error"]
+    if failed:
+        raise UserError(failed)
 
 
 def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size) -> int:

@@ -161,10 +161,11 @@ class CausalHealConfig:
     dimensions, :func:`healing_optimizer`); vectors (norms, biases) keep a full second
     moment.
     Adafactor's step is made absolute, as AdamW's: torch scales each step by
-    max(eps2, the parameter's RMS), and tnlm sets eps2 = 1 (weights' RMS is far below 1),
-    so a parameter moves by about ``lr`` along its RMS-clipped normalized update and one
-    ``lr`` means the same for both optimizers (with torch's default eps2 = 1e-3 the step
-    shrinks with the weights' RMS: on the tiny Llama of the tests, 10x less progress)."""
+    max(eps2, the parameter's RMS), and tnlm sets eps2 = 1, so a parameter whose RMS is at
+    most 1 (the linears and cores; norm weights near 1) moves by about ``lr`` along its
+    RMS-clipped normalized update and one ``lr`` means about the same for both optimizers
+    (with torch's default eps2 = 1e-3 the step shrinks with the weights' RMS: on the tiny
+    Llama of the tests, 10x less progress)."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -182,6 +183,9 @@ class CausalHealConfig:
         if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
                              f"got {self.optimizer!r}")
+        if self.optimizer == "adafactor" and not hasattr(torch.optim, "Adafactor"):
+            raise ValueError(f"optimizer 'adafactor' needs torch >= 2.5 (torch.optim.Adafactor); "
+                             f"this is torch {torch.__version__}")
         if self.chunk is not None and (isinstance(self.chunk, bool)
                                        or not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk!r}")
@@ -288,8 +292,8 @@ def healing_optimizer(params: Sequence[nn.Parameter],
     ``(r, 1, out, 1)``): factored as stored, one of its two factors would be as large as
     the core. So Adafactor steps views of the parameters without their size-1 dimensions
     (the same storage: stepping a view steps the parameter), and a step pre-hook hands it
-    the parameters' gradients, viewed alike (and drops them after the step). Zero the
-    gradients on ``params``: the optimizer's ``zero_grad`` clears the views' only."""
+    the parameters' gradients, viewed alike (and drops them after the step); its
+    ``zero_grad`` clears the gradients of ``params`` themselves."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if config.optimizer != "adafactor":
@@ -309,8 +313,17 @@ def healing_optimizer(params: Sequence[nn.Parameter],
         for _p, v in pairs:
             v.grad = None
 
+    def zero_grad(set_to_none: bool = True) -> None:  # the parameters', not the views'
+        for p in params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
     opt.register_step_pre_hook(grads_to_views)
     opt.register_step_post_hook(drop_view_grads)
+    opt.zero_grad = zero_grad  # type: ignore[method-assign]
     return opt
 
 
@@ -405,8 +418,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                     best_loss, result.best_step = run, step
                     for b, p in zip(best, params):
                         b.copy_(p.detach())
-                for p in params:  # not opt.zero_grad: it may step views (healing_optimizer)
-                    p.grad = None
+                opt.zero_grad(set_to_none=True)
                 # DDP averages over the ranks: weighted by size x shares = the batch's mean
                 with dist_.rank_failures("the gradients in healing"):
                     (loss * (share * size) if size > 1 else loss).backward()

@@ -278,13 +278,13 @@ def compress_encoder(model: nn.Module, tokenizer: Any, recipe: EncoderRecipe | N
     recipe = recipe or EncoderRecipe()
     sentences = default_text(seed=recipe.seed) if text is None else text
     split = split_text(sentences, recipe.calibration, seed=recipe.seed)
+    healed = set(split.heal_text)  # read before the long work: a broken install fails now
+    natural = [s for s in lm_held_out() if s not in healed]
     config = recipe.compression_config(model, heal)
     torch.manual_seed(recipe.seed)
     teacher = copy.deepcopy(model).eval()
     res = compress_model(model, tokenizer, split.calibration, config,
                          heal_text=split.heal_text, progress=progress, log=log)
-    healed = set(split.heal_text)
-    natural = [s for s in lm_held_out() if s not in healed]
     measures = measure(res.model, teacher, tokenizer, split.held_out, sick=sick, dev=dev,
                        sick_train=sick_train, natural=natural)
     return EncoderResult(res, config, split, measures, teacher)

@@ -224,8 +224,9 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
         if text is None:
             if read_checkpoint_state(d) is None:
                 raise FileNotFoundError(f"no layer-by-layer checkpoint in {d}")
-            raise ValueError(f"cannot resume from {d}: the self-generated text it was "
-                             f"calibrated on ({TEXT_FILE}) is missing")
+            raise ValueError(f"cannot resume from {d}: it holds no self-generated text "
+                             f"({TEXT_FILE}), so it was calibrated on a text file: pass the "
+                             f"same --text FILE (text=) as that run")
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)[:recipe.n_calibration]
     try:
         state = check_checkpoint(d, model, sequences, recipe.layerwise_config(model, d),
@@ -312,10 +313,10 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                     if ckpt is not None:  # a resume calibrates on the same text
                         _save_text(ckpt, recipe, model, text)
                 sent = {"text": text}
-            except ValueError as err:  # every rank stops with it
+            except Exception as err:  # noqa: BLE001 -- every rank stops with it
                 if size == 1:
                     raise
-                sent = {"error": str(err)}
+                sent = {"error": f"{type(err).__name__}: {err}"}
         if size > 1:  # rank 0's text on every rank (the others wait for it)
             sent = dist_.broadcast_json(sent, 0, "the self-generated text")
             if "error" in sent:

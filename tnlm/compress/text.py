@@ -7,10 +7,11 @@ transformers; parsed with ``ast``, nothing is imported or executed);
 :func:`lm_sentences` are natural prose shipped with tnlm
 (``tnlm/data/lm_sentences.txt.gz``: sentences written by SmolLM2-135M-Instruct,
 Apache-2.0, answering short prompts on everyday topics;
-``experiments/make_lm_sentences.py`` remakes the file). Its last
-:data:`LM_HELD_OUT` sentences (:func:`lm_held_out`) are never part of the default
-text: the main job measures natural-text quality on them. A user's own text (one
-sentence per line) is read by :func:`read_sentences`.
+``experiments/make_lm_sentences.py`` remakes the file). :func:`lm_held_out`
+(``tnlm/data/lm_held_out.txt.gz``, :data:`LM_HELD_OUT` sentences) are written the same
+way about topics that no prompt of the first file names, and are never part of the
+default text: the main job measures natural-text quality on them. A user's own text
+(one sentence per line) is read by :func:`read_sentences`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstrin
 DEFAULT_TEXT_SOURCE = ("generated sentences, docstrings of the installed Python source and "
                        "natural prose shipped with tnlm")
 
-#: how many of the shipped natural-prose sentences (the file's last) are held out
+#: how many shipped natural-prose sentences are held out (:func:`lm_held_out`)
 LM_HELD_OUT = 256
 
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -173,23 +174,32 @@ def generated_sentences(n: int = 4000, seed: int = 0) -> list[str]:
     return generate(n, seed=seed)
 
 
-@functools.lru_cache(maxsize=1)
-def _lm_file() -> tuple[str, ...]:
-    path = importlib.resources.files("tnlm").joinpath("data", "lm_sentences.txt.gz")
-    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-        return tuple(line.strip() for line in f if line.strip())
+@functools.lru_cache(maxsize=2)
+def _lm_file(name: str) -> tuple[str, ...]:
+    path = importlib.resources.files("tnlm").joinpath("data", name)
+    try:
+        with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            return tuple(line.strip() for line in f if line.strip())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tnlm's package data {path} is missing: reinstall tnlm "
+                                f"(pip install -e . from a clone)") from None
 
 
 def lm_sentences() -> list[str]:
-    """The shipped natural-prose sentences (module docstring) without the
-    :data:`LM_HELD_OUT` held-out ones, in the file's order."""
-    return list(_lm_file()[:-LM_HELD_OUT])
+    """The shipped natural-prose sentences for healing and calibration (module docstring),
+    in the order they were written."""
+    return list(_lm_file("lm_sentences.txt.gz"))
 
 
 def lm_held_out() -> list[str]:
-    """The last :data:`LM_HELD_OUT` shipped natural-prose sentences: never in
-    :func:`default_text`; the main job's natural-text measure."""
-    return list(_lm_file()[-LM_HELD_OUT:])
+    """The :data:`LM_HELD_OUT` shipped natural-prose sentences about topics of their own:
+    never in :func:`default_text`; the main job's natural-text measure."""
+    return list(_lm_file("lm_held_out.txt.gz"))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_docstrings(seed: int) -> tuple[str, ...]:
+    return tuple(docstring_sentences(max_files=1500, seed=seed))
 
 
 def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000,
@@ -197,10 +207,12 @@ def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 400
     """The main job's text when the user passes none (:data:`DEFAULT_TEXT_SOURCE`):
     ``n_generated`` :func:`generated_sentences`, up to ``n_docstrings``
     :func:`docstring_sentences`, then ``n_lm`` (``None``: all) of the
-    :func:`lm_sentences` (0: the text of tnlm 0.2, without them); nothing is downloaded."""
+    :func:`lm_sentences` (0: the former default text, without them); nothing is downloaded."""
+    if n_lm is not None and (isinstance(n_lm, bool) or not isinstance(n_lm, int) or n_lm < 0):
+        raise ValueError(f"n_lm must be None (all) or an int >= 0, got {n_lm!r}")
     text = generated_sentences(n_generated, seed=seed)
-    text += docstring_sentences(max_files=1500, seed=seed)[:n_docstrings]
-    return text + lm_sentences()[:n_lm]
+    text += list(_default_docstrings(seed)[:n_docstrings])
+    return text + (lm_sentences()[:n_lm] if n_lm != 0 else [])
 
 
 def compression_sizes(n_sentences: int, n_calibration: int) -> tuple[int, int]:
