@@ -464,7 +464,11 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         if out is not None:
             ckpt = out / LAYERWISE_DIR
             if (ckpt / CHECKPOINT_STATE).is_file() or (ckpt / TEXT_FILE).is_file():
-                if not isinstance(err, (UserError, ValueError)):
+                if isinstance(err, HealingDiverged):  # the blocks are done; heal otherwise
+                    _note(f"the layer-by-layer checkpoint in {ckpt} is kept: the command "
+                          "with --resume and a lower --lr compresses no block again and "
+                          "heals afresh")
+                elif not isinstance(err, (UserError, ValueError)):
                     _note(f"the layer-by-layer checkpoint in {ckpt} is kept: the same "
                           "command with --resume continues after its last finished block")
             else:  # nothing resumable: the pieces of an unfinished first block, if any
