@@ -32,6 +32,27 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1):.{digits}f}"
 
 
+def two_panels(left: str):
+    """A figure of two panels against the kept fraction: ``left`` (a cosine) and SICK."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].set(xlabel="fraction of encoder-linear parameters kept", ylabel=left)
+    axes[1].set(xlabel="fraction of encoder-linear parameters kept",
+                ylabel="SICK relatedness Spearman")
+    return fig, axes
+
+
+def save_panels(fig, axes, path: str) -> None:
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default="results/compress")
@@ -52,12 +73,7 @@ def main() -> None:
               f"| {fmt([r['sick_original'] for r in rs])} | {fmt([r['sick'] for r in rs])} "
               f"| {fmt([r['seconds_per_step'] for r in rs], 2)} |")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = two_panels("embedding cosine to the original (SST-2 dev)")
         for method in LABELS:
             rows = sorted(((b, rs) for (m, b, t, _), rs in groups.items()
                            if m == method and t == "sst2cola"), key=lambda x: x[0])
@@ -71,14 +87,7 @@ def main() -> None:
         orig = [r["sick_original"] for rs in groups.values() for r in rs if r["sick_original"]]
         if orig:
             axes[1].axhline(orig[0], color="k", ls="--", lw=1, label="original model")
-        axes[0].set(xlabel="fraction of encoder-linear parameters kept",
-                    ylabel="embedding cosine to the original (SST-2 dev)")
-        axes[1].set(xlabel="fraction of encoder-linear parameters kept",
-                    ylabel="SICK relatedness Spearman")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
+        save_panels(fig, axes, args.plot)
 
 
 if __name__ == "__main__":

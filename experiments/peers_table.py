@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.compress_table import fmt, save_panels, two_panels  # noqa: E402
 
 LABELS = {
     "tnlm": "tnlm (main job)",
@@ -21,15 +26,6 @@ LABELS = {
     "int8": "dense, int8 dynamic quantization",
 }
 COLUMNS = ("cos_natural", "cos_sst2", "cos_cola", "cos_sick", "cos_lm", "sick_spearman")
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
-        return "-"
-    if len(v) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{np.mean(v):.{digits}f} ± {np.std(v, ddof=1):.{digits}f}"
 
 
 def label(r: dict) -> str:
@@ -63,12 +59,7 @@ def main() -> None:
         wall = fmt([r["wall_seconds"] for r in rs], 0)
         print(f"| {name} | {kept:.1%} | {seeds} | " + " | ".join(cells) + f" | {wall} |")
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = two_panels("cosine to the original (natural text)")
         by_name: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for (name, kept, _), rs in groups.items():
             base = name.replace(f" ({rs[0].get('layers')} of 6 layers)", "")
@@ -80,13 +71,7 @@ def main() -> None:
             axes[0].plot(xs, [p[1] for p in pts], "o-", label=name)
             axes[1].plot(xs, [p[2] for p in pts], "o-", label=name)
         axes[1].axhline(orig, color="grey", ls="--", lw=1, label="original")
-        axes[0].set(xlabel="fraction of encoder-linear parameters kept",
-                    ylabel="cosine to the original (natural text)")
-        axes[1].set(xlabel="fraction of encoder-linear parameters kept",
-                    ylabel="SICK relatedness Spearman")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        save_panels(fig, axes, args.plot)
         print(f"wrote {args.plot}")
 
 
