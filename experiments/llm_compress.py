@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="healing's optimizer (adafactor: factored second moments, less "
                         "memory; the same lr)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="healing's KL over chunks of this many positions (less memory)")
     p.add_argument("--eval-length", type=int, default=256)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--no-answers", action="store_true")
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
                               checkpoint_blocks=not args.no_checkpoint_blocks,
-                              optimizer=args.optimizer),
+                              optimizer=args.optimizer, chunk=args.chunk),
         seed=args.seed)
     res = None
     if args.method != "dense":

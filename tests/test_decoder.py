@@ -360,6 +360,8 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
         build_parser().parse_args(["compress", "--heal-optimizer", "sgd"])
     assert main(["compress", "--heal-optimizer", "adafactor"]) == 2  # the embedded encoder
     assert "--heal-optimizer applies to causal LMs" in capsys.readouterr().err
+    assert main(["compress", "--heal-chunk", "128"]) == 2
+    assert "--heal-chunk applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
     seen = []
 
@@ -368,10 +370,14 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
         raise ValueError("stopped before compression")
 
     monkeypatch.setattr(llm, "compress_causal_lm", stop)
-    assert main(["compress", str(folder), "--heal-optimizer", "adafactor", "--text",
-                 str(text), "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--heal-optimizer", "adafactor", "--heal-chunk",
+                 "128", "--text", str(text), "--out", "", "--quiet"]) == 2
     assert "stopped before compression" in capsys.readouterr().err
-    assert [h.optimizer for h in seen] == ["adafactor"]
+    assert [(h.optimizer, h.chunk) for h in seen] == [("adafactor", 128)]
+    assert main(["compress", str(folder), "--heal-chunk", "0", "--text", str(text),
+                 "--out", "", "--quiet"]) == 2
+    assert "--heal-chunk / --heal-optimizer: chunk must be None or an int >= 1, got 0" in \
+        capsys.readouterr().err
 
 
 def _cost(spectra, ranks, weights=None):

@@ -208,6 +208,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
     if args.heal_optimizer != "adamw":
         raise UserError("--heal-optimizer applies to causal LMs; an encoder heals with AdamW")
+    if args.heal_chunk is not None:
+        raise UserError("--heal-chunk applies to causal LMs")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
@@ -434,8 +436,11 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
-    heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
-                            optimizer=args.heal_optimizer)
+    try:
+        heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
+                                optimizer=args.heal_optimizer, chunk=args.heal_chunk)
+    except ValueError as err:
+        raise UserError(f"--heal-chunk / --heal-optimizer: {err}") from None
     if size > 1 and heal_steps and heal.batch_size < size:
         raise UserError(f"{size} processes: healing shares each step's batch of "
                         f"{heal.batch_size} sequences, so at most {heal.batch_size} "
@@ -771,6 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: healing's optimizer; adafactor keeps factored second "
                         "moments instead of AdamW's two moment buffers (twice the trained "
                         "parameters' bytes), at the same --lr")
+    p.add_argument("--heal-chunk", type=int, default=None, metavar="POSITIONS",
+                   help="causal LMs: compute healing's next-token KL over chunks of this "
+                        "many positions, recomputed in the backward pass (less memory, "
+                        "more time; with --heal-optimizer adafactor, 128 kept SmolLM2's "
+                        "healing peak at 2.8x the loaded model)")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,
