@@ -406,8 +406,7 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
 
     from tnlm.compress.causal import CausalHealConfig
     from tnlm.compress.distributed import process_group_from_env
-    from tnlm.compress.layerwise import CHECKPOINT_STATE
-    from tnlm.compress.llm import TEXT_FILE, CausalLMRecipe, remove_checkpoint
+    from tnlm.compress.llm import CausalLMRecipe, has_checkpoint, remove_checkpoint
     from tnlm.compress.text import read_sentences
 
     rank, size = _launched()
@@ -468,7 +467,7 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
     except BaseException as err:
         if out is not None:
             ckpt = out / LAYERWISE_DIR
-            if (ckpt / CHECKPOINT_STATE).is_file() or (ckpt / TEXT_FILE).is_file():
+            if has_checkpoint(ckpt):
                 if isinstance(err, HealingDiverged):  # the blocks are done; heal otherwise
                     _note(f"the layer-by-layer checkpoint in {ckpt} is kept: the command "
                           "with --resume and a lower --lr compresses no block again and "
@@ -495,8 +494,7 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
     without it, a checkpoint of an earlier run in ``ckpt`` discarded with a notice; on the
     loaded model, before any work."""
     from tnlm.compress import distributed as dist_
-    from tnlm.compress.layerwise import CHECKPOINT_STATE
-    from tnlm.compress.llm import TEXT_FILE, check_resume, remove_checkpoint
+    from tnlm.compress.llm import check_resume, has_checkpoint, remove_checkpoint
 
     if ckpt is None:
         return
@@ -531,7 +529,7 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
         return
     failed = ""
     if rank == 0 and ckpt.is_dir():
-        if (ckpt / CHECKPOINT_STATE).exists() or (ckpt / TEXT_FILE).exists():
+        if has_checkpoint(ckpt):
             _note(f"discarding the layer-by-layer checkpoint of an earlier run in {ckpt} "
                   "(pass --resume to continue it)")
         try:

@@ -144,6 +144,11 @@ TRAIN = ("cores", "cores+linears")
 OPTIMIZERS = ("adamw", "adafactor")
 
 
+def _unknown_optimizer(name: object) -> ValueError:
+    return ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
+                      f"got {name!r}")
+
+
 @dataclass
 class CausalHealConfig:
     """Settings of :func:`heal_causal` (see the module docstring); ``train`` is one of
@@ -181,8 +186,7 @@ class CausalHealConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
-                             f"got {self.optimizer!r}")
+            raise _unknown_optimizer(self.optimizer)
         if self.optimizer == "adafactor" and not hasattr(torch.optim, "Adafactor"):
             raise ValueError(f"optimizer 'adafactor' needs torch >= 2.5 (torch.optim.Adafactor); "
                              f"this is torch {torch.__version__}")
@@ -297,8 +301,7 @@ def healing_optimizer(params: Sequence[nn.Parameter],
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if config.optimizer != "adafactor":
-        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, "
-                         f"got {config.optimizer!r}")
+        raise _unknown_optimizer(config.optimizer)
     pairs = [(p, p.detach().view([n for n in p.shape if n != 1] or [1]))
              for p in params if p.dim() > 2 and 1 in p.shape]
     viewed = {id(p): v for p, v in pairs}

@@ -53,6 +53,7 @@ from tnlm.compress.causal import (
     token_sequences,
 )
 from tnlm.compress.layerwise import (
+    CHECKPOINT_STATE,
     LayerwiseConfig,
     LayerwiseResult,
     check_checkpoint,
@@ -65,7 +66,7 @@ from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.integration.architectures import architecture_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
-           "read_saved_text", "remove_checkpoint", "TEXT_FILE"]
+           "has_checkpoint", "read_saved_text", "remove_checkpoint", "TEXT_FILE"]
 
 #: the self-generated calibration text in a checkpoint folder (JSON: the texts, the
 #: generation settings and a sha256 of the weights of the model that wrote them)
@@ -236,6 +237,13 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
             return None
         raise
     return int(state["last_block"])
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds something a resume continues from: a layer-by-layer
+    state (``state.json``) or the self-generated text (:data:`TEXT_FILE`)."""
+    d = Path(directory)
+    return (d / CHECKPOINT_STATE).is_file() or (d / TEXT_FILE).is_file()
 
 
 def remove_checkpoint(directory: str | os.PathLike) -> None:
