@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import sys
 import time
@@ -36,6 +37,7 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     perplexity,
     simple_questions,
 )
+from tnlm.compress.text import lm_sentences  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 
 
@@ -97,6 +99,11 @@ def main(argv=None) -> int:
                    help="healing's KL over chunks of this many positions (less memory)")
     p.add_argument("--eval-length", type=int, default=256)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
+    p.add_argument("--text", choices=("self", "prose", "both"), default="self",
+                   help="calibration and healing text: the dense model's own samples "
+                        "(self), the prose that ships with tnlm (prose: "
+                        "tnlm.compress.text.lm_sentences, shuffled with the seed), or the "
+                        "prose then the samples (both)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
@@ -123,12 +130,18 @@ def main(argv=None) -> int:
     batch = "" if args.gen_batch == 16 else f"_b{args.gen_batch}"
     text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}{batch}.json"
     t1 = time.perf_counter()
-    if text_file.is_file():
-        texts = json.loads(text_file.read_text())
-    else:
-        texts = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
-                                    batch_size=args.gen_batch)
-        _atomic_json(text_file, texts)
+    texts = []
+    if args.text in ("prose", "both"):
+        texts = lm_sentences()
+        random.Random(args.seed).shuffle(texts)
+    if args.text == "self" or args.text == "both":
+        if text_file.is_file():
+            texts += json.loads(text_file.read_text())
+        else:
+            own = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
+                                      batch_size=args.gen_batch)
+            _atomic_json(text_file, own)
+            texts += own
     text_s = time.perf_counter() - t1
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
