@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import sys
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig, self_generated_text  # noqa: E402
 from tnlm.compress.layerwise import ALLOCATIONS, METHODS  # noqa: E402
-from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm  # noqa: E402
+from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm, recipe_text  # noqa: E402
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
     greedy_answers,
@@ -37,7 +36,6 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     perplexity,
     simple_questions,
 )
-from tnlm.compress.text import lm_sentences  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 
 
@@ -102,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--text", choices=("self", "prose", "both"), default="self",
                    help="calibration and healing text: the dense model's own samples "
                         "(self), the prose that ships with tnlm (prose: "
-                        "tnlm.compress.text.lm_sentences, shuffled with the seed), or the "
+                        "tnlm.compress.llm.recipe_text, shuffled with the seed), or the "
                         "prose then the samples (both)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
@@ -131,9 +129,8 @@ def main(argv=None) -> int:
     text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}{batch}.json"
     t1 = time.perf_counter()
     texts = []
-    if args.text in ("prose", "both"):
-        texts = lm_sentences()
-        random.Random(args.seed).shuffle(texts)
+    if args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
+        texts = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
     if args.text == "self" or args.text == "both":
         if text_file.is_file():
             texts += json.loads(text_file.read_text())

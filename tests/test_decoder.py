@@ -856,3 +856,63 @@ def test_causal_job_resumes_on_the_self_generated_text_it_kept(tmp_path, monkeyp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     llm.remove_checkpoint(ckpt)
     assert not ckpt.exists()
+
+
+def test_the_causal_jobs_own_text_is_the_shipped_prose_the_samples_or_both(monkeypatch):
+    """``text_source``: "prose" samples nothing and shuffles the shipped sentences with the
+    seed; "both" puts the prose before the samples; a checkpoint's text records it; an
+    unknown source is refused naming the field."""
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, recipe_text
+    from tnlm.compress.text import lm_sentences
+
+    with pytest.raises(ValueError, match="text_source must be one of 'self', 'prose', 'both'"):
+        CausalLMRecipe(text_source="web")
+    sampled = []
+
+    def generate(model, tok, n, **kw):
+        sampled.append(n)
+        return [f"sample {i}" for i in range(n)]
+
+    monkeypatch.setattr(llm, "self_generated_text", generate)
+    prose = recipe_text(None, None, CausalLMRecipe(text_source="prose", seed=0))
+    assert sampled == [] and sorted(prose) == sorted(lm_sentences())
+    assert prose != lm_sentences()  # shuffled ...
+    assert prose == recipe_text(None, None, CausalLMRecipe(text_source="prose", seed=0))
+    assert prose != recipe_text(None, None, CausalLMRecipe(text_source="prose", seed=1))
+    both = recipe_text(None, None, CausalLMRecipe(text_source="both", n_texts=3))
+    assert sampled == [3] and both == prose + ["sample 0", "sample 1", "sample 2"]
+    assert recipe_text(None, None, CausalLMRecipe(n_texts=2)) == ["sample 0", "sample 1"]
+    assert CausalLMRecipe().text_settings()["text_source"] == CausalLMRecipe().text_source
+
+
+def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, capsys,
+                                                                     monkeypatch):
+    from tnlm.cli import main
+    from tnlm.compress import llm
+
+    assert main(["compress", "--lm-text", "prose"]) == 2  # the embedded encoder
+    assert "--lm-text applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    assert main(["compress", str(folder), "--lm-text", "prose", "--text", str(text)]) == 2
+    assert "--lm-text chooses the text when no --text is given" in capsys.readouterr().err
+    seen = []
+
+    def stop(model, tok, recipe, **kw):
+        seen.append((recipe.text_source, kw.get("text")))
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    # without ../shared/data the dense perplexity is measured on the shipped held-out prose
+    from tnlm.compress import lm_quality
+    from tnlm.compress.text import lm_held_out
+
+    scored = []
+    real = lm_quality.perplexity
+    monkeypatch.setattr(lm_quality, "natural_eval_text", lambda *a: None)
+    monkeypatch.setattr(lm_quality, "perplexity",
+                        lambda m, t, docs, **kw: scored.append(docs) or real(m, t, docs, **kw))
+    assert main(["compress", str(folder), "--lm-text", "both", "--out", "", "--quiet"]) == 2
+    assert "stopped before compression" in capsys.readouterr().err
+    assert seen == [("both", None)]
+    assert scored == [["\n".join(lm_held_out())]]

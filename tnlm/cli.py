@@ -189,7 +189,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     and one line naming what was kept on disk; nothing is saved as a model.
 
     A causal LM keeps the per-block checkpoint of its layer-by-layer compression (and its
-    self-generated text) in ``--out/layerwise`` the same way: continued after the last
+    own text, --lm-text) in ``--out/layerwise`` the same way: continued after the last
     finished block only with --resume, refused if made with other settings (named),
     discarded with a notice without --resume, removed once the model is saved.
     """
@@ -210,6 +210,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--heal-optimizer applies to causal LMs; an encoder heals with AdamW")
     if args.heal_chunk is not None:
         raise UserError("--heal-chunk applies to causal LMs")
+    if args.lm_text is not None:
+        raise UserError("--lm-text applies to causal LMs; an encoder's text without --text is "
+                        "tnlm's default text")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
@@ -427,6 +430,8 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         raise UserError("--resume continues the layer-by-layer compression saved in --out "
                         "DIR: it needs --out")
     text = None
+    if args.text and args.lm_text is not None:
+        raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
     if args.text:
         try:
             text = read_sentences(args.text, column=args.text_column)
@@ -446,7 +451,7 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
                         "processes can heal (--nproc_per_node)")
     recipe = CausalLMRecipe(
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
-        heal=heal, seed=args.seed)
+        heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source)
     out, created = _make_out(args.out) if rank == 0 else (None, [])
 
     def say(*parts: object) -> None:
@@ -574,9 +579,10 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
         eval_text = natural_eval_text()
         eval_source = "natural held-out text (../shared/data dev splits)"
         if eval_text is None:
-            from tnlm.compress.causal import self_generated_text
-            eval_text = self_generated_text(model, tok, 32, seed=args.seed + 1000)
-            eval_source = "32 texts the dense model wrote with another seed (not healed on)"
+            from tnlm.compress.text import lm_held_out
+            eval_text = ["\n".join(lm_held_out())]
+            eval_source = ("tnlm's held-out prose (tnlm/data/lm_held_out.txt.gz: topics the "
+                           "healing prose never names)")
         dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
     res = compress_causal_lm(model, tok, recipe, text=text,
                              progress=not args.quiet and rank == 0, log=say,
@@ -733,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
     from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
+    from tnlm.compress.llm import TEXT_SOURCES, CausalLMRecipe
     from tnlm.compress.pipeline import ALLOCATIONS
 
     enc = EncoderRecipe  # the encoder job's defaults (class attributes of the dataclass)
@@ -779,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "many positions, recomputed in the backward pass (less memory, "
                         "more time; with --heal-optimizer adafactor, 128 kept SmolLM2's "
                         "healing peak at 2.8x the loaded model)")
+    p.add_argument("--lm-text", choices=TEXT_SOURCES, default=None,
+                   help="causal LMs without --text: calibrate and heal on the model's own "
+                        "samples (self), the prose that ships with tnlm (prose: nothing to "
+                        f"sample) or both (default: {CausalLMRecipe.text_source})")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,

@@ -3,8 +3,9 @@
 :func:`compress_causal_lm` is what ``tnlm compress MODEL`` runs on a decoder, and what
 Python users and the experiments call (its defaults live in :class:`CausalLMRecipe`)::
 
-    text      = the dense model's own samples (data-free; tnlm.compress.causal)
-                or the user's text
+    text      = the user's text, or (``text_source``) the dense model's own samples
+                (data-free; tnlm.compress.causal), the prose that ships with tnlm
+                (tnlm.compress.text.lm_sentences), or both
     sequences = that text cut into equal-length token sequences
     student   = the model, compressed in place block by block on the first
                 ``n_calibration`` sequences (tnlm.compress.layerwise)
@@ -15,7 +16,7 @@ in bfloat16 with ``heal.teacher_bf16``: peak memory is about twice the model plu
 batch of activations and logits).
 
 Under ``torch.distributed`` (every rank calls this with the same model and recipe) rank 0
-writes the self-generated text and sends it to the others; compression shares the
+writes the job's own text (:func:`recipe_text`) and sends it to the others; compression shares the
 calibration batches and the decompositions among the ranks and healing runs through
 ``DistributedDataParallel`` (each rank its share of every step's batch); every rank ends
 with the same compressed model. Progress bars are rank 0's only.
@@ -23,7 +24,7 @@ Every stage's seconds and peak resident memory (MiB, the whole process: the mode
 included) are recorded.
 
 With ``checkpoint_dir`` the layer-by-layer compression writes its per-block checkpoint
-there (:func:`tnlm.compress.layerwise.write_checkpoint`) and the self-generated text is
+there (:func:`tnlm.compress.layerwise.write_checkpoint`) and the job's own text is
 kept beside it (:data:`TEXT_FILE`, written by rank 0); ``resume=True`` continues after the
 last finished block on that same text (:func:`check_resume` checks a checkpoint first,
 :func:`remove_checkpoint` removes one). Healing has no checkpoint here: a resumed run
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,10 +65,17 @@ from tnlm.compress.layerwise import (
     reset_peak_rss,
 )
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
+from tnlm.compress.text import lm_sentences
 from tnlm.integration.architectures import architecture_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
-           "has_checkpoint", "read_saved_text", "remove_checkpoint", "TEXT_FILE"]
+           "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
+           "TEXT_FILE", "TEXT_SOURCES"]
+
+#: where the job's text comes from when the user gives none
+#: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
+#: ships with tnlm, or the prose followed by the samples
+TEXT_SOURCES = ("self", "prose", "both")
 
 #: the self-generated calibration text in a checkpoint folder (JSON: the texts, the
 #: generation settings and a sha256 of the weights of the model that wrote them)
@@ -84,9 +93,14 @@ class CausalLMRecipe:
         method: :data:`tnlm.compress.layerwise.METHODS` (``"whitened"`` and ``"plain"`` are
             the baselines).
         target_modules: patterns; default: the architecture's (``architectures.py``).
-        n_texts: self-generated texts when no text is given; ``gen_tokens`` tokens each,
-            ``gen_batch`` sampled at once (on these CPUs 64 at once write about 1.7x the
-            tokens a second of 16 at once).
+        text_source: the text when none is given, one of :data:`TEXT_SOURCES`:
+            ``"self"``, the dense model's own ``n_texts`` samples; ``"prose"``, the
+            sentences that ship with tnlm (:func:`tnlm.compress.text.lm_sentences`, about
+            128k tokens of everyday prose, shuffled with ``seed``; nothing is sampled);
+            ``"both"``, the prose then the samples (:func:`recipe_text`).
+        n_texts: self-generated texts (``text_source`` "self" or "both"); ``gen_tokens``
+            tokens each, ``gen_batch`` sampled at once (on these CPUs 64 at once write
+            about 1.7x the tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
@@ -111,7 +125,12 @@ class CausalLMRecipe:
     allocation: str | None = None
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
+    text_source: str = "self"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.text_source, str) or self.text_source not in TEXT_SOURCES:
+            raise ValueError(f"text_source must be one of {', '.join(map(repr, TEXT_SOURCES))}"
+                             f", got {self.text_source!r}")
 
     def resolved_allocation(self) -> str:
         """The allocation used: ``allocation`` if given, else ``"residual"`` for method
@@ -134,10 +153,10 @@ class CausalLMRecipe:
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
 
-    def text_settings(self) -> dict[str, int]:
-        """What the self-generated text depends on besides the model."""
-        return {"n_texts": self.n_texts, "gen_tokens": self.gen_tokens,
-                "gen_batch": self.gen_batch, "seed": self.seed}
+    def text_settings(self) -> dict[str, int | str]:
+        """What the job's own text (:func:`recipe_text`) depends on besides the model."""
+        return {"text_source": self.text_source, "n_texts": self.n_texts,
+                "gen_tokens": self.gen_tokens, "gen_batch": self.gen_batch, "seed": self.seed}
 
 
 @dataclass
@@ -158,15 +177,32 @@ class CausalLMResult:
         return self.layerwise.ratio
 
 
+def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
+                progress: bool = False) -> list[str]:
+    """The job's text when the user gives none (:attr:`CausalLMRecipe.text_source`): the
+    shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
+    dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first."""
+    text: list[str] = []
+    if recipe.text_source in ("prose", "both"):
+        text = lm_sentences()
+        random.Random(recipe.seed).shuffle(text)
+    if recipe.text_source in ("self", "both"):
+        text += self_generated_text(model, tokenizer, recipe.n_texts,
+                                    max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
+                                    batch_size=recipe.gen_batch, progress=progress)
+    return text
+
+
 def _weights_digest(model: nn.Module) -> str:
     return dist_.digest([x for k, t in model.state_dict().items() for x in (k, t)])
 
 
 def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
                     model: nn.Module | None = None) -> list[str] | None:
-    """The self-generated text kept in ``directory`` (:data:`TEXT_FILE`), or None if there
-    is none. Raises ``ValueError`` for an unreadable file or one written with other
-    generation settings (named) or, given ``model``, by a model with other weights."""
+    """The job's own text (:func:`recipe_text`) kept in ``directory``
+    (:data:`TEXT_FILE`), or None if there is none. Raises ``ValueError`` for an
+    unreadable file or one written with other text settings (named) or, given ``model``,
+    by a model with other weights."""
     path = Path(directory) / TEXT_FILE
     if not path.is_file():
         return None
@@ -209,7 +245,7 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     resume=True)`` on ``world_size`` ranks would continue after, checked on the unchanged
     model before any work (:func:`tnlm.compress.layerwise.check_checkpoint` on the
     calibration sequences, with ``text`` None those of the text kept there); None when
-    only the self-generated text is there (no block was finished: the run starts at
+    only the job's own text is there (no block was finished: the run starts at
     block 0 on that text).
 
     Raises:
@@ -225,7 +261,7 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
         if text is None:
             if read_checkpoint_state(d) is None:
                 raise FileNotFoundError(f"no layer-by-layer checkpoint in {d}")
-            raise ValueError(f"cannot resume from {d}: it holds no self-generated text "
+            raise ValueError(f"cannot resume from {d}: it holds no text of the job's own "
                              f"({TEXT_FILE}), so it was calibrated on a text file: pass the "
                              f"same --text FILE (text=) as that run")
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)[:recipe.n_calibration]
@@ -241,7 +277,7 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds something a resume continues from: a layer-by-layer
-    state (``state.json``) or the self-generated text (:data:`TEXT_FILE`)."""
+    state (``state.json``) or the job's own text (:data:`TEXT_FILE`)."""
     d = Path(directory)
     return (d / CHECKPOINT_STATE).is_file() or (d / TEXT_FILE).is_file()
 
@@ -270,7 +306,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         checkpoint_dir: a folder for the layer-by-layer compression's per-block checkpoint
             (``LayerwiseConfig.checkpoint_dir``: rank 0 writes the blocks and
             ``state.json``, each rank its hidden states; under ``torch.distributed`` the
-            folder must be shared) and, when ``text`` is None, the self-generated text
+            folder must be shared) and, when ``text`` is None, the job's own text
             (:data:`TEXT_FILE`, rank 0). Not removed at the end
             (:func:`remove_checkpoint`).
         resume: continue from the checkpoint in ``checkpoint_dir``
@@ -314,10 +350,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                 if text is not None:
                     say(f"calibration text: the {len(text)} texts kept in {ckpt / TEXT_FILE}")
                 else:
-                    text = self_generated_text(model, tokenizer, recipe.n_texts,
-                                               max_new_tokens=recipe.gen_tokens,
-                                               seed=recipe.seed, batch_size=recipe.gen_batch,
-                                               progress=progress)
+                    text = recipe_text(model, tokenizer, recipe, progress=progress)
                     if ckpt is not None:  # a resume calibrates on the same text
                         _save_text(ckpt, recipe, model, text)
                 sent = {"text": text}
@@ -326,7 +359,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                     raise
                 sent = {"error": f"{type(err).__name__}: {err}"}
         if size > 1:  # rank 0's text on every rank (the others wait for it)
-            sent = dist_.broadcast_json(sent, 0, "the self-generated text")
+            sent = dist_.broadcast_json(sent, 0, "the job's text")
             if "error" in sent:
                 raise ValueError(f"rank 0: {sent['error']}")
             text = sent["text"]
