@@ -916,3 +916,22 @@ def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, c
     assert "stopped before compression" in capsys.readouterr().err
     assert seen == [("both", None)]
     assert scored == [["\n".join(lm_held_out())]]
+
+
+def test_block_error_weighs_every_position_alike():
+    """A massive first token (as Llama-family residual streams carry) hides the other
+    positions' error from the "total" measure, not from the per-position one."""
+    from tnlm.compress.layerwise import LayerwiseConfig, block_error
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 8, 16, generator=g)
+    t[:, 0] *= 1000.0
+    y = t.clone()
+    y[:, 1:] += 0.5 * torch.randn(2, 7, 16, generator=g)
+    per = [float(((y[b, p] - t[b, p]) ** 2).sum() / (t[b, p] ** 2).sum())
+           for b in range(2) for p in range(8)]
+    assert float(block_error(y, t)) == pytest.approx(sum(per) / len(per), rel=1e-5)
+    assert float(block_error(y, t)) > 0.1
+    assert float(block_error(y, t, "total")) < 1e-5
+    with pytest.raises(ValueError, match="fit_error must be one of"):
+        LayerwiseConfig(["q_proj"], fit_error="mean")

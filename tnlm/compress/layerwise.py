@@ -67,7 +67,8 @@ from tnlm.core.budget import check_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
-__all__ = ["METHODS", "ALLOCATIONS", "dense_spectra", "LayerwiseConfig", "LayerwiseResult",
+__all__ = ["METHODS", "ALLOCATIONS", "FIT_ERRORS", "block_error", "dense_spectra",
+           "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "peak_rss_mb", "reset_peak_rss", "write_checkpoint", "read_checkpoint_state",
            "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
@@ -82,6 +83,10 @@ METHODS = ("tnlm", "whitened", "plain")
 #: targets (:func:`tnlm.compress.allocate.spectrum_ranks`); ``residual``: the same with each
 #: target's error relative to its block's output (the residual stream) instead of its own
 ALLOCATIONS = ("uniform", "spectrum", "residual")
+
+#: how block fitting measures (and the result reports) a block's output error
+#: (:func:`block_error`)
+FIT_ERRORS = ("position", "total")
 
 
 @dataclass
@@ -98,6 +103,11 @@ class LayerwiseConfig:
         method: one of :data:`METHODS`.
         fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
         fit_lr: peak learning rate of block fitting (AdamW, warm-up, cosine decay).
+        fit_error: one of :data:`FIT_ERRORS`: the block output error fitting minimises
+            and :attr:`LayerwiseResult.block_errors` reports (:func:`block_error`):
+            ``"position"`` (default), each token's relative error averaged;
+            ``"total"``, the error of all positions at once, which massive activations
+            dominate.
         batch_size: calibration sequences per block forward.
         ridge: relative Cholesky regularisation of the Grams.
         gauge: gauge of the resulting cores.
@@ -134,9 +144,12 @@ class LayerwiseConfig:
     seed: int = 0
     allocation: str = "uniform"
     checkpoint_dir: str | None = None
+    fit_error: str = "position"
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
+        if self.fit_error not in FIT_ERRORS:
+            raise ValueError(f"fit_error must be one of {FIT_ERRORS}, got {self.fit_error!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
@@ -218,8 +231,22 @@ def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: 
     return out
 
 
-def _rel_err(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return ((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
+def block_error(y: torch.Tensor, t: torch.Tensor, kind: str = "position") -> torch.Tensor:
+    """Relative squared error of a block's output ``y`` against ``t`` (both ``(b, T, d)``;
+    a 0-dim tensor), one of :data:`FIT_ERRORS`:
+
+    * ``"position"``: ``mean_p ||y_p - t_p||² / ||t_p||²`` over the ``b · T`` positions,
+      each token's own relative error: what the next RMSNorm or LayerNorm passes on,
+      since it divides every position by its own scale;
+    * ``"total"``: ``||y - t||² / ||t||²`` over everything. On Llama-family models a few
+      positions carry "massive activations" (SmolLM2-135M, blocks 15-25: the first token
+      holds 95-99.5 % of the residual stream's energy), so this error is almost only
+      theirs.
+    """
+    if kind == "total":
+        return ((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
+    per = ((y - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp_min(1e-30)
+    return per.mean()
 
 
 def block_parameters(root: nn.Module, *, linears: bool = False) -> list[nn.Parameter]:
@@ -232,12 +259,12 @@ def block_parameters(root: nn.Module, *, linears: bool = False) -> list[nn.Param
 
 
 def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor], steps: int,
-              *, lr: float = 1e-3, warmup: int = 8, seed: int = 0, sync: bool = False
-              ) -> None:
+              *, lr: float = 1e-3, warmup: int = 8, seed: int = 0, sync: bool = False,
+              error: str = "position") -> None:
     """Train ``block``'s cores, biases and norms (in place) on
-    ``mean ||block(x) - y||² / ||y||²`` over random batches of ``inputs`` (as
-    :func:`capture_block_inputs` gives them) against ``targets``; other parameters and
-    every ``requires_grad`` flag are left as they were.
+    ``block_error(block(x), y, error)`` (:func:`block_error`) over random batches of
+    ``inputs`` (as :func:`capture_block_inputs` gives them) against ``targets``; other
+    parameters and every ``requires_grad`` flag are left as they were.
 
     With ``sync`` (under ``torch.distributed``) each rank holds its own shard of the
     batches, all shards of the same length: every rank draws the same index from the same
@@ -268,7 +295,7 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
         for _ in range(steps):
             j = rng.randrange(len(inputs))
             x, extra = inputs[j]
-            loss = _rel_err(call(x, extra), targets[j])
+            loss = block_error(call(x, extra), targets[j], error)
             opt.zero_grad(set_to_none=True)
             if sync:  # the loss averaged with the gradients: every rank decides alike
                 loss.backward()
@@ -925,19 +952,21 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             t1 = time.perf_counter()
             with torch.no_grad():
                 ys = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                err0 = err1 = mean_error([_rel_err(y_s, y) for y_s, y in zip(ys, yt)])
+                err0 = err1 = mean_error([block_error(y_s, y, config.fit_error)
+                                           for y_s, y in zip(ys, yt)])
             if fitting and any(ranks[f"{prefix}.{i}.{n}"] for n in names):
                 kept = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 try:
                     fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt,
                               config.fit_steps, lr=config.fit_lr, seed=config.seed + i,
-                              sync=dist)
+                              sync=dist, error=config.fit_error)
                 except FloatingPointError as err:  # diverged: the block as truncated
                     block.load_state_dict(kept)
                     say(f"block {i}: fitting skipped ({err})")
                 with torch.no_grad():
                     fitted = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                    err1 = mean_error([_rel_err(y_s, y) for y_s, y in zip(fitted, yt)])
+                    err1 = mean_error([block_error(y_s, y, config.fit_error)
+                                        for y_s, y in zip(fitted, yt)])
                     if err1 < err0:  # fitting never leaves a block worse than it found it
                         ys = fitted
                     else:
