@@ -6,8 +6,13 @@ no reconstruction); each arm heals a fresh copy for ``--steps`` steps (after one
 step) on the same sentences. The arms are run in turn, twice, and the faster pass is kept
 (the machine is shared).
 
+With ``--texts`` the arms are instead the main job's healing settings
+(``EncoderRecipe().heal_config``) on its default text with and without the shipped prose
+(``default_text(n_lm=0)``, the former default): the seconds a step and the mean tokens of
+the sentences drawn, to say how much of a step's cost the longer prose sentences explain.
+
 Usage:
-    python benchmarks/bench_heal.py [--steps 30] [--threads 2]
+    python benchmarks/bench_heal.py [--steps 30] [--threads 2] [--texts]
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--texts", action="store_true",
+                    help="the job's healing on its default text with and without the prose")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModel, AutoTokenizer
 
     from tnlm.compress.distill import HealConfig, fast_bf16, heal
+    from tnlm.compress.encoder import EncoderRecipe
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.compress.text import default_text
     from tnlm.integration import default_model_path
@@ -43,6 +51,28 @@ def main() -> None:
     model = AutoModel.from_pretrained(path).eval()
     student = compress_model(model, tok, text[:128], CompressionConfig(
         default_targets(model), budget=args.budget, heal=None), progress=False).model
+    if args.texts:
+        former = default_text(seed=0, n_lm=0)
+        recipe = EncoderRecipe()
+        length = recipe.heal_config().max_length
+        texts = {"former default text (no prose)": former, "default text (with prose)": text}
+        best = {name: float("inf") for name in texts}
+        for _ in range(2):
+            for name, sents in texts.items():
+                s = copy.deepcopy(student)
+                heal(s, teacher, tok, sents, recipe.heal_config(steps=1), progress=False)
+                t0 = time.perf_counter()
+                heal(s, teacher, tok, sents, recipe.heal_config(steps=args.steps),
+                     progress=False)
+                best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+        base = best[next(iter(texts))]
+        print(f"bf16 instructions: {fast_bf16()}; threads {torch.get_num_threads()}")
+        print("| text | sentences | mean tokens | s/step | ratio |\n|---|---|---|---|---|")
+        for name, sents in texts.items():
+            n = [len(x) for x in tok(sents, truncation=True, max_length=length)["input_ids"]]
+            print(f"| {name} | {len(sents)} | {sum(n) / len(n):.1f} | {best[name]:.3f} | "
+                  f"{best[name] / base:.2f}x |")
+        return
     arms = [("uniform draws, float32 teacher", dict(bucket=0)),
             ("bucketed draws, float32 teacher", dict(bucket=8)),
             ("uniform draws, bfloat16 teacher", dict(bucket=0, teacher_bf16=True)),
