@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig, self_generated_text  # noqa: E402
-from tnlm.compress.layerwise import ALLOCATIONS, FIT_ERRORS, METHODS  # noqa: E402
+from tnlm.compress.layerwise import ALLOCATIONS, METHODS, OUTPUT_ERRORS  # noqa: E402
 from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm, recipe_text  # noqa: E402
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
@@ -85,9 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=64)
     p.add_argument("--fit-steps", type=int, default=32)
-    p.add_argument("--fit-error", choices=FIT_ERRORS, default="position",
-                   help="block fitting's error: each position's relative error averaged "
-                        "(position) or all positions' at once (total, the former default)")
+    p.add_argument("--output-error", choices=OUTPUT_ERRORS, default="position",
+                   help="a block's output error (fitting, the residual allocation): each "
+                        "position's relative error averaged (position) or all positions' at "
+                        "once (total, the former default)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="default: the job's (residual for tnlm, uniform for the baselines)")
     p.add_argument("--heal-steps", type=int, default=150)
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
-        fit_error=args.fit_error,
+        output_error=args.output_error,
         allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,

@@ -933,5 +933,32 @@ def test_block_error_weighs_every_position_alike():
     assert float(block_error(y, t)) == pytest.approx(sum(per) / len(per), rel=1e-5)
     assert float(block_error(y, t)) > 0.1
     assert float(block_error(y, t, "total")) < 1e-5
-    with pytest.raises(ValueError, match="fit_error must be one of"):
-        LayerwiseConfig(["q_proj"], fit_error="mean")
+    with pytest.raises(ValueError, match="output_error must be one of"):
+        LayerwiseConfig(["q_proj"], output_error="mean")
+
+
+def test_residual_share_per_position_discounts_massive_positions():
+    """``dense_spectra``'s share of a target: its output energy over the block's output
+    energy E, with E = sum ||h_p||^2 ("total") or N^2 / sum ||h_p||^-2 ("position"),
+    checked against the model's own hidden states."""
+    from tnlm.compress.layerwise import capture_block_inputs, dense_spectra
+
+    model = _llama()
+    seqs = _seqs()
+    blocks = blocks_of(model)
+    names = [[n for n, x in b.named_modules() if isinstance(x, torch.nn.Linear)
+              and n.split(".")[-1] in default_targets(model)] for b in blocks]
+    data = capture_block_inputs(model, seqs, 8)
+    spectra, total = dense_spectra(blocks, data, names, "model.layers", error="total")
+    _, per = dense_spectra(blocks, data, names, "model.layers", error="position")
+    with torch.no_grad():
+        hidden = model(seqs, output_hidden_states=True).hidden_states
+    for i in range(len(blocks) - 1):  # the last hidden state is after the final norm
+        sq = (hidden[i + 1].double() ** 2).sum(-1)
+        e_total, e_pos = float(sq.sum()), sq.numel() ** 2 / float((1 / sq).sum())
+        assert e_pos < e_total  # unequal norms: the harmonic mean is below the mean
+        for n in names[i]:
+            key = f"model.layers.{i}.{n}"
+            t0 = float(spectra[key][2][0])
+            assert total[key] == pytest.approx(t0 / e_total, rel=1e-4)
+            assert per[key] == pytest.approx(t0 / e_pos, rel=1e-4)

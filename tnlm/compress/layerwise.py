@@ -67,7 +67,7 @@ from tnlm.core.budget import check_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
-__all__ = ["METHODS", "ALLOCATIONS", "FIT_ERRORS", "block_error", "dense_spectra",
+__all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "block_error", "dense_spectra",
            "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "peak_rss_mb", "reset_peak_rss", "write_checkpoint", "read_checkpoint_state",
@@ -84,9 +84,10 @@ METHODS = ("tnlm", "whitened", "plain")
 #: target's error relative to its block's output (the residual stream) instead of its own
 ALLOCATIONS = ("uniform", "spectrum", "residual")
 
-#: how block fitting measures (and the result reports) a block's output error
-#: (:func:`block_error`)
-FIT_ERRORS = ("position", "total")
+#: how a block's output error is measured (:func:`block_error`): what block fitting
+#: minimises, what the ``"residual"`` allocation weighs each target's error against and
+#: what the result reports
+OUTPUT_ERRORS = ("position", "total")
 
 
 @dataclass
@@ -103,8 +104,9 @@ class LayerwiseConfig:
         method: one of :data:`METHODS`.
         fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
         fit_lr: peak learning rate of block fitting (AdamW, warm-up, cosine decay).
-        fit_error: one of :data:`FIT_ERRORS`: the block output error fitting minimises
-            and :attr:`LayerwiseResult.block_errors` reports (:func:`block_error`):
+        output_error: one of :data:`OUTPUT_ERRORS` (:func:`block_error`): the block
+            output error fitting minimises, the ``"residual"`` allocation weighs against
+            (:func:`dense_spectra`) and :attr:`LayerwiseResult.block_errors` reports:
             ``"position"`` (default), each token's relative error averaged;
             ``"total"``, the error of all positions at once, which massive activations
             dominate.
@@ -144,12 +146,13 @@ class LayerwiseConfig:
     seed: int = 0
     allocation: str = "uniform"
     checkpoint_dir: str | None = None
-    fit_error: str = "position"
+    output_error: str = "position"
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        if self.fit_error not in FIT_ERRORS:
-            raise ValueError(f"fit_error must be one of {FIT_ERRORS}, got {self.fit_error!r}")
+        if self.output_error not in OUTPUT_ERRORS:
+            raise ValueError(f"output_error must be one of {OUTPUT_ERRORS}, got "
+                             f"{self.output_error!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
@@ -233,7 +236,7 @@ def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: 
 
 def block_error(y: torch.Tensor, t: torch.Tensor, kind: str = "position") -> torch.Tensor:
     """Relative squared error of a block's output ``y`` against ``t`` (both ``(b, T, d)``;
-    a 0-dim tensor), one of :data:`FIT_ERRORS`:
+    a 0-dim tensor), one of :data:`OUTPUT_ERRORS`:
 
     * ``"position"``: ``mean_p ||y_p - t_p||² / ||t_p||²`` over the ``b · T`` positions,
       each token's own relative error: what the next RMSNorm or LayerNorm passes on,
@@ -349,7 +352,7 @@ def reset_peak_rss() -> bool:
 @torch.no_grad()
 def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list[str]],
                   prefix: str, ridge: float = 1e-6, progress: bool = False,
-                  reduce: bool = False
+                  reduce: bool = False, error: str = "position"
                   ) -> tuple[dict[str, tuple[int, int, Any]], dict[str, float]]:
     """The dense blocks run in turn on the captured inputs ``data``; per target, its
     whitened spectrum on its own dense inputs. With ``reduce``, ``data`` is this rank's
@@ -359,9 +362,14 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
 
     Returns:
         ``(spectra, block_share)``: ``name -> (in, out, tail)`` with ``tail[r]`` the
-        squared singular values a rank-r truncation discards, and ``name -> tail[0] /
-        ||block output||²`` (the target's output energy relative to the residual stream
-        its block writes).
+        squared singular values a rank-r truncation discards, and ``name -> tail[0] / E``,
+        the target's output energy relative to the residual stream ``h`` its block
+        writes, ``E`` as ``error`` (:data:`OUTPUT_ERRORS`) measures it: ``"total"``,
+        ``E = Σ_p ||h_p||²``; ``"position"``, ``E = N² / Σ_p ||h_p||⁻²`` over the ``N``
+        positions, so that ``tail[r] / E`` is the mean over positions of
+        ``||e_p||² / ||h_p||²`` for an error ``e`` spread evenly over the positions (a
+        position with massive activations then weighs as little as it does after the
+        next norm, instead of setting ``E`` alone).
     """
     spectra: dict[str, tuple[int, int, Any]] = {}
     share: dict[str, float] = {}
@@ -373,9 +381,16 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
             stats = collect_input_stats(call, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)],
                                         [f"block.{n}" for n in names], reduce=reduce)
         ys = [call(x, d[1]) for x, d in zip(xs, data)]
-        energy = sum(float((y.double() ** 2).sum()) for y in ys)
-        if reduce:
-            energy = dist_.all_reduce_floats([energy], "output energies")[0]
+        if error == "total":
+            energy = sum(float((y.double() ** 2).sum()) for y in ys)
+            if reduce:
+                energy = dist_.all_reduce_floats([energy], "output energies")[0]
+        else:
+            sq = [(y.double() ** 2).sum(-1).clamp_min(1e-30) for y in ys]
+            inv, count = sum(float((1 / q).sum()) for q in sq), sum(q.numel() for q in sq)
+            if reduce:
+                inv, count = dist_.all_reduce_floats([inv, float(count)], "output energies")
+            energy = count ** 2 / inv if inv else 0.0
         energy = energy or 1.0
         Ws = [weight_xw(blocks[i].get_submodule(n)) for n in names]
         for n, W, tails in zip(names, Ws, _tails(Ws, [stats[f"block.{n}"] for n in names],
@@ -868,7 +883,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         model.eval()
         try:
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
-                                           progress, reduce=dist)
+                                           progress, reduce=dist, error=config.output_error)
         finally:
             model.train(was)
         allocated = spectrum_ranks(spectra, float(config.budget),
@@ -952,20 +967,20 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             t1 = time.perf_counter()
             with torch.no_grad():
                 ys = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                err0 = err1 = mean_error([block_error(y_s, y, config.fit_error)
+                err0 = err1 = mean_error([block_error(y_s, y, config.output_error)
                                            for y_s, y in zip(ys, yt)])
             if fitting and any(ranks[f"{prefix}.{i}.{n}"] for n in names):
                 kept = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 try:
                     fit_block(block, [(x, d[1]) for x, d in zip(xs, data)], yt,
                               config.fit_steps, lr=config.fit_lr, seed=config.seed + i,
-                              sync=dist, error=config.fit_error)
+                              sync=dist, error=config.output_error)
                 except FloatingPointError as err:  # diverged: the block as truncated
                     block.load_state_dict(kept)
                     say(f"block {i}: fitting skipped ({err})")
                 with torch.no_grad():
                     fitted = [call_s(x, d[1]) for x, d in zip(xs, data)]
-                    err1 = mean_error([block_error(y_s, y, config.fit_error)
+                    err1 = mean_error([block_error(y_s, y, config.output_error)
                                         for y_s, y in zip(fitted, yt)])
                     if err1 < err0:  # fitting never leaves a block worse than it found it
                         ys = fitted

@@ -103,8 +103,8 @@ class CausalLMRecipe:
             about 1.7x the tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
-        fit_steps, fit_lr, fit_error: block fitting (method ``"tnlm"``; ``fit_error``:
-            :data:`tnlm.compress.layerwise.FIT_ERRORS`, the error it minimises and the
+        fit_steps, fit_lr, output_error: block fitting (method ``"tnlm"``; ``output_error``:
+            :data:`tnlm.compress.layerwise.OUTPUT_ERRORS`, the error it minimises and the
             result reports).
         allocation: how the budget is shared among the targets
             (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
@@ -124,7 +124,7 @@ class CausalLMRecipe:
     n_calibration: int = 64
     fit_steps: int = 32
     fit_lr: float = 1e-3
-    fit_error: str = "position"
+    output_error: str = "position"
     allocation: str | None = None
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
@@ -152,7 +152,7 @@ class CausalLMRecipe:
         targets = list(self.target_modules or architecture_of(model).targets)
         return LayerwiseConfig(targets, budget=self.budget, method=self.method,
                                fit_steps=self.fit_steps, fit_lr=self.fit_lr,
-                               fit_error=self.fit_error,
+                               output_error=self.output_error,
                                allocation=self.resolved_allocation(), seed=self.seed,
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
