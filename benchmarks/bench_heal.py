@@ -8,8 +8,10 @@ step) on the same sentences. The arms are run in turn, twice, and the faster pas
 
 With ``--texts`` the arms are instead the main job's healing settings
 (``EncoderRecipe().heal_config``) on its default text with and without the shipped prose
-(``default_text(n_lm=0)``, the former default): the seconds a step and the mean tokens of
-the sentences drawn, to say how much of a step's cost the longer prose sentences explain.
+(``default_text(n_lm=0)``, the former default; the whole text, not the job's split):
+the seconds a step and the mean tokens of the text's sentences (every sentence is drawn
+with the same probability), to say how much of a step's cost the longer prose sentences
+explain.
 
 Usage:
     python benchmarks/bench_heal.py [--steps 30] [--threads 2] [--texts]

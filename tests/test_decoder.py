@@ -884,6 +884,21 @@ def test_the_causal_jobs_own_text_is_the_shipped_prose_the_samples_or_both(monke
     assert sampled == [3] and both == prose + ["sample 0", "sample 1", "sample 2"]
     assert recipe_text(None, None, CausalLMRecipe(n_texts=2)) == ["sample 0", "sample 1"]
     assert CausalLMRecipe().text_settings()["text_source"] == CausalLMRecipe().text_source
+    assert "gen_batch" not in CausalLMRecipe(text_source="prose").text_settings()
+
+
+def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_path):
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, read_saved_text
+
+    recipe = CausalLMRecipe(n_texts=2)
+    legacy = {k: v for k, v in recipe.text_settings().items() if k != "text_source"}
+    (tmp_path / llm.TEXT_FILE).write_text(json.dumps(
+        {"format": "tnlm-calibration-text", "version": 1, "settings": legacy,
+         "texts": ["a b", "c d"]}))
+    assert read_saved_text(tmp_path, recipe) == ["a b", "c d"]
+    with pytest.raises(ValueError, match="text_source: 'self' in the checkpoint, 'both' now"):
+        read_saved_text(tmp_path, CausalLMRecipe(n_texts=2, text_source="both"))
 
 
 def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, capsys,
@@ -956,9 +971,36 @@ def test_residual_share_per_position_discounts_massive_positions():
     for i in range(len(blocks) - 1):  # the last hidden state is after the final norm
         sq = (hidden[i + 1].double() ** 2).sum(-1)
         e_total, e_pos = float(sq.sum()), sq.numel() ** 2 / float((1 / sq).sum())
-        assert e_pos < e_total  # unequal norms: the harmonic mean is below the mean
         for n in names[i]:
             key = f"model.layers.{i}.{n}"
             t0 = float(spectra[key][2][0])
             assert total[key] == pytest.approx(t0 / e_total, rel=1e-4)
             assert per[key] == pytest.approx(t0 / e_pos, rel=1e-4)
+            assert per[key] > total[key] * 1.001  # unequal norms: the two differ
+
+
+def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(monkeypatch):
+    import tnlm.compress.layerwise as lw
+    from tnlm.compress.llm import CausalLMRecipe
+
+    kinds, energies = [], []
+    real_error, real_spectra = lw.block_error, lw.dense_spectra
+
+    def error(y, t, kind="position"):
+        kinds.append(kind)
+        return real_error(y, t, kind)
+
+    def spectra(*a, error="position", **kw):
+        energies.append(error)
+        return real_spectra(*a, error=error, **kw)
+
+    monkeypatch.setattr(lw, "block_error", error)
+    monkeypatch.setattr(lw, "dense_spectra", spectra)
+    model = _llama()
+    cfg = CausalLMRecipe(output_error="total", fit_steps=2,
+                         budget=0.5).layerwise_config(model)
+    assert cfg.output_error == "total" and cfg.allocation == "residual"
+    lw.compress_layerwise(model, _seqs(), cfg, progress=False)
+    assert energies == ["total"] and kinds and set(kinds) == {"total"}
+    with pytest.raises(ValueError, match="output_error must be one of 'position', 'total'"):
+        CausalLMRecipe(output_error="mean")

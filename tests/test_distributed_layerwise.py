@@ -464,3 +464,19 @@ def test_resume_refuses_another_checkpoint_version(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="checkpoint version 1; this tnlm reads version 2"):
         compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)
+
+
+def test_resume_reads_a_checkpoint_from_before_output_error_as_total(tmp_path):
+    """A state written before ``output_error`` existed measured whole-tensor errors: it
+    resumes with ``output_error="total"`` and is refused, naming the field, otherwise."""
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="plain", fit_steps=0,
+                          budget=0.5, checkpoint_dir=str(tmp_path), output_error="total")
+    compress_layerwise(tiny(), sequences(), cfg, progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["fingerprint"]["settings"]["output_error"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)
+    cfg.output_error = "position"
+    with pytest.raises(ValueError, match="output_error: 'total' in the checkpoint, "
+                                         "'position' now"):
+        compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)

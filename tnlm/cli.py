@@ -598,6 +598,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
                    heal_optimizer=recipe.heal.optimizer,
+                   text=("--text " + str(args.text)) if args.text else recipe.text_source,
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source, seconds=res.seconds,

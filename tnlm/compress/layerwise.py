@@ -22,9 +22,11 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
             (tnlm.compress.data_aware: exactly low rank in the 2-site layout);
             distributed: each truncation computed by one rank (largest I J min(I, J)
             first, to the least-loaded rank) and broadcast from it
-        "tnlm": fit block i's cores, biases and norms to min ||B_i(X_s) - Y_t||² / ||Y_t||²
-                (gradients averaged over the ranks; kept only if it lowers that error on
-                all ranks' calibration sequences)
+        "tnlm": fit block i's cores, biases and norms to min the block output error
+                ``output_error``: by default the mean over positions p of
+                ||B_i(X_s)_p - Y_t,p||² / ||Y_t,p||² (block_error; gradients averaged
+                over the ranks; kept only if it lowers that error on all ranks'
+                calibration sequences)
         X_s = B_i(X_s);  X_t = Y_t;  drop T_i
         checkpoint_dir: each rank writes its X_s, X_t (not after the last block), rank 0
             block i's weights and then state.json, the file of record
@@ -129,9 +131,9 @@ class LayerwiseConfig:
 
     Raises:
         TypeError: ``budget`` is not a real number (a bool included).
-        ValueError: ``budget`` not in (0, 1], an unknown ``method`` or ``allocation``,
-            ``fit_steps``/``batch_size`` not an int (>= 0 / >= 1), or malformed
-            ``target_modules``.
+        ValueError: ``budget`` not in (0, 1], an unknown ``method``, ``allocation`` or
+            ``output_error``, ``fit_steps``/``batch_size`` not an int (>= 0 / >= 1), or
+            malformed ``target_modules``.
     """
 
     target_modules: list[str]
@@ -624,7 +626,10 @@ def _check_files(d: Path, state: dict[str, Any], n_blocks: int, ranks: list[int]
 def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming every difference unless checkpoint ``d`` (its ``state``)
     was written for ``fingerprint`` (:func:`layerwise_fingerprint`)."""
-    diff = _differences(state.get("fingerprint", {}), fingerprint)
+    saved = state.get("fingerprint", {})
+    if isinstance(saved.get("settings"), dict):  # written before output_error: "total"
+        saved = {**saved, "settings": {"output_error": "total", **saved["settings"]}}
+    diff = _differences(saved, fingerprint)
     if diff:
         raise ValueError(f"cannot resume from {d}: it was written for other inputs; "
                          + "; ".join(diff))
@@ -893,7 +898,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         times["allocation"] = time.perf_counter() - t0
 
     def mean_error(parts: list[torch.Tensor]) -> float:
-        """Mean relative error over all ranks' batches."""
+        """Mean of the batches' errors over all ranks' batches (equal-sized batches
+        unless the last is short: then a mean of batch means, not of positions)."""
         total, count = sum(float(e) for e in parts), float(len(parts))
         if dist:
             total, count = dist_.all_reduce_floats([total, count], "block errors")

@@ -56,6 +56,7 @@ from tnlm.compress.causal import (
 )
 from tnlm.compress.layerwise import (
     CHECKPOINT_STATE,
+    OUTPUT_ERRORS,
     LayerwiseConfig,
     LayerwiseResult,
     check_checkpoint,
@@ -77,8 +78,9 @@ __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resu
 #: ships with tnlm, or the prose followed by the samples
 TEXT_SOURCES = ("self", "prose", "both")
 
-#: the self-generated calibration text in a checkpoint folder (JSON: the texts, the
-#: generation settings and a sha256 of the weights of the model that wrote them)
+#: the job's own calibration text in a checkpoint folder (JSON: the texts, the settings
+#: they depend on, :meth:`CausalLMRecipe.text_settings`, and a sha256 of the weights of
+#: the model they were made with)
 TEXT_FILE = "calibration_text.json"
 _TEXT_FORMAT = "tnlm-calibration-text"
 _TEXT_VERSION = 1
@@ -103,9 +105,11 @@ class CausalLMRecipe:
             about 1.7x the tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
-        fit_steps, fit_lr, output_error: block fitting (method ``"tnlm"``; ``output_error``:
-            :data:`tnlm.compress.layerwise.OUTPUT_ERRORS`, the error it minimises and the
-            result reports).
+        fit_steps, fit_lr: block fitting (method ``"tnlm"``).
+        output_error: how a block's output error is measured
+            (:data:`tnlm.compress.layerwise.OUTPUT_ERRORS`): what block fitting
+            minimises, what the ``"residual"`` allocation weighs each target against and
+            what the result reports (``LayerwiseConfig.output_error``).
         allocation: how the budget is shared among the targets
             (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
             method's own, :meth:`resolved_allocation`.
@@ -124,16 +128,18 @@ class CausalLMRecipe:
     n_calibration: int = 64
     fit_steps: int = 32
     fit_lr: float = 1e-3
-    output_error: str = "position"
     allocation: str | None = None
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
     text_source: str = "self"
+    output_error: str = "position"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.text_source, str) or self.text_source not in TEXT_SOURCES:
-            raise ValueError(f"text_source must be one of {', '.join(map(repr, TEXT_SOURCES))}"
-                             f", got {self.text_source!r}")
+        for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {v!r}")
 
     def resolved_allocation(self) -> str:
         """The allocation used: ``allocation`` if given, else ``"residual"`` for method
@@ -158,9 +164,13 @@ class CausalLMRecipe:
                                else str(checkpoint_dir))
 
     def text_settings(self) -> dict[str, int | str]:
-        """What the job's own text (:func:`recipe_text`) depends on besides the model."""
-        return {"text_source": self.text_source, "n_texts": self.n_texts,
-                "gen_tokens": self.gen_tokens, "gen_batch": self.gen_batch, "seed": self.seed}
+        """What the job's own text (:func:`recipe_text`) depends on besides the model (the
+        sampling settings only where it samples)."""
+        out: dict[str, int | str] = {"text_source": self.text_source, "seed": self.seed}
+        if self.text_source != "prose":
+            out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
+                       gen_batch=self.gen_batch)
+        return out
 
 
 @dataclass
@@ -219,7 +229,8 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
             or not all(isinstance(t, str) for t in saved["texts"])):
         raise ValueError(f"{path} is not a calibration text of this tnlm (format "
                          f"{_TEXT_FORMAT!r} version {_TEXT_VERSION})")
-    now, then = recipe.text_settings(), saved.get("settings") or {}
+    now, then = recipe.text_settings(), dict(saved.get("settings") or {})
+    then.setdefault("text_source", "self")  # written before text_source: the samples
     diff = [f"{k}: {then.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
             if then.get(k) != v]
     if model is not None and saved.get("model") != _weights_digest(model):
