@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=64)
     p.add_argument("--fit-steps", type=int, default=32)
-    p.add_argument("--output-error", choices=OUTPUT_ERRORS, default="position",
+    p.add_argument("--output-error", choices=OUTPUT_ERRORS, default="total",
                    help="a block's output error (fitting, the residual allocation): each "
                         "position's relative error averaged (position) or all positions' at "
-                        "once (total, the former default)")
+                        "once (total, the default)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="default: the job's (residual for tnlm, uniform for the baselines)")
     p.add_argument("--heal-steps", type=int, default=150)

@@ -945,9 +945,10 @@ def test_block_error_weighs_every_position_alike():
     y[:, 1:] += 0.5 * torch.randn(2, 7, 16, generator=g)
     per = [float(((y[b, p] - t[b, p]) ** 2).sum() / (t[b, p] ** 2).sum())
            for b in range(2) for p in range(8)]
-    assert float(block_error(y, t)) == pytest.approx(sum(per) / len(per), rel=1e-5)
-    assert float(block_error(y, t)) > 0.1
-    assert float(block_error(y, t, "total")) < 1e-5
+    assert float(block_error(y, t, "position")) == pytest.approx(sum(per) / len(per),
+                                                                 rel=1e-5)
+    assert float(block_error(y, t, "position")) > 0.1
+    assert float(block_error(y, t)) < 1e-5  # "total", the default
     with pytest.raises(ValueError, match="output_error must be one of"):
         LayerwiseConfig(["q_proj"], output_error="mean")
 
@@ -986,21 +987,21 @@ def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(mon
     kinds, energies = [], []
     real_error, real_spectra = lw.block_error, lw.dense_spectra
 
-    def error(y, t, kind="position"):
+    def error(y, t, kind="total"):
         kinds.append(kind)
         return real_error(y, t, kind)
 
-    def spectra(*a, error="position", **kw):
+    def spectra(*a, error="total", **kw):
         energies.append(error)
         return real_spectra(*a, error=error, **kw)
 
     monkeypatch.setattr(lw, "block_error", error)
     monkeypatch.setattr(lw, "dense_spectra", spectra)
     model = _llama()
-    cfg = CausalLMRecipe(output_error="total", fit_steps=2,
+    cfg = CausalLMRecipe(output_error="position", fit_steps=2,
                          budget=0.5).layerwise_config(model)
-    assert cfg.output_error == "total" and cfg.allocation == "residual"
+    assert cfg.output_error == "position" and cfg.allocation == "residual"
     lw.compress_layerwise(model, _seqs(), cfg, progress=False)
-    assert energies == ["total"] and kinds and set(kinds) == {"total"}
-    with pytest.raises(ValueError, match="output_error must be one of 'position', 'total'"):
+    assert energies == ["position"] and kinds and set(kinds) == {"position"}
+    with pytest.raises(ValueError, match="output_error must be one of 'total', 'position'"):
         CausalLMRecipe(output_error="mean")

@@ -132,7 +132,7 @@ class CausalLMRecipe:
     heal: CausalHealConfig = field(default_factory=CausalHealConfig)
     seed: int = 0
     text_source: str = "self"
-    output_error: str = "position"
+    output_error: str = "total"
 
     def __post_init__(self) -> None:
         for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
