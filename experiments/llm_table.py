@@ -26,8 +26,8 @@ def cell(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
-    rows: dict[tuple[str, float, int], list[dict]] = defaultdict(list)
+def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
+    rows: dict[tuple[str, float, int, str], list[dict]] = defaultdict(list)
     for p in paths:
         d = json.loads(p.read_text())
         if "ppl_ratio" not in d or d.get("method") is None:
@@ -38,7 +38,19 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int], list[dict]]:
         alloc = args.get("allocation") or ("residual" if "allocation" in args
                                            and d["method"] == "tnlm" else "uniform")
         method = d["method"] if alloc == "uniform" else f"{d['method']} ({alloc})"
-        rows[(method, float(d["budget"]), heal, int(args.get("n_texts", 0)))].append(d)
+        # settings other than the defaults of their time make a row of their own
+        # (the output error matters to fitting and the residual allocation: tnlm only;
+        # "fit_error" was its name for one run, when it set the fitting alone)
+        tnlm = d["method"] == "tnlm"
+        other = [f"lr {args['lr']:g}" if args.get("lr", 2e-4) != 2e-4 else "",
+                 args.get("optimizer") if args.get("optimizer", "adamw") != "adamw" else "",
+                 "per-position error" if tnlm and args.get("output_error") == "position"
+                 else "",
+                 "per-position fitting" if tnlm and args.get("fit_error") == "position"
+                 else ""]
+        method += "".join(f", {o}" for o in other if o)
+        texts = "prose" if args.get("text") == "prose" else str(int(args.get("n_texts", 0)))
+        rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows
 
 
@@ -67,7 +79,7 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[tuple[str, int, int], list[tuple[float, float]]] = defaultdict(list)
+    series: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
     for (method, _budget, heal, texts), runs in rows.items():
         kept = statistics.mean(r.get("kept", 1.0) for r in runs)
         series[(method, heal, texts)].append(
