@@ -49,31 +49,39 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     teacher = AutoModel.from_pretrained(path).eval()
     text = default_text(seed=0)
-    lengths = [len(x) for x in tok(text, truncation=True, max_length=64)["input_ids"]]
     model = AutoModel.from_pretrained(path).eval()
     student = compress_model(model, tok, text[:128], CompressionConfig(
         default_targets(model), budget=args.budget, heal=None), progress=False).model
+    def best_seconds(arms: dict) -> dict[str, float]:
+        """Per arm ``name -> (sentences, steps -> HealConfig)``: seconds a step of a fresh
+        copy of the student after one warm-up step, the faster of two interleaved passes."""
+        best = {name: float("inf") for name in arms}
+        for _ in range(2):
+            for name, (sents, config) in arms.items():
+                s = copy.deepcopy(student)
+                heal(s, teacher, tok, sents, config(1), progress=False)  # warm-up
+                t0 = time.perf_counter()
+                heal(s, teacher, tok, sents, config(args.steps), progress=False)
+                best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+        return best
+
+    def mean_tokens(sents: list[str], max_length: int) -> float:
+        n = [len(x) for x in tok(sents, truncation=True, max_length=max_length)["input_ids"]]
+        return sum(n) / len(n)
+
     if args.texts:
-        former = default_text(seed=0, n_lm=0)
         recipe = EncoderRecipe()
         length = recipe.heal_config().max_length
-        texts = {"former default text (no prose)": former, "default text (with prose)": text}
-        best = {name: float("inf") for name in texts}
-        for _ in range(2):
-            for name, sents in texts.items():
-                s = copy.deepcopy(student)
-                heal(s, teacher, tok, sents, recipe.heal_config(steps=1), progress=False)
-                t0 = time.perf_counter()
-                heal(s, teacher, tok, sents, recipe.heal_config(steps=args.steps),
-                     progress=False)
-                best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+        texts = {"former default text (no prose)": default_text(seed=0, n_lm=0),
+                 "default text (with prose)": text}
+        best = best_seconds({name: (sents, lambda k: recipe.heal_config(steps=k))
+                             for name, sents in texts.items()})
         base = best[next(iter(texts))]
         print(f"bf16 instructions: {fast_bf16()}; threads {torch.get_num_threads()}")
         print("| text | sentences | mean tokens | s/step | ratio |\n|---|---|---|---|---|")
         for name, sents in texts.items():
-            n = [len(x) for x in tok(sents, truncation=True, max_length=length)["input_ids"]]
-            print(f"| {name} | {len(sents)} | {sum(n) / len(n):.1f} | {best[name]:.3f} | "
-                  f"{best[name] / base:.2f}x |")
+            print(f"| {name} | {len(sents)} | {mean_tokens(sents, length):.1f} | "
+                  f"{best[name]:.3f} | {best[name] / base:.2f}x |")
         return
     arms = [("uniform draws, float32 teacher", dict(bucket=0)),
             ("bucketed draws, float32 teacher", dict(bucket=8)),
@@ -81,21 +89,14 @@ def main() -> None:
             ("bucketed draws, bfloat16 teacher", dict(bucket=8, teacher_bf16=True)),
             ("bucketed draws, bfloat16 teacher and student",
              dict(bucket=8, teacher_bf16=True, student_bf16=True))]
-    best = {name: float("inf") for name, _ in arms}
-    for _ in range(2):
-        for name, kw in arms:
-            s = copy.deepcopy(student)
-            heal(s, teacher, tok, text, HealConfig(steps=1, **kw), progress=False)  # warm-up
-            t0 = time.perf_counter()
-            heal(s, teacher, tok, text, HealConfig(steps=args.steps, **kw), progress=False)
-            best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
-    print(f"text: {len(text)} sentences, mean {sum(lengths) / len(lengths):.1f} tokens; "
+    best = best_seconds({name: (text, lambda k, kw=kw: HealConfig(steps=k, **kw))
+                         for name, kw in arms})
+    print(f"text: {len(text)} sentences, mean {mean_tokens(text, 64):.1f} tokens; "
           f"bf16 instructions: {fast_bf16()}; threads {torch.get_num_threads()}")
     base = best[arms[0][0]]
     print("| arm | s/step | ratio |\n|---|---|---|")
     for name, _ in arms:
         print(f"| {name} | {best[name]:.3f} | {best[name] / base:.2f}x |")
-
 
 if __name__ == "__main__":
     main()

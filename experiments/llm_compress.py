@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig, self_generated_text  # noqa: E402
 from tnlm.compress.layerwise import ALLOCATIONS, METHODS, OUTPUT_ERRORS  # noqa: E402
-from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm, recipe_text  # noqa: E402
+from tnlm.compress.llm import (  # noqa: E402
+    TEXT_SOURCES,
+    CausalLMRecipe,
+    compress_causal_lm,
+    recipe_text,
+)
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
     greedy_answers,
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
                    help="healing's KL over chunks of this many positions (less memory)")
     p.add_argument("--eval-length", type=int, default=256)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
-    p.add_argument("--text", choices=("self", "prose", "both"), default="self",
+    p.add_argument("--text", choices=TEXT_SOURCES, default="self",
                    help="calibration and healing text: the dense model's own samples "
                         "(self), the prose that ships with tnlm (prose: "
                         "tnlm.compress.llm.recipe_text, shuffled with the seed), or the "
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
     texts = []
     if args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
         texts = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
-    if args.text == "self" or args.text == "both":
+    if args.text in ("self", "both"):
         if text_file.is_file():
             texts += json.loads(text_file.read_text())
         else:
