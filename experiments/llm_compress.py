@@ -96,6 +96,8 @@ def main(argv=None) -> int:
                         "once (total, the default)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="default: the job's (residual for tnlm, uniform for the baselines)")
+    p.add_argument("--pivoted", action="store_true",
+                   help="fix each truncated bond's gauge: r (I + J - r) numbers a layer")
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
-        output_error=args.output_error,
+        output_error=args.output_error, pivoted=args.pivoted,
         allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
@@ -172,7 +174,9 @@ def main(argv=None) -> int:
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
         eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb)
     if res is not None:
-        out.update(kept=res.ratio, params_before=res.layerwise.params_before,
+        out.update(pivoted=args.pivoted, kept=res.ratio,
+                   stored_params=sum(p.numel() for p in model.parameters()),
+                   params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after,
                    block_errors=res.layerwise.block_errors,
                    heal_losses=res.heal.losses[::10] if res.heal else None,

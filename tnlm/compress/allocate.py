@@ -76,10 +76,12 @@ def smallest_fraction(shapes: dict[str, tuple[int, int]], allocation: str) -> fl
 
 
 def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: float,
-                   weights: dict[str, float] | None = None) -> dict[str, int | None]:
+                   weights: dict[str, float] | None = None, *,
+                   pivoted: bool = False) -> dict[str, int | None]:
     """Per layer a rank (or ``None``: stays dense) minimising the summed weighted relative
     squared truncation errors ``Σ_l w_l · tail_l[r_l] / tail_l[0]`` with at most
-    ``fraction`` of the layers' parameters (a rank r costs ``r (in + out)``, dense
+    ``fraction`` of the layers' parameters (a rank r costs ``r (in + out)``, with
+    ``pivoted`` the gauge-fixed ``r (in + out - r)`` of :mod:`tnlm.core.pivot`; dense
     ``in · out``): a Lagrangian bisected on the multiplier.
 
     Args:
@@ -101,10 +103,10 @@ def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: fl
     options = {}
     for n, (i, j, tail) in spectra.items():
         tail = np.asarray(tail, dtype=np.float64)
-        rmax = min(len(tail) - 1, (i * j) // (i + j))
+        rmax = min(len(tail) - 1, min(i, j) - 1 if pivoted else (i * j) // (i + j))
         r = np.arange(1, rmax + 1)
         cost = np.append(tail[r] / (tail[0] or 1.0), 0.0) * float(weights.get(n, 1.0))
-        size = np.append(r * (i + j), i * j)
+        size = np.append(r * (i + j - r) if pivoted else r * (i + j), i * j)
         options[n] = (np.append(r, 0), cost, size)
 
     def pick(lam: float) -> tuple[dict[str, int], int]:

@@ -66,6 +66,7 @@ from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.core.budget import check_fraction
+from tnlm.core.pivot import pivoted_params, pivoted_rank_for_fraction
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
@@ -127,6 +128,12 @@ class LayerwiseConfig:
             better on SmolLM2: the cross-Gram regression on a few thousand tokens
             overfits, docs/results.md).
         seed: seeds block fitting's batch order (block i uses ``seed + i``).
+        pivoted: count (and allocate) each truncated layer's parameters with its bond's
+            gauge fixed, ``r (I + J - r)`` instead of ``r (I + J)``
+            (:mod:`tnlm.core.pivot`): at the same budget every rank is larger. The layers
+            stay 2-site MPOs here (fitting and healing train them as such);
+            :func:`tnlm.bridge.pivoted.pivot_layers` turns them into the gauge-fixed
+            :class:`~tnlm.bridge.pivoted.PivotedLinear` that stores that count.
         checkpoint_dir: a directory for a resumable checkpoint after every block
             (:func:`write_checkpoint`; ``compress_layerwise(..., resume=True)``
             continues from it); None: no checkpoint. Not part of the settings a resume
@@ -152,9 +159,12 @@ class LayerwiseConfig:
     allocation: str = "uniform"
     checkpoint_dir: str | None = None
     output_error: str = "total"
+    pivoted: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
+        if not isinstance(self.pivoted, bool):
+            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
         if self.output_error not in OUTPUT_ERRORS:
             raise ValueError(f"output_error must be one of {OUTPUT_ERRORS}, got "
                              f"{self.output_error!r}")
@@ -630,8 +640,9 @@ def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, 
     """Raise ``ValueError`` naming every difference unless checkpoint ``d`` (its ``state``)
     was written for ``fingerprint`` (:func:`layerwise_fingerprint`)."""
     saved = state.get("fingerprint", {})
-    if isinstance(saved.get("settings"), dict):  # written before output_error: "total"
-        saved = {**saved, "settings": {"output_error": "total", **saved["settings"]}}
+    if isinstance(saved.get("settings"), dict):  # written before output_error, pivoted
+        saved = {**saved, "settings": {"output_error": "total", "pivoted": False,
+                                       **saved["settings"]}}
     diff = _differences(saved, fingerprint)
     if diff:
         raise ValueError(f"cannot resume from {d}: it was written for other inputs; "
@@ -895,7 +906,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         finally:
             model.train(was)
         allocated = spectrum_ranks(spectra, float(config.budget),
-                                   share if config.allocation == "residual" else None)
+                                   share if config.allocation == "residual" else None,
+                                   pivoted=config.pivoted)
         if dist:  # the same spectra on every rank; rank 0's choice is everyone's
             allocated = dist_.broadcast_json(allocated, 0, "the allocated ranks")
         times["allocation"] = time.perf_counter() - t0
@@ -955,7 +967,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 W = weight_xw(old)
                 I, J = (int(d) for d in W.shape)
                 before += I * J
-                rank_n = (rank_for_fraction(I, J, float(config.budget)) if allocated is None
+                uniform = pivoted_rank_for_fraction if config.pivoted else rank_for_fraction
+                rank_n = (uniform(I, J, float(config.budget)) if allocated is None
                           else allocated[f"{prefix}.{i}.{n}"])
                 if config.budget >= 1 or rank_n is None or rank_n >= min(I, J):
                     ranks[f"{prefix}.{i}.{n}"] = None  # budget 1: nothing is truncated
@@ -971,7 +984,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 ranks[f"{prefix}.{i}.{job.name}"] = job.rank
                 errors[f"{prefix}.{i}.{job.name}"] = float(new.truncation_error)
                 structures[f"{prefix}.{i}.{job.name}"] = new.structure()
-                after += sum(c.numel() for c in new.cores)
+                after += (pivoted_params(job.W.shape[0], job.W.shape[1], job.rank)
+                          if config.pivoted else sum(c.numel() for c in new.cores))
             t_trunc += time.perf_counter() - t1
             t1 = time.perf_counter()
             with torch.no_grad():

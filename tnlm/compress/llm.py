@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress import distributed as dist_
 from tnlm.compress.causal import (
     CausalHealConfig,
@@ -67,6 +68,7 @@ from tnlm.compress.layerwise import (
 )
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.text import lm_sentences
+from tnlm.core.pivot import pivoted_params
 from tnlm.integration.architectures import architecture_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
@@ -113,6 +115,11 @@ class CausalLMRecipe:
         allocation: how the budget is shared among the targets
             (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
             method's own, :meth:`resolved_allocation`.
+        pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
+            budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
+            same budget), and after healing the layers become
+            :class:`~tnlm.bridge.pivoted.PivotedLinear` storing exactly that (the same
+            function, up to float rounding).
         heal: healing settings (``steps=0``: none; ``heal.optimizer``: ``"adamw"`` or
             ``"adafactor"``, whose factored second moments take a fraction of AdamW's
             two moment buffers, :class:`~tnlm.compress.causal.CausalHealConfig`).
@@ -133,8 +140,11 @@ class CausalLMRecipe:
     seed: int = 0
     text_source: str = "self"
     output_error: str = "total"
+    pivoted: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pivoted, bool):
+            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
         for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in allowed:
@@ -158,7 +168,7 @@ class CausalLMRecipe:
         targets = list(self.target_modules or architecture_of(model).targets)
         return LayerwiseConfig(targets, budget=self.budget, method=self.method,
                                fit_steps=self.fit_steps, fit_lr=self.fit_lr,
-                               output_error=self.output_error,
+                               output_error=self.output_error, pivoted=self.pivoted,
                                allocation=self.resolved_allocation(), seed=self.seed,
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
@@ -403,5 +413,13 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         if healed.stopped:
             say(f"healing stopped early: {healed.stopped}")
         del teacher
+    if recipe.pivoted:  # the gauge fixed last: fitting and healing trained the 2-site MPOs
+        t1 = time.perf_counter()
+        pivoted = pivot_layers(model, [n for n, r in lw.ranks.items() if r is not None])
+        # counted with the gauge fixed already; less only where a rank proved lower
+        lw.params_after -= sum(pivoted_params(m.in_dim, m.out_dim, lw.ranks[n]) - m.n_params
+                               for n, m in pivoted.items())
+        seconds["pivoting"] = time.perf_counter() - t1
+        say(f"{len(pivoted)} layers stored with their bond gauge fixed")
     seconds["total"] = time.perf_counter() - t0
     return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks)

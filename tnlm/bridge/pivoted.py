@@ -1,0 +1,205 @@
+"""A 2-site MPO layer with its bond's gauge fixed: :class:`PivotedLinear`.
+
+The storage form of a low-rank MPO layer (:mod:`tnlm.core.pivot`)::
+
+    x (.., I) ──gather p──────────────┐
+        └─────gather q── @ coef ──────+── z (.., r) ── @ right ── (+ bias) ── y (.., J)
+                        (I-r, r)                        (r, J)
+
+``r (I + J - r)`` parameters and multiply-adds per token instead of the 2-site layer's
+``r (I + J)``, the same function (:func:`pivot_layers` converts exactly, up to float
+rounding). ``coef`` and ``right`` train as any parameters; ``pivots`` and ``rest`` are
+int64 buffers (in the state dict, so a checkpoint restores them; no pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnlm.bridge import kinds
+from tnlm.bridge.layer import MPOLinear
+from tnlm.core.pivot import pivot_low_rank
+
+__all__ = ["PivotedLinear", "pivot_layers", "is_low_rank_pair", "PIVOTED_LAYOUT"]
+
+#: the ``layout`` a checkpoint records for a :class:`PivotedLinear`
+PIVOTED_LAYOUT = "pivoted"
+
+
+def is_low_rank_pair(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an :class:`MPOLinear` of the 2-site low-rank layout
+    ``(1, I, 1, r), (r, 1, J, 1)`` with ``in_dim = I``, ``out_dim = J`` (no padding)."""
+    if not isinstance(layer, MPOLinear) or layer.n_sites != 2:
+        return False
+    (a0, i0, j0, r), (r1, i1, j1, a1) = layer.core_shapes
+    return (a0, j0, i1, a1) == (1, 1, 1, 1) and r == r1 and (i0, j1) == (
+        layer.in_dim, layer.out_dim)
+
+
+class PivotedLinear(nn.Module):
+    """``y = (x[..., pivots] + x[..., rest] @ coef) @ right + bias``: a drop-in for the
+    ``nn.Linear`` / ``Conv1D`` (``kind``) it compresses.
+
+    Args:
+        pivots: (r,) int64, rest: (I - r,) int64: a split of ``range(I)``.
+        coef: (I - r, r); right: (r, J); bias: (J,) or None.
+        kind: the module kind the layer replaces (:data:`tnlm.bridge.kinds.MATRIX_KINDS`),
+            what :meth:`merge` gives back.
+
+    Raises:
+        ValueError: shapes that do not fit together, or ``pivots``/``rest`` not a split
+            of ``range(I)``.
+    """
+
+    def __init__(self, pivots: torch.Tensor, rest: torch.Tensor, coef: torch.Tensor,
+                 right: torch.Tensor, bias: torch.Tensor | None = None,
+                 kind: str = "linear") -> None:
+        super().__init__()
+        r, n_rest = int(pivots.numel()), int(rest.numel())
+        I, J = r + n_rest, int(right.shape[-1])
+        if pivots.dim() != 1 or rest.dim() != 1 or r < 1:
+            raise ValueError("pivots and rest must be 1-d index vectors, pivots not empty")
+        if tuple(coef.shape) != (n_rest, r) or right.dim() != 2 or right.shape[0] != r:
+            raise ValueError(f"coef must be ({n_rest}, {r}) and right ({r}, J), got "
+                             f"{tuple(coef.shape)} and {tuple(right.shape)}")
+        if bias is not None and tuple(bias.shape) != (J,):
+            raise ValueError(f"bias must be ({J},), got {tuple(bias.shape)}")
+        split = torch.sort(torch.cat([pivots, rest]).to(torch.int64).cpu()).values
+        if not torch.equal(split, torch.arange(I)):
+            raise ValueError(f"pivots and rest must split range({I}) (each index once)")
+        if kind not in kinds.MATRIX_KINDS:
+            raise ValueError(f"kind must be one of {kinds.MATRIX_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.in_dim, self.out_dim = I, J
+        self.truncation_error = 0.0
+        self.register_buffer("pivots", pivots.to(torch.int64).clone())
+        self.register_buffer("rest", rest.to(torch.int64).clone())
+        self.coef = nn.Parameter(coef.detach().clone())
+        self.right = nn.Parameter(right.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_mpo(cls, layer: MPOLinear) -> PivotedLinear:
+        """The gauge-fixed form of a 2-site low-rank :class:`MPOLinear`
+        (:func:`is_low_rank_pair`): the same function, in the layer's dtype and device;
+        its ``truncation_error`` kept.
+
+        Raises:
+            TypeError: ``layer`` is not of that layout.
+        """
+        if not is_low_rank_pair(layer):
+            raise TypeError(f"PivotedLinear.from_mpo needs a 2-site low-rank MPOLinear "
+                            f"(cores (1, I, 1, r), (r, 1, J, 1)), got {type(layer).__name__}"
+                            + (f" with cores {list(layer.core_shapes)}"
+                               if isinstance(layer, MPOLinear) else ""))
+        I, J, r = layer.in_dim, layer.out_dim, layer.core_shapes[0][3]
+        c0, c1 = layer.cores[0], layer.cores[1]
+        f = pivot_low_rank(c0.detach().reshape(I, r), c1.detach().reshape(r, J))
+        dt, dev = c0.dtype, c0.device
+        bias = getattr(layer, "bias", None)
+        out = cls(f.pivots, f.rest, f.coef.to(dt), f.right.to(dt),
+                  None if bias is None else bias.detach(), layer.kind).to(dev)
+        out.truncation_error = float(layer.truncation_error)
+        return out
+
+    def structure(self) -> dict[str, Any]:
+        """What a checkpoint records to rebuild an empty shell (:meth:`from_structure`)."""
+        return dict(kind=self.kind, layout=PIVOTED_LAYOUT, in_dim=self.in_dim,
+                    out_dim=self.out_dim, rank=self.rank, bias=self.bias is not None,
+                    truncation_error=float(self.truncation_error))
+
+    @classmethod
+    def from_structure(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> PivotedLinear:
+        """A layer of the shape ``spec`` (:meth:`structure`), zeros, pivots ``0..r-1``:
+        ready for ``load_state_dict``."""
+        I, J, r = int(spec["in_dim"]), int(spec["out_dim"]), int(spec["rank"])
+        layer = cls(torch.arange(r), torch.arange(r, I), torch.zeros(I - r, r, dtype=dtype),
+                    torch.zeros(r, J, dtype=dtype),
+                    torch.zeros(J, dtype=dtype) if spec.get("bias") else None,
+                    spec["kind"])
+        layer.truncation_error = float(spec.get("truncation_error", 0.0))
+        return layer.to(device) if device is not None else layer
+
+    # ------------------------------------------------------------------ use
+    @property
+    def rank(self) -> int:
+        return int(self.pivots.numel())
+
+    @property
+    def n_params(self) -> int:
+        """Stored numbers of the matrix: ``r (I + J - r)`` (the bias not counted)."""
+        return self.coef.numel() + self.right.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.index_select(-1, self.pivots)
+        if self.rest.numel():
+            z = z + x.index_select(-1, self.rest) @ self.coef
+        y = z @ self.right
+        return y if self.bias is None else y + self.bias
+
+    def dense_matrix(self) -> torch.Tensor:
+        """W (in, out), ``y = x @ W``."""
+        W = self.right.new_zeros(self.in_dim, self.out_dim)
+        W[self.pivots] = self.right
+        if self.rest.numel():
+            W[self.rest] = self.coef @ self.right
+        return W
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight in the replaced module's layout (computed, a new tensor)."""
+        W = self.dense_matrix()
+        return W.T if kinds.get_kind(self.kind).transposed else W
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """The plain module of :attr:`kind` with the dense weight (exact up to rounding)."""
+        return kinds.dense_module(self.kind, self.dense_matrix(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
+                f"bias={self.bias is not None}, kind={self.kind!r}")
+
+
+@torch.no_grad()
+def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, PivotedLinear]:
+    """Replace, in place, every 2-site low-rank :class:`MPOLinear` of ``model``
+    (:func:`is_low_rank_pair`; with ``names``, those only) by its :class:`PivotedLinear`:
+    the same function in ``r (I + J - r)`` instead of ``r (I + J)`` numbers.
+
+    A layer shared by several paths (tied or ALBERT-style weights) is converted once and
+    stays shared.
+
+    Returns:
+        ``name -> new layer`` (every path, as ``named_modules(remove_duplicate=False)``).
+
+    Raises:
+        ValueError: a name in ``names`` that is not such a layer of ``model``.
+    """
+    found = {n: m for n, m in model.named_modules(remove_duplicate=False)
+             if n and is_low_rank_pair(m)}
+    if names is not None:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise ValueError(f"names must be 2-site low-rank MPOLinear layers of the model; "
+                             f"not such layers: {missing[:5]}")
+        found = {n: found[n] for n in names}
+    out: dict[str, PivotedLinear] = {}
+    made: dict[int, PivotedLinear] = {}
+    for name, old in found.items():
+        new = made.get(id(old))
+        if new is None:
+            new = made[id(old)] = PivotedLinear.from_mpo(old)
+            new.train(old.training)
+            for p_new, p_old in ((new.coef, old.cores[0]), (new.right, old.cores[1])):
+                p_new.requires_grad_(p_old.requires_grad)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        out[name] = new
+    return out
