@@ -213,6 +213,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.lm_text is not None:
         raise UserError("--lm-text applies to causal LMs; an encoder's text without --text is "
                         "tnlm's default text")
+    if args.pivoted:
+        raise UserError("--pivoted applies to causal LMs (their layers are 2-site low rank); "
+                        "an encoder's MPO layers keep their cores")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
@@ -451,7 +454,8 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
                         "processes can heal (--nproc_per_node)")
     recipe = CausalLMRecipe(
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
-        heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source)
+        heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
+        pivoted=args.pivoted or recipe.pivoted)
     out, created = _make_out(args.out) if rank == 0 else (None, [])
 
     def say(*parts: object) -> None:
@@ -594,7 +598,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
         return 0
     ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
-                   budget=args.budget, ratio=res.ratio,
+                   budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
                    heal_optimizer=recipe.heal.optimizer,
@@ -791,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
                         f"sample) or both (default: {CausalLMRecipe.text_source})")
+    p.add_argument("--pivoted", action="store_true",
+                   help="causal LMs: fix each truncated layer's bond gauge, so a rank-r "
+                        "layer stores r (I + J - r) numbers instead of r (I + J): a larger "
+                        "rank at the same --budget (saved as PivotedLinear layers)")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,
                    help="block-by-block reconstruction steps per block before healing")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=enc.allocation,

@@ -38,6 +38,11 @@ model: ``MPOConfig.train`` and ``MPOModel.setup_training`` / ``from_pretrained``
 (:data:`tnlm.compress.causal.TRAIN`); block fitting:
 :func:`tnlm.compress.layerwise.block_parameters` (``linears=True``: ``cores+linears``).
 
+A gauge-fixed low-rank layer (:class:`~tnlm.bridge.pivoted.PivotedLinear`) has no
+auxiliary tensor: its ``coef`` and ``right`` count as central tensors (they train in
+``cores``, ``cores+linears`` and ``all``; ``cores-central``, ``auxiliary`` and
+``lightweight`` leave them frozen), its bias as an MPO bias.
+
 A norm layer is a leaf module that no MPO can replace and whose class name holds
 ``"norm"`` (:func:`is_norm`: ``LayerNorm``, ``RMSNorm``, ...). Defaults: ``MPOConfig``
 ``lightweight``; ``HealConfig`` ``cores``; ``CausalHealConfig``, ``EncoderRecipe`` and
@@ -68,6 +73,7 @@ from torch import nn
 
 from tnlm.bridge.kinds import MATRIX_KINDS, kind_of
 from tnlm.bridge.layer import MPOModule
+from tnlm.bridge.pivoted import PivotedLinear
 
 __all__ = ["TRAIN_SETS", "HEALING_RENAMED", "select_parameters", "set_trainable", "check_train",
            "is_norm", "mpo_modules", "freeze_central", "train_auxiliary_only",
@@ -147,11 +153,15 @@ def select_parameters(root: nn.Module, train: str, *,
             chosen.setdefault(id(p), p)
 
     mpos = [m for _, m in mpo_modules(root)]
+    pivoted = [m for m in root.modules() if isinstance(m, PivotedLinear)]
     if train in _CORE_SETS:
         for m in mpos:
             take(m.auxiliary_parameters() if train == "cores-central" else m.cores)
             if getattr(m, "bias", None) is not None:
                 take([m.bias])
+        for m in pivoted:  # central tensors only (module docstring)
+            take(([] if train == "cores-central" else [m.coef, m.right])
+                 + ([] if m.bias is None else [m.bias]))
         for mod in root.modules():
             if is_norm(mod) or (train == "cores+linears" and kind_of(mod) in MATRIX_KINDS
                                 and not any(True for _ in mod.children())):
@@ -164,6 +174,7 @@ def select_parameters(root: nn.Module, train: str, *,
             take(p for p in module.parameters() if id(p) not in central)
     elif train == "auxiliary":
         central = {id(p) for m in mpos for p in m.central_parameters()}
+        central |= {id(p) for m in pivoted for p in (m.coef, m.right)}
         take(p for p in root.parameters() if id(p) not in central)
     else:  # "all"
         take(root.parameters())
@@ -180,8 +191,10 @@ def set_trainable(model: nn.Module, train: str, *,
         ValueError: an unknown name, or ``"lightweight"`` / ``"auxiliary"`` (defined by
             the MPO layers' tensors) on a model without MPO modules.
     """
-    if train in ("lightweight", "auxiliary") and not any(True for _ in mpo_modules(model)):
-        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
+    if train in ("lightweight", "auxiliary") and not any(
+            isinstance(m, (MPOModule, PivotedLinear)) for m in model.modules()):
+        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding / "
+                         "PivotedLinear)")
     chosen = {id(p) for _, p in select_parameters(model, train, extra=extra)}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)

@@ -9,7 +9,9 @@ The storage form of a low-rank MPO layer (:mod:`tnlm.core.pivot`)::
 ``r (I + J - r)`` parameters and multiply-adds per token instead of the 2-site layer's
 ``r (I + J)``, the same function (:func:`pivot_layers` converts exactly, up to float
 rounding). ``coef`` and ``right`` train as any parameters; ``pivots`` and ``rest`` are
-int64 buffers (in the state dict, so a checkpoint restores them; no pickle).
+int64 buffers (in the state dict, so a checkpoint restores them; no pickle). In the named
+sets of :mod:`tnlm.bridge.finetune` both tensors count as central tensors: they train in
+``cores``, ``cores+linears`` and ``all``, not in the lightweight sets.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnlm.bridge import kinds
+from tnlm.bridge.kinds import MATRIX_KINDS, dense_module, get_kind
 from tnlm.bridge.layer import MPOLinear
 from tnlm.core.pivot import pivot_low_rank
 
@@ -67,11 +69,8 @@ class PivotedLinear(nn.Module):
                              f"{tuple(coef.shape)} and {tuple(right.shape)}")
         if bias is not None and tuple(bias.shape) != (J,):
             raise ValueError(f"bias must be ({J},), got {tuple(bias.shape)}")
-        split = torch.sort(torch.cat([pivots, rest]).to(torch.int64).cpu()).values
-        if not torch.equal(split, torch.arange(I)):
-            raise ValueError(f"pivots and rest must split range({I}) (each index once)")
-        if kind not in kinds.MATRIX_KINDS:
-            raise ValueError(f"kind must be one of {kinds.MATRIX_KINDS}, got {kind!r}")
+        if kind not in MATRIX_KINDS:
+            raise ValueError(f"kind must be one of {MATRIX_KINDS}, got {kind!r}")
         self.kind = kind
         self.in_dim, self.out_dim = I, J
         self.truncation_error = 0.0
@@ -80,6 +79,15 @@ class PivotedLinear(nn.Module):
         self.coef = nn.Parameter(coef.detach().clone())
         self.right = nn.Parameter(right.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.check_indices()
+
+    def check_indices(self) -> None:
+        """Raise ``ValueError`` unless ``pivots`` and ``rest`` split ``range(in_dim)``, each
+        index once (called on construction and by the checkpoint reader after loading)."""
+        both = torch.cat([self.pivots, self.rest]).cpu()
+        if not torch.equal(torch.sort(both).values, torch.arange(self.in_dim)):
+            raise ValueError(f"pivots and rest must split range({self.in_dim}) (each index "
+                             "once)")
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -154,12 +162,12 @@ class PivotedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight in the replaced module's layout (computed, a new tensor)."""
         W = self.dense_matrix()
-        return W.T if kinds.get_kind(self.kind).transposed else W
+        return W.T if get_kind(self.kind).transposed else W
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """The plain module of :attr:`kind` with the dense weight (exact up to rounding)."""
-        return kinds.dense_module(self.kind, self.dense_matrix(), self.bias)
+        return dense_module(self.kind, self.dense_matrix(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tnlm.bridge import MPOModule, kind_of, weight_xw
+from tnlm.bridge.pivoted import PIVOTED_LAYOUT, PivotedLinear
 from tnlm.integration import io
 from tnlm.integration.config import MPOConfig
 from tnlm.integration.peft import task_heads
@@ -114,6 +115,11 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                 isinstance(k, str) and isinstance(v, str) for k, v in rebuilt.items()):
             raise ValueError(f"{where}: 'lightweight' must be an object with 'rebuilt': "
                              "{tensor name: SHA-256}")
+    if rebuilt is not None and any(isinstance(e, dict) and e.get("layout") == PIVOTED_LAYOUT
+                                   for e in meta["modules"].values()):
+        raise ValueError(f"{where}: a lightweight checkpoint cannot hold gauge-fixed "
+                         f"({PIVOTED_LAYOUT!r}) layers: they are not decompositions of the "
+                         "base model")
     base_name = type(base_model).__name__
     paths = module_paths(base_model)
     entries: dict[str, dict[str, Any]] = {}
@@ -198,10 +204,17 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                             saved[(name, local)] = f.get_tensor(stored[saved_as[(name, local)]])
                     continue
                 old = olds[name]
-                shell = MPOModule.from_structure(entry, old.weight.dtype, old.weight.device)
+                build = (PivotedLinear.from_structure if entry.get("layout") == PIVOTED_LAYOUT
+                         else MPOModule.from_structure)
+                shell = build(entry, old.weight.dtype, old.weight.device)
                 state = {local: f.get_tensor(stored[saved_as[(name, local)]])
                          for local in io.module_tensor_shapes(entry)}
                 shell.load_state_dict(state, strict=True)
+                if isinstance(shell, PivotedLinear):
+                    try:
+                        shell.check_indices()
+                    except ValueError as err:
+                        raise ValueError(f"{where}: module {name!r}: {err}") from None
                 shells[name] = shell
             for key in targets:
                 if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:

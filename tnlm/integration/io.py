@@ -53,7 +53,8 @@ from typing import Any
 
 from torch import nn
 
-from tnlm.bridge.kinds import ALL_KINDS
+from tnlm.bridge.kinds import ALL_KINDS, MATRIX_KINDS
+from tnlm.bridge.pivoted import PIVOTED_LAYOUT
 
 try:
     import fcntl
@@ -263,6 +264,8 @@ def check_module_entry(name: str, entry: Any) -> dict[str, Any]:
     where = f"{CONFIG_NAME}: modules[{name!r}]"
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+    if "layout" in entry:
+        return _check_pivoted_entry(where, entry)
     for key in ("kind", "in_dim", "out_dim", "core_shapes"):
         if key not in entry:
             raise ValueError(f"{where} has no {key!r} entry")
@@ -312,9 +315,46 @@ def check_module_entry(name: str, entry: Any) -> dict[str, Any]:
     return out
 
 
+def _check_pivoted_entry(where: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A gauge-fixed low-rank layer's entry (``PivotedLinear.structure``): layout,
+    matrix kind, dims, a rank in ``1 .. min(in_dim, out_dim)``, bias flag."""
+    if entry["layout"] != PIVOTED_LAYOUT:
+        raise ValueError(f"{where}: layout must be {PIVOTED_LAYOUT!r} (or absent: cores), got "
+                         f"{entry['layout']!r}")
+    for key in ("kind", "in_dim", "out_dim", "rank"):
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r} entry")
+    if entry["kind"] not in MATRIX_KINDS:
+        raise ValueError(f"{where}: kind must be one of {MATRIX_KINDS} for layout "
+                         f"{PIVOTED_LAYOUT!r}, got {entry['kind']!r}")
+    for key in ("in_dim", "out_dim"):
+        if not _is_int(entry[key]) or entry[key] < 1:
+            raise ValueError(f"{where}: {key} must be an int >= 1, got {entry[key]!r}")
+    top = min(entry["in_dim"], entry["out_dim"])
+    if not _is_int(entry["rank"]) or not 1 <= entry["rank"] <= top:
+        raise ValueError(f"{where}: rank must be an int in 1..{top}, got {entry['rank']!r}")
+    out = dict(entry)
+    out.setdefault("bias", False)
+    out.setdefault("truncation_error", 0.0)
+    if not isinstance(out["bias"], bool):
+        raise ValueError(f"{where}: bias must be true or false, got {out['bias']!r}")
+    err = out["truncation_error"]
+    if isinstance(err, bool) or not isinstance(err, (int, float)) or not 0 <= err < float("inf"):
+        raise ValueError(f"{where}: truncation_error must be a finite number >= 0, got {err!r}")
+    return out
+
+
 def module_tensor_shapes(entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """State-dict names (relative to the module) and shapes of the layer an entry
-    describes: ``cores.0 .. cores.{n-1}`` and, with a bias, ``bias``."""
+    describes: ``cores.0 .. cores.{n-1}`` and, with a bias, ``bias``; for a gauge-fixed
+    layer (``layout`` "pivoted") ``pivots`` (r,), ``rest`` (I - r,), ``coef`` (I - r, r),
+    ``right`` (r, J) and the bias."""
+    if entry.get("layout") == PIVOTED_LAYOUT:
+        I, J, r = entry["in_dim"], entry["out_dim"], entry["rank"]
+        shapes = {"pivots": (r,), "rest": (I - r,), "coef": (I - r, r), "right": (r, J)}
+        if entry.get("bias"):
+            shapes["bias"] = (J,)
+        return shapes
     shapes = {f"cores.{k}": tuple(s) for k, s in enumerate(entry["core_shapes"])}
     if entry.get("bias"):
         shapes["bias"] = (entry["out_dim"],)

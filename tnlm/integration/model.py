@@ -50,6 +50,7 @@ from tnlm.bridge import (
     weight_xw,
 )
 from tnlm.bridge.finetune import check_train
+from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.integration import io
 from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
@@ -114,6 +115,14 @@ class MPOModel(nn.Module):
         """``(name, module)`` of every MPO module, names relative to the base model."""
         for name, module in self.base_model.named_modules():
             if isinstance(module, MPOModule):
+                yield name, module
+
+    def pivoted_modules(self) -> Iterator[tuple[str, PivotedLinear]]:
+        """``(name, module)`` of every gauge-fixed low-rank layer
+        (:class:`~tnlm.bridge.pivoted.PivotedLinear`), names relative to the base model:
+        saved, loaded and merged with the MPO modules."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, PivotedLinear):
                 yield name, module
 
     def modules_to_save(self) -> list[tuple[str, nn.Module]]:
@@ -319,12 +328,13 @@ class MPOModel(nn.Module):
                              "are the layers' weights); pass None")
         base = self.base_model
         paths = module_paths(base)
-        merged: list[tuple[MPOModule, nn.Module]] = []
-        for _, m in tqdm(list(self.mpo_modules()), desc="merge", disable=not progressbar,
-                         leave=False):
+        merged: list[tuple[nn.Module, nn.Module]] = []
+        for _, m in tqdm(list(self.mpo_modules()) + list(self.pivoted_modules()), desc="merge",
+                         disable=not progressbar, leave=False):
             new = m.merge()
             new.train(m.training)
-            new.weight.requires_grad_(any(c.requires_grad for c in m.cores))
+            new.weight.requires_grad_(any(c.requires_grad for c in (
+                (m.coef, m.right) if isinstance(m, PivotedLinear) else m.cores)))
             bias = getattr(m, "bias", None)
             if bias is not None:
                 new.bias.requires_grad_(bias.requires_grad)
@@ -358,7 +368,8 @@ class MPOModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def _meta(self) -> dict[str, Any]:
         return dict(config=self.mpo_config.to_dict(),
-                    modules={n: m.structure() for n, m in self.mpo_modules()},
+                    modules={n: m.structure() for n, m in (*self.mpo_modules(),
+                                                             *self.pivoted_modules())},
                     base_model_class=type(self.base_model).__name__)
 
     def _lightweight_plan(self) -> tuple[dict[str, str] | None, str]:
@@ -367,6 +378,9 @@ class MPOModel(nn.Module):
         ``(None, reason)`` when a lightweight checkpoint is impossible: a central tensor
         trains or differs from the decomposition of the base model."""
         refs = self._references
+        if any(True for _ in self.pivoted_modules()):
+            return None, ("gauge-fixed layers (PivotedLinear) are not decompositions of the "
+                          "base model")
         if refs is None:
             return None, ("the model was not wrapped here by get_mpo_model (nor loaded from a "
                           "lightweight checkpoint): nothing records what the base model rebuilds")
