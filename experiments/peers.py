@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=EncoderRecipe.heal_steps)
     ap.add_argument("--lr", type=float, default=None,
                     help="default: the main job's for tnlm/plain, 1e-4 for layerdrop")
+    ap.add_argument("--pivoted", action="store_true",
+                    help="tnlm/plain: fix each truncated bond's gauge, r (I + J - r) numbers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
         recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
                                allocation="sensitivity" if args.method == "tnlm" else "uniform",
                                lr=args.lr or EncoderRecipe.lr, whiten=args.method == "tnlm",
-                               seed=args.seed)
+                               seed=args.seed, pivoted=args.pivoted)
         res = compress_encoder(model, tok, recipe, text=text, progress=False)
         student = res.model
         kept = res.ratio

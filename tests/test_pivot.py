@@ -270,3 +270,73 @@ def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget():
     assert dense_kept + sum(m.n_params for m in piv.values()) == res.layerwise.params_after
     with pytest.raises(ValueError, match="pivoted must be a bool"):
         CausalLMRecipe(pivoted="yes")
+
+
+# ---------------------------------------------------------------- encoders
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense"]
+
+
+def _bert_and_text():
+    import random
+
+    from tests.common import SHORT_WORDS
+    from tests.test_export import bert
+
+    r = random.Random(0)
+    sents = [" ".join(r.choice(SHORT_WORDS) for _ in range(r.randint(2, 12))) + "."
+             for _ in range(40)]
+    return bert(), sents
+
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
+    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "of", "and"]
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return BertTokenizerFast(vocab=str(path))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_an_encoder_compressed_pivoted_keeps_more_rank_within_the_budget(bert_tok, allocation):
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+
+    model, sents = _bert_and_text()
+    plain = compress_model(model, bert_tok, sents, CompressionConfig(
+        BERT_TARGETS, budget=0.5, allocation=allocation, heal=None), progress=False)
+    model, _ = _bert_and_text()
+    piv = compress_model(model, bert_tok, sents, CompressionConfig(
+        BERT_TARGETS, budget=0.5, allocation=allocation, heal=None, pivoted=True),
+        progress=False)
+    layers = dict(piv.model.pivoted_modules())
+    assert layers and not any(True for _ in piv.model.mpo_modules())
+    assert piv.ratio <= 0.5 and plain.ratio <= 0.5
+    assert piv.params_after == sum(m.n_params for m in layers.values())
+    assert sum(piv.ranks.values()) > sum(plain.ranks.values())
+    assert sum(piv.errors.values()) < sum(plain.errors.values())
+
+
+def test_a_pivoted_encoder_exports_to_onnx_within_1e_4(bert_tok, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+    from tnlm.export import OnnxEncoder, export_onnx
+
+    model, sents = _bert_and_text()
+    res = compress_model(model, bert_tok, sents, CompressionConfig(
+        BERT_TARGETS, budget=0.5, heal=None, pivoted=True), progress=False)
+    student = res.model.eval()
+    exported = export_onnx(student, bert_tok, tmp_path / "piv.onnx", pooling="mean")
+    batch = bert_tok(sents[:7], padding=True, return_tensors="pt")
+    out = OnnxEncoder(exported.path, bert_tok, threads=1).run(batch)
+    with torch.no_grad():
+        ref = student(**batch).last_hidden_state.numpy()
+    assert float(abs(out["last_hidden_state"] - ref).max()) <= 1e-4
+    student.save_pretrained(tmp_path / "ck", lightweight=False)
+    fresh, _ = _bert_and_text()
+    loaded = MPOModel.from_pretrained(fresh, tmp_path / "ck", is_trainable=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, student(**batch).last_hidden_state)

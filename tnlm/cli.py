@@ -213,9 +213,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.lm_text is not None:
         raise UserError("--lm-text applies to causal LMs; an encoder's text without --text is "
                         "tnlm's default text")
-    if args.pivoted:
-        raise UserError("--pivoted applies to causal LMs (their layers are 2-site low rank); "
-                        "an encoder's MPO layers keep their cores")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     _check_budget_and_healing(args.budget, args.heal_steps, args.lr)
@@ -251,7 +248,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_modules=args.targets.split(",") if args.targets else None,
         calibration=args.calibration, reconstruct_steps=args.reconstruct_steps,
         heal_steps=args.heal_steps, lr=args.lr, heal_train=args.heal_train,
-        teacher_bf16=args.teacher_bf16, seed=args.seed)
+        teacher_bf16=args.teacher_bf16, seed=args.seed, pivoted=args.pivoted)
     out, created = _make_out(args.out)
     from transformers.utils import logging as hf_logging
 
@@ -796,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
                         f"sample) or both (default: {CausalLMRecipe.text_source})")
     p.add_argument("--pivoted", action="store_true",
-                   help="causal LMs: fix each truncated layer's bond gauge, so a rank-r "
+                   help="fix each truncated layer's bond gauge, so a rank-r "
                         "layer stores r (I + J - r) numbers instead of r (I + J): a larger "
                         "rank at the same --budget (saved as PivotedLinear layers)")
     p.add_argument("--reconstruct-steps", type=int, default=enc.reconstruct_steps,

@@ -24,13 +24,14 @@ from tnlm.bridge import kind_of, weight_xw
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.quality import embed
 from tnlm.core.budget import check_fraction, uniform_max_bond
+from tnlm.core.pivot import pivoted_params, pivoted_rank_for_fraction
 from tnlm.integration import MPOConfig
 from tnlm.integration.architectures import block_indices
 from tnlm.integration.surgery import temporary
 
 __all__ = ["uniform_overrides", "Sensitivity", "measure_sensitivity", "sensitivity_ranks",
-           "module_type", "block_index", "rank_for_fraction", "FRACTION_GRID", "uniform_ranks",
-           "smallest_fraction", "spectrum_ranks"]
+           "module_type", "block_index", "rank_for_fraction", "rank_params", "FRACTION_GRID",
+           "uniform_ranks", "smallest_fraction", "spectrum_ranks"]
 
 
 def uniform_overrides(model: nn.Module, config: MPOConfig, fraction: float) -> dict[str, Any]:
@@ -59,19 +60,32 @@ FRACTION_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.
                  0.75, 0.8, 0.9)
 
 
-def rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
-    """The largest rank r >= 1 of a 2-site layer with ``r (in + out) <= fraction · in · out``."""
+def rank_for_fraction(in_dim: int, out_dim: int, fraction: float, *,
+                      pivoted: bool = False) -> int:
+    """The largest rank r >= 1 of a 2-site layer with ``r (in + out) <= fraction · in · out``
+    (with ``pivoted``, the gauge-fixed count ``r (in + out - r)``:
+    :func:`tnlm.core.pivot.pivoted_rank_for_fraction`)."""
+    if pivoted:
+        return pivoted_rank_for_fraction(in_dim, out_dim, fraction)
     return max(1, int(fraction * in_dim * out_dim // (in_dim + out_dim)))
 
 
-def smallest_fraction(shapes: dict[str, tuple[int, int]], allocation: str) -> float:
+def rank_params(in_dim: int, out_dim: int, rank: int, *, pivoted: bool = False) -> int:
+    """Numbers a rank-``rank`` 2-site layer stores: ``r (in + out)``, or with ``pivoted``
+    ``r (in + out - r)`` (:mod:`tnlm.core.pivot`)."""
+    return pivoted_params(in_dim, out_dim, rank) if pivoted else rank * (in_dim + out_dim)
+
+
+def smallest_fraction(shapes: dict[str, tuple[int, int]], allocation: str, *,
+                      pivoted: bool = False) -> float:
     """The smallest model-wide fraction an allocation can meet for layers of these shapes
     (``name -> (in, out)``): every layer at rank 1 (``"uniform"``, ``"greedy"``), or at the
     rank of the smallest fraction of :data:`FRACTION_GRID` (``"sensitivity"``). A budget
     below it cannot be met."""
     total = sum(i * j for i, j in shapes.values())
     lowest = min(FRACTION_GRID) if allocation == "sensitivity" else 0.0
-    kept = sum(rank_for_fraction(i, j, lowest) * (i + j) for i, j in shapes.values())
+    kept = sum(rank_params(i, j, rank_for_fraction(i, j, lowest, pivoted=pivoted),
+                           pivoted=pivoted) for i, j in shapes.values())
     return kept / total if total else 0.0
 
 
@@ -106,7 +120,7 @@ def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: fl
         rmax = min(len(tail) - 1, min(i, j) - 1 if pivoted else (i * j) // (i + j))
         r = np.arange(1, rmax + 1)
         cost = np.append(tail[r] / (tail[0] or 1.0), 0.0) * float(weights.get(n, 1.0))
-        size = np.append(r * (i + j - r) if pivoted else r * (i + j), i * j)
+        size = np.append(rank_params(i, j, r, pivoted=pivoted), i * j)
         options[n] = (np.append(r, 0), cost, size)
 
     def pick(lam: float) -> tuple[dict[str, int], int]:
@@ -122,7 +136,8 @@ def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: fl
     while pick(hi)[1] > limit:
         hi *= 4
         if hi > 1e12:
-            least = smallest_fraction({n: s[:2] for n, s in spectra.items()}, "uniform")
+            least = smallest_fraction({n: s[:2] for n, s in spectra.items()}, "uniform",
+                                      pivoted=pivoted)
             raise ValueError(f"fraction {fraction} is below the smallest model, every layer "
                              f"at rank 1: {least:.6g}")
     for _ in range(80):
@@ -131,9 +146,11 @@ def spectrum_ranks(spectra: dict[str, tuple[int, int, np.ndarray]], fraction: fl
     return {n: (r or None) for n, r in pick(hi)[0].items()}
 
 
-def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float) -> dict[str, int | None]:
+def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float, *,
+                  pivoted: bool = False) -> dict[str, int | None]:
     """Per layer (``name -> (in, out)``) the rank keeping ``fraction`` of its parameters
-    (:func:`rank_for_fraction`), so that the model-wide total is at most ``fraction``.
+    (:func:`rank_for_fraction`; ``pivoted``: counted with the bond's gauge fixed), so that
+    the model-wide total is at most ``fraction``.
 
     At ``fraction >= 1`` every layer stays dense (``None``): no MPO can be smaller than the
     dense matrix without truncating it. A layer too small for its share still needs rank 1,
@@ -145,17 +162,23 @@ def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float) -> dict[s
     """
     if fraction >= 1:
         return {n: None for n in shapes}
-    ranks = {n: rank_for_fraction(i, j, fraction) for n, (i, j) in shapes.items()}
+    ranks = {n: rank_for_fraction(i, j, fraction, pivoted=pivoted)
+             for n, (i, j) in shapes.items()}
     limit = fraction * sum(i * j for i, j in shapes.values())
-    spent = sum(ranks[n] * (i + j) for n, (i, j) in shapes.items())
+
+    def size(n: str, r: int) -> int:
+        return rank_params(*shapes[n], r, pivoted=pivoted)
+
+    spent = sum(size(n, r) for n, r in ranks.items())
     while spent > limit:
         over = [n for n, r in ranks.items() if r > 1]
         if not over:
+            least = smallest_fraction(shapes, "uniform", pivoted=pivoted)
             raise ValueError(f"fraction {fraction} is below the smallest model, every layer "
-                             f"at rank 1: {smallest_fraction(shapes, 'uniform'):.6g}")
-        n = max(over, key=lambda m: ranks[m] * sum(shapes[m]) / (shapes[m][0] * shapes[m][1]))
+                             f"at rank 1: {least:.6g}")
+        n = max(over, key=lambda m: size(m, ranks[m]) / (shapes[m][0] * shapes[m][1]))
+        spent -= size(n, ranks[n]) - size(n, ranks[n] - 1)
         ranks[n] -= 1
-        spent -= sum(shapes[n])
     return ranks
 
 
@@ -210,10 +233,11 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
                         layers: dict[str, WhitenedLayer],
                         fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75),
                         block_fraction: float = 0.25, gauge: str = "symmetric",
-                        progress: bool = False) -> Sensitivity:
+                        progress: bool = False, pivoted: bool = False) -> Sensitivity:
     """Truncate one module type (every block) or one block (every type) at a time and
-    measure the pooled-embedding cosine to the untouched model on ``probe`` sentences.
-    The model is restored after every measurement (and on any error)."""
+    measure the pooled-embedding cosine to the untouched model on ``probe`` sentences
+    (a fraction's rank: :func:`rank_for_fraction`, ``pivoted`` as there). The model is
+    restored after every measurement (and on any error)."""
     if not probe:
         raise ValueError("probe must hold at least one sentence")
     ref = embed(model, tokenizer, probe)
@@ -233,7 +257,7 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
         for n in names:
             I, J = layers[n].shape
             like = model.get_submodule(n)
-            new[n] = layers[n].layer(rank_for_fraction(I, J, f), like, gauge)
+            new[n] = layers[n].layer(rank_for_fraction(I, J, f, pivoted=pivoted), like, gauge)
         with temporary(model, new):
             cos = torch.nn.functional.cosine_similarity(embed(model, tokenizer, probe), ref, -1)
         drop = 1.0 - float(cos.mean())
@@ -245,11 +269,14 @@ def measure_sensitivity(model: nn.Module, tokenizer: Any, probe: Sequence[str],
 
 
 def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fraction: float,
-                      power: float = 0.5, allow_dense: bool = True) -> dict[str, int | None]:
+                      power: float = 0.5, allow_dense: bool = True, *,
+                      pivoted: bool = False) -> dict[str, int | None]:
     """Per layer a rank (or ``None``: stays dense) minimising the summed estimated drops
     (:meth:`Sensitivity.drop`) with at most ``fraction`` of the layers' parameters: a
     Lagrangian over :data:`FRACTION_GRID`, bisected on the multiplier. At ``fraction``
-    1 (with ``allow_dense``) every layer stays dense: nothing is truncated."""
+    1 (with ``allow_dense``) every layer stays dense: nothing is truncated. ``pivoted``:
+    ranks and counts with the bonds' gauge fixed (:func:`rank_for_fraction`), as
+    ``sens`` must have been measured (:func:`measure_sensitivity`)."""
     check_fraction("fraction", fraction)
     if fraction >= 1 and allow_dense:
         return {n: None for n in layers}
@@ -259,8 +286,8 @@ def sensitivity_ranks(layers: dict[str, WhitenedLayer], sens: Sensitivity, fract
         I, J = wl.shape
         opts = []
         for f in FRACTION_GRID:
-            r = rank_for_fraction(I, J, f)
-            opts.append((r, r * (I + J), sens.drop(n, f, power)))
+            r = rank_for_fraction(I, J, f, pivoted=pivoted)
+            opts.append((r, rank_params(I, J, r, pivoted=pivoted), sens.drop(n, f, power)))
         if allow_dense:
             opts.append((None, I * J, 0.0))
         options[n] = opts

@@ -77,6 +77,9 @@ class EncoderRecipe:
             has bf16 instructions (:func:`tnlm.compress.distill.fast_bf16`).
         whiten: data-aware truncation; ``False``: plain SVD of the weights (the baseline).
         seed: the text split, the default text and healing's draws.
+        pivoted: fix each truncated layer's bond gauge (``CompressionConfig.pivoted``):
+            ``r (I + J - r)`` numbers a rank-r layer, a larger rank at the same budget;
+            the saved layers are :class:`~tnlm.bridge.pivoted.PivotedLinear`.
 
     The healing numbers, the calibration count and the target patterns are checked when
     the recipe is made; the budget and allocation when the job builds its
@@ -94,6 +97,7 @@ class EncoderRecipe:
     teacher_bf16: bool | None = None
     whiten: bool = True
     seed: int = 0
+    pivoted: bool = False
 
     def __post_init__(self) -> None:
         c = self.calibration
@@ -123,6 +127,7 @@ class EncoderRecipe:
             targets = default_targets(model)
         return CompressionConfig(targets, budget=self.budget, allocation=self.allocation,
                                  reconstruct_steps=self.reconstruct_steps, whiten=self.whiten,
+                                 pivoted=self.pivoted,
                                  heal=self.heal_config() if heal is None else heal)
 
 

@@ -39,10 +39,12 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import kind_of, weight_xw
 from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
+from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress.allocate import (
     block_index,
     measure_sensitivity,
     rank_for_fraction,
+    rank_params,
     sensitivity_ranks,
     smallest_fraction,
     uniform_ranks,
@@ -84,6 +86,10 @@ class CompressionConfig:
         whiten: minimise the calibration output error (data-aware); ``False`` truncates
             the weight itself (plain low-rank SVD), the baseline.
         gauge: gauge of the resulting cores (:data:`tnlm.core.spec.GAUGES`).
+        pivoted: count and allocate each truncated layer with its bond's gauge fixed,
+            ``r (I + J - r)`` numbers instead of ``r (I + J)`` (:mod:`tnlm.core.pivot`):
+            a larger rank at the same budget; after healing the layers become
+            :class:`~tnlm.bridge.pivoted.PivotedLinear` storing exactly that count.
         heal: distillation settings; ``None`` or ``steps=0`` skips healing.
     """
 
@@ -98,9 +104,12 @@ class CompressionConfig:
     gauge: str = "symmetric"
     ridge: float = 1e-6
     heal: HealConfig | None = field(default_factory=HealConfig)
+    pivoted: bool = False
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
+        if not isinstance(self.pivoted, bool):
+            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
         if isinstance(self.reconstruct_steps, bool) or not isinstance(
                 self.reconstruct_steps, int) or self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be an int >= 0, got "
@@ -146,25 +155,30 @@ def layer_groups(names: Sequence[str], model: nn.Module | None = None) -> list[l
     return [groups[k] for k in sorted(groups)]
 
 
-def _greedy_ranks(layers: dict[str, WhitenedLayer], fraction: float) -> dict[str, int]:
-    """Ranks maximising the drop of Σ relative squared output error per parameter."""
-    cost = {n: sum(wl.shape) for n, wl in layers.items()}
+def _greedy_ranks(layers: dict[str, WhitenedLayer], fraction: float,
+                  pivoted: bool = False) -> dict[str, int]:
+    """Ranks maximising the drop of Σ relative squared output error per parameter (a rank
+    more costs ``I + J``, with ``pivoted`` ``I + J - 2r - 1``)."""
+    def cost(n: str, r: int) -> int:  # of rank r -> r + 1
+        I, J = layers[n].shape
+        return rank_params(I, J, r + 1, pivoted=pivoted) - rank_params(I, J, r, pivoted=pivoted)
+
     budget = fraction * sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
     ranks = {n: 1 for n in layers}
-    spent = sum(cost.values())
+    spent = sum(rank_params(*wl.shape, 1, pivoted=pivoted) for wl in layers.values())
     total = {n: float(wl.tails[0]) or 1.0 for n, wl in layers.items()}
     while True:
         best, gain = None, -1.0
         for n, wl in layers.items():
             r = ranks[n]
-            if r < len(wl.spectrum) and spent + cost[n] <= budget:
-                g = float(wl.spectrum[r] ** 2) / total[n] / cost[n]
+            if r < min(len(wl.spectrum), *wl.shape) and spent + cost(n, r) <= budget:
+                g = float(wl.spectrum[r] ** 2) / total[n] / cost(n, r)
                 if g > gain:
                     best, gain = n, g
         if best is None:
             return ranks
+        spent += cost(best, ranks[best])
         ranks[best] += 1
-        spent += cost[best]
 
 
 def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tuple[int, int]]:
@@ -192,14 +206,16 @@ def run_context(config: CompressionConfig) -> dict[str, Any]:
                 target_modules=targets if isinstance(targets, str) else list(targets),
                 probe_size=config.probe_size, reconstruct_steps=config.reconstruct_steps,
                 reconstruct_size=config.reconstruct_size, sequential=config.sequential,
-                whiten=config.whiten, gauge=config.gauge, ridge=config.ridge)
+                whiten=config.whiten, gauge=config.gauge, ridge=config.ridge,
+                **({"pivoted": True} if config.pivoted else {}))
 
 
 def check_budget(model: nn.Module, config: CompressionConfig, name: str = "budget") -> float:
     """The smallest budget ``config.allocation`` can meet on ``model``'s targets
     (:func:`tnlm.compress.allocate.smallest_fraction`); raises ``ValueError`` naming
     ``name``, the requested and the smallest fraction if ``config.budget`` is below it."""
-    floor = smallest_fraction(target_shapes(model, config), config.allocation)
+    floor = smallest_fraction(target_shapes(model, config), config.allocation,
+                              pivoted=config.pivoted)
     if config.budget < 1 and config.budget < floor:
         raise ValueError(f"{name} {config.budget:g} cannot be met: the smallest model the "
                          f"{config.allocation!r} allocation can make keeps {floor:.6g} of the "
@@ -262,17 +278,18 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         if fraction >= 1:  # nothing is truncated: no MPO is smaller than its dense matrix
             ranks = {n: None for n in names}
         elif config.allocation == "uniform":
-            ranks = uniform_ranks(shapes, fraction)
+            ranks = uniform_ranks(shapes, fraction, pivoted=config.pivoted)
         else:  # ranks need every layer's spectrum up front
             stats = collect_input_stats(model, batches, names)
             layers = {n: WhitenedLayer(weight_xw(originals[n]), stats[n], config.ridge)
                       for n in names}
             if config.allocation == "greedy":
-                ranks = _greedy_ranks(layers, fraction)
+                ranks = _greedy_ranks(layers, fraction, config.pivoted)
             else:
                 sens = measure_sensitivity(model, tokenizer, calibration[:config.probe_size],
-                                           layers, gauge=config.gauge, progress=progress)
-                ranks = sensitivity_ranks(layers, sens, fraction)
+                                           layers, gauge=config.gauge, progress=progress,
+                                           pivoted=config.pivoted)
+                ranks = sensitivity_ranks(layers, sens, fraction, pivoted=config.pivoted)
                 times["sensitivity"] = time.perf_counter() - t0
         for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
                           leave=False):
@@ -290,7 +307,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                 old = originals[n]
                 W = weight_xw(old)
                 I, J = W.shape
-                rank = ranks.setdefault(n, rank_for_fraction(I, J, fraction))
+                rank = ranks.setdefault(n, rank_for_fraction(I, J, fraction,
+                                                             pivoted=config.pivoted))
                 if rank is None:  # the allocation keeps this layer dense
                     errors[n] = 0.0
                     continue
@@ -323,11 +341,16 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     except BaseException:
         swap.undo()
         raise
+    if config.pivoted and swapped:  # the gauge fixed last: healing trained the 2-site MPOs
+        t1 = time.perf_counter()
+        pivot_layers(model, swapped)
+        times["pivoting"] = time.perf_counter() - t1
     for p in model.parameters():
         p.requires_grad_(False)
     if swapped:  # the training modes need MPO layers; with none everything stays frozen
         wrapped.setup_training()
     before = sum(weight_xw(originals[n]).numel() for n in names)
     after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())
+    after += sum(m.n_params for _, m in wrapped.pivoted_modules())
     after += sum(weight_xw(originals[n]).numel() for n, r in ranks.items() if r is None)
     return CompressionResult(wrapped, ranks, errors, before, after, result, times, block_errors)
