@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.pivoted and args.method not in ("tnlm", "plain"):
+        ap.error(f"--pivoted applies to tnlm and plain, not to {args.method}")
     from transformers import AutoModel, AutoTokenizer
 
     t0 = time.perf_counter()

@@ -340,3 +340,25 @@ def test_a_pivoted_encoder_exports_to_onnx_within_1e_4(bert_tok, tmp_path):
     loaded = MPOModel.from_pretrained(fresh, tmp_path / "ck", is_trainable=False)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, student(**batch).last_hidden_state)
+
+
+def test_naming_one_path_of_a_shared_layer_converts_it_everywhere():
+    layer = _low_rank_layer("linear")
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(30, 40), layer)
+    out = pivot_layers(model, ["0"])
+    assert set(out) == {"0", "3"} and model[0] is model[3]
+    assert isinstance(model[3], PivotedLinear)
+
+
+def test_a_pivoted_layer_refuses_an_input_of_another_width_and_keeps_flags():
+    layer = _low_rank_layer("linear")
+    layer.bias.requires_grad_(False)
+    model = nn.Sequential(layer)
+    pivot_layers(model)
+    assert not model[0].bias.requires_grad and model[0].coef.requires_grad
+    with pytest.raises(ValueError, match="40 features"):
+        model[0](torch.randn(2, 41))
+    assert (model[0].in_features, model[0].out_features) == (40, 30)
+    s = model[0].singular_values()
+    ref = torch.linalg.svdvals(model[0].dense_matrix().double())[:12]
+    torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-6)

@@ -675,8 +675,16 @@ def _saved_mpos(directory: Path) -> dict:
     meta, tensors = load_tensors(directory)
     out = {}
     for name, spec in meta["modules"].items():
-        cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
-                 for k in range(len(spec["core_shapes"]))]
+        if spec.get("layout") == "pivoted":  # a gauge-fixed bond: the 2-site MPO it fixes
+            I, J, r = spec["in_dim"], spec["out_dim"], spec["rank"]
+            left = np.zeros((I, r))
+            left[tensors[f"{name}.pivots"]] = np.eye(r)
+            left[tensors[f"{name}.rest"]] = tensors[f"{name}.coef"]
+            cores = [left.reshape(1, I, 1, r),
+                     tensors[f"{name}.right"].astype(np.float64).reshape(r, 1, J, 1)]
+        else:
+            cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
+                     for k in range(len(spec["core_shapes"]))]
         out[name] = MPO(cores, in_dim=spec["in_dim"], out_dim=spec["out_dim"])
     return out
 

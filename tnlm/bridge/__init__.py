@@ -31,6 +31,7 @@ from tnlm.bridge.layer import (
     invalidate_caches,
     set_dense_cache,
 )
+from tnlm.bridge.pivoted import PivotedLinear, pivot_layers
 
 __all__ = [
     "ALL_KINDS",
@@ -43,6 +44,7 @@ __all__ = [
     "MPOLinear",
     "MPOModule",
     "ParamReport",
+    "PivotedLinear",
     "ReadOnlyWeightError",
     "dense_module",
     "describe_kinds",
@@ -52,6 +54,7 @@ __all__ = [
     "mpo_modules",
     "parameter_groups",
     "parameter_report",
+    "pivot_layers",
     "select_parameters",
     "set_dense_cache",
     "invalidate_caches",

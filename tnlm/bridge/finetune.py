@@ -171,6 +171,8 @@ def select_parameters(root: nn.Module, train: str, *,
             take(m.auxiliary_parameters())
         for module in extra:
             central = {id(p) for _, m in mpo_modules(module) for p in m.central_parameters()}
+            central |= {id(p) for m in module.modules() if isinstance(m, PivotedLinear)
+                        for p in (m.coef, m.right)}
             take(p for p in module.parameters() if id(p) not in central)
     elif train == "auxiliary":
         central = {id(p) for m in mpos for p in m.central_parameters()}
@@ -191,8 +193,13 @@ def set_trainable(model: nn.Module, train: str, *,
         ValueError: an unknown name, or ``"lightweight"`` / ``"auxiliary"`` (defined by
             the MPO layers' tensors) on a model without MPO modules.
     """
-    if train in ("lightweight", "auxiliary") and not any(
-            isinstance(m, (MPOModule, PivotedLinear)) for m in model.modules()):
+    if train == "lightweight" and not any(isinstance(m, MPOModule) for m in model.modules()):
+        raise ValueError("train 'lightweight' trains the auxiliary tensors of MPO modules "
+                         "(MPOLinear / MPOEmbedding) and the model has none (gauge-fixed "
+                         "PivotedLinear layers have no auxiliary tensor): pass 'cores', "
+                         "'cores+linears' or 'all'")
+    if train == "auxiliary" and not any(isinstance(m, (MPOModule, PivotedLinear))
+                                        for m in model.modules()):
         raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding / "
                          "PivotedLinear)")
     chosen = {id(p) for _, p in select_parameters(model, train, extra=extra)}
@@ -202,11 +209,17 @@ def set_trainable(model: nn.Module, train: str, *,
 
 
 def freeze_central(model: nn.Module) -> nn.Module:
-    """Freeze the central tensor of every MPO module; nothing else changes."""
+    """Freeze the central tensor of every MPO module (and ``coef`` / ``right`` of every
+    gauge-fixed PivotedLinear); nothing else changes."""
     found = False
     for _, module in mpo_modules(model):
         module.freeze_central()
         found = True
+    for module in model.modules():
+        if isinstance(module, PivotedLinear):
+            module.coef.requires_grad_(False)
+            module.right.requires_grad_(False)
+            found = True
     if not found:
         raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding)")
     return model
@@ -260,6 +273,9 @@ def parameter_report(model: nn.Module) -> ParamReport:
     for _, m in mpo_modules(model):
         central_ids.update(id(p) for p in m.central_parameters())
         aux_ids.update(id(p) for p in m.auxiliary_parameters())
+    for m in model.modules():
+        if isinstance(m, PivotedLinear):  # central tensors only (module docstring)
+            central_ids.update((id(m.coef), id(m.right)))
     seen, trainable, total, central, aux = set(), 0, 0, 0, 0
     for p in model.parameters():  # nn.Module.parameters() already skips shared duplicates
         if id(p) in seen:

@@ -60,13 +60,17 @@ class PivotedLinear(nn.Module):
                  right: torch.Tensor, bias: torch.Tensor | None = None,
                  kind: str = "linear") -> None:
         super().__init__()
+        if pivots.dim() != 1 or rest.dim() != 1 or pivots.numel() < 1:
+            raise ValueError(f"pivots and rest must be 1-d index vectors, pivots not empty; got "
+                             f"shapes {tuple(pivots.shape)} and {tuple(rest.shape)}")
+        for name, t in (("pivots", pivots), ("rest", rest)):
+            if t.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"{name} must be an integer tensor (int64), got {t.dtype}")
         r, n_rest = int(pivots.numel()), int(rest.numel())
-        I, J = r + n_rest, int(right.shape[-1])
-        if pivots.dim() != 1 or rest.dim() != 1 or r < 1:
-            raise ValueError("pivots and rest must be 1-d index vectors, pivots not empty")
-        if tuple(coef.shape) != (n_rest, r) or right.dim() != 2 or right.shape[0] != r:
+        if right.dim() != 2 or right.shape[0] != r or tuple(coef.shape) != (n_rest, r):
             raise ValueError(f"coef must be ({n_rest}, {r}) and right ({r}, J), got "
                              f"{tuple(coef.shape)} and {tuple(right.shape)}")
+        I, J = r + n_rest, int(right.shape[1])
         if bias is not None and tuple(bias.shape) != (J,):
             raise ValueError(f"bias must be ({J},), got {tuple(bias.shape)}")
         if kind not in MATRIX_KINDS:
@@ -84,10 +88,16 @@ class PivotedLinear(nn.Module):
     def check_indices(self) -> None:
         """Raise ``ValueError`` unless ``pivots`` and ``rest`` split ``range(in_dim)``, each
         index once (called on construction and by the checkpoint reader after loading)."""
+        if self.pivots.dtype != torch.int64 or self.rest.dtype != torch.int64:
+            raise ValueError(f"pivots and rest must be int64, got {self.pivots.dtype} and "
+                             f"{self.rest.dtype}")
         both = torch.cat([self.pivots, self.rest]).cpu()
         if not torch.equal(torch.sort(both).values, torch.arange(self.in_dim)):
+            bad = sorted(set(both.tolist()) ^ set(range(self.in_dim)))[:5]
             raise ValueError(f"pivots and rest must split range({self.in_dim}) (each index "
-                             "once)")
+                             f"once); indices missing or out of range: {bad}"
+                             + (" (and repeats)" if both.unique().numel() < both.numel()
+                                else ""))
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -143,12 +153,34 @@ class PivotedLinear(nn.Module):
         """Stored numbers of the matrix: ``r (I + J - r)`` (the bias not counted)."""
         return self.coef.numel() + self.right.numel()
 
+    @property
+    def in_features(self) -> int:
+        return self.in_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.out_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., I) -> y (..., J) (under autocast in the matmuls' dtype, as nn.Linear)."""
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"input must have {self.in_dim} features in its last dimension, "
+                             f"got shape {tuple(x.shape)}")
         z = x.index_select(-1, self.pivots)
         if self.rest.numel():
             z = z + x.index_select(-1, self.rest) @ self.coef
         y = z @ self.right
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def singular_values(self) -> torch.Tensor:
+        """W's r singular values (float64, descending), from an (I, r) QR and an r x J SVD
+        (W itself is not formed)."""
+        basis = self.coef.new_zeros(self.in_dim, self.rank, dtype=torch.float64)
+        basis[self.pivots] = torch.eye(self.rank, dtype=torch.float64, device=basis.device)
+        basis[self.rest] = self.coef.double()
+        _, R = torch.linalg.qr(basis)
+        return torch.linalg.svdvals(R @ self.right.double())
 
     def dense_matrix(self) -> torch.Tensor:
         """W (in, out), ``y = x @ W``."""
@@ -181,7 +213,7 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
     the same function in ``r (I + J - r)`` instead of ``r (I + J)`` numbers.
 
     A layer shared by several paths (tied or ALBERT-style weights) is converted once and
-    stays shared.
+    stays shared (naming one of its paths converts it under all of them).
 
     Returns:
         ``name -> new layer`` (every path, as ``named_modules(remove_duplicate=False)``).
@@ -196,7 +228,8 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
         if missing:
             raise ValueError(f"names must be 2-site low-rank MPOLinear layers of the model; "
                              f"not such layers: {missing[:5]}")
-        found = {n: found[n] for n in names}
+        chosen = {id(found[n]) for n in names}  # and every other path to those modules
+        found = {n: m for n, m in found.items() if id(m) in chosen}
     out: dict[str, PivotedLinear] = {}
     made: dict[int, PivotedLinear] = {}
     for name, old in found.items():
@@ -204,8 +237,10 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
         if new is None:
             new = made[id(old)] = PivotedLinear.from_mpo(old)
             new.train(old.training)
-            for p_new, p_old in ((new.coef, old.cores[0]), (new.right, old.cores[1])):
-                p_new.requires_grad_(p_old.requires_grad)
+            for p_new, p_old in ((new.coef, old.cores[0]), (new.right, old.cores[1]),
+                                 (new.bias, getattr(old, "bias", None))):
+                if p_new is not None and p_old is not None:
+                    p_new.requires_grad_(p_old.requires_grad)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

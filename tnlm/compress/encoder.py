@@ -103,6 +103,8 @@ class EncoderRecipe:
         c = self.calibration
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"calibration must be an int >= 1 (sentences), got {c!r}")
+        if not isinstance(self.pivoted, bool):
+            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
         self.heal_config()
         if self.target_modules is not None:
             self.compression_config()
@@ -243,7 +245,8 @@ class EncoderResult:
         res, m = self.compression, self.measures
         heal_steps = self.config.heal.steps if self.config.heal is not None else 0
         out = dict(
-            budget=self.config.budget, params_before=res.params_before,
+            budget=self.config.budget, pivoted=self.config.pivoted,
+            params_before=res.params_before,
             params_after=res.params_after, ratio=res.ratio,
             dense_layers=sum(r is None for r in res.ranks.values()), heal_steps=heal_steps,
             healed=res.heal is not None, seconds=res.seconds,

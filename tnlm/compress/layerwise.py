@@ -9,6 +9,7 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         computed by one rank and shared) -> a rank per target
         minimising the summed errors within the budget (rank 0's choice sent to every rank);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
+            (``pivoted``: r (I + J - r), the gauge-fixed count)
     resume: the finished blocks and this rank's X_s, X_t from the checkpoint
     for block i = 0 .. L-1 (after the checkpoint's last block):
         T_i  = a dense copy of block i (the teacher's block; one block, not the model)
@@ -101,7 +102,8 @@ class LayerwiseConfig:
         target_modules: MPOConfig suffix patterns of the linears to compress.
         budget: fraction of the targeted linears' parameters kept, in (0, 1]. With
             ``allocation="uniform"`` each layer gets the largest rank r with
-            ``r (I + J) <= budget · I J``; the other allocations share the budget over the
+            ``r (I + J) <= budget · I J`` (``r (I + J - r)`` with ``pivoted``); the other
+            allocations share the budget over the
             targets unevenly (the total stays within it). Budget 1 keeps every layer dense
             (error 0), as does a rank reaching ``min(I, J)``.
         method: one of :data:`METHODS`.

@@ -419,6 +419,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         # counted with the gauge fixed already; less only where a rank proved lower
         lw.params_after -= sum(pivoted_params(m.in_dim, m.out_dim, lw.ranks[n]) - m.n_params
                                for n, m in pivoted.items())
+        lw.ranks.update({n: m.rank for n, m in pivoted.items()})
         seconds["pivoting"] = time.perf_counter() - t1
         say(f"{len(pivoted)} layers stored with their bond gauge fixed")
     seconds["total"] = time.perf_counter() - t0

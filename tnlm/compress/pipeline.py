@@ -309,6 +309,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                 I, J = W.shape
                 rank = ranks.setdefault(n, rank_for_fraction(I, J, fraction,
                                                              pivoted=config.pivoted))
+                if rank is not None and rank >= min(I, J):  # full rank: the dense layer
+                    rank = ranks[n] = None
                 if rank is None:  # the allocation keeps this layer dense
                     errors[n] = 0.0
                     continue
@@ -338,16 +340,20 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
             result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress,
                           context=run_context(config))
             times["healing"] = time.perf_counter() - t1
+        if config.pivoted and swapped:  # the gauge fixed last: healing trained 2-site MPOs
+            t1 = time.perf_counter()
+            for n, m in pivot_layers(model, swapped).items():
+                if n in ranks:
+                    ranks[n] = m.rank  # lower only where W's numerical rank is
+            times["pivoting"] = time.perf_counter() - t1
     except BaseException:
         swap.undo()
         raise
-    if config.pivoted and swapped:  # the gauge fixed last: healing trained the 2-site MPOs
-        t1 = time.perf_counter()
-        pivot_layers(model, swapped)
-        times["pivoting"] = time.perf_counter() - t1
     for p in model.parameters():
         p.requires_grad_(False)
-    if swapped:  # the training modes need MPO layers; with none everything stays frozen
+    # the training modes need MPO layers; with none (nothing swapped, or every layer
+    # gauge-fixed: PivotedLinear has no auxiliary tensor) everything stays frozen
+    if any(True for _ in wrapped.mpo_modules()):
         wrapped.setup_training()
     before = sum(weight_xw(originals[n]).numel() for n in names)
     after = sum(sum(c.numel() for c in m.cores) for _, m in wrapped.mpo_modules())

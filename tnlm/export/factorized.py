@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
+from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.integration import MPOModel
 
 __all__ = ["FactorizedLinear", "FactorizedEmbedding", "factorized_copy", "factorized_params",
@@ -150,8 +151,10 @@ class FactorizedEmbedding(nn.Module):
 
 
 def _swap(root: nn.Module) -> int:
-    """Replace every MPO module under ``root`` in place; returns how many."""
-    count = 0
+    """Replace every MPO module under ``root`` in place; returns how many factorized layers
+    the copy holds (those, and the gauge-fixed PivotedLinear, exported as they are: two
+    gathers and two matmuls)."""
+    count = sum(isinstance(m, PivotedLinear) for m in root.modules())
     for name, module in list(root.named_modules()):
         if not isinstance(module, MPOModule) or not name:
             continue

@@ -209,6 +209,10 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                 shell = build(entry, old.weight.dtype, old.weight.device)
                 state = {local: f.get_tensor(stored[saved_as[(name, local)]])
                          for local in io.module_tensor_shapes(entry)}
+                for local in ("pivots", "rest") if isinstance(shell, PivotedLinear) else ():
+                    if state[local].dtype != torch.int64:  # load_state_dict would cast
+                        raise ValueError(f"{where}: module {name!r}: {local} must be int64, "
+                                         f"got {state[local].dtype}")
                 shell.load_state_dict(state, strict=True)
                 if isinstance(shell, PivotedLinear):
                     try:

@@ -51,6 +51,7 @@ from tnlm.bridge import (
 )
 from tnlm.bridge.finetune import check_train
 from tnlm.bridge.pivoted import PivotedLinear
+from tnlm.core.spectra import spectrum_entropy
 from tnlm.integration import io
 from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
@@ -201,6 +202,13 @@ class MPOModel(nn.Module):
         :func:`tnlm.integration.report.format_report`.
         """
         rows = []
+        for name, m in self.pivoted_modules():  # a gauge-fixed bond: one cut, rank r
+            rows.append(dict(
+                name=name, kind=m.kind, shape=[m.in_dim, m.out_dim], in_shape=[m.in_dim],
+                out_shape=[m.out_dim], bond_dims=[m.rank], params_before=m.in_dim * m.out_dim,
+                params_after=m.n_params, central_params=m.n_params,
+                truncation_error=float(m.truncation_error), layout="pivoted",
+                entropy=[spectrum_entropy(m.singular_values().cpu().numpy())]))
         for name, m in self.mpo_modules():
             mpo = m.to_mpo()
             rows.append(dict(
@@ -307,7 +315,8 @@ class MPOModel(nn.Module):
     @torch.no_grad()
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        """Replace every MPO module by a plain module of the kind it replaced
+        """Replace every MPO module (and gauge-fixed PivotedLinear) by a plain module of the
+        kind it replaced
         (``nn.Linear``, ``Conv1D``, ``nn.Embedding``) whose weight is contracted from the
         cores; return the plain base model (outputs unchanged up to rounding).
 
@@ -352,8 +361,9 @@ class MPOModel(nn.Module):
         return base
 
     def unload(self) -> nn.Module:
-        """The base model with every MPO module replaced by a plain module rebuilt from
-        its cores: the same as :meth:`merge_and_unload` (without its options).
+        """The base model with every MPO module (and gauge-fixed PivotedLinear) replaced by
+        a plain module rebuilt from its cores: the same as :meth:`merge_and_unload`
+        (without its options).
 
         What ``unload`` means here: PEFT's ``unload`` returns the base model *without*
         merging the adapters, i.e. the original weights, which a LoRA layer keeps beside
@@ -481,7 +491,8 @@ class MPOModel(nn.Module):
             key = key[len(prefix):] if key.startswith(prefix) and key not in own else key
             if key not in own:
                 raise ValueError(f"state_dict key {key!r} is not a tensor of the model")
-            tag = (t.data_ptr(), tuple(t.shape), t.dtype)
+            # every empty tensor has data_ptr 0: never one of a shared group
+            tag = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else ("empty", key)
             if tag not in seen:
                 seen.add(tag)
                 out[key] = t
@@ -551,7 +562,8 @@ class MPOModel(nn.Module):
                     swap.save_value(plan.targets[key])
                     plan.targets[key].copy_(value)
             model = cls(base_model, plan.config)
-            model.setup_training(train)
+            if is_trainable:  # for inference everything is frozen below
+                model.setup_training(train)
             model._references = plan.references
             if not is_trainable:
                 for p in model.parameters():
