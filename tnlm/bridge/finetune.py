@@ -194,10 +194,10 @@ def set_trainable(model: nn.Module, train: str, *,
             the MPO layers' tensors) on a model without MPO modules.
     """
     if train == "lightweight" and not any(isinstance(m, MPOModule) for m in model.modules()):
-        raise ValueError("train 'lightweight' trains the auxiliary tensors of MPO modules "
-                         "(MPOLinear / MPOEmbedding) and the model has none (gauge-fixed "
-                         "PivotedLinear layers have no auxiliary tensor): pass 'cores', "
-                         "'cores+linears' or 'all'")
+        raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding) whose "
+                         "auxiliary tensors train 'lightweight' trains (gauge-fixed "
+                         "PivotedLinear layers have none): pass 'cores', 'cores+linears' or "
+                         "'all'")
     if train == "auxiliary" and not any(isinstance(m, (MPOModule, PivotedLinear))
                                         for m in model.modules()):
         raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding / "
