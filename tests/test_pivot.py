@@ -252,7 +252,8 @@ def test_a_pivoted_entry_with_a_rank_beyond_the_matrix_is_refused():
             check_module_entry("m", bad)
 
 
-def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget():
+def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget(monkeypatch):
+    from tnlm.compress import llm
     from tnlm.compress.causal import CausalHealConfig
     from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
 
@@ -260,8 +261,21 @@ def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget():
     model = make_causal_lm("llama")
     recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=4, fit_steps=1, n_texts=4,
                             gen_tokens=40, gen_batch=4, pivoted=True,
-                            heal=CausalHealConfig(steps=2, batch_size=2))
+                            heal=CausalHealConfig(steps=6, batch_size=2, lr=3e-3))
+    seen = {}
+    real_heal = llm.heal_causal
+
+    def heal(student, *a, **kw):  # healing trains the gauge-fixed layers (heal_pivoted)
+        piv = [m for m in student.modules() if isinstance(m, PivotedLinear)]
+        seen["before"] = [m.right.detach().clone() for m in piv]
+        out = real_heal(student, *a, **kw)
+        seen["changed"] = sum(not torch.equal(b, m.right) for b, m in zip(seen["before"], piv))
+        return out
+
+    monkeypatch.setattr(llm, "heal_causal", heal)
     res = compress_causal_lm(model, tok, recipe, text=[TEXT] * 6, progress=False)
+    assert seen["before"] and seen["changed"] == len(seen["before"])
+    assert res.heal is not None and min(res.heal.losses[-2:]) < res.heal.losses[0]
     piv = {n: m for n, m in model.named_modules() if isinstance(m, PivotedLinear)}
     assert piv and not any(is_low_rank_pair(m) for m in model.modules())
     assert res.ratio <= 0.5

@@ -117,9 +117,12 @@ class CausalLMRecipe:
             method's own, :meth:`resolved_allocation`.
         pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
-            same budget), and after healing the layers become
+            same budget), and the layers become
             :class:`~tnlm.bridge.pivoted.PivotedLinear` storing exactly that (the same
-            function, up to float rounding).
+            function, up to float rounding). ``heal_pivoted`` (default): the gauge is
+            fixed before healing, which then trains ``r (I + J - r)`` numbers a layer
+            (less optimizer memory, fewer multiply-adds); ``False``: healing trains the
+            2-site MPOs and the gauge is fixed after it.
         heal: healing settings (``steps=0``: none; ``heal.optimizer``: ``"adamw"`` or
             ``"adafactor"``, whose factored second moments take a fraction of AdamW's
             two moment buffers, :class:`~tnlm.compress.causal.CausalHealConfig`).
@@ -141,10 +144,12 @@ class CausalLMRecipe:
     text_source: str = "self"
     output_error: str = "total"
     pivoted: bool = False
+    heal_pivoted: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pivoted, bool):
-            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
+        for name in ("pivoted", "heal_pivoted"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in allowed:
@@ -403,6 +408,19 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                             log=say, resume=resume)
     seconds["compression"] = time.perf_counter() - t1
     peaks["compression"] = peak_rss_mb()
+
+    def fix_gauge() -> None:
+        t1 = time.perf_counter()
+        pivoted = pivot_layers(model, [n for n, r in lw.ranks.items() if r is not None])
+        # counted with the gauge fixed already; less only where a rank proved lower
+        lw.params_after -= sum(pivoted_params(m.in_dim, m.out_dim, lw.ranks[n]) - m.n_params
+                               for n, m in pivoted.items())
+        lw.ranks.update({n: m.rank for n, m in pivoted.items()})
+        seconds["pivoting"] = time.perf_counter() - t1
+        say(f"{len(pivoted)} layers stored with their bond gauge fixed")
+
+    if recipe.pivoted and recipe.heal_pivoted:  # healing trains the gauge-fixed layers
+        fix_gauge()
     healed = None
     if teacher is not None:
         t1 = time.perf_counter()
@@ -413,14 +431,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         if healed.stopped:
             say(f"healing stopped early: {healed.stopped}")
         del teacher
-    if recipe.pivoted:  # the gauge fixed last: fitting and healing trained the 2-site MPOs
-        t1 = time.perf_counter()
-        pivoted = pivot_layers(model, [n for n, r in lw.ranks.items() if r is not None])
-        # counted with the gauge fixed already; less only where a rank proved lower
-        lw.params_after -= sum(pivoted_params(m.in_dim, m.out_dim, lw.ranks[n]) - m.n_params
-                               for n, m in pivoted.items())
-        lw.ranks.update({n: m.rank for n, m in pivoted.items()})
-        seconds["pivoting"] = time.perf_counter() - t1
-        say(f"{len(pivoted)} layers stored with their bond gauge fixed")
+    if recipe.pivoted and not recipe.heal_pivoted:  # healing trained the 2-site MPOs
+        fix_gauge()
     seconds["total"] = time.perf_counter() - t0
     return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks)
