@@ -179,3 +179,26 @@ def test_the_encoder_job_split_and_text(tmp_path):
         split_text(["a", "b", "c", "a"])
     (tmp_path / "t.tsv").write_text("x\tone\ny\ttwo\nz\tone\n")
     assert encoder_text(tmp_path / "t.tsv", column=1) == (["one", "two"], str(tmp_path / "t.tsv"))
+
+
+def test_compress_pivoted_saves_gauge_fixed_layers_that_report_and_reload(
+        model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "piv"
+    assert main(["compress", str(model_dir), "--budget", "0.5", "--heal-steps", "2",
+                 "--reconstruct-steps", "0", "--allocation", "uniform", "--pivoted",
+                 "--calibration", "32", "--text", str(text_file), "--out", str(out),
+                 "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pivoted"] is True and 0 < summary["ratio"] <= 0.5
+    meta = json.loads((out / "mpo_config.json").read_text())
+    assert {e.get("layout") for e in meta["modules"].values()} == {"pivoted"}
+    from tnlm.bridge import PivotedLinear
+    from tnlm.integration import MPOModel
+    loaded = MPOModel.from_pretrained(BertModel.from_pretrained(model_dir), out,
+                                      is_trainable=False)
+    piv = [m for m in loaded.modules() if isinstance(m, PivotedLinear)]
+    assert len(piv) == 12
+    assert sum(m.n_params for m in piv) == round(summary["ratio"] * summary["params_before"])
+    figs = tmp_path / "figs"  # tnlm report reads the gauge-fixed layers as 2-site MPOs
+    assert main(["report", str(out), "--out", str(figs), "--modules", "1"]) == 0
+    assert len(list(figs.glob("*.png"))) == 3
