@@ -405,6 +405,26 @@ def make_causal_lm(kind: str, seed: int = 0):
 SHORT_WORDS = ["the", "a", "is", "of", "and", "cat", "dog", "sat", "ran", "big", "red", "on", "mat"]
 
 
+def make_bert_tokenizer(directory):
+    """A character-level BERT tokenizer (WordPiece over a-z, a few words) in ``directory``."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
+    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "of", "and"]
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(vocab))
+    return BertTokenizerFast(vocab=str(path))
+
+
+def short_sentences(n=40, seed=0):
+    """``n`` random sentences of 2 to 12 :data:`SHORT_WORDS` each, ending with a period."""
+    import random
+
+    r = random.Random(seed)
+    return [" ".join(r.choice(SHORT_WORDS) for _ in range(r.randint(2, 12))) + "."
+            for _ in range(n)]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     # two shared cores: intra-op threads only contend on these tiny matrices

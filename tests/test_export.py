@@ -10,7 +10,6 @@ tests skip when those packages are absent.
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -21,13 +20,15 @@ from transformers import (
     AutoModel,
     BertConfig,
     BertModel,
-    BertTokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
-from tests.common import SHORT_WORDS as WORDS
-from tests.common import one_thread  # noqa: F401  (module-scoped autouse fixture)
+from tests.common import (
+    make_bert_tokenizer,
+    one_thread,  # noqa: F401  (module-scoped autouse fixture)
+    short_sentences,
+)
 from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.export import (
@@ -57,17 +58,12 @@ def bert(seed=0, vocab_size=64):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
-    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "of", "and"]
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(vocab))
-    return BertTokenizerFast(vocab=str(path))
+    return make_bert_tokenizer(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")
 def sentences():
-    r = random.Random(0)
-    return [" ".join(r.choice(WORDS) for _ in range(r.randint(2, 12))) + "." for _ in range(40)]
+    return short_sentences()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from tests.common import TEXT, make_causal_lm, make_word_tokenizer
+from tests.common import (
+    TEXT,
+    make_bert_tokenizer,
+    make_causal_lm,
+    make_word_tokenizer,
+    short_sentences,
+)
 from tnlm.bridge import MPOLinear, select_parameters
 from tnlm.bridge.pivoted import PivotedLinear, is_low_rank_pair, pivot_layers
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
@@ -291,38 +297,25 @@ BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate
                 "output.dense"]
 
 
-def _bert_and_text():
-    import random
-
-    from tests.common import SHORT_WORDS
+def _bert():
     from tests.test_export import bert
 
-    r = random.Random(0)
-    sents = [" ".join(r.choice(SHORT_WORDS) for _ in range(r.randint(2, 12))) + "."
-             for _ in range(40)]
-    return bert(), sents
+    return bert()
 
 
 @pytest.fixture(scope="module")
 def bert_tok(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
-    vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", ",", "the", "is", "of", "and"]
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(vocab))
-    return BertTokenizerFast(vocab=str(path))
+    return make_bert_tokenizer(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "greedy"])
 def test_an_encoder_compressed_pivoted_keeps_more_rank_within_the_budget(bert_tok, allocation):
     from tnlm.compress.pipeline import CompressionConfig, compress_model
 
-    model, sents = _bert_and_text()
-    plain = compress_model(model, bert_tok, sents, CompressionConfig(
+    sents = short_sentences()
+    plain = compress_model(_bert(), bert_tok, sents, CompressionConfig(
         BERT_TARGETS, budget=0.5, allocation=allocation, heal=None), progress=False)
-    model, _ = _bert_and_text()
-    piv = compress_model(model, bert_tok, sents, CompressionConfig(
+    piv = compress_model(_bert(), bert_tok, sents, CompressionConfig(
         BERT_TARGETS, budget=0.5, allocation=allocation, heal=None, pivoted=True),
         progress=False)
     layers = dict(piv.model.pivoted_modules())
@@ -339,8 +332,8 @@ def test_a_pivoted_encoder_exports_to_onnx_within_1e_4(bert_tok, tmp_path):
     from tnlm.compress.pipeline import CompressionConfig, compress_model
     from tnlm.export import OnnxEncoder, export_onnx
 
-    model, sents = _bert_and_text()
-    res = compress_model(model, bert_tok, sents, CompressionConfig(
+    sents = short_sentences()
+    res = compress_model(_bert(), bert_tok, sents, CompressionConfig(
         BERT_TARGETS, budget=0.5, heal=None, pivoted=True), progress=False)
     student = res.model.eval()
     exported = export_onnx(student, bert_tok, tmp_path / "piv.onnx", pooling="mean")
@@ -350,8 +343,7 @@ def test_a_pivoted_encoder_exports_to_onnx_within_1e_4(bert_tok, tmp_path):
         ref = student(**batch).last_hidden_state.numpy()
     assert float(abs(out["last_hidden_state"] - ref).max()) <= 1e-4
     student.save_pretrained(tmp_path / "ck", lightweight=False)
-    fresh, _ = _bert_and_text()
-    loaded = MPOModel.from_pretrained(fresh, tmp_path / "ck", is_trainable=False)
+    loaded = MPOModel.from_pretrained(_bert(), tmp_path / "ck", is_trainable=False)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, student(**batch).last_hidden_state)
 
