@@ -34,6 +34,7 @@ def label(r: dict) -> str:
         name += f" ({r['layers']} of 6 layers)"
     if r["method"] in ("tnlm", "plain", "layerdrop"):
         name += ", former text" if r.get("text") == "grammar" else ""
+        name += ", pivoted" if r.get("pivoted") else ""
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
     return name
