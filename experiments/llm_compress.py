@@ -98,8 +98,8 @@ def main(argv=None) -> int:
                    help="default: the job's (residual for tnlm, uniform for the baselines)")
     p.add_argument("--pivoted", action="store_true",
                    help="fix each truncated bond's gauge: r (I + J - r) numbers a layer")
-    p.add_argument("--pivot-after-healing", action="store_true",
-                   help="with --pivoted: heal the 2-site MPOs, fix the gauge after healing")
+    p.add_argument("--heal-pivoted", action="store_true",
+                   help="with --pivoted: fix the gauge before healing (default: after)")
     p.add_argument("--heal-steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch-size", type=int, default=4)
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
         output_error=args.output_error, pivoted=args.pivoted,
-        heal_pivoted=not args.pivot_after_healing,
+        heal_pivoted=args.heal_pivoted,
         allocation=args.allocation,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,

@@ -42,9 +42,9 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         # (the output error matters to fitting and the residual allocation: tnlm only;
         # "fit_error" was its name for one run, when it set the fitting alone)
         tnlm = d["method"] == "tnlm"
-        # runs before --pivot-after-healing fixed the gauge after healing
-        piv = ("pivoted, healed as 2-site" if args.get("pivot_after_healing", True)
-               else "pivoted")
+        # healed in the gauge-fixed form: --heal-pivoted (once --pivot-after-healing unset)
+        healed_pivoted = args.get("heal_pivoted") or args.get("pivot_after_healing") is False
+        piv = "pivoted, healed gauge-fixed" if healed_pivoted else "pivoted"
         other = [piv if args.get("pivoted") else "",
                  f"lr {args['lr']:g}" if args.get("lr", 2e-4) != 2e-4 else "",
                  args.get("optimizer") if args.get("optimizer", "adamw") != "adamw" else "",

@@ -266,12 +266,12 @@ def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget(monke
     tok = make_word_tokenizer()
     model = make_causal_lm("llama")
     recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=4, fit_steps=1, n_texts=4,
-                            gen_tokens=40, gen_batch=4, pivoted=True,
+                            gen_tokens=40, gen_batch=4, pivoted=True, heal_pivoted=True,
                             heal=CausalHealConfig(steps=6, batch_size=2, lr=3e-3))
     seen = {}
     real_heal = llm.heal_causal
 
-    def heal(student, *a, **kw):  # healing trains the gauge-fixed layers (heal_pivoted)
+    def heal(student, *a, **kw):  # heal_pivoted: healing trains the gauge-fixed layers
         piv = [m for m in student.modules() if isinstance(m, PivotedLinear)]
         seen["before"] = [m.right.detach().clone() for m in piv]
         out = real_heal(student, *a, **kw)

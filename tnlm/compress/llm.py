@@ -119,10 +119,11 @@ class CausalLMRecipe:
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
             same budget), and the layers become
             :class:`~tnlm.bridge.pivoted.PivotedLinear` storing exactly that (the same
-            function, up to float rounding). ``heal_pivoted`` (default): the gauge is
-            fixed before healing, which then trains ``r (I + J - r)`` numbers a layer
-            (less optimizer memory, fewer multiply-adds); ``False``: healing trains the
-            2-site MPOs and the gauge is fixed after it.
+            function, up to float rounding). By default healing trains the 2-site MPOs
+            and the gauge is fixed after it; ``heal_pivoted``: fixed before healing,
+            which then trains the ``r (I + J - r)`` numbers (less optimizer memory, but
+            measured worse on SmolLM2 at 80 %: 1.92x vs 1.69x the dense perplexity,
+            docs/results.md; AdamW's steps in the gauge-fixed coordinates heal less).
         heal: healing settings (``steps=0``: none; ``heal.optimizer``: ``"adamw"`` or
             ``"adafactor"``, whose factored second moments take a fraction of AdamW's
             two moment buffers, :class:`~tnlm.compress.causal.CausalHealConfig`).
@@ -144,7 +145,7 @@ class CausalLMRecipe:
     text_source: str = "self"
     output_error: str = "total"
     pivoted: bool = False
-    heal_pivoted: bool = True
+    heal_pivoted: bool = False
 
     def __post_init__(self) -> None:
         for name in ("pivoted", "heal_pivoted"):
