@@ -6,7 +6,9 @@ text), compression (``tnlm.compress.llm``), healing, then the held-out perplexit
 natural text never used for either (``lm_quality.natural_eval_text``: SST-2 dev, CoLA
 dev, SICK trial sentences; non-overlapping windows of ``--eval-length`` tokens, as SVD-LLM
 scores WikiText) against the dense model's, greedy answers to the 50 shipped questions
-against the dense model's, stage times and peak memory. Writes one JSON.
+against the dense model's (identical answers, the teacher-forced top-1 agreement on the
+dense answers' tokens, and keyword-checked right answers), stage times and peak memory.
+Writes one JSON.
 
     python experiments/llm_compress.py --method tnlm --budget 0.6 --seed 0 \\
         --out results/llm/tnlm_0.6_s0.json
@@ -36,6 +38,8 @@ from tnlm.compress.llm import (  # noqa: E402
 )
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
+    answer_token_agreement,
+    answers_correct,
     greedy_answers,
     natural_eval_text,
     perplexity,
@@ -68,14 +72,18 @@ def _atomic_json(path: Path, obj) -> None:
 
 def dense_reference(model, tok, cache: Path, eval_text, max_length: int) -> dict:
     """Dense perplexity and answers, computed once and cached."""
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    t = time.perf_counter()
-    ppl = perplexity(model, tok, eval_text, max_length=max_length, stride=max_length)
-    answers = greedy_answers(model, tok, simple_questions())
-    ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, answers=answers,
-               seconds=time.perf_counter() - t)
-    _atomic_json(cache, ref)
+    ref = json.loads(cache.read_text()) if cache.is_file() else None
+    if ref is None:
+        t = time.perf_counter()
+        ppl = perplexity(model, tok, eval_text, max_length=max_length, stride=max_length)
+        answers = greedy_answers(model, tok, simple_questions())
+        ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, answers=answers,
+                   seconds=time.perf_counter() - t)
+    if "token_agreement" not in ref:  # added to caches written before it
+        ref.update(answers_correct=sum(answers_correct(ref["answers"])),
+                   token_agreement=answer_token_agreement(model, tok, simple_questions(),
+                                                          ref["answers"]))
+        _atomic_json(cache, ref)
     return ref
 
 
@@ -191,7 +199,12 @@ def main(argv=None) -> int:
                    + res.seconds.get("healing", 0))
     if not args.no_answers:
         answers = greedy_answers(model, tok, simple_questions())
-        out.update(answers=answers, answer_agreement=answer_agreement(answers, ref["answers"]))
+        out.update(answers=answers, answer_agreement=answer_agreement(answers, ref["answers"]),
+                   answers_correct=sum(answers_correct(answers)),
+                   dense_answers_correct=ref["answers_correct"],
+                   token_agreement=answer_token_agreement(model, tok, simple_questions(),
+                                                          ref["answers"]),
+                   dense_token_agreement=ref["token_agreement"])
     _atomic_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items()
                       if k not in ("answers", "heal_losses", "block_errors", "args")}, indent=1))

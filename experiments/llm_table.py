@@ -3,8 +3,11 @@
     python experiments/llm_table.py results/llm/*.json --plot docs/figures/llm_ppl.png
 
 One row per (method, budget, healing steps, self-generated texts): perplexity ratio
-compressed/dense (mean ± std over seeds, the seed count), kept fraction, answer
-agreement with the dense model, compression and healing seconds, the job's peak
+compressed/dense (mean ± std over seeds, the seed count), kept fraction, identical
+answers to the dense model's, the teacher-forced top-1 agreement on the dense answers'
+tokens (runs from before it: "-"), keyword-checked right answers of 50
+(``lm_quality.answers_correct``; the dense reference ``dense.json`` is its own row when
+given), compression and healing seconds, the job's peak
 resident memory (the largest stage peak: compression or healing) against the process's
 resident memory with the dense model loaded.
 """
@@ -14,8 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tnlm.compress.lm_quality import answers_correct  # noqa: E402
 
 
 def cell(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -30,6 +38,11 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
     rows: dict[tuple[str, float, int, str], list[dict]] = defaultdict(list)
     for p in paths:
         d = json.loads(p.read_text())
+        if "method" not in d and "answers" in d and "ppl" in d:  # the dense reference
+            rows[("dense", 1.0, 0, "-")].append(dict(
+                d, ppl_ratio=1.0, dense_ppl=d["ppl"], answer_agreement=1.0,
+                token_agreement=d.get("token_agreement")))
+            continue
         if "ppl_ratio" not in d or d.get("method") is None:
             continue
         heal = int(d.get("args", {}).get("heal_steps", 0))
@@ -60,11 +73,14 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
 
 def table(rows) -> str:
     out = ["| method | budget | heal steps | texts | kept | seeds | perplexity (dense) | ratio | "
-           "answers = dense | compress + heal s | peak RSS / after load |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "answers = dense | token agreement | right answers | compress + heal s | "
+           "peak RSS / after load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (method, budget, heal, texts), runs in sorted(
             rows.items(), key=lambda kv: (-kv[0][1], kv[0][0], kv[0][2], kv[0][3])):
         agree = [r["answer_agreement"] for r in runs if "answer_agreement" in r]
+        tokens = [r["token_agreement"] for r in runs if r.get("token_agreement") is not None]
+        right = [float(sum(answers_correct(r["answers"]))) for r in runs if r.get("answers")]
         secs = [r.get("compress_seconds", 0.0) for r in runs]
         mem = [max(v for v in r["stage_peak_rss_mb"].values() if v) / r["rss_after_load_mb"]
                for r in runs if r.get("stage_peak_rss_mb")]
@@ -73,7 +89,8 @@ def table(rows) -> str:
             f"| {cell([r.get('kept', 1.0) for r in runs])} "
             f"| {len(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
             f"({runs[0]['dense_ppl']:.1f}) | {cell([r['ppl_ratio'] for r in runs], '{:.2f}')} "
-            f"| {cell(agree, '{:.2f}')} | {cell(secs, '{:.0f}')} | {cell(mem, '{:.1f}')} |")
+            f"| {cell(agree, '{:.2f}')} | {cell(tokens, '{:.3f}')} | {cell(right, '{:.0f}')} "
+            f"| {cell(secs, '{:.0f}')} | {cell(mem, '{:.1f}')} |")
     return "\n".join(out)
 
 

@@ -15,9 +15,12 @@ from tests.common import make_word_tokenizer as make_tokenizer
 from tnlm.compress.lm_quality import (
     PerplexityResult,
     answer_agreement,
+    answer_token_agreement,
+    answers_correct,
     greedy_answers,
     natural_eval_text,
     perplexity,
+    question_keys,
     simple_questions,
     window_spans,
 )
@@ -273,6 +276,58 @@ def test_answer_agreement():
         answer_agreement([], [])
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_token_agreement_is_one_on_the_models_own_greedy_answers(kind):
+    tok = make_tokenizer()
+    m = make_model(kind, seed=5)
+    answers = greedy_answers(m, tok, QUESTIONS, max_new_tokens=8)
+    # the word tokenizer re-tokenises a decoded answer to the same ids, unless the model
+    # wrote a special token (<unk>), which decoding drops: keep the 8-word answers
+    full = [i for i, a in enumerate(answers) if len(a.split()) == 8]
+    assert len(full) >= 3
+    qs, answers = [QUESTIONS[i] for i in full], [answers[i] for i in full]
+    assert answer_token_agreement(m, tok, qs, answers) == 1.0
+    other = make_model(kind, seed=6)
+    agreement = answer_token_agreement(other, tok, qs, answers)
+    assert 0.0 <= agreement < 1.0  # another model's argmax differs somewhere
+
+
+def test_token_agreement_counts_positions_by_hand(tok):
+    m = make_model("llama", seed=7)
+    q = QUESTIONS[0]
+    prompt = tok(tok.apply_chat_template([{"role": "user", "content": q}],
+                                         add_generation_prompt=True, tokenize=False),
+                 add_special_tokens=False)["input_ids"]
+    answer = " ".join(TEXT.split()[:5])
+    target = tok(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = m(input_ids=torch.tensor([prompt + target])).logits[0]
+    pred = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    want = sum(p == t for p, t in zip(pred, target)) / len(target)
+    m.train()
+    assert answer_token_agreement(m, tok, [q], [answer]) == want
+    assert m.training  # the training flag is restored
+    with pytest.raises(ValueError, match="same length"):
+        answer_token_agreement(m, tok, [q], [answer, answer])
+    with pytest.raises(ValueError, match="no answer"):
+        answer_token_agreement(m, tok, [q], [""])
+
+
+def test_answers_correct_is_a_keyword_check():
+    keys = [("Paris",), ("7", "seven"), ("carbon dioxide",), ("'A'", "letter A")]
+    answers = ["The capital of France is paris.", "A week has 17 days.",
+               "Plants take in Carbon  Dioxide? No: carbon dioxide.", "It is 'A'."]
+    assert answers_correct(answers, keys) == [True, False, True, True]
+    assert answers_correct(["Seven.", "", "dioxide", "letter Ab"], keys) == [
+        False, False, False, False]
+    assert answers_correct(["x", "seven", "x", "the letter A"], keys) == [
+        False, True, False, True]
+    with pytest.raises(ValueError, match="one entry per question"):
+        answers_correct(answers[:2], keys)
+    with pytest.raises(ValueError, match=r"keys\[0\]"):
+        answers_correct(["Paris"], ["Paris"])  # a string, not a sequence of strings
+
+
 # --- data ---------------------------------------------------------------------------
 
 def test_simple_questions():
@@ -280,6 +335,11 @@ def test_simple_questions():
     assert len(qs) == 50 == len(set(qs))
     assert all(q and q == q.strip() and q.endswith("?") for q in qs)
     assert "What is the capital of France?" in qs
+    keys = question_keys()
+    assert len(keys) == 50 and all(keys) and all(k == k.strip() for ks in keys for k in ks)
+    assert keys[qs.index("What is the capital of France?")] == ("Paris",)
+    right = ["The capital of France is Paris."] + ["no"] * 49
+    assert answers_correct(right) == [True] + [False] * 49
 
 
 def write(path: Path, text: str) -> None:

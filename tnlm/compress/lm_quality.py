@@ -6,8 +6,11 @@
 * :func:`greedy_answers`: greedy (deterministic) answers of a chat model to questions,
   through the tokenizer's chat template, batched with left padding;
 * :func:`answer_agreement`: the fraction of identical answers of two models;
-* :func:`simple_questions`: 50 short everyday questions shipped with tnlm
-  (``tnlm/data/questions.txt``);
+* :func:`answer_token_agreement`: the teacher-forced top-1 agreement of a model with
+  reference answers, token by token (moves where identical answers stay at 0);
+* :func:`simple_questions`, :func:`question_keys`: 50 short everyday questions shipped with
+  tnlm and their accepted answers (``tnlm/data/questions.txt``);
+* :func:`answers_correct`: a keyword check of answers against those keys;
 * :func:`natural_eval_text`: held-out natural English from the labelled data folder
   beside the working directory (SST-2 dev, CoLA dev, SICK trial), when it is there.
 """
@@ -19,6 +22,7 @@ import importlib.resources
 import inspect
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,13 +307,104 @@ def answer_agreement(a: Sequence[str], b: Sequence[str], *, normalize: bool = Tr
     return same / len(a)
 
 
+def _question_rows() -> list[tuple[str, str]]:
+    path = importlib.resources.files("tnlm").joinpath("data", "questions.txt")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            question, _, keys = line.partition("\t")
+            rows.append((question.strip(), keys.strip()))
+    return rows
+
+
 def simple_questions() -> list[str]:
     """The 50 short everyday questions shipped with tnlm (``tnlm/data/questions.txt``, one
-    per line): geography, arithmetic, science, language, everyday life; for comparing the
-    greedy answers of a compressed chat model with its original's."""
-    path = importlib.resources.files("tnlm").joinpath("data", "questions.txt")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()]
+    per line, before a tab): geography, arithmetic, science, language, everyday life; for
+    comparing the greedy answers of a compressed chat model with its original's."""
+    return [q for q, _ in _question_rows()]
+
+
+def question_keys() -> list[tuple[str, ...]]:
+    """The accepted answers of :func:`simple_questions`, in the same order: for each question
+    the words or phrases (after the tab in ``questions.txt``, separated by ``|``) of which
+    one makes an answer right (``"Paris"``; ``"7"``, ``"seven"``). See :func:`answers_correct`."""
+    return [tuple(k.strip() for k in keys.split("|") if k.strip()) for _, keys in _question_rows()]
+
+
+def answers_correct(answers: Sequence[str],
+                    keys: Sequence[Sequence[str]] | None = None) -> list[bool]:
+    """Whether each answer contains one of its accepted words or phrases: a keyword check.
+
+    A key matches case-insensitively where it is not part of a longer word (no letter,
+    digit or underscore directly before or after it). A keyword check, not a judge: a
+    right word inside a wrong sentence counts ("... called Kepler-41B, similar to
+    Earth"), a right answer in other words does not. It tells whether compression kept
+    what the dense model knew; compare the counts of the dense and the compressed model.
+
+    Args:
+        answers: one answer per question (:func:`greedy_answers`).
+        keys: the accepted answers per question; default :func:`question_keys` (then
+            ``answers`` must answer :func:`simple_questions`, in order).
+
+    Raises:
+        ValueError: ``answers`` and ``keys`` differ in length, or a question has no key.
+    """
+    keys = question_keys() if keys is None else keys
+    if len(answers) != len(keys):
+        raise ValueError(f"answers must have one entry per question ({len(keys)}), "
+                         f"got {len(answers)}")
+    out = []
+    for i, (answer, accepted) in enumerate(zip(answers, keys)):
+        if isinstance(accepted, str) or not accepted:
+            raise ValueError(f"keys[{i}] must be a non-empty sequence of strings, "
+                             f"got {accepted!r}")
+        pattern = "|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in accepted)
+        out.append(re.search(pattern, answer, flags=re.IGNORECASE) is not None)
+    return out
+
+
+def answer_token_agreement(model: nn.Module, tokenizer: Any, questions: Sequence[str],
+                           answers: Sequence[str]) -> float:
+    """Teacher-forced top-1 agreement of a causal LM with reference answers.
+
+    Each question becomes its prompt as in :func:`greedy_answers`; the reference answer's
+    tokens (``tokenizer(answer, add_special_tokens=False)``) follow it, and at every
+    answer position the model's argmax next token is compared with the reference token.
+    Returns matching positions / all answer positions, pooled over the questions. With
+    the dense model's greedy answers as references this is the per-token agreement that
+    identical answers need at every one of their tokens (identical 32-token answers need
+    about ``agreement ** 32``), so it moves where :func:`answer_agreement` stays at 0.
+    The dense model scores 1.0 on its own answers up to re-tokenisation (a decoded answer
+    tokenised again can split differently) and ties; measure it in the same run.
+
+    Raises:
+        ValueError: ``questions`` and ``answers`` differ in length, or no answer has a token.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"questions and answers must have the same length, got "
+                         f"{len(questions)} and {len(answers)}")
+    device = _device(model)
+    same = total = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for question, answer in zip(questions, answers):
+                prompt = _prompt_ids(tokenizer, question)
+                target = [int(i) for i in
+                          tokenizer(answer, add_special_tokens=False)["input_ids"]]
+                if not target or not prompt:
+                    continue
+                ids = torch.tensor([prompt + target], device=device)
+                logits = model(input_ids=ids).logits[0]
+                pred = logits[len(prompt) - 1:len(prompt) + len(target) - 1].argmax(-1)
+                same += int((pred.cpu() == torch.tensor(target)).sum())
+                total += len(target)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("no answer has a token to compare")
+    return same / total
 
 
 def _tsv_rows(path: Path) -> list[list[str]]:
