@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                    help="calibration and healing text: the dense model's own samples "
                         "(self), the prose that ships with tnlm (prose: "
                         "tnlm.compress.llm.recipe_text, shuffled with the seed), or the "
-                        "prose then the samples (both)")
+                        "prose then the samples (both), or the model's own answers to "
+                        "chat prompts in its chat format (chat)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
@@ -147,17 +148,18 @@ def main(argv=None) -> int:
                           args.eval_length)
     # the texts depend on how many are sampled at once; 16 was the only batch once
     batch = "" if args.gen_batch == 16 else f"_b{args.gen_batch}"
-    text_file = args.text_cache / f"selfgen_s{args.seed}_n{args.n_texts}{batch}.json"
+    kind = "selfgen-chat" if args.text == "chat" else "selfgen"
+    text_file = args.text_cache / f"{kind}_s{args.seed}_n{args.n_texts}{batch}.json"
     t1 = time.perf_counter()
     texts = []
     if args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
         texts = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
-    if args.text in ("self", "both"):
+    if args.text in ("self", "both", "chat"):
         if text_file.is_file():
             texts += json.loads(text_file.read_text())
         else:
             own = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
-                                      batch_size=args.gen_batch)
+                                      batch_size=args.gen_batch, chat=args.text == "chat")
             _atomic_json(text_file, own)
             texts += own
     text_s = time.perf_counter() - t1

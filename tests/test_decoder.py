@@ -1005,3 +1005,76 @@ def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(mon
     assert energies == ["position"] and kinds and set(kinds) == {"position"}
     with pytest.raises(ValueError, match="output_error must be one of 'total', 'position'"):
         CausalLMRecipe(output_error="mean")
+
+
+def test_chat_text_is_the_models_answers_to_chat_prompts_in_its_chat_format():
+    """``self_generated_text(chat=True)``: each text is one of ``chat_prompts`` through the
+    chat template followed by the model's sampled answer, special tokens kept up to the
+    first end of sequence; the same seed writes the same texts; a tokenizer without a
+    chat template is refused."""
+    from tests.common import make_causal_lm, make_word_tokenizer
+    from tnlm.compress.causal import self_generated_text
+    from tnlm.compress.prompts import chat_prompts
+
+    tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
+    texts = self_generated_text(m, tok, 5, max_new_tokens=6, batch_size=2, chat=True, seed=1)
+    assert len(texts) == 5
+    for text, prompt in zip(texts, chat_prompts(5, 1)):
+        start = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=False)
+        assert text.startswith(start) and len(text) > len(start)
+        answer = tok(text[len(start):], add_special_tokens=False)["input_ids"]
+        assert 1 <= len(answer) <= 6
+        assert tok.pad_token_id not in answer
+        if tok.eos_token_id in answer:  # nothing after the first end of sequence
+            assert answer.index(tok.eos_token_id) == len(answer) - 1
+    assert texts == self_generated_text(m, tok, 5, max_new_tokens=6, batch_size=2, chat=True,
+                                        seed=1)
+    plain = self_generated_text(m, tok, 2, max_new_tokens=4, seed=1)
+    assert not any(p.startswith("<|user|>") for p in plain)
+    with pytest.raises(ValueError, match="chat template"):
+        self_generated_text(m, make_word_tokenizer(chat_template=False), 2, chat=True)
+
+
+def test_chat_prompts_are_seeded_and_keep_the_held_out_topics_apart():
+    from tnlm.compress.prompts import HELD_OUT_TOPICS, KINDS, TOPICS, chat_prompts, topics
+
+    a = chat_prompts(40, seed=0)
+    assert a == chat_prompts(40, seed=0) != chat_prompts(40, seed=1)
+    assert len(a) == 40 and chat_prompts(0) == []
+    main, held = set(topics(TOPICS)), set(topics(HELD_OUT_TOPICS))
+    assert len(main) == 184 and not main & held
+    for p in chat_prompts(200, seed=2, held_out=True):
+        assert any(p == k.format(t=t) for k in KINDS for t in held)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        chat_prompts(-1)
+
+
+def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
+    from tnlm.cli import main
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, recipe_text
+
+    seen = []
+
+    def generate(model, tok, n, **kw):
+        seen.append(kw.get("chat"))
+        return [f"sample {i}" for i in range(n)]
+
+    monkeypatch.setattr(llm, "self_generated_text", generate)
+    assert recipe_text(None, None, CausalLMRecipe(text_source="chat", n_texts=2)) == [
+        "sample 0", "sample 1"]
+    assert recipe_text(None, None, CausalLMRecipe(text_source="self", n_texts=1)) == [
+        "sample 0"]
+    assert seen == [True, False]
+    assert CausalLMRecipe(text_source="chat").text_settings()["n_texts"] == 128
+    # the CLI refuses chat text for a tokenizer without a chat template, before any work
+    from tests.common import make_causal_lm, make_word_tokenizer
+
+    folder = tmp_path / "plain"
+    make_causal_lm("llama").save_pretrained(folder)
+    make_word_tokenizer(chat_template=False).save_pretrained(folder)
+    monkeypatch.setattr(llm, "compress_causal_lm", lambda *a, **k: pytest.fail("ran"))
+    assert main(["compress", str(folder), "--lm-text", "chat", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--lm-text chat" in err and "no chat" in err and "template" in err

@@ -59,20 +59,42 @@ __all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "Causal
 @torch.no_grad()
 def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tokens: int = 128,
                         temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
-                        seed: int = 0, progress: bool = False) -> list[str]:
-    """``n`` texts written by ``model`` itself, each continuing the first 2-4 words of one of
-    tnlm's generated sentences (sampling with the KV cache; see the module docstring)."""
+                        seed: int = 0, chat: bool = False, progress: bool = False) -> list[str]:
+    """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
+    docstring).
+
+    By default each text continues the first 2-4 words of one of tnlm's generated
+    sentences. With ``chat``, each is a conversation instead: one of
+    :func:`tnlm.compress.prompts.chat_prompts` (``n`` of them, drawn with ``seed``) through
+    the tokenizer's chat template as the user's turn, followed by the model's answer, its
+    special tokens kept up to and including the first end-of-sequence token (the text
+    then reads as the chat format the model is used in).
+
+    Raises:
+        ValueError: ``n`` or ``batch_size`` not an int >= 1; ``chat`` with a tokenizer
+            that has no chat template.
+    """
     from tnlm.compress.text import generated_sentences
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    rng = random.Random(seed)
-    starts = []
-    for s in generated_sentences(max(n, 64), seed=seed)[:n]:
-        words = s.split()
-        starts.append(" ".join(words[:rng.randint(2, 4)]))
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True needs a tokenizer with a chat template; this one "
+                             "has none (use the plain samples, chat=False)")
+        from tnlm.compress.prompts import chat_prompts
+
+        starts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                add_generation_prompt=True, tokenize=False)
+                  for p in chat_prompts(n, seed)]
+    else:
+        rng = random.Random(seed)
+        starts = []
+        for s in generated_sentences(max(n, 64), seed=seed)[:n]:
+            words = s.split()
+            starts.append(" ".join(words[:rng.randint(2, 4)]))
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -83,17 +105,23 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     out: list[str] = []
     with torch.random.fork_rng():  # sampling reseeds; the caller's random stream is kept
         _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
-                  max_new_tokens, side, pad, was, progress)
+                  max_new_tokens, side, pad, was, progress, chat)
     return out
 
 
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
-              max_new_tokens, side, pad, was, progress) -> None:
+              max_new_tokens, side, pad, was, progress, chat=False) -> None:
     n = len(starts)
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= {int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+            if e is not None}
     try:
         for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
                       leave=False):
-            batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True)
+            # a chat template writes its own special tokens: none are added
+            batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not chat)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             ids = model.generate(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"], do_sample=True,
@@ -102,7 +130,13 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
                                  pad_token_id=tokenizer.pad_token_id)
             prompt_len = batch["input_ids"].shape[1]
             for s, row in zip(starts[i:i + batch_size], ids):
-                out.append(s + tokenizer.decode(row[prompt_len:], skip_special_tokens=True))
+                new = row[prompt_len:].tolist()
+                if chat:  # up to and including the first end of sequence
+                    end = next((k for k, t in enumerate(new) if t in eos), None)
+                    new = new if end is None else new[:end + 1]
+                    out.append(s + tokenizer.decode(new, skip_special_tokens=False))
+                else:
+                    out.append(s + tokenizer.decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
         tokenizer.pad_token = pad

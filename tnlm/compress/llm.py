@@ -77,8 +77,9 @@ __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resu
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
-#: ships with tnlm, or the prose followed by the samples
-TEXT_SOURCES = ("self", "prose", "both")
+#: ships with tnlm, the prose followed by the samples, or the dense model's own answers
+#: to chat prompts in its chat format
+TEXT_SOURCES = ("self", "prose", "both", "chat")
 
 #: the job's own calibration text in a checkpoint folder (JSON: the texts, the settings
 #: they depend on, :meth:`CausalLMRecipe.text_settings`, and a sha256 of the weights of
@@ -101,10 +102,13 @@ class CausalLMRecipe:
             ``"self"``, the dense model's own ``n_texts`` samples; ``"prose"``, the
             sentences that ship with tnlm (:func:`tnlm.compress.text.lm_sentences`, about
             128k tokens of everyday prose, shuffled with ``seed``; nothing is sampled);
-            ``"both"``, the prose then the samples (:func:`recipe_text`).
-        n_texts: self-generated texts (``text_source`` "self" or "both"); ``gen_tokens``
-            tokens each, ``gen_batch`` sampled at once (on these CPUs 64 at once write
-            about 1.7x the tokens a second of 16 at once).
+            ``"both"``, the prose then the samples; ``"chat"``, ``n_texts`` conversations:
+            a prompt of :func:`tnlm.compress.prompts.chat_prompts` in the tokenizer's chat
+            template and the dense model's sampled answer (needs a chat template;
+            :func:`recipe_text`).
+        n_texts: self-generated texts (``text_source`` "self", "both" or "chat");
+            ``gen_tokens`` tokens each, ``gen_batch`` sampled at once (on these CPUs 64
+            at once write about 1.7x the tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
@@ -211,15 +215,17 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
                 progress: bool = False) -> list[str]:
     """The job's text when the user gives none (:attr:`CausalLMRecipe.text_source`): the
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
-    dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first."""
+    dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first; for
+    ``"chat"`` the samples are the model's answers to chat prompts, in its chat format."""
     text: list[str] = []
     if recipe.text_source in ("prose", "both"):
         text = lm_sentences()
         random.Random(recipe.seed).shuffle(text)
-    if recipe.text_source in ("self", "both"):
+    if recipe.text_source in ("self", "both", "chat"):
         text += self_generated_text(model, tokenizer, recipe.n_texts,
                                     max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
-                                    batch_size=recipe.gen_batch, progress=progress)
+                                    batch_size=recipe.gen_batch,
+                                    chat=recipe.text_source == "chat", progress=progress)
     return text
 
 
