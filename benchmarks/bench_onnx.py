@@ -2,7 +2,7 @@
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repeats 7]
             [--budgets 0.5 0.25] [--calibration 512] [--sentences 300]
-            [--embedding-block 64] [--per-channel]
+            [--embedding-block 64] [--per-channel] [--pivoted]
             [--plot docs/figures/onnx_latency.png] [--workdir DIR]
             [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
             [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
@@ -13,6 +13,9 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     heal=None))`` on ``--calibration`` sentences of tnlm's generated English (data-aware
     2-site layers ``x @ A @ B`` over the 36 encoder linears; not healed: latency and size
     do not depend on healing, the cosine does), exported keeping the factors;
+  * with ``--pivoted`` also each budget with gauge-fixed bonds (``CompressionConfig(...,
+    pivoted=True)``: ``(x[:, pivots] + x[:, rest] @ C) @ R``, the same parameters buying
+    a larger rank; a Gather, two MatMuls and an Add in the graph);
   * checkpoint (``--checkpoint DIR``): a compressed MiniLM that ``tnlm compress --out DIR``
     saved (healed by default), loaded with ``load_compressed``; ``--budgets`` with no
     value leaves out the fresh ones;
@@ -96,6 +99,8 @@ def main() -> None:
     ap.add_argument("--sst2", default=str(SST2), help="SST-2 dev.tsv for the cosine column")
     ap.add_argument("--embedding-block", type=int, default=64,
                     help="columns per scale of the 4-bit word-embedding table")
+    ap.add_argument("--pivoted", action="store_true",
+                    help="also compress each budget with gauge-fixed bonds (PivotedLinear)")
     ap.add_argument("--per-channel", action="store_true",
                     help="int8 weights with one scale per output column")
     ap.add_argument("--plot", default=None, help="write the latency figure here")
@@ -122,13 +127,15 @@ def main() -> None:
     dense.eval()
     models = {"dense": dense}
     calibration = generated_sentences(args.calibration, seed=1) if args.budgets else []
-    for budget in args.budgets:
+    variants = [(b, p) for b in args.budgets for p in ((False, True) if args.pivoted
+                                                      else (False,))]
+    for budget, pivoted in variants:
         t = time.perf_counter()
         res = compress_model(copy.deepcopy(dense), tok, calibration,
                              CompressionConfig(default_targets(dense), budget=budget,
-                                               heal=None),
+                                               heal=None, pivoted=pivoted),
                              progress=False)
-        name = f"{round(budget * 100)} %"
+        name = f"{round(budget * 100)} %" + (" pivoted" if pivoted else "")
         models[name] = res.model.eval()
         print(f"compressed {name}: {res.params_after:,} of {res.params_before:,} encoder-linear "
               f"parameters ({res.ratio:.3f}), ranks {sorted(set(res.ranks.values()))}, "
@@ -140,7 +147,8 @@ def main() -> None:
 
     files: dict[str, Path] = {}
     for name, model in models.items():
-        stem = name if name in ("dense", "checkpoint") else f"mpo{name.split()[0]}"
+        stem = (name if name in ("dense", "checkpoint") else f"mpo{name.split()[0]}"
+                + ("p" if name.endswith("pivoted") else ""))
         t = time.perf_counter()
         res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean")
         files[name] = res.path

@@ -342,10 +342,37 @@ def test_a_pivoted_encoder_exports_to_onnx_within_1e_4(bert_tok, tmp_path):
     with torch.no_grad():
         ref = student(**batch).last_hidden_state.numpy()
     assert float(abs(out["last_hidden_state"] - ref).max()) <= 1e-4
+    # the gauge-fixed layers are written as (x @ B) @ R: no Gather on the feature axis
+    import onnx
+
+    graph = onnx.load(str(exported.path), load_external_data=False).graph
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    assert len(gathers) <= 3  # the embedding tables only (word, position, token type)
+    assert exported.mpo_layers == sum(isinstance(m, PivotedLinear) for m in student.modules())
     student.save_pretrained(tmp_path / "ck", lightweight=False)
     loaded = MPOModel.from_pretrained(_bert(), tmp_path / "ck", is_trainable=False)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, student(**batch).last_hidden_state)
+
+
+def test_the_export_chain_of_a_pivoted_layer_is_the_same_function():
+    from tnlm.export.factorized import PivotedChain
+
+    for bias in (True, False):
+        model = nn.Sequential(_low_rank_layer("linear"))
+        if not bias:
+            model[0].bias = None
+        pivot_layers(model)
+        layer = model[0]
+        chain = PivotedChain(layer)
+        x = torch.randn(3, 5, layer.in_dim)
+        torch.testing.assert_close(chain(x), layer(x), rtol=1e-5, atol=1e-5)
+        basis, right = chain.mats
+        assert basis.shape == (layer.in_dim, layer.rank) and torch.equal(right, layer.right)
+        assert torch.equal(basis[layer.pivots], torch.eye(layer.rank))
+        assert not any(p.requires_grad for p in chain.parameters())
+        layer.right.data.add_(1.0)  # a copy: the layer is not shared with the chain
+        assert not torch.equal(chain.mats[1], layer.right)
 
 
 def test_naming_one_path_of_a_shared_layer_converts_it_everywhere():

@@ -8,7 +8,8 @@ a leg of size > 1 has to move, one transpose), so an ONNX graph keeps the factor
 weights: a 2-site low-rank layer ``(1, I, 1, r), (r, 1, J, 1)`` becomes ``(x @ A) @ B``
 with ``A`` (I, r) and ``B`` (r, J), never the merged W (I, J).
 :class:`FactorizedEmbedding` gathers each token's slice of every core and contracts
-the chain per token. :func:`factorized_copy` swaps them in on a deep copy.
+the chain per token. :class:`PivotedChain` writes a gauge-fixed layer as ``(x @ B) @ R``.
+:func:`factorized_copy` swaps them in on a deep copy.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
 from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.integration import MPOModel
 
-__all__ = ["FactorizedLinear", "FactorizedEmbedding", "factorized_copy", "factorized_params",
-           "plain_model"]
+__all__ = ["FactorizedLinear", "FactorizedEmbedding", "PivotedChain", "factorized_copy",
+           "factorized_params", "plain_model"]
 
 
 def _site_matrices(cores: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -105,6 +106,45 @@ class FactorizedLinear(nn.Module):
         return f"in={self.in_dim}, out={self.out_dim}, matrices=[{shapes}]"
 
 
+class PivotedChain(nn.Module):
+    """A :class:`~tnlm.bridge.pivoted.PivotedLinear` as two plain matrix products,
+    ``y = (x @ B) @ R + b``, for export.
+
+    ``B`` (I, r) holds the identity at the pivot rows and the coefficients at the others
+    (``x @ B = x[..., pivots] + x[..., rest] @ C``), ``R`` (r, J) is the layer's ``right``.
+    The graph stores ``r (I + J)`` numbers instead of the layer's ``r (I + J - r)``: the
+    two feature-axis ``Gather`` nodes of the gauge-fixed form cost ONNX Runtime more time
+    than the ``r**2`` numbers they save (measured: benchmarks/bench_onnx.py --pivoted).
+    The same function up to float rounding; parameters ``mats.0``, ``mats.1``, ``bias``.
+
+    Args:
+        layer: a :class:`~tnlm.bridge.pivoted.PivotedLinear` (read, not modified).
+    """
+
+    def __init__(self, layer: PivotedLinear) -> None:
+        super().__init__()
+        right = layer.right.detach()
+        self.in_dim, self.out_dim = int(layer.in_dim), int(layer.out_dim)
+        basis = right.new_zeros(self.in_dim, right.shape[0])
+        basis[layer.pivots] = torch.eye(right.shape[0], dtype=right.dtype,
+                                        device=right.device)
+        if layer.rest.numel():
+            basis[layer.rest] = layer.coef.detach()
+        self.mats = nn.ParameterList([nn.Parameter(basis, requires_grad=False),
+                                      nn.Parameter(right.clone(), requires_grad=False)])
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W + b`` for ``x`` of shape ``(..., in_dim)``."""
+        y = (x @ self.mats[0]) @ self.mats[1]
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_dim}, out={self.out_dim}, rank={self.mats[1].shape[0]}"
+
+
 class FactorizedEmbedding(nn.Module):
     """The rows of an :class:`~tnlm.bridge.MPOEmbedding`'s table for token ids, from the
     cores: each id's mixed-radix digits select one slice per core (``Gather``), and the
@@ -151,15 +191,16 @@ class FactorizedEmbedding(nn.Module):
 
 
 def _swap(root: nn.Module) -> int:
-    """Replace every MPO module under ``root`` in place; returns how many factorized layers
-    the copy holds (those, and the gauge-fixed PivotedLinear, exported as they are: two
-    gathers and two matmuls)."""
-    count = sum(isinstance(m, PivotedLinear) for m in root.modules())
+    """Replace every MPO module and :class:`~tnlm.bridge.pivoted.PivotedLinear` under
+    ``root`` in place; returns how many factorized layers the copy holds."""
+    count = 0
     for name, module in list(root.named_modules()):
-        if not isinstance(module, MPOModule) or not name:
+        if not isinstance(module, (MPOModule, PivotedLinear)) or not name:
             continue
-        if isinstance(module, MPOLinear):
-            new: nn.Module = FactorizedLinear(module)
+        if isinstance(module, PivotedLinear):
+            new: nn.Module = PivotedChain(module)
+        elif isinstance(module, MPOLinear):
+            new = FactorizedLinear(module)
         elif isinstance(module, MPOEmbedding):
             new = FactorizedEmbedding(module)
         else:  # pragma: no cover - every MPO kind is one of the two
@@ -180,8 +221,8 @@ def factorized_copy(model: nn.Module) -> tuple[nn.Module, int]:
     """``(copy, n)``: a deep copy of the transformers model in ``model`` (an
     :class:`~tnlm.integration.MPOModel` or a model holding MPO layers) in eval mode,
     with each of its ``n`` MPO layers replaced by :class:`FactorizedLinear` /
-    :class:`FactorizedEmbedding`. ``model`` is left as it was. A dense model is
-    copied unchanged (``n = 0``)."""
+    :class:`FactorizedEmbedding` (and each PivotedLinear by :class:`PivotedChain`).
+    ``model`` is left as it was. A dense model is copied unchanged (``n = 0``)."""
     copied = copy.deepcopy(plain_model(model)).eval()
     n = _swap(copied)
     for p in copied.parameters():
