@@ -14,8 +14,9 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     2-site layers ``x @ A @ B`` over the 36 encoder linears; not healed: latency and size
     do not depend on healing, the cosine does), exported keeping the factors;
   * with ``--pivoted`` also each budget with gauge-fixed bonds (``CompressionConfig(...,
-    pivoted=True)``: ``(x[:, pivots] + x[:, rest] @ C) @ R``, the same parameters buying
-    a larger rank; a Gather, two MatMuls and an Add in the graph);
+    pivoted=True)``: the same parameters buy a larger rank; exported as the chain
+    ``(x @ B) @ R``, ``PivotedChain``: r^2 more numbers in the graph than the layer holds,
+    see benchmarks/bench_pivoted_onnx.py for the gathered form's cost);
   * checkpoint (``--checkpoint DIR``): a compressed MiniLM that ``tnlm compress --out DIR``
     saved (healed by default), loaded with ``load_compressed``; ``--budgets`` with no
     value leaves out the fresh ones;

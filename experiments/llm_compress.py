@@ -71,19 +71,20 @@ def _atomic_json(path: Path, obj) -> None:
 
 
 def dense_reference(model, tok, cache: Path, eval_text, max_length: int) -> dict:
-    """Dense perplexity and answers, computed once and cached."""
-    ref = json.loads(cache.read_text()) if cache.is_file() else None
-    if ref is None:
+    """Dense perplexity and answers (their strings and generated token ids), computed once
+    and cached; the keyword-checked count with the current keys."""
+    ref = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "ppl" not in ref:
         t = time.perf_counter()
         ppl = perplexity(model, tok, eval_text, max_length=max_length, stride=max_length)
-        answers = greedy_answers(model, tok, simple_questions())
-        ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, answers=answers,
-                   seconds=time.perf_counter() - t)
-    if "token_agreement" not in ref:  # added to caches written before it
-        ref.update(answers_correct=sum(answers_correct(ref["answers"])),
-                   token_agreement=answer_token_agreement(model, tok, simple_questions(),
-                                                          ref["answers"]))
+        ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, seconds=time.perf_counter() - t)
+    if "answer_ids" not in ref:  # caches from before the ids keep their strings
+        answers, ids = greedy_answers(model, tok, simple_questions(), return_ids=True)
+        ref.setdefault("answers", answers)
+        ref.update(answer_ids=ids,
+                   token_agreement=answer_token_agreement(model, tok, simple_questions(), ids))
         _atomic_json(cache, ref)
+    ref["answers_correct"] = sum(answers_correct(ref["answers"]))  # the current keys
     return ref
 
 
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
                    answers_correct=sum(answers_correct(answers)),
                    dense_answers_correct=ref["answers_correct"],
                    token_agreement=answer_token_agreement(model, tok, simple_questions(),
-                                                          ref["answers"]),
+                                                          ref["answer_ids"]),
                    dense_token_agreement=ref["token_agreement"])
     _atomic_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items()

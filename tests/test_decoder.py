@@ -1030,10 +1030,42 @@ def test_chat_text_is_the_models_answers_to_chat_prompts_in_its_chat_format():
             assert answer.index(tok.eos_token_id) == len(answer) - 1
     assert texts == self_generated_text(m, tok, 5, max_new_tokens=6, batch_size=2, chat=True,
                                         seed=1)
-    plain = self_generated_text(m, tok, 2, max_new_tokens=4, seed=1)
-    assert not any(p.startswith("<|user|>") for p in plain)
     with pytest.raises(ValueError, match="chat template"):
         self_generated_text(m, make_word_tokenizer(chat_template=False), 2, chat=True)
+
+
+class _Scripted(torch.nn.Module):
+    """generate() appends fixed new tokens to every prompt (an EOS, then padding)."""
+
+    def __init__(self, new):
+        super().__init__()
+        self.new = torch.tensor(new)
+        self.generation_config = type("G", (), {"eos_token_id": 3})()
+
+    def generate(self, input_ids, attention_mask, **kw):
+        new = self.new.expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_chat_text_stops_at_the_first_end_of_sequence(pad_is_eos):
+    from tests.common import make_word_tokenizer
+    from tnlm.compress.causal import self_generated_text
+
+    tok = make_word_tokenizer()
+    if pad_is_eos:
+        tok.pad_token = None  # generation pads with the EOS token then
+    words = tok.convert_tokens_to_ids(["the", "cat", "sat"])
+    pad = tok.eos_token_id if pad_is_eos else tok.pad_token_id
+    model = _Scripted(words[:2] + [3] + [words[2]] + [pad] * 2)
+    chat = self_generated_text(model, tok, 3, batch_size=2, chat=True)
+    for text in chat:
+        assert text.endswith("<|assistant|>the cat</s>") or text.endswith(
+            "<|assistant|> the cat </s>"), text
+        assert "sat" not in text.split("<|assistant|>")[-1]
+    plain = self_generated_text(model, tok, 2, batch_size=2)
+    assert all(t.endswith("the cat sat") for t in plain)  # special tokens skipped
+    assert tok.pad_token == (None if pad_is_eos else "<pad>")  # restored
 
 
 def test_chat_prompts_are_seeded_and_keep_the_held_out_topics_apart():

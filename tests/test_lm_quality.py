@@ -277,19 +277,22 @@ def test_answer_agreement():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_token_agreement_is_one_on_the_models_own_greedy_answers(kind):
+def test_token_agreement_is_one_on_the_models_own_greedy_answer_ids(kind):
     tok = make_tokenizer()
     m = make_model(kind, seed=5)
-    answers = greedy_answers(m, tok, QUESTIONS, max_new_tokens=8)
-    # the word tokenizer re-tokenises a decoded answer to the same ids, unless the model
-    # wrote a special token (<unk>), which decoding drops: keep the 8-word answers
-    full = [i for i, a in enumerate(answers) if len(a.split()) == 8]
-    assert len(full) >= 3
-    qs, answers = [QUESTIONS[i] for i in full], [answers[i] for i in full]
-    assert answer_token_agreement(m, tok, qs, answers) == 1.0
+    answers, ids = greedy_answers(m, tok, QUESTIONS, max_new_tokens=8, return_ids=True)
+    assert answers == greedy_answers(m, tok, QUESTIONS, max_new_tokens=8)
+    for a, i in zip(answers, ids):
+        assert 1 <= len(i) <= 8 and tok.decode(i, skip_special_tokens=True).strip() == a
+        assert 3 not in i[:-1]  # nothing after an EOS
+    assert answer_token_agreement(m, tok, QUESTIONS, ids) == 1.0
     other = make_model(kind, seed=6)
-    agreement = answer_token_agreement(other, tok, qs, answers)
-    assert 0.0 <= agreement < 1.0  # another model's argmax differs somewhere
+    assert 0.0 <= answer_token_agreement(other, tok, QUESTIONS, ids) < 1.0
+    # decoded strings tokenised again: the same where no special token was written
+    full = [k for k, a in enumerate(answers) if len(a.split()) == len(ids[k])]
+    assert full
+    assert answer_token_agreement(m, tok, [QUESTIONS[k] for k in full],
+                                  [answers[k] for k in full]) == 1.0
 
 
 def test_token_agreement_counts_positions_by_hand(tok):
@@ -322,6 +325,11 @@ def test_answers_correct_is_a_keyword_check():
         False, False, False, False]
     assert answers_correct(["x", "seven", "x", "the letter A"], keys) == [
         False, True, False, True]
+    # hyphens join words; any whitespace inside a key; a lone capital is case-sensitive
+    assert answers_correct(["paris-based", "a seven-day week", "carbon\n  dioxide", "letter a"],
+                           keys) == [False, False, True, False]
+    assert answers_correct(["It is A.", "it is a letter"], [("is A",), ("is A",)]) == [
+        True, False]
     with pytest.raises(ValueError, match="one entry per question"):
         answers_correct(answers[:2], keys)
     with pytest.raises(ValueError, match=r"keys\[0\]"):
@@ -340,6 +348,7 @@ def test_simple_questions():
     assert keys[qs.index("What is the capital of France?")] == ("Paris",)
     right = ["The capital of France is Paris."] + ["no"] * 49
     assert answers_correct(right) == [True] + [False] * 49
+    assert not any(answers_correct(qs))  # repeating a question is never right
 
 
 def write(path: Path, text: str) -> None:

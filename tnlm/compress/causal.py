@@ -129,18 +129,29 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
                                  max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
             prompt_len = batch["input_ids"].shape[1]
-            for s, row in zip(starts[i:i + batch_size], ids):
+            for k, (s, row) in enumerate(zip(starts[i:i + batch_size], ids)):
                 new = row[prompt_len:].tolist()
                 if chat:  # up to and including the first end of sequence
-                    end = next((k for k, t in enumerate(new) if t in eos), None)
+                    end = next((j for j, t in enumerate(new) if t in eos), None)
                     new = new if end is None else new[:end + 1]
-                    out.append(s + tokenizer.decode(new, skip_special_tokens=False))
-                else:
-                    out.append(s + tokenizer.decode(new, skip_special_tokens=True))
+                prompt = batch["input_ids"][k][batch["attention_mask"][k].bool()].tolist()
+                out.append(s + _continuation(tokenizer, prompt, new, skip=not chat))
     finally:
         tokenizer.padding_side = side
         tokenizer.pad_token = pad
         model.train(was)
+
+
+def _continuation(tokenizer: Any, prompt: list[int], new: list[int], skip: bool) -> str:
+    """The text of ``new`` after ``prompt``: decoded together with the prompt and cut after
+    it, so that a tokenizer that marks a word's leading space on the token (SentencePiece)
+    keeps the space between the prompt and the first new token; decoded alone when the
+    prompt's text is not a prefix of the whole."""
+    whole = tokenizer.decode(prompt + new, skip_special_tokens=skip)
+    head = tokenizer.decode(prompt, skip_special_tokens=skip)
+    if whole.startswith(head):
+        return whole[len(head):]
+    return tokenizer.decode(new, skip_special_tokens=skip)
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,

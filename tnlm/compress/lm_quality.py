@@ -34,8 +34,9 @@ from torch import nn
 
 from tnlm.compress.quality import read_sick
 
-__all__ = ["PerplexityResult", "answer_agreement", "greedy_answers", "natural_eval_text",
-           "perplexity", "simple_questions", "window_spans"]
+__all__ = ["PerplexityResult", "answer_agreement", "answer_token_agreement", "answers_correct",
+           "greedy_answers", "natural_eval_text", "perplexity", "question_keys",
+           "simple_questions", "window_spans"]
 
 #: the labelled data folder, relative to the working directory
 DEFAULT_SHARED_DIR = Path("../shared/data")
@@ -224,7 +225,8 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 
 def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *,
-                   max_new_tokens: int = 32, batch_size: int = 8) -> list[str]:
+                   max_new_tokens: int = 32, batch_size: int = 8,
+                   return_ids: bool = False) -> list[str] | tuple[list[str], list[list[int]]]:
     """Greedy answers of a causal LM to questions, one string per question.
 
     Each question becomes a prompt through the tokenizer's chat template
@@ -236,7 +238,8 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
     max_new_tokens=...)``, stopping at the model's or the tokenizer's EOS. Each answer is
     the decoding of the new tokens with special tokens skipped, stripped of surrounding
     whitespace. The tokenizer is not modified. Runs in eval mode; the training flag is
-    restored.
+    restored. With ``return_ids`` also the generated token ids of each answer, up to and
+    including the first EOS (the targets :func:`answer_token_agreement` scores exactly).
 
     With left padding and the mask, a batched answer equals the one-by-one answer up to
     float rounding in the attention over different shapes (exactly equal on a trained
@@ -260,6 +263,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
     eos = _eos_ids(model, tokenizer)
     device = _device(model)
     answers: list[str] = [""] * len(prompts)
+    answer_ids: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
@@ -280,9 +284,11 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+                    end = next((k for k, t in enumerate(new) if t in eos), None)
+                    answer_ids[i] = new if end is None else new[:end + 1]
     finally:
         model.train(was_training)
-    return answers
+    return (answers, answer_ids) if return_ids else answers
 
 
 def _normalize(answer: str) -> str:
@@ -336,10 +342,13 @@ def answers_correct(answers: Sequence[str],
     """Whether each answer contains one of its accepted words or phrases: a keyword check.
 
     A key matches case-insensitively where it is not part of a longer word (no letter,
-    digit or underscore directly before or after it). A keyword check, not a judge: a
-    right word inside a wrong sentence counts ("... called Kepler-41B, similar to
-    Earth"), a right answer in other words does not. It tells whether compression kept
-    what the dense model knew; compare the counts of the dense and the compressed model.
+    digit, underscore or hyphen directly before or after it: "seven" is not in
+    "seven-day"); a space in a key matches any run of whitespace. A key holding a lone
+    capital letter as a word (``is A``) is matched case-sensitively ("is a" is not
+    "is A"). A keyword check, not a judge: a right word inside a wrong sentence counts
+    ("... called Kepler-41B, similar to Earth"), a right answer in other words does not.
+    It tells whether compression kept what the dense model knew; compare the counts of
+    the dense and the compressed model.
 
     Args:
         answers: one answer per question (:func:`greedy_answers`).
@@ -358,24 +367,33 @@ def answers_correct(answers: Sequence[str],
         if isinstance(accepted, str) or not accepted:
             raise ValueError(f"keys[{i}] must be a non-empty sequence of strings, "
                              f"got {accepted!r}")
-        pattern = "|".join(rf"(?<!\w){re.escape(k)}(?!\w)" for k in accepted)
-        out.append(re.search(pattern, answer, flags=re.IGNORECASE) is not None)
+        found = False
+        for k in accepted:
+            pattern = (r"(?<![\w-])" + r"\s+".join(re.escape(w) for w in k.split())
+                       + r"(?![\w-])")
+            exact = any(len(w) == 1 and w.isupper() for w in k.split())
+            found = found or re.search(pattern, answer,
+                                       flags=0 if exact else re.IGNORECASE) is not None
+        out.append(found)
     return out
 
 
 def answer_token_agreement(model: nn.Module, tokenizer: Any, questions: Sequence[str],
-                           answers: Sequence[str]) -> float:
+                           answers: Sequence[str] | Sequence[Sequence[int]]) -> float:
     """Teacher-forced top-1 agreement of a causal LM with reference answers.
 
     Each question becomes its prompt as in :func:`greedy_answers`; the reference answer's
-    tokens (``tokenizer(answer, add_special_tokens=False)``) follow it, and at every
-    answer position the model's argmax next token is compared with the reference token.
+    tokens follow it (token ids as given, e.g. ``greedy_answers(..., return_ids=True)``'s,
+    EOS included; or a string, tokenised by ``tokenizer(answer, add_special_tokens=False)``),
+    and at every answer position the model's argmax next token is compared with the
+    reference token.
     Returns matching positions / all answer positions, pooled over the questions. With
     the dense model's greedy answers as references this is the per-token agreement that
     identical answers need at every one of their tokens (identical 32-token answers need
     about ``agreement ** 32``), so it moves where :func:`answer_agreement` stays at 0.
-    The dense model scores 1.0 on its own answers up to re-tokenisation (a decoded answer
-    tokenised again can split differently) and ties; measure it in the same run.
+    The dense model scores 1.0 on its own answer ids up to ties in float rounding (on
+    decoded answers tokenised again, up to re-tokenisation: special tokens dropped,
+    whitespace stripped, other splits); measure it in the same run.
 
     Raises:
         ValueError: ``questions`` and ``answers`` differ in length, or no answer has a token.
@@ -391,8 +409,9 @@ def answer_token_agreement(model: nn.Module, tokenizer: Any, questions: Sequence
         with torch.no_grad():
             for question, answer in zip(questions, answers):
                 prompt = _prompt_ids(tokenizer, question)
-                target = [int(i) for i in
-                          tokenizer(answer, add_special_tokens=False)["input_ids"]]
+                if isinstance(answer, str):
+                    answer = tokenizer(answer, add_special_tokens=False)["input_ids"]
+                target = [int(i) for i in answer]
                 if not target or not prompt:
                     continue
                 ids = torch.tensor([prompt + target], device=device)
