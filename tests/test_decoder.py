@@ -266,7 +266,7 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "llama" and summary["method"] == "tnlm"
-    assert summary["heal_optimizer"] == "adamw"
+    assert summary["heal_optimizer"] == "adafactor"  # the causal job's default
     assert 0.4 < summary["ratio"] <= 0.5
     assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
     assert summary["ratio"] == pytest.approx(summary["params_after"] / summary["params_before"])
@@ -355,7 +355,7 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
     from tnlm.cli import build_parser, main
     from tnlm.compress import llm
 
-    assert build_parser().parse_args(["compress"]).heal_optimizer == "adamw"
+    assert build_parser().parse_args(["compress"]).heal_optimizer is None  # the job's
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--heal-optimizer", "sgd"])
     assert main(["compress", "--heal-optimizer", "adafactor"]) == 2  # the embedded encoder
@@ -374,9 +374,22 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
                  "128", "--text", str(text), "--out", "", "--quiet"]) == 2
     assert "stopped before compression" in capsys.readouterr().err
     assert [(h.optimizer, h.chunk) for h in seen] == [("adafactor", 128)]
-    assert main(["compress", str(folder), "--heal-chunk", "0", "--text", str(text),
+    # the job's defaults (Adafactor, chunks of 128), AdamW on request, 0: no chunks
+    for flags, want in (([], ("adafactor", 128)), (["--heal-optimizer", "adamw"],
+                                                   ("adamw", 128)),
+                        (["--heal-chunk", "0"], ("adafactor", None))):
+        seen.clear()
+        assert main(["compress", str(folder), *flags, "--text", str(text), "--out", "",
+                     "--quiet"]) == 2
+        capsys.readouterr()
+        assert [(h.optimizer, h.chunk) for h in seen] == [want], flags
+    from tnlm.compress.llm import JOB_HEAL, CausalLMRecipe
+
+    assert (CausalLMRecipe().heal.optimizer, CausalLMRecipe().heal.chunk) == (
+        JOB_HEAL["optimizer"], JOB_HEAL["chunk"])
+    assert main(["compress", str(folder), "--heal-chunk", "-1", "--text", str(text),
                  "--out", "", "--quiet"]) == 2
-    assert "--heal-chunk / --heal-optimizer: chunk must be None or an int >= 1, got 0" in \
+    assert "--heal-chunk / --heal-optimizer: chunk must be None or an int >= 1, got -1" in \
         capsys.readouterr().err
 
 

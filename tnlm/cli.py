@@ -206,7 +206,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         "encoder's compression as one process")
     if args.method is not None:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
-    if args.heal_optimizer != "adamw":
+    if args.heal_optimizer is not None:
         raise UserError("--heal-optimizer applies to causal LMs; an encoder heals with AdamW")
     if args.heal_chunk is not None:
         raise UserError("--heal-chunk applies to causal LMs")
@@ -440,9 +440,11 @@ def _compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
+    job = recipe.heal  # the job's defaults
+    chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
     try:
         heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
-                                optimizer=args.heal_optimizer, chunk=args.heal_chunk)
+                                optimizer=args.heal_optimizer or job.optimizer, chunk=chunk)
     except ValueError as err:
         raise UserError(f"--heal-chunk / --heal-optimizer: {err}") from None
     if size > 1 and heal_steps and heal.batch_size < size:
@@ -754,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
     from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
-    from tnlm.compress.llm import TEXT_SOURCES, CausalLMRecipe
+    from tnlm.compress.llm import JOB_HEAL, TEXT_SOURCES, CausalLMRecipe
     from tnlm.compress.pipeline import ALLOCATIONS
 
     enc = EncoderRecipe  # the encoder job's defaults (class attributes of the dataclass)
@@ -792,15 +794,15 @@ def build_parser() -> argparse.ArgumentParser:
                    default=enc.teacher_bf16,
                    help="run the teacher in bfloat16 during healing (default: when the CPU "
                         "has bf16 instructions; pooled outputs within 1e-4 cosine)")
-    p.add_argument("--heal-optimizer", choices=OPTIMIZERS, default=CausalHealConfig.optimizer,
+    p.add_argument("--heal-optimizer", choices=OPTIMIZERS, default=None,
                    help="causal LMs: healing's optimizer; adafactor keeps factored second "
                         "moments instead of AdamW's two moment buffers (twice the trained "
-                        "parameters' bytes), at the same --lr")
+                        "parameters' bytes), at the same --lr (default: "
+                        f"{JOB_HEAL['optimizer']})")
     p.add_argument("--heal-chunk", type=int, default=None, metavar="POSITIONS",
                    help="causal LMs: compute healing's next-token KL over chunks of this "
-                        "many positions, recomputed in the backward pass (less memory, "
-                        "more time; with --heal-optimizer adafactor, 128 kept SmolLM2's "
-                        "healing peak at 2.8x the loaded model)")
+                        "many positions, recomputed in the backward pass (less memory); 0: "
+                        f"the whole sequence at once (default: {JOB_HEAL['chunk']})")
     p.add_argument("--lm-text", choices=TEXT_SOURCES, default=None,
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
