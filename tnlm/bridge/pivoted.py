@@ -173,13 +173,21 @@ class PivotedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
+    def basis(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """B (in, r): the identity at the pivot rows and ``coef`` at the others, so that
+        ``x @ B = x[..., pivots] + x[..., rest] @ coef`` and ``W = B @ right`` (a new
+        tensor, in ``dtype``, default ``coef``'s)."""
+        dtype = self.coef.dtype if dtype is None else dtype
+        B = self.coef.new_zeros(self.in_dim, self.rank, dtype=dtype)
+        B[self.pivots] = torch.eye(self.rank, dtype=dtype, device=B.device)
+        B[self.rest] = self.coef.to(dtype)
+        return B
+
+    @torch.no_grad()
     def singular_values(self) -> torch.Tensor:
         """W's r singular values (float64, descending), from an (I, r) QR and an r x J SVD
         (W itself is not formed)."""
-        basis = self.coef.new_zeros(self.in_dim, self.rank, dtype=torch.float64)
-        basis[self.pivots] = torch.eye(self.rank, dtype=torch.float64, device=basis.device)
-        basis[self.rest] = self.coef.double()
-        _, R = torch.linalg.qr(basis)
+        _, R = torch.linalg.qr(self.basis(torch.float64))
         return torch.linalg.svdvals(R @ self.right.double())
 
     def dense_matrix(self) -> torch.Tensor:

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
+from tnlm.compress.lm_quality import eos_ids, until_eos
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
@@ -112,10 +113,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
               max_new_tokens, side, pad, was, progress, chat=False) -> None:
     n = len(starts)
-    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= {int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-            if e is not None}
+    eos = eos_ids(model, tokenizer)
     try:
         for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
                       leave=False):
@@ -132,8 +130,7 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
             for k, (s, row) in enumerate(zip(starts[i:i + batch_size], ids)):
                 new = row[prompt_len:].tolist()
                 if chat:  # up to and including the first end of sequence
-                    end = next((j for j, t in enumerate(new) if t in eos), None)
-                    new = new if end is None else new[:end + 1]
+                    new = until_eos(new, eos)
                 prompt = batch["input_ids"][k][batch["attention_mask"][k].bool()].tolist()
                 out.append(s + _continuation(tokenizer, prompt, new, skip=not chat))
     finally:

@@ -35,8 +35,8 @@ from torch import nn
 from tnlm.compress.quality import read_sick
 
 __all__ = ["PerplexityResult", "answer_agreement", "answer_token_agreement", "answers_correct",
-           "greedy_answers", "natural_eval_text", "perplexity", "question_keys",
-           "simple_questions", "window_spans"]
+           "eos_ids", "greedy_answers", "natural_eval_text", "perplexity", "question_keys",
+           "simple_questions", "until_eos", "window_spans"]
 
 #: the labelled data folder, relative to the working directory
 DEFAULT_SHARED_DIR = Path("../shared/data")
@@ -214,7 +214,9 @@ def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The end-of-sequence token ids a generation stops at: the model's generation config's
+    (one or several) and then the tokenizer's, each once."""
     out: list[int] = []
     gen = getattr(model, "generation_config", None)
     for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
@@ -222,6 +224,13 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
             if v is not None and int(v) not in out:
                 out.append(int(v))
     return out
+
+
+def until_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
+    """``ids`` up to and including the first of ``eos``; all of them when none occurs."""
+    ids = list(ids)
+    end = next((k for k, t in enumerate(ids) if t in eos), None)
+    return ids if end is None else ids[:end + 1]
 
 
 def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *,
@@ -260,7 +269,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
         raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
     prompts = [_prompt_ids(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     device = _device(model)
     answers: list[str] = [""] * len(prompts)
     answer_ids: list[list[int]] = [[] for _ in prompts]
@@ -284,8 +293,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-                    end = next((k for k, t in enumerate(new) if t in eos), None)
-                    answer_ids[i] = new if end is None else new[:end + 1]
+                    answer_ids[i] = until_eos(new, eos)
     finally:
         model.train(was_training)
     return (answers, answer_ids) if return_ids else answers

@@ -126,11 +126,7 @@ class PivotedChain(nn.Module):
         super().__init__()
         right = layer.right.detach()
         self.in_dim, self.out_dim = int(layer.in_dim), int(layer.out_dim)
-        basis = right.new_zeros(self.in_dim, right.shape[0])
-        basis[layer.pivots] = torch.eye(right.shape[0], dtype=right.dtype,
-                                        device=right.device)
-        if layer.rest.numel():
-            basis[layer.rest] = layer.coef.detach()
+        basis = layer.basis(right.dtype)
         self.mats = nn.ParameterList([nn.Parameter(basis, requires_grad=False),
                                       nn.Parameter(right.clone(), requires_grad=False)])
         bias = layer.bias
