@@ -18,7 +18,12 @@ peak RSS per stage against its RSS right after loading. Variants:
 * ``chunked+bf16``: the same with the teacher stored in bfloat16 (``teacher_bf16``)
 * ``blocks+adafactor``: ``blocks`` with Adafactor (``CausalHealConfig.optimizer``):
   factored second moments, no first moment, instead of AdamW's two moment buffers
-* ``blocks+chunk128+adafactor``: ``blocks+chunk128`` with Adafactor
+* ``blocks+chunk128+adafactor``: ``blocks+chunk128`` with Adafactor (the job's default)
+* ``blocks+chunk128+adafactor+copy``: the same with the teacher a full copy of the model,
+  as before :func:`tnlm.compress.llm.teacher_copy` shared the embeddings, final norm and
+  head with the student
+
+Every variant but ``+copy`` shares those with the student.
 
 Measured (docs/results.md): the chunked KL lowers the healing peak by 2 % and costs 35 %
 more time a step; a bfloat16 teacher 8 % and 2.7x the time on a CPU without fast bfloat16
@@ -46,7 +51,10 @@ VARIANTS = {"full": dict(chunk=None, foreach=None, bf16=False, blocks=False),
             "blocks+adafactor": dict(chunk=None, foreach=None, bf16=False, blocks=True,
                                      optimizer="adafactor"),
             "blocks+chunk128+adafactor": dict(chunk=128, foreach=False, bf16=False,
-                                              blocks=True, optimizer="adafactor")}
+                                              blocks=True, optimizer="adafactor"),
+            "blocks+chunk128+adafactor+copy": dict(chunk=128, foreach=False, bf16=False,
+                                                   blocks=True, optimizer="adafactor",
+                                                   full_copy=True)}
 
 
 def child(variant: str, steps: int) -> dict:
@@ -64,6 +72,11 @@ def child(variant: str, steps: int) -> dict:
         real = getattr(torch.optim, name)
         setattr(causal.torch.optim, name,
                 lambda *a, **k: real(*a, **dict(k, foreach=v["foreach"])))
+    if v.get("full_copy"):
+        import copy
+
+        from tnlm.compress import llm
+        llm.teacher_copy = lambda m: copy.deepcopy(m).eval()
     model, tok = load_pretrained(default_llm_path())
     rss = [int(x.split()[1]) / 1024 for x in Path("/proc/self/status").read_text()
            .splitlines() if x.startswith("VmRSS:")][0]

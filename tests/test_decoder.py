@@ -1123,3 +1123,60 @@ def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
     assert main(["compress", str(folder), "--lm-text", "chat", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--lm-text chat" in err and "no chat" in err and "template" in err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_teacher_copy_shares_what_is_outside_the_blocks_and_copies_the_blocks(arch):
+    from tnlm.compress.llm import teacher_copy
+
+    model = MAKERS[arch]()
+    teacher = teacher_copy(model)
+    inside = {id(p) for p in blocks_of(model).parameters()}
+    outside = [(n, p) for n, p in model.named_parameters() if id(p) not in inside]
+    assert outside  # embeddings at least
+    shared = dict(teacher.named_parameters())
+    for name, p in outside:
+        assert shared[name] is p, name
+    for (name, p), (_, q) in zip(blocks_of(model).named_parameters(),
+                                 blocks_of(teacher).named_parameters()):
+        assert q is not p and q.data_ptr() != p.data_ptr() and torch.equal(p, q), name
+    ids = _seqs(2, 12)
+    with torch.no_grad():
+        assert torch.equal(teacher(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_jobs_teacher_stays_dense_while_the_model_is_compressed(monkeypatch):
+    """The teacher shares the embeddings and head with the student: at healing the
+    teacher's logits are still the dense model's, and the shared tensors come out
+    unchanged."""
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+
+    model = _llama()
+    dense = copy.deepcopy(model)
+    ids = _seqs(2, 12)
+    seen = {}
+
+    def heal(student, teacher, sequences, config, progress=True):
+        with torch.no_grad():
+            seen["teacher"] = teacher(input_ids=ids).logits
+            seen["student"] = student(input_ids=ids).logits
+        return real(student, teacher, sequences, config, progress=progress)
+
+    real = llm.heal_causal
+    monkeypatch.setattr(llm, "heal_causal", heal)
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return {"input_ids": torch.tensor([[int(w[1:]) % V for w in text.split()]])}
+
+    recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=8, fit_steps=2,
+                            heal=CausalHealConfig(steps=4, lr=3e-3))
+    compress_causal_lm(model, Tok(), recipe, text=words, progress=False)
+    with torch.no_grad():
+        want = dense(input_ids=ids).logits
+    assert torch.allclose(seen["teacher"], want, atol=1e-6)
+    assert not torch.allclose(seen["student"], want, atol=1e-3)  # compressed by then
+    assert torch.equal(model.get_input_embeddings().weight, dense.get_input_embeddings().weight)
+    assert torch.equal(model.model.norm.weight, dense.model.norm.weight)

@@ -11,9 +11,9 @@ Python users and the experiments call (its defaults live in :class:`CausalLMReci
                 ``n_calibration`` sequences (tnlm.compress.layerwise)
     healing   = next-token KL to the dense model on all sequences (tnlm.compress.causal)
 
-The dense teacher is a copy of the model made before compression (the only second copy,
-in bfloat16 with ``heal.teacher_bf16``: peak memory is about twice the model plus one
-batch of activations and logits).
+The dense teacher is a copy of the model's blocks made before compression, sharing the
+rest (embeddings, final norm, LM head) with the model (:func:`teacher_copy`; a full copy
+in bfloat16 with ``heal.teacher_bf16``).
 
 Under ``torch.distributed`` (every rank calls this with the same model and recipe) rank 0
 writes the job's own text (:func:`recipe_text`) and sends it to the others; compression shares the
@@ -69,11 +69,11 @@ from tnlm.compress.layerwise import (
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.text import lm_sentences
 from tnlm.core.pivot import pivoted_params
-from tnlm.integration.architectures import architecture_of
+from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
-           "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
+           "teacher_copy", "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
@@ -340,6 +340,25 @@ def remove_checkpoint(directory: str | os.PathLike) -> None:
     _remove_layerwise(d)
 
 
+def teacher_copy(model: nn.Module) -> nn.Module:
+    """The dense teacher healing distils from: a copy of ``model`` (in eval mode) whose
+    blocks are its own and whose other parameters and buffers (embeddings, final norm, LM
+    head) are ``model``'s own tensors, not copies.
+
+    Exact for the job: compression replaces targets inside the blocks only
+    (``compress_layerwise``) and healing trains only what is in the blocks
+    (:func:`~tnlm.compress.causal.heal_causal`), so those shared tensors hold the dense
+    values throughout. The teacher adds the blocks' bytes only: SmolLM2-135M's tied
+    embedding (28.3M of its 134.5M parameters, 113 MB) is held once instead of twice.
+    Not for a teacher that is cast afterwards (``.to(dtype)`` would cast the shared
+    tensors of ``model`` too): the bfloat16 teacher is a full copy.
+    """
+    inside = {id(t) for block in blocks_of(model)
+              for t in (*block.parameters(), *block.buffers())}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in inside}
+    return copy.deepcopy(model, memo).eval()
+
+
 def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe | None = None,
                        *, text: Sequence[str] | None = None, progress: bool = True,
                        log: Callable[[str], None] | None = None,
@@ -414,9 +433,10 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens")
     teacher = None
     if recipe.heal.steps:
-        teacher = copy.deepcopy(model).eval()
         if recipe.heal.teacher_bf16:  # stored in bfloat16: half the memory, no casts a step
-            teacher.to(torch.bfloat16)
+            teacher = copy.deepcopy(model).eval().to(torch.bfloat16)
+        else:
+            teacher = teacher_copy(model)
     t1 = time.perf_counter()
     reset_peak_rss()
     lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
