@@ -2,7 +2,7 @@
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repeats 7]
             [--budgets 0.5 0.25] [--calibration 512] [--sentences 300]
-            [--embedding-block 64] [--per-channel] [--pivoted]
+            [--embedding-block 64] [--per-channel] [--pivoted] [--opsets 18 20]
             [--plot docs/figures/onnx_latency.png] [--workdir DIR]
             [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
             [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
@@ -20,6 +20,10 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
   * checkpoint (``--checkpoint DIR``): a compressed MiniLM that ``tnlm compress --out DIR``
     saved (healed by default), loaded with ``load_compressed``; ``--budgets`` with no
     value leaves out the fresh ones;
+  * with ``--opsets A B ...``: each graph is exported at opset A (and quantized as below)
+    and, in float32 only, at every further opset (named "... opset B"): opset 20 has
+    ``Gelu`` as one operator, which ONNX Runtime fuses with the bias before it
+    (``BiasGelu``); at 18 the exporter writes GELU as Div, Erf, Add, Mul, Mul;
   * each of them with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
     of every MatMul weight and Gather table; ``--per-channel``: one scale per column),
     and with int8 weights and a 4-bit word-embedding table (``quantize_int8(...,
@@ -104,6 +108,9 @@ def main() -> None:
                     help="also compress each budget with gauge-fixed bonds (PivotedLinear)")
     ap.add_argument("--per-channel", action="store_true",
                     help="int8 weights with one scale per output column")
+    ap.add_argument("--opsets", type=int, nargs="+", default=None,
+                    help="export every model at each of these ONNX opsets (default: "
+                         "export_onnx's); int8 variants at the first only")
     ap.add_argument("--plot", default=None, help="write the latency figure here")
     ap.add_argument("--workdir", default=None, help="keep the .onnx files here")
     ap.add_argument("--checkpoint", default=None,
@@ -147,11 +154,17 @@ def main() -> None:
         print(f"loaded {args.checkpoint} as 'checkpoint'")
 
     files: dict[str, Path] = {}
+    opsets = args.opsets or [None]
     for name, model in models.items():
         stem = (name if name in ("dense", "checkpoint") else f"mpo{name.split()[0]}"
                 + ("p" if name.endswith("pivoted") else ""))
+        for opset in opsets[1:]:  # the same model at another opset: float32 only
+            kw = {"opset": opset}
+            res = export_onnx(model, tok, work / f"{stem}.op{opset}.onnx", pooling="mean", **kw)
+            files[f"{name} opset {res.opset}"] = res.path
         t = time.perf_counter()
-        res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean")
+        kw = {} if opsets[0] is None else {"opset": opsets[0]}
+        res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean", **kw)
         files[name] = res.path
         files[name + INT8] = work / f"{stem}.int8.onnx"
         quantize_int8(res.path, files[name + INT8], per_channel=args.per_channel)
