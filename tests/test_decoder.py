@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 
@@ -154,7 +155,7 @@ def test_layerwise_budget_one_changes_nothing_and_failure_restores():
     assert r.ratio == 1.0 and all(v is None for v in r.ranks.values())
     with torch.no_grad():
         assert torch.equal(model(seqs).logits, ref)
-    with pytest.raises(ValueError, match="match no nn.Linear"):
+    with pytest.raises(ValueError, match="pattern .no_such_proj. matches no nn.Linear"):
         compress_layerwise(model, seqs, LayerwiseConfig(["no_such_proj"]), progress=False)
     with pytest.raises(ValueError, match="sequences must be"):
         compress_layerwise(model, torch.zeros(3, 4), LayerwiseConfig(["q_proj"]),
@@ -1180,3 +1181,64 @@ def test_the_jobs_teacher_stays_dense_while_the_model_is_compressed(monkeypatch)
     assert not torch.allclose(seen["student"], want, atol=1e-3)  # compressed by then
     assert torch.equal(model.get_input_embeddings().weight, dense.get_input_embeddings().weight)
     assert torch.equal(model.model.norm.weight, dense.model.norm.weight)
+
+
+@pytest.mark.parametrize("targets, names", [
+    (["q_proj", "model.layers.1.mlp.down_proj"], {0: ["self_attn.q_proj"],
+                                                  1: ["self_attn.q_proj", "mlp.down_proj"],
+                                                  2: ["self_attn.q_proj"]}),
+    (["layers.0.mlp.up_proj"], {0: ["mlp.up_proj"], 1: [], 2: []}),
+    (r"model\.layers\.2\.self_attn\.(q|k)_proj", {0: [], 1: [],
+                                                  2: ["self_attn.q_proj", "self_attn.k_proj"]}),
+    (r"self_attn\.v_proj", {0: ["self_attn.v_proj"], 1: ["self_attn.v_proj"],
+                            2: ["self_attn.v_proj"]}),
+])
+def test_layerwise_targets_match_full_names_and_names_in_the_block(targets, names):
+    from tnlm.compress.layerwise import _targets_per_block
+
+    model = _llama()
+    got = _targets_per_block(model, blocks_of(model), LayerwiseConfig(targets, budget=0.5))
+    assert {i: sorted(n) for i, n in enumerate(got)} == {i: sorted(n) for i, n in names.items()}
+
+
+@pytest.mark.parametrize("targets, words", [
+    (["q_proj", "lm_head"], ["'lm_head'", "outside the blocks", "lm_head"]),
+    (["q_proj", "q_porj"], ["'q_porj'", "q_proj"]),
+    (r"nothing_here", ["'nothing_here'"]),
+])
+def test_layerwise_refuses_a_target_pattern_that_matches_no_linear_in_the_blocks(targets, words):
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        compress_layerwise(model, _seqs(4, 12), LayerwiseConfig(targets, budget=0.5),
+                           progress=False)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp_path):
+    from tnlm.export import load_compressed, save_self_contained
+    from tnlm.export.cli import ExportError, add_export_parser, cmd_export
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    model = _llama()
+    model.generation_config.eos_token_id = [3, 5]
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.7
+    mpo = get_mpo_model(model, MPOConfig(target_modules=["q_proj"]), progress=False)
+    with pytest.raises(ValueError, match="sentence_transformers=True: LlamaForCausalLM"):
+        save_self_contained(mpo, None, tmp_path / "st", sentence_transformers=True)
+    out = save_self_contained(mpo, None, tmp_path / "out")
+    assert (out / "generation_config.json").is_file() and not (out / "modules.json").exists()
+    readme = (out / "README.md").read_text()
+    assert "sentence_transformer" not in readme and "generate" in readme
+    back = load_compressed(out)
+    g = back.base_model.generation_config
+    assert g.eos_token_id == [3, 5] and g.do_sample is True and g.temperature == 0.7
+    prompt = torch.tensor([[2, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(back(prompt).logits, mpo(prompt).logits)
+    ap = argparse.ArgumentParser(prog="tnlm")
+    add_export_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["export", str(out), "--format", "st", "--out", str(tmp_path / "s")])
+    with pytest.raises(ExportError, match=r"^--format st .* causal LM \(LlamaForCausalLM\)"):
+        cmd_export(args)

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -653,15 +654,47 @@ def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, 
 
 def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
                        config: LayerwiseConfig) -> list[list[str]]:
-    """Per block, the names (in the block) of its linears ``config.target_modules`` match;
-    ``ValueError`` if they match none in any block."""
+    """Per block, the names (in the block) of its linears ``config.target_modules`` match.
+
+    A pattern matches a linear by its name in the model (``model.layers.3.mlp.down_proj``:
+    suffix patterns as :class:`~tnlm.integration.config.MPOConfig` matches them, so
+    ``down_proj``, ``mlp.down_proj`` and ``layers.3.mlp.down_proj`` all match it) or, for
+    a regular expression, also by its name in the block (``mlp.down_proj``).
+
+    Raises:
+        ValueError: a pattern of a list that matches no linear in the blocks (naming it,
+            and the modules outside the blocks it matches: the layer-by-layer path
+            compresses inside the blocks only), or a regular expression that matches none.
+    """
     cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
-    per_block = [[n for n, m in b.named_modules() if n and kind_of(m) in MATRIX_KINDS
-                  and cfg.is_target(n)] for b in blocks]
-    if not any(per_block):
-        raise ValueError(f"target_modules {config.target_modules!r} match no "
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    linears = [(i, n, f"{prefix}.{i}.{n}" if prefix else f"{i}.{n}")
+               for i, b in enumerate(blocks) for n, m in b.named_modules()
+               if n and kind_of(m) in MATRIX_KINDS]
+    regex = isinstance(config.target_modules, str)
+
+    def hit(pattern_or_regex: Any, inner: str, full: str) -> bool:
+        if regex:
+            return cfg.is_target(full) or cfg.is_target(inner)
+        return cfg.pattern_matches(pattern_or_regex, full)
+
+    patterns = [config.target_modules] if regex else list(config.target_modules)
+    for p in patterns:
+        if any(hit(p, inner, full) for _, inner, full in linears):
+            continue
+        in_blocks = {f for _, _, f in linears}
+        outside = [n for n, m in model.named_modules() if n and n not in in_blocks
+                   and (re.fullmatch(p, n) if regex else cfg.pattern_matches(p, n))]
+        where = (f"; it matches {outside[:3]}, outside the blocks ({prefix}): the layer-by-layer "
+                 "path compresses inside the blocks only") if outside else ""
+        leaves = sorted({inner.rsplit(".", 1)[-1] for _, inner, _ in linears})
+        raise ValueError(f"target_modules pattern {p!r} matches no "
                          f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
-                         f"{type(model).__name__}")
+                         f"{type(model).__name__}{where} (the blocks' linears: {leaves})")
+    per_block: list[list[str]] = [[] for _ in blocks]
+    for i, inner, full in linears:
+        if any(hit(p, inner, full) for p in patterns):
+            per_block[i].append(inner)
     return per_block
 
 

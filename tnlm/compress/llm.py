@@ -101,12 +101,16 @@ class CausalLMRecipe:
         budget: fraction of the targeted linears' parameters kept.
         method: :data:`tnlm.compress.layerwise.METHODS` (``"whitened"`` and ``"plain"`` are
             the baselines).
-        target_modules: patterns; default: the architecture's (``architectures.py``).
+        target_modules: patterns, each matching some linear in the blocks by its name in
+            the model or in its block (else ``ValueError``); default: the architecture's
+            (``architectures.py``).
         text_source: the text when none is given, one of :data:`TEXT_SOURCES`:
             ``"self"``, the dense model's own ``n_texts`` samples; ``"prose"``, the
             sentences that ship with tnlm (:func:`tnlm.compress.text.lm_sentences`, about
             128k tokens of everyday prose, shuffled with ``seed``; nothing is sampled);
-            ``"both"``, the prose then the samples; ``"chat"``, ``n_texts`` conversations:
+            ``"both"``, the prose then the samples (so the first ``n_calibration``
+            sequences, the calibration, are prose, and the samples only heal);
+            ``"chat"``, ``n_texts`` conversations:
             a prompt of :func:`tnlm.compress.prompts.chat_prompts` in the tokenizer's chat
             template and the dense model's sampled answer (needs a chat template;
             :func:`recipe_text`).
@@ -343,7 +347,8 @@ def remove_checkpoint(directory: str | os.PathLike) -> None:
 def teacher_copy(model: nn.Module) -> nn.Module:
     """The dense teacher healing distils from: a copy of ``model`` (in eval mode) whose
     blocks are its own and whose other parameters and buffers (embeddings, final norm, LM
-    head) are ``model``'s own tensors, not copies.
+    head) are ``model``'s own tensors, not copies (moving either model to another device
+    or dtype moves them for both).
 
     Exact for the job: compression replaces targets inside the blocks only
     (``compress_layerwise``) and healing trains only what is in the blocks
@@ -383,7 +388,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         ValueError: a model that is not a causal LM tnlm knows, text too short for one
             sequence, (distributed) a healing batch smaller than the world size,
             ``resume`` without ``checkpoint_dir``, or a checkpoint or kept text that
-            cannot be resumed (:func:`check_resume`); nothing has been changed then.
+            cannot be resumed (:func:`check_resume`); the model has not been changed
+            then (with ``checkpoint_dir``, the job's own text may already be kept there).
         tnlm.compress.distributed.RankFailure: another rank stopped or the process
             group's timeout passed.
     """

@@ -52,7 +52,7 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, required=True,
                    help="onnx: one .onnx file keeping the MPO factors; hf: transformers folder "
                         "with merged dense weights (no tnlm needed, dense size); st: "
-                        "self-contained folder with sentence-transformers files")
+                        "self-contained folder with sentence-transformers files (encoders)")
     p.add_argument("--out", required=True, help="the .onnx file (onnx) or the folder (hf, st)")
     p.add_argument("--int8", action="store_true",
                    help="onnx only: int8 weights (ONNX Runtime dynamic quantization)")
@@ -148,6 +148,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_hf(model, out, tok)
         return 0
     if args.format == "st":
+        if model.get_output_embeddings() is not None:
+            raise ExportError(f"--format st writes sentence-transformers files, for encoders; "
+                              f"{d} holds a causal LM ({type(model.base_model).__name__}): use "
+                              "--format hf or onnx, or load it with tnlm.export.load_compressed")
         save_self_contained(model, tok, out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"{out}: self-contained compressed folder, {size / 1e6:.1f} MB; load with "

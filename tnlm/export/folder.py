@@ -43,12 +43,23 @@ A model compressed with tnlm (Matrix Product Operators): the layers listed in
 Load it with tnlm installed:
 
 ```python
-from tnlm.export import load_compressed, sentence_transformer
-model = load_compressed("{folder}")              # an MPOModel (transformers API)
-st = sentence_transformer("{folder}")            # a SentenceTransformer: st.encode([...])
-# or: SentenceTransformer("{folder}", trust_remote_code=True)  (imports tnlm's module)
+{usage}
 ```
 """
+
+_USAGE_ST = """from tnlm.export import load_compressed, sentence_transformer
+model = load_compressed("{folder}")    # an MPOModel (transformers API)
+st = sentence_transformer("{folder}")  # a SentenceTransformer: st.encode([...])
+# or: SentenceTransformer("{folder}", trust_remote_code=True)  (imports tnlm's module)"""
+
+_USAGE_MODEL = """from tnlm.export import load_compressed
+model = load_compressed("{folder}")    # an MPOModel (transformers API){generate}"""
+
+
+def _generates(base: nn.Module) -> bool:
+    """Whether ``base`` is a transformers model that generates (a causal LM's head)."""
+    can = getattr(base, "can_generate", None)
+    return bool(can()) if callable(can) else False
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:
@@ -72,7 +83,7 @@ def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLike, *,
-                        sentence_transformers: bool = True,
+                        sentence_transformers: bool | None = None,
                         max_seq_length: int = 128) -> Path:
     """Write ``model`` to ``folder`` so that :func:`load_compressed` rebuilds it from the
     folder alone (no base model needed).
@@ -84,33 +95,50 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         sentence_transformers: also write the sentence-transformers files (mean pooling
             and normalisation of the last hidden states, as
             :func:`tnlm.integration.mean_pooled`), so that
-            :func:`tnlm.export.sentence_transformer` loads it.
+            :func:`tnlm.export.sentence_transformer` loads it. ``None`` (default): for a
+            model that does not generate (an encoder), not for a causal LM.
         max_seq_length: the sentence-transformers truncation length (128: the length
             :func:`tnlm.integration.mean_pooled` truncates to; all-MiniLM-L6-v2's own
             folder says 256).
+
+    A model that generates also gets its ``generation_config.json`` (end-of-sequence ids,
+    sampling defaults), which :func:`load_compressed` gives back.
 
     Returns:
         The folder.
 
     Raises:
         TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
+        ValueError: ``sentence_transformers=True`` for a causal LM.
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
                         f"load_compressed), got {type(model).__name__}")
+    generates = _generates(model.base_model)
+    if sentence_transformers is None:
+        sentence_transformers = not generates
+    elif sentence_transformers and generates:
+        raise ValueError(f"sentence_transformers=True: {type(model.base_model).__name__} is a "
+                         "causal LM (it generates); sentence-transformers files are written "
+                         "for encoders only")
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from
     base = model.base_model
     base.config.save_pretrained(d)
+    if generates and getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(d)
     if tokenizer is not None:
         tokenizer.save_pretrained(d)
     if sentence_transformers:
         _write_st_files(d, base, max_seq_length)
     params = sum(p.numel() for p in model.parameters())
+    usage = (_USAGE_ST if sentence_transformers else _USAGE_MODEL).format(
+        folder=d, generate="\nout = model.generate(**inputs, max_new_tokens=64)"
+        if generates else "")
     (d / "README.md").write_text(_README.format(
-        name=d.name, folder=d, params=f"Parameters: {params:,} (MPO cores and the layers kept "
-                                      f"dense)."))
+        name=d.name, usage=usage,
+        params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
     return d
 
 
@@ -158,7 +186,8 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
                     ) -> MPOModel:
     """The compressed model saved in ``folder``, for inference (eval mode, frozen).
 
-    The architecture comes from ``folder/config.json`` (or, for a checkpoint written by
+    The architecture comes from ``folder/config.json`` (a causal LM's generation settings
+    from ``generation_config.json`` when there is one) (or, for a checkpoint written by
     ``tnlm compress``, from ``base``: a transformers model folder, default the embedded
     MiniLM), instantiated with random weights, then every tensor is loaded from the
     checkpoint by :meth:`MPOModel.from_pretrained` (hash-checked). A lightweight task
@@ -189,6 +218,10 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
         model = cls.from_pretrained(str(source))
     else:
         model = cls._from_config(config)
+    if (d / "generation_config.json").is_file() and _generates(model):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(d))
     return MPOModel.from_pretrained(model.eval(), d, is_trainable=False)
 
 
