@@ -1242,3 +1242,35 @@ def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp
     args = ap.parse_args(["export", str(out), "--format", "st", "--out", str(tmp_path / "s")])
     with pytest.raises(ExportError, match=r"^--format st .* causal LM \(LlamaForCausalLM\)"):
         cmd_export(args)
+
+
+def _word_tokenizer(bos: bool):
+    """A real transformers tokenizer over words w0..w49 that does (or does not) put <s>
+    first when it encodes with its special tokens, as Llama-2's does (SmolLM2's does not)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(50)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+            ("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_token_sequences_start_with_bos_when_the_tokenizer_puts_one_first(bos):
+    from tnlm.compress.causal import adds_bos, token_sequences
+
+    tok = _word_tokenizer(bos)
+    assert adds_bos(tok) == (0 if bos else None)
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(10)) for i in range(5)]
+    stream = tok("\n\n".join(words), add_special_tokens=False)["input_ids"]
+    seqs = token_sequences(tok, words, 8)
+    if bos:  # BOS, then 7 tokens of the stream each
+        assert seqs.shape == (50 // 7, 8) and (seqs[:, 0] == 0).all()
+        assert seqs[:, 1:].flatten().tolist() == stream[:7 * (50 // 7)]
+    else:
+        assert seqs.shape == (50 // 8, 8) and (seqs != 0).all()
+        assert seqs.flatten().tolist() == stream[:8 * (50 // 8)]

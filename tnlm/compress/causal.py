@@ -53,8 +53,8 @@ from tnlm.compress.lm_quality import eos_ids, until_eos
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
-__all__ = ["self_generated_text", "token_sequences", "CausalHealConfig", "CausalHealResult",
-           "heal_causal", "healing_optimizer", "next_token_kl", "OPTIMIZERS"]
+__all__ = ["self_generated_text", "token_sequences", "adds_bos", "CausalHealConfig",
+           "CausalHealResult", "heal_causal", "healing_optimizer", "next_token_kl", "OPTIMIZERS"]
 
 
 @torch.no_grad()
@@ -151,10 +151,31 @@ def _continuation(tokenizer: Any, prompt: list[int], new: list[int], skip: bool)
     return tokenizer.decode(new, skip_special_tokens=skip)
 
 
+def adds_bos(tokenizer: Any) -> int | None:
+    """The BOS id ``tokenizer`` puts first when it encodes text with its special tokens
+    (Llama-2, Mistral: ``<s>``), or ``None`` if it puts none (SmolLM2, GPT-2, Qwen2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        first = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except (TypeError, KeyError):
+        return None
+    first = first.tolist() if torch.is_tensor(first) else list(first)
+    while first and isinstance(first[0], list):  # a batch of one
+        first = first[0]
+    return int(bos) if first and first[0] == bos else None
+
+
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
                     max_sequences: int | None = None) -> torch.Tensor:
-    """The texts as one token stream (joined by ``"\\n\\n"``) cut into ``(n, length)``
+    """The texts as one token stream (joined by ``"\n\n"``) cut into ``(n, length)``
     sequences (long); the remainder is dropped.
+
+    A tokenizer that starts what it encodes with BOS (:func:`adds_bos`) gets it at the
+    start of every sequence (BOS, then ``length - 1`` tokens of the stream), as the model
+    sees a prompt: its first position, where the attention sink and the largest
+    activations sit, is then the one it has at inference.
 
     Raises:
         ValueError: fewer than ``length`` tokens in all.
@@ -163,13 +184,18 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
         raise ValueError(f"length must be an int >= 2, got {length!r}")
     ids = tokenizer("\n\n".join(texts), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
-    n = ids.numel() // length
+    bos = adds_bos(tokenizer)
+    step = length - (bos is not None)
+    n = ids.numel() // step
     if n == 0:
         raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one sequence of "
                          f"length {length}")
     if max_sequences is not None:
         n = min(n, int(max_sequences))
-    return ids[:n * length].reshape(n, length).long()
+    out = ids[:n * step].reshape(n, step).long()
+    if bos is not None:
+        out = torch.cat([torch.full((n, 1), bos, dtype=torch.long), out], dim=1)
+    return out
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
