@@ -682,8 +682,8 @@ def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
     for p in patterns:
         if any(hit(p, inner, full) for _, inner, full in linears):
             continue
-        in_blocks = {f for _, _, f in linears}
-        outside = [n for n, m in model.named_modules() if n and n not in in_blocks
+        outside = [n for n, _ in model.named_modules() if n and n != prefix
+                   and not n.startswith(f"{prefix}.")
                    and (re.fullmatch(p, n) if regex else cfg.pattern_matches(p, n))]
         where = (f"; it matches {outside[:3]}, outside the blocks ({prefix}): the layer-by-layer "
                  "path compresses inside the blocks only") if outside else ""
