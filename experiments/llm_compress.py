@@ -34,6 +34,7 @@ from tnlm.compress.llm import (  # noqa: E402
     TEXT_SOURCES,
     CausalLMRecipe,
     compress_causal_lm,
+    interleave,
     recipe_text,
 )
 from tnlm.compress.lm_quality import (  # noqa: E402
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
                    help="calibration and healing text: the dense model's own samples "
                         "(self), the prose that ships with tnlm (prose: "
                         "tnlm.compress.llm.recipe_text, shuffled with the seed), or the "
-                        "prose then the samples (both), or the model's own answers to "
-                        "chat prompts in its chat format (chat)")
+                        "prose then the samples (both), the model's own answers to "
+                        "chat prompts in its chat format (chat), or the first half of "
+                        "each of the seed's two caches, alternating (mixed)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
@@ -149,20 +151,27 @@ def main(argv=None) -> int:
                           args.eval_length)
     # the texts depend on how many are sampled at once; 16 was the only batch once
     batch = "" if args.gen_batch == 16 else f"_b{args.gen_batch}"
-    kind = "selfgen-chat" if args.text == "chat" else "selfgen"
-    text_file = args.text_cache / f"{kind}_s{args.seed}_n{args.n_texts}{batch}.json"
     t1 = time.perf_counter()
+
+    def samples(chat: bool) -> list[str]:
+        """The seed's n_texts samples (continuations, or chat answers), cached."""
+        kind = "selfgen-chat" if chat else "selfgen"
+        text_file = args.text_cache / f"{kind}_s{args.seed}_n{args.n_texts}{batch}.json"
+        if text_file.is_file():
+            return json.loads(text_file.read_text())
+        own = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
+                                  batch_size=args.gen_batch, chat=chat)
+        _atomic_json(text_file, own)
+        return own
+
     texts = []
     if args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
         texts = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
     if args.text in ("self", "both", "chat"):
-        if text_file.is_file():
-            texts += json.loads(text_file.read_text())
-        else:
-            own = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
-                                      batch_size=args.gen_batch, chat=args.text == "chat")
-            _atomic_json(text_file, own)
-            texts += own
+        texts += samples(args.text == "chat")
+    elif args.text == "mixed":  # the first halves of both caches, alternating
+        half = args.n_texts // 2
+        texts = interleave(samples(False)[:args.n_texts - half], samples(True)[:half])
     text_s = time.perf_counter() - t1
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,

@@ -67,7 +67,7 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
                  else ""]
         method += "".join(f", {o}" for o in other if o)
         texts = "prose" if args.get("text") == "prose" else str(int(args.get("n_texts", 0)))
-        if args.get("text") in ("chat", "both"):
+        if args.get("text") in ("chat", "both", "mixed"):
             texts += f" ({args['text']})"
         rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows

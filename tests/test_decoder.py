@@ -901,6 +901,24 @@ def test_the_causal_jobs_own_text_is_the_shipped_prose_the_samples_or_both(monke
     assert "gen_batch" not in CausalLMRecipe(text_source="prose").text_settings()
 
 
+def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
+    from tnlm.compress import llm
+    from tnlm.compress.llm import CausalLMRecipe, interleave, recipe_text
+
+    asked = []
+
+    def generate(model, tok, n, chat=False, **kw):
+        asked.append((n, chat))
+        return [f"{'chat' if chat else 'text'} {i}" for i in range(n)]
+
+    monkeypatch.setattr(llm, "self_generated_text", generate)
+    mixed = recipe_text(None, None, CausalLMRecipe(text_source="mixed", n_texts=5, seed=3))
+    assert asked == [(3, False), (2, True)]
+    assert mixed == ["text 0", "chat 0", "text 1", "chat 1", "text 2"]
+    assert interleave(["a"], ["x", "y", "z"]) == ["a", "x", "y", "z"]
+    assert CausalLMRecipe(text_source="mixed").text_settings()["n_texts"] == 128
+
+
 def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_path):
     from tnlm.compress import llm
     from tnlm.compress.llm import CausalLMRecipe, read_saved_text
@@ -1121,9 +1139,10 @@ def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
     make_causal_lm("llama").save_pretrained(folder)
     make_word_tokenizer(chat_template=False).save_pretrained(folder)
     monkeypatch.setattr(llm, "compress_causal_lm", lambda *a, **k: pytest.fail("ran"))
-    assert main(["compress", str(folder), "--lm-text", "chat", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "--lm-text chat" in err and "no chat" in err and "template" in err
+    for source in ("chat", "mixed"):
+        assert main(["compress", str(folder), "--lm-text", source, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--lm-text {source}" in err and "no chat" in err and "template" in err
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])

@@ -577,11 +577,11 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
             token_sequences(tok, text, recipe.seq_len)
         except ValueError as err:
             raise UserError(f"--text {args.text}: {err}") from None
-    if text is None and recipe.text_source == "chat" and not getattr(tok, "chat_template",
-                                                                      None):
+    if text is None and recipe.text_source in ("chat", "mixed") and not getattr(
+            tok, "chat_template", None):
         name = source.folder / source.gguf_file if source.gguf_file else source.folder
-        raise UserError(f"--lm-text chat: the tokenizer of {name} has no chat "
-                        "template; use --lm-text self, prose or both")
+        raise UserError(f"--lm-text {recipe.text_source}: the tokenizer of {name} has no "
+                        "chat template; use --lm-text self, prose or both")
     _causal_resume_state(args, model, tok, recipe, text, ckpt, rank, size)
     if rank == 0:
         eval_text = natural_eval_text()
@@ -806,8 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-text", choices=TEXT_SOURCES, default=None,
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
-                        "sample), both, or its own answers to chat prompts in its chat "
-                        f"format (chat) (default: {CausalLMRecipe.text_source})")
+                        "sample), both, its own answers to chat prompts in its chat "
+                        "format (chat), or half samples, half answers (mixed) (default: "
+                        f"{CausalLMRecipe.text_source})")
     p.add_argument("--pivoted", action="store_true",
                    help="fix each truncated layer's bond gauge, so a rank-r "
                         "layer stores r (I + J - r) numbers instead of r (I + J): a larger "

@@ -73,13 +73,13 @@ from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
-           "teacher_copy", "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
+           "teacher_copy", "interleave", "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
 #: ships with tnlm, the prose followed by the samples, or the dense model's own answers
 #: to chat prompts in its chat format
-TEXT_SOURCES = ("self", "prose", "both", "chat")
+TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
@@ -113,8 +113,10 @@ class CausalLMRecipe:
             ``"chat"``, ``n_texts`` conversations:
             a prompt of :func:`tnlm.compress.prompts.chat_prompts` in the tokenizer's chat
             template and the dense model's sampled answer (needs a chat template;
-            :func:`recipe_text`).
-        n_texts: self-generated texts (``text_source`` "self", "both" or "chat");
+            :func:`recipe_text`); ``"mixed"``, ``n_texts`` samples, half of them
+            continuations as in ``"self"`` and half chat answers as in ``"chat"``,
+            alternating (calibration sees both).
+        n_texts: self-generated texts (``text_source`` "self", "both", "chat" or "mixed");
             ``gen_tokens`` tokens each, ``gen_batch`` sampled at once (on these CPUs 64
             at once write about 1.7x the tokens a second of 16 at once).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
@@ -228,17 +230,31 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     """The job's text when the user gives none (:attr:`CausalLMRecipe.text_source`): the
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
     dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first; for
-    ``"chat"`` the samples are the model's answers to chat prompts, in its chat format."""
+    ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
+    for ``"mixed"`` half of each (:func:`interleave`)."""
     text: list[str] = []
     if recipe.text_source in ("prose", "both"):
         text = lm_sentences()
         random.Random(recipe.seed).shuffle(text)
+
+    def samples(n: int, chat: bool) -> list[str]:
+        return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
+                                   seed=recipe.seed, batch_size=recipe.gen_batch, chat=chat,
+                                   progress=progress)
+
     if recipe.text_source in ("self", "both", "chat"):
-        text += self_generated_text(model, tokenizer, recipe.n_texts,
-                                    max_new_tokens=recipe.gen_tokens, seed=recipe.seed,
-                                    batch_size=recipe.gen_batch,
-                                    chat=recipe.text_source == "chat", progress=progress)
+        text += samples(recipe.n_texts, recipe.text_source == "chat")
+    elif recipe.text_source == "mixed":
+        half = recipe.n_texts // 2
+        text += interleave(samples(recipe.n_texts - half, False), samples(half, True))
     return text
+
+
+def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
+    """``first[0], second[0], first[1], second[1], ...``, then the rest of the longer."""
+    out = [t for pair in zip(first, second) for t in pair]
+    n = min(len(first), len(second))
+    return out + list(first[n:]) + list(second[n:])
 
 
 def _weights_digest(model: nn.Module) -> str:
