@@ -169,7 +169,7 @@ def adds_bos(tokenizer: Any) -> int | None:
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
                     max_sequences: int | None = None) -> torch.Tensor:
-    """The texts as one token stream (joined by ``"\n\n"``) cut into ``(n, length)``
+    """The texts as one token stream (joined by ``"\\n\\n"``) cut into ``(n, length)``
     sequences (long); the remainder is dropped.
 
     A tokenizer that starts what it encodes with BOS (:func:`adds_bos`) gets it at the

@@ -56,7 +56,7 @@ _USAGE_MODEL = """from tnlm.export import load_compressed
 model = load_compressed("{folder}")    # an MPOModel (transformers API){generate}"""
 
 
-def _generates(base: nn.Module) -> bool:
+def can_generate(base: nn.Module) -> bool:
     """Whether ``base`` is a transformers model that generates (a causal LM's head)."""
     can = getattr(base, "can_generate", None)
     return bool(can()) if callable(can) else False
@@ -114,7 +114,7 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
                         f"load_compressed), got {type(model).__name__}")
-    generates = _generates(model.base_model)
+    generates = can_generate(model.base_model)
     if sentence_transformers is None:
         sentence_transformers = not generates
     elif sentence_transformers and generates:
@@ -218,7 +218,7 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
         model = cls.from_pretrained(str(source))
     else:
         model = cls._from_config(config)
-    if (d / "generation_config.json").is_file() and _generates(model):
+    if (d / "generation_config.json").is_file() and can_generate(model):
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(d))
