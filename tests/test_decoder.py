@@ -541,6 +541,18 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     for a, b in zip(g, g_full):
         if b is not None:
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # given the teacher, it passes its hidden states and its head runs chunk by chunk
+    with_teacher = _ChunkedKL(student, chunk=7, teacher=teacher)
+    assert with_teacher.check(ids)
+    with torch.no_grad():
+        t_out = with_teacher.teacher_side(teacher, ids)
+    assert t_out.shape == (3, 12, teacher.config.get_text_config().hidden_size)
+    loss = with_teacher(ids, t_out)
+    g = torch.autograd.grad(loss, params, allow_unused=True)
+    assert float(loss) == pytest.approx(float(full), rel=1e-5)
+    for a, b in zip(g, g_full):
+        if b is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
     class Scaled(type(student)):
         def forward(self, *args, **kwargs):
@@ -549,7 +561,10 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
             return out
 
     student.__class__ = Scaled
-    scaled = _ChunkedKL(student, chunk=7)
+    scaled = _ChunkedKL(student, chunk=7, teacher=teacher)
+    assert not scaled.check(ids)
+    with torch.no_grad():  # the teacher's full logits then
+        assert torch.equal(scaled.teacher_side(teacher, ids), t_logits)
     loss = scaled(ids, t_logits)
     assert scaled.ok is False
     assert float(loss) == pytest.approx(

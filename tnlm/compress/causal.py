@@ -282,36 +282,52 @@ class CausalHealResult:
     best_step: int | None = None
 
 
-def _kl_sum(h: torch.Tensor, t_logits: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
+def _kl_sum(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None, t_weight: torch.Tensor | None,
+            t_bias: torch.Tensor | None) -> torch.Tensor:
+    """Summed KL of a chunk: the student's logits ``head(h)`` against the teacher's, which
+    are ``t`` or, with ``t_weight``, the teacher's head applied to its hidden states ``t``."""
     s = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
-    t = F.log_softmax(t_logits.float(), dim=-1)
+    if t_weight is not None:
+        t = F.linear(t, t_weight, t_bias)
+    t = F.log_softmax(t.float(), dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="sum")
 
 
 class _ChunkedKL:
     """``next_token_kl`` of a causal LM whose logits are ``head(hidden)``, computed ``chunk``
-    positions at a time with the head and softmaxes recomputed in the backward pass
-    (activation checkpointing): the student's full (b, T, vocab) logits, their log-softmax
-    and gradient are never held at once. Used only after a check on the first batch that
-    ``head(base(ids))`` equals the model's own logits (models that scale or cap their
-    logits, e.g. Gemma-2, Granite, fall back to the full logits)."""
+    positions at a time with the heads and softmaxes recomputed in the backward pass
+    (activation checkpointing): neither the student's full (b, T, vocab) logits, their
+    log-softmax and gradient, nor the teacher's logits are ever held at once (the teacher
+    gives its last hidden states, :meth:`teacher_side`, and its head is applied chunk by
+    chunk: about 100 MB less for SmolLM2's 49,152-token vocabulary at 4 x 128 positions).
+    Used only after a check on the first batch that ``head(base(ids))`` equals the
+    model's own logits (:meth:`check`; models that scale or cap their logits, e.g.
+    Gemma-2, Granite, fall back to the full logits of both)."""
 
-    def __init__(self, student: nn.Module, chunk: int) -> None:
+    def __init__(self, student: nn.Module, chunk: int, teacher: nn.Module | None = None
+                 ) -> None:
         self.student, self.chunk = student, chunk
-        self.base = getattr(student, "base_model", None)
-        self.head = student.get_output_embeddings() if hasattr(
-            student, "get_output_embeddings") else None
-        self.ok: bool | None = None if isinstance(self.head, nn.Linear) and \
-            self.base is not None and self.base is not student else False
+        self.base, self.head = self._parts(student)
+        self.ok: bool | None = None if self.head is not None else False
+        self.t_base, self.t_head = self._parts(teacher) if teacher is not None else (None, None)
+
+    @staticmethod
+    def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
+        base = getattr(model, "base_model", None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
+            else None
+        if base is None or base is model or not isinstance(head, nn.Linear):
+            return None, None
+        return base, head
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base(input_ids=ids, use_cache=False).last_hidden_state
 
-    def __call__(self, ids: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        from torch.utils.checkpoint import checkpoint
-
-        if self.ok is None:  # first batch: does head(base(ids)) give the model's logits?
+    def check(self, ids: torch.Tensor) -> bool:
+        """On the first batch: does ``head(base(ids))`` give the student's own logits (the
+        same on every rank)? Later calls return the first answer."""
+        if self.ok is None:
             with torch.no_grad():
                 full = self.student(input_ids=ids, use_cache=False).logits
                 mine = self.head(self.hidden(ids))
@@ -320,15 +336,32 @@ class _ChunkedKL:
             if dist_.is_distributed():  # every rank takes the same path
                 agree = dist_.all_reduce_floats([float(self.ok)], "the chunked KL's check")
                 self.ok = agree[0] == dist_.world()[1]
-        if not self.ok:
-            return next_token_kl(self.student(input_ids=ids, use_cache=False).logits,
-                                 t_logits)
+        return bool(self.ok)
+
+    def teacher_side(self, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """What the KL needs of ``teacher`` (the model given at construction) for batch
+        ``ids``, after :meth:`check`: its last hidden states when the logits are computed
+        chunk by chunk (the teacher is the same architecture as the student), else its
+        full logits (float32)."""
+        if self.ok and self.t_head is not None:
+            return self.t_base(input_ids=ids, use_cache=False).last_hidden_state
+        return teacher(input_ids=ids, use_cache=False).logits.float()
+
+    def __call__(self, ids: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if not self.check(ids):
+            return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_out)
         h = self.hidden(ids).flatten(0, -2)
-        t = t_logits.flatten(0, -2)
+        t = t_out.flatten(0, -2)
+        # with a teacher given, t_out is its hidden states (teacher_side after the check)
+        t_weight = self.t_head.weight if self.t_head is not None else None
+        t_bias = self.t_head.bias if self.t_head is not None else None
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.chunk):
             total = total + checkpoint(_kl_sum, h[i:i + self.chunk], t[i:i + self.chunk],
-                                       self.head.weight, self.head.bias, use_reentrant=False)
+                                       self.head.weight, self.head.bias, t_weight, t_bias,
+                                       use_reentrant=False)
         return total / h.shape[0]
 
 
@@ -342,10 +375,12 @@ class _HealingLoss(nn.Module):
         self.student = student
         self.kl = kl
 
-    def forward(self, ids: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+        """``t_out``: the teacher's logits, or with the chunked KL what
+        :meth:`_ChunkedKL.teacher_side` gave."""
         if self.kl is not None:
-            return self.kl(ids, t_logits)
-        return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_logits)
+            return self.kl(ids, t_out)
+        return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_out)
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
@@ -450,8 +485,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
         # DDP after the flags are set: it averages the gradients of what trains
-        loss_of = dist_.data_parallel(_HealingLoss(
-            student, _ChunkedKL(student, config.chunk) if config.chunk else None))
+        kl = _ChunkedKL(student, config.chunk, teacher) if config.chunk else None
+        loss_of = dist_.data_parallel(_HealingLoss(student, kl))
         try:
             order: list[int] = []
             for step in tqdm(range(n), desc="healing (next-token KL)",
@@ -464,11 +499,15 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 mine = idx[rank::size]  # this rank's share of the step's batch
                 share = len(mine) / len(idx)
                 ids = sequences[mine]
+                if kl is not None:
+                    with dist_.rank_failures("healing's forward"):
+                        kl.check(ids)  # before autocast: the check compares float32 logits
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
                                                      enabled=config.teacher_bf16):
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits.float()
+                    t_out = kl.teacher_side(teacher, ids) if kl is not None else \
+                        teacher(input_ids=ids, use_cache=False).logits.float()
                 with dist_.rank_failures("healing's forward"):
-                    loss = loss_of(ids, t_logits)
+                    loss = loss_of(ids, t_out)
                 # the whole batch's loss: the ranks' shares weighted by their sizes
                 value = dist_.all_reduce_floats([float(loss.detach()) * share],
                                                 "the healing loss")[0]
