@@ -232,6 +232,53 @@ def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
 
 
+def _low_rank_chain(path, seed=0):
+    """x (1, 8, 64) @ A (64 x 12) @ B (12 x 64), B's rows scaled over two decades (the
+    factor that int8 per column saturated on AVX2 CPUs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((64, 12)).astype(np.float32)
+    b = (rng.standard_normal((12, 64)) * np.logspace(0, -2, 12)[:, None]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"],
+                                                                         ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])],
+        [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return rng.standard_normal((1, 8, 64)).astype(np.float32)
+
+
+def test_int8_per_channel_uses_seven_bit_weights_and_is_no_worse_than_per_tensor(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from tnlm.export import quantize_int8
+
+    x = _low_rank_chain(tmp_path / "f.onnx")
+
+    def error(name, **kw):
+        quantize_int8(tmp_path / "f.onnx", tmp_path / name, **kw)
+        run = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        ref = ort.InferenceSession(str(tmp_path / "f.onnx"),
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        out = run.run(None, {"x": x})[0]
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    per_tensor, per_channel = error("t.onnx"), error("c.onnx", per_channel=True)
+    assert per_channel <= 1.5 * per_tensor, (per_channel, per_tensor)
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "c.onnx"))
+               .graph.initializer if i.name.endswith("_quantized")}
+    assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights.values())
+    error("c8.onnx", per_channel=True, reduce_range=False)  # 8 bits on request
+    full = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "c8.onnx"))
+            .graph.initializer if i.name.endswith("_quantized")}
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full.values()) > 64
+
+
 # ---------------------------------------------------------------- 4-bit word embeddings
 @pytest.mark.parametrize("shape,block", [((50, 32), 16), ((50, 40), 16), ((7, 6), 2)])
 def test_table4_round_trip_error_is_half_a_step(shape, block):

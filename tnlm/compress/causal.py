@@ -173,18 +173,22 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
     sequences (long); the remainder is dropped.
 
     A tokenizer that starts what it encodes with BOS (:func:`adds_bos`) gets it at the
-    start of every sequence (BOS, then ``length - 1`` tokens of the stream), as the model
-    sees a prompt: its first position, where the attention sink and the largest
-    activations sit, is then the one it has at inference.
+    start of every sequence (BOS, then ``length - 1`` tokens of the stream without its own
+    BOS tokens, which chat templates such as Llama-2's write), as the model sees a prompt:
+    its first position, where the attention sink and the largest activations sit, is
+    then the one it has at inference.
 
     Raises:
-        ValueError: fewer than ``length`` tokens in all.
+        ValueError: fewer tokens in all than one sequence takes (``length``, or
+            ``length - 1`` besides BOS).
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
     ids = tokenizer("\n\n".join(texts), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
     bos = adds_bos(tokenizer)
+    if bos is not None:  # one BOS a sequence, first (chat templates write their own too)
+        ids = ids[ids != bos]
     step = length - (bos is not None)
     n = ids.numel() // step
     if n == 0:
@@ -310,7 +314,10 @@ class _ChunkedKL:
         self.student, self.chunk = student, chunk
         self.base, self.head = self._parts(student)
         self.ok: bool | None = None if self.head is not None else False
-        self.t_base, self.t_head = self._parts(teacher) if teacher is not None else (None, None)
+        # the teacher's head chunk by chunk only for a teacher of the student's own class
+        # (whose logits check() shows to be head(hidden)); else its full logits
+        same = teacher is not None and type(teacher) is type(student)
+        self.t_base, self.t_head = self._parts(teacher) if same else (None, None)
 
     @staticmethod
     def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
@@ -343,8 +350,9 @@ class _ChunkedKL:
         ``ids``, after :meth:`check`: its last hidden states when the logits are computed
         chunk by chunk (the teacher is the same architecture as the student), else its
         full logits (float32)."""
-        if self.ok and self.t_head is not None:
-            return self.t_base(input_ids=ids, use_cache=False).last_hidden_state
+        if self.ok and self.t_head is not None:  # in the head's dtype (autocast may differ)
+            return self.t_base(input_ids=ids, use_cache=False).last_hidden_state.to(
+                self.t_head.weight.dtype)
         return teacher(input_ids=ids, use_cache=False).logits.float()
 
     def __call__(self, ids: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
@@ -355,8 +363,13 @@ class _ChunkedKL:
         h = self.hidden(ids).flatten(0, -2)
         t = t_out.flatten(0, -2)
         # with a teacher given, t_out is its hidden states (teacher_side after the check)
-        t_weight = self.t_head.weight if self.t_head is not None else None
-        t_bias = self.t_head.bias if self.t_head is not None else None
+        if self.t_head is not None and t.shape[-1] != self.t_head.in_features:
+            raise ValueError(f"the teacher's hidden states (width {self.t_head.in_features}, "
+                             f"teacher_side) were expected, got width {t.shape[-1]}")
+        # detached: the teacher is not trained (no gradient kept on its head)
+        t_weight = self.t_head.weight.detach() if self.t_head is not None else None
+        t_bias = self.t_head.bias.detach() if self.t_head is not None and \
+            self.t_head.bias is not None else None
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.chunk):
             total = total + checkpoint(_kl_sum, h[i:i + self.chunk], t[i:i + self.chunk],

@@ -656,10 +656,12 @@ def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
                        config: LayerwiseConfig) -> list[list[str]]:
     """Per block, the names (in the block) of its linears ``config.target_modules`` match.
 
-    A pattern matches a linear by its name in the model (``model.layers.3.mlp.down_proj``:
-    suffix patterns as :class:`~tnlm.integration.config.MPOConfig` matches them, so
-    ``down_proj``, ``mlp.down_proj`` and ``layers.3.mlp.down_proj`` all match it) or, for
-    a regular expression, also by its name in the block (``mlp.down_proj``).
+    A pattern of a list matches a linear by its name in the model
+    (``model.layers.3.mlp.down_proj``: suffix patterns as
+    :class:`~tnlm.integration.config.MPOConfig` matches them, so ``down_proj``,
+    ``mlp.down_proj`` and ``layers.3.mlp.down_proj`` all match it). A regular expression
+    matches the names in the block (``mlp.down_proj``), as it always did, or, if it
+    matches none of them, the names in the model.
 
     Raises:
         ValueError: a pattern of a list that matches no linear in the blocks (naming it,
@@ -672,11 +674,12 @@ def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
                for i, b in enumerate(blocks) for n, m in b.named_modules()
                if n and kind_of(m) in MATRIX_KINDS]
     regex = isinstance(config.target_modules, str)
+    by_inner = regex and any(cfg.is_target(inner) for _, inner, _ in linears)
 
-    def hit(pattern_or_regex: Any, inner: str, full: str) -> bool:
+    def hit(pattern: Any, inner: str, full: str) -> bool:
         if regex:
-            return cfg.is_target(full) or cfg.is_target(inner)
-        return cfg.pattern_matches(pattern_or_regex, full)
+            return cfg.is_target(inner if by_inner else full)
+        return cfg.pattern_matches(pattern, full)
 
     patterns = [config.target_modules] if regex else list(config.target_modules)
     for p in patterns:

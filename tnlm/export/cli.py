@@ -138,7 +138,7 @@ def _tokenizer(d: Path, base: Path | None) -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Run ``tnlm export``; prints what was written (one line, with its size)."""
-    from tnlm.export.folder import can_generate, load_compressed, save_self_contained
+    from tnlm.export.folder import load_compressed, save_self_contained
     from tnlm.export.hf import export_hf
 
     d, out, base = _check_args(args)
@@ -148,11 +148,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_hf(model, out, tok)
         return 0
     if args.format == "st":
-        if can_generate(model.base_model):
-            raise ExportError(f"--format st writes sentence-transformers files, for encoders; "
-                              f"{d} holds a causal LM ({type(model.base_model).__name__}): use "
-                              "--format hf or onnx, or load it with tnlm.export.load_compressed")
-        save_self_contained(model, tok, out)
+        try:
+            save_self_contained(model, tok, out, sentence_transformers=True)
+        except ValueError as err:  # a causal LM: no sentence-transformers files for it
+            raise ExportError(f"--format st: {d}: {err}; use --format hf or onnx, or load it "
+                              "with tnlm.export.load_compressed") from None
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"{out}: self-contained compressed folder, {size / 1e6:.1f} MB; load with "
               f"tnlm.export.sentence_transformer({str(out)!r}) or "

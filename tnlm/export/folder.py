@@ -55,6 +55,13 @@ st = sentence_transformer("{folder}")  # a SentenceTransformer: st.encode([...])
 _USAGE_MODEL = """from tnlm.export import load_compressed
 model = load_compressed("{folder}")    # an MPOModel (transformers API){generate}"""
 
+_USAGE_GENERATE = """
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{folder}")
+inputs = tok("The capital of France is", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=32)  # generation_config.json: EOS, sampling
+print(tok.decode(out[0]))"""
+
 
 def can_generate(base: nn.Module) -> bool:
     """Whether ``base`` is a transformers model that generates (a causal LM's head)."""
@@ -134,8 +141,7 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         _write_st_files(d, base, max_seq_length)
     params = sum(p.numel() for p in model.parameters())
     usage = (_USAGE_ST if sentence_transformers else _USAGE_MODEL).format(
-        folder=d, generate="\nout = model.generate(**inputs, max_new_tokens=64)"
-        if generates else "")
+        folder=d, generate=_USAGE_GENERATE.format(folder=d) if generates else "")
     (d / "README.md").write_text(_README.format(
         name=d.name, usage=usage,
         params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
