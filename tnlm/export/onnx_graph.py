@@ -120,7 +120,7 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 18,
+def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 20,
                 pooling: str | None = None, sample: Sequence[str] | None = None,
                 verbose: bool = False, trace_metadata: bool = False) -> ExportResult:
     """Export ``model`` to the ONNX file ``path``, keeping its MPO layers factorized.
@@ -131,10 +131,14 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
             (a deep copy is exported).
         tokenizer: its tokenizer; it makes the example batch the graph is traced on.
         path: the ``.onnx`` file to write (its folder is created).
-        opset: ONNX opset version (default 18: torch 2.13's exporter writes 18 natively;
-            a lower one is converted down by onnxscript, which may fail, e.g. for
-            MiniLM at 17, and then leaves the file at 18 with a warning; the result's
-            ``opset`` is the file's).
+        opset: ONNX opset version (default 20: GELU is one ``Gelu`` operator, which ONNX
+            Runtime fuses with the bias before it, where opset 18 spells it out as Div,
+            Erf, Add, Mul, Mul; measured on MiniLM, the dense graph at 18 takes 1.05-1.08x
+            the time of the same graph at 20, benchmarks/bench_onnx.py --opsets 20 18;
+            needs ONNX Runtime >= 1.17. torch 2.13's exporter writes 18 natively and
+            converts to others with onnxscript, which may fail, e.g. for MiniLM at 17,
+            and then leaves the file at 18 with a warning; the result's ``opset`` is the
+            file's).
         pooling: ``None`` (outputs: ``last_hidden_state``, or ``logits`` for a model with
             a language-model head) or ``"mean"`` (also ``sentence_embedding``, the
             normalised masked mean, as :func:`tnlm.integration.mean_pooled`).
