@@ -143,8 +143,9 @@ class CausalLMRecipe:
             :data:`JOB_HEAL`: Adafactor, whose factored second moments take a fraction of
             AdamW's two moment buffers, and the next-token KL in chunks of 128 positions;
             on SmolLM2 at 60 % they heal as AdamW does (3.52x vs 3.48x the dense
-            perplexity) with the healing peak at 3.11x the loaded model instead of 3.68x
-            (docs/results.md).
+            perplexity) with the healing peak at 3.11x the loaded model instead of 3.68x,
+            and at 2.87x with the teacher sharing the embeddings and head
+            (:func:`teacher_copy`; docs/results.md).
     """
 
     budget: float = 0.6
