@@ -61,6 +61,7 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         other = [piv if args.get("pivoted") else "",
                  f"lr {args['lr']:g}" if args.get("lr", 2e-4) != 2e-4 else "",
                  args.get("optimizer") if args.get("optimizer", "adamw") != "adamw" else "",
+                 f"KL chunks of {args['chunk']}" if args.get("chunk") else "",
                  "per-position error" if tnlm and args.get("output_error") == "position"
                  else "",
                  "per-position fitting" if tnlm and args.get("fit_error") == "position"
@@ -71,6 +72,12 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
             texts += f" ({args['text']})"
         rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows
+
+
+def seeds_cell(runs) -> str:
+    """Distinct seeds, and the number of runs when a seed was run again."""
+    seeds = len({r.get("seed", 0) for r in runs})
+    return str(seeds) if seeds == len(runs) else f"{seeds} ({len(runs)} runs)"
 
 
 def table(rows) -> str:
@@ -89,7 +96,7 @@ def table(rows) -> str:
         out.append(
             f"| {method} | {budget:.0%} | {heal} | {texts} "
             f"| {cell([r.get('kept', 1.0) for r in runs])} "
-            f"| {len(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
+            f"| {seeds_cell(runs)} | {cell([r['ppl'] for r in runs], '{:.1f}')} "
             f"({runs[0]['dense_ppl']:.1f}) | {cell([r['ppl_ratio'] for r in runs], '{:.2f}')} "
             f"| {cell(agree, '{:.2f}')} | {cell(tokens, '{:.3f}')} | {cell(right, '{:.0f}')} "
             f"| {cell(secs, '{:.0f}')} | {cell(mem, '{:.1f}')} |")
