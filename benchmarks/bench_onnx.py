@@ -159,8 +159,8 @@ def main() -> None:
         stem = (name if name in ("dense", "checkpoint") else f"mpo{name.split()[0]}"
                 + ("p" if name.endswith("pivoted") else ""))
         for opset in opsets[1:]:  # the same model at another opset: float32 only
-            kw = {"opset": opset}
-            res = export_onnx(model, tok, work / f"{stem}.op{opset}.onnx", pooling="mean", **kw)
+            res = export_onnx(model, tok, work / f"{stem}.op{opset}.onnx", pooling="mean",
+                              opset=opset)
             files[f"{name} opset {res.opset}"] = res.path
         t = time.perf_counter()
         kw = {} if opsets[0] is None else {"opset": opsets[0]}

@@ -682,8 +682,10 @@ def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
         return cfg.pattern_matches(pattern, full)
 
     patterns = [config.target_modules] if regex else list(config.target_modules)
+    matched = {p: {k for k, (_, inner, full) in enumerate(linears) if hit(p, inner, full)}
+               for p in patterns}
     for p in patterns:
-        if any(hit(p, inner, full) for _, inner, full in linears):
+        if matched[p]:
             continue
         outside = [n for n, _ in model.named_modules() if n and n != prefix
                    and not n.startswith(f"{prefix}.")
@@ -695,8 +697,9 @@ def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
                          f"{describe_kinds(MATRIX_KINDS)} in the blocks of "
                          f"{type(model).__name__}{where} (the blocks' linears: {leaves})")
     per_block: list[list[str]] = [[] for _ in blocks]
-    for i, inner, full in linears:
-        if any(hit(p, inner, full) for p in patterns):
+    chosen = set().union(*matched.values())
+    for k, (i, inner, _) in enumerate(linears):
+        if k in chosen:
             per_block[i].append(inner)
     return per_block
 

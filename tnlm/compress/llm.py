@@ -77,8 +77,8 @@ __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resu
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
-#: ships with tnlm, the prose followed by the samples, or the dense model's own answers
-#: to chat prompts in its chat format
+#: ships with tnlm, the prose followed by the samples, the dense model's own answers to
+#: chat prompts in its chat format, or half samples and half answers, alternating
 TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s

@@ -192,8 +192,8 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
                     ) -> MPOModel:
     """The compressed model saved in ``folder``, for inference (eval mode, frozen).
 
-    The architecture comes from ``folder/config.json`` (a causal LM's generation settings
-    from ``generation_config.json`` when there is one) (or, for a checkpoint written by
+    A causal LM's generation settings come from ``generation_config.json`` when there is
+    one. The architecture comes from ``folder/config.json`` (or, for a checkpoint written by
     ``tnlm compress``, from ``base``: a transformers model folder, default the embedded
     MiniLM), instantiated with random weights, then every tensor is loaded from the
     checkpoint by :meth:`MPOModel.from_pretrained` (hash-checked). A lightweight task
