@@ -127,6 +127,11 @@ def main(argv=None) -> int:
                         "prose then the samples (both), the model's own answers to "
                         "chat prompts in its chat format (chat), or the first half of "
                         "each of the seed's two caches, alternating (mixed)")
+    p.add_argument("--teacher-cache-mb", type=float, default=None,
+                   help="healing's teacher cache limit (default: CausalHealConfig's; 0: none)")
+    p.add_argument("--eval-at", type=int, nargs="*", default=[],
+                   help="healing steps after which the perplexity is also measured (the "
+                        "healing curve of one run; the last step is always measured)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
@@ -182,11 +187,26 @@ def main(argv=None) -> int:
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
                               checkpoint_blocks=not args.no_checkpoint_blocks,
-                              optimizer=args.optimizer, chunk=args.chunk),
+                              optimizer=args.optimizer, chunk=args.chunk,
+                              **({} if args.teacher_cache_mb is None
+                                 else {"teacher_cache_mb": args.teacher_cache_mb})),
         seed=args.seed)
     res = None
+    curve: dict[int, float] = {}
+    curve_s = [0.0]  # the curve's measures take place inside healing's seconds
+
+    def measure(step: int) -> None:
+        if step in args.eval_at and step < args.heal_steps:
+            t = time.perf_counter()
+            r = perplexity(model, tok, eval_text, max_length=args.eval_length,
+                           stride=args.eval_length).ppl / ref["ppl"]
+            curve[step] = r
+            curve_s[0] += time.perf_counter() - t
+            print(f"healing step {step}: perplexity {r:.3f}x the dense model's")
+
     if args.method != "dense":
-        res = compress_causal_lm(model, tok, recipe, text=texts, progress=True, log=print)
+        res = compress_causal_lm(model, tok, recipe, text=texts, progress=True, log=print,
+                                 on_heal_step=measure if args.eval_at else None)
     t1 = time.perf_counter()
     ppl = perplexity(model, tok, eval_text, max_length=args.eval_length,
                      stride=args.eval_length)
@@ -204,11 +224,15 @@ def main(argv=None) -> int:
                    block_errors=res.layerwise.block_errors,
                    heal_losses=res.heal.losses[::10] if res.heal else None,
                    heal_stopped=res.heal.stopped if res.heal else None,
+                   heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
+                   heal_curve={**curve, args.heal_steps: ppl.ppl / ref["ppl"]}
+                   if curve else None,
                    seconds=dict(load=load_s, text=text_s, **res.seconds, eval=eval_s),
                    peak_rss_mb=_rss(), rss_after_load_mb=rss_loaded,
                    stage_peak_rss_mb=res.peak_rss_mb,
+                   heal_curve_seconds=curve_s[0],
                    compress_seconds=res.seconds.get("compression", 0)
-                   + res.seconds.get("healing", 0))
+                   + res.seconds.get("healing", 0) - curve_s[0])
     if not args.no_answers:
         answers = greedy_answers(model, tok, simple_questions())
         out.update(answers=answers, answer_agreement=answer_agreement(answers, ref["answers"]),

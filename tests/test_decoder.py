@@ -1195,11 +1195,11 @@ def test_the_jobs_teacher_stays_dense_while_the_model_is_compressed(monkeypatch)
     ids = _seqs(2, 12)
     seen = {}
 
-    def heal(student, teacher, sequences, config, progress=True):
+    def heal(student, teacher, sequences, config, **kwargs):
         with torch.no_grad():
             seen["teacher"] = teacher(input_ids=ids).logits
             seen["student"] = student(input_ids=ids).logits
-        return real(student, teacher, sequences, config, progress=progress)
+        return real(student, teacher, sequences, config, **kwargs)
 
     real = llm.heal_causal
     monkeypatch.setattr(llm, "heal_causal", heal)
@@ -1316,3 +1316,73 @@ def test_token_sequences_start_with_bos_when_the_tokenizer_puts_one_first(bos):
     chat = token_sequences(tok, ["<s> " + w for w in words], 8)
     if bos:
         assert (chat[:, 0] == 0).all() and (chat[:, 1:] != 0).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
+    """The teacher's outputs kept per sequence (hidden states with the chunked KL, logits
+    without) give healing's losses and parameters without the cache, while the teacher
+    runs each sequence once; a limit keeps part of them and recomputes the rest."""
+    teacher = _llama()
+    seqs = _seqs(6, 12)
+    base = copy.deepcopy(teacher)
+    compress_layerwise(base, seqs, LayerwiseConfig(default_targets(base), budget=0.4,
+                                                   method="plain"), progress=False)
+    rows: list[int] = []
+    teacher.model.embed_tokens.register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[0]))
+    runs = {}
+    # 6 steps of 4 = 24 sequences drawn from 6; one sequence's logits: 12 x 96 floats
+    for mb in (0.0, 256.0, 2.5 * 12 * V * 4 / 2 ** 20):
+        rows.clear()
+        student = copy.deepcopy(base)
+        res = heal_causal(student, teacher, seqs,
+                          CausalHealConfig(steps=6, lr=3e-3, batch_size=4, warmup=2,
+                                           chunk=chunk, teacher_cache_mb=mb), progress=False)
+        runs[mb] = (res.losses, student.state_dict())
+        teacher_rows = sum(rows)
+        assert res.teacher_sequences == teacher_rows
+        if mb == 0.0:
+            assert teacher_rows == 24
+        elif mb == 256.0:
+            assert teacher_rows == 6
+        elif chunk is None:  # room for two sequences' logits: the other 4 recomputed
+            assert 6 < teacher_rows < 24
+    (l0, s0) = runs[0.0]
+    for mb, (l1, s1) in runs.items():
+        assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6), mb
+        for k in s0:
+            torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
+    for bad in (-1, float("nan"), True, "256"):
+        with pytest.raises(ValueError, match="teacher_cache_mb must be a finite number >= 0"):
+            CausalHealConfig(teacher_cache_mb=bad)
+
+
+def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
+    """``on_step`` is called after each step with its number; evaluating the student there
+    (which fills the MPO layers' dense caches) leaves the trajectory as it was."""
+    from tnlm.bridge import set_dense_cache
+
+    teacher = _llama()
+    seqs = _seqs(8, 12)
+    base = copy.deepcopy(teacher)
+    compress_layerwise(base, seqs, LayerwiseConfig(default_targets(base), budget=0.4,
+                                                   method="plain"), progress=False)
+    set_dense_cache(base, True)
+    cfg = CausalHealConfig(steps=5, lr=3e-3, batch_size=4, warmup=2)
+    plain = copy.deepcopy(base)
+    l0 = heal_causal(plain, teacher, seqs, cfg, progress=False).losses
+    seen, evals = [], []
+    student = copy.deepcopy(base)
+
+    def measure(k):
+        seen.append(k)
+        with torch.no_grad():
+            evals.append(float(student(input_ids=seqs[:2]).logits.sum()))
+
+    l1 = heal_causal(student, teacher, seqs, cfg, progress=False, on_step=measure).losses
+    assert seen == [1, 2, 3, 4, 5]
+    assert len(set(evals)) == 5  # the student changed between the calls
+    assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-7)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[k], v)

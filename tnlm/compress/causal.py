@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,7 +242,17 @@ class CausalHealConfig:
     most 1 (the linears and cores; norm weights near 1) moves by about ``lr`` along its
     RMS-clipped normalized update and one ``lr`` means about the same for both optimizers
     (with torch's default eps2 = 1e-3 the step shrinks with the weights' RMS: on the tiny
-    Llama of the tests, 10x less progress)."""
+    Llama of the tests, 10x less progress).
+
+    ``teacher_cache_mb``: the teacher's outputs for a sequence (what the KL takes of it:
+    its last hidden states with the chunked KL, (T, hidden) floats a sequence, else its
+    full (T, vocab) logits) are kept after its first forward and reused whenever the
+    sequence comes back, as long as all kept outputs stay within this many MiB (then the
+    rest are recomputed each time; 0: none kept). Healing passes over the sequences
+    several times (150 steps of 4 on 256 sequences: 2.3 times), and the teacher's forward
+    is one of the five block passes of a step (teacher, student, the student's
+    recomputation, backward's two). SmolLM2-135M's hidden states take 0.28 MiB a
+    sequence of 128 tokens; its logits 24 MiB."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -255,8 +265,14 @@ class CausalHealConfig:
     chunk: int | None = None
     checkpoint_blocks: bool = True
     optimizer: str = "adamw"
+    teacher_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.teacher_cache_mb, bool) or not isinstance(
+                self.teacher_cache_mb, (int, float)) or not (
+                math.isfinite(self.teacher_cache_mb) and self.teacher_cache_mb >= 0):
+            raise ValueError(f"teacher_cache_mb must be a finite number >= 0 (MiB), got "
+                             f"{self.teacher_cache_mb!r}")
         if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
             raise _unknown_optimizer(self.optimizer)
         if self.optimizer == "adafactor" and not hasattr(torch.optim, "Adafactor"):
@@ -284,6 +300,8 @@ class CausalHealResult:
     seconds: float = 0.0
     stopped: str | None = None   # why the run stopped early (parameters restored), or None
     best_step: int | None = None
+    #: sequences the teacher ran (each batch's sequences not found in the teacher cache)
+    teacher_sequences: int = 0
 
 
 def _kl_sum(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
@@ -381,6 +399,38 @@ class _ChunkedKL:
         return total / h.shape[0]
 
 
+class _TeacherCache:
+    """The teacher's outputs per sequence index, each kept after its first forward while
+    all kept outputs stay within ``limit_mb`` MiB (``CausalHealConfig.teacher_cache_mb``).
+    The teacher runs without dropout and a causal LM's output for a sequence does not
+    depend on the other sequences of its batch, so a kept output is the recomputed one
+    (up to the float rounding of another batch shape)."""
+
+    def __init__(self, limit_mb: float) -> None:
+        self.limit = limit_mb * 2 ** 20
+        self.kept: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+        self.computed = 0
+
+    def get(self, idx: Sequence[int],
+            compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """The stacked outputs of the sequences ``idx`` (repeats allowed); ``compute(
+        missing)`` runs the teacher on the distinct ones not kept, in their order."""
+        missing = list(dict.fromkeys(i for i in idx if i not in self.kept))
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            out = compute(missing)
+            self.computed += len(missing)
+            for i, row in zip(missing, out):
+                size = row.numel() * row.element_size()
+                if self.bytes + size <= self.limit:
+                    self.kept[i] = row.clone()  # not a view: the batch's tensor is freed
+                    self.bytes += size
+                else:
+                    fresh[i] = row
+        return torch.stack([self.kept[i] if i in self.kept else fresh[i] for i in idx])
+
+
 class _HealingLoss(nn.Module):
     """The student's next-token KL to the teacher's logits of a batch, as the one module
     ``DistributedDataParallel`` wraps (the chunked KL runs the student's base model and
@@ -450,9 +500,14 @@ def healing_optimizer(params: Sequence[nn.Parameter],
 
 
 def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
-                config: CausalHealConfig, *, progress: bool = True) -> CausalHealResult:
+                config: CausalHealConfig, *, progress: bool = True,
+                on_step: Callable[[int], None] | None = None) -> CausalHealResult:
     """Distil ``teacher``'s next-token distributions into ``student`` (in place) on
     ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored.
+
+    ``on_step(k)`` is called after the k-th optimizer step (k = 1 .. steps), e.g. to
+    measure the student along the way (under ``torch.no_grad`` it may run the student;
+    the MPO layers' dense caches it leaves are freed after it).
 
     Under ``torch.distributed`` every rank calls this with the same models, sequences
     and config; each step's batch is shared among the ranks and the student trained
@@ -503,6 +558,14 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         # DDP after the flags are set: it averages the gradients of what trains
         kl = _ChunkedKL(student, config.chunk, teacher) if config.chunk else None
         loss_of = dist_.data_parallel(_HealingLoss(student, kl))
+        cache = _TeacherCache(config.teacher_cache_mb)
+
+        def teacher_out(which: list[int]) -> torch.Tensor:
+            ids = sequences[which]
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                 enabled=config.teacher_bf16):
+                return kl.teacher_side(teacher, ids) if kl is not None else \
+                    teacher(input_ids=ids, use_cache=False).logits.float()
         try:
             order: list[int] = []
             for step in tqdm(range(n), desc="healing (next-token KL)",
@@ -518,10 +581,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 if kl is not None:
                     with dist_.rank_failures("healing's forward"):
                         kl.check(ids)  # before autocast: the check compares float32 logits
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
-                                                     enabled=config.teacher_bf16):
-                    t_out = kl.teacher_side(teacher, ids) if kl is not None else \
-                        teacher(input_ids=ids, use_cache=False).logits.float()
+                t_out = cache.get(mine, teacher_out)
                 with dist_.rank_failures("healing's forward"):
                     loss = loss_of(ids, t_out)
                 # the whole batch's loss: the ranks' shares weighted by their sizes
@@ -551,6 +611,9 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
+                if on_step is not None:
+                    on_step(step + 1)
+                    invalidate_caches(student)  # an evaluation's dense W: stale next step
         finally:
             del loss_of  # DDP's hooks on the parameters go with it, also on error
         if result.stopped:
@@ -558,4 +621,5 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 for b, p in zip(best, params):
                     p.copy_(b)
     result.seconds = time.perf_counter() - t0
+    result.teacher_sequences = cache.computed
     return result

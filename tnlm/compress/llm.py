@@ -385,7 +385,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                        *, text: Sequence[str] | None = None, progress: bool = True,
                        log: Callable[[str], None] | None = None,
                        checkpoint_dir: str | os.PathLike | None = None,
-                       resume: bool = False) -> CausalLMResult:
+                       resume: bool = False,
+                       on_heal_step: Callable[[int], None] | None = None) -> CausalLMResult:
     """Compress a causal LM in place (module docstring); returns a :class:`CausalLMResult`.
 
     Args:
@@ -400,6 +401,10 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             compressed again; the result is the uninterrupted run's), with ``text`` None
             on the text kept there (written again if there is none). Healing starts from
             the beginning.
+        on_heal_step: called after each healing step with its number
+            (:func:`~tnlm.compress.causal.heal_causal`'s ``on_step``), e.g. to measure the
+            model along the way (with ``recipe.pivoted``, before the gauge is fixed: the
+            same function).
 
     Raises:
         ValueError: a model that is not a causal LM tnlm knows, text too short for one
@@ -483,7 +488,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if teacher is not None:
         t1 = time.perf_counter()
         reset_peak_rss()
-        healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress)
+        healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress,
+                             on_step=on_heal_step)
         seconds["healing"] = time.perf_counter() - t1
         peaks["healing"] = peak_rss_mb()
         if healed.stopped:
