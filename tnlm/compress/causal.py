@@ -300,7 +300,8 @@ class CausalHealResult:
     seconds: float = 0.0
     stopped: str | None = None   # why the run stopped early (parameters restored), or None
     best_step: int | None = None
-    #: sequences the teacher ran (each batch's sequences not found in the teacher cache)
+    #: sequences the teacher ran (each batch's sequences not found in the teacher cache;
+    #: under torch.distributed, this rank's)
     teacher_sequences: int = 0
 
 
