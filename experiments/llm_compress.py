@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                    help="healing's teacher cache limit (default: CausalHealConfig's; 0: none)")
     p.add_argument("--eval-at", type=int, nargs="*", default=[],
                    help="healing steps after which the perplexity is also measured (the "
-                        "healing curve of one run; the last step is always measured)")
+                        "healing curve of one run; 0: before healing; the last step is "
+                        "always measured)")
     p.add_argument("--no-answers", action="store_true")
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",

@@ -1359,7 +1359,8 @@ def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
 
 
 def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
-    """``on_step`` is called after each step with its number; evaluating the student there
+    """``on_step`` is called before the first step with 0 and after each step with its
+    number; evaluating the student there
     (which fills the MPO layers' dense caches) leaves the trajectory as it was."""
     from tnlm.bridge import set_dense_cache
 
@@ -1381,8 +1382,8 @@ def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
             evals.append(float(student(input_ids=seqs[:2]).logits.sum()))
 
     l1 = heal_causal(student, teacher, seqs, cfg, progress=False, on_step=measure).losses
-    assert seen == [1, 2, 3, 4, 5]
-    assert len(set(evals)) == 5  # the student changed between the calls
+    assert seen == [0, 1, 2, 3, 4, 5]
+    assert len(set(evals)) == 6  # the student changed between the calls
     assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-7)
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(student.state_dict()[k], v)

@@ -506,7 +506,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     """Distil ``teacher``'s next-token distributions into ``student`` (in place) on
     ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored.
 
-    ``on_step(k)`` is called after the k-th optimizer step (k = 1 .. steps), e.g. to
+    ``on_step(k)`` is called before the first step (k = 0) and after the k-th optimizer
+    step (k = 1 .. steps), e.g. to
     measure the student along the way (under ``torch.no_grad`` it may run the student;
     the MPO layers' dense caches it leaves are freed after it).
 
@@ -568,6 +569,9 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 return kl.teacher_side(teacher, ids) if kl is not None else \
                     teacher(input_ids=ids, use_cache=False).logits.float()
         try:
+            if on_step is not None:
+                on_step(0)
+                invalidate_caches(student)
             order: list[int] = []
             for step in tqdm(range(n), desc="healing (next-token KL)",
                              disable=not progress or rank != 0, leave=False):

@@ -401,7 +401,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             compressed again; the result is the uninterrupted run's), with ``text`` None
             on the text kept there (written again if there is none). Healing starts from
             the beginning.
-        on_heal_step: called after each healing step with its number
+        on_heal_step: called before healing with 0 and after each healing step with its
+            number
             (:func:`~tnlm.compress.causal.heal_causal`'s ``on_step``), e.g. to measure the
             model along the way (with ``recipe.pivoted``, before the gauge is fixed: the
             same function).
