@@ -934,7 +934,8 @@ def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
     assert asked == [(3, False), (2, True)]
     assert mixed == ["text 0", "chat 0", "text 1", "chat 1", "text 2"]
     assert interleave(["a"], ["x", "y", "z"]) == ["a", "x", "y", "z"]
-    assert CausalLMRecipe(text_source="mixed").text_settings()["n_texts"] == 128
+    assert CausalLMRecipe(text_source="mixed").text_settings()["n_texts"] == \
+        CausalLMRecipe().n_texts
 
 
 def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_path):
@@ -1149,7 +1150,8 @@ def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
     assert recipe_text(None, None, CausalLMRecipe(text_source="self", n_texts=1)) == [
         "sample 0"]
     assert seen == [True, False]
-    assert CausalLMRecipe(text_source="chat").text_settings()["n_texts"] == 128
+    assert CausalLMRecipe(text_source="chat").text_settings()["n_texts"] == \
+        CausalLMRecipe().n_texts
     # the CLI refuses chat text for a tokenizer without a chat template, before any work
     from tests.common import make_causal_lm, make_word_tokenizer
 
