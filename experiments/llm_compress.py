@@ -94,12 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=METHODS + ("dense",), default="tnlm")
     p.add_argument("--budget", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-texts", type=int, default=128)
+    p.add_argument("--n-texts", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=64,
                    help="texts sampled at once (a new text cache is written with it)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-calibration", type=int, default=64)
-    p.add_argument("--fit-steps", type=int, default=32)
+    p.add_argument("--n-calibration", type=int, default=32)
+    p.add_argument("--fit-steps", type=int, default=16)
     p.add_argument("--output-error", choices=OUTPUT_ERRORS, default="total",
                    help="a block's output error (fitting, the residual allocation): each "
                         "position's relative error averaged (position) or all positions' at "
@@ -139,6 +139,10 @@ def main(argv=None) -> int:
                    help="keep every block's activations in healing (the former default)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    bad = [k for k in args.eval_at if not 0 <= k < args.heal_steps]
+    if bad:
+        p.error(f"--eval-at: steps must be in [0, --heal-steps) = [0, {args.heal_steps}) "
+                f"(the last step is always measured), got {bad}")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     path = default_llm_path()
@@ -226,12 +230,19 @@ def main(argv=None) -> int:
                    heal_losses=res.heal.losses[::10] if res.heal else None,
                    heal_stopped=res.heal.stopped if res.heal else None,
                    heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
-                   heal_curve={**curve, args.heal_steps: ppl.ppl / ref["ppl"]}
-                   if curve else None,
-                   seconds=dict(load=load_s, text=text_s, **res.seconds, eval=eval_s),
+                   # the last point: the parameters kept (the best step's after a stop)
+                   heal_curve={**curve, (res.heal.best_step + 1 if res.heal.stopped
+                                         else args.heal_steps): ppl.ppl / ref["ppl"]}
+                   if curve and res.heal else None,
+                   # the curve's measures ran inside healing: their time is taken out
+                   # (heal_curve_seconds); the healing peak includes them
+                   seconds=dict(load=load_s, text=text_s, **{
+                       k: v - (curve_s[0] if k in ("healing", "total") else 0.0)
+                       for k, v in res.seconds.items()}, eval=eval_s),
                    peak_rss_mb=_rss(), rss_after_load_mb=rss_loaded,
                    stage_peak_rss_mb=res.peak_rss_mb,
                    heal_curve_seconds=curve_s[0],
+                   heal_peak_includes_curve=bool(curve),
                    compress_seconds=res.seconds.get("compression", 0)
                    + res.seconds.get("healing", 0) - curve_s[0])
     if not args.no_answers:

@@ -1322,9 +1322,10 @@ def test_token_sequences_start_with_bos_when_the_tokenizer_puts_one_first(bos):
 
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
-    """The teacher's outputs kept per sequence (hidden states with the chunked KL, logits
-    without) give healing's losses and parameters without the cache, while the teacher
-    runs each sequence once; a limit keeps part of them and recomputes the rest."""
+    """With the chunked KL the teacher's hidden states kept per sequence give healing's
+    losses and parameters without the cache, while the teacher runs each sequence once;
+    a limit keeps part of them and recomputes the rest. Full logits (no chunk) are
+    never kept: the teacher runs every sequence of every step."""
     teacher = _llama()
     seqs = _seqs(6, 12)
     base = copy.deepcopy(teacher)
@@ -1334,22 +1335,21 @@ def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
     teacher.model.embed_tokens.register_forward_hook(
         lambda m, args, out: rows.append(args[0].shape[0]))
     runs = {}
-    # 6 steps of 4 = 24 sequences drawn from 6; one sequence's logits: 12 x 96 floats
-    for mb in (0.0, 256.0, 2.5 * 12 * V * 4 / 2 ** 20):
+    # 6 steps of 4 = 24 sequences drawn from 6; one sequence's hidden states: 12 x 48 floats
+    for mb in (0.0, 256.0, 2.5 * 12 * 48 * 4 / 2 ** 20):
         rows.clear()
         student = copy.deepcopy(base)
         res = heal_causal(student, teacher, seqs,
                           CausalHealConfig(steps=6, lr=3e-3, batch_size=4, warmup=2,
                                            chunk=chunk, teacher_cache_mb=mb), progress=False)
         runs[mb] = (res.losses, student.state_dict())
-        teacher_rows = sum(rows)
-        assert res.teacher_sequences == teacher_rows
-        if mb == 0.0:
-            assert teacher_rows == 24
+        assert res.teacher_sequences == sum(rows)
+        if mb == 0.0 or chunk is None:
+            assert sum(rows) == 24
         elif mb == 256.0:
-            assert teacher_rows == 6
-        elif chunk is None:  # room for two sequences' logits: the other 4 recomputed
-            assert 6 < teacher_rows < 24
+            assert sum(rows) == 6
+        else:  # room for two sequences' hidden states: the other 4 recomputed
+            assert 6 < sum(rows) < 24
     (l0, s0) = runs[0.0]
     for mb, (l1, s1) in runs.items():
         assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6), mb

@@ -244,15 +244,15 @@ class CausalHealConfig:
     (with torch's default eps2 = 1e-3 the step shrinks with the weights' RMS: on the tiny
     Llama of the tests, 10x less progress).
 
-    ``teacher_cache_mb``: the teacher's outputs for a sequence (what the KL takes of it:
-    its last hidden states with the chunked KL, (T, hidden) floats a sequence, else its
-    full (T, vocab) logits) are kept after its first forward and reused whenever the
-    sequence comes back, as long as all kept outputs stay within this many MiB (then the
-    rest are recomputed each time; 0: none kept). Healing passes over the sequences
-    several times (150 steps of 4 on 256 sequences: 2.3 times), and the teacher's forward
-    is one of the five block passes of a step (teacher, student, the student's
-    recomputation, backward's two). SmolLM2-135M's hidden states take 0.28 MiB a
-    sequence of 128 tokens; its logits 24 MiB."""
+    ``teacher_cache_mb``: with the chunked KL (``chunk``), the teacher's last hidden
+    states for a sequence ((T, hidden) floats: 0.28 MiB for SmolLM2-135M at 128 tokens)
+    are kept after its first forward and reused whenever the sequence comes back, as
+    long as all kept states stay within this many MiB (then the rest are recomputed each
+    time; 0: none kept). Healing passes over the sequences several times (150 steps of 4
+    on 256 sequences: 2.3 times), and the teacher's forward is one of the five block
+    passes of a step (teacher, student, the student's recomputation, backward's two).
+    The full logits the KL takes without ``chunk`` (24 MiB a sequence for SmolLM2) are
+    never kept."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -514,7 +514,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     Under ``torch.distributed`` every rank calls this with the same models, sequences
     and config; each step's batch is shared among the ranks and the student trained
     through ``DistributedDataParallel`` (module docstring). The ranks end with the same
-    student and result.
+    student and result (but ``teacher_sequences``: each rank's own).
 
     Raises:
         ValueError: empty or malformed ``sequences``, nothing to train, or (distributed)
@@ -586,7 +586,11 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 if kl is not None:
                     with dist_.rank_failures("healing's forward"):
                         kl.check(ids)  # before autocast: the check compares float32 logits
-                t_out = cache.get(mine, teacher_out)
+                if kl is not None and kl.ok and kl.t_head is not None:  # hidden states
+                    t_out = cache.get(mine, teacher_out)
+                else:  # the full logits, (T, vocab) a sequence: never kept
+                    t_out = teacher_out(mine)
+                    cache.computed += len(mine)
                 with dist_.rank_failures("healing's forward"):
                     loss = loss_of(ids, t_out)
                 # the whole batch's loss: the ranks' shares weighted by their sizes
@@ -621,10 +625,12 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                     invalidate_caches(student)  # an evaluation's dense W: stale next step
         finally:
             del loss_of  # DDP's hooks on the parameters go with it, also on error
+            computed = cache.computed
+            del cache  # the kept states do not outlive healing, also on error
         if result.stopped:
             with torch.no_grad():
                 for b, p in zip(best, params):
                     p.copy_(b)
     result.seconds = time.perf_counter() - t0
-    result.teacher_sequences = cache.computed
+    result.teacher_sequences = computed
     return result
