@@ -1,6 +1,7 @@
 """Table (markdown) and plot of the SmolLM2 runs of experiments/llm_compress.py.
 
-    python experiments/llm_table.py results/llm/*.json --plot docs/figures/llm_ppl.png
+    python experiments/llm_table.py results/llm/*.json --plot docs/figures/llm_ppl.png \
+        --curve-plot docs/figures/llm_heal_curve.png
 
 One row per (method, budget, healing steps, self-generated texts): perplexity ratio
 compressed/dense (mean ± std over seeds, the seed count), kept fraction, identical
@@ -10,6 +11,11 @@ tokens (runs from before it: "-"), keyword-checked right answers of 50
 given), compression and healing seconds, the job's peak
 resident memory (the largest stage peak: compression or healing) against the process's
 resident memory with the dense model loaded.
+
+``--curve-plot``: the perplexity ratio along healing of the runs measured with
+``--eval-at`` (``heal_curve``), each beside the final ratios of the runs of its row
+without the KL chunking (which changes memory, not the loss) healed for other numbers of
+steps (their own cosine schedules).
 """
 
 from __future__ import annotations
@@ -129,15 +135,54 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def curve_plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, budget, heal, texts), runs in sorted(rows.items()):
+        for r in runs:
+            if not r.get("heal_curve"):
+                continue
+            pts = sorted((int(k), v) for k, v in r["heal_curve"].items())
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            label=f"{method}, {budget:.0%}, {texts} texts, seed "
+                                  f"{r.get('seed', 0)}: along {heal} steps")
+            # the same row's other runs (the chunking aside), each its own schedule
+            same = method.replace(", KL chunks of 128", "")
+            ends = [(h, o["ppl_ratio"], o.get("seed", 0))
+                    for (m, b, h, t), others in rows.items()
+                    if m.replace(", KL chunks of 128", "") == same and b == budget
+                    and t == texts and h != heal for o in others]
+            if ends:
+                ax.scatter([e[0] for e in ends], [e[1] for e in ends], marker="x",
+                           color=line.get_color(),
+                           label=f"the same, healed {sorted({e[0] for e in ends})} steps "
+                                 f"(seeds {sorted({e[2] for e in ends})})")
+    ax.set_xlabel("healing step")
+    ax.set_ylabel("held-out perplexity / dense")
+    ax.set_title("SmolLM2-135M-Instruct: perplexity along healing")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--curve-plot", type=Path, default=None,
+                    help="the perplexity along healing of the runs measured with --eval-at")
     args = ap.parse_args(argv)
     rows = load(args.files)
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)
+    if args.curve_plot:
+        curve_plot(rows, args.curve_plot)
     return 0
 
 
