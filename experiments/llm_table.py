@@ -125,11 +125,17 @@ def plot(rows, path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                 label=f"{method}, {heal} healing steps, {texts} texts")
     ax.set_yscale("log")
-    ax.set_xlabel("kept fraction of the targeted linear parameters")
+    finish(fig, ax, path, "kept fraction of the targeted linear parameters",
+           "SmolLM2-135M-Instruct", ncol=2)
+
+
+def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int) -> None:
+    """Labels, grid and legend below the axes; the figure written to ``path``."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out perplexity / dense")
-    ax.set_title("SmolLM2-135M-Instruct")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -160,14 +166,8 @@ def curve_plot(rows, path: Path) -> None:
                            color=line.get_color(),
                            label=f"the same, healed {sorted({e[0] for e in ends})} steps "
                                  f"(seeds {sorted({e[2] for e in ends})})")
-    ax.set_xlabel("healing step")
-    ax.set_ylabel("held-out perplexity / dense")
-    ax.set_title("SmolLM2-135M-Instruct: perplexity along healing")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    finish(fig, ax, path, "healing step", "SmolLM2-135M-Instruct: perplexity along healing",
+           ncol=1)
 
 
 def main(argv=None) -> int:
