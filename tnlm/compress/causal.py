@@ -507,9 +507,9 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     ``sequences`` (n, T) token ids; ``requires_grad`` flags and modes are restored.
 
     ``on_step(k)`` is called before the first step (k = 0) and after the k-th optimizer
-    step (k = 1 .. steps), e.g. to
-    measure the student along the way (under ``torch.no_grad`` it may run the student;
-    the MPO layers' dense caches it leaves are freed after it).
+    step (k = 1 .. steps), e.g. to measure the student along the way (under
+    ``torch.no_grad`` it may run the student; the MPO layers' dense caches it leaves are
+    freed after it).
 
     Under ``torch.distributed`` every rank calls this with the same models, sequences
     and config; each step's batch is shared among the ranks and the student trained

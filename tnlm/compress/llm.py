@@ -405,10 +405,9 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             on the text kept there (written again if there is none). Healing starts from
             the beginning.
         on_heal_step: called before healing with 0 and after each healing step with its
-            number
-            (:func:`~tnlm.compress.causal.heal_causal`'s ``on_step``), e.g. to measure the
-            model along the way (with ``recipe.pivoted`` the gauge is fixed after healing
-            unless ``heal_pivoted``: the same function either way).
+            number (:func:`~tnlm.compress.causal.heal_causal`'s ``on_step``), e.g. to
+            measure the model along the way (with ``recipe.pivoted`` the gauge is fixed
+            after healing unless ``heal_pivoted``: the same function either way).
 
     Raises:
         ValueError: a model that is not a causal LM tnlm knows, text too short for one
