@@ -96,8 +96,9 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
                                                   teacher_bf16=v["bf16"],
                                                   checkpoint_blocks=v["blocks"],
                                                   optimizer=v.get("optimizer", "adamw"),
-                                                  teacher_cache_mb=v.get("teacher_cache_mb",
-                                                                         256.0)))
+                                                  teacher_cache_mb=v.get(
+                                                      "teacher_cache_mb",
+                                                      CausalHealConfig.teacher_cache_mb)))
     res = compress_causal_lm(model, tok, recipe, text=texts, progress=False)
     return dict(variant=variant, optimizer=recipe.heal.optimizer, rss_after_load_mb=rss,
                 peaks_mb=res.peak_rss_mb,

@@ -193,15 +193,15 @@ def main(argv=None) -> int:
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
                               checkpoint_blocks=not args.no_checkpoint_blocks,
                               optimizer=args.optimizer, chunk=args.chunk,
-                              **({} if args.teacher_cache_mb is None
-                                 else {"teacher_cache_mb": args.teacher_cache_mb})),
+                              teacher_cache_mb=CausalHealConfig.teacher_cache_mb
+                              if args.teacher_cache_mb is None else args.teacher_cache_mb),
         seed=args.seed)
     res = None
     curve: dict[int, float] = {}
     curve_s = [0.0]  # the curve's measures take place inside healing's seconds
 
     def measure(step: int) -> None:
-        if step in args.eval_at and step < args.heal_steps:
+        if step in args.eval_at:  # checked to be below --heal-steps
             t = time.perf_counter()
             r = perplexity(model, tok, eval_text, max_length=args.eval_length,
                            stride=args.eval_length).ppl / ref["ppl"]
@@ -222,6 +222,10 @@ def main(argv=None) -> int:
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
         eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb)
     if res is not None:
+        # the curve's measures ran inside healing: their time is taken out
+        # (heal_curve_seconds); the healing peak includes them
+        secs = {k: v - (curve_s[0] if k in ("healing", "total") else 0.0)
+                for k, v in res.seconds.items()}
         out.update(pivoted=args.pivoted, kept=res.ratio,
                    stored_params=sum(p.numel() for p in model.parameters()),
                    params_before=res.layerwise.params_before,
@@ -234,17 +238,12 @@ def main(argv=None) -> int:
                    heal_curve={**curve, (res.heal.best_step + 1 if res.heal.stopped
                                          else args.heal_steps): ppl.ppl / ref["ppl"]}
                    if curve and res.heal else None,
-                   # the curve's measures ran inside healing: their time is taken out
-                   # (heal_curve_seconds); the healing peak includes them
-                   seconds=dict(load=load_s, text=text_s, **{
-                       k: v - (curve_s[0] if k in ("healing", "total") else 0.0)
-                       for k, v in res.seconds.items()}, eval=eval_s),
+                   seconds=dict(load=load_s, text=text_s, **secs, eval=eval_s),
                    peak_rss_mb=_rss(), rss_after_load_mb=rss_loaded,
                    stage_peak_rss_mb=res.peak_rss_mb,
                    heal_curve_seconds=curve_s[0],
                    heal_peak_includes_curve=bool(curve),
-                   compress_seconds=res.seconds.get("compression", 0)
-                   + res.seconds.get("healing", 0) - curve_s[0])
+                   compress_seconds=secs.get("compression", 0) + secs.get("healing", 0))
     if not args.no_answers:
         answers = greedy_answers(model, tok, simple_questions())
         out.update(answers=answers, answer_agreement=answer_agreement(answers, ref["answers"]),

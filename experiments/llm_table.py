@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -30,6 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.lm_quality import answers_correct  # noqa: E402
+
+
+def unchunked(method: str) -> str:
+    """A row's method without its KL chunking (which changes memory, not the loss)."""
+    return re.sub(r", KL chunks of \d+", "", method)
 
 
 def cell(values: list[float], fmt: str = "{:.3f}") -> str:
@@ -109,12 +115,17 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-def plot(rows, path: Path) -> None:
+def axes():
+    """A 6 x 4 inch figure and its axes (matplotlib without a display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt.subplots(figsize=(6, 4))
+
+
+def plot(rows, path: Path) -> None:
+    fig, ax = axes()
     series: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
     for (method, _budget, heal, texts), runs in rows.items():
         kept = statistics.mean(r.get("kept", 1.0) for r in runs)
@@ -142,11 +153,7 @@ def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int) -> None:
 
 
 def curve_plot(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = axes()
     for (method, budget, heal, texts), runs in sorted(rows.items()):
         for r in runs:
             if not r.get("heal_curve"):
@@ -156,10 +163,9 @@ def curve_plot(rows, path: Path) -> None:
                             label=f"{method}, {budget:.0%}, {texts} texts, seed "
                                   f"{r.get('seed', 0)}: along {heal} steps")
             # the same row's other runs (the chunking aside), each its own schedule
-            same = method.replace(", KL chunks of 128", "")
             ends = [(h, o["ppl_ratio"], o.get("seed", 0))
                     for (m, b, h, t), others in rows.items()
-                    if m.replace(", KL chunks of 128", "") == same and b == budget
+                    if unchunked(m) == unchunked(method) and b == budget
                     and t == texts and h != heal for o in others]
             if ends:
                 ax.scatter([e[0] for e in ends], [e[1] for e in ends], marker="x",

@@ -1362,8 +1362,8 @@ def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
 
 def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
     """``on_step`` is called before the first step with 0 and after each step with its
-    number; evaluating the student there
-    (which fills the MPO layers' dense caches) leaves the trajectory as it was."""
+    number; evaluating the student there (which fills the MPO layers' dense caches)
+    leaves the trajectory as it was."""
     from tnlm.bridge import set_dense_cache
 
     teacher = _llama()

@@ -264,23 +264,27 @@ def test_int8_per_channel_uses_seven_bit_weights_and_is_no_worse_than_per_tensor
 
     x = _low_rank_chain(tmp_path / "f.onnx")
 
+    def run(name):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    ref = run("f.onnx")
+
     def error(name, **kw):
         quantize_int8(tmp_path / "f.onnx", tmp_path / name, **kw)
-        run = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
-        ref = ort.InferenceSession(str(tmp_path / "f.onnx"),
-                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        out = run.run(None, {"x": x})[0]
-        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        return float(np.linalg.norm(run(name) - ref) / np.linalg.norm(ref))
+
+    def quantized(name):  # the largest |code| of each int8 weight of the file
+        return {i.name: int(np.abs(numpy_helper.to_array(i).astype(np.int32)).max())
+                for i in onnx.load(str(tmp_path / name)).graph.initializer
+                if i.name.endswith("_quantized")}
 
     per_tensor, per_channel = error("t.onnx"), error("c.onnx", per_channel=True)
     assert per_channel <= 1.5 * per_tensor, (per_channel, per_tensor)
-    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "c.onnx"))
-               .graph.initializer if i.name.endswith("_quantized")}
-    assert weights and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights.values())
+    weights = quantized("c.onnx")
+    assert weights and all(m <= 64 for m in weights.values())
     error("c8.onnx", per_channel=True, reduce_range=False)  # 8 bits on request
-    full = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "c8.onnx"))
-            .graph.initializer if i.name.endswith("_quantized")}
-    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full.values()) > 64
+    assert max(quantized("c8.onnx").values()) > 64
 
 
 # ---------------------------------------------------------------- 4-bit word embeddings

@@ -367,12 +367,18 @@ class _ChunkedKL:
                 self.ok = agree[0] == dist_.world()[1]
         return bool(self.ok)
 
+    @property
+    def gives_hidden(self) -> bool:
+        """After :meth:`check`: whether :meth:`teacher_side` gives the teacher's last hidden
+        states (its head then runs chunk by chunk) rather than its full logits."""
+        return bool(self.ok) and self.t_head is not None
+
     def teacher_side(self, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """What the KL needs of ``teacher`` (the model given at construction) for batch
         ``ids``, after :meth:`check`: its last hidden states when the logits are computed
         chunk by chunk (the teacher is the same architecture as the student), else its
         full logits (float32)."""
-        if self.ok and self.t_head is not None:  # in the head's dtype (autocast may differ)
+        if self.gives_hidden:  # in the head's dtype (autocast may differ)
             return self.t_base(input_ids=ids, use_cache=False).last_hidden_state.to(
                 self.t_head.weight.dtype)
         return teacher(input_ids=ids, use_cache=False).logits.float()
@@ -413,10 +419,14 @@ class _TeacherCache:
         self.bytes = 0
         self.computed = 0
 
-    def get(self, idx: Sequence[int],
-            compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    def get(self, idx: Sequence[int], compute: Callable[[list[int]], torch.Tensor],
+            keep: bool = True) -> torch.Tensor:
         """The stacked outputs of the sequences ``idx`` (repeats allowed); ``compute(
-        missing)`` runs the teacher on the distinct ones not kept, in their order."""
+        missing)`` runs the teacher on the distinct ones not kept, in their order. With
+        ``keep`` False (full logits) nothing is kept: ``compute(idx)`` runs on them all."""
+        if not keep:
+            self.computed += len(idx)
+            return compute(list(idx))
         missing = list(dict.fromkeys(i for i in idx if i not in self.kept))
         fresh: dict[int, torch.Tensor] = {}
         if missing:
@@ -586,11 +596,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 if kl is not None:
                     with dist_.rank_failures("healing's forward"):
                         kl.check(ids)  # before autocast: the check compares float32 logits
-                if kl is not None and kl.ok and kl.t_head is not None:  # hidden states
-                    t_out = cache.get(mine, teacher_out)
-                else:  # the full logits, (T, vocab) a sequence: never kept
-                    t_out = teacher_out(mine)
-                    cache.computed += len(mine)
+                # hidden states are kept; full logits, (T, vocab) a sequence, never
+                t_out = cache.get(mine, teacher_out, keep=kl is not None and kl.gives_hidden)
                 with dist_.rank_failures("healing's forward"):
                     loss = loss_of(ids, t_out)
                 # the whole batch's loss: the ranks' shares weighted by their sizes
@@ -625,12 +632,11 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                     invalidate_caches(student)  # an evaluation's dense W: stale next step
         finally:
             del loss_of  # DDP's hooks on the parameters go with it, also on error
-            computed = cache.computed
+            result.teacher_sequences = cache.computed
             del cache  # the kept states do not outlive healing, also on error
         if result.stopped:
             with torch.no_grad():
                 for b, p in zip(best, params):
                     p.copy_(b)
     result.seconds = time.perf_counter() - t0
-    result.teacher_sequences = computed
     return result
