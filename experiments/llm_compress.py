@@ -46,22 +46,12 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     perplexity,
     simple_questions,
 )
+from tnlm.compress.memory import release_memory, rss_mb  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 
 
 def _rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_now() -> float | None:
-    """The process's resident memory now (MiB; Linux), not its peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -152,7 +142,8 @@ def main(argv=None) -> int:
     model, tok = load_pretrained(path)
     load_s = time.perf_counter() - t0
     dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    rss_loaded = _rss_now() or _rss()
+    release_memory()  # as the job's stages start: what the loading freed is given back
+    rss_loaded = rss_mb() or _rss()
     eval_text = natural_eval_text()
     if eval_text is None:
         print("../shared/data is absent: no natural held-out text")

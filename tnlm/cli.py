@@ -7,9 +7,11 @@ mistakes print one line on stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -564,14 +566,30 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     from tnlm.compress.causal import token_sequences
     from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
     from tnlm.compress.lm_quality import natural_eval_text, perplexity
+    from tnlm.compress.memory import peak_rss_mb, rss_mb, start_stage
     from tnlm.integration import MPOConfig, MPOModel
     from tnlm.integration.loading import load_pretrained
 
     targets, heal_steps = recipe.target_modules, recipe.heal.steps
     ckpt = Path(args.out) / LAYERWISE_DIR if args.out else None  # on every rank
+    seconds: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        """Seconds and peak memory of one of the job's own stages (rank 0's)."""
+        start_stage()
+        t0 = time.perf_counter()
+        yield
+        seconds[name] = time.perf_counter() - t0
+        peaks[name] = peak_rss_mb()
+
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
-                                 else source.folder)
+    with stage("loading"):
+        model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
+                                     else source.folder)
+    start_stage()
+    loaded_mb = rss_mb()  # what every peak is compared with: the model and the libraries
     if text is not None:  # enough tokens for one sequence, before any expensive step
         try:
             token_sequences(tok, text, recipe.seq_len)
@@ -591,7 +609,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
             eval_text = ["\n".join(lm_held_out())]
             eval_source = ("tnlm's held-out prose (tnlm/data/lm_held_out.txt.gz: topics the "
                            "healing prose never names)")
-        dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
+        with stage("dense_perplexity"):
+            dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
     res = compress_causal_lm(model, tok, recipe, text=text,
                              progress=not args.quiet and rank == 0, log=say,
                              checkpoint_dir=ckpt, resume=args.resume)
@@ -600,7 +619,18 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                               + (f" in {out}" if out else ""))
     if rank != 0:
         return 0
-    ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+    with stage("perplexity"):
+        ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+    seconds.update(res.seconds)
+    peaks.update(res.peak_rss_mb)
+    if out is not None:
+        from tnlm.export import save_self_contained
+
+        with stage("saving"):
+            wrapped = MPOModel(model, MPOConfig(target_modules=targets))
+            save_self_contained(wrapped, tok, out, sentence_transformers=False)
+    known = {k: v for k, v in peaks.items() if v is not None}
+    top = max(known, key=known.get) if known else None
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
                    budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
@@ -609,8 +639,10 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    text=("--text " + str(args.text)) if args.text else recipe.text_source,
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
-                   eval_text=eval_source, seconds=res.seconds,
-                   peak_rss_mb=res.peak_rss_mb, processes=size)
+                   eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,
+                   rss_after_load_mb=loaded_mb, peak_stage=top,
+                   peak_over_loaded=(known[top] / loaded_mb if top and loaded_mb else None),
+                   processes=size)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -619,11 +651,10 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
               f"{recipe.method}; healing {heal_steps} steps ({recipe.heal.optimizer})")
         print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
               f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
+        if summary["peak_over_loaded"] is not None:
+            print(f"peak memory {known[top]:,.0f} MiB ({top}), "
+                  f"{summary['peak_over_loaded']:.2f}x the {loaded_mb:,.0f} MiB after loading")
     if out is not None:
-        from tnlm.export import save_self_contained
-
-        wrapped = MPOModel(model, MPOConfig(target_modules=targets))
-        save_self_contained(wrapped, tok, out, sentence_transformers=False)
         if ckpt is not None:
             remove_checkpoint(ckpt)  # the model is saved: nothing left to resume
         say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")

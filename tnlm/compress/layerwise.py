@@ -67,6 +67,7 @@ from tnlm.compress import distributed as dist_
 from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.memory import peak_rss_mb
 from tnlm.core.budget import check_fraction
 from tnlm.core.pivot import pivoted_params, pivoted_rank_for_fraction
 from tnlm.integration.architectures import blocks_of
@@ -75,7 +76,7 @@ from tnlm.integration.config import MPOConfig
 __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "block_error", "dense_spectra",
            "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
-           "peak_rss_mb", "reset_peak_rss", "write_checkpoint", "read_checkpoint_state",
+           "write_checkpoint", "read_checkpoint_state",
            "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
            "CHECKPOINT_STATE"]
 
@@ -336,35 +337,6 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process in MiB since it started or since the last
-    :func:`reset_peak_rss` (Linux ``VmHWM``; elsewhere the whole run's ``ru_maxrss``;
-    None where unknown)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except Exception:  # pragma: no cover - not on every platform
-        return None
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak for :func:`peak_rss_mb` at the current resident memory (Linux
-    ``clear_refs``); False where the peak cannot be reset (it then covers the whole run)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @torch.no_grad()

@@ -62,11 +62,10 @@ from tnlm.compress.layerwise import (
     LayerwiseResult,
     check_checkpoint,
     compress_layerwise,
-    peak_rss_mb,
     read_checkpoint_state,
-    reset_peak_rss,
 )
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
+from tnlm.compress.memory import peak_rss_mb, start_stage
 from tnlm.compress.text import lm_sentences
 from tnlm.core.pivot import pivoted_params
 from tnlm.integration.architectures import architecture_of, blocks_of
@@ -219,9 +218,10 @@ class CausalLMResult:
     n_sequences: int
     seconds: dict[str, float]
     #: per stage ("text", "compression", "healing"): the process's peak resident memory
-    #: in MiB during that stage. Measured by resetting Linux's high-water mark at each
-    #: stage's start (:func:`~tnlm.compress.layerwise.reset_peak_rss`), which also resets
-    #: what ``getrusage`` reports as the process's peak for the rest of the run.
+    #: in MiB during that stage. At each stage's start the memory earlier stages freed is
+    #: given back to the system and Linux's high-water mark is reset
+    #: (:func:`~tnlm.compress.memory.start_stage`), which also resets what ``getrusage``
+    #: reports as the process's peak for the rest of the run.
     peak_rss_mb: dict[str, float | None]
 
     @property
@@ -436,7 +436,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()
-    reset_peak_rss()
+    start_stage()
     if text is None:
         sent: dict[str, Any] = {}
         if rank == 0:
@@ -469,7 +469,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         else:
             teacher = teacher_copy(model)
     t1 = time.perf_counter()
-    reset_peak_rss()
+    start_stage()
     lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
                             log=say, resume=resume)
     seconds["compression"] = time.perf_counter() - t1
@@ -490,7 +490,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     healed = None
     if teacher is not None:
         t1 = time.perf_counter()
-        reset_peak_rss()
+        start_stage()
         healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress,
                              on_step=on_heal_step)
         seconds["healing"] = time.perf_counter() - t1

@@ -1,0 +1,53 @@
+"""Per-stage memory measures (tnlm.compress.memory)."""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import pytest
+import torch
+
+from tnlm.compress.memory import peak_rss_mb, release_memory, reset_peak_rss, rss_mb, start_stage
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                           reason="per-stage peaks need Linux /proc")
+
+
+@linux
+def test_peak_memory_resets_per_stage():
+    """A 400 MiB buffer freed before the reset no longer counts in the peak after it."""
+    before = peak_rss_mb()
+    buf = torch.ones(100 * 2**20)  # 400 MiB, touched
+    high = peak_rss_mb()
+    assert high >= before and high > 300
+    del buf
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 300
+
+
+@linux
+def test_release_memory_gives_back_what_the_heap_kept():
+    """200 MiB of small blocks freed around survivors stay resident (the heap cannot shrink
+    past a live block) until release_memory trims it; a stage started after it peaks at
+    the live memory, not at what the earlier stage left."""
+    if not release_memory():
+        pytest.skip("not glibc: no malloc_trim")
+    base = rss_mb()
+    blocks = [bytes(2000) + bytes([i % 256]) for i in range(100_000)]  # ~200 MiB, malloc'd
+    keep = blocks[::50]  # one survivor in every 50 blocks pins the heap's pages
+    del blocks
+    gc.collect()
+    kept = rss_mb()
+    assert kept > base + 150  # freed, but resident
+    assert start_stage()
+    assert rss_mb() < kept - 120  # given back
+    assert peak_rss_mb() < kept - 120  # the new stage's peak starts from there
+    assert len(keep) == 2000
+
+
+def test_rss_is_not_above_the_peak():
+    now, peak = rss_mb(), peak_rss_mb()
+    if now is None:
+        pytest.skip("no /proc")
+    assert 0 < now <= peak + 1

@@ -1,0 +1,105 @@
+"""Resident memory of this process, as the compression jobs report it per stage.
+
+A stage's peak is measured from its start: :func:`release_memory` hands the memory the
+previous stage freed back to the operating system, :func:`reset_peak_rss` starts a new
+peak at the resident memory left, and :func:`peak_rss_mb` reads it at the stage's end::
+
+    release_memory(); reset_peak_rss()
+    ...                      # the stage
+    peak = peak_rss_mb()     # MiB, this stage's live memory at its highest
+
+Without the release, memory that the allocator kept after an earlier stage (glibc keeps
+freed small blocks in its heaps; text generation and perplexity leave some hundred MiB
+there) counts in every later stage's peak although no tensor uses it.
+
+Linux reports the peak since a reset (``VmHWM``, reset through ``/proc/self/clear_refs``);
+elsewhere :func:`peak_rss_mb` is the whole run's ``ru_maxrss`` and the reset does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+
+__all__ = ["rss_mb", "peak_rss_mb", "reset_peak_rss", "release_memory", "start_stage"]
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` field in MiB (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process now, in MiB (Linux ``VmRSS``; None elsewhere)."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB since it started or since the last
+    :func:`reset_peak_rss` (Linux ``VmHWM``; elsewhere the whole run's ``ru_maxrss``;
+    None where unknown)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:  # pragma: no cover - not on every platform
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak for :func:`peak_rss_mb` at the current resident memory (Linux
+    ``clear_refs``); False where the peak cannot be reset (it then covers the whole run)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _libc_trim():
+    """glibc's ``malloc_trim`` or None (another C library, another platform)."""
+    try:
+        name = ctypes.util.find_library("c")
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+    return trim
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory() -> bool:
+    """Collect Python's unreachable objects and give the C heap's free memory back to the
+    operating system (glibc ``malloc_trim(0)``: free pages anywhere in the heaps, not only
+    at their top). Changes no tensor; later allocations ask the system again.
+
+    Returns:
+        True where the heap was trimmed (glibc), False where only ``gc.collect()`` ran.
+    """
+    gc.collect()
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
+
+
+def start_stage() -> bool:
+    """:func:`release_memory`, then :func:`reset_peak_rss`: the next :func:`peak_rss_mb`
+    is the highest live memory from here on. Returns :func:`reset_peak_rss`'s result."""
+    release_memory()
+    return reset_peak_rss()
