@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="healing's optimizer (adafactor: factored second moments, less "
                         "memory; the same lr)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of the block-output term in healing (needs --chunk)")
     p.add_argument("--chunk", type=int, default=None,
                    help="healing's KL over chunks of this many positions (less memory)")
     p.add_argument("--eval-length", type=int, default=256)
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
                               checkpoint_blocks=not args.no_checkpoint_blocks,
                               optimizer=args.optimizer, chunk=args.chunk,
+                              hidden_weight=args.hidden_weight,
                               teacher_cache_mb=CausalHealConfig.teacher_cache_mb
                               if args.teacher_cache_mb is None else args.teacher_cache_mb),
         seed=args.seed)
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
                    heal_losses=res.heal.losses[::10] if res.heal else None,
                    heal_stopped=res.heal.stopped if res.heal else None,
                    heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
+                   heal_hidden_losses=res.heal.hidden_losses[::10] if res.heal else None,
                    # the last point: the parameters kept (the best step's after a stop)
                    heal_curve={**curve, (res.heal.best_step + 1 if res.heal.stopped
                                          else args.heal_steps): ppl.ppl / ref["ppl"]}
@@ -245,7 +249,8 @@ def main(argv=None) -> int:
                    dense_token_agreement=ref["token_agreement"])
     _atomic_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items()
-                      if k not in ("answers", "heal_losses", "block_errors", "args")}, indent=1))
+                      if k not in ("answers", "heal_losses", "heal_hidden_losses", "block_errors",
+                                   "args")}, indent=1))
     return 0
 
 

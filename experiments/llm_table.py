@@ -74,6 +74,8 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
                  f"lr {args['lr']:g}" if args.get("lr", 2e-4) != 2e-4 else "",
                  args.get("optimizer") if args.get("optimizer", "adamw") != "adamw" else "",
                  f"KL chunks of {args['chunk']}" if args.get("chunk") else "",
+                 f"block outputs x {args['hidden_weight']:g}" if args.get("hidden_weight")
+                 else "",
                  "per-position error" if tnlm and args.get("output_error") == "position"
                  else "",
                  "per-position fitting" if tnlm and args.get("fit_error") == "position"

@@ -526,8 +526,8 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     full = next_token_kl(student(input_ids=ids).logits, t_logits)
     g_full = torch.autograd.grad(full, params, allow_unused=True)
     chunked = _ChunkedKL(student, chunk=7)
-    loss = chunked(ids, t_logits)
-    assert chunked.ok
+    loss, term = chunked(ids, t_logits)
+    assert chunked.ok and term is None
     g = torch.autograd.grad(loss, params, allow_unused=True)
     assert float(loss) == pytest.approx(float(full), rel=1e-5)
     for a, b in zip(g, g_full):
@@ -539,7 +539,7 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     with torch.no_grad():
         t_out = with_teacher.teacher_side(teacher, ids)
     assert t_out.shape == (3, 12, teacher.config.get_text_config().hidden_size)
-    loss = with_teacher(ids, t_out)
+    loss, _ = with_teacher(ids, t_out)
     g = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher is not trained
@@ -560,10 +560,81 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     assert not scaled.check(ids)
     with torch.no_grad():  # the teacher's full logits then
         assert torch.equal(scaled.teacher_side(teacher, ids), t_logits)
-    loss = scaled(ids, t_logits)
+    loss, _ = scaled(ids, t_logits)
     assert scaled.ok is False
     assert float(loss) == pytest.approx(
         float(next_token_kl(student(input_ids=ids).logits, t_logits)), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
+    """hidden_weight adds w x the mean over blocks and positions of the relative squared
+    error of the student's block outputs (computed here from output_hidden_states); it is
+    0 for a student equal to the teacher, it trains the blocks, and a model whose logits
+    are not head(hidden) or a config without chunk are refused."""
+    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+
+    teacher = MAKERS[arch]()
+    student = copy.deepcopy(teacher)
+    ids = _seqs(n=3, T=12)
+    same = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
+    assert same.check(ids)
+    with torch.no_grad():
+        t_out = same.teacher_side(teacher, ids)
+        n_blocks = len(blocks_of(teacher))
+        assert t_out.shape == (3, n_blocks, 12, teacher.config.get_text_config().hidden_size)
+        loss, term = same(ids, t_out)
+    assert float(term) == 0.0 and abs(float(loss)) < 1e-6
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl_only = _ChunkedKL(student, chunk=5, teacher=teacher)
+    kl_only.check(ids)
+    loss0, _ = kl_only(ids, t_out[:, -1])
+    w = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
+    loss, term = w(ids, t_out)
+    s_states = student.base_model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    t_states = teacher.base_model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    want = sum(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).mean()
+               for s, t in zip(s_states, t_states)) / n_blocks
+    assert float(term) == pytest.approx(float(want), rel=1e-4) and float(term) > 0
+    assert float(loss) == pytest.approx(float(loss0) + 2.0 * float(want), rel=1e-4)
+    loss.backward()
+    first = blocks_of(student)[0]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    with pytest.raises(ValueError, match="hidden_weight .* needs the chunked KL"):
+        CausalHealConfig(hidden_weight=1.0)
+    with pytest.raises(ValueError, match="hidden_weight must be a finite number"):
+        CausalHealConfig(hidden_weight=-1.0, chunk=8)
+
+    class Scaled(type(student)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits / 3.0
+            return out
+
+    student.__class__ = Scaled
+    scaled = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=1.0)
+    with pytest.raises(ValueError, match="hidden_weight needs a model whose logits"):
+        scaled(ids, t_out)
+
+
+def test_healing_with_the_block_term_records_it_and_lowers_it():
+    teacher = MAKERS["llama"]()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seqs = _seqs(16, 12)
+    cfg = CausalHealConfig(steps=12, lr=3e-3, batch_size=4, warmup=2, chunk=8,
+                           hidden_weight=1.0)
+    res = heal_causal(student, teacher, seqs, cfg, progress=False)
+    assert len(res.hidden_losses) == len(res.losses) == 12
+    assert all(total >= term for total, term in zip(res.losses, res.hidden_losses))
+    assert min(res.hidden_losses[-3:]) < res.hidden_losses[0]
+    plain = heal_causal(copy.deepcopy(student), teacher, seqs,
+                        CausalHealConfig(steps=2, batch_size=4, chunk=8), progress=False)
+    assert plain.hidden_losses == []
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

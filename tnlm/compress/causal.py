@@ -12,7 +12,18 @@ Healing. The student learns the dense teacher's next-token distributions::
 
     loss = mean over tokens t of KL(p_teacher(· | x_<t) || p_student(· | x_<t))
 
-(temperature 1). AdamW (or Adafactor, ``optimizer="adafactor"``: see
+(temperature 1). With ``hidden_weight`` w > 0 (needs the chunked KL, ``chunk``) the
+student's block outputs are matched to the teacher's as well, each position's error
+relative to the teacher's state there (the massive activations of a few positions would
+otherwise be all the term sees)::
+
+    loss += w * mean over blocks l and tokens t of
+            ||h_student^l(t) - h_teacher^l(t)||^2 / ||h_teacher^l(t)||^2
+
+(``h^l``: the model's ``hidden_states[l]``, l = 1 .. L, the last after the final norm),
+a target per block and token instead of one distribution per token.
+
+AdamW (or Adafactor, ``optimizer="adafactor"``: see
 :class:`CausalHealConfig`), linear warm-up, cosine decay, gradient clipping. What trains
 (``train``, one of :data:`TRAIN`, the sets of those names in :mod:`tnlm.bridge.finetune`,
 taken in the blocks: never the embeddings, the final norm or the LM head): ``"cores"``
@@ -252,7 +263,11 @@ class CausalHealConfig:
     on 256 sequences: 2.3 times), and the teacher's forward is one of the five block
     passes of a step (teacher, student, the student's recomputation, backward's two).
     The full logits the KL takes without ``chunk`` (24 MiB a sequence for SmolLM2) are
-    never kept."""
+    never kept. With ``hidden_weight`` the teacher's states of every block are kept
+    ((L, T, hidden) a sequence: 8.4 MiB for SmolLM2), so the same limit keeps fewer.
+
+    ``hidden_weight``: the weight of the block-output term (module docstring); 0, the
+    default, distils the next-token distributions alone. Needs ``chunk``."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -266,8 +281,13 @@ class CausalHealConfig:
     checkpoint_blocks: bool = True
     optimizer: str = "adamw"
     teacher_cache_mb: float = 256.0
+    hidden_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        w = self.hidden_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (
+                math.isfinite(w) and w >= 0):
+            raise ValueError(f"hidden_weight must be a finite number >= 0, got {w!r}")
         if isinstance(self.teacher_cache_mb, bool) or not isinstance(
                 self.teacher_cache_mb, (int, float)) or not (
                 math.isfinite(self.teacher_cache_mb) and self.teacher_cache_mb >= 0):
@@ -281,6 +301,9 @@ class CausalHealConfig:
         if self.chunk is not None and (isinstance(self.chunk, bool)
                                        or not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk!r}")
+        if self.hidden_weight and self.chunk is None:
+            raise ValueError(f"hidden_weight ({self.hidden_weight}) needs the chunked KL: "
+                             "set chunk (e.g. 128)")
         for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -303,6 +326,9 @@ class CausalHealResult:
     #: sequences the teacher ran (each batch's sequences not found in the teacher cache;
     #: under torch.distributed, this rank's)
     teacher_sequences: int = 0
+    #: with ``hidden_weight``: each step's block-output term (unweighted; ``losses`` holds
+    #: the whole loss, this term weighted included)
+    hidden_losses: list[float] = field(default_factory=list)
 
 
 def _kl_sum(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
@@ -328,9 +354,10 @@ class _ChunkedKL:
     model's own logits (:meth:`check`; models that scale or cap their logits, e.g.
     Gemma-2, Granite, fall back to the full logits of both)."""
 
-    def __init__(self, student: nn.Module, chunk: int, teacher: nn.Module | None = None
-                 ) -> None:
+    def __init__(self, student: nn.Module, chunk: int, teacher: nn.Module | None = None,
+                 hidden_weight: float = 0.0) -> None:
         self.student, self.chunk = student, chunk
+        self.hidden_weight = float(hidden_weight)
         self.base, self.head = self._parts(student)
         self.ok: bool | None = None if self.head is not None else False
         # the teacher's head chunk by chunk only for a teacher of the student's own class
@@ -349,6 +376,12 @@ class _ChunkedKL:
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base(input_ids=ids, use_cache=False).last_hidden_state
+
+    @staticmethod
+    def _states(base: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every block's output of ``base`` for ``ids``: ``hidden_states[1:]``, L tensors
+        (b, T, hidden), the last after the final norm (= ``last_hidden_state``)."""
+        return base(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[1:]
 
     def check(self, ids: torch.Tensor) -> bool:
         """On the first batch: does ``head(base(ids))`` give the student's own logits (the
@@ -378,18 +411,38 @@ class _ChunkedKL:
         ``ids``, after :meth:`check`: its last hidden states when the logits are computed
         chunk by chunk (the teacher is the same architecture as the student), else its
         full logits (float32)."""
+        if self.hidden_weight and self.gives_hidden:  # (b, L, T, hidden): every block's
+            return torch.stack(self._states(self.t_base, ids), dim=1).to(
+                self.t_head.weight.dtype)
         if self.gives_hidden:  # in the head's dtype (autocast may differ)
             return self.t_base(input_ids=ids, use_cache=False).last_hidden_state.to(
                 self.t_head.weight.dtype)
         return teacher(input_ids=ids, use_cache=False).logits.float()
 
-    def __call__(self, ids: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, t_out: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, block term)``: the KL plus ``hidden_weight`` x the block-output term
+        (module docstring) and that term alone (None without ``hidden_weight``)."""
         from torch.utils.checkpoint import checkpoint
 
         if not self.check(ids):
-            return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_out)
-        h = self.hidden(ids).flatten(0, -2)
-        t = t_out.flatten(0, -2)
+            if self.hidden_weight:
+                raise ValueError("hidden_weight needs a model whose logits are its head "
+                                 "applied to its last hidden states (this one scales or caps "
+                                 "them); set hidden_weight=0")
+            return next_token_kl(self.student(input_ids=ids, use_cache=False).logits,
+                                 t_out), None
+        term = None
+        if self.hidden_weight:
+            if self.t_head is None or t_out.dim() != 4:
+                raise ValueError("hidden_weight needs the teacher's states of every block "
+                                 "(teacher_side of a teacher of the student's class)")
+            states = self._states(self.base, ids)
+            term = _block_term(states, t_out)
+            h, t = states[-1].flatten(0, -2), t_out[:, -1].flatten(0, -2)
+        else:
+            h = self.hidden(ids).flatten(0, -2)
+            t = t_out.flatten(0, -2)
         # with a teacher given, t_out is its hidden states (teacher_side after the check)
         if self.t_head is not None and t.shape[-1] != self.t_head.in_features:
             raise ValueError(f"the teacher's hidden states (width {self.t_head.in_features}, "
@@ -403,7 +456,23 @@ class _ChunkedKL:
             total = total + checkpoint(_kl_sum, h[i:i + self.chunk], t[i:i + self.chunk],
                                        self.head.weight, self.head.bias, t_weight, t_bias,
                                        use_reentrant=False)
-        return total / h.shape[0]
+        kl = total / h.shape[0]
+        return (kl, None) if term is None else (kl + self.hidden_weight * term, term)
+
+
+def _block_term(states: Sequence[torch.Tensor], teacher: torch.Tensor) -> torch.Tensor:
+    """The mean over blocks and positions of ``||s - t||² / ||t||²`` per position: the
+    student's block outputs ``states`` (L tensors (b, T, hidden)) against the teacher's
+    ``teacher`` (b, L, T, hidden)."""
+    if len(states) != teacher.shape[1]:
+        raise ValueError(f"the teacher has {teacher.shape[1]} block outputs, the student "
+                         f"{len(states)}")
+    total = teacher.new_zeros((), dtype=torch.float32)
+    for i, h in enumerate(states):
+        t = teacher[:, i].float()
+        err = (h.float() - t).pow(2).sum(-1)
+        total = total + (err / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return total / len(states)
 
 
 class _TeacherCache:
@@ -452,12 +521,13 @@ class _HealingLoss(nn.Module):
         self.student = student
         self.kl = kl
 
-    def forward(self, ids: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
-        """``t_out``: the teacher's logits, or with the chunked KL what
-        :meth:`_ChunkedKL.teacher_side` gave."""
+    def forward(self, ids: torch.Tensor, t_out: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss, block term or None)``; ``t_out``: the teacher's logits, or with the
+        chunked KL what :meth:`_ChunkedKL.teacher_side` gave."""
         if self.kl is not None:
             return self.kl(ids, t_out)
-        return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_out)
+        return next_token_kl(self.student(input_ids=ids, use_cache=False).logits, t_out), None
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
@@ -568,7 +638,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
         # DDP after the flags are set: it averages the gradients of what trains
-        kl = _ChunkedKL(student, config.chunk, teacher) if config.chunk else None
+        kl = _ChunkedKL(student, config.chunk, teacher, config.hidden_weight) \
+            if config.chunk else None
         loss_of = dist_.data_parallel(_HealingLoss(student, kl))
         cache = _TeacherCache(config.teacher_cache_mb)
 
@@ -599,11 +670,16 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 # hidden states are kept; full logits, (T, vocab) a sequence, never
                 t_out = cache.get(mine, teacher_out, keep=kl is not None and kl.gives_hidden)
                 with dist_.rank_failures("healing's forward"):
-                    loss = loss_of(ids, t_out)
+                    loss, term = loss_of(ids, t_out)
                 # the whole batch's loss: the ranks' shares weighted by their sizes
-                value = dist_.all_reduce_floats([float(loss.detach()) * share],
-                                                "the healing loss")[0]
+                sent = [float(loss.detach()) * share]
+                if term is not None:
+                    sent.append(float(term.detach()) * share)
+                got = dist_.all_reduce_floats(sent, "the healing loss")
+                value = got[0]
                 result.losses.append(value)
+                if term is not None:
+                    result.hidden_losses.append(got[1])
                 run = value if run is None else 0.9 * run + 0.1 * value
                 if step < max(1, config.warmup):
                     start = (value if start is None else start) if step == 0 else \
