@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--eval-at: steps must be in [0, --heal-steps) = [0, {args.heal_steps}) "
                 f"(the last step is always measured), got {bad}")
+    if args.hidden_weight and not args.chunk:
+        p.error("--hidden-weight needs --chunk (the block term runs with the chunked KL)")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     path = default_llm_path()

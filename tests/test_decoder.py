@@ -606,6 +606,8 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
         CausalHealConfig(hidden_weight=1.0)
     with pytest.raises(ValueError, match="hidden_weight must be a finite number"):
         CausalHealConfig(hidden_weight=-1.0, chunk=8)
+    with pytest.raises(ValueError, match="a student and a teacher of one class"):
+        _ChunkedKL(student, chunk=5, hidden_weight=1.0)  # no teacher
 
     class Scaled(type(student)):
         def forward(self, *args, **kwargs):
@@ -630,7 +632,6 @@ def test_healing_with_the_block_term_records_it_and_lowers_it():
                            hidden_weight=1.0)
     res = heal_causal(student, teacher, seqs, cfg, progress=False)
     assert len(res.hidden_losses) == len(res.losses) == 12
-    assert all(total >= term for total, term in zip(res.losses, res.hidden_losses))
     assert min(res.hidden_losses[-3:]) < res.hidden_losses[0]
     plain = heal_causal(copy.deepcopy(student), teacher, seqs,
                         CausalHealConfig(steps=2, batch_size=4, chunk=8), progress=False)

@@ -29,6 +29,8 @@ RUNS = {
     "cores": dict(steps=4, lr=3e-3, batch_size=5, warmup=2, train="cores"),  # shares 3 + 2
     # healing_optimizer's Adafactor (stepping views of the MPO cores) under DDP too
     "adafactor": dict(steps=6, lr=3e-2, batch_size=4, warmup=2, optimizer="adafactor"),
+    # the block-output term: a second value in the all-reduce, (loss, term) through DDP
+    "hidden": dict(steps=6, lr=3e-3, batch_size=4, warmup=2, chunk=7, hidden_weight=1.0),
 }
 #: encoder healing runs: name -> HealConfig settings
 ENCODER_RUNS = {

@@ -574,21 +574,25 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     ckpt = Path(args.out) / LAYERWISE_DIR if args.out else None  # on every rank
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
+    resets = []  # whether every stage's peak could be reset (Linux), else running maxima
+    t_job = time.perf_counter()
 
     @contextlib.contextmanager
     def stage(name: str):
         """Seconds and peak memory of one of the job's own stages (rank 0's)."""
-        start_stage()
+        resets.append(start_stage())
         t0 = time.perf_counter()
-        yield
-        seconds[name] = time.perf_counter() - t0
-        peaks[name] = peak_rss_mb()
+        try:
+            yield
+        finally:
+            seconds[name] = time.perf_counter() - t0
+            peaks[name] = peak_rss_mb()
 
     torch.manual_seed(args.seed)
     with stage("loading"):
         model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
                                      else source.folder)
-    start_stage()
+    resets.append(start_stage())
     loaded_mb = rss_mb()  # what every peak is compared with: the model and the libraries
     if text is not None:  # enough tokens for one sequence, before any expensive step
         try:
@@ -619,17 +623,25 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                               + (f" in {out}" if out else ""))
     if rank != 0:
         return 0
+    # compress_causal_lm's stages in their place (its "total" is theirs alone)
+    seconds.update({k: v for k, v in res.seconds.items() if k != "total"})
+    peaks.update(res.peak_rss_mb)
     with stage("perplexity"):
         ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
-    seconds.update(res.seconds)
-    peaks.update(res.peak_rss_mb)
     if out is not None:
         from tnlm.export import save_self_contained
 
-        with stage("saving"):
-            wrapped = MPOModel(model, MPOConfig(target_modules=targets))
-            save_self_contained(wrapped, tok, out, sentence_transformers=False)
-    known = {k: v for k, v in peaks.items() if v is not None}
+        try:
+            with stage("saving"):
+                wrapped = MPOModel(model, MPOConfig(target_modules=targets))
+                save_self_contained(wrapped, tok, out, sentence_transformers=False)
+        except Exception:  # the run's measures are not lost with the model
+            print(f"not saved; perplexity dense {dense.ppl:.4f}, compressed {ppl.ppl:.4f} "
+                  f"({ppl.ppl / dense.ppl:.4f}x)", file=sys.stderr)
+            raise
+    seconds["total"] = time.perf_counter() - t_job
+    # the stage whose peak is highest; none where the peaks could not be reset per stage
+    known = {k: v for k, v in peaks.items() if v is not None} if all(resets) else {}
     top = max(known, key=known.get) if known else None
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
                    budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,

@@ -264,7 +264,9 @@ class CausalHealConfig:
     passes of a step (teacher, student, the student's recomputation, backward's two).
     The full logits the KL takes without ``chunk`` (24 MiB a sequence for SmolLM2) are
     never kept. With ``hidden_weight`` the teacher's states of every block are kept
-    ((L, T, hidden) a sequence: 8.4 MiB for SmolLM2), so the same limit keeps fewer.
+    ((L, T, hidden) a sequence: 8.4 MiB for SmolLM2), so the same limit keeps fewer, and
+    the term keeps a float32 copy of the student's block outputs for the backward pass
+    (about 35 MiB for SmolLM2 at 4 x 128 positions).
 
     ``hidden_weight``: the weight of the block-output term (module docstring); 0, the
     default, distils the next-token distributions alone. Needs ``chunk``."""
@@ -364,6 +366,10 @@ class _ChunkedKL:
         # (whose logits check() shows to be head(hidden)); else its full logits
         same = teacher is not None and type(teacher) is type(student)
         self.t_base, self.t_head = self._parts(teacher) if same else (None, None)
+        if self.hidden_weight and (self.head is None or self.t_head is None):
+            raise ValueError("hidden_weight needs a student and a teacher of one class, each "
+                             "a base model and a linear LM head (get_output_embeddings); got "
+                             f"{type(student).__name__} and {type(teacher).__name__}")
 
     @staticmethod
     def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:

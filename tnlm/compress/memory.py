@@ -19,7 +19,6 @@ elsewhere :func:`peak_rss_mb` is the whole run's ``ru_maxrss`` and the reset doe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 
 __all__ = ["rss_mb", "peak_rss_mb", "reset_peak_rss", "release_memory", "start_stage"]
@@ -51,7 +50,9 @@ def peak_rss_mb() -> float | None:
         return peak
     try:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, else KiB
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
     except Exception:  # pragma: no cover - not on every platform
         return None
 
@@ -68,11 +69,11 @@ def reset_peak_rss() -> bool:
 
 
 def _libc_trim():
-    """glibc's ``malloc_trim`` or None (another C library, another platform)."""
+    """glibc's ``malloc_trim`` (looked up in the running process) or None (another C
+    library, another platform)."""
     try:
-        name = ctypes.util.find_library("c")
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # TypeError: Windows wants a name
         return None
     if trim is not None:
         trim.argtypes = [ctypes.c_size_t]
