@@ -615,7 +615,7 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
             out.logits = out.logits / 3.0
             return out
 
-    student.__class__ = Scaled
+    student.__class__ = teacher.__class__ = Scaled
     scaled = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=1.0)
     with pytest.raises(ValueError, match="hidden_weight needs a model whose logits"):
         scaled(ids, t_out)
