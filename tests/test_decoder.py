@@ -1048,6 +1048,37 @@ def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, c
     assert scored == [["\n".join(lm_held_out())]]
 
 
+def test_cli_lm_texts_reaches_the_recipe_and_is_refused_where_nothing_is_written(
+        tmp_path, capsys, monkeypatch):
+    from tnlm.cli import main
+    from tnlm.compress import llm
+
+    assert main(["compress", "--lm-texts", "8"]) == 2  # the embedded encoder
+    assert "--lm-texts applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    for extra, why in ((["--text", str(text)], "with --text it writes none"),
+                       (["--lm-text", "prose"], "with --lm-text prose it writes none"),
+                       ([], None)):
+        if why is None:
+            assert main(["compress", str(folder), "--lm-texts", "0"]) == 2
+            assert "--lm-texts must be at least 1, got 0" in capsys.readouterr().err
+            continue
+        assert main(["compress", str(folder), "--lm-texts", "8", *extra]) == 2
+        assert why in capsys.readouterr().err
+    seen = []
+
+    def stop(model, tok, recipe, **kw):
+        seen.append(recipe.n_texts)
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    assert main(["compress", str(folder), "--lm-texts", "12", "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
+    assert seen == [12, llm.CausalLMRecipe.n_texts]
+    with pytest.raises(ValueError, match="n_texts must be an int >= 1, got 0"):
+        llm.CausalLMRecipe(n_texts=0)
+
+
 def test_block_error_weighs_every_position_alike():
     """A massive first token (as Llama-family residual streams carry) hides the other
     positions' error from the "total" measure, not from the per-position one."""

@@ -169,6 +169,10 @@ class CausalLMRecipe:
     heal_pivoted: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("n_texts", "gen_batch", "gen_tokens", "seq_len", "n_calibration"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         for name in ("pivoted", "heal_pivoted"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
