@@ -230,6 +230,7 @@ def main(argv=None) -> int:
                    heal_losses=res.heal.losses[::10] if res.heal else None,
                    heal_stopped=res.heal.stopped if res.heal else None,
                    heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
+                   heal_teacher_kept_mb=res.heal.teacher_kept_mb if res.heal else None,
                    heal_hidden_losses=res.heal.hidden_losses[::10] if res.heal else None,
                    # the last point: the parameters kept (the best step's after a stop)
                    heal_curve={**curve, (res.heal.best_step + 1 if res.heal.stopped

@@ -1455,6 +1455,46 @@ def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
             CausalHealConfig(teacher_cache_mb=bad)
 
 
+def test_teacher_cache_keeps_only_what_comes_back_and_drops_it_after_its_last_draw():
+    from tnlm.compress.causal import _draws, _TeacherCache  # noqa: PLC2701
+
+    # the draws: the permutations the healing loop used to make on the fly
+    d = _draws(5, 4, 3, seed=1)
+    assert [len(b) for b in d] == [3] * 4
+    flat = [i for b in d for i in b]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert _draws(5, 4, 3, seed=1) == d and _draws(5, 4, 3, seed=2) != d
+    assert _draws(2, 1, 5, seed=0)[0].count(0) >= 2  # a batch larger than the sequences
+
+    def compute(which):
+        return torch.stack([torch.full((2, 3), float(i)) for i in which])
+
+    once = _TeacherCache(256.0, {i: 1 for i in range(8)})  # every sequence drawn once
+    for b in ([0, 1], [2, 3], [4, 5], [6, 7]):
+        assert torch.equal(once.get(b, compute)[:, 0, 0], torch.tensor(b, dtype=torch.float))
+    assert once.peak_bytes == 0 and once.computed == 8 and not once.kept
+    twice = _TeacherCache(256.0, {0: 2, 1: 1, 2: 2})
+    twice.get([0, 1], compute)
+    assert set(twice.kept) == {0} and twice.bytes == 2 * 3 * 4
+    twice.get([2, 0], compute)  # 0's last draw: dropped; 2 comes back
+    assert set(twice.kept) == {2} and twice.computed == 3
+    twice.get([2], compute)
+    assert not twice.kept and twice.bytes == 0 and twice.computed == 3
+    assert twice.peak_bytes == 2 * (2 * 3 * 4)  # 2 kept before 0 was dropped
+    # in healing: 917-like, every sequence once (4 steps of 4 on 16): nothing kept
+    teacher = _llama()
+    seqs = _seqs(16, 12)
+    student = copy.deepcopy(teacher)
+    compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.4,
+                                                      method="plain"), progress=False)
+    res = heal_causal(student, teacher, seqs, CausalHealConfig(steps=4, batch_size=4, chunk=8),
+                      progress=False)
+    assert res.teacher_sequences == 16 and res.teacher_kept_mb == 0.0
+    res = heal_causal(copy.deepcopy(student), teacher, seqs[:6],
+                      CausalHealConfig(steps=6, batch_size=4, chunk=8), progress=False)
+    assert res.teacher_sequences == 6 and res.teacher_kept_mb > 0
+
+
 def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
     """``on_step`` is called before the first step with 0 and after each step with its
     number; evaluating the student there (which fills the MPO layers' dense caches)

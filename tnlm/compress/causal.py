@@ -259,9 +259,12 @@ class CausalHealConfig:
     states for a sequence ((T, hidden) floats: 0.28 MiB for SmolLM2-135M at 128 tokens)
     are kept after its first forward and reused whenever the sequence comes back, as
     long as all kept states stay within this many MiB (then the rest are recomputed each
-    time; 0: none kept). Healing passes over the sequences several times (150 steps of 4
-    on 256 sequences: 2.3 times), and the teacher's forward is one of the five block
-    passes of a step (teacher, student, the student's recomputation, backward's two).
+    time; 0: none kept). The draws are known before the first step, so a sequence that
+    does not come back is never kept and a kept one is dropped after its last draw (150
+    steps of 4 on 917 sequences keep nothing). Healing passes over the sequences several
+    times (150 steps of 4 on 256 sequences: 2.3 times), and the teacher's forward is one
+    of the five block passes of a step (teacher, student, the student's recomputation,
+    backward's two).
     The full logits the KL takes without ``chunk`` (24 MiB a sequence for SmolLM2) are
     never kept. With ``hidden_weight`` the teacher's states of every block are kept
     ((L, T, hidden) a sequence: 8.4 MiB for SmolLM2), so the same limit keeps fewer, and
@@ -328,6 +331,8 @@ class CausalHealResult:
     #: sequences the teacher ran (each batch's sequences not found in the teacher cache;
     #: under torch.distributed, this rank's)
     teacher_sequences: int = 0
+    #: the most the teacher cache held at once, MiB (this rank's)
+    teacher_kept_mb: float = 0.0
     #: with ``hidden_weight``: each step's block-output term (unweighted; ``losses`` holds
     #: the whole loss, this term weighted included)
     hidden_losses: list[float] = field(default_factory=list)
@@ -486,13 +491,23 @@ class _TeacherCache:
     all kept outputs stay within ``limit_mb`` MiB (``CausalHealConfig.teacher_cache_mb``).
     The teacher runs without dropout and a causal LM's output for a sequence does not
     depend on the other sequences of its batch, so a kept output is the recomputed one
-    (up to the float rounding of another batch shape)."""
+    (up to the float rounding of another batch shape).
 
-    def __init__(self, limit_mb: float) -> None:
+    With ``uses`` (index -> how many times healing will still ask for it: the draws are
+    known in advance, :func:`_draws`) an output is kept only if its sequence comes back
+    and is dropped after its last use, so a run that sees each sequence once keeps
+    nothing."""
+
+    def __init__(self, limit_mb: float, uses: dict[int, int] | None = None) -> None:
         self.limit = limit_mb * 2 ** 20
         self.kept: dict[int, torch.Tensor] = {}
         self.bytes = 0
+        self.peak_bytes = 0
         self.computed = 0
+        self.uses = None if uses is None else dict(uses)
+
+    def _size(self, row: torch.Tensor) -> int:
+        return row.numel() * row.element_size()
 
     def get(self, idx: Sequence[int], compute: Callable[[list[int]], torch.Tensor],
             keep: bool = True) -> torch.Tensor:
@@ -502,19 +517,46 @@ class _TeacherCache:
         if not keep:
             self.computed += len(idx)
             return compute(list(idx))
+        if self.uses is not None:
+            for i in idx:
+                self.uses[i] = self.uses.get(i, 0) - 1
         missing = list(dict.fromkeys(i for i in idx if i not in self.kept))
         fresh: dict[int, torch.Tensor] = {}
         if missing:
             out = compute(missing)
             self.computed += len(missing)
             for i, row in zip(missing, out):
-                size = row.numel() * row.element_size()
-                if self.bytes + size <= self.limit:
+                size = self._size(row)
+                later = self.uses is None or self.uses.get(i, 0) > 0
+                if later and self.bytes + size <= self.limit:
                     self.kept[i] = row.clone()  # not a view: the batch's tensor is freed
                     self.bytes += size
                 else:
                     fresh[i] = row
-        return torch.stack([self.kept[i] if i in self.kept else fresh[i] for i in idx])
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        got = torch.stack([self.kept[i] if i in self.kept else fresh[i] for i in idx])
+        if self.uses is not None:  # a kept output healing will not ask for again
+            for i in dict.fromkeys(idx):
+                if self.uses.get(i, 0) <= 0 and i in self.kept:
+                    self.bytes -= self._size(self.kept.pop(i))
+        return got
+
+
+def _draws(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The sequence indices of every healing step's batch: consecutive ``batch_size``
+    slices of seeded random permutations of ``range(n)``, a new permutation whenever
+    fewer than a batch are left (``random.Random(seed)``)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(order) < batch_size:  # fewer sequences than a batch too
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order += perm
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
 
 
 class _HealingLoss(nn.Module):
@@ -623,8 +665,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                          "its blocks)")
     if size > 1:
         dist_.check_same(dist_.digest([sequences]), "healing sequences")
-    rng = random.Random(config.seed)
     n = config.steps
+    draws = _draws(sequences.shape[0], n, config.batch_size, config.seed)
     t0 = time.perf_counter()
     best = [p.detach().clone() for p in params]
     best_loss, run = math.inf, None
@@ -647,7 +689,11 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         kl = _ChunkedKL(student, config.chunk, teacher, config.hidden_weight) \
             if config.chunk else None
         loss_of = dist_.data_parallel(_HealingLoss(student, kl))
-        cache = _TeacherCache(config.teacher_cache_mb)
+        uses: dict[int, int] = {}
+        for batch in draws:  # how often this rank will ask for each sequence
+            for i in batch[rank::size]:
+                uses[i] = uses.get(i, 0) + 1
+        cache = _TeacherCache(config.teacher_cache_mb, uses)
 
         def teacher_out(which: list[int]) -> torch.Tensor:
             ids = sequences[which]
@@ -659,14 +705,9 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             if on_step is not None:
                 on_step(0)
                 invalidate_caches(student)
-            order: list[int] = []
             for step in tqdm(range(n), desc="healing (next-token KL)",
                              disable=not progress or rank != 0, leave=False):
-                while len(order) < config.batch_size:  # fewer sequences than a batch too
-                    perm = list(range(sequences.shape[0]))
-                    rng.shuffle(perm)
-                    order += perm
-                idx, order = order[:config.batch_size], order[config.batch_size:]
+                idx = draws[step]
                 mine = idx[rank::size]  # this rank's share of the step's batch
                 share = len(mine) / len(idx)
                 ids = sequences[mine]
@@ -715,6 +756,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         finally:
             del loss_of  # DDP's hooks on the parameters go with it, also on error
             result.teacher_sequences = cache.computed
+            result.teacher_kept_mb = cache.peak_bytes / 2 ** 20
             del cache  # the kept states do not outlive healing, also on error
         if result.stopped:
             with torch.no_grad():
