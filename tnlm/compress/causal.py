@@ -48,7 +48,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -445,7 +446,7 @@ class _ChunkedKL:
                                  t_out), None
         term = None
         if self.hidden_weight:
-            if self.t_head is None or t_out.dim() != 4:
+            if t_out.dim() != 4:  # (a teacher head is checked at construction)
                 raise ValueError("hidden_weight needs the teacher's states of every block "
                                  "(teacher_side of a teacher of the student's class)")
             states = self._states(self.base, ids)
@@ -498,13 +499,13 @@ class _TeacherCache:
     and is dropped after its last use, so a run that sees each sequence once keeps
     nothing."""
 
-    def __init__(self, limit_mb: float, uses: dict[int, int] | None = None) -> None:
+    def __init__(self, limit_mb: float, uses: Mapping[int, int] | None = None) -> None:
         self.limit = limit_mb * 2 ** 20
         self.kept: dict[int, torch.Tensor] = {}
         self.bytes = 0
         self.peak_bytes = 0
         self.computed = 0
-        self.uses = None if uses is None else dict(uses)
+        self.uses = None if uses is None else Counter(uses)
 
     def _size(self, row: torch.Tensor) -> int:
         return row.numel() * row.element_size()
@@ -518,8 +519,7 @@ class _TeacherCache:
             self.computed += len(idx)
             return compute(list(idx))
         if self.uses is not None:
-            for i in idx:
-                self.uses[i] = self.uses.get(i, 0) - 1
+            self.uses.subtract(idx)
         missing = list(dict.fromkeys(i for i in idx if i not in self.kept))
         fresh: dict[int, torch.Tensor] = {}
         if missing:
@@ -527,7 +527,7 @@ class _TeacherCache:
             self.computed += len(missing)
             for i, row in zip(missing, out):
                 size = self._size(row)
-                later = self.uses is None or self.uses.get(i, 0) > 0
+                later = self.uses is None or self.uses[i] > 0
                 if later and self.bytes + size <= self.limit:
                     self.kept[i] = row.clone()  # not a view: the batch's tensor is freed
                     self.bytes += size
@@ -537,7 +537,7 @@ class _TeacherCache:
         got = torch.stack([self.kept[i] if i in self.kept else fresh[i] for i in idx])
         if self.uses is not None:  # a kept output healing will not ask for again
             for i in dict.fromkeys(idx):
-                if self.uses.get(i, 0) <= 0 and i in self.kept:
+                if self.uses[i] <= 0 and i in self.kept:
                     self.bytes -= self._size(self.kept.pop(i))
         return got
 
@@ -689,10 +689,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         kl = _ChunkedKL(student, config.chunk, teacher, config.hidden_weight) \
             if config.chunk else None
         loss_of = dist_.data_parallel(_HealingLoss(student, kl))
-        uses: dict[int, int] = {}
-        for batch in draws:  # how often this rank will ask for each sequence
-            for i in batch[rank::size]:
-                uses[i] = uses.get(i, 0) + 1
+        # how often this rank will ask for each sequence
+        uses = Counter(i for batch in draws for i in batch[rank::size])
         cache = _TeacherCache(config.teacher_cache_mb, uses)
 
         def teacher_out(which: list[int]) -> torch.Tensor:
