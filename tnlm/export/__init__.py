@@ -2,6 +2,8 @@
 folders (with sentence-transformers files), dense transformers folders, int8 weights.
 
 * :func:`export_onnx` — ONNX graph holding the cores (a 2-site layer is ``x @ A @ B``);
+* :func:`export_onnx_decoder` — a causal LM's graph with its key/value cache in and out;
+  :class:`OnnxCausalLM` runs it (greedy :meth:`~OnnxCausalLM.generate`);
 * :func:`quantize_int8` — ONNX Runtime dynamic quantization of such a graph
   (``embedding_bits=4``: the word-embedding table with 4-bit codes,
   :mod:`tnlm.export.table4`);
@@ -27,10 +29,12 @@ from tnlm.export.factorized import (
 )
 from tnlm.export.folder import is_checkpoint, load_compressed, save_self_contained
 from tnlm.export.hf import export_hf
+from tnlm.export.onnx_decoder import OnnxCausalLM, export_onnx_decoder
 from tnlm.export.onnx_graph import EXPORTER, ExportResult, OnnxEncoder, export_onnx, onnx_weights
 from tnlm.export.quantize import quantize_int8
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "EXPORTER",
+           "export_onnx_decoder", "OnnxCausalLM",
            "quantize_int8", "save_self_contained", "load_compressed", "is_checkpoint",
            "sentence_transformer", "export_hf", "FactorizedLinear", "FactorizedEmbedding",
            "factorized_copy", "factorized_params"]

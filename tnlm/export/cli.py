@@ -8,7 +8,9 @@ anything is loaded or written.
 
 Formats:
 
-* ``onnx``: one ``.onnx`` file keeping the MPO layers factorized (with ``--int8``: the
+* ``onnx``: one ``.onnx`` file keeping the MPO layers factorized; for a causal LM the
+  graph takes and returns its key/value cache (:func:`tnlm.export.export_onnx_decoder`,
+  run by :class:`tnlm.export.OnnxCausalLM`) (with ``--int8``: the
   file holds int8 weights, ONNX Runtime dynamic quantization; adding ``--embedding-bits
   4`` stores the word-embedding table with 4-bit codes, see
   :func:`tnlm.export.quantize_int8`);
@@ -124,12 +126,15 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     return d, out, base
 
 
-def _tokenizer(d: Path, base: Path | None) -> Any:
-    """The tokenizer saved in DIR, else the one of ``base`` (default: the embedded MiniLM)."""
+def _tokenizer(d: Path, base: Path | None, causal: bool = False) -> Any:
+    """The tokenizer saved in DIR, else the one of ``base`` (default: the embedded MiniLM,
+    except for a causal LM, which gets None: MiniLM's tokenizer is not its own)."""
     from transformers import AutoTokenizer
 
     if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return AutoTokenizer.from_pretrained(str(d))
+    if base is None and causal:
+        return None
     if base is None:
         from tnlm.integration import default_model_path
 
@@ -144,7 +149,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     d, out, base = _check_args(args)
     model = load_compressed(d, base=base)
-    tok = _tokenizer(d, base)
+    causal = model.get_output_embeddings() is not None
+    tok = _tokenizer(d, base, causal)
     if args.format == "hf":
         export_hf(model, out, tok)
         return 0
@@ -162,23 +168,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tnlm.export.onnx_graph import export_onnx
     from tnlm.export.quantize import quantize_int8
 
-    pooling = None if args.no_pooling or model.get_output_embeddings() is not None else "mean"
+    pooling = None if args.no_pooling or causal else "mean"
+
+    def write(path: Path) -> Any:
+        if causal:  # a causal LM: the graph with its key/value cache
+            from tnlm.export.onnx_decoder import export_onnx_decoder
+
+            return export_onnx_decoder(model, path, opset=args.opset)
+        return export_onnx(model, tok, path, opset=args.opset, pooling=pooling)
+
+    def outputs(res: Any) -> str:
+        if causal:
+            layers = res["cache"][0]
+            return (f"outputs logits and present.{{0..{layers - 1}}}.key/value (key/value "
+                    f"cache in and out; run with tnlm.export.OnnxCausalLM)")
+        return f"outputs {', '.join(res['outputs'])}"
+
     if not args.int8:
-        res = export_onnx(model, tok, out, opset=args.opset, pooling=pooling)
+        res = write(out)
         print(f"{out}: ONNX graph, {res['bytes'] / 1e6:.1f} MB, {res['mpo_layers']} MPO layers "
-              f"kept factorized, outputs {', '.join(res['outputs'])}")
+              f"kept factorized, {outputs(res)}")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "model.onnx"
-        res = export_onnx(model, tok, fp32, opset=args.opset, pooling=pooling)
+        res = write(fp32)
         size = quantize_int8(fp32, out, embedding_bits=args.embedding_bits,
                              block_size=args.embedding_block)
     emb = "" if args.embedding_bits == 8 else \
         f" and 4-bit word embeddings (blocks of {args.embedding_block})"
     print(f"{out}: ONNX graph with int8 weights{emb}, {size / 1e6:.1f} MB (float32: "
           f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), {res['mpo_layers']} "
-          f"MPO layers kept factorized, outputs {', '.join(res['outputs'])}")
+          f"MPO layers kept factorized, {outputs(res)}")
     return 0
 
 

@@ -1,0 +1,278 @@
+"""ONNX export of a (compressed) causal LM with its key/value cache, and greedy generation
+with ONNX Runtime.
+
+A decoder exported without its cache (:func:`tnlm.export.export_onnx`) recomputes every
+earlier position for each new token. :func:`export_onnx_decoder` writes one graph that
+takes the cache of the positions already seen and returns it extended, in the layout
+that ONNX decoders use (the names of Hugging Face Optimum's ``decoder_model_merged``)::
+
+    inputs (int64)
+      input_ids                  (batch, seq)
+      attention_mask             (batch, past + seq)
+      position_ids               (batch, seq)
+    inputs (float32), i = 0 .. layers - 1
+      past_key_values.{i}.key    (batch, kv_heads, past, head_dim)
+      past_key_values.{i}.value  (batch, kv_heads, past, head_dim)
+    outputs (float32)
+      logits                     (batch, seq, vocab)
+      present.{i}.key            (batch, kv_heads, past + seq, head_dim)
+      present.{i}.value          (batch, kv_heads, past + seq, head_dim)
+
+``past`` may be 0 (the prompt's first pass: empty cache tensors), so one graph serves the
+prompt and every later token. MPO layers stay factorized, as in :func:`export_onnx`
+(:func:`tnlm.export.factorized.factorized_copy`).
+
+:class:`OnnxCausalLM` runs such a file: :meth:`OnnxCausalLM.logits` (one pass, empty
+cache) and :meth:`OnnxCausalLM.generate` (greedy decoding with the cache, the tokens
+``transformers``' ``generate(do_sample=False)`` returns, up to float rounding in ties).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tnlm.export.factorized import factorized_copy, factorized_params
+from tnlm.export.onnx_graph import (
+    _EXTERNAL_BYTES,
+    ExportResult,
+    _external_files,
+    _quiet,
+    file_opset,
+    onnx_weights,
+    strip_node_metadata,
+)
+
+__all__ = ["export_onnx_decoder", "OnnxCausalLM", "cache_shape"]
+
+
+def cache_shape(config: Any) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder's key/value cache, from its config
+    (``num_key_value_heads`` for grouped-query attention, else ``num_attention_heads``;
+    ``head_dim``, else hidden size / heads).
+
+    Raises:
+        ValueError: the config lacks the layer count, head count or hidden size.
+    """
+    def first(*names: str) -> int | None:
+        for n in names:
+            v = getattr(config, n, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
+    hidden = first("hidden_size", "n_embd", "d_model")
+    if layers is None or heads is None or hidden is None:
+        raise ValueError(f"config of type {type(config).__name__}: expected the number of "
+                         "layers, attention heads and the hidden size (num_hidden_layers, "
+                         "num_attention_heads, hidden_size or their GPT-2 names) to shape the "
+                         "key/value cache")
+    kv_heads = first("num_key_value_heads") or heads
+    head_dim = first("head_dim") or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+class _CachedStep(nn.Module):
+    """One decoding pass over flat cache tensors: builds the model's ``DynamicCache`` from
+    them and returns ``(logits, key_0, value_0, key_1, ...)``."""
+
+    def __init__(self, model: nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+        present = out.past_key_values
+        flat: list[torch.Tensor] = []
+        for i in range(self.layers):
+            layer = present.layers[i]
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int = 20,
+                        verbose: bool = False, trace_metadata: bool = False) -> ExportResult:
+    """Export the causal LM ``model`` with its key/value cache to the ONNX file ``path``,
+    keeping its MPO layers factorized (module docstring: the inputs and outputs).
+
+    Args:
+        model: an :class:`~tnlm.integration.MPOModel` of a causal LM, a transformers causal
+            LM holding MPO layers, or a dense one; left unchanged (a deep copy is exported).
+        path: the ``.onnx`` file to write (its folder is created).
+        opset: ONNX opset version (as :func:`tnlm.export.export_onnx`).
+        verbose: show the exporter's progress lines.
+        trace_metadata: keep the exporter's per-node metadata (as :func:`export_onnx`).
+
+    Returns:
+        :class:`~tnlm.export.ExportResult`: ``inputs``, ``outputs`` (names), ``opset``,
+        ``mpo_layers``, ``weights``, ``model_params``, ``bytes``, and ``cache`` =
+        ``(layers, kv_heads, head_dim)``.
+
+    Raises:
+        ValueError: ``model`` has no language-model head (use :func:`export_onnx`), or
+            its config does not describe its cache.
+        RuntimeError: the exporter could not trace this architecture's cached pass (the
+            message names it).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"export_onnx_decoder needs onnx and onnxscript ({err}); "
+                          "pip install 'tnlm[export]'") from err
+    plain, n_mpo = factorized_copy(model)
+    plain = plain.float()
+    if getattr(plain, "get_output_embeddings", lambda: None)() is None:
+        raise ValueError(f"model: expected a causal LM with a language-model head, got "
+                         f"{type(plain).__name__} (export it with tnlm.export.export_onnx)")
+    layers, kv_heads, head_dim = cache_shape(plain.config)
+    step = _CachedStep(plain, layers).eval()
+    # distinct example sizes, so that no two dynamic axes are traced as one
+    batch, seq, past = 2, 5, 3
+    vocab = int(getattr(plain.config, "vocab_size", 2))
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randint(0, vocab, (batch, seq), generator=gen),
+            torch.ones(batch, past + seq, dtype=torch.long),
+            torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+            [torch.randn(batch, kv_heads, past, head_dim, generator=gen)
+             for _ in range(2 * layers)])
+    Dim = torch.export.Dim
+    b, s, p, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    shapes = ({0: b, 1: s}, {0: b, 1: total}, {0: b, 1: s},
+              [{0: b, 2: p} for _ in range(2 * layers)])
+    names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids", *names]
+    outputs = ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = factorized_params(plain) * 4 > _EXTERNAL_BYTES
+    quiet = contextlib.nullcontext() if verbose else _quiet()
+    try:
+        with quiet, torch.no_grad():
+            torch.onnx.export(step, args, str(path), dynamo=True, opset_version=opset,
+                              input_names=inputs, output_names=outputs,
+                              dynamic_shapes=shapes, external_data=external)
+    except Exception as err:  # the exporter's errors are many and long: name the model
+        raise RuntimeError(f"export_onnx_decoder: could not export the cached pass of "
+                           f"{type(plain).__name__} ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not trace_metadata:
+        strip_node_metadata(path)
+    size = path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
+    return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=file_opset(path),
+                        mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
+                        model_params=factorized_params(plain), bytes=size,
+                        cache=(layers, kv_heads, head_dim))
+
+
+class OnnxCausalLM:
+    """A graph written by :func:`export_onnx_decoder`, run by ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads of the session (``None``: ONNX Runtime's default).
+
+    Raises:
+        ValueError: the file lacks the cache inputs of :func:`export_onnx_decoder`.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ins = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in ins if n.startswith("past_key_values.")]
+        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in ins]
+        if missing or not self.past_names:
+            raise ValueError(f"path: {path} is not a cached decoder graph (expected inputs "
+                             f"input_ids, attention_mask, position_ids and "
+                             f"past_key_values.*; got {', '.join(ins)})")
+        shape = ins[self.past_names[0]].shape  # (batch, kv_heads, past, head_dim)
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        feed.update(zip(self.past_names, past))
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+    def _empty(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+                for _ in self.past_names]
+
+    @staticmethod
+    def _inputs(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids,
+                         dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected shape (batch, seq) with seq >= 1, got "
+                             f"{ids.shape}")
+        if attention_mask is None:
+            return ids, np.ones_like(ids)
+        mask = np.asarray(attention_mask.numpy() if hasattr(attention_mask, "numpy")
+                          else attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask: expected the shape of input_ids {ids.shape}, "
+                             f"got {mask.shape}")
+        return ids, mask
+
+    def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
+        """Logits ``(batch, seq, vocab)`` of one pass over ``input_ids`` (empty cache);
+        positions count the unmasked tokens, as transformers does for left padding."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+        return self._run(ids, mask, positions, self._empty(ids.shape[0]))[0]
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int = 32,
+                 eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding with the cache: ``(batch, seq + new)`` token ids, the prompt
+        first (left padding allowed), as ``transformers``' ``generate(do_sample=False)``.
+
+        A row that has produced an EOS token (any of ``eos_token_id``) is continued with
+        ``pad_token_id`` (default: the first EOS id, else 0); decoding stops when every
+        row has ended or after ``max_new_tokens``.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        ids, mask = self._inputs(input_ids, attention_mask)
+        eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+        logits, past = self._run(ids, mask, positions, self._empty(ids.shape[0]))
+        done = np.zeros(ids.shape[0], dtype=bool)
+        out = [ids]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)
+            nxt = np.where(done, pad, nxt)
+            out.append(nxt[:, None])
+            done |= np.isin(nxt, eos)
+            if done.all():
+                break
+            positions = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+            logits, past = self._run(nxt[:, None], mask, positions, past)
+        return np.concatenate(out, 1)
