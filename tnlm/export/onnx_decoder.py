@@ -44,6 +44,7 @@ from tnlm.export.onnx_graph import (
     ExportResult,
     _external_files,
     _quiet,
+    as_float32,
     file_opset,
     onnx_weights,
     strip_node_metadata,
@@ -137,7 +138,7 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
         raise ImportError(f"export_onnx_decoder needs onnx and onnxscript ({err}); "
                           "pip install 'tnlm[export]'") from err
     plain, n_mpo = factorized_copy(model)
-    plain = plain.float()
+    plain = as_float32(plain)
     if getattr(plain, "get_output_embeddings", lambda: None)() is None:
         raise ValueError(f"model: expected a causal LM with a language-model head, got "
                          f"{type(plain).__name__} (export it with tnlm.export.export_onnx)")

@@ -35,7 +35,7 @@ from torch import nn
 from tnlm.export.factorized import factorized_copy, factorized_params
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
-           "SUPPORTED_INPUTS", "strip_node_metadata"]
+           "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -168,7 +168,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         raise ImportError(f"export_onnx needs onnx and onnxscript ({err}); "
                           "pip install 'tnlm[export]'") from err
     plain, n_mpo = factorized_copy(model)
-    plain = plain.float()
+    plain = as_float32(plain)
     inputs = _model_inputs(plain)
     output = _output_name(plain)
     graph = _Graph(plain, inputs, output, pooling).eval()
@@ -204,6 +204,16 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size)
+
+
+def as_float32(model: nn.Module) -> nn.Module:
+    """``model`` with every floating parameter and buffer in float32, in place (a model
+    loaded from GGUF refuses ``.float()``: transformers marks it quantized, although its
+    weights are dequantized tensors)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
+    return model
 
 
 def strip_node_metadata(path: str | os.PathLike) -> int:
