@@ -218,3 +218,26 @@ def test_cli_exports_a_causal_lm_with_its_cache(tmp_path, capsys):
     runner = OnnxCausalLM(out)
     ids, mask = batch(seed=11)
     assert np.abs(runner.logits(ids, mask)[1] - torch_logits(model, ids, mask)[1]).max() <= 1e-4
+
+
+def test_a_model_marked_quantized_exports_in_float32(tmp_path):
+    """A GGUF-loaded model is marked quantized by transformers, which then refuses
+    ``.float()``; the export casts tensor by tensor and leaves the model as it was."""
+    import copy
+
+    from tnlm.export.onnx_graph import as_float32
+
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval().to(torch.bfloat16)
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="quantized"):
+        model.float()
+    res = export_onnx_decoder(model, tmp_path / "q.onnx")
+    assert next(model.parameters()).dtype == torch.bfloat16  # a copy was exported
+    ref = as_float32(copy.deepcopy(model))
+    assert next(ref.parameters()).dtype == torch.float32
+    ids, mask = batch(seed=13)
+    got = OnnxCausalLM(res["path"]).logits(ids, mask)[1]
+    assert np.abs(got - torch_logits(ref, ids, mask)[1]).max() <= 1e-4
