@@ -51,3 +51,52 @@ def test_rss_is_not_above_the_peak():
     if now is None:
         pytest.skip("no /proc")
     assert 0 < now <= peak + 1
+
+
+_HOLES = """
+import sys, gc, torch
+from tnlm.compress.memory import mmap_large_allocations, rss_mb
+if sys.argv[1] == "on":
+    assert mmap_large_allocations()
+warm = torch.ones(2**20); del warm  # 4 MiB mapped and freed: glibc raises its threshold
+base = rss_mb()
+big, small = [], []
+for i in range(64):
+    big.append(torch.ones(2**20))        # 4 MiB each, touched
+    small.append(torch.ones(64 * 1024))  # 256 KiB survivors between them
+del big
+gc.collect()
+print(rss_mb() - base - 64 * 0.25)       # MiB still resident beyond the survivors
+"""
+
+
+@linux
+def test_mmap_large_allocations_returns_freed_tensors_to_the_system(tmp_path):
+    """256 MiB of 4 MiB tensors freed between live small ones: with glibc's dynamic
+    threshold they stay resident (heap holes); mapped one by one they go back."""
+    import subprocess
+
+    script = tmp_path / "holes.py"
+    script.write_text(_HOLES)
+
+    def retained(mode):
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True,
+                             text=True, check=True, env={"OMP_NUM_THREADS": "1",
+                                                         "PATH": "/usr/bin:/bin",
+                                                         "PYTHONPATH": ":".join(sys.path)})
+        return float(out.stdout.strip().splitlines()[-1])
+
+    on = retained("on")
+    assert on < 32
+    off = retained("off")
+    if off < 128:
+        pytest.skip(f"this C library kept only {off:.0f} MiB without the setting")
+    assert on < off - 128
+
+
+def test_mmap_large_allocations_refuses_a_bad_threshold():
+    from tnlm.compress.memory import mmap_large_allocations
+
+    for bad in (0, 100, True, 1.5e5):
+        with pytest.raises(ValueError, match="^threshold must be an int >= 4096"):
+            mmap_large_allocations(bad)
