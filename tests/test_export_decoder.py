@@ -133,18 +133,20 @@ def test_greedy_generation_equals_transformers(exported):
     assert np.array_equal(got, want)
 
 
-def test_generation_stops_each_row_at_eos(exported):
-    """With the most likely first token declared EOS for row 0, row 0 ends at once and is
-    padded; row 1 goes on as without it (unless it emits that token too)."""
-    _, _, runner = exported
+def test_generation_stops_each_row_at_eos_as_transformers(exported):
+    """With the first token row 0 generates declared EOS, row 0 ends at once and is padded,
+    token for token what transformers' generate returns with that EOS."""
+    model, _, runner = exported
     ids, mask = batch(seed=7)
     free = runner.generate(ids, mask, max_new_tokens=6)
     eos = int(free[0, 7])
     got = runner.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert got[0, 7] == eos and (got[0, 8:] == 0).all()
-    row1 = free[1, 7:]
-    stop = int(np.argmax(row1 == eos)) + 1 if (row1 == eos).any() else len(row1)
-    assert np.array_equal(got[1, 7:7 + stop], row1[:stop])
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                              do_sample=False, eos_token_id=eos, pad_token_id=0).numpy()
+    assert np.array_equal(got, want[:, :got.shape[1]])
+    assert got.shape[1] == want.shape[1] or (want[:, got.shape[1]:] == 0).all()
 
 
 def test_int8_decoder_graph_generates(exported, tmp_path):
@@ -192,6 +194,30 @@ def test_runner_refusals(exported, tmp_path):
         runner.generate(ids, mask[:, 1:])
     with pytest.raises(ValueError, match=r"^input_ids: expected shape \(batch, seq\)"):
         runner.logits(ids[0])
+    right = torch.ones_like(mask)
+    right[0, -2:] = 0  # right padding: the next token would be read at a pad
+    with pytest.raises(ValueError, match=r"^attention_mask: expected left padding"):
+        runner.generate(ids, right)
+    with pytest.raises(ValueError, match=r"^attention_mask: expected values 0 and 1"):
+        runner.logits(ids, mask * 2)
+    with pytest.raises(ValueError, match=r"^input_ids: expected token ids >= 0"):
+        runner.logits(ids - 100)
+    with pytest.raises(ValueError, match=rf"^input_ids: expected token ids < the vocabulary "
+                                         rf"size {V}"):
+        runner.logits(ids + V)
+
+
+def test_sliding_window_cache_is_refused(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4,
+                                             num_key_value_heads=2, sliding_window=4)).eval()
+    with pytest.raises(ValueError, match=r"^model: MistralForCausalLM's cache has "
+                                         r"DynamicSlidingWindowLayer layers"):
+        export_onnx_decoder(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_factors_are_exported_not_w(exported):

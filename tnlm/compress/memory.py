@@ -124,14 +124,23 @@ def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     threshold (``MALLOC_MMAP_THRESHOLD_=131072``, the same setting), each step about 10 %
     slower (page faults of fresh mappings; measured on a busy machine).
 
+    A threshold the user set in the environment (``MALLOC_MMAP_THRESHOLD_``) is left as it
+    is. glibc cannot turn its dynamic threshold back on: call this in a process that
+    compresses, e.g. ``tnlm compress`` (which does for causal LMs).
+
     Returns:
-        True where the setting was made (glibc), False elsewhere (nothing changes).
+        True where the setting was made (glibc), False elsewhere or when the environment
+        sets the threshold (nothing changes).
 
     Raises:
         ValueError: ``threshold`` not an int >= 4096.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 4096:
         raise ValueError(f"threshold must be an int >= 4096 (bytes), got {threshold!r}")
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):  # TypeError: Windows wants a name

@@ -81,6 +81,23 @@ def cache_shape(config: Any) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def _check_full_attention(model: nn.Module) -> None:
+    """Refuse a model whose cache layers are not plain full-attention ones: a sliding
+    window (Mistral's default, Gemma-3) keeps only the last positions, so ``present``
+    would be shorter than ``past + seq`` and the graph's mask would not match it."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])
+                    if type(layer) is not DynamicLayer})
+    if kinds:
+        raise ValueError(f"model: {type(model).__name__}'s cache has {', '.join(kinds)} "
+                         "layers (a sliding window or another kind); export_onnx_decoder "
+                         "exports full-attention caches only (e.g. set config.sliding_window "
+                         "= None if the model never attends beyond it)")
+
+
 class _CachedStep(nn.Module):
     """One decoding pass over flat cache tensors: builds the model's ``DynamicCache`` from
     them and returns ``(logits, key_0, value_0, key_1, ...)``."""
@@ -143,6 +160,7 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
         raise ValueError(f"model: expected a causal LM with a language-model head, got "
                          f"{type(plain).__name__} (export it with tnlm.export.export_onnx)")
     layers, kv_heads, head_dim = cache_shape(plain.config)
+    _check_full_attention(plain)
     step = _CachedStep(plain, layers).eval()
     # distinct example sizes, so that no two dynamic axes are traced as one
     batch, seq, past = 2, 5, 3
@@ -208,9 +226,15 @@ class OnnxCausalLM:
             raise ValueError(f"path: {path} is not a cached decoder graph (expected inputs "
                              f"input_ids, attention_mask, position_ids and "
                              f"past_key_values.*; got {', '.join(ins)})")
-        shape = ins[self.past_names[0]].shape  # (batch, kv_heads, past, head_dim)
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # (batch, kv_heads, past, head_dim) of each cache input
+        self._past_shapes = [ins[n].shape for n in self.past_names]
+        if any(not isinstance(sh[1], int) or not isinstance(sh[3], int)
+               for sh in self._past_shapes):
+            raise ValueError(f"path: {path}: the cache inputs' head axes (1 and 3) must be "
+                             f"fixed, got {self._past_shapes[0]}")
+        self.kv_heads, self.head_dim = int(self._past_shapes[0][1]), int(self._past_shapes[0][3])
+        vocab = self.session.get_outputs()[0].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else None
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
              past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -220,8 +244,8 @@ class OnnxCausalLM:
         return logits, present
 
     def _empty(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
-                for _ in self.past_names]
+        return [np.zeros((batch, int(shape[1]), 0, int(shape[3])), np.float32)
+                for shape in self._past_shapes]
 
     @staticmethod
     def _inputs(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +254,8 @@ class OnnxCausalLM:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected shape (batch, seq) with seq >= 1, got "
                              f"{ids.shape}")
+        if ids.min() < 0:
+            raise ValueError(f"input_ids: expected token ids >= 0, got {int(ids.min())}")
         if attention_mask is None:
             return ids, np.ones_like(ids)
         mask = np.asarray(attention_mask.numpy() if hasattr(attention_mask, "numpy")
@@ -237,12 +263,20 @@ class OnnxCausalLM:
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: expected the shape of input_ids {ids.shape}, "
                              f"got {mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask: expected values 0 and 1 only")
         return ids, mask
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if self.vocab is not None and ids.max() >= self.vocab:
+            raise ValueError(f"input_ids: expected token ids < the vocabulary size "
+                             f"{self.vocab}, got {int(ids.max())}")
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Logits ``(batch, seq, vocab)`` of one pass over ``input_ids`` (empty cache);
         positions count the unmasked tokens, as transformers does for left padding."""
         ids, mask = self._inputs(input_ids, attention_mask)
+        self._check_ids(ids)
         positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
         return self._run(ids, mask, positions, self._empty(ids.shape[0]))[0]
 
@@ -252,14 +286,21 @@ class OnnxCausalLM:
         """Greedy decoding with the cache: ``(batch, seq + new)`` token ids, the prompt
         first (left padding allowed), as ``transformers``' ``generate(do_sample=False)``.
 
-        A row that has produced an EOS token (any of ``eos_token_id``) is continued with
-        ``pad_token_id`` (default: the first EOS id, else 0); decoding stops when every
-        row has ended or after ``max_new_tokens``.
+        Prompts must be left-padded (every row's last position unmasked): the next token
+        is read at the last position. A row that has produced an EOS token (any of
+        ``eos_token_id``; pass the model's ``generation_config.eos_token_id``: the graph
+        does not know it, and without it every row runs ``max_new_tokens``) is continued
+        with ``pad_token_id`` (default: the first EOS id, else 0); decoding stops when
+        every row has ended or after ``max_new_tokens``.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids, mask = self._inputs(input_ids, attention_mask)
+        self._check_ids(ids)
+        if not mask[:, -1].all():
+            raise ValueError("attention_mask: expected left padding (the last position of "
+                             "every row unmasked); pad prompts on the left to generate")
         eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
