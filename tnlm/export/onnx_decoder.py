@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from tnlm.export.factorized import factorized_copy, factorized_params
+from tnlm.export.factorized import factorized_params
 from tnlm.export.onnx_graph import (
     _EXTERNAL_BYTES,
     ExportResult,
     _external_files,
     _quiet,
-    as_float32,
+    export_copy,
     file_opset,
     onnx_weights,
     strip_node_metadata,
@@ -148,14 +148,7 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
         RuntimeError: the exporter could not trace this architecture's cached pass (the
             message names it).
     """
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"export_onnx_decoder needs onnx and onnxscript ({err}); "
-                          "pip install 'tnlm[export]'") from err
-    plain, n_mpo = factorized_copy(model)
-    plain = as_float32(plain)
+    plain, n_mpo = export_copy(model, "export_onnx_decoder")
     if getattr(plain, "get_output_embeddings", lambda: None)() is None:
         raise ValueError(f"model: expected a causal LM with a language-model head, got "
                          f"{type(plain).__name__} (export it with tnlm.export.export_onnx)")

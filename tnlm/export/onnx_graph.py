@@ -35,7 +35,7 @@ from torch import nn
 from tnlm.export.factorized import factorized_copy, factorized_params
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
-           "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32"]
+           "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -161,14 +161,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     """
     if pooling not in (None, "mean"):
         raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"export_onnx needs onnx and onnxscript ({err}); "
-                          "pip install 'tnlm[export]'") from err
-    plain, n_mpo = factorized_copy(model)
-    plain = as_float32(plain)
+    plain, n_mpo = export_copy(model, "export_onnx")
     inputs = _model_inputs(plain)
     output = _output_name(plain)
     graph = _Graph(plain, inputs, output, pooling).eval()
@@ -204,6 +197,24 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size)
+
+
+def export_copy(model: nn.Module, caller: str) -> tuple[nn.Module, int]:
+    """``(copy, n)``: what an exporter traces, after checking that the exporter's packages
+    are there: :func:`~tnlm.export.factorized.factorized_copy` of ``model`` (its ``n`` MPO
+    layers as matmul chains) in float32 (:func:`as_float32`).
+
+    Raises:
+        ImportError: ``onnx`` or ``onnxscript`` is missing (the message names ``caller``).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{caller} needs onnx and onnxscript ({err}); "
+                          "pip install 'tnlm[export]'") from err
+    plain, n_mpo = factorized_copy(model)
+    return as_float32(plain), n_mpo
 
 
 def as_float32(model: nn.Module) -> nn.Module:
