@@ -40,13 +40,13 @@ from torch import nn
 
 from tnlm.export.factorized import factorized_params
 from tnlm.export.onnx_graph import (
-    _EXTERNAL_BYTES,
+    EXTERNAL_BYTES,
     ExportResult,
-    _external_files,
-    _quiet,
     export_copy,
+    external_files,
     file_opset,
     onnx_weights,
+    quiet_exporter,
     strip_node_metadata,
 )
 
@@ -173,8 +173,8 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
     outputs = ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = factorized_params(plain) * 4 > _EXTERNAL_BYTES
-    quiet = contextlib.nullcontext() if verbose else _quiet()
+    external = factorized_params(plain) * 4 > EXTERNAL_BYTES
+    quiet = contextlib.nullcontext() if verbose else quiet_exporter()
     try:
         with quiet, torch.no_grad():
             torch.onnx.export(step, args, str(path), dynamo=True, opset_version=opset,
@@ -186,7 +186,7 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if not trace_metadata:
         strip_node_metadata(path)
-    size = path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
+    size = path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
     return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=file_opset(path),
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size,

@@ -35,7 +35,8 @@ from torch import nn
 from tnlm.export.factorized import factorized_copy, factorized_params
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
-           "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy"]
+           "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
+           "quiet_exporter", "external_files", "EXTERNAL_BYTES"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -43,7 +44,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: above this many weight bytes the graph's weights go to an external data file
 #: (protobuf's 2 GB limit)
-_EXTERNAL_BYTES = 1_800_000_000
+EXTERNAL_BYTES = 1_800_000_000
 
 
 class _Graph(nn.Module):
@@ -102,7 +103,7 @@ class ExportResult(dict):
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's progress lines, warnings and log records (stdout, stderr,
     the ``torch.onnx`` and ``onnxscript`` loggers)."""
     sink = io.StringIO()
@@ -181,15 +182,15 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     outputs = [output] + (["sentence_embedding"] if pooling else [])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = factorized_params(plain) * 4 > _EXTERNAL_BYTES
-    quiet = contextlib.nullcontext() if verbose else _quiet()
+    external = factorized_params(plain) * 4 > EXTERNAL_BYTES
+    quiet = contextlib.nullcontext() if verbose else quiet_exporter()
     with quiet, torch.no_grad():
         torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
                           input_names=list(inputs), output_names=outputs,
                           dynamic_shapes=shapes, external_data=external)
     if not trace_metadata:
         strip_node_metadata(path)
-    size = path.stat().st_size + sum(p.stat().st_size for p in _external_files(path))
+    size = path.stat().st_size + sum(p.stat().st_size for p in external_files(path))
     written = file_opset(path)
     if written != opset:
         warnings.warn(f"export_onnx: opset {opset} was asked for, but the exporter could not "
@@ -263,7 +264,7 @@ def _with_pad(tokenizer: Any) -> Any:
     return tok
 
 
-def _external_files(path: Path) -> list[Path]:
+def external_files(path: Path) -> list[Path]:
     """External data files an ONNX file names (none for a self-contained file)."""
     import onnx
 
