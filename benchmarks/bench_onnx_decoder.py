@@ -86,13 +86,8 @@ def prompt_pass(runner: OnnxCausalLM, ids: np.ndarray):
 
 
 def cached_steps(runner: OnnxCausalLM, ids: np.ndarray, steps: int) -> None:
-    logits, past = prompt_pass(runner, ids)
-    b, n = ids.shape
-    mask = np.ones((b, n), np.int64)
-    for k in range(steps):
-        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
-        logits, past = runner._run(nxt, mask, np.full((b, 1), n + k, np.int64), past)
+    """The prompt's pass and ``steps`` passes of one token with the cache."""
+    runner.generate(ids, max_new_tokens=steps + 1)
 
 
 def uncached_steps(runner: OnnxCausalLM, ids: np.ndarray, steps: int) -> None:

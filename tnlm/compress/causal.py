@@ -494,18 +494,17 @@ class _TeacherCache:
     depend on the other sequences of its batch, so a kept output is the recomputed one
     (up to the float rounding of another batch shape).
 
-    With ``uses`` (index -> how many times healing will still ask for it: the draws are
-    known in advance, :func:`_draws`) an output is kept only if its sequence comes back
-    and is dropped after its last use, so a run that sees each sequence once keeps
-    nothing."""
+    ``uses`` (index -> how many times healing will still ask for it: the draws are known
+    in advance, :func:`_draws`): an output is kept only if its sequence comes back and is
+    dropped after its last use, so a run that sees each sequence once keeps nothing."""
 
-    def __init__(self, limit_mb: float, uses: Mapping[int, int] | None = None) -> None:
+    def __init__(self, limit_mb: float, uses: Mapping[int, int]) -> None:
         self.limit = limit_mb * 2 ** 20
         self.kept: dict[int, torch.Tensor] = {}
         self.bytes = 0
         self.peak_bytes = 0
         self.computed = 0
-        self.uses = None if uses is None else Counter(uses)
+        self.uses = Counter(uses)
 
     def _size(self, row: torch.Tensor) -> int:
         return row.numel() * row.element_size()
@@ -518,8 +517,7 @@ class _TeacherCache:
         if not keep:
             self.computed += len(idx)
             return compute(list(idx))
-        if self.uses is not None:
-            self.uses.subtract(idx)
+        self.uses.subtract(idx)
         missing = list(dict.fromkeys(i for i in idx if i not in self.kept))
         fresh: dict[int, torch.Tensor] = {}
         if missing:
@@ -527,18 +525,16 @@ class _TeacherCache:
             self.computed += len(missing)
             for i, row in zip(missing, out):
                 size = self._size(row)
-                later = self.uses is None or self.uses[i] > 0
-                if later and self.bytes + size <= self.limit:
+                if self.uses[i] > 0 and self.bytes + size <= self.limit:
                     self.kept[i] = row.clone()  # not a view: the batch's tensor is freed
                     self.bytes += size
                 else:
                     fresh[i] = row
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         got = torch.stack([self.kept[i] if i in self.kept else fresh[i] for i in idx])
-        if self.uses is not None:  # a kept output healing will not ask for again
-            for i in dict.fromkeys(idx):
-                if self.uses[i] <= 0 and i in self.kept:
-                    self.bytes -= self._size(self.kept.pop(i))
+        for i in dict.fromkeys(idx):  # a kept output healing will not ask for again
+            if self.uses[i] <= 0 and i in self.kept:
+                self.bytes -= self._size(self.kept.pop(i))
         return got
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from typing import Any
 
 __all__ = ["rss_mb", "peak_rss_mb", "reset_peak_rss", "release_memory", "start_stage",
            "mmap_large_allocations", "MMAP_THRESHOLD"]
@@ -73,20 +74,20 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _libc_trim():
-    """glibc's ``malloc_trim`` (looked up in the running process) or None (another C
-    library, another platform)."""
+def _libc_function(name: str, argtypes: list, restype: Any) -> Any:
+    """The C library function ``name`` of the running process (glibc's ``malloc_trim``,
+    ``mallopt``) with its signature set, or None (another C library, another platform)."""
     try:
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        fn = getattr(ctypes.CDLL(None), name, None)
     except (OSError, TypeError):  # TypeError: Windows wants a name
         return None
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-        trim.restype = ctypes.c_int
-    return trim
+    if fn is not None:
+        fn.argtypes = argtypes
+        fn.restype = restype
+    return fn
 
 
-_TRIM = _libc_trim()
+_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def release_memory() -> bool:
@@ -141,12 +142,5 @@ def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    except (OSError, TypeError):  # TypeError: Windows wants a name
-        return False
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold))

@@ -29,7 +29,6 @@ cache) and :meth:`OnnxCausalLM.generate` (greedy decoding with the cache, the to
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -40,14 +39,11 @@ from torch import nn
 
 from tnlm.export.factorized import factorized_params
 from tnlm.export.onnx_graph import (
-    EXTERNAL_BYTES,
     ExportResult,
     export_copy,
-    external_files,
     file_opset,
     onnx_weights,
-    quiet_exporter,
-    strip_node_metadata,
+    write_graph,
 )
 
 __all__ = ["export_onnx_decoder", "OnnxCausalLM", "cache_shape"]
@@ -172,21 +168,14 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
     inputs = ["input_ids", "attention_mask", "position_ids", *names]
     outputs = ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = factorized_params(plain) * 4 > EXTERNAL_BYTES
-    quiet = contextlib.nullcontext() if verbose else quiet_exporter()
     try:
-        with quiet, torch.no_grad():
-            torch.onnx.export(step, args, str(path), dynamo=True, opset_version=opset,
-                              input_names=inputs, output_names=outputs,
-                              dynamic_shapes=shapes, external_data=external)
+        size = write_graph(step, plain, args, path, inputs=inputs, outputs=outputs,
+                           shapes=shapes, opset=opset, verbose=verbose,
+                           trace_metadata=trace_metadata)
     except Exception as err:  # the exporter's errors are many and long: name the model
         raise RuntimeError(f"export_onnx_decoder: could not export the cached pass of "
                            f"{type(plain).__name__} ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if not trace_metadata:
-        strip_node_metadata(path)
-    size = path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
     return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=file_opset(path),
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size,
@@ -240,8 +229,7 @@ class OnnxCausalLM:
         return [np.zeros((batch, int(shape[1]), 0, int(shape[3])), np.float32)
                 for shape in self._past_shapes]
 
-    @staticmethod
-    def _inputs(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids,
                          dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -249,6 +237,9 @@ class OnnxCausalLM:
                              f"{ids.shape}")
         if ids.min() < 0:
             raise ValueError(f"input_ids: expected token ids >= 0, got {int(ids.min())}")
+        if self.vocab is not None and ids.max() >= self.vocab:
+            raise ValueError(f"input_ids: expected token ids < the vocabulary size "
+                             f"{self.vocab}, got {int(ids.max())}")
         if attention_mask is None:
             return ids, np.ones_like(ids)
         mask = np.asarray(attention_mask.numpy() if hasattr(attention_mask, "numpy")
@@ -260,18 +251,16 @@ class OnnxCausalLM:
             raise ValueError("attention_mask: expected values 0 and 1 only")
         return ids, mask
 
-    def _check_ids(self, ids: np.ndarray) -> None:
-        if self.vocab is not None and ids.max() >= self.vocab:
-            raise ValueError(f"input_ids: expected token ids < the vocabulary size "
-                             f"{self.vocab}, got {int(ids.max())}")
+    @staticmethod
+    def _positions(mask: np.ndarray) -> np.ndarray:
+        """Position ids counting the unmasked tokens, as transformers does."""
+        return np.clip(np.cumsum(mask, 1) - 1, 0, None)
 
     def logits(self, input_ids: Any, attention_mask: Any = None) -> np.ndarray:
         """Logits ``(batch, seq, vocab)`` of one pass over ``input_ids`` (empty cache);
         positions count the unmasked tokens, as transformers does for left padding."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        self._check_ids(ids)
-        positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-        return self._run(ids, mask, positions, self._empty(ids.shape[0]))[0]
+        return self._run(ids, mask, self._positions(mask), self._empty(ids.shape[0]))[0]
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int = 32,
                  eos_token_id: int | list[int] | None = None,
@@ -290,22 +279,21 @@ class OnnxCausalLM:
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         ids, mask = self._inputs(input_ids, attention_mask)
-        self._check_ids(ids)
         if not mask[:, -1].all():
             raise ValueError("attention_mask: expected left padding (the last position of "
                              "every row unmasked); pad prompts on the left to generate")
         eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+        positions = self._positions(mask)
         logits, past = self._run(ids, mask, positions, self._empty(ids.shape[0]))
         done = np.zeros(ids.shape[0], dtype=bool)
         out = [ids]
-        for _ in range(max_new_tokens):
+        for k in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1).astype(np.int64)
             nxt = np.where(done, pad, nxt)
             out.append(nxt[:, None])
             done |= np.isin(nxt, eos)
-            if done.all():
+            if done.all() or k == max_new_tokens - 1:  # no pass for a token not asked for
                 break
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)

@@ -36,7 +36,7 @@ from tnlm.export.factorized import factorized_copy, factorized_params
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
-           "quiet_exporter", "external_files", "EXTERNAL_BYTES"]
+           "write_graph"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -44,7 +44,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: above this many weight bytes the graph's weights go to an external data file
 #: (protobuf's 2 GB limit)
-EXTERNAL_BYTES = 1_800_000_000
+_EXTERNAL_BYTES = 1_800_000_000
 
 
 class _Graph(nn.Module):
@@ -103,7 +103,7 @@ class ExportResult(dict):
 
 
 @contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
+def _quiet() -> Iterator[None]:
     """Silence the exporter's progress lines, warnings and log records (stdout, stderr,
     the ``torch.onnx`` and ``onnxscript`` loggers)."""
     sink = io.StringIO()
@@ -181,16 +181,9 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         args = args + (None,)
     outputs = [output] + (["sentence_embedding"] if pooling else [])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    external = factorized_params(plain) * 4 > EXTERNAL_BYTES
-    quiet = contextlib.nullcontext() if verbose else quiet_exporter()
-    with quiet, torch.no_grad():
-        torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
-                          input_names=list(inputs), output_names=outputs,
-                          dynamic_shapes=shapes, external_data=external)
-    if not trace_metadata:
-        strip_node_metadata(path)
-    size = path.stat().st_size + sum(p.stat().st_size for p in external_files(path))
+    size = write_graph(graph, plain, args, path, inputs=list(inputs), outputs=outputs,
+                       shapes=shapes, opset=opset, verbose=verbose,
+                       trace_metadata=trace_metadata)
     written = file_opset(path)
     if written != opset:
         warnings.warn(f"export_onnx: opset {opset} was asked for, but the exporter could not "
@@ -198,6 +191,25 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size)
+
+
+def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
+                inputs: list[str], outputs: list[str], shapes: Any, opset: int,
+                verbose: bool, trace_metadata: bool) -> int:
+    """Trace ``graph`` (which calls ``model``, the :func:`export_copy`) on ``args`` into the
+    ONNX file ``path`` (its folder created; the weights in an external data file above
+    ``_EXTERNAL_BYTES``; the exporter quiet unless ``verbose``; node metadata cleared
+    unless ``trace_metadata``). Returns the bytes written, external data included."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = factorized_params(model) * 4 > _EXTERNAL_BYTES
+    quiet = contextlib.nullcontext() if verbose else _quiet()
+    with quiet, torch.no_grad():
+        torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
+                          input_names=inputs, output_names=outputs,
+                          dynamic_shapes=shapes, external_data=external)
+    if not trace_metadata:
+        strip_node_metadata(path)
+    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
 
 
 def export_copy(model: nn.Module, caller: str) -> tuple[nn.Module, int]:
@@ -264,7 +276,7 @@ def _with_pad(tokenizer: Any) -> Any:
     return tok
 
 
-def external_files(path: Path) -> list[Path]:
+def _external_files(path: Path) -> list[Path]:
     """External data files an ONNX file names (none for a self-contained file)."""
     import onnx
 
