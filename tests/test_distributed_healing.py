@@ -80,8 +80,14 @@ def encoder_tokenizer(folder: Path):
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]
     vocab += [f"##{chr(c)}" for c in range(97, 123)] + [".", "the", "is", "of", "and"]
+    # every rank writes it: a private file renamed into place, so that no rank reads
+    # another's half-written file (a flake: "WordPiece error: Missing [UNK] token")
+    import os
+
     path = folder / "vocab.txt"
-    path.write_text("\n".join(vocab))
+    tmp = folder / f".vocab.{os.getpid()}.txt"
+    tmp.write_text("\n".join(vocab))
+    os.replace(tmp, path)
     return BertTokenizerFast(vocab=str(path))
 
 
