@@ -49,9 +49,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.lm_quality import (  # noqa: E402
-    _prompt_ids,
     eos_ids,
     greedy_answers,
+    prompt_ids,
     simple_questions,
     until_eos,
 )
@@ -150,7 +150,7 @@ def main() -> int:
 
     # answers: ONNX Runtime against PyTorch, compressed against dense
     questions = simple_questions()[:args.questions]
-    prompts = [_prompt_ids(tok, q) for q in questions]
+    prompts = [prompt_ids(tok, q) for q in questions]
     eos = eos_ids(dense, tok)
     answers: dict[str, list[list[int]]] = {}
     for name, runner in runners.items():

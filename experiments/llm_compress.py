@@ -46,7 +46,7 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     perplexity,
     simple_questions,
 )
-from tnlm.compress.memory import release_memory, rss_mb  # noqa: E402
+from tnlm.compress.memory import mmap_large_allocations, release_memory, rss_mb  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 
 
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
                    help="keep every block's activations in healing (the former default)")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="keep glibc's dynamic mmap threshold (runs before the CLI job set it)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     bad = [k for k in args.eval_at if not 0 <= k < args.heal_steps]
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
                 f"(the last step is always measured), got {bad}")
     if args.hidden_weight and not args.chunk:
         p.error("--hidden-weight needs --chunk (the block term runs with the chunked KL)")
+    mapped = False if args.glibc_malloc else mmap_large_allocations()  # as the CLI job
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     path = default_llm_path()
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
                heal_optimizer=recipe.heal.optimizer, args={
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
-        eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb)
+        eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb, mmap_threshold_set=mapped)
     if res is not None:
         # the curve's measures ran inside healing: their time is taken out
         # (heal_curve_seconds); the healing peak includes them

@@ -371,11 +371,49 @@ def test_the_export_chain_of_a_pivoted_layer_is_the_same_function():
         x = torch.randn(3, 5, layer.in_dim)
         torch.testing.assert_close(chain(x), layer(x), rtol=1e-5, atol=1e-5)
         basis, right = chain.mats
-        assert basis.shape == (layer.in_dim, layer.rank) and torch.equal(right, layer.right)
-        assert torch.equal(basis[layer.pivots], torch.eye(layer.rank))
+        assert basis.shape == (layer.in_dim, layer.rank)
+        assert right.shape == (layer.rank, layer.out_dim)
+        # the balanced gauge: B^T B = R R^T = diag(singular values of W)
+        s = layer.singular_values().float()
+        torch.testing.assert_close(basis.T @ basis, torch.diag(s), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(right @ right.T, torch.diag(s), rtol=1e-4, atol=1e-4)
         assert not any(p.requires_grad for p in chain.parameters())
+        before = chain.mats[1].clone()
         layer.right.data.add_(1.0)  # a copy: the layer is not shared with the chain
-        assert not torch.equal(chain.mats[1], layer.right)
+        assert torch.equal(chain.mats[1], before)
+
+
+def test_the_export_chain_survives_int8_weights_where_the_gauge_fixed_form_does_not():
+    """One int8 scale per tensor (ONNX Runtime's dynamic quantization of weights): the
+    gauge-fixed factors (identity beside coefficients, every singular value in ``right``)
+    lose W's small directions; the chain's balanced factors keep them as the plain
+    symmetric-gauge layers do."""
+    from tnlm.export.factorized import PivotedChain
+
+    torch.manual_seed(0)
+    I, J, r = 96, 160, 40
+    U, _ = torch.linalg.qr(torch.randn(I, I, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(J, I, dtype=torch.float64))
+    W = (U * torch.logspace(0, -2, I, dtype=torch.float64)) @ V.T  # a decaying spectrum
+    mpo = MPO.from_matrix(W, (I, 1), (1, J), max_bond=[r])
+    plain = MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32, kind="linear")
+    layer = PivotedLinear.from_mpo(plain)
+
+    def int8(a):
+        scale = a.abs().max() / 127
+        return torch.round(a / scale) * scale
+
+    def error(left, right):
+        with torch.no_grad():
+            ref = layer.dense_matrix()
+            return float((int8(left) @ int8(right) - ref).norm() / ref.norm())
+
+    chain = PivotedChain(layer)
+    fixed = error(layer.basis(), layer.right.detach())
+    balanced = error(*chain.mats)
+    sites = [c.detach().reshape(c.shape[0] * c.shape[1], -1) for c in plain.cores]
+    assert balanced < 0.5 * fixed, (balanced, fixed)
+    assert balanced < 1.5 * error(*sites), (balanced, error(*sites))
 
 
 def test_naming_one_path_of_a_shared_layer_converts_it_everywhere():

@@ -35,7 +35,8 @@ from torch import nn
 from tnlm.compress.quality import read_sick
 
 __all__ = ["PerplexityResult", "answer_agreement", "answer_token_agreement", "answers_correct",
-           "eos_ids", "greedy_answers", "natural_eval_text", "perplexity", "question_keys",
+           "eos_ids", "greedy_answers", "natural_eval_text", "perplexity", "prompt_ids",
+           "question_keys",
            "simple_questions", "until_eos", "window_spans"]
 
 #: the labelled data folder, relative to the working directory
@@ -201,7 +202,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
                             n_windows=len(spans))
 
 
-def _prompt_ids(tokenizer: Any, question: str) -> list[int]:
+def prompt_ids(tokenizer: Any, question: str) -> list[int]:
     """The token ids of one question as a prompt: the chat template with the generation
     prompt (its own special tokens, none added), or else the question, a newline and the
     tokenizer's default special tokens."""
@@ -267,7 +268,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
         pad = getattr(tokenizer, "eos_token_id", None)
     if pad is None:
         raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
-    prompts = [_prompt_ids(tokenizer, q) for q in questions]
+    prompts = [prompt_ids(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     eos = eos_ids(model, tokenizer)
     device = _device(model)
@@ -416,7 +417,7 @@ def answer_token_agreement(model: nn.Module, tokenizer: Any, questions: Sequence
     try:
         with torch.no_grad():
             for question, answer in zip(questions, answers):
-                prompt = _prompt_ids(tokenizer, question)
+                prompt = prompt_ids(tokenizer, question)
                 if isinstance(answer, str):
                     answer = tokenizer(answer, add_special_tokens=False)["input_ids"]
                 target = [int(i) for i in answer]
