@@ -129,8 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-bf16", action="store_true")
     p.add_argument("--no-checkpoint-blocks", action="store_true",
                    help="keep every block's activations in healing (the former default)")
-    p.add_argument("--glibc-malloc", action="store_true",
-                   help="keep glibc's dynamic mmap threshold (runs before the CLI job set it)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="as tnlm compress --low-memory: every block >= 128 KiB mapped")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     bad = [k for k in args.eval_at if not 0 <= k < args.heal_steps]
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 f"(the last step is always measured), got {bad}")
     if args.hidden_weight and not args.chunk:
         p.error("--hidden-weight needs --chunk (the block term runs with the chunked KL)")
-    mapped = False if args.glibc_malloc else mmap_large_allocations()  # as the CLI job
+    mapped = mmap_large_allocations() if args.low_memory else False
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     path = default_llm_path()

@@ -403,6 +403,33 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
         capsys.readouterr().err
 
 
+def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(
+        tmp_path, capsys, monkeypatch):
+    """The allocator setting is opt-in (it costs healing 1.7x the time on SmolLM2) and is
+    refused for an encoder; --pivoted / --no-pivoted override the job's own default."""
+    from tnlm.cli import main
+    from tnlm.compress import llm, memory
+
+    assert main(["compress", "--low-memory"]) == 2  # the embedded encoder
+    assert "--low-memory applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    calls, seen = [], []
+    monkeypatch.setattr(memory, "mmap_large_allocations", lambda *a: calls.append(a) or True)
+
+    def stop(model, tok, recipe, **kw):
+        seen.append(recipe.pivoted)
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    base = ["compress", str(folder), "--text", str(text), "--out", "", "--quiet"]
+    for flags, mapped, pivoted in (([], 0, llm.CausalLMRecipe.pivoted),
+                                   (["--low-memory", "--pivoted"], 1, True),
+                                   (["--no-pivoted"], 1, False)):
+        assert main([*base, *flags]) == 2
+        assert "stopped before compression" in capsys.readouterr().err
+        assert len(calls) == mapped and seen[-1] is pivoted, flags
+
+
 def _cost(spectra, ranks, weights=None):
     weights = weights or {}
     return sum(weights.get(n, 1.0) * (0.0 if r is None else t[r] / t[0])
@@ -1352,8 +1379,8 @@ def test_layerwise_refuses_a_target_pattern_that_matches_no_linear_in_the_blocks
 
 
 def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp_path):
+    from tnlm.cli.export import ExportError, add_export_parser, cmd_export
     from tnlm.export import load_compressed, save_self_contained
-    from tnlm.export.cli import ExportError, add_export_parser, cmd_export
     from tnlm.integration import MPOConfig, get_mpo_model
 
     model = _llama()

@@ -30,6 +30,7 @@ from tests.common import (
     short_sentences,
 )
 from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
+from tnlm.cli.export import ExportError, add_export_parser, cmd_export
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.export import (
     FactorizedEmbedding,
@@ -40,7 +41,6 @@ from tnlm.export import (
     load_compressed,
     save_self_contained,
 )
-from tnlm.export.cli import ExportError, add_export_parser, cmd_export
 from tnlm.integration import MPOConfig, MPOModel, get_mpo_model, mean_pooled
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",

@@ -232,8 +232,8 @@ def test_factors_are_exported_not_w(exported):
 
 def test_cli_exports_a_causal_lm_with_its_cache(tmp_path, capsys):
     from tests.test_export import parse
+    from tnlm.cli.export import cmd_export
     from tnlm.export import save_self_contained
-    from tnlm.export.cli import cmd_export
 
     model = llama()
     save_self_contained(model, None, tmp_path / "lm", sentence_transformers=False)

@@ -122,12 +122,15 @@ def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     its heaps afterwards, and holes between live blocks stay resident. Measured on healing
     SmolLM2-135M (``benchmarks/bench_llm_memory.py``, 10 steps, docs/results.md): the
     healing stage's peak 2594 MB with glibc's default, 1897 MB with a fixed 128 KiB
-    threshold (``MALLOC_MMAP_THRESHOLD_=131072``, the same setting), each step about 10 %
-    slower (page faults of fresh mappings; measured on a busy machine).
+    threshold (``MALLOC_MMAP_THRESHOLD_=131072``, the same setting). The whole 60 % job
+    (``tnlm compress --low-memory``, which calls this): healing peak 2.06x the memory
+    after loading instead of 3.07x, but healing 1.7x slower and perplexity 1.5x slower
+    (every large tensor is a fresh mapping, faulted in and zeroed page by page), so it is
+    an option, not the job's default.
 
     A threshold the user set in the environment (``MALLOC_MMAP_THRESHOLD_``) is left as it
     is. glibc cannot turn its dynamic threshold back on: call this in a process that
-    compresses, e.g. ``tnlm compress`` (which does for causal LMs).
+    compresses.
 
     Returns:
         True where the setting was made (glibc), False elsewhere or when the environment

@@ -10,8 +10,8 @@ folders (with sentence-transformers files), dense transformers folders, int8 wei
 * :func:`save_self_contained` / :func:`load_compressed` — a folder that rebuilds the
   compressed model alone; :func:`sentence_transformer` — its ``SentenceTransformer``;
 * :func:`export_hf` — merged dense weights, loadable without tnlm (dense size);
-* :mod:`tnlm.export.cli` — ``tnlm export DIR --format {onnx,hf,st} [--int8
-  [--embedding-bits 4]] --out PATH``.
+* ``tnlm export DIR --format {onnx,hf,st} [--int8
+  [--embedding-bits 4]] --out PATH`` (:mod:`tnlm.cli.export`) writes each of them.
 
 Needs the ``export`` extra (onnx, onnxruntime, onnxscript, sentence-transformers) for
 the ONNX and sentence-transformers parts; the rest needs only tnlm.

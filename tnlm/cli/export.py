@@ -201,21 +201,3 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), {res['mpo_layers']} "
           f"MPO layers kept factorized, {outputs(res)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - for python -m
-    """``python -m tnlm.export.cli DIR --format ...`` until ``tnlm export`` is wired in."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="tnlm")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"tnlm export: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""``tnlm compress`` on a causal LM: layer-by-layer compression, healing by next-token KL,
+held-out perplexity against the dense model's, under torchrun as well."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+from tnlm.cli.common import (
+    HealingDiverged,
+    UserError,
+    check_budget_and_healing,
+    encoder_only_defaults,
+    launched,
+    make_out,
+    note,
+    remove_empty,
+)
+
+__all__ = ["compress_causal", "LAYERWISE_DIR"]
+
+
+def compress_causal(args: argparse.Namespace, source, arch) -> int:
+    """``tnlm compress`` on a causal LM (a folder or a .gguf file): layer-by-layer
+    compression, next-token-KL healing, held-out perplexity against the dense model's
+    (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this: the process group is
+    initialized after the inputs are checked (gloo on CPU, nccl with CUDA; timeout
+    ``--dist-timeout``) and destroyed at the end; the ranks compress and heal together
+    (:func:`~tnlm.compress.llm.compress_causal_lm`); rank 0 alone measures perplexity,
+    prints and writes ``--out`` (each rank writes its own hidden states to the per-block
+    checkpoint ``--out/layerwise``, :func:`_compress_causal_job`)."""
+    import math
+    from datetime import timedelta
+
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.distributed import process_group_from_env
+    from tnlm.compress.llm import CausalLMRecipe, has_checkpoint, remove_checkpoint
+    from tnlm.compress.text import read_sentences
+
+    rank, size = launched()
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UserError(f"--dist-timeout must be a number of minutes > 0, got "
+                        f"{args.dist_timeout}")
+    recipe = CausalLMRecipe()
+    heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
+    lr = recipe.heal.lr if args.lr is None else args.lr
+    check_budget_and_healing(args.budget, heal_steps, lr)
+    for flag, default in encoder_only_defaults().items():
+        if getattr(args, flag[2:].replace("-", "_")) != default:
+            raise UserError(f"{flag} applies to encoders; {source} is a causal LM")
+    if args.resume and not args.out:
+        raise UserError("--resume continues the layer-by-layer compression saved in --out "
+                        "DIR: it needs --out")
+    text = None
+    if args.text and args.lm_text is not None:
+        raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
+    if args.lm_texts is not None and (args.text or args.lm_text == "prose"):
+        raise UserError("--lm-texts sets how many texts the model writes itself; with "
+                        + ("--text" if args.text else "--lm-text prose") + " it writes none")
+    if args.lm_texts is not None and args.lm_texts < 1:
+        raise UserError(f"--lm-texts must be at least 1, got {args.lm_texts}")
+    if args.text:
+        try:
+            text = read_sentences(args.text, column=args.text_column)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--text: {err}") from None
+        if len(text) < 4:
+            raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
+    targets = args.targets.split(",") if args.targets else list(arch.targets)
+    job = recipe.heal  # the job's defaults
+    chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
+    try:
+        heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
+                                optimizer=args.heal_optimizer or job.optimizer, chunk=chunk)
+    except ValueError as err:
+        raise UserError(f"--heal-chunk / --heal-optimizer: {err}") from None
+    if size > 1 and heal_steps and heal.batch_size < size:
+        raise UserError(f"{size} processes: healing shares each step's batch of "
+                        f"{heal.batch_size} sequences, so at most {heal.batch_size} "
+                        "processes can heal (--nproc_per_node)")
+    recipe = CausalLMRecipe(
+        budget=args.budget, method=args.method or recipe.method, target_modules=targets,
+        heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
+        n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
+        pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
+    out, created = make_out(args.out) if rank == 0 else (None, [])
+
+    def say(*parts: object) -> None:
+        if not args.quiet and rank == 0:
+            print(*parts, file=sys.stderr if args.json else sys.stdout)
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet or rank != 0:  # transformers' "Loading weights" bars too
+        hf_logging.disable_progress_bar()
+    try:
+        # gloo: the CLI loads and compresses on the CPU, whatever GPUs the machine has
+        with process_group_from_env(timedelta(minutes=args.dist_timeout),
+                                    backend="gloo") as (rank, size):
+            return _compress_causal_job(args, source, arch, recipe, text, out, say, rank,
+                                        size)
+    except BaseException as err:
+        if out is not None:
+            ckpt = out / LAYERWISE_DIR
+            if has_checkpoint(ckpt):
+                if isinstance(err, HealingDiverged):  # the blocks are done; heal otherwise
+                    note(f"the layer-by-layer checkpoint in {ckpt} is kept: the command "
+                          "with --resume and a lower --lr compresses no block again and "
+                          "heals afresh")
+                elif not isinstance(err, (UserError, ValueError)):
+                    note(f"the layer-by-layer checkpoint in {ckpt} is kept: the same "
+                          "command with --resume continues after its last finished block")
+            else:  # nothing resumable: the pieces of an unfinished first block, if any
+                remove_checkpoint(ckpt)
+        remove_empty(created)
+        raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+#: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
+LAYERWISE_DIR = "layerwise"
+
+
+
+def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank: int,
+                         size: int) -> None:
+    """``--resume`` checked (rank 0 reads the checkpoint, every rank gets its verdict) or,
+    without it, a checkpoint of an earlier run in ``ckpt`` discarded with a notice; on the
+    loaded model, before any work."""
+    from tnlm.compress import distributed as dist_
+    from tnlm.compress.llm import check_resume, has_checkpoint, remove_checkpoint
+
+    if ckpt is None:
+        return
+    if args.resume:
+        verdict: dict = {}
+        if rank == 0:
+            try:
+                verdict = {"last": check_resume(model, tok, recipe, ckpt, text=text,
+                                                world_size=size)}
+            except FileNotFoundError:
+                verdict = {"error": f"--resume: {ckpt} holds no layer-by-layer checkpoint "
+                                    "to resume"}
+            except ValueError as err:
+                fix = ("pass the settings of that run" if "other inputs" in str(err) else
+                       "it cannot be resumed")
+                verdict = {"error": f"--resume: {err}; {fix}, or drop --resume to start "
+                                    "afresh"}
+            except Exception as err:  # noqa: BLE001 -- the others must not wait for it
+                verdict = {"error": f"--resume: reading {ckpt} failed: "
+                                    f"{type(err).__name__}: {err}"}
+        if size > 1:  # the others wait for rank 0's verdict (each rank reads it again)
+            verdict = dist_.broadcast_json(verdict, 0, "the --resume check")
+        if "error" in verdict:
+            raise UserError(verdict["error"])
+        if rank == 0:
+            from tnlm.integration.architectures import blocks_of
+
+            last, n = verdict["last"], len(blocks_of(model))
+            note(f"resuming the layer-by-layer compression in {ckpt} " +
+                  ("on its calibration text (no block was finished)" if last is None else
+                   f"after block {last} ({last + 1} of {n} blocks finished)"))
+        return
+    failed = ""
+    if rank == 0 and ckpt.is_dir():
+        if has_checkpoint(ckpt):
+            note(f"discarding the layer-by-layer checkpoint of an earlier run in {ckpt} "
+                  "(pass --resume to continue it)")
+        try:
+            remove_checkpoint(ckpt)  # also the pieces of an unfinished first block
+        except OSError as err:
+            failed = f"cannot remove the earlier checkpoint in {ckpt}: {err}"
+    if size > 1:  # no rank writes there before rank 0 has cleared it (or failed to)
+        failed = dist_.broadcast_json({"error": failed}, 0, "the removal of an earlier "
+                                      "checkpoint")["error"]
+    if failed:
+        raise UserError(failed)
+
+
+
+def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size) -> int:
+    """The work of :func:`compress_causal` once the inputs are checked (and, under
+    torchrun, the process group is up); perplexity, printing and saving on rank 0 only.
+
+    With ``--out DIR`` the per-block checkpoint is written to ``DIR/layerwise`` (every
+    rank: the folder must be one they share) and removed once the model is saved."""
+    import json
+
+    import torch
+
+    from tnlm.compress.causal import token_sequences
+    from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
+    from tnlm.compress.lm_quality import natural_eval_text, perplexity
+    from tnlm.compress.memory import mmap_large_allocations, peak_rss_mb, rss_mb, start_stage
+    from tnlm.integration import MPOConfig, MPOModel
+    from tnlm.integration.loading import load_pretrained
+
+    targets, heal_steps = recipe.target_modules, recipe.heal.steps
+    ckpt = Path(args.out) / LAYERWISE_DIR if args.out else None  # on every rank
+    seconds: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
+    resets = []  # whether every stage's peak could be reset (Linux), else running maxima
+    t_job = time.perf_counter()
+    if args.low_memory:  # every block >= 128 KiB mapped and unmapped, not kept in glibc's
+        # heaps: on SmolLM2 at 60 % the healing peak 2.06x the loaded model instead of
+        # 3.07x, the healing 1.7x slower (tnlm.compress.memory.mmap_large_allocations)
+        mmap_large_allocations()
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        """Seconds and peak memory of one of the job's own stages (rank 0's)."""
+        resets.append(start_stage())
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] = time.perf_counter() - t0
+            peaks[name] = peak_rss_mb()
+
+    torch.manual_seed(args.seed)
+    with stage("loading"):
+        model, tok = load_pretrained(source.folder / source.gguf_file if source.gguf_file
+                                     else source.folder)
+    resets.append(start_stage())
+    loaded_mb = rss_mb()  # what every peak is compared with: the model and the libraries
+    if text is not None:  # enough tokens for one sequence, before any expensive step
+        try:
+            token_sequences(tok, text, recipe.seq_len)
+        except ValueError as err:
+            raise UserError(f"--text {args.text}: {err}") from None
+    if text is None and recipe.text_source in ("chat", "mixed") and not getattr(
+            tok, "chat_template", None):
+        name = source.folder / source.gguf_file if source.gguf_file else source.folder
+        raise UserError(f"--lm-text {recipe.text_source}: the tokenizer of {name} has no "
+                        "chat template; use --lm-text self, prose or both")
+    _causal_resume_state(args, model, tok, recipe, text, ckpt, rank, size)
+    if rank == 0:
+        eval_text = natural_eval_text()
+        eval_source = "natural held-out text (../shared/data dev splits)"
+        if eval_text is None:
+            from tnlm.compress.text import lm_held_out
+            eval_text = ["\n".join(lm_held_out())]
+            eval_source = ("tnlm's held-out prose (tnlm/data/lm_held_out.txt.gz: topics the "
+                           "healing prose never names)")
+        with stage("dense_perplexity"):
+            dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
+    res = compress_causal_lm(model, tok, recipe, text=text,
+                             progress=not args.quiet and rank == 0, log=say,
+                             checkpoint_dir=ckpt, resume=args.resume)
+    if res.heal is not None and res.heal.stopped:
+        raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
+                              + (f" in {out}" if out else ""))
+    if rank != 0:
+        return 0
+    # compress_causal_lm's stages in their place (its "total" is theirs alone)
+    seconds.update({k: v for k, v in res.seconds.items() if k != "total"})
+    peaks.update(res.peak_rss_mb)
+    with stage("perplexity"):
+        ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+    if out is not None:
+        from tnlm.export import save_self_contained
+
+        try:
+            with stage("saving"):
+                wrapped = MPOModel(model, MPOConfig(target_modules=targets))
+                save_self_contained(wrapped, tok, out, sentence_transformers=False)
+        except Exception:  # the run's measures are not lost with the model
+            print(f"not saved; perplexity dense {dense.ppl:.4f}, compressed {ppl.ppl:.4f} "
+                  f"({ppl.ppl / dense.ppl:.4f}x)", file=sys.stderr)
+            raise
+    seconds["total"] = time.perf_counter() - t_job
+    # the stage whose peak is highest; none where the peaks could not be reset per stage
+    known = {k: v for k, v in peaks.items() if v is not None} if all(resets) else {}
+    top = max(known, key=known.get) if known else None
+    summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
+                   budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,
+                   params_before=res.layerwise.params_before,
+                   params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                   heal_optimizer=recipe.heal.optimizer, low_memory=args.low_memory,
+                   text=("--text " + str(args.text)) if args.text else recipe.text_source,
+                   perplexity_dense=dense.ppl, perplexity=ppl.ppl,
+                   perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
+                   eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,
+                   rss_after_load_mb=loaded_mb, peak_stage=top,
+                   peak_over_loaded=(known[top] / loaded_mb if top and loaded_mb else None),
+                   processes=size)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
+              f"parameters of the targeted layers ({res.ratio:.1%}); method "
+              f"{recipe.method}; healing {heal_steps} steps ({recipe.heal.optimizer})")
+        print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
+              f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
+        if summary["peak_over_loaded"] is not None:
+            print(f"peak memory {known[top]:,.0f} MiB ({top}), "
+                  f"{summary['peak_over_loaded']:.2f}x the {loaded_mb:,.0f} MiB after loading")
+    if out is not None:
+        if ckpt is not None:
+            remove_checkpoint(ckpt)  # the model is saved: nothing left to resume
+        say(f"saved to {out} (tnlm.export.load_compressed(DIR) rebuilds it)")
+    return 0

@@ -1,0 +1,111 @@
+"""What every command of the ``tnlm`` command line shares: its two errors, the output
+folder made before any work, notices, the model folder and the checks of the numbers
+both compress jobs take."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
+           "check_budget_and_healing", "launched", "encoder_only_defaults"]
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line."""
+
+
+def model_path(model_dir: str | None) -> Path:
+    from tnlm.integration import default_model_path
+
+    path = Path(model_dir) if model_dir else default_model_path()
+    if not (path / "config.json").is_file():
+        raise UserError(f"MODEL_DIR {path} is not a transformers model folder (no config.json)")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise UserError(f"MODEL_DIR {path} holds no model.safetensors")
+    return path
+
+
+class HealingDiverged(Exception):
+    """Healing blew up: reported in one line, exit status 1."""
+
+
+def make_out(out: str | None) -> tuple[Path | None, list[Path]]:
+    """The output folder, created (with its parents) and a probe file written and removed
+    there, before any work (``os.access`` says yes to root even where writing fails);
+    returns it and the folders this created, innermost last."""
+    if not out:
+        return None, []
+    d = Path(out)
+    missing = []
+    p = d
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--out {d}: {p} is a file, not a folder")
+    created: list[Path] = []
+    try:
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+        probe = d / f".tnlm-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        remove_empty(created)
+        raise UserError(f"--out {d} cannot be written: {err.strerror or err}") from None
+    return d, created
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders (innermost last) that are still empty; keep the others."""
+    for f in reversed(folders):
+        try:
+            f.rmdir()
+        except OSError:
+            return
+
+
+def note(message: str) -> None:
+    """A notice the user must see (on stderr, even with --quiet or --json)."""
+    print(f"tnlm: {message}", file=sys.stderr)
+
+
+def check_budget_and_healing(budget: float, heal_steps: int, lr: float) -> None:
+    """The checks both compress paths (encoder, causal LM) make of their shared numbers."""
+    import math
+
+    from tnlm.core.budget import check_fraction
+
+    try:
+        check_fraction("--budget", budget)
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from None
+    if heal_steps < 0:
+        raise UserError(f"--heal-steps must be >= 0, got {heal_steps}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+
+
+def launched() -> tuple[int, int]:
+    """``(rank, world_size)`` torchrun (or another launcher) gave this process."""
+    from tnlm.compress.distributed import launched_world
+
+    try:
+        return launched_world()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def encoder_only_defaults() -> dict[str, object]:
+    """The flags of ``tnlm compress`` that apply to encoders only, with their defaults (the
+    parser's, from :class:`~tnlm.compress.encoder.EncoderRecipe`): a causal LM's job
+    refuses any other value."""
+    from tnlm.compress.encoder import EncoderRecipe as enc
+
+    return {"--sick": None, "--with-default-text": False, "--heal-train": enc.heal_train,
+            "--teacher-bf16": enc.teacher_bf16, "--reconstruct-steps": enc.reconstruct_steps,
+            "--allocation": enc.allocation, "--calibration": enc.calibration}
