@@ -255,7 +255,7 @@ def _low_rank_chain(path, seed=0):
     return rng.standard_normal((1, 8, 64)).astype(np.float32)
 
 
-def test_int8_per_channel_uses_seven_bit_weights_and_is_no_worse_than_per_tensor(tmp_path):
+def test_int8_is_per_channel_seven_bit_by_default_and_no_worse_than_per_tensor(tmp_path):
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -279,10 +279,11 @@ def test_int8_per_channel_uses_seven_bit_weights_and_is_no_worse_than_per_tensor
                 for i in onnx.load(str(tmp_path / name)).graph.initializer
                 if i.name.endswith("_quantized")}
 
-    per_tensor, per_channel = error("t.onnx"), error("c.onnx", per_channel=True)
+    per_tensor, per_channel = error("t.onnx", per_channel=False), error("c.onnx")
     assert per_channel <= 1.5 * per_tensor, (per_channel, per_tensor)
-    weights = quantized("c.onnx")
+    weights = quantized("c.onnx")  # the default: per column, 7-bit
     assert weights and all(m <= 64 for m in weights.values())
+    assert max(quantized("t.onnx").values()) > 64  # per tensor: 8 bits
     error("c8.onnx", per_channel=True, reduce_range=False)  # 8 bits on request
     assert max(quantized("c8.onnx").values()) > 64
 
@@ -606,12 +607,22 @@ def test_cli_onnx_int8(checkpoint, compressed, tok, sentences, tmp_path, capsys)
     out = tmp_path / "m.int8.onnx"
     assert cmd_export(parse([str(ckpt), "--format", "onnx", "--int8", "--base", str(base),
                              "--out", str(out)])) == 0
-    assert "int8" in capsys.readouterr().out
+    assert "int8 weights (7-bit, one scale per column)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx"]  # no leftovers
     enc = OnnxEncoder(out, tok)
     assert enc.output_names == ["last_hidden_state", "sentence_embedding"]
     cos = (enc.encode(sentences) * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
     assert float(cos.min()) > 0.99
+    tensor = tmp_path / "t.int8.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--int8", "--per-tensor",
+                             "--base", str(base), "--out", str(tensor)])) == 0
+    assert "int8 weights (one scale per tensor)" in capsys.readouterr().out
+    cos = (OnnxEncoder(tensor, tok).encode(sentences)
+           * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
+    assert float(cos.min()) > 0.99
+    with pytest.raises(ExportError, match="--per-tensor applies with --int8 only"):
+        cmd_export(parse([str(ckpt), "--format", "onnx", "--per-tensor", "--base", str(base),
+                          "--out", str(tmp_path / "x.onnx")]))
 
 
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):

@@ -26,7 +26,7 @@ EMBEDDING_BITS = (8, 4)
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
-                  per_channel: bool = False, reduce_range: bool | None = None,
+                  per_channel: bool = True, reduce_range: bool | None = None,
                   embedding_bits: int = 8, block_size: int = 64) -> int:
     """Write ``dst``: the ONNX file ``src`` with int8 weights (dynamic quantization of
     ``MatMul`` and ``Gather``); returns the size of ``dst`` in bytes. ``dst`` is written
@@ -35,7 +35,12 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     Args:
         src: an ONNX file (e.g. from :func:`~tnlm.export.export_onnx`).
         dst: the quantized file to write (its folder is created).
-        per_channel: one scale per output column instead of per tensor.
+        per_channel: one scale per output column (the default) instead of per tensor.
+            Measured on MiniLM (SST-2 dev cosine of the pooled embeddings to the dense
+            float32 model, 300 sentences, docs/export.md), per column 7-bit / per tensor
+            8-bit / per tensor 7-bit: dense 0.990 / 0.957 / 0.866; 50 % low rank (not
+            healed, float32 0.709) 0.702 / 0.692 / 0.670; 50 % gauge-fixed (float32
+            0.741) 0.731 / 0.079 / 0.693.
         reduce_range: 7-bit weights (ONNX Runtime's ``reduce_range``). ``None``
             (default): with ``per_channel`` only. On x86 CPUs without VNNI (AVX2, e.g.
             this project's machine) ONNX Runtime multiplies uint8 activations by int8
