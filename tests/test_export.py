@@ -236,15 +236,17 @@ def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
 
 
-def _low_rank_chain(path, seed=0):
+def _low_rank_chain(path, seed=0, factors=None):
     """x (1, 8, 64) @ A (64 x 12) @ B (12 x 64), B's rows scaled over two decades (the
-    factor that int8 per column saturated on AVX2 CPUs)."""
+    factor that int8 per column saturated on AVX2 CPUs); or the given (A, B)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((64, 12)).astype(np.float32)
     b = (rng.standard_normal((12, 64)) * np.logspace(0, -2, 12)[:, None]).astype(np.float32)
+    if factors is not None:
+        a, b = (np.ascontiguousarray(f, dtype=np.float32) for f in factors)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"],
                                                                          ["y"])], "g",
@@ -286,6 +288,41 @@ def test_int8_is_per_channel_seven_bit_by_default_and_no_worse_than_per_tensor(t
     assert max(quantized("t.onnx").values()) > 64  # per tensor: 8 bits
     error("c8.onnx", per_channel=True, reduce_range=False)  # 8 bits on request
     assert max(quantized("c8.onnx").values()) > 64
+
+
+def test_int8_of_a_gauge_fixed_layer_export_keeps_its_small_directions(tmp_path):
+    """A gauge-fixed layer of a decaying spectrum, exported as its balanced chain and
+    quantized with the defaults (per column, 7-bit), against what the former export (the
+    identity beside the coefficients, and ``right``) gave with the former default (one
+    8-bit scale a tensor): ONNX Runtime's outputs, relative error."""
+    import onnxruntime as ort
+
+    from tnlm.bridge.pivoted import PivotedLinear
+    from tnlm.core import MPO
+    from tnlm.export import quantize_int8
+    from tnlm.export.factorized import PivotedChain
+
+    torch.manual_seed(0)
+    n, r = 64, 12
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    W = (U * torch.logspace(0, -2, n, dtype=torch.float64)) @ V.T
+    mpo = MPO.from_matrix(W, (n, 1), (1, n), max_bond=[r])
+    layer = PivotedLinear.from_mpo(MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32,
+                                                      kind="linear"))
+    chain = PivotedChain(layer)
+
+    def error(name, factors, **kw):
+        x = _low_rank_chain(tmp_path / f"{name}.onnx", factors=factors)
+        quantize_int8(tmp_path / f"{name}.onnx", tmp_path / f"{name}.q.onnx", **kw)
+        ref, out = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                    .run(None, {"x": x})[0] for f in (f"{name}.onnx", f"{name}.q.onnx"))
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    now = error("balanced", [m.detach().numpy() for m in chain.mats])
+    before = error("fixed", (layer.basis().numpy(), layer.right.detach().numpy()),
+                   per_channel=False)
+    assert now < 0.05 and now < 0.5 * before, (now, before)
 
 
 # ---------------------------------------------------------------- 4-bit word embeddings
