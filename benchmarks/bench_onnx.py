@@ -106,7 +106,7 @@ def main() -> None:
                     help="columns per scale of the 4-bit word-embedding table")
     ap.add_argument("--pivoted", action="store_true",
                     help="also compress each budget with gauge-fixed bonds (PivotedLinear)")
-    ap.add_argument("--per-channel", action="store_true",
+    ap.add_argument("--per-channel", action="store_true",  # the export's default since
                     help="int8 weights with one scale per output column")
     ap.add_argument("--opsets", type=int, nargs="+", default=None,
                     help="export every model at each of these ONNX opsets (default: "

@@ -9,8 +9,9 @@ by ONNX Runtime on one thread, batches of 1 and 8 sequences x 64 tokens:
 
 * ``gather``: ``(x[..., p] + x[..., q] @ C) @ R``, the PivotedLinear's own forward: two
   Gathers on the feature axis, r (I + J - r) numbers;
-* ``chain``: ``(x @ B) @ R`` with B the (I, r) basis, what ``export_onnx`` writes
-  (``tnlm.export.factorized.PivotedChain``): r (I + J) numbers;
+* ``chain``: ``(x @ B) @ R`` with B the (I, r) basis, the form ``export_onnx`` writes
+  (``tnlm.export.factorized.PivotedChain``, which now stores the same two shapes in the
+  balanced gauge: the same time): r (I + J) numbers;
 * ``dense``: ``x @ W``, I J numbers.
 
 Medians over interleaved repeats; ratios against ``chain``. The defaults are MiniLM's

@@ -202,3 +202,13 @@ def test_compress_pivoted_saves_gauge_fixed_layers_that_report_and_reload(
     figs = tmp_path / "figs"  # tnlm report reads the gauge-fixed layers as 2-site MPOs
     assert main(["report", str(out), "--out", str(figs), "--modules", "1"]) == 0
     assert len(list(figs.glob("*.png"))) == 3
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    capsys.readouterr()
+    # --per-tensor on gauge-fixed layers: 7 bits (their chains saturate at 8)
+    for flags, said in (([], "7-bit, one scale per column"),
+                        (["--per-tensor"], "7-bit, one scale per tensor")):
+        onnx_file = tmp_path / f"piv{len(flags)}.onnx"
+        assert main(["export", str(out), "--format", "onnx", "--int8", *flags, "--out",
+                     str(onnx_file)]) == 0
+        assert said in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 
@@ -428,6 +429,19 @@ def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(
         assert main([*base, *flags]) == 2
         assert "stopped before compression" in capsys.readouterr().err
         assert len(calls) == mapped and seen[-1] is pivoted, flags
+
+    @dataclasses.dataclass
+    class GaugeFixedJob(llm.CausalLMRecipe):  # a job whose default is gauge-fixed
+        pivoted: bool = True
+
+    monkeypatch.setattr(llm, "CausalLMRecipe", GaugeFixedJob)
+    for flags, pivoted in (([], True), (["--no-pivoted"], False)):
+        assert main([*base, *flags]) == 2
+        capsys.readouterr()
+        assert seen[-1] is pivoted, flags
+    monkeypatch.setattr(memory, "mmap_large_allocations", lambda *a: False)  # not glibc
+    assert main([*base, "--low-memory"]) == 2
+    assert "--low-memory has no effect here" in capsys.readouterr().err
 
 
 def _cost(spectra, ranks, weights=None):

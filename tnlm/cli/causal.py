@@ -111,11 +111,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             if has_checkpoint(ckpt):
                 if isinstance(err, HealingDiverged):  # the blocks are done; heal otherwise
                     note(f"the layer-by-layer checkpoint in {ckpt} is kept: the command "
-                          "with --resume and a lower --lr compresses no block again and "
-                          "heals afresh")
+                         "with --resume and a lower --lr compresses no block again and "
+                         "heals afresh")
                 elif not isinstance(err, (UserError, ValueError)):
                     note(f"the layer-by-layer checkpoint in {ckpt} is kept: the same "
-                          "command with --resume continues after its last finished block")
+                         "command with --resume continues after its last finished block")
             else:  # nothing resumable: the pieces of an unfinished first block, if any
                 remove_checkpoint(ckpt)
         remove_empty(created)
@@ -166,14 +166,14 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
 
             last, n = verdict["last"], len(blocks_of(model))
             note(f"resuming the layer-by-layer compression in {ckpt} " +
-                  ("on its calibration text (no block was finished)" if last is None else
-                   f"after block {last} ({last + 1} of {n} blocks finished)"))
+                 ("on its calibration text (no block was finished)" if last is None else
+                  f"after block {last} ({last + 1} of {n} blocks finished)"))
         return
     failed = ""
     if rank == 0 and ckpt.is_dir():
         if has_checkpoint(ckpt):
             note(f"discarding the layer-by-layer checkpoint of an earlier run in {ckpt} "
-                  "(pass --resume to continue it)")
+                 "(pass --resume to continue it)")
         try:
             remove_checkpoint(ckpt)  # also the pieces of an unfinished first block
         except OSError as err:
@@ -209,10 +209,14 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     peaks: dict[str, float | None] = {}
     resets = []  # whether every stage's peak could be reset (Linux), else running maxima
     t_job = time.perf_counter()
+    mapped = False
     if args.low_memory:  # every block >= 128 KiB mapped and unmapped, not kept in glibc's
         # heaps: on SmolLM2 at 60 % the healing peak 2.06x the loaded model instead of
         # 3.07x, the healing 1.7x slower (tnlm.compress.memory.mmap_large_allocations)
-        mmap_large_allocations()
+        mapped = mmap_large_allocations()
+        if not mapped and rank == 0:
+            note("--low-memory has no effect here: the C library is not glibc, or "
+                 "MALLOC_MMAP_THRESHOLD_ is set in the environment (then it applies)")
 
     @contextlib.contextmanager
     def stage(name: str):
@@ -284,7 +288,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
-                   heal_optimizer=recipe.heal.optimizer, low_memory=args.low_memory,
+                   heal_optimizer=recipe.heal.optimizer, low_memory=mapped,
                    text=("--text " + str(args.text)) if args.text else recipe.text_source,
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,

@@ -147,7 +147,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if (out / "healing" / STATE_FILE).is_file():
                 if not isinstance(err, (UserError, HealingDiverged)):
                     note(f"the healing state in {out / 'healing'} is kept: the same command "
-                          "with --resume continues it")
+                         "with --resume continues it")
             elif (out / "healing").is_dir():
                 remove_empty([out / "healing"])
             remove_empty(created)
@@ -199,11 +199,11 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
         note(f"resuming the healing in {healing} at step {step} of {recipe.heal_steps}")
     elif out is not None and (out / "healing" / STATE_FILE).exists():
         note(f"discarding the healing state of an earlier run in {out / 'healing'} "
-              "(pass --resume to continue it)")
+             "(pass --resume to continue it)")
         _drop_heal_state(out / "healing")
     if out is not None and (out / CONFIG_NAME).is_file():
         note(f"--out {out} holds a model of an earlier run: this run replaces it when it "
-              "succeeds")
+             "succeeds")
     try:
         res = compress_encoder(model, tok, recipe, text=text, heal=heal, sick=sick,
                                progress=not args.quiet)

@@ -11,7 +11,9 @@ Formats:
 * ``onnx``: one ``.onnx`` file keeping the MPO layers factorized; for a causal LM the
   graph takes and returns its key/value cache (:func:`tnlm.export.export_onnx_decoder`,
   run by :class:`tnlm.export.OnnxCausalLM`) (with ``--int8``: the
-  file holds int8 weights, ONNX Runtime dynamic quantization; adding ``--embedding-bits
+  file holds int8 weights, ONNX Runtime dynamic quantization, 7-bit with one scale per
+  column; ``--per-tensor``: one 8-bit scale a tensor, 7-bit for a model with gauge-fixed
+  layers, whose chains saturate at 8 bits; adding ``--embedding-bits
   4`` stores the word-embedding table with 4-bit codes, see
   :func:`tnlm.export.quantize_int8`);
 * ``hf``: a transformers folder with merged dense weights (loads without tnlm; as big
@@ -59,10 +61,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="onnx only: int8 weights (ONNX Runtime dynamic quantization)")
     p.add_argument("--per-tensor", action="store_true",
-                   help="with --int8: one scale per weight tensor, 8-bit, instead of one per "
-                        "output column, 7-bit (the default: MiniLM's SST-2 cosine to the dense "
-                        "model 0.990 against 0.957 per tensor; 50 %% gauge-fixed 0.731 against "
-                        "0.079, docs/export.md)")
+                   help="with --int8: one scale per weight tensor, 8-bit (7-bit for a model "
+                        "with gauge-fixed layers), instead of one per output column, 7-bit "
+                        "(the default: MiniLM's SST-2 cosine to the dense model 0.990 against "
+                        "0.957 per tensor; 50 %% gauge-fixed 0.731 against 0.693 per tensor at "
+                        "7 bits and 0.079 at 8, docs/export.md)")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
                    help="with --int8: 4 stores the word-embedding table as 4-bit codes with a "
                         "float16 scale and offset per row and block of --embedding-block "
@@ -172,6 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"tnlm.export.sentence_transformer({str(out)!r}) or "
               f"tnlm.export.load_compressed({str(out)!r})")
         return 0
+    from tnlm.bridge.pivoted import PivotedLinear
     from tnlm.export.onnx_graph import export_onnx
     from tnlm.export.quantize import quantize_int8
 
@@ -200,12 +204,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "model.onnx"
         res = write(fp32)
+        # a gauge-fixed layer's chain at 8 bits per tensor saturates ONNX Runtime's
+        # u8 x s8 sums (MiniLM at 50 %: cosine 0.079, at 7 bits 0.693; docs/export.md)
+        pivoted = args.per_tensor and any(isinstance(m, PivotedLinear)
+                                          for m in model.modules())
         size = quantize_int8(fp32, out, per_channel=not args.per_tensor,
+                             reduce_range=True if pivoted else None,
                              embedding_bits=args.embedding_bits,
                              block_size=args.embedding_block)
     emb = "" if args.embedding_bits == 8 else \
         f" and 4-bit word embeddings (blocks of {args.embedding_block})"
-    scale = "one scale per tensor" if args.per_tensor else "7-bit, one scale per column"
+    scale = ("7-bit, one scale per column" if not args.per_tensor else
+             "7-bit, one scale per tensor: gauge-fixed layers saturate at 8 bits" if pivoted
+             else "one scale per tensor")
     print(f"{out}: ONNX graph with int8 weights ({scale}){emb}, {size / 1e6:.1f} MB (float32: "
           f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), {res['mpo_layers']} "
           f"MPO layers kept factorized, {outputs(res)}")

@@ -109,14 +109,17 @@ class FactorizedLinear(nn.Module):
 @torch.no_grad()
 def balanced_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The product ``left @ right`` ((I, r) @ (r, J)) as ``(U sqrt(S), sqrt(S) V^T)``, its
-    rank-r SVD split evenly between the two factors (the balanced gauge): the same
-    product up to rounding, ``B^T B = R R^T = diag(S)``. From QRs of both factors and the
-    SVD of an r x r matrix, in the inputs' dtype; the (I, J) product is never formed."""
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    thin SVD split evenly between the two factors (the balanced gauge): the same product
+    up to rounding, ``B^T B = R R^T = diag(S)``, with ``k = min(I, r, J)`` columns and rows
+    (``k = r`` for a truncated layer). From QRs of both factors and the SVD of a small
+    matrix, computed in float64 and returned in ``left``'s dtype; the (I, J) product is
+    never formed."""
+    dtype = left.dtype
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
     root = s.sqrt()
-    return (q_left @ u) * root, (root[:, None] * vh) @ q_right.T
+    return ((q_left @ u) * root).to(dtype), ((root[:, None] * vh) @ q_right.T).to(dtype)
 
 
 class PivotedChain(nn.Module):
@@ -126,11 +129,14 @@ class PivotedChain(nn.Module):
     ``W = B0 @ R0`` with ``B0`` (I, r) the layer's :meth:`~tnlm.bridge.pivoted.PivotedLinear.basis`
     (the identity at the pivot rows) and ``R0`` (r, J) its ``right``. The chain stores the
     same product in the balanced (symmetric) gauge of the plain low-rank layers,
-    ``B = U sqrt(S)``, ``R = sqrt(S) V^T`` from the rank-r SVD ``W = U S V^T`` (two QRs and
-    an r x r SVD in float64; W is never formed), so ``B^T B = R R^T = S``: the gauge-fixed
-    form puts every singular value into ``R0`` beside an identity block, and one int8
-    scale per tensor then resolves ``R0``'s small directions poorly (MiniLM at 50 %:
-    SST-2 cosine 0.517 per tensor, 0.692 for the plain layers; docs/export.md).
+    ``B = U sqrt(S)``, ``R = sqrt(S) V^T`` from the rank-r SVD ``W = U S V^T``
+    (:func:`balanced_factors`; W is never formed), so ``B^T B = R R^T = S``. The
+    gauge-fixed form puts every singular value into ``R0`` beside an identity block,
+    which 7-bit int8 resolves poorly. Measured on MiniLM at 50 % (SST-2 cosine to the
+    dense model, docs/export.md): per column at 7 bits (``quantize_int8``'s default)
+    0.731 balanced against 0.724, per tensor at 7 bits 0.693 against 0.251, but per
+    tensor at 8 bits 0.079 against 0.517: two full-range factors saturate ONNX Runtime's
+    u8 x s8 pair sums on CPUs without VNNI, so never quantize this chain 8-bit per tensor.
     The graph stores ``r (I + J)`` numbers instead of the layer's ``r (I + J - r)``: the
     two feature-axis ``Gather`` nodes of the gauge-fixed form cost ONNX Runtime more time
     than the ``r**2`` numbers they save (benchmarks/bench_pivoted_onnx.py: 1.35x / 1.17x
