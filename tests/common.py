@@ -366,6 +366,24 @@ QUESTIONS = ["what is the capital of france ?", "how many days ?",
              "how many days in a week and what is the capital of france ?"]
 
 
+def decaying_pivoted_layer(n_in: int, n_out: int, rank: int):
+    """``(plain, pivoted)``: a rank-``rank`` 2-site MPOLinear (float32) of an ``n_in x
+    n_out`` matrix whose singular values fall over two decades, and its gauge-fixed
+    PivotedLinear (the case int8 tells the gauges apart on). Draws from torch's global
+    generator (seed it first)."""
+    from tnlm.bridge import MPOLinear
+    from tnlm.bridge.pivoted import PivotedLinear
+    from tnlm.core import MPO
+
+    k = min(n_in, n_out)
+    U, _ = torch.linalg.qr(torch.randn(n_in, k, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n_out, k, dtype=torch.float64))
+    W = (U * torch.logspace(0, -2, k, dtype=torch.float64)) @ V.T
+    mpo = MPO.from_matrix(W, (n_in, 1), (1, n_out), max_bond=[rank])
+    plain = MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32, kind="linear")
+    return plain, PivotedLinear.from_mpo(plain)
+
+
 def make_word_tokenizer(chat_template: bool = True):
     """A 128-token word-level tokenizer built offline (ids beyond the words are fillers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -297,19 +297,12 @@ def test_int8_of_a_gauge_fixed_layer_export_keeps_its_small_directions(tmp_path)
     ONNX Runtime's outputs, relative error."""
     import onnxruntime as ort
 
-    from tnlm.bridge.pivoted import PivotedLinear
-    from tnlm.core import MPO
+    from tests.common import decaying_pivoted_layer
     from tnlm.export import quantize_int8
     from tnlm.export.factorized import PivotedChain
 
     torch.manual_seed(0)
-    n, r = 64, 12
-    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-    W = (U * torch.logspace(0, -2, n, dtype=torch.float64)) @ V.T
-    mpo = MPO.from_matrix(W, (n, 1), (1, n), max_bond=[r])
-    layer = PivotedLinear.from_mpo(MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32,
-                                                      kind="linear"))
+    _, layer = decaying_pivoted_layer(64, 64, 12)
     chain = PivotedChain(layer)
 
     def error(name, factors, **kw):

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tests.common import (
     TEXT,
+    decaying_pivoted_layer,
     make_bert_tokenizer,
     make_causal_lm,
     make_word_tokenizer,
@@ -389,13 +390,7 @@ def test_the_export_chain_keeps_small_directions_under_ideal_int8_rounding():
     from tnlm.export.factorized import PivotedChain
 
     torch.manual_seed(0)
-    I, J, r = 96, 160, 40
-    U, _ = torch.linalg.qr(torch.randn(I, I, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(J, I, dtype=torch.float64))
-    W = (U * torch.logspace(0, -2, I, dtype=torch.float64)) @ V.T  # a decaying spectrum
-    mpo = MPO.from_matrix(W, (I, 1), (1, J), max_bond=[r])
-    plain = MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32, kind="linear")
-    layer = PivotedLinear.from_mpo(plain)
+    plain, layer = decaying_pivoted_layer(96, 160, 40)
 
     def int8(a):
         scale = a.abs().max() / 127

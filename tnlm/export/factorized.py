@@ -23,6 +23,7 @@ from torch import nn
 
 from tnlm.bridge import MPOEmbedding, MPOLinear, MPOModule
 from tnlm.bridge.pivoted import PivotedLinear
+from tnlm.core import MPO
 from tnlm.integration import MPOModel
 
 __all__ = ["FactorizedLinear", "FactorizedEmbedding", "PivotedChain", "balanced_factors",
@@ -109,17 +110,16 @@ class FactorizedLinear(nn.Module):
 @torch.no_grad()
 def balanced_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The product ``left @ right`` ((I, r) @ (r, J)) as ``(U sqrt(S), sqrt(S) V^T)``, its
-    thin SVD split evenly between the two factors (the balanced gauge): the same product
-    up to rounding, ``B^T B = R R^T = diag(S)``, with ``k = min(I, r, J)`` columns and rows
-    (``k = r`` for a truncated layer). From QRs of both factors and the SVD of a small
-    matrix, computed in float64 and returned in ``left``'s dtype; the (I, J) product is
-    never formed."""
-    dtype = left.dtype
-    q_left, r_left = torch.linalg.qr(left.double())
-    q_right, r_right = torch.linalg.qr(right.double().T)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
-    root = s.sqrt()
-    return ((q_left @ u) * root).to(dtype), ((root[:, None] * vh) @ q_right.T).to(dtype)
+    thin SVD split evenly between the two factors: the 2-site MPO ``left``, ``right`` in
+    the paper's symmetric gauge (:meth:`tnlm.core.MPO.symmetric_gauge`, in float64; its
+    guard drops singular values below 100 eps of the largest), returned in ``left``'s
+    dtype. The same product up to rounding, ``B^T B = R R^T = diag(S)``, with ``k <=
+    min(I, r, J)`` columns and rows (``k = r`` for a truncated layer); the (I, J) product
+    is never formed."""
+    (n_in, r), n_out = left.shape, right.shape[1]
+    cores = MPO([left.double().reshape(1, n_in, 1, r), right.double().reshape(r, 1, n_out, 1)],
+                in_dim=n_in, out_dim=n_out).symmetric_gauge().cores
+    return cores[0].reshape(n_in, -1).to(left.dtype), cores[1].reshape(-1, n_out).to(left.dtype)
 
 
 class PivotedChain(nn.Module):
@@ -149,12 +149,10 @@ class PivotedChain(nn.Module):
 
     def __init__(self, layer: PivotedLinear) -> None:
         super().__init__()
-        right = layer.right.detach()
         self.in_dim, self.out_dim = int(layer.in_dim), int(layer.out_dim)
-        basis, right = balanced_factors(layer.basis(torch.float64), right.double())
-        self.mats = nn.ParameterList([
-            nn.Parameter(basis.to(layer.right.dtype), requires_grad=False),
-            nn.Parameter(right.to(layer.right.dtype), requires_grad=False)])
+        basis, right = balanced_factors(layer.basis(), layer.right.detach())
+        self.mats = nn.ParameterList([nn.Parameter(basis, requires_grad=False),
+                                      nn.Parameter(right, requires_grad=False)])
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
