@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
+from tnlm.compress.snapshot import ParameterSnapshot
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
@@ -584,7 +585,8 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     else:
         draws = [[rng.randrange(len(sentences)) for _ in range(cfg.batch_size)]
                  for _ in range(steps)]
-    best = {n: p.detach().clone() for n, p in params}  # the student of the lowest loss
+    # the student of the lowest loss (in memory: an encoder's trained parameters are few)
+    best = ParameterSnapshot([p for _, p in params], "memory")
     best_step, best_loss, saved = start, math.inf, 0
 
     def on_disk() -> str:
@@ -636,16 +638,12 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
                     f"{on_disk()}; lower lr (now {cfg.lr:g})")
             if value < best_loss:  # the student this loss was measured on: before the update
                 best_loss, best_step = value, step
-                with torch.no_grad():
-                    for n, p in params:
-                        best[n].copy_(p)
+                best.take()
             res.losses.append(value)
             recent = res.losses[-BLOWUP_WINDOW:]
             mean, first = sum(recent) / len(recent), max(res.losses[0], LOSS_FLOOR)
             if cfg.max_loss_ratio and mean > cfg.max_loss_ratio * first:
-                with torch.no_grad():
-                    for n, p in params:
-                        p.copy_(best[n])
+                best.restore()
                 raise FloatingPointError(
                     f"healing diverged at step {step + 1} of {steps}: the mean loss of the "
                     f"last {len(recent)} steps, {mean:.3g}, is above {cfg.max_loss_ratio:g} x "

@@ -1,0 +1,168 @@
+"""Healing's best-state snapshot (tnlm.compress.snapshot) and its use in causal healing."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tnlm.compress.snapshot as snapshot_mod
+from tnlm.compress.causal import CausalHealConfig, heal_causal
+from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
+from tnlm.compress.memory import rss_mb
+from tnlm.compress.snapshot import ParameterSnapshot
+from tnlm.integration.architectures import default_targets
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    return [torch.randn(3, 4, 5, generator=g), torch.randn(7, generator=g).to(torch.bfloat16),
+            base.t(),  # not contiguous
+            torch.nn.Parameter(torch.randn(2, 3, generator=g)), torch.empty(0)]
+
+
+@pytest.mark.parametrize("where", ["disk", "memory"])
+def test_restore_gives_back_the_values_of_take_exactly(where):
+    params = _params()
+    want = [p.detach().clone() for p in params]
+    with ParameterSnapshot(params, where) as snap:
+        snap.take()
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0) if p.numel() else None
+        assert not torch.equal(params[0], want[0])
+        snap.restore()
+        for p, w in zip(params, want):
+            assert p.dtype == w.dtype and p.shape == w.shape and torch.equal(p, w)
+        assert not params[2].is_contiguous()  # restored in place, layout kept
+        assert snap.nbytes == sum(w.numel() * w.element_size() for w in want)
+
+
+def test_disk_snapshot_leaves_no_file_behind_and_refuses_use_after_close(tmp_path):
+    params = _params()
+    snap = ParameterSnapshot(params, "disk", directory=tmp_path)
+    snap.take()
+    assert snap.path.stat().st_size == snap.nbytes
+    assert [p.name for p in snap.path.parent.iterdir()] == ["snapshot.bin"]  # no .part
+    snap.close()
+    snap.close()  # idempotent
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="closed"):
+        snap.take()
+    with pytest.raises(ValueError, match="closed"):
+        snap.restore()
+
+
+def test_a_failed_write_keeps_the_last_complete_snapshot(monkeypatch):
+    params = _params()
+    want = [p.detach().clone() for p in params]
+    with ParameterSnapshot(params, "disk") as snap:
+        snap.take()
+        with torch.no_grad():
+            params[0].mul_(3)
+
+        def broken(*_a, **_k):
+            raise OSError("disk full")
+        monkeypatch.setattr(snapshot_mod.os, "replace", broken)
+        with pytest.raises(OSError, match="disk full"):
+            snap.take()
+        monkeypatch.undo()
+        snap.restore()
+        assert torch.equal(params[0], want[0])
+
+
+def test_snapshot_bad_input_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="where must be one of 'disk', 'memory', got 'gpu'"):
+        ParameterSnapshot([torch.ones(2)], "gpu")
+    with pytest.raises(ValueError, match="directory must be an existing folder"):
+        ParameterSnapshot([torch.ones(2)], "disk", directory=tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"params\[1\] must be a CPU tensor"):
+        ParameterSnapshot([torch.ones(2), "x"], "memory")
+    with ParameterSnapshot([torch.ones(2)], "memory") as snap, \
+            pytest.raises(ValueError, match="no snapshot was taken"):
+        snap.restore()
+    with ParameterSnapshot([torch.ones(2)], "disk") as snap:
+        snap.take()
+        snap.path.write_bytes(b"123")  # truncated: refused, nothing read
+        with pytest.raises(ValueError, match="holds 3 bytes, the parameters 8"):
+            snap.restore()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+def test_a_disk_snapshot_keeps_its_bytes_out_of_the_process():
+    """128 MiB of parameters: kept in memory the snapshot adds their size to the resident
+    set; on disk it adds next to nothing (written from the parameters' own memory)."""
+    params = [torch.randn(1024, 1024) for _ in range(32)]  # 128 MiB, touched
+    grew = {}
+    for where in ("disk", "memory"):
+        before = rss_mb()
+        with ParameterSnapshot(params, where) as snap:
+            snap.take()
+            snap.take()
+            grew[where] = rss_mb() - before
+    assert grew["memory"] > 120
+    assert grew["disk"] < 32
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def _compressed():
+    teacher = _llama()
+    student = copy.deepcopy(teacher)
+    seqs = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+    compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.3,
+                                                      method="plain"), progress=False)
+    return teacher, student, seqs
+
+
+def test_healing_is_the_same_with_the_snapshot_on_disk_or_in_memory():
+    runs = {}
+    for where in ("disk", "memory"):
+        teacher, student, seqs = _compressed()
+        res = heal_causal(student, teacher, seqs, CausalHealConfig(
+            steps=6, lr=3e-3, batch_size=4, snapshot=where), progress=False)
+        runs[where] = (res.losses, student.state_dict())
+    assert runs["disk"][0] == runs["memory"][0]
+    for k, v in runs["memory"][1].items():
+        assert torch.equal(runs["disk"][1][k], v), k
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_blowup_restores_the_snapshot_of_the_step_it_names(every, monkeypatch):
+    """The run stops on a blow-up; the parameters are then the values the last snapshot
+    took, at the step the result names; snapshots are at least ``snapshot_every`` apart."""
+    teacher, student, seqs = _compressed()
+    steps_seen, taken = [], []
+    real = ParameterSnapshot.take
+
+    def spy(self):
+        real(self)  # the step being taken: on_step has seen steps 0 .. step
+        taken.append((len(steps_seen) - 1, self, [p.detach().clone() for p in self.params]))
+    monkeypatch.setattr(ParameterSnapshot, "take", spy)
+    res = heal_causal(student, teacher, seqs, CausalHealConfig(
+        steps=40, lr=1e6, batch_size=4, warmup=2, snapshot_every=every), progress=False,
+        on_step=steps_seen.append)
+    assert res.stopped is not None and f"parameters of step {res.best_step} " in res.stopped
+    steps = [s for s, _, _ in taken]
+    assert steps[0] == 0 and steps[-1] == res.best_step
+    assert all(b - a >= every for a, b in zip(steps, steps[1:]))
+    _, snap, values = taken[-1]
+    assert len(steps_seen) > res.best_step + 2  # updates happened after the snapshot
+    for p, v in zip(snap.params, values):
+        assert torch.equal(p, v)
+
+
+def test_snapshot_settings_are_checked():
+    with pytest.raises(ValueError, match="snapshot must be one of 'disk', 'memory', got 'ram'"):
+        CausalHealConfig(snapshot="ram")
+    with pytest.raises(ValueError, match="snapshot_every must be an int >= 1, got 0"):
+        CausalHealConfig(snapshot_every=0)
