@@ -321,6 +321,48 @@ def test_int8_of_a_gauge_fixed_layer_export_keeps_its_small_directions(tmp_path)
     assert now < before, (now, before)  # measured 0.022 vs 0.029 (MiniLM: 0.693 vs 0.251)
 
 
+def test_an_export_records_its_gauge_fixed_chains_and_int8_per_tensor_keeps_them_7_bit(
+        tmp_path, tok, compressed):
+    """The exporter writes how many gauge-fixed chains a graph holds; quantize_int8 per
+    tensor then uses 7 bits for such a file (8-bit codes saturate ONNX Runtime's sums),
+    8 bits for one without, and warns when 8 bits are forced on it."""
+    import copy
+    import warnings
+
+    import onnx
+    from onnx import numpy_helper
+
+    from tnlm.bridge.pivoted import pivot_layers
+    from tnlm.export import export_onnx, quantize_int8
+    from tnlm.export.onnx_graph import gauge_fixed_chains
+
+    fixed = copy.deepcopy(compressed)
+    n = len(pivot_layers(fixed))
+    assert n > 0
+    export_onnx(fixed, tok, tmp_path / "fixed.onnx")
+    export_onnx(compressed, tok, tmp_path / "plain.onnx")
+    assert gauge_fixed_chains(tmp_path / "fixed.onnx") == n
+    assert gauge_fixed_chains(tmp_path / "plain.onnx") == 0
+    _low_rank_chain(tmp_path / "foreign.onnx")  # not written by tnlm: no record
+    assert gauge_fixed_chains(tmp_path / "foreign.onnx") is None
+
+    def largest_code(name):
+        return max(int(np.abs(numpy_helper.to_array(i).astype(np.int32)).max())
+                   for i in onnx.load(str(tmp_path / name)).graph.initializer
+                   if i.name.endswith("_quantized") and i.data_type == onnx.TensorProto.INT8)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default choice says nothing
+        quantize_int8(tmp_path / "fixed.onnx", tmp_path / "fixed.q.onnx", per_channel=False)
+        quantize_int8(tmp_path / "plain.onnx", tmp_path / "plain.q.onnx", per_channel=False)
+    assert largest_code("fixed.q.onnx") <= 64  # 7 bits
+    assert largest_code("plain.q.onnx") > 64  # 8 bits
+    with pytest.warns(UserWarning, match="gauge-fixed layers' chains"):
+        quantize_int8(tmp_path / "fixed.onnx", tmp_path / "fixed8.onnx", per_channel=False,
+                      reduce_range=False)
+    assert largest_code("fixed8.onnx") > 64  # as asked
+
+
 # ---------------------------------------------------------------- 4-bit word embeddings
 @pytest.mark.parametrize("shape,block", [((50, 32), 16), ((50, 40), 16), ((7, 6), 2)])
 def test_table4_round_trip_error_is_half_a_step(shape, block):

@@ -175,8 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"tnlm.export.sentence_transformer({str(out)!r}) or "
               f"tnlm.export.load_compressed({str(out)!r})")
         return 0
-    from tnlm.bridge.pivoted import PivotedLinear
-    from tnlm.export.onnx_graph import export_onnx
+    from tnlm.export.onnx_graph import export_onnx, gauge_fixed_chains
     from tnlm.export.quantize import quantize_int8
 
     pooling = None if args.no_pooling or causal else "mean"
@@ -204,12 +203,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         fp32 = Path(tmp) / "model.onnx"
         res = write(fp32)
-        # a gauge-fixed layer's chain at 8 bits per tensor saturates ONNX Runtime's
-        # u8 x s8 sums (MiniLM at 50 %: cosine 0.079, at 7 bits 0.693; docs/export.md)
-        pivoted = args.per_tensor and any(isinstance(m, PivotedLinear)
-                                          for m in model.modules())
+        # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
+        # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)
+        pivoted = args.per_tensor and bool(gauge_fixed_chains(fp32))
         size = quantize_int8(fp32, out, per_channel=not args.per_tensor,
-                             reduce_range=True if pivoted else None,
                              embedding_bits=args.embedding_bits,
                              block_size=args.embedding_block)
     emb = "" if args.embedding_bits == 8 else \

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tnlm.export.factorized import factorized_copy, factorized_params
+from tnlm.export.factorized import PivotedChain, factorized_copy, factorized_params
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
+           "GAUGE_FIXED_KEY", "gauge_fixed_chains",
            "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
            "write_graph"]
 
@@ -45,6 +46,11 @@ SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: above this many weight bytes the graph's weights go to an external data file
 #: (protobuf's 2 GB limit)
 _EXTERNAL_BYTES = 1_800_000_000
+
+#: the key of an exported file's model metadata (``metadata_props``) that counts its
+#: gauge-fixed layers' chains (:class:`~tnlm.export.factorized.PivotedChain`), which int8
+#: must not quantize at 8 bits per tensor (:func:`tnlm.export.quantize_int8` reads it)
+GAUGE_FIXED_KEY = "tnlm.gauge_fixed_chains"
 
 
 class _Graph(nn.Module):
@@ -207,8 +213,8 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
         torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
                           input_names=inputs, output_names=outputs,
                           dynamic_shapes=shapes, external_data=external)
-    if not trace_metadata:
-        strip_node_metadata(path)
+    chains = sum(isinstance(m, PivotedChain) for m in model.modules())
+    _rewrite(path, strip=not trace_metadata, props={GAUGE_FIXED_KEY: str(chains)})
     return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
 
 
@@ -244,17 +250,46 @@ def strip_node_metadata(path: str | os.PathLike) -> int:
     """Clear ``metadata_props`` and ``doc_string`` of every node of the ONNX file
     ``path`` (subgraphs and functions included), rewriting it through a temporary file
     in its folder; external data files are left as they are. Returns the bytes saved."""
+    path = Path(path)
+    before = path.stat().st_size
+    _rewrite(path, strip=True, props={})
+    return before - path.stat().st_size
+
+
+def _rewrite(path: Path, *, strip: bool, props: dict[str, str]) -> None:
+    """Rewrite the ONNX file ``path`` through a temporary file in its folder: its nodes'
+    metadata cleared if ``strip``, ``props`` set in the model's ``metadata_props``
+    (replacing those keys); external data files are left as they are."""
     import onnx
 
-    path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    before = path.stat().st_size
-    for graph in [model.graph, *model.functions]:
-        _strip_nodes(graph.node)
+    if strip:
+        for graph in [model.graph, *model.functions]:
+            _strip_nodes(graph.node)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
-    return before - path.stat().st_size
+
+
+def gauge_fixed_chains(path: str | os.PathLike) -> int | None:
+    """How many gauge-fixed layers' chains the ONNX file ``path`` holds, as its exporter
+    recorded (:data:`GAUGE_FIXED_KEY`); ``None`` for a file without the record (not
+    written by tnlm, or before it kept one). Reads the graph, not the weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for p in model.metadata_props:
+        if p.key == GAUGE_FIXED_KEY:
+            try:
+                return int(p.value)
+            except ValueError:
+                return None
+    return None
 
 
 def _strip_nodes(nodes: Any) -> None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
+
+from tnlm.export.onnx_graph import gauge_fixed_chains
 
 __all__ = ["quantize_int8", "EMBEDDING_BITS"]
 
@@ -42,13 +45,18 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
             healed, float32 0.709) 0.702 / 0.692 / 0.670; 50 % gauge-fixed (float32
             0.741) 0.731 / 0.079 / 0.693.
         reduce_range: 7-bit weights (ONNX Runtime's ``reduce_range``). ``None``
-            (default): with ``per_channel`` only. On x86 CPUs without VNNI (AVX2, e.g.
-            this project's machine) ONNX Runtime multiplies uint8 activations by int8
-            weights in int16 pairs that saturate when both use their full range, which
-            per-column scales make common: measured on a 12 x 64 low-rank factor, the
-            relative error of per-column weights is 0.140 with 8 bits and 0.017 with 7
-            (per tensor: 0.020), and MiniLM at 50 % with per-column 8-bit factors
-            encodes garbage (cosine -0.01 to the dense model).
+            (default): with ``per_channel``, and per tensor when ``src`` holds
+            gauge-fixed layers' chains (its exporter's record,
+            :func:`~tnlm.export.onnx_graph.gauge_fixed_chains`: their balanced factors
+            at 8 bits per tensor encoded garbage, MiniLM at 50 %: cosine 0.079, at 7
+            bits 0.693). ``False`` with ``per_channel=False`` on such a file warns. On
+            x86 CPUs without VNNI (AVX2, e.g. this project's machine) ONNX Runtime
+            multiplies uint8 activations by int8 weights in int16 pairs that saturate
+            when both use their full range, which per-column scales make common:
+            measured on a 12 x 64 low-rank factor, the relative error of per-column
+            weights is 0.140 with 8 bits and 0.017 with 7 (per tensor: 0.020), and
+            MiniLM at 50 % with per-column 8-bit factors encodes garbage (cosine -0.01
+            to the dense model).
         embedding_bits: 8 (the word embeddings as int8 like every other table) or 4:
             the ``(vocab, width)`` word-embedding table stored as 4-bit codes, two per
             byte, with a float16 scale and offset per row and block of ``block_size``
@@ -81,6 +89,14 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
+    chains = gauge_fixed_chains(src) or 0
+    if reduce_range is None:
+        reduce_range = bool(per_channel or chains)
+    elif not reduce_range and not per_channel and chains:
+        warnings.warn(f"quantize_int8: {src} holds {chains} gauge-fixed layers' chains; at 8 "
+                      "bits per tensor they saturate ONNX Runtime's int8 sums on CPUs without "
+                      "VNNI (MiniLM at 50 %: cosine 0.079 to the dense model, 0.693 at 7 bits): "
+                      "leave reduce_range=None", stacklevel=2)
     dst.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     level = root.level
@@ -101,8 +117,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
             staged = Path(tmp) / "int8.onnx"
             quantize_dynamic(str(source), str(staged), op_types_to_quantize=["MatMul", "Gather"],
                              per_channel=per_channel, weight_type=QuantType.QInt8,
-                             reduce_range=per_channel if reduce_range is None
-                             else bool(reduce_range), nodes_to_exclude=exclude)
+                             reduce_range=bool(reduce_range), nodes_to_exclude=exclude)
             if exclude:
                 from tnlm.export.table4 import gather_4bit
 
