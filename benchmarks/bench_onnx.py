@@ -25,7 +25,8 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     ``Gelu`` as one operator, which ONNX Runtime fuses with the bias before it
     (``BiasGelu``); at 18 the exporter writes GELU as Div, Erf, Add, Mul, Mul;
   * each of them with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
-    of every MatMul weight and Gather table; ``--per-channel``: one scale per column),
+    of every MatMul weight and Gather table, one scale per tensor: 8-bit, 7-bit for a
+    graph with gauge-fixed chains; ``--per-channel``: one 7-bit scale per column),
     and with int8 weights and a 4-bit word-embedding table (``quantize_int8(...,
     embedding_bits=4, block_size=--embedding-block)``: 4-bit codes with a float16 scale
     and offset per row and block of columns, decoded per gathered token).
@@ -203,7 +204,8 @@ def main() -> None:
                 times[n, b].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    quant = "per-channel" if args.per_channel else "per-tensor"
+    quant = "per-channel (7-bit)" if args.per_channel else \
+        "per-tensor (8-bit; 7-bit for graphs with gauge-fixed chains)"
     print(f"\nONNX Runtime {args.threads} thread(s), {TOKENS} tokens, median of "
           f"{args.repeats} interleaved repeats; ratios against dense float32; int8 {quant}, "
           f"4-bit embeddings in blocks of {args.embedding_block}\n")

@@ -235,8 +235,9 @@ def main(argv=None) -> int:
                    heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
                    heal_teacher_kept_mb=res.heal.teacher_kept_mb if res.heal else None,
                    heal_hidden_losses=res.heal.hidden_losses[::10] if res.heal else None,
-                   # the last point: the parameters kept (the best step's after a stop)
-                   heal_curve={**curve, (res.heal.best_step + 1 if res.heal.stopped
+                   # the last point: the parameters kept (after a stop, the snapshot's:
+                   # those after best_step optimizer steps)
+                   heal_curve={**curve, (res.heal.best_step if res.heal.stopped
                                          else args.heal_steps): ppl.ppl / ref["ppl"]}
                    if curve and res.heal else None,
                    seconds=dict(load=load_s, text=text_s, **secs, eval=eval_s),

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import tnlm.compress.snapshot as snapshot_mod
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.compress.memory import rss_mb
@@ -57,22 +56,30 @@ def test_disk_snapshot_leaves_no_file_behind_and_refuses_use_after_close(tmp_pat
         snap.restore()
 
 
-def test_a_failed_write_keeps_the_last_complete_snapshot(monkeypatch):
+def test_a_failed_write_keeps_the_last_complete_snapshot_then_keeps_it_in_memory(
+        monkeypatch):
+    """A write that fails half-way (the rename never happens) leaves the last complete
+    file untouched; the snapshot warns, takes the values in memory and stays there."""
     params = _params()
-    want = [p.detach().clone() for p in params]
     with ParameterSnapshot(params, "disk") as snap:
         snap.take()
+        on_disk = snap.path.read_bytes()
         with torch.no_grad():
             params[0].mul_(3)
+        want = [p.detach().clone() for p in params]
 
         def broken(*_a, **_k):
             raise OSError("disk full")
-        monkeypatch.setattr(snapshot_mod.os, "replace", broken)
-        with pytest.raises(OSError, match="disk full"):
+        monkeypatch.setattr("tnlm.compress.snapshot.os.replace", broken)
+        with pytest.warns(UserWarning, match="disk full.*keeping it in memory"):
             snap.take()
         monkeypatch.undo()
-        snap.restore()
+        assert snap.where == "memory" and snap._dir is None  # the folder went with it
+        with torch.no_grad():
+            params[0].add_(1)
+        snap.restore()  # the values of the failed take, from memory
         assert torch.equal(params[0], want[0])
+        assert on_disk  # (the complete file was there until the fallback)
 
 
 def test_snapshot_bad_input_names_the_argument(tmp_path):
@@ -80,8 +87,19 @@ def test_snapshot_bad_input_names_the_argument(tmp_path):
         ParameterSnapshot([torch.ones(2)], "gpu")
     with pytest.raises(ValueError, match="directory must be an existing folder"):
         ParameterSnapshot([torch.ones(2)], "disk", directory=tmp_path / "missing")
-    with pytest.raises(ValueError, match=r"params\[1\] must be a CPU tensor"):
+    with pytest.raises(ValueError, match=r"params\[1\] must be a tensor, got str"):
         ParameterSnapshot([torch.ones(2), "x"], "memory")
+    meta = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match=r"params\[0\] is on the meta device"):
+        ParameterSnapshot([meta], "disk")
+    with ParameterSnapshot([meta], "memory") as snap:  # another device than the CPU
+        snap.take()
+        snap.restore()
+    closed = ParameterSnapshot([torch.ones(2)], "memory")
+    closed.take()
+    closed.close()
+    with pytest.raises(ValueError, match="closed"):
+        closed.restore()  # not a silent no-op
     with ParameterSnapshot([torch.ones(2)], "memory") as snap, \
             pytest.raises(ValueError, match="no snapshot was taken"):
         snap.restore()
@@ -124,16 +142,20 @@ def _compressed():
     return teacher, student, seqs
 
 
-def test_healing_is_the_same_with_the_snapshot_on_disk_or_in_memory():
+@pytest.mark.parametrize("lr", [3e-3, 1e6])
+def test_healing_is_the_same_with_the_snapshot_on_disk_or_in_memory(lr):
+    """The same losses and the same final student, also when a blow-up (lr 1e6) makes
+    the run restore its snapshot."""
     runs = {}
     for where in ("disk", "memory"):
         teacher, student, seqs = _compressed()
         res = heal_causal(student, teacher, seqs, CausalHealConfig(
-            steps=6, lr=3e-3, batch_size=4, snapshot=where), progress=False)
-        runs[where] = (res.losses, student.state_dict())
-    assert runs["disk"][0] == runs["memory"][0]
-    for k, v in runs["memory"][1].items():
-        assert torch.equal(runs["disk"][1][k], v), k
+            steps=12, lr=lr, batch_size=4, warmup=2, snapshot=where), progress=False)
+        runs[where] = (repr(res.losses), res.stopped, res.best_step, student.state_dict())
+    assert (runs["disk"][1] is not None) == (lr > 1)
+    assert runs["disk"][:3] == runs["memory"][:3]
+    for k, v in runs["memory"][3].items():
+        assert torch.equal(runs["disk"][3][k], v), k
 
 
 @pytest.mark.parametrize("every", [1, 3])

@@ -32,9 +32,10 @@ linears of the blocks. ``"all"``, this set's former name, is refused with a mess
 naming the new one (``"all"`` trains every parameter in ``MPOConfig``). A loss that becomes
 non-finite or exceeds ``blowup`` x its starting value (mean of the first ``warmup``
 steps) stops the run and restores the parameters of the step with the lowest running
-loss among those a snapshot could be taken at (one at most every ``snapshot_every``
-steps; :class:`tnlm.compress.snapshot.ParameterSnapshot`, on disk by default); the result
-says so (``stopped``, ``best_step``).
+loss when a snapshot was last taken (:class:`tnlm.compress.snapshot.ParameterSnapshot`,
+on disk by default): a snapshot is taken at a new lowest running loss that comes at least
+``snapshot_every`` steps after the previous snapshot. The result says so (``stopped``,
+``best_step``).
 
 Under ``torch.distributed`` (a process group of more than one rank) every rank draws the
 same batch of ``batch_size`` sequences from the same seeded generator and takes its own
@@ -277,12 +278,14 @@ class CausalHealConfig:
 
     ``snapshot`` (one of :data:`tnlm.compress.snapshot.SNAPSHOT_PLACES`): where the
     trained parameters of the best step so far are kept for the restore after a blow-up:
-    ``"disk"`` (the default: a file in the system's temporary folder, removed at the end;
-    as many bytes as the trained parameters, 256 MB for SmolLM2-135M at a 60 % budget,
-    written from the parameters' own memory, so none of it stays resident) or
-    ``"memory"`` (a copy beside them). ``snapshot_every``: a snapshot is taken when the
-    running loss is the lowest so far and at least this many steps after the last one
-    (10 by default: at most 30 writes in 300 steps; 1: at every new lowest loss).
+    ``"disk"`` (the default: a file in the temporary folder, ``$TMPDIR``, removed at
+    the end; as many bytes as the trained parameters, 256 MB for SmolLM2-135M at a 60 %
+    budget, written from the parameters' own memory, so none of it is in the process's
+    resident set; a failed write warns and keeps it in memory) or ``"memory"`` (a copy
+    beside them). ``snapshot_every``: a snapshot is taken when the running loss is the
+    lowest so far and at least this many steps after the last snapshot (10 by default:
+    at most 30 writes in 300 steps; 1: at every new lowest loss). Each rank of a
+    distributed run writes its own file.
 
     ``hidden_weight``: the weight of the block-output term (module docstring); 0, the
     default, distils the next-token distributions alone. Needs ``chunk``."""
@@ -346,6 +349,8 @@ class CausalHealResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None   # why the run stopped early (parameters restored), or None
+    #: the step of the last snapshot: its parameters (those after ``best_step`` optimizer
+    #: steps) are what a stopped run restored
     best_step: int | None = None
     #: sequences the teacher ran (each batch's sequences not found in the teacher cache;
     #: under torch.distributed, this rank's)
@@ -682,13 +687,15 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     n = config.steps
     draws = _draws(sequences.shape[0], n, config.batch_size, config.seed)
     t0 = time.perf_counter()
-    snap = ParameterSnapshot(params, config.snapshot)
     best_loss, run = math.inf, None
     start = None
     # flags and modes of both models are given back as they were; values stay healed
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
     invalidate_caches(student)  # an evaluation's dense W: stale after the first step
-    with temporary(student, modes=True), temporary(teacher, modes=True), checkpointed(blocks):
+    # the best state so far, for the restore after a blow-up (removed on any exit)
+    with ParameterSnapshot(params, config.snapshot) as snap, \
+            temporary(student, modes=True), temporary(teacher, modes=True), \
+            checkpointed(blocks):
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -772,6 +779,5 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             del cache  # the kept states do not outlive healing, also on error
             if result.stopped and snap.taken:  # (none taken: stopped before any update)
                 snap.restore()
-            snap.close()
     result.seconds = time.perf_counter() - t0
     return result

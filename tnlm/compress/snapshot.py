@@ -12,14 +12,20 @@ parameters' order, shapes and dtypes known to the snapshot object: nothing is
 deserialized but bytes into the parameters' storage, and the directory goes with the
 object (:meth:`close`, or the ``with`` block).
 
-``where="memory"`` keeps the copy beside the parameters (the former behaviour, for a
-machine without a writable temporary directory).
+The file's bytes stay out of the process's resident set; they live where the temporary
+folder does (``$TMPDIR``, else the system's; on a tmpfs that is RAM again) and pass
+through the page cache, which the kernel may reclaim. A write that fails (a full disk)
+warns once and keeps the snapshot in memory from then on, so that every rank of a
+distributed run keeps the same step. ``where="memory"`` keeps the copy beside the
+parameters from the start (the former behaviour). Parameters on another device than the
+CPU are written through a CPU copy, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,15 +46,17 @@ class ParameterSnapshot:
     """The values of ``params`` at the last :meth:`take`, put back by :meth:`restore`.
 
     Args:
-        params: the tensors (CPU) whose values are kept; their shapes, dtypes and order
-            must not change while the snapshot lives.
+        params: the tensors whose values are kept; their shapes, dtypes, devices and
+            order must not change while the snapshot lives.
         where: ``"disk"`` (one file in a temporary directory, under ``directory`` or the
-            system's temporary folder) or ``"memory"`` (clones beside the parameters).
+            temporary folder, ``$TMPDIR``) or ``"memory"`` (clones beside the
+            parameters).
         directory: where the temporary directory is made (``"disk"`` only); it must exist.
 
     Raises:
-        ValueError: ``where`` is not one of :data:`SNAPSHOT_PLACES`, a tensor is not on
-            the CPU, or ``directory`` is not an existing folder.
+        ValueError: ``where`` is not one of :data:`SNAPSHOT_PLACES`, an entry of
+            ``params`` is not a tensor (or, on disk, holds no values: the ``meta``
+            device), or ``directory`` is not an existing folder.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], where: str = "disk",
@@ -58,11 +66,14 @@ class ParameterSnapshot:
                              f"got {where!r}")
         self.params = list(params)
         for i, p in enumerate(self.params):
-            if not torch.is_tensor(p) or p.device.type != "cpu":
-                raise ValueError(f"params[{i}] must be a CPU tensor, got "
-                                 f"{getattr(p, 'device', type(p).__name__)}")
+            if not torch.is_tensor(p):
+                raise ValueError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+            if where == "disk" and p.device.type == "meta":
+                raise ValueError(f"params[{i}] is on the meta device: no values to write; "
+                                 "use where='memory'")
         self.where = where
         self.taken = False
+        self.closed = False
         self._copies: list[torch.Tensor] | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
         if where == "disk":
@@ -77,7 +88,28 @@ class ParameterSnapshot:
         return sum(p.numel() * p.element_size() for p in self.params)
 
     def take(self) -> None:
-        """Keep the parameters' current values (replacing the previous snapshot)."""
+        """Keep the parameters' current values (replacing the previous snapshot). On
+        disk, a failed write (``OSError``) warns and keeps this and later snapshots in
+        memory instead.
+
+        Raises:
+            ValueError: the snapshot was closed.
+        """
+        if self.closed:
+            raise ValueError("the snapshot was closed")
+        if self.where == "disk":
+            part = self.path.with_suffix(".part")
+            try:
+                with open(part, "wb") as f:
+                    for p in self.params:
+                        f.write(memoryview(_bytes_of(p.detach().cpu()).numpy()))
+                os.replace(part, self.path)
+            except OSError as err:
+                warnings.warn(f"could not write the parameter snapshot to {part} ({err}); "
+                              f"keeping it in memory instead ({self.nbytes / 2**20:.0f} MiB)",
+                              stacklevel=2)
+                self._drop_dir()
+                self.where = "memory"
         if self.where == "memory":
             with torch.no_grad():
                 if self._copies is None:
@@ -85,14 +117,6 @@ class ParameterSnapshot:
                 else:
                     for c, p in zip(self._copies, self.params):
                         c.copy_(p)
-        else:
-            if self._dir is None:
-                raise ValueError("the snapshot was closed")
-            part = self.path.with_suffix(".part")
-            with open(part, "wb") as f:
-                for p in self.params:
-                    f.write(memoryview(_bytes_of(p).numpy()))
-            os.replace(part, self.path)
         self.taken = True
 
     def restore(self) -> None:
@@ -102,6 +126,8 @@ class ParameterSnapshot:
             ValueError: nothing was taken yet, the snapshot was closed, or its file is not
                 the size of the parameters.
         """
+        if self.closed:
+            raise ValueError("the snapshot was closed")
         if not self.taken:
             raise ValueError("no snapshot was taken")
         with torch.no_grad():
@@ -109,24 +135,31 @@ class ParameterSnapshot:
                 for c, p in zip(self._copies or [], self.params):
                     p.copy_(c)
                 return
-            if self._dir is None:
-                raise ValueError("the snapshot was closed")
             size = self.path.stat().st_size
             if size != self.nbytes:
                 raise ValueError(f"the snapshot file {self.path} holds {size} bytes, the "
                                  f"parameters {self.nbytes}")
             with open(self.path, "rb") as f:
                 for p in self.params:
-                    if p.is_contiguous():  # straight into the parameter's storage
-                        f.readinto(memoryview(p.detach().view(-1).view(torch.uint8).numpy()))
-                    else:  # through a copy
-                        buf = torch.empty(p.numel() * p.element_size(), dtype=torch.uint8)
-                        f.readinto(memoryview(buf.numpy()))
+                    n = p.numel() * p.element_size()
+                    if p.device.type == "cpu" and p.is_contiguous():  # into its storage
+                        got = f.readinto(memoryview(
+                            p.detach().view(-1).view(torch.uint8).numpy()))
+                    else:  # through a CPU copy
+                        buf = torch.empty(n, dtype=torch.uint8)
+                        got = f.readinto(memoryview(buf.numpy()))
                         p.copy_(buf.view(p.dtype).reshape(p.shape))
+                    if got != n:
+                        raise ValueError(f"the snapshot file {self.path} ended early")
 
     def close(self) -> None:
-        """Remove the file and its directory, or drop the copies; idempotent."""
+        """Remove the file and its directory, or drop the copies; idempotent. A closed
+        snapshot refuses :meth:`take` and :meth:`restore`."""
+        self.closed = True
         self._copies = None
+        self._drop_dir()
+
+    def _drop_dir(self) -> None:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

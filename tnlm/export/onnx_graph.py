@@ -279,7 +279,7 @@ def _rewrite(path: Path, *, strip: bool, props: dict[str, str]) -> None:
 def gauge_fixed_chains(path: str | os.PathLike) -> int | None:
     """How many gauge-fixed layers' chains the ONNX file ``path`` holds, as its exporter
     recorded (:data:`GAUGE_FIXED_KEY`); ``None`` for a file without the record (not
-    written by tnlm, or before it kept one). Reads the graph, not the weights."""
+    written by tnlm, or before it kept one). Parses the file (its external data, if any, not)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
