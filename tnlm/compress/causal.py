@@ -430,6 +430,9 @@ class _ChunkedKL:
                 mine = self.head(self.hidden(one))
                 self.ok = full.shape == mine.shape and torch.allclose(
                     full.float(), mine.float(), rtol=1e-4, atol=1e-4)
+            # these forwards without gradients let MPO layers cache their dense W, which
+            # healing's forwards (with gradients) never read nor free
+            invalidate_caches(self.student)
             if dist_.is_distributed():  # every rank takes the same path
                 agree = dist_.all_reduce_floats([float(self.ok)], "the chunked KL's check")
                 self.ok = agree[0] == dist_.world()[1]
@@ -703,6 +706,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
         student.eval()  # no dropout (also attention's functional one); gradients still flow
         teacher.eval()
         opt = healing_optimizer(params, config)
+        opt.zero_grad(set_to_none=True)  # none left by earlier work
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: min(1.0, (t + 1) / max(1, config.warmup))
             * 0.5 * (1 + math.cos(math.pi * min(t, n) / n)))
@@ -758,7 +762,6 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                                       f"{result.best_step or 0} were restored (lower lr, "
                                       f"now {config.lr:g})")
                     break
-                opt.zero_grad(set_to_none=True)  # (the last step's gradients gone first)
                 if run < best_loss and (result.best_step is None or
                                         step - result.best_step >= config.snapshot_every):
                     best_loss, result.best_step = run, step
@@ -768,6 +771,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                     (loss * (share * size) if size > 1 else loss).backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # not kept through the next forward
                 sched.step()
                 if on_step is not None:
                     on_step(step + 1)

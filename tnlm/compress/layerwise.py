@@ -337,6 +337,8 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+        for p in params:  # the gradients of the last step would outlive the block
+            p.grad = None
 
 
 @torch.no_grad()

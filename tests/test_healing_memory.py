@@ -1,0 +1,76 @@
+"""What causal compression and healing leave in memory: no dense caches the healing
+forwards never read, no gradients outliving their step or block."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tnlm.bridge import MPOLinear, MPOModule
+from tnlm.compress.causal import CausalHealConfig, heal_causal
+from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
+from tnlm.core import MPO
+from tnlm.integration.architectures import default_targets
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def _seqs():
+    return torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _full_rank_student(teacher):
+    """The teacher with one MLP linear as a full-rank 2-site MPO layer: r (I + J) > I J,
+    so a forward without gradients takes (and caches) its dense W."""
+    student = copy.deepcopy(teacher)
+    lin = student.model.layers[0].mlp.up_proj
+    mpo = MPO.from_matrix(lin.weight.detach().T.double(), (48, 1), (1, 96))
+    layer = MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32, kind="linear")
+    student.model.layers[0].mlp.up_proj = layer
+    with torch.no_grad():
+        layer(torch.randn(1, 48))
+    assert layer._dense_cache  # the case this file is about
+    layer.invalidate_cache()
+    return student, layer
+
+
+def test_healing_with_the_chunked_kl_leaves_no_dense_cache():
+    """The chunked KL's first-batch check runs the student without gradients; the dense
+    W it made MPO layers cache is freed, not kept through every step."""
+    teacher = _llama()
+    student, layer = _full_rank_student(teacher)
+    seen = []
+    heal_causal(student, teacher, _seqs(), CausalHealConfig(steps=3, batch_size=2, chunk=4),
+                progress=False, on_step=lambda k: seen.append(bool(layer._dense_cache)))
+    assert seen == [False, False, False, False]  # before the first step and after each
+    assert not any(m._dense_cache for m in student.modules() if isinstance(m, MPOModule))
+
+
+def test_no_gradient_outlives_its_healing_step():
+    teacher = _llama()
+    student, layer = _full_rank_student(teacher)
+    for p in layer.parameters():  # as block fitting used to leave them
+        p.grad = torch.ones_like(p)
+    held = []
+    heal_causal(student, teacher, _seqs(), CausalHealConfig(steps=3, batch_size=2),
+                progress=False,
+                on_step=lambda k: held.append(sum(p.grad is not None
+                                                  for p in student.parameters())))
+    assert held[1:] == [0, 0, 0]  # after each step's update: freed before the next forward
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_block_fitting_leaves_no_gradients():
+    teacher = _llama()
+    student = copy.deepcopy(teacher)
+    compress_layerwise(student, _seqs(), LayerwiseConfig(default_targets(student), budget=0.5,
+                                                         fit_steps=3), progress=False)
+    assert any(isinstance(m, MPOModule) for m in student.modules())
+    assert all(p.grad is None for p in student.parameters())
