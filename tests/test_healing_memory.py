@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.common import VOCAB, make_causal_lm
 from tnlm.bridge import MPOLinear, MPOModule
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
@@ -16,14 +16,11 @@ from tnlm.integration.architectures import default_targets
 
 
 def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    return make_causal_lm("llama")
 
 
 def _seqs():
-    return torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _full_rank_student(teacher):
@@ -31,11 +28,12 @@ def _full_rank_student(teacher):
     so a forward without gradients takes (and caches) its dense W."""
     student = copy.deepcopy(teacher)
     lin = student.model.layers[0].mlp.up_proj
-    mpo = MPO.from_matrix(lin.weight.detach().T.double(), (48, 1), (1, 96))
+    J, I = lin.weight.shape
+    mpo = MPO.from_matrix(lin.weight.detach().T.double(), (I, 1), (1, J))
     layer = MPOLinear.from_mpo(mpo, None, "auto", dtype=torch.float32, kind="linear")
     student.model.layers[0].mlp.up_proj = layer
     with torch.no_grad():
-        layer(torch.randn(1, 48))
+        layer(torch.randn(1, I))
     assert layer._dense_cache  # the case this file is about
     layer.invalidate_cache()
     return student, layer

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.common import VOCAB, make_causal_lm
 from tnlm.compress.causal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.compress.memory import rss_mb
@@ -127,16 +127,13 @@ def test_a_disk_snapshot_keeps_its_bytes_out_of_the_process():
 
 
 def _llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    return make_causal_lm("llama")
 
 
 def _compressed():
     teacher = _llama()
     student = copy.deepcopy(teacher)
-    seqs = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+    seqs = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
     compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.3,
                                                       method="plain"), progress=False)
     return teacher, student, seqs
