@@ -659,7 +659,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     ``on_step(k)`` is called before the first step (k = 0) and after the k-th optimizer
     step (k = 1 .. steps), e.g. to measure the student along the way (under
     ``torch.no_grad`` it may run the student; the MPO layers' dense caches it leaves are
-    freed after it).
+    freed after it). The step's gradients are already freed when it runs.
 
     Under ``torch.distributed`` every rank calls this with the same models, sequences
     and config; each step's batch is shared among the ranks and the student trained
@@ -781,6 +781,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
             result.teacher_sequences = cache.computed
             result.teacher_kept_mb = cache.peak_bytes / 2 ** 20
             del cache  # the kept states do not outlive healing, also on error
+            for p in params:  # nor gradients of a step an error interrupted
+                p.grad = None
             if result.stopped and snap.taken:  # (none taken: stopped before any update)
                 snap.restore()
     result.seconds = time.perf_counter() - t0
