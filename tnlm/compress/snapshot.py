@@ -5,9 +5,10 @@ restored (:func:`tnlm.compress.causal.heal_causal`). Kept in memory that copy is
 as everything healing trains (SmolLM2-135M at a 60 % budget: 64M parameters, 256 MB,
 about a tenth of the healing stage's peak). :class:`ParameterSnapshot` keeps it in one
 file of a temporary directory instead (``where="disk"``), written tensor by tensor from
-the parameters' own memory (no second copy is ever built, not even while writing) to a
-temporary name and then renamed over the previous snapshot, so that a write that fails
-half-way leaves the last complete snapshot in place. The file holds raw bytes in the
+the parameters' own memory (no copy of the set is built, not even while writing; only a
+non-contiguous or non-CPU tensor passes through a copy of itself) to a temporary name
+and then renamed over the previous snapshot, so that a write that fails half-way leaves
+the last complete snapshot in place. The file holds raw bytes in the
 parameters' order, shapes and dtypes known to the snapshot object: nothing is
 deserialized but bytes into the parameters' storage, and the directory goes with the
 object (:meth:`close`, or the ``with`` block).
