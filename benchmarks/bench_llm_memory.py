@@ -26,6 +26,13 @@ peak RSS per stage against its RSS right after loading. Variants:
   (``CausalHealConfig.teacher_cache_mb=0``): the teacher runs every sequence of every step
   (with ``--n-texts`` small, healing passes over the same sequences many times and the
   cache's saving a step shows)
+* ``blocks+chunk128+adafactor+storeK``: the job's default with the last K of the 30
+  blocks storing their activations instead of recomputing them
+  (``CausalHealConfig.stored_blocks``; 30: none recomputed)
+* ``blocks+chunk128+adafactor+checkpointed-kl``: the job's default with each chunk of the
+  KL checkpointed (both heads and softmaxes run again in the backward pass), as before
+  the untrained head's chunks computed their gradient in the forward pass
+  (``tnlm.compress.causal._FusedHeadKL``)
 
 Every variant but ``+copy`` shares those with the student.
 
@@ -61,7 +68,13 @@ VARIANTS = {"full": dict(chunk=None, foreach=None, bf16=False, blocks=False),
                                                    full_copy=True),
             "blocks+chunk128+adafactor+nocache": dict(chunk=128, foreach=False, bf16=False,
                                                       blocks=True, optimizer="adafactor",
-                                                      teacher_cache_mb=0.0)}
+                                                      teacher_cache_mb=0.0),
+            **{f"blocks+chunk128+adafactor+store{k}": dict(
+                chunk=128, foreach=False, bf16=False, blocks=True, optimizer="adafactor",
+                stored_blocks=k) for k in (10, 20, 30)},
+            "blocks+chunk128+adafactor+checkpointed-kl": dict(
+                chunk=128, foreach=False, bf16=False, blocks=True, optimizer="adafactor",
+                fused=False)}
 
 
 def child(variant: str, steps: int, n_texts: int | None) -> dict:
@@ -79,6 +92,8 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
         real = getattr(torch.optim, name)
         setattr(causal.torch.optim, name,
                 lambda *a, **k: real(*a, **dict(k, foreach=v["foreach"])))
+    if not v.get("fused", True):
+        causal._ChunkedKL.fused = False
     if v.get("full_copy"):
         import copy
 
@@ -95,6 +110,7 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
                             heal=CausalHealConfig(steps=steps, chunk=v["chunk"],
                                                   teacher_bf16=v["bf16"],
                                                   checkpoint_blocks=v["blocks"],
+                                                  stored_blocks=v.get("stored_blocks", 0),
                                                   optimizer=v.get("optimizer", "adamw"),
                                                   teacher_cache_mb=v.get(
                                                       "teacher_cache_mb",

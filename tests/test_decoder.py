@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -608,6 +609,53 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_head_kl_gives_the_checkpointed_loss_and_gradients(arch):
+    """With the head not trained (healing's case), each chunk's gradient is computed in
+    its forward (_FusedHeadKL): the loss and every gradient equal the checkpointed
+    chunks' and the full logits' (float rounding), the checkpointed path is not taken,
+    and a trained head still takes it."""
+    from tnlm.compress import causal
+    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+
+    student = MAKERS[arch]()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    student.get_output_embeddings().weight.requires_grad_(False)  # tied: the embeddings too
+    params = [p for p in student.parameters() if p.requires_grad]
+    ids = _seqs(n=3, T=12)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    full = next_token_kl(student(input_ids=ids).logits, t_logits)
+    g_full = torch.autograd.grad(full, params)
+    results = {}
+    for fused in (False, True):
+        kl = _ChunkedKL(student, chunk=5, teacher=teacher)
+        kl.fused = fused
+        assert kl.check(ids)
+        with torch.no_grad():
+            t_out = kl.teacher_side(teacher, ids)
+        with mock.patch.object(causal, "_kl_sum", wraps=causal._kl_sum) as slow:
+            loss, _ = kl(ids, t_out)
+            g = torch.autograd.grad(loss, params)
+        assert slow.called != fused  # the fused path never runs the checkpointed chunk
+        results[fused] = (float(loss), g)
+    for value, grads in results.values():
+        assert value == pytest.approx(float(full), rel=1e-5)
+        for a, b in zip(grads, g_full):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # a trained head: the checkpointed chunks (whose backward gives the head its gradient)
+    student.get_output_embeddings().weight.requires_grad_(True)
+    kl = _ChunkedKL(student, chunk=5, teacher=teacher)
+    assert kl.check(ids)
+    with mock.patch.object(causal, "_kl_sum", wraps=causal._kl_sum) as slow:
+        loss, _ = kl(ids, kl.teacher_side(teacher, ids).detach())
+        loss.backward()
+    assert slow.called and student.get_output_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
     """hidden_weight adds w x the mean over blocks and positions of the relative squared
     error of the student's block outputs (computed here from output_hidden_states); it is
@@ -687,22 +735,35 @@ def test_healing_with_checkpointed_blocks_follows_the_same_trajectory(arch):
     teacher = MAKERS[arch]()
     seqs = _seqs(16, 12)
     runs = []
-    for on in (False, True):
+    real = torch.utils.checkpoint.checkpoint
+    n_blocks = len(list(blocks_of(teacher)))
+    assert n_blocks >= 2
+    for on, stored in ((False, 0), (True, 0), (True, 1)):
         student = copy.deepcopy(teacher)
         compress_layerwise(student, seqs, LayerwiseConfig(default_targets(student), budget=0.4,
                                                           method="plain"), progress=False)
-        res = heal_causal(student, teacher, seqs,
-                          CausalHealConfig(steps=6, lr=3e-3, batch_size=4, warmup=2,
-                                           checkpoint_blocks=on), progress=False)
+        calls = []  # the blocks whose forward runs through checkpoint
+        with mock.patch.object(torch.utils.checkpoint, "checkpoint",
+                               lambda f, *a, _c=calls, **k: _c.append(f) or real(f, *a, **k)):
+            res = heal_causal(student, teacher, seqs,
+                              CausalHealConfig(steps=6, lr=3e-3, batch_size=4, warmup=2,
+                                               checkpoint_blocks=on, stored_blocks=stored),
+                              progress=False)
+        # every step: each recomputed block once; the last `stored` blocks never
+        assert len(calls) == 6 * (n_blocks - stored if on else 0)
         runs.append((res.losses, student.state_dict()))
         assert all("forward" not in b.__dict__ for b in blocks_of(student))
-    (l0, s0), (l1, s1) = runs
-    assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6)
-    assert l1[-1] < l1[0]
-    for k in s0:
-        torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
+    (l0, s0), *others = runs
+    for l1, s1 in others:
+        assert l1 == pytest.approx(l0, rel=1e-4, abs=1e-6)
+        assert l1[-1] < l1[0]
+        for k in s0:
+            torch.testing.assert_close(s1[k], s0[k], rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="checkpoint_blocks must be a bool"):
         CausalHealConfig(checkpoint_blocks="yes")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="stored_blocks must be an int >= 0"):
+            CausalHealConfig(stored_blocks=bad)
 
 
 def test_healing_optimizer_must_be_adamw_or_adafactor():

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{JOB_HEAL['optimizer']})")
     p.add_argument("--heal-chunk", type=int, default=None, metavar="POSITIONS",
                    help="causal LMs: compute healing's next-token KL over chunks of this "
-                        "many positions, recomputed in the backward pass (less memory); 0: "
+                        "many positions, one at a time (less memory); 0: "
                         f"the whole sequence at once (default: {JOB_HEAL['chunk']})")
     p.add_argument("--low-memory", action="store_true",
                    help="causal LMs: have the C allocator map every block of 128 KiB or more "

@@ -65,6 +65,7 @@ from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.lm_quality import eos_ids, until_eos
+from tnlm.compress.sampling import NucleusSampler
 from tnlm.compress.snapshot import SNAPSHOT_PLACES, ParameterSnapshot
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
@@ -136,10 +137,13 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
             # a chat template writes its own special tokens: none are added
             batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=not chat)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            draws = torch.Generator().manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            # sampled by the processor (one uniform number a row, not multinomial's
+            # batch x vocab exponentials: tnlm.compress.sampling); generate keeps its pick
             ids = model.generate(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"], do_sample=True,
-                                 temperature=temperature, top_p=top_p,
+                                 attention_mask=batch["attention_mask"], do_sample=False,
+                                 logits_processor=[NucleusSampler(temperature, top_p, draws)],
                                  max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
             prompt_len = batch["input_ids"].shape[1]
@@ -244,6 +248,12 @@ class CausalHealConfig:
     recomputed in the backward pass instead of kept (:func:`tnlm.integration.surgery.
     checkpointed`): the same gradients, one block's activations at a time instead of
     every block's, one more forward pass a step (measured in docs/results.md).
+    ``stored_blocks`` (default 0): with ``checkpoint_blocks``, the last this many blocks
+    keep their activations for the backward pass instead of running their forward again
+    (the same gradients; each such block saves its share of that extra forward pass and
+    holds its activations through the step: about 30 MiB a block for SmolLM2-135M at a
+    batch of 4 x 128 tokens, docs/results.md). At least the number of blocks: none
+    recomputed, as without ``checkpoint_blocks``.
 
     ``optimizer`` (one of :data:`OPTIMIZERS`): ``"adamw"`` (the default) keeps two moment
     buffers the size of every trained parameter (twice their bytes: about 0.5 GB for
@@ -300,6 +310,7 @@ class CausalHealConfig:
     seed: int = 0
     chunk: int | None = None
     checkpoint_blocks: bool = True
+    stored_blocks: int = 0
     optimizer: str = "adamw"
     teacher_cache_mb: float = 256.0
     hidden_weight: float = 0.0
@@ -331,7 +342,7 @@ class CausalHealConfig:
             raise ValueError(f"snapshot must be one of {', '.join(map(repr, SNAPSHOT_PLACES))}, "
                              f"got {self.snapshot!r}")
         for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0),
-                         ("snapshot_every", 1)):
+                         ("snapshot_every", 1), ("stored_blocks", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -374,16 +385,59 @@ def _kl_sum(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
     return F.kl_div(s, t, log_target=True, reduction="sum")
 
 
+class _FusedHeadKL(torch.autograd.Function):
+    """:func:`_kl_sum` of one chunk with its gradient for ``h`` computed in the forward
+    pass, for a head that is not trained (the student's and the teacher's alike).
+
+    The gradient of ``sum KL(p_t || p_s)`` with respect to the student's logits is
+    ``p_s - p_t`` (every row of ``p_t`` sums to 1), so the gradient for ``h`` is
+    ``(p_s - p_t) @ W``: a (chunk, hidden) tensor is all the chunk keeps for the backward
+    pass. The checkpointed :func:`_kl_sum` instead runs both heads and softmaxes again in
+    the backward pass and then the softmax's and the KL's own backward: on SmolLM2-135M
+    (49,152-token vocabulary) those were most of a healing step's time beyond the
+    blocks' matmuls (docs/results.md). The same loss and gradient up to float rounding
+    (tests/test_decoder.py); not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, t_weight: torch.Tensor | None,
+                t_bias: torch.Tensor | None) -> torch.Tensor:
+        log_s = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+        if t_weight is not None:
+            t = F.linear(t, t_weight, t_bias)
+        log_t = F.log_softmax(t.float(), dim=-1)
+        total = F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+        if ctx.needs_input_grad[0]:
+            diff = log_s.exp_().sub_(log_t.exp_())  # p_s - p_t, in log_s's and log_t's place
+            ctx.save_for_backward((diff.to(weight.dtype) @ weight).to(h.dtype))
+        else:
+            ctx.save_for_backward(None)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad_h,) = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
+                None, None, None, None, None)
+
+
 class _ChunkedKL:
     """``next_token_kl`` of a causal LM whose logits are ``head(hidden)``, computed ``chunk``
-    positions at a time with the heads and softmaxes recomputed in the backward pass
-    (activation checkpointing): neither the student's full (b, T, vocab) logits, their
-    log-softmax and gradient, nor the teacher's logits are ever held at once (the teacher
+    positions at a time: for an untrained head (healing's) each chunk's gradient is
+    computed in its forward pass (:class:`_FusedHeadKL`), for a trained one the heads and
+    softmaxes are recomputed in the backward pass (activation checkpointing); neither
+    the student's full (b, T, vocab) logits, their log-softmax and gradient, nor the
+    teacher's logits are ever held at once (the teacher
     gives its last hidden states, :meth:`teacher_side`, and its head is applied chunk by
     chunk: about 100 MB less for SmolLM2's 49,152-token vocabulary at 4 x 128 positions).
     Used only after a check on the first batch that ``head(base(ids))`` equals the
     model's own logits (:meth:`check`; models that scale or cap their logits, e.g.
     Gemma-2, Granite, fall back to the full logits of both)."""
+
+    #: an untrained head's chunks through :class:`_FusedHeadKL` (False: checkpointed
+    #: :func:`_kl_sum` chunks always, as before it; benchmarks/bench_llm_memory.py)
+    fused: bool = True
 
     def __init__(self, student: nn.Module, chunk: int, teacher: nn.Module | None = None,
                  hidden_weight: float = 0.0) -> None:
@@ -490,10 +544,15 @@ class _ChunkedKL:
         t_bias = self.t_head.bias.detach() if self.t_head is not None and \
             self.t_head.bias is not None else None
         total = h.new_zeros((), dtype=torch.float32)
+        # a head that is not trained (healing's, whose trained parameters are in the
+        # blocks): each chunk's gradient for h computed at once (_FusedHeadKL)
+        fused = self.fused and not (self.head.weight.requires_grad or (
+            self.head.bias is not None and self.head.bias.requires_grad))
         for i in range(0, h.shape[0], self.chunk):
-            total = total + checkpoint(_kl_sum, h[i:i + self.chunk], t[i:i + self.chunk],
-                                       self.head.weight, self.head.bias, t_weight, t_bias,
-                                       use_reentrant=False)
+            args = (h[i:i + self.chunk], t[i:i + self.chunk], self.head.weight,
+                    self.head.bias, t_weight, t_bias)
+            total = total + (_FusedHeadKL.apply(*args) if fused else
+                             checkpoint(_kl_sum, *args, use_reentrant=False))
         kl = total / h.shape[0]
         return (kl, None) if term is None else (kl + self.hidden_weight * term, term)
 
@@ -694,6 +753,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     start = None
     # flags and modes of both models are given back as they were; values stay healed
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
+    blocks = blocks[:max(0, len(blocks) - config.stored_blocks)]  # the last ones store
     invalidate_caches(student)  # an evaluation's dense W: stale after the first step
     # the best state so far, for the restore after a blow-up (removed on any exit)
     with ParameterSnapshot(params, config.snapshot) as snap, \

@@ -82,7 +82,7 @@ TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
-JOB_HEAL = {"optimizer": "adafactor", "chunk": 128}
+JOB_HEAL = {"optimizer": "adafactor", "chunk": 128, "stored_blocks": 10}
 
 #: the job's own calibration text in a checkpoint folder (JSON: the texts, the settings
 #: they depend on, :meth:`CausalLMRecipe.text_settings`, and a sha256 of the weights of
@@ -147,7 +147,9 @@ class CausalLMRecipe:
             on SmolLM2 at 60 % they heal as AdamW does (3.52x vs 3.48x the dense
             perplexity) with the healing peak at 3.11x the loaded model instead of 3.68x,
             and at 2.87x with the teacher sharing the embeddings and head
-            (:func:`teacher_copy`; docs/results.md).
+            (:func:`teacher_copy`; docs/results.md); the last 10 of the blocks keep their
+            activations instead of recomputing them (``stored_blocks``: 4 % less time a
+            step for about 140 MB on SmolLM2-135M).
     """
 
     budget: float = 0.6

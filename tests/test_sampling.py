@@ -1,0 +1,70 @@
+"""NucleusSampler: transformers' top-p distribution, drawn one uniform number a row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from tnlm.compress.sampling import NucleusSampler
+
+
+def _hf_probs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    return TopPLogitsWarper(top_p)(None, scores / temperature).softmax(-1)
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 0.95), (0.7, 0.5), (1.3, 1.0)])
+def test_the_distribution_is_transformers_top_p(temperature, top_p):
+    torch.manual_seed(0)
+    scores = torch.randn(6, 300) * 3
+    mine = NucleusSampler(temperature, top_p).probabilities(scores)
+    torch.testing.assert_close(mine, _hf_probs(scores, temperature, top_p),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1024, 3])  # the top-k path, and every row from its full sort
+def test_draws_follow_the_distribution(k):
+    """20,000 draws of one row: each token's frequency within 5 standard errors of its
+    probability; a token outside the nucleus is never drawn."""
+    torch.manual_seed(1)
+    row = torch.randn(1, 40) * 1.5
+    sampler = NucleusSampler(1.0, 0.9, torch.Generator().manual_seed(0))
+    sampler.k = k
+    n = 20_000
+    out = sampler(None, row.expand(n, -1).contiguous())
+    assert torch.equal((out == 0).sum(-1), torch.ones(n, dtype=torch.long))
+    assert bool(torch.isinf(out).sum(-1).eq(39).all())
+    freq = torch.bincount(out.argmax(-1), minlength=40).double() / n
+    p = sampler.probabilities(row)[0].double()
+    assert int((p > 0).sum()) > 3  # the nucleus is wider than k=3
+    se = (p * (1 - p) / n).sqrt()
+    assert bool(((freq - p).abs() <= 5 * se + 1e-12).all())
+    assert bool((freq[p == 0] == 0).all())
+
+
+def test_a_batch_mixes_narrow_and_wide_rows():
+    """Rows whose nucleus fits in the top k and rows drawn from their full sort, in one
+    batch: each row's draws stay in its own nucleus."""
+    torch.manual_seed(2)
+    peaked = torch.full((1, 60), -10.0)
+    peaked[0, 7] = 10.0
+    flat = torch.zeros(1, 60)
+    scores = torch.cat([peaked, flat] * 500)
+    sampler = NucleusSampler(1.0, 0.95, torch.Generator().manual_seed(3))
+    sampler.k = 5
+    got = sampler(None, scores).argmax(-1)
+    assert bool((got[0::2] == 7).all())
+    assert len(set(got[1::2].tolist())) > 40  # the flat rows use their whole nucleus
+
+
+def test_seeded_draws_repeat_and_bad_arguments_are_refused():
+    scores = torch.randn(8, 100)
+    a = NucleusSampler(1.0, 0.9, torch.Generator().manual_seed(5))(None, scores)
+    b = NucleusSampler(1.0, 0.9, torch.Generator().manual_seed(5))(None, scores)
+    assert torch.equal(a, b)
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            NucleusSampler(temperature=bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
+            NucleusSampler(top_p=bad)
