@@ -1181,6 +1181,49 @@ def test_cli_lm_texts_reaches_the_recipe_and_is_refused_where_nothing_is_written
         llm.CausalLMRecipe(n_texts=0)
 
 
+def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monkeypatch):
+    """--lm-top-k K: the recipe's gen_top_k, then self_generated_text's top_k (it
+    reaches every batch's sampler); refused for encoders, where nothing is sampled and
+    below 1; the recipe refuses a bad gen_top_k and puts a given one in its text
+    settings (a resumed checkpoint's text must have been sampled alike)."""
+    from tests.common import make_causal_lm, make_word_tokenizer
+    from tnlm.cli import main
+    from tnlm.compress import causal, llm
+    from tnlm.compress.causal import self_generated_text
+
+    assert main(["compress", "--lm-top-k", "8"]) == 2
+    assert "--lm-top-k applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    assert main(["compress", str(folder), "--lm-top-k", "0"]) == 2
+    assert "--lm-top-k must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["compress", str(folder), "--lm-top-k", "5", "--text", str(text)]) == 2
+    assert "with --text it writes none" in capsys.readouterr().err
+    seen = []
+
+    def stop(model, tok, recipe, **kw):
+        seen.append(recipe.gen_top_k)
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    assert main(["compress", str(folder), "--lm-top-k", "40", "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
+    assert seen == [40, None]
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="gen_top_k must be None or an int >= 1"):
+            llm.CausalLMRecipe(gen_top_k=bad)
+    assert "gen_top_k" not in llm.CausalLMRecipe().text_settings()
+    assert llm.CausalLMRecipe(gen_top_k=50).text_settings()["gen_top_k"] == 50
+    tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
+    with mock.patch.object(causal, "NucleusSampler", wraps=causal.NucleusSampler) as made:
+        self_generated_text(m, tok, 3, max_new_tokens=5, batch_size=2, top_k=7, seed=4)
+    # the check before any work, then one sampler a batch: each with top_k=7
+    assert len(made.call_args_list) == 3
+    assert all(c.kwargs.get("top_k", c.args[3] if len(c.args) > 3 else None) == 7
+               for c in made.call_args_list)
+    with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
+        self_generated_text(m, tok, 2, top_k=0)
+
+
 def test_block_error_weighs_every_position_alike():
     """A massive first token (as Llama-family residual streams carry) hides the other
     positions' error from the "total" measure, not from the per-position one."""

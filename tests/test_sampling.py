@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from tnlm.compress.sampling import NucleusSampler
 
 
-def _hf_probs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    return TopPLogitsWarper(top_p)(None, scores / temperature).softmax(-1)
+def _hf_probs(scores: torch.Tensor, temperature: float, top_p: float,
+              top_k: int | None = None) -> torch.Tensor:
+    scores = scores / temperature
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    return TopPLogitsWarper(top_p)(None, scores).softmax(-1)
 
 
-@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 0.95), (0.7, 0.5), (1.3, 1.0)])
-def test_the_distribution_is_transformers_top_p(temperature, top_p):
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"),
+                         [(1.0, 0.95, None), (0.7, 0.5, None), (1.3, 1.0, None),
+                          (1.0, 0.95, 50), (1.0, 0.99, 7), (1.0, 1.0, 1)])
+def test_the_distribution_is_transformers_top_p(temperature, top_p, top_k):
+    """transformers' TopK (when given) then TopP warpers, softmaxed."""
     torch.manual_seed(0)
     scores = torch.randn(6, 300) * 3
-    mine = NucleusSampler(temperature, top_p).probabilities(scores)
-    torch.testing.assert_close(mine, _hf_probs(scores, temperature, top_p),
+    mine = NucleusSampler(temperature, top_p, top_k=top_k).probabilities(scores)
+    torch.testing.assert_close(mine, _hf_probs(scores, temperature, top_p, top_k),
                                rtol=1e-5, atol=1e-7)
+    if top_k is not None:
+        assert bool(((mine > 0).sum(-1) <= top_k).all())
 
 
-@pytest.mark.parametrize("k", [1024, 3])  # the top-k path, and every row from its full sort
-def test_draws_follow_the_distribution(k):
+@pytest.mark.parametrize(("k", "top_k"), [(1024, None), (3, None), (1024, 12)])
+def test_draws_follow_the_distribution(k, top_k):
     """20,000 draws of one row: each token's frequency within 5 standard errors of its
     probability; a token outside the nucleus is never drawn."""
     torch.manual_seed(1)
     row = torch.randn(1, 40) * 1.5
-    sampler = NucleusSampler(1.0, 0.9, torch.Generator().manual_seed(0))
-    sampler.k = k
+    sampler = NucleusSampler(1.0, 0.9, torch.Generator().manual_seed(0), top_k=top_k)
+    sampler.k = k  # 3: every row's nucleus is wider, drawn from its full sort
     n = 20_000
     out = sampler(None, row.expand(n, -1).contiguous())
     assert torch.equal((out == 0).sum(-1), torch.ones(n, dtype=torch.long))
@@ -68,3 +77,6 @@ def test_seeded_draws_repeat_and_bad_arguments_are_refused():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
             NucleusSampler(top_p=bad)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
+            NucleusSampler(top_k=bad)

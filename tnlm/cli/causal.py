@@ -64,6 +64,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                         + ("--text" if args.text else "--lm-text prose") + " it writes none")
     if args.lm_texts is not None and args.lm_texts < 1:
         raise UserError(f"--lm-texts must be at least 1, got {args.lm_texts}")
+    if args.lm_top_k is not None and (args.text or args.lm_text == "prose"):
+        raise UserError("--lm-top-k sets how the model samples its own texts; with "
+                        f"{'--text' if args.text else '--lm-text prose'} it writes none")
+    if args.lm_top_k is not None and args.lm_top_k < 1:
+        raise UserError(f"--lm-top-k must be at least 1, got {args.lm_top_k}")
     if args.text:
         try:
             text = read_sentences(args.text, column=args.text_column)
@@ -87,6 +92,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
+        gen_top_k=args.lm_top_k,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
     out, created = make_out(args.out) if rank == 0 else (None, [])
 

@@ -97,6 +97,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         "tnlm's default text")
     if args.lm_texts is not None:
         raise UserError("--lm-texts applies to causal LMs (how many texts the model writes)")
+    if args.lm_top_k is not None:
+        raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     check_budget_and_healing(args.budget, args.heal_steps, args.lr)

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and healing (--lm-text self, both, chat, mixed); more heal better "
                         "and take longer to write, about 0.9 s each on 2 CPU cores for "
                         f"SmolLM2-135M (default: {CausalLMRecipe.n_texts})")
+    p.add_argument("--lm-top-k", type=int, default=None, metavar="K",
+                   help="causal LMs: the model's own texts sampled among its K most likely "
+                        "tokens at each step (then the top-0.95 nucleus); default: the "
+                        "whole nucleus (K=50, transformers' own default, healed SmolLM2 "
+                        "less: 3.52x vs 2.93x the dense perplexity at 60 %%)")
     p.add_argument("--pivoted", action=argparse.BooleanOptionalAction, default=None,
                    help="fix each truncated layer's bond gauge, so a rank-r layer stores "
                         "r (I + J - r) numbers instead of r (I + J): a larger rank at the "

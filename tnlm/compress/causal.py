@@ -77,9 +77,14 @@ __all__ = ["self_generated_text", "token_sequences", "adds_bos", "CausalHealConf
 @torch.no_grad()
 def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tokens: int = 128,
                         temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
-                        seed: int = 0, chat: bool = False, progress: bool = False) -> list[str]:
+                        seed: int = 0, chat: bool = False, progress: bool = False,
+                        top_k: int | None = None) -> list[str]:
     """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
-    docstring).
+    docstring): each token drawn from the top-``top_p`` nucleus of the model's
+    distribution at ``temperature`` (:class:`tnlm.compress.sampling.NucleusSampler`),
+    among the ``top_k`` most likely tokens when ``top_k`` is given (none by default;
+    transformers' own sampling applies 50 unless told otherwise, and tnlm's samples
+    were drawn so before this sampler: measured in docs/results.md).
 
     By default each text continues the first 2-4 words of one of tnlm's generated
     sentences. With ``chat``, each is a conversation instead: one of
@@ -113,6 +118,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         for s in generated_sentences(max(n, 64), seed=seed)[:n]:
             words = s.split()
             starts.append(" ".join(words[:rng.randint(2, 4)]))
+    NucleusSampler(temperature, top_p, top_k=top_k)  # its arguments checked before any work
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -123,12 +129,12 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     out: list[str] = []
     with torch.random.fork_rng():  # sampling reseeds; the caller's random stream is kept
         _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
-                  max_new_tokens, side, pad, was, progress, chat)
+                  max_new_tokens, side, pad, was, progress, chat, top_k)
     return out
 
 
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
-              max_new_tokens, side, pad, was, progress, chat=False) -> None:
+              max_new_tokens, side, pad, was, progress, chat=False, top_k=None) -> None:
     n = len(starts)
     eos = eos_ids(model, tokenizer)
     try:
@@ -143,7 +149,8 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
             # batch x vocab exponentials: tnlm.compress.sampling); generate keeps its pick
             ids = model.generate(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"], do_sample=False,
-                                 logits_processor=[NucleusSampler(temperature, top_p, draws)],
+                                 logits_processor=[NucleusSampler(temperature, top_p, draws,
+                                                                  top_k)],
                                  max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
             prompt_len = batch["input_ids"].shape[1]

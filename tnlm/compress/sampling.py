@@ -38,19 +38,27 @@ class NucleusSampler:
     ``softmax(scores / temperature)`` restricted to its top-``top_p`` nucleus, with
     ``generator`` (a ``torch.Generator`` on the scores' device; seeded, the draws are
     reproducible). Pass it to ``generate(..., do_sample=False)`` as the last processor.
+    ``top_k``: first keep only the ``top_k`` most likely tokens, the nucleus then taken
+    among them (transformers' ``TopKLogitsWarper`` before ``TopPLogitsWarper``; its
+    ``generate(do_sample=True)`` applies ``top_k=50`` unless told otherwise).
 
     Raises:
-        ValueError: ``temperature`` not a finite number > 0, ``top_p`` not in (0, 1].
+        ValueError: ``temperature`` not a finite number > 0, ``top_p`` not in (0, 1],
+            ``top_k`` neither None nor an int >= 1.
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, top_k: int | None = None) -> None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
                 not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or \
                 not 0 < top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        self.top_k = top_k
         self.temperature, self.top_p, self.generator = float(temperature), float(top_p), \
             generator
 
@@ -91,15 +99,29 @@ class NucleusSampler:
         pos = torch.searchsorted(cum, u).clamp_(max=cum.shape[-1] - 1)
         return ids.gather(1, pos)
 
+    def _logits(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, ids)``: the scores over the temperature, only the ``top_k`` most
+        likely with ``top_k`` (then ``ids`` (b, top_k) their token ids, else None)."""
+        logits = scores.float() / self.temperature
+        if self.top_k is None or self.top_k >= logits.shape[-1]:
+            return logits, None
+        return logits.topk(self.top_k, dim=-1)
+
     def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         """(b, V) the distribution each row is drawn from (for tests and inspection)."""
-        logits = scores.float() / self.temperature
+        logits, among = self._logits(scores)
         probs, ids, _ = self._nucleus(logits, logits.shape[-1])
         probs = probs / probs.sum(-1, keepdim=True)
-        return torch.zeros_like(probs).scatter_(1, ids, probs)
+        if among is not None:
+            ids = among.gather(1, ids)
+        return torch.zeros(scores.shape, dtype=probs.dtype, device=probs.device).scatter_(
+            1, ids, probs)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` (b, V) -> (b, V): 0 at each row's drawn token, ``-inf`` elsewhere."""
-        token = self._draw(scores.float() / self.temperature)
+        logits, among = self._logits(scores)
+        token = self._draw(logits)
+        if among is not None:
+            token = among.gather(1, token)
         out = torch.full_like(scores, -math.inf)
         return out.scatter_(1, token, 0.0)
