@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-texts", type=int, default=None, metavar="N",
                    help="causal LMs: how many texts the model writes for its own calibration "
                         "and healing (--lm-text self, both, chat, mixed); more heal better "
-                        "and take longer to write, about 0.9 s each on 2 CPU cores for "
+                        "and take longer to write, about 0.7 s each on 2 CPU cores for "
                         f"SmolLM2-135M (default: {CausalLMRecipe.n_texts})")
     p.add_argument("--lm-top-k", type=int, default=None, metavar="K",
                    help="causal LMs: the model's own texts sampled among its K most likely "
