@@ -395,10 +395,18 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
                      "--quiet"]) == 2
         capsys.readouterr()
         assert [(h.optimizer, h.chunk) for h in seen] == [want], flags
+    from tnlm.compress import llm
     from tnlm.compress.llm import JOB_HEAL, CausalLMRecipe
 
     assert (CausalLMRecipe().heal.optimizer, CausalLMRecipe().heal.chunk) == (
         JOB_HEAL["optimizer"], JOB_HEAL["chunk"])
+    # every setting of the job's healing defaults reaches the CLI's, not only those it sets
+    monkeypatch.setattr(llm, "JOB_HEAL", dict(JOB_HEAL, stored_blocks=3, snapshot_every=7))
+    seen.clear()
+    assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet"]) == 2
+    capsys.readouterr()
+    assert [(h.stored_blocks, h.snapshot_every, h.optimizer) for h in seen] == [
+        (3, 7, JOB_HEAL["optimizer"])]
     assert main(["compress", str(folder), "--heal-chunk", "-1", "--text", str(text),
                  "--out", "", "--quiet"]) == 2
     assert "--heal-chunk / --heal-optimizer: chunk must be None or an int >= 1, got -1" in \
@@ -1108,14 +1116,19 @@ def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_pat
     from tnlm.compress import llm
     from tnlm.compress.llm import CausalLMRecipe, read_saved_text
 
-    recipe = CausalLMRecipe(n_texts=2)
-    legacy = {k: v for k, v in recipe.text_settings().items() if k != "text_source"}
+    recipe = CausalLMRecipe(n_texts=2, gen_top_k=50)
+    legacy = {k: v for k, v in recipe.text_settings().items()
+              if k not in ("text_source", "gen_top_k")}
     (tmp_path / llm.TEXT_FILE).write_text(json.dumps(
         {"format": "tnlm-calibration-text", "version": 1, "settings": legacy,
          "texts": ["a b", "c d"]}))
     assert read_saved_text(tmp_path, recipe) == ["a b", "c d"]
     with pytest.raises(ValueError, match="text_source: 'self' in the checkpoint, 'both' now"):
-        read_saved_text(tmp_path, CausalLMRecipe(n_texts=2, text_source="both"))
+        read_saved_text(tmp_path, CausalLMRecipe(n_texts=2, text_source="both",
+                                                 gen_top_k=50))
+    # written before gen_top_k: sampled by transformers among 50 tokens, not the nucleus
+    with pytest.raises(ValueError, match="gen_top_k: 50 in the checkpoint, None now"):
+        read_saved_text(tmp_path, CausalLMRecipe(n_texts=2))
 
 
 def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, capsys,
@@ -1211,8 +1224,9 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="gen_top_k must be None or an int >= 1"):
             llm.CausalLMRecipe(gen_top_k=bad)
-    assert "gen_top_k" not in llm.CausalLMRecipe().text_settings()
+    assert llm.CausalLMRecipe().text_settings()["gen_top_k"] is None
     assert llm.CausalLMRecipe(gen_top_k=50).text_settings()["gen_top_k"] == 50
+    assert "gen_top_k" not in llm.CausalLMRecipe(text_source="prose").text_settings()
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
     with mock.patch.object(causal, "NucleusSampler", wraps=causal.NucleusSampler) as made:
         self_generated_text(m, tok, 3, max_new_tokens=5, batch_size=2, top_k=7, seed=4)

@@ -51,6 +51,41 @@ def test_draws_follow_the_distribution(k, top_k):
     assert bool((freq[p == 0] == 0).all())
 
 
+def test_the_top_k_path_draws_a_several_token_nucleus():
+    """k < V with the nucleus inside the top k (the path of a confident step): several
+    tokens drawn, each as often as its probability (5 standard errors)."""
+    torch.manual_seed(4)
+    row = torch.randn(1, 40)
+    row[0, :6] += 4.0  # six likely tokens hold nearly all the mass
+    sampler = NucleusSampler(1.0, 0.5, torch.Generator().manual_seed(1))
+    sampler.k = 10
+    _, _, whole = sampler._nucleus(row, 10)  # noqa: SLF001 - the path under test
+    assert bool(whole.all())
+    n = 20_000
+    freq = torch.bincount(sampler(None, row.expand(n, -1).contiguous()).argmax(-1),
+                          minlength=40).double() / n
+    p = sampler.probabilities(row)[0].double()
+    assert int((p > 0).sum()) >= 2
+    assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all())
+
+
+def test_top_k_keeps_ties_and_top_p_one_is_the_whole_distribution():
+    """Tokens tied with the k-th largest stay (TopKLogitsWarper); top_p=1 draws from the
+    whole softmax, every token possible."""
+    scores = torch.tensor([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0]])
+    p = NucleusSampler(1.0, 1.0, top_k=3).probabilities(scores)
+    torch.testing.assert_close(p, _hf_probs(scores, 1.0, 1.0, 3))
+    assert int((p > 0).sum()) == 5
+    row = torch.randn(1, 30)
+    sampler = NucleusSampler(1.0, 1.0, torch.Generator().manual_seed(2))
+    n = 30_000
+    freq = torch.bincount(sampler(None, row.expand(n, -1).contiguous()).argmax(-1),
+                          minlength=30).double() / n
+    want = row.softmax(-1)[0].double()
+    torch.testing.assert_close(sampler.probabilities(row)[0].double(), want)
+    assert bool(((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12).all())
+
+
 def test_a_batch_mixes_narrow_and_wide_rows():
     """Rows whose nucleus fits in the top k and rows drawn from their full sort, in one
     batch: each row's draws stay in its own nucleus."""

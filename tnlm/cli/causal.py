@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,6 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     import math
     from datetime import timedelta
 
-    from tnlm.compress.causal import CausalHealConfig
     from tnlm.compress.distributed import process_group_from_env
     from tnlm.compress.llm import CausalLMRecipe, has_checkpoint, remove_checkpoint
     from tnlm.compress.text import read_sentences
@@ -77,11 +77,12 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
-    job = recipe.heal  # the job's defaults
+    job = recipe.heal  # the job's defaults (every one not set here is kept)
     chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
     try:
-        heal = CausalHealConfig(steps=heal_steps, lr=lr, seed=args.seed,
-                                optimizer=args.heal_optimizer or job.optimizer, chunk=chunk)
+        heal = dataclasses.replace(job, steps=heal_steps, lr=lr, seed=args.seed,
+                                   optimizer=args.heal_optimizer or job.optimizer,
+                                   chunk=chunk)
     except ValueError as err:
         raise UserError(f"--heal-chunk / --heal-optimizer: {err}") from None
     if size > 1 and heal_steps and heal.batch_size < size:

@@ -82,7 +82,7 @@ TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
-JOB_HEAL = {"optimizer": "adafactor", "chunk": 128, "stored_blocks": 10}
+JOB_HEAL = {"optimizer": "adafactor", "chunk": 128}
 
 #: the job's own calibration text in a checkpoint folder (JSON: the texts, the settings
 #: they depend on, :meth:`CausalLMRecipe.text_settings`, and a sha256 of the weights of
@@ -152,9 +152,7 @@ class CausalLMRecipe:
             on SmolLM2 at 60 % they heal as AdamW does (3.52x vs 3.48x the dense
             perplexity) with the healing peak at 3.11x the loaded model instead of 3.68x,
             and at 2.87x with the teacher sharing the embeddings and head
-            (:func:`teacher_copy`; docs/results.md); the last 10 of the blocks keep their
-            activations instead of recomputing them (``stored_blocks``: 4 % less time a
-            step for about 140 MB on SmolLM2-135M).
+            (:func:`teacher_copy`; docs/results.md).
     """
 
     budget: float = 0.6
@@ -221,9 +219,7 @@ class CausalLMRecipe:
         out: dict[str, int | str] = {"text_source": self.text_source, "seed": self.seed}
         if self.text_source != "prose":
             out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
-                       gen_batch=self.gen_batch)
-            if self.gen_top_k is not None:
-                out["gen_top_k"] = self.gen_top_k
+                       gen_batch=self.gen_batch, gen_top_k=self.gen_top_k)
         return out
 
 
@@ -302,6 +298,8 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
                          f"{_TEXT_FORMAT!r} version {_TEXT_VERSION})")
     now, then = recipe.text_settings(), dict(saved.get("settings") or {})
     then.setdefault("text_source", "self")  # written before text_source: the samples
+    if then["text_source"] != "prose":  # written before gen_top_k: transformers' sampling,
+        then.setdefault("gen_top_k", 50)  # whose top_k was 50 unless told otherwise
     diff = [f"{k}: {then.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
             if then.get(k) != v]
     if model is not None and saved.get("model") != _weights_digest(model):
