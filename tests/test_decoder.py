@@ -256,6 +256,21 @@ def _llm_folder(tmp_path):
     return folder, text
 
 
+def _stop_at_compression(monkeypatch, pick) -> list:
+    """The CLI's causal job stops where it would compress (``ValueError``, exit 2); the
+    list gets ``pick(recipe, kwargs)`` of each call it made."""
+    from tnlm.compress import llm
+
+    seen = []
+
+    def stop(model, tok, recipe, **kw):
+        seen.append(pick(recipe, kw))
+        raise ValueError("stopped before compression")
+
+    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    return seen
+
+
 def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -375,13 +390,7 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
     assert main(["compress", "--heal-chunk", "128"]) == 2
     assert "--heal-chunk applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
-    seen = []
-
-    def stop(model, tok, recipe, **kw):
-        seen.append(recipe.heal)
-        raise ValueError("stopped before compression")
-
-    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.heal)
     assert main(["compress", str(folder), "--heal-optimizer", "adafactor", "--heal-chunk",
                  "128", "--text", str(text), "--out", "", "--quiet"]) == 2
     assert "stopped before compression" in capsys.readouterr().err
@@ -395,7 +404,6 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
                      "--quiet"]) == 2
         capsys.readouterr()
         assert [(h.optimizer, h.chunk) for h in seen] == [want], flags
-    from tnlm.compress import llm
     from tnlm.compress.llm import JOB_HEAL, CausalLMRecipe
 
     assert (CausalLMRecipe().heal.optimizer, CausalLMRecipe().heal.chunk) == (
@@ -423,14 +431,9 @@ def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(
     assert main(["compress", "--low-memory"]) == 2  # the embedded encoder
     assert "--low-memory applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
-    calls, seen = [], []
+    calls = []
     monkeypatch.setattr(memory, "mmap_large_allocations", lambda *a: calls.append(a) or True)
-
-    def stop(model, tok, recipe, **kw):
-        seen.append(recipe.pivoted)
-        raise ValueError("stopped before compression")
-
-    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.pivoted)
     base = ["compress", str(folder), "--text", str(text), "--out", "", "--quiet"]
     for flags, mapped, pivoted in (([], 0, llm.CausalLMRecipe.pivoted),
                                    (["--low-memory", "--pivoted"], 1, True),
@@ -1134,20 +1137,14 @@ def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_pat
 def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, capsys,
                                                                      monkeypatch):
     from tnlm.cli import main
-    from tnlm.compress import llm
 
     assert main(["compress", "--lm-text", "prose"]) == 2  # the embedded encoder
     assert "--lm-text applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
     assert main(["compress", str(folder), "--lm-text", "prose", "--text", str(text)]) == 2
     assert "--lm-text chooses the text when no --text is given" in capsys.readouterr().err
-    seen = []
-
-    def stop(model, tok, recipe, **kw):
-        seen.append((recipe.text_source, kw.get("text")))
-        raise ValueError("stopped before compression")
-
-    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    seen = _stop_at_compression(monkeypatch,
+                                lambda recipe, kw: (recipe.text_source, kw.get("text")))
     # without ../shared/data the dense perplexity is measured on the shipped held-out prose
     from tnlm.compress import lm_quality
     from tnlm.compress.text import lm_held_out
@@ -1180,13 +1177,7 @@ def test_cli_lm_texts_reaches_the_recipe_and_is_refused_where_nothing_is_written
             continue
         assert main(["compress", str(folder), "--lm-texts", "8", *extra]) == 2
         assert why in capsys.readouterr().err
-    seen = []
-
-    def stop(model, tok, recipe, **kw):
-        seen.append(recipe.n_texts)
-        raise ValueError("stopped before compression")
-
-    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.n_texts)
     assert main(["compress", str(folder), "--lm-texts", "12", "--out", "", "--quiet"]) == 2
     assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
     assert seen == [12, llm.CausalLMRecipe.n_texts]
@@ -1211,13 +1202,7 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
     assert "--lm-top-k must be at least 1, got 0" in capsys.readouterr().err
     assert main(["compress", str(folder), "--lm-top-k", "5", "--text", str(text)]) == 2
     assert "with --text it writes none" in capsys.readouterr().err
-    seen = []
-
-    def stop(model, tok, recipe, **kw):
-        seen.append(recipe.gen_top_k)
-        raise ValueError("stopped before compression")
-
-    monkeypatch.setattr(llm, "compress_causal_lm", stop)
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.gen_top_k)
     assert main(["compress", str(folder), "--lm-top-k", "40", "--out", "", "--quiet"]) == 2
     assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
     assert seen == [40, None]
