@@ -388,11 +388,19 @@ def _kl_sum(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
             t_bias: torch.Tensor | None) -> torch.Tensor:
     """Summed KL of a chunk: the student's logits ``head(h)`` against the teacher's, which
     are ``t`` or, with ``t_weight``, the teacher's head applied to its hidden states ``t``."""
+    s, t = _chunk_log_probs(h, t, weight, bias, t_weight, t_bias)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
+
+
+def _chunk_log_probs(h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, t_weight: torch.Tensor | None,
+                     t_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's next-token log-probabilities of a chunk (float32),
+    as :func:`_kl_sum` compares them."""
     s = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
     if t_weight is not None:
         t = F.linear(t, t_weight, t_bias)
-    t = F.log_softmax(t.float(), dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="sum")
+    return s, F.log_softmax(t.float(), dim=-1)
 
 
 class _FusedHeadKL(torch.autograd.Function):
@@ -412,10 +420,7 @@ class _FusedHeadKL(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, t_weight: torch.Tensor | None,
                 t_bias: torch.Tensor | None) -> torch.Tensor:
-        log_s = F.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
-        if t_weight is not None:
-            t = F.linear(t, t_weight, t_bias)
-        log_t = F.log_softmax(t.float(), dim=-1)
+        log_s, log_t = _chunk_log_probs(h, t, weight, bias, t_weight, t_bias)
         total = F.kl_div(log_s, log_t, log_target=True, reduction="sum")
         if ctx.needs_input_grad[0]:
             diff = log_s.exp_().sub_(log_t.exp_())  # p_s - p_t, in log_s's and log_t's place
