@@ -59,16 +59,15 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     text = None
     if args.text and args.lm_text is not None:
         raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
-    if args.lm_texts is not None and (args.text or args.lm_text == "prose"):
-        raise UserError("--lm-texts sets how many texts the model writes itself; with "
-                        + ("--text" if args.text else "--lm-text prose") + " it writes none")
-    if args.lm_texts is not None and args.lm_texts < 1:
-        raise UserError(f"--lm-texts must be at least 1, got {args.lm_texts}")
-    if args.lm_top_k is not None and (args.text or args.lm_text == "prose"):
-        raise UserError("--lm-top-k sets how the model samples its own texts; with "
-                        f"{'--text' if args.text else '--lm-text prose'} it writes none")
-    if args.lm_top_k is not None and args.lm_top_k < 1:
-        raise UserError(f"--lm-top-k must be at least 1, got {args.lm_top_k}")
+    for flag, value, what in (("--lm-texts", args.lm_texts,
+                               "how many texts the model writes itself"),
+                              ("--lm-top-k", args.lm_top_k,
+                               "how the model samples its own texts")):
+        if value is not None and (args.text or args.lm_text == "prose"):
+            raise UserError(f"{flag} sets {what}; with "
+                            + ("--text" if args.text else "--lm-text prose") + " it writes none")
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if args.text:
         try:
             text = read_sentences(args.text, column=args.text_column)
