@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-texts", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=64,
                    help="texts sampled at once (a new text cache is written with it)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="the samples drawn among the K most likely tokens, then the top-0.95 "
+                        "nucleus (default: the whole nucleus, as the job; text caches written "
+                        "before the sampler were drawn with K=50 and are read for --top-k 50)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-calibration", type=int, default=32)
     p.add_argument("--fit-steps", type=int, default=16)
@@ -159,16 +163,19 @@ def main(argv=None) -> int:
                           args.eval_length)
     # the texts depend on how many are sampled at once; 16 was the only batch once
     batch = "" if args.gen_batch == 16 else f"_b{args.gen_batch}"
+    # caches without a suffix were drawn by transformers' sampling, which applied top_k=50
+    top = "" if args.top_k == 50 else ("_nucleus" if args.top_k is None else f"_k{args.top_k}")
     t1 = time.perf_counter()
 
     def samples(chat: bool) -> list[str]:
         """The seed's n_texts samples (continuations, or chat answers), cached."""
         kind = "selfgen-chat" if chat else "selfgen"
-        text_file = args.text_cache / f"{kind}_s{args.seed}_n{args.n_texts}{batch}.json"
+        text_file = args.text_cache / f"{kind}_s{args.seed}_n{args.n_texts}{batch}{top}.json"
         if text_file.is_file():
             return json.loads(text_file.read_text())
         own = self_generated_text(model, tok, args.n_texts, seed=args.seed, progress=True,
-                                  batch_size=args.gen_batch, chat=chat)
+                                  batch_size=args.gen_batch, chat=chat,
+                                  top_k=args.top_k)
         _atomic_json(text_file, own)
         return own
 
