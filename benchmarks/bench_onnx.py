@@ -5,6 +5,8 @@ Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repea
             [--embedding-block 64] [--per-channel] [--pivoted] [--opsets 18 20]
             [--plot docs/figures/onnx_latency.png] [--workdir DIR]
             [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
+            [--fuse]             (also each float32 graph with fuse_shared_matmuls)
+            [--float32-only]     (no int8 graphs)
             [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
 
 Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embedding):
@@ -24,7 +26,10 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     and, in float32 only, at every further opset (named "... opset B"): opset 20 has
     ``Gelu`` as one operator, which ONNX Runtime fuses with the bias before it
     (``BiasGelu``); at 18 the exporter writes GELU as Div, Erf, Add, Mul, Mul;
-  * each of them with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
+  * with ``--fuse``: also each float32 graph (the dense one included) after
+    ``tnlm.export.fuse_shared_matmuls`` (the projections that read the same hidden states,
+    query/key/value, one MatMul and a Split), named "... fused";
+  * each of them (not with ``--float32-only``) with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
     of every MatMul weight and Gather table, one scale per tensor: 8-bit, 7-bit for a
     graph with gauge-fixed chains; ``--per-channel``: one 7-bit scale per column),
     and with int8 weights and a 4-bit word-embedding table (``quantize_int8(...,
@@ -59,6 +64,7 @@ import torch
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.compress.text import generated_sentences
 from tnlm.export import OnnxEncoder, export_onnx, load_compressed, onnx_weights, quantize_int8
+from tnlm.export.fuse import fuse_shared_matmuls
 from tnlm.integration import load_default_model, mean_pooled
 from tnlm.integration.architectures import default_targets
 
@@ -68,7 +74,7 @@ SST2 = Path("../shared/data/sst2/dev.tsv")
 #: --quick: a smoke run that shows the script works (numbers not meaningful)
 QUICK = dict(batches=(1, 8), sentences=16, calibration=32, repeats=1)
 #: suffixes of the quantized variants of each model
-INT8, EMB4 = " int8", " int8 + 4-bit emb"
+INT8, EMB4, FUSED = " int8", " int8 + 4-bit emb", " fused"
 #: the issue's size target for the compressed model with int8 factors
 SIZE_TARGET = 0.15
 
@@ -116,6 +122,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the .onnx files here")
     ap.add_argument("--checkpoint", default=None,
                     help="also a compressed MiniLM saved by tnlm compress --out (e.g. healed)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="also every float32 graph with its shared-input MatMuls fused")
+    ap.add_argument("--float32-only", action="store_true", help="no int8 graphs")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 16 sentences, 32 calibration sentences, batches 1 and 8, "
                          "one repeat (shows that the script works; numbers not meaningful)")
@@ -167,11 +176,16 @@ def main() -> None:
         kw = {} if opsets[0] is None else {"opset": opsets[0]}
         res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean", **kw)
         files[name] = res.path
-        files[name + INT8] = work / f"{stem}.int8.onnx"
-        quantize_int8(res.path, files[name + INT8], per_channel=args.per_channel)
-        files[name + EMB4] = work / f"{stem}.int8.emb4.onnx"
-        quantize_int8(res.path, files[name + EMB4], per_channel=args.per_channel,
-                      embedding_bits=4, block_size=args.embedding_block)
+        if args.fuse:
+            files[name + FUSED] = work / f"{stem}.fused.onnx"
+            k = fuse_shared_matmuls(res.path, files[name + FUSED])
+            print(f"fused {name}: {k} MatMul nodes fewer")
+        if not args.float32_only:
+            files[name + INT8] = work / f"{stem}.int8.onnx"
+            quantize_int8(res.path, files[name + INT8], per_channel=args.per_channel)
+            files[name + EMB4] = work / f"{stem}.int8.emb4.onnx"
+            quantize_int8(res.path, files[name + EMB4], per_channel=args.per_channel,
+                          embedding_bits=4, block_size=args.embedding_block)
         print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
               f"factorized layers, {time.perf_counter() - t:.0f} s")
 
@@ -225,7 +239,7 @@ def main() -> None:
             print(f"{n}: {w['total']:,} stored numbers, largest {w['largest'][:2]}")
     print()
     for name in models:
-        if name == "dense":
+        if name == "dense" or args.float32_only:
             continue
         n = name + EMB4
         size = sizes[n] / sizes["dense"]

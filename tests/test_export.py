@@ -236,6 +236,73 @@ def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
 
 
+def test_fused_shared_matmuls_give_the_same_outputs(exported, compressed, tok, sentences,
+                                                    tmp_path):
+    import onnx
+
+    from tnlm.export import OnnxEncoder, fuse_shared_matmuls, onnx_weights, quantize_int8
+
+    out = tmp_path / "fused.onnx"
+    removed = fuse_shared_matmuls(exported.path, out)
+    # query, key and value read the same states: their first factors fuse, 2 of 3 gone a layer
+    assert removed == 4
+    before, after = onnx.load(str(exported.path)).graph, onnx.load(str(out)).graph
+    count = lambda g, op: sum(n.op_type == op for n in g.node)  # noqa: E731
+    assert count(after, "MatMul") == count(before, "MatMul") - 4
+    assert count(after, "Split") == count(before, "Split") + 2
+    assert onnx_weights(out)["total"] == onnx_weights(exported.path)["total"] + 2 * 3
+    onnx.checker.check_model(str(out))
+    batch = tok(sentences[:9], padding=True, return_tensors="pt")
+    a, b = OnnxEncoder(exported.path, tok).run(batch), OnnxEncoder(out, tok).run(batch)
+    assert np.abs(a["last_hidden_state"] - b["last_hidden_state"]).max() <= 1e-5
+    with torch.no_grad():
+        ref = compressed(**batch).last_hidden_state.numpy()
+    assert np.abs(b["last_hidden_state"] - ref).max() <= 1e-4
+    # int8 per column quantizes each column alone: the fused weight gives the same graph
+    quantize_int8(exported.path, tmp_path / "a8.onnx")
+    quantize_int8(out, tmp_path / "b8.onnx")
+    a8 = OnnxEncoder(tmp_path / "a8.onnx", tok).encode(sentences)
+    b8 = OnnxEncoder(tmp_path / "b8.onnx", tok).encode(sentences)
+    assert np.abs(a8 - b8).max() <= 1e-5
+    assert fuse_shared_matmuls(out, tmp_path / "again.onnx") == 0  # nothing left to fuse
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a8.onnx", "again.onnx", "b8.onnx", "fused.onnx"]
+
+
+def test_fusing_leaves_a_weight_used_twice_and_refuses_a_bad_group(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tnlm.export import fuse_shared_matmuls
+
+    rng = np.random.default_rng(0)
+    w = {k: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), k)
+         for k, s in [("A", (8, 3)), ("B", (8, 5)), ("C", (8, 4)), ("D", (8, 2))]}
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["a"]),
+             helper.make_node("MatMul", ["x", "B"], ["b"]),
+             helper.make_node("MatMul", ["x", "C"], ["c"]),
+             helper.make_node("MatMul", ["y", "C"], ["c2"]),  # C used twice: not fused
+             helper.make_node("MatMul", ["y", "D"], ["d"])]  # alone on y: not fused
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+                     helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+         for n in ("a", "b", "c", "c2", "d")], list(w.values()))
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    assert fuse_shared_matmuls(path, tmp_path / "f.onnx") == 1  # A and B only
+    assert fuse_shared_matmuls(path, tmp_path / "f3.onnx", min_group=3) == 0
+    ort = pytest.importorskip("onnxruntime")
+    feed = {"x": rng.standard_normal((2, 8)).astype(np.float32),
+            "y": rng.standard_normal((2, 8)).astype(np.float32)}
+    a = ort.InferenceSession(str(path)).run(None, feed)
+    b = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, feed)
+    for u, v in zip(a, b):
+        assert np.abs(u - v).max() <= 1e-6
+    with pytest.raises(ValueError, match="min_group must be an int >= 2"):
+        fuse_shared_matmuls(path, min_group=1)
+
+
 def _low_rank_chain(path, seed=0, factors=None):
     """x (1, 8, 64) @ A (64 x 12) @ B (12 x 64), B's rows scaled over two decades (the
     factor that int8 per column saturated on AVX2 CPUs); or the given (A, B)."""

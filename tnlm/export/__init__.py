@@ -4,6 +4,8 @@ folders (with sentence-transformers files), dense transformers folders, int8 wei
 * :func:`export_onnx` — ONNX graph holding the cores (a 2-site layer is ``x @ A @ B``);
 * :func:`export_onnx_decoder` — a causal LM's graph with its key/value cache in and out;
   :class:`OnnxCausalLM` runs it (greedy :meth:`~OnnxCausalLM.generate`);
+* :func:`fuse_shared_matmuls` — one MatMul for the projections that read the same
+  states (query/key/value);
 * :func:`quantize_int8` — ONNX Runtime dynamic quantization of such a graph
   (``embedding_bits=4``: the word-embedding table with 4-bit codes,
   :mod:`tnlm.export.table4`);
@@ -28,6 +30,7 @@ from tnlm.export.factorized import (
     factorized_params,
 )
 from tnlm.export.folder import is_checkpoint, load_compressed, save_self_contained
+from tnlm.export.fuse import fuse_shared_matmuls
 from tnlm.export.hf import export_hf
 from tnlm.export.onnx_decoder import OnnxCausalLM, export_onnx_decoder
 from tnlm.export.onnx_graph import EXPORTER, ExportResult, OnnxEncoder, export_onnx, onnx_weights
@@ -35,7 +38,8 @@ from tnlm.export.quantize import quantize_int8
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "EXPORTER",
            "export_onnx_decoder", "OnnxCausalLM",
-           "quantize_int8", "save_self_contained", "load_compressed", "is_checkpoint",
+           "quantize_int8", "fuse_shared_matmuls", "save_self_contained",
+           "load_compressed", "is_checkpoint",
            "sentence_transformer", "export_hf", "FactorizedLinear", "FactorizedEmbedding",
            "factorized_copy", "factorized_params"]
 
