@@ -17,6 +17,12 @@ The arms run in turn, ``--repeats`` times; the fastest of each is kept (the mach
 shared).
 
     python benchmarks/bench_sampling.py [--texts 64] [--tokens 48] [--repeats 2]
+
+With ``--batch-sizes B1 B2 ...`` it measures instead how many texts a second tnlm's
+sampler writes when ``B`` are sampled at once (``--texts`` texts in all, a multiple of
+every B; the job's ``CausalLMRecipe.gen_batch`` is 64), ratios against the first B:
+
+    python benchmarks/bench_sampling.py --batch-sizes 64 128 256 --texts 256 --tokens 128
 """
 
 from __future__ import annotations
@@ -30,7 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                    help="texts sampled at once, each size in turn (the sampler only)")
     args = ap.parse_args(argv)
+    if args.batch_sizes and any(args.texts % b for b in args.batch_sizes):
+        ap.error(f"--texts ({args.texts}) must be a multiple of every --batch-sizes value")
     import torch
 
     from tnlm.compress.sampling import NucleusSampler
@@ -43,6 +53,8 @@ def main(argv=None) -> int:
     batch = tok(["The weather this morning"] * args.texts, return_tensors="pt", padding=True)
     common = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                   pad_token_id=tok.pad_token_id)
+    if args.batch_sizes:
+        return batch_sizes(model, tok, args, common)
     arms = {
         "transformers top-p 0.95 (+ top-k 50)": lambda: model.generate(
             **batch, do_sample=True, top_p=0.95, **common),
@@ -70,6 +82,35 @@ def main(argv=None) -> int:
     for name, sec in best.items():
         print(f"| {name} | {sec:.2f} | {sec / first:.2f}x | "
               f"{(sec - floor) / args.tokens * 1e3:.0f} |")
+    return 0
+
+
+def batch_sizes(model, tok, args, common) -> int:
+    """Texts a second of the sampler at each batch size (the fastest of --repeats)."""
+    import torch
+
+    from tnlm.compress.sampling import NucleusSampler
+
+    best = {}
+    with torch.no_grad():
+        model.generate(**tok(["a"], return_tensors="pt"), do_sample=False, max_new_tokens=2,
+                       pad_token_id=tok.pad_token_id)  # warm-up
+        for _ in range(args.repeats):
+            for b in args.batch_sizes:
+                batch = tok(["The weather this morning"] * b, return_tensors="pt",
+                            padding=True)
+                t0 = time.perf_counter()
+                for _ in range(args.texts // b):
+                    model.generate(**batch, do_sample=False, **common, logits_processor=[
+                        NucleusSampler(1.0, 0.95, torch.Generator().manual_seed(0))])
+                sec = time.perf_counter() - t0
+                best[b] = min(best.get(b, float("inf")), sec)
+    first = best[args.batch_sizes[0]]
+    print(f"{args.texts} texts x {args.tokens} new tokens, threads {torch.get_num_threads()}")
+    print("| texts at once | seconds | texts a second | time vs first |")
+    print("|---|---|---|---|")
+    for b, sec in best.items():
+        print(f"| {b} | {sec:.1f} | {args.texts / sec:.2f} | {sec / first:.2f}x |")
     return 0
 
 

@@ -341,6 +341,89 @@ def test_cli_refuses_bad_llm_input_before_work(tmp_path, capsys):
     assert "'mamba' is not supported" in err and "llama" in err
 
 
+def test_cli_refuses_more_bad_llm_input_before_the_expensive_steps(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Each refused before the model is loaded, or (targets, budget) on the loaded model
+    before the text, perplexity or compression; each message names its flag."""
+    import tnlm.integration.loading as loading
+    from tnlm.cli import main
+
+    folder, text = _llm_folder(tmp_path)
+    real = loading.load_pretrained
+    loaded = []
+
+    def load(*a, **k):
+        loaded.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loading, "load_pretrained", load)
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.budget)
+    before_loading = [
+        (["--resume", "--out", str(tmp_path / "empty")],
+         "--resume: " + str(tmp_path / "empty" / "layerwise") + " holds no layer-by-layer"),
+        (["--lm-text", "mixed", "--lm-texts", "1"],
+         "--lm-texts must be at least 2 with --lm-text mixed"),
+        (["--text-column", "2"], "--text-column picks the column of --text FILE"),
+        (["--text", str(text), "--text-column", "5"], "--text-column: column 5"),
+    ]
+    for argv, match in before_loading:
+        assert main(["compress", str(folder), "--out", "", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err, (argv, err)
+    assert loaded == [] and seen == []
+    assert main(["compress", "--text-column", "2"]) == 2  # the encoder path as well
+    assert "--text-column picks the column" in capsys.readouterr().err
+    on_the_model = [
+        (["--targets", "q_prj"], "--targets: "),
+        (["--method", "whitened", "--budget", "0.01"],
+         "--budget: budget 0.01 is below the smallest model of these 14 layers"),
+    ]
+    for argv, match in on_the_model:
+        assert main(["compress", str(folder), "--out", "", "--text", str(text), *argv]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "q_prj" in err if "--targets" in argv else match in err, err
+    assert len(loaded) == 2 and seen == []  # loaded, never compressed
+    # a causal LM tnlm has no entry for is not compressed as an encoder with --targets
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", str(folder), "--targets", "q_proj", "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' is not supported" in err and "LlamaForCausalLM is a causal LM" in err
+    assert len(loaded) == 2
+
+
+def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.layerwise import check_targets_and_budget
+    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+
+    model = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [int(w[1:]) % V for w in text.split()]
+            return {"input_ids": torch.tensor([ids])}
+
+    logs = []
+    recipe = CausalLMRecipe(budget=1.0, seq_len=16, n_calibration=8, fit_steps=2,
+                            heal=CausalHealConfig(steps=5))
+    res = compress_causal_lm(model, Tok(), recipe, text=words, progress=False, log=logs.append)
+    assert res.heal is None and "healing" not in res.seconds
+    assert any("no healing: nothing was truncated" in line for line in logs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    shapes = check_targets_and_budget(model, recipe.layerwise_config(model, None))
+    assert len(shapes) == 3 * 7 and shapes["model.layers.0.self_attn.k_proj"] == (48, 24)
+    least = sum(i + j for i, j in shapes.values()) / sum(i * j for i, j in shapes.values())
+    low = CausalLMRecipe(budget=least * 0.99, method="whitened")
+    with pytest.raises(ValueError, match="below the smallest model of these 21 layers"):
+        compress_causal_lm(_llama(), Tok(), low, text=words, progress=False)
+    check_targets_and_budget(model, CausalLMRecipe(budget=least * 1.01).layerwise_config(
+        model, None))
+
+
 def test_layerwise_failure_restores_every_weight(monkeypatch):
     """An error in block 2 (after blocks 0-1 were truncated and fitted) leaves the model
     exactly as it came: dense layers back, norms unfitted."""
@@ -1322,6 +1405,27 @@ def test_chat_text_is_the_models_answers_to_chat_prompts_in_its_chat_format():
                                         seed=1)
     with pytest.raises(ValueError, match="chat template"):
         self_generated_text(m, make_word_tokenizer(chat_template=False), 2, chat=True)
+
+
+def test_self_generated_text_ignores_the_generation_config_s_logit_changes():
+    """A model's generation_config (repetition penalty, no-repeat n-grams, suppressed
+    tokens) does not change its own samples: they come from its distribution alone."""
+    from tests.common import make_causal_lm, make_word_tokenizer
+    from tnlm.compress.causal import self_generated_text
+
+    tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
+    plain = self_generated_text(m, tok, 4, max_new_tokens=8, batch_size=2, seed=2)
+    m.generation_config.repetition_penalty = 50.0
+    m.generation_config.no_repeat_ngram_size = 1
+    m.generation_config.suppress_tokens = list(range(4, 40))
+    assert self_generated_text(m, tok, 4, max_new_tokens=8, batch_size=2, seed=2) == plain
+    ids = tok(["the cat"], return_tensors="pt")
+    with torch.no_grad():  # and these settings do change what generate writes
+        a = m.generate(**ids, do_sample=False, max_new_tokens=8, pad_token_id=1)
+        m.generation_config.repetition_penalty, m.generation_config.suppress_tokens = 1.0, None
+        m.generation_config.no_repeat_ngram_size = 0
+        b = m.generate(**ids, do_sample=False, max_new_tokens=8, pad_token_id=1)
+    assert not torch.equal(a, b)
 
 
 class _Scripted(torch.nn.Module):

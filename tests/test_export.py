@@ -686,6 +686,29 @@ def test_causal_lm_generates_the_same_after_reload(tmp_path):
     assert got.shape == (1, 13) and torch.equal(got, want)
 
 
+def test_a_causal_lm_saved_over_an_encoder_leaves_no_sentence_transformers_files(
+        folder, tmp_path):
+    """The encoder's folder (its sentence-transformers files) overwritten by a causal LM:
+    nothing says sentence-transformers any more; a modules.json of the user's own stays."""
+    import shutil
+
+    d = tmp_path / "out"
+    shutil.copytree(folder, d)
+    assert (d / "modules.json").is_file() and (d / "1_Pooling" / "config.json").is_file()
+    lm = get_mpo_model(llama(), MPOConfig(target_modules=["q_proj"], max_bond=4, n_sites=2),
+                       progress=False).eval()
+    save_self_contained(lm, None, d)
+    for name in ("modules.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "1_Pooling", "2_Normalize"):
+        assert not (d / name).exists(), name
+    assert type(load_compressed(d).base_model) is LlamaForCausalLM
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "modules.json").write_text('[{"idx": 0, "type": "my.Module"}]')
+    save_self_contained(lm, None, own)
+    assert (own / "modules.json").is_file()
+
+
 def test_save_self_contained_needs_an_mpo_model(tok, tmp_path):
     with pytest.raises(TypeError, match="MPOModel"):
         save_self_contained(bert(), tok, tmp_path / "x")

@@ -56,6 +56,9 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     if args.resume and not args.out:
         raise UserError("--resume continues the layer-by-layer compression saved in --out "
                         "DIR: it needs --out")
+    if args.resume and not has_checkpoint(Path(args.out) / LAYERWISE_DIR):
+        raise UserError(f"--resume: {Path(args.out) / LAYERWISE_DIR} holds no layer-by-layer "
+                        "checkpoint to resume")
     text = None
     if args.text and args.lm_text is not None:
         raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
@@ -68,11 +71,15 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                             + ("--text" if args.text else "--lm-text prose") + " it writes none")
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.lm_text == "mixed" and args.lm_texts is not None and args.lm_texts < 2:
+        raise UserError(f"--lm-texts must be at least 2 with --lm-text mixed (half "
+                        f"continuations, half chat answers), got {args.lm_texts}")
     if args.text:
         try:
             text = read_sentences(args.text, column=args.text_column)
         except (OSError, ValueError) as err:
-            raise UserError(f"--text: {err}") from None
+            flag = "--text-column" if str(err).startswith("column ") else "--text"
+            raise UserError(f"{flag}: {err}") from None
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)
@@ -203,6 +210,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     import torch
 
     from tnlm.compress.causal import token_sequences
+    from tnlm.compress.layerwise import check_targets_and_budget
     from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
     from tnlm.compress.lm_quality import natural_eval_text, perplexity
     from tnlm.compress.memory import mmap_large_allocations, peak_rss_mb, rss_mb, start_stage
@@ -251,7 +259,15 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
         name = source.folder / source.gguf_file if source.gguf_file else source.folder
         raise UserError(f"--lm-text {recipe.text_source}: the tokenizer of {name} has no "
                         "chat template; use --lm-text self, prose or both")
+    try:  # the targets and the budget on the loaded model, before any expensive step
+        check_targets_and_budget(model, recipe.layerwise_config(model, None))
+    except ValueError as err:
+        flag = "--budget" if str(err).startswith("budget") else "--targets"
+        raise UserError(f"{flag}: {err}") from None
     _causal_resume_state(args, model, tok, recipe, text, ckpt, rank, size)
+    if rank == 0 and out is not None and (out / "config.json").is_file():
+        note(f"--out {out} holds a model of an earlier run: this run replaces it when it "
+             "succeeds")
     if rank == 0:
         eval_text = natural_eval_text()
         eval_source = "natural held-out text (../shared/data dev splits)"

@@ -4,6 +4,7 @@ job here or a causal LM's (:mod:`tnlm.cli.causal`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe, split_text
     from tnlm.compress.quality import read_sick
 
+    if args.text_column is not None and not args.text:
+        raise UserError("--text-column picks the column of --text FILE: pass --text")
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
     if source_arch is not None and source_arch[1].causal:
         return compress_causal(args, *source_arch)
@@ -249,6 +252,22 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
 
 
 
+def _decoder_name(folder: Path) -> str | None:
+    """The architecture a model folder's ``config.json`` names when it is a causal LM
+    (``architectures`` ending in ForCausalLM / LMHeadModel, or ``is_decoder``), else None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    names = [str(a) for a in cfg.get("architectures") or []]
+    causal = [a for a in names if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if causal:
+        return causal[0]
+    if cfg.get("is_decoder") is True:
+        return f"model_type {cfg.get('model_type')!r} (is_decoder)"
+    return None
+
+
 def _architecture(model_dir: str | None, targets_given: bool = False):
     """``(source, architecture)`` of MODEL_DIR (a folder or a .gguf file), checked without
     loading it; ``None`` for the embedded MiniLM."""
@@ -261,6 +280,12 @@ def _architecture(model_dir: str | None, targets_given: bool = False):
         source = check_model_source(model_dir)
     except ValueError as err:
         if targets_given and Path(model_dir).is_dir() and "is not supported" in str(err):
+            decoder = _decoder_name(Path(model_dir))
+            if decoder is not None:  # the encoder job would drop its head and score cosines
+                raise UserError(f"MODEL_DIR: {err}; {decoder} is a causal LM, and --targets "
+                                "names the layers of an encoder tnlm has no entry for "
+                                "(a causal LM needs its architecture's entry: block "
+                                "structure, cache and head)") from None
             return None  # an encoder tnlm has no entry for: the user named its targets
         raise UserError(f"MODEL_DIR: {err}" + ("; or name the layers to compress with "
                                                 "--targets" if "is not supported" in str(err)

@@ -154,7 +154,7 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
                                  logits_processor=[NucleusSampler(temperature, top_p, draws,
                                                                   top_k)],
                                  max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, **_neutral_generation())
             prompt_len = batch["input_ids"].shape[1]
             for k, (s, row) in enumerate(zip(starts[i:i + batch_size], ids)):
                 new = row[prompt_len:].tolist()
@@ -166,6 +166,26 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
         tokenizer.padding_side = side
         tokenizer.pad_token = pad
         model.train(was)
+
+
+#: what a model's ``generation_config`` may set that would change the logits before the
+#: sampler (Qwen2.5-Instruct sets ``repetition_penalty`` 1.1): the self-generated texts are
+#: the model's own distribution, so each is passed to ``generate`` at its neutral value
+_NEUTRAL_GENERATION = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
+    min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    guidance_scale=None, watermarking_config=None, renormalize_logits=False,
+    remove_invalid_values=False)
+
+
+def _neutral_generation() -> dict[str, Any]:
+    """:data:`_NEUTRAL_GENERATION`, those this transformers' ``GenerationConfig`` knows."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
 
 
 def _continuation(tokenizer: Any, prompt: list[int], new: list[int], skip: bool) -> str:

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 from tnlm.bridge import invalidate_caches, kind_of, select_parameters, weight_xw
 from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
 from tnlm.compress import distributed as dist_
-from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
+from tnlm.compress.allocate import rank_for_fraction, smallest_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.memory import peak_rss_mb
@@ -78,7 +78,7 @@ __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "block_error", "dense_spec
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "write_checkpoint", "read_checkpoint_state",
            "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
-           "CHECKPOINT_STATE"]
+           "CHECKPOINT_STATE", "check_targets_and_budget"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -626,6 +626,35 @@ def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, 
                          + "; ".join(diff))
 
 
+def check_targets_and_budget(model: nn.Module,
+                             config: LayerwiseConfig) -> dict[str, tuple[int, int]]:
+    """The ``(in, out)`` shape of every linear ``config.target_modules`` matches in the
+    model's blocks, after checking, without any work on the model, that the patterns
+    match (each one of a list) and that ``config.budget`` can be met: at least the
+    fraction kept with every targeted layer at rank 1 (the residual and spectrum
+    allocations refuse less; a uniform rank would be floored at 1 and keep more than the
+    budget asked for).
+
+    Raises:
+        ValueError: a pattern that matches no linear (as :func:`compress_layerwise`), or a
+            budget below that smallest fraction (naming both).
+    """
+    blocks = blocks_of(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    shapes = {}
+    for i, names in enumerate(_targets_per_block(model, blocks, config)):
+        for n in names:
+            W = weight_xw(blocks[i].get_submodule(n))
+            shapes[f"{prefix}.{i}.{n}"] = (int(W.shape[0]), int(W.shape[1]))
+    if config.budget < 1 and shapes:
+        least = smallest_fraction(shapes, "uniform", pivoted=config.pivoted)
+        if config.budget < least:
+            raise ValueError(f"budget {config.budget:g} is below the smallest model of these "
+                             f"{len(shapes)} layers: every one at rank 1 keeps {least:.4g} "
+                             "of their parameters")
+    return shapes
+
+
 def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
                        config: LayerwiseConfig) -> list[list[str]]:
     """Per block, the names (in the block) of its linears ``config.target_modules`` match.
@@ -836,6 +865,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                             if torch.is_tensor(sequences) else type(sequences).__name__))
     say = log or (lambda s: None)
     blocks = blocks_of(model)
+    check_targets_and_budget(model, config)
     per_block = _targets_per_block(model, blocks, config)
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)

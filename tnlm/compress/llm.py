@@ -61,6 +61,7 @@ from tnlm.compress.layerwise import (
     LayerwiseConfig,
     LayerwiseResult,
     check_checkpoint,
+    check_targets_and_budget,
     compress_layerwise,
     read_checkpoint_state,
 )
@@ -448,6 +449,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     progress = progress and rank == 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     lw_cfg = recipe.layerwise_config(model, ckpt)
+    check_targets_and_budget(model, lw_cfg)  # before the text is written
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()
@@ -503,6 +505,9 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if recipe.pivoted and recipe.heal_pivoted:  # healing trains the gauge-fixed layers
         fix_gauge()
     healed = None
+    if teacher is not None and all(r is None for r in lw.ranks.values()):
+        say("no healing: nothing was truncated (every targeted layer kept dense)")
+        teacher = None
     if teacher is not None:
         t1 = time.perf_counter()
         start_stage()

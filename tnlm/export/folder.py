@@ -18,6 +18,7 @@ needs no tnlm.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -139,6 +140,8 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         tokenizer.save_pretrained(d)
     if sentence_transformers:
         _write_st_files(d, base, max_seq_length)
+    else:  # an earlier save's sentence-transformers files would make this one look like one
+        _remove_st_files(d)
     params = sum(p.numel() for p in model.parameters())
     usage = (_USAGE_ST if sentence_transformers else _USAGE_MODEL).format(
         folder=d, generate=_USAGE_GENERATE.format(folder=d) if generates else "")
@@ -146,6 +149,30 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         name=d.name, usage=usage,
         params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
     return d
+
+
+#: the sentence-transformers files :func:`_write_st_files` writes (folders last)
+_ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+             "1_Pooling/config.json", "2_Normalize", "1_Pooling")
+
+
+def _remove_st_files(d: Path) -> None:
+    """Remove the sentence-transformers files of an earlier save in ``d`` (only when its
+    modules.json names tnlm's module: a folder of the user's own is left alone)."""
+    try:
+        modules = json.loads((d / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if not (isinstance(modules, list) and modules and isinstance(modules[0], dict)
+            and modules[0].get("type") == ST_MODULE):
+        return
+    for name in _ST_FILES:
+        f = d / name
+        if f.is_dir():
+            with contextlib.suppress(OSError):
+                f.rmdir()  # empty folders only
+        else:
+            f.unlink(missing_ok=True)
 
 
 def _write_st_files(d: Path, base: nn.Module, max_seq_length: int) -> None:
