@@ -391,6 +391,17 @@ def test_cli_refuses_more_bad_llm_input_before_the_expensive_steps(tmp_path, cap
     err = capsys.readouterr().err
     assert "'mamba' is not supported" in err and "LlamaForCausalLM is a causal LM" in err
     assert len(loaded) == 2
+    gguf = pytest.importorskip("gguf")
+    enc = tmp_path / "bert.gguf"  # a GGUF of an encoder: refused at once, named
+    w = gguf.GGUFWriter(str(enc), "bert")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert main(["compress", str(enc), "--out", ""]) == 2
+    assert "is a GGUF file of 'bert', an encoder; GGUF files are read for causal LMs only" \
+        in capsys.readouterr().err
+    assert len(loaded) == 2
 
 
 def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
@@ -1056,7 +1067,7 @@ def test_cli_resumes_a_causal_lm_after_its_last_finished_block(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"tnlm: error: --resume: cannot resume "
                                                     f"from {ckpt}")
-    assert "settings.budget: 0.5 in the checkpoint, 0.4 now" in err
+    assert "settings.budget (--budget): 0.5 in the checkpoint, 0.4 now" in err
     assert "pass the settings of that run, or drop --resume" in err
     other = tmp_path / "other.txt"
     other.write_text("\n".join(reversed(text.read_text().splitlines())) + "\n")

@@ -101,6 +101,18 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
         gen_top_k=args.lm_top_k,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
+    if size > 1:  # the calibration batches the ranks share in block fitting, before loading
+        from tnlm.compress.layerwise import LayerwiseConfig
+
+        per = LayerwiseConfig.batch_size
+        n_batches = -(-recipe.n_calibration // per)
+        fitting = recipe.method == "tnlm" and recipe.fit_steps > 0
+        if n_batches < size or (fitting and n_batches % size):
+            raise UserError(
+                f"{size} processes (--nproc_per_node): the {recipe.n_calibration} calibration "
+                f"sequences make {n_batches} batches of {per}, which "
+                + ("must be shared equally (a number of processes that divides "
+                   f"{n_batches})" if fitting else f"at most {n_batches} processes can share"))
     out, created = make_out(args.out) if rank == 0 else (None, [])
 
     def say(*parts: object) -> None:
@@ -141,6 +153,21 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
 #: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
 LAYERWISE_DIR = "layerwise"
 
+#: the flag that sets each field a resumed checkpoint names (its recipe's, its text's or
+#: its layer-by-layer settings')
+_FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
+          "pivoted": "--pivoted", "target_modules": "--targets", "n_texts": "--lm-texts",
+          "gen_top_k": "--lm-top-k", "text_source": "--lm-text"}
+
+
+def with_flags(message: str) -> str:
+    """``message`` with the command-line flag after each field it names as ``field:`` or
+    ``settings.field:`` (``n_texts (--lm-texts): 64 in the checkpoint, 256 now``)."""
+    import re
+
+    pattern = r"(?<![\w.])((?:settings\.)?(" + "|".join(_FLAGS) + r")):"
+    return re.sub(pattern, lambda m: f"{m.group(1)} ({_FLAGS[m.group(2)]}):", message)
+
 
 
 def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank: int,
@@ -165,8 +192,8 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
             except ValueError as err:
                 fix = ("pass the settings of that run" if "other inputs" in str(err) else
                        "it cannot be resumed")
-                verdict = {"error": f"--resume: {err}; {fix}, or drop --resume to start "
-                                    "afresh"}
+                verdict = {"error": f"--resume: {with_flags(str(err))}; {fix}, or drop "
+                                    "--resume to start afresh"}
             except Exception as err:  # noqa: BLE001 -- the others must not wait for it
                 verdict = {"error": f"--resume: reading {ckpt} failed: "
                                     f"{type(err).__name__}: {err}"}

@@ -293,4 +293,9 @@ def _architecture(model_dir: str | None, targets_given: bool = False):
 
     class _Cfg:
         model_type = source.model_type
-    return source, architecture_of(_Cfg())
+    arch = architecture_of(_Cfg())
+    if source.gguf_file and not arch.causal:
+        raise UserError(f"MODEL_DIR: {model_dir} is a GGUF file of {source.model_type!r}, an "
+                        "encoder; GGUF files are read for causal LMs only: pass the "
+                        "encoder's transformers folder")
+    return source, arch
