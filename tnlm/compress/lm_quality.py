@@ -143,7 +143,11 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
         nll = -sum_{t in S} log p(x_t | x_{begin(t)} .. x_{t-1})
         ppl = exp(nll / n_tokens),   n_tokens = |S|
 
-    where ``begin(t)`` is the start of the window that scores ``t``. Windows of full length
+    where ``begin(t)`` is the start of the window that scores ``t``. Only the stream's first
+    window starts with the tokenizer's BOS (if it adds one); later windows start mid-text,
+    as SVD-LLM's and the HF guide's WikiText scoring slice one tokenized stream (a model
+    trained always to see a BOS first, e.g. Gemma, scores worse without it, dense and
+    compressed alike). Windows of full length
     go through the model ``batch_size`` at a time (shape ``(batch, max_length)``); the
     last window, if shorter, runs alone. No padding is ever used, so batching does not
     change the result. Runs under ``torch.no_grad()`` in eval mode; the training flag is
