@@ -5,9 +5,12 @@ Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repea
             [--embedding-block 64] [--per-channel] [--pivoted] [--opsets 18 20]
             [--plot docs/figures/onnx_latency.png] [--workdir DIR]
             [--checkpoint DIR]   (also a saved compressed MiniLM, e.g. tnlm compress --out DIR)
-            [--fuse]             (also each float32 graph with fuse_shared_matmuls)
+            [--fused]            (also each float32 graph exported with fuse=True)
+            [--ort-skip-ln]      (also each float32 graph run with ONNX Runtime's
+                                  SkipLayerNormFusion, which tnlm's sessions leave out)
             [--float32-only]     (no int8 graphs)
             [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
+            [--replot LOG --plot PNG]  (the figure again from an earlier run's output)
 
 Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embedding):
   * dense: the transformers model as loaded, ``export_onnx``;
@@ -26,9 +29,14 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     and, in float32 only, at every further opset (named "... opset B"): opset 20 has
     ``Gelu`` as one operator, which ONNX Runtime fuses with the bias before it
     (``BiasGelu``); at 18 the exporter writes GELU as Div, Erf, Add, Mul, Mul;
-  * with ``--fuse``: also each float32 graph (the dense one included) after
-    ``tnlm.export.fuse_shared_matmuls`` (the projections that read the same hidden states,
-    query/key/value, one MatMul and a Split), named "... fused";
+  * with ``--fused`` also each float32 graph, the dense one included, exported with
+    ``fuse=True``: the projections that read the same hidden states (query/key/value;
+    the first factors of MPO layers) as one MatMul and a Split
+    (``tnlm.export.fuse_shared_matmuls``), named "... fused";
+  * every graph runs in the session tnlm's ``OnnxEncoder`` opens, without ONNX Runtime's
+    ``SkipLayerNormFusion`` (``tnlm.export.onnx_graph.SLOW_FUSIONS``); with
+    ``--ort-skip-ln`` each float32 graph also runs with every ONNX Runtime fusion, named
+    "... (ORT SkipLayerNorm)";
   * each of them (not with ``--float32-only``) with int8 weights (``quantize_int8``: ONNX Runtime dynamic quantization
     of every MatMul weight and Gather table, one scale per tensor: 8-bit, 7-bit for a
     graph with gauge-fixed chains; ``--per-channel``: one 7-bit scale per column),
@@ -64,7 +72,6 @@ import torch
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.compress.text import generated_sentences
 from tnlm.export import OnnxEncoder, export_onnx, load_compressed, onnx_weights, quantize_int8
-from tnlm.export.fuse import fuse_shared_matmuls
 from tnlm.integration import load_default_model, mean_pooled
 from tnlm.integration.architectures import default_targets
 
@@ -75,6 +82,8 @@ SST2 = Path("../shared/data/sst2/dev.tsv")
 QUICK = dict(batches=(1, 8), sentences=16, calibration=32, repeats=1)
 #: suffixes of the quantized variants of each model
 INT8, EMB4, FUSED = " int8", " int8 + 4-bit emb", " fused"
+#: a float32 graph in a session with every ONNX Runtime fusion (``--ort-skip-ln``)
+ORT_ALL = " (ORT SkipLayerNorm)"
 #: the issue's size target for the compressed model with int8 factors
 SIZE_TARGET = 0.15
 
@@ -122,13 +131,22 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the .onnx files here")
     ap.add_argument("--checkpoint", default=None,
                     help="also a compressed MiniLM saved by tnlm compress --out (e.g. healed)")
-    ap.add_argument("--fuse", action="store_true",
-                    help="also every float32 graph with its shared-input MatMuls fused")
+    ap.add_argument("--fused", action="store_true",
+                    help="also every float32 graph exported with the MatMuls that share their "
+                         "input fused")
+    ap.add_argument("--ort-skip-ln", action="store_true",
+                    help="also every float32 graph with ONNX Runtime's SkipLayerNormFusion")
     ap.add_argument("--float32-only", action="store_true", help="no int8 graphs")
+    ap.add_argument("--replot", default=None, metavar="LOG",
+                    help="draw --plot from the table of an earlier run's output, run nothing")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 16 sentences, 32 calibration sentences, batches 1 and 8, "
                          "one repeat (shows that the script works; numbers not meaningful)")
     args = ap.parse_args()
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot LOG needs --plot PATH")
+        return replot(args.replot, args.plot)
     batches = BATCHES
     if args.quick:
         batches = QUICK["batches"]
@@ -176,10 +194,11 @@ def main() -> None:
         kw = {} if opsets[0] is None else {"opset": opsets[0]}
         res = export_onnx(model, tok, work / f"{stem}.onnx", pooling="mean", **kw)
         files[name] = res.path
-        if args.fuse:
-            files[name + FUSED] = work / f"{stem}.fused.onnx"
-            k = fuse_shared_matmuls(res.path, files[name + FUSED])
-            print(f"fused {name}: {k} MatMul nodes fewer")
+        if args.fused:
+            files[name + FUSED] = export_onnx(model, tok, work / f"{stem}.fused.onnx",
+                                              pooling="mean", fuse=True, **kw).path
+        if args.ort_skip_ln:
+            files[name + ORT_ALL] = res.path
         if not args.float32_only:
             files[name + INT8] = work / f"{stem}.int8.onnx"
             quantize_int8(res.path, files[name + INT8], per_channel=args.per_channel)
@@ -187,9 +206,12 @@ def main() -> None:
             quantize_int8(res.path, files[name + EMB4], per_channel=args.per_channel,
                           embedding_bits=4, block_size=args.embedding_block)
         print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
-              f"factorized layers, {time.perf_counter() - t:.0f} s")
+              f"factorized layers, {res.fused_matmuls} MatMul nodes fused away, "
+              f"{time.perf_counter() - t:.0f} s")
 
-    encoders = {n: OnnxEncoder(p, tok, threads=args.threads) for n, p in files.items()}
+    encoders = {n: OnnxEncoder(p, tok, threads=args.threads,
+                               **(dict(disabled_optimizers=()) if n.endswith(ORT_ALL) else {}))
+                for n, p in files.items()}
     sizes = {n: p.stat().st_size for n, p in files.items()}
 
     sents = natural_sentences(args.sentences, Path(args.sst2))
@@ -252,27 +274,50 @@ def main() -> None:
         print(line)
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         names = [n for n in encoders if n != "dense"]
-        fig, ax = plt.subplots(figsize=(7.5, 3.8))
-        width = 0.8 / len(names)
-        for k, n in enumerate(names):
-            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(batches))]
-            ax.bar(xs, [med[n, b] / med["dense", b] for b in batches], width, label=n)
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(batches)), [f"batch {b} x {TOKENS}" for b in batches])
-        ax.set_ylabel("latency / dense float32")
-        ax.set_title(f"all-MiniLM-L6-v2, ONNX Runtime, {args.threads} thread(s)")
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        print(f"wrote {args.plot}")
+        plot_latency({n: [med[n, b] / med["dense", b] for b in batches] for n in names},
+                     batches, args.threads, args.plot)
 
+
+def plot_latency(ratios: dict[str, list[float]], batches, threads: int, path: str) -> None:
+    """Bars of each graph's latency over the dense graph's, per batch (one colour each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    width = 0.8 / len(ratios)
+    colours = plt.get_cmap("tab20").colors
+    for k, (n, r) in enumerate(ratios.items()):
+        xs = [i + (k - (len(ratios) - 1) / 2) * width for i in range(len(batches))]
+        ax.bar(xs, r, width, label=n, color=colours[k % len(colours)])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(batches)), [f"batch {b} x {TOKENS}" for b in batches])
+    ax.set_ylabel("latency / dense float32")
+    ax.set_title(f"all-MiniLM-L6-v2, ONNX Runtime, {threads} thread(s)")
+    ax.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def replot(log: str, path: str) -> None:
+    """The figure again from the table a run of this script printed (``--replot LOG``)."""
+    import re
+
+    text = Path(log).read_text(encoding="utf-8")
+    threads = int(re.search(r"ONNX Runtime (\d+) thread", text).group(1))
+    head = next(line for line in text.splitlines() if line.startswith("| graph |"))
+    batches = [int(b) for b in re.findall(r"batch (\d+) ms", head)]
+    ratios = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 + 2 * len(batches) and \
+                cells[0] not in ("graph", "dense"):
+            ratios[cells[0]] = [float(cells[4 + 2 * i]) for i in range(len(batches))]
+    plot_latency(ratios, batches, threads, path)
 
 if __name__ == "__main__":
     main()

@@ -145,7 +145,9 @@ def exported(compressed, tok, tmp_path_factory):
     from tnlm.export import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "compressed.onnx"
-    return export_onnx(compressed, tok, path, pooling="mean")
+    # each factor its own MatMul (the default export fuses query/key/value's first factors:
+    # test_fused_shared_matmuls_give_the_same_outputs)
+    return export_onnx(compressed, tok, path, pooling="mean", fuse=False)
 
 
 def test_onnx_runtime_matches_torch(exported, compressed, tok, sentences):
@@ -267,6 +269,35 @@ def test_fused_shared_matmuls_give_the_same_outputs(exported, compressed, tok, s
     assert fuse_shared_matmuls(out, tmp_path / "again.onnx") == 0  # nothing left to fuse
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "a8.onnx", "again.onnx", "b8.onnx", "fused.onnx"]
+    from tnlm.export import export_onnx
+
+    fused = export_onnx(compressed, tok, tmp_path / "exported_fused.onnx", pooling="mean",
+                        fuse=True)
+    assert fused.fused_matmuls == 4 and exported.fused_matmuls == 0
+    assert count(onnx.load(str(fused.path)).graph, "MatMul") == count(after, "MatMul")
+    c = OnnxEncoder(fused.path, tok).run(batch)
+    assert np.abs(c["last_hidden_state"] - ref).max() <= 1e-4
+
+
+def test_tnlm_sessions_leave_out_onnx_runtime_s_skip_layer_norm_fusion(exported, tok,
+                                                                       sentences, tmp_path):
+    """The runners' sessions run Add + LayerNormalization, not ONNX Runtime's slower
+    SkipLayerNormalization (docs/export.md); the outputs agree either way."""
+    import onnx
+
+    from tnlm.export import OnnxEncoder
+    from tnlm.export.onnx_graph import SLOW_FUSIONS, ort_session
+
+    assert SLOW_FUSIONS == ("SkipLayerNormFusion",)
+    ops = {}
+    for name, disabled in (("tnlm", SLOW_FUSIONS), ("ort", ())):
+        ort_session(exported.path, 1, disabled, optimized_path=tmp_path / f"{name}.onnx")
+        ops[name] = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node}
+    assert "SkipLayerNormalization" in ops["ort"]
+    assert "SkipLayerNormalization" not in ops["tnlm"] and "LayerNormalization" in ops["tnlm"]
+    a = OnnxEncoder(exported.path, tok).encode(sentences)
+    b = OnnxEncoder(exported.path, tok, disabled_optimizers=()).encode(sentences)
+    assert np.abs(a - b).max() <= 1e-5
 
 
 def test_fusing_leaves_a_weight_used_twice_and_refuses_a_bad_group(tmp_path):
@@ -788,6 +819,19 @@ def test_cli_onnx_int8(checkpoint, compressed, tok, sentences, tmp_path, capsys)
     with pytest.raises(ExportError, match="--per-tensor applies with --int8 only"):
         cmd_export(parse([str(ckpt), "--format", "onnx", "--per-tensor", "--base", str(base),
                           "--out", str(tmp_path / "x.onnx")]))
+    import onnx
+
+    plain = tmp_path / "plain.onnx"  # by default each projection its own MatMul
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--base", str(base),
+                             "--out", str(plain)])) == 0
+    fused = tmp_path / "fused.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--fuse", "--base", str(base),
+                             "--out", str(fused)])) == 0
+    splits = [sum(n.op_type == "Split" for n in onnx.load(str(f)).graph.node)
+              for f in (plain, fused)]
+    assert splits[1] == splits[0] + 2  # one a layer: query/key/value's first factors
+    a, b = OnnxEncoder(plain, tok).encode(sentences), OnnxEncoder(fused, tok).encode(sentences)
+    assert np.abs(a - b).max() <= 1e-5
 
 
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):
@@ -824,6 +868,8 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
     (["{ckpt}", "--format", "st", "--base", "{tmp}", "--out", "{tmp}/st"],
      r"^--base .* is not a transformers model folder"),
     (["{ckpt}", "--format", "st", "--out", "{ckpt}"], r"^--out must differ from DIR"),
+    (["{ckpt}", "--format", "hf", "--fuse", "--out", "{tmp}/hf"],
+     r"^--fuse applies to --format onnx only"),
 ])
 def test_cli_errors_name_the_argument(checkpoint, tmp_path, argv, match):
     ckpt, _ = checkpoint

@@ -77,6 +77,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "DIR has no config.json (default: the embedded MiniLM)")
     p.add_argument("--opset", type=int, default=20, help="onnx only: the ONNX opset "
                    "(default 20: GELU as one operator, fused by ONNX Runtime)")
+    p.add_argument("--fuse", action="store_true",
+                   help="onnx only: the projections reading the same states (query/key/value, "
+                        "gate/up) as one MatMul and a Split (the same numbers; measured no "
+                        "faster on MiniLM, docs/export.md)")
     p.add_argument("--no-pooling", action="store_true",
                    help="onnx only: no sentence_embedding output (the mean-pooled, normalised "
                         "embedding is added for models without a language-model head)")
@@ -95,6 +99,9 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
         raise ExportError(f"DIR: {err}") from None
     if args.format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.fuse and args.format != "onnx":
+        raise ExportError(f"--fuse applies to --format onnx only, not --format "
+                          f"{args.format}")
     if args.int8 and args.format != "onnx":
         raise ExportError(f"--int8 applies to --format onnx only (int8 ONNX weights), not "
                           f"--format {args.format}")
@@ -184,8 +191,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if causal:  # a causal LM: the graph with its key/value cache
             from tnlm.export.onnx_decoder import export_onnx_decoder
 
-            return export_onnx_decoder(model, path, opset=args.opset)
-        return export_onnx(model, tok, path, opset=args.opset, pooling=pooling)
+            return export_onnx_decoder(model, path, opset=args.opset, fuse=args.fuse)
+        return export_onnx(model, tok, path, opset=args.opset, pooling=pooling,
+                           fuse=args.fuse)
 
     def outputs(res: Any) -> str:
         if causal:

@@ -30,6 +30,7 @@ cache) and :meth:`OnnxCausalLM.generate` (greedy decoding with the cache, the to
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,13 @@ from torch import nn
 
 from tnlm.export.factorized import factorized_params
 from tnlm.export.onnx_graph import (
+    FUSE,
+    SLOW_FUSIONS,
     ExportResult,
     export_copy,
     file_opset,
     onnx_weights,
+    ort_session,
     write_graph,
 )
 
@@ -121,7 +125,8 @@ class _CachedStep(nn.Module):
 
 
 def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int = 20,
-                        verbose: bool = False, trace_metadata: bool = False) -> ExportResult:
+                        verbose: bool = False, trace_metadata: bool = False,
+                        fuse: bool = FUSE) -> ExportResult:
     """Export the causal LM ``model`` with its key/value cache to the ONNX file ``path``,
     keeping its MPO layers factorized (module docstring: the inputs and outputs).
 
@@ -132,6 +137,8 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
         opset: ONNX opset version (as :func:`tnlm.export.export_onnx`).
         verbose: show the exporter's progress lines.
         trace_metadata: keep the exporter's per-node metadata (as :func:`export_onnx`).
+        fuse: fuse the MatMuls that read the same states (query/key/value, gate/up), as
+            :func:`export_onnx`.
 
     Returns:
         :class:`~tnlm.export.ExportResult`: ``inputs``, ``outputs`` (names), ``opset``,
@@ -169,9 +176,9 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
     outputs = ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
     path = Path(path)
     try:
-        size = write_graph(step, plain, args, path, inputs=inputs, outputs=outputs,
-                           shapes=shapes, opset=opset, verbose=verbose,
-                           trace_metadata=trace_metadata)
+        size, fused = write_graph(step, plain, args, path, inputs=inputs, outputs=outputs,
+                                  shapes=shapes, opset=opset, verbose=verbose,
+                                  trace_metadata=trace_metadata, fuse=fuse)
     except Exception as err:  # the exporter's errors are many and long: name the model
         raise RuntimeError(f"export_onnx_decoder: could not export the cached pass of "
                            f"{type(plain).__name__} ({type(err).__name__}: "
@@ -179,7 +186,7 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
     return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=file_opset(path),
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size,
-                        cache=(layers, kv_heads, head_dim))
+                        cache=(layers, kv_heads, head_dim), fused_matmuls=fused)
 
 
 class OnnxCausalLM:
@@ -188,19 +195,16 @@ class OnnxCausalLM:
     Args:
         path: the ``.onnx`` file.
         threads: intra-op threads of the session (``None``: ONNX Runtime's default).
+        disabled_optimizers: ONNX Runtime graph optimizations the session leaves out
+            (default :data:`~tnlm.export.onnx_graph.SLOW_FUSIONS`; ``()``: none).
 
     Raises:
         ValueError: the file lacks the cache inputs of :func:`export_onnx_decoder`.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 disabled_optimizers: Sequence[str] = SLOW_FUSIONS) -> None:
+        self.session = ort_session(path, threads, disabled_optimizers)
         ins = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in ins if n.startswith("past_key_values.")]
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in ins]

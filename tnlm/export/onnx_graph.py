@@ -33,14 +33,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnlm.export.factorized import PivotedChain, factorized_copy, factorized_params
+from tnlm.export.fuse import fuse_shared_matmuls
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "GAUGE_FIXED_KEY", "gauge_fixed_chains",
            "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
-           "write_graph"]
+           "write_graph", "SLOW_FUSIONS", "FUSE", "ort_session"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
+#: whether the exporters fuse the MatMuls that share their input by default (no: on
+#: MiniLM it changed no latency by more than 1 %, docs/export.md)
+FUSE = False
+#: ONNX Runtime graph optimizations tnlm's runners (:class:`OnnxEncoder`,
+#: :class:`~tnlm.export.OnnxCausalLM`) turn off: ``SkipLayerNormFusion`` replaces each
+#: residual ``Add`` + ``LayerNormalization`` by one ``SkipLayerNormalization``, whose CPU
+#: kernel took longer than the two it replaces (MiniLM at batch 8 x 64 tokens, one
+#: thread: the dense graph 0.92x the time without it, a 50 % graph 0.87x;
+#: docs/export.md). Pass ``disabled_optimizers=`` to an ``InferenceSession`` of your own.
+SLOW_FUSIONS = ("SkipLayerNormFusion",)
 #: the model inputs an exported graph may take, in this order
 SUPPORTED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: above this many weight bytes the graph's weights go to an external data file
@@ -98,8 +109,9 @@ def _output_name(model: nn.Module) -> str:
 class ExportResult(dict):
     """What :func:`export_onnx` wrote: ``path``, ``inputs``, ``outputs``, ``opset``,
     ``mpo_layers`` (layers exported as matmul chains), ``weights`` (numbers stored in
-    the file), ``model_params`` (numbers of the exported model's parameters) and
-    ``bytes`` (file size, external data included)."""
+    the file), ``model_params`` (numbers of the exported model's parameters),
+    ``bytes`` (file size, external data included) and ``fused_matmuls`` (MatMul nodes
+    the fusion of shared inputs removed; 0 without it)."""
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -129,7 +141,8 @@ def _quiet() -> Iterator[None]:
 
 def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, opset: int = 20,
                 pooling: str | None = None, sample: Sequence[str] | None = None,
-                verbose: bool = False, trace_metadata: bool = False) -> ExportResult:
+                verbose: bool = False, trace_metadata: bool = False,
+                fuse: bool = FUSE) -> ExportResult:
     """Export ``model`` to the ONNX file ``path``, keeping its MPO layers factorized.
 
     Args:
@@ -156,6 +169,10 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
             the exporting machine; about 1 kB a node, 0.7 MB for MiniLM). Off: each
             node's ``metadata_props`` and ``doc_string`` are cleared, which changes
             nothing that ONNX Runtime computes.
+        fuse: the projections that read the same hidden states (query, key and value;
+            their first factors for MPO layers) as one MatMul and a Split
+            (:func:`tnlm.export.fuse.fuse_shared_matmuls`; the same numbers, measured in
+            docs/export.md); not for a file whose weights lie in external data.
 
     Returns:
         :class:`ExportResult` with the inputs and outputs (names), the number of MPO
@@ -187,25 +204,28 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         args = args + (None,)
     outputs = [output] + (["sentence_embedding"] if pooling else [])
     path = Path(path)
-    size = write_graph(graph, plain, args, path, inputs=list(inputs), outputs=outputs,
-                       shapes=shapes, opset=opset, verbose=verbose,
-                       trace_metadata=trace_metadata)
+    size, fused = write_graph(graph, plain, args, path, inputs=list(inputs), outputs=outputs,
+                              shapes=shapes, opset=opset, verbose=verbose,
+                              trace_metadata=trace_metadata, fuse=fuse)
     written = file_opset(path)
     if written != opset:
         warnings.warn(f"export_onnx: opset {opset} was asked for, but the exporter could not "
                       f"convert the graph to it; {path} is opset {written}", stacklevel=2)
     return ExportResult(path=path, inputs=list(inputs), outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
-                        model_params=factorized_params(plain), bytes=size)
+                        model_params=factorized_params(plain), bytes=size,
+                        fused_matmuls=fused)
 
 
 def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
                 inputs: list[str], outputs: list[str], shapes: Any, opset: int,
-                verbose: bool, trace_metadata: bool) -> int:
+                verbose: bool, trace_metadata: bool, fuse: bool = False) -> tuple[int, int]:
     """Trace ``graph`` (which calls ``model``, the :func:`export_copy`) on ``args`` into the
     ONNX file ``path`` (its folder created; the weights in an external data file above
     ``_EXTERNAL_BYTES``; the exporter quiet unless ``verbose``; node metadata cleared
-    unless ``trace_metadata``). Returns the bytes written, external data included."""
+    unless ``trace_metadata``; with ``fuse`` and the weights inside the file, the
+    MatMuls that share their input fused, :func:`~tnlm.export.fuse.fuse_shared_matmuls`).
+    Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     external = factorized_params(model) * 4 > _EXTERNAL_BYTES
     quiet = contextlib.nullcontext() if verbose else _quiet()
@@ -215,7 +235,8 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
                           dynamic_shapes=shapes, external_data=external)
     chains = sum(isinstance(m, PivotedChain) for m in model.modules())
     _rewrite(path, strip=not trace_metadata, props={GAUGE_FIXED_KEY: str(chains)})
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path))
+    fused = fuse_shared_matmuls(path) if fuse and not external else 0
+    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path)), fused
 
 
 def export_copy(model: nn.Module, caller: str) -> tuple[nn.Module, int]:
@@ -364,6 +385,26 @@ def _itemsize(data_type: int) -> int:
     return int(np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
 
 
+def ort_session(path: str | os.PathLike, threads: int | None = None,
+                disabled_optimizers: Sequence[str] = SLOW_FUSIONS,
+                optimized_path: str | os.PathLike | None = None) -> Any:
+    """An ONNX Runtime CPU session of the file ``path``: ``threads`` intra-op threads (and
+    one inter-op thread; ``None``: ONNX Runtime's defaults), without the graph
+    optimizations ``disabled_optimizers`` (:data:`SLOW_FUSIONS`); with
+    ``optimized_path``, the graph as ONNX Runtime optimized it is written there (to see
+    which operators run)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
+
+
 class OnnxEncoder:
     """An exported file run by ONNX Runtime, fed by a tokenizer.
 
@@ -373,17 +414,14 @@ class OnnxEncoder:
         threads: intra-op threads of the session (``None``: ONNX Runtime's default).
         max_length: truncation length of :meth:`encode` (128, as
             :func:`tnlm.integration.mean_pooled`).
+        disabled_optimizers: ONNX Runtime graph optimizations the session leaves out
+            (default :data:`SLOW_FUSIONS`; ``()``: all of ONNX Runtime's).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, threads: int | None = None,
-                 max_length: int = 128) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                 max_length: int = 128,
+                 disabled_optimizers: Sequence[str] = SLOW_FUSIONS) -> None:
+        self.session = ort_session(path, threads, disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = tokenizer
