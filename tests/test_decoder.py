@@ -404,6 +404,24 @@ def test_cli_refuses_more_bad_llm_input_before_the_expensive_steps(tmp_path, cap
     assert len(loaded) == 2
 
 
+def test_the_default_out_is_named_after_the_model(tmp_path, monkeypatch):
+    """Without --out a causal LM is saved to out/NAME-mpo, not to the MiniLM's folder."""
+    from tnlm.cli import main
+    from tnlm.cli.compress import default_out
+
+    folder, text = _llm_folder(tmp_path)
+    assert default_out(None) == "out/minilm-mpo"
+    assert default_out(str(folder)) == "out/llm-mpo"
+    gguf = tmp_path / "SmolLM2.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert default_out(str(gguf)) == "out/SmolLM2.Q4-mpo"
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: kw.get("checkpoint_dir"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["compress", str(folder), "--text", str(text)]) == 2
+    assert [str(c) for c in seen] == ["out/llm-mpo/layerwise"]
+    assert not (tmp_path / "out").exists()  # what the failed run created is removed again
+
+
 def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
     from tnlm.compress.causal import CausalHealConfig
     from tnlm.compress.layerwise import check_targets_and_budget

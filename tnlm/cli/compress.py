@@ -82,6 +82,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.text_column is not None and not args.text:
         raise UserError("--text-column picks the column of --text FILE: pass --text")
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
+    if args.out is None:  # named after the model: a causal LM's is not out/minilm-mpo
+        args.out = default_out(args.model_dir)
     if source_arch is not None and source_arch[1].causal:
         return compress_causal(args, *source_arch)
     if launched()[1] > 1:
@@ -250,6 +252,16 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
         say(f"saved to {out}")
     return 0
 
+
+
+def default_out(model_dir: str | None) -> str:
+    """``--out``'s default: ``out/minilm-mpo`` for the embedded MiniLM, else
+    ``out/NAME-mpo`` with NAME the model folder's name or the .gguf file's stem."""
+    if model_dir is None:
+        return "out/minilm-mpo"
+    p = Path(model_dir)
+    name = (p.stem if p.is_file() else p.resolve().name) or "model"
+    return f"out/{name}-mpo"
 
 
 def _decoder_name(folder: Path) -> str | None:

@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None,
                    help="comma-separated module patterns (default: the architecture's targets)")
     p.add_argument("--seed", type=int, default=enc.seed)
-    p.add_argument("--out", default="out/minilm-mpo",
-                   help="output folder ('' to skip saving); a model already there is replaced "
+    p.add_argument("--out", default=None,
+                   help="output folder ('' to skip saving; default: out/minilm-mpo for the "
+                        "embedded MiniLM, else out/NAME-mpo, NAME the model folder's or "
+                        ".gguf file's name); a model already there is replaced "
                         "when the run succeeds; while the run lasts it holds the encoder's "
                         "healing state (DIR/healing) or a causal LM's per-block checkpoint "
                         "(DIR/layerwise), removed once the model is saved")
