@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                     help="texts sampled at once, each size in turn (the sampler only)")
     args = ap.parse_args(argv)
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        ap.error(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
     if args.batch_sizes and any(args.texts % b for b in args.batch_sizes):
         ap.error(f"--texts ({args.texts}) must be a multiple of every --batch-sizes value")
     import torch

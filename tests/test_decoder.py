@@ -1244,6 +1244,21 @@ def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_pat
     # written before gen_top_k: sampled by transformers among 50 tokens, not the nucleus
     with pytest.raises(ValueError, match="gen_top_k: 50 in the checkpoint, None now"):
         read_saved_text(tmp_path, CausalLMRecipe(n_texts=2))
+    # written before the generation_config was set aside: the same texts for a model
+    # whose config leaves the logits alone, not for one with a repetition penalty
+    from tests.common import make_causal_lm
+
+    model = make_causal_lm("llama")
+    digest = llm._weights_digest(model)  # noqa: SLF001 - the module's own digest
+    older = {k: v for k, v in recipe.text_settings().items() if k != "generation"}
+    (tmp_path / llm.TEXT_FILE).write_text(json.dumps(
+        {"format": "tnlm-calibration-text", "version": 1, "settings": older,
+         "model": digest, "texts": ["a b", "c d"]}))
+    assert read_saved_text(tmp_path, recipe, model) == ["a b", "c d"]
+    model.generation_config.repetition_penalty = 1.1
+    with pytest.raises(ValueError, match="generation: \"the model's generation_config\" in "
+                                         "the checkpoint, 'neutral' now"):
+        read_saved_text(tmp_path, recipe, model)
 
 
 def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, capsys,

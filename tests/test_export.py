@@ -145,8 +145,8 @@ def exported(compressed, tok, tmp_path_factory):
     from tnlm.export import export_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "compressed.onnx"
-    # each factor its own MatMul (the default export fuses query/key/value's first factors:
-    # test_fused_shared_matmuls_give_the_same_outputs)
+    # each factor its own MatMul (as by default; fuse=True fuses query/key/value's first
+    # factors: test_fused_shared_matmuls_give_the_same_outputs)
     return export_onnx(compressed, tok, path, pooling="mean", fuse=False)
 
 
@@ -332,6 +332,16 @@ def test_fusing_leaves_a_weight_used_twice_and_refuses_a_bad_group(tmp_path):
         assert np.abs(u - v).max() <= 1e-6
     with pytest.raises(ValueError, match="min_group must be an int >= 2"):
         fuse_shared_matmuls(path, min_group=1)
+    # a weight that is also a graph input stays (a file of the legacy exporter lists them)
+    graph.input.append(helper.make_tensor_value_info("B", TensorProto.FLOAT, [8, 5]))
+    listed = tmp_path / "listed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]),
+              str(listed))
+    assert fuse_shared_matmuls(listed, tmp_path / "l.onnx") == 0
+    old = tmp_path / "op11.onnx"  # Split's sizes were an attribute before opset 13
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(old))
+    with pytest.raises(ValueError, match="is opset 11; fuse_shared_matmuls writes the Split"):
+        fuse_shared_matmuls(old)
 
 
 def _low_rank_chain(path, seed=0, factors=None):
@@ -870,6 +880,8 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
     (["{ckpt}", "--format", "st", "--out", "{ckpt}"], r"^--out must differ from DIR"),
     (["{ckpt}", "--format", "hf", "--fuse", "--out", "{tmp}/hf"],
      r"^--fuse applies to --format onnx only"),
+    (["{ckpt}", "--format", "onnx", "--fuse", "--int8", "--per-tensor", "--out", "{tmp}/m.onnx"],
+     r"^--fuse with --per-tensor would give query, key and value one int8 scale"),
 ])
 def test_cli_errors_name_the_argument(checkpoint, tmp_path, argv, match):
     ckpt, _ = checkpoint

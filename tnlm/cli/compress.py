@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -259,8 +260,8 @@ def default_out(model_dir: str | None) -> str:
     ``out/NAME-mpo`` with NAME the model folder's name or the .gguf file's stem."""
     if model_dir is None:
         return "out/minilm-mpo"
-    p = Path(model_dir)
-    name = (p.stem if p.is_file() else p.resolve().name) or "model"
+    p = Path(os.path.abspath(model_dir))  # not resolved: a link keeps its own name
+    name = (p.stem if p.is_file() else p.name) or "model"
     return f"out/{name}-mpo"
 
 

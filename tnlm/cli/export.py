@@ -102,6 +102,10 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     if args.fuse and args.format != "onnx":
         raise ExportError(f"--fuse applies to --format onnx only, not --format "
                           f"{args.format}")
+    if args.fuse and args.per_tensor:
+        raise ExportError("--fuse with --per-tensor would give query, key and value one int8 "
+                          "scale for their fused weight; per column (the default) quantizes "
+                          "it as the separate weights")
     if args.int8 and args.format != "onnx":
         raise ExportError(f"--int8 applies to --format onnx only (int8 ONNX weights), not "
                           f"--format {args.format}")

@@ -70,7 +70,8 @@ from tnlm.compress.snapshot import SNAPSHOT_PLACES, ParameterSnapshot
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
-__all__ = ["self_generated_text", "token_sequences", "adds_bos", "CausalHealConfig",
+__all__ = ["generation_is_neutral", "self_generated_text", "token_sequences", "adds_bos",
+           "CausalHealConfig",
            "CausalHealResult", "heal_causal", "healing_optimizer", "next_token_kl", "OPTIMIZERS"]
 
 
@@ -186,6 +187,21 @@ def _neutral_generation() -> dict[str, Any]:
 
     known = GenerationConfig()
     return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
+
+
+def generation_is_neutral(model: nn.Module) -> bool:
+    """Whether ``model``'s ``generation_config`` leaves its logits alone in greedy
+    ``generate`` (every key of :data:`_NEUTRAL_GENERATION` unset or at its neutral value):
+    then its own texts were the same before they were drawn with the neutral values."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return True
+    for key, neutral in _NEUTRAL_GENERATION.items():
+        value = getattr(cfg, key, None)
+        if value is None or value == neutral or (value == [] and neutral is None):
+            continue
+        return False
+    return True
 
 
 def _continuation(tokenizer: Any, prompt: list[int], new: list[int], skip: bool) -> str:

@@ -51,6 +51,7 @@ from tnlm.compress import distributed as dist_
 from tnlm.compress.causal import (
     CausalHealConfig,
     CausalHealResult,
+    generation_is_neutral,
     heal_causal,
     self_generated_text,
     token_sequences,
@@ -220,7 +221,8 @@ class CausalLMRecipe:
         out: dict[str, int | str] = {"text_source": self.text_source, "seed": self.seed}
         if self.text_source != "prose":
             out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
-                       gen_batch=self.gen_batch, gen_top_k=self.gen_top_k)
+                       gen_batch=self.gen_batch, gen_top_k=self.gen_top_k,
+                       generation="neutral")  # the model's generation_config set aside
         return out
 
 
@@ -301,6 +303,10 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
     then.setdefault("text_source", "self")  # written before text_source: the samples
     if then["text_source"] != "prose":  # written before gen_top_k: transformers' sampling,
         then.setdefault("gen_top_k", 50)  # whose top_k was 50 unless told otherwise
+        # written before the generation_config was set aside: the same texts unless the
+        # model's config changed its logits (a repetition penalty, suppressed tokens, ...)
+        then.setdefault("generation", "neutral" if model is None or generation_is_neutral(
+            model) else "the model's generation_config")
     diff = [f"{k}: {then.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
             if then.get(k) != v]
     if model is not None and saved.get("model") != _weights_digest(model):

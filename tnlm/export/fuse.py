@@ -40,8 +40,12 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
     Returns:
         the number of ``MatMul`` nodes removed (a group of k nodes removes k - 1).
 
+    A weight that is also a graph input or output, or that a subgraph (If, Loop) reads,
+    is left as it is.
+
     Raises:
-        ValueError: ``min_group`` below 2, or a file whose weights lie in external data.
+        ValueError: ``min_group`` below 2, a file whose weights lie in external data, or a
+            file below opset 13 (whose ``Split`` takes its sizes as an attribute).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -53,12 +57,19 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
     if any(t.external_data for t in model.graph.initializer):
         raise ValueError(f"path: {path} keeps its weights in external data; "
                          "fuse_shared_matmuls needs them inside the file")
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                 0)
+    if opset < 13:
+        raise ValueError(f"path: {path} is opset {opset}; fuse_shared_matmuls writes the "
+                         "Split of opset 13 and later (its sizes as an input)")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     uses: dict[str, int] = defaultdict(int)
     for node in graph.node:
         for name in node.input:
             uses[name] += 1
+    for name in _outside_names(graph):  # such a weight must stay where it is
+        uses[name] += 2
     groups: dict[tuple[str, int, int], list[int]] = defaultdict(list)
     for i, node in enumerate(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -107,6 +118,20 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
     graph.initializer.extend(kept)
     _save(model, path, out)
     return len(removed) - len(fused)
+
+
+def _outside_names(graph: Any) -> set[str]:
+    """The graph's input and output names and every name a subgraph's nodes read."""
+    names = {v.name for v in graph.input} | {v.name for v in graph.output}
+    stack = [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+    stack += [g for n in graph.node for a in n.attribute for g in a.graphs]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            names.update(node.input)
+            stack += [a.g for a in node.attribute if a.HasField("g")]
+            stack += [sub for a in node.attribute for sub in a.graphs]
+    return names
 
 
 def _concat(weights: list[Any]) -> Any:

@@ -49,7 +49,7 @@ FUSE = False
 #: :class:`~tnlm.export.OnnxCausalLM`) turn off: ``SkipLayerNormFusion`` replaces each
 #: residual ``Add`` + ``LayerNormalization`` by one ``SkipLayerNormalization``, whose CPU
 #: kernel took longer than the two it replaces (MiniLM at batch 8 x 64 tokens, one
-#: thread: the dense graph 0.92x the time without it, a 50 % graph 0.87x;
+#: thread: the dense graph 0.92x the time without it, a 50 % graph 0.86x;
 #: docs/export.md). Pass ``disabled_optimizers=`` to an ``InferenceSession`` of your own.
 SLOW_FUSIONS = ("SkipLayerNormFusion",)
 #: the model inputs an exported graph may take, in this order
@@ -235,6 +235,10 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
                           dynamic_shapes=shapes, external_data=external)
     chains = sum(isinstance(m, PivotedChain) for m in model.modules())
     _rewrite(path, strip=not trace_metadata, props={GAUGE_FIXED_KEY: str(chains)})
+    if fuse and external:
+        warnings.warn(f"fuse: {path} keeps its weights in external data (over "
+                      f"{_EXTERNAL_BYTES / 1e9:.1f} GB), which fuse_shared_matmuls does not "
+                      "rewrite: written unfused", stacklevel=3)
     fused = fuse_shared_matmuls(path) if fuse and not external else 0
     return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path)), fused
 
