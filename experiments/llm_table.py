@@ -12,6 +12,11 @@ given), compression and healing seconds, the job's peak
 resident memory (the largest stage peak: compression or healing) against the process's
 resident memory with the dense model loaded.
 
+``--jobs FILE ...``: also the JSON that ``tnlm compress MODEL --json`` printed, one row per
+(method, budget) labelled "tnlm compress" (the job's defaults: pass the files of one
+version of them), plotted as their own series; a file without ``seed`` takes it from a
+``_sN`` in its name (0 otherwise).
+
 ``--curve-plot``: the perplexity ratio along healing of the runs measured with
 ``--eval-at`` (``heal_curve``), each beside the final ratios of the runs of its row
 without the KL chunking (which changes memory, not the loss) healed for other numbers of
@@ -85,6 +90,32 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         if args.get("text") in ("chat", "both", "mixed"):
             texts += f" ({args['text']})"
         rows[(method, float(d["budget"]), heal, texts)].append(d)
+    return rows
+
+
+def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
+    """The CLI job's JSON files as rows of :func:`table` (``--jobs``)."""
+    rows: dict[tuple[str, float, int, str], list[dict]] = defaultdict(list)
+    for p in paths:
+        d = json.loads(p.read_text())
+        if "perplexity_ratio" not in d:
+            raise SystemExit(f"--jobs: {p} is not the JSON of tnlm compress --json")
+        seed = d.get("seed")
+        if seed is None:
+            m = re.search(r"_s(\d+)", p.stem)
+            seed = int(m.group(1)) if m else 0
+        method = f"tnlm compress, --method {d['method']}" + (", pivoted" if d.get("pivoted")
+                                                              else "")
+        n = d.get("lm_texts") or 256
+        top = d.get("lm_top_k")
+        texts = (f"{n} (nucleus)" if top is None else f"{n} (top-{top})") \
+            if d.get("text") == "self" else str(d.get("text"))
+        secs = d.get("seconds", {})
+        rows[(method, float(d["budget"]), int(d["heal_steps"]), texts)].append(dict(
+            seed=seed, kept=d["ratio"], ppl=d["perplexity"], dense_ppl=d["perplexity_dense"],
+            ppl_ratio=d["perplexity_ratio"],
+            compress_seconds=secs.get("compression", 0.0) + secs.get("healing", 0.0),
+            stage_peak_rss_mb=d.get("peak_rss_mb"), rss_after_load_mb=d.get("rss_after_load_mb")))
     return rows
 
 
@@ -182,10 +213,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--jobs", type=Path, nargs="*", default=[],
+                    help="JSON files of tnlm compress MODEL --json (the CLI job's defaults)")
     ap.add_argument("--curve-plot", type=Path, default=None,
                     help="the perplexity along healing of the runs measured with --eval-at")
     args = ap.parse_args(argv)
     rows = load(args.files)
+    rows.update(load_jobs(args.jobs))
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)

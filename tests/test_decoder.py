@@ -286,6 +286,16 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "llama" and summary["method"] == "tnlm"
     assert summary["heal_optimizer"] == "adafactor"  # the causal job's default
+    assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
+    # the experiments' table reads it as a row of the job's defaults
+    from experiments import llm_table
+
+    job = tmp_path / "job_s3.json"
+    job.write_text(json.dumps(summary))
+    assert llm_table.main([str(job), "--jobs", str(job)]) == 0
+    row = [r for r in capsys.readouterr().out.splitlines() if "tnlm compress" in r]
+    assert len(row) == 1 and row[0].startswith("| tnlm compress, --method tnlm | 50% | 4 | ")
+    assert f"{summary['perplexity_ratio']:.2f}" in row[0]
     assert 0.4 < summary["ratio"] <= 0.5
     assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
     assert summary["ratio"] == pytest.approx(summary["params_after"] / summary["params_before"])

@@ -339,6 +339,12 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
                    heal_optimizer=recipe.heal.optimizer, low_memory=mapped,
                    text=("--text " + str(args.text)) if args.text else recipe.text_source,
+                   seed=args.seed,
+                   # the model's own texts: how many, and the top-k they were drawn among
+                   lm_texts=None if args.text or recipe.text_source == "prose"
+                   else recipe.n_texts,
+                   lm_top_k=None if args.text or recipe.text_source == "prose"
+                   else recipe.gen_top_k,
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,
