@@ -148,38 +148,46 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-def axes():
-    """A 6 x 4 inch figure and its axes (matplotlib without a display)."""
+def axes(size: tuple[float, float] = (6, 4)):
+    """A figure (6 x 4 inches by default) and its axes (matplotlib without a display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6, 4))
+    return plt.subplots(figsize=size)
 
 
 def plot(rows, path: Path) -> None:
-    fig, ax = axes()
+    fig, ax = axes(size=(12, 5.5))
     series: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
     for (method, _budget, heal, texts), runs in rows.items():
         kept = statistics.mean(r.get("kept", 1.0) for r in runs)
         series[(method, heal, texts)].append(
             (kept, statistics.mean(r["ppl_ratio"] for r in runs)))
-    for (method, heal, texts), pts in sorted(series.items()):
+    colours = __import__("matplotlib.pyplot").pyplot.get_cmap("tab20").colors
+    for k, ((method, heal, texts), pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+        job = method.startswith("tnlm compress")  # the CLI job's defaults: drawn boldly
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if job else "o",
+                lw=2.5 if job else 1, ms=7 if job else 4, color=colours[k % len(colours)],
                 label=f"{method}, {heal} healing steps, {texts} texts")
     ax.set_yscale("log")
     finish(fig, ax, path, "kept fraction of the targeted linear parameters",
-           "SmolLM2-135M-Instruct", ncol=2)
+           "SmolLM2-135M-Instruct", ncol=1, right=True)
 
 
-def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int) -> None:
-    """Labels, grid and legend below the axes; the figure written to ``path``."""
+def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int,
+           right: bool = False) -> None:
+    """Labels, grid and legend below the axes (``right``: beside them); the figure
+    written to ``path``."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out perplexity / dense")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8)
+    if right:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=ncol, fontsize=7)
+    else:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
