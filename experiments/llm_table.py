@@ -89,6 +89,8 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         texts = "prose" if args.get("text") == "prose" else str(int(args.get("n_texts", 0)))
         if args.get("text") in ("chat", "both", "mixed"):
             texts += f" ({args['text']})"
+        if "top_k" in args and args.get("text") != "prose":  # runs before --top-k: top-k 50
+            texts += " (nucleus)" if args["top_k"] is None else f" (top-{args['top_k']})"
         rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows
 
