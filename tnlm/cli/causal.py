@@ -102,12 +102,12 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         gen_top_k=args.lm_top_k,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
     if size > 1:  # the calibration batches the ranks share in block fitting, before loading
-        from tnlm.compress.layerwise import LayerwiseConfig
+        from tnlm.compress.layerwise import LayerwiseConfig, shared_batches
 
         per = LayerwiseConfig.batch_size
-        n_batches = -(-recipe.n_calibration // per)
         fitting = recipe.method == "tnlm" and recipe.fit_steps > 0
-        if n_batches < size or (fitting and n_batches % size):
+        n_batches, ok = shared_batches(recipe.n_calibration, per, size, fitting)
+        if not ok:
             raise UserError(
                 f"{size} processes (--nproc_per_node): the {recipe.n_calibration} calibration "
                 f"sequences make {n_batches} batches of {per}, which "

@@ -78,7 +78,7 @@ __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "block_error", "dense_spec
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "write_checkpoint", "read_checkpoint_state",
            "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
-           "CHECKPOINT_STATE", "check_targets_and_budget"]
+           "CHECKPOINT_STATE", "check_targets_and_budget", "shared_batches"]
 
 #: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
 #: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
@@ -639,10 +639,17 @@ def check_targets_and_budget(model: nn.Module,
         ValueError: a pattern that matches no linear (as :func:`compress_layerwise`), or a
             budget below that smallest fraction (naming both).
     """
-    blocks = blocks_of(model)
+    return _checked_targets(model, blocks_of(model), config)[1]
+
+
+def _checked_targets(model: nn.Module, blocks: nn.ModuleList, config: LayerwiseConfig
+                     ) -> tuple[list[list[str]], dict[str, tuple[int, int]]]:
+    """``(per block the targeted names, their shapes by full name)``, after the checks of
+    :func:`check_targets_and_budget`."""
+    per_block = _targets_per_block(model, blocks, config)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     shapes = {}
-    for i, names in enumerate(_targets_per_block(model, blocks, config)):
+    for i, names in enumerate(per_block):
         for n in names:
             W = weight_xw(blocks[i].get_submodule(n))
             shapes[f"{prefix}.{i}.{n}"] = (int(W.shape[0]), int(W.shape[1]))
@@ -652,7 +659,16 @@ def check_targets_and_budget(model: nn.Module,
             raise ValueError(f"budget {config.budget:g} is below the smallest model of these "
                              f"{len(shapes)} layers: every one at rank 1 keeps {least:.4g} "
                              "of their parameters")
-    return shapes
+    return per_block, shapes
+
+
+def shared_batches(n_sequences: int, batch_size: int, world: int,
+                   fitting: bool) -> tuple[int, bool]:
+    """``(batches, whether world ranks can share them)``: ``n_sequences`` calibration
+    sequences in batches of ``batch_size``; every rank needs a batch, and block fitting
+    (``fitting``) equal shares (a number of batches divisible by ``world``)."""
+    n_batches = -(-n_sequences // batch_size)
+    return n_batches, not (n_batches < world or (fitting and n_batches % world))
 
 
 def _targets_per_block(model: nn.Module, blocks: nn.ModuleList,
@@ -865,15 +881,14 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                             if torch.is_tensor(sequences) else type(sequences).__name__))
     say = log or (lambda s: None)
     blocks = blocks_of(model)
-    check_targets_and_budget(model, config)
-    per_block = _targets_per_block(model, blocks, config)
+    per_block, _ = _checked_targets(model, blocks, config)
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
     if dist:
         dist_.check_same(dist_.digest([sequences]), "calibration sequences")
-        n_batches = -(-sequences.shape[0] // config.batch_size)
-        if n_batches < size or (fitting and n_batches % size):
+        n_batches, ok = shared_batches(sequences.shape[0], config.batch_size, size, fitting)
+        if not ok:
             raise ValueError(
                 f"{sequences.shape[0]} sequences make {n_batches} batches of "
                 f"{config.batch_size}, which {size} ranks cannot share: every rank needs a "
