@@ -166,7 +166,9 @@ def plot(rows, path: Path) -> None:
         kept = statistics.mean(r.get("kept", 1.0) for r in runs)
         series[(method, heal, texts)].append(
             (kept, statistics.mean(r["ppl_ratio"] for r in runs)))
-    colours = __import__("matplotlib.pyplot").pyplot.get_cmap("tab20").colors
+    import matplotlib.pyplot as plt  # axes() has chosen the backend
+
+    colours = plt.get_cmap("tab20").colors
     for k, ((method, heal, texts), pts) in enumerate(sorted(series.items())):
         pts.sort()
         job = method.startswith("tnlm compress")  # the CLI job's defaults: drawn boldly

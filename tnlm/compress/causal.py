@@ -138,6 +138,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
               max_new_tokens, side, pad, was, progress, chat=False, top_k=None) -> None:
     n = len(starts)
+    neutral = _neutral_generation()
     try:
         eos = eos_ids(model, tokenizer)  # in the try: the tokenizer's state is restored
         for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
@@ -155,7 +156,7 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
                                  logits_processor=[NucleusSampler(temperature, top_p, draws,
                                                                   top_k)],
                                  max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, **_neutral_generation())
+                                 pad_token_id=tokenizer.pad_token_id, **neutral)
             prompt_len = batch["input_ids"].shape[1]
             for k, (s, row) in enumerate(zip(starts[i:i + batch_size], ids)):
                 new = row[prompt_len:].tolist()

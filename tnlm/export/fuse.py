@@ -24,6 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["fuse_shared_matmuls"]
 
 
@@ -86,14 +88,14 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
             continue
         nodes = [graph.node[i] for i in idx]
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
-        name = "_".join(["fused", *[n.name or n.output[0] for n in nodes[:1]],
-                         str(len(nodes))])
+        name = f"fused_{nodes[0].name or nodes[0].output[0]}_{len(nodes)}"
         w_name = _unique(f"{name}.weight", inits)
-        inits[w_name] = numpy_helper.from_array(_concat(weights), w_name)
+        inits[w_name] = numpy_helper.from_array(
+            np.ascontiguousarray(np.concatenate(weights, axis=1)), w_name)
         graph.initializer.append(inits[w_name])
         s_name = _unique(f"{name}.split", inits)
         inits[s_name] = numpy_helper.from_array(
-            _int64([w.shape[1] for w in weights]), s_name)
+            np.asarray([w.shape[1] for w in weights], dtype=np.int64), s_name)
         graph.initializer.append(inits[s_name])
         y = f"{name}.out"
         fused[idx[0]] = [
@@ -102,9 +104,6 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
                              name=f"{name}.split")]
         removed.update(idx)
         dropped.update(n.input[1] for n in nodes)
-    if not fused:
-        _save(model, path, out)
-        return 0
     new_nodes = []
     for i, node in enumerate(graph.node):
         if i in fused:
@@ -132,18 +131,6 @@ def _outside_names(graph: Any) -> set[str]:
             stack += [a.g for a in node.attribute if a.HasField("g")]
             stack += [sub for a in node.attribute for sub in a.graphs]
     return names
-
-
-def _concat(weights: list[Any]) -> Any:
-    import numpy as np
-
-    return np.ascontiguousarray(np.concatenate(weights, axis=1))
-
-
-def _int64(values: list[int]) -> Any:
-    import numpy as np
-
-    return np.asarray(values, dtype=np.int64)
 
 
 def _unique(name: str, taken: dict[str, Any]) -> str:
