@@ -19,6 +19,7 @@ from tnlm.cli.common import (
     make_out,
     note,
     remove_empty,
+    text_error,
 )
 
 __all__ = ["compress_causal", "LAYERWISE_DIR"]
@@ -78,8 +79,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         try:
             text = read_sentences(args.text, column=args.text_column)
         except (OSError, ValueError) as err:
-            flag = "--text-column" if str(err).startswith("column ") else "--text"
-            raise UserError(f"{flag}: {err}") from None
+            raise text_error(err) from None
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
     targets = args.targets.split(",") if args.targets else list(arch.targets)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
+           "text_error",
            "check_budget_and_healing", "launched", "encoder_only_defaults"]
 
 
@@ -67,6 +68,13 @@ def remove_empty(folders: Sequence[Path]) -> None:
             f.rmdir()
         except OSError:
             return
+
+
+def text_error(err: Exception) -> UserError:
+    """The one-line error for a ``--text`` file that could not be read (``read_sentences``
+    / ``encoder_text``), naming ``--text-column`` when the column was the problem."""
+    flag = "--text-column" if str(err).startswith("column ") else "--text"
+    return UserError(f"{flag}: {err}")
 
 
 def note(message: str) -> None:

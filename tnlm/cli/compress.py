@@ -19,6 +19,7 @@ from tnlm.cli.common import (
     model_path,
     note,
     remove_empty,
+    text_error,
 )
 
 __all__ = ["cmd_compress"]
@@ -46,8 +47,7 @@ def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
     except (OSError, ValueError) as err:
         if not args.text:  # the default text's own files (a broken install), not --text
             raise UserError(f"the default text: {err}") from None
-        flag = "--text-column" if str(err).startswith("column ") else "--text"
-        raise UserError(f"{flag}: {err}") from None
+        raise text_error(err) from None
 
 
 
