@@ -368,6 +368,25 @@ def test_report_modules_must_be_positive(tmp_path, capsys):
     assert not (tmp_path / "figs").exists()
 
 
+def test_report_on_a_lightweight_checkpoint_names_what_it_lacks(tmp_path, capsys):
+    """A lightweight task checkpoint keeps its central cores in its base model: refused
+    in one line naming that, before any figure folder is made."""
+    from transformers import BertConfig
+
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32)).eval()
+    model = get_mpo_model(base, MPOConfig(target_modules=["query"], n_sites=3),
+                          progress=False)
+    model.save_pretrained(tmp_path / "light", lightweight=True)
+    assert main(["report", str(tmp_path / "light"), "--out", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert "is a lightweight task checkpoint: its central cores are kept in its base" in err
+    assert not (tmp_path / "figs").exists()
+
+
 # ------------------------------------------------------------------ explicit site shapes
 def test_explicit_shapes_keep_the_padding_limit():
     import numpy as np

@@ -1653,7 +1653,7 @@ def test_layerwise_refuses_a_target_pattern_that_matches_no_linear_in_the_blocks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp_path):
+def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp_path, monkeypatch):
     from tnlm.cli.export import ExportError, add_export_parser, cmd_export
     from tnlm.export import load_compressed, save_self_contained
     from tnlm.integration import MPOConfig, get_mpo_model
@@ -1677,8 +1677,16 @@ def test_a_saved_causal_lm_keeps_its_generation_config_and_no_sentence_files(tmp
     ap = argparse.ArgumentParser(prog="tnlm")
     add_export_parser(ap.add_subparsers(dest="command"))
     args = ap.parse_args(["export", str(out), "--format", "st", "--out", str(tmp_path / "s")])
-    with pytest.raises(ExportError, match=r"^--format st: .*LlamaForCausalLM is a causal LM"):
+    import tnlm.export.folder as folder_module
+
+    def not_loaded(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    with monkeypatch.context() as m, pytest.raises(
+            ExportError, match=r"^--format st: .* holds a causal LM \(LlamaForCausalLM\)"):
+        m.setattr(folder_module, "load_compressed", not_loaded)
         cmd_export(args)
+    assert not (tmp_path / "s").exists()
 
 
 def _word_tokenizer(bos: bool):

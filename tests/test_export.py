@@ -655,6 +655,36 @@ def test_export_onnx_refuses_unknown_pooling(compressed, tok, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_onnx_refuses_pooling_logits_and_task_heads(tok, tmp_path):
+    """A masked LM's logits are not pooled as hidden states; a classifier's outputs are
+    neither: both refused before anything is written."""
+    pytest.importorskip("onnxscript")
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    from tnlm.export import export_onnx
+
+    cfg = bert().config
+    with pytest.raises(ValueError, match=r"pooling='mean' pools hidden states.*logits"):
+        export_onnx(BertForMaskedLM(cfg).eval(), tok, tmp_path / "m.onnx", pooling="mean")
+    with pytest.raises(ValueError, match="task head"):
+        export_onnx(BertForSequenceClassification(cfg).eval(), tok, tmp_path / "c.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_module_reached_by_two_paths_is_replaced_on_both(compressed):
+    """One MPO layer under two names (shared weights): the copy holds one factorized
+    layer under both, no MPO module left, counted once."""
+    layer = next(m for m in compressed.modules() if isinstance(m, MPOLinear))
+    holder = torch.nn.Module()
+    holder.a, holder.b = layer, layer
+    copy, n = factorized_copy(holder)
+    assert n == 1 and copy.a is copy.b and isinstance(copy.a, FactorizedLinear)
+    assert not any(isinstance(m, MPOModule) for m in copy.modules())
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        assert torch.allclose(copy.a(x), layer(x), atol=1e-5)
+
+
 # ---------------------------------------------------------------- folders
 @pytest.fixture(scope="module")
 def folder(compressed, tok, tmp_path_factory):
@@ -702,6 +732,47 @@ def test_sentence_transformer_save_round_trip(folder, compressed, tok, sentences
     again = sentence_transformer(tmp_path / "again")
     ref = mean_pooled(compressed, tok, sentences)
     assert (again.encode(sentences, convert_to_tensor=True) - ref).abs().max().item() <= 1e-5
+
+
+def test_sentence_transformer_keeps_the_folder_s_prompts_through_load_and_save(
+        folder, sentences, tmp_path):
+    """config_sentence_transformers.json's prompts and similarity are the model's: read by
+    sentence_transformer() as by SentenceTransformer(trust_remote_code=True), and kept by
+    saving, also over the folder it was loaded from."""
+    pytest.importorskip("sentence_transformers")
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    from tnlm.export import sentence_transformer
+
+    d = tmp_path / "prompted"
+    shutil.copytree(folder, d)
+    cfg = json.loads((d / "config_sentence_transformers.json").read_text())
+    cfg.update(prompts={"query": "query: "}, default_prompt_name="query",
+               similarity_fn_name="dot")
+    (d / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    st = sentence_transformer(d)
+    assert st.prompts["query"] == "query: " and st.default_prompt_name == "query"
+    assert st.similarity_fn_name == "dot"
+    trusted = SentenceTransformer(str(d), trust_remote_code=True, device="cpu")
+    got = st.encode(sentences, convert_to_tensor=True)
+    assert (got - trusted.encode(sentences, convert_to_tensor=True)).abs().max().item() <= 1e-6
+    plain = st.encode(sentences, convert_to_tensor=True, prompt="")
+    assert (got - plain).abs().max().item() > 1e-3  # the default prompt is in the encoding
+    for where in (tmp_path / "saved", d):  # a new folder, and the folder itself
+        st.save(str(where))
+        again = sentence_transformer(where)
+        assert again.prompts["query"] == "query: " and again.default_prompt_name == "query"
+        assert (again.encode(sentences, convert_to_tensor=True) - got).abs().max().item() <= 1e-6
+
+
+def test_save_self_contained_keep_sentence_files_refuses_writing_them(compressed, tok,
+                                                                      tmp_path):
+    with pytest.raises(ValueError, match="keep_sentence_files"):
+        save_self_contained(compressed, tok, tmp_path / "x", sentence_transformers=True,
+                            keep_sentence_files=True)
+    assert not (tmp_path / "x").exists()
 
 
 def llama():
@@ -882,12 +953,87 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
      r"^--fuse applies to --format onnx only"),
     (["{ckpt}", "--format", "onnx", "--fuse", "--int8", "--per-tensor", "--out", "{tmp}/m.onnx"],
      r"^--fuse with --per-tensor would give query, key and value one int8 scale"),
+    (["{ckpt}", "--format", "hf", "--opset", "18", "--out", "{tmp}/hf"],
+     r"^--opset applies to --format onnx only"),
+    (["{ckpt}", "--format", "st", "--no-pooling", "--out", "{tmp}/st"],
+     r"^--no-pooling applies to --format onnx only"),
+    (["{ckpt}", "--format", "onnx", "--int8", "--embedding-block", "16", "--out", "{tmp}/m.onnx"],
+     r"^--embedding-block applies with --embedding-bits 4 only"),
+    (["{ckpt}", "--format", "hf", "--base", "{base}", "--out", "{base}"],
+     r"^--out .* is a folder that is not empty; expected a new or empty folder"),
+    (["{ckpt}", "--format", "st", "--base", "{base}", "--out", "/proc/tnlm-nope/st"],
+     r"^--out /proc/tnlm-nope/st cannot be written"),
+    (["{ckpt}", "--format", "onnx", "--base", "{base}", "--out", "/proc/tnlm-nope/m.onnx"],
+     r"^--out /proc/tnlm-nope/m.onnx cannot be written"),
 ])
 def test_cli_errors_name_the_argument(checkpoint, tmp_path, argv, match):
-    ckpt, _ = checkpoint
-    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in argv]
+    ckpt, base = checkpoint
+    if "/proc/" in " ".join(argv) and sys.platform != "linux":
+        pytest.skip("/proc refuses new files, even to root, on Linux")
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt, base=base) for a in argv]
     with pytest.raises(ExportError, match=match) as err:
         cmd_export(parse(argv))
     assert "\n" not in str(err.value)
     assert isinstance(err.value, ValueError)  # tnlm's main prints ValueErrors in one line
     assert not (tmp_path / "st").exists() and not (tmp_path / "hf").exists()
+
+
+def test_cli_export_never_mixes_two_models_in_one_folder(checkpoint, tmp_path):
+    """An export over a folder holding another export is refused (files of the first
+    would be read with the second); a failed export leaves no folder and no partial
+    files; a successful one leaves only its folder."""
+    ckpt, base = checkpoint
+    out = tmp_path / "out"
+    assert cmd_export(parse([str(ckpt), "--format", "st", "--base", str(base),
+                             "--out", str(out)])) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for fmt in ("hf", "st"):
+        with pytest.raises(ExportError, match="is a folder that is not empty"):
+            cmd_export(parse([str(ckpt), "--format", fmt, "--base", str(base),
+                              "--out", str(out)]))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert "load_compressed(" in (out / "README.md").read_text()
+    assert str(out) in (out / "README.md").read_text()  # the final folder, not the staging one
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cmd_export(parse([str(ckpt), "--format", "hf", "--base", str(base),
+                             "--out", str(empty)])) == 0  # an empty folder is taken
+    assert (empty / "model.safetensors").is_file()
+    assert (empty / "README.md").read_text().startswith("# empty\n")
+
+
+def test_cli_export_that_fails_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    import tnlm.export.folder as folder_module
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    ckpt, base = checkpoint
+    monkeypatch.setattr(folder_module, "save_self_contained", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        cmd_export(parse([str(ckpt), "--format", "st", "--base", str(base),
+                          "--out", str(tmp_path / "st")]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_a_tokenizer_that_is_not_the_model_s(compressed, tok, checkpoint,
+                                                               tmp_path):
+    """A folder without its tokenizer is not given MiniLM's, and a --base of another
+    architecture than the folder's own config.json is refused, not silently ignored."""
+    _, base = checkpoint
+    bare = tmp_path / "bare"
+    save_self_contained(compressed, None, bare)  # config.json, no tokenizer
+    with pytest.raises(ExportError, match=r"holds no tokenizer .*pass --base"):
+        cmd_export(parse([str(bare), "--format", "hf", "--out", str(tmp_path / "hf")]))
+    other = tmp_path / "other"
+    cfg = json.loads((base / "config.json").read_text())
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    with pytest.raises(ExportError, match=r"^--base .* is another architecture .*hidden_act"):
+        cmd_export(parse([str(bare), "--format", "hf", "--base", str(other),
+                          "--out", str(tmp_path / "hf")]))
+    assert cmd_export(parse([str(bare), "--format", "hf", "--base", str(base),
+                             "--out", str(tmp_path / "hf")])) == 0  # the same architecture
+    assert not (tmp_path / "hf" / "mpo_config.json").exists()
+

@@ -176,6 +176,14 @@ def test_refusals(tmp_path):
         cache_shape(object())
 
 
+def test_an_opset_the_exporter_cannot_write_is_said(tmp_path):
+    """The exporter writes 18 and converts; where it cannot (opset 12 here), the file says
+    18 and a warning says so: no silently other opset."""
+    with pytest.warns(UserWarning, match=r"opset 12 was asked for.* is opset 18"):
+        res = export_onnx_decoder(gpt2(), tmp_path / "o.onnx", opset=12)
+    assert res.opset == 18
+
+
 def test_runner_refusals(exported, tmp_path):
     from onnx import TensorProto, helper, save
 

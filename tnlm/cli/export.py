@@ -31,13 +31,19 @@ folder of format ``st``). Its architecture and tokenizer come from DIR when it h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["add_export_parser", "cmd_export", "ExportError", "FORMATS"]
 
 FORMATS = ("onnx", "hf", "st")
+#: ``--opset``'s and ``--embedding-block``'s defaults
+OPSET, EMBEDDING_BLOCK = 20, 64
 
 
 class ExportError(ValueError):
@@ -70,13 +76,14 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="with --int8: 4 stores the word-embedding table as 4-bit codes with a "
                         "float16 scale and offset per row and block of --embedding-block "
                         "columns")
-    p.add_argument("--embedding-block", type=int, default=64,
-                   help="with --embedding-bits 4: columns per scale (even)")
+    p.add_argument("--embedding-block", type=int, default=None,
+                   help=f"with --embedding-bits 4: columns per scale (even; default "
+                        f"{EMBEDDING_BLOCK})")
     p.add_argument("--base", default=None,
                    help="transformers model folder giving the architecture and tokenizer when "
                         "DIR has no config.json (default: the embedded MiniLM)")
-    p.add_argument("--opset", type=int, default=20, help="onnx only: the ONNX opset "
-                   "(default 20: GELU as one operator, fused by ONNX Runtime)")
+    p.add_argument("--opset", type=int, default=None, help=f"onnx only: the ONNX opset "
+                   f"(default {OPSET}: GELU as one operator, fused by ONNX Runtime)")
     p.add_argument("--fuse", action="store_true",
                    help="onnx only: the projections reading the same states (query/key/value, "
                         "gate/up) as one MatMul and a Split (the same numbers; measured no "
@@ -89,26 +96,26 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
-    """``(dir, out, base)`` after checking every argument, or :class:`ExportError`."""
+    """``(dir, out, base)`` after checking every argument, or :class:`ExportError`;
+    fills in ``args.opset`` and ``args.embedding_block`` when they were not given."""
     from tnlm.export.folder import check_checkpoint
 
     d = Path(args.directory)
     try:
-        check_checkpoint(d)
+        meta = check_checkpoint(d)
     except ValueError as err:
         raise ExportError(f"DIR: {err}") from None
     if args.format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
-    if args.fuse and args.format != "onnx":
-        raise ExportError(f"--fuse applies to --format onnx only, not --format "
-                          f"{args.format}")
+    for flag, given in (("--fuse", args.fuse), ("--int8", args.int8),
+                        ("--opset", args.opset is not None), ("--no-pooling", args.no_pooling)):
+        if given and args.format != "onnx":
+            raise ExportError(f"{flag} applies to --format onnx only, not --format "
+                              f"{args.format}")
     if args.fuse and args.per_tensor:
         raise ExportError("--fuse with --per-tensor would give query, key and value one int8 "
                           "scale for their fused weight; per column (the default) quantizes "
                           "it as the separate weights")
-    if args.int8 and args.format != "onnx":
-        raise ExportError(f"--int8 applies to --format onnx only (int8 ONNX weights), not "
-                          f"--format {args.format}")
     if args.per_tensor and not args.int8:
         raise ExportError("--per-tensor applies with --int8 only (how int8 weights are scaled)")
     if args.embedding_bits not in (8, 4):
@@ -116,9 +123,15 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     if args.embedding_bits == 4 and not args.int8:
         raise ExportError("--embedding-bits 4 applies with --int8 only (the rest of the graph "
                           "int8, the word embeddings 4-bit)")
+    if args.embedding_block is not None and args.embedding_bits != 4:
+        raise ExportError("--embedding-block applies with --embedding-bits 4 only (the columns "
+                          "sharing one scale of the 4-bit table)")
+    args.embedding_block = EMBEDDING_BLOCK if args.embedding_block is None \
+        else args.embedding_block
     if args.embedding_block < 2 or args.embedding_block % 2:
         raise ExportError(f"--embedding-block must be an even number of columns >= 2, got "
                           f"{args.embedding_block}")
+    args.opset = OPSET if args.opset is None else args.opset
     out = Path(args.out)
     if args.format == "onnx":
         if out.suffix != ".onnx":
@@ -133,9 +146,20 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
                           f"{args.format}")
     if out.resolve() == d.resolve():
         raise ExportError(f"--out must differ from DIR ({d})")
+    if args.format != "onnx" and out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"--out {out} is a folder that is not empty; expected a new or empty "
+                          f"folder (files of another model beside the export would be read as "
+                          f"part of it)")
+    _probe(out.parent if args.format == "onnx" else out, out)
+    if args.format == "st" and _generates(meta):
+        raise ExportError(f"--format st: {d} holds a causal LM ({meta['base_model_class']}); "
+                          "sentence-transformers files are written for encoders only: use "
+                          "--format hf or onnx, or load it with tnlm.export.load_compressed")
     base = Path(args.base) if args.base else None
     if base is not None and not (base / "config.json").is_file():
         raise ExportError(f"--base {base} is not a transformers model folder (no config.json)")
+    if base is not None and (d / "config.json").is_file() and not meta.get("lightweight"):
+        _same_architecture(d, base)
     if base is None and not (d / "config.json").is_file():
         from tnlm.integration import default_model_path
 
@@ -147,40 +171,135 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     return d, out, base
 
 
-def _tokenizer(d: Path, base: Path | None, causal: bool = False) -> Any:
-    """The tokenizer saved in DIR, else the one of ``base`` (default: the embedded MiniLM,
-    except for a causal LM, which gets None: MiniLM's tokenizer is not its own)."""
+def _generates(meta: dict[str, Any]) -> bool:
+    """Whether the checkpoint's recorded transformers class is a causal LM's."""
+    name = meta.get("base_model_class")
+    return isinstance(name, str) and name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _probe(target: Path, out: Path) -> None:
+    """:class:`ExportError` (naming ``--out out``) unless a file can be written in
+    ``target``'s nearest existing folder (a probe file written and removed there; nothing
+    else created)."""
+    p = target
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ExportError(f"--out {out}: {p} is a file, not a folder")
+    probe = p / f".tnlm-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
+
+
+#: config keys that say where or how a folder was saved, not what the model is
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "torch_dtype",
+                     "dtype"}
+
+
+def _same_architecture(d: Path, base: Path) -> None:
+    """:class:`ExportError` unless ``base``'s config.json describes the same model as DIR's
+    own (DIR's is the one used; a different ``--base`` would be silently ignored)."""
+    from transformers import AutoConfig
+
+    mine, theirs = (AutoConfig.from_pretrained(str(f)).to_dict() for f in (d, base))
+    differ = sorted(k for k in set(mine) | set(theirs) - _NOT_ARCHITECTURE
+                    if k not in _NOT_ARCHITECTURE and mine.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in differ[:3])
+        raise ExportError(f"--base {base} is another architecture than DIR's own config.json "
+                          f"({shown}{', ...' if len(differ) > 3 else ''}); DIR's is the "
+                          f"model's: leave out --base")
+
+
+def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> Any:
+    """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
+    lightweight checkpoint names, else the embedded MiniLM's when the model is MiniLM's
+    architecture (a causal LM gets None); :class:`ExportError` when that tokenizer is not
+    the model's (MiniLM's for another model, or more tokens than the model embeds)."""
     from transformers import AutoTokenizer
 
+    config = model.base_model.config.get_text_config()
+    source: Path | None = None
     if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return AutoTokenizer.from_pretrained(str(d))
-    if base is None and causal:
-        return None
-    if base is None:
+        source = d
+    elif base is not None:
+        source = base
+    else:
+        from tnlm.export.folder import check_checkpoint
+
+        light = check_checkpoint(d).get("lightweight")
+        named = Path(str((light or {}).get("base_model_name_or_path") or ""))
+        if light and (named / "config.json").is_file():
+            source = named
+    if source is None:
+        if causal:
+            return None
+        from transformers import AutoConfig
+
         from tnlm.integration import default_model_path
 
-        base = default_model_path()
-    return AutoTokenizer.from_pretrained(str(base))
+        source = default_model_path()
+        minilm = AutoConfig.from_pretrained(str(source))
+        if (config.model_type, config.vocab_size) != (minilm.model_type, minilm.vocab_size):
+            raise ExportError(f"DIR {d} holds no tokenizer and its model ({config.model_type}, "
+                              f"{config.vocab_size} tokens) is not the embedded MiniLM's: "
+                              f"pass --base FOLDER holding its tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if len(tok) > config.vocab_size:
+        raise ExportError(f"the tokenizer of {source} has {len(tok)} tokens, more than the "
+                          f"model embeds ({config.vocab_size}): it is not this model's; pass "
+                          f"--base FOLDER holding its tokenizer")
+    return tok
+
+
+@contextlib.contextmanager
+def _staged(out: Path, folder: bool) -> Iterator[Path]:
+    """A temporary path beside ``out`` to write to; moved onto ``out`` when the block ends
+    without an error (``folder``: ``out`` must be missing or empty, and is replaced; a
+    file: the file, and the external data files beside it, replace any of the same name),
+    else removed. A failed export leaves nothing, and no half-written ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        if folder:
+            yield tmp
+            if out.is_dir():
+                out.rmdir()  # empty (checked): a folder is renamed onto a missing path
+            os.replace(tmp, out)
+        else:
+            yield tmp / out.name
+            for f in sorted(tmp.iterdir()):  # the .onnx last: it names its data files
+                if f.name != out.name:
+                    os.replace(f, out.parent / f.name)
+            os.replace(tmp / out.name, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Run ``tnlm export``; prints what was written (one line, with its size)."""
-    from tnlm.export.folder import load_compressed, save_self_contained
+    from tnlm.export.folder import can_generate, load_compressed, save_self_contained
     from tnlm.export.hf import export_hf
 
     d, out, base = _check_args(args)
     model = load_compressed(d, base=base)
-    causal = model.get_output_embeddings() is not None
-    tok = _tokenizer(d, base, causal)
+    causal = can_generate(model.base_model)
+    tok = _tokenizer(d, base, model, causal)
+    if causal and args.no_pooling:
+        raise ExportError(f"--no-pooling: {d} holds a causal LM, whose graph has no pooled "
+                          "output to leave out")
     if args.format == "hf":
-        export_hf(model, out, tok)
+        with _staged(out, folder=True) as tmp:
+            res = export_hf(model, tmp, tok, quiet=True, shown_as=out)
+        print(res["message"])
         return 0
     if args.format == "st":
-        try:
-            save_self_contained(model, tok, out, sentence_transformers=True)
-        except ValueError as err:  # a causal LM: no sentence-transformers files for it
-            raise ExportError(f"--format st: {d}: {err}; use --format hf or onnx, or load it "
-                              "with tnlm.export.load_compressed") from None
+        with _staged(out, folder=True) as tmp:
+            save_self_contained(model, tok, tmp, sentence_transformers=True, shown_as=out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"{out}: self-contained compressed folder, {size / 1e6:.1f} MB; load with "
               f"tnlm.export.sentence_transformer({str(out)!r}) or "
@@ -189,7 +308,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tnlm.export.onnx_graph import export_onnx, gauge_fixed_chains
     from tnlm.export.quantize import quantize_int8
 
-    pooling = None if args.no_pooling or causal else "mean"
+    head = model.base_model.get_output_embeddings() is not None
+    pooling = None if args.no_pooling or head else "mean"
 
     def write(path: Path) -> Any:
         if causal:  # a causal LM: the graph with its key/value cache
@@ -207,20 +327,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         return f"outputs {', '.join(res['outputs'])}"
 
     if not args.int8:
-        res = write(out)
+        with _staged(out, folder=False) as tmp:
+            res = write(tmp)
         print(f"{out}: ONNX graph, {res['bytes'] / 1e6:.1f} MB, {res['mpo_layers']} MPO layers "
               f"kept factorized, {outputs(res)}")
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        fp32 = Path(tmp) / "model.onnx"
+    with _staged(out, folder=False) as tmp:
+        fp32 = tmp.parent / "float32" / "model.onnx"
         res = write(fp32)
         # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
         # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)
         pivoted = args.per_tensor and bool(gauge_fixed_chains(fp32))
-        size = quantize_int8(fp32, out, per_channel=not args.per_tensor,
+        size = quantize_int8(fp32, tmp, per_channel=not args.per_tensor,
                              embedding_bits=args.embedding_bits,
                              block_size=args.embedding_block)
+        shutil.rmtree(fp32.parent)
     emb = "" if args.embedding_bits == 8 else \
         f" and 4-bit word embeddings (blocks of {args.embedding_block})"
     scale = ("7-bit, one scale per column" if not args.per_tensor else

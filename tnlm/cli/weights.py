@@ -140,6 +140,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"--modules must be >= 1 (modules with their own figures), got "
                         f"{args.modules}")
     src = Path(args.directory) if args.directory else None
+    if src is not None and (src / CONFIG_NAME).is_file():
+        from tnlm.integration.io import read_meta
+
+        light = read_meta(src).get("lightweight")
+        if light:
+            raise UserError(f"DIR {src} is a lightweight task checkpoint: its central cores are "
+                            f"kept in its base model ({light.get('base_model_name_or_path')!r}), "
+                            f"not in this folder; report on the compressed model's own folder")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if src is not None and (src / CONFIG_NAME).is_file():

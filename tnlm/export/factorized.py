@@ -213,13 +213,17 @@ class FactorizedEmbedding(nn.Module):
 
 def _swap(root: nn.Module) -> int:
     """Replace every MPO module and :class:`~tnlm.bridge.pivoted.PivotedLinear` under
-    ``root`` in place; returns how many factorized layers the copy holds."""
+    ``root`` in place (a module reached by several paths by the same replacement, so
+    shared weights stay shared); returns how many factorized layers the copy holds."""
     count = 0
-    for name, module in list(root.named_modules()):
+    made: dict[int, nn.Module] = {}  # one replacement a module, wherever it is reached
+    for name, module in list(root.named_modules(remove_duplicate=False)):
         if not isinstance(module, (MPOModule, PivotedLinear)) or not name:
             continue
-        if isinstance(module, PivotedLinear):
-            new: nn.Module = PivotedChain(module)
+        if id(module) in made:
+            new: nn.Module = made[id(module)]
+        elif isinstance(module, PivotedLinear):
+            new = PivotedChain(module)
         elif isinstance(module, MPOLinear):
             new = FactorizedLinear(module)
         elif isinstance(module, MPOEmbedding):
@@ -228,7 +232,9 @@ def _swap(root: nn.Module) -> int:
             raise TypeError(f"{name}: no export form for {type(module).__name__}")
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, child, new)
-        count += 1
+        if id(module) not in made:
+            made[id(module)] = new
+            count += 1
     return count
 
 

@@ -92,7 +92,8 @@ def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 
 def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLike, *,
                         sentence_transformers: bool | None = None,
-                        max_seq_length: int = 128) -> Path:
+                        max_seq_length: int = 128, keep_sentence_files: bool = False,
+                        shown_as: str | os.PathLike | None = None) -> Path:
     """Write ``model`` to ``folder`` so that :func:`load_compressed` rebuilds it from the
     folder alone (no base model needed).
 
@@ -108,6 +109,13 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         max_seq_length: the sentence-transformers truncation length (128: the length
             :func:`tnlm.integration.mean_pooled` truncates to; all-MiniLM-L6-v2's own
             folder says 256).
+        keep_sentence_files: leave the sentence-transformers files already in ``folder``
+            as they are (neither written nor removed): for sentence-transformers' own
+            ``save``, which writes them itself (its prompts and similarity function
+            among them). Not with ``sentence_transformers=True``.
+        shown_as: the folder the README's loading lines name (default ``folder``): for a
+            folder written in one place and then moved (``tnlm export`` writes beside
+            ``--out`` and renames).
 
     A model that generates also gets its ``generation_config.json`` (end-of-sequence ids,
     sampling defaults), which :func:`load_compressed` gives back.
@@ -117,14 +125,18 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
 
     Raises:
         TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
-        ValueError: ``sentence_transformers=True`` for a causal LM.
+        ValueError: ``sentence_transformers=True`` for a causal LM, or with
+            ``keep_sentence_files``.
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
                         f"load_compressed), got {type(model).__name__}")
     generates = can_generate(model.base_model)
+    if keep_sentence_files and sentence_transformers:
+        raise ValueError("keep_sentence_files=True leaves the folder's sentence-transformers "
+                         "files as they are: it cannot be given with sentence_transformers=True")
     if sentence_transformers is None:
-        sentence_transformers = not generates
+        sentence_transformers = not generates and not keep_sentence_files
     elif sentence_transformers and generates:
         raise ValueError(f"sentence_transformers=True: {type(model.base_model).__name__} is a "
                          "causal LM (it generates); sentence-transformers files are written "
@@ -140,13 +152,15 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         tokenizer.save_pretrained(d)
     if sentence_transformers:
         _write_st_files(d, base, max_seq_length)
-    else:  # an earlier save's sentence-transformers files would make this one look like one
+    elif not keep_sentence_files:
+        # an earlier save's sentence-transformers files would make this one look like one
         _remove_st_files(d)
     params = sum(p.numel() for p in model.parameters())
-    usage = (_USAGE_ST if sentence_transformers else _USAGE_MODEL).format(
-        folder=d, generate=_USAGE_GENERATE.format(folder=d) if generates else "")
+    shown = Path(shown_as) if shown_as is not None else d
+    usage = (_USAGE_ST if sentence_transformers or keep_sentence_files else _USAGE_MODEL).format(
+        folder=shown, generate=_USAGE_GENERATE.format(folder=shown) if generates else "")
     (d / "README.md").write_text(_README.format(
-        name=d.name, usage=usage,
+        name=shown.name, usage=usage,
         params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
     return d
 

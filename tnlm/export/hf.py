@@ -23,12 +23,15 @@ __all__ = ["export_hf"]
 
 
 def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None, *,
-              quiet: bool = False) -> dict[str, Any]:
+              quiet: bool = False, shown_as: str | os.PathLike | None = None
+              ) -> dict[str, Any]:
     """Save ``model`` (an :class:`~tnlm.integration.MPOModel`, or a plain transformers
     model) as a transformers folder with merged dense weights; ``model`` is unchanged.
 
     Writes ``config.json``, ``model.safetensors``, the tokenizer (if given) and a
     ``README.md`` stating the size, and prints one line saying it (unless ``quiet``).
+    ``shown_as``: the folder the README and the message name (default ``folder``), for a
+    folder written in one place and then moved.
 
     Returns:
         ``{"folder", "bytes" (of the weights), "params" (dense), "mpo_params" (of the
@@ -47,11 +50,12 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None
         tokenizer.save_pretrained(d)
     size = sum(p.stat().st_size for p in d.glob("*.safetensors"))
     params = factorized_params(dense)
-    message = (f"{d}: dense transformers folder, {size / 1e6:.1f} MB of weights ({params:,} "
+    shown = Path(shown_as) if shown_as is not None else d
+    message = (f"{shown}: dense transformers folder, {size / 1e6:.1f} MB of weights ({params:,} "
                f"parameters); as big as the uncompressed model: merging the MPO layers gives "
                f"up the compression (the compressed model holds {mpo_params:,} parameters)")
     (d / "README.md").write_text(
-        f"# {d.name}\n\nA model compressed with tnlm, merged back to dense weights: loads "
+        f"# {shown.name}\n\nA model compressed with tnlm, merged back to dense weights: loads "
         f"with `transformers.AutoModel.from_pretrained` alone, without tnlm.\n\n"
         f"Size: {size / 1e6:.1f} MB of weights, {params:,} parameters: as big as the "
         f"uncompressed dense model. The compression is given up by merging (the compressed "

@@ -30,6 +30,7 @@ cache) and :meth:`OnnxCausalLM.generate` (greedy decoding with the cache, the to
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,12 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
         raise RuntimeError(f"export_onnx_decoder: could not export the cached pass of "
                            f"{type(plain).__name__} ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=file_opset(path),
+    written = file_opset(path)
+    if written != opset:
+        warnings.warn(f"export_onnx_decoder: opset {opset} was asked for, but the exporter "
+                      f"could not convert the graph to it; {path} is opset {written}",
+                      stacklevel=2)
+    return ExportResult(path=path, inputs=inputs, outputs=outputs, opset=written,
                         mpo_layers=n_mpo, weights=onnx_weights(path)["total"],
                         model_params=factorized_params(plain), bytes=size,
                         cache=(layers, kv_heads, head_dim), fused_matmuls=fused)

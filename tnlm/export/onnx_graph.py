@@ -100,10 +100,23 @@ def _model_inputs(model: nn.Module) -> list[str]:
     return names
 
 
-def _output_name(model: nn.Module) -> str:
-    """``"logits"`` for a model with a language-model head, else ``"last_hidden_state"``."""
+def _output_name(model: nn.Module, pooling: str | None = None) -> str:
+    """``"logits"`` for a model with a language-model head, else ``"last_hidden_state"``;
+    ``ValueError`` for a model with another task head (its outputs are neither) or for
+    ``pooling`` of a head's logits."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    return "logits" if head is not None else "last_hidden_state"
+    if head is not None:
+        if pooling is not None:
+            raise ValueError(f"pooling={pooling!r} pools hidden states, but "
+                             f"{type(model).__name__} returns logits (a language-model head): "
+                             "pass pooling=None, or export its bare encoder (AutoModel)")
+        return "logits"
+    bare = getattr(model, "base_model", model)
+    if bare is not model:
+        raise ValueError(f"model: {type(model).__name__} has a task head whose outputs are "
+                         "neither hidden states nor a language model's logits; export its "
+                         "bare model (AutoModel, model.base_model) or a causal LM")
+    return "last_hidden_state"
 
 
 class ExportResult(dict):
@@ -179,15 +192,16 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         layers exported as matmul chains, and the weights stored in the file.
 
     Raises:
-        ValueError: an unknown ``pooling``, or a model without ``input_ids`` /
-            ``attention_mask`` inputs.
+        ValueError: an unknown ``pooling``, ``pooling`` of a language-model head's
+            logits, a model with another task head (a classifier: export its
+            ``base_model``), or a model without ``input_ids`` / ``attention_mask`` inputs.
         ImportError: ``onnx`` or ``onnxscript`` is missing (``pip install tnlm[export]``).
     """
     if pooling not in (None, "mean"):
         raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
     plain, n_mpo = export_copy(model, "export_onnx")
     inputs = _model_inputs(plain)
-    output = _output_name(plain)
+    output = _output_name(plain, pooling)
     graph = _Graph(plain, inputs, output, pooling).eval()
     sample = list(sample) if sample is not None else [
         "a short example sentence to trace the graph", "and a second, longer one, so that "
@@ -425,6 +439,7 @@ class OnnxEncoder:
     def __init__(self, path: str | os.PathLike, tokenizer: Any, threads: int | None = None,
                  max_length: int = 128,
                  disabled_optimizers: Sequence[str] = SLOW_FUSIONS) -> None:
+        self.path = Path(path)
         self.session = ort_session(path, threads, disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -459,6 +474,9 @@ class OnnxEncoder:
             if "sentence_embedding" in res:
                 out.append(res["sentence_embedding"])
                 continue
+            if self.output_names[0] != "last_hidden_state":
+                raise ValueError(f"encode: {self.path} outputs {self.output_names[0]!r}, not "
+                                 "hidden states to pool (a language model's graph)")
             hidden = res[self.output_names[0]]
             mask = np.asarray(batch["attention_mask"])[..., None].astype(hidden.dtype)
             pooled = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)

@@ -48,7 +48,7 @@ class MPOTransformer(Transformer):
              **kwargs: Any) -> None:
         """The compressed folder (MPO weights, config, tokenizer) and this module's config."""
         save_self_contained(self.mpo_model, self.tokenizer, output_path,
-                            sentence_transformers=False)
+                            keep_sentence_files=True)  # sentence-transformers writes its own
         self.save_config(output_path)
 
 
@@ -56,7 +56,10 @@ def sentence_transformer(folder: str | os.PathLike, device: str = "cpu") -> Sent
     """The ``SentenceTransformer`` of a folder written by
     :func:`~tnlm.export.save_self_contained`: :class:`MPOTransformer`, then the pooling
     and normalisation its ``modules.json`` lists; ``.encode()`` gives the model's
-    mean-pooled, normalised embeddings (:func:`tnlm.integration.mean_pooled`).
+    mean-pooled, normalised embeddings (:func:`tnlm.integration.mean_pooled`). The
+    prompts, default prompt and similarity function of its
+    ``config_sentence_transformers.json`` are the model's, as
+    ``SentenceTransformer(folder, trust_remote_code=True)`` reads them.
 
     Raises:
         ValueError: ``folder`` is not a tnlm checkpoint with sentence-transformers files.
@@ -79,4 +82,10 @@ def sentence_transformer(folder: str | os.PathLike, device: str = "cpu") -> Sent
         else:
             raise ValueError(f"{d / 'modules.json'}: module type {e['type']!r} is not one "
                              f"sentence_transformer() builds ({ST_MODULE}, Pooling, Normalize)")
-    return SentenceTransformer(modules=modules, device=device)
+    settings: dict[str, Any] = {}
+    config = d / "config_sentence_transformers.json"
+    if config.is_file():
+        saved = json.loads(config.read_text(encoding="utf-8"))
+        settings = {k: saved[k] for k in ("prompts", "default_prompt_name",
+                                          "similarity_fn_name") if saved.get(k) is not None}
+    return SentenceTransformer(modules=modules, device=device, **settings)
