@@ -1037,3 +1037,36 @@ def test_cli_export_refuses_a_tokenizer_that_is_not_the_model_s(compressed, tok,
                              "--out", str(tmp_path / "hf")])) == 0  # the same architecture
     assert not (tmp_path / "hf" / "mpo_config.json").exists()
 
+
+def test_cli_4bit_embeddings_of_a_tied_or_mpo_table_refused_before_export(tmp_path):
+    """A tied word-embedding table (a causal LM's head reads it) or an MPO embedding
+    cannot be stored in 4 bits: refused after loading, before the graph is exported."""
+    pytest.importorskip("onnxruntime")
+    cfg = llama().config
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = get_mpo_model(LlamaForCausalLM(cfg).eval(), MPOConfig(target_modules=["q_proj"],
+                                                                  max_bond=4, n_sites=2),
+                         progress=False).eval()
+    assert tied.base_model.get_output_embeddings().weight is \
+        tied.base_model.get_input_embeddings().weight
+    save_self_contained(tied, None, tmp_path / "tied")
+    with pytest.raises(ExportError, match="^--embedding-bits 4: the word-embedding table is "
+                                          "tied to the language-model head"):
+        cmd_export(parse([str(tmp_path / "tied"), "--format", "onnx", "--int8",
+                          "--embedding-bits", "4", "--out", str(tmp_path / "t.onnx")]))
+    enc = get_mpo_model(bert(), MPOConfig(target_modules=["word_embeddings"], max_bond=4,
+                                          n_sites=2), progress=False).eval()
+    save_self_contained(enc, make_bert_tokenizer_for(tmp_path), tmp_path / "emb")
+    with pytest.raises(ExportError, match="^--embedding-bits 4: the word embeddings are a "
+                                          "MPOEmbedding"):
+        cmd_export(parse([str(tmp_path / "emb"), "--format", "onnx", "--int8",
+                          "--embedding-bits", "4", "--out", str(tmp_path / "e.onnx")]))
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def make_bert_tokenizer_for(tmp_path):
+    d = tmp_path / "vocab"
+    d.mkdir()
+    return make_bert_tokenizer(d)
+

@@ -255,6 +255,22 @@ def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> 
     return tok
 
 
+def _check_4bit_table(base: Any) -> None:
+    """:class:`ExportError` before any export unless the word embeddings are a plain
+    table of their own, which ``--embedding-bits 4`` can store in 4 bits."""
+    from torch import nn
+
+    emb = base.get_input_embeddings()
+    head = base.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise ExportError(f"--embedding-bits 4: the word embeddings are a "
+                          f"{type(emb).__name__}, not a plain table to store in 4 bits")
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        raise ExportError("--embedding-bits 4: the word-embedding table is tied to the "
+                          "language-model head, whose MatMul reads it whole; leave out "
+                          "--embedding-bits 4 (the table is then int8)")
+
+
 @contextlib.contextmanager
 def _staged(out: Path, folder: bool) -> Iterator[Path]:
     """A temporary path beside ``out`` to write to; moved onto ``out`` when the block ends
@@ -289,6 +305,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_compressed(d, base=base)
     causal = can_generate(model.base_model)
     tok = _tokenizer(d, base, model, causal)
+    if args.embedding_bits == 4:
+        _check_4bit_table(model.base_model)
     if causal and args.no_pooling:
         raise ExportError(f"--no-pooling: {d} holds a causal LM, whose graph has no pooled "
                           "output to leave out")
