@@ -1000,6 +1000,9 @@ def test_cli_export_never_mixes_two_models_in_one_folder(checkpoint, tmp_path):
     assert cmd_export(parse([str(ckpt), "--format", "hf", "--base", str(base),
                              "--out", str(empty)])) == 0  # an empty folder is taken
     assert (empty / "model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)  # not the staging folder's 0700
     assert (empty / "README.md").read_text().startswith("# empty\n")
 
 

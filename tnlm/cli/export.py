@@ -279,6 +279,9 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
     else removed. A failed export leaves nothing, and no half-written ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder's usual mode, not mkdtemp's private 0700
     try:
         if folder:
             yield tmp
