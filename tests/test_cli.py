@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -212,3 +213,10 @@ def test_compress_pivoted_saves_gauge_fixed_layers_that_report_and_reload(
         assert main(["export", str(out), "--format", "onnx", "--int8", *flags, "--out",
                      str(onnx_file)]) == 0
         assert said in capsys.readouterr().out
+        import onnx
+        from onnx import numpy_helper
+
+        codes = [int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+                 for t in onnx.load(str(onnx_file)).graph.initializer
+                 if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8]
+        assert codes and max(codes) <= 64  # the file's codes are 7-bit, as said
