@@ -477,3 +477,26 @@ def test_half_precision_layers_can_be_analysed():
     assert layer.cores[0].dtype == torch.bfloat16
     mpo = layer.to_mpo()
     assert mpo.dtype == torch.float32 and mpo.entanglement_entropy().shape == (2,)
+
+
+def test_mpo_embedding_padding_idx_is_that_of_nn_embedding():
+    """-1 means the last row (stored as n - 1) in both modes; out of range is refused."""
+    from tnlm import MPO, MPOEmbedding
+
+    torch.manual_seed(0)
+    table = torch.randn(12, 8, dtype=torch.float64)
+    mpo = MPO.from_matrix(table, (3, 4), (2, 4))
+    ids = torch.tensor([[0, 11, 5, 11]])
+    grads = {}
+    for mode in ("dense", "contract"):
+        for idx in (-1, 11):
+            layer = MPOEmbedding.from_mpo(mpo, padding_idx=idx, mode=mode)
+            assert layer.padding_idx == 11
+            layer(ids).sum().backward()
+            grads[mode, idx] = [c.grad.clone() for c in layer.cores]
+    for key, g in grads.items():
+        for a, b in zip(g, grads["dense", 11]):
+            assert torch.allclose(a, b, atol=1e-12), key
+    for bad in (12, -13, 1.5, True):
+        with pytest.raises(ValueError, match=r"padding_idx must be None or an int in \[-12, 12\)"):
+            MPOEmbedding.from_mpo(mpo, padding_idx=bad)

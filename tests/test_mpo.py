@@ -445,3 +445,66 @@ def test_padded_truncation_error_is_an_upper_bound(rng):
     assert rel_err(t.to_matrix(), W) <= t.truncation_error * (1 + 1e-9)
     with pytest.raises(ValueError, match="max_bond must be >= 1"):
         MPO.from_matrix(W[:4, :4], (4,), (4,)).truncate(max_bond=-3)
+
+
+def test_truncating_a_padded_mpo_whose_padding_holds_weight_keeps_the_bound(rng):
+    """A trained padded layer carries weight in its padding: ``max_error`` and the
+    reported error are the logical block's (measured), never the padded chain's."""
+    W = rng.standard_normal((12, 12))
+    m = MPO.from_matrix(W, (4, 4), (4, 4), pad=True)
+    cores = m.cores
+    cores[0] = cores[0] + 5.0 * rng.standard_normal(cores[0].shape)  # weight everywhere
+    heavy = MPO(cores, in_dim=12, out_dim=12)
+    assert heavy.norm() == pytest.approx(np.linalg.norm(heavy.to_matrix()), rel=1e-12)
+    assert heavy._chain_norm() > 1.2 * heavy.norm()  # the padding holds weight
+    for kw in (dict(max_error=0.3), dict(max_bond=2), dict(cutoff=0.2)):
+        t = heavy.truncate(**kw)
+        measured = rel_err(t.to_matrix(), heavy.to_matrix())
+        assert t.truncation_error == pytest.approx(measured, rel=1e-9, abs=1e-12)
+        if "max_error" in kw:
+            assert measured <= 0.3
+
+
+def test_cores_an_mpo_cannot_hold_are_refused_naming_them(rng):
+    good = MPO.from_matrix(rng.standard_normal((4, 6)), (2, 2), (2, 3)).cores
+    for bad, kind, match in [
+            (good[1].astype(np.complex128), TypeError, r"cores\[1\] has dtype complex128"),
+            (torch.as_tensor(good[1]).to(torch.complex128), TypeError, r"cores\[0\] .*complex"),
+            (np.ones(good[1].shape, dtype=np.int64), TypeError, r"cores\[1\] has dtype int64"),
+            (np.where(np.arange(good[1].size).reshape(good[1].shape) == 0, np.nan, good[1]),
+             ValueError, r"cores\[1\] holds NaN or infinite"),
+            (np.full(good[1].shape, np.inf), ValueError, r"cores\[1\] holds NaN or infinite")]:
+        first = torch.as_tensor(good[0]) if torch.is_tensor(bad) else good[0]
+        if torch.is_tensor(bad):
+            first = first.to(bad.dtype)
+        with pytest.raises(kind, match=match):
+            MPO([first, bad])
+
+
+def test_gauge_and_shape_arguments_are_checked(rng):
+    m = MPO.from_matrix(rng.standard_normal((16, 16)), (4, 4), (4, 4))
+    for rtol in (float("nan"), 1, 2.0, -1e-3):
+        with pytest.raises(ValueError, match="rtol must be a number in"):
+            m.symmetric_gauge(rtol)
+    with pytest.raises(ValueError, match="tol must be a number >= 0"):
+        m.is_canonical(1, tol=-1)
+    with pytest.raises(ValueError, match=r"in_shape=\(64, 128\) has product 8192, more than"):
+        MPO.from_matrix(np.ones((2, 2)), (64, 128), (2, 1), pad=True)
+    with pytest.raises(TypeError, match="pad must be a bool"):
+        MPO.from_matrix(np.ones((16, 16)), pad="no")
+    t = MPO.from_matrix(torch.randn(16, 16, dtype=torch.float32), (4, 4), (4, 4))
+    with pytest.raises(TypeError, match="x has dtype torch.float64, the MPO's cores "
+                                        "torch.float32"):
+        t.apply(torch.randn(3, 16, dtype=torch.float64))
+
+
+def test_budget_helpers_refuse_nonsense():
+    from tnlm.core.budget import mpo_params
+    from tnlm.core.pivot import pivoted_rank_for_fraction
+
+    with pytest.raises(ValueError, match="max_bond"):
+        mpo_params((4, 4), (4, 4), -3)
+    for bad in (float("nan"), -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\]"):
+            pivoted_rank_for_fraction(64, 64, bad)
+    assert pivoted_rank_for_fraction(64, 64, 0.0) == 1  # the floor; budgets are checked above

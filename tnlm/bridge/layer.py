@@ -840,6 +840,13 @@ class MPOEmbedding(MPOModule):
                  mode: str = "auto", cache_dense: bool = True) -> None:
         super().__init__(cores, num_embeddings, embedding_dim, mode, cache_dense)
         self.kind = "embedding"
+        n = self.in_dim
+        if padding_idx is not None:  # as nn.Embedding: an int in [-n, n), stored >= 0
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)) \
+                    or not -n <= padding_idx < n:
+                raise ValueError(f"padding_idx must be None or an int in [-{n}, {n}) "
+                                 f"(num_embeddings {n}), got {padding_idx!r}")
+            padding_idx = int(padding_idx) % n
         self.padding_idx = padding_idx
         strides = np.cumprod((1,) + self.in_shape[::-1][:-1])[::-1]
         self.register_buffer("_strides", torch.as_tensor(strides.copy()), persistent=False)

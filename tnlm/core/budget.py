@@ -45,6 +45,7 @@ import numpy as np
 from tnlm.core.mpo import MPO
 from tnlm.core.spectra import tail_sums
 from tnlm.core.table import format_table
+from tnlm.core.validation import check_positive_int
 
 __all__ = [
     "Allocation",
@@ -83,7 +84,7 @@ def bond_bounds(in_shape: Sequence[int], out_shape: Sequence[int],
                          "the same number of sites")
     site = [i * j for i, j in zip(in_shape, out_shape)]
     n = len(site)
-    cap = max_bond if max_bond is not None else float("inf")
+    cap = check_positive_int(max_bond, "max_bond") if max_bond is not None else float("inf")
     return [int(min(prod(site[: k + 1]), prod(site[k + 1:]), cap)) for k in range(n - 1)]
 
 

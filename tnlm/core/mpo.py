@@ -27,7 +27,7 @@ import tensornetwork as tn
 
 from tnlm.core import backend as B
 from tnlm.core import sweeps
-from tnlm.core.factorize import factorize, padded_dim
+from tnlm.core.factorize import check_padding, factorize, padded_dim
 from tnlm.core.plan import ContractionPlan, get_plan, network_equation
 from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spectra import central_bond, spectrum_entropy
@@ -49,6 +49,24 @@ AXES = ("left", "in", "out", "right")
 def _eps(dtype: Any) -> float:
     name = str(dtype).removeprefix("torch.")
     return float(np.finfo(np.float32 if name == "float32" else np.float64).eps)
+
+
+def _check_core(k: int, c: Tensor) -> None:
+    """``TypeError`` unless ``cores[k]`` holds real floating-point numbers, ``ValueError``
+    if any is NaN or infinite (each names ``cores[k]``)."""
+    if B.is_torch(c):
+        import torch
+
+        real = c.dtype.is_floating_point and not c.is_complex()
+        finite = bool(torch.isfinite(c).all()) if real else True
+    else:
+        real = np.issubdtype(np.asarray(c).dtype, np.floating)
+        finite = bool(np.isfinite(c).all()) if real else True
+    if not real:
+        raise TypeError(f"cores[{k}] has dtype {c.dtype}; an MPO holds real floating-point "
+                        "cores (float32 or float64; complex cores are not supported)")
+    if not finite:
+        raise ValueError(f"cores[{k}] holds NaN or infinite values")
 
 
 def central_site(site_params: Sequence[int]) -> int:
@@ -110,6 +128,7 @@ class MPO:
                 )
             if c.dtype != cores[0].dtype:
                 raise TypeError(f"cores[{k}] has dtype {c.dtype}, cores[0] has {cores[0].dtype}")
+            _check_core(k, c)
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
             raise ValueError(
                 "boundary bonds must have dimension 1: cores[0].shape[0] and "
@@ -186,6 +205,8 @@ class MPO:
             the last are isometries); ``truncation_error`` is the exact relative error.
         """
         W = check_matrix(W, "W")
+        if not isinstance(pad, bool):
+            raise TypeError(f"pad must be a bool, got {pad!r}")
         if backend is not None:
             W = B.convert(W, backend)
         I, J = (int(d) for d in W.shape)
@@ -241,6 +262,7 @@ class MPO:
         if p != dim and not (pad and p > dim):
             hint = "; pass pad=True to zero-pad" if p > dim else ""
             raise ValueError(f"{name}={shape} has product {p}, but {dim_name}={dim}{hint}")
+        check_padding(shape, dim, name=name, dim_name=dim_name)
         return shape
 
     @staticmethod
@@ -364,6 +386,9 @@ class MPO:
             raise TypeError(f"x is a {B.backend_of(x)} array but the MPO is on {self.backend}")
         if x.ndim < 1 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x must have shape (..., {self.in_dim}), got {tuple(x.shape)}")
+        if self.backend == "pytorch" and x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, the MPO's cores {self.dtype}: cast one "
+                            "to the other")
         lead = tuple(x.shape[:-1])
         xb = x.reshape(-1, self.in_dim)
         pad_in = prod(self.in_shape) - self.in_dim
@@ -374,7 +399,15 @@ class MPO:
         return y[:, : self.out_dim].reshape(*lead, self.out_dim)
 
     def norm(self) -> float:
-        """||W||_F, computed from the cores (no dense contraction)."""
+        """||W||_F of the logical (I, J) matrix: from the cores (no dense contraction), or
+        for a zero-padded MPO from :meth:`to_matrix` (its padding may hold weight, e.g.
+        after training, which the chain's own norm would count)."""
+        if self.padded:
+            return float(np.linalg.norm(B.to_numpy(self.to_matrix()).astype(np.float64)))
+        return self._chain_norm()
+
+    def _chain_norm(self) -> float:
+        """The Frobenius norm of the whole (padded) chain, from the cores."""
         core = sweeps.left_orthogonalize(self.cores, self.n_sites - 1)[-1]
         return float(np.linalg.norm(B.to_numpy(core).astype(np.float64)))
 
@@ -396,6 +429,8 @@ class MPO:
         center = check_site_index(center, self.n_sites, "center")
         if tol is None:
             tol = 1e-10 if _eps(self.dtype) < 1e-10 else 1e-5
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         return sweeps.is_canonical(self.cores, center, tol)
 
     def symmetric_gauge(self, rtol: float | None = None) -> MPO:
@@ -407,9 +442,13 @@ class MPO:
         """
         if rtol is None:
             rtol = 100 * _eps(self.dtype)
+        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+            raise ValueError(f"rtol must be a number in [0, 1) (relative to each bond's "
+                             f"largest singular value), got {rtol!r}")
         cores, spectra, cut_sq = sweeps.symmetric_gauge(self.cores, rtol)
         # ||W||_F before the guard's cut: what is kept plus what was cut (orthogonal parts)
-        norm = (float(np.sum(spectra[0] ** 2)) + cut_sq) ** 0.5 if spectra else self.norm()
+        norm = (float(np.sum(spectra[0] ** 2)) + cut_sq) ** 0.5 if spectra \
+            else self._chain_norm()
         err = (cut_sq**0.5 / norm) if norm > 0 else 0.0
         out = self._replace(
             cores, gauge="symmetric", truncation_error=(self.truncation_error**2 + err**2) ** 0.5
@@ -428,18 +467,28 @@ class MPO:
 
         The chain is right-canonicalized and swept left to right; every bond is cut
         in canonical form, so the reported error equals the measured one (to
-        rounding). For a zero-padded MPO the error is that of the padded matrix, an
-        upper bound of the error on the logical (I, J) block (truncation may put
-        some weight into the padding, which :meth:`to_matrix` slices off).
-        Policies as in :mod:`tnlm.core.policy` (``cutoff`` is relative to ||W||_F;
-        a number ``max_error`` bounds the whole matrix's relative error).
+        rounding). Policies as in :mod:`tnlm.core.policy` (``cutoff`` is relative to
+        ||W||_F; a number ``max_error`` bounds the whole matrix's relative error).
+
+        For a zero-padded MPO, W is the logical (I, J) block: ``cutoff`` and
+        ``max_error`` are relative to its norm, and ``truncation_error`` is its measured
+        relative error (a dense contraction of both matrices). The cuts are made on the
+        padded chain, whose discarded weight bounds the logical block's error from
+        above, so ``max_error`` holds for W even when the padding holds weight (a
+        trained padded layer); ``discarded`` is the padded chain's.
         """
         policy = TruncationPolicy.build(max(self.n_sites - 1, 0), max_bond, cutoff, max_error)
         if self.n_sites == 1:
             return self._replace(self.cores, truncation_error=0.0)
         norm = self.norm()
         result = sweeps.truncate(self.cores, policy, norm)
-        err = (sum(result.discarded_sq) ** 0.5 / norm) if norm > 0 else 0.0
+        if self.padded and norm > 0:
+            cut = self._replace(result.cores)
+            diff = B.to_numpy(self.to_matrix()).astype(np.float64) - \
+                B.to_numpy(cut.to_matrix()).astype(np.float64)
+            err = float(np.linalg.norm(diff)) / norm
+        else:
+            err = (sum(result.discarded_sq) ** 0.5 / norm) if norm > 0 else 0.0
         return self._replace(
             result.cores,
             center=self.n_sites - 1,

@@ -74,7 +74,13 @@ def pivoted_params(in_dim: int, out_dim: int, rank: int) -> int:
 
 def pivoted_rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int:
     """The largest rank r >= 1 with ``r (I + J - r) <= fraction · I · J`` (at most
-    ``min(I, J)``, where the count equals the dense ``I J``)."""
+    ``min(I, J)``, where the count equals the dense ``I J``); rank 1 where even its count
+    exceeds the fraction (callers check the model-wide budget, as
+    :func:`tnlm.compress.allocate.smallest_fraction` does). ``ValueError`` for a
+    ``fraction`` outside [0, 1] (NaN included)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     s, budget = in_dim + out_dim, fraction * in_dim * out_dim
     disc = max(s * s - 4.0 * budget, 0.0)
     r = int(math.floor((s - math.sqrt(disc)) / 2))
