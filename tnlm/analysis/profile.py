@@ -309,12 +309,14 @@ def model_profile(
 
 
 def model_profile_from_mpos(
-    named_mpos: Mapping[str, MPO],
+    named_mpos: Mapping[str, MPO | Sequence[Any]],
     classify: Callable[[str], tuple[int | None, str]] = default_classifier,
 ) -> dict[str, Any]:
     """:func:`model_profile` of ready MPOs (e.g. those of a saved model): one
     :func:`mpo_profile` row per MPO, skipping (into ``skipped``, ``(name, reason)``) the
-    MPOs whose cores hold NaN or inf or whose bond spectra cannot be computed.
+    MPOs whose bond spectra cannot be computed, and the entries given as their raw cores
+    (a sequence of arrays, e.g. a saved layer's cores that no :class:`MPO` holds because
+    they hold NaN or inf; a finite list of cores is an error of the caller).
 
     Raises:
         ValueError: ``named_mpos`` is empty, or every MPO was skipped (the message
@@ -326,10 +328,12 @@ def model_profile_from_mpos(
         raise ValueError("named_mpos is empty")
     rows, skipped = [], []
     for name, mpo in named_mpos.items():
-        reason = nonfinite_reason(*mpo.cores)
+        reason = nonfinite_reason(*(mpo.cores if isinstance(mpo, MPO) else mpo))
         if reason is not None:
             skipped.append((name, f"its MPO cores hold {reason}"))
             continue
+        if not isinstance(mpo, MPO):
+            raise TypeError(f"named_mpos[{name!r}]: finite cores must come as an MPO")
         try:
             rows.append(mpo_profile(mpo, name=name))
         except (ValueError, RuntimeError, np.linalg.LinAlgError) as err:

@@ -95,7 +95,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _saved_mpos(directory: Path) -> dict:
     """MPOs of a checkpoint written by ``MPOModel.save_pretrained`` (hash verified; read
-    without the base model)."""
+    without the base model); a layer whose cores hold NaN or inf, which no MPO holds, as
+    its list of cores (``model_profile_from_mpos`` names it)."""
     from tnlm import MPO
     from tnlm.integration import load_tensors
 
@@ -112,7 +113,10 @@ def _saved_mpos(directory: Path) -> dict:
         else:
             cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
                      for k in range(len(spec["core_shapes"]))]
-        out[name] = MPO(cores, in_dim=spec["in_dim"], out_dim=spec["out_dim"])
+        if all(np.isfinite(c).all() for c in cores):
+            out[name] = MPO(cores, in_dim=spec["in_dim"], out_dim=spec["out_dim"])
+        else:  # no MPO holds them: the report names the layer and what its cores hold
+            out[name] = cores
     return out
 
 
