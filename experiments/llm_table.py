@@ -67,7 +67,9 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         # runs before the allocation option were uniform; None is the job's default
         alloc = args.get("allocation") or ("residual" if "allocation" in args
                                            and d["method"] == "tnlm" else "uniform")
-        method = d["method"] if alloc == "uniform" else f"{d['method']} ({alloc})"
+        # tnlm's uniform ranks asked for by name (its default is residual) say so
+        named = alloc != "uniform" or (d["method"] == "tnlm" and args.get("allocation"))
+        method = f"{d['method']} ({alloc})" if named else d["method"]
         # settings other than the defaults of their time make a row of their own
         # (the output error matters to fitting and the residual allocation: tnlm only;
         # "fit_error" was its name for one run, when it set the fitting alone)
