@@ -23,9 +23,9 @@ Formats:
   :func:`tnlm.export.sentence_transformer` read.
 
 DIR is a tnlm checkpoint (``tnlm compress --out``, ``MPOModel.save_pretrained`` or a
-folder of format ``st``). Its architecture and tokenizer come from DIR when it holds
-``config.json``, else from ``--base`` (default: the embedded MiniLM, the model
-``tnlm compress`` compresses by default).
+folder of format ``st``). Its architecture comes from DIR when it holds ``config.json``
+(``--base`` then gives the tokenizer only, when DIR has none), else from ``--base``
+(default: the embedded MiniLM, the model ``tnlm compress`` compresses by default).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,8 +79,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"with --embedding-bits 4: columns per scale (even; default "
                         f"{EMBEDDING_BLOCK})")
     p.add_argument("--base", default=None,
-                   help="transformers model folder giving the architecture and tokenizer when "
-                        "DIR has no config.json (default: the embedded MiniLM)")
+                   help="transformers model folder giving the architecture when DIR has no "
+                        "config.json, and the tokenizer when DIR has none (default: the "
+                        "embedded MiniLM)")
     p.add_argument("--opset", type=int, default=None, help=f"onnx only: the ONNX opset "
                    f"(default {OPSET}: GELU as one operator, fused by ONNX Runtime)")
     p.add_argument("--fuse", action="store_true",
@@ -155,11 +155,12 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
         raise ExportError(f"--format st: {d} holds a causal LM ({meta['base_model_class']}); "
                           "sentence-transformers files are written for encoders only: use "
                           "--format hf or onnx, or load it with tnlm.export.load_compressed")
+    if args.no_pooling and _generates(meta):
+        raise ExportError(f"--no-pooling: {d} holds a causal LM ({meta['base_model_class']}), "
+                          "whose graph has no pooled output to leave out")
     base = Path(args.base) if args.base else None
     if base is not None and not (base / "config.json").is_file():
         raise ExportError(f"--base {base} is not a transformers model folder (no config.json)")
-    if base is not None and (d / "config.json").is_file() and not meta.get("lightweight"):
-        _same_architecture(d, base)
     if base is None and not (d / "config.json").is_file():
         from tnlm.integration import default_model_path
 
@@ -172,8 +173,18 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
 
 
 def _generates(meta: dict[str, Any]) -> bool:
-    """Whether the checkpoint's recorded transformers class is a causal LM's."""
+    """Whether the checkpoint's recorded transformers class generates (its
+    ``can_generate``, asked of the class: nothing is loaded)."""
+    import transformers
+
     name = meta.get("base_model_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    can = getattr(cls, "can_generate", None)
+    if callable(can):
+        try:
+            return bool(can())
+        except TypeError:  # an instance method in this transformers version
+            pass
     return isinstance(name, str) and name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
@@ -194,26 +205,6 @@ def _probe(target: Path, out: Path) -> None:
         raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
-#: config keys that say where or how a folder was saved, not what the model is
-_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "architectures", "torch_dtype",
-                     "dtype"}
-
-
-def _same_architecture(d: Path, base: Path) -> None:
-    """:class:`ExportError` unless ``base``'s config.json describes the same model as DIR's
-    own (DIR's is the one used; a different ``--base`` would be silently ignored)."""
-    from transformers import AutoConfig
-
-    mine, theirs = (AutoConfig.from_pretrained(str(f)).to_dict() for f in (d, base))
-    differ = sorted(k for k in set(mine) | set(theirs) - _NOT_ARCHITECTURE
-                    if k not in _NOT_ARCHITECTURE and mine.get(k) != theirs.get(k))
-    if differ:
-        shown = ", ".join(f"{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in differ[:3])
-        raise ExportError(f"--base {base} is another architecture than DIR's own config.json "
-                          f"({shown}{', ...' if len(differ) > 3 else ''}); DIR's is the "
-                          f"model's: leave out --base")
-
-
 def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> Any:
     """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
     lightweight checkpoint names, else the embedded MiniLM's when the model is MiniLM's
@@ -230,10 +221,10 @@ def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> 
     else:
         from tnlm.export.folder import check_checkpoint
 
-        light = check_checkpoint(d).get("lightweight")
-        named = Path(str((light or {}).get("base_model_name_or_path") or ""))
-        if light and (named / "config.json").is_file():
-            source = named
+        light = check_checkpoint(d).get("lightweight") or {}
+        named = light.get("base_model_name_or_path")
+        if named and (Path(str(named)) / "config.json").is_file():
+            source = Path(str(named))
     if source is None:
         if causal:
             return None
@@ -273,20 +264,33 @@ def _check_4bit_table(base: Any) -> None:
 
 @contextlib.contextmanager
 def _staged(out: Path, folder: bool) -> Iterator[Path]:
-    """A temporary path beside ``out`` to write to; moved onto ``out`` when the block ends
-    without an error (``folder``: ``out`` must be missing or empty, and is replaced; a
-    file: the file, and the external data files beside it, replace any of the same name),
-    else removed. A failed export leaves nothing, and no half-written ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # a folder's usual mode, not mkdtemp's private 0700
+    """Where to write ``out``, so that a failed export leaves nothing behind.
+
+    A folder that exists (empty: checked before) is written in place and emptied again
+    if the export fails (it may be a mount point, a symlink or ``.``, which cannot be
+    replaced). Otherwise everything is written in a new folder beside ``out`` and moved
+    onto it once complete (a folder: renamed; a file: the ``.onnx`` and any external
+    data files beside it); on failure that folder is removed, with the parent folders
+    this made."""
+    if folder and out.is_dir():
+        try:
+            yield out
+        except BaseException:
+            for f in out.iterdir():
+                if f.is_dir() and not f.is_symlink():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
+            raise
+        return
+    made = [p for p in reversed(out.parents) if not p.exists()]
+    for p in made:
+        p.mkdir()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp.mkdir()  # the umask's mode, as any folder the user makes
     try:
         if folder:
             yield tmp
-            if out.is_dir():
-                out.rmdir()  # empty (checked): a folder is renamed onto a missing path
             os.replace(tmp, out)
         else:
             yield tmp / out.name
@@ -294,6 +298,12 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
                 if f.name != out.name:
                     os.replace(f, out.parent / f.name)
             os.replace(tmp / out.name, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -304,23 +314,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tnlm.export.folder import can_generate, load_compressed, save_self_contained
     from tnlm.export.hf import export_hf
 
+    args = argparse.Namespace(**vars(args))  # _check_args fills in defaults: the caller's stay
     d, out, base = _check_args(args)
-    model = load_compressed(d, base=base)
+    from tnlm.export.folder import check_checkpoint
+
+    # a folder with its own config.json is that model: --base then gives the tokenizer only
+    own = (d / "config.json").is_file() and not check_checkpoint(d).get("lightweight")
+    model = load_compressed(d, base=None if own else base)
     causal = can_generate(model.base_model)
     tok = _tokenizer(d, base, model, causal)
     if args.embedding_bits == 4:
         _check_4bit_table(model.base_model)
-    if causal and args.no_pooling:
-        raise ExportError(f"--no-pooling: {d} holds a causal LM, whose graph has no pooled "
-                          "output to leave out")
     if args.format == "hf":
         with _staged(out, folder=True) as tmp:
             res = export_hf(model, tmp, tok, quiet=True, shown_as=out)
         print(res["message"])
         return 0
     if args.format == "st":
-        with _staged(out, folder=True) as tmp:
-            save_self_contained(model, tok, tmp, sentence_transformers=True, shown_as=out)
+        try:
+            with _staged(out, folder=True) as tmp:
+                save_self_contained(model, tok, tmp, sentence_transformers=True, shown_as=out)
+        except ValueError as err:  # e.g. a model that generates: no sentence-transformers files
+            raise ExportError(f"--format st: {d}: {err}; use --format hf or onnx, or load it "
+                              "with tnlm.export.load_compressed") from None
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"{out}: self-contained compressed folder, {size / 1e6:.1f} MB; load with "
               f"tnlm.export.sentence_transformer({str(out)!r}) or "

@@ -26,6 +26,7 @@ float64 rounding times the pivot block's condition number (measured: relative er
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def pivoted_rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int
     exceeds the fraction (callers check the model-wide budget, as
     :func:`tnlm.compress.allocate.smallest_fraction` does). ``ValueError`` for a
     ``fraction`` outside [0, 1] (NaN included)."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
             or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
     s, budget = in_dim + out_dim, fraction * in_dim * out_dim

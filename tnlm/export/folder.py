@@ -157,7 +157,8 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         _remove_st_files(d)
     params = sum(p.numel() for p in model.parameters())
     shown = Path(shown_as) if shown_as is not None else d
-    usage = (_USAGE_ST if sentence_transformers or keep_sentence_files else _USAGE_MODEL).format(
+    st_usage = sentence_transformers or (keep_sentence_files and (d / "modules.json").is_file())
+    usage = (_USAGE_ST if st_usage else _USAGE_MODEL).format(
         folder=shown, generate=_USAGE_GENERATE.format(folder=shown) if generates else "")
     (d / "README.md").write_text(_README.format(
         name=shown.name, usage=usage,
