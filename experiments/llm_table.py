@@ -193,7 +193,7 @@ def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int,
     if right:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=ncol, fontsize=7)
     else:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=ncol, fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=ncol, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
