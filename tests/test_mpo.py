@@ -508,3 +508,14 @@ def test_budget_helpers_refuse_nonsense():
         with pytest.raises(ValueError, match=r"fraction must be a number in \[0, 1\]"):
             pivoted_rank_for_fraction(64, 64, bad)
     assert pivoted_rank_for_fraction(64, 64, 0.0) == 1  # the floor; budgets are checked above
+
+
+def test_mpo_refuses_a_center_gauge_or_dims_it_would_only_record(rng):
+    cores = MPO.from_matrix(rng.standard_normal((4, 6)), (2, 2), (2, 3)).cores
+    with pytest.raises(ValueError, match=r"center must be in \[0, 2\), got 99"):
+        MPO(cores, center=99)
+    with pytest.raises(ValueError, match="gauge must be one of"):
+        MPO(cores, gauge="bogus")
+    with pytest.raises(TypeError, match="in_dim must be an int or None, got 3.7"):
+        MPO(cores, in_dim=3.7)
+    assert MPO(cores, center=-1, gauge="canonical", in_dim=np.int64(4)).center == 1

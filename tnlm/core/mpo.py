@@ -45,6 +45,8 @@ Tensor = B.Tensor
 __all__ = ["MPO", "central_site"]
 
 AXES = ("left", "in", "out", "right")
+#: the gauges an MPO records (None: unknown)
+GAUGES = (None, "canonical", "symmetric")
 
 
 #: padded MPOs of at most this many logical entries (I J) are measured on their logical
@@ -155,6 +157,14 @@ class MPO:
             tn.connect(self._nodes[k]["right"], self._nodes[k + 1]["left"], name=f"bond{k}")
         self.in_shape: tuple[int, ...] = tuple(int(c.shape[1]) for c in cores)
         self.out_shape: tuple[int, ...] = tuple(int(c.shape[2]) for c in cores)
+        for name, dim in (("in_dim", in_dim), ("out_dim", out_dim)):
+            if dim is not None and (isinstance(dim, (bool, np.bool_))
+                                    or not isinstance(dim, (int, np.integer))):
+                raise TypeError(f"{name} must be an int or None, got {dim!r}")
+        if gauge not in GAUGES:
+            raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
+        if center is not None:
+            center = check_site_index(center, len(cores), "center")
         self.in_dim = prod(self.in_shape) if in_dim is None else int(in_dim)
         self.out_dim = prod(self.out_shape) if out_dim is None else int(out_dim)
         if not 0 < self.in_dim <= prod(self.in_shape) or not 0 < self.out_dim <= prod(
