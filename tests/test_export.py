@@ -1083,3 +1083,16 @@ def make_bert_tokenizer_for(tmp_path):
     d.mkdir()
     return make_bert_tokenizer(d)
 
+
+
+def test_a_lightweight_checkpoint_naming_no_base_is_not_given_the_working_folder(
+        tmp_path, monkeypatch):
+    """An in-memory model's lightweight checkpoint names no base (""); it is refused,
+    never rebuilt on whatever model folder the working directory is."""
+    model = get_mpo_model(bert(), MPOConfig(target_modules=["query"], n_sites=3),
+                          progress=False)
+    model.save_pretrained(tmp_path / "light", lightweight=True)
+    bert(seed=1).save_pretrained(tmp_path / "cwd")  # a model folder as working directory
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(ValueError, match="lightweight task checkpoint: it needs its base"):
+        load_compressed(tmp_path / "light", base=None)

@@ -95,8 +95,10 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
-    """``(dir, out, base)`` after checking every argument, or :class:`ExportError`;
+def _check_args(args: argparse.Namespace
+                ) -> tuple[Path, Path, Path | None, dict[str, Any]]:
+    """``(dir, out, base, the checkpoint's parsed mpo_config.json)`` after checking every
+    argument, or :class:`ExportError`;
     fills in ``args.opset`` and ``args.embedding_block`` when they were not given."""
     from tnlm.export.folder import check_checkpoint
 
@@ -169,7 +171,7 @@ def _check_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
         except FileNotFoundError as err:
             raise ExportError(f"DIR {d} has no config.json and --base is not given: {err}") \
                 from None
-    return d, out, base
+    return d, out, base, meta
 
 
 def _generates(meta: dict[str, Any]) -> bool:
@@ -205,7 +207,8 @@ def _probe(target: Path, out: Path) -> None:
         raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
-def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> Any:
+def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
+               causal: bool = False) -> Any:
     """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
     lightweight checkpoint names, else the embedded MiniLM's when the model is MiniLM's
     architecture (a causal LM gets None); :class:`ExportError` when that tokenizer is not
@@ -219,12 +222,11 @@ def _tokenizer(d: Path, base: Path | None, model: Any, causal: bool = False) -> 
     elif base is not None:
         source = base
     else:
-        from tnlm.export.folder import check_checkpoint
+        from tnlm.export.folder import lightweight_base
 
-        light = check_checkpoint(d).get("lightweight") or {}
-        named = light.get("base_model_name_or_path")
-        if named and (Path(str(named)) / "config.json").is_file():
-            source = Path(str(named))
+        named = lightweight_base(meta)
+        if named is not None and (named / "config.json").is_file():
+            source = named
     if source is None:
         if causal:
             return None
@@ -283,9 +285,9 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
                     f.unlink(missing_ok=True)
             raise
         return
-    made = [p for p in reversed(out.parents) if not p.exists()]
-    for p in made:
-        p.mkdir()
+    from tnlm.cli.common import make_out, remove_empty
+
+    _, made = make_out(str(out.parent))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
     tmp.mkdir()  # the umask's mode, as any folder the user makes
     try:
@@ -300,9 +302,7 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
             os.replace(tmp / out.name, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in reversed(made):
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_empty(made)
         raise
     finally:
         if tmp.exists():
@@ -315,14 +315,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tnlm.export.hf import export_hf
 
     args = argparse.Namespace(**vars(args))  # _check_args fills in defaults: the caller's stay
-    d, out, base = _check_args(args)
-    from tnlm.export.folder import check_checkpoint
-
+    d, out, base, meta = _check_args(args)
     # a folder with its own config.json is that model: --base then gives the tokenizer only
-    own = (d / "config.json").is_file() and not check_checkpoint(d).get("lightweight")
+    own = (d / "config.json").is_file() and not meta.get("lightweight")
     model = load_compressed(d, base=None if own else base)
     causal = can_generate(model.base_model)
-    tok = _tokenizer(d, base, model, causal)
+    tok = _tokenizer(d, base, meta, model, causal)
     if args.embedding_bits == 4:
         _check_4bit_table(model.base_model)
     if args.format == "hf":

@@ -98,6 +98,7 @@ def _saved_mpos(directory: Path) -> dict:
     without the base model); a layer whose cores hold NaN or inf, which no MPO holds, as
     its list of cores (``model_profile_from_mpos`` names it)."""
     from tnlm import MPO
+    from tnlm.analysis import nonfinite_reason
     from tnlm.integration import load_tensors
 
     meta, tensors = load_tensors(directory)
@@ -113,7 +114,7 @@ def _saved_mpos(directory: Path) -> dict:
         else:
             cores = [tensors[f"{name}.cores.{k}"].astype(np.float64)
                      for k in range(len(spec["core_shapes"]))]
-        if all(np.isfinite(c).all() for c in cores):
+        if nonfinite_reason(*cores) is None:
             out[name] = MPO(cores, in_dim=spec["in_dim"], out_dim=spec["out_dim"])
         else:  # no MPO holds them: the report names the layer and what its cores hold
             out[name] = cores

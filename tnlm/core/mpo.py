@@ -34,6 +34,7 @@ from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spectra import central_bond, spectrum_entropy
 from tnlm.core.table import format_table
 from tnlm.core.validation import (
+    check_core,
     check_matrix,
     check_positive_int,
     check_shape,
@@ -57,24 +58,6 @@ DENSE_CHECK = 1 << 24
 def _eps(dtype: Any) -> float:
     name = str(dtype).removeprefix("torch.")
     return float(np.finfo(np.float32 if name == "float32" else np.float64).eps)
-
-
-def _check_core(k: int, c: Tensor) -> None:
-    """``TypeError`` unless ``cores[k]`` holds real floating-point numbers, ``ValueError``
-    if any is NaN or infinite (each names ``cores[k]``)."""
-    if B.is_torch(c):
-        import torch
-
-        real = c.dtype.is_floating_point and not c.is_complex()
-        finite = bool(torch.isfinite(c).all()) if real and not c.is_meta else True
-    else:
-        real = np.issubdtype(np.asarray(c).dtype, np.floating)
-        finite = bool(np.isfinite(c).all()) if real else True
-    if not real:
-        raise TypeError(f"cores[{k}] has dtype {c.dtype}; an MPO holds real floating-point "
-                        "cores (float32 or float64; complex cores are not supported)")
-    if not finite:
-        raise ValueError(f"cores[{k}] holds NaN or infinite values")
 
 
 def central_site(site_params: Sequence[int]) -> int:
@@ -136,7 +119,7 @@ class MPO:
                 )
             if c.dtype != cores[0].dtype:
                 raise TypeError(f"cores[{k}] has dtype {c.dtype}, cores[0] has {cores[0].dtype}")
-            _check_core(k, c)
+            check_core(c, k)
         if cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
             raise ValueError(
                 "boundary bonds must have dimension 1: cores[0].shape[0] and "

@@ -9,8 +9,8 @@ import numpy as np
 
 from tnlm.core import backend as B
 
-__all__ = ["MAX_SITES", "check_matrix", "check_shape", "check_site_index", "check_positive_int",
-           "check_n_sites"]
+__all__ = ["MAX_SITES", "all_finite", "check_core", "check_matrix", "check_shape",
+           "check_site_index", "check_positive_int", "check_n_sites"]
 
 #: the most sites an MPO may have: every site factor is >= 2 for a balanced
 #: factorization, so more sites than this would need a dimension above 2**64
@@ -62,10 +62,29 @@ def check_matrix(w: Any, name: str = "W") -> Any:
         raise ValueError(f"{name} must be a 2-D matrix (I, J), got shape {tuple(w.shape)}")
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(w.shape)}")
-    finite = bool(w.isfinite().all()) if B.is_torch(w) else bool(np.isfinite(w).all())
-    if not finite:
+    if not all_finite(w):
         raise ValueError(f"{name} contains NaN or Inf")
     return w
+
+
+def all_finite(w: Any) -> bool:
+    """Whether every entry of a numpy array or torch tensor is finite."""
+    return bool(w.isfinite().all()) if B.is_torch(w) else bool(np.isfinite(w).all())
+
+
+def check_core(c: Any, k: int) -> None:
+    """``TypeError`` unless ``cores[k]`` of an MPO holds real floating-point numbers,
+    ``ValueError`` if any is NaN or infinite (each names ``cores[k]``; a tensor on the
+    meta device holds no values to check)."""
+    if B.is_torch(c):
+        real = c.dtype.is_floating_point and not c.is_complex()
+    else:
+        real = np.issubdtype(np.asarray(c).dtype, np.floating)
+    if not real:
+        raise TypeError(f"cores[{k}] has dtype {c.dtype}; an MPO holds real floating-point "
+                        "cores (float32 or float64; complex cores are not supported)")
+    if not (B.is_torch(c) and c.is_meta) and not all_finite(c):
+        raise ValueError(f"cores[{k}] holds NaN or infinite values")
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -30,7 +30,7 @@ from tnlm.integration import MPOModel
 from tnlm.integration.io import CONFIG_NAME, read_meta
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
-           "check_checkpoint"]
+           "check_checkpoint", "lightweight_base"]
 
 #: the sentence-transformers module type of the compressed transformer (modules.json)
 ST_MODULE = "tnlm.export.sentence.MPOTransformer"
@@ -88,6 +88,14 @@ def check_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
         return read_meta(d)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{d} is not a readable tnlm checkpoint: {err}") from None
+
+
+def lightweight_base(meta: dict[str, Any]) -> Path | None:
+    """The base model folder a lightweight task checkpoint names (its parsed
+    ``mpo_config.json``: :func:`check_checkpoint`), or ``None`` when it is not
+    lightweight or names none."""
+    name = (meta.get("lightweight") or {}).get("base_model_name_or_path")
+    return Path(str(name)) if name else None
 
 
 def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLike, *,
@@ -258,9 +266,8 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
     config = AutoConfig.from_pretrained(str(arch))
     cls = _base_class(meta, config)
     if light:
-        source = Path(base) if base is not None else Path(str(
-            light.get("base_model_name_or_path") or ""))
-        if not (source / "config.json").is_file():
+        source = Path(base) if base is not None else lightweight_base(meta)
+        if source is None or not (source / "config.json").is_file():
             raise ValueError(f"{d} is a lightweight task checkpoint: it needs its base model "
                              f"({light.get('base_model_name_or_path')!r}); pass base=FOLDER")
         model = cls.from_pretrained(str(source))
