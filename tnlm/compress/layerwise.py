@@ -74,7 +74,7 @@ from tnlm.integration.architectures import blocks_of
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "block_error", "dense_spectra",
-           "LayerwiseConfig", "LayerwiseResult",
+           "Sensitivity", "LayerwiseConfig", "LayerwiseResult",
            "compress_layerwise", "capture_block_inputs", "fit_block", "block_parameters",
            "write_checkpoint", "read_checkpoint_state",
            "layerwise_fingerprint", "check_checkpoint", "remove_checkpoint",
@@ -87,8 +87,10 @@ METHODS = ("tnlm", "whitened", "plain")
 #: ``uniform``: every target keeps ``budget`` of its parameters; ``spectrum``: ranks from
 #: the dense model's whitened spectra minimising the summed relative output errors of the
 #: targets (:func:`tnlm.compress.allocate.spectrum_ranks`); ``residual``: the same with each
-#: target's error relative to its block's output (the residual stream) instead of its own
-ALLOCATIONS = ("uniform", "spectrum", "residual")
+#: target's error relative to its block's output (the residual stream) instead of its own;
+#: ``sensitivity``: the same with each target's error weighted by what it does
+#: to the last block's output when truncated alone (:class:`Sensitivity`)
+ALLOCATIONS = ("uniform", "spectrum", "residual", "sensitivity")
 
 #: how a block's output error is measured (:func:`block_error`): what block fitting
 #: minimises, what the ``"residual"`` allocation weighs each target's error against and
@@ -344,7 +346,8 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
 @torch.no_grad()
 def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list[str]],
                   prefix: str, ridge: float = 1e-6, progress: bool = False,
-                  reduce: bool = False, error: str = "total"
+                  reduce: bool = False, error: str = "total",
+                  sensitivity: Sensitivity | None = None
                   ) -> tuple[dict[str, tuple[int, int, Any]], dict[str, float]]:
     """The dense blocks run in turn on the captured inputs ``data``; per target, its
     whitened spectrum on its own dense inputs. With ``reduce``, ``data`` is this rank's
@@ -362,10 +365,19 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         ``||e_p||² / ||h_p||²`` for an error ``e`` spread evenly over the positions (a
         position with massive activations then weighs as little as it does after the
         next norm, instead of setting ``E`` alone).
+
+    With ``sensitivity`` (not with ``reduce``) each target is also truncated alone, at
+    its uniform rank, on the first ``sensitivity.batches`` batches of ``data``, and the
+    last block's output error it causes is recorded in ``sensitivity.errors``
+    (:class:`Sensitivity`).
     """
+    if sensitivity is not None and reduce:
+        raise ValueError("the sensitivity allocation runs in one process, not distributed")
     spectra: dict[str, tuple[int, int, Any]] = {}
     share: dict[str, float] = {}
     xs = [d[0] for d in data]
+    if sensitivity is not None:
+        sensitivity.start(blocks, data)
     for i in tqdm(range(len(blocks)), desc="spectra", disable=not progress, leave=False):
         call = _BlockCall(blocks[i])
         names = per_block[i]
@@ -385,13 +397,99 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
             energy = count ** 2 / inv if inv else 0.0
         energy = energy or 1.0
         Ws = [weight_xw(blocks[i].get_submodule(n)) for n in names]
-        for n, W, tails in zip(names, Ws, _tails(Ws, [stats[f"block.{n}"] for n in names],
-                                                ridge, reduce, i)):
+        own = [stats[f"block.{n}"] for n in names]
+        if sensitivity is not None:
+            layers = [WhitenedLayer(W, st, ridge) for W, st in zip(Ws, own)]
+            all_tails = [wl.tails for wl in layers]
+            for n, wl in zip(names, layers):
+                sensitivity.measure(i, n, f"{prefix}.{i}.{n}", wl, xs)
+        else:
+            all_tails = _tails(Ws, own, ridge, reduce, i)
+        for n, W, tails in zip(names, Ws, all_tails):
             key = f"{prefix}.{i}.{n}"
             spectra[key] = (int(W.shape[0]), int(W.shape[1]), tails)
             share[key] = float(tails[0]) / energy
         xs = ys
     return spectra, share
+
+class Sensitivity:
+    """End-to-end sensitivities of the targets, measured on the dense model for the
+    ``"sensitivity"`` allocation: target ``n`` of block ``i`` alone truncated (whitened,
+    on its dense inputs) at the rank ``r_n`` the budget gives it uniformly, the blocks
+    ``i .. L-1`` run on the first ``batches`` calibration batches, and the error of the
+    last block's output against the dense one, position by position
+    (:func:`block_error` ``"position"``: what the final norm passes to the head) is
+    ``errors[n]``. :meth:`weights` turns them into the per-target weights of
+    :func:`~tnlm.compress.allocate.spectrum_ranks`::
+
+        w_n = errors[n] / (tail_n[r_n] / tail_n[0])
+
+    so that the allocation minimises ``Σ_n errors[n] · tail_n[r] / tail_n[r_n]``: each
+    target's measured end-to-end error, scaled linearly with its own whitened output
+    error. Unlike the ``"residual"`` weights, which compare a target's error with its
+    block's output energy, this counts what an error does downstream (through every later
+    block and after the massive activations a few positions carry), at the budget asked.
+
+    Args:
+        budget: the fraction kept; each target's measuring rank is the uniform rank.
+        pivoted: count ranks gauge-fixed (:func:`pivoted_rank_for_fraction`).
+        gauge: gauge of the measuring layers (the function does not depend on it).
+        batches: calibration batches measured on (the first ones).
+    """
+
+    def __init__(self, budget: float, *, pivoted: bool = False, gauge: str = "symmetric",
+                 batches: int = 1) -> None:
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+        self.budget = check_fraction("budget", budget)
+        self.pivoted, self.gauge, self.batches = pivoted, gauge, batches
+        self.errors: dict[str, float] = {}
+        self.relative: dict[str, float] = {}
+        self._blocks: nn.ModuleList | None = None
+        self._probe: list[tuple] = []
+        self._reference: list[torch.Tensor] = []
+
+    def start(self, blocks: nn.ModuleList, data: list[tuple]) -> None:
+        """Remember the measuring batches and the dense model's last outputs on them."""
+        self._blocks = blocks
+        self._probe = data[:self.batches]
+        self._reference = [self._run(0, x, extra) for x, extra in self._probe]
+
+    def _run(self, start: int, x: torch.Tensor, extra: tuple) -> torch.Tensor:
+        for b in range(start, len(self._blocks)):
+            x = _BlockCall(self._blocks[b])(x, extra)
+        return x
+
+    def rank(self, in_dim: int, out_dim: int) -> int:
+        """The measuring rank of an ``in_dim x out_dim`` target (the uniform one)."""
+        uniform = pivoted_rank_for_fraction if self.pivoted else rank_for_fraction
+        return int(uniform(in_dim, out_dim, self.budget))
+
+    def measure(self, block: int, name: str, key: str, layer: WhitenedLayer,
+                inputs: list[torch.Tensor]) -> None:
+        """Truncate ``name`` of ``block`` (whose dense inputs on the calibration batches
+        are ``inputs``) alone and record its end-to-end error under ``key``."""
+        from tnlm.integration.surgery import temporary
+
+        I, J = layer.shape
+        r = self.rank(I, J)
+        tail = layer.tails
+        self.relative[key] = float(tail[min(r, len(tail) - 1)]) / (float(tail[0]) or 1.0)
+        if r >= min(I, J):  # the uniform rank keeps it whole: nothing to measure
+            self.errors[key] = 0.0
+            return
+        like = self._blocks[block].get_submodule(name)
+        with temporary(self._blocks[block], {name: layer.layer(r, like, self.gauge)}):
+            errs = [block_error(self._run(block, x, extra), ref, "position")
+                    for x, (_, extra), ref in zip(inputs, self._probe, self._reference)]
+        self.errors[key] = float(sum(float(e) for e in errs) / len(errs))
+
+    def weights(self) -> dict[str, float]:
+        """``key -> w_n`` (class docstring). A target whose uniform rank already loses
+        nothing (relative error 0) weighs as the median measured target."""
+        w = {k: self.errors[k] / rel for k, rel in self.relative.items() if rel > 0}
+        fill = float(sorted(w.values())[len(w) // 2]) if w else 1.0
+        return {k: w.get(k, fill) for k in self.relative}
 
 
 def _tails(Ws: list[torch.Tensor], stats: list[InputStats], ridge: float, reduce: bool,
@@ -885,6 +983,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
+    if dist and config.allocation == "sensitivity" and config.budget < 1:
+        raise ValueError("allocation 'sensitivity' runs in one process: it is not "
+                         "distributed yet (use 'residual' under torch.distributed)")
     if dist:
         dist_.check_same(dist_.digest([sequences]), "calibration sequences")
         n_batches, ok = shared_batches(sequences.shape[0], config.batch_size, size, fitting)
@@ -960,13 +1061,17 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         t0 = time.perf_counter()
         was = model.training
         model.eval()
+        sens = (Sensitivity(float(config.budget), pivoted=config.pivoted, gauge=config.gauge)
+                if config.allocation == "sensitivity" else None)
         try:
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
-                                           progress, reduce=dist, error=config.output_error)
+                                           progress, reduce=dist, error=config.output_error,
+                                           sensitivity=sens)
         finally:
             model.train(was)
-        allocated = spectrum_ranks(spectra, float(config.budget),
-                                   share if config.allocation == "residual" else None,
+        weights = (share if config.allocation == "residual" else
+                   sens.weights() if sens is not None else None)
+        allocated = spectrum_ranks(spectra, float(config.budget), weights,
                                    pivoted=config.pivoted)
         if dist:  # the same spectra on every rank; rank 0's choice is everyone's
             allocated = dist_.broadcast_json(allocated, 0, "the allocated ranks")
