@@ -492,6 +492,12 @@ def test_gauge_and_shape_arguments_are_checked(rng):
         MPO.from_matrix(np.ones((2, 2)), (64, 128), (2, 1), pad=True)
     with pytest.raises(TypeError, match="pad must be a bool"):
         MPO.from_matrix(np.ones((16, 16)), pad="no")
+    with pytest.raises(ValueError, match="n_sites=5 disagrees with in_shape, which has 2"):
+        MPO.from_matrix(np.ones((16, 16)), (4, 4), n_sites=5)
+    with pytest.raises(ValueError, match="n_sites=3 disagrees with out_shape"):
+        MPO.from_matrix(np.ones((16, 16)), out_shape=(4, 4), n_sites=3)
+    assert MPO.from_matrix(np.ones((16, 16)), (4, 4), n_sites=2).n_sites == 2
+    assert MPO.from_matrix(np.ones((32, 32))).n_sites == 5
     t = MPO.from_matrix(torch.randn(16, 16, dtype=torch.float32), (4, 4), (4, 4))
     with pytest.raises(TypeError, match="x has dtype torch.float64, the MPO's cores "
                                         "torch.float32"):

@@ -120,7 +120,7 @@ def matrix_profile(
     W: Any,
     in_shape: Sequence[int] | None = None,
     out_shape: Sequence[int] | None = None,
-    n_sites: int = 5,
+    n_sites: int | None = None,
     name: str | None = None,
     *,
     pad: bool = False,
@@ -129,6 +129,7 @@ def matrix_profile(
 
     W (numpy or torch, any float dtype) is decomposed in float64 by successive
     SVDs; shapes default to ``factorize(I, n_sites)`` / ``factorize(J, n_sites)``
+    (``n_sites`` 5 unless given; given beside a shape, it must match it)
     (``pad=True`` zero-pads dimensions that do not factorize, e.g. a 30522 vocab;
     the profile is then that of the padded matrix). See :func:`mpo_profile` for
     the keys. The spectra of W and of W.T coincide when the site shapes are
@@ -145,7 +146,7 @@ def random_reference(
     seed: int = 0,
     *,
     norm: float = 1.0,
-    n_sites: int = 5,
+    n_sites: int | None = None,
     pad: bool = False,
 ) -> Profile:
     """The profile of a Gaussian random matrix of ``shape`` (I, J) scaled to ``||G||_F = norm``.
@@ -214,7 +215,7 @@ def error_vs_params(
     out_shape: Sequence[int] | None,
     max_bonds: Sequence[int],
     *,
-    n_sites: int = 5,
+    n_sites: int | None = None,
 ) -> list[dict[str, Any]]:
     """MPO truncation vs the best low-rank SVD at (at most) the same parameter count.
 

@@ -8,6 +8,9 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         each target's whitened spectrum (Grams summed over the ranks, each spectrum
         computed by one rank and shared) -> a rank per target
         minimising the summed errors within the budget (rank 0's choice sent to every rank);
+        "sensitivity" (one process): the same pass, and each target truncated alone at its
+            uniform rank with the blocks after it run on one calibration batch: its error
+            at the last block's output weighs its spectrum (Sensitivity);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
             (``pivoted``: r (I + J - r), the gauge-fixed count)
     resume: the finished blocks and this rank's X_s, X_t from the checkpoint

@@ -171,7 +171,7 @@ class MPO:
         W: Any,
         in_shape: Sequence[int] | None = None,
         out_shape: Sequence[int] | None = None,
-        n_sites: int = 5,
+        n_sites: int | None = None,
         *,
         max_bond: int | Sequence[int] | None = None,
         cutoff: float | Sequence[float] | None = 0.0,
@@ -186,7 +186,8 @@ class MPO:
             W: dense matrix (numpy array or torch tensor), shape (I, J), float32/64.
             in_shape: factors of I, one per site; default ``factorize(I, n_sites)``.
             out_shape: factors of J; default ``factorize(J, n_sites)``.
-            n_sites: number of sites when a shape is omitted.
+            n_sites: number of sites when both shapes are omitted (default 5); given
+                beside a shape, it must equal that shape's length.
             max_bond, cutoff, max_error: truncation policies (see
                 :mod:`tnlm.core.policy`); all ``None``/0 gives the exact MPO.
             pad: allow zero-padding I or J up to the product of the site shape
@@ -209,12 +210,15 @@ class MPO:
         if backend is not None:
             W = B.convert(W, backend)
         I, J = (int(d) for d in W.shape)
+        asked = None if n_sites is None else check_positive_int(n_sites, "n_sites")
         if in_shape is None and out_shape is None:
-            n_sites = check_positive_int(n_sites, "n_sites")
-        elif in_shape is not None:
-            n_sites = len(check_shape(in_shape, "in_shape"))
+            n_sites = 5 if asked is None else asked
         else:
-            n_sites = len(check_shape(out_shape, "out_shape"))
+            which = "in_shape" if in_shape is not None else "out_shape"
+            n_sites = len(check_shape(in_shape if in_shape is not None else out_shape, which))
+            if asked is not None and asked != n_sites:
+                raise ValueError(f"n_sites={asked} disagrees with {which}, which has "
+                                 f"{n_sites} sites; give one of them")
         in_shape = cls._resolve_shape(in_shape, I, n_sites, pad, "in_shape", "I")
         out_shape = cls._resolve_shape(out_shape, J, n_sites, pad, "out_shape", "J")
         if len(in_shape) != len(out_shape):

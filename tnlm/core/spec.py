@@ -133,7 +133,9 @@ class DecompositionSpec:
         shape = getattr(W, "shape", None)
         if self.pad and shape is not None and len(shape) == 2:
             self.site_shapes(int(shape[0]), int(shape[1]))
-        mpo = MPO.from_matrix(W, self.in_shape, self.out_shape, self.n_sites,
+        shaped = self.in_shape is not None or self.out_shape is not None
+        mpo = MPO.from_matrix(W, self.in_shape, self.out_shape,
+                              None if shaped else self.n_sites,
                               max_bond=_seq(self.max_bond), cutoff=_seq(self.cutoff),
                               max_error=_seq(self.max_error), pad=self.pad)
         return apply_gauge(mpo, self.gauge)
