@@ -682,7 +682,8 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
     names = [[n for n, x in b.named_modules() if isinstance(x, torch.nn.Linear)
               and n.split(".")[-1] in default_targets(model)] for b in blocks]
     data = capture_block_inputs(model, seqs, 8)
-    sens = Sensitivity(0.5, batches=2)
+    sens = Sensitivity(0.5)
+    sens.start(blocks, data)
     spectra, share = dense_spectra(blocks, data, names, "model.layers", sensitivity=sens)
     assert set(sens.errors) == set(spectra) == set(sens.weights())
     quiet = [k for k in sens.errors if k.startswith("model.layers.1.")]
@@ -715,8 +716,15 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
     kept = {a: sum(r[k] or 48 for k in quiet if not k.endswith(("o_proj", "down_proj")))
             for a, r in by.items()}
     assert kept["sensitivity"] < 0.5 * kept["residual"]
-    with pytest.raises(ValueError, match="batches must be an int >= 1"):
-        Sensitivity(0.5, batches=0)
+    with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1"):
+        LayerwiseConfig(["q_proj"], allocation="sensitivity", sensitivity_sequences=0)
+    with pytest.raises(ValueError, match="the probe is at block 3, not 0"):
+        sens.measure(0, "mlp.up_proj", "x", wl)  # the probe has passed every block
+    # a probe of 3 sequences: the job's own capture, the same weights' order of size
+    r3 = compress_layerwise(copy.deepcopy(model), seqs, LayerwiseConfig(
+        default_targets(model), allocation="sensitivity", sensitivity_sequences=3, **cfg),
+        progress=False)
+    assert 0.45 <= r3.ratio <= 0.5
 
 
 def sens_stats(block, data, name):

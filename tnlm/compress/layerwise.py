@@ -147,12 +147,15 @@ class LayerwiseConfig:
             (:func:`write_checkpoint`; ``compress_layerwise(..., resume=True)``
             continues from it); None: no checkpoint. Not part of the settings a resume
             must match.
+        sensitivity_sequences: allocation ``"sensitivity"``: how many of the first
+            calibration sequences the end-to-end errors are measured on
+            (:class:`Sensitivity`; its time grows with them).
 
     Raises:
         TypeError: ``budget`` is not a real number (a bool included).
         ValueError: ``budget`` not in (0, 1], an unknown ``method``, ``allocation`` or
-            ``output_error``, ``fit_steps``/``batch_size`` not an int (>= 0 / >= 1), or
-            malformed ``target_modules``.
+            ``output_error``, ``fit_steps``/``batch_size``/``sensitivity_sequences`` not
+            an int (>= 0 / >= 1 / >= 1), or malformed ``target_modules``.
     """
 
     target_modules: list[str]
@@ -169,6 +172,7 @@ class LayerwiseConfig:
     checkpoint_dir: str | None = None
     output_error: str = "total"
     pivoted: bool = False
+    sensitivity_sequences: int = 8
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
@@ -182,7 +186,7 @@ class LayerwiseConfig:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, "
                              f"got {self.allocation!r}")
-        for name in ("fit_steps", "batch_size"):
+        for name in ("fit_steps", "batch_size", "sensitivity_sequences"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "fit_steps"
                                                                        else 1):
@@ -369,18 +373,15 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         position with massive activations then weighs as little as it does after the
         next norm, instead of setting ``E`` alone).
 
-    With ``sensitivity`` (not with ``reduce``) each target is also truncated alone, at
-    its uniform rank, on the first ``sensitivity.batches`` batches of ``data``, and the
-    last block's output error it causes is recorded in ``sensitivity.errors``
-    (:class:`Sensitivity`).
+    With ``sensitivity`` (not with ``reduce``; :meth:`Sensitivity.start` called) each
+    target is also truncated alone, at its uniform rank, and the last block's output
+    error it causes on the sensitivity's probe is recorded in ``sensitivity.errors``.
     """
     if sensitivity is not None and reduce:
         raise ValueError("the sensitivity allocation runs in one process, not distributed")
     spectra: dict[str, tuple[int, int, Any]] = {}
     share: dict[str, float] = {}
     xs = [d[0] for d in data]
-    if sensitivity is not None:
-        sensitivity.start(blocks, data)
     for i in tqdm(range(len(blocks)), desc="spectra", disable=not progress, leave=False):
         call = _BlockCall(blocks[i])
         names = per_block[i]
@@ -405,21 +406,24 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
             layers = [WhitenedLayer(W, st, ridge) for W, st in zip(Ws, own)]
             all_tails = [wl.tails for wl in layers]
             for n, wl in zip(names, layers):
-                sensitivity.measure(i, n, f"{prefix}.{i}.{n}", wl, xs)
+                sensitivity.measure(i, n, f"{prefix}.{i}.{n}", wl)
         else:
             all_tails = _tails(Ws, own, ridge, reduce, i)
         for n, W, tails in zip(names, Ws, all_tails):
             key = f"{prefix}.{i}.{n}"
             spectra[key] = (int(W.shape[0]), int(W.shape[1]), tails)
             share[key] = float(tails[0]) / energy
+        if sensitivity is not None:
+            sensitivity.advance(i)
         xs = ys
     return spectra, share
+
 
 class Sensitivity:
     """End-to-end sensitivities of the targets, measured on the dense model for the
     ``"sensitivity"`` allocation: target ``n`` of block ``i`` alone truncated (whitened,
-    on its dense inputs) at the rank ``r_n`` the budget gives it uniformly, the blocks
-    ``i .. L-1`` run on the first ``batches`` calibration batches, and the error of the
+    its statistics from the calibration batches) at the rank ``r_n`` the budget gives it
+    uniformly, the blocks ``i .. L-1`` run on the probe sequences, and the error of the
     last block's output against the dense one, position by position
     (:func:`block_error` ``"position"``: what the final norm passes to the head) is
     ``errors[n]``. :meth:`weights` turns them into the per-target weights of
@@ -432,30 +436,38 @@ class Sensitivity:
     error. Unlike the ``"residual"`` weights, which compare a target's error with its
     block's output energy, this counts what an error does downstream (through every later
     block and after the massive activations a few positions carry), at the budget asked.
+    Cost: ``Σ_i (L - i)`` block forwards on the probe per target of a block, about
+    ``L / 2`` passes of the model per target kind.
 
     Args:
         budget: the fraction kept; each target's measuring rank is the uniform rank.
         pivoted: count ranks gauge-fixed (:func:`pivoted_rank_for_fraction`).
         gauge: gauge of the measuring layers (the function does not depend on it).
-        batches: calibration batches measured on (the first ones).
+
+    Use: :meth:`start` with the blocks and the probe (block 0's inputs, as
+    :func:`capture_block_inputs` gives them), then per block ``i`` in order
+    :meth:`measure` each target and :meth:`advance`.
     """
 
-    def __init__(self, budget: float, *, pivoted: bool = False, gauge: str = "symmetric",
-                 batches: int = 1) -> None:
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"batches must be an int >= 1, got {batches!r}")
+    def __init__(self, budget: float, *, pivoted: bool = False,
+                 gauge: str = "symmetric") -> None:
         self.budget = check_fraction("budget", budget)
-        self.pivoted, self.gauge, self.batches = pivoted, gauge, batches
+        self.pivoted, self.gauge = pivoted, gauge
         self.errors: dict[str, float] = {}
         self.relative: dict[str, float] = {}
         self._blocks: nn.ModuleList | None = None
         self._probe: list[tuple] = []
+        self._x: list[torch.Tensor] = []
         self._reference: list[torch.Tensor] = []
+        self._at = 0
 
-    def start(self, blocks: nn.ModuleList, data: list[tuple]) -> None:
-        """Remember the measuring batches and the dense model's last outputs on them."""
-        self._blocks = blocks
-        self._probe = data[:self.batches]
+    def start(self, blocks: nn.ModuleList, probe: list[tuple]) -> None:
+        """Keep the probe (``(x, extra)`` per batch, block 0's inputs) and the dense
+        model's last-block outputs on it."""
+        if not probe:
+            raise ValueError("the sensitivity probe needs at least one batch")
+        self._blocks, self._probe, self._at = blocks, list(probe), 0
+        self._x = [x for x, _ in self._probe]
         self._reference = [self._run(0, x, extra) for x, extra in self._probe]
 
     def _run(self, start: int, x: torch.Tensor, extra: tuple) -> torch.Tensor:
@@ -468,12 +480,13 @@ class Sensitivity:
         uniform = pivoted_rank_for_fraction if self.pivoted else rank_for_fraction
         return int(uniform(in_dim, out_dim, self.budget))
 
-    def measure(self, block: int, name: str, key: str, layer: WhitenedLayer,
-                inputs: list[torch.Tensor]) -> None:
-        """Truncate ``name`` of ``block`` (whose dense inputs on the calibration batches
-        are ``inputs``) alone and record its end-to-end error under ``key``."""
+    def measure(self, block: int, name: str, key: str, layer: WhitenedLayer) -> None:
+        """Truncate ``name`` of ``block`` (the block :meth:`advance` reached) alone and
+        record its end-to-end error under ``key``."""
         from tnlm.integration.surgery import temporary
 
+        if block != self._at:
+            raise ValueError(f"the probe is at block {self._at}, not {block}")
         I, J = layer.shape
         r = self.rank(I, J)
         tail = layer.tails
@@ -484,8 +497,16 @@ class Sensitivity:
         like = self._blocks[block].get_submodule(name)
         with temporary(self._blocks[block], {name: layer.layer(r, like, self.gauge)}):
             errs = [block_error(self._run(block, x, extra), ref, "position")
-                    for x, (_, extra), ref in zip(inputs, self._probe, self._reference)]
+                    for x, (_, extra), ref in zip(self._x, self._probe, self._reference)]
         self.errors[key] = float(sum(float(e) for e in errs) / len(errs))
+
+    def advance(self, block: int) -> None:
+        """Move the probe through the dense ``block`` (the one just measured)."""
+        if block != self._at:
+            raise ValueError(f"the probe is at block {self._at}, not {block}")
+        call = _BlockCall(self._blocks[block])
+        self._x = [call(x, extra) for x, (_, extra) in zip(self._x, self._probe)]
+        self._at += 1
 
     def weights(self) -> dict[str, float]:
         """``key -> w_n`` (class docstring). A target whose uniform rank already loses
@@ -1064,8 +1085,12 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         t0 = time.perf_counter()
         was = model.training
         model.eval()
-        sens = (Sensitivity(float(config.budget), pivoted=config.pivoted, gauge=config.gauge)
-                if config.allocation == "sensitivity" else None)
+        sens = None
+        if config.allocation == "sensitivity":
+            sens = Sensitivity(float(config.budget), pivoted=config.pivoted,
+                               gauge=config.gauge)
+            n = min(config.sensitivity_sequences, int(local.shape[0]))
+            sens.start(blocks, capture_block_inputs(model, local[:n], n, blocks))
         try:
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
                                            progress, reduce=dist, error=config.output_error,
