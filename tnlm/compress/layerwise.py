@@ -8,7 +8,7 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         each target's whitened spectrum (Grams summed over the ranks, each spectrum
         computed by one rank and shared) -> a rank per target
         minimising the summed errors within the budget (rank 0's choice sent to every rank);
-        "sensitivity" (one process): the same pass, and each target truncated alone at its
+        "sensitivity": the same pass, and each target truncated alone at its
             uniform rank with the blocks after it run on one calibration batch: its error
             at the last block's output weighs its spectrum (Sensitivity);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
@@ -373,12 +373,11 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         position with massive activations then weighs as little as it does after the
         next norm, instead of setting ``E`` alone).
 
-    With ``sensitivity`` (not with ``reduce``; :meth:`Sensitivity.start` called) each
-    target is also truncated alone, at its uniform rank, and the last block's output
-    error it causes on the sensitivity's probe is recorded in ``sensitivity.errors``.
+    With ``sensitivity`` (:meth:`Sensitivity.start` called) each target is also truncated
+    alone, at its uniform rank, and the last block's output error it causes on the
+    sensitivity's probe is recorded in ``sensitivity.errors``; with ``reduce`` every rank
+    computes every spectrum then (from the summed statistics) and measures on its probe.
     """
-    if sensitivity is not None and reduce:
-        raise ValueError("the sensitivity allocation runs in one process, not distributed")
     spectra: dict[str, tuple[int, int, Any]] = {}
     share: dict[str, float] = {}
     xs = [d[0] for d in data]
@@ -1007,9 +1006,6 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
-    if dist and config.allocation == "sensitivity" and config.budget < 1:
-        raise ValueError("allocation 'sensitivity' runs in one process: it is not "
-                         "distributed yet (use 'residual' under torch.distributed)")
     if dist:
         dist_.check_same(dist_.digest([sequences]), "calibration sequences")
         n_batches, ok = shared_batches(sequences.shape[0], config.batch_size, size, fitting)
@@ -1089,8 +1085,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         if config.allocation == "sensitivity":
             sens = Sensitivity(float(config.budget), pivoted=config.pivoted,
                                gauge=config.gauge)
-            n = min(config.sensitivity_sequences, int(local.shape[0]))
-            sens.start(blocks, capture_block_inputs(model, local[:n], n, blocks))
+            # the first sequences of all, the same probe on every rank
+            n = min(config.sensitivity_sequences, int(sequences.shape[0]))
+            sens.start(blocks, capture_block_inputs(model, sequences[:n], n, blocks))
         try:
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
                                            progress, reduce=dist, error=config.output_error,
