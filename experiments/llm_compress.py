@@ -237,6 +237,7 @@ def main(argv=None) -> int:
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after,
                    block_errors=res.layerwise.block_errors,
+                   ranks=res.layerwise.ranks,
                    heal_losses=res.heal.losses[::10] if res.heal else None,
                    heal_stopped=res.heal.stopped if res.heal else None,
                    heal_teacher_sequences=res.heal.teacher_sequences if res.heal else None,
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
     _atomic_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items()
                       if k not in ("answers", "heal_losses", "heal_hidden_losses", "block_errors",
-                                   "args")}, indent=1))
+                                   "ranks", "args")}, indent=1))
     return 0
 
 
