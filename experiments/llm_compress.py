@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                         "position's relative error averaged (position) or all positions' at "
                         "once (total, the default)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                   help="default: the job's (residual for tnlm, uniform for the baselines)")
+                   help="default: the job's (sensitivity for tnlm, uniform for the baselines)")
     p.add_argument("--pivoted", action="store_true",
                    help="fix each truncated bond's gauge: r (I + J - r) numbers a layer")
     p.add_argument("--heal-pivoted", action="store_true",
@@ -223,6 +223,7 @@ def main(argv=None) -> int:
                      stride=args.eval_length)
     eval_s = time.perf_counter() - t1
     out = dict(method=args.method, budget=args.budget, seed=args.seed,
+               allocation=recipe.resolved_allocation() if args.method != "dense" else None,
                heal_optimizer=recipe.heal.optimizer, args={
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],

@@ -64,9 +64,10 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
             continue
         heal = int(d.get("args", {}).get("heal_steps", 0))
         args = d.get("args", {})
-        # runs before the allocation option were uniform; None is the job's default
-        alloc = args.get("allocation") or ("residual" if "allocation" in args
-                                           and d["method"] == "tnlm" else "uniform")
+        # the allocation used, recorded since the default became "sensitivity"; before:
+        # runs before the allocation option were uniform; None was the default, residual
+        alloc = d.get("allocation") or args.get("allocation") or (
+            "residual" if "allocation" in args and d["method"] == "tnlm" else "uniform")
         # tnlm's uniform ranks asked for by name (its default is residual) say so
         named = alloc != "uniform" or (d["method"] == "tnlm" and args.get("allocation"))
         method = f"{d['method']} ({alloc})" if named else d["method"]
@@ -108,8 +109,11 @@ def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]
         if seed is None:
             m = re.search(r"_s(\d+)", p.stem)
             seed = int(m.group(1)) if m else 0
-        method = f"tnlm compress, --method {d['method']}" + (", pivoted" if d.get("pivoted")
-                                                              else "")
+        # jobs before the allocation was recorded: tnlm's was "residual"
+        alloc = d.get("allocation") or ("residual" if d["method"] == "tnlm" else None)
+        method = (f"tnlm compress, --method {d['method']}"
+                  + (f" ({alloc})" if d["method"] == "tnlm" else "")
+                  + (", pivoted" if d.get("pivoted") else ""))
         n = d.get("lm_texts") or 256
         top = d.get("lm_top_k")
         texts = (f"{n} (nucleus)" if top is None else f"{n} (top-{top})") \

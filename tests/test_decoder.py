@@ -286,6 +286,7 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "llama" and summary["method"] == "tnlm"
     assert summary["heal_optimizer"] == "adafactor"  # the causal job's default
+    assert summary["allocation"] == "sensitivity"
     assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
     # the experiments' table reads it as a row of the job's defaults
     from experiments import llm_table
@@ -294,7 +295,8 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     job.write_text(json.dumps(summary))
     assert llm_table.main([str(job), "--jobs", str(job)]) == 0
     row = [r for r in capsys.readouterr().out.splitlines() if "tnlm compress" in r]
-    assert len(row) == 1 and row[0].startswith("| tnlm compress, --method tnlm | 50% | 4 | ")
+    assert len(row) == 1 and row[0].startswith(
+        "| tnlm compress, --method tnlm (sensitivity) | 50% | 4 | ")
     assert f"{summary['perplexity_ratio']:.2f}" in row[0]
     assert 0.4 < summary["ratio"] <= 0.5
     assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
@@ -496,7 +498,8 @@ def test_cli_refuses_encoder_only_options_for_a_causal_lm(tmp_path, capsys):
     for extra in (["--allocation", "greedy"], ["--heal-train", "cores"],
                   ["--calibration", "7"]):
         assert main(["compress", str(folder), *extra]) == 2
-        assert f"{extra[0]} applies to encoders" in capsys.readouterr().err
+        assert f"{' '.join(extra) if extra[0] == '--allocation' else extra[0]} applies to " \
+               "encoders" in capsys.readouterr().err
 
 
 def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
@@ -540,6 +543,29 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
     assert main(["compress", str(folder), "--heal-chunk", "-1", "--text", str(text),
                  "--out", "", "--quiet"]) == 2
     assert "--heal-chunk / --heal-optimizer: chunk must be None or an int >= 1, got -1" in \
+        capsys.readouterr().err
+
+
+def test_cli_allocation_reaches_the_causal_job_and_each_job_refuses_the_others(
+        tmp_path, capsys, monkeypatch):
+    """--allocation takes the layer-by-layer allocations for a causal LM (default: the
+    recipe's, sensitivity for tnlm) and the encoder pipeline's for an encoder; each job
+    refuses the other's by name before any work."""
+    from tnlm.cli import main
+
+    assert main(["compress", "--allocation", "residual"]) == 2  # the embedded encoder
+    assert "--allocation residual applies to causal LMs; an encoder's are uniform, " \
+           "greedy, sensitivity" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    seen = _stop_at_compression(monkeypatch, lambda r, kw: r.resolved_allocation())
+    for extra, expect in (([], "sensitivity"), (["--allocation", "residual"], "residual"),
+                          (["--allocation", "uniform"], "uniform")):
+        assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                     *extra]) == 2
+        capsys.readouterr()
+        assert seen[-1] == expect
+    assert main(["compress", str(folder), "--allocation", "greedy"]) == 2
+    assert "causal LM, whose are uniform, spectrum, residual, sensitivity" in \
         capsys.readouterr().err
 
 
@@ -1502,8 +1528,9 @@ def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(mon
     monkeypatch.setattr(lw, "block_error", error)
     monkeypatch.setattr(lw, "dense_spectra", spectra)
     model = _llama()
-    cfg = CausalLMRecipe(output_error="position", fit_steps=2,
-                         budget=0.5).layerwise_config(model)
+    assert CausalLMRecipe().layerwise_config(model).allocation == "sensitivity"  # default
+    cfg = CausalLMRecipe(output_error="position", fit_steps=2, budget=0.5,
+                         allocation="residual").layerwise_config(model)
     assert cfg.output_error == "position" and cfg.allocation == "residual"
     lw.compress_layerwise(model, _seqs(), cfg, progress=False)
     assert energies == ["position"] and kinds and set(kinds) == {"position"}

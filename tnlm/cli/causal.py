@@ -54,6 +54,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     for flag, default in encoder_only_defaults().items():
         if getattr(args, flag[2:].replace("-", "_")) != default:
             raise UserError(f"{flag} applies to encoders; {source} is a causal LM")
+    from tnlm.compress.layerwise import ALLOCATIONS
+
+    if args.allocation is not None and args.allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation {args.allocation} applies to encoders; {source} is a "
+                        f"causal LM, whose are {', '.join(ALLOCATIONS)}")
     if args.resume and not args.out:
         raise UserError("--resume continues the layer-by-layer compression saved in --out "
                         "DIR: it needs --out")
@@ -99,7 +104,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
-        gen_top_k=args.lm_top_k,
+        gen_top_k=args.lm_top_k, allocation=args.allocation,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
     if size > 1:  # the calibration batches the ranks share in block fitting, before loading
         from tnlm.compress.layerwise import LayerwiseConfig, shared_batches
@@ -157,7 +162,8 @@ LAYERWISE_DIR = "layerwise"
 #: its layer-by-layer settings')
 _FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
           "pivoted": "--pivoted", "target_modules": "--targets", "n_texts": "--lm-texts",
-          "gen_top_k": "--lm-top-k", "text_source": "--lm-text"}
+          "gen_top_k": "--lm-top-k", "text_source": "--lm-text",
+          "allocation": "--allocation"}
 
 
 def with_flags(message: str) -> str:
@@ -334,7 +340,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     known = {k: v for k, v in peaks.items() if v is not None} if all(resets) else {}
     top = max(known, key=known.get) if known else None
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
-                   budget=args.budget, pivoted=recipe.pivoted, ratio=res.ratio,
+                   budget=args.budget, allocation=recipe.resolved_allocation(),
+                   pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
                    heal_optimizer=recipe.heal.optimizer, low_memory=mapped,

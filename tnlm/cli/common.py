@@ -116,4 +116,4 @@ def encoder_only_defaults() -> dict[str, object]:
 
     return {"--sick": None, "--with-default-text": False, "--heal-train": enc.heal_train,
             "--teacher-bf16": enc.teacher_bf16, "--reconstruct-steps": enc.reconstruct_steps,
-            "--allocation": enc.allocation, "--calibration": enc.calibration}
+            "--calibration": enc.calibration}

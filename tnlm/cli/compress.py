@@ -98,6 +98,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--heal-chunk applies to causal LMs")
     if args.low_memory:
         raise UserError("--low-memory applies to causal LMs")
+    from tnlm.compress.pipeline import ALLOCATIONS
+
+    if args.allocation is None:
+        args.allocation = EncoderRecipe.allocation
+    elif args.allocation not in ALLOCATIONS:
+        raise UserError(f"--allocation {args.allocation} applies to causal LMs; an encoder's "
+                        f"are {', '.join(ALLOCATIONS)}")
     if args.lm_text is not None:
         raise UserError("--lm-text applies to causal LMs; an encoder's text without --text is "
                         "tnlm's default text")

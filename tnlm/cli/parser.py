@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
     from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
+    from tnlm.compress.layerwise import ALLOCATIONS as LAYERWISE_ALLOCATIONS
     from tnlm.compress.llm import JOB_HEAL, TEXT_SOURCES, CausalLMRecipe
     from tnlm.compress.pipeline import ALLOCATIONS
 
@@ -115,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{'on' if CausalLMRecipe.pivoted else 'off'} for a causal LM")
     p.add_argument("--reconstruct-steps", type=int, default=only["--reconstruct-steps"],
                    help="block-by-block reconstruction steps per block before healing")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default=only["--allocation"],
-                   help="how the budget is spread over the layers")
+    causal_allocations = [a for a in LAYERWISE_ALLOCATIONS if a not in ALLOCATIONS]
+    p.add_argument("--allocation", choices=[*ALLOCATIONS, *causal_allocations], default=None,
+                   help="how the budget is spread over the layers; an encoder: "
+                        f"{', '.join(ALLOCATIONS)} (default {enc.allocation}); a causal LM: "
+                        f"{', '.join(LAYERWISE_ALLOCATIONS)} (default: sensitivity for "
+                        "--method tnlm, uniform for the baselines)")
     p.add_argument("--calibration", type=int, default=only["--calibration"],
                    help="calibration sentences")
     p.add_argument("--text", default=None,

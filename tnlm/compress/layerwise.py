@@ -9,8 +9,10 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         computed by one rank and shared) -> a rank per target
         minimising the summed errors within the budget (rank 0's choice sent to every rank);
         "sensitivity": the same pass, and each target truncated alone at its
-            uniform rank with the blocks after it run on one calibration batch: its error
-            at the last block's output weighs its spectrum (Sensitivity);
+            uniform rank, its block and the blocks after it run on the first
+            sensitivity_sequences calibration sequences: its error at the last block's
+            output weighs its spectrum (Sensitivity; about (L + 1) / 2 more passes of
+            the probe per target kind);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
             (``pivoted``: r (I + J - r), the gauge-fixed count)
     resume: the finished blocks and this rank's X_s, X_t from the checkpoint
@@ -130,7 +132,8 @@ class LayerwiseConfig:
         gauge: gauge of the resulting cores.
         allocation: one of :data:`ALLOCATIONS`: how ``budget`` is shared among the
             targets (the non-uniform ones add a pass of the dense model over the
-            calibration sequences to measure the spectra first).
+            calibration sequences to measure the spectra first; ``"sensitivity"`` also
+            about ``(L + 1) / 2`` passes over its probe per target kind).
         cross: method ``tnlm`` only: truncate against the teacher's outputs through the
             cross Gram ``X_sᵀ X_t`` (error feedback in the statistics); default: the
             student's own inputs ``X_s`` only, the error left to block fitting (measured
@@ -401,11 +404,13 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         energy = energy or 1.0
         Ws = [weight_xw(blocks[i].get_submodule(n)) for n in names]
         own = [stats[f"block.{n}"] for n in names]
-        if sensitivity is not None:
-            layers = [WhitenedLayer(W, st, ridge) for W, st in zip(Ws, own)]
-            all_tails = [wl.tails for wl in layers]
-            for n, wl in zip(names, layers):
+        if sensitivity is not None:  # one whitened layer alive at a time
+            all_tails = []
+            for n, W, st in zip(names, Ws, own):
+                wl = WhitenedLayer(W, st, ridge)
                 sensitivity.measure(i, n, f"{prefix}.{i}.{n}", wl)
+                all_tails.append(wl.tails)
+                del wl
         else:
             all_tails = _tails(Ws, own, ridge, reduce, i)
         for n, W, tails in zip(names, Ws, all_tails):
@@ -435,8 +440,10 @@ class Sensitivity:
     error. Unlike the ``"residual"`` weights, which compare a target's error with its
     block's output energy, this counts what an error does downstream (through every later
     block and after the massive activations a few positions carry), at the budget asked.
-    Cost: ``Σ_i (L - i)`` block forwards on the probe per target of a block, about
-    ``L / 2`` passes of the model per target kind.
+    Cost: ``L - i`` block forwards on the probe per target of block ``i`` (from 0), about
+    ``(L + 1) / 2`` passes of the model per target kind. With one shared block applied
+    many times (ALBERT's layer group) the "last block's output" is one application of
+    it, not the model's output.
 
     Args:
         budget: the fraction kept; each target's measuring rank is the uniform rank.
@@ -460,6 +467,7 @@ class Sensitivity:
         self._reference: list[torch.Tensor] = []
         self._at = 0
 
+    @torch.no_grad()
     def start(self, blocks: nn.ModuleList, probe: list[tuple]) -> None:
         """Keep the probe (``(x, extra)`` per batch, block 0's inputs) and the dense
         model's last-block outputs on it."""
@@ -469,6 +477,7 @@ class Sensitivity:
         self._x = [x for x, _ in self._probe]
         self._reference = [self._run(0, x, extra) for x, extra in self._probe]
 
+    @torch.no_grad()
     def _run(self, start: int, x: torch.Tensor, extra: tuple) -> torch.Tensor:
         for b in range(start, len(self._blocks)):
             x = _BlockCall(self._blocks[b])(x, extra)
@@ -479,6 +488,7 @@ class Sensitivity:
         uniform = pivoted_rank_for_fraction if self.pivoted else rank_for_fraction
         return int(uniform(in_dim, out_dim, self.budget))
 
+    @torch.no_grad()
     def measure(self, block: int, name: str, key: str, layer: WhitenedLayer) -> None:
         """Truncate ``name`` of ``block`` (the block :meth:`advance` reached) alone and
         record its end-to-end error under ``key``."""
@@ -495,10 +505,16 @@ class Sensitivity:
             return
         like = self._blocks[block].get_submodule(name)
         with temporary(self._blocks[block], {name: layer.layer(r, like, self.gauge)}):
-            errs = [block_error(self._run(block, x, extra), ref, "position")
+            errs = [block_error(self._run(block, x, extra).double(), ref.double(), "position")
                     for x, (_, extra), ref in zip(self._x, self._probe, self._reference)]
-        self.errors[key] = float(sum(float(e) for e in errs) / len(errs))
+        err = float(sum(float(e) for e in errs) / len(errs))
+        if not math.isfinite(err):
+            raise FloatingPointError(f"the sensitivity of {key} is {err}: the last block's "
+                                     "output overflowed on the probe (use another allocation "
+                                     "or a float32 model)")
+        self.errors[key] = err
 
+    @torch.no_grad()
     def advance(self, block: int) -> None:
         """Move the probe through the dense ``block`` (the one just measured)."""
         if block != self._at:
@@ -738,9 +754,9 @@ def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, 
     """Raise ``ValueError`` naming every difference unless checkpoint ``d`` (its ``state``)
     was written for ``fingerprint`` (:func:`layerwise_fingerprint`)."""
     saved = state.get("fingerprint", {})
-    if isinstance(saved.get("settings"), dict):  # written before output_error, pivoted
+    if isinstance(saved.get("settings"), dict):  # written before these settings
         saved = {**saved, "settings": {"output_error": "total", "pivoted": False,
-                                       **saved["settings"]}}
+                                       "sensitivity_sequences": 8, **saved["settings"]}}
     diff = _differences(saved, fingerprint)
     if diff:
         raise ValueError(f"cannot resume from {d}: it was written for other inputs; "
@@ -1082,13 +1098,14 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         was = model.training
         model.eval()
         sens = None
-        if config.allocation == "sensitivity":
-            sens = Sensitivity(float(config.budget), pivoted=config.pivoted,
-                               gauge=config.gauge)
-            # the first sequences of all, the same probe on every rank
-            n = min(config.sensitivity_sequences, int(sequences.shape[0]))
-            sens.start(blocks, capture_block_inputs(model, sequences[:n], n, blocks))
         try:
+            if config.allocation == "sensitivity":
+                sens = Sensitivity(float(config.budget), pivoted=config.pivoted,
+                                   gauge=config.gauge)
+                # the first sequences of all, the same probe on every rank
+                n = min(config.sensitivity_sequences, int(sequences.shape[0]))
+                sens.start(blocks, capture_block_inputs(model, sequences[:n],
+                                                        config.batch_size, blocks))
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
                                            progress, reduce=dist, error=config.output_error,
                                            sensitivity=sens)
@@ -1096,6 +1113,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             model.train(was)
         weights = (share if config.allocation == "residual" else
                    sens.weights() if sens is not None else None)
+        del sens  # its probe's hidden states
         allocated = spectrum_ranks(spectra, float(config.budget), weights,
                                    pivoted=config.pivoted)
         if dist:  # the same spectra on every rank; rank 0's choice is everyone's

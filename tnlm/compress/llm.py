@@ -194,14 +194,16 @@ class CausalLMRecipe:
                                  f"got {v!r}")
 
     def resolved_allocation(self) -> str:
-        """The allocation used: ``allocation`` if given, else ``"residual"`` for method
+        """The allocation used: ``allocation`` if given, else ``"sensitivity"`` for method
         ``"tnlm"`` (ranks from the dense model's whitened spectra, each target's error
-        relative to its block's output: SmolLM2 at 60 % without healing 6.74x the dense
-        perplexity vs 10.5x with uniform ranks, docs/results.md) and ``"uniform"`` for the
-        baselines, as they are published (SVD-LLM, plain truncated SVD)."""
+        weighted by the error it causes at the last block's output when truncated alone:
+        SmolLM2 healed at 50 / 60 % 3.43x / 2.62x the dense perplexity, against 5.25x /
+        2.93x with ``"residual"``, each error relative to its block's output, and 4.70x /
+        3.69x with uniform ranks; docs/results.md) and ``"uniform"`` for the baselines,
+        as they are published (SVD-LLM, plain truncated SVD)."""
         if self.allocation is not None:
             return self.allocation
-        return "residual" if self.method == "tnlm" else "uniform"
+        return "sensitivity" if self.method == "tnlm" else "uniform"
 
     def layerwise_config(self, model: nn.Module,
                          checkpoint_dir: str | os.PathLike | None = None) -> LayerwiseConfig:
