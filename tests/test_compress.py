@@ -8,6 +8,7 @@ import copy
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -206,6 +207,21 @@ def test_whitened_mpo_reports_its_output_error_and_beats_plain_svd(xw):
     assert max(gaps) > 0.05  # strictly better where it matters
     full = wl.mpo(10)
     assert full.truncation_error < 1e-9 and rel_out(X, W, full.to_matrix()) < 1e-9
+
+
+def test_whitened_truncated_weight_is_the_mpo_s_matrix(xw):
+    """``truncated(r)`` (with ``vectors=True``) is the weight ``mpo(r)`` represents, and
+    its spectrum the one ``svdvals`` gives; without the vectors it is refused."""
+    X, W = xw
+    stats = InputStats(X.T @ X, X.shape[0])
+    wl = WhitenedLayer(W, stats, vectors=True)
+    plain = WhitenedLayer(W, stats)
+    assert np.allclose(wl.spectrum, plain.spectrum, rtol=1e-10, atol=1e-12)
+    for r in (1, 3, 7, 10, 99):
+        Wm = plain.mpo(min(r, 10)).to_matrix()
+        assert torch.allclose(wl.truncated(r), Wm, rtol=0, atol=1e-9 * float(Wm.abs().max()))
+    with pytest.raises(ValueError, match=r"truncated\(\) needs the SVD's vectors"):
+        plain.truncated(3)
 
 
 def test_whitened_mpo_with_output_sites(xw):

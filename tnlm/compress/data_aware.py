@@ -149,11 +149,15 @@ class WhitenedLayer:
         W: the layer's weight (in, out) in the ``y = x @ W`` convention.
         stats: its calibration statistics.
         ridge: relative Cholesky regularisation (:func:`whitening_factor`).
+        vectors: compute the whitened matrix's full thin SVD (not only its singular
+            values), so that :meth:`truncated` gives any rank's weight without another
+            decomposition.
     """
 
     W: torch.Tensor
     stats: InputStats
     ridge: float = 1e-6
+    vectors: bool = False
 
     def __post_init__(self) -> None:
         self.W = self.W.detach().to(torch.float64)
@@ -167,8 +171,25 @@ class WhitenedLayer:
             self.M = self.L.T @ self.W
         else:
             self.M = torch.linalg.solve_triangular(self.L, self.stats.cross @ self.W, upper=False)
-        self.spectrum = torch.linalg.svdvals(self.M).numpy()
+        self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if self.vectors:
+            self._svd = torch.linalg.svd(self.M, full_matrices=False)
+            self.spectrum = self._svd[1].numpy()
+        else:
+            self.spectrum = torch.linalg.svdvals(self.M).numpy()
         self.tails = tail_sums(self.spectrum)
+
+    def truncated(self, rank: int) -> torch.Tensor:
+        """The float64 weight (in, out) of the rank-``rank`` truncation, ``L^{-T} M_r``: the
+        matrix :meth:`mpo` and :meth:`layer` represent (up to float rounding), without
+        building them. Needs ``vectors=True``."""
+        if self._svd is None:
+            raise ValueError("truncated() needs the SVD's vectors: WhitenedLayer(..., "
+                             "vectors=True)")
+        U, S, Vh = self._svd
+        r = max(1, min(int(rank), int(S.shape[0])))
+        return torch.linalg.solve_triangular(self.L.T, (U[:, :r] * S[:r]) @ Vh[:r],
+                                             upper=True)
 
     @property
     def shape(self) -> tuple[int, int]:

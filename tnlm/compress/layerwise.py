@@ -67,7 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import invalidate_caches, kind_of, select_parameters, weight_xw
-from tnlm.bridge.kinds import MATRIX_KINDS, describe_kinds
+from tnlm.bridge.kinds import MATRIX_KINDS, dense_module, describe_kinds, extras_of
 from tnlm.compress import distributed as dist_
 from tnlm.compress.allocate import rank_for_fraction, smallest_fraction, spectrum_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
@@ -407,7 +407,7 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
         if sensitivity is not None:  # one whitened layer alive at a time
             all_tails = []
             for n, W, st in zip(names, Ws, own):
-                wl = WhitenedLayer(W, st, ridge)
+                wl = WhitenedLayer(W, st, ridge, vectors=True)
                 sensitivity.measure(i, n, f"{prefix}.{i}.{n}", wl)
                 all_tails.append(wl.tails)
                 del wl
@@ -504,7 +504,12 @@ class Sensitivity:
             self.errors[key] = 0.0
             return
         like = self._blocks[block].get_submodule(name)
-        with temporary(self._blocks[block], {name: layer.layer(r, like, self.gauge)}):
+        # the truncation's function as a plain module of the layer's kind (the MPO layer
+        # computes the same; building it would decompose the matrix again)
+        new = dense_module(kind_of(like), layer.truncated(r).to(like.weight.dtype), like.bias,
+                           extras_of(like)) if layer.vectors else \
+            layer.layer(r, like, self.gauge)
+        with temporary(self._blocks[block], {name: new.to(like.weight.device)}):
             errs = [block_error(self._run(block, x, extra).double(), ref.double(), "position")
                     for x, (_, extra), ref in zip(self._x, self._probe, self._reference)]
         err = float(sum(float(e) for e in errs) / len(errs))
