@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: have the C allocator map every block of 128 KiB or more "
                         "on its own and unmap it when freed, so freed tensors do not stay "
                         "resident (SmolLM2-135M at 60 %%: healing peak 2.06x the loaded "
-                        "model instead of 3.07x, healing 1.7x slower; glibc only)")
+                        "model instead of 3.07x, healing 1.7x slower, in an older job; the "
+                        "default job now peaks at 2.40-2.48x without it; glibc only)")
     p.add_argument("--lm-text", choices=TEXT_SOURCES, default=None,
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs: the model's own texts sampled among its K most likely "
                         "tokens at each step (then the top-0.95 nucleus); default: the "
                         "whole nucleus (K=50, transformers' own default, healed SmolLM2 "
-                        "less: 3.52x vs 2.93x the dense perplexity at 60 %%)")
+                        "less: 3.52x vs 2.93x the dense perplexity at 60 %% with the "
+                        "residual allocation)")
     p.add_argument("--pivoted", action=argparse.BooleanOptionalAction, default=None,
                    help="fix each truncated layer's bond gauge, so a rank-r layer stores "
                         "r (I + J - r) numbers instead of r (I + J): a larger rank at the "

@@ -120,14 +120,15 @@ class CausalLMRecipe:
         n_texts: self-generated texts (``text_source`` "self", "both", "chat" or "mixed");
             the defaults of ``n_texts``, ``n_calibration`` and ``fit_steps`` (256, 32, 16)
             are the settings every SmolLM2 run of docs/results.md used (256 texts healed
-            to 3.48x the dense perplexity at 60 %, 64 texts to 3.97x);
+            to 3.48x the dense perplexity at 60 %, 64 texts to 3.97x, with the residual
+            allocation);
             ``gen_tokens`` tokens each, ``gen_batch`` sampled at once (on these CPUs 64
             at once write about 1.7x the tokens a second of 16 at once), each token from
             the top-0.95 nucleus at temperature 1, among the ``gen_top_k`` most likely
             tokens when set (``None``, the default: all; transformers' ``generate``
             samples among 50 unless told otherwise, as tnlm's samples were drawn before:
             on SmolLM2 at 60 % they healed to 3.52x the dense perplexity, the whole
-            nucleus to 2.93x, docs/results.md).
+            nucleus to 2.93x, with the residual allocation, docs/results.md).
         seq_len: tokens per sequence; ``n_calibration`` sequences calibrate (the rest
             of the text only heals).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
