@@ -136,7 +136,9 @@ def test_the_cli_defaults_are_the_encoder_recipes():
 
     args = build_parser().parse_args(["compress"])
     job = EncoderRecipe()
-    for flag, field in (("budget", "budget"), ("allocation", "allocation"),
+    # --allocation's default is the job's, resolved by each job (an encoder: the recipe's)
+    assert args.allocation is None
+    for flag, field in (("budget", "budget"),
                         ("calibration", "calibration"), ("reconstruct_steps", "reconstruct_steps"),
                         ("heal_train", "heal_train"), ("teacher_bf16", "teacher_bf16"),
                         ("seed", "seed")):

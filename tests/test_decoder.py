@@ -776,7 +776,9 @@ def test_causal_job_with_a_bfloat16_teacher_keeps_a_float32_student():
             ids = [int(w[1:]) % V for w in text.split()]
             return {"input_ids": torch.tensor([ids])}
 
+    # residual ranks: the sensitivity allocation leaves this tiny model too little to heal
     recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=8, fit_steps=2,
+                            allocation="residual",
                             heal=CausalHealConfig(steps=12, lr=3e-3, teacher_bf16=True))
     res = compress_causal_lm(model, Tok(), recipe, text=words, progress=False)
     assert all(p.dtype == torch.float32 for p in model.parameters())
