@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         t0 = time.perf_counter()
         sens = Sensitivity(budget)
-        sens.start(blocks, capture_block_inputs(model, seqs[:8], 8, blocks))
+        sens.start(blocks, data[:1])  # the job's probe: the first 8 sequences, one batch
         spectra, share = dense_spectra(blocks, data, per_block, prefix, progress=True,
                                        sensitivity=sens)
         seconds = time.perf_counter() - t0

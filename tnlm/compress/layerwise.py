@@ -448,17 +448,15 @@ class Sensitivity:
     Args:
         budget: the fraction kept; each target's measuring rank is the uniform rank.
         pivoted: count ranks gauge-fixed (:func:`pivoted_rank_for_fraction`).
-        gauge: gauge of the measuring layers (the function does not depend on it).
 
     Use: :meth:`start` with the blocks and the probe (block 0's inputs, as
     :func:`capture_block_inputs` gives them), then per block ``i`` in order
     :meth:`measure` each target and :meth:`advance`.
     """
 
-    def __init__(self, budget: float, *, pivoted: bool = False,
-                 gauge: str = "symmetric") -> None:
+    def __init__(self, budget: float, *, pivoted: bool = False) -> None:
         self.budget = check_fraction("budget", budget)
-        self.pivoted, self.gauge = pivoted, gauge
+        self.pivoted = pivoted
         self.errors: dict[str, float] = {}
         self.relative: dict[str, float] = {}
         self._blocks: nn.ModuleList | None = None
@@ -491,7 +489,8 @@ class Sensitivity:
     @torch.no_grad()
     def measure(self, block: int, name: str, key: str, layer: WhitenedLayer) -> None:
         """Truncate ``name`` of ``block`` (the block :meth:`advance` reached) alone and
-        record its end-to-end error under ``key``."""
+        record its end-to-end error under ``key``; ``layer`` is its
+        ``WhitenedLayer(..., vectors=True)``."""
         from tnlm.integration.surgery import temporary
 
         if block != self._at:
@@ -507,8 +506,7 @@ class Sensitivity:
         # the truncation's function as a plain module of the layer's kind (the MPO layer
         # computes the same; building it would decompose the matrix again)
         new = dense_module(kind_of(like), layer.truncated(r).to(like.weight.dtype), like.bias,
-                           extras_of(like)) if layer.vectors else \
-            layer.layer(r, like, self.gauge)
+                           extras_of(like))
         with temporary(self._blocks[block], {name: new.to(like.weight.device)}):
             errs = [block_error(self._run(block, x, extra).double(), ref.double(), "position")
                     for x, (_, extra), ref in zip(self._x, self._probe, self._reference)]
@@ -1105,8 +1103,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         sens = None
         try:
             if config.allocation == "sensitivity":
-                sens = Sensitivity(float(config.budget), pivoted=config.pivoted,
-                                   gauge=config.gauge)
+                sens = Sensitivity(float(config.budget), pivoted=config.pivoted)
                 # the first sequences of all, the same probe on every rank
                 n = min(config.sensitivity_sequences, int(sequences.shape[0]))
                 sens.start(blocks, capture_block_inputs(model, sequences[:n],
