@@ -100,6 +100,8 @@ def main(argv=None) -> int:
                         "once (total, the default)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="default: the job's (sensitivity for tnlm, uniform for the baselines)")
+    p.add_argument("--sensitivity-sequences", type=int, default=8,
+                   help="allocation sensitivity: calibration sequences of its probe")
     p.add_argument("--pivoted", action="store_true",
                    help="fix each truncated bond's gauge: r (I + J - r) numbers a layer")
     p.add_argument("--heal-pivoted", action="store_true",
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
         seq_len=args.seq_len, n_calibration=args.n_calibration, fit_steps=args.fit_steps,
         output_error=args.output_error, pivoted=args.pivoted,
         heal_pivoted=args.heal_pivoted,
-        allocation=args.allocation,
+        allocation=args.allocation, sensitivity_sequences=args.sensitivity_sequences,
         heal=CausalHealConfig(steps=args.heal_steps, lr=args.lr, batch_size=args.batch_size,
                               teacher_bf16=args.teacher_bf16, seed=args.seed,
                               checkpoint_blocks=not args.no_checkpoint_blocks,

@@ -139,6 +139,10 @@ class CausalLMRecipe:
         allocation: how the budget is shared among the targets
             (:data:`tnlm.compress.layerwise.ALLOCATIONS`); ``None`` (default): the
             method's own, :meth:`resolved_allocation`.
+        sensitivity_sequences: allocation ``"sensitivity"``: how many of the first
+            calibration sequences the end-to-end errors are measured on
+            (``LayerwiseConfig.sensitivity_sequences``; the measurement's time grows
+            with them).
         pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
             same budget), and the layers become
@@ -170,6 +174,7 @@ class CausalLMRecipe:
     fit_steps: int = 16
     fit_lr: float = 1e-3
     allocation: str | None = None
+    sensitivity_sequences: int = 8
     heal: CausalHealConfig = field(default_factory=lambda: CausalHealConfig(**JOB_HEAL))
     seed: int = 0
     text_source: str = "self"
@@ -178,7 +183,8 @@ class CausalLMRecipe:
     heal_pivoted: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("n_texts", "gen_batch", "gen_tokens", "seq_len", "n_calibration"):
+        for name in ("n_texts", "gen_batch", "gen_tokens", "seq_len", "n_calibration",
+                     "sensitivity_sequences"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -215,6 +221,7 @@ class CausalLMRecipe:
                                fit_steps=self.fit_steps, fit_lr=self.fit_lr,
                                output_error=self.output_error, pivoted=self.pivoted,
                                allocation=self.resolved_allocation(), seed=self.seed,
+                               sensitivity_sequences=self.sensitivity_sequences,
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
 
