@@ -117,6 +117,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None,
                    help="healing's KL over chunks of this many positions (less memory)")
     p.add_argument("--eval-length", type=int, default=256)
+    p.add_argument("--add-prose", type=float, default=0.0,
+                   help="after the text, this fraction of the shipped prose (shuffled with "
+                        "the seed): more healing text at no sampling cost (calibration "
+                        "still takes the first sequences)")
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--text", choices=TEXT_SOURCES, default="self",
                    help="calibration and healing text: the dense model's own samples "
@@ -143,6 +147,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"--eval-at: steps must be in [0, --heal-steps) = [0, {args.heal_steps}) "
                 f"(the last step is always measured), got {bad}")
+    if not 0.0 <= args.add_prose <= 1.0:
+        p.error(f"--add-prose: a fraction in [0, 1], got {args.add_prose}")
     if args.hidden_weight and not args.chunk:
         p.error("--hidden-weight needs --chunk (the block term runs with the chunked KL)")
     mapped = mmap_large_allocations() if args.low_memory else False
@@ -189,6 +195,9 @@ def main(argv=None) -> int:
     elif args.text == "mixed":  # the first halves of both caches, alternating
         half = args.n_texts // 2
         texts = interleave(samples(False)[:args.n_texts - half], samples(True)[:half])
+    if args.add_prose:
+        prose = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
+        texts += prose[:round(args.add_prose * len(prose))]
     text_s = time.perf_counter() - t1
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,
