@@ -87,13 +87,17 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
                  "per-position error" if tnlm and args.get("output_error") == "position"
                  else "",
                  "per-position fitting" if tnlm and args.get("fit_error") == "position"
-                 else ""]
+                 else "",
+                 f"probe of {args['sensitivity_sequences']}"
+                 if args.get("sensitivity_sequences", 8) != 8 else ""]
         method += "".join(f", {o}" for o in other if o)
         texts = "prose" if args.get("text") == "prose" else str(int(args.get("n_texts", 0)))
         if args.get("text") in ("chat", "both", "mixed"):
             texts += f" ({args['text']})"
         if "top_k" in args and args.get("text") != "prose":  # runs before --top-k: top-k 50
             texts += " (nucleus)" if args["top_k"] is None else f" (top-{args['top_k']})"
+        if args.get("add_prose"):
+            texts += f" + {args['add_prose']:g} of the prose"
         rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows
 
@@ -118,6 +122,8 @@ def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]
         top = d.get("lm_top_k")
         texts = (f"{n} (nucleus)" if top is None else f"{n} (top-{top})") \
             if d.get("text") == "self" else str(d.get("text"))
+        if d.get("lm_prose"):  # jobs before --lm-prose: the samples alone
+            texts += f" + {d['lm_prose']:g} of the prose"
         secs = d.get("seconds", {})
         rows[(method, float(d["budget"]), int(d["heal_steps"]), texts)].append(dict(
             seed=seed, kept=d["ratio"], ppl=d["perplexity"], dense_ppl=d["perplexity_dense"],

@@ -744,6 +744,11 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
     assert kept["sensitivity"] < 0.5 * kept["residual"]
     with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1"):
         LayerwiseConfig(["q_proj"], allocation="sensitivity", sensitivity_sequences=0)
+    from tnlm.compress.llm import CausalLMRecipe  # the job's recipe passes its probe size on
+    assert CausalLMRecipe(sensitivity_sequences=3).layerwise_config(
+        model).sensitivity_sequences == 3
+    with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1, got 0"):
+        CausalLMRecipe(sensitivity_sequences=0)
     with pytest.raises(ValueError, match="the probe is at block 3, not 0"):
         sens.measure(0, "mlp.up_proj", "x", wl)  # the probe has passed every block
     # a probe of 3 sequences: the job's own capture, the same weights' order of size
@@ -1318,9 +1323,52 @@ def test_the_causal_jobs_own_text_is_the_shipped_prose_the_samples_or_both(monke
     assert prose != recipe_text(None, None, CausalLMRecipe(text_source="prose", seed=1))
     both = recipe_text(None, None, CausalLMRecipe(text_source="both", n_texts=3))
     assert sampled == [3] and both == prose + ["sample 0", "sample 1", "sample 2"]
-    assert recipe_text(None, None, CausalLMRecipe(n_texts=2)) == ["sample 0", "sample 1"]
+    assert recipe_text(None, None, CausalLMRecipe(n_texts=2, prose_fraction=0)) == [
+        "sample 0", "sample 1"]
     assert CausalLMRecipe().text_settings()["text_source"] == CausalLMRecipe().text_source
     assert "gen_batch" not in CausalLMRecipe(text_source="prose").text_settings()
+
+
+def test_the_samples_are_followed_by_a_share_of_the_shipped_prose(monkeypatch, tmp_path):
+    """``prose_fraction`` (default :data:`DEFAULT_PROSE_FRACTION`): the sources that sample
+    end with the first share of the seed's shuffled prose (the calibration, the first
+    sequences, stays the samples'); it is part of the text's settings, so a text kept
+    before it (samples alone) resumes only with 0; bad values and a fraction for a source
+    that holds all the prose are refused, naming the field."""
+    from tnlm.compress import llm
+    from tnlm.compress.llm import DEFAULT_PROSE_FRACTION, CausalLMRecipe, recipe_text
+
+    monkeypatch.setattr(llm, "self_generated_text",
+                        lambda model, tok, n, chat=False, **kw: [f"s{i}" for i in range(n)])
+    prose = recipe_text(None, None, CausalLMRecipe(text_source="prose", seed=4))
+    k = round(DEFAULT_PROSE_FRACTION * len(prose))
+    assert 0 < k < len(prose)
+    text = recipe_text(None, None, CausalLMRecipe(n_texts=3, seed=4))
+    assert text == ["s0", "s1", "s2"] + prose[:k]
+    assert recipe_text(None, None, CausalLMRecipe(n_texts=3, seed=4, prose_fraction=1)) == \
+        ["s0", "s1", "s2"] + prose
+    assert recipe_text(None, None, CausalLMRecipe(text_source="chat", n_texts=1, seed=4,
+                                                  prose_fraction=0.5))[1:] == \
+        prose[:round(0.5 * len(prose))]
+    both = recipe_text(None, None, CausalLMRecipe(text_source="both", n_texts=2, seed=4))
+    assert both == prose + ["s0", "s1"]  # all the prose already: nothing added
+    assert CausalLMRecipe().text_settings()["prose_fraction"] == DEFAULT_PROSE_FRACTION
+    assert "prose_fraction" not in CausalLMRecipe(text_source="both").text_settings()
+    for bad in (-0.1, 1.5, float("nan"), True, "0.2"):
+        with pytest.raises(ValueError, match="prose_fraction must be None or a number in"):
+            CausalLMRecipe(prose_fraction=bad)
+    with pytest.raises(ValueError, match="text_source 'prose' holds all of it already"):
+        CausalLMRecipe(text_source="prose", prose_fraction=0.3)
+    CausalLMRecipe(text_source="both", prose_fraction=0)  # nothing to add: allowed
+    # a text kept before prose_fraction: the samples alone
+    recipe = CausalLMRecipe(n_texts=2, prose_fraction=0)
+    legacy = {k: v for k, v in recipe.text_settings().items() if k != "prose_fraction"}
+    (tmp_path / llm.TEXT_FILE).write_text(json.dumps(
+        {"format": "tnlm-calibration-text", "version": 1, "settings": legacy,
+         "texts": ["a b", "c d"]}))
+    assert llm.read_saved_text(tmp_path, recipe) == ["a b", "c d"]
+    with pytest.raises(ValueError, match=rf"prose_fraction: 0.0 in the checkpoint, {DEFAULT_PROSE_FRACTION} now"):
+        llm.read_saved_text(tmp_path, CausalLMRecipe(n_texts=2))
 
 
 def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
@@ -1334,7 +1382,8 @@ def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
         return [f"{'chat' if chat else 'text'} {i}" for i in range(n)]
 
     monkeypatch.setattr(llm, "self_generated_text", generate)
-    mixed = recipe_text(None, None, CausalLMRecipe(text_source="mixed", n_texts=5, seed=3))
+    mixed = recipe_text(None, None, CausalLMRecipe(text_source="mixed", n_texts=5, seed=3,
+                                                   prose_fraction=0))
     assert asked == [(3, False), (2, True)]
     assert mixed == ["text 0", "chat 0", "text 1", "chat 1", "text 2"]
     assert interleave(["a"], ["x", "y", "z"]) == ["a", "x", "y", "z"]
@@ -1463,6 +1512,28 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
                for c in made.call_args_list)
     with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
         self_generated_text(m, tok, 2, top_k=0)
+
+
+def test_cli_lm_prose_reaches_the_recipe_and_is_refused_where_nothing_is_sampled(
+        tmp_path, capsys, monkeypatch):
+    """--lm-prose F: the recipe's prose_fraction (None without it: the recipe's
+    default); refused for encoders, with --text (used as it is), with --lm-text prose or
+    both (all the prose already) and outside [0, 1]; the JSON names the share used."""
+    from tnlm.cli import main
+
+    assert main(["compress", "--lm-prose", "0.5"]) == 2
+    assert "--lm-prose applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    for extra, why in ((["--lm-prose", "1.5"], "--lm-prose must be a fraction in [0, 1], got 1.5"),
+                       (["--lm-prose", "0.2", "--text", str(text)], "your text is used as it is"),
+                       (["--lm-prose", "0.2", "--lm-text", "both"],
+                        "--lm-text both all of the prose is there already")):
+        assert main(["compress", str(folder), *extra]) == 2
+        assert why in capsys.readouterr().err
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.prose_fraction)
+    assert main(["compress", str(folder), "--lm-prose", "0", "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
+    assert seen == [0.0, None]
 
 
 def test_block_error_weighs_every_position_alike():
@@ -1648,10 +1719,10 @@ def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
         return [f"sample {i}" for i in range(n)]
 
     monkeypatch.setattr(llm, "self_generated_text", generate)
-    assert recipe_text(None, None, CausalLMRecipe(text_source="chat", n_texts=2)) == [
-        "sample 0", "sample 1"]
-    assert recipe_text(None, None, CausalLMRecipe(text_source="self", n_texts=1)) == [
-        "sample 0"]
+    assert recipe_text(None, None, CausalLMRecipe(text_source="chat", n_texts=2,
+                                                  prose_fraction=0)) == ["sample 0", "sample 1"]
+    assert recipe_text(None, None, CausalLMRecipe(text_source="self", n_texts=1,
+                                                  prose_fraction=0)) == ["sample 0"]
     assert seen == [True, False]
     assert CausalLMRecipe(text_source="chat").text_settings()["n_texts"] == \
         CausalLMRecipe().n_texts

@@ -77,6 +77,12 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                             + ("--text" if args.text else "--lm-text prose") + " it writes none")
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.lm_prose is not None and (args.text or args.lm_text in ("prose", "both")):
+        raise UserError("--lm-prose adds the shipped prose after the model's own texts; with "
+                        + ("--text your text is used as it is" if args.text else
+                           f"--lm-text {args.lm_text} all of the prose is there already"))
+    if args.lm_prose is not None and not 0 <= args.lm_prose <= 1:
+        raise UserError(f"--lm-prose must be a fraction in [0, 1], got {args.lm_prose}")
     if args.lm_text == "mixed" and args.lm_texts is not None and args.lm_texts < 2:
         raise UserError(f"--lm-texts must be at least 2 with --lm-text mixed (half "
                         f"continuations, half chat answers), got {args.lm_texts}")
@@ -104,7 +110,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
-        gen_top_k=args.lm_top_k, allocation=args.allocation,
+        gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
     if size > 1:  # the calibration batches the ranks share in block fitting, before loading
         from tnlm.compress.layerwise import LayerwiseConfig, shared_batches
@@ -163,7 +169,7 @@ LAYERWISE_DIR = "layerwise"
 _FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
           "pivoted": "--pivoted", "target_modules": "--targets", "n_texts": "--lm-texts",
           "gen_top_k": "--lm-top-k", "text_source": "--lm-text",
-          "allocation": "--allocation"}
+          "allocation": "--allocation", "prose_fraction": "--lm-prose"}
 
 
 def with_flags(message: str) -> str:
@@ -342,6 +348,9 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     top = max(known, key=known.get) if known else None
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
                    budget=args.budget, allocation=recipe.resolved_allocation(),
+                   # the probe the sensitivities were measured on (calibration sequences)
+                   sensitivity_sequences=recipe.sensitivity_sequences
+                   if recipe.resolved_allocation() == "sensitivity" else None,
                    pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
@@ -353,6 +362,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    else recipe.n_texts,
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
+                   # the share of the shipped prose healed on after the model's texts
+                   lm_prose=None if args.text else recipe.resolved_prose_fraction(),
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,

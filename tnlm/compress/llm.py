@@ -74,13 +74,20 @@ from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
-           "teacher_copy", "interleave", "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
+           "teacher_copy", "interleave", "DEFAULT_PROSE_FRACTION", "JOB_HEAL", "TEXT_FILE",
+           "TEXT_SOURCES"]
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
 #: ships with tnlm, the prose followed by the samples, the dense model's own answers to
 #: chat prompts in its chat format, or half samples and half answers, alternating
 TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
+
+#: the share of the shipped prose healing adds after the model's own samples (text sources
+#: "self", "chat" and "mixed") when :attr:`CausalLMRecipe.prose_fraction` is None: about
+#: as many tokens of prose as 256 samples hold, at no sampling cost (SmolLM2 at 60 %:
+#: 2.56x the dense perplexity against 2.62x without, docs/results.md)
+DEFAULT_PROSE_FRACTION = 0.25
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
@@ -117,6 +124,13 @@ class CausalLMRecipe:
             :func:`recipe_text`); ``"mixed"``, ``n_texts`` samples, half of them
             continuations as in ``"self"`` and half chat answers as in ``"chat"``,
             alternating (calibration sees both).
+        prose_fraction: the text sources that sample (``"self"``, ``"chat"``,
+            ``"mixed"``) add this fraction of the shipped prose (shuffled with ``seed``)
+            after the samples: the calibration still takes the first ``n_calibration``
+            sequences, the samples', and healing draws from both. ``None`` (default):
+            :data:`DEFAULT_PROSE_FRACTION`; ``0``: the samples alone. ``"prose"`` and
+            ``"both"`` hold all the prose already (only None or 0 with them). Text given
+            to :func:`compress_causal_lm` is used as it is.
         n_texts: self-generated texts (``text_source`` "self", "both", "chat" or "mixed");
             the defaults of ``n_texts``, ``n_calibration`` and ``fit_steps`` (256, 32, 16)
             are the settings every SmolLM2 run of docs/results.md used (256 texts healed
@@ -141,8 +155,10 @@ class CausalLMRecipe:
             method's own, :meth:`resolved_allocation`.
         sensitivity_sequences: allocation ``"sensitivity"``: how many of the first
             calibration sequences the end-to-end errors are measured on
-            (``LayerwiseConfig.sensitivity_sequences``; the measurement's time grows
-            with them).
+            (``LayerwiseConfig.sensitivity_sequences``, whose own default is 8; the
+            measurement's time grows with them: on SmolLM2 at 60 % the compression stage
+            took 250 s with 4 and about 320 s with 8, and healed to 2.63x against 2.62x
+            the dense perplexity, one seed, docs/results.md).
         pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
             same budget), and the layers become
@@ -174,10 +190,11 @@ class CausalLMRecipe:
     fit_steps: int = 16
     fit_lr: float = 1e-3
     allocation: str | None = None
-    sensitivity_sequences: int = 8
+    sensitivity_sequences: int = 4
     heal: CausalHealConfig = field(default_factory=lambda: CausalHealConfig(**JOB_HEAL))
     seed: int = 0
     text_source: str = "self"
+    prose_fraction: float | None = None
     output_error: str = "total"
     pivoted: bool = False
     heal_pivoted: bool = False
@@ -199,6 +216,22 @@ class CausalLMRecipe:
             if not isinstance(v, str) or v not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {v!r}")
+        f = self.prose_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                              or not 0 <= f <= 1):  # NaN fails the comparison
+            raise ValueError(f"prose_fraction must be None or a number in [0, 1], got {f!r}")
+        if f and self.text_source in ("prose", "both"):
+            raise ValueError(f"prose_fraction ({f}) adds prose after the model's samples; "
+                             f"text_source {self.text_source!r} holds all of it already")
+
+    def resolved_prose_fraction(self) -> float:
+        """The fraction of the shipped prose :func:`recipe_text` adds after the samples:
+        ``prose_fraction``, or :data:`DEFAULT_PROSE_FRACTION` when it is None; 0 for the
+        text sources that hold all the prose already."""
+        if self.text_source in ("prose", "both"):
+            return 0.0
+        return DEFAULT_PROSE_FRACTION if self.prose_fraction is None \
+            else float(self.prose_fraction)
 
     def resolved_allocation(self) -> str:
         """The allocation used: ``allocation`` if given, else ``"sensitivity"`` for method
@@ -233,6 +266,8 @@ class CausalLMRecipe:
             out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
                        gen_batch=self.gen_batch, gen_top_k=self.gen_top_k,
                        generation="neutral")  # the model's generation_config set aside
+        if self.text_source not in ("prose", "both"):
+            out["prose_fraction"] = self.resolved_prose_fraction()
         return out
 
 
@@ -261,11 +296,13 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
     dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first; for
     ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
-    for ``"mixed"`` half of each (:func:`interleave`)."""
+    for ``"mixed"`` half of each (:func:`interleave`). After samples alone, the first
+    :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
     text: list[str] = []
+    prose = lm_sentences()
+    random.Random(recipe.seed).shuffle(prose)
     if recipe.text_source in ("prose", "both"):
-        text = lm_sentences()
-        random.Random(recipe.seed).shuffle(text)
+        text = prose
 
     def samples(n: int, chat: bool) -> list[str]:
         return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
@@ -277,7 +314,7 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     elif recipe.text_source == "mixed":
         half = recipe.n_texts // 2
         text += interleave(samples(recipe.n_texts - half, False), samples(half, True))
-    return text
+    return text + prose[:round(recipe.resolved_prose_fraction() * len(prose))]
 
 
 def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
@@ -311,6 +348,8 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
                          f"{_TEXT_FORMAT!r} version {_TEXT_VERSION})")
     now, then = recipe.text_settings(), dict(saved.get("settings") or {})
     then.setdefault("text_source", "self")  # written before text_source: the samples
+    if then["text_source"] not in ("prose", "both"):  # written before prose_fraction
+        then.setdefault("prose_fraction", 0.0)
     if then["text_source"] != "prose":  # written before gen_top_k: transformers' sampling,
         then.setdefault("gen_top_k", 50)  # whose top_k was 50 unless told otherwise
         # written before the generation_config was set aside: the same texts unless the
