@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="default: the job's (sensitivity for tnlm, uniform for the baselines)")
     p.add_argument("--sensitivity-sequences", type=int, default=8,
-                   help="allocation sensitivity: calibration sequences of its probe")
+                   help="allocation sensitivity: calibration sequences of its probe (the "
+                        "CLI job's default: 4; 8 here, as every earlier run)")
     p.add_argument("--pivoted", action="store_true",
                    help="fix each truncated bond's gauge: r (I + J - r) numbers a layer")
     p.add_argument("--heal-pivoted", action="store_true",
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--add-prose", type=float, default=0.0,
                    help="after the text, this fraction of the shipped prose (shuffled with "
                         "the seed): more healing text at no sampling cost (calibration "
-                        "still takes the first sequences)")
+                        "still takes the first sequences; the CLI job's default: 0.25; 0 "
+                        "here, as every earlier run)")
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--text", choices=TEXT_SOURCES, default="self",
                    help="calibration and healing text: the dense model's own samples "
@@ -149,6 +151,10 @@ def main(argv=None) -> int:
                 f"(the last step is always measured), got {bad}")
     if not 0.0 <= args.add_prose <= 1.0:
         p.error(f"--add-prose: a fraction in [0, 1], got {args.add_prose}")
+    if args.add_prose and args.text in ("prose", "both"):
+        p.error(f"--add-prose: --text {args.text} holds all of the prose already")
+    if args.sensitivity_sequences < 1:
+        p.error(f"--sensitivity-sequences: at least 1, got {args.sensitivity_sequences}")
     if args.hidden_weight and not args.chunk:
         p.error("--hidden-weight needs --chunk (the block term runs with the chunked KL)")
     mapped = mmap_large_allocations() if args.low_memory else False

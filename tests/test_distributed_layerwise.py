@@ -471,14 +471,18 @@ def test_resume_refuses_another_checkpoint_version(tmp_path):
 
 def test_resume_reads_a_checkpoint_from_before_output_error_as_total(tmp_path):
     """A state written before ``output_error`` existed measured whole-tensor errors: it
-    resumes with ``output_error="total"`` and is refused, naming the field, otherwise."""
+    resumes with ``output_error="total"`` and is refused, naming the field, otherwise; the
+    probe size of the sensitivities is not compared (the checkpoint keeps its ranks)."""
     cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="plain", fit_steps=0,
                           budget=0.5, checkpoint_dir=str(tmp_path), output_error="total")
     compress_layerwise(tiny(), sequences(), cfg, progress=False)
     state = json.loads((tmp_path / "state.json").read_text())
     del state["fingerprint"]["settings"]["output_error"]
-    del state["fingerprint"]["settings"]["sensitivity_sequences"]  # nor this one
+    # an earlier version recorded the probe size: not compared (the ranks are kept)
+    state["fingerprint"]["settings"]["sensitivity_sequences"] = 8
     (tmp_path / "state.json").write_text(json.dumps(state))
+    compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)
+    cfg.sensitivity_sequences = 5  # nor now
     compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)
     cfg.output_error = "position"
     with pytest.raises(ValueError, match="output_error: 'total' in the checkpoint, "

@@ -363,7 +363,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
                    # the share of the shipped prose healed on after the model's texts
-                   lm_prose=None if args.text else recipe.resolved_prose_fraction(),
+                   lm_prose=None if args.text or recipe.text_source in ("prose", "both")
+                   else recipe.resolved_prose_fraction(),
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
                         "sample), both, its own answers to chat prompts in its chat "
-                        "format (chat), or half samples, half answers (mixed) (default: "
+                        "format (chat), or half samples, half answers (mixed); after "
+                        "samples, healing also draws from --lm-prose of the prose (default: "
                         f"{CausalLMRecipe.text_source})")
     p.add_argument("--lm-texts", type=int, default=None, metavar="N",
                    help="causal LMs: how many texts the model writes for its own calibration "

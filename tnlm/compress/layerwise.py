@@ -588,10 +588,16 @@ def _hidden_file(d: Path, i: int, rank: int) -> Path:
     return d / f"hidden_{i:05d}_rank{rank}.safetensors"
 
 
+#: :class:`LayerwiseConfig` fields a resume need not agree on: where the checkpoint is, and
+#: the probe the allocation was measured on (a checkpoint keeps the ranks it allocated)
+_NOT_SETTINGS = ("checkpoint_dir", "sensitivity_sequences")
+
+
 def _settings(config: LayerwiseConfig) -> dict[str, Any]:
-    """Every :class:`LayerwiseConfig` field but ``checkpoint_dir``, as JSON gives it back."""
+    """Every :class:`LayerwiseConfig` field but :data:`_NOT_SETTINGS`, as JSON gives it
+    back."""
     return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
-                                  if k != "checkpoint_dir"}))
+                                  if k not in _NOT_SETTINGS}))
 
 
 def _architecture(cfg: Any) -> Any:
@@ -608,7 +614,8 @@ def _architecture(cfg: Any) -> Any:
 def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig,
                           per_block: list[list[str]], world_size: int) -> dict[str, Any]:
     """What a checkpoint of :func:`compress_layerwise` must agree on to be resumed: the
-    settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir``), a sha256 of
+    settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir`` and
+    ``sensitivity_sequences``: the checkpoint keeps the ranks it allocated), a sha256 of
     the calibration sequences, the model (its class, its configuration's architecture
     fields — not where it was loaded from, the transformers version or the configured
     dtype —, the targets per block, its parameters' dtypes and a sha256 of its state
@@ -758,8 +765,8 @@ def _refuse_other_inputs(d: Path, state: dict[str, Any], fingerprint: dict[str, 
     was written for ``fingerprint`` (:func:`layerwise_fingerprint`)."""
     saved = state.get("fingerprint", {})
     if isinstance(saved.get("settings"), dict):  # written before these settings
-        saved = {**saved, "settings": {"output_error": "total", "pivoted": False,
-                                       "sensitivity_sequences": 8, **saved["settings"]}}
+        saved = {**saved, "settings": {"output_error": "total", "pivoted": False, **{
+            k: v for k, v in saved["settings"].items() if k not in _NOT_SETTINGS}}}
     diff = _differences(saved, fingerprint)
     if diff:
         raise ValueError(f"cannot resume from {d}: it was written for other inputs; "

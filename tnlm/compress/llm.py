@@ -4,8 +4,9 @@
 Python users and the experiments call (its defaults live in :class:`CausalLMRecipe`)::
 
     text      = the user's text, or (``text_source``) the dense model's own samples
-                (data-free; tnlm.compress.causal), the prose that ships with tnlm
-                (tnlm.compress.text.lm_sentences), or both
+                (data-free; tnlm.compress.causal) followed by ``prose_fraction`` of the
+                prose that ships with tnlm (tnlm.compress.text.lm_sentences), that
+                prose alone, or both
     sequences = that text cut into equal-length token sequences
     student   = the model, compressed in place block by block on the first
                 ``n_calibration`` sequences (tnlm.compress.layerwise)
@@ -127,15 +128,16 @@ class CausalLMRecipe:
         prose_fraction: the text sources that sample (``"self"``, ``"chat"``,
             ``"mixed"``) add this fraction of the shipped prose (shuffled with ``seed``)
             after the samples: the calibration still takes the first ``n_calibration``
-            sequences, the samples', and healing draws from both. ``None`` (default):
+            sequences (the samples' when they fill them: 256 samples of SmolLM2 make 229
+            sequences of 128 tokens), and healing draws from both. ``None`` (default):
             :data:`DEFAULT_PROSE_FRACTION`; ``0``: the samples alone. ``"prose"`` and
             ``"both"`` hold all the prose already (only None or 0 with them). Text given
             to :func:`compress_causal_lm` is used as it is.
         n_texts: self-generated texts (``text_source`` "self", "both", "chat" or "mixed");
             the defaults of ``n_texts``, ``n_calibration`` and ``fit_steps`` (256, 32, 16)
-            are the settings every SmolLM2 run of docs/results.md used (256 texts healed
-            to 3.48x the dense perplexity at 60 %, 64 texts to 3.97x, with the residual
-            allocation);
+            are the settings every SmolLM2 run of docs/results.md used (256 texts alone
+            healed to 3.48x the dense perplexity at 60 %, 64 texts to 3.97x, with the
+            residual allocation and no prose);
             ``gen_tokens`` tokens each, ``gen_batch`` sampled at once (on these CPUs 64
             at once write about 1.7x the tokens a second of 16 at once), each token from
             the top-0.95 nucleus at temperature 1, among the ``gen_top_k`` most likely
