@@ -87,7 +87,8 @@ TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 #: the share of the shipped prose healing adds after the model's own samples (text sources
 #: "self", "chat" and "mixed") when :attr:`CausalLMRecipe.prose_fraction` is None: about
 #: as many tokens of prose as 256 samples hold, at no sampling cost (SmolLM2 at 60 %:
-#: 2.56x the dense perplexity against 2.62x without, docs/results.md)
+#: 2.56 ± 0.02x the dense perplexity against 2.61 ± 0.02x without, three seeds of the
+#: job, docs/results.md)
 DEFAULT_PROSE_FRACTION = 0.25
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
