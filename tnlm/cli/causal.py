@@ -266,7 +266,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     if args.low_memory:  # every block >= 128 KiB mapped and unmapped, not kept in glibc's
         # heaps: on SmolLM2 at 60 % the healing peak 2.06x the loaded model instead of
         # 3.07x, the healing 1.7x slower, in an older job (the default job now peaks at
-        # 2.40-2.48x without it; tnlm.compress.memory.mmap_large_allocations)
+        # 2.35-2.46x without it; tnlm.compress.memory.mmap_large_allocations)
         mapped = mmap_large_allocations()
         if not mapped and rank == 0:
             note("--low-memory has no effect here: the C library is not glibc, or "

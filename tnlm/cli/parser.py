@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on its own and unmap it when freed, so freed tensors do not stay "
                         "resident (SmolLM2-135M at 60 %%: healing peak 2.06x the loaded "
                         "model instead of 3.07x, healing 1.7x slower, in an older job; the "
-                        "default job now peaks at 2.40-2.48x without it; glibc only)")
+                        "default job now peaks at 2.35-2.46x without it; glibc only)")
     p.add_argument("--lm-text", choices=TEXT_SOURCES, default=None,
                    help="causal LMs without --text: calibrate and heal on the model's own "
                         "samples (self), the prose that ships with tnlm (prose: nothing to "
@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prose that ships with tnlm too (--lm-text self, chat, mixed; 0: the "
                         "samples alone; default: "
                         f"{DEFAULT_PROSE_FRACTION}, about as many tokens as 256 texts, which "
-                        "healed SmolLM2 at 60 %% to 2.56 +- 0.02x the dense perplexity "
-                        "against 2.61 +- 0.02x without, three seeds)")
+                        "healed SmolLM2 at 60 %% to 2.56x the dense perplexity against "
+                        "2.62x without, one seed)")
     p.add_argument("--lm-top-k", type=int, default=None, metavar="K",
                    help="causal LMs: the model's own texts sampled among its K most likely "
                         "tokens at each step (then the top-0.95 nucleus); default: the "

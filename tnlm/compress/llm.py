@@ -87,8 +87,8 @@ TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 #: the share of the shipped prose healing adds after the model's own samples (text sources
 #: "self", "chat" and "mixed") when :attr:`CausalLMRecipe.prose_fraction` is None: about
 #: as many tokens of prose as 256 samples hold, at no sampling cost (SmolLM2 at 60 %:
-#: 2.56 ± 0.02x the dense perplexity against 2.61 ± 0.02x without, three seeds of the
-#: job, docs/results.md)
+#: 2.56x the dense perplexity against 2.62x without, one seed; the job with it and a
+#: probe of 4 sequences 2.56 ± 0.02x against 2.61 ± 0.02x, three seeds, docs/results.md)
 DEFAULT_PROSE_FRACTION = 0.25
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
@@ -160,8 +160,8 @@ class CausalLMRecipe:
             calibration sequences the end-to-end errors are measured on
             (``LayerwiseConfig.sensitivity_sequences``, whose own default is 8; the
             measurement's time grows with them: on SmolLM2 at 60 % the compression stage
-            took 250 s with 4 and about 320 s with 8, and healed to 2.63x against 2.62x
-            the dense perplexity, one seed, docs/results.md).
+            took 250-260 s with 4 and 314-355 s with 8, and healed to 2.63x against
+            2.62x the dense perplexity, one seed, docs/results.md).
         pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
             same budget), and the layers become
