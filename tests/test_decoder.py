@@ -288,6 +288,10 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert summary["heal_optimizer"] == "adafactor"  # the causal job's default
     assert summary["allocation"] == "sensitivity"
     assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
+    assert summary["lm_prose"] is None  # --text: used as it is
+    from tnlm.compress.llm import CausalLMRecipe
+
+    assert summary["sensitivity_sequences"] == CausalLMRecipe.sensitivity_sequences == 4
     # the experiments' table reads it as a row of the job's defaults
     from experiments import llm_table
 
@@ -296,7 +300,7 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert llm_table.main([str(job), "--jobs", str(job)]) == 0
     row = [r for r in capsys.readouterr().out.splitlines() if "tnlm compress" in r]
     assert len(row) == 1 and row[0].startswith(
-        "| tnlm compress, --method tnlm (sensitivity) | 50% | 4 | ")
+        "| tnlm compress, --method tnlm (sensitivity), probe of 4 | 50% | 4 | ")
     assert f"{summary['perplexity_ratio']:.2f}" in row[0]
     assert 0.4 < summary["ratio"] <= 0.5
     assert summary["perplexity"] > 0 and summary["perplexity_dense"] > 0
