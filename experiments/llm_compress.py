@@ -36,6 +36,7 @@ from tnlm.compress.llm import (  # noqa: E402
     compress_causal_lm,
     interleave,
     recipe_text,
+    shipped_prose,
 )
 from tnlm.compress.lm_quality import (  # noqa: E402
     answer_agreement,
@@ -47,7 +48,7 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     simple_questions,
 )
 from tnlm.compress.memory import mmap_large_allocations, release_memory, rss_mb  # noqa: E402
-from tnlm.integration.loading import LLM_MISSING, default_llm_path, load_pretrained  # noqa: E402
+from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
 
 def _rss() -> float:
@@ -160,11 +161,11 @@ def main(argv=None) -> int:
     mapped = mmap_large_allocations() if args.low_memory else False
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    path = default_llm_path()
-    if path is None:
+    loaded = load_default_llm()
+    if loaded is None:
         print(LLM_MISSING)
         return 2
-    model, tok = load_pretrained(path)
+    model, tok = loaded
     load_s = time.perf_counter() - t0
     dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     release_memory()  # as the job's stages start: what the loading freed is given back
@@ -201,9 +202,8 @@ def main(argv=None) -> int:
     elif args.text == "mixed":  # the first halves of both caches, alternating
         half = args.n_texts // 2
         texts = interleave(samples(False)[:args.n_texts - half], samples(True)[:half])
-    if args.add_prose:
-        prose = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
-        texts += prose[:round(args.add_prose * len(prose))]
+    if args.add_prose:  # as the job adds it (CausalLMRecipe.prose_fraction)
+        texts += shipped_prose(args.seed, args.add_prose)
     text_s = time.perf_counter() - t1
     recipe = CausalLMRecipe(
         budget=args.budget, method="tnlm" if args.method == "dense" else args.method,

@@ -75,8 +75,8 @@ from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
-           "teacher_copy", "interleave", "DEFAULT_PROSE_FRACTION", "JOB_HEAL", "TEXT_FILE",
-           "TEXT_SOURCES"]
+           "teacher_copy", "interleave", "shipped_prose", "DEFAULT_PROSE_FRACTION",
+           "JOB_HEAL", "TEXT_FILE", "TEXT_SOURCES"]
 
 #: where the job's text comes from when the user gives none
 #: (:attr:`CausalLMRecipe.text_source`): the dense model's own samples, the prose that
@@ -90,6 +90,9 @@ TEXT_SOURCES = ("self", "prose", "both", "chat", "mixed")
 #: 2.56x the dense perplexity against 2.62x without, one seed; the job with it and a
 #: probe of 4 sequences 2.56 ± 0.02x against 2.61 ± 0.02x, three seeds, docs/results.md)
 DEFAULT_PROSE_FRACTION = 0.25
+
+#: the text sources that hold all of the shipped prose (nothing to add after them)
+_ALL_PROSE = ("prose", "both")
 
 #: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
@@ -223,7 +226,7 @@ class CausalLMRecipe:
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                               or not 0 <= f <= 1):  # NaN fails the comparison
             raise ValueError(f"prose_fraction must be None or a number in [0, 1], got {f!r}")
-        if f and self.text_source in ("prose", "both"):
+        if f and self.text_source in _ALL_PROSE:
             raise ValueError(f"prose_fraction ({f}) adds prose after the model's samples; "
                              f"text_source {self.text_source!r} holds all of it already")
 
@@ -231,7 +234,7 @@ class CausalLMRecipe:
         """The fraction of the shipped prose :func:`recipe_text` adds after the samples:
         ``prose_fraction``, or :data:`DEFAULT_PROSE_FRACTION` when it is None; 0 for the
         text sources that hold all the prose already."""
-        if self.text_source in ("prose", "both"):
+        if self.text_source in _ALL_PROSE:
             return 0.0
         return DEFAULT_PROSE_FRACTION if self.prose_fraction is None \
             else float(self.prose_fraction)
@@ -269,7 +272,7 @@ class CausalLMRecipe:
             out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
                        gen_batch=self.gen_batch, gen_top_k=self.gen_top_k,
                        generation="neutral")  # the model's generation_config set aside
-        if self.text_source not in ("prose", "both"):
+        if self.text_source not in _ALL_PROSE:
             out["prose_fraction"] = self.resolved_prose_fraction()
         return out
 
@@ -301,11 +304,7 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
     for ``"mixed"`` half of each (:func:`interleave`). After samples alone, the first
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
-    text: list[str] = []
-    prose = lm_sentences()
-    random.Random(recipe.seed).shuffle(prose)
-    if recipe.text_source in ("prose", "both"):
-        text = prose
+    text = shipped_prose(recipe.seed) if recipe.text_source in _ALL_PROSE else []
 
     def samples(n: int, chat: bool) -> list[str]:
         return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
@@ -317,7 +316,17 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     elif recipe.text_source == "mixed":
         half = recipe.n_texts // 2
         text += interleave(samples(recipe.n_texts - half, False), samples(half, True))
-    return text + prose[:round(recipe.resolved_prose_fraction() * len(prose))]
+    share = recipe.resolved_prose_fraction()
+    return text + shipped_prose(recipe.seed, share) if share else text
+
+
+def shipped_prose(seed: int, fraction: float = 1.0) -> list[str]:
+    """The first ``fraction`` of the prose that ships with tnlm
+    (:func:`tnlm.compress.text.lm_sentences`) shuffled with ``seed``: what
+    :func:`recipe_text` adds after the samples (``prose_fraction``) or gives alone."""
+    prose = lm_sentences()
+    random.Random(seed).shuffle(prose)
+    return prose[:round(fraction * len(prose))]
 
 
 def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
@@ -351,7 +360,7 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
                          f"{_TEXT_FORMAT!r} version {_TEXT_VERSION})")
     now, then = recipe.text_settings(), dict(saved.get("settings") or {})
     then.setdefault("text_source", "self")  # written before text_source: the samples
-    if then["text_source"] not in ("prose", "both"):  # written before prose_fraction
+    if then["text_source"] not in _ALL_PROSE:  # written before prose_fraction
         then.setdefault("prose_fraction", 0.0)
     if then["text_source"] != "prose":  # written before gen_top_k: transformers' sampling,
         then.setdefault("gen_top_k", 50)  # whose top_k was 50 unless told otherwise
