@@ -1540,6 +1540,38 @@ def test_cli_lm_prose_reaches_the_recipe_and_is_refused_where_nothing_is_sampled
     assert seen == [0.0, None]
 
 
+def test_cli_sensitivity_sequences_reach_the_recipe_and_are_refused_elsewhere(
+        tmp_path, capsys, monkeypatch):
+    """--sensitivity-sequences N: the recipe's probe (its default without the flag);
+    refused for encoders, with an allocation other than sensitivity (given, or a
+    baseline's uniform default), below 1 and beyond the calibration sequences."""
+    from tnlm.cli import main
+    from tnlm.compress.llm import CausalLMRecipe
+
+    assert main(["compress", "--sensitivity-sequences", "2"]) == 2
+    assert "--sensitivity-sequences applies to causal LMs" in capsys.readouterr().err
+    folder, _ = _llm_folder(tmp_path)
+    n_cal = CausalLMRecipe.n_calibration
+    for extra, why in (
+            (["--allocation", "uniform"], "this job allocates by uniform"),
+            (["--method", "whitened"], "this job allocates by uniform"),
+            (["--method", "tnlm", "--allocation", "residual"], "allocates by residual"),
+            (["--sensitivity-sequences", "0"], "must be at least 1, got 0"),
+            (["--sensitivity-sequences", str(n_cal + 1)],
+             f"at most {n_cal}, got {n_cal + 1}")):
+        args = extra if "--sensitivity-sequences" in extra else \
+            [*extra, "--sensitivity-sequences", "2"]
+        assert main(["compress", str(folder), *args]) == 2
+        assert why in capsys.readouterr().err
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.sensitivity_sequences)
+    assert main(["compress", str(folder), "--sensitivity-sequences", "2", "--out", "",
+                 "--quiet"]) == 2
+    assert main(["compress", str(folder), "--method", "whitened", "--allocation",
+                 "sensitivity", "--sensitivity-sequences", "3", "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
+    assert seen == [2, 3, CausalLMRecipe.sensitivity_sequences]
+
+
 def test_block_error_weighs_every_position_alike():
     """A massive first token (as Llama-family residual streams carry) hides the other
     positions' error from the "total" measure, not from the per-position one."""

@@ -83,6 +83,20 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                            f"--lm-text {args.lm_text} all of the prose is there already"))
     if args.lm_prose is not None and not 0 <= args.lm_prose <= 1:
         raise UserError(f"--lm-prose must be a fraction in [0, 1], got {args.lm_prose}")
+    if args.sensitivity_sequences is not None:
+        allocation = args.allocation or dataclasses.replace(
+            recipe, method=args.method or recipe.method).resolved_allocation()
+        if allocation != "sensitivity":
+            raise UserError("--sensitivity-sequences sets the probe of --allocation "
+                            "sensitivity (--method tnlm's default); this job allocates by "
+                            f"{allocation}")
+        if args.sensitivity_sequences < 1:
+            raise UserError(f"--sensitivity-sequences must be at least 1, got "
+                            f"{args.sensitivity_sequences}")
+        if args.sensitivity_sequences > recipe.n_calibration:
+            raise UserError(f"--sensitivity-sequences is measured on the first calibration "
+                            f"sequences: at most {recipe.n_calibration}, got "
+                            f"{args.sensitivity_sequences}")
     if args.lm_text == "mixed" and args.lm_texts is not None and args.lm_texts < 2:
         raise UserError(f"--lm-texts must be at least 2 with --lm-text mixed (half "
                         f"continuations, half chat answers), got {args.lm_texts}")
@@ -111,7 +125,9 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
         gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
-        pivoted=recipe.pivoted if args.pivoted is None else args.pivoted)
+        pivoted=recipe.pivoted if args.pivoted is None else args.pivoted,
+        sensitivity_sequences=recipe.sensitivity_sequences if args.sensitivity_sequences
+        is None else args.sensitivity_sequences)
     if size > 1:  # the calibration batches the ranks share in block fitting, before loading
         from tnlm.compress.layerwise import LayerwiseConfig, shared_batches
 

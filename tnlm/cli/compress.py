@@ -114,6 +114,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     if args.lm_prose is not None:
         raise UserError("--lm-prose applies to causal LMs (prose added to the model's texts)")
+    if args.sensitivity_sequences is not None:
+        raise UserError("--sensitivity-sequences applies to causal LMs (the probe of their "
+                        "sensitivity allocation)")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     check_budget_and_healing(args.budget, args.heal_steps, args.lr)
