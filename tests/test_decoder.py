@@ -753,6 +753,8 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
         model).sensitivity_sequences == 3
     with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1, got 0"):
         CausalLMRecipe(sensitivity_sequences=0)
+    with pytest.raises(ValueError, match=r"at most n_calibration \(8\)"):
+        CausalLMRecipe(sensitivity_sequences=9, n_calibration=8)
     with pytest.raises(ValueError, match="the probe is at block 3, not 0"):
         sens.measure(0, "mlp.up_proj", "x", wl)  # the probe has passed every block
     # a probe of 3 sequences: the job's own capture, the same weights' order of size

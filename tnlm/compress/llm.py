@@ -211,6 +211,10 @@ class CausalLMRecipe:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.sensitivity_sequences > self.n_calibration:
+            raise ValueError(f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
+                             f"first calibration sequences: at most n_calibration "
+                             f"({self.n_calibration})")
         k = self.gen_top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"gen_top_k must be None or an int >= 1, got {k!r}")
