@@ -34,6 +34,7 @@ from tnlm.compress.llm import (  # noqa: E402
     TEXT_SOURCES,
     CausalLMRecipe,
     compress_causal_lm,
+    has_checkpoint,
     interleave,
     recipe_text,
     shipped_prose,
@@ -144,6 +145,11 @@ def main(argv=None) -> int:
                    help="keep every block's activations in healing (the former default)")
     p.add_argument("--low-memory", action="store_true",
                    help="as tnlm compress --low-memory: every block >= 128 KiB mapped")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
+                   help="keep the layer-by-layer compression's per-block checkpoint here "
+                        "and resume from it when it is there: a healing sweep compresses "
+                        "once (the blocks and their ranks are read back; healing starts "
+                        "afresh)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     bad = [k for k in args.eval_at if not 0 <= k < args.heal_steps]
@@ -233,8 +239,10 @@ def main(argv=None) -> int:
             print(f"healing step {step}: perplexity {r:.3f}x the dense model's")
 
     if args.method != "dense":
+        resume = args.checkpoint is not None and has_checkpoint(args.checkpoint)
         res = compress_causal_lm(model, tok, recipe, text=texts, progress=True, log=print,
-                                 on_heal_step=measure if args.eval_at else None)
+                                 on_heal_step=measure if args.eval_at else None,
+                                 checkpoint_dir=args.checkpoint, resume=resume)
     t1 = time.perf_counter()
     ppl = perplexity(model, tok, eval_text, max_length=args.eval_length,
                      stride=args.eval_length)
@@ -250,7 +258,7 @@ def main(argv=None) -> int:
         # (heal_curve_seconds); the healing peak includes them
         secs = {k: v - (curve_s[0] if k in ("healing", "total") else 0.0)
                 for k, v in res.seconds.items()}
-        out.update(pivoted=args.pivoted, kept=res.ratio,
+        out.update(pivoted=args.pivoted, kept=res.ratio, resumed=resume,
                    stored_params=sum(p.numel() for p in model.parameters()),
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after,
