@@ -239,6 +239,47 @@ def test_int8_factors_keep_the_embedding(exported, tok, sentences, tmp_path):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "x.onnx")
 
 
+def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
+        exported, tok, sentences, tmp_path):
+    import onnx
+
+    from tnlm.export import OnnxEncoder, quantize_int8, quantize_weights
+
+    a = OnnxEncoder(exported.path, tok).encode(sentences)
+    quantize_int8(exported.path, tmp_path / "int8.onnx")
+    c8 = OnnxEncoder(tmp_path / "int8.onnx", tok).encode(sentences)
+    cos = {}
+    for bits in (8, 4):
+        out = tmp_path / f"w{bits}.onnx"
+        size = quantize_weights(exported.path, out, bits=bits, block_size=16)
+        assert 0 < size == out.stat().st_size < exported.path.stat().st_size
+        ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert "MatMulNBits" in ops and "MatMulInteger" not in ops
+        cos[bits] = float((a * OnnxEncoder(out, tok).encode(sentences)).sum(1).min())
+    # float activations: 8-bit weights lose less than dynamic int8 (weights and activations)
+    assert cos[8] > 0.999 and 1 - cos[8] < (1 - float((a * c8).sum(1).min())) / 2
+    assert 0.9 < cos[4] < cos[8]
+    for kw, match in ((dict(bits=3), r"bits must be one of \(8, 4\), got 3"),
+                      (dict(bits=True), "bits must be one of"),
+                      (dict(block_size=24), r"block_size must be a power of two >= 16 .*got 24"),
+                      (dict(block_size=8), "got 8"),
+                      (dict(symmetric="yes"), "symmetric must be a bool")):
+        with pytest.raises(ValueError, match=match):
+            quantize_weights(exported.path, tmp_path / "bad.onnx", **kw)
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        quantize_weights(tmp_path / "missing.onnx", tmp_path / "bad.onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])],
+                                                  "g", [x], [y])), str(tmp_path / "add.onnx"))
+    with pytest.raises(ValueError, match="no MatMul of a constant weight"):
+        quantize_weights(tmp_path / "add.onnx", tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad.onnx")]
+
+
 def test_fused_shared_matmuls_give_the_same_outputs(exported, compressed, tok, sentences,
                                                     tmp_path):
     import onnx
@@ -916,6 +957,23 @@ def test_cli_onnx_int8(checkpoint, compressed, tok, sentences, tmp_path, capsys)
     assert np.abs(a - b).max() <= 1e-5
 
 
+def test_cli_onnx_weight_bits(checkpoint, compressed, tok, sentences, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.export import OnnxEncoder
+
+    ckpt, base = checkpoint
+    out = tmp_path / "m.w4.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--weight-bits", "4",
+                             "--weight-block", "16", "--base", str(base), "--out",
+                             str(out)])) == 0
+    assert "4-bit weights (weight-only, a scale per 16 rows" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.w4.onnx"]  # no leftovers
+    cos = (OnnxEncoder(out, tok).encode(sentences)
+           * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
+    assert float(cos.min()) > 0.9
+
+
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -960,6 +1018,14 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
      r"^--no-pooling applies to --format onnx only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--embedding-block", "16", "--out", "{tmp}/m.onnx"],
      r"^--embedding-block applies with --embedding-bits 4 only"),
+    (["{ckpt}", "--format", "onnx", "--int8", "--weight-bits", "8", "--out", "{tmp}/m.onnx"],
+     r"^--weight-bits quantizes the weights alone .* pass one of them"),
+    (["{ckpt}", "--format", "onnx", "--weight-block", "32", "--out", "{tmp}/m.onnx"],
+     r"^--weight-block applies with --weight-bits only"),
+    (["{ckpt}", "--format", "onnx", "--weight-bits", "8", "--weight-block", "24", "--out",
+      "{tmp}/m.onnx"], r"^--weight-block must be a power of two >= 16, got 24"),
+    (["{ckpt}", "--format", "hf", "--weight-bits", "8", "--out", "{tmp}/hf"],
+     r"^--weight-bits applies to --format onnx only"),
     (["{ckpt}", "--format", "hf", "--base", "{base}", "--out", "{base}"],
      r"^--out .* is a folder that is not empty; expected a new or empty folder"),
     (["{ckpt}", "--format", "st", "--base", "{base}", "--out", "/proc/tnlm-nope/st"],

@@ -165,6 +165,37 @@ def test_int8_decoder_graph_generates(exported, tmp_path):
     assert q.generate(ids, mask, max_new_tokens=4).shape == (2, 11)
 
 
+def test_weight_only_decoder_graph_is_closer_than_int8(exported, tmp_path):
+    """quantize_weights: MatMulNBits with float activations; 8 bits stays far closer to
+    the float32 graph than dynamic int8, 4 bits is smaller than 8; both generate."""
+    import onnx
+
+    from tnlm.export import quantize_int8, quantize_weights
+
+    model, res, runner = exported
+    ids, mask = batch(seed=9)
+    want = runner.logits(ids, mask)[1]
+
+    def rel(path):
+        got = OnnxCausalLM(path).logits(ids, mask)[1]
+        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+    quantize_int8(res["path"], tmp_path / "int8.onnx")
+    sizes = {b: quantize_weights(res["path"], tmp_path / f"w{b}.onnx", bits=b) for b in (8, 4)}
+    assert sizes[4] < sizes[8] < res["bytes"]
+    graph = onnx.load(str(tmp_path / "w8.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+                   for n in graph.graph.node)
+    assert {p.key: p.value for p in graph.metadata_props}["tnlm.weight_bits"] == "8"
+    r8, r4, r_int8 = rel(tmp_path / "w8.onnx"), rel(tmp_path / "w4.onnx"), rel(
+        tmp_path / "int8.onnx")
+    assert 0 < r8 < 0.02 and r8 < r_int8 / 2
+    assert r8 < r4 < 0.3
+    q = OnnxCausalLM(tmp_path / "w8.onnx")
+    assert q.generate(ids, mask, max_new_tokens=4).shape == (2, 11)
+
+
 def test_refusals(tmp_path):
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,

@@ -1,5 +1,5 @@
-"""``tnlm export DIR --format {onnx,hf,st} [--int8 [--embedding-bits 4]] --out PATH``: ship a
-compressed model.
+"""``tnlm export DIR --format {onnx,hf,st} [--int8 [--embedding-bits 4] | --weight-bits
+{8,4}] --out PATH``: ship a compressed model.
 
 :func:`add_export_parser` adds the sub-command to ``tnlm``'s sub-parsers (it sets
 ``func=cmd_export``); :func:`cmd_export` runs it. Mistakes raise :class:`ExportError`
@@ -15,7 +15,9 @@ Formats:
   column; ``--per-tensor``: one 8-bit scale a tensor, 7-bit for a model with gauge-fixed
   layers, whose chains saturate at 8 bits; adding ``--embedding-bits
   4`` stores the word-embedding table with 4-bit codes, see
-  :func:`tnlm.export.quantize_int8`);
+  :func:`tnlm.export.quantize_int8`; with ``--weight-bits 8|4`` instead: weight-only
+  quantization, each MatMul weight in 8 or 4 bits with a scale per block of
+  ``--weight-block`` rows and float activations, :func:`tnlm.export.quantize_weights`);
 * ``hf``: a transformers folder with merged dense weights (loads without tnlm; as big
   as the dense model);
 * ``st``: a self-contained folder (MPO weights, config, tokenizer, sentence-transformers
@@ -41,8 +43,8 @@ from typing import Any
 __all__ = ["add_export_parser", "cmd_export", "ExportError", "FORMATS"]
 
 FORMATS = ("onnx", "hf", "st")
-#: ``--opset``'s and ``--embedding-block``'s defaults
-OPSET, EMBEDDING_BLOCK = 20, 64
+#: ``--opset``'s, ``--embedding-block``'s and ``--weight-block``'s defaults
+OPSET, EMBEDDING_BLOCK, WEIGHT_BLOCK = 20, 64, 32
 
 
 class ExportError(ValueError):
@@ -78,6 +80,14 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--embedding-block", type=int, default=None,
                    help=f"with --embedding-bits 4: columns per scale (even; default "
                         f"{EMBEDDING_BLOCK})")
+    p.add_argument("--weight-bits", type=int, choices=(8, 4), default=None,
+                   help="onnx only, instead of --int8: weight-only quantization, every MatMul "
+                        "weight in 8 or 4 bits with one scale per block of --weight-block "
+                        "input rows, the activations in float (ONNX Runtime's MatMulNBits; "
+                        "keeps a decoder's answers where --int8 does not, docs/export.md)")
+    p.add_argument("--weight-block", type=int, default=None,
+                   help=f"with --weight-bits: input rows per scale (a power of two >= 16; "
+                        f"default {WEIGHT_BLOCK})")
     p.add_argument("--base", default=None,
                    help="transformers model folder giving the architecture when DIR has no "
                         "config.json, and the tokenizer when DIR has none (default: the "
@@ -110,6 +120,7 @@ def _check_args(args: argparse.Namespace
     if args.format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
     for flag, given in (("--fuse", args.fuse), ("--int8", args.int8),
+                        ("--weight-bits", args.weight_bits is not None),
                         ("--opset", args.opset is not None), ("--no-pooling", args.no_pooling)):
         if given and args.format != "onnx":
             raise ExportError(f"{flag} applies to --format onnx only, not --format "
@@ -128,6 +139,18 @@ def _check_args(args: argparse.Namespace
     if args.embedding_block is not None and args.embedding_bits != 4:
         raise ExportError("--embedding-block applies with --embedding-bits 4 only (the columns "
                           "sharing one scale of the 4-bit table)")
+    if args.weight_bits is not None and args.int8:
+        raise ExportError("--weight-bits quantizes the weights alone (float activations); "
+                          "--int8 quantizes weights and activations: pass one of them")
+    if args.weight_bits is not None and args.weight_bits not in (8, 4):
+        raise ExportError(f"--weight-bits must be 8 or 4, got {args.weight_bits}")
+    if args.weight_block is not None and args.weight_bits is None:
+        raise ExportError("--weight-block applies with --weight-bits only (the input rows "
+                          "sharing one scale)")
+    args.weight_block = WEIGHT_BLOCK if args.weight_block is None else args.weight_block
+    if args.weight_block < 16 or args.weight_block & (args.weight_block - 1):
+        raise ExportError(f"--weight-block must be a power of two >= 16, got "
+                          f"{args.weight_block}")
     args.embedding_block = EMBEDDING_BLOCK if args.embedding_block is None \
         else args.embedding_block
     if args.embedding_block < 2 or args.embedding_block % 2:
@@ -361,6 +384,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                     f"cache in and out; run with tnlm.export.OnnxCausalLM)")
         return f"outputs {', '.join(res['outputs'])}"
 
+    if args.weight_bits is not None:
+        from tnlm.export.weight_only import quantize_weights
+
+        with _staged(out, folder=False) as tmp:
+            fp32 = tmp.parent / "float32" / "model.onnx"
+            res = write(fp32)
+            size = quantize_weights(fp32, tmp, bits=args.weight_bits,
+                                    block_size=args.weight_block)
+            shutil.rmtree(fp32.parent)
+        print(f"{out}: ONNX graph with {args.weight_bits}-bit weights (weight-only, a scale per "
+              f"{args.weight_block} rows, float activations), {size / 1e6:.1f} MB (float32: "
+              f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), "
+              f"{res['mpo_layers']} MPO layers kept factorized, {outputs(res)}")
+        return 0
     if not args.int8:
         with _staged(out, folder=False) as tmp:
             res = write(tmp)
