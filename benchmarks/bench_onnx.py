@@ -9,6 +9,7 @@ Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx.py [--threads 1] [--repea
             [--ort-skip-ln]      (also each float32 graph run with ONNX Runtime's
                                   SkipLayerNormFusion, which tnlm's sessions leave out)
             [--float32-only]     (no int8 graphs)
+            [--weight-bits 8 4] [--weight-block 32]
             [--quick]            (smoke run: 16 sentences, batches 1 and 8, one repeat)
             [--replot LOG --plot PNG]  (the figure again from an earlier run's output)
 
@@ -42,7 +43,10 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     graph with gauge-fixed chains; ``--per-channel``: one 7-bit scale per column),
     and with int8 weights and a 4-bit word-embedding table (``quantize_int8(...,
     embedding_bits=4, block_size=--embedding-block)``: 4-bit codes with a float16 scale
-    and offset per row and block of columns, decoded per gathered token).
+    and offset per row and block of columns, decoded per gathered token);
+  * with ``--weight-bits B ...`` each graph again with weight-only B-bit weights
+    (``quantize_weights``: ``MatMulNBits``, a scale per ``--weight-block`` rows, float
+    activations, the word-embedding table float32), named "... w8", "... w4".
 
 Latency: one ONNX Runtime session per graph (``--threads`` intra-op threads), batches of
 1, 8 and 64 sentences x 64 tokens; in each repeat every graph runs every batch once
@@ -71,7 +75,14 @@ import torch
 
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.compress.text import generated_sentences
-from tnlm.export import OnnxEncoder, export_onnx, load_compressed, onnx_weights, quantize_int8
+from tnlm.export import (
+    OnnxEncoder,
+    export_onnx,
+    load_compressed,
+    onnx_weights,
+    quantize_int8,
+    quantize_weights,
+)
 from tnlm.integration import load_default_model, mean_pooled
 from tnlm.integration.architectures import default_targets
 
@@ -137,6 +148,9 @@ def main() -> None:
     ap.add_argument("--ort-skip-ln", action="store_true",
                     help="also every float32 graph with ONNX Runtime's SkipLayerNormFusion")
     ap.add_argument("--float32-only", action="store_true", help="no int8 graphs")
+    ap.add_argument("--weight-bits", type=int, nargs="*", default=[], choices=(8, 4),
+                    help="also each graph with weight-only quantized MatMul weights")
+    ap.add_argument("--weight-block", type=int, default=32)
     ap.add_argument("--replot", default=None, metavar="LOG",
                     help="draw --plot from the table of an earlier run's output, run nothing")
     ap.add_argument("--quick", action="store_true",
@@ -205,6 +219,10 @@ def main() -> None:
             files[name + EMB4] = work / f"{stem}.int8.emb4.onnx"
             quantize_int8(res.path, files[name + EMB4], per_channel=args.per_channel,
                           embedding_bits=4, block_size=args.embedding_block)
+        for bits in args.weight_bits:
+            files[f"{name} w{bits}"] = work / f"{stem}.w{bits}.onnx"
+            quantize_weights(res.path, files[f"{name} w{bits}"], bits=bits,
+                             block_size=args.weight_block)
         print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
               f"factorized layers, {res.fused_matmuls} MatMul nodes fused away, "
               f"{time.perf_counter() - t:.0f} s")

@@ -4,6 +4,7 @@ same run.
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx_decoder.py --checkpoint DIR
             [--dense PATH] [--threads 1] [--repeats 5] [--prompt-tokens 64]
             [--new-tokens 32] [--batches 1 8] [--questions 50] [--int8 [--per-channel]]
+            [--weight-bits 8 4] [--weight-block 32]
             [--no-latency] [--workdir DIR] [--json FILE] [--quick]
 
 Graphs (``tnlm.export.export_onnx_decoder``: logits and the cache out, the cache in):
@@ -12,7 +13,10 @@ Graphs (``tnlm.export.export_onnx_decoder``: logits and the cache out, the cache
   * compressed: the causal LM that ``tnlm compress --out DIR`` saved (``load_compressed``),
     its MPO layers kept factorized;
   * with ``--int8`` each again with int8 weights (``quantize_int8``; ``--per-channel``: one
-    scale per output column, 7-bit weights).
+    scale per output column, 7-bit weights);
+  * with ``--weight-bits B ...`` each again with weight-only B-bit weights
+    (``quantize_weights``: ``MatMulNBits``, a scale per ``--weight-block`` rows, float
+    activations), named "w8", "w4".
 
 Graphs already in ``--workdir`` (``dense.onnx``, ``compressed.onnx``) are reused, not
 exported again. ``--no-latency``: the answers only.
@@ -60,6 +64,7 @@ from tnlm.export import (  # noqa: E402
     export_onnx_decoder,
     load_compressed,
     quantize_int8,
+    quantize_weights,
 )
 from tnlm.integration.loading import load_pretrained  # noqa: E402
 
@@ -111,6 +116,8 @@ def main() -> int:
     ap.add_argument("--per-channel", action="store_true",
                     help="int8 per column, 7-bit (quantize_int8's default; without this flag "
                          "per tensor, as the documented tables were measured)")
+    ap.add_argument("--weight-bits", type=int, nargs="*", default=[], choices=(8, 4))
+    ap.add_argument("--weight-block", type=int, default=32)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write the measurements here")
@@ -148,6 +155,11 @@ def main() -> int:
             size = quantize_int8(path, q, per_channel=args.per_channel)
             graphs[f"{name} {label}"] = q
             info[f"{name} {label}"] = dict(mb=size / 1e6)
+        for bits in args.weight_bits:
+            q = work / f"{name}.w{bits}.onnx"
+            size = quantize_weights(path, q, bits=bits, block_size=args.weight_block)
+            graphs[f"{name} w{bits}"] = q
+            info[f"{name} w{bits}"] = dict(mb=size / 1e6)
     runners = {name: OnnxCausalLM(p, threads=args.threads) for name, p in graphs.items()}
 
     # answers: ONNX Runtime against PyTorch, compressed against dense
