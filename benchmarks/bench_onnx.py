@@ -46,7 +46,8 @@ Graphs (all-MiniLM-L6-v2, outputs last_hidden_state and the mean-pooled embeddin
     and offset per row and block of columns, decoded per gathered token);
   * with ``--weight-bits B ...`` each graph again with weight-only B-bit weights
     (``quantize_weights``: ``MatMulNBits``, a scale per ``--weight-block`` rows, float
-    activations, the word-embedding table float32), named "... w8", "... w4".
+    activations, the word-embedding table float32), named "... w8", "... w4", and the same
+    with the 4-bit word-embedding table, "... w8 + 4-bit emb".
 
 Latency: one ONNX Runtime session per graph (``--threads`` intra-op threads), batches of
 1, 8 and 64 sentences x 64 tokens; in each repeat every graph runs every batch once
@@ -93,6 +94,7 @@ SST2 = Path("../shared/data/sst2/dev.tsv")
 QUICK = dict(batches=(1, 8), sentences=16, calibration=32, repeats=1)
 #: suffixes of the quantized variants of each model
 INT8, EMB4, FUSED = " int8", " int8 + 4-bit emb", " fused"
+E4 = " + 4-bit emb"  # after a weight-only variant's name
 #: a float32 graph in a session with every ONNX Runtime fusion (``--ort-skip-ln``)
 ORT_ALL = " (ORT SkipLayerNorm)"
 #: the issue's size target for the compressed model with int8 factors
@@ -223,6 +225,10 @@ def main() -> None:
             files[f"{name} w{bits}"] = work / f"{stem}.w{bits}.onnx"
             quantize_weights(res.path, files[f"{name} w{bits}"], bits=bits,
                              block_size=args.weight_block)
+            files[f"{name} w{bits}{E4}"] = work / f"{stem}.w{bits}.emb4.onnx"
+            quantize_weights(res.path, files[f"{name} w{bits}{E4}"], bits=bits,
+                             block_size=args.weight_block, embedding_bits=4,
+                             embedding_block=args.embedding_block)
         print(f"exported {name}: {res.weights:,} weights in the graph, {res.mpo_layers} "
               f"factorized layers, {res.fused_matmuls} MatMul nodes fused away, "
               f"{time.perf_counter() - t:.0f} s")
@@ -281,15 +287,16 @@ def main() -> None:
     for name in models:
         if name == "dense" or args.float32_only:
             continue
-        n = name + EMB4
-        size = sizes[n] / sizes["dense"]
-        line = (f"target check {n}: {size:.3f} of the dense float32 bytes "
-                f"({'<=' if size <= SIZE_TARGET else '>'} {SIZE_TARGET})")
-        if n in cosines:
-            ref8 = cosines["dense" + INT8]
-            line += (f"; SST-2 cosine {cosines[n]:.4f} vs dense int8 {ref8:.4f} "
-                     f"({'>=' if cosines[n] >= ref8 else '<'})")
-        print(line)
+        for n in [name + EMB4] + [f"{name} w{b}{E4}" for b in args.weight_bits]:
+            size = sizes[n] / sizes["dense"]
+            line = (f"target check {n}: {size:.3f} of the dense float32 bytes "
+                    f"({'<=' if size <= SIZE_TARGET else '>'} {SIZE_TARGET})")
+            if n in cosines:
+                for peer in ["dense" + INT8] + [f"dense w{b}" for b in args.weight_bits]:
+                    ref8 = cosines[peer]
+                    line += (f"; SST-2 cosine {cosines[n]:.4f} vs {peer} {ref8:.4f} "
+                             f"({'>=' if cosines[n] >= ref8 else '<'})")
+            print(line)
 
     if args.plot:
         names = [n for n in encoders if n != "dense"]

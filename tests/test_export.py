@@ -259,7 +259,17 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
     # float activations: 8-bit weights lose less than dynamic int8 (weights and activations)
     assert cos[8] > 0.999 and 1 - cos[8] < (1 - float((a * c8).sum(1).min())) / 2
     assert 0.9 < cos[4] < cos[8]
-    for kw, match in ((dict(bits=3), r"bits must be one of \(8, 4\), got 3"),
+    e4 = tmp_path / "w8e4.onnx"
+    quantize_weights(exported.path, e4, embedding_bits=4, embedding_block=16)
+    names = {t.name for t in onnx.load(str(e4)).graph.initializer}
+    table = "model.embeddings.word_embeddings.weight"
+    assert f"{table}.q4" in names and table not in names  # the float table replaced
+    cos_e4 = float((a * OnnxEncoder(e4, tok).encode(sentences)).sum(1).min())
+    assert 0.99 < cos_e4 < cos[8] + 1e-6
+    for kw, match in ((dict(embedding_bits=8), "embedding_bits must be None .* or 4, got 8"),
+                      (dict(embedding_bits=4, embedding_block=7),
+                       "embedding_block must be an even integer >= 2, got 7"),
+                      (dict(bits=3), r"bits must be one of \(8, 4\), got 3"),
                       (dict(bits=True), "bits must be one of"),
                       (dict(block_size=24), r"block_size must be a power of two >= 16 .*got 24"),
                       (dict(block_size=8), "got 8"),
@@ -965,9 +975,15 @@ def test_cli_onnx_weight_bits(checkpoint, compressed, tok, sentences, tmp_path, 
     ckpt, base = checkpoint
     out = tmp_path / "m.w4.onnx"
     assert cmd_export(parse([str(ckpt), "--format", "onnx", "--weight-bits", "4",
-                             "--weight-block", "16", "--base", str(base), "--out",
-                             str(out)])) == 0
-    assert "4-bit weights (weight-only, a scale per 16 rows" in capsys.readouterr().out
+                             "--weight-block", "16", "--embedding-bits", "4", "--base",
+                             str(base), "--out", str(out)])) == 0
+    said = capsys.readouterr().out
+    assert "4-bit weights (weight-only, a scale per 16 rows" in said
+    assert "and 4-bit word embeddings (blocks of 64)" in said
+    import onnx
+
+    names = {t.name for t in onnx.load(str(out)).graph.initializer}
+    assert "model.embeddings.word_embeddings.weight.q4" in names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.w4.onnx"]  # no leftovers
     cos = (OnnxEncoder(out, tok).encode(sentences)
            * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
@@ -1002,7 +1018,7 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
     (["{ckpt}", "--format", "onnx", "--out", "{tmp}/m.bin"], r"^--out must be a file name "
                                                               "ending in .onnx"),
     (["{ckpt}", "--format", "onnx", "--embedding-bits", "4", "--out", "{tmp}/m.onnx"],
-     r"^--embedding-bits 4 applies with --int8 only"),
+     r"^--embedding-bits 4 applies with --int8 or --weight-bits only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--embedding-bits", "4", "--embedding-block", "7",
       "--out", "{tmp}/m.onnx"], r"^--embedding-block must be an even number"),
     (["{ckpt}", "--format", "st", "--base", "{tmp}", "--out", "{tmp}/st"],

@@ -74,7 +74,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "0.957 per tensor; 50 %% gauge-fixed 0.731 against 0.693 per tensor at "
                         "7 bits and 0.079 at 8, docs/export.md)")
     p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
-                   help="with --int8: 4 stores the word-embedding table as 4-bit codes with a "
+                   help="with --int8 or --weight-bits: 4 stores the word-embedding table as "
+                        "4-bit codes with a "
                         "float16 scale and offset per row and block of --embedding-block "
                         "columns")
     p.add_argument("--embedding-block", type=int, default=None,
@@ -133,9 +134,9 @@ def _check_args(args: argparse.Namespace
         raise ExportError("--per-tensor applies with --int8 only (how int8 weights are scaled)")
     if args.embedding_bits not in (8, 4):
         raise ExportError(f"--embedding-bits must be 8 or 4, got {args.embedding_bits}")
-    if args.embedding_bits == 4 and not args.int8:
-        raise ExportError("--embedding-bits 4 applies with --int8 only (the rest of the graph "
-                          "int8, the word embeddings 4-bit)")
+    if args.embedding_bits == 4 and not (args.int8 or args.weight_bits):
+        raise ExportError("--embedding-bits 4 applies with --int8 or --weight-bits only (the "
+                          "rest of the graph quantized, the word embeddings 4-bit)")
     if args.embedding_block is not None and args.embedding_bits != 4:
         raise ExportError("--embedding-block applies with --embedding-bits 4 only (the columns "
                           "sharing one scale of the 4-bit table)")
@@ -391,10 +392,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             fp32 = tmp.parent / "float32" / "model.onnx"
             res = write(fp32)
             size = quantize_weights(fp32, tmp, bits=args.weight_bits,
-                                    block_size=args.weight_block)
+                                    block_size=args.weight_block,
+                                    embedding_bits=4 if args.embedding_bits == 4 else None,
+                                    embedding_block=args.embedding_block)
             shutil.rmtree(fp32.parent)
+        emb = "" if args.embedding_bits == 8 else \
+            f" and 4-bit word embeddings (blocks of {args.embedding_block})"
         print(f"{out}: ONNX graph with {args.weight_bits}-bit weights (weight-only, a scale per "
-              f"{args.weight_block} rows, float activations), {size / 1e6:.1f} MB (float32: "
+              f"{args.weight_block} rows, float activations){emb}, {size / 1e6:.1f} MB (float32: "
               f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), "
               f"{res['mpo_layers']} MPO layers kept factorized, {outputs(res)}")
         return 0

@@ -15,7 +15,9 @@ float model's with dynamic int8, docs/export.md). ::
 
 On a graph that keeps the MPO layers factorized (:func:`~tnlm.export.export_onnx`), each
 factor is quantized alone (a factor with fewer rows than ``block_size`` is one
-zero-padded block per column). ``Gather`` tables (the word embeddings) stay float32.
+zero-padded block per column). ``Gather`` tables (the word embeddings) stay float32,
+or with ``embedding_bits=4`` the word-embedding table is stored as 4-bit codes
+(:mod:`tnlm.export.table4`, as :func:`~tnlm.export.quantize_int8` does).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ _PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 8,
-                     block_size: int = 32, symmetric: bool = True) -> int:
+                     block_size: int = 32, symmetric: bool = True,
+                     embedding_bits: int | None = None, embedding_block: int = 64) -> int:
     """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight stored
     in ``bits`` bits (``MatMulNBits``); returns the size of ``dst`` in bytes (with its
     external data file, if it needs one: ``dst`` + ``".data"``). Written in a temporary
@@ -52,12 +55,18 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
             point with ``symmetric=False``).
         symmetric: codes centred on zero with no zero point (default), or an offset per
             block (``False``: one more code level of range, more bytes).
+        embedding_bits: None (the word-embedding table stays float32) or 4: stored as
+            4-bit codes with a float16 scale and offset per row and block of
+            ``embedding_block`` columns (:func:`tnlm.export.table4.gather_4bit`).
+        embedding_block: columns per scale with ``embedding_bits=4`` (even).
 
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
-        ValueError: ``bits`` not in :data:`WEIGHT_BITS`, a bad ``block_size``, or a graph
-            with no ``MatMul`` of a constant weight to quantize.
+        ValueError: ``bits`` not in :data:`WEIGHT_BITS`, a bad ``block_size``, a graph
+            with no ``MatMul`` of a constant weight to quantize, or ``embedding_bits=4``
+            on a graph without a float word-embedding ``Gather`` at ``input_ids`` or whose
+            table another node reads too (a tied language-model head).
     """
     if isinstance(bits, bool) or bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits!r}")
@@ -67,6 +76,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
                          f"got {block_size!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+    if embedding_bits not in (None, 4) or isinstance(embedding_bits, bool):
+        raise ValueError(f"embedding_bits must be None (float32 table) or 4, got "
+                         f"{embedding_bits!r}")
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as mq
     except ImportError as err:
@@ -78,6 +90,18 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
     model = onnx.load(str(src))
+    tables: list[str] = []
+    if embedding_bits == 4:
+        from tnlm.export.table4 import embedding_gathers
+
+        if isinstance(embedding_block, bool) or not isinstance(embedding_block, int) \
+                or embedding_block < 2 or embedding_block % 2:
+            raise ValueError(f"embedding_block must be an even integer >= 2, got "
+                             f"{embedding_block!r}")
+        tables = embedding_gathers(model)  # names unnamed nodes
+        if not tables:
+            raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 table at "
+                             "the graph input 'input_ids' to store in 4 bits")
     props = {p.key: p.value for p in model.metadata_props}
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                              bits=bits, op_types_to_quantize=("MatMul",))
@@ -92,6 +116,10 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     out = quantizer.model.model
     if not any(n.op_type == "MatMulNBits" for n in out.graph.node):
         raise ValueError(f"{src} has no MatMul of a constant weight to quantize")
+    if tables:
+        from tnlm.export.table4 import gather_4bit
+
+        gather_4bit(out, tables, embedding_block)
     del out.metadata_props[:]  # the source's records (e.g. tnlm.gauge_fixed_chains) kept
     for key, value in props.items():
         out.metadata_props.add(key=key, value=value)
