@@ -259,6 +259,8 @@ def main(argv=None) -> int:
         secs = {k: v - (curve_s[0] if k in ("healing", "total") else 0.0)
                 for k, v in res.seconds.items()}
         out.update(pivoted=args.pivoted, kept=res.ratio, resumed=resume,
+                   # the probe the ranks were measured on (a resumed run's: its checkpoint's)
+                   sensitivity_sequences_used=res.layerwise.sensitivity_sequences,
                    stored_params=sum(p.numel() for p in model.parameters()),
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after,

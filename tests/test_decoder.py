@@ -755,6 +755,8 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
         CausalLMRecipe(sensitivity_sequences=0)
     with pytest.raises(ValueError, match=r"at most n_calibration \(8\)"):
         CausalLMRecipe(sensitivity_sequences=9, n_calibration=8)
+    CausalLMRecipe(method="plain", n_calibration=2)  # no probe: nothing to refuse
+    CausalLMRecipe(allocation="uniform", n_calibration=2)
     with pytest.raises(ValueError, match="the probe is at block 3, not 0"):
         sens.measure(0, "mlp.up_proj", "x", wl)  # the probe has passed every block
     # a probe of 3 sequences: the job's own capture, the same weights' order of size

@@ -469,6 +469,29 @@ def test_resume_refuses_another_checkpoint_version(tmp_path):
         compress_layerwise(tiny(), sequences(), cfg, progress=False, resume=True)
 
 
+def test_the_result_names_the_probe_its_ranks_were_measured_on(tmp_path):
+    """LayerwiseResult.sensitivity_sequences: the probe used (cut to the calibration
+    sequences, with a warning); a resume reports the checkpoint's probe, not the one
+    asked for now; None for another allocation."""
+    cfg = LayerwiseConfig(TARGETS, batch_size=BATCH, method="whitened", fit_steps=0,
+                          budget=0.5, allocation="sensitivity", sensitivity_sequences=3,
+                          checkpoint_dir=str(tmp_path))
+    assert compress_layerwise(tiny(), sequences(), cfg,
+                              progress=False).sensitivity_sequences == 3
+    cfg.sensitivity_sequences = 2  # the checkpoint's ranks were measured on 3
+    assert compress_layerwise(tiny(), sequences(), cfg, progress=False,
+                              resume=True).sensitivity_sequences == 3
+    n = int(sequences().shape[0])
+    cfg.sensitivity_sequences, cfg.checkpoint_dir = n + 5, None
+    with pytest.warns(UserWarning, match=f"a probe of {n + 5} sequences, but only {n} "
+                                         f"calibration sequences: measured on {n}"):
+        assert compress_layerwise(tiny(), sequences(), cfg,
+                                  progress=False).sensitivity_sequences == n
+    cfg.allocation = "residual"
+    assert compress_layerwise(tiny(), sequences(), cfg,
+                              progress=False).sensitivity_sequences is None
+
+
 def test_resume_reads_a_checkpoint_from_before_output_error_as_total(tmp_path):
     """A state written before ``output_error`` existed measured whole-tensor errors: it
     resumes with ``output_error="total"`` and is refused, naming the field, otherwise; the

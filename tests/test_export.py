@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -271,13 +272,27 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
                        "embedding_block must be an even integer >= 2, got 7"),
                       (dict(bits=3), r"bits must be one of \(8, 4\), got 3"),
                       (dict(bits=True), "bits must be one of"),
-                      (dict(block_size=24), r"block_size must be a power of two >= 16 .*got 24"),
-                      (dict(block_size=8), "got 8"),
+                      (dict(block_size=24), r"block_size must be one of \(16, 32, 64, "
+                                            r"128, 256\) .*got 24"),
+                      (dict(block_size=8), "got 8"), (dict(block_size=512), "got 512"),
+                      (dict(bits=8.0), "bits must be one of"),
                       (dict(symmetric="yes"), "symmetric must be a bool")):
         with pytest.raises(ValueError, match=match):
             quantize_weights(exported.path, tmp_path / "bad.onnx", **kw)
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         quantize_weights(tmp_path / "missing.onnx", tmp_path / "bad.onnx")
+    keys = [p.key for p in onnx.load(str(tmp_path / "w8.onnx")).metadata_props]
+    assert keys.count("tnlm.weight_bits") == 1 and "tnlm.gauge_fixed_chains" in keys
+    with pytest.raises(ValueError, match="is quantized already"):
+        quantize_weights(tmp_path / "w8.onnx", tmp_path / "bad.onnx")
+    with pytest.raises(ValueError, match="is quantized already"):
+        quantize_weights(tmp_path / "int8.onnx", tmp_path / "bad.onnx")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    with mock.patch.object(onnx, "save", broken), pytest.raises(OSError, match="disk full"):
+        quantize_weights(exported.path, tmp_path / "bad.onnx")
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
@@ -288,6 +303,37 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
         quantize_weights(tmp_path / "add.onnx", tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad.onnx")]
+
+
+def test_untie_transposed_weights_keeps_the_outputs():
+    """MatMul(x, Transpose(W)) beside Gather(W): the MatMul gets its own W^T; the outputs
+    are the same and the Transpose is gone."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tnlm.export.weight_only import untie_transposed_weights
+
+    w = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["e"]),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["e", "Wt"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, 10])],
+        [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = np.array([1, 5, 9], np.int64)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString()).run(None, {"ids": ids})[0]
+
+    want = run(model)
+    assert untie_transposed_weights(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Gather", "MatMul"]
+    assert model.graph.node[1].input[1] == "W.T"
+    np.testing.assert_array_equal(run(model), want)
+    assert untie_transposed_weights(model) == 0  # nothing left to untie
 
 
 def test_fused_shared_matmuls_give_the_same_outputs(exported, compressed, tok, sentences,
@@ -1039,7 +1085,9 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
     (["{ckpt}", "--format", "onnx", "--weight-block", "32", "--out", "{tmp}/m.onnx"],
      r"^--weight-block applies with --weight-bits only"),
     (["{ckpt}", "--format", "onnx", "--weight-bits", "8", "--weight-block", "24", "--out",
-      "{tmp}/m.onnx"], r"^--weight-block must be a power of two >= 16, got 24"),
+      "{tmp}/m.onnx"], r"^--weight-block must be one of 16, 32, 64, 128, 256 .*got 24"),
+    (["{ckpt}", "--format", "onnx", "--weight-bits", "8", "--embedding-bits", "8", "--out",
+      "{tmp}/m.onnx"], r"^--embedding-bits 8 applies with --int8 only"),
     (["{ckpt}", "--format", "hf", "--weight-bits", "8", "--out", "{tmp}/hf"],
      r"^--weight-bits applies to --format onnx only"),
     (["{ckpt}", "--format", "hf", "--base", "{base}", "--out", "{base}"],
@@ -1158,6 +1206,20 @@ def test_cli_4bit_embeddings_of_a_tied_or_mpo_table_refused_before_export(tmp_pa
         cmd_export(parse([str(tmp_path / "emb"), "--format", "onnx", "--int8",
                           "--embedding-bits", "4", "--out", str(tmp_path / "e.onnx")]))
     assert not list(tmp_path.glob("*.onnx"))
+    # --weight-bits gives the tied head its own quantized copy: the table can be 4-bit
+    import onnx
+
+    out = tmp_path / "w.onnx"
+    assert cmd_export(parse([str(tmp_path / "tied"), "--format", "onnx", "--weight-bits", "8",
+                             "--embedding-bits", "4", "--out", str(out)])) == 0
+    g = onnx.load(str(out)).graph
+    vocab = tied.base_model.config.vocab_size
+    assert any(t.name.endswith(".q4") for t in g.initializer)
+    assert not [t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and len(t.dims) == 2 and vocab in t.dims and not t.name.endswith("_scales")]
+    # neither the float table nor a float head is left
+    assert not any(n.op_type == "Transpose" and n.input[0] in {t.name for t in g.initializer}
+                   for n in g.node)
 
 
 def make_bert_tokenizer_for(tmp_path):

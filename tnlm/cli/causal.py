@@ -364,9 +364,9 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     top = max(known, key=known.get) if known else None
     summary = dict(model=str(source), architecture=arch.name, method=recipe.method,
                    budget=args.budget, allocation=recipe.resolved_allocation(),
-                   # the probe the sensitivities were measured on (calibration sequences)
-                   sensitivity_sequences=recipe.sensitivity_sequences
-                   if recipe.resolved_allocation() == "sensitivity" else None,
+                   # the probe the sensitivities were measured on (calibration sequences;
+                   # a resumed run's: its checkpoint's)
+                   sensitivity_sequences=res.layerwise.sensitivity_sequences,
                    pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,

@@ -54,6 +54,7 @@ class ExportError(ValueError):
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``export`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns
     its parser, whose ``func`` default is :func:`cmd_export`."""
+    from tnlm.export.weight_only import WEIGHT_BLOCKS
     p = subparsers.add_parser(
         "export", help="write a compressed model as ONNX, a transformers folder or a "
                        "self-contained sentence-transformers folder",
@@ -73,11 +74,11 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(the default: MiniLM's SST-2 cosine to the dense model 0.990 against "
                         "0.957 per tensor; 50 %% gauge-fixed 0.731 against 0.693 per tensor at "
                         "7 bits and 0.079 at 8, docs/export.md)")
-    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=8,
-                   help="with --int8 or --weight-bits: 4 stores the word-embedding table as "
-                        "4-bit codes with a "
-                        "float16 scale and offset per row and block of --embedding-block "
-                        "columns")
+    p.add_argument("--embedding-bits", type=int, choices=(8, 4), default=None,
+                   help="the word-embedding table: with --int8, 8 (the default) or 4; with "
+                        "--weight-bits, 4 (without it the table stays float32); 4 stores it "
+                        "as 4-bit codes with a float16 scale and offset per row and block of "
+                        "--embedding-block columns")
     p.add_argument("--embedding-block", type=int, default=None,
                    help=f"with --embedding-bits 4: columns per scale (even; default "
                         f"{EMBEDDING_BLOCK})")
@@ -87,8 +88,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "input rows, the activations in float (ONNX Runtime's MatMulNBits; "
                         "keeps a decoder's answers where --int8 does not, docs/export.md)")
     p.add_argument("--weight-block", type=int, default=None,
-                   help=f"with --weight-bits: input rows per scale (a power of two >= 16; "
-                        f"default {WEIGHT_BLOCK})")
+                   help=f"with --weight-bits: input rows per scale (one of "
+                        f"{', '.join(map(str, WEIGHT_BLOCKS))}; default {WEIGHT_BLOCK})")
     p.add_argument("--base", default=None,
                    help="transformers model folder giving the architecture when DIR has no "
                         "config.json, and the tokenizer when DIR has none (default: the "
@@ -110,7 +111,8 @@ def _check_args(args: argparse.Namespace
                 ) -> tuple[Path, Path, Path | None, dict[str, Any]]:
     """``(dir, out, base, the checkpoint's parsed mpo_config.json)`` after checking every
     argument, or :class:`ExportError`;
-    fills in ``args.opset`` and ``args.embedding_block`` when they were not given."""
+    fills in ``args.opset``, ``args.embedding_bits``, ``args.embedding_block`` and
+    ``args.weight_block`` when they were not given."""
     from tnlm.export.folder import check_checkpoint
 
     d = Path(args.directory)
@@ -132,11 +134,17 @@ def _check_args(args: argparse.Namespace
                           "it as the separate weights")
     if args.per_tensor and not args.int8:
         raise ExportError("--per-tensor applies with --int8 only (how int8 weights are scaled)")
-    if args.embedding_bits not in (8, 4):
+    if args.embedding_bits not in (None, 8, 4):
         raise ExportError(f"--embedding-bits must be 8 or 4, got {args.embedding_bits}")
-    if args.embedding_bits == 4 and not (args.int8 or args.weight_bits):
-        raise ExportError("--embedding-bits 4 applies with --int8 or --weight-bits only (the "
-                          "rest of the graph quantized, the word embeddings 4-bit)")
+    if args.embedding_bits is not None and not (args.int8 or args.weight_bits):
+        raise ExportError(f"--embedding-bits {args.embedding_bits} applies with --int8 or "
+                          "--weight-bits only (the rest of the graph quantized, the word "
+                          "embeddings too)")
+    if args.embedding_bits == 8 and args.weight_bits:
+        raise ExportError("--embedding-bits 8 applies with --int8 only: with --weight-bits the "
+                          "word-embedding table stays float32, or 4-bit with --embedding-bits 4")
+    if args.embedding_bits is None:
+        args.embedding_bits = 8 if args.int8 else None
     if args.embedding_block is not None and args.embedding_bits != 4:
         raise ExportError("--embedding-block applies with --embedding-bits 4 only (the columns "
                           "sharing one scale of the 4-bit table)")
@@ -149,9 +157,11 @@ def _check_args(args: argparse.Namespace
         raise ExportError("--weight-block applies with --weight-bits only (the input rows "
                           "sharing one scale)")
     args.weight_block = WEIGHT_BLOCK if args.weight_block is None else args.weight_block
-    if args.weight_block < 16 or args.weight_block & (args.weight_block - 1):
-        raise ExportError(f"--weight-block must be a power of two >= 16, got "
-                          f"{args.weight_block}")
+    from tnlm.export.weight_only import WEIGHT_BLOCKS
+
+    if args.weight_block not in WEIGHT_BLOCKS:
+        raise ExportError(f"--weight-block must be one of {', '.join(map(str, WEIGHT_BLOCKS))} "
+                          f"(input rows per scale), got {args.weight_block}")
     args.embedding_block = EMBEDDING_BLOCK if args.embedding_block is None \
         else args.embedding_block
     if args.embedding_block < 2 or args.embedding_block % 2:
@@ -272,9 +282,11 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
     return tok
 
 
-def _check_4bit_table(base: Any) -> None:
+def _check_4bit_table(base: Any, tied_ok: bool = False) -> None:
     """:class:`ExportError` before any export unless the word embeddings are a plain
-    table of their own, which ``--embedding-bits 4`` can store in 4 bits."""
+    table of their own (``tied_ok``: or tied to the language-model head, which
+    ``--weight-bits`` gives its own quantized copy), which ``--embedding-bits 4`` can
+    store in 4 bits."""
     from torch import nn
 
     emb = base.get_input_embeddings()
@@ -282,10 +294,11 @@ def _check_4bit_table(base: Any) -> None:
     if not isinstance(emb, nn.Embedding):
         raise ExportError(f"--embedding-bits 4: the word embeddings are a "
                           f"{type(emb).__name__}, not a plain table to store in 4 bits")
-    if head is not None and getattr(head, "weight", None) is emb.weight:
+    if not tied_ok and head is not None and getattr(head, "weight", None) is emb.weight:
         raise ExportError("--embedding-bits 4: the word-embedding table is tied to the "
                           "language-model head, whose MatMul reads it whole; leave out "
-                          "--embedding-bits 4 (the table is then int8)")
+                          "--embedding-bits 4 (the table is then int8), or use --weight-bits, "
+                          "which gives the head its own quantized copy")
 
 
 @contextlib.contextmanager
@@ -346,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     causal = can_generate(model.base_model)
     tok = _tokenizer(d, base, meta, model, causal)
     if args.embedding_bits == 4:
-        _check_4bit_table(model.base_model)
+        _check_4bit_table(model.base_model, tied_ok=args.weight_bits is not None)
     if args.format == "hf":
         with _staged(out, folder=True) as tmp:
             res = export_hf(model, tmp, tok, quiet=True, shown_as=out)
@@ -393,10 +406,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             res = write(fp32)
             size = quantize_weights(fp32, tmp, bits=args.weight_bits,
                                     block_size=args.weight_block,
-                                    embedding_bits=4 if args.embedding_bits == 4 else None,
+                                    embedding_bits=args.embedding_bits,
                                     embedding_block=args.embedding_block)
             shutil.rmtree(fp32.parent)
-        emb = "" if args.embedding_bits == 8 else \
+        emb = "" if args.embedding_bits != 4 else \
             f" and 4-bit word embeddings (blocks of {args.embedding_block})"
         print(f"{out}: ONNX graph with {args.weight_bits}-bit weights (weight-only, a scale per "
               f"{args.weight_block} rows, float activations){emb}, {size / 1e6:.1f} MB (float32: "

@@ -57,6 +57,7 @@ import os
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,10 @@ class LayerwiseResult:
     params_after: int
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float | None = None
+    #: the calibration sequences the ``"sensitivity"`` allocation measured its ranks on
+    #: (read from the checkpoint on a resume); None for another allocation, a budget of
+    #: 1, or a checkpoint written before it was recorded
+    sensitivity_sequences: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -1101,8 +1106,10 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         if problem is not None:
             raise problem
     allocated: dict[str, int | None] | None = None
+    probe: int | None = None
     if saved is not None:
         allocated = saved["allocated"]
+        probe = saved.get("probe")
     elif config.allocation != "uniform" and config.budget < 1:
         t0 = time.perf_counter()
         was = model.training
@@ -1113,6 +1120,11 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 sens = Sensitivity(float(config.budget), pivoted=config.pivoted)
                 # the first sequences of all, the same probe on every rank
                 n = min(config.sensitivity_sequences, int(sequences.shape[0]))
+                if n < config.sensitivity_sequences:
+                    warnings.warn(f"sensitivity_sequences: a probe of "
+                                  f"{config.sensitivity_sequences} sequences, but only {n} "
+                                  f"calibration sequences: measured on {n}", stacklevel=2)
+                probe = n
                 sens.start(blocks, capture_block_inputs(model, sequences[:n],
                                                         config.batch_size, blocks))
             spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
@@ -1237,7 +1249,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             invalidate_caches(block)
             if ckpt is not None:
                 write_checkpoint(ckpt, i, dict(
-                    fingerprint=fingerprint, allocated=allocated, ranks=ranks, errors=errors,
+                    fingerprint=fingerprint, allocated=allocated, probe=probe, ranks=ranks,
+                    errors=errors,
                     structures=structures, block_errors=block_errors, params_before=before,
                     params_after=after), block, xs if i + 1 < len(blocks) else None,
                     xt if i + 1 < len(blocks) else None, rank=rank, distributed=dist)
@@ -1251,7 +1264,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         model.train(was)
     times["truncation"] = t_trunc
     times["fitting"] = t_fit
-    return LayerwiseResult(ranks, errors, block_errors, before, after, times, peak_rss_mb())
+    return LayerwiseResult(ranks, errors, block_errors, before, after, times, peak_rss_mb(),
+                           sensitivity_sequences=probe)
 
 
 @dataclass

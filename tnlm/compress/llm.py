@@ -211,7 +211,8 @@ class CausalLMRecipe:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.sensitivity_sequences > self.n_calibration:
+        if self.sensitivity_sequences > self.n_calibration \
+                and self.resolved_allocation() == "sensitivity":
             raise ValueError(f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
                              f"first calibration sequences: at most n_calibration "
                              f"({self.n_calibration})")

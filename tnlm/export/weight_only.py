@@ -7,16 +7,19 @@ column, and leaves the activations in float32: each ``MatMul x @ W`` becomes
 by block and multiplies in float. Against :func:`~tnlm.export.quantize_int8` (dynamic
 quantization: the activations are quantized too, per batch at run time, and the
 products are integer sums) it keeps more of the model: on a decoder the activations'
-dynamic range is what int8 loses (SmolLM2-135M: 4 of 50 greedy answers identical to the
-float model's with dynamic int8, docs/export.md). ::
+dynamic range is what int8 loses (docs/export.md). ::
 
-    W (K x N, float32)                 codes (N, K/b, b) int8/uint4, scales (N, K/b)
-    x @ W  ──────────────────────►     MatMulNBits(x, codes, scales)   (float compute)
+    W (K x N, float32)          codes: uint8 (N, ceil(K/b), b * bits / 8), zero point implicit
+    x @ W  ──────────────►      scales: float32 (N, ceil(K/b))
+                                MatMulNBits(x, codes, scales)        (float compute)
 
 On a graph that keeps the MPO layers factorized (:func:`~tnlm.export.export_onnx`), each
 factor is quantized alone (a factor with fewer rows than ``block_size`` is one
-zero-padded block per column). ``Gather`` tables (the word embeddings) stay float32,
-or with ``embedding_bits=4`` the word-embedding table is stored as 4-bit codes
+zero-padded block per column). A language-model head tied to the word embeddings reads
+the table through a ``Transpose`` in the exported graph; that head is given its own
+transposed copy of the table first, so it is quantized like every other weight (the
+table itself is then read by the ``Gather`` alone). ``Gather`` tables stay float32, or
+with ``embedding_bits=4`` the word-embedding table is stored as 4-bit codes
 (:mod:`tnlm.export.table4`, as :func:`~tnlm.export.quantize_int8` does).
 """
 
@@ -26,33 +29,40 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["quantize_weights", "WEIGHT_BITS"]
+__all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS"]
 
 #: the weight precisions :func:`quantize_weights` offers
 WEIGHT_BITS = (8, 4)
+#: the block sizes (input rows per scale) ONNX Runtime's quantizer implements; any other
+#: size leaves every code zero without an error (ONNX Runtime 1.32)
+WEIGHT_BLOCKS = (16, 32, 64, 128, 256)
 
 #: ONNX files larger than this are written with their tensors in a separate file
 _PROTOBUF_LIMIT = 2**31 - 2**24
+
+#: the metadata key recording the precision of a quantized file
+_BITS_KEY = "tnlm.weight_bits"
 
 
 def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 8,
                      block_size: int = 32, symmetric: bool = True,
                      embedding_bits: int | None = None, embedding_block: int = 64) -> int:
-    """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight stored
-    in ``bits`` bits (``MatMulNBits``); returns the size of ``dst`` in bytes (with its
-    external data file, if it needs one: ``dst`` + ``".data"``). Written in a temporary
-    folder beside ``dst``, then renamed.
+    """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight (a
+    tied language-model head included) stored in ``bits`` bits (``MatMulNBits``);
+    returns the size of ``dst`` in bytes (with its external data file, if it needs one:
+    ``dst`` + ``".data"``). Written in a temporary folder beside ``dst``, then renamed.
 
     Args:
         src: an ONNX file (:func:`~tnlm.export.export_onnx`,
-            :func:`~tnlm.export.export_onnx_decoder`).
+            :func:`~tnlm.export.export_onnx_decoder`), not quantized already.
         dst: the file to write (its folder is created).
         bits: 8 or 4 (:data:`WEIGHT_BITS`).
-        block_size: input rows per scale, a power of two >= 16; each column of a
-            ``K x N`` weight has ``ceil(K / block_size)`` scales (smaller blocks: more
-            accurate, a few more bytes: 4 bytes a block of float32 scale, plus a zero
-            point with ``symmetric=False``).
+        block_size: input rows per scale, one of :data:`WEIGHT_BLOCKS` (16 ... 256); each
+            column of a ``K x N`` weight has ``ceil(K / block_size)`` scales (smaller
+            blocks: more accurate, a few more bytes: 4 bytes a block of float32 scale,
+            plus a zero point with ``symmetric=False``).
         symmetric: codes centred on zero with no zero point (default), or an offset per
             block (``False``: one more code level of range, more bytes).
         embedding_bits: None (the word-embedding table stays float32) or 4: stored as
@@ -63,46 +73,49 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
-        ValueError: ``bits`` not in :data:`WEIGHT_BITS`, a bad ``block_size``, a graph
-            with no ``MatMul`` of a constant weight to quantize, or ``embedding_bits=4``
-            on a graph without a float word-embedding ``Gather`` at ``input_ids`` or whose
-            table another node reads too (a tied language-model head).
+        ValueError: ``bits`` not in :data:`WEIGHT_BITS`, ``block_size`` not in
+            :data:`WEIGHT_BLOCKS`, a bad ``embedding_block``, a graph already quantized
+            or with no ``MatMul`` of a constant weight, or ``embedding_bits=4`` on a graph
+            without a float word-embedding ``Gather`` at ``input_ids`` or whose table
+            another node reads too. Nothing is written then.
     """
-    if isinstance(bits, bool) or bits not in WEIGHT_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
         raise ValueError(f"bits must be one of {WEIGHT_BITS}, got {bits!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
-            or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (input rows per scale), "
+    if isinstance(block_size, bool) or not isinstance(block_size, int) \
+            or block_size not in WEIGHT_BLOCKS:
+        raise ValueError(f"block_size must be one of {WEIGHT_BLOCKS} (input rows per scale), "
                          f"got {block_size!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
     if embedding_bits not in (None, 4) or isinstance(embedding_bits, bool):
         raise ValueError(f"embedding_bits must be None (float32 table) or 4, got "
                          f"{embedding_bits!r}")
-    try:
-        from onnxruntime.quantization import matmul_nbits_quantizer as mq
-    except ImportError as err:
-        raise ImportError(f"quantize_weights needs onnxruntime ({err}); "
-                          "pip install 'tnlm[export]'") from err
+    if embedding_bits == 4 and (isinstance(embedding_block, bool)
+                                or not isinstance(embedding_block, int)
+                                or embedding_block < 2 or embedding_block % 2):
+        raise ValueError(f"embedding_block must be an even integer >= 2, got "
+                         f"{embedding_block!r}")
+    mq = _quantizer_module()
     import onnx
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
     model = onnx.load(str(src))
+    props = {p.key: p.value for p in model.metadata_props}
+    if _BITS_KEY in props or any(n.op_type in ("MatMulNBits", "MatMulInteger",
+                                               "DynamicQuantizeMatMul")
+                                 for n in model.graph.node):
+        raise ValueError(f"{src} is quantized already; quantize the float32 export")
+    untie_transposed_weights(model)
     tables: list[str] = []
     if embedding_bits == 4:
         from tnlm.export.table4 import embedding_gathers
 
-        if isinstance(embedding_block, bool) or not isinstance(embedding_block, int) \
-                or embedding_block < 2 or embedding_block % 2:
-            raise ValueError(f"embedding_block must be an even integer >= 2, got "
-                             f"{embedding_block!r}")
         tables = embedding_gathers(model)  # names unnamed nodes
         if not tables:
             raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 table at "
                              "the graph input 'input_ids' to store in 4 bits")
-    props = {p.key: p.value for p in model.metadata_props}
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                              bits=bits, op_types_to_quantize=("MatMul",))
     log = logging.getLogger(mq.__name__)
@@ -119,21 +132,89 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     if tables:
         from tnlm.export.table4 import gather_4bit
 
-        gather_4bit(out, tables, embedding_block)
+        try:
+            gather_4bit(out, tables, embedding_block)
+        except ValueError as err:
+            raise ValueError(f"embedding_bits=4: {err}") from None
+    props[_BITS_KEY] = str(bits)
     del out.metadata_props[:]  # the source's records (e.g. tnlm.gauge_fixed_chains) kept
     for key, value in props.items():
         out.metadata_props.add(key=key, value=value)
-    out.metadata_props.add(key="tnlm.weight_bits", value=str(bits))
-    weights = sum(t.ByteSize() for t in out.graph.initializer)
+    external = _weight_bytes(out) > _PROTOBUF_LIMIT
     dst.parent.mkdir(parents=True, exist_ok=True)
+    data = dst.parent / f"{dst.name}.data"
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
         staged = Path(tmp) / dst.name
-        external = weights > _PROTOBUF_LIMIT
         onnx.save(out, str(staged), save_as_external_data=external,
-                  location=f"{dst.name}.data" if external else None)
-        if external:
-            os.replace(Path(tmp) / f"{dst.name}.data", dst.parent / f"{dst.name}.data")
+                  location=data.name if external else None)
+        if external:  # the data first: the .onnx names it
+            os.replace(Path(tmp) / data.name, data)
         os.replace(staged, dst)
-    size = dst.stat().st_size
-    data = dst.parent / f"{dst.name}.data"
-    return size + (data.stat().st_size if external and data.is_file() else 0)
+    return dst.stat().st_size + (data.stat().st_size if external else 0)
+
+
+def untie_transposed_weights(model: Any) -> int:
+    """Give each ``MatMul`` whose weight is ``Transpose(W)`` of a 2-D initializer ``W``
+    (a language-model head tied to the word embeddings, as the exporter writes it) its
+    own initializer ``W^T`` (named ``{W}.T``), so that the weight is a constant a
+    quantizer can store; ``Transpose`` nodes left without a reader are removed. Changes
+    ``model`` (an ``onnx.ModelProto``) in place; returns how many ``MatMul`` nodes now
+    read such a copy. The outputs are unchanged (the same numbers, transposed once when
+    written instead of at run time)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    moved = 0
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        t = producer.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        table = inits[t.input[0]]
+        if len(table.dims) != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{table.name}.T"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(
+                numpy_helper.to_array(table).T.copy(), name)
+            graph.initializer.append(inits[name])
+        node.input[1] = name
+        moved += 1
+    if moved:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Transpose"
+                and not any(o in read for o in n.output)]
+        for n in dead:
+            graph.node.remove(n)
+    return moved
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of the tensors of ``model``: its initializers and ``Constant`` values."""
+    total = sum(t.ByteSize() for t in model.graph.initializer)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            total += sum(a.t.ByteSize() for a in n.attribute if a.HasField("t"))
+    return total
+
+
+def _quantizer_module() -> Any:
+    """ONNX Runtime's ``matmul_nbits_quantizer``; importing it configures the root logger
+    (``basicConfig(level=INFO)``), which is put back as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer as mq
+    except ImportError as err:
+        raise ImportError(f"quantize_weights needs onnxruntime ({err}); "
+                          "pip install 'tnlm[export]'") from err
+    finally:
+        root.setLevel(level)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+    return mq
