@@ -4,7 +4,7 @@ same run.
 Usage:  OMP_NUM_THREADS=1 python benchmarks/bench_onnx_decoder.py --checkpoint DIR
             [--dense PATH] [--threads 1] [--repeats 5] [--prompt-tokens 64]
             [--new-tokens 32] [--batches 1 8] [--questions 50] [--int8 [--per-channel]]
-            [--weight-bits 8 4] [--weight-block 32]
+            [--weight-bits 8 4] [--weight-block 32] [--embedding-4bit]
             [--no-latency] [--workdir DIR] [--json FILE] [--quick]
 
 Graphs (``tnlm.export.export_onnx_decoder``: logits and the cache out, the cache in):
@@ -16,7 +16,9 @@ Graphs (``tnlm.export.export_onnx_decoder``: logits and the cache out, the cache
     scale per output column, 7-bit weights);
   * with ``--weight-bits B ...`` each again with weight-only B-bit weights
     (``quantize_weights``: ``MatMulNBits``, a scale per ``--weight-block`` rows, float
-    activations), named "w8", "w4".
+    activations; a tied head gets its own quantized copy of the table), named "w8", "w4";
+    with ``--embedding-4bit`` also with the word-embedding table in 4 bits ("w8 + 4-bit
+    emb").
 
 Graphs already in ``--workdir`` (``dense.onnx``, ``compressed.onnx``) are reused, not
 exported again. ``--no-latency``: the answers only.
@@ -118,6 +120,8 @@ def main() -> int:
                          "per tensor, as the documented tables were measured)")
     ap.add_argument("--weight-bits", type=int, nargs="*", default=[], choices=(8, 4))
     ap.add_argument("--weight-block", type=int, default=32)
+    ap.add_argument("--embedding-4bit", action="store_true",
+                    help="each weight-only variant also with a 4-bit word-embedding table")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write the measurements here")
@@ -160,6 +164,12 @@ def main() -> int:
             size = quantize_weights(path, q, bits=bits, block_size=args.weight_block)
             graphs[f"{name} w{bits}"] = q
             info[f"{name} w{bits}"] = dict(mb=size / 1e6)
+            if args.embedding_4bit:
+                q = work / f"{name}.w{bits}.emb4.onnx"
+                size = quantize_weights(path, q, bits=bits, block_size=args.weight_block,
+                                        embedding_bits=4)
+                graphs[f"{name} w{bits} + 4-bit emb"] = q
+                info[f"{name} w{bits} + 4-bit emb"] = dict(mb=size / 1e6)
     runners = {name: OnnxCausalLM(p, threads=args.threads) for name, p in graphs.items()}
 
     # answers: ONNX Runtime against PyTorch, compressed against dense
