@@ -276,6 +276,8 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
                                             r"128, 256\) .*got 24"),
                       (dict(block_size=8), "got 8"), (dict(block_size=512), "got 512"),
                       (dict(bits=8.0), "bits must be one of"),
+                      (dict(compute=2), r"compute must be None, 1 \(float32\) or 4 \(int8\), "
+                                        "got 2"),
                       (dict(symmetric="yes"), "symmetric must be a bool")):
         with pytest.raises(ValueError, match=match):
             quantize_weights(exported.path, tmp_path / "bad.onnx", **kw)
@@ -283,6 +285,13 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
         quantize_weights(tmp_path / "missing.onnx", tmp_path / "bad.onnx")
     keys = [p.key for p in onnx.load(str(tmp_path / "w8.onnx")).metadata_props]
     assert keys.count("tnlm.weight_bits") == 1 and "tnlm.gauge_fixed_chains" in keys
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "w8.onnx")).metadata_props}
+    assert meta["tnlm.weight_compute"] == "int8"  # 8 bits: int8 compute by default
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "w4.onnx")).metadata_props}[
+        "tnlm.weight_compute"] == "float32"
+    f8 = tmp_path / "w8f.onnx"  # 8 bits with float compute: at least as close
+    quantize_weights(exported.path, f8, bits=8, block_size=16, compute=1)
+    assert float((a * OnnxEncoder(f8, tok).encode(sentences)).sum(1).min()) >= cos[8] - 1e-4
     with pytest.raises(ValueError, match="is quantized already"):
         quantize_weights(tmp_path / "w8.onnx", tmp_path / "bad.onnx")
     with pytest.raises(ValueError, match="is quantized already"):

@@ -190,7 +190,12 @@ def test_weight_only_decoder_graph_is_closer_than_int8(exported, tmp_path):
     assert {p.key: p.value for p in graph.metadata_props}["tnlm.weight_bits"] == "8"
     r8, r4, r_int8 = rel(tmp_path / "w8.onnx"), rel(tmp_path / "w4.onnx"), rel(
         tmp_path / "int8.onnx")
-    assert 0 < r8 < 0.02 and r8 < r_int8 / 2
+    # 8 bits with int8 compute (the default): activations per block of 32, closer than
+    # dynamic int8's one scale a tensor; with float compute closer still
+    assert 0 < r8 < 0.02 and r8 < 0.75 * r_int8
+    quantize_weights(res["path"], tmp_path / "w8f.onnx", bits=8, compute=1)
+    r8f = rel(tmp_path / "w8f.onnx")
+    assert r8f <= r8 and r8f < r_int8 / 2
     assert r8 < r4 < 0.3
     q = OnnxCausalLM(tmp_path / "w8.onnx")
     assert q.generate(ids, mask, max_new_tokens=4).shape == (2, 11)

@@ -2,12 +2,16 @@
 
 :func:`quantize_weights` stores every ``MatMul`` weight of the graph as 8- or 4-bit
 integers with one float scale per block of ``block_size`` consecutive input rows of a
-column, and leaves the activations in float32: each ``MatMul x @ W`` becomes
-``MatMulNBits`` (ONNX Runtime's ``com.microsoft`` domain), which dequantizes ``W`` block
-by block and multiplies in float. Against :func:`~tnlm.export.quantize_int8` (dynamic
-quantization: the activations are quantized too, per batch at run time, and the
-products are integer sums) it keeps more of the model: on a decoder the activations'
-dynamic range is what int8 loses (docs/export.md). ::
+column: each ``MatMul x @ W`` becomes ``MatMulNBits`` (ONNX Runtime's ``com.microsoft``
+domain). How it multiplies is its ``accuracy_level``: ``COMPUTE_FLOAT`` (1) dequantizes
+``W`` block by block and multiplies in float32; ``COMPUTE_INT8`` (4) also quantizes each
+row of the activations to int8 per block of ``block_size`` entries, one scale each, and
+sums in integers. Against :func:`~tnlm.export.quantize_int8` (dynamic quantization: one
+int8 scale for a whole activation tensor) both keep far more of a decoder
+(docs/export.md). The default is the fast one of each width on x86 CPUs (ONNX Runtime
+1.32, SmolLM2 at 60 %, one thread, a cached step at batch 1): 8 bits with int8 compute
+(13 ms, against 263 ms with float compute, which has no fast kernel at 8 bits), 4 bits
+with float compute (13 ms; the float32 graph's step: 23 ms). ::
 
     W (K x N, float32)          codes: uint8 (N, ceil(K/b), b * bits / 8), zero point implicit
     x @ W  ──────────────►      scales: float32 (N, ceil(K/b))
@@ -31,13 +35,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS"]
+__all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS", "COMPUTE_FLOAT", "COMPUTE_INT8"]
 
 #: the weight precisions :func:`quantize_weights` offers
 WEIGHT_BITS = (8, 4)
 #: the block sizes (input rows per scale) ONNX Runtime's quantizer implements; any other
 #: size leaves every code zero without an error (ONNX Runtime 1.32)
 WEIGHT_BLOCKS = (16, 32, 64, 128, 256)
+
+#: ``MatMulNBits``' accuracy levels offered: multiply in float32, or in int8 with the
+#: activations quantized per block
+COMPUTE_FLOAT, COMPUTE_INT8 = 1, 4
 
 #: ONNX files larger than this are written with their tensors in a separate file
 _PROTOBUF_LIMIT = 2**31 - 2**24
@@ -48,7 +56,8 @@ _BITS_KEY = "tnlm.weight_bits"
 
 def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 8,
                      block_size: int = 32, symmetric: bool = True,
-                     embedding_bits: int | None = None, embedding_block: int = 64) -> int:
+                     embedding_bits: int | None = None, embedding_block: int = 64,
+                     compute: int | None = None) -> int:
     """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight (a
     tied language-model head included) stored in ``bits`` bits (``MatMulNBits``);
     returns the size of ``dst`` in bytes (with its external data file, if it needs one:
@@ -69,6 +78,10 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
             4-bit codes with a float16 scale and offset per row and block of
             ``embedding_block`` columns (:func:`tnlm.export.table4.gather_4bit`).
         embedding_block: columns per scale with ``embedding_bits=4`` (even).
+        compute: ``MatMulNBits``' accuracy level, :data:`COMPUTE_FLOAT` or
+            :data:`COMPUTE_INT8` (module docstring); None (default): int8 for 8 bits,
+            float for 4 bits (the fast kernels on x86). Recorded in the file's metadata
+            (``tnlm.weight_compute``).
 
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
@@ -87,6 +100,12 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
                          f"got {block_size!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+    if compute is not None and (isinstance(compute, bool)
+                                or compute not in (COMPUTE_FLOAT, COMPUTE_INT8)):
+        raise ValueError(f"compute must be None, {COMPUTE_FLOAT} (float32) or {COMPUTE_INT8} "
+                         f"(int8), got {compute!r}")
+    if compute is None:
+        compute = COMPUTE_INT8 if bits == 8 else COMPUTE_FLOAT
     if embedding_bits not in (None, 4) or isinstance(embedding_bits, bool):
         raise ValueError(f"embedding_bits must be None (float32 table) or 4, got "
                          f"{embedding_bits!r}")
@@ -117,7 +136,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
             raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 table at "
                              "the graph input 'input_ids' to store in 4 bits")
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                             bits=bits, op_types_to_quantize=("MatMul",))
+                                             bits=bits, accuracy_level=compute,
+                                             op_types_to_quantize=("MatMul",))
     log = logging.getLogger(mq.__name__)
     level = log.level
     log.setLevel(logging.WARNING)  # a line per node otherwise
@@ -137,6 +157,7 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         except ValueError as err:
             raise ValueError(f"embedding_bits=4: {err}") from None
     props[_BITS_KEY] = str(bits)
+    props["tnlm.weight_compute"] = "int8" if compute == COMPUTE_INT8 else "float32"
     del out.metadata_props[:]  # the source's records (e.g. tnlm.gauge_fixed_chains) kept
     for key, value in props.items():
         out.metadata_props.add(key=key, value=value)
