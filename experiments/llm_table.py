@@ -124,8 +124,9 @@ def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]
             if d.get("text") == "self" else str(d.get("text"))
         if d.get("lm_prose"):  # jobs before --lm-prose: the samples alone
             texts += f" + {d['lm_prose']:g} of the prose"
-        if d.get("sensitivity_sequences", 8) != 8:  # jobs before it was recorded: 8
-            method += f", probe of {d['sensitivity_sequences']}"
+        probe = d.get("sensitivity_sequences", 8)  # jobs before it was recorded: 8
+        if probe is not None and probe != 8:  # None: no sensitivity allocation
+            method += f", probe of {probe}"
         secs = d.get("seconds", {})
         rows[(method, float(d["budget"]), int(d["heal_steps"]), texts)].append(dict(
             seed=seed, kept=d["ratio"], ppl=d["perplexity"], dense_ppl=d["perplexity_dense"],
