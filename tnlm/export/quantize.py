@@ -105,13 +105,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
             source, exclude = src, []
             if embedding_bits == 4:
-                from tnlm.export.table4 import embedding_gathers
+                from tnlm.export.table4 import required_embedding_gathers
 
                 model = onnx.load(str(src))
-                exclude = embedding_gathers(model)  # names unnamed nodes
-                if not exclude:
-                    raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 "
-                                     "table at the graph input 'input_ids' to store in 4 bits")
+                exclude = required_embedding_gathers(model, src)  # names unnamed nodes
                 source = Path(tmp) / "named.onnx"
                 onnx.save(model, str(source))
             staged = Path(tmp) / "int8.onnx"

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Table4", "quantize_table_4bit", "dequantize_table_4bit", "embedding_gathers",
+           "required_embedding_gathers",
            "gather_4bit", "table4_bytes"]
 
 #: levels of a 4-bit code
@@ -145,6 +146,16 @@ def embedding_gathers(model: Any) -> list[str]:
         if not node.name:
             node.name = f"gather_4bit_{k}"
         names.append(node.name)
+    return names
+
+
+def required_embedding_gathers(model: Any, src: Any) -> list[str]:
+    """:func:`embedding_gathers` of ``model`` (read from the file ``src``), or
+    ``ValueError`` when it has none: what ``embedding_bits=4`` stores in 4 bits."""
+    names = embedding_gathers(model)
+    if not names:
+        raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 table at the "
+                         "graph input 'input_ids' to store in 4 bits")
     return names
 
 

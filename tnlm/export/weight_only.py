@@ -129,12 +129,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     untie_transposed_weights(model)
     tables: list[str] = []
     if embedding_bits == 4:
-        from tnlm.export.table4 import embedding_gathers
+        from tnlm.export.table4 import required_embedding_gathers
 
-        tables = embedding_gathers(model)  # names unnamed nodes
-        if not tables:
-            raise ValueError(f"embedding_bits=4: {src} has no Gather of a float32 table at "
-                             "the graph input 'input_ids' to store in 4 bits")
+        tables = required_embedding_gathers(model, src)  # names unnamed nodes
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                              bits=bits, accuracy_level=compute,
                                              op_types_to_quantize=("MatMul",))
