@@ -398,25 +398,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     f"cache in and out; run with tnlm.export.OnnxCausalLM)")
         return f"outputs {', '.join(res['outputs'])}"
 
-    if args.weight_bits is not None:
-        from tnlm.export.weight_only import quantize_weights
-
-        with _staged(out, folder=False) as tmp:
-            fp32 = tmp.parent / "float32" / "model.onnx"
-            res = write(fp32)
-            size = quantize_weights(fp32, tmp, bits=args.weight_bits,
-                                    block_size=args.weight_block,
-                                    embedding_bits=args.embedding_bits,
-                                    embedding_block=args.embedding_block)
-            shutil.rmtree(fp32.parent)
-        emb = "" if args.embedding_bits != 4 else \
-            f" and 4-bit word embeddings (blocks of {args.embedding_block})"
-        print(f"{out}: ONNX graph with {args.weight_bits}-bit weights (weight-only, a scale per "
-              f"{args.weight_block} rows, float activations){emb}, {size / 1e6:.1f} MB (float32: "
-              f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), "
-              f"{res['mpo_layers']} MPO layers kept factorized, {outputs(res)}")
-        return 0
-    if not args.int8:
+    if not args.int8 and args.weight_bits is None:
         with _staged(out, folder=False) as tmp:
             res = write(tmp)
         print(f"{out}: ONNX graph, {res['bytes'] / 1e6:.1f} MB, {res['mpo_layers']} MPO layers "
@@ -425,19 +407,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _staged(out, folder=False) as tmp:
         fp32 = tmp.parent / "float32" / "model.onnx"
         res = write(fp32)
-        # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
-        # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)
-        pivoted = args.per_tensor and bool(gauge_fixed_chains(fp32))
-        size = quantize_int8(fp32, tmp, per_channel=not args.per_tensor,
-                             embedding_bits=args.embedding_bits,
-                             block_size=args.embedding_block)
+        if args.weight_bits is not None:
+            from tnlm.export.weight_only import quantize_weights
+
+            size = quantize_weights(fp32, tmp, bits=args.weight_bits,
+                                    block_size=args.weight_block,
+                                    embedding_bits=args.embedding_bits,
+                                    embedding_block=args.embedding_block)
+            kind = (f"{args.weight_bits}-bit weights (weight-only, a scale per "
+                    f"{args.weight_block} rows, float activations)")
+        else:
+            # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
+            # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)
+            pivoted = args.per_tensor and bool(gauge_fixed_chains(fp32))
+            size = quantize_int8(fp32, tmp, per_channel=not args.per_tensor,
+                                 embedding_bits=args.embedding_bits,
+                                 block_size=args.embedding_block)
+            scale = ("7-bit, one scale per column" if not args.per_tensor else
+                     "7-bit, one scale per tensor: gauge-fixed layers saturate at 8 bits"
+                     if pivoted else "one scale per tensor")
+            kind = f"int8 weights ({scale})"
         shutil.rmtree(fp32.parent)
-    emb = "" if args.embedding_bits == 8 else \
+    emb = "" if args.embedding_bits != 4 else \
         f" and 4-bit word embeddings (blocks of {args.embedding_block})"
-    scale = ("7-bit, one scale per column" if not args.per_tensor else
-             "7-bit, one scale per tensor: gauge-fixed layers saturate at 8 bits" if pivoted
-             else "one scale per tensor")
-    print(f"{out}: ONNX graph with int8 weights ({scale}){emb}, {size / 1e6:.1f} MB (float32: "
+    print(f"{out}: ONNX graph with {kind}{emb}, {size / 1e6:.1f} MB (float32: "
           f"{res['bytes'] / 1e6:.1f} MB, {size / res['bytes']:.3f} of it), {res['mpo_layers']} "
           f"MPO layers kept factorized, {outputs(res)}")
     return 0
