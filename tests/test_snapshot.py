@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -41,45 +43,75 @@ def test_restore_gives_back_the_values_of_take_exactly(where):
         assert snap.nbytes == sum(w.numel() * w.element_size() for w in want)
 
 
-def test_disk_snapshot_leaves_no_file_behind_and_refuses_use_after_close(tmp_path):
+def test_disk_snapshot_has_no_name_and_refuses_use_after_close(tmp_path):
     params = _params()
     snap = ParameterSnapshot(params, "disk", directory=tmp_path)
     snap.take()
-    assert snap.path.stat().st_size == snap.nbytes
-    assert [p.name for p in snap.path.parent.iterdir()] == ["snapshot.bin"]  # no .part
+    snap.take()
+    assert snap.file_bytes == snap.nbytes
+    assert list(tmp_path.iterdir()) == []  # nothing with a name, even while it lives
     snap.close()
     snap.close()  # idempotent
-    assert list(tmp_path.iterdir()) == []
+    assert snap.file_bytes is None
     with pytest.raises(ValueError, match="closed"):
         snap.take()
     with pytest.raises(ValueError, match="closed"):
         snap.restore()
 
 
-def test_a_failed_write_keeps_the_last_complete_snapshot_then_keeps_it_in_memory(
-        monkeypatch):
-    """A write that fails half-way (the rename never happens) leaves the last complete
-    file untouched; the snapshot warns, takes the values in memory and stays there."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
+def test_a_killed_process_leaves_nothing_in_the_temporary_folder(tmp_path):
+    """A run killed by a signal (no Python clean-up at all) leaves no snapshot behind;
+    the file's blocks go back to the file system with the process."""
+    code = (
+        "import os, signal, sys, torch\n"
+        "from tnlm.compress.snapshot import ParameterSnapshot\n"
+        f"snap = ParameterSnapshot([torch.randn(256, 1024)], 'disk', directory={str(tmp_path)!r})\n"
+        "snap.take()\n"
+        "assert snap.file_bytes == 2**20\n"
+        "print('taken', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.strip() == "taken", proc.stderr
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_snapshot_in_memory_from_then_on(monkeypatch):
+    """A write that fails half-way warns, takes the values in memory and stays there;
+    a take that fails altogether leaves nothing to restore, not a part of a snapshot."""
     params = _params()
     with ParameterSnapshot(params, "disk") as snap:
         snap.take()
-        on_disk = snap.path.read_bytes()
         with torch.no_grad():
             params[0].mul_(3)
         want = [p.detach().clone() for p in params]
 
-        def broken(*_a, **_k):
+        def broken(f, ps):
+            f.seek(0)
+            f.write(b"half")
             raise OSError("disk full")
-        monkeypatch.setattr("tnlm.compress.snapshot.os.replace", broken)
+        monkeypatch.setattr("tnlm.compress.snapshot._write", broken)
         with pytest.warns(UserWarning, match="disk full.*keeping it in memory"):
             snap.take()
         monkeypatch.undo()
-        assert snap.where == "memory" and snap._dir is None  # the folder went with it
+        assert snap.where == "memory" and snap.file_bytes is None  # the file went with it
         with torch.no_grad():
             params[0].add_(1)
         snap.restore()  # the values of the failed take, from memory
         assert torch.equal(params[0], want[0])
-        assert on_disk  # (the complete file was there until the fallback)
+        with torch.no_grad():
+            params[0].add_(1)
+
+        def oom(*_a, **_k):
+            raise MemoryError
+        monkeypatch.setattr(torch.Tensor, "copy_", oom)
+        with pytest.raises(MemoryError):
+            snap.take()
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="no snapshot was taken"):
+            snap.restore()
 
 
 def test_snapshot_bad_input_names_the_argument(tmp_path):
@@ -105,7 +137,7 @@ def test_snapshot_bad_input_names_the_argument(tmp_path):
         snap.restore()
     with ParameterSnapshot([torch.ones(2)], "disk") as snap:
         snap.take()
-        snap.path.write_bytes(b"123")  # truncated: refused, nothing read
+        snap._file.truncate(3)  # cut short: refused, nothing read
         with pytest.raises(ValueError, match="holds 3 bytes, the parameters 8"):
             snap.restore()
 
