@@ -282,7 +282,7 @@ def main() -> None:
     for n in files:
         if n != "dense":
             w = onnx_weights(files[n])
-            print(f"{n}: {w['total']:,} stored numbers, largest {w['largest'][:2]}")
+            print(f"{n}: {w['total']:,} stored elements (a byte of 4-bit codes: one), largest {w['largest'][:2]}")
     print()
     for name in models:
         if name == "dense" or args.float32_only:

@@ -314,6 +314,30 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad.onnx")]
 
 
+def test_weight_only_past_the_protobuf_limit_writes_its_data_beside_and_cleans_up(
+        exported, tok, sentences, tmp_path, monkeypatch):
+    """Above 2 GB of weights the file keeps them in ``{name}.data`` (here forced with a
+    limit of 0 bytes): the same outputs; a later export to the same name that fits in
+    one file removes the data file nothing names any more."""
+    from tnlm.export import OnnxEncoder, quantize_weights
+
+    inline = tmp_path / "inline.onnx"
+    quantize_weights(exported.path, inline, block_size=16)
+    out = tmp_path / "w8.onnx"
+    monkeypatch.setattr("tnlm.export.weight_only._PROTOBUF_LIMIT", 0)
+    size = quantize_weights(exported.path, out, block_size=16)
+    data = tmp_path / "w8.onnx.data"
+    assert data.is_file() and size == out.stat().st_size + data.stat().st_size
+    assert out.stat().st_size < inline.stat().st_size  # (tensors under 1 KB stay inline)
+    a = OnnxEncoder(inline, tok).encode(sentences)
+    assert np.array_equal(OnnxEncoder(out, tok).encode(sentences), a)
+    monkeypatch.undo()
+    assert quantize_weights(exported.path, out, block_size=16) == out.stat().st_size
+    assert not data.exists()
+    assert np.array_equal(OnnxEncoder(out, tok).encode(sentences), a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inline.onnx", "w8.onnx"]
+
+
 def test_untie_transposed_weights_keeps_the_outputs():
     """MatMul(x, Transpose(W)) beside Gather(W): the MatMul gets its own W^T; the outputs
     are the same and the Transpose is gone."""

@@ -372,9 +372,12 @@ def file_opset(path: str | os.PathLike) -> int:
 
 
 def onnx_weights(path: str | os.PathLike) -> dict[str, Any]:
-    """The weights an ONNX file stores: ``{"total": numbers, "bytes": bytes,
+    """The weights an ONNX file stores: ``{"total": stored elements, "bytes": bytes,
     "largest": [(name, shape), ...] (the 5 largest), "shapes": {name: shape}}``,
-    counting initializers and the tensors of ``Constant`` nodes."""
+    counting initializers and the tensors of ``Constant`` nodes. ``total`` counts the
+    elements of the stored tensors: a byte of packed 4-bit codes (``MatMulNBits``' weights
+    at 4 bits, the 4-bit embedding table) counts as one, so it is not the model's
+    parameter count for such files; ``bytes`` is exact for all."""
     import onnx
     from onnx import numpy_helper
 

@@ -168,6 +168,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         if external:  # the data first: the .onnx names it
             os.replace(Path(tmp) / data.name, data)
         os.replace(staged, dst)
+    if not external and data.is_file():  # an earlier external export's, named by no file now
+        data.unlink()
     return dst.stat().st_size + (data.stat().st_size if external else 0)
 
 
