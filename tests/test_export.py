@@ -1067,6 +1067,18 @@ def test_cli_onnx_weight_bits(checkpoint, compressed, tok, sentences, tmp_path, 
     cos = (OnnxEncoder(out, tok).encode(sentences)
            * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
     assert float(cos.min()) > 0.9
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["tnlm.weight_compute"] == "float32"  # 4 bits: float products by default
+    out8 = tmp_path / "m.w4i.onnx"
+    assert cmd_export(parse([str(ckpt), "--format", "onnx", "--weight-bits", "4",
+                             "--weight-block", "16", "--weight-compute", "int8", "--base",
+                             str(base), "--out", str(out8)])) == 0
+    assert "float activations, int8 products)" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out8)).metadata_props}
+    assert meta["tnlm.weight_compute"] == "int8"
+    cos8 = (OnnxEncoder(out8, tok).encode(sentences)
+            * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
+    assert float(cos8.min()) > 0.9
 
 
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):
@@ -1117,6 +1129,8 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
      r"^--weight-bits quantizes the weights alone .* pass one of them"),
     (["{ckpt}", "--format", "onnx", "--weight-block", "32", "--out", "{tmp}/m.onnx"],
      r"^--weight-block applies with --weight-bits only"),
+    (["{ckpt}", "--format", "onnx", "--int8", "--weight-compute", "int8", "--out",
+      "{tmp}/m.onnx"], r"^--weight-compute int8 applies with --weight-bits only"),
     (["{ckpt}", "--format", "onnx", "--weight-bits", "8", "--weight-block", "24", "--out",
       "{tmp}/m.onnx"], r"^--weight-block must be one of 16, 32, 64, 128, 256 .*got 24"),
     (["{ckpt}", "--format", "onnx", "--weight-bits", "8", "--embedding-bits", "8", "--out",
