@@ -1057,7 +1057,7 @@ def test_cli_onnx_weight_bits(checkpoint, compressed, tok, sentences, tmp_path, 
                              "--weight-block", "16", "--embedding-bits", "4", "--base",
                              str(base), "--out", str(out)])) == 0
     said = capsys.readouterr().out
-    assert "4-bit weights (weight-only, a scale per 16 rows" in said
+    assert "4-bit weights (weight-only, a scale per 16 rows; float32 products)" in said
     assert "and 4-bit word embeddings (blocks of 64)" in said
     import onnx
 
@@ -1073,12 +1073,58 @@ def test_cli_onnx_weight_bits(checkpoint, compressed, tok, sentences, tmp_path, 
     assert cmd_export(parse([str(ckpt), "--format", "onnx", "--weight-bits", "4",
                              "--weight-block", "16", "--weight-compute", "int8", "--base",
                              str(base), "--out", str(out8)])) == 0
-    assert "float activations, int8 products)" in capsys.readouterr().out
+    assert "int8 products, the activations quantized per block" in capsys.readouterr().out
     meta = {p.key: p.value for p in onnx.load(str(out8)).metadata_props}
     assert meta["tnlm.weight_compute"] == "int8"
     cos8 = (OnnxEncoder(out8, tok).encode(sentences)
             * mean_pooled(compressed, tok, sentences).numpy()).sum(1)
     assert float(cos8.min()) > 0.9
+
+
+def test_a_rewrite_to_the_same_name_removes_the_data_file_nothing_names(
+        checkpoint, compressed, tok, sentences, tmp_path, monkeypatch):
+    """An export whose weights went to external data (the limits forced to 0 here), then
+    one to the same name that fits in one file: the earlier data file goes, through the
+    exporter itself, the command line (which writes in a folder of its own first) and
+    ``quantize_int8``; nothing else in the folder is touched."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tnlm.export import export_onnx, quantize_int8
+
+    ckpt, base = checkpoint
+    keep = tmp_path / "notes.data"
+    keep.write_text("mine")
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr("tnlm.export.onnx_graph._EXTERNAL_BYTES", 0)
+    export_onnx(compressed, tok, out, pooling="mean")
+    data = {p.name for p in tmp_path.iterdir()} - {"m.onnx", "notes.data"}
+    assert data  # the weights beside the file
+    monkeypatch.undo()
+    export_onnx(compressed, tok, out, pooling="mean")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "notes.data"]
+
+    w8 = tmp_path / "w8.onnx"
+    argv = [str(ckpt), "--format", "onnx", "--weight-bits", "8", "--weight-block", "16",
+            "--base", str(base), "--out", str(w8)]
+    monkeypatch.setattr("tnlm.export.weight_only._PROTOBUF_LIMIT", 0)
+    assert cmd_export(parse(argv)) == 0
+    assert (tmp_path / "w8.onnx.data").is_file()
+    monkeypatch.undo()
+    assert cmd_export(parse(argv)) == 0
+    assert not (tmp_path / "w8.onnx.data").exists()
+
+    int8 = tmp_path / "int8.onnx"
+    monkeypatch.setattr("tnlm.export.weight_only._PROTOBUF_LIMIT", 0)
+    from tnlm.export import quantize_weights
+
+    quantize_weights(out, int8, block_size=16)  # an external file of that name first
+    monkeypatch.undo()
+    assert (tmp_path / "int8.onnx.data").is_file()
+    quantize_int8(out, int8)
+    assert not (tmp_path / "int8.onnx.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "int8.onnx", "m.onnx", "notes.data", "w8.onnx"]
+    assert keep.read_text() == "mine"
 
 
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):

@@ -341,10 +341,11 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
             os.replace(tmp, out)
         else:
             yield tmp / out.name
-            for f in sorted(tmp.iterdir()):  # the .onnx last: it names its data files
-                if f.name != out.name:
-                    os.replace(f, out.parent / f.name)
-            os.replace(tmp / out.name, out)
+            from tnlm.export.onnx_graph import replace_onnx
+
+            # the .onnx and the data files it names (an earlier export's that nothing
+            # names any more are removed)
+            replace_onnx(tmp / out.name, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(made)
@@ -425,9 +426,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                                     embedding_bits=args.embedding_bits,
                                     embedding_block=args.embedding_block,
                                     compute=compute)
+            used = args.weight_compute or ("int8" if args.weight_bits == 8 else "float")
             kind = (f"{args.weight_bits}-bit weights (weight-only, a scale per "
-                    f"{args.weight_block} rows, float activations"
-                    f"{', ' + args.weight_compute + ' products' if args.weight_compute else ''})")
+                    f"{args.weight_block} rows; "
+                    + ("int8 products, the activations quantized per block at run time)"
+                       if used == "int8" else "float32 products)"))
         else:
             # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
             # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)

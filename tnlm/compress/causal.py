@@ -333,16 +333,16 @@ class CausalHealConfig:
     the term keeps a float32 copy of the student's block outputs for the backward pass
     (about 35 MiB for SmolLM2 at 4 x 128 positions).
 
-    ``snapshot`` (one of :data:`tnlm.compress.snapshot.SNAPSHOT_PLACES`): where the
-    trained parameters of the best step so far are kept for the restore after a blow-up:
-    ``"disk"`` (the default: a file in the temporary folder, ``$TMPDIR``, removed at
-    the end; as many bytes as the trained parameters, 256 MB for SmolLM2-135M at a 60 %
-    budget, written from the parameters' own memory, so none of it is in the process's
-    resident set; a failed write warns and keeps it in memory) or ``"memory"`` (a copy
-    beside them). ``snapshot_every``: a snapshot is taken when the running loss is the
-    lowest so far and at least this many steps after the last snapshot (10 by default:
-    at most 30 writes in 300 steps; 1: at every new lowest loss). Each rank of a
-    distributed run writes its own file.
+    ``snapshot`` (one of :data:`tnlm.compress.snapshot.SNAPSHOT_PLACES`): where the trained
+    parameters of the best step so far are kept for the restore after a blow-up: ``"disk"``
+    (the default: an unnamed file in the temporary folder, ``$TMPDIR``, freed at the end or
+    when the process dies, even killed; as many bytes as the trained parameters, 256 MB for
+    SmolLM2-135M at a 60 % budget, written from the parameters' own memory, so none of it is
+    in the process's resident set; a failed write warns and keeps it in memory) or
+    ``"memory"`` (a copy beside them). ``snapshot_every``: a snapshot is taken when the
+    running loss is the lowest so far and at least this many steps after the last snapshot
+    (10 by default: at most 30 writes in 300 steps; 1: at every new lowest loss). Each rank
+    of a distributed run writes its own file.
 
     ``hidden_weight``: the weight of the block-output term (module docstring); 0, the
     default, distils the next-token distributions alone. Needs ``chunk``."""
@@ -808,7 +808,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
     blocks = blocks[:max(0, len(blocks) - config.stored_blocks)]  # the last ones store
     invalidate_caches(student)  # an evaluation's dense W: stale after the first step
-    # the best state so far, for the restore after a blow-up (removed on any exit)
+    # the best state so far, for the restore after a blow-up (freed on any exit)
     with ParameterSnapshot(params, config.snapshot) as snap, \
             temporary(student, modes=True), temporary(teacher, modes=True), \
             checkpointed(blocks):

@@ -241,6 +241,7 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
     MatMuls that share their input fused, :func:`~tnlm.export.fuse.fuse_shared_matmuls`).
     Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    before = named_data(path)
     external = factorized_params(model) * 4 > _EXTERNAL_BYTES
     quiet = contextlib.nullcontext() if verbose else _quiet()
     with quiet, torch.no_grad():
@@ -254,7 +255,8 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
                       f"{_EXTERNAL_BYTES / 1e9:.1f} GB), which fuse_shared_matmuls does not "
                       "rewrite: written unfused", stacklevel=3)
     fused = fuse_shared_matmuls(path) if fuse and not external else 0
-    return path.stat().st_size + sum(f.stat().st_size for f in _external_files(path)), fused
+    remove_orphaned_data(path, before)  # an earlier export's data, named by no file now
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path)), fused
 
 
 def export_copy(model: nn.Module, caller: str) -> tuple[nn.Module, int]:
@@ -350,10 +352,12 @@ def _with_pad(tokenizer: Any) -> Any:
     return tok
 
 
-def _external_files(path: Path) -> list[Path]:
-    """External data files an ONNX file names (none for a self-contained file)."""
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files the ONNX file ``path`` names, as paths beside it (none for a
+    self-contained file). Parses the file, not its data."""
     import onnx
 
+    path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     names = set()
     for t in model.graph.initializer:
@@ -361,6 +365,42 @@ def _external_files(path: Path) -> list[Path]:
             if entry.key == "location":
                 names.add(entry.value)
     return [path.parent / n for n in sorted(names)]
+
+
+def named_data(path: Path) -> set[Path]:
+    """:func:`external_files` of ``path`` before it is overwritten: none when there is no
+    such file or it is not an ONNX file."""
+    if not path.is_file():
+        return set()
+    try:
+        return set(external_files(path))
+    except Exception:  # not ONNX: its bytes name no data file  # noqa: BLE001
+        return set()
+
+
+def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = ()) -> list[Path]:
+    """After ``path`` was overwritten: remove the data files in ``before`` (what the former
+    file named, :func:`named_data`) that the new file does not name, except those in
+    ``keep`` (a source's own files). Returns the files removed."""
+    keep_set = {Path(k).resolve() for k in keep}
+    gone = sorted(before - set(external_files(path)))
+    removed = []
+    for f in gone:
+        if f.resolve() not in keep_set and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
+    """Move the ONNX file ``staged`` onto ``dst``: the external data files it names first
+    (the ``.onnx`` names them), then the file; the data files the former ``dst`` named
+    and the new one does not (an earlier export's) are removed, except those in ``keep``."""
+    before = named_data(dst)
+    for f in external_files(staged):
+        os.replace(f, dst.parent / f.name)
+    os.replace(staged, dst)
+    remove_orphaned_data(dst, before, keep)
 
 
 def file_opset(path: str | os.PathLike) -> int:

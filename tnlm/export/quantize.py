@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from tnlm.export.onnx_graph import gauge_fixed_chains
+from tnlm.export.onnx_graph import external_files, gauge_fixed_chains, replace_onnx
 
 __all__ = ["quantize_int8", "EMBEDDING_BITS"]
 
@@ -122,7 +122,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
                 gather_4bit(model, exclude, block_size)
                 onnx.checker.check_model(model)
                 onnx.save(model, str(staged))
-            os.replace(staged, dst)
+            replace_onnx(staged, dst, keep=[src, *external_files(src)])
     finally:
         root.setLevel(level)
     return dst.stat().st_size

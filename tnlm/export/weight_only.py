@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tnlm.export.onnx_graph import external_files, replace_onnx
+
 __all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS", "COMPUTE_FLOAT", "COMPUTE_INT8"]
 
 #: the weight precisions :func:`quantize_weights` offers
@@ -120,6 +122,7 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
+    source_data = external_files(src)
     model = onnx.load(str(src))
     props = {p.key: p.value for p in model.metadata_props}
     if _BITS_KEY in props or any(n.op_type in ("MatMulNBits", "MatMulInteger",
@@ -165,11 +168,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         staged = Path(tmp) / dst.name
         onnx.save(out, str(staged), save_as_external_data=external,
                   location=data.name if external else None)
-        if external:  # the data first: the .onnx names it
-            os.replace(Path(tmp) / data.name, data)
-        os.replace(staged, dst)
-    if not external and data.is_file():  # an earlier external export's, named by no file now
-        data.unlink()
+        # an earlier export's data file that nothing names any more goes (not the source's)
+        replace_onnx(staged, dst, keep=[src, *source_data])
     return dst.stat().st_size + (data.stat().st_size if external else 0)
 
 
