@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import sys
 import time
@@ -138,6 +139,18 @@ def distil_dropped(student: nn.Module, teacher: nn.Module, tok, sentences: list[
     return losses
 
 
+def llm_text_sentences(paths: list[str]) -> list[str]:
+    """Distinct sentences of the JSON lists of texts ``paths``, in order, split and kept
+    as the shipped prose (a chat sample: the assistant's answer only)."""
+    from make_lm_sentences import sentences_of
+
+    out: list[str] = []
+    for path in paths:
+        for t in json.loads(Path(path).read_text()):
+            out += sentences_of(t.split("<|im_start|>assistant")[-1])
+    return list(dict.fromkeys(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("tnlm", "plain", "layerdrop", "int8"), required=True)
@@ -151,6 +164,11 @@ def main() -> None:
                     help="default: the main job's for tnlm/plain, 1e-4 for layerdrop")
     ap.add_argument("--pivoted", action="store_true",
                     help="tnlm/plain: fix each truncated bond's gauge, r (I + J - r) numbers")
+    ap.add_argument("--extra-llm-text", nargs="+", default=[], metavar="JSON",
+                    help="after the default text, the sentences (kept as the shipped prose "
+                         "keeps them: experiments/make_lm_sentences.sentences_of) of these "
+                         "JSON lists of SmolLM2 texts (the decoder experiments' caches, "
+                         "results/llm/text/*.json; a chat sample: its answer only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -169,6 +187,9 @@ def main() -> None:
         text = default_text(seed=args.seed, n_lm=0)
     else:
         text = default_text(seed=args.seed)
+    if args.extra_llm_text:
+        seen = set(text)
+        text += [x for x in llm_text_sentences(args.extra_llm_text) if x not in seen]
     split = split_text(text, EncoderRecipe.calibration, seed=args.seed)
     extra: dict = {}
     torch.manual_seed(args.seed)
