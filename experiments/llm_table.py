@@ -97,7 +97,8 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
         if "top_k" in args and args.get("text") != "prose":  # runs before --top-k: top-k 50
             texts += " (nucleus)" if args["top_k"] is None else f" (top-{args['top_k']})"
         if args.get("add_prose"):
-            texts += f" + {args['add_prose']:g} of the prose"
+            texts += (" + all the prose" if args['add_prose'] >= 1
+                      else f" + {args['add_prose']:g} of the prose")
         rows[(method, float(d["budget"]), heal, texts)].append(d)
     return rows
 
