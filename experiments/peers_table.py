@@ -35,6 +35,7 @@ def label(r: dict) -> str:
     if r["method"] in ("tnlm", "plain", "layerdrop"):
         name += ", former text" if r.get("text") == "grammar" else ""
         name += ", pivoted" if r.get("pivoted") else ""
+        name += ", more LM prose" if r.get("extra_llm_text") else ""
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
     return name
