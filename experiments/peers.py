@@ -147,7 +147,7 @@ def llm_text_sentences(paths: list[str]) -> list[str]:
     out: list[str] = []
     for path in paths:
         for t in json.loads(Path(path).read_text()):
-            out += sentences_of(t.split("<|im_start|>assistant")[-1])
+            out += sentences_of(t.split("<|im_start|>assistant")[-1].split("<|im_end|>")[0])
     return list(dict.fromkeys(out))
 
 

@@ -35,7 +35,8 @@ def label(r: dict) -> str:
     if r["method"] in ("tnlm", "plain", "layerdrop"):
         name += ", former text" if r.get("text") == "grammar" else ""
         name += ", pivoted" if r.get("pivoted") else ""
-        name += ", more LM prose" if r.get("extra_llm_text") else ""
+        if r.get("extra_llm_text"):
+            name += f", + {len(r['extra_llm_text'])} LM text files"
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
     return name

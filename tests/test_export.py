@@ -1127,6 +1127,73 @@ def test_a_rewrite_to_the_same_name_removes_the_data_file_nothing_names(
     assert keep.read_text() == "mine"
 
 
+def _external_model(path, location):
+    """A one-initializer ONNX file at ``path`` whose weights sit in ``location``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w]))
+    onnx.save(model, str(path), save_as_external_data=True, location=location,
+              size_threshold=0)
+    return path
+
+
+def test_replace_onnx_removes_only_its_own_orphans(tmp_path):
+    """Overwriting a file removes the data file the former one named in its own folder;
+    not through a symbolic link (its target still needs it), not a location outside the
+    folder, not the source's (``keep``)."""
+    pytest.importorskip("onnx")
+    from tnlm.export.onnx_graph import external_files, replace_onnx
+
+    def staged_inline(name):
+        stage = tmp_path / "stage"
+        stage.mkdir(exist_ok=True)
+        import onnx
+
+        model = onnx.load(str(_external_model(stage / "x.onnx", "x.onnx.data")))
+        (stage / "x.onnx").unlink()
+        (stage / "x.onnx.data").unlink()
+        onnx.save(model, str(stage / name))  # all inside the file
+        return stage / name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _external_model(out / "m.onnx", "m.onnx.data")
+    replace_onnx(staged_inline("m.onnx"), out / "m.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx"]
+
+    _external_model(out / "v1.onnx", "v1.onnx.data")  # a link to a model that stays
+    (out / "latest.onnx").symlink_to("v1.onnx")
+    replace_onnx(staged_inline("latest.onnx"), out / "latest.onnx")
+    assert (out / "v1.onnx.data").is_file() and external_files(out / "v1.onnx")
+
+    (tmp_path / "shared.data").write_bytes(b"0" * 16)
+    _external_model(tmp_path / "shared.onnx", "shared.data")  # another model's data
+    import onnx
+
+    _external_model(out / "f.onnx", "f.onnx.data")  # then pointed outside its folder
+    foreign = onnx.load(str(out / "f.onnx"), load_external_data=False)
+    for e in foreign.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "../shared.data"
+    onnx.save(foreign, str(out / "f.onnx"))
+    (out / "f.onnx.data").unlink()
+    replace_onnx(staged_inline("f.onnx"), out / "f.onnx")
+    assert (tmp_path / "shared.data").is_file()
+
+    _external_model(out / "src.onnx", "g.onnx.data")  # the source names dst's data
+    import shutil
+
+    shutil.copy(out / "src.onnx", out / "g.onnx")
+    replace_onnx(staged_inline("g.onnx"), out / "g.onnx", keep=[out / "src.onnx",
+                                                                *external_files(out / "src.onnx")])
+    assert (out / "g.onnx.data").is_file()
+
+
 def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -1172,7 +1239,7 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
     (["{ckpt}", "--format", "onnx", "--int8", "--embedding-block", "16", "--out", "{tmp}/m.onnx"],
      r"^--embedding-block applies with --embedding-bits 4 only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--weight-bits", "8", "--out", "{tmp}/m.onnx"],
-     r"^--weight-bits quantizes the weights alone .* pass one of them"),
+     r"^--weight-bits quantizes the weights \(a scale per block of rows\).* pass one of them"),
     (["{ckpt}", "--format", "onnx", "--weight-block", "32", "--out", "{tmp}/m.onnx"],
      r"^--weight-block applies with --weight-bits only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--weight-compute", "int8", "--out",

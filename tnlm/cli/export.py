@@ -17,7 +17,9 @@ Formats:
   4`` stores the word-embedding table with 4-bit codes, see
   :func:`tnlm.export.quantize_int8`; with ``--weight-bits 8|4`` instead: weight-only
   quantization, each MatMul weight in 8 or 4 bits with a scale per block of
-  ``--weight-block`` rows and float activations, :func:`tnlm.export.quantize_weights`);
+  ``--weight-block`` rows, the activations quantized per block at run time for int8
+  products (``--weight-compute``; the default at 8 bits) or kept in float,
+  :func:`tnlm.export.quantize_weights`);
 * ``hf``: a transformers folder with merged dense weights (loads without tnlm; as big
   as the dense model);
 * ``st``: a self-contained folder (MPO weights, config, tokenizer, sentence-transformers
@@ -154,8 +156,9 @@ def _check_args(args: argparse.Namespace
         raise ExportError("--embedding-block applies with --embedding-bits 4 only (the columns "
                           "sharing one scale of the 4-bit table)")
     if args.weight_bits is not None and args.int8:
-        raise ExportError("--weight-bits quantizes the weights alone (float activations); "
-                          "--int8 quantizes weights and activations: pass one of them")
+        raise ExportError("--weight-bits quantizes the weights (a scale per block of rows); "
+                          "--int8 quantizes weights and activations per tensor or column: "
+                          "pass one of them")
     if args.weight_bits is not None and args.weight_bits not in (8, 4):
         raise ExportError(f"--weight-bits must be 8 or 4, got {args.weight_bits}")
     if args.weight_block is not None and args.weight_bits is None:

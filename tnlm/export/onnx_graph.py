@@ -369,8 +369,9 @@ def external_files(path: str | os.PathLike) -> list[Path]:
 
 def named_data(path: Path) -> set[Path]:
     """:func:`external_files` of ``path`` before it is overwritten: none when there is no
-    such file or it is not an ONNX file."""
-    if not path.is_file():
+    such file, it is a symbolic link (overwriting replaces the link, not what it points
+    to, whose data stays needed) or it is not an ONNX file."""
+    if not path.is_file() or path.is_symlink():
         return set()
     try:
         return set(external_files(path))
@@ -380,15 +381,29 @@ def named_data(path: Path) -> set[Path]:
 
 def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = ()) -> list[Path]:
     """After ``path`` was overwritten: remove the data files in ``before`` (what the former
-    file named, :func:`named_data`) that the new file does not name, except those in
-    ``keep`` (a source's own files). Returns the files removed."""
-    keep_set = {Path(k).resolve() for k in keep}
-    gone = sorted(before - set(external_files(path)))
+    file named, :func:`named_data`) that the new file does not name. Only a plain file
+    name in ``path``'s own folder is removed (a location with a folder in it, ``..`` or an
+    absolute one is left alone), never one that is the same file as the new file's data
+    or as one in ``keep`` (a source's own files), and nothing when ``path`` is a symbolic
+    link (the former file it pointed to is still there). A removal that fails warns: the
+    new file is complete. Returns the files removed."""
+    if path.is_symlink():
+        return []
+    folder = path.parent.resolve()
+    protect = [Path(k) for k in keep] + external_files(path)
     removed = []
-    for f in gone:
-        if f.resolve() not in keep_set and f.is_file():
-            f.unlink(missing_ok=True)
-            removed.append(f)
+    for f in sorted(before - set(external_files(path))):
+        if f.parent.resolve() != folder or not f.is_file() or f.is_symlink():
+            continue
+        if any(p.exists() and os.path.samefile(f, p) for p in protect):
+            continue
+        try:
+            f.unlink()
+        except OSError as err:
+            warnings.warn(f"{path} was written; the data file {f} that its former version "
+                          f"named could not be removed ({err})", stacklevel=3)
+            continue
+        removed.append(f)
     return removed
 
 
@@ -396,7 +411,7 @@ def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
     """Move the ONNX file ``staged`` onto ``dst``: the external data files it names first
     (the ``.onnx`` names them), then the file; the data files the former ``dst`` named
     and the new one does not (an earlier export's) are removed, except those in ``keep``."""
-    before = named_data(dst)
+    before = set() if dst.is_symlink() else named_data(dst)
     for f in external_files(staged):
         os.replace(f, dst.parent / f.name)
     os.replace(staged, dst)

@@ -111,7 +111,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
                 exclude = required_embedding_gathers(model, src)  # names unnamed nodes
                 source = Path(tmp) / "named.onnx"
                 onnx.save(model, str(source))
-            staged = Path(tmp) / "int8.onnx"
+            staged = Path(tmp) / dst.name
             quantize_dynamic(str(source), str(staged), op_types_to_quantize=["MatMul", "Gather"],
                              per_channel=per_channel, weight_type=QuantType.QInt8,
                              reduce_range=bool(reduce_range), nodes_to_exclude=exclude)
