@@ -420,20 +420,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         fp32 = tmp.parent / "float32" / "model.onnx"
         res = write(fp32)
         if args.weight_bits is not None:
-            from tnlm.export.weight_only import COMPUTE_FLOAT, COMPUTE_INT8, quantize_weights
+            from tnlm.export.weight_only import (
+                COMPUTE_FLOAT,
+                COMPUTE_INT8,
+                default_compute,
+                quantize_weights,
+            )
 
-            compute = {"int8": COMPUTE_INT8, "float": COMPUTE_FLOAT}.get(args.weight_compute)
-
+            compute = ({"int8": COMPUTE_INT8, "float": COMPUTE_FLOAT}.get(args.weight_compute)
+                       or default_compute(args.weight_bits))
             size = quantize_weights(fp32, tmp, bits=args.weight_bits,
                                     block_size=args.weight_block,
                                     embedding_bits=args.embedding_bits,
                                     embedding_block=args.embedding_block,
                                     compute=compute)
-            used = args.weight_compute or ("int8" if args.weight_bits == 8 else "float")
             kind = (f"{args.weight_bits}-bit weights (weight-only, a scale per "
                     f"{args.weight_block} rows; "
                     + ("int8 products, the activations quantized per block at run time)"
-                       if used == "int8" else "float32 products)"))
+                       if compute == COMPUTE_INT8 else "float32 products)"))
         else:
             # per tensor: 7 bits for gauge-fixed layers' chains, whose 8-bit codes saturate
             # ONNX Runtime's u8 x s8 sums (MiniLM at 50 %: cosine 0.079; quantize_int8)

@@ -384,15 +384,14 @@ def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = (
     file named, :func:`named_data`) that the new file does not name. Only a plain file
     name in ``path``'s own folder is removed (a location with a folder in it, ``..`` or an
     absolute one is left alone), never one that is the same file as the new file's data
-    or as one in ``keep`` (a source's own files), and nothing when ``path`` is a symbolic
-    link (the former file it pointed to is still there). A removal that fails warns: the
-    new file is complete. Returns the files removed."""
-    if path.is_symlink():
-        return []
+    or as one in ``keep`` (a source's own files); ``before`` of a symbolic link is empty
+    (the former file it pointed to is still there). A removal that fails warns: the new
+    file is complete. Returns the files removed."""
     folder = path.parent.resolve()
-    protect = [Path(k) for k in keep] + external_files(path)
+    now = external_files(path)
+    protect = [Path(k) for k in keep] + now
     removed = []
-    for f in sorted(before - set(external_files(path))):
+    for f in sorted(before - set(now)):
         if f.parent.resolve() != folder or not f.is_file() or f.is_symlink():
             continue
         if any(p.exists() and os.path.samefile(f, p) for p in protect):
@@ -411,7 +410,7 @@ def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
     """Move the ONNX file ``staged`` onto ``dst``: the external data files it names first
     (the ``.onnx`` names them), then the file; the data files the former ``dst`` named
     and the new one does not (an earlier export's) are removed, except those in ``keep``."""
-    before = set() if dst.is_symlink() else named_data(dst)
+    before = named_data(dst)  # none through a symbolic link
     for f in external_files(staged):
         os.replace(f, dst.parent / f.name)
     os.replace(staged, dst)
