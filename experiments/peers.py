@@ -11,6 +11,9 @@ text (``cos_lm``: what ``tnlm compress`` reports), plus SICK relatedness:
   block reconstruction, healing) on its default text; ``--text grammar`` on the former
   default text (no shipped natural-prose sentences).
 - ``plain``: the same job with plain SVD of the weights (no whitening) and a uniform rank.
+- ``whitened``: SVD-LLM-style whitened low rank -- the same job with its data-aware
+  (whitened) truncation at a uniform rank, without the sensitivity allocation: what is
+  left of tnlm's job when only the allocation is taken away.
 - ``layerdrop``: sentence-transformers-style layer dropping -- keep ``--layers`` of the six
   layers evenly spaced (the last one kept), then distil every parameter on the same text
   and steps; student layer k is fitted to the teacher layer it stands in for (k-th of
@@ -49,6 +52,8 @@ from tnlm.compress.text import default_text, lm_held_out, read_sentences  # noqa
 from tnlm.integration import default_model_path  # noqa: E402
 
 DATA = Path("../shared/data")
+#: the methods that run the main job (truncation, reconstruction, healing) with other settings
+LOW_RANK = ("tnlm", "plain", "whitened")
 
 
 def natural_sets(data: Path = DATA, n: int = 500) -> dict[str, list[str]]:
@@ -153,7 +158,8 @@ def llm_text_sentences(paths: list[str]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", choices=("tnlm", "plain", "layerdrop", "int8"), required=True)
+    ap.add_argument("--method", choices=("tnlm", "plain", "whitened", "layerdrop", "int8"),
+                    required=True)
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--layers", type=int, default=3, help="layerdrop: layers kept")
     ap.add_argument("--text", choices=("default", "grammar"), default="default",
@@ -161,9 +167,10 @@ def main() -> None:
                          "docstrings, no LM sentences)")
     ap.add_argument("--heal-steps", type=int, default=EncoderRecipe.heal_steps)
     ap.add_argument("--lr", type=float, default=None,
-                    help="default: the main job's for tnlm/plain, 1e-4 for layerdrop")
+                    help="default: the main job's for tnlm/plain/whitened, 1e-4 for layerdrop")
     ap.add_argument("--pivoted", action="store_true",
-                    help="tnlm/plain: fix each truncated bond's gauge, r (I + J - r) numbers")
+                    help="tnlm/plain/whitened: fix each truncated bond's gauge, r (I + J - r) "
+                         "numbers")
     ap.add_argument("--extra-llm-text", nargs="+", default=[], metavar="JSON",
                     help="after the default text, the sentences (kept as the shipped prose "
                          "keeps them: experiments/make_lm_sentences.sentences_of) of these "
@@ -172,8 +179,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if args.pivoted and args.method not in ("tnlm", "plain"):
-        ap.error(f"--pivoted applies to tnlm and plain, not to {args.method}")
+    if args.pivoted and args.method not in LOW_RANK:
+        ap.error(f"--pivoted applies to {', '.join(LOW_RANK)}, not to {args.method}")
     from transformers import AutoModel, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -193,10 +200,10 @@ def main() -> None:
     split = split_text(text, EncoderRecipe.calibration, seed=args.seed)
     extra: dict = {}
     torch.manual_seed(args.seed)
-    if args.method in ("tnlm", "plain"):
+    if args.method in LOW_RANK:
         recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
                                allocation="sensitivity" if args.method == "tnlm" else "uniform",
-                               lr=args.lr or EncoderRecipe.lr, whiten=args.method == "tnlm",
+                               lr=args.lr or EncoderRecipe.lr, whiten=args.method != "plain",
                                seed=args.seed, pivoted=args.pivoted)
         res = compress_encoder(model, tok, recipe, text=text, progress=False)
         student = res.model

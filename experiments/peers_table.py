@@ -22,6 +22,7 @@ from experiments.compress_table import fmt, save_panels, two_panels  # noqa: E40
 LABELS = {
     "tnlm": "tnlm (main job)",
     "plain": "plain low-rank SVD, same job",
+    "whitened": "whitened low rank (uniform rank), same job",
     "layerdrop": "layer dropping + distillation",
     "int8": "dense, int8 dynamic quantization",
 }
@@ -32,7 +33,7 @@ def label(r: dict) -> str:
     name = LABELS[r["method"]]
     if r["method"] == "layerdrop":
         name += f" ({r['layers']} of 6 layers)"
-    if r["method"] in ("tnlm", "plain", "layerdrop"):
+    if r["method"] in ("tnlm", "plain", "whitened", "layerdrop"):
         name += ", former text" if r.get("text") == "grammar" else ""
         name += ", pivoted" if r.get("pivoted") else ""
         if r.get("extra_llm_text"):
