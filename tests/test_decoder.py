@@ -472,7 +472,7 @@ def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
 def test_layerwise_failure_restores_every_weight(monkeypatch):
     """An error in block 2 (after blocks 0-1 were truncated and fitted) leaves the model
     exactly as it came: dense layers back, norms unfitted."""
-    import tnlm.compress.layerwise as lw
+    import tnlm.compress.layerwise.loop as lw
 
     model = _llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -721,14 +721,14 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
     assert max(sens.errors[k] for k in quiet) < 0.05 * min(sens.errors[k] for k in loud)
     # one error recomputed by hand: block 0's up_proj alone at the uniform rank
     from tnlm.compress.data_aware import WhitenedLayer
-    from tnlm.compress.layerwise import _BlockCall  # noqa: PLC2701 - the module's own helper
+    from tnlm.compress.layerwise.blocks import BlockCall
     from tnlm.integration.surgery import temporary
 
     layer = model.model.layers[0].mlp.up_proj
     ref = []
     for x, extra in data[:2]:
         for b in blocks:
-            x = _BlockCall(b)(x, extra)
+            x = BlockCall(b)(x, extra)
         ref.append(x)
     wl = WhitenedLayer(layer.weight.detach().T, sens_stats(blocks[0], data, "mlp.up_proj"))
     new = wl.layer(sens.rank(48, 96), layer)
@@ -736,7 +736,7 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
         errs = []
         for (x, extra), r in zip(data[:2], ref):
             for b in blocks:
-                x = _BlockCall(b)(x, extra)
+                x = BlockCall(b)(x, extra)
             errs.append(float(block_error(x, r, "position")))
     assert sens.errors["model.layers.0.mlp.up_proj"] == pytest.approx(sum(errs) / 2, rel=1e-4)
     cfg = dict(method="whitened", budget=0.5)
@@ -770,9 +770,9 @@ def sens_stats(block, data, name):
     """The calibration statistics of ``name`` in ``block`` on the block's inputs ``data``
     (block 0: the captured inputs are its own)."""
     from tnlm.compress.calibration import collect_input_stats
-    from tnlm.compress.layerwise import _BlockCall  # noqa: PLC2701 - the module's own helper
+    from tnlm.compress.layerwise.blocks import BlockCall
 
-    return collect_input_stats(_BlockCall(block), [dict(x=x, extra=e) for x, e in data],
+    return collect_input_stats(BlockCall(block), [dict(x=x, extra=e) for x, e in data],
                                [f"block.{name}"])[f"block.{name}"]
 
 
@@ -1163,7 +1163,7 @@ def test_compression_and_healing_keep_no_dense_caches():
 def _fit_recorder(monkeypatch, fail_at: list[int | None]):
     """Block fitting, recording the blocks it runs on (its seed is the run's seed 0 plus
     the block's index) and raising in block ``fail_at[0]``."""
-    import tnlm.compress.layerwise as lw
+    import tnlm.compress.layerwise.loop as lw
 
     real, blocks = lw.fit_block, []
 
@@ -1624,7 +1624,7 @@ def test_residual_share_per_position_discounts_massive_positions():
 
 
 def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(monkeypatch):
-    import tnlm.compress.layerwise as lw
+    import tnlm.compress.layerwise.loop as lw
     from tnlm.compress.llm import CausalLMRecipe
 
     kinds, energies = [], []
@@ -1848,10 +1848,10 @@ def test_the_jobs_teacher_stays_dense_while_the_model_is_compressed(monkeypatch)
                                  for i in range(3)}),
 ])
 def test_layerwise_targets_match_full_names_and_names_in_the_block(targets, names):
-    from tnlm.compress.layerwise import _targets_per_block
+    from tnlm.compress.layerwise.targets import targets_per_block
 
     model = _llama()
-    got = _targets_per_block(model, blocks_of(model), LayerwiseConfig(targets, budget=0.5))
+    got = targets_per_block(model, blocks_of(model), LayerwiseConfig(targets, budget=0.5))
     assert {i: sorted(n) for i, n in enumerate(got)} == {i: sorted(n) for i, n in names.items()}
 
 

@@ -140,7 +140,7 @@ def _resume_worker(rank: int, world: int, ports: list[int], folder: str, text: s
 
     torch.set_num_threads(1)
     from tnlm.cli import main
-    from tnlm.compress import layerwise as lw
+    from tnlm.compress.layerwise import loop as lw
 
     real, fail_at, blocks = lw.fit_block, [1], []
 

@@ -1,0 +1,144 @@
+"""What :func:`~tnlm.compress.layerwise.loop.compress_layerwise` is asked to do
+(:class:`LayerwiseConfig`, with its choices :data:`METHODS`, :data:`ALLOCATIONS`,
+:data:`OUTPUT_ERRORS`) and what it gives back (:class:`LayerwiseResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tnlm.core.budget import check_fraction
+from tnlm.integration.config import MPOConfig
+
+__all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "LayerwiseConfig", "LayerwiseResult"]
+
+#: ``tnlm``: error-feedback whitening + block fitting; ``whitened``: SVD-LLM-style whitened
+#: low rank on the dense model's activations; ``plain``: the weight's own truncated SVD
+METHODS = ("tnlm", "whitened", "plain")
+
+#: ``uniform``: every target keeps ``budget`` of its parameters; ``spectrum``: ranks from
+#: the dense model's whitened spectra minimising the summed relative output errors of the
+#: targets (:func:`tnlm.compress.allocate.spectrum_ranks`); ``residual``: the same with each
+#: target's error relative to its block's output (the residual stream) instead of its own;
+#: ``sensitivity``: the same with each target's error weighted by what it does
+#: to the last block's output when truncated alone (:class:`Sensitivity`)
+ALLOCATIONS = ("uniform", "spectrum", "residual", "sensitivity")
+
+#: how a block's output error is measured (:func:`block_error`): what block fitting
+#: minimises, what the ``"residual"`` allocation weighs each target's error against and
+#: what the result reports
+OUTPUT_ERRORS = ("total", "position")
+
+
+@dataclass
+class LayerwiseConfig:
+    """What :func:`compress_layerwise` does.
+
+    Attributes:
+        target_modules: MPOConfig suffix patterns of the linears to compress.
+        budget: fraction of the targeted linears' parameters kept, in (0, 1]. With
+            ``allocation="uniform"`` each layer gets the largest rank r with
+            ``r (I + J) <= budget · I J`` (``r (I + J - r)`` with ``pivoted``); the other
+            allocations share the budget over the
+            targets unevenly (the total stays within it). Budget 1 keeps every layer dense
+            (error 0), as does a rank reaching ``min(I, J)``.
+        method: one of :data:`METHODS`.
+        fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
+        fit_lr: peak learning rate of block fitting (AdamW, warm-up, cosine decay).
+        output_error: one of :data:`OUTPUT_ERRORS` (:func:`block_error`): the block
+            output error fitting minimises, the ``"residual"`` allocation weighs against
+            (:func:`dense_spectra`) and :attr:`LayerwiseResult.block_errors` reports:
+            ``"total"`` (default), the error of all positions at once, which massive
+            activations dominate; ``"position"``, each token's relative error averaged.
+            On SmolLM2 at 60 % "position" fitting changed nothing (3.51x vs 3.48x the
+            dense perplexity) and the "position" allocation was far worse (5.52x): it
+            takes budget from the early blocks, whose errors reach every later block
+            (docs/results.md).
+        batch_size: calibration sequences per block forward.
+        ridge: relative Cholesky regularisation of the Grams.
+        gauge: gauge of the resulting cores.
+        allocation: one of :data:`ALLOCATIONS`: how ``budget`` is shared among the
+            targets (the non-uniform ones add a pass of the dense model over the
+            calibration sequences to measure the spectra first; ``"sensitivity"`` also
+            about ``(L + 1) / 2`` passes over its probe per target kind).
+        cross: method ``tnlm`` only: truncate against the teacher's outputs through the
+            cross Gram ``X_sᵀ X_t`` (error feedback in the statistics); default: the
+            student's own inputs ``X_s`` only, the error left to block fitting (measured
+            better on SmolLM2: the cross-Gram regression on a few thousand tokens
+            overfits, docs/results.md).
+        seed: seeds block fitting's batch order (block i uses ``seed + i``).
+        pivoted: count (and allocate) each truncated layer's parameters with its bond's
+            gauge fixed, ``r (I + J - r)`` instead of ``r (I + J)``
+            (:mod:`tnlm.core.pivot`): at the same budget every rank is larger. The layers
+            stay 2-site MPOs here (fitting and healing train them as such);
+            :func:`tnlm.bridge.pivoted.pivot_layers` turns them into the gauge-fixed
+            :class:`~tnlm.bridge.pivoted.PivotedLinear` that stores that count.
+        checkpoint_dir: a directory for a resumable checkpoint after every block
+            (:func:`write_checkpoint`; ``compress_layerwise(..., resume=True)``
+            continues from it); None: no checkpoint. Not part of the settings a resume
+            must match.
+        sensitivity_sequences: allocation ``"sensitivity"``: how many of the first
+            calibration sequences the end-to-end errors are measured on
+            (:class:`Sensitivity`; its time grows with them).
+
+    Raises:
+        TypeError: ``budget`` is not a real number (a bool included).
+        ValueError: ``budget`` not in (0, 1], an unknown ``method``, ``allocation`` or
+            ``output_error``, ``fit_steps``/``batch_size``/``sensitivity_sequences`` not
+            an int (>= 0 / >= 1 / >= 1), or malformed ``target_modules``.
+    """
+
+    target_modules: list[str]
+    budget: float = 0.6
+    method: str = "tnlm"
+    fit_steps: int = 64
+    fit_lr: float = 1e-3
+    batch_size: int = 8
+    ridge: float = 1e-6
+    gauge: str = "symmetric"
+    cross: bool = False
+    seed: int = 0
+    allocation: str = "uniform"
+    checkpoint_dir: str | None = None
+    output_error: str = "total"
+    pivoted: bool = False
+    sensitivity_sequences: int = 8
+
+    def __post_init__(self) -> None:
+        check_fraction("budget", self.budget)
+        if not isinstance(self.pivoted, bool):
+            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
+        if self.output_error not in OUTPUT_ERRORS:
+            raise ValueError(f"output_error must be one of {OUTPUT_ERRORS}, got "
+                             f"{self.output_error!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, "
+                             f"got {self.allocation!r}")
+        for name in ("fit_steps", "batch_size", "sensitivity_sequences"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "fit_steps"
+                                                                       else 1):
+                raise ValueError(f"{name} must be an int >= "
+                                 f"{0 if name == 'fit_steps' else 1}, got {v!r}")
+        MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
+
+
+@dataclass
+class LayerwiseResult:
+    ranks: dict[str, int | None]        # None: kept dense
+    errors: dict[str, float]            # relative calibration output error per layer
+    block_errors: list[tuple[float, float]]  # per block: output error before/after fitting
+    params_before: int
+    params_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    #: the calibration sequences the ``"sensitivity"`` allocation measured its ranks on
+    #: (read from the checkpoint on a resume); None for another allocation, a budget of
+    #: 1, or a checkpoint written before it was recorded
+    sensitivity_sequences: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Kept fraction of the targeted parameters (dense-kept layers count whole)."""
+        return self.params_after / self.params_before if self.params_before else 0.0
