@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.compress.layerwise import block_parameters
+from tnlm.compress.layerwise.blocks import block_parameters
 from tnlm.integration.architectures import find_blocks
 from tnlm.integration.surgery import temporary
 
