@@ -82,7 +82,8 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from tnlm.compress import causal
-    from tnlm.compress.causal import CausalHealConfig, self_generated_text
+    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.causal_text import self_generated_text
     from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
     from tnlm.integration.loading import default_llm_path, load_pretrained
 

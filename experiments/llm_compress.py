@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig, self_generated_text  # noqa: E402
+from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig  # noqa: E402
+from tnlm.compress.causal_text import self_generated_text  # noqa: E402
 from tnlm.compress.layerwise import ALLOCATIONS, METHODS, OUTPUT_ERRORS  # noqa: E402
 from tnlm.compress.llm import (  # noqa: E402
     TEXT_SOURCES,

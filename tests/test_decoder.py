@@ -1491,8 +1491,8 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
     settings (a resumed checkpoint's text must have been sampled alike)."""
     from tests.common import make_causal_lm, make_word_tokenizer
     from tnlm.cli import main
-    from tnlm.compress import causal, llm
-    from tnlm.compress.causal import self_generated_text
+    from tnlm.compress import causal_text, llm
+    from tnlm.compress.causal_text import self_generated_text
 
     assert main(["compress", "--lm-top-k", "8"]) == 2
     assert "--lm-top-k applies to causal LMs" in capsys.readouterr().err
@@ -1512,7 +1512,7 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
     assert llm.CausalLMRecipe(gen_top_k=50).text_settings()["gen_top_k"] == 50
     assert "gen_top_k" not in llm.CausalLMRecipe(text_source="prose").text_settings()
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
-    with mock.patch.object(causal, "NucleusSampler", wraps=causal.NucleusSampler) as made:
+    with mock.patch.object(causal_text, "NucleusSampler", wraps=causal_text.NucleusSampler) as made:
         self_generated_text(m, tok, 3, max_new_tokens=5, batch_size=2, top_k=7, seed=4)
     # the check before any work, then one sampler a batch: each with top_k=7
     assert len(made.call_args_list) == 3
@@ -1624,14 +1624,19 @@ def test_residual_share_per_position_discounts_massive_positions():
 
 
 def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(monkeypatch):
+    import tnlm.compress.layerwise.blocks as lw_blocks
     import tnlm.compress.layerwise.loop as lw
     from tnlm.compress.llm import CausalLMRecipe
 
-    kinds, energies = [], []
+    kinds, fitted, energies = [], [], []
     real_error, real_spectra = lw.block_error, lw.dense_spectra
 
     def error(y, t, kind="total"):
         kinds.append(kind)
+        return real_error(y, t, kind)
+
+    def fit_error(y, t, kind="total"):  # fitting's loss (blocks.py looks it up itself)
+        fitted.append(kind)
         return real_error(y, t, kind)
 
     def spectra(*a, error="total", **kw):
@@ -1639,6 +1644,7 @@ def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(mon
         return real_spectra(*a, error=error, **kw)
 
     monkeypatch.setattr(lw, "block_error", error)
+    monkeypatch.setattr(lw_blocks, "block_error", fit_error)
     monkeypatch.setattr(lw, "dense_spectra", spectra)
     model = _llama()
     assert CausalLMRecipe().layerwise_config(model).allocation == "sensitivity"  # default
@@ -1647,6 +1653,7 @@ def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(mon
     assert cfg.output_error == "position" and cfg.allocation == "residual"
     lw.compress_layerwise(model, _seqs(), cfg, progress=False)
     assert energies == ["position"] and kinds and set(kinds) == {"position"}
+    assert fitted and set(fitted) == {"position"}  # block fitting minimised it too
     with pytest.raises(ValueError, match="output_error must be one of 'total', 'position'"):
         CausalLMRecipe(output_error="mean")
 
@@ -1657,7 +1664,7 @@ def test_chat_text_is_the_models_answers_to_chat_prompts_in_its_chat_format():
     first end of sequence; the same seed writes the same texts; a tokenizer without a
     chat template is refused."""
     from tests.common import make_causal_lm, make_word_tokenizer
-    from tnlm.compress.causal import self_generated_text
+    from tnlm.compress.causal_text import self_generated_text
     from tnlm.compress.prompts import chat_prompts
 
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
@@ -1682,7 +1689,7 @@ def test_self_generated_text_ignores_the_generation_config_s_logit_changes():
     """A model's generation_config (repetition penalty, no-repeat n-grams, suppressed
     tokens) does not change its own samples: they come from its distribution alone."""
     from tests.common import make_causal_lm, make_word_tokenizer
-    from tnlm.compress.causal import self_generated_text
+    from tnlm.compress.causal_text import self_generated_text
 
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
     plain = self_generated_text(m, tok, 4, max_new_tokens=8, batch_size=2, seed=2)
@@ -1715,7 +1722,7 @@ class _Scripted(torch.nn.Module):
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_chat_text_stops_at_the_first_end_of_sequence(pad_is_eos):
     from tests.common import make_word_tokenizer
-    from tnlm.compress.causal import self_generated_text
+    from tnlm.compress.causal_text import self_generated_text
 
     tok = make_word_tokenizer()
     if pad_is_eos:
@@ -1923,7 +1930,7 @@ def _word_tokenizer(bos: bool):
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_token_sequences_start_with_bos_when_the_tokenizer_puts_one_first(bos):
-    from tnlm.compress.causal import adds_bos, token_sequences
+    from tnlm.compress.causal_text import adds_bos, token_sequences
 
     tok = _word_tokenizer(bos)
     assert adds_bos(tok) == (0 if bos else None)

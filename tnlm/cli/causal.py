@@ -264,7 +264,7 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
 
     import torch
 
-    from tnlm.compress.causal import token_sequences
+    from tnlm.compress.causal_text import token_sequences
     from tnlm.compress.layerwise import check_targets_and_budget
     from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
     from tnlm.compress.lm_quality import natural_eval_text, perplexity

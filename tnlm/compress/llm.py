@@ -49,14 +49,8 @@ from torch import nn
 
 from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress import distributed as dist_
-from tnlm.compress.causal import (
-    CausalHealConfig,
-    CausalHealResult,
-    generation_is_neutral,
-    heal_causal,
-    self_generated_text,
-    token_sequences,
-)
+from tnlm.compress.causal import CausalHealConfig, CausalHealResult, heal_causal
+from tnlm.compress.causal_text import generation_is_neutral, self_generated_text, token_sequences
 from tnlm.compress.layerwise import (
     CHECKPOINT_STATE,
     OUTPUT_ERRORS,
@@ -305,7 +299,7 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
                 progress: bool = False) -> list[str]:
     """The job's text when the user gives none (:attr:`CausalLMRecipe.text_source`): the
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
-    dense ``model`` (:func:`tnlm.compress.causal.self_generated_text`), prose first; for
+    dense ``model`` (:func:`tnlm.compress.causal_text.self_generated_text`), prose first; for
     ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
     for ``"mixed"`` half of each (:func:`interleave`). After samples alone, the first
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""

@@ -1,0 +1,218 @@
+"""Causal LMs' calibration and healing text, data-free.
+
+:func:`self_generated_text` lets the dense model write its own calibration and
+healing text (data-free, as LLM-QAT does): each sequence starts from a few words of the
+generated sentences that ship with tnlm (:func:`tnlm.compress.text.generated_sentences`)
+and continues by sampling (temperature, top-p) with the KV cache. The evaluation text is
+never used for either. :func:`token_sequences` cuts a token stream into equal-length
+sequences (no padding), the form :func:`tnlm.compress.layerwise.compress_layerwise` and
+healing take.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tnlm.compress.lm_quality import eos_ids, until_eos
+from tnlm.compress.sampling import NucleusSampler
+
+__all__ = ["adds_bos", "generation_is_neutral", "self_generated_text", "token_sequences"]
+
+
+@torch.no_grad()
+def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tokens: int = 128,
+                        temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
+                        seed: int = 0, chat: bool = False, progress: bool = False,
+                        top_k: int | None = None) -> list[str]:
+    """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
+    docstring): each token drawn from the top-``top_p`` nucleus of the model's
+    distribution at ``temperature`` (:class:`tnlm.compress.sampling.NucleusSampler`),
+    among the ``top_k`` most likely tokens when ``top_k`` is given (none by default;
+    transformers' own sampling applies 50 unless told otherwise, and tnlm's samples
+    were drawn so before this sampler: measured in docs/results.md).
+
+    By default each text continues the first 2-4 words of one of tnlm's generated
+    sentences. With ``chat``, each is a conversation instead: one of
+    :func:`tnlm.compress.prompts.chat_prompts` (``n`` of them, drawn with ``seed``) through
+    the tokenizer's chat template as the user's turn, followed by the model's answer, its
+    special tokens kept up to and including the first end-of-sequence token (the text
+    then reads as the chat format the model is used in).
+
+    Raises:
+        ValueError: ``n`` or ``batch_size`` not an int >= 1; ``chat`` with a tokenizer
+            that has no chat template; ``temperature``, ``top_p`` or ``top_k`` out of
+            range (:class:`~tnlm.compress.sampling.NucleusSampler`).
+    """
+    from tnlm.compress.text import generated_sentences
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True needs a tokenizer with a chat template; this one "
+                             "has none (use the plain samples, chat=False)")
+        from tnlm.compress.prompts import chat_prompts
+
+        starts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                add_generation_prompt=True, tokenize=False)
+                  for p in chat_prompts(n, seed)]
+    else:
+        rng = random.Random(seed)
+        starts = []
+        for s in generated_sentences(max(n, 64), seed=seed)[:n]:
+            words = s.split()
+            starts.append(" ".join(words[:rng.randint(2, 4)]))
+    NucleusSampler(temperature, top_p, top_k=top_k)  # its arguments checked before any work
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    was = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    with torch.random.fork_rng():  # the caller's random stream is kept, whatever generate draws
+        _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
+                  max_new_tokens, side, pad, was, progress, chat, top_k)
+    return out
+
+
+def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
+              max_new_tokens, side, pad, was, progress, chat=False, top_k=None) -> None:
+    n = len(starts)
+    neutral = _neutral_generation()
+    try:
+        eos = eos_ids(model, tokenizer)  # in the try: the tokenizer's state is restored
+        for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
+                      leave=False):
+            # a chat template writes its own special tokens: none are added
+            batch = tokenizer(starts[i:i + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not chat)
+            draws = torch.Generator().manual_seed(
+                int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            # sampled by the processor (one uniform number a row, not multinomial's
+            # batch x vocab exponentials: tnlm.compress.sampling); generate keeps its pick
+            ids = model.generate(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"], do_sample=False,
+                                 num_beams=1,  # one greedy path keeps each draw
+                                 logits_processor=[NucleusSampler(temperature, top_p, draws,
+                                                                  top_k)],
+                                 max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, **neutral)
+            prompt_len = batch["input_ids"].shape[1]
+            for k, (s, row) in enumerate(zip(starts[i:i + batch_size], ids)):
+                new = row[prompt_len:].tolist()
+                if chat:  # up to and including the first end of sequence
+                    new = until_eos(new, eos)
+                prompt = batch["input_ids"][k][batch["attention_mask"][k].bool()].tolist()
+                out.append(s + _continuation(tokenizer, prompt, new, skip=not chat))
+    finally:
+        tokenizer.padding_side = side
+        tokenizer.pad_token = pad
+        model.train(was)
+
+
+#: what a model's ``generation_config`` may set that would change the logits before the
+#: sampler (Qwen2.5-Instruct sets ``repetition_penalty`` 1.1): the self-generated texts are
+#: the model's own distribution, so each is passed to ``generate`` at its neutral value
+_NEUTRAL_GENERATION = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
+    min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    guidance_scale=None, watermarking_config=None, renormalize_logits=False,
+    remove_invalid_values=False)
+
+
+def _neutral_generation() -> dict[str, Any]:
+    """:data:`_NEUTRAL_GENERATION`, those this transformers' ``GenerationConfig`` knows."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
+
+
+def generation_is_neutral(model: nn.Module) -> bool:
+    """Whether ``model``'s ``generation_config`` leaves its logits alone in greedy
+    ``generate`` (every key of :data:`_NEUTRAL_GENERATION` unset or at its neutral value):
+    then its own texts were the same before they were drawn with the neutral values."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return True
+    for key, neutral in _NEUTRAL_GENERATION.items():
+        value = getattr(cfg, key, None)
+        if value is None or value == neutral or (value == [] and neutral is None):
+            continue
+        return False
+    return True
+
+
+def _continuation(tokenizer: Any, prompt: list[int], new: list[int], skip: bool) -> str:
+    """The text of ``new`` after ``prompt``: decoded together with the prompt and cut after
+    it, so that a tokenizer that marks a word's leading space on the token (SentencePiece)
+    keeps the space between the prompt and the first new token; decoded alone when the
+    prompt's text is not a prefix of the whole."""
+    whole = tokenizer.decode(prompt + new, skip_special_tokens=skip)
+    head = tokenizer.decode(prompt, skip_special_tokens=skip)
+    if whole.startswith(head):
+        return whole[len(head):]
+    return tokenizer.decode(new, skip_special_tokens=skip)
+
+
+def adds_bos(tokenizer: Any) -> int | None:
+    """The BOS id ``tokenizer`` puts first when it encodes text with its special tokens
+    (Llama-2, Mistral: ``<s>``), or ``None`` if it puts none (SmolLM2, GPT-2, Qwen2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        first = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except (TypeError, KeyError):
+        return None
+    first = first.tolist() if torch.is_tensor(first) else list(first)
+    while first and isinstance(first[0], list):  # a batch of one
+        first = first[0]
+    return int(bos) if first and first[0] == bos else None
+
+
+def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
+                    max_sequences: int | None = None) -> torch.Tensor:
+    """The texts as one token stream (joined by ``"\\n\\n"``) cut into ``(n, length)``
+    sequences (long); the remainder is dropped.
+
+    A tokenizer that starts what it encodes with BOS (:func:`adds_bos`) gets it at the
+    start of every sequence (BOS, then ``length - 1`` tokens of the stream without its own
+    BOS tokens, which chat templates such as Llama-2's write), as the model sees a prompt:
+    its first position, where the attention sink and the largest activations sit, is
+    then the one it has at inference.
+
+    Raises:
+        ValueError: fewer tokens in all than one sequence takes (``length``, or
+            ``length - 1`` besides BOS).
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt",
+                    add_special_tokens=False)["input_ids"][0]
+    bos = adds_bos(tokenizer)
+    if bos is not None:  # one BOS a sequence, first (chat templates write their own too)
+        ids = ids[ids != bos]
+    step = length - (bos is not None)
+    n = ids.numel() // step
+    if n == 0:
+        raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one sequence of "
+                         f"length {length}")
+    if max_sequences is not None:
+        n = min(n, int(max_sequences))
+    out = ids[:n * step].reshape(n, step).long()
+    if bos is not None:
+        out = torch.cat([torch.full((n, 1), bos, dtype=torch.long), out], dim=1)
+    return out
