@@ -13,7 +13,7 @@ from tnlm.cli.weights import cmd_decompose, cmd_inspect, cmd_report
 __all__ = ["COMMANDS", "HEAL_TRAIN_CHOICES", "HEAL_TRAIN_RENAMED", "build_parser"]
 
 
-COMMANDS = ("compress", "inspect", "report", "decompose", "export")
+COMMANDS = ("compress", "inspect", "report", "decompose", "export", "eval")
 HEAL_TRAIN_CHOICES = ("cores", "cores-central", "cores+linears")  # = distill.TRAIN_CHOICES
 #: healing's former names (= tnlm.bridge.finetune.HEALING_RENAMED, tested)
 HEAL_TRAIN_RENAMED = {"all": "cores+linears", "auxiliary": "cores-central"}
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-sites", type=int, default=5)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_decompose)
+    from tnlm.cli.evaluate import add_eval_parser
     from tnlm.cli.export import add_export_parser
 
     add_export_parser(sub)
+    add_eval_parser(sub)
     return ap

@@ -1,0 +1,164 @@
+"""``tnlm eval``: a saved model's perplexity (causal LMs) or embedding cosine (encoders)
+against a reference, the same numbers the compress job reports; one-line errors before any
+model is loaded."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
+    make_bert_tokenizer,
+    make_causal_lm,
+    make_word_tokenizer,
+    one_thread,
+)
+from tnlm.cli import main
+
+WORDS = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky", "a", "day"]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    """A tiny Llama folder, a text file, and the folder ``tnlm compress`` wrote from them
+    with its JSON summary."""
+    from tnlm.cli.__init__ import main as run
+
+    d = tmp_path_factory.mktemp("eval")
+    folder = d / "llm"
+    make_causal_lm("llama").save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (30,), generator=g))
+             for _ in range(40)]
+    text = d / "text.txt"
+    text.write_text("\n".join(lines) + "\n")
+    out = d / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert run(["compress", str(folder), "--budget", "0.5", "--heal-steps", "3", "--text",
+                    str(text), "--out", str(out), "--json", "--quiet"]) == 0
+    return folder, text, out, json.loads(buf.getvalue())
+
+
+def _eval(capsys, *argv):
+    rc = main(["eval", *map(str, argv), "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_eval_gives_the_perplexities_the_compress_job_reported(llm, capsys):
+    """The saved model scored alone, from its folder, on the job's default text: the job's
+    compressed and dense perplexities (the same windows), and their ratio."""
+    folder, _, out, summary = llm
+    got = _eval(capsys, out, "--reference", folder)
+    assert got["kind"] == "causal LM" and got["tokens"] == summary["eval_tokens"]
+    assert got["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-5)
+    assert got["reference_perplexity"] == pytest.approx(summary["perplexity_dense"], rel=1e-5)
+    assert got["perplexity_ratio"] == pytest.approx(summary["perplexity_ratio"], rel=1e-5)
+    assert got["perplexity_ratio"] != pytest.approx(1.0, abs=1e-4)  # it was compressed
+
+
+def test_eval_on_a_text_file_with_overlapping_windows_and_answers(llm, capsys):
+    """``--text`` and ``--stride`` < ``--max-length``: every token after the first scored
+    once; the model against itself has ratio 1 and all its answers identical."""
+    from tnlm.compress.lm_quality import perplexity
+    from tnlm.integration.loading import load_pretrained
+
+    folder, text, _, _ = llm
+    got = _eval(capsys, folder, "--reference", folder, "--text", text, "--max-length", 32,
+                "--stride", 8, "--answers")
+    model, tok = load_pretrained(folder)
+    want = perplexity(model, tok, text.read_text().strip("\n"), max_length=32, stride=8)
+    assert got["perplexity"] == pytest.approx(want.ppl, rel=1e-6)
+    assert got["tokens"] == want.n_tokens == len(tok(text.read_text().strip("\n"))["input_ids"]) - 1
+    assert got["perplexity_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert got["questions"] == 50 and got["identical_answers"] == 50
+    assert got["right_answers"] == got["reference_right_answers"]
+
+
+def test_eval_prints_one_line_a_measure(llm, capsys):
+    folder, text, out, _ = llm
+    assert main(["eval", str(out), "--reference", str(folder), "--text", str(text)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("perplexity on ") and f"of {text} (windows of 256" in lines[0]
+    assert lines[1].startswith(f"reference {folder}: ") and lines[1].endswith("x")
+
+
+def test_eval_of_an_encoder_is_the_embedding_cosine(tmp_path, capsys):
+    d = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(d)
+    make_bert_tokenizer(tmp_path).save_pretrained(d)
+    other = tmp_path / "bert2"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(other)
+    make_bert_tokenizer(tmp_path).save_pretrained(other)
+    text = tmp_path / "s.txt"
+    text.write_text("the cat is red.\n\nthe dog of the cat.\n  \na big mat\n")
+    same = _eval(capsys, d, "--reference", d, "--text", text)
+    diff = _eval(capsys, other, "--reference", d, "--text", text)
+    assert same["kind"] == "encoder" and same["sentences"] == 3  # blank lines are not
+    assert same["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert diff["cosine_min"] <= diff["cosine_mean"] < 0.999
+    assert main(["eval", str(d), "--text", str(text)]) == 2
+    assert "is an encoder: it has no perplexity; pass --reference" in capsys.readouterr().err
+    assert main(["eval", str(d), "--reference", str(d), "--answers"]) == 2
+    assert "--answers applies to causal LMs" in capsys.readouterr().err
+    assert main(["eval", str(d), "--reference", str(d), "--stride", "64"]) == 2
+    assert "--stride applies to causal LMs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{missing}"], "MODEL {missing} does not exist"),
+    (["{llm}", "--max-length", "1"], "--max-length must be an int >= 2, got 1"),
+    (["{llm}", "--stride", "0"], "--stride must be an int >= 1, got 0"),
+    (["{llm}", "--max-length", "16", "--stride", "32"],
+     "--stride must be at most --max-length (16), got 32"),
+    (["{llm}", "--batch-size", "0"], "--batch-size must be an int >= 1, got 0"),
+    (["{llm}", "--text", "{empty}"], "--text {empty} is empty"),
+    (["{llm}", "--text", "{binary}"], "--text {binary} cannot be read as UTF-8 text"),
+    (["{llm}", "--text", "{missing}"], "--text {missing} cannot be read as UTF-8 text"),
+    (["{llm}", "--reference", "{bert}"],
+     "--reference {bert} is an encoder but MODEL {llm} is a causal LM"),
+    (["{notamodel}"], "MODEL: model folder {notamodel} has no config.json"),
+    (["{llm}", "--reference", "{othertok}"], "cut the text into different tokens"),
+])
+def test_eval_refuses_bad_input_in_one_line(llm, tmp_path, capsys, monkeypatch, argv, message):
+    import tnlm.cli.evaluate as ev
+
+    folder, text, _, _ = llm
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, intermediate_size=64)).save_pretrained(bert)
+    othertok = tmp_path / "othertok"  # the same weights, another tokenizer
+    shutil.copytree(folder, othertok)
+    for f in othertok.glob("tokenizer*"):
+        f.unlink()
+    make_bert_tokenizer(tmp_path).save_pretrained(othertok)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "notamodel").mkdir()
+    names = dict(missing=tmp_path / "missing", llm=folder, bert=bert, othertok=othertok,
+                 empty=tmp_path / "empty.txt", binary=tmp_path / "binary.txt",
+                 notamodel=tmp_path / "notamodel")
+    loads = []
+    real = ev._load
+    monkeypatch.setattr(ev, "_load", lambda *a: loads.append(a) or real(*a))
+    argv = [a.format(**names) for a in argv]
+    if "--text" not in argv:
+        argv += ["--text", str(text)]
+    capsys.readouterr()  # the setup's progress bars
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tnlm: error: ") and message.format(**names) in err
+    assert len(err.strip().splitlines()) == 1
+    assert loads == []  # refused before any model was loaded

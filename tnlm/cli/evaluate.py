@@ -1,0 +1,301 @@
+"""``tnlm eval MODEL [--reference REF] [--text FILE ...]``: does a (compressed) model still work?
+
+* A causal LM: sliding-window perplexity on the text
+  (:func:`tnlm.compress.lm_quality.perplexity`: windows of ``--max-length`` tokens every
+  ``--stride``; with ``--stride`` equal to ``--max-length``, what ``tnlm compress`` reports),
+  with ``--reference`` the reference's perplexity on the same tokens and their ratio;
+  ``--answers``: greedy answers to tnlm's 50 simple questions, how many are right (a keyword
+  check) and, with ``--reference``, how many are identical to the reference's.
+* An encoder: the cosine of each line's mean-pooled embedding to ``--reference``'s (mean and
+  minimum over the text's lines); an encoder has no perplexity, so ``--reference`` is needed.
+
+MODEL and REF are each a tnlm checkpoint (``tnlm compress --out``, ``tnlm export --format
+st``, :meth:`MPOModel.save_pretrained` with a ``config.json``) or a transformers model
+folder or ``.gguf`` file (a dense model: the reference, or a baseline to score). The
+default text is what ``tnlm compress`` measures on: the natural held-out sentences of
+``../shared/data`` when that folder is there, else tnlm's held-out prose
+(``tnlm/data/lm_held_out.txt.gz``). A ratio is printed only when both models cut the text
+into the same tokens: perplexities over different tokens are not comparable.
+
+Every argument is checked (paths, numbers, the kind of model each path holds) before any
+model is loaded; mistakes are one line naming the argument and what was expected
+(:class:`EvalError`, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EvalError", "add_eval_parser", "cmd_eval"]
+
+#: ``--max-length``'s and ``--stride``'s defaults: the windows ``tnlm compress`` scores with
+MAX_LENGTH = STRIDE = 256
+
+
+class EvalError(ValueError):
+    """A wrong argument of ``tnlm eval``: one line naming it and what was expected."""
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``eval`` to ``subparsers``; returns its parser (``func`` is :func:`cmd_eval`)."""
+    p = subparsers.add_parser(
+        "eval", help="perplexity (causal LMs) or embedding cosine (encoders) of a model, "
+                     "against a reference",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL",
+                   help="a tnlm checkpoint (tnlm compress --out) or a transformers model "
+                        "folder or .gguf file")
+    p.add_argument("--reference", metavar="REF", default=None,
+                   help="the model to compare with (the dense original: a folder or .gguf "
+                        "file); needed for an encoder")
+    p.add_argument("--text", nargs="+", metavar="FILE", default=None,
+                   help="UTF-8 text files (a causal LM: the documents, joined by a blank "
+                        "line; an encoder: one sentence a line); default: the natural "
+                        "held-out text tnlm compress measures on")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help="causal LMs: tokens per perplexity window")
+    p.add_argument("--stride", type=int, default=STRIDE,
+                   help="causal LMs: how far each window moves (< --max-length: every token "
+                        "after the first scored once, with more context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (or sentences) a pass")
+    p.add_argument("--answers", action="store_true",
+                   help="causal LMs: greedy answers to tnlm's 50 simple questions, through "
+                        "the chat template when the tokenizer has one (right by keyword; "
+                        "identical to --reference's)")
+    p.add_argument("--json", action="store_true", help="print the measures as JSON")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def _kind(path: Path, flag: str) -> tuple[bool, bool]:
+    """``(is a tnlm checkpoint, is a causal LM)`` for ``path``, read from its files without
+    loading it; :class:`EvalError` naming ``flag`` when it is neither a checkpoint with a
+    ``config.json`` nor a model :func:`~tnlm.integration.loading.check_model_source` takes."""
+    from tnlm.export.folder import check_checkpoint, is_checkpoint
+    from tnlm.integration.architectures import ARCHITECTURES
+    from tnlm.integration.loading import check_model_source
+
+    if not path.exists():
+        raise EvalError(f"{flag} {path} does not exist")
+    if path.is_dir() and is_checkpoint(path):
+        try:
+            meta = check_checkpoint(path)
+        except ValueError as err:
+            raise EvalError(f"{flag}: {err}") from None
+        if meta.get("lightweight"):
+            raise EvalError(f"{flag} {path} is a lightweight task checkpoint (its base model "
+                            "holds the other tensors): evaluate it with "
+                            "tnlm.export.load_compressed(DIR, base=...) from Python")
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise EvalError(f"{flag} {path} is a tnlm checkpoint without config.json: its "
+                            "architecture is unknown (tnlm compress --out writes one; or "
+                            "tnlm export DIR --format st --base FOLDER first)")
+        try:
+            model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EvalError(f"{flag}: {cfg} is not valid JSON: {err}") from None
+        checkpoint = True
+    else:
+        try:
+            model_type = check_model_source(path).model_type
+        except ValueError as err:
+            raise EvalError(f"{flag}: {err}") from None
+        checkpoint = False
+    causal = any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
+    return checkpoint, causal
+
+
+def _check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Every argument checked before anything is loaded; returns what the run needs."""
+    for name in ("max_length", "stride", "batch_size"):
+        v = getattr(args, name)
+        least = 2 if name == "max_length" else 1
+        if v < least:
+            raise EvalError(f"--{name.replace('_', '-')} must be an int >= {least}, got {v}")
+    if args.stride > args.max_length:
+        raise EvalError(f"--stride must be at most --max-length ({args.max_length}), got "
+                        f"{args.stride}")
+    model = Path(args.model)
+    checkpoint, causal = _kind(model, "MODEL")
+    ref = Path(args.reference) if args.reference is not None else None
+    if ref is not None:
+        ref_checkpoint, ref_causal = _kind(ref, "--reference")
+        if ref_causal != causal:
+            raise EvalError(f"--reference {ref} is {'a causal LM' if ref_causal else 'an encoder'}"
+                            f" but MODEL {model} is {'a causal LM' if causal else 'an encoder'}")
+    else:
+        ref_checkpoint = False
+    if not causal:
+        if ref is None:
+            raise EvalError(f"MODEL {model} is an encoder: it has no perplexity; pass "
+                            "--reference MODEL (the original) to measure the embedding cosine")
+        if args.answers:
+            raise EvalError("--answers applies to causal LMs; MODEL is an encoder")
+        for name, default in (("max_length", MAX_LENGTH), ("stride", STRIDE)):
+            if getattr(args, name) != default:
+                raise EvalError(f"--{name.replace('_', '-')} applies to causal LMs (perplexity "
+                                "windows); MODEL is an encoder")
+    texts = None
+    if args.text is not None:
+        texts = []
+        for f in args.text:
+            p = Path(f)
+            try:
+                t = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise EvalError(f"--text {p} cannot be read as UTF-8 text: "
+                                f"{getattr(err, 'strerror', None) or err}") from None
+            if not t.strip():
+                raise EvalError(f"--text {p} is empty")
+            texts.append(t.strip("\n"))
+    return dict(model=model, checkpoint=checkpoint, causal=causal, ref=ref,
+                ref_checkpoint=ref_checkpoint, texts=texts)
+
+
+def _tokenizer(path: Path, checkpoint: bool) -> Any:
+    """The tokenizer of ``path`` (a checkpoint's own; a folder's or a GGUF file's), loaded
+    without the model; :class:`EvalError` when a checkpoint holds none."""
+    from transformers import AutoTokenizer
+
+    if checkpoint:
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                  "vocab.txt")):
+            raise EvalError(f"{path} holds no tokenizer (tnlm compress --out writes one; or "
+                            "tnlm export DIR --format st --base FOLDER first)")
+        return AutoTokenizer.from_pretrained(str(path))
+    from tnlm.integration.loading import check_model_source
+
+    source = check_model_source(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
+    except (OSError, ValueError, KeyError) as err:
+        raise EvalError(f"transformers cannot read the tokenizer of {source}: {err}") from None
+
+
+def _load(path: Path, checkpoint: bool) -> Any:
+    """The model: a checkpoint through :func:`~tnlm.export.folder.load_compressed` (the
+    transformers model inside), any other through
+    :func:`~tnlm.integration.loading.load_pretrained`."""
+    if checkpoint:
+        from tnlm.export.folder import load_compressed
+
+        return load_compressed(path).base_model
+    from tnlm.integration.loading import load_pretrained
+
+    return load_pretrained(path)[0]
+
+
+def _default_text(causal: bool) -> tuple[list[str], str]:
+    """The text ``tnlm compress`` measures on and its description."""
+    from tnlm.compress.lm_quality import natural_eval_text
+    from tnlm.compress.text import lm_held_out
+
+    text = natural_eval_text()
+    if text is not None:
+        return text, "natural held-out text (../shared/data dev splits)"
+    held = lm_held_out()
+    return (["\n".join(held)] if causal else held), "tnlm's held-out prose"
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    ids = tok(text)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run ``tnlm eval``; prints the measures (one line each, or JSON)."""
+    run = _check_args(args)
+    if run["texts"] is not None:
+        texts, source = run["texts"], ", ".join(str(f) for f in args.text)
+    else:
+        texts, source = _default_text(run["causal"])
+    tok = _tokenizer(run["model"], run["checkpoint"])
+    ref = ref_tok = None
+    if run["ref"] is not None:
+        ref_tok = _tokenizer(run["ref"], run["ref_checkpoint"])
+        scored = "\n\n".join(texts)  # the stream perplexity scores
+        if run["causal"] and _ids(tok, scored) != _ids(ref_tok, scored):
+            raise EvalError(f"MODEL and --reference {run['ref']} cut the text into different "
+                            "tokens: their perplexities are not comparable (is it the same "
+                            "model family?)")
+    model = _load(run["model"], run["checkpoint"])
+    if run["ref"] is not None:
+        ref = _load(run["ref"], run["ref_checkpoint"])
+    out: dict[str, Any] = dict(model=str(run["model"]), reference=None if ref is None
+                               else str(run["ref"]), text=source)
+    if run["causal"]:
+        out.update(_causal(args, model, tok, ref, ref_tok, texts))
+    else:
+        out.update(_encoder(args, model, tok, ref, texts))
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    for line in _lines(out):
+        print(line)
+    return 0
+
+
+def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: Any,
+            texts: list[str]) -> dict[str, Any]:
+    from tnlm.compress.lm_quality import perplexity
+
+    text = "\n\n".join(texts)
+    kw = dict(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
+    res = perplexity(model, tok, text, **kw)
+    out: dict[str, Any] = dict(kind="causal LM", perplexity=res.ppl, tokens=res.n_tokens,
+                               windows=res.n_windows, max_length=args.max_length,
+                               stride=args.stride)
+    if ref is not None:  # the same tokens (checked before loading)
+        r = perplexity(ref, ref_tok, text, **kw)
+        out.update(reference_perplexity=r.ppl, perplexity_ratio=res.ppl / r.ppl)
+    if args.answers:
+        from tnlm.compress.lm_quality import (
+            answer_agreement,
+            answers_correct,
+            greedy_answers,
+            simple_questions,
+        )
+
+        qs = simple_questions()
+        mine = greedy_answers(model, tok, qs)
+        out.update(questions=len(qs), right_answers=sum(answers_correct(mine)))
+        if ref is not None:
+            theirs = greedy_answers(ref, ref_tok, qs)
+            out.update(reference_right_answers=sum(answers_correct(theirs)),
+                       identical_answers=round(answer_agreement(mine, theirs) * len(qs)))
+    return out
+
+
+def _encoder(args: argparse.Namespace, model: Any, tok: Any, ref: Any,
+             texts: list[str]) -> dict[str, Any]:
+    from tnlm.compress.quality import embedding_cosine
+
+    sentences = [s.strip() for t in texts for s in t.splitlines() if s.strip()]
+    cos = embedding_cosine(model, ref, tok, sentences, batch_size=args.batch_size)
+    return dict(kind="encoder", sentences=len(sentences), cosine_mean=float(cos.mean()),
+                cosine_min=float(cos.min()))
+
+
+def _lines(out: dict[str, Any]) -> list[str]:
+    if out["kind"] == "encoder":
+        return [f"embedding cosine to {out['reference']} on {out['sentences']:,} lines of "
+                f"{out['text']}: mean {out['cosine_mean']:.4f}, min {out['cosine_min']:.4f}"]
+    lines = [f"perplexity on {out['tokens']:,} tokens of {out['text']} (windows of "
+             f"{out['max_length']}, stride {out['stride']}): {out['perplexity']:.3f}"]
+    if "reference_perplexity" in out:
+        lines.append(f"reference {out['reference']}: {out['reference_perplexity']:.3f}; "
+                     f"ratio {out['perplexity_ratio']:.4f}x")
+    if "right_answers" in out:
+        line = f"answers to {out['questions']} simple questions: {out['right_answers']} right"
+        if "identical_answers" in out:
+            line += (f" (reference: {out['reference_right_answers']}); "
+                     f"{out['identical_answers']} identical to the reference's")
+        lines.append(line)
+    if not math.isfinite(out["perplexity"]):
+        lines.append("the perplexity is not finite: the model's logits overflowed")
+    return lines
