@@ -51,6 +51,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
     lr = recipe.heal.lr if args.lr is None else args.lr
     check_budget_and_healing(args.budget, heal_steps, lr)
+    if heal_steps == 0:
+        for flag, value in (("--lr", args.lr), ("--heal-optimizer", args.heal_optimizer),
+                            ("--heal-chunk", args.heal_chunk)):
+            if value is not None:
+                raise UserError(f"{flag} sets healing; with --heal-steps 0 nothing heals")
     for flag, default in encoder_only_defaults().items():
         if getattr(args, flag[2:].replace("-", "_")) != default:
             raise UserError(f"{flag} applies to encoders; {source} is a causal LM")

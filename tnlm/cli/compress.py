@@ -118,6 +118,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--sensitivity-sequences applies to causal LMs (the probe of their "
                         "sensitivity allocation)")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
+    if args.heal_steps == 0 and args.lr is not None:
+        raise UserError("--lr sets healing; with --heal-steps 0 nothing heals")
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
     check_budget_and_healing(args.budget, args.heal_steps, args.lr)
     if args.reconstruct_steps < 0:

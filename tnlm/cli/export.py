@@ -208,6 +208,10 @@ def _check_args(args: argparse.Namespace
     base = Path(args.base) if args.base else None
     if base is not None and not (base / "config.json").is_file():
         raise ExportError(f"--base {base} is not a transformers model folder (no config.json)")
+    if base is not None and not meta.get("lightweight") and (d / "config.json").is_file() \
+            and _has_tokenizer(d):
+        raise ExportError(f"--base gives the architecture and the tokenizer a DIR lacks; {d} "
+                          "holds its own config.json and tokenizer: pass no --base")
     if base is None and not (d / "config.json").is_file():
         from tnlm.integration import default_model_path
 
@@ -252,6 +256,11 @@ def _probe(target: Path, out: Path) -> None:
         raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
+def _has_tokenizer(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                           "vocab.txt"))
+
+
 def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
                causal: bool = False) -> Any:
     """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
@@ -262,7 +271,7 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
 
     config = model.base_model.config.get_text_config()
     source: Path | None = None
-    if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if _has_tokenizer(d):
         source = d
     elif base is not None:
         source = base
@@ -370,6 +379,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_compressed(d, base=None if own else base)
     causal = can_generate(model.base_model)
     tok = _tokenizer(d, base, meta, model, causal)
+    if tok is None and args.format == "hf":
+        raise ExportError(f"DIR {d} holds no tokenizer: the transformers folder would have "
+                          "none; pass --base FOLDER holding its tokenizer")
     if args.embedding_bits == 4:
         _check_4bit_table(model.base_model, tied_ok=args.weight_bits is not None)
     if args.format == "hf":

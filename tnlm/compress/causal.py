@@ -193,8 +193,9 @@ class CausalHealConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         check_train(self.train, TRAIN, HEALING_RENAMED)
-        if not isinstance(self.checkpoint_blocks, bool):
-            raise ValueError(f"checkpoint_blocks must be a bool, got {self.checkpoint_blocks!r}")
+        for name in ("checkpoint_blocks", "teacher_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not (isinstance(self.blowup, (int, float)) and self.blowup > 1):
             raise ValueError(f"blowup must be a number > 1, got {self.blowup!r}")
 

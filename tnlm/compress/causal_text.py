@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from tnlm.compress.lm_quality import eos_ids, until_eos
 from tnlm.compress.sampling import NucleusSampler
 
-__all__ = ["adds_bos", "generation_is_neutral", "self_generated_text", "token_sequences"]
+__all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
+           "token_sequences"]
 
 
 @torch.no_grad()
@@ -183,6 +184,19 @@ def adds_bos(tokenizer: Any) -> int | None:
     return int(bos) if first and first[0] == bos else None
 
 
+def check_texts(texts: Any, name: str = "texts") -> None:
+    """``TypeError`` naming ``name`` unless ``texts`` is a sequence of strings: one string
+    (whose characters would each be taken for a document) or other items are refused."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of strings (documents), got one "
+                        f"{type(texts).__name__} (wrap it in a list: each of its characters "
+                        "would be a document)")
+    bad = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+    if bad:
+        raise TypeError(f"{name} must be a sequence of strings (documents), got items of "
+                        f"type {', '.join(bad)}")
+
+
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
                     max_sequences: int | None = None) -> torch.Tensor:
     """The texts as one token stream (joined by ``"\\n\\n"``) cut into ``(n, length)``
@@ -195,11 +209,13 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
     then the one it has at inference.
 
     Raises:
+        TypeError: ``texts`` is one string (or holds something else than strings).
         ValueError: fewer tokens in all than one sequence takes (``length``, or
             ``length - 1`` besides BOS).
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
+    check_texts(texts)
     ids = tokenizer("\n\n".join(texts), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
     bos = adds_bos(tokenizer)

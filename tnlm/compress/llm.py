@@ -50,7 +50,12 @@ from torch import nn
 from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress import distributed as dist_
 from tnlm.compress.causal import CausalHealConfig, CausalHealResult, heal_causal
-from tnlm.compress.causal_text import generation_is_neutral, self_generated_text, token_sequences
+from tnlm.compress.causal_text import (
+    check_texts,
+    generation_is_neutral,
+    self_generated_text,
+    token_sequences,
+)
 from tnlm.compress.layerwise import (
     CHECKPOINT_STATE,
     OUTPUT_ERRORS,
@@ -216,6 +221,9 @@ class CausalLMRecipe:
         for name in ("pivoted", "heal_pivoted"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.heal_pivoted and not self.pivoted:
+            raise ValueError("heal_pivoted fixes the gauge of pivoted layers before healing: "
+                             "it needs pivoted=True")
         for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in allowed:
@@ -407,6 +415,8 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     """
     d = Path(directory)
     saved_text = text is None
+    if text is not None:
+        check_texts(text, "text")
     if text is None:
         text = read_saved_text(d, recipe, model)
         if text is None:
@@ -508,6 +518,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                          f"({arch.name}) is an encoder")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")
+    if text is not None:
+        check_texts(text, "text")
     rank, size = dist_.world()
     if size > 1 and recipe.heal.steps and recipe.heal.batch_size < size:
         raise ValueError(f"recipe.heal.batch_size ({recipe.heal.batch_size}) must be at least "

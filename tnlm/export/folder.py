@@ -258,12 +258,24 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
     d = Path(folder)
     meta = check_checkpoint(d)
     light = meta.get("lightweight")
-    arch = d if (d / "config.json").is_file() else None
-    if arch is None or base is not None:
+    own = (d / "config.json").is_file()
+    arch = d if own else None
+    if arch is None or (base is not None and light):
         arch = Path(base) if base is not None else _default_base()
     if not (arch / "config.json").is_file():
         raise ValueError(f"{arch} holds no config.json: cannot tell the architecture of {d}")
     config = AutoConfig.from_pretrained(str(arch))
+    if own and not light and base is not None:  # the folder's own model; base must agree
+        if not (Path(base) / "config.json").is_file():
+            raise ValueError(f"base {base} holds no config.json")
+        from tnlm.integration.loading import config_differences
+
+        diff = config_differences(config, AutoConfig.from_pretrained(str(base)))
+        if diff:
+            raise ValueError(f"base {base} is not the model saved in {d}: its config.json "
+                             f"differs in {', '.join(diff[:6])}"
+                             + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+                             + " (the folder's own config.json describes it: pass no base)")
     cls = _base_class(meta, config)
     if light:
         source = Path(base) if base is not None else lightweight_base(meta)

@@ -79,12 +79,71 @@ def _gguf_model_type(path: Path) -> str | None:
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
+#: configuration fields that say where or how a model was loaded or saved, not what it
+#: computes
+VOLATILE_CONFIG = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                             "architectures", "attn_implementation", "use_cache",
+                             "output_attentions", "output_hidden_states", "return_dict",
+                             "torchscript"})
+
+
+def config_fields(cfg: Any) -> Any:
+    """A transformers configuration (or its dict) as a dict without the fields of
+    :data:`VOLATILE_CONFIG` and the private ones (``_commit_hash``, ...), nested
+    configurations alike: what it says the model computes."""
+    if isinstance(cfg, dict):
+        return {k: config_fields(v) for k, v in cfg.items()
+                if k not in VOLATILE_CONFIG and not str(k).startswith("_")}
+    if hasattr(cfg, "to_dict"):
+        return config_fields(cfg.to_dict())
+    return cfg
+
+
+def config_differences(a: Any, b: Any) -> list[str]:
+    """The fields (nested ones dotted) in which two configurations' :func:`config_fields`
+    differ, sorted."""
+    def flat(x: Any, head: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{head}{k}."))
+            else:
+                out[f"{head}{k}"] = v
+        return out
+
+    fa, fb = flat(config_fields(a)), flat(config_fields(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+#: the class-name endings of a causal LM with its language-model head
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def _check_causal_head(source: ModelSource, architectures: Any) -> None:
+    """``ValueError`` when ``source``'s model type is a causal LM's but its checkpoint
+    (``config.json``'s ``architectures``) is another model of that type, without the
+    language-model head (``LlamaModel``, ``LlamaForSequenceClassification``): loaded as a
+    causal LM, its head would be random. No ``architectures``: nothing to check."""
+    from tnlm.integration.architectures import ARCHITECTURES
+
+    causal = any(source.model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
+    if not causal or not isinstance(architectures, list) or not architectures:
+        return
+    if any(isinstance(a, str) and a.endswith(CAUSAL_HEADS) for a in architectures):
+        return
+    raise ValueError(f"{source} holds a {', '.join(map(str, architectures))}, not a causal LM "
+                     f"with its language-model head (a *ForCausalLM or *LMHeadModel): loaded "
+                     f"as one, its head would be random")
+
+
 def check_model_source(path: str | os.PathLike) -> ModelSource:
     """Check that ``path`` is a model tnlm can load, without loading it.
 
     Raises:
         ValueError: a missing path, a folder without ``config.json`` or weights, a file that
-            is not GGUF, or an architecture with no entry (naming what is supported).
+            is not GGUF, an architecture with no entry (naming what is supported), or a
+            folder of a causal LM's model type holding another model of it (no
+            language-model head: ``LlamaModel``, ``LlamaForSequenceClassification``).
     """
     from tnlm.integration.architectures import ARCHITECTURES, supported_model_types
 
@@ -107,10 +166,12 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
         if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
             raise ValueError(f"model folder {p} holds no weights (*.safetensors)")
         try:
-            mt = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+            config = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+        mt = config.get("model_type")
         source = ModelSource(p, None, mt)
+        _check_causal_head(source, config.get("architectures"))
     known = {t for a in ARCHITECTURES.values() for t in a.model_types}
     if source.model_type not in known:
         raise ValueError(f"{source}: architecture {source.model_type!r} is not supported; "

@@ -20,6 +20,7 @@ from tnlm.compress import distributed as dist_
 from tnlm.compress.layerwise.config import LayerwiseConfig
 from tnlm.compress.layerwise.targets import targets_per_block
 from tnlm.integration.architectures import blocks_of
+from tnlm.integration.loading import config_fields
 
 __all__ = ["CHECKPOINT_STATE", "check_checkpoint", "check_files", "layerwise_fingerprint",
            "load_hidden", "read_checkpoint_state", "refuse_other_inputs", "remove_checkpoint",
@@ -30,11 +31,6 @@ CHECKPOINT_STATE = "state.json"
 _CHECKPOINT_FORMAT = "tnlm-layerwise-checkpoint"
 #: 2: the model is fingerprinted by its architecture, parameter dtype and weights
 _CHECKPOINT_VERSION = 2
-#: configuration fields that say where or how a model was loaded, not what it computes
-_VOLATILE_CONFIG = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                              "architectures", "attn_implementation", "use_cache",
-                              "output_attentions", "output_hidden_states", "return_dict",
-                              "torchscript"})
 
 
 def _block_file(d: Path, i: int) -> Path:
@@ -57,17 +53,6 @@ def settings_of(config: LayerwiseConfig) -> dict[str, Any]:
                                   if k not in _NOT_SETTINGS}))
 
 
-def _architecture(cfg: Any) -> Any:
-    """A transformers configuration as a dict without the fields of :data:`_VOLATILE_CONFIG`
-    and the private ones (``_commit_hash``, ...), nested configurations alike."""
-    if isinstance(cfg, dict):
-        return {k: _architecture(v) for k, v in cfg.items()
-                if k not in _VOLATILE_CONFIG and not str(k).startswith("_")}
-    if hasattr(cfg, "to_dict"):
-        return _architecture(cfg.to_dict())
-    return cfg
-
-
 def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig,
                           per_block: list[list[str]], world_size: int) -> dict[str, Any]:
     """What a checkpoint of :func:`compress_layerwise` must agree on to be resumed: the
@@ -79,7 +64,7 @@ def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: Lay
     dict's tensors, one pass over them) and the number of ranks (each rank keeps its own
     hidden states). Take it before the model is changed."""
     cfg = getattr(model, "config", None)
-    arch = json.loads(json.dumps(_architecture(cfg), sort_keys=True, default=str)) \
+    arch = json.loads(json.dumps(config_fields(cfg), sort_keys=True, default=str)) \
         if cfg is not None else None
     weights = [x for k, t in model.state_dict().items() for x in (k, t)]
     return {"settings": settings_of(config),

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tnlm.core.budget import check_fraction
@@ -82,9 +83,10 @@ class LayerwiseConfig:
 
     Raises:
         TypeError: ``budget`` is not a real number (a bool included).
-        ValueError: ``budget`` not in (0, 1], an unknown ``method``, ``allocation`` or
-            ``output_error``, ``fit_steps``/``batch_size``/``sensitivity_sequences`` not
-            an int (>= 0 / >= 1 / >= 1), or malformed ``target_modules``.
+        ValueError: ``budget`` not in (0, 1], ``fit_lr`` not a finite number > 0, an
+            unknown ``method``, ``allocation`` or ``output_error``,
+            ``fit_steps``/``batch_size``/``sensitivity_sequences`` not an int
+            (>= 0 / >= 1 / >= 1), or malformed ``target_modules``.
     """
 
     target_modules: list[str]
@@ -121,6 +123,10 @@ class LayerwiseConfig:
                                                                        else 1):
                 raise ValueError(f"{name} must be an int >= "
                                  f"{0 if name == 'fit_steps' else 1}, got {v!r}")
+        lr = self.fit_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+                math.isfinite(lr) and lr > 0):
+            raise ValueError(f"fit_lr must be a finite number > 0, got {lr!r}")
         MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
 
 
