@@ -250,8 +250,13 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
     checkpoint (which leaves tensors to its base model) loads on ``base`` or on the base
     model it names, with that model's weights.
 
+    A folder with its own ``config.json`` (not a lightweight checkpoint) is that model:
+    a ``base`` given with it must have the same configuration (:func:`~tnlm.integration.
+    loading.config_differences`; where or how it was saved aside), else it is refused.
+
     Raises:
-        ValueError: ``folder`` is not a tnlm checkpoint, or no architecture is found.
+        ValueError: ``folder`` is not a tnlm checkpoint, no architecture is found, or a
+            ``base`` whose configuration differs from the folder's own (naming the fields).
     """
     from transformers import AutoConfig
 
