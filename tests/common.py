@@ -417,6 +417,22 @@ def make_causal_lm(kind: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def save_llm_folder(d):
+    """A tiny Llama (:func:`make_causal_lm`) and its word tokenizer saved in ``d / "llm"``,
+    and ``d / "text.txt"``: 40 lines of 30 random words it knows. Returns both paths."""
+    words = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky", "a",
+             "day"]
+    folder = d / "llm"
+    make_causal_lm("llama").save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (30,), generator=g))
+             for _ in range(40)]
+    text = d / "text.txt"
+    text.write_text("\n".join(lines) + "\n")
+    return folder, text
+
+
 # ---------------------------------------------------------------- small shared pieces
 
 #: words of the tiny random sentences of the compression and export tests

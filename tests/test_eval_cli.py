@@ -11,13 +11,10 @@ from transformers import BertConfig, BertModel
 
 from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
     make_bert_tokenizer,
-    make_causal_lm,
-    make_word_tokenizer,
     one_thread,
+    save_llm_folder,
 )
 from tnlm.cli import main
-
-WORDS = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky", "a", "day"]
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +24,7 @@ def llm(tmp_path_factory):
     from tnlm.cli.__init__ import main as run
 
     d = tmp_path_factory.mktemp("eval")
-    folder = d / "llm"
-    make_causal_lm("llama").save_pretrained(folder)
-    make_word_tokenizer().save_pretrained(folder)
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (30,), generator=g))
-             for _ in range(40)]
-    text = d / "text.txt"
-    text.write_text("\n".join(lines) + "\n")
+    folder, text = save_llm_folder(d)
     out = d / "out"
     import contextlib
     import io

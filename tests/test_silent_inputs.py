@@ -12,6 +12,7 @@ from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thr
     make_causal_lm,
     make_word_tokenizer,
     one_thread,
+    save_llm_folder,
 )
 from tnlm.cli import main
 
@@ -20,16 +21,7 @@ WORDS = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("silent")
-    folder = d / "llm"
-    make_causal_lm("llama").save_pretrained(folder)
-    make_word_tokenizer().save_pretrained(folder)
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (30,), generator=g))
-             for _ in range(40)]
-    text = d / "text.txt"
-    text.write_text("\n".join(lines) + "\n")
-    return folder, text
+    return save_llm_folder(tmp_path_factory.mktemp("silent"))
 
 
 def test_token_sequences_refuses_one_string_for_a_list_of_documents():
