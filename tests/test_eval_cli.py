@@ -105,6 +105,54 @@ def test_eval_of_an_encoder_is_the_embedding_cosine(tmp_path, capsys):
     assert "--answers applies to causal LMs" in capsys.readouterr().err
     assert main(["eval", str(d), "--reference", str(d), "--stride", "64"]) == 2
     assert "--stride applies to causal LMs" in capsys.readouterr().err
+    # the reference reads the lines into other tokens: not comparable, refused
+    from transformers import BertTokenizerFast
+
+    shuffled = tmp_path / "bert3"
+    shutil.copytree(other, shuffled)
+    for f in shuffled.glob("*"):
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    vocab = (tmp_path / "vocab.txt").read_text().splitlines()  # make_bert_tokenizer's
+    vocab[5:31] = vocab[5:31][::-1]  # the letters a..z reversed
+    (tmp_path / "reversed.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab=str(tmp_path / "reversed.txt")).save_pretrained(shuffled)
+    assert main(["eval", str(d), "--reference", str(shuffled), "--text", str(text)]) == 2
+    assert "cut the text into different tokens: their embeddings of it are not comparable" \
+        in capsys.readouterr().err
+
+
+def test_eval_goes_by_the_class_a_checkpoint_was_saved_from(tmp_path, capsys):
+    """A causal LM of a type tnlm has no entry for, saved through the Python API, is
+    scored by perplexity; a Llama saved without its head is refused (no perplexity)."""
+    from transformers import AutoModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.common import make_word_tokenizer
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    neox = get_mpo_model(GPTNeoXForCausalLM(cfg).eval(), MPOConfig(
+        target_modules=["dense_h_to_4h"], max_bond=4, n_sites=2), progress=False)
+    d = tmp_path / "neox"
+    neox.save_pretrained(d)
+    neox.base_model.config.save_pretrained(d)
+    make_word_tokenizer().save_pretrained(d)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat . " * 20)
+    got = _eval(capsys, d, "--text", text)
+    assert got["kind"] == "causal LM" and got["perplexity"] > 1
+    from tests.common import make_causal_lm
+
+    headless = AutoModel.from_config(make_causal_lm("llama").config)
+    h = tmp_path / "headless"
+    get_mpo_model(headless, MPOConfig(target_modules=["q_proj"], max_bond=4, n_sites=2),
+                  progress=False).save_pretrained(h)
+    headless.config.save_pretrained(h)
+    make_word_tokenizer().save_pretrained(h)
+    assert main(["eval", str(h), "--text", str(text)]) == 2
+    assert "holds a LlamaModel: a llama model without its language-model head has no " \
+        "perplexity" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

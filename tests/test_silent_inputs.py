@@ -34,6 +34,8 @@ def test_token_sequences_refuses_one_string_for_a_list_of_documents():
         token_sequences(tok, text, 16)
     with pytest.raises(TypeError, match="items of type int"):
         token_sequences(tok, [text, 3], 16)
+    # an iterator is read once: the check does not leave it empty for the cut
+    assert torch.equal(token_sequences(tok, iter([text]), 16), token_sequences(tok, [text], 16))
 
 
 def test_compress_causal_lm_refuses_a_string_as_its_text():
@@ -70,6 +72,26 @@ def test_a_causal_model_type_without_its_lm_head_is_refused_before_loading(tmp_p
     err = capsys.readouterr().err
     assert f"holds a {cls}, not a causal LM" in err and len(err.strip().splitlines()) == 1
     assert check_model_source(folder).model_type == "llama"  # LlamaForCausalLM: fine
+
+
+def test_a_head_tied_to_the_embeddings_or_saved_beside_them_is_not_refused(tmp_path):
+    """GPT2Model with tied embeddings loads as GPT2LMHeadModel with the embeddings as its
+    head; GPT2DoubleHeadsModel holds an lm_head tensor: neither is refused. Untied and
+    without one, it is."""
+    import transformers
+
+    from tnlm.integration.loading import check_model_source
+
+    kw = dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64, bos_token_id=2,
+              eos_token_id=3)
+    transformers.GPT2Model(transformers.GPT2Config(**kw)).save_pretrained(tmp_path / "tied")
+    untied = transformers.GPT2Config(**kw, tie_word_embeddings=False)
+    transformers.GPT2Model(untied).save_pretrained(tmp_path / "untied")
+    transformers.GPT2DoubleHeadsModel(untied).save_pretrained(tmp_path / "double")
+    assert check_model_source(tmp_path / "tied").model_type == "gpt2"
+    assert check_model_source(tmp_path / "double").model_type == "gpt2"
+    with pytest.raises(ValueError, match="holds a GPT2Model, not a causal LM"):
+        check_model_source(tmp_path / "untied")
 
 
 @pytest.mark.parametrize("flags", [["--lr", "5"], ["--heal-optimizer", "adamw"],

@@ -14,8 +14,8 @@ st``, :meth:`MPOModel.save_pretrained` with a ``config.json``) or a transformers
 folder or ``.gguf`` file (a dense model: the reference, or a baseline to score). The
 default text is what ``tnlm compress`` measures on: the natural held-out sentences of
 ``../shared/data`` when that folder is there, else tnlm's held-out prose
-(``tnlm/data/lm_held_out.txt.gz``). A ratio is printed only when both models cut the text
-into the same tokens: perplexities over different tokens are not comparable.
+(``tnlm/data/lm_held_out.txt.gz``). Two models that cut the text into different tokens
+are refused: perplexities (or embeddings) over different tokens are not comparable.
 
 Every argument is checked (paths, numbers, the kind of model each path holds) before any
 model is loaded; mistakes are one line naming the argument and what was expected
@@ -75,7 +75,7 @@ def _kind(path: Path, flag: str) -> tuple[bool, bool]:
     """``(is a tnlm checkpoint, is a causal LM)`` for ``path``, read from its files without
     loading it; :class:`EvalError` naming ``flag`` when it is neither a checkpoint with a
     ``config.json`` nor a model :func:`~tnlm.integration.loading.check_model_source` takes."""
-    from tnlm.export.folder import check_checkpoint, is_checkpoint
+    from tnlm.export.folder import check_checkpoint, is_checkpoint, recorded_class_generates
     from tnlm.integration.architectures import ARCHITECTURES
     from tnlm.integration.loading import check_model_source
 
@@ -92,22 +92,29 @@ def _kind(path: Path, flag: str) -> tuple[bool, bool]:
                             "tnlm.export.load_compressed(DIR, base=...) from Python")
         cfg = path / "config.json"
         if not cfg.is_file():
+            fmt = "hf" if recorded_class_generates(meta) else "st"
             raise EvalError(f"{flag} {path} is a tnlm checkpoint without config.json: its "
                             "architecture is unknown (tnlm compress --out writes one; or "
-                            "tnlm export DIR --format st --base FOLDER first)")
+                            f"tnlm export DIR --format {fmt} --base FOLDER first)")
         try:
             model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EvalError(f"{flag}: {cfg} is not valid JSON: {err}") from None
-        checkpoint = True
-    else:
-        try:
-            model_type = check_model_source(path).model_type
-        except ValueError as err:
-            raise EvalError(f"{flag}: {err}") from None
-        checkpoint = False
-    causal = any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
-    return checkpoint, causal
+        # the class it was saved from decides (a causal LM of a type tnlm has no entry
+        # for, saved through the Python API, is still one)
+        causal = recorded_class_generates(meta)
+        causal_type = any(model_type in a.model_types and a.causal
+                          for a in ARCHITECTURES.values())
+        if causal_type and not causal:
+            raise EvalError(f"{flag} {path} holds a {meta.get('base_model_class')}: a "
+                            f"{model_type} model without its language-model head has no "
+                            "perplexity")
+        return True, causal
+    try:
+        model_type = check_model_source(path).model_type
+    except ValueError as err:
+        raise EvalError(f"{flag}: {err}") from None
+    return False, any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
 
 
 def _check_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +164,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
                 ref_checkpoint=ref_checkpoint, texts=texts)
 
 
-def _tokenizer(path: Path, checkpoint: bool) -> Any:
+def _tokenizer(path: Path, checkpoint: bool, causal: bool) -> Any:
     """The tokenizer of ``path`` (a checkpoint's own; a folder's or a GGUF file's), loaded
     without the model; :class:`EvalError` when a checkpoint holds none."""
     from transformers import AutoTokenizer
@@ -166,7 +173,8 @@ def _tokenizer(path: Path, checkpoint: bool) -> Any:
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                                   "vocab.txt")):
             raise EvalError(f"{path} holds no tokenizer (tnlm compress --out writes one; or "
-                            "tnlm export DIR --format st --base FOLDER first)")
+                            f"tnlm export DIR --format {'hf' if causal else 'st'} --base "
+                            "FOLDER first)")
         return AutoTokenizer.from_pretrained(str(path))
     from tnlm.integration.loading import check_model_source
 
@@ -202,6 +210,11 @@ def _default_text(causal: bool) -> tuple[list[str], str]:
     return (["\n".join(held)] if causal else held), "tnlm's held-out prose"
 
 
+def _lines_of(texts: list[str]) -> list[str]:
+    """The non-blank lines of the texts, stripped: an encoder's sentences."""
+    return [s.strip() for t in texts for s in t.splitlines() if s.strip()]
+
+
 def _ids(tok: Any, text: str) -> list[int]:
     ids = tok(text)["input_ids"]
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
@@ -214,15 +227,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         texts, source = run["texts"], ", ".join(str(f) for f in args.text)
     else:
         texts, source = _default_text(run["causal"])
-    tok = _tokenizer(run["model"], run["checkpoint"])
+    tok = _tokenizer(run["model"], run["checkpoint"], run["causal"])
     ref = ref_tok = None
     if run["ref"] is not None:
-        ref_tok = _tokenizer(run["ref"], run["ref_checkpoint"])
-        scored = "\n\n".join(texts)  # the stream perplexity scores
-        if run["causal"] and _ids(tok, scored) != _ids(ref_tok, scored):
+        ref_tok = _tokenizer(run["ref"], run["ref_checkpoint"], run["causal"])
+        # what is scored: the one stream (perplexity), each line (an encoder's cosine,
+        # both models fed MODEL's token ids)
+        units = ["\n\n".join(texts)] if run["causal"] else _lines_of(texts)
+        if any(_ids(tok, u) != _ids(ref_tok, u) for u in units):
             raise EvalError(f"MODEL and --reference {run['ref']} cut the text into different "
-                            "tokens: their perplexities are not comparable (is it the same "
-                            "model family?)")
+                            "tokens: " + ("their perplexities are not comparable"
+                                          if run["causal"] else "their embeddings of it are "
+                                          "not comparable") + " (is it the same model family?)")
     model = _load(run["model"], run["checkpoint"])
     if run["ref"] is not None:
         ref = _load(run["ref"], run["ref_checkpoint"])
@@ -275,7 +291,7 @@ def _encoder(args: argparse.Namespace, model: Any, tok: Any, ref: Any,
              texts: list[str]) -> dict[str, Any]:
     from tnlm.compress.quality import embedding_cosine
 
-    sentences = [s.strip() for t in texts for s in t.splitlines() if s.strip()]
+    sentences = _lines_of(texts)
     cos = embedding_cosine(model, ref, tok, sentences, batch_size=args.batch_size)
     return dict(kind="encoder", sentences=len(sentences), cosine_mean=float(cos.mean()),
                 cosine_min=float(cos.min()))

@@ -120,7 +120,7 @@ def _check_args(args: argparse.Namespace
     argument, or :class:`ExportError`;
     fills in ``args.opset``, ``args.embedding_bits``, ``args.embedding_block`` and
     ``args.weight_block`` when they were not given."""
-    from tnlm.export.folder import check_checkpoint
+    from tnlm.export.folder import check_checkpoint, recorded_class_generates
 
     d = Path(args.directory)
     try:
@@ -198,11 +198,11 @@ def _check_args(args: argparse.Namespace
                           f"folder (files of another model beside the export would be read as "
                           f"part of it)")
     _probe(out.parent if args.format == "onnx" else out, out)
-    if args.format == "st" and _generates(meta):
+    if args.format == "st" and recorded_class_generates(meta):
         raise ExportError(f"--format st: {d} holds a causal LM ({meta['base_model_class']}); "
                           "sentence-transformers files are written for encoders only: use "
                           "--format hf or onnx, or load it with tnlm.export.load_compressed")
-    if args.no_pooling and _generates(meta):
+    if args.no_pooling and recorded_class_generates(meta):
         raise ExportError(f"--no-pooling: {d} holds a causal LM ({meta['base_model_class']}), "
                           "whose graph has no pooled output to leave out")
     base = Path(args.base) if args.base else None
@@ -221,22 +221,6 @@ def _check_args(args: argparse.Namespace
             raise ExportError(f"DIR {d} has no config.json and --base is not given: {err}") \
                 from None
     return d, out, base, meta
-
-
-def _generates(meta: dict[str, Any]) -> bool:
-    """Whether the checkpoint's recorded transformers class generates (its
-    ``can_generate``, asked of the class: nothing is loaded)."""
-    import transformers
-
-    name = meta.get("base_model_class")
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    can = getattr(cls, "can_generate", None)
-    if callable(can):
-        try:
-            return bool(can())
-        except TypeError:  # an instance method in this transformers version
-            pass
-    return isinstance(name, str) and name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def _probe(target: Path, out: Path) -> None:

@@ -184,17 +184,20 @@ def adds_bos(tokenizer: Any) -> int | None:
     return int(bos) if first and first[0] == bos else None
 
 
-def check_texts(texts: Any, name: str = "texts") -> None:
-    """``TypeError`` naming ``name`` unless ``texts`` is a sequence of strings: one string
-    (whose characters would each be taken for a document) or other items are refused."""
+def check_texts(texts: Any, name: str = "texts") -> list[str]:
+    """``texts`` as a list, after a ``TypeError`` naming ``name`` unless it holds strings:
+    one string (whose characters would each be taken for a document) or other items are
+    refused; an iterator is read once, here."""
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"{name} must be a sequence of strings (documents), got one "
                         f"{type(texts).__name__} (wrap it in a list: each of its characters "
                         "would be a document)")
+    texts = list(texts)
     bad = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
     if bad:
         raise TypeError(f"{name} must be a sequence of strings (documents), got items of "
                         f"type {', '.join(bad)}")
+    return texts
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
@@ -215,7 +218,7 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
-    check_texts(texts)
+    texts = check_texts(texts)
     ids = tokenizer("\n\n".join(texts), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
     bos = adds_bos(tokenizer)

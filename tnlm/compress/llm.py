@@ -416,7 +416,7 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     d = Path(directory)
     saved_text = text is None
     if text is not None:
-        check_texts(text, "text")
+        text = check_texts(text, "text")
     if text is None:
         text = read_saved_text(d, recipe, model)
         if text is None:
@@ -519,7 +519,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")
     if text is not None:
-        check_texts(text, "text")
+        text = check_texts(text, "text")
     rank, size = dist_.world()
     if size > 1 and recipe.heal.steps and recipe.heal.batch_size < size:
         raise ValueError(f"recipe.heal.batch_size ({recipe.heal.batch_size}) must be at least "

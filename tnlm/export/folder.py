@@ -30,7 +30,7 @@ from tnlm.integration import MPOModel
 from tnlm.integration.io import CONFIG_NAME, read_meta
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
-           "check_checkpoint", "lightweight_base"]
+           "check_checkpoint", "lightweight_base", "recorded_class_generates"]
 
 #: the sentence-transformers module type of the compressed transformer (modules.json)
 ST_MODULE = "tnlm.export.sentence.MPOTransformer"
@@ -68,6 +68,23 @@ def can_generate(base: nn.Module) -> bool:
     """Whether ``base`` is a transformers model that generates (a causal LM's head)."""
     can = getattr(base, "can_generate", None)
     return bool(can()) if callable(can) else False
+
+
+def recorded_class_generates(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's recorded transformers class (``mpo_config.json``'s
+    ``base_model_class``) generates: its ``can_generate``, asked of the class (nothing is
+    loaded), else its name (``*ForCausalLM``, ``*LMHeadModel``)."""
+    import transformers
+
+    name = meta.get("base_model_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    can = getattr(cls, "can_generate", None)
+    if callable(can):
+        try:
+            return bool(can())
+        except TypeError:  # an instance method in this transformers version
+            pass
+    return isinstance(name, str) and name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def is_checkpoint(folder: str | os.PathLike) -> bool:

@@ -119,17 +119,53 @@ def config_differences(a: Any, b: Any) -> list[str]:
 CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
 
 
-def _check_causal_head(source: ModelSource, architectures: Any) -> None:
+def _weight_names(folder: Path) -> set[str] | None:
+    """The tensor names of a folder's safetensors weights (from the shard index, or each
+    file's header: nothing is loaded); None when they cannot be read so (``.bin`` only)."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        names: set[str] = set()
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                names |= set(h.keys())
+        return names
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_causal_head(source: ModelSource, config: dict[str, Any]) -> None:
     """``ValueError`` when ``source``'s model type is a causal LM's but its checkpoint
     (``config.json``'s ``architectures``) is another model of that type, without the
     language-model head (``LlamaModel``, ``LlamaForSequenceClassification``): loaded as a
-    causal LM, its head would be random. No ``architectures``: nothing to check."""
+    causal LM, its head would be random. Not refused: no ``architectures``; a head tied to
+    the word embeddings (``tie_word_embeddings``, as GPT-2's: loaded, it is the
+    embeddings); weights that hold an ``lm_head`` tensor; weights that cannot be listed."""
     from tnlm.integration.architectures import ARCHITECTURES
 
+    architectures = config.get("architectures")
     causal = any(source.model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
     if not causal or not isinstance(architectures, list) or not architectures:
         return
     if any(isinstance(a, str) and a.endswith(CAUSAL_HEADS) for a in architectures):
+        return
+    from transformers import AutoConfig
+
+    try:  # the model type's own default when config.json leaves it out
+        tied = AutoConfig.from_pretrained(str(source.folder)).get_text_config(
+        ).tie_word_embeddings
+    except (OSError, ValueError, KeyError, AttributeError):
+        tied = False
+    if tied:
+        return
+    names = _weight_names(source.folder)
+    if names is None or any(n.split(".")[-2:-1] == ["lm_head"] for n in names):
         return
     raise ValueError(f"{source} holds a {', '.join(map(str, architectures))}, not a causal LM "
                      f"with its language-model head (a *ForCausalLM or *LMHeadModel): loaded "
@@ -171,7 +207,7 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
             raise ValueError(f"{cfg} is not valid JSON: {e}") from None
         mt = config.get("model_type")
         source = ModelSource(p, None, mt)
-        _check_causal_head(source, config.get("architectures"))
+        _check_causal_head(source, config)
     known = {t for a in ARCHITECTURES.values() for t in a.model_types}
     if source.model_type not in known:
         raise ValueError(f"{source}: architecture {source.model_type!r} is not supported; "
