@@ -10,6 +10,7 @@ tests skip when those packages are absent.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1140,6 +1141,72 @@ def _external_model(path, location):
     onnx.save(model, str(path), save_as_external_data=True, location=location,
               size_threshold=0)
     return path
+
+
+def _weights_of(path):
+    """The one initializer of a :func:`_external_model`-like file, read through its data."""
+    import onnx
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+
+
+def _external_model_of(path, location, value):
+    """:func:`_external_model` with every weight ``value``."""
+    import onnx
+    from onnx import numpy_helper
+
+    _external_model(path, location)
+    model = onnx.load(str(path))
+    model.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.full((64, 64), value, np.float32), "w"))
+    (path.parent / location).unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=location,
+              size_threshold=0)
+    return path
+
+
+def test_replace_onnx_overwrites_no_data_file_and_a_failed_rename_keeps_the_former_file(
+        tmp_path, monkeypatch):
+    """An external export over one whose data file has the same name: the new data goes
+    under a fresh name, so the former file keeps its data until the final rename; when that
+    rename fails the former file is whole and nothing new is left. A user's own file that
+    has the data's name is never overwritten."""
+    pytest.importorskip("onnx")
+    import tnlm.export.onnx_graph as og
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    _external_model_of(out / "m.onnx", "m.onnx.data", 1.0)
+    _external_model_of(stage / "m.onnx", "m.onnx.data", 2.0)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src) == stage / "m.onnx":
+            raise OSError(5, "the disk went away")
+        return real(src, dst)
+
+    monkeypatch.setattr(og.os, "replace", failing)
+    with pytest.raises(OSError, match="the disk went away"):
+        og.replace_onnx(stage / "m.onnx", out / "m.onnx")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (_weights_of(out / "m.onnx") == 1.0).all()  # the former file, with its own data
+    assert (_weights_of(stage / "m.onnx") == 2.0).all()  # and the staged one, whole
+
+    og.replace_onnx(stage / "m.onnx", out / "m.onnx")  # now it succeeds
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 2 and names[0] == "m.onnx" and re.fullmatch(
+        r"m\.onnx\.[0-9a-f]{8}\.data", names[1])  # the former data removed, the new renamed
+    assert (_weights_of(out / "m.onnx") == 2.0).all()
+
+    mine = out / "n.onnx.data"  # a user's file that has the name the new data wants
+    mine.write_text("mine")
+    _external_model_of(stage / "n.onnx", "n.onnx.data", 3.0)
+    og.replace_onnx(stage / "n.onnx", out / "n.onnx")
+    assert mine.read_text() == "mine" and (_weights_of(out / "n.onnx") == 3.0).all()
 
 
 def test_replace_onnx_removes_only_its_own_orphans(tmp_path):

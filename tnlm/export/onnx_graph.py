@@ -408,13 +408,62 @@ def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = (
 
 def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
     """Move the ONNX file ``staged`` onto ``dst``: the external data files it names first
-    (the ``.onnx`` names them), then the file; the data files the former ``dst`` named
-    and the new one does not (an earlier export's) are removed, except those in ``keep``."""
+    (the ``.onnx`` names them), then the file, one atomic rename; the data files the former
+    ``dst`` named and the new one does not (an earlier export's) are removed, except those
+    in ``keep``.
+
+    No existing file is overwritten but ``dst``: a data file whose name is taken in
+    ``dst``'s folder (the former export's data, or a file of the user's) moves under a
+    fresh name, ``<name>.<8 hex digits>.data``, which the staged ``.onnx`` is rewritten to
+    name. So until the final rename the former ``dst`` keeps its own data, and if a rename
+    fails the data moved for it go back beside ``staged``: the former file stays whole,
+    the staged one too."""
     before = named_data(dst)  # none through a symbolic link
+    renames = {}
     for f in external_files(staged):
-        os.replace(f, dst.parent / f.name)
-    os.replace(staged, dst)
+        if (dst.parent / f.name).exists() or (dst.parent / f.name).is_symlink():
+            renames[f.name] = _fresh_data_name(dst.parent, f.name).name
+    if renames:  # the staged file and its data renamed alike, beside each other
+        for old, new in renames.items():
+            os.replace(staged.parent / old, staged.parent / new)
+        _relocate(staged, renames)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for f in external_files(staged):
+            os.replace(f, dst.parent / f.name)
+            moved.append((dst.parent / f.name, f))
+        os.replace(staged, dst)
+    except BaseException:
+        for there, back in moved:  # the staged file whole again; the former dst untouched
+            with contextlib.suppress(OSError):
+                os.replace(there, back)
+        raise
     remove_orphaned_data(dst, before, keep)
+
+
+def _fresh_data_name(folder: Path, name: str) -> Path:
+    """A name for the data file ``name`` that no file in ``folder`` has:
+    ``<name without .data>.<8 hex digits>.data``."""
+    import secrets
+
+    stem = name[:-len(".data")] if name.endswith(".data") else name
+    while True:
+        p = folder / f"{stem}.{secrets.token_hex(4)}.data"
+        if not (p.exists() or p.is_symlink()):
+            return p
+
+
+def _relocate(path: Path, renames: dict[str, str]) -> None:
+    """Rewrite the ONNX file ``path`` (not its data) to name each data file ``old`` of
+    ``renames`` by its new name."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value in renames:
+                entry.value = renames[entry.value]
+    onnx.save(model, str(path))
 
 
 def file_opset(path: str | os.PathLike) -> int:
