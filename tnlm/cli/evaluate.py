@@ -76,7 +76,7 @@ def _kind(path: Path, flag: str) -> tuple[bool, bool]:
     loading it; :class:`EvalError` naming ``flag`` when it is neither a checkpoint with a
     ``config.json`` nor a model :func:`~tnlm.integration.loading.check_model_source` takes."""
     from tnlm.export.folder import check_checkpoint, is_checkpoint, recorded_class_generates
-    from tnlm.integration.architectures import ARCHITECTURES
+    from tnlm.integration.architectures import is_causal_type
     from tnlm.integration.loading import check_model_source
 
     if not path.exists():
@@ -103,9 +103,7 @@ def _kind(path: Path, flag: str) -> tuple[bool, bool]:
         # the class it was saved from decides (a causal LM of a type tnlm has no entry
         # for, saved through the Python API, is still one)
         causal = recorded_class_generates(meta)
-        causal_type = any(model_type in a.model_types and a.causal
-                          for a in ARCHITECTURES.values())
-        if causal_type and not causal:
+        if is_causal_type(model_type) and not causal:
             raise EvalError(f"{flag} {path} holds a {meta.get('base_model_class')}: a "
                             f"{model_type} model without its language-model head has no "
                             "perplexity")
@@ -114,7 +112,7 @@ def _kind(path: Path, flag: str) -> tuple[bool, bool]:
         model_type = check_model_source(path).model_type
     except ValueError as err:
         raise EvalError(f"{flag}: {err}") from None
-    return False, any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
+    return False, is_causal_type(model_type)
 
 
 def _check_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,8 +168,9 @@ def _tokenizer(path: Path, checkpoint: bool, causal: bool) -> Any:
     from transformers import AutoTokenizer
 
     if checkpoint:
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                  "vocab.txt")):
+        from tnlm.export.folder import has_tokenizer
+
+        if not has_tokenizer(path):
             raise EvalError(f"{path} holds no tokenizer (tnlm compress --out writes one; or "
                             f"tnlm export DIR --format {'hf' if causal else 'st'} --base "
                             "FOLDER first)")
@@ -215,11 +214,6 @@ def _lines_of(texts: list[str]) -> list[str]:
     return [s.strip() for t in texts for s in t.splitlines() if s.strip()]
 
 
-def _ids(tok: Any, text: str) -> list[int]:
-    ids = tok(text)["input_ids"]
-    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``tnlm eval``; prints the measures (one line each, or JSON)."""
     run = _check_args(args)
@@ -227,6 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         texts, source = run["texts"], ", ".join(str(f) for f in args.text)
     else:
         texts, source = _default_text(run["causal"])
+    from tnlm.compress.lm_quality import encode_stream
+
     tok = _tokenizer(run["model"], run["checkpoint"], run["causal"])
     ref = ref_tok = None
     if run["ref"] is not None:
@@ -234,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # what is scored: the one stream (perplexity), each line (an encoder's cosine,
         # both models fed MODEL's token ids)
         units = ["\n\n".join(texts)] if run["causal"] else _lines_of(texts)
-        if any(_ids(tok, u) != _ids(ref_tok, u) for u in units):
+        if any(encode_stream(tok, u) != encode_stream(ref_tok, u) for u in units):
             raise EvalError(f"MODEL and --reference {run['ref']} cut the text into different "
                             "tokens: " + ("their perplexities are not comparable"
                                           if run["causal"] else "their embeddings of it are "

@@ -120,7 +120,7 @@ def _check_args(args: argparse.Namespace
     argument, or :class:`ExportError`;
     fills in ``args.opset``, ``args.embedding_bits``, ``args.embedding_block`` and
     ``args.weight_block`` when they were not given."""
-    from tnlm.export.folder import check_checkpoint, recorded_class_generates
+    from tnlm.export.folder import check_checkpoint, has_tokenizer, recorded_class_generates
 
     d = Path(args.directory)
     try:
@@ -209,7 +209,7 @@ def _check_args(args: argparse.Namespace
     if base is not None and not (base / "config.json").is_file():
         raise ExportError(f"--base {base} is not a transformers model folder (no config.json)")
     if base is not None and not meta.get("lightweight") and (d / "config.json").is_file() \
-            and _has_tokenizer(d):
+            and has_tokenizer(d):
         raise ExportError(f"--base gives the architecture and the tokenizer a DIR lacks; {d} "
                           "holds its own config.json and tokenizer: pass no --base")
     if base is None and not (d / "config.json").is_file():
@@ -240,11 +240,6 @@ def _probe(target: Path, out: Path) -> None:
         raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
-def _has_tokenizer(d: Path) -> bool:
-    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                           "vocab.txt"))
-
-
 def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
                causal: bool = False) -> Any:
     """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
@@ -255,7 +250,9 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
 
     config = model.base_model.config.get_text_config()
     source: Path | None = None
-    if _has_tokenizer(d):
+    from tnlm.export.folder import has_tokenizer
+
+    if has_tokenizer(d):
         source = d
     elif base is not None:
         source = base

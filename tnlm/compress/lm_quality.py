@@ -35,8 +35,8 @@ from torch import nn
 from tnlm.compress.quality import read_sick
 
 __all__ = ["PerplexityResult", "answer_agreement", "answer_token_agreement", "answers_correct",
-           "eos_ids", "greedy_answers", "natural_eval_text", "perplexity", "prompt_ids",
-           "question_keys",
+           "encode_stream", "eos_ids", "greedy_answers", "natural_eval_text", "perplexity",
+           "prompt_ids", "question_keys",
            "simple_questions", "until_eos", "window_spans"]
 
 #: the labelled data folder, relative to the working directory
@@ -117,7 +117,9 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params
 
 
-def _encode_stream(tokenizer: Any, text: str) -> list[int]:
+def encode_stream(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of ``text`` as the tokenizer encodes one string (its special tokens
+    included): the stream :func:`perplexity` scores."""
     ids = tokenizer(text)["input_ids"]
     if ids and isinstance(ids[0], list):  # a tokenizer that always batches
         ids = ids[0]
@@ -172,7 +174,7 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
         raise ValueError("text must not be empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    ids = _encode_stream(tokenizer, text)
+    ids = encode_stream(tokenizer, text)
     spans = window_spans(len(ids), max_length, stride)
     stream = torch.tensor(ids, dtype=torch.long)
     full = [s for s in spans if s[1] - s[0] == max_length]

@@ -30,7 +30,7 @@ from tnlm.integration import MPOModel
 from tnlm.integration.io import CONFIG_NAME, read_meta
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
-           "check_checkpoint", "lightweight_base", "recorded_class_generates"]
+           "check_checkpoint", "lightweight_base", "recorded_class_generates", "has_tokenizer"]
 
 #: the sentence-transformers module type of the compressed transformer (modules.json)
 ST_MODULE = "tnlm.export.sentence.MPOTransformer"
@@ -68,6 +68,14 @@ def can_generate(base: nn.Module) -> bool:
     """Whether ``base`` is a transformers model that generates (a causal LM's head)."""
     can = getattr(base, "can_generate", None)
     return bool(can()) if callable(can) else False
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a tokenizer's files (``tokenizer.json``,
+    ``tokenizer_config.json`` or a WordPiece ``vocab.txt``)."""
+    d = Path(folder)
+    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                           "vocab.txt"))
 
 
 def recorded_class_generates(meta: dict[str, Any]) -> bool:

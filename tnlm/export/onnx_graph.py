@@ -419,19 +419,18 @@ def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
     fails the data moved for it go back beside ``staged``: the former file stays whole,
     the staged one too."""
     before = named_data(dst)  # none through a symbolic link
-    renames = {}
-    for f in external_files(staged):
-        if (dst.parent / f.name).exists() or (dst.parent / f.name).is_symlink():
-            renames[f.name] = _fresh_data_name(dst.parent, f.name).name
+    names = [f.name for f in external_files(staged)]
+    renames = {n: _fresh_data_name(dst.parent, n).name for n in names
+               if (dst.parent / n).exists() or (dst.parent / n).is_symlink()}
     if renames:  # the staged file and its data renamed alike, beside each other
         for old, new in renames.items():
             os.replace(staged.parent / old, staged.parent / new)
         _relocate(staged, renames)
     moved: list[tuple[Path, Path]] = []
     try:
-        for f in external_files(staged):
-            os.replace(f, dst.parent / f.name)
-            moved.append((dst.parent / f.name, f))
+        for n in (renames.get(n, n) for n in names):
+            os.replace(staged.parent / n, dst.parent / n)
+            moved.append((dst.parent / n, staged.parent / n))
         os.replace(staged, dst)
     except BaseException:
         for there, back in moved:  # the staged file whole again; the former dst untouched

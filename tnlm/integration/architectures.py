@@ -38,7 +38,7 @@ from torch import nn
 from tnlm.integration.surgery import module_paths
 
 __all__ = ["Architecture", "ARCHITECTURES", "architecture_of", "default_targets", "blocks_of",
-           "find_blocks", "block_indices", "supported_model_types"]
+           "find_blocks", "block_indices", "supported_model_types", "is_causal_type"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("opt", ("opt",), "decoder.layers",
                  ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), causal=True),
 )}
+
+
+def is_causal_type(model_type: str | None) -> bool:
+    """Whether ``model_type`` has an entry, and it is a causal LM's."""
+    return any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
 
 
 def supported_model_types() -> list[str]:

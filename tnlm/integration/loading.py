@@ -147,11 +147,11 @@ def _check_causal_head(source: ModelSource, config: dict[str, Any]) -> None:
     causal LM, its head would be random. Not refused: no ``architectures``; a head tied to
     the word embeddings (``tie_word_embeddings``, as GPT-2's: loaded, it is the
     embeddings); weights that hold an ``lm_head`` tensor; weights that cannot be listed."""
-    from tnlm.integration.architectures import ARCHITECTURES
+    from tnlm.integration.architectures import is_causal_type
 
     architectures = config.get("architectures")
-    causal = any(source.model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
-    if not causal or not isinstance(architectures, list) or not architectures:
+    if not (is_causal_type(source.model_type) and isinstance(architectures, list)
+            and architectures):
         return
     if any(isinstance(a, str) and a.endswith(CAUSAL_HEADS) for a in architectures):
         return
@@ -228,11 +228,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from tnlm.integration.architectures import ARCHITECTURES
+    from tnlm.integration.architectures import is_causal_type
 
     source = check_model_source(path)
-    causal = any(source.model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
-    cls = AutoModelForCausalLM if causal else AutoModel
+    cls = AutoModelForCausalLM if is_causal_type(source.model_type) else AutoModel
     try:
         model = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
                                     **source.kwargs())
