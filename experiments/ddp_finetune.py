@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -95,9 +96,15 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f)
-    dist.destroy_process_group()
     ok = result["identical"] and result["aux_moved"] and result["central_frozen"]
-    raise SystemExit(0 if ok else 1)
+    # Every rank is past its last collective before any rank tears its group down.
+    dist.barrier()
+    dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's worker threads, destroyed there, can abort the
+    # process ("terminate called without an active exception", SIGABRT) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

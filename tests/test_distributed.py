@@ -20,7 +20,7 @@ def test_ddp_two_ranks_identical_auxiliaries(tmp_path):
         str(ROOT / "experiments" / "ddp_finetune.py"), "--steps", "3",
         "--out", str(tmp_path / "ddp.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, (proc.stdout[-1500:], proc.stderr[-2500:])
     result = json.loads((tmp_path / "ddp.json").read_text())
     assert result["world_size"] == 2
     assert result["identical"] and result["aux_moved"] and result["central_frozen"]
