@@ -134,6 +134,10 @@ def main(argv=None) -> int:
                         "prose then the samples (both), the model's own answers to "
                         "chat prompts in its chat format (chat), or the first half of "
                         "each of the seed's two caches, alternating (mixed)")
+    p.add_argument("--text-file", type=Path, default=None, metavar="JSON",
+                   help="calibrate and heal on this JSON list of strings instead (a user's "
+                        "own text, e.g. experiments/indomain_text.py's); --text and "
+                        "--add-prose are then refused")
     p.add_argument("--teacher-cache-mb", type=float, default=None,
                    help="healing's teacher cache limit (default: CausalHealConfig's; 0: none)")
     p.add_argument("--eval-at", type=int, nargs="*", default=[],
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
         p.error(f"--add-prose: a fraction in [0, 1], got {args.add_prose}")
     if args.add_prose and args.text in ("prose", "both"):
         p.error(f"--add-prose: --text {args.text} holds all of the prose already")
+    if args.text_file is not None and (args.add_prose or args.text != "self"):
+        p.error("--text-file: the text is the file's alone (no --add-prose or --text)")
     if args.sensitivity_sequences < 1:
         p.error(f"--sensitivity-sequences: at least 1, got {args.sensitivity_sequences}")
     if args.hidden_weight and not args.chunk:
@@ -202,9 +208,15 @@ def main(argv=None) -> int:
         return own
 
     texts = []
-    if args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
+    if args.text_file is not None:  # the user's own text, nothing sampled
+        texts = json.loads(args.text_file.read_text())
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+            p.error(f"--text-file: a JSON list of strings expected in {args.text_file}")
+    elif args.text in ("prose", "both"):  # the job's prose (the samples are cached here)
         texts = recipe_text(None, tok, CausalLMRecipe(text_source="prose", seed=args.seed))
-    if args.text in ("self", "both", "chat"):
+    if args.text_file is not None:
+        pass
+    elif args.text in ("self", "both", "chat"):
         texts += samples(args.text == "chat")
     elif args.text == "mixed":  # the first halves of both caches, alternating
         half = args.n_texts // 2
