@@ -289,6 +289,9 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert summary["allocation"] == "sensitivity"
     assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
     assert summary["lm_prose"] is None  # --text: used as it is
+    own = summary["own_text"]  # its last tenth held out and measured
+    assert own["lines"] == 5 and own["tokens"] > 0  # the last 5 of 40 lines: >= 10 % of the text
+    assert own["perplexity_ratio"] == pytest.approx(own["perplexity"] / own["perplexity_dense"])
     from tnlm.compress.llm import CausalLMRecipe
 
     assert summary["sensitivity_sequences"] == CausalLMRecipe.sensitivity_sequences == 4
@@ -436,6 +439,36 @@ def test_the_default_out_is_named_after_the_model(tmp_path, monkeypatch):
     assert main(["compress", str(folder), "--text", str(text)]) == 2
     assert [str(c) for c in seen] == ["out/llm-mpo/layerwise"]
     assert not (tmp_path / "out").exists()  # what the failed run created is removed again
+
+
+def test_the_last_tenth_of_the_users_text_is_held_out_and_never_healed_on(tmp_path,
+                                                                         monkeypatch):
+    from tnlm.cli import main
+
+    folder, text = _llm_folder(tmp_path)
+    lines = text.read_text().splitlines()
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: kw.get("text"))
+    assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet"]) == 2
+    assert seen == [lines[:35]]  # the last 5 lines hold >= 10 % of the characters, 4 do not
+    tail = sum(map(len, lines[35:])) / sum(map(len, lines))
+    assert tail >= 0.1 > tail - len(lines[35]) / sum(map(len, lines))
+
+
+def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
+    from tnlm.compress.causal_text import split_held_out
+
+    assert split_held_out(["a" * 10] * 10) == (["a" * 10] * 9, ["a" * 10])
+    assert split_held_out(["a" * 10] * 10, 0.25) == (["a" * 10] * 7, ["a" * 10] * 3)
+    assert split_held_out(["a" * 100, "b", "c", "d"]) == (["a" * 100], ["b", "c", "d"])
+    assert split_held_out(["x", "y"], 0.9) == (["x"], ["y"])  # one text is always kept
+    for texts, fraction, match in ((["x"], 0.1, "at least 2 texts"),
+                                   (["x", "y"], 0.0, r"fraction must be in \(0, 1\)"),
+                                   (["x", "y"], 1.0, "fraction must be in"),
+                                   (["x", "y"], True, "fraction must be in")):
+        with pytest.raises(ValueError, match=match):
+            split_held_out(texts, fraction)
+    with pytest.raises(TypeError, match="one str"):
+        split_held_out("one long string")
 
 
 def test_a_budget_of_one_truncates_nothing_and_does_not_heal():

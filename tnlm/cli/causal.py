@@ -39,6 +39,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     import math
     from datetime import timedelta
 
+    from tnlm.compress.causal_text import split_held_out
     from tnlm.compress.distributed import process_group_from_env
     from tnlm.compress.llm import CausalLMRecipe, has_checkpoint, remove_checkpoint
     from tnlm.compress.text import read_sentences
@@ -70,7 +71,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     if args.resume and not has_checkpoint(Path(args.out) / LAYERWISE_DIR):
         raise UserError(f"--resume: {Path(args.out) / LAYERWISE_DIR} holds no layer-by-layer "
                         "checkpoint to resume")
-    text = None
+    text = own_text = None
     if args.text and args.lm_text is not None:
         raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
     for flag, value, what in (("--lm-texts", args.lm_texts,
@@ -112,6 +113,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             raise text_error(err) from None
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
+        # the last tenth is held out: the job measures perplexity on the user's own text
+        text, own_text = split_held_out(text, OWN_HELD_OUT)
     targets = args.targets.split(",") if args.targets else list(arch.targets)
     job = recipe.heal  # the job's defaults (every one not set here is kept)
     chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
@@ -160,8 +163,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         # gloo: the CLI loads and compresses on the CPU, whatever GPUs the machine has
         with process_group_from_env(timedelta(minutes=args.dist_timeout),
                                     backend="gloo") as (rank, size):
-            return _compress_causal_job(args, source, arch, recipe, text, out, say, rank,
-                                        size)
+            return _compress_causal_job(args, source, arch, recipe, text, own_text, out, say,
+                                        rank, size)
     except BaseException as err:
         if out is not None:
             ckpt = out / LAYERWISE_DIR
@@ -184,6 +187,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
 
 #: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
 LAYERWISE_DIR = "layerwise"
+#: the share of --text's characters (its last lines) held out to measure the result
+OWN_HELD_OUT = 0.1
 
 #: the flag that sets each field a resumed checkpoint names (its recipe's, its text's or
 #: its layer-by-layer settings')
@@ -259,7 +264,8 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
 
 
 
-def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size) -> int:
+def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, rank,
+                         size) -> int:
     """The work of :func:`compress_causal` once the inputs are checked (and, under
     torchrun, the process group is up); perplexity, printing and saving on rank 0 only.
 
@@ -314,7 +320,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
         try:
             token_sequences(tok, text, recipe.seq_len)
         except ValueError as err:
-            raise UserError(f"--text {args.text}: {err}") from None
+            raise UserError(f"--text {args.text}: {err} (its last tenth, "
+                            f"{len(own_text)} lines, is held out to measure the result)") from None
     if text is None and recipe.text_source in ("chat", "mixed") and not getattr(
             tok, "chat_template", None):
         name = source.folder / source.gguf_file if source.gguf_file else source.folder
@@ -339,6 +346,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                            "healing prose never names)")
         with stage("dense_perplexity"):
             dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
+            dense_own = None if own_text is None else perplexity(
+                model, tok, own_text, max_length=256, stride=256)
     res = compress_causal_lm(model, tok, recipe, text=text,
                              progress=not args.quiet and rank == 0, log=say,
                              checkpoint_dir=ckpt, resume=args.resume)
@@ -352,6 +361,8 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
     peaks.update(res.peak_rss_mb)
     with stage("perplexity"):
         ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
+        own = None if own_text is None else perplexity(model, tok, own_text, max_length=256,
+                                                       stride=256)
     if out is not None:
         from tnlm.export import save_self_contained
 
@@ -388,7 +399,12 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
                    else recipe.resolved_prose_fraction(),
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
-                   eval_text=eval_source, seconds=seconds, peak_rss_mb=peaks,
+                   eval_text=eval_source,
+                   # the held-out last tenth of --text (never calibrated or healed on)
+                   own_text=None if own is None else dict(
+                       lines=len(own_text), tokens=own.n_tokens, perplexity_dense=dense_own.ppl,
+                       perplexity=own.ppl, perplexity_ratio=own.ppl / dense_own.ppl),
+                   seconds=seconds, peak_rss_mb=peaks,
                    rss_after_load_mb=loaded_mb, peak_stage=top,
                    peak_over_loaded=(known[top] / loaded_mb if top and loaded_mb else None),
                    processes=size)
@@ -400,6 +416,10 @@ def _compress_causal_job(args, source, arch, recipe, text, out, say, rank, size)
               f"{recipe.method}; healing {heal_steps} steps ({recipe.heal.optimizer})")
         print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
               f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
+        if own is not None:
+            print(f"perplexity on {own.n_tokens:,} tokens of the last tenth of --text "
+                  f"{args.text} ({len(own_text)} lines, held out): dense {dense_own.ppl:.2f}, "
+                  f"compressed {own.ppl:.2f} ({own.ppl / dense_own.ppl:.3f}x)")
         if summary["peak_over_loaded"] is not None:
             print(f"peak memory {known[top]:,.0f} MiB ({top}), "
                   f"{summary['peak_over_loaded']:.2f}x the {loaded_mb:,.0f} MiB after loading")

@@ -23,7 +23,7 @@ from tnlm.compress.lm_quality import eos_ids, until_eos
 from tnlm.compress.sampling import NucleusSampler
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
-           "token_sequences"]
+           "split_held_out", "token_sequences"]
 
 
 @torch.no_grad()
@@ -198,6 +198,30 @@ def check_texts(texts: Any, name: str = "texts") -> list[str]:
         raise TypeError(f"{name} must be a sequence of strings (documents), got items of "
                         f"type {', '.join(bad)}")
     return texts
+
+
+def split_held_out(texts: Sequence[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """The texts cut in two, in order: those to calibrate and heal on, and the shortest run of
+    texts at the end that holds at least ``fraction`` of all characters (at least one text),
+    held out to measure the perplexity on the user's own text.
+
+    The held-out part is a contiguous tail, as a test split follows its training split: a
+    document is never on both sides.
+
+    Raises:
+        TypeError: ``texts`` is one string (or holds something else than strings).
+        ValueError: fewer than two texts, or ``fraction`` not in (0, 1).
+    """
+    texts = check_texts(texts)
+    if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    if len(texts) < 2:
+        raise ValueError(f"at least 2 texts are needed to hold one out, got {len(texts)}")
+    total, tail, k = sum(len(t) for t in texts), 0, len(texts)
+    while k > 1 and (k == len(texts) or tail < fraction * total):
+        k -= 1
+        tail += len(texts[k])
+    return texts[:k], texts[k:]
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
