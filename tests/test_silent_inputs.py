@@ -182,3 +182,37 @@ def test_export_refuses_an_unused_base_and_a_causal_lm_without_a_tokenizer(llm, 
     assert main(["export", str(bare), "--format", "hf", "--out", str(tmp_path / "c"),
                  "--base", str(folder)]) == 0  # the tokenizer from --base
     assert (tmp_path / "c" / "tokenizer_config.json").is_file()
+
+
+def test_compress_out_refuses_a_folder_of_other_files_and_keeps_them(llm, tmp_path, capsys):
+    """``--out MODEL`` or a project folder: the saved model would have overwritten its
+    config.json, README.md and tokenizer, and sat beside its dense weights."""
+    folder, text = llm
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert main(["compress", str(folder), "--text", str(text), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {folder} holds other files (" in err and "no earlier tnlm model" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("mine")
+    assert main(["compress", str(folder), "--text", str(text), "--out", str(project)]) == 2
+    assert "holds other files (README.md)" in capsys.readouterr().err
+    assert (project / "README.md").read_text() == "mine"
+
+
+def test_make_out_accepts_new_empty_earlier_and_own_folders(tmp_path):
+    from tnlm.cli.common import make_out
+
+    own = ("layerwise",)
+    assert make_out(str(tmp_path / "new" / "out"), own=own)[0] == tmp_path / "new" / "out"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_text("")
+    (tmp_path / "empty" / "layerwise").mkdir()  # a stopped run's checkpoint: --resume
+    assert make_out(str(tmp_path / "empty"), own=own)[0] == tmp_path / "empty"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("mpo_config.json", "config.json", "README.md"):
+        (earlier / name).write_text("{}")
+    assert make_out(str(earlier), own=own)[0] == earlier
+    assert make_out(str(tmp_path), own=None)[0] == tmp_path  # no check asked (tnlm export)

@@ -148,7 +148,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                 f"sequences make {n_batches} batches of {per}, which "
                 + ("must be shared equally (a number of processes that divides "
                    f"{n_batches})" if fitting else f"at most {n_batches} processes can share"))
-    out, created = make_out(args.out) if rank == 0 else (None, [])
+    out, created = make_out(args.out, own=(LAYERWISE_DIR,)) if rank == 0 else (None, [])
 
     def say(*parts: object) -> None:
         if not args.quiet and rank == 0:

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tnlm.integration.io import CONFIG_NAME
+
 __all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
            "text_error",
            "check_budget_and_healing", "launched", "encoder_only_defaults"]
@@ -33,13 +35,28 @@ class HealingDiverged(Exception):
     """Healing blew up: reported in one line, exit status 1."""
 
 
-def make_out(out: str | None) -> tuple[Path | None, list[Path]]:
+def make_out(out: str | None, own: Sequence[str] | None = None
+             ) -> tuple[Path | None, list[Path]]:
     """The output folder, created (with its parents) and a probe file written and removed
     there, before any work (``os.access`` says yes to root even where writing fails);
-    returns it and the folders this created, innermost last."""
+    returns it and the folders this created, innermost last.
+
+    With ``own`` (the names a job of this command leaves there while it runs), an existing
+    folder must be empty, hold an earlier tnlm model (its ``mpo_config.json``) or only
+    those names and hidden files: a model written into another folder (a model folder,
+    a project) would overwrite its ``config.json``, ``README.md`` and tokenizer and be
+    mistaken for the dense model beside it."""
     if not out:
         return None, []
     d = Path(out)
+    if own is not None and d.is_dir() and not (d / CONFIG_NAME).is_file():
+        others = sorted(p.name for p in d.iterdir()
+                        if p.name not in own and not p.name.startswith("."))
+        if others:
+            shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+            raise UserError(f"--out {d} holds other files ({shown}) and no earlier tnlm "
+                            "model: writing the model there would overwrite them; give a "
+                            "new or empty folder")
     missing = []
     p = d
     while not p.exists():

@@ -156,7 +156,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         heal_steps=args.heal_steps, lr=args.lr, heal_train=args.heal_train,
         teacher_bf16=args.teacher_bf16, seed=args.seed,
         pivoted=EncoderRecipe.pivoted if args.pivoted is None else args.pivoted)
-    out, created = make_out(args.out)
+    out, created = make_out(args.out, own=("healing",))
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
