@@ -7,7 +7,7 @@ the user-text counterpart: sentences of the *training* splits (SST-2 train lines
 ``--min-words`` words, CoLA train sentences labelled acceptable, SICK train sentences), none
 equal to a held-out sentence, shuffled with the seed, in documents of ``--per-doc`` sentences
 joined by newlines (as the held-out documents are), as many as hold ``--tokens`` tokens of
-SmolLM2's tokenizer (default: as many as the job's default text of seed 0, read from
+SmolLM2's tokenizer (default: as many as the job's default text of the seed, read from
 ``--match``). Writes a JSON list of strings for ``llm_compress.py --text-file``.
 
     python experiments/indomain_text.py --out results/llm/text/indomain_s0.json
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     if args.tokens is None:
         from tnlm.compress.llm import shipped_prose
 
-        default = json.loads(args.match.read_text()) + shipped_prose(0, 0.25)
+        default = json.loads(args.match.read_text()) + shipped_prose(args.seed, 0.25)
         args.tokens = len(tok("\n\n".join(default), add_special_tokens=False)["input_ids"])
     by_corpus = training_sentences(args.shared, args.min_words)
     pool = [s for v in by_corpus.values() for s in v if s not in held_out]

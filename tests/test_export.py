@@ -1467,3 +1467,24 @@ def test_a_lightweight_checkpoint_naming_no_base_is_not_given_the_working_folder
     monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(ValueError, match="lightweight task checkpoint: it needs its base"):
         load_compressed(tmp_path / "light", base=None)
+
+
+def test_sentence_transformers_files_need_a_tokenizer_and_a_length_the_model_has(
+        compressed, tok, tmp_path):
+    """Without its tokenizer a sentence-transformers folder encoded every word as [UNK];
+    a truncation length beyond the model's positions failed at encode time."""
+    from tnlm.export import sentence_transformer
+
+    with pytest.raises(ValueError, match="sentence_transformers=True needs the tokenizer"):
+        save_self_contained(compressed, None, tmp_path / "st", sentence_transformers=True)
+    bare = save_self_contained(compressed, None, tmp_path / "bare")  # the default: no ST files
+    assert not (bare / "modules.json").exists()
+    for bad in (0, -5, True, 65, 2.0):  # the model has 64 positions
+        with pytest.raises(ValueError, match=r"max_seq_length must be an int in \[1, 64\]"):
+            save_self_contained(compressed, tok, tmp_path / f"bad{bad}", max_seq_length=bad)
+    d = save_self_contained(compressed, tok, tmp_path / "ok")  # default: min(128, 64)
+    assert json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        sentence_transformer(d)

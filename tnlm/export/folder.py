@@ -125,7 +125,7 @@ def lightweight_base(meta: dict[str, Any]) -> Path | None:
 
 def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLike, *,
                         sentence_transformers: bool | None = None,
-                        max_seq_length: int = 128, keep_sentence_files: bool = False,
+                        max_seq_length: int | None = None, keep_sentence_files: bool = False,
                         shown_as: str | os.PathLike | None = None) -> Path:
     """Write ``model`` to ``folder`` so that :func:`load_compressed` rebuilds it from the
     folder alone (no base model needed).
@@ -138,10 +138,12 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
             and normalisation of the last hidden states, as
             :func:`tnlm.integration.mean_pooled`), so that
             :func:`tnlm.export.sentence_transformer` loads it. ``None`` (default): for a
-            model that does not generate (an encoder), not for a causal LM.
-        max_seq_length: the sentence-transformers truncation length (128: the length
-            :func:`tnlm.integration.mean_pooled` truncates to; all-MiniLM-L6-v2's own
-            folder says 256).
+            model that does not generate (an encoder) saved with its tokenizer, not for a
+            causal LM.
+        max_seq_length: the sentence-transformers truncation length (default: 128, the
+            length :func:`tnlm.integration.mean_pooled` truncates to, or the model's
+            ``max_position_embeddings`` where that is fewer; all-MiniLM-L6-v2's own folder
+            says 256).
         keep_sentence_files: leave the sentence-transformers files already in ``folder``
             as they are (neither written nor removed): for sentence-transformers' own
             ``save``, which writes them itself (its prompts and similarity function
@@ -158,8 +160,10 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
 
     Raises:
         TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
-        ValueError: ``sentence_transformers=True`` for a causal LM, or with
-            ``keep_sentence_files``.
+        ValueError: ``sentence_transformers=True`` for a causal LM, without a tokenizer
+            or with ``keep_sentence_files``; ``max_seq_length`` not an int between 1 and
+            the model's ``max_position_embeddings`` (where sentence-transformers files are
+            written).
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
@@ -169,11 +173,23 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         raise ValueError("keep_sentence_files=True leaves the folder's sentence-transformers "
                          "files as they are: it cannot be given with sentence_transformers=True")
     if sentence_transformers is None:
-        sentence_transformers = not generates and not keep_sentence_files
+        sentence_transformers = (not generates and not keep_sentence_files
+                                 and tokenizer is not None)
     elif sentence_transformers and generates:
         raise ValueError(f"sentence_transformers=True: {type(model.base_model).__name__} is a "
                          "causal LM (it generates); sentence-transformers files are written "
                          "for encoders only")
+    elif sentence_transformers and tokenizer is None:
+        raise ValueError("sentence_transformers=True needs the tokenizer (tokenizer=None): "
+                         "without it every word would be encoded as an unknown token")
+    if sentence_transformers:
+        limit = getattr(model.base_model.config, "max_position_embeddings", None)
+        if max_seq_length is None:
+            max_seq_length = 128 if limit is None else min(128, limit)
+        if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                or max_seq_length < 1 or (limit is not None and max_seq_length > limit)):
+            raise ValueError(f"max_seq_length must be an int in [1, {limit or 'the positions'}]"
+                             f" (the model's max_position_embeddings), got {max_seq_length!r}")
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from

@@ -23,7 +23,13 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
-from tnlm.export.folder import ST_MODULE, check_checkpoint, load_compressed, save_self_contained
+from tnlm.export.folder import (
+    ST_MODULE,
+    check_checkpoint,
+    has_tokenizer,
+    load_compressed,
+    save_self_contained,
+)
 
 __all__ = ["MPOTransformer", "sentence_transformer"]
 
@@ -62,13 +68,17 @@ def sentence_transformer(folder: str | os.PathLike, device: str = "cpu") -> Sent
     ``SentenceTransformer(folder, trust_remote_code=True)`` reads them.
 
     Raises:
-        ValueError: ``folder`` is not a tnlm checkpoint with sentence-transformers files.
+        ValueError: ``folder`` is not a tnlm checkpoint with sentence-transformers files
+            and a tokenizer.
     """
     d = Path(folder)
     check_checkpoint(d)
     if not (d / "modules.json").is_file():
         raise ValueError(f"{d} has no modules.json: save it with save_self_contained(..., "
                          "sentence_transformers=True)")
+    if not has_tokenizer(d):
+        raise ValueError(f"{d} holds no tokenizer (tokenizer.json, tokenizer_config.json or "
+                         "vocab.txt): every word would be encoded as an unknown token")
     entries = json.loads((d / "modules.json").read_text())
     modules: list[Any] = []
     for e in sorted(entries, key=lambda e: e["idx"]):
