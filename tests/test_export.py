@@ -632,7 +632,8 @@ def test_table4_bytes_of_minilm():
     assert table4_bytes(30522, 384, 64) == 30522 * (192 + 6 * 4) == 6_592_752
 
 
-@pytest.mark.parametrize("block,bad", [(3, "block_size"), (0, "block_size")])
+@pytest.mark.parametrize("block,bad", [(3, "block_size"), (0, "block_size"),
+                                       (10, r"wider than the table \(8 columns\)")])
 def test_table4_refuses_a_bad_block(block, bad):
     from tnlm.export.table4 import quantize_table_4bit
 
@@ -1301,6 +1302,10 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
      r"^--fuse with --per-tensor would give query, key and value one int8 scale"),
     (["{ckpt}", "--format", "hf", "--opset", "18", "--out", "{tmp}/hf"],
      r"^--opset applies to --format onnx only"),
+    (["{ckpt}", "--format", "onnx", "--opset", "7", "--base", "{base}", "--out",
+      "{tmp}/m.onnx"],
+     r"^--opset 7: the exporter could not convert the graph to it, only to opset \d+; "
+     r"nothing was written"),
     (["{ckpt}", "--format", "st", "--no-pooling", "--out", "{tmp}/st"],
      r"^--no-pooling applies to --format onnx only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--embedding-block", "16", "--out", "{tmp}/m.onnx"],
@@ -1334,6 +1339,7 @@ def test_cli_errors_name_the_argument(checkpoint, tmp_path, argv, match):
     assert "\n" not in str(err.value)
     assert isinstance(err.value, ValueError)  # tnlm's main prints ValueErrors in one line
     assert not (tmp_path / "st").exists() and not (tmp_path / "hf").exists()
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_never_mixes_two_models_in_one_folder(checkpoint, tmp_path):
@@ -1388,8 +1394,8 @@ def test_cli_export_that_fails_leaves_nothing(checkpoint, tmp_path, monkeypatch)
 
 def test_cli_export_refuses_a_tokenizer_that_is_not_the_model_s(compressed, tok, checkpoint,
                                                                tmp_path):
-    """A folder without its tokenizer is not given MiniLM's, and a --base of another
-    architecture than the folder's own config.json is refused, not silently ignored."""
+    """A folder without its tokenizer is not given MiniLM's, and a --base whose config.json
+    is not the folder's own is refused: its tokenizer would not be this model's."""
     _, base = checkpoint
     bare = tmp_path / "bare"
     save_self_contained(compressed, None, bare)  # config.json, no tokenizer
@@ -1400,11 +1406,20 @@ def test_cli_export_refuses_a_tokenizer_that_is_not_the_model_s(compressed, tok,
     other.mkdir()
     (other / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
     tok.save_pretrained(other)
-    args = parse([str(bare), "--format", "hf", "--base", str(other), "--out",
+    with pytest.raises(ExportError, match=rf"--base {other} is not the model in {bare}: "
+                                          r"their config.json differ in hidden_act;"):
+        cmd_export(parse([str(bare), "--format", "hf", "--base", str(other), "--out",
+                          str(tmp_path / "hf")]))
+    assert not (tmp_path / "hf").exists()
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(same)
+    args = parse([str(bare), "--format", "hf", "--base", str(same), "--out",
                   str(tmp_path / "hf")])
     assert cmd_export(args) == 0 and args.opset is None  # the caller's namespace unchanged
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert written["hidden_act"] == cfg["hidden_act"] != "relu"  # DIR's config, not --base's
+    assert written["hidden_act"] == cfg["hidden_act"]
     assert (tmp_path / "hf" / "tokenizer.json").is_file()  # --base's tokenizer
 
 

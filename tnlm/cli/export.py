@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,18 @@ def _check_args(args: argparse.Namespace
             and has_tokenizer(d):
         raise ExportError(f"--base gives the architecture and the tokenizer a DIR lacks; {d} "
                           "holds its own config.json and tokenizer: pass no --base")
+    if base is not None and not meta.get("lightweight") and (d / "config.json").is_file():
+        # DIR's own architecture, the base's tokenizer: the base must be the same model
+        from transformers import AutoConfig
+
+        from tnlm.integration.loading import config_differences
+
+        diff = config_differences(AutoConfig.from_pretrained(str(d)),
+                                  AutoConfig.from_pretrained(str(base)))
+        if diff:
+            shown = ", ".join(diff[:6]) + (", ..." if len(diff) > 6 else "")
+            raise ExportError(f"--base {base} is not the model in {d}: their config.json "
+                              f"differ in {shown}; its tokenizer would not be this model's")
     if base is None and not (d / "config.json").is_file():
         from tnlm.integration import default_model_path
 
@@ -283,11 +296,11 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
     return tok
 
 
-def _check_4bit_table(base: Any, tied_ok: bool = False) -> None:
+def _check_4bit_table(base: Any, block: int, tied_ok: bool = False) -> None:
     """:class:`ExportError` before any export unless the word embeddings are a plain
     table of their own (``tied_ok``: or tied to the language-model head, which
     ``--weight-bits`` gives its own quantized copy), which ``--embedding-bits 4`` can
-    store in 4 bits."""
+    store in 4 bits in blocks of ``block`` columns, no wider than the table."""
     from torch import nn
 
     emb = base.get_input_embeddings()
@@ -300,6 +313,10 @@ def _check_4bit_table(base: Any, tied_ok: bool = False) -> None:
                           "language-model head, whose MatMul reads it whole; leave out "
                           "--embedding-bits 4 (the table is then int8), or use --weight-bits, "
                           "which gives the head its own quantized copy")
+    width = emb.weight.shape[1]
+    if block > width + width % 2:  # padded to whole blocks: a wider block only adds bytes
+        raise ExportError(f"--embedding-block {block} is wider than the word-embedding "
+                          f"table ({width} columns); give at most {width + width % 2}")
 
 
 @contextlib.contextmanager
@@ -364,7 +381,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ExportError(f"DIR {d} holds no tokenizer: the transformers folder would have "
                           "none; pass --base FOLDER holding its tokenizer")
     if args.embedding_bits == 4:
-        _check_4bit_table(model.base_model, tied_ok=args.weight_bits is not None)
+        _check_4bit_table(model.base_model, args.embedding_block,
+                          tied_ok=args.weight_bits is not None)
     if args.format == "hf":
         with _staged(out, folder=True) as tmp:
             res = export_hf(model, tmp, tok, quiet=True, shown_as=out)
@@ -389,12 +407,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     pooling = None if args.no_pooling or head else "mean"
 
     def write(path: Path) -> Any:
-        if causal:  # a causal LM: the graph with its key/value cache
-            from tnlm.export.onnx_decoder import export_onnx_decoder
+        with warnings.catch_warnings():  # another opset than asked: refused below
+            warnings.filterwarnings("ignore", message=".*opset .* was asked for")
+            if causal:  # a causal LM: the graph with its key/value cache
+                from tnlm.export.onnx_decoder import export_onnx_decoder
 
-            return export_onnx_decoder(model, path, opset=args.opset, fuse=args.fuse)
-        return export_onnx(model, tok, path, opset=args.opset, pooling=pooling,
-                           fuse=args.fuse)
+                res = export_onnx_decoder(model, path, opset=args.opset, fuse=args.fuse)
+            else:
+                res = export_onnx(model, tok, path, opset=args.opset, pooling=pooling,
+                                  fuse=args.fuse)
+        if res["opset"] != args.opset:  # the staged file is discarded: nothing is written
+            raise ExportError(f"--opset {args.opset}: the exporter could not convert the "
+                              f"graph to it, only to opset {res['opset']}; nothing was "
+                              f"written (--opset {res['opset']} can be)")
+        return res
 
     def outputs(res: Any) -> str:
         if causal:

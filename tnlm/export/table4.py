@@ -86,7 +86,8 @@ def quantize_table_4bit(table: np.ndarray, block_size: int = 64) -> Table4:
 
     Raises:
         ValueError: ``table`` is not a 2-D float array with finite values, or
-            ``block_size`` is not an even integer >= 2.
+            ``block_size`` is not an even integer >= 2 or is wider than the table (its
+            width, rounded up to even).
     """
     block = _check_block(block_size)
     table = np.asarray(table)
@@ -96,6 +97,9 @@ def quantize_table_4bit(table: np.ndarray, block_size: int = 64) -> Table4:
     if not np.isfinite(table).all():
         raise ValueError("table holds inf or nan values")
     rows, width = table.shape
+    if block > width + width % 2:  # padding to a wider block only adds bytes
+        raise ValueError(f"block_size {block} is wider than the table ({width} columns); "
+                         f"give at most {width + width % 2}")
     blocks = -(-width // block)
     padded = blocks * block
     x = table.astype(np.float64)
