@@ -297,6 +297,18 @@ def test_weight_only_factors_keep_the_embedding_and_bad_arguments_are_named(
         quantize_weights(tmp_path / "w8.onnx", tmp_path / "bad.onnx")
     with pytest.raises(ValueError, match="is quantized already"):
         quantize_weights(tmp_path / "int8.onnx", tmp_path / "bad.onnx")
+    for quantized in ("w8.onnx", "int8.onnx"):  # int8 over weight-only or int8 codes
+        with pytest.raises(ValueError, match="is quantized already"):
+            quantize_int8(tmp_path / quantized, tmp_path / "bad.onnx")
+    for kw, match in ((dict(per_channel="no"), "per_channel must be a bool"),
+                      (dict(reduce_range="yes"), "reduce_range must be None or a bool"),
+                      (dict(embedding_bits=8.0), "embedding_bits must be one of"),
+                      (dict(embedding_bits=True), "embedding_bits must be one of")):
+        with pytest.raises(ValueError, match=match):
+            quantize_int8(exported.path, tmp_path / "bad.onnx", **kw)
+    with pytest.raises(ValueError, match="is a folder; expected the file to write"):
+        quantize_int8(exported.path, tmp_path)
+    assert not (tmp_path / "bad.onnx").exists()
 
     def broken(*a, **k):
         raise OSError("disk full")

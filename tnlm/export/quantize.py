@@ -19,13 +19,28 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from tnlm.export.onnx_graph import external_files, gauge_fixed_chains, replace_onnx
 
-__all__ = ["quantize_int8", "EMBEDDING_BITS"]
+__all__ = ["quantize_int8", "is_quantized", "EMBEDDING_BITS", "QUANTIZED_OPS", "BITS_KEY"]
 
 #: the word-embedding precisions :func:`quantize_int8` offers
 EMBEDDING_BITS = (8, 4)
+
+
+#: the operators of a graph quantized already (ONNX Runtime's dynamic int8, weight-only)
+QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul",
+                           "DynamicQuantizeLinear", "DequantizeLinear", "QLinearMatMul"})
+#: the metadata key :func:`~tnlm.export.weight_only.quantize_weights` records its bits in
+BITS_KEY = "tnlm.weight_bits"
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the ONNX ``model`` (a ``ModelProto``) is quantized already: an operator of
+    :data:`QUANTIZED_OPS` or tnlm's record of weight-only bits."""
+    return (any(p.key == BITS_KEY for p in model.metadata_props)
+            or any(n.op_type in QUANTIZED_OPS for n in model.graph.node))
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -69,13 +84,20 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
-        ValueError: ``embedding_bits`` not 8 or 4, a bad ``block_size``, or
+        ValueError: ``src`` is quantized already (:func:`is_quantized`); ``dst`` is a
+            folder; ``embedding_bits`` not 8 or 4, a bad ``block_size``,
+            ``per_channel`` or ``reduce_range`` not a bool, or
             ``embedding_bits=4`` on a graph without a float word-embedding ``Gather``
             at ``input_ids`` (e.g. an MPO embedding) or whose table is tied to another
             layer.
     """
-    if embedding_bits not in EMBEDDING_BITS:
+    if isinstance(embedding_bits, bool) or not isinstance(embedding_bits, int) \
+            or embedding_bits not in EMBEDDING_BITS:
         raise ValueError(f"embedding_bits must be one of {EMBEDDING_BITS}, got {embedding_bits!r}")
+    if not isinstance(per_channel, bool):
+        raise ValueError(f"per_channel must be a bool, got {per_channel!r}")
+    if reduce_range is not None and not isinstance(reduce_range, bool):
+        raise ValueError(f"reduce_range must be None or a bool, got {reduce_range!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
             or block_size % 2:
         raise ValueError(f"block_size must be an even integer >= 2, got {block_size!r}")
@@ -89,6 +111,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
+    if dst.is_dir():
+        raise ValueError(f"dst {dst} is a folder; expected the file to write")
+    if is_quantized(onnx.load(str(src), load_external_data=False)):
+        raise ValueError(f"{src} is quantized already; quantize the float32 export")
     chains = gauge_fixed_chains(src) or 0
     if reduce_range is None:
         reduce_range = bool(per_channel or chains)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tnlm.export.onnx_graph import external_files, replace_onnx
+from tnlm.export.quantize import BITS_KEY, is_quantized
 
 __all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS", "COMPUTE_FLOAT", "COMPUTE_INT8",
            "default_compute"]
@@ -61,7 +62,6 @@ def default_compute(bits: int) -> int:
 _PROTOBUF_LIMIT = 2**31 - 2**24
 
 #: the metadata key recording the precision of a quantized file
-_BITS_KEY = "tnlm.weight_bits"
 
 
 def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 8,
@@ -132,11 +132,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         raise FileNotFoundError(f"no ONNX file {src}")
     source_data = external_files(src)
     model = onnx.load(str(src))
-    props = {p.key: p.value for p in model.metadata_props}
-    if _BITS_KEY in props or any(n.op_type in ("MatMulNBits", "MatMulInteger",
-                                               "DynamicQuantizeMatMul")
-                                 for n in model.graph.node):
+    if is_quantized(model):
         raise ValueError(f"{src} is quantized already; quantize the float32 export")
+    props = {p.key: p.value for p in model.metadata_props}
     untie_transposed_weights(model)
     tables: list[str] = []
     if embedding_bits == 4:
@@ -164,7 +162,7 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
             gather_4bit(out, tables, embedding_block)
         except ValueError as err:
             raise ValueError(f"embedding_bits=4: {err}") from None
-    props[_BITS_KEY] = str(bits)
+    props[BITS_KEY] = str(bits)
     props["tnlm.weight_compute"] = "int8" if compute == COMPUTE_INT8 else "float32"
     del out.metadata_props[:]  # the source's records (e.g. tnlm.gauge_fixed_chains) kept
     for key, value in props.items():
