@@ -200,3 +200,31 @@ def test_eval_refuses_bad_input_in_one_line(llm, tmp_path, capsys, monkeypatch, 
     assert err.startswith("tnlm: error: ") and message.format(**names) in err
     assert len(err.strip().splitlines()) == 1
     assert loads == []  # refused before any model was loaded
+
+
+def test_eval_checks_windows_and_widths_against_the_loaded_models(llm, tmp_path, capsys):
+    """Windows beyond a causal LM's positions, or encoders of two widths, were an
+    IndexError or a size mismatch; an encoder with fewer than 128 positions truncates to
+    them."""
+    folder, text, _, _ = llm
+    assert main(["eval", str(folder), "--text", str(text), "--max-length", "512",
+                 "--stride", "256"]) == 2
+    assert f"--max-length 512 exceeds the 256 positions of MODEL {folder}; give at most " \
+        "256" in capsys.readouterr().err
+
+    def bert(name, hidden, positions=512):
+        d = tmp_path / name
+        BertModel(BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=1,
+                             num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=positions)).save_pretrained(d)
+        make_bert_tokenizer(tmp_path).save_pretrained(d)
+        return d
+
+    lines = tmp_path / "long.txt"
+    lines.write_text("the cat is on the mat and the dog is of the day\n" * 3)
+    assert main(["eval", str(bert("wide", 48)), "--reference", str(bert("narrow", 32)),
+                 "--text", str(lines)]) == 2
+    assert "MODEL's embeddings have 48 dimensions and --reference" in capsys.readouterr().err
+    short = bert("short", 32, positions=16)  # each line is over 40 character tokens
+    same = _eval(capsys, short, "--reference", short, "--text", lines)
+    assert same["sentences"] == 3 and same["cosine_mean"] == pytest.approx(1.0, abs=1e-6)

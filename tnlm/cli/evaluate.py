@@ -240,16 +240,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ref = _load(run["ref"], run["ref_checkpoint"])
     out: dict[str, Any] = dict(model=str(run["model"]), reference=None if ref is None
                                else str(run["ref"]), text=source)
+    length = _check_shapes(args, run, model, ref)
     if run["causal"]:
         out.update(_causal(args, model, tok, ref, ref_tok, texts))
     else:
-        out.update(_encoder(args, model, tok, ref, texts))
+        out.update(_encoder(args, model, tok, ref, texts, length))
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
     for line in _lines(out):
         print(line)
     return 0
+
+
+def _positions(model: Any) -> int | None:
+    cfg = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def _check_shapes(args: argparse.Namespace, run: dict[str, Any], model: Any,
+                  ref: Any) -> int:
+    """What the loaded models' configurations allow, checked before any is run: a causal
+    LM's windows within both models' positions; an encoder's embeddings of one width
+    (returns the encoder's truncation length: 128 tokens, or fewer positions)."""
+    named = [("MODEL", run["model"], model)] + ([("--reference", run["ref"], ref)]
+                                                if ref is not None else [])
+    if run["causal"]:
+        for flag, path, m in named:
+            n = _positions(m)
+            if n is not None and args.max_length > n:
+                raise EvalError(f"--max-length {args.max_length} exceeds the {n} positions of "
+                                f"{flag} {path}; give at most {n}")
+        return args.max_length
+    widths = {flag: m.config.get_text_config().hidden_size for flag, _, m in named}
+    if len(set(widths.values())) > 1:
+        raise EvalError(f"MODEL's embeddings have {widths['MODEL']} dimensions and "
+                        f"--reference {run['ref']}'s {widths['--reference']}: their cosine "
+                        "is not defined (is it the same model?)")
+    return min([128] + [n for _, _, m in named if (n := _positions(m)) is not None])
 
 
 def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: Any,
@@ -284,11 +316,12 @@ def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: A
 
 
 def _encoder(args: argparse.Namespace, model: Any, tok: Any, ref: Any,
-             texts: list[str]) -> dict[str, Any]:
+             texts: list[str], max_length: int = 128) -> dict[str, Any]:
     from tnlm.compress.quality import embedding_cosine
 
     sentences = _lines_of(texts)
-    cos = embedding_cosine(model, ref, tok, sentences, batch_size=args.batch_size)
+    cos = embedding_cosine(model, ref, tok, sentences, batch_size=args.batch_size,
+                           max_length=max_length)
     return dict(kind="encoder", sentences=len(sentences), cosine_mean=float(cos.mean()),
                 cosine_min=float(cos.min()))
 
