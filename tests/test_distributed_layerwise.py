@@ -188,6 +188,13 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo test runs 
 def test_shards_are_round_robin_batches():
     assert shard_batches(7, 2, 0, 2) == [slice(0, 2), slice(4, 6)]
     assert shard_batches(7, 2, 1, 2) == [slice(2, 4), slice(6, 7)]
+    # a rank outside the world took rank 0's batches a second time
+    for args, match in (((10, 4, 2, 2), r"rank must be an int in \[0, 2\), got 2"),
+                        ((10, 4, -1, 2), "rank must be"), ((10, 0, 0, 2), "batch_size must"),
+                        ((10, 4, 0, 0), "world_size must"), ((-1, 4, 0, 2), "n must"),
+                        ((10, 4, True, 2), "rank must")):
+        with pytest.raises(ValueError, match=match):
+            shard_batches(*args)
 
 
 def test_gram_statistics_all_reduced(two_ranks):

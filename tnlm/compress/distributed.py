@@ -114,7 +114,18 @@ def process_group_from_env(timeout: timedelta | None = None, backend: str | None
 def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[slice]:
     """The sequence slices of the batches rank ``rank`` of ``world_size`` takes from ``n``
     sequences cut into batches of ``batch_size`` (round-robin: batches
-    ``rank, rank + world_size, ...``)."""
+    ``rank, rank + world_size, ...``).
+
+    Raises:
+        ValueError: ``rank`` not in ``[0, world_size)`` (another rank's batches would be
+            taken twice), or ``n`` < 0, ``batch_size`` or ``world_size`` < 1.
+    """
+    for name, v, least in (("n", n, 0), ("batch_size", batch_size, 1),
+                           ("world_size", world_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
     starts = range(0, n, batch_size)
     return [slice(s, min(s + batch_size, n)) for s in list(starts)[rank::world_size]]
 
