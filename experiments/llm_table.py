@@ -92,6 +92,10 @@ def load(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]]:
                  if args.get("sensitivity_sequences", 8) != 8 else ""]
         method += "".join(f", {o}" for o in other if o)
         texts = "prose" if args.get("text") == "prose" else str(int(args.get("n_texts", 0)))
+        if args.get("text_file"):  # a user's own text (one file per seed: one row)
+            texts = "own text: " + re.sub(r"_s\d+$", "", Path(args["text_file"]).stem)
+            rows[(method, float(d["budget"]), heal, texts)].append(d)
+            continue
         if args.get("text") in ("chat", "both", "mixed"):
             texts += f" ({args['text']})"
         if "top_k" in args and args.get("text") != "prose":  # runs before --top-k: top-k 50
