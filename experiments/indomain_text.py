@@ -4,8 +4,9 @@ The field scores a compressed LLM on WikiText's test split after calibrating on 
 split. The decoder runs of docs/results.md are scored on SST-2 dev, CoLA dev and SICK trial
 sentences (``lm_quality.natural_eval_text``) and heal on data-free text; this script writes
 the user-text counterpart: sentences of the *training* splits (SST-2 train lines of at least
-``--min-words`` words, CoLA train sentences labelled acceptable, SICK train sentences), none
-equal to a held-out sentence, shuffled with the seed, in documents of ``--per-doc`` sentences
+``--min-words`` words, CoLA train sentences labelled acceptable; SICK train sentences with
+``--corpora ... sick``, though SICK's splits share most sentences), none equal to a held-out
+sentence, shuffled with the seed, in documents of ``--per-doc`` sentences
 joined by newlines (as the held-out documents are), as many as hold ``--tokens`` tokens of
 SmolLM2's tokenizer (default: as many as the job's default text of the seed, read from
 ``--match``). Writes a JSON list of strings for ``llm_compress.py --text-file``.
@@ -49,6 +50,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", type=Path, default=Path("../shared/data"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpora", nargs="+", choices=("sst2", "cola", "sick"),
+                   default=["sst2", "cola"],
+                   help="the training splits drawn from (default: SST-2 and CoLA; SICK's train "
+                        "and trial pairs are built from the same captions: 681 of the 924 "
+                        "trial sentences are train sentences too, and more nearly so)")
     p.add_argument("--min-words", type=int, default=6)
     p.add_argument("--per-doc", type=int, default=8)
     p.add_argument("--tokens", type=int, default=None)
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
 
         default = json.loads(args.match.read_text()) + shipped_prose(args.seed, 0.25)
         args.tokens = len(tok("\n\n".join(default), add_special_tokens=False)["input_ids"])
-    by_corpus = training_sentences(args.shared, args.min_words)
+    by_corpus = {k: v for k, v in training_sentences(args.shared, args.min_words).items()
+                 if k in args.corpora}
     pool = [s for v in by_corpus.values() for s in v if s not in held_out]
     dropped = sum(len(v) for v in by_corpus.values()) - len(pool)
     random.Random(args.seed).shuffle(pool)
@@ -90,7 +97,8 @@ def main(argv=None) -> int:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(docs))
     tmp.replace(args.out)
-    print(json.dumps(dict(documents=len(docs), tokens=n_tokens, target_tokens=args.tokens,
+    print(json.dumps(dict(corpora=args.corpora, documents=len(docs), tokens=n_tokens,
+                          target_tokens=args.tokens,
                           sentences_by_corpus=used, pool=len(pool),
                           equal_to_held_out_dropped=dropped), indent=1))
     return 0

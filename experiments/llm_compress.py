@@ -64,6 +64,13 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def by_document(model, tok, eval_text, max_length: int) -> list[float]:
+    """The perplexity of each held-out document alone (SST-2 dev, CoLA dev, SICK trial),
+    in non-overlapping windows as the whole stream's."""
+    return [perplexity(model, tok, [doc], max_length=max_length, stride=max_length).ppl
+            for doc in eval_text]
+
+
 def dense_reference(model, tok, cache: Path, eval_text, max_length: int) -> dict:
     """Dense perplexity and answers (their strings and generated token ids), computed once
     and cached; the keyword-checked count with the current keys."""
@@ -72,6 +79,9 @@ def dense_reference(model, tok, cache: Path, eval_text, max_length: int) -> dict
         t = time.perf_counter()
         ppl = perplexity(model, tok, eval_text, max_length=max_length, stride=max_length)
         ref = dict(ppl=ppl.ppl, n_tokens=ppl.n_tokens, seconds=time.perf_counter() - t)
+    if "ppl_by_document" not in ref:  # caches from before it: each document alone
+        ref["ppl_by_document"] = by_document(model, tok, eval_text, max_length)
+        _atomic_json(cache, ref)
     if "answer_ids" not in ref:  # caches from before the ids keep their strings
         answers, ids = greedy_answers(model, tok, simple_questions(), return_ids=True)
         ref.setdefault("answers", answers)
@@ -260,11 +270,15 @@ def main(argv=None) -> int:
     ppl = perplexity(model, tok, eval_text, max_length=args.eval_length,
                      stride=args.eval_length)
     eval_s = time.perf_counter() - t1
+    docs = by_document(model, tok, eval_text, args.eval_length)
     out = dict(method=args.method, budget=args.budget, seed=args.seed,
                allocation=recipe.resolved_allocation() if args.method != "dense" else None,
                heal_optimizer=recipe.heal.optimizer, args={
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         dense_ppl=ref["ppl"], ppl=ppl.ppl, ppl_ratio=ppl.ppl / ref["ppl"],
+        # each held-out document alone (SST-2 dev, CoLA dev, SICK trial) against the dense
+        ppl_by_document=docs, ppl_ratio_by_document=[
+            a / b for a, b in zip(docs, ref["ppl_by_document"])],
         eval_tokens=ppl.n_tokens, dense_param_mb=dense_mb, mmap_threshold_set=mapped)
     if res is not None:
         # the curve's measures ran inside healing: their time is taken out

@@ -461,6 +461,8 @@ def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
     assert split_held_out(["a" * 10] * 10, 0.25) == (["a" * 10] * 7, ["a" * 10] * 3)
     assert split_held_out(["a" * 100, "b", "c", "d"]) == (["a" * 100], ["b", "c", "d"])
     assert split_held_out(["x", "y"], 0.9) == (["x"], ["y"])  # one text is always kept
+    assert split_held_out(["a" * 10] * 10, 0.5, max_chars=15) == (["a" * 10] * 8,
+                                                                  ["a" * 10] * 2)
     for texts, fraction, match in ((["x"], 0.1, "at least 2 texts"),
                                    (["x", "y"], 0.0, r"fraction must be in \(0, 1\)"),
                                    (["x", "y"], 1.0, "fraction must be in"),
@@ -469,6 +471,8 @@ def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
             split_held_out(texts, fraction)
     with pytest.raises(TypeError, match="one str"):
         split_held_out("one long string")
+    with pytest.raises(ValueError, match="max_chars must be None or an int >= 1"):
+        split_held_out(["x", "y"], 0.1, max_chars=0)
 
 
 def test_a_budget_of_one_truncates_nothing_and_does_not_heal():

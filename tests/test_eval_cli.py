@@ -202,15 +202,33 @@ def test_eval_refuses_bad_input_in_one_line(llm, tmp_path, capsys, monkeypatch, 
     assert loads == []  # refused before any model was loaded
 
 
-def test_eval_checks_windows_and_widths_against_the_loaded_models(llm, tmp_path, capsys):
-    """Windows beyond a causal LM's positions, or encoders of two widths, were an
-    IndexError or a size mismatch; an encoder with fewer than 128 positions truncates to
-    them."""
-    folder, text, _, _ = llm
-    assert main(["eval", str(folder), "--text", str(text), "--max-length", "512",
-                 "--stride", "256"]) == 2
-    assert f"--max-length 512 exceeds the 256 positions of MODEL {folder}; give at most " \
-        "256" in capsys.readouterr().err
+def test_eval_checks_windows_and_widths_against_the_loaded_models(tmp_path, capsys):
+    """Windows beyond a learned table of positions (GPT-2's) were an IndexError, encoders
+    of two widths a size mismatch; rotary positions (Llama) have no limit; an encoder
+    with fewer than 128 positions truncates to them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.common import make_causal_lm, make_word_tokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(make_word_tokenizer()), n_positions=32,
+                               n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    make_word_tokenizer().save_pretrained(gpt2)
+    llama = tmp_path / "llama"
+    m = make_causal_lm("llama")
+    m.config.max_position_embeddings = 32  # rotary: not a limit
+    m.save_pretrained(llama)
+    make_word_tokenizer().save_pretrained(llama)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the cat sat on the mat ."] * 20))
+    assert main(["eval", str(gpt2), "--text", str(text), "--max-length", "64", "--stride",
+                 "64"]) == 2
+    assert f"--max-length 64 exceeds the 32 positions of MODEL {gpt2}; give at most 32" \
+        in capsys.readouterr().err
+    assert _eval(capsys, gpt2, "--text", text, "--max-length", "32", "--stride",
+                 "32")["tokens"] > 64
+    assert _eval(capsys, llama, "--text", text, "--max-length", "64", "--stride",
+                 "64")["perplexity"] > 0
 
     def bert(name, hidden, positions=512):
         d = tmp_path / name

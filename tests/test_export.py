@@ -1423,9 +1423,12 @@ def test_cli_export_refuses_a_tokenizer_that_is_not_the_model_s(compressed, tok,
         cmd_export(parse([str(bare), "--format", "hf", "--base", str(other), "--out",
                           str(tmp_path / "hf")]))
     assert not (tmp_path / "hf").exists()
-    same = tmp_path / "same"
+    same = tmp_path / "same"  # the same model with another task head: its tokenizer fits
     same.mkdir()
-    (same / "config.json").write_text(json.dumps(cfg))
+    (same / "config.json").write_text(json.dumps({
+        **cfg, "problem_type": "single_label_classification",
+        "id2label": {str(i): f"L{i}" for i in range(3)},
+        "label2id": {f"L{i}": i for i in range(3)}}))
     tok.save_pretrained(same)
     args = parse([str(bare), "--format", "hf", "--base", str(same), "--out",
                   str(tmp_path / "hf")])
@@ -1515,3 +1518,16 @@ def test_sentence_transformers_files_need_a_tokenizer_and_a_length_the_model_has
         (d / f).unlink(missing_ok=True)
     with pytest.raises(ValueError, match="holds no tokenizer"):
         sentence_transformer(d)
+
+
+def test_table4_default_block_fits_a_narrow_table():
+    """The default block is 64 columns, or the table's width (rounded up to even) where
+    that is fewer; a block asked for wider than that is refused."""
+    from tnlm.export.table4 import quantize_table_4bit, table_block
+
+    assert table_block(384) == 64 and table_block(32) == 32 and table_block(7) == 8
+    assert table_block(32, 16) == 16
+    with pytest.raises(ValueError, match=r"block_size 64 is wider than the table \(32"):
+        table_block(32, 64)
+    t = quantize_table_4bit(np.ones((4, 6), np.float32))
+    assert t.block_size == 6 and t.scale.shape == (4, 1)

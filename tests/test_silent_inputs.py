@@ -210,6 +210,8 @@ def test_make_out_accepts_new_empty_earlier_and_own_folders(tmp_path):
     (tmp_path / "empty" / ".hidden").write_text("")
     (tmp_path / "empty" / "layerwise").mkdir()  # a stopped run's checkpoint: --resume
     assert make_out(str(tmp_path / "empty"), own=own)[0] == tmp_path / "empty"
+    (tmp_path / "empty" / "mpo_model-0123456789ab.safetensors").write_text("")  # a killed save
+    assert make_out(str(tmp_path / "empty"), own=own)[0] == tmp_path / "empty"
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     for name in ("mpo_config.json", "config.json", "README.md"):

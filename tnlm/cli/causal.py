@@ -85,7 +85,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.lm_prose is not None and (args.text or args.lm_text in ("prose", "both")):
         raise UserError("--lm-prose adds the shipped prose after the model's own texts; with "
-                        + ("--text your text is used as it is" if args.text else
+                        + ("--text your text is used as it is (its last tenth held out)"
+                           if args.text else
                            f"--lm-text {args.lm_text} all of the prose is there already"))
     if args.lm_prose is not None and not 0 <= args.lm_prose <= 1:
         raise UserError(f"--lm-prose must be a fraction in [0, 1], got {args.lm_prose}")
@@ -114,7 +115,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(text) < 4:
             raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
         # the last tenth is held out: the job measures perplexity on the user's own text
-        text, own_text = split_held_out(text, OWN_HELD_OUT)
+        text, own_text = split_held_out(text, OWN_HELD_OUT, OWN_HELD_OUT_CHARS)
     targets = args.targets.split(",") if args.targets else list(arch.targets)
     job = recipe.heal  # the job's defaults (every one not set here is kept)
     chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
@@ -187,8 +188,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
 
 #: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
 LAYERWISE_DIR = "layerwise"
-#: the share of --text's characters (its last lines) held out to measure the result
+#: the share of --text's characters (its last lines) held out to measure the result, and
+#: at most this many characters (about 50,000 tokens of English: the default held-out
+#: text has 35,362): rank 0 scores them twice while the other ranks wait
 OWN_HELD_OUT = 0.1
+OWN_HELD_OUT_CHARS = 200_000
 
 #: the flag that sets each field a resumed checkpoint names (its recipe's, its text's or
 #: its layer-by-layer settings')

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tnlm.integration.io import CONFIG_NAME
+from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
            "text_error",
@@ -43,15 +43,18 @@ def make_out(out: str | None, own: Sequence[str] | None = None
 
     With ``own`` (the names a job of this command leaves there while it runs), an existing
     folder must be empty, hold an earlier tnlm model (its ``mpo_config.json``) or only
-    those names and hidden files: a model written into another folder (a model folder,
+    those names, hidden files and tnlm's weights (``mpo_model-<hash>.safetensors``, which a
+    save killed before its config leaves): a model written into another folder (a model folder,
     a project) would overwrite its ``config.json``, ``README.md`` and tokenizer and be
     mistaken for the dense model beside it."""
     if not out:
         return None, []
     d = Path(out)
     if own is not None and d.is_dir() and not (d / CONFIG_NAME).is_file():
+        # a save killed before its config was written leaves tnlm's weights alone
         others = sorted(p.name for p in d.iterdir()
-                        if p.name not in own and not p.name.startswith("."))
+                        if p.name not in own and not p.name.startswith(".")
+                        and not WEIGHTS_NAME.fullmatch(p.name))
         if others:
             shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
             raise UserError(f"--out {d} holds other files ({shown}) and no earlier tnlm "

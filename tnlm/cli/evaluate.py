@@ -253,25 +253,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positions(model: Any) -> int | None:
-    cfg = model.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        n = getattr(cfg, name, None)
-        if isinstance(n, int) and n > 0:
-            return n
-    return None
-
-
 def _check_shapes(args: argparse.Namespace, run: dict[str, Any], model: Any,
                   ref: Any) -> int:
-    """What the loaded models' configurations allow, checked before any is run: a causal
-    LM's windows within both models' positions; an encoder's embeddings of one width
+    """What the loaded models allow, checked before any is run: a causal LM's windows
+    within both models' learned positions (:func:`~tnlm.integration.architectures.
+    position_limit`; rotary positions have no limit); an encoder's embeddings of one width
     (returns the encoder's truncation length: 128 tokens, or fewer positions)."""
+    from tnlm.integration.architectures import position_limit
+
     named = [("MODEL", run["model"], model)] + ([("--reference", run["ref"], ref)]
                                                 if ref is not None else [])
     if run["causal"]:
         for flag, path, m in named:
-            n = _positions(m)
+            n = position_limit(m)
             if n is not None and args.max_length > n:
                 raise EvalError(f"--max-length {args.max_length} exceeds the {n} positions of "
                                 f"{flag} {path}; give at most {n}")
@@ -281,7 +275,7 @@ def _check_shapes(args: argparse.Namespace, run: dict[str, Any], model: Any,
         raise EvalError(f"MODEL's embeddings have {widths['MODEL']} dimensions and "
                         f"--reference {run['ref']}'s {widths['--reference']}: their cosine "
                         "is not defined (is it the same model?)")
-    return min([128] + [n for _, _, m in named if (n := _positions(m)) is not None])
+    return min([128] + [n for _, _, m in named if (n := position_limit(m)) is not None])
 
 
 def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: Any,

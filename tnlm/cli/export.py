@@ -83,8 +83,9 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "as 4-bit codes with a float16 scale and offset per row and block of "
                         "--embedding-block columns")
     p.add_argument("--embedding-block", type=int, default=None,
-                   help=f"with --embedding-bits 4: columns per scale (even; default "
-                        f"{EMBEDDING_BLOCK})")
+                   help=f"with --embedding-bits 4: columns per scale (even, at most the "
+                        f"table's width; default {EMBEDDING_BLOCK}, or the width where that "
+                        "is fewer)")
     p.add_argument("--weight-bits", type=int, choices=(8, 4), default=None,
                    help="onnx only, instead of --int8: weight-only quantization, every MatMul "
                         "weight in 8 or 4 bits with one scale per block of --weight-block "
@@ -119,8 +120,8 @@ def _check_args(args: argparse.Namespace
                 ) -> tuple[Path, Path, Path | None, dict[str, Any]]:
     """``(dir, out, base, the checkpoint's parsed mpo_config.json)`` after checking every
     argument, or :class:`ExportError`;
-    fills in ``args.opset``, ``args.embedding_bits``, ``args.embedding_block`` and
-    ``args.weight_block`` when they were not given."""
+    fills in ``args.opset``, ``args.embedding_bits`` and ``args.weight_block`` when they
+    were not given (``args.embedding_block`` once the table's width is known)."""
     from tnlm.export.folder import check_checkpoint, has_tokenizer, recorded_class_generates
 
     d = Path(args.directory)
@@ -174,9 +175,8 @@ def _check_args(args: argparse.Namespace
     if args.weight_block not in WEIGHT_BLOCKS:
         raise ExportError(f"--weight-block must be one of {', '.join(map(str, WEIGHT_BLOCKS))} "
                           f"(input rows per scale), got {args.weight_block}")
-    args.embedding_block = EMBEDDING_BLOCK if args.embedding_block is None \
-        else args.embedding_block
-    if args.embedding_block < 2 or args.embedding_block % 2:
+    if args.embedding_block is not None and (args.embedding_block < 2
+                                             or args.embedding_block % 2):
         raise ExportError(f"--embedding-block must be an even number of columns >= 2, got "
                           f"{args.embedding_block}")
     args.opset = OPSET if args.opset is None else args.opset
@@ -217,10 +217,11 @@ def _check_args(args: argparse.Namespace
         # DIR's own architecture, the base's tokenizer: the base must be the same model
         from transformers import AutoConfig
 
-        from tnlm.integration.loading import config_differences
+        from tnlm.integration.loading import TASK_CONFIG, config_differences
 
+        # a fine-tuned model's own base differs in its task head's fields only
         diff = config_differences(AutoConfig.from_pretrained(str(d)),
-                                  AutoConfig.from_pretrained(str(base)))
+                                  AutoConfig.from_pretrained(str(base)), ignore=TASK_CONFIG)
         if diff:
             shown = ", ".join(diff[:6]) + (", ..." if len(diff) > 6 else "")
             raise ExportError(f"--base {base} is not the model in {d}: their config.json "
@@ -296,11 +297,12 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
     return tok
 
 
-def _check_4bit_table(base: Any, block: int, tied_ok: bool = False) -> None:
+def _check_4bit_table(base: Any, block: int | None, tied_ok: bool = False) -> int:
     """:class:`ExportError` before any export unless the word embeddings are a plain
     table of their own (``tied_ok``: or tied to the language-model head, which
     ``--weight-bits`` gives its own quantized copy), which ``--embedding-bits 4`` can
-    store in 4 bits in blocks of ``block`` columns, no wider than the table."""
+    store in 4 bits in blocks of ``block`` columns (default: 64, or the table's width),
+    no wider than the table; returns the block."""
     from torch import nn
 
     emb = base.get_input_embeddings()
@@ -313,10 +315,14 @@ def _check_4bit_table(base: Any, block: int, tied_ok: bool = False) -> None:
                           "language-model head, whose MatMul reads it whole; leave out "
                           "--embedding-bits 4 (the table is then int8), or use --weight-bits, "
                           "which gives the head its own quantized copy")
+    from tnlm.export.table4 import table_block
+
     width = emb.weight.shape[1]
-    if block > width + width % 2:  # padded to whole blocks: a wider block only adds bytes
+    try:
+        return table_block(width, block)
+    except ValueError:  # padded to whole blocks: a wider block only adds bytes
         raise ExportError(f"--embedding-block {block} is wider than the word-embedding "
-                          f"table ({width} columns); give at most {width + width % 2}")
+                          f"table ({width} columns); give at most {width + width % 2}") from None
 
 
 @contextlib.contextmanager
@@ -381,8 +387,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ExportError(f"DIR {d} holds no tokenizer: the transformers folder would have "
                           "none; pass --base FOLDER holding its tokenizer")
     if args.embedding_bits == 4:
-        _check_4bit_table(model.base_model, args.embedding_block,
-                          tied_ok=args.weight_bits is not None)
+        args.embedding_block = _check_4bit_table(model.base_model, args.embedding_block,
+                                                 tied_ok=args.weight_bits is not None)
     if args.format == "hf":
         with _staged(out, folder=True) as tmp:
             res = export_hf(model, tmp, tok, quiet=True, shown_as=out)

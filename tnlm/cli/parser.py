@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder ('' to skip saving; default: out/minilm-mpo for the "
                         "embedded MiniLM, else out/NAME-mpo, NAME the model folder's or "
                         ".gguf file's name); a model already there is replaced "
-                        "when the run succeeds; while the run lasts it holds the encoder's "
+                        "when the run succeeds; a folder of other files is refused; while "
+                        "the run lasts it holds the encoder's "
                         "healing state (DIR/healing) or a causal LM's per-block checkpoint "
                         "(DIR/layerwise), removed once the model is saved")
     p.add_argument("--resume", action="store_true",

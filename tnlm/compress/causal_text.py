@@ -200,25 +200,33 @@ def check_texts(texts: Any, name: str = "texts") -> list[str]:
     return texts
 
 
-def split_held_out(texts: Sequence[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
+def split_held_out(texts: Sequence[str], fraction: float = 0.1,
+                   max_chars: int | None = None) -> tuple[list[str], list[str]]:
     """The texts cut in two, in order: those to calibrate and heal on, and the shortest run of
-    texts at the end that holds at least ``fraction`` of all characters (at least one text),
-    held out to measure the perplexity on the user's own text.
+    texts at the end that holds at least ``fraction`` of all characters, or ``max_chars``
+    where that is fewer (at least one text), held out to measure the perplexity on the
+    user's own text.
 
     The held-out part is a contiguous tail, as a test split follows its training split: a
     document is never on both sides.
 
     Raises:
         TypeError: ``texts`` is one string (or holds something else than strings).
-        ValueError: fewer than two texts, or ``fraction`` not in (0, 1).
+        ValueError: fewer than two texts, ``fraction`` not in (0, 1), or ``max_chars`` < 1.
     """
     texts = check_texts(texts)
     if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
+                                  or max_chars < 1):
+        raise ValueError(f"max_chars must be None or an int >= 1, got {max_chars!r}")
     if len(texts) < 2:
         raise ValueError(f"at least 2 texts are needed to hold one out, got {len(texts)}")
-    total, tail, k = sum(len(t) for t in texts), 0, len(texts)
-    while k > 1 and (k == len(texts) or tail < fraction * total):
+    target = fraction * sum(len(t) for t in texts)
+    if max_chars is not None:
+        target = min(target, max_chars)
+    tail, k = 0, len(texts)
+    while k > 1 and (k == len(texts) or tail < target):
         k -= 1
         tail += len(texts[k])
     return texts[:k], texts[k:]

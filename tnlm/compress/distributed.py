@@ -83,8 +83,7 @@ def process_group_from_env(timeout: timedelta | None = None, backend: str | None
     ``gloo`` on the CPU; pass ``"gloo"`` for models kept on the CPU, as ``tnlm
     compress`` keeps them) with
     ``timeout`` (default: torch's) and destroyed at the end of the block, also when it
-    raises (when it ends normally, after every rank has reached its end). Started alone,
-    or inside a process group someone else made, nothing is
+    raises. Started alone, or inside a process group someone else made, nothing is
     initialized or destroyed. A failed rendezvous raises :class:`RankFailure`."""
     rank, size = launched_world()
     dist = torch.distributed
@@ -99,16 +98,12 @@ def process_group_from_env(timeout: timedelta | None = None, backend: str | None
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kw = {"timeout": timeout} if timeout is not None else {}
     _collective("the process group's rendezvous", dist.init_process_group, backend, **kw)
-    finished = False
     try:
+        # no barrier at the end: rank 0 may work alone after the last collective (e.g.
+        # measuring and saving) for longer than the group's timeout
         yield world()
-        finished = True
     finally:
-        try:
-            if finished:  # no rank tears the group down while another still talks in it
-                barrier("the end of the process group")
-        finally:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[slice]:

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from tnlm.integration import MPOModel
+from tnlm.integration.architectures import position_limit
 from tnlm.integration.io import CONFIG_NAME, read_meta
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
@@ -142,8 +143,8 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
             causal LM.
         max_seq_length: the sentence-transformers truncation length (default: 128, the
             length :func:`tnlm.integration.mean_pooled` truncates to, or the model's
-            ``max_position_embeddings`` where that is fewer; all-MiniLM-L6-v2's own folder
-            says 256).
+            positions where they are fewer (:func:`~tnlm.integration.architectures.
+            position_limit`); all-MiniLM-L6-v2's own folder says 256).
         keep_sentence_files: leave the sentence-transformers files already in ``folder``
             as they are (neither written nor removed): for sentence-transformers' own
             ``save``, which writes them itself (its prompts and similarity function
@@ -162,8 +163,7 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
         ValueError: ``sentence_transformers=True`` for a causal LM, without a tokenizer
             or with ``keep_sentence_files``; ``max_seq_length`` not an int between 1 and
-            the model's ``max_position_embeddings`` (where sentence-transformers files are
-            written).
+            the model's positions (where sentence-transformers files are written).
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
@@ -183,13 +183,13 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         raise ValueError("sentence_transformers=True needs the tokenizer (tokenizer=None): "
                          "without it every word would be encoded as an unknown token")
     if sentence_transformers:
-        limit = getattr(model.base_model.config, "max_position_embeddings", None)
+        limit = position_limit(model.base_model)
         if max_seq_length is None:
             max_seq_length = 128 if limit is None else min(128, limit)
         if (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
                 or max_seq_length < 1 or (limit is not None and max_seq_length > limit)):
             raise ValueError(f"max_seq_length must be an int in [1, {limit or 'the positions'}]"
-                             f" (the model's max_position_embeddings), got {max_seq_length!r}")
+                             f" (the model's positions), got {max_seq_length!r}")
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from

@@ -31,7 +31,9 @@ EMBEDDING_BITS = (8, 4)
 
 #: the operators of a graph quantized already (ONNX Runtime's dynamic int8, weight-only)
 QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul",
-                           "DynamicQuantizeLinear", "DequantizeLinear", "QLinearMatMul"})
+                           "DynamicQuantizeLinear", "DequantizeLinear", "QLinearMatMul",
+                           "QuantizeLinear", "MatMulIntegerToFloat", "QGemm", "QAttention",
+                           "GatherBlockQuantized"})
 #: the metadata key :func:`~tnlm.export.weight_only.quantize_weights` records its bits in
 BITS_KEY = "tnlm.weight_bits"
 
@@ -45,7 +47,7 @@ def is_quantized(model: Any) -> bool:
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
                   per_channel: bool = True, reduce_range: bool | None = None,
-                  embedding_bits: int = 8, block_size: int = 64) -> int:
+                  embedding_bits: int = 8, block_size: int | None = None) -> int:
     """Write ``dst``: the ONNX file ``src`` with int8 weights (dynamic quantization of
     ``MatMul`` and ``Gather``); returns the size of ``dst`` in bytes. ``dst`` is written
     to a temporary file in its folder, then renamed.
@@ -78,8 +80,9 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
             columns (``vocab * (width / 2 + 4 * width / block_size)`` bytes), decoded
             per gathered token by standard ONNX operators
             (:func:`tnlm.export.table4.gather_4bit`).
-        block_size: columns per scale with ``embedding_bits=4`` (even; smaller blocks
-            are more accurate and larger).
+        block_size: columns per scale with ``embedding_bits=4`` (even, at most the table's
+            width; default: 64, or the width where that is fewer; smaller blocks are more
+            accurate and larger).
 
     Raises:
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
@@ -98,8 +101,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
         raise ValueError(f"per_channel must be a bool, got {per_channel!r}")
     if reduce_range is not None and not isinstance(reduce_range, bool):
         raise ValueError(f"reduce_range must be None or a bool, got {reduce_range!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
-            or block_size % 2:
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 2 or block_size % 2):
         raise ValueError(f"block_size must be an even integer >= 2, got {block_size!r}")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic

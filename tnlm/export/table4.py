@@ -69,6 +69,25 @@ def _check_block(block_size: int) -> int:
     return int(block_size)
 
 
+#: columns per scale when none is asked for (fewer for a narrower table)
+DEFAULT_BLOCK = 64
+
+
+def table_block(width: int, block_size: int | None = None) -> int:
+    """The block of a table ``width`` columns wide: ``block_size`` (checked: even, >= 2,
+    no wider than the table rounded up to even, where a wider block only adds padding),
+    or by default :data:`DEFAULT_BLOCK`, or the table's width rounded up to even where
+    that is fewer."""
+    widest = int(width) + int(width) % 2
+    if block_size is None:
+        return min(DEFAULT_BLOCK, widest)
+    block = _check_block(block_size)
+    if block > widest:
+        raise ValueError(f"block_size {block} is wider than the table ({width} columns); "
+                         f"give at most {widest}")
+    return block
+
+
 def table4_bytes(rows: int, width: int, block_size: int, scale_bytes: int = 2) -> int:
     """Bytes of a :class:`Table4` of a ``(rows, width)`` table: ``rows * padded / 2``
     codes plus two ``(rows, blocks)`` arrays of ``scale_bytes`` each."""
@@ -77,7 +96,7 @@ def table4_bytes(rows: int, width: int, block_size: int, scale_bytes: int = 2) -
     return int(rows) * (blocks * block // 2 + 2 * blocks * int(scale_bytes))
 
 
-def quantize_table_4bit(table: np.ndarray, block_size: int = 64) -> Table4:
+def quantize_table_4bit(table: np.ndarray, block_size: int | None = None) -> Table4:
     """4-bit codes of ``table`` (rows, width), per row and block of ``block_size``
     columns: ``scale = (max - min) / 15``, ``offset = min`` (both rounded to float16
     first, the codes computed from the rounded values), ``q = round((E - offset) /
@@ -87,9 +106,10 @@ def quantize_table_4bit(table: np.ndarray, block_size: int = 64) -> Table4:
     Raises:
         ValueError: ``table`` is not a 2-D float array with finite values, or
             ``block_size`` is not an even integer >= 2 or is wider than the table (its
-            width, rounded up to even).
+            width, rounded up to even; default: :func:`table_block`'s).
     """
-    block = _check_block(block_size)
+    if block_size is not None:
+        _check_block(block_size)
     table = np.asarray(table)
     if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating) or table.size == 0:
         raise ValueError(f"table must be a non-empty 2-D float array, got shape "
@@ -97,9 +117,7 @@ def quantize_table_4bit(table: np.ndarray, block_size: int = 64) -> Table4:
     if not np.isfinite(table).all():
         raise ValueError("table holds inf or nan values")
     rows, width = table.shape
-    if block > width + width % 2:  # padding to a wider block only adds bytes
-        raise ValueError(f"block_size {block} is wider than the table ({width} columns); "
-                         f"give at most {width + width % 2}")
+    block = table_block(width, block_size)
     blocks = -(-width // block)
     padded = blocks * block
     x = table.astype(np.float64)
@@ -171,7 +189,8 @@ def _opset(model: Any) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def gather_4bit(model: Any, nodes: Sequence[str], block_size: int = 64) -> dict[str, Table4]:
+def gather_4bit(model: Any, nodes: Sequence[str],
+                block_size: int | None = None) -> dict[str, Table4]:
     """Rewrite ``model`` (an ``onnx.ModelProto``, in place): each ``Gather`` node named in
     ``nodes`` reads its table as a :class:`Table4` instead (initializers
     ``{table}.q4``, ``{table}.q4_scale``, ``{table}.q4_offset``; the float table is
@@ -185,7 +204,8 @@ def gather_4bit(model: Any, nodes: Sequence[str], block_size: int = 64) -> dict[
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    block = _check_block(block_size)
+    if block_size is not None:
+        _check_block(block_size)
     graph = model.graph
     if _opset(model) < 13:
         raise ValueError(f"model: opset {_opset(model)}; the 4-bit gather needs opset >= 13")
@@ -205,7 +225,8 @@ def gather_4bit(model: Any, nodes: Sequence[str], block_size: int = 64) -> dict[
             raise ValueError(f"nodes: the table {table_name!r} of Gather {name!r} is also read "
                              f"by {users[:3]} (tied weights); it cannot be stored in 4 bits alone")
         table = numpy_helper.to_array(inits[table_name])
-        t = quantize_table_4bit(table, block)
+        t = quantize_table_4bit(table, block_size)
+        block = t.block_size
         out[table_name] = t
         graph.initializer.remove(inits.pop(table_name))
         p = f"{table_name}.q4"

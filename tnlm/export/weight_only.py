@@ -61,12 +61,10 @@ def default_compute(bits: int) -> int:
 #: ONNX files larger than this are written with their tensors in a separate file
 _PROTOBUF_LIMIT = 2**31 - 2**24
 
-#: the metadata key recording the precision of a quantized file
-
 
 def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: int = 8,
                      block_size: int = 32, symmetric: bool = True,
-                     embedding_bits: int | None = None, embedding_block: int = 64,
+                     embedding_bits: int | None = None, embedding_block: int | None = None,
                      compute: int | None = None) -> int:
     """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight (a
     tied language-model head included) stored in ``bits`` bits (``MatMulNBits``);
@@ -87,7 +85,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         embedding_bits: None (the word-embedding table stays float32) or 4: stored as
             4-bit codes with a float16 scale and offset per row and block of
             ``embedding_block`` columns (:func:`tnlm.export.table4.gather_4bit`).
-        embedding_block: columns per scale with ``embedding_bits=4`` (even).
+        embedding_block: columns per scale with ``embedding_bits=4`` (even, at most the
+            table's width; default: 64, or the width where that is fewer).
         compute: ``MatMulNBits``' accuracy level, :data:`COMPUTE_FLOAT` or
             :data:`COMPUTE_INT8` (module docstring); None (default): int8 for 8 bits,
             float for 4 bits (the fast kernels on x86). Recorded in the file's metadata
@@ -119,9 +118,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     if embedding_bits not in (None, 4) or isinstance(embedding_bits, bool):
         raise ValueError(f"embedding_bits must be None (float32 table) or 4, got "
                          f"{embedding_bits!r}")
-    if embedding_bits == 4 and (isinstance(embedding_block, bool)
-                                or not isinstance(embedding_block, int)
-                                or embedding_block < 2 or embedding_block % 2):
+    if embedding_bits == 4 and embedding_block is not None and (
+            isinstance(embedding_block, bool) or not isinstance(embedding_block, int)
+            or embedding_block < 2 or embedding_block % 2):
         raise ValueError(f"embedding_block must be an even integer >= 2, got "
                          f"{embedding_block!r}")
     mq = _quantizer_module()

@@ -38,7 +38,8 @@ from torch import nn
 from tnlm.integration.surgery import module_paths
 
 __all__ = ["Architecture", "ARCHITECTURES", "architecture_of", "default_targets", "blocks_of",
-           "find_blocks", "block_indices", "supported_model_types", "is_causal_type"]
+           "find_blocks", "block_indices", "supported_model_types", "is_causal_type",
+           "position_limit", "POSITION_TABLES"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,26 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
 def is_causal_type(model_type: str | None) -> bool:
     """Whether ``model_type`` has an entry, and it is a causal LM's."""
     return any(model_type in a.model_types and a.causal for a in ARCHITECTURES.values())
+
+
+#: the last name of a learned table of absolute positions (BERT, RoBERTa; GPT-2; OPT)
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens a sequence fed to ``model`` may hold: the rows of its learned table
+    of absolute positions (an ``nn.Embedding`` named as in :data:`POSITION_TABLES`) less
+    the rows the model skips (OPT's ``offset``; RoBERTa's positions start after its
+    ``padding_idx``); ``None`` when it has none (rotary or relative positions, which
+    compute at any length)."""
+    limits = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            n = m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+            if m.padding_idx is not None:
+                n -= m.padding_idx + 1
+            limits.append(n)
+    return min(limits) if limits else None
 
 
 def supported_model_types() -> list[str]:

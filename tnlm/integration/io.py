@@ -61,7 +61,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "MODULE_KINDS", "atomic_write", "sha256",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION", "MODULE_KINDS", "atomic_write",
+           "sha256",
            "write_checkpoint", "read_meta", "verified_weights", "load_tensors", "read_header",
            "check_module_entry", "module_tensor_shapes", "LOCK_NAME", "JOURNAL_NAME", "locked",
            "reading", "remove_stale_temps", "recover"]
@@ -79,7 +80,7 @@ _TEMP_PATTERNS = (".weights.*.tmp", f".{CONFIG_NAME}.*.tmp", f".{JOURNAL_NAME}.*
 _MAX_SITES = 64
 #: the weights file names this writer produces (the first checkpoints used the plain
 #: name): the only files it removes
-_WEIGHTS_NAME = re.compile(r"mpo_model(-[0-9a-f]{12})?\.safetensors")
+WEIGHTS_NAME = re.compile(r"mpo_model(-[0-9a-f]{12})?\.safetensors")
 
 
 def sha256(path: Path) -> str:
@@ -395,12 +396,12 @@ def _current_weights(d: Path) -> Any:
 
 def _remove_owned(d: Path, name: Any, keep: Any) -> None:
     """Remove the weights file ``name`` (one this module wrote) unless it is ``keep``.
-    Only a name of the form this writer generates (:data:`_WEIGHTS_NAME`) is removed;
+    Only a name of the form this writer generates (:data:`WEIGHTS_NAME`) is removed;
     any other (a config or journal edited to name a user's file or a path leaving the
     folder) is left alone with a warning."""
     if name is None or name == keep:
         return
-    if not (isinstance(name, str) and _WEIGHTS_NAME.fullmatch(name)):
+    if not (isinstance(name, str) and WEIGHTS_NAME.fullmatch(name)):
         warnings.warn(f"{d}: the checkpoint's config or journal names {name!r} as a weights "
                       "file to replace, which is not a name this writer generates; the file "
                       "is left in place", stacklevel=3)

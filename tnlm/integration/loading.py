@@ -99,9 +99,16 @@ def config_fields(cfg: Any) -> Any:
     return cfg
 
 
-def config_differences(a: Any, b: Any) -> list[str]:
+#: the fields of a task head's configuration: a fine-tuned model and its pretrained base
+#: differ there and share the tokenizer and the embeddings
+TASK_CONFIG = frozenset({"id2label", "label2id", "num_labels", "problem_type",
+                         "finetuning_task"})
+
+
+def config_differences(a: Any, b: Any, ignore: frozenset[str] = frozenset()) -> list[str]:
     """The fields (nested ones dotted) in which two configurations' :func:`config_fields`
-    differ, sorted."""
+    differ, sorted; a field whose first name is in ``ignore`` (e.g. :data:`TASK_CONFIG`)
+    is left out."""
     def flat(x: Any, head: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in x.items():
@@ -112,7 +119,8 @@ def config_differences(a: Any, b: Any) -> list[str]:
         return out
 
     fa, fb = flat(config_fields(a)), flat(config_fields(b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    return sorted(k for k in set(fa) | set(fb)
+                  if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore)
 
 
 #: the class-name endings of a causal LM with its language-model head
