@@ -9,6 +9,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tnlm.cli.common import (
     HealingDiverged,
@@ -193,6 +194,8 @@ LAYERWISE_DIR = "layerwise"
 #: text has 35,362): rank 0 scores them twice while the other ranks wait
 OWN_HELD_OUT = 0.1
 OWN_HELD_OUT_CHARS = 200_000
+#: the job's perplexity windows: tokens a window, and how far each moves (non-overlapping)
+WINDOW = 256
 
 #: the flag that sets each field a resumed checkpoint names (its recipe's, its text's or
 #: its layer-by-layer settings')
@@ -303,6 +306,11 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
             note("--low-memory has no effect here: the C library is not glibc, or "
                  "MALLOC_MMAP_THRESHOLD_ is set in the environment (then it applies)")
 
+    def score(texts: list[str] | None) -> Any:
+        """The perplexity of ``texts`` in the job's windows (None: no text, no score)."""
+        return None if texts is None else perplexity(model, tok, texts, max_length=WINDOW,
+                                                     stride=WINDOW)
+
     @contextlib.contextmanager
     def stage(name: str):
         """Seconds and peak memory of one of the job's own stages (rank 0's)."""
@@ -349,9 +357,7 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
             eval_source = ("tnlm's held-out prose (tnlm/data/lm_held_out.txt.gz: topics the "
                            "healing prose never names)")
         with stage("dense_perplexity"):
-            dense = perplexity(model, tok, eval_text, max_length=256, stride=256)
-            dense_own = None if own_text is None else perplexity(
-                model, tok, own_text, max_length=256, stride=256)
+            dense, dense_own = score(eval_text), score(own_text)
     res = compress_causal_lm(model, tok, recipe, text=text,
                              progress=not args.quiet and rank == 0, log=say,
                              checkpoint_dir=ckpt, resume=args.resume)
@@ -364,9 +370,7 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
     seconds.update({k: v for k, v in res.seconds.items() if k != "total"})
     peaks.update(res.peak_rss_mb)
     with stage("perplexity"):
-        ppl = perplexity(model, tok, eval_text, max_length=256, stride=256)
-        own = None if own_text is None else perplexity(model, tok, own_text, max_length=256,
-                                                       stride=256)
+        ppl, own = score(eval_text), score(own_text)
     if out is not None:
         from tnlm.export import save_self_contained
 

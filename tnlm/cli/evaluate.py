@@ -30,10 +30,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tnlm.cli.causal import WINDOW
+
 __all__ = ["EvalError", "add_eval_parser", "cmd_eval"]
 
 #: ``--max-length``'s and ``--stride``'s defaults: the windows ``tnlm compress`` scores with
-MAX_LENGTH = STRIDE = 256
+MAX_LENGTH = STRIDE = WINDOW
 
 
 class EvalError(ValueError):

@@ -317,13 +317,15 @@ def _rewrite(path: Path, *, strip: bool, props: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
-def gauge_fixed_chains(path: str | os.PathLike) -> int | None:
-    """How many gauge-fixed layers' chains the ONNX file ``path`` holds, as its exporter
-    recorded (:data:`GAUGE_FIXED_KEY`); ``None`` for a file without the record (not
-    written by tnlm, or before it kept one). Parses the file (its external data, if any, not)."""
+def gauge_fixed_chains(path: str | os.PathLike | Any) -> int | None:
+    """How many gauge-fixed layers' chains the ONNX file ``path`` (or a ``ModelProto``
+    parsed already) holds, as its exporter recorded (:data:`GAUGE_FIXED_KEY`); ``None``
+    for a file without the record (not written by tnlm, or before it kept one). Parses the
+    file (its external data, if any, not)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(
+        str(path), load_external_data=False)
     for p in model.metadata_props:
         if p.key == GAUGE_FIXED_KEY:
             try:

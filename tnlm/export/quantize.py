@@ -116,9 +116,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
         raise FileNotFoundError(f"no ONNX file {src}")
     if dst.is_dir():
         raise ValueError(f"dst {dst} is a folder; expected the file to write")
-    if is_quantized(onnx.load(str(src), load_external_data=False)):
+    header = onnx.load(str(src), load_external_data=False)  # the graph, not its data
+    if is_quantized(header):
         raise ValueError(f"{src} is quantized already; quantize the float32 export")
-    chains = gauge_fixed_chains(src) or 0
+    chains = gauge_fixed_chains(header) or 0
     if reduce_range is None:
         reduce_range = bool(per_channel or chains)
     elif not reduce_range and not per_channel and chains:
