@@ -17,6 +17,10 @@ resident memory with the dense model loaded.
 version of them), plotted as their own series; a file without ``seed`` takes it from a
 ``_sN`` in its name (0 otherwise).
 
+``--headline-plot``: one figure for the trade-off the README states: the rows of
+:data:`HEADLINE` (the job's defaults, its peers with the same healing, a user's own text),
+mean and spread over seeds at each kept fraction, with the issue's targets.
+
 ``--curve-plot``: the perplexity ratio along healing of the runs measured with
 ``--eval-at`` (``heal_curve``), each beside the final ratios of the runs of its row
 without the KL chunking (which changes memory, not the loss) healed for other numbers of
@@ -217,6 +221,65 @@ def finish(fig, ax, path: Path, xlabel: str, title: str, ncol: int,
     fig.savefig(path, dpi=120)
 
 
+#: the headline figure's series: a label and the rows (method, texts, healing steps) that
+#: make it, the first that has a run at a kept fraction taken there (the job's defaults
+#: were measured at 60 % through the CLI, at 80 and 50 % through llm_compress.py)
+JOB = "tnlm (sensitivity), adafactor, KL chunks of 128, probe of 4"
+PROSE = "256 (nucleus) + 0.25 of the prose"
+HEADLINE: list[tuple[str, list[tuple[str, str, int]]]] = [
+    ("tnlm, the job's defaults (data-free text)",
+     [(JOB, PROSE, 150), ("tnlm compress, --method tnlm (sensitivity), probe of 4", PROSE, 150)]),
+    ("whitened low rank (SVD-LLM style), the same healing",
+     [("tnlm compress, --method whitened", PROSE, 150),
+      ("tnlm compress, --method whitened", "256 (nucleus)", 150)]),
+    ("tnlm, own text (training splits of the held-out corpora)",
+     [(JOB, "own text: indomain", 150)]),
+    ("whitened low rank, own text", [("whitened, adafactor, KL chunks of 128",
+                                      "own text: indomain", 150)]),
+    ("tnlm, four times the own text and healing",
+     [(JOB, "own text: indomain-large", 600)]),
+]
+#: the perplexity ratios issue 22 asks for, by kept fraction
+TARGETS = {0.8: 1.05, 0.6: 1.20, 0.5: 1.35}
+
+
+def headline_plot(rows, path: Path) -> None:
+    """:data:`HEADLINE`'s series against the kept fraction: each point the mean over
+    seeds, its bar the spread (min to max) where a row has several; ``TARGETS`` as
+    crosses. A series with no row in ``rows`` is left out and named on stdout."""
+    fig, ax = axes(size=(7, 4.5))
+    for label, keys in HEADLINE:
+        pts = []
+        for budget in sorted({b for (_m, b, _h, _t) in rows}):
+            runs = next((rows[(m, budget, h, t)] for m, t, h in keys
+                         if (m, budget, h, t) in rows), None)
+            if runs:
+                ratios = [r["ppl_ratio"] for r in runs]
+                mean = statistics.mean(ratios)
+                pts.append((statistics.mean(r.get("kept", 1.0) for r in runs), mean,
+                            mean - min(ratios), max(ratios) - mean,
+                            len({r.get("seed", 0) for r in runs})))
+        if not pts:
+            print(f"headline plot: no run of {label!r}")
+            continue
+        seeds = sorted({p[4] for p in pts})
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[[p[2] for p in pts], [p[3] for p in pts]], marker="o", capsize=3,
+                    label=f"{label} ({'/'.join(map(str, seeds))} seed"
+                          f"{'s' if seeds != [1] else ''})")
+    ax.scatter(list(TARGETS), list(TARGETS.values()), marker="x", color="black", zorder=5,
+               label="targets (issue 22)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.yaxis.set_major_locator(FixedLocator([1, 1.2, 1.5, 2, 3, 4, 6]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    finish(fig, ax, path, "kept fraction of the targeted linear parameters",
+           "SmolLM2-135M-Instruct: held-out perplexity against dense", ncol=1)
+
+
 def curve_plot(rows, path: Path) -> None:
     fig, ax = axes()
     for (method, budget, heal, texts), runs in sorted(rows.items()):
@@ -247,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--jobs", type=Path, nargs="*", default=[],
                     help="JSON files of tnlm compress MODEL --json (the CLI job's defaults)")
+    ap.add_argument("--headline-plot", type=Path, default=None,
+                    help="the job's defaults, its peers and own text (HEADLINE), with targets")
     ap.add_argument("--curve-plot", type=Path, default=None,
                     help="the perplexity along healing of the runs measured with --eval-at")
     args = ap.parse_args(argv)
@@ -255,6 +320,8 @@ def main(argv=None) -> int:
     print(table(rows))
     if args.plot:
         plot(rows, args.plot)
+    if args.headline_plot:
+        headline_plot(rows, args.headline_plot)
     if args.curve_plot:
         curve_plot(rows, args.curve_plot)
     return 0

@@ -156,6 +156,15 @@ def llm_text_sentences(paths: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def user_sentences(path: str) -> list[str]:
+    """Distinct non-empty lines of ``path``: a JSON list of documents (each split at its
+    newlines) or a text file of one sentence a line."""
+    raw = Path(path).read_text(encoding="utf-8")
+    docs = json.loads(raw) if path.endswith(".json") else [raw]
+    lines = (line.strip() for doc in docs for line in doc.split("\n"))
+    return list(dict.fromkeys(x for x in lines if x))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("tnlm", "plain", "whitened", "layerdrop", "int8"),
@@ -176,6 +185,11 @@ def main() -> None:
                          "keeps them: experiments/make_lm_sentences.sentences_of) of these "
                          "JSON lists of SmolLM2 texts (the decoder experiments' caches, "
                          "results/llm/text/*.json; a chat sample: its answer only)")
+    ap.add_argument("--user-text", metavar="FILE", default=None,
+                    help="after the default text, a user's own sentences: a JSON list of "
+                         "documents, one sentence a line (experiments/indomain_text.py), or a "
+                         "text file of one sentence a line; a sentence of the natural sets "
+                         "is refused")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -197,8 +211,19 @@ def main() -> None:
     if args.extra_llm_text:
         seen = set(text)
         text += [x for x in llm_text_sentences(args.extra_llm_text) if x not in seen]
+    n_user = 0
+    if args.user_text:
+        user = user_sentences(args.user_text)
+        shared = set(user) & {x for v in sets.values() for x in v}
+        if shared:
+            ap.error(f"--user-text holds {len(shared)} sentences of the natural sets, "
+                     f"e.g. {sorted(shared)[0]!r}")
+        seen = set(text)
+        user = [x for x in user if x not in seen]
+        n_user = len(user)
+        text += user
     split = split_text(text, EncoderRecipe.calibration, seed=args.seed)
-    extra: dict = {}
+    extra: dict = dict(user_sentences=n_user) if args.user_text else {}
     torch.manual_seed(args.seed)
     if args.method in LOW_RANK:
         recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
@@ -208,14 +233,14 @@ def main() -> None:
         res = compress_encoder(model, tok, recipe, text=text, progress=False)
         student = res.model
         kept = res.ratio
-        extra = dict(cosine_held_out=res.measures["cosine_mean"])
+        extra.update(cosine_held_out=res.measures["cosine_mean"])
     elif args.method == "layerdrop":
         student, targets = drop_layers(model, args.layers)
         cfg = EncoderRecipe(heal_steps=args.heal_steps, seed=args.seed).heal_config()
         losses = distil_dropped(student, teacher, tok, split.heal_text, targets, cfg,
                                 args.lr or 1e-4)
         kept = linear_params(student) / before
-        extra = dict(final_loss=losses[-1], layer_targets=targets,
+        extra.update(final_loss=losses[-1], layer_targets=targets,
                      cosine_held_out=float(embedding_cosine(student, teacher, tok,
                                                             split.held_out).mean()))
     else:

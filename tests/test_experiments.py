@@ -97,3 +97,38 @@ def test_layer_dropping_peer_keeps_evenly_spaced_layers_and_distils():
     cfg = HealConfig(steps=30, batch_size=8, warmup=2, seed=0)
     losses = distil_dropped(student, teacher, tok, text, targets, cfg, lr=3e-3)
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+def test_llm_headline_plot_takes_the_job_rows_and_names_missing_series(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from experiments import llm_table
+
+    files = []
+    for seed, ratio in ((0, 1.40), (1, 1.36)):
+        f = tmp_path / f"tnlm_{seed}.json"
+        f.write_text(json.dumps(dict(
+            method="tnlm", budget=0.8, ppl_ratio=ratio, ppl=46.0 * ratio, dense_ppl=46.0,
+            kept=0.8, seed=seed, allocation="sensitivity",
+            args=dict(heal_steps=150, optimizer="adafactor", chunk=128, n_texts=256,
+                      top_k=None, add_prose=0.25, sensitivity_sequences=4))))
+        files.append(str(f))
+    rows = llm_table.load([Path(f) for f in files])
+    key = (llm_table.JOB, 0.8, 150, llm_table.PROSE)
+    assert [r["seed"] for r in rows[key]] == [0, 1]  # the headline's first series
+    png = tmp_path / "head.png"
+    assert llm_table.main([*files, "--headline-plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "headline plot: no run of 'whitened low rank, own text'" in out
+    assert "no run of \"tnlm, the job's defaults" not in out
+
+
+def test_peers_user_text_reads_json_documents_and_lines(tmp_path):
+    from experiments.peers import user_sentences
+
+    doc = tmp_path / "own.json"
+    doc.write_text(json.dumps(["a first line.\nA second one.", "a first line.\n\n  third  "]))
+    assert user_sentences(str(doc)) == ["a first line.", "A second one.", "third"]
+    txt = tmp_path / "own.txt"
+    txt.write_text("one\n\ntwo\none\n")
+    assert user_sentences(str(txt)) == ["one", "two"]
