@@ -125,7 +125,9 @@ def test_heal_train_choices_are_the_healing_ones():
     assert HEAL_TRAIN_CHOICES == TRAIN_CHOICES
     args = build_parser().parse_args(["compress", "--heal-train", "cores"])
     assert args.heal_train == "cores"
-    assert build_parser().parse_args(["compress"]).heal_train == "cores+linears"
+    # not given: None, the encoder's job takes its recipe's ("cores+linears"); a causal
+    # LM's job refuses the flag given, whatever its value
+    assert build_parser().parse_args(["compress"]).heal_train is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--heal-train", "core"])
 
@@ -138,13 +140,15 @@ def test_the_cli_defaults_are_the_encoder_recipes():
     job = EncoderRecipe()
     # --allocation's default is the job's, resolved by each job (an encoder: the recipe's)
     assert args.allocation is None
-    for flag, field in (("budget", "budget"),
-                        ("calibration", "calibration"), ("reconstruct_steps", "reconstruct_steps"),
-                        ("heal_train", "heal_train"), ("teacher_bf16", "teacher_bf16"),
+    for flag, field in (("budget", "budget"), ("teacher_bf16", "teacher_bf16"),
                         ("seed", "seed")):
         assert getattr(args, flag) == getattr(job, field), flag
     # None on the command line: the encoder's or the causal LM's, decided on the model
     assert args.heal_steps is None and args.lr is None
+    # the encoder's own flags: None until its job takes the recipe's (a causal LM's job
+    # refuses them given, even at the encoder's value)
+    assert args.calibration is None and args.reconstruct_steps is None
+    assert args.heal_train is None
     assert (job.heal_steps, job.lr) == (2500, 5e-4)
 
 

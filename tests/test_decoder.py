@@ -457,12 +457,16 @@ def test_the_last_tenth_of_the_users_text_is_held_out_and_never_healed_on(tmp_pa
 def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
     from tnlm.compress.causal_text import split_held_out
 
-    assert split_held_out(["a" * 10] * 10) == (["a" * 10] * 9, ["a" * 10])
-    assert split_held_out(["a" * 10] * 10, 0.25) == (["a" * 10] * 7, ["a" * 10] * 3)
+    ten = [c * 10 for c in "abcdefghij"]
+    assert split_held_out(ten) == (ten[:9], ten[9:])
+    assert split_held_out(ten, 0.25) == (ten[:7], ten[7:])
     assert split_held_out(["a" * 100, "b", "c", "d"]) == (["a" * 100], ["b", "c", "d"])
     assert split_held_out(["x", "y"], 0.9) == (["x"], ["y"])  # one text is always kept
-    assert split_held_out(["a" * 10] * 10, 0.5, max_chars=15) == (["a" * 10] * 8,
-                                                                  ["a" * 10] * 2)
+    assert split_held_out(ten, 0.5, max_chars=15) == (ten[:8], ten[8:])
+    # a held-out text that occurs earlier too is never healed on
+    assert split_held_out(["x", "y", "x", "z", "y", "x"], 0.3) == (["z"], ["y", "x"])
+    with pytest.raises(ValueError, match="no text is left to heal on"):
+        split_held_out(["a" * 10] * 10)
     for texts, fraction, match in ((["x"], 0.1, "at least 2 texts"),
                                    (["x", "y"], 0.0, r"fraction must be in \(0, 1\)"),
                                    (["x", "y"], 1.0, "fraction must be in"),

@@ -182,8 +182,8 @@ def test_torchrun_resumes_after_the_last_finished_block(tmp_path):
     folder = llm_folder(tmp_path)
     text = tmp_path / "text.txt"
     words = ["the", "cat", "sat", "on", "mat", ".", "dog", "is", "blue", "and", "sky", "day"]
-    text.write_text("\n".join(" ".join(words[(i * 7 + j * 5) % len(words)] for j in range(40))
-                              for i in range(40)) + "\n")
+    text.write_text("\n".join(" ".join(words[(i * 7 + j * (5 + i // 12)) % len(words)]
+                                       for j in range(40)) for i in range(40)) + "\n")
     codes = launch_ranks(_resume_worker, (2, [free_port() for _ in range(3)], str(folder),
                                           str(text), str(tmp_path)), timeout=300)
     assert codes == [0, 0], [(tmp_path / f"{n}_rank{r}.err").read_text()

@@ -74,6 +74,7 @@ from torch import nn
 from tnlm.bridge.kinds import MATRIX_KINDS, kind_of
 from tnlm.bridge.layer import MPOModule
 from tnlm.bridge.pivoted import PivotedLinear
+from tnlm.core.validation import check_number
 
 __all__ = ["TRAIN_SETS", "HEALING_RENAMED", "select_parameters", "set_trainable", "check_train",
            "is_norm", "mpo_modules", "freeze_central", "train_auxiliary_only",
@@ -131,6 +132,23 @@ def check_train(train: str, accepted: Sequence[str],
     raise ValueError(f"train must be one of {tuple(accepted)}, got {train!r}")
 
 
+def _check_extra(extra: Iterable[nn.Module]) -> list[nn.Module]:
+    """``extra`` (the modules to save) as a list of modules, or ``TypeError`` naming it."""
+    if isinstance(extra, (str, bytes)) or (
+            isinstance(extra, nn.Module) and not isinstance(extra, (nn.ModuleList, nn.Sequential))
+    ) or not isinstance(extra, Iterable):
+        what = f"one {type(extra).__name__}" + (": wrap it in a list, e.g. [model.classifier]"
+                                                 if isinstance(extra, nn.Module) else "")
+        raise TypeError(f"extra must be an iterable of nn.Module (the modules to save), got "
+                        f"{what}")
+    extra = list(extra)
+    for k, m in enumerate(extra):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"extra must be an iterable of nn.Module (the modules to save); "
+                            f"extra[{k}] is a {type(m).__name__}: {m!r}")
+    return extra
+
+
 def select_parameters(root: nn.Module, train: str, *,
                       extra: Iterable[nn.Module] = ()) -> list[tuple[str, nn.Parameter]]:
     """The parameters of set ``train`` below ``root`` (module docstring, :data:`TRAIN_SETS`),
@@ -143,9 +161,13 @@ def select_parameters(root: nn.Module, train: str, *,
     (ignored by the other sets); parameters outside ``root`` are not selected.
 
     Raises:
+        TypeError: ``extra`` is not an iterable of ``nn.Module`` (one module, e.g. a head,
+            must be wrapped in a list; an ``nn.ModuleList`` / ``nn.Sequential`` is read as
+            its children).
         ValueError: ``train`` is not a name of :data:`TRAIN_SETS`.
     """
     check_train(train, tuple(TRAIN_SETS))
+    extra = _check_extra(extra)
     chosen: dict[int, nn.Parameter] = {}
 
     def take(params: Iterable[nn.Parameter]) -> None:
@@ -190,9 +212,11 @@ def set_trainable(model: nn.Module, train: str, *,
     train, every other parameter of ``model`` is frozen. Returns ``model``.
 
     Raises:
+        TypeError: ``extra`` is not an iterable of ``nn.Module`` (:func:`select_parameters`).
         ValueError: an unknown name, or ``"lightweight"`` / ``"auxiliary"`` (defined by
             the MPO layers' tensors) on a model without MPO modules.
     """
+    extra = _check_extra(extra)
     if train == "lightweight" and not any(isinstance(m, MPOModule) for m in model.modules()):
         raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding) whose "
                          "auxiliary tensors train 'lightweight' trains (gauge-fixed "
@@ -242,6 +266,7 @@ def train_lightweight(model: nn.Module, extra: Iterable[nn.Module] = ()) -> nn.M
     (the set ``"lightweight"``, :func:`set_trainable`).
 
     Raises:
+        TypeError: ``extra`` is not an iterable of ``nn.Module`` (wrap one module in a list).
         ValueError: if ``model`` contains no MPO modules.
     """
     return set_trainable(model, "lightweight", extra=extra)
@@ -293,10 +318,25 @@ def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
                      weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups: MPO cores with their own learning rate ``mpo_lr``.
 
-    Only trainable parameters are included; call again after any change of core
-    shapes (e.g. dimension squeezing) and rebuild the optimizer.
+    The group ``"mpo_cores"`` (learning rate ``mpo_lr``, default ``lr``; no weight decay)
+    holds the cores of every MPO layer and the ``coef`` and ``right`` of every
+    gauge-fixed :class:`~tnlm.bridge.pivoted.PivotedLinear` (its central tensors, module
+    docstring); the group ``"other"`` (``lr``, ``weight_decay``) everything else, MPO
+    biases included. Only trainable parameters are included; call again after any change
+    of core shapes (e.g. dimension squeezing) and rebuild the optimizer.
+
+    Raises:
+        TypeError: ``lr``, ``mpo_lr`` or ``weight_decay`` is not a number (``bool`` and
+            strings included).
+        ValueError: ``lr`` or ``mpo_lr`` is not a finite number > 0, or ``weight_decay``
+            not a finite number >= 0.
     """
+    lr = check_number(lr, "lr", positive=True)
+    mpo_lr = None if mpo_lr is None else check_number(mpo_lr, "mpo_lr", positive=True)
+    weight_decay = check_number(weight_decay, "weight_decay")
     core_ids = {id(p) for _, m in mpo_modules(model) for p in m.cores}
+    core_ids |= {id(p) for m in model.modules() if isinstance(m, PivotedLinear)
+                 for p in (m.coef, m.right)}
     cores, rest = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -312,10 +352,13 @@ def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
 
 def make_optimizer(model: nn.Module, lr: float, mpo_lr: float | None = None,
                    weight_decay: float = 0.01) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; MPO cores get ``mpo_lr`` (default ``lr``).
+    """AdamW over the trainable parameters; MPO cores get ``mpo_lr`` (default ``lr``)
+    (groups of :func:`parameter_groups`).
 
     Raises:
-        ValueError: if nothing in ``model`` requires a gradient.
+        TypeError: ``lr``, ``mpo_lr`` or ``weight_decay`` is not a number.
+        ValueError: ``lr`` or ``mpo_lr`` not finite and > 0, ``weight_decay`` not finite
+            and >= 0, or nothing in ``model`` requires a gradient.
     """
     groups = parameter_groups(model, lr, mpo_lr, weight_decay)
     if not groups:

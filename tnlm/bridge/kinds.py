@@ -131,9 +131,23 @@ def extras_of(module: nn.Module) -> dict[str, Any]:
 @torch.no_grad()
 def dense_module(kind: str, W: torch.Tensor, bias: torch.Tensor | None,
                  extras: dict[str, Any] | None = None) -> nn.Module:
-    """A plain module of ``kind`` computing ``x @ W (+ bias)`` (W in, out)."""
+    """A plain module of ``kind`` computing ``x @ W (+ bias)`` (W in, out).
+
+    Raises:
+        ValueError: an unknown ``kind``; ``W`` not 2-D; a ``bias`` not of shape
+            ``(out,)``, or any bias for ``"embedding"`` (a table has none).
+    """
     k = get_kind(kind)
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D matrix (in, out), got shape {tuple(W.shape)}")
     in_dim, out_dim = int(W.shape[0]), int(W.shape[1])
+    if bias is not None:
+        if k.name == "embedding":
+            raise ValueError("bias must be None for kind 'embedding' (nn.Embedding has no "
+                             "bias)")
+        if tuple(bias.shape) != (out_dim,):
+            raise ValueError(f"bias must have shape ({out_dim},) for W of shape "
+                             f"{tuple(W.shape)}, got {tuple(bias.shape)}")
     m = k.build(in_dim, out_dim, bias is not None, dict(extras or {}), W.device, W.dtype)
     m.weight.copy_(W.T if k.transposed else W)
     if bias is not None:

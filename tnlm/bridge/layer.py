@@ -54,6 +54,7 @@ from tnlm.bridge import cost, kinds, training
 from tnlm.core.mpo import MPO, central_site
 from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
+from tnlm.core.validation import check_matrix, check_positive_int, check_shape
 
 __all__ = ["ComputedWeight", "MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding",
            "ReadOnlyWeightError", "set_dense_cache", "invalidate_caches"]
@@ -64,6 +65,8 @@ _compiling = torch.compiler.is_compiling
 _transforming = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 #: index dtypes ``nn.Embedding`` accepts (Long, Int)
 _INDEX_DTYPES = (torch.int64, torch.int32)
+#: the half-precision dtypes a layer may hold (an :class:`MPO` holds float32/float64 only)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class MPODtypeError(RuntimeError, TypeError):
@@ -236,18 +239,19 @@ def _torch_cores(mpo: MPO, dtype: torch.dtype | None) -> list[torch.Tensor]:
     return cores if dtype is None else [c.to(dtype) for c in cores]
 
 
-def _check_cast_error(layer: MPOModule, spec: DecompositionSpec, decomposed_error: float,
-                      dtype: torch.dtype) -> None:
-    """For float16/bfloat16 cores: ``ValueError`` if a number ``spec.max_error`` holds for
-    the float64 decomposition (error ``decomposed_error``) but not for the stored cores
-    (``layer.truncation_error``, measured after the cast to ``dtype``): the cast broke the
-    bound. Float32/float64 cores report their measured error and are not checked."""
-    bound = spec.max_error
-    if dtype not in (torch.float16, torch.bfloat16) or bound is None or \
-            isinstance(bound, (tuple, list)):
+def _check_cast_error(max_error: Any, stored: float, decomposed_error: float,
+                      dtype: torch.dtype, *, what: str = "the float64 decomposition",
+                      way_out: str = "decompose a float32 copy of the module (module.float()) "
+                                     "and keep the layer in float32") -> None:
+    """For float16/bfloat16 cores: ``ValueError`` if a number ``max_error`` holds for the
+    cut made in higher precision (``what``, error ``decomposed_error``) but not for the
+    stored cores (error ``stored``, measured after the cast to ``dtype``): the cast broke
+    the bound. Float32/float64 cores report their measured error and are not checked."""
+    bound = max_error
+    if dtype not in _HALF or bound is None or np.ndim(bound) != 0:  # per bond: not checked
         return
     bound = float(bound)
-    stored = float(layer.truncation_error)
+    stored = float(stored)
     slack = 1e-12  # float64 rounding of the measurement itself
     if stored <= bound + slack or decomposed_error > bound + slack:
         return
@@ -255,9 +259,45 @@ def _check_cast_error(layer: MPOModule, spec: DecompositionSpec, decomposed_erro
     enough = math.ceil(stored / step) * step  # stored, rounded up to two digits
     raise ValueError(
         f"max_error={bound:g} is not met by the stored {dtype} cores: their relative error is "
-        f"{stored:.3g} (the float64 decomposition's is {decomposed_error:.3g}; rounding the cores "
-        f"to {dtype} added the rest); pass max_error >= {enough:.2g}, or decompose a float32 "
-        "copy of the module (module.float()) and keep the layer in float32")
+        f"{stored:.3g} ({what}'s is {decomposed_error:.3g}; rounding the cores "
+        f"to {dtype} added the rest); pass max_error >= {enough:.2g}, or {way_out}")
+
+
+def _check_cores(cores: Sequence[torch.Tensor]) -> None:
+    """Validate torch cores as :class:`MPO` does (4-D, chained bonds, one float dtype, finite
+    values); half-precision cores, which a layer may hold but an MPO may not, are checked
+    as float32 copies."""
+    cores = [c.detach() for c in cores]
+    for k, c in enumerate(cores[1:], 1):
+        if c.dtype != cores[0].dtype:
+            raise TypeError(f"cores[{k}] has dtype {c.dtype}, cores[0] has {cores[0].dtype}")
+    if cores and cores[0].dtype in _HALF:
+        cores = [c.float() for c in cores]
+    MPO(cores)
+
+
+def _contract64(cores: Sequence[torch.Tensor], in_dim: int, out_dim: int) -> torch.Tensor:
+    """W (in_dim, out_dim) of ``cores``, contracted in float64 (padding sliced off)."""
+    shapes = tuple(tuple(int(d) for d in c.shape) for c in cores)
+    W = dense_plan(shapes).run_torch(*[c.detach().to(torch.float64) for c in cores])
+    W = W.reshape(prod(s[1] for s in shapes), prod(s[2] for s in shapes))
+    return W[:in_dim, :out_dim]
+
+
+def _sites_for(in_shape: Any, out_shape: Any, n_sites: Any) -> int:
+    """The ``n_sites`` of a :class:`DecompositionSpec` for these arguments of
+    ``from_linear`` / ``from_embedding``: ``n_sites`` (default 5) when both shapes are
+    omitted; beside a shape, ``ValueError`` unless it equals that shape's length (as
+    :meth:`MPO.from_matrix`)."""
+    asked = None if n_sites is None else check_positive_int(n_sites, "n_sites")
+    if in_shape is None and out_shape is None:
+        return 5 if asked is None else asked
+    which = "in_shape" if in_shape is not None else "out_shape"
+    n = len(check_shape(in_shape if in_shape is not None else out_shape, which))
+    if asked is not None and asked != n:
+        raise ValueError(f"n_sites={asked} disagrees with {which}, which has {n} sites; "
+                         "give one of them")
+    return n
 
 
 def _check_mode(mode: str) -> str:
@@ -271,30 +311,43 @@ class MPOModule(nn.Module):
 
     Args:
         cores: n tensors ``T_k[d_{k-1}, i_k, j_k, d_k]`` (d_0 = d_n = 1).
-        in_dim, out_dim: the logical matrix shape (I, J) (<= the site products when padded).
+        in_dim, out_dim: the logical matrix shape (I, J) (<= the site products when padded):
+            ints >= 1 or ``None`` (the site products).
         mode: ``"auto"``, ``"contract"`` or ``"dense"`` (see :mod:`tnlm.bridge.cost`).
-        cache_dense: reuse the W built by the dense path while no core changed (see the
-            module docstring; memory: one ``in_dim x out_dim`` tensor per compute dtype).
+        cache_dense: (a bool) reuse the W built by the dense path while no core changed
+            (see the module docstring; memory: one ``in_dim x out_dim`` tensor per compute
+            dtype).
+
+    Raises:
+        TypeError: ``in_dim``/``out_dim`` not an int (``bool``, float and str refused),
+            ``cache_dense`` not a bool, cores of a non-floating or mixed dtype.
+        ValueError: cores that do not chain or hold NaN/Inf, dims that do not fit the
+            site shapes, an unknown ``mode``.
     """
 
     def __init__(self, cores: Sequence[torch.Tensor], in_dim: int | None = None,
                  out_dim: int | None = None, mode: str = "auto",
                  cache_dense: bool = True) -> None:
         super().__init__()
+        in_name, out_name = self._DIM_NAMES
+        in_dim = None if in_dim is None else check_positive_int(in_dim, in_name)
+        out_dim = None if out_dim is None else check_positive_int(out_dim, out_name)
+        if not isinstance(cache_dense, bool):
+            raise TypeError(f"cache_dense must be a bool, got {cache_dense!r}")
         cores = [c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in cores]
-        MPO([c.detach() for c in cores])  # validates shapes, bonds and dtypes
+        _check_cores(cores)  # shapes, bonds and dtypes
         self.cores = nn.ParameterList(
             [nn.Parameter(c.detach().clone().contiguous()) for c in cores])
         self.in_shape = tuple(int(c.shape[1]) for c in cores)
         self.out_shape = tuple(int(c.shape[2]) for c in cores)
-        self.in_dim = prod(self.in_shape) if in_dim is None else int(in_dim)
-        self.out_dim = prod(self.out_shape) if out_dim is None else int(out_dim)
+        self.in_dim = prod(self.in_shape) if in_dim is None else in_dim
+        self.out_dim = prod(self.out_shape) if out_dim is None else out_dim
         fits = 0 < self.in_dim <= prod(self.in_shape) and 0 < self.out_dim <= prod(self.out_shape)
         if not fits:
             raise ValueError(f"in_dim, out_dim = {self.in_dim}, {self.out_dim} must be positive "
                              f"and fit the site shapes {self.in_shape} x {self.out_shape}")
         self.mode = _check_mode(mode)
-        self.cache_dense = bool(cache_dense)
+        self.cache_dense = cache_dense
         self.last_mode: str | None = None
         self.truncation_error = 0.0
         #: compute dtype -> (copies of the cores W was built from, W)
@@ -307,6 +360,9 @@ class MPOModule(nn.Module):
     #: the module kind this layer replaces (see :mod:`tnlm.bridge.kinds`); merging
     #: returns a plain module of that kind
     kind = "linear"
+
+    #: how errors name the constructor's ``in_dim`` and ``out_dim`` arguments
+    _DIM_NAMES = ("in_dim", "out_dim")
 
     #: train the dense path of an :class:`MPOLinear` through the three-block autograd
     #: function (:mod:`tnlm.bridge.training`: the rebuild and the cores' gradients as planned
@@ -348,7 +404,8 @@ class MPOModule(nn.Module):
 
         Raises:
             TypeError: ``module`` is not a supported kind, or ``spec`` not a spec.
-            ValueError: unsupported ``nn.Embedding`` options, a spec that does not fit
+            ValueError: an unknown ``mode`` (checked before decomposing), unsupported
+                ``nn.Embedding`` options, a spec that does not fit
                 the weight, or ``max_error`` broken by the cast to the module's dtype
                 (the message gives the error reached and the way out: a larger
                 ``max_error``, or decomposing a float32 copy of the module).
@@ -360,6 +417,7 @@ class MPOModule(nn.Module):
         spec = DecompositionSpec() if spec is None else spec
         if not isinstance(spec, DecompositionSpec):
             raise TypeError(f"spec must be a DecompositionSpec, got {type(spec).__name__}")
+        _check_mode(mode)  # before the decomposition, not after it
         W = kinds.weight_xw(module)
         mpo = spec.decompose(W.to(torch.float64))
         dtype, device = module.weight.dtype, module.weight.device
@@ -374,17 +432,28 @@ class MPOModule(nn.Module):
         else:
             layer = MPOLinear.from_mpo(mpo, module.bias, mode, dtype=dtype, kind=kind)
         layer.truncation_error = layer.measured_error(W)
-        _check_cast_error(layer, spec, mpo.truncation_error, dtype)
+        _check_cast_error(spec.max_error, layer.truncation_error, mpo.truncation_error, dtype)
         return layer.to(device)
 
     @torch.no_grad()
     def measured_error(self, W: torch.Tensor) -> float:
-        """||W - W(cores)||_F / ||W||_F of the stored cores against W (in, out), in float64."""
-        W = W.detach().to(torch.float64)
-        cores = [c.detach().to(torch.float64) for c in self.cores]
-        approx = dense_plan(self.core_shapes).run_torch(*cores)
-        approx = approx.reshape(prod(self.in_shape), prod(self.out_shape))
-        approx = approx[: self.in_dim, : self.out_dim].to(W.device)
+        """||W - W(cores)||_F / ||W||_F of the stored cores against W (in, out), in float64.
+
+        Raises:
+            TypeError: ``W`` is not a real torch tensor.
+            ValueError: ``W`` is not of shape ``(in_dim, out_dim)`` (an ``nn.Linear``
+                stores its weight as (out, in): pass ``linear.weight.T``), or holds NaN/Inf.
+        """
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"W must be a torch tensor (in_dim, out_dim), got {type(W).__name__}")
+        if tuple(W.shape) != (self.in_dim, self.out_dim):
+            raise ValueError(
+                f"W must have shape (in_dim, out_dim) = ({self.in_dim}, {self.out_dim}), got "
+                f"{tuple(W.shape)}; for an nn.Linear pass linear.weight.T (nn.Linear stores "
+                "its weight as (out_features, in_features))")
+        W = W.detach()
+        W = check_matrix(W.to(torch.float64) if W.is_floating_point() else W, "W")
+        approx = _contract64(list(self.cores), self.in_dim, self.out_dim).to(W.device)
         norm = float(torch.linalg.norm(W))
         return float(torch.linalg.norm(W - approx)) / norm if norm > 0 else 0.0
 
@@ -576,7 +645,7 @@ class MPOModule(nn.Module):
         """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached
         (half-precision cores are upcast to float32, which the factorizations need)."""
         cores = [c.detach().clone() for c in self.cores]
-        if cores[0].dtype in (torch.float16, torch.bfloat16):
+        if cores[0].dtype in _HALF:
             cores = [c.float() for c in cores]
         return MPO(cores, in_dim=self.in_dim, out_dim=self.out_dim)
 
@@ -585,7 +654,7 @@ class MPOModule(nn.Module):
         """Replace the cores (shapes may change, e.g. after truncation); keeps requires_grad
         of each site's parameter. Optimizers holding the old parameters must be rebuilt."""
         flags = [p.requires_grad for p in self.cores]
-        MPO([c.detach() for c in cores])
+        _check_cores(cores)
         if len(cores) != len(flags):
             raise ValueError(f"cores must have {len(flags)} sites, got {len(cores)}")
         if tuple(int(c.shape[1]) for c in cores) != self.in_shape or \
@@ -611,22 +680,35 @@ class MPOModule(nn.Module):
 
         Policies as in :meth:`MPO.truncate` (relative to the current W). Returns the
         relative error of this cut, ``||W - W'||_F / ||W||_F`` (exact) for the layer's
-        W (in_dim, out_dim): for a zero-padded layer, measured on W itself, not on the
-        padded matrix the policies see; ``truncation_error`` is not changed (the caller
-        knows the reference). Optimizers holding the old parameters must be rebuilt.
+        W (in_dim, out_dim) and the cores as stored: for a zero-padded layer, measured on
+        W itself, not on the padded matrix the policies see; for float16 / bfloat16
+        cores (cut in float32, then rounded back), including that rounding, as
+        :meth:`from_module` does. ``truncation_error`` is not changed (the caller knows
+        the reference). Optimizers holding the old parameters must be rebuilt.
+
+        Raises:
+            ValueError: a number ``max_error`` that the float32 cut meets but the cores
+                rounded to half precision break (the layer is left unchanged).
         """
+        dtype = self.cores[0].dtype
         padded = math.prod(self.in_shape) != self.in_dim or \
             math.prod(self.out_shape) != self.out_dim
-        before = self.dense_matrix().detach().double() if padded else None
+        measure = padded or dtype in _HALF
+        before = _contract64(list(self.cores), self.in_dim, self.out_dim) if measure else None
         mpo = self.to_mpo().to_backend("pytorch").truncate(max_bond, cutoff, max_error)
         mpo = apply_gauge(mpo, gauge)
-        self.set_cores(list(mpo.cores))
+        cores = [c.to(dtype) for c in mpo.cores]  # as set_cores will store them
         if before is None:
-            return float(mpo.truncation_error)
-        with torch.no_grad():
-            after = self.dense_matrix().detach().double()
-        norm = float(torch.linalg.norm(before))
-        return float(torch.linalg.norm(before - after)) / norm if norm else 0.0
+            err = float(mpo.truncation_error)
+        else:
+            after = _contract64(cores, self.in_dim, self.out_dim)
+            norm = float(torch.linalg.norm(before))
+            err = float(torch.linalg.norm(before - after)) / norm if norm else 0.0
+            _check_cast_error(max_error, err, float(mpo.truncation_error), dtype,
+                              what="the float32 cut",
+                              way_out="convert the layer to float32 first (layer.float())")
+        self.set_cores(cores)
+        return err
 
     def extra_repr(self) -> str:
         return (f"in={self.in_dim}, out={self.out_dim}, in_shape={self.in_shape}, "
@@ -641,6 +723,8 @@ class MPOLinear(MPOModule):
     Build with :meth:`from_linear` or :meth:`from_mpo`. Untruncated, its output
     equals the original layer's to float32 rounding.
     """
+
+    _DIM_NAMES = ("in_features", "out_features")
 
     def __init__(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None,
                  in_features: int | None = None, out_features: int | None = None,
@@ -688,7 +772,7 @@ class MPOLinear(MPOModule):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_shape: Sequence[int] | None = None,
-                    out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
+                    out_shape: Sequence[int] | None = None, n_sites: int | None = None, *,
                     max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
                     gauge: str = "symmetric", mode: str = "auto", pad: bool = False
                     ) -> MPOLinear:
@@ -696,12 +780,16 @@ class MPOLinear(MPOModule):
         :meth:`MPOModule.from_module` with a :class:`~tnlm.core.spec.DecompositionSpec`
         of these arguments (shapes factor in/out features; policies as in
         :meth:`tnlm.MPO.from_matrix`; ``gauge`` as in :func:`~tnlm.core.spec.apply_gauge`).
+        ``n_sites``: the number of sites when both shapes are omitted (default 5); given
+        beside a shape, it must equal that shape's length (``ValueError`` otherwise, as
+        :meth:`tnlm.MPO.from_matrix`).
 
         For a float16 / bfloat16 ``linear``, ``truncation_error`` includes the rounding of
         the stored cores, and a ``max_error`` the rounded cores break raises ``ValueError``
         (see :meth:`MPOModule.from_module`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        n_sites = _sites_for(in_shape, out_shape, n_sites)
         spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
                                  pad, gauge)
         return MPOModule.from_module(linear, spec, mode)
@@ -835,6 +923,8 @@ class MPOEmbedding(MPOModule):
     contracts every id (no de-duplication, whose output size depends on the data).
     """
 
+    _DIM_NAMES = ("num_embeddings", "embedding_dim")
+
     def __init__(self, cores: Sequence[torch.Tensor], num_embeddings: int | None = None,
                  embedding_dim: int | None = None, padding_idx: int | None = None,
                  mode: str = "auto", cache_dense: bool = True) -> None:
@@ -878,16 +968,18 @@ class MPOEmbedding(MPOModule):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, in_shape: Sequence[int] | None = None,
-                       out_shape: Sequence[int] | None = None, n_sites: int = 5, *,
+                       out_shape: Sequence[int] | None = None, n_sites: int | None = None, *,
                        max_bond: Any = None, cutoff: Any = None, max_error: Any = None,
                        gauge: str = "symmetric", mode: str = "auto", pad: bool = True
                        ) -> MPOEmbedding:
         """Decompose ``embedding.weight`` (vocab, dim); the vocabulary is zero-padded to a
-        factorizable size by default (``pad=True``, e.g. 30522 -> 30720). Shorthand for
+        factorizable size by default (``pad=True``, e.g. 30522 -> 30720). ``n_sites`` as in
+        :meth:`MPOLinear.from_linear`. Shorthand for
         :meth:`MPOModule.from_module` (half precision: ``truncation_error`` includes the
         rounding of the stored cores; a ``max_error`` they break raises ``ValueError``)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        n_sites = _sites_for(in_shape, out_shape, n_sites)
         spec = DecompositionSpec(in_shape, out_shape, n_sites, max_bond, cutoff, max_error,
                                  pad, gauge)
         return MPOModule.from_module(embedding, spec, mode)
@@ -1006,11 +1098,14 @@ def invalidate_caches(model: nn.Module) -> int:
 
 def set_dense_cache(model: nn.Module, enabled: bool) -> int:
     """Turn the dense-W cache of every MPO layer in ``model`` on or off (off also frees
-    the cached tensors); returns the number of layers changed."""
+    the cached tensors); returns the number of layers changed. ``TypeError`` unless
+    ``enabled`` is a bool."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
     n = 0
     for m in model.modules():
         if isinstance(m, MPOModule):
-            m.cache_dense = bool(enabled)
+            m.cache_dense = enabled
             if not enabled:
                 m.invalidate_cache()
             n += 1

@@ -24,6 +24,7 @@ from torch import nn
 from tnlm.bridge.kinds import MATRIX_KINDS, dense_module, get_kind
 from tnlm.bridge.layer import MPOLinear
 from tnlm.core.pivot import pivot_low_rank
+from tnlm.core.validation import all_finite
 
 __all__ = ["PivotedLinear", "pivot_layers", "is_low_rank_pair", "PIVOTED_LAYOUT"]
 
@@ -41,6 +42,21 @@ def is_low_rank_pair(layer: nn.Module) -> bool:
         layer.in_dim, layer.out_dim)
 
 
+def _check_split(pivots: torch.Tensor, rest: torch.Tensor, in_dim: int) -> None:
+    """``ValueError`` unless ``pivots`` and ``rest`` hold each index of ``range(in_dim)``
+    once."""
+    both = torch.cat([pivots.reshape(-1), rest.reshape(-1)]).cpu()
+    if both.is_floating_point() or both.is_complex() or both.dtype == torch.bool:
+        raise ValueError(f"pivots and rest must be integer index vectors, got {both.dtype}")
+    both = both.to(torch.int64)
+    if not torch.equal(torch.sort(both).values, torch.arange(in_dim)):
+        bad = sorted(set(both.tolist()) ^ set(range(in_dim)))[:5]
+        raise ValueError(f"pivots and rest must split range({in_dim}) (each index "
+                         f"once); indices missing or out of range: {bad}"
+                         + (" (and repeats)" if both.unique().numel() < both.numel()
+                            else ""))
+
+
 class PivotedLinear(nn.Module):
     """``y = (x[..., pivots] + x[..., rest] @ coef) @ right + bias``: a drop-in for the
     ``nn.Linear`` / ``Conv1D`` (``kind``) it compresses.
@@ -52,8 +68,9 @@ class PivotedLinear(nn.Module):
             what :meth:`merge` gives back.
 
     Raises:
-        ValueError: shapes that do not fit together, or ``pivots``/``rest`` not a split
-            of ``range(I)``.
+        TypeError: ``coef`` and ``right`` not of one floating-point dtype.
+        ValueError: shapes that do not fit together, ``pivots``/``rest`` not a split
+            of ``range(I)``, or NaN/Inf in ``coef`` or ``right``.
     """
 
     def __init__(self, pivots: torch.Tensor, rest: torch.Tensor, coef: torch.Tensor,
@@ -70,6 +87,12 @@ class PivotedLinear(nn.Module):
         if right.dim() != 2 or right.shape[0] != r or tuple(coef.shape) != (n_rest, r):
             raise ValueError(f"coef must be ({n_rest}, {r}) and right ({r}, J), got "
                              f"{tuple(coef.shape)} and {tuple(right.shape)}")
+        if not coef.dtype.is_floating_point or coef.dtype != right.dtype:
+            raise TypeError(f"coef and right must have one floating-point dtype, got "
+                            f"{coef.dtype} and {right.dtype}")
+        for name, t in (("coef", coef), ("right", right)):
+            if not t.is_meta and not all_finite(t):
+                raise ValueError(f"{name} holds NaN or infinite values")
         I, J = r + n_rest, int(right.shape[1])
         if bias is not None and tuple(bias.shape) != (J,):
             raise ValueError(f"bias must be ({J},), got {tuple(bias.shape)}")
@@ -87,17 +110,28 @@ class PivotedLinear(nn.Module):
 
     def check_indices(self) -> None:
         """Raise ``ValueError`` unless ``pivots`` and ``rest`` split ``range(in_dim)``, each
-        index once (called on construction and by the checkpoint reader after loading)."""
+        index once (called on construction, on ``load_state_dict`` before anything is
+        copied, and by the checkpoint reader after loading)."""
         if self.pivots.dtype != torch.int64 or self.rest.dtype != torch.int64:
             raise ValueError(f"pivots and rest must be int64, got {self.pivots.dtype} and "
                              f"{self.rest.dtype}")
-        both = torch.cat([self.pivots, self.rest]).cpu()
-        if not torch.equal(torch.sort(both).values, torch.arange(self.in_dim)):
-            bad = sorted(set(both.tolist()) ^ set(range(self.in_dim)))[:5]
-            raise ValueError(f"pivots and rest must split range({self.in_dim}) (each index "
-                             f"once); indices missing or out of range: {bad}"
-                             + (" (and repeats)" if both.unique().numel() < both.numel()
-                                else ""))
+        _check_split(self.pivots, self.rest, self.in_dim)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        """As ``nn.Module``'s, after checking that the loaded ``pivots`` and ``rest`` split
+        ``range(in_dim)`` (``ValueError`` before anything is copied; shapes that differ
+        from this layer's are left to ``nn.Module``'s own size check)."""
+        pivots = state_dict.get(prefix + "pivots", self.pivots)
+        rest = state_dict.get(prefix + "rest", self.rest)
+        if isinstance(pivots, torch.Tensor) and isinstance(rest, torch.Tensor) and \
+                pivots.shape == self.pivots.shape and rest.shape == self.rest.shape and \
+                not pivots.is_meta and not rest.is_meta:
+            try:
+                _check_split(pivots, rest, self.in_dim)
+            except ValueError as err:
+                raise ValueError(f"state_dict for {prefix or 'the layer'!r}: {err}") from None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -227,8 +261,12 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
         ``name -> new layer`` (every path, as ``named_modules(remove_duplicate=False)``).
 
     Raises:
+        TypeError: ``names`` is one str (not a list of names).
         ValueError: a name in ``names`` that is not such a layer of ``model``.
     """
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"names must be a list of module names, got one str {names!r}: wrap "
+                        "it in a list")
     found = {n: m for n, m in model.named_modules(remove_duplicate=False)
              if n and is_low_rank_pair(m)}
     if names is not None:

@@ -23,7 +23,7 @@ from tnlm.cli.common import (
     text_error,
 )
 
-__all__ = ["compress_causal", "LAYERWISE_DIR"]
+__all__ = ["compress_causal", "DIST_TIMEOUT", "LAYERWISE_DIR"]
 
 
 def compress_causal(args: argparse.Namespace, source, arch) -> int:
@@ -46,6 +46,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     from tnlm.compress.text import read_sentences
 
     rank, size = launched()
+    if args.dist_timeout is None:
+        args.dist_timeout = DIST_TIMEOUT
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UserError(f"--dist-timeout must be a number of minutes > 0, got "
                         f"{args.dist_timeout}")
@@ -113,10 +115,14 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             text = read_sentences(args.text, column=args.text_column)
         except (OSError, ValueError) as err:
             raise text_error(err) from None
-        if len(text) < 4:
-            raise UserError(f"--text {args.text} has {len(text)} lines: at least 4 are needed")
+        if len(set(text)) < 4:
+            raise UserError(f"--text {args.text} holds {len(set(text))} distinct line(s): at "
+                            f"least 4 are needed")
         # the last tenth is held out: the job measures perplexity on the user's own text
-        text, own_text = split_held_out(text, OWN_HELD_OUT, OWN_HELD_OUT_CHARS)
+        try:
+            text, own_text = split_held_out(text, OWN_HELD_OUT, OWN_HELD_OUT_CHARS)
+        except ValueError as err:
+            raise UserError(f"--text {args.text}: {err}") from None
     targets = args.targets.split(",") if args.targets else list(arch.targets)
     job = recipe.heal  # the job's defaults (every one not set here is kept)
     chunk = job.chunk if args.heal_chunk is None else (args.heal_chunk or None)
@@ -187,6 +193,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             hf_logging.enable_progress_bar()
 
 
+#: minutes a process waits for the others at a collective (``--dist-timeout``)
+DIST_TIMEOUT = 30.0
 #: the folder of ``--out`` that holds a causal LM's per-block checkpoint while it runs
 LAYERWISE_DIR = "layerwise"
 #: the share of --text's characters (its last lines) held out to measure the result, and

@@ -129,11 +129,9 @@ def launched() -> tuple[int, int]:
 
 
 def encoder_only_defaults() -> dict[str, object]:
-    """The flags of ``tnlm compress`` that apply to encoders only, with their defaults (the
-    parser's, from :class:`~tnlm.compress.encoder.EncoderRecipe`): a causal LM's job
-    refuses any other value."""
-    from tnlm.compress.encoder import EncoderRecipe as enc
-
-    return {"--sick": None, "--with-default-text": False, "--heal-train": enc.heal_train,
-            "--teacher-bf16": enc.teacher_bf16, "--reconstruct-steps": enc.reconstruct_steps,
-            "--calibration": enc.calibration}
+    """The flags of ``tnlm compress`` that apply to encoders only, with the parser's
+    defaults: what they hold when not given (``None``, or ``False`` for a switch; the
+    encoder's job then takes :class:`~tnlm.compress.encoder.EncoderRecipe`'s). A causal
+    LM's job refuses any other value: a flag given, even at the encoder's default value."""
+    return {"--sick": None, "--with-default-text": False, "--heal-train": None,
+            "--teacher-bf16": None, "--reconstruct-steps": None, "--calibration": None}

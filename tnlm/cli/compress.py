@@ -21,6 +21,7 @@ from tnlm.cli.common import (
     remove_empty,
     text_error,
 )
+from tnlm.core.validation import MAX_SEED
 
 __all__ = ["cmd_compress"]
 
@@ -80,6 +81,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe, split_text
     from tnlm.compress.quality import read_sick
 
+    if args.text is not None and not args.text.strip():
+        raise UserError("--text is empty: pass a file of one sentence a line (leave --text "
+                        "out for the default text)")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     if args.text_column is not None and not args.text:
         raise UserError("--text-column picks the column of --text FILE: pass --text")
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
@@ -90,6 +96,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if launched()[1] > 1:
         raise UserError("several processes (torchrun) compress causal LMs only; run an "
                         "encoder's compression as one process")
+    if args.dist_timeout is not None:
+        raise UserError("--dist-timeout applies to causal LMs under torchrun")
     if args.method is not None:
         raise UserError("--method applies to causal LMs; for an encoder see --allocation")
     if args.heal_optimizer is not None:
@@ -118,9 +126,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--sensitivity-sequences applies to causal LMs (the probe of their "
                         "sensitivity allocation)")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
-    if args.heal_steps == 0 and args.lr is not None:
-        raise UserError("--lr sets healing; with --heal-steps 0 nothing heals")
+    if args.heal_steps == 0:
+        for flag, value in (("--lr", args.lr), ("--heal-train", args.heal_train),
+                            ("--teacher-bf16", args.teacher_bf16)):
+            if value is not None:
+                raise UserError(f"{flag} sets healing; with --heal-steps 0 nothing heals")
     args.lr = EncoderRecipe.lr if args.lr is None else args.lr
+    for name in ("heal_train", "reconstruct_steps", "calibration"):  # not given: the recipe's
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(EncoderRecipe, name))
     check_budget_and_healing(args.budget, args.heal_steps, args.lr)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")
@@ -193,6 +207,7 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
     from tnlm.compress.pipeline import check_budget, run_context
     from tnlm.integration import format_report
     from tnlm.integration.io import CONFIG_NAME
+    from tnlm.integration.loading import check_block_weights
 
     def say(*parts: object) -> None:
         if not args.quiet:  # with --json, stdout carries the JSON only
@@ -203,12 +218,18 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
     heal = recipe.heal_config(checkpoint_dir=str(healing) if healing else None)
     say(f"text: {len(text):,} sentences from {source}; {len(split.calibration)} for "
         f"calibration, {len(split.heal_text):,} for healing, {len(split.held_out)} held out")
-    model = AutoModel.from_pretrained(str(path)).eval()
+    model, info = AutoModel.from_pretrained(str(path), output_loading_info=True)
+    try:
+        check_block_weights(path, info)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    model.eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     cfg = recipe.compression_config(model, heal)
     check_budget(model, cfg, name="--budget")
     if healing is not None and args.resume:
-        settings = heal_settings(heal, split.heal_text, model, run_context(cfg))
+        settings = heal_settings(heal, split.heal_text, model,
+                                 run_context(cfg, split.calibration))
         try:
             step = check_resumable(healing, settings)
         except FileNotFoundError:

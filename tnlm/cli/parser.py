@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 
+from tnlm.cli.causal import DIST_TIMEOUT
 from tnlm.cli.common import encoder_only_defaults
 from tnlm.cli.compress import cmd_compress
 from tnlm.cli.weights import cmd_decompose, cmd_inspect, cmd_report
@@ -125,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{'on' if enc.pivoted else 'off'} for an encoder, "
                         f"{'on' if CausalLMRecipe.pivoted else 'off'} for a causal LM")
     p.add_argument("--reconstruct-steps", type=int, default=only["--reconstruct-steps"],
-                   help="block-by-block reconstruction steps per block before healing")
+                   help="block-by-block reconstruction steps per block before healing "
+                        f"(encoders; default {enc.reconstruct_steps})")
     causal_allocations = [a for a in LAYERWISE_ALLOCATIONS if a not in ALLOCATIONS]
     p.add_argument("--allocation", choices=[*ALLOCATIONS, *causal_allocations], default=None,
                    help="how the budget is spread over the layers; an encoder: "
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compression with 4, 314-355 s with 8, the same perplexity within "
                         f"the seeds' spread; default: {CausalLMRecipe.sensitivity_sequences})")
     p.add_argument("--calibration", type=int, default=only["--calibration"],
-                   help="calibration sentences")
+                   help=f"calibration sentences (encoders; default {enc.calibration})")
     p.add_argument("--text", default=None,
                    help="unlabeled in-domain text, one sentence per line (default: generated "
                         "sentences and docstrings of the installed Python source; in-domain "
@@ -171,10 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "after its last finished block (DIR/layerwise; also under torchrun, "
                         "with the same number of processes); refused if it was made with "
                         "other settings; without it, a leftover state is discarded")
-    p.add_argument("--dist-timeout", type=float, default=30.0,
+    p.add_argument("--dist-timeout", type=float, default=None,
                    help="causal LMs under torchrun: minutes a process waits for the others "
                         "at a collective before it stops with an error (they wait while "
-                        "rank 0 writes the calibration text and measures perplexity)")
+                        "rank 0 writes the calibration text and measures perplexity; "
+                        f"default {DIST_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)

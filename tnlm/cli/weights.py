@@ -21,8 +21,14 @@ def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, 
 
     from tnlm.bridge import kind_of, weight_xw
     from tnlm.bridge.kinds import MATRIX_KINDS
+    from tnlm.integration.loading import check_block_weights
 
-    model = AutoModel.from_pretrained(str(model_path(model_dir)))
+    path = model_path(model_dir)
+    model, info = AutoModel.from_pretrained(str(path), output_loading_info=True)
+    try:
+        check_block_weights(path, info)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     out = {}
     for name, m in model.named_modules():
         kind = kind_of(m)

@@ -58,6 +58,7 @@ from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.snapshot import SNAPSHOT_PLACES, ParameterSnapshot
+from tnlm.core.validation import check_seed
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
@@ -142,7 +143,11 @@ class CausalHealConfig:
     of a distributed run writes its own file.
 
     ``hidden_weight``: the weight of the block-output term (module docstring); 0, the
-    default, distils the next-token distributions alone. Needs ``chunk``."""
+    default, distils the next-token distributions alone. Needs ``chunk``.
+
+    ``seed``: the draws' seed; ``None`` (default): the recipe's in
+    :func:`tnlm.compress.llm.compress_causal_lm`, 0 when :func:`heal_causal` is called
+    alone."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -151,7 +156,7 @@ class CausalHealConfig:
     train: str = "cores+linears"
     blowup: float = 10.0
     teacher_bf16: bool = False
-    seed: int = 0
+    seed: int | None = None
     chunk: int | None = None
     checkpoint_blocks: bool = True
     stored_blocks: int = 0
@@ -190,8 +195,11 @@ class CausalHealConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float))
+                                             and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if self.seed is not None:
+            self.seed = check_seed(self.seed)
         check_train(self.train, TRAIN, HEALING_RENAMED)
         for name in ("checkpoint_blocks", "teacher_bf16"):
             if not isinstance(getattr(self, name), bool):
@@ -598,7 +606,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     if size > 1:
         dist_.check_same(dist_.digest([sequences]), "healing sequences")
     n = config.steps
-    draws = _draws(sequences.shape[0], n, config.batch_size, config.seed)
+    draws = _draws(sequences.shape[0], n, config.batch_size,
+                   0 if config.seed is None else config.seed)
     t0 = time.perf_counter()
     best_loss, run = math.inf, None
     start = None

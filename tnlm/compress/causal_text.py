@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from tnlm.compress.lm_quality import eos_ids, until_eos
 from tnlm.compress.sampling import NucleusSampler
+from tnlm.compress.text import check_texts
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
            "split_held_out", "token_sequences"]
@@ -184,22 +185,6 @@ def adds_bos(tokenizer: Any) -> int | None:
     return int(bos) if first and first[0] == bos else None
 
 
-def check_texts(texts: Any, name: str = "texts") -> list[str]:
-    """``texts`` as a list, after a ``TypeError`` naming ``name`` unless it holds strings:
-    one string (whose characters would each be taken for a document) or other items are
-    refused; an iterator is read once, here."""
-    if isinstance(texts, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of strings (documents), got one "
-                        f"{type(texts).__name__} (wrap it in a list: each of its characters "
-                        "would be a document)")
-    texts = list(texts)
-    bad = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
-    if bad:
-        raise TypeError(f"{name} must be a sequence of strings (documents), got items of "
-                        f"type {', '.join(bad)}")
-    return texts
-
-
 def split_held_out(texts: Sequence[str], fraction: float = 0.1,
                    max_chars: int | None = None) -> tuple[list[str], list[str]]:
     """The texts cut in two, in order: those to calibrate and heal on, and the shortest run of
@@ -208,11 +193,13 @@ def split_held_out(texts: Sequence[str], fraction: float = 0.1,
     user's own text.
 
     The held-out part is a contiguous tail, as a test split follows its training split: a
-    document is never on both sides.
+    document is never on both sides. A text of the tail that occurs earlier too (a
+    repeated line) is left out of the first part, so nothing held out is healed on.
 
     Raises:
         TypeError: ``texts`` is one string (or holds something else than strings).
-        ValueError: fewer than two texts, ``fraction`` not in (0, 1), or ``max_chars`` < 1.
+        ValueError: fewer than two texts, ``fraction`` not in (0, 1), ``max_chars`` < 1,
+            or no text left to heal on once the held-out ones are taken out.
     """
     texts = check_texts(texts)
     if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
@@ -229,7 +216,12 @@ def split_held_out(texts: Sequence[str], fraction: float = 0.1,
     while k > 1 and (k == len(texts) or tail < target):
         k -= 1
         tail += len(texts[k])
-    return texts[:k], texts[k:]
+    held = set(texts[k:])
+    first = [t for t in texts[:k] if t not in held]
+    if not first:
+        raise ValueError(f"every one of the first {k} texts equals a held-out one: no "
+                         f"text is left to heal on")
+    return first, texts[k:]
 
 
 def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,

@@ -64,6 +64,8 @@ from tqdm.auto import tqdm
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.snapshot import ParameterSnapshot
+from tnlm.compress.text import check_texts
+from tnlm.core.validation import check_seed
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
@@ -75,6 +77,8 @@ __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architec
 TRAIN_CHOICES = ("cores", "cores-central", "cores+linears")
 #: the healing checkpoint's JSON (step, losses, settings) and tensors, in ``checkpoint_dir``
 STATE_FILE, STATE_TENSORS = "heal_state.json", "heal_state.safetensors"
+#: the key of the tensors file's header metadata that holds the state it belongs to
+STATE_KEY = "tnlm_heal_state"
 #: losses averaged for the blow-up test (``HealConfig.max_loss_ratio``)
 BLOWUP_WINDOW = 10
 #: the first loss counts as at least this much in the blow-up test: a student that starts
@@ -159,6 +163,9 @@ class HealConfig:
     ``term``: one more loss term (a :class:`HealTerm`, module docstring); ``None`` by
     default (the terms screened measured no gain: ``experiments/heal_terms.py``). Its
     :meth:`HealTerm.settings` are recorded with the healing settings.
+    When healing runs (``steps`` > 0), ``lr`` and ``max_grad_norm`` must be > 0 and
+    ``w_hidden`` or ``w_cos`` > 0 unless a ``term`` gives the loss: otherwise every step
+    would run and change nothing (``ValueError``). ``seed``: an int in [0, 2**63 - 1].
     ``max_loss_ratio``: stop (``FloatingPointError``, the best student restored) when the
     mean of the last :data:`BLOWUP_WINDOW` losses exceeds this multiple of the first loss
     (counted as at least :data:`LOSS_FLOOR`); 0: never.
@@ -188,10 +195,21 @@ class HealConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
         for name in ("lr", "w_hidden", "w_cos", "max_grad_norm"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        for name in ("lr", "max_grad_norm"):  # 0 would run every step and change nothing
+            if self.steps and getattr(self, name) == 0:
+                raise ValueError(f"{name} must be > 0 when healing runs (steps={self.steps}), "
+                                 f"got 0")
+        if self.steps and self.w_hidden == 0 and self.w_cos == 0 and self.term is None:
+            raise ValueError("w_hidden and w_cos are both 0 and there is no term: healing "
+                             "would have no loss; set one of them > 0")
+        self.seed = check_seed(self.seed)
         r = self.max_loss_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
                 r == 0 or (math.isfinite(r) and r > 1)):
@@ -379,7 +397,10 @@ def heal_settings(config: HealConfig, sentences: Sequence[str], teacher: nn.Modu
 def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str, Any]:
     """The parsed :data:`STATE_FILE` of a healing checkpoint folder, checked: a JSON object
     with ``step`` an int in [0, ``steps``] and ``losses`` a list of ``step`` numbers, beside
-    a :data:`STATE_TENSORS` file whose header reads.
+    a :data:`STATE_TENSORS` file whose header reads. Where that header holds its own copy
+    of the state (:data:`STATE_KEY`, written since the tensors carry it), that copy is
+    returned, checked alike and with the same settings: it is the state of the tensors on
+    disk, where the JSON may be one save behind.
 
     Raises:
         FileNotFoundError: no state file; ValueError: anything else wrong, naming the file.
@@ -391,17 +412,22 @@ def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"healing state {path} is corrupt (not JSON: {err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"healing state {path} is corrupt (not a JSON object)")
-    step, losses = meta.get("step"), meta.get("losses")
     top = steps if steps is not None else math.inf
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= top:
-        raise ValueError(f"healing state {path} is corrupt: step {step!r} is not an int in "
-                         f"[0, {top}] (the run's healing steps)")
-    if not isinstance(losses, list) or len(losses) != step or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in losses):
-        raise ValueError(f"healing state {path} is corrupt: losses must be a list of {step} "
-                         f"numbers")
+
+    def checked(state: Any, where: Path) -> dict[str, Any]:
+        if not isinstance(state, dict):
+            raise ValueError(f"healing state {where} is corrupt (not a JSON object)")
+        step, losses = state.get("step"), state.get("losses")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= top:
+            raise ValueError(f"healing state {where} is corrupt: step {step!r} is not an int "
+                             f"in [0, {top}] (the run's healing steps)")
+        if not isinstance(losses, list) or len(losses) != step or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in losses):
+            raise ValueError(f"healing state {where} is corrupt: losses must be a list of "
+                             f"{step} numbers")
+        return state
+
+    meta = checked(meta, path)
     tensors = Path(directory) / STATE_TENSORS
     if not tensors.is_file():
         raise ValueError(f"healing state {path} has no {STATE_TENSORS} beside it")
@@ -410,9 +436,19 @@ def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str
     try:  # the header only: cheap, and a resume is refused before any work
         with safe_open(str(tensors), "pt") as f:
             f.keys()
-    except Exception as err:  # safetensors' own error types
+            header = (f.metadata() or {}).get(STATE_KEY)
+        own = None if header is None else json.loads(header)
+    except Exception as err:  # safetensors' own error types, or the header's JSON
         raise ValueError(f"healing state {tensors} is corrupt ({err})") from None
-    return meta
+    if own is None:  # written before the state rode in the tensors' header
+        return meta
+    # the tensors' own state: the JSON beside them may be one save behind (a process
+    # killed between the two renames), never of another run
+    own = checked(own, tensors)
+    if own.get("settings") != meta.get("settings"):
+        raise ValueError(f"healing state {tensors} was written with other settings than "
+                         f"{path} records: remove the folder")
+    return own
 
 
 #: settings a healing state recorded before the screened loss terms moved to
@@ -484,9 +520,12 @@ def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
                 tensors[f"opt.{i}.{k}"] = st[k].contiguous()
         if "step" in st:
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
-    atomic_write(d / STATE_TENSORS, lambda t: save_file(tensors, str(t)))
-    atomic_write(d / STATE_FILE, lambda t: t.write_text(
-        json.dumps({"step": step, "losses": losses, "settings": settings})))
+    state = json.dumps({"step": step, "losses": losses, "settings": settings})
+    # the state rides in the tensors' header too: a process killed between the two renames
+    # leaves tensors whose own header says which step they are (the JSON: a readable copy)
+    atomic_write(d / STATE_TENSORS, lambda t: save_file(tensors, str(t),
+                                                        metadata={STATE_KEY: state}))
+    atomic_write(d / STATE_FILE, lambda t: t.write_text(state))
 
 
 @torch.no_grad()
@@ -495,7 +534,7 @@ def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer,
     from safetensors.torch import load_file
 
     check_resumable(d, settings)
-    meta = read_heal_state(d, settings["steps"])
+    meta = read_heal_state(d, settings["steps"])  # the tensors' own step where recorded
     try:
         tensors = load_file(str(d / STATE_TENSORS))
     except Exception as err:  # safetensors' own error types
@@ -531,6 +570,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             allocation, ...), so that a checkpoint of another student is not resumed.
 
     Raises:
+        TypeError: ``sentences`` is one string (its characters would be the sentences).
         ValueError: empty ``sentences``, different architectures, nothing to train, a
             corrupt checkpoint or one made with other settings (naming the file).
         FloatingPointError: the loss blew up (module docstring): a non-finite loss
@@ -540,7 +580,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             every ``checkpoint_every`` steps, so it may be older).
     """
     cfg = config or HealConfig()
-    sentences = [s for s in sentences if isinstance(s, str) and s.strip()]
+    sentences = [s for s in check_texts(sentences, "sentences") if s.strip()]
     if not sentences:
         raise ValueError("sentences must hold at least one non-empty string")
     check_same_architecture(student, teacher)
@@ -623,7 +663,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             dev = params[0][1].device
             with torch.random.fork_rng(devices=[dev] if dev.type != "cpu" else [],
                                        device_type=dev.type if dev.type != "cpu" else None):
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+                torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + rank) % 2 ** 64)
                 with dist_.rank_failures("healing's forward"):
                     loss = loss_of(batch, positions)
             opt.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ from tnlm.compress.pipeline import CompressionConfig, CompressionResult, compres
 from tnlm.compress.quality import embedding_cosine, sick_spearman
 from tnlm.compress.text import (
     DEFAULT_TEXT_SOURCE,
+    check_texts,
     compression_sizes,
     default_text,
     lm_held_out,
@@ -103,8 +104,9 @@ class EncoderRecipe:
         c = self.calibration
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"calibration must be an int >= 1 (sentences), got {c!r}")
-        if not isinstance(self.pivoted, bool):
-            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
+        for name in ("pivoted", "whiten"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.heal_config()
         if self.target_modules is not None:
             self.compression_config()
@@ -180,9 +182,10 @@ def split_text(text: Sequence[str], calibration: int = EncoderRecipe.calibration
     rest for healing.
 
     Raises:
+        TypeError: ``text`` is one string (its characters would be the sentences).
         ValueError: fewer than 4 distinct sentences (nothing would be held out or calibrate).
     """
-    text = list(dict.fromkeys(text))
+    text = list(dict.fromkeys(check_texts(text, "text")))
     n_eval, n_cal = compression_sizes(len(text), calibration)
     if n_eval < 1 or n_cal < 1:
         raise ValueError(f"the text has {len(text)} distinct sentences: at least 4 are needed "

@@ -35,6 +35,7 @@ heals from the start.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -70,6 +71,7 @@ from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.memory import peak_rss_mb, start_stage
 from tnlm.compress.text import lm_sentences
 from tnlm.core.pivot import pivoted_params
+from tnlm.core.validation import check_seed
 from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
@@ -180,7 +182,14 @@ class CausalLMRecipe:
             on SmolLM2 at 60 % they heal as AdamW does (3.52x vs 3.48x the dense
             perplexity) with the healing peak at 3.11x the loaded model instead of 3.68x,
             and at 2.87x with the teacher sharing the embeddings and head
-            (:func:`teacher_copy`; docs/results.md).
+            (:func:`teacher_copy`; docs/results.md). Its ``seed`` follows the recipe's
+            when None (:meth:`resolved_heal`).
+        seed: the one seed of the job: its text, its ranks' probe and healing's draws.
+
+    Raises:
+        ValueError: a field out of range or of the wrong type (named), ``heal.seed``
+            set and different from ``seed``, ``n_texts`` < 2 with ``text_source``
+            ``"mixed"``.
     """
 
     budget: float = 0.6
@@ -215,6 +224,13 @@ class CausalLMRecipe:
             raise ValueError(f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
                              f"first calibration sequences: at most n_calibration "
                              f"({self.n_calibration})")
+        self.seed = check_seed(self.seed)
+        if not isinstance(self.heal, CausalHealConfig):
+            raise ValueError(f"heal must be a CausalHealConfig, got {type(self.heal).__name__}")
+        if self.heal.seed is not None and self.heal.seed != self.seed:
+            raise ValueError(f"heal.seed ({self.heal.seed}) differs from seed ({self.seed}): "
+                             f"one seed seeds the job (text, ranks and healing's draws); "
+                             f"leave heal.seed None or set it equal")
         k = self.gen_top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"gen_top_k must be None or an int >= 1, got {k!r}")
@@ -229,6 +245,9 @@ class CausalLMRecipe:
             if not isinstance(v, str) or v not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {v!r}")
+        if self.text_source == "mixed" and self.n_texts < 2:
+            raise ValueError(f"n_texts must be at least 2 with text_source 'mixed' (half "
+                             f"continuations, half chat answers), got {self.n_texts}")
         f = self.prose_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                               or not 0 <= f <= 1):  # NaN fails the comparison
@@ -236,6 +255,13 @@ class CausalLMRecipe:
         if f and self.text_source in _ALL_PROSE:
             raise ValueError(f"prose_fraction ({f}) adds prose after the model's samples; "
                              f"text_source {self.text_source!r} holds all of it already")
+
+    def resolved_heal(self) -> CausalHealConfig:
+        """``heal`` with its seed: the recipe's where ``heal.seed`` is None (the default;
+        one seed seeds the text, the ranks and healing's draws)."""
+        if self.heal.seed is not None:
+            return self.heal
+        return dataclasses.replace(self.heal, seed=self.seed)
 
     def resolved_prose_fraction(self) -> float:
         """The fraction of the shipped prose :func:`recipe_text` adds after the samples:
@@ -589,7 +615,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if teacher is not None:
         t1 = time.perf_counter()
         start_stage()
-        healed = heal_causal(model, teacher, sequences, recipe.heal, progress=progress,
+        healed = heal_causal(model, teacher, sequences, recipe.resolved_heal(),
+                             progress=progress,
                              on_step=on_heal_step)
         seconds["healing"] = time.perf_counter() - t1
         peaks["healing"] = peak_rss_mb()

@@ -27,6 +27,9 @@ succeeds; on any error the original layers are put back.
 from __future__ import annotations
 
 import copy
+import difflib
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +56,7 @@ from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.reconstruct import reconstruct_blocks
+from tnlm.compress.text import check_texts
 from tnlm.core.budget import check_fraction
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices
@@ -108,8 +112,20 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        if not isinstance(self.pivoted, bool):
-            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
+        for name in ("pivoted", "sequential", "whiten"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("probe_size", "reconstruct_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1 (sentences), got {v!r}")
+        r = self.ridge
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
+                math.isfinite(r) and r >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {r!r}")
+        if self.heal is not None and not isinstance(self.heal, HealConfig):
+            raise ValueError(f"heal must be a HealConfig or None, got "
+                             f"{type(self.heal).__name__}")
         if isinstance(self.reconstruct_steps, bool) or not isinstance(
                 self.reconstruct_steps, int) or self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be an int >= 0, got "
@@ -185,29 +201,49 @@ def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tupl
     """``name -> (in, out)`` of the layers ``config`` compresses in ``model``.
 
     Raises:
-        ValueError: the patterns match no nn.Linear or Conv1D.
+        ValueError: the patterns match no nn.Linear or Conv1D, or one pattern of a list
+            matches none (a misspelled target is never left out silently; the message
+            names close leaf names).
     """
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
-    out = {n: tuple(int(d) for d in weight_xw(m).shape) for n, m in model.named_modules()
-           if n and kind_of(m) in MATRIX_KINDS and mpo_cfg.is_target(n)}
+    matrices = {n: m for n, m in model.named_modules() if n and kind_of(m) in MATRIX_KINDS}
+    out = {n: tuple(int(d) for d in weight_xw(m).shape) for n, m in matrices.items()
+           if mpo_cfg.is_target(n)}
     if not out:
         raise ValueError(f"target_modules {config.target_modules!r} match no "
                          f"{describe_kinds(MATRIX_KINDS)} of {type(model).__name__}")
+    if not isinstance(config.target_modules, str):
+        for p in config.target_modules:
+            if not any(MPOConfig.pattern_matches(p, n) for n in matrices):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in matrices})
+                close = difflib.get_close_matches(p.rsplit(".", 1)[-1], leaves, n=3)
+                hint = f"; did you mean {close}?" if close else f"; leaf names: {leaves[:12]}"
+                raise ValueError(f"target_modules pattern {p!r} matches no "
+                                 f"{describe_kinds(MATRIX_KINDS)} of {type(model).__name__}"
+                                 f"{hint}")
     return out
 
 
-def run_context(config: CompressionConfig) -> dict[str, Any]:
+def run_context(config: CompressionConfig,
+                calibration: Sequence[str] | None = None) -> dict[str, Any]:
     """What decides the student healing starts from, besides the healing settings, the text
     and the teacher: recorded in the healing checkpoint
     (:func:`tnlm.compress.distill.heal_settings`), so that resuming with another budget,
-    allocation, ... is refused."""
+    allocation, calibration text ... is refused. ``calibration``: the sentences the
+    truncation was measured on (their count and a hash of them, as :func:`compress_model`
+    keeps them: non-empty strings)."""
     targets = config.target_modules
-    return dict(budget=float(config.budget), allocation=config.allocation,
-                target_modules=targets if isinstance(targets, str) else list(targets),
-                probe_size=config.probe_size, reconstruct_steps=config.reconstruct_steps,
-                reconstruct_size=config.reconstruct_size, sequential=config.sequential,
-                whiten=config.whiten, gauge=config.gauge, ridge=config.ridge,
-                **({"pivoted": True} if config.pivoted else {}))
+    out = dict(budget=float(config.budget), allocation=config.allocation,
+               target_modules=targets if isinstance(targets, str) else list(targets),
+               probe_size=config.probe_size, reconstruct_steps=config.reconstruct_steps,
+               reconstruct_size=config.reconstruct_size, sequential=config.sequential,
+               whiten=config.whiten, gauge=config.gauge, ridge=config.ridge,
+               **({"pivoted": True} if config.pivoted else {}))
+    if calibration is not None:
+        kept = [s for s in check_texts(calibration, "calibration") if s.strip()]
+        out.update(calibration=len(kept), calibration_sha256=hashlib.sha256(
+            json.dumps(kept).encode()).hexdigest())
+    return out
 
 
 def check_budget(model: nn.Module, config: CompressionConfig, name: str = "budget") -> float:
@@ -241,6 +277,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         A :class:`CompressionResult` whose ``model`` wraps the compressed ``model``.
 
     Raises:
+        TypeError: ``calibration`` or ``heal_text`` is one string (its characters would
+            be the sentences).
         ValueError: no calibration text, a pattern matching no layer, a model that is
             already an ``MPOModel``, a budget below the smallest model the allocation can
             make (:func:`check_budget`); the model is unchanged.
@@ -249,7 +287,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     """
     if isinstance(model, MPOModel):
         raise ValueError("model is already an MPOModel; compress the original model")
-    calibration = [s for s in calibration if isinstance(s, str) and s.strip()]
+    calibration = [s for s in check_texts(calibration, "calibration") if s.strip()]
+    heal_text = check_texts(heal_text, "heal_text")
     if not calibration:
         raise ValueError("calibration must hold at least one non-empty sentence")
     say = log or (lambda s: None)
@@ -338,7 +377,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         if config.heal is not None and config.heal.steps > 0 and swapped:
             t1 = time.perf_counter()
             result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress,
-                          context=run_context(config))
+                          context=run_context(config, calibration))
             times["healing"] = time.perf_counter() - t1
         if config.pivoted and swapped:  # the gauge fixed last: healing trained 2-site MPOs
             t1 = time.perf_counter()

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from tnlm.bridge import MPOModule, mpo_modules
+from tnlm.core.spec import GAUGES
 from tnlm.core.spectra import tail_sums
 from tnlm.integration import MPOModel
 from tnlm.integration.surgery import Swap
@@ -104,6 +105,10 @@ class DimensionSqueezer:
         cuts_per_iter: cuts made (best first, by estimate) before each recovery and
             evaluation; 1 is the paper's loop, more trades fidelity for fewer evaluations.
         log: called with each :class:`SqueezeStep` (default: print a line).
+
+    Raises:
+        ValueError: an argument out of range or of the wrong type (named), before any
+            evaluation; a model without MPO modules.
     """
 
     def __init__(self, model: nn.Module, evaluate: Callable[[nn.Module], float],
@@ -112,12 +117,23 @@ class DimensionSqueezer:
                  bonds: str = "central", gauge: str = "symmetric", min_dim: int = 1,
                  refresh_spectra: bool = False, cuts_per_iter: int = 1,
                  log: Callable[[SqueezeStep], None] | None = print) -> None:
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        if not isinstance(step, int) or step < 1:
-            raise ValueError(f"step must be an int >= 1, got {step!r}")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (
+                delta > 0):  # NaN fails the comparison; inf: never stop on the loss
+            raise ValueError(f"delta must be > 0 (a number; inf: no limit), got {delta!r}")
+        for name, v, lo in (("step", step, 1), ("max_iters", max_iters, 0),
+                            ("min_dim", min_dim, 1), ("cuts_per_iter", cuts_per_iter, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if target_params is not None and (isinstance(target_params, bool) or not isinstance(
+                target_params, int) or target_params < 1):
+            raise ValueError(f"target_params must be None or an int >= 1, got "
+                             f"{target_params!r}")
         if bonds not in ("central", "all"):
             raise ValueError(f"bonds must be 'central' or 'all', got {bonds!r}")
+        if gauge not in GAUGES:
+            raise ValueError(f"gauge must be one of {GAUGES}, got {gauge!r}")
+        if not isinstance(refresh_spectra, bool):
+            raise ValueError(f"refresh_spectra must be a bool, got {refresh_spectra!r}")
         self.model = model
         root = model.base_model if isinstance(model, MPOModel) else model
         self.modules: dict[str, MPOModule] = dict(mpo_modules(root))
@@ -127,8 +143,6 @@ class DimensionSqueezer:
         self.delta, self.step, self.max_iters = float(delta), step, max_iters
         self.target_params, self.bonds, self.gauge = target_params, bonds, gauge
         self.min_dim, self.refresh_spectra, self.log = min_dim, refresh_spectra, log
-        if not isinstance(cuts_per_iter, int) or cuts_per_iter < 1:
-            raise ValueError(f"cuts_per_iter must be an int >= 1, got {cuts_per_iter!r}")
         self.cuts_per_iter = cuts_per_iter
         self._spectra: dict[str, list[np.ndarray]] = {}
         self._norm_sq: dict[str, float] = {}

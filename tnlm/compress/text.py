@@ -27,6 +27,7 @@ import random
 import re
 import sysconfig
 from collections.abc import Sequence
+from typing import Any
 
 from tnlm.textgen import generate
 
@@ -200,6 +201,22 @@ def lm_held_out() -> list[str]:
 @functools.lru_cache(maxsize=4)
 def _default_docstrings(seed: int) -> tuple[str, ...]:
     return tuple(docstring_sentences(max_files=1500, seed=seed))
+
+
+def check_texts(texts: Any, name: str = "texts") -> list[str]:
+    """``texts`` as a list, after a ``TypeError`` naming ``name`` unless it holds strings:
+    one string (whose characters would each be taken for a document) or other items are
+    refused; an iterator is read once, here."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of strings (documents), got one "
+                        f"{type(texts).__name__} (wrap it in a list: each of its characters "
+                        "would be a document)")
+    texts = list(texts)
+    bad = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+    if bad:
+        raise TypeError(f"{name} must be a sequence of strings (documents), got items of "
+                        f"type {', '.join(bad)}")
+    return texts
 
 
 def default_text(seed: int = 0, n_generated: int = 4000, n_docstrings: int = 4000,

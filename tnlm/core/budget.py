@@ -45,7 +45,7 @@ import numpy as np
 from tnlm.core.mpo import MPO
 from tnlm.core.spectra import tail_sums
 from tnlm.core.table import format_table
-from tnlm.core.validation import check_positive_int
+from tnlm.core.validation import check_number, check_positive_int, check_shape
 
 __all__ = [
     "Allocation",
@@ -76,23 +76,53 @@ def check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def _site_shapes(in_shape: Sequence[int], out_shape: Sequence[int]
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Both site shapes checked (:func:`check_shape`) and of equal length."""
+    in_shape, out_shape = check_shape(in_shape, "in_shape"), check_shape(out_shape, "out_shape")
+    if len(in_shape) != len(out_shape):
+        raise ValueError(f"in_shape {in_shape} and out_shape {out_shape} must have the same "
+                         "number of sites")
+    return in_shape, out_shape
+
+
 def bond_bounds(in_shape: Sequence[int], out_shape: Sequence[int],
                 max_bond: int | None = None) -> list[int]:
-    """The n-1 internal bond dimensions of a generic matrix's MPO (capped at ``max_bond``)."""
-    if len(in_shape) != len(out_shape):
-        raise ValueError(f"in_shape {tuple(in_shape)} and out_shape {tuple(out_shape)} must have "
-                         "the same number of sites")
+    """The n-1 internal bond dimensions of a generic matrix's MPO (capped at ``max_bond``).
+
+    Raises:
+        TypeError, ValueError: site shapes that are not sequences of ints >= 1 or differ
+            in length; ``max_bond`` not an int >= 1.
+    """
+    in_shape, out_shape = _site_shapes(in_shape, out_shape)
     site = [i * j for i, j in zip(in_shape, out_shape)]
     n = len(site)
     cap = check_positive_int(max_bond, "max_bond") if max_bond is not None else float("inf")
     return [int(min(prod(site[: k + 1]), prod(site[k + 1:]), cap)) for k in range(n - 1)]
 
 
-def params_for_bonds(bond_dims: Sequence[int], in_shape: Sequence[int],
-                     out_shape: Sequence[int]) -> int:
-    """Entries of an MPO with these n-1 bond dims and site shapes (n each)."""
+def _count(bond_dims: Sequence[int], in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """:func:`params_for_bonds` without its checks (the greedy allocation's inner loop)."""
     d = [1, *bond_dims, 1]
     return sum(d[k] * i * j * d[k + 1] for k, (i, j) in enumerate(zip(in_shape, out_shape)))
+
+
+def params_for_bonds(bond_dims: Sequence[int], in_shape: Sequence[int],
+                     out_shape: Sequence[int]) -> int:
+    """Entries of an MPO with these n-1 bond dims and site shapes (n each).
+
+    Raises:
+        TypeError, ValueError: site shapes that are not sequences of ints >= 1 or differ
+            in length; ``bond_dims`` not exactly n-1 ints >= 1.
+    """
+    in_shape, out_shape = _site_shapes(in_shape, out_shape)
+    if isinstance(bond_dims, (str, bytes)) or not isinstance(bond_dims, (Sequence, np.ndarray)):
+        raise TypeError(f"bond_dims must be a sequence of ints, got {type(bond_dims).__name__}")
+    if len(bond_dims) != len(in_shape) - 1:
+        raise ValueError(f"bond_dims must have n_sites - 1 = {len(in_shape) - 1} entries for "
+                         f"{len(in_shape)} sites, got {len(bond_dims)}")
+    bonds = [check_positive_int(b, f"bond_dims[{k}]") for k, b in enumerate(bond_dims)]
+    return _count(bonds, in_shape, out_shape)
 
 
 def mpo_params(in_shape: Sequence[int], out_shape: Sequence[int],
@@ -105,8 +135,12 @@ def max_bond_for_params(in_shape: Sequence[int], out_shape: Sequence[int], budge
     """The largest uniform ``max_bond`` whose MPO has at most ``budget`` parameters.
 
     Raises:
-        ValueError: if even ``max_bond=1`` exceeds the budget.
+        TypeError: ``budget`` is not a number (``bool`` and strings included).
+        ValueError: ``budget`` is NaN, infinite or negative, or even ``max_bond=1``
+            exceeds it.
     """
+    check_number(budget, "budget")
+    in_shape, out_shape = _site_shapes(in_shape, out_shape)
     if mpo_params(in_shape, out_shape, 1) > budget:
         raise ValueError(f"budget {budget} is below the smallest MPO of these shapes "
                          f"({mpo_params(in_shape, out_shape, 1)} parameters at max_bond=1)")
@@ -179,7 +213,7 @@ class _Module:
         self.err_sq = self.error_sq(self.chi)
 
     def count(self, chi: list[int]) -> int:
-        return params_for_bonds(chi, self.in_shape, self.out_shape)
+        return _count(chi, self.in_shape, self.out_shape)
 
     def error_sq(self, chi: list[int]) -> float:
         return float(sum(t[min(c, len(t) - 1)] for t, c in zip(self.tails, chi)))

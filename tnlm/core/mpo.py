@@ -36,6 +36,7 @@ from tnlm.core.table import format_table
 from tnlm.core.validation import (
     check_core,
     check_matrix,
+    check_number,
     check_positive_int,
     check_shape,
     check_site_index,
@@ -88,9 +89,19 @@ class MPO:
         center: the orthogonality center, if the chain is in mixed-canonical form.
         gauge: ``"canonical"``, ``"symmetric"`` or ``None`` (unknown).
         truncation_error: relative Frobenius error ||W - W'||_F / ||W||_F with
-            respect to the matrix this MPO was decomposed or truncated from.
+            respect to the matrix this MPO was decomposed or truncated from (a finite
+            number >= 0).
         discarded: per bond, the absolute weight sqrt(Σ s²) that the decomposition or
-            truncation cut there (not relative; divide by ||W||_F for that).
+            truncation cut there (not relative; divide by ||W||_F for that): ``None`` or
+            exactly n-1 finite numbers >= 0.
+
+    Raises:
+        TypeError: cores of mixed backends or dtypes, or not float32/float64 (half
+            precision included: a torch layer may hold half-precision cores, an MPO
+            does not); a non-numeric ``truncation_error`` or ``discarded`` entry.
+        ValueError: shapes or bonds that do not chain, NaN/infinite cores, a negative or
+            non-finite ``truncation_error`` or ``discarded`` entry, or ``discarded`` not
+            of length n-1.
     """
 
     def __init__(
@@ -160,8 +171,19 @@ class MPO:
             )
         self.center = center
         self.gauge = gauge
-        self.truncation_error = float(truncation_error)
-        self.discarded = None if discarded is None else tuple(float(d) for d in discarded)
+        self.truncation_error = check_number(truncation_error, "truncation_error")
+        if discarded is not None:
+            if isinstance(discarded, (str, bytes)) or not isinstance(
+                discarded, (Sequence, np.ndarray)
+            ):
+                raise TypeError(f"discarded must be None or a sequence of numbers, got "
+                                f"{type(discarded).__name__}")
+            if len(discarded) != len(cores) - 1:
+                raise ValueError(f"discarded must have one entry per bond ({len(cores) - 1}), "
+                                 f"got {len(discarded)}")
+            discarded = tuple(check_number(d, f"discarded[{k}]")
+                              for k, d in enumerate(discarded))
+        self.discarded = discarded
         self._spectra: list[np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -553,7 +575,9 @@ class MPO:
         return out
 
     def astype(self, dtype: Any) -> MPO:
-        """The same MPO with cores cast to ``dtype`` (numpy dtype or torch dtype)."""
+        """The same MPO with cores cast to ``dtype`` (numpy dtype or torch dtype): float32
+        or float64 (``TypeError`` naming ``cores[0]`` for another dtype, half precision
+        included)."""
         cores = [c.to(dtype) if B.is_torch(c) else c.astype(dtype) for c in self.cores]
         out = self._replace(
             cores,

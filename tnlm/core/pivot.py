@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tnlm.core.validation import check_positive_int
+
 __all__ = ["PivotedFactors", "pivot_low_rank", "pivoted_params", "pivoted_rank_for_fraction"]
 
 
@@ -78,7 +80,10 @@ def pivoted_rank_for_fraction(in_dim: int, out_dim: int, fraction: float) -> int
     ``min(I, J)``, where the count equals the dense ``I J``); rank 1 where even its count
     exceeds the fraction (callers check the model-wide budget, as
     :func:`tnlm.compress.allocate.smallest_fraction` does). ``ValueError`` for a
-    ``fraction`` outside [0, 1] (NaN included)."""
+    ``fraction`` outside [0, 1] (NaN included); ``TypeError``/``ValueError`` unless
+    ``in_dim`` and ``out_dim`` are ints >= 1."""
+    in_dim = check_positive_int(in_dim, "in_dim")
+    out_dim = check_positive_int(out_dim, "out_dim")
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
             or not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")

@@ -25,6 +25,7 @@ cutoff >= 1 would discard everything).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,8 +54,11 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
             f"got {type(value).__name__}"
         )
     scalar = np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0)
+    if isinstance(value, np.ndarray) and value.ndim > 1:
+        raise ValueError(f"{name} must be a number or a 1-D sequence of {n_bonds} numbers, "
+                         f"got an array of shape {value.shape}")
     values = [value.item() if isinstance(value, np.ndarray) else value] if scalar else list(
-        np.ravel(value))
+        value)
     if not scalar and len(values) != n_bonds:
         raise ValueError(f"{name} must have one entry per bond ({n_bonds}), got {len(values)}")
     out = []
@@ -62,7 +66,7 @@ def _per_bond(value, n_bonds: int, name: str, kind: type) -> list | None:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, (bool, np.bool_)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} entries must be numbers, got {v!r}")
         if kind is int:
             if not float(v).is_integer():
@@ -100,7 +104,7 @@ class TruncationPolicy:
         for name, value, kind in (("max_bond", max_bond, int), ("cutoff", cutoff, float),
                                   ("max_error", max_error, float)):
             if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
-                n = int(np.size(value))
+                n = 1 if isinstance(value, np.ndarray) and value.ndim == 0 else len(value)
                 if n:
                     _per_bond(value, n, name, kind)
             else:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from math import prod
 from typing import Any
 
 from tnlm.core.factorize import check_padding, factorize, padded_dim
 from tnlm.core.mpo import MPO
 from tnlm.core.policy import TruncationPolicy
-from tnlm.core.validation import check_n_sites, check_shape
+from tnlm.core.validation import check_n_sites, check_positive_int, check_shape
 
 __all__ = ["GAUGES", "DecompositionSpec", "apply_gauge"]
 
@@ -53,8 +54,10 @@ class DecompositionSpec:
 
     Attributes:
         in_shape: factors of I, one per site (default: ``factorize(I, n_sites)``).
-        out_shape: factors of J (default: ``factorize(J, n_sites)``).
-        n_sites: number of sites when a shape is omitted.
+        out_shape: factors of J (default: ``factorize(J, n_sites)``); given with
+            ``in_shape``, of the same length (``ValueError`` otherwise).
+        n_sites: number of sites when both shapes are omitted (with one shape given, the
+            other has that shape's length).
         max_bond, cutoff, max_error: truncation policies (:mod:`tnlm.core.policy`;
             ``cutoff`` and ``max_error`` are relative to ||W||_F); all unset: exact.
         pad: zero-pad I or J when they do not factorize (e.g. a 30522 vocabulary).
@@ -75,6 +78,10 @@ class DecompositionSpec:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, check_shape(value, name))
+        if self.in_shape is not None and self.out_shape is not None and \
+                len(self.in_shape) != len(self.out_shape):
+            raise ValueError(f"in_shape {self.in_shape} and out_shape {self.out_shape} must "
+                             "have the same number of sites")
         check_n_sites(self.n_sites, "n_sites")
         if self.gauge not in GAUGES:
             raise ValueError(f"gauge must be one of {GAUGES}, got {self.gauge!r}")
@@ -102,14 +109,26 @@ class DecompositionSpec:
 
     def site_shapes(self, in_dim: int, out_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(in_shape, out_shape)`` that :meth:`decompose` uses for a matrix (in_dim, out_dim),
-        without decomposing (given shapes, else ``factorize``, padded when allowed)."""
+        without decomposing (given shapes, else ``factorize``, padded when allowed).
+
+        Raises:
+            ValueError: a given shape whose product is not the dimension (or, with
+                ``pad``, is below it or pads it too much), or a dimension that does not
+                factorize into ``n_sites`` factors without ``pad``.
+        """
+        in_dim = check_positive_int(in_dim, "in_dim")
+        out_dim = check_positive_int(out_dim, "out_dim")
         n = len(self.in_shape or self.out_shape or ()) or self.n_sites
 
         def resolve(shape: tuple[int, ...] | None, dim: int, name: str) -> tuple[int, ...]:
             if shape is not None:
+                label = "in_shape" if name == "I" else "out_shape"
+                p = prod(shape)
+                if p != dim and not (self.pad and p > dim):
+                    hint = "; pass pad=True to zero-pad" if p > dim else ""
+                    raise ValueError(f"{label}={shape} has product {p}, but {name}={dim}{hint}")
                 if self.pad:  # the limit padded_dim applies to factorized shapes
-                    check_padding(shape, dim, name="in_shape" if name == "I" else "out_shape",
-                                  dim_name=name)
+                    check_padding(shape, dim, name=label, dim_name=name)
                 return shape
             try:
                 return factorize(dim, n, name=name)

@@ -9,9 +9,12 @@ that unfolding).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from tnlm.core.validation import all_finite, check_site_index
 
 __all__ = ["central_bond", "spectrum_entropy", "tail_sums"]
 
@@ -21,11 +24,20 @@ def spectrum_entropy(s: np.ndarray, alpha: float = 1.0) -> float:
 
     ``alpha == 1``: von Neumann, ``-Σ p ln p``; otherwise Rényi,
     ``ln(Σ p^α) / (1 - α)``; ``alpha == inf``: min-entropy ``-ln max p``.
+
+    Raises:
+        TypeError: ``alpha`` is not a real number (``bool`` included).
+        ValueError: ``alpha`` is not > 0 (NaN included), or ``s`` holds NaN or Inf.
     """
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number > 0, got {alpha!r}")
     alpha = float(alpha)
     if not alpha > 0 or math.isnan(alpha):
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    w = np.asarray(s, dtype=np.float64) ** 2
+    w = np.asarray(s, dtype=np.float64)
+    if not all_finite(w):
+        raise ValueError("s (the singular values) holds NaN or infinite values")
+    w = w**2
     total = w.sum()
     if total <= 0:
         return 0.0
@@ -57,15 +69,14 @@ def central_bond(bond_dims: Sequence[int], central_index: int) -> int:
     768 x 768 MPO with bond dims (9, 144, 256, 16).
 
     Raises:
-        ValueError: for a single-site chain (no bonds).
+        TypeError: ``central_index`` is not an int (``bool`` and floats included).
+        ValueError: for a single-site chain (no bonds), or ``central_index`` not a site
+            of the chain (``range(len(bond_dims) + 1)``; negative indices count from
+            the end).
     """
     dims = tuple(bond_dims)
     if not dims:
         raise ValueError("the chain has a single site and no bonds")
-    c = int(central_index)
+    c = check_site_index(central_index, len(dims) + 1, "central_index")
     candidates = [k for k in (c - 1, c) if 0 <= k < len(dims)]
-    if not candidates:
-        raise ValueError(
-            f"central_index={central_index} touches none of the {len(dims)} bonds"
-        )
     return max(candidates, key=lambda k: (dims[k], -k))

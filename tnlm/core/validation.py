@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,8 +11,9 @@ import numpy as np
 
 from tnlm.core import backend as B
 
-__all__ = ["MAX_SITES", "all_finite", "check_core", "check_matrix", "check_shape",
-           "check_site_index", "check_positive_int", "check_n_sites"]
+__all__ = ["MAX_SEED", "MAX_SITES", "all_finite", "check_core", "check_matrix", "check_seed",
+           "check_shape", "check_site_index", "check_positive_int", "check_n_sites",
+           "check_number"]
 
 #: the most sites an MPO may have: every site factor is >= 2 for a balanced
 #: factorization, so more sites than this would need a dimension above 2**64
@@ -73,16 +76,16 @@ def all_finite(w: Any) -> bool:
 
 
 def check_core(c: Any, k: int) -> None:
-    """``TypeError`` unless ``cores[k]`` of an MPO holds real floating-point numbers,
-    ``ValueError`` if any is NaN or infinite (each names ``cores[k]``; a tensor on the
-    meta device holds no values to check)."""
-    if B.is_torch(c):
-        real = c.dtype.is_floating_point and not c.is_complex()
-    else:
-        real = np.issubdtype(np.asarray(c).dtype, np.floating)
-    if not real:
-        raise TypeError(f"cores[{k}] has dtype {c.dtype}; an MPO holds real floating-point "
-                        "cores (float32 or float64; complex cores are not supported)")
+    """``TypeError`` unless ``cores[k]`` of an MPO holds float32 or float64 numbers (half
+    precision is refused: the QR and SVD sweeps need float32 at least), ``ValueError`` if
+    any is NaN or infinite (each names ``cores[k]``; a tensor on the meta device holds no
+    values to check)."""
+    dtype = str(c.dtype).removeprefix("torch.") if B.is_torch(c) else np.asarray(c).dtype.name
+    if dtype not in _FLOATS:
+        half = " (half precision: cast the cores to float32 first)" \
+            if dtype in ("float16", "bfloat16") else ""
+        raise TypeError(f"cores[{k}] has dtype {dtype}; an MPO holds real float32 or float64 "
+                        f"cores (complex and half-precision cores are not supported){half}")
     if not (B.is_torch(c) and c.is_meta) and not all_finite(c):
         raise ValueError(f"cores[{k}] holds NaN or infinite values")
 
@@ -94,6 +97,20 @@ def check_positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def check_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0 (> 0 with ``positive``), or a ``TypeError`` (not a
+    real number; ``bool`` and strings included) / ``ValueError`` (NaN, infinite, out of
+    range) naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    bound = "> 0" if positive else ">= 0"
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 def check_n_sites(value: Any, name: str = "n_sites") -> int:
@@ -123,3 +140,17 @@ def check_site_index(index: Any, n: int, name: str) -> int:
     if not -n <= index < n:
         raise ValueError(f"{name} must be in [0, {n}), got {index}")
     return int(index) % n
+
+
+#: the largest seed: seeds go through :func:`torch.manual_seed` (at most 2**64 - 1),
+#: some after derivation (products with the step, taken modulo 2**64)
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` as a seed: an integer (a numpy one too, not a bool) in
+    ``[0, MAX_SEED]``, returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            0 <= int(value) <= MAX_SEED):
+        raise ValueError(f"{name} must be an int in [0, 2**63 - 1], got {value!r}")
+    return int(value)

@@ -29,6 +29,7 @@ from torch import nn
 from tnlm.integration import MPOModel
 from tnlm.integration.architectures import position_limit
 from tnlm.integration.io import CONFIG_NAME, read_meta
+from tnlm.integration.loading import check_block_weights
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
            "check_checkpoint", "lightweight_base", "recorded_class_generates", "has_tokenizer"]
@@ -328,7 +329,8 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
         if source is None or not (source / "config.json").is_file():
             raise ValueError(f"{d} is a lightweight task checkpoint: it needs its base model "
                              f"({light.get('base_model_name_or_path')!r}); pass base=FOLDER")
-        model = cls.from_pretrained(str(source))
+        model, info = cls.from_pretrained(str(source), output_loading_info=True)
+        check_block_weights(source, info)
     else:
         model = cls._from_config(config)
     if (d / "generation_config.json").is_file() and can_generate(model):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSource", "check_model_source", "load_pretrained", "default_llm_path",
-           "load_default_llm", "LLM_MISSING"]
+__all__ = ["ModelSource", "check_block_weights", "check_model_source", "load_pretrained",
+           "default_llm_path", "load_default_llm", "LLM_MISSING"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -187,7 +188,8 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
         ValueError: a missing path, a folder without ``config.json`` or weights, a file that
             is not GGUF, an architecture with no entry (naming what is supported), or a
             folder of a causal LM's model type holding another model of it (no
-            language-model head: ``LlamaModel``, ``LlamaForSequenceClassification``).
+            language-model head: ``LlamaModel``, ``LlamaForSequenceClassification``), or
+            a ``*.safetensors`` file of fewer than 8 bytes (an interrupted copy).
     """
     from tnlm.integration.architectures import ARCHITECTURES, supported_model_types
 
@@ -209,6 +211,10 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
                              f"model folder or a .gguf file)")
         if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
             raise ValueError(f"model folder {p} holds no weights (*.safetensors)")
+        for w in sorted(p.glob("*.safetensors")):  # 8 bytes give the header's length
+            if w.stat().st_size < 8:
+                raise ValueError(f"{w} is {w.stat().st_size} bytes long: not a safetensors "
+                                 f"file (an interrupted copy?)")
         try:
             config = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -223,6 +229,18 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
     return source
 
 
+def check_block_weights(source: object, info: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming ``source`` if transformers' loading ``info``
+    (``from_pretrained(..., output_loading_info=True)``) lists missing weights of the
+    model's numbered blocks: transformers draws them at random and only warns. A pooler
+    or a task head may be new."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if re.search(r"\.\d+\.", k))
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} weights of the model's blocks are missing "
+                         f"from its files (transformers would draw them at random), e.g. "
+                         f"{', '.join(missing[:3])}")
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a folder or GGUF file (:func:`check_model_source` first).
 
@@ -230,8 +248,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
     ``AutoModel``; GGUF weights are dequantized to ``dtype`` (default float32).
 
     Raises:
-        ValueError: what :func:`check_model_source` refuses, or transformers failing to
-            read the model (its message included).
+        ValueError: what :func:`check_model_source` refuses, transformers failing to
+            read the model (its message included), or weights of its blocks missing from
+            the files (transformers fills them with random values and only warns: a
+            partly random teacher would be compressed and healed towards).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -241,10 +261,11 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
     source = check_model_source(path)
     cls = AutoModelForCausalLM if is_causal_type(source.model_type) else AutoModel
     try:
-        model = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
-                                    **source.kwargs())
+        model, info = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
+                                          output_loading_info=True, **source.kwargs())
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"transformers cannot read {source}: {type(e).__name__}: {e}") from None
+    check_block_weights(source, info)
     model.eval()
     return model, tokenizer

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from tnlm.core.budget import check_fraction
+from tnlm.core.validation import check_seed
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "LayerwiseConfig", "LayerwiseResult"]
@@ -86,7 +87,9 @@ class LayerwiseConfig:
         ValueError: ``budget`` not in (0, 1], ``fit_lr`` not a finite number > 0, an
             unknown ``method``, ``allocation`` or ``output_error``,
             ``fit_steps``/``batch_size``/``sensitivity_sequences`` not an int
-            (>= 0 / >= 1 / >= 1), or malformed ``target_modules``.
+            (>= 0 / >= 1 / >= 1), malformed ``target_modules``, ``pivoted`` or
+            ``cross`` not a bool, ``cross`` with a method other than ``"tnlm"``,
+            ``ridge`` not a finite number >= 0, ``seed`` not an int in [0, 2**63 - 1].
     """
 
     target_modules: list[str]
@@ -107,13 +110,22 @@ class LayerwiseConfig:
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        if not isinstance(self.pivoted, bool):
-            raise ValueError(f"pivoted must be a bool, got {self.pivoted!r}")
+        for name in ("pivoted", "cross"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        r = self.ridge
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
+                math.isfinite(r) and r >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {r!r}")
+        self.seed = check_seed(self.seed)
         if self.output_error not in OUTPUT_ERRORS:
             raise ValueError(f"output_error must be one of {OUTPUT_ERRORS}, got "
                              f"{self.output_error!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.cross and self.method != "tnlm":
+            raise ValueError(f"cross applies to method 'tnlm' only, got method "
+                             f"{self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, "
                              f"got {self.allocation!r}")

@@ -1,0 +1,439 @@
+"""Inputs of the core MPO and the torch layers that were once accepted silently (or failed
+late with an obscure error): each is now refused early, naming the argument and what was
+expected, or gives the correct result."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.common import one_thread  # noqa: F401 - autouse: one intra-op thread
+from tnlm.bridge.finetune import (
+    make_optimizer,
+    parameter_groups,
+    set_trainable,
+    train_lightweight,
+)
+from tnlm.bridge.kinds import dense_module
+from tnlm.bridge.layer import MPOEmbedding, MPOLinear, MPOModule, set_dense_cache
+from tnlm.bridge.pivoted import PivotedLinear, pivot_layers
+from tnlm.core.budget import bond_bounds, max_bond_for_params, mpo_params, params_for_bonds
+from tnlm.core.mpo import MPO
+from tnlm.core.pivot import pivoted_rank_for_fraction
+from tnlm.core.policy import TruncationPolicy
+from tnlm.core.spec import DecompositionSpec
+from tnlm.core.spectra import central_bond, spectrum_entropy
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def torch_cores(in_shape=(4, 4), out_shape=(3, 4), seed=0):
+    """Exact cores of a random (prod(in_shape), prod(out_shape)) float32 matrix."""
+    W = np.random.default_rng(seed).standard_normal((math.prod(in_shape), math.prod(out_shape)))
+    mpo = MPO.from_matrix(W.astype(np.float32), in_shape, out_shape)
+    return [torch.as_tensor(np.asarray(c)) for c in mpo.cores]
+
+
+def low_rank_model(seed=0):
+    """A model holding a 2-site low-rank MPOLinear (16 -> 12, rank 3) with a bias, and a
+    3-site MPOLinear."""
+    torch.manual_seed(seed)
+    pair = MPOLinear.from_linear(nn.Linear(16, 12), (16, 1), (1, 12), max_bond=3, gauge="left")
+    chain = MPOLinear.from_linear(nn.Linear(12, 8), (2, 3, 2), (2, 2, 2))
+    return nn.Sequential(pair, nn.ReLU(), chain)
+
+
+def dense64(layer):
+    return layer.dense_matrix(torch.float64).detach()
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+# ------------------------------------------------------------------ 1. retruncate, half precision
+@pytest.mark.parametrize("dtype", HALF)
+def test_retruncate_of_a_half_precision_layer_reports_the_rounding_of_the_stored_cores(dtype):
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64).to(dtype), (4, 4, 4), (4, 4, 4),
+                                  max_bond=16)
+    before = dense64(layer)
+    err = layer.retruncate(max_bond=1000)  # cuts nothing: only the rounding changes W
+    measured = rel(dense64(layer), before)
+    assert layer.cores[0].dtype == dtype
+    assert measured > 1e-4
+    assert err == pytest.approx(measured, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_retruncate_of_a_half_precision_layer_refuses_a_max_error_the_rounding_breaks(dtype):
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64).to(dtype), (4, 4, 4), (4, 4, 4),
+                                  max_bond=16)
+    cores = [c.detach().clone() for c in layer.cores]
+    # float16 rounds to ~3e-4, bfloat16 to ~3e-3: both break 1e-5, which the float32 cut meets
+    with pytest.raises(ValueError, match=r"max_error=1e-05 is not met by the stored "
+                                         r"torch\.b?float16 cores.*layer\.float\(\)"):
+        layer.retruncate(max_error=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(layer.cores, cores))  # left unchanged
+    err = layer.retruncate(max_error=0.1)  # a bound the rounding keeps
+    assert err <= 0.1
+
+
+def test_retruncate_of_a_float32_layer_still_reports_its_cut():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(64, 64), (4, 4, 4), (4, 4, 4))
+    before = dense64(layer)
+    err = layer.retruncate(max_bond=4)
+    assert err == pytest.approx(rel(dense64(layer), before), rel=1e-4)
+
+
+# ------------------------------------------------------------------ 2. layer dims
+@pytest.mark.parametrize("build, name", [
+    (lambda c: MPOLinear(c, None, True, 12), "in_features"),
+    (lambda c: MPOLinear(c, None, 16, True), "out_features"),
+    (lambda c: MPOLinear(c, None, 15.7, 12), "in_features"),
+    (lambda c: MPOLinear(c, None, "15", 12), "in_features"),
+    (lambda c: MPOEmbedding(c, True), "num_embeddings"),
+    (lambda c: MPOEmbedding(c, 16, 11.0), "embedding_dim"),
+    (lambda c: MPOModule(c, np.float64(16)), "in_dim"),
+])
+def test_mpo_layers_refuse_dims_that_are_not_ints(build, name):
+    with pytest.raises(TypeError, match=f"^{name} must be an int"):
+        build(torch_cores())
+
+
+def test_mpo_layers_accept_int_dims_and_refuse_a_non_bool_cache_flag():
+    cores = torch_cores()
+    assert MPOLinear(cores, None, np.int64(15), 12).in_features == 15
+    assert MPOEmbedding(cores, 16, 12).embedding_dim == 12
+    with pytest.raises(ValueError, match="in_features must be >= 1"):
+        MPOLinear(cores, None, 0, 12)
+    with pytest.raises(TypeError, match="cache_dense must be a bool"):
+        MPOLinear(cores, cache_dense="false")
+
+
+# ------------------------------------------------------------------ 3. optimizer settings
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr=True), TypeError, "lr"),
+    (dict(lr="1e-3"), TypeError, "lr"),
+    (dict(lr=1e-3, mpo_lr=float("nan")), ValueError, "mpo_lr"),
+    (dict(lr=1e-3, mpo_lr=float("inf")), ValueError, "mpo_lr"),
+    (dict(lr=1e-3, mpo_lr=False), TypeError, "mpo_lr"),
+    (dict(lr=1e-3, weight_decay=-0.1), ValueError, "weight_decay"),
+    (dict(lr=1e-3, weight_decay=float("nan")), ValueError, "weight_decay"),
+])
+@pytest.mark.parametrize("build", [make_optimizer, parameter_groups])
+def test_optimizer_settings_must_be_finite_positive_numbers(build, kwargs, error, name):
+    with pytest.raises(error, match=f"^{name} must be a"):
+        build(low_rank_model(), **kwargs)
+
+
+def test_pivoted_coef_and_right_train_in_the_mpo_group_as_central_tensors():
+    model = low_rank_model()
+    plain = {id(p): g["name"] for g in parameter_groups(model, 1e-3, 1e-2, 0.01)
+             for p in g["params"]}
+    chain = model[2]
+    assert all(plain[id(c)] == "mpo_cores" for c in chain.cores)
+    assert plain[id(chain.bias)] == "other"  # MPO biases: unchanged, with lr and decay
+    pivot_layers(model)
+    new = model[0]
+    assert isinstance(new, PivotedLinear)
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-3, 1e-2, 0.01)}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert {id(new.coef), id(new.right)} <= ids["mpo_cores"]
+    assert id(new.bias) in ids["other"] and id(chain.bias) in ids["other"]
+    assert {id(c) for c in chain.cores} <= ids["mpo_cores"]
+    assert groups["mpo_cores"]["lr"] == 1e-2 and groups["mpo_cores"]["weight_decay"] == 0.0
+    opt = make_optimizer(model, 1e-3, 1e-2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ 4. dense_module
+def test_dense_module_refuses_a_bias_of_the_wrong_shape_or_for_a_table():
+    W = torch.randn(16, 12)
+    with pytest.raises(ValueError, match=r"bias must have shape \(12,\)"):
+        dense_module("linear", W, torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="bias must be None for kind 'embedding'"):
+        dense_module("embedding", W, torch.zeros(12))
+    with pytest.raises(ValueError, match=r"W must be a 2-D matrix \(in, out\), got shape "
+                                         r"\(16,\)"):
+        dense_module("linear", torch.randn(16), None)
+    lin = dense_module("linear", W, torch.arange(12.0))
+    assert torch.equal(lin.weight, W.T) and torch.equal(lin.bias, torch.arange(12.0))
+
+
+# ------------------------------------------------------------------ 5. budget helpers
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: params_for_bonds([4, 4, 4, 4, 4], (2, 2), (2, 2)), ValueError,
+     r"bond_dims must have n_sites - 1 = 1 entries for 2 sites, got 5"),
+    (lambda: params_for_bonds([], (2, 2), (2, 2)), ValueError, "got 0"),
+    (lambda: params_for_bonds([4], (2, 2), (2, 2, 2)), ValueError, "same number of sites"),
+    (lambda: params_for_bonds([-4], (2, 2), (2, 2)), ValueError, r"bond_dims\[0\] must be >= 1"),
+    (lambda: params_for_bonds([2.5], (2, 2), (2, 2)), TypeError, r"bond_dims\[0\] must be an int"),
+    (lambda: bond_bounds((-2, 2), (2, 2)), ValueError, r"in_shape\[0\] must be >= 1"),
+    (lambda: bond_bounds((2, 2), (2,)), ValueError, "same number of sites"),
+    (lambda: mpo_params((0, 2), (2, 2)), ValueError, r"in_shape\[0\] must be >= 1"),
+    (lambda: max_bond_for_params((4, 4), (4, 4), float("nan")), ValueError,
+     "budget must be a finite number"),
+    (lambda: max_bond_for_params((4, 4), (4, 4), "100"), TypeError, "budget must be a number"),
+    (lambda: max_bond_for_params((4, 4), (4, 4), True), TypeError, "budget must be a number"),
+])
+def test_budget_helpers_refuse_bonds_and_shapes_that_do_not_fit(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_budget_helpers_still_count_exactly():
+    assert params_for_bonds([4], (2, 2), (2, 2)) == 4 * 4 + 4 * 4
+    assert bond_bounds((2, 2, 2), (2, 2, 2)) == [4, 4]
+    assert mpo_params((2, 2, 2), (2, 2, 2), max_bond=2) == 8 + 16 + 8
+    assert max_bond_for_params((4, 4), (4, 4), 100) == 3
+
+
+# ------------------------------------------------------------------ 6. half-precision MPO cores
+@pytest.mark.parametrize("cores", [
+    [np.ones((1, 2, 2, 1), np.float16)],
+    [torch.ones(1, 2, 2, 1, dtype=torch.bfloat16)],
+    [torch.ones(1, 2, 2, 1, dtype=torch.float16)],
+])
+def test_mpo_refuses_half_precision_cores(cores):
+    with pytest.raises(TypeError, match=r"cores\[0\] has dtype b?float16; an MPO holds real "
+                                        r"float32 or float64 cores"):
+        MPO(cores)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, torch.bfloat16])
+def test_mpo_astype_refuses_half_precision(dtype):
+    mpo = MPO.from_matrix(np.ones((4, 4)), (2, 2), (2, 2))
+    if dtype is torch.bfloat16:
+        mpo = mpo.to_backend("pytorch")
+    with pytest.raises(TypeError, match=r"cores\[0\] has dtype b?float16"):
+        mpo.astype(dtype)
+    assert mpo.astype(np.float32 if dtype is np.float16 else torch.float32).n_sites == 2
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_mpo_layers_still_build_and_convert(dtype):
+    cores = [c.to(dtype) for c in torch_cores()]
+    layer = MPOLinear(cores)
+    assert layer.cores[0].dtype == dtype
+    assert layer.to_mpo().dtype == torch.float32
+    layer.set_cores([c.float() for c in cores])
+    assert layer.cores[0].dtype == dtype
+    with pytest.raises(TypeError, match=r"cores\[1\] has dtype torch.float32, cores\[0\] has "
+                                        r"torch\.b?float16"):
+        MPOLinear([cores[0], cores[1].float()])
+
+
+# ------------------------------------------------------------------ 7. truncation_error, discarded
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(truncation_error=float("nan")), ValueError, "truncation_error must be a finite"),
+    (dict(truncation_error=-1.0), ValueError, "truncation_error must be a finite number >= 0"),
+    (dict(truncation_error="abc"), TypeError, "truncation_error must be a number"),
+    (dict(discarded=[0.1, 0.2, 0.3, 0.4, 0.5]), ValueError,
+     r"discarded must have one entry per bond \(1\), got 5"),
+    (dict(discarded=[float("nan")]), ValueError, r"discarded\[0\] must be a finite number"),
+    (dict(discarded=[-0.1]), ValueError, r"discarded\[0\] must be a finite number >= 0"),
+    (dict(discarded="a"), TypeError, "discarded must be None or a sequence"),
+])
+def test_mpo_refuses_bad_truncation_error_and_discarded(kwargs, error, match):
+    cores = MPO.from_matrix(np.ones((4, 4)), (2, 2), (2, 2)).cores
+    with pytest.raises(error, match=match):
+        MPO(cores, **kwargs)
+
+
+def test_mpo_keeps_valid_truncation_error_and_discarded():
+    cores = MPO.from_matrix(np.ones((4, 4)), (2, 2), (2, 2)).cores
+    mpo = MPO(cores, truncation_error=np.float32(0.25), discarded=np.array([0.5]))
+    assert mpo.truncation_error == 0.25 and mpo.discarded == (0.5,)
+
+
+# ------------------------------------------------------------------ 8. measured_error
+@pytest.mark.parametrize("shape", [(12,), (16, 1), (12, 16)])
+def test_measured_error_requires_the_layer_shape(shape):
+    layer = MPOLinear(torch_cores())  # W (16, 12)
+    with pytest.raises(ValueError, match=r"W must have shape \(in_dim, out_dim\) = \(16, 12\), "
+                                         r"got .*linear\.weight\.T"):
+        layer.measured_error(torch.randn(shape))
+
+
+def test_measured_error_refuses_non_finite_weights():
+    layer = MPOLinear(torch_cores())
+    W = layer.dense_matrix().detach().clone()
+    assert layer.measured_error(W) < 1e-6
+    W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        layer.measured_error(W)
+
+
+# ------------------------------------------------------------------ 9. n_sites and shapes
+def test_from_linear_and_from_embedding_refuse_n_sites_disagreeing_with_a_shape():
+    lin, emb = nn.Linear(16, 12), nn.Embedding(16, 12)
+    with pytest.raises(ValueError, match="n_sites=3 disagrees with in_shape, which has 2 sites"):
+        MPOLinear.from_linear(lin, (4, 4), (3, 4), n_sites=3)
+    with pytest.raises(ValueError, match="n_sites=3 disagrees with out_shape"):
+        MPOEmbedding.from_embedding(emb, None, (3, 4), n_sites=3)
+    assert MPOLinear.from_linear(lin, (4, 4), (3, 4), n_sites=2).in_shape == (4, 4)
+    assert MPOLinear.from_linear(lin, None, (3, 4)).in_shape == (4, 4)
+    assert MPOLinear.from_linear(lin, n_sites=2).n_sites == 2
+
+
+def test_decomposition_spec_checks_shape_lengths_and_products():
+    with pytest.raises(ValueError, match=r"in_shape \(4, 4\) and out_shape \(2, 2, 3\) must have "
+                                         "the same number of sites"):
+        DecompositionSpec(in_shape=(4, 4), out_shape=(2, 2, 3))
+    spec = DecompositionSpec(in_shape=(4, 4), out_shape=(3, 4))
+    assert spec.site_shapes(16, 12) == ((4, 4), (3, 4))
+    with pytest.raises(ValueError, match=r"in_shape=\(4, 4\) has product 16, but I=100"):
+        spec.site_shapes(100, 12)
+    with pytest.raises(ValueError, match=r"out_shape=\(3, 4\) has product 12, but J=10; pass "
+                                         "pad=True"):
+        spec.site_shapes(16, 10)
+    padded = DecompositionSpec(in_shape=(4, 4), out_shape=(3, 4), pad=True)
+    assert padded.site_shapes(16, 10) == ((4, 4), (3, 4))
+    with pytest.raises(ValueError, match=r"out_shape=\(3, 4\) has product 12, but J=13"):
+        padded.site_shapes(16, 13)
+
+
+# ------------------------------------------------------------------ 10. mode before the work
+def test_from_module_checks_mode_before_decomposing(monkeypatch):
+    calls = []
+    original = DecompositionSpec.decompose
+    monkeypatch.setattr(DecompositionSpec, "decompose",
+                        lambda self, W: calls.append(1) or original(self, W))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MPOModule.from_module(nn.Linear(16, 12), DecompositionSpec(n_sites=2), mode="fast")
+    assert not calls
+    MPOModule.from_module(nn.Linear(16, 12), DecompositionSpec(n_sites=2), mode="dense")
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------ 11. PivotedLinear
+def pivoted():
+    return PivotedLinear.from_mpo(low_rank_model()[0])
+
+
+def test_pivoted_linear_load_state_dict_refuses_pivots_that_do_not_split_the_inputs():
+    layer = pivoted()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = dict(state, pivots=torch.zeros_like(state["pivots"]))
+    with pytest.raises(ValueError, match=r"pivots and rest must split range\(16\)"):
+        layer.load_state_dict(bad)
+    assert torch.equal(layer.pivots, state["pivots"])  # nothing copied
+    model = nn.Sequential(layer)
+    bad = {"0." + k: v for k, v in bad.items()}
+    with pytest.raises(ValueError, match=r"state_dict for '0\.': pivots and rest must split"):
+        model.load_state_dict(bad)
+    other = pivoted()
+    other.load_state_dict(state)  # a valid split loads
+    assert torch.equal(other.dense_matrix(), layer.dense_matrix())
+
+
+def test_pivoted_linear_refuses_mixed_dtypes_and_non_finite_factors():
+    layer = pivoted()
+    p, r, c, R = layer.pivots, layer.rest, layer.coef.detach(), layer.right.detach()
+    with pytest.raises(TypeError, match="coef and right must have one floating-point dtype, got "
+                                        "torch.float32 and torch.float64"):
+        PivotedLinear(p, r, c, R.double())
+    bad = c.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="coef holds NaN or infinite values"):
+        PivotedLinear(p, r, bad, R)
+    with pytest.raises(ValueError, match="right holds NaN or infinite values"):
+        PivotedLinear(p, r, c, R * float("inf"))
+
+
+# ------------------------------------------------------------------ 12. smaller ones
+def test_pivot_layers_refuses_one_string_for_the_names():
+    model = low_rank_model()
+    with pytest.raises(TypeError, match="names must be a list of module names, got one str '00'"):
+        pivot_layers(model, names="00")
+    assert isinstance(model[0], MPOLinear)
+    assert set(pivot_layers(model, names=["0"])) == {"0"}
+
+
+@pytest.mark.parametrize("extra, match", [
+    (nn.Linear(2, 2), "got one Linear: wrap it in a list"),
+    ("head", "got one str"),
+    ([nn.Linear(2, 2), "head"], r"extra\[1\] is a str"),
+])
+@pytest.mark.parametrize("call", [lambda m, e: set_trainable(m, "lightweight", extra=e),
+                                  lambda m, e: train_lightweight(m, e)])
+def test_set_trainable_refuses_a_module_or_str_as_extra(call, extra, match):
+    with pytest.raises(TypeError, match=f"extra must be an iterable of nn.Module.*{match}"):
+        call(low_rank_model(), extra)
+
+
+def test_set_trainable_accepts_a_list_of_modules_to_save():
+    model = nn.Sequential(low_rank_model(), nn.Linear(8, 2))
+    set_trainable(model, "lightweight", extra=[model[1]])
+    assert model[1].weight.requires_grad
+    set_trainable(model, "lightweight", extra=nn.ModuleList([model[1]]))
+    assert model[1].weight.requires_grad
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_bond=["2"]), TypeError, "max_bond entries must be numbers, got '2'"),
+    (dict(cutoff=["0.5"]), TypeError, "cutoff entries must be numbers, got '0.5'"),
+    (dict(max_error=[b"1"]), TypeError, "max_error entries must be numbers"),
+    (dict(max_bond=np.array([[2]])), ValueError, r"1-D sequence .* shape \(1, 1\)"),
+    (dict(max_bond=[[2]]), TypeError, r"max_bond entries must be numbers, got \[2\]"),
+])
+def test_per_bond_policies_refuse_strings_and_nested_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TruncationPolicy.build(1, **kwargs)
+    with pytest.raises(error, match=match):
+        TruncationPolicy.check(**kwargs)
+    with pytest.raises(error, match=match):
+        MPO.from_matrix(np.ones((4, 4)), (2, 2), (2, 2), **kwargs)
+
+
+def test_per_bond_policies_still_accept_numbers_and_arrays():
+    policy = TruncationPolicy.build(2, max_bond=np.array([2, 3]), cutoff=[0.1, np.float32(0.2)])
+    assert policy.max_bond == (2, 3) and policy.cutoff == pytest.approx((0.1, 0.2))
+    assert TruncationPolicy.build(2, max_bond=np.int64(4)).max_bond == (4, 4)
+
+
+def test_set_dense_cache_requires_a_bool():
+    model = low_rank_model()
+    assert set_dense_cache(model, False) == 2
+    with pytest.raises(TypeError, match="enabled must be a bool, got 'false'"):
+        set_dense_cache(model, "false")
+    assert not model[0].cache_dense
+
+
+@pytest.mark.parametrize("index, error", [(1.7, TypeError), (True, TypeError),
+                                          ("1", TypeError), (5, ValueError)])
+def test_central_bond_requires_an_int_site(index, error):
+    with pytest.raises(error, match="central_index must be"):
+        central_bond((2, 4, 3), index)
+    assert central_bond((2, 4, 3), 1) == 1 and central_bond((2, 4, 3), np.int64(2)) == 1
+
+
+def test_spectrum_entropy_refuses_non_finite_values_and_a_bool_alpha():
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        spectrum_entropy([1.0, float("nan")])
+    with pytest.raises(TypeError, match="alpha must be a number > 0, got True"):
+        spectrum_entropy([1.0, 1.0], alpha=True)
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        spectrum_entropy([1.0, 1.0], alpha="2")
+    assert spectrum_entropy([1.0, 1.0]) == pytest.approx(math.log(2))
+    assert spectrum_entropy([1.0, 1.0], alpha=math.inf) == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("in_dim, out_dim, error, match", [
+    (0, 64, ValueError, "in_dim must be >= 1"),
+    (-5, 64, ValueError, "in_dim must be >= 1"),
+    (64, 0, ValueError, "out_dim must be >= 1"),
+    (64.0, 64, TypeError, "in_dim must be an int"),
+])
+def test_pivoted_rank_for_fraction_refuses_dims_below_one(in_dim, out_dim, error, match):
+    with pytest.raises(error, match=match):
+        pivoted_rank_for_fraction(in_dim, out_dim, 0.5)
+    assert pivoted_rank_for_fraction(64, 64, 0.5) >= 1
