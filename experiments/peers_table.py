@@ -38,6 +38,8 @@ def label(r: dict) -> str:
         name += ", pivoted" if r.get("pivoted") else ""
         if r.get("extra_llm_text"):
             name += f", + {len(r['extra_llm_text'])} LM text files"
+        if r.get("user_text"):  # a user's own sentences after the default text
+            name += f", + own text ({Path(r['user_text']).stem})"
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
     return name
