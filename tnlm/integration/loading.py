@@ -211,10 +211,6 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
                              f"model folder or a .gguf file)")
         if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
             raise ValueError(f"model folder {p} holds no weights (*.safetensors)")
-        for w in sorted(p.glob("*.safetensors")):  # 8 bytes give the header's length
-            if w.stat().st_size < 8:
-                raise ValueError(f"{w} is {w.stat().st_size} bytes long: not a safetensors "
-                                 f"file (an interrupted copy?)")
         try:
             config = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -226,6 +222,11 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
     if source.model_type not in known:
         raise ValueError(f"{source}: architecture {source.model_type!r} is not supported; "
                          f"supported: {', '.join(supported_model_types())}")
+    if source.gguf_file is None:  # a folder of safetensors weights
+        for w in sorted(source.folder.glob("*.safetensors")):  # 8 bytes: the header length
+            if w.stat().st_size < 8:
+                raise ValueError(f"{w} is {w.stat().st_size} bytes long: not a safetensors "
+                                 f"file (an interrupted copy?)")
     return source
 
 
