@@ -281,7 +281,7 @@ def headline_plot(rows, path: Path) -> None:
 
 
 def curve_plot(rows, path: Path) -> None:
-    fig, ax = axes()
+    fig, ax = axes(size=(13, 5))
     for (method, budget, heal, texts), runs in sorted(rows.items()):
         for r in runs:
             if not r.get("heal_curve"):
@@ -300,8 +300,9 @@ def curve_plot(rows, path: Path) -> None:
                            color=line.get_color(),
                            label=f"the same, healed {sorted({e[0] for e in ends})} steps "
                                  f"(seeds {sorted({e[2] for e in ends})})")
+    ax.set_yscale("log")
     finish(fig, ax, path, "healing step", "SmolLM2-135M-Instruct: perplexity along healing",
-           ncol=1)
+           ncol=1, right=True)
 
 
 def main(argv=None) -> int:
