@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +40,7 @@ def label(r: dict) -> str:
         if r.get("extra_llm_text"):
             name += f", + {len(r['extra_llm_text'])} LM text files"
         if r.get("user_text"):  # a user's own sentences after the default text
-            name += f", + own text ({Path(r['user_text']).stem})"
+            name += f", + own text ({re.sub(r'_s[0-9]+$', '', Path(r['user_text']).stem)})"
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
     return name
