@@ -209,6 +209,31 @@ def test_weights_missing_from_a_models_blocks_are_refused(tmp_path):
         load_pretrained(folder)
 
 
+def test_weights_missing_outside_the_blocks_are_refused(tmp_path):
+    """An untied language-model head, the final norm or the embeddings missing from the
+    files: transformers draws them at random and only warns."""
+    from safetensors.torch import load_file, save_file
+
+    from tnlm.integration.loading import check_block_weights, load_pretrained
+
+    folder, _ = save_llm_folder(tmp_path)  # a Llama: head not tied to the embeddings
+    assert not load_pretrained(folder)[0].config.tie_word_embeddings
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    for name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight"):
+        save_file({k: v for k, v in tensors.items() if k != name}, str(weights),
+                  metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=r"1 weights of the model outside its blocks "
+                                             r".* are missing .*" + name.replace(".", r"\.")):
+            load_pretrained(folder)
+    # a pooler or a task head may be new; both kinds at once are counted
+    check_block_weights("m", {"missing_keys": ["pooler.dense.weight", "score.weight"]})
+    with pytest.raises(ValueError, match=r"1 weights of the model's blocks are missing, and 1 "
+                                         r"outside them"):
+        check_block_weights("m", {"missing_keys": ["model.layers.0.mlp.up_proj.weight",
+                                                   "lm_head.weight"]})
+
+
 def test_cli_refuses_an_encoder_whose_block_weights_are_missing(model_dir, text_file,  # noqa: F811
                                                                 tmp_path, capsys):
     import shutil

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ModelSource", "check_block_weights", "check_model_source", "load_pretrained",
-           "default_llm_path", "load_default_llm", "LLM_MISSING"]
+           "default_llm_path", "load_default_llm", "LLM_MISSING", "NEW_HEADS"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -230,16 +230,31 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
     return source
 
 
+#: components of a weight's name that transformers may rightly add new (random) at loading:
+#: poolers and task heads, which a model's files need not hold
+NEW_HEADS = frozenset({"pooler", "classifier", "score", "qa_outputs"})
+
+
 def check_block_weights(source: object, info: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming ``source`` if transformers' loading ``info``
     (``from_pretrained(..., output_loading_info=True)``) lists missing weights of the
-    model's numbered blocks: transformers draws them at random and only warns. A pooler
-    or a task head may be new."""
-    missing = sorted(k for k in info.get("missing_keys", ()) if re.search(r"\.\d+\.", k))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} weights of the model's blocks are missing "
-                         f"from its files (transformers would draw them at random), e.g. "
-                         f"{', '.join(missing[:3])}")
+    model: transformers draws them at random and only warns. Refused: the numbered
+    blocks' weights, and the embeddings, final norm and an untied language-model head
+    (a head tied to the embeddings is never listed). A pooler or a task head
+    (:data:`NEW_HEADS`) may be new."""
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if not NEW_HEADS.intersection(k.split(".")))
+    if not missing:
+        return
+    blocks = [k for k in missing if re.search(r"\.\d+\.", k)]
+    others = [k for k in missing if k not in blocks]
+    what = (f"{len(blocks)} weights of the model's blocks are missing" if blocks else
+            f"{len(others)} weights of the model outside its blocks (embeddings, final norm "
+            f"or language-model head) are missing")
+    if blocks and others:
+        what += f", and {len(others)} outside them"
+    raise ValueError(f"{source}: {what} from its files (transformers would draw them at "
+                     f"random), e.g. {', '.join((blocks or others)[:3])}")
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, Any]:
@@ -250,9 +265,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
 
     Raises:
         ValueError: what :func:`check_model_source` refuses, transformers failing to
-            read the model (its message included), or weights of its blocks missing from
-            the files (transformers fills them with random values and only warns: a
-            partly random teacher would be compressed and healed towards).
+            read the model (its message included), or weights of its blocks, embeddings,
+            final norm or untied head missing from the files (transformers fills them
+            with random values and only warns: a partly random teacher would be
+            compressed and healed towards; :func:`check_block_weights`).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
