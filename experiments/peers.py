@@ -191,10 +191,15 @@ def main() -> None:
                          "text file of one sentence a line; a sentence of the natural sets "
                          "is refused")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", metavar="DIR", default=None,
+                    help="tnlm/plain/whitened: also save the compressed model there as "
+                         "`tnlm compress --out` does (self-contained; `tnlm export`, "
+                         "benchmarks/bench_onnx.py --checkpoint read it)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if args.pivoted and args.method not in LOW_RANK:
-        ap.error(f"--pivoted applies to {', '.join(LOW_RANK)}, not to {args.method}")
+    for flag, value in (("--pivoted", args.pivoted), ("--save", args.save)):
+        if value and args.method not in LOW_RANK:
+            ap.error(f"{flag} applies to {', '.join(LOW_RANK)}, not to {args.method}")
     from transformers import AutoModel, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -234,6 +239,10 @@ def main() -> None:
         student = res.model
         kept = res.ratio
         extra.update(cosine_held_out=res.measures["cosine_mean"])
+        if args.save:
+            from tnlm.export import save_self_contained
+
+            save_self_contained(student, tok, args.save)
     elif args.method == "layerdrop":
         student, targets = drop_layers(model, args.layers)
         cfg = EncoderRecipe(heal_steps=args.heal_steps, seed=args.seed).heal_config()
