@@ -161,14 +161,23 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         The folder.
 
     Raises:
-        TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`.
+        TypeError: ``model`` is not an :class:`~tnlm.integration.MPOModel`;
+            ``sentence_transformers`` not None or a bool, ``keep_sentence_files`` not a
+            bool.
         ValueError: ``sentence_transformers=True`` for a causal LM, without a tokenizer
             or with ``keep_sentence_files``; ``max_seq_length`` not an int between 1 and
-            the model's positions (where sentence-transformers files are written).
+            the model's positions (where sentence-transformers files are written), or
+            given where none are written.
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
                         f"load_compressed), got {type(model).__name__}")
+    # bools: "no" or 0.0 passed for False were taken by truth value
+    if sentence_transformers is not None and not isinstance(sentence_transformers, bool):
+        raise TypeError(f"sentence_transformers must be None or a bool, got "
+                        f"{sentence_transformers!r}")
+    if not isinstance(keep_sentence_files, bool):
+        raise TypeError(f"keep_sentence_files must be a bool, got {keep_sentence_files!r}")
     generates = can_generate(model.base_model)
     if keep_sentence_files and sentence_transformers:
         raise ValueError("keep_sentence_files=True leaves the folder's sentence-transformers "
@@ -191,6 +200,13 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
                 or max_seq_length < 1 or (limit is not None and max_seq_length > limit)):
             raise ValueError(f"max_seq_length must be an int in [1, {limit or 'the positions'}]"
                              f" (the model's positions), got {max_seq_length!r}")
+    elif max_seq_length is not None:  # it would be dropped without a word
+        why = ("keep_sentence_files=True keeps the folder's own" if keep_sentence_files else
+               f"{type(model.base_model).__name__} is a causal LM" if generates else
+               "tokenizer=None" if tokenizer is None else "sentence_transformers=False")
+        raise ValueError(f"max_seq_length={max_seq_length!r} is the sentence-transformers "
+                         f"truncation length, but no sentence-transformers files are written "
+                         f"({why}): leave it out, or pass sentence_transformers=True")
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,7 @@ from tnlm.export.onnx_graph import (
     FUSE,
     SLOW_FUSIONS,
     ExportResult,
+    check_export_args,
     export_copy,
     file_opset,
     onnx_weights,
@@ -148,10 +148,15 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
 
     Raises:
         ValueError: ``model`` has no language-model head (use :func:`export_onnx`), or
-            its config does not describe its cache.
+            its config does not describe its cache; ``opset`` out of range or ``path`` a
+            folder.
+        TypeError: ``opset`` not an int, ``verbose``, ``trace_metadata`` or ``fuse`` not
+            a bool.
         RuntimeError: the exporter could not trace this architecture's cached pass (the
             message names it).
     """
+    path = check_export_args("export_onnx_decoder", path, opset, verbose=verbose,
+                             trace_metadata=trace_metadata, fuse=fuse)
     plain, n_mpo = export_copy(model, "export_onnx_decoder")
     if getattr(plain, "get_output_embeddings", lambda: None)() is None:
         raise ValueError(f"model: expected a causal LM with a language-model head, got "
@@ -175,7 +180,6 @@ def export_onnx_decoder(model: nn.Module, path: str | os.PathLike, *, opset: int
     names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     inputs = ["input_ids", "attention_mask", "position_ids", *names]
     outputs = ["logits", *[f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]]
-    path = Path(path)
     try:
         size, fused = write_graph(step, plain, args, path, inputs=inputs, outputs=outputs,
                                   shapes=shapes, opset=opset, verbose=verbose,
@@ -261,6 +265,21 @@ class OnnxCausalLM:
             raise ValueError("attention_mask: expected values 0 and 1 only")
         return ids, mask
 
+    def _token_id(self, value: Any, name: str) -> int:
+        """``value`` as a token id: an int (not a bool) in ``[0, vocab)``, else
+        ``ValueError`` naming ``name`` (a float was cut to an int, True was 1, an id
+        beyond the vocabulary failed inside ONNX Runtime once a row had ended)."""
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d array, tensor
+            value = value.item()
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int token id (or a list of them for "
+                             f"eos_token_id), got {value!r}")
+        if value < 0 or (self.vocab is not None and value >= self.vocab):
+            raise ValueError(f"{name} must be a token id in [0, "
+                             f"{self.vocab if self.vocab is not None else 'the vocabulary'}), "
+                             f"got {value}")
+        return int(value)
+
     @staticmethod
     def _positions(mask: np.ndarray) -> np.ndarray:
         """Position ids counting the unmasked tokens, as transformers does."""
@@ -284,16 +303,27 @@ class OnnxCausalLM:
         does not know it, and without it every row runs ``max_new_tokens``) is continued
         with ``pad_token_id`` (default: the first EOS id, else 0); decoding stops when
         every row has ended or after ``max_new_tokens``.
+
+        Raises:
+            ValueError: ``max_new_tokens`` not an int >= 1; an EOS or pad id that is not
+                an int (a bool or a float included) in ``[0, vocabulary size)`` (an EOS
+                outside it is never generated; the pad id is fed back to the graph for
+                the rows that have ended); prompts that are not left-padded.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if eos_token_id is not None and hasattr(eos_token_id, "tolist"):  # numpy, torch
+            eos_token_id = np.asarray(eos_token_id).reshape(-1).tolist()
+        eos = [] if eos_token_id is None else [
+            self._token_id(e, "eos_token_id") for e in
+            (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+        pad = (self._token_id(pad_token_id, "pad_token_id") if pad_token_id is not None
+               else (eos[0] if eos else 0))
         ids, mask = self._inputs(input_ids, attention_mask)
         if not mask[:, -1].all():
             raise ValueError("attention_mask: expected left padding (the last position of "
                              "every row unmasked); pad prompts on the left to generate")
-        eos = [] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         positions = self._positions(mask)
         logits, past = self._run(ids, mask, positions, self._empty(ids.shape[0]))
         done = np.zeros(ids.shape[0], dtype=bool)

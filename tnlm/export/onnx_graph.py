@@ -32,13 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tnlm.core.validation import check_positive_int
 from tnlm.export.factorized import PivotedChain, factorized_copy, factorized_params
 from tnlm.export.fuse import fuse_shared_matmuls
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "GAUGE_FIXED_KEY", "gauge_fixed_chains",
            "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
-           "write_graph", "SLOW_FUSIONS", "FUSE", "ort_session"]
+           "write_graph", "SLOW_FUSIONS", "FUSE", "ort_session", "check_export_args",
+           "MIN_OPSET"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -62,6 +64,41 @@ _EXTERNAL_BYTES = 1_800_000_000
 #: gauge-fixed layers' chains (:class:`~tnlm.export.factorized.PivotedChain`), which int8
 #: must not quantize at 8 bits per tensor (:func:`tnlm.export.quantize_int8` reads it)
 GAUGE_FIXED_KEY = "tnlm.gauge_fixed_chains"
+
+
+#: the lowest opset an exporter is asked for (ONNX Runtime runs opset 7 and later)
+MIN_OPSET = 7
+
+
+def check_export_args(caller: str, path: str | os.PathLike, opset: Any,
+                      **flags: Any) -> Path:
+    """``path`` as a :class:`~pathlib.Path` after checking an exporter's arguments before
+    any work: ``opset`` an int (not a bool) between :data:`MIN_OPSET` and the newest opset
+    the installed ``onnx`` knows, each of ``flags`` a bool, ``path`` not a folder.
+
+    Raises:
+        TypeError: ``opset`` not an int, a flag not a bool (each named).
+        ValueError: ``opset`` out of range; ``path`` is a folder.
+    """
+    if isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)):
+        raise TypeError(f"{caller}: opset must be an int (an ONNX opset version), got "
+                        f"{opset!r}")
+    try:
+        import onnx
+
+        newest = int(onnx.defs.onnx_opset_version())
+    except ImportError:  # the exporter names the missing package
+        newest = None
+    if opset < MIN_OPSET or (newest is not None and opset > newest):
+        raise ValueError(f"{caller}: opset must be an ONNX opset between {MIN_OPSET} and "
+                         f"{newest or 'the newest'}, got {opset}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{caller}: {name} must be a bool, got {value!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{caller}: path {path} is a folder; expected the .onnx file to write")
+    return path
 
 
 class _Graph(nn.Module):
@@ -194,11 +231,16 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
     Raises:
         ValueError: an unknown ``pooling``, ``pooling`` of a language-model head's
             logits, a model with another task head (a classifier: export its
-            ``base_model``), or a model without ``input_ids`` / ``attention_mask`` inputs.
+            ``base_model``), or a model without ``input_ids`` / ``attention_mask`` inputs;
+            ``opset`` out of range or ``path`` a folder (:func:`check_export_args`).
+        TypeError: ``opset`` not an int, ``verbose``, ``trace_metadata`` or ``fuse`` not
+            a bool.
         ImportError: ``onnx`` or ``onnxscript`` is missing (``pip install tnlm[export]``).
     """
     if pooling not in (None, "mean"):
         raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
+    path = check_export_args("export_onnx", path, opset, verbose=verbose,
+                             trace_metadata=trace_metadata, fuse=fuse)
     plain, n_mpo = export_copy(model, "export_onnx")
     inputs = _model_inputs(plain)
     output = _output_name(plain, pooling)
@@ -217,7 +259,6 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         shapes["token_type_ids"] = None
         args = args + (None,)
     outputs = [output] + (["sentence_embedding"] if pooling else [])
-    path = Path(path)
     size, fused = write_graph(graph, plain, args, path, inputs=list(inputs), outputs=outputs,
                               shapes=shapes, opset=opset, verbose=verbose,
                               trace_metadata=trace_metadata, fuse=fuse)
@@ -518,6 +559,12 @@ def ort_session(path: str | os.PathLike, threads: int | None = None,
     optimizations ``disabled_optimizers`` (:data:`SLOW_FUSIONS`); with
     ``optimized_path``, the graph as ONNX Runtime optimized it is written there (to see
     which operators run)."""
+    if threads is not None:  # an int: True was 1 thread, 2.7 was 2
+        if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)):
+            raise TypeError(f"threads must be None or an int (ONNX Runtime's intra-op "
+                            f"threads), got {threads!r}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: ONNX Runtime's default), got {threads}")
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -547,11 +594,12 @@ class OnnxEncoder:
                  max_length: int = 128,
                  disabled_optimizers: Sequence[str] = SLOW_FUSIONS) -> None:
         self.path = Path(path)
+        # an int: True was 1 token (every sentence encoded as its [CLS] alone), 12.7 was 12
+        self.max_length = check_positive_int(max_length, "max_length")
         self.session = ort_session(path, threads, disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.tokenizer = tokenizer
-        self.max_length = int(max_length)
 
     def feed(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         """The session's inputs from a tokenizer batch (int64 numpy arrays)."""
@@ -571,7 +619,17 @@ class OnnxEncoder:
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised mean-pooled sentence embeddings ``(len(sentences), hidden)``: the
         graph's ``sentence_embedding`` when it has one, else pooled here from the first
-        output."""
+        output.
+
+        Raises:
+            TypeError: ``sentences`` is one string (each of its characters would be a
+                sentence: pass ``[text]``), or ``batch_size`` is not an int >= 1.
+        """
+        if isinstance(sentences, (str, bytes)):
+            raise TypeError(f"sentences must be a list of strings, got one string "
+                            f"({sentences[:40]!r}); each of its characters would be "
+                            "encoded as a sentence: pass [text]")
+        batch_size = check_positive_int(batch_size, "batch_size")
         out = []
         for i in range(0, len(sentences), batch_size):
             batch = self.tokenizer(list(sentences[i:i + batch_size]), padding=True,

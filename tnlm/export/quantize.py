@@ -88,7 +88,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
         ValueError: ``src`` is quantized already (:func:`is_quantized`); ``dst`` is a
-            folder; ``embedding_bits`` not 8 or 4, a bad ``block_size``,
+            folder; ``embedding_bits`` not 8 or 4, a bad ``block_size`` or one
+            without ``embedding_bits=4``,
             ``per_channel`` or ``reduce_range`` not a bool, or
             ``embedding_bits=4`` on a graph without a float word-embedding ``Gather``
             at ``input_ids`` (e.g. an MPO embedding) or whose table is tied to another
@@ -104,6 +105,10 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                    or block_size < 2 or block_size % 2):
         raise ValueError(f"block_size must be an even integer >= 2, got {block_size!r}")
+    if block_size is not None and embedding_bits != 4:
+        raise ValueError(f"block_size={block_size!r} applies with embedding_bits=4 only (the "
+                         "columns sharing one scale of the 4-bit table); at 8 bits the table "
+                         "is int8 like every other weight")
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as err:

@@ -30,6 +30,7 @@ with ``embedding_bits=4`` the word-embedding table is stored as 4-bit codes
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -96,7 +97,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         ImportError: ``onnxruntime`` is missing (``pip install 'tnlm[export]'``).
         FileNotFoundError: ``src`` does not exist.
         ValueError: ``bits`` not in :data:`WEIGHT_BITS`, ``block_size`` not in
-            :data:`WEIGHT_BLOCKS`, a bad ``embedding_block``, a graph already quantized
+            :data:`WEIGHT_BLOCKS`, ``compute`` not None or one of the two ints, a bad
+            ``embedding_block`` or one without ``embedding_bits=4``, ``dst`` a folder, a
+            graph already quantized
             or with no ``MatMul`` of a constant weight, or ``embedding_bits=4`` on a graph
             without a float word-embedding ``Gather`` at ``input_ids`` or whose table
             another node reads too. Nothing is written then.
@@ -109,15 +112,21 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
                          f"got {block_size!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+    # an int: 4.0 compared equal and was written as a float attribute, which ONNX Runtime
+    # refuses when the file is loaded
     if compute is not None and (isinstance(compute, bool)
+                                or not isinstance(compute, numbers.Integral)
                                 or compute not in (COMPUTE_FLOAT, COMPUTE_INT8)):
         raise ValueError(f"compute must be None, {COMPUTE_FLOAT} (float32) or {COMPUTE_INT8} "
                          f"(int8), got {compute!r}")
-    if compute is None:
-        compute = default_compute(bits)
+    compute = default_compute(bits) if compute is None else int(compute)
     if embedding_bits not in (None, 4) or isinstance(embedding_bits, bool):
         raise ValueError(f"embedding_bits must be None (float32 table) or 4, got "
                          f"{embedding_bits!r}")
+    if embedding_block is not None and embedding_bits != 4:
+        raise ValueError(f"embedding_block={embedding_block!r} applies with embedding_bits=4 "
+                         "only (the columns sharing one scale of the 4-bit table); without it "
+                         "the table stays float32")
     if embedding_bits == 4 and embedding_block is not None and (
             isinstance(embedding_block, bool) or not isinstance(embedding_block, int)
             or embedding_block < 2 or embedding_block % 2):
@@ -129,6 +138,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no ONNX file {src}")
+    if dst.is_dir():
+        raise ValueError(f"dst {dst} is a folder; expected the file to write")
     source_data = external_files(src)
     model = onnx.load(str(src))
     if is_quantized(model):

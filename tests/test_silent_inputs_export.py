@@ -1,0 +1,266 @@
+"""Inputs of the export layer that were once accepted silently (a wrong or unloadable
+file, a setting ignored) or failed late, after the export: each is now refused before
+any work, naming the argument. Small hand-built ONNX graphs and a random-init BERT of
+width 32; the exporter itself is stubbed where only the checks before it matter."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from tests.common import (
+    make_bert_tokenizer,
+    one_thread,  # noqa: F401  (module-scoped autouse fixture)
+)
+from tests.test_export import _low_rank_chain
+from tnlm.export import save_self_contained
+from tnlm.integration import MPOConfig, get_mpo_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_bert_tokenizer(tmp_path_factory.mktemp("vocab"))
+
+
+# ------------------------------------------------------------------ weight-only, int8
+def test_quantize_weights_refuses_a_float_compute_and_a_folder_dst(tmp_path):
+    """``compute=4.0`` compared equal to 4 and was written as a float ``accuracy_level``
+    attribute: a file ONNX Runtime refuses to load (metadata saying int8). A folder as
+    ``dst`` failed after the whole quantization with ``IsADirectoryError``."""
+    import onnxruntime as ort
+
+    from tnlm.export import quantize_weights
+
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src)
+    with pytest.raises(ValueError, match=r"compute must be None, 1 \(float32\) or 4 \(int8\), "
+                                         r"got 4\.0"):
+        quantize_weights(src, tmp_path / "bad.onnx", compute=4.0)
+    assert not (tmp_path / "bad.onnx").exists()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="dst .* is a folder; expected the file to write"):
+        quantize_weights(src, folder)
+    assert list(folder.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    # the int loads and runs, as before
+    quantize_weights(src, tmp_path / "ok.onnx", compute=4)
+    ort.InferenceSession(str(tmp_path / "ok.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_a_4bit_block_size_without_4bit_embeddings_is_refused(tmp_path):
+    """``quantize_weights(embedding_block=...)`` without ``embedding_bits=4`` and
+    ``quantize_int8(block_size=...)`` with the int8 table were ignored (not even
+    checked: ``embedding_block=7`` passed)."""
+    from tnlm.export import quantize_int8, quantize_weights
+
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src)
+    for block in (16, 7):
+        with pytest.raises(ValueError, match=rf"embedding_block={block} applies with "
+                                             r"embedding_bits=4 only"):
+            quantize_weights(src, tmp_path / "bad.onnx", embedding_block=block)
+    with pytest.raises(ValueError, match=r"block_size=16 applies with embedding_bits=4 only"):
+        quantize_int8(src, tmp_path / "bad.onnx", block_size=16)
+    with pytest.raises(ValueError, match=r"block_size=16 applies with embedding_bits=4 only"):
+        quantize_int8(src, tmp_path / "bad.onnx", embedding_bits=8, block_size=16)
+    assert not (tmp_path / "bad.onnx").exists()
+    # without the block, as before
+    assert quantize_weights(src, tmp_path / "w.onnx") > 0
+    assert quantize_int8(src, tmp_path / "i.onnx") > 0
+
+
+# ------------------------------------------------------------------ the exporters
+def _no_export(*args, **kwargs):
+    raise AssertionError("the export started")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(opset=True), TypeError, r"opset must be an int \(an ONNX opset version\), got True"),
+    (dict(opset=20.0), TypeError, r"opset must be an int .*got 20\.0"),
+    (dict(opset="20"), TypeError, r"opset must be an int .*got '20'"),
+    (dict(opset=99), ValueError, r"opset must be an ONNX opset between 7 and \d+, got 99"),
+    (dict(opset=5), ValueError, r"opset must be an ONNX opset between 7 and \d+, got 5"),
+    (dict(fuse="no"), TypeError, r"fuse must be a bool, got 'no'"),
+    (dict(trace_metadata="no"), TypeError, r"trace_metadata must be a bool, got 'no'"),
+    (dict(verbose=1), TypeError, r"verbose must be a bool, got 1"),
+    (dict(path="."), ValueError, r"path .* is a folder; expected the \.onnx file to write"),
+])
+@pytest.mark.parametrize("which", ["export_onnx", "export_onnx_decoder"])
+def test_exporters_check_opset_flags_and_path_before_exporting(which, kwargs, error, match,
+                                                               tok, tmp_path, monkeypatch):
+    """``opset=True`` (or 99, or 5) exported the whole model and wrote opset 18 with a
+    warning, ``20.0`` failed inside the exporter; ``fuse="no"`` fused; a folder as
+    ``path`` failed after the export with ``IsADirectoryError``."""
+    from tnlm.export import onnx_decoder, onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "export_copy", _no_export)
+    monkeypatch.setattr(onnx_decoder, "export_copy", _no_export)
+    kwargs = dict(kwargs)
+    path = kwargs.pop("path", tmp_path / "m.onnx")
+    if path == ".":
+        path = tmp_path
+    with pytest.raises(error, match=f"^{which}: {match}"):
+        if which == "export_onnx":
+            onnx_graph.export_onnx(tiny_bert(), tok, path, **kwargs)
+        else:
+            onnx_decoder.export_onnx_decoder(tiny_bert(), path, **kwargs)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_exporters_keep_their_valid_arguments(tok, tmp_path):
+    """An int opset in range, bool flags and a file path export as before."""
+    from tnlm.export import export_onnx
+
+    res = export_onnx(tiny_bert(), tok, tmp_path / "m.onnx", opset=20,
+                      fuse=False, trace_metadata=False, verbose=False)
+    assert res.opset == 20 and res.path.is_file()
+
+
+# ------------------------------------------------------------------ the runners
+def _pooled_graph(path):
+    """A graph with the inputs of an exported encoder and ``sentence_embedding`` = the
+    sum of each row's token ids (float, shape (batch, 1))."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])
+    out = helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["b", 1])
+    nodes = [helper.make_node("Mul", ["input_ids", "attention_mask"], ["kept"]),
+             helper.make_node("ReduceSum", ["kept", "axes"], ["total"], keepdims=1),
+             helper.make_node("Cast", ["total"], ["sentence_embedding"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [ids, mask], [out],
+                              [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_onnx_encoder_refuses_one_string_and_lengths_that_are_not_ints(tok, tmp_path):
+    """``encode("the cat")`` encoded each of its 7 characters as a sentence;
+    ``max_length=True`` truncated every sentence to its first token ([CLS]); 12.7 was
+    12; ``threads=True`` was one thread; ``batch_size=0`` failed in ``range``."""
+    from tnlm.export import OnnxEncoder
+
+    path = _pooled_graph(tmp_path / "pooled.onnx")
+    enc = OnnxEncoder(path, tok)
+    with pytest.raises(TypeError, match=r"sentences must be a list of strings, got one string "
+                                        r"\('the cat'\).*pass \[text\]"):
+        enc.encode("the cat")
+    for bad, error in ((0, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(error, match="batch_size must be"):
+            enc.encode(["the cat"], batch_size=bad)
+    for bad, error in ((True, TypeError), (12.7, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="max_length must be"):
+            OnnxEncoder(path, tok, max_length=bad)
+    for bad, error in ((True, TypeError), (2.5, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="threads must be"):
+            OnnxEncoder(path, tok, threads=bad)
+    # valid input as before: one row per sentence, the ids of the whole sentence
+    got = OnnxEncoder(path, tok, threads=1, max_length=64).encode(["the cat", "a"],
+                                                                  batch_size=1)
+    want = [sum(tok(s)["input_ids"]) for s in ("the cat", "a")]
+    assert got.shape == (2, 1) and got[:, 0].tolist() == want
+
+
+V = 16
+
+
+def _decoder_graph(path):
+    """A graph with the inputs and outputs of :func:`export_onnx_decoder` (one layer, 2
+    heads of 4): ``logits[..., v] = v * id`` (the next token is 15 after any id > 0),
+    ``present`` = ``past``."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info(n, i64, ["b", s]) for n, s in
+              (("input_ids", "s"), ("attention_mask", "t"), ("position_ids", "s"))]
+    inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kv}", f, ["b", 2, "p", 4])
+               for kv in ("key", "value")]
+    outputs = [helper.make_tensor_value_info("logits", f, ["b", "s", V])]
+    outputs += [helper.make_tensor_value_info(f"present.0.{kv}", f, ["b", 2, "p", 4])
+                for kv in ("key", "value")]
+    nodes = [helper.make_node("Cast", ["input_ids"], ["x"], to=f),
+             helper.make_node("Unsqueeze", ["x", "last"], ["x1"]),
+             helper.make_node("Mul", ["x1", "levels"], ["logits"]),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"]),
+             helper.make_node("Identity", ["past_key_values.0.value"], ["present.0.value"])]
+    inits = [numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.arange(V, dtype=np.float32), "levels")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_generate_refuses_eos_and_pad_ids_that_are_not_token_ids(tmp_path):
+    """``pad_token_id=True`` padded with token 1, ``eos_token_id=15.5`` was token 15, a pad
+    id beyond the vocabulary failed inside ONNX Runtime once a row had ended (1.5: a
+    dtype error there), an EOS of -1 or 99 could never be generated."""
+    from tnlm.export import OnnxCausalLM
+
+    lm = OnnxCausalLM(_decoder_graph(tmp_path / "dec.onnx"))
+    ids = np.array([[3, 4], [0, 0]])  # row 0 ends at once with EOS 15, row 1 runs
+    for kw, match in ((dict(pad_token_id=True), r"pad_token_id must be an int token id.*True"),
+                      (dict(pad_token_id=1.5), r"pad_token_id must be an int token id.*1\.5"),
+                      (dict(pad_token_id=V), rf"pad_token_id must be a token id in \[0, {V}\), "
+                                             rf"got {V}"),
+                      (dict(pad_token_id=-1), r"pad_token_id must be a token id in"),
+                      (dict(eos_token_id=15.5), r"eos_token_id must be an int token id"),
+                      (dict(eos_token_id=[15, True]), r"eos_token_id must be an int.*True"),
+                      (dict(eos_token_id=np.array([15.0])), r"eos_token_id must be an int"),
+                      (dict(eos_token_id=99), r"eos_token_id must be a token id in \[0, 16\)"),
+                      (dict(eos_token_id=-1), r"eos_token_id must be a token id in")):
+        with pytest.raises(ValueError, match=match):
+            lm.generate(ids, max_new_tokens=3, eos_token_id=kw.get("eos_token_id", 15),
+                        pad_token_id=kw.get("pad_token_id"))
+    # valid ids as before: ints, numpy ints, lists and arrays of them
+    want = [[3, 4, 15, 7, 7], [0, 0, 0, 0, 0]]
+    assert lm.generate(ids, max_new_tokens=3, eos_token_id=15, pad_token_id=7).tolist() == want
+    assert lm.generate(ids, max_new_tokens=3, eos_token_id=np.array([2, 15]),
+                       pad_token_id=np.int64(7)).tolist() == want
+    assert lm.generate(ids, max_new_tokens=3, eos_token_id=[15],
+                       pad_token_id=torch.tensor(7)).tolist() == want
+    assert lm.generate(ids, max_new_tokens=2).tolist() == [[3, 4, 15, 15], [0, 0, 0, 0]]
+
+
+# ------------------------------------------------------------------ the folder
+def test_save_self_contained_refuses_non_bool_flags_and_an_unused_max_seq_length(tok,
+                                                                                 tmp_path):
+    """``sentence_transformers="no"`` wrote the sentence-transformers files (a truthy
+    string), ``keep_sentence_files="no"`` kept an earlier save's; ``max_seq_length`` was
+    dropped without a word where no sentence-transformers files are written."""
+    model = get_mpo_model(tiny_bert(), MPOConfig(target_modules=["query"], n_sites=2,
+                                                 max_bond=4), progress=False)
+    for kw, error, match in (
+            (dict(sentence_transformers="no"), TypeError,
+             r"sentence_transformers must be None or a bool, got 'no'"),
+            (dict(sentence_transformers=0), TypeError, "sentence_transformers must be"),
+            (dict(keep_sentence_files="no"), TypeError,
+             r"keep_sentence_files must be a bool, got 'no'"),
+            (dict(sentence_transformers=False, max_seq_length=32), ValueError,
+             r"max_seq_length=32 is the sentence-transformers truncation length, but no "
+             r"sentence-transformers files are written \(sentence_transformers=False\)"),
+            (dict(keep_sentence_files=True, max_seq_length=32), ValueError,
+             r"no sentence-transformers files are written \(keep_sentence_files=True"),
+            (dict(tokenizer=None, max_seq_length=32), ValueError,
+             r"no sentence-transformers files are written \(tokenizer=None\)")):
+        kw = dict(kw)
+        t = kw.pop("tokenizer", tok)
+        with pytest.raises(error, match=match):
+            save_self_contained(model, t, tmp_path / "bad", **kw)
+        assert not (tmp_path / "bad").exists()
+    # valid flags as before
+    d = save_self_contained(model, tok, tmp_path / "st", max_seq_length=32)
+    assert json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
+    plain = save_self_contained(model, tok, tmp_path / "plain", sentence_transformers=False)
+    assert not (plain / "modules.json").exists()
