@@ -8,7 +8,9 @@ edge between T_k and T_{k+1}; the dangling legs i_k (input factor, top) and j_k
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from tnlm.core import MPO
@@ -59,10 +61,40 @@ def to_dot(mpo: MPO, name: str = "MPO") -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(mpo: MPO, path: str | Path, format: str = "svg") -> Path:
+def _render_format(path: Path, format: str | None, formats: frozenset[str]) -> str:
+    """The output format of :func:`render`: ``format`` if given, else the one ``path``'s
+    suffix names (``svg`` without a suffix); a suffix naming another format is refused."""
+    suffix = path.suffix.lower().removeprefix(".")
+    if format is not None:
+        if not isinstance(format, str):
+            raise TypeError(f"format must be a str such as 'svg', got {format!r}")
+        if format.lower() not in formats:
+            raise ValueError(f"format must be a graphviz output format such as 'svg', 'png' "
+                             f"or 'pdf', got {format!r}")
+        if suffix in formats and suffix != format.lower():
+            raise ValueError(f"path {str(path)!r} names format {suffix!r} but format is "
+                             f"{format!r}: the file would hold {format} under a .{suffix} "
+                             f"name (drop format= or change the suffix)")
+        return format.lower()
+    if not suffix:
+        return "svg"
+    if suffix not in formats:
+        raise ValueError(f"path {str(path)!r}: cannot tell the output format from the suffix "
+                         f".{suffix} (use .svg, .png or .pdf, or pass format=)")
+    return suffix
+
+
+def render(mpo: MPO, path: str | Path, format: str | None = None) -> Path:
     """Render :func:`to_dot` to ``path`` (e.g. ``"mpo.svg"``) and return the path.
 
+    The format is ``format`` if given, else the one the suffix of ``path`` names
+    (``"mpo.png"`` gives a PNG; ``svg`` for a path without a suffix). The file is
+    rendered in a temporary folder beside ``path`` and renamed over it: nothing else
+    beside ``path`` is written, and a failed render leaves an existing ``path`` as it was.
+
     Raises:
+        ValueError: ``format`` is not a graphviz output format, or differs from the one
+            the suffix of ``path`` names, or the suffix names no format (before rendering).
         RuntimeError: if the graphviz ``dot`` program (or the ``graphviz`` python
             package) is missing; :func:`to_dot` and :func:`ascii_diagram` still work.
     """
@@ -78,7 +110,16 @@ def render(mpo: MPO, path: str | Path, format: str = "svg") -> Path:
     except ImportError as err:
         raise RuntimeError(f"rendering needs the graphviz python package: {hint}") from err
     path = Path(path)
-    graphviz.Source(to_dot(mpo)).render(outfile=str(path), format=format, cleanup=True)
+    fmt = _render_format(path, format, frozenset(graphviz.FORMATS))
+    source = to_dot(mpo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        out = graphviz.Source(source).render(staging / "source.gv", outfile=staging / f"out.{fmt}",
+                                             format=fmt, cleanup=True)
+        os.replace(out, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

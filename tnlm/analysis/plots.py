@@ -7,7 +7,7 @@ and returns the Figure; save it with ``fig.savefig(path)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ def plot_spectra(mpo_or_profile: MPO | Profile, ax: Any = None) -> Any:
     fig, ax = _axes(ax)
     norm = prof["norm"] or 1.0
     for k, s in enumerate(prof["spectra"]):
+        s = np.asarray(s, dtype=np.float64)  # lists too (a profile read back from JSON)
         y = np.where(s > 0, s / norm, np.nan)
         ax.plot(np.arange(1, len(s) + 1), y, label=f"bond {k} (D={len(s)})")
     ax.set_yscale("log")
@@ -123,11 +124,22 @@ def plot_entropy_heatmap(model_profile: dict[str, Any], value: str = "entropy") 
     return fig
 
 
-def plot_error_vs_params(rows: Sequence[dict[str, Any]], ax: Any = None) -> Any:
+def plot_error_vs_params(rows: Iterable[Mapping[str, Any]], ax: Any = None) -> Any:
     """Two lines from :func:`~tnlm.analysis.profile.error_vs_params` rows: MPO
-    (``mpo_error`` vs ``params``) and low-rank SVD (``svd_error`` vs ``svd_params``)."""
+    (``mpo_error`` vs ``params``) and low-rank SVD (``svd_error`` vs ``svd_params``).
+
+    ``rows`` may be any iterable of rows (it is read once)."""
+    if isinstance(rows, (Mapping, str, bytes)):
+        raise TypeError(f"rows must be a list of error_vs_params rows, got a "
+                        f"{type(rows).__name__} (wrap a single row in a list)")
+    rows = list(rows)
     if not rows:
         raise ValueError("rows is empty")
+    keys = ("params", "mpo_error", "svd_params", "svd_error")
+    for k, r in enumerate(rows):
+        if not isinstance(r, Mapping) or any(key not in r for key in keys):
+            raise TypeError(f"rows[{k}] must be an error_vs_params row (a dict with keys "
+                            f"{', '.join(keys)}), got {type(r).__name__}")
     fig, ax = _axes(ax)
     ax.plot([r["params"] for r in rows], [r["mpo_error"] for r in rows], "o-", label="MPO")
     ax.plot([r["svd_params"] for r in rows], [r["svd_error"] for r in rows], "s--", label="SVD")

@@ -26,7 +26,7 @@ from tnlm.analysis.names import MODULE_TYPES, default_classifier
 from tnlm.core import MPO
 from tnlm.core.backend import to_numpy
 from tnlm.core.spectra import tail_sums
-from tnlm.core.validation import check_matrix, check_positive_int
+from tnlm.core.validation import check_matrix, check_number, check_positive_int
 
 __all__ = [
     "discarded_weight_curve",
@@ -156,11 +156,16 @@ def random_reference(
     structure an MPO can exploit. Use ``norm`` = the weight's Frobenius norm so
     that the spectra are comparable too (entropies do not depend on it).
     """
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+        raise TypeError(f"shape must be a pair of ints (I, J), got {shape!r}")
     if len(shape) != 2:
         raise ValueError(f"shape must be (I, J), got {tuple(shape)}")
     I, J = (check_positive_int(d, f"shape[{k}]") for k, d in enumerate(shape))
-    if not np.isfinite(norm) or norm <= 0:
-        raise ValueError(f"norm must be finite and > 0, got {norm}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed}")
+    norm = check_number(norm, "norm", positive=True)
     G = np.random.default_rng(seed).standard_normal((I, J))
     G *= norm / np.linalg.norm(G)
     return matrix_profile(G, in_shape, out_shape, n_sites, name="random reference", pad=pad)
@@ -252,6 +257,28 @@ def error_vs_params(
     return rows
 
 
+def _check_classify(classify: Any) -> None:
+    if not callable(classify):
+        raise TypeError(f"classify must be a function name -> (layer, module_type), got "
+                        f"{classify!r}")
+
+
+def _classified(value: Any, name: str) -> tuple[int | None, str]:
+    """``value`` (what the classifier gave for ``name``) as ``(layer, module_type)``: a
+    layer index (an int, not a bool; or None) and a str, or a ``TypeError`` naming
+    ``name`` (a str layer such as ``"10"`` would sort before ``"2"`` in the grids)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"classify({name!r}) must return (layer, module_type), got {value!r}")
+    layer, mtype = value
+    if layer is not None and (isinstance(layer, (bool, np.bool_))
+                              or not isinstance(layer, (int, np.integer))):
+        raise TypeError(f"classify({name!r}) gave layer {layer!r}: expected an int layer "
+                        f"index or None")
+    if not isinstance(mtype, str):
+        raise TypeError(f"classify({name!r}) gave module_type {mtype!r}: expected a str")
+    return (None if layer is None else int(layer)), mtype
+
+
 def model_profile(
     named_weights: Mapping[str, Any],
     classify: Callable[[str], tuple[int | None, str]] = default_classifier,
@@ -285,13 +312,14 @@ def model_profile(
     """
     if not isinstance(named_weights, Mapping):
         raise TypeError(f"named_weights must be a mapping, got {type(named_weights).__name__}")
+    _check_classify(classify)
     if not named_weights:
         raise ValueError("named_weights is empty")
     rows, skipped = [], []
     for name, W in named_weights.items():
         if getattr(W, "ndim", None) != 2:
             continue
-        layer, mtype = classify(name)
+        layer, mtype = _classified(classify(name), name)
         reason = nonfinite_reason(W)
         if reason is not None:
             skipped.append((name, f"contains {reason}"))
@@ -325,6 +353,7 @@ def model_profile_from_mpos(
     """
     if not isinstance(named_mpos, Mapping):
         raise TypeError(f"named_mpos must be a mapping, got {type(named_mpos).__name__}")
+    _check_classify(classify)
     if not named_mpos:
         raise ValueError("named_mpos is empty")
     rows, skipped = [], []
@@ -352,12 +381,15 @@ def model_profile_from_rows(
     """The layer x type grids of :func:`model_profile` from ready profiles (e.g. of the
     MPOs of a saved model, :func:`mpo_profile`); rows without ``layer``/``type`` are
     classified by name. Returns the same keys as :func:`model_profile`."""
+    _check_classify(classify)
     rows = list(rows)
     if not rows:
         raise ValueError("rows is empty")
     for r in rows:
         if "layer" not in r or "type" not in r:
-            r["layer"], r["type"] = classify(r["name"] or "")
+            r["layer"], r["type"] = _classified(classify(r["name"] or ""), r["name"] or "")
+        else:
+            r["layer"], r["type"] = _classified((r["layer"], r["type"]), r["name"] or "")
     ints = sorted({r["layer"] for r in rows if r["layer"] is not None})
     layers = ([None] if any(r["layer"] is None for r in rows) else []) + ints
     present = {r["type"] for r in rows}

@@ -11,12 +11,26 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from tnlm.core.validation import all_finite, check_site_index
 
 __all__ = ["central_bond", "spectrum_entropy", "tail_sums"]
+
+
+def _one_spectrum(s: Any) -> np.ndarray:
+    """``s`` as a float64 array of one bond's singular values: 1-D (a scalar counts as
+    one value), else a ``ValueError`` (a 2-D array would be read as one long spectrum)."""
+    try:
+        w = np.asarray(s, dtype=np.float64)
+    except ValueError as err:  # ragged, e.g. the spectra of several bonds
+        raise ValueError(f"s must be a 1-D array of one bond's singular values: {err}") from err
+    if w.ndim > 1:
+        raise ValueError(f"s must be a 1-D array of one bond's singular values, got shape "
+                         f"{w.shape}")
+    return w
 
 
 def spectrum_entropy(s: np.ndarray, alpha: float = 1.0) -> float:
@@ -27,14 +41,15 @@ def spectrum_entropy(s: np.ndarray, alpha: float = 1.0) -> float:
 
     Raises:
         TypeError: ``alpha`` is not a real number (``bool`` included).
-        ValueError: ``alpha`` is not > 0 (NaN included), or ``s`` holds NaN or Inf.
+        ValueError: ``alpha`` is not > 0 (NaN included), ``s`` is not 1-D (e.g. the list
+            of every bond's spectrum: one bond at a time), or ``s`` holds NaN or Inf.
     """
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number > 0, got {alpha!r}")
     alpha = float(alpha)
     if not alpha > 0 or math.isnan(alpha):
         raise ValueError(f"alpha must be > 0, got {alpha}")
-    w = np.asarray(s, dtype=np.float64)
+    w = _one_spectrum(s)
     if not all_finite(w):
         raise ValueError("s (the singular values) holds NaN or infinite values")
     w = w**2
@@ -53,9 +68,10 @@ def tail_sums(s: np.ndarray) -> np.ndarray:
     """Discarded weight per kept count: ``tail[r] = Σ_{i >= r} s_i²`` for r = 0..len(s).
 
     Float64, length ``len(s) + 1``, non-increasing; ``tail[0]`` is the total weight
-    and ``tail[len(s)] == 0``. Summed from the smallest value up.
+    and ``tail[len(s)] == 0``. Summed from the smallest value up. ``ValueError`` unless
+    ``s`` is 1-D (one bond's spectrum).
     """
-    w = np.asarray(s, dtype=np.float64).reshape(-1) ** 2
+    w = _one_spectrum(s).reshape(-1) ** 2
     return np.append(np.cumsum(w[::-1])[::-1], 0.0)
 
 

@@ -66,9 +66,22 @@ def _to_np64(s: Tensor) -> np.ndarray:
     return B.to_numpy(s).astype(np.float64)
 
 
+def _site(value: int, cores: list[Tensor], name: str) -> int:
+    """``value`` as a site of the chain, ``0 <= value < len(cores)``: no negative index
+    (``center=-1`` would send site 0's weight around to the last core), else a
+    ``TypeError``/``ValueError`` naming ``name``."""
+    n = len(cores)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= value < n:
+        raise ValueError(f"{name} must be a site of the {n}-site chain, in [0, {n}), got {value}")
+    return int(value)
+
+
 def left_orthogonalize(cores: list[Tensor], upto: int) -> list[Tensor]:
     """QR sweep making sites ``0 .. upto-1`` left-isometries; the weight moves to ``upto``."""
     cores = list(cores)
+    upto = _site(upto, cores, "upto")
     for k in range(upto):
         d0, i, j, _ = cores[k].shape
         q, r = B.qr(_left_matrix(cores[k]))
@@ -80,6 +93,7 @@ def left_orthogonalize(cores: list[Tensor], upto: int) -> list[Tensor]:
 def right_orthogonalize(cores: list[Tensor], downto: int) -> list[Tensor]:
     """RQ sweep making sites ``downto+1 .. n-1`` right-isometries; weight moves to ``downto``."""
     cores = list(cores)
+    downto = _site(downto, cores, "downto")
     for k in range(len(cores) - 1, downto, -1):
         _, i, j, d1 = cores[k].shape
         r, q = B.rq(_right_matrix(cores[k]))
@@ -95,11 +109,15 @@ def canonicalize(cores: list[Tensor], center: int) -> list[Tensor]:
     min(d_{k-1}·i_k·j_k, d_k), so an over-sized bond can shrink; the represented
     matrix stays the same to rounding.
     """
+    cores = list(cores)
+    center = _site(center, cores, "center")
     return right_orthogonalize(left_orthogonalize(cores, center), center)
 
 
 def is_canonical(cores: list[Tensor], center: int, tol: float) -> bool:
     """True if sites < center are left- and sites > center right-isometries (to ``tol``)."""
+    cores = list(cores)
+    center = _site(center, cores, "center")
     for k, core in enumerate(cores):
         if k == center:
             continue
