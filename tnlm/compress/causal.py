@@ -58,7 +58,7 @@ from tnlm.bridge import invalidate_caches
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.snapshot import SNAPSHOT_PLACES, ParameterSnapshot
-from tnlm.core.validation import check_seed
+from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
@@ -201,9 +201,7 @@ class CausalHealConfig:
         if self.seed is not None:
             self.seed = check_seed(self.seed)
         check_train(self.train, TRAIN, HEALING_RENAMED)
-        for name in ("checkpoint_blocks", "teacher_bf16"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool_fields(self, "checkpoint_blocks", "teacher_bf16")
         if not (isinstance(self.blowup, (int, float)) and self.blowup > 1):
             raise ValueError(f"blowup must be a number > 1, got {self.blowup!r}")
 

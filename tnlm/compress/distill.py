@@ -65,7 +65,7 @@ from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.snapshot import ParameterSnapshot
 from tnlm.compress.text import check_texts
-from tnlm.core.validation import check_seed
+from tnlm.core.validation import check_bool_fields, check_seed
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
            "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
@@ -222,10 +222,7 @@ class HealConfig:
         if not isinstance(self.teacher_bf16, bool):
             raise ValueError(f"teacher_bf16 must be a bool or None (auto), got "
                              f"{self.teacher_bf16!r}")
-        if not isinstance(self.student_bf16, bool):
-            raise ValueError(f"student_bf16 must be a bool, got {self.student_bf16!r}")
-        if not isinstance(self.dropout, bool):
-            raise ValueError(f"dropout must be a bool, got {self.dropout!r}")
+        check_bool_fields(self, "student_bf16", "dropout")
         if self.term is not None and not isinstance(self.term, HealTerm):
             raise ValueError(f"term must be a HealTerm or None, got "
                              f"{type(self.term).__name__}")

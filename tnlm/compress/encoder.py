@@ -46,6 +46,7 @@ from tnlm.compress.text import (
     read_sentences,
     split_sentences,
 )
+from tnlm.core.validation import check_bool_fields
 from tnlm.integration.architectures import default_targets
 
 __all__ = ["DEFAULT_SICK", "EncoderRecipe", "EncoderResult", "TextSplit", "compress_encoder",
@@ -104,9 +105,7 @@ class EncoderRecipe:
         c = self.calibration
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ValueError(f"calibration must be an int >= 1 (sentences), got {c!r}")
-        for name in ("pivoted", "whiten"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool_fields(self, "pivoted", "whiten")
         self.heal_config()
         if self.target_modules is not None:
             self.compression_config()

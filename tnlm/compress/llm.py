@@ -71,7 +71,7 @@ from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.memory import peak_rss_mb, start_stage
 from tnlm.compress.text import lm_sentences
 from tnlm.core.pivot import pivoted_params
-from tnlm.core.validation import check_seed
+from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.architectures import architecture_of, blocks_of
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
@@ -234,9 +234,7 @@ class CausalLMRecipe:
         k = self.gen_top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"gen_top_k must be None or an int >= 1, got {k!r}")
-        for name in ("pivoted", "heal_pivoted"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool_fields(self, "pivoted", "heal_pivoted")
         if self.heal_pivoted and not self.pivoted:
             raise ValueError("heal_pivoted fixes the gauge of pivoted layers before healing: "
                              "it needs pivoted=True")

@@ -58,6 +58,7 @@ from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.compress.text import check_texts
 from tnlm.core.budget import check_fraction
+from tnlm.core.validation import check_bool_fields
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices
 from tnlm.integration.surgery import Swap
@@ -112,9 +113,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        for name in ("pivoted", "sequential", "whiten"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool_fields(self, "pivoted", "sequential", "whiten")
         for name in ("probe_size", "reconstruct_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -13,7 +13,7 @@ from tnlm.core import backend as B
 
 __all__ = ["MAX_SEED", "MAX_SITES", "all_finite", "check_core", "check_matrix", "check_seed",
            "check_shape", "check_site_index", "check_positive_int", "check_n_sites",
-           "check_number"]
+           "check_number", "check_bool_fields"]
 
 #: the most sites an MPO may have: every site factor is >= 2 for a balanced
 #: factorization, so more sites than this would need a dimension above 2**64
@@ -111,6 +111,15 @@ def check_number(value: Any, name: str, *, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def check_bool_fields(obj: Any, *names: str) -> None:
+    """``ValueError`` naming the first of ``names`` whose attribute of ``obj`` (a config's
+    field) is not a ``bool``: ``"no"``, ``0`` or ``None`` would be taken by truth value."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def check_n_sites(value: Any, name: str = "n_sites") -> int:

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from tnlm.core.budget import check_fraction
-from tnlm.core.validation import check_seed
+from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.config import MPOConfig
 
 __all__ = ["METHODS", "ALLOCATIONS", "OUTPUT_ERRORS", "LayerwiseConfig", "LayerwiseResult"]
@@ -110,9 +110,7 @@ class LayerwiseConfig:
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        for name in ("pivoted", "cross"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool_fields(self, "pivoted", "cross")
         r = self.ridge
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
                 math.isfinite(r) and r >= 0):
