@@ -18,6 +18,7 @@ from tnlm import MPO  # noqa: E402
 from tnlm.analysis import (  # noqa: E402
     error_vs_params,
     model_profile,
+    model_profile_from_rows,
     mpo_profile,
     plot_error_vs_params,
     plot_spectra,
@@ -106,6 +107,23 @@ def test_render_leaves_an_existing_file_as_it_was_when_dot_fails(tmp_path, fake_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "mpo.svg"]
 
 
+def test_render_takes_a_format_spelled_two_ways_writes_through_links_and_keeps_modes(
+        tmp_path, fake_dot):
+    import os
+
+    _, mpo = small_mpo()
+    assert render(mpo, tmp_path / "a.jpg", format="jpeg").read_text().startswith("FAKE jpeg")
+    assert render(mpo, tmp_path / "a.tif", format="tiff").read_text().startswith("FAKE tiff")
+    target = tmp_path / "drawing.svg"
+    target.write_text("old\n")
+    target.chmod(0o664)
+    link = tmp_path / "link.svg"
+    link.symlink_to(target)
+    render(mpo, link)
+    assert link.is_symlink() and target.read_text().startswith("FAKE svg")
+    assert os.stat(target).st_mode & 0o777 == 0o664
+
+
 # ------------------------------------------------------------------ plots
 def test_plot_spectra_draws_a_profile_read_back_from_json():
     _, mpo = small_mpo()
@@ -175,6 +193,9 @@ def test_model_profile_refuses_a_classifier_that_does_not_give_an_int_layer_and_
         model_profile(names, None, n_sites=3)
     mp = model_profile(names, lambda name: (np.int64(name.split(".")[1]), "Q"), n_sites=3)
     assert mp["layers"] == [2, 10] and mp["types"] == ["Q"]
+    # rows that carry their layer and type need no name
+    rows = [{k: v for k, v in r.items() if k != "name"} for r in mp["rows"]]
+    assert model_profile_from_rows(rows)["layers"] == [2, 10]
 
 
 # ------------------------------------------------------------------ core: spectra and sweeps

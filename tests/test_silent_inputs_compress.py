@@ -234,6 +234,25 @@ def test_weights_missing_outside_the_blocks_are_refused(tmp_path):
                                                    "lm_head.weight"]})
 
 
+def test_a_lightweight_task_checkpoint_loads_its_new_task_head(tmp_path):
+    """A task model loaded from a base checkpoint: its head (DistilBERT's pre_classifier
+    and classifier) is rightly missing from the base's files."""
+    import transformers
+
+    from tnlm.export import load_compressed
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    cfg = transformers.DistilBertConfig(vocab_size=96, dim=32, n_layers=1, n_heads=4,
+                                        hidden_dim=64, max_position_embeddings=32)
+    transformers.DistilBertModel(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.DistilBertForSequenceClassification.from_pretrained(
+        tmp_path / "base", num_labels=2)
+    mpo = get_mpo_model(model, MPOConfig(target_modules=["q_lin"], n_sites=2), progress=False)
+    mpo.save_pretrained(tmp_path / "light", lightweight=True)
+    loaded = load_compressed(tmp_path / "light", base=tmp_path / "base")
+    assert type(loaded.base_model).__name__ == "DistilBertForSequenceClassification"
+
+
 def test_cli_refuses_an_encoder_whose_block_weights_are_missing(model_dir, text_file,  # noqa: F811
                                                                 tmp_path, capsys):
     import shutil

@@ -61,17 +61,25 @@ def to_dot(mpo: MPO, name: str = "MPO") -> str:
     return "\n".join(lines) + "\n"
 
 
+#: graphviz formats spelled two ways (the suffix and ``format=`` may use either)
+_SAME_FORMAT = {"jpg": "jpeg", "jpe": "jpeg", "tif": "tiff", "gv": "dot"}
+
+
 def _render_format(path: Path, format: str | None, formats: frozenset[str]) -> str:
     """The output format of :func:`render`: ``format`` if given, else the one ``path``'s
     suffix names (``svg`` without a suffix); a suffix naming another format is refused."""
     suffix = path.suffix.lower().removeprefix(".")
+
+    def same(a: str, b: str) -> bool:
+        return _SAME_FORMAT.get(a, a) == _SAME_FORMAT.get(b, b)
+
     if format is not None:
         if not isinstance(format, str):
             raise TypeError(f"format must be a str such as 'svg', got {format!r}")
         if format.lower() not in formats:
             raise ValueError(f"format must be a graphviz output format such as 'svg', 'png' "
                              f"or 'pdf', got {format!r}")
-        if suffix in formats and suffix != format.lower():
+        if suffix in formats and not same(suffix, format.lower()):
             raise ValueError(f"path {str(path)!r} names format {suffix!r} but format is "
                              f"{format!r}: the file would hold {format} under a .{suffix} "
                              f"name (drop format= or change the suffix)")
@@ -91,8 +99,11 @@ def render(mpo: MPO, path: str | Path, format: str | None = None) -> Path:
     (``"mpo.png"`` gives a PNG; ``svg`` for a path without a suffix). The file is
     rendered in a temporary folder beside ``path`` and renamed over it: nothing else
     beside ``path`` is written, and a failed render leaves an existing ``path`` as it was.
+    A symbolic link at ``path`` is written through (its target is replaced), and an
+    existing file keeps its permissions.
 
     Raises:
+        TypeError: ``format`` is not a str.
         ValueError: ``format`` is not a graphviz output format, or differs from the one
             the suffix of ``path`` names, or the suffix names no format (before rendering).
         RuntimeError: if the graphviz ``dot`` program (or the ``graphviz`` python
@@ -111,12 +122,16 @@ def render(mpo: MPO, path: str | Path, format: str | None = None) -> Path:
         raise RuntimeError(f"rendering needs the graphviz python package: {hint}") from err
     path = Path(path)
     fmt = _render_format(path, format, frozenset(graphviz.FORMATS))
+    if path.is_symlink():  # write through the link, as writing the file in place did
+        path = path.resolve()
     source = to_dot(mpo)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         out = graphviz.Source(source).render(staging / "source.gv", outfile=staging / f"out.{fmt}",
                                              format=fmt, cleanup=True)
+        if path.is_file():
+            shutil.copymode(path, out)
         os.replace(out, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -387,9 +387,10 @@ def model_profile_from_rows(
         raise ValueError("rows is empty")
     for r in rows:
         if "layer" not in r or "type" not in r:
-            r["layer"], r["type"] = _classified(classify(r["name"] or ""), r["name"] or "")
+            name = r.get("name") or ""
+            r["layer"], r["type"] = _classified(classify(name), name)
         else:
-            r["layer"], r["type"] = _classified((r["layer"], r["type"]), r["name"] or "")
+            r["layer"], r["type"] = _classified((r["layer"], r["type"]), r.get("name") or "")
     ints = sorted({r["layer"] for r in rows if r["layer"] is not None})
     layers = ([None] if any(r["layer"] is None for r in rows) else []) + ints
     present = {r["type"] for r in rows}

@@ -204,9 +204,12 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         why = ("keep_sentence_files=True keeps the folder's own" if keep_sentence_files else
                f"{type(model.base_model).__name__} is a causal LM" if generates else
                "tokenizer=None" if tokenizer is None else "sentence_transformers=False")
+        fix = (" (with a tokenizer)" if tokenizer is None else "") if not (
+            keep_sentence_files or generates) else None
         raise ValueError(f"max_seq_length={max_seq_length!r} is the sentence-transformers "
                          f"truncation length, but no sentence-transformers files are written "
-                         f"({why}): leave it out, or pass sentence_transformers=True")
+                         f"({why}): leave it out"
+                         + ("" if fix is None else f", or pass sentence_transformers=True{fix}"))
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from
@@ -346,7 +349,7 @@ def load_compressed(folder: str | os.PathLike, base: str | os.PathLike | None = 
             raise ValueError(f"{d} is a lightweight task checkpoint: it needs its base model "
                              f"({light.get('base_model_name_or_path')!r}); pass base=FOLDER")
         model, info = cls.from_pretrained(str(source), output_loading_info=True)
-        check_block_weights(source, info)
+        check_block_weights(source, info, model)  # its task head is new: allowed
     else:
         model = cls._from_config(config)
     if (d / "generation_config.json").is_file() and can_generate(model):

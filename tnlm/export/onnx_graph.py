@@ -623,7 +623,8 @@ class OnnxEncoder:
 
         Raises:
             TypeError: ``sentences`` is one string (each of its characters would be a
-                sentence: pass ``[text]``), or ``batch_size`` is not an int >= 1.
+                sentence: pass ``[text]``), or ``batch_size`` is not an int.
+            ValueError: ``batch_size`` < 1.
         """
         if isinstance(sentences, (str, bytes)):
             raise TypeError(f"sentences must be a list of strings, got one string "

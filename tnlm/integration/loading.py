@@ -231,19 +231,26 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
 
 
 #: components of a weight's name that transformers may rightly add new (random) at loading:
-#: poolers and task heads, which a model's files need not hold
-NEW_HEADS = frozenset({"pooler", "classifier", "score", "qa_outputs"})
+#: poolers and task heads, which a model's files need not hold (the loaded model's own
+#: task heads, :func:`tnlm.integration.peft.task_heads`, are allowed too)
+NEW_HEADS = frozenset({"pooler", "classifier", "pre_classifier", "classification_head",
+                       "score", "qa_outputs"})
 
 
-def check_block_weights(source: object, info: dict[str, Any]) -> None:
+def check_block_weights(source: object, info: dict[str, Any], model: Any = None) -> None:
     """Raise ``ValueError`` naming ``source`` if transformers' loading ``info``
     (``from_pretrained(..., output_loading_info=True)``) lists missing weights of the
     model: transformers draws them at random and only warns. Refused: the numbered
     blocks' weights, and the embeddings, final norm and an untied language-model head
-    (a head tied to the embeddings is never listed). A pooler or a task head
-    (:data:`NEW_HEADS`) may be new."""
+    (a head tied to the embeddings is never listed). A pooler or a task head may be new:
+    :data:`NEW_HEADS`, and the task heads of ``model`` (the model loaded) when given."""
+    allowed = NEW_HEADS
+    if model is not None:
+        from tnlm.integration.peft import task_heads
+
+        allowed = allowed | set(task_heads(model))
     missing = sorted(k for k in info.get("missing_keys", ())
-                     if not NEW_HEADS.intersection(k.split(".")))
+                     if not allowed.intersection(k.split(".")))
     if not missing:
         return
     blocks = [k for k in missing if re.search(r"\.\d+\.", k)]
