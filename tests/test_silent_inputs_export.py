@@ -264,3 +264,25 @@ def test_save_self_contained_refuses_non_bool_flags_and_an_unused_max_seq_length
     assert json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
     plain = save_self_contained(model, tok, tmp_path / "plain", sentence_transformers=False)
     assert not (plain / "modules.json").exists()
+
+
+def test_an_export_that_fails_leaves_an_existing_graph_as_it_was(tok, tmp_path, monkeypatch):
+    """The exporter wrote straight into ``path``: an export that failed while writing left
+    half a file where the previous graph was. It now writes beside it and renames."""
+    from tnlm.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(tiny_bert(), tok, path)
+    before = path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+    def broken(graph, args, f, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half a graph")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        export_onnx(tiny_bert(), tok, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

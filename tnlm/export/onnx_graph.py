@@ -22,6 +22,7 @@ import inspect
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -280,22 +281,38 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
     ``_EXTERNAL_BYTES``; the exporter quiet unless ``verbose``; node metadata cleared
     unless ``trace_metadata``; with ``fuse`` and the weights inside the file, the
     MatMuls that share their input fused, :func:`~tnlm.export.fuse.fuse_shared_matmuls`).
-    Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``."""
+    Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``.
+
+    A graph with its weights inside is written to a temporary file beside ``path`` and
+    renamed over it: an export that fails leaves an existing ``path`` as it was. One with
+    external data is written in place (the data file is named after the graph's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     before = named_data(path)
     external = factorized_params(model) * 4 > _EXTERNAL_BYTES
+    if external:
+        target = path
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
+        os.close(fd)
+        target = Path(name)
     quiet = contextlib.nullcontext() if verbose else _quiet()
-    with quiet, torch.no_grad():
-        torch.onnx.export(graph, args, str(path), dynamo=True, opset_version=opset,
-                          input_names=inputs, output_names=outputs,
-                          dynamic_shapes=shapes, external_data=external)
-    chains = sum(isinstance(m, PivotedChain) for m in model.modules())
-    _rewrite(path, strip=not trace_metadata, props={GAUGE_FIXED_KEY: str(chains)})
-    if fuse and external:
-        warnings.warn(f"fuse: {path} keeps its weights in external data (over "
-                      f"{_EXTERNAL_BYTES / 1e9:.1f} GB), which fuse_shared_matmuls does not "
-                      "rewrite: written unfused", stacklevel=3)
-    fused = fuse_shared_matmuls(path) if fuse and not external else 0
+    try:
+        with quiet, torch.no_grad():
+            torch.onnx.export(graph, args, str(target), dynamo=True, opset_version=opset,
+                              input_names=inputs, output_names=outputs,
+                              dynamic_shapes=shapes, external_data=external)
+        chains = sum(isinstance(m, PivotedChain) for m in model.modules())
+        _rewrite(target, strip=not trace_metadata, props={GAUGE_FIXED_KEY: str(chains)})
+        if fuse and external:
+            warnings.warn(f"fuse: {path} keeps its weights in external data (over "
+                          f"{_EXTERNAL_BYTES / 1e9:.1f} GB), which fuse_shared_matmuls does "
+                          "not rewrite: written unfused", stacklevel=3)
+        fused = fuse_shared_matmuls(target) if fuse and not external else 0
+        if target != path:
+            os.replace(target, path)
+    finally:
+        if target != path:
+            target.unlink(missing_ok=True)
     remove_orphaned_data(path, before)  # an earlier export's data, named by no file now
     return path.stat().st_size + sum(f.stat().st_size for f in external_files(path)), fused
 
