@@ -24,6 +24,7 @@ import numpy as np
 from tnlm.core import backend as B
 from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spectra import tail_sums
+from tnlm.core.validation import check_site_index
 
 Tensor = B.Tensor
 
@@ -66,22 +67,10 @@ def _to_np64(s: Tensor) -> np.ndarray:
     return B.to_numpy(s).astype(np.float64)
 
 
-def _site(value: int, cores: list[Tensor], name: str) -> int:
-    """``value`` as a site of the chain, ``0 <= value < len(cores)``: no negative index
-    (``center=-1`` would send site 0's weight around to the last core), else a
-    ``TypeError``/``ValueError`` naming ``name``."""
-    n = len(cores)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not 0 <= value < n:
-        raise ValueError(f"{name} must be a site of the {n}-site chain, in [0, {n}), got {value}")
-    return int(value)
-
-
 def left_orthogonalize(cores: list[Tensor], upto: int) -> list[Tensor]:
     """QR sweep making sites ``0 .. upto-1`` left-isometries; the weight moves to ``upto``."""
     cores = list(cores)
-    upto = _site(upto, cores, "upto")
+    upto = check_site_index(upto, len(cores), "upto", negative=False)
     for k in range(upto):
         d0, i, j, _ = cores[k].shape
         q, r = B.qr(_left_matrix(cores[k]))
@@ -93,7 +82,7 @@ def left_orthogonalize(cores: list[Tensor], upto: int) -> list[Tensor]:
 def right_orthogonalize(cores: list[Tensor], downto: int) -> list[Tensor]:
     """RQ sweep making sites ``downto+1 .. n-1`` right-isometries; weight moves to ``downto``."""
     cores = list(cores)
-    downto = _site(downto, cores, "downto")
+    downto = check_site_index(downto, len(cores), "downto", negative=False)
     for k in range(len(cores) - 1, downto, -1):
         _, i, j, d1 = cores[k].shape
         r, q = B.rq(_right_matrix(cores[k]))
@@ -110,14 +99,14 @@ def canonicalize(cores: list[Tensor], center: int) -> list[Tensor]:
     matrix stays the same to rounding.
     """
     cores = list(cores)
-    center = _site(center, cores, "center")
+    center = check_site_index(center, len(cores), "center", negative=False)
     return right_orthogonalize(left_orthogonalize(cores, center), center)
 
 
 def is_canonical(cores: list[Tensor], center: int, tol: float) -> bool:
     """True if sites < center are left- and sites > center right-isometries (to ``tol``)."""
     cores = list(cores)
-    center = _site(center, cores, "center")
+    center = check_site_index(center, len(cores), "center", negative=False)
     for k, core in enumerate(cores):
         if k == center:
             continue

@@ -142,10 +142,14 @@ def check_shape(shape: Any, name: str) -> tuple[int, ...]:
     return tuple(check_positive_int(d, f"{name}[{k}]") for k, d in enumerate(shape))
 
 
-def check_site_index(index: Any, n: int, name: str) -> int:
-    """An index in ``range(n)`` (negative indices count from the end)."""
+def check_site_index(index: Any, n: int, name: str, *, negative: bool = True) -> int:
+    """An index in ``range(n)`` (negative indices count from the end; with
+    ``negative=False`` they are refused: a sweep's ``-1`` would wrap around the chain)."""
     if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {index!r}")
+    if not negative and not 0 <= index < n:
+        raise ValueError(f"{name} must be a site of the {n}-site chain, in [0, {n}), "
+                         f"got {index}")
     if not -n <= index < n:
         raise ValueError(f"{name} must be in [0, {n}), got {index}")
     return int(index) % n
