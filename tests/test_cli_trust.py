@@ -15,7 +15,8 @@ from transformers import BertModel
 
 from tnlm.cli import main
 from tnlm.compress import distill
-from tnlm.compress.distill import HealConfig, heal, read_heal_state
+from tnlm.compress.distill import HealConfig, heal
+from tnlm.compress.heal_state import read_heal_state
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.integration.architectures import default_targets
 

@@ -17,7 +17,7 @@ from experiments import heal_terms as ht
 from tests.common import SHORT_WORDS as WORDS
 from tests.common import one_thread  # noqa: F401  (module-scoped autouse fixture)
 from tnlm.bridge import MPOLinear, MPOModule, weight_xw
-from tnlm.compress import distill
+from tnlm.compress import distill, heal_state
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer, output_error, whitening_factor
 from tnlm.compress.distill import HealConfig, heal
@@ -1013,8 +1013,8 @@ def test_attention_relations_cover_every_call_of_a_shared_albert_layer():
 
 def test_heal_settings_record_the_term():
     teacher = bert(seed=3)
-    plain = distill.heal_settings(HealConfig(), ["a b ."], teacher)
-    twins = distill.heal_settings(HealConfig(term=ht.TwinTerm(2)), ["a b ."], teacher)
+    plain = heal_state.heal_settings(HealConfig(), ["a b ."], teacher)
+    twins = heal_state.heal_settings(HealConfig(term=ht.TwinTerm(2)), ["a b ."], teacher)
     assert plain["term"] is None
     assert twins["term"] == {"name": "TwinTerm", "twins": 2, "twin_words": 0.15, "w_twin": 10.0}
     assert {k: v for k, v in twins.items() if k != "term"} == \

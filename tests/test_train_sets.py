@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from tnlm.bridge import TRAIN_SETS, MPOModule, mpo_modules, select_parameters, set_trainable
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train
-from tnlm.compress import causal, distill
+from tnlm.compress import causal, distill, heal_state
 from tnlm.compress.causal import CausalHealConfig
 from tnlm.compress.distill import HealConfig
 from tnlm.compress.encoder import EncoderRecipe
@@ -281,13 +281,13 @@ def test_cli_heal_train_refuses_the_former_names(capsys):
 def test_a_healing_state_saved_under_a_former_name_resumes_under_the_new_one(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"param.x": torch.zeros(1)}, str(tmp_path / distill.STATE_TENSORS))
+    save_file({"param.x": torch.zeros(1)}, str(tmp_path / heal_state.STATE_TENSORS))
     saved = {"steps": 10, "lr": 5e-4, "train": "all"}
-    (tmp_path / distill.STATE_FILE).write_text(json.dumps(
+    (tmp_path / heal_state.STATE_FILE).write_text(json.dumps(
         {"step": 2, "losses": [1.0, 0.5], "settings": saved}))
-    assert distill.check_resumable(tmp_path, dict(saved, train="cores+linears")) == 2
+    assert heal_state.check_resumable(tmp_path, dict(saved, train="cores+linears")) == 2
     with pytest.raises(ValueError, match="train: 'cores\\+linears' there, 'cores' now"):
-        distill.check_resumable(tmp_path, dict(saved, train="cores"))
+        heal_state.check_resumable(tmp_path, dict(saved, train="cores"))
 
 
 def test_a_healing_state_saved_with_the_former_term_fields_resumes_when_all_were_off(tmp_path):
@@ -296,16 +296,16 @@ def test_a_healing_state_saved_with_the_former_term_fields_resumes_when_all_were
     refused, naming ``term``."""
     from safetensors.torch import save_file
 
-    save_file({"param.x": torch.zeros(1)}, str(tmp_path / distill.STATE_TENSORS))
+    save_file({"param.x": torch.zeros(1)}, str(tmp_path / heal_state.STATE_TENSORS))
     now = {"steps": 10, "lr": 5e-4, "train": "cores+linears", "term": None}
     former = {"w_rel": 0.0, "neighbours": False, "twins": 0, "twin_words": 0.15,
               "w_twin": 10.0, "w_attn": 0.0, "attn_relations": ["qk"]}
     for extra, ok in ((former, True), (dict(former, twins=4), False)):
         saved = dict({k: v for k, v in now.items() if k != "term"}, train="all", **extra)
-        (tmp_path / distill.STATE_FILE).write_text(json.dumps(
+        (tmp_path / heal_state.STATE_FILE).write_text(json.dumps(
             {"step": 2, "losses": [1.0, 0.5], "settings": saved}))
         if ok:
-            assert distill.check_resumable(tmp_path, now) == 2
+            assert heal_state.check_resumable(tmp_path, now) == 2
         else:
             with pytest.raises(ValueError, match="term: None there|twins"):
-                distill.check_resumable(tmp_path, now)
+                heal_state.check_resumable(tmp_path, now)

@@ -28,7 +28,7 @@ __all__ = ["cmd_compress"]
 
 def _drop_heal_state(folder: Path) -> None:
     """Remove a healing checkpoint (its two files, then the folder if it is empty)."""
-    from tnlm.compress.distill import STATE_FILE, STATE_TENSORS
+    from tnlm.compress.heal_state import STATE_FILE, STATE_TENSORS
 
     for name in (STATE_FILE, STATE_TENSORS):
         (folder / name).unlink(missing_ok=True)
@@ -77,8 +77,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     discarded with a notice without --resume, removed once the model is saved.
     """
 
-    from tnlm.compress.distill import STATE_FILE
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe, split_text
+    from tnlm.compress.heal_state import STATE_FILE
     from tnlm.compress.quality import read_sick
 
     if args.text is not None and not args.text.strip():
@@ -202,8 +202,8 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from tnlm.compress.distill import STATE_FILE, check_resumable, heal_settings
     from tnlm.compress.encoder import compress_encoder
+    from tnlm.compress.heal_state import STATE_FILE, check_resumable, heal_settings
     from tnlm.compress.pipeline import check_budget, run_context
     from tnlm.integration import format_report
     from tnlm.integration.io import CONFIG_NAME

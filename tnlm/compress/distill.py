@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
-import json
 import math
 import random
 import time
@@ -63,22 +61,22 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
+from tnlm.compress.heal_state import (
+    STATE_FILE,
+    heal_settings,
+    load_heal_state,
+    save_heal_state,
+)
 from tnlm.compress.snapshot import ParameterSnapshot
 from tnlm.compress.text import check_texts
 from tnlm.core.validation import check_bool_fields, check_seed
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
-           "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch",
-           "heal_settings", "read_heal_state", "check_resumable",
-           "STATE_FILE", "BLOWUP_WINDOW"]
+           "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch", "BLOWUP_WINDOW"]
 
 
 #: what healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`
 TRAIN_CHOICES = ("cores", "cores-central", "cores+linears")
-#: the healing checkpoint's JSON (step, losses, settings) and tensors, in ``checkpoint_dir``
-STATE_FILE, STATE_TENSORS = "heal_state.json", "heal_state.safetensors"
-#: the key of the tensors file's header metadata that holds the state it belongs to
-STATE_KEY = "tnlm_heal_state"
 #: losses averaged for the blow-up test (``HealConfig.max_loss_ratio``)
 BLOWUP_WINDOW = 10
 #: the first loss counts as at least this much in the blow-up test: a student that starts
@@ -357,198 +355,6 @@ def rank_share(draw: Sequence[int], rank: int, world: int, group: int = 1) -> li
         draw[:group])
 
 
-#: HealConfig fields that do not change what healing computes
-_NOT_SETTINGS = ("checkpoint_dir", "checkpoint_every")
-
-
-def _digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def heal_settings(config: HealConfig, sentences: Sequence[str], teacher: nn.Module,
-                  context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a healing run's result depends on, as JSON values: the :class:`HealConfig`
-    fields (not where or how often it checkpoints; the term's :meth:`HealTerm.settings`),
-    the number of sentences and a hash of
-    them (as :func:`heal` keeps them: non-empty strings), a hash of the teacher's state and
-    the caller's ``context`` (e.g. the budget that made the student). Stored in every
-    checkpoint; :func:`heal` resumes only from a checkpoint with the same settings."""
-    kept = [s for s in sentences if isinstance(s, str) and s.strip()]
-    cfg = {f: getattr(config, f) for f in config.__dataclass_fields__ if f not in _NOT_SETTINGS}
-    cfg["term"] = config.term.settings() if config.term is not None else None
-    out = dict(cfg, sentences=len(kept),
-               text_sha256=hashlib.sha256(json.dumps(kept).encode()).hexdigest(),
-               teacher_sha256=_digest(teacher), context=context or {})
-    return json.loads(json.dumps(out))  # tuples as lists, as read back
-
-
-def read_heal_state(directory: str | Path, steps: int | None = None) -> dict[str, Any]:
-    """The parsed :data:`STATE_FILE` of a healing checkpoint folder, checked: a JSON object
-    with ``step`` an int in [0, ``steps``] and ``losses`` a list of ``step`` numbers, beside
-    a :data:`STATE_TENSORS` file whose header reads. Where that header holds its own copy
-    of the state (:data:`STATE_KEY`, written since the tensors carry it), that copy is
-    returned, checked alike and with the same settings: it is the state of the tensors on
-    disk, where the JSON may be one save behind.
-
-    Raises:
-        FileNotFoundError: no state file; ValueError: anything else wrong, naming the file.
-    """
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no healing state: {path} does not exist")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"healing state {path} is corrupt (not JSON: {err})") from None
-    top = steps if steps is not None else math.inf
-
-    def checked(state: Any, where: Path) -> dict[str, Any]:
-        if not isinstance(state, dict):
-            raise ValueError(f"healing state {where} is corrupt (not a JSON object)")
-        step, losses = state.get("step"), state.get("losses")
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= top:
-            raise ValueError(f"healing state {where} is corrupt: step {step!r} is not an int "
-                             f"in [0, {top}] (the run's healing steps)")
-        if not isinstance(losses, list) or len(losses) != step or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) for v in losses):
-            raise ValueError(f"healing state {where} is corrupt: losses must be a list of "
-                             f"{step} numbers")
-        return state
-
-    meta = checked(meta, path)
-    tensors = Path(directory) / STATE_TENSORS
-    if not tensors.is_file():
-        raise ValueError(f"healing state {path} has no {STATE_TENSORS} beside it")
-    from safetensors import safe_open
-
-    try:  # the header only: cheap, and a resume is refused before any work
-        with safe_open(str(tensors), "pt") as f:
-            f.keys()
-            header = (f.metadata() or {}).get(STATE_KEY)
-        own = None if header is None else json.loads(header)
-    except Exception as err:  # safetensors' own error types, or the header's JSON
-        raise ValueError(f"healing state {tensors} is corrupt ({err})") from None
-    if own is None:  # written before the state rode in the tensors' header
-        return meta
-    # the tensors' own state: the JSON beside them may be one save behind (a process
-    # killed between the two renames), never of another run
-    own = checked(own, tensors)
-    if own.get("settings") != meta.get("settings"):
-        raise ValueError(f"healing state {tensors} was written with other settings than "
-                         f"{path} records: remove the folder")
-    return own
-
-
-#: settings a healing state recorded before the screened loss terms moved to
-#: ``experiments/heal_terms.py``, at the values that switched them off
-_FORMER_TERMS = {"w_rel": 0.0, "neighbours": False, "twins": 0, "twin_words": 0.15,
-                 "w_twin": 10.0, "w_attn": 0.0, "attn_relations": ["qk"]}
-
-
-def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
-    """The step the healing state in ``directory`` resumes from, after checking that it was
-    made with ``settings`` (:func:`heal_settings`).
-
-    A state recorded before healing's sets were renamed is read with their new names
-    (``train="all"`` as ``"cores+linears"``, ``"auxiliary"`` as ``"cores-central"``:
-    :data:`~tnlm.bridge.finetune.HEALING_RENAMED`; in a healing state those words can
-    only mean those sets), so it resumes under the new spelling and is refused under any
-    other, as for every setting. Where the set itself grew (norm layers other than
-    ``nn.LayerNorm``, ``Conv1D`` layers), the saved tensors do not cover it and the
-    resume is refused when they are loaded, naming the first missing parameter. A state
-    recorded before the screened loss terms left the library resumes as ``term=None`` when
-    every one of them was off; with one on it is refused (``term`` differs).
-
-    Raises:
-        FileNotFoundError: no state; ValueError: a corrupt state or other settings, naming
-        the file and every setting that differs.
-    """
-    meta = read_heal_state(directory, settings.get("steps"))
-    path = Path(directory) / STATE_FILE
-    saved = meta.get("settings")
-    if not isinstance(saved, dict):
-        raise ValueError(f"healing state {path} records no settings (an older tnlm wrote "
-                         f"it): it cannot be checked, so it is not resumed; remove it")
-    if saved.get("train") in HEALING_RENAMED:  # written before the rename: the same set
-        saved = dict(saved, train=HEALING_RENAMED[saved["train"]])
-    if "term" not in saved and all(saved.get(k, v) == v for k, v in _FORMER_TERMS.items()):
-        # written before the screened terms left the library, none of them on: no term
-        saved = {k: v for k, v in saved.items() if k not in _FORMER_TERMS}
-        saved["term"] = None
-    keys = sorted(set(saved) | set(settings))
-    diff = [k for k in keys if saved.get(k) != settings.get(k)]
-    if diff:
-        def show(v: Any) -> str:
-            return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else repr(v)
-        parts = []
-        for k in diff:
-            a, b = saved.get(k), settings.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):
-                parts += [f"{k}.{j}: {show(a.get(j))} there, {show(b.get(j))} now"
-                          for j in sorted(set(a) | set(b)) if a.get(j) != b.get(j)]
-            else:
-                parts.append(f"{k}: {show(a)} there, {show(b)} now")
-        raise ValueError(f"healing state {path} was made with other settings ("
-                         + "; ".join(parts) + ")")
-    return int(meta["step"])
-
-
-def _save_checkpoint(d: Path, step: int, params, opt: torch.optim.Optimizer,
-                     losses: list[float], settings: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    from tnlm.integration.io import atomic_write
-
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in params}
-    for i, (_, p) in enumerate(params):
-        st = opt.state.get(p, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                tensors[f"opt.{i}.{k}"] = st[k].contiguous()
-        if "step" in st:
-            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
-    state = json.dumps({"step": step, "losses": losses, "settings": settings})
-    # the state rides in the tensors' header too: a process killed between the two renames
-    # leaves tensors whose own header says which step they are (the JSON: a readable copy)
-    atomic_write(d / STATE_TENSORS, lambda t: save_file(tensors, str(t),
-                                                        metadata={STATE_KEY: state}))
-    atomic_write(d / STATE_FILE, lambda t: t.write_text(state))
-
-
-@torch.no_grad()
-def _load_checkpoint(d: Path, params, opt: torch.optim.Optimizer,
-                     settings: dict[str, Any]) -> tuple[int, list[float]]:
-    from safetensors.torch import load_file
-
-    check_resumable(d, settings)
-    meta = read_heal_state(d, settings["steps"])  # the tensors' own step where recorded
-    try:
-        tensors = load_file(str(d / STATE_TENSORS))
-    except Exception as err:  # safetensors' own error types
-        raise ValueError(f"healing state {d / STATE_TENSORS} is corrupt ({err})") from None
-    for i, (n, p) in enumerate(params):
-        key = f"param.{n}"
-        if key not in tensors or tensors[key].shape != p.shape:
-            raise ValueError(f"healing state {d / STATE_TENSORS} does not match this student "
-                             f"({n})")
-        p.copy_(tensors[key])
-        if f"opt.{i}.exp_avg" in tensors:
-            opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                            "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
-                            "step": tensors[f"opt.{i}.step"].reshape(()).float()}
-    return int(meta["step"]), list(meta["losses"])
-
-
 def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequence[str],
          config: HealConfig | None = None, *, progress: bool = True,
          context: dict[str, Any] | None = None) -> HealResult:
@@ -604,7 +410,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
     settings = heal_settings(cfg, sentences, teacher, context) if ckpt is not None else {}
     start = 0
     if ckpt is not None and (ckpt / STATE_FILE).exists():
-        start, res.losses = _load_checkpoint(ckpt, params, opt, settings)
+        start, res.losses = load_heal_state(ckpt, params, opt, settings)
         for _ in range(start):
             sched.step()
         res.resumed_from = start
@@ -693,7 +499,7 @@ def heal(student: nn.Module, teacher: nn.Module, tokenizer: Any, sentences: Sequ
             bar.set_postfix(loss=f"{value:.4f}")
             if ckpt is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0
                                                    or step + 1 == steps):
-                _save_checkpoint(ckpt, step + 1, params, opt, res.losses, settings)
+                save_heal_state(ckpt, step + 1, params, opt, res.losses, settings)
                 saved = step + 1
     finally:
         del loss_of  # DDP's hooks on the parameters go with it

@@ -227,7 +227,7 @@ def run_context(config: CompressionConfig,
                 calibration: Sequence[str] | None = None) -> dict[str, Any]:
     """What decides the student healing starts from, besides the healing settings, the text
     and the teacher: recorded in the healing checkpoint
-    (:func:`tnlm.compress.distill.heal_settings`), so that resuming with another budget,
+    (:func:`tnlm.compress.heal_state.heal_settings`), so that resuming with another budget,
     allocation, calibration text ... is refused. ``calibration``: the sentences the
     truncation was measured on (their count and a hash of them, as :func:`compress_model`
     keeps them: non-empty strings)."""
