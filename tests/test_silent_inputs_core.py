@@ -3,6 +3,7 @@ late with an obscure error): each is now refused early, naming the argument and 
 expected, or gives the correct result."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -437,3 +438,362 @@ def test_pivoted_rank_for_fraction_refuses_dims_below_one(in_dim, out_dim, error
     with pytest.raises(error, match=match):
         pivoted_rank_for_fraction(in_dim, out_dim, 0.5)
     assert pivoted_rank_for_fraction(64, 64, 0.5) >= 1
+
+
+# ------------------------------------------------------------------ 13. a core replaced directly
+def contract_layer():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(16, 12), n_sites=2)
+    layer.mode = "contract"
+    return layer
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 4, 3, 1), r"cores\[1\] has left bond 1 \(shape \(1, 4, 3, 1\)\); expected 12, the right "
+                   r"bond of cores\[0\]"),
+    ((12, 2, 3, 1), r"cores\[1\] has site legs \(i, j\) = \(2, 3\) .*expected \(4, 3\)"),
+    ((12, 4, 3, 2), r"cores\[1\] has right bond 2 .*the boundary bond must be 1"),
+])
+def test_a_core_replaced_by_one_of_another_shape_is_checked_when_the_layer_replans(shape, match):
+    layer = contract_layer()
+    assert layer.core_shapes == ((1, 4, 4, 12), (12, 4, 3, 1))
+    layer.cores[1] = nn.Parameter(torch.randn(shape))
+    with pytest.raises(ValueError, match=match):
+        layer(torch.randn(5, 16))
+    with pytest.raises(ValueError, match=match):
+        layer.dense_matrix()
+
+
+def test_a_core_replaced_by_a_chained_one_is_replanned():
+    layer = contract_layer()
+    new = [layer.cores[0].detach()[..., :5].clone(), torch.randn(5, 4, 3, 1)]
+    layer.cores[0], layer.cores[1] = nn.Parameter(new[0]), nn.Parameter(new[1])
+    x = torch.randn(5, 16)
+    ref = MPOLinear(new, layer.bias.detach())
+    torch.testing.assert_close(layer(x), ref(x))
+    assert layer.core_shapes == ((1, 4, 4, 5), (5, 4, 3, 1))
+
+
+@pytest.mark.parametrize("shapes, error, match", [
+    (((1, 4, 4, 8), (1, 4, 3, 1)), ValueError, r"core_shapes\[1\] has left bond 1 .*expected 8"),
+    (((2, 4, 4, 1),), ValueError, r"core_shapes\[0\] has left bond 2"),
+    (((1, 4, 4),), ValueError, r"core_shapes\[0\] must be 4-d"),
+    (((1, 4.0, 4, 1),), TypeError, r"core_shapes\[0\]\[1\] must be an int"),
+    (((1, 0, 4, 1),), ValueError, r"core_shapes\[0\]\[1\] must be >= 1"),
+    ((), ValueError, "core_shapes must hold at least one core shape"),
+])
+def test_chain_plans_refuse_cores_that_do_not_chain(shapes, error, match):
+    from tnlm.core.plan import ChainPlans, chain_plans
+    for build in (chain_plans, ChainPlans):
+        with pytest.raises(error, match=match):
+            build(shapes)
+    assert chain_plans(((1, 4, 4, 8), (8, 4, 3, 1))).in_size == 16
+
+
+# ------------------------------------------------------------------ 14. tied tables, extra, mpo_lr
+def test_cores_plus_linears_leaves_out_a_table_tied_to_a_linear():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tnlm.bridge.finetune import select_parameters
+
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight  # tied
+    set_trainable(gpt, "cores+linears")
+    assert not gpt.transformer.wte.weight.requires_grad
+    assert gpt.transformer.h[0].attn.c_attn.weight.requires_grad  # a dense Conv1D trains
+    assert gpt.transformer.ln_f.weight.requires_grad
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10)
+    untied = nn.Sequential(emb, nn.LayerNorm(4), head)
+    assert {n for n, _ in select_parameters(untied, "cores+linears")} == {
+        "1.weight", "1.bias", "2.weight", "2.bias"}
+    head.weight = emb.weight
+    assert {n for n, _ in select_parameters(untied, "cores+linears")} == {
+        "1.weight", "1.bias", "2.bias"}
+
+
+def head_model():
+    model = nn.Sequential(low_rank_model(), nn.Linear(8, 2))
+    model.classifier = model[1]
+    return model
+
+
+def test_set_trainable_refuses_modules_to_save_outside_the_model():
+    import copy
+
+    model = head_model()
+    for call in (lambda e: set_trainable(model, "lightweight", extra=e),
+                 lambda e: train_lightweight(model, e)):
+        with pytest.raises(ValueError, match=r"extra\[0\] \(a Linear\) is not a module of the "
+                                             "model"):
+            call([copy.deepcopy(model).classifier])
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    set_trainable(model, "lightweight", extra=[model.classifier])
+    assert model.classifier.weight.requires_grad
+
+
+@pytest.mark.parametrize("train", ["cores", "cores-central", "cores+linears", "auxiliary", "all"])
+def test_set_trainable_refuses_extra_for_a_set_that_would_ignore_it(train):
+    model = head_model()
+    with pytest.raises(ValueError, match=r"extra .* is read by 'lightweight' only; "
+                                         f"'{re.escape(train)}' would ignore it"):
+        set_trainable(model, train, extra=[model.classifier])
+    assert all(p.requires_grad for p in model.parameters())
+    set_trainable(model, train, extra=[])  # no extra: the set as before
+
+
+@pytest.mark.parametrize("build", [make_optimizer, parameter_groups])
+def test_an_mpo_lr_no_parameter_takes_is_reported(build):
+    plain = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"mpo_lr=0\.01 is unused: the model has no trainable "
+                                         r"MPO core \(every parameter takes lr=0\.0001\)"):
+        build(plain, lr=1e-4, mpo_lr=1e-2)
+    frozen = low_rank_model()
+    for p in frozen.parameters():
+        p.requires_grad_(p.ndim == 1)  # biases only
+    with pytest.warns(UserWarning, match="mpo_lr=0.01 is unused"):
+        build(frozen, lr=1e-4, mpo_lr=1e-2)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(plain, lr=1e-4)  # no mpo_lr: nothing to say
+        build(low_rank_model(), lr=1e-4, mpo_lr=1e-2)  # the cores take it
+
+
+# ------------------------------------------------------------------ 15. LoRA on MPO layers
+def test_lora_config_for_mpo_refuses_a_lora_variant_before_any_training():
+    peft = pytest.importorskip("peft")
+    from tnlm.integration.peft import lora_config_for_mpo
+
+    with pytest.raises(ValueError, match="config asks for the LoRA variant use_dora, which "
+                                         "tnlm cannot merge into MPO layers"):
+        lora_config_for_mpo(peft.LoraConfig(target_modules=["q"], use_dora=True))
+    config = peft.LoraConfig(target_modules=["q"])
+    assert lora_config_for_mpo(config) is config
+
+
+class _QNet(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.q = MPOLinear.from_linear(nn.Linear(16, 12).to(dtype), n_sites=2)
+
+    def forward(self, x):
+        return self.q(x)
+
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type:UserWarning")
+def test_lora_merge_of_a_float64_layer_is_exact_in_float64():
+    peft = pytest.importorskip("peft")
+    from tnlm.integration.peft import lora_config_for_mpo
+
+    torch.manual_seed(0)
+    net = _QNet(torch.float64)
+    W = net.q.dense_matrix().detach().clone()  # (in, out), float64
+    bias = net.q.bias.detach().clone()
+    model = peft.get_peft_model(net, lora_config_for_mpo(
+        peft.LoraConfig(target_modules=["q"], r=2, init_lora_weights=False)))
+    lora = net.q
+    A, Bm = lora.lora_A["default"].weight.detach(), lora.lora_B["default"].weight.detach()
+    assert A.dtype == torch.float64
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        lora.merge()
+        after = model(x)
+    merged = lora.base_layer
+    assert merged.weight.dtype == torch.float64
+    expected = W.T + lora.scaling["default"] * (Bm @ A)
+    torch.testing.assert_close(merged.weight.detach(), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(merged.bias.detach(), bias, atol=0, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------ 16. plans on torch tensors
+def torch_mpo():
+    W = np.random.default_rng(0).standard_normal((16, 12))
+    return W, MPO.from_matrix(W, (4, 4), (3, 4), backend="pytorch")
+
+
+def test_a_plan_run_on_torch_refuses_a_leg_of_another_size():
+    W, mpo = torch_mpo()
+    plan = mpo.apply_plan(3)
+    with pytest.raises(ValueError, match=r"operand 2 has shape \(3, 1, 4\), but the plan of .* "
+                                         r"was made for \(3, 4, 4\)"):
+        plan(*mpo.cores, torch.randn(3, 1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"operand 2 has shape \(5, 4, 4\)"):
+        plan(*mpo.cores, torch.randn(5, 4, 4, dtype=torch.float64))  # planned for 3 rows only
+    with pytest.raises(ValueError, match=r"operand 0 has shape \(1, 4, 3\)"):
+        plan(mpo.cores[0][..., 0], *mpo.cores[1:], torch.randn(3, 4, 4, dtype=torch.float64))
+    x = np.random.default_rng(1).standard_normal((3, 16))
+    got = plan(*mpo.cores, torch.as_tensor(x).reshape(3, 4, 4)).reshape(3, 12)
+    np.testing.assert_allclose(got.numpy(), x @ W, atol=1e-12)
+
+
+def test_plans_reused_over_the_row_count_still_run_for_any_rows():
+    from tnlm.core.plan import apply_plan, gather_plan
+
+    W, mpo = torch_mpo()
+    shapes = tuple(tuple(c.shape) for c in mpo.cores)
+    plan = apply_plan(shapes, 3, (4, 4))
+    for rows in (1, 7, 40):  # the row index is free
+        x = torch.randn(rows, 16, dtype=torch.float64)
+        torch.testing.assert_close(plan(*mpo.cores, x.reshape(rows, 4, 4)).reshape(rows, 12),
+                                   x @ torch.as_tensor(W), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"any size in the row index"):
+        plan(*mpo.cores, torch.randn(7, 1, 4, dtype=torch.float64))
+    gather = gather_plan(shapes, 1)
+    idx = torch.tensor([[0, 3, 2], [1, 1, 0]])  # (sites, rows)
+    slices = [c[:, idx[k]].movedim(1, 0) for k, c in enumerate(mpo.cores)]
+    got = gather(*slices).reshape(3, 12)
+    torch.testing.assert_close(got, torch.as_tensor(W)[idx[0] * 4 + idx[1]], atol=1e-12, rtol=0)
+    cores = torch_cores()  # the layers' apply and gather paths, for several row counts
+    layer, emb = MPOLinear(cores), MPOEmbedding(cores)
+    W = layer.dense_matrix().detach()
+    for mode in ("contract", "dense"):
+        layer.mode = emb.mode = mode
+        for rows in (1, 5, 300):
+            x, ids = torch.randn(rows, 16), torch.randint(0, 16, (rows,))
+            torch.testing.assert_close(layer(x), x @ W, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(emb(ids), W[ids], atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ 17. Swap with nested names
+def nested():
+    return nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("order", ["inner first", "outer first"])
+def test_swap_replace_refuses_a_name_inside_another_replaced_name(order):
+    from tnlm.integration.surgery import Swap
+
+    root = nested()
+    before = list(root.modules())
+    new = {"0.0": nn.Linear(2, 3), "0": nn.Sequential(nn.Linear(2, 4))}
+    if order == "outer first":
+        new = dict(reversed(list(new.items())))
+    with pytest.raises(ValueError, match="new: '0.0' lies inside '0', which is replaced too"):
+        Swap(root).replace(new)
+    assert list(root.modules()) == before  # nothing changed
+
+
+def test_swap_replace_refuses_a_shared_module_inside_another_replaced_name():
+    from tnlm.integration.surgery import Swap
+
+    shared = nn.Linear(2, 2)
+    root = nn.ModuleDict({"a": nn.Sequential(shared), "b": shared})
+    with pytest.raises(ValueError, match="new: 'b' lies inside 'a'"):
+        Swap(root).replace({"a": nn.Identity(), "b": nn.Linear(2, 2)})
+    assert root["a"][0] is shared and root["b"] is shared
+    swap = Swap(root)
+    swap.replace({"b": nn.Identity()})  # one name of the shared module: every path replaced
+    assert isinstance(root["a"][0], nn.Identity) and isinstance(root["b"], nn.Identity)
+    swap.undo()
+    assert root["a"][0] is shared
+
+
+# ------------------------------------------------------------------ 18. smaller: surgery, plans, costs
+def test_set_module_refuses_a_value_that_is_not_a_module():
+    from tnlm.integration.surgery import set_module
+
+    root = nested()
+    for value in (None, "linear", torch.zeros(2)):
+        with pytest.raises(TypeError, match="new must be an nn.Module, got"):
+            set_module(root, "1", value)
+    assert isinstance(root[1], nn.Linear)
+    set_module(root, "1", nn.Identity())
+    assert isinstance(root[1], nn.Identity)
+
+
+@pytest.mark.parametrize("shapes, error, match", [
+    ([(2.7, 3), (3, 4)], TypeError, r"shapes\[0\]\[0\] must be an int, got 2\.7"),
+    ([(True, 3), (3, 4)], TypeError, r"shapes\[0\]\[0\] must be an int, got True"),
+    ([(-2, 3), (3, 4)], ValueError, r"shapes\[0\]\[0\] must be >= 0, got -2"),
+    ([(2, 3), (3, "4")], TypeError, r"shapes\[1\]\[1\] must be an int"),
+])
+def test_get_plan_refuses_sizes_that_are_not_ints_or_negative(shapes, error, match):
+    from tnlm.core.plan import ContractionPlan, get_plan
+
+    for build in (get_plan, ContractionPlan):
+        with pytest.raises(error, match=match):
+            build("ab,bc->ac", shapes)
+    assert get_plan("ab,bc->ac", [(np.int64(2), 3), (3, 4)]).flops == 2 * 2 * 3 * 4
+
+
+SHAPES = ((1, 4, 3, 4), (4, 4, 4, 1))  # 16 x 12
+
+
+@pytest.mark.parametrize("centre, error", [(0.99, TypeError), (1.9, TypeError), (True, TypeError),
+                                           (-1, ValueError), (2, ValueError)])
+def test_block_plan_and_train_cost_refuse_a_centre_that_is_not_a_site(centre, error):
+    from tnlm.bridge.cost import train_cost
+    from tnlm.core.plan import BlockPlan, block_plan
+
+    for build in (block_plan, BlockPlan, train_cost):
+        with pytest.raises(error, match="centre must be"):
+            build(SHAPES, centre)
+    assert block_plan(SHAPES, np.int64(1)).centre == train_cost(SHAPES, 1).blocks.centre == 1
+
+
+def test_block_plan_refuses_cores_whose_bonds_do_not_match():
+    from tnlm.bridge.cost import train_cost
+    from tnlm.core.plan import BlockPlan, block_plan
+
+    bad = ((1, 4, 3, 4), (5, 4, 4, 1))
+    for build in (block_plan, BlockPlan, train_cost):
+        with pytest.raises(ValueError, match=r"core_shapes\[1\] has left bond 5 .*expected 4"):
+            build(bad, 0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rows=-1000), ValueError, "rows must be >= 0, got -1000"),
+    (dict(rows=2.5), TypeError, "rows must be an int"),
+    (dict(in_dim=1600, out_dim=1200), ValueError,
+     r"in_dim=1600 does not fit the cores: their input legs \(4, 4\) hold 16"),
+    (dict(out_dim=13), ValueError, r"out_dim=13 does not fit the cores: their output legs"),
+    (dict(in_dim=0), ValueError, "in_dim must be >= 1"),
+    (dict(in_dim=16.0), TypeError, "in_dim must be an int"),
+])
+def test_choose_mode_refuses_rows_and_dims_that_do_not_fit_the_cores(kwargs, error, match):
+    from tnlm.bridge.cost import choose_mode, forward_cost
+
+    args = {"rows": 10, "in_dim": 16, "out_dim": 12, **kwargs}
+    with pytest.raises(error, match=match):
+        choose_mode(SHAPES, args["rows"], (4, 4), args["in_dim"], args["out_dim"])
+    if "rows" not in kwargs:
+        with pytest.raises(error, match=match):
+            forward_cost(SHAPES, args["in_dim"], args["out_dim"])
+    mode, contract, dense = choose_mode(SHAPES, 10, (4, 4), 16, 12)
+    assert dense == 2 * 10 * 16 * 12 + forward_cost(SHAPES, 16, 12).rebuild_flops
+    assert choose_mode(SHAPES, 10, (4, 4), 15, 12)[2] < dense  # a padded layer's dims fit
+
+
+@pytest.mark.parametrize("linalg", ["pytorch", "native"])
+@pytest.mark.parametrize("method", ["svd", "qr"])
+def test_a_big_endian_matrix_decomposes_exactly(linalg, method):
+    from tnlm.core import backend as B
+
+    W = np.random.default_rng(0).standard_normal((16, 12))
+    big = W.astype(">f8")
+    assert not big.dtype.isnative
+    old = B.get_linalg()
+    B.set_linalg(linalg)
+    try:
+        mpo = MPO.from_matrix(big, (2, 4, 2), (3, 2, 2), method=method)
+    finally:
+        B.set_linalg(old)
+    np.testing.assert_allclose(mpo.to_matrix(), W, atol=1e-12, rtol=0)
+    as_torch = MPO.from_matrix(big, (4, 4), (3, 4), backend="pytorch")
+    assert as_torch.dtype == torch.float64
+    np.testing.assert_allclose(as_torch.to_matrix().numpy(), W, atol=1e-12, rtol=0)
+
+
+def test_convert_to_pytorch_takes_the_dtype_of_a_numpy_like():
+    from tnlm.core.backend import convert
+
+    x = np.arange(3.0)
+    assert convert(x, "pytorch", like=np.ones(2, np.float32)).dtype == torch.float32
+    assert convert(torch.ones(2, dtype=torch.float64), "pytorch",
+                   like=np.ones(2, ">f4")).dtype == torch.float32
+    assert convert(x, "pytorch").dtype == torch.float64  # no like: x's own dtype
+    assert convert(x, "pytorch", like=torch.ones(1, dtype=torch.float32)).dtype == torch.float32
+    assert convert(x.astype(">f8"), "pytorch").tolist() == [0.0, 1.0, 2.0]

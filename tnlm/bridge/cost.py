@@ -34,9 +34,19 @@ other blocks directly (planned per row count), whichever is cheaper for the call
 from __future__ import annotations
 
 from functools import lru_cache
+from math import prod
 from typing import NamedTuple
 
-from tnlm.core.plan import BlockPlan, ChainPath, ChainPlans, block_plan, chain_plans
+from tnlm.core.plan import (
+    BlockPlan,
+    ChainPath,
+    ChainPlans,
+    block_plan,
+    chain_plans,
+    check_chain,
+    check_size,
+)
+from tnlm.core.validation import check_positive_int, check_site_index
 
 __all__ = ["MODES", "CONTRACT_EFFICIENCY", "ForwardCost", "forward_cost", "choose_mode",
            "TrainStrategy", "TrainCost", "train_cost"]
@@ -58,9 +68,14 @@ class ForwardCost:
         lines: per candidate path, its weighted FLOPs ``(const, per_row)``.
         rebuild_flops: FLOPs of rebuilding W from the cores.
         gemm_row_flops: ``2 · I · J``, the dense GEMM's FLOPs per row.
+
+    Raises:
+        TypeError / ValueError: ``in_dim`` / ``out_dim`` not an int in ``[1, product of
+            the cores' input / output legs]`` (:func:`_check_dims`).
     """
 
     def __init__(self, plans: ChainPlans, in_dim: int, out_dim: int) -> None:
+        in_dim, out_dim = _check_dims(plans.core_shapes, in_dim, out_dim)
         self.plans = plans
         lines = []
         for p in plans.apply:
@@ -69,7 +84,7 @@ class ForwardCost:
                           sum(c[1] * wk for c, wk in zip(p.step_cost, w))))
         self.lines = tuple(lines)
         self.rebuild_flops = plans.dense.flops
-        self.gemm_row_flops = 2 * int(in_dim) * int(out_dim)
+        self.gemm_row_flops = 2 * in_dim * out_dim
 
     def contract_path(self, rows: int) -> ChainPath:
         """The contract path with the fewest weighted FLOPs for ``rows`` rows."""
@@ -98,6 +113,21 @@ class ForwardCost:
         return mode, path.flops(rows), dense
 
 
+def _check_dims(core_shapes: tuple[tuple[int, ...], ...], in_dim: int,
+                out_dim: int) -> tuple[int, int]:
+    """``(in_dim, out_dim)`` as ints >= 1 that fit the chain's legs (at most the products
+    of its input / output site dimensions: a padded layer's are smaller), or a
+    ``TypeError`` / ``ValueError`` naming the argument."""
+    in_dim, out_dim = check_positive_int(in_dim, "in_dim"), check_positive_int(out_dim, "out_dim")
+    for name, dim, leg in (("in_dim", in_dim, 1), ("out_dim", out_dim, 2)):
+        size = prod(s[leg] for s in core_shapes)
+        if dim > size:
+            raise ValueError(f"{name}={dim} does not fit the cores: their "
+                             f"{'input' if leg == 1 else 'output'} legs "
+                             f"{tuple(s[leg] for s in core_shapes)} hold {size}")
+    return in_dim, out_dim
+
+
 @lru_cache(maxsize=256)
 def _forward_cost(core_shapes: tuple[tuple[int, ...], ...], in_dim: int,
                   out_dim: int) -> ForwardCost:
@@ -107,9 +137,15 @@ def _forward_cost(core_shapes: tuple[tuple[int, ...], ...], in_dim: int,
 def forward_cost(core_shapes: tuple[tuple[int, ...], ...], in_dim: int,
                  out_dim: int) -> ForwardCost:
     """The cached :class:`ForwardCost` of cores of these shapes (call it when the cores
-    are set, not in a forward pass)."""
-    shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
-    return _forward_cost(shapes, int(in_dim), int(out_dim))
+    are set, not in a forward pass).
+
+    Raises:
+        TypeError / ValueError: ``core_shapes`` do not form a chain
+            (:func:`~tnlm.core.plan.check_chain`), or ``in_dim`` / ``out_dim`` are not ints
+            >= 1 that fit the cores' input / output legs.
+    """
+    shapes = check_chain(core_shapes)
+    return _forward_cost(shapes, *_check_dims(shapes, in_dim, out_dim))
 
 
 def choose_mode(core_shapes: tuple[tuple[int, ...], ...], rows: int,
@@ -120,10 +156,16 @@ def choose_mode(core_shapes: tuple[tuple[int, ...], ...], rows: int,
     Dense FLOPs are ``2 * rows * I * J`` for the GEMM plus, when ``rebuild``, the
     rebuild of W; the contract path wins when its weighted FLOPs are fewer.
     ``in_shape`` must be the cores' input site dimensions (kept for the signature).
+
+    Raises:
+        TypeError / ValueError: ``rows`` not an int >= 0, ``in_shape`` not the cores' input
+            legs, or as :func:`forward_cost`.
     """
-    if tuple(in_shape) != tuple(int(s[1]) for s in core_shapes):
+    rows = check_size(rows, "rows")
+    shapes = check_chain(core_shapes)
+    if tuple(in_shape) != tuple(s[1] for s in shapes):
         raise ValueError(f"in_shape {tuple(in_shape)} does not match the cores' input legs")
-    return forward_cost(core_shapes, in_dim, out_dim).flops(int(rows), rebuild)
+    return forward_cost(shapes, in_dim, out_dim).flops(rows, rebuild)
 
 
 # ---------------------------------------------------------------- training on the dense path
@@ -226,6 +268,11 @@ def _train_cost(core_shapes: tuple[tuple[int, ...], ...], centre: int) -> TrainC
 
 def train_cost(core_shapes: tuple[tuple[int, ...], ...], centre: int) -> TrainCost:
     """The cached :class:`TrainCost` of cores of these shapes cut around ``centre`` (call
-    it when the cores are set)."""
-    shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
-    return _train_cost(shapes, int(centre))
+    it when the cores are set).
+
+    Raises:
+        TypeError / ValueError: ``core_shapes`` do not form a chain
+            (:func:`~tnlm.core.plan.check_chain`), or ``centre`` is not an int in ``[0, n)``.
+    """
+    shapes = check_chain(core_shapes)
+    return _train_cost(shapes, check_site_index(centre, len(shapes), "centre", negative=False))

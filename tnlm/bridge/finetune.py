@@ -35,7 +35,7 @@ model: ``MPOConfig.train`` and ``MPOModel.setup_training`` / ``from_pretrained``
 (:data:`tnlm.integration.config.TRAIN_MODES`); heal: ``HealConfig.train``,
 ``EncoderRecipe.heal_train`` and the CLI's ``--heal-train``
 (:data:`tnlm.compress.distill.TRAIN_CHOICES`); causal: ``CausalHealConfig.train``
-(:data:`tnlm.compress.causal.TRAIN`); block fitting:
+(:data:`tnlm.compress.decoder.heal.TRAIN`); block fitting:
 :func:`tnlm.compress.layerwise.block_parameters` (``linears=True``: ``cores+linears``).
 
 A gauge-fixed low-rank layer (:class:`~tnlm.bridge.pivoted.PivotedLinear`) has no
@@ -65,6 +65,7 @@ Helpers
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -159,6 +160,8 @@ def select_parameters(root: nn.Module, train: str, *,
     the others, the order of ``root.parameters()`` (``lightweight``: the auxiliary tensors
     first, then the modules to save). ``extra``: the modules to save of ``lightweight``
     (ignored by the other sets); parameters outside ``root`` are not selected.
+    ``cores+linears`` leaves out a linear's parameter that an ``nn.Embedding`` also holds
+    (a tied LM head): embedding tables never train in it.
 
     Raises:
         TypeError: ``extra`` is not an iterable of ``nn.Module`` (one module, e.g. a head,
@@ -184,10 +187,12 @@ def select_parameters(root: nn.Module, train: str, *,
         for m in pivoted:  # central tensors only (module docstring)
             take(([] if train == "cores-central" else [m.coef, m.right])
                  + ([] if m.bias is None else [m.bias]))
+        tables = {id(p) for mod in root.modules() if isinstance(mod, nn.Embedding)
+                  for p in mod.parameters(recurse=False)}  # a tied LM head holds one
         for mod in root.modules():
             if is_norm(mod) or (train == "cores+linears" and kind_of(mod) in MATRIX_KINDS
                                 and not any(True for _ in mod.children())):
-                take(mod.parameters(recurse=False))
+                take(p for p in mod.parameters(recurse=False) if id(p) not in tables)
     elif train == "lightweight":
         for m in mpos:
             take(m.auxiliary_parameters())
@@ -214,9 +219,21 @@ def set_trainable(model: nn.Module, train: str, *,
     Raises:
         TypeError: ``extra`` is not an iterable of ``nn.Module`` (:func:`select_parameters`).
         ValueError: an unknown name, or ``"lightweight"`` / ``"auxiliary"`` (defined by
-            the MPO layers' tensors) on a model without MPO modules.
+            the MPO layers' tensors) on a model without MPO modules; ``extra`` given for
+            another set than ``"lightweight"`` (which would ignore it), or holding a
+            module that is not one of ``model``'s (e.g. a copy of the head, which would
+            leave the model's own head frozen).
     """
     extra = _check_extra(extra)
+    if extra and train != "lightweight":
+        raise ValueError(f"extra (the modules to save) is read by 'lightweight' only; "
+                         f"{train!r} would ignore it: pass extra=() or train='lightweight'")
+    inside = {id(m) for m in model.modules()}
+    for k, module in enumerate(extra):
+        if id(module) not in inside:
+            raise ValueError(f"extra[{k}] (a {type(module).__name__}) is not a module of the "
+                             "model: pass the model's own module (e.g. model.classifier), "
+                             "not a copy")
     if train == "lightweight" and not any(isinstance(m, MPOModule) for m in model.modules()):
         raise ValueError("model contains no MPO modules (MPOLinear / MPOEmbedding) whose "
                          "auxiliary tensors train 'lightweight' trains (gauge-fixed "
@@ -267,7 +284,8 @@ def train_lightweight(model: nn.Module, extra: Iterable[nn.Module] = ()) -> nn.M
 
     Raises:
         TypeError: ``extra`` is not an iterable of ``nn.Module`` (wrap one module in a list).
-        ValueError: if ``model`` contains no MPO modules.
+        ValueError: if ``model`` contains no MPO modules, or a module of ``extra`` is not
+            one of ``model``'s.
     """
     return set_trainable(model, "lightweight", extra=extra)
 
@@ -323,7 +341,13 @@ def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
     gauge-fixed :class:`~tnlm.bridge.pivoted.PivotedLinear` (its central tensors, module
     docstring); the group ``"other"`` (``lr``, ``weight_decay``) everything else, MPO
     biases included. Only trainable parameters are included; call again after any change
-    of core shapes (e.g. dimension squeezing) and rebuild the optimizer.
+    of core shapes (e.g. dimension squeezing) and rebuild the optimizer. An ``mpo_lr``
+    given when no trainable MPO core exists (a model without MPO layers, or with their
+    cores frozen) is unused: a ``UserWarning`` says so (not an error: one training script
+    may serve models the allocation left dense).
+
+    Warns:
+        UserWarning: ``mpo_lr`` is given but no parameter takes it.
 
     Raises:
         TypeError: ``lr``, ``mpo_lr`` or ``weight_decay`` is not a number (``bool`` and
@@ -342,6 +366,9 @@ def parameter_groups(model: nn.Module, lr: float, mpo_lr: float | None = None,
         if p.requires_grad:
             (cores if id(p) in core_ids else rest).append(p)
     groups = []
+    if mpo_lr is not None and not cores:
+        warnings.warn(f"mpo_lr={mpo_lr:g} is unused: the model has no trainable MPO core "
+                      f"(every parameter takes lr={lr:g})", UserWarning, stacklevel=2)
     if cores:
         groups.append({"params": cores, "lr": lr if mpo_lr is None else mpo_lr,
                        "weight_decay": 0.0, "name": "mpo_cores"})
@@ -354,6 +381,10 @@ def make_optimizer(model: nn.Module, lr: float, mpo_lr: float | None = None,
                    weight_decay: float = 0.01) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; MPO cores get ``mpo_lr`` (default ``lr``)
     (groups of :func:`parameter_groups`).
+
+    Warns:
+        UserWarning: ``mpo_lr`` is given but the model has no trainable MPO core (it would
+            be unused).
 
     Raises:
         TypeError: ``lr``, ``mpo_lr`` or ``weight_decay`` is not a number.

@@ -62,7 +62,7 @@ from tnlm.bridge.computed import (
     unchanged,
 )
 from tnlm.core.mpo import MPO, central_site
-from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, dense_plan
+from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, check_chain, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 from tnlm.core.validation import check_matrix, check_positive_int, check_shape
 
@@ -444,9 +444,20 @@ class MPOModule(nn.Module):
 
     def _params(self) -> tuple[nn.Parameter, ...]:
         """The cores, checked against the resolved plans (re-resolved if a core was
-        replaced by one of another shape)."""
+        replaced by one of another shape: ``ValueError`` naming ``cores[k]`` unless the
+        shapes still form a chain with the layer's site shapes, as :meth:`set_cores`)."""
         ps = tuple(self._modules["cores"]._parameters.values())
         if tuple([p.shape for p in ps]) != self._plans.core_shapes:
+            shapes = check_chain([p.shape for p in ps], "cores")
+            if len(shapes) != len(self.in_shape):
+                raise ValueError(f"cores must have {len(self.in_shape)} sites (the layer's "
+                                 f"in_shape {self.in_shape}), got {len(shapes)}")
+            for k, s in enumerate(shapes):
+                if (s[1], s[2]) != (self.in_shape[k], self.out_shape[k]):
+                    raise ValueError(
+                        f"cores[{k}] has site legs (i, j) = {(s[1], s[2])} (shape {s}); expected "
+                        f"{(self.in_shape[k], self.out_shape[k])}, site {k} of the layer's "
+                        f"in_shape {self.in_shape} and out_shape {self.out_shape}")
             self._resolve()
         return ps
 

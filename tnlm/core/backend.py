@@ -57,12 +57,21 @@ def get_linalg() -> str:
     return _LINALG
 
 
+def _native(x: np.ndarray) -> np.ndarray:
+    """``x`` contiguous in the machine's byte order (a big-endian ``'>f8'`` array is
+    converted: torch refuses to view one)."""
+    x = np.asarray(x)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return np.ascontiguousarray(x)
+
+
 def _factorize(name: str, matrix: Tensor) -> tuple[Tensor, ...]:
     if _LINALG == "pytorch" and not is_torch(matrix):
         import torch
 
         be = get_backend("pytorch")
-        out = getattr(be, name)(torch.from_numpy(np.ascontiguousarray(matrix)), pivot_axis=1)
+        out = getattr(be, name)(torch.from_numpy(_native(matrix)), pivot_axis=1)
         return tuple(t.numpy() for t in out)
     return getattr(get_backend(backend_of(matrix)), name)(matrix, pivot_axis=1)
 
@@ -108,14 +117,24 @@ def to_numpy(x: Tensor) -> np.ndarray:
 
 
 def convert(x: Tensor, backend: str, like: Tensor | None = None) -> Tensor:
-    """``x`` as an array of ``backend``; with ``like``, also its dtype and device."""
+    """``x`` as an array of ``backend``; with ``like`` (a torch tensor or a numpy array),
+    also its dtype and device (a numpy array's device is the CPU). Numpy input in either
+    byte order is accepted.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+    """
     if backend == "pytorch":
         import torch
 
         if not is_torch(x):
-            x = torch.from_numpy(np.ascontiguousarray(x))
-        if like is not None and is_torch(like):
-            x = x.to(dtype=like.dtype, device=like.device)
+            x = torch.from_numpy(_native(x))
+        if like is not None:
+            if is_torch(like):
+                x = x.to(dtype=like.dtype, device=like.device)
+            else:
+                dtype = torch.from_numpy(_native(np.empty(0, np.asarray(like).dtype))).dtype
+                x = x.to(dtype=dtype, device="cpu")
         return x
     if backend == "numpy":
         out = to_numpy(x)

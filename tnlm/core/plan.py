@@ -30,6 +30,7 @@ blocks, and the planned alternative of contracting ``x`` and ``dy`` with the blo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import lru_cache
 from math import prod
@@ -39,6 +40,7 @@ import opt_einsum as oe
 import tensornetwork as tn
 
 from tnlm.core import backend as B
+from tnlm.core.validation import check_positive_int, check_site_index
 
 __all__ = [
     "ContractionPlan",
@@ -53,6 +55,8 @@ __all__ = [
     "ChainPath",
     "ChainPlans",
     "chain_plans",
+    "check_chain",
+    "check_size",
     "ROW_HINTS",
     "RowPaths",
     "BlockPlan",
@@ -63,13 +67,67 @@ __all__ = [
 CoreShapes = tuple[tuple[int, ...], ...]
 
 
+def check_size(value: Any, name: str) -> int:
+    """``value`` as an int >= 0 (a leg size or a row count), or a ``TypeError`` (not an
+    int: ``bool`` and float refused) / ``ValueError`` (negative) naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_shapes(shapes: Sequence[Sequence[int]], name: str) -> tuple[tuple[int, ...], ...]:
+    """Operand shapes as tuples of ints >= 0 (:func:`check_size`, naming ``name[k][a]``)."""
+    return tuple(tuple(check_size(d, f"{name}[{k}][{a}]") for a, d in enumerate(s))
+                 for k, s in enumerate(shapes))
+
+
+def check_chain(core_shapes: Sequence[Sequence[int]], name: str = "core_shapes") -> CoreShapes:
+    """Core shapes that form a chain ``T_k[d_{k-1}, i_k, j_k, d_k]``, as tuples of ints.
+
+    Raises:
+        TypeError: a size is not an int (``bool`` and float refused).
+        ValueError: no core, a shape that is not 4-d, a size < 1, a boundary bond other
+            than 1, or a left bond unequal to the right bond of the core before it; the
+            message names ``name[k]`` and what was expected.
+    """
+    shapes = tuple(tuple(s) for s in core_shapes)
+    if not shapes:
+        raise ValueError(f"{name} must hold at least one core shape, got none")
+    for k, s in enumerate(shapes):
+        if len(s) != 4:
+            raise ValueError(f"{name}[{k}] must be 4-d (d_left, i, j, d_right), got shape {s}")
+    shapes = tuple(tuple(check_positive_int(d, f"{name}[{k}][{a}]") for a, d in enumerate(s))
+                   for k, s in enumerate(shapes))
+    if shapes[0][0] != 1:
+        raise ValueError(f"{name}[0] has left bond {shapes[0][0]} (shape {shapes[0]}); the "
+                         "boundary bond must be 1")
+    if shapes[-1][3] != 1:
+        raise ValueError(f"{name}[{len(shapes) - 1}] has right bond {shapes[-1][3]} (shape "
+                         f"{shapes[-1]}); the boundary bond must be 1")
+    for k in range(1, len(shapes)):
+        if shapes[k][0] != shapes[k - 1][3]:
+            raise ValueError(f"{name}[{k}] has left bond {shapes[k][0]} (shape {shapes[k]}); "
+                             f"expected {shapes[k - 1][3]}, the right bond of {name}[{k - 1}] "
+                             f"(shape {shapes[k - 1]})")
+    return shapes
+
+
 class ContractionPlan:
     """A planned contraction ``equation`` over operands of fixed ``shapes``.
 
     ``optimize`` is an opt_einsum optimizer name (the path is searched) or an explicit
     path (a sequence of index tuples, as in :attr:`path`; nothing is searched). The
     steps of a path do not depend on the operand sizes, so a plan may be executed on
-    operands whose sizes differ from ``shapes`` (e.g. another row count).
+    operands whose sizes differ from ``shapes`` in the row index ``rows`` (the one index
+    symbol of ``equation`` a plan is reused over, e.g. for another row count); run on
+    torch tensors, every other leg must have its planned size (torch would broadcast a
+    leg of size 1 where numpy refuses it).
+
+    Raises:
+        TypeError: a size of ``shapes`` is not an int (``bool`` and float refused).
+        ValueError: a negative size.
 
     Attributes:
         equation: the einsum equation, e.g. ``"ab,bc->ac"``.
@@ -85,11 +143,17 @@ class ContractionPlan:
 
     def __init__(
         self, equation: str, shapes: Sequence[tuple[int, ...]],
-        optimize: str | Sequence[Sequence[int]] = "auto-hq",
+        optimize: str | Sequence[Sequence[int]] = "auto-hq", rows: str | None = None,
     ) -> None:
         self.equation = equation
-        self.shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        self.shapes = _check_shapes(shapes, "shapes")
         self.optimize = optimize
+        self.rows = rows
+        # per operand, (rank, the (axis, size) pairs fixed by the plan: all but the row index)
+        terms = equation.split("->")[0].split(",")
+        self._fixed = tuple((len(s), tuple((a, d) for a, (ch, d) in enumerate(zip(t, s))
+                                           if ch != rows))
+                            for t, s in zip(terms, self.shapes))
         opt = optimize if isinstance(optimize, str) else [tuple(p) for p in optimize]
         path, info = oe.contract_path(equation, *self.shapes, shapes=True, optimize=opt)
         self.path = tuple(tuple(int(i) for i in p) for p in path)
@@ -122,9 +186,21 @@ class ContractionPlan:
         return self._expr(*operands)
 
     def run_torch(self, *operands: Any) -> Any:
-        """Execute the path on torch tensors with one ``torch.einsum`` per pairwise step."""
+        """Execute the path on torch tensors with one ``torch.einsum`` per pairwise step.
+
+        Raises:
+            ValueError: an operand's rank, or the size of a leg other than the row index
+                ``rows``, differs from the planned shape (shapes only, no tensor operation).
+        """
         import torch
 
+        for k, (op, (rank, fixed)) in enumerate(zip(operands, self._fixed)):
+            shape = op.shape
+            if len(shape) != rank or any(shape[a] != d for a, d in fixed):
+                raise ValueError(
+                    f"operand {k} has shape {tuple(shape)}, but the plan of {self.equation!r} "
+                    f"was made for {self.shapes[k]}" + (
+                        "" if self.rows is None else f" (any size in the row index {self.rows!r})"))
         ops = list(operands)
         for slots, eq in self.steps:
             ops.append(torch.einsum(eq, *[ops[s] for s in slots]))
@@ -150,19 +226,26 @@ def step_flops(step_equation: str, inner: bool, sizes: dict[str, int]) -> int:
 
 
 @lru_cache(maxsize=1024)
-def _cached(equation: str, shapes: tuple, optimize: str | tuple) -> ContractionPlan:
-    return ContractionPlan(equation, shapes, optimize)
+def _cached(equation: str, shapes: tuple, optimize: str | tuple,
+            rows: str | None = None) -> ContractionPlan:
+    return ContractionPlan(equation, shapes, optimize, rows)
 
 
 def get_plan(
     equation: str, shapes: Sequence[Sequence[int]],
-    optimize: str | Sequence[Sequence[int]] = "auto-hq",
+    optimize: str | Sequence[Sequence[int]] = "auto-hq", rows: str | None = None,
 ) -> ContractionPlan:
     """The cached :class:`ContractionPlan` for ``equation`` over ``shapes`` (``optimize``:
-    an optimizer name, or an explicit path, which is not searched)."""
+    an optimizer name, or an explicit path, which is not searched; ``rows``: the index
+    symbol whose size may differ when the plan runs, see :class:`ContractionPlan`).
+
+    Raises:
+        TypeError: a size of ``shapes`` is not an int (``bool`` and float refused).
+        ValueError: a negative size.
+    """
     if not isinstance(optimize, str):
         optimize = tuple(tuple(int(i) for i in p) for p in optimize)
-    return _cached(equation, tuple(tuple(int(d) for d in s) for s in shapes), optimize)
+    return _cached(equation, _check_shapes(shapes, "shapes"), optimize, rows)
 
 
 def network_equation(
@@ -241,11 +324,17 @@ def apply_plan(core_shapes: CoreShapes, rows: int, in_shape: tuple[int, ...]) ->
     """The plan of :func:`apply_equation` for ``x`` of shape ``(rows, *in_shape)``.
 
     The path is searched once per :func:`row_bucket` of ``rows`` (a power of two) and
-    reused for every row count of the bucket; ``flops`` are those of ``rows`` rows.
+    reused for every row count of the bucket; ``flops`` are those of ``rows`` rows. The plan
+    runs for any row count (its row index is free, :class:`ContractionPlan`).
+
+    Raises:
+        TypeError / ValueError: ``rows`` or a size is not an int >= 0.
     """
-    eq = apply_equation(len(core_shapes))
+    rows = check_size(rows, "rows")
+    n = len(core_shapes)
+    eq, b = apply_equation(n), _symbols(n)[3]
     path = get_plan(eq, (*core_shapes, (row_bucket(rows), *in_shape))).path
-    return get_plan(eq, (*core_shapes, (int(rows), *in_shape)), path)
+    return get_plan(eq, (*core_shapes, (rows, *in_shape)), path, rows=b)
 
 
 def gather_plan(core_shapes: CoreShapes, rows: int) -> ContractionPlan:
@@ -254,10 +343,17 @@ def gather_plan(core_shapes: CoreShapes, rows: int) -> ContractionPlan:
 
     Every operand carries the row index, so the best path does not depend on ``rows``:
     it is searched once (for one row) and reused; ``flops`` are those of ``rows`` rows.
+    The plan runs for any row count (its row index is free, :class:`ContractionPlan`).
+
+    Raises:
+        TypeError / ValueError: ``rows`` is not an int >= 0, or ``core_shapes`` do not
+            form a chain (:func:`check_chain`).
     """
-    eq = gather_equation(len(core_shapes))
-    path = get_plan(eq, tuple((1, s[0], s[2], s[3]) for s in core_shapes)).path
-    return get_plan(eq, tuple((int(rows), s[0], s[2], s[3]) for s in core_shapes), path)
+    shapes, rows = check_chain(core_shapes), check_size(rows, "rows")
+    n = len(shapes)
+    eq, b = gather_equation(n), _symbols(n)[3]
+    path = get_plan(eq, tuple((1, s[0], s[2], s[3]) for s in shapes)).path
+    return get_plan(eq, tuple((rows, s[0], s[2], s[3]) for s in shapes), path, rows=b)
 
 
 # ---------------------------------------------------------------- per-chain plans for modules
@@ -326,12 +422,13 @@ class ChainPlans:
             searches for :data:`ROW_HINTS` rows); :meth:`apply_path` picks one for any rows.
         gather: plan of :func:`gather_equation` (unsqueezed slices), planned for one row and
             valid for any row count; ``gather_row_flops`` its FLOPs per row.
+
+    Raises:
+        TypeError / ValueError: ``core_shapes`` do not form a chain (:func:`check_chain`).
     """
 
     def __init__(self, core_shapes: CoreShapes, optimize: str = "auto-hq") -> None:
-        shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
-        if not shapes or any(len(s) != 4 for s in shapes):
-            raise ValueError(f"core_shapes must be 4-d shapes (d, i, j, d'), got {core_shapes}")
+        shapes = check_chain(core_shapes)
         n = len(shapes)
         self.core_shapes = shapes
         self.in_shape = tuple(s[1] for s in shapes)
@@ -350,7 +447,7 @@ class ChainPlans:
         apply_eq = ",".join(terms) + "," + b + in_legs + "->" + b + out_legs
         paths: dict[tuple, ChainPath] = {}
         for rows in ROW_HINTS:
-            plan = get_plan(apply_eq, (*self.core_views, (rows, *self.x_view)), optimize)
+            plan = get_plan(apply_eq, (*self.core_views, (rows, *self.x_view)), optimize, b)
             paths.setdefault(plan.path, ChainPath(plan, b))
         self.apply = tuple(paths.values())
         self.gather = gather_plan(shapes, 1)
@@ -372,8 +469,12 @@ def _chain_plans(core_shapes: CoreShapes) -> ChainPlans:
 
 def chain_plans(core_shapes: Sequence[Sequence[int]]) -> ChainPlans:
     """The cached :class:`ChainPlans` of cores of these shapes (call it when the cores are
-    set, not in a forward pass)."""
-    return _chain_plans(tuple(tuple(int(d) for d in s) for s in core_shapes))
+    set, not in a forward pass).
+
+    Raises:
+        TypeError / ValueError: ``core_shapes`` do not form a chain (:func:`check_chain`).
+    """
+    return _chain_plans(check_chain(core_shapes))
 
 
 # ---------------------------------------------------------------- three-block training plans
@@ -393,7 +494,7 @@ class RowPaths:
         self.equation = equation
         paths: dict[tuple, ChainPath] = {}
         for rows in ROW_HINTS:
-            plan = get_plan(equation, shapes(rows), optimize)
+            plan = get_plan(equation, shapes(rows), optimize, batch)
             paths.setdefault(plan.path, ChainPath(plan, batch))
         self.paths = tuple(paths.values())
 
@@ -444,6 +545,10 @@ class BlockPlan:
         env: :class:`RowPaths` of the gradients without G: ``"l_cr"`` (x, dy, CR -> dL),
             ``"l"`` (x, dy, C, R -> dL), ``"r_lc"`` (x, dy, LC -> dR), ``"r"`` (x, dy, L, C
             -> dR), ``"c"`` (x, dy, L, R -> dC).
+
+    Raises:
+        TypeError / ValueError: ``core_shapes`` do not form a chain (:func:`check_chain`),
+            or ``centre`` is not an int in ``[0, n)``.
     """
 
     ENV = {"l_cr": "naxp,nbzq,dxzpq->abd", "l": "naxp,nbzq,dxze,epq->abd",
@@ -451,10 +556,9 @@ class BlockPlan:
            "c": "naxp,nbzq,abd,epq->dxze"}
 
     def __init__(self, core_shapes: CoreShapes, centre: int, optimize: str = "auto-hq") -> None:
-        shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
-        n, c = len(shapes), int(centre)
-        if not 0 <= c < n:
-            raise ValueError(f"centre {centre} out of range for {n} sites")
+        shapes = check_chain(core_shapes)
+        n = len(shapes)
+        c = check_site_index(centre, n, "centre", negative=False)
         self.core_shapes, self.centre = shapes, c
         Ai, Aj = prod(s[1] for s in shapes[:c]), prod(s[2] for s in shapes[:c])
         Pi, Pj = prod(s[1] for s in shapes[c + 1:]), prod(s[2] for s in shapes[c + 1:])
@@ -494,5 +598,10 @@ def _block_plan(core_shapes: CoreShapes, centre: int) -> BlockPlan:
 
 def block_plan(core_shapes: Sequence[Sequence[int]], centre: int) -> BlockPlan:
     """The cached :class:`BlockPlan` of cores of these shapes cut around ``centre`` (call it
-    when the cores are set, not in a forward pass)."""
-    return _block_plan(tuple(tuple(int(d) for d in s) for s in core_shapes), int(centre))
+    when the cores are set, not in a forward pass).
+
+    Raises:
+        TypeError / ValueError: as :class:`BlockPlan`.
+    """
+    shapes = check_chain(core_shapes)
+    return _block_plan(shapes, check_site_index(centre, len(shapes), "centre", negative=False))

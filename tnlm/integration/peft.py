@@ -13,6 +13,7 @@ peft itself is imported only when a LoRA class is asked for (or is already impor
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import warnings
@@ -101,7 +102,9 @@ def mpo_lora_class() -> type:
     for ``MPOLinear`` merges to the model *without* LoRA). This class merges into a
     dense layer of the kind the MPO layer replaced (``W(cores) + scaling * B @ A``:
     ``merge_and_unload`` then puts that dense layer in place) and ``unmerge`` puts the
-    untouched MPO layer back. LoRA variants (DoRA, ...) are refused when merging.
+    untouched MPO layer back. LoRA variants (DoRA, ...) are refused when merging (and by
+    :func:`lora_config_for_mpo`, before any training). The merge runs in the base weight's
+    dtype promoted to at least float32 (a float64 layer merges in float64).
     Register it with :func:`lora_config_for_mpo`.
     """
     if _LORA_CLASS:
@@ -112,10 +115,10 @@ def mpo_lora_class() -> type:
     class MPOLoraLinear(LoraLinear):
         __doc__ = mpo_lora_class.__doc__
 
-        def _delta(self, adapter: str) -> torch.Tensor:
-            """``scaling * B @ A`` in nn.Linear layout (out, in), computed in float32."""
-            A = self.lora_A[adapter].weight.float()
-            B = self.lora_B[adapter].weight.float()
+        def _delta(self, adapter: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            """``scaling * B @ A`` in nn.Linear layout (out, in), computed in ``dtype``."""
+            A = self.lora_A[adapter].weight.to(dtype)
+            B = self.lora_B[adapter].weight.to(dtype)
             return (B @ A) * self.scaling[adapter]
 
         @torch.no_grad()
@@ -131,16 +134,17 @@ def mpo_lora_class() -> type:
             if isinstance(base, MPOModule):
                 self.__dict__["_mpo_layer"] = base  # kept out of the module tree
                 base = base.merge()
-            weight = base.weight.detach().float().clone()
-            bias = None if base.bias is None else base.bias.detach().float().clone()
+            dtype = torch.promote_types(base.weight.dtype, torch.float32)  # float64 stays
+            weight = base.weight.detach().to(dtype).clone()
+            bias = None if base.bias is None else base.bias.detach().to(dtype).clone()
             for name in names:
-                delta = self._delta(name)
+                delta = self._delta(name, dtype)
                 weight += delta if isinstance(base, nn.Linear) else delta.T  # Conv1D: (in, out)
                 if self.lora_bias[name]:
                     if bias is None:
                         raise RuntimeError("cannot merge LoRA with lora_bias=True: the base layer "
                                            "has no bias")
-                    bias += self.lora_B[name].bias.float() * self.scaling[name]
+                    bias += self.lora_B[name].bias.to(dtype) * self.scaling[name]
             if safe_merge and not (torch.isfinite(weight).all() and (
                     bias is None or torch.isfinite(bias).all())):
                 raise ValueError(f"NaNs detected in the merged weights of adapters {names}")
@@ -164,14 +168,40 @@ def mpo_lora_class() -> type:
     return MPOLoraLinear
 
 
+def _lora_variants(config: Any) -> list[str]:
+    """The LoRA variants ``config`` asks for, as peft resolves them (a field marked
+    ``is_lora_variant`` that is set, e.g. ``use_dora``, or an ``init_lora_weights`` that
+    names a variant), plus ``use_dora`` for a peft without those marks."""
+    asked = []
+    for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+        value = getattr(config, f.name, None)
+        if f.name == "init_lora_weights":
+            if isinstance(value, str) and value in f.metadata.get("lora_variants", ()):
+                asked.append(f"init_lora_weights={value!r}")
+        elif f.metadata.get("is_lora_variant") and value:
+            asked.append(f.name)
+    if getattr(config, "use_dora", False) and "use_dora" not in asked:
+        asked.append("use_dora")
+    return asked
+
+
 def lora_config_for_mpo(config: Any) -> Any:
     """Let a ``peft.LoraConfig`` target :class:`~tnlm.bridge.MPOLinear` layers, through
     peft's documented custom-module route (``LoraConfig._register_custom_module``), with
     the exact merge of :func:`mpo_lora_class`; returns ``config``::
 
         peft_model = get_peft_model(mpo_model, lora_config_for_mpo(LoraConfig(...)))
+
+    Raises:
+        TypeError: ``config`` is not a peft ``LoraConfig``.
+        ValueError: ``config`` asks for a LoRA variant (``use_dora=True``, ...), which the
+            merge into MPO layers refuses: refused here, before any training.
     """
     if not hasattr(config, "_register_custom_module"):
         raise TypeError(f"config must be a peft LoraConfig, got {type(config).__name__}")
+    variants = _lora_variants(config)
+    if variants:
+        raise ValueError(f"config asks for the LoRA variant {', '.join(variants)}, which tnlm "
+                         "cannot merge into MPO layers: use plain LoRA (e.g. use_dora=False)")
     config._register_custom_module({MPOLinear: mpo_lora_class()})
     return config

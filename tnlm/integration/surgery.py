@@ -60,7 +60,10 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
     Raises:
         ValueError: ``root`` holds no module at ``name``.
+        TypeError: ``new`` is not an ``nn.Module`` (``None`` would remove the module).
     """
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"new must be an nn.Module, got {type(new).__name__}")
     parent, child = _parent(root, name, "name")
     setattr(parent, child, new)
 
@@ -110,8 +113,10 @@ class Swap:
         replaced everywhere); returns the replaced modules by name.
 
         Raises:
-            ValueError: a name of ``new`` is not a module of ``root``, or two names of one
-                shared module get different modules; checked before anything changes.
+            ValueError: a name of ``new`` is not a module of ``root``, two names of one
+                shared module get different modules, or a name lies inside another
+                replaced module (``"0.0"`` beside ``"0"``: which one ends up in place would
+                depend on the order); checked before anything changes.
             TypeError: a value of ``new`` is not an ``nn.Module``.
         """
         olds: dict[str, nn.Module] = {}
@@ -126,6 +131,13 @@ class Swap:
             if seen[1] is not module:
                 raise ValueError(f"new: {seen[0]!r} and {name!r} are one shared module of "
                                  f"{type(self.root).__name__} but get different modules")
+        replaced = {id(old): name for name, old in olds.items()}
+        for outer, old in olds.items():  # by object: a shared module nests under every path
+            for inner in old.modules():
+                name = replaced.get(id(inner))
+                if inner is not old and name is not None:
+                    raise ValueError(f"new: {name!r} lies inside {outer!r}, which is replaced "
+                                     "too: replace one of them")
         paths = module_paths(self.root)
         for key, (_, module) in by_module.items():
             for path in paths[key]:
