@@ -20,7 +20,7 @@ peak RSS per stage against its RSS right after loading. Variants:
   factored second moments, no first moment, instead of AdamW's two moment buffers
 * ``blocks+chunk128+adafactor``: ``blocks+chunk128`` with Adafactor (the job's default)
 * ``blocks+chunk128+adafactor+copy``: the same with the teacher a full copy of the model,
-  as before :func:`tnlm.compress.llm.teacher_copy` shared the embeddings, final norm and
+  as before :func:`tnlm.compress.decoder.job.teacher_copy` shared the embeddings, final norm and
   head with the student
 * ``blocks+chunk128+adafactor+nocache``: the job's default without the teacher cache
   (``CausalHealConfig.teacher_cache_mb=0``): the teacher runs every sequence of every step
@@ -32,7 +32,7 @@ peak RSS per stage against its RSS right after loading. Variants:
 * ``blocks+chunk128+adafactor+checkpointed-kl``: the job's default with each chunk of the
   KL checkpointed (both heads and softmaxes run again in the backward pass), as before
   the untrained head's chunks computed their gradient in the forward pass
-  (``tnlm.compress.causal._FusedHeadKL``)
+  (``tnlm.compress.decoder.kl._FusedHeadKL``)
 
 Every variant but ``+copy`` shares those with the student.
 
@@ -81,10 +81,11 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tnlm.compress import causal
-    from tnlm.compress.causal import CausalHealConfig
-    from tnlm.compress.causal_text import self_generated_text
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder import heal as causal
+    from tnlm.compress.decoder import kl
+    from tnlm.compress.decoder.heal import CausalHealConfig
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder.text import self_generated_text
     from tnlm.integration.loading import default_llm_path, load_pretrained
 
     v = VARIANTS[variant]
@@ -94,11 +95,11 @@ def child(variant: str, steps: int, n_texts: int | None) -> dict:
         setattr(causal.torch.optim, name,
                 lambda *a, **k: real(*a, **dict(k, foreach=v["foreach"])))
     if not v.get("fused", True):
-        causal._ChunkedKL.fused = False
+        kl.ChunkedKL.fused = False
     if v.get("full_copy"):
         import copy
 
-        from tnlm.compress import llm
+        from tnlm.compress.decoder import job as llm
         llm.teacher_copy = lambda m: copy.deepcopy(m).eval()
     model, tok = load_pretrained(default_llm_path())
     rss = [int(x.split()[1]) / 1024 for x in Path("/proc/self/status").read_text()

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.lm_quality import (  # noqa: E402
+from tnlm.compress.decoder.quality import (  # noqa: E402
     eos_ids,
     greedy_answers,
     prompt_ids,

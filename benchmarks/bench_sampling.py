@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         ap.error(f"--texts ({args.texts}) must be a multiple of every --batch-sizes value")
     import torch
 
-    from tnlm.compress.sampling import NucleusSampler
+    from tnlm.compress.decoder.sampling import NucleusSampler
     from tnlm.integration.loading import default_llm_path, load_pretrained
 
     model, tok = load_pretrained(default_llm_path())
@@ -91,7 +91,7 @@ def batch_sizes(model, tok, args, common) -> int:
     """Texts a second of the sampler at each batch size (the fastest of --repeats)."""
     import torch
 
-    from tnlm.compress.sampling import NucleusSampler
+    from tnlm.compress.decoder.sampling import NucleusSampler
 
     best = {}
     with torch.no_grad():

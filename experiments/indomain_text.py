@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.lm_quality import natural_eval_text  # noqa: E402
+from tnlm.compress.decoder.quality import natural_eval_text  # noqa: E402
 from tnlm.compress.quality import read_sick  # noqa: E402
 from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return 2
     _, tok = loaded
     if args.tokens is None:
-        from tnlm.compress.llm import shipped_prose
+        from tnlm.compress.decoder.job import shipped_prose
 
         default = json.loads(args.match.read_text()) + shipped_prose(args.seed, 0.25)
         args.tokens = len(tok("\n\n".join(default), add_special_tokens=False)["input_ids"])

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tnlm.compress.allocate import rank_params, spectrum_ranks, uniform_ranks  # noqa: E402
-from tnlm.compress.causal_text import token_sequences  # noqa: E402
+from tnlm.compress.decoder.text import token_sequences  # noqa: E402
 from tnlm.compress.layerwise import (  # noqa: E402
     Sensitivity,
     capture_block_inputs,

@@ -2,7 +2,7 @@
 
 One run = one (method, budget, seed): the dense model's self-generated text (cached per
 seed in ``--text-cache`` so every method of a seed calibrates and heals on the same
-text), compression (``tnlm.compress.llm``), healing, then the held-out perplexity of
+text), compression (``tnlm.compress.decoder.job``), healing, then the held-out perplexity of
 natural text never used for either (``lm_quality.natural_eval_text``: SST-2 dev, CoLA
 dev, SICK trial sentences; non-overlapping windows of ``--eval-length`` tokens, as SVD-LLM
 scores WikiText) against the dense model's, greedy answers to the 50 shipped questions
@@ -28,10 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig  # noqa: E402
-from tnlm.compress.causal_text import self_generated_text  # noqa: E402
-from tnlm.compress.layerwise import ALLOCATIONS, METHODS, OUTPUT_ERRORS  # noqa: E402
-from tnlm.compress.llm import (  # noqa: E402
+from tnlm.compress.decoder.heal import OPTIMIZERS, CausalHealConfig  # noqa: E402
+from tnlm.compress.decoder.job import (  # noqa: E402
     TEXT_SOURCES,
     CausalLMRecipe,
     compress_causal_lm,
@@ -40,7 +38,7 @@ from tnlm.compress.llm import (  # noqa: E402
     recipe_text,
     shipped_prose,
 )
-from tnlm.compress.lm_quality import (  # noqa: E402
+from tnlm.compress.decoder.quality import (  # noqa: E402
     answer_agreement,
     answer_token_agreement,
     answers_correct,
@@ -49,6 +47,8 @@ from tnlm.compress.lm_quality import (  # noqa: E402
     perplexity,
     simple_questions,
 )
+from tnlm.compress.decoder.text import self_generated_text  # noqa: E402
+from tnlm.compress.layerwise import ALLOCATIONS, METHODS, OUTPUT_ERRORS  # noqa: E402
 from tnlm.compress.memory import mmap_large_allocations, release_memory, rss_mb  # noqa: E402
 from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--text", choices=TEXT_SOURCES, default="self",
                    help="calibration and healing text: the dense model's own samples "
                         "(self), the prose that ships with tnlm (prose: "
-                        "tnlm.compress.llm.recipe_text, shuffled with the seed), or the "
+                        "tnlm.compress.decoder.job.recipe_text, shuffled with the seed), or the "
                         "prose then the samples (both), the model's own answers to "
                         "chat prompts in its chat format (chat), or the first half of "
                         "each of the seed's two caches, alternating (mixed)")

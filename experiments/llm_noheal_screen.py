@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.causal_text import self_generated_text, token_sequences  # noqa: E402
+from tnlm.compress.decoder.quality import natural_eval_text, perplexity  # noqa: E402
+from tnlm.compress.decoder.text import self_generated_text, token_sequences  # noqa: E402
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise  # noqa: E402
-from tnlm.compress.lm_quality import natural_eval_text, perplexity  # noqa: E402
 from tnlm.integration.architectures import default_targets  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 

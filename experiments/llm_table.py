@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.compress.lm_quality import answers_correct  # noqa: E402
+from tnlm.compress.decoder.quality import answers_correct  # noqa: E402
 
 
 def unchunked(method: str) -> str:

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tnlm.compress.prompts import HELD_OUT_TOPICS, topics  # noqa: E402
-from tnlm.compress.prompts import chat_prompts as prompts  # noqa: E402
+from tnlm.compress.decoder.prompts import HELD_OUT_TOPICS, topics  # noqa: E402
+from tnlm.compress.decoder.prompts import chat_prompts as prompts  # noqa: E402
 from tnlm.integration.loading import LLM_MISSING, load_default_llm  # noqa: E402
 
 _BAD = re.compile(r"[#*|<>_\[\]{}=~`\\]|https?:|www\.|^\d+[.)]|\.\.\.")

@@ -23,11 +23,8 @@ from transformers import (
 )
 
 from tnlm.bridge import MPOLinear
-from tnlm.compress.causal import (
-    CausalHealConfig,
-    heal_causal,
-    next_token_kl,
-)
+from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal
+from tnlm.compress.decoder.kl import next_token_kl
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.integration.architectures import (
     architecture_of,
@@ -259,7 +256,7 @@ def _llm_folder(tmp_path):
 def _stop_at_compression(monkeypatch, pick) -> list:
     """The CLI's causal job stops where it would compress (``ValueError``, exit 2); the
     list gets ``pick(recipe, kwargs)`` of each call it made."""
-    from tnlm.compress import llm
+    from tnlm.compress.decoder import job as llm
 
     seen = []
 
@@ -292,7 +289,7 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     own = summary["own_text"]  # its last tenth held out and measured
     assert own["lines"] == 5 and own["tokens"] > 0  # the last 5 of 40 lines: >= 10 % of the text
     assert own["perplexity_ratio"] == pytest.approx(own["perplexity"] / own["perplexity_dense"])
-    from tnlm.compress.llm import CausalLMRecipe
+    from tnlm.compress.decoder.job import CausalLMRecipe
 
     assert summary["sensitivity_sequences"] == CausalLMRecipe.sensitivity_sequences == 4
     # the experiments' table reads it as a row of the job's defaults
@@ -455,7 +452,7 @@ def test_the_last_tenth_of_the_users_text_is_held_out_and_never_healed_on(tmp_pa
 
 
 def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
-    from tnlm.compress.causal_text import split_held_out
+    from tnlm.compress.decoder.text import split_held_out
 
     ten = [c * 10 for c in "abcdefghij"]
     assert split_held_out(ten) == (ten[:9], ten[9:])
@@ -480,9 +477,9 @@ def test_split_held_out_keeps_the_tail_whole_and_refuses_bad_input():
 
 
 def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
-    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.decoder.heal import CausalHealConfig
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
     from tnlm.compress.layerwise import check_targets_and_budget
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
 
     model = _llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -550,7 +547,7 @@ def test_cli_refuses_encoder_only_options_for_a_causal_lm(tmp_path, capsys):
 def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
         tmp_path, capsys, monkeypatch):
     from tnlm.cli import build_parser, main
-    from tnlm.compress import llm
+    from tnlm.compress.decoder import job as llm
 
     assert build_parser().parse_args(["compress"]).heal_optimizer is None  # the job's
     with pytest.raises(SystemExit):
@@ -574,7 +571,7 @@ def test_cli_heal_optimizer_reaches_causal_healing_and_is_refused_for_encoders(
                      "--quiet"]) == 2
         capsys.readouterr()
         assert [(h.optimizer, h.chunk) for h in seen] == [want], flags
-    from tnlm.compress.llm import JOB_HEAL, CausalLMRecipe
+    from tnlm.compress.decoder.job import JOB_HEAL, CausalLMRecipe
 
     assert (CausalLMRecipe().heal.optimizer, CausalLMRecipe().heal.chunk) == (
         JOB_HEAL["optimizer"], JOB_HEAL["chunk"])
@@ -619,7 +616,8 @@ def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(
     """The allocator setting is opt-in (it costs healing 1.7x the time on SmolLM2) and is
     refused for an encoder; --pivoted / --no-pivoted override the job's own default."""
     from tnlm.cli import main
-    from tnlm.compress import llm, memory
+    from tnlm.compress import memory
+    from tnlm.compress.decoder import job as llm
 
     assert main(["compress", "--low-memory"]) == 2  # the embedded encoder
     assert "--low-memory applies to causal LMs" in capsys.readouterr().err
@@ -789,7 +787,9 @@ def test_sensitivity_allocation_weighs_what_reaches_the_output():
     assert kept["sensitivity"] < 0.5 * kept["residual"]
     with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1"):
         LayerwiseConfig(["q_proj"], allocation="sensitivity", sensitivity_sequences=0)
-    from tnlm.compress.llm import CausalLMRecipe  # the job's recipe passes its probe size on
+    from tnlm.compress.decoder.job import (
+        CausalLMRecipe,  # the job's recipe passes its probe size on
+    )
     assert CausalLMRecipe(sensitivity_sequences=3).layerwise_config(
         model).sensitivity_sequences == 3
     with pytest.raises(ValueError, match="sensitivity_sequences must be an int >= 1, got 0"):
@@ -820,7 +820,7 @@ def sens_stats(block, data, name):
 def test_causal_job_with_a_bfloat16_teacher_keeps_a_float32_student():
     """heal.teacher_bf16 stores the teacher copy in bfloat16; the student stays float32
     and healing still lowers the KL."""
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
 
     model = _llama()
     words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
@@ -846,7 +846,7 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     """The chunked, checkpointed KL (healing's default) gives the full-logits KL and the
     same gradients; a model whose logits are not head(hidden) falls back to the full
     logits (checked on the first batch)."""
-    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+    from tnlm.compress.decoder.kl import ChunkedKL
 
     student = MAKERS[arch]()
     teacher = copy.deepcopy(student)
@@ -859,7 +859,7 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
     params = [p for p in student.parameters() if p.requires_grad]
     full = next_token_kl(student(input_ids=ids).logits, t_logits)
     g_full = torch.autograd.grad(full, params, allow_unused=True)
-    chunked = _ChunkedKL(student, chunk=7)
+    chunked = ChunkedKL(student, chunk=7)
     loss, term = chunked(ids, t_logits)
     assert chunked.ok and term is None
     g = torch.autograd.grad(loss, params, allow_unused=True)
@@ -868,7 +868,7 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
         if b is not None:
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     # given the teacher, it passes its hidden states and its head runs chunk by chunk
-    with_teacher = _ChunkedKL(student, chunk=7, teacher=teacher)
+    with_teacher = ChunkedKL(student, chunk=7, teacher=teacher)
     assert with_teacher.check(ids)
     with torch.no_grad():
         t_out = with_teacher.teacher_side(teacher, ids)
@@ -890,7 +890,7 @@ def test_chunked_next_token_kl_equals_the_full_one_with_its_gradients(arch):
             return out
 
     student.__class__ = Scaled
-    scaled = _ChunkedKL(student, chunk=7, teacher=teacher)
+    scaled = ChunkedKL(student, chunk=7, teacher=teacher)
     assert not scaled.check(ids)
     with torch.no_grad():  # the teacher's full logits then
         assert torch.equal(scaled.teacher_side(teacher, ids), t_logits)
@@ -906,8 +906,8 @@ def test_fused_head_kl_gives_the_checkpointed_loss_and_gradients(arch):
     its forward (_FusedHeadKL): the loss and every gradient equal the checkpointed
     chunks' and the full logits' (float rounding), the checkpointed path is not taken,
     and a trained head still takes it."""
-    from tnlm.compress import causal
-    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+    from tnlm.compress.decoder import kl as kl_module
+    from tnlm.compress.decoder.kl import ChunkedKL
 
     student = MAKERS[arch]()
     teacher = copy.deepcopy(student)
@@ -923,12 +923,12 @@ def test_fused_head_kl_gives_the_checkpointed_loss_and_gradients(arch):
     g_full = torch.autograd.grad(full, params)
     results = {}
     for fused in (False, True):
-        kl = _ChunkedKL(student, chunk=5, teacher=teacher)
+        kl = ChunkedKL(student, chunk=5, teacher=teacher)
         kl.fused = fused
         assert kl.check(ids)
         with torch.no_grad():
             t_out = kl.teacher_side(teacher, ids)
-        with mock.patch.object(causal, "_kl_sum", wraps=causal._kl_sum) as slow:
+        with mock.patch.object(kl_module, "_kl_sum", wraps=kl_module._kl_sum) as slow:
             loss, _ = kl(ids, t_out)
             g = torch.autograd.grad(loss, params)
         assert slow.called != fused  # the fused path never runs the checkpointed chunk
@@ -939,9 +939,9 @@ def test_fused_head_kl_gives_the_checkpointed_loss_and_gradients(arch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     # a trained head: the checkpointed chunks (whose backward gives the head its gradient)
     student.get_output_embeddings().weight.requires_grad_(True)
-    kl = _ChunkedKL(student, chunk=5, teacher=teacher)
+    kl = ChunkedKL(student, chunk=5, teacher=teacher)
     assert kl.check(ids)
-    with mock.patch.object(causal, "_kl_sum", wraps=causal._kl_sum) as slow:
+    with mock.patch.object(kl_module, "_kl_sum", wraps=kl_module._kl_sum) as slow:
         loss, _ = kl(ids, kl.teacher_side(teacher, ids).detach())
         loss.backward()
     assert slow.called and student.get_output_embeddings().weight.grad is not None
@@ -953,12 +953,12 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
     error of the student's block outputs (computed here from output_hidden_states); it is
     0 for a student equal to the teacher, it trains the blocks, and a model whose logits
     are not head(hidden) or a config without chunk are refused."""
-    from tnlm.compress.causal import _ChunkedKL  # noqa: PLC2701 - the module's own helper
+    from tnlm.compress.decoder.kl import ChunkedKL
 
     teacher = MAKERS[arch]()
     student = copy.deepcopy(teacher)
     ids = _seqs(n=3, T=12)
-    same = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
+    same = ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
     assert same.check(ids)
     with torch.no_grad():
         t_out = same.teacher_side(teacher, ids)
@@ -969,10 +969,10 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl_only = _ChunkedKL(student, chunk=5, teacher=teacher)
+    kl_only = ChunkedKL(student, chunk=5, teacher=teacher)
     kl_only.check(ids)
     loss0, _ = kl_only(ids, t_out[:, -1])
-    w = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
+    w = ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=2.0)
     loss, term = w(ids, t_out)
     s_states = student.base_model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
     t_states = teacher.base_model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
@@ -988,7 +988,7 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
     with pytest.raises(ValueError, match="hidden_weight must be a finite number"):
         CausalHealConfig(hidden_weight=-1.0, chunk=8)
     with pytest.raises(ValueError, match="a student and a teacher of one class"):
-        _ChunkedKL(student, chunk=5, hidden_weight=1.0)  # no teacher
+        ChunkedKL(student, chunk=5, hidden_weight=1.0)  # no teacher
 
     class Scaled(type(student)):
         def forward(self, *args, **kwargs):
@@ -997,7 +997,7 @@ def test_block_output_term_is_the_relative_error_of_every_blocks_output(arch):
             return out
 
     student.__class__ = teacher.__class__ = Scaled
-    scaled = _ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=1.0)
+    scaled = ChunkedKL(student, chunk=5, teacher=teacher, hidden_weight=1.0)
     with pytest.raises(ValueError, match="hidden_weight needs a model whose logits"):
         scaled(ids, t_out)
 
@@ -1069,7 +1069,7 @@ def test_healing_optimizer_must_be_adamw_or_adafactor():
 def test_default_healing_optimizer_is_adamw_on_the_same_trajectory(monkeypatch):
     """The default optimizer is AdamW at the config's lr, weight decay 0: healing follows
     the losses and parameters of a plain torch AdamW built with those settings."""
-    from tnlm.compress import causal
+    from tnlm.compress.decoder import heal as causal
 
     assert CausalHealConfig().optimizer == "adamw"
     teacher = _llama()
@@ -1097,7 +1097,7 @@ def test_default_healing_optimizer_is_adamw_on_the_same_trajectory(monkeypatch):
 def test_adafactor_zero_grad_clears_the_parameters_gradients():
     """healing_optimizer's Adafactor steps views of the MPO cores; its zero_grad still
     clears the parameters' own gradients (a standard training loop does not accumulate)."""
-    from tnlm.compress import causal
+    from tnlm.compress.decoder import heal as causal
 
     model = _llama()
     seqs = _seqs(4, 12)
@@ -1128,7 +1128,7 @@ def test_adafactor_healing_lowers_the_kl_with_a_fraction_of_adamws_state():
     absolute), every trained parameter moves (the MPO
     cores through their views without size-1 dimensions), and its state after one step
     holds under half of AdamW's bytes for the matrices: dense linears and MPO cores."""
-    from tnlm.compress import causal
+    from tnlm.compress.decoder import heal as causal
 
     teacher = _llama()
     seqs = _seqs(16, 12)
@@ -1302,8 +1302,8 @@ def test_causal_job_resumes_on_the_self_generated_text_it_kept(tmp_path, monkeyp
     resume calibrates on that text without writing it again (and refuses a text written
     with other generation settings)."""
     from tests.common import make_causal_lm, make_word_tokenizer
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, check_resume, compress_causal_lm
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, check_resume, compress_causal_lm
 
     recipe = CausalLMRecipe(budget=0.5, n_texts=6, gen_batch=6, gen_tokens=12, seq_len=8,
                             n_calibration=8, fit_steps=2, heal=CausalHealConfig(steps=0))
@@ -1352,8 +1352,8 @@ def test_the_causal_jobs_own_text_is_the_shipped_prose_the_samples_or_both(monke
     """``text_source``: "prose" samples nothing and shuffles the shipped sentences with the
     seed; "both" puts the prose before the samples; a checkpoint's text records it; an
     unknown source is refused naming the field."""
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, recipe_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, recipe_text
     from tnlm.compress.text import lm_sentences
 
     with pytest.raises(ValueError, match="text_source must be one of 'self', 'prose', 'both'"):
@@ -1384,8 +1384,8 @@ def test_the_samples_are_followed_by_a_share_of_the_shipped_prose(monkeypatch, t
     sequences, stays the samples'); it is part of the text's settings, so a text kept
     before it (samples alone) resumes only with 0; bad values and a fraction for a source
     that holds all the prose are refused, naming the field."""
-    from tnlm.compress import llm
-    from tnlm.compress.llm import DEFAULT_PROSE_FRACTION, CausalLMRecipe, recipe_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import DEFAULT_PROSE_FRACTION, CausalLMRecipe, recipe_text
 
     monkeypatch.setattr(llm, "self_generated_text",
                         lambda model, tok, n, chat=False, **kw: [f"s{i}" for i in range(n)])
@@ -1421,8 +1421,8 @@ def test_the_samples_are_followed_by_a_share_of_the_shipped_prose(monkeypatch, t
 
 
 def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, interleave, recipe_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, interleave, recipe_text
 
     asked = []
 
@@ -1441,8 +1441,8 @@ def test_mixed_text_alternates_continuations_and_chat_answers(monkeypatch):
 
 
 def test_a_kept_text_from_before_text_source_reads_as_the_models_samples(tmp_path):
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, read_saved_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, read_saved_text
 
     recipe = CausalLMRecipe(n_texts=2, gen_top_k=50)
     legacy = {k: v for k, v in recipe.text_settings().items()
@@ -1486,7 +1486,7 @@ def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, c
     seen = _stop_at_compression(monkeypatch,
                                 lambda recipe, kw: (recipe.text_source, kw.get("text")))
     # without ../shared/data the dense perplexity is measured on the shipped held-out prose
-    from tnlm.compress import lm_quality
+    from tnlm.compress.decoder import quality as lm_quality
     from tnlm.compress.text import lm_held_out
 
     scored = []
@@ -1503,7 +1503,7 @@ def test_cli_lm_text_reaches_the_causal_job_and_is_refused_elsewhere(tmp_path, c
 def test_cli_lm_texts_reaches_the_recipe_and_is_refused_where_nothing_is_written(
         tmp_path, capsys, monkeypatch):
     from tnlm.cli import main
-    from tnlm.compress import llm
+    from tnlm.compress.decoder import job as llm
 
     assert main(["compress", "--lm-texts", "8"]) == 2  # the embedded encoder
     assert "--lm-texts applies to causal LMs" in capsys.readouterr().err
@@ -1532,8 +1532,9 @@ def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monke
     settings (a resumed checkpoint's text must have been sampled alike)."""
     from tests.common import make_causal_lm, make_word_tokenizer
     from tnlm.cli import main
-    from tnlm.compress import causal_text, llm
-    from tnlm.compress.causal_text import self_generated_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder import text as causal_text
+    from tnlm.compress.decoder.text import self_generated_text
 
     assert main(["compress", "--lm-top-k", "8"]) == 2
     assert "--lm-top-k applies to causal LMs" in capsys.readouterr().err
@@ -1591,7 +1592,7 @@ def test_cli_sensitivity_sequences_reach_the_recipe_and_are_refused_elsewhere(
     refused for encoders, with an allocation other than sensitivity (given, or a
     baseline's uniform default), below 1 and beyond the calibration sequences."""
     from tnlm.cli import main
-    from tnlm.compress.llm import CausalLMRecipe
+    from tnlm.compress.decoder.job import CausalLMRecipe
 
     assert main(["compress", "--sensitivity-sequences", "2"]) == 2
     assert "--sensitivity-sequences applies to causal LMs" in capsys.readouterr().err
@@ -1667,7 +1668,7 @@ def test_residual_share_per_position_discounts_massive_positions():
 def test_output_error_reaches_fitting_the_allocation_and_the_reported_errors(monkeypatch):
     import tnlm.compress.layerwise.blocks as lw_blocks
     import tnlm.compress.layerwise.loop as lw
-    from tnlm.compress.llm import CausalLMRecipe
+    from tnlm.compress.decoder.job import CausalLMRecipe
 
     kinds, fitted, energies = [], [], []
     real_error, real_spectra = lw.block_error, lw.dense_spectra
@@ -1705,8 +1706,8 @@ def test_chat_text_is_the_models_answers_to_chat_prompts_in_its_chat_format():
     first end of sequence; the same seed writes the same texts; a tokenizer without a
     chat template is refused."""
     from tests.common import make_causal_lm, make_word_tokenizer
-    from tnlm.compress.causal_text import self_generated_text
-    from tnlm.compress.prompts import chat_prompts
+    from tnlm.compress.decoder.prompts import chat_prompts
+    from tnlm.compress.decoder.text import self_generated_text
 
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
     texts = self_generated_text(m, tok, 5, max_new_tokens=6, batch_size=2, chat=True, seed=1)
@@ -1730,7 +1731,7 @@ def test_self_generated_text_ignores_the_generation_config_s_logit_changes():
     """A model's generation_config (repetition penalty, no-repeat n-grams, suppressed
     tokens) does not change its own samples: they come from its distribution alone."""
     from tests.common import make_causal_lm, make_word_tokenizer
-    from tnlm.compress.causal_text import self_generated_text
+    from tnlm.compress.decoder.text import self_generated_text
 
     tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
     plain = self_generated_text(m, tok, 4, max_new_tokens=8, batch_size=2, seed=2)
@@ -1763,7 +1764,7 @@ class _Scripted(torch.nn.Module):
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_chat_text_stops_at_the_first_end_of_sequence(pad_is_eos):
     from tests.common import make_word_tokenizer
-    from tnlm.compress.causal_text import self_generated_text
+    from tnlm.compress.decoder.text import self_generated_text
 
     tok = make_word_tokenizer()
     if pad_is_eos:
@@ -1782,7 +1783,7 @@ def test_chat_text_stops_at_the_first_end_of_sequence(pad_is_eos):
 
 
 def test_chat_prompts_are_seeded_and_keep_the_held_out_topics_apart():
-    from tnlm.compress.prompts import HELD_OUT_TOPICS, KINDS, TOPICS, chat_prompts, topics
+    from tnlm.compress.decoder.prompts import HELD_OUT_TOPICS, KINDS, TOPICS, chat_prompts, topics
 
     a = chat_prompts(40, seed=0)
     assert a == chat_prompts(40, seed=0) != chat_prompts(40, seed=1)
@@ -1797,8 +1798,8 @@ def test_chat_prompts_are_seeded_and_keep_the_held_out_topics_apart():
 
 def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
     from tnlm.cli import main
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, recipe_text
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, recipe_text
 
     seen = []
 
@@ -1829,7 +1830,7 @@ def test_the_causal_job_can_heal_on_chat_text(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
 def test_teacher_copy_shares_what_is_outside_the_blocks_and_copies_the_blocks(arch):
-    from tnlm.compress.llm import teacher_copy
+    from tnlm.compress.decoder.job import teacher_copy
 
     model = MAKERS[arch]()
     teacher = teacher_copy(model)
@@ -1851,8 +1852,8 @@ def test_the_jobs_teacher_stays_dense_while_the_model_is_compressed(monkeypatch)
     """The teacher shares the embeddings and head with the student: at healing the
     teacher's logits are still the dense model's, and the shared tensors come out
     unchanged."""
-    from tnlm.compress import llm
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
 
     model = _llama()
     dense = copy.deepcopy(model)
@@ -1971,7 +1972,7 @@ def _word_tokenizer(bos: bool):
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_token_sequences_start_with_bos_when_the_tokenizer_puts_one_first(bos):
-    from tnlm.compress.causal_text import adds_bos, token_sequences
+    from tnlm.compress.decoder.text import adds_bos, token_sequences
 
     tok = _word_tokenizer(bos)
     assert adds_bos(tok) == (0 if bos else None)
@@ -2031,7 +2032,7 @@ def test_teacher_cache_runs_each_sequence_once_on_the_same_trajectory(chunk):
 
 
 def test_teacher_cache_keeps_only_what_comes_back_and_drops_it_after_its_last_draw():
-    from tnlm.compress.causal import _draws, _TeacherCache  # noqa: PLC2701
+    from tnlm.compress.decoder.heal import _draws, _TeacherCache  # noqa: PLC2701
 
     # the draws: the permutations the healing loop used to make on the fly
     d = _draws(5, 4, 3, seed=1)

@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
     torch.set_num_threads(1)
     from tnlm.cli import main
-    from tnlm.compress import llm
+    from tnlm.compress.decoder import job as llm
 
     real = llm.heal_causal
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.common import free_port, join_gloo_group, launch_ranks
-from tnlm.compress.causal import CausalHealConfig, heal_causal
+from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -151,7 +151,7 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
 
 
 def _run(rank: int, mode: str, out_dir: Path) -> None:
-    from tnlm.compress import causal
+    from tnlm.compress.decoder import heal as causal
 
     if mode == "heal":
         from safetensors.torch import save_file

@@ -58,7 +58,7 @@ def test_eval_gives_the_perplexities_the_compress_job_reported(llm, capsys):
 def test_eval_on_a_text_file_with_overlapping_windows_and_answers(llm, capsys):
     """``--text`` and ``--stride`` < ``--max-length``: every token after the first scored
     once; the model against itself has ratio 1 and all its answers identical."""
-    from tnlm.compress.lm_quality import perplexity
+    from tnlm.compress.decoder.quality import perplexity
     from tnlm.integration.loading import load_pretrained
 
     folder, text, _, _ = llm

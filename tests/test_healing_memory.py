@@ -9,7 +9,7 @@ import torch
 
 from tests.common import VOCAB, make_causal_lm
 from tnlm.bridge import MPOLinear, MPOModule
-from tnlm.compress.causal import CausalHealConfig, heal_causal
+from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.core import MPO
 from tnlm.integration.architectures import default_targets

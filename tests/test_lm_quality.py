@@ -1,5 +1,5 @@
 """Measures of a causal LM: sliding-window perplexity, greedy answers, the shipped questions
-and the held-out natural text (tnlm.compress.lm_quality), on tiny random models."""
+and the held-out natural text (tnlm.compress.decoder.quality), on tiny random models."""
 
 import importlib.util
 import math
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tests.common import QUESTIONS, TEXT
 from tests.common import make_causal_lm as make_model
 from tests.common import make_word_tokenizer as make_tokenizer
-from tnlm.compress.lm_quality import (
+from tnlm.compress.decoder.quality import (
     PerplexityResult,
     answer_agreement,
     answer_token_agreement,

@@ -260,9 +260,9 @@ def test_a_pivoted_entry_with_a_rank_beyond_the_matrix_is_refused():
 
 
 def test_the_pivoted_causal_job_ends_with_pivoted_layers_within_the_budget(monkeypatch):
-    from tnlm.compress import llm
-    from tnlm.compress.causal import CausalHealConfig
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder import job as llm
+    from tnlm.compress.decoder.heal import CausalHealConfig
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
 
     tok = make_word_tokenizer()
     model = make_causal_lm("llama")

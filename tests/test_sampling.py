@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from tnlm.compress.sampling import NucleusSampler
+from tnlm.compress.decoder.sampling import NucleusSampler
 
 
 def _hf_probs(scores: torch.Tensor, temperature: float, top_p: float,

@@ -25,7 +25,7 @@ def llm(tmp_path_factory):
 
 
 def test_token_sequences_refuses_one_string_for_a_list_of_documents():
-    from tnlm.compress.causal_text import token_sequences
+    from tnlm.compress.decoder.text import token_sequences
 
     tok = make_word_tokenizer()
     text = " ".join(WORDS * 20)
@@ -39,7 +39,7 @@ def test_token_sequences_refuses_one_string_for_a_list_of_documents():
 
 
 def test_compress_causal_lm_refuses_a_string_as_its_text():
-    from tnlm.compress.llm import CausalLMRecipe, compress_causal_lm
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
 
     model, tok = make_causal_lm("llama"), make_word_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -110,9 +110,9 @@ def test_encoder_lr_with_no_healing_is_refused(capsys):
 
 
 def test_recipe_and_config_fields_that_did_nothing_or_failed_late_are_refused():
-    from tnlm.compress.causal import CausalHealConfig
+    from tnlm.compress.decoder.heal import CausalHealConfig
+    from tnlm.compress.decoder.job import CausalLMRecipe
     from tnlm.compress.layerwise import LayerwiseConfig
-    from tnlm.compress.llm import CausalLMRecipe
 
     with pytest.raises(ValueError, match="heal_pivoted .* needs pivoted=True"):
         CausalLMRecipe(heal_pivoted=True)

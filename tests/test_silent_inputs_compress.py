@@ -18,12 +18,12 @@ from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thr
 )
 from tests.test_cli import model_dir, text_file  # noqa: F401  (fixtures)
 from tnlm.cli import main
-from tnlm.compress.causal import CausalHealConfig
+from tnlm.compress.decoder.heal import CausalHealConfig
+from tnlm.compress.decoder.job import CausalLMRecipe
 from tnlm.compress.distill import HealConfig, heal
 from tnlm.compress.encoder import EncoderRecipe, split_text
 from tnlm.compress.heal_state import STATE_FILE
 from tnlm.compress.layerwise import LayerwiseConfig
-from tnlm.compress.llm import CausalLMRecipe
 from tnlm.compress.pipeline import CompressionConfig, compress_model, run_context, target_shapes
 from tnlm.compress.squeeze import DimensionSqueezer
 

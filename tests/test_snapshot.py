@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.common import VOCAB, make_causal_lm
-from tnlm.compress.causal import CausalHealConfig, heal_causal
+from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.compress.memory import rss_mb
 from tnlm.compress.snapshot import ParameterSnapshot

@@ -12,8 +12,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from tnlm.bridge import TRAIN_SETS, MPOModule, mpo_modules, select_parameters, set_trainable
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train
-from tnlm.compress import causal, distill, heal_state
-from tnlm.compress.causal import CausalHealConfig
+from tnlm.compress import distill, heal_state
+from tnlm.compress.decoder import heal as causal
+from tnlm.compress.decoder.heal import CausalHealConfig
 from tnlm.compress.distill import HealConfig
 from tnlm.compress.encoder import EncoderRecipe
 from tnlm.compress.layerwise import LayerwiseConfig, block_parameters, compress_layerwise

@@ -29,20 +29,20 @@ __all__ = ["compress_causal", "DIST_TIMEOUT", "LAYERWISE_DIR"]
 def compress_causal(args: argparse.Namespace, source, arch) -> int:
     """``tnlm compress`` on a causal LM (a folder or a .gguf file): layer-by-layer
     compression, next-token-KL healing, held-out perplexity against the dense model's
-    (:mod:`tnlm.compress.llm`). Inputs are checked before the model is loaded.
+    (:mod:`tnlm.compress.decoder.job`). Inputs are checked before the model is loaded.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this: the process group is
     initialized after the inputs are checked (gloo on CPU, nccl with CUDA; timeout
     ``--dist-timeout``) and destroyed at the end; the ranks compress and heal together
-    (:func:`~tnlm.compress.llm.compress_causal_lm`); rank 0 alone measures perplexity,
+    (:func:`~tnlm.compress.decoder.job.compress_causal_lm`); rank 0 alone measures perplexity,
     prints and writes ``--out`` (each rank writes its own hidden states to the per-block
     checkpoint ``--out/layerwise``, :func:`_compress_causal_job`)."""
     import math
     from datetime import timedelta
 
-    from tnlm.compress.causal_text import split_held_out
+    from tnlm.compress.decoder.job import CausalLMRecipe, has_checkpoint, remove_checkpoint
+    from tnlm.compress.decoder.text import split_held_out
     from tnlm.compress.distributed import process_group_from_env
-    from tnlm.compress.llm import CausalLMRecipe, has_checkpoint, remove_checkpoint
     from tnlm.compress.text import read_sentences
 
     rank, size = launched()
@@ -229,7 +229,7 @@ def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank
     without it, a checkpoint of an earlier run in ``ckpt`` discarded with a notice; on the
     loaded model, before any work."""
     from tnlm.compress import distributed as dist_
-    from tnlm.compress.llm import check_resume, has_checkpoint, remove_checkpoint
+    from tnlm.compress.decoder.job import check_resume, has_checkpoint, remove_checkpoint
 
     if ckpt is None:
         return
@@ -290,10 +290,10 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
 
     import torch
 
-    from tnlm.compress.causal_text import token_sequences
+    from tnlm.compress.decoder.job import compress_causal_lm, remove_checkpoint
+    from tnlm.compress.decoder.quality import natural_eval_text, perplexity
+    from tnlm.compress.decoder.text import token_sequences
     from tnlm.compress.layerwise import check_targets_and_budget
-    from tnlm.compress.llm import compress_causal_lm, remove_checkpoint
-    from tnlm.compress.lm_quality import natural_eval_text, perplexity
     from tnlm.compress.memory import mmap_large_allocations, peak_rss_mb, rss_mb, start_stage
     from tnlm.integration import MPOConfig, MPOModel
     from tnlm.integration.loading import load_pretrained

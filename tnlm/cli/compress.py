@@ -57,7 +57,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     On an encoder this is :func:`tnlm.compress.encoder.compress_encoder` (its defaults:
     :class:`~tnlm.compress.encoder.EncoderRecipe`); on a causal LM
-    :func:`tnlm.compress.llm.compress_causal_lm`.
+    :func:`tnlm.compress.decoder.job.compress_causal_lm`.
 
     Every input is checked before the model is loaded: the numbers, --text (UTF-8, enough
     sentences, the column), --sick (a SICK file), --out (created and written to, and

@@ -1,7 +1,7 @@
 """``tnlm eval MODEL [--reference REF] [--text FILE ...]``: does a (compressed) model still work?
 
 * A causal LM: sliding-window perplexity on the text
-  (:func:`tnlm.compress.lm_quality.perplexity`: windows of ``--max-length`` tokens every
+  (:func:`tnlm.compress.decoder.quality.perplexity`: windows of ``--max-length`` tokens every
   ``--stride``; with ``--stride`` equal to ``--max-length``, what ``tnlm compress`` reports),
   with ``--reference`` the reference's perplexity on the same tokens and their ratio;
   ``--answers``: greedy answers to tnlm's 50 simple questions, how many are right (a keyword
@@ -201,7 +201,7 @@ def _load(path: Path, checkpoint: bool) -> Any:
 
 def _default_text(causal: bool) -> tuple[list[str], str]:
     """The text ``tnlm compress`` measures on and its description."""
-    from tnlm.compress.lm_quality import natural_eval_text
+    from tnlm.compress.decoder.quality import natural_eval_text
     from tnlm.compress.text import lm_held_out
 
     text = natural_eval_text()
@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         texts, source = run["texts"], ", ".join(str(f) for f in args.text)
     else:
         texts, source = _default_text(run["causal"])
-    from tnlm.compress.lm_quality import encode_stream
+    from tnlm.compress.decoder.quality import encode_stream
 
     tok = _tokenizer(run["model"], run["checkpoint"], run["causal"])
     ref = ref_tok = None
@@ -282,7 +282,7 @@ def _check_shapes(args: argparse.Namespace, run: dict[str, Any], model: Any,
 
 def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: Any,
             texts: list[str]) -> dict[str, Any]:
-    from tnlm.compress.lm_quality import perplexity
+    from tnlm.compress.decoder.quality import perplexity
 
     text = "\n\n".join(texts)
     kw = dict(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
@@ -294,7 +294,7 @@ def _causal(args: argparse.Namespace, model: Any, tok: Any, ref: Any, ref_tok: A
         r = perplexity(ref, ref_tok, text, **kw)
         out.update(reference_perplexity=r.ppl, perplexity_ratio=res.ppl / r.ppl)
     if args.answers:
-        from tnlm.compress.lm_quality import (
+        from tnlm.compress.decoder.quality import (
             answer_agreement,
             answers_correct,
             greedy_answers,

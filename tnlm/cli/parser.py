@@ -37,10 +37,15 @@ def _short(x: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from tnlm import __version__
-    from tnlm.compress.causal import OPTIMIZERS, CausalHealConfig
+    from tnlm.compress.decoder.heal import OPTIMIZERS, CausalHealConfig
+    from tnlm.compress.decoder.job import (
+        DEFAULT_PROSE_FRACTION,
+        JOB_HEAL,
+        TEXT_SOURCES,
+        CausalLMRecipe,
+    )
     from tnlm.compress.encoder import DEFAULT_SICK, EncoderRecipe
     from tnlm.compress.layerwise import ALLOCATIONS as LAYERWISE_ALLOCATIONS
-    from tnlm.compress.llm import DEFAULT_PROSE_FRACTION, JOB_HEAL, TEXT_SOURCES, CausalLMRecipe
     from tnlm.compress.pipeline import ALLOCATIONS
 
     enc = EncoderRecipe  # the encoder job's defaults (class attributes of the dataclass)

@@ -19,7 +19,7 @@ users and the experiments call; every default of the job lives in :class:`Encode
 :class:`~tnlm.compress.pipeline.CompressionConfig` keeps the mechanism's own cheaper
 defaults (uniform allocation, no reconstruction, :class:`~tnlm.compress.distill.HealConfig`'s
 300 steps); :meth:`EncoderRecipe.compression_config` is the job's. Causal LMs have their
-own job: :mod:`tnlm.compress.llm`.
+own job: :mod:`tnlm.compress.decoder.job`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A copy of parameter values to go back to: healing's best state, kept off the heap.
 
 Healing keeps the trained parameters of its best step so that a run that blows up can be
-restored (:func:`tnlm.compress.causal.heal_causal`). Kept in memory that copy is as large
+restored (:func:`tnlm.compress.decoder.heal.heal_causal`). Kept in memory that copy is as large
 as everything healing trains (SmolLM2-135M at a 60 % budget: 64M parameters, 256 MB,
 about a tenth of the healing stage's peak). :class:`ParameterSnapshot` keeps it in one
 unnamed temporary file instead (``where="disk"``), written tensor by tensor from the

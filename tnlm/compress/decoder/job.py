@@ -4,13 +4,13 @@
 Python users and the experiments call (its defaults live in :class:`CausalLMRecipe`)::
 
     text      = the user's text, or (``text_source``) the dense model's own samples
-                (data-free; tnlm.compress.causal) followed by ``prose_fraction`` of the
+                (data-free; tnlm.compress.decoder.heal) followed by ``prose_fraction`` of the
                 prose that ships with tnlm (tnlm.compress.text.lm_sentences), that
                 prose alone, or both
     sequences = that text cut into equal-length token sequences
     student   = the model, compressed in place block by block on the first
                 ``n_calibration`` sequences (tnlm.compress.layerwise)
-    healing   = next-token KL to the dense model on all sequences (tnlm.compress.causal)
+    healing   = next-token KL to the dense model on all sequences (tnlm.compress.decoder.heal)
 
 The dense teacher is a copy of the model's blocks made before compression, sharing the
 rest (embeddings, final norm, LM head) with the model (:func:`teacher_copy`; a full copy
@@ -50,8 +50,8 @@ from torch import nn
 
 from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress import distributed as dist_
-from tnlm.compress.causal import CausalHealConfig, CausalHealResult, heal_causal
-from tnlm.compress.causal_text import (
+from tnlm.compress.decoder.heal import CausalHealConfig, CausalHealResult, heal_causal
+from tnlm.compress.decoder.text import (
     check_texts,
     generation_is_neutral,
     self_generated_text,
@@ -95,7 +95,7 @@ DEFAULT_PROSE_FRACTION = 0.25
 #: the text sources that hold all of the shipped prose (nothing to add after them)
 _ALL_PROSE = ("prose", "both")
 
-#: the causal job's healing defaults beyond :class:`~tnlm.compress.causal.CausalHealConfig`'s
+#: the causal job's healing defaults beyond :class:`~tnlm.compress.decoder.heal.CausalHealConfig`'s
 #: (whose own defaults, AdamW and the whole KL at once, serve :func:`heal_causal` callers)
 JOB_HEAL = {"optimizer": "adafactor", "chunk": 128}
 
@@ -125,7 +125,7 @@ class CausalLMRecipe:
             ``"both"``, the prose then the samples (so the first ``n_calibration``
             sequences, the calibration, are prose, and the samples only heal);
             ``"chat"``, ``n_texts`` conversations:
-            a prompt of :func:`tnlm.compress.prompts.chat_prompts` in the tokenizer's chat
+            a prompt of :func:`tnlm.compress.decoder.prompts.chat_prompts` in the tokenizer's chat
             template and the dense model's sampled answer (needs a chat template;
             :func:`recipe_text`); ``"mixed"``, ``n_texts`` samples, half of them
             continuations as in ``"self"`` and half chat answers as in ``"chat"``,
@@ -176,7 +176,7 @@ class CausalLMRecipe:
             measured worse on SmolLM2 at 80 %: 1.92x vs 1.69x the dense perplexity,
             docs/results.md; AdamW's steps in the gauge-fixed coordinates heal less).
         heal: healing settings (``steps=0``: none;
-            :class:`~tnlm.compress.causal.CausalHealConfig`). The job's default is
+            :class:`~tnlm.compress.decoder.heal.CausalHealConfig`). The job's default is
             :data:`JOB_HEAL`: Adafactor, whose factored second moments take a fraction of
             AdamW's two moment buffers, and the next-token KL in chunks of 128 positions;
             on SmolLM2 at 60 % they heal as AdamW does (3.52x vs 3.48x the dense
@@ -331,7 +331,7 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
                 progress: bool = False) -> list[str]:
     """The job's text when the user gives none (:attr:`CausalLMRecipe.text_source`): the
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
-    dense ``model`` (:func:`tnlm.compress.causal_text.self_generated_text`), prose first; for
+    dense ``model`` (:func:`tnlm.compress.decoder.text.self_generated_text`), prose first; for
     ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
     for ``"mixed"`` half of each (:func:`interleave`). After samples alone, the first
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
@@ -488,7 +488,7 @@ def teacher_copy(model: nn.Module) -> nn.Module:
 
     Exact for the job: compression replaces targets inside the blocks only
     (``compress_layerwise``) and healing trains only what is in the blocks
-    (:func:`~tnlm.compress.causal.heal_causal`), so those shared tensors hold the dense
+    (:func:`~tnlm.compress.decoder.heal.heal_causal`), so those shared tensors hold the dense
     values throughout. The teacher adds the blocks' bytes only: SmolLM2-135M's tied
     embedding (28.3M of its 134.5M parameters, 113 MB) is held once instead of twice.
     Not for a teacher that is cast afterwards (``.to(dtype)`` would cast the shared
@@ -521,7 +521,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             on the text kept there (written again if there is none). Healing starts from
             the beginning.
         on_heal_step: called before healing with 0 and after each healing step with its
-            number (:func:`~tnlm.compress.causal.heal_causal`'s ``on_step``), e.g. to
+            number (:func:`~tnlm.compress.decoder.heal.heal_causal`'s ``on_step``), e.g. to
             measure the model along the way (with ``recipe.pivoted`` the gauge is fixed
             after healing unless ``heal_pivoted``: the same function either way).
 

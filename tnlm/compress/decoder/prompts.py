@@ -8,8 +8,9 @@ prompts, and a causal LM's chat text (``self_generated_text(chat=True)``) is a m
 own answers to them. :data:`HELD_OUT_TOPICS` are named by no prompt of :data:`TOPICS`:
 the held-out prose (:func:`tnlm.compress.text.lm_held_out`) is about them only.
 
-None of the prompts asks a question of the kind of :func:`tnlm.compress.lm_quality.simple_questions`
-(facts to recall): those stay held out.
+None of the prompts asks a question of the kind of
+:func:`tnlm.compress.decoder.quality.simple_questions` (facts to recall): those stay held
+out.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.compress.lm_quality import eos_ids, until_eos
-from tnlm.compress.sampling import NucleusSampler
+from tnlm.compress.decoder.quality import eos_ids, until_eos
+from tnlm.compress.decoder.sampling import NucleusSampler
 from tnlm.compress.text import check_texts
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
@@ -34,14 +34,14 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
                         top_k: int | None = None) -> list[str]:
     """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
     docstring): each token drawn from the top-``top_p`` nucleus of the model's
-    distribution at ``temperature`` (:class:`tnlm.compress.sampling.NucleusSampler`),
+    distribution at ``temperature`` (:class:`tnlm.compress.decoder.sampling.NucleusSampler`),
     among the ``top_k`` most likely tokens when ``top_k`` is given (none by default;
     transformers' own sampling applies 50 unless told otherwise, and tnlm's samples
     were drawn so before this sampler: measured in docs/results.md).
 
     By default each text continues the first 2-4 words of one of tnlm's generated
     sentences. With ``chat``, each is a conversation instead: one of
-    :func:`tnlm.compress.prompts.chat_prompts` (``n`` of them, drawn with ``seed``) through
+    :func:`tnlm.compress.decoder.prompts.chat_prompts` (``n`` of them, drawn with ``seed``) through
     the tokenizer's chat template as the user's turn, followed by the model's answer, its
     special tokens kept up to and including the first end-of-sequence token (the text
     then reads as the chat format the model is used in).
@@ -49,7 +49,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     Raises:
         ValueError: ``n`` or ``batch_size`` not an int >= 1; ``chat`` with a tokenizer
             that has no chat template; ``temperature``, ``top_p`` or ``top_k`` out of
-            range (:class:`~tnlm.compress.sampling.NucleusSampler`).
+            range (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`).
     """
     from tnlm.compress.text import generated_sentences
 
@@ -61,7 +61,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True needs a tokenizer with a chat template; this one "
                              "has none (use the plain samples, chat=False)")
-        from tnlm.compress.prompts import chat_prompts
+        from tnlm.compress.decoder.prompts import chat_prompts
 
         starts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                 add_generation_prompt=True, tokenize=False)
@@ -101,7 +101,7 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
             draws = torch.Generator().manual_seed(
                 int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             # sampled by the processor (one uniform number a row, not multinomial's
-            # batch x vocab exponentials: tnlm.compress.sampling); generate keeps its pick
+            # batch x vocab exponentials: tnlm.compress.decoder.sampling); generate keeps its pick
             ids = model.generate(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"], do_sample=False,
                                  num_beams=1,  # one greedy path keeps each draw
