@@ -226,6 +226,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tnlm.compress.decoder.quality import encode_stream
 
     tok = _tokenizer(run["model"], run["checkpoint"], run["causal"])
+    if run["causal"]:  # the perplexity predicts every token but the first: 2 at least
+        n = len(encode_stream(tok, "\n\n".join(texts)))
+        if n < 2:
+            raise EvalError(f"{'--text ' if run['texts'] is not None else ''}{source} holds "
+                            f"{n} token(s) of MODEL's tokenizer: the perplexity needs at "
+                            "least 2")
     ref = ref_tok = None
     if run["ref"] is not None:
         ref_tok = _tokenizer(run["ref"], run["ref_checkpoint"], run["causal"])

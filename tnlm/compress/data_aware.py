@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,7 @@ from tnlm.compress.calibration import InputStats
 from tnlm.core import MPO
 from tnlm.core.spec import apply_gauge
 from tnlm.core.spectra import tail_sums
+from tnlm.core.validation import all_finite, check_number, check_positive_int
 
 __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
 
@@ -53,9 +55,7 @@ def _shifted_cholesky(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, f
     scale = float(torch.trace(G)) / n
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError("gram must be a finite, nonzero positive semi-definite matrix")
-    if not (math.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    lam = float(ridge)
+    lam = check_number(ridge, "ridge")
     eye = torch.eye(n, dtype=G.dtype)
     for _ in range(12):
         L, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
@@ -69,7 +69,13 @@ def _shifted_cholesky(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, f
 def whitening_factor(gram: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Lower-triangular L with ``L Lᵀ = G + λ I``, float64; ``λ = ridge · tr(G)/n``,
     raised ×10 (from 1e-12 when ``ridge`` is 0) until the Cholesky factorization succeeds
-    (rank-deficient calibration)."""
+    (rank-deficient calibration).
+
+    Raises:
+        TypeError: ``ridge`` not a real number (a bool or a string included).
+        ValueError: ``ridge`` negative or not finite; ``gram`` not square, with a
+            non-finite or non-positive trace, or not positive semi-definite.
+    """
     return _shifted_cholesky(gram, ridge)[0]
 
 
@@ -116,6 +122,8 @@ class _OutputMetric:
                    0.0)
 
     def relative(self, W: torch.Tensor, W_approx: torch.Tensor) -> float:
+        if not all_finite(W):  # its reference norm would be NaN or inf, reported as 0
+            raise ValueError("W holds NaN or infinite values")
         W = W.to(torch.float64)
         Wa = W_approx.to(torch.float64)
         ref = float(torch.sum(W * (self.ref_gram @ W)))
@@ -131,6 +139,10 @@ def output_error(W: torch.Tensor, W_approx: torch.Tensor, stats: InputStats) -> 
     With ``stats.cross`` unset, ``X_s = X_t`` and this is ``||X (W - W')|| / ||X W||``,
     computed from ``D = W - W'`` directly (no cancellation: an exact ``W'`` reports an
     error at rounding level, ~1e-15 in float64). See :class:`_OutputMetric`.
+
+    Raises:
+        ValueError: ``W`` holds NaN or infinite values (a non-finite ``W_approx`` gives a
+            NaN error).
     """
     return _OutputMetric(stats).relative(W, W_approx)
 
@@ -182,12 +194,19 @@ class WhitenedLayer:
     def truncated(self, rank: int) -> torch.Tensor:
         """The float64 weight (in, out) of the rank-``rank`` truncation, ``L^{-T} M_r``: the
         matrix :meth:`mpo` and :meth:`layer` represent (up to float rounding), without
-        building them. Needs ``vectors=True``."""
+        building them. Needs ``vectors=True``; a ``rank`` above the spectrum's length
+        keeps all of it.
+
+        Raises:
+            TypeError: ``rank`` not an int.
+            ValueError: ``rank`` below 1, or the layer made without ``vectors``.
+        """
+        rank = check_positive_int(rank, "rank")
         if self._svd is None:
             raise ValueError("truncated() needs the SVD's vectors: WhitenedLayer(..., "
                              "vectors=True)")
         U, S, Vh = self._svd
-        r = max(1, min(int(rank), int(S.shape[0])))
+        r = min(rank, int(S.shape[0]))
         return torch.linalg.solve_triangular(self.L.T, (U[:, :r] * S[:r]) @ Vh[:r],
                                              upper=True)
 
@@ -197,7 +216,16 @@ class WhitenedLayer:
 
     def rank_error(self, rank: int) -> float:
         """Relative whitened error of keeping ``rank`` singular values (2-site layout):
-        ``sqrt(Σ_{i>=rank} s_i² / Σ s_i²)``."""
+        ``sqrt(Σ_{i>=rank} s_i² / Σ s_i²)``.
+
+        Raises:
+            TypeError: ``rank`` not an int.
+            ValueError: ``rank`` negative.
+        """
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+            raise TypeError(f"rank must be an int, got {rank!r}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
         total = float(self.tails[0])
         return math.sqrt(float(self.tails[min(rank, len(self.spectrum))]) / total) if total else 0.0
 

@@ -73,6 +73,7 @@ from tnlm.compress.text import lm_sentences
 from tnlm.core.pivot import pivoted_params
 from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.architectures import architecture_of, blocks_of
+from tnlm.integration.config import MPOConfig
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
@@ -115,9 +116,10 @@ class CausalLMRecipe:
         budget: fraction of the targeted linears' parameters kept.
         method: :data:`tnlm.compress.layerwise.METHODS` (``"whitened"`` and ``"plain"`` are
             the baselines).
-        target_modules: patterns, each matching some linear in the blocks by its name in
-            the model or in its block (else ``ValueError``); default: the architecture's
-            (``architectures.py``).
+        target_modules: a non-empty list of patterns, each matching some linear in the
+            blocks by its name in the model or in its block (else ``ValueError``), or one
+            regular expression (a string), as ``LayerwiseConfig.target_modules`` takes
+            them; default (None): the architecture's (``architectures.py``).
         text_source: the text when none is given, one of :data:`TEXT_SOURCES`:
             ``"self"``, the dense model's own ``n_texts`` samples; ``"prose"``, the
             sentences that ship with tnlm (:func:`tnlm.compress.text.lm_sentences`, about
@@ -187,9 +189,9 @@ class CausalLMRecipe:
         seed: the one seed of the job: its text, its ranks' probe and healing's draws.
 
     Raises:
-        ValueError: a field out of range or of the wrong type (named), ``heal.seed``
-            set and different from ``seed``, ``n_texts`` < 2 with ``text_source``
-            ``"mixed"``.
+        ValueError: a field out of range or of the wrong type (named; ``target_modules``
+            an empty list too), ``heal.seed`` set and different from ``seed``, ``n_texts``
+            < 2 with ``text_source`` ``"mixed"``.
     """
 
     budget: float = 0.6
@@ -235,6 +237,8 @@ class CausalLMRecipe:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"gen_top_k must be None or an int >= 1, got {k!r}")
         check_bool_fields(self, "pivoted", "heal_pivoted")
+        if self.target_modules is not None:  # a string is one regex, as MPOConfig takes it
+            self.target_modules = MPOConfig(target_modules=self.target_modules).target_modules
         if self.heal_pivoted and not self.pivoted:
             raise ValueError("heal_pivoted fixes the gauge of pivoted layers before healing: "
                              "it needs pivoted=True")
@@ -286,7 +290,8 @@ class CausalLMRecipe:
                          checkpoint_dir: str | os.PathLike | None = None) -> LayerwiseConfig:
         """The :class:`~tnlm.compress.layerwise.LayerwiseConfig` the job compresses
         ``model`` with (targets: ``target_modules`` or the architecture's)."""
-        targets = list(self.target_modules or architecture_of(model).targets)
+        targets = self.target_modules if self.target_modules is not None \
+            else list(architecture_of(model).targets)
         return LayerwiseConfig(targets, budget=self.budget, method=self.method,
                                fit_steps=self.fit_steps, fit_lr=self.fit_lr,
                                output_error=self.output_error, pivoted=self.pivoted,
@@ -528,9 +533,12 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     Raises:
         ValueError: a model that is not a causal LM tnlm knows, text too short for one
             sequence, (distributed) a healing batch smaller than the world size,
-            ``resume`` without ``checkpoint_dir``, or a checkpoint or kept text that
-            cannot be resumed (:func:`check_resume`); the model has not been changed
-            then (with ``checkpoint_dir``, the job's own text may already be kept there).
+            ``resume`` without ``checkpoint_dir``, ``recipe.text_source`` ``"chat"`` or
+            ``"mixed"`` with a tokenizer that has no chat template (before anything is
+            sampled; unless ``text`` is given or a resume reads the text kept), or a
+            checkpoint or kept text that cannot be resumed (:func:`check_resume`); the
+            model has not been changed then (with ``checkpoint_dir``, the job's own text
+            may already be kept there).
         tnlm.compress.distributed.RankFailure: another rank stopped or the process
             group's timeout passed.
     """
@@ -544,6 +552,11 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         raise ValueError("resume needs checkpoint_dir")
     if text is not None:
         text = check_texts(text, "text")
+    elif recipe.text_source in ("chat", "mixed") and not getattr(
+            tokenizer, "chat_template", None) and not (
+            resume and (Path(checkpoint_dir) / TEXT_FILE).is_file()):
+        raise ValueError(f"text_source {recipe.text_source!r} samples chat answers: the "
+                         "tokenizer has no chat template (use 'self', 'prose' or 'both')")
     rank, size = dist_.world()
     if size > 1 and recipe.heal.steps and recipe.heal.batch_size < size:
         raise ValueError(f"recipe.heal.batch_size ({recipe.heal.batch_size}) must be at least "

@@ -33,14 +33,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnlm.compress.quality import read_sick
+from tnlm.compress.text import check_texts
 
-__all__ = ["PerplexityResult", "answer_agreement", "answer_token_agreement", "answers_correct",
-           "encode_stream", "eos_ids", "greedy_answers", "natural_eval_text", "perplexity",
-           "prompt_ids", "question_keys",
-           "simple_questions", "until_eos", "window_spans"]
+__all__ = ["NEUTRAL_GENERATION", "PerplexityResult", "answer_agreement",
+           "answer_token_agreement", "answers_correct", "encode_stream", "eos_ids",
+           "greedy_answers", "natural_eval_text", "neutral_generation", "perplexity",
+           "prompt_ids", "question_keys", "simple_questions", "until_eos", "window_spans"]
 
 #: the labelled data folder, relative to the working directory
 DEFAULT_SHARED_DIR = Path("../shared/data")
+
+#: what a model's ``generation_config`` may set that would change the logits before the
+#: token is picked (Qwen2.5-Instruct sets ``repetition_penalty`` 1.1): greedy answers and
+#: self-generated texts are the model's own distribution, so each is passed to
+#: ``generate`` at its neutral value (:func:`neutral_generation`)
+NEUTRAL_GENERATION = dict(
+    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
+    min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    guidance_scale=None, watermarking_config=None, renormalize_logits=False,
+    remove_invalid_values=False)
+
+
+def neutral_generation() -> dict[str, Any]:
+    """:data:`NEUTRAL_GENERATION`, those this transformers' ``GenerationConfig`` knows."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    return {k: v for k, v in NEUTRAL_GENERATION.items() if hasattr(known, k)}
 
 
 @dataclass(frozen=True)
@@ -165,6 +186,10 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
         batch_size: full windows per forward pass.
         progress: show a tqdm bar over forward passes.
 
+    Returns:
+        A :class:`PerplexityResult`; ``ppl`` is ``inf`` when ``exp`` of the mean NLL
+        overflows a float (a mean NLL above about 709.8 nats).
+
     Raises:
         ValueError: an empty text, a stream shorter than 2 tokens, bad window arguments.
     """
@@ -204,8 +229,11 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | Sequence[str], *,
                     scored += e - first
     finally:
         model.train(was_training)
-    return PerplexityResult(ppl=math.exp(total / scored), nll=total, n_tokens=scored,
-                            n_windows=len(spans))
+    try:
+        ppl = math.exp(total / scored)
+    except OverflowError:  # a mean NLL above ~709.8 nats: not finite, as the callers check
+        ppl = math.inf
+    return PerplexityResult(ppl=ppl, nll=total, n_tokens=scored, n_windows=len(spans))
 
 
 def prompt_ids(tokenizer: Any, question: str) -> list[int]:
@@ -251,24 +279,27 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
     similar length are batched (``batch_size`` at a time, left-padded with the pad token,
     or the EOS token when there is none, with an attention mask of zeros over the
     padding) and decoded by ``model.generate(do_sample=False, use_cache=True,
-    max_new_tokens=...)``, stopping at the model's or the tokenizer's EOS. Each answer is
-    the decoding of the new tokens with special tokens skipped, stripped of surrounding
-    whitespace. The tokenizer is not modified. Runs in eval mode; the training flag is
-    restored. With ``return_ids`` also the generated token ids of each answer, up to and
-    including the first EOS (the targets :func:`answer_token_agreement` scores exactly).
+    max_new_tokens=...)``, stopping at the model's or the tokenizer's EOS; what the model's
+    ``generation_config`` sets that would change the logits (a repetition penalty, ...) is
+    passed at its neutral value (:data:`NEUTRAL_GENERATION`): each token is the argmax.
+    Each answer is the decoding of the new tokens with special tokens skipped, stripped of
+    surrounding whitespace. The tokenizer is not modified. Runs in eval mode; the training
+    flag is restored. With ``return_ids`` also the generated token ids of each answer, up to
+    and including the first EOS (the targets :func:`answer_token_agreement` scores exactly).
 
     With left padding and the mask, a batched answer equals the one-by-one answer up to
     float rounding in the attention over different shapes (exactly equal on a trained
     model in practice; see the tests).
 
     Raises:
-        ValueError: ``max_new_tokens`` or ``batch_size`` below 1, or a tokenizer with
-            neither a pad nor an EOS token.
+        TypeError: ``questions`` is one string (or holds something else than strings).
+        ValueError: ``max_new_tokens`` or ``batch_size`` not an int >= 1, or a tokenizer
+            with neither a pad nor an EOS token.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    questions = check_texts(questions, "questions")
+    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -277,6 +308,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
     prompts = [prompt_ids(tokenizer, q) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     eos = eos_ids(model, tokenizer)
+    neutral = neutral_generation()
     device = _device(model)
     answers: list[str] = [""] * len(prompts)
     answer_ids: list[list[int]] = [[] for _ in prompts]
@@ -296,7 +328,7 @@ def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], *
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      do_sample=False, num_beams=1, use_cache=True,
                                      max_new_tokens=max_new_tokens, pad_token_id=int(pad),
-                                     eos_token_id=eos or None)
+                                     eos_token_id=eos or None, **neutral)
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -315,8 +347,10 @@ def answer_agreement(a: Sequence[str], b: Sequence[str], *, normalize: bool = Tr
     after collapsing runs of whitespace to one space, stripping and case folding.
 
     Raises:
+        TypeError: ``a`` or ``b`` is one string (or holds something else than strings).
         ValueError: the sequences differ in length or are empty.
     """
+    a, b = check_texts(a, "a"), check_texts(b, "b")
     if len(a) != len(b):
         raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
     if not a:
@@ -411,8 +445,13 @@ def answer_token_agreement(model: nn.Module, tokenizer: Any, questions: Sequence
     whitespace stripped, other splits); measure it in the same run.
 
     Raises:
+        TypeError: ``questions`` is one string (or holds something else than strings), or
+            ``answers`` is one string.
         ValueError: ``questions`` and ``answers`` differ in length, or no answer has a token.
     """
+    questions = check_texts(questions, "questions")
+    if isinstance(answers, (str, bytes)):
+        check_texts(answers, "answers")  # one string: refused, naming answers
     if len(questions) != len(answers):
         raise ValueError(f"questions and answers must have the same length, got "
                          f"{len(questions)} and {len(answers)}")
@@ -446,12 +485,30 @@ def _tsv_rows(path: Path) -> list[list[str]]:
         return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
+def _cola_rows(path: Path) -> list[tuple[str, str]]:
+    """``(sentence, label)`` of each row of a CoLA file, in either of its layouts: two
+    columns (``sentence<TAB>label``) or GLUE's four (``source<TAB>label<TAB>original
+    label<TAB>sentence``), its first row deciding; blank lines are skipped."""
+    rows = [(n, r) for n, r in enumerate(_tsv_rows(path), 1) if r]
+    layout = len(rows[0][1]) if rows else 2
+    out = []
+    for n, r in rows:
+        if len(r) != layout or layout not in (2, 4):
+            raise ValueError(f"{path}: line {n} has {len(r)} tab-separated columns; a CoLA "
+                             "file has 2 on every line (sentence, label) or 4 (source, label, "
+                             "original label, sentence)")
+        out.append((r[0], r[1]) if layout == 2 else (r[3], r[1]))
+    return out
+
+
 def natural_eval_text(shared_dir: str | os.PathLike | None = None) -> list[str] | None:
     """Held-out natural English for :func:`perplexity`, from the labelled data folder.
 
     ``shared_dir`` (default ``../shared/data``, relative to the working directory) holds
-    ``sst2/dev.tsv`` (header, ``sentence<TAB>label``), ``cola/dev.tsv`` (no header,
-    ``sentence<TAB>label``) and ``sick/trial.tsv`` (SICK pairs). Up to three documents are
+    ``sst2/dev.tsv`` (``sentence<TAB>label``, its first row dropped when it is a header: a
+    label that is not a number), ``cola/dev.tsv`` (no header, ``sentence<TAB>label``, or
+    GLUE's ``source<TAB>label<TAB>original label<TAB>sentence``) and ``sick/trial.tsv``
+    (SICK pairs). Up to three documents are
     returned, in this order, one per file present, each its sentences in file order joined
     with ``"\\n"``:
 
@@ -464,6 +521,10 @@ def natural_eval_text(shared_dir: str | os.PathLike | None = None) -> list[str] 
 
     Returns:
         The documents, or None when the folder does not exist or holds none of the files.
+
+    Raises:
+        ValueError: a CoLA file whose rows have neither 2 nor 4 columns, or not all the
+            same number (naming the file and the line).
     """
     root = Path(DEFAULT_SHARED_DIR if shared_dir is None else shared_dir)
     if not root.is_dir():
@@ -471,13 +532,14 @@ def natural_eval_text(shared_dir: str | os.PathLike | None = None) -> list[str] 
     docs: list[str] = []
     sst2 = root / "sst2" / "dev.tsv"
     if sst2.is_file():
-        rows = _tsv_rows(sst2)[1:]
+        rows = _tsv_rows(sst2)
+        if rows and len(rows[0]) >= 2 and not rows[0][1].strip().isdigit():  # the header
+            rows = rows[1:]
         docs.append("\n".join(r[0].strip() for r in rows if r and r[0].strip()))
     cola = root / "cola" / "dev.tsv"
     if cola.is_file():
-        rows = _tsv_rows(cola)
-        docs.append("\n".join(r[0].strip() for r in rows
-                              if len(r) >= 2 and r[1].strip() == "1" and r[0].strip()))
+        docs.append("\n".join(s.strip() for s, label in _cola_rows(cola)
+                              if label.strip() == "1" and s.strip()))
     sick = root / "sick" / "trial.tsv"
     if sick.is_file():
         seen: dict[str, None] = {}

@@ -45,6 +45,11 @@ class NucleusSampler:
     model's ``generation_config`` sets another). ``top_p=1``: the whole distribution,
     drawn without a sort.
 
+    Scores may hold ``-inf`` (tokens masked by an earlier processor); a call raises
+    ``ValueError`` on scores holding NaN or ``+inf``, on a row with no finite score, and
+    on a ``temperature`` so small that the scores over it overflow float32 (nothing could
+    be drawn from them).
+
     Raises:
         ValueError: ``temperature`` not a finite number > 0, ``top_p`` not in (0, 1],
             ``top_k`` neither None nor an int >= 1.
@@ -113,8 +118,21 @@ class NucleusSampler:
 
     def _logits(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores over the temperature; with ``top_k``, ``-inf`` below each row's
-        ``top_k``-th largest (ties with it kept, as ``TopKLogitsWarper`` keeps them)."""
+        ``top_k``-th largest (ties with it kept, as ``TopKLogitsWarper`` keeps them).
+        ``ValueError`` unless each row's largest is finite (see the class docstring)."""
         logits = scores.float() / self.temperature
+        top = logits.amax(-1)  # NaN where a row holds one
+        if not bool(torch.isfinite(top).all()):
+            if bool((scores.isnan() | scores.isposinf()).any()):
+                raise ValueError("scores hold NaN or +inf; a sampler takes finite scores or "
+                                 "-inf (masked tokens)")
+            if bool(scores.isneginf().all(-1).any()):
+                raise ValueError("scores hold a row whose every token is masked (-inf): "
+                                 "nothing to draw from")
+            big = float(scores[scores.isfinite()].abs().amax())
+            raise ValueError(f"temperature {self.temperature!r} makes the scores overflow "
+                             f"float32 (scores up to {big:.3g} in absolute value); use a "
+                             "larger temperature")
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill_(logits < kth, -math.inf)

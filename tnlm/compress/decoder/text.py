@@ -11,6 +11,7 @@ healing take.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.compress.decoder.quality import eos_ids, until_eos
+from tnlm.compress.decoder.quality import (
+    NEUTRAL_GENERATION,
+    eos_ids,
+    neutral_generation,
+    until_eos,
+)
 from tnlm.compress.decoder.sampling import NucleusSampler
 from tnlm.compress.text import check_texts
+from tnlm.core.validation import check_seed
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
            "split_held_out", "token_sequences"]
@@ -47,16 +54,17 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     then reads as the chat format the model is used in).
 
     Raises:
-        ValueError: ``n`` or ``batch_size`` not an int >= 1; ``chat`` with a tokenizer
-            that has no chat template; ``temperature``, ``top_p`` or ``top_k`` out of
-            range (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`).
+        ValueError: ``n``, ``batch_size`` or ``max_new_tokens`` not an int >= 1; ``seed``
+            not an int in [0, 2**63 - 1]; ``chat`` with a tokenizer that has no chat
+            template; ``temperature``, ``top_p`` or ``top_k`` out of range
+            (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`).
     """
     from tnlm.compress.text import generated_sentences
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for name, v in (("n", n), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    seed = check_seed(seed)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True needs a tokenizer with a chat template; this one "
@@ -90,7 +98,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
               max_new_tokens, side, pad, was, progress, chat=False, top_k=None) -> None:
     n = len(starts)
-    neutral = _neutral_generation()
+    neutral = neutral_generation()
     try:
         eos = eos_ids(model, tokenizer)  # in the try: the tokenizer's state is restored
         for i in tqdm(range(0, n, batch_size), desc="self-generated text", disable=not progress,
@@ -122,34 +130,15 @@ def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p
         model.train(was)
 
 
-#: what a model's ``generation_config`` may set that would change the logits before the
-#: sampler (Qwen2.5-Instruct sets ``repetition_penalty`` 1.1): the self-generated texts are
-#: the model's own distribution, so each is passed to ``generate`` at its neutral value
-_NEUTRAL_GENERATION = dict(
-    repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-    encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
-    min_new_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
-    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
-    guidance_scale=None, watermarking_config=None, renormalize_logits=False,
-    remove_invalid_values=False)
-
-
-def _neutral_generation() -> dict[str, Any]:
-    """:data:`_NEUTRAL_GENERATION`, those this transformers' ``GenerationConfig`` knows."""
-    from transformers import GenerationConfig
-
-    known = GenerationConfig()
-    return {k: v for k, v in _NEUTRAL_GENERATION.items() if hasattr(known, k)}
-
-
 def generation_is_neutral(model: nn.Module) -> bool:
     """Whether ``model``'s ``generation_config`` leaves its logits alone in greedy
-    ``generate`` (every key of :data:`_NEUTRAL_GENERATION` unset or at its neutral value):
+    ``generate`` (every key of
+    :data:`~tnlm.compress.decoder.quality.NEUTRAL_GENERATION` unset or at its neutral value):
     then its own texts were the same before they were drawn with the neutral values."""
     cfg = getattr(model, "generation_config", None)
     if cfg is None:
         return True
-    for key, neutral in _NEUTRAL_GENERATION.items():
+    for key, neutral in NEUTRAL_GENERATION.items():
         value = getattr(cfg, key, None)
         if value is None or value == neutral or (value == [] and neutral is None):
             continue
@@ -198,11 +187,13 @@ def split_held_out(texts: Sequence[str], fraction: float = 0.1,
 
     Raises:
         TypeError: ``texts`` is one string (or holds something else than strings).
-        ValueError: fewer than two texts, ``fraction`` not in (0, 1), ``max_chars`` < 1,
-            or no text left to heal on once the held-out ones are taken out.
+        ValueError: fewer than two texts, ``fraction`` not a number in (0, 1),
+            ``max_chars`` < 1, or no text left to heal on once the held-out ones are
+            taken out.
     """
     texts = check_texts(texts)
-    if isinstance(fraction, bool) or not 0.0 < float(fraction) < 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
+            or not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int)
                                   or max_chars < 1):
@@ -235,13 +226,19 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
     its first position, where the attention sink and the largest activations sit, is
     then the one it has at inference.
 
+    With ``max_sequences``, at most that many sequences (the first).
+
     Raises:
         TypeError: ``texts`` is one string (or holds something else than strings).
-        ValueError: fewer tokens in all than one sequence takes (``length``, or
+        ValueError: ``length`` not an int >= 2, ``max_sequences`` neither None nor an int
+            >= 1, or fewer tokens in all than one sequence takes (``length``, or
             ``length - 1`` besides BOS).
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
+    m = max_sequences
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"max_sequences must be None or an int >= 1, got {m!r}")
     texts = check_texts(texts)
     ids = tokenizer("\n\n".join(texts), return_tensors="pt",
                     add_special_tokens=False)["input_ids"][0]
@@ -254,7 +251,7 @@ def token_sequences(tokenizer: Any, texts: Sequence[str], length: int,
         raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one sequence of "
                          f"length {length}")
     if max_sequences is not None:
-        n = min(n, int(max_sequences))
+        n = min(n, max_sequences)
     out = ids[:n * step].reshape(n, step).long()
     if bos is not None:
         out = torch.cat([torch.full((n, 1), bos, dtype=torch.long), out], dim=1)

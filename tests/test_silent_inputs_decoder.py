@@ -1,0 +1,269 @@
+"""Inputs of the decoder measures, text and sampling, the data-aware truncation and
+``tnlm eval`` that were once accepted silently (a string split into characters, a setting
+ignored, a wrong number) or failed late: each is now refused before any work, naming the
+argument, or handled."""
+
+import math
+
+import pytest
+import torch
+
+from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
+    QUESTIONS,
+    make_causal_lm,
+    make_word_tokenizer,
+    one_thread,
+    save_llm_folder,
+)
+from tnlm.compress.calibration import InputStats
+from tnlm.compress.data_aware import WhitenedLayer, output_error, whitening_factor
+from tnlm.compress.decoder import job
+from tnlm.compress.decoder.heal import CausalHealConfig
+from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
+from tnlm.compress.decoder.quality import (
+    answer_agreement,
+    answer_token_agreement,
+    greedy_answers,
+    natural_eval_text,
+    perplexity,
+)
+from tnlm.compress.decoder.sampling import NucleusSampler
+from tnlm.compress.decoder.text import self_generated_text, split_held_out, token_sequences
+from tnlm.compress.layerwise import check_targets_and_budget
+
+ONE_STRING = "must be a sequence of strings"
+
+
+# --- 1, 2: the answer measures ------------------------------------------------------
+
+def test_answer_measures_refuse_one_string():
+    m, tok = make_causal_lm("llama"), make_word_tokenizer()
+    with pytest.raises(TypeError, match=f"^questions {ONE_STRING}"):
+        greedy_answers(m, tok, "what is the capital of france ?")
+    with pytest.raises(TypeError, match=f"^a {ONE_STRING}"):
+        answer_agreement("paris", "parsi")
+    with pytest.raises(TypeError, match=f"^b {ONE_STRING}"):
+        answer_agreement(["paris"], "p")
+    with pytest.raises(TypeError, match=f"^questions {ONE_STRING}"):
+        answer_token_agreement(m, tok, "ab", "cd")
+    with pytest.raises(TypeError, match=f"^answers {ONE_STRING}"):
+        answer_token_agreement(m, tok, ["the cat ?", "a dog ?"], "cd")
+    for bad in (True, 2.5, 0):
+        with pytest.raises(ValueError, match="^max_new_tokens must be an int >= 1"):
+            greedy_answers(m, tok, ["the cat ?"], max_new_tokens=bad)
+    # lists still work
+    assert answer_agreement(["Paris"], ["paris"]) == 1.0
+    assert len(greedy_answers(m, tok, ["the cat ?"], max_new_tokens=2)) == 1
+
+
+def test_greedy_answers_are_argmax_whatever_the_generation_config():
+    """A repetition penalty (or another logits-changing setting) in the model's
+    generation_config is set aside: the answers are the argmax ones, and the dense model
+    scores 1.0 on its own answer ids."""
+    m, tok = make_causal_lm("llama"), make_word_tokenizer()
+    plain, plain_ids = greedy_answers(m, tok, QUESTIONS, max_new_tokens=12, return_ids=True)
+    m.generation_config.repetition_penalty = 1.3
+    m.generation_config.no_repeat_ngram_size = 2
+    answers, ids = greedy_answers(m, tok, QUESTIONS, max_new_tokens=12, return_ids=True)
+    assert (answers, ids) == (plain, plain_ids)
+    assert answer_token_agreement(m, tok, QUESTIONS, ids) == 1.0
+
+
+# --- 3, 6: the causal job's recipe ----------------------------------------------------
+
+@pytest.mark.parametrize("source", ["chat", "mixed"])
+def test_chat_text_sources_without_a_chat_template_are_refused_before_sampling(
+        source, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(job, "self_generated_text",
+                        lambda *a, **k: calls.append(k) or ["the cat sat on the mat ."] * a[2])
+    m, tok = make_causal_lm("llama"), make_word_tokenizer(chat_template=False)
+    recipe = CausalLMRecipe(text_source=source, n_texts=4, gen_tokens=4, seq_len=4,
+                            n_calibration=2, sensitivity_sequences=1, prose_fraction=0,
+                            heal=CausalHealConfig(steps=0))
+    with pytest.raises(ValueError, match=f"^text_source '{source}' .* no chat template"):
+        compress_causal_lm(m, tok, recipe, progress=False)
+    assert calls == []  # nothing was sampled
+    # a resume on the text kept needs no template; text given neither
+    (tmp_path / job.TEXT_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="not a calibration text"):
+        compress_causal_lm(m, tok, recipe, progress=False, checkpoint_dir=tmp_path,
+                           resume=True)
+    assert calls == []
+
+
+def test_recipe_target_modules_string_is_one_regex_and_an_empty_list_is_refused():
+    m = make_causal_lm("llama")
+    recipe = CausalLMRecipe(target_modules=r"self_attn\.(q|v)_proj")
+    cfg = recipe.layerwise_config(m)
+    assert cfg.target_modules == r"self_attn\.(q|v)_proj"  # not split into characters
+    check_targets_and_budget(m, cfg)
+    assert CausalLMRecipe(target_modules=("q_proj",)).target_modules == ["q_proj"]
+    for bad in ([], [3]):
+        with pytest.raises(ValueError, match="^target_modules must be a non-empty list"):
+            CausalLMRecipe(target_modules=bad)
+    with pytest.raises(ValueError, match="^target_modules is not a valid regex"):
+        CausalLMRecipe(target_modules="q_proj(")
+
+
+# --- 4: the natural evaluation text --------------------------------------------------
+
+def test_natural_eval_text_reads_glue_cola_and_an_sst2_file_without_header(tmp_path):
+    (tmp_path / "cola").mkdir()
+    (tmp_path / "sst2").mkdir()
+    cola = tmp_path / "cola" / "dev.tsv"
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\n"
+                    "gj04\t0\t*\tThe more we study verbs, the crazier they get get.\n"
+                    "\n"
+                    "bc01\t1\t\tThey drank the pub.\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("a fine film . \t1\ndull \t0\n")
+    assert natural_eval_text(tmp_path) == [
+        "a fine film .\ndull", "The sailors rode the breeze clear of the rocks.\nThey drank "
+        "the pub."]
+    cola.write_text("the cat sat .\t1\ngj04\t1\t\tThe sailors rode.\n")
+    with pytest.raises(ValueError, match=r"dev\.tsv: line 2 has 4 tab-separated columns"):
+        natural_eval_text(tmp_path)
+    cola.write_text("the cat\tsat .\t1\n")
+    with pytest.raises(ValueError, match=r"dev\.tsv: line 1 has 3 tab-separated columns"):
+        natural_eval_text(tmp_path)
+
+
+# --- 5 and the minor ones: the decoder's text -----------------------------------------
+
+@pytest.mark.parametrize("bad", [0, -1, 2.7, True, "2"])
+def test_token_sequences_refuses_a_max_sequences_that_is_not_an_int_of_at_least_1(bad):
+    tok = make_word_tokenizer()
+    texts = ["the cat sat on the mat . " * 10]
+    with pytest.raises(ValueError, match="^max_sequences must be None or an int >= 1"):
+        token_sequences(tok, texts, 4, max_sequences=bad)
+    assert token_sequences(tok, texts, 4, max_sequences=2).shape == (2, 4)
+    assert token_sequences(tok, texts, 4).shape == (17, 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seed=-1), "^seed must be an int in"),
+    (dict(seed=1.5), "^seed must be an int in"),
+    (dict(max_new_tokens=True), "^max_new_tokens must be an int >= 1"),
+    (dict(max_new_tokens=2.5), "^max_new_tokens must be an int >= 1"),
+])
+def test_self_generated_text_checks_seed_and_max_new_tokens(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        self_generated_text(make_causal_lm("llama"), make_word_tokenizer(), 1, **kwargs)
+
+
+def test_split_held_out_refuses_a_fraction_that_is_not_a_number():
+    with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\), got '0.5'"):
+        split_held_out(["a", "b", "c"], fraction="0.5")
+    assert split_held_out(["a", "b", "c"], fraction=0.5) == (["a"], ["b", "c"])
+
+
+# --- 7: tnlm eval -----------------------------------------------------------------------
+
+def test_eval_refuses_a_text_of_one_token_before_loading_the_models(tmp_path, capsys,
+                                                                     monkeypatch):
+    import tnlm.cli.evaluate as ev
+    from tnlm.cli import main
+
+    folder, _ = save_llm_folder(tmp_path)
+    one = tmp_path / "one.txt"
+    one.write_text("the\n")
+    loads = []
+    monkeypatch.setattr(ev, "_load", lambda *a: loads.append(a))
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--reference", str(folder), "--text", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert f"--text {one} holds 1 token(s) of MODEL's tokenizer" in err
+    assert len(err.strip().splitlines()) == 1
+    assert loads == []  # refused before any model was loaded
+
+
+# --- 8: perplexity ----------------------------------------------------------------------
+
+class Confident(torch.nn.Module):
+    """Predicts token 0 with a logit margin of 1e4: any other token costs 1e4 nats."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, 128)
+        logits[..., 0] = 1e4
+        return type("Out", (), {"logits": logits})()
+
+
+def test_perplexity_is_inf_when_the_mean_nll_overflows_exp():
+    res = perplexity(Confident(), make_word_tokenizer(), "the cat sat on the mat")
+    assert res.mean_nll > 710 and math.isfinite(res.nll)
+    assert res.ppl == math.inf
+
+
+# --- 9: data-aware truncation -----------------------------------------------------------
+
+def whitened():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    stats = InputStats(X.T @ X, 50)
+    return W, stats, WhitenedLayer(W, stats, vectors=True)
+
+
+def test_whitened_layer_refuses_ranks_that_are_not_ints_in_range():
+    W, stats, wl = whitened()
+    with pytest.raises(ValueError, match="^rank must be >= 0, got -1"):
+        wl.rank_error(-1)
+    with pytest.raises(TypeError, match="^rank must be an int"):
+        wl.rank_error(True)
+    assert wl.rank_error(0) == 1.0 and wl.rank_error(4) == wl.rank_error(99) == 0.0
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="^rank must be >= 1"):
+            wl.truncated(bad)
+    for bad in (True, 2.9):
+        with pytest.raises(TypeError, match="^rank must be an int"):
+            wl.truncated(bad)
+    assert int(torch.linalg.matrix_rank(wl.truncated(2))) == 2
+    assert torch.allclose(wl.truncated(99), W)
+
+
+def test_output_error_refuses_a_non_finite_weight_and_whitening_a_bad_ridge():
+    W, stats, _ = whitened()
+    bad = W.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="^W holds NaN or infinite values"):
+        output_error(bad, W, stats)
+    assert output_error(W, W, stats) < 1e-12
+    with pytest.raises(TypeError, match="^ridge must be a number, got True"):
+        whitening_factor(stats.gram, ridge=True)
+    with pytest.raises(TypeError, match="^ridge must be a number"):
+        WhitenedLayer(W, stats, ridge="1e-6")
+    with pytest.raises(ValueError, match="^ridge must be a finite number >= 0"):
+        whitening_factor(stats.gram, ridge=-1.0)
+    assert torch.equal(whitening_factor(stats.gram, ridge=1), whitening_factor(stats.gram, 1.0))
+
+
+# --- 10: the nucleus sampler ------------------------------------------------------------
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_nucleus_sampler_refuses_scores_it_cannot_draw_from(top_p):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 128, generator=g)
+    with pytest.raises(ValueError, match="^temperature 1e-40 makes the scores overflow"):
+        NucleusSampler(1e-40, top_p, g)(None, scores)
+    with pytest.raises(ValueError, match="^temperature 1e-40 makes the scores overflow"):
+        NucleusSampler(1e-40, top_p, g)(None, -scores.abs() - 1)  # every one to -inf
+    sampler = NucleusSampler(1.0, top_p, g)
+    for poison in (math.nan, math.inf):
+        bad = scores.clone()
+        bad[0, 5] = poison
+        with pytest.raises(ValueError, match=r"^scores hold NaN or \+inf"):
+            sampler(None, bad)
+    masked = scores.clone()
+    masked[1] = -math.inf
+    with pytest.raises(ValueError, match="every token is masked"):
+        sampler(None, masked)
+    # -inf (masked tokens) stays allowed: the draw is among the others
+    masked = scores.clone()
+    masked[:, 3:] = -math.inf
+    for _ in range(5):
+        out = sampler(None, masked)
+        assert (out == 0).sum() == 2 and int(out.argmax(-1).max()) < 3
