@@ -20,6 +20,7 @@ from tnlm.cli.common import (
     make_out,
     note,
     remove_empty,
+    replace_folder,
     text_error,
 )
 
@@ -385,7 +386,10 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
         try:
             with stage("saving"):
                 wrapped = MPOModel(model, MPOConfig(target_modules=targets))
-                save_self_contained(wrapped, tok, out, sentence_transformers=False)
+                # written beside --out and renamed into place: never a mix with an
+                # earlier model (its layer-by-layer checkpoint goes with the earlier folder)
+                replace_folder(out, lambda d: save_self_contained(
+                    wrapped, tok, d, sentence_transformers=False, shown_as=out))
         except Exception:  # the run's measures are not lost with the model
             print(f"not saved; perplexity dense {dense.ppl:.4f}, compressed {ppl.ppl:.4f} "
                   f"({ppl.ppl / dense.ppl:.4f}x)", file=sys.stderr)

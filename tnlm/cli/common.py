@@ -5,14 +5,15 @@ both compress jobs take."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
-           "text_error",
+           "replace_folder", "text_error",
            "check_budget_and_healing", "launched", "encoder_only_defaults"]
 
 
@@ -88,6 +89,64 @@ def remove_empty(folders: Sequence[Path]) -> None:
             f.rmdir()
         except OSError:
             return
+
+
+#: tnlm's own hidden names in a model folder (the checkpoint's lock, journal and temporary
+#: files, the write probe): not carried over by :func:`replace_folder`
+_OWN_HIDDEN = (".mpo_", ".weights.", ".tnlm-")
+
+
+def replace_folder(out: Path, write: Callable[[Path], object]) -> None:
+    """Write a model to the folder ``out`` (made by :func:`make_out`) so that it holds
+    either what it held or the whole new model, never a mix.
+
+    ``write(folder)`` fills a new folder beside ``out``, which then takes ``out``'s place;
+    only then is the earlier folder removed (an earlier model's files, a checkpoint to
+    resume); the user's hidden files there (``.git``, ...) are carried over. If ``write``
+    fails or is interrupted, the new folder is removed and ``out`` is as it was. A folder
+    that cannot be renamed (a mount point, the working folder or one above it) or whose
+    parent cannot be written to is written in place, as before."""
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    tmp, old = (real.parent / f".{real.name}.{kind}-{tag}" for kind in ("partial", "old"))
+    if os.path.ismount(real) or real == cwd or real in cwd.parents:
+        write(out)  # cannot be renamed: in place
+        return
+    try:
+        tmp.mkdir()
+    except OSError:  # its parent cannot be written to: in place
+        write(out)
+        return
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(real, old)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            raise
+        write(out)  # out cannot be renamed (busy, in a sticky folder): in place
+        return
+    moved: list[str] = []
+    try:
+        for p in sorted(old.iterdir()):
+            if p.name.startswith(".") and not p.name.startswith(_OWN_HIDDEN) \
+                    and not (tmp / p.name).exists():
+                os.rename(p, tmp / p.name)
+                moved.append(p.name)
+        os.rename(tmp, real)
+    except BaseException:
+        if tmp.is_dir():  # not yet in place: put the earlier folder back
+            for name in moved:
+                os.rename(tmp / name, old / name)
+            os.rename(old, real)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def text_error(err: Exception) -> UserError:

@@ -19,6 +19,7 @@ from tnlm.cli.common import (
     model_path,
     note,
     remove_empty,
+    replace_folder,
     text_error,
 )
 from tnlm.core.validation import MAX_SEED
@@ -52,6 +53,21 @@ def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 
+def _tokenizer(path: Path) -> object:
+    """MODEL_DIR's tokenizer, loaded before the model; :class:`UserError` naming MODEL_DIR
+    when it holds none (transformers then builds an empty one: every word unknown)."""
+    from transformers import AutoTokenizer
+
+    from tnlm.integration.loading import check_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        check_tokenizer(tok, f"MODEL_DIR {path}")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return tok
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Compress a model's linear layers to a budget (data-aware MPOs, healed), report, save.
 
@@ -60,14 +76,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     :func:`tnlm.compress.decoder.job.compress_causal_lm`.
 
     Every input is checked before the model is loaded: the numbers, --text (UTF-8, enough
-    sentences, the column), --sick (a SICK file), --out (created and written to, and
-    removed again if the run then fails before writing anything there); the budget and
-    --resume are checked on the loaded model, before any compression.
+    sentences, the column), --sick (a SICK file), MODEL_DIR's tokenizer (a folder without
+    one is refused), --out (created and written to, and removed again if the run then
+    fails before writing anything there); the budget and --resume are checked on the
+    loaded model, before any compression.
 
     A healing state left in ``--out/healing`` by an interrupted run is continued only
     with --resume, which refuses a state made with other settings (text, lr, seed,
     budget, steps, ...); without --resume it is discarded, with a notice. A model already
-    in --out is replaced, with a notice, once this run succeeds (it stays until then).
+    in --out is replaced, with a notice, once this run succeeds (it stays until then): the
+    new model is written beside --out and renamed into place
+    (:func:`~tnlm.cli.common.replace_folder`), so --out holds the earlier folder or the
+    whole new model, never a mix.
     After success the healing state is removed. Healing that blows up exits with status 1
     and one line naming what was kept on disk; nothing is saved as a model.
 
@@ -170,6 +190,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         heal_steps=args.heal_steps, lr=args.lr, heal_train=args.heal_train,
         teacher_bf16=args.teacher_bf16, seed=args.seed,
         pivoted=EncoderRecipe.pivoted if args.pivoted is None else args.pivoted)
+    tok = _tokenizer(path)
     out, created = make_out(args.out, own=("healing",))
     from transformers.utils import logging as hf_logging
 
@@ -177,7 +198,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.quiet:  # transformers' "Loading weights" bars too
         hf_logging.disable_progress_bar()
     try:
-        return _encoder_job(args, path, text, source, split, sick, recipe, out)
+        return _encoder_job(args, path, tok, text, source, split, sick, recipe, out)
     except BaseException as err:
         if out is not None:
             if (out / "healing" / STATE_FILE).is_file():
@@ -193,14 +214,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
             hf_logging.enable_progress_bar()
 
 
-def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
+def _encoder_job(args, path, tok, text, source, split, sick, recipe, out) -> int:
     """``tnlm compress`` on an encoder after its inputs were checked (:func:`cmd_compress`):
     load, check the budget and --resume, :func:`~tnlm.compress.encoder.compress_encoder`,
     print, save."""
     import json
 
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     from tnlm.compress.encoder import compress_encoder
     from tnlm.compress.heal_state import STATE_FILE, check_resumable, heal_settings
@@ -218,13 +239,14 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
     heal = recipe.heal_config(checkpoint_dir=str(healing) if healing else None)
     say(f"text: {len(text):,} sentences from {source}; {len(split.calibration)} for "
         f"calibration, {len(split.heal_text):,} for healing, {len(split.held_out)} held out")
-    model, info = AutoModel.from_pretrained(str(path), output_loading_info=True)
+    # float32 whatever the stored dtype (as a causal LM's): the job's steps need it
+    model, info = AutoModel.from_pretrained(str(path), dtype=torch.float32,
+                                            output_loading_info=True)
     try:
         check_block_weights(path, info)
     except ValueError as err:
         raise UserError(str(err)) from None
     model.eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
     cfg = recipe.compression_config(model, heal)
     check_budget(model, cfg, name="--budget")
     if healing is not None and args.resume:
@@ -281,8 +303,9 @@ def _encoder_job(args, path, text, source, split, sick, recipe, out) -> int:
         from tnlm.export import save_self_contained
 
         # config, tokenizer and sentence-transformers files beside the MPO weights:
-        # tnlm.export.load_compressed(out) / sentence_transformer(out) need nothing else
-        save_self_contained(res.model, tok, out)
+        # tnlm.export.load_compressed(out) / sentence_transformer(out) need nothing else;
+        # written beside --out and renamed into place: never a mix with an earlier model
+        replace_folder(out, lambda d: save_self_contained(res.model, tok, d, shown_as=out))
         if healing is not None:
             _drop_heal_state(healing)  # the model is saved: nothing left to resume
         say(f"saved to {out}")

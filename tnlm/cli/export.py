@@ -254,28 +254,45 @@ def _probe(target: Path, out: Path) -> None:
         raise ExportError(f"--out {out} cannot be written: {err.strerror or err}") from None
 
 
-def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
-               causal: bool = False) -> Any:
-    """The tokenizer saved in DIR, else the one of ``base``, else the one of the base model a
-    lightweight checkpoint names, else the embedded MiniLM's when the model is MiniLM's
-    architecture (a causal LM gets None); :class:`ExportError` when that tokenizer is not
-    the model's (MiniLM's for another model, or more tokens than the model embeds)."""
-    from transformers import AutoTokenizer
-
-    config = model.base_model.config.get_text_config()
-    source: Path | None = None
-    from tnlm.export.folder import has_tokenizer
+def _tokenizer_source(d: Path, base: Path | None, meta: dict[str, Any]
+                      ) -> tuple[Path | None, str]:
+    """The folder whose tokenizer the export takes and how an error names it: DIR when it
+    holds a tokenizer's files, else ``base``, else the base model a lightweight checkpoint
+    names; ``(None, "")`` when none of them (:func:`_tokenizer` then decides)."""
+    from tnlm.export.folder import has_tokenizer, lightweight_base
 
     if has_tokenizer(d):
-        source = d
-    elif base is not None:
-        source = base
-    else:
-        from tnlm.export.folder import lightweight_base
+        return d, f"DIR {d}"
+    if base is not None:
+        return base, f"--base {base}"
+    named = lightweight_base(meta)
+    if named is not None and (named / "config.json").is_file():
+        return named, f"the base model {named} that DIR {d} names"
+    return None, ""
 
-        named = lightweight_base(meta)
-        if named is not None and (named / "config.json").is_file():
-            source = named
+
+def _load_tokenizer(source: Path, shown: str) -> Any:
+    """The tokenizer of ``source``; :class:`ExportError` naming ``shown`` (DIR, --base)
+    when it holds none (transformers then builds an empty one: every word unknown)."""
+    from transformers import AutoTokenizer
+
+    from tnlm.integration.loading import check_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source))
+    try:
+        check_tokenizer(tok, shown)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    return tok
+
+
+def _tokenizer(d: Path, source: Path | None, tok: Any, model: Any,
+               causal: bool = False) -> Any:
+    """``tok``, the tokenizer :func:`_tokenizer_source` found (at ``source``), else the
+    embedded MiniLM's when the model is MiniLM's architecture (a causal LM gets None);
+    :class:`ExportError` when that tokenizer is not the model's (MiniLM's for another
+    model, or more tokens than the model embeds)."""
+    config = model.base_model.config.get_text_config()
     if source is None:
         if causal:
             return None
@@ -289,7 +306,7 @@ def _tokenizer(d: Path, base: Path | None, meta: dict[str, Any], model: Any,
             raise ExportError(f"DIR {d} holds no tokenizer and its model ({config.model_type}, "
                               f"{config.vocab_size} tokens) is not the embedded MiniLM's: "
                               f"pass --base FOLDER holding its tokenizer")
-    tok = AutoTokenizer.from_pretrained(str(source))
+        tok = _load_tokenizer(source, f"the embedded MiniLM {source}")
     if len(tok) > config.vocab_size:
         raise ExportError(f"the tokenizer of {source} has {len(tok)} tokens, more than the "
                           f"model embeds ({config.vocab_size}): it is not this model's; pass "
@@ -372,17 +389,26 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Run ``tnlm export``; prints what was written (one line, with its size)."""
+    """Run ``tnlm export``; prints what was written (one line, with its size).
+
+    Raises:
+        ExportError: a wrong argument (:func:`_check_args`), or a tokenizer that is not
+            the model's: DIR or --base holding none (refused before the model is
+            loaded), MiniLM's for another model, more tokens than the model embeds.
+    """
     from tnlm.export.folder import can_generate, load_compressed, save_self_contained
     from tnlm.export.hf import export_hf
 
     args = argparse.Namespace(**vars(args))  # _check_args fills in defaults: the caller's stay
     d, out, base, meta = _check_args(args)
+    # the tokenizer before the model: a folder without one is refused (named) first
+    source, shown = _tokenizer_source(d, base, meta)
+    tok = _load_tokenizer(source, shown) if source is not None else None
     # a folder with its own config.json is that model: --base then gives the tokenizer only
     own = (d / "config.json").is_file() and not meta.get("lightweight")
     model = load_compressed(d, base=None if own else base)
     causal = can_generate(model.base_model)
-    tok = _tokenizer(d, base, meta, model, causal)
+    tok = _tokenizer(d, source, tok, model, causal)
     if tok is None and args.format == "hf":
         raise ExportError(f"DIR {d} holds no tokenizer: the transformers folder would have "
                           "none; pass --base FOLDER holding its tokenizer")

@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a saved MPO model, or a model folder (default: the embedded MiniLM)")
     p.add_argument("--out", default="out/report", help="folder for the figures")
     p.add_argument("--modules", type=int, default=2, help="per-module figures for this many")
-    p.add_argument("--n-sites", type=int, default=5)
+    p.add_argument("--n-sites", type=int, default=None,
+                   help="sites of each dense weight's MPO (default 5; not for a saved MPO "
+                        "model, whose layers keep their own)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("decompose", help="exact MPO of every weight matrix, with a report",
                        formatter_class=fmt)

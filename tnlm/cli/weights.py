@@ -15,8 +15,23 @@ from tnlm.cli.common import UserError, model_path
 __all__ = ["cmd_decompose", "cmd_inspect", "cmd_report"]
 
 
+#: ``tnlm report``'s sites of a dense weight when ``--n-sites`` is not given
+N_SITES_DEFAULT = 5
+
+
+def _check_n_sites(n_sites: int) -> None:
+    """``--n-sites`` in 1..MAX_SITES, checked before any model is loaded."""
+    from tnlm.core.validation import check_n_sites
+
+    try:
+        check_n_sites(n_sites, "--n-sites")
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+
 def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:
     """W (in, out) of every module an MPO can replace, in the ``y = x @ W`` convention."""
+    import torch
     from transformers import AutoModel
 
     from tnlm.bridge import kind_of, weight_xw
@@ -24,7 +39,9 @@ def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, 
     from tnlm.integration.loading import check_block_weights
 
     path = model_path(model_dir)
-    model, info = AutoModel.from_pretrained(str(path), output_loading_info=True)
+    # float32 whatever the stored dtype (bfloat16 has no numpy type)
+    model, info = AutoModel.from_pretrained(str(path), dtype=torch.float32,
+                                            output_loading_info=True)
     try:
         check_block_weights(path, info)
     except ValueError as err:
@@ -38,11 +55,16 @@ def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, 
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
-    """Decompose every 2-D weight exactly and print bond dimensions, errors and entropies."""
+    """Decompose every 2-D weight exactly and print bond dimensions, errors and entropies.
+
+    Raises:
+        UserError: ``--n-sites`` not in 1..64 (before the model is loaded), no weights.
+    """
     from tqdm.auto import tqdm
 
     from tnlm import MPO
 
+    _check_n_sites(args.n_sites)
     mats = _load_matrices(args.model_dir)
     mats = {n: W for n, W in mats.items()
             if not n.endswith(("position_embeddings", "token_type_embeddings"))}
@@ -67,11 +89,16 @@ def _weights_for_profile(model_dir: str | None, embeddings: bool = True) -> dict
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Per-matrix table: shape, site shapes, bond dims, central-bond entropy vs random."""
+    """Per-matrix table: shape, site shapes, bond dims, central-bond entropy vs random.
+
+    Raises:
+        UserError: ``--n-sites`` not in 1..64 (before the model is loaded).
+    """
     from tqdm.auto import tqdm
 
     from tnlm.analysis import matrix_profile, reference_for
 
+    _check_n_sites(args.n_sites)
     mats = _weights_for_profile(args.model_dir, args.embeddings)
     rows = []
     if not args.json:
@@ -133,6 +160,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     Matrices that cannot be profiled (NaN or inf entries, ...) are left out of every
     figure, each named on stderr with the reason (``tnlm report: skipped NAME: REASON``);
     when none can be profiled the command fails, naming them.
+
+    ``--n-sites`` (1..64, checked before anything is loaded) splits a model folder's
+    dense weights; a saved MPO model keeps its layers' own sites, so another value
+    than the default is refused for one. ``--out`` is created once the figures'
+    data is ready (a failed report leaves no empty folder).
+
+    Raises:
+        UserError: a wrong ``--modules`` / ``--n-sites`` / ``--out``, a lightweight task
+            checkpoint, no matrices to report on.
     """
     import matplotlib
 
@@ -150,6 +186,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.modules < 1:
         raise UserError(f"--modules must be >= 1 (modules with their own figures), got "
                         f"{args.modules}")
+    n_sites = N_SITES_DEFAULT if args.n_sites is None else args.n_sites
+    _check_n_sites(n_sites)
     src = Path(args.directory) if args.directory else None
     if src is not None and (src / CONFIG_NAME).is_file():
         from tnlm.integration.io import read_meta
@@ -159,18 +197,24 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise UserError(f"DIR {src} is a lightweight task checkpoint: its central cores are "
                             f"kept in its base model ({light.get('base_model_name_or_path')!r}), "
                             f"not in this folder; report on the compressed model's own folder")
+        if args.n_sites is not None:
+            raise UserError(f"--n-sites {args.n_sites} splits a model folder's dense weights; "
+                            f"DIR {src} is a saved MPO model, whose layers keep their own "
+                            "sites: leave --n-sites out")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; expected a folder for the figures")
     if src is not None and (src / CONFIG_NAME).is_file():
         profile = model_profile_from_mpos(_saved_mpos(src))
     else:
-        profile = model_profile(_weights_for_profile(args.directory), n_sites=args.n_sites)
+        profile = model_profile(_weights_for_profile(args.directory), n_sites=n_sites)
     rows = profile["rows"]
     skipped = profile.get("skipped", [])
     for name, reason in skipped:
         print(f"tnlm report: skipped {name}: {reason}", file=sys.stderr)
     if not rows:
         raise UserError("no matrices to report on")
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed report leaves no folder
     written = []
     fig = plot_entropy_heatmap(profile)
     fig.savefig(out / "entropy_heatmap.png", dpi=120)

@@ -26,7 +26,7 @@ from typing import Any
 from tnlm.bridge.finetune import check_train
 from tnlm.core.policy import TruncationPolicy
 from tnlm.core.spec import GAUGES, DecompositionSpec
-from tnlm.core.validation import check_n_sites, check_shape
+from tnlm.core.validation import check_n_sites, check_positive_int, check_shape
 
 __all__ = ["MPOConfig", "TRAIN_MODES"]
 
@@ -44,7 +44,10 @@ class MPOConfig:
         target_modules: module name patterns to decompose (see the module docstring).
         n_sites: number of sites when no shape is given, 1 to 64.
         in_shapes / out_shapes: site shapes by dimension, e.g. ``{384: (2, 4, 4, 4, 3)}``;
-            a dimension not listed is factorized by :func:`tnlm.factorize`.
+            a dimension not listed is factorized by :func:`tnlm.factorize`. Keys are ints
+            >= 1 (or strings of digits, as :meth:`to_dict` writes them; a bool or a float
+            is refused); :func:`~tnlm.integration.get_mpo_model` refuses a key that is no
+            target's input (``in_shapes``) or output (``out_shapes``) dimension.
         max_bond / cutoff / max_error: truncation policies for every target
             (see :mod:`tnlm.core.policy`; ``cutoff`` is relative to ||W||_F).
         overrides: per-pattern settings that win over the above, e.g.
@@ -78,6 +81,10 @@ class MPOConfig:
             (orthogonality center on the central tensor) or ``"left"``.
         mode: forward mode of the MPO modules (``"auto"``, ``"contract"``, ``"dense"``).
         pad: zero-pad dimensions without a balanced factorization (e.g. a vocabulary).
+
+    Raises:
+        TypeError, ValueError: a field of the wrong type or out of range, naming it (an
+            ``in_shapes`` / ``out_shapes`` key that is a bool or a float among them).
     """
 
     target_modules: list[str] | str
@@ -152,10 +159,10 @@ class MPOConfig:
                             f"{type(shapes).__name__}")
         out = {}
         for k, v in shapes.items():
-            try:
-                dim = int(k)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{name} keys must be dimensions (ints), got {k!r}") from err
+            # a JSON config's keys are strings of digits (to_dict); True or 32.9 must not
+            # become 1 or 32
+            dim = int(k) if isinstance(k, str) and k.isdecimal() else check_positive_int(
+                k, f"{name} key (a dimension)")
             out[dim] = check_shape(v, f"{name}[{dim}]")
         return out
 

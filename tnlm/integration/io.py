@@ -363,12 +363,21 @@ def module_tensor_shapes(entry: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def load_tensors(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(meta, tensors)`` of a checkpoint, hash verified; tensors as numpy arrays."""
-    from safetensors.numpy import load_file
+    """``(meta, tensors)`` of a checkpoint, hash verified; tensors as numpy arrays, in
+    their stored dtype but bfloat16, which numpy lacks: float32 (exact).
+
+    Raises:
+        FileNotFoundError: no config or weights in ``directory``.
+        ValueError: what :func:`read_meta` and :func:`verified_weights` refuse.
+    """
+    import torch
+    from safetensors.torch import load_file  # read through torch: numpy has no bfloat16
 
     with reading(directory):
         meta = read_meta(directory)
-        return meta, load_file(str(verified_weights(directory, meta)))
+        tensors = load_file(str(verified_weights(directory, meta)))
+    return meta, {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+                  for k, t in tensors.items()}
 
 
 def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any],

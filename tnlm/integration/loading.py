@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelSource", "check_block_weights", "check_model_source", "load_pretrained",
-           "default_llm_path", "load_default_llm", "LLM_MISSING", "NEW_HEADS"]
+__all__ = ["ModelSource", "check_block_weights", "check_model_source", "check_tokenizer",
+           "load_pretrained", "default_llm_path", "load_default_llm", "LLM_MISSING",
+           "NEW_HEADS"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -264,6 +265,24 @@ def check_block_weights(source: object, info: dict[str, Any], model: Any = None)
                      f"random), e.g. {', '.join((blocks or others)[:3])}")
 
 
+def check_tokenizer(tokenizer: Any, source: object) -> None:
+    """Raise ``ValueError`` naming ``source`` when ``tokenizer`` holds nothing but its
+    special tokens: what transformers builds for a folder without a tokenizer's files
+    (an empty ``BertTokenizer`` of 5 tokens, a ``GPT2Tokenizer`` of 1), which reads every
+    word as the unknown token. A tokenizer of a real vocabulary, however its files are
+    named (or a GGUF file's), holds other tokens.
+
+    Raises:
+        ValueError: the tokenizer's vocabulary holds no token but its special ones.
+    """
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    vocab = tokenizer.get_vocab()
+    if all(t in specials for t in vocab):
+        raise ValueError(f"{source} holds no tokenizer: transformers built an empty one "
+                         f"({len(vocab)} special tokens, every word would be unknown); add "
+                         f"the model's tokenizer files (tokenizer.json, vocab.txt, ...)")
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a folder or GGUF file (:func:`check_model_source` first).
 
@@ -275,7 +294,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
             read the model (its message included), or weights of its blocks, embeddings,
             final norm or untied head missing from the files (transformers fills them
             with random values and only warns: a partly random teacher would be
-            compressed and healed towards; :func:`check_block_weights`).
+            compressed and healed towards; :func:`check_block_weights`), or no
+            tokenizer (:func:`check_tokenizer`, checked before the model is loaded).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -285,9 +305,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
     source = check_model_source(path)
     cls = AutoModelForCausalLM if is_causal_type(source.model_type) else AutoModel
     try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"transformers cannot read {source}: {type(e).__name__}: {e}") from None
+    check_tokenizer(tokenizer, source)  # before the model: an empty one reads words as unknown
+    try:
         model, info = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
                                           output_loading_info=True, **source.kwargs())
-        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"transformers cannot read {source}: {type(e).__name__}: {e}") from None
     check_block_weights(source, info)

@@ -52,6 +52,7 @@ from tnlm.bridge import (
 from tnlm.bridge.finetune import check_train
 from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.core.spectra import spectrum_entropy
+from tnlm.core.validation import check_positive_int
 from tnlm.integration import io
 from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
@@ -246,9 +247,11 @@ class MPOModel(nn.Module):
         put back.
 
         Raises:
-            ValueError: the config's site shapes do not fit the new size, or the
-                resized output embedding would be tied to the (temporary dense) input
-                embedding (``tie_word_embeddings``: an MPO embedding cannot be tied).
+            TypeError: ``new_num_tokens`` is not None or an int (a bool, a float).
+            ValueError: ``new_num_tokens`` below 1, the config's site shapes do not fit
+                the new size, or the resized output embedding would be tied to the
+                (temporary dense) input embedding (``tie_word_embeddings``: an MPO
+                embedding cannot be tied).
         """
         base = self.base_model
         emb = base.get_input_embeddings()
@@ -257,7 +260,8 @@ class MPOModel(nn.Module):
                                                 mean_resizing)
         if new_num_tokens is None and pad_to_multiple_of is None:
             return emb
-        size = emb.num_embeddings if new_num_tokens is None else int(new_num_tokens)
+        size = emb.num_embeddings if new_num_tokens is None else check_positive_int(
+            new_num_tokens, "new_num_tokens")  # True or 70.9 must not become 1 or 70 rows
         if pad_to_multiple_of is not None:
             if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
                 raise ValueError("pad_to_multiple_of must be a positive int, got "
@@ -441,9 +445,19 @@ class MPOModel(nn.Module):
                 one can load again; a randomly initialised base cannot be rebuilt
                 elsewhere), else everything.
             state_dict: save these tensors (the model's state dict, keys with or without
-                the ``base_model.`` prefix) instead of the model's, as a full checkpoint.
+                the ``base_model.`` prefix) instead of the model's, as a full checkpoint:
+                every tensor of the model (one key of tensors shared by several), each of
+                the model's shape, checked before anything is written.
             safe_serialization: must be ``True`` (checkpoints are safetensors only).
             is_main_process: ``False`` writes nothing (other ranks of a distributed job).
+
+        Raises:
+            TypeError: unexpected arguments, ``lightweight`` not a bool or None, a
+                ``state_dict`` that is not a dict of tensors.
+            ValueError: ``safe_serialization`` not True; ``lightweight=True`` where no
+                lightweight checkpoint is possible or with a ``state_dict``; a
+                ``state_dict`` lacking tensors of the model, holding others, or one of
+                another shape (naming them).
         """
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected arguments {sorted(kwargs)}")
@@ -478,24 +492,45 @@ class MPOModel(nn.Module):
         return io.write_tensors(directory, meta, kept)
 
     def _own_keys(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A given state dict as the base model's tensors (one key per shared tensor)."""
+        """A given state dict as the base model's tensors (one key per shared tensor),
+        checked against what a full checkpoint needs: every tensor of the model (one key
+        of a shared one) in the model's shape (:meth:`save_pretrained` raises)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        own = self.base_model.state_dict()
+        own = self.base_model.state_dict(keep_vars=True)
         prefix = "base_model."
         out: dict[str, torch.Tensor] = {}
         seen: set[tuple] = set()
+        given: set[str] = set()
+        wrong: list[str] = []
         for key, t in state_dict.items():
             if key == io.STATE_META_KEY:
                 continue
             key = key[len(prefix):] if key.startswith(prefix) and key not in own else key
             if key not in own:
                 raise ValueError(f"state_dict key {key!r} is not a tensor of the model")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a tensor, got "
+                                f"{type(t).__name__}")
+            given.add(key)
+            if t.shape != own[key].shape:
+                wrong.append(f"{key} {list(t.shape)} (the model's: {list(own[key].shape)})")
             # every empty tensor has data_ptr 0: never one of a shared group
             tag = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else ("empty", key)
             if tag not in seen:
                 seen.add(tag)
                 out[key] = t
+        if wrong:
+            raise ValueError(f"state_dict holds tensors of another shape than the model's: "
+                             f"{some_names(wrong, 3)}")
+        groups: dict[int, list[str]] = {}  # a tensor shared by several keys: one of them
+        for key, t in own.items():
+            groups.setdefault(id(t), []).append(key)
+        missing = sorted(keys[0] for keys in groups.values() if given.isdisjoint(keys))
+        if missing:
+            raise ValueError(f"state_dict lacks tensors of the model: {some_names(missing)}; "
+                             "a full checkpoint needs every tensor (pass model.state_dict(), "
+                             "or save without state_dict)")
         return out
 
     @classmethod
@@ -629,8 +664,9 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
     Raises:
         ValueError: if a target pattern matches no ``nn.Linear`` / ``Conv1D`` /
             ``nn.Embedding`` or an override pattern matches no target (the messages
-            list close names), a ``modules_to_save`` pattern matches nothing, or the
-            options of a target do not fit it (the message names the module).
+            list close names), a ``modules_to_save`` pattern matches nothing, the
+            options of a target do not fit it (the message names the module), or an
+            ``in_shapes`` / ``out_shapes`` key is no target's input / output dimension.
     """
     if not isinstance(config, MPOConfig):
         raise TypeError(f"config must be an MPOConfig, got {type(config).__name__}")
@@ -691,6 +727,13 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         except (TypeError, ValueError) as err:
             raise type(err)(f"module {name!r} ({I}x{J}): {err}") from err
         specs[name] = (spec, mode, I, J)
+    for label, shapes, axis, side in (("in_shapes", config.in_shapes, 2, "input"),
+                                      ("out_shapes", config.out_shapes, 3, "output")):
+        dims = sorted({specs[name][axis] for name in targets})
+        unused = sorted(set(shapes) - set(dims))
+        if unused:  # a typo (23 for 32) would silently leave the default shapes
+            raise ValueError(f"{label} keys {unused} are no target's {side} dimension; the "
+                             f"targets' {side} dimensions are {dims}")
     built: dict[str, MPOModule] = {}
     for name in tqdm(targets, desc="MPO decomposition", disable=not progress, leave=False):
         spec, mode, I, J = specs[name]
