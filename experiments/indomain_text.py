@@ -10,8 +10,11 @@ sentence, shuffled with the seed, in documents of ``--per-doc`` sentences
 joined by newlines (as the held-out documents are), as many as hold ``--tokens`` tokens of
 SmolLM2's tokenizer (default: as many as the job's default text of the seed, read from
 ``--match``). Writes a JSON list of strings for ``llm_compress.py --text-file``.
+``--lines N`` writes the first N sentences instead, one a line: a few examples of the
+user's kind of text for ``tnlm compress --lm-starts`` (the model's own texts start there).
 
     python experiments/indomain_text.py --out results/llm/text/indomain_s0.json
+    python experiments/indomain_text.py --lines 64 --out results/llm/text/starts64_s0.txt
 """
 
 from __future__ import annotations
@@ -62,8 +65,13 @@ def main(argv=None) -> int:
                    default=Path("results/llm/text/selfgen_s0_n256_b64_nucleus.json"),
                    help="the job's samples of seed 0; with the quarter of the prose it adds, "
                         "their token count is the default --tokens")
+    p.add_argument("--lines", type=int, default=None, metavar="N",
+                   help="write the first N sentences, one a line (for tnlm compress "
+                        "--lm-starts), instead of documents")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.lines is not None and args.lines < 1:
+        p.error(f"--lines must be at least 1, got {args.lines}")
     held = natural_eval_text(args.shared)
     if held is None:
         p.error(f"--shared: no held-out text in {args.shared}")
@@ -83,6 +91,15 @@ def main(argv=None) -> int:
     pool = [s for v in by_corpus.values() for s in v if s not in held_out]
     dropped = sum(len(v) for v in by_corpus.values()) - len(pool)
     random.Random(args.seed).shuffle(pool)
+    if args.lines is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text("\n".join(pool[:args.lines]) + "\n")
+        tmp.replace(args.out)
+        n = len(tok("\n".join(pool[:args.lines]), add_special_tokens=False)["input_ids"])
+        print(json.dumps(dict(corpora=args.corpora, lines=len(pool[:args.lines]), tokens=n,
+                              pool=len(pool), equal_to_held_out_dropped=dropped)))
+        return 0
     docs, n_tokens, used = [], 0, {k: 0 for k in by_corpus}
     where = {s: k for k, v in by_corpus.items() for s in v}
     for i in range(0, len(pool), args.per_doc):

@@ -2114,3 +2114,65 @@ def test_load_default_llm_says_none_when_the_package_is_missing(monkeypatch, tmp
     monkeypatch.setattr(loading, "default_llm_path", lambda: folder)
     model, tok = loading.load_default_llm()
     assert not model.training and tok is not None
+
+
+def test_samples_start_from_the_users_lines_each_once_before_any_twice():
+    """``self_generated_text(starts=...)``: each text begins with one of the user's lines
+    (stripped, empty ones dropped), whole, then the model's continuation; every line is
+    used once before any is used twice (order shuffled with the seed, the same seed the
+    same texts); with ``chat`` each line is the user's turn of the chat template. One
+    string or no non-empty line is refused before any sampling."""
+    from tests.common import make_causal_lm, make_word_tokenizer
+    from tnlm.compress.decoder.text import self_generated_text
+
+    tok, m = make_word_tokenizer(), make_causal_lm("llama", seed=3)
+    lines = ["the cat sat on the mat .", "  the dog is blue .  ", "", "the sky is a day ."]
+    kept = [x.strip() for x in lines if x.strip()]
+    texts = self_generated_text(m, tok, 5, max_new_tokens=4, batch_size=2, seed=2,
+                                starts=lines)
+    used = [next(x for x in kept if t.startswith(x)) for t in texts]
+    assert sorted(used[:3]) == sorted(kept) and used[3] != used[4]
+    assert all(len(t) > len(u) for t, u in zip(texts, used))  # a continuation follows
+    assert texts == self_generated_text(m, tok, 5, max_new_tokens=4, batch_size=2, seed=2,
+                                        starts=lines)
+    chat = self_generated_text(m, tok, 2, max_new_tokens=3, batch_size=2, seed=2,
+                               starts=kept[:1], chat=True)
+    start = tok.apply_chat_template([{"role": "user", "content": kept[0]}],
+                                    add_generation_prompt=True, tokenize=False)
+    assert all(t.startswith(start) and len(t) > len(start) for t in chat)
+    with pytest.raises(TypeError, match="starts must be a sequence of strings"):
+        self_generated_text(m, tok, 2, starts="the cat sat")
+    with pytest.raises(ValueError, match="starts must hold at least one non-empty line"):
+        self_generated_text(m, tok, 2, starts=["", "  "])
+
+
+def test_cli_lm_starts_reaches_the_recipe_and_is_refused_where_nothing_is_sampled(
+        tmp_path, capsys, monkeypatch):
+    """--lm-starts FILE: its non-empty lines become the recipe's starts, whose number and
+    hash are part of the text's settings (a kept text of other lines is not resumed);
+    refused for encoders, with --text, with --lm-text prose and for a file of blank
+    lines, before any model loads."""
+    from tnlm.cli import main
+    from tnlm.compress.decoder.job import CausalLMRecipe
+
+    starts = tmp_path / "starts.txt"
+    starts.write_text("the cat sat .\n\n the dog is blue .\n")
+    assert main(["compress", "--lm-starts", str(starts)]) == 2  # the embedded encoder
+    assert "--lm-starts applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    for extra, why in ((["--text", str(text)], "with --text it writes none"),
+                       (["--lm-text", "prose"], "with --lm-text prose it writes none")):
+        assert main(["compress", str(folder), "--lm-starts", str(starts), *extra]) == 2
+        assert why in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert main(["compress", str(folder), "--lm-starts", str(blank)]) == 2
+    assert "--lm-starts" in capsys.readouterr().err
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.starts)
+    assert main(["compress", str(folder), "--lm-starts", str(starts), "--out", "",
+                 "--quiet"]) == 2
+    assert seen == [("the cat sat .", "the dog is blue .")]
+    one, other = CausalLMRecipe(starts=["a"]), CausalLMRecipe(starts=["b"])
+    assert one.text_settings()["starts"] == 1
+    assert one.text_settings()["starts_sha256"] != other.text_settings()["starts_sha256"]
+    assert "starts" not in CausalLMRecipe().text_settings()  # older kept texts still match

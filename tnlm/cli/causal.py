@@ -78,6 +78,18 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     text = own_text = None
     if args.text and args.lm_text is not None:
         raise UserError("--lm-text chooses the text when no --text is given; pass one of them")
+    starts = None
+    if args.lm_starts is not None:
+        if args.text or args.lm_text == "prose":
+            raise UserError("--lm-starts are the lines the model's own texts start from; with "
+                            + ("--text" if args.text else "--lm-text prose")
+                            + " it writes none")
+        try:
+            starts = read_sentences(args.lm_starts)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--lm-starts: {err}") from None
+        if not any(x.strip() for x in starts):
+            raise UserError(f"--lm-starts {args.lm_starts} holds no non-empty line")
     for flag, value, what in (("--lm-texts", args.lm_texts,
                                "how many texts the model writes itself"),
                               ("--lm-top-k", args.lm_top_k,
@@ -142,6 +154,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
         gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
+        starts=starts,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted,
         sensitivity_sequences=recipe.sensitivity_sequences if args.sensitivity_sequences
         is None else args.sensitivity_sequences)
@@ -210,7 +223,8 @@ WINDOW = 256
 #: its layer-by-layer settings')
 _FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
           "pivoted": "--pivoted", "target_modules": "--targets", "n_texts": "--lm-texts",
-          "gen_top_k": "--lm-top-k", "text_source": "--lm-text",
+          "gen_top_k": "--lm-top-k", "text_source": "--lm-text", "starts": "--lm-starts",
+          "starts_sha256": "--lm-starts",
           "allocation": "--allocation", "prose_fraction": "--lm-prose"}
 
 
@@ -414,6 +428,9 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    else recipe.n_texts,
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
+                   # the user's lines the model's own texts started from
+                   lm_starts=None if recipe.starts is None else dict(
+                       file=str(args.lm_starts), lines=len(recipe.starts)),
                    # the share of the shipped prose healed on after the model's texts
                    lm_prose=None if args.text or recipe.text_source in ("prose", "both")
                    else recipe.resolved_prose_fraction(),

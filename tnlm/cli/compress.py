@@ -138,6 +138,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         "tnlm's default text")
     if args.lm_texts is not None:
         raise UserError("--lm-texts applies to causal LMs (how many texts the model writes)")
+    if args.lm_starts is not None:
+        raise UserError("--lm-starts applies to causal LMs (the lines their own texts start "
+                        "from); an encoder heals on --text or tnlm's default text")
     if args.lm_top_k is not None:
         raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     if args.lm_prose is not None:

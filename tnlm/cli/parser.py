@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "format (chat), or half samples, half answers (mixed); after "
                         "samples, healing also draws from --lm-prose of the prose (default: "
                         f"{CausalLMRecipe.text_source})")
+    p.add_argument("--lm-starts", default=None, metavar="FILE",
+                   help="causal LMs without --text: a few lines of your kind of text (one a "
+                        "line; examples, not a corpus): the model's own texts start with "
+                        "them and continue them (--lm-text chat: it answers them) instead "
+                        "of tnlm's sentences; the text stays data-free otherwise")
     p.add_argument("--lm-texts", type=int, default=None, metavar="N",
                    help="causal LMs: how many texts the model writes for its own calibration "
                         "and healing (--lm-text self, both, chat, mixed); more heal better "

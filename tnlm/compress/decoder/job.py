@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -132,6 +133,12 @@ class CausalLMRecipe:
             :func:`recipe_text`); ``"mixed"``, ``n_texts`` samples, half of them
             continuations as in ``"self"`` and half chat answers as in ``"chat"``,
             alternating (calibration sees both).
+        starts: a few lines of the user's own kind of text (examples, not a corpus): the
+            model's samples start with them, whole, and continue them (``"chat"``: the
+            user's turns the model answers) instead of tnlm's generated sentences (chat
+            prompts); :func:`tnlm.compress.decoder.text.self_generated_text`. The text
+            stays the model's own, steered towards the user's domain; not with
+            ``"prose"``. Kept as a tuple of the non-empty lines, stripped.
         prose_fraction: the text sources that sample (``"self"``, ``"chat"``,
             ``"mixed"``) add this fraction of the shipped prose (shuffled with ``seed``)
             after the samples: the calibration still takes the first ``n_calibration``
@@ -210,6 +217,7 @@ class CausalLMRecipe:
     heal: CausalHealConfig = field(default_factory=lambda: CausalHealConfig(**JOB_HEAL))
     seed: int = 0
     text_source: str = "self"
+    starts: tuple[str, ...] | None = None
     prose_fraction: float | None = None
     output_error: str = "total"
     pivoted: bool = False
@@ -247,6 +255,14 @@ class CausalLMRecipe:
             if not isinstance(v, str) or v not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {v!r}")
+        if self.starts is not None:
+            lines = tuple(x.strip() for x in check_texts(self.starts, "starts") if x.strip())
+            if not lines:
+                raise ValueError("starts must hold at least one non-empty line")
+            if self.text_source == "prose":
+                raise ValueError("starts are the lines the model's samples start from; "
+                                 "text_source 'prose' samples nothing")
+            self.starts = lines
         if self.text_source == "mixed" and self.n_texts < 2:
             raise ValueError(f"n_texts must be at least 2 with text_source 'mixed' (half "
                              f"continuations, half chat answers), got {self.n_texts}")
@@ -308,6 +324,9 @@ class CausalLMRecipe:
             out.update(n_texts=self.n_texts, gen_tokens=self.gen_tokens,
                        gen_batch=self.gen_batch, gen_top_k=self.gen_top_k,
                        generation="neutral")  # the model's generation_config set aside
+            if self.starts is not None:  # the user's lines: how many, and a hash of them
+                out.update(starts=len(self.starts), starts_sha256=hashlib.sha256(
+                    json.dumps(list(self.starts)).encode()).hexdigest())
         if self.text_source not in _ALL_PROSE:
             out["prose_fraction"] = self.resolved_prose_fraction()
         return out
@@ -338,14 +357,16 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     shipped prose shuffled with ``recipe.seed`` and/or ``recipe.n_texts`` samples of the
     dense ``model`` (:func:`tnlm.compress.decoder.text.self_generated_text`), prose first; for
     ``"chat"`` the samples are the model's answers to chat prompts, in its chat format;
-    for ``"mixed"`` half of each (:func:`interleave`). After samples alone, the first
+    for ``"mixed"`` half of each (:func:`interleave`); with ``recipe.starts`` the samples
+    start from the user's lines. After samples alone, the first
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
     text = shipped_prose(recipe.seed) if recipe.text_source in _ALL_PROSE else []
 
     def samples(n: int, chat: bool) -> list[str]:
         return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
                                    seed=recipe.seed, batch_size=recipe.gen_batch, chat=chat,
-                                   progress=progress, top_k=recipe.gen_top_k)
+                                   progress=progress, top_k=recipe.gen_top_k,
+                                   starts=recipe.starts)
 
     if recipe.text_source in ("self", "both", "chat"):
         text += samples(recipe.n_texts, recipe.text_source == "chat")

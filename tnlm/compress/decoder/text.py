@@ -38,7 +38,8 @@ __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_t
 def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tokens: int = 128,
                         temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
                         seed: int = 0, chat: bool = False, progress: bool = False,
-                        top_k: int | None = None) -> list[str]:
+                        top_k: int | None = None,
+                        starts: Sequence[str] | None = None) -> list[str]:
     """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
     docstring): each token drawn from the top-``top_p`` nucleus of the model's
     distribution at ``temperature`` (:class:`tnlm.compress.decoder.sampling.NucleusSampler`),
@@ -53,11 +54,19 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     special tokens kept up to and including the first end-of-sequence token (the text
     then reads as the chat format the model is used in).
 
+    ``starts``: a few lines of the user's own kind of text (not a corpus: examples). Each
+    text then starts with one of them, whole, and the model continues it (with ``chat``:
+    each is the user's turn the model answers); the lines are taken in an order shuffled
+    with ``seed``, each once before any twice. The text stays the model's own: the lines
+    only choose what it writes about.
+
     Raises:
         ValueError: ``n``, ``batch_size`` or ``max_new_tokens`` not an int >= 1; ``seed``
             not an int in [0, 2**63 - 1]; ``chat`` with a tokenizer that has no chat
             template; ``temperature``, ``top_p`` or ``top_k`` out of range
-            (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`).
+            (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`); ``starts`` with no
+            non-empty line.
+        TypeError: ``starts`` one string (its characters would be the lines).
     """
     from tnlm.compress.text import generated_sentences
 
@@ -65,6 +74,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     seed = check_seed(seed)
+    lines = None if starts is None else _start_lines(starts, n, seed)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True needs a tokenizer with a chat template; this one "
@@ -73,7 +83,9 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 
         starts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                 add_generation_prompt=True, tokenize=False)
-                  for p in chat_prompts(n, seed)]
+                  for p in (lines if lines is not None else chat_prompts(n, seed))]
+    elif lines is not None:
+        starts = lines
     else:
         rng = random.Random(seed)
         starts = []
@@ -93,6 +105,21 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
                   max_new_tokens, side, pad, was, progress, chat, top_k)
     return out
+
+
+def _start_lines(starts: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` of the non-empty lines of ``starts`` (stripped), in an order shuffled with
+    ``seed``: every line once before any line twice."""
+    lines = [x.strip() for x in check_texts(starts, "starts") if x.strip()]
+    if not lines:
+        raise ValueError("starts must hold at least one non-empty line")
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        order = list(lines)
+        rng.shuffle(order)
+        out += order
+    return out[:n]
 
 
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
