@@ -2,7 +2,7 @@
 
 The field scores a compressed LLM on WikiText's test split after calibrating on its train
 split. The decoder runs of docs/results.md are scored on SST-2 dev, CoLA dev and SICK trial
-sentences (``lm_quality.natural_eval_text``) and heal on data-free text; this script writes
+sentences (``decoder.quality.natural_eval_text``) and heal on data-free text; this script writes
 the user-text counterpart: sentences of the *training* splits (SST-2 train lines of at least
 ``--min-words`` words, CoLA train sentences labelled acceptable; SICK train sentences with
 ``--corpora ... sick``, though SICK's splits share most sentences), none equal to a held-out

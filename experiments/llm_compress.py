@@ -3,7 +3,7 @@
 One run = one (method, budget, seed): the dense model's self-generated text (cached per
 seed in ``--text-cache`` so every method of a seed calibrates and heals on the same
 text), compression (``tnlm.compress.decoder.job``), healing, then the held-out perplexity of
-natural text never used for either (``lm_quality.natural_eval_text``: SST-2 dev, CoLA
+natural text never used for either (``decoder.quality.natural_eval_text``: SST-2 dev, CoLA
 dev, SICK trial sentences; non-overlapping windows of ``--eval-length`` tokens, as SVD-LLM
 scores WikiText) against the dense model's, greedy answers to the 50 shipped questions
 against the dense model's (identical answers, the teacher-forced top-1 agreement on the

@@ -7,7 +7,7 @@ One row per (method, budget, healing steps, self-generated texts): perplexity ra
 compressed/dense (mean ± std over seeds, the seed count), kept fraction, identical
 answers to the dense model's, the teacher-forced top-1 agreement on the dense answers'
 tokens (runs from before it: "-"), keyword-checked right answers of 50
-(``lm_quality.answers_correct``; the dense reference ``dense.json`` is its own row when
+(``decoder.quality.answers_correct``; the dense reference ``dense.json`` is its own row when
 given), compression and healing seconds, the job's peak
 resident memory (the largest stage peak: compression or healing) against the process's
 resident memory with the dense model loaded.

@@ -3,6 +3,7 @@ silently (a model compressed on unknown tokens, a checkpoint that cannot be load
 setting ignored), failed late, or left a folder half rewritten: each is now refused
 before any work, naming the argument, or handled."""
 
+import os
 import re
 import shutil
 
@@ -167,9 +168,14 @@ def test_a_new_model_in_out_keeps_no_file_of_the_earlier_one(model_dir, text_fil
     (out / "chat_template.jinja").write_text("{{ messages }}")
     (out / "generation_config.json").write_text("{}")
     (out / ".keep").write_text("the user's")
+    # the user's own files and folders stay (the earlier in-place save left them too)
+    (out / "notes.txt").write_text("the user's")
+    (out / "figures").mkdir()
+    (out / "figures" / "a.png").write_bytes(b"png")
     assert main([*argv, "--budget", "0.4"]) == 0
-    assert names() == sorted([*fresh, ".keep"])
-    assert (out / ".keep").read_text() == "the user's"
+    assert names() == sorted([*fresh, ".keep", "figures", "notes.txt"])
+    assert (out / ".keep").read_text() == (out / "notes.txt").read_text() == "the user's"
+    assert (out / "figures" / "a.png").read_bytes() == b"png"
     assert str(out) in (out / "README.md").read_text()  # names --out, not the staging folder
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(model_dir))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -276,3 +282,41 @@ def test_report_refuses_n_sites_for_a_saved_mpo_model_and_makes_out_only_with_fi
     assert not figs.exists()  # nothing to draw: no folder left behind
     assert main(["report", str(ckpt), "--out", str(figs), "--modules", "1"]) == 0
     assert len(list(figs.glob("*.png"))) == 3
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_save_killed_by_a_signal_is_tidied_at_the_next_run(tmp_path, capsys):
+    """What a replace_folder killed by SIGKILL leaves beside --out (its process gone) is
+    tidied by the next make_out: a partial new model removed; the earlier folder, set
+    aside, put back where --out is missing, with the hidden files already moved out of
+    it; removed where the new model was already in place. A living process's are kept."""
+    from tnlm.cli.common import make_out
+
+    pid = _dead_pid()
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{pid}-abcd1234"
+    partial = tmp_path / f".out.partial-{pid}-abcd1234"
+    old.mkdir()
+    (old / "mpo_config.json").write_text("{}")
+    partial.mkdir()
+    (partial / ".git").write_text("moved")  # carried over before the kill
+    alive = tmp_path / f".out.partial-{os.getpid()}-ffff0000"
+    alive.mkdir()
+    assert make_out(str(out), own=("healing",))[0] == out
+    err = capsys.readouterr().err
+    assert "was put back" in err and "had not finished writing" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [".git", "mpo_config.json"]
+    assert not old.exists() and not partial.exists() and alive.is_dir()
+    # killed after the new folder was in place: the earlier one is only removed
+    old.mkdir()
+    make_out(str(out), own=("healing",))
+    assert "had already replaced" in capsys.readouterr().err
+    assert not old.exists() and (out / "mpo_config.json").is_file()

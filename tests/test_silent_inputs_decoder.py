@@ -128,6 +128,23 @@ def test_natural_eval_text_reads_glue_cola_and_an_sst2_file_without_header(tmp_p
         natural_eval_text(tmp_path)
 
 
+def test_the_default_folders_unreadable_cola_file_is_left_out_with_a_warning(
+        tmp_path, monkeypatch):
+    """The folder the caller did not name (../shared/data beside the working directory):
+    a CoLA file of another layout is left out, said in a warning, and the other
+    documents are still measured; named, it is refused (above)."""
+    data = tmp_path / "shared" / "data"
+    (data / "cola").mkdir(parents=True)
+    (data / "sst2").mkdir()
+    (data / "cola" / "dev.tsv").write_text("the cat\tsat .\t1\n")
+    (data / "sst2" / "dev.tsv").write_text("a fine film .\t1\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.warns(UserWarning, match="the CoLA document is left out"):
+        assert natural_eval_text() == ["a fine film ."]
+
+
 # --- 5 and the minor ones: the decoder's text -----------------------------------------
 
 @pytest.mark.parametrize("bad", [0, -1, 2.7, True, "2"])

@@ -403,7 +403,8 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                 # written beside --out and renamed into place: never a mix with an
                 # earlier model (its layer-by-layer checkpoint goes with the earlier folder)
                 replace_folder(out, lambda d: save_self_contained(
-                    wrapped, tok, d, sentence_transformers=False, shown_as=out))
+                    wrapped, tok, d, sentence_transformers=False, shown_as=out),
+                    drop=(LAYERWISE_DIR,))
         except Exception:  # the run's measures are not lost with the model
             print(f"not saved; perplexity dense {dense.ppl:.4f}, compressed {ppl.ppl:.4f} "
                   f"({ppl.ppl / dense.ppl:.4f}x)", file=sys.stderr)

@@ -13,7 +13,7 @@ from pathlib import Path
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["UserError", "HealingDiverged", "model_path", "make_out", "remove_empty", "note",
-           "replace_folder", "text_error",
+           "replace_folder", "recover_staged", "MODEL_FILES", "text_error",
            "check_budget_and_healing", "launched", "encoder_only_defaults"]
 
 
@@ -51,6 +51,8 @@ def make_out(out: str | None, own: Sequence[str] | None = None
     if not out:
         return None, []
     d = Path(out)
+    for said in recover_staged(d):
+        note(said)
     if own is not None and d.is_dir() and not (d / CONFIG_NAME).is_file():
         # a save killed before its config was written leaves tnlm's weights alone
         others = sorted(p.name for p in d.iterdir()
@@ -96,16 +98,95 @@ def remove_empty(folders: Sequence[Path]) -> None:
 _OWN_HIDDEN = (".mpo_", ".weights.", ".tnlm-")
 
 
-def replace_folder(out: Path, write: Callable[[Path], object]) -> None:
+#: the files and folders of a model folder (a tnlm model's, transformers' and
+#: sentence-transformers'): an earlier model's are not carried over by
+#: :func:`replace_folder` (they would change what the new folder loads)
+MODEL_FILES = frozenset({
+    CONFIG_NAME, "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "modules.json",
+    "config_sentence_transformers.json", "sentence_bert_config.json", "README.md",
+    "1_Pooling", "2_Normalize"})
+#: the staging folders of :func:`replace_folder` beside ``out``: ``.NAME.partial-PID-HEX``
+#: (the new model being written), ``.NAME.old-PID-HEX`` (the earlier folder, until the
+#: new one is in place)
+_STAGED = ("partial", "old")
+
+
+def _carried(name: str, drop: Sequence[str]) -> bool:
+    """Whether an entry of the earlier folder goes into the new one: the user's own
+    files and hidden files (``.git``, notes, results), not an earlier model's files, its
+    weights, tnlm's own hidden files or the run's own folders ``drop``."""
+    if name.startswith("."):
+        return not name.startswith(_OWN_HIDDEN)
+    return not (name in MODEL_FILES or name in drop or name.endswith(".safetensors")
+                or WEIGHTS_NAME.fullmatch(name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_staged(out: Path) -> list[str]:
+    """Tidy what a :func:`replace_folder` killed by a signal (SIGKILL, power loss) left
+    beside ``out``, for processes no longer running: a partial new model is removed; an
+    earlier folder renamed aside is put back where ``out`` is missing (with the hidden
+    files already moved into the new one), else removed (the new model was in place).
+    Returns one notice a thing done."""
+    real = Path(out).resolve()
+    said: list[str] = []
+    if not real.parent.is_dir():
+        return said
+    stale: dict[str, list[Path]] = {k: [] for k in _STAGED}
+    for p in real.parent.iterdir():
+        for kind in _STAGED:
+            prefix = f".{real.name}.{kind}-"
+            if p.is_dir() and p.name.startswith(prefix):
+                pid = p.name[len(prefix):].split("-")[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    stale[kind].append(p)
+    for old in sorted(stale["old"]):
+        if not real.exists():
+            partial = old.parent / old.name.replace(".old-", ".partial-", 1)
+            if partial.is_dir():  # hidden files moved into it go back
+                for q in partial.iterdir():
+                    if q.name.startswith(".") and not (old / q.name).exists():
+                        os.rename(q, old / q.name)
+            os.rename(old, real)
+            said.append(f"--out {out}: the earlier folder, set aside by a save that was "
+                        f"killed, was put back ({old.name})")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            said.append(f"--out {out}: removed {old.name}, the earlier folder a killed save "
+                        "had already replaced")
+    for partial in sorted(stale["partial"]):
+        shutil.rmtree(partial, ignore_errors=True)
+        said.append(f"--out {out}: removed {partial.name}, a model a killed save had not "
+                    "finished writing")
+    return said
+
+
+def replace_folder(out: Path, write: Callable[[Path], object],
+                   drop: Sequence[str] = ()) -> None:
     """Write a model to the folder ``out`` (made by :func:`make_out`) so that it holds
     either what it held or the whole new model, never a mix.
 
     ``write(folder)`` fills a new folder beside ``out``, which then takes ``out``'s place;
-    only then is the earlier folder removed (an earlier model's files, a checkpoint to
-    resume); the user's hidden files there (``.git``, ...) are carried over. If ``write``
-    fails or is interrupted, the new folder is removed and ``out`` is as it was. A folder
-    that cannot be renamed (a mount point, the working folder or one above it) or whose
-    parent cannot be written to is written in place, as before."""
+    only then is the earlier folder removed with an earlier model's files
+    (:data:`MODEL_FILES`, weights) and the run's own folders ``drop`` (a checkpoint to
+    resume); everything else there, the user's own files and hidden files (``.git``,
+    notes, results), is carried over. If ``write`` fails or is interrupted, the new
+    folder is removed and ``out`` is as it was (killed by a signal: :func:`recover_staged`
+    tidies up at the next run's :func:`make_out`). A folder that cannot be renamed (a
+    mount point, the working folder or one above it) or whose parent cannot be written
+    to is written in place, as before."""
     real = out.resolve()
     cwd = Path.cwd().resolve()
     tag = f"{os.getpid()}-{os.urandom(4).hex()}"
@@ -134,8 +215,7 @@ def replace_folder(out: Path, write: Callable[[Path], object]) -> None:
     moved: list[str] = []
     try:
         for p in sorted(old.iterdir()):
-            if p.name.startswith(".") and not p.name.startswith(_OWN_HIDDEN) \
-                    and not (tmp / p.name).exists():
+            if _carried(p.name, drop) and not (tmp / p.name).exists():
                 os.rename(p, tmp / p.name)
                 moved.append(p.name)
         os.rename(tmp, real)

@@ -308,7 +308,8 @@ def _encoder_job(args, path, tok, text, source, split, sick, recipe, out) -> int
         # config, tokenizer and sentence-transformers files beside the MPO weights:
         # tnlm.export.load_compressed(out) / sentence_transformer(out) need nothing else;
         # written beside --out and renamed into place: never a mix with an earlier model
-        replace_folder(out, lambda d: save_self_contained(res.model, tok, d, shown_as=out))
+        replace_folder(out, lambda d: save_self_contained(res.model, tok, d, shown_as=out),
+                       drop=("healing",))
         if healing is not None:
             _drop_heal_state(healing)  # the model is saved: nothing left to resume
         say(f"saved to {out}")

@@ -162,9 +162,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     when none can be profiled the command fails, naming them.
 
     ``--n-sites`` (1..64, checked before anything is loaded) splits a model folder's
-    dense weights; a saved MPO model keeps its layers' own sites, so another value
-    than the default is refused for one. ``--out`` is created once the figures'
-    data is ready (a failed report leaves no empty folder).
+    dense weights (default 5); a saved MPO model keeps its layers' own sites, so any
+    value given is refused for one. ``--out`` is created once the figures' data is
+    ready (a failed report leaves no empty folder).
 
     Raises:
         UserError: a wrong ``--modules`` / ``--n-sites`` / ``--out``, a lightweight task

@@ -61,10 +61,13 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge.finetune import HEALING_RENAMED, check_train, select_parameters
 from tnlm.compress import distributed as dist_
-from tnlm.compress.heal_state import (
+from tnlm.compress.heal_state import (  # the state's names it exported, still importable here
     STATE_FILE,
+    STATE_TENSORS,
+    check_resumable,
     heal_settings,
     load_heal_state,
+    read_heal_state,
     save_heal_state,
 )
 from tnlm.compress.snapshot import ParameterSnapshot
@@ -72,7 +75,10 @@ from tnlm.compress.text import check_texts
 from tnlm.core.validation import check_bool_fields, check_seed
 
 __all__ = ["HealConfig", "HealResult", "heal", "mean_pool", "check_same_architecture",
-           "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch", "BLOWUP_WINDOW"]
+           "length_bucketed_draws", "fast_bf16", "HealTerm", "HealBatch", "BLOWUP_WINDOW",
+           # the healing checkpoint's (tnlm.compress.heal_state), as before it moved there
+           "heal_settings", "read_heal_state", "check_resumable", "STATE_FILE",
+           "STATE_TENSORS"]
 
 
 #: what healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`

@@ -390,7 +390,8 @@ class MPO:
         return get_plan(eq, [tuple(c.shape) for c in self.cores])
 
     def apply_plan(self, batch: int = 1) -> ContractionPlan:
-        """The planned contraction ``x[b, i_1..i_n] · MPO -> y[b, j_1..j_n]`` for ``batch`` rows."""
+        """The planned contraction ``x[b, i_1..i_n] · MPO -> y[b, j_1..j_n]`` for ``batch`` rows
+        (its costs are those of ``batch`` rows; it runs for any row count)."""
         nodes = self._nodes
         eq = network_equation(
             nodes,
@@ -398,7 +399,8 @@ class MPO:
             extra_terms=[["batch"] + [n["in"] for n in nodes]],
         )
         shapes = [tuple(c.shape) for c in self.cores] + [(batch, *self.in_shape)]
-        return get_plan(eq, shapes)
+        rows = eq.split("->")[0].split(",")[-1][0]  # x's first index: the rows
+        return get_plan(eq, shapes, rows=rows)
 
     def to_matrix(self) -> Tensor:
         """The dense matrix W of shape (I, J) (padding sliced off), on this MPO's backend."""
