@@ -270,3 +270,39 @@ def test_cli_refuses_an_encoder_whose_block_weights_are_missing(model_dir, text_
                  "--out", str(tmp_path / "out")]) == 2
     assert "weights of the model's blocks are missing" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_healing_state_whose_optimizer_moments_do_not_fit_is_refused(tmp_path):
+    """The optimizer's moments are stored by position: a state whose i-th moments have
+    another shape than the i-th parameter (another set of parameters trained) is refused,
+    naming the parameter, instead of shifting moments onto the wrong parameters."""
+    from safetensors.torch import load_file, save_file
+
+    from tnlm.compress.heal_state import STATE_TENSORS, load_heal_state, save_heal_state
+
+    def setup():
+        params = [("a", torch.nn.Parameter(torch.randn(2, 3))),
+                  ("b", torch.nn.Parameter(torch.randn(4)))]
+        opt = torch.optim.AdamW([p for _, p in params], lr=1e-3)
+        sum(p.sum() for _, p in params).backward()
+        opt.step()
+        return params, opt
+
+    settings = {"steps": 5}
+    params, opt = setup()
+    save_heal_state(tmp_path, 1, params, opt, [0.5], settings)
+    fresh, fresh_opt = setup()
+    assert load_heal_state(tmp_path, fresh, fresh_opt, settings) == (1, [0.5])
+    path = tmp_path / STATE_TENSORS
+    tensors = load_file(str(path))
+    for k in ("exp_avg", "exp_avg_sq"):  # the two parameters' moments swapped
+        tensors[f"opt.0.{k}"], tensors[f"opt.1.{k}"] = tensors[f"opt.1.{k}"], \
+            tensors[f"opt.0.{k}"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"does not match this student \(the optimizer's "
+                                         r"exp_avg of a\)"):
+        load_heal_state(tmp_path, *setup(), settings)

@@ -232,6 +232,13 @@ def load_heal_state(d: Path, params: Sequence[tuple[str, nn.Parameter]],
                              f"({n})")
         p.copy_(tensors[key])
         if f"opt.{i}.exp_avg" in tensors:
+            # the moments are stored by position: the i-th must be this parameter's shape
+            # (a state of another set of parameters would shift them onto the wrong ones)
+            for k in ("exp_avg", "exp_avg_sq"):
+                got = tensors.get(f"opt.{i}.{k}")
+                if got is None or got.shape != p.shape:
+                    raise ValueError(f"healing state {d / STATE_TENSORS} does not match this "
+                                     f"student (the optimizer's {k} of {n})")
             opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
                             "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
                             "step": tensors[f"opt.{i}.step"].reshape(()).float()}
