@@ -131,6 +131,9 @@ def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]
         top = d.get("lm_top_k")
         texts = (f"{n} (nucleus)" if top is None else f"{n} (top-{top})") \
             if d.get("text") == "self" else str(d.get("text"))
+        starts = d.get("lm_starts")
+        if starts:  # the samples started from the user's lines (--lm-starts)
+            texts = texts.replace(" (nucleus)", f" (nucleus) from {starts['lines']} of your lines")
         if d.get("lm_prose"):  # jobs before --lm-prose: the samples alone
             texts += f" + {d['lm_prose']:g} of the prose"
         probe = d.get("sensitivity_sequences", 8)  # jobs before it was recorded: 8
@@ -232,6 +235,9 @@ HEADLINE: list[tuple[str, list[tuple[str, str, int]]]] = [
     ("whitened low rank (SVD-LLM style), the same healing",
      [("tnlm compress, --method whitened", PROSE, 150),
       ("tnlm compress, --method whitened", "256 (nucleus)", 150)]),
+    ("tnlm, 64 lines of your own steering its samples (--lm-starts)",
+     [("tnlm compress, --method tnlm (sensitivity), probe of 4",
+       "256 (nucleus) from 64 of your lines + 0.25 of the prose", 150)]),
     ("tnlm, own text (training splits of the held-out corpora)",
      [(JOB, "own text: indomain", 150)]),
     ("whitened low rank, own text", [("whitened, adafactor, KL chunks of 128",
