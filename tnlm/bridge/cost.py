@@ -44,9 +44,8 @@ from tnlm.core.plan import (
     block_plan,
     chain_plans,
     check_chain,
-    check_size,
 )
-from tnlm.core.validation import check_positive_int, check_site_index
+from tnlm.core.validation import check_positive_int, check_site_index, check_size
 
 __all__ = ["MODES", "CONTRACT_EFFICIENCY", "ForwardCost", "forward_cost", "choose_mode",
            "TrainStrategy", "TrainCost", "train_cost"]

@@ -30,7 +30,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +38,7 @@ from tnlm.compress.calibration import InputStats
 from tnlm.core import MPO
 from tnlm.core.spec import apply_gauge
 from tnlm.core.spectra import tail_sums
-from tnlm.core.validation import all_finite, check_number, check_positive_int
+from tnlm.core.validation import all_finite, check_number, check_positive_int, check_size
 
 __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
 
@@ -222,10 +221,7 @@ class WhitenedLayer:
             TypeError: ``rank`` not an int.
             ValueError: ``rank`` negative.
         """
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-            raise TypeError(f"rank must be an int, got {rank!r}")
-        if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank}")
+        rank = check_size(rank, "rank")
         total = float(self.tails[0])
         return math.sqrt(float(self.tails[min(rank, len(self.spectrum))]) / total) if total else 0.0
 

@@ -30,7 +30,6 @@ blocks, and the planned alternative of contracting ``x`` and ``dy`` with the blo
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from functools import lru_cache
 from math import prod
@@ -40,7 +39,7 @@ import opt_einsum as oe
 import tensornetwork as tn
 
 from tnlm.core import backend as B
-from tnlm.core.validation import check_positive_int, check_site_index
+from tnlm.core.validation import check_positive_int, check_site_index, check_size
 
 __all__ = [
     "ContractionPlan",
@@ -56,7 +55,6 @@ __all__ = [
     "ChainPlans",
     "chain_plans",
     "check_chain",
-    "check_size",
     "ROW_HINTS",
     "RowPaths",
     "BlockPlan",
@@ -65,16 +63,6 @@ __all__ = [
 
 #: core shapes of a chain, one ``(d_{k-1}, i_k, j_k, d_k)`` per site
 CoreShapes = tuple[tuple[int, ...], ...]
-
-
-def check_size(value: Any, name: str) -> int:
-    """``value`` as an int >= 0 (a leg size or a row count), or a ``TypeError`` (not an
-    int: ``bool`` and float refused) / ``ValueError`` (negative) naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
 
 
 def _check_shapes(shapes: Sequence[Sequence[int]], name: str) -> tuple[tuple[int, ...], ...]:

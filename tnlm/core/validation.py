@@ -13,7 +13,7 @@ from tnlm.core import backend as B
 
 __all__ = ["MAX_SEED", "MAX_SITES", "all_finite", "check_core", "check_matrix", "check_seed",
            "check_shape", "check_site_index", "check_positive_int", "check_n_sites",
-           "check_number", "check_bool_fields"]
+           "check_number", "check_size", "check_bool_fields"]
 
 #: the most sites an MPO may have: every site factor is >= 2 for a balanced
 #: factorization, so more sites than this would need a dimension above 2**64
@@ -96,6 +96,17 @@ def check_positive_int(value: Any, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_size(value: Any, name: str) -> int:
+    """``value`` as an int >= 0 (a leg size, a row count, a rank that may keep nothing), or a
+    ``TypeError`` (not an int: ``bool`` and float refused) / ``ValueError`` (negative)
+    naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return int(value)
 
 
