@@ -87,9 +87,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         try:
             starts = read_sentences(args.lm_starts)
         except (OSError, ValueError) as err:
-            raise UserError(f"--lm-starts: {err}") from None
-        if not any(x.strip() for x in starts):
-            raise UserError(f"--lm-starts {args.lm_starts} holds no non-empty line")
+            raise UserError(f"--lm-starts: {err}") from None  # also: no line in it
     for flag, value, what in (("--lm-texts", args.lm_texts,
                                "how many texts the model writes itself"),
                               ("--lm-top-k", args.lm_top_k,

@@ -56,6 +56,7 @@ from tnlm.compress.decoder.text import (
     check_texts,
     generation_is_neutral,
     self_generated_text,
+    start_lines,
     token_sequences,
 )
 from tnlm.compress.layerwise import (
@@ -256,9 +257,7 @@ class CausalLMRecipe:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {v!r}")
         if self.starts is not None:
-            lines = tuple(x.strip() for x in check_texts(self.starts, "starts") if x.strip())
-            if not lines:
-                raise ValueError("starts must hold at least one non-empty line")
+            lines = tuple(start_lines(self.starts))
             if self.text_source == "prose":
                 raise ValueError("starts are the lines the model's samples start from; "
                                  "text_source 'prose' samples nothing")

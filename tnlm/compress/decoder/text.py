@@ -31,7 +31,7 @@ from tnlm.compress.text import check_texts
 from tnlm.core.validation import check_seed
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
-           "split_held_out", "token_sequences"]
+           "split_held_out", "start_lines", "token_sequences"]
 
 
 @torch.no_grad()
@@ -107,12 +107,24 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     return out
 
 
-def _start_lines(starts: Sequence[str], n: int, seed: int) -> list[str]:
-    """``n`` of the non-empty lines of ``starts`` (stripped), in an order shuffled with
-    ``seed``: every line once before any line twice."""
+def start_lines(starts: Sequence[str]) -> list[str]:
+    """The non-empty lines of ``starts``, stripped: what the samples start from
+    (:func:`self_generated_text`, ``CausalLMRecipe.starts``).
+
+    Raises:
+        TypeError: ``starts`` one string (its characters would be the lines).
+        ValueError: no non-empty line.
+    """
     lines = [x.strip() for x in check_texts(starts, "starts") if x.strip()]
     if not lines:
         raise ValueError("starts must hold at least one non-empty line")
+    return lines
+
+
+def _start_lines(starts: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` of :func:`start_lines` of ``starts``, in an order shuffled with ``seed``: every
+    line once before any line twice."""
+    lines = start_lines(starts)
     rng = random.Random(seed)
     out: list[str] = []
     while len(out) < n:
