@@ -448,18 +448,24 @@ class MPOModule(nn.Module):
         shapes still form a chain with the layer's site shapes, as :meth:`set_cores`)."""
         ps = tuple(self._modules["cores"]._parameters.values())
         if tuple([p.shape for p in ps]) != self._plans.core_shapes:
-            shapes = check_chain([p.shape for p in ps], "cores")
-            if len(shapes) != len(self.in_shape):
-                raise ValueError(f"cores must have {len(self.in_shape)} sites (the layer's "
-                                 f"in_shape {self.in_shape}), got {len(shapes)}")
-            for k, s in enumerate(shapes):
-                if (s[1], s[2]) != (self.in_shape[k], self.out_shape[k]):
-                    raise ValueError(
-                        f"cores[{k}] has site legs (i, j) = {(s[1], s[2])} (shape {s}); expected "
-                        f"{(self.in_shape[k], self.out_shape[k])}, site {k} of the layer's "
-                        f"in_shape {self.in_shape} and out_shape {self.out_shape}")
+            self._check_sites(check_chain([p.shape for p in ps], "cores"))
             self._resolve()
         return ps
+
+    def _check_sites(self, shapes: Sequence[Sequence[int]]) -> None:
+        """``ValueError`` unless chained core ``shapes`` keep the layer's sites: as many
+        cores as ``in_shape`` has sites, core ``k``'s legs ``(i, j)`` equal to site ``k`` of
+        ``in_shape`` / ``out_shape`` (the message names ``cores[k]``)."""
+        if len(shapes) != len(self.in_shape):
+            raise ValueError(f"cores must have {len(self.in_shape)} sites (the layer's "
+                             f"in_shape {self.in_shape}), got {len(shapes)}")
+        for k, s in enumerate(shapes):
+            if (s[1], s[2]) != (self.in_shape[k], self.out_shape[k]):
+                raise ValueError(
+                    f"cores must keep the layer's site shapes: cores[{k}] has site legs "
+                    f"(i, j) = {(s[1], s[2])} (shape {tuple(s)}); expected "
+                    f"{(self.in_shape[k], self.out_shape[k])}, site {k} of its in_shape "
+                    f"{self.in_shape} and out_shape {self.out_shape}")
 
     def invalidate_cache(self) -> None:
         """Drop the cached dense W and the cached products of frozen blocks (frees their
@@ -552,11 +558,7 @@ class MPOModule(nn.Module):
         of each site's parameter. Optimizers holding the old parameters must be rebuilt."""
         flags = [p.requires_grad for p in self.cores]
         _check_cores(cores)
-        if len(cores) != len(flags):
-            raise ValueError(f"cores must have {len(flags)} sites, got {len(cores)}")
-        if tuple(int(c.shape[1]) for c in cores) != self.in_shape or \
-                tuple(int(c.shape[2]) for c in cores) != self.out_shape:
-            raise ValueError("cores must keep the site shapes in_shape/out_shape")
+        self._check_sites([tuple(int(d) for d in c.shape) for c in cores])
         old_central = self.central_index
         device, dtype = self.cores[0].device, self.cores[0].dtype
         self.cores = nn.ParameterList(
