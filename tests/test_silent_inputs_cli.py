@@ -110,6 +110,26 @@ def test_load_pretrained_refuses_a_causal_lm_folder_without_a_tokenizer(tmp_path
         load_pretrained(folder)
 
 
+def test_eval_refuses_a_model_folder_without_a_tokenizer_before_loading(tmp_path, capsys,
+                                                                        monkeypatch):
+    folder = tmp_path / "gpt2"
+    make_causal_lm("gpt2").save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the dog ran in the park\n" * 4)
+    capsys.readouterr()
+
+    def loaded(*a, **kw):
+        raise AssertionError("the model was loaded before its tokenizer was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    # ``tnlm eval`` measured perplexity on an empty tokenizer's unknown tokens
+    assert main(["eval", str(folder), "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{folder} holds no tokenizer" in err and len(err.splitlines()) == 1, err
+    assert main(["eval", str(folder), "--reference", str(folder), "--text", str(text)]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ 2. save with a state dict
 def test_save_pretrained_checks_a_state_dict_before_writing(model_dir, tmp_path):  # noqa: F811
     d = tmp_path / "ckpt"

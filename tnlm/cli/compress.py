@@ -56,16 +56,12 @@ def _read_text(args: argparse.Namespace) -> tuple[list[str], str]:
 def _tokenizer(path: Path) -> object:
     """MODEL_DIR's tokenizer, loaded before the model; :class:`UserError` naming MODEL_DIR
     when it holds none (transformers then builds an empty one: every word unknown)."""
-    from transformers import AutoTokenizer
+    from tnlm.integration.loading import load_tokenizer
 
-    from tnlm.integration.loading import check_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
     try:
-        check_tokenizer(tok, f"MODEL_DIR {path}")
+        return load_tokenizer(path, f"MODEL_DIR {path}")
     except ValueError as err:
         raise UserError(str(err)) from None
-    return tok
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

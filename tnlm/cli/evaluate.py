@@ -166,8 +166,9 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tokenizer(path: Path, checkpoint: bool, causal: bool) -> Any:
     """The tokenizer of ``path`` (a checkpoint's own; a folder's or a GGUF file's), loaded
-    without the model; :class:`EvalError` when a checkpoint holds none."""
-    from transformers import AutoTokenizer
+    without the model; :class:`EvalError` when a checkpoint holds none, or when a
+    folder's is unreadable or empty (only special tokens: every word unknown)."""
+    from tnlm.integration.loading import check_model_source, load_tokenizer
 
     if checkpoint:
         from tnlm.export.folder import has_tokenizer
@@ -176,14 +177,14 @@ def _tokenizer(path: Path, checkpoint: bool, causal: bool) -> Any:
             raise EvalError(f"{path} holds no tokenizer (tnlm compress --out writes one; or "
                             f"tnlm export DIR --format {'hf' if causal else 'st'} --base "
                             "FOLDER first)")
-        return AutoTokenizer.from_pretrained(str(path))
-    from tnlm.integration.loading import check_model_source
-
-    source = check_model_source(path)
+        folder, source, kwargs = path, path, {}
+    else:
+        source = check_model_source(path)
+        folder, kwargs = source.folder, source.kwargs()
     try:
-        return AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
-    except (OSError, ValueError, KeyError) as err:
-        raise EvalError(f"transformers cannot read the tokenizer of {source}: {err}") from None
+        return load_tokenizer(folder, source, **kwargs)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
 
 
 def _load(path: Path, checkpoint: bool) -> Any:

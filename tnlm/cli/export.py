@@ -274,16 +274,12 @@ def _tokenizer_source(d: Path, base: Path | None, meta: dict[str, Any]
 def _load_tokenizer(source: Path, shown: str) -> Any:
     """The tokenizer of ``source``; :class:`ExportError` naming ``shown`` (DIR, --base)
     when it holds none (transformers then builds an empty one: every word unknown)."""
-    from transformers import AutoTokenizer
+    from tnlm.integration.loading import load_tokenizer
 
-    from tnlm.integration.loading import check_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(source))
     try:
-        check_tokenizer(tok, shown)
+        return load_tokenizer(source, shown)
     except ValueError as err:
         raise ExportError(str(err)) from None
-    return tok
 
 
 def _tokenizer(d: Path, source: Path | None, tok: Any, model: Any,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ModelSource", "check_block_weights", "check_model_source", "check_tokenizer",
+           "load_tokenizer",
            "load_pretrained", "default_llm_path", "load_default_llm", "LLM_MISSING",
            "NEW_HEADS"]
 
@@ -283,6 +284,27 @@ def check_tokenizer(tokenizer: Any, source: object) -> None:
                          f"the model's tokenizer files (tokenizer.json, vocab.txt, ...)")
 
 
+def load_tokenizer(folder: str | os.PathLike, source: object, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(folder, **kwargs)``, checked by
+    :func:`check_tokenizer`; ``source`` names the model in errors (``"MODEL_DIR x"``, a
+    :class:`ModelSource`). Load it before the model: an empty tokenizer reads every word
+    as unknown, and finding out after loading the model wastes the load.
+
+    Raises:
+        ValueError: transformers cannot read the tokenizer (its message included), or it
+            holds nothing but special tokens (no tokenizer files).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"transformers cannot read the tokenizer of {source}: "
+                         f"{type(e).__name__}: {e}") from None
+    check_tokenizer(tokenizer, source)
+    return tokenizer
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a folder or GGUF file (:func:`check_model_source` first).
 
@@ -298,17 +320,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None) -> tuple[Any,
             tokenizer (:func:`check_tokenizer`, checked before the model is loaded).
     """
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from tnlm.integration.architectures import is_causal_type
 
     source = check_model_source(path)
     cls = AutoModelForCausalLM if is_causal_type(source.model_type) else AutoModel
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), **source.kwargs())
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"transformers cannot read {source}: {type(e).__name__}: {e}") from None
-    check_tokenizer(tokenizer, source)  # before the model: an empty one reads words as unknown
+    tokenizer = load_tokenizer(source.folder, source, **source.kwargs())
     try:
         model, info = cls.from_pretrained(str(source.folder), dtype=dtype or torch.float32,
                                           output_loading_info=True, **source.kwargs())
