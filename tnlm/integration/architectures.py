@@ -13,14 +13,35 @@ model is a causal LM, which modules form a block)::
     albert   albert (one shared layer)       encoder.albert_layer_groups query key value
                                                                         attention.dense ffn
                                                                         ffn_output
-    llama    llama, mistral, qwen2, ...      layers                     q/k/v/o_proj
-                                                                        gate/up/down_proj
+    llama    llama, mistral, qwen2/3, gemma  layers                     q/k/v/o_proj
+             1-3, olmo 1-2, granite, smollm3,                           gate/up/down_proj
+             stablelm, cohere, helium
     phi3     phi3 (fused projections)        layers                     qkv_proj o_proj
                                                                         gate_up_proj down_proj
+    glm      glm (fused gate and up)         layers                     q/k/v/o_proj
+                                                                        gate_up_proj down_proj
+    phi      phi (Phi-1/2)                   layers                     q/k/v_proj
+                                                                        self_attn.dense fc1 fc2
+    starcod. starcoder2                      layers                     q/k/v/o_proj
+                                                                        mlp.c_fc mlp.c_proj
+    gpt_neox gpt_neox (Pythia; fused qkv,    layers                     attention.query_key_value
+             parallel attention and MLP)                                attention.dense
+                                                                        mlp.dense_h_to_4h
+                                                                        mlp.dense_4h_to_h
+    falcon   falcon (fused qkv, parallel)    h                          self_attention.
+                                                                          query_key_value
+                                                                        self_attention.dense
+                                                                        mlp.dense_h_to_4h
+                                                                        mlp.dense_4h_to_h
     gpt2     gpt2                            h                          attn.c_attn attn.c_proj
                                                                         mlp.c_fc mlp.c_proj
+    gptj     gptj (parallel)                 h                          q/k/v_proj out_proj
+                                                                        fc_in fc_out
     opt      opt                             decoder.layers             q/k/v_proj out_proj
                                                                         fc1 fc2
+
+Every causal entry passes the invariants of ``tests/test_architectures_causal.py`` on a
+tiny random-init model; a new entry adds its tiny config there.
 
 Target patterns are :class:`tnlm.integration.MPOConfig` suffix patterns (``"q_proj"``
 matches ``model.layers.3.self_attn.q_proj``). The LM head and the embeddings are never
@@ -75,13 +96,30 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("albert", ("albert",), "encoder.albert_layer_groups",
                  ("query", "key", "value", "attention.dense", "ffn", "ffn_output"),
                  causal=False),
-    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo",
-                           "olmo2", "granite"),
+    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                           "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "stablelm",
+                           "cohere", "helium"),
                  "layers", _LLAMA_TARGETS, causal=True),
     Architecture("phi3", ("phi3",), "layers",
                  ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), causal=True),
+    Architecture("glm", ("glm",), "layers",
+                 ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
+                 causal=True),
+    Architecture("phi", ("phi",), "layers",
+                 ("q_proj", "k_proj", "v_proj", "self_attn.dense", "fc1", "fc2"), causal=True),
+    Architecture("starcoder2", ("starcoder2",), "layers",
+                 ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.c_fc", "mlp.c_proj"),
+                 causal=True),
+    Architecture("gpt_neox", ("gpt_neox",), "layers",
+                 ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+                  "mlp.dense_4h_to_h"), causal=True),
+    Architecture("falcon", ("falcon",), "h",
+                 ("self_attention.query_key_value", "self_attention.dense",
+                  "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), causal=True),
     Architecture("gpt2", ("gpt2",), "h",
                  ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), causal=True),
+    Architecture("gptj", ("gptj",), "h",
+                 ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), causal=True),
     Architecture("opt", ("opt",), "decoder.layers",
                  ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), causal=True),
 )}
