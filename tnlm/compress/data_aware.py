@@ -27,7 +27,7 @@ exact; then ``T0 <- L⁻ᵀ T0`` undoes the whitening. The returned MPO's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,9 @@ from tnlm.core.spectra import tail_sums
 from tnlm.core.validation import all_finite, check_number, check_positive_int, check_size
 
 __all__ = ["whitening_factor", "output_error", "WhitenedLayer", "io_layout"]
+
+#: half-precision layer dtypes: their stored cores are rounded, which adds output error
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _shifted_cholesky(gram: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
@@ -241,19 +244,30 @@ class WhitenedLayer:
             rank: dimension of bond 0 (the input/output cut; low-rank SVD's rank).
             out_shape: factors of J over the output sites (default ``(J,)``: two sites,
                 exactly whitened low-rank SVD).
-            max_bond: caps of the output-side bonds 1.. (a number or one per bond).
+            max_bond: caps of the output-side bonds 1.. (an int or one int per bond).
 
         Returns:
             A float64 MPO of W' with ``truncation_error`` = relative calibration output
             error (:func:`output_error`).
+
+        Raises:
+            TypeError: ``rank`` or a ``max_bond`` entry not an int (a float, a bool or a
+                string included), as :meth:`truncated`.
+            ValueError: ``rank`` or a ``max_bond`` entry below 1; ``max_bond`` giving
+                another number of bonds than the output sites have.
         """
+        rank = check_positive_int(rank, "rank")
         I, J = self.shape
         out_shape = (J,) if out_shape is None else tuple(int(j) for j in out_shape)
         ins, outs = io_layout(out_shape, I)
         n_bonds = len(ins) - 1
-        caps = [int(rank)] + ([None] * (n_bonds - 1) if max_bond is None else (
-            [int(max_bond)] * (n_bonds - 1) if isinstance(max_bond, int) else
-            [int(b) for b in max_bond]))
+        caps: list[int | None] = [rank]
+        if max_bond is None:
+            caps += [None] * (n_bonds - 1)
+        elif isinstance(max_bond, Iterable) and not isinstance(max_bond, (str, bytes)):
+            caps += [check_positive_int(b, f"max_bond[{k}]") for k, b in enumerate(max_bond)]
+        else:  # one cap for every output-side bond (a string is refused here)
+            caps += [check_positive_int(max_bond, "max_bond")] * (n_bonds - 1)
         if len(caps) != n_bonds:
             raise ValueError(f"max_bond must give {n_bonds - 1} output-side bonds, "
                              f"got {len(caps) - 1}")
@@ -270,9 +284,22 @@ class WhitenedLayer:
 
     def layer(self, rank: int, like: nn.Module, gauge: str = "symmetric") -> MPOLinear:
         """The 2-site data-aware MPO layer of ``rank`` replacing ``like`` (its bias, dtype,
-        device and kind kept); ``truncation_error`` = calibration output error."""
+        device and kind kept); ``truncation_error`` = calibration output error of the
+        cores as stored: for a float16 / bfloat16 ``like`` it includes their rounding to
+        that dtype (as :meth:`MPOModule.from_module` does).
+
+        Raises:
+            TypeError: ``rank`` not an int (a float, a bool or a string included).
+            ValueError: ``rank`` below 1.
+        """
         mpo = self.mpo(rank)
+        dtype = like.weight.dtype
         layer = MPOLinear.from_mpo(apply_gauge(mpo, gauge), like.bias, "auto",
-                                   dtype=like.weight.dtype, kind=kind_of(like))
-        layer.truncation_error = float(mpo.truncation_error)
+                                   dtype=dtype, kind=kind_of(like))
+        if dtype in _HALF:  # measured on the rounded cores, contracted in float64
+            with torch.no_grad():
+                stored = layer.dense_matrix(torch.float64).detach()
+            layer.truncation_error = self.output_error(stored)
+        else:
+            layer.truncation_error = float(mpo.truncation_error)
         return layer.to(like.weight.device)

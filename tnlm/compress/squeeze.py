@@ -3,7 +3,7 @@
 Algorithm (MPOP, Algorithm 2), as implemented here::
 
     p  <- evaluate(model)                       # loss of the fine-tuned full-rank model
-    repeat until max_iters, or target_params reached:
+    repeat until max_iters, or target_params (core parameters) reached:
         for every MPO module m and candidate bond k of m (default: the two bonds of
         the central tensor), with current dimension d and cached spectrum s:
             added(m, k) = Σ_{r = d-step}^{d-1} s_r² / ||W_m||²     (no new SVD)
@@ -25,11 +25,16 @@ when squeezing starts, sliced as bonds are cut (the paper's estimate), while
 recovery fine-tuning changes the cores in between; ``refresh_spectra=True``
 recomputes a module's spectra from its current cores after each of its cuts.
 A cut module's ``truncation_error`` is set to this estimate.
+
+Sizes (``target_params``, ``SqueezeResult.start_params``/``final_params``,
+``SqueezeStep.params``, :meth:`DimensionSqueezer.mpo_params`) count the MPO cores'
+numbers only: the modules' biases, which squeezing never changes, are left out.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -60,7 +65,8 @@ class SqueezeStep:
     module_error: float       # the module's estimated relative error after the cut
     loss: float
     loss_change: float        # |p - p~| against the starting loss
-    params: int               # parameters in all MPO modules after the cut
+    params: int               # core parameters of all MPO modules after the cut (biases
+                              # not counted)
     accepted: bool
 
     def __str__(self) -> str:
@@ -76,7 +82,7 @@ class SqueezeResult:
     history: list[SqueezeStep] = field(default_factory=list)
     start_loss: float = float("nan")
     final_loss: float = float("nan")
-    start_params: int = 0
+    start_params: int = 0     # core parameters of all MPO modules (biases not counted)
     final_params: int = 0
     reason: str = ""
 
@@ -96,14 +102,16 @@ class DimensionSqueezer:
         delta: stop when ``|p - p~|`` exceeds it (p: the starting loss).
         step: bond dimensions cut per iteration.
         max_iters: iteration limit.
-        target_params: stop once the MPO modules hold at most this many parameters.
+        target_params: stop once the MPO modules' cores hold at most this many numbers
+            (core parameters, :meth:`mpo_params`: biases not counted).
         bonds: ``"central"`` (the central tensor's two bonds) or ``"all"``.
         gauge: the gauge the cut module's cores are put back in
             (:func:`tnlm.core.spec.apply_gauge`).
         min_dim: never cut a bond below this.
         refresh_spectra: recompute a module's spectra after cutting it (an SVD sweep).
-        cuts_per_iter: cuts made (best first, by estimate) before each recovery and
-            evaluation; 1 is the paper's loop, more trades fidelity for fewer evaluations.
+        cuts_per_iter: cuts made before each recovery and evaluation, chosen greedily by
+            estimate as :meth:`schedule` does (a bond may be cut more than once); 1 is the
+            paper's loop, more trades fidelity for fewer evaluations.
         log: called with each :class:`SqueezeStep` (default: print a line).
 
     Raises:
@@ -198,6 +206,8 @@ class DimensionSqueezer:
         return plan
 
     def mpo_params(self) -> int:
+        """Core parameters: the numbers held by the cores of all MPO modules (their
+        biases, which squeezing does not change, are not counted)."""
         return sum(sum(c.numel() for c in m.cores) for m in self.modules.values())
 
     # ------------------------------------------------------------------ the loop
@@ -211,42 +221,54 @@ class DimensionSqueezer:
     def _transaction(self, names: list[str]) -> Swap:
         """A :class:`~tnlm.integration.surgery.Swap` of the model that undoes everything an
         iteration cutting ``names`` may change: core shapes, values, ``requires_grad``
-        flags, train/eval modes, and the cached spectra and error estimates of ``names``."""
+        flags, train/eval modes, and the cached spectra, norms and error estimates of
+        ``names``."""
         swap = Swap(self.model, modes=True, state=True)
         cores = {k: tuple(c.detach().clone() for c in m.cores) for k, m in self.modules.items()}
-        saved = {name: (copy.deepcopy(self._spectra[name]), self._err_sq[name],
-                        self.modules[name].truncation_error) for name in names}
+        saved = {name: (copy.deepcopy(self._spectra[name]), self._norm_sq[name],
+                        self._err_sq[name], self.modules[name].truncation_error)
+                 for name in names}
 
         def undo() -> None:  # core shapes first: the state dict is loaded after it
             for k, m in self.modules.items():
                 if m.core_shapes != tuple(tuple(c.shape) for c in cores[k]):
                     m.set_cores(list(cores[k]))
-            for name, (spectra, err_sq, err) in saved.items():
-                self._spectra[name], self._err_sq[name] = spectra, err_sq
+            for name, (spectra, norm_sq, err_sq, err) in saved.items():
+                self._spectra[name], self._norm_sq[name] = spectra, norm_sq
+                self._err_sq[name] = err_sq
                 self.modules[name].truncation_error = err
 
         swap.on_undo(undo)
         return swap
 
     def run(self) -> SqueezeResult:
-        """Squeeze until a stopping rule fires; the model ends in its last accepted state."""
+        """Squeeze until a stopping rule fires; the model ends in its last accepted state.
+
+        Raises:
+            ValueError: ``evaluate`` returned a non-finite (NaN or infinite) starting loss:
+                no cut is made (every later loss change would be NaN or infinite).
+        """
         res = SqueezeResult(start_params=self.mpo_params())
         p = float(self.evaluate(self.model))
+        if not math.isfinite(p):
+            raise ValueError(f"evaluate returned a non-finite starting loss ({p}); it must "
+                             f"return a finite loss for the model before squeezing")
         res.start_loss = res.final_loss = p
         for it in range(1, self.max_iters + 1):
             if self.target_params is not None and self.mpo_params() <= self.target_params:
-                res.reason = f"target of {self.target_params:,} parameters reached"
+                res.reason = f"target of {self.target_params:,} core parameters reached"
                 break
-            cands = self.candidates()
-            if not cands:
+            # the greedy's next cuts, each chosen after the ones before it (as schedule()):
+            # the same bond may be cut again in one iteration
+            chosen = self.schedule(self.cuts_per_iter)
+            if not chosen:
                 res.reason = "no bond left to cut"
                 break
-            chosen = cands[: self.cuts_per_iter]
             # a cut, the recovery, the evaluation or the log fails: the model goes back
             # to the last accepted state and the exception propagates
-            with self._transaction([name for _, name, _, _ in chosen]) as swap:
+            with self._transaction(list(dict.fromkeys(name for name, *_ in chosen))) as swap:
                 cuts = []
-                for added, name, bond, new_dim in chosen:
+                for name, bond, new_dim, added in chosen:
                     old_dim = self.modules[name].bond_dims[bond]
                     self._cut(name, bond, new_dim)
                     self._err_sq[name] += added
