@@ -11,6 +11,7 @@ attention mask is 1.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -42,14 +43,24 @@ class InputStats:
     ref_gram: torch.Tensor | None = None
 
 
-def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
+def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """The rows of layer ``name``'s input ``x`` whose ``mask`` entry is 1: ``x`` laid out as
+    the mask, ``(batch, seq, width)``, or as its rows flattened in that order,
+    ``(batch · seq, width)`` (OPT's feed-forward); any other layout (sequence-first as in
+    XLNet, one row per sentence as a pooler's) is refused, since the mask would pick the
+    wrong rows."""
     if mask is not None:
-        keep = mask.reshape(-1).bool()
-        if keep.numel() != x.shape[0]:
-            raise ValueError(f"attention_mask has {keep.numel()} entries but the layer saw "
-                             f"{x.shape[0]} rows")
-        x = x[keep]
+        if tuple(x.shape[:-1]) != tuple(mask.shape) and \
+                (x.dim() != 2 or x.shape[0] != mask.numel()):
+            raise ValueError(
+                f"layer {name!r} received inputs of shape {tuple(x.shape)} but "
+                f"attention_mask has shape {tuple(mask.shape)}: the mask can only select "
+                "the tokens of inputs laid out as (batch, seq, width) or (batch · seq, "
+                "width), not sequence-first ones (XLNet) or one row per sentence (a "
+                "pooler); leave this layer out")
+        x = x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()]
+    else:
+        x = x.reshape(-1, x.shape[-1])
     return x.to(torch.float64)
 
 
@@ -71,7 +82,9 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
         module_names: dotted names in ``model.named_modules()``.
         reference: optionally a second model with the same module names (e.g. the
             original dense model while ``model`` is partly compressed): it runs on the
-            same batches and :attr:`InputStats.cross` records ``X_modelᵀ X_reference``.
+            same batches and :attr:`InputStats.cross` records ``X_modelᵀ X_reference``,
+            pairing a layer's calls in order (a layer called several times per forward,
+            as ALBERT's shared one, is paired call by call).
         progress: show a progress bar.
         reduce: sum the statistics (float64) over the ranks of the initialized
             ``torch.distributed`` process group, each rank having run its own share of
@@ -80,7 +93,10 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             with one rank, nothing changes.
 
     Raises:
-        ValueError: no module names, an unknown name, or no calibration tokens.
+        ValueError: no module names, an unknown name, no calibration tokens, a layer
+            whose inputs are not laid out as the attention mask (``(batch, seq, width)``
+            or ``(batch · seq, width)``), or a layer that ``reference`` calls a different
+            number of times per batch than ``model`` (each named in the message).
     """
     if not module_names:
         raise ValueError("module_names must name at least one layer")
@@ -93,7 +109,8 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             raise ValueError(f"module_names: {n!r} is not a module of the reference model")
     stats: dict[str, InputStats] = {}
     state: dict[str, object] = {}
-    ref_inputs: dict[str, torch.Tensor] = {}
+    ref_inputs: dict[str, deque[torch.Tensor]] = {n: deque() for n in module_names}
+    calls: dict[str, int] = dict.fromkeys(module_names, 0)  # the model's, this batch
 
     def width(m: nn.Module) -> int:
         if kind_of(m) is not None:
@@ -107,20 +124,26 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
 
     def ref_hook(name):
         def fn(mod, inp, out):
-            ref_inputs[name] = _masked_rows(inp[0], state.get("mask"))
+            ref_inputs[name].append(_masked_rows(inp[0], state.get("mask"), name))
         return fn
 
     def hook(name):
         def fn(mod, inp, out):
-            x = _masked_rows(inp[0], state.get("mask"))
+            x = _masked_rows(inp[0], state.get("mask"), name)
             s = stats[name]
             if x.shape[1] != s.gram.shape[0]:
                 raise ValueError(f"layer {name!r} received inputs of width {x.shape[1]}, "
                                  f"expected {s.gram.shape[0]}")
             s.gram += x.T @ x
             s.n_tokens += int(x.shape[0])
+            calls[name] += 1
             if s.cross is not None:
-                xt = ref_inputs.pop(name)
+                if not ref_inputs[name]:
+                    raise ValueError(f"layer {name!r} ran at least {calls[name]} times in "
+                                     f"the model but {calls[name] - 1} times in the "
+                                     "reference on the same batch: its inputs cannot be "
+                                     "paired")
+                xt = ref_inputs[name].popleft()
                 s.cross += x.T @ xt
                 s.ref_gram += xt.T @ xt
         return fn
@@ -137,7 +160,15 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             state["mask"] = batch.get("attention_mask")
             if reference is not None:
                 reference(**batch)
+                calls.update(dict.fromkeys(module_names, 0))
             model(**batch)
+            if reference is not None:
+                for n in module_names:
+                    if ref_inputs[n]:
+                        raise ValueError(
+                            f"layer {n!r} ran {calls[n]} times in the model but "
+                            f"{calls[n] + len(ref_inputs[n])} times in the reference on "
+                            "the same batch: its inputs cannot be paired")
     finally:
         for h in handles:
             h.remove()

@@ -14,7 +14,7 @@ blocks reach a given error for about half the compute of end-to-end distillation
 finishes end to end. The block stack is the architecture's
 (:func:`tnlm.integration.architectures.find_blocks`: ``encoder.layer`` in BERT, ``h`` in
 GPT-2, ``layers`` in Llama); it must hold at least two blocks, each called once per
-forward (not ALBERT's one shared layer group).
+forward (ALBERT's shared layer groups are refused).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.compress.layerwise.blocks import block_parameters
+from tnlm.compress.layerwise.blocks import block_parameters, refuse_shared_blocks
 from tnlm.integration.architectures import find_blocks
 from tnlm.integration.surgery import temporary
 
@@ -41,12 +41,15 @@ class _Stop(Exception):
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's block stack (:func:`find_blocks`), at least two blocks.
+    """The model's block stack (:func:`find_blocks`), at least two blocks, each run once
+    per forward.
 
     Raises:
-        ValueError: no such stack.
+        ValueError: no such stack, or shared blocks (ALBERT's layer groups:
+            :func:`~tnlm.compress.layerwise.blocks.refuse_shared_blocks`).
     """
     blocks = find_blocks(model)
+    refuse_shared_blocks(model, blocks, "reconstruct_blocks")
     if len(blocks) < 2:
         raise ValueError(f"{type(model).__name__} has no stack of repeated blocks")
     return blocks
@@ -60,6 +63,18 @@ def _run(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.
 def _rel_err(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(t.dtype)
     return ((y - t) ** 2 * m).sum() / (t ** 2 * m).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _diverged(i: int, params: list[nn.Parameter], start: list[torch.Tensor]
+              ) -> FloatingPointError:
+    """Put block ``i``'s trained ``params`` back to their values ``start`` before its
+    fitting; the error to raise."""
+    for p, s in zip(params, start):
+        p.copy_(s)
+        p.grad = None
+    return FloatingPointError(f"block {i} reconstruction diverged (the block was put back "
+                              "as it was before its fitting); lower lr")
 
 
 @torch.no_grad()
@@ -101,7 +116,17 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
 
     Returns:
         Per block ``(error before, error after)``: the mean masked relative error of the
-        block's output against the teacher's on the cached batches.
+        block's output (on the student's own hidden states) against the teacher's on the
+        cached batches.
+
+    Raises:
+        ValueError: no sentences, ``steps_per_block`` < 0, a model without a stack of at
+            least two blocks each run once per forward (ALBERT's shared layer groups:
+            fewer blocks than ``config.num_hidden_layers``), or stacks of different
+            lengths; nothing is changed.
+        FloatingPointError: a block's reconstruction diverged (a non-finite error): that
+            block is put back as it was before its fitting, the blocks before it keep
+            their fitted values.
     """
     if not sentences:
         raise ValueError("sentences must hold at least one sentence")
@@ -123,7 +148,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
         student.eval()
         teacher.eval()
         data = _capture(teacher, t_blocks[0], batches)
-        xs = [d[0] for d in data]
+        # the student's own first hidden states: its embeddings may be compressed too
+        xs = [d[0] for d in _capture(student, s_blocks[0], batches)]
         xt = [d[0] for d in data]
         for p in student.parameters():
             p.requires_grad_(False)
@@ -135,7 +161,9 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                 before = sum(float(_rel_err(_run(sb, x, d[1], d[2]), y, d[3]))
                              for x, y, d in zip(xs, yt, data)) / len(data)
             params = block_parameters(sb)
-            if steps_per_block and params:
+            fitting = bool(steps_per_block and params)
+            start = [p.detach().clone() for p in params] if fitting else []
+            if fitting:
                 for p in params:
                     p.requires_grad_(True)
                 opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -147,7 +175,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                     j = rng.randrange(len(data))
                     loss = _rel_err(_run(sb, xs[j], data[j][1], data[j][2]), yt[j], data[j][3])
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(f"block {i} reconstruction diverged; lower lr")
+                        raise _diverged(i, params, start)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -159,6 +187,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                 xs = [_run(sb, x, d[1], d[2]) for x, d in zip(xs, data)]
                 after = sum(float(_rel_err(y, t, d[3])) for y, t, d in zip(xs, yt, data)) \
                     / len(data)
+            if fitting and not math.isfinite(after):  # the last step diverged
+                raise _diverged(i, params, start)
             xt = yt
             report.append((before, after))
     return report

@@ -17,7 +17,8 @@ from tnlm.bridge import select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.integration.architectures import blocks_of
 
-__all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs", "fit_block"]
+__all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs", "fit_block",
+           "refuse_shared_blocks"]
 
 class _Stop(Exception):
     pass
@@ -34,6 +35,27 @@ class BlockCall(nn.Module):
     def forward(self, x: torch.Tensor, extra: tuple) -> torch.Tensor:
         out = self.block(x, *extra[0], **extra[1])
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def refuse_shared_blocks(model: nn.Module, blocks: nn.ModuleList, what: str) -> None:
+    """Refuse a stack whose blocks do not run exactly once per forward: fewer blocks than
+    ``model.config.num_hidden_layers`` (ALBERT's shared layer groups, each applied
+    ``num_hidden_layers / num_hidden_groups`` times), or more (the forward runs only the
+    first ``num_hidden_layers``). A block-by-block path (``what``) sees one application
+    of each block, so its statistics, targets and errors would leave the others out. A
+    model without that config entry passes.
+
+    Raises:
+        ValueError: the stack holds a number of blocks other than ``num_hidden_layers``.
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n != len(blocks):
+        why = ("its blocks are shared, each applied several times (as ALBERT's layer "
+               "groups)" if n > len(blocks) else "not every block runs")
+        raise ValueError(
+            f"{what}: {type(model).__name__} has {len(blocks)} block(s) in its stack but "
+            f"runs {n} layers per forward (config.num_hidden_layers = {n}): {why}; a "
+            "block-by-block path needs every block called exactly once per forward")
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from tnlm.compress.layerwise.blocks import (
     block_parameters,
     capture_block_inputs,
     fit_block,
+    refuse_shared_blocks,
 )
 from tnlm.compress.layerwise.checkpoint import (
     CHECKPOINT_STATE,
@@ -85,7 +86,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     Raises:
         TypeError: ``config.budget`` of the wrong type (raised when the
             :class:`LayerwiseConfig` is made; :func:`tnlm.core.budget.check_fraction`).
-        ValueError: bad sequences, patterns that match no linear of any block, a
+        ValueError: bad sequences, a block stack whose blocks do not each run once per
+            forward (ALBERT's shared layer groups: fewer blocks than
+            ``config.num_hidden_layers``), patterns that match no linear of any block, a
             distributed run with fewer batches than ranks (or, when fitting, a number of
             batches not divisible by the world size) or whose ranks were given different
             settings, models or checkpoint states, or a checkpoint to resume of another
@@ -105,6 +108,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                             if torch.is_tensor(sequences) else type(sequences).__name__))
     say = log or (lambda s: None)
     blocks = blocks_of(model)
+    refuse_shared_blocks(model, blocks, "compress_layerwise")
     per_block, _ = checked_targets(model, blocks, config)
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)

@@ -1,0 +1,241 @@
+"""Inputs of the block-by-block paths (layer-by-layer compression, block reconstruction),
+the calibration statistics and the sensitivity allocation that were once accepted silently
+(statistics of the wrong rows or of one call of a shared layer, an unmeasured fraction
+estimated as free, a diverged block left in the model) or failed with a bare KeyError:
+each is now refused before any work naming the argument, or handled."""
+
+import collections
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertModel,
+    BertConfig,
+    BertModel,
+    OPTConfig,
+    OPTForCausalLM,
+    XLNetConfig,
+    XLNetModel,
+)
+
+from tests.common import one_thread  # noqa: F401 - one_thread: autouse, one intra-op thread
+from tnlm.bridge import MPOModule
+from tnlm.compress.allocate import FRACTION_GRID, Sensitivity, rank_for_fraction, sensitivity_ranks
+from tnlm.compress.calibration import InputStats, collect_input_stats
+from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
+from tnlm.compress.reconstruct import reconstruct_blocks
+from tnlm.integration import MPOConfig, get_mpo_model
+
+SHARED = "encoder.albert_layer_groups.0.albert_layers.0.attention.query"
+
+
+def albert(layers=3, groups=1, seed=0):
+    torch.manual_seed(seed)
+    return AlbertModel(AlbertConfig(
+        vocab_size=64, embedding_size=16, hidden_size=32, num_hidden_layers=layers,
+        num_hidden_groups=groups, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval()
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=64,
+                                max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0)).eval()
+
+
+def char_tok(sents, **kw):
+    """12 character ids per sentence, no padding (a tokenizer's call signature)."""
+    ids = torch.tensor([[2 + (ord(c) % 60) for c in s[:12].ljust(12)] for s in sents])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids)}
+
+
+SENTS = [f"sentence number {i} abc" for i in range(16)]
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def rel(y, t):
+    return float(((y - t) ** 2).sum() / (t ** 2).sum())
+
+
+# --- A1: a stack of shared blocks (ALBERT) ---------------------------------------------
+
+def test_block_paths_refuse_albert_shared_layer_groups_before_any_work():
+    # one layer group run 3 times per forward: layerwise saw it as one block run once
+    model = albert(layers=3, groups=1)
+    kept = state_of(model)
+    seqs = torch.randint(5, 60, (8, 10), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"1 block\(s\).*num_hidden_layers = 3.*once per forward"):
+        compress_layerwise(model, seqs, LayerwiseConfig(target_modules=["query", "ffn"],
+                                                        budget=0.3, fit_steps=5, batch_size=4),
+                           progress=False)
+    assert same_state(model, kept) and not any(isinstance(m, MPOModule)
+                                               for m in model.modules())
+    # two groups, each run twice: reconstruct_blocks fitted each to its first call only
+    teacher = albert(layers=4, groups=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.encoder.albert_layer_groups.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kept = state_of(student)
+    with pytest.raises(ValueError, match=r"2 block\(s\).*num_hidden_layers = 4.*once per forward"):
+        reconstruct_blocks(student, teacher, char_tok, SENTS, steps_per_block=5)
+    assert same_state(student, kept)
+
+
+# --- A2: the sensitivity curve below its smallest measured fraction ---------------------
+
+def test_sensitivity_drop_below_the_smallest_measured_fraction_is_not_free():
+    torch.manual_seed(0)
+    layers = {}
+    for b in range(4):
+        for t in ("query", "value"):
+            X = torch.randn(256, 64, dtype=torch.float64)
+            layers[f"encoder.layer.{b}.attention.self.{t}"] = WhitenedLayer(
+                torch.randn(64, 64, dtype=torch.float64), InputStats(X.T @ X, 256))
+    curves = {"encoder.layer.*.attention.self.query": {0.1: 0.40, 0.25: 0.2, 0.5: 0.08, 0.75: 0.02},
+              "encoder.layer.*.attention.self.value": {0.1: 0.30, 0.25: 0.15, 0.5: 0.06,
+                                                       0.75: 0.01}}
+    sens = Sensitivity(type_drops=curves)
+    q = "encoder.layer.0.attention.self.query"
+    # on the measured range: the linear interpolation as before
+    assert sens.drop(q, 0.1) == pytest.approx(0.40)
+    assert sens.drop(q, 0.3) == pytest.approx(0.2 - 0.12 * 0.05 / 0.25)
+    # below it: the first segment extended, not held flat (0.05 cost as much as 0.1)
+    assert sens.drop(q, 0.05) == pytest.approx(0.40 + 0.20 / 0.15 * 0.05)
+
+    class Clamped(Sensitivity):  # the old estimate: flat below the first measured point
+        def drop(self, name, fraction, power=0.5):
+            return super().drop(name, max(fraction, 0.1), power)
+
+    old = Clamped(type_drops=curves)
+    frac = {rank_for_fraction(64, 64, f): f for f in FRACTION_GRID}
+    chosen, chosen_old = collections.Counter(), collections.Counter()
+    for budget in np.arange(0.06, 0.66, 0.01):
+        new = sensitivity_ranks(layers, sens, float(budget))
+        before = sensitivity_ranks(layers, old, float(budget))
+        if all(r is None or frac[r] != 0.05 for r in before.values()):
+            assert new == before, budget  # where 0.05 was not chosen, nothing changes
+        if budget >= 0.2:  # every layer fits at 0.1 or more: 0.05 only looked free
+            chosen.update(None if r is None else frac[r] for r in new.values())
+            chosen_old.update(None if r is None else frac[r] for r in before.values())
+    assert chosen_old[0.05] > 0 and chosen[0.05] == 0
+
+
+# --- A3: a diverged block ----------------------------------------------------------------
+
+def test_reconstruct_blocks_puts_a_diverged_block_back_before_raising():
+    teacher = tiny_bert()
+    student = get_mpo_model(copy.deepcopy(teacher),
+                            MPOConfig(target_modules=["intermediate.dense", "output.dense"],
+                                      n_sites=2, max_bond=2), progress=False)
+    kept = state_of(student)
+    with pytest.raises(FloatingPointError, match="block 0 reconstruction diverged"):
+        reconstruct_blocks(student, teacher, char_tok, SENTS, steps_per_block=50, lr=1e6,
+                           warmup=1)
+    assert same_state(student, kept)  # block 0 as before its fitting, nothing else fitted
+    with torch.no_grad():
+        assert torch.isfinite(student(**char_tok(SENTS)).last_hidden_state).all()
+
+
+# --- A5: the student's own embeddings ------------------------------------------------------
+
+def test_reconstruct_blocks_runs_the_student_on_its_own_embeddings():
+    teacher = tiny_bert()
+    student = get_mpo_model(copy.deepcopy(teacher),
+                            MPOConfig(target_modules=["word_embeddings", "query"], n_sites=2,
+                                      max_bond=2), progress=False)
+    b = char_tok(SENTS)
+    with torch.no_grad():
+        out_err = rel(student(**b).last_hidden_state, teacher(**b).last_hidden_state)
+    assert out_err > 0.05  # the compressed word embedding
+    report = reconstruct_blocks(student, teacher, char_tok, SENTS, steps_per_block=0,
+                                batch_size=16)
+    # one batch, no padding: the last block's error is the model output's (was ~1e-9,
+    # the student's blocks measured on the teacher's embeddings)
+    assert report[-1][1] == pytest.approx(out_err, rel=1e-4)
+    assert report[0][0] > 0.05
+
+
+# --- A6: cross statistics of a layer called several times per forward -------------------
+
+def test_cross_statistics_of_a_shared_layer_cover_every_call():
+    model, ref = albert(layers=3), albert(layers=3, seed=1)
+    ids = torch.randint(5, 60, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    batch = {"input_ids": ids, "attention_mask": mask}
+
+    def inputs(m):
+        seen = []
+        h = m.get_submodule(SHARED).register_forward_hook(
+            lambda mod, i, o: seen.append(i[0][mask.bool()].double()))
+        with torch.no_grad():
+            m(**batch)
+        h.remove()
+        return seen
+
+    xs, xt = inputs(model), inputs(ref)
+    assert len(xs) == len(xt) == 3
+    s = collect_input_stats(model, [batch], [SHARED], reference=ref)[SHARED]  # was KeyError
+    assert s.n_tokens == 3 * 11
+    torch.testing.assert_close(s.gram, sum(x.T @ x for x in xs), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.cross, sum(a.T @ b for a, b in zip(xs, xt)), rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(s.ref_gram, sum(b.T @ b for b in xt), rtol=1e-12, atol=1e-12)
+    # a reference that calls the layer a different number of times cannot be paired
+    with pytest.raises(ValueError, match=rf"{SHARED}.*3 times.*2 times"):
+        collect_input_stats(model, [batch], [SHARED], reference=albert(layers=2, seed=1))
+    with pytest.raises(ValueError, match=rf"{SHARED}.*2 times.*3 times"):
+        collect_input_stats(albert(layers=2), [batch], [SHARED], reference=ref)
+
+
+# --- B6: the mask applied to inputs of another layout ------------------------------------
+
+def test_calibration_refuses_inputs_not_laid_out_as_the_mask():
+    torch.manual_seed(0)
+    xlnet = XLNetModel(XLNetConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2,
+                                   d_inner=32)).eval()
+    ids = torch.randint(5, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    # XLNet's feed-forward sees (seq, batch, width): the flattened mask picked padding rows
+    with pytest.raises(ValueError, match=r"'layer\.0\.ff\.layer_1'.*\(6, 2, 16\).*\(2, 6\)"):
+        collect_input_stats(xlnet, [dict(input_ids=ids, attention_mask=mask)],
+                            ["layer.0.ff.layer_1"])
+    # the pooler sees one row per sentence: named too
+    bert = tiny_bert()
+    with pytest.raises(ValueError, match=r"'pooler\.dense'.*\(2, 32\)"):
+        collect_input_stats(bert, [dict(input_ids=ids, attention_mask=mask)], ["pooler.dense"])
+    # (batch, seq, width) as before, and OPT's (batch · seq, width) rows in batch order
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_attention_heads=4,
+                                   ffn_dim=64, num_hidden_layers=1,
+                                   word_embed_proj_dim=32)).eval()
+    names = ["model.decoder.layers.0.fc1", "model.decoder.layers.0.self_attn.q_proj"]
+    seen = {}
+    hs = [opt.get_submodule(n).register_forward_hook(
+        lambda mod, i, o, n=n: seen.__setitem__(n, i[0])) for n in names]
+    with torch.no_grad():
+        opt(input_ids=ids, attention_mask=mask)
+    for h in hs:
+        h.remove()
+    assert seen[names[0]].dim() == 2 and seen[names[1]].dim() == 3
+    stats = collect_input_stats(opt, [dict(input_ids=ids, attention_mask=mask)], names)
+    for n in names:
+        x = seen[n].reshape(-1, seen[n].shape[-1])[mask.reshape(-1).bool()].double()
+        assert stats[n].n_tokens == 8
+        torch.testing.assert_close(stats[n].gram, x.T @ x, rtol=1e-12, atol=1e-12)
