@@ -35,8 +35,19 @@ import torch
 from torch import nn
 
 from tnlm.compress.distill import HealConfig
-from tnlm.compress.pipeline import CompressionConfig, CompressionResult, compress_model
-from tnlm.compress.quality import embedding_cosine, sick_spearman
+from tnlm.compress.pipeline import (
+    CompressionConfig,
+    CompressionResult,
+    compress_model,
+    target_shapes,
+)
+from tnlm.compress.quality import (
+    EMBED_MAX_LENGTH,
+    embed,
+    embedding_cosine,
+    read_sick,
+    sick_spearman,
+)
 from tnlm.compress.text import (
     DEFAULT_TEXT_SOURCE,
     check_texts,
@@ -48,6 +59,7 @@ from tnlm.compress.text import (
 )
 from tnlm.core.validation import check_bool_fields
 from tnlm.integration.architectures import default_targets
+from tnlm.integration.surgery import Swap
 
 __all__ = ["DEFAULT_SICK", "EncoderRecipe", "EncoderResult", "TextSplit", "compress_encoder",
            "encoder_text", "measure", "split_text"]
@@ -182,8 +194,11 @@ def split_text(text: Sequence[str], calibration: int = EncoderRecipe.calibration
 
     Raises:
         TypeError: ``text`` is one string (its characters would be the sentences).
-        ValueError: fewer than 4 distinct sentences (nothing would be held out or calibrate).
+        ValueError: ``calibration`` is not an int >= 1; fewer than 4 distinct sentences
+            (nothing would be held out or calibrate).
     """
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise ValueError(f"calibration must be an int >= 1 (sentences), got {calibration!r}")
     text = list(dict.fromkeys(check_texts(text, "text")))
     n_eval, n_cal = compression_sizes(len(text), calibration)
     if n_eval < 1 or n_cal < 1:
@@ -204,7 +219,17 @@ def measure(student: nn.Module, teacher: nn.Module, tokenizer: Any, held_out: Se
     ``dev`` (other natural text), its mean cosine (``cosine_dev_mean``); with ``sick``, both
     models' SICK relatedness Spearman (``sick_spearman_original``, ``sick_spearman``); with
     ``sick_train``, the same on that file (``sick_train_spearman_original``,
-    ``sick_train_spearman``)."""
+    ``sick_train_spearman``).
+
+    Raises:
+        TypeError: ``held_out``, ``dev`` or ``natural`` is one string (its characters would
+            be the sentences) or holds items that are not strings.
+        ValueError: ``held_out`` is empty; ``sick`` or ``sick_train`` is not a SICK file
+            (:func:`tnlm.compress.quality.read_sick`).
+    """
+    held_out = check_texts(held_out, "held_out")
+    dev = None if dev is None else check_texts(dev, "dev")
+    natural = None if natural is None else check_texts(natural, "natural")
     cos = embedding_cosine(student, teacher, tokenizer, held_out)
     out = dict(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
     if natural:
@@ -282,19 +307,65 @@ def compress_encoder(model: nn.Module, tokenizer: Any, recipe: EncoderRecipe | N
 
     Raises:
         ValueError: too little text, a pattern matching no layer, a budget the allocation
-            cannot meet, ...; FloatingPointError: healing diverged. The model is unchanged
-            then (:func:`tnlm.compress.pipeline.compress_model`).
+            cannot meet, ``sick`` or ``sick_train`` not a SICK file
+            (:func:`tnlm.compress.quality.read_sick`), a model that cannot embed the
+            measured sentences (e.g. fewer positions than their tokens, up to
+            :data:`~tnlm.compress.quality.EMBED_MAX_LENGTH`), ...: before any work.
+        FileNotFoundError: no ``sick`` or ``sick_train`` file: before any work.
+        TypeError: ``text`` or ``dev`` is one string: before any work.
+        FloatingPointError: healing diverged.
+
+        The model is unchanged then (:func:`tnlm.compress.pipeline.compress_model`), also
+        when the final measures fail.
     """
     recipe = recipe or EncoderRecipe()
     sentences = default_text(seed=recipe.seed) if text is None else text
     split = split_text(sentences, recipe.calibration, seed=recipe.seed)
     healed = set(split.heal_text)  # read before the long work: a broken install fails now
     natural = [s for s in lm_held_out() if s not in healed]
+    # what the final measures read, read and checked now, not after the long work
+    dev = None if dev is None else check_texts(dev, "dev")
+    pairs = []
+    for name, path in (("sick", sick), ("sick_train", sick_train)):
+        if path:
+            try:
+                rows = read_sick(path)  # a missing file: FileNotFoundError naming it
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+            pairs += [r[k] for r in rows for k in ("sentence_A", "sentence_B")]
     config = recipe.compression_config(model, heal)
+    _check_measurable(model, tokenizer, split.held_out + natural + (dev or []) + pairs)
     torch.manual_seed(recipe.seed)
     teacher = copy.deepcopy(model).eval()
+    # a failure of the final measures puts the model back as it came in, as compress_model
+    # does for its own failures: the layers, then the values, flags and modes
+    originals = {n: model.get_submodule(n) for n in target_shapes(model, config)}
+    undo = Swap(model, modes=True)
+    undo.on_undo(lambda: model.load_state_dict(teacher.state_dict()))
+    undo.on_undo(lambda: Swap(model).replace(originals))
     res = compress_model(model, tokenizer, split.calibration, config,
                          heal_text=split.heal_text, progress=progress, log=log)
-    measures = measure(res.model, teacher, tokenizer, split.held_out, sick=sick, dev=dev,
-                       sick_train=sick_train, natural=natural)
+    try:
+        measures = measure(res.model, teacher, tokenizer, split.held_out, sick=sick, dev=dev,
+                           sick_train=sick_train, natural=natural)
+    except BaseException:
+        undo.undo()
+        raise
     return EncoderResult(res, config, split, measures, teacher)
+
+
+def _check_measurable(model: nn.Module, tokenizer: Any, texts: list[str]) -> None:
+    """Embed the longest of ``texts`` (in tokens, as :func:`measure` truncates them) with
+    ``model`` (in eval mode, nothing changed): a model that cannot, e.g. one with fewer
+    positions than those tokens, is refused before the long work instead of after it."""
+    if not texts:
+        return
+    ids = tokenizer(texts, truncation=True, max_length=EMBED_MAX_LENGTH)["input_ids"]
+    longest = max(range(len(texts)), key=lambda i: len(ids[i]))
+    try:
+        embed(model, tokenizer, [texts[longest]])
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(f"the model cannot embed the sentences the job measures on: the "
+                         f"longest ({len(ids[longest])} tokens; the measures embed up to "
+                         f"{EMBED_MAX_LENGTH}) fails with {type(err).__name__}: {err}; "
+                         "nothing was done to the model") from err

@@ -61,7 +61,7 @@ from tnlm.core.budget import check_fraction
 from tnlm.core.validation import check_bool_fields
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices
-from tnlm.integration.surgery import Swap
+from tnlm.integration.surgery import Swap, module_paths
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
            "layer_groups", "target_shapes", "check_budget", "run_context"]
@@ -202,7 +202,9 @@ def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tupl
     Raises:
         ValueError: the patterns match no nn.Linear or Conv1D, or one pattern of a list
             matches none (a misspelled target is never left out silently; the message
-            names close leaf names).
+            names close leaf names), or a matched layer shares its weight with another
+            module (a head tied to the word embeddings: an MPO would silently untie them
+            and the counted saving would not happen).
     """
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     matrices = {n: m for n, m in model.named_modules() if n and kind_of(m) in MATRIX_KINDS}
@@ -220,7 +222,28 @@ def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tupl
                 raise ValueError(f"target_modules pattern {p!r} matches no "
                                  f"{describe_kinds(MATRIX_KINDS)} of {type(model).__name__}"
                                  f"{hint}")
+    _check_untied(model, out, config.target_modules)
     return out
+
+
+def _check_untied(model: nn.Module, names: Sequence[str], targets: Any) -> None:
+    """``ValueError`` naming the first of ``names`` whose weight another module of ``model``
+    also holds (tied weights), as :func:`tnlm.integration.get_mpo_model` refuses it."""
+    owners: dict[int, set[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(prefix=mname, recurse=False,
+                                                    remove_duplicate=False):
+            owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
+    paths = module_paths(model)
+    for name in names:
+        module = model.get_submodule(name)
+        others = owners.get(id(module.weight), set()) - set(paths[id(module)])
+        if others:
+            raise ValueError(f"target_modules {targets!r} match module {name!r}, which shares "
+                             f"its weight with {sorted(others)} (tied weights): an MPO would "
+                             "silently untie them (the dense table stays, the saving would "
+                             "not happen); untie them first or leave the module out of "
+                             "target_modules")
 
 
 def run_context(config: CompressionConfig,
@@ -266,11 +289,17 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     """Compress ``model``'s target layers in place into data-aware MPOs, then heal.
 
     Args:
-        model: a transformers model (not an ``MPOModel``).
+        model: a transformers model (not an ``MPOModel``). It runs in eval mode throughout
+            (healing trains with ``config.heal.dropout``) and is left in eval mode.
         tokenizer: its tokenizer.
         calibration: sentences for the input statistics (a few hundred suffice).
         config: :class:`CompressionConfig`.
         heal_text: sentences for distillation (default: ``calibration``).
+        batch_size, max_length: sentences per batch and tokens per sentence of the
+            calibration passes and of block reconstruction (whose own defaults are the
+            same). The sensitivity probe embeds as
+            :func:`tnlm.compress.quality.embed` does (batches of 64, up to 128 tokens),
+            healing as ``config.heal`` says (its ``batch_size``, ``max_length``).
 
     Returns:
         A :class:`CompressionResult` whose ``model`` wraps the compressed ``model``.
@@ -278,9 +307,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     Raises:
         TypeError: ``calibration`` or ``heal_text`` is one string (its characters would
             be the sentences).
-        ValueError: no calibration text, a pattern matching no layer, a model that is
-            already an ``MPOModel``, a budget below the smallest model the allocation can
-            make (:func:`check_budget`); the model is unchanged.
+        ValueError: no calibration text, a pattern matching no layer or a layer with tied
+            weights (:func:`target_shapes`), a model that is already an ``MPOModel``, a
+            budget below the smallest model the allocation can make (:func:`check_budget`);
+            the model is unchanged.
         FloatingPointError: healing diverged (:func:`tnlm.compress.distill.heal`); the
             model is put back as it came in.
     """
@@ -308,7 +338,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     errors: dict[str, float] = {}
     fraction = float(config.budget)
     groups = layer_groups(names, model) if config.sequential else [names]
-    swap = Swap(model, modes=True)
+    swap = Swap(model, modes=True)  # undoing puts every module's train/eval mode back
+    model.eval()  # no dropout in the calibration, the probe or the measures
     # healing trains the LayerNorms in place: undoing also copies back the teacher's
     # values (an untouched copy of the model as it came in), after the modules are back
     swap.on_undo(lambda: model.load_state_dict(teacher.state_dict()))
@@ -367,7 +398,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
             t1 = time.perf_counter()
             block_errors = reconstruct_blocks(model, teacher, tokenizer,
                                               text[:config.reconstruct_size],
-                                              config.reconstruct_steps, progress=progress)
+                                              config.reconstruct_steps,
+                                              batch_size=batch_size, max_length=max_length,
+                                              progress=progress)
             say("block reconstruction, relative output error per block: " + ", ".join(
                 f"{a:.3f}->{b:.3f}" for a, b in block_errors))
             times["reconstruction"] = time.perf_counter() - t1

@@ -19,14 +19,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from tnlm.compress.text import check_texts
 from tnlm.integration import mean_pooled
 
-__all__ = ["embedding_cosine", "embed", "spearman", "read_sick", "sick_spearman"]
+__all__ = ["EMBED_MAX_LENGTH", "embedding_cosine", "embed", "spearman", "read_sick",
+           "sick_spearman"]
+
+#: tokens per sentence the embeddings are computed on (longer sentences are truncated)
+EMBED_MAX_LENGTH = 128
+
 
 def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size: int = 64,
-          max_length: int = 128) -> torch.Tensor:
+          max_length: int = EMBED_MAX_LENGTH) -> torch.Tensor:
     """Sentence embeddings (len(sentences), hidden) as the model computes them
-    (:func:`tnlm.integration.mean_pooled`: masked mean, L2-normalised), in batches."""
+    (:func:`tnlm.integration.mean_pooled`: masked mean, L2-normalised, in eval mode), in
+    batches.
+
+    Raises:
+        TypeError: ``sentences`` is one string (its characters would be the sentences) or
+            holds items that are not strings.
+    """
+    sentences = check_texts(sentences, "sentences")
     return torch.cat([mean_pooled(model, tokenizer, list(sentences[i:i + batch_size]),
                                   max_length)
                       for i in range(0, len(sentences), batch_size)])
@@ -34,8 +47,14 @@ def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size
 
 def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                      sentences: Sequence[str], batch_size: int = 64,
-                     max_length: int = 128) -> torch.Tensor:
-    """Per-sentence cosine between the mean-pooled embeddings of two models."""
+                     max_length: int = EMBED_MAX_LENGTH) -> torch.Tensor:
+    """Per-sentence cosine between the mean-pooled embeddings of two models.
+
+    Raises:
+        TypeError: ``sentences`` is one string or holds items that are not strings.
+        ValueError: ``sentences`` is empty.
+    """
+    sentences = check_texts(sentences, "sentences")
     if not sentences:
         raise ValueError("sentences must not be empty")
     s = embed(student, tokenizer, sentences, batch_size, max_length)
@@ -43,11 +62,43 @@ def embedding_cosine(student: nn.Module, teacher: nn.Module, tokenizer: Any,
     return torch.nn.functional.cosine_similarity(s, t, dim=-1)
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0 of ``x``, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each value
+    counts = np.diff(np.r_[starts, len(x)])
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(starts + (counts - 1) / 2.0, counts)
+    return ranks
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (ties broken by order; the scores here are continuous)."""
-    ra = np.argsort(np.argsort(np.asarray(a))).astype(np.float64)
-    rb = np.argsort(np.argsort(np.asarray(b))).astype(np.float64)
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """Spearman rank correlation of ``a`` and ``b``: the Pearson correlation of their
+    ranks, tied values taking the mean of their ranks (as ``scipy.stats.spearmanr``;
+    SICK's gold relatedness scores are heavily tied, so row order must not matter).
+
+    Returns ``nan`` (undefined) when an input holds NaN, is constant, or has fewer than
+    2 values.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length or are not 1-D.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"a and b must be 1-D sequences of one length, got shapes "
+                         f"{x.shape} and {y.shape}")
+    if len(x) < 2 or np.isnan(x).any() or np.isnan(y).any():
+        return math.nan
+    rx = _average_ranks(x)
+    ry = _average_ranks(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    if denom == 0:  # a constant input: no ranking to correlate
+        return math.nan
+    return float(rx @ ry) / denom
 
 
 def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -83,7 +134,8 @@ def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
 
 def sick_spearman(model: nn.Module, tokenizer: Any, path: str | os.PathLike) -> float:
     """Spearman correlation of embedding cosines with the relatedness of the pairs in
-    ``path`` (:func:`read_sick`).
+    ``path`` (:func:`read_sick`); ``nan`` when undefined (:func:`spearman`: a cosine is
+    NaN, or every cosine is the same).
 
     Raises:
         ValueError: the file lacks those columns or holds no pairs.

@@ -105,9 +105,10 @@ def _line_of(data: bytes, offset: int) -> int:
 
 
 def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[str]:
-    """Non-empty lines of a UTF-8 text file (a byte-order mark is dropped); with
-    ``column``, that tab-separated column of every non-empty line (a header row is
-    returned like any other line: drop it yourself).
+    """Non-empty lines of a UTF-8 text file (lines end at a line feed, CRLF or a lone CR; other
+    Unicode line breaks such as U+2028 stay inside their line; a byte-order mark is
+    dropped); with ``column``, that tab-separated column of every non-empty line (a header
+    row is returned like any other line: drop it yourself).
 
     Raises:
         FileNotFoundError: a missing file or a folder.
@@ -133,7 +134,9 @@ def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[s
                          f"{at} (line {_line_of(data, at)}) is invalid; convert it "
                          f"to UTF-8 (for Latin-1: iconv -f latin1 -t utf-8)") from None
     out = []
-    for i, line in enumerate(text.splitlines()):
+    # lines end at "\n", "\r\n" or a lone "\r" (universal newlines, as open() reads):
+    # str.splitlines() would also split inside a line at U+2028, \x85, \x0c, ...
+    for i, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")):
         if not line.strip():
             continue
         cell = line

@@ -53,13 +53,22 @@ def mean_pooled(model, tokenizer, sentences: list[str], max_length: int = 128):
     """Sentence embeddings as all-MiniLM-L6-v2 computes them: masked mean of the last
     hidden states, L2-normalised. Returns a (len(sentences), hidden) tensor. Models with
     a task head (no ``last_hidden_state`` in their output) are read through
-    ``hidden_states[-1]``."""
+    ``hidden_states[-1]``. The model runs in eval mode (no dropout: a model handed over in
+    train mode would give noisy embeddings); each module's mode is put back afterwards."""
     import torch
 
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
+    modes = [(m, m.training) for m in model.modules()] if isinstance(
+        model, torch.nn.Module) else []
+    try:
+        if modes:
+            model.eval()
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+    finally:
+        for m, training in modes:
+            m.training = training
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out.hidden_states[-1]
