@@ -284,3 +284,67 @@ def test_nucleus_sampler_refuses_scores_it_cannot_draw_from(top_p):
     for _ in range(5):
         out = sampler(None, masked)
         assert (out == 0).sum() == 2 and int(out.argmax(-1).max()) < 3
+
+
+# ------------------------------------------------------------------ the user's start lines
+def test_a_text_kept_from_start_lines_is_not_resumed_without_them(tmp_path):
+    from tnlm.compress.decoder.job import CausalLMRecipe, _save_text, read_saved_text
+
+    m = make_causal_lm("llama")
+    with_lines = CausalLMRecipe(starts=("the cat sat .", "the dog is blue ."))
+    _save_text(tmp_path, with_lines, m, ["the cat sat . on the mat", "the dog is blue . and"])
+    assert read_saved_text(tmp_path, with_lines, m) is not None  # the same lines resume
+    for other in (CausalLMRecipe(), CausalLMRecipe(starts=("a b",))):
+        with pytest.raises(ValueError, match=r"cannot resume .*starts: 2 in the checkpoint"):
+            read_saved_text(tmp_path, other, m)
+    _save_text(tmp_path, CausalLMRecipe(), m, ["the cat sat on the mat"])  # and the converse
+    with pytest.raises(ValueError, match=r"starts: None in the checkpoint, 2 now"):
+        read_saved_text(tmp_path, with_lines, m)
+
+
+def test_mixed_text_draws_the_start_lines_once_for_both_halves():
+    from tnlm.compress.decoder.job import CausalLMRecipe, recipe_text
+
+    m, tok = make_causal_lm("llama"), make_word_tokenizer()
+    lines = ["the cat sat .", "the dog is blue .", "the sky is a day .", "what is the mat ?"]
+    r = CausalLMRecipe(text_source="mixed", n_texts=4, starts=lines, gen_tokens=2,
+                       prose_fraction=0, gen_batch=4)
+    used = [next(x for x in lines if x in t) for t in recipe_text(m, tok, r)]
+    # both halves took the same order: continuation i and answer i shared a line, 2 unused
+    assert sorted(used) == sorted(lines)
+
+
+def test_start_lines_count_a_repeated_line_once():
+    from tnlm.compress.decoder.job import CausalLMRecipe
+    from tnlm.compress.decoder.text import start_lines, start_order
+
+    lines = ["the cat sat .", "the cat sat .", "the cat sat .  ", "the dog is blue ."]
+    assert start_lines(lines) == ["the cat sat .", "the dog is blue ."]
+    for seed in range(6):  # the repeated line took 3 of every 4 slots
+        assert sorted(start_order(lines, 2, seed)) == ["the cat sat .", "the dog is blue ."]
+    assert CausalLMRecipe(starts=lines).text_settings()["starts"] == 2
+
+
+def test_a_start_line_longer_than_the_model_s_positions_is_refused_before_sampling():
+    from tnlm.compress.decoder.text import self_generated_text
+
+    tok = make_word_tokenizer()
+    long = " ".join(["the cat sat on the mat ."] * 40)  # 280 tokens
+    for kind in ("gpt2", "llama"):  # a learned table (fails inside), rotary (runs past)
+        m = make_causal_lm(kind)
+        limit = (m.config.n_positions if kind == "gpt2" else m.config.max_position_embeddings)
+        with pytest.raises(ValueError, match=rf"starts: the line 'the cat .*is 280 tokens; "
+                                             rf"with max_new_tokens=8 .* model's {limit} "
+                                             rf"positions \(at most {limit - 8} tokens"):
+            self_generated_text(m, tok, 2, max_new_tokens=8, starts=["the dog", long])
+    assert len(self_generated_text(m, tok, 1, max_new_tokens=2, starts=["the dog"])) == 1
+
+
+def test_recipe_starts_with_text_given_is_refused():
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
+
+    m, tok = make_causal_lm("llama"), make_word_tokenizer()
+    with pytest.raises(ValueError, match="recipe.starts steer the model's own samples; with "
+                                         "text given nothing is sampled"):
+        compress_causal_lm(m, tok, CausalLMRecipe(starts=["the cat"]),
+                           text=["the cat sat on the mat"] * 8, progress=False)

@@ -57,6 +57,7 @@ from tnlm.compress.decoder.text import (
     generation_is_neutral,
     self_generated_text,
     start_lines,
+    start_order,
     token_sequences,
 )
 from tnlm.compress.layerwise import (
@@ -139,7 +140,10 @@ class CausalLMRecipe:
             user's turns the model answers) instead of tnlm's generated sentences (chat
             prompts); :func:`tnlm.compress.decoder.text.self_generated_text`. The text
             stays the model's own, steered towards the user's domain; not with
-            ``"prose"``. Kept as a tuple of the non-empty lines, stripped.
+            ``"prose"``, nor with ``text`` given to :func:`compress_causal_lm`. Kept as a
+            tuple of the distinct non-empty lines, stripped. With ``"mixed"`` the lines
+            are drawn once for both halves, alternately, so the continuations and the
+            answers start from different lines.
         prose_fraction: the text sources that sample (``"self"``, ``"chat"``,
             ``"mixed"``) add this fraction of the shipped prose (shuffled with ``seed``)
             after the samples: the calibration still takes the first ``n_calibration``
@@ -361,17 +365,22 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
     text = shipped_prose(recipe.seed) if recipe.text_source in _ALL_PROSE else []
 
-    def samples(n: int, chat: bool) -> list[str]:
+    def samples(n: int, chat: bool, starts: Sequence[str] | None) -> list[str]:
         return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
                                    seed=recipe.seed, batch_size=recipe.gen_batch, chat=chat,
-                                   progress=progress, top_k=recipe.gen_top_k,
-                                   starts=recipe.starts)
+                                   progress=progress, top_k=recipe.gen_top_k, starts=starts)
 
     if recipe.text_source in ("self", "both", "chat"):
-        text += samples(recipe.n_texts, recipe.text_source == "chat")
+        text += samples(recipe.n_texts, recipe.text_source == "chat", recipe.starts)
     elif recipe.text_source == "mixed":
         half = recipe.n_texts // 2
-        text += interleave(samples(recipe.n_texts - half, False), samples(half, True))
+        # the user's lines drawn once for both halves, alternately: the continuations and
+        # the answers start from different lines, each line used once before any twice
+        order = (None if recipe.starts is None
+                 else start_order(recipe.starts, recipe.n_texts, recipe.seed))
+        text += interleave(
+            samples(recipe.n_texts - half, False, order and order[0::2]),
+            samples(half, True, order and order[1::2]))
     share = recipe.resolved_prose_fraction()
     return text + shipped_prose(recipe.seed, share) if share else text
 
@@ -424,8 +433,11 @@ def read_saved_text(directory: str | os.PathLike, recipe: CausalLMRecipe,
         # model's config changed its logits (a repetition penalty, suppressed tokens, ...)
         then.setdefault("generation", "neutral" if model is None or generation_is_neutral(
             model) else "the model's generation_config")
-    diff = [f"{k}: {then.get(k)!r} in the checkpoint, {v!r} now" for k, v in now.items()
-            if then.get(k) != v]
+    # the user's start lines are in the settings only when given (older texts match):
+    # compared both ways, so a text written from lines is not resumed without them
+    keys = list(now) + [k for k in ("starts", "starts_sha256") if k in then and k not in now]
+    diff = [f"{k}: {then.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys
+            if then.get(k) != now.get(k)]
     if model is not None and saved.get("model") != _weights_digest(model):
         diff.append("the model's weights differ")
     if diff:
@@ -572,6 +584,9 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         raise ValueError("resume needs checkpoint_dir")
     if text is not None:
         text = check_texts(text, "text")
+        if recipe.starts is not None:
+            raise ValueError("recipe.starts steer the model's own samples; with text given "
+                             "nothing is sampled (leave one of them out)")
     elif recipe.text_source in ("chat", "mixed") and not getattr(
             tokenizer, "chat_template", None) and not (
             resume and (Path(checkpoint_dir) / TEXT_FILE).is_file()):

@@ -31,7 +31,7 @@ from tnlm.compress.text import check_texts
 from tnlm.core.validation import check_seed
 
 __all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
-           "split_held_out", "start_lines", "token_sequences"]
+           "split_held_out", "start_lines", "start_order", "token_sequences"]
 
 
 @torch.no_grad()
@@ -57,15 +57,16 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     ``starts``: a few lines of the user's own kind of text (not a corpus: examples). Each
     text then starts with one of them, whole, and the model continues it (with ``chat``:
     each is the user's turn the model answers); the lines are taken in an order shuffled
-    with ``seed``, each once before any twice. The text stays the model's own: the lines
-    only choose what it writes about.
+    with ``seed``, each once before any twice (:func:`start_order`; a repeated line counts
+    once). The text stays the model's own: the lines only choose what it writes about.
 
     Raises:
         ValueError: ``n``, ``batch_size`` or ``max_new_tokens`` not an int >= 1; ``seed``
             not an int in [0, 2**63 - 1]; ``chat`` with a tokenizer that has no chat
             template; ``temperature``, ``top_p`` or ``top_k`` out of range
             (:class:`~tnlm.compress.decoder.sampling.NucleusSampler`); ``starts`` with no
-            non-empty line.
+            non-empty line; a prompt (a line of ``starts``) whose tokens and
+            ``max_new_tokens`` run past the model's positions (before any sampling).
         TypeError: ``starts`` one string (its characters would be the lines).
     """
     from tnlm.compress.text import generated_sentences
@@ -74,7 +75,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     seed = check_seed(seed)
-    lines = None if starts is None else _start_lines(starts, n, seed)
+    lines = None if starts is None else start_order(starts, n, seed)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True needs a tokenizer with a chat template; this one "
@@ -93,6 +94,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
             words = s.split()
             starts.append(" ".join(words[:rng.randint(2, 4)]))
     NucleusSampler(temperature, top_p, top_k=top_k)  # its arguments checked before any work
+    _check_fits(model, tokenizer, starts, max_new_tokens, chat, lines is not None)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -108,22 +110,23 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
 
 
 def start_lines(starts: Sequence[str]) -> list[str]:
-    """The non-empty lines of ``starts``, stripped: what the samples start from
-    (:func:`self_generated_text`, ``CausalLMRecipe.starts``).
+    """The distinct non-empty lines of ``starts``, stripped, in their first order: what the
+    samples start from (:func:`self_generated_text`, ``CausalLMRecipe.starts``). A
+    repeated line is kept once, so that no line gets more of the samples than another.
 
     Raises:
         TypeError: ``starts`` one string (its characters would be the lines).
         ValueError: no non-empty line.
     """
-    lines = [x.strip() for x in check_texts(starts, "starts") if x.strip()]
+    lines = list(dict.fromkeys(x.strip() for x in check_texts(starts, "starts") if x.strip()))
     if not lines:
         raise ValueError("starts must hold at least one non-empty line")
     return lines
 
 
-def _start_lines(starts: Sequence[str], n: int, seed: int) -> list[str]:
+def start_order(starts: Sequence[str], n: int, seed: int) -> list[str]:
     """``n`` of :func:`start_lines` of ``starts``, in an order shuffled with ``seed``: every
-    line once before any line twice."""
+    line once before any line twice (rounds of shuffled lines, cut at ``n``)."""
     lines = start_lines(starts)
     rng = random.Random(seed)
     out: list[str] = []
@@ -132,6 +135,30 @@ def _start_lines(starts: Sequence[str], n: int, seed: int) -> list[str]:
         rng.shuffle(order)
         out += order
     return out[:n]
+
+
+def _check_fits(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                chat: bool, lines: bool) -> None:
+    """Refuse, before any sampling, a prompt whose tokens and ``max_new_tokens`` would run
+    past the model's positions (a learned table's rows, else ``max_position_embeddings``):
+    a learned table fails inside the model, rotary positions run on silently beyond what
+    the model was trained on."""
+    from tnlm.integration.architectures import position_limit
+
+    limit = position_limit(model)
+    if limit is None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    for i, p in enumerate(prompts):
+        t = len(tokenizer(p, add_special_tokens=not chat)["input_ids"])
+        if t + max_new_tokens > limit:
+            what = f"starts: the line {p[:60]!r}{'...' if len(p) > 60 else ''}" if lines \
+                else f"prompt {i}"
+            raise ValueError(f"{what} is {t} tokens{' in the chat template' if chat else ''}; "
+                             f"with max_new_tokens={max_new_tokens} it would run past the "
+                             f"model's {limit} positions (at most {limit - max_new_tokens} "
+                             "tokens a line)")
 
 
 def _generate(model, tokenizer, starts, out, gen, batch_size, temperature, top_p,
