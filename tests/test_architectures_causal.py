@@ -53,7 +53,10 @@ CAUSAL = sorted(t for a in ARCHITECTURES.values() if a.causal for t in a.model_t
 def tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **_BASE, **CONFIGS[model_type])
+    kw = dict(_BASE, **CONFIGS[model_type])
+    if not hasattr(AutoConfig.for_model(model_type), "num_key_value_heads"):
+        del kw["num_key_value_heads"]  # no grouped-query attention: no stray attribute
+    cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
