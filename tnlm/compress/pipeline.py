@@ -61,7 +61,7 @@ from tnlm.core.budget import check_fraction
 from tnlm.core.validation import check_bool_fields
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices
-from tnlm.integration.surgery import Swap, module_paths
+from tnlm.integration.surgery import Swap, weight_sharers
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
            "layer_groups", "target_shapes", "check_budget", "run_context"]
@@ -229,21 +229,11 @@ def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tupl
 def _check_untied(model: nn.Module, names: Sequence[str], targets: Any) -> None:
     """``ValueError`` naming the first of ``names`` whose weight another module of ``model``
     also holds (tied weights), as :func:`tnlm.integration.get_mpo_model` refuses it."""
-    owners: dict[int, set[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, param in module.named_parameters(prefix=mname, recurse=False,
-                                                    remove_duplicate=False):
-            owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
-    paths = module_paths(model)
-    for name in names:
-        module = model.get_submodule(name)
-        others = owners.get(id(module.weight), set()) - set(paths[id(module)])
-        if others:
-            raise ValueError(f"target_modules {targets!r} match module {name!r}, which shares "
-                             f"its weight with {sorted(others)} (tied weights): an MPO would "
-                             "silently untie them (the dense table stays, the saving would "
-                             "not happen); untie them first or leave the module out of "
-                             "target_modules")
+    for name, others in weight_sharers(model, names).items():
+        raise ValueError(f"target_modules {targets!r} match module {name!r}, which shares "
+                         f"its weight with {others} (tied weights): an MPO would silently "
+                         "untie them (the dense table stays, the saving would not happen); "
+                         "untie them first or leave the module out of target_modules")
 
 
 def run_context(config: CompressionConfig,

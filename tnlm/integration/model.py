@@ -57,7 +57,7 @@ from tnlm.integration import io
 from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 from tnlm.integration.peft import check_outside_adapters, task_heads
-from tnlm.integration.surgery import Swap, module_paths
+from tnlm.integration.surgery import Swap, module_paths, weight_sharers
 
 __all__ = ["MPOModel", "get_mpo_model"]
 
@@ -703,19 +703,10 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
     check_outside_adapters(model, targets)
-    owners: dict[int, set[str]] = {}
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, param in module.named_parameters(prefix=mname, recurse=False,
-                                                    remove_duplicate=False):
-            owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
-    paths = module_paths(model)
-    for name in targets:
-        weight = supported[name].weight
-        others = owners.get(id(weight), set()) - set(paths[id(supported[name])])
-        if others:
-            raise ValueError(f"module {name!r} shares its weight with {sorted(others)} (tied "
-                             "weights); an MPO would silently untie them: untie them first or "
-                             "leave the module out of target_modules")
+    for name, others in weight_sharers(model, targets).items():
+        raise ValueError(f"module {name!r} shares its weight with {others} (tied "
+                         "weights); an MPO would silently untie them: untie them first or "
+                         "leave the module out of target_modules")
     # every spec and site shape first (cheap), then every decomposition (costly);
     # the model is not touched until all layers are built
     specs = {}

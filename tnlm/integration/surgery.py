@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Swap", "checkpointed", "module_paths", "set_module", "temporary"]
+__all__ = ["Swap", "checkpointed", "module_paths", "set_module", "temporary", "weight_sharers"]
 
 
 def module_paths(root: nn.Module) -> dict[int, list[str]]:
@@ -37,6 +37,25 @@ def module_paths(root: nn.Module) -> dict[int, list[str]]:
     for name, module in root.named_modules(remove_duplicate=False):
         paths.setdefault(id(module), []).append(name)
     return paths
+
+
+def weight_sharers(root: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """Per module of ``names`` (dotted paths under ``root``) whose ``weight`` another module
+    of ``root`` also holds (tied weights: a causal LM's head and its word embeddings), the
+    other modules' paths, sorted; modules whose weight is their own are left out."""
+    owners: dict[int, set[str]] = {}
+    for mname, module in root.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(prefix=mname, recurse=False,
+                                                    remove_duplicate=False):
+            owners.setdefault(id(param), set()).add(pname.rpartition(".")[0])
+    paths = module_paths(root)
+    out = {}
+    for name in names:
+        module = root.get_submodule(name)
+        others = owners.get(id(module.weight), set()) - set(paths[id(module)])
+        if others:
+            out[name] = sorted(others)
+    return out
 
 
 def _parent(root: nn.Module, name: str, what: str) -> tuple[nn.Module, str]:
