@@ -312,6 +312,12 @@ def test_mixed_text_draws_the_start_lines_once_for_both_halves():
     used = [next(x for x in lines if x in t) for t in recipe_text(m, tok, r)]
     # both halves took the same order: continuation i and answer i shared a line, 2 unused
     assert sorted(used) == sorted(lines)
+    for n_texts, seed in ((10, 8), (11, 3)):  # more texts than lines: each line as often
+        r = CausalLMRecipe(text_source="mixed", n_texts=n_texts, starts=lines[:3],
+                           gen_tokens=2, prose_fraction=0, gen_batch=8, seed=seed)
+        used = [next(x for x in lines if x in t) for t in recipe_text(m, tok, r)]
+        counts = [used.count(x) for x in lines[:3]]
+        assert len(used) == n_texts and max(counts) - min(counts) <= 1, counts
 
 
 def test_start_lines_count_a_repeated_line_once():

@@ -98,6 +98,32 @@ def test_block_paths_refuse_albert_shared_layer_groups_before_any_work():
     assert same_state(student, kept)
 
 
+def test_a_stack_cut_without_its_config_still_compresses_and_albert_is_refused_early():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tnlm.compress.pipeline import CompressionConfig, compress_model
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    del llama.model.layers[2]  # the config still says 3: each block still runs once
+    seqs = torch.randint(5, 60, (8, 10), generator=torch.Generator().manual_seed(1))
+    res = compress_layerwise(llama, seqs, LayerwiseConfig(target_modules=["q_proj"],
+                                                          budget=0.5, fit_steps=2),
+                             progress=False)
+    assert res.ratio <= 0.5
+    model = albert(layers=4, groups=2)  # refused before calibration, not after truncation
+    kept = state_of(model)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"compress_model \(reconstruct_steps\): .*2 "
+                                         r"block\(s\).*ALBERT's layer groups"):
+        compress_model(model, char_tok, SENTS, CompressionConfig(
+            target_modules=["query"], budget=0.5, reconstruct_steps=5))
+    assert calls == [] and same_state(model, kept)
+
+
 # --- A2: the sensitivity curve below its smallest measured fraction ---------------------
 
 def test_sensitivity_drop_below_the_smallest_measured_fraction_is_not_free():

@@ -110,6 +110,16 @@ def test_compress_encoder_checks_what_it_measures_up_front_and_restores_the_mode
     assert_unchanged(model, before)
 
 
+def test_compress_encoder_refuses_an_mpo_model_first(tok):
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    mpo = get_mpo_model(tiny_bert(), MPOConfig(target_modules=["query"], n_sites=2),
+                        progress=False)
+    with pytest.raises(ValueError, match="model is already an MPOModel; compress the "
+                                         "original model"):
+        compress_encoder(mpo, tok, EncoderRecipe(budget=0.5), progress=False)
+
+
 def test_embeddings_and_measures_run_a_train_mode_model_without_dropout(tok):
     text = short_sentences(48)
     m = tiny_bert(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3).train()
@@ -166,6 +176,10 @@ def test_read_sentences_splits_lines_at_newlines_only(tmp_path):
     cr = tmp_path / "mac.txt"  # a lone CR ends a line, as universal newlines read it
     cr.write_bytes(b"one line\rtwo lines\r\rthree\r")
     assert read_sentences(cr) == ["one line", "two lines", "three"]
+    bad = tmp_path / "bad.txt"  # an invalid byte is named on its line, whatever the ends
+    bad.write_bytes(b"one\rtwo\r\nthree \xff\n")
+    with pytest.raises(ValueError, match=r"\(line 3\) is invalid"):
+        read_sentences(bad)
     t = tmp_path / "u2028.tsv"
     t.write_text("1\tgood row\n2\tanother\u2028row\nthird row without a tab\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 3 of .* has 1 tab-separated column"):

@@ -222,9 +222,9 @@ class Sensitivity:
         default measurement at 0.1) the curve's first segment is extended linearly. Held
         flat there, as before, the unmeasured fraction cost no more than the measured one
         at about half the parameters, so :func:`sensitivity_ranks` took it whenever it
-        took either. A segment rising towards smaller fractions (noise) is held flat
-        instead. Only the estimate below the measured range changes, and only upwards, so
-        allocations that chose no fraction there are unchanged."""
+        took either. A first segment whose drop falls towards smaller fractions (noise)
+        is held flat instead. Only the estimate below the measured range changes, and
+        only upwards, so allocations that chose no fraction there are unchanged."""
         curve = self.type_drops[module_type(name)]
         fs = sorted(curve) + [1.0]
         ds = [curve[f] for f in sorted(curve)] + [0.0]

@@ -58,6 +58,7 @@ from tnlm.compress.text import (
     split_sentences,
 )
 from tnlm.core.validation import check_bool_fields
+from tnlm.integration import MPOModel
 from tnlm.integration.architectures import default_targets
 from tnlm.integration.surgery import Swap
 
@@ -318,6 +319,8 @@ def compress_encoder(model: nn.Module, tokenizer: Any, recipe: EncoderRecipe | N
         The model is unchanged then (:func:`tnlm.compress.pipeline.compress_model`), also
         when the final measures fail.
     """
+    if isinstance(model, MPOModel):
+        raise ValueError("model is already an MPOModel; compress the original model")
     recipe = recipe or EncoderRecipe()
     sentences = default_text(seed=recipe.seed) if text is None else text
     split = split_text(sentences, recipe.calibration, seed=recipe.seed)
@@ -339,10 +342,11 @@ def compress_encoder(model: nn.Module, tokenizer: Any, recipe: EncoderRecipe | N
     teacher = copy.deepcopy(model).eval()
     # a failure of the final measures puts the model back as it came in, as compress_model
     # does for its own failures: the layers, then the values, flags and modes
-    originals = {n: model.get_submodule(n) for n in target_shapes(model, config)}
-    undo = Swap(model, modes=True)
+    names = list(target_shapes(model, config))  # the layers come back from the teacher:
+    undo = Swap(model, modes=True)  # no second copy of them is held through the work
     undo.on_undo(lambda: model.load_state_dict(teacher.state_dict()))
-    undo.on_undo(lambda: Swap(model).replace(originals))
+    undo.on_undo(lambda: Swap(model).replace(
+        {n: copy.deepcopy(teacher.get_submodule(n)) for n in names}))
     res = compress_model(model, tokenizer, split.calibration, config,
                          heal_text=split.heal_text, progress=progress, log=log)
     try:

@@ -55,12 +55,13 @@ from tnlm.compress.allocate import (
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
 from tnlm.compress.distill import HealConfig, HealResult, heal
+from tnlm.compress.layerwise.blocks import refuse_shared_blocks
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.compress.text import check_texts
 from tnlm.core.budget import check_fraction
 from tnlm.core.validation import check_bool_fields
 from tnlm.integration import MPOConfig, MPOModel
-from tnlm.integration.architectures import block_indices
+from tnlm.integration.architectures import block_indices, find_blocks
 from tnlm.integration.surgery import Swap, weight_sharers
 
 __all__ = ["CompressionConfig", "CompressionResult", "compress_model", "rank_for_fraction",
@@ -299,8 +300,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
             be the sentences).
         ValueError: no calibration text, a pattern matching no layer or a layer with tied
             weights (:func:`target_shapes`), a model that is already an ``MPOModel``, a
-            budget below the smallest model the allocation can make (:func:`check_budget`);
-            the model is unchanged.
+            budget below the smallest model the allocation can make (:func:`check_budget`),
+            shared blocks (ALBERT's layer groups) with ``reconstruct_steps``; the model is
+            unchanged.
         FloatingPointError: healing diverged (:func:`tnlm.compress.distill.heal`); the
             model is put back as it came in.
     """
@@ -315,6 +317,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     shapes = target_shapes(model, config)
     names = list(shapes)
     check_budget(model, config)
+    if config.reconstruct_steps:  # shared blocks (ALBERT) refused now, not after truncation
+        refuse_shared_blocks(model, find_blocks(model), "compress_model (reconstruct_steps)")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model).eval()

@@ -101,7 +101,10 @@ def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: 
 
 
 def _line_of(data: bytes, offset: int) -> int:
-    return data.count(b"\n", 0, offset) + 1
+    """The line (from 1) of byte ``offset``, lines ending at LF, CRLF or a lone CR (as
+    :func:`read_sentences` splits them)."""
+    head = data[:offset]
+    return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
 
 
 def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[str]:

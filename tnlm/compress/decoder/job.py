@@ -142,8 +142,8 @@ class CausalLMRecipe:
             stays the model's own, steered towards the user's domain; not with
             ``"prose"``, nor with ``text`` given to :func:`compress_causal_lm`. Kept as a
             tuple of the distinct non-empty lines, stripped. With ``"mixed"`` the lines
-            are drawn once for both halves, alternately, so the continuations and the
-            answers start from different lines.
+            are drawn once for both halves and dealt to them alternately: each line
+            once before any twice over the whole text.
         prose_fraction: the text sources that sample (``"self"``, ``"chat"``,
             ``"mixed"``) add this fraction of the shipped prose (shuffled with ``seed``)
             after the samples: the calibration still takes the first ``n_calibration``
@@ -365,22 +365,24 @@ def recipe_text(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
     :meth:`~CausalLMRecipe.resolved_prose_fraction` of the shuffled prose."""
     text = shipped_prose(recipe.seed) if recipe.text_source in _ALL_PROSE else []
 
-    def samples(n: int, chat: bool, starts: Sequence[str] | None) -> list[str]:
+    def samples(n: int, chat: bool, starts: Sequence[str] | None,
+                shuffle: bool = True) -> list[str]:
         return self_generated_text(model, tokenizer, n, max_new_tokens=recipe.gen_tokens,
                                    seed=recipe.seed, batch_size=recipe.gen_batch, chat=chat,
-                                   progress=progress, top_k=recipe.gen_top_k, starts=starts)
+                                   progress=progress, top_k=recipe.gen_top_k, starts=starts,
+                                   shuffle_starts=shuffle)
 
     if recipe.text_source in ("self", "both", "chat"):
         text += samples(recipe.n_texts, recipe.text_source == "chat", recipe.starts)
     elif recipe.text_source == "mixed":
         half = recipe.n_texts // 2
-        # the user's lines drawn once for both halves, alternately: the continuations and
-        # the answers start from different lines, each line used once before any twice
+        # the user's lines drawn once for both halves, alternately, and used in that order:
+        # each line once before any twice over the whole text
         order = (None if recipe.starts is None
                  else start_order(recipe.starts, recipe.n_texts, recipe.seed))
         text += interleave(
-            samples(recipe.n_texts - half, False, order and order[0::2]),
-            samples(half, True, order and order[1::2]))
+            samples(recipe.n_texts - half, False, order and order[0::2], False),
+            samples(half, True, order and order[1::2], False))
     share = recipe.resolved_prose_fraction()
     return text + shipped_prose(recipe.seed, share) if share else text
 

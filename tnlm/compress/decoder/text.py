@@ -39,7 +39,8 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
                         temperature: float = 1.0, top_p: float = 0.95, batch_size: int = 16,
                         seed: int = 0, chat: bool = False, progress: bool = False,
                         top_k: int | None = None,
-                        starts: Sequence[str] | None = None) -> list[str]:
+                        starts: Sequence[str] | None = None,
+                        shuffle_starts: bool = True) -> list[str]:
     """``n`` texts written by ``model`` itself (sampling with the KV cache; see the module
     docstring): each token drawn from the top-``top_p`` nucleus of the model's
     distribution at ``temperature`` (:class:`tnlm.compress.decoder.sampling.NucleusSampler`),
@@ -59,6 +60,10 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     each is the user's turn the model answers); the lines are taken in an order shuffled
     with ``seed``, each once before any twice (:func:`start_order`; a repeated line counts
     once). The text stays the model's own: the lines only choose what it writes about.
+    ``shuffle_starts=False``: the lines are taken in the order given instead (stripped,
+    empty ones dropped, repeats kept; cycled when fewer than ``n``), for a caller that
+    drew the order itself (the two halves of ``"mixed"`` text,
+    :func:`tnlm.compress.decoder.job.recipe_text`).
 
     Raises:
         ValueError: ``n``, ``batch_size`` or ``max_new_tokens`` not an int >= 1; ``seed``
@@ -75,7 +80,15 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     seed = check_seed(seed)
-    lines = None if starts is None else start_order(starts, n, seed)
+    if not isinstance(shuffle_starts, bool):
+        raise TypeError(f"shuffle_starts must be a bool, got {shuffle_starts!r}")
+    if starts is None:
+        lines = None
+    elif shuffle_starts:
+        lines = start_order(starts, n, seed)
+    else:
+        given = start_lines(starts, distinct=False)
+        lines = [given[i % len(given)] for i in range(n)]
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True needs a tokenizer with a chat template; this one "
@@ -109,16 +122,18 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
     return out
 
 
-def start_lines(starts: Sequence[str]) -> list[str]:
+def start_lines(starts: Sequence[str], distinct: bool = True) -> list[str]:
     """The distinct non-empty lines of ``starts``, stripped, in their first order: what the
     samples start from (:func:`self_generated_text`, ``CausalLMRecipe.starts``). A
-    repeated line is kept once, so that no line gets more of the samples than another.
+    repeated line is kept once, so that no line gets more of the samples than another
+    (``distinct=False``: every non-empty line, repeats kept).
 
     Raises:
         TypeError: ``starts`` one string (its characters would be the lines).
         ValueError: no non-empty line.
     """
-    lines = list(dict.fromkeys(x.strip() for x in check_texts(starts, "starts") if x.strip()))
+    lines = [x.strip() for x in check_texts(starts, "starts") if x.strip()]
+    lines = list(dict.fromkeys(lines)) if distinct else lines
     if not lines:
         raise ValueError("starts must hold at least one non-empty line")
     return lines

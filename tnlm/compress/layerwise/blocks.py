@@ -38,23 +38,26 @@ class BlockCall(nn.Module):
 
 
 def refuse_shared_blocks(model: nn.Module, blocks: nn.ModuleList, what: str) -> None:
-    """Refuse a stack whose blocks do not run exactly once per forward: fewer blocks than
-    ``model.config.num_hidden_layers`` (ALBERT's shared layer groups, each applied
-    ``num_hidden_layers / num_hidden_groups`` times), or more (the forward runs only the
-    first ``num_hidden_layers``). A block-by-block path (``what``) sees one application
-    of each block, so its statistics, targets and errors would leave the others out. A
-    model without that config entry passes.
+    """Refuse a stack of shared blocks: ALBERT's layer groups (``config.num_hidden_groups``
+    of them, each applied ``num_hidden_layers / num_hidden_groups`` times per forward). A
+    block-by-block path (``what``) sees one application of each block, so its statistics,
+    targets and errors would leave the others out. Other stacks pass, whatever their
+    config's ``num_hidden_layers`` says (a stack cut without updating it still runs each
+    block once).
 
     Raises:
-        ValueError: the stack holds a number of blocks other than ``num_hidden_layers``.
+        ValueError: the config has ``num_hidden_groups`` and the stack holds fewer blocks
+            than ``num_hidden_layers``.
     """
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if isinstance(n, int) and not isinstance(n, bool) and n != len(blocks):
-        why = ("its blocks are shared, each applied several times (as ALBERT's layer "
-               "groups)" if n > len(blocks) else "not every block runs")
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None)
+    groups = getattr(config, "num_hidden_groups", None)
+    if groups is not None and isinstance(n, int) and not isinstance(n, bool) and \
+            n > len(blocks):
         raise ValueError(
             f"{what}: {type(model).__name__} has {len(blocks)} block(s) in its stack but "
-            f"runs {n} layers per forward (config.num_hidden_layers = {n}): {why}; a "
+            f"runs {n} layers per forward (config.num_hidden_layers = {n}): its blocks "
+            "are shared, each applied several times (ALBERT's layer groups); a "
             "block-by-block path needs every block called exactly once per forward")
 
 
