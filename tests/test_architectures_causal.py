@@ -38,13 +38,14 @@ _BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
              bos_token_id=2, eos_token_id=3, pad_token_id=1)
 
-#: per causal model type, what its tiny config needs beyond :data:`_BASE`
+#: per causal model type, what its tiny config needs beyond :data:`_BASE` (None: leave the
+#: key out; Falcon's multi-query attention keeps one key/value head whatever it says)
 CONFIGS: dict[str, dict] = {
     "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 8}, "gemma": {"head_dim": 8},
     "gemma2": {"head_dim": 8}, "gemma3_text": {"head_dim": 8}, "olmo": {}, "olmo2": {},
     "granite": {}, "smollm3": {}, "stablelm": {}, "cohere": {}, "helium": {"head_dim": 8},
     "phi3": {}, "glm": {"head_dim": 8}, "phi": {}, "starcoder2": {}, "gpt_neox": {},
-    "falcon": {"ffn_hidden_size": 64}, "gpt2": {"n_inner": 64}, "gptj": {"rotary_dim": 4},
+    "falcon": {"ffn_hidden_size": 64, "num_key_value_heads": None}, "gpt2": {"n_inner": 64}, "gptj": {"rotary_dim": 4},
     "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32},
 }
 CAUSAL = sorted(t for a in ARCHITECTURES.values() if a.causal for t in a.model_types)
@@ -53,7 +54,7 @@ CAUSAL = sorted(t for a in ARCHITECTURES.values() if a.causal for t in a.model_t
 def tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(_BASE, **CONFIGS[model_type])
+    kw = {k: v for k, v in dict(_BASE, **CONFIGS[model_type]).items() if v is not None}
     if not hasattr(AutoConfig.for_model(model_type), "num_key_value_heads"):
         del kw["num_key_value_heads"]  # no grouped-query attention: no stray attribute
     cfg = AutoConfig.for_model(model_type, **kw)

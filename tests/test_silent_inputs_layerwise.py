@@ -4,10 +4,8 @@ the calibration statistics and the sensitivity allocation that were once accepte
 estimated as free, a diverged block left in the model) or failed with a bare KeyError:
 each is now refused before any work naming the argument, or handled."""
 
-import collections
 import copy
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -23,9 +21,7 @@ from transformers import (
 
 from tests.common import one_thread  # noqa: F401 - one_thread: autouse, one intra-op thread
 from tnlm.bridge import MPOModule
-from tnlm.compress.allocate import FRACTION_GRID, Sensitivity, rank_for_fraction, sensitivity_ranks
-from tnlm.compress.calibration import InputStats, collect_input_stats
-from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.calibration import collect_input_stats
 from tnlm.compress.layerwise import LayerwiseConfig, compress_layerwise
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.integration import MPOConfig, get_mpo_model
@@ -122,45 +118,6 @@ def test_a_stack_cut_without_its_config_still_compresses_and_albert_is_refused_e
         compress_model(model, char_tok, SENTS, CompressionConfig(
             target_modules=["query"], budget=0.5, reconstruct_steps=5))
     assert calls == [] and same_state(model, kept)
-
-
-# --- A2: the sensitivity curve below its smallest measured fraction ---------------------
-
-def test_sensitivity_drop_below_the_smallest_measured_fraction_is_not_free():
-    torch.manual_seed(0)
-    layers = {}
-    for b in range(4):
-        for t in ("query", "value"):
-            X = torch.randn(256, 64, dtype=torch.float64)
-            layers[f"encoder.layer.{b}.attention.self.{t}"] = WhitenedLayer(
-                torch.randn(64, 64, dtype=torch.float64), InputStats(X.T @ X, 256))
-    curves = {"encoder.layer.*.attention.self.query": {0.1: 0.40, 0.25: 0.2, 0.5: 0.08, 0.75: 0.02},
-              "encoder.layer.*.attention.self.value": {0.1: 0.30, 0.25: 0.15, 0.5: 0.06,
-                                                       0.75: 0.01}}
-    sens = Sensitivity(type_drops=curves)
-    q = "encoder.layer.0.attention.self.query"
-    # on the measured range: the linear interpolation as before
-    assert sens.drop(q, 0.1) == pytest.approx(0.40)
-    assert sens.drop(q, 0.3) == pytest.approx(0.2 - 0.12 * 0.05 / 0.25)
-    # below it: the first segment extended, not held flat (0.05 cost as much as 0.1)
-    assert sens.drop(q, 0.05) == pytest.approx(0.40 + 0.20 / 0.15 * 0.05)
-
-    class Clamped(Sensitivity):  # the old estimate: flat below the first measured point
-        def drop(self, name, fraction, power=0.5):
-            return super().drop(name, max(fraction, 0.1), power)
-
-    old = Clamped(type_drops=curves)
-    frac = {rank_for_fraction(64, 64, f): f for f in FRACTION_GRID}
-    chosen, chosen_old = collections.Counter(), collections.Counter()
-    for budget in np.arange(0.06, 0.66, 0.01):
-        new = sensitivity_ranks(layers, sens, float(budget))
-        before = sensitivity_ranks(layers, old, float(budget))
-        if all(r is None or frac[r] != 0.05 for r in before.values()):
-            assert new == before, budget  # where 0.05 was not chosen, nothing changes
-        if budget >= 0.2:  # every layer fits at 0.1 or more: 0.05 only looked free
-            chosen.update(None if r is None else frac[r] for r in new.values())
-            chosen_old.update(None if r is None else frac[r] for r in before.values())
-    assert chosen_old[0.05] > 0 and chosen[0.05] == 0
 
 
 # --- A3: a diverged block ----------------------------------------------------------------
