@@ -1,7 +1,7 @@
 """Classifying transformer weight names into (layer index, module type).
 
-Knows the parameter names of BERT (and MiniLM), ALBERT, DistilBERT and GPT-2
-(plus the common ``q_proj``/``k_proj``/... spelling)::
+Knows the parameter names of BERT (and MiniLM), ALBERT, DistilBERT, GPT-2, GPT-NeoX,
+Falcon, GPT-J and Phi-2 (plus the common ``q_proj``/``k_proj``/... spelling)::
 
     encoder.layer.3.attention.self.query         -> (3, "Q")
     encoder.layer.3.attention.output.dense       -> (3, "O")
@@ -10,6 +10,8 @@ Knows the parameter names of BERT (and MiniLM), ALBERT, DistilBERT and GPT-2
     distilbert.transformer.layer.2.ffn.lin1      -> (2, "FFN-in")
     albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output -> (0, "FFN-out")
     transformer.h.5.attn.c_attn                  -> (5, "QKV")   # GPT-2's fused Q, K, V
+    gpt_neox.layers.2.attention.query_key_value  -> (2, "QKV")   # GPT-NeoX, Falcon
+    model.layers.1.self_attn.dense               -> (1, "O")     # Phi-2
     embeddings.word_embeddings / transformer.wte -> (None, "embedding")
 
 A trailing ``.weight`` is ignored. ALBERT shares one layer across depth, so its
@@ -59,18 +61,23 @@ _BY_LAST = {
     "v_proj": "V",
     "c_attn": "QKV",
     "qkv_proj": "QKV",
+    "query_key_value": "QKV",
     "out_lin": "O",
     "o_proj": "O",
     "out_proj": "O",
     "lin1": "FFN-in",
     "c_fc": "FFN-in",
     "fc1": "FFN-in",
+    "fc_in": "FFN-in",
+    "dense_h_to_4h": "FFN-in",
     "ffn": "FFN-in",
     "gate_proj": "FFN-in",
     "up_proj": "FFN-in",
     "gate_up_proj": "FFN-in",
     "lin2": "FFN-out",
     "fc2": "FFN-out",
+    "fc_out": "FFN-out",
+    "dense_4h_to_h": "FFN-out",
     "ffn_output": "FFN-out",
     "down_proj": "FFN-out",
 }
@@ -95,7 +102,8 @@ def default_classifier(name: str) -> tuple[int | None, str]:
         return layer, {"attn": "O", "mlp": "FFN-out"}.get(parent, "other")
     if last == "dense":
         grand = parts[-3] if len(parts) > 2 else ""
-        if parent == "attention" or (parent == "output" and grand == "attention"):
+        if parent in ("attention", "self_attn", "self_attention") or (
+                parent == "output" and grand == "attention"):
             return layer, "O"
         if parent == "intermediate":
             return layer, "FFN-in"
