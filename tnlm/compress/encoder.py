@@ -70,6 +70,12 @@ __all__ = ["DEFAULT_SICK", "EncoderRecipe", "EncoderResult", "TextSplit", "compr
 DEFAULT_SICK = Path("../shared/data/sick/trial.tsv")
 
 
+def _check_calibration(calibration: Any) -> None:
+    """``ValueError`` unless ``calibration`` (a number of sentences) is an int >= 1."""
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise ValueError(f"calibration must be an int >= 1 (sentences), got {calibration!r}")
+
+
 @dataclass
 class EncoderRecipe:
     """Defaults of the encoder job (``tnlm compress`` on an encoder; its flags set them).
@@ -115,9 +121,7 @@ class EncoderRecipe:
     pivoted: bool = False
 
     def __post_init__(self) -> None:
-        c = self.calibration
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"calibration must be an int >= 1 (sentences), got {c!r}")
+        _check_calibration(self.calibration)
         check_bool_fields(self, "pivoted", "whiten")
         self.heal_config()
         if self.target_modules is not None:
@@ -198,8 +202,7 @@ def split_text(text: Sequence[str], calibration: int = EncoderRecipe.calibration
         ValueError: ``calibration`` is not an int >= 1; fewer than 4 distinct sentences
             (nothing would be held out or calibrate).
     """
-    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
-        raise ValueError(f"calibration must be an int >= 1 (sentences), got {calibration!r}")
+    _check_calibration(calibration)
     text = list(dict.fromkeys(check_texts(text, "text")))
     n_eval, n_cal = compression_sizes(len(text), calibration)
     if n_eval < 1 or n_cal < 1:
