@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tnlm.compress.layerwise.blocks import block_parameters, refuse_shared_blocks
+from tnlm.compress.layerwise.blocks import block_parameters, put_back, refuse_shared_blocks
 from tnlm.integration.architectures import find_blocks
 from tnlm.integration.surgery import temporary
 
@@ -65,14 +65,11 @@ def _rel_err(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return ((y - t) ** 2 * m).sum() / (t ** 2 * m).sum().clamp_min(1e-12)
 
 
-@torch.no_grad()
 def _diverged(i: int, params: list[nn.Parameter], start: list[torch.Tensor]
               ) -> FloatingPointError:
     """Put block ``i``'s trained ``params`` back to their values ``start`` before its
-    fitting; the error to raise."""
-    for p, s in zip(params, start):
-        p.copy_(s)
-        p.grad = None
+    fitting (:func:`~tnlm.compress.layerwise.blocks.put_back`); the error to raise."""
+    put_back(params, start)
     return FloatingPointError(f"block {i} reconstruction diverged (the block was put back "
                               "as it was before its fitting); lower lr")
 

@@ -165,8 +165,8 @@ def _check_fits(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_ne
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(limit, int) or isinstance(limit, bool):
         return
-    for i, p in enumerate(prompts):
-        t = len(tokenizer(p, add_special_tokens=not chat)["input_ids"])
+    ids = tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]  # one call
+    for i, (p, t) in enumerate(zip(prompts, map(len, ids))):
         if t + max_new_tokens > limit:
             what = f"starts: the line {p[:60]!r}{'...' if len(p) > 60 else ''}" if lines \
                 else f"prompt {i}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from tnlm.compress import distributed as dist_
 from tnlm.integration.architectures import blocks_of
 
 __all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs", "fit_block",
-           "refuse_shared_blocks"]
+           "put_back", "refuse_shared_blocks"]
 
 class _Stop(Exception):
     pass
@@ -35,6 +36,15 @@ class BlockCall(nn.Module):
     def forward(self, x: torch.Tensor, extra: tuple) -> torch.Tensor:
         out = self.block(x, *extra[0], **extra[1])
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def put_back(params: Sequence[nn.Parameter], start: Sequence[torch.Tensor]) -> None:
+    """Copy the values ``start`` back into ``params`` and drop their gradients: a block's
+    trained parameters as they were before a fitting that diverged."""
+    for p, s in zip(params, start):
+        p.copy_(s)
+        p.grad = None
 
 
 def refuse_shared_blocks(model: nn.Module, blocks: nn.ModuleList, what: str) -> None:
@@ -165,10 +175,7 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
                 loss.backward()
                 loss = dist_.average_gradients(params, loss)
             if not torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for p, s in zip(params, start):
-                        p.copy_(s)
+                put_back(params, start)
                 raise FloatingPointError(f"block fitting diverged (loss {float(loss)}); "
                                          f"the block was restored; lower fit_lr ({lr})")
             if not sync:
