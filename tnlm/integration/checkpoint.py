@@ -10,6 +10,11 @@ replacement) and returns a :class:`LoadPlan`: the new layers with their saved te
 loaded, and the other tensors to copy. For a lightweight checkpoint the layers are
 first rebuilt by decomposing ``base_model`` with the saved config, and every tensor the
 checkpoint leaves to the base model is checked against its recorded SHA-256.
+Names ``base_model`` ties together (one tensor, e.g. ``lm_head.weight`` and the
+embedding with ``tie_word_embeddings=True``) must hold one value in the checkpoint (a
+checkpoint of an untied model is refused); a name the file records as saved under
+another (``safetensors`` ``save_model`` metadata, a tied model) takes that tensor's
+values, also where ``base_model`` holds the two separately.
 Putting the plan in place (and undoing that on failure) is the caller's.
 """
 
@@ -76,7 +81,8 @@ def read_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Load
     Raises:
         FileNotFoundError: no checkpoint (config or weights) in ``directory``.
         ValueError: a corrupt or modified checkpoint, one of another architecture, or a
-            task checkpoint on another base model; the message names what does not match.
+            task checkpoint on another base model, or different values for names
+            ``base_model`` ties together; the message names what does not match.
     """
     with io.reading(directory):
         plan = _read(base_model, directory)
@@ -171,20 +177,35 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
             continue
         own = key[len(prefix):] if key.startswith(prefix) else key
         header[own], stored[own] = shape, key
+    # names safetensors' save_model dropped as one tensor with a kept name (tied in the
+    # saved model): the kept tensor's values are theirs too, wherever the base model
+    # holds them separately
+    for own, kept in _aliases(weights, prefix).items():
+        if own in expected and own not in header and kept in header:
+            header[own], stored[own] = header[kept], stored[kept]
     for key, shape in header.items():
         if key in expected and shape != expected[key][0]:
             raise ValueError(f"tensor {key!r} of {weights} has shape {list(shape)}, but "
                              f"{base_name} with the saved MPO modules needs "
                              f"{list(expected[key][0])}")
-    saved_as: dict[Any, str] = {}
+    # names of each group in the file; a group is one tensor of the base model, so names
+    # the saved model held separately must have the same values (checked below)
+    in_file: dict[Any, list[str]] = {}
     for key in header:
         if key in expected:
-            saved_as.setdefault(expected[key][1], key)
+            in_file.setdefault(expected[key][1], []).append(key)
+    saved_as = {group: names[0] for group, names in in_file.items()}
     unknown = sorted(set(rebuilt or ()) - set(expected))
     if unknown:
         raise ValueError(f"{where}: the tensors to rebuild {some_names(unknown)} are not "
                          f"tensors of {base_name} with the saved MPO modules")
-    left = {expected[k][1] for k in rebuilt or ()}
+    left: dict[Any, list[str]] = {}
+    for key in rebuilt or ():
+        left.setdefault(expected[key][1], []).append(key)
+    for names in left.values():
+        if len({rebuilt[k] for k in names}) > 1:
+            raise _tied_error(base_name, f"{where} leaves {some_names(sorted(names), 3)} to "
+                              "the base model with different SHA-256")
     unexpected = sorted(set(header) - set(expected))
     missing = sorted(k for k, (_, group) in expected.items()
                      if group not in saved_as and group not in left)
@@ -197,6 +218,10 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
     rest: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
+            for group, names in in_file.items():
+                _check_one_value(f, names, [stored[k] for k in names],
+                                 {k: rebuilt[k] for k in left.get(group, ())},
+                                 weights, base_name)
             for name, entry in entries.items():
                 if rebuilt is not None:
                     for local in io.module_tensor_shapes(entry):
@@ -231,6 +256,64 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                      base_name=base_name, where=where, references=None,
                      heads=task_heads(base_model),
                      name_or_path=light.get("base_model_name_or_path") if light else None)
+
+
+def _aliases(weights: Path, prefix: str) -> dict[str, str]:
+    """Name -> kept name of the tensors ``safetensors.torch.save_model`` dropped because
+    they shared memory with a kept one (it records them in the file's metadata); names
+    without ``prefix``."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError):
+        return {}  # read_header has read the file: nothing to say here
+
+    def own(key: str) -> str:
+        return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+    return {own(k): own(v) for k, v in metadata.items()
+            if isinstance(k, str) and isinstance(v, str)}
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (NaNs included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                       b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _check_one_value(f: Any, names: list[str], keys: list[str], left: dict[str, str],
+                     weights: Path, base_name: str) -> None:
+    """``names`` (in the file under ``keys``) and ``left`` (name -> SHA-256 the checkpoint
+    leaves to the base model) are one tensor of the base model: refuse different values,
+    which loading would silently reduce to the first."""
+    if len(set(keys)) < 2 and not left:
+        return
+    first = f.get_tensor(keys[0])
+    for name, key in zip(names[1:], keys[1:]):
+        if key != keys[0] and not _bits_equal(first, f.get_tensor(key)):
+            raise _tied_error(base_name, f"{weights} holds {names[0]!r} and {name!r} with "
+                              "different values")
+    if left:
+        digest = io.tensor_sha256(first)
+        other = sorted(k for k, want in left.items() if want != digest)
+        if other:
+            raise _tied_error(base_name, f"{weights} holds {names[0]!r} with other values "
+                              f"than the SHA-256 it records for {some_names(other, 3)}, which "
+                              "it leaves to the base model")
+
+
+def _tied_error(base_name: str, what: str) -> ValueError:
+    """``what`` (names the checkpoint holds with different values) is refused because
+    ``base_model`` ties those names together."""
+    return ValueError(
+        f"{what}, but {base_name} ties them together (one shared tensor, e.g. "
+        "tie_word_embeddings=True): loading would keep one value and silently drop the "
+        "others. The checkpoint was saved from a model that "
+        "holds them separately (e.g. tie_word_embeddings=False, or untied while training); "
+        "load it onto a base model that does not tie them (e.g. built with "
+        "tie_word_embeddings=False)")
 
 
 def _rebuild(plan: LoadPlan) -> None:
