@@ -286,3 +286,271 @@ def test_an_export_that_fails_leaves_an_existing_graph_as_it_was(tok, tmp_path, 
         export_onnx(tiny_bert(), tok, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ------------------------------------------------------------------ folders of other models
+def _mpo_bert():
+    return get_mpo_model(tiny_bert(), MPOConfig(target_modules=["query"], n_sites=2,
+                                                max_bond=4), progress=False)
+
+
+def _listing(folder):
+    return {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_save_self_contained_refuses_a_folder_holding_another_model_s_weights(tok, tmp_path):
+    """Saved into a transformers model's folder (or an earlier ``export_hf``), the old
+    ``model.safetensors`` stayed: ``AutoModel.from_pretrained(folder)`` silently loaded
+    the old dense weights. Now refused before anything is written, naming both."""
+    folder = tmp_path / "dense"
+    tiny_bert().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    before = _listing(folder)
+    with pytest.raises(ValueError, match=rf"save_self_contained: {folder} holds another "
+                                         r"model's weights \(model\.safetensors\), which "
+                                         r"AutoModel\.from_pretrained would load"):
+        save_self_contained(_mpo_bert(), tok, folder)
+    assert _listing(folder) == before
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "pytorch_model-00001-of-00002.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"pytorch_model-00001-of-00002\.bin"):
+        save_self_contained(_mpo_bert(), tok, sharded)
+    assert sorted(p.name for p in sharded.iterdir()) == ["pytorch_model-00001-of-00002.bin"]
+    # a folder of an earlier save is replaced as before
+    d = save_self_contained(_mpo_bert(), tok, tmp_path / "st")
+    assert save_self_contained(_mpo_bert(), tok, d) == d and not (d / "model.safetensors").exists()
+
+
+def test_export_hf_refuses_a_tnlm_checkpoint_folder_and_counts_its_own_weights(tok, tmp_path):
+    """``export_hf`` into a ``save_self_contained`` folder left two models in one folder
+    and reported the MPO weights' file in its size; a user's ``*.safetensors`` beside it
+    was counted too."""
+    from tnlm.export import export_hf
+
+    folder = save_self_contained(_mpo_bert(), tok, tmp_path / "mpo")
+    before = _listing(folder)
+    with pytest.raises(ValueError, match=rf"export_hf: {folder} holds a tnlm checkpoint "
+                                         r"\(mpo_config\.json, mpo_model-[0-9a-f]{12}"
+                                         r"\.safetensors\).*two models in one folder"):
+        export_hf(tiny_bert(), folder, tok, quiet=True)
+    assert _listing(folder) == before
+    killed = tmp_path / "killed"  # a save killed before its config: its weights alone
+    killed.mkdir()
+    (killed / "mpo_model-0123456789ab.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds a tnlm checkpoint \(mpo_model-0123456789ab"):
+        export_hf(tiny_bert(), killed, tok, quiet=True)
+    assert [p.name for p in killed.iterdir()] == ["mpo_model-0123456789ab.safetensors"]
+    # its own weights only, not a user's file beside them
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.safetensors").write_bytes(b"x" * 1000)
+    res = export_hf(_mpo_bert(), out, tok, quiet=True)
+    assert res["bytes"] == (out / "model.safetensors").stat().st_size
+
+
+# ------------------------------------------------------------------ the factorized embedding
+def test_factorized_embedding_refuses_ids_outside_the_vocabulary(tok, tmp_path):
+    """Ids 100, 64 and -1 (vocabulary 64) gave rows 36, 0 and 63, in torch and in the
+    exported graph, where ``MPOEmbedding`` raises ``IndexError`` and the dense graph's
+    ``Gather`` fails. Now ``IndexError`` in torch; the graph's ``Gather`` fails."""
+    import onnxruntime as ort
+
+    from tnlm.bridge import MPOEmbedding
+    from tnlm.export import FactorizedEmbedding, export_onnx
+
+    torch.manual_seed(0)
+    for vocab in (64, 31):  # exact (8 x 8), and padded to 32
+        emb = torch.nn.Embedding(vocab, 8)
+        f = FactorizedEmbedding(MPOEmbedding.from_embedding(emb, n_sites=2))
+        for bad in (100, vocab, -1):
+            with pytest.raises(IndexError, match=rf"token ids must be in \[0, {vocab}\), got "
+                                                 rf"range \[{min(bad, 0)}, {max(bad, 2)}\]"):
+                f(torch.tensor([[0, bad], [2, 1]]))
+        ids = torch.arange(vocab)
+        torch.testing.assert_close(f(ids), emb.weight.detach(), atol=1e-5, rtol=1e-5)
+        assert f(torch.zeros(0, dtype=torch.long)).shape == (0, 8)
+    model = get_mpo_model(tiny_bert(), MPOConfig(target_modules=["word_embeddings"],
+                                                 n_sites=2), progress=False)
+    path = export_onnx(model, tok, tmp_path / "m.onnx").path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+
+    def run(ids):
+        feed = dict(input_ids=np.array([ids]), attention_mask=np.ones((1, 3), np.int64),
+                    token_type_ids=np.zeros((1, 3), np.int64))
+        return session.run(None, {k: v for k, v in feed.items() if k in names})[0]
+
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([[2, 5, 3]])).last_hidden_state.numpy()
+    np.testing.assert_allclose(run([2, 5, 3]), want, atol=1e-4)
+    for bad in (100, 64, -1):
+        with pytest.raises(Exception, match="invalid index found"):  # ORT's GatherND
+            run([2, bad, 3])
+
+
+# ------------------------------------------------------------------ external data files
+def _shared_data_pair(folder):
+    """``a.onnx`` and ``b.onnx``: one MatMul each, both naming ``weights.data``."""
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                                "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 20)])
+    onnx.save(model, str(folder / "a.onnx"), save_as_external_data=True,
+              location="weights.data", size_threshold=0)
+    onnx.save(onnx.load(str(folder / "a.onnx"), load_external_data=False),
+              str(folder / "b.onnx"))
+
+
+def test_rewriting_a_graph_keeps_a_data_file_another_graph_names(tmp_path):
+    """Two graphs sharing one data file: writing over ``a.onnx`` removed ``weights.data``,
+    which ``a.onnx`` had named, although ``b.onnx`` still needed it."""
+    import onnxruntime as ort
+
+    from tnlm.export import quantize_weights
+
+    _shared_data_pair(tmp_path)
+    x = np.ones((1, 64), np.float32)
+    src = tmp_path / "src" / "chain.onnx"
+    src.parent.mkdir()
+    _low_rank_chain(src)
+    quantize_weights(src, tmp_path / "a.onnx")
+    assert (tmp_path / "weights.data").is_file()
+    b = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(b.run(None, {"x": x})[0], np.full((1, 64), 64, np.float32))
+    # a data file that only the former file named still goes
+    (tmp_path / "b.onnx").unlink()
+    quantize_weights(src, tmp_path / "a.onnx")  # a.onnx names none now
+    _shared_data_pair(tmp_path)
+    (tmp_path / "b.onnx").unlink()
+    quantize_weights(src, tmp_path / "a.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "src"]
+
+
+def test_an_external_data_export_that_fails_leaves_the_earlier_export(tok, tmp_path,
+                                                                       monkeypatch):
+    """A graph with external data was written in place: a re-export that failed while
+    writing (a full disk) destroyed the earlier good export. It is now staged beside it
+    and moved with ``replace_onnx``, as the command line does."""
+    from tnlm.export import OnnxEncoder, export_onnx
+
+    monkeypatch.setattr("tnlm.export.onnx_graph._EXTERNAL_BYTES", 0)
+    path = tmp_path / "m.onnx"
+    export_onnx(_mpo_bert(), tok, path, pooling="mean")
+    before = _listing(tmp_path)
+    assert len(before) == 2  # the graph and its data
+    sentences = ["the cat is here.", "of and the"]
+    want = OnnxEncoder(path, tok).encode(sentences)
+    real = torch.onnx.export
+
+    def broken(graph, args, f, **kwargs):
+        for name in (f, f"{f}.data"):
+            with open(name, "wb") as fh:
+                fh.write(b"half a graph")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(OSError, match="File too large"):
+        export_onnx(tiny_bert(), tok, path, pooling="mean")
+    assert _listing(tmp_path) == before
+    np.testing.assert_array_equal(OnnxEncoder(path, tok).encode(sentences), want)
+    # a re-export that works replaces it: one graph, one data file it names
+    monkeypatch.setattr(torch.onnx, "export", real)
+    res = export_onnx(tiny_bert(), tok, path, pooling="mean")
+    from tnlm.export.onnx_graph import external_files
+
+    data = external_files(path)
+    assert len(data) == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.onnx", data[0].name])
+    assert res.bytes == path.stat().st_size + data[0].stat().st_size
+
+
+def test_quantize_weights_reports_the_size_of_the_data_file_it_names(tmp_path, monkeypatch):
+    """Past the protobuf limit the size was read from ``<dst>.data``; a second run to the
+    same name (whose data ``replace_onnx`` wrote under a fresh name) raised
+    ``FileNotFoundError`` after its work, and a user's ``<dst>.data`` was counted."""
+    from tnlm.export import quantize_weights
+    from tnlm.export.onnx_graph import external_files
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src, factors=(rng.standard_normal((64, 64)),
+                                  rng.standard_normal((64, 64))))
+    monkeypatch.setattr("tnlm.export.weight_only._PROTOBUF_LIMIT", 0)
+    out = tmp_path / "out" / "w8.onnx"
+
+    def stored(path):
+        return path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
+
+    for _ in range(2):
+        size = quantize_weights(src, out, block_size=16)
+        assert len(external_files(out)) == 1 and size == stored(out)
+        assert len(list(out.parent.iterdir())) == 2  # the earlier data file removed
+    mine = tmp_path / "mine" / "w8.onnx.data"
+    mine.parent.mkdir()
+    mine.write_bytes(b"x" * 10_000)
+    size = quantize_weights(src, mine.parent / "w8.onnx", block_size=16)
+    assert size == stored(mine.parent / "w8.onnx") and mine.read_bytes() == b"x" * 10_000
+    assert mine not in external_files(mine.parent / "w8.onnx")
+
+
+def _embedding_graph(path):
+    """``input_ids`` -> Gather of a (16, 8) table -> MatMul by an (8, 8) weight."""
+    rng = np.random.default_rng(0)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "E"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")]
+    graph = helper.make_graph(nodes, "g", [ids], [out], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return path
+
+
+def test_quantize_weights_checks_the_embedding_block_before_quantizing(tmp_path,
+                                                                        monkeypatch):
+    """``embedding_block`` wider than the table was refused only after ONNX Runtime's
+    quantizer had processed every MatMul (the long step)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    from tnlm.export import quantize_weights
+
+    src = _embedding_graph(tmp_path / "emb.onnx")
+    calls = []
+    real = mq.MatMulNBitsQuantizer.process
+
+    def spy(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(mq.MatMulNBitsQuantizer, "process", spy)
+    with pytest.raises(ValueError, match=r"embedding_bits=4: block_size 1024 is wider than "
+                                         r"the table \(8 columns\); give at most 8"):
+        quantize_weights(src, tmp_path / "w4.onnx", bits=4, embedding_bits=4,
+                         embedding_block=1024)
+    assert calls == [] and not (tmp_path / "w4.onnx").exists()
+    # a block that fits, as before
+    assert quantize_weights(src, tmp_path / "w4.onnx", bits=4, block_size=16,
+                            embedding_bits=4, embedding_block=8) > 0
+    assert calls == [1]
+
+
+# ------------------------------------------------------------------ empty inputs
+def test_empty_sample_is_refused_and_encoding_no_sentences_gives_no_rows(tok, tmp_path,
+                                                                         monkeypatch):
+    """``export_onnx(sample=[])`` failed with a bare ``IndexError``; ``encode([])`` with
+    "need at least one array to concatenate"."""
+    from tnlm.export import OnnxEncoder, onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "export_copy", _no_export)
+    with pytest.raises(ValueError, match=r"^export_onnx: sample must hold at least one "
+                                         r"sentence"):
+        onnx_graph.export_onnx(tiny_bert(), tok, tmp_path / "m.onnx", sample=[])
+    assert not (tmp_path / "m.onnx").exists()
+    enc = OnnxEncoder(_pooled_graph(tmp_path / "pooled.onnx"), tok)
+    got = enc.encode([])
+    assert got.shape == (0, 1) and got.dtype == np.float32
+    assert enc.encode(()).shape == (0, 1)

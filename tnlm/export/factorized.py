@@ -171,6 +171,15 @@ class FactorizedEmbedding(nn.Module):
     cores: each id's mixed-radix digits select one slice per core (``Gather``), and the
     slices are multiplied along the chain (batched ``MatMul``); the table is never built.
 
+    An id outside ``[0, num_embeddings)`` raises ``IndexError`` naming the range, as
+    :class:`~tnlm.bridge.MPOEmbedding` does (its digits would otherwise select some other
+    row, or a zero row of a padded vocabulary). In a traced graph (``torch.export``, the
+    ONNX exporter) the check cannot raise; there such an id selects the first core's slice
+    one past its last, so that the exported graph's lookup (ONNX ``GatherND``) fails in
+    ONNX Runtime ("invalid index found") as the dense table's ``Gather`` does for an id
+    past the vocabulary (a negative id fails too, where the dense ``Gather`` counts it
+    from the end).
+
     Args:
         layer: an :class:`~tnlm.bridge.MPOEmbedding` (read, not modified).
     """
@@ -190,12 +199,26 @@ class FactorizedEmbedding(nn.Module):
         self.strides = tuple(strides)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(*ids.shape, embedding_dim)`` rows of the table."""
+        """``(*ids.shape, embedding_dim)`` rows of the table.
+
+        Raises:
+            IndexError: an id outside ``[0, num_embeddings)`` (eager mode; class docstring).
+        """
         flat = ids.reshape(-1)
+        n = self.num_embeddings
+        if not torch.compiler.is_compiling() and flat.numel():
+            low, high = int(flat.min()), int(flat.max())
+            if low < 0 or high >= n:
+                raise IndexError(f"token ids must be in [0, {n}), got range [{low}, {high}]")
+        # traced: an id out of range selects slice in_shape[0] of the first core, out of
+        # bounds, so that the graph's Gather fails instead of returning another row
+        valid = (flat >= 0) & (flat < n)
         out = None
         for k, sl in enumerate(self.slices):
             digit = torch.remainder(torch.div(flat, self.strides[k], rounding_mode="floor"),
                                     self.in_shape[k])
+            if k == 0:
+                digit = torch.where(valid, digit, self.in_shape[0])
             g = sl[digit]  # (N, d, j_k * e)
             e = sl.shape[2] // self.out_shape[k]
             if out is None:

@@ -13,12 +13,15 @@ Layout written by :func:`save_self_contained`::
 
 There is no ``model.safetensors``: ``AutoModel.from_pretrained(folder)`` fails instead of
 silently loading random weights; :func:`tnlm.export.export_hf` writes a dense folder that
-needs no tnlm.
+needs no tnlm. A folder that holds another model's weights (:data:`DENSE_WEIGHTS`, e.g.
+a transformers model folder or an earlier :func:`~tnlm.export.export_hf`) is refused:
+``AutoModel.from_pretrained`` would silently load those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -32,7 +35,16 @@ from tnlm.integration.io import CONFIG_NAME, read_meta
 from tnlm.integration.loading import check_block_weights
 
 __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE",
-           "check_checkpoint", "lightweight_base", "recorded_class_generates", "has_tokenizer"]
+           "check_checkpoint", "lightweight_base", "recorded_class_generates", "has_tokenizer",
+           "DENSE_WEIGHTS", "dense_weights"]
+
+#: the file names of a transformers model's weights (``save_pretrained`` of PyTorch,
+#: TensorFlow or Flax, single or sharded), which ``AutoModel.from_pretrained`` loads
+DENSE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
+                 "model-?????-of-?????.safetensors", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "pytorch_model-?????-of-?????.bin",
+                 "tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack",
+                 "flax_model.msgpack.index.json")
 
 #: the sentence-transformers module type of the compressed transformer (modules.json)
 ST_MODULE = "tnlm.export.sentence.MPOTransformer"
@@ -78,6 +90,16 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
     d = Path(folder)
     return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                            "vocab.txt"))
+
+
+def dense_weights(folder: str | os.PathLike) -> list[str]:
+    """The names of the files in ``folder`` that are a transformers model's weights
+    (:data:`DENSE_WEIGHTS`); none for a folder that does not exist."""
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if any(fnmatch.fnmatchcase(p.name, pat) for pat in DENSE_WEIGHTS))
 
 
 def recorded_class_generates(meta: dict[str, Any]) -> bool:
@@ -135,7 +157,8 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
     Args:
         model: the compressed :class:`~tnlm.integration.MPOModel`.
         tokenizer: its tokenizer (saved beside it), or ``None``.
-        folder: the folder (created; files of an earlier export are replaced).
+        folder: the folder (created; files of an earlier save are replaced). It must not
+            hold another model's weights (:data:`DENSE_WEIGHTS`).
         sentence_transformers: also write the sentence-transformers files (mean pooling
             and normalisation of the last hidden states, as
             :func:`tnlm.integration.mean_pooled`), so that
@@ -167,7 +190,10 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         ValueError: ``sentence_transformers=True`` for a causal LM, without a tokenizer
             or with ``keep_sentence_files``; ``max_seq_length`` not an int between 1 and
             the model's positions (where sentence-transformers files are written), or
-            given where none are written.
+            given where none are written; ``folder`` holds another model's weights
+            (``model.safetensors``, ``pytorch_model.bin``, ...: :data:`DENSE_WEIGHTS`),
+            which ``AutoModel.from_pretrained(folder)`` would load instead of this model:
+            refused before anything is written, naming the folder and the files.
     """
     if not isinstance(model, MPOModel):
         raise TypeError(f"model must be an MPOModel (from get_mpo_model, compress_model or "
@@ -211,6 +237,12 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
                          f"({why}): leave it out"
                          + ("" if fix is None else f", or pass sentence_transformers=True{fix}"))
     d = Path(folder)
+    stale = dense_weights(d)
+    if stale:
+        shown = ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else "")
+        raise ValueError(f"save_self_contained: {d} holds another model's weights ({shown}), "
+                         "which AutoModel.from_pretrained would load instead of the "
+                         "compressed model; save into a new or empty folder, or remove them")
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from
     base = model.base_model

@@ -41,7 +41,7 @@ __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_o
            "GAUGE_FIXED_KEY", "gauge_fixed_chains",
            "SUPPORTED_INPUTS", "strip_node_metadata", "as_float32", "export_copy",
            "write_graph", "SLOW_FUSIONS", "FUSE", "ort_session", "check_export_args",
-           "MIN_OPSET"]
+           "MIN_OPSET", "referenced_data"]
 
 #: the exporter used: ``torch.onnx.export(..., dynamo=True)``
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -213,7 +213,8 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         pooling: ``None`` (outputs: ``last_hidden_state``, or ``logits`` for a model with
             a language-model head) or ``"mean"`` (also ``sentence_embedding``, the
             normalised masked mean, as :func:`tnlm.integration.mean_pooled`).
-        sample: two example sentences to trace on (any will do: the axes are dynamic).
+        sample: example sentences to trace on, at least one (default: two; any will do:
+            the axes are dynamic).
         verbose: show the exporter's progress lines.
         trace_metadata: keep the exporter's per-node metadata (the Python stack trace,
             module names and FX node of each ONNX node, with the local file paths of
@@ -233,7 +234,8 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         ValueError: an unknown ``pooling``, ``pooling`` of a language-model head's
             logits, a model with another task head (a classifier: export its
             ``base_model``), or a model without ``input_ids`` / ``attention_mask`` inputs;
-            ``opset`` out of range or ``path`` a folder (:func:`check_export_args`).
+            ``opset`` out of range or ``path`` a folder (:func:`check_export_args`);
+            ``sample`` empty.
         TypeError: ``opset`` not an int, ``verbose``, ``trace_metadata`` or ``fuse`` not
             a bool.
         ImportError: ``onnx`` or ``onnxscript`` is missing (``pip install tnlm[export]``).
@@ -242,11 +244,16 @@ def export_onnx(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, op
         raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
     path = check_export_args("export_onnx", path, opset, verbose=verbose,
                              trace_metadata=trace_metadata, fuse=fuse)
+    if sample is not None:
+        sample = list(sample)
+        if not sample:
+            raise ValueError("export_onnx: sample must hold at least one sentence to trace "
+                             "the graph on, got none (or leave it out: two are made up)")
     plain, n_mpo = export_copy(model, "export_onnx")
     inputs = _model_inputs(plain)
     output = _output_name(plain, pooling)
     graph = _Graph(plain, inputs, output, pooling).eval()
-    sample = list(sample) if sample is not None else [
+    sample = sample if sample is not None else [
         "a short example sentence to trace the graph", "and a second, longer one, so that "
         "the batch needs padding"]
     if tokenizer.pad_token is None and getattr(tokenizer, "eos_token", None) is not None:
@@ -283,20 +290,17 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
     MatMuls that share their input fused, :func:`~tnlm.export.fuse.fuse_shared_matmuls`).
     Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``.
 
-    A graph with its weights inside is written to a temporary file beside ``path`` and
-    renamed over it: an export that fails leaves an existing ``path`` as it was. One with
-    external data is written in place (the data file is named after the graph's)."""
+    The graph (and its external data file, if any) is written in a temporary folder
+    beside ``path`` and moved onto it with :func:`replace_onnx`: an export that fails
+    leaves an existing ``path`` and the data it names as they were. The data file is named
+    after the graph's (``<name>.data``), or ``<name>.<8 hex digits>.data`` where that name
+    is taken in ``path``'s folder (the former export's, until the final rename); the
+    former export's data file that no file names any more is then removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    before = named_data(path)
     external = factorized_params(model) * 4 > _EXTERNAL_BYTES
-    if external:
-        target = path
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-        os.close(fd)
-        target = Path(name)
     quiet = contextlib.nullcontext() if verbose else _quiet()
-    try:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        target = Path(tmp) / path.name
         with quiet, torch.no_grad():
             torch.onnx.export(graph, args, str(target), dynamo=True, opset_version=opset,
                               input_names=inputs, output_names=outputs,
@@ -308,12 +312,9 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
                           f"{_EXTERNAL_BYTES / 1e9:.1f} GB), which fuse_shared_matmuls does "
                           "not rewrite: written unfused", stacklevel=3)
         fused = fuse_shared_matmuls(target) if fuse and not external else 0
-        if target != path:
-            os.replace(target, path)
-    finally:
-        if target != path:
-            target.unlink(missing_ok=True)
-    remove_orphaned_data(path, before)  # an earlier export's data, named by no file now
+        # the data files first, then the graph; an earlier export's data named by no file
+        # now is removed
+        replace_onnx(target, path)
     return path.stat().st_size + sum(f.stat().st_size for f in external_files(path)), fused
 
 
@@ -443,17 +444,20 @@ def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = (
     """After ``path`` was overwritten: remove the data files in ``before`` (what the former
     file named, :func:`named_data`) that the new file does not name. Only a plain file
     name in ``path``'s own folder is removed (a location with a folder in it, ``..`` or an
-    absolute one is left alone), never one that is the same file as the new file's data
-    or as one in ``keep`` (a source's own files); ``before`` of a symbolic link is empty
-    (the former file it pointed to is still there). A removal that fails warns: the new
-    file is complete. Returns the files removed."""
+    absolute one is left alone), never one that is the same file as the new file's data,
+    as one in ``keep`` (a source's own files) or as one that another ``.onnx`` file in
+    that folder names (:func:`referenced_data`: two graphs sharing a data file); ``before``
+    of a symbolic link is empty (the former file it pointed to is still there). A removal
+    that fails warns: the new file is complete. Returns the files removed."""
     folder = path.parent.resolve()
     now = external_files(path)
     protect = [Path(k) for k in keep] + now
+    candidates = [f for f in sorted(before - set(now))
+                  if f.parent.resolve() == folder and f.is_file() and not f.is_symlink()]
+    if candidates:  # parsing the folder's other graphs only when something would go
+        protect += referenced_data(path.parent, skip=path)
     removed = []
-    for f in sorted(before - set(now)):
-        if f.parent.resolve() != folder or not f.is_file() or f.is_symlink():
-            continue
+    for f in candidates:
         if any(p.exists() and os.path.samefile(f, p) for p in protect):
             continue
         try:
@@ -464,6 +468,22 @@ def remove_orphaned_data(path: Path, before: set[Path], keep: Sequence[Path] = (
             continue
         removed.append(f)
     return removed
+
+
+def referenced_data(folder: Path, skip: Path | None = None) -> list[Path]:
+    """The external data files that the ``.onnx`` files in ``folder`` (not ``skip``, nor
+    hidden staging files) name; a file that is not ONNX names none. Symbolic links are
+    read too: a graph reached through one still needs its data."""
+    names: set[Path] = set()
+    for f in folder.glob("*.onnx"):
+        if f.name.startswith(".") or (skip is not None and f.name == skip.name) \
+                or not f.is_file():
+            continue
+        try:
+            names.update(external_files(f))
+        except Exception:  # not ONNX: its bytes name no data file  # noqa: BLE001
+            continue
+    return sorted(names)
 
 
 def replace_onnx(staged: Path, dst: Path, keep: Sequence[Path] = ()) -> None:
@@ -636,7 +656,9 @@ class OnnxEncoder:
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Normalised mean-pooled sentence embeddings ``(len(sentences), hidden)``: the
         graph's ``sentence_embedding`` when it has one, else pooled here from the first
-        output.
+        output. No sentences give an empty float32 array ``(0, hidden)``
+        (sentence-transformers' ``encode([])`` gives an empty array too, of shape
+        ``(0,)``).
 
         Raises:
             TypeError: ``sentences`` is one string (each of its characters would be a
@@ -648,6 +670,8 @@ class OnnxEncoder:
                             f"({sentences[:40]!r}); each of its characters would be "
                             "encoded as a sentence: pass [text]")
         batch_size = check_positive_int(batch_size, "batch_size")
+        if len(sentences) == 0:
+            return np.zeros((0, self._width()), np.float32)
         out = []
         for i in range(0, len(sentences), batch_size):
             batch = self.tokenizer(list(sentences[i:i + batch_size]), padding=True,
@@ -666,3 +690,14 @@ class OnnxEncoder:
             out.append(pooled / np.clip(np.linalg.norm(pooled, axis=-1, keepdims=True),
                                         1e-12, None))
         return np.concatenate(out, axis=0)
+
+    def _width(self) -> int:
+        """The width of :meth:`encode`'s embeddings: the last axis of the graph's
+        ``sentence_embedding`` (else first) output where the file fixes it, else measured
+        on one empty sentence."""
+        outputs = self.session.get_outputs()
+        out = next((o for o in outputs if o.name == "sentence_embedding"), outputs[0])
+        width = out.shape[-1] if out.shape else None
+        if isinstance(width, int):
+            return width
+        return int(self.encode([""]).shape[-1])

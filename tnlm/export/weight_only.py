@@ -69,8 +69,10 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
                      compute: int | None = None) -> int:
     """Write ``dst``: the ONNX file ``src`` with every constant ``MatMul`` weight (a
     tied language-model head included) stored in ``bits`` bits (``MatMulNBits``);
-    returns the size of ``dst`` in bytes (with its external data file, if it needs one:
-    ``dst`` + ``".data"``). Written in a temporary folder beside ``dst``, then renamed.
+    returns the size of ``dst`` in bytes (with the external data file it names, if it
+    needs one: ``dst`` + ``".data"``, or ``<dst>.<8 hex digits>.data`` where that name was
+    taken, :func:`~tnlm.export.onnx_graph.replace_onnx`). Written in a temporary folder
+    beside ``dst``, then renamed.
 
     Args:
         src: an ONNX file (:func:`~tnlm.export.export_onnx`,
@@ -87,7 +89,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
             4-bit codes with a float16 scale and offset per row and block of
             ``embedding_block`` columns (:func:`tnlm.export.table4.gather_4bit`).
         embedding_block: columns per scale with ``embedding_bits=4`` (even, at most the
-            table's width; default: 64, or the width where that is fewer).
+            table's width, checked before any quantization; default: 64, or the width
+            where that is fewer).
         compute: ``MatMulNBits``' accuracy level, :data:`COMPUTE_FLOAT` or
             :data:`COMPUTE_INT8` (module docstring); None (default): int8 for 8 bits,
             float for 4 bits (the fast kernels on x86). Recorded in the file's metadata
@@ -98,7 +101,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         FileNotFoundError: ``src`` does not exist.
         ValueError: ``bits`` not in :data:`WEIGHT_BITS`, ``block_size`` not in
             :data:`WEIGHT_BLOCKS`, ``compute`` not None or one of the two ints, a bad
-            ``embedding_block`` or one without ``embedding_bits=4``, ``dst`` a folder, a
+            ``embedding_block`` (also one wider than the table) or one without
+            ``embedding_bits=4``, ``dst`` a folder, a
             graph already quantized
             or with no ``MatMul`` of a constant weight, or ``embedding_bits=4`` on a graph
             without a float word-embedding ``Gather`` at ``input_ids`` or whose table
@@ -151,6 +155,7 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         from tnlm.export.table4 import required_embedding_gathers
 
         tables = required_embedding_gathers(model, src)  # names unnamed nodes
+        _check_table_blocks(model, tables, embedding_block)  # before the long quantization
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                              bits=bits, accuracy_level=compute,
                                              op_types_to_quantize=("MatMul",))
@@ -179,14 +184,35 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         out.metadata_props.add(key=key, value=value)
     external = _weight_bytes(out) > _PROTOBUF_LIMIT
     dst.parent.mkdir(parents=True, exist_ok=True)
-    data = dst.parent / f"{dst.name}.data"
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
         staged = Path(tmp) / dst.name
         onnx.save(out, str(staged), save_as_external_data=external,
-                  location=data.name if external else None)
+                  location=f"{dst.name}.data" if external else None)
         # an earlier export's data file that nothing names any more goes (not the source's)
         replace_onnx(staged, dst, keep=[src, *source_data])
-    return dst.stat().st_size + (data.stat().st_size if external else 0)
+    # the data file replace_onnx named (another where <dst>.data was taken)
+    return dst.stat().st_size + sum(f.stat().st_size for f in external_files(dst))
+
+
+def _check_table_blocks(model: Any, tables: list[str], block: int | None) -> None:
+    """``ValueError`` (prefixed ``embedding_bits=4:``) when ``block`` is wider than one of
+    the word-embedding tables the ``Gather`` nodes ``tables`` of ``model`` (an
+    ``onnx.ModelProto``) read, as :func:`~tnlm.export.table4.gather_4bit` would raise after
+    the quantization: checked before it."""
+    if block is None:
+        return
+    from tnlm.export.table4 import table_block
+
+    gathers = {n.name: n for n in model.graph.node if n.name in tables}
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in tables:
+        init = inits.get(gathers[name].input[0]) if name in gathers else None
+        if init is None or len(init.dims) != 2:
+            continue  # gather_4bit names what is wrong with it
+        try:
+            table_block(int(init.dims[1]), block)
+        except ValueError as err:
+            raise ValueError(f"embedding_bits=4: {err}") from None
 
 
 def untie_transposed_weights(model: Any) -> int:
