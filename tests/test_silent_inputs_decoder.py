@@ -10,6 +10,7 @@ import torch
 
 from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
     QUESTIONS,
+    TEXT,
     make_causal_lm,
     make_word_tokenizer,
     one_thread,
@@ -20,6 +21,7 @@ from tnlm.compress.data_aware import WhitenedLayer, output_error, whitening_fact
 from tnlm.compress.decoder import job
 from tnlm.compress.decoder.heal import CausalHealConfig
 from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
+from tnlm.compress.decoder.kl import next_token_kl
 from tnlm.compress.decoder.quality import (
     answer_agreement,
     answer_token_agreement,
@@ -354,3 +356,65 @@ def test_recipe_starts_with_text_given_is_refused():
                                          "text given nothing is sampled"):
         compress_causal_lm(m, tok, CausalLMRecipe(starts=["the cat"]),
                            text=["the cat sat on the mat"] * 8, progress=False)
+
+
+def _peaked_llama():
+    """A tiny Llama whose head is scaled 20x: peaked next-token distributions, as a real
+    LM's, so that a too-large learning rate makes healing blow up within its warm-up."""
+    m = make_causal_lm("llama")
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def test_causal_healing_stops_a_blow_up_within_the_warm_up():
+    """The blow-up test compared with the mean of the warm-up steps and ran only after
+    them: a KL climbing from 0.004 to 1.04 within the 10 warm-up steps raised its own
+    reference and was never stopped (healed 17x worse than not healing, exit 0). It now
+    compares with the first loss from the first step, and restores the best state."""
+    tok = make_word_tokenizer()
+    text = TEXT.split(" . ") * 8
+    seqs = token_sequences(tok, text, 16)
+    dense = _peaked_llama()
+    with torch.no_grad():
+        t_logits = dense(input_ids=seqs).logits
+
+    def kl(m):
+        with torch.no_grad():
+            return float(next_token_kl(m(input_ids=seqs).logits, t_logits))
+
+    def run(lr, steps):
+        m = _peaked_llama()
+        recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=8, fit_steps=2,
+                                heal=CausalHealConfig(steps=steps, lr=lr, optimizer="adafactor",
+                                                      chunk=32))
+        return m, compress_causal_lm(m, tok, recipe, text=text, progress=False).heal
+
+    unhealed, _ = run(2e-2, 0)
+    m, res = run(2e-2, 30)
+    assert res.stopped is not None and "restored" in res.stopped
+    assert len(res.losses) < 10  # within the warm-up
+    assert kl(m) <= kl(unhealed) * 1.05  # the best state: no worse than not healing
+    _, fine = run(2e-4, 30)  # a learning rate that heals is not stopped
+    assert fine.stopped is None and len(fine.losses) == 30
+
+
+def test_block_term_on_a_model_that_scales_its_logits_is_refused_before_any_work():
+    """hidden_weight with a model whose logits are not head(hidden) (Cohere's
+    logit_scale, Gemma-2's soft cap) failed at healing's first step, after the text was
+    sampled and every block compressed, leaving the model compressed. Refused first."""
+    from tests.test_architectures_causal import tiny
+    from tnlm.bridge import MPOLinear
+
+    tok = make_word_tokenizer()
+    m = tiny("cohere")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    logged = []
+    recipe = CausalLMRecipe(budget=0.5, seq_len=16, n_calibration=8, fit_steps=2, n_texts=8,
+                            gen_tokens=16, gen_batch=4,
+                            heal=CausalHealConfig(steps=5, chunk=32, hidden_weight=1.0))
+    with pytest.raises(ValueError, match="hidden_weight needs a model whose logits"):
+        compress_causal_lm(m, tok, recipe, progress=False, log=logged.append)
+    assert logged == []  # nothing sampled
+    assert not any(isinstance(x, MPOLinear) for x in m.modules())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

@@ -12,8 +12,9 @@ taken in the blocks: never the embeddings, the final norm or the LM head): ``"co
 every MPO core and bias and the norms; ``"cores+linears"`` (the default) adds the dense
 linears of the blocks. ``"all"``, this set's former name, is refused with a message
 naming the new one (``"all"`` trains every parameter in ``MPOConfig``). A loss that becomes
-non-finite or exceeds ``blowup`` x its starting value (mean of the first ``warmup``
-steps) stops the run and restores the parameters of the step with the lowest running
+non-finite or whose running mean exceeds ``blowup`` x its start (the first step's loss,
+after ``warmup`` steps the lower of that and the warm-up steps' mean; at least
+:data:`BLOWUP_FLOOR`) stops the run and restores the parameters of the step with the lowest running
 loss when a snapshot was last taken (:class:`tnlm.compress.snapshot.ParameterSnapshot`,
 on disk by default): a snapshot is taken at a new lowest running loss that comes at least
 ``snapshot_every`` steps after the previous snapshot. The result says so (``stopped``,
@@ -52,11 +53,16 @@ from tnlm.integration.architectures import blocks_of
 from tnlm.integration.surgery import checkpointed, temporary
 
 __all__ = ["CausalHealConfig", "CausalHealResult", "heal_causal", "healing_optimizer",
-           "OPTIMIZERS"]
+           "OPTIMIZERS", "BLOWUP_FLOOR"]
 
 
 #: what causal healing may train: names of :data:`tnlm.bridge.finetune.TRAIN_SETS`
 TRAIN = ("cores", "cores+linears")
+
+#: the least start the blow-up test compares with (a KL in nats a token): a student that
+#: starts almost exact (tiny random models: about 1e-5) is stopped when its running loss
+#: passes ``blowup`` x this, not at noise of a thousandth of a nat
+BLOWUP_FLOOR = 1e-3
 
 #: the optimizers causal healing may use (``CausalHealConfig.optimizer``)
 OPTIMIZERS = ("adamw", "adafactor")
@@ -385,7 +391,7 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                    0 if config.seed is None else config.seed)
     t0 = time.perf_counter()
     best_loss, run = math.inf, None
-    start = None
+    start = first = math.nan
     # flags and modes of both models are given back as they were; values stay healed
     blocks = list(blocks_of(student)) if config.checkpoint_blocks else []
     blocks = blocks[:max(0, len(blocks) - config.stored_blocks)]  # the last ones store
@@ -446,13 +452,17 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
                 if term is not None:
                     result.hidden_losses.append(got[1])
                 run = value if run is None else 0.9 * run + 0.1 * value
+                if step == 0:
+                    first = value
                 if step < max(1, config.warmup):
-                    start = (value if start is None else start) if step == 0 else \
-                        (start * step + value) / (step + 1)
-                if not math.isfinite(value) or (start is not None and step >= config.warmup
-                                                and run > config.blowup * max(start, 1e-8)):
+                    start = value if step == 0 else (start * step + value) / (step + 1)
+                # against the first loss (the unhealed student's) from the first step, so that
+                # a blow-up within the warm-up cannot raise its own reference; after it,
+                # against the lower of that and the warm-up's mean
+                ref = max(first if step < config.warmup else min(first, start), BLOWUP_FLOOR)
+                if not math.isfinite(value) or run > config.blowup * ref:
                     why = "is not finite" if not math.isfinite(value) else \
-                        f"{run:.3g} exceeded {config.blowup:g}x its start ({start:.3g})"
+                        f"{run:.3g} exceeded {config.blowup:g}x its start ({ref:.3g})"
                     result.stopped = (f"loss {why} at step {step + 1}; the parameters of step "
                                       f"{result.best_step or 0} were restored (lower lr, "
                                       f"now {config.lr:g})")

@@ -52,6 +52,7 @@ from torch import nn
 from tnlm.bridge.pivoted import pivot_layers
 from tnlm.compress import distributed as dist_
 from tnlm.compress.decoder.heal import CausalHealConfig, CausalHealResult, heal_causal
+from tnlm.compress.decoder.kl import check_block_term
 from tnlm.compress.decoder.text import (
     check_texts,
     generation_is_neutral,
@@ -602,6 +603,8 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     lw_cfg = recipe.layerwise_config(model, ckpt)
     check_targets_and_budget(model, lw_cfg)  # before the text is written
+    if recipe.heal.steps and recipe.heal.hidden_weight:  # what healing's first step checks
+        check_block_term(model, recipe.heal.chunk, recipe.heal.hidden_weight)
     seconds: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from torch import nn
 from tnlm.bridge import invalidate_caches
 from tnlm.compress import distributed as dist_
 
-__all__ = ["next_token_kl", "ChunkedKL"]
+__all__ = ["next_token_kl", "ChunkedKL", "check_block_term"]
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -243,3 +243,20 @@ def _block_term(states: Sequence[torch.Tensor], teacher: torch.Tensor) -> torch.
         err = (h.float() - t).pow(2).sum(-1)
         total = total + (err / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
     return total / len(states)
+
+
+def check_block_term(model: nn.Module, chunk: int, hidden_weight: float) -> None:
+    """Before any work: can a student like ``model`` (and its teacher, a copy) heal with
+    the block-output term (``hidden_weight`` > 0)? It needs a linear LM head whose output
+    is the model's logits (no scaling or capping, e.g. Gemma-2's soft cap, Cohere's
+    ``logit_scale``), checked on one short sequence of the dense model as
+    :meth:`ChunkedKL.check` checks healing's first batch. Raises the ``ValueError``
+    healing would raise at its first step."""
+    kl = ChunkedKL(model, chunk, model, hidden_weight)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(8) % vocab).unsqueeze(0).to(model.get_output_embeddings().weight.device)
+    if not kl.check(ids):
+        raise ValueError("hidden_weight needs a model whose logits are its head applied to "
+                         "its last hidden states (this one scales or caps them); set "
+                         "hidden_weight=0")
+
