@@ -1525,6 +1525,35 @@ def test_cli_lm_texts_reaches_the_recipe_and_is_refused_where_nothing_is_written
         llm.CausalLMRecipe(n_texts=0)
 
 
+def test_cli_lm_calibration_reaches_the_recipe_and_is_refused_where_it_cannot_apply(
+        tmp_path, capsys, monkeypatch):
+    """--lm-calibration N: the recipe's n_calibration (and the JSON's lm_calibration);
+    refused for encoders (theirs is --calibration), below 1, and below the sensitivity
+    probe's sequences, before loading."""
+    from tnlm.cli import main
+    from tnlm.compress.decoder import job as llm
+
+    assert main(["compress", "--lm-calibration", "8"]) == 2  # the embedded encoder
+    assert "--lm-calibration applies to causal LMs" in capsys.readouterr().err
+    folder, _ = _llm_folder(tmp_path)
+    probe = llm.CausalLMRecipe.sensitivity_sequences
+    for argv, match in ((["--lm-calibration", "0"], "--lm-calibration must be at least 1"),
+                        (["--lm-calibration", str(probe - 1)],
+                         f"the sensitivity probe takes the first {probe}"),
+                        (["--lm-calibration", "2", "--sensitivity-sequences", "3"],
+                         "at most 2 (--lm-calibration), got 3")):
+        assert main(["compress", str(folder), "--out", "", *argv]) == 2, argv
+        assert match in capsys.readouterr().err, argv
+    seen = _stop_at_compression(monkeypatch, lambda recipe, kw: recipe.n_calibration)
+    assert main(["compress", str(folder), "--lm-calibration", "12", "--out", "",
+                 "--quiet"]) == 2
+    # a uniform allocation has no probe: fewer calibration sequences than it are fine
+    assert main(["compress", str(folder), "--lm-calibration", "2", "--method", "whitened",
+                 "--out", "", "--quiet"]) == 2
+    assert main(["compress", str(folder), "--out", "", "--quiet"]) == 2
+    assert seen == [12, 2, llm.CausalLMRecipe.n_calibration]
+
+
 def test_cli_lm_top_k_reaches_the_recipe_and_the_sampler(tmp_path, capsys, monkeypatch):
     """--lm-top-k K: the recipe's gen_top_k, then self_generated_text's top_k (it
     reaches every batch's sampler); refused for encoders, where nothing is sampled and

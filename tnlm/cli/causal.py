@@ -104,6 +104,11 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                            f"--lm-text {args.lm_text} all of the prose is there already"))
     if args.lm_prose is not None and not 0 <= args.lm_prose <= 1:
         raise UserError(f"--lm-prose must be a fraction in [0, 1], got {args.lm_prose}")
+    if args.lm_calibration is not None and args.lm_calibration < 1:
+        raise UserError(f"--lm-calibration must be at least 1 (calibration sequences), got "
+                        f"{args.lm_calibration}")
+    n_calibration = recipe.n_calibration if args.lm_calibration is None \
+        else args.lm_calibration
     if args.sensitivity_sequences is not None:
         allocation = args.allocation or dataclasses.replace(
             recipe, method=args.method or recipe.method).resolved_allocation()
@@ -114,10 +119,17 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         if args.sensitivity_sequences < 1:
             raise UserError(f"--sensitivity-sequences must be at least 1, got "
                             f"{args.sensitivity_sequences}")
-        if args.sensitivity_sequences > recipe.n_calibration:
+        if args.sensitivity_sequences > n_calibration:
             raise UserError(f"--sensitivity-sequences is measured on the first calibration "
-                            f"sequences: at most {recipe.n_calibration}, got "
+                            f"sequences: at most {n_calibration} (--lm-calibration), got "
                             f"{args.sensitivity_sequences}")
+    elif recipe.sensitivity_sequences > n_calibration and (
+            args.allocation or dataclasses.replace(
+                recipe, method=args.method or recipe.method).resolved_allocation()
+            ) == "sensitivity":
+        raise UserError(f"--lm-calibration {n_calibration}: the sensitivity probe takes the "
+                        f"first {recipe.sensitivity_sequences} calibration sequences; give at "
+                        f"least that, or a smaller --sensitivity-sequences")
     if args.lm_text == "mixed" and args.lm_texts is not None and args.lm_texts < 2:
         raise UserError(f"--lm-texts must be at least 2 with --lm-text mixed (half "
                         f"continuations, half chat answers), got {args.lm_texts}")
@@ -151,6 +163,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
+        n_calibration=n_calibration,
         gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
         starts=starts,
         pivoted=recipe.pivoted if args.pivoted is None else args.pivoted,
@@ -425,6 +438,8 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    # the model's own texts: how many, and the top-k they were drawn among
                    lm_texts=None if args.text or recipe.text_source == "prose"
                    else recipe.n_texts,
+                   # the text's first sequences that calibrate
+                   lm_calibration=recipe.n_calibration,
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
                    # the user's lines the model's own texts started from

@@ -141,6 +141,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     if args.lm_prose is not None:
         raise UserError("--lm-prose applies to causal LMs (prose added to the model's texts)")
+    if args.lm_calibration is not None:
+        raise UserError("--lm-calibration applies to causal LMs (their calibration sequences); "
+                        "an encoder's is --calibration")
     if args.sensitivity_sequences is not None:
         raise UserError("--sensitivity-sequences applies to causal LMs (the probe of their "
                         "sensitivity allocation)")

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "and healing (--lm-text self, both, chat, mixed); more heal better "
                         "and take longer to write, about 0.7 s each on 2 CPU cores for "
                         f"SmolLM2-135M (default: {CausalLMRecipe.n_texts})")
+    p.add_argument("--lm-calibration", type=int, default=None, metavar="N",
+                   help="causal LMs: how many of the text's first sequences of "
+                        f"{CausalLMRecipe.seq_len} tokens calibrate (every target's whitened "
+                        "statistics and block fitting; the rest only heals); more estimate "
+                        "wider layers better and take longer to compress "
+                        f"(default: {CausalLMRecipe.n_calibration})")
     p.add_argument("--lm-prose", type=float, default=None, metavar="F",
                    help="causal LMs: after the model's own texts, heal on this fraction of the "
                         "prose that ships with tnlm too (--lm-text self, chat, mixed; 0: the "
