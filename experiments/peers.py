@@ -190,6 +190,9 @@ def main() -> None:
                          "documents, one sentence a line (experiments/indomain_text.py), or a "
                          "text file of one sentence a line; a sentence of the natural sets "
                          "is refused")
+    ap.add_argument("--calibration", type=int, default=EncoderRecipe.calibration,
+                    help="calibration sentences (the main job's --calibration; default "
+                         f"{EncoderRecipe.calibration})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", metavar="DIR", default=None,
                     help="tnlm/plain/whitened: also save the compressed model there as "
@@ -227,14 +230,15 @@ def main() -> None:
         user = [x for x in user if x not in seen]
         n_user = len(user)
         text += user
-    split = split_text(text, EncoderRecipe.calibration, seed=args.seed)
+    split = split_text(text, args.calibration, seed=args.seed)
     extra: dict = dict(user_sentences=n_user) if args.user_text else {}
     torch.manual_seed(args.seed)
     if args.method in LOW_RANK:
         recipe = EncoderRecipe(budget=args.budget, heal_steps=args.heal_steps,
                                allocation="sensitivity" if args.method == "tnlm" else "uniform",
                                lr=args.lr or EncoderRecipe.lr, whiten=args.method != "plain",
-                               seed=args.seed, pivoted=args.pivoted)
+                               seed=args.seed, pivoted=args.pivoted,
+                               calibration=args.calibration)
         res = compress_encoder(model, tok, recipe, text=text, progress=False)
         student = res.model
         kept = res.ratio
