@@ -121,7 +121,10 @@ def test_pivoted_linear_computes_the_mpo_layer_and_merges_back(kind):
         dense = piv.merge()
         assert type(dense) is (nn.Linear if kind == "linear" else Conv1D)
         torch.testing.assert_close(dense(x), y, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(piv.weight, dense.weight, rtol=1e-6, atol=1e-6)
+        # (out, in) for every kind, as MPOLinear's; a Conv1D stores (in, out)
+        expected = dense.weight if kind == "linear" else dense.weight.T
+        torch.testing.assert_close(torch.Tensor(piv.weight), expected.detach(), rtol=1e-6,
+                                   atol=1e-6)
     assert piv.n_params == 12 * (40 + 30 - 12) < sum(c.numel() for c in layer.cores)
     piv(x).square().sum().backward()
     assert piv.coef.grad is not None and piv.right.grad is not None

@@ -798,3 +798,179 @@ def test_convert_to_pytorch_takes_the_dtype_of_a_numpy_like():
     assert convert(x, "pytorch").dtype == torch.float64  # no like: x's own dtype
     assert convert(x, "pytorch", like=torch.ones(1, dtype=torch.float32)).dtype == torch.float32
     assert convert(x.astype(">f8"), "pytorch").tolist() == [0.0, 1.0, 2.0]
+
+
+# ------------------------------------------------------------------ audit C: core and pivoted layer
+def _pivoted(kind="linear", I=16, J=24, r=4):
+    torch.manual_seed(0)
+    dense = nn.Linear(I, J) if kind == "linear" else dense_module("conv1d", torch.randn(I, J),
+                                                                  torch.randn(J))
+    spec = DecompositionSpec(in_shape=(I, 1), out_shape=(1, J), max_bond=r)
+    layer = MPOModule.from_module(dense, spec)
+    return dense, layer, PivotedLinear.from_mpo(layer)
+
+
+def test_pivoted_linear_weight_is_read_only_as_an_mpo_layer_s():
+    from tnlm.bridge.computed import ReadOnlyWeightError
+
+    _, _, piv = _pivoted()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        y0 = piv(x).clone()
+    writes = [lambda: nn.init.zeros_(piv.weight), lambda: piv.weight.data.mul_(0),
+              lambda: piv.weight.__setitem__(slice(None), 0), lambda: piv.weight.add_(1)]
+    for write in writes:
+        with pytest.raises(ReadOnlyWeightError):
+            write()
+    with pytest.raises(ReadOnlyWeightError, match="cannot assign PivotedLinear.weight.*coef"):
+        piv.weight = nn.Parameter(torch.zeros(24, 16))
+    with torch.no_grad():
+        assert torch.equal(piv(x), y0)
+    # reading still works and is differentiable through coef and right
+    piv.weight.square().sum().backward()
+    assert piv.coef.grad is not None and piv.right.grad is not None
+    copy = piv.weight.detach().clone()  # an independent copy is writable
+    copy.zero_()
+    assert float(piv.weight.detach().abs().sum()) > 0
+
+
+def test_pivoted_linear_weight_has_the_mpo_layer_s_layout_for_conv1d():
+    dense, layer, piv = _pivoted("conv1d", I=16, J=16, r=16)
+    with torch.no_grad():
+        assert piv.weight.shape == layer.weight.shape == (16, 16)
+        torch.testing.assert_close(piv.weight, layer.weight, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(piv.weight, dense.weight.T, rtol=1e-5, atol=1e-5)
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(x @ piv.weight.T + piv.bias, dense(x), rtol=1e-5, atol=1e-5)
+        merged = piv.merge()  # the Conv1D layout stays the merged module's
+        torch.testing.assert_close(merged.weight, dense.weight, rtol=1e-5, atol=1e-5)
+    _, lin_layer, lin_piv = _pivoted("linear", I=16, J=24)
+    assert lin_piv.weight.shape == lin_layer.weight.shape == (24, 16)
+
+
+def test_symmetric_gauge_after_a_truncation_reports_a_bound_of_the_measured_error():
+    from tnlm.core.mpo import combined_error
+
+    rng = np.random.default_rng(0)
+    W0 = rng.standard_normal((24, 36))
+    m1 = MPO.from_matrix(W0, in_shape=(2, 3, 4), out_shape=(3, 3, 4), max_bond=4)
+    m2 = m1.symmetric_gauge(rtol=0.9)
+    measured = np.linalg.norm(W0 - m2.to_matrix()) / np.linalg.norm(W0)
+    assert measured <= m2.truncation_error + 1e-9
+    assert m2.truncation_error < 1.2  # was 1.228, mixing the two references
+    # several chains, cut by max_bond or max_error, then gauged with a large rtol
+    for k, (ins, outs) in enumerate([((2, 2, 2, 2), (2, 2, 2, 2)), ((2, 2, 2, 2, 2), (3, 1, 3, 1, 3)),
+                                     ((2, 3, 4), (3, 3, 4))]):
+        W = rng.standard_normal((math.prod(ins), math.prod(outs)))
+        for kw in (dict(max_bond=2), dict(max_error=0.4)):
+            m = MPO.from_matrix(W, ins, outs, **kw)
+            for rtol in (0.3, 0.7, 0.95):
+                g = m.symmetric_gauge(rtol=rtol)
+                meas = np.linalg.norm(W - g.to_matrix()) / np.linalg.norm(W)
+                assert meas <= g.truncation_error + 1e-9, (k, kw, rtol)
+                assert g.truncation_error <= m.truncation_error + (1 - m.truncation_error ** 2) \
+                    ** 0.5 * 1.0 + 1e-12  # never above the triangle inequality
+    # exact parts stay exact: nothing cut by the guard, or an exact MPO
+    assert combined_error(0.3, 0.0) == 0.3 and combined_error(0.0, 0.2) == 0.2
+    exact = MPO.from_matrix(W0, (2, 3, 4), (3, 3, 4)).symmetric_gauge(rtol=0.5)
+    meas = np.linalg.norm(W0 - exact.to_matrix()) / np.linalg.norm(W0)
+    assert abs(exact.truncation_error - meas) < 1e-9
+
+
+@pytest.mark.parametrize("n", [17, 27])
+def test_mpos_of_many_sites_run_on_torch_as_on_numpy(n):
+    rng = np.random.default_rng(0)
+    ins, outs = (2,) * 4 + (1,) * (n - 4), (1,) * (n - 4) + (2,) * 4
+    W = rng.standard_normal((16, 16))
+    x = rng.standard_normal((3, 16))
+    m = MPO.from_matrix(W, ins, outs, max_bond=3)
+    mt = m.to_backend("pytorch")
+    np.testing.assert_allclose(mt.to_matrix().numpy(), m.to_matrix(), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(mt.apply(torch.from_numpy(x)).numpy(), m.apply(x), atol=1e-12,
+                               rtol=0)
+    for mode in ("contract", "dense"):
+        layer = MPOLinear.from_mpo(mt, mode=mode, dtype=torch.float64)
+        with torch.no_grad():
+            np.testing.assert_allclose(layer(torch.from_numpy(x)).numpy(), m.apply(x),
+                                       atol=1e-12, rtol=0)
+
+
+def test_torch_steps_use_only_einsum_letters_and_squeeze_unit_legs_past_52():
+    from tnlm.core.plan import EINSUM_LETTERS, torch_step
+
+    syms = "".join(chr(0x100 + k) for k in range(60))
+    eq = syms[:30] + "," + syms[29:60] + "->" + syms[:29] + syms[30:60]
+    sizes = {ch: (2 if k < 10 else 1) for k, ch in enumerate(syms)}
+    step, squeeze, unsqueeze = torch_step(eq, sizes, rows=syms[12])
+    assert set(step) <= set(EINSUM_LETTERS + ",->")
+    assert 12 not in squeeze[0] and 10 in squeeze[0] and len(unsqueeze) == 48
+    short, sq, unsq = torch_step("\u0100\u0101,\u0101c->\u0100c", {})
+    assert short == "ab,bc->ac" and sq == ((), ()) and unsq == ()
+
+
+def test_mpo_apply_with_no_rows_gives_an_empty_result():
+    W = np.random.default_rng(0).standard_normal((8, 12))
+    m = MPO.from_matrix(W, n_sites=3)
+    assert m.apply(np.zeros((0, 8))).shape == (0, 12)
+    y = m.to_backend("pytorch").apply(torch.zeros(2, 0, 8, dtype=torch.float64))
+    assert tuple(y.shape) == (2, 0, 12)
+    padded = MPO.from_matrix(np.ones((7, 13)), n_sites=2, pad=True)
+    assert padded.apply(np.zeros((0, 7))).shape == (0, 13)
+
+
+def test_a_0_d_input_to_mpo_and_pivoted_layers_names_its_shape():
+    _, layer, piv = _pivoted()
+    for module in (layer, piv):
+        with pytest.raises(ValueError, match=r"last dimension of size in_features=16.*0-d"):
+            module(torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"in_features=16 \(16 features\), got shape \(3, 5\)"):
+            module(torch.randn(3, 5))
+        assert tuple(module(torch.randn(16)).shape) == (24,)
+
+
+def test_mpo_astype_takes_numpy_and_torch_dtypes_and_names_a_bad_one():
+    m = MPO.from_matrix(np.random.default_rng(0).standard_normal((8, 12)), n_sites=3)
+    mt = m.to_backend("pytorch")
+    assert m.astype(torch.float32).dtype == np.float32
+    assert mt.astype(np.float32).dtype == torch.float32
+    assert mt.astype("float32").dtype == torch.float32
+    assert m.astype("float32").dtype == np.float32
+    assert mt.astype(np.dtype(">f8")).dtype == torch.float64
+    for mpo in (m, mt):
+        for bad in ("nonsense", None, object):
+            with pytest.raises(TypeError, match="dtype"):
+                mpo.astype(bad)
+        with pytest.raises(TypeError, match=r"dtype=torch.bfloat16 would give cores\[0\]"):
+            mpo.astype(torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_check_matrix_refuses_masks_and_meta_takes_np_matrix_and_detaches():
+    from tnlm.core.validation import check_matrix
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 12))
+    mat = MPO.from_matrix(np.matrix(W), n_sites=3, max_bond=2)
+    ref = MPO.from_matrix(W, n_sites=3, max_bond=2)
+    assert mat.truncation_error == pytest.approx(ref.truncation_error, abs=1e-12)
+    assert type(check_matrix(np.matrix(W))) is np.ndarray
+    with pytest.raises(ValueError, match="masked array with 52 masked entries"):
+        MPO.from_matrix(np.ma.masked_array(W, mask=W > 0), n_sites=3)
+    unmasked = np.ma.masked_array(W, mask=np.zeros_like(W, dtype=bool))
+    np.testing.assert_allclose(MPO.from_matrix(unmasked, n_sites=3).to_matrix(), W, atol=1e-12)
+    with pytest.raises(ValueError, match="meta device"):
+        MPO.from_matrix(torch.empty(8, 12, device="meta"), n_sites=3)
+    Wt = torch.tensor(W, requires_grad=True)
+    m = MPO.from_matrix(Wt, n_sites=3)
+    assert all(c.grad_fn is None and not c.requires_grad for c in m.cores)
+    assert not check_matrix(Wt).requires_grad
+
+
+def test_docs_say_a_padded_truncation_is_measured_on_the_logical_block():
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[1].joinpath("docs", "concepts.md").read_text()
+    assert "an upper bound of the error on the logical block" not in text
+    assert "W is the logical (I, J) block" in text
+    assert "padded chain" in MPO.singular_values.__doc__
+    assert "padded chain" in MPO.entanglement_entropy.__doc__

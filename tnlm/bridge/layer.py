@@ -66,8 +66,9 @@ from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, check_chain, dens
 from tnlm.core.spec import DecompositionSpec, apply_gauge
 from tnlm.core.validation import check_matrix, check_positive_int, check_shape
 
-__all__ = ["ComputedWeight", "MPODtypeError", "MPOModule", "MPOLinear", "MPOEmbedding",
-           "ReadOnlyWeightError", "set_dense_cache", "invalidate_caches"]
+__all__ = ["ComputedWeight", "ComputedWeightModule", "MPODtypeError", "MPOModule", "MPOLinear",
+           "MPOEmbedding", "ReadOnlyWeightError", "check_features", "set_dense_cache",
+           "invalidate_caches"]
 
 _compiling = torch.compiler.is_compiling
 #: whether a torch.func transform (grad, vmap, jacrev, ...) is running: the training path's
@@ -192,7 +193,46 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-class MPOModule(nn.Module):
+class ComputedWeightModule(nn.Module):
+    """A module whose ``weight`` is computed from its parameters (a property), read-only.
+
+    ``layer.weight = ...`` raises :class:`ReadOnlyWeightError` (``nn.Module`` would raise a
+    bare ``KeyError`` for a ``Parameter``, or hide the property behind an attribute), and
+    :meth:`_computed_weight` wraps the computed tensor as a :class:`ComputedWeight`, so
+    in-place writes into it raise too instead of being silently lost. The base of
+    :class:`MPOModule` and of :class:`~tnlm.bridge.pivoted.PivotedLinear`.
+    """
+
+    #: the end of the message of :class:`ReadOnlyWeightError` for ``layer.weight = ...``
+    weight_write_hint = WEIGHT_WRITE_HINT
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As ``nn.Module``'s, but ``layer.weight = ...`` raises
+        :class:`ReadOnlyWeightError` (the weight is computed from the parameters)."""
+        if name == "weight":
+            raise ReadOnlyWeightError(f"cannot assign {type(self).__name__}.weight: it "
+                                      + self.weight_write_hint)
+        super().__setattr__(name, value)
+
+    def _computed_weight(self, W: torch.Tensor) -> ComputedWeight:
+        """``W`` as the read-only :class:`ComputedWeight` (autograd through the parameters
+        kept)."""
+        return W.as_subclass(ComputedWeight)
+
+
+def check_features(x: Any, in_dim: int) -> None:
+    """``ValueError`` unless ``x`` (a layer's input) has a last dimension of size ``in_dim``:
+    the message names the input's shape (a 0-d tensor has no last dimension)."""
+    if x.dim() == 0:
+        raise ValueError(f"input must have a last dimension of size in_features={in_dim} "
+                         f"({in_dim} features, shape (..., {in_dim})), got a 0-d tensor "
+                         "(shape ())")
+    if x.shape[-1] != in_dim:
+        raise ValueError(f"input must have last dimension in_features={in_dim} ({in_dim} "
+                         f"features), got shape {tuple(x.shape)}")
+
+
+class MPOModule(ComputedWeightModule):
     """Common part of the MPO layers: cores as parameters, shapes, freezing, merging.
 
     Args:
@@ -256,18 +296,6 @@ class MPOModule(nn.Module):
     #: autograd through the chain's einsums instead: the same gradients, slower (kept as
     #: the reference)
     block_train = True
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """As ``nn.Module``'s, but ``layer.weight = ...`` raises
-        :class:`ReadOnlyWeightError` (the weight is computed from the cores)."""
-        if name == "weight":
-            raise ReadOnlyWeightError(f"cannot assign {type(self).__name__}.weight: it "
-                                      + WEIGHT_WRITE_HINT)
-        super().__setattr__(name, value)
-
-    def _computed_weight(self, W: torch.Tensor) -> ComputedWeight:
-        """``W`` as the read-only :class:`ComputedWeight` (autograd through the cores kept)."""
-        return W.as_subclass(ComputedWeight)
 
     # ------------------------------------------------------------------ building
     @staticmethod
@@ -702,11 +730,10 @@ class MPOLinear(MPOModule):
             MPODtypeError: (a ``RuntimeError``, as ``nn.Linear``'s, and a ``TypeError``)
                 the input's dtype does not fit the parameters' (float64, integer, bool or
                 complex input to float32 cores, ...); the message names both dtypes.
-            ValueError: the last dimension is not ``in_features``.
+            ValueError: the last dimension is not ``in_features``, or a 0-d input (no
+                last dimension); the message names the input's shape.
         """
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"input must have last dimension in_features={self.in_dim}, "
-                             f"got shape {tuple(x.shape)}")
+        check_features(x, self.in_dim)
         cores = self._params()
         lead = x.shape[:-1]
         rows = prod(lead)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnlm.bridge.kinds import MATRIX_KINDS, dense_module, get_kind
-from tnlm.bridge.layer import MPOLinear
+from tnlm.bridge.kinds import MATRIX_KINDS, dense_module
+from tnlm.bridge.layer import ComputedWeightModule, MPOLinear, check_features
 from tnlm.core.pivot import pivot_low_rank
 from tnlm.core.validation import all_finite
 
@@ -57,9 +57,12 @@ def _check_split(pivots: torch.Tensor, rest: torch.Tensor, in_dim: int) -> None:
                             else ""))
 
 
-class PivotedLinear(nn.Module):
+class PivotedLinear(ComputedWeightModule):
     """``y = (x[..., pivots] + x[..., rest] @ coef) @ right + bias``: a drop-in for the
     ``nn.Linear`` / ``Conv1D`` (``kind``) it compresses.
+
+    :attr:`weight` is computed from ``coef`` and ``right`` and read-only, as an
+    :class:`~tnlm.bridge.layer.MPOLinear`'s (:class:`~tnlm.bridge.layer.ComputedWeightModule`).
 
     Args:
         pivots: (r,) int64, rest: (I - r,) int64: a split of ``range(I)``.
@@ -72,6 +75,13 @@ class PivotedLinear(nn.Module):
         ValueError: shapes that do not fit together, ``pivots``/``rest`` not a split
             of ``range(I)``, or NaN/Inf in ``coef`` or ``right``.
     """
+
+    weight_write_hint = (
+        "is computed from coef and right on every access, so writing to it would be silently "
+        "lost: for a dense weight to edit, use layer.merge() (a plain nn.Linear / Conv1D "
+        "with the same weight); to change the layer itself, write layer.coef and "
+        "layer.right; for an independent, writable copy of the values, take "
+        "layer.weight.detach().clone()")
 
     def __init__(self, pivots: torch.Tensor, rest: torch.Tensor, coef: torch.Tensor,
                  right: torch.Tensor, bias: torch.Tensor | None = None,
@@ -196,10 +206,13 @@ class PivotedLinear(nn.Module):
         return self.out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., I) -> y (..., J) (under autocast in the matmuls' dtype, as nn.Linear)."""
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"input must have {self.in_dim} features in its last dimension, "
-                             f"got shape {tuple(x.shape)}")
+        """x (..., I) -> y (..., J) (under autocast in the matmuls' dtype, as nn.Linear).
+
+        Raises:
+            ValueError: the last dimension is not ``in_features``, or a 0-d input (no last
+                dimension); the message names the input's shape.
+        """
+        check_features(x, self.in_dim)
         z = x.index_select(-1, self.pivots)
         if self.rest.numel():
             z = z + x.index_select(-1, self.rest) @ self.coef
@@ -234,9 +247,13 @@ class PivotedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight in the replaced module's layout (computed, a new tensor)."""
-        W = self.dense_matrix()
-        return W.T if get_kind(self.kind).transposed else W
+        """The dense weight in ``nn.Linear`` layout (out_features, in_features) for every
+        ``kind``, as :attr:`MPOLinear.weight <tnlm.bridge.layer.MPOLinear.weight>` (a
+        ``Conv1D`` stores the transpose: :meth:`merge` gives the module with its own
+        layout). Computed from ``coef`` and ``right`` at each access (differentiable);
+        read-only: assigning it or writing into it in place raises
+        :class:`~tnlm.bridge.computed.ReadOnlyWeightError`."""
+        return self._computed_weight(self.dense_matrix().T)
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

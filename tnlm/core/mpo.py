@@ -44,7 +44,7 @@ from tnlm.core.validation import (
 
 Tensor = B.Tensor
 
-__all__ = ["MPO", "central_site"]
+__all__ = ["MPO", "central_site", "combined_error"]
 
 AXES = ("left", "in", "out", "right")
 #: the gauges an MPO records (None: unknown)
@@ -59,6 +59,47 @@ DENSE_CHECK = 1 << 24
 def _eps(dtype: Any) -> float:
     name = str(dtype).removeprefix("torch.")
     return float(np.finfo(np.float32 if name == "float32" else np.float64).eps)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """The name (``"float32"``, ...) of a numpy dtype, torch dtype or dtype name, or a
+    ``TypeError`` naming ``dtype``."""
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+        return str(dtype).removeprefix("torch.")
+    if isinstance(dtype, str):
+        dtype = dtype.removeprefix("torch.")
+    if dtype is None:  # np.dtype(None) would be float64
+        raise TypeError("dtype must be a numpy dtype, a torch dtype or a dtype name such as "
+                        "'float32' (float32 or float64), got None")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(f"dtype must be a numpy dtype, a torch dtype or a dtype name such "
+                        f"as 'float32' (float32 or float64), got {dtype!r}") from None
+
+
+def combined_error(p: float, e: float) -> float:
+    """An upper bound of ||W0 - W2||_F / ||W0||_F when W1 is a canonical-form truncation of
+    W0 with relative error ``p`` (W1 = Π W0, Π an orthogonal projector, as
+    :meth:`MPO.from_matrix` and :meth:`MPO.truncate` cut) and W2 = Π' W1 a further cut of W1
+    with relative error ``e`` = ||W1 - W2|| / ||W1|| (Π' an orthogonal projector, as the
+    guard of :meth:`MPO.symmetric_gauge` cuts).
+
+    With N = ||W0||: ||W1|| = sqrt(1 - p²) N, ||W0 - W1|| = p N is orthogonal to W1 and
+    ||W0 - W2||² = p² N² + e² ||W1||² + 2 <(I - Π) W0, W1 - W2>; the cross term is at most
+    2 p N ||(I - Π)(W1 - W2)||, and (I - Π)(W1 - W2) = -(I - Π) W2 is at most
+    min(||W1 - W2||, ||W2||) = min(e, sqrt(1 - e²)) ||W1||. Hence the bound
+    sqrt(p² + (1 - p²) e² + 2 p sqrt(1 - p²) min(e, sqrt(1 - e²))), exact when p or e is
+    0 and never above the triangle inequality's p + sqrt(1 - p²) e.
+    """
+    p, e = max(float(p), 0.0), min(max(float(e), 0.0), 1.0)
+    if p == 0.0 or e == 0.0:
+        return p + e
+    if p >= 1.0:  # not a projection's error: only ||W1|| <= (1 + p) N is known
+        return p + (1.0 + p) * e
+    q = (1.0 - p * p) ** 0.5
+    cross = 2.0 * p * q * min(e, (1.0 - e * e) ** 0.5)
+    return (p * p + q * q * e * e + cross) ** 0.5
 
 
 def central_site(site_params: Sequence[int]) -> int:
@@ -408,7 +449,8 @@ class MPO:
         return W[: self.in_dim, : self.out_dim] if self.padded else W
 
     def apply(self, x: Tensor) -> Tensor:
-        """``y = x @ W`` for x of shape (..., I) along the planned path; y has shape (..., J)."""
+        """``y = x @ W`` for x of shape (..., I) along the planned path; y has shape (..., J)
+        (x without rows, e.g. (0, I), gives an empty (..., J) result)."""
         if B.backend_of(x) != self.backend:
             raise TypeError(f"x is a {B.backend_of(x)} array but the MPO is on {self.backend}")
         if x.ndim < 1 or x.shape[-1] != self.in_dim:
@@ -422,7 +464,8 @@ class MPO:
         if pad_in:
             xb = self._pad(xb, xb.shape[0], prod(self.in_shape))
         xb = xb.reshape(xb.shape[0], *self.in_shape)
-        y = self.apply_plan(xb.shape[0])(*self.cores, xb).reshape(xb.shape[0], -1)
+        y = self.apply_plan(xb.shape[0])(*self.cores, xb).reshape(xb.shape[0],
+                                                                   prod(self.out_shape))
         return y[:, : self.out_dim].reshape(*lead, self.out_dim)
 
     def norm(self) -> float:
@@ -471,8 +514,13 @@ class MPO:
         """The paper's symmetric gauge: each bond's √Λ on both neighbouring sites.
 
         Singular values below ``rtol · s_max`` of their bond (default: 100·eps of
-        the dtype) are removed before inverting; ``truncation_error`` records what
-        that removed.
+        the dtype) are removed before inverting. ``truncation_error`` is relative to the
+        matrix this MPO's own ``truncation_error`` refers to (W0, e.g. the matrix
+        :meth:`from_matrix` decomposed): with nothing cut it is unchanged, after an
+        exact MPO it is the guard's measured cut, and when both this MPO's earlier
+        truncation (p) and the guard's cut (e, relative to this MPO) are nonzero it is
+        the upper bound :func:`combined_error` of ||W0 - W'||_F / ||W0||_F (the two errors
+        are not orthogonal in general, so no exact figure exists without W0).
         """
         if rtol is None:
             rtol = 100 * _eps(self.dtype)
@@ -485,7 +533,8 @@ class MPO:
             else self._chain_norm()
         err = (cut_sq**0.5 / norm) if norm > 0 else 0.0
         out = self._replace(
-            cores, gauge="symmetric", truncation_error=(self.truncation_error**2 + err**2) ** 0.5
+            cores, gauge="symmetric",
+            truncation_error=combined_error(self.truncation_error, err),
         )
         out._spectra = spectra
         return out
@@ -536,14 +585,20 @@ class MPO:
 
     # ------------------------------------------------------------------ entanglement
     def bond_spectra(self) -> list[np.ndarray]:
-        """Singular values of every bond (float64, descending); cached."""
+        """Singular values of every bond (float64, descending; of the whole padded chain, see
+        :meth:`singular_values`); cached."""
         if self._spectra is None:
             self._spectra = sweeps.bond_spectra(self.cores)[0] if self.n_sites > 1 else []
         return [s.copy() for s in self._spectra]
 
     def singular_values(self, bond: int) -> np.ndarray:
         """Spectrum of bond ``bond``: the singular values of W unfolded as
-        (sites 0..bond) x (sites bond+1..n-1), whatever the gauge."""
+        (sites 0..bond) x (sites bond+1..n-1), whatever the gauge.
+
+        For a zero-padded MPO, W is the whole padded chain (prod(in_shape),
+        prod(out_shape)), not the logical (I, J) block that :meth:`norm` measures: equal
+        while the padding holds zeros (as :meth:`from_matrix` leaves it), different once it
+        holds weight (a trained padded layer)."""
         bond = check_site_index(bond, self.n_sites - 1, "bond") if self.n_sites > 1 else None
         if bond is None:
             raise ValueError("a single-site MPO has no bonds")
@@ -553,7 +608,9 @@ class MPO:
         self, bond: int | None = None, alpha: float = 1.0
     ) -> float | np.ndarray:
         """Entropy of bond ``bond`` with p = s²/Σs² (natural log): von Neumann for
-        alpha=1, Rényi otherwise; ``bond=None`` gives all n-1 bonds as an array."""
+        alpha=1, Rényi otherwise; ``bond=None`` gives all n-1 bonds as an array. The
+        spectra are those of :meth:`singular_values` (for a zero-padded MPO, of the whole
+        padded chain)."""
         if bond is None:
             return np.array([spectrum_entropy(s, alpha) for s in self.bond_spectra()])
         return spectrum_entropy(self.singular_values(bond), alpha)
@@ -577,10 +634,26 @@ class MPO:
         return out
 
     def astype(self, dtype: Any) -> MPO:
-        """The same MPO with cores cast to ``dtype`` (numpy dtype or torch dtype): float32
-        or float64 (``TypeError`` naming ``cores[0]`` for another dtype, half precision
-        included)."""
-        cores = [c.to(dtype) if B.is_torch(c) else c.astype(dtype) for c in self.cores]
+        """The same MPO with cores cast to ``dtype``: float32 or float64, given as a numpy
+        dtype, a torch dtype or a name (``"float32"``), whatever the backend (a torch dtype
+        casts a numpy MPO to the numpy dtype of that name, and vice versa).
+
+        Raises:
+            TypeError: ``dtype`` is not a dtype, or a dtype other than float32 / float64
+                (half precision included); the message names ``dtype``.
+        """
+        name = _dtype_name(dtype)
+        if name not in ("float32", "float64"):
+            half = " (half precision: keep float32 cores; a torch layer may hold half " \
+                "precision)" if name in ("float16", "bfloat16") else ""
+            raise TypeError(f"dtype={dtype!r} would give cores[0] has dtype {name}; an MPO "
+                            f"holds real float32 or float64 cores{half}")
+        if self.backend == "pytorch":
+            import torch
+
+            cores = [c.to(getattr(torch, name)) for c in self.cores]
+        else:
+            cores = [c.astype(name) for c in self.cores]
         out = self._replace(
             cores,
             center=self.center,

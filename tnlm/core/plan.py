@@ -30,6 +30,7 @@ blocks, and the planned alternative of contracting ``x`` and ``dy`` with the blo
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from functools import lru_cache
 from math import prod
@@ -43,6 +44,8 @@ from tnlm.core.validation import check_positive_int, check_site_index, check_siz
 
 __all__ = [
     "ContractionPlan",
+    "EINSUM_LETTERS",
+    "torch_step",
     "get_plan",
     "network_equation",
     "dense_equation",
@@ -125,6 +128,10 @@ class ContractionPlan:
         naive_flops: FLOPs of contracting everything in one einsum, no path.
         largest_intermediate: number of elements of the largest intermediate tensor.
         step_flops: FLOPs of each pairwise step (they sum to ``flops``).
+        torch_steps: the steps as :meth:`run_torch` runs them, ``(slots, equation, squeeze,
+            unsqueeze)`` (:func:`torch_step`: relabelled to the letters ``torch.einsum``
+            accepts, so any chain of up to :data:`~tnlm.core.validation.MAX_SITES` sites
+            runs on torch as on numpy).
         step_blas: opt_einsum's BLAS class of each step (``"GEMM"`` when it is one matrix
             product of reshaped operands, else ``"TDOT"``, ``"GEMV/EINSUM"``, ... or False).
     """
@@ -161,6 +168,10 @@ class ContractionPlan:
             steps.append((slots, c[2]))
         self.steps = tuple(steps)
         sizes = index_sizes(equation, self.shapes)
+        # what torch runs per step: the step relabelled to [a-zA-Z] (torch.einsum accepts
+        # nothing else, and a chain of 17+ sites has more symbols than that)
+        self.torch_steps = tuple((slots, *torch_step(eq, sizes, rows))
+                                 for slots, eq in self.steps)
         self.step_flops = tuple(step_flops(c[2], bool(c[1]), sizes)
                                 for c in info.contraction_list)
         self.step_blas = tuple(c[4] for c in info.contraction_list)
@@ -190,8 +201,13 @@ class ContractionPlan:
                     f"was made for {self.shapes[k]}" + (
                         "" if self.rows is None else f" (any size in the row index {self.rows!r})"))
         ops = list(operands)
-        for slots, eq in self.steps:
-            ops.append(torch.einsum(eq, *[ops[s] for s in slots]))
+        for slots, eq, squeeze, unsqueeze in self.torch_steps:
+            args = [ops[s] if not axes else ops[s].squeeze(axes)
+                    for s, axes in zip(slots, squeeze)]
+            out = torch.einsum(eq, *args)
+            for a in unsqueeze:
+                out = out.unsqueeze(a)
+            ops.append(out)
         return ops[-1]
 
     def __repr__(self) -> str:
@@ -199,6 +215,46 @@ class ContractionPlan:
             f"ContractionPlan({self.equation!r}, flops={self.flops:,}, "
             f"largest_intermediate={self.largest_intermediate:,}, steps={len(self.steps)})"
         )
+
+
+#: the index symbols ``torch.einsum`` accepts
+EINSUM_LETTERS = string.ascii_letters
+
+
+def torch_step(step_equation: str, sizes: dict[str, int], rows: str | None = None
+               ) -> tuple[str, tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """One pairwise step of a plan as ``torch.einsum`` runs it: ``(equation, squeeze,
+    unsqueeze)``.
+
+    ``torch.einsum`` accepts only the 52 symbols ``[a-zA-Z]``, while the equations of
+    :func:`network_equation` and the chain equations use opt_einsum's symbols, which run
+    past them from the 53rd index on (an MPO of 17 or more sites). The step's indices are
+    relabelled to letters in order of appearance; a step with more than 52 indices
+    (possible with many legs of size 1, e.g. the last step of :meth:`MPO.to_matrix` of 26+
+    sites) drops its legs of planned size 1 other than the row index ``rows``: operand k is
+    squeezed at the axes ``squeeze[k]`` and the result unsqueezed at ``unsqueeze``
+    (ascending positions of the step's output).
+
+    Raises:
+        ValueError: more than 52 indices of size > 1 in one step (an intermediate of at
+            least 2**53 entries, which no memory holds).
+    """
+    inputs, output = step_equation.split("->")
+    terms = inputs.split(",")
+    used = list(dict.fromkeys("".join(terms) + output))
+    drop: set[str] = set()
+    if len(used) > len(EINSUM_LETTERS):
+        drop = {ch for ch in used if sizes.get(ch) == 1 and ch != rows}
+    keep = [ch for ch in used if ch not in drop]
+    if len(keep) > len(EINSUM_LETTERS):
+        raise ValueError(f"a contraction step has {len(keep)} indices of size > 1; "
+                         f"torch.einsum takes at most {len(EINSUM_LETTERS)}")
+    letter = dict(zip(keep, EINSUM_LETTERS))
+    squeeze = tuple(tuple(a for a, ch in enumerate(t) if ch in drop) for t in terms)
+    unsqueeze = tuple(a for a, ch in enumerate(output) if ch in drop)
+    eq = ",".join("".join(letter[ch] for ch in t if ch not in drop) for t in terms) + \
+        "->" + "".join(letter[ch] for ch in output if ch not in drop)
+    return eq, squeeze, unsqueeze
 
 
 def index_sizes(equation: str, shapes: Sequence[tuple[int, ...]]) -> dict[str, int]:

@@ -25,11 +25,20 @@ _FLOATS = ("float32", "float64")
 def check_matrix(w: Any, name: str = "W") -> Any:
     """Validate a dense matrix; return it as a float32/float64 numpy array or torch tensor.
 
-    Integer input is converted to float64. Raises ``TypeError`` for complex,
-    boolean, half-precision or non-numeric input and ``ValueError`` for a
-    non-2-D, empty or non-finite matrix.
+    Integer input is converted to float64. A torch tensor is returned detached (what is
+    decomposed from it carries no autograd graph back to it); an ``np.matrix`` or another
+    ndarray subclass as a plain 2-D array. Raises ``TypeError`` for complex, boolean,
+    half-precision or non-numeric input, ``ValueError`` for a non-2-D, empty or non-finite
+    matrix, a numpy masked array with masked entries (the mask would be ignored: fill it,
+    ``w.filled(...)``, or pass ``w.data``) and a tensor on the meta device (no values).
     """
     if B.is_torch(w):
+        if w.is_meta:
+            raise ValueError(f"{name} is a tensor on the meta device (shape "
+                             f"{tuple(w.shape)}): it holds no values to decompose; "
+                             "materialize it first (load the weights, or .to_empty(...) and "
+                             "initialize)")
+        w = w.detach()
         dtype = str(w.dtype).removeprefix("torch.")
         if w.is_complex():
             raise TypeError(f"{name} has complex dtype {dtype}; only real matrices are supported")
@@ -43,6 +52,15 @@ def check_matrix(w: Any, name: str = "W") -> Any:
                 f"float64 (cast it with .float())"
             )
     else:
+        if isinstance(w, np.ma.MaskedArray):
+            if np.ma.is_masked(w):
+                raise ValueError(
+                    f"{name} is a numpy masked array with {int(np.ma.count_masked(w))} "
+                    "masked entries: the decomposition would use the values under the "
+                    f"mask; fill them ({name}.filled(0.0)) or pass {name}.data")
+            w = np.ma.getdata(w)
+        if isinstance(w, np.ndarray) and type(w) is not np.ndarray:
+            w = np.asarray(w)  # np.matrix and other subclasses: a plain array
         if not isinstance(w, np.ndarray):
             try:
                 w = np.asarray(w)
