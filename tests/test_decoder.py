@@ -286,6 +286,8 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert summary["allocation"] == "sensitivity"
     assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
     assert summary["lm_prose"] is None  # --text: used as it is
+    # the calibration the run had: all its sequences where they are fewer than asked for
+    assert summary["lm_calibration"] == summary["sequences"] < 32
     own = summary["own_text"]  # its last tenth held out and measured
     assert own["lines"] == 5 and own["tokens"] > 0  # the last 5 of 40 lines: >= 10 % of the text
     assert own["perplexity_ratio"] == pytest.approx(own["perplexity"] / own["perplexity_dense"])

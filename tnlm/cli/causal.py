@@ -236,7 +236,8 @@ _FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
           "pivoted": "--pivoted", "target_modules": "--targets", "n_texts": "--lm-texts",
           "gen_top_k": "--lm-top-k", "text_source": "--lm-text", "starts": "--lm-starts",
           "starts_sha256": "--lm-starts",
-          "allocation": "--allocation", "prose_fraction": "--lm-prose"}
+          "allocation": "--allocation", "prose_fraction": "--lm-prose",
+          "sequences": "--lm-calibration, or the text"}
 
 
 def with_flags(message: str) -> str:
@@ -438,8 +439,10 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    # the model's own texts: how many, and the top-k they were drawn among
                    lm_texts=None if args.text or recipe.text_source == "prose"
                    else recipe.n_texts,
-                   # the text's first sequences that calibrate
-                   lm_calibration=recipe.n_calibration,
+                   # the text's sequences of seq_len tokens (calibration and healing)
+                   sequences=res.n_sequences,
+                   # the text's first sequences that calibrate (all, where fewer)
+                   lm_calibration=min(recipe.n_calibration, res.n_sequences),
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
                    # the user's lines the model's own texts started from

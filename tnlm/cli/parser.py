@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-calibration", type=int, default=None, metavar="N",
                    help="causal LMs: how many of the text's first sequences of "
                         f"{CausalLMRecipe.seq_len} tokens calibrate (every target's whitened "
-                        "statistics and block fitting; the rest only heals); more estimate "
+                        "statistics and block fitting; the rest only heals; all of them "
+                        "where the text makes fewer); more estimate "
                         "wider layers better and take longer to compress "
                         f"(default: {CausalLMRecipe.n_calibration})")
     p.add_argument("--lm-prose", type=float, default=None, metavar="F",

@@ -172,6 +172,8 @@ class ContractionPlan:
         # nothing else, and a chain of 17+ sites has more symbols than that)
         self.torch_steps = tuple((slots, *torch_step(eq, sizes, rows))
                                  for slots, eq in self.steps)
+        # most chains (16 sites or fewer) run their own equations: the plain loop then
+        self._relabelled = any(eq != t[1] for (_, eq), t in zip(self.steps, self.torch_steps))
         self.step_flops = tuple(step_flops(c[2], bool(c[1]), sizes)
                                 for c in info.contraction_list)
         self.step_blas = tuple(c[4] for c in info.contraction_list)
@@ -201,6 +203,10 @@ class ContractionPlan:
                     f"was made for {self.shapes[k]}" + (
                         "" if self.rows is None else f" (any size in the row index {self.rows!r})"))
         ops = list(operands)
+        if not self._relabelled:
+            for slots, eq in self.steps:
+                ops.append(torch.einsum(eq, *[ops[s] for s in slots]))
+            return ops[-1]
         for slots, eq, squeeze, unsqueeze in self.torch_steps:
             args = [ops[s] if not axes else ops[s].squeeze(axes)
                     for s, axes in zip(slots, squeeze)]
@@ -228,8 +234,9 @@ def torch_step(step_equation: str, sizes: dict[str, int], rows: str | None = Non
 
     ``torch.einsum`` accepts only the 52 symbols ``[a-zA-Z]``, while the equations of
     :func:`network_equation` and the chain equations use opt_einsum's symbols, which run
-    past them from the 53rd index on (an MPO of 17 or more sites). The step's indices are
-    relabelled to letters in order of appearance; a step with more than 52 indices
+    past them from the 53rd index on (an MPO of 17 or more sites). A step whose symbols are
+    all letters is kept as it is; the others' indices are relabelled to letters in order
+    of appearance; a step with more than 52 indices
     (possible with many legs of size 1, e.g. the last step of :meth:`MPO.to_matrix` of 26+
     sites) drops its legs of planned size 1 other than the row index ``rows``: operand k is
     squeezed at the axes ``squeeze[k]`` and the result unsqueezed at ``unsqueeze``
@@ -242,6 +249,8 @@ def torch_step(step_equation: str, sizes: dict[str, int], rows: str | None = Non
     inputs, output = step_equation.split("->")
     terms = inputs.split(",")
     used = list(dict.fromkeys("".join(terms) + output))
+    if all(ch in EINSUM_LETTERS for ch in used):  # as it is (relabelled, torch ran slower)
+        return step_equation, tuple(() for _ in terms), ()
     drop: set[str] = set()
     if len(used) > len(EINSUM_LETTERS):
         drop = {ch for ch in used if sizes.get(ch) == 1 and ch != rows}

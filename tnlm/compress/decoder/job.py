@@ -633,7 +633,9 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         seconds["text"] = time.perf_counter() - t0
         peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
-    say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens")
+    say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens"
+        + (f"; all {sequences.shape[0]} calibrate (fewer than n_calibration, "
+           f"{recipe.n_calibration})" if sequences.shape[0] < recipe.n_calibration else ""))
     teacher = None
     if recipe.heal.steps:
         if recipe.heal.teacher_bf16:  # stored in bfloat16: half the memory, no casts a step
