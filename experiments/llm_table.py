@@ -137,7 +137,7 @@ def load_jobs(paths: list[Path]) -> dict[tuple[str, float, int, str], list[dict]
         if d.get("lm_prose"):  # jobs before --lm-prose: the samples alone
             texts += f" + {d['lm_prose']:g} of the prose"
         cal = d.get("lm_calibration")  # jobs before it was recorded: 32
-        if cal is not None and cal != 32:
+        if cal is not None and cal != 32 and cal != d.get("sequences"):  # not all there were
             method += f", {cal} calibration sequences"
         probe = d.get("sensitivity_sequences", 8)  # jobs before it was recorded: 8
         if probe is not None and probe != 8:  # None: no sensitivity allocation

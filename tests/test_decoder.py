@@ -1261,7 +1261,7 @@ def test_cli_resumes_a_causal_lm_after_its_last_finished_block(tmp_path, capsys,
     other = tmp_path / "other.txt"
     other.write_text("\n".join(reversed(text.read_text().splitlines())) + "\n")
     assert main([*base, "--out", str(out), "--resume", "--text", str(other)]) == 2
-    assert "sequences: " in capsys.readouterr().err
+    assert "sequences (--lm-calibration, or the text): " in capsys.readouterr().err
     assert blocks == [0, 1] and read_checkpoint_state(ckpt)["last_block"] == 0
     shutil.copytree(ckpt, fresh / "layerwise")  # a leftover for the run without --resume
 
@@ -1635,7 +1635,7 @@ def test_cli_sensitivity_sequences_reach_the_recipe_and_are_refused_elsewhere(
             (["--method", "tnlm", "--allocation", "residual"], "allocates by residual"),
             (["--sensitivity-sequences", "0"], "must be at least 1, got 0"),
             (["--sensitivity-sequences", str(n_cal + 1)],
-             f"at most {n_cal}, got {n_cal + 1}")):
+             f"at most {n_cal} (--lm-calibration), got {n_cal + 1}")):
         args = extra if "--sensitivity-sequences" in extra else \
             [*extra, "--sensitivity-sequences", "2"]
         assert main(["compress", str(folder), *args]) == 2
