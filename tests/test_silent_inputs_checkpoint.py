@@ -129,6 +129,17 @@ def test_tied_checkpoint_loads_correctly_onto_an_untied_base(tmp_path):
         torch.testing.assert_close(loaded(input_ids=IDS).logits, saved(input_ids=IDS).logits)
 
 
+def assert_refused_as_tied(folder) -> None:
+    """Loading ``folder`` onto a tied Llama is refused, naming both tensors and the tie,
+    and leaves the base as it was."""
+    base = tied_copy_of(llama(False))
+    before = state(base)
+    with pytest.raises(ValueError, match="ties them together") as err:
+        MPOModel.from_pretrained(base, folder)
+    assert HEAD in str(err.value) and EMBED in str(err.value)
+    assert_unchanged(base, before)
+
+
 def test_lightweight_untied_head_onto_a_tied_base_is_refused(tmp_path):
     # the head changed (saved), the embedding left to the base model (its SHA-256
     # recorded): on a tied base whose tensor is that embedding, loading would make the
@@ -139,21 +150,11 @@ def test_lightweight_untied_head_onto_a_tied_base_is_refused(tmp_path):
         saved.base_model.lm_head.weight.add_(torch.randn_like(untied.lm_head.weight))
     saved.save_pretrained(tmp_path / "ck", lightweight=True)
     assert file_names(tmp_path / "ck") == [HEAD]
-    base = tied_copy_of(llama(False))
-    before = state(base)
-    with pytest.raises(ValueError, match="ties them together") as err:
-        MPOModel.from_pretrained(base, tmp_path / "ck")
-    assert HEAD in str(err.value) and EMBED in str(err.value)
-    assert_unchanged(base, before)
+    assert_refused_as_tied(tmp_path / "ck")
 
 
 def test_lightweight_untied_checkpoint_leaving_both_to_a_tied_base_names_the_tie(tmp_path):
     untied = llama(False)
     mpo(untied).save_pretrained(tmp_path / "ck", lightweight=True)
     assert file_names(tmp_path / "ck") == []
-    base = tied_copy_of(llama(False))
-    before = state(base)
-    with pytest.raises(ValueError, match="ties them together") as err:
-        MPOModel.from_pretrained(base, tmp_path / "ck")
-    assert HEAD in str(err.value) and EMBED in str(err.value)
-    assert_unchanged(base, before)
+    assert_refused_as_tied(tmp_path / "ck")
