@@ -109,9 +109,9 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                         f"{args.lm_calibration}")
     n_calibration = recipe.n_calibration if args.lm_calibration is None \
         else args.lm_calibration
+    allocation = args.allocation or dataclasses.replace(
+        recipe, method=args.method or recipe.method).resolved_allocation()
     if args.sensitivity_sequences is not None:
-        allocation = args.allocation or dataclasses.replace(
-            recipe, method=args.method or recipe.method).resolved_allocation()
         if allocation != "sensitivity":
             raise UserError("--sensitivity-sequences sets the probe of --allocation "
                             "sensitivity (--method tnlm's default); this job allocates by "
@@ -123,10 +123,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             raise UserError(f"--sensitivity-sequences is measured on the first calibration "
                             f"sequences: at most {n_calibration} (--lm-calibration), got "
                             f"{args.sensitivity_sequences}")
-    elif recipe.sensitivity_sequences > n_calibration and (
-            args.allocation or dataclasses.replace(
-                recipe, method=args.method or recipe.method).resolved_allocation()
-            ) == "sensitivity":
+    elif recipe.sensitivity_sequences > n_calibration and allocation == "sensitivity":
         raise UserError(f"--lm-calibration {n_calibration}: the sensitivity probe takes the "
                         f"first {recipe.sensitivity_sequences} calibration sequences; give at "
                         f"least that, or a smaller --sensitivity-sequences")
