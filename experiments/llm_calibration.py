@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-calibration", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--allocation-sequences", type=int, default=None,
+                   help="the dense spectra pass (the allocation) on the first N calibration "
+                        "sequences only (default: all)")
     p.add_argument("--heal-steps", type=int, default=0)
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
@@ -61,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.n_calibration:
         m = copy.deepcopy(model)
         recipe = CausalLMRecipe(budget=args.budget, seed=args.seed, n_calibration=n,
+                                allocation_sequences=args.allocation_sequences,
                                 heal=CausalHealConfig(steps=args.heal_steps, **JOB_HEAL))
         t = time.time()
         res = compress_causal_lm(m, tok, recipe, text=text, progress=False)
         ppl = perplexity(m, tok, ev, max_length=256, stride=256).ppl
         row = {"budget": args.budget, "seed": args.seed, "n_calibration": n,
+               "allocation_sequences": args.allocation_sequences,
                "heal_steps": args.heal_steps, "ratio_kept": res.ratio, "ppl": ppl,
                "dense_ppl": dense, "ppl_ratio": ppl / dense, "seconds": res.seconds,
                "wall": time.time() - t}

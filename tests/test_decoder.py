@@ -731,6 +731,36 @@ def test_layerwise_spectrum_allocation_keeps_the_budget(allocation):
         LayerwiseConfig(["q_proj"], allocation="greedy")
 
 
+def test_allocation_sequences_measure_the_spectra_on_the_first_sequences_only():
+    """allocation_sequences=k: the ranks are those allocated from the first k sequences
+    (a run calibrated on those alone allocates the same), while the truncations use every
+    sequence (their errors differ from that run's); all sequences: the default."""
+    model = _llama()
+    seqs = _seqs(24)
+    cfg = dict(budget=0.5, method="whitened", allocation="spectrum")
+    run = {k: compress_layerwise(copy.deepcopy(model), s, LayerwiseConfig(
+        default_targets(model), allocation_sequences=a, **cfg), progress=False)
+        for k, s, a in (("first8", seqs, 8), ("only8", seqs[:8], None), ("all", seqs, None),
+                        ("all24", seqs, 24))}
+    assert run["first8"].ranks == run["only8"].ranks
+    assert run["first8"].ranks != run["all"].ranks
+    assert run["all24"].ranks == run["all"].ranks and run["all24"].errors == run["all"].errors
+    assert any(abs(run["first8"].errors[n] - run["only8"].errors[n]) > 1e-4
+               for n in run["first8"].errors if run["first8"].ranks[n] is not None)
+    for bad in (0, 12, True, 8.0):
+        with pytest.raises(ValueError, match="allocation_sequences must be None or a positive "
+                                             r"multiple of batch_size \(8\)"):
+            LayerwiseConfig(["q_proj"], allocation_sequences=bad)
+    from tnlm.compress.decoder.job import CausalLMRecipe
+
+    assert CausalLMRecipe(allocation_sequences=16).layerwise_config(
+        model).allocation_sequences == 16
+    for bad in (12, 40):
+        with pytest.raises(ValueError, match=r"allocation_sequences must be None or a "
+                                             r"multiple of 8 .* at most n_calibration \(32\)"):
+            CausalLMRecipe(allocation_sequences=bad)
+
+
 def test_sensitivity_allocation_weighs_what_reaches_the_output():
     """Block 1 writes almost nothing to the residual stream (its o_proj and down_proj
     scaled by 1e-3): its q/k/v/gate/up errors barely reach the output. The residual

@@ -25,6 +25,9 @@ BATCH = 2
 RUNS = {
     "whitened": dict(method="whitened", fit_steps=0, budget=0.5),
     "spectrum": dict(method="whitened", fit_steps=0, budget=0.5, allocation="residual"),
+    # the spectra from the first two batches: one on each rank
+    "spectrum-first": dict(method="whitened", fit_steps=0, budget=0.5, allocation="residual",
+                           allocation_sequences=2 * BATCH),
     "tnlm": dict(method="tnlm", fit_steps=6, budget=0.5, cross=True, fit_lr=3e-3),
     # every rank measures every target on the same probe; rank 0's ranks are everyone's
     "sensitivity": dict(method="whitened", fit_steps=0, budget=0.5, allocation="sensitivity",
@@ -207,7 +210,7 @@ def test_gram_statistics_all_reduced(two_ranks):
             assert torch.allclose(got[n], ref[n], rtol=0, atol=1e-10 * float(ref[n].abs().max()))
 
 
-@pytest.mark.parametrize("name", ["whitened", "spectrum", "sensitivity"])
+@pytest.mark.parametrize("name", ["whitened", "spectrum", "spectrum-first", "sensitivity"])
 def test_truncation_matches_single_process(two_ranks, name):
     model, r = single(name)
     ref = {f"w.{k}": v for k, v in model.state_dict().items()}
@@ -215,6 +218,8 @@ def test_truncation_matches_single_process(two_ranks, name):
     assert ranks[0] == ranks[1]
     assert ranks[0]["ranks"] == r.ranks
     assert any(v is not None for v in r.ranks.values())
+    if name == "spectrum-first":  # the first batches alone allocate otherwise here
+        assert r.ranks != single("spectrum")[1].ranks
     for a, b in zip(ranks[0]["block_errors"], r.block_errors):
         assert a == pytest.approx(list(b), rel=1e-9, abs=1e-12)
     assert ranks[0]["errors"] == pytest.approx(r.errors, rel=1e-6, abs=1e-9)

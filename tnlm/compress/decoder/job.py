@@ -181,6 +181,10 @@ class CausalLMRecipe:
             measurement's time grows with them: on SmolLM2 at 60 % the compression stage
             took 250-260 s with 4 and 314-355 s with 8, and healed to 2.63x against
             2.62x the dense perplexity, one seed, docs/results.md).
+        allocation_sequences: the allocations other than ``"uniform"``: how many of the
+            first calibration sequences the dense pass measures the spectra on
+            (``LayerwiseConfig.allocation_sequences``; None, the default: all
+            ``n_calibration``); a multiple of 8, the layer-by-layer batch.
         pivoted: fix each truncated layer's bond gauge (:mod:`tnlm.core.pivot`): the
             budget counts ``r (I + J - r)`` numbers a rank-r layer (every rank larger at the
             same budget), and the layers become
@@ -220,6 +224,7 @@ class CausalLMRecipe:
     fit_lr: float = 1e-3
     allocation: str | None = None
     sensitivity_sequences: int = 4
+    allocation_sequences: int | None = None
     heal: CausalHealConfig = field(default_factory=lambda: CausalHealConfig(**JOB_HEAL))
     seed: int = 0
     text_source: str = "self"
@@ -240,6 +245,12 @@ class CausalLMRecipe:
             raise ValueError(f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
                              f"first calibration sequences: at most n_calibration "
                              f"({self.n_calibration})")
+        a = self.allocation_sequences
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1 or a % 8
+                              or a > self.n_calibration):
+            raise ValueError(f"allocation_sequences must be None or a multiple of 8 (the "
+                             f"layer-by-layer batch) at most n_calibration "
+                             f"({self.n_calibration}), got {a!r}")
         self.seed = check_seed(self.seed)
         if not isinstance(self.heal, CausalHealConfig):
             raise ValueError(f"heal must be a CausalHealConfig, got {type(self.heal).__name__}")
@@ -317,6 +328,7 @@ class CausalLMRecipe:
                                output_error=self.output_error, pivoted=self.pivoted,
                                allocation=self.resolved_allocation(), seed=self.seed,
                                sensitivity_sequences=self.sensitivity_sequences,
+                               allocation_sequences=self.allocation_sequences,
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
 

@@ -42,8 +42,8 @@ def _hidden_file(d: Path, i: int, rank: int) -> Path:
 
 
 #: :class:`LayerwiseConfig` fields a resume need not agree on: where the checkpoint is, and
-#: the probe the allocation was measured on (a checkpoint keeps the ranks it allocated)
-_NOT_SETTINGS = ("checkpoint_dir", "sensitivity_sequences")
+#: the sequences the allocation was measured on (a checkpoint keeps the ranks it allocated)
+_NOT_SETTINGS = ("checkpoint_dir", "sensitivity_sequences", "allocation_sequences")
 
 
 def settings_of(config: LayerwiseConfig) -> dict[str, Any]:
@@ -56,8 +56,9 @@ def settings_of(config: LayerwiseConfig) -> dict[str, Any]:
 def layerwise_fingerprint(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig,
                           per_block: list[list[str]], world_size: int) -> dict[str, Any]:
     """What a checkpoint of :func:`compress_layerwise` must agree on to be resumed: the
-    settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir`` and
-    ``sensitivity_sequences``: the checkpoint keeps the ranks it allocated), a sha256 of
+    settings (every :class:`LayerwiseConfig` field but ``checkpoint_dir``,
+    ``sensitivity_sequences`` and ``allocation_sequences``: the checkpoint keeps the ranks
+    it allocated), a sha256 of
     the calibration sequences, the model (its class, its configuration's architecture
     fields — not where it was loaded from, the transformers version or the configured
     dtype —, the targets per block, its parameters' dtypes and a sha256 of its state

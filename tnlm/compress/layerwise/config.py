@@ -81,13 +81,18 @@ class LayerwiseConfig:
         sensitivity_sequences: allocation ``"sensitivity"``: how many of the first
             calibration sequences the end-to-end errors are measured on
             (:class:`Sensitivity`; its time grows with them).
+        allocation_sequences: the allocations other than ``"uniform"``: how many of the
+            first calibration sequences the dense pass measures the spectra on (None: all
+            of them). Its time grows with them; the truncations themselves still use every
+            calibration sequence. A multiple of ``batch_size``.
 
     Raises:
         TypeError: ``budget`` is not a real number (a bool included).
         ValueError: ``budget`` not in (0, 1], ``fit_lr`` not a finite number > 0, an
             unknown ``method``, ``allocation`` or ``output_error``,
             ``fit_steps``/``batch_size``/``sensitivity_sequences`` not an int
-            (>= 0 / >= 1 / >= 1), malformed ``target_modules``, ``pivoted`` or
+            (>= 0 / >= 1 / >= 1), ``allocation_sequences`` neither None nor a positive
+            multiple of ``batch_size``, malformed ``target_modules``, ``pivoted`` or
             ``cross`` not a bool, ``cross`` with a method other than ``"tnlm"``,
             ``ridge`` not a finite number >= 0, ``seed`` not an int in [0, 2**63 - 1].
     """
@@ -107,6 +112,7 @@ class LayerwiseConfig:
     output_error: str = "total"
     pivoted: bool = False
     sensitivity_sequences: int = 8
+    allocation_sequences: int | None = None
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
@@ -133,6 +139,11 @@ class LayerwiseConfig:
                                                                        else 1):
                 raise ValueError(f"{name} must be an int >= "
                                  f"{0 if name == 'fit_steps' else 1}, got {v!r}")
+        a = self.allocation_sequences
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1
+                              or a % self.batch_size):
+            raise ValueError(f"allocation_sequences must be None or a positive multiple of "
+                             f"batch_size ({self.batch_size}): whole batches, got {a!r}")
         lr = self.fit_lr
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
                 math.isfinite(lr) and lr > 0):

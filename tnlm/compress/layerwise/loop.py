@@ -49,6 +49,18 @@ from tnlm.integration.architectures import blocks_of
 
 __all__ = ["compress_layerwise"]
 
+def _allocation_batches(data: list[tuple], n: int, config: LayerwiseConfig, rank: int,
+                        size: int) -> list[tuple]:
+    """This rank's captured batches among the first ``config.allocation_sequences`` of the
+    ``n`` calibration sequences (all of them when it is None or at least ``n``)."""
+    k = config.allocation_sequences
+    if k is None or k >= n:
+        return data
+    # rank r holds the global batches r, r + size, ... (dist_.shard_batches)
+    first = k // config.batch_size
+    return [d for j, d in enumerate(data) if rank + j * size < first]
+
+
 def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: LayerwiseConfig, *,
                        progress: bool = True, log: Callable[[str], None] | None = None,
                        resume: bool = False, distributed: bool | None = None
@@ -122,6 +134,12 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 f"{config.batch_size}, which {size} ranks cannot share: every rank needs a "
                 "batch" + (", and block fitting equal shares (a number of batches divisible "
                            "by the world size)" if fitting else ""))
+        k = config.allocation_sequences
+        if config.allocation != "uniform" and k is not None and k < sequences.shape[0] \
+                and k // config.batch_size < size:
+            raise ValueError(f"allocation_sequences ({k}) make {k // config.batch_size} "
+                             f"batches of {config.batch_size}, which {size} ranks cannot "
+                             f"share: every rank needs a batch")
         local = torch.cat([sequences[s] for s in dist_.shard_batches(
             sequences.shape[0], config.batch_size, rank, size)])
     else:
@@ -203,7 +221,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 probe = n
                 sens.start(blocks, capture_block_inputs(model, sequences[:n],
                                                         config.batch_size, blocks))
-            spectra, share = dense_spectra(blocks, data, per_block, prefix, config.ridge,
+            spectra, share = dense_spectra(blocks, _allocation_batches(
+                                               data, sequences.shape[0], config, rank, size),
+                                           per_block, prefix, config.ridge,
                                            progress, reduce=dist, error=config.output_error,
                                            sensitivity=sens)
         finally:
