@@ -86,27 +86,34 @@ _BY_LAST = {
 def default_classifier(name: str) -> tuple[int | None, str]:
     """``(layer, module_type)`` of a weight name; ``layer`` is None outside the layer stack.
 
-    ``module_type`` is one of :data:`MODULE_TYPES`; unknown names give ``"other"``.
+    ``module_type`` is one of :data:`MODULE_TYPES`; unknown names give ``"other"``, and so
+    do attention and feed-forward names outside the layer stack (a classification head's
+    ``classifier.out_proj`` is no attention output): only embeddings are typed there.
     """
     name = name.removesuffix(".weight")
-    parts = name.split(".")
     match = _LAYER.search(name)
     layer = int(match.group(1)) if match else None
+    kind = _kind(name.split("."))
+    return layer, kind if layer is not None or kind == "embedding" else "other"
+
+
+def _kind(parts: list[str]) -> str:
+    """The module type of a weight name's ``parts`` as if inside a block."""
     if any(p in _EMBEDDINGS for p in parts):
-        return layer, "embedding"
+        return "embedding"
     last = parts[-1]
     parent = parts[-2] if len(parts) > 1 else ""
     if last in _BY_LAST:
-        return layer, _BY_LAST[last]
+        return _BY_LAST[last]
     if last == "c_proj":
-        return layer, {"attn": "O", "mlp": "FFN-out"}.get(parent, "other")
+        return {"attn": "O", "mlp": "FFN-out"}.get(parent, "other")
     if last == "dense":
         grand = parts[-3] if len(parts) > 2 else ""
         if parent in ("attention", "self_attn", "self_attention") or (
                 parent == "output" and grand == "attention"):
-            return layer, "O"
+            return "O"
         if parent == "intermediate":
-            return layer, "FFN-in"
-        if parent == "output" and layer is not None:
-            return layer, "FFN-out"
-    return layer, "other"
+            return "FFN-in"
+        if parent == "output":
+            return "FFN-out"
+    return "other"

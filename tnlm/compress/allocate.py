@@ -158,8 +158,11 @@ def uniform_ranks(shapes: dict[str, tuple[int, int]], fraction: float, *,
     keeping the largest fraction first.
 
     Raises:
-        ValueError: ``fraction`` below :func:`smallest_fraction` (every layer at rank 1).
+        TypeError: ``fraction`` is not a real number (a bool included).
+        ValueError: ``fraction`` not in (0, 1], or below :func:`smallest_fraction` (every
+            layer at rank 1).
     """
+    fraction = check_fraction("fraction", fraction)
     if fraction >= 1:
         return {n: None for n in shapes}
     ranks = {n: rank_for_fraction(i, j, fraction, pivoted=pivoted)

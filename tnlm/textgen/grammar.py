@@ -14,6 +14,7 @@ Deterministic for a seed. ``generate(n, seed)`` returns ``n`` distinct sentences
 
 from __future__ import annotations
 
+import numbers
 import random
 from types import SimpleNamespace
 
@@ -103,7 +104,17 @@ def generate(n: int = 4000, seed: int = 0) -> list[str]:
     Mix: 25 % scene descriptions, 25 % scene captions
     (:func:`tnlm.textgen.captions.caption`: a larger, compositional lexicon and more
     constructions), 30 % opinions and reviews, 12 % facts and news, 8 % questions,
-    instructions and reported speech."""
+    instructions and reported speech.
+
+    Raises:
+        ValueError: ``n`` not an int >= 0 or ``seed`` not an int (a bool is neither).
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0 (the number of sentences), got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int (the same seed, the same sentences), "
+                         f"got {seed!r}")
+    n, seed = int(n), int(seed)
     rng = random.Random(seed)
     out: dict[str, None] = {}
     limit = n * 30

@@ -14,7 +14,8 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
             output weighs its spectrum (Sensitivity; about (L + 1) / 2 more passes of
             the probe per target kind);
         "uniform": each target the largest rank r with r (I + J) <= budget · I J
-            (``pivoted``: r (I + J - r), the gauge-fixed count)
+            (``pivoted``: r (I + J - r), the gauge-fixed count), at least 1, lowered
+            where rank 1 of the small targets keeps more (allocate.uniform_ranks)
     resume: the finished blocks and this rank's X_s, X_t from the checkpoint
     for block i = 0 .. L-1 (after the checkpoint's last block):
         T_i  = a dense copy of block i (the teacher's block; one block, not the model)
@@ -22,8 +23,9 @@ The way SVD-LLM's low-resource mode and llm-compressor's sequential pipeline wor
         statistics of block i's target linears on the student's inputs X_s
             (method "tnlm"; with ``cross``, also the cross Gram against the teacher's
              inputs, so each truncation also corrects the error the earlier blocks left;
-             "whitened": the dense model's own inputs X_t; "plain": none, the weight's own
-             SVD), summed over the ranks
+             "whitened": the dense model's own inputs X_t; "plain": the weight's own
+             SVD, X_t's statistics only for the output errors reported), summed over the
+             ranks
         replace each target by its whitened truncation at the allocated rank
             (tnlm.compress.data_aware: exactly low rank in the 2-site layout);
             distributed: each truncation computed by one rank (largest I J min(I, J)

@@ -16,10 +16,11 @@ from torch import nn
 
 from tnlm.bridge import select_parameters
 from tnlm.compress import distributed as dist_
+from tnlm.compress.layerwise.config import OUTPUT_ERRORS
 from tnlm.integration.architectures import blocks_of
 
-__all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs", "fit_block",
-           "put_back", "refuse_shared_blocks"]
+__all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs",
+           "check_output_error", "fit_block", "put_back", "refuse_shared_blocks"]
 
 class _Stop(Exception):
     pass
@@ -76,7 +77,10 @@ def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: 
                          blocks: nn.ModuleList | None = None) -> list[tuple]:
     """Per batch of ``sequences`` (long, n x T, no padding): ``(x, (args, kwargs))``, the
     hidden states (b, T, hidden) entering the first block and the other arguments the
-    model passed it. The rest of the forward is not run."""
+    model passed it. The rest of the forward is not run. Raises ``ValueError`` for a
+    ``batch_size`` that is not an int >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     blocks = blocks_of(model) if blocks is None else blocks
     cur: dict[str, Any] = {}
 
@@ -105,6 +109,13 @@ def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: 
     return out
 
 
+def check_output_error(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming argument ``name`` unless ``value`` is one of
+    :data:`OUTPUT_ERRORS`."""
+    if not isinstance(value, str) or value not in OUTPUT_ERRORS:
+        raise ValueError(f"{name} must be one of {OUTPUT_ERRORS}, got {value!r}")
+
+
 def block_error(y: torch.Tensor, t: torch.Tensor, kind: str = "total") -> torch.Tensor:
     """Relative squared error of a block's output ``y`` against ``t`` (both ``(b, T, d)``;
     a 0-dim tensor), one of :data:`OUTPUT_ERRORS`:
@@ -116,7 +127,10 @@ def block_error(y: torch.Tensor, t: torch.Tensor, kind: str = "total") -> torch.
       positions carry "massive activations" (SmolLM2-135M, blocks 15-25: the first token
       holds 95-99.5 % of the residual stream's energy), so this error is almost only
       theirs.
+
+    Raises ``ValueError`` for another ``kind``.
     """
+    check_output_error("kind", kind)
     if kind == "total":
         return ((y - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-30)
     per = ((y - t) ** 2).sum(-1) / (t ** 2).sum(-1).clamp_min(1e-30)
@@ -144,7 +158,9 @@ def fit_block(block: nn.Module, inputs: list[tuple], targets: list[torch.Tensor]
     batches, all shards of the same length: every rank draws the same index from the same
     seeded generator, takes that batch of its shard, and the gradients and loss are
     averaged over the ranks before each step, so the ranks stay identical (one step sees
-    ``world_size`` batches). Unequal shard lengths raise ``ValueError`` on every rank."""
+    ``world_size`` batches). Unequal shard lengths raise ``ValueError`` on every rank, as
+    does an ``error`` not in :data:`OUTPUT_ERRORS`."""
+    check_output_error("error", error)
     params = block_parameters(block)
     sync = sync and dist_.is_distributed()
     if sync:

@@ -163,8 +163,10 @@ def write_checkpoint(directory: str | os.PathLike, index: int, state: dict[str, 
 
 def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The ``state.json`` of a :func:`compress_layerwise` checkpoint, or None if there is
-    none. Raises ``ValueError`` for a file that is not such a checkpoint or one of another
-    version."""
+    none. Raises ``ValueError`` (naming the file) for a file that is not such a checkpoint,
+    one of another version, or one missing a field a resume reads (or of the wrong type:
+    ``fingerprint``, ``allocated``, ``ranks``, ``errors``, ``structures``,
+    ``block_errors``, ``params_before``, ``params_after``)."""
     path = Path(directory) / CHECKPOINT_STATE
     if not path.is_file():
         return None
@@ -180,7 +182,22 @@ def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, Any] | None
                          "without resume, or resume with the tnlm that wrote it)")
     if not isinstance(state.get("last_block"), int) or state["last_block"] < 0:
         raise ValueError(f"{path}: no valid last_block ({state.get('last_block')!r})")
+    for key, types, what in _STATE_FIELDS:
+        if key not in state:
+            raise ValueError(f"{path}: the layer-by-layer checkpoint has no {key!r} (an "
+                             f"edited or truncated state; start again without resume)")
+        v = state[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise ValueError(f"{path}: {key!r} must be {what}, got {_short(v)}")
     return state
+
+
+#: what a resume reads from ``state.json`` besides ``last_block``: key, types, in words
+_STATE_FIELDS = (("fingerprint", dict, "a dict"),
+                 ("allocated", (dict, type(None)), "a dict or null"),
+                 ("ranks", dict, "a dict"), ("errors", dict, "a dict"),
+                 ("structures", dict, "a dict"), ("block_errors", list, "a list"),
+                 ("params_before", int, "an int"), ("params_after", int, "an int"))
 
 
 def check_files(d: Path, state: dict[str, Any], n_blocks: int, ranks: list[int]) -> None:

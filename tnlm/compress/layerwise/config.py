@@ -39,9 +39,11 @@ class LayerwiseConfig:
         target_modules: MPOConfig suffix patterns of the linears to compress.
         budget: fraction of the targeted linears' parameters kept, in (0, 1]. With
             ``allocation="uniform"`` each layer gets the largest rank r with
-            ``r (I + J) <= budget · I J`` (``r (I + J - r)`` with ``pivoted``); the other
-            allocations share the budget over the
-            targets unevenly (the total stays within it). Budget 1 keeps every layer dense
+            ``r (I + J) <= budget · I J`` (``r (I + J - r)`` with ``pivoted``), at least
+            1; where rank 1 of a small layer keeps more than its share, the other layers
+            give up the difference (:func:`tnlm.compress.allocate.uniform_ranks`); the
+            other allocations share the budget over the targets unevenly. Every total
+            stays within the budget. Budget 1 keeps every layer dense
             (error 0), as does a rank reaching ``min(I, J)``.
         method: one of :data:`METHODS`.
         fit_steps: optimizer steps of block fitting per block (method ``tnlm`` only).
@@ -115,7 +117,7 @@ class LayerwiseConfig:
     allocation_sequences: int | None = None
 
     def __post_init__(self) -> None:
-        check_fraction("budget", self.budget)
+        self.budget = check_fraction("budget", self.budget)  # a numpy float: a float (JSON)
         check_bool_fields(self, "pivoted", "cross")
         r = self.ridge
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (
@@ -155,6 +157,7 @@ class LayerwiseConfig:
 class LayerwiseResult:
     ranks: dict[str, int | None]        # None: kept dense
     errors: dict[str, float]            # relative calibration output error per layer
+    #                                     (plain too: on the teacher's inputs, not W's)
     block_errors: list[tuple[float, float]]  # per block: output error before/after fitting
     params_before: int
     params_after: int

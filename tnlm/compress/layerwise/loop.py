@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from tnlm.bridge import invalidate_caches, weight_xw
 from tnlm.compress import distributed as dist_
-from tnlm.compress.allocate import rank_for_fraction, spectrum_ranks
+from tnlm.compress.allocate import spectrum_ranks, uniform_ranks
 from tnlm.compress.calibration import InputStats, collect_input_stats
-from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.data_aware import WhitenedLayer, output_error
 from tnlm.compress.layerwise.blocks import (
     BlockCall,
     block_error,
@@ -44,7 +44,7 @@ from tnlm.compress.layerwise.config import LayerwiseConfig, LayerwiseResult
 from tnlm.compress.layerwise.spectra import Sensitivity, dense_spectra
 from tnlm.compress.layerwise.targets import checked_targets, shared_batches
 from tnlm.compress.memory import peak_rss_mb
-from tnlm.core.pivot import pivoted_params, pivoted_rank_for_fraction
+from tnlm.core.pivot import pivoted_params
 from tnlm.integration.architectures import blocks_of
 
 __all__ = ["compress_layerwise"]
@@ -98,7 +98,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     Raises:
         TypeError: ``config.budget`` of the wrong type (raised when the
             :class:`LayerwiseConfig` is made; :func:`tnlm.core.budget.check_fraction`).
-        ValueError: bad sequences, a block stack whose blocks do not each run once per
+        ValueError: bad sequences (token ids outside the model's vocabulary included),
+            a block stack whose blocks do not each run once per
             forward (ALBERT's shared layer groups: fewer blocks than
             ``config.num_hidden_layers``), patterns that match no linear of any block, a
             distributed run with fewer batches than ranks (or, when fitting, a number of
@@ -118,10 +119,17 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         raise ValueError("sequences must be a non-empty (n, T) tensor of token ids, got "
                          + (f"shape {tuple(sequences.shape)} {sequences.dtype}"
                             if torch.is_tensor(sequences) else type(sequences).__name__))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if isinstance(vocab, int):
+        lo, hi = int(sequences.min()), int(sequences.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"sequences hold token ids outside the model's vocabulary of "
+                             f"{vocab} (ids 0 .. {vocab - 1}): min {lo}, max {hi}")
     say = log or (lambda s: None)
     blocks = blocks_of(model)
     refuse_shared_blocks(model, blocks, "compress_layerwise")
-    per_block, _ = checked_targets(model, blocks, config)
+    per_block, shapes = checked_targets(model, blocks, config)
     dist = dist_.is_distributed() and (distributed is None or bool(distributed))
     rank, size = dist_.world() if dist else (0, 1)
     fitting = config.method == "tnlm" and config.fit_steps > 0
@@ -236,6 +244,11 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         if dist:  # the same spectra on every rank; rank 0's choice is everyone's
             allocated = dist_.broadcast_json(allocated, 0, "the allocated ranks")
         times["allocation"] = time.perf_counter() - t0
+    # "uniform": every target's rank_for_fraction, less where rank 1 of the small ones
+    # keeps more than their share (allocate.uniform_ranks): within the budget; not stored
+    # in the checkpoint (allocated stays None), the same from the shapes on a resume
+    uniform = (uniform_ranks(shapes, float(config.budget), pivoted=config.pivoted)
+               if allocated is None and config.budget < 1 else None)
 
     def mean_error(parts: list[torch.Tensor]) -> float:
         """Mean of the batches' errors over all ranks' batches (equal-sized batches
@@ -273,7 +286,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             names = per_block[i]
             with torch.no_grad():
                 yt = [call_t(x, d[1]) for x, d in zip(xt, data)]
-            if names and config.method != "plain":
+            if names:  # plain: the teacher's statistics for the errors reported only
                 # the BlockCall wrapper names the block "block"
                 mods = [f"block.{n}" for n in names]
                 if config.method == "tnlm":
@@ -292,9 +305,8 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                 W = weight_xw(old)
                 I, J = (int(d) for d in W.shape)
                 before += I * J
-                uniform = pivoted_rank_for_fraction if config.pivoted else rank_for_fraction
-                rank_n = (uniform(I, J, float(config.budget)) if allocated is None
-                          else allocated[f"{prefix}.{i}.{n}"])
+                chosen = allocated if allocated is not None else uniform
+                rank_n = chosen[f"{prefix}.{i}.{n}"] if chosen is not None else None
                 if config.budget >= 1 or rank_n is None or rank_n >= min(I, J):
                     ranks[f"{prefix}.{i}.{n}"] = None  # budget 1: nothing is truncated
                     errors[f"{prefix}.{i}.{n}"] = 0.0
@@ -307,7 +319,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             for job, new in zip(todo, _truncate(todo, config, rank, size if dist else 1, i)):
                 swap.put(f"{prefix}.{i}.{job.name}", new)
                 ranks[f"{prefix}.{i}.{job.name}"] = job.rank
-                errors[f"{prefix}.{i}.{job.name}"] = float(new.truncation_error)
+                errors[f"{prefix}.{i}.{job.name}"] = (
+                    float(new.truncation_error) if config.method != "plain" else
+                    _output_error(job.W, new, stats[job.name]))  # not the weight's own
                 structures[f"{prefix}.{i}.{job.name}"] = new.structure()
                 after += (pivoted_params(job.W.shape[0], job.W.shape[1], job.rank)
                           if config.pivoted else sum(c.numel() for c in new.cores))
@@ -362,6 +376,13 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
     times["fitting"] = t_fit
     return LayerwiseResult(ranks, errors, block_errors, before, after, times, peak_rss_mb(),
                            sensitivity_sequences=probe)
+
+
+def _output_error(W: torch.Tensor, layer: nn.Module, stats: InputStats) -> float:
+    """The relative calibration output error of ``layer`` against the dense ``W``
+    (:func:`~tnlm.compress.data_aware.output_error`, on the inputs ``stats`` describe)."""
+    with torch.no_grad():
+        return output_error(W.to(torch.float64), layer.dense_matrix(torch.float64), stats)
 
 
 @dataclass

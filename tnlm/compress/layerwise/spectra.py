@@ -17,7 +17,7 @@ from tnlm.compress import distributed as dist_
 from tnlm.compress.allocate import rank_for_fraction
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer
-from tnlm.compress.layerwise.blocks import BlockCall, block_error
+from tnlm.compress.layerwise.blocks import BlockCall, block_error, check_output_error
 from tnlm.core.budget import check_fraction
 from tnlm.core.pivot import pivoted_rank_for_fraction
 
@@ -50,7 +50,10 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
     alone, at its uniform rank, and the last block's output error it causes on the
     sensitivity's probe is recorded in ``sensitivity.errors``; with ``reduce`` every rank
     computes every spectrum then (from the summed statistics) and measures on its probe.
+
+    Raises ``ValueError`` for an ``error`` not in :data:`OUTPUT_ERRORS`.
     """
+    check_output_error("error", error)
     spectra: dict[str, tuple[int, int, Any]] = {}
     share: dict[str, float] = {}
     xs = [d[0] for d in data]
