@@ -5,6 +5,7 @@ both compress jobs take."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -114,14 +115,37 @@ MODEL_FILES = frozenset({
 _STAGED = ("partial", "old")
 
 
-def _carried(name: str, drop: Sequence[str]) -> bool:
+#: a dense model's weights as transformers writes them (``tnlm export --format hf``):
+#: ``model.safetensors``, its shards ``model-00001-of-00002.safetensors`` and their index
+_DENSE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def _old_weights(folder: Path) -> str | None:
+    """The weights file the ``mpo_config.json`` of ``folder`` names (a plain
+    ``.safetensors`` file name), or None."""
+    import json
+
+    try:
+        name = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("weights")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and name.endswith(".safetensors") and "/" not in name \
+            and "\\" not in name:
+        return name
+    return None
+
+
+def _carried(name: str, drop: Sequence[str], weights: str | None = None) -> bool:
     """Whether an entry of the earlier folder goes into the new one: the user's own
-    files and hidden files (``.git``, notes, results), not an earlier model's files, its
-    weights, tnlm's own hidden files or the run's own folders ``drop``."""
+    files and hidden files (``.git``, notes, results, their own ``.safetensors`` such as
+    ``mpo_model-best.safetensors``), not an earlier model's files, the weights an earlier
+    run wrote (tnlm's ``mpo_model-<hash>.safetensors``, the file ``weights`` its
+    ``mpo_config.json`` names, a dense export's ``model*.safetensors``), tnlm's own hidden
+    files or the run's own folders ``drop``."""
     if name.startswith("."):
         return not name.startswith(_OWN_HIDDEN)
-    return not (name in MODEL_FILES or name in drop or name.endswith(".safetensors")
-                or WEIGHTS_NAME.fullmatch(name))
+    return not (name in MODEL_FILES or name in drop or name == weights
+                or WEIGHTS_NAME.fullmatch(name) or _DENSE_WEIGHTS.fullmatch(name))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,9 +204,11 @@ def replace_folder(out: Path, write: Callable[[Path], object],
 
     ``write(folder)`` fills a new folder beside ``out``, which then takes ``out``'s place;
     only then is the earlier folder removed with an earlier model's files
-    (:data:`MODEL_FILES`, weights) and the run's own folders ``drop`` (a checkpoint to
-    resume); everything else there, the user's own files and hidden files (``.git``,
-    notes, results), is carried over. If ``write`` fails or is interrupted, the new
+    (:data:`MODEL_FILES`, the weights an earlier run wrote: ``mpo_model-<hash>.safetensors``,
+    the file its ``mpo_config.json`` names, ``model*.safetensors``) and the run's own
+    folders ``drop`` (a checkpoint to resume); everything else there, the user's own files
+    and hidden files (``.git``, notes, results, other ``.safetensors`` such as
+    ``mpo_model-best.safetensors``), is carried over. If ``write`` fails or is interrupted, the new
     folder is removed and ``out`` is as it was (killed by a signal: :func:`recover_staged`
     tidies up at the next run's :func:`make_out`). A folder that cannot be renamed (a
     mount point, the working folder or one above it) or whose parent cannot be written
@@ -213,9 +239,10 @@ def replace_folder(out: Path, write: Callable[[Path], object],
         write(out)  # out cannot be renamed (busy, in a sticky folder): in place
         return
     moved: list[str] = []
+    weights = _old_weights(old)
     try:
         for p in sorted(old.iterdir()):
-            if _carried(p.name, drop) and not (tmp / p.name).exists():
+            if _carried(p.name, drop, weights) and not (tmp / p.name).exists():
                 os.rename(p, tmp / p.name)
                 moved.append(p.name)
         os.rename(tmp, real)

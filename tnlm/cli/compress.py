@@ -104,11 +104,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     if args.text_column is not None and not args.text:
         raise UserError("--text-column picks the column of --text FILE: pass --text")
+    if args.targets is not None and not all(t.strip() for t in args.targets.split(",")):
+        raise UserError(f"--targets {args.targets!r} names an empty module pattern: pass "
+                        "comma-separated patterns (query,key,...), or leave --targets out "
+                        "for the architecture's targets")
     source_arch = _architecture(args.model_dir, targets_given=bool(args.targets))
     if args.out is None:  # named after the model: a causal LM's is not out/minilm-mpo
         args.out = default_out(args.model_dir)
     if source_arch is not None and source_arch[1].causal:
         return compress_causal(args, *source_arch)
+    _refuse_task_head(args.model_dir)
     if launched()[1] > 1:
         raise UserError("several processes (torchrun) compress causal LMs only; run an "
                         "encoder's compression as one process")
@@ -340,6 +345,37 @@ def _decoder_name(folder: Path) -> str | None:
     if cfg.get("is_decoder") is True:
         return f"model_type {cfg.get('model_type')!r} (is_decoder)"
     return None
+
+
+#: class-name endings of an encoder checkpoint whose head is its pre-training's (masked
+#: language model, ELECTRA's discriminator): the encoder job makes an embedding model of it
+_PRETRAINING_HEADS = ("ForMaskedLM", "ForPreTraining")
+
+
+def _refuse_task_head(model_dir: str | None) -> None:
+    """:class:`UserError` when MODEL_DIR's ``config.json`` names (``architectures``) an
+    encoder with another head than its pre-training's (``*ForSequenceClassification``,
+    ``*ForTokenClassification``, ``*ForQuestionAnswering``, ...): the encoder's job loads
+    the bare encoder (``AutoModel``) and would silently drop that head (the saved
+    ``config.json`` would still name it; after export it would be random). Nothing is
+    loaded; a folder whose ``config.json`` cannot be read, or names no architecture, passes."""
+    if model_dir is None or not Path(model_dir).is_dir():
+        return
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        names = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return
+    heads = [a for a in names if ("For" in a or a.endswith("LMHeadModel"))
+             and not a.endswith(_PRETRAINING_HEADS)]
+    if heads:
+        raise UserError(f"MODEL_DIR {model_dir} holds a {heads[0]} (config.json's "
+                        "architectures), a model with a task head: tnlm compress makes an "
+                        "encoder's embedding model from the bare encoder and would drop that "
+                        "head; supported are a bare encoder (e.g. BertModel), an encoder's "
+                        "pre-training checkpoint (*ForMaskedLM, *ForPreTraining) or a causal "
+                        "LM (*ForCausalLM, *LMHeadModel); compress a task model from Python "
+                        "(tnlm.compress.pipeline.compress_model keeps its head)")
 
 
 def _architecture(model_dir: str | None, targets_given: bool = False):

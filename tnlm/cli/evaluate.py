@@ -58,11 +58,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="UTF-8 text files (a causal LM: the documents, joined by a blank "
                         "line; an encoder: one sentence a line); default: the natural "
                         "held-out text tnlm compress measures on")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
-                   help="causal LMs: tokens per perplexity window")
-    p.add_argument("--stride", type=int, default=STRIDE,
-                   help="causal LMs: how far each window moves (< --max-length: every token "
-                        "after the first scored once, with more context)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help=f"causal LMs: tokens per perplexity window; default {MAX_LENGTH}")
+    p.add_argument("--stride", type=int, default=None,
+                   help=f"causal LMs: how far each window moves (< --max-length: every token "
+                        f"after the first scored once, with more context); default {STRIDE}")
     p.add_argument("--batch-size", type=int, default=8, help="windows (or sentences) a pass")
     p.add_argument("--answers", action="store_true",
                    help="causal LMs: greedy answers to tnlm's 50 simple questions, through "
@@ -122,8 +122,11 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_length", "stride", "batch_size"):
         v = getattr(args, name)
         least = 2 if name == "max_length" else 1
-        if v < least:
+        if v is not None and v < least:
             raise EvalError(f"--{name.replace('_', '-')} must be an int >= {least}, got {v}")
+    windows = {name: getattr(args, name) for name in ("max_length", "stride")}  # as given
+    args.max_length = MAX_LENGTH if args.max_length is None else args.max_length
+    args.stride = STRIDE if args.stride is None else args.stride
     if args.stride > args.max_length:
         raise EvalError(f"--stride must be at most --max-length ({args.max_length}), got "
                         f"{args.stride}")
@@ -143,8 +146,8 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
                             "--reference MODEL (the original) to measure the embedding cosine")
         if args.answers:
             raise EvalError("--answers applies to causal LMs; MODEL is an encoder")
-        for name, default in (("max_length", MAX_LENGTH), ("stride", STRIDE)):
-            if getattr(args, name) != default:
+        for name, given in windows.items():
+            if given is not None:
                 raise EvalError(f"--{name.replace('_', '-')} applies to causal LMs (perplexity "
                                 "windows); MODEL is an encoder")
     texts = None
@@ -153,7 +156,7 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         for f in args.text:
             p = Path(f)
             try:
-                t = p.read_text(encoding="utf-8")
+                t = p.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as err:
                 raise EvalError(f"--text {p} cannot be read as UTF-8 text: "
                                 f"{getattr(err, 'strerror', None) or err}") from None
@@ -213,8 +216,11 @@ def _default_text(causal: bool) -> tuple[list[str], str]:
 
 
 def _lines_of(texts: list[str]) -> list[str]:
-    """The non-blank lines of the texts, stripped: an encoder's sentences."""
-    return [s.strip() for t in texts for s in t.splitlines() if s.strip()]
+    """The non-blank lines of the texts, stripped: an encoder's sentences. Lines end at a
+    line feed, CRLF or a lone CR, as :func:`tnlm.compress.text.read_sentences` reads
+    ``tnlm compress --text`` (U+2028, form feeds, ``\\x85`` stay inside their line)."""
+    return [s.strip() for t in texts
+            for s in t.replace("\r\n", "\n").replace("\r", "\n").split("\n") if s.strip()]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

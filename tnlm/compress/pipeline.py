@@ -53,13 +53,13 @@ from tnlm.compress.allocate import (
     uniform_ranks,
 )
 from tnlm.compress.calibration import InputStats, collect_input_stats
-from tnlm.compress.data_aware import WhitenedLayer
+from tnlm.compress.data_aware import WhitenedLayer, output_error
 from tnlm.compress.distill import HealConfig, HealResult, heal
 from tnlm.compress.layerwise.blocks import refuse_shared_blocks
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.compress.text import check_texts
 from tnlm.core.budget import check_fraction
-from tnlm.core.validation import check_bool_fields
+from tnlm.core.validation import check_bool_fields, check_positive_int
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices, find_blocks
 from tnlm.integration.surgery import Swap, weight_sharers
@@ -86,11 +86,12 @@ class CompressionConfig:
         reconstruct_steps: block-by-block reconstruction steps per block before healing
             (:mod:`tnlm.compress.reconstruct`; 0: none), on ``reconstruct_size`` sentences.
         sequential: calibrate each block on the partly compressed model's inputs
-            and fit to the teacher's outputs (error feedback); default: one pass on the
-            original model (measured better on MiniLM: held-out cosine 0.781 vs 0.748 at
-            50 % before healing, docs/results.md).
+            and fit to the teacher's outputs (error feedback; needs ``whiten``); default:
+            one pass on the original model (measured better on MiniLM: held-out cosine
+            0.781 vs 0.748 at 50 % before healing, docs/results.md).
         whiten: minimise the calibration output error (data-aware); ``False`` truncates
-            the weight itself (plain low-rank SVD), the baseline.
+            the weight itself (plain low-rank SVD), the baseline (its reported ``errors``
+            are still the calibration output errors; ``sequential`` needs ``whiten``).
         gauge: gauge of the resulting cores (:data:`tnlm.core.spec.GAUGES`).
         pivoted: count and allocate each truncated layer with its bond's gauge fixed,
             ``r (I + J - r)`` numbers instead of ``r (I + J)`` (:mod:`tnlm.core.pivot`):
@@ -132,6 +133,11 @@ class CompressionConfig:
                              f"{self.reconstruct_steps!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.sequential and not self.whiten:
+            raise ValueError("sequential=True needs whiten=True: sequential calibration fits "
+                             "each block to the teacher's outputs through the calibration "
+                             "statistics, which whiten=False (plain SVD of the weights) does "
+                             "not use; pass sequential=False or whiten=True")
         MPOConfig(target_modules=self.target_modules)  # validates the patterns' form
 
 
@@ -144,7 +150,7 @@ class CompressionResult:
     params_after: int
     heal: HealResult | None
     seconds: dict[str, float]
-    block_errors: list[tuple[float, float]] | None = None
+    block_errors: list[tuple[float, float]] | None = None  # per block, relative (not squared)
 
     @property
     def ratio(self) -> float:
@@ -172,29 +178,47 @@ def layer_groups(names: Sequence[str], model: nn.Module | None = None) -> list[l
 
 
 def _greedy_ranks(layers: dict[str, WhitenedLayer], fraction: float,
-                  pivoted: bool = False) -> dict[str, int]:
+                  pivoted: bool = False) -> dict[str, int | None]:
     """Ranks maximising the drop of Σ relative squared output error per parameter (a rank
-    more costs ``I + J``, with ``pivoted`` ``I + J - 2r - 1``)."""
-    def cost(n: str, r: int) -> int:  # of rank r -> r + 1
+    more costs ``I + J``, with ``pivoted`` ``I + J - 2r - 1``). A truncated layer stays
+    cheaper than its dense matrix: past the largest such rank the next step keeps the
+    layer dense (``None``, no error), as :func:`~tnlm.compress.allocate.spectrum_ranks`
+    does."""
+    def size(n: str, r: int | None) -> int:
         I, J = layers[n].shape
-        return rank_params(I, J, r + 1, pivoted=pivoted) - rank_params(I, J, r, pivoted=pivoted)
+        return I * J if r is None else rank_params(I, J, r, pivoted=pivoted)
+
+    def top(n: str) -> int:  # the largest rank costing less than the dense matrix
+        I, J = layers[n].shape
+        r = min(len(layers[n].spectrum), I, J)
+        while r > 1 and rank_params(I, J, r, pivoted=pivoted) >= I * J:
+            r -= 1
+        return r
 
     budget = fraction * sum(wl.shape[0] * wl.shape[1] for wl in layers.values())
-    ranks = {n: 1 for n in layers}
-    spent = sum(rank_params(*wl.shape, 1, pivoted=pivoted) for wl in layers.values())
+    ranks: dict[str, int | None] = {n: 1 for n in layers}
+    tops = {n: top(n) for n in layers}
+    spent = sum(size(n, 1) for n in layers)
     total = {n: float(wl.tails[0]) or 1.0 for n, wl in layers.items()}
     while True:
-        best, gain = None, -1.0
+        best, gain, step = None, -1.0, 0
         for n, wl in layers.items():
             r = ranks[n]
-            if r < min(len(wl.spectrum), *wl.shape) and spent + cost(n, r) <= budget:
-                g = float(wl.spectrum[r] ** 2) / total[n] / cost(n, r)
-                if g > gain:
-                    best, gain = n, g
+            if r is None:
+                continue
+            nxt = r + 1 if r < tops[n] else None  # past the top: dense
+            cost = size(n, nxt) - size(n, r)
+            if cost <= 0 or spent + cost > budget:
+                continue
+            drop = float(wl.spectrum[r] ** 2) if nxt is not None else float(wl.tails[r])
+            g = drop / total[n] / cost
+            if g > gain:
+                best, gain, step = n, g, cost
         if best is None:
             return ranks
-        spent += cost(best, ranks[best])
-        ranks[best] += 1
+        spent += step
+        r = ranks[best]
+        ranks[best] = r + 1 if r < tops[best] else None
 
 
 def target_shapes(model: nn.Module, config: CompressionConfig) -> dict[str, tuple[int, int]]:
@@ -297,8 +321,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
 
     Raises:
         TypeError: ``calibration`` or ``heal_text`` is one string (its characters would
-            be the sentences).
-        ValueError: no calibration text, a pattern matching no layer or a layer with tied
+            be the sentences); ``batch_size`` is not an int.
+        ValueError: no calibration text, a ``heal_text`` of blank sentences only, a
+            ``batch_size`` below 1, a pattern matching no layer or a layer with tied
             weights (:func:`target_shapes`), a model that is already an ``MPOModel``, a
             budget below the smallest model the allocation can make (:func:`check_budget`),
             shared blocks (ALBERT's layer groups) with ``reconstruct_steps``; the model is
@@ -312,6 +337,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     heal_text = check_texts(heal_text, "heal_text")
     if not calibration:
         raise ValueError("calibration must hold at least one non-empty sentence")
+    if heal_text and not any(s.strip() for s in heal_text):
+        raise ValueError(f"heal_text holds {len(heal_text)} sentence(s), all blank: pass "
+                         "non-empty sentences, or leave heal_text out to heal on calibration")
+    batch_size = check_positive_int(batch_size, "batch_size")
     say = log or (lambda s: None)
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     shapes = target_shapes(model, config)
@@ -320,6 +349,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     if config.reconstruct_steps:  # shared blocks (ALBERT) refused now, not after truncation
         refuse_shared_blocks(model, find_blocks(model), "compress_model (reconstruct_steps)")
     times: dict[str, float] = {}
+    stats: dict[str, InputStats] = {}
     t0 = time.perf_counter()
     teacher = copy.deepcopy(model).eval()
     batches = [
@@ -363,7 +393,11 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                 continue
             if config.whiten:
                 stats = collect_input_stats(model, batches, group, reference=ref)
-            else:  # identity metric: plain SVD of the weight, no calibration pass
+                measured = stats
+            else:  # identity metric: plain SVD of the weight; the errors reported are
+                # still the calibration output errors (one pass, not sequential: refused)
+                measured = stats if all(n in stats for n in group) else \
+                    collect_input_stats(model, batches, group)
                 stats = {n: InputStats(torch.eye(weight_xw(originals[n]).shape[0],
                                                  dtype=torch.float64), 1) for n in group}
             for n in group:
@@ -378,6 +412,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                     errors[n] = 0.0
                     continue
                 new = WhitenedLayer(W, stats[n], config.ridge).layer(rank, old, config.gauge)
+                if not config.whiten:  # the weight error above: the output error instead
+                    with torch.no_grad():
+                        stored = new.dense_matrix(torch.float64).detach()
+                    new.truncation_error = output_error(W, stored, measured[n])
                 errors[n] = float(new.truncation_error)
                 swap.replace({n: new})
                 swapped.append(n)

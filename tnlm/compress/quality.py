@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from tnlm.compress.text import check_texts
+from tnlm.core.validation import check_positive_int
 from tnlm.integration import mean_pooled
 
 __all__ = ["EMBED_MAX_LENGTH", "embedding_cosine", "embed", "spearman", "read_sick",
@@ -37,9 +40,11 @@ def embed(model: nn.Module, tokenizer: Any, sentences: Sequence[str], batch_size
 
     Raises:
         TypeError: ``sentences`` is one string (its characters would be the sentences) or
-            holds items that are not strings.
+            holds items that are not strings; ``batch_size`` is not an int.
+        ValueError: ``batch_size`` below 1.
     """
     sentences = check_texts(sentences, "sentences")
+    batch_size = check_positive_int(batch_size, "batch_size")
     return torch.cat([mean_pooled(model, tokenizer, list(sentences[i:i + batch_size]),
                                   max_length)
                       for i in range(0, len(sentences), batch_size)])
@@ -103,18 +108,24 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of a SICK file (tab-separated, header with ``sentence_A``, ``sentence_B``,
-    ``relatedness_score``; other columns kept), one dict per pair.
+    ``relatedness_score``; other columns kept; a byte-order mark is dropped), one dict per
+    pair.
 
     Raises:
         ValueError: the file is not UTF-8 text, lacks those columns, holds no pairs, or a
             row lacks a sentence or a numeric score (the message names the file and line).
     """
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        at = err.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
         raise ValueError(f"{path} is not a SICK file (not UTF-8 text: byte offset "
-                         f"{err.start})") from None
+                         f"{at})") from None
+    try:
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t",
+                                   quoting=csv.QUOTE_NONE))
     except csv.Error as err:
         raise ValueError(f"{path} is not a SICK file ({err})") from None
     if not rows or not {"sentence_A", "sentence_B", "relatedness_score"} <= set(rows[0]):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.compress.layerwise.blocks import block_parameters, put_back, refuse_shared_blocks
+from tnlm.compress.text import check_texts
+from tnlm.core.validation import check_number, check_positive_int, check_size
 from tnlm.integration.architectures import find_blocks
 from tnlm.integration.surgery import temporary
 
@@ -60,9 +62,27 @@ def _run(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _rel_err(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _sq_parts(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||y - t||², ||t||²)`` over the tokens of ``mask``."""
     m = mask.unsqueeze(-1).to(t.dtype)
-    return ((y - t) ** 2 * m).sum() / (t ** 2 * m).sum().clamp_min(1e-12)
+    return ((y - t) ** 2 * m).sum(), (t ** 2 * m).sum()
+
+
+def _rel_err(y: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The training loss: the masked relative squared error ``||y - t||² / ||t||²``."""
+    num, den = _sq_parts(y, t, mask)
+    return num / den.clamp_min(1e-12)
+
+
+def _relative(pairs: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """The masked relative error ``||y - t|| / ||t||`` over every token of the batches
+    ``(y, t, mask)`` (not squared: as the calibration errors)."""
+    num = den = 0.0
+    for y, t, mask in pairs:
+        a, b = _sq_parts(y, t, mask)
+        num, den = num + float(a), den + float(b)
+    return math.sqrt(num / max(den, 1e-12)) if math.isfinite(num) else math.nan
 
 
 def _diverged(i: int, params: list[nn.Parameter], start: list[torch.Tensor]
@@ -112,12 +132,17 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
         steps_per_block: optimizer steps per block (0: measure only).
 
     Returns:
-        Per block ``(error before, error after)``: the mean masked relative error of the
-        block's output (on the student's own hidden states) against the teacher's on the
-        cached batches.
+        Per block ``(error before, error after)``: the masked relative error
+        ``||y_s - y_t|| / ||y_t||`` (not squared, as the calibration errors) of the
+        block's output (on the student's own hidden states) against the teacher's over
+        every token of the cached batches.
 
     Raises:
-        ValueError: no sentences, ``steps_per_block`` < 0, a model without a stack of at
+        TypeError: ``sentences`` is one string (its characters would be the sentences) or
+            holds items that are not strings; ``steps_per_block`` or ``batch_size`` is not
+            an int; ``lr`` is not a number.
+        ValueError: no sentences, ``steps_per_block`` < 0, ``batch_size`` < 1, ``lr`` not
+            finite and > 0, a model without a stack of at
             least two blocks each run once per forward (ALBERT's shared layer groups:
             fewer blocks than ``config.num_hidden_layers``), or stacks of different
             lengths; nothing is changed.
@@ -125,10 +150,12 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
             block is put back as it was before its fitting, the blocks before it keep
             their fitted values.
     """
+    sentences = check_texts(sentences, "sentences")
     if not sentences:
         raise ValueError("sentences must hold at least one sentence")
-    if steps_per_block < 0:
-        raise ValueError(f"steps_per_block must be >= 0, got {steps_per_block}")
+    steps_per_block = check_size(steps_per_block, "steps_per_block")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    lr = check_number(lr, "lr", positive=True)
     s_blocks, t_blocks = _blocks(student), _blocks(teacher)
     if len(s_blocks) != len(t_blocks):
         raise ValueError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}")
@@ -155,8 +182,8 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
             sb, tb = s_blocks[i], t_blocks[i]
             with torch.no_grad():
                 yt = [_run(tb, x, d[1], d[2]) for x, d in zip(xt, data)]
-                before = sum(float(_rel_err(_run(sb, x, d[1], d[2]), y, d[3]))
-                             for x, y, d in zip(xs, yt, data)) / len(data)
+                before = _relative((_run(sb, x, d[1], d[2]), y, d[3])
+                                   for x, y, d in zip(xs, yt, data))
             params = block_parameters(sb)
             fitting = bool(steps_per_block and params)
             start = [p.detach().clone() for p in params] if fitting else []
@@ -182,8 +209,7 @@ def reconstruct_blocks(student: nn.Module, teacher: nn.Module, tokenizer: Any,
                     p.requires_grad_(False)
             with torch.no_grad():
                 xs = [_run(sb, x, d[1], d[2]) for x, d in zip(xs, data)]
-                after = sum(float(_rel_err(y, t, d[3])) for y, t, d in zip(xs, yt, data)) \
-                    / len(data)
+                after = _relative((y, t, d[3]) for y, t, d in zip(xs, yt, data))
             if fitting and not math.isfinite(after):  # the last step diverged
                 raise _diverged(i, params, start)
             xt = yt
