@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["Kind", "KINDS", "ALL_KINDS", "MATRIX_KINDS", "kind_of", "get_kind", "describe_kinds",
-           "weight_xw", "dense_module"]
+           "weight_xw", "dense_module", "own_forward_error"]
 
 
 def _conv1d_type() -> type | None:
@@ -95,6 +95,29 @@ def kind_of(module: nn.Module) -> str | None:
         if kind.matches(module):
             return kind.name
     return None
+
+
+#: subclasses whose own ``forward`` computes the plain product all the same (checked in
+#: their source): FalconLinear is ``input @ weight.T + bias``
+PLAIN_SUBCLASSES = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def own_forward_error(module: nn.Module, name: str) -> str | None:
+    """Why ``module`` (called ``name`` in messages) cannot be replaced by an MPO layer
+    although :func:`kind_of` recognises it, or ``None`` when it can: a subclass of its
+    kind's type with a ``forward`` of its own (Gemma's ``ScaledWordEmbedding`` multiplies
+    the rows by ``embed_scale``; OPT's learned positions take ``position_ids`` and add an
+    offset). An MPO layer computes the plain lookup / product, so the replacement would
+    silently compute something else."""
+    kind = kind_of(module)
+    if kind is None:
+        return None
+    base, cls = KINDS[kind].module_type(), type(module)
+    if cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in PLAIN_SUBCLASSES:
+        return None
+    return (f"module {name!r} is a {type(module).__name__}, a subclass of "
+            f"{KINDS[kind].label} with a forward of its own; an MPO layer computes only the "
+            f"plain {KINDS[kind].label}, so the model would silently compute something else")
 
 
 def get_kind(name: str) -> Kind:

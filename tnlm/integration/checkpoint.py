@@ -29,13 +29,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tnlm.bridge import MPOModule, kind_of, weight_xw
+from tnlm.bridge.kinds import own_forward_error
 from tnlm.bridge.pivoted import PIVOTED_LAYOUT, PivotedLinear
 from tnlm.integration import io
 from tnlm.integration.config import MPOConfig
+from tnlm.integration.loading import NEW_HEADS
 from tnlm.integration.peft import task_heads
 from tnlm.integration.surgery import module_paths
 
-__all__ = ["LoadPlan", "read_checkpoint", "some_names", "tensor_digests"]
+__all__ = ["LoadPlan", "bits_equal", "read_checkpoint", "some_names", "tensor_digests"]
 
 
 def some_names(names: list[str], n: int = 5) -> str:
@@ -82,7 +84,11 @@ def read_checkpoint(base_model: nn.Module, directory: str | os.PathLike) -> Load
         FileNotFoundError: no checkpoint (config or weights) in ``directory``.
         ValueError: a corrupt or modified checkpoint, one of another architecture, or a
             task checkpoint on another base model, or different values for names
-            ``base_model`` ties together; the message names what does not match.
+            ``base_model`` ties together, a saved tensor of another dtype than
+            ``base_model``'s (loading would cast it), a saved module that is a subclass
+            with a ``forward`` of its own in ``base_model``, or a folder holding both a
+            ``save_pretrained`` checkpoint and a Trainer's ``model.safetensors`` of an MPO
+            model; the message names what does not match.
     """
     with io.reading(directory):
         plan = _read(base_model, directory)
@@ -98,6 +104,8 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
     does the rest."""
     d = Path(directory)
     prefix = ""
+    if (d / io.CONFIG_NAME).is_file() and (d / io.STATE_DICT_NAME).is_file():
+        _refuse_two_checkpoints(d)
     if (d / io.CONFIG_NAME).is_file() or not (d / io.STATE_DICT_NAME).is_file():
         meta = io.read_meta(directory)
         weights = io.verified_weights(directory, meta)
@@ -144,6 +152,10 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
         if kind != entry["kind"]:
             raise ValueError(f"saved module {name!r} is a {entry['kind']} but the base model "
                              f"has {type(old).__name__}")
+        problem = own_forward_error(old, name)
+        if problem:
+            raise ValueError(f"saved module {name!r} cannot be loaded onto {base_name}: "
+                             f"{problem}")
         I, J = weight_xw(old).shape
         if (entry["in_dim"], entry["out_dim"]) != (I, J):
             raise ValueError(f"saved module {name!r} is {entry['in_dim']}x{entry['out_dim']} "
@@ -238,6 +250,9 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                     if state[local].dtype != torch.int64:  # load_state_dict would cast
                         raise ValueError(f"{where}: module {name!r}: {local} must be int64, "
                                          f"got {state[local].dtype}")
+                own = shell.state_dict()
+                for local, t in state.items():
+                    _check_dtype(weights, f"{name}.{local}", t, own[local].dtype, base_name)
                 shell.load_state_dict(state, strict=True)
                 if isinstance(shell, PivotedLinear):
                     try:
@@ -248,6 +263,8 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
             for key in targets:
                 if expected[key][1] in saved_as and saved_as[expected[key][1]] == key:
                     rest[key] = f.get_tensor(stored[key])
+                    if rebuilt is None:  # a task checkpoint: the SHA-256 check says more
+                        _check_dtype(weights, key, rest[key], targets[key].dtype, base_name)
     except (SafetensorError, RuntimeError) as err:
         raise ValueError(f"cannot load {weights} into {base_name}: "
                          f"{' '.join(str(err).split())[:400]}") from err
@@ -256,6 +273,31 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                      base_name=base_name, where=where, references=None,
                      heads=task_heads(base_model),
                      name_or_path=light.get("base_model_name_or_path") if light else None)
+
+
+def _refuse_two_checkpoints(d: Path) -> None:
+    """``ValueError`` when ``d`` holds both a ``save_pretrained`` checkpoint
+    (``mpo_config.json``) and the state dict of an MPO model ``transformers.Trainer``
+    saved (``model.safetensors`` with the model's description): which one is meant
+    cannot be told, and each gives another model. A ``model.safetensors`` that is not an
+    MPO model's state dict (e.g. the base model's) is left alone."""
+    state = d / io.STATE_DICT_NAME
+    try:
+        with safe_open(str(state), framework="pt") as f:
+            if io.STATE_META_KEY not in set(f.keys()):
+                return
+    except (SafetensorError, OSError, RuntimeError):
+        return  # not a state dict of an MPO model: the save_pretrained checkpoint is read
+    config = d / io.CONFIG_NAME
+    newer = (io.STATE_DICT_NAME if state.stat().st_mtime > config.stat().st_mtime
+             else io.CONFIG_NAME)
+    raise ValueError(
+        f"{d} holds two checkpoints of an MPO model: {io.CONFIG_NAME} (with its weights, "
+        f"written by save_pretrained) and {io.STATE_DICT_NAME} (a state dict, written by "
+        f"transformers.Trainer.save_model); {newer} is the newer. Loading cannot tell which "
+        f"one is meant: move {io.STATE_DICT_NAME} away to load the save_pretrained "
+        f"checkpoint, or move {io.CONFIG_NAME} away to load the Trainer's state dict (or "
+        "save them to different folders)")
 
 
 def _aliases(weights: Path, prefix: str) -> dict[str, str]:
@@ -275,7 +317,7 @@ def _aliases(weights: Path, prefix: str) -> dict[str, str]:
             if isinstance(k, str) and isinstance(v, str)}
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (NaNs included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
@@ -292,7 +334,7 @@ def _check_one_value(f: Any, names: list[str], keys: list[str], left: dict[str, 
         return
     first = f.get_tensor(keys[0])
     for name, key in zip(names[1:], keys[1:]):
-        if key != keys[0] and not _bits_equal(first, f.get_tensor(key)):
+        if key != keys[0] and not bits_equal(first, f.get_tensor(key)):
             raise _tied_error(base_name, f"{weights} holds {names[0]!r} and {name!r} with "
                               "different values")
     if left:
@@ -302,6 +344,19 @@ def _check_one_value(f: Any, names: list[str], keys: list[str], left: dict[str, 
             raise _tied_error(base_name, f"{weights} holds {names[0]!r} with other values "
                               f"than the SHA-256 it records for {some_names(other, 3)}, which "
                               "it leaves to the base model")
+
+
+def _check_dtype(weights: Path, key: str, saved: torch.Tensor, dtype: torch.dtype,
+                 base_name: str) -> None:
+    """Refuse a saved tensor of another dtype than the model's: loading would cast it
+    (``load_state_dict``, ``copy_``), and the loaded model would not be the saved one."""
+    if saved.dtype != dtype:
+        raise ValueError(
+            f"tensor {key!r} of {weights} is {saved.dtype}, but {base_name} holds it as "
+            f"{dtype}: loading would cast it, and the loaded model would not be the saved "
+            f"one. Load the base model in the checkpoint's dtype (e.g. from_pretrained(..., "
+            f"dtype={saved.dtype}) or base_model.to({saved.dtype})), then cast the loaded "
+            "MPO model if you need another dtype")
 
 
 def _tied_error(base_name: str, what: str) -> ValueError:
@@ -363,6 +418,15 @@ def _rebuild(plan: LoadPlan) -> None:
             "modules_to_save leaving the head out; save the task again with the head trained "
             "(modules_to_save=None, the default, or a list naming it), or load it onto the very "
             "model object (same head weights) it was trained from")
+    drawn = [k for k in wrong if NEW_HEADS.intersection(k.split(".")[:-1])]
+    if wrong and len(drawn) == len(wrong):
+        raise ValueError(
+            f"the task checkpoint {plan.where.parent} leaves {some_names(sorted(drawn), 3)} to "
+            f"the base model, frozen, and the base model's differ: transformers draws them at "
+            f"random when it loads a base checkpoint that lacks them (a pooler, {plan.base_name} "
+            "reports them as missing), so a newly loaded base model cannot match. Load it onto a "
+            "base model whose files hold these tensors, or save the task again from the trained "
+            "model with lightweight=False (every tensor)")
     if wrong:
         core = [k for k in wrong if k in centrals]
         raise ValueError(
@@ -370,10 +434,16 @@ def _rebuild(plan: LoadPlan) -> None:
             f"base model, and {len(wrong)} of them differ from what it recorded "
             f"({len(core)} rebuilt central cores; e.g. "
             f"{some_names(sorted(core) or sorted(wrong), 3)}): {_other_base(plan)}")
+    for key, t in plan.rest.items():  # load_state_dict and copy_ would cast
+        _check_dtype(plan.where.parent, key, t, plan.targets[key].dtype, plan.base_name)
     for name, layer in plan.shells.items():
         state = {local: plan.saved[(name, local)]
                  for local in io.module_tensor_shapes(plan.entries[name])
                  if (name, local) in plan.saved}
+        own = layer.state_dict()
+        for local, t in state.items():
+            _check_dtype(plan.where.parent, f"{name}.{local}", t, own[local].dtype,
+                         plan.base_name)
         try:
             layer.load_state_dict(state, strict=False)
         except RuntimeError as err:

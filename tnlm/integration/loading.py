@@ -22,7 +22,7 @@ from typing import Any
 __all__ = ["ModelSource", "check_block_weights", "check_model_source", "check_tokenizer",
            "load_tokenizer",
            "load_pretrained", "default_llm_path", "load_default_llm", "LLM_MISSING",
-           "NEW_HEADS"]
+           "NEW_HEADS", "drawn_on_load"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -77,9 +77,30 @@ def _gguf_model_type(path: Path) -> str | None:
         field = reader.fields.get("general.architecture")
         if field is None:
             return None
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+        field = reader.fields.get("general.name")
+        name = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else ""
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return gguf_model_type(arch, name)
+
+
+#: GGUF architecture names transformers loads as another ``model_type``
+GGUF_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                "minimax-m2": "minimax_m2", "gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+
+
+def gguf_model_type(arch: str, name: str = "") -> str:
+    """The transformers ``model_type`` of a GGUF file whose ``general.architecture`` is
+    ``arch`` and ``general.name`` is ``name``, as transformers' GGUF reader
+    (``load_gguf_checkpoint``) maps it: a Gemma-3 file (``gemma3``) loads as
+    ``gemma3_text``, ``qwen2moe`` as ``qwen2_moe``, a ``llama`` file named ``mistral``
+    as ``mistral``, ``t5`` / ``t5encoder`` as ``t5`` (``umt5`` when so named)."""
+    if "llama" in arch and name == "mistral":
+        return "mistral"
+    if "t5" in arch:
+        return "umt5" if "umt5" in name.lower() else "t5"
+    return GGUF_RENAMES.get(arch, arch)
 
 
 #: configuration fields that say where or how a model was loaded or saved, not what it
@@ -149,6 +170,23 @@ def _weight_names(folder: Path) -> set[str] | None:
         return names
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _cached_weight_names(repo_id: str) -> set[str] | None:
+    """:func:`_weight_names` of a hub model's safetensors in the local hub cache (where
+    ``from_pretrained(repo_id)`` put them); None when they are not there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        try:
+            path = try_to_load_from_cache(repo_id, name)
+        except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached
+            return None
+        if isinstance(path, str) and os.path.isfile(path):
+            return _weight_names(Path(path).parent)
+    return None
 
 
 def _check_causal_head(source: ModelSource, config: dict[str, Any]) -> None:
@@ -237,6 +275,35 @@ def check_model_source(path: str | os.PathLike) -> ModelSource:
 #: task heads, :func:`tnlm.integration.peft.task_heads`, are allowed too)
 NEW_HEADS = frozenset({"pooler", "classifier", "pre_classifier", "classification_head",
                        "score", "qa_outputs"})
+
+
+def drawn_on_load(model: Any, keys: Any, name_or_path: str) -> set[str]:
+    """The state keys among ``keys`` (of ``model``) that transformers draws at random
+    when it loads ``model`` from ``name_or_path``: those under a :data:`NEW_HEADS`
+    component (a pooler, ...) that the files there do not hold (all of them when the
+    files cannot be listed: ``.bin`` weights, a hub name not in the local cache). None
+    for an empty ``name_or_path`` (a model not loaded from files). The task heads of
+    ``model`` (:func:`tnlm.integration.peft.task_heads`) are left out: a task trains
+    and saves them."""
+    from tnlm.integration.peft import task_heads
+
+    heads = task_heads(model)
+    candidates = [k for k in keys if NEW_HEADS.intersection(k.split(".")[:-1])
+                  and not any(k.startswith(h + ".") for h in heads)]
+    if not candidates or not name_or_path:
+        return set()
+    folder = Path(name_or_path)
+    names = _weight_names(folder) if folder.is_dir() else _cached_weight_names(name_or_path)
+    if names is None:
+        return set(candidates)
+    prefix = getattr(model, "base_model_prefix", "")
+    prefix = f"{prefix}." if isinstance(prefix, str) and prefix else None
+
+    def bare(k: str) -> str:  # a base model's files name its tensors without the prefix
+        return k[len(prefix):] if prefix and k.startswith(prefix) else k
+
+    held = {bare(n) for n in names}
+    return {k for k in candidates if bare(k) not in held}
 
 
 def check_block_weights(source: object, info: dict[str, Any], model: Any = None) -> None:

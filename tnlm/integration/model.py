@@ -33,6 +33,7 @@ import difflib
 import inspect
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,14 @@ from tnlm.bridge import (
     weight_xw,
 )
 from tnlm.bridge.finetune import check_train
+from tnlm.bridge.kinds import own_forward_error
 from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.core.spectra import spectrum_entropy
 from tnlm.core.validation import check_positive_int
 from tnlm.integration import io
-from tnlm.integration.checkpoint import read_checkpoint, some_names, tensor_digests
+from tnlm.integration.checkpoint import bits_equal, read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
+from tnlm.integration.loading import drawn_on_load
 from tnlm.integration.peft import check_outside_adapters, task_heads
 from tnlm.integration.surgery import Swap, module_paths, weight_sharers
 
@@ -98,6 +101,48 @@ class MPOModel(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         """The model's description (config, layer structures) as a uint8 tensor."""
         return io.meta_to_tensor(self._meta())
+
+    def _alias_names(self) -> dict[str, str]:
+        """State key -> the first key of the same tensor, for every later name of a
+        tensor the base model shares under several names (tied weights)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for key, t in self.base_model.state_dict(keep_vars=True).items():
+            if id(t) in first:
+                aliases[f"base_model.{key}"] = f"base_model.{first[id(t)]}"
+            else:
+                first[id(t)] = key
+        return aliases
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``, with each tensor the base model shares under several
+        names (tied weights, e.g. ``lm_head.weight`` and the word embeddings) under its
+        first name only: ``transformers.Trainer.save_model`` writes this dict with
+        ``safetensors``, which refuses tensors sharing memory. :meth:`load_state_dict`
+        and :meth:`from_pretrained` fill the other names from the kept one. A call
+        filling a given ``destination`` (a parent module's) keeps every name."""
+        if args or "destination" in kwargs and kwargs["destination"] is not None:
+            return super().state_dict(*args, **kwargs)
+        out = super().state_dict(**kwargs)
+        prefix = kwargs.get("prefix", "")
+        for alias in self._alias_names():
+            out.pop(prefix + alias, None)
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a later name of a tensor the base model shares
+        under several names (left out by :meth:`state_dict`) takes the value of the
+        first name when it is missing."""
+        fill = {alias: kept for alias, kept in self._alias_names().items()
+                if alias not in state_dict and kept in state_dict}
+        if fill:
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict(state_dict)
+            if metadata is not None:  # module versions, as torch's state dicts carry them
+                state_dict._metadata = metadata
+            for alias, kept in fill.items():
+                state_dict[alias] = state_dict[kept]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_extra_state(self, state: Any) -> None:
         """Loading a state dict: check the description is an MPO model's; the tensors
@@ -249,12 +294,27 @@ class MPOModel(nn.Module):
         Raises:
             TypeError: ``new_num_tokens`` is not None or an int (a bool, a float).
             ValueError: ``new_num_tokens`` below 1, the config's site shapes do not fit
-                the new size, or the resized output embedding would be tied to the
-                (temporary dense) input embedding (``tie_word_embeddings``: an MPO
-                embedding cannot be tied).
+                the new size, the output embedding (``lm_head``) is an MPO layer
+                (refused before anything changes), or the resized output embedding would
+                be tied to the (temporary dense) input embedding
+                (``tie_word_embeddings``: an MPO embedding cannot be tied).
         """
         base = self.base_model
         emb = base.get_input_embeddings()
+        head = base.get_output_embeddings()
+        # transformers resizes only an nn.Linear head: refused before anything changes
+        wanted = getattr(head, "out_dim", None) if new_num_tokens is None else new_num_tokens
+        if isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0 and isinstance(
+                wanted, int):
+            wanted = math.ceil(wanted / pad_to_multiple_of) * pad_to_multiple_of
+        if isinstance(head, (MPOModule, PivotedLinear)) and wanted != head.out_dim:
+            where = module_paths(base)[id(head)][0]
+            raise ValueError(
+                f"resize_token_embeddings(new_num_tokens={new_num_tokens!r}): the output "
+                f"embedding {where!r} is an MPO layer ({type(head).__name__}), which cannot be "
+                "resized (transformers resizes only an nn.Linear head); nothing was changed. "
+                f"Merge it first (merge_and_unload), resize, then decompose again, or leave "
+                f"{where!r} out of target_modules")
         if not isinstance(emb, MPOModule):
             return base.resize_token_embeddings(new_num_tokens, pad_to_multiple_of,
                                                 mean_resizing)
@@ -386,11 +446,14 @@ class MPOModel(nn.Module):
                                                              *self.pivoted_modules())},
                     base_model_class=type(self.base_model).__name__)
 
-    def _lightweight_plan(self) -> tuple[dict[str, str] | None, str]:
+    def _lightweight_plan(self, name_or_path: str) -> tuple[dict[str, str] | None, str]:
         """``(omitted, "")``: the SHA-256 of every tensor a lightweight checkpoint would
         leave to the base model (frozen and equal to what the base model rebuilds), or
         ``(None, reason)`` when a lightweight checkpoint is impossible: a central tensor
-        trains or differs from the decomposition of the base model."""
+        trains or differs from the decomposition of the base model. Tensors transformers
+        draws at random when it loads the base model from ``name_or_path`` (a pooler its
+        files lack, :func:`~tnlm.integration.loading.drawn_on_load`) are never left to
+        it: they are saved."""
         refs = self._references
         if any(True for _ in self.pivoted_modules()):
             return None, ("gauge-fixed layers (PivotedLinear) are not decompositions of the "
@@ -401,10 +464,11 @@ class MPOModel(nn.Module):
         state = self.base_model.state_dict(keep_vars=True)
         if state.keys() != refs.keys():
             return None, "the model's tensors changed names since it was wrapped"
+        drawn = drawn_on_load(self.base_model, state, name_or_path)
         digests: dict[int, str] = {}
         omitted = {}
         for key, t in state.items():
-            if t.requires_grad:
+            if t.requires_grad or key in drawn:
                 continue
             if id(t) not in digests:
                 digests[id(t)] = io.tensor_sha256(t)
@@ -415,6 +479,10 @@ class MPOModel(nn.Module):
             if m.cores[k].requires_grad:
                 return None, (f"the central tensor of {name!r} trains (train="
                               f"{self.mpo_config.train!r})")
+            if f"{name}.cores.{k}" in drawn:
+                return None, (f"{name!r} lies in a module transformers draws at random when it "
+                              "loads the base model (its files lack it): decomposing it anew "
+                              "cannot give the central tensor")
             if f"{name}.cores.{k}" not in omitted:
                 return None, (f"the central tensor of {name!r} is not the decomposition of the "
                               "base model any more (trained, truncated, squeezed, compressed or "
@@ -434,7 +502,9 @@ class MPOModel(nn.Module):
                 anything else that trains, and any frozen tensor changed since wrapping)
                 plus, in the config, the recipe for the rest (the MPO config, the structure
                 of every layer, the SHA-256 of every tensor left to the base model: central
-                cores, frozen biases, embeddings, ...). :meth:`from_pretrained` rebuilds
+                cores, frozen biases, embeddings, ...; not the frozen tensors
+                transformers draws at random when it loads the base model, e.g. a pooler
+                its files lack: those are saved). :meth:`from_pretrained` rebuilds
                 those by decomposing the base model again and refuses a base model that
                 does not give them bit for bit. Possible when every central tensor is
                 frozen and still the decomposition of the base model (raises
@@ -456,8 +526,9 @@ class MPOModel(nn.Module):
                 ``state_dict`` that is not a dict of tensors.
             ValueError: ``safe_serialization`` not True; ``lightweight=True`` where no
                 lightweight checkpoint is possible or with a ``state_dict``; a
-                ``state_dict`` lacking tensors of the model, holding others, or one of
-                another shape (naming them).
+                ``state_dict`` lacking tensors of the model, holding others, one of
+                another shape, or different values under names the model ties (one
+                shared tensor) (naming them).
         """
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected arguments {sorted(kwargs)}")
@@ -476,7 +547,7 @@ class MPOModel(nn.Module):
             return io.write_tensors(directory, meta, self._own_keys(state_dict))
         name = _name_or_path(self.base_model)
         omitted, reason = (None, "") if lightweight is False or (
-            lightweight is None and not name) else self._lightweight_plan()
+            lightweight is None and not name) else self._lightweight_plan(name)
         if lightweight and omitted is None:
             raise ValueError(f"cannot save a lightweight checkpoint: {reason}; save with "
                              "lightweight=False (every tensor)")
@@ -502,6 +573,7 @@ class MPOModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         seen: set[tuple] = set()
         given: set[str] = set()
+        values: dict[str, torch.Tensor] = {}
         wrong: list[str] = []
         for key, t in state_dict.items():
             if key == io.STATE_META_KEY:
@@ -513,6 +585,7 @@ class MPOModel(nn.Module):
                 raise TypeError(f"state_dict[{key!r}] must be a tensor, got "
                                 f"{type(t).__name__}")
             given.add(key)
+            values[key] = t
             if t.shape != own[key].shape:
                 wrong.append(f"{key} {list(t.shape)} (the model's: {list(own[key].shape)})")
             # every empty tensor has data_ptr 0: never one of a shared group
@@ -526,6 +599,17 @@ class MPOModel(nn.Module):
         groups: dict[int, list[str]] = {}  # a tensor shared by several keys: one of them
         for key, t in own.items():
             groups.setdefault(id(t), []).append(key)
+        for keys in groups.values():  # the model holds one tensor: one value for all names
+            named = [k for k in keys if k in given]
+            for other in named[1:]:
+                if not bits_equal(values[named[0]].detach().cpu(), values[other].detach().cpu()):
+                    raise ValueError(
+                        f"state_dict holds {named[0]!r} and {other!r} with different values, "
+                        f"but the model ties them (one shared tensor): a checkpoint of both "
+                        "could not be loaded. Give them equal values (or only one of the "
+                        "names); nothing was written")
+            for other in [k for k in named if k in out][1:]:
+                out.pop(other)
         missing = sorted(keys[0] for keys in groups.values() if given.isdisjoint(keys))
         if missing:
             raise ValueError(f"state_dict lacks tensors of the model: {some_names(missing)}; "
@@ -573,8 +657,10 @@ class MPOModel(nn.Module):
         Raises:
             FileNotFoundError: no checkpoint (config or weights) in ``directory``.
             ValueError: a corrupt or modified checkpoint, one of another architecture,
-                or a task checkpoint on another base model; the message names what does
-                not match.
+                a task checkpoint on another base model, one of another dtype than
+                ``base_model`` (load the base in the checkpoint's dtype), or a folder
+                holding both a ``save_pretrained`` checkpoint and a Trainer's
+                ``model.safetensors``; the message names what does not match.
         """
         if isinstance(base_model, MPOModel):
             raise ValueError("base_model is already an MPOModel; pass a plain model of the "
@@ -666,7 +752,10 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
             ``nn.Embedding`` or an override pattern matches no target (the messages
             list close names), a ``modules_to_save`` pattern matches nothing, the
             options of a target do not fit it (the message names the module), or an
-            ``in_shapes`` / ``out_shapes`` key is no target's input / output dimension.
+            ``in_shapes`` / ``out_shapes`` key is no target's input / output dimension,
+            or a target is a subclass of one of those types with a ``forward`` of its
+            own (Gemma's scaled word embedding, OPT's learned positions): an MPO layer
+            would compute only the plain lookup / product.
     """
     if not isinstance(config, MPOConfig):
         raise TypeError(f"config must be an MPOConfig, got {type(config).__name__}")
@@ -702,6 +791,10 @@ def get_mpo_model(model: nn.Module, config: MPOConfig, progress: bool = True) ->
         if not any(config.pattern_matches(p, n) for n in all_names):
             raise ValueError(f"modules_to_save pattern {p!r} matches no module of "
                              f"{type(model).__name__}")
+    for name in targets:
+        problem = own_forward_error(supported[name], name)
+        if problem:
+            raise ValueError(f"target_modules: {problem}; leave it out of target_modules")
     check_outside_adapters(model, targets)
     for name, others in weight_sharers(model, targets).items():
         raise ValueError(f"module {name!r} shares its weight with {others} (tied "
