@@ -19,6 +19,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.compress_table import fmt, save_panels, two_panels  # noqa: E402
+from tnlm.compress.encoder import EncoderRecipe  # noqa: E402
+
+DEFAULT_CALIBRATION = EncoderRecipe.calibration
 
 LABELS = {
     "tnlm": "tnlm (main job)",
@@ -43,6 +46,11 @@ def label(r: dict) -> str:
             name += f", + own text ({re.sub(r'_s[0-9]+$', '', Path(r['user_text']).stem)})"
         if r.get("lr") is not None:
             name += f", lr {r['lr']:g}"
+        if r.get("calibration") not in (None, DEFAULT_CALIBRATION):
+            name += f", {r['calibration']} calibration sentences"
+        if "extrapolated" in r.get("_file", ""):  # the sensitivity curve extended below
+            # its smallest measured fraction (docs/results.md)
+            name += ", curve extended linearly"
     return name
 
 
@@ -54,6 +62,7 @@ def main() -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for f in args.files:
         r = json.loads(Path(f).read_text())
+        r["_file"] = Path(f).stem
         # one row per method and asked budget: seeds of a data-driven allocation keep
         # slightly different fractions (the row shows their mean)
         asked = r.get("budget") if r.get("budget") is not None else round(r["kept"], 3)
