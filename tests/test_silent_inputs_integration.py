@@ -1,8 +1,9 @@
 """Inputs the transformers integration used to accept silently (or fail on unclearly):
 embedding subclasses with their own forward, two checkpoints in one folder, a random
-pooler left to the base model, resizing an MPO head, tied names with different values,
-Trainer's save of a tied base, equally specific overrides, GGUF architecture names,
-sentences longer than the model's positions, and checkpoints of another dtype."""
+pooler left to the base model (and an MPO pooler the base's files hold), resizing an MPO
+head (a float size, an unchanged size), tied names with different values, Trainer's save
+of a tied base (its state dict loaded through a parent or the base model), equally
+specific overrides, GGUF architecture names, sentences longer than the model's positions, and checkpoints of another dtype."""
 
 from __future__ import annotations
 
@@ -125,6 +126,35 @@ def test_lightweight_checkpoint_saves_a_pooler_the_base_files_lack(tmp_path):
     assert torch.equal(loaded(IDS).pooler_output, m(IDS).pooler_output)
 
 
+def test_lightweight_checkpoint_rebuilds_an_mpo_pooler_the_base_files_hold(tmp_path):
+    src = tmp_path / "base"
+    tiny_bert().save_pretrained(src)  # the files hold the pooler
+    m = wrap(BertModel.from_pretrained(src).eval(), ["query", "pooler.dense"])
+    assert any(n == "pooler.dense" for n, _ in m.mpo_modules())
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    m.save_pretrained(tmp_path / "full", lightweight=False)
+    m.save_pretrained(tmp_path / "task")  # lightweight by default, as without the pooler
+    m.save_pretrained(tmp_path / "task2", lightweight=True)  # no false refusal
+    meta = json.loads((tmp_path / "task" / CONFIG_NAME).read_text())
+    rebuilt = meta["lightweight"]["rebuilt"]
+    central = next(m for n, m in m.mpo_modules() if n == "pooler.dense").central_index
+    assert f"pooler.dense.cores.{central}" in rebuilt
+    assert "pooler.dense.bias" in rebuilt
+    def weights(d):
+        return next((tmp_path / d).glob("mpo_model*.safetensors"))
+
+    assert weights("task").stat().st_size * 10 < weights("full").stat().st_size
+    assert not any(k.endswith(f"pooler.dense.cores.{central}")
+                   for k in load_file(weights("task")))
+    torch.manual_seed(1)
+    loaded = MPOModel.from_pretrained(BertModel.from_pretrained(src).eval(), tmp_path / "task")
+    assert torch.equal(loaded(IDS).pooler_output, m(IDS).pooler_output)
+    assert torch.equal(loaded(IDS).last_hidden_state, m(IDS).last_hidden_state)
+
+
 # 4 ------------------------------------------------------------------------------------
 def test_resizing_with_an_mpo_lm_head_is_refused_before_any_change():
     m = wrap(tiny_llama(tie_word_embeddings=False), ["lm_head"])
@@ -134,6 +164,26 @@ def test_resizing_with_an_mpo_lm_head_is_refused_before_any_change():
     assert base.config.vocab_size == 96
     assert tuple(base.get_input_embeddings().weight.shape) == (96, 32)
     assert m(IDS).logits.shape[-1] == 96
+
+
+def test_resizing_with_an_mpo_lm_head_checks_the_type_and_accepts_an_unchanged_size():
+    m = wrap(tiny_llama(tie_word_embeddings=False), ["lm_head"])
+    dense = wrap(tiny_llama(tie_word_embeddings=False), ["q_proj"])  # transformers' lm_head
+    for model in (m, dense):
+        for bad in (True, 2.5, 96.0):
+            with pytest.raises(TypeError, match=rf"new_num_tokens must be an int, got {bad!r}"):
+                model.resize_token_embeddings(bad)
+    base = m.base_model
+    emb, head, before = base.get_input_embeddings(), base.lm_head, m(IDS).logits
+    for same in (96, None):  # len(tokenizer) equal to the vocabulary: nothing to do
+        assert m.resize_token_embeddings(same) is emb
+    assert base.get_input_embeddings() is emb and base.lm_head is head
+    assert base.config.vocab_size == 96 and torch.equal(m(IDS).logits, before)
+    with pytest.raises(ValueError, match=r"new_num_tokens=97.*'lm_head' is an MPO layer"):
+        m.resize_token_embeddings(97)
+    # the input embedding an MPO layer too: an unchanged size returns it
+    both = wrap(tiny_llama(tie_word_embeddings=False), ["embed_tokens", "lm_head"])
+    assert both.resize_token_embeddings(96) is both.base_model.get_input_embeddings()
 
 
 # 5 ------------------------------------------------------------------------------------
@@ -170,6 +220,39 @@ def test_trainer_save_model_of_a_tied_base_saves_and_loads(tmp_path):
     other = wrap(tiny_bert(cls=BertForMaskedLM, seed=2), ["query"])
     assert not other.load_state_dict(m.state_dict()).missing_keys
     assert torch.equal(other(IDS).logits, m(IDS).logits)
+
+
+def test_state_dict_of_a_tied_base_loads_through_a_parent_and_the_base_model():
+    m = wrap(tiny_bert(cls=BertForMaskedLM), ["query"], train="all")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    sd = m.state_dict()  # the tied names left out
+    aliases = m._alias_names()
+    assert aliases and not set(aliases) & set(sd)
+    # through a parent module (as DistributedDataParallel or a container): prefixed keys
+    other = wrap(tiny_bert(cls=BertForMaskedLM, seed=2), ["query"], train="all")
+    parent = torch.nn.ModuleDict({"module": other})
+    assert not parent.load_state_dict({f"module.{k}": v for k, v in sd.items()}).missing_keys
+    assert torch.equal(other(IDS).logits, m(IDS).logits)
+    # through the base model, the "base_model." prefix stripped
+    other = wrap(tiny_bert(cls=BertForMaskedLM, seed=3), ["query"], train="all")
+    bare = {k[len("base_model."):]: v for k, v in sd.items() if k.startswith("base_model.")}
+    assert not other.base_model.load_state_dict(bare).missing_keys
+    assert torch.equal(other(IDS).logits, m(IDS).logits)
+    assert other.base_model.cls.predictions.decoder.weight is (
+        other.base_model.bert.embeddings.word_embeddings.weight)  # still tied
+    # a dict holding every name (the tied ones too) loads strictly, as before
+    full = super(MPOModel, m).state_dict()
+    assert set(aliases) <= set(full)
+    other = wrap(tiny_bert(cls=BertForMaskedLM, seed=4), ["query"], train="all")
+    result = other.load_state_dict(full, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(other(IDS).logits, m(IDS).logits)
+    # and a dict lacking the kept name too still reports it missing
+    del bare["bert.embeddings.word_embeddings.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key.*word_embeddings\.weight"):
+        other.base_model.load_state_dict(bare)
 
 
 # 7 ------------------------------------------------------------------------------------

@@ -280,11 +280,17 @@ NEW_HEADS = frozenset({"pooler", "classifier", "pre_classifier", "classification
 def drawn_on_load(model: Any, keys: Any, name_or_path: str) -> set[str]:
     """The state keys among ``keys`` (of ``model``) that transformers draws at random
     when it loads ``model`` from ``name_or_path``: those under a :data:`NEW_HEADS`
-    component (a pooler, ...) that the files there do not hold (all of them when the
-    files cannot be listed: ``.bin`` weights, a hub name not in the local cache). None
-    for an empty ``name_or_path`` (a model not loaded from files). The task heads of
-    ``model`` (:func:`tnlm.integration.peft.task_heads`) are left out: a task trains
+    module (a pooler, ...) of which the files there hold no tensor at all (all of them
+    when the files cannot be listed: ``.bin`` weights, a hub name not in the local
+    cache). Decided per module, not per key: an MPO layer's keys
+    (``pooler.dense.cores.0``, ...) are not the files' names (``pooler.dense.weight``),
+    and the layer is rebuilt from the files when they hold it. Within a module the
+    files do hold, a plain tensor they lack (outside any MPO layer) is drawn too.
+    None for an empty ``name_or_path`` (a model not loaded from files). The task heads
+    of ``model`` (:func:`tnlm.integration.peft.task_heads`) are left out: a task trains
     and saves them."""
+    from tnlm.bridge import MPOModule
+    from tnlm.bridge.pivoted import PivotedLinear
     from tnlm.integration.peft import task_heads
 
     heads = task_heads(model)
@@ -303,7 +309,27 @@ def drawn_on_load(model: Any, keys: Any, name_or_path: str) -> set[str]:
         return k[len(prefix):] if prefix and k.startswith(prefix) else k
 
     held = {bare(n) for n in names}
-    return {k for k in candidates if bare(k) not in held}
+
+    def holds_under(path: str) -> bool:  # the files hold a tensor under module ``path``
+        start = bare(path) + "."
+        return any(n.startswith(start) for n in held)
+
+    layers = [n for n, m in model.named_modules() if n
+              and isinstance(m, (MPOModule, PivotedLinear))] if hasattr(
+                  model, "named_modules") else []
+    drawn = set()
+    for k in candidates:
+        parts = k.split(".")
+        end = next(i for i, p in enumerate(parts[:-1]) if p in NEW_HEADS)
+        if not holds_under(".".join(parts[:end + 1])):  # the whole head is new
+            drawn.add(k)
+            continue
+        layer = next((n for n in layers if k.startswith(n + ".")), None)
+        if layer is None and bare(k) not in held:  # a plain tensor the files lack
+            drawn.add(k)
+        elif layer is not None and bare(k) not in held and not holds_under(layer):
+            drawn.add(k)  # an MPO layer the files do not hold
+    return drawn
 
 
 def check_block_weights(source: object, info: dict[str, Any], model: Any = None) -> None:

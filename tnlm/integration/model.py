@@ -33,7 +33,6 @@ import difflib
 import inspect
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +87,9 @@ class MPOModel(nn.Module):
         # rebuilds it (decomposed by get_mpo_model or a lightweight load); None when
         # unknown (lightweight saving then impossible)
         self._references: dict[str, str] | None = None
+        if not any(getattr(h, "hook", None) is _refill_tied_names
+                   for h in getattr(model, "_load_state_dict_pre_hooks", {}).values()):
+            model.register_load_state_dict_pre_hook(_refill_tied_names)
         self.__class__ = _class_for(type(model))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -105,22 +107,19 @@ class MPOModel(nn.Module):
     def _alias_names(self) -> dict[str, str]:
         """State key -> the first key of the same tensor, for every later name of a
         tensor the base model shares under several names (tied weights)."""
-        first: dict[int, str] = {}
-        aliases = {}
-        for key, t in self.base_model.state_dict(keep_vars=True).items():
-            if id(t) in first:
-                aliases[f"base_model.{key}"] = f"base_model.{first[id(t)]}"
-            else:
-                first[id(t)] = key
-        return aliases
+        return {f"base_model.{alias}": f"base_model.{kept}"
+                for alias, kept in _tied_names(self.base_model).items()}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``nn.Module.state_dict``, with each tensor the base model shares under several
         names (tied weights, e.g. ``lm_head.weight`` and the word embeddings) under its
         first name only: ``transformers.Trainer.save_model`` writes this dict with
-        ``safetensors``, which refuses tensors sharing memory. :meth:`load_state_dict`
-        and :meth:`from_pretrained` fill the other names from the kept one. A call
-        filling a given ``destination`` (a parent module's) keeps every name."""
+        ``safetensors``, which refuses tensors sharing memory. A ``load_state_dict``
+        pre-hook of the base model fills the other names from the kept one, whatever
+        the route (this model's ``load_state_dict``, a parent's or a
+        ``DistributedDataParallel``'s, ``base_model.load_state_dict`` with the prefix
+        stripped), as does :meth:`from_pretrained`. A call filling a given
+        ``destination`` (a parent module's) keeps every name."""
         if args or "destination" in kwargs and kwargs["destination"] is not None:
             return super().state_dict(*args, **kwargs)
         out = super().state_dict(**kwargs)
@@ -128,21 +127,6 @@ class MPOModel(nn.Module):
         for alias in self._alias_names():
             out.pop(prefix + alias, None)
         return out
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; a later name of a tensor the base model shares
-        under several names (left out by :meth:`state_dict`) takes the value of the
-        first name when it is missing."""
-        fill = {alias: kept for alias, kept in self._alias_names().items()
-                if alias not in state_dict and kept in state_dict}
-        if fill:
-            metadata = getattr(state_dict, "_metadata", None)
-            state_dict = OrderedDict(state_dict)
-            if metadata is not None:  # module versions, as torch's state dicts carry them
-                state_dict._metadata = metadata
-            for alias, kept in fill.items():
-                state_dict[alias] = state_dict[kept]
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_extra_state(self, state: Any) -> None:
         """Loading a state dict: check the description is an MPO model's; the tensors
@@ -287,18 +271,22 @@ class MPOModel(nn.Module):
         that onto a base model of the new vocabulary size.
 
         When the input embedding is not an MPO layer, this is the base model's method.
-        The new size is checked against the config before anything changes; if a
-        later step fails, the old embedding, output embedding and vocabulary size are
-        put back.
+        With an MPO output embedding (``lm_head``), an unchanged size (``None``, or
+        ``len(tokenizer)`` equal to the vocabulary) returns the input embedding and
+        changes nothing; another size is refused. The new size is checked against the
+        config before anything changes; if a later step fails, the old embedding, output
+        embedding and vocabulary size are put back.
 
         Raises:
             TypeError: ``new_num_tokens`` is not None or an int (a bool, a float).
             ValueError: ``new_num_tokens`` below 1, the config's site shapes do not fit
-                the new size, the output embedding (``lm_head``) is an MPO layer
-                (refused before anything changes), or the resized output embedding would
-                be tied to the (temporary dense) input embedding
+                the new size, the output embedding (``lm_head``) is an MPO layer and
+                the size changes (refused before anything changes), or the resized
+                output embedding would be tied to the (temporary dense) input embedding
                 (``tie_word_embeddings``: an MPO embedding cannot be tied).
         """
+        if new_num_tokens is not None:  # True or 70.9 must not become 1 or 70 rows
+            new_num_tokens = check_positive_int(new_num_tokens, "new_num_tokens")
         base = self.base_model
         emb = base.get_input_embeddings()
         head = base.get_output_embeddings()
@@ -307,6 +295,17 @@ class MPOModel(nn.Module):
         if isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0 and isinstance(
                 wanted, int):
             wanted = math.ceil(wanted / pad_to_multiple_of) * pad_to_multiple_of
+        if isinstance(head, (MPOModule, PivotedLinear)) and wanted == head.out_dim:
+            rows = getattr(emb, "num_embeddings", None)
+            if rows == wanted:  # nothing to resize (``len(tokenizer)``): transformers would
+                return emb      # try to set the MPO head's out_features and fail
+            where = module_paths(base)[id(head)][0]
+            raise ValueError(
+                f"resize_token_embeddings(new_num_tokens={new_num_tokens!r}): the input "
+                f"embedding has {rows} rows, and resizing it would resize the output "
+                f"embedding {where!r} too, an MPO layer ({type(head).__name__}) that cannot "
+                "be resized; nothing was changed. Merge it first (merge_and_unload), resize, "
+                f"then decompose again, or leave {where!r} out of target_modules")
         if isinstance(head, (MPOModule, PivotedLinear)) and wanted != head.out_dim:
             where = module_paths(base)[id(head)][0]
             raise ValueError(
@@ -320,8 +319,7 @@ class MPOModel(nn.Module):
                                                 mean_resizing)
         if new_num_tokens is None and pad_to_multiple_of is None:
             return emb
-        size = emb.num_embeddings if new_num_tokens is None else check_positive_int(
-            new_num_tokens, "new_num_tokens")  # True or 70.9 must not become 1 or 70 rows
+        size = emb.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of is not None:
             if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
                 raise ValueError("pad_to_multiple_of must be a positive int, got "
@@ -720,6 +718,36 @@ def _class_for(base_cls: type) -> type:
                                        "__qualname__": name, "__doc__": MPOModel.__doc__})
         _CLASSES[base_cls] = cls
     return cls
+
+
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    """State key -> the first key of the same tensor, for every later name of a tensor
+    ``model`` shares under several names (tied weights); keys relative to ``model``."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[key] = first[id(t)]
+        else:
+            first[id(t)] = key
+    return aliases
+
+
+def _refill_tied_names(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                       *_: Any) -> None:
+    """``load_state_dict`` pre-hook of an MPO model's base model (module level: a model
+    holding it still pickles): each later name of a tied tensor that ``state_dict``
+    lacks (:meth:`MPOModel.state_dict` leaves them out) takes the value under the
+    first name, under the ``prefix`` this load gives the base model (``base_model.``,
+    ``module.base_model.`` through a parent, ``""`` when loaded directly). Names
+    present are left alone (a dict with every name loads as before). Once the model
+    holds no MPO or gauge-fixed layer (merged), it does nothing: a plain model loads as
+    transformers made it."""
+    if not any(isinstance(m, (MPOModule, PivotedLinear)) for m in module.modules()):
+        return
+    for alias, kept in _tied_names(module).items():
+        if prefix + alias not in state_dict and prefix + kept in state_dict:
+            state_dict[prefix + alias] = state_dict[prefix + kept]
 
 
 def _new_instance(base_cls: type) -> MPOModel:
