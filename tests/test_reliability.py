@@ -457,9 +457,9 @@ def test_modules_to_save_string_is_one_pattern():
 
 
 BAD_ARGUMENTS = {
-    "n_sites 10**9": (dict(n_sites=10**9), ValueError, "n_sites must be at most 64"),
-    "n_sites 1000": (dict(n_sites=1000), ValueError, "n_sites must be at most 64"),
-    "n_sites 65": (dict(n_sites=65), ValueError, "n_sites must be at most 64"),
+    "n_sites 10**9": (dict(n_sites=10**9), ValueError, "n_sites must be at most 32"),
+    "n_sites 1000": (dict(n_sites=1000), ValueError, "n_sites must be at most 32"),
+    "n_sites 33": (dict(n_sites=33), ValueError, "n_sites must be at most 32"),
     "n_sites 0": (dict(n_sites=0), ValueError, "n_sites must be >= 1"),
     "n_sites float": (dict(n_sites=3.0), TypeError, "n_sites must be an int"),
     "cutoff 1": (dict(cutoff=1.0), ValueError, "cutoff must be .* < 1, got 1.0"),
@@ -473,11 +473,11 @@ BAD_ARGUMENTS = {
     "override cutoff": (dict(overrides={"query": {"cutoff": 3}}), ValueError,
                         r"overrides\['query'\]: cutoff must be"),
     "override n_sites": (dict(overrides={"query": {"n_sites": 1000}}), ValueError,
-                         r"overrides\['query'\]: n_sites must be at most 64"),
+                         r"overrides\['query'\]: n_sites must be at most 32"),
     "override gauge": (dict(overrides={"query": {"gauge": "right"}}), ValueError,
                        r"overrides\['query'\]: gauge must be one of"),
-    "in_shapes 65 sites": (dict(in_shapes={32: (1,) * 65}), ValueError,
-                           r"in_shapes\[32\] must have at most 64 sites"),
+    "in_shapes 33 sites": (dict(in_shapes={32: (1,) * 33}), ValueError,
+                           r"in_shapes\[32\] must have at most 32 sites"),
     "pad not bool": (dict(pad="yes"), TypeError, "pad must be a bool"),
 }
 
@@ -497,19 +497,19 @@ def test_core_entry_points_check_sites_and_ranges():
     from tnlm.core.policy import TruncationPolicy
 
     W = np.random.default_rng(0).standard_normal((32, 32))
-    for n in (10**9, 1000, 65):  # 10**9 used to hang, 1000 to raise RecursionError
-        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+    for n in (10**9, 1000, 33):  # 10**9 used to hang, 1000 to raise RecursionError
+        with pytest.raises(ValueError, match="n_sites must be at most 32"):
             MPO.from_matrix(W, n_sites=n)
-        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+        with pytest.raises(ValueError, match="n_sites must be at most 32"):
             factorize(32, n)
-        with pytest.raises(ValueError, match="n_sites must be at most 64"):
+        with pytest.raises(ValueError, match="n_sites must be at most 32"):
             padded_dim(32, n)
-    # too many sites for a small dimension: padding would be mostly zeros (2**40 rows)
-    with pytest.raises(ValueError, match="n_sites=40 is too many for dim=32"):
-        MPO.from_matrix(W, n_sites=40, pad=True)
-    with pytest.raises(ValueError, match="no balanced factorization into 40 sites.*fewer sites"):
-        factorize(32, 40)
-    with pytest.raises(ValueError, match="in_shape must have at most 64 sites"):
+    # too many sites for a small dimension: padding would be mostly zeros (2**20 rows)
+    with pytest.raises(ValueError, match="n_sites=20 is too many for dim=32"):
+        MPO.from_matrix(W, n_sites=20, pad=True)
+    with pytest.raises(ValueError, match="no balanced factorization into 20 sites.*fewer sites"):
+        factorize(32, 20)
+    with pytest.raises(ValueError, match="in_shape must have at most 32 sites"):
         MPO.from_matrix(W, (1,) * 65, (1,) * 65)
     mpo = MPO.from_matrix(W, (4, 8), (8, 4))
     with pytest.raises(ValueError, match="cutoff must be .* < 1"):

@@ -974,3 +974,23 @@ def test_docs_say_a_padded_truncation_is_measured_on_the_logical_block():
     assert "W is the logical (I, J) block" in text
     assert "padded chain" in MPO.singular_values.__doc__
     assert "padded chain" in MPO.entanglement_entropy.__doc__
+
+
+def test_from_matrix_takes_32_sites_and_refuses_33_by_name():
+    """numpy arrays hold at most 64 dimensions and the dense matrix of an n-site MPO is
+    reshaped to 2n legs: 32 sites decompose exactly, 33 are refused up front (they failed
+    inside numpy with "maximum supported dimension")."""
+    import numpy as np
+
+    from tnlm.core.mpo import MPO
+    from tnlm.core.validation import MAX_SITES
+
+    assert MAX_SITES == 32
+    W = np.random.default_rng(0).standard_normal((16, 16))
+    shape = [2] * 4 + [1] * 28
+    m = MPO.from_matrix(W, shape, shape)
+    assert len(m.cores) == 32 and np.abs(m.to_matrix() - W).max() < 1e-12
+    with pytest.raises(ValueError, match="must have at most 32 sites, got 33"):
+        MPO.from_matrix(W, shape + [1], shape + [1])
+    with pytest.raises(ValueError, match="n_sites must be at most 32, got 33"):
+        MPO.from_matrix(W, n_sites=33)

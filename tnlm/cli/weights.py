@@ -58,7 +58,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     """Decompose every 2-D weight exactly and print bond dimensions, errors and entropies.
 
     Raises:
-        UserError: ``--n-sites`` not in 1..64 (before the model is loaded), no weights.
+        UserError: ``--n-sites`` not in 1..32 (before the model is loaded), no weights.
     """
     from tqdm.auto import tqdm
 
@@ -92,7 +92,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Per-matrix table: shape, site shapes, bond dims, central-bond entropy vs random.
 
     Raises:
-        UserError: ``--n-sites`` not in 1..64 (before the model is loaded).
+        UserError: ``--n-sites`` not in 1..32 (before the model is loaded).
     """
     from tqdm.auto import tqdm
 

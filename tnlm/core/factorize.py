@@ -154,7 +154,7 @@ def padded_dim(dim: int, n_sites: int, *, name: str = "dim") -> int:
     ``padded_dim(30522, 5) == 30720`` (= 2^11 * 3 * 5), the paper's padded vocabulary.
 
     Raises:
-        ValueError: ``n_sites`` outside ``1..MAX_SITES`` (64), or so many sites that
+        ValueError: ``n_sites`` outside ``1..MAX_SITES`` (32), or so many sites that
             ``d`` would exceed ``MAX_PAD_FACTOR * dim`` (every site needs a factor >= 2).
     """
     n_sites = _check_n_sites(n_sites)

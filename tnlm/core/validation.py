@@ -15,9 +15,10 @@ __all__ = ["MAX_SEED", "MAX_SITES", "all_finite", "check_core", "check_matrix", 
            "check_shape", "check_site_index", "check_positive_int", "check_n_sites",
            "check_number", "check_size", "check_bool_fields"]
 
-#: the most sites an MPO may have: every site factor is >= 2 for a balanced
-#: factorization, so more sites than this would need a dimension above 2**64
-MAX_SITES = 64
+#: the most sites an MPO may have: numpy arrays hold at most 64 dimensions, and the dense
+#: matrix of an n-site MPO is reshaped to (and from) 2n legs, one input and one output a
+#: site (33 sites failed in ``from_matrix`` with numpy's "maximum supported dimension")
+MAX_SITES = 32
 
 _FLOATS = ("float32", "float64")
 

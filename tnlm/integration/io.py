@@ -55,6 +55,7 @@ from torch import nn
 
 from tnlm.bridge.kinds import ALL_KINDS, MATRIX_KINDS
 from tnlm.bridge.pivoted import PIVOTED_LAYOUT
+from tnlm.core.validation import MAX_SITES
 
 try:
     import fcntl
@@ -77,7 +78,7 @@ JOURNAL_NAME = ".mpo_checkpoint.pending"
 #: temporary files of a writer: the weights, and the config and journal written by
 #: atomic_write
 _TEMP_PATTERNS = (".weights.*.tmp", f".{CONFIG_NAME}.*.tmp", f".{JOURNAL_NAME}.*.tmp")
-_MAX_SITES = 64
+_MAX_SITES = MAX_SITES
 #: the weights file names this writer produces (the first checkpoints used the plain
 #: name): the only files it removes
 WEIGHTS_NAME = re.compile(r"mpo_model(-[0-9a-f]{12})?\.safetensors")
