@@ -228,4 +228,8 @@ def test_read_sick_takes_a_bom_and_batch_sizes_must_be_ints(tok, tmp_path):
                            progress=False)
         with pytest.raises(error, match="batch_size must be"):
             embed(model, tok, short_sentences(4), batch_size=bs)
+    for n, error in ((0, ValueError), (16.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_length must be"):  # was run with it silently
+            compress_model(model, tok, short_sentences(8), cfg, max_length=n,
+                           progress=False)
     assert_unchanged(model, before)

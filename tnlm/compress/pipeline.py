@@ -321,13 +321,13 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
 
     Raises:
         TypeError: ``calibration`` or ``heal_text`` is one string (its characters would
-            be the sentences); ``batch_size`` is not an int.
+            be the sentences); ``batch_size`` or ``max_length`` is not an int.
         ValueError: no calibration text, a ``heal_text`` of blank sentences only, a
-            ``batch_size`` below 1, a pattern matching no layer or a layer with tied
-            weights (:func:`target_shapes`), a model that is already an ``MPOModel``, a
-            budget below the smallest model the allocation can make (:func:`check_budget`),
-            shared blocks (ALBERT's layer groups) with ``reconstruct_steps``; the model is
-            unchanged.
+            ``batch_size`` or ``max_length`` below 1, a pattern matching no layer or a
+            layer with tied weights (:func:`target_shapes`), a model that is already an
+            ``MPOModel``, a budget below the smallest model the allocation can make
+            (:func:`check_budget`), shared blocks (ALBERT's layer groups) with
+            ``reconstruct_steps``; the model is unchanged.
         FloatingPointError: healing diverged (:func:`tnlm.compress.distill.heal`); the
             model is put back as it came in.
     """
@@ -341,6 +341,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         raise ValueError(f"heal_text holds {len(heal_text)} sentence(s), all blank: pass "
                          "non-empty sentences, or leave heal_text out to heal on calibration")
     batch_size = check_positive_int(batch_size, "batch_size")
+    max_length = check_positive_int(max_length, "max_length")
     say = log or (lambda s: None)
     mpo_cfg = MPOConfig(target_modules=config.target_modules, gauge=config.gauge)
     shapes = target_shapes(model, config)
