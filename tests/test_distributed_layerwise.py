@@ -226,7 +226,10 @@ def test_truncation_matches_single_process(two_ranks, name):
     got = [load(two_ranks / f"{name}_rank{k}.safetensors") for k in (0, 1)]
     for k, v in ref.items():
         assert torch.equal(got[0][k], got[1][k]), k  # the ranks hold the same model
-        assert torch.allclose(got[0][k].double(), v.double(), rtol=0, atol=1e-6), k
+        a, b = got[0][k].double(), v.double()
+        if ".cores." in k:  # a singular vector's sign may differ from one BLAS to another
+            a, b = a.abs(), b.abs()  # (summed Grams); the logits below check the products
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), k
     assert torch.allclose(got[0]["logits"], logits(model), rtol=0, atol=1e-6)
 
 
