@@ -272,7 +272,7 @@ def test_resize_token_embeddings_takes_only_an_int_of_at_least_1():
 
 # ------------------------------------------------------------------ 7. --n-sites
 @pytest.mark.parametrize("n_sites, message", [("0", "--n-sites must be >= 1, got 0"),
-                                              ("65", "--n-sites must be at most 64, got 65")])
+                                              ("33", "--n-sites must be at most 32, got 33")])
 def test_n_sites_is_checked_before_the_model_is_loaded(model_dir, tmp_path, capsys,  # noqa: F811
                                                        monkeypatch, n_sites, message):
     def loaded(*a, **kw):
