@@ -219,8 +219,9 @@ def _lines_of(texts: list[str]) -> list[str]:
     """The non-blank lines of the texts, stripped: an encoder's sentences. Lines end at a
     line feed, CRLF or a lone CR, as :func:`tnlm.compress.text.read_sentences` reads
     ``tnlm compress --text`` (U+2028, form feeds, ``\\x85`` stay inside their line)."""
-    return [s.strip() for t in texts
-            for s in t.replace("\r\n", "\n").replace("\r", "\n").split("\n") if s.strip()]
+    from tnlm.compress.text import text_lines
+
+    return [s.strip() for t in texts for s in text_lines(t) if s.strip()]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from tnlm.textgen import generate
 
 __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
            "docstring_sentences", "generated_sentences", "lm_held_out", "lm_sentences",
-           "read_sentences", "split_sentences", "LM_HELD_OUT"]
+           "read_sentences", "split_sentences", "text_lines", "LM_HELD_OUT"]
 
 DEFAULT_TEXT_SOURCE = ("generated sentences, docstrings of the installed Python source and "
                        "natural prose shipped with tnlm")
@@ -100,6 +100,13 @@ def docstring_sentences(roots: Sequence[pathlib.Path] | None = None, max_files: 
     return out
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of ``text``, ending at "\\n", "\\r\\n" or a lone "\\r" (universal newlines,
+    as ``open()`` reads): ``str.splitlines()`` would also split inside a line at U+2028,
+    ``\\x85``, ``\\x0c``, ..."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _line_of(data: bytes, offset: int) -> int:
     """The line (from 1) of byte ``offset``, lines ending at LF, CRLF or a lone CR (as
     :func:`read_sentences` splits them)."""
@@ -137,9 +144,7 @@ def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[s
                          f"{at} (line {_line_of(data, at)}) is invalid; convert it "
                          f"to UTF-8 (for Latin-1: iconv -f latin1 -t utf-8)") from None
     out = []
-    # lines end at "\n", "\r\n" or a lone "\r" (universal newlines, as open() reads):
-    # str.splitlines() would also split inside a line at U+2028, \x85, \x0c, ...
-    for i, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")):
+    for i, line in enumerate(text_lines(text)):
         if not line.strip():
             continue
         cell = line

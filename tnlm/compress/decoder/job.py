@@ -246,9 +246,10 @@ class CausalLMRecipe:
                              f"first calibration sequences: at most n_calibration "
                              f"({self.n_calibration})")
         a = self.allocation_sequences
-        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1 or a % 8
-                              or a > self.n_calibration):
-            raise ValueError(f"allocation_sequences must be None or a multiple of 8 (the "
+        per = LayerwiseConfig.batch_size  # the layer-by-layer batch the job uses
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1
+                              or a % per or a > self.n_calibration):
+            raise ValueError(f"allocation_sequences must be None or a multiple of {per} (the "
                              f"layer-by-layer batch) at most n_calibration "
                              f"({self.n_calibration}), got {a!r}")
         self.seed = check_seed(self.seed)
