@@ -422,8 +422,13 @@ def test_reliability_table_counts():
     root = Path(__file__).resolve().parent.parent
     doc = (root / "docs" / "reliability.md").read_text()
     section = doc.split("## The command line: `tnlm compress`")[1].split("\n## ")[0]
-    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith(
-        ("| case ", "|---"))]
+    table = [r for r in section.splitlines() if r.startswith("|")]
+    # one header (and its rule) first; a header row pasted inside the table is an error,
+    # not a row to skip
+    assert table[0].startswith("| case ") and table[1].startswith("|---"), table[:2]
+    rows = table[2:]
+    stray = [r for r in rows if r.startswith(("| case ", "|---"))]
+    assert not stray, f"header rows inside the table: {stray}"
     assert len(rows) >= 30
     defined = set(re.findall(r"^def (test_\w+)", "\n".join(
         p.read_text() for p in (root / "tests").glob("test_*.py")), re.M))
