@@ -1384,6 +1384,25 @@ def test_cli_export_never_mixes_two_models_in_one_folder(checkpoint, tmp_path):
     assert (empty / "README.md").read_text().startswith("# empty\n")
 
 
+def test_cli_export_removes_what_a_killed_export_left(checkpoint, tmp_path):
+    """``tnlm export`` stages in a folder named as the library's staging folders: the
+    next export to the same --out removes what a killed one left there (its process
+    gone), and keeps a running process's."""
+    import subprocess
+
+    ckpt, base = checkpoint
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = tmp_path / f".st.tnlm-staging.{child.pid}.0123abcd"
+    alive = tmp_path / f".st.tnlm-staging.{os.getpid()}.89abcdef"
+    for d in (dead, alive):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half a model")
+    assert cmd_export(parse([str(ckpt), "--format", "st", "--base", str(base),
+                             "--out", str(tmp_path / "st")])) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "st"]
+
+
 def test_cli_export_that_fails_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     import tnlm.export.folder as folder_module
 

@@ -4,6 +4,7 @@ any work, naming the argument. Small hand-built ONNX graphs and a random-init BE
 width 32; the exporter itself is stubbed where only the checks before it matter."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -554,3 +555,110 @@ def test_empty_sample_is_refused_and_encoding_no_sentences_gives_no_rows(tok, tm
     got = enc.encode([])
     assert got.shape == (0, 1) and got.dtype == np.float32
     assert enc.encode(()).shape == (0, 1)
+
+
+# ------------------------------------------------------------------ staging folders
+def _dead_pid():
+    """The id of a process that has ended (and been waited for)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _staging(folder, name, pid, suffix="0123abcd", size=0):
+    """A staging folder of ``name`` as the writer ``pid`` would leave it, with a
+    ``size``-byte data file in it."""
+    d = folder / f".{name}.tnlm-staging.{pid}.{suffix}"
+    d.mkdir()
+    with open(d / f"{name}.data", "wb") as fh:
+        fh.truncate(size)
+    (d / name).write_bytes(b"half a graph")
+    return d
+
+
+def test_stale_staging_removed(tok, tmp_path):
+    """The exporters stage their output in a hidden folder beside the destination: an
+    export killed (``SIGKILL``, the OOM killer) left that folder, with gigabytes of
+    external data, in the output folder for good. The next export to that name now
+    removes the staging folders whose writer no longer runs, and writes a correct file."""
+    from tnlm.export import OnnxEncoder, export_onnx, quantize_int8, quantize_weights
+
+    want = OnnxEncoder(export_onnx(tiny_bert(), tok, tmp_path / "ref" / "m.onnx",
+                                   pooling="mean").path, tok).encode(["the cat is here."])
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    _staging(out, "m.onnx", dead, size=20_000_000)
+    _staging(out, "m.onnx", dead, suffix="ffff0000")
+    res = export_onnx(tiny_bert(), tok, out / "m.onnx", pooling="mean")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx"]
+    np.testing.assert_allclose(OnnxEncoder(res.path, tok).encode(["the cat is here."]), want,
+                               atol=1e-5)
+    # the quantizers alike
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src)
+    for quantize, name in ((quantize_int8, "i8.onnx"), (quantize_weights, "w8.onnx")):
+        _staging(out, name, dead, size=1_000_000)
+        assert quantize(src, out / name) > 0
+        onnx.checker.check_model(str(out / name))
+    assert sorted(p.name for p in out.iterdir()) == ["i8.onnx", "m.onnx", "w8.onnx"]
+
+
+def test_staging_of_a_running_export_is_kept(tmp_path):
+    """A staging folder whose writer runs (a concurrent export to the same name: this
+    process, or one of another user) is not touched; an export's own staging folder is
+    gone when it returns."""
+    from tnlm.export import quantize_weights
+
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    live = [_staging(out, "w8.onnx", pid, size=1000) for pid in (os.getpid(), 1)]
+    quantize_weights(src, out / "w8.onnx")
+    for d in live:
+        assert sorted(p.name for p in d.iterdir()) == ["w8.onnx", "w8.onnx.data"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["w8.onnx", *(d.name for d in live)])
+
+
+def test_only_stale_staging_folders_of_the_destination_are_removed(tmp_path):
+    """What is not exactly a staging folder of the destination name is kept, even with
+    a process id that no longer runs: a user's hidden folder, another name's staging
+    folder, near misses of the form, a file of the form, and a symbolic link of the form
+    (neither it nor what it points to is touched)."""
+    from tnlm.export import quantize_weights
+    from tnlm.export.staging import remove_stale_staging
+
+    src = tmp_path / "chain.onnx"
+    _low_rank_chain(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    kept = [out / ".w8.onnx.backup", out / f".w8.onnx.tnlm-staging.{dead}.backup",
+            out / f".w8.onnx.tnlm-staging.{dead}.0123abcd.old",
+            out / f".w8.onnx.tnlm-staging.{dead}", out / f"w8.onnx.tnlm-staging.{dead}.0123abcd",
+            out / ".w8.onnx.tnlm-staging.0.0123abcd"]
+    for d in kept:
+        d.mkdir()
+        (d / "w8.onnx.data").write_bytes(b"mine")
+    other = _staging(out, "other.onnx", dead, size=1000)
+    plain = out / f".w8.onnx.tnlm-staging.{dead}.00000000"
+    plain.write_bytes(b"a file")
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "w8.onnx.data").write_bytes(b"mine")
+    link = out / f".w8.onnx.tnlm-staging.{dead}.11111111"
+    link.symlink_to(target, target_is_directory=True)
+    def files():
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*")
+                if p.is_file() and not p.is_symlink()}
+
+    before = files()
+    quantize_weights(src, out / "w8.onnx")
+    assert remove_stale_staging(out / "w8.onnx") == []
+    after = files()
+    assert after.pop("out/w8.onnx") and after == before
+    assert link.is_symlink() and other.is_dir() and all(d.is_dir() for d in kept)

@@ -362,26 +362,26 @@ def _staged(out: Path, folder: bool) -> Iterator[Path]:
     from tnlm.cli.common import make_out, remove_empty
 
     _, made = make_out(str(out.parent))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
-    tmp.mkdir()  # the umask's mode, as any folder the user makes
-    try:
-        if folder:
-            yield tmp
-            os.replace(tmp, out)
-        else:
-            yield tmp / out.name
-            from tnlm.export.onnx_graph import replace_onnx
+    from tnlm.export.staging import staging_dir
 
-            # the .onnx and the data files it names (an earlier export's that nothing
-            # names any more are removed)
-            replace_onnx(tmp / out.name, out)
+    # named as the library's staging folders: what a killed export left is removed by the
+    # next export to the same place (tnlm.export.staging); the umask's mode, as any folder
+    # the user makes, since a folder is renamed into place
+    try:
+        with staging_dir(out, mode=0o777) as tmp:
+            if folder:
+                yield tmp
+                os.replace(tmp, out)
+            else:
+                yield tmp / out.name
+                from tnlm.export.onnx_graph import replace_onnx
+
+                # the .onnx and the data files it names (an earlier export's that nothing
+                # names any more are removed)
+                replace_onnx(tmp / out.name, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_empty(made)
+        remove_empty(made)  # the staging folder is gone by now
         raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

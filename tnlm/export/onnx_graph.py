@@ -22,7 +22,6 @@ import inspect
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 from tnlm.core.validation import check_positive_int
 from tnlm.export.factorized import PivotedChain, factorized_copy, factorized_params
 from tnlm.export.fuse import fuse_shared_matmuls
+from tnlm.export.staging import staging_dir
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "GAUGE_FIXED_KEY", "gauge_fixed_chains",
@@ -290,17 +290,18 @@ def write_graph(graph: nn.Module, model: nn.Module, args: tuple, path: Path, *,
     MatMuls that share their input fused, :func:`~tnlm.export.fuse.fuse_shared_matmuls`).
     Returns ``(bytes written, external data included; MatMul nodes the fusion removed)``.
 
-    The graph (and its external data file, if any) is written in a temporary folder
-    beside ``path`` and moved onto it with :func:`replace_onnx`: an export that fails
-    leaves an existing ``path`` and the data it names as they were. The data file is named
+    The graph (and its external data file, if any) is written in a staging folder
+    beside ``path`` (:func:`~tnlm.export.staging.staging_dir`, which first removes the
+    ones killed exports left) and moved onto it with :func:`replace_onnx`: an export that
+    fails leaves an existing ``path`` and the data it names as they were. The data file is named
     after the graph's (``<name>.data``), or ``<name>.<8 hex digits>.data`` where that name
     is taken in ``path``'s folder (the former export's, until the final rename); the
     former export's data file that no file names any more is then removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     external = factorized_params(model) * 4 > _EXTERNAL_BYTES
     quiet = contextlib.nullcontext() if verbose else _quiet()
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        target = Path(tmp) / path.name
+    with staging_dir(path) as tmp:
+        target = tmp / path.name
         with quiet, torch.no_grad():
             torch.onnx.export(graph, args, str(target), dynamo=True, opset_version=opset,
                               input_names=inputs, output_names=outputs,

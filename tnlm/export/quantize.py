@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tnlm.export.onnx_graph import external_files, gauge_fixed_chains, replace_onnx
+from tnlm.export.staging import staging_dir
 
 __all__ = ["quantize_int8", "is_quantized", "EMBEDDING_BITS", "QUANTIZED_OPS", "BITS_KEY"]
 
@@ -50,7 +50,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
                   embedding_bits: int = 8, block_size: int | None = None) -> int:
     """Write ``dst``: the ONNX file ``src`` with int8 weights (dynamic quantization of
     ``MatMul`` and ``Gather``); returns the size of ``dst`` in bytes. ``dst`` is written
-    to a temporary file in its folder, then renamed.
+    in a staging folder beside it (:func:`~tnlm.export.staging.staging_dir`, which first
+    removes the ones killed writers left), then renamed.
 
     Args:
         src: an ONNX file (e.g. from :func:`~tnlm.export.export_onnx`).
@@ -137,16 +138,16 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run shape pre-processing, on every call
     try:
-        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        with staging_dir(dst) as tmp:
             source, exclude = src, []
             if embedding_bits == 4:
                 from tnlm.export.table4 import required_embedding_gathers
 
                 model = onnx.load(str(src))
                 exclude = required_embedding_gathers(model, src)  # names unnamed nodes
-                source = Path(tmp) / "named.onnx"
+                source = tmp / "named.onnx"
                 onnx.save(model, str(source))
-            staged = Path(tmp) / dst.name
+            staged = tmp / dst.name
             quantize_dynamic(str(source), str(staged), op_types_to_quantize=["MatMul", "Gather"],
                              per_channel=per_channel, weight_type=QuantType.QInt8,
                              reduce_range=bool(reduce_range), nodes_to_exclude=exclude)

@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tnlm.export.onnx_graph import external_files, replace_onnx
 from tnlm.export.quantize import BITS_KEY, is_quantized
+from tnlm.export.staging import staging_dir
 
 __all__ = ["quantize_weights", "WEIGHT_BITS", "WEIGHT_BLOCKS", "COMPUTE_FLOAT", "COMPUTE_INT8",
            "default_compute"]
@@ -71,8 +71,9 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     tied language-model head included) stored in ``bits`` bits (``MatMulNBits``);
     returns the size of ``dst`` in bytes (with the external data file it names, if it
     needs one: ``dst`` + ``".data"``, or ``<dst>.<8 hex digits>.data`` where that name was
-    taken, :func:`~tnlm.export.onnx_graph.replace_onnx`). Written in a temporary folder
-    beside ``dst``, then renamed.
+    taken, :func:`~tnlm.export.onnx_graph.replace_onnx`). Written in a staging folder
+    beside ``dst`` (:func:`~tnlm.export.staging.staging_dir`, which first removes the ones
+    killed writers left), then renamed.
 
     Args:
         src: an ONNX file (:func:`~tnlm.export.export_onnx`,
@@ -184,8 +185,8 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         out.metadata_props.add(key=key, value=value)
     external = _weight_bytes(out) > _PROTOBUF_LIMIT
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-        staged = Path(tmp) / dst.name
+    with staging_dir(dst) as tmp:
+        staged = tmp / dst.name
         onnx.save(out, str(staged), save_as_external_data=external,
                   location=f"{dst.name}.data" if external else None)
         # an earlier export's data file that nothing names any more goes (not the source's)
