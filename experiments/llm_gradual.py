@@ -1,17 +1,19 @@
 """Gradual compression of a causal LM: cut, heal, cut further, heal (SmolLM2-135M).
 
-Dimension squeezing's idea (cut a little, let the rest recover, cut again) for the
-decoder job: the dense model is compressed to the first ``--stages`` budget and healed,
-its MPO layers merged back to dense linears (exact: each holds the rank it was given), and
-that healed model compressed to the next budget by the same layer-by-layer path (its own
-allocation, whitening and block fitting, the healed model's blocks as targets), and so on
-to ``--budget``. Every stage heals by next-token KL to the **original** dense model, with
-the job's healing (Adafactor, chunked KL) for its share of ``--heal-steps``; the budget is
+Dimension squeezing's idea (cut a little, let the rest recover, cut again) for the decoder
+job: the dense model is compressed to the first ``--stages`` budget and healed, its MPO
+layers merged back to dense linears (exact: each holds the rank it was given), and that
+healed model compressed to the next budget by the same layer-by-layer path (its own
+allocation, whitening and block fitting, the healed model's blocks as targets), and so on to
+``--budget``. Every stage heals by next-token KL to the **original** dense model, with the
+job's healing (Adafactor, chunked KL) for its share of ``--heal-steps``; the budget is
 always the fraction of the dense targets' parameters. Same job text as
 ``experiments/llm_calibration.py`` (the recipe's own text for the seed, cached in
-``--text-cache``), so its one-shot rows (2.570x at 60 %, seed 0, 150 steps) compare
-directly. Prints one JSON line per stage (held-out perplexity ratio, non-overlapping
-256-token windows on the natural held-out text, the CLI job's measure).
+``--text-cache``), so its one-shot rows (2.570x at 60 %, seed 0, 150 steps) compare directly.
+``CausalLMRecipe.stages`` (``tnlm compress --lm-stages``) does the same inside the job, with
+the steps split evenly; here each stage's steps are given. Prints one JSON line per stage
+(held-out perplexity ratio, non-overlapping 256-token windows on the natural held-out text,
+the CLI job's measure).
 
     python experiments/llm_gradual.py --budget 0.6 --stages 0.8 --heal-steps 75 75
 """
@@ -29,22 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tnlm.bridge import MPOLinear  # noqa: E402
 from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal  # noqa: E402
-from tnlm.compress.decoder.job import JOB_HEAL, CausalLMRecipe, recipe_text  # noqa: E402
+from tnlm.compress.decoder.job import (  # noqa: E402
+    JOB_HEAL,
+    CausalLMRecipe,
+    merge_truncated,
+    recipe_text,
+)
 from tnlm.compress.decoder.quality import natural_eval_text, perplexity  # noqa: E402
 from tnlm.compress.decoder.text import token_sequences  # noqa: E402
 from tnlm.compress.layerwise import compress_layerwise  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
-from tnlm.integration.surgery import set_module  # noqa: E402
-
-
-def merge_mpo_layers(model: torch.nn.Module) -> int:
-    """Replace every ``MPOLinear`` of ``model`` by its merged dense module; their number."""
-    names = [n for n, m in model.named_modules() if isinstance(m, MPOLinear)]
-    for n in names:
-        set_module(model, n, model.get_submodule(n).merge())
-    return len(names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     for k, (budget, steps) in enumerate(zip(budgets, args.heal_steps)):
         if k:
-            print(f"stage {k}: merged {merge_mpo_layers(model)} MPO layers", flush=True)
+            print(f"stage {k}: merged {merge_truncated(model)} MPO layers", flush=True)
         recipe = CausalLMRecipe(budget=budget, seed=args.seed,
                                 heal=CausalHealConfig(steps=steps, **JOB_HEAL))
         t = time.time()

@@ -509,6 +509,52 @@ def test_a_budget_of_one_truncates_nothing_and_does_not_heal():
         model, None))
 
 
+def test_stages_cut_heal_merge_and_cut_again():
+    """CausalLMRecipe.stages: compressed to each budget in turn, healed in between (the
+    steps split over the stages, on_heal_step counting across them), the truncated layers
+    merged exactly before the next cut; bad stages refused when the recipe is made."""
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm, merge_truncated
+
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [int(w[1:]) % V for w in text.split()]
+            return {"input_ids": torch.tensor([ids])}
+
+    model, logs, seen = _llama(), [], []
+    recipe = CausalLMRecipe(budget=0.5, stages=[0.8], seq_len=16, n_calibration=8,
+                            fit_steps=2, heal=CausalHealConfig(steps=7, warmup=1))
+    assert recipe.stages == (0.8,) and recipe.stage_steps() == [3, 4]
+    res = compress_causal_lm(model, Tok(), recipe, text=words, progress=False,
+                             log=logs.append, on_heal_step=seen.append)
+    assert [st["budget"] for st in res.stages] == [0.8, 0.5]
+    assert [st["heal_steps"] for st in res.stages] == [3, 4]
+    first, last = res.stages
+    assert first["params_after"] > last["params_after"] == res.layerwise.params_after
+    assert first["params_after"] <= 0.8 * res.layerwise.params_before
+    assert res.ratio <= 0.5 and len(res.heal.losses) == 4
+    assert seen == [0, 1, 2, 3, 3, 4, 5, 6, 7]  # stage 2 starts where stage 1 ended
+    assert any("stage 1 of 2" in line for line in logs)
+    assert {"compression", "healing"} <= set(res.seconds)
+    # what the next cut starts from: the merged layers compute what the MPO layers did
+    ids = _seqs(4, 12)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert merge_truncated(model) == sum(r is not None for r in res.layerwise.ranks.values())
+        assert not any(isinstance(m, MPOLinear) for m in model.modules())
+        assert _rel(model(input_ids=ids).logits, before) < 1e-5
+    for bad, match in (((0.4,), "between budget"), ((1.0,), "between budget"),
+                       ((0.7, 0.8), "must decrease"), ("0.8", "tuple of budgets"),
+                       ((float("nan"),), "between budget"), ((True,), "between budget")):
+        with pytest.raises(ValueError, match=match):
+            CausalLMRecipe(budget=0.5, stages=bad)
+    with pytest.raises(ValueError, match="at least one a stage"):
+        CausalLMRecipe(budget=0.5, stages=(0.8, 0.6), heal=CausalHealConfig(steps=2))
+    with pytest.raises(ValueError, match="heal_pivoted"):
+        CausalLMRecipe(budget=0.5, stages=(0.8,), pivoted=True, heal_pivoted=True)
+
+
 def test_layerwise_failure_restores_every_weight(monkeypatch):
     """An error in block 2 (after blocks 0-1 were truncated and fitted) leaves the model
     exactly as it came: dense layers back, norms unfitted."""
@@ -611,6 +657,31 @@ def test_cli_allocation_reaches_the_causal_job_and_each_job_refuses_the_others(
     assert main(["compress", str(folder), "--allocation", "greedy"]) == 2
     assert "causal LM, whose are uniform, spectrum, residual, sensitivity" in \
         capsys.readouterr().err
+
+
+def test_cli_lm_stages_reach_the_causal_job_and_bad_ones_are_refused_before_loading(
+        tmp_path, capsys, monkeypatch):
+    """--lm-stages B ...: the recipe's stages; out of order, outside (--budget, 1), with
+    --heal-steps 0 or for an encoder: refused in one line naming the flag."""
+    from tnlm.cli import main
+
+    assert main(["compress", "--lm-stages", "0.8"]) == 2  # the embedded encoder
+    assert "--lm-stages applies to causal LMs" in capsys.readouterr().err
+    folder, text = _llm_folder(tmp_path)
+    capsys.readouterr()
+    for bad, match in ((["0.5"], "between budget (0.6) and 1"),
+                       (["0.7", "0.8"], "must decrease"),
+                       (["0.8", "--heal-steps", "0"], "with --heal-steps 0 nothing heals"),
+                       (["0.9", "0.8", "--heal-steps", "2"], "at least one a stage (3)")):
+        assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                     "--budget", "0.6", "--seed", "3", "--lm-stages", *bad]) == 2
+        err = capsys.readouterr().err
+        assert "--lm-stages" in err and match in err and err.count("\n") == 1, err
+    seen = _stop_at_compression(monkeypatch, lambda r, kw: (r.stages, r.stage_steps()))
+    assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                 "--seed", "3", "--lm-stages", "0.9", "0.75"]) == 2
+    capsys.readouterr()
+    assert seen[-1] == ((0.9, 0.75), [50, 50, 50])
 
 
 def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(

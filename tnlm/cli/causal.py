@@ -156,8 +156,18 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         raise UserError(f"{size} processes: healing shares each step's batch of "
                         f"{heal.batch_size} sequences, so at most {heal.batch_size} "
                         "processes can heal (--nproc_per_node)")
+    stages = tuple(args.lm_stages or ())
+    if stages and not heal_steps:
+        raise UserError("--lm-stages heal between their cuts; with --heal-steps 0 nothing "
+                        "heals")
+    try:  # the stages' own checks, before loading
+        dataclasses.replace(recipe, budget=args.budget, heal=heal, seed=args.seed,
+                            stages=stages)
+    except ValueError as err:
+        raise UserError(f"--lm-stages: {err}") from None
     recipe = CausalLMRecipe(
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
+        stages=stages,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
         n_calibration=n_calibration,
@@ -430,6 +440,8 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
                    params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                   # --lm-stages: each stage's budget, parameters kept and healing steps
+                   stages=res.stages or None,
                    heal_optimizer=recipe.heal.optimizer, low_memory=mapped,
                    text=("--text " + str(args.text)) if args.text else recipe.text_source,
                    seed=args.seed,

@@ -146,6 +146,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     if args.lm_prose is not None:
         raise UserError("--lm-prose applies to causal LMs (prose added to the model's texts)")
+    if args.lm_stages is not None:
+        raise UserError("--lm-stages applies to causal LMs (budgets compressed to and healed "
+                        "at before --budget)")
     if args.lm_calibration is not None:
         raise UserError("--lm-calibration applies to causal LMs (their calibration sequences); "
                         "an encoder's is --calibration")

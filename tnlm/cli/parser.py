@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "where the text makes fewer); more estimate "
                         "wider layers better and take longer to compress "
                         f"(default: {CausalLMRecipe.n_calibration})")
+    p.add_argument("--lm-stages", type=float, nargs="+", default=None, metavar="B",
+                   help="causal LMs: budgets above --budget, decreasing, to compress to and "
+                        "heal at first (cut, heal, cut further): the healing steps are "
+                        "shared by the stages, each stage adds a compression "
+                        "(CausalLMRecipe.stages; default: one cut)")
     p.add_argument("--lm-prose", type=float, default=None, metavar="F",
                    help="causal LMs: after the model's own texts, heal on this fraction of the "
                         "prose that ships with tnlm too (--lm-text self, chat, mixed; 0: the "
