@@ -6,7 +6,8 @@ layers merged back to dense linears (exact: each holds the rank it was given), a
 healed model compressed to the next budget by the same layer-by-layer path (its own
 allocation, whitening and block fitting, the healed model's blocks as targets), and so on to
 ``--budget``. Every stage heals by next-token KL to the **original** dense model, with the
-job's healing (Adafactor, chunked KL) for its share of ``--heal-steps``; the budget is
+job's healing (Adafactor, chunked KL) for its share of ``--heal-steps`` (the batches after
+the earlier stages': one walk through the seeded draws); the budget is
 always the fraction of the dense targets' parameters. Same job text as
 ``experiments/llm_calibration.py`` (the recipe's own text for the seed, cached in
 ``--text-cache``), so its one-shot rows (2.570x at 60 %, seed 0, 150 steps) compare directly.
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if k:
             print(f"stage {k}: merged {merge_truncated(model)} MPO layers", flush=True)
         recipe = CausalLMRecipe(budget=budget, seed=args.seed,
-                                heal=CausalHealConfig(steps=steps, **JOB_HEAL))
+                                heal=CausalHealConfig(steps=steps, **JOB_HEAL,
+                                                      first_draw=sum(args.heal_steps[:k])))
         t = time.time()
         lw = compress_layerwise(model, sequences[:recipe.n_calibration],
                                 recipe.layerwise_config(model), progress=False)

@@ -534,7 +534,8 @@ def test_stages_cut_heal_merge_and_cut_again():
     assert first["params_after"] > last["params_after"] == res.layerwise.params_after
     assert first["params_after"] <= 0.8 * res.layerwise.params_before
     assert res.ratio <= 0.5 and len(res.heal.losses) == 4
-    assert seen == [0, 1, 2, 3, 3, 4, 5, 6, 7]  # stage 2 starts where stage 1 ended
+    assert seen == list(range(8))  # numbered on across the stages, 0 once
+    assert [st["heal_stopped"] for st in res.stages] == [None, None]
     assert any("stage 1 of 2" in line for line in logs)
     assert {"compression", "healing"} <= set(res.seconds)
     # what the next cut starts from: the merged layers compute what the MPO layers did
@@ -544,6 +545,8 @@ def test_stages_cut_heal_merge_and_cut_again():
         assert merge_truncated(model) == sum(r is not None for r in res.layerwise.ranks.values())
         assert not any(isinstance(m, MPOLinear) for m in model.modules())
         assert _rel(model(input_ids=ids).logits, before) < 1e-5
+    with pytest.raises(TypeError, match="budget must be a number"):
+        CausalLMRecipe(budget="0.5", stages=(0.8,))
     for bad, match in (((0.4,), "between budget"), ((1.0,), "between budget"),
                        ((0.7, 0.8), "must decrease"), ("0.8", "tuple of budgets"),
                        ((float("nan"),), "between budget"), ((True,), "between budget")):
@@ -553,6 +556,65 @@ def test_stages_cut_heal_merge_and_cut_again():
         CausalLMRecipe(budget=0.5, stages=(0.8, 0.6), heal=CausalHealConfig(steps=2))
     with pytest.raises(ValueError, match="heal_pivoted"):
         CausalLMRecipe(budget=0.5, stages=(0.8,), pivoted=True, heal_pivoted=True)
+
+
+def test_stages_walk_one_sequence_of_healing_batches(monkeypatch):
+    """Stage k heals on the batches after the earlier stages' (CausalHealConfig.first_draw):
+    the stages together draw what one healing of all their steps would."""
+    import tnlm.compress.decoder.heal as heal_module
+
+    seqs = _seqs(10, 12)
+    whole = heal_module._draws(10, 7, 3, 5)
+    assert heal_module._draws(10, 3 + 4, 3, 5)[3:] == whole[3:]
+    got = []
+    real = heal_module._draws
+
+    def spy(n, steps, batch, seed):
+        out = real(n, steps, batch, seed)
+        got.append(out)
+        return out
+
+    monkeypatch.setattr(heal_module, "_draws", spy)
+    student, teacher = _llama(), _llama()
+    compress_layerwise(student, seqs, LayerwiseConfig(["q_proj"], budget=0.5, fit_steps=0))
+    for first, steps in ((0, 3), (3, 4)):
+        heal_causal(student, teacher, seqs, CausalHealConfig(steps=steps, batch_size=3,
+                                                             seed=5, first_draw=first,
+                                                             warmup=0), progress=False)
+    assert got[0][:3] + got[1][3:] == whole
+    with pytest.raises(ValueError, match="first_draw must be an int >= 0"):
+        CausalHealConfig(first_draw=-1)
+
+
+def test_a_staged_checkpoint_is_resumed_with_its_stages_and_refused_without(tmp_path):
+    """The checkpoint of a staged run holds its first cut (at stages[0]): check_resume
+    accepts the same recipe, and names the budget for the recipe without the stages (and
+    for a one-cut checkpoint resumed with stages)."""
+    from tnlm.compress.decoder.job import CausalLMRecipe, check_resume, compress_causal_lm
+
+    words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
+
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [int(w[1:]) % V for w in text.split()]
+            return {"input_ids": torch.tensor([ids])}
+
+    common = dict(seq_len=16, n_calibration=8, fit_steps=2, allocation="spectrum",
+                  heal=CausalHealConfig(steps=2, warmup=0))
+    staged = CausalLMRecipe(budget=0.5, stages=(0.8,), **common)
+    compress_causal_lm(_llama(), Tok(), staged, text=words, progress=False,
+                       checkpoint_dir=tmp_path / "s")
+    assert check_resume(_llama(), Tok(), staged, tmp_path / "s", text=words) is not None
+    once = CausalLMRecipe(budget=0.5, **common)
+    with pytest.raises(ValueError, match="budget"):
+        check_resume(_llama(), Tok(), once, tmp_path / "s", text=words)
+    compress_causal_lm(_llama(), Tok(), once, text=words, progress=False,
+                       checkpoint_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="budget"):
+        check_resume(_llama(), Tok(), staged, tmp_path / "o", text=words)
+    resumed = compress_causal_lm(_llama(), Tok(), staged, text=words, progress=False,
+                                 checkpoint_dir=tmp_path / "s", resume=True)
+    assert [st["budget"] for st in resumed.stages] == [0.8, 0.5]
 
 
 def test_layerwise_failure_restores_every_weight(monkeypatch):

@@ -209,13 +209,19 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         if out is not None:
             ckpt = out / LAYERWISE_DIR
             if has_checkpoint(ckpt):
+                # with --lm-stages the checkpoint holds the first cut only: the later
+                # ones start from healed weights and are compressed again
+                later = " (the later --lm-stages cuts are compressed again)" \
+                    if recipe.stages else ""
                 if isinstance(err, HealingDiverged):  # the blocks are done; heal otherwise
                     note(f"the layer-by-layer checkpoint in {ckpt} is kept: the command "
-                         "with --resume and a lower --lr compresses no block again and "
-                         "heals afresh")
+                         "with --resume and a lower --lr compresses no block "
+                         f"{'of the first cut ' if later else ''}again and heals "
+                         f"afresh{later}")
                 elif not isinstance(err, (UserError, ValueError)):
                     note(f"the layer-by-layer checkpoint in {ckpt} is kept: the same "
-                         "command with --resume continues after its last finished block")
+                         "command with --resume continues after its last finished block"
+                         f"{later}")
             else:  # nothing resumable: the pieces of an unfinished first block, if any
                 remove_checkpoint(ckpt)
         remove_empty(created)

@@ -135,7 +135,11 @@ class CausalHealConfig:
 
     ``seed``: the draws' seed; ``None`` (default): the recipe's in
     :func:`tnlm.compress.decoder.job.compress_causal_lm`, 0 when :func:`heal_causal` is called
-    alone."""
+    alone. ``first_draw``: skip that many batches of the seeded draws (the steps take the
+    batches ``first_draw``, ``first_draw + 1``, ... of the sequence the seed gives): the
+    stages of a staged job (``CausalLMRecipe.stages``) walk one sequence of batches, as
+    one healing of all their steps would, instead of each stage drawing the same first
+    batches again."""
 
     steps: int = 150
     lr: float = 2e-4
@@ -145,6 +149,7 @@ class CausalHealConfig:
     blowup: float = 10.0
     teacher_bf16: bool = False
     seed: int | None = None
+    first_draw: int = 0
     chunk: int | None = None
     checkpoint_blocks: bool = True
     stored_blocks: int = 0
@@ -179,7 +184,7 @@ class CausalHealConfig:
             raise ValueError(f"snapshot must be one of {', '.join(map(repr, SNAPSHOT_PLACES))}, "
                              f"got {self.snapshot!r}")
         for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0),
-                         ("snapshot_every", 1), ("stored_blocks", 0)):
+                         ("snapshot_every", 1), ("stored_blocks", 0), ("first_draw", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -387,8 +392,8 @@ def heal_causal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor,
     if size > 1:
         dist_.check_same(dist_.digest([sequences]), "healing sequences")
     n = config.steps
-    draws = _draws(sequences.shape[0], n, config.batch_size,
-                   0 if config.seed is None else config.seed)
+    draws = _draws(sequences.shape[0], config.first_draw + n, config.batch_size,
+                   0 if config.seed is None else config.seed)[config.first_draw:]
     t0 = time.perf_counter()
     best_loss, run = math.inf, None
     start = first = math.nan

@@ -75,6 +75,7 @@ from tnlm.compress.layerwise import (
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.memory import peak_rss_mb, start_stage
 from tnlm.compress.text import lm_sentences
+from tnlm.core.budget import check_fraction
 from tnlm.core.pivot import pivoted_params
 from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.architectures import architecture_of, blocks_of
@@ -318,7 +319,9 @@ class CausalLMRecipe:
         st = self.stages
         if isinstance(st, (str, bytes)) or not isinstance(st, (tuple, list)):
             raise ValueError(f"stages must be a tuple of budgets, got {st!r}")
-        out = []
+        out: list[float] = []
+        if st:
+            check_fraction("budget", self.budget)
         for b in st:
             if isinstance(b, bool) or not isinstance(b, numbers.Real) or not (
                     self.budget < b < 1):  # NaN fails the comparison
@@ -329,8 +332,8 @@ class CausalLMRecipe:
             raise ValueError(f"stages must decrease (each cut further than the one before), "
                              f"got {tuple(out)!r}")
         if out and self.heal.steps < len(out) + 1:
-            raise ValueError(f"stages heal between their cuts: heal.steps "
-                             f"({self.heal.steps}) must be at least one a stage "
+            raise ValueError(f"stages heal between their cuts: heal.steps (--heal-steps, "
+                             f"{self.heal.steps}) must be at least one a stage "
                              f"({len(out) + 1})")
         if out and self.heal_pivoted:
             raise ValueError("stages merge the truncated layers between cuts; heal_pivoted "
@@ -378,6 +381,15 @@ class CausalLMRecipe:
                                allocation_sequences=self.allocation_sequences,
                                checkpoint_dir=None if checkpoint_dir is None
                                else str(checkpoint_dir))
+
+    def checkpointed_config(self, model: nn.Module,
+                            checkpoint_dir: str | os.PathLike | None = None
+                            ) -> LayerwiseConfig:
+        """The :class:`~tnlm.compress.layerwise.LayerwiseConfig` of the job's first cut,
+        the one its checkpoint holds and a resume continues: :meth:`layerwise_config` at
+        ``stages[0]`` with :attr:`stages`, else at ``budget``."""
+        cfg = self.layerwise_config(model, checkpoint_dir)
+        return dataclasses.replace(cfg, budget=self.stages[0]) if self.stages else cfg
 
     def text_settings(self) -> dict[str, int | str]:
         """What the job's own text (:func:`recipe_text`) depends on besides the model (the
@@ -555,7 +567,7 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
                              f"same --text FILE (text=) as that run")
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)[:recipe.n_calibration]
     try:
-        state = check_checkpoint(d, model, sequences, recipe.layerwise_config(model, d),
+        state = check_checkpoint(d, model, sequences, recipe.checkpointed_config(model, d),
                                  world_size)
     except FileNotFoundError:
         if saved_text:
@@ -613,10 +625,16 @@ def merge_truncated(model: nn.Module) -> int:
     from tnlm.bridge.pivoted import PivotedLinear
     from tnlm.integration.surgery import set_module
 
-    names = [n for n, m in model.named_modules() if isinstance(m, (MPOLinear, PivotedLinear))]
-    for n in names:
-        set_module(model, n, model.get_submodule(n).merge())
-    return len(names)
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, (MPOLinear, PivotedLinear))]
+    merged: dict[int, nn.Module] = {}  # a layer under two names: one dense module for both
+    with torch.no_grad():
+        for n in names:
+            m = model.get_submodule(n)
+            if id(m) not in merged:
+                merged[id(m)] = m.merge()
+            set_module(model, n, merged[id(m)])
+    return len(merged)
 
 
 def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe | None = None,
@@ -725,44 +743,55 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     steps = recipe.stage_steps()
     healed = None
     stages: list[dict[str, Any]] = []
-    for k, budget in enumerate(budgets[:-1]):  # cut, heal, merge (recipe.stages)
+
+    def heal_stage(k: int) -> CausalHealResult:
+        """Stage k's healing: its share of the steps, the draws after the earlier
+        stages' (one walk through the seeded batches), numbered on from them."""
         t1 = time.perf_counter()
         start_stage()
-        cfg = dataclasses.replace(lw_cfg, budget=budget)  # the first stage checkpointed
-        lw = compress_layerwise(model, sequences[:recipe.n_calibration], cfg,
-                                progress=progress, log=say, resume=resume and k == 0)
-        stage = {"budget": budget, "params_after": lw.params_after,
-                 "compression_s": time.perf_counter() - t1}
-        say(f"stage {k + 1} of {len(budgets)}: {lw.params_after:,} of "
-            f"{lw.params_before:,} parameters kept ({lw.ratio:.1%}); healing {steps[k]} steps")
+        done = sum(steps[:k])
+
+        def on_step(i: int) -> None:
+            if on_heal_step is not None and (i or not k):  # 0 once, before all healing
+                on_heal_step(done + i)
+
+        out = heal_causal(model, teacher, sequences,
+                          dataclasses.replace(recipe.resolved_heal(), steps=steps[k],
+                                              first_draw=recipe.resolved_heal().first_draw
+                                              + done),
+                          progress=progress, on_step=on_step)
+        seconds["healing"] = seconds.get("healing", 0.0) + time.perf_counter() - t1
+        peaks["healing"] = max(filter(None, (peaks.get("healing"), peak_rss_mb())),
+                               default=None)
+        return out
+
+    def compress(k: int) -> LayerwiseResult:
         t1 = time.perf_counter()
-        healed = heal_causal(model, teacher, sequences,
-                             dataclasses.replace(recipe.resolved_heal(), steps=steps[k]),
-                             progress=progress, on_step=on_heal_step and (
-                                 lambda i, k=k: on_heal_step(sum(steps[:k]) + i)))
-        stage.update(heal_steps=steps[k], healing_s=time.perf_counter() - t1,
-                     heal_final_loss=healed.losses[-1] if healed.losses else None)
-        stages.append(stage)
-        for name in ("compression", "healing"):
-            seconds[name] = seconds.get(name, 0.0) + stage[f"{name}_s"]
+        start_stage()
+        # the first cut is the one checkpointed (and resumed); the later ones start from
+        # healed weights, which a resumed run heals again
+        cfg = recipe.checkpointed_config(model, ckpt) if k == 0 else \
+            dataclasses.replace(lw_cfg, checkpoint_dir=None)
+        out = compress_layerwise(model, sequences[:recipe.n_calibration], cfg,
+                                 progress=progress, log=say, resume=resume and k == 0)
+        seconds["compression"] = seconds.get("compression", 0.0) + time.perf_counter() - t1
         peaks["compression"] = max(filter(None, (peaks.get("compression"), peak_rss_mb())),
                                    default=None)
-        if healed.stopped:
-            say(f"healing stopped early at stage {k + 1}: {healed.stopped}")
-            seconds["total"] = time.perf_counter() - t0
-            return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks,
-                                  stages)
-        merge_truncated(model)
-    t1 = time.perf_counter()
-    start_stage()
-    if recipe.stages:
-        lw_cfg = dataclasses.replace(lw_cfg, checkpoint_dir=None)
-    lw = compress_layerwise(model, sequences[:recipe.n_calibration], lw_cfg, progress=progress,
-                            log=say, resume=resume and not recipe.stages)
-    seconds["compression"] = seconds.get("compression", 0.0) + time.perf_counter() - t1
-    peaks["compression"] = max(filter(None, (peaks.get("compression"), peak_rss_mb())),
-                               default=None)
+        return out
 
+    for k, budget in enumerate(budgets[:-1]):  # cut, heal, merge (recipe.stages)
+        lw = compress(k)
+        say(f"stage {k + 1} of {len(budgets)}: {lw.params_after:,} of "
+            f"{lw.params_before:,} parameters kept ({lw.ratio:.1%}); healing {steps[k]} steps")
+        healed = heal_stage(k)
+        stages.append({"budget": budget, "params_after": lw.params_after,
+                       "heal_steps": steps[k], "heal_stopped": healed.stopped,
+                       "heal_final_loss": healed.losses[-1] if healed.losses else None})
+        if healed.stopped:  # its best state is restored: the next cut starts from it
+            say(f"healing stopped early at stage {k + 1} (its best state kept; the next "
+                f"cut starts from it): {healed.stopped}")
+        merge_truncated(model)
+    lw = compress(len(budgets) - 1)
     def fix_gauge() -> None:
         t1 = time.perf_counter()
         pivoted = pivot_layers(model, [n for n, r in lw.ranks.items() if r is not None])
@@ -779,22 +808,17 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         say("no healing: nothing was truncated (every targeted layer kept dense)")
         teacher = None
     if teacher is not None:
-        t1 = time.perf_counter()
-        start_stage()
-        healed = heal_causal(model, teacher, sequences,
-                             dataclasses.replace(recipe.resolved_heal(), steps=steps[-1]),
-                             progress=progress, on_step=on_heal_step and (
-                                 lambda i: on_heal_step(sum(steps[:-1]) + i)))
-        seconds["healing"] = seconds.get("healing", 0.0) + time.perf_counter() - t1
-        peaks["healing"] = peak_rss_mb()
-        if recipe.stages:
-            stages.append({"budget": recipe.budget, "params_after": lw.params_after,
-                           "heal_steps": steps[-1],
-                           "heal_final_loss": healed.losses[-1] if healed.losses else None})
+        healed = heal_stage(len(budgets) - 1)
         if healed.stopped:
             say(f"healing stopped early: {healed.stopped}")
         del teacher
     if recipe.pivoted and not recipe.heal_pivoted:  # healing trained the 2-site MPOs
         fix_gauge()
+    if recipe.stages:  # the last stage, counted after the gauge is fixed
+        stages.append({"budget": recipe.budget, "params_after": lw.params_after,
+                       "heal_steps": steps[-1] if healed is not None else 0,
+                       "heal_stopped": None if healed is None else healed.stopped,
+                       "heal_final_loss": healed.losses[-1] if healed and healed.losses
+                       else None})
     seconds["total"] = time.perf_counter() - t0
     return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks, stages)
