@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,30 @@ from tnlm.compress.decoder.heal import CausalHealConfig  # noqa: E402
 from tnlm.compress.decoder.job import JOB_HEAL, CausalLMRecipe, compress_causal_lm, recipe_text  # noqa: E402
 from tnlm.compress.decoder.quality import natural_eval_text, perplexity  # noqa: E402
 from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
+
+
+def job_setup(budget: float, seed: int, text_cache: Path
+              ) -> tuple[torch.nn.Module, Any, list[str], list[str], float]:
+    """``(dense SmolLM2, tokenizer, the job's text for the seed, the natural held-out text,
+    the dense perplexity on it)``; the text is the recipe's own (its samples and a quarter
+    of the shipped prose), written once to ``text_cache``."""
+    model, tok = load_pretrained(default_llm_path())
+    base = CausalLMRecipe(budget=budget, seed=seed)
+    cache = text_cache / f"job_s{seed}_n{base.n_texts}.json"
+    if cache.is_file():
+        text = json.loads(cache.read_text())
+    else:
+        t = time.time()
+        text = recipe_text(model, tok, base, progress=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(text))
+        print(f"text: {len(text)} texts in {time.time() - t:.0f} s -> {cache}", flush=True)
+    ev = natural_eval_text()
+    if ev is None:
+        raise SystemExit("needs ../shared/data beside the working folder (held-out text)")
+    dense = perplexity(model, tok, ev, max_length=256, stride=256).ppl
+    print(json.dumps({"dense": dense}), flush=True)
+    return model, tok, text, ev, dense
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,22 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    model, tok = load_pretrained(default_llm_path())
-    base = CausalLMRecipe(budget=args.budget, seed=args.seed)
-    cache = args.text_cache / f"job_s{args.seed}_n{base.n_texts}.json"
-    if cache.is_file():
-        text = json.loads(cache.read_text())
-    else:
-        t = time.time()
-        text = recipe_text(model, tok, base, progress=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(text))
-        print(f"text: {len(text)} texts in {time.time() - t:.0f} s -> {cache}", flush=True)
-    ev = natural_eval_text()
-    if ev is None:
-        raise SystemExit("needs ../shared/data beside the working folder (held-out text)")
-    dense = perplexity(model, tok, ev, max_length=256, stride=256).ppl
-    print(json.dumps({"dense": dense}), flush=True)
+    model, tok, text, ev, dense = job_setup(args.budget, args.seed, args.text_cache)
     for n in args.n_calibration:
         m = copy.deepcopy(model)
         recipe = CausalLMRecipe(budget=args.budget, seed=args.seed, n_calibration=n,

@@ -31,18 +31,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llm_calibration import job_setup  # noqa: E402
 
 from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal  # noqa: E402
 from tnlm.compress.decoder.job import (  # noqa: E402
     JOB_HEAL,
     CausalLMRecipe,
     merge_truncated,
-    recipe_text,
 )
-from tnlm.compress.decoder.quality import natural_eval_text, perplexity  # noqa: E402
+from tnlm.compress.decoder.quality import perplexity  # noqa: E402
 from tnlm.compress.decoder.text import token_sequences  # noqa: E402
 from tnlm.compress.layerwise import compress_layerwise  # noqa: E402
-from tnlm.integration.loading import default_llm_path, load_pretrained  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,23 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(b <= c for b, c in zip(budgets, budgets[1:])):
         p.error(f"budgets must decrease: {budgets}")
     torch.manual_seed(args.seed)
-    dense, tok = load_pretrained(default_llm_path())
+    dense, tok, text, ev, dense_ppl = job_setup(args.budget, args.seed, args.text_cache)
     dense.eval()
     base = CausalLMRecipe(budget=args.budget, seed=args.seed)
-    cache = args.text_cache / f"job_s{args.seed}_n{base.n_texts}.json"
-    if cache.is_file():
-        text = json.loads(cache.read_text())
-    else:
-        t = time.time()
-        text = recipe_text(dense, tok, base, progress=True)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(text))
-        print(f"text: {len(text)} texts in {time.time() - t:.0f} s -> {cache}", flush=True)
-    ev = natural_eval_text()
-    if ev is None:
-        raise SystemExit("needs ../shared/data beside the working folder (held-out text)")
-    dense_ppl = perplexity(dense, tok, ev, max_length=256, stride=256).ppl
-    print(json.dumps({"dense": dense_ppl}), flush=True)
     sequences = token_sequences(tok, list(text), base.seq_len)
     model = copy.deepcopy(dense)
     t_all = time.time()
