@@ -216,7 +216,7 @@ class CausalLMRecipe:
             ``heal.steps // (len(stages) + 1)`` steps (the last stage the remainder):
             the same healing steps in all, one more compression a stage. Every budget is
             a fraction of the dense targets' parameters. ``()`` (default): one cut
-            (SmolLM2 at 60 %, 80 % first, the steps split evenly: 2.635x the dense
+            (SmolLM2 at 60 %, 80 % first, the steps split evenly: 2.620x the dense
             perplexity against 2.570x with one cut, docs/results.md). With a
             checkpoint folder only the first stage's compression is checkpointed (a
             resumed run heals and compresses the later stages again).
