@@ -87,11 +87,16 @@ def main() -> None:
             base = name.replace(f" ({rs[0].get('layers')} of 6 layers)", "")
             by_name[base].append((kept, np.mean([r["cos_natural"] for r in rs]),
                                   np.mean([r["sick_spearman"] for r in rs])))
-        for name, pts in sorted(by_name.items()):
+        # more series than the default cycle's 10 colours: one colour a series
+        from matplotlib import colormaps
+
+        colours = colormaps["tab20"].colors
+        for k, (name, pts) in enumerate(sorted(by_name.items())):
             pts.sort()
             xs = [p[0] for p in pts]
-            axes[0].plot(xs, [p[1] for p in pts], "o-", label=name)
-            axes[1].plot(xs, [p[2] for p in pts], "o-", label=name)
+            style = dict(label=name, color=colours[k % len(colours)])
+            axes[0].plot(xs, [p[1] for p in pts], "o-", **style)
+            axes[1].plot(xs, [p[2] for p in pts], "o-", **style)
         axes[1].axhline(orig, color="grey", ls="--", lw=1, label="original")
         save_panels(fig, axes, args.plot)
         print(f"wrote {args.plot}")
