@@ -556,6 +556,15 @@ def test_stages_cut_heal_merge_and_cut_again():
         CausalLMRecipe(budget=0.5, stages=(0.8, 0.6), heal=CausalHealConfig(steps=2))
     with pytest.raises(ValueError, match="heal_pivoted"):
         CausalLMRecipe(budget=0.5, stages=(0.8,), pivoted=True, heal_pivoted=True)
+    # each stage's steps given: one a cut, adding up to heal.steps
+    assert CausalLMRecipe(budget=0.5, stages=(0.8,), stage_heal_steps=[25, 125]
+                          ).stage_steps() == [25, 125]
+    for steps, match in (((150,), "2 numbers"), ((100, 100), "adding up to heal.steps"),
+                         ((0, 150), "ints >= 1"), ((True, 149), "ints >= 1")):
+        with pytest.raises(ValueError, match=match):
+            CausalLMRecipe(budget=0.5, stages=(0.8,), stage_heal_steps=steps)
+    with pytest.raises(ValueError, match="they need stages"):
+        CausalLMRecipe(budget=0.5, stage_heal_steps=(150,))
 
 
 def test_stages_walk_one_sequence_of_healing_batches(monkeypatch):
@@ -729,21 +738,32 @@ def test_cli_lm_stages_reach_the_causal_job_and_bad_ones_are_refused_before_load
 
     assert main(["compress", "--lm-stages", "0.8"]) == 2  # the embedded encoder
     assert "--lm-stages applies to causal LMs" in capsys.readouterr().err
+    assert main(["compress", "--lm-stage-steps", "75", "75"]) == 2
+    assert "--lm-stage-steps applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
     capsys.readouterr()
     for bad, match in ((["0.5"], "between budget (0.6) and 1"),
                        (["0.7", "0.8"], "must decrease"),
                        (["0.8", "--heal-steps", "0"], "with --heal-steps 0 nothing heals"),
-                       (["0.9", "0.8", "--heal-steps", "2"], "at least one a stage (3)")):
+                       (["0.9", "0.8", "--heal-steps", "2"], "at least one a stage (3)"),
+                       (["0.8", "--lm-stage-steps", "25", "100"], "adding up to heal.steps")):
         assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
                      "--budget", "0.6", "--seed", "3", "--lm-stages", *bad]) == 2
         err = capsys.readouterr().err
-        assert "--lm-stages" in err and match in err and err.count("\n") == 1, err
+        flag = "--lm-stage-steps" if "--lm-stage-steps" in bad else "--lm-stages"
+        assert flag in err and match in err and err.count("\n") == 1, err
+    assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                 "--lm-stage-steps", "75", "75"]) == 2
+    assert "give --lm-stages too" in capsys.readouterr().err
     seen = _stop_at_compression(monkeypatch, lambda r, kw: (r.stages, r.stage_steps()))
     assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
                  "--seed", "3", "--lm-stages", "0.9", "0.75"]) == 2
     capsys.readouterr()
     assert seen[-1] == ((0.9, 0.75), [50, 50, 50])
+    assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                 "--lm-stages", "0.8", "--lm-stage-steps", "25", "125"]) == 2
+    capsys.readouterr()
+    assert seen[-1] == ((0.8,), [25, 125])
 
 
 def test_cli_low_memory_and_pivoted_reach_the_causal_job_only_when_asked(

@@ -157,17 +157,22 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
                         f"{heal.batch_size} sequences, so at most {heal.batch_size} "
                         "processes can heal (--nproc_per_node)")
     stages = tuple(args.lm_stages or ())
+    if args.lm_stage_steps is not None and not stages:
+        raise UserError("--lm-stage-steps sets the healing steps of each --lm-stages cut: "
+                        "give --lm-stages too")
+    stage_steps = None if args.lm_stage_steps is None else tuple(args.lm_stage_steps)
     if stages and not heal_steps:
         raise UserError("--lm-stages heal between their cuts; with --heal-steps 0 nothing "
                         "heals")
     try:  # the stages' own checks, before loading
         dataclasses.replace(recipe, budget=args.budget, heal=heal, seed=args.seed,
-                            stages=stages)
+                            stages=stages, stage_heal_steps=stage_steps)
     except ValueError as err:
-        raise UserError(f"--lm-stages: {err}") from None
+        flag = "--lm-stage-steps" if "stage_heal_steps" in str(err) else "--lm-stages"
+        raise UserError(f"{flag}: {err}") from None
     recipe = CausalLMRecipe(
         budget=args.budget, method=args.method or recipe.method, target_modules=targets,
-        stages=stages,
+        stages=stages, stage_heal_steps=stage_steps,
         heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
         n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
         n_calibration=n_calibration,

@@ -146,6 +146,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
     if args.lm_prose is not None:
         raise UserError("--lm-prose applies to causal LMs (prose added to the model's texts)")
+    if args.lm_stage_steps is not None:
+        raise UserError("--lm-stage-steps applies to causal LMs (the healing steps of each "
+                        "--lm-stages cut)")
     if args.lm_stages is not None:
         raise UserError("--lm-stages applies to causal LMs (budgets compressed to and healed "
                         "at before --budget)")

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "heal at first (cut, heal, cut further): the healing steps are "
                         "shared by the stages, each stage adds a compression "
                         "(CausalLMRecipe.stages; default: one cut)")
+    p.add_argument("--lm-stage-steps", type=int, nargs="+", default=None, metavar="N",
+                   help="causal LMs, with --lm-stages: each cut's healing steps (one more "
+                        "number than --lm-stages, adding up to --heal-steps) instead of an "
+                        "even split; SmolLM2 at 60 %% with --lm-stages 0.8: 25 125 healed "
+                        "further than one cut, an even split less far")
     p.add_argument("--lm-prose", type=float, default=None, metavar="F",
                    help="causal LMs: after the model's own texts, heal on this fraction of the "
                         "prose that ships with tnlm too (--lm-text self, chat, mixed; 0: the "
