@@ -444,9 +444,9 @@ class CausalLMResult:
     #: reports as the process's peak for the rest of the run.
     peak_rss_mb: dict[str, float | None]
     #: with :attr:`CausalLMRecipe.stages`, one dict a stage, the last one's budget last:
-    #: ``budget``, ``params_after``, ``heal_steps``, ``heal_final_loss`` (the last step's
-    #: KL) and, for the stages before the last, ``compression_s`` and ``healing_s``
-    #: (``layerwise`` and ``heal`` are the last stage's); empty without stages
+    #: ``budget``, ``params_after``, ``heal_steps``, ``heal_stopped`` and
+    #: ``heal_final_loss`` (the last step's KL); ``layerwise`` and ``heal`` are the last
+    #: stage's, ``seconds`` and ``peak_rss_mb`` sum and top all stages; empty without stages
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -764,8 +764,21 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             teacher = teacher_copy(model)
     budgets = [*recipe.stages, recipe.budget]
     steps = recipe.stage_steps()
+    heal_config = recipe.resolved_heal()
     healed = None
     stages: list[dict[str, Any]] = []
+
+    def finish(name: str, t1: float) -> None:
+        """Add a compression's or healing's seconds and peak to the job's (over stages)."""
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t1
+        peaks[name] = max(filter(None, (peaks.get(name), peak_rss_mb())), default=None)
+
+    def record(budget: float, k: int) -> None:
+        stages.append({"budget": budget, "params_after": lw.params_after,
+                       "heal_steps": steps[k] if healed is not None else 0,
+                       "heal_stopped": None if healed is None else healed.stopped,
+                       "heal_final_loss": healed.losses[-1] if healed and healed.losses
+                       else None})
 
     def heal_stage(k: int) -> CausalHealResult:
         """Stage k's healing: its share of the steps, the draws after the earlier
@@ -779,13 +792,10 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
                 on_heal_step(done + i)
 
         out = heal_causal(model, teacher, sequences,
-                          dataclasses.replace(recipe.resolved_heal(), steps=steps[k],
-                                              first_draw=recipe.resolved_heal().first_draw
-                                              + done),
+                          dataclasses.replace(heal_config, steps=steps[k],
+                                              first_draw=heal_config.first_draw + done),
                           progress=progress, on_step=on_step)
-        seconds["healing"] = seconds.get("healing", 0.0) + time.perf_counter() - t1
-        peaks["healing"] = max(filter(None, (peaks.get("healing"), peak_rss_mb())),
-                               default=None)
+        finish("healing", t1)
         return out
 
     def compress(k: int) -> LayerwiseResult:
@@ -797,9 +807,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
             dataclasses.replace(lw_cfg, checkpoint_dir=None)
         out = compress_layerwise(model, sequences[:recipe.n_calibration], cfg,
                                  progress=progress, log=say, resume=resume and k == 0)
-        seconds["compression"] = seconds.get("compression", 0.0) + time.perf_counter() - t1
-        peaks["compression"] = max(filter(None, (peaks.get("compression"), peak_rss_mb())),
-                                   default=None)
+        finish("compression", t1)
         return out
 
     for k, budget in enumerate(budgets[:-1]):  # cut, heal, merge (recipe.stages)
@@ -807,14 +815,13 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         say(f"stage {k + 1} of {len(budgets)}: {lw.params_after:,} of "
             f"{lw.params_before:,} parameters kept ({lw.ratio:.1%}); healing {steps[k]} steps")
         healed = heal_stage(k)
-        stages.append({"budget": budget, "params_after": lw.params_after,
-                       "heal_steps": steps[k], "heal_stopped": healed.stopped,
-                       "heal_final_loss": healed.losses[-1] if healed.losses else None})
+        record(budget, k)
         if healed.stopped:  # its best state is restored: the next cut starts from it
             say(f"healing stopped early at stage {k + 1} (its best state kept; the next "
                 f"cut starts from it): {healed.stopped}")
         merge_truncated(model)
     lw = compress(len(budgets) - 1)
+
     def fix_gauge() -> None:
         t1 = time.perf_counter()
         pivoted = pivot_layers(model, [n for n, r in lw.ranks.items() if r is not None])
@@ -838,10 +845,6 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
     if recipe.pivoted and not recipe.heal_pivoted:  # healing trained the 2-site MPOs
         fix_gauge()
     if recipe.stages:  # the last stage, counted after the gauge is fixed
-        stages.append({"budget": recipe.budget, "params_after": lw.params_after,
-                       "heal_steps": steps[-1] if healed is not None else 0,
-                       "heal_stopped": None if healed is None else healed.stopped,
-                       "heal_final_loss": healed.losses[-1] if healed and healed.losses
-                       else None})
+        record(recipe.budget, -1)
     seconds["total"] = time.perf_counter() - t0
     return CausalLMResult(model, lw, healed, int(sequences.shape[0]), seconds, peaks, stages)
