@@ -36,14 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_calibration import job_setup  # noqa: E402
 
 from tnlm.compress.decoder.heal import CausalHealConfig, heal_causal  # noqa: E402
-from tnlm.compress.decoder.job import (  # noqa: E402
-    JOB_HEAL,
-    CausalLMRecipe,
-    merge_truncated,
-)
+from tnlm.compress.decoder.job import JOB_HEAL, CausalLMRecipe  # noqa: E402
 from tnlm.compress.decoder.quality import perplexity  # noqa: E402
 from tnlm.compress.decoder.text import token_sequences  # noqa: E402
 from tnlm.compress.layerwise import compress_layerwise  # noqa: E402
+from tnlm.integration.merge import merge_factorized  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     for k, (budget, steps) in enumerate(zip(budgets, args.heal_steps)):
         if k:
-            print(f"stage {k}: merged {merge_truncated(model)} MPO layers", flush=True)
+            print(f"stage {k}: merged {merge_factorized(model)} MPO layers", flush=True)
         recipe = CausalLMRecipe(budget=budget, seed=args.seed,
                                 heal=CausalHealConfig(steps=steps, **JOB_HEAL,
                                                       first_draw=sum(args.heal_steps[:k])))

@@ -150,6 +150,31 @@ def test_cross_gram_against_a_reference_model(tok, sentences):
         torch.testing.assert_close(s.ref_gram, Xt[n].T @ Xt[n], rtol=1e-12, atol=1e-12)
 
 
+def test_layers_reading_one_input_share_its_products_and_outputs_are_returned(tok, sentences):
+    """query, key and value read one tensor: their products are computed once a batch and
+    give exactly the statistics of collecting each alone; the forwards' outputs are
+    returned (model and reference), equal to running them again."""
+    model, ref = bert(seed=0), bert(seed=1)
+    batches = [batch_of(tok, sentences[:6]), batch_of(tok, sentences[6:9])]
+    qkv = [f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
+    names = qkv + ["encoder.layer.0.output.dense"]
+    outs, ref_outs = [], []
+    stats = collect_input_stats(model, batches, names, reference=ref, outputs=outs,
+                                reference_outputs=ref_outs)
+    for n in names:
+        alone = collect_input_stats(model, batches, [n], reference=ref)[n]
+        for field in ("gram", "cross", "ref_gram"):
+            assert torch.equal(getattr(stats[n], field), getattr(alone, field)), (n, field)
+        assert stats[n].n_tokens == alone.n_tokens
+    assert torch.equal(stats[qkv[0]].gram, stats[qkv[2]].gram)
+    assert not torch.equal(stats[qkv[0]].gram, stats[names[-1]].gram)
+    assert len(outs) == len(ref_outs) == len(batches)
+    with torch.no_grad():
+        for b, o, r in zip(batches, outs, ref_outs):
+            assert torch.equal(o.last_hidden_state, model.eval()(**b).last_hidden_state)
+            assert torch.equal(r.last_hidden_state, ref.eval()(**b).last_hidden_state)
+
+
 def test_collect_input_stats_bad_input(tok, sentences):
     model = bert()
     batch = batch_of(tok, sentences[:3])

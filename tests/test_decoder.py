@@ -513,7 +513,8 @@ def test_stages_cut_heal_merge_and_cut_again():
     """CausalLMRecipe.stages: compressed to each budget in turn, healed in between (the
     steps split over the stages, on_heal_step counting across them), the truncated layers
     merged exactly before the next cut; bad stages refused when the recipe is made."""
-    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm, merge_truncated
+    from tnlm.compress.decoder.job import CausalLMRecipe, compress_causal_lm
+    from tnlm.integration.merge import merge_factorized
 
     words = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(40)]
 
@@ -542,7 +543,7 @@ def test_stages_cut_heal_merge_and_cut_again():
     ids = _seqs(4, 12)
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        assert merge_truncated(model) == sum(r is not None for r in res.layerwise.ranks.values())
+        assert merge_factorized(model) == sum(r is not None for r in res.layerwise.ranks.values())
         assert not any(isinstance(m, MPOLinear) for m in model.modules())
         assert _rel(model(input_ids=ids).logits, before) < 1e-5
     with pytest.raises(TypeError, match="budget must be a number"):

@@ -217,3 +217,49 @@ def test_checkpointed_restores_forward_when_the_block_raises():
     assert "forward" not in b.__dict__
     with pytest.raises(TypeError, match=r"modules\[1\]"), checkpointed([b, "x"]):
         pass
+
+
+def test_merge_factorized_merges_any_model_once_per_module_and_all_or_nothing():
+    """merge_factorized on a plain nn.Module (no MPOModel): an MPO layer held under two
+    paths merged once and still shared, a gauge-fixed layer merged, the rest untouched;
+    outputs, train/eval modes and flags kept; safe_merge with NaN changes nothing."""
+    from tnlm.bridge import MPOLinear
+    from tnlm.bridge.pivoted import PivotedLinear
+    from tnlm.integration.merge import factorized_modules, merge_factorized
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        mpo = MPOLinear.from_linear(nn.Linear(12, 8), (3, 4), (2, 4), max_bond=3)
+        model.a, model.b = nn.Module(), nn.Module()
+        model.a.lin = model.b.lin = mpo
+        low = MPOLinear.from_linear(nn.Linear(8, 6), (8, 1), (1, 6), max_bond=2)
+        model.piv = PivotedLinear.from_mpo(low)
+        model.head = nn.Linear(6, 2)
+        return model
+
+    x = torch.randn(5, 12)
+    model = build()
+    model.a.lin.eval()
+    for c in model.a.lin.cores:
+        c.requires_grad_(False)
+    model.a.lin.cores[1].requires_grad_(True)  # one core trains: the weight trains
+    model.piv.requires_grad_(False)
+    assert len(factorized_modules(model)) == 2
+    with torch.no_grad():
+        ref = model.head(model.piv(model.a.lin(x)))
+        assert merge_factorized(model) == 2
+        assert model.a.lin is model.b.lin and type(model.a.lin) is nn.Linear
+        assert type(model.piv) is nn.Linear and not factorized_modules(model)
+        torch.testing.assert_close(model.head(model.piv(model.a.lin(x))), ref,
+                                   rtol=1e-5, atol=1e-5)
+    assert not model.a.lin.training and model.piv.training
+    assert model.a.lin.weight.requires_grad and not model.piv.weight.requires_grad
+    bad = build()
+    with torch.no_grad():
+        bad.piv.coef[0, 0] = float("nan")
+    before = snapshot(bad)["modules"]
+    with pytest.raises(ValueError, match=r"NaN or inf in the merged weights of \['piv'\]"):
+        merge_factorized(bad, safe_merge=True)
+    assert snapshot(bad)["modules"] == before and len(factorized_modules(bad)) == 2
+    assert merge_factorized(nn.Linear(3, 3)) == 0  # nothing factorized: nothing to do

@@ -27,6 +27,27 @@ from tnlm.core.validation import MAX_SEED
 __all__ = ["cmd_compress"]
 
 
+# An encoder refuses these flags, each with what it is for (or the encoder's own flag):
+# "--FLAG applies to causal LMs" + the reason
+CAUSAL_ONLY: tuple[tuple[str, str], ...] = (
+    ("dist_timeout", " under torchrun"),
+    ("method", "; for an encoder see --allocation"),
+    ("heal_optimizer", "; an encoder heals with AdamW"),
+    ("heal_chunk", ""),
+    ("low_memory", ""),
+    ("lm_text", "; an encoder's text without --text is tnlm's default text"),
+    ("lm_texts", " (how many texts the model writes)"),
+    ("lm_starts", " (the lines their own texts start from); an encoder heals on --text or "
+                  "tnlm's default text"),
+    ("lm_top_k", " (how the model's texts are sampled)"),
+    ("lm_prose", " (prose added to the model's texts)"),
+    ("lm_stage_steps", " (the healing steps of each --lm-stages cut)"),
+    ("lm_stages", " (budgets compressed to and healed at before --budget)"),
+    ("lm_calibration", " (their calibration sequences); an encoder's is --calibration"),
+    ("sensitivity_sequences", " (the probe of their sensitivity allocation)"),
+)
+
+
 def _drop_heal_state(folder: Path) -> None:
     """Remove a healing checkpoint (its two files, then the folder if it is empty)."""
     from tnlm.compress.heal_state import STATE_FILE, STATE_TENSORS
@@ -117,16 +138,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if launched()[1] > 1:
         raise UserError("several processes (torchrun) compress causal LMs only; run an "
                         "encoder's compression as one process")
-    if args.dist_timeout is not None:
-        raise UserError("--dist-timeout applies to causal LMs under torchrun")
-    if args.method is not None:
-        raise UserError("--method applies to causal LMs; for an encoder see --allocation")
-    if args.heal_optimizer is not None:
-        raise UserError("--heal-optimizer applies to causal LMs; an encoder heals with AdamW")
-    if args.heal_chunk is not None:
-        raise UserError("--heal-chunk applies to causal LMs")
-    if args.low_memory:
-        raise UserError("--low-memory applies to causal LMs")
+    for dest, why in CAUSAL_ONLY:
+        if getattr(args, dest) not in (None, False):
+            raise UserError(f"--{dest.replace('_', '-')} applies to causal LMs{why}")
     from tnlm.compress.pipeline import ALLOCATIONS
 
     if args.allocation is None:
@@ -134,30 +148,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
     elif args.allocation not in ALLOCATIONS:
         raise UserError(f"--allocation {args.allocation} applies to causal LMs; an encoder's "
                         f"are {', '.join(ALLOCATIONS)}")
-    if args.lm_text is not None:
-        raise UserError("--lm-text applies to causal LMs; an encoder's text without --text is "
-                        "tnlm's default text")
-    if args.lm_texts is not None:
-        raise UserError("--lm-texts applies to causal LMs (how many texts the model writes)")
-    if args.lm_starts is not None:
-        raise UserError("--lm-starts applies to causal LMs (the lines their own texts start "
-                        "from); an encoder heals on --text or tnlm's default text")
-    if args.lm_top_k is not None:
-        raise UserError("--lm-top-k applies to causal LMs (how the model's texts are sampled)")
-    if args.lm_prose is not None:
-        raise UserError("--lm-prose applies to causal LMs (prose added to the model's texts)")
-    if args.lm_stage_steps is not None:
-        raise UserError("--lm-stage-steps applies to causal LMs (the healing steps of each "
-                        "--lm-stages cut)")
-    if args.lm_stages is not None:
-        raise UserError("--lm-stages applies to causal LMs (budgets compressed to and healed "
-                        "at before --budget)")
-    if args.lm_calibration is not None:
-        raise UserError("--lm-calibration applies to causal LMs (their calibration sequences); "
-                        "an encoder's is --calibration")
-    if args.sensitivity_sequences is not None:
-        raise UserError("--sensitivity-sequences applies to causal LMs (the probe of their "
-                        "sensitivity allocation)")
     args.heal_steps = EncoderRecipe.heal_steps if args.heal_steps is None else args.heal_steps
     if args.heal_steps == 0:
         for flag, value in (("--lr", args.lr), ("--heal-train", args.heal_train),

@@ -71,7 +71,8 @@ def _zeros(w: int) -> torch.Tensor:
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names: Sequence[str],
                         *, reference: nn.Module | None = None, progress: bool = False,
-                        reduce: bool = False) -> dict[str, InputStats]:
+                        reduce: bool = False, outputs: list | None = None,
+                        reference_outputs: list | None = None) -> dict[str, InputStats]:
     """Run ``model`` on ``batches`` and record each named layer's input Gram matrix.
 
     Args:
@@ -91,6 +92,14 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             the batches (:func:`tnlm.compress.distributed.all_reduce_stats`); every rank
             must call this with the same ``module_names``. Without a process group, or
             with one rank, nothing changes.
+        outputs: a list to which each batch's output of ``model`` is appended (the
+            forward the statistics need: running the model again for its outputs would
+            repeat it).
+        reference_outputs: the same for ``reference``.
+
+    Layers that read one input tensor (a block's q/k/v projections, its gate and up
+    projections) share its products: each Gram is computed once a batch and added to
+    every such layer's statistics (the same float64 sums as computing it for each).
 
     Raises:
         ValueError: no module names, an unknown name, no calibration tokens, a layer
@@ -122,19 +131,38 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
         stats[n] = InputStats(_zeros(w), 0, *((None, None) if reference is None
                                                else (_zeros(w), _zeros(w))))
 
+    # the last input tensor read -> its rows and their products, computed once for the
+    # layers that read it in turn (q/k/v, gate/up); a new input clears it, so it holds one
+    # input's products at a time. Entries keep the tensors they are keyed by alive, so no
+    # id is reused while they are held.
+    memo: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def once(key: str, of: tuple[torch.Tensor, ...], make) -> torch.Tensor:
+        k = (key, *(id(t) for t in of))
+        hit = memo.get(k)
+        if hit is None or any(a is not b for a, b in zip(hit[0], of)):
+            hit = memo[k] = (of, make())
+        return hit[1]
+
+    def rows(t: torch.Tensor, name: str) -> torch.Tensor:
+        hit = memo.get(("rows", id(t)))
+        if hit is None or hit[0][0] is not t:
+            memo.clear()  # another input: what the last one shared is done
+        return once("rows", (t,), lambda: _masked_rows(t, state.get("mask"), name))
+
     def ref_hook(name):
         def fn(mod, inp, out):
-            ref_inputs[name].append(_masked_rows(inp[0], state.get("mask"), name))
+            ref_inputs[name].append(rows(inp[0], name))
         return fn
 
     def hook(name):
         def fn(mod, inp, out):
-            x = _masked_rows(inp[0], state.get("mask"), name)
+            x = rows(inp[0], name)
             s = stats[name]
             if x.shape[1] != s.gram.shape[0]:
                 raise ValueError(f"layer {name!r} received inputs of width {x.shape[1]}, "
                                  f"expected {s.gram.shape[0]}")
-            s.gram += x.T @ x
+            s.gram += once("gram", (x,), lambda: x.T @ x)
             s.n_tokens += int(x.shape[0])
             calls[name] += 1
             if s.cross is not None:
@@ -144,8 +172,8 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
                                      "reference on the same batch: its inputs cannot be "
                                      "paired")
                 xt = ref_inputs[name].popleft()
-                s.cross += x.T @ xt
-                s.ref_gram += xt.T @ xt
+                s.cross += once("cross", (x, xt), lambda: x.T @ xt)
+                s.ref_gram += once("gram", (xt,), lambda: xt.T @ xt)
         return fn
 
     handles = [mods[n].register_forward_hook(hook(n)) for n in module_names]
@@ -158,10 +186,15 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             m.eval()
         for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
             state["mask"] = batch.get("attention_mask")
+            memo.clear()
             if reference is not None:
-                reference(**batch)
+                out = reference(**batch)
+                if reference_outputs is not None:
+                    reference_outputs.append(out)
                 calls.update(dict.fromkeys(module_names, 0))
-            model(**batch)
+            out = model(**batch)
+            if outputs is not None:
+                outputs.append(out)
             if reference is not None:
                 for n in module_names:
                     if ref_inputs[n]:
@@ -170,6 +203,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
                             f"{calls[n] + len(ref_inputs[n])} times in the reference on "
                             "the same batch: its inputs cannot be paired")
     finally:
+        memo.clear()
         for h in handles:
             h.remove()
         for m, t in zip(models, was_training):

@@ -26,10 +26,12 @@ exact; then ``T0 <- L⁻ᵀ T0`` undoes the whitening. The returned MPO's
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -188,10 +190,19 @@ class WhitenedLayer:
         self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if self.vectors:
             self._svd = torch.linalg.svd(self.M, full_matrices=False)
-            self.spectrum = self._svd[1].numpy()
-        else:
-            self.spectrum = torch.linalg.svdvals(self.M).numpy()
-        self.tails = tail_sums(self.spectrum)
+
+    @functools.cached_property
+    def spectrum(self) -> np.ndarray:
+        """The whitened matrix's singular values, descending (computed when first read:
+        a layer built at a rank chosen elsewhere never needs them)."""
+        if self._svd is not None:
+            return self._svd[1].numpy()
+        return torch.linalg.svdvals(self.M).numpy()
+
+    @functools.cached_property
+    def tails(self) -> np.ndarray:
+        """``tails[r]``: the squared singular values a rank-``r`` truncation discards."""
+        return tail_sums(self.spectrum)
 
     def truncated(self, rank: int) -> torch.Tensor:
         """The float64 weight (in, out) of the rank-``rank`` truncation, ``L^{-T} M_r``: the

@@ -1,7 +1,8 @@
 """transformers integration: MPO replacement of model layers, merging, checkpoints.
 
 Modules: ``model`` (:class:`MPOModel`, :func:`get_mpo_model`), ``surgery`` (modules put
-in place and undone: ``Swap``, ``temporary``, ``set_module``, ``module_paths``), ``io``
+in place and undone: ``Swap``, ``temporary``, ``set_module``, ``module_paths``), ``merge``
+(factorized layers merged back into plain modules: ``merge_factorized``), ``io``
 (the checkpoint format), ``checkpoint`` (reading a checkpoint onto a base model),
 ``peft`` (task heads, LoRA on MPO layers), ``config``, ``architectures``, ``loading``,
 ``report``, ``default_model``.

@@ -58,6 +58,7 @@ from tnlm.integration import io
 from tnlm.integration.checkpoint import bits_equal, read_checkpoint, some_names, tensor_digests
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 from tnlm.integration.loading import drawn_on_load
+from tnlm.integration.merge import merge_factorized
 from tnlm.integration.peft import check_outside_adapters, task_heads
 from tnlm.integration.surgery import Swap, module_paths, weight_sharers
 
@@ -380,7 +381,8 @@ class MPOModel(nn.Module):
         """Replace every MPO module (and gauge-fixed PivotedLinear) by a plain module of the
         kind it replaced
         (``nn.Linear``, ``Conv1D``, ``nn.Embedding``) whose weight is contracted from the
-        cores; return the plain base model (outputs unchanged up to rounding).
+        cores; return the plain base model (outputs unchanged up to rounding;
+        :func:`~tnlm.integration.merge.merge_factorized`).
 
         Each dense module keeps its MPO module's train/eval mode; its weight trains if
         any core of the MPO module did, its bias as before (as PEFT's merge keeps the
@@ -397,30 +399,8 @@ class MPOModel(nn.Module):
         if adapter_names is not None:
             raise ValueError("adapter_names: an MPO model has no named adapters (the MPO cores "
                              "are the layers' weights); pass None")
-        base = self.base_model
-        paths = module_paths(base)
-        merged: list[tuple[nn.Module, nn.Module]] = []
-        for _, m in tqdm(list(self.mpo_modules()) + list(self.pivoted_modules()), desc="merge",
-                         disable=not progressbar, leave=False):
-            new = m.merge()
-            new.train(m.training)
-            new.weight.requires_grad_(any(c.requires_grad for c in (
-                (m.coef, m.right) if isinstance(m, PivotedLinear) else m.cores)))
-            bias = getattr(m, "bias", None)
-            if bias is not None:
-                new.bias.requires_grad_(bias.requires_grad)
-            merged.append((m, new))
-        if safe_merge:
-            bad = [paths[id(m)][0] for m, new in merged
-                   if not all(bool(torch.isfinite(t).all()) for t in new.parameters())]
-            if bad:
-                raise ValueError(f"NaN or inf in the merged weights of {some_names(bad)}; nothing "
-                                 "was merged")
-        with Swap(base) as swap:  # all or nothing
-            for m, new in merged:
-                for path in paths[id(m)]:
-                    swap.put(path, new)
-        return base
+        merge_factorized(self.base_model, safe_merge=safe_merge, progressbar=progressbar)
+        return self.base_model
 
     def unload(self) -> nn.Module:
         """The base model with every MPO module (and gauge-fixed PivotedLinear) replaced by

@@ -80,6 +80,7 @@ from tnlm.core.pivot import pivoted_params
 from tnlm.core.validation import check_bool_fields, check_seed
 from tnlm.integration.architectures import architecture_of, blocks_of
 from tnlm.integration.config import MPOConfig
+from tnlm.integration.merge import merge_factorized
 
 __all__ = ["CausalLMRecipe", "CausalLMResult", "compress_causal_lm", "check_resume",
            "has_checkpoint", "read_saved_text", "remove_checkpoint", "recipe_text",
@@ -639,27 +640,6 @@ def teacher_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
-def merge_truncated(model: nn.Module) -> int:
-    """Replace every truncated layer (``MPOLinear``, ``PivotedLinear``) of ``model`` by
-    the plain module it computes (:meth:`~tnlm.bridge.layer.MPOLinear.merge`); their
-    number. Between :attr:`CausalLMRecipe.stages`: the next cut starts from the healed
-    weights."""
-    from tnlm.bridge import MPOLinear
-    from tnlm.bridge.pivoted import PivotedLinear
-    from tnlm.integration.surgery import set_module
-
-    names = [n for n, m in model.named_modules(remove_duplicate=False)
-             if isinstance(m, (MPOLinear, PivotedLinear))]
-    merged: dict[int, nn.Module] = {}  # a layer under two names: one dense module for both
-    with torch.no_grad():
-        for n in names:
-            m = model.get_submodule(n)
-            if id(m) not in merged:
-                merged[id(m)] = m.merge()
-            set_module(model, n, merged[id(m)])
-    return len(merged)
-
-
 def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe | None = None,
                        *, text: Sequence[str] | None = None, progress: bool = True,
                        log: Callable[[str], None] | None = None,
@@ -819,7 +799,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         if healed.stopped:  # its best state is restored: the next cut starts from it
             say(f"healing stopped early at stage {k + 1} (its best state kept; the next "
                 f"cut starts from it): {healed.stopped}")
-        merge_truncated(model)
+        merge_factorized(model)  # exact: the next cut starts from the healed weights
     lw = compress(len(budgets) - 1)
 
     def fix_gauge() -> None:

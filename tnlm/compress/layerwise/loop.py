@@ -284,8 +284,7 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             teacher = copy.deepcopy(block).eval()
             call_s, call_t = BlockCall(block), BlockCall(teacher)
             names = per_block[i]
-            with torch.no_grad():
-                yt = [call_t(x, d[1]) for x, d in zip(xt, data)]
+            yt: list[torch.Tensor] = []  # the teacher's outputs, from the statistics' pass
             if names:  # plain: the teacher's statistics for the errors reported only
                 # the BlockCall wrapper names the block "block"
                 mods = [f"block.{n}" for n in names]
@@ -293,12 +292,15 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
                     stats = collect_input_stats(
                         call_s, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)], mods,
                         reference=_PairedInputs(call_t, xt, data) if config.cross else None,
-                        reduce=dist)
+                        reduce=dist, reference_outputs=yt if config.cross else None)
                 else:
                     stats = collect_input_stats(
                         call_t, [dict(x=x, extra=d[1]) for x, d in zip(xt, data)], mods,
-                        reduce=dist)
+                        reduce=dist, outputs=yt)
                 stats = {n: stats[f"block.{n}"] for n in names}
+            if not yt:
+                with torch.no_grad():
+                    yt = [call_t(x, d[1]) for x, d in zip(xt, data)]
             todo: list[_Truncation] = []
             for n in names:
                 old = block.get_submodule(n)

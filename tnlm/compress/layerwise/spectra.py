@@ -60,10 +60,13 @@ def dense_spectra(blocks: nn.ModuleList, data: list[tuple], per_block: list[list
     for i in tqdm(range(len(blocks)), desc="spectra", disable=not progress, leave=False):
         call = BlockCall(blocks[i])
         names = per_block[i]
+        ys: list[torch.Tensor] = []  # the block's outputs, from the statistics' pass
         if names:
             stats = collect_input_stats(call, [dict(x=x, extra=d[1]) for x, d in zip(xs, data)],
-                                        [f"block.{n}" for n in names], reduce=reduce)
-        ys = [call(x, d[1]) for x, d in zip(xs, data)]
+                                        [f"block.{n}" for n in names], reduce=reduce,
+                                        outputs=ys)
+        else:
+            ys = [call(x, d[1]) for x, d in zip(xs, data)]
         if error == "total":
             energy = sum(float((y.double() ** 2).sum()) for y in ys)
             if reduce:
