@@ -287,12 +287,12 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert (summary["seed"], summary["lm_texts"], summary["lm_top_k"]) == (0, None, None)
     assert summary["lm_prose"] is None  # --text: used as it is
     # the calibration the run had: all its sequences where they are fewer than asked for
-    assert summary["lm_calibration"] == summary["sequences"] < 32
+    from tnlm.compress.decoder.job import CausalLMRecipe
+
+    assert summary["lm_calibration"] == summary["sequences"] < CausalLMRecipe.n_calibration
     own = summary["own_text"]  # its last tenth held out and measured
     assert own["lines"] == 5 and own["tokens"] > 0  # the last 5 of 40 lines: >= 10 % of the text
     assert own["perplexity_ratio"] == pytest.approx(own["perplexity"] / own["perplexity_dense"])
-    from tnlm.compress.decoder.job import CausalLMRecipe
-
     assert summary["sensitivity_sequences"] == CausalLMRecipe.sensitivity_sequences == 4
     # the experiments' table reads it as a row of the job's defaults
     from experiments import llm_table
@@ -912,7 +912,7 @@ def test_allocation_sequences_measure_the_spectra_on_the_first_sequences_only():
     for bad in (12, 40):
         with pytest.raises(ValueError, match=r"allocation_sequences must be None or a "
                                              r"multiple of 8 .* at most n_calibration \(32\)"):
-            CausalLMRecipe(allocation_sequences=bad)
+            CausalLMRecipe(allocation_sequences=bad, n_calibration=32)
 
 
 def test_sensitivity_allocation_weighs_what_reaches_the_output():

@@ -120,10 +120,11 @@ def test_encoders_and_bad_settings_are_refused_under_torchrun(monkeypatch, capsy
     assert main(["compress", str(folder), "--out", ""]) == 2
     assert "8 processes: healing shares each step's batch of 4 sequences, so at most 4 " \
         "processes can heal" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "3")  # 32 calibration sequences: 4 batches of 8
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 128 calibration sequences: 16 batches of 8
     assert main(["compress", str(folder), "--out", ""]) == 2
-    assert ("3 processes (--nproc_per_node): the 32 calibration sequences make 4 batches of "
-            "8, which must be shared equally") in capsys.readouterr().err
+    assert ("3 processes (--nproc_per_node): the 128 calibration sequences make 16 batches "
+            "of 8, which must be shared equally (a number of processes that divides 16)"
+            ) in capsys.readouterr().err
     monkeypatch.setenv("RANK", "x")
     assert main(["compress", str(folder)]) == 2
     assert "RANK 'x' must be integers" in capsys.readouterr().err

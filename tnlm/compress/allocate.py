@@ -218,7 +218,8 @@ class Sensitivity:
 
     def drop(self, name: str, fraction: float, power: float = 0.5) -> float:
         """Estimated drop of truncating layer ``name`` alone to ``fraction``: its type's
-        curve (linear between measured fractions, 0 when dense) shared among the blocks,
+        curve (linear between measured fractions, 0 when dense) shared among the blocks
+        that hold that type (:attr:`blocks`; all measured blocks when it records none),
         weighted by the block's relative sensitivity to the power ``power``.
 
         Below the smallest measured fraction (0.1 by default; :data:`FRACTION_GRID` starts
@@ -227,7 +228,8 @@ class Sensitivity:
         was measured on MiniLM's main job at 25 % (6 of 36 layers got other ranks):
         natural-text cosine 0.844 against 0.867 held flat (docs/results.md), so the flat
         estimate stays."""
-        curve = self.type_drops[module_type(name)]
+        kind = module_type(name)
+        curve = self.type_drops[kind]
         fs = sorted(curve) + [1.0]
         d = float(np.interp(fraction, fs, [curve[f] for f in sorted(curve)] + [0.0]))
         if not self.block_drops:
@@ -235,7 +237,9 @@ class Sensitivity:
         mean = float(np.mean(list(self.block_drops.values()))) or 1.0
         b = self.blocks[name] if name in self.blocks else block_index(name)
         w = (self.block_drops.get(b, mean) / mean) ** power if b is not None else 1.0
-        return d * w / len(self.block_drops)
+        # shared among the blocks that hold the type (all blocks when not recorded)
+        holders = {self.blocks[n] for n in self.blocks if module_type(n) == kind} - {None}
+        return d * w / (len(holders) or len(self.block_drops))
 
 
 @torch.no_grad()
