@@ -1,7 +1,8 @@
 """Where each allocation puts the budget on SmolLM2-135M: the fraction of each block's
 targeted parameters kept by uniform ranks, the ``residual`` allocation and the
 ``sensitivity`` allocation (:class:`tnlm.compress.layerwise.Sensitivity`), from the
-calibration sequences the job uses (the first 32 of the seed's self-generated texts,
+calibration sequences the job used (the first 32 of the seed's self-generated texts; the
+job calibrates on 128 since, ``--n-calibration 128``;
 read from the experiments' text cache), without compressing anything.
 
     python experiments/llm_allocation.py --budgets 0.5 0.6 0.8 \
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=Path, default=None,
                    help="the self-generated texts (JSON list); default: the experiments' "
                         "cache of the seed's 256 nucleus samples")
-    p.add_argument("--n-calibration", type=int, default=32)
+    p.add_argument("--n-calibration", type=int, default=32,
+                   help="calibration sequences (default: 32, as the documented runs; the "
+                        "job's default is 128)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
 """How many calibration sequences the causal job's statistics need (SmolLM2-135M).
 
-The job calibrates on its first ``n_calibration`` sequences of 128 tokens (32 by default,
-4,096 tokens): every target's whitening Gram and spectrum come from them, and block
+The job calibrates on its first ``n_calibration`` sequences of 128 tokens (128 by
+default since this script's measurement; 32 before, 4,096 tokens): every target's
+whitening Gram and spectrum come from them, and block
 fitting draws its batches there. A 1,536-wide input (the MLP's down projection) then has
 under three tokens a dimension. This script compresses the same dense model on the same
 job text (the recipe's own text for the seed: the model's samples and a quarter of the

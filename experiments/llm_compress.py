@@ -105,7 +105,9 @@ def main(argv=None) -> int:
                         "nucleus (default: the whole nucleus, as the job; text caches written "
                         "before the sampler were drawn with K=50 and are read for --top-k 50)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-calibration", type=int, default=32)
+    p.add_argument("--n-calibration", type=int, default=32,
+                   help="calibration sequences (default: 32, as every documented run; the "
+                        "job's default is 128 since)")
     p.add_argument("--fit-steps", type=int, default=16)
     p.add_argument("--output-error", choices=OUTPUT_ERRORS, default="total",
                    help="a block's output error (fitting, the residual allocation): each "

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heal-steps", type=int, nargs="+", default=[75, 75],
                    help="healing steps of each stage (one more than --stages)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-calibration", type=int, default=32,
+                   help="calibration sequences of each cut (default: 32, as the documented "
+                        "runs; the job's default is 128)")
     p.add_argument("--text-cache", type=Path, default=Path("results/llm/text"))
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines here")
     args = p.parse_args(argv)
@@ -62,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     dense, tok, text, ev, dense_ppl = job_setup(args.budget, args.seed, args.text_cache)
     dense.eval()
-    base = CausalLMRecipe(budget=args.budget, seed=args.seed)
+    base = CausalLMRecipe(budget=args.budget, seed=args.seed, n_calibration=args.n_calibration)
     sequences = token_sequences(tok, list(text), base.seq_len)
     model = copy.deepcopy(dense)
     t_all = time.time()
     for k, (budget, steps) in enumerate(zip(budgets, args.heal_steps)):
         if k:
             print(f"stage {k}: merged {merge_factorized(model)} MPO layers", flush=True)
-        recipe = CausalLMRecipe(budget=budget, seed=args.seed,
+        recipe = CausalLMRecipe(budget=budget, seed=args.seed, n_calibration=args.n_calibration,
                                 heal=CausalHealConfig(steps=steps, **JOB_HEAL,
                                                       first_draw=sum(args.heal_steps[:k])))
         t = time.time()

@@ -210,16 +210,18 @@ def test_sensitivity_at_budget_one_keeps_every_layer_dense():
 
 
 def test_a_types_drop_is_shared_among_the_blocks_that_hold_it():
-    """Sensitivity.drop: a type measured with every block's layer of it truncated shares
-    its drop among the blocks holding that type, not all blocks (a type in one block of
-    three keeps its whole drop)."""
+    """Sensitivity.drop: a type measured with all its layers truncated shares its drop
+    among those layers, not among all blocks (a type in one block of three, or a layer
+    outside the blocks, keeps its whole drop)."""
     from tnlm.compress.allocate import Sensitivity
 
-    blocks = {f"enc.{b}.q": b for b in range(3)} | {"enc.2.extra": 2}
-    sens = Sensitivity(type_drops={"enc.*.q": {0.5: 0.3}, "enc.*.extra": {0.5: 0.3}},
+    blocks = {f"enc.{b}.q": b for b in range(3)} | {"enc.2.extra": 2, "pooler.dense": None}
+    sens = Sensitivity(type_drops={"enc.*.q": {0.5: 0.3}, "enc.*.extra": {0.5: 0.3},
+                                   "pooler.dense": {0.5: 0.2}},
                        block_drops={0: 0.1, 1: 0.1, 2: 0.1}, blocks=blocks)
     assert sens.drop("enc.0.q", 0.5) == pytest.approx(0.1)  # three blocks share 0.3
     assert sens.drop("enc.2.extra", 0.5) == pytest.approx(0.3)  # one block holds it
+    assert sens.drop("pooler.dense", 0.5) == pytest.approx(0.2)  # outside the blocks
     assert sens.drop("enc.2.extra", 1.0) == 0.0
     # no blocks recorded: shared among the measured blocks, as before
     bare = Sensitivity(type_drops={"enc.*.q": {0.5: 0.3}}, block_drops={0: 0.1, 1: 0.1, 2: 0.1})

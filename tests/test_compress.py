@@ -150,17 +150,31 @@ def test_cross_gram_against_a_reference_model(tok, sentences):
         torch.testing.assert_close(s.ref_gram, Xt[n].T @ Xt[n], rtol=1e-12, atol=1e-12)
 
 
-def test_layers_reading_one_input_share_its_products_and_outputs_are_returned(tok, sentences):
-    """query, key and value read one tensor: their products are computed once a batch and
-    give exactly the statistics of collecting each alone; the forwards' outputs are
-    returned (model and reference), equal to running them again."""
+def test_layers_reading_one_input_share_its_products_and_outputs_are_returned(
+        tok, sentences, monkeypatch):
+    """query, key and value read one tensor: its rows and products are computed once a
+    batch (in the model and in the reference) and give exactly the statistics of
+    collecting each alone; the forwards' outputs are returned (model and reference),
+    equal to running them again."""
+    from tnlm.compress import calibration
+
     model, ref = bert(seed=0), bert(seed=1)
     batches = [batch_of(tok, sentences[:6]), batch_of(tok, sentences[6:9])]
     qkv = [f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value")]
     names = qkv + ["encoder.layer.0.output.dense"]
-    outs, ref_outs = [], []
+    outs, ref_outs, rows_of = [], [], []
+    real = calibration._masked_rows
+
+    def counted(x, mask, name):
+        rows_of.append(name)
+        return real(x, mask, name)
+
+    monkeypatch.setattr(calibration, "_masked_rows", counted)
     stats = collect_input_stats(model, batches, names, reference=ref, outputs=outs,
                                 reference_outputs=ref_outs)
+    # per batch and model: the shared input once (at the query), the other layer's once
+    assert rows_of == [qkv[0], names[-1]] * 2 * len(batches)
+    monkeypatch.setattr(calibration, "_masked_rows", real)
     for n in names:
         alone = collect_input_stats(model, batches, [n], reference=ref)[n]
         for field in ("gram", "cross", "ref_gram"):

@@ -294,7 +294,8 @@ def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, caps
     assert own["lines"] == 5 and own["tokens"] > 0  # the last 5 of 40 lines: >= 10 % of the text
     assert own["perplexity_ratio"] == pytest.approx(own["perplexity"] / own["perplexity_dense"])
     assert summary["sensitivity_sequences"] == CausalLMRecipe.sensitivity_sequences == 4
-    # the experiments' table reads it as a row of the job's defaults
+    # the experiments' table reads it as a row of the former defaults' series (its text
+    # makes fewer sequences than the 128 the job calibrates on: all of them calibrate)
     from experiments import llm_table
 
     job = tmp_path / "job_s3.json"
@@ -1786,8 +1787,12 @@ def test_cli_lm_prose_reaches_the_recipe_and_is_refused_where_nothing_is_sampled
     both (all the prose already) and outside [0, 1]; the JSON names the share used."""
     from tnlm.cli import main
 
-    assert main(["compress", "--lm-prose", "0.5"]) == 2
-    assert "--lm-prose applies to causal LMs" in capsys.readouterr().err
+    for value in ("0.5", "0"):  # 0 is given too (not a flag left unset)
+        assert main(["compress", "--lm-prose", value]) == 2
+        assert "--lm-prose applies to causal LMs" in capsys.readouterr().err
+    for flag in ("--lm-texts", "--dist-timeout", "--heal-chunk"):
+        assert main(["compress", flag, "0"]) == 2
+        assert f"{flag} applies to causal LMs" in capsys.readouterr().err
     folder, text = _llm_folder(tmp_path)
     for extra, why in ((["--lm-prose", "1.5"], "--lm-prose must be a fraction in [0, 1], got 1.5"),
                        (["--lm-prose", "0.2", "--text", str(text)], "your text is used as it is"),

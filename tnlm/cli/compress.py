@@ -139,7 +139,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UserError("several processes (torchrun) compress causal LMs only; run an "
                         "encoder's compression as one process")
     for dest, why in CAUSAL_ONLY:
-        if getattr(args, dest) not in (None, False):
+        value = getattr(args, dest)  # given: not None, and not store_true's False (0 is given)
+        if value is not None and value is not False:
             raise UserError(f"--{dest.replace('_', '-')} applies to causal LMs{why}")
     from tnlm.compress.pipeline import ALLOCATIONS
 

@@ -10,7 +10,9 @@ per-layer bond caps or ranks.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,9 +220,9 @@ class Sensitivity:
 
     def drop(self, name: str, fraction: float, power: float = 0.5) -> float:
         """Estimated drop of truncating layer ``name`` alone to ``fraction``: its type's
-        curve (linear between measured fractions, 0 when dense) shared among the blocks
-        that hold that type (:attr:`blocks`; all measured blocks when it records none),
-        weighted by the block's relative sensitivity to the power ``power``.
+        curve (linear between measured fractions, 0 when dense) shared among the layers
+        of that type (:attr:`blocks` names them; all measured blocks when it records
+        none), weighted by the block's relative sensitivity to the power ``power``.
 
         Below the smallest measured fraction (0.1 by default; :data:`FRACTION_GRID` starts
         at 0.05) the curve is held flat, so 0.05 is estimated no costlier than 0.1 and is
@@ -237,9 +239,14 @@ class Sensitivity:
         mean = float(np.mean(list(self.block_drops.values()))) or 1.0
         b = self.blocks[name] if name in self.blocks else block_index(name)
         w = (self.block_drops.get(b, mean) / mean) ** power if b is not None else 1.0
-        # shared among the blocks that hold the type (all blocks when not recorded)
-        holders = {self.blocks[n] for n in self.blocks if module_type(n) == kind} - {None}
-        return d * w / (len(holders) or len(self.block_drops))
+        # shared among the layers of the type (all measured blocks when none are recorded)
+        return d * w / (self._type_counts.get(kind) or len(self.block_drops))
+
+    @functools.cached_property
+    def _type_counts(self) -> dict[str, int]:
+        """module type -> how many layers of :attr:`blocks` have it (what a type's drop,
+        measured with all of them truncated, is shared among)."""
+        return dict(Counter(module_type(n) for n in self.blocks))
 
 
 @torch.no_grad()

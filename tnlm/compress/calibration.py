@@ -132,9 +132,11 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
                                                else (_zeros(w), _zeros(w))))
 
     # the last input tensor read -> its rows and their products, computed once for the
-    # layers that read it in turn (q/k/v, gate/up); a new input clears it, so it holds one
-    # input's products at a time. Entries keep the tensors they are keyed by alive, so no
-    # id is reused while they are held.
+    # layers that read it in turn (q/k/v, gate/up); another input (or the same tensor
+    # changed in place: its version moved) clears it, so it holds one input's rows and
+    # products at a time (for a w-wide input: up to three w x w float64 products, 57 MB
+    # at w = 1536). Entries keep the tensors they are keyed by alive, so no id is reused
+    # while they are held.
     memo: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     def once(key: str, of: tuple[torch.Tensor, ...], make) -> torch.Tensor:
@@ -144,10 +146,12 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             hit = memo[k] = (of, make())
         return hit[1]
 
+    last: list = [None, -1]  # the input the memo holds, and its version then
+
     def rows(t: torch.Tensor, name: str) -> torch.Tensor:
-        hit = memo.get(("rows", id(t)))
-        if hit is None or hit[0][0] is not t:
+        if last[0] is not t or last[1] != t._version:
             memo.clear()  # another input: what the last one shared is done
+            last[:] = [t, t._version]
         return once("rows", (t,), lambda: _masked_rows(t, state.get("mask"), name))
 
     def ref_hook(name):
@@ -187,6 +191,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
         for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
             state["mask"] = batch.get("attention_mask")
             memo.clear()
+            last[:] = [None, -1]
             if reference is not None:
                 out = reference(**batch)
                 if reference_outputs is not None:
@@ -204,6 +209,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
                             "the same batch: its inputs cannot be paired")
     finally:
         memo.clear()
+        last[:] = [None, -1]
         for h in handles:
             h.remove()
         for m, t in zip(models, was_training):

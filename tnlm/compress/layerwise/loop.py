@@ -284,7 +284,9 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
             teacher = copy.deepcopy(block).eval()
             call_s, call_t = BlockCall(block), BlockCall(teacher)
             names = per_block[i]
-            yt: list[torch.Tensor] = []  # the teacher's outputs, from the statistics' pass
+            # the teacher's outputs: from the statistics' pass where it runs the teacher
+            # (plain, whitened; tnlm with cross), else from a forward of their own below
+            yt: list[torch.Tensor] = []
             if names:  # plain: the teacher's statistics for the errors reported only
                 # the BlockCall wrapper names the block "block"
                 mods = [f"block.{n}" for n in names]
