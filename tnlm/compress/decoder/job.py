@@ -176,7 +176,7 @@ class CausalLMRecipe:
             tokens; the MLP's 1,536-wide down projection then sees about ten tokens a
             dimension): SmolLM2 at 60 % healed to 2.312x the dense perplexity against
             2.501x with 32 on the same text and seed (three seeds with 128:
-            MEAN128 ± STD128x; with 32, on another machine: 2.56 ± 0.02x), for about
+            2.32 ± 0.03x; with 32, on another machine: 2.56 ± 0.02x), for about
             100 s more compression (the job 16:56 against 15:41, docs/results.md).
         fit_steps, fit_lr: block fitting (method ``"tnlm"``).
         output_error: how a block's output error is measured
