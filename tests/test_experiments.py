@@ -114,13 +114,15 @@ def test_llm_headline_plot_takes_the_job_rows_and_names_missing_series(tmp_path,
         files.append(str(f))
     rows = llm_table.load([Path(f) for f in files])
     key = (llm_table.JOB, 0.8, 150, llm_table.PROSE)
-    assert [r["seed"] for r in rows[key]] == [0, 1]  # the headline's first series
+    assert [r["seed"] for r in rows[key]] == [0, 1]  # the former defaults' series
     png = tmp_path / "head.png"
     assert llm_table.main([*files, "--headline-plot", str(png)]) == 0
     assert png.stat().st_size > 0
     out = capsys.readouterr().out
     assert "headline plot: no run of 'whitened low rank, own text'" in out
-    assert "no run of \"tnlm, the job's defaults" not in out
+    assert "no run of 'tnlm, the former defaults" not in out
+    # the defaults with 128 calibration sequences: CLI jobs only, none given here
+    assert "no run of \"tnlm, the job's defaults (data-free text, 128 calibration" in out
 
 
 def test_peers_user_text_reads_json_documents_and_lines(tmp_path):
