@@ -135,22 +135,24 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
     # layers that read it in turn (q/k/v, gate/up); another input (or the same tensor
     # changed in place: its version moved) clears it, so it holds one input's rows and
     # products at a time (for a w-wide input: up to three w x w float64 products, 57 MB
-    # at w = 1536). Entries keep the tensors they are keyed by alive, so no id is reused
-    # while they are held.
+    # at w = 1536). Each entry keeps the tensors it is keyed by alive, so an id in a key
+    # always names the same tensor.
     memo: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+    last: list = [None, -1]  # the input the memo holds, and its version then
+
+    def forget() -> None:
+        memo.clear()
+        last[:] = [None, -1]
 
     def once(key: str, of: tuple[torch.Tensor, ...], make) -> torch.Tensor:
         k = (key, *(id(t) for t in of))
-        hit = memo.get(k)
-        if hit is None or any(a is not b for a, b in zip(hit[0], of)):
-            hit = memo[k] = (of, make())
-        return hit[1]
-
-    last: list = [None, -1]  # the input the memo holds, and its version then
+        if k not in memo:
+            memo[k] = (of, make())
+        return memo[k][1]
 
     def rows(t: torch.Tensor, name: str) -> torch.Tensor:
         if last[0] is not t or last[1] != t._version:
-            memo.clear()  # another input: what the last one shared is done
+            forget()  # another input: what the last one shared is done
             last[:] = [t, t._version]
         return once("rows", (t,), lambda: _masked_rows(t, state.get("mask"), name))
 
@@ -190,8 +192,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
             m.eval()
         for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
             state["mask"] = batch.get("attention_mask")
-            memo.clear()
-            last[:] = [None, -1]
+            forget()
             if reference is not None:
                 out = reference(**batch)
                 if reference_outputs is not None:
@@ -208,8 +209,7 @@ def collect_input_stats(model: nn.Module, batches: Iterable[dict], module_names:
                             f"{calls[n] + len(ref_inputs[n])} times in the reference on "
                             "the same batch: its inputs cannot be paired")
     finally:
-        memo.clear()
-        last[:] = [None, -1]
+        forget()
         for h in handles:
             h.remove()
         for m, t in zip(models, was_training):
