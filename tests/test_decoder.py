@@ -757,6 +757,17 @@ def test_cli_lm_stages_reach_the_causal_job_and_bad_ones_are_refused_before_load
     assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
                  "--lm-stage-steps", "75", "75"]) == 2
     assert "give --lm-stages too" in capsys.readouterr().err
+    # the recipe's errors name their field, which the CLI turns into its flag
+    from tnlm.compress.decoder.job import CausalLMRecipe
+    from tnlm.core.validation import FieldError
+
+    for kw, field in (({"stages": (0.8,), "stage_heal_steps": (1, 2)}, "stage_heal_steps"),
+                      ({"stages": (0.5,)}, "stages"), ({"n_texts": 0}, "n_texts"),
+                      ({"seed": -1}, "seed"), ({"pivoted": "no"}, "pivoted"),
+                      ({"target_modules": []}, "target_modules")):
+        with pytest.raises(FieldError) as caught:
+            CausalLMRecipe(**kw)
+        assert caught.value.field == field, (kw, caught.value.field)
     seen = _stop_at_compression(monkeypatch, lambda r, kw: (r.stages, r.stage_steps()))
     assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
                  "--seed", "3", "--lm-stages", "0.9", "0.75"]) == 2

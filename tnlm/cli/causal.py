@@ -45,6 +45,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     from tnlm.compress.decoder.text import split_held_out
     from tnlm.compress.distributed import process_group_from_env
     from tnlm.compress.text import read_sentences
+    from tnlm.core.validation import FieldError
 
     rank, size = launched()
     if args.dist_timeout is None:
@@ -164,23 +165,20 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
     if stages and not heal_steps:
         raise UserError("--lm-stages heal between their cuts; with --heal-steps 0 nothing "
                         "heals")
-    try:  # the stages' own checks, before loading
-        dataclasses.replace(recipe, budget=args.budget, heal=heal, seed=args.seed,
-                            stages=stages, stage_heal_steps=stage_steps)
-    except ValueError as err:
-        flag = "--lm-stage-steps" if "stage_heal_steps" in str(err) else "--lm-stages"
-        raise UserError(f"{flag}: {err}") from None
-    recipe = CausalLMRecipe(
-        budget=args.budget, method=args.method or recipe.method, target_modules=targets,
-        stages=stages, stage_heal_steps=stage_steps,
-        heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
-        n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
-        n_calibration=n_calibration,
-        gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
-        starts=starts,
-        pivoted=recipe.pivoted if args.pivoted is None else args.pivoted,
-        sensitivity_sequences=recipe.sensitivity_sequences if args.sensitivity_sequences
-        is None else args.sensitivity_sequences)
+    try:  # the recipe's own checks, before loading, in one line naming the flag
+        recipe = CausalLMRecipe(
+            budget=args.budget, method=args.method or recipe.method, target_modules=targets,
+            stages=stages, stage_heal_steps=stage_steps,
+            heal=heal, seed=args.seed, text_source=args.lm_text or recipe.text_source,
+            n_texts=recipe.n_texts if args.lm_texts is None else args.lm_texts,
+            n_calibration=n_calibration,
+            gen_top_k=args.lm_top_k, allocation=args.allocation, prose_fraction=args.lm_prose,
+            starts=starts,
+            pivoted=recipe.pivoted if args.pivoted is None else args.pivoted,
+            sensitivity_sequences=recipe.sensitivity_sequences if args.sensitivity_sequences
+            is None else args.sensitivity_sequences)
+    except FieldError as err:
+        raise UserError(f"{_FLAGS.get(err.field, err.field)}: {err}") from None
     if size > 1:  # the calibration batches the ranks share in block fitting, before loading
         from tnlm.compress.layerwise import LayerwiseConfig, shared_batches
 
@@ -255,7 +253,10 @@ _FLAGS = {"budget": "--budget", "seed": "--seed", "method": "--method",
           "gen_top_k": "--lm-top-k", "text_source": "--lm-text", "starts": "--lm-starts",
           "starts_sha256": "--lm-starts",
           "allocation": "--allocation", "prose_fraction": "--lm-prose",
-          "sequences": "--lm-calibration, or the text"}
+          "sequences": "--lm-calibration, or the text", "n_calibration": "--lm-calibration",
+          "stages": "--lm-stages", "stage_heal_steps": "--lm-stage-steps",
+          "sensitivity_sequences": "--sensitivity-sequences",
+          "heal": "--heal-steps / --lr / --heal-optimizer / --heal-chunk"}
 
 
 def with_flags(message: str) -> str:

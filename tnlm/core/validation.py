@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from tnlm.core import backend as B
 
 __all__ = ["MAX_SEED", "MAX_SITES", "all_finite", "check_core", "check_matrix", "check_seed",
            "check_shape", "check_site_index", "check_positive_int", "check_n_sites",
-           "check_number", "check_size", "check_bool_fields"]
+           "check_number", "check_size", "check_bool_fields", "FieldError", "field_errors"]
 
 #: the most sites an MPO may have: numpy arrays hold at most 64 dimensions, and the dense
 #: matrix of an n-site MPO is reshaped to (and from) 2n legs, one input and one output a
@@ -143,13 +144,35 @@ def check_number(value: Any, name: str, *, positive: bool = False) -> float:
     return float(value)
 
 
+class FieldError(ValueError):
+    """A ``ValueError`` about one field of a config (a recipe's, a dataclass's): ``field``
+    names it, so a caller that filled the field from an argument of its own (a command-line
+    flag) names that argument instead of matching the message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@contextmanager
+def field_errors(field: str) -> Iterator[None]:
+    """Inside it, a ``ValueError`` that is not yet a :class:`FieldError` becomes one
+    naming ``field`` (the same message; the original as its cause)."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except ValueError as err:
+        raise FieldError(field, str(err)) from err
+
+
 def check_bool_fields(obj: Any, *names: str) -> None:
     """``ValueError`` naming the first of ``names`` whose attribute of ``obj`` (a config's
     field) is not a ``bool``: ``"no"``, ``0`` or ``None`` would be taken by truth value."""
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be a bool, got {value!r}")
+            raise FieldError(name, f"{name} must be a bool, got {value!r}")
 
 
 def check_n_sites(value: Any, name: str = "n_sites") -> int:

@@ -77,7 +77,7 @@ from tnlm.compress.memory import peak_rss_mb, start_stage
 from tnlm.compress.text import lm_sentences
 from tnlm.core.budget import check_fraction
 from tnlm.core.pivot import pivoted_params
-from tnlm.core.validation import check_bool_fields, check_seed
+from tnlm.core.validation import FieldError, check_bool_fields, check_seed, field_errors
 from tnlm.integration.architectures import architecture_of, blocks_of
 from tnlm.integration.config import MPOConfig
 from tnlm.integration.merge import merge_factorized
@@ -235,9 +235,10 @@ class CausalLMRecipe:
             2.570x (one seed, docs/results.md).
 
     Raises:
-        ValueError: a field out of range or of the wrong type (named; ``target_modules``
-            an empty list too), ``heal.seed`` set and different from ``seed``, ``n_texts``
-            < 2 with ``text_source`` ``"mixed"``.
+        FieldError: (a ``ValueError``; :class:`tnlm.core.validation.FieldError`, its
+            ``field`` the field's name) a field out of range or of the wrong type (named;
+            ``target_modules`` an empty list too), ``heal.seed`` set and different from
+            ``seed`` (field ``heal``), ``n_texts`` < 2 with ``text_source`` ``"mixed"``.
     """
 
     budget: float = 0.6
@@ -270,56 +271,69 @@ class CausalLMRecipe:
                      "sensitivity_sequences"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                raise FieldError(name, f"{name} must be an int >= 1, got {v!r}")
         if self.sensitivity_sequences > self.n_calibration \
                 and self.resolved_allocation() == "sensitivity":
-            raise ValueError(f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
+            raise FieldError("sensitivity_sequences",
+                             f"sensitivity_sequences ({self.sensitivity_sequences}) are the "
                              f"first calibration sequences: at most n_calibration "
                              f"({self.n_calibration})")
         a = self.allocation_sequences
         per = LayerwiseConfig.batch_size  # the layer-by-layer batch the job uses
         if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1
                               or a % per or a > self.n_calibration):
-            raise ValueError(f"allocation_sequences must be None or a multiple of {per} (the "
+            raise FieldError("allocation_sequences",
+                             f"allocation_sequences must be None or a multiple of {per} (the "
                              f"layer-by-layer batch) at most n_calibration "
                              f"({self.n_calibration}), got {a!r}")
-        self.seed = check_seed(self.seed)
+        with field_errors("seed"):
+            self.seed = check_seed(self.seed)
         if not isinstance(self.heal, CausalHealConfig):
-            raise ValueError(f"heal must be a CausalHealConfig, got {type(self.heal).__name__}")
+            raise FieldError("heal", f"heal must be a CausalHealConfig, got "
+                                     f"{type(self.heal).__name__}")
         if self.heal.seed is not None and self.heal.seed != self.seed:
-            raise ValueError(f"heal.seed ({self.heal.seed}) differs from seed ({self.seed}): "
+            raise FieldError("heal", f"heal.seed ({self.heal.seed}) differs from seed "
+                                     f"({self.seed}): "
                              f"one seed seeds the job (text, ranks and healing's draws); "
                              f"leave heal.seed None or set it equal")
         k = self.gen_top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"gen_top_k must be None or an int >= 1, got {k!r}")
+            raise FieldError("gen_top_k", f"gen_top_k must be None or an int >= 1, got {k!r}")
         check_bool_fields(self, "pivoted", "heal_pivoted")
         if self.target_modules is not None:  # a string is one regex, as MPOConfig takes it
-            self.target_modules = MPOConfig(target_modules=self.target_modules).target_modules
+            with field_errors("target_modules"):
+                self.target_modules = MPOConfig(
+                    target_modules=self.target_modules).target_modules
         if self.heal_pivoted and not self.pivoted:
-            raise ValueError("heal_pivoted fixes the gauge of pivoted layers before healing: "
+            raise FieldError("heal_pivoted",
+                             "heal_pivoted fixes the gauge of pivoted layers before healing: "
                              "it needs pivoted=True")
         self.stages = self._checked_stages()
         for name, allowed in (("text_source", TEXT_SOURCES), ("output_error", OUTPUT_ERRORS)):
             v = getattr(self, name)
             if not isinstance(v, str) or v not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                raise FieldError(name, f"{name} must be one of "
+                                       f"{', '.join(map(repr, allowed))}, "
                                  f"got {v!r}")
         if self.starts is not None:
-            lines = tuple(start_lines(self.starts))
+            with field_errors("starts"):
+                lines = tuple(start_lines(self.starts))
             if self.text_source == "prose":
-                raise ValueError("starts are the lines the model's samples start from; "
+                raise FieldError("starts", "starts are the lines the model's samples start from; "
                                  "text_source 'prose' samples nothing")
             self.starts = lines
         if self.text_source == "mixed" and self.n_texts < 2:
-            raise ValueError(f"n_texts must be at least 2 with text_source 'mixed' (half "
+            raise FieldError("n_texts",
+                             f"n_texts must be at least 2 with text_source 'mixed' (half "
                              f"continuations, half chat answers), got {self.n_texts}")
         f = self.prose_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                               or not 0 <= f <= 1):  # NaN fails the comparison
-            raise ValueError(f"prose_fraction must be None or a number in [0, 1], got {f!r}")
+            raise FieldError("prose_fraction",
+                             f"prose_fraction must be None or a number in [0, 1], got {f!r}")
         if f and self.text_source in _ALL_PROSE:
-            raise ValueError(f"prose_fraction ({f}) adds prose after the model's samples; "
+            raise FieldError("prose_fraction",
+                             f"prose_fraction ({f}) adds prose after the model's samples; "
                              f"text_source {self.text_source!r} holds all of it already")
 
     def resolved_heal(self) -> CausalHealConfig:
@@ -332,40 +346,48 @@ class CausalLMRecipe:
     def _checked_stages(self) -> tuple[float, ...]:
         st = self.stages
         if isinstance(st, (str, bytes)) or not isinstance(st, (tuple, list)):
-            raise ValueError(f"stages must be a tuple of budgets, got {st!r}")
+            raise FieldError("stages", f"stages must be a tuple of budgets, got {st!r}")
         out: list[float] = []
         if st:
-            check_fraction("budget", self.budget)
+            with field_errors("budget"):
+                check_fraction("budget", self.budget)
         for b in st:
             if isinstance(b, bool) or not isinstance(b, numbers.Real) or not (
                     self.budget < b < 1):  # NaN fails the comparison
-                raise ValueError(f"stages must be budgets between budget ({self.budget:g}) "
+                raise FieldError("stages",
+                                 f"stages must be budgets between budget ({self.budget:g}) "
                                  f"and 1, got {b!r} in {tuple(st)!r}")
             out.append(float(b))
         if any(a <= b for a, b in zip(out, out[1:])):
-            raise ValueError(f"stages must decrease (each cut further than the one before), "
+            raise FieldError("stages",
+                             f"stages must decrease (each cut further than the one before), "
                              f"got {tuple(out)!r}")
         if out and self.heal.steps < len(out) + 1:
-            raise ValueError(f"stages heal between their cuts: heal.steps (--heal-steps, "
+            raise FieldError("stages",
+                             f"stages heal between their cuts: heal.steps (--heal-steps, "
                              f"{self.heal.steps}) must be at least one a stage "
                              f"({len(out) + 1})")
         given = self.stage_heal_steps
         if given is not None:
             if not out:
-                raise ValueError("stage_heal_steps are the healing steps of each stage: "
+                raise FieldError("stage_heal_steps",
+                                 "stage_heal_steps are the healing steps of each stage: "
                                  "they need stages")
             if isinstance(given, (str, bytes)) or not isinstance(given, (tuple, list)) or any(
                     isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in given):
-                raise ValueError(f"stage_heal_steps must be ints >= 1, one a stage, got "
+                raise FieldError("stage_heal_steps",
+                                 f"stage_heal_steps must be ints >= 1, one a stage, got "
                                  f"{given!r}")
             if len(given) != len(out) + 1 or sum(given) != self.heal.steps:
-                raise ValueError(f"stage_heal_steps must be {len(out) + 1} numbers (one a "
+                raise FieldError("stage_heal_steps",
+                                 f"stage_heal_steps must be {len(out) + 1} numbers (one a "
                                  f"cut: the stages', then the last) adding up to "
                                  f"heal.steps (--heal-steps, {self.heal.steps}), got "
                                  f"{tuple(given)!r}")
             self.stage_heal_steps = tuple(given)
         if out and self.heal_pivoted:
-            raise ValueError("stages merge the truncated layers between cuts; heal_pivoted "
+            raise FieldError("stages",
+                             "stages merge the truncated layers between cuts; heal_pivoted "
                              "(the gauge fixed before healing) is not supported with them")
         return tuple(out)
 
