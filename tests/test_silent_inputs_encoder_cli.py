@@ -233,3 +233,24 @@ def test_read_sick_takes_a_bom_and_batch_sizes_must_be_ints(tok, tmp_path):
             compress_model(model, tok, short_sentences(8), cfg, max_length=n,
                            progress=False)
     assert_unchanged(model, before)
+
+
+def test_a_files_invalid_byte_is_named_at_its_offset_in_the_file_bom_or_not(tmp_path):
+    """read_sick and read_sentences share one decoder: the offset counts the file's bytes,
+    a byte-order mark included (Python's own counts from after it)."""
+    from tnlm.compress.text import NotUtf8Error, decode_utf8, read_sentences
+
+    body = b"sentence_A\tsentence_B\trelatedness_score\na caf\xe9\tb\t1\n"
+    at = body.index(b"\xe9")
+    for bom in (b"", b"\xef\xbb\xbf"):
+        with pytest.raises(NotUtf8Error) as caught:
+            decode_utf8(bom + body)
+        assert caught.value.offset == len(bom) + at
+        path = tmp_path / "x.tsv"
+        path.write_bytes(bom + body)
+        with pytest.raises(ValueError, match=f"not a SICK file \\(not UTF-8 text: byte offset "
+                                             f"{len(bom) + at}\\)"):
+            read_sick(path)
+        with pytest.raises(ValueError, match=f"byte 0xe9 at byte offset {len(bom) + at} "):
+            read_sentences(path)
+    assert decode_utf8(b"\xef\xbb\xbfok") == "ok"

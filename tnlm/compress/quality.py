@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import math
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tnlm.compress.text import check_texts
+from tnlm.compress.text import NotUtf8Error, check_texts, decode_utf8
 from tnlm.core.validation import check_positive_int
 from tnlm.integration import mean_pooled
 
@@ -118,11 +117,9 @@ def read_sick(path: str | os.PathLike) -> list[dict[str, str]]:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        at = err.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
-        raise ValueError(f"{path} is not a SICK file (not UTF-8 text: byte offset "
-                         f"{at})") from None
+        text = decode_utf8(data)
+    except NotUtf8Error as err:
+        raise ValueError(f"{path} is not a SICK file ({err})") from None
     try:
         rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t",
                                    quoting=csv.QUOTE_NONE))

@@ -33,7 +33,8 @@ from tnlm.textgen import generate
 
 __all__ = ["DEFAULT_TEXT_SOURCE", "compression_sizes", "default_text", "docstring_roots",
            "docstring_sentences", "generated_sentences", "lm_held_out", "lm_sentences",
-           "read_sentences", "split_sentences", "text_lines", "LM_HELD_OUT"]
+           "read_sentences", "split_sentences", "text_lines", "LM_HELD_OUT", "NotUtf8Error",
+           "decode_utf8"]
 
 DEFAULT_TEXT_SOURCE = ("generated sentences, docstrings of the installed Python source and "
                        "natural prose shipped with tnlm")
@@ -107,6 +108,25 @@ def text_lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+class NotUtf8Error(ValueError):
+    """Bytes that are not UTF-8 text: ``offset`` is the first invalid byte's, counted in
+    the bytes given (a byte-order mark included)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"not UTF-8 text: byte offset {offset}")
+        self.offset = offset
+
+
+def decode_utf8(data: bytes) -> str:
+    """``data`` decoded as UTF-8, a leading byte-order mark dropped; else
+    :class:`NotUtf8Error` with the offset of the first invalid byte in ``data``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # its offset counts from after a BOM
+        raise NotUtf8Error(err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)) \
+            from None
+
+
 def _line_of(data: bytes, offset: int) -> int:
     """The line (from 1) of byte ``offset``, lines ending at LF, CRLF or a lone CR (as
     :func:`read_sentences` splits them)."""
@@ -137,9 +157,9 @@ def read_sentences(path: str | os.PathLike, column: int | None = None) -> list[s
         raise ValueError(f"text file {p} holds a NUL byte at byte offset {nul} (line "
                          f"{_line_of(data, nul)}): a binary file, not text")
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        at = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        text = decode_utf8(data)
+    except NotUtf8Error as err:
+        at = err.offset
         raise ValueError(f"text file {p} is not UTF-8: byte 0x{data[at]:02x} at byte offset "
                          f"{at} (line {_line_of(data, at)}) is invalid; convert it "
                          f"to UTF-8 (for Latin-1: iconv -f latin1 -t utf-8)") from None
