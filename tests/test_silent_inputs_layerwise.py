@@ -355,10 +355,11 @@ def test_block_helpers_refuse_an_unknown_error_kind_and_batch_size():
         block_error(t + 0.1, t, "Total")  # was the per-position error, silently
     model = tiny_llama()
     blocks = model.model.layers
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         capture_block_inputs(model, llama_seqs(), 0)
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got True"):
-        capture_block_inputs(model, llama_seqs(), True)
+    for bad in (True, 2.5, 4.0):  # a type error, as everywhere else in tnlm
+        with pytest.raises(TypeError, match=f"batch_size must be an int, got {bad!r}"):
+            capture_block_inputs(model, llama_seqs(), bad)
     data = capture_block_inputs(model, llama_seqs(), 4)
     with pytest.raises(ValueError, match=r"error must be one of \('total', 'position'\)"):
         fit_block(blocks[0], [(d[0], d[1]) for d in data], [d[0] for d in data], 1,

@@ -17,6 +17,7 @@ from torch import nn
 from tnlm.bridge import select_parameters
 from tnlm.compress import distributed as dist_
 from tnlm.compress.layerwise.config import OUTPUT_ERRORS
+from tnlm.core.validation import check_positive_int
 from tnlm.integration.architectures import blocks_of
 
 __all__ = ["BlockCall", "block_error", "block_parameters", "capture_block_inputs",
@@ -77,10 +78,10 @@ def capture_block_inputs(model: nn.Module, sequences: torch.Tensor, batch_size: 
                          blocks: nn.ModuleList | None = None) -> list[tuple]:
     """Per batch of ``sequences`` (long, n x T, no padding): ``(x, (args, kwargs))``, the
     hidden states (b, T, hidden) entering the first block and the other arguments the
-    model passed it. The rest of the forward is not run. Raises ``ValueError`` for a
-    ``batch_size`` that is not an int >= 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    model passed it. The rest of the forward is not run. Raises ``TypeError`` for a
+    ``batch_size`` that is not an int (a bool or a float too) and ``ValueError`` for one
+    below 1, as :func:`tnlm.core.validation.check_positive_int`."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     blocks = blocks_of(model) if blocks is None else blocks
     cur: dict[str, Any] = {}
 
