@@ -213,3 +213,26 @@ def test_torchrun_resumes_after_the_last_finished_block(tmp_path):
     for name in files:
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_short_text_calibrates_on_the_most_sequences_the_ranks_can_share():
+    """A text of fewer sequences than n_calibration calibrates on all of them in one
+    process; on several ranks on the most that they can share in batches of 8 (block
+    fitting: equal shares), instead of an error after loading. A given n_calibration is
+    never rounded."""
+    from tnlm.compress.decoder.job import CausalLMRecipe
+
+    r = CausalLMRecipe()  # 128 calibration sequences, block fitting
+    assert r.calibration_count(500) == r.calibration_count(500, 4) == 128
+    assert r.calibration_count(100) == 100
+    assert r.calibration_count(100, 2) == 96  # 13 batches: not two equal shares
+    assert r.calibration_count(100, 4) == 96
+    assert r.calibration_count(80, 2) == 80  # 10 batches: five each
+    assert r.calibration_count(63, 3) == 48
+    assert r.calibration_count(31, 4) == 31  # four batches, the last of 7
+    with pytest.raises(ValueError, match="makes 23 sequences of 128 tokens: 4 ranks need at "
+                                         "least 32"):
+        r.calibration_count(23, 4)
+    plain = CausalLMRecipe(method="whitened")  # no fitting: every rank a batch is enough
+    assert plain.calibration_count(100, 4) == 100
+    assert CausalLMRecipe(n_calibration=100).calibration_count(500, 2) == 100

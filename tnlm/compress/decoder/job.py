@@ -71,6 +71,7 @@ from tnlm.compress.layerwise import (
     check_targets_and_budget,
     compress_layerwise,
     read_checkpoint_state,
+    shared_batches,
 )
 from tnlm.compress.layerwise import remove_checkpoint as _remove_layerwise
 from tnlm.compress.memory import peak_rss_mb, start_stage
@@ -391,6 +392,33 @@ class CausalLMRecipe:
                              "(the gauge fixed before healing) is not supported with them")
         return tuple(out)
 
+    def calibration_count(self, n_sequences: int, world: int = 1) -> int:
+        """How many of the text's first ``n_sequences`` sequences calibrate on ``world``
+        ranks: ``n_calibration``, or all of them when the text has fewer; in a
+        distributed run where the text has fewer and the ranks cannot share them all in
+        batches of the layer-by-layer batch (every rank a batch; block fitting, method
+        ``"tnlm"``, equal shares), the largest count below that they can share: a
+        multiple of 8 x ``world``. (``n_calibration`` itself is not rounded: one the ranks
+        cannot share is refused by :func:`~tnlm.compress.layerwise.compress_layerwise`,
+        and by ``tnlm compress`` before loading.)
+
+        Raises:
+            ValueError: a text too short for every rank to get a batch.
+        """
+        n = min(self.n_calibration, n_sequences)
+        if world <= 1 or n == self.n_calibration:
+            return n
+        per = LayerwiseConfig.batch_size
+        fitting = self.method == "tnlm" and self.fit_steps > 0
+        if shared_batches(n, per, world, fitting)[1]:
+            return n
+        shared = n // (per * world) * per * world
+        if not shared:
+            raise ValueError(f"the text makes {n_sequences} sequences of {self.seq_len} "
+                             f"tokens: {world} ranks need at least {per * world} to share the "
+                             f"calibration in batches of {per}")
+        return shared
+
     def stage_steps(self) -> list[int]:
         """The healing steps of each stage (:attr:`stages`, then ``budget``):
         :attr:`stage_heal_steps`, or ``heal.steps`` split evenly."""
@@ -619,7 +647,8 @@ def check_resume(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe,
             raise ValueError(f"cannot resume from {d}: it holds no text of the job's own "
                              f"({TEXT_FILE}), so it was calibrated on a text file: pass the "
                              f"same --text FILE (text=) as that run")
-    sequences = token_sequences(tokenizer, list(text), recipe.seq_len)[:recipe.n_calibration]
+    sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
+    sequences = sequences[:recipe.calibration_count(sequences.shape[0], world_size)]
     try:
         state = check_checkpoint(d, model, sequences, recipe.checkpointed_config(model, d),
                                  world_size)
@@ -763,9 +792,14 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         seconds["text"] = time.perf_counter() - t0
         peaks["text"] = peak_rss_mb()
     sequences = token_sequences(tokenizer, list(text), recipe.seq_len)
+    n_cal = recipe.calibration_count(sequences.shape[0], size)
     say(f"{sequences.shape[0]} sequences of {recipe.seq_len} tokens"
-        + (f"; all {sequences.shape[0]} calibrate (fewer than n_calibration, "
-           f"{recipe.n_calibration})" if sequences.shape[0] < recipe.n_calibration else ""))
+        + ("" if sequences.shape[0] >= recipe.n_calibration else
+           f"; all {n_cal} calibrate (fewer than n_calibration, {recipe.n_calibration})"
+           if n_cal == sequences.shape[0] else
+           f"; the first {n_cal} calibrate (fewer than n_calibration, "
+           f"{recipe.n_calibration}: the most that {size} ranks share in batches of "
+           f"{LayerwiseConfig.batch_size})"))
     teacher = None
     if recipe.heal.steps:
         if recipe.heal.teacher_bf16:  # stored in bfloat16: half the memory, no casts a step
@@ -815,7 +849,7 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         # healed weights, which a resumed run heals again
         cfg = recipe.checkpointed_config(model, ckpt) if k == 0 else \
             dataclasses.replace(lw_cfg, checkpoint_dir=None)
-        out = compress_layerwise(model, sequences[:recipe.n_calibration], cfg,
+        out = compress_layerwise(model, sequences[:n_cal], cfg,
                                  progress=progress, log=say, resume=resume and k == 0)
         finish("compression", t1)
         return out
