@@ -150,7 +150,10 @@ class CompressionResult:
     params_after: int
     heal: HealResult | None
     seconds: dict[str, float]
-    block_errors: list[tuple[float, float]] | None = None  # per block, relative (not squared)
+    #: per block, its masked output error ``||y_s - y_t|| / ||y_t||`` before / after
+    #: reconstruction: relative, not squared (the decoder's ``LayerwiseResult.block_errors``
+    #: are squared)
+    block_errors: list[tuple[float, float]] | None = None
 
     @property
     def ratio(self) -> float:

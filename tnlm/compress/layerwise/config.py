@@ -156,9 +156,13 @@ class LayerwiseConfig:
 @dataclass
 class LayerwiseResult:
     ranks: dict[str, int | None]        # None: kept dense
-    errors: dict[str, float]            # relative calibration output error per layer
-    #                                     (plain too: on the teacher's inputs, not W's)
-    block_errors: list[tuple[float, float]]  # per block: output error before/after fitting
+    #: per layer, its relative calibration output error ``||X (W - W')|| / ||X W||``, not
+    #: squared (plain too: on the teacher's inputs, not W's)
+    errors: dict[str, float]
+    #: per block, :func:`block_error` of its output before / after fitting: relative and
+    #: *squared* (``||y - t||² / ||t||²``, or per position with ``output_error``
+    #: ``"position"``); the encoder's ``CompressionResult.block_errors`` are not squared
+    block_errors: list[tuple[float, float]]
     params_before: int
     params_after: int
     seconds: dict[str, float] = field(default_factory=dict)
