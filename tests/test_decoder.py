@@ -547,6 +547,17 @@ def test_stages_cut_heal_merge_and_cut_again():
         assert merge_factorized(model) == sum(r is not None for r in res.layerwise.ranks.values())
         assert not any(isinstance(m, MPOLinear) for m in model.modules())
         assert _rel(model(input_ids=ids).logits, before) < 1e-5
+    # two stages: each cut to its own budget (the middle one was cut to the final budget)
+    model = _llama()
+    recipe = CausalLMRecipe(budget=0.4, stages=(0.8, 0.6), seq_len=16, n_calibration=8,
+                            fit_steps=2, heal=CausalHealConfig(steps=6, warmup=1))
+    res = compress_causal_lm(model, Tok(), recipe, text=words, progress=False)
+    before = res.layerwise.params_before
+    kept = [st["params_after"] for st in res.stages]
+    assert [st["budget"] for st in res.stages] == [0.8, 0.6, 0.4]
+    assert kept[0] > kept[1] > kept[2] == res.layerwise.params_after, kept
+    for st in res.stages:
+        assert 0.9 * st["budget"] * before < st["params_after"] <= st["budget"] * before, st
     with pytest.raises(TypeError, match="budget must be a number"):
         CausalLMRecipe(budget="0.5", stages=(0.8,))
     for bad, match in (((0.4,), "between budget"), ((1.0,), "between budget"),

@@ -846,9 +846,9 @@ def compress_causal_lm(model: nn.Module, tokenizer: Any, recipe: CausalLMRecipe 
         t1 = time.perf_counter()
         start_stage()
         # the first cut is the one checkpointed (and resumed); the later ones start from
-        # healed weights, which a resumed run heals again
+        # healed weights, which a resumed run heals again; each cut to its own budget
         cfg = recipe.checkpointed_config(model, ckpt) if k == 0 else \
-            dataclasses.replace(lw_cfg, checkpoint_dir=None)
+            dataclasses.replace(lw_cfg, budget=budgets[k], checkpoint_dir=None)
         out = compress_layerwise(model, sequences[:n_cal], cfg,
                                  progress=progress, log=say, resume=resume and k == 0)
         finish("compression", t1)
