@@ -140,11 +140,10 @@ def test_the_cli_defaults_are_the_encoder_recipes():
     job = EncoderRecipe()
     # --allocation's default is the job's, resolved by each job (an encoder: the recipe's)
     assert args.allocation is None
-    for flag, field in (("budget", "budget"), ("teacher_bf16", "teacher_bf16"),
-                        ("seed", "seed")):
+    for flag, field in (("teacher_bf16", "teacher_bf16"), ("seed", "seed")):
         assert getattr(args, flag) == getattr(job, field), flag
     # None on the command line: the encoder's or the causal LM's, decided on the model
-    assert args.heal_steps is None and args.lr is None
+    assert args.heal_steps is None and args.lr is None and args.budget is None
     # the encoder's own flags: None until its job takes the recipe's (a causal LM's job
     # refuses them given, even at the encoder's value)
     assert args.calibration is None and args.reconstruct_steps is None

@@ -268,6 +268,24 @@ def _stop_at_compression(monkeypatch, pick) -> list:
     return seen
 
 
+def test_cli_budget_defaults_to_the_causal_recipes_for_a_causal_lm(tmp_path, capsys,
+                                                                     monkeypatch):
+    """No --budget: a causal LM is compressed to CausalLMRecipe's budget (0.6), not the
+    encoder's (0.5), which the parser held as the flag's default."""
+    from tnlm.cli import main
+    from tnlm.compress.decoder.job import CausalLMRecipe
+    from tnlm.compress.encoder import EncoderRecipe
+
+    assert CausalLMRecipe.budget != EncoderRecipe.budget
+    folder, text = _llm_folder(tmp_path)
+    seen = _stop_at_compression(monkeypatch, lambda r, kw: r.budget)
+    for flags, budget in (([], CausalLMRecipe.budget), (["--budget", "0.7"], 0.7)):
+        assert main(["compress", str(folder), "--text", str(text), "--out", "", "--quiet",
+                     *flags]) == 2
+        capsys.readouterr()
+        assert seen[-1] == budget
+
+
 def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -54,6 +54,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         raise UserError(f"--dist-timeout must be a number of minutes > 0, got "
                         f"{args.dist_timeout}")
     recipe = CausalLMRecipe()
+    args.budget = recipe.budget if args.budget is None else args.budget  # not an encoder's
     heal_steps = recipe.heal.steps if args.heal_steps is None else args.heal_steps
     lr = recipe.heal.lr if args.lr is None else args.lr
     check_budget_and_healing(args.budget, heal_steps, lr)

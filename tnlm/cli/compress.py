@@ -159,6 +159,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for name in ("heal_train", "reconstruct_steps", "calibration"):  # not given: the recipe's
         if getattr(args, name) is None:
             setattr(args, name, getattr(EncoderRecipe, name))
+    args.budget = EncoderRecipe.budget if args.budget is None else args.budget
     check_budget_and_healing(args.budget, args.heal_steps, args.lr)
     if args.reconstruct_steps < 0:
         raise UserError(f"--reconstruct-steps must be >= 0, got {args.reconstruct_steps}")

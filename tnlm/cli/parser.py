@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?", default=None,
                    help="a transformers model folder or a .gguf file (causal LMs: Llama, "
                         "Mistral, Qwen2, GPT-2, OPT, ...); default: the embedded MiniLM")
-    p.add_argument("--budget", type=float, default=enc.budget,
-                   help="fraction of the targeted layers' parameters to keep, model-wide; 1 "
-                        "keeps every layer dense; a budget below the smallest model the "
-                        "allocation can make is refused")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"fraction of the targeted layers' parameters to keep, model-wide; 1 "
+                        f"keeps every layer dense; a budget below the smallest model the "
+                        f"allocation can make is refused; default {enc.budget} for an "
+                        f"encoder, {CausalLMRecipe.budget} for a causal LM")
     p.add_argument("--heal-steps", type=int, default=None,
                    help=f"distillation steps after truncation (0: none); default "
                         f"{enc.heal_steps} for an encoder, {CausalHealConfig.steps} for a "
