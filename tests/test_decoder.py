@@ -286,6 +286,32 @@ def test_cli_budget_defaults_to_the_causal_recipes_for_a_causal_lm(tmp_path, cap
         assert seen[-1] == budget
 
 
+def test_cli_reports_the_healing_that_ran_and_refuses_a_stage_whose_healing_stopped(
+        tmp_path, capsys, monkeypatch):
+    """--budget 1 truncates nothing, so nothing heals: the summary says 0 steps (it said
+    the steps asked for). A healing stopped at a cut before the last (--lm-stages) fails
+    the command as one stopped at the last does: exit 1, nothing saved."""
+    from types import SimpleNamespace
+
+    from tnlm.cli import main
+    from tnlm.compress.decoder import job as llm
+
+    folder, text = _llm_folder(tmp_path)
+    assert main(["compress", str(folder), "--budget", "1", "--heal-steps", "4", "--text",
+                 str(text), "--out", "", "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["heal_steps"] == 0 and summary["ratio"] == 1
+    fake = SimpleNamespace(heal=SimpleNamespace(stopped=None), stages=[
+        {"heal_stopped": "diverged at step 3 (loss nan)"}, {"heal_stopped": None}])
+    monkeypatch.setattr(llm, "compress_causal_lm", lambda *a, **kw: fake)
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), "--lm-stages", "0.8", "--text", str(text),
+                 "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "healing diverged at step 3 (loss nan) (stage 1 of 2); nothing was saved" in err
+    assert not out.exists()
+
+
 def test_cli_compresses_a_causal_lm_and_the_saved_model_generates(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

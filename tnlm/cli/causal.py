@@ -101,7 +101,7 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.lm_prose is not None and (args.text or args.lm_text in ("prose", "both")):
         raise UserError("--lm-prose adds the shipped prose after the model's own texts; with "
-                        + ("--text your text is used as it is (its last tenth held out)"
+                        + ("--text your text is used as it is (its last lines held out)"
                            if args.text else
                            f"--lm-text {args.lm_text} all of the prose is there already"))
     if args.lm_prose is not None and not 0 <= args.lm_prose <= 1:
@@ -140,7 +140,8 @@ def compress_causal(args: argparse.Namespace, source, arch) -> int:
         if len(set(text)) < 4:
             raise UserError(f"--text {args.text} holds {len(set(text))} distinct line(s): at "
                             f"least 4 are needed")
-        # the last tenth is held out: the job measures perplexity on the user's own text
+        # the last lines are held out (at least a tenth of the characters, at most
+        # OWN_HELD_OUT_CHARS): the job measures perplexity on the user's own text
         try:
             text, own_text = split_held_out(text, OWN_HELD_OUT, OWN_HELD_OUT_CHARS)
         except ValueError as err:
@@ -385,10 +386,15 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
     loaded_mb = rss_mb()  # what every peak is compared with: the model and the libraries
     if text is not None:  # enough tokens for one sequence, before any expensive step
         try:
-            token_sequences(tok, text, recipe.seq_len)
+            seqs = token_sequences(tok, text, recipe.seq_len)
         except ValueError as err:
-            raise UserError(f"--text {args.text}: {err} (its last tenth, "
-                            f"{len(own_text)} lines, is held out to measure the result)") from None
+            raise UserError(f"--text {args.text}: {err} (its last {len(own_text)} lines are "
+                            f"held out to measure the result)") from None
+        try:  # several processes: enough sequences for each to get a calibration batch
+            recipe.calibration_count(seqs.shape[0], size)
+        except ValueError as err:
+            raise UserError(f"--text {args.text} with {size} processes (--nproc_per_node): "
+                            f"{err}") from None
     if text is None and recipe.text_source in ("chat", "mixed") and not getattr(
             tok, "chat_template", None):
         name = source.folder / source.gguf_file if source.gguf_file else source.folder
@@ -416,9 +422,16 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
     res = compress_causal_lm(model, tok, recipe, text=text,
                              progress=not args.quiet and rank == 0, log=say,
                              checkpoint_dir=ckpt, resume=args.resume)
+    stopped = [(k + 1, st["heal_stopped"]) for k, st in enumerate(res.stages[:-1])
+               if st["heal_stopped"]]  # --lm-stages: a cut before the last
     if res.heal is not None and res.heal.stopped:
-        raise HealingDiverged(f"healing {res.heal.stopped}; nothing was saved as a model"
-                              + (f" in {out}" if out else ""))
+        stopped.append((len(res.stages), res.heal.stopped))
+    if stopped:  # a model whose healing was cut short would pass for a healed one
+        k, why = stopped[0]
+        raise HealingDiverged(f"healing {why}" + (f" (stage {k} of {len(res.stages)})"
+                                                  if res.stages else "")
+                              + "; nothing was saved as a model" + (f" in {out}" if out else ""))
+    healed_steps = heal_steps if res.heal is not None else 0  # none: nothing truncated
     if rank != 0:
         return 0
     # compress_causal_lm's stages in their place (its "total" is theirs alone)
@@ -452,7 +465,8 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    sensitivity_sequences=res.layerwise.sensitivity_sequences,
                    pivoted=recipe.pivoted, ratio=res.ratio,
                    params_before=res.layerwise.params_before,
-                   params_after=res.layerwise.params_after, heal_steps=heal_steps,
+                   # the steps healing ran for: 0 where nothing was truncated
+                   params_after=res.layerwise.params_after, heal_steps=healed_steps,
                    # --lm-stages: each stage's budget, parameters kept and healing steps
                    stages=res.stages or None,
                    heal_optimizer=recipe.heal.optimizer, low_memory=mapped,
@@ -464,7 +478,7 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    # the text's sequences of seq_len tokens (calibration and healing)
                    sequences=res.n_sequences,
                    # the text's first sequences that calibrate (all, where fewer)
-                   lm_calibration=min(recipe.n_calibration, res.n_sequences),
+                   lm_calibration=recipe.calibration_count(res.n_sequences, size),
                    lm_top_k=None if args.text or recipe.text_source == "prose"
                    else recipe.gen_top_k,
                    # the user's lines the model's own texts started from
@@ -476,9 +490,10 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
                    perplexity_dense=dense.ppl, perplexity=ppl.ppl,
                    perplexity_ratio=ppl.ppl / dense.ppl, eval_tokens=ppl.n_tokens,
                    eval_text=eval_source,
-                   # the held-out last tenth of --text (never calibrated or healed on)
+                   # the held-out last lines of --text (never calibrated or healed on)
                    own_text=None if own is None else dict(
-                       lines=len(own_text), tokens=own.n_tokens, perplexity_dense=dense_own.ppl,
+                       lines=len(own_text), chars=sum(map(len, own_text)),
+                       tokens=own.n_tokens, perplexity_dense=dense_own.ppl,
                        perplexity=own.ppl, perplexity_ratio=own.ppl / dense_own.ppl),
                    seconds=seconds, peak_rss_mb=peaks,
                    rss_after_load_mb=loaded_mb, peak_stage=top,
@@ -489,12 +504,14 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
     else:
         print(f"kept {res.layerwise.params_after:,} of {res.layerwise.params_before:,} "
               f"parameters of the targeted layers ({res.ratio:.1%}); method "
-              f"{recipe.method}; healing {heal_steps} steps ({recipe.heal.optimizer})")
+              f"{recipe.method}; " + (f"healing {healed_steps} steps ({recipe.heal.optimizer})"
+                                      if healed_steps else "no healing"))
         print(f"perplexity on {ppl.n_tokens:,} tokens of {eval_source}: dense "
               f"{dense.ppl:.2f}, compressed {ppl.ppl:.2f} ({ppl.ppl / dense.ppl:.3f}x)")
         if own is not None:
-            print(f"perplexity on {own.n_tokens:,} tokens of the last tenth of --text "
-                  f"{args.text} ({len(own_text)} lines, held out): dense {dense_own.ppl:.2f}, "
+            print(f"perplexity on {own.n_tokens:,} tokens of the last {len(own_text)} lines of "
+                  f"--text {args.text} ({sum(map(len, own_text)):,} characters, held out): "
+                  f"dense {dense_own.ppl:.2f}, "
                   f"compressed {own.ppl:.2f} ({own.ppl / dense_own.ppl:.3f}x)")
         if summary["peak_over_loaded"] is not None:
             print(f"peak memory {known[top]:,.0f} MiB ({top}), "
