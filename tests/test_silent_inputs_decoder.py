@@ -143,8 +143,21 @@ def test_the_default_folders_unreadable_cola_file_is_left_out_with_a_warning(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    with pytest.warns(UserWarning, match="the CoLA document is left out"):
+    with pytest.warns(UserWarning, match="the document is left out"):
         assert natural_eval_text() == ["a fine film ."]
+    # any of its files: a Latin-1 SST-2 file (was a bare UnicodeDecodeError naming no file,
+    # after the model had loaded) or a SICK file without its columns
+    (data / "cola" / "dev.tsv").write_text("the cat sat .\t1\n")
+    (data / "sst2" / "dev.tsv").write_bytes("un caf\u00e9 .\t1\n".encode("latin-1"))
+    (data / "sick").mkdir()
+    (data / "sick" / "trial.tsv").write_text("a\tb\n")
+    with pytest.warns(UserWarning) as caught:
+        assert natural_eval_text() == ["the cat sat ."]
+    said = [str(w.message) for w in caught]
+    assert any("sst2/dev.tsv" in m and "left out" in m for m in said), said
+    assert any("is not a SICK file" in m and "left out" in m for m in said), said
+    with pytest.raises(ValueError, match=r"sst2/dev\.tsv: 'utf-8' codec can't decode"):
+        natural_eval_text(data)  # a folder named: refused, naming the file
 
 
 # --- 5 and the minor ones: the decoder's text -----------------------------------------

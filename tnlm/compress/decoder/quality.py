@@ -24,7 +24,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -524,39 +524,47 @@ def natural_eval_text(shared_dir: str | os.PathLike | None = None) -> list[str] 
         The documents, or None when the folder does not exist or holds none of the files.
 
     Raises:
-        ValueError: a CoLA file whose rows have neither 2 nor 4 columns, or not all the
-            same number (naming the file and the line), in a folder given as
-            ``shared_dir``; in the default folder such a file is left out with a warning.
+        ValueError: a file that cannot be read (not UTF-8; a CoLA file whose rows have
+            neither 2 nor 4 columns, or not all the same number; a SICK file without its
+            columns), naming the file, in a folder given as ``shared_dir``; in the default
+            folder such a file is left out with a warning.
     """
     root = Path(DEFAULT_SHARED_DIR if shared_dir is None else shared_dir)
     if not root.is_dir():
         return None
+
+    def read(path: Path, rows: Callable[[Path], list]) -> list:
+        """The rows of one file; one that cannot be read (not UTF-8, malformed) is an
+        error naming it in a folder given as ``shared_dir``, and in the implicit folder
+        beside the working directory, which the caller did not name, left out with a
+        warning: not the whole measure."""
+        try:
+            return rows(path)
+        except (ValueError, csv.Error) as err:  # UnicodeDecodeError is a ValueError
+            what = str(err) if str(path) in str(err) else f"{path}: {err}"
+            if shared_dir is not None:
+                raise ValueError(what) from None
+            warnings.warn(f"{what}; the document is left out of the held-out text",
+                          stacklevel=3)
+            return []
+
     docs: list[str] = []
     sst2 = root / "sst2" / "dev.tsv"
     if sst2.is_file():
-        rows = _tsv_rows(sst2)
+        rows = read(sst2, _tsv_rows)
         if rows and len(rows[0]) >= 2 and not rows[0][1].strip().isdigit():  # the header
             rows = rows[1:]
         docs.append("\n".join(r[0].strip() for r in rows if r and r[0].strip()))
     cola = root / "cola" / "dev.tsv"
     if cola.is_file():
-        try:
-            rows = _cola_rows(cola)
-        except ValueError as err:
-            if shared_dir is not None:
-                raise
-            # the implicit folder beside the working directory, which the caller did not
-            # name: its unreadable file is left out, said, not the whole measure
-            warnings.warn(f"{err}; the CoLA document is left out of the held-out text",
-                          stacklevel=2)
-            rows = []
+        rows = read(cola, _cola_rows)
         if rows:
             docs.append("\n".join(s.strip() for s, label in rows
                                   if label.strip() == "1" and s.strip()))
     sick = root / "sick" / "trial.tsv"
     if sick.is_file():
         seen: dict[str, None] = {}
-        for r in read_sick(sick):
+        for r in read(sick, read_sick):
             for s in (r["sentence_A"].strip(), r["sentence_B"].strip()):
                 if s:
                     seen.setdefault(s, None)
