@@ -1507,7 +1507,8 @@ def test_cli_resumes_a_causal_lm_after_its_last_finished_block(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"tnlm: error: --resume: cannot resume "
                                                     f"from {ckpt}")
-    assert "settings.budget (--budget): 0.5 in the checkpoint, 0.4 now" in err
+    assert ("settings.budget (--budget, or the first of --lm-stages): 0.5 in the checkpoint, "
+            "0.4 now") in err
     assert "pass the settings of that run, or drop --resume" in err
     other = tmp_path / "other.txt"
     other.write_text("\n".join(reversed(text.read_text().splitlines())) + "\n")

@@ -267,8 +267,18 @@ def with_flags(message: str) -> str:
     import re
 
     pattern = r"(?<![\w.])((?:settings\.)?(" + "|".join(_FLAGS) + r")):"
-    return re.sub(pattern, lambda m: f"{m.group(1)} ({_FLAGS[m.group(2)]}):", message)
 
+    def flag(m: re.Match) -> str:
+        field = m.group(2)
+        name = _SETTINGS_FLAGS.get(field) if m.group(1).startswith("settings.") else None
+        return f"{m.group(1)} ({name or _FLAGS[field]}):"
+
+    return re.sub(pattern, flag, message)
+
+
+#: the flag of a layer-by-layer setting a checkpoint names where it is not the recipe
+#: field's: the checkpointed cut is the first of --lm-stages when they are given
+_SETTINGS_FLAGS = {"budget": "--budget, or the first of --lm-stages"}
 
 
 def _causal_resume_state(args, model, tok, recipe, text, ckpt: Path | None, rank: int,
