@@ -2459,6 +2459,16 @@ def test_cli_lm_starts_reaches_the_recipe_and_is_refused_where_nothing_is_sample
     assert main(["compress", str(folder), "--lm-starts", str(starts), "--out", "",
                  "--quiet"]) == 2
     assert seen == [("the cat sat .", "the dog is blue .")]
+    # a line whose tokens and the sampled ones run past the model's 256 positions: refused
+    # once the model is loaded, naming the flag (was after the dense perplexity, as a field)
+    long = tmp_path / "long.txt"
+    long.write_text("the cat sat .\n" + " ".join(["the dog"] * 100) + "\n")
+    assert main(["compress", str(folder), "--lm-starts", str(long), "--out", "",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--lm-starts {long}: starts: the line 'the dog the dog" in err
+    assert "is 200 tokens; with max_new_tokens=128 it would run past the model's 256" in err
+    assert len(seen) == 1  # compression was never reached
     one, other = CausalLMRecipe(starts=["a"]), CausalLMRecipe(starts=["b"])
     assert one.text_settings()["starts"] == 1
     assert one.text_settings()["starts_sha256"] != other.text_settings()["starts_sha256"]

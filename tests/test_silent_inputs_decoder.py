@@ -431,3 +431,20 @@ def test_block_term_on_a_model_that_scales_its_logits_is_refused_before_any_work
     assert logged == []  # nothing sampled
     assert not any(isinstance(x, MPOLinear) for x in m.modules())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_check_starts_fit_names_the_users_line_in_chat_form_too():
+    """check_starts_fit: what self_generated_text refuses before sampling, for the CLI to
+    check right after loading; in chat form the error names the user's line, not the
+    templated prompt."""
+    from tests.common import make_causal_lm
+    from tnlm.compress.decoder.text import check_starts_fit
+
+    model, tok = make_causal_lm("llama"), make_word_tokenizer()  # 256 positions
+    ok = ["the cat sat .", "the dog is blue ."]
+    for chat in (False, True):
+        check_starts_fit(model, tok, ok, 128, chat)
+        with pytest.raises(ValueError, match=r"^starts: the line 'the dog the dog"):
+            check_starts_fit(model, tok, [*ok, " ".join(["the dog"] * 100)], 128, chat)
+    with pytest.raises(ValueError, match=r"in the chat template; with max_new_tokens=250"):
+        check_starts_fit(model, tok, ok, 250, True)  # the template's own tokens count

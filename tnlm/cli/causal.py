@@ -410,6 +410,15 @@ def _compress_causal_job(args, source, arch, recipe, text, own_text, out, say, r
         name = source.folder / source.gguf_file if source.gguf_file else source.folder
         raise UserError(f"--lm-text {recipe.text_source}: the tokenizer of {name} has no "
                         "chat template; use --lm-text self, prose or both")
+    if text is None and recipe.starts is not None:  # each line fits the model's positions
+        from tnlm.compress.decoder.text import check_starts_fit
+
+        try:
+            for chat in {"self": (False,), "both": (False,), "chat": (True,),
+                         "mixed": (False, True)}[recipe.text_source]:
+                check_starts_fit(model, tok, recipe.starts, recipe.gen_tokens, chat)
+        except ValueError as err:
+            raise UserError(f"--lm-starts {args.lm_starts}: {err}") from None
     try:  # the targets and the budget on the loaded model, before any expensive step
         check_targets_and_budget(model, recipe.layerwise_config(model, None))
     except ValueError as err:

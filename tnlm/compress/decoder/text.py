@@ -30,7 +30,8 @@ from tnlm.compress.decoder.sampling import NucleusSampler
 from tnlm.compress.text import check_texts
 from tnlm.core.validation import check_seed
 
-__all__ = ["adds_bos", "check_texts", "generation_is_neutral", "self_generated_text",
+__all__ = ["adds_bos", "check_starts_fit", "check_texts", "generation_is_neutral",
+           "self_generated_text",
            "split_held_out", "start_lines", "start_order", "token_sequences"]
 
 
@@ -150,6 +151,27 @@ def start_order(starts: Sequence[str], n: int, seed: int) -> list[str]:
         rng.shuffle(order)
         out += order
     return out[:n]
+
+
+def check_starts_fit(model: nn.Module, tokenizer: Any, starts: Sequence[str],
+                     max_new_tokens: int, chat: bool) -> None:
+    """``ValueError`` naming the first of the user's ``starts`` lines whose tokens (with
+    ``chat``, in the tokenizer's chat template as the user's turn) and ``max_new_tokens``
+    would run past the model's positions: what :func:`self_generated_text` refuses before
+    sampling, for a caller that checks its lines as soon as the model is loaded."""
+    lines = start_lines(starts, distinct=False)
+    if not chat:
+        _check_fits(model, tokenizer, lines, max_new_tokens, chat, True)
+        return
+    for line in lines:  # one at a time: the error names the user's line, not the template
+        try:
+            _check_fits(model, tokenizer, [tokenizer.apply_chat_template(
+                [{"role": "user", "content": line}], add_generation_prompt=True,
+                tokenize=False)], max_new_tokens, chat, False)
+        except ValueError as err:
+            shown = f"{line[:60]!r}{'...' if len(line) > 60 else ''}"
+            raise ValueError(str(err).replace("prompt 0", f"starts: the line {shown}", 1)) \
+                from None
 
 
 def _check_fits(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
