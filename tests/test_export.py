@@ -175,6 +175,14 @@ def test_onnx_runtime_matches_torch(exported, compressed, tok, sentences):
         assert np.abs(out["last_hidden_state"] - ref).max() <= 1e-4
     emb = enc.encode(sentences, batch_size=16)
     assert np.abs(emb - mean_pooled(compressed, tok, sentences).numpy()).max() <= 1e-4
+    # a batch without attention_mask / token_type_ids: filled as transformers fills them
+    # (the mask was zeros: every token masked, the pooled embedding a zero vector)
+    ids = tok(sentences[:3], padding=True, return_tensors="pt")["input_ids"][:, :5]  # unpadded
+    out = enc.run({"input_ids": ids})
+    with torch.no_grad():
+        ref = compressed(input_ids=ids).last_hidden_state.numpy()
+    assert np.abs(out["last_hidden_state"] - ref).max() <= 1e-4
+    assert np.linalg.norm(out["sentence_embedding"], axis=-1).min() > 0.5
 
 
 def test_onnx_graph_holds_the_factors_not_w(exported, compressed):

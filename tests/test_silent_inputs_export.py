@@ -350,6 +350,62 @@ def test_export_hf_refuses_a_tnlm_checkpoint_folder_and_counts_its_own_weights(t
     assert res["bytes"] == (out / "model.safetensors").stat().st_size
 
 
+def test_export_hf_merges_a_plain_model_holding_mpo_layers(tok, tmp_path):
+    """A model compressed in place (not an MPOModel: compress_causal_lm's, or
+    MPOModel.base_model) was saved unmerged: its folder held ``*.cores.N`` tensors, which
+    AutoModel.from_pretrained replaced by random weights with a warning only."""
+    from transformers import AutoModel
+
+    from tnlm.export import export_hf
+
+    mpo = _mpo_bert()
+    plain = mpo.base_model  # holds the MPO layers, not wrapped
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        want = plain(input_ids=ids).last_hidden_state
+    res = export_hf(plain, tmp_path / "hf", tok, quiet=True)
+    loaded = AutoModel.from_pretrained(res["folder"]).eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids).last_hidden_state
+    assert (got - want).abs().max() < 1e-5
+    assert res["params"] == sum(p.numel() for p in loaded.parameters())
+    assert any(type(m).__name__ == "MPOLinear" for m in plain.modules())  # unchanged
+
+
+def test_export_hf_replaces_an_earlier_export_whole_and_refuses_another_models_folder(
+        tok, tmp_path):
+    """export_hf wrote in place: into a base model's own folder its weights were
+    overwritten, and over an earlier export that folder's other files stayed (a
+    chat_template.jinja the new tokenizer does not have is loaded with it). Now another
+    dense model's folder is refused, unchanged; an earlier export is replaced whole, the
+    user's own files kept."""
+    from tnlm.export import export_hf
+
+    base = tmp_path / "base"
+    tiny_bert().save_pretrained(base)
+    tok.save_pretrained(base)
+    before = _listing(base)
+    with pytest.raises(ValueError, match=rf"export_hf: {base} holds another model's "
+                                         r"weights \(model\.safetensors\), not an earlier "
+                                         r"export's"):
+        export_hf(_mpo_bert(), base, tok, quiet=True)
+    assert _listing(base) == before
+    out = tmp_path / "hf"
+    export_hf(_mpo_bert(), out, tok, quiet=True)
+    (out / "chat_template.jinja").write_text("{{ stale }}")
+    (out / "notes.txt").write_text("mine")
+    export_hf(_mpo_bert(), out, tok, quiet=True)
+    assert not (out / "chat_template.jinja").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing staged
+    # save_self_contained: the same, over an earlier save
+    st = save_self_contained(_mpo_bert(), tok, tmp_path / "st")
+    (st / "chat_template.jinja").write_text("{{ stale }}")
+    (st / "notes.txt").write_text("mine")
+    save_self_contained(_mpo_bert(), tok, st)
+    assert not (st / "chat_template.jinja").exists() and (st / "notes.txt").is_file()
+
+
 # ------------------------------------------------------------------ the factorized embedding
 def test_factorized_embedding_refuses_ids_outside_the_vocabulary(tok, tmp_path):
     """Ids 100, 64 and -1 (vocabulary 64) gave rows 36, 0 and 63, in torch and in the

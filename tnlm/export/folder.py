@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from tnlm.export.replace import replace_folder
 from tnlm.integration import MPOModel
 from tnlm.integration.architectures import position_limit
 from tnlm.integration.io import CONFIG_NAME, read_meta
@@ -157,8 +158,12 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
     Args:
         model: the compressed :class:`~tnlm.integration.MPOModel`.
         tokenizer: its tokenizer (saved beside it), or ``None``.
-        folder: the folder (created; files of an earlier save are replaced). It must not
-            hold another model's weights (:data:`DENSE_WEIGHTS`).
+        folder: the folder (created). An earlier save there is replaced whole: the new
+            folder is written beside it and renamed into place
+            (:func:`~tnlm.export.replace.replace_folder`; none of the earlier model's files
+            stays, an interrupted save leaves it as it was, the user's own files are kept;
+            with ``keep_sentence_files`` written in place). It must not hold another
+            model's weights (:data:`DENSE_WEIGHTS`).
         sentence_transformers: also write the sentence-transformers files (mean pooling
             and normalisation of the last hidden states, as
             :func:`tnlm.integration.mean_pooled`), so that
@@ -243,27 +248,37 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
         raise ValueError(f"save_self_contained: {d} holds another model's weights ({shown}), "
                          "which AutoModel.from_pretrained would load instead of the "
                          "compressed model; save into a new or empty folder, or remove them")
-    d.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(d, lightweight=False)  # every tensor: no base model to rebuild from
     base = model.base_model
-    base.config.save_pretrained(d)
-    if generates and getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(d)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(d)
-    if sentence_transformers:
-        _write_st_files(d, base, max_seq_length)
-    elif not keep_sentence_files:
-        # an earlier save's sentence-transformers files would make this one look like one
-        _remove_st_files(d)
-    params = sum(p.numel() for p in model.parameters())
     shown = Path(shown_as) if shown_as is not None else d
-    st_usage = sentence_transformers or (keep_sentence_files and (d / "modules.json").is_file())
-    usage = (_USAGE_ST if st_usage else _USAGE_MODEL).format(
-        folder=shown, generate=_USAGE_GENERATE.format(folder=shown) if generates else "")
-    (d / "README.md").write_text(_README.format(
-        name=shown.name, usage=usage,
-        params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
+
+    def write(target: Path) -> None:
+        # every tensor: no base model to rebuild from
+        model.save_pretrained(target, lightweight=False)
+        base.config.save_pretrained(target)
+        if generates and getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(target)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        if sentence_transformers:
+            _write_st_files(target, base, max_seq_length)
+        elif not keep_sentence_files:
+            # an earlier save's sentence-transformers files would make this one look like
+            # one (where the folder is written in place)
+            _remove_st_files(target)
+        params = sum(p.numel() for p in model.parameters())
+        st_usage = sentence_transformers or (keep_sentence_files
+                                             and (target / "modules.json").is_file())
+        usage = (_USAGE_ST if st_usage else _USAGE_MODEL).format(
+            folder=shown, generate=_USAGE_GENERATE.format(folder=shown) if generates else "")
+        (target / "README.md").write_text(_README.format(
+            name=shown.name, usage=usage,
+            params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
+
+    d.mkdir(parents=True, exist_ok=True)
+    if keep_sentence_files:  # sentence-transformers' own save, which writes its files there
+        write(d)
+    else:  # beside it, renamed into place: an earlier save's files never stay
+        replace_folder(d, write)
     return d
 
 

@@ -18,9 +18,11 @@ from typing import Any
 from torch import nn
 
 from tnlm.export.factorized import factorized_params
-from tnlm.export.folder import is_checkpoint
+from tnlm.export.folder import dense_weights, is_checkpoint
+from tnlm.export.replace import replace_folder
 from tnlm.integration import MPOModel
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
+from tnlm.integration.merge import merge_factorized
 
 __all__ = ["export_hf"]
 
@@ -41,42 +43,88 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None
         its index names), "params" (dense), "mpo_params" (of the compressed model),
         "message"}``.
 
+    ``model`` may also be a plain model holding MPO or gauge-fixed layers (one
+    compressed in place, :func:`~tnlm.compress.decoder.job.compress_causal_lm`): the copy's
+    factorized layers are merged (:func:`~tnlm.integration.merge.merge_factorized`). The
+    folder is written beside ``folder`` and renamed into place
+    (:func:`~tnlm.export.replace.replace_folder`): an earlier export there is replaced
+    whole (none of its files stays), the user's own files are kept.
+
     Raises:
-        ValueError: ``folder`` holds a tnlm checkpoint (``mpo_config.json`` or
-            ``mpo_model-*.safetensors``, e.g. :func:`~tnlm.export.save_self_contained`'s):
-            the dense model beside it would make two models in one folder
-            (:func:`~tnlm.export.load_compressed` loading the MPO one,
+        ValueError: ``folder`` holds another model's dense weights (``model.safetensors``,
+            ...) that no earlier ``export_hf`` wrote (a base model's own folder), or a
+            tnlm checkpoint (``mpo_config.json`` or ``mpo_model-*.safetensors``, e.g.
+            :func:`~tnlm.export.save_self_contained`'s): the dense model beside it would
+            make two models in one folder (:func:`~tnlm.export.load_compressed` loading the MPO one,
             ``AutoModel.from_pretrained`` the dense one). Refused before anything is
             written.
     """
     d = Path(folder)
     _check_no_checkpoint(d)
-    d.mkdir(parents=True, exist_ok=True)
+    _check_no_other_dense_model(d)
     mpo_params = factorized_params(model)
     if isinstance(model, MPOModel):
         dense = copy.deepcopy(model).merge_and_unload()
-    else:
+    else:  # a model compressed in place (compress_causal_lm, compress_layerwise) too
         dense = copy.deepcopy(model)
+        merge_factorized(dense)
     dense.eval()
-    dense.save_pretrained(d, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(d)
-    size = sum(p.stat().st_size for p in _weight_files(d))
     params = factorized_params(dense)
     shown = Path(shown_as) if shown_as is not None else d
-    message = (f"{shown}: dense transformers folder, {size / 1e6:.1f} MB of weights ({params:,} "
-               f"parameters); as big as the uncompressed model: merging the MPO layers gives "
-               f"up the compression (the compressed model holds {mpo_params:,} parameters)")
-    (d / "README.md").write_text(
-        f"# {shown.name}\n\nA model compressed with tnlm, merged back to dense weights: loads "
-        f"with `transformers.AutoModel.from_pretrained` alone, without tnlm.\n\n"
-        f"Size: {size / 1e6:.1f} MB of weights, {params:,} parameters: as big as the "
-        f"uncompressed dense model. The compression is given up by merging (the compressed "
-        f"model held {mpo_params:,} parameters); for a small file, export the factorized "
-        f"graph (`tnlm export DIR --format onnx`).\n")
+    out: dict[str, Any] = {}
+
+    def write(target: Path) -> None:
+        dense.save_pretrained(target, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        size = sum(p.stat().st_size for p in _weight_files(target))
+        out["message"] = (
+            f"{shown}: dense transformers folder, {size / 1e6:.1f} MB of weights ({params:,} "
+            f"parameters); as big as the uncompressed model: merging the MPO layers gives "
+            f"up the compression (the compressed model holds {mpo_params:,} parameters)")
+        (target / "README.md").write_text(
+            f"# {shown.name}\n\n{_README_MARK}: loads with "
+            f"`transformers.AutoModel.from_pretrained` alone, without tnlm.\n\n"
+            f"Size: {size / 1e6:.1f} MB of weights, {params:,} parameters: as big as the "
+            f"uncompressed dense model. The compression is given up by merging (the "
+            f"compressed model held {mpo_params:,} parameters); for a small file, export the "
+            f"factorized graph (`tnlm export DIR --format onnx`).\n")
+        out["bytes"] = size
+
+    # written beside the folder and renamed into place: an earlier export's files (a chat
+    # template the tokenizer no longer has) never stay, and an interrupted export leaves
+    # the folder as it was
+    d.mkdir(parents=True, exist_ok=True)
+    replace_folder(d, write)
     if not quiet:
-        print(message)
-    return dict(folder=d, bytes=size, params=params, mpo_params=mpo_params, message=message)
+        print(out["message"])
+    return dict(folder=d, bytes=out["bytes"], params=params, mpo_params=mpo_params,
+                message=out["message"])
+
+
+#: the first words of the README :func:`export_hf` writes: a folder holding dense weights
+#: and this README is an earlier export (replaced); any other dense model is refused
+_README_MARK = "A model compressed with tnlm, merged back to dense weights"
+
+
+def _check_no_other_dense_model(folder: Path) -> None:
+    """``ValueError`` when ``folder`` holds a dense model's weights that no earlier
+    :func:`export_hf` wrote (the base model's own folder): replacing it would delete
+    them."""
+    if not folder.is_dir():
+        return
+    weights = dense_weights(folder)
+    if not weights:
+        return
+    try:
+        ours = _README_MARK in (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
+        raise ValueError(f"export_hf: {folder} holds another model's weights ({shown}), "
+                         "not an earlier export's: the export would replace them; give a "
+                         "new or empty folder")
 
 
 def _check_no_checkpoint(folder: Path) -> None:

@@ -640,12 +640,17 @@ class OnnxEncoder:
         self.tokenizer = tokenizer
 
     def feed(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The session's inputs from a tokenizer batch (int64 numpy arrays)."""
+        """The session's inputs from a tokenizer batch (int64 numpy arrays). An input the
+        batch lacks is filled as transformers fills it: an ``attention_mask`` of ones
+        (every token attended; zeros masked every token and pooled to a zero vector),
+        anything else (``token_type_ids``) of zeros."""
         feed = {}
         for name in self.input_names:
             value = batch.get(name)
             if value is None:
-                value = np.zeros_like(np.asarray(batch["input_ids"]))
+                fill = np.ones_like if name == "attention_mask" else np.zeros_like
+                ids = batch["input_ids"]
+                value = fill(np.asarray(ids.numpy() if hasattr(ids, "numpy") else ids))
             feed[name] = np.asarray(value.numpy() if hasattr(value, "numpy") else value,
                                     dtype=np.int64)
         return feed

@@ -1,0 +1,180 @@
+"""Replacing a model folder whole: a new model is written beside the folder and takes
+its place, so that the folder holds either what it held or the whole new model, never a
+mix (an earlier model's files left beside the new one would change what it loads); the
+user's own files in it are carried over. Used by ``tnlm compress --out`` and by the
+library's savers (:func:`~tnlm.export.save_self_contained`,
+:func:`~tnlm.export.export_hf`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ["MODEL_FILES", "recover_staged", "replace_folder"]
+
+
+#: tnlm's own hidden names in a model folder (the checkpoint's lock, journal and temporary
+#: files, the write probe): not carried over by :func:`replace_folder`
+_OWN_HIDDEN = (".mpo_", ".weights.", ".tnlm-")
+
+
+#: the files and folders of a model folder (a tnlm model's, transformers' and
+#: sentence-transformers'): an earlier model's are not carried over by
+#: :func:`replace_folder` (they would change what the new folder loads)
+MODEL_FILES = frozenset({
+    CONFIG_NAME, "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "modules.json",
+    "config_sentence_transformers.json", "sentence_bert_config.json", "README.md",
+    "1_Pooling", "2_Normalize"})
+#: the staging folders of :func:`replace_folder` beside ``out``: ``.NAME.partial-PID-HEX``
+#: (the new model being written), ``.NAME.old-PID-HEX`` (the earlier folder, until the
+#: new one is in place)
+_STAGED = ("partial", "old")
+
+
+#: a dense model's weights as transformers writes them (``tnlm export --format hf``):
+#: ``model.safetensors``, its shards ``model-00001-of-00002.safetensors`` and their index
+_DENSE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def _old_weights(folder: Path) -> str | None:
+    """The weights file the ``mpo_config.json`` of ``folder`` names (a plain
+    ``.safetensors`` file name), or None."""
+    import json
+
+    try:
+        name = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("weights")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and name.endswith(".safetensors") and "/" not in name \
+            and "\\" not in name:
+        return name
+    return None
+
+
+def _carried(name: str, drop: Sequence[str], weights: str | None = None) -> bool:
+    """Whether an entry of the earlier folder goes into the new one: the user's own
+    files and hidden files (``.git``, notes, results, their own ``.safetensors`` such as
+    ``mpo_model-best.safetensors``), not an earlier model's files, the weights an earlier
+    run wrote (tnlm's ``mpo_model-<hash>.safetensors``, the file ``weights`` its
+    ``mpo_config.json`` names, a dense export's ``model*.safetensors``), tnlm's own hidden
+    files or the run's own folders ``drop``."""
+    if name.startswith("."):
+        return not name.startswith(_OWN_HIDDEN)
+    return not (name in MODEL_FILES or name in drop or name == weights
+                or WEIGHTS_NAME.fullmatch(name) or _DENSE_WEIGHTS.fullmatch(name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_staged(out: Path) -> list[str]:
+    """Tidy what a :func:`replace_folder` killed by a signal (SIGKILL, power loss) left
+    beside ``out``, for processes no longer running: a partial new model is removed; an
+    earlier folder renamed aside is put back where ``out`` is missing (with the hidden
+    files already moved into the new one), else removed (the new model was in place).
+    Returns one notice a thing done."""
+    real = Path(out).resolve()
+    said: list[str] = []
+    if not real.parent.is_dir():
+        return said
+    stale: dict[str, list[Path]] = {k: [] for k in _STAGED}
+    for p in real.parent.iterdir():
+        for kind in _STAGED:
+            prefix = f".{real.name}.{kind}-"
+            if p.is_dir() and p.name.startswith(prefix):
+                pid = p.name[len(prefix):].split("-")[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    stale[kind].append(p)
+    for old in sorted(stale["old"]):
+        if not real.exists():
+            partial = old.parent / old.name.replace(".old-", ".partial-", 1)
+            if partial.is_dir():  # hidden files moved into it go back
+                for q in partial.iterdir():
+                    if q.name.startswith(".") and not (old / q.name).exists():
+                        os.rename(q, old / q.name)
+            os.rename(old, real)
+            said.append(f"--out {out}: the earlier folder, set aside by a save that was "
+                        f"killed, was put back ({old.name})")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            said.append(f"--out {out}: removed {old.name}, the earlier folder a killed save "
+                        "had already replaced")
+    for partial in sorted(stale["partial"]):
+        shutil.rmtree(partial, ignore_errors=True)
+        said.append(f"--out {out}: removed {partial.name}, a model a killed save had not "
+                    "finished writing")
+    return said
+
+
+def replace_folder(out: Path, write: Callable[[Path], object],
+                   drop: Sequence[str] = ()) -> None:
+    """Write a model to the folder ``out`` (made by :func:`make_out`) so that it holds
+    either what it held or the whole new model, never a mix.
+
+    ``write(folder)`` fills a new folder beside ``out``, which then takes ``out``'s place;
+    only then is the earlier folder removed with an earlier model's files
+    (:data:`MODEL_FILES`, the weights an earlier run wrote: ``mpo_model-<hash>.safetensors``,
+    the file its ``mpo_config.json`` names, ``model*.safetensors``) and the run's own
+    folders ``drop`` (a checkpoint to resume); everything else there, the user's own files
+    and hidden files (``.git``, notes, results, other ``.safetensors`` such as
+    ``mpo_model-best.safetensors``), is carried over. If ``write`` fails or is interrupted, the new
+    folder is removed and ``out`` is as it was (killed by a signal: :func:`recover_staged`
+    tidies up at the next run's :func:`make_out`). A folder that cannot be renamed (a
+    mount point, the working folder or one above it) or whose parent cannot be written
+    to is written in place, as before."""
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    tmp, old = (real.parent / f".{real.name}.{kind}-{tag}" for kind in ("partial", "old"))
+    if os.path.ismount(real) or real == cwd or real in cwd.parents:
+        write(out)  # cannot be renamed: in place
+        return
+    try:
+        tmp.mkdir()
+    except OSError:  # its parent cannot be written to: in place
+        write(out)
+        return
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(real, old)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            raise
+        write(out)  # out cannot be renamed (busy, in a sticky folder): in place
+        return
+    moved: list[str] = []
+    weights = _old_weights(old)
+    try:
+        for p in sorted(old.iterdir()):
+            if _carried(p.name, drop, weights) and not (tmp / p.name).exists():
+                os.rename(p, tmp / p.name)
+                moved.append(p.name)
+        os.rename(tmp, real)
+    except BaseException:
+        if tmp.is_dir():  # not yet in place: put the earlier folder back
+            for name in moved:
+                os.rename(tmp / name, old / name)
+            os.rename(old, real)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
