@@ -17,7 +17,6 @@ from transformers import BertForMaskedLM, BertForSequenceClassification, BertTok
 from tests.common import one_thread, short_sentences  # noqa: F401 - one_thread: autouse
 from tnlm.bridge import weight_xw
 from tnlm.cli import main
-from tnlm.cli.common import _carried
 from tnlm.compress import pipeline
 from tnlm.compress.allocate import rank_params
 from tnlm.compress.calibration import collect_input_stats
@@ -25,6 +24,7 @@ from tnlm.compress.data_aware import output_error
 from tnlm.compress.pipeline import CompressionConfig, compress_model
 from tnlm.compress.quality import embed, read_sick
 from tnlm.compress.reconstruct import reconstruct_blocks
+from tnlm.export.replace import _carried
 from tnlm.integration import MPOConfig, get_mpo_model
 from tnlm.integration.io import WEIGHTS_NAME
 

@@ -595,6 +595,55 @@ def test_quantize_weights_checks_the_embedding_block_before_quantizing(tmp_path,
     assert calls == [1]
 
 
+def test_quantize_int8_checks_the_4_bit_table_before_quantizing(tmp_path, monkeypatch):
+    """quantize_int8(embedding_bits=4): a table also read by another node (a tied head)
+    or a block wider than the table was refused only after ONNX Runtime's quantization of
+    every MatMul, the tied one as "nodes: ..." (an argument the caller never passed)."""
+    import onnxruntime.quantization as oq
+
+    from tnlm.export import quantize as q
+    from tnlm.export import quantize_int8
+
+    calls = []
+    real = oq.quantize_dynamic
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(oq, "quantize_dynamic", spy)
+    src = _embedding_graph(tmp_path / "emb.onnx")
+    with pytest.raises(ValueError, match=r"^embedding_bits=4: block_size 1024 is wider than "
+                                         r"the table \(8 columns\)"):
+        quantize_int8(src, tmp_path / "q.onnx", embedding_bits=4, block_size=1024)
+    tied = onnx.load(str(src))  # the table read by a second node too
+    tied.graph.node.append(helper.make_node("Identity", ["E"], ["E2"], name="head"))
+    tied.graph.output.append(helper.make_tensor_value_info("E2", TensorProto.FLOAT, [16, 8]))
+    onnx.save(tied, str(tmp_path / "tied.onnx"))
+    with pytest.raises(ValueError, match=r"^embedding_bits=4: the table 'E' of Gather "
+                                         r"'embed' is also read by \['head'\]"):
+        quantize_int8(tmp_path / "tied.onnx", tmp_path / "q.onnx", embedding_bits=4)
+    assert calls == [] and not (tmp_path / "q.onnx").exists()
+    assert q.quantize_int8(src, tmp_path / "q.onnx", embedding_bits=4, block_size=8) > 0
+    assert calls == [1]
+
+
+def test_fuse_shared_matmuls_refuses_a_graph_with_external_data_and_leaves_it(tmp_path):
+    """The documented refusal of external data could never fire: onnx.load had read the
+    data and cleared each tensor's external_data entries first; the file was rewritten
+    self-contained and its .data file left behind."""
+    from tnlm.export import fuse_shared_matmuls
+
+    model = onnx.load(str(_embedding_graph(tmp_path / "g.onnx")))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    before = _listing(tmp_path)
+    with pytest.raises(ValueError, match=r"keeps its weights in external data"):
+        fuse_shared_matmuls(path)
+    assert _listing(tmp_path) == before
+
+
 # ------------------------------------------------------------------ empty inputs
 def test_empty_sample_is_refused_and_encoding_no_sentences_gives_no_rows(tok, tmp_path,
                                                                          monkeypatch):

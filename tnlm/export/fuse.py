@@ -55,8 +55,11 @@ def fuse_shared_matmuls(path: str | os.PathLike, out: str | os.PathLike | None =
     if isinstance(min_group, bool) or not isinstance(min_group, int) or min_group < 2:
         raise ValueError(f"min_group must be an int >= 2, got {min_group!r}")
     path = Path(path)
-    model = onnx.load(str(path))
-    if any(t.external_data for t in model.graph.initializer):
+    # the graph alone first: loading the data clears each tensor's external_data entries
+    # (the check could never fire; the file was rewritten self-contained, its .data left)
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL or t.external_data
+           for t in model.graph.initializer):
         raise ValueError(f"path: {path} keeps its weights in external data; "
                          "fuse_shared_matmuls needs them inside the file")
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")),

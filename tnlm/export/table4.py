@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["Table4", "quantize_table_4bit", "dequantize_table_4bit", "embedding_gathers",
            "required_embedding_gathers",
-           "gather_4bit", "table4_bytes"]
+           "check_gather_4bit", "gather_4bit", "table4_bytes"]
 
 #: levels of a 4-bit code
 _LEVELS = 15
@@ -189,6 +189,34 @@ def _opset(model: Any) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def check_gather_4bit(model: Any, nodes: Sequence[str], block_size: int | None = None
+                      ) -> None:
+    """Every check of :func:`gather_4bit` (the same ``ValueError``), nothing changed: for a
+    caller that checks before a long quantization of the rest of the graph."""
+    from onnx import TensorProto
+
+    if block_size is not None:
+        _check_block(block_size)
+    graph = model.graph
+    if _opset(model) < 13:
+        raise ValueError(f"model: opset {_opset(model)}; the 4-bit gather needs opset >= 13")
+    by_name = {n.name: n for n in graph.node if n.name}
+    inits = {t.name: t for t in graph.initializer}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is None or node.op_type != "Gather" or _axis(node) != 0:
+            raise ValueError(f"nodes: {name!r} is not a Gather node on axis 0 of the graph")
+        table_name = node.input[0]
+        if table_name not in inits or len(inits[table_name].dims) != 2 \
+                or inits[table_name].data_type != TensorProto.FLOAT:
+            raise ValueError(f"nodes: Gather {name!r} does not read a 2-D float32 initializer")
+        users = [n.name or n.op_type for n in graph.node if table_name in n.input and n is not node]
+        if users:
+            raise ValueError(f"nodes: the table {table_name!r} of Gather {name!r} is also read "
+                             f"by {users[:3]} (tied weights); it cannot be stored in 4 bits alone")
+        table_block(int(inits[table_name].dims[1]), block_size)
+
+
 def gather_4bit(model: Any, nodes: Sequence[str],
                 block_size: int | None = None) -> dict[str, Table4]:
     """Rewrite ``model`` (an ``onnx.ModelProto``, in place): each ``Gather`` node named in
@@ -204,26 +232,14 @@ def gather_4bit(model: Any, nodes: Sequence[str],
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    if block_size is not None:
-        _check_block(block_size)
+    check_gather_4bit(model, nodes, block_size)
     graph = model.graph
-    if _opset(model) < 13:
-        raise ValueError(f"model: opset {_opset(model)}; the 4-bit gather needs opset >= 13")
     by_name = {n.name: n for n in graph.node if n.name}
     inits = {t.name: t for t in graph.initializer}
     out: dict[str, Table4] = {}
     for name in nodes:
-        node = by_name.get(name)
-        if node is None or node.op_type != "Gather" or _axis(node) != 0:
-            raise ValueError(f"nodes: {name!r} is not a Gather node on axis 0 of the graph")
+        node = by_name[name]
         table_name, ids = node.input[0], node.input[1]
-        if table_name not in inits or len(inits[table_name].dims) != 2 \
-                or inits[table_name].data_type != TensorProto.FLOAT:
-            raise ValueError(f"nodes: Gather {name!r} does not read a 2-D float32 initializer")
-        users = [n.name or n.op_type for n in graph.node if table_name in n.input and n is not node]
-        if users:
-            raise ValueError(f"nodes: the table {table_name!r} of Gather {name!r} is also read "
-                             f"by {users[:3]} (tied weights); it cannot be stored in 4 bits alone")
         table = numpy_helper.to_array(inits[table_name])
         t = quantize_table_4bit(table, block_size)
         block = t.block_size
