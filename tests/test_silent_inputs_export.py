@@ -767,3 +767,37 @@ def test_only_stale_staging_folders_of_the_destination_are_removed(tmp_path):
     after = files()
     assert after.pop("out/w8.onnx") and after == before
     assert link.is_symlink() and other.is_dir() and all(d.is_dir() for d in kept)
+
+
+def test_a_graph_written_over_its_file_uses_a_temporary_name_of_its_own(tmp_path,
+                                                                      monkeypatch):
+    """Graphs rewritten over their file went through a fixed ``.NAME.tmp``: two writers of
+    one file shared it and a failed write left it behind. Each call now has its own
+    temporary name, removed when the write fails; the file is unchanged then."""
+    from pathlib import Path
+
+    from tnlm.export.staging import save_graph_replacing
+
+    path = _embedding_graph(tmp_path / "g.onnx")
+    before = path.read_bytes()
+    model = onnx.load(str(path))
+    names = []
+    real = onnx.save
+
+    def failing(m, f, *a, **kw):
+        names.append(Path(f).name)
+        real(m, f, *a, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", failing)
+    for _ in range(2):
+        with pytest.raises(OSError, match="disk full"):
+            save_graph_replacing(model, path)
+    assert names[0] != names[1] and all(n.startswith(".g.onnx.") for n in names)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "g.onnx"]
+    monkeypatch.setattr(onnx, "save", real)
+    model.producer_name = "rewritten"
+    save_graph_replacing(model, path)
+    assert onnx.load(str(path)).producer_name == "rewritten"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]

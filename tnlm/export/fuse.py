@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from tnlm.export.staging import save_graph_replacing
+
 __all__ = ["fuse_shared_matmuls"]
 
 
@@ -144,10 +146,6 @@ def _unique(name: str, taken: dict[str, Any]) -> str:
 
 
 def _save(model: Any, path: Path, out: str | os.PathLike | None) -> None:
-    import onnx
-
     target = Path(out) if out is not None else path
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, target)
+    save_graph_replacing(model, target)

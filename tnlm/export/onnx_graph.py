@@ -35,7 +35,7 @@ from torch import nn
 from tnlm.core.validation import check_positive_int
 from tnlm.export.factorized import PivotedChain, factorized_copy, factorized_params
 from tnlm.export.fuse import fuse_shared_matmuls
-from tnlm.export.staging import staging_dir
+from tnlm.export.staging import save_graph_replacing, staging_dir
 
 __all__ = ["export_onnx", "ExportResult", "OnnxEncoder", "onnx_weights", "file_opset", "EXPORTER",
            "GAUGE_FIXED_KEY", "gauge_fixed_chains",
@@ -372,9 +372,7 @@ def _rewrite(path: Path, *, strip: bool, props: dict[str, str]) -> None:
     for key, value in [*kept, *props.items()]:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    save_graph_replacing(model, path)
 
 
 def gauge_fixed_chains(path: str | os.PathLike | Any) -> int | None:

@@ -25,8 +25,10 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["STAGING_TAG", "staging_dir", "remove_stale_staging", "staging_pattern"]
+__all__ = ["STAGING_TAG", "staging_dir", "remove_stale_staging", "staging_pattern",
+           "save_graph_replacing"]
 
 #: the part of a staging folder's name that says it is tnlm's
 STAGING_TAG = "tnlm-staging"
@@ -95,3 +97,21 @@ def staging_dir(dst: Path, mode: int = 0o700) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_graph_replacing(model: Any, path: str | os.PathLike) -> None:
+    """Write the ONNX ``model`` (its weights inside the file) over ``path``: to a name of
+    this call's own beside it (``.NAME.PID.HEX.tmp``: two writers of one file never share
+    it), then renamed over ``path``; on failure the temporary file is removed and
+    ``path`` is as it was."""
+    import onnx
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
