@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from tnlm.export.replace import replace_folder
+from tnlm.export.replace import write_folder
 from tnlm.integration import MPOModel
 from tnlm.integration.architectures import position_limit
 from tnlm.integration.io import CONFIG_NAME, read_meta
@@ -162,7 +162,8 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
             folder is written beside it and renamed into place
             (:func:`~tnlm.export.replace.replace_folder`; none of the earlier model's files
             stays, an interrupted save leaves it as it was, the user's own files are kept;
-            with ``keep_sentence_files`` written in place). It must not hold another
+            a new or empty folder, and with ``keep_sentence_files`` any, is written in
+            place: :func:`~tnlm.export.replace.write_folder`). It must not hold another
             model's weights (:data:`DENSE_WEIGHTS`).
         sentence_transformers: also write the sentence-transformers files (mean pooling
             and normalisation of the last hidden states, as
@@ -274,11 +275,11 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
             name=shown.name, usage=usage,
             params=f"Parameters: {params:,} (MPO cores and the layers kept dense)."))
 
-    d.mkdir(parents=True, exist_ok=True)
     if keep_sentence_files:  # sentence-transformers' own save, which writes its files there
+        d.mkdir(parents=True, exist_ok=True)
         write(d)
     else:  # beside it, renamed into place: an earlier save's files never stay
-        replace_folder(d, write)
+        write_folder(d, write)
     return d
 
 

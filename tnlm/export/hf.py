@@ -19,7 +19,7 @@ from torch import nn
 
 from tnlm.export.factorized import factorized_params
 from tnlm.export.folder import dense_weights, is_checkpoint
-from tnlm.export.replace import replace_folder
+from tnlm.export.replace import write_folder
 from tnlm.integration import MPOModel
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 from tnlm.integration.merge import merge_factorized
@@ -47,8 +47,9 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None
     compressed in place, :func:`~tnlm.compress.decoder.job.compress_causal_lm`): the copy's
     factorized layers are merged (:func:`~tnlm.integration.merge.merge_factorized`). The
     folder is written beside ``folder`` and renamed into place
-    (:func:`~tnlm.export.replace.replace_folder`): an earlier export there is replaced
-    whole (none of its files stays), the user's own files are kept.
+    (:func:`~tnlm.export.replace.write_folder`): an earlier export there is replaced
+    whole (none of its files stays), the user's own files are kept; a new or empty
+    folder is written in place.
 
     Raises:
         ValueError: ``folder`` holds another model's dense weights (``model.safetensors``,
@@ -94,8 +95,7 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None
     # written beside the folder and renamed into place: an earlier export's files (a chat
     # template the tokenizer no longer has) never stay, and an interrupted export leaves
     # the folder as it was
-    d.mkdir(parents=True, exist_ok=True)
-    replace_folder(d, write)
+    write_folder(d, write)
     if not quiet:
         print(out["message"])
     return dict(folder=d, bytes=out["bytes"], params=params, mpo_params=mpo_params,

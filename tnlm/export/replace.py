@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["MODEL_FILES", "recover_staged", "replace_folder"]
+__all__ = ["MODEL_FILES", "recover_staged", "replace_folder", "write_folder"]
 
 
 #: tnlm's own hidden names in a model folder (the checkpoint's lock, journal and temporary
@@ -178,3 +178,14 @@ def replace_folder(out: Path, write: Callable[[Path], object],
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """``write(folder)`` into ``folder`` (created): in place when it is new or empty
+    (nothing to mix with: a caller's own staging folder, such as ``tnlm compress``'s),
+    else through :func:`replace_folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if next(folder.iterdir(), None) is None:
+        write(folder)
+    else:
+        replace_folder(folder, write)
