@@ -299,14 +299,19 @@ def _listing(folder):
     return {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def _dense_folder(folder, tok):
+    """A transformers model's folder (a tiny BERT and ``tok``); returns its listing."""
+    tiny_bert().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return _listing(folder)
+
+
 def test_save_self_contained_refuses_a_folder_holding_another_model_s_weights(tok, tmp_path):
     """Saved into a transformers model's folder (or an earlier ``export_hf``), the old
     ``model.safetensors`` stayed: ``AutoModel.from_pretrained(folder)`` silently loaded
     the old dense weights. Now refused before anything is written, naming both."""
     folder = tmp_path / "dense"
-    tiny_bert().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    before = _listing(folder)
+    before = _dense_folder(folder, tok)
     with pytest.raises(ValueError, match=rf"save_self_contained: {folder} holds another "
                                          r"model's weights \(model\.safetensors\), which "
                                          r"AutoModel\.from_pretrained would load"):
@@ -382,9 +387,7 @@ def test_export_hf_replaces_an_earlier_export_whole_and_refuses_another_models_f
     from tnlm.export import export_hf
 
     base = tmp_path / "base"
-    tiny_bert().save_pretrained(base)
-    tok.save_pretrained(base)
-    before = _listing(base)
+    before = _dense_folder(base, tok)
     with pytest.raises(ValueError, match=rf"export_hf: {base} holds another model's "
                                          r"weights \(model\.safetensors\), not an earlier "
                                          r"export's"):
