@@ -506,3 +506,13 @@ def join_gloo_group(rank: int, world: int, port: int, timeout_s: float) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
+
+
+def dead_pid() -> int:
+    """The process id of a process that has exited (what a killed writer leaves)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -2463,12 +2463,16 @@ def test_cli_lm_starts_reaches_the_recipe_and_is_refused_where_nothing_is_sample
     # once the model is loaded, naming the flag (was after the dense perplexity, as a field)
     long = tmp_path / "long.txt"
     long.write_text("the cat sat .\n" + " ".join(["the dog"] * 100) + "\n")
+    from tnlm.compress.decoder import quality
+
+    scored = []
+    monkeypatch.setattr(quality, "perplexity", lambda *a, **kw: scored.append(1))
     assert main(["compress", str(folder), "--lm-starts", str(long), "--out", "",
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"--lm-starts {long}: starts: the line 'the dog the dog" in err
     assert "is 200 tokens; with max_new_tokens=128 it would run past the model's 256" in err
-    assert len(seen) == 1  # compression was never reached
+    assert len(seen) == 1 and scored == []  # before the dense perplexity
     one, other = CausalLMRecipe(starts=["a"]), CausalLMRecipe(starts=["b"])
     assert one.text_settings()["starts"] == 1
     assert one.text_settings()["starts_sha256"] != other.text_settings()["starts_sha256"]

@@ -230,9 +230,9 @@ def test_a_short_text_calibrates_on_the_most_sequences_the_ranks_can_share():
     assert r.calibration_count(80, 2) == 80  # 10 batches: five each
     assert r.calibration_count(63, 3) == 48
     assert r.calibration_count(31, 4) == 31  # four batches, the last of 7
-    with pytest.raises(ValueError, match="makes 23 sequences of 128 tokens: 4 ranks need at "
-                                         "least 32"):
-        r.calibration_count(23, 4)
+    with pytest.raises(ValueError, match="makes 24 sequences of 128 tokens: 4 ranks need at "
+                                         "least 25"):
+        r.calibration_count(24, 4)  # three batches; 25 make four, the last of one
     plain = CausalLMRecipe(method="whitened")  # no fitting: every rank a batch is enough
     assert plain.calibration_count(100, 4) == 100
     assert CausalLMRecipe(n_calibration=100).calibration_count(500, 2) == 100

@@ -13,6 +13,7 @@ import transformers
 from transformers import BertConfig, BertModel
 
 from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
+    dead_pid,
     make_causal_lm,
     make_word_tokenizer,
     one_thread,
@@ -304,15 +305,6 @@ def test_report_refuses_n_sites_for_a_saved_mpo_model_and_makes_out_only_with_fi
     assert len(list(figs.glob("*.png"))) == 3
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_a_save_killed_by_a_signal_is_tidied_at_the_next_run(tmp_path, capsys):
     """What a replace_folder killed by SIGKILL leaves beside --out (its process gone) is
     tidied by the next make_out: a partial new model removed; the earlier folder, set
@@ -320,7 +312,7 @@ def test_a_save_killed_by_a_signal_is_tidied_at_the_next_run(tmp_path, capsys):
     it; removed where the new model was already in place. A living process's are kept."""
     from tnlm.cli.common import make_out
 
-    pid = _dead_pid()
+    pid = dead_pid()
     out = tmp_path / "out"
     old = tmp_path / f".out.old-{pid}-abcd1234"
     partial = tmp_path / f".out.partial-{pid}-abcd1234"
@@ -328,12 +320,15 @@ def test_a_save_killed_by_a_signal_is_tidied_at_the_next_run(tmp_path, capsys):
     (old / "mpo_config.json").write_text("{}")
     partial.mkdir()
     (partial / ".git").write_text("moved")  # carried over before the kill
+    (partial / "notes.txt").write_text("mine")  # a user's file, carried over too (it was
+    # deleted with the partial folder: only hidden entries went back)
+    (partial / "config.json").write_text("{}")  # the new model's: not put back
     alive = tmp_path / f".out.partial-{os.getpid()}-ffff0000"
     alive.mkdir()
     assert make_out(str(out), own=("healing",))[0] == out
     err = capsys.readouterr().err
     assert "was put back" in err and "had not finished writing" in err, err
-    assert sorted(p.name for p in out.iterdir()) == [".git", "mpo_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".git", "mpo_config.json", "notes.txt"]
     assert not old.exists() and not partial.exists() and alive.is_dir()
     # killed after the new folder was in place: the earlier one is only removed
     old.mkdir()

@@ -12,6 +12,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from tests.common import (
+    dead_pid,
     make_bert_tokenizer,
     one_thread,  # noqa: F401  (module-scoped autouse fixture)
 )
@@ -409,6 +410,37 @@ def test_export_hf_replaces_an_earlier_export_whole_and_refuses_another_models_f
     assert not (st / "chat_template.jinja").exists() and (st / "notes.txt").is_file()
 
 
+def test_a_library_save_that_fails_leaves_nothing_and_one_in_place_no_earlier_files(
+        tok, tmp_path, monkeypatch):
+    """A new folder written in place (write_folder) and a failed write: its partial files
+    stayed, and export_hf's retry was refused as "another model's weights". Now it is
+    emptied again. A folder written in place (the working folder: cannot be renamed) got
+    the new model beside the earlier one's files; they are removed first, the user's
+    kept."""
+    from tnlm.export import export_hf
+
+    out = tmp_path / "hf"
+    real = type(tok).save_pretrained
+
+    def broken(self, *a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(_mpo_bert(), out, tok, quiet=True)  # the weights written, then this
+    assert not out.exists()
+    monkeypatch.setattr(type(tok), "save_pretrained", real)
+    assert export_hf(_mpo_bert(), out, tok, quiet=True)["bytes"] > 0
+    # the working folder: written in place, the earlier model's files removed first
+    st = save_self_contained(_mpo_bert(), tok, tmp_path / "st")
+    (st / "chat_template.jinja").write_text("{{ stale }}")
+    (st / "notes.txt").write_text("mine")
+    monkeypatch.chdir(st)
+    save_self_contained(_mpo_bert(), tok, st)
+    assert not (st / "chat_template.jinja").exists() and (st / "notes.txt").is_file()
+    assert (st / "mpo_config.json").is_file()
+
+
 # ------------------------------------------------------------------ the factorized embedding
 def test_factorized_embedding_refuses_ids_outside_the_vocabulary(tok, tmp_path):
     """Ids 100, 64 and -1 (vocabulary 64) gave rows 36, 0 and 63, in torch and in the
@@ -629,6 +661,17 @@ def test_quantize_int8_checks_the_4_bit_table_before_quantizing(tmp_path, monkey
     assert calls == [] and not (tmp_path / "q.onnx").exists()
     assert q.quantize_int8(src, tmp_path / "q.onnx", embedding_bits=4, block_size=8) > 0
     assert calls == [1]
+    # quantize_weights the same (its long step is ONNX Runtime's MatMulNBits quantizer)
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    from tnlm.export import quantize_weights
+
+    monkeypatch.setattr(mq.MatMulNBitsQuantizer, "process", lambda self: calls.append(2))
+    with pytest.raises(ValueError, match=r"^embedding_bits=4: the table 'E' of Gather "
+                                         r"'embed' is also read by \['head'\]"):
+        quantize_weights(tmp_path / "tied.onnx", tmp_path / "w.onnx", bits=4,
+                         embedding_bits=4)
+    assert calls == [1] and not (tmp_path / "w.onnx").exists()
 
 
 def test_fuse_shared_matmuls_refuses_a_graph_with_external_data_and_leaves_it(tmp_path):
@@ -666,16 +709,6 @@ def test_empty_sample_is_refused_and_encoding_no_sentences_gives_no_rows(tok, tm
 
 
 # ------------------------------------------------------------------ staging folders
-def _dead_pid():
-    """The id of a process that has ended (and been waited for)."""
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def _staging(folder, name, pid, suffix="0123abcd", size=0):
     """A staging folder of ``name`` as the writer ``pid`` would leave it, with a
     ``size``-byte data file in it."""
@@ -698,7 +731,7 @@ def test_stale_staging_removed(tok, tmp_path):
                                    pooling="mean").path, tok).encode(["the cat is here."])
     out = tmp_path / "out"
     out.mkdir()
-    dead = _dead_pid()
+    dead = dead_pid()
     _staging(out, "m.onnx", dead, size=20_000_000)
     _staging(out, "m.onnx", dead, suffix="ffff0000")
     res = export_onnx(tiny_bert(), tok, out / "m.onnx", pooling="mean")
@@ -744,7 +777,7 @@ def test_only_stale_staging_folders_of_the_destination_are_removed(tmp_path):
     _low_rank_chain(src)
     out = tmp_path / "out"
     out.mkdir()
-    dead = _dead_pid()
+    dead = dead_pid()
     kept = [out / ".w8.onnx.backup", out / f".w8.onnx.tnlm-staging.{dead}.backup",
             out / f".w8.onnx.tnlm-staging.{dead}.0123abcd.old",
             out / f".w8.onnx.tnlm-staging.{dead}", out / f"w8.onnx.tnlm-staging.{dead}.0123abcd",
@@ -801,6 +834,8 @@ def test_a_graph_written_over_its_file_uses_a_temporary_name_of_its_own(tmp_path
         "g.onnx"]
     monkeypatch.setattr(onnx, "save", real)
     model.producer_name = "rewritten"
-    save_graph_replacing(model, path)
+    dead = dead_pid()
+    (tmp_path / f".g.onnx.{dead}.0123abcd.tmp").write_bytes(b"a killed write's")
+    save_graph_replacing(model, path)  # and removes that
     assert onnx.load(str(path)).producer_name == "rewritten"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]

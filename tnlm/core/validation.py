@@ -153,6 +153,9 @@ class FieldError(ValueError):
         super().__init__(message)
         self.field = field
 
+    def __reduce__(self) -> tuple:  # pickled (a worker's error): both arguments
+        return type(self), (self.field, str(self))
+
 
 @contextmanager
 def field_errors(field: str) -> Iterator[None]:

@@ -141,15 +141,12 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *,
         with staging_dir(dst) as tmp:
             source, exclude = src, []
             if embedding_bits == 4:
-                from tnlm.export.table4 import check_gather_4bit, required_embedding_gathers
+                from tnlm.export.table4 import check_embedding_bits4, required_embedding_gathers
 
                 model = onnx.load(str(src))
                 exclude = required_embedding_gathers(model, src)  # names unnamed nodes
-                try:  # a tied table, a block wider than it: before the long quantization
-                    check_gather_4bit(model, exclude, block_size)
-                except ValueError as err:
-                    msg = str(err).removeprefix("nodes: ").removeprefix("model: ")
-                    raise ValueError(f"embedding_bits=4: {msg}") from None
+                # a tied table, a block wider than it: before the long quantization
+                check_embedding_bits4(model, exclude, block_size)
                 source = tmp / "named.onnx"
                 onnx.save(model, str(source))
             staged = tmp / dst.name

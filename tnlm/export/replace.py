@@ -7,9 +7,11 @@ library's savers (:func:`~tnlm.export.save_self_contained`,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -82,13 +84,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def recover_staged(out: Path) -> list[str]:
+def recover_staged(out: Path, label: str | None = None) -> list[str]:
     """Tidy what a :func:`replace_folder` killed by a signal (SIGKILL, power loss) left
     beside ``out``, for processes no longer running: a partial new model is removed; an
-    earlier folder renamed aside is put back where ``out`` is missing (with the hidden
-    files already moved into the new one), else removed (the new model was in place).
-    Returns one notice a thing done."""
+    earlier folder renamed aside is put back where ``out`` is missing (with the user's
+    files already moved into the new one: every entry of it that is not a model's), else
+    removed (the new model was in place). Returns one notice a thing done, each starting
+    with ``label`` (default ``--out OUT``)."""
     real = Path(out).resolve()
+    label = f"--out {out}" if label is None else label
     said: list[str] = []
     if not real.parent.is_dir():
         return said
@@ -103,22 +107,35 @@ def recover_staged(out: Path) -> list[str]:
     for old in sorted(stale["old"]):
         if not real.exists():
             partial = old.parent / old.name.replace(".old-", ".partial-", 1)
-            if partial.is_dir():  # hidden files moved into it go back
+            if partial.is_dir():  # the user's entries moved into it go back
                 for q in partial.iterdir():
-                    if q.name.startswith(".") and not (old / q.name).exists():
+                    if _carried(q.name, ()) and not (old / q.name).exists():
                         os.rename(q, old / q.name)
             os.rename(old, real)
-            said.append(f"--out {out}: the earlier folder, set aside by a save that was "
+            said.append(f"{label}: the earlier folder, set aside by a save that was "
                         f"killed, was put back ({old.name})")
         else:
             shutil.rmtree(old, ignore_errors=True)
-            said.append(f"--out {out}: removed {old.name}, the earlier folder a killed save "
+            said.append(f"{label}: removed {old.name}, the earlier folder a killed save "
                         "had already replaced")
     for partial in sorted(stale["partial"]):
         shutil.rmtree(partial, ignore_errors=True)
-        said.append(f"--out {out}: removed {partial.name}, a model a killed save had not "
+        said.append(f"{label}: removed {partial.name}, a model a killed save had not "
                     "finished writing")
     return said
+
+
+def _clear_model_files(folder: Path, drop: Sequence[str]) -> None:
+    """Before a model is written in place: remove the entries of ``folder`` that
+    :func:`replace_folder` would not carry over (an earlier model's files), keeping the
+    user's and the run's own folders ``drop``."""
+    weights = _old_weights(folder)
+    for p in sorted(folder.iterdir()):
+        if p.name not in drop and not _carried(p.name, drop, weights):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def replace_folder(out: Path, write: Callable[[Path], object],
@@ -134,19 +151,23 @@ def replace_folder(out: Path, write: Callable[[Path], object],
     and hidden files (``.git``, notes, results, other ``.safetensors`` such as
     ``mpo_model-best.safetensors``), is carried over. If ``write`` fails or is interrupted, the new
     folder is removed and ``out`` is as it was (killed by a signal: :func:`recover_staged`
-    tidies up at the next run's :func:`make_out`). A folder that cannot be renamed (a
-    mount point, the working folder or one above it) or whose parent cannot be written
-    to is written in place, as before."""
+    tidies up at the next run's :func:`make_out`, or the next :func:`write_folder`). A
+    folder that cannot be renamed (a mount point, the working folder or one above it) or
+    whose parent cannot be written to is written in place, the earlier model's files
+    removed first (the user's files and ``drop`` kept): never a mix, but an interrupted
+    write there leaves neither model whole."""
     real = out.resolve()
     cwd = Path.cwd().resolve()
     tag = f"{os.getpid()}-{os.urandom(4).hex()}"
     tmp, old = (real.parent / f".{real.name}.{kind}-{tag}" for kind in ("partial", "old"))
     if os.path.ismount(real) or real == cwd or real in cwd.parents:
+        _clear_model_files(out, drop)
         write(out)  # cannot be renamed: in place
         return
     try:
         tmp.mkdir()
     except OSError:  # its parent cannot be written to: in place
+        _clear_model_files(out, drop)
         write(out)
         return
     try:
@@ -160,6 +181,7 @@ def replace_folder(out: Path, write: Callable[[Path], object],
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, OSError):
             raise
+        _clear_model_files(out, drop)
         write(out)  # out cannot be renamed (busy, in a sticky folder): in place
         return
     moved: list[str] = []
@@ -181,11 +203,29 @@ def replace_folder(out: Path, write: Callable[[Path], object],
 
 
 def write_folder(folder: Path, write: Callable[[Path], object]) -> None:
-    """``write(folder)`` into ``folder`` (created): in place when it is new or empty
-    (nothing to mix with: a caller's own staging folder, such as ``tnlm compress``'s),
-    else through :func:`replace_folder`."""
+    """``write(folder)`` into ``folder`` (created), for the library's savers: first what a
+    killed earlier save left beside it is tidied (:func:`recover_staged`, each thing done
+    in a warning); a new or empty folder (nothing to mix with: a caller's own staging
+    folder, such as ``tnlm compress``'s) is written in place, and emptied again if
+    ``write`` fails (so that a retry finds it empty); any other through
+    :func:`replace_folder`."""
+    for said in recover_staged(folder, label=str(folder)):
+        warnings.warn(said, stacklevel=3)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    if next(folder.iterdir(), None) is None:
-        write(folder)
-    else:
+    if next(folder.iterdir(), None) is not None:
         replace_folder(folder, write)
+        return
+    try:
+        write(folder)
+    except BaseException:
+        for p in list(folder.iterdir()):  # it was empty: everything here is the write's
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise

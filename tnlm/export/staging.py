@@ -103,10 +103,19 @@ def save_graph_replacing(model: Any, path: str | os.PathLike) -> None:
     """Write the ONNX ``model`` (its weights inside the file) over ``path``: to a name of
     this call's own beside it (``.NAME.PID.HEX.tmp``: two writers of one file never share
     it), then renamed over ``path``; on failure the temporary file is removed and
-    ``path`` is as it was."""
+    ``path`` is as it was. Such files of writers no longer running (killed) are removed
+    first."""
     import onnx
 
     path = Path(path)
+    # a killed earlier write's temporary file (its process no longer runs) is removed
+    stale = re.compile(rf"\.{re.escape(path.name)}\.([1-9][0-9]*)\.[0-9a-f]{{8}}\.tmp")
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            m = stale.fullmatch(p.name)
+            if m and not _running(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    p.unlink()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         onnx.save(model, str(tmp))

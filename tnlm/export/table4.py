@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["Table4", "quantize_table_4bit", "dequantize_table_4bit", "embedding_gathers",
            "required_embedding_gathers",
-           "check_gather_4bit", "gather_4bit", "table4_bytes"]
+           "check_embedding_bits4", "check_gather_4bit", "gather_4bit", "table4_bytes"]
 
 #: levels of a 4-bit code
 _LEVELS = 15
@@ -215,6 +215,18 @@ def check_gather_4bit(model: Any, nodes: Sequence[str], block_size: int | None =
             raise ValueError(f"nodes: the table {table_name!r} of Gather {name!r} is also read "
                              f"by {users[:3]} (tied weights); it cannot be stored in 4 bits alone")
         table_block(int(inits[table_name].dims[1]), block_size)
+
+
+def check_embedding_bits4(model: Any, nodes: Sequence[str], block_size: int | None = None
+                          ) -> None:
+    """:func:`check_gather_4bit` for a caller's ``embedding_bits=4``: the same checks, the
+    error named ``embedding_bits=4: ...`` (not by the ``nodes`` / ``model`` arguments of
+    :func:`gather_4bit`, which the caller never passed)."""
+    try:
+        check_gather_4bit(model, nodes, block_size)
+    except ValueError as err:
+        msg = str(err).removeprefix("nodes: ").removeprefix("model: ")
+        raise ValueError(f"embedding_bits=4: {msg}") from None
 
 
 def gather_4bit(model: Any, nodes: Sequence[str],

@@ -153,10 +153,11 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
     untie_transposed_weights(model)
     tables: list[str] = []
     if embedding_bits == 4:
-        from tnlm.export.table4 import required_embedding_gathers
+        from tnlm.export.table4 import check_embedding_bits4, required_embedding_gathers
 
         tables = required_embedding_gathers(model, src)  # names unnamed nodes
-        _check_table_blocks(model, tables, embedding_block)  # before the long quantization
+        # a table read elsewhere too, a block wider than it: before the long quantization
+        check_embedding_bits4(model, tables, embedding_block)
     config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                              bits=bits, accuracy_level=compute,
                                              op_types_to_quantize=("MatMul",))
@@ -193,27 +194,6 @@ def quantize_weights(src: str | os.PathLike, dst: str | os.PathLike, *, bits: in
         replace_onnx(staged, dst, keep=[src, *source_data])
     # the data file replace_onnx named (another where <dst>.data was taken)
     return dst.stat().st_size + sum(f.stat().st_size for f in external_files(dst))
-
-
-def _check_table_blocks(model: Any, tables: list[str], block: int | None) -> None:
-    """``ValueError`` (prefixed ``embedding_bits=4:``) when ``block`` is wider than one of
-    the word-embedding tables the ``Gather`` nodes ``tables`` of ``model`` (an
-    ``onnx.ModelProto``) read, as :func:`~tnlm.export.table4.gather_4bit` would raise after
-    the quantization: checked before it."""
-    if block is None:
-        return
-    from tnlm.export.table4 import table_block
-
-    gathers = {n.name: n for n in model.graph.node if n.name in tables}
-    inits = {t.name: t for t in model.graph.initializer}
-    for name in tables:
-        init = inits.get(gathers[name].input[0]) if name in gathers else None
-        if init is None or len(init.dims) != 2:
-            continue  # gather_4bit names what is wrong with it
-        try:
-            table_block(int(init.dims[1]), block)
-        except ValueError as err:
-            raise ValueError(f"embedding_bits=4: {err}") from None
 
 
 def untie_transposed_weights(model: Any) -> int:

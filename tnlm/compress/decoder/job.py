@@ -415,8 +415,8 @@ class CausalLMRecipe:
         shared = n // (per * world) * per * world
         if not shared:
             raise ValueError(f"the text makes {n_sequences} sequences of {self.seq_len} "
-                             f"tokens: {world} ranks need at least {per * world} to share the "
-                             f"calibration in batches of {per}")
+                             f"tokens: {world} ranks need at least {per * (world - 1) + 1} "
+                             f"(a batch of up to {per} each) to share the calibration")
         return shared
 
     def stage_steps(self) -> list[int]:
