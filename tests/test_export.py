@@ -824,6 +824,26 @@ def test_export_onnx_refuses_pooling_logits_and_task_heads(tok, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_no_pooling_is_refused_for_a_model_with_an_output_head(tok, tmp_path, capsys):
+    """--no-pooling on a masked LM's checkpoint was accepted and did nothing (its graph
+    pools nothing either way); refused now, naming the head."""
+    from transformers import BertForMaskedLM
+
+    from tnlm.cli import main
+    from tnlm.export import save_self_contained
+    from tnlm.integration import MPOConfig, get_mpo_model
+
+    mlm = get_mpo_model(BertForMaskedLM(bert().config).eval(),
+                        MPOConfig(target_modules=["query"], n_sites=2, max_bond=4),
+                        progress=False)
+    ckpt = save_self_contained(mlm, tok, tmp_path / "mlm", sentence_transformers=False)
+    assert main(["export", str(ckpt), "--format", "onnx", "--no-pooling", "--out",
+                 str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "--no-pooling: " in err and "BertForMaskedLM), whose graph has no pooled" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_a_module_reached_by_two_paths_is_replaced_on_both(compressed):
     """One MPO layer under two names (shared weights): the copy holds one factorized
     layer under both, no MPO module left, counted once."""

@@ -432,6 +432,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tnlm.export.quantize import quantize_int8
 
     head = model.base_model.get_output_embeddings() is not None
+    if args.no_pooling and head:  # it would do nothing
+        raise ExportError(f"--no-pooling: {d} holds a model with an output head "
+                          f"({type(model.base_model).__name__}), whose graph has no pooled "
+                          "output to leave out")
     pooling = None if args.no_pooling or head else "mean"
 
     def write(path: Path) -> Any:
