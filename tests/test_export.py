@@ -826,7 +826,8 @@ def test_export_onnx_refuses_pooling_logits_and_task_heads(tok, tmp_path):
 
 def test_cli_no_pooling_is_refused_for_a_model_with_an_output_head(tok, tmp_path, capsys):
     """--no-pooling on a masked LM's checkpoint was accepted and did nothing (its graph
-    pools nothing either way); refused now, naming the head."""
+    pools nothing either way); refused now, naming the head. Its folder gets no
+    sentence-transformers files by default."""
     from transformers import BertForMaskedLM
 
     from tnlm.cli import main
@@ -836,7 +837,13 @@ def test_cli_no_pooling_is_refused_for_a_model_with_an_output_head(tok, tmp_path
     mlm = get_mpo_model(BertForMaskedLM(bert().config).eval(),
                         MPOConfig(target_modules=["query"], n_sites=2, max_bond=4),
                         progress=False)
-    ckpt = save_self_contained(mlm, tok, tmp_path / "mlm", sentence_transformers=False)
+    # nor are sentence-transformers files written for it by default (they failed at
+    # encode: no hidden states to pool); asked for, refused
+    ckpt = save_self_contained(mlm, tok, tmp_path / "mlm")
+    assert not (ckpt / "modules.json").exists() and (ckpt / "mpo_config.json").is_file()
+    with pytest.raises(ValueError, match=r"sentence_transformers=True: BertForMaskedLM has a "
+                                         r"head"):
+        save_self_contained(mlm, tok, tmp_path / "st", sentence_transformers=True)
     assert main(["export", str(ckpt), "--format", "onnx", "--no-pooling", "--out",
                  str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err

@@ -169,8 +169,9 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
             and normalisation of the last hidden states, as
             :func:`tnlm.integration.mean_pooled`), so that
             :func:`tnlm.export.sentence_transformer` loads it. ``None`` (default): for a
-            model that does not generate (an encoder) saved with its tokenizer, not for a
-            causal LM.
+            bare encoder (no head: ``AutoModel``) saved with its tokenizer, not for a
+            causal LM or a model with a head (a masked LM, a classifier), whose outputs
+            sentence-transformers cannot pool (refused with ``True``).
         max_seq_length: the sentence-transformers truncation length (default: 128, the
             length :func:`tnlm.integration.mean_pooled` truncates to, or the model's
             positions where they are fewer (:func:`~tnlm.integration.architectures.
@@ -214,13 +215,21 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
     if keep_sentence_files and sentence_transformers:
         raise ValueError("keep_sentence_files=True leaves the folder's sentence-transformers "
                          "files as they are: it cannot be given with sentence_transformers=True")
+    # a bare encoder (AutoModel): sentence-transformers pools its last hidden states; a
+    # model with a head (a masked LM's logits, a classifier's) has none to pool
+    bare = getattr(model.base_model, "base_model", model.base_model) is model.base_model
     if sentence_transformers is None:
-        sentence_transformers = (not generates and not keep_sentence_files
+        sentence_transformers = (not generates and bare and not keep_sentence_files
                                  and tokenizer is not None)
     elif sentence_transformers and generates:
         raise ValueError(f"sentence_transformers=True: {type(model.base_model).__name__} is a "
                          "causal LM (it generates); sentence-transformers files are written "
                          "for encoders only")
+    elif sentence_transformers and not bare:
+        raise ValueError(f"sentence_transformers=True: {type(model.base_model).__name__} has "
+                         "a head (its outputs are not hidden states to pool); "
+                         "sentence-transformers files are written for a bare encoder "
+                         "(AutoModel) only")
     elif sentence_transformers and tokenizer is None:
         raise ValueError("sentence_transformers=True needs the tokenizer (tokenizer=None): "
                          "without it every word would be encoded as an unknown token")
