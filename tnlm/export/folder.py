@@ -287,14 +287,28 @@ def save_self_contained(model: MPOModel, tokenizer: Any, folder: str | os.PathLi
     if keep_sentence_files:  # sentence-transformers' own save, which writes its files there
         d.mkdir(parents=True, exist_ok=True)
         write(d)
-    else:  # beside it, renamed into place: an earlier save's files never stay
-        write_folder(d, write)
+    else:  # beside it, renamed into place: an earlier save's files never stay (the
+        # sentence-transformers files of the user's own, not tnlm's, are kept)
+        write_folder(d, write, keep=_user_st_files(d))
     return d
 
 
 #: the sentence-transformers files :func:`_write_st_files` writes (folders last)
 _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
              "1_Pooling/config.json", "2_Normalize", "1_Pooling")
+
+
+def _user_st_files(d: Path) -> list[str]:
+    """The sentence-transformers entries of ``d`` (:data:`_ST_FILES`) when its
+    modules.json is the user's own (names another module than tnlm's), else none."""
+    try:
+        modules = json.loads((d / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if isinstance(modules, list) and modules and isinstance(modules[0], dict) \
+            and modules[0].get("type") == ST_MODULE:
+        return []
+    return [name for name in _ST_FILES if "/" not in name and (d / name).exists()]
 
 
 def _remove_st_files(d: Path) -> None:

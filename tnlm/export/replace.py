@@ -125,13 +125,13 @@ def recover_staged(out: Path, label: str | None = None) -> list[str]:
     return said
 
 
-def _clear_model_files(folder: Path, drop: Sequence[str]) -> None:
+def _clear_model_files(folder: Path, drop: Sequence[str], keep: Sequence[str] = ()) -> None:
     """Before a model is written in place: remove the entries of ``folder`` that
     :func:`replace_folder` would not carry over (an earlier model's files), keeping the
-    user's and the run's own folders ``drop``."""
+    user's, ``keep`` and the run's own folders ``drop``."""
     weights = _old_weights(folder)
     for p in sorted(folder.iterdir()):
-        if p.name not in drop and not _carried(p.name, drop, weights):
+        if p.name not in drop and p.name not in keep and not _carried(p.name, drop, weights):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -139,7 +139,7 @@ def _clear_model_files(folder: Path, drop: Sequence[str]) -> None:
 
 
 def replace_folder(out: Path, write: Callable[[Path], object],
-                   drop: Sequence[str] = ()) -> None:
+                   drop: Sequence[str] = (), keep: Sequence[str] = ()) -> None:
     """Write a model to the folder ``out`` (made by :func:`make_out`) so that it holds
     either what it held or the whole new model, never a mix.
 
@@ -149,9 +149,11 @@ def replace_folder(out: Path, write: Callable[[Path], object],
     the file its ``mpo_config.json`` names, ``model*.safetensors``) and the run's own
     folders ``drop`` (a checkpoint to resume); everything else there, the user's own files
     and hidden files (``.git``, notes, results, other ``.safetensors`` such as
-    ``mpo_model-best.safetensors``), is carried over. If ``write`` fails or is interrupted, the new
-    folder is removed and ``out`` is as it was (killed by a signal: :func:`recover_staged`
-    tidies up at the next run's :func:`make_out`, or the next :func:`write_folder`). A
+    ``mpo_model-best.safetensors``) and the entries named in ``keep`` (model files that
+    are the user's own: a caller's judgement), is carried over. If ``write`` fails or is
+    interrupted, the new folder is removed and ``out`` is as it was (killed by a signal:
+    :func:`recover_staged` tidies up at the next run's :func:`make_out`, or the next
+    :func:`write_folder`). A
     folder that cannot be renamed (a mount point, the working folder or one above it) or
     whose parent cannot be written to is written in place, the earlier model's files
     removed first (the user's files and ``drop`` kept): never a mix, but an interrupted
@@ -161,13 +163,13 @@ def replace_folder(out: Path, write: Callable[[Path], object],
     tag = f"{os.getpid()}-{os.urandom(4).hex()}"
     tmp, old = (real.parent / f".{real.name}.{kind}-{tag}" for kind in ("partial", "old"))
     if os.path.ismount(real) or real == cwd or real in cwd.parents:
-        _clear_model_files(out, drop)
+        _clear_model_files(out, drop, keep)
         write(out)  # cannot be renamed: in place
         return
     try:
         tmp.mkdir()
     except OSError:  # its parent cannot be written to: in place
-        _clear_model_files(out, drop)
+        _clear_model_files(out, drop, keep)
         write(out)
         return
     try:
@@ -181,14 +183,15 @@ def replace_folder(out: Path, write: Callable[[Path], object],
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, OSError):
             raise
-        _clear_model_files(out, drop)
+        _clear_model_files(out, drop, keep)
         write(out)  # out cannot be renamed (busy, in a sticky folder): in place
         return
     moved: list[str] = []
     weights = _old_weights(old)
     try:
         for p in sorted(old.iterdir()):
-            if _carried(p.name, drop, weights) and not (tmp / p.name).exists():
+            if (_carried(p.name, drop, weights) or p.name in keep) \
+                    and not (tmp / p.name).exists():
                 os.rename(p, tmp / p.name)
                 moved.append(p.name)
         os.rename(tmp, real)
@@ -202,19 +205,20 @@ def replace_folder(out: Path, write: Callable[[Path], object],
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_folder(folder: Path, write: Callable[[Path], object]) -> None:
+def write_folder(folder: Path, write: Callable[[Path], object],
+                 keep: Sequence[str] = ()) -> None:
     """``write(folder)`` into ``folder`` (created), for the library's savers: first what a
     killed earlier save left beside it is tidied (:func:`recover_staged`, each thing done
     in a warning); a new or empty folder (nothing to mix with: a caller's own staging
     folder, such as ``tnlm compress``'s) is written in place, and emptied again if
     ``write`` fails (so that a retry finds it empty); any other through
-    :func:`replace_folder`."""
+    :func:`replace_folder` (``keep``: its entries carried over although model files)."""
     for said in recover_staged(folder, label=str(folder)):
         warnings.warn(said, stacklevel=3)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if next(folder.iterdir(), None) is not None:
-        replace_folder(folder, write)
+        replace_folder(folder, write, keep=keep)
         return
     try:
         write(folder)
