@@ -298,15 +298,21 @@ _ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_trans
              "1_Pooling/config.json", "2_Normalize", "1_Pooling")
 
 
-def _user_st_files(d: Path) -> list[str]:
-    """The sentence-transformers entries of ``d`` (:data:`_ST_FILES`) when its
-    modules.json is the user's own (names another module than tnlm's), else none."""
+def _st_modules_are_tnlms(d: Path) -> bool | None:
+    """Whether the modules.json of ``d`` names tnlm's module first (an earlier save's);
+    None when there is none that can be read."""
     try:
         modules = json.loads((d / "modules.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return []
-    if isinstance(modules, list) and modules and isinstance(modules[0], dict) \
-            and modules[0].get("type") == ST_MODULE:
+        return None
+    return (isinstance(modules, list) and bool(modules) and isinstance(modules[0], dict)
+            and modules[0].get("type") == ST_MODULE)
+
+
+def _user_st_files(d: Path) -> list[str]:
+    """The sentence-transformers entries of ``d`` (:data:`_ST_FILES`) when its
+    modules.json is the user's own (names another module than tnlm's), else none."""
+    if _st_modules_are_tnlms(d) is not False:
         return []
     return [name for name in _ST_FILES if "/" not in name and (d / name).exists()]
 
@@ -314,12 +320,7 @@ def _user_st_files(d: Path) -> list[str]:
 def _remove_st_files(d: Path) -> None:
     """Remove the sentence-transformers files of an earlier save in ``d`` (only when its
     modules.json names tnlm's module: a folder of the user's own is left alone)."""
-    try:
-        modules = json.loads((d / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return
-    if not (isinstance(modules, list) and modules and isinstance(modules[0], dict)
-            and modules[0].get("type") == ST_MODULE):
+    if not _st_modules_are_tnlms(d):
         return
     for name in _ST_FILES:
         f = d / name

@@ -108,7 +108,7 @@ def self_generated_text(model: nn.Module, tokenizer: Any, n: int, *, max_new_tok
             words = s.split()
             starts.append(" ".join(words[:rng.randint(2, 4)]))
     NucleusSampler(temperature, top_p, top_k=top_k)  # its arguments checked before any work
-    _check_fits(model, tokenizer, starts, max_new_tokens, chat, lines is not None)
+    _check_fits(model, tokenizer, starts, max_new_tokens, chat, lines)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -160,26 +160,20 @@ def check_starts_fit(model: nn.Module, tokenizer: Any, starts: Sequence[str],
     would run past the model's positions: what :func:`self_generated_text` refuses before
     sampling, for a caller that checks its lines as soon as the model is loaded."""
     lines = start_lines(starts, distinct=False)
-    if not chat:
-        _check_fits(model, tokenizer, lines, max_new_tokens, chat, True)
-        return
-    for line in lines:  # one at a time: the error names the user's line, not the template
-        try:
-            _check_fits(model, tokenizer, [tokenizer.apply_chat_template(
-                [{"role": "user", "content": line}], add_generation_prompt=True,
-                tokenize=False)], max_new_tokens, chat, False)
-        except ValueError as err:
-            shown = f"{line[:60]!r}{'...' if len(line) > 60 else ''}"
-            raise ValueError(str(err).replace("prompt 0", f"starts: the line {shown}", 1)) \
-                from None
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                             add_generation_prompt=True, tokenize=False)
+               for p in lines] if chat else lines
+    _check_fits(model, tokenizer, prompts, max_new_tokens, chat, lines)
 
 
 def _check_fits(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                chat: bool, lines: bool) -> None:
+                chat: bool, lines: Sequence[str] | None) -> None:
     """Refuse, before any sampling, a prompt whose tokens and ``max_new_tokens`` would run
     past the model's positions (a learned table's rows, else ``max_position_embeddings``):
     a learned table fails inside the model, rotary positions run on silently beyond what
-    the model was trained on."""
+    the model was trained on. ``lines``: the user's lines the prompts were made from, one
+    a prompt (the error names the line, not its chat-templated prompt); None: the
+    prompts are tnlm's, named by their index."""
     from tnlm.integration.architectures import position_limit
 
     limit = position_limit(model)
@@ -188,10 +182,11 @@ def _check_fits(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_ne
     if not isinstance(limit, int) or isinstance(limit, bool):
         return
     ids = tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]  # one call
-    for i, (p, t) in enumerate(zip(prompts, map(len, ids))):
+    for i, t in enumerate(map(len, ids)):
         if t + max_new_tokens > limit:
-            what = f"starts: the line {p[:60]!r}{'...' if len(p) > 60 else ''}" if lines \
-                else f"prompt {i}"
+            p = lines[i] if lines is not None else ""
+            what = f"starts: the line {p[:60]!r}{'...' if len(p) > 60 else ''}" \
+                if lines is not None else f"prompt {i}"
             raise ValueError(f"{what} is {t} tokens{' in the chat template' if chat else ''}; "
                              f"with max_new_tokens={max_new_tokens} it would run past the "
                              f"model's {limit} positions (at most {limit - max_new_tokens} "
