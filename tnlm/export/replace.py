@@ -39,6 +39,10 @@ MODEL_FILES = frozenset({
 #: (the new model being written), ``.NAME.old-PID-HEX`` (the earlier folder, until the
 #: new one is in place)
 _STAGED = ("partial", "old")
+#: in a staging folder: the names of the entries moved into it from the earlier folder
+#: (one a line), written before the first is moved, so that :func:`recover_staged` puts
+#: back every one of them, ``keep`` entries too, after a kill before the last rename
+_MOVED = ".tnlm-moved"
 
 
 #: a dense model's weights as transformers writes them (``tnlm export --format hf``):
@@ -108,8 +112,10 @@ def recover_staged(out: Path, label: str | None = None) -> list[str]:
         if not real.exists():
             partial = old.parent / old.name.replace(".old-", ".partial-", 1)
             if partial.is_dir():  # the user's entries moved into it go back
+                listed = _moved_names(partial)
                 for q in partial.iterdir():
-                    if _carried(q.name, ()) and not (old / q.name).exists():
+                    if q.name != _MOVED and (q.name in listed or _carried(q.name, ())) \
+                            and not (old / q.name).exists():
                         os.rename(q, old / q.name)
             os.rename(old, real)
             said.append(f"{label}: the earlier folder, set aside by a save that was "
@@ -123,6 +129,15 @@ def recover_staged(out: Path, label: str | None = None) -> list[str]:
         said.append(f"{label}: removed {partial.name}, a model a killed save had not "
                     "finished writing")
     return said
+
+
+def _moved_names(partial: Path) -> set[str]:
+    """The names :func:`replace_folder` listed in ``partial`` before moving them there."""
+    try:
+        text = (partial / _MOVED).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return {line for line in text.splitlines() if line and "/" not in line}
 
 
 def _clear_model_files(folder: Path, drop: Sequence[str], keep: Sequence[str] = ()) -> None:
@@ -189,11 +204,13 @@ def replace_folder(out: Path, write: Callable[[Path], object],
     moved: list[str] = []
     weights = _old_weights(old)
     try:
-        for p in sorted(old.iterdir()):
-            if (_carried(p.name, drop, weights) or p.name in keep) \
-                    and not (tmp / p.name).exists():
-                os.rename(p, tmp / p.name)
-                moved.append(p.name)
+        carry = [p.name for p in sorted(old.iterdir())
+                 if (_carried(p.name, drop, weights) or p.name in keep)
+                 and not (tmp / p.name).exists()]
+        (tmp / _MOVED).write_text("".join(f"{n}\n" for n in carry), encoding="utf-8")
+        for name in carry:
+            os.rename(old / name, tmp / name)
+            moved.append(name)
         os.rename(tmp, real)
     except BaseException:
         if tmp.is_dir():  # not yet in place: put the earlier folder back
@@ -202,6 +219,8 @@ def replace_folder(out: Path, write: Callable[[Path], object],
             os.rename(old, real)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    with contextlib.suppress(OSError):
+        (real / _MOVED).unlink()
     shutil.rmtree(old, ignore_errors=True)
 
 

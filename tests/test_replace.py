@@ -1,0 +1,78 @@
+"""Replacing a model folder whole (tnlm.export.replace): what is carried over, and what a
+save killed between its renames leaves for the next run to put back."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.common import dead_pid
+from tnlm.export.replace import recover_staged, replace_folder
+
+
+def _write_model(folder):
+    (folder / "mpo_config.json").write_text('{"new": true}')
+    (folder / "config.json").write_text("{}")
+
+
+def test_replace_carries_the_users_files_and_kept_model_files_and_leaves_no_journal(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mpo_config.json").write_text('{"old": true}')
+    (out / "modules.json").write_text("[mine]")  # a model file, but the user's: kept
+    (out / "README.md").write_text("old card")  # a model file: not carried
+    (out / "notes.txt").write_text("mine")
+    replace_folder(out, _write_model, keep=["modules.json"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "modules.json", "mpo_config.json", "notes.txt"]
+    assert (out / "modules.json").read_text() == "[mine]"
+    assert (out / "mpo_config.json").read_text() == '{"new": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing staged left
+
+
+def test_a_failed_move_puts_every_carried_entry_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "modules.json").write_text("[mine]")
+    (out / "notes.txt").write_text("mine")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(dst) == str(out.resolve()) and ".partial-" in str(src):  # the new folder
+            raise OSError("busy")  # into place: refused
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="busy"):
+        replace_folder(out, _write_model, keep=["modules.json"])
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert sorted(p.name for p in out.iterdir()) == ["modules.json", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_save_killed_before_its_last_rename_gets_its_kept_model_files_back(tmp_path):
+    """A save killed after moving the user's entries into the new folder and before that
+    folder took the old one's place: the ``keep=`` entries (model file names, such as a
+    user's own modules.json) were deleted with the partial folder, only the entries that
+    are not a model's went back. The names moved are now listed in the partial folder
+    before the first is moved, and every listed one goes back."""
+    pid = dead_pid()
+    out = tmp_path / "out"
+    old = tmp_path / f".out.old-{pid}-abcd1234"
+    partial = tmp_path / f".out.partial-{pid}-abcd1234"
+    old.mkdir()
+    (old / "mpo_config.json").write_text('{"old": true}')
+    partial.mkdir()
+    _write_model(partial)
+    (partial / "modules.json").write_text("[mine]")  # moved: listed
+    (partial / "notes.txt").write_text("mine")  # moved: listed
+    (partial / "README.md").write_text("new card")  # the new model's: not listed
+    (partial / ".tnlm-moved").write_text("modules.json\nnotes.txt\n")
+    said = recover_staged(out)
+    assert any("was put back" in s for s in said), said
+    assert sorted(p.name for p in out.iterdir()) == ["modules.json", "mpo_config.json",
+                                                     "notes.txt"]
+    assert (out / "modules.json").read_text() == "[mine]"
+    assert (out / "mpo_config.json").read_text() == '{"old": true}'
+    assert not partial.exists() and not old.exists()
