@@ -1353,6 +1353,11 @@ def test_cli_onnx_int8_4bit_embeddings(checkpoint, compressed, tok, sentences, t
       "{tmp}/m.onnx"],
      r"^--opset 7: the exporter could not convert the graph to it, only to opset \d+; "
      r"nothing was written"),
+    (["{ckpt}", "--format", "onnx", "--opset", "999", "--out", "{tmp}/m.onnx"],
+     r"^--opset must be an ONNX opset between 7 and \d+ \(the installed onnx's newest\), "
+     r"got 999"),
+    (["{ckpt}", "--format", "onnx", "--opset", "6", "--out", "{tmp}/m.onnx"],
+     r"^--opset must be an ONNX opset between 7 and"),
     (["{ckpt}", "--format", "st", "--no-pooling", "--out", "{tmp}/st"],
      r"^--no-pooling applies to --format onnx only"),
     (["{ckpt}", "--format", "onnx", "--int8", "--embedding-block", "16", "--out", "{tmp}/m.onnx"],
@@ -1585,3 +1590,17 @@ def test_table4_default_block_fits_a_narrow_table():
         table_block(32, 64)
     t = quantize_table_4bit(np.ones((4, 6), np.float32))
     assert t.block_size == 6 and t.scale.shape == (4, 1)
+
+
+def test_cli_opset_allows_what_the_library_allows(checkpoint, tmp_path):
+    """``tnlm export --opset`` allowed 7-23 while ``export_onnx`` allows up to the
+    installed onnx's newest opset (28 with onnx 1.20): the CLI refused 24-28 before any
+    work. The two now share one bound: the newest passes the CLI's checks."""
+    from tnlm.cli.export import _check_args
+    from tnlm.export.onnx_graph import newest_opset
+
+    ckpt, _ = checkpoint
+    args = parse([str(ckpt), "--format", "onnx", "--opset", str(newest_opset()), "--out",
+                  str(tmp_path / "m.onnx")])
+    _check_args(args)
+    assert args.opset == newest_opset()

@@ -71,6 +71,15 @@ GAUGE_FIXED_KEY = "tnlm.gauge_fixed_chains"
 MIN_OPSET = 7
 
 
+def newest_opset() -> int | None:
+    """The newest opset the installed ``onnx`` knows (None without ``onnx``)."""
+    try:
+        import onnx
+    except ImportError:  # the exporter names the missing package
+        return None
+    return int(onnx.defs.onnx_opset_version())
+
+
 def check_export_args(caller: str, path: str | os.PathLike, opset: Any,
                       **flags: Any) -> Path:
     """``path`` as a :class:`~pathlib.Path` after checking an exporter's arguments before
@@ -84,12 +93,7 @@ def check_export_args(caller: str, path: str | os.PathLike, opset: Any,
     if isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)):
         raise TypeError(f"{caller}: opset must be an int (an ONNX opset version), got "
                         f"{opset!r}")
-    try:
-        import onnx
-
-        newest = int(onnx.defs.onnx_opset_version())
-    except ImportError:  # the exporter names the missing package
-        newest = None
+    newest = newest_opset()
     if opset < MIN_OPSET or (newest is not None and opset > newest):
         raise ValueError(f"{caller}: opset must be an ONNX opset between {MIN_OPSET} and "
                          f"{newest or 'the newest'}, got {opset}")
