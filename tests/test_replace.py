@@ -76,3 +76,31 @@ def test_a_save_killed_before_its_last_rename_gets_its_kept_model_files_back(tmp
     assert (out / "modules.json").read_text() == "[mine]"
     assert (out / "mpo_config.json").read_text() == '{"old": true}'
     assert not partial.exists() and not old.exists()
+
+
+def test_no_writer_is_signalled_on_windows(monkeypatch):
+    """Three twins tested a writer's process with ``os.kill(pid, 0)``; one
+    (``save_graph_replacing``'s) did so on Windows too, where ``os.kill`` ends the
+    process. One test now (``writer_running``), which on Windows counts every writer as
+    running (nothing of it removed) and never signals."""
+    from tnlm.export import staging
+
+    pid = dead_pid()
+    assert not staging.writer_running(pid)
+    calls = []
+    monkeypatch.setattr(staging.os, "kill", lambda *a: calls.append(a))
+    monkeypatch.setattr(staging.os, "name", "nt")
+    assert staging.writer_running(pid) and calls == []
+
+
+def test_every_dense_weight_name_is_an_earlier_models_file(tmp_path):
+    """replace.py knew only ``model*.safetensors`` as a dense model's weights while
+    folder.py knew ten names (``pytorch_model.bin``, shards, ...): one list now, so an
+    earlier dense model's ``pytorch_model.bin`` is not carried into the new folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("pytorch_model.bin", "model-00001-of-00002.safetensors", "mine.bin"):
+        (out / name).write_text("x")
+    replace_folder(out, _write_model)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mine.bin",
+                                                     "mpo_config.json"]

@@ -21,7 +21,6 @@ a transformers model folder or an earlier :func:`~tnlm.export.export_hf`) is ref
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from tnlm.export.replace import write_folder
+from tnlm.export.replace import DENSE_WEIGHTS, is_dense_weights, write_folder
 from tnlm.integration import MPOModel
 from tnlm.integration.architectures import position_limit
 from tnlm.integration.io import CONFIG_NAME, read_meta
@@ -39,13 +38,6 @@ __all__ = ["save_self_contained", "load_compressed", "is_checkpoint", "ST_MODULE
            "check_checkpoint", "lightweight_base", "recorded_class_generates", "has_tokenizer",
            "DENSE_WEIGHTS", "dense_weights"]
 
-#: the file names of a transformers model's weights (``save_pretrained`` of PyTorch,
-#: TensorFlow or Flax, single or sharded), which ``AutoModel.from_pretrained`` loads
-DENSE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
-                 "model-?????-of-?????.safetensors", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", "pytorch_model-?????-of-?????.bin",
-                 "tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack",
-                 "flax_model.msgpack.index.json")
 
 #: the sentence-transformers module type of the compressed transformer (modules.json)
 ST_MODULE = "tnlm.export.sentence.MPOTransformer"
@@ -100,7 +92,7 @@ def dense_weights(folder: str | os.PathLike) -> list[str]:
     if not d.is_dir():
         return []
     return sorted(p.name for p in d.iterdir()
-                  if any(fnmatch.fnmatchcase(p.name, pat) for pat in DENSE_WEIGHTS))
+                  if is_dense_weights(p.name))
 
 
 def recorded_class_generates(meta: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ library's savers (:func:`~tnlm.export.save_self_contained`,
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import shutil
@@ -15,9 +16,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tnlm.export.staging import stale_entries
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["MODEL_FILES", "recover_staged", "replace_folder", "write_folder"]
+__all__ = ["DENSE_WEIGHTS", "MODEL_FILES", "recover_staged", "replace_folder", "write_folder"]
 
 
 #: tnlm's own hidden names in a model folder (the checkpoint's lock, journal and temporary
@@ -45,9 +47,19 @@ _STAGED = ("partial", "old")
 _MOVED = ".tnlm-moved"
 
 
-#: a dense model's weights as transformers writes them (``tnlm export --format hf``):
-#: ``model.safetensors``, its shards ``model-00001-of-00002.safetensors`` and their index
-_DENSE_WEIGHTS = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+#: the file names (``fnmatch`` patterns) of a transformers model's weights
+#: (``save_pretrained`` of PyTorch, TensorFlow or Flax, single or sharded), which
+#: ``AutoModel.from_pretrained`` loads; ``tnlm export --format hf`` writes the first three
+DENSE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
+                 "model-?????-of-?????.safetensors", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "pytorch_model-?????-of-?????.bin",
+                 "tf_model.h5", "tf_model.h5.index.json", "flax_model.msgpack",
+                 "flax_model.msgpack.index.json")
+
+
+def is_dense_weights(name: str) -> bool:
+    """Whether a file name is one of :data:`DENSE_WEIGHTS`."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in DENSE_WEIGHTS)
 
 
 def _old_weights(folder: Path) -> str | None:
@@ -75,17 +87,7 @@ def _carried(name: str, drop: Sequence[str], weights: str | None = None) -> bool
     if name.startswith("."):
         return not name.startswith(_OWN_HIDDEN)
     return not (name in MODEL_FILES or name in drop or name == weights
-                or WEIGHTS_NAME.fullmatch(name) or _DENSE_WEIGHTS.fullmatch(name))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+                or WEIGHTS_NAME.fullmatch(name) or is_dense_weights(name))
 
 
 def recover_staged(out: Path, label: str | None = None) -> list[str]:
@@ -100,14 +102,11 @@ def recover_staged(out: Path, label: str | None = None) -> list[str]:
     said: list[str] = []
     if not real.parent.is_dir():
         return said
-    stale: dict[str, list[Path]] = {k: [] for k in _STAGED}
-    for p in real.parent.iterdir():
-        for kind in _STAGED:
-            prefix = f".{real.name}.{kind}-"
-            if p.is_dir() and p.name.startswith(prefix):
-                pid = p.name[len(prefix):].split("-")[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
-                    stale[kind].append(p)
+    stale: dict[str, list[Path]] = {}
+    for kind in _STAGED:
+        pattern = re.compile(rf"\.{re.escape(real.name)}\.{kind}-([1-9][0-9]*)-[0-9a-f]{{8}}")
+        stale[kind] = [Path(e.path) for e in stale_entries(real.parent, pattern)
+                       if e.is_dir(follow_symlinks=False)]
     for old in sorted(stale["old"]):
         if not real.exists():
             partial = old.parent / old.name.replace(".old-", ".partial-", 1)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["STAGING_TAG", "staging_dir", "remove_stale_staging", "staging_pattern",
-           "save_graph_replacing"]
+           "save_graph_replacing", "writer_running", "stale_entries"]
 
 #: the part of a staging folder's name that says it is tnlm's
 STAGING_TAG = "tnlm-staging"
@@ -40,9 +40,11 @@ def staging_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(name)}\.{STAGING_TAG}\.([1-9][0-9]*)\.[0-9a-f]{{8}}")
 
 
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (one of another user's counts)."""
-    if pid == os.getpid():
+def writer_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user's counts; on
+    Windows, where ``os.kill`` would end the process instead of testing it, every one
+    counts as running, so nothing of it is removed)."""
+    if pid == os.getpid() or os.name == "nt":
         return True
     try:
         os.kill(pid, 0)
@@ -53,28 +55,33 @@ def _running(pid: int) -> bool:
     return True
 
 
+def stale_entries(folder: str | os.PathLike, pattern: re.Pattern[str]) -> list[os.DirEntry]:
+    """The entries of ``folder`` whose whole name matches ``pattern`` (group 1: the
+    writer's process id) and whose writer no longer runs (:func:`writer_running`); none
+    when ``folder`` cannot be read."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is not None and not writer_running(int(match.group(1))):
+            stale.append(entry)
+    return stale
+
+
 def remove_stale_staging(dst: str | os.PathLike) -> list[Path]:
     """Remove the staging folders of the destination ``dst`` (in its folder) whose writer
     no longer runs (:mod:`tnlm.export.staging`); return what was removed. A folder that
     cannot be removed (permissions, a race with another remover) is left without a word."""
     dst = Path(dst)
-    if os.name == "nt":
-        return []
-    pattern = staging_pattern(dst.name)
     removed = []
-    try:
-        entries = list(os.scandir(dst.parent))
-    except OSError:
-        return []
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None:
-            continue
+    for entry in stale_entries(dst.parent, staging_pattern(dst.name)):
         with contextlib.suppress(OSError):
-            if not entry.is_dir(follow_symlinks=False) or _running(int(match.group(1))):
-                continue
-            shutil.rmtree(entry.path)
-            removed.append(Path(entry.path))
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
     return removed
 
 
@@ -110,12 +117,10 @@ def save_graph_replacing(model: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     # a killed earlier write's temporary file (its process no longer runs) is removed
     stale = re.compile(rf"\.{re.escape(path.name)}\.([1-9][0-9]*)\.[0-9a-f]{{8}}\.tmp")
-    with contextlib.suppress(OSError):
-        for p in path.parent.iterdir():
-            m = stale.fullmatch(p.name)
-            if m and not _running(int(m.group(1))):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    for entry in stale_entries(path.parent, stale):
+        with contextlib.suppress(OSError):
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         onnx.save(model, str(tmp))
