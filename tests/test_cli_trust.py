@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import transformers
-from transformers import BertModel
+from transformers import BertConfig, BertModel
 
 from tnlm.cli import main
 from tnlm.compress import distill
@@ -77,6 +77,8 @@ def test_budget_one_truncates_nothing(model_dir, text_file, capsys, allocation):
     assert all(r is None for r in s["ranks"].values()) and s["dense_layers"] == 12
     assert all(e == 0.0 for e in s["calibration_errors"].values())
     assert s["healed"] is False and s["cosine_min"] > 1 - 1e-5
+    # nothing truncated, nothing reconstructed: the summary said the recipe's 100 steps
+    assert s["reconstruct_steps"] == 0 and s["block_errors"] is None
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "greedy", "sensitivity"])
@@ -135,6 +137,27 @@ def interrupted_run(model_dir, text_file, out, monkeypatch, capsys, *extra):  # 
     assert "with --resume continues it" in capsys.readouterr().err
     assert read_heal_state(out / "healing")["step"] == 3
 
+
+
+def test_a_kept_healing_state_is_advertised_only_when_this_run_saved_it(
+        model_dir, text_file, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """With an earlier run's state in --out: a run refused before any work (an unmeetable
+    --budget) said "the same command with --resume continues it", which fails the same
+    way; and --resume with fewer --heal-steps than the state had made was called a
+    corrupt state ("drop --resume"), which deletes a sound one. Now the notice comes only
+    for a state this run saved, and fewer steps are named as other settings."""
+    out = tmp_path / "out"
+    interrupted_run(model_dir, text_file, out, monkeypatch, capsys)
+    base = ["--allocation", "uniform", "--out", str(out)]
+    assert main(compress(model_dir, text_file, *base, "--heal-steps", "3", "--budget",
+                         "1e-6")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be met" in err and "continues it" not in err, err
+    assert main(compress(model_dir, text_file, *base, "--heal-steps", "2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "other settings (steps: 3 there, 2 now)" in err and "corrupt" not in err, err
+    assert "pass the settings of that run" in err and "continues it" not in err, err
+    assert read_heal_state(out / "healing")["step"] == 3  # kept
 
 def test_resume_only_when_asked_and_only_with_the_same_settings(model_dir, text_file,  # noqa: F811
                                                                 tmp_path, monkeypatch, capsys):
@@ -445,3 +468,23 @@ def test_reliability_table_counts():
                   r"(\d+)", section)
     assert m and [int(g) for g in m.groups()] == [counts[k] for k in (
         "silent wrong", "data lost", "hangs", "late error")] == [0, 0, 0, 0]
+
+
+def test_a_sharded_model_folder_is_a_model_folder(tmp_path):
+    """``tnlm compress`` refused a sharded folder (``model-0000N-of-0000M.safetensors`` and
+    their index) as holding "no model.safetensors", which ``tnlm eval`` and
+    ``AutoModel.from_pretrained`` load."""
+    from tnlm.cli.common import UserError, model_path
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64)
+    d = tmp_path / "sharded"
+    BertModel(cfg).save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    assert not (d / "model.safetensors").exists()
+    assert model_path(str(d)) == d
+    (d / "model.safetensors.index.json").unlink()
+    for shard in d.glob("model-*.safetensors"):
+        shard.unlink()
+    with pytest.raises(UserError, match=r"holds no model weights \(one of model\.safetensors"):
+        model_path(str(d))

@@ -486,6 +486,20 @@ def test_compress_model_heals_and_leaves_the_teacher_out(tok, sentences):
     assert {"truncation", "healing"} <= res.seconds.keys()
 
 
+def test_the_phases_seconds_do_not_overlap(tok, sentences):
+    """"truncation" was timed from the start, like "sensitivity", so the summary's seconds
+    counted the sensitivity probe twice and added up to more than the whole run."""
+    import time
+
+    cfg = CompressionConfig(PARTIAL, budget=0.5, allocation="sensitivity", probe_size=8,
+                            heal=None)
+    t0 = time.perf_counter()
+    res = compress_model(bert(), tok, sentences, cfg, progress=False)
+    wall = time.perf_counter() - t0
+    assert {"sensitivity", "truncation"} <= res.seconds.keys()
+    assert sum(res.seconds.values()) <= wall
+
+
 @pytest.mark.parametrize("budget", [0, 0.0, 1.5, -0.1, True, "0.5", float("nan")])
 def test_compression_config_rejects_bad_budgets(budget):
     with pytest.raises((ValueError, TypeError), match="budget"):
@@ -632,6 +646,59 @@ def test_heal_resumes_exactly_from_a_checkpoint(tok, sentences, tmp_path, monkey
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6, msg=k)
     assert any(not torch.equal(a[k], v) for k, v in student.state_dict().items())
 
+
+
+def test_compress_model_refuses_a_healing_state_of_another_run_before_any_work(
+        tok, sentences, tmp_path, monkeypatch):
+    """``compress_model(..., heal=HealConfig(checkpoint_dir=d))`` with a state in ``d`` made
+    at another budget, or with ``d`` a file: refused only at healing, after the
+    truncation and reconstruction (and, for a file, at the first checkpoint save). Both
+    are now refused before the first calibration pass."""
+    from tnlm.compress import pipeline
+
+    d = tmp_path / "state"
+
+    def cfg(budget):
+        return CompressionConfig(TARGETS, budget=budget, reconstruct_steps=0,
+                                 heal=HealConfig(steps=2, batch_size=4, warmup=1,
+                                                 checkpoint_dir=str(d)))
+
+    compress_model(bert(), tok, sentences, cfg(0.5), progress=False)
+    assert (d / "heal_state.json").is_file()
+    calls = []
+    monkeypatch.setattr(pipeline, "collect_input_stats",
+                        lambda *a, **kw: calls.append(1) or {})
+    with pytest.raises(ValueError, match=r"other settings \(context\.budget: 0\.5 there, "
+                                         r"0\.25 now\)"):
+        compress_model(bert(), tok, sentences, cfg(0.25), progress=False)
+    # the tokenization that built the student is part of the run (it was not recorded:
+    # a state of 64-token calibration resumed on a student of 32-token calibration)
+    with pytest.raises(ValueError, match=r"context\.max_length: None there, 32 now"):
+        compress_model(bert(), tok, sentences, cfg(0.5), max_length=32, progress=False)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*file is a file"):
+        compress_model(bert(), tok, sentences, CompressionConfig(
+            TARGETS, budget=0.5, heal=HealConfig(steps=2, checkpoint_dir=str(f))),
+            progress=False)
+    assert calls == []
+
+
+def test_the_seed_reaches_block_reconstruction(tok, sentences):
+    """``reconstruct_blocks`` drew its batches with seed 0 whatever the job's seed: seeds 0
+    and 1 of ``tnlm compress`` reconstructed alike. ``CompressionConfig.seed`` (the job's
+    seed) now orders them."""
+    def run(seed):
+        torch.manual_seed(0)
+        cfg = CompressionConfig(TARGETS, budget=0.5, reconstruct_steps=3,
+                                reconstruct_size=len(sentences), heal=None, seed=seed)
+        res = compress_model(bert(), tok, sentences, cfg, batch_size=4, progress=False)
+        return res.block_errors
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    with pytest.raises(ValueError, match="seed"):
+        CompressionConfig(TARGETS, seed=-1)
 
 def test_heal_rejects_another_architecture(tok, sentences, damaged):
     with pytest.raises(ValueError, match="hidden_size.*same architecture"):

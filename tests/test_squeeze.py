@@ -72,6 +72,18 @@ def test_schedule_matches_run_without_recovery():
     assert res.reason == "iteration limit 6"
 
 
+def test_the_last_iteration_reaching_the_target_reports_the_target():
+    """A target met by the last allowed iteration was reported as "iteration limit N":
+    the loop ended by its count before the check at the top of the next iteration."""
+    after_one = DimensionSqueezer(tiny_bert(), loss_of, None, delta=math.inf, max_iters=1,
+                                  step=2, log=None).run().final_params
+    sq = DimensionSqueezer(tiny_bert(), loss_of, None, delta=math.inf, max_iters=1, step=2,
+                           target_params=after_one, log=None)
+    res = sq.run()
+    assert res.final_params == after_one <= sq.target_params
+    assert res.reason == f"target of {after_one:,} core parameters reached"
+
+
 def test_module_error_estimate_bounds_true_error():
     model = tiny_bert()
     ref = {n: m.dense_matrix().detach().double() for n, m in model.mpo_modules()}

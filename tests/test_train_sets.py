@@ -310,3 +310,23 @@ def test_a_healing_state_saved_with_the_former_term_fields_resumes_when_all_were
         else:
             with pytest.raises(ValueError, match="term: None there|twins"):
                 heal_state.check_resumable(tmp_path, now)
+
+
+def test_a_resume_with_fewer_steps_than_the_state_made_names_the_steps(tmp_path):
+    """A state at step 5 of 10 resumed with 3 healing steps was called corrupt ("step 5 is
+    not an int in [0, 3]"), and the CLI then suggested dropping --resume, which deletes a
+    sound state. It is a settings mismatch, named as such; a step beyond the state's own
+    steps is still corrupt."""
+    from safetensors.torch import save_file
+
+    save_file({"param.x": torch.zeros(1)}, str(tmp_path / heal_state.STATE_TENSORS))
+    saved = {"steps": 10, "lr": 5e-4, "train": "cores+linears", "term": None}
+    (tmp_path / heal_state.STATE_FILE).write_text(json.dumps(
+        {"step": 5, "losses": [1.0] * 5, "settings": saved}))
+    with pytest.raises(ValueError, match=r"other settings \(steps: 10 there, 3 now\)"):
+        heal_state.check_resumable(tmp_path, dict(saved, steps=3))
+    assert heal_state.check_resumable(tmp_path, saved) == 5
+    (tmp_path / heal_state.STATE_FILE).write_text(json.dumps(
+        {"step": 12, "losses": [1.0] * 12, "settings": saved}))
+    with pytest.raises(ValueError, match=r"corrupt: step 12 is not an int in \[0, 10\]"):
+        heal_state.check_resumable(tmp_path, saved)

@@ -27,9 +27,17 @@ def model_path(model_dir: str | None) -> Path:
     path = Path(model_dir) if model_dir else default_model_path()
     if not (path / "config.json").is_file():
         raise UserError(f"MODEL_DIR {path} is not a transformers model folder (no config.json)")
-    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
-        raise UserError(f"MODEL_DIR {path} holds no model.safetensors")
+    if not any((path / f).is_file() for f in TORCH_WEIGHTS):
+        raise UserError(f"MODEL_DIR {path} holds no model weights (one of "
+                        f"{', '.join(TORCH_WEIGHTS)}; a sharded model's index names its "
+                        "shards)")
     return path
+
+
+#: the weights ``AutoModel.from_pretrained`` reads in a folder, single or sharded (the
+#: index names the shards)
+TORCH_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 class HealingDiverged(Exception):

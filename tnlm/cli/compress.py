@@ -199,6 +199,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out, created = make_out(args.out, own=("healing",))
     from transformers.utils import logging as hf_logging
 
+    def state_stamp() -> tuple[int, int] | None:
+        try:
+            st = (out / "healing" / STATE_FILE).stat()
+        except (OSError, TypeError):
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    before = state_stamp()  # an earlier run's state, if any
     bars = hf_logging.is_progress_bar_enabled()
     if args.quiet:  # transformers' "Loading weights" bars too
         hf_logging.disable_progress_bar()
@@ -207,7 +215,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     except BaseException as err:
         if out is not None:
             if (out / "healing" / STATE_FILE).is_file():
-                if not isinstance(err, (UserError, HealingDiverged)):
+                # only a state this run saved is worth the same command again: one it
+                # found and did not get to (a failed check, a refused resume) is not
+                if not isinstance(err, (UserError, HealingDiverged)) \
+                        and state_stamp() != before:
                     note(f"the healing state in {out / 'healing'} is kept: the same command "
                          "with --resume continues it")
             elif (out / "healing").is_dir():

@@ -12,9 +12,13 @@
 MODEL and REF are each a tnlm checkpoint (``tnlm compress --out``, ``tnlm export --format
 st``, :meth:`MPOModel.save_pretrained` with a ``config.json``) or a transformers model
 folder or ``.gguf`` file (a dense model: the reference, or a baseline to score). The
-default text is what ``tnlm compress`` measures on: the natural held-out sentences of
-``../shared/data`` when that folder is there, else tnlm's held-out prose
-(``tnlm/data/lm_held_out.txt.gz``). Two models that cut the text into different tokens
+default text: the natural held-out sentences of ``../shared/data`` (SST-2 dev, CoLA dev,
+SICK trial) when that folder is there, else tnlm's held-out prose
+(``tnlm/data/lm_held_out.txt.gz``). For a causal LM that is what ``tnlm compress``
+reports its perplexity on; an encoder's ``tnlm compress`` reports its own held-out split
+and the held-out prose (less any sentence it healed on), so its cosines are comparable
+with this command's only without ``../shared/data`` (docs/results.md's natural cosine
+reads the dev sentences). Two models that cut the text into different tokens
 are refused: perplexities (or embeddings) over different tokens are not comparable.
 
 Every argument is checked (paths, numbers, the kind of model each path holds) before any
@@ -57,7 +61,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", metavar="FILE", default=None,
                    help="UTF-8 text files (a causal LM: the documents, joined by a blank "
                         "line; an encoder: one sentence a line); default: the natural "
-                        "held-out text tnlm compress measures on")
+                        "held-out sentences of ../shared/data (SST-2, CoLA dev, SICK trial) "
+                        "when there, else tnlm's held-out prose (a causal LM: what tnlm "
+                        "compress reports its perplexity on)")
     p.add_argument("--max-length", type=int, default=None,
                    help=f"causal LMs: tokens per perplexity window; default {MAX_LENGTH}")
     p.add_argument("--stride", type=int, default=None,

@@ -97,7 +97,7 @@ class EncoderRecipe:
         teacher_bf16: run the teacher under bfloat16 during healing; ``None``: when the CPU
             has bf16 instructions (:func:`tnlm.compress.distill.fast_bf16`).
         whiten: data-aware truncation; ``False``: plain SVD of the weights (the baseline).
-        seed: the text split, the default text and healing's draws.
+        seed: the text split, the default text, block reconstruction's batches and healing's draws.
         pivoted: fix each truncated layer's bond gauge (``CompressionConfig.pivoted``):
             ``r (I + J - r)`` numbers a rank-r layer, a larger rank at the same budget;
             the saved layers are :class:`~tnlm.bridge.pivoted.PivotedLinear`.
@@ -147,7 +147,7 @@ class EncoderRecipe:
             targets = default_targets(model)
         return CompressionConfig(targets, budget=self.budget, allocation=self.allocation,
                                  reconstruct_steps=self.reconstruct_steps, whiten=self.whiten,
-                                 pivoted=self.pivoted,
+                                 pivoted=self.pivoted, seed=self.seed,
                                  heal=self.heal_config() if heal is None else heal)
 
 
@@ -281,7 +281,9 @@ class EncoderResult:
             params_after=res.params_after, ratio=res.ratio,
             dense_layers=sum(r is None for r in res.ranks.values()), heal_steps=heal_steps,
             healed=res.heal is not None, seconds=res.seconds,
-            reconstruct_steps=self.config.reconstruct_steps, block_errors=res.block_errors,
+            # the steps run: none where nothing was truncated (budget 1)
+            reconstruct_steps=self.config.reconstruct_steps if res.block_errors else 0,
+            block_errors=res.block_errors,
             cosine_mean=m["cosine_mean"], cosine_min=m["cosine_min"],
             held_out=len(self.split.held_out), text_sentences=self.split.n_sentences,
             ranks=res.ranks, calibration_errors=res.errors)

@@ -149,7 +149,20 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
         FileNotFoundError: no state; ValueError: a corrupt state or other settings, naming
         the file and every setting that differs.
     """
-    meta = read_heal_state(directory, settings.get("steps"))
+    try:
+        meta = read_heal_state(directory, settings.get("steps"))
+    except ValueError as err:
+        # a state past this run's steps but within its own: a run asked for fewer steps
+        # than the state has made, a settings mismatch (named below), not corruption
+        try:
+            meta = read_heal_state(directory)
+        except ValueError:
+            raise err from None
+        own = (meta.get("settings") or {}).get("steps") \
+            if isinstance(meta.get("settings"), dict) else None
+        if isinstance(own, bool) or not isinstance(own, int) or meta["step"] > own \
+                or own == settings.get("steps"):
+            raise err from None
     path = Path(directory) / STATE_FILE
     saved = meta.get("settings")
     if not isinstance(saved, dict):
@@ -176,7 +189,33 @@ def check_resumable(directory: str | Path, settings: dict[str, Any]) -> int:
                 parts.append(f"{k}: {show(a)} there, {show(b)} now")
         raise ValueError(f"healing state {path} was made with other settings ("
                          + "; ".join(parts) + ")")
+    steps = settings.get("steps")
+    if isinstance(steps, int) and meta["step"] > steps:  # the same steps recorded: corrupt
+        raise ValueError(f"healing state {path} is corrupt: step {meta['step']} is not an "
+                         f"int in [0, {steps}] (the run's healing steps)")
     return int(meta["step"])
+
+
+def check_heal_dir(config: Any, sentences: Sequence[str], teacher: nn.Module,
+                   context: dict[str, Any] | None = None) -> None:
+    """Before any work: ``config.checkpoint_dir`` (a :class:`~tnlm.compress.distill.
+    HealConfig`'s) is a folder or can be made one, and a healing state in it was made with
+    the settings healing will record (:func:`heal_settings` of the same arguments), so a
+    state of another run is refused now, not after the truncation and reconstruction.
+
+    Raises:
+        ValueError: ``checkpoint_dir`` is a file; a state there is corrupt or was made
+            with other settings (each named).
+    """
+    d = getattr(config, "checkpoint_dir", None)
+    if not d:
+        return
+    d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"checkpoint_dir {d} is a file; expected a folder for the healing "
+                         "state")
+    if (d / STATE_FILE).exists():
+        check_resumable(d, heal_settings(config, sentences, teacher, context))
 
 
 def save_heal_state(d: Path, step: int, params: Sequence[tuple[str, nn.Parameter]],

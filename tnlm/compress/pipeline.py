@@ -55,11 +55,12 @@ from tnlm.compress.allocate import (
 from tnlm.compress.calibration import InputStats, collect_input_stats
 from tnlm.compress.data_aware import WhitenedLayer, output_error
 from tnlm.compress.distill import HealConfig, HealResult, heal
+from tnlm.compress.heal_state import check_heal_dir
 from tnlm.compress.layerwise.blocks import refuse_shared_blocks
 from tnlm.compress.reconstruct import reconstruct_blocks
 from tnlm.compress.text import check_texts
 from tnlm.core.budget import check_fraction
-from tnlm.core.validation import check_bool_fields, check_positive_int
+from tnlm.core.validation import check_bool_fields, check_positive_int, check_seed
 from tnlm.integration import MPOConfig, MPOModel
 from tnlm.integration.architectures import block_indices, find_blocks
 from tnlm.integration.surgery import Swap, weight_sharers
@@ -98,6 +99,8 @@ class CompressionConfig:
             a larger rank at the same budget; after healing the layers become
             :class:`~tnlm.bridge.pivoted.PivotedLinear` storing exactly that count.
         heal: distillation settings; ``None`` or ``steps=0`` skips healing.
+        seed: the order block reconstruction draws its batches in (healing has its own,
+            ``heal.seed``; the job sets both from its seed).
     """
 
     target_modules: list[str] | str
@@ -112,9 +115,11 @@ class CompressionConfig:
     ridge: float = 1e-6
     heal: HealConfig | None = field(default_factory=HealConfig)
     pivoted: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
+        check_seed(self.seed)
         check_bool_fields(self, "pivoted", "sequential", "whiten")
         for name in ("probe_size", "reconstruct_size"):
             v = getattr(self, name)
@@ -149,6 +154,9 @@ class CompressionResult:
     params_before: int
     params_after: int
     heal: HealResult | None
+    #: seconds a phase, each its own (they do not overlap, so they add up):
+    #: "sensitivity" (from the start to the ranks: the teacher's copy, the calibration
+    #: statistics and the probe), "truncation", "reconstruction", "healing", "pivoting"
     seconds: dict[str, float]
     #: per block, its masked output error ``||y_s - y_t|| / ||y_t||`` before / after
     #: reconstruction: relative, not squared (the decoder's ``LayerwiseResult.block_errors``
@@ -264,21 +272,35 @@ def _check_untied(model: nn.Module, names: Sequence[str], targets: Any) -> None:
                          "untie them first or leave the module out of target_modules")
 
 
+#: :func:`compress_model`'s defaults of ``batch_size`` and ``max_length``, which
+#: :func:`run_context` records only when others were used (states written before it
+#: recorded them resume)
+CALIBRATION_BATCH, CALIBRATION_MAX_LENGTH = 32, 64
+
+
 def run_context(config: CompressionConfig,
-                calibration: Sequence[str] | None = None) -> dict[str, Any]:
+                calibration: Sequence[str] | None = None, *,
+                batch_size: int = CALIBRATION_BATCH,
+                max_length: int = CALIBRATION_MAX_LENGTH) -> dict[str, Any]:
     """What decides the student healing starts from, besides the healing settings, the text
     and the teacher: recorded in the healing checkpoint
     (:func:`tnlm.compress.heal_state.heal_settings`), so that resuming with another budget,
     allocation, calibration text ... is refused. ``calibration``: the sentences the
     truncation was measured on (their count and a hash of them, as :func:`compress_model`
-    keeps them: non-empty strings)."""
+    keeps them: non-empty strings). ``batch_size``, ``max_length``: :func:`compress_model`'s,
+    which decide its calibration statistics and block reconstruction (recorded when not
+    the defaults)."""
     targets = config.target_modules
     out = dict(budget=float(config.budget), allocation=config.allocation,
                target_modules=targets if isinstance(targets, str) else list(targets),
                probe_size=config.probe_size, reconstruct_steps=config.reconstruct_steps,
                reconstruct_size=config.reconstruct_size, sequential=config.sequential,
                whiten=config.whiten, gauge=config.gauge, ridge=config.ridge,
-               **({"pivoted": True} if config.pivoted else {}))
+               **({"pivoted": True} if config.pivoted else {}),
+               **({"seed": config.seed} if config.seed else {}),
+               **({"batch_size": batch_size} if batch_size != CALIBRATION_BATCH else {}),
+               **({"max_length": max_length} if max_length != CALIBRATION_MAX_LENGTH
+                  else {}))
     if calibration is not None:
         kept = [s for s in check_texts(calibration, "calibration") if s.strip()]
         out.update(calibration=len(kept), calibration_sha256=hashlib.sha256(
@@ -302,7 +324,8 @@ def check_budget(model: nn.Module, config: CompressionConfig, name: str = "budge
 
 def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                    config: CompressionConfig, *, heal_text: Sequence[str] = (),
-                   batch_size: int = 32, max_length: int = 64, progress: bool = True,
+                   batch_size: int = CALIBRATION_BATCH,
+                   max_length: int = CALIBRATION_MAX_LENGTH, progress: bool = True,
                    log: Callable[[str], None] | None = None) -> CompressionResult:
     """Compress ``model``'s target layers in place into data-aware MPOs, then heal.
 
@@ -352,6 +375,10 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     check_budget(model, config)
     if config.reconstruct_steps:  # shared blocks (ALBERT) refused now, not after truncation
         refuse_shared_blocks(model, find_blocks(model), "compress_model (reconstruct_steps)")
+    if config.heal is not None and config.heal.steps > 0:  # a state of another run: now
+        check_heal_dir(config.heal, list(heal_text) or calibration, model,
+                       run_context(config, calibration, batch_size=batch_size,
+                                   max_length=max_length))
     times: dict[str, float] = {}
     stats: dict[str, InputStats] = {}
     t0 = time.perf_counter()
@@ -388,6 +415,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                                            pivoted=config.pivoted)
                 ranks = sensitivity_ranks(layers, sens, fraction, pivoted=config.pivoted)
                 times["sensitivity"] = time.perf_counter() - t0
+        t_trunc = time.perf_counter()  # the phases' seconds do not overlap
         for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
                           leave=False):
             ref = teacher if config.sequential else None
@@ -425,7 +453,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                 swapped.append(n)
             say(f"block of {len(group)} layers: output errors "
                 + ", ".join(f"{errors[n]:.3f}" for n in group))
-        times["truncation"] = time.perf_counter() - t0
+        times["truncation"] = time.perf_counter() - t_trunc
         text = list(heal_text) or calibration
         block_errors = None
         if not swapped:
@@ -436,7 +464,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                                               text[:config.reconstruct_size],
                                               config.reconstruct_steps,
                                               batch_size=batch_size, max_length=max_length,
-                                              progress=progress)
+                                              seed=config.seed, progress=progress)
             say("block reconstruction, relative output error per block: " + ", ".join(
                 f"{a:.3f}->{b:.3f}" for a, b in block_errors))
             times["reconstruction"] = time.perf_counter() - t1
@@ -445,7 +473,8 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         if config.heal is not None and config.heal.steps > 0 and swapped:
             t1 = time.perf_counter()
             result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress,
-                          context=run_context(config, calibration))
+                          context=run_context(config, calibration, batch_size=batch_size,
+                                              max_length=max_length))
             times["healing"] = time.perf_counter() - t1
         if config.pivoted and swapped:  # the gauge fixed last: healing trained 2-site MPOs
             t1 = time.perf_counter()

@@ -296,7 +296,10 @@ class DimensionSqueezer:
                 res.reason = f"|p - p~| = {change:.4f} > delta = {self.delta}"
                 break
             res.final_loss = loss
-        else:
-            res.reason = f"iteration limit {self.max_iters}"
+        else:  # the last iteration may have reached the target: that is why it stopped
+            if self.target_params is not None and self.mpo_params() <= self.target_params:
+                res.reason = f"target of {self.target_params:,} core parameters reached"
+            else:
+                res.reason = f"iteration limit {self.max_iters}"
         res.final_params = self.mpo_params()
         return res
