@@ -140,6 +140,19 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str) -> None:
                     if alone.exists():
                         break
                     time.sleep(0.1)
+            # each rank another model (rank 1's one weight nudged), no checkpoint: the
+            # ranks compared only their settings then, pooled both models' statistics and
+            # rank 0 saved its own weights with layers of both
+            model = tiny()
+            if rank == 1:
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)
+            try:
+                compress_layerwise(model, seqs, config("whitened"), progress=False)
+                said = "finished"
+            except Exception as err:
+                said = f"{type(err).__name__}: {err}"
+            (out / f"other_model_rank{rank}.txt").write_text(said)
         elif mode == "fail":  # rank 1 dies once block 0's checkpoint is written
             real = lw.write_checkpoint
 
@@ -267,6 +280,12 @@ def test_a_failed_truncation_stops_every_rank(two_ranks):
     assert said[0].startswith("RuntimeError: rank 1 could not truncate block 0's "), said[0]
     assert "ArithmeticError: no truncation here" in said[0]
     assert all(s.endswith("unchanged=True") for s in said)
+
+
+def test_ranks_holding_different_models_are_refused_without_a_checkpoint(two_ranks):
+    said = [(two_ranks / f"other_model_rank{k}.txt").read_text() for k in (0, 1)]
+    for s in said:
+        assert s.startswith("ValueError: the ranks were given different settings, models"), s
 
 
 def test_one_rank_alone_in_a_process_group_checkpoints_without_waiting(two_ranks):

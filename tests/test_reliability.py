@@ -1261,6 +1261,25 @@ def test_resize_failure_after_the_merge_puts_everything_back(step, monkeypatch):
     assert model.resize_token_embeddings(100).num_embeddings == 100  # and it works afterwards
 
 
+
+def test_resize_under_a_truncating_config_says_how_far_the_old_rows_moved():
+    """Under a truncating config the resized table is truncated afresh with other site
+    shapes: the existing tokens' rows moved (81 % relative in a 1000 -> 1010 case) with no
+    word. The change is now measured and warned about; an exact config warns nothing."""
+    import warnings
+
+    model = _with_mpo_embedding(max_bond=4)
+    old = model.base_model.get_input_embeddings().merge().weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"the 96 existing tokens' rows moved by (\S+) "):
+        emb = model.resize_token_embeddings(100)
+    new = emb.merge().weight.detach()[:96]
+    moved = float((new.double() - old.double()).norm() / old.double().norm())
+    assert moved > 1e-5
+    exact = _with_mpo_embedding()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact.resize_token_embeddings(100)
+
 def test_float32_layers_take_a_tight_max_error_and_report_the_stored_error():
     import copy
 

@@ -608,6 +608,39 @@ def test_lora_merge_of_a_float64_layer_is_exact_in_float64():
     torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
 
 
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type:UserWarning")
+def test_lora_unmerge_over_a_merged_mpo_layer_takes_the_delta_out_and_flags_stay():
+    """An MPO layer merged to dense first (merge_factorized) and LoRA then merged and
+    unmerged: the delta stayed in the weight while the LoRA branch ran again (outputs off
+    by 2.7). A merge over the MPO layer made the new dense weight and bias trainable while
+    the frozen base had none. Now unmerge subtracts the delta from a dense base, and the
+    merged layer keeps the MPO layer's flags."""
+    peft = pytest.importorskip("peft")
+    from tnlm.integration.merge import merge_factorized
+    from tnlm.integration.peft import lora_config_for_mpo
+
+    torch.manual_seed(0)
+    for pre_merged in (True, False):
+        net = _QNet(torch.float32)
+        model = peft.get_peft_model(net, lora_config_for_mpo(
+            peft.LoraConfig(target_modules=["q"], r=2, init_lora_weights=False)))
+        x = torch.randn(5, 16)
+        with torch.no_grad():
+            before = model(x)
+        if pre_merged:
+            merge_factorized(model)
+        frozen = [n for n, p in model.named_parameters() if "lora_" not in n]
+        assert frozen and not any(p.requires_grad for n, p in model.named_parameters()
+                                  if n in frozen)
+        model.merge_adapter()
+        assert not any(p.requires_grad for n, p in net.q.base_layer.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+        model.unmerge_adapter()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+
 # ------------------------------------------------------------------ 16. plans on torch tensors
 def torch_mpo():
     W = np.random.default_rng(0).standard_normal((16, 12))
@@ -994,3 +1027,65 @@ def test_from_matrix_takes_32_sites_and_refuses_33_by_name():
         MPO.from_matrix(W, shape + [1], shape + [1])
     with pytest.raises(ValueError, match="n_sites must be at most 32, got 33"):
         MPO.from_matrix(W, n_sites=33)
+
+
+# ------------------------------------------------------------------ core and bridge audit
+def test_an_embedding_with_max_norm_two_is_refused():
+    """``max_norm=2.0`` (or 2, or 0.0) passed the check meant for ``norm_type``'s default
+    2.0 and was dropped: rows of norm about 8 where the original renormalizes to 2."""
+    for max_norm in (2.0, 2, 0.0, 1.5):
+        with pytest.raises(ValueError, match="max_norm"):
+            MPOEmbedding.from_embedding(nn.Embedding(30, 6, max_norm=max_norm), n_sites=2)
+    MPOEmbedding.from_embedding(nn.Embedding(30, 6, norm_type=3.0), n_sites=2)  # unused
+
+
+def test_pivoting_freezes_both_tensors_as_central_whatever_the_central_site():
+    """``pivot_layers`` gave ``coef`` site 0's flag and ``right`` site 1's: with the central
+    core at site 0 and the lightweight set (auxiliary cores train), ``right`` trained
+    although both count as central."""
+    from tnlm.bridge.finetune import set_trainable
+
+    torch.manual_seed(0)
+    net = nn.Sequential(MPOLinear.from_linear(nn.Linear(16, 12), (16, 1), (1, 12),
+                                              max_bond=4))
+    m = net[0]
+    assert m.central_index == 0
+    set_trainable(net, "lightweight")
+    assert not m.cores[0].requires_grad and m.cores[1].requires_grad
+    new = pivot_layers(net)["0"]
+    assert not new.coef.requires_grad and not new.right.requires_grad
+
+
+def test_spectra_after_a_cut_in_symmetric_gauge_are_those_of_the_cut_cores():
+    """``symmetric_gauge`` with a cut cached the spectra it recorded before the cuts at
+    lower bonds, which change the matrix: bond 1 reported 7.819 where the cores give
+    7.764. Without a cut the cached spectra are kept (exact)."""
+    from tnlm.core import sweeps
+
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    v, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    W = (u * 0.8 ** np.arange(64)) @ v.T  # bond spectra of about 2:1: rtol 0.6 cuts
+    mpo = MPO.from_matrix(W, (4, 4, 4), (4, 4, 4))
+    for rtol, cut in ((0.6, True), (None, False)):
+        out = mpo.symmetric_gauge(rtol=rtol)
+        fresh = sweeps.bond_spectra(out.cores)[0]
+        assert (out.bond_dims != mpo.bond_dims) == cut
+        for a, b in zip(out.bond_spectra(), fresh):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out.entanglement_entropy(),
+                                   [spectrum_entropy(s) for s in fresh], rtol=1e-10)
+
+
+def test_choose_mode_refuses_a_row_count_that_is_not_a_size():
+    """``choose_mode(-50)`` returned negative FLOPs, ``choose_mode(2.9)`` counted 2 rows and
+    ``True`` 1; both layer kinds now raise, naming ``rows``."""
+    lin = MPOLinear.from_linear(nn.Linear(16, 12), n_sites=2)
+    emb = MPOEmbedding.from_embedding(nn.Embedding(30, 6), n_sites=2)
+    for layer in (lin, emb):
+        with pytest.raises(ValueError, match="rows must be >= 0"):
+            layer.choose_mode(-50)
+        for bad in (2.9, True):
+            with pytest.raises(TypeError, match="rows must be an int"):
+                layer.choose_mode(bad)
+        assert layer.choose_mode(8)[0] in ("contract", "dense", "gather")

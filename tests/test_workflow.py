@@ -184,6 +184,49 @@ def test_two_lightweight_task_checkpoints_share_one_base(base_dir, tmp_path):
     assert checkpoint(tmp_path / "again")[1] == checkpoint(tmp_path / "b")[1]
 
 
+
+def test_a_task_checkpoint_loads_where_the_base_decomposes_with_other_rounding(
+        base_dir, tmp_path, monkeypatch):
+    """The rebuilt central cores were compared bit for bit: decomposing the same base with
+    another thread count (torchrun sets one) or BLAS changes float32 bits (measured: a
+    384 x 1536 layer's central core differs by 5e-10 between one and two threads), and
+    the task was refused as saved "on another base". The checkpoint now records a sketch
+    of each rebuilt core; a core whose bits differ loads when its sketch agrees to 1e-5 of
+    its norm. A larger change is still refused, and a checkpoint without sketches names
+    the thread count as a possible cause."""
+    from tnlm.bridge import MPOModule
+    from tnlm.integration import checkpoint as ck
+
+    model = train_steps(get_mpo_model(load_base(base_dir), config(), progress=False), LABELS)
+    model.save_pretrained(tmp_path / "task")
+    meta = json.loads((tmp_path / "task" / io.CONFIG_NAME).read_text())
+    assert set(meta["lightweight"]["sketches"]) >= {
+        f"{n}.cores.{m.central_index}" for n, m in model.mpo_modules()}
+    ref = logits(model)
+    real = MPOModule.from_module
+
+    def rounded(scale):
+        def from_module(*a, **kw):
+            layer = real(*a, **kw)
+            with torch.no_grad():
+                c = layer.cores[layer.central_index]
+                c.mul_(1 + scale)  # what other float rounding does, made visible
+            return layer
+        return staticmethod(from_module)
+
+    monkeypatch.setattr(MPOModule, "from_module", rounded(1e-7))
+    loaded = MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task").eval()
+    torch.testing.assert_close(logits(loaded), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(MPOModule, "from_module", rounded(1e-3))
+    with pytest.raises(ValueError, match="is not the one the task was saved on"):
+        MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task")
+    del meta["lightweight"]["sketches"]  # saved before cores were sketched
+    (tmp_path / "task" / io.CONFIG_NAME).write_text(json.dumps(meta))
+    monkeypatch.setattr(MPOModule, "from_module", rounded(1e-7))
+    with pytest.raises(ValueError, match="another thread count or BLAS"):
+        MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task")
+    assert ck.SKETCH_RTOL == 1e-5
+
 def test_task_checkpoint_on_another_base_is_refused_and_base_untouched(base_dir, tmp_path):
     train_steps(get_mpo_model(load_base(base_dir), config(), progress=False),
                 LABELS).save_pretrained(tmp_path)
@@ -255,6 +298,9 @@ def test_random_init_base_saves_full_unless_asked(tmp_path):
     assert torch.equal(logits(MPOModel.from_pretrained(tiny_bert(seed=4), tmp_path / "light")), ref)
     with pytest.raises(TypeError, match="unexpected arguments"):
         model.save_pretrained(tmp_path, push_to_hub=True)
+    # push_to_hub itself reached the base model's (an upload AutoModel loads at random)
+    with pytest.raises(NotImplementedError, match="random weights"):
+        model.push_to_hub("user/model")
     with pytest.raises(ValueError, match="safetensors only"):
         model.save_pretrained(tmp_path, safe_serialization=False)
 

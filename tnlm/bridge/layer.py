@@ -64,7 +64,7 @@ from tnlm.bridge.computed import (
 from tnlm.core.mpo import MPO, central_site
 from tnlm.core.plan import BlockPlan, ChainPlans, chain_plans, check_chain, dense_plan
 from tnlm.core.spec import DecompositionSpec, apply_gauge
-from tnlm.core.validation import check_matrix, check_positive_int, check_shape
+from tnlm.core.validation import check_matrix, check_positive_int, check_shape, check_size
 
 __all__ = ["ComputedWeight", "ComputedWeightModule", "MPODtypeError", "MPOModule", "MPOLinear",
            "MPOEmbedding", "ReadOnlyWeightError", "check_features", "set_dense_cache",
@@ -337,8 +337,10 @@ class MPOModule(ComputedWeightModule):
         dtype, device = module.weight.dtype, module.weight.device
         if kind == "embedding":
             extras = kinds.extras_of(module)
-            unsupported = {k: v for k, v in extras.items()
-                           if k != "padding_idx" and v not in (None, False, 2.0)}
+            # each option against its own default (max_norm=2.0 is not norm_type's 2.0;
+            # norm_type means nothing without max_norm)
+            unsupported = {k: extras[k] for k in ("max_norm", "scale_grad_by_freq", "sparse")
+                           if (extras[k] is not None if k == "max_norm" else bool(extras[k]))}
             if unsupported:
                 raise ValueError(f"nn.Embedding options {unsupported} are not supported by "
                                  "MPOEmbedding; build the embedding without them")
@@ -567,10 +569,11 @@ class MPOModule(ComputedWeightModule):
         ``rebuild``: whether the dense path pays the rebuild of W; default: as a forward
         pass would now (not when it may reuse a cached W, see :meth:`_may_cache`).
         """
+        rows = check_size(rows, "rows")
         cores = self._params()
         if rebuild is None:
             rebuild = not self._may_cache(cores)
-        return self._cost.flops(int(rows), rebuild)
+        return self._cost.flops(rows, rebuild)
 
     def to_mpo(self) -> MPO:
         """The core :class:`~tnlm.core.mpo.MPO` of the current (trained) cores, detached
@@ -919,10 +922,13 @@ class MPOEmbedding(MPOModule):
         chain contractions vs rebuilding E. The gather FLOPs are weighted by
         :attr:`GATHER_EFFICIENCY` before comparing. ``rebuild``: whether the dense path
         pays the rebuild (default: as a forward pass would now; a cached table costs 0)."""
+        return self._choose_mode(check_size(rows, "rows"), rebuild)
+
+    def _choose_mode(self, rows: int, rebuild: bool | None) -> tuple[str, int, int]:
         cores = self._params()
         if rebuild is None:
             rebuild = not self._may_cache(cores)
-        gather = self._plans.gather_row_flops * int(rows)
+        gather = self._plans.gather_row_flops * rows
         dense = self._cost.rebuild_flops if rebuild else 0
         mode = "contract" if gather * self.GATHER_EFFICIENCY < dense else "dense"
         return mode, gather, dense
@@ -975,7 +981,7 @@ class MPOEmbedding(MPOModule):
         else:
             uniq, inverse = torch.unique(flat, return_inverse=True)
             rows = int(uniq.numel())
-        mode = self.mode if self.mode != "auto" else self.choose_mode(max(rows, 1), True)[0]
+        mode = self.mode if self.mode != "auto" else self._choose_mode(max(rows, 1), True)[0]
         if self.last_mode != mode:
             self.last_mode = mode
         dtype = cores[0].dtype  # like nn.Embedding, lookups ignore autocast

@@ -300,7 +300,10 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
         if new is None:
             new = made[id(old)] = PivotedLinear.from_mpo(old)
             new.train(old.training)
-            for p_new, p_old in ((new.coef, old.cores[0]), (new.right, old.cores[1]),
+            # both tensors count as central (no auxiliary tensor): both take the central
+            # core's flag, whichever site that was
+            central = old.cores[old.central_index]
+            for p_new, p_old in ((new.coef, central), (new.right, central),
                                  (new.bias, getattr(old, "bias", None))):
                 if p_new is not None and p_old is not None:
                     p_new.requires_grad_(p_old.requires_grad)

@@ -20,13 +20,17 @@ N_SITES_DEFAULT = 5
 
 
 def _check_n_sites(n_sites: int) -> None:
-    """``--n-sites`` in 1..MAX_SITES, checked before any model is loaded."""
-    from tnlm.core.validation import check_n_sites
+    """``--n-sites`` in 2..MAX_SITES, checked before any model is loaded: the commands
+    here measure bonds (entropies, bond dimensions), which one site does not have."""
+    from tnlm.core.validation import MAX_SITES, check_n_sites
 
     try:
         check_n_sites(n_sites, "--n-sites")
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
+    if n_sites < 2:
+        raise UserError(f"--n-sites must be between 2 and {MAX_SITES} (a chain of one site "
+                        f"has no bond to measure), got {n_sites}")
 
 
 def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:
@@ -58,7 +62,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
     """Decompose every 2-D weight exactly and print bond dimensions, errors and entropies.
 
     Raises:
-        UserError: ``--n-sites`` not in 1..32 (before the model is loaded), no weights.
+        UserError: ``--n-sites`` not in 2..32 (before the model is loaded), no weights.
     """
     from tqdm.auto import tqdm
 
@@ -92,7 +96,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Per-matrix table: shape, site shapes, bond dims, central-bond entropy vs random.
 
     Raises:
-        UserError: ``--n-sites`` not in 1..32 (before the model is loaded).
+        UserError: ``--n-sites`` not in 2..32 (before the model is loaded).
     """
     from tqdm.auto import tqdm
 
@@ -161,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     figure, each named on stderr with the reason (``tnlm report: skipped NAME: REASON``);
     when none can be profiled the command fails, naming them.
 
-    ``--n-sites`` (1..64, checked before anything is loaded) splits a model folder's
+    ``--n-sites`` (2..32, checked before anything is loaded) splits a model folder's
     dense weights (default 5); a saved MPO model keeps its layers' own sites, so any
     value given is refused for one. ``--out`` is created once the figures' data is
     ready (a failed report leaves no empty folder).

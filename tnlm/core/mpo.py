@@ -536,7 +536,9 @@ class MPO:
             cores, gauge="symmetric",
             truncation_error=combined_error(self.truncation_error, err),
         )
-        out._spectra = spectra
+        # a cut at a bond changes the spectra the sweep recorded before it (to its right):
+        # kept only when nothing was cut, else measured again when read
+        out._spectra = spectra if cut_sq == 0 else None
         return out
 
     # ------------------------------------------------------------------ truncation

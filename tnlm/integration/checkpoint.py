@@ -37,7 +37,13 @@ from tnlm.integration.loading import NEW_HEADS
 from tnlm.integration.peft import task_heads
 from tnlm.integration.surgery import module_paths
 
-__all__ = ["LoadPlan", "bits_equal", "read_checkpoint", "some_names", "tensor_digests"]
+__all__ = ["LoadPlan", "bits_equal", "read_checkpoint", "some_names", "tensor_digests",
+           "core_sketch", "SKETCH_RTOL"]
+
+#: how far a rebuilt core's sketch may be from the recorded one, relative to the core's
+#: norm: decomposing the same base on another thread count or BLAS changes its float32
+#: bits (by about 1e-8 of its norm), another base or another gauge by order 1
+SKETCH_RTOL = 1e-5
 
 
 def some_names(names: list[str], n: int = 5) -> str:
@@ -55,6 +61,23 @@ def tensor_digests(model: nn.Module) -> dict[str, str]:
             digests[id(t)] = io.tensor_sha256(t)
         out[key] = digests[id(t)]
     return out
+
+
+def core_sketch(t: torch.Tensor) -> list[float]:
+    """``[||t||_F, <t, g_1>, ..., <t, g_4>]`` in float64, the ``g_k`` fixed unit vectors
+    (seeded Gaussians): what a lightweight checkpoint records of a core it leaves to the
+    base model, besides its SHA-256, so a rebuild that differs by float rounding only
+    (another thread count) is told from one of another base (:data:`SKETCH_RTOL`)."""
+    x = t.detach().reshape(-1).to(torch.float64).cpu()
+    g = torch.randn(4, x.numel(), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return [float(x.norm())] + [float(v) for v in g @ x]
+
+
+def _sketches_agree(a: list[float], b: list[float]) -> bool:
+    tol = SKETCH_RTOL * max(abs(a[0]), abs(b[0]), 1e-300)
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
 class LoadPlan:
@@ -129,6 +152,13 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                 isinstance(k, str) and isinstance(v, str) for k, v in rebuilt.items()):
             raise ValueError(f"{where}: 'lightweight' must be an object with 'rebuilt': "
                              "{tensor name: SHA-256}")
+        sketches = light.get("sketches", {})
+        if not isinstance(sketches, dict) or not all(
+                k in rebuilt and isinstance(v, list) and len(v) == 5 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                for k, v in sketches.items()):
+            raise ValueError(f"{where}: 'lightweight.sketches' must be an object "
+                             "{rebuilt tensor name: [5 numbers]}")
     if rebuilt is not None and any(isinstance(e, dict) and e.get("layout") == PIVOTED_LAYOUT
                                    for e in meta["modules"].values()):
         raise ValueError(f"{where}: a lightweight checkpoint cannot hold gauge-fixed "
@@ -272,7 +302,8 @@ def _read(base_model: nn.Module, directory: str | os.PathLike) -> LoadPlan:
                      targets=targets, rest=rest, saved=saved, rebuilt=rebuilt,
                      base_name=base_name, where=where, references=None,
                      heads=task_heads(base_model),
-                     name_or_path=light.get("base_model_name_or_path") if light else None)
+                     name_or_path=light.get("base_model_name_or_path") if light else None,
+                     sketches=light.get("sketches", {}) if light else {})
 
 
 def _refuse_two_checkpoints(d: Path) -> None:
@@ -379,6 +410,7 @@ def _rebuild(plan: LoadPlan) -> None:
     is not touched."""
     references: dict[str, str] = {}
     centrals: set[str] = set()
+    rebuilt_cores: dict[str, torch.Tensor] = {}
     for name, entry in plan.entries.items():
         old = plan.olds[name]
         I, J = weight_xw(old).shape
@@ -395,11 +427,14 @@ def _rebuild(plan: LoadPlan) -> None:
                 f"checkpoint {plan.where.parent} was saved with {entry['core_shapes']}: "
                 f"{_other_base(plan)}")
         layer.mode = entry["mode"]
-        local_digests = {k: io.tensor_sha256(t) for k, t in layer.state_dict().items()}
+        local_state = layer.state_dict()
+        local_digests = {k: io.tensor_sha256(t) for k, t in local_state.items()}
         for path in plan.paths[id(old)]:
             centrals.add(f"{path}.cores.{layer.central_index}")
             for local, digest in local_digests.items():
                 references[f"{path}.{local}"] = digest
+                if f"{path}.{local}" in plan.sketches:
+                    rebuilt_cores[f"{path}.{local}"] = local_state[local]
         plan.shells[name] = layer
     digests: dict[int, str] = {}
     for key, t in plan.targets.items():
@@ -407,6 +442,10 @@ def _rebuild(plan: LoadPlan) -> None:
             digests[id(t)] = io.tensor_sha256(t)
         references[key] = digests[id(t)]
     wrong = [k for k, want in plan.rebuilt.items() if references[k] != want]
+    # a core rebuilt with other float rounding (another thread count, another BLAS): its
+    # bits differ, its values agree with the recorded sketch
+    wrong = [k for k in wrong if not (k in rebuilt_cores and _sketches_agree(
+        core_sketch(rebuilt_cores[k]), plan.sketches[k]))]
     in_heads = [k for k in wrong if any(k.startswith(h + ".") for h in plan.heads)]
     if wrong and len(in_heads) == len(wrong):
         heads = sorted({k.split(".", 1)[0] for k in in_heads})
@@ -429,11 +468,17 @@ def _rebuild(plan: LoadPlan) -> None:
             "model with lightweight=False (every tensor)")
     if wrong:
         core = [k for k in wrong if k in centrals]
+        why = _other_base(plan)
+        if core and not plan.sketches:  # saved before cores were sketched: bits only
+            why += ("; or this machine decomposes it with other float rounding (another "
+                    "thread count or BLAS changes the cores' bits, and this checkpoint "
+                    "records their SHA-256 only): load with the thread count it was saved "
+                    "with (OMP_NUM_THREADS), or save it again with this tnlm")
         raise ValueError(
             f"the task checkpoint {plan.where.parent} leaves {len(plan.rebuilt)} tensors to the "
             f"base model, and {len(wrong)} of them differ from what it recorded "
             f"({len(core)} rebuilt central cores; e.g. "
-            f"{some_names(sorted(core) or sorted(wrong), 3)}): {_other_base(plan)}")
+            f"{some_names(sorted(core) or sorted(wrong), 3)}): {why}")
     for key, t in plan.rest.items():  # load_state_dict and copy_ would cast
         _check_dtype(plan.where.parent, key, t, plan.targets[key].dtype, plan.base_name)
     for name, layer in plan.shells.items():

@@ -42,7 +42,7 @@ class MPOConfig:
 
     Attributes:
         target_modules: module name patterns to decompose (see the module docstring).
-        n_sites: number of sites when no shape is given, 1 to 64.
+        n_sites: number of sites when no shape is given, 1 to 32 (``MAX_SITES``).
         in_shapes / out_shapes: site shapes by dimension, e.g. ``{384: (2, 4, 4, 4, 3)}``;
             a dimension not listed is factorized by :func:`tnlm.factorize`. Keys are ints
             >= 1 (or strings of digits, as :meth:`to_dict` writes them; a bool or a float

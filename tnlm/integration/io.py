@@ -483,7 +483,10 @@ def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
 # "lightweight": {"rebuilt": {state key: tensor_sha256}, "base_model_name_or_path": ...},
 # the SHA-256 of every tensor the loader takes from the base model or rebuilds by
 # decomposing it with the saved config (central cores, frozen auxiliary cores, biases,
-# embeddings, LayerNorms, ...). Loading verifies each of them.
+# embeddings, LayerNorms, ...), and "sketches": {core's state key: [norm, 4 projections]}
+# (checkpoint.core_sketch) of the rebuilt cores. Loading verifies each of them: a core
+# whose bits differ is accepted when its sketch agrees to SKETCH_RTOL of its norm (the
+# same base decomposed with other float rounding: another thread count or BLAS).
 # ---------------------------------------------------------------------------------------
 
 #: key of the state-dict entry of an MPO model that describes it (config and layer

@@ -33,6 +33,8 @@ import difflib
 import inspect
 import math
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,13 @@ from tnlm.bridge.pivoted import PivotedLinear
 from tnlm.core.spectra import spectrum_entropy
 from tnlm.core.validation import check_positive_int
 from tnlm.integration import io
-from tnlm.integration.checkpoint import bits_equal, read_checkpoint, some_names, tensor_digests
+from tnlm.integration.checkpoint import (
+    bits_equal,
+    core_sketch,
+    read_checkpoint,
+    some_names,
+    tensor_digests,
+)
 from tnlm.integration.config import TRAIN_MODES, MPOConfig
 from tnlm.integration.loading import drawn_on_load
 from tnlm.integration.merge import merge_factorized
@@ -133,6 +141,18 @@ class MPOModel(nn.Module):
         """Loading a state dict: check the description is an MPO model's; the tensors
         carry the values (a structure that differs fails on their shapes)."""
         io.meta_from_tensor(state, "state dict")
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the base model's ``push_to_hub`` (which attribute lookup would reach)
+        uploads its transformers files holding the MPO cores' tensors under names
+        ``AutoModel`` does not know, so the upload loads with random weights. Upload a
+        folder written by :meth:`save_pretrained`, or a plain transformers folder
+        (:func:`tnlm.export.export_hf`, ``tnlm export --format hf``)."""
+        raise NotImplementedError(
+            "MPOModel.push_to_hub would upload the base model's files holding the MPO "
+            "cores, which AutoModel.from_pretrained loads as random weights; upload the "
+            "folder of save_pretrained, or a plain transformers folder (tnlm export "
+            "--format hf)")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -266,7 +286,11 @@ class MPOModel(nn.Module):
         config (:meth:`MPOConfig.spec_for` for the new size; the layer keeps its forward
         mode, dense cache setting and the ``requires_grad`` flags of its central and
         auxiliary tensors). ``truncation_error`` of the new layer is relative to the
-        resized dense table. Optimizers holding the old parameters must be rebuilt.
+        resized dense table. A truncating config truncates the new table afresh (its site
+        shapes differ), so the existing tokens' rows move too: by how much is measured
+        (the relative Frobenius change of the old rows) and a ``UserWarning`` says it when
+        it is above 1e-5; resize before compressing to keep them as they were. Optimizers
+        holding the old parameters must be rebuilt.
         A lightweight checkpoint is no longer possible afterwards (the base model does
         not rebuild the resized embedding); save with ``lightweight=False``, and load
         that onto a base model of the new vocabulary size.
@@ -366,6 +390,16 @@ class MPOModel(nn.Module):
                     "MPO embedding cannot share its weight: set config.tie_word_embeddings = "
                     "False, or merge the model (merge_and_unload) before resizing")
             layer = MPOModule.from_module(resized, spec, emb.mode)
+            n_old = min(emb.num_embeddings, size)
+            old_rows = dense.weight[:n_old].double()
+            moved = float((layer.merge().weight[:n_old].double() - old_rows).norm()
+                          / old_rows.norm().clamp_min(1e-300))
+            if moved > 1e-5:
+                warnings.warn(
+                    f"resizing {name!r} to {size} tokens decomposed the table again with the "
+                    f"config's truncation: the {n_old} existing tokens' rows moved by "
+                    f"{moved:.3g} (relative Frobenius change); resize before compressing to "
+                    "keep them", stacklevel=2)
             layer.cache_dense = emb.cache_dense
             layer.cores[layer.central_index].requires_grad_(central)
             for k, flag in zip(layer.auxiliary_indices, auxiliary):
@@ -537,7 +571,11 @@ class MPOModel(nn.Module):
             if key not in omitted and id(t) not in seen:
                 seen.add(id(t))
                 kept[key] = t
-        meta["lightweight"] = dict(rebuilt=omitted, base_model_name_or_path=name)
+        state = self.base_model.state_dict()
+        sketches = {k: core_sketch(state[k]) for k in omitted
+                    if re.search(r"\.cores\.\d+$", k)}  # rounding told from another base
+        meta["lightweight"] = dict(rebuilt=omitted, base_model_name_or_path=name,
+                                   sketches=sketches)
         return io.write_tensors(directory, meta, kept)
 
     def _own_keys(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,7 +133,12 @@ def mpo_lora_class() -> type:
             base = self.base_layer
             if isinstance(base, MPOModule):
                 self.__dict__["_mpo_layer"] = base  # kept out of the module tree
-                base = base.merge()
+                flags = (any(c.requires_grad for c in base.cores),
+                         base.bias is not None and base.bias.requires_grad)
+                base = base.merge()  # new parameters: the MPO layer's flags, not torch's
+                base.weight.requires_grad_(flags[0])
+                if base.bias is not None:
+                    base.bias.requires_grad_(flags[1])
             dtype = torch.promote_types(base.weight.dtype, torch.float32)  # float64 stays
             weight = base.weight.detach().to(dtype).clone()
             bias = None if base.bias is None else base.bias.detach().to(dtype).clone()
@@ -158,10 +163,24 @@ def mpo_lora_class() -> type:
             if not self.merged:
                 warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
                 return
-            self.merged_adapters.clear()
             mpo = self.__dict__.pop("_mpo_layer", None)
             if mpo is not None:
+                self.merged_adapters.clear()
                 self.base_layer = mpo  # the MPO layer as it was: unmerging is exact
+                return
+            # a dense base (an MPO layer merged before, merge_factorized): the deltas come
+            # out again, as PEFT unmerges (to float rounding)
+            base = self.base_layer
+            with torch.no_grad():
+                while self.merged_adapters:
+                    name = self.merged_adapters.pop()
+                    dtype = torch.promote_types(base.weight.dtype, torch.float32)
+                    delta = self._delta(name, dtype)
+                    delta = delta if isinstance(base, nn.Linear) else delta.T
+                    base.weight.data = (base.weight.to(dtype) - delta).to(base.weight.dtype)
+                    if self.lora_bias[name]:
+                        base.bias.data = (base.bias.to(dtype) - self.lora_B[name].bias.to(
+                            dtype) * self.scaling[name]).to(base.bias.dtype)
 
     MPOLoraLinear.__module__ = __name__
     _LORA_CLASS.append(MPOLoraLinear)

@@ -154,8 +154,10 @@ def compress_layerwise(model: nn.Module, sequences: torch.Tensor, config: Layerw
         local = sequences
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    # before anything changes the model; under torch.distributed always, so that ranks
+    # holding different models are refused with or without a checkpoint
     fingerprint = (layerwise_fingerprint(model, sequences, config, per_block, size)
-                   if ckpt is not None else None)  # before anything changes the model
+                   if ckpt is not None or dist else None)
     saved, problem = None, None
     if resume:
         if ckpt is None:
