@@ -1089,3 +1089,14 @@ def test_choose_mode_refuses_a_row_count_that_is_not_a_size():
             with pytest.raises(TypeError, match="rows must be an int"):
                 layer.choose_mode(bad)
         assert layer.choose_mode(8)[0] in ("contract", "dense", "gather")
+
+
+def test_a_numpy_view_of_an_mpo_weight_is_read_only():
+    """``layer.weight.detach().numpy()[:] = 0`` zeroed the array and nothing else: the
+    layer's weight is computed from its cores, so the write was lost without a word.
+    Every other alias refuses writes; the numpy view is now read-only as well."""
+    layer = MPOLinear.from_linear(nn.Linear(8, 6), n_sites=2)
+    a = layer.weight.detach().numpy()
+    with pytest.raises(ValueError, match="read-only"):
+        a[:] = 0
+    assert float(np.abs(layer.weight.detach().numpy()).sum()) > 0

@@ -83,8 +83,9 @@ class ComputedWeight(torch.Tensor):
     In-place operations (``copy_``, ``w[:] = ...``, ``w += ...``, ``nn.init.*_``,
     ``out=w``) and ``w.data = ...`` raise :class:`ReadOnlyWeightError`, on it and on the
     tensors sharing its storage (``w.data``, ``w.detach()``, views such as ``w.T`` or
-    ``w[0]``), which are read-only too. Anything else works as on a plain tensor (and
-    returns plain tensors): reading, ``F.linear(x, w)``, autograd through the cores.
+    ``w[0]``, ``w.detach().numpy()``), which are read-only too. Anything else works as
+    on a plain tensor (and returns plain tensors): reading, ``F.linear(x, w)``, autograd
+    through the cores.
     """
 
     @classmethod
@@ -109,6 +110,10 @@ class ComputedWeight(torch.Tensor):
                                       + WEIGHT_WRITE_HINT)
         with torch._C.DisableTorchFunctionSubclass():
             result = func(*args, **kwargs)
+        if name == "numpy" and isinstance(result, np.ndarray) and any(
+                isinstance(a, ComputedWeight) for a in args):
+            result.setflags(write=False)  # a view of the weight: read-only like the others
+            return result
         ptrs = {_storage_ptr(a) for a in args if isinstance(a, ComputedWeight)} - {None}
         if not ptrs:
             return result

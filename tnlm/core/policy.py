@@ -17,7 +17,11 @@ Three criteria, each given for all bonds (a number) or per bond (a sequence of
     sequence bounds the discarded weight of each bond separately,
     ``sqrt(Σ_discarded s²) / ||W||_F <= max_error[k]``.
 
-Every bond keeps at least one singular value. Values out of range raise a
+Given together, the criteria combine by keeping the fewest values any of them allows:
+``max_bond`` and ``cutoff`` are limits, never raised to meet ``max_error``, so
+``max_bond=2, max_error=0.01`` may leave an error far above 0.01 (the result's
+``truncation_error`` reports the error reached). Every bond keeps at least one singular
+value. Values out of range raise a
 ``ValueError`` naming the argument (e.g. ``cutoff=1.5``: every s_k <= ||W||_F, so a
 cutoff >= 1 would discard everything).
 """
