@@ -516,3 +516,18 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def killed_save(parent, old_config: str = "{}"):
+    """What a folder replacement killed between its renames leaves beside ``parent/out``:
+    ``(out, old, partial)``, the earlier folder set aside (holding an ``mpo_config.json``
+    of ``old_config``) and the new one being written (empty), both named after a process
+    that no longer runs."""
+    pid = dead_pid()
+    out = parent / "out"
+    old = parent / f".out.old-{pid}-abcd1234"
+    partial = parent / f".out.partial-{pid}-abcd1234"
+    old.mkdir()
+    (old / "mpo_config.json").write_text(old_config)
+    partial.mkdir()
+    return out, old, partial

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.common import dead_pid
+from tests.common import dead_pid, killed_save
 from tnlm.export.replace import recover_staged, replace_folder
 
 
@@ -57,13 +57,7 @@ def test_a_save_killed_before_its_last_rename_gets_its_kept_model_files_back(tmp
     user's own modules.json) were deleted with the partial folder, only the entries that
     are not a model's went back. The names moved are now listed in the partial folder
     before the first is moved, and every listed one goes back."""
-    pid = dead_pid()
-    out = tmp_path / "out"
-    old = tmp_path / f".out.old-{pid}-abcd1234"
-    partial = tmp_path / f".out.partial-{pid}-abcd1234"
-    old.mkdir()
-    (old / "mpo_config.json").write_text('{"old": true}')
-    partial.mkdir()
+    out, old, partial = killed_save(tmp_path, '{"old": true}')
     _write_model(partial)
     (partial / "modules.json").write_text("[mine]")  # moved: listed
     (partial / "notes.txt").write_text("mine")  # moved: listed

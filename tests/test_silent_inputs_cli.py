@@ -13,7 +13,7 @@ import transformers
 from transformers import BertConfig, BertModel
 
 from tests.common import (  # noqa: F401 - one_thread: autouse, one intra-op thread
-    dead_pid,
+    killed_save,
     make_causal_lm,
     make_word_tokenizer,
     one_thread,
@@ -316,13 +316,7 @@ def test_a_save_killed_by_a_signal_is_tidied_at_the_next_run(tmp_path, capsys):
     it; removed where the new model was already in place. A living process's are kept."""
     from tnlm.cli.common import make_out
 
-    pid = dead_pid()
-    out = tmp_path / "out"
-    old = tmp_path / f".out.old-{pid}-abcd1234"
-    partial = tmp_path / f".out.partial-{pid}-abcd1234"
-    old.mkdir()
-    (old / "mpo_config.json").write_text("{}")
-    partial.mkdir()
+    out, old, partial = killed_save(tmp_path)
     (partial / ".git").write_text("moved")  # carried over before the kill
     (partial / "notes.txt").write_text("mine")  # a user's file, carried over too (it was
     # deleted with the partial folder: only hidden entries went back)
