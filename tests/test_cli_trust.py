@@ -158,6 +158,16 @@ def test_a_kept_healing_state_is_advertised_only_when_this_run_saved_it(
     assert "other settings (steps: 3 there, 2 now)" in err and "corrupt" not in err, err
     assert "pass the settings of that run" in err and "continues it" not in err, err
     assert read_heal_state(out / "healing")["step"] == 3  # kept
+    # a resume the check let through, interrupted before healing saved again: the state
+    # is sound, and the notice says so
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("tnlm.compress.pipeline.uniform_ranks", interrupt)
+        assert main(compress(model_dir, text_file, *base, "--heal-steps", "3",
+                             "--resume")) == 130
+    assert "with --resume continues it" in capsys.readouterr().err
 
 def test_resume_only_when_asked_and_only_with_the_same_settings(model_dir, text_file,  # noqa: F811
                                                                 tmp_path, monkeypatch, capsys):

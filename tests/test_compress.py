@@ -1131,3 +1131,17 @@ def test_heal_settings_record_the_term():
     assert twins["term"] == {"name": "TwinTerm", "twins": 2, "twin_words": 0.15, "w_twin": 10.0}
     assert {k: v for k, v in twins.items() if k != "term"} == \
         {k: v for k, v in plain.items() if k != "term"}
+
+
+def test_a_numpy_seed_is_a_seed_throughout(tok, sentences):
+    """``CompressionConfig(seed=np.int64(1))`` passed the check and reached
+    ``random.Random`` (TypeError after the truncation) and the healing state's JSON; it is
+    kept as a Python int, and the greedy allocation's time is counted (it was in no
+    phase once "truncation" no longer started at the beginning)."""
+    import numpy as np
+
+    cfg = CompressionConfig(TARGETS, budget=0.5, allocation="greedy", reconstruct_steps=1,
+                            reconstruct_size=8, heal=None, seed=np.int64(1))
+    assert type(cfg.seed) is int
+    res = compress_model(bert(), tok, sentences, cfg, batch_size=4, progress=False)
+    assert {"allocation", "truncation", "reconstruction"} <= res.seconds.keys()

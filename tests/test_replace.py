@@ -83,7 +83,7 @@ def test_no_writer_is_signalled_on_windows(monkeypatch):
     assert not staging.writer_running(pid)
     calls = []
     monkeypatch.setattr(staging.os, "kill", lambda *a: calls.append(a))
-    monkeypatch.setattr(staging.os, "name", "nt")
+    monkeypatch.setattr(staging, "on_windows", lambda: True)
     assert staging.writer_running(pid) and calls == []
 
 
@@ -98,3 +98,36 @@ def test_every_dense_weight_name_is_an_earlier_models_file(tmp_path):
     replace_folder(out, _write_model)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "mine.bin",
                                                      "mpo_config.json"]
+
+
+def test_a_killed_save_whose_folder_was_made_again_is_put_back_not_deleted(tmp_path,
+                                                                           monkeypatch):
+    """With ``out`` made again after the kill (``os.makedirs(out, exist_ok=True)`` before
+    the next save), recovery took the new ``out`` for the new model and deleted both the
+    earlier folder and the partial one with the user's moved files. A partial folder left
+    means the new model never took the place: an empty ``out`` is replaced by the earlier
+    folder; an ``out`` holding other files keeps both staged folders, named. On Windows
+    nothing is touched and the staged folders are named."""
+    out, old, partial = killed_save(tmp_path, '{"old": true}')
+    (partial / "notes.txt").write_text("mine")
+    (partial / ".tnlm-moved").write_text("notes.txt\n")
+    out.mkdir()
+    said = recover_staged(out)
+    assert any("was put back" in s for s in said), said
+    assert sorted(p.name for p in out.iterdir()) == ["mpo_config.json", "notes.txt"]
+    # out holds other files since: nothing deleted
+    (tmp_path / "b").mkdir()
+    out2, old2, partial2 = killed_save(tmp_path / "b")
+    (partial2 / "notes.txt").write_text("mine")
+    out2.mkdir()
+    (out2 / "new.txt").write_text("made since")
+    said = recover_staged(out2)
+    assert any("move back what you need by hand" in s for s in said), said
+    assert old2.is_dir() and (partial2 / "notes.txt").is_file()
+    assert (out2 / "new.txt").is_file()
+    from tnlm.export import replace
+
+    monkeypatch.setattr(replace, "on_windows", lambda: True)
+    said = recover_staged(out2)
+    assert len(said) == 2 and all("by hand" in s for s in said), said
+    assert old2.is_dir() and partial2.is_dir()

@@ -273,7 +273,8 @@ def test_resize_token_embeddings_takes_only_an_int_of_at_least_1():
 
 # ------------------------------------------------------------------ 7. --n-sites
 @pytest.mark.parametrize("n_sites, message", [
-    ("0", "--n-sites must be >= 1, got 0"), ("33", "--n-sites must be at most 32, got 33"),
+    ("0", "--n-sites must be between 2 and 32 (a chain of one site has no bond to measure), "
+          "got 0"), ("33", "--n-sites must be at most 32, got 33"),
     # one site has no bond: inspect and decompose failed after loading with a message not
     # naming the flag, report drew an all-zero heatmap
     ("1", "--n-sites must be between 2 and 32 (a chain of one site has no bond to measure), "

@@ -1096,7 +1096,10 @@ def test_a_numpy_view_of_an_mpo_weight_is_read_only():
     layer's weight is computed from its cores, so the write was lost without a word.
     Every other alias refuses writes; the numpy view is now read-only as well."""
     layer = MPOLinear.from_linear(nn.Linear(8, 6), n_sites=2)
-    a = layer.weight.detach().numpy()
-    with pytest.raises(ValueError, match="read-only"):
-        a[:] = 0
+    w = layer.weight.detach()
+    for a in (w.numpy(), np.asarray(w), np.array(w, copy=False)):
+        with pytest.raises(ValueError, match="read-only"):
+            a[:] = 0
+    b = np.array(w)  # a copy: the user's own, writable
+    b[:] = 0
     assert float(np.abs(layer.weight.detach().numpy()).sum()) > 0

@@ -192,7 +192,7 @@ def test_a_task_checkpoint_loads_where_the_base_decomposes_with_other_rounding(
     384 x 1536 layer's central core differs by 5e-10 between one and two threads), and
     the task was refused as saved "on another base". The checkpoint now records a sketch
     of each rebuilt core; a core whose bits differ loads when its sketch agrees to 1e-5 of
-    its norm. A larger change is still refused, and a checkpoint without sketches names
+    its norm / sqrt(numel). A change of 1e-4 is still refused, and a checkpoint without sketches names
     the thread count as a possible cause."""
     from tnlm.bridge import MPOModule
     from tnlm.integration import checkpoint as ck
@@ -208,18 +208,20 @@ def test_a_task_checkpoint_loads_where_the_base_decomposes_with_other_rounding(
     def rounded(scale):
         def from_module(*a, **kw):
             layer = real(*a, **kw)
-            with torch.no_grad():
-                c = layer.cores[layer.central_index]
-                c.mul_(1 + scale)  # what other float rounding does, made visible
+            with torch.no_grad():  # a random change of relative size `scale` (1e-7: what
+                c = layer.cores[layer.central_index]  # other float rounding does)
+                g = torch.randn(c.shape, generator=torch.Generator().manual_seed(1))
+                c.add_(g * (scale * float(c.norm()) / float(g.norm())))
             return layer
         return staticmethod(from_module)
 
     monkeypatch.setattr(MPOModule, "from_module", rounded(1e-7))
     loaded = MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task").eval()
     torch.testing.assert_close(logits(loaded), ref, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(MPOModule, "from_module", rounded(1e-3))
-    with pytest.raises(ValueError, match="is not the one the task was saved on"):
-        MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task")
+    for scale in (1e-4, 1e-3):  # another base: a change far above rounding, any direction
+        monkeypatch.setattr(MPOModule, "from_module", rounded(scale))
+        with pytest.raises(ValueError, match="is not the one the task was saved on"):
+            MPOModel.from_pretrained(load_base(base_dir), tmp_path / "task")
     del meta["lightweight"]["sketches"]  # saved before cores were sketched
     (tmp_path / "task" / io.CONFIG_NAME).write_text(json.dumps(meta))
     monkeypatch.setattr(MPOModule, "from_module", rounded(1e-7))

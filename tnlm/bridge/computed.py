@@ -119,6 +119,20 @@ class ComputedWeight(torch.Tensor):
             return result
         return _wrap_aliases(result, ptrs)
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # np.asarray(w) and np.array(w, copy=False): torch's __array__ calls numpy() with
+        # the subclass switched off; the view it gives shares the weight's storage, so it
+        # is read-only like every other alias (a copy asked for stays writable)
+        if self.requires_grad:
+            return torch.Tensor.__array__(self, dtype)  # torch's own error
+        arr = self._plain().numpy()
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            return arr.astype(dtype)  # a new array
+        if copy:
+            return arr.copy()
+        arr.setflags(write=False)
+        return arr
+
     def _plain(self) -> torch.Tensor:
         with torch._C.DisableTorchFunctionSubclass():
             return self.as_subclass(torch.Tensor)

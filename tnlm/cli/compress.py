@@ -215,10 +215,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     except BaseException as err:
         if out is not None:
             if (out / "healing" / STATE_FILE).is_file():
-                # only a state this run saved is worth the same command again: one it
-                # found and did not get to (a failed check, a refused resume) is not
-                if not isinstance(err, (UserError, HealingDiverged)) \
-                        and state_stamp() != before:
+                # a state this run saved, or one --resume had checked and the run did
+                # not get to (an interrupt, no memory): worth the same command again; one
+                # it found and never checked (a failed --budget) or refused is not
+                if not isinstance(err, (UserError, HealingDiverged)) and (
+                        state_stamp() != before
+                        or args.resume and not isinstance(err, ValueError)):
                     note(f"the healing state in {out / 'healing'} is kept: the same command "
                          "with --resume continues it")
             elif (out / "healing").is_dir():

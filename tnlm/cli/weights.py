@@ -24,13 +24,13 @@ def _check_n_sites(n_sites: int) -> None:
     here measure bonds (entropies, bond dimensions), which one site does not have."""
     from tnlm.core.validation import MAX_SITES, check_n_sites
 
+    if isinstance(n_sites, int) and not isinstance(n_sites, bool) and n_sites < 2:
+        raise UserError(f"--n-sites must be between 2 and {MAX_SITES} (a chain of one site "
+                        f"has no bond to measure), got {n_sites}")
     try:
         check_n_sites(n_sites, "--n-sites")
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
-    if n_sites < 2:
-        raise UserError(f"--n-sites must be between 2 and {MAX_SITES} (a chain of one site "
-                        f"has no bond to measure), got {n_sites}")
 
 
 def _load_matrices(model_dir: str | None, embeddings: bool = True) -> dict[str, np.ndarray]:

@@ -119,7 +119,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         check_fraction("budget", self.budget)
-        check_seed(self.seed)
+        self.seed = check_seed(self.seed)
         check_bool_fields(self, "pivoted", "sequential", "whiten")
         for name in ("probe_size", "reconstruct_size"):
             v = getattr(self, name)
@@ -155,8 +155,9 @@ class CompressionResult:
     params_after: int
     heal: HealResult | None
     #: seconds a phase, each its own (they do not overlap, so they add up):
-    #: "sensitivity" (from the start to the ranks: the teacher's copy, the calibration
-    #: statistics and the probe), "truncation", "reconstruction", "healing", "pivoting"
+    #: "sensitivity" (allocation "sensitivity"; else "allocation": from the start to the
+    #: ranks, the teacher's copy, the calibration statistics and the probe),
+    #: "truncation", "reconstruction", "healing", "pivoting"
     seconds: dict[str, float]
     #: per block, its masked output error ``||y_s - y_t|| / ||y_t||`` before / after
     #: reconstruction: relative, not squared (the decoder's ``LayerwiseResult.block_errors``
@@ -414,7 +415,9 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
                                            layers, gauge=config.gauge, progress=progress,
                                            pivoted=config.pivoted)
                 ranks = sensitivity_ranks(layers, sens, fraction, pivoted=config.pivoted)
-                times["sensitivity"] = time.perf_counter() - t0
+        # from the start to the ranks: the teacher's copy, the statistics, the probe
+        times["sensitivity" if config.allocation == "sensitivity" else "allocation"] = \
+            time.perf_counter() - t0
         t_trunc = time.perf_counter()  # the phases' seconds do not overlap
         for group in tqdm(groups, desc="data-aware truncation", disable=not progress,
                           leave=False):

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tnlm.export.staging import stale_entries
+from tnlm.export.staging import on_windows, stale_entries
 from tnlm.integration.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["DENSE_WEIGHTS", "MODEL_FILES", "recover_staged", "replace_folder", "write_folder"]
@@ -93,37 +93,59 @@ def _carried(name: str, drop: Sequence[str], weights: str | None = None) -> bool
 def recover_staged(out: Path, label: str | None = None) -> list[str]:
     """Tidy what a :func:`replace_folder` killed by a signal (SIGKILL, power loss) left
     beside ``out``, for processes no longer running: a partial new model is removed; an
-    earlier folder renamed aside is put back where ``out`` is missing (with the user's
-    files already moved into the new one: every entry of it that is not a model's), else
-    removed (the new model was in place). Returns one notice a thing done, each starting
-    with ``label`` (default ``--out OUT``)."""
+    earlier folder renamed aside is put back where the new model never took ``out``'s
+    place (its partial folder is still there), with the user's entries already moved into
+    that partial folder (the names it lists, and every entry that is not a model's): into
+    a missing or empty ``out``; beside an ``out`` that holds other files since, both
+    staged folders are kept and named, for the user to sort out. An earlier folder whose
+    new model did take its place is removed. On Windows (where a writer cannot be tested
+    without ending it) nothing is touched and the staged folders are named. Returns one
+    notice a thing done, each starting with ``label`` (default ``--out OUT``)."""
     real = Path(out).resolve()
     label = f"--out {out}" if label is None else label
     said: list[str] = []
     if not real.parent.is_dir():
         return said
-    stale: dict[str, list[Path]] = {}
-    for kind in _STAGED:
-        pattern = re.compile(rf"\.{re.escape(real.name)}\.{kind}-([1-9][0-9]*)-[0-9a-f]{{8}}")
-        stale[kind] = [Path(e.path) for e in stale_entries(real.parent, pattern)
-                       if e.is_dir(follow_symlinks=False)]
+    patterns = {kind: re.compile(rf"\.{re.escape(real.name)}\.{kind}-([1-9][0-9]*)-[0-9a-f]{{8}}")
+                for kind in _STAGED}
+    if on_windows():
+        with contextlib.suppress(OSError):
+            for e in os.scandir(real.parent):
+                if any(pat.fullmatch(e.name) for pat in patterns.values()):
+                    said.append(f"{label}: {e.name} beside it is a folder a save staged; "
+                                "if no save is running, it was killed: move back what you "
+                                "need of it by hand")
+        return said
+    stale = {kind: [Path(e.path) for e in stale_entries(real.parent, pat)
+                    if e.is_dir(follow_symlinks=False)] for kind, pat in patterns.items()}
+    kept: set[Path] = set()
     for old in sorted(stale["old"]):
-        if not real.exists():
-            partial = old.parent / old.name.replace(".old-", ".partial-", 1)
-            if partial.is_dir():  # the user's entries moved into it go back
-                listed = _moved_names(partial)
-                for q in partial.iterdir():
-                    if q.name != _MOVED and (q.name in listed or _carried(q.name, ())) \
-                            and not (old / q.name).exists():
-                        os.rename(q, old / q.name)
-            os.rename(old, real)
-            said.append(f"{label}: the earlier folder, set aside by a save that was "
-                        f"killed, was put back ({old.name})")
-        else:
+        partial = old.parent / old.name.replace(".old-", ".partial-", 1)
+        if not partial.is_dir():  # the new model took out's place: the earlier one goes
             shutil.rmtree(old, ignore_errors=True)
             said.append(f"{label}: removed {old.name}, the earlier folder a killed save "
                         "had already replaced")
+            continue
+        if real.is_dir() and not real.is_symlink() and next(real.iterdir(), None) is None:
+            real.rmdir()  # made again since (mkdir -p): empty, nothing lost
+        if real.exists():
+            kept |= {old, partial}
+            said.append(f"{label}: a save was killed before its new model took the folder's "
+                        f"place, and the folder holds other files since: the earlier folder "
+                        f"is kept at {old.name} and the files the save had moved at "
+                        f"{partial.name} (beside it); move back what you need by hand")
+            continue
+        listed = _moved_names(partial)  # the user's entries moved into it go back
+        for q in partial.iterdir():
+            if q.name != _MOVED and (q.name in listed or _carried(q.name, ())) \
+                    and not (old / q.name).exists():
+                os.rename(q, old / q.name)
+        os.rename(old, real)
+        said.append(f"{label}: the earlier folder, set aside by a save that was "
+                    f"killed, was put back ({old.name})")
     for partial in sorted(stale["partial"]):
+        if partial in kept:
+            continue
         shutil.rmtree(partial, ignore_errors=True)
         said.append(f"{label}: removed {partial.name}, a model a killed save had not "
                     "finished writing")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["STAGING_TAG", "staging_dir", "remove_stale_staging", "staging_pattern",
-           "save_graph_replacing", "writer_running", "stale_entries"]
+           "save_graph_replacing", "writer_running", "stale_entries", "on_windows"]
 
 #: the part of a staging folder's name that says it is tnlm's
 STAGING_TAG = "tnlm-staging"
@@ -40,11 +40,16 @@ def staging_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(name)}\.{STAGING_TAG}\.([1-9][0-9]*)\.[0-9a-f]{{8}}")
 
 
+def on_windows() -> bool:
+    """Whether this is Windows, where ``os.kill`` ends a process instead of testing it."""
+    return os.name == "nt"
+
+
 def writer_running(pid: int) -> bool:
     """Whether a process ``pid`` runs on this machine (one of another user's counts; on
     Windows, where ``os.kill`` would end the process instead of testing it, every one
     counts as running, so nothing of it is removed)."""
-    if pid == os.getpid() or os.name == "nt":
+    if pid == os.getpid() or on_windows():
         return True
     try:
         os.kill(pid, 0)

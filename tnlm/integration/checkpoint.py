@@ -40,9 +40,12 @@ from tnlm.integration.surgery import module_paths
 __all__ = ["LoadPlan", "bits_equal", "read_checkpoint", "some_names", "tensor_digests",
            "core_sketch", "SKETCH_RTOL"]
 
-#: how far a rebuilt core's sketch may be from the recorded one, relative to the core's
-#: norm: decomposing the same base on another thread count or BLAS changes its float32
-#: bits (by about 1e-8 of its norm), another base or another gauge by order 1
+#: how far a rebuilt core's sketch may be from the recorded one, in units of
+#: ``||core|| / sqrt(numel)`` (what a projection of a change of relative size 1 onto a
+#: random unit vector is, about): decomposing the same base on another thread count or
+#: BLAS changes a core by about 1e-8 of its norm, so its sketch moves by about 1e-8 of
+#: that unit; a change of relative size 1e-4 (another base, a merged adapter) by about
+#: 1e-4 of it in each of the four projections
 SKETCH_RTOL = 1e-5
 
 
@@ -67,7 +70,8 @@ def core_sketch(t: torch.Tensor) -> list[float]:
     """``[||t||_F, <t, g_1>, ..., <t, g_4>]`` in float64, the ``g_k`` fixed unit vectors
     (seeded Gaussians): what a lightweight checkpoint records of a core it leaves to the
     base model, besides its SHA-256, so a rebuild that differs by float rounding only
-    (another thread count) is told from one of another base (:data:`SKETCH_RTOL`)."""
+    (another thread count) is told from one of another base (:data:`SKETCH_RTOL`:
+    the tolerance is relative to ``||t|| / sqrt(numel)``)."""
     x = t.detach().reshape(-1).to(torch.float64).cpu()
     g = torch.randn(4, x.numel(), generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64)
@@ -75,8 +79,8 @@ def core_sketch(t: torch.Tensor) -> list[float]:
     return [float(x.norm())] + [float(v) for v in g @ x]
 
 
-def _sketches_agree(a: list[float], b: list[float]) -> bool:
-    tol = SKETCH_RTOL * max(abs(a[0]), abs(b[0]), 1e-300)
+def _sketches_agree(a: list[float], b: list[float], numel: int) -> bool:
+    tol = SKETCH_RTOL * max(abs(a[0]), abs(b[0]), 1e-300) / max(numel, 1) ** 0.5
     return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
@@ -445,7 +449,7 @@ def _rebuild(plan: LoadPlan) -> None:
     # a core rebuilt with other float rounding (another thread count, another BLAS): its
     # bits differ, its values agree with the recorded sketch
     wrong = [k for k in wrong if not (k in rebuilt_cores and _sketches_agree(
-        core_sketch(rebuilt_cores[k]), plan.sketches[k]))]
+        core_sketch(rebuilt_cores[k]), plan.sketches[k], rebuilt_cores[k].numel()))]
     in_heads = [k for k in wrong if any(k.startswith(h + ".") for h in plan.heads)]
     if wrong and len(in_heads) == len(wrong):
         heads = sorted({k.split(".", 1)[0] for k in in_heads})

@@ -485,7 +485,7 @@ def _write_locked(d: Path, meta: dict[str, Any], model: nn.Module,
 # decomposing it with the saved config (central cores, frozen auxiliary cores, biases,
 # embeddings, LayerNorms, ...), and "sketches": {core's state key: [norm, 4 projections]}
 # (checkpoint.core_sketch) of the rebuilt cores. Loading verifies each of them: a core
-# whose bits differ is accepted when its sketch agrees to SKETCH_RTOL of its norm (the
+# whose bits differ is accepted when its sketch agrees to SKETCH_RTOL of norm/sqrt(numel) (the
 # same base decomposed with other float rounding: another thread count or BLAS).
 # ---------------------------------------------------------------------------------------
 
