@@ -312,3 +312,17 @@ def pivot_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, 
         setattr(parent, child, new)
         out[name] = new
     return out
+
+
+def merged_module(m: nn.Module) -> nn.Module:
+    """The plain module an MPO layer or :class:`PivotedLinear` computes (its ``merge()``),
+    in the factorized layer's train/eval mode and with its flags: the weight trains if any
+    core did, the bias as before (a new module's parameters would all train)."""
+    new = m.merge()
+    new.train(m.training)
+    new.weight.requires_grad_(any(c.requires_grad for c in (
+        (m.coef, m.right) if isinstance(m, PivotedLinear) else m.cores)))
+    bias = getattr(m, "bias", None)
+    if bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
+    return new

@@ -170,7 +170,7 @@ def _check_args(args: argparse.Namespace
         raise ExportError(f"--weight-compute {args.weight_compute} applies with --weight-bits "
                           "only (the products of the weight-only MatMuls)")
     args.weight_block = WEIGHT_BLOCK if args.weight_block is None else args.weight_block
-    from tnlm.export.onnx_graph import MIN_OPSET, newest_opset
+    from tnlm.export.onnx_graph import MIN_OPSET, newest_opset, opset_in_range
     from tnlm.export.weight_only import WEIGHT_BLOCKS
 
     if args.weight_block not in WEIGHT_BLOCKS:
@@ -188,11 +188,10 @@ def _check_args(args: argparse.Namespace
                               f"got {out}")
         if out.is_dir():
             raise ExportError(f"--out {out} is a folder; expected a .onnx file name")
-        newest = newest_opset()
-        if args.opset < MIN_OPSET or (newest is not None and args.opset > newest):
+        if not opset_in_range(args.opset):
             raise ExportError(f"--opset must be an ONNX opset between {MIN_OPSET} and "
-                              f"{newest or 'the newest'} (the installed onnx's newest), got "
-                              f"{args.opset}")
+                              f"{newest_opset() or 'the newest'} (the installed onnx's "
+                              f"newest), got {args.opset}")
     elif out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; expected a folder for --format "
                           f"{args.format}")

@@ -376,10 +376,11 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
     check_budget(model, config)
     if config.reconstruct_steps:  # shared blocks (ALBERT) refused now, not after truncation
         refuse_shared_blocks(model, find_blocks(model), "compress_model (reconstruct_steps)")
+    context = None  # what the healing state records of this run, when it heals
     if config.heal is not None and config.heal.steps > 0:  # a state of another run: now
-        check_heal_dir(config.heal, list(heal_text) or calibration, model,
-                       run_context(config, calibration, batch_size=batch_size,
-                                   max_length=max_length))
+        context = run_context(config, calibration, batch_size=batch_size,
+                              max_length=max_length)
+        check_heal_dir(config.heal, list(heal_text) or calibration, model, context)
     times: dict[str, float] = {}
     stats: dict[str, InputStats] = {}
     t0 = time.perf_counter()
@@ -476,8 +477,7 @@ def compress_model(model: nn.Module, tokenizer: Any, calibration: Sequence[str],
         if config.heal is not None and config.heal.steps > 0 and swapped:
             t1 = time.perf_counter()
             result = heal(wrapped, teacher, tokenizer, text, config.heal, progress=progress,
-                          context=run_context(config, calibration, batch_size=batch_size,
-                                              max_length=max_length))
+                          context=context)
             times["healing"] = time.perf_counter() - t1
         if config.pivoted and swapped:  # the gauge fixed last: healing trained 2-site MPOs
             t1 = time.perf_counter()

@@ -80,6 +80,13 @@ def newest_opset() -> int | None:
     return int(onnx.defs.onnx_opset_version())
 
 
+def opset_in_range(opset: int) -> bool:
+    """Whether ``opset`` lies between :data:`MIN_OPSET` and :func:`newest_opset` (any
+    opset from the lowest when ``onnx`` is missing: the exporter names the package)."""
+    newest = newest_opset()
+    return opset >= MIN_OPSET and (newest is None or opset <= newest)
+
+
 def check_export_args(caller: str, path: str | os.PathLike, opset: Any,
                       **flags: Any) -> Path:
     """``path`` as a :class:`~pathlib.Path` after checking an exporter's arguments before
@@ -93,10 +100,9 @@ def check_export_args(caller: str, path: str | os.PathLike, opset: Any,
     if isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)):
         raise TypeError(f"{caller}: opset must be an int (an ONNX opset version), got "
                         f"{opset!r}")
-    newest = newest_opset()
-    if opset < MIN_OPSET or (newest is not None and opset > newest):
+    if not opset_in_range(opset):
         raise ValueError(f"{caller}: opset must be an ONNX opset between {MIN_OPSET} and "
-                         f"{newest or 'the newest'}, got {opset}")
+                         f"{newest_opset() or 'the newest'}, got {opset}")
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{caller}: {name} must be a bool, got {value!r}")

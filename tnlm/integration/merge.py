@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tnlm.bridge import MPOModule
-from tnlm.bridge.pivoted import PivotedLinear
+from tnlm.bridge.pivoted import PivotedLinear, merged_module
 from tnlm.integration.checkpoint import some_names
 from tnlm.integration.surgery import Swap, module_paths
 
@@ -54,14 +54,7 @@ def merge_factorized(root: nn.Module, *, safe_merge: bool = False,
     with torch.no_grad():
         for m in tqdm(factorized_modules(root), desc="merge", disable=not progressbar,
                       leave=False):
-            new = m.merge()
-            new.train(m.training)
-            new.weight.requires_grad_(any(c.requires_grad for c in (
-                (m.coef, m.right) if isinstance(m, PivotedLinear) else m.cores)))
-            bias = getattr(m, "bias", None)
-            if bias is not None:
-                new.bias.requires_grad_(bias.requires_grad)
-            merged.append((m, new))
+            merged.append((m, merged_module(m)))
     if safe_merge:
         bad = [paths[id(m)][0] for m, new in merged
                if not all(bool(torch.isfinite(t).all()) for t in new.parameters())]

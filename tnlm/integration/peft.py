@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tnlm.bridge import MPOLinear, MPOModule
+from tnlm.bridge.pivoted import merged_module
 
 __all__ = ["check_outside_adapters", "lora_config_for_mpo", "mpo_lora_class",
            "peft_tuner_layer", "task_heads"]
@@ -133,12 +134,7 @@ def mpo_lora_class() -> type:
             base = self.base_layer
             if isinstance(base, MPOModule):
                 self.__dict__["_mpo_layer"] = base  # kept out of the module tree
-                flags = (any(c.requires_grad for c in base.cores),
-                         base.bias is not None and base.bias.requires_grad)
-                base = base.merge()  # new parameters: the MPO layer's flags, not torch's
-                base.weight.requires_grad_(flags[0])
-                if base.bias is not None:
-                    base.bias.requires_grad_(flags[1])
+                base = merged_module(base)  # the MPO layer's flags, not a new module's
             dtype = torch.promote_types(base.weight.dtype, torch.float32)  # float64 stays
             weight = base.weight.detach().to(dtype).clone()
             bias = None if base.bias is None else base.bias.detach().to(dtype).clone()
